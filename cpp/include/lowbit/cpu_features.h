@@ -1,0 +1,33 @@
+// What the CPU and the operating system support, detected once per Context.
+// An instruction set counts only when the CPU reports it (CPUID) AND the OS
+// saves its registers (XGETBV); AMX additionally needs Linux to grant the
+// tile-data permission (arch_prctl ARCH_REQ_XCOMP_PERM).
+#pragma once
+
+#include <string>
+
+namespace lowbit {
+
+struct CpuFeatures {
+  std::string arch;  // "x86_64", "aarch64", or "other"
+  bool avx2 = false;
+  bool fma = false;
+  bool avx512f = false;
+  bool avx512bw = false;
+  bool avx512vl = false;
+  bool avx512dq = false;
+  bool avx512vnni = false;
+  bool avxvnni = false;
+  bool amx_tile = false;
+  bool amx_int8 = false;
+  bool amx_permitted = false;  // Linux granted XTILEDATA to this process
+  bool neon = false;
+  bool neon_dotprod = false;
+
+  bool has_avx512_core() const { return avx512f && avx512bw && avx512vl && avx512dq; }
+};
+
+// Detects features; `request_amx` asks Linux for the AMX tile permission.
+CpuFeatures detect_cpu_features(bool request_amx);
+
+}  // namespace lowbit

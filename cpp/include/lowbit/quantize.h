@@ -1,0 +1,63 @@
+// Tensor-level quantization entry points: walk a QuantLayout, split it into
+// contiguous pieces, and hand each piece to one kernel table. Called by the
+// N-API binding and by the native tests; no Node types here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "lowbit/quant_params.h"
+#include "lowbit/quantize_kernels.h"
+#include "lowbit/thread_pool.h"
+
+namespace lowbit {
+
+constexpr int64_t kNoNaN = -1;
+
+// Where work runs: which kernels, which pool, how many threads (0 = all).
+struct Exec {
+  const QuantizeKernels* kernels;
+  ThreadPool* pool;
+  unsigned threads;
+};
+
+// out[i] = quantize(x[i]) for every element (one byte per element).
+// Returns the index of the first NaN, or kNoNaN.
+int64_t quantize_tensor(const Exec& exec, const float* x, const QuantParams& params, uint8_t* out);
+
+// out[i] = dequantize(q[i]); codes are int8 when is_signed, else uint8.
+void dequantize_tensor(const Exec& exec, const uint8_t* q, bool is_signed,
+                       const QuantParams& params, float* out);
+
+// Per group, the range [lo, hi] of its finite values (lo = +Inf, hi = -Inf
+// when the group has none). Returns the index of the first NaN, or kNoNaN.
+int64_t group_ranges(const Exec& exec, const float* x, const QuantLayout& layout, float* lo,
+                     float* hi);
+
+// Per group, the clip range that minimises the squared quantization error
+// over `candidates` shrink ratios r = 1, 1 - 1/c, ..., 1/c of the finite range
+// (the whole range scaled by r, so zero stays inside). lo/hi hold the chosen
+// ranges on return. Returns the index of the first NaN, or kNoNaN.
+int64_t search_ranges_mse(const Exec& exec, const float* x, const QuantLayout& layout,
+                          int32_t qmin, int32_t qmax, bool symmetric, unsigned candidates,
+                          float* lo, float* hi);
+
+struct ErrorStats {
+  double squared_error = 0;  // over finite inputs
+  double signal = 0;         // sum of x^2 over finite inputs
+  double max_abs_error = 0;  // over finite inputs
+  size_t finite_count = 0;
+  size_t clipped_count = 0;  // round(x / scale) + zp fell outside [qmin, qmax]
+};
+
+ErrorStats error_stats(const float* x, const uint8_t* q, bool is_signed, const QuantParams& params);
+
+// ONNX INT4/UINT4 and INT2/UINT2 packing (element 0 in the lowest bits).
+// pack_* returns the index of the first value outside the type's range, or -1
+// (nothing is written past it). unpack_* sign-extends when is_signed.
+int64_t pack_int4(const uint8_t* values, size_t n, bool is_signed, uint8_t* out);
+void unpack_int4(const uint8_t* packed, size_t n, bool is_signed, uint8_t* out);
+int64_t pack_int2(const uint8_t* values, size_t n, bool is_signed, uint8_t* out);
+void unpack_int2(const uint8_t* packed, size_t n, bool is_signed, uint8_t* out);
+
+}  // namespace lowbit

@@ -1,0 +1,38 @@
+// The quantization rule, written once. Every kernel (scalar reference, AVX2,
+// AVX-512) implements exactly this and is tested bit-exact against it.
+//
+// ONNX QuantizeLinear: q = saturate(round_half_to_even(x / scale) + zero_point)
+//  - float32 division, not a multiply by the reciprocal (they differ on ties);
+//  - ties to even (std::nearbyint in the default rounding mode);
+//  - saturation happens in float before the integer conversion, against
+//    [qmin - zp, qmax - zp], so ±Inf and huge quotients saturate without UB;
+//    the comparisons are written as x86 maxps/minps evaluate them, so a NaN
+//    quotient lands on the lower bound in every path (NaN input is rejected
+//    before it gets here; this only keeps the kernels defined).
+// DequantizeLinear: x = float(q - zero_point) * scale.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace lowbit {
+
+inline float clamp_like_maxps_minps(float v, float lo, float hi) {
+  v = v > lo ? v : lo;
+  v = v < hi ? v : hi;
+  return v;
+}
+
+inline int32_t quantize_value(float x, float scale, int32_t zero_point, int32_t qmin, int32_t qmax) {
+  float r = std::nearbyint(x / scale);
+  r = clamp_like_maxps_minps(r, float(qmin - zero_point), float(qmax - zero_point));
+  return int32_t(r) + zero_point;
+}
+
+inline float dequantize_value(int32_t q, float scale, int32_t zero_point) {
+  return float(q - zero_point) * scale;
+}
+
+inline bool is_finite_value(float x) { return std::fabs(x) < INFINITY; }
+
+}  // namespace lowbit

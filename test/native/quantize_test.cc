@@ -1,0 +1,463 @@
+// Native tests of the quantization kernels and drivers: every SIMD path
+// against the scalar reference (bit-exact), the ONNX vectors, layouts,
+// thread-count independence and packing.
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+
+#include "harness.h"
+#include "lowbit/quantize.h"
+#include "lowbit/rounding.h"
+
+using harness::Rng;
+using harness::str;
+using namespace lowbit;
+
+namespace {
+
+const CpuFeatures& cpu() {
+  static const CpuFeatures f = detect_cpu_features(false);
+  return f;
+}
+
+struct Path {
+  const char* name;
+  const QuantizeKernels* kernels;
+  const char* missing;  // why it cannot run here, or nullptr
+};
+
+std::vector<Path> simd_paths() {
+  std::vector<Path> paths;
+  auto add = [&](const char* name, const QuantizeKernels* k, bool supported, const char* need) {
+    const char* missing = nullptr;
+    if (!k) missing = "not built for this architecture";
+    else if (!supported) missing = need;
+    paths.push_back({name, k, missing});
+  };
+#if defined(__x86_64__)
+  add("avx2", quantize_kernels_avx2(), cpu().avx2, "no AVX2");
+  add("avx512", quantize_kernels_avx512(), cpu().has_avx512_core(), "no AVX-512 (F/BW/VL/DQ)");
+#endif
+  return paths;
+}
+
+const QuantizeKernels& ref() { return *quantize_kernels_scalar(); }
+
+struct Config {
+  int bits;
+  bool is_signed;
+  float scale;
+  int32_t zp;
+};
+
+std::vector<Config> configs() {
+  std::vector<Config> c;
+  const float scales[] = {0.5f, 0.1f, 0.0078125f, 3.0f, 1e-30f, 1e30f, 1e-40f, 3e38f};
+  for (int bits : {2, 4, 8}) {
+    for (bool s : {true, false}) {
+      int32_t qmin, qmax;
+      integer_range(bits, s, &qmin, &qmax);
+      for (float scale : scales)
+        for (int32_t zp : {qmin, 0, qmax, (qmin + qmax) / 2})
+          if (zp >= qmin && zp <= qmax) c.push_back({bits, s, scale, zp});
+    }
+  }
+  return c;
+}
+
+// Values that hit ties, saturation, signed zeros, infinities and subnormals.
+std::vector<float> tricky_data(size_t n, float scale, Rng& rng) {
+  std::vector<float> x(n);
+  for (size_t i = 0; i < n; ++i) {
+    switch (rng.integer(0, 9)) {
+      case 0: x[i] = (float(rng.integer(-300, 300)) + 0.5f) * scale; break;  // ties
+      case 1: x[i] = float(rng.integer(-300, 300)) * scale; break;
+      case 2: x[i] = rng.integer(0, 1) ? INFINITY : -INFINITY; break;
+      case 3: x[i] = rng.integer(0, 1) ? 0.0f : -0.0f; break;
+      case 4: x[i] = rng.range(-3e38f, 3e38f); break;
+      case 5: x[i] = rng.range(-1e-38f, 1e-38f); break;
+      default: x[i] = rng.range(-200.0f, 200.0f) * scale; break;
+    }
+  }
+  return x;
+}
+
+std::string compare_bytes(const std::vector<uint8_t>& want, const std::vector<uint8_t>& got,
+                          const std::vector<float>& x, const std::string& what) {
+  for (size_t i = 0; i < want.size(); ++i)
+    if (want[i] != got[i])
+      return str(what, ": first difference at ", i, " (x=", x[i], "): want ", int(want[i]),
+                 " got ", int(got[i]));
+  return "";
+}
+
+void register_kernel_tests() {
+  for (const Path& path : simd_paths()) {
+    const std::string skip = path.missing ? path.missing : "";
+    const QuantizeKernels* k = path.kernels;
+    harness::add(str("quantize_run/", path.name, " matches scalar for n = 0..1024, all configs"),
+                 [k] {
+                   Rng rng(1);
+                   for (const Config& c : configs()) {
+                     int32_t qmin, qmax;
+                     integer_range(c.bits, c.is_signed, &qmin, &qmax);
+                     for (size_t n = 0; n <= 1024; n += (c.scale == 0.5f ? 1 : 37)) {
+                       auto x = tricky_data(n, c.scale, rng);
+                       std::vector<uint8_t> want(n + 1, 0xAB), got(n + 1, 0xAB);
+                       bool nw = ref().quantize_run(x.data(), n, c.scale, c.zp, qmin, qmax, want.data());
+                       bool ng = k->quantize_run(x.data(), n, c.scale, c.zp, qmin, qmax, got.data());
+                       auto why = compare_bytes(want, got, x, str("n=", n, " bits=", c.bits, " signed=", c.is_signed, " scale=", c.scale, " zp=", c.zp));
+                       if (!why.empty()) return why;
+                       if (nw != ng) return str("NaN flag differs at n=", n);
+                     }
+                   }
+                   return std::string();
+                 },
+                 skip);
+    harness::add(str("quantize_vec/", path.name, " matches scalar with per-element parameters"),
+                 [k] {
+                   Rng rng(2);
+                   for (int bits : {2, 3, 4, 8})
+                     for (bool s : {true, false}) {
+                       int32_t qmin, qmax;
+                       integer_range(bits, s, &qmin, &qmax);
+                       for (size_t n = 0; n <= 300; ++n) {
+                         auto x = tricky_data(n, 0.25f, rng);
+                         std::vector<float> scale(n);
+                         std::vector<int32_t> zp(n);
+                         for (size_t i = 0; i < n; ++i) {
+                           scale[i] = i % 3 == 0 ? 0.25f : rng.range(1e-3f, 10.0f);
+                           zp[i] = rng.integer(qmin, qmax);
+                         }
+                         std::vector<uint8_t> want(n), got(n);
+                         ref().quantize_vec(x.data(), n, scale.data(), zp.data(), qmin, qmax, want.data());
+                         k->quantize_vec(x.data(), n, scale.data(), zp.data(), qmin, qmax, got.data());
+                         auto why = compare_bytes(want, got, x, str("n=", n, " bits=", bits));
+                         if (!why.empty()) return why;
+                       }
+                     }
+                   return std::string();
+                 },
+                 skip);
+    harness::add(str("quantize_run/", path.name, " flags NaN at any position"),
+                 [k] {
+                   for (size_t n = 1; n <= 130; ++n)
+                     for (size_t at : {size_t(0), n / 2, n - 1}) {
+                       std::vector<float> x(n, 1.0f);
+                       x[at] = NAN;
+                       std::vector<uint8_t> out(n);
+                       if (!k->quantize_run(x.data(), n, 1.0f, 0, -128, 127, out.data()))
+                         return str("NaN at ", at, " of ", n, " not flagged");
+                       float lo = INFINITY, hi = -INFINITY;
+                       if (!k->finite_range(x.data(), n, &lo, &hi))
+                         return str("finite_range: NaN at ", at, " of ", n, " not flagged");
+                     }
+                   return std::string();
+                 },
+                 skip);
+    harness::add(str("dequantize/", path.name, " matches scalar (run and per-element)"),
+                 [k] {
+                   Rng rng(3);
+                   for (bool s : {true, false})
+                     for (size_t n = 0; n <= 1024; ++n) {
+                       std::vector<uint8_t> q(n);
+                       std::vector<float> scale(n);
+                       std::vector<int32_t> zp(n);
+                       for (size_t i = 0; i < n; ++i) {
+                         q[i] = uint8_t(rng.next());
+                         scale[i] = rng.range(1e-6f, 100.0f);
+                         zp[i] = s ? rng.integer(-128, 127) : rng.integer(0, 255);
+                       }
+                       std::vector<float> want(n), got(n);
+                       ref().dequantize_run(q.data(), n, s, 0.37f, zp.empty() ? 0 : zp[0], want.data());
+                       k->dequantize_run(q.data(), n, s, 0.37f, zp.empty() ? 0 : zp[0], got.data());
+                       if (std::memcmp(want.data(), got.data(), n * sizeof(float)) != 0)
+                         return str("dequantize_run differs at n=", n, " signed=", s);
+                       ref().dequantize_vec(q.data(), n, s, scale.data(), zp.data(), want.data());
+                       k->dequantize_vec(q.data(), n, s, scale.data(), zp.data(), got.data());
+                       if (std::memcmp(want.data(), got.data(), n * sizeof(float)) != 0)
+                         return str("dequantize_vec differs at n=", n, " signed=", s);
+                     }
+                   return std::string();
+                 },
+                 skip);
+    harness::add(str("finite_range/", path.name, " matches scalar and ignores infinities"),
+                 [k] {
+                   Rng rng(4);
+                   for (size_t n = 0; n <= 1024; ++n) {
+                     auto x = tricky_data(n, 1.0f, rng);
+                     float wl = INFINITY, wh = -INFINITY, gl = INFINITY, gh = -INFINITY;
+                     ref().finite_range(x.data(), n, &wl, &wh);
+                     k->finite_range(x.data(), n, &gl, &gh);
+                     if (!(wl == gl && wh == gh) && !(n == 0))
+                       return str("n=", n, ": want [", wl, ", ", wh, "] got [", gl, ", ", gh, "]");
+                     if (std::isinf(gl) && gl <= gh) return str("infinite bound at n=", n);
+                   }
+                   return std::string();
+                 },
+                 skip);
+    harness::add(str("squared_error/", path.name, " returns the same double as scalar"),
+                 [k] {
+                   Rng rng(5);
+                   for (const Config& c : configs()) {
+                     int32_t qmin, qmax;
+                     integer_range(c.bits, c.is_signed, &qmin, &qmax);
+                     for (size_t n = 0; n <= 1024; n += (c.scale == 0.1f ? 1 : 53)) {
+                       auto x = tricky_data(n, c.scale, rng);
+                       for (auto& v : x)
+                         if (std::fabs(v) > 1e30f) v = 1.0f;  // keep the sums finite
+                       double want = ref().squared_error(x.data(), n, c.scale, c.zp, qmin, qmax);
+                       double got = k->squared_error(x.data(), n, c.scale, c.zp, qmin, qmax);
+                       if (std::memcmp(&want, &got, sizeof(double)) != 0)
+                         return str("n=", n, " scale=", c.scale, ": want ", want, " got ", got);
+                     }
+                   }
+                   return std::string();
+                 },
+                 skip);
+  }
+}
+
+void register_rule_tests() {
+  harness::add("T1: round half to even", [] {
+    const float in[] = {0.5f, 1.5f, 2.5f, 3.5f, -0.5f, -1.5f, -2.5f, 2.4999f, 2.5001f};
+    const int want[] = {0, 2, 2, 4, 0, -2, -2, 2, 3};
+    for (int i = 0; i < 9; ++i)
+      if (quantize_value(in[i], 1.0f, 0, -128, 127) != want[i])
+        return str(in[i], " -> ", quantize_value(in[i], 1.0f, 0, -128, 127), ", want ", want[i]);
+    return std::string();
+  });
+  harness::add("T2: ONNX QuantizeLinear per-tensor vectors", [] {
+    const float x[] = {-1.0f, -0.3f, 0.0f, 0.25f, 0.75f, 1.25f, 10.0f};
+    struct V { int32_t qmin, qmax, zp; int want[7]; } vs[] = {
+        {-128, 127, 0, {-2, -1, 0, 0, 2, 2, 20}},
+        {-8, 7, 0, {-2, -1, 0, 0, 2, 2, 7}},
+        {0, 15, 8, {6, 7, 8, 8, 10, 10, 15}},
+        {0, 255, 128, {126, 127, 128, 128, 130, 130, 148}},
+    };
+    for (auto& v : vs)
+      for (int i = 0; i < 7; ++i) {
+        int got = quantize_value(x[i], 0.5f, v.zp, v.qmin, v.qmax);
+        if (got != v.want[i]) return str("range [", v.qmin, ",", v.qmax, "] x=", x[i], ": ", got, " want ", v.want[i]);
+      }
+    return std::string();
+  });
+  harness::add("divides by the scale rather than multiplying by its reciprocal", [] {
+    // Find a tie x = (k + 0.5) * s where x / s and x * (1 / s) round differently.
+    for (int i = 1; i < 1000000; ++i) {
+      const float s = 0.0001f * float(i);
+      const float x = 2.5f * s;
+      const float div = std::nearbyint(x / s), mul = std::nearbyint(x * (1.0f / s));
+      if (div == mul) continue;
+      const int got = quantize_value(x, s, 0, -128, 127);
+      if (got != int(div)) return str("s=", s, " x=", x, ": got ", got, " want ", div, " (reciprocal gives ", mul, ")");
+      return std::string();
+    }
+    return std::string("found no scale where division and reciprocal differ");
+  });
+  harness::add("params_from_range: T14 onnxruntime affine and symmetric parameters", [] {
+    float s;
+    int32_t z;
+    params_from_range(-1.0f, 3.0f, 0, 255, false, &s, &z);
+    if (s != float(4.0 / 255.0) || z != 64) return str("uint8 asymmetric: ", s, " ", z);
+    params_from_range(-1.0f, 3.0f, -128, 127, true, &s, &z);
+    if (s != float(3.0 / 127.0) || z != 0) return str("int8 symmetric: ", s, " ", z);
+    for (bool sym : {false, true}) {
+      params_from_range(0.0f, 0.0f, -8, 7, sym, &s, &z);
+      if (s != 1.0f || z != 0) return str("zero range: ", s, " ", z);
+      params_from_range(0.0f, 1e-40f, 0, 15, sym, &s, &z);
+      if (s != 1.0f || z != 0) return str("vanishing range: ", s, " ", z);
+    }
+    params_from_range(2.0f, 5.0f, 0, 15, false, &s, &z);  // widened to [0, 5]
+    if (s != float(5.0 / 15.0) || z != 0) return str("positive range: ", s, " ", z);
+    return std::string();
+  });
+}
+
+// Per-element reference for a layout: computes each element's group directly.
+size_t group_of(const QuantLayout& l, size_t idx) {
+  const size_t i = l.inner ? idx % l.inner : 0;
+  const size_t d = l.inner ? (idx / l.inner) % l.axis_len : 0;
+  const size_t o = l.inner ? idx / l.inner / l.axis_len : 0;
+  switch (l.kind) {
+    case Granularity::kTensor: return 0;
+    case Granularity::kChannel: return d;
+    case Granularity::kBlock: return (o * l.blocks_per_axis() + d / l.block_size) * l.inner + i;
+  }
+  return 0;
+}
+
+std::vector<QuantLayout> layouts() {
+  std::vector<QuantLayout> ls;
+  auto mk = [](Granularity k, size_t o, size_t a, size_t in, size_t b) {
+    QuantLayout l;
+    l.kind = k; l.outer = o; l.axis_len = a; l.inner = in; l.block_size = b;
+    return l;
+  };
+  ls.push_back(mk(Granularity::kTensor, 1, 1, 0, 0));
+  ls.push_back(mk(Granularity::kTensor, 1, 1, 200003, 0));
+  ls.push_back(mk(Granularity::kChannel, 1, 7, 33, 0));
+  ls.push_back(mk(Granularity::kChannel, 5, 3, 70001, 0));
+  ls.push_back(mk(Granularity::kChannel, 9, 131, 1, 0));
+  ls.push_back(mk(Granularity::kChannel, 2, 100000, 1, 0));
+  ls.push_back(mk(Granularity::kBlock, 3, 37, 1, 8));      // ragged last block
+  ls.push_back(mk(Granularity::kBlock, 2, 150001, 1, 32)); // long lines
+  ls.push_back(mk(Granularity::kBlock, 2, 11, 5, 4));      // blocks across an inner axis
+  ls.push_back(mk(Granularity::kBlock, 1, 5, 3, 16));      // one block bigger than the axis
+  return ls;
+}
+
+void register_driver_tests() {
+  harness::add("quantize/dequantize/ranges drivers match a per-element reference for every layout, path and thread count", [] {
+    Rng rng(6);
+    for (const QuantLayout& l : layouts()) {
+      const size_t n = l.element_count(), groups = l.group_count();
+      std::vector<float> x(n);
+      for (auto& v : x) v = rng.range(-4.0f, 4.0f);
+      std::vector<float> scale(groups);
+      std::vector<int32_t> zp(groups);
+      for (size_t g = 0; g < groups; ++g) { scale[g] = rng.range(0.01f, 0.1f); zp[g] = rng.integer(0, 15); }
+      QuantParams p;
+      p.scale = scale.data(); p.zero_point = zp.data(); p.qmin = 0; p.qmax = 15; p.layout = l;
+      std::vector<uint8_t> want(n);
+      std::vector<float> want_lo(groups, INFINITY), want_hi(groups, -INFINITY);
+      for (size_t i = 0; i < n; ++i) {
+        size_t g = group_of(l, i);
+        want[i] = uint8_t(quantize_value(x[i], scale[g], zp[g], 0, 15));
+        want_lo[g] = std::min(want_lo[g], x[i]);
+        want_hi[g] = std::max(want_hi[g], x[i]);
+      }
+      for (const auto& name : available_quantize_kernels(cpu())) {
+        for (unsigned threads : {1u, 2u, 3u}) {
+          ThreadPool pool(3);
+          Exec exec{find_quantize_kernels(name, cpu()), &pool, threads};
+          std::vector<uint8_t> got(n);
+          if (quantize_tensor(exec, x.data(), p, got.data()) != kNoNaN) return str("spurious NaN");
+          for (size_t i = 0; i < n; ++i)
+            if (got[i] != want[i]) return str(name, " threads=", threads, " kind=", int(l.kind), " element ", i, ": ", int(got[i]), " want ", int(want[i]));
+          std::vector<float> deq(n);
+          dequantize_tensor(exec, got.data(), false, p, deq.data());
+          for (size_t i = 0; i < n; ++i) {
+            size_t g = group_of(l, i);
+            if (deq[i] != dequantize_value(want[i], scale[g], zp[g])) return str("dequantize element ", i);
+          }
+          std::vector<float> lo(groups), hi(groups);
+          group_ranges(exec, x.data(), l, lo.data(), hi.data());
+          for (size_t g = 0; g < groups; ++g)
+            if (lo[g] != want_lo[g] || hi[g] != want_hi[g]) return str(name, " ranges of group ", g);
+        }
+      }
+    }
+    return std::string();
+  });
+  harness::add("drivers report the first NaN index", [] {
+    ThreadPool pool(2);
+    Exec exec{quantize_kernels_scalar(), &pool, 2};
+    std::vector<float> x(300000, 1.0f);
+    x[200001] = NAN;
+    x[250000] = NAN;
+    QuantLayout l;
+    l.inner = x.size();
+    float lo, hi, s = 1.0f;
+    int32_t z = 0;
+    if (group_ranges(exec, x.data(), l, &lo, &hi) != 200001) return std::string("group_ranges");
+    QuantParams p;
+    p.scale = &s; p.zero_point = &z; p.layout = l;
+    std::vector<uint8_t> out(x.size());
+    if (quantize_tensor(exec, x.data(), p, out.data()) != 200001) return std::string("quantize_tensor");
+    return std::string();
+  });
+  harness::add("mse search: same ranges on every path and thread count; never worse than minmax", [] {
+    Rng rng(7);
+    for (const QuantLayout& l : layouts()) {
+      if (l.element_count() > 400000) continue;
+      const size_t n = l.element_count(), groups = l.group_count();
+      std::vector<float> x(n);
+      for (auto& v : x) {  // heavy-tailed: clipping pays off
+        float u = rng.range(1e-6f, 1.0f);
+        v = (rng.integer(0, 1) ? 1.0f : -1.0f) * -std::log(u);
+      }
+      std::vector<float> ref_lo, ref_hi;
+      for (const auto& name : available_quantize_kernels(cpu()))
+        for (unsigned threads : {1u, 2u}) {
+          ThreadPool pool(2);
+          Exec exec{find_quantize_kernels(name, cpu()), &pool, threads};
+          std::vector<float> lo(groups), hi(groups);
+          search_ranges_mse(exec, x.data(), l, -8, 7, true, 100, lo.data(), hi.data());
+          if (ref_lo.empty()) { ref_lo = lo; ref_hi = hi; continue; }
+          if (lo != ref_lo || hi != ref_hi) return str(name, " threads=", threads, " chose different ranges");
+        }
+      if (l.kind == Granularity::kTensor && n > 0) {
+        ThreadPool pool(1);
+        Exec exec{quantize_kernels_scalar(), &pool, 1};
+        float mlo, mhi, s1, s2;
+        int32_t z1, z2;
+        group_ranges(exec, x.data(), l, &mlo, &mhi);
+        params_from_range(mlo, mhi, -8, 7, true, &s1, &z1);
+        params_from_range(ref_lo[0], ref_hi[0], -8, 7, true, &s2, &z2);
+        double e1 = ref().squared_error(x.data(), n, s1, z1, -8, 7);
+        double e2 = ref().squared_error(x.data(), n, s2, z2, -8, 7);
+        if (!(e2 <= e1)) return str("mse ", e2, " worse than minmax ", e1);
+        if (!(e2 < 0.9 * e1)) return str("mse search did not clip a heavy-tailed tensor: ", e2, " vs ", e1);
+      }
+    }
+    return std::string();
+  });
+  harness::add("mse search handles all-zero and constant groups", [] {
+    ThreadPool pool(1);
+    Exec exec{quantize_kernels_scalar(), &pool, 1};
+    QuantLayout l;
+    l.kind = Granularity::kChannel; l.outer = 1; l.axis_len = 3; l.inner = 4;
+    std::vector<float> x = {0, 0, 0, 0, 2, 2, 2, 2, -3, -3, -3, -3};
+    float lo[3], hi[3];
+    search_ranges_mse(exec, x.data(), l, -128, 127, true, 100, lo, hi);
+    if (lo[0] != 0 || hi[0] != 0) return str("zero group: [", lo[0], ", ", hi[0], "]");
+    if (hi[1] != 2.0f || lo[2] != -3.0f) return str("constant groups lost their value: ", hi[1], " ", lo[2]);
+    return std::string();
+  });
+}
+
+void register_pack_tests() {
+  harness::add("T3: INT4/UINT4 packing and unpacking", [] {
+    auto pack = [](std::vector<int> v, bool s) {
+      std::vector<uint8_t> in(v.begin(), v.end()), out((v.size() + 1) / 2);
+      int64_t bad = pack_int4(in.data(), in.size(), s, out.data());
+      return std::make_pair(bad, out);
+    };
+    auto a = pack({1, -2, 3}, true);
+    if (a.first != -1 || a.second != std::vector<uint8_t>{0xE1, 0x03}) return std::string("int4 [1,-2,3]");
+    auto b = pack({-8, 7}, true);
+    if (b.second != std::vector<uint8_t>{0x78}) return std::string("int4 [-8,7]");
+    auto c = pack({15, 0, 5}, false);
+    if (c.second != std::vector<uint8_t>{0x0F, 0x05}) return std::string("uint4 [15,0,5]");
+    if (pack({1, 8}, true).first != 1) return std::string("8 accepted as int4");
+    uint8_t back[3];
+    unpack_int4(a.second.data(), 3, true, back);
+    if (int8_t(back[0]) != 1 || int8_t(back[1]) != -2 || int8_t(back[2]) != 3) return std::string("unpack int4");
+    return std::string();
+  });
+  harness::add("INT2/UINT2 packing: four per byte, lowest bits first, round trip", [] {
+    std::vector<uint8_t> in = {uint8_t(-2), 1, 0, uint8_t(-1), 1}, out(2), back(5);
+    if (pack_int2(in.data(), 5, true, out.data()) != -1) return std::string("rejected valid int2");
+    // -2 -> 10b, 1 -> 01b, 0 -> 00b, -1 -> 11b: byte0 = 11 00 01 10 = 0xC6
+    if (out[0] != 0xC6 || out[1] != 0x01) return str("bytes ", int(out[0]), " ", int(out[1]));
+    unpack_int2(out.data(), 5, true, back.data());
+    if (back != in) return std::string("round trip");
+    std::vector<uint8_t> u = {3, 0, 2, 1}, uo(1);
+    pack_int2(u.data(), 4, false, uo.data());
+    if (uo[0] != 0x63) return str("uint2 byte ", int(uo[0]));
+    if (pack_int2(u.data(), 4, true, uo.data()) != 0) return std::string("3 accepted as int2");
+    return std::string();
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_rule_tests();
+  register_kernel_tests();
+  register_driver_tests();
+  register_pack_tests();
+  return harness::run_all(argc > 1 ? argv[1] : "");
+}
