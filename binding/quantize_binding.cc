@@ -1,0 +1,239 @@
+// N-API glue for the tensor quantization entry points in cpp/include/lowbit/quantize.h.
+// Argument order is private to ts/native.ts, which declares the same shapes.
+#include <cmath>
+
+#include "async_task.h"
+#include "context.h"
+#include "napi_args.h"
+
+namespace lowbit_binding {
+namespace {
+
+using lowbit::QuantLayout;
+using lowbit::QuantParams;
+
+void expect_length(Napi::Env env, size_t got, size_t want, const char* name) {
+  if (got != want)
+    throw_range(env, std::string(name) + " has " + std::to_string(got) + " elements, expected " +
+                         std::to_string(want));
+}
+
+// {scale: Float32Array, zeroPoint: Int32Array, qmin, qmax, layout} -> QuantParams.
+QuantParams params_of(const Napi::Value& v) {
+  Napi::Env env = v.Env();
+  if (!v.IsObject()) throw_type(env, "params must be an object");
+  Napi::Object o = v.As<Napi::Object>();
+  QuantParams p;
+  p.layout = layout_of(o.Get("layout"));
+  p.qmin = int_of(o.Get("qmin"), "params.qmin");
+  p.qmax = int_of(o.Get("qmax"), "params.qmax");
+  if (p.qmin > p.qmax || p.qmin < -128 || p.qmax > 255 || (p.qmin < 0 && p.qmax > 127))
+    throw_range(env, "params.qmin/qmax must describe an 8-bit (or narrower) integer range");
+  size_t ns, nz;
+  p.scale = array_of<float>(o.Get("scale"), "params.scale", napi_float32_array, &ns);
+  p.zero_point = array_of<int32_t>(o.Get("zeroPoint"), "params.zeroPoint", napi_int32_array, &nz);
+  const size_t groups = p.layout.group_count();
+  expect_length(env, ns, groups, "params.scale");
+  expect_length(env, nz, groups, "params.zeroPoint");
+  for (size_t g = 0; g < groups; ++g) {
+    if (!(p.scale[g] > 0.0f) || !std::isfinite(p.scale[g]))
+      throw_range(env, "params.scale[" + std::to_string(g) + "] must be positive and finite");
+    if (p.zero_point[g] < p.qmin || p.zero_point[g] > p.qmax)
+      throw_range(env, "params.zeroPoint[" + std::to_string(g) + "] is outside [qmin, qmax]");
+  }
+  return p;
+}
+
+unsigned threads_of(const Napi::Value& v) {
+  size_t t = size_of(v, "threads");
+  return unsigned(std::min<size_t>(t, 1024));
+}
+
+// quantize(x, out, params, kernel, threads) -> index of the first NaN or -1
+struct QuantizeCall {
+  const float* x;
+  uint8_t* out;
+  QuantParams params;
+  lowbit::Exec exec;
+
+  explicit QuantizeCall(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    size_t nx, nout;
+    x = array_of<float>(info[0], "x", napi_float32_array, &nx);
+    out = codes_of(info[1], "out", &nout);
+    params = params_of(info[2]);
+    expect_length(env, nx, params.layout.element_count(), "x");
+    expect_length(env, nout, nx, "out");
+    exec = Context::of(env).exec(env, string_of(info[3], "kernel"), threads_of(info[4]));
+  }
+  double run() const { return double(lowbit::quantize_tensor(exec, x, params, out)); }
+};
+
+Napi::Value Quantize(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), QuantizeCall(info).run());
+}
+
+Napi::Value QuantizeAsync(const Napi::CallbackInfo& info) {
+  QuantizeCall call(info);
+  return AsyncTask::Start(info.Env(), {info[0], info[1], info[2]}, [call] { return call.run(); });
+}
+
+// dequantize(q, isSigned, out, params, kernel, threads)
+Napi::Value Dequantize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nq, nout;
+  const uint8_t* q = codes_of(info[0], "q", &nq);
+  bool is_signed = bool_of(info[1], "isSigned");
+  float* out = array_of<float>(info[2], "out", napi_float32_array, &nout);
+  QuantParams params = params_of(info[3]);
+  expect_length(env, nq, params.layout.element_count(), "q");
+  expect_length(env, nout, nq, "out");
+  auto exec = Context::of(env).exec(env, string_of(info[4], "kernel"), threads_of(info[5]));
+  lowbit::dequantize_tensor(exec, q, is_signed, params, out);
+  return env.Undefined();
+}
+
+// groupRanges(x, layout, lo, hi, kernel, threads) / searchRangesMse(x, layout, lo, hi, kernel,
+// threads, qmin, qmax, symmetric, candidates) -> index of the first NaN or -1
+struct RangesCall {
+  const float* x;
+  QuantLayout layout;
+  float* lo;
+  float* hi;
+  lowbit::Exec exec;
+  bool search = false;
+  int32_t qmin = 0, qmax = 0;
+  bool symmetric = true;
+  unsigned candidates = 0;
+
+  RangesCall(const Napi::CallbackInfo& info, bool with_search) : search(with_search) {
+    Napi::Env env = info.Env();
+    size_t nx, nlo, nhi;
+    x = array_of<float>(info[0], "x", napi_float32_array, &nx);
+    layout = layout_of(info[1]);
+    lo = array_of<float>(info[2], "lo", napi_float32_array, &nlo);
+    hi = array_of<float>(info[3], "hi", napi_float32_array, &nhi);
+    expect_length(env, nx, layout.element_count(), "x");
+    expect_length(env, nlo, layout.group_count(), "lo");
+    expect_length(env, nhi, layout.group_count(), "hi");
+    exec = Context::of(env).exec(env, string_of(info[4], "kernel"), threads_of(info[5]));
+    if (search) {
+      qmin = int_of(info[6], "qmin");
+      qmax = int_of(info[7], "qmax");
+      if (qmin >= qmax || qmin < -128 || qmax > 255) throw_range(env, "qmin/qmax out of range");
+      symmetric = bool_of(info[8], "symmetric");
+      size_t c = size_of(info[9], "candidates");
+      if (c < 1 || c > 10000) throw_range(env, "candidates must be in 1..10000");
+      candidates = unsigned(c);
+    }
+  }
+  double run() const {
+    if (search)
+      return double(lowbit::search_ranges_mse(exec, x, layout, qmin, qmax, symmetric, candidates, lo, hi));
+    return double(lowbit::group_ranges(exec, x, layout, lo, hi));
+  }
+};
+
+Napi::Value GroupRanges(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), RangesCall(info, false).run());
+}
+Napi::Value GroupRangesAsync(const Napi::CallbackInfo& info) {
+  RangesCall call(info, false);
+  return AsyncTask::Start(info.Env(), {info[0], info[2], info[3]}, [call] { return call.run(); });
+}
+Napi::Value SearchRangesMse(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), RangesCall(info, true).run());
+}
+Napi::Value SearchRangesMseAsync(const Napi::CallbackInfo& info) {
+  RangesCall call(info, true);
+  return AsyncTask::Start(info.Env(), {info[0], info[2], info[3]}, [call] { return call.run(); });
+}
+
+// paramsFromRanges(lo, hi, qmin, qmax, symmetric, scaleOut, zeroPointOut)
+Napi::Value ParamsFromRanges(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nlo, nhi, ns, nz;
+  const float* lo = array_of<float>(info[0], "lo", napi_float32_array, &nlo);
+  const float* hi = array_of<float>(info[1], "hi", napi_float32_array, &nhi);
+  int32_t qmin = int_of(info[2], "qmin"), qmax = int_of(info[3], "qmax");
+  if (qmin >= qmax || qmin < -128 || qmax > 255) throw_range(env, "qmin/qmax out of range");
+  bool symmetric = bool_of(info[4], "symmetric");
+  float* scale = array_of<float>(info[5], "scale", napi_float32_array, &ns);
+  int32_t* zp = array_of<int32_t>(info[6], "zeroPoint", napi_int32_array, &nz);
+  expect_length(env, nhi, nlo, "hi");
+  expect_length(env, ns, nlo, "scale");
+  expect_length(env, nz, nlo, "zeroPoint");
+  for (size_t g = 0; g < nlo; ++g) lowbit::params_from_range(lo[g], hi[g], qmin, qmax, symmetric, &scale[g], &zp[g]);
+  return env.Undefined();
+}
+
+// errorStats(x, q, isSigned, params) -> {squaredError, signal, maxAbsError, finiteCount, clippedCount}
+Napi::Value ErrorStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nx, nq;
+  const float* x = array_of<float>(info[0], "x", napi_float32_array, &nx);
+  const uint8_t* q = codes_of(info[1], "q", &nq);
+  bool is_signed = bool_of(info[2], "isSigned");
+  QuantParams params = params_of(info[3]);
+  expect_length(env, nx, params.layout.element_count(), "x");
+  expect_length(env, nq, nx, "q");
+  lowbit::ErrorStats s = lowbit::error_stats(x, q, is_signed, params);
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("squaredError", s.squared_error);
+  r.Set("signal", s.signal);
+  r.Set("maxAbsError", s.max_abs_error);
+  r.Set("finiteCount", double(s.finite_count));
+  r.Set("clippedCount", double(s.clipped_count));
+  return r;
+}
+
+// pack(values, isSigned, out) -> first out-of-range index or -1; unpack(packed, n, isSigned, out)
+template <int kBits>
+Napi::Value Pack(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nv, nout;
+  const uint8_t* values = codes_of(info[0], "values", &nv);
+  bool is_signed = bool_of(info[1], "isSigned");
+  uint8_t* out = array_of<uint8_t>(info[2], "out", napi_uint8_array, &nout);
+  const size_t per_byte = 8 / kBits;
+  expect_length(env, nout, (nv + per_byte - 1) / per_byte, "out");
+  int64_t bad = kBits == 4 ? lowbit::pack_int4(values, nv, is_signed, out)
+                           : lowbit::pack_int2(values, nv, is_signed, out);
+  return Napi::Number::New(env, double(bad));
+}
+
+template <int kBits>
+Napi::Value Unpack(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t np, nout;
+  const uint8_t* packed = array_of<uint8_t>(info[0], "packed", napi_uint8_array, &np);
+  size_t n = size_of(info[1], "length");
+  bool is_signed = bool_of(info[2], "isSigned");
+  uint8_t* out = codes_of(info[3], "out", &nout);
+  const size_t per_byte = 8 / kBits;
+  expect_length(env, np, (n + per_byte - 1) / per_byte, "packed");
+  expect_length(env, nout, n, "out");
+  if (kBits == 4) lowbit::unpack_int4(packed, n, is_signed, out);
+  else lowbit::unpack_int2(packed, n, is_signed, out);
+  return env.Undefined();
+}
+
+}  // namespace
+
+void register_quantize_functions(Napi::Env env, Napi::Object exports) {
+  exports.Set("quantize", Napi::Function::New(env, Quantize, "quantize"));
+  exports.Set("quantizeAsync", Napi::Function::New(env, QuantizeAsync, "quantizeAsync"));
+  exports.Set("dequantize", Napi::Function::New(env, Dequantize, "dequantize"));
+  exports.Set("groupRanges", Napi::Function::New(env, GroupRanges, "groupRanges"));
+  exports.Set("groupRangesAsync", Napi::Function::New(env, GroupRangesAsync, "groupRangesAsync"));
+  exports.Set("searchRangesMse", Napi::Function::New(env, SearchRangesMse, "searchRangesMse"));
+  exports.Set("searchRangesMseAsync", Napi::Function::New(env, SearchRangesMseAsync, "searchRangesMseAsync"));
+  exports.Set("paramsFromRanges", Napi::Function::New(env, ParamsFromRanges, "paramsFromRanges"));
+  exports.Set("errorStats", Napi::Function::New(env, ErrorStats, "errorStats"));
+  exports.Set("packInt4", Napi::Function::New(env, Pack<4>, "packInt4"));
+  exports.Set("unpackInt4", Napi::Function::New(env, Unpack<4>, "unpackInt4"));
+  exports.Set("packInt2", Napi::Function::New(env, Pack<2>, "packInt2"));
+  exports.Set("unpackInt2", Napi::Function::New(env, Unpack<2>, "unpackInt2"));
+}
+
+}  // namespace lowbit_binding

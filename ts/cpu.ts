@@ -1,0 +1,66 @@
+/** CPU features and kernel choices, for diagnostics, tests and benchmarks. */
+import { invalidValue } from './errors';
+import { native } from './native';
+
+export interface CpuInfo {
+  /** 'x86_64', 'aarch64' or 'other'. */
+  arch: string;
+  /** Instruction sets usable here (CPU support and OS support both checked). */
+  features: Record<string, boolean>;
+  /** Per operation, the kernels usable on this CPU, best first. */
+  kernels: { quantize: string[] };
+  /** Per operation, the kernel a call gets without `options.kernel` (null when LOWBIT_KERNEL is unusable). */
+  selected: { quantize: string | null };
+  /** Value of LOWBIT_KERNEL when the addon loaded, if set. */
+  kernelOverride: string | null;
+  /** Why LOWBIT_KERNEL cannot be honoured, if it cannot. */
+  kernelOverrideError: string | null;
+  /** Threads the native pool uses by default (all cores). */
+  maxThreads: number;
+}
+
+let cached: CpuInfo | undefined;
+
+/**
+ * Detected CPU features and the kernel chosen for each operation.
+ * @example
+ * cpuInfo().kernels.quantize  // e.g. ['avx512', 'avx2', 'scalar']
+ */
+export function cpuInfo(): CpuInfo {
+  if (!cached) {
+    const raw = native().cpuInfo();
+    cached = {
+      arch: raw.arch,
+      features: { ...raw.features },
+      kernels: { quantize: raw.quantizeKernels.slice() },
+      selected: { quantize: raw.selectedQuantizeKernel },
+      kernelOverride: raw.kernelOverride,
+      kernelOverrideError: raw.kernelOverrideError,
+      maxThreads: raw.maxThreads,
+    };
+  }
+  return {
+    ...cached,
+    features: { ...cached.features },
+    kernels: { quantize: cached.kernels.quantize.slice() },
+    selected: { ...cached.selected },
+  };
+}
+
+/** Checks `options.kernel` for an operation: '' (automatic) or a kernel usable here. */
+export function checkKernel(operation: 'quantize', kernel: unknown): string {
+  if (kernel === undefined) {
+    const info = cpuInfo();
+    if (info.kernelOverrideError) throw new Error(info.kernelOverrideError);
+    return '';
+  }
+  const usable = cpuInfo().kernels[operation];
+  if (typeof kernel !== 'string' || !usable.includes(kernel)) {
+    const known = ['avx512', 'avx2', 'scalar'];
+    const why = typeof kernel === 'string' && known.includes(kernel)
+      ? `This CPU does not support '${kernel}'.`
+      : 'Leave it unset to use the best one.';
+    throw invalidValue('options.kernel', `one of ${usable.map((k) => `'${k}'`).join(', ')}`, kernel, why);
+  }
+  return kernel;
+}

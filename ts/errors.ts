@@ -1,0 +1,34 @@
+/**
+ * One message shape for every bad argument:
+ * "Expected <what> for <name> but received <value>. <what to do>"
+ * TypeError for a wrong type, RangeError for a wrong value.
+ */
+
+/** Short, safe description of any received value for error messages. */
+export function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (value === undefined) return 'undefined';
+  if (typeof value === 'number') return Number.isNaN(value) ? 'NaN' : `${value}`;
+  if (typeof value === 'string') return JSON.stringify(value.length > 40 ? value.slice(0, 40) + '…' : value);
+  if (typeof value === 'boolean' || typeof value === 'bigint') return `${value} (${typeof value})`;
+  if (ArrayBuffer.isView(value)) {
+    const len = (value as unknown as { length?: number }).length;
+    return `${value.constructor.name}${len === undefined ? '' : ` of length ${len}`}`;
+  }
+  if (Array.isArray(value)) return `Array of length ${value.length}`;
+  if (typeof value === 'function') return 'a function';
+  const name = (value as object).constructor?.name;
+  return name && name !== 'Object' ? `a ${name}` : 'an object';
+}
+
+function message(name: string, expected: string, received: unknown, hint?: string): string {
+  return `Expected ${expected} for ${name} but received ${describe(received)}.` + (hint ? ` ${hint}` : '');
+}
+
+export function invalidType(name: string, expected: string, received: unknown, hint?: string): TypeError {
+  return new TypeError(message(name, expected, received, hint));
+}
+
+export function invalidValue(name: string, expected: string, received: unknown, hint?: string): RangeError {
+  return new RangeError(message(name, expected, received, hint));
+}

@@ -1,0 +1,13 @@
+/**
+ * lowbit: low-bit quantization for Node.js.
+ * The public API; everything else under ts/ is internal.
+ */
+export { cpuInfo, type CpuInfo } from './cpu';
+export { NativeLoadError } from './native';
+export { packInt2, packInt4, unpackInt2, unpackInt4 } from './pack';
+export { integerRange, type Granularity, type QuantizedTensor } from './quant-params';
+export {
+  dequantize, quantizationError, quantizeTensor, quantizeTensorAsync,
+  type KernelOptions, type QuantizationError, type QuantizeOptions,
+} from './quantize';
+export { rangeMethodNames } from './methods';

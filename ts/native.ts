@@ -1,0 +1,105 @@
+/**
+ * Loads the compiled addon (build/Release/lowbit.node, or LOWBIT_NATIVE_PATH)
+ * and declares its exact shape. Only ts/ modules call it; arguments are
+ * validated before they get here.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+/** Where a tensor's parameters change: see QuantLayout in ts/quant-params.ts. */
+export interface NativeLayout {
+  kind: 0 | 1 | 2;
+  outer: number;
+  axisLen: number;
+  inner: number;
+  blockSize: number;
+}
+
+export interface NativeParams {
+  scale: Float32Array;
+  zeroPoint: Int32Array;
+  qmin: number;
+  qmax: number;
+  layout: NativeLayout;
+}
+
+export type Codes = Int8Array | Uint8Array;
+
+export interface NativeCpuInfo {
+  arch: string;
+  features: Record<string, boolean>;
+  quantizeKernels: string[];
+  selectedQuantizeKernel: string | null;
+  kernelOverride: string | null;
+  kernelOverrideError: string | null;
+  maxThreads: number;
+}
+
+export interface NativeErrorStats {
+  squaredError: number;
+  signal: number;
+  maxAbsError: number;
+  finiteCount: number;
+  clippedCount: number;
+}
+
+export interface NativeBinding {
+  cpuInfo(): NativeCpuInfo;
+  /** Returns the index of the first NaN in x, or -1. */
+  quantize(x: Float32Array, out: Codes, params: NativeParams, kernel: string, threads: number): number;
+  quantizeAsync(x: Float32Array, out: Codes, params: NativeParams, kernel: string, threads: number): Promise<number>;
+  dequantize(q: Codes, isSigned: boolean, out: Float32Array, params: NativeParams, kernel: string, threads: number): void;
+  groupRanges(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, kernel: string, threads: number): number;
+  groupRangesAsync(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, kernel: string, threads: number): Promise<number>;
+  searchRangesMse(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, kernel: string, threads: number,
+    qmin: number, qmax: number, symmetric: boolean, candidates: number): number;
+  searchRangesMseAsync(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, kernel: string, threads: number,
+    qmin: number, qmax: number, symmetric: boolean, candidates: number): Promise<number>;
+  paramsFromRanges(lo: Float32Array, hi: Float32Array, qmin: number, qmax: number, symmetric: boolean,
+    scale: Float32Array, zeroPoint: Int32Array): void;
+  errorStats(x: Float32Array, q: Codes, isSigned: boolean, params: NativeParams): NativeErrorStats;
+  /** Returns the index of the first value outside the type's range, or -1. */
+  packInt4(values: Codes, isSigned: boolean, out: Uint8Array): number;
+  unpackInt4(packed: Uint8Array, length: number, isSigned: boolean, out: Codes): void;
+  packInt2(values: Codes, isSigned: boolean, out: Uint8Array): number;
+  unpackInt2(packed: Uint8Array, length: number, isSigned: boolean, out: Codes): void;
+}
+
+/** The addon could not be loaded; the message lists what was tried and the fixes. */
+export class NativeLoadError extends Error {
+  constructor(tried: string[], causes: string[]) {
+    super(
+      'lowbit: could not load its native addon.\n' +
+        tried.map((p, i) => `  tried ${p}: ${causes[i]}`).join('\n') +
+        '\nPossible solutions:\n' +
+        '  - rebuild it: `npm rebuild lowbit` (or `npm run build:native` in a clone); this needs cmake >= 3.18 and g++ or clang with C++17\n' +
+        '  - set LOWBIT_NATIVE_PATH to a lowbit.node built for this platform\n' +
+        `  - check that Node.js is >= 20.19 (this is ${process.version})`,
+    );
+    this.name = 'NativeLoadError';
+  }
+}
+
+let binding: NativeBinding | undefined;
+
+export function native(): NativeBinding {
+  if (binding) return binding;
+  const root = path.resolve(__dirname, '..', '..');
+  const tried = [process.env.LOWBIT_NATIVE_PATH, path.join(root, 'build', 'Release', 'lowbit.node')].filter(
+    (p): p is string => !!p,
+  );
+  const causes: string[] = [];
+  for (const file of tried) {
+    if (!fs.existsSync(file)) {
+      causes.push('no such file');
+      continue;
+    }
+    try {
+      binding = require(file) as NativeBinding;
+      return binding;
+    } catch (e) {
+      causes.push((e as Error).message.split('\n')[0]);
+    }
+  }
+  throw new NativeLoadError(tried, causes);
+}

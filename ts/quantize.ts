@@ -1,0 +1,336 @@
+/**
+ * Tensor-level quantization: quantizeTensor / quantizeTensorAsync /
+ * dequantize / quantizationError. TypeScript validates and decides ranges;
+ * the native kernels round, saturate and reduce.
+ */
+import { checkKernel } from './cpu';
+import { invalidType, invalidValue } from './errors';
+import { rangeMethod, rangeMethodNames, type RangeMethod, type RangeRequest } from './methods';
+import { native, type NativeParams } from './native';
+import {
+  integerRange, nativeParams, tensorLayout, type Granularity, type QuantizedTensor, type TensorLayout,
+} from './quant-params';
+import {
+  checkAttached, checkBoolean, checkChoice, checkFloat32Array, checkInteger, checkKnownKeys, checkShape, isPlainObject,
+} from './validate';
+
+export interface QuantizeOptions {
+  /** Tensor dimensions; their product must equal data.length. Required. */
+  shape: readonly number[];
+  /** Integer width, 2..8. Default 8. */
+  bits?: number;
+  /** Two's complement (Int8Array values) or unsigned (Uint8Array values). Default true. */
+  signed?: boolean;
+  /** Zero point 0 (true) or an affine range with a zero point (false). Default true. */
+  symmetric?: boolean;
+  /** One scale for the tensor, per channel along `axis`, or per block along `axis`. Default 'tensor'. */
+  granularity?: Granularity;
+  /** The channel axis or the blocked axis ('channel' and 'block' only); negative counts from the end. Default 0. */
+  axis?: number;
+  /** Block length along `axis` ('block' only), ONNX block_size semantics. Default 32. */
+  blockSize?: number;
+  /** How ranges are chosen: 'minmax' or 'mse'. Default 'minmax'. Not with `scale`. */
+  method?: string;
+  /** Explicit scale(s): a number or one per group (row-major in the scale shape). Skips range estimation. */
+  scale?: number | ArrayLike<number>;
+  /** Explicit zero point(s) to go with `scale`. Default 0. */
+  zeroPoint?: number | ArrayLike<number>;
+  /** Force a kernel ('avx512', 'avx2', 'scalar', … see cpuInfo().kernels.quantize). Default: the best one. */
+  kernel?: string;
+  /** Native threads to use. Default: all cores. */
+  threads?: number;
+}
+
+export interface KernelOptions {
+  /** Force a kernel (see cpuInfo().kernels.quantize). Default: the best one. */
+  kernel?: string;
+  /** Native threads to use. Default: all cores. */
+  threads?: number;
+}
+
+export interface QuantizationError {
+  /** Mean squared error over the finite elements. */
+  mse: number;
+  /** Signal-to-quantization-noise ratio in dB over the finite elements (Infinity when exact). */
+  sqnrDb: number;
+  /** Largest |x - dequantize(q)| over the finite elements. */
+  maxAbsError: number;
+  /** Fraction of elements whose rounded value fell outside the integer range (±Infinity included). */
+  clippedFraction: number;
+}
+
+const QUANTIZE_OPTION_KEYS = [
+  'shape', 'bits', 'signed', 'symmetric', 'granularity', 'axis', 'blockSize', 'method', 'scale', 'zeroPoint',
+  'kernel', 'threads',
+] as const;
+const GRANULARITIES: readonly Granularity[] = ['tensor', 'channel', 'block'];
+export const DEFAULT_BLOCK_SIZE = 32;
+
+interface Plan {
+  data: Float32Array;
+  shape: number[];
+  bits: number;
+  signed: boolean;
+  symmetric: boolean;
+  granularity: Granularity;
+  axis?: number;
+  blockSize?: number;
+  layout: TensorLayout;
+  qmin: number;
+  qmax: number;
+  method?: RangeMethod;
+  explicit?: { scale: Float32Array; zeroPoint: Int32Array };
+  kernel: string;
+  threads: number;
+}
+
+function checkThreads(v: unknown): number {
+  return v === undefined ? 0 : checkInteger('options.threads', v, 1, 1024);
+}
+
+function resolveAxis(name: string, v: unknown, rank: number): number {
+  if (rank === 0) throw invalidValue('options.shape', 'at least one dimension for a channel or block granularity', []);
+  const axis = v === undefined ? 0 : checkInteger(name, v, -rank, rank - 1);
+  return axis < 0 ? axis + rank : axis;
+}
+
+function explicitValues(name: string, v: unknown, groups: number, scaleShape: number[]): number[] {
+  if (typeof v === 'number') return new Array<number>(groups).fill(v);
+  if (Array.isArray(v) || ArrayBuffer.isView(v)) {
+    const list = Array.from(v as ArrayLike<number>);
+    if (list.length !== groups) {
+      throw invalidValue(name, `a number or ${groups} values (scale shape [${scaleShape.join(', ')}])`, v);
+    }
+    return list;
+  }
+  throw invalidType(name, 'a number or an array of numbers', v);
+}
+
+function plan(data: unknown, options: unknown): Plan {
+  const x = checkFloat32Array('data', data);
+  if (!isPlainObject(options)) {
+    throw invalidType('options', 'an options object with at least { shape }', options,
+      'For example quantizeTensor(data, { shape: [data.length] }).');
+  }
+  checkKnownKeys('options', options, QUANTIZE_OPTION_KEYS);
+  const shape = checkShape('options.shape', options.shape);
+  const count = shape.reduce((a, b) => a * b, 1);
+  if (count !== x.length) {
+    throw invalidValue('options.shape', `dimensions whose product is data.length = ${x.length}`, options.shape,
+      `Their product is ${count}.`);
+  }
+  const bits = options.bits === undefined ? 8 : checkInteger('options.bits', options.bits, 2, 8);
+  const signed = options.signed === undefined ? true : checkBoolean('options.signed', options.signed);
+  const symmetric = options.symmetric === undefined ? true : checkBoolean('options.symmetric', options.symmetric);
+  const granularity = options.granularity === undefined ? 'tensor' : checkChoice('options.granularity', options.granularity, GRANULARITIES);
+  let axis: number | undefined;
+  let blockSize: number | undefined;
+  if (granularity === 'tensor') {
+    if (options.axis !== undefined) throw invalidValue('options.axis', "no axis with granularity 'tensor'", options.axis, "Use granularity 'channel' or 'block' to quantize along an axis.");
+    if (options.blockSize !== undefined) throw invalidValue('options.blockSize', "no blockSize without granularity 'block'", options.blockSize);
+  } else {
+    axis = resolveAxis('options.axis', options.axis, shape.length);
+    if (granularity === 'block') {
+      blockSize = options.blockSize === undefined ? DEFAULT_BLOCK_SIZE : checkInteger('options.blockSize', options.blockSize, 1, Number.MAX_SAFE_INTEGER);
+    } else if (options.blockSize !== undefined) {
+      throw invalidValue('options.blockSize', "no blockSize without granularity 'block'", options.blockSize);
+    }
+  }
+  const layout = tensorLayout(shape, granularity, axis ?? 0, blockSize ?? 0);
+  const { qmin, qmax } = integerRange(bits, signed);
+  const kernel = checkKernel('quantize', options.kernel);
+  const threads = checkThreads(options.threads);
+  const base = { data: x, shape, bits, signed, symmetric, granularity, axis, blockSize, layout, qmin, qmax, kernel, threads };
+
+  if (options.scale === undefined) {
+    if (options.zeroPoint !== undefined) throw invalidValue('options.zeroPoint', 'no zeroPoint without an explicit scale', options.zeroPoint, 'Pass scale too, or leave both unset to estimate them.');
+    if (options.method !== undefined && typeof options.method !== 'string') {
+      throw invalidType('options.method', `one of ${rangeMethodNames().map((n) => `'${n}'`).join(', ')}`, options.method);
+    }
+    return { ...base, method: rangeMethod(options.method ?? 'minmax') };
+  }
+  if (options.method !== undefined) throw invalidValue('options.method', 'no method with an explicit scale', options.method, 'An explicit scale replaces range estimation; drop one of them.');
+  const scales = explicitValues('options.scale', options.scale, layout.groups, layout.scaleShape);
+  const scale = new Float32Array(scales.length);
+  scales.forEach((s, i) => {
+    const f = Math.fround(s);
+    if (typeof s !== 'number' || !(f > 0) || !Number.isFinite(f)) {
+      throw invalidValue(`options.scale[${i}]`, 'a positive finite float32 number', s,
+        'ONNX QuantizeLinear needs scale > 0.');
+    }
+    scale[i] = f;
+  });
+  const zeroPoint = new Int32Array(layout.groups);
+  if (options.zeroPoint !== undefined) {
+    explicitValues('options.zeroPoint', options.zeroPoint, layout.groups, layout.scaleShape).forEach((z, i) => {
+      zeroPoint[i] = checkInteger(`options.zeroPoint[${i}]`, z, qmin, qmax);
+    });
+    if (options.symmetric === true && zeroPoint.some((z) => z !== 0)) {
+      throw invalidValue('options.symmetric', 'false (or unset) with a non-zero zeroPoint', true, 'Symmetric quantization has zero point 0.');
+    }
+  }
+  return { ...base, explicit: { scale, zeroPoint } };
+}
+
+function nanError(index: number): RangeError {
+  return invalidValue(`data[${index}]`, 'a number (±Infinity saturates)', NaN,
+    'Replace or mask NaN values before quantizing.');
+}
+
+function rangeRequest(p: Plan): RangeRequest {
+  return {
+    data: p.data, layout: p.layout.native, groups: p.layout.groups, qmin: p.qmin, qmax: p.qmax,
+    symmetric: p.symmetric, kernel: p.kernel, threads: p.threads,
+  };
+}
+
+function paramsFromRanges(p: Plan, lo: Float32Array, hi: Float32Array): { scale: Float32Array; zeroPoint: Int32Array } {
+  const scale = new Float32Array(p.layout.groups);
+  const zeroPoint = new Int32Array(p.layout.groups);
+  native().paramsFromRanges(lo, hi, p.qmin, p.qmax, p.symmetric, scale, zeroPoint);
+  return { scale, zeroPoint };
+}
+
+function result(p: Plan, values: Int8Array | Uint8Array, params: { scale: Float32Array; zeroPoint: Int32Array }): QuantizedTensor {
+  const q: QuantizedTensor = {
+    values, scale: params.scale, zeroPoint: params.zeroPoint, shape: p.shape, scaleShape: p.layout.scaleShape,
+    bits: p.bits, signed: p.signed, granularity: p.granularity,
+  };
+  if (p.axis !== undefined) q.axis = p.axis;
+  if (p.blockSize !== undefined) q.blockSize = p.blockSize;
+  return q;
+}
+
+function quantizeParams(p: Plan, params: { scale: Float32Array; zeroPoint: Int32Array }): NativeParams {
+  return { ...params, qmin: p.qmin, qmax: p.qmax, layout: p.layout.native };
+}
+
+/**
+ * Quantizes a float tensor exactly as ONNX QuantizeLinear does:
+ * `q = saturate(roundHalfToEven(x / scale) + zeroPoint)`.
+ * Scales come from `options.scale` or from a range method ('minmax', 'mse').
+ *
+ * @throws {TypeError} wrong argument types (data not a Float32Array, …)
+ * @throws {RangeError} bad values (shape/length mismatch, bits outside 2..8, NaN in data, …)
+ * @example
+ * const q = quantizeTensor(new Float32Array([-1, -0.3, 0, 0.25, 0.75, 1.25, 10]),
+ *   { shape: [7], scale: 0.5 });
+ * q.values  // Int8Array [-2, -1, 0, 0, 2, 2, 20]
+ */
+export function quantizeTensor(data: Float32Array, options: QuantizeOptions): QuantizedTensor {
+  const p = plan(data, options);
+  let params = p.explicit;
+  if (!params) {
+    const ranges = p.method!.ranges(rangeRequest(p));
+    if (ranges.nanIndex >= 0) throw nanError(ranges.nanIndex);
+    params = paramsFromRanges(p, ranges.lo, ranges.hi);
+  }
+  const values = p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length);
+  const nan = native().quantize(p.data, values, quantizeParams(p, params), p.kernel, p.threads);
+  if (nan >= 0) throw nanError(nan);
+  return result(p, values, params);
+}
+
+/**
+ * quantizeTensor off the main thread: range estimation and quantization run
+ * on native worker threads. Do not write to `data` until the promise settles.
+ */
+export async function quantizeTensorAsync(data: Float32Array, options: QuantizeOptions): Promise<QuantizedTensor> {
+  const p = plan(data, options);
+  let params = p.explicit;
+  if (!params) {
+    const ranges = await p.method!.rangesAsync(rangeRequest(p));
+    if (ranges.nanIndex >= 0) throw nanError(ranges.nanIndex);
+    params = paramsFromRanges(p, ranges.lo, ranges.hi);
+  }
+  checkAttached('data', p.data);
+  const values = p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length);
+  const nan = await native().quantizeAsync(p.data, values, quantizeParams(p, params), p.kernel, p.threads);
+  if (nan >= 0) throw nanError(nan);
+  return result(p, values, params);
+}
+
+/** Checks a QuantizedTensor (possibly built by hand) and returns its layout. */
+export function checkQuantizedTensor(name: string, q: unknown): { q: QuantizedTensor; layout: TensorLayout } {
+  if (!isPlainObject(q)) throw invalidType(name, 'a QuantizedTensor (as returned by quantizeTensor)', q);
+  const bits = checkInteger(`${name}.bits`, q.bits, 2, 8);
+  const signed = checkBoolean(`${name}.signed`, q.signed);
+  const want = signed ? Int8Array : Uint8Array;
+  if (!(q.values instanceof want)) {
+    throw invalidType(`${name}.values`, `${want.name} (signed is ${signed})`, q.values);
+  }
+  checkAttached(`${name}.values`, q.values);
+  const shape = checkShape(`${name}.shape`, q.shape);
+  const count = shape.reduce((a, b) => a * b, 1);
+  if (count !== q.values.length) {
+    throw invalidValue(`${name}.shape`, `dimensions whose product is values.length = ${q.values.length}`, q.shape);
+  }
+  const granularity = checkChoice(`${name}.granularity`, q.granularity, GRANULARITIES);
+  let axis = 0;
+  let blockSize = 0;
+  if (granularity !== 'tensor') {
+    if (shape.length === 0) throw invalidValue(`${name}.shape`, 'at least one dimension for a channel or block granularity', q.shape);
+    axis = checkInteger(`${name}.axis`, q.axis, 0, shape.length - 1);
+    if (granularity === 'block') blockSize = checkInteger(`${name}.blockSize`, q.blockSize, 1, Number.MAX_SAFE_INTEGER);
+  }
+  const layout = tensorLayout(shape, granularity, axis, blockSize);
+  const { qmin, qmax } = integerRange(bits, signed);
+  if (!(q.scale instanceof Float32Array) || q.scale.length !== layout.groups) {
+    throw invalidType(`${name}.scale`, `a Float32Array of ${layout.groups} scales`, q.scale);
+  }
+  if (!(q.zeroPoint instanceof Int32Array) || q.zeroPoint.length !== layout.groups) {
+    throw invalidType(`${name}.zeroPoint`, `an Int32Array of ${layout.groups} zero points`, q.zeroPoint);
+  }
+  checkAttached(`${name}.scale`, q.scale);
+  checkAttached(`${name}.zeroPoint`, q.zeroPoint);
+  q.scale.forEach((s, i) => {
+    if (!(s > 0) || !Number.isFinite(s)) throw invalidValue(`${name}.scale[${i}]`, 'a positive finite number', s);
+  });
+  q.zeroPoint.forEach((z, i) => {
+    if (z < qmin || z > qmax) throw invalidValue(`${name}.zeroPoint[${i}]`, `an integer in [${qmin}, ${qmax}]`, z);
+  });
+  return { q: q as unknown as QuantizedTensor, layout };
+}
+
+function checkKernelOptions(options: unknown): { kernel: string; threads: number } {
+  if (options === undefined) return { kernel: checkKernel('quantize', undefined), threads: 0 };
+  if (!isPlainObject(options)) throw invalidType('options', 'an object { kernel?, threads? }', options);
+  checkKnownKeys('options', options, ['kernel', 'threads']);
+  return { kernel: checkKernel('quantize', options.kernel), threads: checkThreads(options.threads) };
+}
+
+/**
+ * Maps a quantized tensor back to floats: `(q - zeroPoint) · scale`, as ONNX DequantizeLinear.
+ * @example
+ * dequantize(quantizeTensor(new Float32Array([0.3]), { shape: [1], scale: 0.1 }))  // Float32Array [0.3000000119]
+ */
+export function dequantize(q: QuantizedTensor, options?: KernelOptions): Float32Array {
+  const { q: t, layout } = checkQuantizedTensor('q', q);
+  const { kernel, threads } = checkKernelOptions(options);
+  const out = new Float32Array(t.values.length);
+  native().dequantize(t.values, t.signed, out, nativeParams(t, layout), kernel, threads);
+  return out;
+}
+
+/**
+ * How far a quantized tensor is from the original floats.
+ * @example
+ * const x = new Float32Array([0.1, 0.2, 0.3]);
+ * quantizationError(x, quantizeTensor(x, { shape: [3], bits: 4 })).sqnrDb  // ≈ 27.8
+ */
+export function quantizationError(original: Float32Array, q: QuantizedTensor): QuantizationError {
+  const x = checkFloat32Array('original', original);
+  const { q: t, layout } = checkQuantizedTensor('q', q);
+  if (x.length !== t.values.length) {
+    throw invalidValue('original', `a Float32Array of length ${t.values.length} (q.values.length)`, x);
+  }
+  const s = native().errorStats(x, t.values, t.signed, nativeParams(t, layout));
+  const mse = s.finiteCount === 0 ? 0 : s.squaredError / s.finiteCount;
+  const sqnrDb = s.squaredError === 0 ? Infinity : 10 * Math.log10(s.signal / s.squaredError);
+  return {
+    mse,
+    sqnrDb,
+    maxAbsError: s.maxAbsError,
+    clippedFraction: x.length === 0 ? 0 : s.clippedCount / x.length,
+  };
+}

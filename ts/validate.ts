@@ -1,0 +1,87 @@
+/**
+ * Argument checks for the public API, done once at the boundary so the native
+ * layer only ever sees well-formed input. Each failure names the parameter,
+ * what was expected, what was received and what to do.
+ */
+import { invalidType, invalidValue } from './errors';
+
+export function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v) && !ArrayBuffer.isView(v);
+}
+
+/** True when the typed array's buffer was transferred or detached. */
+export function isDetached(view: ArrayBufferView): boolean {
+  const buffer = view.buffer as ArrayBuffer & { detached?: boolean };
+  if (typeof buffer.detached === 'boolean') return buffer.detached;
+  // Node 20 lacks ArrayBuffer.prototype.detached; a detached buffer has no bytes and
+  // its views report length 0 at offset 0, which a real zero-length buffer cannot
+  // be told apart from, so probe: slicing a detached buffer throws.
+  if (buffer.byteLength !== 0) return false;
+  try {
+    buffer.slice(0, 0);
+    return false;
+  } catch {
+    return true;
+  }
+}
+
+export function checkFloat32Array(name: string, v: unknown): Float32Array {
+  if (!(v instanceof Float32Array)) {
+    const hint = ArrayBuffer.isView(v) || Array.isArray(v) ? 'Convert it with Float32Array.from(values).' : undefined;
+    throw invalidType(name, 'a Float32Array', v, hint);
+  }
+  checkAttached(name, v);
+  return v;
+}
+
+export function checkAttached(name: string, v: ArrayBufferView): void {
+  if (isDetached(v))
+    throw invalidType(name, 'a typed array with an attached buffer', 'a detached buffer',
+      'The buffer was transferred (postMessage, structuredClone) or detached; pass a copy that is still owned here.');
+}
+
+export function checkInteger(name: string, v: unknown, min: number, max: number): number {
+  if (typeof v !== 'number') throw invalidType(name, `an integer in [${min}, ${max}]`, v);
+  if (!Number.isInteger(v) || v < min || v > max) throw invalidValue(name, `an integer in [${min}, ${max}]`, v);
+  return v;
+}
+
+export function checkBoolean(name: string, v: unknown): boolean {
+  if (typeof v !== 'boolean') throw invalidType(name, 'a boolean', v);
+  return v;
+}
+
+export function checkChoice<T extends string>(name: string, v: unknown, choices: readonly T[]): T {
+  const list = choices.map((c) => `'${c}'`).join(', ');
+  if (typeof v !== 'string') throw invalidType(name, `one of ${list}`, v);
+  if (!choices.includes(v as T)) {
+    const close = choices.find((c) => c.toLowerCase() === v.toLowerCase());
+    throw invalidValue(name, `one of ${list}`, v, close ? `Did you mean '${close}'?` : undefined);
+  }
+  return v as T;
+}
+
+/** A shape: non-negative safe integers whose product is a safe integer. */
+export function checkShape(name: string, v: unknown): number[] {
+  if (!Array.isArray(v)) {
+    throw invalidType(name, 'an array of non-negative integers (the tensor dimensions)', v,
+      'Pass e.g. shape: [64, 3, 3, 3] for a conv weight, or [data.length] for a vector.');
+  }
+  let product = 1;
+  v.forEach((d, i) => {
+    checkInteger(`${name}[${i}]`, d, 0, Number.MAX_SAFE_INTEGER);
+    product *= d;
+    if (product > Number.MAX_SAFE_INTEGER) throw invalidValue(name, 'dimensions whose product is a safe integer', v);
+  });
+  return v.slice() as number[];
+}
+
+/** Rejects keys not in `known`, suggesting the closest one. */
+export function checkKnownKeys(name: string, options: Record<string, unknown>, known: readonly string[]): void {
+  for (const key of Object.keys(options)) {
+    if (known.includes(key) || options[key] === undefined) continue;
+    const close = known.find((k) => k.toLowerCase() === key.toLowerCase());
+    const hint = close ? `Did you mean '${close}'?` : `Known options: ${known.join(', ')}.`;
+    throw invalidValue(`${name}.${key}`, 'a known option', key, hint);
+  }
+}
