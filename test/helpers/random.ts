@@ -1,0 +1,41 @@
+/** Seeded random data for tests (mulberry32): failures reproduce from the printed seed. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Values that hit ties (k + 0.5)·scale, saturation, signed zeros, infinities and tiny numbers. */
+export function trickyData(n: number, scale: number, seed: number): Float32Array {
+  const r = rng(seed);
+  const x = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    const kind = Math.floor(r() * 10);
+    const k = Math.floor(r() * 600) - 300;
+    switch (kind) {
+      case 0: x[i] = (k + 0.5) * scale; break;
+      case 1: x[i] = k * scale; break;
+      case 2: x[i] = r() < 0.5 ? Infinity : -Infinity; break;
+      case 3: x[i] = r() < 0.5 ? 0 : -0; break;
+      case 4: x[i] = (r() * 2 - 1) * 3e38; break;
+      default: x[i] = (r() * 400 - 200) * scale;
+    }
+  }
+  return x;
+}
+
+/** Laplace-distributed samples (heavy tails, where clipping pays). */
+export function laplace(n: number, seed: number, b = 1): Float32Array {
+  const r = rng(seed);
+  const x = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    const u = r() - 0.5;
+    x[i] = -b * Math.sign(u) * Math.log(1 - 2 * Math.abs(u) + 1e-12);
+  }
+  return x;
+}

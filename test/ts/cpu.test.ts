@@ -1,0 +1,48 @@
+import { expect } from 'chai';
+import { spawnSync } from 'node:child_process';
+import * as path from 'node:path';
+
+import { cpuInfo, quantizeTensor } from '../../ts';
+
+const entry = path.resolve(__dirname, '..', '..', 'ts', 'index.js');
+
+function inChild(env: Record<string, string>, code: string): { stdout: string; stderr: string; status: number | null } {
+  const r = spawnSync(process.execPath, ['-e', `const lowbit = require(${JSON.stringify(entry)}); ${code}`], {
+    encoding: 'utf8', env: { ...process.env, ...env },
+  });
+  return { stdout: r.stdout, stderr: r.stderr, status: r.status };
+}
+
+describe('cpuInfo and kernel selection', () => {
+  it('lists the detected features and usable kernels, best first, ending with scalar', () => {
+    const info = cpuInfo();
+    expect(info.arch).to.be.oneOf(['x86_64', 'aarch64', 'other']);
+    const q = info.kernels.quantize;
+    expect(q[q.length - 1]).to.equal('scalar');
+    if (info.arch === 'x86_64') {
+      expect(q.includes('avx2')).to.equal(info.features.avx2);
+      expect(q.includes('avx512')).to.equal(info.features.avx512f && info.features.avx512bw && info.features.avx512vl && info.features.avx512dq);
+    }
+    expect(info.selected.quantize).to.equal(process.env.LOWBIT_KERNEL ? info.selected.quantize : q[0]);
+    expect(info.maxThreads).to.be.at.least(1);
+  });
+
+  it('LOWBIT_KERNEL forces a kernel for calls without options.kernel', () => {
+    const r = inChild({ LOWBIT_KERNEL: 'scalar' }, 'console.log(JSON.stringify(lowbit.cpuInfo().selected))');
+    expect(r.status, r.stderr).to.equal(0);
+    expect(JSON.parse(r.stdout)).to.deep.equal({ quantize: 'scalar' });
+    const perOp = inChild({ LOWBIT_KERNEL: 'quantize:avx2' }, 'console.log(lowbit.cpuInfo().selected.quantize)');
+    if (cpuInfo().kernels.quantize.includes('avx2')) expect(perOp.stdout.trim()).to.equal('avx2');
+  });
+
+  it('an unusable LOWBIT_KERNEL is a clear error on use, naming the variable and the choices', () => {
+    const r = inChild({ LOWBIT_KERNEL: 'neon' },
+      'try { lowbit.quantizeTensor(new Float32Array(2), { shape: [2] }); } catch (e) { console.log(e.message); }');
+    expect(r.stdout).to.match(/LOWBIT_KERNEL asks for quantize kernel 'neon'.*Use one of: .*scalar/);
+  });
+
+  it('forcing a kernel the CPU lacks is a clear error', () => {
+    const missing = ['avx512', 'avx2'].find((k) => !cpuInfo().kernels.quantize.includes(k));
+    expect(() => quantizeTensor(new Float32Array(1), { shape: [1], kernel: missing ?? 'neon' })).to.throw(RangeError, /options\.kernel/);
+  });
+});

@@ -1,0 +1,128 @@
+// Bad calls first: every rejected input gets a TypeError/RangeError naming the parameter.
+import { expect } from 'chai';
+
+import { dequantize, quantizationError, quantizeTensor, quantizeTensorAsync, type QuantizeOptions } from '../../ts';
+
+function expectError(fn: () => unknown, type: ErrorConstructor, pattern: RegExp): void {
+  let caught: unknown;
+  try {
+    fn();
+  } catch (e) {
+    caught = e;
+  }
+  expect(caught, `expected ${type.name} matching ${pattern}`).to.be.instanceOf(type);
+  expect((caught as Error).message).to.match(pattern);
+}
+
+const x4 = new Float32Array([1, 2, 3, 4]);
+
+describe('quantizeTensor: bad input', () => {
+  it('rejects data that is not a Float32Array, naming data and how to convert', () => {
+    expectError(() => quantizeTensor([1, 2] as never, { shape: [2] }), TypeError, /for data but received Array of length 2.*Float32Array\.from/);
+    expectError(() => quantizeTensor(new Float64Array(2) as never, { shape: [2] }), TypeError, /Float32Array for data but received Float64Array/);
+    expectError(() => quantizeTensor(null as never, { shape: [2] }), TypeError, /for data but received null/);
+  });
+
+  it('rejects missing options, a missing shape and a shape that does not match data.length', () => {
+    expectError(() => quantizeTensor(x4, undefined as never), TypeError, /for options but received undefined/);
+    expectError(() => quantizeTensor(x4, {} as never), TypeError, /for options\.shape but received undefined/);
+    expectError(() => quantizeTensor(x4, { shape: [3] }), RangeError, /data\.length = 4 for options\.shape/);
+    expectError(() => quantizeTensor(x4, { shape: [2, -2] }), RangeError, /options\.shape\[1\]/);
+    expectError(() => quantizeTensor(x4, { shape: [2, 2.5] }), RangeError, /options\.shape\[1\]/);
+    expectError(() => quantizeTensor(x4, { shape: [2 ** 30, 2 ** 30, 2 ** 30] }), RangeError, /safe integer for options\.shape/);
+  });
+
+  it('rejects bits outside 2..8 and non-integer bits', () => {
+    for (const bits of [1, 9, 0, 2.5, -8]) {
+      expectError(() => quantizeTensor(x4, { shape: [4], bits }), RangeError, /integer in \[2, 8\] for options\.bits/);
+    }
+    expectError(() => quantizeTensor(x4, { shape: [4], bits: '8' as never }), TypeError, /options\.bits but received "8"/);
+  });
+
+  it('rejects a bad granularity, axis or blockSize, with a hint', () => {
+    expectError(() => quantizeTensor(x4, { shape: [4], granularity: 'Channel' as never }), RangeError, /options\.granularity.*Did you mean 'channel'/);
+    expectError(() => quantizeTensor(x4, { shape: [2, 2], granularity: 'channel', axis: 2 }), RangeError, /options\.axis but received 2/);
+    expectError(() => quantizeTensor(x4, { shape: [2, 2], granularity: 'channel', axis: -3 }), RangeError, /options\.axis/);
+    expectError(() => quantizeTensor(x4, { shape: [4], axis: 0 }), RangeError, /options\.axis.*granularity 'channel' or 'block'/);
+    expectError(() => quantizeTensor(x4, { shape: [4], granularity: 'block', blockSize: 0 }), RangeError, /options\.blockSize but received 0/);
+    expectError(() => quantizeTensor(x4, { shape: [4], granularity: 'channel', blockSize: 2 }), RangeError, /options\.blockSize/);
+    expectError(() => quantizeTensor(new Float32Array(1), { shape: [], granularity: 'channel' }), RangeError, /at least one dimension/);
+  });
+
+  it('rejects misspelled options with the right name', () => {
+    expectError(() => quantizeTensor(x4, { shape: [4], granularity: 'block', blocksize: 2 } as never), RangeError, /options\.blocksize.*Did you mean 'blockSize'/);
+    expectError(() => quantizeTensor(x4, { shape: [4], bitz: 4 } as never), RangeError, /options\.bitz.*Known options/);
+  });
+
+  it('names the first NaN in the data', () => {
+    const x = new Float32Array(100_000).fill(1);
+    x[77_777] = NaN;
+    x[88_888] = NaN;
+    expectError(() => quantizeTensor(x, { shape: [x.length] }), RangeError, /data\[77777\] but received NaN/);
+    expectError(() => quantizeTensor(x, { shape: [x.length], method: 'mse' }), RangeError, /data\[77777\]/);
+    expectError(() => quantizeTensor(x, { shape: [x.length], scale: 0.1 }), RangeError, /data\[77777\]/);
+  });
+
+  it('rejects non-positive, non-finite and float32-underflowing scales', () => {
+    for (const scale of [0, -1, NaN, Infinity, 1e-50, 1e39]) {
+      expectError(() => quantizeTensor(x4, { shape: [4], scale }), RangeError, /positive finite float32 number for options\.scale\[0\]/);
+    }
+    expectError(() => quantizeTensor(x4, { shape: [2, 2], granularity: 'channel', scale: [1] }), RangeError, /2 values \(scale shape \[2\]\) for options\.scale/);
+    expectError(() => quantizeTensor(x4, { shape: [4], scale: 'x' as never }), TypeError, /options\.scale/);
+  });
+
+  it('rejects zero points outside the integer range, or without a scale', () => {
+    expectError(() => quantizeTensor(x4, { shape: [4], bits: 4, scale: 1, zeroPoint: 8 }), RangeError, /integer in \[-8, 7\] for options\.zeroPoint\[0\]/);
+    expectError(() => quantizeTensor(x4, { shape: [4], signed: false, scale: 1, zeroPoint: -1 }), RangeError, /\[0, 255\] for options\.zeroPoint\[0\]/);
+    expectError(() => quantizeTensor(x4, { shape: [4], zeroPoint: 1 }), RangeError, /options\.zeroPoint.*Pass scale too/);
+    expectError(() => quantizeTensor(x4, { shape: [4], scale: 1, zeroPoint: 3, symmetric: true }), RangeError, /options\.symmetric/);
+  });
+
+  it('rejects unknown methods (listing the known ones) and method together with scale', () => {
+    expectError(() => quantizeTensor(x4, { shape: [4], method: 'magic' }), RangeError, /one of 'minmax', 'mse'.*options\.method but received "magic"/);
+    expectError(() => quantizeTensor(x4, { shape: [4], method: 3 as never }), TypeError, /options\.method/);
+    expectError(() => quantizeTensor(x4, { shape: [4], method: 'mse', scale: 1 }), RangeError, /no method with an explicit scale/);
+  });
+
+  it('rejects unknown or unsupported kernels and bad thread counts', () => {
+    expectError(() => quantizeTensor(x4, { shape: [4], kernel: 'cuda' }), RangeError, /options\.kernel but received "cuda"/);
+    expectError(() => quantizeTensor(x4, { shape: [4], threads: 0 }), RangeError, /options\.threads/);
+    expectError(() => quantizeTensor(x4, { shape: [4], threads: 1.5 }), RangeError, /options\.threads/);
+  });
+
+  it('rejects a detached buffer', () => {
+    const x = new Float32Array(8);
+    structuredClone(x.buffer, { transfer: [x.buffer] });
+    expectError(() => quantizeTensor(x, { shape: [8] }), TypeError, /data.*detached/);
+  });
+
+  it('quantizeTensorAsync rejects (not throws) on bad input', async () => {
+    const p = quantizeTensorAsync(x4, { shape: [5] } as QuantizeOptions);
+    expect(p).to.be.instanceOf(Promise);
+    let caught: unknown;
+    await p.catch((e) => (caught = e));
+    expect(caught).to.be.instanceOf(RangeError);
+    const nan = new Float32Array([1, NaN]);
+    await quantizeTensorAsync(nan, { shape: [2] }).then(() => expect.fail('resolved'), (e) => expect((e as Error).message).to.match(/data\[1\]/));
+  });
+});
+
+describe('dequantize / quantizationError: bad input', () => {
+  const good = () => quantizeTensor(new Float32Array([0, 1, 2, 3]), { shape: [2, 2], granularity: 'channel', axis: 1 });
+
+  it('rejects things that are not quantized tensors', () => {
+    expectError(() => dequantize(null as never), TypeError, /QuantizedTensor.*for q but received null/);
+    expectError(() => dequantize({ ...good(), values: new Uint8Array(4) }), TypeError, /Int8Array \(signed is true\) for q\.values/);
+    expectError(() => dequantize({ ...good(), shape: [3] }), RangeError, /q\.shape/);
+    expectError(() => dequantize({ ...good(), scale: new Float32Array(1) }), TypeError, /Float32Array of 2 scales for q\.scale/);
+    expectError(() => dequantize({ ...good(), scale: new Float32Array([1, 0]) }), RangeError, /q\.scale\[1\]/);
+    expectError(() => dequantize({ ...good(), zeroPoint: new Int32Array([0, 200]) }), RangeError, /q\.zeroPoint\[1\]/);
+    expectError(() => dequantize({ ...good(), axis: 5 }), RangeError, /q\.axis/);
+    expectError(() => dequantize(good(), { kernel: 'nope' }), RangeError, /options\.kernel/);
+  });
+
+  it('quantizationError checks the original against the quantized tensor', () => {
+    expectError(() => quantizationError(new Float32Array(3), good()), RangeError, /length 4.*for original/);
+    expectError(() => quantizationError([0, 1, 2, 3] as never, good()), TypeError, /for original/);
+  });
+});
