@@ -8,6 +8,6 @@ export { packInt2, packInt4, unpackInt2, unpackInt4 } from './pack';
 export { integerRange, type Granularity, type QuantizedTensor } from './quant-params';
 export {
   dequantize, quantizationError, quantizeTensor, quantizeTensorAsync,
-  type KernelOptions, type QuantizationError, type QuantizeOptions,
+  type DequantizeOptions, type KernelOptions, type QuantizationError, type QuantizeOptions,
 } from './quantize';
 export { rangeMethodNames } from './methods';

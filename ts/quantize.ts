@@ -39,6 +39,12 @@ export interface QuantizeOptions {
   kernel?: string;
   /** Native threads to use. Default: all cores. */
   threads?: number;
+  /**
+   * Where to write the values (reused across calls to skip allocating and
+   * page-faulting a fresh array): Int8Array when signed, Uint8Array when not,
+   * of data.length, not overlapping data. The result's `values` is this array.
+   */
+  out?: Int8Array | Uint8Array;
 }
 
 export interface KernelOptions {
@@ -46,6 +52,11 @@ export interface KernelOptions {
   kernel?: string;
   /** Native threads to use. Default: all cores. */
   threads?: number;
+}
+
+export interface DequantizeOptions extends KernelOptions {
+  /** Where to write the floats (reused across calls): a Float32Array of q.values.length not overlapping q.values. */
+  out?: Float32Array;
 }
 
 export interface QuantizationError {
@@ -61,7 +72,7 @@ export interface QuantizationError {
 
 const QUANTIZE_OPTION_KEYS = [
   'shape', 'bits', 'signed', 'symmetric', 'granularity', 'axis', 'blockSize', 'method', 'scale', 'zeroPoint',
-  'kernel', 'threads',
+  'kernel', 'threads', 'out',
 ] as const;
 const GRANULARITIES: readonly Granularity[] = ['tensor', 'channel', 'block'];
 export const DEFAULT_BLOCK_SIZE = 32;
@@ -82,10 +93,27 @@ interface Plan {
   explicit?: { scale: Float32Array; zeroPoint: Int32Array };
   kernel: string;
   threads: number;
+  out?: Int8Array | Uint8Array;
 }
 
 function checkThreads(v: unknown): number {
   return v === undefined ? 0 : checkInteger('options.threads', v, 1, 1024);
+}
+
+function overlaps(a: ArrayBufferView, b: ArrayBufferView): boolean {
+  return a.buffer === b.buffer && a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength;
+}
+
+/** An output array the caller passed in: right type and length, attached, not overlapping the input. */
+function checkOut<T extends ArrayBufferView>(
+  name: string, v: unknown, type: { new (n: number): T; name: string }, length: number, input: ArrayBufferView,
+): T {
+  if (!(v instanceof type) || (v as unknown as { length: number }).length !== length) {
+    throw invalidType(name, `a ${type.name} of length ${length}`, v);
+  }
+  checkAttached(name, v);
+  if (overlaps(v, input)) throw invalidValue(name, 'an array that does not share memory with the input', v, 'Use a separate buffer.');
+  return v;
 }
 
 function resolveAxis(name: string, v: unknown, rank: number): number {
@@ -140,7 +168,10 @@ function plan(data: unknown, options: unknown): Plan {
   const { qmin, qmax } = integerRange(bits, signed);
   const kernel = checkKernel('quantize', options.kernel);
   const threads = checkThreads(options.threads);
-  const base = { data: x, shape, bits, signed, symmetric, granularity, axis, blockSize, layout, qmin, qmax, kernel, threads };
+  const out = options.out === undefined ? undefined : (signed
+    ? checkOut<Int8Array | Uint8Array>('options.out', options.out, Int8Array, x.length, x)
+    : checkOut<Int8Array | Uint8Array>('options.out', options.out, Uint8Array, x.length, x));
+  const base = { data: x, shape, bits, signed, symmetric, granularity, axis, blockSize, layout, qmin, qmax, kernel, threads, out };
 
   if (options.scale === undefined) {
     if (options.zeroPoint !== undefined) throw invalidValue('options.zeroPoint', 'no zeroPoint without an explicit scale', options.zeroPoint, 'Pass scale too, or leave both unset to estimate them.');
@@ -225,7 +256,7 @@ export function quantizeTensor(data: Float32Array, options: QuantizeOptions): Qu
     if (ranges.nanIndex >= 0) throw nanError(ranges.nanIndex);
     params = paramsFromRanges(p, ranges.lo, ranges.hi);
   }
-  const values = p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length);
+  const values = p.out ?? (p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length));
   const nan = native().quantize(p.data, values, quantizeParams(p, params), p.kernel, p.threads);
   if (nan >= 0) throw nanError(nan);
   return result(p, values, params);
@@ -244,7 +275,7 @@ export async function quantizeTensorAsync(data: Float32Array, options: QuantizeO
     params = paramsFromRanges(p, ranges.lo, ranges.hi);
   }
   checkAttached('data', p.data);
-  const values = p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length);
+  const values = p.out ?? (p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length));
   const nan = await native().quantizeAsync(p.data, values, quantizeParams(p, params), p.kernel, p.threads);
   if (nan >= 0) throw nanError(nan);
   return result(p, values, params);
@@ -292,11 +323,12 @@ export function checkQuantizedTensor(name: string, q: unknown): { q: QuantizedTe
   return { q: q as unknown as QuantizedTensor, layout };
 }
 
-function checkKernelOptions(options: unknown): { kernel: string; threads: number } {
+function checkDequantizeOptions(options: unknown, q: QuantizedTensor): { kernel: string; threads: number; out?: Float32Array } {
   if (options === undefined) return { kernel: checkKernel('quantize', undefined), threads: 0 };
-  if (!isPlainObject(options)) throw invalidType('options', 'an object { kernel?, threads? }', options);
-  checkKnownKeys('options', options, ['kernel', 'threads']);
-  return { kernel: checkKernel('quantize', options.kernel), threads: checkThreads(options.threads) };
+  if (!isPlainObject(options)) throw invalidType('options', 'an object { kernel?, threads?, out? }', options);
+  checkKnownKeys('options', options, ['kernel', 'threads', 'out']);
+  const out = options.out === undefined ? undefined : checkOut('options.out', options.out, Float32Array, q.values.length, q.values);
+  return { kernel: checkKernel('quantize', options.kernel), threads: checkThreads(options.threads), out };
 }
 
 /**
@@ -304,10 +336,10 @@ function checkKernelOptions(options: unknown): { kernel: string; threads: number
  * @example
  * dequantize(quantizeTensor(new Float32Array([0.3]), { shape: [1], scale: 0.1 }))  // Float32Array [0.3000000119]
  */
-export function dequantize(q: QuantizedTensor, options?: KernelOptions): Float32Array {
+export function dequantize(q: QuantizedTensor, options?: DequantizeOptions): Float32Array {
   const { q: t, layout } = checkQuantizedTensor('q', q);
-  const { kernel, threads } = checkKernelOptions(options);
-  const out = new Float32Array(t.values.length);
+  const { kernel, threads, out: given } = checkDequantizeOptions(options, t);
+  const out = given ?? new Float32Array(t.values.length);
   native().dequantize(t.values, t.signed, out, nativeParams(t, layout), kernel, threads);
   return out;
 }

@@ -126,3 +126,25 @@ describe('dequantize / quantizationError: bad input', () => {
     expectError(() => quantizationError([0, 1, 2, 3] as never, good()), TypeError, /for original/);
   });
 });
+
+describe('out arrays: bad input and reuse', () => {
+  it('rejects an out array of the wrong type or length, or overlapping the input', () => {
+    const x = new Float32Array(8);
+    expectError(() => quantizeTensor(x, { shape: [8], out: new Uint8Array(8) }), TypeError, /Int8Array of length 8 for options\.out/);
+    expectError(() => quantizeTensor(x, { shape: [8], out: new Int8Array(7) }), TypeError, /options\.out/);
+    expectError(() => quantizeTensor(x, { shape: [8], out: new Int8Array(x.buffer, 4, 8) }), RangeError, /does not share memory.*options\.out/);
+    const q = quantizeTensor(x, { shape: [8] });
+    expectError(() => dequantize(q, { out: new Float32Array(3) }), TypeError, /Float32Array of length 8 for options\.out/);
+  });
+
+  it('writes into the given arrays and returns them', () => {
+    const x = new Float32Array([0.5, -1, 2]);
+    const out = new Int8Array(3);
+    const q = quantizeTensor(x, { shape: [3], scale: 0.5, out });
+    expect(q.values).to.equal(out);
+    expect(Array.from(out)).to.deep.equal([1, -2, 4]);
+    const f = new Float32Array(3);
+    expect(dequantize(q, { out: f })).to.equal(f);
+    expect(Array.from(f)).to.deep.equal([0.5, -1, 2]);
+  });
+});

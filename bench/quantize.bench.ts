@@ -1,0 +1,122 @@
+/**
+ * Per-tensor int8 quantization throughput (GB/s of float32 input): lowbit
+ * against a plain TypeScript implementation of the same rule and against
+ * onnxruntime-node's QuantizeLinear, on the same data in the same run.
+ * Each case runs in its own process (no shared JIT or GC state). Results are
+ * shown two ways: with a fresh output array per call (what the plain API and
+ * session.run do) and with a reused output array (options.out / a
+ * preallocated fetch), because on Linux first-touch page faults of a fresh
+ * array can cost more than the quantization itself.
+ */
+import { execFileSync } from 'node:child_process';
+
+import { cpuInfo, quantizeTensor } from '../ts';
+import { ort, quantizeLinearModel, session } from '../test/helpers/ort-ops';
+import { quantizeLinearTs } from './baselines';
+import { measure, table } from './timing';
+
+const SCALE = 100 / 127;
+
+interface Case {
+  name: string;
+  threads: 'one' | 'all';
+  output: 'fresh' | 'reused';
+}
+
+const CASES: Case[] = [
+  { name: 'lowbit (scale given)', threads: 'one', output: 'fresh' },
+  { name: 'lowbit (scale given)', threads: 'one', output: 'reused' },
+  { name: 'lowbit (scale given)', threads: 'all', output: 'reused' },
+  { name: 'lowbit minmax (range + quantize)', threads: 'one', output: 'reused' },
+  { name: 'lowbit scalar kernel', threads: 'one', output: 'reused' },
+  { name: 'plain TypeScript', threads: 'one', output: 'reused' },
+  { name: 'onnxruntime QuantizeLinear', threads: 'one', output: 'fresh' },
+  { name: 'onnxruntime QuantizeLinear', threads: 'one', output: 'reused' },
+];
+
+function data(n: number): Float32Array {
+  const x = new Float32Array(n);
+  let s = 12345;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    x[i] = (s / 4294967296 - 0.5) * 200;
+  }
+  return x;
+}
+
+/** Runs one case in this process and returns the median milliseconds. */
+export async function runCase(c: Case, n: number, runs: number): Promise<number> {
+  const x = data(n);
+  const threads = c.threads === 'one' ? 1 : cpuInfo().maxThreads;
+  const out = new Int8Array(n);
+  const reuse = c.output === 'reused' ? { out } : {};
+  switch (c.name) {
+    case 'lowbit (scale given)':
+      return (await measure(() => quantizeTensor(x, { shape: [n], scale: SCALE, threads, ...reuse }), runs)).medianMs;
+    case 'lowbit minmax (range + quantize)':
+      return (await measure(() => quantizeTensor(x, { shape: [n], threads, ...reuse }), runs)).medianMs;
+    case 'lowbit scalar kernel':
+      return (await measure(() => quantizeTensor(x, { shape: [n], scale: SCALE, threads, kernel: 'scalar', ...reuse }), runs)).medianMs;
+    case 'plain TypeScript':
+      return (await measure(() => quantizeLinearTs(x, SCALE, 0, out), Math.min(runs, 3))).medianMs;
+    case 'onnxruntime QuantizeLinear': {
+      const model = quantizeLinearModel({ shape: [n], scale: new Float32Array([SCALE]), zeroPoint: new Int8Array([0]), scaleShape: [] });
+      const s = await session(model, threads);
+      const feeds = { x: new ort.Tensor('float32', x, [n]) };
+      const fetches = { y: new ort.Tensor('int8', out, [n]) };
+      const ms = c.output === 'reused'
+        ? (await measure(() => s.run(feeds, fetches), runs)).medianMs
+        : (await measure(() => s.run(feeds), runs)).medianMs;
+      await s.release();
+      return ms;
+    }
+  }
+  throw new Error(`unknown case ${c.name}`);
+}
+
+export interface QuantizeBenchOptions {
+  sizes: number[];
+  runs: number;
+  json: boolean;
+}
+
+export async function benchQuantize(opts: QuantizeBenchOptions): Promise<void> {
+  const rows: Array<Record<string, string | number>> = [];
+  const ratios: Array<Record<string, string | number>> = [];
+  const kernel = cpuInfo().selected.quantize;
+  for (const n of opts.sizes) {
+    const gbps: Record<string, number> = {};
+    for (const c of CASES) {
+      const ms = Number(execFileSync(process.execPath, [__filename, JSON.stringify({ c, n, runs: opts.runs })], { encoding: 'utf8' }).trim());
+      const rate = (n * 4) / 1e9 / (ms / 1e3);
+      gbps[`${c.name}|${c.threads}|${c.output}`] = rate;
+      rows.push({
+        elements: `${n / 2 ** 20}M`, implementation: c.name, threads: c.threads === 'one' ? 1 : cpuInfo().maxThreads,
+        output: c.output, 'median ms': ms, 'GB/s': rate,
+      });
+    }
+    const g = (name: string, threads: string, output: string) => gbps[`${name}|${threads}|${output}`];
+    ratios.push({
+      elements: `${n / 2 ** 20}M`,
+      'vs onnxruntime, fresh output': g('lowbit (scale given)', 'one', 'fresh') / g('onnxruntime QuantizeLinear', 'one', 'fresh'),
+      'vs onnxruntime, reused output': g('lowbit (scale given)', 'one', 'reused') / g('onnxruntime QuantizeLinear', 'one', 'reused'),
+      'vs plain TypeScript': g('lowbit (scale given)', 'one', 'reused') / g('plain TypeScript', 'one', 'reused'),
+    });
+  }
+  if (opts.json) {
+    console.log(JSON.stringify({ cpu: cpuInfo(), rows, ratios }, null, 2));
+    return;
+  }
+  console.log(`quantize: per-tensor float32 -> int8, GB/s of input, median of ${opts.runs} runs after a warm-up, one process per row; lowbit kernel: ${kernel}\n`);
+  console.log(table(rows));
+  console.log('\nlowbit single-threaded throughput ratios (targets: >= 2x onnxruntime, >= 10x plain TypeScript)\n');
+  console.log(table(ratios));
+}
+
+if (require.main === module) {
+  const { c, n, runs } = JSON.parse(process.argv[2]) as { c: Case; n: number; runs: number };
+  runCase(c, n, runs).then((ms) => console.log(ms), (e) => {
+    console.error(e);
+    process.exit(1);
+  });
+}
