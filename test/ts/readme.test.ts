@@ -1,0 +1,26 @@
+// The README example is examples/quickstart.js and prints what the README shows.
+import { expect } from 'chai';
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+const root = path.resolve(__dirname, '..', '..', '..');
+
+describe('README', () => {
+  const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8');
+  const example = readme.split('## Example')[1];
+
+  it('shows examples/quickstart.js verbatim and its exact output', () => {
+    const code = /```js\n([\s\S]*?)```/.exec(example)![1];
+    const shown = /prints\n\n```text\n([\s\S]*?)```/.exec(example)![1];
+    expect(code).to.equal(fs.readFileSync(path.join(root, 'examples', 'quickstart.js'), 'utf8'));
+    const printed = execFileSync(process.execPath, [path.join(root, 'examples', 'quickstart.js')], { encoding: 'utf8' });
+    expect(printed).to.equal(shown);
+  });
+
+  it('documents every quantizeTensor option', () => {
+    for (const option of ['shape', 'bits', 'signed', 'symmetric', 'granularity', 'axis', 'blockSize', 'method', 'scale', 'zeroPoint', 'kernel', 'threads', 'out']) {
+      expect(readme, option).to.include(`| \`${option}\` |`);
+    }
+  });
+});
