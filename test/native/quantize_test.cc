@@ -14,6 +14,8 @@ using harness::Rng;
 using harness::str;
 using namespace lowbit;
 
+void register_quantize_tests();
+
 namespace {
 
 const CpuFeatures& cpu() {
@@ -454,10 +456,9 @@ void register_pack_tests() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+void register_quantize_tests() {
   register_rule_tests();
   register_kernel_tests();
   register_driver_tests();
   register_pack_tests();
-  return harness::run_all(argc > 1 ? argv[1] : "");
 }

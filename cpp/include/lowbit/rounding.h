@@ -12,27 +12,31 @@
 // DequantizeLinear: x = float(q - zero_point) * scale.
 #pragma once
 
+// These helpers are `static` on purpose: they are compiled into translation
+// units built with different instruction-set flags, and a shared (weak) inline
+// definition could let the linker hand the AVX-512 copy to the scalar path.
+
 #include <cmath>
 #include <cstdint>
 
 namespace lowbit {
 
-inline float clamp_like_maxps_minps(float v, float lo, float hi) {
+static inline float clamp_like_maxps_minps(float v, float lo, float hi) {
   v = v > lo ? v : lo;
   v = v < hi ? v : hi;
   return v;
 }
 
-inline int32_t quantize_value(float x, float scale, int32_t zero_point, int32_t qmin, int32_t qmax) {
+static inline int32_t quantize_value(float x, float scale, int32_t zero_point, int32_t qmin, int32_t qmax) {
   float r = std::nearbyint(x / scale);
   r = clamp_like_maxps_minps(r, float(qmin - zero_point), float(qmax - zero_point));
   return int32_t(r) + zero_point;
 }
 
-inline float dequantize_value(int32_t q, float scale, int32_t zero_point) {
+static inline float dequantize_value(int32_t q, float scale, int32_t zero_point) {
   return float(q - zero_point) * scale;
 }
 
-inline bool is_finite_value(float x) { return std::fabs(x) < INFINITY; }
+static inline bool is_finite_value(float x) { return std::fabs(x) < INFINITY; }
 
 }  // namespace lowbit

@@ -1,0 +1,194 @@
+// GEMM driver: packing, zero-point algebra, tiling and threading (see gemm.h).
+#include "lowbit/gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace lowbit {
+
+void AlignedBytes::Free::operator()(void* p) const { std::free(p); }
+
+void AlignedBytes::allocate(size_t bytes) {
+  const size_t rounded = (bytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  if (!p) throw std::bad_alloc();
+  data.reset(static_cast<uint8_t*>(p));
+  size = bytes;
+}
+
+namespace {
+
+inline size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
+
+// Integer arithmetic modulo 2^32, as the reference computes it.
+inline int32_t wrap(uint32_t v) { return int32_t(v); }
+inline uint32_t u(int32_t v) { return uint32_t(v); }
+
+}  // namespace
+
+void pack_b(const uint8_t* b, size_t k, size_t n, bool b_signed, PackedB* out, ThreadPool* pool,
+            unsigned threads) {
+  out->k = k;
+  out->n = n;
+  out->kp = round_up(k, kGroupDepth);
+  out->np = round_up(n, kPanelWidth);
+  out->b_signed = b_signed;
+  out->bytes.allocate(out->kp * out->np);
+  out->col_sums.assign(out->np, 0);
+  const uint8_t flip = b_signed ? 0x00 : 0x80;  // b' = B - 128 for uint8 B
+  const size_t panels = out->np / kPanelWidth;
+  pool->parallel_for(panels, threads, [&](size_t p, unsigned) {
+    int8_t* dst = reinterpret_cast<int8_t*>(out->bytes.data.get()) + p * out->kp * kPanelWidth;
+    std::memset(dst, 0, out->kp * kPanelWidth);
+    for (size_t jj = 0; jj < kPanelWidth; ++jj) {
+      const size_t j = p * kPanelWidth + jj;
+      if (j >= n) break;
+      uint32_t sum = 0;
+      for (size_t kk = 0; kk < k; ++kk) {
+        const int8_t v = int8_t(b[kk * n + j] ^ flip);
+        dst[(kk / 4) * 64 + jj * 4 + kk % 4] = v;
+        sum += u(v);
+      }
+      out->col_sums[j] = wrap(sum);
+    }
+  });
+}
+
+namespace {
+
+void tile_portable(const GemmTile& t) {
+  for (size_t r = 0; r < t.rows; ++r) {
+    for (size_t j = 0; j < t.store_cols; ++j) {
+      const int8_t* panel = t.b + (j / kPanelWidth) * t.panel_stride;
+      const uint8_t* arow = t.a + r * t.lda;
+      uint32_t acc = 0;
+      for (size_t g = 0; g < t.kp / 4; ++g)
+        for (size_t q = 0; q < 4; ++q)
+          acc += u(int32_t(arow[g * 4 + q]) * int32_t(panel[g * 64 + (j % kPanelWidth) * 4 + q]));
+      t.c[r * t.ldc + j] = wrap(acc + u(t.col_term[j]) - u(t.zb[j]) * u(t.row_sums[r]));
+    }
+  }
+}
+
+const GemmKernel kPortable = {"portable", 4, 16, tile_portable};
+
+}  // namespace
+
+const GemmKernel* gemm_kernel_portable() { return &kPortable; }
+
+#if !LOWBIT_BUILT_X86_GEMM
+const GemmKernel* gemm_kernel_avx2() { return nullptr; }
+const GemmKernel* gemm_kernel_avxvnni() { return nullptr; }
+const GemmKernel* gemm_kernel_avx512vnni() { return nullptr; }
+const GemmKernel* gemm_kernel_avxvnni_as_evex() { return nullptr; }
+#endif
+
+namespace {
+
+struct GemmCandidate {
+  const GemmKernel* kernel;
+  bool supported;
+};
+
+std::vector<GemmCandidate> gemm_candidates(const CpuFeatures& cpu) {
+  return {
+      {gemm_kernel_avx512vnni(), cpu.has_avx512_core() && cpu.avx512vnni},
+      {gemm_kernel_avxvnni(), cpu.avx2 && cpu.avxvnni},
+      {gemm_kernel_avx2(), cpu.avx2},
+      {gemm_kernel_portable(), true},
+  };
+}
+
+}  // namespace
+
+std::vector<std::string> available_gemm_kernels(const CpuFeatures& cpu) {
+  std::vector<std::string> names;
+  for (const auto& c : gemm_candidates(cpu))
+    if (c.kernel && c.supported) names.emplace_back(c.kernel->name);
+  names.emplace_back("scalar");
+  return names;
+}
+
+const GemmKernel* find_gemm_kernel(const std::string& name, const CpuFeatures& cpu, bool* usable) {
+  *usable = true;
+  if (name == "scalar") return nullptr;
+  for (const auto& c : gemm_candidates(cpu)) {
+    if (!c.kernel || !c.supported) continue;
+    if (name.empty() || name == c.kernel->name) return c.kernel;
+  }
+  *usable = false;
+  return nullptr;
+}
+
+void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& b, ThreadPool* pool,
+                 unsigned threads) {
+  const size_t m = args.m, k = args.k, n = args.n, kp = b.kp;
+  if (m == 0 || n == 0) return;
+  // a' = A + ca; zero points in the a'/b' domain.
+  const uint8_t a_flip = args.a_signed ? 0x80 : 0x00;
+  const int32_t za = args.a_zero_point + (args.a_signed ? 128 : 0);
+  const int32_t cb = b.b_signed ? 0 : 128;
+  std::vector<int32_t> zb(b.np, 0), col_term(b.np, 0);
+  for (size_t j = 0; j < n; ++j) {
+    zb[j] = (args.b_zp_per_column ? args.b_zero_point[j] : args.b_zero_point[0]) - cb;
+    col_term[j] = wrap(u(int32_t(k)) * u(za) * u(zb[j]) - u(za) * u(b.col_sums[j]));
+  }
+  // Pack A: rows of kp bytes (zero-padded) and their sums.
+  AlignedBytes a_packed;
+  a_packed.allocate(m * kp);
+  std::vector<int32_t> row_sums(m);
+  pool->parallel_for((m + 63) / 64, threads, [&](size_t block, unsigned) {
+    for (size_t i = block * 64; i < std::min(m, block * 64 + 64); ++i) {
+      uint8_t* dst = a_packed.data.get() + i * kp;
+      const uint8_t* src = args.a + i * k;
+      uint32_t sum = 0;
+      for (size_t kk = 0; kk < k; ++kk) {
+        dst[kk] = uint8_t(src[kk] ^ a_flip);
+        sum += dst[kk];
+      }
+      std::memset(dst + k, 0, kp - k);
+      row_sums[i] = wrap(sum);
+    }
+  });
+  // Tiles in N-major order: consecutive items share a block of B panels.
+  const size_t mt = (m + kernel.mr - 1) / kernel.mr;
+  const size_t nt = (n + kernel.nr - 1) / kernel.nr;
+  pool->parallel_for(mt * nt, threads, [&](size_t item, unsigned) {
+    const size_t ti = item % mt, tj = item / mt;
+    const size_t i0 = ti * kernel.mr, j0 = tj * kernel.nr;
+    GemmTile t;
+    t.a = a_packed.data.get() + i0 * kp;
+    t.lda = kp;
+    t.rows = std::min(kernel.mr, m - i0);
+    t.b = b.panel(j0 / kPanelWidth);
+    t.panel_stride = kp * kPanelWidth;
+    t.kp = kp;
+    t.cols = std::min(kernel.nr, b.np - j0);
+    t.store_cols = std::min(kernel.nr, n - j0);
+    t.c = args.c + i0 * n + j0;
+    t.ldc = n;
+    t.col_term = col_term.data() + j0;
+    t.zb = zb.data() + j0;
+    t.row_sums = row_sums.data() + i0;
+    kernel.tile(t);
+  });
+}
+
+void gemm_reference(const GemmArgs& args, const uint8_t* b, bool b_signed, ThreadPool* pool,
+                    unsigned threads) {
+  auto value = [](uint8_t byte, bool is_signed) { return is_signed ? int32_t(int8_t(byte)) : int32_t(byte); };
+  pool->parallel_for(args.m, threads, [&](size_t i, unsigned) {
+    for (size_t j = 0; j < args.n; ++j) {
+      const int32_t bzp = args.b_zp_per_column ? args.b_zero_point[j] : args.b_zero_point[0];
+      uint32_t acc = 0;
+      for (size_t kk = 0; kk < args.k; ++kk)
+        acc += u(value(args.a[i * args.k + kk], args.a_signed) - args.a_zero_point) *
+               u(value(b[kk * args.n + j], b_signed) - bzp);
+      args.c[i * args.n + j] = wrap(acc);
+    }
+  });
+}
+
+}  // namespace lowbit

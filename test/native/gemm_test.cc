@@ -1,0 +1,141 @@
+// Native GEMM tests: every kernel bit-exact against the reference loops over
+// odd shapes, long K, both signednesses, zero points at both ends, full-range
+// values, and 1 or 2 threads.
+#include <cstring>
+
+#include "harness.h"
+#include "lowbit/gemm.h"
+
+using harness::Rng;
+using harness::str;
+using namespace lowbit;
+
+void register_gemm_tests();
+
+namespace {
+
+const CpuFeatures& cpu() {
+  static const CpuFeatures f = detect_cpu_features(false);
+  return f;
+}
+
+struct KernelCase {
+  const char* name;
+  const GemmKernel* kernel;
+  bool supported;
+  const char* missing;
+};
+
+std::vector<KernelCase> kernels() {
+  return {
+      {"portable", gemm_kernel_portable(), true, ""},
+#if defined(__x86_64__)
+      {"avx2", gemm_kernel_avx2(), cpu().avx2, "no AVX2"},
+      {"avxvnni", gemm_kernel_avxvnni(), cpu().avx2 && cpu().avxvnni, "no AVX-VNNI"},
+      {"avxvnni code with EVEX vpdpbusd", gemm_kernel_avxvnni_as_evex(), cpu().avx512f && cpu().avx512vl && cpu().avx512vnni,
+       "no AVX-512 VNNI"},
+      {"avx512vnni", gemm_kernel_avx512vnni(), cpu().has_avx512_core() && cpu().avx512vnni, "no AVX-512 VNNI"},
+#endif
+  };
+}
+
+struct Shape {
+  size_t m, k, n;
+};
+
+std::vector<Shape> shapes() {
+  return {{1, 1, 1},   {1, 7, 1},    {2, 3, 5},    {3, 3, 3},    {5, 5, 5},     {9, 11, 13},
+          {1, 64, 33}, {1, 300, 50}, {8, 16, 32},  {9, 17, 33},  {17, 31, 47},  {13, 64, 48},
+          {4, 4097, 19}, {3, 4096, 40}, {33, 5, 65}, {0, 5, 3},  {3, 0, 4},     {2, 5, 0}};
+}
+
+std::vector<uint8_t> random_bytes(size_t n, Rng& rng, int mode) {
+  std::vector<uint8_t> v(n);
+  for (auto& x : v) {
+    switch (mode) {
+      case 0: x = uint8_t(rng.next()); break;                     // full range
+      case 1: x = rng.integer(0, 1) ? 0x80 : 0x7F; break;         // -128 / 127 (int8), 128 / 127 (uint8)
+      default: x = rng.integer(0, 1) ? 0xFF : 0x00; break;        // 255 / 0 (uint8), -1 / 0 (int8)
+    }
+  }
+  return v;
+}
+
+std::string run_case(const GemmKernel& k, const Shape& s, bool a_signed, bool b_signed, int32_t azp,
+                     const std::vector<int32_t>& bzp, bool per_column, int mode, unsigned threads, Rng& rng) {
+  auto a = random_bytes(s.m * s.k, rng, mode);
+  auto b = random_bytes(s.k * s.n, rng, mode);
+  ThreadPool pool(2);
+  std::vector<int32_t> want(s.m * s.n, 0x5A5A5A5A), got(s.m * s.n, 0x5A5A5A5A);
+  GemmArgs args{a.data(), a_signed, s.m, s.k, s.n, azp, bzp.data(), per_column, want.data()};
+  gemm_reference(args, b.data(), b_signed, &pool, 1);
+  PackedB packed;
+  pack_b(b.data(), s.k, s.n, b_signed, &packed, &pool, threads);
+  args.c = got.data();
+  gemm_packed(k, args, packed, &pool, threads);
+  for (size_t i = 0; i < want.size(); ++i)
+    if (want[i] != got[i]) {
+      size_t diffs = 0;
+      for (size_t j = 0; j < want.size(); ++j) diffs += want[j] != got[j];
+      return str(k.name, " ", s.m, "x", s.k, "x", s.n, " a_signed=", a_signed, " b_signed=", b_signed,
+                 " azp=", azp, " bzp[0]=", bzp[0], " per_column=", per_column, " threads=", threads,
+                 ": first difference at (", i / s.n, ", ", i % s.n, "): want ", want[i], " got ", got[i],
+                 "; ", diffs, " of ", want.size(), " differ");
+    }
+  return "";
+}
+
+}  // namespace
+
+void register_gemm_tests() {
+  harness::add("gemm reference: ONNX MatMulInteger example", [] {
+    // onnx MatMulInteger doc example: A uint8 2x4 (zp 12), B uint8 4x3 (zp 0).
+    const uint8_t a[] = {11, 7, 3, 10, 6, 1};
+    const uint8_t b[] = {1, 4, 2, 5, 3, 6};
+    // A [2,3] - 0, B [3,2] - 1: checked by hand.
+    ThreadPool pool(1);
+    int32_t zp_b = 1;
+    int32_t c[4];
+    GemmArgs args{a, false, 2, 3, 2, 0, &zp_b, false, c};
+    gemm_reference(args, b, false, &pool, 1);
+    // row0 = [11,7,3], B-1 = [[0,3],[1,4],[2,5]] -> [7+6, 33+28+15] = [13, 76]
+    // row1 = [10,6,1] -> [6+2, 30+24+5] = [8, 59]
+    if (c[0] != 13 || c[1] != 76 || c[2] != 8 || c[3] != 59)
+      return str("got ", c[0], " ", c[1], " ", c[2], " ", c[3]);
+    return std::string();
+  });
+  for (const KernelCase& kc : kernels()) {
+    const GemmKernel* k = kc.kernel;
+    const std::string skip = !k ? "not built for this architecture" : (kc.supported ? "" : kc.missing);
+    harness::add(str("gemm/", kc.name, " bit-exact vs reference: odd shapes, long K, all signedness and zero-point ends, 1 and 2 threads"),
+                 [k] {
+                   Rng rng(42);
+                   for (const Shape& s : shapes())
+                     for (int types = 0; types < 4; ++types) {
+                       const bool as = types & 1, bs = types & 2;
+                       const int32_t alo = as ? -128 : 0, ahi = as ? 127 : 255;
+                       const int32_t blo = bs ? -128 : 0, bhi = bs ? 127 : 255;
+                       for (int zcase = 0; zcase < 3; ++zcase) {
+                         const int32_t azp = zcase == 0 ? 0 : zcase == 1 ? alo : ahi;
+                         std::vector<int32_t> bzp(s.n ? s.n : 1);
+                         for (auto& z : bzp) z = zcase == 0 ? 0 : zcase == 1 ? bhi : rng.integer(blo, bhi);
+                         const bool per_column = zcase == 2;
+                         const int mode = zcase;  // zcase 1/2 also use extreme values
+                         for (unsigned threads : {1u, 2u}) {
+                           auto why = run_case(*k, s, as, bs, azp, bzp, per_column, mode, threads, rng);
+                           if (!why.empty()) return why;
+                         }
+                       }
+                     }
+                   return std::string();
+                 },
+                 skip);
+    harness::add(str("gemm/", kc.name, " wraps like int32 arithmetic when sums overflow (K = 70000)"),
+                 [k] {
+                   Rng rng(43);
+                   std::vector<int32_t> bzp{-128};
+                   return run_case(*k, {3, 70000, 17}, false, true, 0, bzp, false, 2, 2, rng);
+                 },
+                 skip);
+  }
+}

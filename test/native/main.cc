@@ -1,0 +1,12 @@
+// Native test binary: kernels and drivers against their references.
+// Usage: lowbit_native_tests [name-filter]
+#include "harness.h"
+
+void register_quantize_tests();
+void register_gemm_tests();
+
+int main(int argc, char** argv) {
+  register_quantize_tests();
+  register_gemm_tests();
+  return harness::run_all(argc > 1 ? argv[1] : "");
+}
