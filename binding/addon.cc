@@ -1,4 +1,5 @@
 // Module entry: creates the per-env Context and registers the functions.
+#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 #include <thread>
@@ -16,6 +17,13 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
+const std::vector<std::string> kQuantizeKernelNames = {"avx512", "avx2", "scalar"};
+const std::vector<std::string> kGemmKernelNames = {"amx", "avx512vnni", "avxvnni", "avx2", "portable", "scalar"};
+
+bool contains(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+
 void parse_kernel_env(Context& ctx) {
   const char* raw = std::getenv("LOWBIT_KERNEL");
   if (!raw || !*raw) return;
@@ -24,8 +32,17 @@ void parse_kernel_env(Context& ctx) {
   std::string item;
   while (std::getline(in, item, ',')) {
     auto colon = item.find(':');
-    if (colon == std::string::npos) ctx.forced["*"] = item;
-    else ctx.forced[item.substr(0, colon)] = item.substr(colon + 1);
+    if (colon == std::string::npos) {
+      ctx.forced["*"] = item;
+      if (!contains(kQuantizeKernelNames, item) && !contains(kGemmKernelNames, item))
+        ctx.kernel_env_error = "LOWBIT_KERNEL names '" + item + "', which is no kernel of any operation (quantize: " +
+                               join(kQuantizeKernelNames) + "; gemm: " + join(kGemmKernelNames) + "). Fix or unset LOWBIT_KERNEL.";
+    } else {
+      const std::string op = item.substr(0, colon);
+      if (op != "quantize" && op != "gemm")
+        ctx.kernel_env_error = "LOWBIT_KERNEL names the operation '" + op + "'; operations are quantize and gemm. Fix or unset LOWBIT_KERNEL.";
+      ctx.forced[op] = item.substr(colon + 1);
+    }
   }
 }
 
@@ -54,14 +71,25 @@ Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   Napi::Array quantize = Napi::Array::New(env, names.size());
   for (size_t i = 0; i < names.size(); ++i) quantize.Set(uint32_t(i), names[i]);
   result.Set("quantizeKernels", quantize);
+  auto gemm_names = lowbit::available_gemm_kernels(c);
+  Napi::Array gemm = Napi::Array::New(env, gemm_names.size());
+  for (size_t i = 0; i < gemm_names.size(); ++i) gemm.Set(uint32_t(i), gemm_names[i]);
+  result.Set("gemmKernels", gemm);
   result.Set("maxThreads", double(ctx.pool->max_threads()));
   result.Set("kernelOverride", ctx.kernel_env.empty() ? env.Null() : Napi::String::New(env, ctx.kernel_env));
   // The kernel a call without options.kernel gets, or why LOWBIT_KERNEL cannot be honoured.
+  result.Set("kernelOverrideError", env.Null());
   try {
     result.Set("selectedQuantizeKernel", ctx.quantize_kernels(env, "").name);
-    result.Set("kernelOverrideError", env.Null());
   } catch (const Napi::Error& e) {
     result.Set("selectedQuantizeKernel", env.Null());
+    result.Set("kernelOverrideError", e.Message());
+  }
+  try {
+    const lowbit::GemmKernel* k = ctx.gemm_kernel(env, "");
+    result.Set("selectedGemmKernel", k ? k->name : "scalar");
+  } catch (const Napi::Error& e) {
+    result.Set("selectedGemmKernel", env.Null());
     result.Set("kernelOverrideError", e.Message());
   }
   return result;
@@ -78,32 +106,43 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(ctx);  // deleted with the env
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo, "cpuInfo"));
   register_quantize_functions(env, exports);
+  register_gemm_functions(env, exports);
   return exports;
 }
 
-std::string Context::forced_kernel(const std::string& operation) const {
+std::string Context::forced_kernel(const std::string& operation, const std::vector<std::string>& known) const {
   auto it = forced.find(operation);
   if (it != forced.end()) return it->second;
   it = forced.find("*");
-  return it != forced.end() ? it->second : std::string();
+  return it != forced.end() && contains(known, it->second) ? it->second : std::string();
 }
 
-const lowbit::QuantizeKernels& Context::quantize_kernels(Napi::Env env,
-                                                         const std::string& requested) const {
-  std::string name = requested;
-  const char* source = "options.kernel";
-  if (name.empty()) {
-    name = forced_kernel("quantize");
-    source = "LOWBIT_KERNEL";
-  }
+namespace {
+
+[[noreturn]] void throw_kernel_error(Napi::Env env, const char* operation, const std::string& name, bool from_env,
+                                     const std::vector<std::string>& known, const std::vector<std::string>& available) {
+  const std::string source = from_env ? "LOWBIT_KERNEL" : "options.kernel";
+  throw Napi::Error::New(env, source + " asks for " + operation + " kernel '" + name + "', which " +
+                                  (contains(known, name) ? "this CPU (or build) does not support" : "does not exist") +
+                                  ". Use one of: " + join(available) + (from_env ? " (or unset LOWBIT_KERNEL)." : "."));
+}
+
+}  // namespace
+
+const lowbit::QuantizeKernels& Context::quantize_kernels(Napi::Env env, const std::string& requested) const {
+  if (requested.empty() && !kernel_env_error.empty()) throw Napi::Error::New(env, kernel_env_error);
+  const std::string name = requested.empty() ? forced_kernel("quantize", kQuantizeKernelNames) : requested;
   if (const auto* k = lowbit::find_quantize_kernels(name, cpu)) return *k;
-  const auto available = lowbit::available_quantize_kernels(cpu);
-  const bool known = name == "scalar" || name == "avx2" || name == "avx512";
-  std::string msg = std::string(source) + " asks for quantize kernel '" + name + "', which " +
-                    (known ? "this CPU (or build) does not support" : "does not exist") +
-                    ". Use one of: " + join(available) +
-                    (std::string(source) == "LOWBIT_KERNEL" ? " (or unset LOWBIT_KERNEL)." : ".");
-  throw Napi::Error::New(env, msg);
+  throw_kernel_error(env, "quantize", name, requested.empty(), kQuantizeKernelNames, lowbit::available_quantize_kernels(cpu));
+}
+
+const lowbit::GemmKernel* Context::gemm_kernel(Napi::Env env, const std::string& requested) const {
+  if (requested.empty() && !kernel_env_error.empty()) throw Napi::Error::New(env, kernel_env_error);
+  const std::string name = requested.empty() ? forced_kernel("gemm", kGemmKernelNames) : requested;
+  bool usable = false;
+  const lowbit::GemmKernel* k = lowbit::find_gemm_kernel(name, cpu, &usable);
+  if (!usable) throw_kernel_error(env, "gemm", name, requested.empty(), kGemmKernelNames, lowbit::available_gemm_kernels(cpu));
+  return k;
 }
 
 }  // namespace lowbit_binding

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "lowbit/cpu_features.h"
+#include "lowbit/gemm.h"
 #include "lowbit/quantize.h"
 #include "lowbit/thread_pool.h"
 
@@ -22,13 +23,17 @@ struct Context {
   // that name; "quantize:avx2,gemm:scalar" forces per operation.
   std::string kernel_env;
   std::map<std::string, std::string> forced;  // operation (or "*") -> kernel name
+  std::string kernel_env_error;               // LOWBIT_KERNEL names no known kernel
 
   static Context& of(Napi::Env env) { return *env.GetInstanceData<Context>(); }
 
   // The quantize kernels for a call: `requested` (options.kernel) wins, then
   // LOWBIT_KERNEL, then the best available. Throws a clear error otherwise.
   const lowbit::QuantizeKernels& quantize_kernels(Napi::Env env, const std::string& requested) const;
-  std::string forced_kernel(const std::string& operation) const;
+  // The GEMM kernel for a call, the same way; null means the scalar reference.
+  const lowbit::GemmKernel* gemm_kernel(Napi::Env env, const std::string& requested) const;
+  // The LOWBIT_KERNEL choice for an operation whose kernel names are `known`.
+  std::string forced_kernel(const std::string& operation, const std::vector<std::string>& known) const;
 
   lowbit::Exec exec(Napi::Env env, const std::string& kernel, unsigned threads) const {
     return lowbit::Exec{&quantize_kernels(env, kernel), pool.get(), threads};
@@ -36,5 +41,6 @@ struct Context {
 };
 
 void register_quantize_functions(Napi::Env env, Napi::Object exports);
+void register_gemm_functions(Napi::Env env, Napi::Object exports);
 
 }  // namespace lowbit_binding

@@ -8,9 +8,11 @@ export interface CpuInfo {
   /** Instruction sets usable here (CPU support and OS support both checked). */
   features: Record<string, boolean>;
   /** Per operation, the kernels usable on this CPU, best first. */
-  kernels: { quantize: string[] };
+  kernels: { quantize: string[]; gemm: string[] };
+  /** The GEMM kernels usable on this CPU, best first (same as kernels.gemm). */
+  gemmKernels: string[];
   /** Per operation, the kernel a call gets without `options.kernel` (null when LOWBIT_KERNEL is unusable). */
-  selected: { quantize: string | null };
+  selected: { quantize: string | null; gemm: string | null };
   /** Value of LOWBIT_KERNEL when the addon loaded, if set. */
   kernelOverride: string | null;
   /** Why LOWBIT_KERNEL cannot be honoured, if it cannot. */
@@ -32,8 +34,9 @@ export function cpuInfo(): CpuInfo {
     cached = {
       arch: raw.arch,
       features: { ...raw.features },
-      kernels: { quantize: raw.quantizeKernels.slice() },
-      selected: { quantize: raw.selectedQuantizeKernel },
+      kernels: { quantize: raw.quantizeKernels.slice(), gemm: raw.gemmKernels.slice() },
+      gemmKernels: raw.gemmKernels.slice(),
+      selected: { quantize: raw.selectedQuantizeKernel, gemm: raw.selectedGemmKernel },
       kernelOverride: raw.kernelOverride,
       kernelOverrideError: raw.kernelOverrideError,
       maxThreads: raw.maxThreads,
@@ -42,13 +45,14 @@ export function cpuInfo(): CpuInfo {
   return {
     ...cached,
     features: { ...cached.features },
-    kernels: { quantize: cached.kernels.quantize.slice() },
+    kernels: { quantize: cached.kernels.quantize.slice(), gemm: cached.kernels.gemm.slice() },
+    gemmKernels: cached.gemmKernels.slice(),
     selected: { ...cached.selected },
   };
 }
 
 /** Checks `options.kernel` for an operation: '' (automatic) or a kernel usable here. */
-export function checkKernel(operation: 'quantize', kernel: unknown): string {
+export function checkKernel(operation: 'quantize' | 'gemm', kernel: unknown): string {
   if (kernel === undefined) {
     const info = cpuInfo();
     if (info.kernelOverrideError) throw new Error(info.kernelOverrideError);
@@ -56,7 +60,9 @@ export function checkKernel(operation: 'quantize', kernel: unknown): string {
   }
   const usable = cpuInfo().kernels[operation];
   if (typeof kernel !== 'string' || !usable.includes(kernel)) {
-    const known = ['avx512', 'avx2', 'scalar'];
+    const known = operation === 'quantize'
+      ? ['avx512', 'avx2', 'scalar']
+      : ['amx', 'avx512vnni', 'avxvnni', 'avx2', 'portable', 'neondot', 'neon', 'scalar'];
     const why = typeof kernel === 'string' && known.includes(kernel)
       ? `This CPU does not support '${kernel}'.`
       : 'Leave it unset to use the best one.';

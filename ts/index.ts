@@ -11,3 +11,7 @@ export {
   type DequantizeOptions, type KernelOptions, type QuantizationError, type QuantizeOptions,
 } from './quantize';
 export { rangeMethodNames } from './methods';
+export {
+  matmulInt8, matmulInt8Async, matmulInt8Requantized, matmulInt8ToFloat, packMatrix, PackedMatrix,
+  type MatmulOptions, type MatmulRequantizedOptions, type MatmulToFloatOptions,
+} from './gemm';

@@ -29,7 +29,9 @@ export interface NativeCpuInfo {
   arch: string;
   features: Record<string, boolean>;
   quantizeKernels: string[];
+  gemmKernels: string[];
   selectedQuantizeKernel: string | null;
+  selectedGemmKernel: string | null;
   kernelOverride: string | null;
   kernelOverrideError: string | null;
   maxThreads: number;
@@ -63,7 +65,19 @@ export interface NativeBinding {
   unpackInt4(packed: Uint8Array, length: number, isSigned: boolean, out: Codes): void;
   packInt2(values: Codes, isSigned: boolean, out: Uint8Array): number;
   unpackInt2(packed: Uint8Array, length: number, isSigned: boolean, out: Codes): void;
+  packMatrix(b: Codes, k: number, n: number, threads: number): PackedHandle;
+  matmulInt8(a: Codes, b: Codes | PackedHandle, m: number, k: number, n: number, aZeroPoint: number,
+    bZeroPoint: Int32Array, bZeroPointPerColumn: boolean, out: Int32Array, kernel: string, threads: number): void;
+  matmulInt8Async(a: Codes, b: Codes | PackedHandle, m: number, k: number, n: number, aZeroPoint: number,
+    bZeroPoint: Int32Array, bZeroPointPerColumn: boolean, out: Int32Array, kernel: string, threads: number): Promise<number>;
+  int32ToFloat(c: Int32Array, m: number, n: number, aScale: number, bScale: Float32Array, perColumn: boolean,
+    bias: Float32Array | null, y: Float32Array): void;
+  requantizeInt32(c: Int32Array, m: number, n: number, aScale: number, bScale: Float32Array, perColumn: boolean,
+    yScale: number, yZeroPoint: number, qmin: number, qmax: number, relu: boolean, y: Codes): void;
 }
+
+/** Opaque native handle of a packed B matrix. */
+export type PackedHandle = { readonly __packedHandle: unique symbol };
 
 /** The addon could not be loaded; the message lists what was tried and the fixes. */
 export class NativeLoadError extends Error {

@@ -8,25 +8,70 @@ import {
 } from 'onnx-buf';
 import * as ort from 'onnxruntime-node';
 
-export { ort };
+export { ort, TensorProto_DataType as DataType };
 
-function valueInfo(name: string, elemType: TensorProto_DataType, dims: number[]): ValueInfoProto {
+type Typed = Float32Array | Int8Array | Uint8Array | Int32Array;
+
+export interface TensorSpec {
+  name: string;
+  type: TensorProto_DataType;
+  dims: number[];
+}
+
+export interface InitializerSpec extends TensorSpec {
+  data: Typed;
+}
+
+export interface NodeSpec {
+  opType: string;
+  domain?: string;
+  opset?: number;
+  inputs: TensorSpec[];
+  initializers?: InitializerSpec[];
+  /** Input names of the node in order ('' for an omitted optional input); default: inputs then initializers. */
+  nodeInputs?: string[];
+  outputs: TensorSpec[];
+  attributes?: Record<string, number>;
+}
+
+function valueInfo(t: TensorSpec): ValueInfoProto {
   return {
-    name,
+    name: t.name,
     type: {
       value: {
         case: 'tensorType',
-        value: { elemType, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } },
+        value: { elemType: t.type, shape: { dim: t.dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } },
       },
     },
   } as unknown as ValueInfoProto;
 }
 
-function initializer(name: string, dataType: TensorProto_DataType, dims: number[], raw: Uint8Array): TensorProto {
-  return { name, dataType, dims: dims.map(BigInt), rawData: raw } as unknown as TensorProto;
-}
-
 const bytes = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+
+/** A model with one node, its inputs as graph inputs and its constants as initializers. */
+export function singleNodeModel(spec: NodeSpec): Uint8Array {
+  const initializers = spec.initializers ?? [];
+  const attribute = Object.entries(spec.attributes ?? {}).map(([name, v]) => ({ name, type: AttributeProto_AttributeType.INT, i: BigInt(v) }));
+  const opsetImport = [{ domain: '', version: BigInt(spec.opset ?? 21) }];
+  if (spec.domain) opsetImport.push({ domain: spec.domain, version: 1n });
+  const model = create(ModelProtoSchema, {
+    irVersion: 10n,
+    producerName: 'lowbit-tests',
+    opsetImport,
+    graph: {
+      name: spec.opType,
+      node: [{
+        opType: spec.opType, domain: spec.domain ?? '',
+        input: spec.nodeInputs ?? [...spec.inputs, ...initializers].map((t) => t.name),
+        output: spec.outputs.map((t) => t.name), attribute,
+      }],
+      initializer: initializers.map((t) => ({ name: t.name, dataType: t.type, dims: t.dims.map(BigInt), rawData: bytes(t.data) }) as unknown as TensorProto),
+      input: spec.inputs.map(valueInfo),
+      output: spec.outputs.map(valueInfo),
+    },
+  } as never);
+  return toBinary(ModelProtoSchema, model);
+}
 
 /**
  * A model y = QuantizeLinear(x, scale, zeroPoint) (opset 21) with x a float
@@ -37,25 +82,41 @@ export function quantizeLinearModel(opts: {
   axis?: number; blockSize?: number;
 }): Uint8Array {
   const zpType = opts.zeroPoint instanceof Int8Array ? TensorProto_DataType.INT8 : TensorProto_DataType.UINT8;
-  const attribute = [];
-  if (opts.axis !== undefined) attribute.push({ name: 'axis', type: AttributeProto_AttributeType.INT, i: BigInt(opts.axis) });
-  if (opts.blockSize !== undefined) attribute.push({ name: 'block_size', type: AttributeProto_AttributeType.INT, i: BigInt(opts.blockSize) });
-  const model = create(ModelProtoSchema, {
-    irVersion: 10n,
-    producerName: 'lowbit-tests',
-    opsetImport: [{ domain: '', version: 21n }],
-    graph: {
-      name: 'q',
-      node: [{ opType: 'QuantizeLinear', input: ['x', 'scale', 'zp'], output: ['y'], attribute }],
-      initializer: [
-        initializer('scale', TensorProto_DataType.FLOAT, opts.scaleShape, bytes(opts.scale)),
-        initializer('zp', zpType, opts.scaleShape, bytes(opts.zeroPoint)),
-      ],
-      input: [valueInfo('x', TensorProto_DataType.FLOAT, opts.shape)],
-      output: [valueInfo('y', zpType, opts.shape)],
-    },
-  } as never);
-  return toBinary(ModelProtoSchema, model);
+  const attributes: Record<string, number> = {};
+  if (opts.axis !== undefined) attributes.axis = opts.axis;
+  if (opts.blockSize !== undefined) attributes.block_size = opts.blockSize;
+  return singleNodeModel({
+    opType: 'QuantizeLinear',
+    inputs: [{ name: 'x', type: TensorProto_DataType.FLOAT, dims: opts.shape }],
+    initializers: [
+      { name: 'scale', type: TensorProto_DataType.FLOAT, dims: opts.scaleShape, data: opts.scale },
+      { name: 'zp', type: zpType, dims: opts.scaleShape, data: opts.zeroPoint },
+    ],
+    outputs: [{ name: 'y', type: zpType, dims: opts.shape }],
+    attributes,
+  });
+}
+
+const byteType = (a: Int8Array | Uint8Array) => (a instanceof Int8Array ? TensorProto_DataType.INT8 : TensorProto_DataType.UINT8);
+
+/**
+ * y = MatMulInteger(a, b, aZp, bZp) with a an input [m, k] and b a constant [k, n]
+ * (as in a real model, so onnxruntime pre-packs it).
+ */
+export function matMulIntegerModel(a: { signed: boolean; m: number; k: number }, b: Int8Array | Uint8Array, n: number,
+  aZeroPoint: number, bZeroPoint: Int8Array | Uint8Array): Uint8Array {
+  const aType = a.signed ? TensorProto_DataType.INT8 : TensorProto_DataType.UINT8;
+  return singleNodeModel({
+    opType: 'MatMulInteger',
+    opset: 10,
+    inputs: [{ name: 'a', type: aType, dims: [a.m, a.k] }],
+    initializers: [
+      { name: 'b', type: byteType(b), dims: [a.k, n], data: b },
+      { name: 'azp', type: aType, dims: [], data: a.signed ? Int8Array.of(aZeroPoint) : Uint8Array.of(aZeroPoint) },
+      { name: 'bzp', type: byteType(b), dims: bZeroPoint.length === 1 ? [] : [n], data: bZeroPoint },
+    ],
+    outputs: [{ name: 'y', type: TensorProto_DataType.INT32, dims: [a.m, n] }],
+  });
 }
 
 export async function session(model: Uint8Array, threads = 1): Promise<ort.InferenceSession> {

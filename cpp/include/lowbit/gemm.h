@@ -112,3 +112,22 @@ void gemm_reference(const GemmArgs& args, const uint8_t* b, bool b_signed, Threa
                     unsigned threads);
 
 }  // namespace lowbit
+
+namespace lowbit {
+
+// Unpacks B back to its original bytes [K, N] (for the reference path).
+void unpack_b(const PackedB& b, uint8_t* out);
+
+// onnxruntime MatMulIntegerToFloat output: with multiplier_j = a_scale·b_scale_j
+// (float), y = float(c)·multiplier_j + bias_j, each operation rounded to float.
+void int32_to_float(const int32_t* c, size_t m, size_t n, float a_scale, const float* b_scale,
+                    bool b_scale_per_column, const float* bias, float* y);
+
+// ONNX QLinearMatMul output: with multiplier_j = (a_scale·b_scale_j) / y_scale
+// (float), y = saturate(roundHalfToEven(float(c)·multiplier_j) + y_zp) to
+// [qmin, qmax]; relu raises the lower bound to y_zp.
+void requantize_int32(const int32_t* c, size_t m, size_t n, float a_scale, const float* b_scale,
+                      bool b_scale_per_column, float y_scale, int32_t y_zero_point, int32_t qmin,
+                      int32_t qmax, bool relu, uint8_t* y);
+
+}  // namespace lowbit

@@ -1,0 +1,179 @@
+// N-API glue for the integer GEMM (cpp/include/lowbit/gemm.h).
+// Argument order is private to ts/native.ts, which declares the same shapes.
+#include <memory>
+
+#include "async_task.h"
+#include "context.h"
+#include "napi_args.h"
+
+namespace lowbit_binding {
+namespace {
+
+using lowbit::PackedB;
+
+// Tags the externals that hold a PackedB so no other external passes for one.
+const napi_type_tag kPackedBTag = {0x6c6f776269747061ull, 0x636b656462303031ull};
+
+struct PackedHandle {
+  std::shared_ptr<PackedB> packed;
+};
+
+const std::shared_ptr<PackedB>& packed_of(const Napi::Value& v, const char* name) {
+  if (!v.IsExternal() || !v.As<Napi::External<PackedHandle>>().CheckTypeTag(&kPackedBTag))
+    throw_type(v.Env(), std::string(name) + " must be a packed-matrix handle");
+  return v.As<Napi::External<PackedHandle>>().Data()->packed;
+}
+
+// packMatrix(b, k, n, threads) -> handle
+Napi::Value PackMatrix(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Bytes b = typed_array(info[0], "b");
+  if (b.type != napi_int8_array && b.type != napi_uint8_array) throw_type(env, "b must be an Int8Array or Uint8Array");
+  const size_t k = size_of(info[1], "k"), n = size_of(info[2], "n");
+  size_t kn;
+  if (__builtin_mul_overflow(k, n, &kn) || kn != b.length) throw_range(env, "b.length must be k * n");
+  auto packed = std::make_shared<PackedB>();
+  Context& ctx = Context::of(env);
+  lowbit::pack_b(static_cast<const uint8_t*>(b.data), k, n, b.type == napi_int8_array, packed.get(), ctx.pool.get(),
+                 unsigned(size_of(info[3], "threads")));
+  const int64_t bytes = int64_t(packed->bytes.size + packed->col_sums.size() * sizeof(int32_t));
+  auto handle = Napi::External<PackedHandle>::New(env, new PackedHandle{packed}, [bytes](Napi::Env e, PackedHandle* h) {
+    Napi::MemoryManagement::AdjustExternalMemory(e, -bytes);
+    delete h;
+  });
+  handle.TypeTag(&kPackedBTag);
+  Napi::MemoryManagement::AdjustExternalMemory(env, bytes);
+  return handle;
+}
+
+// matmulInt8(a, b | handle, m, k, n, aZeroPoint, bZeroPoint: Int32Array, bZeroPointPerColumn, out: Int32Array, kernel, threads)
+struct MatmulCall {
+  lowbit::GemmArgs args{};
+  const uint8_t* b_bytes = nullptr;
+  bool b_signed = true;
+  std::shared_ptr<PackedB> packed;  // keeps a packed B alive during async work
+  const lowbit::GemmKernel* kernel = nullptr;  // null: scalar reference
+  lowbit::ThreadPool* pool = nullptr;
+  unsigned threads = 0;
+
+  explicit MatmulCall(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Bytes a = typed_array(info[0], "a");
+    if (a.type != napi_int8_array && a.type != napi_uint8_array) throw_type(env, "a must be an Int8Array or Uint8Array");
+    args.a = static_cast<const uint8_t*>(a.data);
+    args.a_signed = a.type == napi_int8_array;
+    args.m = size_of(info[2], "m");
+    args.k = size_of(info[3], "k");
+    args.n = size_of(info[4], "n");
+    size_t mk, kn, mn;
+    if (__builtin_mul_overflow(args.m, args.k, &mk) || __builtin_mul_overflow(args.k, args.n, &kn) ||
+        __builtin_mul_overflow(args.m, args.n, &mn))
+      throw_range(env, "m, k, n overflow");
+    if (a.length != mk) throw_range(env, "a.length must be m * k");
+    if (info[1].IsExternal()) {
+      packed = packed_of(info[1], "b");
+      if (packed->k != args.k || packed->n != args.n) throw_range(env, "the packed b has other dimensions");
+      b_signed = packed->b_signed;
+    } else {
+      Bytes b = typed_array(info[1], "b");
+      if (b.type != napi_int8_array && b.type != napi_uint8_array) throw_type(env, "b must be an Int8Array or Uint8Array");
+      if (b.length != kn) throw_range(env, "b.length must be k * n");
+      b_bytes = static_cast<const uint8_t*>(b.data);
+      b_signed = b.type == napi_int8_array;
+    }
+    args.a_zero_point = int_of(info[5], "aZeroPoint");
+    size_t nz, nc;
+    args.b_zero_point = array_of<int32_t>(info[6], "bZeroPoint", napi_int32_array, &nz);
+    args.b_zp_per_column = bool_of(info[7], "bZeroPointPerColumn");
+    if (nz != (args.b_zp_per_column ? args.n : 1) || nz == 0) throw_range(env, "bZeroPoint has the wrong length");
+    args.c = array_of<int32_t>(info[8], "out", napi_int32_array, &nc);
+    if (nc < mn) throw_range(env, "out is too small");
+    Context& ctx = Context::of(env);
+    kernel = ctx.gemm_kernel(env, string_of(info[9], "kernel"));
+    pool = ctx.pool.get();
+    threads = unsigned(size_of(info[10], "threads"));
+  }
+
+  double run() const {
+    if (args.m == 0 || args.n == 0) return 0;
+    if (args.k == 0) {
+      std::fill_n(args.c, args.m * args.n, 0);
+      return 0;
+    }
+    if (!kernel) {  // the scalar reference works on unpacked B
+      if (b_bytes) {
+        lowbit::gemm_reference(args, b_bytes, b_signed, pool, threads);
+      } else {
+        std::vector<uint8_t> unpacked(args.k * args.n);
+        lowbit::unpack_b(*packed, unpacked.data());
+        lowbit::gemm_reference(args, unpacked.data(), b_signed, pool, threads);
+      }
+      return 0;
+    }
+    if (packed) {
+      lowbit::gemm_packed(*kernel, args, *packed, pool, threads);
+    } else {
+      PackedB temp;
+      lowbit::pack_b(b_bytes, args.k, args.n, b_signed, &temp, pool, threads);
+      lowbit::gemm_packed(*kernel, args, temp, pool, threads);
+    }
+    return 0;
+  }
+};
+
+Napi::Value MatmulInt8(const Napi::CallbackInfo& info) {
+  MatmulCall(info).run();
+  return info.Env().Undefined();
+}
+
+Napi::Value MatmulInt8Async(const Napi::CallbackInfo& info) {
+  auto call = std::make_shared<MatmulCall>(info);
+  return AsyncTask::Start(info.Env(), {info[0], info[1], info[6], info[8]}, [call] { return call->run(); });
+}
+
+// int32ToFloat(c, m, n, aScale, bScale: Float32Array, perColumn, bias: Float32Array | null, y)
+Napi::Value Int32ToFloat(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nc, ns, ny, nb = 0;
+  const int32_t* c = array_of<int32_t>(info[0], "c", napi_int32_array, &nc);
+  const size_t m = size_of(info[1], "m"), n = size_of(info[2], "n");
+  const float a_scale = float(info[3].As<Napi::Number>().DoubleValue());
+  const float* b_scale = array_of<float>(info[4], "bScale", napi_float32_array, &ns);
+  const bool per_column = bool_of(info[5], "perColumn");
+  const float* bias = info[6].IsNull() ? nullptr : array_of<float>(info[6], "bias", napi_float32_array, &nb);
+  float* y = array_of<float>(info[7], "y", napi_float32_array, &ny);
+  if (nc < m * n || ny < m * n || ns != (per_column ? n : 1) || (bias && nb != n)) throw_range(env, "int32ToFloat: bad lengths");
+  lowbit::int32_to_float(c, m, n, a_scale, b_scale, per_column, bias, y);
+  return env.Undefined();
+}
+
+// requantizeInt32(c, m, n, aScale, bScale, perColumn, yScale, yZeroPoint, qmin, qmax, relu, y)
+Napi::Value RequantizeInt32(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nc, ns, ny;
+  const int32_t* c = array_of<int32_t>(info[0], "c", napi_int32_array, &nc);
+  const size_t m = size_of(info[1], "m"), n = size_of(info[2], "n");
+  const float a_scale = float(info[3].As<Napi::Number>().DoubleValue());
+  const float* b_scale = array_of<float>(info[4], "bScale", napi_float32_array, &ns);
+  const bool per_column = bool_of(info[5], "perColumn");
+  const float y_scale = float(info[6].As<Napi::Number>().DoubleValue());
+  const int32_t y_zp = int_of(info[7], "yZeroPoint"), qmin = int_of(info[8], "qmin"), qmax = int_of(info[9], "qmax");
+  const bool relu = bool_of(info[10], "relu");
+  uint8_t* y = codes_of(info[11], "y", &ny);
+  if (nc < m * n || ny < m * n || ns != (per_column ? n : 1)) throw_range(env, "requantizeInt32: bad lengths");
+  if (qmin > qmax || y_zp < qmin || y_zp > qmax) throw_range(env, "requantizeInt32: bad range");
+  lowbit::requantize_int32(c, m, n, a_scale, b_scale, per_column, y_scale, y_zp, qmin, qmax, relu, y);
+  return env.Undefined();
+}
+
+}  // namespace
+
+void register_gemm_functions(Napi::Env env, Napi::Object exports) {
+  exports.Set("packMatrix", Napi::Function::New(env, PackMatrix, "packMatrix"));
+  exports.Set("matmulInt8", Napi::Function::New(env, MatmulInt8, "matmulInt8"));
+  exports.Set("matmulInt8Async", Napi::Function::New(env, MatmulInt8Async, "matmulInt8Async"));
+  exports.Set("int32ToFloat", Napi::Function::New(env, Int32ToFloat, "int32ToFloat"));
+  exports.Set("requantizeInt32", Napi::Function::New(env, RequantizeInt32, "requantizeInt32"));
+}
+
+}  // namespace lowbit_binding
