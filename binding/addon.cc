@@ -18,7 +18,7 @@ std::string join(const std::vector<std::string>& v) {
 }
 
 const std::vector<std::string> kQuantizeKernelNames = {"avx512", "avx2", "scalar"};
-const std::vector<std::string> kGemmKernelNames = {"amx", "avx512vnni", "avxvnni", "avx2", "portable", "scalar"};
+const std::vector<std::string> kGemmKernelNames = {"amx", "avx512vnni", "avxvnni", "avx2", "neondot", "neon", "portable", "scalar"};
 
 bool contains(const std::vector<std::string>& v, const std::string& s) {
   return std::find(v.begin(), v.end(), s) != v.end();

@@ -12,6 +12,7 @@ import { checkAttached, checkBoolean, checkInteger, isPlainObject, checkKnownKey
 type Bytes = Int8Array | Uint8Array;
 
 const handles = new WeakMap<PackedMatrix, PackedHandle>();
+const fromPackMatrix = Symbol('packMatrix');
 
 /** A B matrix packed for the GEMM kernels; build it with packMatrix and reuse it across calls. */
 export class PackedMatrix {
@@ -22,8 +23,9 @@ export class PackedMatrix {
   /** Element type of the original B: true for int8, false for uint8. */
   readonly signed: boolean;
 
-  /** @internal */
-  constructor(handle: PackedHandle, k: number, n: number, signed: boolean) {
+  /** @internal Use packMatrix(). */
+  constructor(token: symbol, handle: PackedHandle, k: number, n: number, signed: boolean) {
+    if (token !== fromPackMatrix) throw new TypeError('PackedMatrix objects come from packMatrix(b, k, n); do not construct them.');
     this.k = k;
     this.n = n;
     this.signed = signed;
@@ -112,8 +114,8 @@ function resolve(a: unknown, b: unknown, m: unknown, k: unknown, n: unknown, opt
   let bSigned: boolean;
   if (b instanceof PackedMatrix) {
     if (b.k !== dims.k || b.n !== dims.n) {
-      throw invalidValue('b', `a PackedMatrix of k = ${dims.k}, n = ${dims.n}`, `a PackedMatrix of k = ${b.k}, n = ${b.n}`,
-        'Pack B again with the dimensions of this product.');
+      throw invalidValue('b', `a PackedMatrix of k = ${dims.k}, n = ${dims.n}`, b,
+        `It was packed with k = ${b.k}, n = ${b.n}; pack B again with the dimensions of this product.`);
     }
     B = handles.get(b)!;
     bSigned = b.signed;
@@ -176,7 +178,7 @@ export function packMatrix(b: Int8Array | Uint8Array, k: number, n: number, opti
   if (options !== undefined && !isPlainObject(options)) throw invalidType('options', 'an object { threads? }', options);
   if (options) checkKnownKeys('options', options, ['threads']);
   const threads = options?.threads === undefined ? 0 : checkInteger('options.threads', options.threads, 1, 1024);
-  return new PackedMatrix(native().packMatrix(B, dims.k, dims.n, threads), dims.k, dims.n, B instanceof Int8Array);
+  return new PackedMatrix(fromPackMatrix, native().packMatrix(B, dims.k, dims.n, threads), dims.k, dims.n, B instanceof Int8Array);
 }
 
 /**

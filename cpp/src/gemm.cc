@@ -62,11 +62,10 @@ void tile_portable(const GemmTile& t) {
   for (size_t r = 0; r < t.rows; ++r) {
     for (size_t j = 0; j < t.store_cols; ++j) {
       const int8_t* panel = t.b + (j / kPanelWidth) * t.panel_stride;
-      const uint8_t* arow = t.a + r * t.lda;
       uint32_t acc = 0;
       for (size_t g = 0; g < t.kp / 4; ++g)
         for (size_t q = 0; q < 4; ++q)
-          acc += u(int32_t(arow[g * 4 + q]) * int32_t(panel[g * 64 + (j % kPanelWidth) * 4 + q]));
+          acc += u(int32_t(t.a[g * t.a_group_stride + r * 4 + q]) * int32_t(panel[g * 64 + (j % kPanelWidth) * 4 + q]));
       t.c[r * t.ldc + j] = wrap(acc + u(t.col_term[j]) - u(t.zb[j]) * u(t.row_sums[r]));
     }
   }
@@ -135,21 +134,24 @@ void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& 
     zb[j] = (args.b_zp_per_column ? args.b_zero_point[j] : args.b_zero_point[0]) - cb;
     col_term[j] = wrap(u(int32_t(k)) * u(za) * u(zb[j]) - u(za) * u(b.col_sums[j]));
   }
-  // Pack A: rows of kp bytes (zero-padded) and their sums.
+  // Pack A: blocks of mr rows with their 4-byte groups interleaved, and row sums.
+  const size_t mr = kernel.mr;
+  const size_t blocks = (m + mr - 1) / mr;
   AlignedBytes a_packed;
-  a_packed.allocate(m * kp);
-  std::vector<int32_t> row_sums(m);
-  pool->parallel_for((m + 63) / 64, threads, [&](size_t block, unsigned) {
-    for (size_t i = block * 64; i < std::min(m, block * 64 + 64); ++i) {
-      uint8_t* dst = a_packed.data.get() + i * kp;
-      const uint8_t* src = args.a + i * k;
+  a_packed.allocate(blocks * mr * kp);
+  std::vector<int32_t> row_sums(blocks * mr, 0);
+  pool->parallel_for(blocks, threads, [&](size_t block, unsigned) {
+    uint8_t* dst = a_packed.data.get() + block * mr * kp;
+    std::memset(dst, 0, mr * kp);
+    for (size_t r = 0; r < mr && block * mr + r < m; ++r) {
+      const uint8_t* src = args.a + (block * mr + r) * k;
       uint32_t sum = 0;
       for (size_t kk = 0; kk < k; ++kk) {
-        dst[kk] = uint8_t(src[kk] ^ a_flip);
-        sum += dst[kk];
+        const uint8_t v = uint8_t(src[kk] ^ a_flip);
+        dst[(kk / 4) * mr * 4 + r * 4 + kk % 4] = v;
+        sum += v;
       }
-      std::memset(dst + k, 0, kp - k);
-      row_sums[i] = wrap(sum);
+      row_sums[block * mr + r] = wrap(sum);
     }
   });
   // Tiles in N-major order: consecutive items share a block of B panels.
@@ -159,8 +161,8 @@ void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& 
     const size_t ti = item % mt, tj = item / mt;
     const size_t i0 = ti * kernel.mr, j0 = tj * kernel.nr;
     GemmTile t;
-    t.a = a_packed.data.get() + i0 * kp;
-    t.lda = kp;
+    t.a = a_packed.data.get() + ti * mr * kp;
+    t.a_group_stride = mr * 4;
     t.rows = std::min(kernel.mr, m - i0);
     t.b = b.panel(j0 / kPanelWidth);
     t.panel_stride = kp * kPanelWidth;

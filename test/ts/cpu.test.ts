@@ -30,15 +30,19 @@ describe('cpuInfo and kernel selection', () => {
   it('LOWBIT_KERNEL forces a kernel for calls without options.kernel', () => {
     const r = inChild({ LOWBIT_KERNEL: 'scalar' }, 'console.log(JSON.stringify(lowbit.cpuInfo().selected))');
     expect(r.status, r.stderr).to.equal(0);
-    expect(JSON.parse(r.stdout)).to.deep.equal({ quantize: 'scalar' });
+    expect(JSON.parse(r.stdout)).to.deep.equal({ quantize: 'scalar', gemm: 'scalar' });
     const perOp = inChild({ LOWBIT_KERNEL: 'quantize:avx2' }, 'console.log(lowbit.cpuInfo().selected.quantize)');
     if (cpuInfo().kernels.quantize.includes('avx2')) expect(perOp.stdout.trim()).to.equal('avx2');
   });
 
   it('an unusable LOWBIT_KERNEL is a clear error on use, naming the variable and the choices', () => {
-    const r = inChild({ LOWBIT_KERNEL: 'neon' },
+    const bogus = inChild({ LOWBIT_KERNEL: 'bogus' },
       'try { lowbit.quantizeTensor(new Float32Array(2), { shape: [2] }); } catch (e) { console.log(e.message); }');
-    expect(r.stdout).to.match(/LOWBIT_KERNEL asks for quantize kernel 'neon'.*Use one of: .*scalar/);
+    expect(bogus.stdout).to.match(/LOWBIT_KERNEL names 'bogus', which is no kernel of any operation/);
+    const missing = cpuInfo().arch === 'x86_64' ? 'neon' : 'avx2';
+    const r = inChild({ LOWBIT_KERNEL: `gemm:${missing}` },
+      'try { lowbit.matmulInt8(new Int8Array(1), new Int8Array(1), 1, 1, 1); } catch (e) { console.log(e.message); }');
+    expect(r.stdout).to.match(new RegExp(`LOWBIT_KERNEL asks for gemm kernel '${missing}', which this CPU \\(or build\\) does not support. Use one of: .*scalar`));
   });
 
   it('forcing a kernel the CPU lacks is a clear error', () => {

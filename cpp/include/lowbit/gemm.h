@@ -13,7 +13,10 @@
 // byte (k, j) of panel p sits at p * kp * 16 + (k / 4) * 64 + (j % 16) * 4 + k % 4,
 // with K padded to kp = ceil(K / 4) * 4 and N to np = ceil(N / 16) * 16 by zeros.
 // One 64-byte group row is one zmm for vpdpbusd and one AMX B-tile row.
-// Packed A: rows of kp bytes a' (zero-padded), plus the row sums Σ a'.
+// Packed A (per kernel, mr rows per block): the 4-byte groups of a block's
+// rows interleaved, so one group of all mr rows is mr·4 contiguous bytes:
+// byte (i, k) sits at (i / mr) · kp · mr + (k / 4) · mr · 4 + (i % mr) · 4 + k % 4;
+// rows past M and k past K are zero. Plus the row sums Σ_k a'[i, k].
 #pragma once
 
 #include <cstddef>
@@ -57,8 +60,8 @@ void pack_b(const uint8_t* b, size_t k, size_t n, bool b_signed, PackedB* out, T
 // One microkernel call: rows [0, rows) of packed A times columns [0, cols) of
 // the panels starting at b (panel stride = kp * 16 bytes), over kp.
 struct GemmTile {
-  const uint8_t* a;        // packed a' rows
-  size_t lda;              // = kp
+  const uint8_t* a;        // packed a' block: group g of row r at a + g * a_group_stride + r * 4
+  size_t a_group_stride;   // = kernel mr * 4
   size_t rows;             // 1..kernel mr
   const int8_t* b;         // first panel
   size_t panel_stride;     // bytes between panels

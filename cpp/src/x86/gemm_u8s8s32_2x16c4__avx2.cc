@@ -33,7 +33,7 @@ void tile_rows(const GemmTile& t) {
   const size_t groups = t.kp / 4;
   for (size_t g = 0; g < groups; ++g) {
     __m256i va[MR];
-    for (int r = 0; r < MR; ++r) va[r] = broadcast_quad(t.a + r * t.lda + g * 4);
+    for (int r = 0; r < MR; ++r) va[r] = broadcast_quad(t.a + g * t.a_group_stride + r * 4);
     for (int q = 0; q < 4; ++q) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t.b + g * 64 + q * 16));
       const __m256i b16 = _mm256_cvtepi8_epi16(bytes);

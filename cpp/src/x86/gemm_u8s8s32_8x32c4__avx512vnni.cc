@@ -34,7 +34,7 @@ void tile_vnni(const GemmTile& t) {
       vb[0] = _mm512_loadu_si512(b0 + (g + u) * 64);
       if (NV == 2) vb[NV - 1] = _mm512_loadu_si512(b1 + (g + u) * 64);
       for (int r = 0; r < MR; ++r) {
-        const __m512i va = broadcast_group(t.a + r * t.lda + (g + u) * 4);
+        const __m512i va = broadcast_group(t.a + (g + u) * t.a_group_stride + r * 4);
         for (int v = 0; v < NV; ++v) acc[u][r][v] = _mm512_dpbusd_epi32(acc[u][r][v], va, vb[v]);
       }
     }
@@ -44,7 +44,7 @@ void tile_vnni(const GemmTile& t) {
     vb[0] = _mm512_loadu_si512(b0 + g * 64);
     if (NV == 2) vb[NV - 1] = _mm512_loadu_si512(b1 + g * 64);
     for (int r = 0; r < MR; ++r) {
-      const __m512i va = broadcast_group(t.a + r * t.lda + g * 4);
+      const __m512i va = broadcast_group(t.a + g * t.a_group_stride + r * 4);
       for (int v = 0; v < NV; ++v) acc[0][r][v] = _mm512_dpbusd_epi32(acc[0][r][v], va, vb[v]);
     }
   }
