@@ -121,12 +121,41 @@ const GemmKernel* find_gemm_kernel(const std::string& name, const CpuFeatures& c
   return nullptr;
 }
 
+void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size_t mr, size_t block_size,
+            PackedA* out, ThreadPool* pool, unsigned threads) {
+  const uint8_t flip = a_signed ? 0x80 : 0x00;  // a' = A + 128 for int8 A
+  const size_t row_blocks = (m + mr - 1) / mr;
+  const size_t sum_blocks = block_size == 0 ? 1 : (k + block_size - 1) / block_size;
+  out->mr = mr;
+  out->kp = kp;
+  out->row_stride = row_blocks * mr;
+  out->bytes.allocate(row_blocks * mr * kp);
+  out->row_sums.assign(std::max<size_t>(sum_blocks, 1) * out->row_stride, 0);
+  pool->parallel_for(row_blocks, threads, [&](size_t rb, unsigned) {
+    uint8_t* dst = out->bytes.data.get() + rb * mr * kp;
+    std::memset(dst, 0, mr * kp);
+    for (size_t r = 0; r < mr && rb * mr + r < m; ++r) {
+      const size_t i = rb * mr + r;
+      const uint8_t* src = a + i * k;
+      const size_t span = block_size == 0 ? std::max<size_t>(k, 1) : block_size;
+      for (size_t k0 = 0, blk = 0; k0 < k; k0 += span, ++blk) {
+        uint32_t sum = 0;
+        for (size_t kk = k0; kk < std::min(k, k0 + span); ++kk) {
+          const uint8_t v = uint8_t(src[kk] ^ flip);
+          dst[(kk / 4) * mr * 4 + r * 4 + kk % 4] = v;
+          sum += v;
+        }
+        out->row_sums[blk * out->row_stride + i] = wrap(sum);
+      }
+    }
+  });
+}
+
 void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& b, ThreadPool* pool,
                  unsigned threads) {
   const size_t m = args.m, k = args.k, n = args.n, kp = b.kp;
   if (m == 0 || n == 0) return;
   // a' = A + ca; zero points in the a'/b' domain.
-  const uint8_t a_flip = args.a_signed ? 0x80 : 0x00;
   const int32_t za = args.a_zero_point + (args.a_signed ? 128 : 0);
   const int32_t cb = b.b_signed ? 0 : 128;
   std::vector<int32_t> zb(b.np, 0), col_term(b.np, 0);
@@ -134,26 +163,8 @@ void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& 
     zb[j] = (args.b_zp_per_column ? args.b_zero_point[j] : args.b_zero_point[0]) - cb;
     col_term[j] = wrap(u(int32_t(k)) * u(za) * u(zb[j]) - u(za) * u(b.col_sums[j]));
   }
-  // Pack A: blocks of mr rows with their 4-byte groups interleaved, and row sums.
-  const size_t mr = kernel.mr;
-  const size_t blocks = (m + mr - 1) / mr;
-  AlignedBytes a_packed;
-  a_packed.allocate(blocks * mr * kp);
-  std::vector<int32_t> row_sums(blocks * mr, 0);
-  pool->parallel_for(blocks, threads, [&](size_t block, unsigned) {
-    uint8_t* dst = a_packed.data.get() + block * mr * kp;
-    std::memset(dst, 0, mr * kp);
-    for (size_t r = 0; r < mr && block * mr + r < m; ++r) {
-      const uint8_t* src = args.a + (block * mr + r) * k;
-      uint32_t sum = 0;
-      for (size_t kk = 0; kk < k; ++kk) {
-        const uint8_t v = uint8_t(src[kk] ^ a_flip);
-        dst[(kk / 4) * mr * 4 + r * 4 + kk % 4] = v;
-        sum += v;
-      }
-      row_sums[block * mr + r] = wrap(sum);
-    }
-  });
+  PackedA a_packed;
+  pack_a(args.a, args.a_signed, m, k, kp, kernel.mr, 0, &a_packed, pool, threads);
   // Tiles in N-major order: consecutive items share a block of B panels.
   const size_t mt = (m + kernel.mr - 1) / kernel.mr;
   const size_t nt = (n + kernel.nr - 1) / kernel.nr;
@@ -161,8 +172,8 @@ void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& 
     const size_t ti = item % mt, tj = item / mt;
     const size_t i0 = ti * kernel.mr, j0 = tj * kernel.nr;
     GemmTile t;
-    t.a = a_packed.data.get() + ti * mr * kp;
-    t.a_group_stride = mr * 4;
+    t.a = a_packed.block(ti);
+    t.a_group_stride = kernel.mr * 4;
     t.rows = std::min(kernel.mr, m - i0);
     t.b = b.panel(j0 / kPanelWidth);
     t.panel_stride = kp * kPanelWidth;
@@ -173,7 +184,7 @@ void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& 
     t.ldc = n;
     t.col_term = col_term.data() + j0;
     t.zb = zb.data() + j0;
-    t.row_sums = row_sums.data() + i0;
+    t.row_sums = a_packed.row_sums.data() + i0;
     kernel.tile(t);
   });
 }

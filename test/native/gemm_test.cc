@@ -1,6 +1,8 @@
 // Native GEMM tests: every kernel bit-exact against the reference loops over
 // odd shapes, long K, both signednesses, zero points at both ends, full-range
 // values, and 1 or 2 threads.
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "harness.h"
@@ -11,6 +13,7 @@ using harness::str;
 using namespace lowbit;
 
 void register_gemm_tests();
+void register_int4_tests();
 
 namespace {
 
@@ -135,6 +138,68 @@ void register_gemm_tests() {
                    Rng rng(43);
                    std::vector<int32_t> bzp{-128};
                    return run_case(*k, {3, 70000, 17}, false, true, 0, bzp, false, 2, 2, rng);
+                 },
+                 skip);
+  }
+}
+
+void register_int4_tests() {
+  struct Case4 {
+    size_t m, k, n, block;
+  };
+  const std::vector<Case4> cases = {{1, 16, 1, 16},  {3, 32, 5, 16},   {5, 100, 17, 32}, {9, 64, 33, 64},
+                                    {1, 4096, 40, 128}, {13, 70, 48, 16}, {2, 17, 31, 16}};
+  std::vector<KernelCase> ks = kernels();
+  for (const KernelCase& kc : ks) {
+    const GemmKernel* k = kc.kernel;
+    const std::string skip = !k ? "not built for this architecture" : (kc.supported ? "" : kc.missing);
+    harness::add(str("gemm_int4/", kc.name, int4_kernel_for(*(k ? k : gemm_kernel_portable())) ? " (dedicated W4A8 kernel)" : " (int8 kernel on unpacked blocks)",
+                     " equals the W4A8 reference: ragged blocks, int4/uint4, zero points, 1 and 2 threads"),
+                 [k, cases] {
+                   Rng rng(44);
+                   for (const Case4& c : cases)
+                     for (int types = 0; types < 4; ++types) {
+                       const bool as = types & 1, bs = types & 2;
+                       const size_t blocks = (c.k + c.block - 1) / c.block;
+                       std::vector<uint8_t> a(c.m * c.k), b(c.k * c.n);
+                       for (auto& v : a) v = uint8_t(rng.next());
+                       for (auto& v : b) v = uint8_t(bs ? rng.integer(-8, 7) : rng.integer(0, 15));
+                       std::vector<float> scale(blocks * c.n);
+                       std::vector<int32_t> zp(blocks * c.n);
+                       for (auto& s : scale) s = rng.range(0.001f, 0.1f);
+                       for (auto& z : zp) z = bs ? rng.integer(-8, 7) : rng.integer(0, 15);
+                       ThreadPool pool(2);
+                       PackedB4 packed;
+                       if (pack_b_int4(b.data(), c.k, c.n, bs, c.block, scale.data(), zp.data(), &packed, &pool, 2) != -1)
+                         return std::string("pack rejected valid values");
+                       const int32_t azp = as ? rng.integer(-128, 127) : rng.integer(0, 255);
+                       std::vector<float> want(c.m * c.n), got(c.m * c.n);
+                       Int4Args args{a.data(), as, c.m, azp, 0.02f, want.data()};
+                       gemm_int4_reference(args, packed, &pool, 1);
+                       // An independent check of the reference itself: doubles, no packing.
+                       for (size_t i = 0; i < c.m; ++i)
+                         for (size_t j = 0; j < c.n; ++j) {
+                           double y = 0;
+                           for (size_t kk = 0; kk < c.k; ++kk) {
+                             const int av = as ? int(int8_t(a[i * c.k + kk])) : int(a[i * c.k + kk]);
+                             const int bv = bs ? int(int8_t(b[kk * c.n + j])) : int(b[kk * c.n + j]);
+                             y += double(av - azp) * double(bv - zp[(kk / c.block) * c.n + j]) * 0.02 * scale[(kk / c.block) * c.n + j];
+                           }
+                           if (std::abs(y - want[i * c.n + j]) > 1e-4 * (1 + std::abs(y)))
+                             return str("reference off at ", i, ",", j, ": ", want[i * c.n + j], " vs ", y);
+                         }
+                       for (unsigned threads : {1u, 2u}) {
+                         args.y = got.data();
+                         gemm_int4(*k, args, packed, &pool, threads);
+                         if (std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) != 0) {
+                           for (size_t i = 0; i < want.size(); ++i)
+                             if (std::memcmp(&want[i], &got[i], 4) != 0)
+                               return str(c.m, "x", c.k, "x", c.n, " block ", c.block, " a_signed=", as, " b_signed=", bs,
+                                          " threads=", threads, ": first difference at ", i, ": want ", want[i], " got ", got[i]);
+                         }
+                       }
+                     }
+                   return std::string();
                  },
                  skip);
   }

@@ -4,9 +4,11 @@
 
 void register_quantize_tests();
 void register_gemm_tests();
+void register_int4_tests();
 
 int main(int argc, char** argv) {
   register_quantize_tests();
   register_gemm_tests();
+  register_int4_tests();
   return harness::run_all(argc > 1 ? argv[1] : "");
 }

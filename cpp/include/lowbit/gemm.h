@@ -53,6 +53,18 @@ struct PackedB {
   }
 };
 
+// Packs A [M, K] for a kernel with `mr` rows per tile (layout above); row sums
+// are kept per block of `block_size` k (0: one block, all of K).
+struct PackedA {
+  AlignedBytes bytes;
+  size_t mr = 0, kp = 0;
+  size_t row_stride = 0;          // rows rounded up to mr
+  std::vector<int32_t> row_sums;  // [blocks][row_stride]
+  const uint8_t* block(size_t row_block) const { return bytes.data.get() + row_block * mr * kp; }
+};
+void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size_t mr, size_t block_size,
+            PackedA* out, ThreadPool* pool, unsigned threads);
+
 // Packs B [K, N] (row-major, ldb = n) for every GEMM kernel.
 void pack_b(const uint8_t* b, size_t k, size_t n, bool b_signed, PackedB* out, ThreadPool* pool,
             unsigned threads);
@@ -132,5 +144,84 @@ void int32_to_float(const int32_t* c, size_t m, size_t n, float a_scale, const f
 void requantize_int32(const int32_t* c, size_t m, size_t n, float a_scale, const float* b_scale,
                       bool b_scale_per_column, float y_scale, int32_t y_zero_point, int32_t qmin,
                       int32_t qmax, bool relu, uint8_t* y);
+
+}  // namespace lowbit
+
+// ---------------------------------------------------------------------------
+// W4A8: int4/uint4 weights with block-wise scales along K, int8/uint8 activations.
+//   y[i, j] = Σ_blocks fl(aScale · bScale[blk, j]) · float(P[i, j, blk]),
+//   P = Σ_{k in blk} (A[i, k] - aZp) · (B[k, j] - bZp[blk, j])       (int32)
+// accumulated in float in block order (each product and sum rounded to
+// float), the same order in every path, so every path gives the same floats.
+// Packed nibbles follow the int8 panel layout: the 64 bytes of one group
+// are stored as 32 bytes, byte q holding int8-layout byte q (low nibble) and
+// byte q + 32 (high nibble), so unpacking is an AND and a shift.
+namespace lowbit {
+
+struct PackedB4 {
+  size_t k = 0, n = 0, kp = 0, np = 0, block_size = 0, blocks = 0;
+  bool b_signed = true;
+  AlignedBytes nibbles;            // panels of kp / 4 groups × 32 bytes
+  std::vector<float> scale;        // [blocks × n]
+  std::vector<int32_t> zero_point; // [blocks × n], in B's int4 domain
+  std::vector<int32_t> col_sums;   // [blocks × np]: Σ_{k in block} B[k, j]
+  size_t panel_bytes() const { return kp / 4 * 32; }
+  const uint8_t* panel(size_t p) const { return nibbles.data.get() + p * panel_bytes(); }
+};
+
+// values: one int4 (signed) or uint4 per byte, [K, N] row-major; scale and
+// zero_point: [ceil(K / block_size), N]. Returns the index of the first value
+// outside the type's range, or -1.
+int64_t pack_b_int4(const uint8_t* values, size_t k, size_t n, bool is_signed, size_t block_size,
+                    const float* scale, const int32_t* zero_point, PackedB4* out, ThreadPool* pool,
+                    unsigned threads);
+
+// One W4A8 tile over all blocks: rows [0, rows) of packed A (as in GemmTile),
+// columns [0, cols) of the nibble panels at b.
+struct Int4Tile {
+  const uint8_t* a;
+  size_t a_group_stride;
+  size_t rows;
+  const uint8_t* b;
+  size_t panel_stride;      // bytes between nibble panels
+  size_t cols, store_cols;
+  size_t block_groups;      // groups per block (block_size / 4)
+  size_t blocks;
+  size_t total_groups;      // kp / 4 (the last block may be shorter)
+  bool b_signed;
+  const int32_t* col_term;  // [blocks][term_stride] at j0: len·za·zb - za·Σb
+  const int32_t* zb;        // [blocks][term_stride] at j0
+  const float* multiplier;  // [blocks][term_stride] at j0: fl(aScale · bScale)
+  size_t term_stride;
+  const int32_t* row_sums;  // [blocks][row_stride] at i0: Σ_{k in block} a'
+  size_t row_stride;
+  float* y;
+  size_t ldy;
+};
+
+struct Int4Kernel {
+  const char* name;
+  size_t mr, nr;
+  void (*tile)(const Int4Tile& t);
+};
+
+// A dedicated W4A8 kernel for an int8 kernel, or null (then the driver unpacks
+// each block into int8 panels and runs the int8 kernel on them).
+const Int4Kernel* int4_kernel_for(const GemmKernel& kernel);
+const Int4Kernel* int4_kernel_avx512vnni();
+
+struct Int4Args {
+  const uint8_t* a;
+  bool a_signed;
+  size_t m;
+  int32_t a_zero_point;
+  float a_scale;
+  float* y;  // [M, N]
+};
+
+void gemm_int4(const GemmKernel& kernel, const Int4Args& args, const PackedB4& b, ThreadPool* pool,
+               unsigned threads);
+// Plain loops over the unpacked values in the documented order.
+void gemm_int4_reference(const Int4Args& args, const PackedB4& b, ThreadPool* pool, unsigned threads);
 
 }  // namespace lowbit
