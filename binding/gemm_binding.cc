@@ -166,12 +166,74 @@ Napi::Value RequantizeInt32(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+const napi_type_tag kPackedB4Tag = {0x6c6f776269747034ull, 0x636b656462343031ull};
+
+struct PackedHandle4 {
+  std::shared_ptr<lowbit::PackedB4> packed;
+};
+
+// packInt4Matrix(values, k, n, blockSize, scale, zeroPoint, threads) -> handle, or the index of a bad value
+Napi::Value PackInt4Matrix(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nv, ns, nz;
+  const uint8_t* values = codes_of(info[0], "values", &nv);
+  const bool is_signed = typed_array(info[0], "values").type == napi_int8_array;
+  const size_t k = size_of(info[1], "k"), n = size_of(info[2], "n"), block = size_of(info[3], "blockSize");
+  const float* scale = array_of<float>(info[4], "scale", napi_float32_array, &ns);
+  const int32_t* zp = array_of<int32_t>(info[5], "zeroPoint", napi_int32_array, &nz);
+  if (block == 0 || block % 4 != 0) throw_range(env, "blockSize must be a positive multiple of 4");
+  size_t kn;
+  if (__builtin_mul_overflow(k, n, &kn) || kn != nv) throw_range(env, "values.length must be k * n");
+  const size_t blocks = (k + block - 1) / block;
+  if (ns != blocks * n || nz != blocks * n) throw_range(env, "scale and zeroPoint need ceil(k / blockSize) * n entries");
+  auto packed = std::make_shared<lowbit::PackedB4>();
+  Context& ctx = Context::of(env);
+  const int64_t bad = lowbit::pack_b_int4(values, k, n, is_signed, block, scale, zp, packed.get(), ctx.pool.get(),
+                                          unsigned(size_of(info[6], "threads")));
+  if (bad >= 0) return Napi::Number::New(env, double(bad));
+  const int64_t bytes = int64_t(packed->nibbles.size + packed->scale.size() * 12 + packed->col_sums.size() * 4);
+  auto handle = Napi::External<PackedHandle4>::New(env, new PackedHandle4{packed}, [bytes](Napi::Env e, PackedHandle4* h) {
+    Napi::MemoryManagement::AdjustExternalMemory(e, -bytes);
+    delete h;
+  });
+  handle.TypeTag(&kPackedB4Tag);
+  Napi::MemoryManagement::AdjustExternalMemory(env, bytes);
+  return handle;
+}
+
+// matmulInt4(a, handle, m, aZeroPoint, aScale, out: Float32Array, kernel, threads)
+Napi::Value MatmulInt4(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t na, ny;
+  const uint8_t* a = codes_of(info[0], "a", &na);
+  const bool a_signed = typed_array(info[0], "a").type == napi_int8_array;
+  if (!info[1].IsExternal() || !info[1].As<Napi::External<PackedHandle4>>().CheckTypeTag(&kPackedB4Tag))
+    throw_type(env, "b must be a packed int4 matrix handle");
+  const auto packed = info[1].As<Napi::External<PackedHandle4>>().Data()->packed;
+  const size_t m = size_of(info[2], "m");
+  const int32_t azp = int_of(info[3], "aZeroPoint");
+  const float a_scale = float(info[4].As<Napi::Number>().DoubleValue());
+  float* y = array_of<float>(info[5], "out", napi_float32_array, &ny);
+  size_t mk, mn;
+  if (__builtin_mul_overflow(m, packed->k, &mk) || mk != na) throw_range(env, "a.length must be m * k");
+  if (__builtin_mul_overflow(m, packed->n, &mn) || ny < mn) throw_range(env, "out is too small");
+  Context& ctx = Context::of(env);
+  const lowbit::GemmKernel* kernel = ctx.gemm_kernel(env, string_of(info[6], "kernel"));
+  const unsigned threads = unsigned(size_of(info[7], "threads"));
+  lowbit::Int4Args args{a, a_signed, m, azp, a_scale, y};
+  if (kernel) lowbit::gemm_int4(*kernel, args, *packed, ctx.pool.get(), threads);
+  else lowbit::gemm_int4_reference(args, *packed, ctx.pool.get(), threads);
+  return env.Undefined();
+}
+
 }  // namespace
 
 void register_gemm_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("packMatrix", Napi::Function::New(env, PackMatrix, "packMatrix"));
   exports.Set("matmulInt8", Napi::Function::New(env, MatmulInt8, "matmulInt8"));
   exports.Set("matmulInt8Async", Napi::Function::New(env, MatmulInt8Async, "matmulInt8Async"));
+  exports.Set("packInt4Matrix", Napi::Function::New(env, PackInt4Matrix, "packInt4Matrix"));
+  exports.Set("matmulInt4", Napi::Function::New(env, MatmulInt4, "matmulInt4"));
   exports.Set("int32ToFloat", Napi::Function::New(env, Int32ToFloat, "int32ToFloat"));
   exports.Set("requantizeInt32", Napi::Function::New(env, RequantizeInt32, "requantizeInt32"));
 }

@@ -6,7 +6,9 @@
  */
 import { checkKernel } from './cpu';
 import { invalidType, invalidValue } from './errors';
-import { native, type PackedHandle } from './native';
+import { native, type PackedHandle, type PackedInt4Handle } from './native';
+import type { QuantizedTensor } from './quant-params';
+import { checkQuantizedTensor } from './quantize';
 import { checkAttached, checkBoolean, checkInteger, isPlainObject, checkKnownKeys } from './validate';
 
 type Bytes = Int8Array | Uint8Array;
@@ -261,4 +263,105 @@ export function matmulInt8Requantized(a: Int8Array | Uint8Array, b: Int8Array | 
   const y = signed ? new Int8Array(r.m * r.n) : new Uint8Array(r.m * r.n);
   native().requantizeInt32(r.out, r.m, r.n, s.aScale, s.bScale, s.perColumn, yScale, yZeroPoint, qmin, qmax, relu, y);
   return y;
+}
+
+const int4Handles = new WeakMap<PackedInt4Matrix, PackedInt4Handle>();
+
+/** int4/uint4 weights [k, n] with block-wise scales along k, packed for matmulInt4 (build with packInt4Matrix). */
+export class PackedInt4Matrix {
+  readonly k: number;
+  readonly n: number;
+  readonly blockSize: number;
+  /** true for int4, false for uint4. */
+  readonly signed: boolean;
+
+  /** @internal Use packInt4Matrix(). */
+  constructor(token: symbol, handle: PackedInt4Handle, k: number, n: number, blockSize: number, signed: boolean) {
+    if (token !== fromPackMatrix) throw new TypeError('PackedInt4Matrix objects come from packInt4Matrix(q); do not construct them.');
+    this.k = k;
+    this.n = n;
+    this.blockSize = blockSize;
+    this.signed = signed;
+    int4Handles.set(this, handle);
+    Object.freeze(this);
+  }
+}
+
+/**
+ * Packs a 4-bit weight matrix for matmulInt4. `q` is what
+ * quantizeTensor(w, { shape: [k, n], bits: 4, granularity: 'block', axis: 0, blockSize })
+ * returns: block size a power of two >= 16 along k (axis 0).
+ * @example
+ * const q = quantizeTensor(w, { shape: [4096, 4096], bits: 4, granularity: 'block', axis: 0, blockSize: 32 });
+ * const b = packInt4Matrix(q);
+ */
+export function packInt4Matrix(q: QuantizedTensor, options?: { threads?: number }): PackedInt4Matrix {
+  const { q: t } = checkQuantizedTensor('q', q);
+  if (t.shape.length !== 2) throw invalidValue('q.shape', 'a matrix shape [k, n]', t.shape);
+  if (t.bits > 4) throw invalidValue('q.bits', 'at most 4', t.bits, 'Quantize with bits: 4.');
+  if (t.granularity !== 'block' || t.axis !== 0) {
+    throw invalidValue('q.granularity', "'block' along axis 0 (blocks over k)", t.granularity,
+      "Quantize with { granularity: 'block', axis: 0, blockSize: 32 } (or another power of two >= 16).");
+  }
+  const blockSize = t.blockSize!;
+  if (blockSize < 16 || (blockSize & (blockSize - 1)) !== 0) {
+    throw invalidValue('q.blockSize', 'a power of two >= 16', blockSize);
+  }
+  if (options !== undefined && !isPlainObject(options)) throw invalidType('options', 'an object { threads? }', options);
+  if (options) checkKnownKeys('options', options, ['threads']);
+  const threads = options?.threads === undefined ? 0 : checkInteger('options.threads', options.threads, 1, 1024);
+  const [k, n] = t.shape;
+  const handle = native().packInt4Matrix(t.values, k, n, blockSize, t.scale, t.zeroPoint, threads);
+  if (typeof handle === 'number') {
+    throw invalidValue(`q.values[${handle}]`, `a ${t.signed ? 'int4 value in [-8, 7]' : 'uint4 value in [0, 15]'}`, t.values[handle]);
+  }
+  return new PackedInt4Matrix(fromPackMatrix, handle, k, n, blockSize, t.signed);
+}
+
+export interface MatmulInt4Options {
+  /** Scale of A. */
+  aScale: number;
+  /** Zero point of A, in A's element type. Default 0. */
+  aZeroPoint?: number;
+  /** Native threads. Default: all cores. */
+  threads?: number;
+  /** Force a kernel: one of cpuInfo().gemmKernels. */
+  kernel?: string;
+  /** Where to write y (at least m·n floats). */
+  out?: Float32Array;
+}
+
+/**
+ * W4A8: y = Σ_blocks (aScale · bScale[block, j]) · Σ_{k in block} (A - aZeroPoint)(B - bZeroPoint[block, j]),
+ * with int8/uint8 activations A [m, k] and packed 4-bit weights B [k, n].
+ * The per-block products are accumulated in float in block order, the same on every kernel.
+ */
+export function matmulInt4(a: Int8Array | Uint8Array, b: PackedInt4Matrix, m: number, k: number, n: number,
+  options: MatmulInt4Options): Float32Array {
+  const A = checkBytes('a', a);
+  if (!(b instanceof PackedInt4Matrix)) throw invalidType('b', 'a PackedInt4Matrix (from packInt4Matrix)', b);
+  const dims = checkDims(m, k, n);
+  if (b.k !== dims.k || b.n !== dims.n) {
+    throw invalidValue('b', `a PackedInt4Matrix of k = ${dims.k}, n = ${dims.n}`, b, `It was packed with k = ${b.k}, n = ${b.n}.`);
+  }
+  if (A.length !== dims.m * dims.k) throw invalidValue('a', `an array of m·k = ${dims.m * dims.k} elements`, A);
+  if (!isPlainObject(options)) throw invalidType('options', 'an options object with aScale', options);
+  checkKnownKeys('options', options, ['aScale', 'aZeroPoint', 'threads', 'kernel', 'out']);
+  const aScale = checkScale('options.aScale', options.aScale);
+  const [alo, ahi] = range(A instanceof Int8Array);
+  const aZeroPoint = options.aZeroPoint === undefined ? 0 : checkInteger('options.aZeroPoint', options.aZeroPoint, alo, ahi);
+  const kernel = checkKernel('gemm', options.kernel);
+  const threads = options.threads === undefined ? 0 : checkInteger('options.threads', options.threads, 1, 1024);
+  let out: Float32Array;
+  if (options.out === undefined) {
+    out = new Float32Array(dims.m * dims.n);
+  } else {
+    if (!(options.out instanceof Float32Array) || options.out.length < dims.m * dims.n) {
+      throw invalidType('options.out', `a Float32Array of at least m·n = ${dims.m * dims.n} elements`, options.out);
+    }
+    checkAttached('options.out', options.out);
+    out = options.out;
+  }
+  native().matmulInt4(A, int4Handles.get(b)!, dims.m, aZeroPoint, aScale, out, kernel, threads);
+  return out.length === dims.m * dims.n ? out : out.subarray(0, dims.m * dims.n);
 }

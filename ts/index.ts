@@ -12,6 +12,6 @@ export {
 } from './quantize';
 export { rangeMethodNames } from './methods';
 export {
-  matmulInt8, matmulInt8Async, matmulInt8Requantized, matmulInt8ToFloat, packMatrix, PackedMatrix,
+  matmulInt4, matmulInt8, matmulInt8Async, packInt4Matrix, PackedInt4Matrix, type MatmulInt4Options, matmulInt8Requantized, matmulInt8ToFloat, packMatrix, PackedMatrix,
   type MatmulOptions, type MatmulRequantizedOptions, type MatmulToFloatOptions,
 } from './gemm';

@@ -70,6 +70,10 @@ export interface NativeBinding {
     bZeroPoint: Int32Array, bZeroPointPerColumn: boolean, out: Int32Array, kernel: string, threads: number): void;
   matmulInt8Async(a: Codes, b: Codes | PackedHandle, m: number, k: number, n: number, aZeroPoint: number,
     bZeroPoint: Int32Array, bZeroPointPerColumn: boolean, out: Int32Array, kernel: string, threads: number): Promise<number>;
+  packInt4Matrix(values: Codes, k: number, n: number, blockSize: number, scale: Float32Array, zeroPoint: Int32Array,
+    threads: number): PackedInt4Handle | number;
+  matmulInt4(a: Codes, b: PackedInt4Handle, m: number, aZeroPoint: number, aScale: number, out: Float32Array, kernel: string,
+    threads: number): void;
   int32ToFloat(c: Int32Array, m: number, n: number, aScale: number, bScale: Float32Array, perColumn: boolean,
     bias: Float32Array | null, y: Float32Array): void;
   requantizeInt32(c: Int32Array, m: number, n: number, aScale: number, bScale: Float32Array, perColumn: boolean,
@@ -78,6 +82,8 @@ export interface NativeBinding {
 
 /** Opaque native handle of a packed B matrix. */
 export type PackedHandle = { readonly __packedHandle: unique symbol };
+/** Opaque native handle of a packed int4 B matrix. */
+export type PackedInt4Handle = { readonly __packedInt4Handle: unique symbol };
 
 /** The addon could not be loaded; the message lists what was tried and the fixes. */
 export class NativeLoadError extends Error {
