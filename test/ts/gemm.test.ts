@@ -5,7 +5,7 @@ import { expect } from 'chai';
 import {
   cpuInfo, matmulInt8, matmulInt8Async, matmulInt8Requantized, matmulInt8ToFloat, packMatrix, PackedMatrix,
 } from '../../ts';
-import { DataType, matMulIntegerModel, ort, session, singleNodeModel } from '../helpers/ort-ops';
+import { DataType, matMulIntegerModel, ort, session, singleNodeModel } from '../../ts/bench/ort-models';
 import { rng } from '../helpers/random';
 
 function bytes(n: number, signed: boolean, seed: number): Int8Array | Uint8Array {
@@ -118,7 +118,7 @@ describe('matmulInt8 family against onnxruntime', () => {
       const aZeroPoint = aSigned ? -7 : 131;
       const bZeroPoint = Int8Array.from({ length: n }, (_, j) => (j * 37) % 256 - 128);
       const s = await session(matMulIntegerModel({ signed: aSigned, m, k }, b, n, aZeroPoint, bZeroPoint));
-      const want = (await s.run({ a: new ort.Tensor(aSigned ? 'int8' : 'uint8', a, [m, k]) })).y.data as Int32Array;
+      const want = (await s.run({ a: new (ort().Tensor)(aSigned ? 'int8' : 'uint8', a, [m, k]) })).y.data as Int32Array;
       for (const kernel of cpuInfo().gemmKernels) {
         const got = matmulInt8(a, packMatrix(b, k, n), m, k, n, { aZeroPoint, bZeroPoint: Int32Array.from(bZeroPoint), kernel });
         const diff = firstDifference(got, want);
@@ -149,7 +149,7 @@ describe('matmulInt8 family against onnxruntime', () => {
         nodeInputs: ['a', 'as', 'az', 'b', 'bs', 'bz', 'ys', 'yz'],
         outputs: [{ name: 'y', type: DataType.UINT8, dims: [m, n] }],
       });
-      const want = (await (await session(model)).run({ a: new ort.Tensor('uint8', a, [m, k]) })).y.data as Uint8Array;
+      const want = (await (await session(model)).run({ a: new (ort().Tensor)('uint8', a, [m, k]) })).y.data as Uint8Array;
       const got = matmulInt8Requantized(a, b, m, k, n, {
         aScale: 0.02, aZeroPoint: 120, bScale: perColumn ? bScale : bScale[0], yScale: 0.05, yZeroPoint: 128, signed: false,
       });
@@ -180,7 +180,7 @@ describe('matmulInt8 family against onnxruntime', () => {
       nodeInputs: ['a', 'b', 'as', 'bs', 'az', 'bz', 'bias'],
       outputs: [{ name: 'y', type: DataType.FLOAT, dims: [m, n] }],
     });
-    const want = (await (await session(model)).run({ a: new ort.Tensor('uint8', a, [m, k]) })).y.data as Float32Array;
+    const want = (await (await session(model)).run({ a: new (ort().Tensor)('uint8', a, [m, k]) })).y.data as Float32Array;
     const got = matmulInt8ToFloat(a, b, m, k, n, { aScale: 0.1, aZeroPoint: 3, bScale, bias });
     const c = matmulInt8(a, b, m, k, n, { aZeroPoint: 3 });
     for (let i = 0; i < want.length; i++) {

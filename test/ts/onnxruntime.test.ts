@@ -3,7 +3,7 @@
 import { expect } from 'chai';
 
 import { cpuInfo, quantizeTensor, type QuantizeOptions } from '../../ts';
-import { quantizeLinearModel, runQuantizeLinear, session } from '../helpers/ort-ops';
+import { quantizeLinearModel, runQuantizeLinear, session } from '../../ts/bench/ort-models';
 import { rng, trickyData } from '../helpers/random';
 
 async function compare(x: Float32Array, opts: QuantizeOptions, ortAxis?: number, blockSize?: number): Promise<void> {

@@ -6,9 +6,33 @@ import { create, toBinary } from '@bufbuild/protobuf';
 import {
   AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType, type TensorProto, type ValueInfoProto,
 } from 'onnx-buf';
-import * as ort from 'onnxruntime-node';
+import type * as Ort from 'onnxruntime-node';
 
-export { ort, TensorProto_DataType as DataType };
+export { TensorProto_DataType as DataType };
+
+let ortModule: typeof Ort | undefined;
+
+/** onnxruntime-node, an optional peer dependency: loaded on first use, with a clear error when absent. */
+export function ort(): typeof Ort {
+  if (!ortModule) {
+    try {
+      ortModule = require('onnxruntime-node') as typeof Ort;
+    } catch (e) {
+      throw new Error(`lowbit: this needs the optional peer dependency onnxruntime-node (npm install onnxruntime-node): ${(e as Error).message.split('\n')[0]}`);
+    }
+  }
+  return ortModule;
+}
+
+/** True when onnxruntime-node can be loaded. */
+export function hasOrt(): boolean {
+  try {
+    ort();
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 type Typed = Float32Array | Int8Array | Uint8Array | Int32Array;
 
@@ -119,12 +143,44 @@ export function matMulIntegerModel(a: { signed: boolean; m: number; k: number },
   });
 }
 
-export async function session(model: Uint8Array, threads = 1): Promise<ort.InferenceSession> {
-  return ort.InferenceSession.create(model, { intraOpNumThreads: threads, interOpNumThreads: 1, graphOptimizationLevel: 'basic' });
+export async function session(model: Uint8Array, threads = 1, extra?: Record<string, string>): Promise<Ort.InferenceSession> {
+  return ort().InferenceSession.create(model, {
+    intraOpNumThreads: threads, interOpNumThreads: 1, graphOptimizationLevel: 'basic',
+    ...(extra ? { extra: { session: extra } } : {}),
+  });
 }
 
 /** Runs a QuantizeLinear model on x; returns y. */
-export async function runQuantizeLinear(s: ort.InferenceSession, x: Float32Array, shape: number[]): Promise<Int8Array | Uint8Array> {
-  const out = await s.run({ x: new ort.Tensor('float32', x, shape) });
+export async function runQuantizeLinear(s: Ort.InferenceSession, x: Float32Array, shape: number[]): Promise<Int8Array | Uint8Array> {
+  const out = await s.run({ x: new (ort().Tensor)('float32', x, shape) });
   return out.y.data as Int8Array | Uint8Array;
+}
+
+/** y = MatMul(a, b) in float32 with b a constant [k, n]. */
+export function matMulFloatModel(m: number, k: number, n: number, b: Float32Array): Uint8Array {
+  return singleNodeModel({
+    opType: 'MatMul', opset: 13,
+    inputs: [{ name: 'a', type: TensorProto_DataType.FLOAT, dims: [m, k] }],
+    initializers: [{ name: 'b', type: TensorProto_DataType.FLOAT, dims: [k, n], data: b }],
+    outputs: [{ name: 'y', type: TensorProto_DataType.FLOAT, dims: [m, n] }],
+  });
+}
+
+/**
+ * com.microsoft MatMulNBits (4-bit weights, uint4 with zero point 8, blocks along k):
+ * b holds n rows of ceil(k / blockSize) blocks of blockSize / 2 bytes, low nibble first.
+ */
+export function matMulNBitsModel(m: number, k: number, n: number, blockSize: number, b: Uint8Array, scales: Float32Array,
+  accuracyLevel: number): Uint8Array {
+  const blocks = Math.ceil(k / blockSize);
+  return singleNodeModel({
+    opType: 'MatMulNBits', domain: 'com.microsoft', opset: 21,
+    inputs: [{ name: 'a', type: TensorProto_DataType.FLOAT, dims: [m, k] }],
+    initializers: [
+      { name: 'b', type: TensorProto_DataType.UINT8, dims: [n, blocks, blockSize / 2], data: b },
+      { name: 'scales', type: TensorProto_DataType.FLOAT, dims: [n * blocks], data: scales },
+    ],
+    outputs: [{ name: 'y', type: TensorProto_DataType.FLOAT, dims: [m, n] }],
+    attributes: { K: k, N: n, bits: 4, block_size: blockSize, accuracy_level: accuracyLevel },
+  });
 }

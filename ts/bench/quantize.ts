@@ -8,22 +8,21 @@
  * preallocated fetch), because on Linux first-touch page faults of a fresh
  * array can cost more than the quantization itself.
  */
-import { execFileSync } from 'node:child_process';
-
-import { cpuInfo, quantizeTensor } from '../ts';
-import { ort, quantizeLinearModel, session } from '../test/helpers/ort-ops';
+import { cpuInfo } from '../cpu';
+import { quantizeTensor } from '../quantize';
 import { quantizeLinearTs } from './baselines';
-import { measure, table } from './timing';
+import { hasOrt, ort, quantizeLinearModel, session } from './ort-models';
+import { inChildProcess, measure, table } from './timing';
 
 const SCALE = 100 / 127;
 
-interface Case {
+export interface QuantizeCase {
   name: string;
   threads: 'one' | 'all';
   output: 'fresh' | 'reused';
 }
 
-const CASES: Case[] = [
+const CASES: QuantizeCase[] = [
   { name: 'lowbit (scale given)', threads: 'one', output: 'fresh' },
   { name: 'lowbit (scale given)', threads: 'one', output: 'reused' },
   { name: 'lowbit (scale given)', threads: 'all', output: 'reused' },
@@ -45,7 +44,7 @@ function data(n: number): Float32Array {
 }
 
 /** Runs one case in this process and returns the median milliseconds. */
-export async function runCase(c: Case, n: number, runs: number): Promise<number> {
+export async function runQuantizeCase(c: QuantizeCase, n: number, runs: number): Promise<number> {
   const x = data(n);
   const threads = c.threads === 'one' ? 1 : cpuInfo().maxThreads;
   const out = new Int8Array(n);
@@ -62,8 +61,8 @@ export async function runCase(c: Case, n: number, runs: number): Promise<number>
     case 'onnxruntime QuantizeLinear': {
       const model = quantizeLinearModel({ shape: [n], scale: new Float32Array([SCALE]), zeroPoint: new Int8Array([0]), scaleShape: [] });
       const s = await session(model, threads);
-      const feeds = { x: new ort.Tensor('float32', x, [n]) };
-      const fetches = { y: new ort.Tensor('int8', out, [n]) };
+      const feeds = { x: new (ort().Tensor)('float32', x, [n]) };
+      const fetches = { y: new (ort().Tensor)('int8', out, [n]) };
       const ms = c.output === 'reused'
         ? (await measure(() => s.run(feeds, fetches), runs)).medianMs
         : (await measure(() => s.run(feeds), runs)).medianMs;
@@ -87,7 +86,8 @@ export async function benchQuantize(opts: QuantizeBenchOptions): Promise<void> {
   for (const n of opts.sizes) {
     const gbps: Record<string, number> = {};
     for (const c of CASES) {
-      const ms = Number(execFileSync(process.execPath, [__filename, JSON.stringify({ c, n, runs: opts.runs })], { encoding: 'utf8' }).trim());
+      if (c.name.startsWith('onnxruntime') && !hasOrt()) continue;
+      const ms = inChildProcess({ bench: 'quantize', c, n, runs: opts.runs });
       const rate = (n * 4) / 1e9 / (ms / 1e3);
       gbps[`${c.name}|${c.threads}|${c.output}`] = rate;
       rows.push({
@@ -95,7 +95,7 @@ export async function benchQuantize(opts: QuantizeBenchOptions): Promise<void> {
         output: c.output, 'median ms': ms, 'GB/s': rate,
       });
     }
-    const g = (name: string, threads: string, output: string) => gbps[`${name}|${threads}|${output}`];
+    const g = (name: string, threads: string, output: string) => gbps[`${name}|${threads}|${output}`] ?? NaN;
     ratios.push({
       elements: `${n / 2 ** 20}M`,
       'vs onnxruntime, fresh output': g('lowbit (scale given)', 'one', 'fresh') / g('onnxruntime QuantizeLinear', 'one', 'fresh'),
@@ -111,12 +111,4 @@ export async function benchQuantize(opts: QuantizeBenchOptions): Promise<void> {
   console.log(table(rows));
   console.log('\nlowbit single-threaded throughput ratios (targets: >= 2x onnxruntime, >= 10x plain TypeScript)\n');
   console.log(table(ratios));
-}
-
-if (require.main === module) {
-  const { c, n, runs } = JSON.parse(process.argv[2]) as { c: Case; n: number; runs: number };
-  runCase(c, n, runs).then((ms) => console.log(ms), (e) => {
-    console.error(e);
-    process.exit(1);
-  });
 }

@@ -1,0 +1,166 @@
+/**
+ * GEMM throughput (GOPS = 2·m·k·n / s) of every lowbit kernel path against
+ * onnxruntime-node's MatMulInteger (u8s8, s8s8), MatMul (fp32) and
+ * MatMulNBits (4-bit weights), on the same shapes, one process per case.
+ * B is a constant in every case: packMatrix / packInt4Matrix for lowbit, an
+ * initializer (pre-packed at session creation) for onnxruntime.
+ */
+import { cpuInfo } from '../cpu';
+import { matmulInt4, matmulInt8, packInt4Matrix, packMatrix } from '../gemm';
+import { quantizeTensor } from '../quantize';
+import { hasOrt, matMulFloatModel, matMulIntegerModel, matMulNBitsModel, ort, session } from './ort-models';
+import { inChildProcess, measure, runsFor, table } from './timing';
+
+export const DEFAULT_GEMM_SHAPES: Array<[number, number, number]> = [
+  [1, 4096, 4096], [16, 4096, 4096], [128, 1024, 1024], [256, 256, 256], [1024, 1024, 1024], [2048, 2048, 2048],
+];
+
+export interface GemmCase {
+  impl: 'lowbit' | 'lowbit-w4a8' | 'ort-u8s8' | 'ort-s8s8' | 'ort-fp32' | 'ort-nbits';
+  kernel?: string;
+  aSigned?: boolean;
+  m: number;
+  k: number;
+  n: number;
+  threads: number;
+}
+
+const NBITS_BLOCK = 32;
+
+function randomBytes(n: number, signed: boolean, seed: number): Int8Array | Uint8Array {
+  const out = signed ? new Int8Array(n) : new Uint8Array(n);
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    out[i] = (s >>> 24) - (signed ? 128 : 0);
+  }
+  return out;
+}
+
+function randomFloats(n: number, seed: number): Float32Array {
+  const bytes = randomBytes(n, true, seed);
+  return Float32Array.from(bytes, (v) => v / 128);
+}
+
+/** Runs one case in this process; returns the median milliseconds. */
+export async function runGemmCase(c: GemmCase): Promise<number> {
+  const { m, k, n, threads } = c;
+  let fn: () => unknown;
+  switch (c.impl) {
+    case 'lowbit': {
+      const a = randomBytes(m * k, c.aSigned ?? false, 1);
+      const b = packMatrix(randomBytes(k * n, true, 2) as Int8Array, k, n);
+      const out = new Int32Array(m * n);
+      fn = () => matmulInt8(a, b, m, k, n, { kernel: c.kernel, threads, out });
+      break;
+    }
+    case 'lowbit-w4a8': {
+      const a = randomBytes(m * k, false, 1);
+      const q = quantizeTensor(randomFloats(k * n, 2), { shape: [k, n], bits: 4, granularity: 'block', axis: 0, blockSize: NBITS_BLOCK });
+      const b = packInt4Matrix(q);
+      const out = new Float32Array(m * n);
+      fn = () => matmulInt4(a, b, m, k, n, { aScale: 0.01, aZeroPoint: 128, kernel: c.kernel, threads, out });
+      break;
+    }
+    default: {
+      const O = ort();
+      let model: Uint8Array;
+      let feeds: Record<string, InstanceType<typeof O.Tensor>>;
+      if (c.impl === 'ort-u8s8' || c.impl === 'ort-s8s8') {
+        const signed = c.impl === 'ort-s8s8';
+        model = matMulIntegerModel({ signed, m, k }, randomBytes(k * n, true, 2), n, 0, Int8Array.of(0));
+        feeds = { a: new O.Tensor(signed ? 'int8' : 'uint8', randomBytes(m * k, signed, 1), [m, k]) };
+      } else if (c.impl === 'ort-fp32') {
+        model = matMulFloatModel(m, k, n, randomFloats(k * n, 2));
+        feeds = { a: new O.Tensor('float32', randomFloats(m * k, 1), [m, k]) };
+      } else {
+        const blocks = Math.ceil(k / NBITS_BLOCK);
+        const packed = randomBytes(n * blocks * (NBITS_BLOCK / 2), false, 2) as Uint8Array;
+        const scales = Float32Array.from({ length: n * blocks }, () => 0.01);
+        // accuracy_level 4: activations quantized to int8, the W4A8 path onnxruntime has.
+        model = matMulNBitsModel(m, k, n, NBITS_BLOCK, packed, scales, 4);
+        feeds = { a: new O.Tensor('float32', randomFloats(m * k, 1), [m, k]) };
+      }
+      const s = await session(model, threads);
+      fn = () => s.run(feeds);
+    }
+  }
+  await fn();
+  const probe = await measure(fn, 1, 0);
+  return (await measure(fn, runsFor(probe.medianMs), 0)).medianMs;
+}
+
+export interface GemmBenchOptions {
+  shapes: Array<[number, number, number]>;
+  threads: number[];
+  json: boolean;
+  kernels?: string[];
+}
+
+export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
+  const info = cpuInfo();
+  const kernels = opts.kernels ?? info.gemmKernels.filter((k) => k !== 'scalar' && k !== 'portable');
+  const best = kernels[0];
+  const ortAvailable = hasOrt();
+  const rows: Array<Record<string, string | number>> = [];
+  const gops: Record<string, number> = {};
+  const key = (shape: string, impl: string, threads: number) => `${shape}|${impl}|${threads}`;
+  for (const [m, k, n] of opts.shapes) {
+    const shape = `${m}x${k}x${n}`;
+    const ops = (2 * m * k * n) / 1e9;
+    for (const threads of opts.threads) {
+      const cases: Array<[string, GemmCase]> = [
+        ...kernels.map((kernel): [string, GemmCase] => [`lowbit ${kernel} u8s8`, { impl: 'lowbit', kernel, m, k, n, threads }]),
+        [`lowbit ${best} s8s8`, { impl: 'lowbit', kernel: best, aSigned: true, m, k, n, threads }],
+        [`lowbit ${best} W4A8 (int4 weights)`, { impl: 'lowbit-w4a8', kernel: best, m, k, n, threads }],
+      ];
+      if (ortAvailable) {
+        cases.push(
+          ['onnxruntime MatMulInteger u8s8', { impl: 'ort-u8s8', m, k, n, threads }],
+          ['onnxruntime MatMulInteger s8s8', { impl: 'ort-s8s8', m, k, n, threads }],
+          ['onnxruntime MatMul fp32', { impl: 'ort-fp32', m, k, n, threads }],
+          ['onnxruntime MatMulNBits 4-bit', { impl: 'ort-nbits', m, k, n, threads }],
+        );
+      }
+      for (const [name, c] of cases) {
+        const ms = inChildProcess({ bench: 'gemm', c });
+        gops[key(shape, name, threads)] = ops / (ms / 1e3);
+        rows.push({ shape, implementation: name, threads, 'median ms': ms, GOPS: ops / (ms / 1e3) });
+        if (!opts.json) process.stderr.write(`  ${shape} ${name} threads=${threads}: ${(ops / (ms / 1e3)).toFixed(1)} GOPS\n`);
+      }
+    }
+  }
+  const ratios: Array<Record<string, string | number>> = [];
+  if (ortAvailable) {
+    for (const [m, k, n] of opts.shapes) {
+      const shape = `${m}x${k}x${n}`;
+      for (const threads of opts.threads) {
+        const g = (impl: string) => gops[key(shape, impl, threads)] ?? NaN;
+        const row: Record<string, string | number> = {
+          shape, threads,
+          [`${best} u8s8 / ort u8s8`]: g(`lowbit ${best} u8s8`) / g('onnxruntime MatMulInteger u8s8'),
+          [`${best} s8s8 / ort s8s8`]: g(`lowbit ${best} s8s8`) / g('onnxruntime MatMulInteger s8s8'),
+          [`${best} u8s8 / ort fp32`]: g(`lowbit ${best} u8s8`) / g('onnxruntime MatMul fp32'),
+          'W4A8 / ort u8s8': g(`lowbit ${best} W4A8 (int4 weights)`) / g('onnxruntime MatMulInteger u8s8'),
+          'W4A8 / ort MatMulNBits': g(`lowbit ${best} W4A8 (int4 weights)`) / g('onnxruntime MatMulNBits 4-bit'),
+        };
+        if (kernels.includes('avx512vnni') && best !== 'avx512vnni') {
+          row['avx512vnni / ort u8s8'] = g('lowbit avx512vnni u8s8') / g('onnxruntime MatMulInteger u8s8');
+        }
+        ratios.push(row);
+      }
+    }
+  }
+  if (opts.json) {
+    console.log(JSON.stringify({ cpu: info, rows, ratios }, null, 2));
+    return;
+  }
+  console.log(`gemm: GOPS = 2·m·k·n / median time; one process per case; kernels: ${kernels.join(', ')}\n`);
+  console.log(table(rows));
+  if (ratios.length) {
+    console.log('\nratios (> 1: lowbit faster)\n');
+    console.log(table(ratios));
+  } else {
+    console.log('\nonnxruntime-node is not installed: no comparison rows (npm install onnxruntime-node).');
+  }
+}

@@ -1,0 +1,3 @@
+/** Benchmarks behind `lowbit bench <name>` and `npm run bench -- <name>`. */
+export { benchGemm, DEFAULT_GEMM_SHAPES, type GemmBenchOptions } from './gemm';
+export { benchQuantize, type QuantizeBenchOptions } from './quantize';

@@ -1,0 +1,47 @@
+/** Small timing helpers: warm up, then the median of repeated runs; one child process per case. */
+import { execFileSync } from 'node:child_process';
+import * as path from 'node:path';
+
+export interface Timing {
+  medianMs: number;
+  minMs: number;
+  runs: number;
+}
+
+export async function measure(fn: () => unknown | Promise<unknown>, runs: number, warmup = 1): Promise<Timing> {
+  for (let i = 0; i < warmup; i++) await fn();
+  const times: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const t0 = process.hrtime.bigint();
+    await fn();
+    times.push(Number(process.hrtime.bigint() - t0) / 1e6);
+  }
+  times.sort((a, b) => a - b);
+  return { medianMs: times[Math.floor(times.length / 2)], minMs: times[0], runs };
+}
+
+export function table(rows: Array<Record<string, string | number>>): string {
+  const cols = Object.keys(rows[0] ?? {});
+  const cell = (v: string | number) => (typeof v !== 'number' ? v : Number.isInteger(v) ? String(v) : v.toFixed(v >= 100 ? 0 : 2));
+  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => String(cell(r[c])).length)));
+  const line = (vals: string[]) => vals.map((v, i) => v.padEnd(widths[i])).join('  ');
+  return [line(cols), line(widths.map((w) => '-'.repeat(w))), ...rows.map((r) => line(cols.map((c) => String(cell(r[c])))))].join('\n');
+}
+
+/**
+ * Runs one benchmark case in a fresh Node process (no shared JIT or GC state)
+ * and returns the number it prints (median milliseconds).
+ */
+export function inChildProcess(job: object): number {
+  const out = execFileSync(process.execPath, [path.join(__dirname, 'worker.js'), JSON.stringify(job)], {
+    encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20,
+  });
+  const ms = Number(out.trim().split('\n').pop());
+  if (!Number.isFinite(ms)) throw new Error(`benchmark case ${JSON.stringify(job)} printed ${out}`);
+  return ms;
+}
+
+/** Picks a run count so a case takes about `budgetMs` after one timed probe. */
+export function runsFor(probeMs: number, budgetMs = 1500, min = 3, max = 25): number {
+  return Math.max(min, Math.min(max, Math.floor(budgetMs / Math.max(probeMs, 1e-3))));
+}

@@ -1,0 +1,16 @@
+/** Child-process entry of the benchmarks: runs one case and prints its median milliseconds. */
+import { runGemmCase, type GemmCase } from './gemm';
+import { runQuantizeCase, type QuantizeCase } from './quantize';
+
+type Job = { bench: 'quantize'; c: QuantizeCase; n: number; runs: number } | { bench: 'gemm'; c: GemmCase };
+
+async function main(): Promise<void> {
+  const job = JSON.parse(process.argv[2]) as Job;
+  const ms = job.bench === 'quantize' ? await runQuantizeCase(job.c, job.n, job.runs) : await runGemmCase(job.c);
+  process.stdout.write(`${ms}\n`);
+}
+
+main().catch((e) => {
+  console.error(e instanceof Error ? e.stack : e);
+  process.exit(1);
+});
