@@ -77,6 +77,11 @@ const GemmKernel kPortable = {"portable", 4, 16, tile_portable};
 
 const GemmKernel* gemm_kernel_portable() { return &kPortable; }
 
+#if !LOWBIT_BUILT_ARM_GEMM
+const GemmKernel* gemm_kernel_neon() { return nullptr; }
+const GemmKernel* gemm_kernel_neondot() { return nullptr; }
+#endif
+
 #if !LOWBIT_BUILT_X86_GEMM
 const GemmKernel* gemm_kernel_avx2() { return nullptr; }
 const GemmKernel* gemm_kernel_avxvnni() { return nullptr; }
@@ -96,6 +101,8 @@ std::vector<GemmCandidate> gemm_candidates(const CpuFeatures& cpu) {
       {gemm_kernel_avx512vnni(), cpu.has_avx512_core() && cpu.avx512vnni},
       {gemm_kernel_avxvnni(), cpu.avx2 && cpu.avxvnni},
       {gemm_kernel_avx2(), cpu.avx2},
+      {gemm_kernel_neondot(), cpu.neon_dotprod},
+      {gemm_kernel_neon(), cpu.neon},
       {gemm_kernel_portable(), true},
   };
 }
@@ -185,6 +192,7 @@ void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& 
     t.col_term = col_term.data() + j0;
     t.zb = zb.data() + j0;
     t.row_sums = a_packed.row_sums.data() + i0;
+    t.b_col_sums = b.col_sums.data() + j0;
     kernel.tile(t);
   });
 }

@@ -39,6 +39,10 @@ std::vector<KernelCase> kernels() {
        "no AVX-512 VNNI"},
       {"avx512vnni", gemm_kernel_avx512vnni(), cpu().has_avx512_core() && cpu().avx512vnni, "no AVX-512 VNNI"},
 #endif
+#if defined(__aarch64__)
+      {"neon", gemm_kernel_neon(), cpu().neon, "no NEON"},
+      {"neondot", gemm_kernel_neondot(), cpu().neon_dotprod, "no NEON dot product (asimddp)"},
+#endif
   };
 }
 
@@ -148,12 +152,12 @@ void register_int4_tests() {
     size_t m, k, n, block;
   };
   const std::vector<Case4> cases = {{1, 16, 1, 16},  {3, 32, 5, 16},   {5, 100, 17, 32}, {9, 64, 33, 64},
-                                    {1, 4096, 40, 128}, {13, 70, 48, 16}, {2, 17, 31, 16}};
+                                    {1, 4096, 40, 128}, {13, 70, 48, 16}, {2, 17, 31, 16}, {1, 64, 200, 16}, {2, 48, 70, 32}};
   std::vector<KernelCase> ks = kernels();
   for (const KernelCase& kc : ks) {
     const GemmKernel* k = kc.kernel;
     const std::string skip = !k ? "not built for this architecture" : (kc.supported ? "" : kc.missing);
-    harness::add(str("gemm_int4/", kc.name, int4_kernel_for(*(k ? k : gemm_kernel_portable())) ? " (dedicated W4A8 kernel)" : " (int8 kernel on unpacked blocks)",
+    harness::add(str("gemm_int4/", kc.name, int4_kernel_for(*(k ? k : gemm_kernel_portable()), 1) ? " (dedicated W4A8 kernel)" : " (int8 kernel on unpacked blocks)",
                      " equals the W4A8 reference: ragged blocks, int4/uint4, zero points, 1 and 2 threads"),
                  [k, cases] {
                    Rng rng(44);

@@ -85,6 +85,7 @@ struct GemmTile {
   const int32_t* col_term;  // per column: K·za·zb_j - za·Σb'_j  (at j0)
   const int32_t* zb;        // per column zb_j (at j0)
   const int32_t* row_sums;  // per row Σ a' (at i0)
+  const int32_t* b_col_sums;  // per column Σ b' (at j0), for kernels that offset a'
 };
 
 struct GemmKernel {
@@ -101,6 +102,8 @@ const GemmKernel* gemm_kernel_avx512vnni();
 // The AVX-VNNI kernel's source compiled with AVX-512VL+VNNI (EVEX) instead of
 // AVX-VNNI (VEX): lets machines without AVX-VNNI test that code. Tests only.
 const GemmKernel* gemm_kernel_avxvnni_as_evex();
+const GemmKernel* gemm_kernel_neon();
+const GemmKernel* gemm_kernel_neondot();
 
 // Kernel names usable on this CPU, best first ("scalar" = the reference loops).
 std::vector<std::string> available_gemm_kernels(const CpuFeatures& cpu);
@@ -153,19 +156,30 @@ void requantize_int32(const int32_t* c, size_t m, size_t n, float a_scale, const
 //   P = Σ_{k in blk} (A[i, k] - aZp) · (B[k, j] - bZp[blk, j])       (int32)
 // accumulated in float in block order (each product and sum rounded to
 // float), the same order in every path, so every path gives the same floats.
-// Packed nibbles follow the int8 panel layout: the 64 bytes of one group
-// are stored as 32 bytes, byte q holding int8-layout byte q (low nibble) and
-// byte q + 32 (high nibble), so unpacking is an AND and a shift.
+// Weights are stored as unsigned nibbles u = B + 8 (int4) or u = B (uint4),
+// with the zero point moved the same way (u - zb_u = B - bZp), so kernels
+// never sign-extend. Two groups share 64 bytes: byte q holds int8-layout byte
+// q of group 2p in its low nibble and of group 2p + 1 in its high nibble, so
+// one load, an AND and a shift give two groups ready for vpdpbusd.
 namespace lowbit {
 
 struct PackedB4 {
-  size_t k = 0, n = 0, kp = 0, np = 0, block_size = 0, blocks = 0;
+  size_t k = 0, n = 0, kp = 0, np = 0, block_size = 0, blocks = 0;  // kp: multiple of 8
   bool b_signed = true;
-  AlignedBytes nibbles;            // panels of kp / 4 groups × 32 bytes
+  AlignedBytes nibbles;            // panels of kp / 8 group pairs × 64 bytes
   std::vector<float> scale;        // [blocks × n]
   std::vector<int32_t> zero_point; // [blocks × n], in B's int4 domain
   std::vector<int32_t> col_sums;   // [blocks × np]: Σ_{k in block} B[k, j]
-  size_t panel_bytes() const { return kp / 4 * 32; }
+  // Call-independent parts of the per-block terms, panel-major so a tile reads
+  // them sequentially: entry (blk, j) at term_index(blk, j); 0 in padding.
+  std::vector<int32_t> zb;         // B's zero point in the u domain
+  std::vector<int32_t> term_base;  // len · zb - Σ b'  (the column term is za · term_base)
+  std::vector<float> scale_np;     // B's scale
+  size_t panel_bytes() const { return kp * 8; }
+  size_t panel_terms() const { return blocks * kPanelWidth; }
+  size_t term_index(size_t blk, size_t j) const {
+    return (j / kPanelWidth) * panel_terms() + blk * kPanelWidth + j % kPanelWidth;
+  }
   const uint8_t* panel(size_t p) const { return nibbles.data.get() + p * panel_bytes(); }
 };
 
@@ -185,16 +199,20 @@ struct Int4Tile {
   const uint8_t* b;
   size_t panel_stride;      // bytes between nibble panels
   size_t cols, store_cols;
-  size_t block_groups;      // groups per block (block_size / 4)
+  size_t block_groups;      // groups per block (block_size / 4, even)
   size_t blocks;
-  size_t total_groups;      // kp / 4 (the last block may be shorter)
-  bool b_signed;
-  const int32_t* col_term;  // [blocks][term_stride] at j0: len·za·zb - za·Σb
-  const int32_t* zb;        // [blocks][term_stride] at j0
-  const float* multiplier;  // [blocks][term_stride] at j0: fl(aScale · bScale)
-  size_t term_stride;
+  size_t total_groups;      // kp / 4, even (the last block may be shorter)
+  // Per block and column, panel-major from the tile's first panel: (blk, column
+  // c) at (c / 16) * panel_terms + blk * 16 + c % 16.
+  const int32_t* zb;
+  const int32_t* term_base;  // len·zb - Σ b'
+  const float* b_scale;
+  size_t panel_terms;
+  int32_t za;                // aZp + 128 for int8 A (the a' domain)
+  float a_scale;
   const int32_t* row_sums;  // [blocks][row_stride] at i0: Σ_{k in block} a'
   size_t row_stride;
+  const int32_t* b_col_sums;  // Σ_{k in block} b', laid out like zb
   float* y;
   size_t ldy;
 };
@@ -207,8 +225,8 @@ struct Int4Kernel {
 
 // A dedicated W4A8 kernel for an int8 kernel, or null (then the driver unpacks
 // each block into int8 panels and runs the int8 kernel on them).
-const Int4Kernel* int4_kernel_for(const GemmKernel& kernel);
-const Int4Kernel* int4_kernel_avx512vnni();
+const Int4Kernel* int4_kernel_for(const GemmKernel& kernel, size_t m);
+const Int4Kernel* int4_kernel_avx512vnni(size_t m);
 
 struct Int4Args {
   const uint8_t* a;

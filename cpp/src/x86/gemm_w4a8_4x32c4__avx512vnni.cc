@@ -1,6 +1,7 @@
-// AVX-512 VNNI W4A8 microkernel: up to 4 rows × 32 columns. Per group of 4 k
-// and panel: one 32-byte load of nibbles, AND / shift into the 64-byte int8
-// group layout (sign-extended for int4 by (v ^ 8) - 8), then vpdpbusd per row.
+// AVX-512 VNNI W4A8 microkernel: up to 4 rows × 32 columns (2 × 64 for GEMV
+// shapes). Per pair of groups (8 k) and panel: one 64-byte load of nibbles,
+// an AND for the even group and a shift + AND for the odd one (unsigned
+// nibbles u, see gemm.h), then vpdpbusd per row.
 // After each block the int32 sums become P (zero-point terms) and are added
 // to float accumulators as float(P) · multiplier, exactly as gemm_int4_reference.
 #include <immintrin.h>
@@ -18,44 +19,41 @@ inline __m512i broadcast_group(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-template <bool kSigned>
-inline __m512i unpack_group(const uint8_t* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i lo = _mm256_and_si256(raw, low4);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-  __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  if (kSigned) {
-    const __m512i eight = _mm512_set1_epi8(8);
-    v = _mm512_sub_epi8(_mm512_xor_si512(v, eight), eight);
-  }
-  return v;
-}
-
-template <int MR, int NV, bool kSigned>
+template <int MR, int NV>
 void tile_w4(const Int4Tile& t) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 y[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) y[r][v] = _mm512_setzero_ps();
+  const __m512i za = _mm512_set1_epi32(t.za);
+  const __m512 a_scale = _mm512_set1_ps(t.a_scale);
   for (size_t blk = 0; blk < t.blocks; ++blk) {
     const size_t g0 = blk * t.block_groups;
     const size_t g1 = g0 + t.block_groups < t.total_groups ? g0 + t.block_groups : t.total_groups;
     __m512i acc[MR][NV];
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
-    for (size_t g = g0; g < g1; ++g) {
-      __m512i vb[NV];
-      for (int v = 0; v < NV; ++v) vb[v] = unpack_group<kSigned>(t.b + v * t.panel_stride + g * 32);
+    for (size_t g = g0; g < g1; g += 2) {  // group counts are even (kp is a multiple of 8)
+      __m512i even[NV], odd[NV];
+      for (int v = 0; v < NV; ++v) {
+        const __m512i raw = _mm512_loadu_si512(t.b + v * t.panel_stride + (g / 2) * 64);
+        even[v] = _mm512_and_si512(raw, low4);
+        odd[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      }
       for (int r = 0; r < MR; ++r) {
-        const __m512i va = broadcast_group(t.a + g * t.a_group_stride + r * 4);
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], va, vb[v]);
+        const __m512i va0 = broadcast_group(t.a + g * t.a_group_stride + r * 4);
+        const __m512i va1 = broadcast_group(t.a + (g + 1) * t.a_group_stride + r * 4);
+        for (int v = 0; v < NV; ++v) {
+          acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], va0, even[v]);
+          acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], va1, odd[v]);
+        }
       }
     }
-    const size_t e = blk * t.term_stride;
     for (int v = 0; v < NV; ++v) {
-      const __m512i col_term = _mm512_loadu_si512(t.col_term + e + v * 16);
-      const __m512i zb = _mm512_loadu_si512(t.zb + e + v * 16);
-      const __m512 mult = _mm512_loadu_ps(t.multiplier + e + v * 16);
+      const size_t e = v * t.panel_terms + blk * 16;
+      const __m512i col_term = _mm512_mullo_epi32(za, _mm512_loadu_si512(t.term_base + e));
+      const __m512i zb = _mm512_loadu_si512(t.zb + e);
+      const __m512 mult = _mm512_mul_ps(a_scale, _mm512_loadu_ps(t.b_scale + e));
       for (int r = 0; r < MR; ++r) {
         const __m512i row = _mm512_mullo_epi32(zb, _mm512_set1_epi32(t.row_sums[blk * t.row_stride + r]));
         const __m512i p = _mm512_sub_epi32(_mm512_add_epi32(acc[r][v], col_term), row);
@@ -72,14 +70,35 @@ void tile_w4(const Int4Tile& t) {
   }
 }
 
+template <int MR, int NV>
+void tile_cols(const Int4Tile& t) {
+  tile_w4<MR, NV>(t);
+}
+
 template <int MR>
 void tile_rows(const Int4Tile& t) {
-  if (t.cols > 16) {
-    if (t.b_signed) tile_w4<MR, 2, true>(t);
-    else tile_w4<MR, 2, false>(t);
+  if (t.cols > 16) tile_cols<MR, 2>(t);
+  else tile_cols<MR, 1>(t);
+}
+
+// GEMV-shaped calls (one or two rows): 64 columns per tile, so more
+// independent accumulators hide the vpdpbusd latency within short blocks.
+void tile_wide(const Int4Tile& t) {
+  const size_t nv = (t.cols + 15) / 16;
+  if (t.rows == 1) {
+    switch (nv) {
+      case 1: tile_cols<1, 1>(t); break;
+      case 2: tile_cols<1, 2>(t); break;
+      case 3: tile_cols<1, 3>(t); break;
+      default: tile_cols<1, 4>(t); break;
+    }
   } else {
-    if (t.b_signed) tile_w4<MR, 1, true>(t);
-    else tile_w4<MR, 1, false>(t);
+    switch (nv) {
+      case 1: tile_cols<2, 1>(t); break;
+      case 2: tile_cols<2, 2>(t); break;
+      case 3: tile_cols<2, 3>(t); break;
+      default: tile_cols<2, 4>(t); break;
+    }
   }
 }
 
@@ -93,9 +112,10 @@ void tile(const Int4Tile& t) {
 }
 
 const Int4Kernel kKernel = {"avx512vnni", 4, 32, tile};
+const Int4Kernel kWide = {"avx512vnni", 2, 64, tile_wide};
 
 }  // namespace
 
-const Int4Kernel* int4_kernel_avx512vnni() { return &kKernel; }
+const Int4Kernel* int4_kernel_avx512vnni(size_t m) { return m <= 2 ? &kWide : &kKernel; }
 
 }  // namespace lowbit
