@@ -31,7 +31,7 @@ struct Path {
 
 std::vector<Path> simd_paths() {
   std::vector<Path> paths;
-  auto add = [&](const char* name, const QuantizeKernels* k, bool supported, const char* need) {
+  [[maybe_unused]] auto add = [&](const char* name, const QuantizeKernels* k, bool supported, const char* need) {
     const char* missing = nullptr;
     if (!k) missing = "not built for this architecture";
     else if (!supported) missing = need;
