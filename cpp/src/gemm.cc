@@ -144,10 +144,21 @@ void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size
     for (size_t r = 0; r < mr && rb * mr + r < m; ++r) {
       const size_t i = rb * mr + r;
       const uint8_t* src = a + i * k;
+      // Blocks are multiples of 4 k, so whole groups never straddle two blocks.
       const size_t span = block_size == 0 ? std::max<size_t>(k, 1) : block_size;
+      const uint32_t flip4 = flip * 0x01010101u;
       for (size_t k0 = 0, blk = 0; k0 < k; k0 += span, ++blk) {
+        const size_t k1 = std::min(k, k0 + span);
         uint32_t sum = 0;
-        for (size_t kk = k0; kk < std::min(k, k0 + span); ++kk) {
+        size_t kk = k0;
+        for (; kk + 4 <= k1; kk += 4) {
+          uint32_t w;
+          std::memcpy(&w, src + kk, 4);
+          w ^= flip4;
+          std::memcpy(dst + (kk / 4) * mr * 4 + r * 4, &w, 4);
+          sum += (w & 0xFF) + ((w >> 8) & 0xFF) + ((w >> 16) & 0xFF) + (w >> 24);
+        }
+        for (; kk < k1; ++kk) {
           const uint8_t v = uint8_t(src[kk] ^ flip);
           dst[(kk / 4) * mr * 4 + r * 4 + kk % 4] = v;
           sum += v;
