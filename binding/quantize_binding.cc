@@ -105,6 +105,7 @@ struct RangesCall {
   int32_t qmin = 0, qmax = 0;
   bool symmetric = true;
   unsigned candidates = 0;
+  int norm = 2;
 
   RangesCall(const Napi::CallbackInfo& info, bool with_search) : search(with_search) {
     Napi::Env env = info.Env();
@@ -125,11 +126,13 @@ struct RangesCall {
       size_t c = size_of(info[9], "candidates");
       if (c < 1 || c > 10000) throw_range(env, "candidates must be in 1..10000");
       candidates = unsigned(c);
+      norm = int_of(info[10], "norm");
+      if (norm != 1 && norm != 2) throw_range(env, "norm must be 1 or 2");
     }
   }
   double run() const {
     if (search)
-      return double(lowbit::search_ranges_mse(exec, x, layout, qmin, qmax, symmetric, candidates, lo, hi));
+      return double(lowbit::search_ranges_mse(exec, x, layout, qmin, qmax, symmetric, candidates, lo, hi, norm));
     return double(lowbit::group_ranges(exec, x, layout, lo, hi));
   }
 };
@@ -147,6 +150,80 @@ Napi::Value SearchRangesMse(const Napi::CallbackInfo& info) {
 Napi::Value SearchRangesMseAsync(const Napi::CallbackInfo& info) {
   RangesCall call(info, true);
   return AsyncTask::Start(info.Env(), {info[0], info[2], info[3]}, [call] { return call.run(); });
+}
+
+// groupErrors(x, layout, lo, hi, qmin, qmax, symmetric, norm, out: Float64Array, kernel, threads)
+Napi::Value GroupErrors(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nx, nlo, nhi, nout;
+  const float* x = array_of<float>(info[0], "x", napi_float32_array, &nx);
+  QuantLayout layout = layout_of(info[1]);
+  const float* lo = array_of<float>(info[2], "lo", napi_float32_array, &nlo);
+  const float* hi = array_of<float>(info[3], "hi", napi_float32_array, &nhi);
+  const int32_t qmin = int_of(info[4], "qmin"), qmax = int_of(info[5], "qmax");
+  if (qmin >= qmax || qmin < -128 || qmax > 255) throw_range(env, "qmin/qmax out of range");
+  const bool symmetric = bool_of(info[6], "symmetric");
+  const int norm = int_of(info[7], "norm");
+  if (norm != 1 && norm != 2) throw_range(env, "norm must be 1 or 2");
+  double* out = array_of<double>(info[8], "out", napi_float64_array, &nout);
+  expect_length(env, nx, layout.element_count(), "x");
+  expect_length(env, nlo, layout.group_count(), "lo");
+  expect_length(env, nhi, layout.group_count(), "hi");
+  expect_length(env, nout, layout.group_count(), "out");
+  auto exec = Context::of(env).exec(env, string_of(info[9], "kernel"), threads_of(info[10]));
+  lowbit::group_errors(exec, x, layout, lo, hi, qmin, qmax, symmetric, norm, out);
+  return env.Undefined();
+}
+
+// lsqForward(v, layout, step: Float32Array, qn, qp, out, kernel, threads)
+// lsqBackward(v, gradOut, layout, step, qn, qp, gradIn, gradStep: Float64Array, kernel, threads)
+struct LsqCall {
+  const float* v = nullptr;
+  const float* grad_out = nullptr;
+  QuantLayout layout;
+  const float* step = nullptr;
+  int32_t qn = 0, qp = 0;
+  float* out = nullptr;
+  double* grad_step = nullptr;
+  lowbit::Exec exec;
+
+  LsqCall(const Napi::CallbackInfo& info, bool backward) {
+    Napi::Env env = info.Env();
+    size_t nv, ng = 0, ns, no, ngs = 0;
+    int a = 0;
+    v = array_of<float>(info[a++], "v", napi_float32_array, &nv);
+    if (backward) grad_out = array_of<float>(info[a++], "gradOut", napi_float32_array, &ng);
+    layout = layout_of(info[a++]);
+    if (layout.kind == lowbit::Granularity::kBlock) throw_range(env, "LSQ steps are per tensor or per channel");
+    step = array_of<float>(info[a++], "step", napi_float32_array, &ns);
+    qn = int_of(info[a++], "qn");
+    qp = int_of(info[a++], "qp");
+    if (qn < 0 || qp < 1 || qn > 128 || qp > 255) throw_range(env, "qn/qp out of range");
+    out = array_of<float>(info[a++], backward ? "gradIn" : "out", napi_float32_array, &no);
+    if (backward) grad_step = array_of<double>(info[a++], "gradStep", napi_float64_array, &ngs);
+    expect_length(env, nv, layout.element_count(), "v");
+    expect_length(env, no, nv, "out");
+    expect_length(env, ns, layout.group_count(), "step");
+    if (backward) {
+      expect_length(env, ng, nv, "gradOut");
+      expect_length(env, ngs, layout.group_count(), "gradStep");
+    }
+    for (size_t g = 0; g < ns; ++g)
+      if (!(step[g] > 0.0f) || !std::isfinite(step[g])) throw_range(env, "step[" + std::to_string(g) + "] must be positive and finite");
+    exec = Context::of(env).exec(env, string_of(info[a], "kernel"), threads_of(info[a + 1]));
+  }
+};
+
+Napi::Value LsqForward(const Napi::CallbackInfo& info) {
+  LsqCall c(info, false);
+  lowbit::lsq_forward_tensor(c.exec, c.v, c.layout, c.step, c.qn, c.qp, c.out);
+  return info.Env().Undefined();
+}
+
+Napi::Value LsqBackward(const Napi::CallbackInfo& info) {
+  LsqCall c(info, true);
+  lowbit::lsq_backward_tensor(c.exec, c.v, c.grad_out, c.layout, c.step, c.qn, c.qp, c.out, c.grad_step);
+  return info.Env().Undefined();
 }
 
 // paramsFromRanges(lo, hi, qmin, qmax, symmetric, scaleOut, zeroPointOut)
@@ -228,6 +305,9 @@ void register_quantize_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("groupRangesAsync", Napi::Function::New(env, GroupRangesAsync, "groupRangesAsync"));
   exports.Set("searchRangesMse", Napi::Function::New(env, SearchRangesMse, "searchRangesMse"));
   exports.Set("searchRangesMseAsync", Napi::Function::New(env, SearchRangesMseAsync, "searchRangesMseAsync"));
+  exports.Set("groupErrors", Napi::Function::New(env, GroupErrors, "groupErrors"));
+  exports.Set("lsqForward", Napi::Function::New(env, LsqForward, "lsqForward"));
+  exports.Set("lsqBackward", Napi::Function::New(env, LsqBackward, "lsqBackward"));
   exports.Set("paramsFromRanges", Napi::Function::New(env, ParamsFromRanges, "paramsFromRanges"));
   exports.Set("errorStats", Napi::Function::New(env, ErrorStats, "errorStats"));
   exports.Set("packInt4", Napi::Function::New(env, Pack<4>, "packInt4"));

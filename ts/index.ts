@@ -10,8 +10,20 @@ export {
   dequantize, quantizationError, quantizeTensor, quantizeTensorAsync,
   type DequantizeOptions, type KernelOptions, type QuantizationError, type QuantizeOptions,
 } from './quantize';
-export { rangeMethodNames } from './methods';
+export { rangeMethodNames, registerRangeMethod, type RangeMethod, type RangeMethodOptions } from './methods/registry';
 export {
   matmulInt4, matmulInt8, matmulInt8Async, packInt4Matrix, PackedInt4Matrix, type MatmulInt4Options, matmulInt8Requantized, matmulInt8ToFloat, packMatrix, PackedMatrix,
   type MatmulOptions, type MatmulRequantizedOptions, type MatmulToFloatOptions,
 } from './gemm';
+export {
+  aciqAlpha, aciqExpectedMse, aciqGaussConstant, aciqLaplaceConstant, aciqRange, tensorStats,
+  type AciqPrior, type TensorStats,
+} from './methods/aciq';
+export { allocateBits, type BitAllocationOptions } from './methods/bit-allocation';
+export { correctWeightBias, expectedOutputShift, type WeightBiasCorrectionOptions } from './methods/bias-correction';
+export {
+  ActivationScaleClip, foldScalesIntoBatchNorm, scaleClip, type BatchNormParams, type ScaleClipOptions,
+} from './methods/gdrq';
+export { lsqBackward, lsqGradScale, lsqInitStep, lsqLevels, lsqQuantize, type LsqBackwardOptions, type LsqOptions } from './methods/lsq';
+export { lambertW0 } from './methods/special';
+export { AciqObserver, HistogramObserver, MinMaxObserver, type Range } from './calibration/observers';

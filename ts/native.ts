@@ -54,9 +54,15 @@ export interface NativeBinding {
   groupRanges(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, kernel: string, threads: number): number;
   groupRangesAsync(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, kernel: string, threads: number): Promise<number>;
   searchRangesMse(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, kernel: string, threads: number,
-    qmin: number, qmax: number, symmetric: boolean, candidates: number): number;
+    qmin: number, qmax: number, symmetric: boolean, candidates: number, norm: 1 | 2): number;
   searchRangesMseAsync(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, kernel: string, threads: number,
-    qmin: number, qmax: number, symmetric: boolean, candidates: number): Promise<number>;
+    qmin: number, qmax: number, symmetric: boolean, candidates: number, norm: 1 | 2): Promise<number>;
+  groupErrors(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, qmin: number, qmax: number,
+    symmetric: boolean, norm: 1 | 2, out: Float64Array, kernel: string, threads: number): void;
+  lsqForward(v: Float32Array, layout: NativeLayout, step: Float32Array, qn: number, qp: number, out: Float32Array,
+    kernel: string, threads: number): void;
+  lsqBackward(v: Float32Array, gradOut: Float32Array, layout: NativeLayout, step: Float32Array, qn: number, qp: number,
+    gradIn: Float32Array, gradStep: Float64Array, kernel: string, threads: number): void;
   paramsFromRanges(lo: Float32Array, hi: Float32Array, qmin: number, qmax: number, symmetric: boolean,
     scale: Float32Array, zeroPoint: Int32Array): void;
   errorStats(x: Float32Array, q: Codes, isSigned: boolean, params: NativeParams): NativeErrorStats;

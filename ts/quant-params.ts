@@ -8,15 +8,17 @@
  *  - 'tensor':  the whole tensor (scale shape []),
  *  - 'channel': index along the axis (scale shape [Da], ONNX per-axis),
  *  - 'block':   run of blockSize elements along the axis (scale shape = tensor
- *               shape with ceil(Da / blockSize) on the axis, ONNX blocked).
+ *               shape with ceil(Da / blockSize) on the axis, ONNX blocked),
+ *  - 'group':   run of Da / groups contiguous channels along the axis (GDRQ's
+ *               group-based quantization; scale shape [groups]). Natively this
+ *               is 'channel' over [outer, groups, Da / groups · inner].
  * Quantize: q = saturate(roundHalfToEven(x / scale) + zeroPoint)
  * Dequantize: x = (q - zeroPoint) · scale
  */
 import type { NativeLayout, NativeParams } from './native';
 
-export type Granularity = 'tensor' | 'channel' | 'block';
+export type Granularity = 'tensor' | 'channel' | 'block' | 'group';
 
-export const GRANULARITY_KIND: Record<Granularity, 0 | 1 | 2> = { tensor: 0, channel: 1, block: 2 };
 
 /** A quantized tensor: one integer per element plus the parameters that map it back to floats. */
 export interface QuantizedTensor {
@@ -36,6 +38,10 @@ export interface QuantizedTensor {
   axis?: number;
   /** Block length along `axis`; only for 'block'. */
   blockSize?: number;
+  /** Number of channel groups along `axis`; only for 'group'. */
+  groups?: number;
+  /** Bits of each channel when bit allocation was used ('channel' only); `bits` is then their maximum. */
+  channelBits?: Uint8Array;
 }
 
 /** Integer range of a `bits`-wide integer. */
@@ -49,7 +55,7 @@ export interface TensorLayout {
   scaleShape: number[];
 }
 
-/** The layout of a (validated) shape for a granularity; axis is non-negative. */
+/** The layout of a (validated) shape for a granularity; axis is non-negative; `blockSize` is the group count for 'group'. */
 export function tensorLayout(shape: readonly number[], granularity: Granularity, axis: number, blockSize: number): TensorLayout {
   const count = shape.reduce((a, b) => a * b, 1);
   if (granularity === 'tensor') {
@@ -60,6 +66,10 @@ export function tensorLayout(shape: readonly number[], granularity: Granularity,
   const axisLen = shape[axis];
   if (granularity === 'channel') {
     return { native: { kind: 1, outer, axisLen, inner, blockSize: 0 }, groups: axisLen, scaleShape: [axisLen] };
+  }
+  if (granularity === 'group') {
+    const groups = blockSize;
+    return { native: { kind: 1, outer, axisLen: groups, inner: (axisLen / groups) * inner, blockSize: 0 }, groups, scaleShape: [groups] };
   }
   const blocks = Math.ceil(axisLen / blockSize);
   const scaleShape = shape.slice();

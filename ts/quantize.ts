@@ -5,7 +5,10 @@
  */
 import { checkKernel } from './cpu';
 import { invalidType, invalidValue } from './errors';
-import { rangeMethod, rangeMethodNames, type RangeMethod, type RangeRequest } from './methods';
+import { tensorStats } from './methods/aciq';
+import { allocateBits } from './methods/bit-allocation';
+import { forEachGroup } from './methods/groups';
+import { rangeMethod, rangeMethodNames, type RangeMethod, type RangeMethodOptions, type RangeRequest } from './methods/registry';
 import { native, type NativeParams } from './native';
 import {
   integerRange, nativeParams, tensorLayout, type Granularity, type QuantizedTensor, type TensorLayout,
@@ -23,14 +26,32 @@ export interface QuantizeOptions {
   signed?: boolean;
   /** Zero point 0 (true) or an affine range with a zero point (false). Default true. */
   symmetric?: boolean;
-  /** One scale for the tensor, per channel along `axis`, or per block along `axis`. Default 'tensor'. */
+  /** One scale for the tensor, per channel, per block or per group of channels along `axis`. Default 'tensor'. */
   granularity?: Granularity;
-  /** The channel axis or the blocked axis ('channel' and 'block' only); negative counts from the end. Default 0. */
+  /** The channel, blocked or grouped axis; negative counts from the end. Default 0. */
   axis?: number;
   /** Block length along `axis` ('block' only), ONNX block_size semantics. Default 32. */
   blockSize?: number;
-  /** How ranges are chosen: 'minmax' or 'mse'. Default 'minmax'. Not with `scale`. */
+  /** Number of contiguous channel groups along `axis` ('group' only); must divide the axis length. */
+  groups?: number;
+  /**
+   * How ranges are chosen: 'minmax', 'mse', 'aciq', 'percentile' or 'kl'.
+   * Default 'minmax' ('mse' with norm 1 for granularity 'group'). Not with `scale`.
+   */
   method?: string;
+  /** ACIQ prior: 'laplace' | 'gauss' | 'auto'. Default 'laplace'. */
+  prior?: RangeMethodOptions['prior'];
+  /** ACIQ: one-sided (post-ReLU) statistics. Default: when the group's minimum is >= 0. */
+  oneSided?: boolean;
+  /** 'mse' search norm: 2 (squared error) or 1 (absolute error). Default 2 (1 for 'group'). */
+  norm?: 1 | 2;
+  /** 'percentile': percent of |x| kept. Default 99.99. */
+  percentile?: number;
+  /**
+   * Per-channel bit allocation ('channel' only): each channel gets its own bits so that
+   * their mean is `averageBits` (bins ∝ α^(2/3), α = the channel's σ, or its Laplace b with prior 'laplace').
+   */
+  bitAllocation?: { averageBits: number; minBits?: number; maxBits?: number; prior?: 'gauss' | 'laplace' };
   /** Explicit scale(s): a number or one per group (row-major in the scale shape). Skips range estimation. */
   scale?: number | ArrayLike<number>;
   /** Explicit zero point(s) to go with `scale`. Default 0. */
@@ -71,10 +92,10 @@ export interface QuantizationError {
 }
 
 const QUANTIZE_OPTION_KEYS = [
-  'shape', 'bits', 'signed', 'symmetric', 'granularity', 'axis', 'blockSize', 'method', 'scale', 'zeroPoint',
-  'kernel', 'threads', 'out',
+  'shape', 'bits', 'signed', 'symmetric', 'granularity', 'axis', 'blockSize', 'groups', 'method', 'prior', 'oneSided',
+  'norm', 'percentile', 'bitAllocation', 'scale', 'zeroPoint', 'kernel', 'threads', 'out',
 ] as const;
-const GRANULARITIES: readonly Granularity[] = ['tensor', 'channel', 'block'];
+const GRANULARITIES: readonly Granularity[] = ['tensor', 'channel', 'block', 'group'];
 export const DEFAULT_BLOCK_SIZE = 32;
 
 interface Plan {
@@ -86,10 +107,13 @@ interface Plan {
   granularity: Granularity;
   axis?: number;
   blockSize?: number;
+  groups?: number;
   layout: TensorLayout;
   qmin: number;
   qmax: number;
   method?: RangeMethod;
+  methodOptions: RangeMethodOptions;
+  bitAllocation?: { averageBits: number; minBits: number; maxBits: number; prior: 'gauss' | 'laplace' };
   explicit?: { scale: Float32Array; zeroPoint: Int32Array };
   kernel: string;
   threads: number;
@@ -153,33 +177,54 @@ function plan(data: unknown, options: unknown): Plan {
   const granularity = options.granularity === undefined ? 'tensor' : checkChoice('options.granularity', options.granularity, GRANULARITIES);
   let axis: number | undefined;
   let blockSize: number | undefined;
+  let groups: number | undefined;
   if (granularity === 'tensor') {
-    if (options.axis !== undefined) throw invalidValue('options.axis', "no axis with granularity 'tensor'", options.axis, "Use granularity 'channel' or 'block' to quantize along an axis.");
-    if (options.blockSize !== undefined) throw invalidValue('options.blockSize', "no blockSize without granularity 'block'", options.blockSize);
+    if (options.axis !== undefined) throw invalidValue('options.axis', "no axis with granularity 'tensor'", options.axis, "Use granularity 'channel', 'block' or 'group' to quantize along an axis.");
   } else {
     axis = resolveAxis('options.axis', options.axis, shape.length);
-    if (granularity === 'block') {
-      blockSize = options.blockSize === undefined ? DEFAULT_BLOCK_SIZE : checkInteger('options.blockSize', options.blockSize, 1, Number.MAX_SAFE_INTEGER);
-    } else if (options.blockSize !== undefined) {
-      throw invalidValue('options.blockSize', "no blockSize without granularity 'block'", options.blockSize);
-    }
   }
-  const layout = tensorLayout(shape, granularity, axis ?? 0, blockSize ?? 0);
+  if (granularity === 'block') {
+    blockSize = options.blockSize === undefined ? DEFAULT_BLOCK_SIZE : checkInteger('options.blockSize', options.blockSize, 1, Number.MAX_SAFE_INTEGER);
+  } else if (options.blockSize !== undefined) {
+    throw invalidValue('options.blockSize', "no blockSize without granularity 'block'", options.blockSize);
+  }
+  if (granularity === 'group') {
+    const channels = shape[axis!];
+    if (options.groups === undefined) throw invalidType('options.groups', "the number of channel groups for granularity 'group'", undefined);
+    groups = checkInteger('options.groups', options.groups, 1, Math.max(1, channels));
+    if (channels % groups !== 0) {
+      const divisors = [];
+      for (let d = 1; d <= channels; d++) if (channels % d === 0) divisors.push(d);
+      const nearest = divisors.sort((a, b) => Math.abs(a - groups!) - Math.abs(b - groups!)).slice(0, 2).sort((a, b) => a - b);
+      throw invalidValue('options.groups', `a divisor of the ${channels} channels along axis ${axis}`, groups,
+        `Try ${nearest.join(' or ')}.`);
+    }
+  } else if (options.groups !== undefined) {
+    throw invalidValue('options.groups', "no groups without granularity 'group'", options.groups);
+  }
+  const layout = tensorLayout(shape, granularity, axis ?? 0, granularity === 'group' ? groups! : blockSize ?? 0);
   const { qmin, qmax } = integerRange(bits, signed);
   const kernel = checkKernel('quantize', options.kernel);
   const threads = checkThreads(options.threads);
   const out = options.out === undefined ? undefined : (signed
     ? checkOut<Int8Array | Uint8Array>('options.out', options.out, Int8Array, x.length, x)
     : checkOut<Int8Array | Uint8Array>('options.out', options.out, Uint8Array, x.length, x));
-  const base = { data: x, shape, bits, signed, symmetric, granularity, axis, blockSize, layout, qmin, qmax, kernel, threads, out };
+  const methodOptions = checkMethodOptions(options, granularity);
+  const base = { data: x, shape, bits, signed, symmetric, granularity, axis, blockSize, groups, layout, qmin, qmax, kernel, threads, out, methodOptions };
 
   if (options.scale === undefined) {
     if (options.zeroPoint !== undefined) throw invalidValue('options.zeroPoint', 'no zeroPoint without an explicit scale', options.zeroPoint, 'Pass scale too, or leave both unset to estimate them.');
     if (options.method !== undefined && typeof options.method !== 'string') {
       throw invalidType('options.method', `one of ${rangeMethodNames().map((n) => `'${n}'`).join(', ')}`, options.method);
     }
-    return { ...base, method: rangeMethod(options.method ?? 'minmax') };
+    const method = rangeMethod(options.method ?? (granularity === 'group' ? 'mse' : 'minmax'));
+    let bitAllocation: Plan['bitAllocation'];
+    if (options.bitAllocation !== undefined) {
+      bitAllocation = checkBitAllocation(options.bitAllocation, granularity, bits);
+    }
+    return { ...base, method, bitAllocation };
   }
+  if (options.bitAllocation !== undefined) throw invalidValue('options.bitAllocation', 'no bit allocation with an explicit scale', options.bitAllocation);
   if (options.method !== undefined) throw invalidValue('options.method', 'no method with an explicit scale', options.method, 'An explicit scale replaces range estimation; drop one of them.');
   const scales = explicitValues('options.scale', options.scale, layout.groups, layout.scaleShape);
   const scale = new Float32Array(scales.length);
@@ -203,6 +248,32 @@ function plan(data: unknown, options: unknown): Plan {
   return { ...base, explicit: { scale, zeroPoint } };
 }
 
+function checkMethodOptions(o: Record<string, unknown>, granularity: Granularity): RangeMethodOptions {
+  const m: RangeMethodOptions = {};
+  if (o.prior !== undefined) m.prior = checkChoice('options.prior', o.prior, ['laplace', 'gauss', 'auto'] as const);
+  if (o.oneSided !== undefined) m.oneSided = checkBoolean('options.oneSided', o.oneSided);
+  if (o.norm !== undefined) m.norm = checkInteger('options.norm', o.norm, 1, 2) as 1 | 2;
+  else if (granularity === 'group') m.norm = 1;
+  if (o.percentile !== undefined) {
+    if (typeof o.percentile !== 'number' || !(o.percentile > 0 && o.percentile <= 100)) throw invalidValue('options.percentile', 'a number in (0, 100]', o.percentile);
+    m.percentile = o.percentile;
+  }
+  return m;
+}
+
+function checkBitAllocation(v: unknown, granularity: Granularity, bits: number): NonNullable<Plan['bitAllocation']> {
+  if (!isPlainObject(v)) throw invalidType('options.bitAllocation', 'an object { averageBits, minBits?, maxBits?, prior? }', v);
+  if (granularity !== 'channel') throw invalidValue('options.granularity', "'channel' with bitAllocation (bits are allocated per channel)", granularity);
+  checkKnownKeys('options.bitAllocation', v, ['averageBits', 'minBits', 'maxBits', 'prior']);
+  const minBits = v.minBits === undefined ? 2 : checkInteger('options.bitAllocation.minBits', v.minBits, 2, 8);
+  const maxBits = v.maxBits === undefined ? Math.max(minBits, bits) : checkInteger('options.bitAllocation.maxBits', v.maxBits, minBits, 8);
+  if (typeof v.averageBits !== 'number' || !(v.averageBits >= minBits && v.averageBits <= maxBits)) {
+    throw invalidValue('options.bitAllocation.averageBits', `a number in [minBits, maxBits] = [${minBits}, ${maxBits}]`, v.averageBits);
+  }
+  const prior = v.prior === undefined ? 'gauss' : checkChoice('options.bitAllocation.prior', v.prior, ['gauss', 'laplace'] as const);
+  return { averageBits: v.averageBits, minBits, maxBits, prior };
+}
+
 function nanError(index: number): RangeError {
   return invalidValue(`data[${index}]`, 'a number (±Infinity saturates)', NaN,
     'Replace or mask NaN values before quantizing.');
@@ -210,8 +281,8 @@ function nanError(index: number): RangeError {
 
 function rangeRequest(p: Plan): RangeRequest {
   return {
-    data: p.data, layout: p.layout.native, groups: p.layout.groups, qmin: p.qmin, qmax: p.qmax,
-    symmetric: p.symmetric, kernel: p.kernel, threads: p.threads,
+    data: p.data, layout: p.layout.native, groups: p.layout.groups, bits: p.bits, qmin: p.qmin, qmax: p.qmax,
+    symmetric: p.symmetric, kernel: p.kernel, threads: p.threads, options: p.methodOptions,
   };
 }
 
@@ -229,6 +300,7 @@ function result(p: Plan, values: Int8Array | Uint8Array, params: { scale: Float3
   };
   if (p.axis !== undefined) q.axis = p.axis;
   if (p.blockSize !== undefined) q.blockSize = p.blockSize;
+  if (p.groups !== undefined) q.groups = p.groups;
   return q;
 }
 
@@ -250,6 +322,7 @@ function quantizeParams(p: Plan, params: { scale: Float32Array; zeroPoint: Int32
  */
 export function quantizeTensor(data: Float32Array, options: QuantizeOptions): QuantizedTensor {
   const p = plan(data, options);
+  if (p.bitAllocation) return quantizeWithBitAllocation(p);
   let params = p.explicit;
   if (!params) {
     const ranges = p.method!.ranges(rangeRequest(p));
@@ -268,6 +341,7 @@ export function quantizeTensor(data: Float32Array, options: QuantizeOptions): Qu
  */
 export async function quantizeTensorAsync(data: Float32Array, options: QuantizeOptions): Promise<QuantizedTensor> {
   const p = plan(data, options);
+  if (p.bitAllocation) return quantizeWithBitAllocation(p);
   let params = p.explicit;
   if (!params) {
     const ranges = await p.method!.rangesAsync(rangeRequest(p));
@@ -279,6 +353,50 @@ export async function quantizeTensorAsync(data: Float32Array, options: QuantizeO
   const nan = await native().quantizeAsync(p.data, values, quantizeParams(p, params), p.kernel, p.threads);
   if (nan >= 0) throw nanError(nan);
   return result(p, values, params);
+}
+
+/**
+ * Per-channel bit allocation: allocate bits from each channel's spread, then
+ * quantize every channel on its own with its bits, range method and range.
+ */
+function quantizeWithBitAllocation(p: Plan): QuantizedTensor {
+  const alloc = p.bitAllocation!;
+  const nan = native().groupRanges(p.data, p.layout.native, new Float32Array(p.layout.groups), new Float32Array(p.layout.groups), p.kernel, p.threads);
+  if (nan >= 0) throw nanError(nan);
+  const channels = p.layout.groups;
+  const alphas = new Float64Array(channels);
+  const perChannel: Float32Array[] = [];
+  forEachGroup(p.data, p.layout.native, (g, values) => {
+    perChannel[g] = values.slice();
+    let finite = 0;
+    for (const v of values) if (Number.isFinite(v)) finite++;
+    if (finite === 0) return;
+    const stats = tensorStats(values, 'data');
+    alphas[g] = alloc.prior === 'gauss' ? stats.sigma : stats.laplaceB;
+  });
+  const channelBits = Uint8Array.from(allocateBits(alphas, alloc.averageBits, { minBits: alloc.minBits, maxBits: alloc.maxBits }));
+  const scale = new Float32Array(channels);
+  const zeroPoint = new Int32Array(channels);
+  const codes: Array<Int8Array | Uint8Array> = [];
+  for (let c = 0; c < channels; c++) {
+    const q = quantizeTensor(perChannel[c], {
+      shape: [perChannel[c].length], bits: channelBits[c], signed: p.signed, symmetric: p.symmetric,
+      method: p.method!.name, ...p.methodOptions, kernel: p.kernel || undefined, threads: p.threads || undefined,
+    });
+    scale[c] = q.scale[0];
+    zeroPoint[c] = q.zeroPoint[0];
+    codes[c] = q.values;
+  }
+  // Scatter each channel's codes back to the tensor's layout.
+  const values = p.out ?? (p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length));
+  const { outer, axisLen, inner } = p.layout.native;
+  for (let c = 0; c < channels; c++) {
+    for (let o = 0; o < outer; o++) values.set(codes[c].subarray(o * inner, (o + 1) * inner), (o * axisLen + c) * inner);
+  }
+  const bits = channelBits.reduce((a, b) => Math.max(a, b), 0);
+  const out = result({ ...p, bits }, values, { scale, zeroPoint });
+  out.channelBits = channelBits;
+  return out;
 }
 
 /** Checks a QuantizedTensor (possibly built by hand) and returns its layout. */
@@ -300,9 +418,13 @@ export function checkQuantizedTensor(name: string, q: unknown): { q: QuantizedTe
   let axis = 0;
   let blockSize = 0;
   if (granularity !== 'tensor') {
-    if (shape.length === 0) throw invalidValue(`${name}.shape`, 'at least one dimension for a channel or block granularity', q.shape);
+    if (shape.length === 0) throw invalidValue(`${name}.shape`, 'at least one dimension for a channel, block or group granularity', q.shape);
     axis = checkInteger(`${name}.axis`, q.axis, 0, shape.length - 1);
     if (granularity === 'block') blockSize = checkInteger(`${name}.blockSize`, q.blockSize, 1, Number.MAX_SAFE_INTEGER);
+    if (granularity === 'group') {
+      blockSize = checkInteger(`${name}.groups`, q.groups, 1, Math.max(1, shape[axis]));
+      if (shape[axis] % blockSize !== 0) throw invalidValue(`${name}.groups`, `a divisor of ${shape[axis]}`, q.groups);
+    }
   }
   const layout = tensorLayout(shape, granularity, axis, blockSize);
   const { qmin, qmax } = integerRange(bits, signed);

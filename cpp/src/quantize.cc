@@ -243,9 +243,44 @@ int64_t group_ranges(const Exec& exec, const float* x, const QuantLayout& layout
   return nan.load() ? first_nan(x, layout.element_count()) : kNoNaN;
 }
 
+namespace {
+
+// Σ |x - x̂| over finite x, in element order (one definition for every path).
+double abs_error(const float* x, size_t n, float scale, int32_t zp, int32_t qmin, int32_t qmax) {
+  double sum = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!is_finite_value(x[i])) continue;
+    const float e = x[i] - dequantize_value(quantize_value(x[i], scale, zp, qmin, qmax), scale, zp);
+    sum += std::fabs(double(e));
+  }
+  return sum;
+}
+
+double range_error(const QuantizeKernels& k, const float* data, size_t n, float lo, float hi, int32_t qmin,
+                   int32_t qmax, bool symmetric, int norm) {
+  float scale;
+  int32_t zp;
+  params_from_range(lo, hi, qmin, qmax, symmetric, &scale, &zp);
+  return norm == 1 ? abs_error(data, n, scale, zp, qmin, qmax) : k.squared_error(data, n, scale, zp, qmin, qmax);
+}
+
+}  // namespace
+
+void group_errors(const Exec& exec, const float* x, const QuantLayout& layout, const float* lo,
+                  const float* hi, int32_t qmin, int32_t qmax, bool symmetric, int norm, double* out) {
+  const size_t groups = layout.group_count();
+  const unsigned threads = exec.pool->threads_for(groups, exec.threads);
+  std::vector<std::vector<float>> scratch(threads);
+  exec.pool->parallel_for(groups, threads, [&](size_t g, unsigned t) {
+    size_t n;
+    const float* data = group_elements(layout, g, x, scratch[t], &n);
+    out[g] = range_error(*exec.kernels, data, n, lo[g], hi[g], qmin, qmax, symmetric, norm);
+  });
+}
+
 int64_t search_ranges_mse(const Exec& exec, const float* x, const QuantLayout& layout,
                           int32_t qmin, int32_t qmax, bool symmetric, unsigned candidates,
-                          float* lo, float* hi) {
+                          float* lo, float* hi, int norm) {
   const int64_t nan = group_ranges(exec, x, layout, lo, hi);
   if (nan != kNoNaN) return nan;
   const size_t groups = layout.group_count();
@@ -257,11 +292,9 @@ int64_t search_ranges_mse(const Exec& exec, const float* x, const QuantLayout& l
     *chi = hi[g] * ratio;
   };
   auto candidate_error = [&](size_t g, unsigned c, const float* data, size_t n) {
-    float clo, chi, scale;
-    int32_t zp;
+    float clo, chi;
     candidate_range(g, c, &clo, &chi);
-    params_from_range(clo, chi, qmin, qmax, symmetric, &scale, &zp);
-    return k.squared_error(data, n, scale, zp, qmin, qmax);
+    return range_error(k, data, n, clo, chi, qmin, qmax, symmetric, norm);
   };
   auto pick = [&](size_t g, const std::vector<double>& err) {
     unsigned best = 0;
@@ -302,6 +335,43 @@ int64_t search_ranges_mse(const Exec& exec, const float* x, const QuantLayout& l
   for (size_t g = 0; g < groups; ++g)
     if (!(lo[g] <= hi[g])) lo[g] = hi[g] = 0.0f;
   return kNoNaN;
+}
+
+void lsq_forward_tensor(const Exec& exec, const float* v, const QuantLayout& layout, const float* step,
+                        int32_t qn, int32_t qp, float* out) {
+  const PieceGrid grid(layout);
+  const QuantizeKernels& k = *exec.kernels;
+  exec.pool->parallel_for(grid.count(), exec.threads, [&](size_t item, unsigned) {
+    grid.visit(
+        grid.at(item), [&](size_t off, size_t len, size_t g) { k.lsq_forward(v + off, len, step[g], qn, qp, out + off); },
+        [&](size_t off, size_t len, size_t g) {
+          for (size_t i = 0; i < len; ++i) k.lsq_forward(v + off + i, 1, step[g + i], qn, qp, out + off + i);
+        });
+  });
+}
+
+void lsq_backward_tensor(const Exec& exec, const float* v, const float* grad_out, const QuantLayout& layout,
+                         const float* step, int32_t qn, int32_t qp, float* grad_in, double* grad_step) {
+  const PieceGrid grid(layout);
+  const QuantizeKernels& k = *exec.kernels;
+  const size_t groups = layout.group_count();
+  // One partial sum per piece (per element for per-element pieces), added in piece order below.
+  std::vector<std::vector<std::pair<size_t, double>>> partial(grid.count());
+  exec.pool->parallel_for(grid.count(), exec.threads, [&](size_t item, unsigned) {
+    grid.visit(
+        grid.at(item),
+        [&](size_t off, size_t len, size_t g) {
+          partial[item].emplace_back(g, k.lsq_backward(v + off, grad_out + off, len, step[g], qn, qp, grad_in + off));
+        },
+        [&](size_t off, size_t len, size_t g) {
+          for (size_t i = 0; i < len; ++i)
+            partial[item].emplace_back(
+                g + i, k.lsq_backward(v + off + i, grad_out + off + i, 1, step[g + i], qn, qp, grad_in + off + i));
+        });
+  });
+  std::fill_n(grad_step, groups, 0.0);
+  for (const auto& piece : partial)
+    for (const auto& [g, sum] : piece) grad_step[g] += sum;
 }
 
 ErrorStats error_stats(const float* x, const uint8_t* q, bool is_signed, const QuantParams& p) {

@@ -199,6 +199,31 @@ void register_kernel_tests() {
                    return std::string();
                  },
                  skip);
+    harness::add(str("lsq_forward and lsq_backward/", path.name, " match scalar bit for bit (values, gradients, step sums)"),
+                 [k] {
+                   Rng rng(6);
+                   for (int bits : {2, 4, 8})
+                     for (bool s : {true, false}) {
+                       const int32_t qn = s ? (1 << (bits - 1)) : 0, qp = s ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+                       for (size_t n = 0; n <= 300; ++n) {
+                         const float step = n % 2 ? 0.125f : rng.range(0.01f, 0.5f);
+                         auto v = tricky_data(n, step, rng);
+                         for (auto& x : v)
+                           if (!std::isfinite(x) || std::fabs(x) > 1e6f) x = rng.range(-50.0f, 50.0f) * step;
+                         std::vector<float> g(n), want(n), got(n), gw(n), gg(n);
+                         for (auto& x : g) x = rng.range(-1.0f, 1.0f);
+                         ref().lsq_forward(v.data(), n, step, qn, qp, want.data());
+                         k->lsq_forward(v.data(), n, step, qn, qp, got.data());
+                         if (std::memcmp(want.data(), got.data(), n * 4) != 0) return str("forward differs at n=", n);
+                         const double sw = ref().lsq_backward(v.data(), g.data(), n, step, qn, qp, gw.data());
+                         const double sg = k->lsq_backward(v.data(), g.data(), n, step, qn, qp, gg.data());
+                         if (std::memcmp(gw.data(), gg.data(), n * 4) != 0) return str("grad_in differs at n=", n);
+                         if (std::memcmp(&sw, &sg, sizeof(double)) != 0) return str("step gradient differs at n=", n, ": ", sw, " vs ", sg);
+                       }
+                     }
+                   return std::string();
+                 },
+                 skip);
     harness::add(str("squared_error/", path.name, " returns the same double as scalar"),
                  [k] {
                    Rng rng(5);

@@ -38,9 +38,25 @@ int64_t group_ranges(const Exec& exec, const float* x, const QuantLayout& layout
 // over `candidates` shrink ratios r = 1, 1 - 1/c, ..., 1/c of the finite range
 // (the whole range scaled by r, so zero stays inside). lo/hi hold the chosen
 // ranges on return. Returns the index of the first NaN, or kNoNaN.
+// `norm` 2 minimises the squared error (the kernel's squared_error), norm 1
+// the absolute error (GDRQ's L1 quantized loss; scalar, the same on every path).
 int64_t search_ranges_mse(const Exec& exec, const float* x, const QuantLayout& layout,
                           int32_t qmin, int32_t qmax, bool symmetric, unsigned candidates,
-                          float* lo, float* hi);
+                          float* lo, float* hi, int norm = 2);
+
+// Per group, the error of quantizing with the parameters of range [lo[g], hi[g]]:
+// Σ (x - x̂)^2 (norm 2) or Σ |x - x̂| (norm 1) over the group's finite values.
+void group_errors(const Exec& exec, const float* x, const QuantLayout& layout, const float* lo,
+                  const float* hi, int32_t qmin, int32_t qmax, bool symmetric, int norm, double* out);
+
+// LSQ over a 'tensor' or 'channel' layout with one step per group.
+void lsq_forward_tensor(const Exec& exec, const float* v, const QuantLayout& layout, const float* step,
+                        int32_t qn, int32_t qp, float* out);
+// Writes grad_in and, per group, Σ grad_out · ∂v̂/∂step (not yet multiplied by
+// the gradient scale). The sums are the same for every path and thread count:
+// each fixed-size piece is summed by one kernel call, pieces are added in order.
+void lsq_backward_tensor(const Exec& exec, const float* v, const float* grad_out, const QuantLayout& layout,
+                         const float* step, int32_t qn, int32_t qp, float* grad_in, double* grad_step);
 
 struct ErrorStats {
   double squared_error = 0;  // over finite inputs

@@ -37,6 +37,14 @@ struct QuantizeKernels {
   // order: a fixed order, so every path returns the same double.
   double (*squared_error)(const float* x, size_t n, float scale, int32_t zp, int32_t qmin,
                           int32_t qmax);
+  // LSQ forward (Esser et al.): out = roundHalfToEven(clip(v / step, -qn, qp)) · step.
+  void (*lsq_forward)(const float* v, size_t n, float step, int32_t qn, int32_t qp, float* out);
+  // LSQ backward with the straight-through estimator: grad_in = grad_out where
+  // -qn < v/step < qp, else 0; returns Σ grad_out · ∂v̂/∂step with ∂v̂/∂step =
+  // round(v/step) - v/step inside, -qn below, qp above, summed in double in the
+  // same fixed 8-lane order as squared_error.
+  double (*lsq_backward)(const float* v, const float* grad_out, size_t n, float step, int32_t qn,
+                         int32_t qp, float* grad_in);
 };
 
 // Tables of the paths this binary was built with; null when not built.

@@ -74,9 +74,41 @@ double squared_error_ref(const float* x, size_t n, float scale, int32_t zp, int3
   return sum;
 }
 
+void lsq_forward_ref(const float* v, size_t n, float step, int32_t qn, int32_t qp, float* out) {
+  for (size_t i = 0; i < n; ++i) {
+    const float r = std::nearbyint(clamp_like_maxps_minps(v[i] / step, float(-qn), float(qp)));
+    out[i] = r * step;
+  }
+}
+
+double lsq_backward_ref(const float* v, const float* grad_out, size_t n, float step, int32_t qn, int32_t qp,
+                        float* grad_in) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto one = [&](size_t i) -> double {
+    const float q = v[i] / step;
+    float d;
+    if (q <= float(-qn)) {
+      d = float(-qn);
+      grad_in[i] = 0.0f;
+    } else if (q >= float(qp)) {
+      d = float(qp);
+      grad_in[i] = 0.0f;
+    } else {
+      d = std::nearbyint(q) - q;
+      grad_in[i] = grad_out[i];
+    }
+    return double(grad_out[i]) * double(d);
+  };
+  const size_t n8 = n - n % 8;
+  for (size_t i = 0; i < n8; ++i) lane[i % 8] += one(i);
+  double sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (size_t i = n8; i < n; ++i) sum += one(i);
+  return sum;
+}
+
 const QuantizeKernels kScalar = {
     "scalar",         quantize_run_ref, quantize_vec_ref,  dequantize_run_ref,
-    dequantize_vec_ref, finite_range_ref, squared_error_ref,
+    dequantize_vec_ref, finite_range_ref, squared_error_ref, lsq_forward_ref, lsq_backward_ref,
 };
 
 }  // namespace

@@ -201,9 +201,68 @@ double squared_error_avx2(const float* x, size_t n, float scale, int32_t zp, int
   return sum;
 }
 
+void lsq_forward_avx2(const float* v, size_t n, float step, int32_t qn, int32_t qp, float* out) {
+  const __m256 s = _mm256_set1_ps(step), lo = _mm256_set1_ps(float(-qn)), hi = _mm256_set1_ps(float(qp));
+  auto step8 = [&](const float* src, float* dst) {
+    __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(src), s), lo), hi);
+    q = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_ps(dst, _mm256_mul_ps(q, s));
+  };
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) step8(v + i, out + i);
+  if (i < n) {
+    alignas(32) float vb[8] = {}, ob[8];
+    std::memcpy(vb, v + i, (n - i) * sizeof(float));
+    step8(vb, ob);
+    std::memcpy(out + i, ob, (n - i) * sizeof(float));
+  }
+}
+
+double lsq_backward_avx2(const float* v, const float* grad_out, size_t n, float step, int32_t qn, int32_t qp,
+                         float* grad_in) {
+  const __m256 s = _mm256_set1_ps(step), lo = _mm256_set1_ps(float(-qn)), hi = _mm256_set1_ps(float(qp));
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  auto step8 = [&](const float* vp, const float* gp, float* gi) {
+    const __m256 q = _mm256_div_ps(_mm256_loadu_ps(vp), s);
+    const __m256 g = _mm256_loadu_ps(gp);
+    const __m256 below = _mm256_cmp_ps(q, lo, _CMP_LE_OQ), above = _mm256_cmp_ps(q, hi, _CMP_GE_OQ);
+    const __m256 inside = _mm256_andnot_ps(_mm256_or_ps(below, above), _mm256_castsi256_ps(_mm256_set1_epi32(-1)));
+    __m256 d = _mm256_sub_ps(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), q);
+    d = _mm256_blendv_ps(d, lo, below);
+    d = _mm256_blendv_ps(d, hi, above);
+    _mm256_storeu_ps(gi, _mm256_and_ps(g, inside));
+    const __m256d g0 = _mm256_cvtps_pd(_mm256_castps256_ps128(g)), g1 = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+    const __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+    acc0 = _mm256_add_pd(acc0, _mm256_mul_pd(g0, d0));
+    acc1 = _mm256_add_pd(acc1, _mm256_mul_pd(g1, d1));
+  };
+  const size_t n8 = n - n % 8;
+  for (size_t i = 0; i < n8; i += 8) step8(v + i, grad_out + i, grad_in + i);
+  alignas(32) double lane[8];
+  _mm256_store_pd(lane, acc0);
+  _mm256_store_pd(lane + 4, acc1);
+  double sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (size_t i = n8; i < n; ++i) {  // the tail in order, as the reference does
+    const float q = v[i] / step;
+    float d;
+    if (q <= float(-qn)) {
+      d = float(-qn);
+      grad_in[i] = 0.0f;
+    } else if (q >= float(qp)) {
+      d = float(qp);
+      grad_in[i] = 0.0f;
+    } else {
+      d = std::nearbyint(q) - q;
+      grad_in[i] = grad_out[i];
+    }
+    sum += double(grad_out[i]) * double(d);
+  }
+  return sum;
+}
+
 const QuantizeKernels kAvx2 = {
     "avx2",          quantize_run_avx2, quantize_vec_avx2,  dequantize_run_avx2,
-    dequantize_vec_avx2, finite_range_avx2, squared_error_avx2,
+    dequantize_vec_avx2, finite_range_avx2, squared_error_avx2, lsq_forward_avx2, lsq_backward_avx2,
 };
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <utility>
 
 #include "lowbit/quantize_kernels.h"
 #include "lowbit/rounding.h"
@@ -148,9 +149,62 @@ double squared_error_avx512(const float* x, size_t n, float scale, int32_t zp, i
   return sum;
 }
 
+void lsq_forward_avx512(const float* v, size_t n, float step, int32_t qn, int32_t qp, float* out) {
+  const __m512 s = _mm512_set1_ps(step), lo = _mm512_set1_ps(float(-qn)), hi = _mm512_set1_ps(float(qp));
+  for (size_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : tail_mask(n - i);
+    __m512 q = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, v + i), s), lo), hi);
+    q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(q, s));
+  }
+}
+
+double lsq_backward_avx512(const float* v, const float* grad_out, size_t n, float step, int32_t qn, int32_t qp,
+                           float* grad_in) {
+  const __m512 s = _mm512_set1_ps(step), lo = _mm512_set1_ps(float(-qn)), hi = _mm512_set1_ps(float(qp));
+  __m512d acc = _mm512_setzero_pd();
+  auto products = [&](size_t i, __mmask16 m) {
+    const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(m, v + i), s);
+    const __m512 g = _mm512_maskz_loadu_ps(m, grad_out + i);
+    const __mmask16 below = _mm512_cmp_ps_mask(q, lo, _CMP_LE_OQ), above = _mm512_cmp_ps_mask(q, hi, _CMP_GE_OQ);
+    __m512 d = _mm512_sub_ps(_mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), q);
+    d = _mm512_mask_mov_ps(d, below, lo);
+    d = _mm512_mask_mov_ps(d, above, hi);
+    _mm512_mask_storeu_ps(grad_in + i, m, _mm512_maskz_mov_ps(__mmask16(~(below | above)), g));
+    return std::make_pair(g, d);
+  };
+  const size_t n8 = n - n % 8;
+  size_t i = 0;
+  for (; i + 16 <= n8; i += 16) {
+    auto [g, d] = products(i, 0xFFFF);
+    const __m512d g0 = _mm512_cvtps_pd(_mm512_castps512_ps256(g)), d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
+    const __m512d g1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(g), 1)));
+    const __m512d d1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+    acc = _mm512_add_pd(acc, _mm512_mul_pd(g0, d0));
+    acc = _mm512_add_pd(acc, _mm512_mul_pd(g1, d1));
+  }
+  if (i < n8) {
+    auto [g, d] = products(i, 0x00FF);
+    acc = _mm512_add_pd(acc, _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(g)), _mm512_cvtps_pd(_mm512_castps512_ps256(d))));
+    i += 8;
+  }
+  alignas(64) double lane[8];
+  _mm512_store_pd(lane, acc);
+  double sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  if (i < n) {  // the tail (< 8 elements) in order, as the reference does
+    const __mmask16 m = tail_mask(n - i);
+    auto [g, d] = products(i, m);
+    alignas(64) float gs[16], ds[16];
+    _mm512_store_ps(gs, g);
+    _mm512_store_ps(ds, d);
+    for (size_t t = 0; t < n - i; ++t) sum += double(gs[t]) * double(ds[t]);
+  }
+  return sum;
+}
+
 const QuantizeKernels kAvx512 = {
     "avx512",          quantize_run_avx512, quantize_vec_avx512,  dequantize_run_avx512,
-    dequantize_vec_avx512, finite_range_avx512, squared_error_avx512,
+    dequantize_vec_avx512, finite_range_avx512, squared_error_avx512, lsq_forward_avx512, lsq_backward_avx512,
 };
 
 }  // namespace

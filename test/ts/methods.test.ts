@@ -1,0 +1,273 @@
+// The methods of the three papers: ALGORITHMS.md §6 test vectors T5–T13, bad input,
+// the range methods through quantizeTensor, streaming observers, and GDRQ's observation.
+import { expect } from 'chai';
+
+import {
+  aciqAlpha, aciqExpectedMse, ActivationScaleClip, AciqObserver, allocateBits, correctWeightBias, dequantize,
+  expectedOutputShift, foldScalesIntoBatchNorm, HistogramObserver, lambertW0, lsqBackward, lsqGradScale, lsqInitStep,
+  lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
+} from '../../ts';
+import { laplace, rng } from '../helpers/random';
+
+function gaussian(n: number, seed: number): Float32Array {
+  const r = rng(seed);
+  return Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(1 - r())) * Math.cos(2 * Math.PI * r()));
+}
+
+describe('methods: bad input', () => {
+  it('rejects bits outside the range, negative or NaN scale parameters and empty tensors', () => {
+    expect(() => aciqAlpha(0, 'laplace', 1)).to.throw(RangeError, /for bits but received 0/);
+    expect(() => aciqAlpha(4, 'laplace', -1)).to.throw(RangeError, /for scaleParam but received -1/);
+    expect(() => aciqAlpha(4, 'gauss', NaN)).to.throw(RangeError, /for scaleParam but received NaN/);
+    expect(() => aciqAlpha(4, 'cauchy' as never, 1)).to.throw(RangeError, /prior/);
+    expect(() => tensorStats(new Float32Array(0))).to.throw(RangeError, /at least one finite value/);
+    expect(() => lsqQuantize(new Float32Array(2), 0.1, { bits: 9 })).to.throw(RangeError, /\[2, 8\] for options\.bits/);
+    expect(() => lsqQuantize(new Float32Array(2), -0.1, { bits: 4 })).to.throw(RangeError, /for step but received -0\.1/);
+    expect(() => lsqQuantize(new Float32Array(2), NaN, { bits: 4 })).to.throw(RangeError, /for step/);
+    expect(() => lsqInitStep(new Float32Array(0), { bits: 4 })).to.throw(RangeError, /non-empty/);
+    expect(() => scaleClip(new Float32Array(0))).to.throw(RangeError, /non-empty/);
+    expect(() => quantizeTensor(new Float32Array(12), { shape: [6, 2], bits: 1, method: 'aciq' })).to.throw(RangeError, /options\.bits/);
+  });
+  it('groups must divide the channel count, with a suggestion', () => {
+    expect(() => quantizeTensor(new Float32Array(10 * 3), { shape: [10, 3], granularity: 'group', groups: 4 }))
+      .to.throw(RangeError, /divisor of the 10 channels along axis 0 for options\.groups but received 4\. Try 2 or 5\./);
+    expect(() => scaleClip(new Float32Array(9), { shape: [9], groups: 2 })).to.throw(RangeError, /divisor of the 9 channels/);
+  });
+  it('averageBits must lie in [minBits, maxBits]', () => {
+    expect(() => allocateBits([1, 2], 9)).to.throw(RangeError, /\[minBits, maxBits\] = \[2, 8\] for averageBits but received 9/);
+    expect(() => allocateBits([1, 2], 3, { minBits: 4 })).to.throw(RangeError, /for averageBits but received 3/);
+    expect(() => quantizeTensor(new Float32Array(8), { shape: [2, 4], granularity: 'channel', bitAllocation: { averageBits: 1 } }))
+      .to.throw(RangeError, /options\.bitAllocation\.averageBits/);
+    expect(() => quantizeTensor(new Float32Array(8), { shape: [2, 4], bitAllocation: { averageBits: 4 } }))
+      .to.throw(RangeError, /'channel' with bitAllocation/);
+  });
+});
+
+describe('ACIQ', () => {
+  it('T5: Laplace constants are W0(3·4^M) and match the table to 1e-6', () => {
+    const table = [1.86281686, 2.83068299, 3.89722946, 5.02864014, 6.20476633, 7.41312621, 8.64561998, 9.89675977];
+    table.forEach((want, i) => expect(aciqAlpha(i + 1, 'laplace', 1)).to.be.closeTo(want, 1e-6));
+    expect(lambertW0(48)).to.be.closeTo(2.83068299, 1e-8);
+    expect(lambertW0(768)).to.be.closeTo(5.02864014, 1e-8);
+    expect(aciqExpectedMse('laplace', aciqAlpha(4, 'laplace', 1), 1, 4)).to.be.closeTo(0.0460215, 1e-6);
+  });
+  it('T6: Gaussian constants solve the first-order condition and match the table to 1e-6', () => {
+    const table = [1.23990529, 1.71063517, 2.15159269, 2.55913644, 2.93620067, 3.28691481, 3.61511437, 3.92403579];
+    table.forEach((want, i) => expect(aciqAlpha(i + 1, 'gauss', 1)).to.be.closeTo(want, 1e-6));
+    expect(aciqExpectedMse('gauss', aciqAlpha(4, 'gauss', 1), 1, 4)).to.be.closeTo(0.0104933, 1e-6);
+  });
+  it('one-sided tensors use the (M+1)-bit constant', () => {
+    expect(aciqAlpha(3, 'laplace', 2, { oneSided: true })).to.be.closeTo(2 * 5.02864014, 1e-6);
+  });
+  it('T7: statistics b = mean|x - mean| and unbiased σ', () => {
+    const s = tensorStats(new Float32Array([1, -1, 3, -3]));
+    expect(s.laplaceB).to.equal(2);
+    expect(s.sigma).to.be.closeTo(2.581988897, 1e-9);
+    expect(aciqAlpha(4, 'laplace', s.laplaceB)).to.be.closeTo(10.05728028, 1e-6);
+    expect(aciqAlpha(4, 'gauss', s.sigma)).to.be.closeTo(6.607661875, 1e-6);
+  });
+  it("quantizeTensor method 'aciq' clips heavy tails and beats minmax at 4 bits, per tensor and per channel", () => {
+    const x = laplace(40_000, 3);
+    const mm = quantizationError(x, quantizeTensor(x, { shape: [x.length], bits: 4 }));
+    for (const prior of ['laplace', 'gauss', 'auto'] as const) {
+      const e = quantizationError(x, quantizeTensor(x, { shape: [x.length], bits: 4, method: 'aciq', prior }));
+      expect(e.mse, prior).to.be.lessThan(mm.mse);
+    }
+    const w = laplace(64 * 200, 4);
+    const c1 = quantizationError(w, quantizeTensor(w, { shape: [64, 200], granularity: 'channel', bits: 4 }));
+    const c2 = quantizationError(w, quantizeTensor(w, { shape: [64, 200], granularity: 'channel', bits: 4, method: 'aciq', prior: 'auto' }));
+    expect(c2.mse).to.be.lessThan(c1.mse);
+  });
+  it("prior 'auto' is never worse than minmax on measured MSE, even on uniform data at 8 bits", () => {
+    const r = rng(5);
+    for (const bits of [2, 3, 4, 8]) {
+      const u = Float32Array.from({ length: 5000 }, () => r() * 2 - 1);
+      const mm = quantizationError(u, quantizeTensor(u, { shape: [u.length], bits })).mse;
+      const auto = quantizationError(u, quantizeTensor(u, { shape: [u.length], bits, method: 'aciq', prior: 'auto' })).mse;
+      expect(auto, `bits ${bits}`).to.be.at.most(mm);
+    }
+  });
+});
+
+describe('per-channel bit allocation', () => {
+  it('T8: bins ∝ α^(2/3), rounded; the target is adjusted until the mean is right', () => {
+    expect(Array.from(allocateBits([1, 8], 4))).to.deep.equal([3, 5]);
+    const four = Array.from(allocateBits([1, 1, 1, 27], 4));
+    expect(four.reduce((a, b) => a + b, 0) / 4).to.equal(4);
+    expect(four[3]).to.be.greaterThan(four[0]);
+  });
+  it('quantizeTensor with bitAllocation gives each channel its own bits, with the mean on target', () => {
+    const r = rng(9);
+    const channels = 8;
+    const w = Float32Array.from({ length: channels * 64 }, (_, i) => (r() - 0.5) * (1 + Math.floor(i / 64)) ** 2);
+    const q = quantizeTensor(w, { shape: [channels, 64], granularity: 'channel', bitAllocation: { averageBits: 4 } });
+    const bits = Array.from(q.channelBits!);
+    expect(bits.reduce((a, b) => a + b, 0) / channels).to.be.closeTo(4, 0.13);
+    expect(bits[channels - 1]).to.be.greaterThan(bits[0]);
+    for (let c = 0; c < channels; c++) {
+      for (let i = 0; i < 64; i++) {
+        const v = q.values[c * 64 + i];
+        expect(v).to.be.within(-(2 ** (bits[c] - 1)), 2 ** (bits[c] - 1) - 1);
+      }
+    }
+    expect(quantizationError(w, q).sqnrDb).to.be.greaterThan(10);
+  });
+});
+
+describe('bias correction', () => {
+  const w = new Float32Array([0.30, -0.10, 0.25, 0.05, 0.12, -0.22]);
+  const wq = new Float32Array([0.3, -0.1, 0.2, 0.0, 0.1, -0.2]);
+  it('T9: the code order restores the channel mean and std; the paper formula as an option', () => {
+    const code = correctWeightBias(w, wq, { shape: [1, 6] });
+    [0.33468408, -0.09414378, 0.22747711, 0.01306318, 0.12027015, -0.20135075].forEach((v, i) => expect(code[i]).to.be.closeTo(v, 2e-7));
+    const paper = correctWeightBias(w, wq, { shape: [1, 6], method: 'paper' });
+    [0.33948872, -0.08933914, 0.23228176, 0.01786783, 0.12507479, -0.19654610].forEach((v, i) => expect(paper[i]).to.be.closeTo(v, 2e-7));
+  });
+  it('the data-driven output shift is E[W x] − E[Ŵ x̂] per output channel', () => {
+    const shift = expectedOutputShift(new Float32Array([1, 2, 3, 4]), new Float32Array([1, 2, 3, 3.5]), [2, 2], [0.5, 2]);
+    expect(Array.from(shift)).to.deep.equal([0, 1]);
+  });
+});
+
+describe('calibration observers (streaming)', () => {
+  it('keep a fixed state size however many batches they see, and merge', () => {
+    const h = new HistogramObserver();
+    const m = new MinMaxObserver();
+    const a = new AciqObserver();
+    for (let b = 0; b < 50; b++) {
+      const batch = laplace(1000, b, 1 + b / 10);
+      h.observe(batch);
+      m.observe(batch);
+      a.observe(batch);
+    }
+    expect(h.counts.length).to.equal(2048);
+    expect(h.total).to.equal(50_000);
+    const h2 = new HistogramObserver().observe(laplace(1000, 99, 50));
+    const total = h.total + h2.total;
+    h.merge(h2);
+    expect(h.total).to.equal(total);
+    expect(h.counts.reduce((x, y) => x + y, 0)).to.equal(total);
+    expect(m.range().hi).to.be.greaterThan(0);
+    const r = a.range(4, 'laplace');
+    expect(r.hi).to.be.lessThan(m.range().hi);
+  });
+  it('percentile and KL ranges clip heavy tails; the moving-average min/max follows batches', () => {
+    const h = new HistogramObserver().observe(laplace(100_000, 7));
+    const p = h.percentileRange(99);
+    expect(p.hi).to.be.closeTo(Math.log(100), 0.2);  // |Laplace(1)| 99th percentile = ln 100
+    const kl = h.klRange();
+    expect(kl.hi).to.be.lessThan(h.max).and.greaterThan(1);
+    const ema = new MinMaxObserver({ movingAverage: 0.5 });
+    ema.observe(Float32Array.of(0, 10)).observe(Float32Array.of(0, 20));
+    expect(ema.range().hi).to.equal(15);
+  });
+});
+
+describe('LSQ', () => {
+  it('T10: forward values and gradients (signed 4-bit, s = 0.1 and the tie case)', () => {
+    const cases: Array<[number, number, number, number, number]> = [
+      [0.37, 0.1, 0.4, 0.3, 1], [0.149, 0.1, 0.1, -0.49, 1], [0.151, 0.1, 0.2, 0.49, 1],
+      [-0.3125, 0.125, -0.25, 0.5, 1], [1.0, 0.1, 0.7, 7, 0], [-1.0, 0.1, -0.8, -8, 0],
+    ];
+    for (const [v, s, vhat, dstep, dv] of cases) {
+      const x = Float32Array.of(v);
+      expect(lsqQuantize(x, s, { bits: 4 })[0]).to.be.closeTo(vhat, 1e-6);
+      const { gradInput, gradStep } = lsqBackward(x, s, Float32Array.of(1), { bits: 4, gradScale: 1 });
+      expect(gradStep as number, `v=${v}`).to.be.closeTo(dstep, 1e-5);
+      expect(gradInput[0]).to.equal(dv);
+    }
+    const u: Array<[number, number, number, number]> = [[0.49, 0, -0.49, 1], [0.51, 1, 0.49, 1], [2.5, 2, -0.5, 1], [3.7, 3, 3, 0]];
+    for (const [v, vhat, dstep, dv] of u) {
+      expect(lsqQuantize(Float32Array.of(v), 1, { bits: 2, signed: false })[0]).to.equal(vhat);
+      const g = lsqBackward(Float32Array.of(v), 1, Float32Array.of(1), { bits: 2, signed: false, gradScale: 1 });
+      expect(g.gradStep as number).to.be.closeTo(dstep, 1e-6);
+      expect(g.gradInput[0]).to.equal(dv);
+    }
+  });
+  it('T11: gradient scale and initial step', () => {
+    expect(lsqGradScale(589_824, 4)).to.be.closeTo(4.9214124e-4, 1e-9);
+    expect(lsqGradScale(589_824, 2)).to.be.closeTo(1.3020833e-3, 1e-9);
+    expect(lsqInitStep(new Float32Array([0.1, -0.2, 0.3, -0.4]), { bits: 4 })).to.be.closeTo(0.18898224, 1e-7);
+    expect(lsqInitStep(new Float32Array([0.1, -0.2, 0.3, -0.4]), { bits: 2 })).to.be.closeTo(0.5, 1e-7);
+    expect(lsqInitStep(new Float32Array([0, 0.5, 1, 2.5]), { bits: 4, signed: false })).to.be.closeTo(0.51639778, 1e-7);
+  });
+  it('per-channel steps and every kernel agree bit for bit', () => {
+    const v = laplace(3 * 1000, 11);
+    const steps = Float32Array.of(0.1, 0.2, 0.3);
+    const g = laplace(3 * 1000, 12);
+    const want = lsqBackward(v, steps, g, { bits: 3, shape: [3, 1000], kernel: 'scalar' });
+    for (const kernel of ['avx512', 'avx2']) {
+      try {
+        const got = lsqBackward(v, steps, g, { bits: 3, shape: [3, 1000], kernel });
+        expect(Array.from(got.gradStep as Float64Array)).to.deep.equal(Array.from(want.gradStep as Float64Array));
+        expect(Array.from(got.gradInput)).to.deep.equal(Array.from(want.gradInput));
+      } catch (e) {
+        if (!/options\.kernel/.test((e as Error).message)) throw e;
+      }
+    }
+    const f = lsqQuantize(v, steps, { bits: 3, shape: [3, 1000] });
+    expect(f[1500] / 0.2).to.be.closeTo(Math.round(f[1500] / 0.2), 1e-5);
+  });
+});
+
+describe('GDRQ', () => {
+  it('T12: Scale-Clip with k = 2 and the 2-bit codes on a grid of step T', () => {
+    const w = new Float32Array([0.1, -0.5, 0.2, 2.0, -0.3, 0.4]);
+    const { clipped, thresholds } = scaleClip(w);
+    expect(thresholds[0]).to.be.closeTo(1.1666667, 1e-6);
+    expect(clipped[3]).to.be.closeTo(1.1666667, 1e-6);
+    const q = quantizeTensor(clipped, { shape: [6], bits: 2, scale: thresholds[0] });
+    expect(Array.from(q.values)).to.deep.equal([0, 0, 0, 1, 0, 0]);
+    const groups = scaleClip(new Float32Array([1, -1, 4, 4]), { shape: [4], groups: 2 });
+    expect(Array.from(groups.thresholds)).to.deep.equal([2, 8]);
+  });
+  it('T13: folding a group scale into batch normalization', () => {
+    const { gain, shift } = foldScalesIntoBatchNorm({ gamma: [1.5], beta: [0.2], mean: [0.1], variance: [4], epsilon: 0 }, [0.05]);
+    expect(gain[0]).to.be.closeTo(0.0375, 1e-12);
+    expect(shift[0]).to.be.closeTo(0.125, 1e-12);
+    expect(gain[0] * 7 + shift[0]).to.be.closeTo(0.3875, 1e-12);
+  });
+  it('the activation Scale-Clip keeps a running threshold with k = 3', () => {
+    const clip = new ActivationScaleClip({ momentum: 0.5 });
+    expect(clip.update(Float32Array.of(1, -1))).to.equal(3);
+    expect(clip.update(Float32Array.of(2, -2))).to.equal(4.5);
+    expect(Array.from(clip.apply(Float32Array.of(10, -1)))).to.deep.equal([4.5, -1]);
+  });
+  it("granularity 'group' gives each contiguous channel group its own clip (L1 search by default)", () => {
+    const w = laplace(8 * 50, 21);
+    for (let i = 200; i < 400; i++) w[i] *= 10;  // the second half of the channels is larger
+    const q = quantizeTensor(w, { shape: [8, 50], granularity: 'group', groups: 2, bits: 4 });
+    expect(q.scaleShape).to.deep.equal([2]);
+    expect(q.scale[1]).to.be.greaterThan(5 * q.scale[0]);
+    const back = dequantize(q);
+    expect(back.length).to.equal(w.length);
+  });
+  it("the paper's observation: at 4 bits with L1 loss, Laplace > Gaussian > uniform in loss, optimal α the other way", () => {
+    const n = 100_000;
+    const r = rng(31);
+    const samples = {
+      laplace: laplace(n, 32),
+      gauss: gaussian(n, 33),
+      uniform: Float32Array.from({ length: n }, () => r() * 2 - 1),
+    };
+    const result: Record<string, { loss: number; alpha: number }> = {};
+    for (const [name, raw] of Object.entries(samples)) {
+      let max = 0;
+      for (const v of raw) max = Math.max(max, Math.abs(v));
+      const x = raw.map((v) => (v * 10) / max);  // span ±10 as in the paper's figure
+      const q = quantizeTensor(x, { shape: [n], bits: 4, method: 'mse', norm: 1 });
+      const back = dequantize(q);
+      let num = 0;
+      let den = 0;
+      for (let i = 0; i < n; i++) {
+        num += Math.abs(x[i] - back[i]);
+        den += Math.abs(x[i]);
+      }
+      result[name] = { loss: num / den, alpha: q.scale[0] * 7 };
+    }
+    expect(result.laplace.loss).to.be.greaterThan(result.gauss.loss);
+    expect(result.gauss.loss).to.be.greaterThan(result.uniform.loss);
+    expect(result.laplace.alpha).to.be.lessThan(result.gauss.alpha);
+    expect(result.gauss.alpha).to.be.lessThan(result.uniform.alpha);
+  });
+});

@@ -1,0 +1,302 @@
+/**
+ * Streaming calibration observers: each keeps a fixed amount of state, however
+ * many batches it sees (memory does not grow with the number of batches), and
+ * can be merged with another observer of the same kind.
+ *
+ *  - MinMaxObserver: running min/max, or an exponential moving average of the
+ *    per-batch min/max (onnxruntime's CalibMovingAverage).
+ *  - HistogramObserver: histogram of |x| with `bins` bins over [0, R], R a power
+ *    of two that doubles as needed (re-binning merges 2^k old bins into one,
+ *    exactly); ranges by percentile, by KL divergence (TensorRT entropy
+ *    calibration: 2048 bins, 128 quantized levels) or by MSE over the histogram.
+ *  - AciqObserver: per-batch mean, Laplace b and σ averaged over batches
+ *    (weighted by count; the authors average per-batch statistics), global
+ *    min/max, and the ACIQ clip range from them.
+ */
+import { invalidType, invalidValue } from '../errors';
+import { aciqRange, type AciqPrior } from '../methods/aciq';
+
+export interface Range {
+  lo: number;
+  hi: number;
+}
+
+function checkBatch(batch: unknown): Float32Array {
+  if (!(batch instanceof Float32Array)) throw invalidType('batch', 'a Float32Array', batch);
+  return batch;
+}
+
+function batchMinMax(batch: Float32Array): { min: number; max: number; finite: number } {
+  let min = Infinity;
+  let max = -Infinity;
+  let finite = 0;
+  for (let i = 0; i < batch.length; i++) {
+    const v = batch[i];
+    if (Number.isNaN(v)) throw invalidValue(`batch[${i}]`, 'a number', v, 'Remove NaN values before calibration.');
+    if (!Number.isFinite(v)) continue;
+    finite++;
+    if (v < min) min = v;
+    if (v > max) max = v;
+  }
+  return { min, max, finite };
+}
+
+export class MinMaxObserver {
+  private min = Infinity;
+  private max = -Infinity;
+  private batches = 0;
+
+  /** @param options.movingAverage - if set (0 < c <= 1), min/max follow avg += c·(batch - avg). */
+  constructor(private readonly options: { movingAverage?: number } = {}) {
+    const c = options.movingAverage;
+    if (c !== undefined && !(c > 0 && c <= 1)) throw invalidValue('options.movingAverage', 'a number in (0, 1]', c);
+  }
+
+  observe(batch: Float32Array): this {
+    const { min, max, finite } = batchMinMax(checkBatch(batch));
+    if (finite === 0) return this;
+    const c = this.options.movingAverage;
+    if (c === undefined || this.batches === 0) {
+      this.min = Math.min(this.min, min);
+      this.max = Math.max(this.max, max);
+    } else {
+      this.min += c * (min - this.min);
+      this.max += c * (max - this.max);
+    }
+    this.batches++;
+    return this;
+  }
+
+  merge(other: MinMaxObserver): this {
+    this.min = Math.min(this.min, other.min);
+    this.max = Math.max(this.max, other.max);
+    this.batches += other.batches;
+    return this;
+  }
+
+  range(): Range {
+    if (this.batches === 0) throw invalidValue('observer', 'at least one observed batch with finite values', 'none');
+    return { lo: this.min, hi: this.max };
+  }
+}
+
+export class HistogramObserver {
+  readonly bins: number;
+  /** Counts of |x| per bin over [0, limit). */
+  readonly counts: Float64Array;
+  /** Upper end of the histogram: a power of two (0 before any non-zero value). */
+  limit = 0;
+  min = Infinity;
+  max = -Infinity;
+  total = 0;
+
+  constructor(options: { bins?: number } = {}) {
+    const bins = options.bins ?? 2048;
+    if (!Number.isInteger(bins) || bins < 128 || bins % 128 !== 0) throw invalidValue('options.bins', 'a multiple of 128, at least 128', bins);
+    this.bins = bins;
+    this.counts = new Float64Array(bins);
+  }
+
+  private grow(maxAbs: number): void {
+    if (maxAbs <= this.limit) return;
+    let limit = this.limit === 0 ? 2 ** Math.ceil(Math.log2(maxAbs)) : this.limit;
+    if (limit < maxAbs) limit *= 2;  // guard against log2 rounding
+    while (limit < maxAbs) limit *= 2;
+    if (this.limit > 0) {
+      const factor = limit / this.limit;  // a power of two: old bins nest exactly
+      for (let i = 0; i < this.bins; i++) {
+        const c = this.counts[i];
+        this.counts[i] = 0;
+        this.counts[Math.floor(i / factor)] += c;
+      }
+    }
+    this.limit = limit;
+  }
+
+  observe(batch: Float32Array): this {
+    const { min, max, finite } = batchMinMax(checkBatch(batch));
+    if (finite === 0) return this;
+    this.min = Math.min(this.min, min);
+    this.max = Math.max(this.max, max);
+    this.grow(Math.max(Math.abs(min), Math.abs(max)));
+    const scale = this.limit > 0 ? this.bins / this.limit : 0;
+    for (let i = 0; i < batch.length; i++) {
+      const v = batch[i];
+      if (!Number.isFinite(v)) continue;
+      const b = Math.min(this.bins - 1, Math.floor(Math.abs(v) * scale));
+      this.counts[b]++;
+    }
+    this.total += finite;
+    return this;
+  }
+
+  merge(other: HistogramObserver): this {
+    if (other.bins !== this.bins) throw invalidValue('other.bins', `${this.bins} bins`, other.bins);
+    if (other.total === 0) return this;
+    this.grow(other.limit);
+    const factor = this.limit / other.limit;
+    for (let i = 0; i < other.bins; i++) this.counts[Math.floor(i / factor)] += other.counts[i];
+    this.min = Math.min(this.min, other.min);
+    this.max = Math.max(this.max, other.max);
+    this.total += other.total;
+    return this;
+  }
+
+  private check(): void {
+    if (this.total === 0) throw invalidValue('observer', 'at least one observed finite value', 'none');
+  }
+
+  private clip(threshold: number): Range {
+    return { lo: Math.max(this.min, -threshold), hi: Math.min(this.max, threshold) };
+  }
+
+  /** The range that keeps `percentile` percent of |x| (e.g. 99.99). */
+  percentileRange(percentile = 99.99): Range {
+    this.check();
+    if (!(percentile > 0 && percentile <= 100)) throw invalidValue('percentile', 'a number in (0, 100]', percentile);
+    const target = (this.total * percentile) / 100;
+    let cumulative = 0;
+    const width = this.limit / this.bins;
+    for (let i = 0; i < this.bins; i++) {
+      cumulative += this.counts[i];
+      if (cumulative >= target) return this.clip((i + 1) * width);
+    }
+    return this.clip(this.limit);
+  }
+
+  /**
+   * TensorRT-style entropy calibration: the threshold (a bin edge from
+   * `levels` bins up) whose clipped, `levels`-level quantized distribution has the
+   * smallest KL divergence from the clipped reference distribution.
+   */
+  klRange(levels = 128): Range {
+    this.check();
+    const h = this.counts;
+    const nb = this.bins;
+    if (this.limit === 0) return { lo: 0, hi: 0 };
+    let bestKl = Infinity;
+    let bestI = nb;
+    const p = new Float64Array(nb);
+    const q = new Float64Array(nb);
+    const suffix = new Float64Array(nb + 1);
+    for (let i = nb - 1; i >= 0; i--) suffix[i] = suffix[i + 1] + h[i];
+    for (let i = levels; i <= nb; i++) {
+      for (let j = 0; j < i; j++) p[j] = h[j];
+      p[i - 1] += suffix[i];
+      // Merge the i reference bins into `levels` groups, then spread each group's
+      // mass evenly over its non-empty bins.
+      const merged = i / levels;
+      for (let g = 0; g < levels; g++) {
+        const start = Math.floor(g * merged);
+        const stop = g === levels - 1 ? i : Math.floor((g + 1) * merged);
+        let mass = 0;
+        let nonzero = 0;
+        for (let j = start; j < stop; j++) {
+          mass += h[j];
+          if (h[j] !== 0) nonzero++;
+        }
+        for (let j = start; j < stop; j++) q[j] = h[j] !== 0 ? mass / nonzero : 0;
+      }
+      const kl = klDivergence(p, q, i);
+      if (kl < bestKl) {
+        bestKl = kl;
+        bestI = i;
+      }
+    }
+    return this.clip((bestI * this.limit) / nb);
+  }
+
+  /** The symmetric clip (ratios 1, 0.99, …, 0.01 of max|x|) with the least squared error, estimated from bin centres. */
+  mseRange(bits: number, candidates = 100): Range {
+    this.check();
+    const width = this.limit / this.bins;
+    const maxAbs = Math.max(Math.abs(this.min), Math.abs(this.max));
+    const levels = 2 ** (bits - 1) - 1 || 1;
+    let best = { error: Infinity, t: maxAbs };
+    for (let c = 0; c < candidates; c++) {
+      const t = (maxAbs * (candidates - c)) / candidates;
+      const step = t / levels;
+      let error = 0;
+      for (let i = 0; i < this.bins; i++) {
+        if (this.counts[i] === 0) continue;
+        const x = (i + 0.5) * width;
+        const q = Math.min(levels, Math.round(x / step)) * step;
+        error += this.counts[i] * (x - q) * (x - q);
+      }
+      if (error < best.error) best = { error, t };
+    }
+    return this.clip(best.t);
+  }
+}
+
+// KL(p || q) over the first n bins, both normalised, with p's empty bins skipped
+// and q smoothed where p has mass but q has none.
+function klDivergence(p: Float64Array, q: Float64Array, n: number): number {
+  let ps = 0;
+  let qs = 0;
+  for (let j = 0; j < n; j++) {
+    ps += p[j];
+    qs += q[j];
+  }
+  if (ps === 0 || qs === 0) return Infinity;
+  const eps = 1e-4 / n;
+  let kl = 0;
+  for (let j = 0; j < n; j++) {
+    if (p[j] === 0) continue;
+    const pj = p[j] / ps;
+    const qj = Math.max(q[j] / qs, eps);
+    kl += pj * Math.log(pj / qj);
+  }
+  return kl;
+}
+
+export class AciqObserver {
+  private count = 0;
+  private mean = 0;
+  private laplaceB = 0;
+  private sigma = 0;
+  private min = Infinity;
+  private max = -Infinity;
+
+  observe(batch: Float32Array): this {
+    const x = checkBatch(batch);
+    const { min, max, finite } = batchMinMax(x);
+    if (finite === 0) return this;
+    let sum = 0;
+    for (let i = 0; i < x.length; i++) if (Number.isFinite(x[i])) sum += x[i];
+    const mean = sum / finite;
+    let abs = 0;
+    let sq = 0;
+    for (let i = 0; i < x.length; i++) {
+      const v = x[i];
+      if (!Number.isFinite(v)) continue;
+      abs += Math.abs(v - mean);
+      sq += (v - mean) * (v - mean);
+    }
+    this.accumulate(finite, mean, abs / finite, finite > 1 ? Math.sqrt(sq / (finite - 1)) : 0, min, max);
+    return this;
+  }
+
+  private accumulate(n: number, mean: number, b: number, sigma: number, min: number, max: number): void {
+    const total = this.count + n;
+    this.mean += ((mean - this.mean) * n) / total;
+    this.laplaceB += ((b - this.laplaceB) * n) / total;
+    this.sigma += ((sigma - this.sigma) * n) / total;
+    this.count = total;
+    this.min = Math.min(this.min, min);
+    this.max = Math.max(this.max, max);
+  }
+
+  merge(other: AciqObserver): this {
+    if (other.count > 0) this.accumulate(other.count, other.mean, other.laplaceB, other.sigma, other.min, other.max);
+    return this;
+  }
+
+  /** ACIQ clip range for `bits` (one-sided when every value seen was >= 0 unless told). */
+  range(bits: number, prior: AciqPrior | 'auto' = 'laplace', oneSided?: boolean): Range {
+    if (this.count === 0) throw invalidValue('observer', 'at least one observed finite value', 'none');
+    const stats = { count: this.count, mean: this.mean, laplaceB: this.laplaceB, sigma: this.sigma, min: this.min, max: this.max };
+    const r = aciqRange(stats, bits, prior, oneSided ?? this.min >= 0);
+    return { lo: r.lo, hi: r.hi };
+  }
+}

@@ -1,0 +1,141 @@
+/**
+ * ACIQ, analytical clipping for integer quantization (Banner, Nahshan, Soudry,
+ * NeurIPS 2019): the clip α that minimises the expected squared error of a
+ * Laplace or Gaussian tensor quantized to M bits with 2^M bins over [-α, α]
+ * (ALGORITHMS.md §2). Noise model: clipping error of the tails plus
+ * α² / (3·4^M) of rounding noise.
+ *  - Laplace(b): MSE = 2b²·e^(-α/b) + α²/(3·4^M); optimum α/b = W0(3·4^M).
+ *  - Gauss(σ):   MSE = (α² + σ²)·erfc(α/(√2σ)) - √(2/π)·α·σ·e^(-α²/2σ²) + α²/(3·4^M);
+ *                optimum from α·[erfc(α/√2σ) + 1/(3·4^M)] = √(2/π)·σ·e^(-α²/2σ²), solved once per M.
+ *  - One-sided (post-ReLU) tensors use the (M+1)-bit constant (half the range, same bins).
+ */
+import { invalidType, invalidValue } from '../errors';
+import { bisect, erfc, lambertW0 } from './special';
+
+export type AciqPrior = 'laplace' | 'gauss';
+
+function checkBits(bits: unknown, name = 'bits'): number {
+  if (typeof bits !== 'number') throw invalidType(name, 'an integer in [1, 16]', bits);
+  if (!Number.isInteger(bits) || bits < 1 || bits > 16) throw invalidValue(name, 'an integer in [1, 16] (ACIQ is defined for 2..8-bit quantizers)', bits);
+  return bits;
+}
+
+function checkScaleParam(name: string, v: unknown): number {
+  if (typeof v !== 'number') throw invalidType(name, 'a non-negative finite number (b for Laplace, σ for Gauss)', v);
+  if (!(v >= 0) || !Number.isFinite(v)) throw invalidValue(name, 'a non-negative finite number (b for Laplace, σ for Gauss)', v);
+  return v;
+}
+
+const laplaceCache = new Map<number, number>();
+const gaussCache = new Map<number, number>();
+
+/** Optimal α / b for a Laplace prior at M bits: W0(3·4^M). */
+export function aciqLaplaceConstant(bits: number): number {
+  checkBits(bits);
+  let c = laplaceCache.get(bits);
+  if (c === undefined) {
+    c = lambertW0(3 * 4 ** bits);
+    laplaceCache.set(bits, c);
+  }
+  return c;
+}
+
+/** Optimal α / σ for a Gaussian prior at M bits: the root of the first-order condition. */
+export function aciqGaussConstant(bits: number): number {
+  checkBits(bits);
+  let c = gaussCache.get(bits);
+  if (c === undefined) {
+    const noise = 1 / (3 * 4 ** bits);
+    const foc = (a: number) => a * (erfc(a / Math.SQRT2) + noise) - Math.sqrt(2 / Math.PI) * Math.exp((-a * a) / 2);
+    c = bisect(foc, 1e-6, 20);
+    gaussCache.set(bits, c);
+  }
+  return c;
+}
+
+/** Analytic expected squared error of clipping at α and quantizing to `bits` (ACIQ's model). */
+export function aciqExpectedMse(prior: AciqPrior, alpha: number, scaleParam: number, bits: number): number {
+  const noise = (alpha * alpha) / (3 * 4 ** bits);
+  if (scaleParam === 0) return noise;
+  if (prior === 'laplace') return 2 * scaleParam * scaleParam * Math.exp(-alpha / scaleParam) + noise;
+  const s = scaleParam;
+  return (alpha * alpha + s * s) * erfc(alpha / (Math.SQRT2 * s)) -
+    Math.sqrt(2 / Math.PI) * alpha * s * Math.exp((-alpha * alpha) / (2 * s * s)) + noise;
+}
+
+/**
+ * The MSE-optimal clip α (distance from the mean) for a `bits`-bit quantizer.
+ * @param scaleParam Laplace b (mean |x - mean|) or Gaussian σ.
+ * @example
+ * aciqAlpha(4, 'laplace', 1)  // 5.02864014 (= W0(768))
+ */
+export function aciqAlpha(bits: number, prior: AciqPrior, scaleParam: number, options?: { oneSided?: boolean }): number {
+  checkBits(bits);
+  if (prior !== 'laplace' && prior !== 'gauss') throw invalidValue('prior', "'laplace' or 'gauss'", prior);
+  const b = checkScaleParam('scaleParam', scaleParam);
+  const m = options?.oneSided ? bits + 1 : bits;
+  return b * (prior === 'laplace' ? aciqLaplaceConstant(m) : aciqGaussConstant(m));
+}
+
+export interface TensorStats {
+  count: number;
+  mean: number;
+  /** Laplace scale: mean |x - mean|. */
+  laplaceB: number;
+  /** Unbiased standard deviation. */
+  sigma: number;
+  min: number;
+  max: number;
+}
+
+/** Mean, Laplace b = mean|x - mean|, unbiased σ, min and max of the finite values (ALGORITHMS.md §2.5). */
+export function tensorStats(x: ArrayLike<number>, name = 'x'): TensorStats {
+  let n = 0;
+  let sum = 0;
+  let min = Infinity;
+  let max = -Infinity;
+  for (let i = 0; i < x.length; i++) {
+    const v = x[i];
+    if (Number.isNaN(v)) throw invalidValue(`${name}[${i}]`, 'a number', v, 'Remove NaN values first.');
+    if (!Number.isFinite(v)) continue;
+    n++;
+    sum += v;
+    if (v < min) min = v;
+    if (v > max) max = v;
+  }
+  if (n === 0) throw invalidValue(name, 'at least one finite value (the statistics are undefined otherwise)', x);
+  const mean = sum / n;
+  let abs = 0;
+  let sq = 0;
+  for (let i = 0; i < x.length; i++) {
+    const v = x[i];
+    if (!Number.isFinite(v)) continue;
+    abs += Math.abs(v - mean);
+    sq += (v - mean) * (v - mean);
+  }
+  return { count: n, mean, laplaceB: abs / n, sigma: n > 1 ? Math.sqrt(sq / (n - 1)) : 0, min, max };
+}
+
+export interface AciqChoice {
+  prior: AciqPrior;
+  alpha: number;
+  /** Clip range: [max(min, mean - α), min(max, mean + α)], or [0, max(mean, 0) + α] one-sided. */
+  lo: number;
+  hi: number;
+  expectedMse: number;
+}
+
+/** ACIQ clip range of a tensor (or one group) from its statistics, for one prior or the analytic best ('auto'). */
+export function aciqRange(stats: TensorStats, bits: number, prior: AciqPrior | 'auto', oneSided: boolean): AciqChoice {
+  const candidates: AciqPrior[] = prior === 'auto' ? ['laplace', 'gauss'] : [prior];
+  let best: AciqChoice | undefined;
+  for (const p of candidates) {
+    const scale = p === 'laplace' ? stats.laplaceB : stats.sigma;
+    const alpha = aciqAlpha(bits, p, scale, { oneSided });
+    const expectedMse = aciqExpectedMse(p, alpha, scale, oneSided ? bits + 1 : bits);
+    const lo = oneSided ? 0 : Math.max(stats.min, stats.mean - alpha);
+    const hi = oneSided ? Math.min(stats.max, Math.max(stats.mean, 0) + alpha) : Math.min(stats.max, stats.mean + alpha);
+    if (!best || expectedMse < best.expectedMse) best = { prior: p, alpha, lo, hi, expectedMse };
+  }
+  return best!;
+}

@@ -1,0 +1,50 @@
+/**
+ * The elements of each parameter group of a layout (see ts/quant-params.ts),
+ * gathered into a contiguous array: the TypeScript twin of group_elements in
+ * cpp/src/quantize.cc, for the methods that compute statistics per group.
+ */
+import type { NativeLayout } from '../native';
+
+export function groupCount(layout: NativeLayout): number {
+  if (layout.kind === 0) return 1;
+  if (layout.kind === 1) return layout.axisLen;
+  return layout.outer * Math.ceil(layout.axisLen / layout.blockSize) * layout.inner;
+}
+
+/** Calls fn(g, values) for every group; `values` may be a view of data or a scratch copy (do not keep it). */
+export function forEachGroup(data: Float32Array, layout: NativeLayout, fn: (g: number, values: Float32Array) => void): void {
+  const { kind, outer, axisLen, inner, blockSize } = layout;
+  if (kind === 0) {
+    fn(0, data);
+    return;
+  }
+  if (kind === 1) {
+    const scratch = new Float32Array(outer * inner);
+    for (let d = 0; d < axisLen; d++) {
+      if (outer === 1) {
+        fn(d, data.subarray(d * inner, (d + 1) * inner));
+        continue;
+      }
+      for (let o = 0; o < outer; o++) scratch.set(data.subarray((o * axisLen + d) * inner, (o * axisLen + d + 1) * inner), o * inner);
+      fn(d, scratch);
+    }
+    return;
+  }
+  const blocks = Math.ceil(axisLen / blockSize);
+  const scratch = new Float32Array(blockSize);
+  for (let o = 0; o < outer; o++) {
+    for (let j = 0; j < blocks; j++) {
+      const d0 = j * blockSize;
+      const d1 = Math.min(axisLen, d0 + blockSize);
+      for (let i = 0; i < inner; i++) {
+        const g = (o * blocks + j) * inner + i;
+        if (inner === 1) {
+          fn(g, data.subarray(o * axisLen + d0, o * axisLen + d1));
+          continue;
+        }
+        for (let d = d0; d < d1; d++) scratch[d - d0] = data[(o * axisLen + d) * inner + i];
+        fn(g, scratch.subarray(0, d1 - d0));
+      }
+    }
+  }
+}

@@ -1,0 +1,160 @@
+/**
+ * Range methods: how a quantizer picks the clip range [lo, hi] of each group.
+ * The scale and zero point then follow from the range (paramsFromRanges, in
+ * C++, as onnxruntime computes them). Methods register here under their name.
+ */
+import { HistogramObserver } from '../calibration/observers';
+import { invalidValue } from '../errors';
+import { native, type NativeLayout } from '../native';
+import { aciqRange, tensorStats, type AciqPrior } from './aciq';
+import { forEachGroup } from './groups';
+
+/** Method-specific options, as given to quantizeTensor. */
+export interface RangeMethodOptions {
+  /** ACIQ prior: 'laplace', 'gauss' or 'auto' (the smaller analytic MSE, never worse than minmax). Default 'laplace'. */
+  prior?: AciqPrior | 'auto';
+  /** ACIQ: treat the tensor as one-sided (post-ReLU). Default: when its minimum is >= 0. */
+  oneSided?: boolean;
+  /** 'mse' search: 2 minimises the squared error, 1 the absolute error (GDRQ's L1 quantized loss). Default 2. */
+  norm?: 1 | 2;
+  /** 'percentile': share of |x| kept, in percent. Default 99.99. */
+  percentile?: number;
+}
+
+export interface RangeRequest {
+  data: Float32Array;
+  layout: NativeLayout;
+  groups: number;
+  bits: number;
+  qmin: number;
+  qmax: number;
+  symmetric: boolean;
+  kernel: string;
+  threads: number;
+  options: RangeMethodOptions;
+}
+
+export interface GroupRanges {
+  lo: Float32Array;
+  hi: Float32Array;
+  /** Index of the first NaN in the data, or -1. */
+  nanIndex: number;
+}
+
+export interface RangeMethod {
+  readonly name: string;
+  readonly description: string;
+  ranges(request: RangeRequest): GroupRanges;
+  rangesAsync(request: RangeRequest): Promise<GroupRanges>;
+}
+
+/** Clip candidates the MSE search tries per group: ratios 1, 0.99, …, 0.01 of the range. */
+export const MSE_SEARCH_CANDIDATES = 100;
+
+function outputs(groups: number): { lo: Float32Array; hi: Float32Array } {
+  return { lo: new Float32Array(groups), hi: new Float32Array(groups) };
+}
+
+function minmaxRanges(r: RangeRequest): GroupRanges {
+  const { lo, hi } = outputs(r.groups);
+  const nanIndex = native().groupRanges(r.data, r.layout, lo, hi, r.kernel, r.threads);
+  return { lo, hi, nanIndex };
+}
+
+/** A method computed in TypeScript per group, after the native pass that finds NaN and min/max. */
+function perGroup(name: string, description: string, compute: (r: RangeRequest, values: Float32Array) => { lo: number; hi: number },
+  refine?: (r: RangeRequest, ranges: GroupRanges, minmax: GroupRanges) => void): RangeMethod {
+  const ranges = (r: RangeRequest): GroupRanges => {
+    const minmax = minmaxRanges(r);
+    if (minmax.nanIndex >= 0) return minmax;
+    const out = { ...outputs(r.groups), nanIndex: -1 };
+    forEachGroup(r.data, r.layout, (g, values) => {
+      if (!(minmax.lo[g] <= minmax.hi[g])) return;  // no finite values: range [0, 0]
+      const { lo, hi } = compute(r, values);
+      out.lo[g] = lo;
+      out.hi[g] = hi;
+    });
+    refine?.(r, out, minmax);
+    return out;
+  };
+  return { name, description, ranges, rangesAsync: async (r) => ranges(r) };
+}
+
+/** Keeps, per group, whichever of two ranges has the smaller measured error. */
+function keepBetter(r: RangeRequest, chosen: GroupRanges, other: GroupRanges): void {
+  const e1 = new Float64Array(r.groups);
+  const e2 = new Float64Array(r.groups);
+  native().groupErrors(r.data, r.layout, chosen.lo, chosen.hi, r.qmin, r.qmax, r.symmetric, 2, e1, r.kernel, r.threads);
+  native().groupErrors(r.data, r.layout, other.lo, other.hi, r.qmin, r.qmax, r.symmetric, 2, e2, r.kernel, r.threads);
+  for (let g = 0; g < r.groups; g++) {
+    if (e2[g] < e1[g]) {
+      chosen.lo[g] = other.lo[g];
+      chosen.hi[g] = other.hi[g];
+    }
+  }
+}
+
+const minmax: RangeMethod = {
+  name: 'minmax',
+  description: 'range of the finite values of each group (widened to contain 0)',
+  ranges: minmaxRanges,
+  async rangesAsync(r) {
+    const { lo, hi } = outputs(r.groups);
+    const nanIndex = await native().groupRangesAsync(r.data, r.layout, lo, hi, r.kernel, r.threads);
+    return { lo, hi, nanIndex };
+  },
+};
+
+const mse: RangeMethod = {
+  name: 'mse',
+  description: `per-group search over ${MSE_SEARCH_CANDIDATES} shrunken ranges minimising the squared (or absolute) quantization error`,
+  ranges(r) {
+    const { lo, hi } = outputs(r.groups);
+    const nanIndex = native().searchRangesMse(r.data, r.layout, lo, hi, r.kernel, r.threads,
+      r.qmin, r.qmax, r.symmetric, MSE_SEARCH_CANDIDATES, r.options.norm ?? 2);
+    return { lo, hi, nanIndex };
+  },
+  async rangesAsync(r) {
+    const { lo, hi } = outputs(r.groups);
+    const nanIndex = await native().searchRangesMseAsync(r.data, r.layout, lo, hi, r.kernel, r.threads,
+      r.qmin, r.qmax, r.symmetric, MSE_SEARCH_CANDIDATES, r.options.norm ?? 2);
+    return { lo, hi, nanIndex };
+  },
+};
+
+const aciq = perGroup(
+  'aciq',
+  'analytical clipping (ACIQ): MSE-optimal clip of a Laplace or Gaussian fit; prior \'auto\' is never worse than minmax',
+  (r, values) => {
+    const stats = tensorStats(values);
+    return aciqRange(stats, r.bits, r.options.prior ?? 'laplace', r.options.oneSided ?? stats.min >= 0);
+  },
+  (r, ranges, minmaxRange) => {
+    if (r.options.prior === 'auto') keepBetter(r, ranges, minmaxRange);
+  },
+);
+
+const percentile = perGroup('percentile', 'clip at a percentile of |x| (default 99.99)', (r, values) =>
+  new HistogramObserver().observe(values).percentileRange(r.options.percentile ?? 99.99));
+
+const kl = perGroup('kl', 'TensorRT-style entropy calibration: 2048-bin histogram, 128 quantized levels, minimum KL divergence',
+  (_r, values) => new HistogramObserver().observe(values).klRange(128));
+
+const registry = new Map<string, RangeMethod>([minmax, mse, aciq, percentile, kl].map((m) => [m.name, m]));
+
+/** Registers a range method under its name. */
+export function registerRangeMethod(method: RangeMethod): void {
+  registry.set(method.name, method);
+}
+
+export function rangeMethodNames(): string[] {
+  return [...registry.keys()];
+}
+
+export function rangeMethod(name: unknown): RangeMethod {
+  const method = typeof name === 'string' ? registry.get(name) : undefined;
+  if (!method) {
+    throw invalidValue('options.method', `one of ${rangeMethodNames().map((n) => `'${n}'`).join(', ')}`, name);
+  }
+  return method;
+}
