@@ -17,6 +17,8 @@ function gaussian(n: number, seed: number): Float32Array {
 describe('methods: bad input', () => {
   it('rejects bits outside the range, negative or NaN scale parameters and empty tensors', () => {
     expect(() => aciqAlpha(0, 'laplace', 1)).to.throw(RangeError, /for bits but received 0/);
+    expect(() => aciqAlpha(9, 'gauss', 1)).to.throw(RangeError, /\[1, 8\] for bits but received 9/);
+    expect(() => new HistogramObserver().observe(Float32Array.of(1)).mseRange(9)).to.throw(RangeError, /for bits/);
     expect(() => aciqAlpha(4, 'laplace', -1)).to.throw(RangeError, /for scaleParam but received -1/);
     expect(() => aciqAlpha(4, 'gauss', NaN)).to.throw(RangeError, /for scaleParam but received NaN/);
     expect(() => aciqAlpha(4, 'cauchy' as never, 1)).to.throw(RangeError, /prior/);
@@ -157,6 +159,8 @@ describe('calibration observers (streaming)', () => {
     expect(p.hi).to.be.closeTo(Math.log(100), 0.2);  // |Laplace(1)| 99th percentile = ln 100
     const kl = h.klRange();
     expect(kl.hi).to.be.lessThan(h.max).and.greaterThan(1);
+    const mse4 = h.mseRange(4);
+    expect(Math.max(-mse4.lo, mse4.hi)).to.be.lessThan(Math.max(-h.min, h.max)).and.greaterThan(1);
     const ema = new MinMaxObserver({ movingAverage: 0.5 });
     ema.observe(Float32Array.of(0, 10)).observe(Float32Array.of(0, 20));
     expect(ema.range().hi).to.equal(15);

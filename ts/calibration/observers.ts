@@ -15,6 +15,8 @@
  */
 import { invalidType, invalidValue } from '../errors';
 import { aciqRange, type AciqPrior } from '../methods/aciq';
+import { native } from '../native';
+import { integerRange } from '../quant-params';
 
 export interface Range {
   lo: number;
@@ -206,26 +208,36 @@ export class HistogramObserver {
     return this.clip((bestI * this.limit) / nb);
   }
 
-  /** The symmetric clip (ratios 1, 0.99, …, 0.01 of max|x|) with the least squared error, estimated from bin centres. */
-  mseRange(bits: number, candidates = 100): Range {
+  /**
+   * The clip with the least squared error of the quantizer itself (native search
+   * over ratios 1, 0.99, …, 0.01 of the range), evaluated on the histogram's bin
+   * centres weighted by their counts, mirrored for negative values in proportion
+   * to the observed range.
+   */
+  mseRange(bits: number, options: { signed?: boolean; symmetric?: boolean; candidates?: number } = {}): Range {
     this.check();
+    if (!Number.isInteger(bits) || bits < 2 || bits > 8) throw invalidValue('bits', 'an integer in [2, 8]', bits);
+    const signed = options.signed ?? true;
+    const { qmin, qmax } = integerRange(bits, signed);
     const width = this.limit / this.bins;
-    const maxAbs = Math.max(Math.abs(this.min), Math.abs(this.max));
-    const levels = 2 ** (bits - 1) - 1 || 1;
-    let best = { error: Infinity, t: maxAbs };
-    for (let c = 0; c < candidates; c++) {
-      const t = (maxAbs * (candidates - c)) / candidates;
-      const step = t / levels;
-      let error = 0;
-      for (let i = 0; i < this.bins; i++) {
-        if (this.counts[i] === 0) continue;
-        const x = (i + 0.5) * width;
-        const q = Math.min(levels, Math.round(x / step)) * step;
-        error += this.counts[i] * (x - q) * (x - q);
+    // |x| histogram → signed sample points: negative side only when values < 0 were seen.
+    const twoSided = this.min < 0 && this.max > 0;
+    const n = twoSided ? 2 * this.bins : this.bins;
+    const values = new Float32Array(n);
+    const weights = new Float64Array(n);
+    const negativeShare = twoSided ? Math.abs(this.min) / (Math.abs(this.min) + this.max) : 0;
+    const sign = this.max > 0 ? 1 : -1;
+    for (let i = 0; i < this.bins; i++) {
+      values[i] = sign * (i + 0.5) * width;
+      weights[i] = this.counts[i] * (twoSided ? 1 - negativeShare : 1);
+      if (twoSided) {
+        values[this.bins + i] = -(i + 0.5) * width;
+        weights[this.bins + i] = this.counts[i] * negativeShare;
       }
-      if (error < best.error) best = { error, t };
     }
-    return this.clip(best.t);
+    const [lo, hi] = native().searchRangeWeighted(values, weights, this.min, this.max, qmin, qmax,
+      options.symmetric ?? true, options.candidates ?? 100);
+    return { lo, hi };
   }
 }
 

@@ -14,9 +14,11 @@ import { bisect, erfc, lambertW0 } from './special';
 
 export type AciqPrior = 'laplace' | 'gauss';
 
-function checkBits(bits: unknown, name = 'bits'): number {
-  if (typeof bits !== 'number') throw invalidType(name, 'an integer in [1, 16]', bits);
-  if (!Number.isInteger(bits) || bits < 1 || bits > 16) throw invalidValue(name, 'an integer in [1, 16] (ACIQ is defined for 2..8-bit quantizers)', bits);
+// Public calls take 1..8 bits (the paper's table starts at M = 1); the one-sided
+// constant of 8 bits is the 9-bit one, hence the internal limit.
+function checkBits(bits: unknown, name = 'bits', max = 8): number {
+  if (typeof bits !== 'number') throw invalidType(name, `an integer in [1, ${max}]`, bits);
+  if (!Number.isInteger(bits) || bits < 1 || bits > max) throw invalidValue(name, `an integer in [1, ${max}]`, bits);
   return bits;
 }
 
@@ -31,7 +33,7 @@ const gaussCache = new Map<number, number>();
 
 /** Optimal α / b for a Laplace prior at M bits: W0(3·4^M). */
 export function aciqLaplaceConstant(bits: number): number {
-  checkBits(bits);
+  checkBits(bits, 'bits', 9);
   let c = laplaceCache.get(bits);
   if (c === undefined) {
     c = lambertW0(3 * 4 ** bits);
@@ -42,7 +44,7 @@ export function aciqLaplaceConstant(bits: number): number {
 
 /** Optimal α / σ for a Gaussian prior at M bits: the root of the first-order condition. */
 export function aciqGaussConstant(bits: number): number {
-  checkBits(bits);
+  checkBits(bits, 'bits', 9);
   let c = gaussCache.get(bits);
   if (c === undefined) {
     const noise = 1 / (3 * 4 ** bits);
