@@ -14,7 +14,7 @@
  *    min/max, and the ACIQ clip range from them.
  */
 import { invalidType, invalidValue } from '../errors';
-import { aciqRange, type AciqPrior } from '../methods/aciq';
+import { aciqRange, tensorStats, type AciqPrior } from '../methods/aciq';
 import { native } from '../native';
 import { integerRange } from '../quant-params';
 
@@ -272,20 +272,9 @@ export class AciqObserver {
 
   observe(batch: Float32Array): this {
     const x = checkBatch(batch);
-    const { min, max, finite } = batchMinMax(x);
-    if (finite === 0) return this;
-    let sum = 0;
-    for (let i = 0; i < x.length; i++) if (Number.isFinite(x[i])) sum += x[i];
-    const mean = sum / finite;
-    let abs = 0;
-    let sq = 0;
-    for (let i = 0; i < x.length; i++) {
-      const v = x[i];
-      if (!Number.isFinite(v)) continue;
-      abs += Math.abs(v - mean);
-      sq += (v - mean) * (v - mean);
-    }
-    this.accumulate(finite, mean, abs / finite, finite > 1 ? Math.sqrt(sq / (finite - 1)) : 0, min, max);
+    if (batchMinMax(x).finite === 0) return this;
+    const s = tensorStats(x, 'batch');
+    this.accumulate(s.count, s.mean, s.laplaceB, s.sigma, s.min, s.max);
     return this;
   }
 

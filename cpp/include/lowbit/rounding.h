@@ -39,4 +39,20 @@ static inline float dequantize_value(int32_t q, float scale, int32_t zero_point)
 
 static inline bool is_finite_value(float x) { return std::fabs(x) < INFINITY; }
 
+// LSQ for one element (see QuantizeKernels::lsq_backward): writes the input
+// gradient and returns ∂v̂/∂step.
+static inline float lsq_element(float v, float grad_out, float step, int32_t qn, int32_t qp, float* grad_in) {
+  const float q = v / step;
+  if (q <= float(-qn)) {
+    *grad_in = 0.0f;
+    return float(-qn);
+  }
+  if (q >= float(qp)) {
+    *grad_in = 0.0f;
+    return float(qp);
+  }
+  *grad_in = grad_out;
+  return std::nearbyint(q) - q;
+}
+
 }  // namespace lowbit

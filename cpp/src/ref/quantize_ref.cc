@@ -85,19 +85,7 @@ double lsq_backward_ref(const float* v, const float* grad_out, size_t n, float s
                         float* grad_in) {
   double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   auto one = [&](size_t i) -> double {
-    const float q = v[i] / step;
-    float d;
-    if (q <= float(-qn)) {
-      d = float(-qn);
-      grad_in[i] = 0.0f;
-    } else if (q >= float(qp)) {
-      d = float(qp);
-      grad_in[i] = 0.0f;
-    } else {
-      d = std::nearbyint(q) - q;
-      grad_in[i] = grad_out[i];
-    }
-    return double(grad_out[i]) * double(d);
+    return double(grad_out[i]) * double(lsq_element(v[i], grad_out[i], step, qn, qp, &grad_in[i]));
   };
   const size_t n8 = n - n % 8;
   for (size_t i = 0; i < n8; ++i) lane[i % 8] += one(i);

@@ -242,21 +242,8 @@ double lsq_backward_avx2(const float* v, const float* grad_out, size_t n, float 
   _mm256_store_pd(lane, acc0);
   _mm256_store_pd(lane + 4, acc1);
   double sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-  for (size_t i = n8; i < n; ++i) {  // the tail in order, as the reference does
-    const float q = v[i] / step;
-    float d;
-    if (q <= float(-qn)) {
-      d = float(-qn);
-      grad_in[i] = 0.0f;
-    } else if (q >= float(qp)) {
-      d = float(qp);
-      grad_in[i] = 0.0f;
-    } else {
-      d = std::nearbyint(q) - q;
-      grad_in[i] = grad_out[i];
-    }
-    sum += double(grad_out[i]) * double(d);
-  }
+  for (size_t i = n8; i < n; ++i)  // the tail in order, as the reference does
+    sum += double(grad_out[i]) * double(lsq_element(v[i], grad_out[i], step, qn, qp, &grad_in[i]));
   return sum;
 }
 
