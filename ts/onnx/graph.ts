@@ -1,0 +1,180 @@
+/**
+ * A mutable view of an ONNX graph for the passes: constants (initializers and
+ * Constant nodes), producer and consumer maps, topological order (with cycle
+ * and dangling-input checks) and helpers to add tensors and nodes.
+ */
+import { create } from '@bufbuild/protobuf';
+import {
+  AttributeProto_AttributeType, AttributeProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema,
+  type AttributeProto, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
+} from 'onnx-buf';
+
+import { OnnxModelError } from './model-io';
+
+export class Graph {
+  readonly model: ModelProto;
+  readonly graph: GraphProto;
+  private names = new Set<string>();
+
+  constructor(model: ModelProto) {
+    this.model = model;
+    this.graph = model.graph!;
+    for (const n of this.graph.node) n.output.forEach((o) => this.names.add(o));
+    for (const t of this.graph.initializer) this.names.add(t.name);
+    for (const i of this.graph.input) this.names.add(i.name);
+  }
+
+  /** Opset of the default ONNX domain. */
+  get opset(): number {
+    const entry = this.model.opsetImport.find((o) => o.domain === '' || o.domain === 'ai.onnx');
+    return entry ? Number(entry.version) : 0;
+  }
+
+  set opset(version: number) {
+    const entry = this.model.opsetImport.find((o) => o.domain === '' || o.domain === 'ai.onnx');
+    if (entry) entry.version = BigInt(version);
+  }
+
+  /** The constant tensor behind a value name (initializer or Constant node output). */
+  constant(name: string): TensorProto | undefined {
+    const init = this.graph.initializer.find((t) => t.name === name);
+    if (init) return init;
+    const node = this.producer(name);
+    if (node?.opType === 'Constant') return attribute(node, 'value')?.t;
+    return undefined;
+  }
+
+  producer(name: string): NodeProto | undefined {
+    return this.graph.node.find((n) => n.output.includes(name));
+  }
+
+  consumers(name: string): NodeProto[] {
+    return this.graph.node.filter((n) => n.input.includes(name));
+  }
+
+  isGraphOutput(name: string): boolean {
+    return this.graph.output.some((o) => o.name === name);
+  }
+
+  /** A fresh value name based on `base`. */
+  uniqueName(base: string): string {
+    let name = base;
+    for (let i = 1; this.names.has(name); i++) name = `${base}_${i}`;
+    this.names.add(name);
+    return name;
+  }
+
+  addInitializer(tensor: TensorProto): void {
+    this.graph.initializer.push(tensor);
+    this.names.add(tensor.name);
+  }
+
+  /** Removes a constant (initializer or Constant node) when nothing uses it any more. */
+  removeIfUnused(name: string): void {
+    if (this.consumers(name).length > 0 || this.isGraphOutput(name)) return;
+    const i = this.graph.initializer.findIndex((t) => t.name === name);
+    if (i >= 0) this.graph.initializer.splice(i, 1);
+    const node = this.producer(name);
+    if (node?.opType === 'Constant') this.graph.node.splice(this.graph.node.indexOf(node), 1);
+  }
+
+  /** Nodes in topological order; throws on a cycle or an input nobody produces. */
+  topologicalOrder(): NodeProto[] {
+    const available = new Set<string>(['']);
+    for (const t of this.graph.initializer) available.add(t.name);
+    for (const i of this.graph.input) available.add(i.name);
+    const remaining = [...this.graph.node];
+    const order: NodeProto[] = [];
+    const producers = new Map<string, NodeProto>();
+    for (const n of remaining) n.output.forEach((o) => producers.set(o, n));
+    for (const n of remaining) {
+      for (const input of n.input) {
+        if (!available.has(input) && !producers.has(input)) {
+          throw new OnnxModelError(`Node ${n.name || n.opType} reads '${input}', which no node, input or initializer provides (a dangling input).`);
+        }
+      }
+    }
+    let progress = true;
+    while (remaining.length > 0 && progress) {
+      progress = false;
+      for (let i = 0; i < remaining.length; i++) {
+        const n = remaining[i];
+        if (n.input.every((x) => available.has(x))) {
+          order.push(n);
+          n.output.forEach((o) => available.add(o));
+          remaining.splice(i--, 1);
+          progress = true;
+        }
+      }
+    }
+    if (remaining.length > 0) {
+      throw new OnnxModelError(`The graph has a cycle through ${remaining.slice(0, 3).map((n) => n.name || n.opType).join(', ')}.`);
+    }
+    return order;
+  }
+
+  /** Puts the node list in topological order (passes insert nodes anywhere). */
+  sort(): void {
+    const order = this.topologicalOrder();
+    this.graph.node.splice(0, this.graph.node.length, ...order);
+  }
+}
+
+export function attribute(node: NodeProto, name: string): AttributeProto | undefined {
+  return node.attribute.find((a) => a.name === name);
+}
+
+export function intAttribute(node: NodeProto, name: string, fallback: number): number {
+  const a = attribute(node, name);
+  return a ? Number(a.i) : fallback;
+}
+
+export function intsAttribute(node: NodeProto, name: string): number[] | undefined {
+  const a = attribute(node, name);
+  return a ? a.ints.map(Number) : undefined;
+}
+
+export function floatAttribute(node: NodeProto, name: string, fallback: number): number {
+  const a = attribute(node, name);
+  return a ? a.f : fallback;
+}
+
+export function removeAttribute(node: NodeProto, name: string): void {
+  const i = node.attribute.findIndex((a) => a.name === name);
+  if (i >= 0) node.attribute.splice(i, 1);
+}
+
+export function makeIntAttribute(name: string, value: number): AttributeProto {
+  return create(AttributeProtoSchema, { name, type: AttributeProto_AttributeType.INT, i: BigInt(value) });
+}
+
+export function makeStringAttribute(name: string, value: string): AttributeProto {
+  return create(AttributeProtoSchema, { name, type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode(value) });
+}
+
+export function makeNode(opType: string, inputs: string[], outputs: string[], name: string, attributes: AttributeProto[] = [], domain = ''): NodeProto {
+  return create(NodeProtoSchema, { opType, input: inputs, output: outputs, name, attribute: attributes, domain });
+}
+
+export function makeTensor(name: string, dataType: TensorProto_DataType, dims: number[], raw: Uint8Array): TensorProto {
+  return create(TensorProtoSchema, { name, dataType, dims: dims.map(BigInt), rawData: Uint8Array.from(raw) });
+}
+
+export function int64Tensor(name: string, values: number[]): TensorProto {
+  return makeTensor(name, TensorProto_DataType.INT64, [values.length], new Uint8Array(BigInt64Array.from(values.map(BigInt)).buffer));
+}
+
+export function floatScalarTensor(name: string, value: number): TensorProto {
+  return makeTensor(name, TensorProto_DataType.FLOAT, [], new Uint8Array(Float32Array.of(value).buffer));
+}
+
+/** The float32 contents of a tensor, or undefined when it is not float32. */
+export function floatData(t: TensorProto): Float32Array | undefined {
+  if (t.dataType !== TensorProto_DataType.FLOAT) return undefined;
+  if (t.rawData.length > 0) return new Float32Array(Uint8Array.from(t.rawData).buffer, 0, t.rawData.length / 4);
+  return Float32Array.from(t.floatData);
+}
+
+export function dimsOf(t: TensorProto): number[] {
+  return t.dims.map(Number);
+}

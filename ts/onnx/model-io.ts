@@ -1,0 +1,93 @@
+/**
+ * Reading and writing ONNX models with onnx-buf (the current ONNX schema,
+ * byte-identical round trips). Writes are atomic: a temporary file in the same
+ * folder, then a rename, so a failed write leaves no partial output.
+ */
+import { fromBinary, toBinary } from '@bufbuild/protobuf';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { ModelProtoSchema, TensorProto_DataLocation, type ModelProto } from 'onnx-buf';
+
+/** A model file or buffer that cannot be used: the message says why and what to do. */
+export class OnnxModelError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'OnnxModelError';
+  }
+}
+
+const TWO_GB = 2 ** 31;
+
+/** Parses an ONNX model from a path or bytes; external data next to a model file is loaded. */
+export function readModel(input: string | Uint8Array): ModelProto {
+  let bytes: Uint8Array;
+  let folder: string | undefined;
+  if (typeof input === 'string') {
+    let stat: fs.Stats;
+    try {
+      stat = fs.statSync(input);
+    } catch {
+      throw new OnnxModelError(`Expected an ONNX model file for model but received "${input}", which does not exist.`);
+    }
+    if (!stat.isFile()) throw new OnnxModelError(`Expected an ONNX model file for model but received "${input}", which is not a file.`);
+    bytes = new Uint8Array(fs.readFileSync(input));
+    folder = path.dirname(input);
+  } else if (input instanceof Uint8Array) {
+    bytes = input;
+  } else {
+    throw new TypeError(`Expected a file path or a Uint8Array for model but received ${typeof input}.`);
+  }
+  let model: ModelProto;
+  try {
+    model = fromBinary(ModelProtoSchema, bytes);
+  } catch (e) {
+    throw new OnnxModelError(`This is not an ONNX model, or it is truncated or corrupted: the protobuf did not parse (${(e as Error).message}).`);
+  }
+  if (!model.graph || model.irVersion === 0n || model.opsetImport.length === 0) {
+    throw new OnnxModelError('This is not an ONNX model: it has no graph, IR version or opset (is it another protobuf file?).');
+  }
+  loadExternalData(model, folder);
+  return model;
+}
+
+function loadExternalData(model: ModelProto, folder: string | undefined): void {
+  for (const t of model.graph!.initializer) {
+    if (t.dataLocation !== TensorProto_DataLocation.EXTERNAL) continue;
+    const entry = Object.fromEntries(t.externalData.map((e) => [e.key, e.value]));
+    if (!folder) throw new OnnxModelError(`Tensor ${t.name} keeps its data in an external file (${entry.location}); pass the model as a file path so it can be found.`);
+    const file = path.resolve(folder, entry.location ?? '');
+    if (!file.startsWith(path.resolve(folder))) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);
+    const offset = Number(entry.offset ?? 0);
+    let data: Buffer;
+    try {
+      const all = fs.readFileSync(file);
+      data = all.subarray(offset, entry.length === undefined ? undefined : offset + Number(entry.length));
+    } catch {
+      throw new OnnxModelError(`Tensor ${t.name}: its external data file ${file} cannot be read.`);
+    }
+    t.rawData = new Uint8Array(data);
+    t.dataLocation = TensorProto_DataLocation.DEFAULT;
+    t.externalData = [];
+  }
+}
+
+/** Serializes a model; protobuf cannot hold 2 GB or more. */
+export function serializeModel(model: ModelProto): Uint8Array {
+  const bytes = toBinary(ModelProtoSchema, model);
+  if (bytes.length >= TWO_GB) {
+    throw new OnnxModelError(`The model is ${(bytes.length / 2 ** 30).toFixed(2)} GB; ONNX protobuf files must stay under 2 GB. Keep large weights in external data.`);
+  }
+  return bytes;
+}
+
+/** Writes bytes to `file` atomically (temporary file, then rename); nothing partial is left on failure. */
+export function writeFileAtomic(file: string, bytes: Uint8Array): void {
+  const temp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.${Date.now()}.tmp`);
+  try {
+    fs.writeFileSync(temp, bytes);
+    fs.renameSync(temp, file);
+  } catch (e) {
+    fs.rmSync(temp, { force: true });
+    throw e;
+  }
+}

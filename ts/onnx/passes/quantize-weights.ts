@@ -1,0 +1,111 @@
+/**
+ * Replaces the float weights of Conv, Gemm and MatMul with integer initializers
+ * and a DequantizeLinear node (QDQ): int8 per channel, or int4/int2 per channel
+ * or blocked along the input-channel (reduction) axis (opset 21 for int4, 25 for
+ * int2). Symmetric signed values, zero point 0 (the zero-point input is left out).
+ */
+import { TensorProto_DataType } from 'onnx-buf';
+
+import { dimsOf, floatData, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { packInt2, packInt4 } from '../../pack';
+import { quantizationError, quantizeTensor } from '../../quantize';
+import type { QuantizedTensor } from '../../quant-params';
+import { nodeLabel, type PassReport } from './pass';
+
+export interface WeightQuantization {
+  bits: 2 | 4 | 8;
+  granularity: 'channel' | 'block';
+  blockSize?: number;
+  method: 'minmax' | 'mse' | 'aciq';
+  /** Bits of the first and last quantized layers. */
+  firstLastLayerBits?: number;
+  /** Node names or op types to leave in float. */
+  keepFloat?: string[];
+  /** Use com.microsoft Q/DQ (old opsets onnxruntime still accepts; int8 only). */
+  microsoftDomain?: boolean;
+}
+
+export interface WeightLayerReport {
+  node: string;
+  op: string;
+  weight: string;
+  shape: number[];
+  bits: number;
+  granularity: string;
+  method: string;
+  weightSqnrDb: number;
+}
+
+const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
+
+function layout(opType: string, dims: number[], transB: number): { outputAxis: number; reductionAxis: number } | undefined {
+  if (opType === 'Conv') return dims.length >= 3 ? { outputAxis: 0, reductionAxis: 1 } : undefined;
+  if (dims.length !== 2) return undefined;
+  if (opType === 'Gemm' && transB === 1) return { outputAxis: 0, reductionAxis: 1 };
+  return { outputAxis: 1, reductionAxis: 0 };
+}
+
+function valuesTensor(name: string, q: QuantizedTensor): ReturnType<typeof makeTensor> {
+  if (q.bits === 8) return makeTensor(name, TensorProto_DataType.INT8, q.shape, new Uint8Array(q.values.buffer, q.values.byteOffset, q.values.length));
+  if (q.bits === 4) return makeTensor(name, TensorProto_DataType.INT4, q.shape, packInt4(q));
+  return makeTensor(name, TensorProto_DataType.INT2, q.shape, packInt2(q));
+}
+
+export function quantizeWeights(graph: Graph, options: WeightQuantization): { report: PassReport; layers: WeightLayerReport[] } {
+  const report: PassReport = { pass: 'quantize-weights', changed: [], skipped: [] };
+  const layers: WeightLayerReport[] = [];
+  const keep = new Set(options.keepFloat ?? []);
+  const candidates = graph.topologicalOrder().filter((n) => QUANTIZABLE.has(n.opType));
+  const quantizable = candidates.filter((n) => !keep.has(n.name) && !keep.has(n.opType) && graph.constant(n.input[1]) && floatData(graph.constant(n.input[1])!));
+  const first = quantizable[0];
+  const last = quantizable[quantizable.length - 1];
+  for (const node of candidates) {
+    const label = nodeLabel(node);
+    if (keep.has(node.name) || keep.has(node.opType)) {
+      report.skipped.push({ node: label, reason: 'kept in float (keepFloat)' });
+      continue;
+    }
+    const w = graph.constant(node.input[1]);
+    const data = w && floatData(w);
+    if (!data) {
+      report.skipped.push({ node: label, reason: 'its weight is not a float constant (a computed input)' });
+      continue;
+    }
+    const dims = dimsOf(w!);
+    const axes = layout(node.opType, dims, intAttribute(node, 'transB', 0));
+    if (!axes) {
+      report.skipped.push({ node: label, reason: `weight shape [${dims.join(', ')}] is not a ${node.opType} weight this pass handles` });
+      continue;
+    }
+    const edge = node === first || node === last;
+    const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
+    const blocked = options.granularity === 'block' && bits < 8 && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
+    const q = quantizeTensor(data, {
+      shape: dims, bits, method: options.method,
+      ...(blocked
+        ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
+        : { granularity: 'channel' as const, axis: axes.outputAxis }),
+    });
+    const base = node.input[1];
+    const valuesName = graph.uniqueName(`${base}_quantized`);
+    const scaleName = graph.uniqueName(`${base}_scale`);
+    const dqOut = graph.uniqueName(`${base}_dequantized`);
+    graph.addInitializer(valuesTensor(valuesName, q));
+    graph.addInitializer(makeTensor(scaleName, TensorProto_DataType.FLOAT, q.scaleShape, new Uint8Array(q.scale.buffer.slice(0))));
+    const attrs = [makeIntAttribute('axis', q.axis!)];
+    if (blocked) attrs.push(makeIntAttribute('block_size', q.blockSize!));
+    graph.graph.node.push(makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], `${label}_weight_dq`, attrs,
+      options.microsoftDomain ? 'com.microsoft' : ''));
+    node.input[1] = dqOut;
+    graph.removeIfUnused(base);
+    const layer: WeightLayerReport = {
+      node: label, op: node.opType, weight: base, shape: dims, bits,
+      granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : `channel on axis ${q.axis}`,
+      method: options.method, weightSqnrDb: quantizationError(data, q).sqnrDb,
+    };
+    layers.push(layer);
+    report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
+  }
+  graph.sort();
+  return { report, layers };
+}

@@ -1,0 +1,146 @@
+/**
+ * Converts a model's default-domain opset up to `target` for the operators
+ * whose attributes became inputs or whose semantics changed on the way:
+ * Clip (11), Slice (10), Pad (11), Dropout (12), Squeeze/Unsqueeze/Split/
+ * ReduceSum (13), Softmax/LogSoftmax/Hardmax (13: the 2-D coercion becomes
+ * Flatten + op + Reshape), the other Reduce ops (18), Split's num_outputs (18).
+ * Operators known to be unchanged in meaning are kept as they are; anything
+ * else (for example Upsample, Resize before 11, loops) makes the conversion
+ * refuse, and the caller falls back to com.microsoft Q/DQ.
+ */
+import {
+  attribute, floatAttribute, floatScalarTensor, int64Tensor, intAttribute, intsAttribute, makeIntAttribute, makeNode,
+  removeAttribute, type Graph,
+} from '../graph';
+import { nodeLabel, type PassReport } from './pass';
+
+// Operators whose meaning at any opset from 7 on equals their meaning at 25 with default attributes.
+const UNCHANGED = new Set([
+  'Abs', 'Add', 'And', 'ArgMax', 'ArgMin', 'AveragePool', 'BatchNormalization', 'Cast', 'Ceil', 'Concat', 'Constant',
+  'ConstantOfShape', 'Conv', 'ConvTranspose', 'Cos', 'DepthToSpace', 'DequantizeLinear', 'Div', 'Elu', 'Equal', 'Erf', 'Exp',
+  'Expand', 'Flatten', 'Floor', 'Gather', 'GatherElements', 'Gemm', 'GlobalAveragePool', 'GlobalMaxPool', 'Greater',
+  'HardSigmoid', 'HardSwish', 'Identity', 'InstanceNormalization', 'LayerNormalization', 'LeakyRelu', 'Less', 'Log',
+  'LRN', 'MatMul', 'Max', 'MaxPool', 'Mean', 'Min', 'Mul', 'Neg', 'Not', 'Or', 'PRelu', 'Pow', 'QuantizeLinear',
+  'Range', 'Reciprocal', 'Relu', 'Reshape', 'Selu', 'Shape', 'Sigmoid', 'Sign', 'Sin', 'Size', 'Softplus', 'Softsign',
+  'SpaceToDepth', 'Sqrt', 'Sub', 'Sum', 'Tan', 'Tanh', 'Tile', 'Transpose', 'Where', 'Xor', 'Gelu', 'Einsum',
+]);
+const REDUCE_18 = new Set(['ReduceMean', 'ReduceMax', 'ReduceMin', 'ReduceProd', 'ReduceSumSquare', 'ReduceL1', 'ReduceL2', 'ReduceLogSum', 'ReduceLogSumExp']);
+
+/** Why the model cannot be converted (or undefined when it can). */
+export function unconvertibleReason(graph: Graph): string | undefined {
+  for (const n of graph.graph.node) {
+    if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
+    if (UNCHANGED.has(n.opType) || REDUCE_18.has(n.opType)) continue;
+    if (['Clip', 'Slice', 'Pad', 'Dropout', 'Squeeze', 'Unsqueeze', 'Split', 'ReduceSum', 'Softmax', 'LogSoftmax', 'Hardmax'].includes(n.opType)) continue;
+    if (n.opType === 'Resize' && graph.opset >= 11) continue;
+    return `${n.opType} (${nodeLabel(n)}) changed between opset ${graph.opset} and the target and is not converted here`;
+  }
+  return undefined;
+}
+
+export function upgradeOpset(graph: Graph, target: number): PassReport {
+  const report: PassReport = { pass: `upgrade-opset ${graph.opset} -> ${target}`, changed: [], skipped: [] };
+  const from = graph.opset;
+  if (from >= target) return report;
+  const why = unconvertibleReason(graph);
+  if (why) throw new Error(why);
+  const constInput = (base: string, make: (name: string) => ReturnType<typeof int64Tensor>) => {
+    const name = graph.uniqueName(base);
+    graph.addInitializer(make(name));
+    return name;
+  };
+  for (const n of [...graph.graph.node]) {
+    if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
+    const label = nodeLabel(n);
+    const moveInts = (attr: string, inputIndex: number) => {
+      const values = intsAttribute(n, attr);
+      if (values === undefined) return false;
+      while (n.input.length < inputIndex) n.input.push('');
+      n.input[inputIndex] = constInput(`${label}_${attr}`, (name) => int64Tensor(name, values));
+      removeAttribute(n, attr);
+      return true;
+    };
+    switch (n.opType) {
+      case 'Clip':
+        if (from < 11) {
+          const min = floatAttribute(n, 'min', -3.4028234663852886e38);
+          const max = floatAttribute(n, 'max', 3.4028234663852886e38);
+          n.input[1] = constInput(`${label}_min`, (name) => floatScalarTensor(name, min));
+          n.input[2] = constInput(`${label}_max`, (name) => floatScalarTensor(name, max));
+          removeAttribute(n, 'min');
+          removeAttribute(n, 'max');
+          report.changed.push(`${label}: Clip min/max attributes -> inputs`);
+        }
+        break;
+      case 'Slice':
+        if (from < 10) {
+          const starts = intsAttribute(n, 'starts') ?? [];
+          const ends = intsAttribute(n, 'ends') ?? [];
+          n.input[1] = constInput(`${label}_starts`, (name) => int64Tensor(name, starts));
+          n.input[2] = constInput(`${label}_ends`, (name) => int64Tensor(name, ends));
+          removeAttribute(n, 'starts');
+          removeAttribute(n, 'ends');
+          moveInts('axes', 3);
+          report.changed.push(`${label}: Slice attributes -> inputs`);
+        }
+        break;
+      case 'Pad':
+        if (from < 11) {
+          moveInts('pads', 1);
+          const value = floatAttribute(n, 'value', 0);
+          n.input[2] = constInput(`${label}_value`, (name) => floatScalarTensor(name, value));
+          removeAttribute(n, 'value');
+          report.changed.push(`${label}: Pad attributes -> inputs`);
+        }
+        break;
+      case 'Dropout':
+        if (from < 12 && attribute(n, 'ratio')) {
+          const ratio = floatAttribute(n, 'ratio', 0.5);
+          n.input[1] = constInput(`${label}_ratio`, (name) => floatScalarTensor(name, ratio));
+          removeAttribute(n, 'ratio');
+          report.changed.push(`${label}: Dropout ratio -> input`);
+        }
+        break;
+      case 'Squeeze':
+      case 'Unsqueeze':
+      case 'ReduceSum':
+        if (from < 13 && moveInts('axes', 1)) report.changed.push(`${label}: ${n.opType} axes -> input`);
+        break;
+      case 'Split':
+        if (from < 13 && moveInts('split', 1)) report.changed.push(`${label}: Split split -> input`);
+        if (target >= 18 && n.input.length < 2) {
+          n.attribute.push(makeIntAttribute('num_outputs', n.output.length));
+          report.changed.push(`${label}: Split num_outputs`);
+        }
+        break;
+      case 'Softmax':
+      case 'LogSoftmax':
+      case 'Hardmax':
+        if (from < 13) {
+          // Old semantics: coerce to 2-D at `axis`, apply over the second dimension.
+          const axis = intAttribute(n, 'axis', 1);
+          const x = n.input[0];
+          const y = n.output[0];
+          const flat = graph.uniqueName(`${label}_flat`);
+          const shape = graph.uniqueName(`${label}_shape`);
+          const z = graph.uniqueName(`${label}_2d`);
+          removeAttribute(n, 'axis');
+          n.attribute.push(makeIntAttribute('axis', -1));
+          n.input[0] = flat;
+          n.output[0] = z;
+          graph.graph.node.push(
+            makeNode('Flatten', [x], [flat], `${label}_flatten`, [makeIntAttribute('axis', axis)]),
+            makeNode('Shape', [x], [shape], `${label}_shape_of_input`),
+            makeNode('Reshape', [z, shape], [y], `${label}_reshape_back`),
+          );
+          report.changed.push(`${label}: ${n.opType} 2-D coercion -> Flatten, ${n.opType}(axis=-1), Reshape`);
+        }
+        break;
+      default:
+        if (REDUCE_18.has(n.opType) && target >= 18 && moveInts('axes', 1)) report.changed.push(`${label}: ${n.opType} axes -> input`);
+    }
+  }
+  graph.opset = target;
+  graph.sort();
+  return report;
+}

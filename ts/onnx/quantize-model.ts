@@ -1,0 +1,207 @@
+/**
+ * quantizeModel: ONNX post-training quantization. This first version quantizes
+ * weights (QDQ, per channel or blocked, 8/4/2 bits) after converting the opset
+ * and folding BatchNormalization, and evaluates the result against the float
+ * model in onnxruntime-node. Activation quantization and calibration are not
+ * implemented yet: asking for them is an error that says so.
+ */
+import type { ModelProto } from 'onnx-buf';
+
+import { invalidType, invalidValue } from '../errors';
+import { hasOrt, ort } from '../bench/ort-models';
+import { checkKnownKeys, isPlainObject } from '../validate';
+import { Graph } from './graph';
+import { OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
+import { foldBatchNorm } from './passes/fold-batchnorm';
+import type { PassReport } from './passes/pass';
+import { quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
+import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
+
+export interface QuantizeModelOptions {
+  weights: {
+    bits: 2 | 4 | 8;
+    granularity?: 'channel' | 'block';
+    blockSize?: number;
+    method?: 'minmax' | 'mse' | 'aciq';
+  };
+  /** Only `false` (weight-only) for now. */
+  activations?: false;
+  /** Node names or op types to leave in float. */
+  keepFloat?: string[];
+  /** Bits of the first and last quantized layers. Default 8. */
+  firstLastLayerBits?: number;
+  /** Feeds to compare float and quantized outputs on; default: one random normal input per graph input. */
+  evaluationFeeds?: Array<Record<string, { data: Float32Array; dims: number[] }>>;
+  /** Write the quantized model here (atomically). */
+  outputPath?: string;
+  onProgress?: (stage: string) => void;
+}
+
+export interface QuantizationReport {
+  opset: { from: number; to: number; microsoftDomainFallback?: string };
+  passes: PassReport[];
+  layers: WeightLayerReport[];
+  evaluation?: { samples: number; outputs: Array<{ name: string; cosine: number; top1Agreement?: number }> };
+  timingsMs: Record<string, number>;
+}
+
+function checkOptions(options: unknown): QuantizeModelOptions {
+  if (!isPlainObject(options)) throw invalidType('options', 'an options object with weights', options);
+  checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration']);
+  const w = options.weights;
+  if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
+  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method']);
+  if (![2, 4, 8].includes(w.bits as number)) throw invalidValue('options.weights.bits', '2, 4 or 8', w.bits);
+  if (w.granularity !== undefined && w.granularity !== 'channel' && w.granularity !== 'block') {
+    throw invalidValue('options.weights.granularity', "'channel' or 'block'", w.granularity);
+  }
+  if (w.method !== undefined && !['minmax', 'mse', 'aciq'].includes(w.method as string)) {
+    throw invalidValue('options.weights.method', "'minmax', 'mse' or 'aciq'", w.method);
+  }
+  if (w.blockSize !== undefined && (!Number.isInteger(w.blockSize) || (w.blockSize as number) < 16 || ((w.blockSize as number) & ((w.blockSize as number) - 1)) !== 0)) {
+    throw invalidValue('options.weights.blockSize', 'a power of two >= 16', w.blockSize);
+  }
+  if (options.activations !== undefined && options.activations !== false) {
+    throw invalidValue('options.activations', 'false (weight-only)', options.activations,
+      'Activation quantization with calibration is not implemented in this version of lowbit yet.');
+  }
+  if (options.calibration !== undefined) {
+    throw invalidValue('options.calibration', 'nothing (calibration is not implemented yet)', options.calibration);
+  }
+  return options as unknown as QuantizeModelOptions;
+}
+
+function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let ab = 0;
+  let aa = 0;
+  let bb = 0;
+  for (let i = 0; i < a.length; i++) {
+    ab += a[i] * b[i];
+    aa += a[i] * a[i];
+    bb += b[i] * b[i];
+  }
+  return aa === 0 && bb === 0 ? 1 : ab / Math.sqrt(aa * bb);
+}
+
+function randomFeeds(model: ModelProto, seed: number): Record<string, { data: Float32Array; dims: number[] }> {
+  const initializers = new Set(model.graph!.initializer.map((t) => t.name));
+  const feeds: Record<string, { data: Float32Array; dims: number[] }> = {};
+  let s = seed >>> 0;
+  const next = () => {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    return (s + 0.5) / 4294967296;
+  };
+  for (const input of model.graph!.input) {
+    if (initializers.has(input.name)) continue;
+    const tensor = input.type?.value.case === 'tensorType' ? input.type.value.value : undefined;
+    const dims = (tensor?.shape?.dim ?? []).map((d) => (d.value.case === 'dimValue' ? Number(d.value.value) : 1));
+    const n = dims.reduce((a, b) => a * b, 1);
+    feeds[input.name] = {
+      dims,
+      data: Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next())),
+    };
+  }
+  return feeds;
+}
+
+async function evaluate(floatBytes: Uint8Array, quantBytes: Uint8Array, feedsList: Array<Record<string, { data: Float32Array; dims: number[] }>>) {
+  const O = ort();
+  const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
+  const floatSession = await O.InferenceSession.create(floatBytes, options);
+  const quantSession = await O.InferenceSession.create(quantBytes, options);
+  const sums = new Map<string, { cos: number; agree: number; ranked: number }>();
+  for (const feeds of feedsList) {
+    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, new O.Tensor('float32', v.data, v.dims)]));
+    const f = await floatSession.run(tensors);
+    const q = await quantSession.run(tensors);
+    for (const name of floatSession.outputNames) {
+      const a = f[name].data as Float32Array;
+      const b = q[name].data as Float32Array;
+      const entry = sums.get(name) ?? { cos: 0, agree: 0, ranked: 0 };
+      entry.cos += cosine(a, b);
+      const dims = f[name].dims;
+      const classes = dims[dims.length - 1];
+      if (classes > 1 && a.length % classes === 0) {
+        for (let r = 0; r < a.length / classes; r++) {
+          let ia = 0;
+          let ib = 0;
+          for (let c = 1; c < classes; c++) {
+            if (a[r * classes + c] > a[r * classes + ia]) ia = c;
+            if (b[r * classes + c] > b[r * classes + ib]) ib = c;
+          }
+          entry.agree += ia === ib ? 1 : 0;
+          entry.ranked++;
+        }
+      }
+      sums.set(name, entry);
+    }
+  }
+  await floatSession.release();
+  await quantSession.release();
+  return {
+    samples: feedsList.length,
+    outputs: [...sums].map(([name, s]) => ({
+      name, cosine: s.cos / feedsList.length, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}),
+    })),
+  };
+}
+
+/**
+ * Quantizes the weights of an ONNX model (QDQ) and reports per layer.
+ * @example
+ * const { model, report } = await quantizeModel('model.onnx', { weights: { bits: 4, granularity: 'block' } });
+ */
+export async function quantizeModel(input: string | Uint8Array, options: QuantizeModelOptions):
+  Promise<{ model: Uint8Array; report: QuantizationReport }> {
+  const opts = checkOptions(options);
+  const timings: Record<string, number> = {};
+  const time = <T>(stage: string, fn: () => T): T => {
+    opts.onProgress?.(stage);
+    const t0 = performance.now();
+    const r = fn();
+    timings[stage] = performance.now() - t0;
+    return r;
+  };
+  const model = time('read', () => readModel(input));
+  const floatBytes = input instanceof Uint8Array ? input : serializeModel(model);
+  const graph = new Graph(model);
+  time('validate', () => graph.topologicalOrder());
+  const passes: PassReport[] = [];
+  const bits = opts.weights.bits;
+  const needed = bits === 2 ? 25 : bits === 4 || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13;
+  const from = graph.opset;
+  let microsoftDomainFallback: string | undefined;
+  if (from < needed) {
+    const why = unconvertibleReason(graph);
+    if (why) {
+      if (bits !== 8) throw new OnnxModelError(`${bits}-bit weights need opset ${needed}, and this model (opset ${from}) cannot be converted: ${why}.`);
+      microsoftDomainFallback = `opset ${from} kept (${why}); weights use com.microsoft DequantizeLinear`;
+      if (!model.opsetImport.some((o) => o.domain === 'com.microsoft')) {
+        model.opsetImport.push({ ...model.opsetImport[0], domain: 'com.microsoft', version: 1n });
+      }
+    } else {
+      passes.push(time('upgrade-opset', () => upgradeOpset(graph, needed)));
+    }
+  }
+  passes.push(time('fold-batchnorm', () => foldBatchNorm(graph)));
+  const { report: weightReport, layers } = time('quantize-weights', () => quantizeWeights(graph, {
+    bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
+    method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
+    keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined,
+  }));
+  passes.push(weightReport);
+  if (layers.length === 0) {
+    throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
+  }
+  const bytes = time('serialize', () => serializeModel(model));
+  const report: QuantizationReport = { opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, timingsMs: timings };
+  if (hasOrt()) {
+    opts.onProgress?.('evaluate');
+    const t0 = performance.now();
+    const feeds = opts.evaluationFeeds ?? [randomFeeds(model, 1), randomFeeds(model, 2)];
+    report.evaluation = await evaluate(floatBytes, bytes, feeds);
+    timings.evaluate = performance.now() - t0;
+  }
+  if (opts.outputPath) time('write', () => writeFileAtomic(opts.outputPath!, bytes));
+  return { model: bytes, report };
+}
