@@ -5,7 +5,10 @@
 import { Command, InvalidArgumentError } from 'commander';
 
 import { benchGemm, benchQuantize, DEFAULT_GEMM_SHAPES } from './bench';
+import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
+import { inspectModel, sparkline } from './onnx/inspect';
+import { quantizeModel } from './onnx/quantize-model';
 
 function parseShape(value: string, previous: Array<[number, number, number]> = []): Array<[number, number, number]> {
   const m = /^(\d+)x(\d+)x(\d+)$/i.exec(value.trim());
@@ -34,6 +37,49 @@ export function program(): Command {
   cli.command('info').description('CPU features and the kernels lowbit uses').action(() => {
     console.log(JSON.stringify(cpuInfo(), null, 2));
   });
+  cli.command('quantize')
+    .description('quantize the weights of an ONNX model (QDQ; activation quantization is not implemented yet)')
+    .argument('<model>', 'the float ONNX model')
+    .requiredOption('-o, --output <file>', 'where to write the quantized model (written atomically)')
+    .option('--wbits <bits>', 'weight bits: 8, 4 or 2', '8')
+    .option('--granularity <g>', "'channel' or 'block'", 'channel')
+    .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', '32')
+    .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
+    .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
+    .option('--report <file>', 'also write the report as JSON')
+    .action(async (model: string, o: { output: string; wbits: string; granularity: string; blockSize: string; method: string; keepFloat?: string; report?: string }) => {
+      const { report } = await quantizeModel(model, {
+        weights: { bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block', blockSize: Number(o.blockSize), method: o.method as 'minmax' },
+        keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,
+        outputPath: o.output,
+        onProgress: (stage) => process.stderr.write(`  ${stage}…\n`),
+      });
+      console.log(table(report.layers.map((l) => ({
+        layer: l.node, op: l.op, shape: l.shape.join('x'), bits: l.bits, granularity: l.granularity, 'weight SQNR dB': Number(l.weightSqnrDb.toFixed(1)),
+      }))));
+      for (const p of report.passes) for (const s of p.skipped) console.log(`skipped by ${p.pass}: ${s.node}: ${s.reason}`);
+      if (report.opset.microsoftDomainFallback) console.log(`note: ${report.opset.microsoftDomainFallback}`);
+      for (const out of report.evaluation?.outputs ?? []) {
+        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''} (random inputs)`);
+      }
+      console.log(`wrote ${o.output} (opset ${report.opset.from} -> ${report.opset.to})`);
+      if (o.report) {
+        const fs = await import('node:fs');
+        fs.writeFileSync(o.report, JSON.stringify(report, null, 2));
+      }
+    });
+  cli.command('inspect')
+    .description('per-layer weight statistics of an ONNX model and which layers lowbit would quantize')
+    .argument('<model>', 'an ONNX model')
+    .action((model: string) => {
+      const { opset, layers } = inspectModel(model);
+      console.log(`opset ${opset}, ${layers.length} layers with weights\n`);
+      console.log(table(layers.map((l) => ({
+        layer: l.node, op: l.op, shape: l.shape.join('x'), min: Number(l.min.toPrecision(3)), max: Number(l.max.toPrecision(3)),
+        std: Number(l.std.toPrecision(3)), kurtosis: Number(l.kurtosis.toFixed(2)), histogram: sparkline(l.histogram),
+        quantized: l.quantized ? 'yes' : `no: ${l.reason}`,
+      }))));
+    });
   const bench = cli.command('bench').description('throughput benchmarks (one process per case; compare ratios from one run)');
   bench.command('gemm')
     .description('int8/int4 GEMM GOPS per kernel path vs onnxruntime MatMulInteger, MatMul fp32 and MatMulNBits')

