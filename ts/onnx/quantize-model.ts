@@ -1,18 +1,21 @@
 /**
- * quantizeModel: ONNX post-training quantization. This first version quantizes
- * weights (QDQ, per channel or blocked, 8/4/2 bits) after converting the opset
- * and folding BatchNormalization, and evaluates the result against the float
- * model in onnxruntime-node. Activation quantization and calibration are not
- * implemented yet: asking for them is an error that says so.
+ * quantizeModel: ONNX post-training quantization (QDQ). Converts the opset,
+ * folds BatchNormalization, quantizes weights (per channel or blocked, 8/4/2
+ * bits) and, with calibration data, the activation inputs of the quantized
+ * layers (per tensor, 8/4 bits), then compares the result with the float model
+ * in onnxruntime-node.
  */
-import type { ModelProto } from 'onnx-buf';
+import { fromBinary } from '@bufbuild/protobuf';
+import { ModelProtoSchema, type ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { hasOrt, ort } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph } from './graph';
 import { OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
+import { calibrate, type ActivationMethod, type CalibrationData, type Feed } from './calibrate';
 import { foldBatchNorm } from './passes/fold-batchnorm';
+import { quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import type { PassReport } from './passes/pass';
 import { quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
@@ -24,8 +27,10 @@ export interface QuantizeModelOptions {
     blockSize?: number;
     method?: 'minmax' | 'mse' | 'aciq';
   };
-  /** Only `false` (weight-only) for now. */
-  activations?: false;
+  /** `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data. */
+  activations?: false | { bits: 4 | 8; signed?: boolean; method?: ActivationMethod };
+  /** Feeds ({ inputName: { data: Float32Array, dims } }), an (async) iterable of them, or a folder of .npy files per input. */
+  calibration?: CalibrationData;
   /** Node names or op types to leave in float. */
   keepFloat?: string[];
   /** Bits of the first and last quantized layers. Default 8. */
@@ -41,6 +46,8 @@ export interface QuantizationReport {
   opset: { from: number; to: number; microsoftDomainFallback?: string };
   passes: PassReport[];
   layers: WeightLayerReport[];
+  activations: ActivationLayerReport[];
+  calibrationBatches?: number;
   evaluation?: { samples: number; outputs: Array<{ name: string; cosine: number; top1Agreement?: number }> };
   timingsMs: Record<string, number>;
 }
@@ -61,12 +68,17 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (w.blockSize !== undefined && (!Number.isInteger(w.blockSize) || (w.blockSize as number) < 16 || ((w.blockSize as number) & ((w.blockSize as number) - 1)) !== 0)) {
     throw invalidValue('options.weights.blockSize', 'a power of two >= 16', w.blockSize);
   }
-  if (options.activations !== undefined && options.activations !== false) {
-    throw invalidValue('options.activations', 'false (weight-only)', options.activations,
-      'Activation quantization with calibration is not implemented in this version of lowbit yet.');
-  }
-  if (options.calibration !== undefined) {
-    throw invalidValue('options.calibration', 'nothing (calibration is not implemented yet)', options.calibration);
+  const a = options.activations;
+  if (a !== undefined && a !== false) {
+    if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8, signed?, method? }', a);
+    checkKnownKeys('options.activations', a, ['bits', 'signed', 'method']);
+    if (a.bits !== 4 && a.bits !== 8) throw invalidValue('options.activations.bits', '4 or 8', a.bits);
+    if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq'].includes(a.method as string)) {
+      throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl' or 'aciq'", a.method);
+    }
+    if (options.calibration === undefined) {
+      throw invalidValue('options.calibration', 'calibration feeds (or a folder of .npy files) to quantize activations', undefined);
+    }
   }
   return options as unknown as QuantizeModelOptions;
 }
@@ -104,14 +116,14 @@ function randomFeeds(model: ModelProto, seed: number): Record<string, { data: Fl
   return feeds;
 }
 
-async function evaluate(floatBytes: Uint8Array, quantBytes: Uint8Array, feedsList: Array<Record<string, { data: Float32Array; dims: number[] }>>) {
+async function evaluate(floatBytes: Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
   const O = ort();
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   const floatSession = await O.InferenceSession.create(floatBytes, options);
   const quantSession = await O.InferenceSession.create(quantBytes, options);
   const sums = new Map<string, { cos: number; agree: number; ranked: number }>();
   for (const feeds of feedsList) {
-    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, new O.Tensor('float32', v.data, v.dims)]));
+    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])]));
     const f = await floatSession.run(tensors);
     const q = await quantSession.run(tensors);
     for (const name of floatSession.outputNames) {
@@ -184,6 +196,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     }
   }
   passes.push(time('fold-batchnorm', () => foldBatchNorm(graph)));
+  // The float model after conversion and folding: what calibration runs.
+  const prepared = opts.activations ? fromBinary(ModelProtoSchema, serializeModel(model)) : undefined;
   const { report: weightReport, layers } = time('quantize-weights', () => quantizeWeights(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
@@ -193,12 +207,42 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   if (layers.length === 0) {
     throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
   }
+  let activations: ActivationLayerReport[] = [];
+  let sample: Feed[] | undefined;
+  let calibrationBatches: number | undefined;
+  if (opts.activations && prepared) {
+    const a = opts.activations;
+    if (a.bits === 4 && graph.opset < 21) {
+      if (microsoftDomainFallback) throw new OnnxModelError(`4-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
+      passes.push(upgradeOpset(graph, 21));
+    }
+    // The activation inputs of the quantized layers, as they exist in the prepared float model.
+    const layerNames = new Set(layers.map((l) => l.node));
+    const targets = graph.graph.node.filter((n) => layerNames.has(n.name) || layerNames.has(`${n.opType}(${n.output[0]})`));
+    const tensors = [...new Set(targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t)))];
+    opts.onProgress?.('calibrate');
+    const t0 = performance.now();
+    const result = await calibrate(prepared, tensors, opts.calibration!, a.method ?? 'minmax', {
+      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`),
+    });
+    timings.calibrate = performance.now() - t0;
+    calibrationBatches = result.batches;
+    sample = result.sample;
+    const ranges = new Map(tensors.map((t) => [t, result.observers.get(t)!.range(a.bits)]));
+    const act = time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => n.name)),
+      a.bits, a.signed ?? false, microsoftDomainFallback !== undefined));
+    passes.push(act.report);
+    activations = act.activations;
+  }
   const bytes = time('serialize', () => serializeModel(model));
-  const report: QuantizationReport = { opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, timingsMs: timings };
+  const report: QuantizationReport = {
+    opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
+    ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,
+  };
   if (hasOrt()) {
     opts.onProgress?.('evaluate');
     const t0 = performance.now();
-    const feeds = opts.evaluationFeeds ?? [randomFeeds(model, 1), randomFeeds(model, 2)];
+    const feeds = opts.evaluationFeeds ?? sample ?? [randomFeeds(model, 1), randomFeeds(model, 2)];
     report.evaluation = await evaluate(floatBytes, bytes, feeds);
     timings.evaluate = performance.now() - t0;
   }

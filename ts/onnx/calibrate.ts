@@ -1,0 +1,145 @@
+/**
+ * Calibration: runs the float model in onnxruntime-node batch by batch with
+ * the tensors to quantize exposed as extra outputs, and feeds each to a
+ * streaming observer; nothing but the observers' fixed state is kept between
+ * batches, so memory does not grow with the number of batches.
+ */
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type ModelProto } from 'onnx-buf';
+
+import { ort } from '../bench/ort-models';
+import { AciqObserver, HistogramObserver, MinMaxObserver, type Range } from '../calibration/observers';
+import { invalidType, invalidValue } from '../errors';
+
+export type Feed = Record<string, { data: Float32Array; dims: readonly number[] }>;
+export type CalibrationData = Iterable<Feed> | AsyncIterable<Feed> | string;
+
+export type ActivationMethod = 'minmax' | 'percentile' | 'kl' | 'aciq';
+
+/** One observer per tensor, behind one shape. */
+export interface TensorObserver {
+  observe(batch: Float32Array): void;
+  range(bits: number): Range;
+}
+
+export function makeObserver(method: ActivationMethod): TensorObserver {
+  switch (method) {
+    case 'minmax': {
+      const o = new MinMaxObserver();
+      return { observe: (b) => void o.observe(b), range: () => o.range() };
+    }
+    case 'percentile': {
+      const o = new HistogramObserver();
+      return { observe: (b) => void o.observe(b), range: () => o.percentileRange(99.99) };
+    }
+    case 'kl': {
+      const o = new HistogramObserver();
+      return { observe: (b) => void o.observe(b), range: () => o.klRange(128) };
+    }
+    case 'aciq': {
+      const o = new AciqObserver();
+      return { observe: (b) => void o.observe(b), range: (bits) => o.range(bits, 'laplace') };
+    }
+  }
+}
+
+/** Reads a float32 C-order .npy file. */
+export function readNpy(file: string): { data: Float32Array; dims: number[] } {
+  const bytes = fs.readFileSync(file);
+  if (bytes.length < 10 || bytes.toString('latin1', 1, 6) !== 'NUMPY') throw new Error(`${file} is not a .npy file.`);
+  const major = bytes[6];
+  const headerLength = major === 1 ? bytes.readUInt16LE(8) : bytes.readUInt32LE(8);
+  const start = major === 1 ? 10 : 12;
+  const header = bytes.toString('latin1', start, start + headerLength);
+  if (!/'descr':\s*'<f4'/.test(header)) throw new Error(`${file}: only little-endian float32 ('<f4') arrays are supported.`);
+  if (/'fortran_order':\s*True/.test(header)) throw new Error(`${file}: Fortran-ordered arrays are not supported.`);
+  const shape = /'shape':\s*\(([^)]*)\)/.exec(header);
+  const dims = shape ? shape[1].split(',').map((s) => s.trim()).filter(Boolean).map(Number) : [];
+  const offset = start + headerLength;
+  const data = new Float32Array(bytes.buffer.slice(bytes.byteOffset + offset, bytes.byteOffset + bytes.length));
+  if (data.length !== dims.reduce((a, b) => a * b, 1)) throw new Error(`${file}: the data do not match the shape (${dims.join('x')}).`);
+  return { data, dims };
+}
+
+/** Batches from a folder with one subfolder of .npy files per input (batch i = the i-th file of each, sorted by name). */
+export function* npyFolderFeeds(folder: string): Generator<Feed> {
+  const inputs = fs.readdirSync(folder).filter((d) => fs.statSync(path.join(folder, d)).isDirectory()).sort();
+  if (inputs.length === 0) throw new Error(`${folder} has no subfolders; put each input's .npy batches in a folder named after the input.`);
+  const files = inputs.map((i) => fs.readdirSync(path.join(folder, i)).filter((f) => f.endsWith('.npy')).sort());
+  const count = Math.min(...files.map((f) => f.length));
+  for (let b = 0; b < count; b++) {
+    yield Object.fromEntries(inputs.map((name, i) => [name, readNpy(path.join(folder, name, files[i][b]))]));
+  }
+}
+
+function withOutputs(model: ModelProto, names: string[]): Uint8Array {
+  const copy = fromBinary(ModelProtoSchema, toBinary(ModelProtoSchema, model));
+  const existing = new Set(copy.graph!.output.map((o) => o.name));
+  for (const name of names) {
+    if (existing.has(name)) continue;
+    copy.graph!.output.push(create(ValueInfoProtoSchema, {
+      name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT } } },
+    } as never));
+  }
+  return toBinary(ModelProtoSchema, copy);
+}
+
+/** Checks a feed against the model's inputs: names, float32 data, rank and static dimensions. */
+export function checkFeed(model: ModelProto, feed: unknown, index: number): Feed {
+  if (typeof feed !== 'object' || feed === null) throw invalidType(`calibration[${index}]`, 'a feed object { inputName: { data, dims } }', feed);
+  const initializers = new Set(model.graph!.initializer.map((t) => t.name));
+  const inputs = model.graph!.input.filter((i) => !initializers.has(i.name));
+  const f = feed as Record<string, { data?: unknown; dims?: unknown }>;
+  for (const input of inputs) {
+    const v = f[input.name];
+    const tensor = input.type?.value.case === 'tensorType' ? input.type.value.value : undefined;
+    const dims = (tensor?.shape?.dim ?? []).map((d) => (d.value.case === 'dimValue' ? Number(d.value.value) : -1));
+    const expected = `{ data: Float32Array, dims: [${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}] }`;
+    if (!v) throw invalidValue(`calibration[${index}]`, `a feed with input '${input.name}' ${expected}`, Object.keys(f).join(', ') || 'an empty feed');
+    if (!(v.data instanceof Float32Array)) throw invalidType(`calibration[${index}].${input.name}.data`, 'a Float32Array (float32 input)', v.data);
+    if (!Array.isArray(v.dims) || v.dims.length !== dims.length || v.dims.some((d, i) => dims[i] >= 0 && d !== dims[i])) {
+      throw invalidValue(`calibration[${index}].${input.name}.dims`, `dims matching [${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}]`, v.dims);
+    }
+    if (v.data.length !== (v.dims as number[]).reduce((a, b) => a * b, 1)) {
+      throw invalidValue(`calibration[${index}].${input.name}.data`, `${(v.dims as number[]).reduce((a, b) => a * b, 1)} values for dims [${v.dims.join(', ')}]`, v.data);
+    }
+  }
+  const known = new Set(inputs.map((i) => i.name));
+  for (const name of Object.keys(f)) {
+    if (!known.has(name)) throw invalidValue(`calibration[${index}]`, `only the model's inputs (${[...known].join(', ')})`, name);
+  }
+  return f as Feed;
+}
+
+export interface CalibrationResult {
+  observers: Map<string, TensorObserver>;
+  batches: number;
+  /** The first few feeds, kept for evaluating the quantized model. */
+  sample: Feed[];
+}
+
+export async function calibrate(model: ModelProto, tensors: string[], data: CalibrationData, method: ActivationMethod,
+  options: { keep?: number; onBatch?: (index: number) => void } = {}): Promise<CalibrationResult> {
+  const O = ort();
+  const session = await O.InferenceSession.create(withOutputs(model, tensors), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 });
+  const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
+  const sample: Feed[] = [];
+  const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
+  let batches = 0;
+  try {
+    for await (const raw of iterable as AsyncIterable<Feed>) {
+      const feed = checkFeed(model, raw, batches);
+      const outputs = await session.run(Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])])), tensors);
+      for (const t of tensors) observers.get(t)!.observe(outputs[t].data as Float32Array);
+      if (sample.length < (options.keep ?? 4)) sample.push(feed);
+      options.onBatch?.(batches);
+      batches++;
+    }
+  } finally {
+    await session.release();
+  }
+  if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
+  return { observers, batches, sample };
+}

@@ -1,0 +1,62 @@
+/**
+ * Inserts QuantizeLinear → DequantizeLinear (per tensor) on the activation
+ * inputs of the quantized layers, with scales and zero points from the
+ * calibrated ranges (the native paramsFromRanges, as for weights). Unsigned
+ * activations are asymmetric (uint8/uint4 with a zero point); signed ones are
+ * symmetric (int8/int4, zero point 0).
+ */
+import { TensorProto_DataType } from 'onnx-buf';
+
+import { native } from '../../native';
+import { integerRange } from '../../quant-params';
+import { makeNode, makeTensor, type Graph } from '../graph';
+import type { PassReport } from './pass';
+
+export interface ActivationLayerReport {
+  tensor: string;
+  bits: number;
+  signed: boolean;
+  range: [number, number];
+  scale: number;
+  zeroPoint: number;
+}
+
+function zeroPointTensor(name: string, bits: number, signed: boolean, zp: number) {
+  if (bits === 8) {
+    return makeTensor(name, signed ? TensorProto_DataType.INT8 : TensorProto_DataType.UINT8, [], Uint8Array.of(zp & 0xff));
+  }
+  return makeTensor(name, signed ? TensorProto_DataType.INT4 : TensorProto_DataType.UINT4, [], Uint8Array.of(zp & 0x0f));
+}
+
+export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: number; hi: number }>, consumers: Set<string>,
+  bits: 4 | 8, signed: boolean, microsoftDomain: boolean): { report: PassReport; activations: ActivationLayerReport[] } {
+  const report: PassReport = { pass: 'quantize-activations', changed: [], skipped: [] };
+  const activations: ActivationLayerReport[] = [];
+  const { qmin, qmax } = integerRange(bits, signed);
+  const domain = microsoftDomain ? 'com.microsoft' : '';
+  for (const [tensor, range] of ranges) {
+    const scale = new Float32Array(1);
+    const zp = new Int32Array(1);
+    native().paramsFromRanges(Float32Array.of(range.lo), Float32Array.of(range.hi), qmin, qmax, signed, scale, zp);
+    const scaleName = graph.uniqueName(`${tensor}_scale`);
+    const zpName = graph.uniqueName(`${tensor}_zero_point`);
+    const quantized = graph.uniqueName(`${tensor}_quantized`);
+    const dequantized = graph.uniqueName(`${tensor}_dequantized`);
+    graph.addInitializer(makeTensor(scaleName, TensorProto_DataType.FLOAT, [], new Uint8Array(scale.buffer)));
+    graph.addInitializer(zeroPointTensor(zpName, bits, signed, zp[0]));
+    graph.graph.node.push(
+      makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], `${tensor}_q`, [], domain),
+      makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], `${tensor}_dq`, [], domain),
+    );
+    let rewired = 0;
+    for (const node of graph.graph.node) {
+      if (!consumers.has(node.name) || node.input[0] !== tensor) continue;
+      node.input[0] = dequantized;
+      rewired++;
+    }
+    activations.push({ tensor, bits, signed, range: [range.lo, range.hi], scale: scale[0], zeroPoint: zp[0] });
+    report.changed.push(`${tensor}: ${bits}-bit ${signed ? 'int' : 'uint'}, ${rewired} consumer(s)`);
+  }
+  graph.sort();
+  return { report, activations };
+}
