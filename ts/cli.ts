@@ -2,6 +2,7 @@
 /**
  * The lowbit command line. `lowbit bench gemm|quantize [options]`, `lowbit info`.
  */
+import { SingleBar, Presets } from 'cli-progress';
 import { Command, InvalidArgumentError } from 'commander';
 
 import { benchGemm, benchQuantize, DEFAULT_GEMM_SHAPES } from './bench';
@@ -38,29 +39,57 @@ export function program(): Command {
     console.log(JSON.stringify(cpuInfo(), null, 2));
   });
   cli.command('quantize')
-    .description('quantize the weights of an ONNX model (QDQ; activation quantization is not implemented yet)')
+    .description('quantize an ONNX model (QDQ): weights, and activations when calibration data are given')
     .argument('<model>', 'the float ONNX model')
     .requiredOption('-o, --output <file>', 'where to write the quantized model (written atomically)')
     .option('--wbits <bits>', 'weight bits: 8, 4 or 2', '8')
     .option('--granularity <g>', "'channel' or 'block'", 'channel')
     .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', '32')
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
+    .option('--abits <bits>', 'activation bits (4 or 8); needs --calib')
+    .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq'", 'minmax')
+    .option('--calib <folder>', 'calibration data: one subfolder of float32 .npy batches per model input')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
     .option('--report <file>', 'also write the report as JSON')
-    .action(async (model: string, o: { output: string; wbits: string; granularity: string; blockSize: string; method: string; keepFloat?: string; report?: string }) => {
+    .action(async (model: string, o: {
+      output: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod: string;
+      calib?: string; keepFloat?: string; report?: string;
+    }) => {
+      const bar = new SingleBar({ format: '  calibrating [{bar}] {value} batches', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
+      let barStarted = false;
       const { report } = await quantizeModel(model, {
         weights: { bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block', blockSize: Number(o.blockSize), method: o.method as 'minmax' },
+        activations: o.abits ? { bits: Number(o.abits) as 4 | 8, method: o.amethod as 'minmax' } : false,
+        calibration: o.calib,
         keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,
         outputPath: o.output,
-        onProgress: (stage) => process.stderr.write(`  ${stage}…\n`),
+        onProgress: (stage) => {
+          if (stage.startsWith('calibrate batch')) {
+            if (!barStarted) {
+              bar.start(0, 0);
+              barStarted = true;
+            }
+            bar.setTotal(Number(stage.split(' ').pop()));
+            bar.update(Number(stage.split(' ').pop()));
+            return;
+          }
+          if (barStarted) {
+            bar.stop();
+            barStarted = false;
+          }
+          process.stderr.write(`  ${stage}…\n`);
+        },
       });
       console.log(table(report.layers.map((l) => ({
         layer: l.node, op: l.op, shape: l.shape.join('x'), bits: l.bits, granularity: l.granularity, 'weight SQNR dB': Number(l.weightSqnrDb.toFixed(1)),
       }))));
+      if (report.activations.length) {
+        console.log(`\n${report.activations.length} activation tensors quantized from ${report.calibrationBatches} calibration batches`);
+      }
       for (const p of report.passes) for (const s of p.skipped) console.log(`skipped by ${p.pass}: ${s.node}: ${s.reason}`);
       if (report.opset.microsoftDomainFallback) console.log(`note: ${report.opset.microsoftDomainFallback}`);
       for (const out of report.evaluation?.outputs ?? []) {
-        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''} (random inputs)`);
+        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''} (${report.calibrationBatches ? 'calibration samples' : 'random inputs'})`);
       }
       console.log(`wrote ${o.output} (opset ${report.opset.from} -> ${report.opset.to})`);
       if (o.report) {

@@ -131,3 +131,31 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     expect((caught as Error).message).to.match(/calibration feeds .* to quantize activations for options\.calibration/);
   });
 });
+
+describe('.npy calibration folders', () => {
+  function writeNpy(file: string, data: Float32Array, dims: number[]): void {
+    let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${dims.join(', ')}${dims.length === 1 ? ',' : ''}), }`;
+    header += ' '.repeat(64 - ((10 + header.length + 1) % 64)) + '\n';
+    const head = Buffer.alloc(10);
+    head.write('\x93NUMPY', 0, 'latin1');
+    head[6] = 1;
+    head[7] = 0;
+    head.writeUInt16LE(header.length, 8);
+    fs.writeFileSync(file, Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(data.buffer)]));
+  }
+
+  it('reads float32 .npy batches per input and rejects other dtypes', async () => {
+    const { readNpy, npyFolderFeeds } = await import('../../ts/onnx/calibrate');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
+    fs.mkdirSync(path.join(dir, 'x'));
+    writeNpy(path.join(dir, 'x', '0.npy'), Float32Array.of(1, 2, 3, 4, 5, 6), [2, 3]);
+    writeNpy(path.join(dir, 'x', '1.npy'), Float32Array.of(7, 8, 9, 10, 11, 12), [2, 3]);
+    const first = readNpy(path.join(dir, 'x', '0.npy'));
+    expect(first.dims).to.deep.equal([2, 3]);
+    expect(Array.from(first.data)).to.deep.equal([1, 2, 3, 4, 5, 6]);
+    expect([...npyFolderFeeds(dir)].map((f) => f.x.data[0])).to.deep.equal([1, 7]);
+    fs.writeFileSync(path.join(dir, 'bad.npy'), Buffer.from('\x93NUMPY\x01\x00\x20\x00' + "{'descr': '<f8', 'shape': (1,)}  \n", 'latin1'));
+    expect(() => readNpy(path.join(dir, 'bad.npy'))).to.throw(/only little-endian float32/);
+    fs.rmSync(dir, { recursive: true });
+  });
+});
