@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
+import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
 import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 
@@ -144,8 +145,7 @@ describe('.npy calibration folders', () => {
     fs.writeFileSync(file, Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(data.buffer)]));
   }
 
-  it('reads float32 .npy batches per input and rejects other dtypes', async () => {
-    const { readNpy, npyFolderFeeds } = await import('../../ts/onnx/calibrate');
+  it('reads float32 .npy batches per input and rejects other dtypes', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
     fs.mkdirSync(path.join(dir, 'x'));
     writeNpy(path.join(dir, 'x', '0.npy'), Float32Array.of(1, 2, 3, 4, 5, 6), [2, 3]);
