@@ -50,7 +50,7 @@ describe('ONNX model I/O', () => {
 });
 
 describe('quantizeModel (weights only)', () => {
-  it('bad options are typed errors; activation quantization says it is not implemented yet', async () => {
+  it('bad options are typed errors', async () => {
     const rejects = async (p: Promise<unknown>, re: RegExp) => {
       let caught: unknown;
       await p.catch((e) => (caught = e));
