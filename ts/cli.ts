@@ -4,6 +4,7 @@
  */
 import { SingleBar, Presets } from 'cli-progress';
 import { Command, InvalidArgumentError } from 'commander';
+import * as path from 'node:path';
 
 import { benchGemm, benchQuantize, DEFAULT_GEMM_SHAPES } from './bench';
 import { table } from './bench/timing';
@@ -39,9 +40,10 @@ export function program(): Command {
     console.log(JSON.stringify(cpuInfo(), null, 2));
   });
   cli.command('quantize')
-    .description('quantize an ONNX model (QDQ): weights, and activations when calibration data are given')
-    .argument('<model>', 'the float ONNX model')
-    .requiredOption('-o, --output <file>', 'where to write the quantized model (written atomically)')
+    .description('quantize an ONNX model (QDQ): weights, and activations when calibration data are given. '
+      + 'Without a model: the bundled MNIST CNN, W8A8 with its bundled calibration images')
+    .argument('[model]', 'the float ONNX model (default: the bundled example)')
+    .option('-o, --output <file>', 'where to write the quantized model (written atomically); default <model>.q.onnx in this folder')
     .option('--wbits <bits>', 'weight bits: 8, 4 or 2', '8')
     .option('--granularity <g>', "'channel' or 'block'", 'channel')
     .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', '32')
@@ -51,10 +53,18 @@ export function program(): Command {
     .option('--calib <folder>', 'calibration data: one subfolder of float32 .npy batches per model input')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
     .option('--report <file>', 'also write the report as JSON')
-    .action(async (model: string, o: {
-      output: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod: string;
+    .action(async (modelArg: string | undefined, o: {
+      output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod: string;
       calib?: string; keepFloat?: string; report?: string;
     }) => {
+      const assets = path.resolve(__dirname, '..', '..', 'assets');
+      const model = modelArg ?? path.join(assets, 'mnist-cnn.onnx');
+      if (!modelArg) {
+        console.log(`No model given: quantizing the bundled example ${model} (a small MNIST CNN) to W8A8, calibrated on its 64 bundled images.\n`);
+        o.abits ??= '8';
+        o.calib ??= path.join(assets, 'mnist-calibration');
+      }
+      o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
       const bar = new SingleBar({ format: '  calibrating [{bar}] {value} batches', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
       let barStarted = false;
       const { report } = await quantizeModel(model, {
