@@ -27,3 +27,6 @@ export {
 export { lsqBackward, lsqGradScale, lsqInitStep, lsqLevels, lsqQuantize, type LsqBackwardOptions, type LsqOptions } from './methods/lsq';
 export { lambertW0 } from './methods/special';
 export { AciqObserver, HistogramObserver, MinMaxObserver, type Range } from './calibration/observers';
+export { quantizeModel, type QuantizationReport, type QuantizeModelOptions } from './onnx/quantize-model';
+export { inspectModel, type LayerStats } from './onnx/inspect';
+export { OnnxModelError } from './onnx/model-io';
