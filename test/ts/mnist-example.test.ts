@@ -33,3 +33,32 @@ describe('bundled MNIST CNN example', () => {
     expect(Math.abs((await mnistAccuracy(q, 2000)) - float)).to.be.at.most(0.003);
   });
 });
+
+describe('pipeline methods on the bundled MNIST CNN', () => {
+  it('at W2A4, MSE weights with data-driven bias correction recover most of what minmax loses', async () => {
+    const calibration = path.join(root, 'assets', 'mnist-calibration');
+    const float = await mnistAccuracy(new Uint8Array(fs.readFileSync(model)), 2000);
+    const naive = await quantizeModel(model, { weights: { bits: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2, calibration });
+    const better = await quantizeModel(model, {
+      weights: { bits: 2, method: 'mse', biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 2, calibration,
+    });
+    expect(better.report.passes.find((p) => p.pass === 'bias-correction')!.changed.length).to.equal(3);
+    const lost = float - (await mnistAccuracy(naive.model, 2000));
+    const recovered = (await mnistAccuracy(better.model, 2000)) - (float - lost);
+    expect(lost).to.be.greaterThan(0.1);
+    expect(recovered / lost).to.be.greaterThan(0.7);
+  });
+
+  it('bit allocation gives the conv channels mixed widths with the requested mean', async () => {
+    const { report } = await quantizeModel(model, {
+      weights: { bits: 4, bitAllocation: { averageBits: 3 } }, firstLastLayerBits: 4, evaluationFeeds: [],
+    });
+    const allocated = report.layers.filter((l) => l.channelBits);
+    expect(allocated.length).to.be.greaterThan(0);
+    for (const l of allocated) {
+      const bits = l.channelBits!;
+      expect(bits.reduce((a, b) => a + b, 0) / bits.length).to.be.closeTo(3, 0.26);
+      expect(new Set(bits).size).to.be.greaterThan(1);
+    }
+  });
+});

@@ -113,15 +113,36 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number): Feed
   return f as Feed;
 }
 
+/** Running per-channel mean of a tensor, channels on the second axis ('second', NCHW / [N, K]) or the last. */
+class ChannelMean {
+  sums: Float64Array | undefined;
+  count = 0;
+  constructor(readonly axis: 'second' | 'last') {}
+  observe(data: Float32Array, dims: readonly number[]): void {
+    const channelAxis = this.axis === 'second' ? 1 : dims.length - 1;
+    const channels = dims[channelAxis];
+    const inner = dims.slice(channelAxis + 1).reduce((a, b) => a * b, 1);
+    this.sums ??= new Float64Array(channels);
+    for (let i = 0; i < data.length; i++) this.sums[Math.floor(i / inner) % channels] += data[i];
+    this.count += data.length / channels;
+  }
+  mean(): Float64Array {
+    return Float64Array.from(this.sums ?? [], (s) => s / Math.max(1, this.count));
+  }
+}
+
 export interface CalibrationResult {
   observers: Map<string, TensorObserver>;
+  /** Per-channel means of the tensors asked for in `channelMeans`. */
+  means: Map<string, Float64Array>;
   batches: number;
   /** The first few feeds, kept for evaluating the quantized model. */
   sample: Feed[];
 }
 
 export async function calibrate(model: ModelProto, tensors: string[], data: CalibrationData, method: ActivationMethod,
-  options: { keep?: number; onBatch?: (index: number) => void } = {}): Promise<CalibrationResult> {
+  options: { keep?: number; onBatch?: (index: number) => void; channelMeans?: Map<string, 'second' | 'last'> } = {}): Promise<CalibrationResult> {
+  const meanObservers = new Map([...(options.channelMeans ?? [])].map(([t, axis]) => [t, new ChannelMean(axis)]));
   const O = ort();
   const session = await O.InferenceSession.create(withOutputs(model, tensors), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 });
   const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
@@ -133,6 +154,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       const feed = checkFeed(model, raw, batches);
       const outputs = await session.run(Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])])), tensors);
       for (const t of tensors) observers.get(t)!.observe(outputs[t].data as Float32Array);
+      for (const [t, m] of meanObservers) m.observe(outputs[t].data as Float32Array, outputs[t].dims);
       if (sample.length < (options.keep ?? 4)) sample.push(feed);
       options.onBatch?.(batches);
       batches++;
@@ -141,5 +163,5 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     await session.release();
   }
   if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
-  return { observers, batches, sample };
+  return { observers, means: new Map([...meanObservers].map(([t, m]) => [t, m.mean()])), batches, sample };
 }

@@ -14,7 +14,9 @@ import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph } from './graph';
 import { OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
 import { calibrate, type ActivationMethod, type CalibrationData, type Feed } from './calibrate';
+import { correctBiases } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
+import { nodeLabel } from './passes/pass';
 import { quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import type { PassReport } from './passes/pass';
 import { quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
@@ -26,6 +28,10 @@ export interface QuantizeModelOptions {
     granularity?: 'channel' | 'block';
     blockSize?: number;
     method?: 'minmax' | 'mse' | 'aciq';
+    /** ACIQ per-channel bit allocation with this mean (per-channel granularity; first/last layers excluded). */
+    bitAllocation?: { averageBits: number };
+    /** Data-driven bias correction from the calibration data (needs `calibration`). */
+    biasCorrection?: boolean;
   };
   /** `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data. */
   activations?: false | { bits: 4 | 8; signed?: boolean; method?: ActivationMethod };
@@ -57,7 +63,16 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration']);
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
-  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method']);
+  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection']);
+  if (w.bitAllocation !== undefined) {
+    const b = w.bitAllocation as Record<string, unknown>;
+    if (!isPlainObject(b) || typeof b.averageBits !== 'number' || !(b.averageBits >= 2 && b.averageBits <= 8)) {
+      throw invalidValue('options.weights.bitAllocation', '{ averageBits } with averageBits in [2, 8]', w.bitAllocation);
+    }
+  }
+  if (w.biasCorrection && options.calibration === undefined) {
+    throw invalidValue('options.calibration', 'calibration feeds (or a folder of .npy files) for bias correction', undefined);
+  }
   if (![2, 4, 8].includes(w.bits as number)) throw invalidValue('options.weights.bits', '2, 4 or 8', w.bits);
   if (w.granularity !== undefined && w.granularity !== 'channel' && w.granularity !== 'block') {
     throw invalidValue('options.weights.granularity', "'channel' or 'block'", w.granularity);
@@ -197,11 +212,12 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   passes.push(time('fold-batchnorm', () => foldBatchNorm(graph)));
   // The float model after conversion and folding: what calibration runs.
-  const prepared = opts.activations ? fromBinary(ModelProtoSchema, serializeModel(model)) : undefined;
-  const { report: weightReport, layers } = time('quantize-weights', () => quantizeWeights(graph, {
+  const calibrating = !!opts.activations || !!opts.weights.biasCorrection;
+  const prepared = calibrating ? fromBinary(ModelProtoSchema, serializeModel(model)) : undefined;
+  const { report: weightReport, layers, weights } = time('quantize-weights', () => quantizeWeights(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
-    keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined,
+    keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
   }));
   passes.push(weightReport);
   if (layers.length === 0) {
@@ -210,29 +226,36 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   let activations: ActivationLayerReport[] = [];
   let sample: Feed[] | undefined;
   let calibrationBatches: number | undefined;
-  if (opts.activations && prepared) {
-    const a = opts.activations;
-    if (a.bits === 4 && graph.opset < 21) {
+  if (calibrating && prepared) {
+    const a = opts.activations || { bits: 8 as const, method: 'minmax' as const };
+    if (opts.activations && a.bits === 4 && graph.opset < 21) {
       if (microsoftDomainFallback) throw new OnnxModelError(`4-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
       passes.push(upgradeOpset(graph, 21));
     }
     // The activation inputs of the quantized layers, as they exist in the prepared float model.
     const layerNames = new Set(layers.map((l) => l.node));
-    const targets = graph.graph.node.filter((n) => layerNames.has(n.name) || layerNames.has(`${n.opType}(${n.output[0]})`));
+    const targets = graph.graph.node.filter((n) => layerNames.has(nodeLabel(n)));
     const tensors = [...new Set(targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t)))];
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
+    const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
+    const channelMeans = new Map<string, 'second' | 'last'>(opts.weights.biasCorrection
+      ? targets.filter((n) => !graph.constant(n.input[0])).map((n) => [n.input[0], n.opType === 'MatMul' ? 'last' : 'second'])
+      : []);
     const result = await calibrate(prepared, tensors, opts.calibration!, a.method ?? 'minmax', {
-      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`),
+      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), channelMeans,
     });
     timings.calibrate = performance.now() - t0;
     calibrationBatches = result.batches;
     sample = result.sample;
-    const ranges = new Map(tensors.map((t) => [t, result.observers.get(t)!.range(a.bits)]));
-    const act = time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => n.name)),
-      a.bits, a.signed ?? false, microsoftDomainFallback !== undefined));
-    passes.push(act.report);
-    activations = act.activations;
+    if (opts.weights.biasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, inputs, result.means)));
+    if (opts.activations) {
+      const ranges = new Map(tensors.map((t) => [t, result.observers.get(t)!.range(a.bits)]));
+      const act = time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
+        a.bits, a.signed ?? false, microsoftDomainFallback !== undefined));
+      passes.push(act.report);
+      activations = act.activations;
+    }
   }
   const bytes = time('serialize', () => serializeModel(model));
   const report: QuantizationReport = {

@@ -10,7 +10,7 @@ import { TensorProto_DataType } from 'onnx-buf';
 import { native } from '../../native';
 import { integerRange } from '../../quant-params';
 import { makeNode, makeTensor, type Graph } from '../graph';
-import type { PassReport } from './pass';
+import { nodeLabel, type PassReport } from './pass';
 
 export interface ActivationLayerReport {
   tensor: string;
@@ -28,6 +28,7 @@ function zeroPointTensor(name: string, bits: number, signed: boolean, zp: number
   return makeTensor(name, signed ? TensorProto_DataType.INT4 : TensorProto_DataType.UINT4, [], Uint8Array.of(zp & 0x0f));
 }
 
+/** `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair. */
 export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: number; hi: number }>, consumers: Set<string>,
   bits: 4 | 8, signed: boolean, microsoftDomain: boolean): { report: PassReport; activations: ActivationLayerReport[] } {
   const report: PassReport = { pass: 'quantize-activations', changed: [], skipped: [] };
@@ -50,7 +51,7 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: numb
     );
     let rewired = 0;
     for (const node of graph.graph.node) {
-      if (!consumers.has(node.name) || node.input[0] !== tensor) continue;
+      if (!consumers.has(nodeLabel(node)) || node.input[0] !== tensor) continue;
       node.input[0] = dequantized;
       rewired++;
     }

@@ -8,7 +8,7 @@ import { TensorProto_DataType } from 'onnx-buf';
 
 import { dimsOf, floatData, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
 import { packInt2, packInt4 } from '../../pack';
-import { quantizationError, quantizeTensor } from '../../quantize';
+import { dequantize, quantizationError, quantizeTensor } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
 import { nodeLabel, type PassReport } from './pass';
 
@@ -23,6 +23,11 @@ export interface WeightQuantization {
   keepFloat?: string[];
   /** Use com.microsoft Q/DQ (old opsets onnxruntime still accepts; int8 only). */
   microsoftDomain?: boolean;
+  /**
+   * ACIQ per-channel bit allocation (per-channel granularity): channels get their
+   * own bits with this mean; values are stored in the type of the largest width.
+   */
+  bitAllocation?: { averageBits: number };
 }
 
 export interface WeightLayerReport {
@@ -34,6 +39,17 @@ export interface WeightLayerReport {
   granularity: string;
   method: string;
   weightSqnrDb: number;
+  /** Per-channel bits when bit allocation was used. */
+  channelBits?: number[];
+}
+
+/** Float and dequantized weights of each quantized layer, for bias correction. */
+export interface QuantizedWeights {
+  node: string;
+  shape: number[];
+  outputAxis: number;
+  original: Float32Array;
+  dequantized: Float32Array;
 }
 
 const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
@@ -51,9 +67,11 @@ function valuesTensor(name: string, q: QuantizedTensor): ReturnType<typeof makeT
   return makeTensor(name, TensorProto_DataType.INT2, q.shape, packInt2(q));
 }
 
-export function quantizeWeights(graph: Graph, options: WeightQuantization): { report: PassReport; layers: WeightLayerReport[] } {
+export function quantizeWeights(graph: Graph, options: WeightQuantization):
+  { report: PassReport; layers: WeightLayerReport[]; weights: QuantizedWeights[] } {
   const report: PassReport = { pass: 'quantize-weights', changed: [], skipped: [] };
   const layers: WeightLayerReport[] = [];
+  const weights: QuantizedWeights[] = [];
   const keep = new Set(options.keepFloat ?? []);
   const candidates = graph.topologicalOrder().filter((n) => QUANTIZABLE.has(n.opType));
   const quantizable = candidates.filter((n) => !keep.has(n.name) && !keep.has(n.opType) && graph.constant(n.input[1]) && floatData(graph.constant(n.input[1])!));
@@ -80,12 +98,15 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization): { re
     const edge = node === first || node === last;
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
     const blocked = options.granularity === 'block' && bits < 8 && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
+    const allocate = options.bitAllocation && !blocked && !edge && dims[axes.outputAxis] > 1;
     const q = quantizeTensor(data, {
-      shape: dims, bits, method: options.method,
+      shape: dims, bits: allocate ? 8 : bits, method: options.method,
       ...(blocked
         ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
         : { granularity: 'channel' as const, axis: axes.outputAxis }),
+      ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: 8 } } : {}),
     });
+    if (q.channelBits && q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type
     const base = node.input[1];
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
@@ -99,13 +120,15 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization): { re
     node.input[1] = dqOut;
     graph.removeIfUnused(base);
     const layer: WeightLayerReport = {
-      node: label, op: node.opType, weight: base, shape: dims, bits,
+      node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
       granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : `channel on axis ${q.axis}`,
       method: options.method, weightSqnrDb: quantizationError(data, q).sqnrDb,
+      ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
     };
+    weights.push({ node: label, shape: dims, outputAxis: axes.outputAxis, original: data.slice(), dequantized: dequantize(q) });
     layers.push(layer);
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
   }
   graph.sort();
-  return { report, layers };
+  return { report, layers, weights };
 }
