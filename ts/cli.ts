@@ -91,7 +91,9 @@ export function program(): Command {
         },
       });
       console.log(table(report.layers.map((l) => ({
-        layer: l.node, op: l.op, shape: l.shape.join('x'), bits: l.bits, granularity: l.granularity, 'weight SQNR dB': Number(l.weightSqnrDb.toFixed(1)),
+        layer: l.node, op: l.op, shape: l.shape.join('x'), bits: l.channelBits ? `${l.bits} (mixed)` : l.bits, granularity: l.granularity,
+        'weight SQNR dB': Number(l.weightSqnrDb.toFixed(1)),
+        'output SQNR dB': l.outputSqnrDb === undefined ? '' : Number(l.outputSqnrDb.toFixed(1)),
       }))));
       if (report.activations.length) {
         console.log(`\n${report.activations.length} activation tensors quantized from ${report.calibrationBatches} calibration batches`);

@@ -27,9 +27,11 @@ describe('bundled MNIST CNN example', () => {
   it('W8A8 keeps the float accuracy on 2000 test images (within 0.3 points)', async () => {
     const float = await mnistAccuracy(new Uint8Array(fs.readFileSync(model)), 2000);
     expect(float).to.be.greaterThan(0.9);
-    const { model: q } = await quantizeModel(model, {
+    const { model: q, report } = await quantizeModel(model, {
       weights: { bits: 8 }, activations: { bits: 8 }, calibration: path.join(root, 'assets', 'mnist-calibration'),
     });
+    expect(report.passes.find((p) => p.pass === 'quantize-bias')!.changed.length).to.equal(3);  // both convs and the Gemm
+    expect(report.layers.every((l) => (l.outputSqnrDb ?? 0) > 30)).to.equal(true);
     expect(Math.abs((await mnistAccuracy(q, 2000)) - float)).to.be.at.most(0.003);
   });
 });

@@ -70,6 +70,7 @@ describe('quantizeModel (weights only)', () => {
       expect(report.opset.to).to.equal(weights.bits === 8 ? 13 : 21);
       expect(report.passes.find((p) => p.pass === 'fold-batchnorm')!.changed.length).to.equal(35);
       expect(report.layers.length).to.equal(54);
+      expect(report.layers.every((l) => Number.isFinite(l.outputSqnrDb))).to.equal(true);
       expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(weights.bits === 8 ? 0.999 : 0.99);
       expect(model.length).to.be.lessThan(fs.statSync(classifier).size);
     }

@@ -74,7 +74,8 @@ export function* npyFolderFeeds(folder: string): Generator<Feed> {
   }
 }
 
-function withOutputs(model: ModelProto, names: string[]): Uint8Array {
+/** A copy of the model with extra float outputs (for calibration and per-layer comparisons). */
+export function withOutputs(model: ModelProto, names: string[]): Uint8Array {
   const copy = fromBinary(ModelProtoSchema, toBinary(ModelProtoSchema, model));
   const existing = new Set(copy.graph!.output.map((o) => o.name));
   for (const name of names) {

@@ -13,9 +13,10 @@ import { hasOrt, ort } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph } from './graph';
 import { OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
-import { calibrate, type ActivationMethod, type CalibrationData, type Feed } from './calibrate';
+import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type Feed } from './calibrate';
 import { correctBiases } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
+import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
 import { quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import type { PassReport } from './passes/pass';
@@ -131,6 +132,34 @@ function randomFeeds(model: ModelProto, seed: number): Record<string, { data: Fl
   return feeds;
 }
 
+/** Per-layer output SQNR: the prepared float model and the quantized one, layer outputs exposed. */
+async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[]): Promise<void> {
+  if (feedsList.length === 0) return;
+  const O = ort();
+  const names = layers.map((l) => l.output);
+  const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
+  const f = await O.InferenceSession.create(withOutputs(preparedFloat, names), options);
+  const q = await O.InferenceSession.create(withOutputs(quantized, names), options);
+  const signal = new Float64Array(names.length);
+  const noise = new Float64Array(names.length);
+  for (const feeds of feedsList) {
+    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])]));
+    const fo = await f.run(tensors, names);
+    const qo = await q.run(tensors, names);
+    names.forEach((name, i) => {
+      const a = fo[name].data as Float32Array;
+      const b = qo[name].data as Float32Array;
+      for (let j = 0; j < a.length; j++) {
+        signal[i] += a[j] * a[j];
+        noise[i] += (a[j] - b[j]) ** 2;
+      }
+    });
+  }
+  await f.release();
+  await q.release();
+  layers.forEach((l, i) => (l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i])));
+}
+
 async function evaluate(floatBytes: Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
   const O = ort();
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
@@ -213,7 +242,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   passes.push(time('fold-batchnorm', () => foldBatchNorm(graph)));
   // The float model after conversion and folding: what calibration runs.
   const calibrating = !!opts.activations || !!opts.weights.biasCorrection;
-  const prepared = calibrating ? fromBinary(ModelProtoSchema, serializeModel(model)) : undefined;
+  const prepared = fromBinary(ModelProtoSchema, serializeModel(model));
   const { report: weightReport, layers, weights } = time('quantize-weights', () => quantizeWeights(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
@@ -255,6 +284,14 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
         a.bits, a.signed ?? false, microsoftDomainFallback !== undefined));
       passes.push(act.report);
       activations = act.activations;
+      // Int32 biases where both the input activation and the weights are quantized per channel.
+      const scales = new Map<string, { activation: number; weight: Float32Array }>();
+      for (const w of weights) {
+        const input = inputs.get(w.node);
+        const act = activations.find((x) => x.tensor === input);
+        if (act && w.channelScales) scales.set(w.node, { activation: act.scale, weight: w.channelScales });
+      }
+      passes.push(time('quantize-bias', () => quantizeBiases(graph, scales)));
     }
   }
   const bytes = time('serialize', () => serializeModel(model));
@@ -267,6 +304,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     const t0 = performance.now();
     const feeds = opts.evaluationFeeds ?? sample ?? [randomFeeds(model, 1), randomFeeds(model, 2)];
     report.evaluation = await evaluate(floatBytes, bytes, feeds);
+    await layerSqnr(prepared, model, layers, feeds);
     timings.evaluate = performance.now() - t0;
   }
   if (opts.outputPath) time('write', () => writeFileAtomic(opts.outputPath!, bytes));

@@ -41,6 +41,10 @@ export interface WeightLayerReport {
   weightSqnrDb: number;
   /** Per-channel bits when bit allocation was used. */
   channelBits?: number[];
+  /** The layer's output tensor. */
+  output: string;
+  /** SQNR of the layer's output in the quantized model against the float model on the evaluation inputs. */
+  outputSqnrDb?: number;
 }
 
 /** Float and dequantized weights of each quantized layer, for bias correction. */
@@ -50,6 +54,8 @@ export interface QuantizedWeights {
   outputAxis: number;
   original: Float32Array;
   dequantized: Float32Array;
+  /** Weight scales per output channel (per-channel granularity only). */
+  channelScales?: Float32Array;
 }
 
 const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
@@ -124,8 +130,12 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
       granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : `channel on axis ${q.axis}`,
       method: options.method, weightSqnrDb: quantizationError(data, q).sqnrDb,
       ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
+      output: node.output[0],
     };
-    weights.push({ node: label, shape: dims, outputAxis: axes.outputAxis, original: data.slice(), dequantized: dequantize(q) });
+    weights.push({
+      node: label, shape: dims, outputAxis: axes.outputAxis, original: data.slice(), dequantized: dequantize(q),
+      ...(blocked ? {} : { channelScales: q.scale }),
+    });
     layers.push(layer);
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
   }
