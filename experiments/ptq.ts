@@ -48,6 +48,7 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
     ['W2A4 minmax (all layers 2-bit)', { weights: { bits: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
     ['W2A4 minmax + bias correction', { weights: { bits: 2, biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
     ['W2A4 ACIQ weights + bias correction', { weights: { bits: 2, method: 'aciq', biasCorrection: true }, activations: { bits: 4, method: 'aciq' }, firstLastLayerBits: 2 }],
+    ['W2A4 GDRQ weights (4 groups, Scale-Clip k = 2)', { weights: { bits: 2, groups: 4, scaleClip: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
     ['W2A4 mse weights + bias correction', { weights: { bits: 2, method: 'mse', biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
     ['W3A4 bit allocation (mean 3) + bias correction', { weights: { bits: 4, bitAllocation: { averageBits: 3 }, biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 4 }],
   ];

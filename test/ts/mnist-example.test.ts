@@ -51,6 +51,12 @@ describe('pipeline methods on the bundled MNIST CNN', () => {
     expect(recovered / lost).to.be.greaterThan(0.7);
   });
 
+  it('GDRQ groups: one scale per group of output channels, written per channel (the BN-folded form)', async () => {
+    const { report } = await quantizeModel(model, { weights: { bits: 2, groups: 4, scaleClip: 2 }, firstLastLayerBits: 2, evaluationFeeds: [] });
+    expect(report.layers.filter((l) => l.granularity === '4 groups on axis 0').length).to.equal(2);  // conv1 (8) and conv2 (16); fc has 10
+    await quantizeModel(model, { weights: { bits: 2, groups: 0 } }).then(() => expect.fail('accepted groups 0'), (e) => expect((e as Error).message).to.match(/options\.weights\.groups/));
+  });
+
   it('bit allocation gives the conv channels mixed widths with the requested mean', async () => {
     const { report } = await quantizeModel(model, {
       weights: { bits: 4, bitAllocation: { averageBits: 3 } }, firstLastLayerBits: 4, evaluationFeeds: [],

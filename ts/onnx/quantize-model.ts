@@ -33,6 +33,10 @@ export interface QuantizeModelOptions {
     bitAllocation?: { averageBits: number };
     /** Data-driven bias correction from the calibration data (needs `calibration`). */
     biasCorrection?: boolean;
+    /** GDRQ: contiguous output-channel groups per layer, one clip each (L1 search). */
+    groups?: number;
+    /** GDRQ Scale-Clip before quantizing: clip at k·mean|W| (per group with `groups`). */
+    scaleClip?: number;
   };
   /** `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data. */
   activations?: false | { bits: 4 | 8; signed?: boolean; method?: ActivationMethod };
@@ -64,7 +68,9 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration']);
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
-  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection']);
+  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip']);
+  if (w.groups !== undefined && (!Number.isInteger(w.groups) || (w.groups as number) < 1)) throw invalidValue('options.weights.groups', 'a positive integer', w.groups);
+  if (w.scaleClip !== undefined && (typeof w.scaleClip !== 'number' || !((w.scaleClip as number) > 0))) throw invalidValue('options.weights.scaleClip', 'a positive number (k)', w.scaleClip);
   if (w.bitAllocation !== undefined) {
     const b = w.bitAllocation as Record<string, unknown>;
     if (!isPlainObject(b) || typeof b.averageBits !== 'number' || !(b.averageBits >= 2 && b.averageBits <= 8)) {
@@ -247,6 +253,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
+    groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip,
   }));
   passes.push(weightReport);
   if (layers.length === 0) {

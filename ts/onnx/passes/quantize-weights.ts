@@ -8,6 +8,7 @@ import { TensorProto_DataType } from 'onnx-buf';
 
 import { dimsOf, floatData, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
 import { packInt2, packInt4 } from '../../pack';
+import { scaleClip } from '../../methods/gdrq';
 import { dequantize, quantizationError, quantizeTensor } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
 import { nodeLabel, type PassReport } from './pass';
@@ -28,6 +29,15 @@ export interface WeightQuantization {
    * own bits with this mean; values are stored in the type of the largest width.
    */
   bitAllocation?: { averageBits: number };
+  /**
+   * GDRQ: split each layer's output channels into this many contiguous groups,
+   * one clip per group (L1 search); the group scales are written per channel
+   * (repeated), which is what folding them into the following BatchNormalization
+   * yields. Layers whose channel count the groups do not divide stay per channel.
+   */
+  groups?: number;
+  /** GDRQ Scale-Clip before quantizing: clip each group's weights at k·mean|W|. */
+  scaleClipK?: number;
 }
 
 export interface WeightLayerReport {
@@ -105,13 +115,32 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
     const blocked = options.granularity === 'block' && bits < 8 && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
     const allocate = options.bitAllocation && !blocked && !edge && dims[axes.outputAxis] > 1;
-    const q = quantizeTensor(data, {
-      shape: dims, bits: allocate ? 8 : bits, method: options.method,
-      ...(blocked
-        ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
-        : { granularity: 'channel' as const, axis: axes.outputAxis }),
-      ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: 8 } } : {}),
-    });
+    const grouped = !!options.groups && !blocked && !allocate && dims[axes.outputAxis] % options.groups === 0;
+    let source = data;
+    if (options.scaleClipK !== undefined) {
+      source = scaleClip(data, { k: options.scaleClipK, shape: dims, axis: axes.outputAxis, groups: grouped ? options.groups : 1 }).clipped;
+    }
+    let q: QuantizedTensor;
+    if (grouped) {
+      const g = quantizeTensor(source, { shape: dims, bits, method: 'mse', norm: 1, granularity: 'group', groups: options.groups!, axis: axes.outputAxis });
+      // One scale per channel (each group's, repeated): the DequantizeLinear form of folding group scales into BN.
+      const channels = dims[axes.outputAxis];
+      const per = channels / options.groups!;
+      q = {
+        ...g, granularity: 'channel', axis: axes.outputAxis, scaleShape: [channels], groups: undefined,
+        scale: Float32Array.from({ length: channels }, (_, c) => g.scale[Math.floor(c / per)]),
+        zeroPoint: Int32Array.from({ length: channels }, (_, c) => g.zeroPoint[Math.floor(c / per)]),
+      };
+      delete q.groups;
+    } else {
+      q = quantizeTensor(source, {
+        shape: dims, bits: allocate ? 8 : bits, method: options.method,
+        ...(blocked
+          ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
+          : { granularity: 'channel' as const, axis: axes.outputAxis }),
+        ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: 8 } } : {}),
+      });
+    }
     if (q.channelBits && q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type
     const base = node.input[1];
     const valuesName = graph.uniqueName(`${base}_quantized`);
@@ -127,8 +156,8 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     graph.removeIfUnused(base);
     const layer: WeightLayerReport = {
       node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
-      granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : `channel on axis ${q.axis}`,
-      method: options.method, weightSqnrDb: quantizationError(data, q).sqnrDb,
+      granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}` : `channel on axis ${q.axis}`,
+      method: grouped ? 'mse (L1)' : options.method, weightSqnrDb: quantizationError(data, q).sqnrDb,
       ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
       output: node.output[0],
     };
