@@ -11,6 +11,7 @@ import * as fs from 'node:fs';
 import { ort } from '../ts/bench/ort-models';
 import { table } from '../ts/bench/timing';
 import { quantizeModel, type QuantizeModelOptions } from '../ts/onnx/quantize-model';
+import { normalFeeds } from '../test/helpers/random';
 import { loadMnist } from './mnist';
 
 /** Top-1 accuracy of an MNIST model (input [N,1,28,28] → logits [N,10]) on the first `limit` test images. */
@@ -58,18 +59,6 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
     rows.push({ model: 'MNIST CNN (bundled)', setting, accuracy: `${(accuracy * 100).toFixed(2)}%`, 'vs float': `${((accuracy - float) * 100).toFixed(2)} points` });
   }
   return rows;
-}
-
-function normalFeeds(n: number, dims: number[], seed: number) {
-  let s = seed >>> 0;
-  const next = () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return (s + 0.5) / 4294967296;
-  };
-  const len = dims.reduce((a, b) => a * b, 1);
-  return Array.from({ length: n }, () => ({
-    x: { dims, data: Float32Array.from({ length: len }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next())) },
-  }));
 }
 
 export async function ptqExperiment(json: boolean): Promise<void> {

@@ -14,6 +14,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
+import { rng } from '../test/helpers/random';
 import { loadMnist } from './mnist';
 
 const EPS = 1e-5;
@@ -21,17 +22,6 @@ const TRAIN_IMAGES = 60_000;
 const BATCH = 32;
 const LEARNING_RATE = 0.05;
 const MOMENTUM = 0.9;
-
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Param { value: Float32Array; grad: Float32Array; velocity: Float32Array }
 const param = (n: number, init: (i: number) => number): Param =>

