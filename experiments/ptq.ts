@@ -47,11 +47,13 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
     ['W4A4 weights mse, activations percentile', { weights: { bits: 4, method: 'mse' }, activations: { bits: 4, method: 'percentile' }, firstLastLayerBits: 4 }],
     ['W4A4 ACIQ weights and activations', { weights: { bits: 4, method: 'aciq' }, activations: { bits: 4, method: 'aciq' }, firstLastLayerBits: 4 }],
     ['W2A4 minmax (all layers 2-bit)', { weights: { bits: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
-    ['W2A4 minmax + bias correction', { weights: { bits: 2, biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
-    ['W2A4 ACIQ weights + bias correction', { weights: { bits: 2, method: 'aciq', biasCorrection: true }, activations: { bits: 4, method: 'aciq' }, firstLastLayerBits: 2 }],
+    ['W2A4 minmax + weight std correction', { weights: { bits: 2, biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
+    ['W2A4 minmax + data-driven bias correction', { weights: { bits: 2 }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2 }],
+    ['W2A4 ACIQ weights + data-driven bias correction', { weights: { bits: 2, method: 'aciq' }, activations: { bits: 4, method: 'aciq', biasCorrection: true }, firstLastLayerBits: 2 }],
     ['W2A4 GDRQ weights (4 groups, Scale-Clip k = 2)', { weights: { bits: 2, groups: 4, scaleClip: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
-    ['W2A4 mse weights + bias correction', { weights: { bits: 2, method: 'mse', biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
-    ['W3A4 bit allocation (mean 3) + bias correction', { weights: { bits: 4, bitAllocation: { averageBits: 3 }, biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 4 }],
+    ['W2A4 mse weights + data-driven bias correction', { weights: { bits: 2, method: 'mse' }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2 }],
+    ['W2A4 mse weights + both bias corrections', { weights: { bits: 2, method: 'mse', biasCorrection: true }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2 }],
+    ['W3A4 bit allocation (mean 3) + data-driven bias correction', { weights: { bits: 4, bitAllocation: { averageBits: 3 } }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 4 }],
   ];
   for (const [setting, options] of settings) {
     const { model: q } = await quantizeModel(model, { ...(options as QuantizeModelOptions), calibration });

@@ -42,13 +42,20 @@ describe('pipeline methods on the bundled MNIST CNN', () => {
     const float = await mnistAccuracy(new Uint8Array(fs.readFileSync(model)), 2000);
     const naive = await quantizeModel(model, { weights: { bits: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2, calibration });
     const better = await quantizeModel(model, {
-      weights: { bits: 2, method: 'mse', biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 2, calibration,
+      weights: { bits: 2, method: 'mse' }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2, calibration,
     });
     expect(better.report.passes.find((p) => p.pass === 'bias-correction')!.changed.length).to.equal(3);
     const lost = float - (await mnistAccuracy(naive.model, 2000));
     const recovered = (await mnistAccuracy(better.model, 2000)) - (float - lost);
     expect(lost).to.be.greaterThan(0.1);
     expect(recovered / lost).to.be.greaterThan(0.7);
+  });
+
+  it('weight bias correction (std) rescales the channel scales without data', async () => {
+    const plain = await quantizeModel(model, { weights: { bits: 2 }, firstLastLayerBits: 2, evaluationFeeds: [] });
+    const corrected = await quantizeModel(model, { weights: { bits: 2, biasCorrection: true }, firstLastLayerBits: 2, evaluationFeeds: [] });
+    expect(Buffer.from(corrected.model).equals(Buffer.from(plain.model))).to.equal(false);
+    expect(corrected.model.length).to.equal(plain.model.length);
   });
 
   it('GDRQ groups: one scale per group of output channels, written per channel (the BN-folded form)', async () => {

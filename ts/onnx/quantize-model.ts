@@ -31,7 +31,12 @@ export interface QuantizeModelOptions {
     method?: 'minmax' | 'mse' | 'aciq';
     /** ACIQ per-channel bit allocation with this mean (per-channel granularity; first/last layers excluded). */
     bitAllocation?: { averageBits: number };
-    /** Data-driven bias correction from the calibration data (needs `calibration`). */
+    /**
+     * ACIQ weight bias correction without data: per output channel, the scale is
+     * multiplied by ξ = std(W) / std(Ŵ) so the quantized weights' spread matches
+     * the float weights' (the channel-mean part needs data: use
+     * `activations.biasCorrection`). Per-channel weights only.
+     */
     biasCorrection?: boolean;
     /** GDRQ: contiguous output-channel groups per layer, one clip each (L1 search). */
     groups?: number;
@@ -39,7 +44,13 @@ export interface QuantizeModelOptions {
     scaleClip?: number;
   };
   /** `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data. */
-  activations?: false | { bits: 4 | 8; signed?: boolean; method?: ActivationMethod };
+  activations?: false | {
+    bits: 4 | 8;
+    signed?: boolean;
+    method?: ActivationMethod;
+    /** Data-driven bias correction: E[W·x] − E[Ŵ·x] per output channel, from the calibration data, added to the bias. */
+    biasCorrection?: boolean;
+  };
   /** Feeds ({ inputName: { data: Float32Array, dims } }), an (async) iterable of them, or a folder of .npy files per input. */
   calibration?: CalibrationData;
   /** Node names or op types to leave in float. */
@@ -77,9 +88,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
       throw invalidValue('options.weights.bitAllocation', '{ averageBits } with averageBits in [2, 8]', w.bitAllocation);
     }
   }
-  if (w.biasCorrection && options.calibration === undefined) {
-    throw invalidValue('options.calibration', 'calibration feeds (or a folder of .npy files) for bias correction', undefined);
-  }
+
   if (![2, 4, 8].includes(w.bits as number)) throw invalidValue('options.weights.bits', '2, 4 or 8', w.bits);
   if (w.granularity !== undefined && w.granularity !== 'channel' && w.granularity !== 'block') {
     throw invalidValue('options.weights.granularity', "'channel' or 'block'", w.granularity);
@@ -93,7 +102,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   const a = options.activations;
   if (a !== undefined && a !== false) {
     if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8, signed?, method? }', a);
-    checkKnownKeys('options.activations', a, ['bits', 'signed', 'method']);
+    checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection']);
     if (a.bits !== 4 && a.bits !== 8) throw invalidValue('options.activations.bits', '4 or 8', a.bits);
     if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq'].includes(a.method as string)) {
       throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl' or 'aciq'", a.method);
@@ -247,13 +256,14 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   passes.push(time('fold-batchnorm', () => foldBatchNorm(graph)));
   // The float model after conversion and folding: what calibration runs.
-  const calibrating = !!opts.activations || !!opts.weights.biasCorrection;
+  const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
+  const calibrating = !!opts.activations;
   const prepared = fromBinary(ModelProtoSchema, serializeModel(model));
   const { report: weightReport, layers, weights } = time('quantize-weights', () => quantizeWeights(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
-    groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip,
+    groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
   }));
   passes.push(weightReport);
   if (layers.length === 0) {
@@ -275,7 +285,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
     const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
-    const channelMeans = new Map<string, 'second' | 'last'>(opts.weights.biasCorrection
+    const channelMeans = new Map<string, 'second' | 'last'>(dataBiasCorrection
       ? targets.filter((n) => !graph.constant(n.input[0])).map((n) => [n.input[0], n.opType === 'MatMul' ? 'last' : 'second'])
       : []);
     const result = await calibrate(prepared, tensors, opts.calibration!, a.method ?? 'minmax', {
@@ -284,7 +294,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     timings.calibrate = performance.now() - t0;
     calibrationBatches = result.batches;
     sample = result.sample;
-    if (opts.weights.biasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, inputs, result.means)));
+    if (dataBiasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, inputs, result.means)));
     if (opts.activations) {
       const ranges = new Map(tensors.map((t) => [t, result.observers.get(t)!.range(a.bits)]));
       const act = time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),

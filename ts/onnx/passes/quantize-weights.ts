@@ -38,6 +38,8 @@ export interface WeightQuantization {
   groups?: number;
   /** GDRQ Scale-Clip before quantizing: clip each group's weights at k·mean|W|. */
   scaleClipK?: number;
+  /** Multiply each channel's scale by std(W)/std(Ŵ) (ACIQ's variance correction; per-channel weights only). */
+  momentCorrection?: boolean;
 }
 
 export interface WeightLayerReport {
@@ -81,6 +83,26 @@ function valuesTensor(name: string, q: QuantizedTensor): ReturnType<typeof makeT
   if (q.bits === 8) return makeTensor(name, TensorProto_DataType.INT8, q.shape, new Uint8Array(q.values.buffer, q.values.byteOffset, q.values.length));
   if (q.bits === 4) return makeTensor(name, TensorProto_DataType.INT4, q.shape, packInt4(q));
   return makeTensor(name, TensorProto_DataType.INT2, q.shape, packInt2(q));
+}
+
+/** Per output channel, std(a) / std(b) (1 where b has no spread). */
+function stdRatios(a: Float32Array, b: Float32Array, dims: number[], axis: number): Float64Array {
+  const channels = dims[axis];
+  const inner = dims.slice(axis + 1).reduce((x, y) => x * y, 1);
+  const n = a.length / channels;
+  const stats = Array.from({ length: channels }, () => ({ sa: 0, sb: 0, qa: 0, qb: 0 }));
+  for (let i = 0; i < a.length; i++) {
+    const st = stats[Math.floor(i / inner) % channels];
+    st.sa += a[i];
+    st.sb += b[i];
+    st.qa += a[i] * a[i];
+    st.qb += b[i] * b[i];
+  }
+  return Float64Array.from(stats, (st) => {
+    const va = st.qa / n - (st.sa / n) ** 2;
+    const vb = st.qb / n - (st.sb / n) ** 2;
+    return vb > 0 && va > 0 ? Math.sqrt(va / vb) : 1;
+  });
 }
 
 export function quantizeWeights(graph: Graph, options: WeightQuantization):
@@ -142,6 +164,11 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
       });
     }
     if (q.channelBits && q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type
+    if (options.momentCorrection && !blocked) {
+      // ξ_c = std(W_c) / std(Ŵ_c): scaling channel c's scale (zero point 0) scales Ŵ_c's spread by ξ_c.
+      const ratios = stdRatios(source, dequantize(q), dims, axes.outputAxis);
+      q.scale = Float32Array.from(q.scale, (s, c) => s * ratios[c]);
+    }
     const base = node.input[1];
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
