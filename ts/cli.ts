@@ -49,14 +49,19 @@ export function program(): Command {
     .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', '32')
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
     .option('--abits <bits>', 'activation bits (4 or 8); needs --calib')
-    .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq'", 'minmax')
+    .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq' (default: --method when it is one of them, else minmax)")
+    .option('--bit-allocation <bits>', 'per-channel bit allocation of the weights with this mean')
+    .option('--bias-correction', 'weight std correction, and data-driven bias correction when activations are calibrated')
+    .option('--groups <n>', 'GDRQ: output-channel groups per layer, one clip each')
+    .option('--scale-clip <k>', 'GDRQ Scale-Clip of the weights at k·mean|W| before quantizing')
     .option('--calib <folder>', 'calibration data: one subfolder of float32 .npy batches per model input')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
     .option('--report <file>', 'also write the report as JSON')
     .action(async (modelArg: string | undefined, o: {
-      output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod: string;
-      calib?: string; keepFloat?: string; report?: string;
+      output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod?: string;
+      calib?: string; keepFloat?: string; report?: string; bitAllocation?: string; biasCorrection?: boolean; groups?: string; scaleClip?: string;
     }) => {
+      const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
       const model = modelArg ?? path.join(assets, 'mnist-cnn.onnx');
       if (!modelArg) {
@@ -68,8 +73,14 @@ export function program(): Command {
       const bar = new SingleBar({ format: '  calibrating [{bar}] {value} batches', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
       let barStarted = false;
       const { report } = await quantizeModel(model, {
-        weights: { bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block', blockSize: Number(o.blockSize), method: o.method as 'minmax' },
-        activations: o.abits ? { bits: Number(o.abits) as 4 | 8, method: o.amethod as 'minmax' } : false,
+        weights: {
+          bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block', blockSize: Number(o.blockSize), method: o.method as 'minmax',
+          ...(o.bitAllocation ? { bitAllocation: { averageBits: Number(o.bitAllocation) } } : {}),
+          ...(o.biasCorrection ? { biasCorrection: true } : {}),
+          ...(o.groups ? { groups: Number(o.groups) } : {}),
+          ...(o.scaleClip ? { scaleClip: Number(o.scaleClip) } : {}),
+        },
+        activations: o.abits ? { bits: Number(o.abits) as 4 | 8, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection } : false,
         calibration: o.calib,
         keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,
         outputPath: o.output,

