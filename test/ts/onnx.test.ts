@@ -6,7 +6,12 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
+import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
+import { Graph } from '../../ts/onnx/graph';
+import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
+import { quantizeWeights } from '../../ts/onnx/passes/quantize-weights';
+import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { normalFeeds } from '../helpers/random';
@@ -160,5 +165,62 @@ describe('malformed graphs', () => {
     let e2: unknown;
     await quantizeModel(cyclic, { weights: { bits: 8 } }).catch((e) => (e2 = e));
     expect((e2 as Error).message).to.match(/cycle/);
+  });
+});
+
+describe('opset conversion keeps the float models exact', () => {
+  async function outputs(bytes: Uint8Array, feed: { data: Float32Array; dims: number[] }): Promise<Float32Array> {
+    const O = ort();
+    const s = await O.InferenceSession.create(bytes, { graphOptimizationLevel: 'disabled' });
+    const out = await s.run({ x: new O.Tensor('float32', feed.data, feed.dims) });
+    await s.release();
+    return out[s.outputNames[0]].data as Float32Array;
+  }
+
+  for (const [name, file, dims] of [
+    ['PP-OCR classifier (opset 9: Clip, Slice, Softmax)', classifier, [1, 3, 48, 192]],
+    ['PP-OCRv4 recognizer (opset 9)', recognizer, [1, 3, 48, 320]],
+    ['PP-OCRv4 detector (opset 11: Resize, ConvTranspose)', path.join(assets, 'ch_PP-OCRv4_det_infer.onnx'), [1, 3, 64, 64]],
+  ] as Array<[string, string, number[]]>) {
+    it(`${name}: the converted model (opset 21) computes the same outputs`, async () => {
+      const bytes = new Uint8Array(fs.readFileSync(file));
+      const graph = new Graph(readModel(bytes));
+      const report = upgradeOpset(graph, 21);
+      expect(graph.opset).to.equal(21);
+      const feed = normalFeeds(1, dims, 5)[0].x;
+      const want = await outputs(bytes, feed);
+      const got = await outputs(serializeModel(graph.model), feed);
+      let maxDiff = 0;
+      for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(want[i] - got[i]));
+      expect(maxDiff, report.changed.slice(0, 3).join('; ')).to.be.at.most(1e-5);
+    });
+  }
+});
+
+describe('QDQ weights equal fake-quantized float weights', () => {
+  it('the QDQ classifier (W4, block 32) computes exactly what the float model with dequantized weights computes', async () => {
+    const g = new Graph(readModel(classifier));
+    upgradeOpset(g, 21);
+    foldBatchNorm(g);
+    const fake = new Graph(readModel(serializeModel(g.model)));
+    const { weights } = quantizeWeights(g, { bits: 4, granularity: 'block', blockSize: 32, method: 'minmax', firstLastLayerBits: 8 });
+    const byLabel = new Map(weights.map((w) => [w.node, w]));
+    for (const n of fake.graph.node) {
+      const w = byLabel.get(n.name);
+      if (!w) continue;
+      const t = fake.constant(n.input[1])!;
+      t.rawData = new Uint8Array(w.dequantized.buffer.slice(0));
+      t.floatData = [];
+    }
+    const feed = normalFeeds(1, [1, 3, 48, 192], 9)[0].x;
+    const O = ort();
+    const run = async (bytes: Uint8Array) => {
+      const s = await O.InferenceSession.create(bytes, { graphOptimizationLevel: 'basic' });
+      const out = await s.run({ x: new O.Tensor('float32', feed.data, feed.dims) });
+      return out[s.outputNames[0]].data as Float32Array;
+    };
+    const qdq = await run(serializeModel(g.model));
+    const simulated = await run(serializeModel(fake.model));
+    expect(Array.from(qdq)).to.deep.equal(Array.from(simulated));
   });
 });
