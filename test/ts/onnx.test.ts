@@ -209,7 +209,7 @@ describe('QDQ weights equal fake-quantized float weights', () => {
       const w = byLabel.get(n.name);
       if (!w) continue;
       const t = fake.constant(n.input[1])!;
-      t.rawData = new Uint8Array(w.dequantized.buffer.slice(0));
+      t.rawData = new Uint8Array(w.dequantized.slice().buffer);
       t.floatData = [];
     }
     const feed = normalFeeds(1, [1, 3, 48, 192], 9)[0].x;
