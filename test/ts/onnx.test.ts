@@ -198,7 +198,7 @@ describe('opset conversion keeps the float models exact', () => {
 });
 
 describe('QDQ weights equal fake-quantized float weights', () => {
-  it('the QDQ classifier (W4, block 32) computes exactly what the float model with dequantized weights computes', async () => {
+  it('the QDQ classifier (W4, block 32) computes what the float model with dequantized weights computes (to float rounding)', async () => {
     const g = new Graph(readModel(classifier));
     upgradeOpset(g, 21);
     foldBatchNorm(g);
@@ -221,6 +221,7 @@ describe('QDQ weights equal fake-quantized float weights', () => {
     };
     const qdq = await run(serializeModel(g.model));
     const simulated = await run(serializeModel(fake.model));
-    expect(Array.from(qdq)).to.deep.equal(Array.from(simulated));
+    // onnxruntime may run a constant-weight convolution through another kernel (different summation order).
+    qdq.forEach((v, i) => expect(v).to.be.closeTo(simulated[i], 1e-5));
   });
 });
