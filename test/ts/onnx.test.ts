@@ -4,7 +4,7 @@ import { expect } from 'chai';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
@@ -224,4 +224,42 @@ describe('QDQ weights equal fake-quantized float weights', () => {
     // onnxruntime may run a constant-weight convolution through another kernel (different summation order).
     qdq.forEach((v, i) => expect(v).to.be.closeTo(simulated[i], 1e-5));
   });
+});
+
+describe('Upsample and Resize-10 conversion', () => {
+  function upsampleModel(opType: 'Upsample' | 'Resize', opset: number, mode: string, scalesAsAttribute: boolean): Uint8Array {
+    const info = (name: string, dims: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } } });
+    const scales = [1, 1, 2, 3];
+    const attribute: Array<Record<string, unknown>> = [{ name: 'mode', type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode(mode) }];
+    if (scalesAsAttribute) attribute.push({ name: 'scales', type: AttributeProto_AttributeType.FLOATS, floats: scales });
+    return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 7n, opsetImport: [{ domain: '', version: BigInt(opset) }],
+      graph: {
+        name: 'up', input: [info('x', [1, 2, 3, 4])], output: [info('y', [1, 2, 6, 12])],
+        initializer: scalesAsAttribute ? [] : [{ name: 'scales', dataType: TensorProto_DataType.FLOAT, dims: [4n], rawData: new Uint8Array(Float32Array.from(scales).buffer) }],
+        node: [{ opType, name: 'up', input: scalesAsAttribute ? ['x'] : ['x', 'scales'], output: ['y'], attribute }],
+      },
+    } as never));
+  }
+
+  for (const [opType, opset, mode, attr] of [
+    ['Upsample', 7, 'nearest', true], ['Upsample', 9, 'nearest', false], ['Upsample', 9, 'linear', false],
+    ['Resize', 10, 'nearest', false], ['Resize', 10, 'linear', false],
+  ] as Array<['Upsample' | 'Resize', number, string, boolean]>) {
+    it(`${opType}-${opset} ${mode} becomes a Resize that computes the same values`, async () => {
+      const bytes = upsampleModel(opType, opset, mode, attr);
+      const graph = new Graph(readModel(bytes));
+      upgradeOpset(graph, 21);
+      expect(graph.graph.node.map((n) => n.opType)).to.deep.equal(['Resize']);
+      const O = ort();
+      const x = Float32Array.from({ length: 24 }, (_, i) => Math.sin(i));
+      const run = async (m: Uint8Array) => {
+        const s = await O.InferenceSession.create(m);
+        return (await s.run({ x: new O.Tensor('float32', x, [1, 2, 3, 4]) })).y.data as Float32Array;
+      };
+      const want = await run(bytes);
+      const got = await run(serializeModel(graph.model));
+      want.forEach((v, i) => expect(got[i]).to.be.closeTo(v, 1e-6));
+    });
+  }
 });

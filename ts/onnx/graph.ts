@@ -164,6 +164,10 @@ export function int64Tensor(name: string, values: number[]): TensorProto {
   return makeTensor(name, TensorProto_DataType.INT64, [values.length], new Uint8Array(BigInt64Array.from(values.map(BigInt)).buffer));
 }
 
+export function floatTensor(name: string, values: number[]): TensorProto {
+  return makeTensor(name, TensorProto_DataType.FLOAT, [values.length], new Uint8Array(Float32Array.from(values).buffer));
+}
+
 export function floatScalarTensor(name: string, value: number): TensorProto {
   return makeTensor(name, TensorProto_DataType.FLOAT, [], new Uint8Array(Float32Array.of(value).buffer));
 }

@@ -3,14 +3,16 @@
  * whose attributes became inputs or whose semantics changed on the way:
  * Clip (11), Slice (10), Pad (11), Dropout (12), Squeeze/Unsqueeze/Split/
  * ReduceSum (13), Softmax/LogSoftmax/Hardmax (13: the 2-D coercion becomes
- * Flatten + op + Reshape), the other Reduce ops (18), Split's num_outputs (18).
+ * Flatten + op + Reshape), the other Reduce ops (18), Split's num_outputs (18),
+ * Upsample and Resize-10 (Resize-11 with an empty roi, 'asymmetric'
+ * coordinates and, for nearest, 'floor' rounding: their old behaviour).
  * Operators known to be unchanged in meaning are kept as they are; anything
  * else (for example Upsample, Resize before 11, loops) makes the conversion
  * refuse, and the caller falls back to com.microsoft Q/DQ.
  */
 import {
-  attribute, floatAttribute, floatScalarTensor, int64Tensor, intAttribute, intsAttribute, makeIntAttribute, makeNode,
-  removeAttribute, type Graph,
+  attribute, floatAttribute, floatScalarTensor, floatTensor, int64Tensor, intAttribute, intsAttribute, makeIntAttribute, makeNode,
+  makeStringAttribute, removeAttribute, type Graph,
 } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
@@ -32,7 +34,7 @@ export function unconvertibleReason(graph: Graph): string | undefined {
     if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
     if (UNCHANGED.has(n.opType) || REDUCE_18.has(n.opType)) continue;
     if (['Clip', 'Slice', 'Pad', 'Dropout', 'Squeeze', 'Unsqueeze', 'Split', 'ReduceSum', 'Softmax', 'LogSoftmax', 'Hardmax'].includes(n.opType)) continue;
-    if (n.opType === 'Resize' && graph.opset >= 11) continue;
+    if (n.opType === 'Resize' || n.opType === 'Upsample') continue;
     return `${n.opType} (${nodeLabel(n)}) changed between opset ${graph.opset} and the target and is not converted here`;
   }
   return undefined;
@@ -134,6 +136,23 @@ export function upgradeOpset(graph: Graph, target: number): PassReport {
             makeNode('Reshape', [z, shape], [y], `${label}_reshape_back`),
           );
           report.changed.push(`${label}: ${n.opType} 2-D coercion -> Flatten, ${n.opType}(axis=-1), Reshape`);
+        }
+        break;
+      case 'Upsample':
+      case 'Resize':
+        if (n.opType === 'Upsample' || from < 11) {
+          if (n.opType === 'Upsample' && n.input.length < 2) {
+            const scales = attribute(n, 'scales')?.floats ?? [];
+            n.input[1] = constInput(`${label}_scales`, (name) => floatTensor(name, scales));
+            removeAttribute(n, 'scales');
+          }
+          n.input = [n.input[0], '', n.input[1]];
+          const mode = attribute(n, 'mode')?.s;
+          const isNearest = !mode || new TextDecoder().decode(mode) === 'nearest';
+          n.opType = 'Resize';
+          n.attribute.push(makeStringAttribute('coordinate_transformation_mode', 'asymmetric'));
+          if (isNearest) n.attribute.push(makeStringAttribute('nearest_mode', 'floor'));
+          report.changed.push(`${label}: ${from < 10 ? 'Upsample' : 'Resize-10'} -> Resize (asymmetric${isNearest ? ', floor' : ''})`);
         }
         break;
       default:
