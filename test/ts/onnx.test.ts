@@ -263,3 +263,24 @@ describe('Upsample and Resize-10 conversion', () => {
     });
   }
 });
+
+describe('external data', () => {
+  it('writes large initializers to <output>.data, and the model loads from its file with the same outputs', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ext-'));
+    const out = path.join(dir, 'cls.q.onnx');
+    const { model } = await quantizeModel(classifier, { weights: { bits: 8 }, outputPath: out, externalData: true });
+    expect(fs.existsSync(`${out}.data`)).to.equal(true);
+    expect(fs.statSync(out).size).to.equal(model.length);
+    const inline = await quantizeModel(classifier, { weights: { bits: 8 } });
+    expect(model.length).to.be.lessThan(inline.model.length);
+    const O = ort();
+    const feed = normalFeeds(1, [1, 3, 48, 192], 3)[0].x;
+    const a = await (await O.InferenceSession.create(out)).run({ x: new O.Tensor('float32', feed.data, feed.dims) });
+    const b = await (await O.InferenceSession.create(inline.model)).run({ x: new O.Tensor('float32', feed.data, feed.dims) });
+    const name = Object.keys(a)[0];
+    expect(Array.from(a[name].data as Float32Array)).to.deep.equal(Array.from(b[name].data as Float32Array));
+    // And lowbit reads it back through the external file.
+    expect(readModel(out).graph!.initializer.every((t) => t.dataLocation === 0)).to.equal(true);
+    fs.rmSync(dir, { recursive: true });
+  });
+});

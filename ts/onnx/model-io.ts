@@ -3,10 +3,10 @@
  * byte-identical round trips). Writes are atomic: a temporary file in the same
  * folder, then a rename, so a failed write leaves no partial output.
  */
-import { fromBinary, toBinary } from '@bufbuild/protobuf';
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ModelProtoSchema, TensorProto_DataLocation, type ModelProto } from 'onnx-buf';
+import { ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, type ModelProto } from 'onnx-buf';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
 export class OnnxModelError extends Error {
@@ -78,6 +78,38 @@ export function serializeModel(model: ModelProto): Uint8Array {
     throw new OnnxModelError(`The model is ${(bytes.length / 2 ** 30).toFixed(2)} GB; ONNX protobuf files must stay under 2 GB. Keep large weights in external data.`);
   }
   return bytes;
+}
+
+/**
+ * Moves the data of large initializers (>= `threshold` bytes) into one external
+ * file named `dataFile` (a name next to the model file) and returns its bytes;
+ * the model then refers to it by location, offset and length.
+ */
+export function externalizeData(model: ModelProto, dataFile: string, threshold = 1024): Uint8Array {
+  const chunks: Uint8Array[] = [];
+  let offset = 0;
+  for (const t of model.graph!.initializer) {
+    if (t.rawData.length < threshold) continue;
+    const pad = (4096 - (offset % 4096)) % 4096;  // page-aligned, so readers can map it
+    if (pad) chunks.push(new Uint8Array(pad));
+    offset += pad;
+    chunks.push(t.rawData);
+    t.externalData = [
+      create(StringStringEntryProtoSchema, { key: 'location', value: dataFile }),
+      create(StringStringEntryProtoSchema, { key: 'offset', value: String(offset) }),
+      create(StringStringEntryProtoSchema, { key: 'length', value: String(t.rawData.length) }),
+    ];
+    t.dataLocation = TensorProto_DataLocation.EXTERNAL;
+    offset += t.rawData.length;
+    t.rawData = new Uint8Array(0);
+  }
+  const data = new Uint8Array(offset);
+  let at = 0;
+  for (const c of chunks) {
+    data.set(c, at);
+    at += c.length;
+  }
+  return data;
 }
 
 /** Writes bytes to `file` atomically (temporary file, then rename); nothing partial is left on failure. */

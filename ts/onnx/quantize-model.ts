@@ -6,13 +6,14 @@
  * in onnxruntime-node.
  */
 import { fromBinary } from '@bufbuild/protobuf';
+import * as path from 'node:path';
 import { ModelProtoSchema, type ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { hasOrt, ort } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph } from './graph';
-import { OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
+import { externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
 import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type Feed } from './calibrate';
 import { correctBiases } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
@@ -61,6 +62,11 @@ export interface QuantizeModelOptions {
   evaluationFeeds?: Array<Record<string, { data: Float32Array; dims: number[] }>>;
   /** Write the quantized model here (atomically). */
   outputPath?: string;
+  /**
+   * Keep large initializers in `<outputPath>.data` next to the model (needs
+   * `outputPath`). Default: only when the model would reach 2 GB.
+   */
+  externalData?: boolean;
   onProgress?: (stage: string) => void;
 }
 
@@ -76,7 +82,10 @@ export interface QuantizationReport {
 
 function checkOptions(options: unknown): QuantizeModelOptions {
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with weights', options);
-  checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration']);
+  checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData']);
+  if (options.externalData && typeof options.outputPath !== 'string') {
+    throw invalidValue('options.outputPath', 'a file path when externalData is set (the data file goes next to it)', options.outputPath);
+  }
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
   checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip']);
@@ -311,18 +320,31 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       passes.push(time('quantize-bias', () => quantizeBiases(graph, scales)));
     }
   }
-  const bytes = time('serialize', () => serializeModel(model));
+  const fitsOneFile = model.graph!.initializer.reduce((a, t) => a + t.rawData.length, 0) < 2 ** 31 - 2 ** 26;
+  const external = opts.outputPath !== undefined && (opts.externalData === true || (opts.externalData === undefined && !fitsOneFile));
+  // The self-contained model is what gets evaluated; external data is split out only when writing.
+  const bytes = time('serialize', () => (fitsOneFile ? serializeModel(model) : new Uint8Array(0)));
   const report: QuantizationReport = {
     opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
     ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,
   };
-  if (hasOrt()) {
+  if (hasOrt() && fitsOneFile) {
     opts.onProgress?.('evaluate');
     const t0 = performance.now();
     const feeds = opts.evaluationFeeds ?? sample ?? [randomFeeds(model, 1), randomFeeds(model, 2)];
     report.evaluation = await evaluate(floatBytes, bytes, feeds);
     await layerSqnr(prepared, model, layers, feeds);
     timings.evaluate = performance.now() - t0;
+  }
+  if (external) {
+    const dataName = `${path.basename(opts.outputPath!)}.data`;
+    const data = externalizeData(model, dataName);
+    const modelBytes = serializeModel(model);
+    time('write', () => {
+      writeFileAtomic(path.join(path.dirname(opts.outputPath!), dataName), data);
+      writeFileAtomic(opts.outputPath!, modelBytes);
+    });
+    return { model: modelBytes, report };
   }
   if (opts.outputPath) time('write', () => writeFileAtomic(opts.outputPath!, bytes));
   return { model: bytes, report };

@@ -111,6 +111,11 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
   const layers: WeightLayerReport[] = [];
   const weights: QuantizedWeights[] = [];
   const keep = new Set(options.keepFloat ?? []);
+  for (const n of graph.graph.node) {
+    if (n.attribute.some((a) => a.g || a.graphs.length > 0)) {
+      report.skipped.push({ node: nodeLabel(n), reason: `${n.opType} has subgraphs; they are left in float` });
+    }
+  }
   const candidates = graph.topologicalOrder().filter((n) => QUANTIZABLE.has(n.opType));
   const quantizable = candidates.filter((n) => !keep.has(n.name) && !keep.has(n.opType) && graph.constant(n.input[1]) && floatData(graph.constant(n.input[1])!));
   const first = quantizable[0];
