@@ -42,17 +42,20 @@ void pack_b(const uint8_t* b, size_t k, size_t n, bool b_signed, PackedB* out, T
   pool->parallel_for(panels, threads, [&](size_t p, unsigned) {
     int8_t* dst = reinterpret_cast<int8_t*>(out->bytes.data.get()) + p * out->kp * kPanelWidth;
     std::memset(dst, 0, out->kp * kPanelWidth);
-    for (size_t jj = 0; jj < kPanelWidth; ++jj) {
-      const size_t j = p * kPanelWidth + jj;
-      if (j >= n) break;
-      uint32_t sum = 0;
-      for (size_t kk = 0; kk < k; ++kk) {
-        const int8_t v = int8_t(b[kk * n + j] ^ flip);
-        dst[(kk / 4) * 64 + jj * 4 + kk % 4] = v;
-        sum += u(v);
+    const size_t j0 = p * kPanelWidth;
+    const size_t width = std::min(kPanelWidth, n - j0);
+    uint32_t sums[kPanelWidth] = {};
+    // Row by row, so B is read contiguously (16 bytes of each row per panel).
+    for (size_t kk = 0; kk < k; ++kk) {
+      const uint8_t* src = b + kk * n + j0;
+      int8_t* group = dst + (kk / 4) * 64 + kk % 4;
+      for (size_t jj = 0; jj < width; ++jj) {
+        const int8_t v = int8_t(src[jj] ^ flip);
+        group[jj * 4] = v;
+        sums[jj] += u(v);
       }
-      out->col_sums[j] = wrap(sum);
     }
+    for (size_t jj = 0; jj < width; ++jj) out->col_sums[j0 + jj] = wrap(sums[jj]);
   });
 }
 
