@@ -62,6 +62,7 @@ Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   features.Set("amxTile", c.amx_tile);
   features.Set("amxInt8", c.amx_int8);
   features.Set("amxPermitted", c.amx_permitted);
+  features.Set("amxVerified", c.amx_verified);
   features.Set("neon", c.neon);
   features.Set("neonDotprod", c.neon_dotprod);
   Napi::Object result = Napi::Object::New(env);
@@ -102,6 +103,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   ctx->cpu = lowbit::detect_cpu_features(/*request_amx=*/true);
   unsigned hw = std::thread::hardware_concurrency();
   ctx->pool = std::make_unique<lowbit::ThreadPool>(hw == 0 ? 1 : hw);
+  // The AMX kernel is offered only after it reproduces the reference here.
+  if (ctx->cpu.amx_int8 && ctx->cpu.amx_permitted && ctx->cpu.has_avx512_core() && lowbit::gemm_kernel_amx())
+    ctx->cpu.amx_verified = lowbit::gemm_kernel_self_test(*lowbit::gemm_kernel_amx(), ctx->pool.get());
   parse_kernel_env(*ctx);
   env.SetInstanceData(ctx);  // deleted with the env
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo, "cpuInfo"));

@@ -22,6 +22,9 @@ namespace {
 
 inline size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
 
+// Bytes after the last B panel that kernels reading whole 64-k tiles may touch.
+constexpr size_t kPackedBSlack = 16 * 64;
+
 // Integer arithmetic modulo 2^32, as the reference computes it.
 inline int32_t wrap(uint32_t v) { return int32_t(v); }
 inline uint32_t u(int32_t v) { return uint32_t(v); }
@@ -35,7 +38,8 @@ void pack_b(const uint8_t* b, size_t k, size_t n, bool b_signed, PackedB* out, T
   out->kp = round_up(k, kGroupDepth);
   out->np = round_up(n, kPanelWidth);
   out->b_signed = b_signed;
-  out->bytes.allocate(out->kp * out->np);
+  out->bytes.allocate(out->kp * out->np + kPackedBSlack);
+  std::memset(out->bytes.data.get() + out->kp * out->np, 0, kPackedBSlack);  // read (times zero) by whole-tile kernels
   out->col_sums.assign(out->np, 0);
   const uint8_t flip = b_signed ? 0x00 : 0x80;  // b' = B - 128 for uint8 B
   const size_t panels = out->np / kPanelWidth;
@@ -80,6 +84,41 @@ const GemmKernel kPortable = {"portable", 4, 16, tile_portable};
 
 const GemmKernel* gemm_kernel_portable() { return &kPortable; }
 
+#if !LOWBIT_BUILT_AMX
+const GemmKernel* gemm_kernel_amx() { return nullptr; }
+#endif
+
+bool gemm_kernel_self_test(const GemmKernel& kernel, ThreadPool* pool) {
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  auto next = [&] {
+    state ^= state >> 12;
+    state ^= state << 25;
+    state ^= state >> 27;
+    return uint8_t((state * 2685821657736338717ull) >> 56);
+  };
+  const size_t shapes[][3] = {{1, 1, 1}, {3, 70, 17}, {33, 130, 40}, {40, 64, 33}, {17, 300, 70}};
+  for (const auto& s : shapes)
+    for (int types = 0; types < 4; ++types) {
+      const size_t m = s[0], k = s[1], n = s[2];
+      std::vector<uint8_t> a(m * k), b(k * n);
+      for (auto& v : a) v = next();
+      for (auto& v : b) v = next();
+      const bool as = types & 1, bs = types & 2;
+      std::vector<int32_t> zb(n);
+      for (auto& z : zb) z = bs ? int8_t(next()) : next();
+      const int32_t za = as ? int8_t(next()) : next();
+      std::vector<int32_t> want(m * n), got(m * n);
+      GemmArgs args{a.data(), as, m, k, n, za, zb.data(), true, want.data()};
+      gemm_reference(args, b.data(), bs, pool, 1);
+      PackedB packed;
+      pack_b(b.data(), k, n, bs, &packed, pool, 1);
+      args.c = got.data();
+      gemm_packed(kernel, args, packed, pool, 1);
+      if (want != got) return false;
+    }
+  return true;
+}
+
 #if !LOWBIT_BUILT_ARM_GEMM
 const GemmKernel* gemm_kernel_neon() { return nullptr; }
 const GemmKernel* gemm_kernel_neondot() { return nullptr; }
@@ -101,6 +140,7 @@ struct GemmCandidate {
 
 std::vector<GemmCandidate> gemm_candidates(const CpuFeatures& cpu) {
   return {
+      {gemm_kernel_amx(), cpu.amx_int8 && cpu.amx_permitted && cpu.amx_verified && cpu.has_avx512_core()},
       {gemm_kernel_avx512vnni(), cpu.has_avx512_core() && cpu.avx512vnni},
       {gemm_kernel_avxvnni(), cpu.avx2 && cpu.avxvnni},
       {gemm_kernel_avx2(), cpu.avx2},
@@ -132,7 +172,7 @@ const GemmKernel* find_gemm_kernel(const std::string& name, const CpuFeatures& c
 }
 
 void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size_t mr, size_t block_size,
-            PackedA* out, ThreadPool* pool, unsigned threads) {
+            PackedA* out, ThreadPool* pool, unsigned threads, bool row_major) {
   const uint8_t flip = a_signed ? 0x80 : 0x00;  // a' = A + 128 for int8 A
   const size_t row_blocks = (m + mr - 1) / mr;
   const size_t sum_blocks = block_size == 0 ? 1 : (k + block_size - 1) / block_size;
@@ -158,12 +198,12 @@ void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size
           uint32_t w;
           std::memcpy(&w, src + kk, 4);
           w ^= flip4;
-          std::memcpy(dst + (kk / 4) * mr * 4 + r * 4, &w, 4);
+          std::memcpy(dst + (row_major ? r * kp + kk : (kk / 4) * mr * 4 + r * 4), &w, 4);
           sum += (w & 0xFF) + ((w >> 8) & 0xFF) + ((w >> 16) & 0xFF) + (w >> 24);
         }
         for (; kk < k1; ++kk) {
           const uint8_t v = uint8_t(src[kk] ^ flip);
-          dst[(kk / 4) * mr * 4 + r * 4 + kk % 4] = v;
+          dst[row_major ? r * kp + kk : (kk / 4) * mr * 4 + r * 4 + kk % 4] = v;
           sum += v;
         }
         out->row_sums[blk * out->row_stride + i] = wrap(sum);
@@ -185,7 +225,9 @@ void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& 
     col_term[j] = wrap(u(int32_t(k)) * u(za) * u(zb[j]) - u(za) * u(b.col_sums[j]));
   }
   PackedA a_packed;
-  pack_a(args.a, args.a_signed, m, k, kp, kernel.mr, 0, &a_packed, pool, threads);
+  const bool row_major = kernel.a_row_align != 0;
+  const size_t a_depth = row_major ? round_up(kp, kernel.a_row_align) : kp;
+  pack_a(args.a, args.a_signed, m, k, a_depth, kernel.mr, 0, &a_packed, pool, threads, row_major);
   // Tiles in N-major order: consecutive items share a block of B panels.
   const size_t mt = (m + kernel.mr - 1) / kernel.mr;
   const size_t nt = (n + kernel.nr - 1) / kernel.nr;
@@ -194,11 +236,11 @@ void gemm_packed(const GemmKernel& kernel, const GemmArgs& args, const PackedB& 
     const size_t i0 = ti * kernel.mr, j0 = tj * kernel.nr;
     GemmTile t;
     t.a = a_packed.block(ti);
-    t.a_group_stride = kernel.mr * 4;
+    t.a_group_stride = row_major ? a_depth : kernel.mr * 4;
     t.rows = std::min(kernel.mr, m - i0);
     t.b = b.panel(j0 / kPanelWidth);
     t.panel_stride = kp * kPanelWidth;
-    t.kp = kp;
+    t.kp = row_major ? a_depth : kp;
     t.cols = std::min(kernel.nr, b.np - j0);
     t.store_cols = std::min(kernel.nr, n - j0);
     t.c = args.c + i0 * n + j0;

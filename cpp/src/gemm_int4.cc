@@ -148,7 +148,8 @@ const Int4Kernel* int4_kernel_avx512vnni(size_t) { return nullptr; }
 #endif
 
 const Int4Kernel* int4_kernel_for(const GemmKernel& kernel, size_t m) {
-  if (&kernel == gemm_kernel_avx512vnni()) return int4_kernel_avx512vnni(m);
+  // AMX machines have AVX-512 VNNI; the W4A8 tiles use it (AMX's A layout differs).
+  if (&kernel == gemm_kernel_avx512vnni() || &kernel == gemm_kernel_amx()) return int4_kernel_avx512vnni(m);
   return nullptr;
 }
 

@@ -18,7 +18,7 @@ void register_int4_tests();
 namespace {
 
 const CpuFeatures& cpu() {
-  static const CpuFeatures f = detect_cpu_features(false);
+  static const CpuFeatures f = detect_cpu_features(/*request_amx=*/true);
   return f;
 }
 
@@ -38,6 +38,8 @@ std::vector<KernelCase> kernels() {
       {"avxvnni code with EVEX vpdpbusd", gemm_kernel_avxvnni_as_evex(), cpu().avx512f && cpu().avx512vl && cpu().avx512vnni,
        "no AVX-512 VNNI"},
       {"avx512vnni", gemm_kernel_avx512vnni(), cpu().has_avx512_core() && cpu().avx512vnni, "no AVX-512 VNNI"},
+      {"amx", gemm_kernel_amx(), cpu().amx_int8 && cpu().amx_permitted && cpu().has_avx512_core(),
+       cpu().amx_int8 ? "AMX present but Linux refused the tile permission" : "no AMX"},
 #endif
 #if defined(__aarch64__)
       {"neon", gemm_kernel_neon(), cpu().neon, "no NEON"},
@@ -94,7 +96,48 @@ std::string run_case(const GemmKernel& k, const Shape& s, bool a_signed, bool b_
 
 }  // namespace
 
+// The AMX kernel's data contract in plain C++: row-major A (a_row_align 64,
+// row stride in a_group_stride), B read in whole 64-k tiles up to t.kp (past
+// the panel's real depth, into the next panel or the slack), 32 × 32 tiles.
+// Checks the driver side of the AMX path on machines without AMX.
+void row_major_tile(const GemmTile& t) {
+  for (size_t r = 0; r < t.rows; ++r)
+    for (size_t j = 0; j < t.store_cols; ++j) {
+      const int8_t* panel = t.b + (j / 16) * t.panel_stride;
+      uint32_t acc = 0;
+      for (size_t k = 0; k < t.kp; ++k)
+        acc += uint32_t(int32_t(t.a[r * t.a_group_stride + k]) * int32_t(panel[(k / 4) * 64 + (j % 16) * 4 + k % 4]));
+      t.c[r * t.ldc + j] = int32_t(acc + uint32_t(t.col_term[j]) - uint32_t(t.zb[j]) * uint32_t(t.row_sums[r]));
+    }
+}
+
+void broken_tile(const GemmTile& t) {
+  for (size_t r = 0; r < t.rows; ++r)
+    for (size_t j = 0; j < t.store_cols; ++j) t.c[r * t.ldc + j] = 0;
+}
+
 void register_gemm_tests() {
+  harness::add("row-major A packing with 64-byte rows and whole-tile B reads (the AMX data path, in plain C++)", [] {
+    ThreadPool pool(2);
+    const GemmKernel row_major = {"row-major", 32, 32, row_major_tile, 64};
+    if (!gemm_kernel_self_test(row_major, &pool)) return std::string("row-major path differs from the reference");
+    Rng rng(45);
+    for (const Shape& s : shapes()) {
+      std::vector<int32_t> bzp(s.n ? s.n : 1, 3);
+      for (unsigned threads : {1u, 2u}) {
+        auto why = run_case(row_major, s, true, false, -5, bzp, true, 0, threads, rng);
+        if (!why.empty()) return why;
+      }
+    }
+    return std::string();
+  });
+  harness::add("gemm_kernel_self_test accepts a correct kernel and rejects a wrong one", [] {
+    ThreadPool pool(2);
+    if (!gemm_kernel_self_test(*gemm_kernel_portable(), &pool)) return std::string("rejected the portable kernel");
+    const GemmKernel broken = {"broken", 4, 16, broken_tile};
+    if (gemm_kernel_self_test(broken, &pool)) return std::string("accepted a kernel that writes zeros");
+    return std::string();
+  });
   harness::add("gemm reference: ONNX MatMulInteger example", [] {
     // onnx MatMulInteger doc example: A uint8 2x4 (zp 12), B uint8 4x3 (zp 0).
     const uint8_t a[] = {11, 7, 3, 10, 6, 1};

@@ -94,7 +94,7 @@ describe('matmulInt8: every kernel equals the scalar reference', () => {
     });
   }
   // Kernels built for x86 that this CPU cannot run are reported as skipped, with the reason.
-  const needs: Record<string, string> = { avx512vnni: 'AVX-512 VNNI', avxvnni: 'AVX-VNNI', avx2: 'AVX2' };
+  const needs: Record<string, string> = { amx: 'AMX (verified by the self-test)', avx512vnni: 'AVX-512 VNNI', avxvnni: 'AVX-VNNI', avx2: 'AVX2' };
   if (cpuInfo().arch === 'x86_64') {
     for (const k of Object.keys(needs).filter((name) => !cpuInfo().gemmKernels.includes(name))) {
       it(`skipped: ${k} kernel: no ${needs[k]} on this CPU`);

@@ -21,6 +21,7 @@ struct CpuFeatures {
   bool amx_tile = false;
   bool amx_int8 = false;
   bool amx_permitted = false;  // Linux granted XTILEDATA to this process
+  bool amx_verified = false;   // the AMX kernel passed gemm_kernel_self_test here
   bool neon = false;
   bool neon_dotprod = false;
 

@@ -57,13 +57,15 @@ struct PackedB {
 // are kept per block of `block_size` k (0: one block, all of K).
 struct PackedA {
   AlignedBytes bytes;
-  size_t mr = 0, kp = 0;
+  size_t mr = 0, kp = 0;  // kp: bytes per row-block row (row-major) or the interleaved depth
   size_t row_stride = 0;          // rows rounded up to mr
   std::vector<int32_t> row_sums;  // [blocks][row_stride]
   const uint8_t* block(size_t row_block) const { return bytes.data.get() + row_block * mr * kp; }
 };
+// With `row_major`, each block of mr rows is stored row by row (kp bytes a row)
+// instead of interleaved: the AMX kernel loads A tiles with a row stride.
 void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size_t mr, size_t block_size,
-            PackedA* out, ThreadPool* pool, unsigned threads);
+            PackedA* out, ThreadPool* pool, unsigned threads, bool row_major = false);
 
 // Packs B [K, N] (row-major, ldb = n) for every GEMM kernel.
 void pack_b(const uint8_t* b, size_t k, size_t n, bool b_signed, PackedB* out, ThreadPool* pool,
@@ -73,7 +75,7 @@ void pack_b(const uint8_t* b, size_t k, size_t n, bool b_signed, PackedB* out, T
 // the panels starting at b (panel stride = kp * 16 bytes), over kp.
 struct GemmTile {
   const uint8_t* a;        // packed a' block: group g of row r at a + g * a_group_stride + r * 4
-  size_t a_group_stride;   // = kernel mr * 4
+  size_t a_group_stride;   // = kernel mr * 4 (interleaved A); for row-major A: the row stride
   size_t rows;             // 1..kernel mr
   const int8_t* b;         // first panel
   size_t panel_stride;     // bytes between panels
@@ -93,6 +95,11 @@ struct GemmKernel {
   size_t mr;  // rows per tile
   size_t nr;  // columns per tile (a multiple of 16)
   void (*tile)(const GemmTile& t);
+  // A packed row-major with rows padded to a multiple of this many bytes
+  // (0: the interleaved layout). The kernel may read B panels up to that depth:
+  // PackedB keeps slack after the last panel, and the zero padding of A makes
+  // whatever lies there count as nothing.
+  size_t a_row_align = 0;
 };
 
 const GemmKernel* gemm_kernel_portable();  // plain C++ through the real packing/tiling
@@ -104,6 +111,13 @@ const GemmKernel* gemm_kernel_avx512vnni();
 const GemmKernel* gemm_kernel_avxvnni_as_evex();
 const GemmKernel* gemm_kernel_neon();
 const GemmKernel* gemm_kernel_neondot();
+const GemmKernel* gemm_kernel_amx();
+
+// Runs `kernel` on small random products (both signednesses, zero points,
+// ragged shapes) and compares with gemm_reference: true when bit-identical.
+// Used before dispatching to a kernel this project could not test on its own
+// machines (AMX), so a wrong kernel is never picked.
+bool gemm_kernel_self_test(const GemmKernel& kernel, ThreadPool* pool);
 
 // Kernel names usable on this CPU, best first ("scalar" = the reference loops).
 std::vector<std::string> available_gemm_kernels(const CpuFeatures& cpu);
