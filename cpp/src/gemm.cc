@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
 
 namespace lowbit {
 
@@ -13,7 +15,7 @@ void AlignedBytes::Free::operator()(void* p) const { std::free(p); }
 void AlignedBytes::allocate(size_t bytes) {
   const size_t rounded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
-  if (!p) throw std::bad_alloc();
+  if (!p) throw std::runtime_error("out of memory: could not allocate " + std::to_string(bytes) + " bytes for packed operands");
   data.reset(static_cast<uint8_t*>(p));
   size = bytes;
 }

@@ -29,10 +29,16 @@ void ThreadPool::start_workers_locked() {
 }
 
 void ThreadPool::run_items(unsigned thread_index) {
-  for (;;) {
-    size_t item = next_.fetch_add(1, std::memory_order_relaxed);
-    if (item >= count_) break;
-    (*fn_)(item, thread_index);
+  try {
+    for (;;) {
+      size_t item = next_.fetch_add(1, std::memory_order_relaxed);
+      if (item >= count_) break;
+      (*fn_)(item, thread_index);
+    }
+  } catch (...) {
+    next_.store(count_, std::memory_order_relaxed);  // the others stop at their next item
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    if (!error_) error_ = std::current_exception();
   }
 }
 
@@ -72,6 +78,7 @@ void ThreadPool::parallel_for(size_t count, unsigned threads,
     next_.store(0, std::memory_order_relaxed);
     participants_ = participants;
     finished_ = 0;
+    error_ = nullptr;
     ++generation_;
   }
   wake_.notify_all();
@@ -79,6 +86,11 @@ void ThreadPool::parallel_for(size_t count, unsigned threads,
   std::unique_lock<std::mutex> lock(state_mutex_);
   done_.wait(lock, [&] { return finished_ + 1 == participants_; });
   fn_ = nullptr;
+  if (error_) {
+    std::exception_ptr error = error_;
+    error_ = nullptr;
+    std::rethrow_exception(error);
+  }
 }
 
 }  // namespace lowbit

@@ -1,8 +1,10 @@
 // Native tests of the quantization kernels and drivers: every SIMD path
 // against the scalar reference (bit-exact), the ONNX vectors, layouts,
 // thread-count independence and packing.
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <limits>
 #include <memory>
 
@@ -486,4 +488,24 @@ void register_quantize_tests() {
   register_kernel_tests();
   register_driver_tests();
   register_pack_tests();
+}
+
+void register_thread_pool_tests();
+void register_thread_pool_tests() {
+  harness::add("thread pool: an exception in a worker is rethrown in the caller, and the pool keeps working", [] {
+    lowbit::ThreadPool pool(2);
+    bool caught = false;
+    try {
+      pool.parallel_for(100, 2, [](size_t item, unsigned) {
+        if (item == 57) throw std::runtime_error("boom");
+      });
+    } catch (const std::runtime_error& e) {
+      caught = std::string(e.what()) == "boom";
+    }
+    if (!caught) return std::string("exception not rethrown");
+    std::atomic<size_t> sum{0};
+    pool.parallel_for(1000, 2, [&](size_t item, unsigned) { sum += item; });
+    if (sum != 499500) return std::string("pool broken after an exception");
+    return std::string();
+  });
 }

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <cstddef>
 #include <functional>
 #include <mutex>
@@ -28,6 +29,8 @@ class ThreadPool {
   // Calls fn(item, thread_index) for every item in [0, count) using at most
   // `threads` threads (0 = all). thread_index < the returned participant count,
   // which is also what callers size per-thread scratch by: use threads_for().
+  // An exception thrown by fn (for example std::bad_alloc) stops the remaining
+  // items and is rethrown here, in the caller, once every thread has stopped.
   void parallel_for(size_t count, unsigned threads,
                     const std::function<void(size_t item, unsigned thread_index)>& fn);
 
@@ -53,6 +56,7 @@ class ThreadPool {
   size_t count_ = 0;
   std::atomic<size_t> next_{0};
   const std::function<void(size_t, unsigned)>* fn_ = nullptr;
+  std::exception_ptr error_;  // the first exception of the current job (guarded by state_mutex_)
 };
 
 }  // namespace lowbit
