@@ -30,12 +30,16 @@ struct Bytes {
 inline Bytes typed_array(const Napi::Value& v, const char* name) {
   Napi::Env env = v.Env();
   if (!v.IsTypedArray()) throw_type(env, std::string(name) + " must be a typed array");
-  Napi::TypedArray a = v.As<Napi::TypedArray>();
+  // napi_get_typedarray_info (rather than Napi::ArrayBuffer, which rejects a
+  // SharedArrayBuffer) gives the element pointer for shared memory too.
   Bytes b;
-  b.type = a.TypedArrayType();
-  b.length = a.ElementLength();
-  Napi::ArrayBuffer buffer = a.ArrayBuffer();
-  b.data = buffer.Data() == nullptr ? nullptr : static_cast<uint8_t*>(buffer.Data()) + a.ByteOffset();
+  size_t length = 0;
+  void* data = nullptr;
+  if (napi_get_typedarray_info(env, v, &b.type, &length, &data, nullptr, nullptr) != napi_ok) {
+    throw_type(env, std::string(name) + " could not be read as a typed array");
+  }
+  b.length = length;
+  b.data = data;
   if (b.data == nullptr && b.length != 0) throw_type(env, std::string(name) + " has no memory (detached?)");
   return b;
 }

@@ -1,7 +1,7 @@
 // Bad calls first: every rejected input gets a TypeError/RangeError naming the parameter.
 import { expect } from 'chai';
 
-import { dequantize, quantizationError, quantizeTensor, quantizeTensorAsync, type QuantizeOptions } from '../../ts';
+import { dequantize, matmulInt8, quantizationError, quantizeTensor, quantizeTensorAsync, type QuantizeOptions } from '../../ts';
 
 function expectError(fn: () => unknown, type: ErrorConstructor, pattern: RegExp): void {
   let caught: unknown;
@@ -146,5 +146,21 @@ describe('out arrays: bad input and reuse', () => {
     const f = new Float32Array(3);
     expect(dequantize(q, { out: f })).to.equal(f);
     expect(Array.from(f)).to.deep.equal([0.5, -1, 2]);
+  });
+});
+
+describe('shared memory', () => {
+  it('accepts typed arrays over a SharedArrayBuffer (and gives the same result as over an ArrayBuffer)', async () => {
+    const shared = new Float32Array(new SharedArrayBuffer(4 * 1000));
+    for (let i = 0; i < shared.length; i++) shared[i] = Math.sin(i) * 3;
+    const plain = Float32Array.from(shared);
+    const a = quantizeTensor(shared, { shape: [1000], bits: 4, method: 'mse' });
+    const b = quantizeTensor(plain, { shape: [1000], bits: 4, method: 'mse' });
+    expect(Array.from(a.values)).to.deep.equal(Array.from(b.values));
+    const c = await quantizeTensorAsync(shared, { shape: [1000] });
+    expect(Array.from(c.values)).to.deep.equal(Array.from(quantizeTensor(plain, { shape: [1000] }).values));
+    const sa = new Int8Array(new SharedArrayBuffer(6)).fill(3);
+    const sb = new Int8Array(new SharedArrayBuffer(6)).fill(-2);
+    expect(Array.from(matmulInt8(sa, sb, 2, 3, 2))).to.deep.equal([-18, -18, -18, -18]);
   });
 });
