@@ -247,6 +247,41 @@ Napi::Value SearchRangeWeighted(const Napi::CallbackInfo& info) {
   return r;
 }
 
+// groupMoments(x, layout, out: Float64Array (6 × groups: count, mean, b, Σd², min, max), kernel, threads) -> NaN index or -1
+struct MomentsCall {
+  const float* x;
+  QuantLayout layout;
+  double* out;
+  lowbit::Exec exec;
+  explicit MomentsCall(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    size_t nx, nout;
+    x = array_of<float>(info[0], "x", napi_float32_array, &nx);
+    layout = layout_of(info[1]);
+    out = array_of<double>(info[2], "out", napi_float64_array, &nout);
+    expect_length(env, nx, layout.element_count(), "x");
+    expect_length(env, nout, 6 * layout.group_count(), "out");
+    exec = Context::of(env).exec(env, string_of(info[3], "kernel"), threads_of(info[4]));
+  }
+  double run() const {
+    lowbit::GroupMoments m;
+    const int64_t nan = lowbit::group_moments(exec, x, layout, &m);
+    if (nan != lowbit::kNoNaN) return double(nan);
+    const size_t g = layout.group_count();
+    const std::vector<double>* fields[] = {&m.count, &m.mean, &m.mean_abs_dev, &m.sum_sq_dev, &m.min, &m.max};
+    for (size_t f = 0; f < 6; ++f) std::copy(fields[f]->begin(), fields[f]->end(), out + f * g);
+    return -1;
+  }
+};
+
+Napi::Value GroupMomentsSync(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), MomentsCall(info).run());
+}
+Napi::Value GroupMomentsAsync(const Napi::CallbackInfo& info) {
+  MomentsCall call(info);
+  return AsyncTask::Start(info.Env(), {info[0], info[2]}, [call] { return call.run(); });
+}
+
 // paramsFromRanges(lo, hi, qmin, qmax, symmetric, scaleOut, zeroPointOut)
 Napi::Value ParamsFromRanges(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -326,6 +361,8 @@ void register_quantize_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("groupRangesAsync", Napi::Function::New(env, GroupRangesAsync, "groupRangesAsync"));
   exports.Set("searchRangesMse", Napi::Function::New(env, SearchRangesMse, "searchRangesMse"));
   exports.Set("searchRangesMseAsync", Napi::Function::New(env, SearchRangesMseAsync, "searchRangesMseAsync"));
+  exports.Set("groupMoments", Napi::Function::New(env, GroupMomentsSync, "groupMoments"));
+  exports.Set("groupMomentsAsync", Napi::Function::New(env, GroupMomentsAsync, "groupMomentsAsync"));
   exports.Set("groupErrors", Napi::Function::New(env, GroupErrors, "groupErrors"));
   exports.Set("lsqForward", Napi::Function::New(env, LsqForward, "lsqForward"));
   exports.Set("lsqBackward", Napi::Function::New(env, LsqBackward, "lsqBackward"));

@@ -57,6 +57,9 @@ export interface NativeBinding {
     qmin: number, qmax: number, symmetric: boolean, candidates: number, norm: 1 | 2): number;
   searchRangesMseAsync(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, kernel: string, threads: number,
     qmin: number, qmax: number, symmetric: boolean, candidates: number, norm: 1 | 2): Promise<number>;
+  /** Fills out (6 × groups: count, mean, mean |x - mean|, Σ (x - mean)², min, max); returns the first NaN index or -1. */
+  groupMoments(x: Float32Array, layout: NativeLayout, out: Float64Array, kernel: string, threads: number): number;
+  groupMomentsAsync(x: Float32Array, layout: NativeLayout, out: Float64Array, kernel: string, threads: number): Promise<number>;
   groupErrors(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, qmin: number, qmax: number,
     symmetric: boolean, norm: 1 | 2, out: Float64Array, kernel: string, threads: number): void;
   lsqForward(v: Float32Array, layout: NativeLayout, step: Float32Array, qn: number, qp: number, out: Float32Array,

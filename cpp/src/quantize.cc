@@ -337,6 +337,45 @@ int64_t search_ranges_mse(const Exec& exec, const float* x, const QuantLayout& l
   return kNoNaN;
 }
 
+int64_t group_moments(const Exec& exec, const float* x, const QuantLayout& layout, GroupMoments* out) {
+  const size_t groups = layout.group_count();
+  std::vector<float> lo(groups), hi(groups);
+  const int64_t nan = group_ranges(exec, x, layout, lo.data(), hi.data());
+  if (nan != kNoNaN) return nan;
+  out->count.assign(groups, 0);
+  out->mean.assign(groups, 0);
+  out->mean_abs_dev.assign(groups, 0);
+  out->sum_sq_dev.assign(groups, 0);
+  out->min.assign(lo.begin(), lo.end());
+  out->max.assign(hi.begin(), hi.end());
+  // One thread per group, elements in a fixed order: the same sums for any thread count.
+  const unsigned threads = exec.pool->threads_for(groups, exec.threads);
+  std::vector<std::vector<float>> scratch(threads);
+  exec.pool->parallel_for(groups, threads, [&](size_t g, unsigned t) {
+    size_t n;
+    const float* data = group_elements(layout, g, x, scratch[t], &n);
+    double count = 0, sum = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (!is_finite_value(data[i])) continue;
+      count += 1;
+      sum += data[i];
+    }
+    const double mean = count > 0 ? sum / count : 0;
+    double abs_dev = 0, sq_dev = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (!is_finite_value(data[i])) continue;
+      const double d = double(data[i]) - mean;
+      abs_dev += std::fabs(d);
+      sq_dev += d * d;
+    }
+    out->count[g] = count;
+    out->mean[g] = mean;
+    out->mean_abs_dev[g] = count > 0 ? abs_dev / count : 0;
+    out->sum_sq_dev[g] = sq_dev;
+  });
+  return kNoNaN;
+}
+
 void search_range_weighted(const float* values, const double* weights, size_t n, float lo, float hi,
                            int32_t qmin, int32_t qmax, bool symmetric, unsigned candidates, float* best_lo,
                            float* best_hi) {

@@ -433,6 +433,48 @@ void register_driver_tests() {
     }
     return std::string();
   });
+  harness::add("group_moments: count, mean, mean |x - mean|, Σ (x - mean)², min, max per group, for any thread count", [] {
+    Rng rng(8);
+    for (const QuantLayout& l : layouts()) {
+      if (l.element_count() > 400000) continue;
+      const size_t n = l.element_count(), groups = l.group_count();
+      std::vector<float> x(n);
+      for (auto& v : x) v = rng.range(-3.0f, 5.0f);
+      if (n > 10) x[n / 2] = INFINITY;  // ignored, like every range statistic
+      std::vector<double> cnt(groups), sum(groups);
+      for (size_t i = 0; i < n; ++i)
+        if (std::isfinite(x[i])) {
+          cnt[group_of(l, i)] += 1;
+          sum[group_of(l, i)] += x[i];
+        }
+      std::vector<double> abs_dev(groups), sq(groups);
+      for (size_t i = 0; i < n; ++i)
+        if (std::isfinite(x[i])) {
+          const size_t g = group_of(l, i);
+          const double d = x[i] - sum[g] / cnt[g];
+          abs_dev[g] += std::fabs(d);
+          sq[g] += d * d;
+        }
+      GroupMoments first;
+      for (unsigned threads : {1u, 2u, 3u}) {
+        ThreadPool pool(3);
+        Exec exec{quantize_kernels_scalar(), &pool, threads};
+        GroupMoments m;
+        if (group_moments(exec, x.data(), l, &m) != kNoNaN) return std::string("spurious NaN");
+        for (size_t g = 0; g < groups; ++g) {
+          if (m.count[g] != cnt[g]) return str("count of group ", g);
+          const double mean = cnt[g] > 0 ? sum[g] / cnt[g] : 0;
+          if (std::fabs(m.mean[g] - mean) > 1e-9 * (1 + std::fabs(mean))) return str("mean of group ", g);
+          if (cnt[g] > 0 && std::fabs(m.mean_abs_dev[g] - abs_dev[g] / cnt[g]) > 1e-9) return str("b of group ", g);
+          if (std::fabs(m.sum_sq_dev[g] - sq[g]) > 1e-9 * (1 + sq[g])) return str("sum of squares of group ", g);
+        }
+        if (threads == 1) first = m;
+        else if (m.mean != first.mean || m.mean_abs_dev != first.mean_abs_dev || m.sum_sq_dev != first.sum_sq_dev)
+          return str("results differ between 1 and ", threads, " threads");
+      }
+    }
+    return std::string();
+  });
   harness::add("mse search handles all-zero and constant groups", [] {
     ThreadPool pool(1);
     Exec exec{quantize_kernels_scalar(), &pool, 1};

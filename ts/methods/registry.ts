@@ -6,7 +6,7 @@
 import { HistogramObserver } from '../calibration/observers';
 import { invalidValue } from '../errors';
 import { native, type NativeLayout } from '../native';
-import { aciqRange, tensorStats, type AciqPrior } from './aciq';
+import { aciqRange, type AciqPrior } from './aciq';
 import { forEachGroup } from './groups';
 
 /** Method-specific options, as given to quantizeTensor. */
@@ -122,17 +122,44 @@ const mse: RangeMethod = {
   },
 };
 
-const aciq = perGroup(
-  'aciq',
-  'analytical clipping (ACIQ): MSE-optimal clip of a Laplace or Gaussian fit; prior \'auto\' is never worse than minmax',
-  (r, values) => {
-    const stats = tensorStats(values);
-    return aciqRange(stats, r.bits, r.options.prior ?? 'laplace', r.options.oneSided ?? stats.min >= 0);
+/** ACIQ ranges from native per-group moments (no per-group work in TypeScript). */
+function aciqFromMoments(r: RangeRequest, moments: Float64Array, nanIndex: number): GroupRanges {
+  const out = { ...outputs(r.groups), nanIndex };
+  if (nanIndex >= 0) return out;
+  const g = r.groups;
+  for (let i = 0; i < g; i++) {
+    const count = moments[i];
+    if (count === 0) continue;  // no finite values: range [0, 0]
+    const stats = {
+      count, mean: moments[g + i], laplaceB: moments[2 * g + i],
+      sigma: count > 1 ? Math.sqrt(moments[3 * g + i] / (count - 1)) : 0, min: moments[4 * g + i], max: moments[5 * g + i],
+    };
+    const range = aciqRange(stats, r.bits, r.options.prior ?? 'laplace', r.options.oneSided ?? stats.min >= 0);
+    out.lo[i] = range.lo;
+    out.hi[i] = range.hi;
+  }
+  if (r.options.prior === 'auto') {
+    const minmaxRange = { lo: Float32Array.from({ length: g }, (_, i) => moments[4 * g + i]), hi: Float32Array.from({ length: g }, (_, i) => moments[5 * g + i]), nanIndex: -1 };
+    for (let i = 0; i < g; i++) {
+      if (moments[i] === 0) minmaxRange.lo[i] = minmaxRange.hi[i] = 0;
+    }
+    keepBetter(r, out, minmaxRange);
+  }
+  return out;
+}
+
+const aciq: RangeMethod = {
+  name: 'aciq',
+  description: "analytical clipping (ACIQ): MSE-optimal clip of a Laplace or Gaussian fit; prior 'auto' is never worse than minmax",
+  ranges(r) {
+    const moments = new Float64Array(6 * r.groups);
+    return aciqFromMoments(r, moments, native().groupMoments(r.data, r.layout, moments, r.kernel, r.threads));
   },
-  (r, ranges, minmaxRange) => {
-    if (r.options.prior === 'auto') keepBetter(r, ranges, minmaxRange);
+  async rangesAsync(r) {
+    const moments = new Float64Array(6 * r.groups);
+    return aciqFromMoments(r, moments, await native().groupMomentsAsync(r.data, r.layout, moments, r.kernel, r.threads));
   },
-);
+};
 
 const percentile = perGroup('percentile', 'clip at a percentile of |x| (default 99.99)', (r, values) =>
   new HistogramObserver().observe(values).percentileRange(r.options.percentile ?? 99.99));

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "lowbit/quant_params.h"
 #include "lowbit/quantize_kernels.h"
@@ -64,6 +65,14 @@ void lsq_forward_tensor(const Exec& exec, const float* v, const QuantLayout& lay
 // each fixed-size piece is summed by one kernel call, pieces are added in order.
 void lsq_backward_tensor(const Exec& exec, const float* v, const float* grad_out, const QuantLayout& layout,
                          const float* step, int32_t qn, int32_t qp, float* grad_in, double* grad_step);
+
+// Per group, over its finite values: count, mean, mean |x - mean| (Laplace b),
+// Σ (x - mean)² (for σ), min and max. Partial sums are per fixed-size piece and
+// added in piece order, so results do not depend on the thread count.
+struct GroupMoments {
+  std::vector<double> count, mean, mean_abs_dev, sum_sq_dev, min, max;
+};
+int64_t group_moments(const Exec& exec, const float* x, const QuantLayout& layout, GroupMoments* out);
 
 struct ErrorStats {
   double squared_error = 0;  // over finite inputs
