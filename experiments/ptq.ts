@@ -74,6 +74,7 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     ['W4 (block 32), weights only', { weights: { bits: 4, granularity: 'block', blockSize: 32 } }],
     ['W8A8 (minmax activations)', { weights: { bits: 8 }, activations: { bits: 8 } }],
     ['W8A8 (percentile activations)', { weights: { bits: 8 }, activations: { bits: 8, method: 'percentile' } }],
+    ['W8A8 (percentile, both bias corrections)', { weights: { bits: 8, biasCorrection: true }, activations: { bits: 8, method: 'percentile', biasCorrection: true } }],
     ['W4A8 (block 32, ACIQ activations)', { weights: { bits: 4, granularity: 'block' }, activations: { bits: 8, method: 'aciq' } }],
   ];
   const rows: Array<Record<string, string | number>> = [];
