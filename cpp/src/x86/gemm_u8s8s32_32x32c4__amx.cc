@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "avx512_gemm_common.h"
 #include "lowbit/gemm.h"
 
 namespace lowbit {
@@ -74,8 +75,7 @@ void tile(const GemmTile& t) {
   for (int v = 0; v < (two_panels ? 2 : 1); ++v) {
     const size_t first = size_t(v) * 16;
     if (first >= t.store_cols) break;
-    const size_t n = t.store_cols - first;
-    const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const __mmask16 m = column_mask(first, t.store_cols);
     const __m512i col_term = _mm512_loadu_si512(t.col_term + first);
     const __m512i zb = _mm512_loadu_si512(t.zb + first);
     for (size_t r = 0; r < t.rows; ++r) {

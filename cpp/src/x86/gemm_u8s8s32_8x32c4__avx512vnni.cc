@@ -7,16 +7,11 @@
 
 #include <cstring>
 
+#include "avx512_gemm_common.h"
 #include "lowbit/gemm.h"
 
 namespace lowbit {
 namespace {
-
-inline __m512i broadcast_group(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
 
 template <int MR, int NV, int KU>
 void tile_vnni(const GemmTile& t) {
@@ -51,8 +46,7 @@ void tile_vnni(const GemmTile& t) {
   for (int v = 0; v < NV; ++v) {
     const size_t first = size_t(v) * 16;
     if (first >= t.store_cols) break;
-    const size_t n = t.store_cols - first;
-    const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const __mmask16 m = column_mask(first, t.store_cols);
     const __m512i col_term = _mm512_loadu_si512(t.col_term + first);
     const __m512i zb = _mm512_loadu_si512(t.zb + first);
     for (int r = 0; r < MR; ++r) {
