@@ -19,6 +19,7 @@ std::string join(const std::vector<std::string>& v) {
 
 const std::vector<std::string> kQuantizeKernelNames = {"avx512", "avx2", "scalar"};
 const std::vector<std::string> kGemmKernelNames = {"amx", "avx512vnni", "avxvnni", "avx2", "neondot", "neon", "portable", "scalar"};
+const std::vector<std::string> kSgemmKernelNames = {"avx512", "avx2", "scalar"};
 
 bool contains(const std::vector<std::string>& v, const std::string& s) {
   return std::find(v.begin(), v.end(), s) != v.end();
@@ -34,13 +35,14 @@ void parse_kernel_env(Context& ctx) {
     auto colon = item.find(':');
     if (colon == std::string::npos) {
       ctx.forced["*"] = item;
-      if (!contains(kQuantizeKernelNames, item) && !contains(kGemmKernelNames, item))
+      if (!contains(kQuantizeKernelNames, item) && !contains(kGemmKernelNames, item) && !contains(kSgemmKernelNames, item))
         ctx.kernel_env_error = "LOWBIT_KERNEL names '" + item + "', which is no kernel of any operation (quantize: " +
-                               join(kQuantizeKernelNames) + "; gemm: " + join(kGemmKernelNames) + "). Fix or unset LOWBIT_KERNEL.";
+                               join(kQuantizeKernelNames) + "; gemm: " + join(kGemmKernelNames) + "; sgemm: " +
+                               join(kSgemmKernelNames) + "). Fix or unset LOWBIT_KERNEL.";
     } else {
       const std::string op = item.substr(0, colon);
-      if (op != "quantize" && op != "gemm")
-        ctx.kernel_env_error = "LOWBIT_KERNEL names the operation '" + op + "'; operations are quantize and gemm. Fix or unset LOWBIT_KERNEL.";
+      if (op != "quantize" && op != "gemm" && op != "sgemm")
+        ctx.kernel_env_error = "LOWBIT_KERNEL names the operation '" + op + "'; operations are quantize, gemm and sgemm. Fix or unset LOWBIT_KERNEL.";
       ctx.forced[op] = item.substr(colon + 1);
     }
   }
@@ -76,6 +78,10 @@ Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   Napi::Array gemm = Napi::Array::New(env, gemm_names.size());
   for (size_t i = 0; i < gemm_names.size(); ++i) gemm.Set(uint32_t(i), gemm_names[i]);
   result.Set("gemmKernels", gemm);
+  auto sgemm_names = lowbit::available_sgemm_kernels(c);
+  Napi::Array sgemm = Napi::Array::New(env, sgemm_names.size());
+  for (size_t i = 0; i < sgemm_names.size(); ++i) sgemm.Set(uint32_t(i), sgemm_names[i]);
+  result.Set("sgemmKernels", sgemm);
   result.Set("maxThreads", double(ctx.pool->max_threads()));
   result.Set("kernelOverride", ctx.kernel_env.empty() ? env.Null() : Napi::String::New(env, ctx.kernel_env));
   // The kernel a call without options.kernel gets, or why LOWBIT_KERNEL cannot be honoured.
@@ -91,6 +97,12 @@ Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
     result.Set("selectedGemmKernel", k ? k->name : "scalar");
   } catch (const Napi::Error& e) {
     result.Set("selectedGemmKernel", env.Null());
+    result.Set("kernelOverrideError", e.Message());
+  }
+  try {
+    result.Set("selectedSgemmKernel", ctx.sgemm_kernel(env, "").name);
+  } catch (const Napi::Error& e) {
+    result.Set("selectedSgemmKernel", env.Null());
     result.Set("kernelOverrideError", e.Message());
   }
   return result;
@@ -111,6 +123,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo, "cpuInfo"));
   register_quantize_functions(env, exports);
   register_gemm_functions(env, exports);
+  register_train_functions(env, exports);
   return exports;
 }
 
@@ -147,6 +160,13 @@ const lowbit::GemmKernel* Context::gemm_kernel(Napi::Env env, const std::string&
   const lowbit::GemmKernel* k = lowbit::find_gemm_kernel(name, cpu, &usable);
   if (!usable) throw_kernel_error(env, "gemm", name, requested.empty(), kGemmKernelNames, lowbit::available_gemm_kernels(cpu));
   return k;
+}
+
+const lowbit::SgemmKernel& Context::sgemm_kernel(Napi::Env env, const std::string& requested) const {
+  if (requested.empty() && !kernel_env_error.empty()) throw Napi::Error::New(env, kernel_env_error);
+  const std::string name = requested.empty() ? forced_kernel("sgemm", kSgemmKernelNames) : requested;
+  if (const auto* k = lowbit::find_sgemm_kernel(name, cpu)) return *k;
+  throw_kernel_error(env, "sgemm", name, requested.empty(), kSgemmKernelNames, lowbit::available_sgemm_kernels(cpu));
 }
 
 }  // namespace lowbit_binding

@@ -12,6 +12,7 @@
 #include "lowbit/cpu_features.h"
 #include "lowbit/gemm.h"
 #include "lowbit/quantize.h"
+#include "lowbit/sgemm.h"
 #include "lowbit/thread_pool.h"
 
 namespace lowbit_binding {
@@ -20,7 +21,7 @@ struct Context {
   lowbit::CpuFeatures cpu;
   std::unique_ptr<lowbit::ThreadPool> pool;
   // LOWBIT_KERNEL, parsed: "name" forces every operation that has a kernel of
-  // that name; "quantize:avx2,gemm:scalar" forces per operation.
+  // that name; "quantize:avx2,gemm:scalar,sgemm:avx2" forces per operation.
   std::string kernel_env;
   std::map<std::string, std::string> forced;  // operation (or "*") -> kernel name
   std::string kernel_env_error;               // LOWBIT_KERNEL names no known kernel
@@ -32,6 +33,8 @@ struct Context {
   const lowbit::QuantizeKernels& quantize_kernels(Napi::Env env, const std::string& requested) const;
   // The GEMM kernel for a call, the same way; null means the scalar reference.
   const lowbit::GemmKernel* gemm_kernel(Napi::Env env, const std::string& requested) const;
+  // The float32 SGEMM kernel for a call, the same way.
+  const lowbit::SgemmKernel& sgemm_kernel(Napi::Env env, const std::string& requested) const;
   // The LOWBIT_KERNEL choice for an operation whose kernel names are `known`.
   std::string forced_kernel(const std::string& operation, const std::vector<std::string>& known) const;
 
@@ -42,5 +45,6 @@ struct Context {
 
 void register_quantize_functions(Napi::Env env, Napi::Object exports);
 void register_gemm_functions(Napi::Env env, Napi::Object exports);
+void register_train_functions(Napi::Env env, Napi::Object exports);
 
 }  // namespace lowbit_binding

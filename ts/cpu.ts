@@ -8,9 +8,13 @@ export interface CpuInfo {
   /** Instruction sets usable here (CPU support and OS support both checked). */
   features: Record<string, boolean>;
   /** Per operation, the kernels usable on this CPU, best first. */
-  kernels: { quantize: string[]; gemm: string[] };
+  kernels: { quantize: string[]; gemm: string[]; sgemm: string[] };
   /** The GEMM kernels usable on this CPU, best first (same as kernels.gemm). */
   gemmKernels: string[];
+  /** The float32 SGEMM kernels (training engine) usable on this CPU, best first (same as kernels.sgemm). */
+  sgemmKernels: string[];
+  /** The SGEMM kernel a call gets without an explicit kernel (null when LOWBIT_KERNEL is unusable). */
+  selectedSgemmKernel: string | null;
   /** Per operation, the kernel a call gets without `options.kernel` (null when LOWBIT_KERNEL is unusable). */
   selected: { quantize: string | null; gemm: string | null };
   /** Value of LOWBIT_KERNEL when the addon loaded, if set. */
@@ -34,8 +38,10 @@ export function cpuInfo(): CpuInfo {
     cached = {
       arch: raw.arch,
       features: { ...raw.features },
-      kernels: { quantize: raw.quantizeKernels.slice(), gemm: raw.gemmKernels.slice() },
+      kernels: { quantize: raw.quantizeKernels.slice(), gemm: raw.gemmKernels.slice(), sgemm: raw.sgemmKernels.slice() },
       gemmKernels: raw.gemmKernels.slice(),
+      sgemmKernels: raw.sgemmKernels.slice(),
+      selectedSgemmKernel: raw.selectedSgemmKernel,
       selected: { quantize: raw.selectedQuantizeKernel, gemm: raw.selectedGemmKernel },
       kernelOverride: raw.kernelOverride,
       kernelOverrideError: raw.kernelOverrideError,
@@ -45,14 +51,15 @@ export function cpuInfo(): CpuInfo {
   return {
     ...cached,
     features: { ...cached.features },
-    kernels: { quantize: cached.kernels.quantize.slice(), gemm: cached.kernels.gemm.slice() },
+    kernels: { quantize: cached.kernels.quantize.slice(), gemm: cached.kernels.gemm.slice(), sgemm: cached.kernels.sgemm.slice() },
     gemmKernels: cached.gemmKernels.slice(),
+    sgemmKernels: cached.sgemmKernels.slice(),
     selected: { ...cached.selected },
   };
 }
 
 /** Checks `options.kernel` for an operation: '' (automatic) or a kernel usable here. */
-export function checkKernel(operation: 'quantize' | 'gemm', kernel: unknown): string {
+export function checkKernel(operation: 'quantize' | 'gemm' | 'sgemm', kernel: unknown): string {
   if (kernel === undefined) {
     const info = cpuInfo();
     if (info.kernelOverrideError) throw new Error(info.kernelOverrideError);
@@ -60,7 +67,7 @@ export function checkKernel(operation: 'quantize' | 'gemm', kernel: unknown): st
   }
   const usable = cpuInfo().kernels[operation];
   if (typeof kernel !== 'string' || !usable.includes(kernel)) {
-    const known = operation === 'quantize'
+    const known = operation !== 'gemm'
       ? ['avx512', 'avx2', 'scalar']
       : ['amx', 'avx512vnni', 'avxvnni', 'avx2', 'portable', 'neondot', 'neon', 'scalar'];
     const why = typeof kernel === 'string' && known.includes(kernel)

@@ -30,11 +30,31 @@ export interface NativeCpuInfo {
   features: Record<string, boolean>;
   quantizeKernels: string[];
   gemmKernels: string[];
+  /** float32 SGEMM kernels usable here, best first. */
+  sgemmKernels: string[];
   selectedQuantizeKernel: string | null;
   selectedGemmKernel: string | null;
+  selectedSgemmKernel: string | null;
   kernelOverride: string | null;
   kernelOverrideError: string | null;
   maxThreads: number;
+}
+
+/** Convolution window geometry for im2col/col2im: the ConvGeometry of ts/train/kernels.ts. */
+export interface NativeConvGeometry {
+  channels: number;
+  height: number;
+  width: number;
+  kernelH: number;
+  kernelW: number;
+  padTop: number;
+  padLeft: number;
+  strideH: number;
+  strideW: number;
+  dilationH: number;
+  dilationW: number;
+  outH: number;
+  outW: number;
 }
 
 export interface NativeErrorStats {
@@ -89,6 +109,17 @@ export interface NativeBinding {
     bias: Float32Array | null, y: Float32Array): void;
   requantizeInt32(c: Int32Array, m: number, n: number, aScale: number, bScale: Float32Array, perColumn: boolean,
     yScale: number, yZeroPoint: number, qmin: number, qmax: number, relu: boolean, y: Codes): void;
+  // float32 training kernels (ts/train/kernels.ts); lengths must be exact, outputs may not overlap inputs.
+  sgemm(transA: boolean, transB: boolean, m: number, n: number, k: number, a: Float32Array, b: Float32Array,
+    c: Float32Array, accumulate: boolean, kernel: string, threads: number): void;
+  im2col(x: Float32Array, batch: number, geometry: NativeConvGeometry, col: Float32Array, threads: number): void;
+  col2im(col: Float32Array, batch: number, geometry: NativeConvGeometry, dx: Float32Array, threads: number): void;
+  batchNormForward(x: Float32Array, batch: number, channels: number, spatial: number, gamma: Float32Array,
+    beta: Float32Array, epsilon: number, y: Float32Array, mean: Float32Array, variance: Float32Array,
+    invStd: Float32Array, threads: number): void;
+  batchNormBackward(x: Float32Array, dy: Float32Array, batch: number, channels: number, spatial: number,
+    gamma: Float32Array, mean: Float32Array, invStd: Float32Array, dx: Float32Array, dGamma: Float32Array,
+    dBeta: Float32Array, threads: number): void;
 }
 
 /** Opaque native handle of a packed B matrix. */

@@ -6,11 +6,13 @@ void register_quantize_tests();
 void register_gemm_tests();
 void register_int4_tests();
 void register_thread_pool_tests();
+void register_sgemm_tests();
 
 int main(int argc, char** argv) {
   register_quantize_tests();
   register_gemm_tests();
   register_int4_tests();
   register_thread_pool_tests();
+  register_sgemm_tests();
   return harness::run_all(argc > 1 ? argv[1] : "");
 }

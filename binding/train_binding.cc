@@ -1,0 +1,232 @@
+// N-API glue for the float32 training kernels (cpp/include/lowbit/sgemm.h).
+// Synchronous: they are called once per op inside a training step, and the
+// work is spread over the Context's thread pool. Argument order is private to
+// ts/native.ts. Lengths are checked exactly (the layouts in ts/train/kernels.ts
+// are exact), and outputs may not share memory with inputs.
+#include <climits>
+
+#include "context.h"
+#include "napi_args.h"
+#include "lowbit/sgemm.h"
+
+namespace lowbit_binding {
+namespace {
+
+const float* floats_in(const Napi::Value& v, const char* name, size_t* length) {
+  return array_of<float>(v, name, napi_float32_array, length);
+}
+float* floats_out(const Napi::Value& v, const char* name, size_t* length) {
+  return array_of<float>(v, name, napi_float32_array, length);
+}
+
+void need_length(Napi::Env env, const char* name, size_t got, size_t want, const char* formula) {
+  if (got != want)
+    throw_range(env, std::string(name) + ".length must be " + formula + " = " + std::to_string(want) + " (got " +
+                         std::to_string(got) + ")");
+}
+
+size_t product(Napi::Env env, std::initializer_list<size_t> factors, const char* what) {
+  size_t p = 1;
+  for (size_t f : factors)
+    if (__builtin_mul_overflow(p, f, &p)) throw_range(env, std::string(what) + " overflows");
+  return p;
+}
+
+bool overlap(const float* a, size_t na, const float* b, size_t nb) {
+  return na && nb && a < b + nb && b < a + na;
+}
+void no_overlap(Napi::Env env, const float* out, size_t nout, const char* out_name, const float* in, size_t nin,
+                const char* in_name) {
+  if (overlap(out, nout, in, nin))
+    throw_range(env, std::string(out_name) + " must not share memory with " + in_name);
+}
+
+unsigned threads_of(const Napi::Value& v) {
+  const size_t t = size_of(v, "threads");
+  return t > UINT_MAX ? UINT_MAX : unsigned(t);
+}
+
+// sgemm(transA, transB, m, n, k, a, b, c, accumulate, kernel, threads)
+Napi::Value Sgemm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  lowbit::SgemmArgs g;
+  g.trans_a = bool_of(info[0], "transA");
+  g.trans_b = bool_of(info[1], "transB");
+  g.m = size_of(info[2], "m");
+  g.n = size_of(info[3], "n");
+  g.k = size_of(info[4], "k");
+  size_t na, nb, nc;
+  g.a = floats_in(info[5], "a", &na);
+  g.b = floats_in(info[6], "b", &nb);
+  g.c = floats_out(info[7], "c", &nc);
+  need_length(env, "a", na, product(env, {g.m, g.k}, "m * k"), "m * k");
+  need_length(env, "b", nb, product(env, {g.k, g.n}, "k * n"), "k * n");
+  need_length(env, "c", nc, product(env, {g.m, g.n}, "m * n"), "m * n");
+  no_overlap(env, g.c, nc, "c", g.a, na, "a");
+  no_overlap(env, g.c, nc, "c", g.b, nb, "b");
+  g.accumulate = bool_of(info[8], "accumulate");
+  Context& ctx = Context::of(env);
+  const lowbit::SgemmKernel& kernel = ctx.sgemm_kernel(env, string_of(info[9], "kernel"));
+  lowbit::sgemm(kernel, g, ctx.pool.get(), threads_of(info[10]));
+  return env.Undefined();
+}
+
+size_t geometry_field(const Napi::Object& o, const char* key, size_t min) {
+  const std::string name = std::string("geometry.") + key;
+  const size_t v = size_of(o.Get(key), name.c_str());
+  if (v < min || v > size_t(INT32_MAX))
+    throw_range(o.Env(), name + " must be an integer in [" + std::to_string(min) + ", 2^31)");
+  return v;
+}
+
+lowbit::ConvGeometry geometry_of(const Napi::Value& v) {
+  if (!v.IsObject()) throw_type(v.Env(), "geometry must be an object");
+  Napi::Object o = v.As<Napi::Object>();
+  lowbit::ConvGeometry g;
+  g.channels = geometry_field(o, "channels", 0);
+  g.height = geometry_field(o, "height", 0);
+  g.width = geometry_field(o, "width", 0);
+  g.kernel_h = geometry_field(o, "kernelH", 0);
+  g.kernel_w = geometry_field(o, "kernelW", 0);
+  g.pad_top = geometry_field(o, "padTop", 0);
+  g.pad_left = geometry_field(o, "padLeft", 0);
+  g.stride_h = geometry_field(o, "strideH", 1);
+  g.stride_w = geometry_field(o, "strideW", 1);
+  g.dilation_h = geometry_field(o, "dilationH", 1);
+  g.dilation_w = geometry_field(o, "dilationW", 1);
+  g.out_h = geometry_field(o, "outH", 0);
+  g.out_w = geometry_field(o, "outW", 0);
+  return g;
+}
+
+struct ConvCall {
+  lowbit::ConvGeometry g;
+  size_t batch, image_len, col_len;
+  ConvCall(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    batch = size_of(info[1], "batch");
+    g = geometry_of(info[2]);
+    image_len = product(env, {batch, g.channels, g.height, g.width}, "batch * channels * height * width");
+    col_len = product(env, {batch, g.channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w},
+                      "batch * channels * kernelH * kernelW * outH * outW");
+  }
+};
+
+// im2col(x, batch, geometry, col, threads)
+Napi::Value Im2col(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ConvCall call(info);
+  size_t nx, ncol;
+  const float* x = floats_in(info[0], "x", &nx);
+  float* col = floats_out(info[3], "col", &ncol);
+  need_length(env, "x", nx, call.image_len, "batch * channels * height * width");
+  need_length(env, "col", ncol, call.col_len, "batch * channels * kernelH * kernelW * outH * outW");
+  no_overlap(env, col, ncol, "col", x, nx, "x");
+  Context& ctx = Context::of(env);
+  lowbit::im2col(x, call.batch, call.g, col, ctx.pool.get(), threads_of(info[4]));
+  return env.Undefined();
+}
+
+// col2im(col, batch, geometry, dx, threads)
+Napi::Value Col2im(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ConvCall call(info);
+  size_t ncol, ndx;
+  const float* col = floats_in(info[0], "col", &ncol);
+  float* dx = floats_out(info[3], "dx", &ndx);
+  need_length(env, "col", ncol, call.col_len, "batch * channels * kernelH * kernelW * outH * outW");
+  need_length(env, "dx", ndx, call.image_len, "batch * channels * height * width");
+  no_overlap(env, dx, ndx, "dx", col, ncol, "col");
+  Context& ctx = Context::of(env);
+  lowbit::col2im(col, call.batch, call.g, dx, ctx.pool.get(), threads_of(info[4]));
+  return env.Undefined();
+}
+
+struct BnShape {
+  size_t batch, channels, spatial, total;
+  BnShape(const Napi::CallbackInfo& info, size_t first) {
+    batch = size_of(info[first], "batch");
+    channels = size_of(info[first + 1], "channels");
+    spatial = size_of(info[first + 2], "spatial");
+    total = product(info.Env(), {batch, channels, spatial}, "batch * channels * spatial");
+  }
+};
+
+// batchNormForward(x, batch, channels, spatial, gamma, beta, epsilon, y, mean, variance, invStd, threads)
+Napi::Value BatchNormForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const BnShape s(info, 1);
+  size_t nx, ng, nbeta, ny, nm, nv, ni;
+  const float* x = floats_in(info[0], "x", &nx);
+  const float* gamma = floats_in(info[4], "gamma", &ng);
+  const float* beta = floats_in(info[5], "beta", &nbeta);
+  if (!info[6].IsNumber()) throw_type(env, "epsilon must be a number");
+  const double eps = info[6].As<Napi::Number>().DoubleValue();
+  if (!(eps >= 0) || !std::isfinite(eps)) throw_range(env, "epsilon must be a finite number >= 0");
+  float* y = floats_out(info[7], "y", &ny);
+  float* mean = floats_out(info[8], "mean", &nm);
+  float* variance = floats_out(info[9], "variance", &nv);
+  float* inv_std = floats_out(info[10], "invStd", &ni);
+  need_length(env, "x", nx, s.total, "batch * channels * spatial");
+  need_length(env, "y", ny, s.total, "batch * channels * spatial");
+  need_length(env, "gamma", ng, s.channels, "channels");
+  need_length(env, "beta", nbeta, s.channels, "channels");
+  need_length(env, "mean", nm, s.channels, "channels");
+  need_length(env, "variance", nv, s.channels, "channels");
+  need_length(env, "invStd", ni, s.channels, "channels");
+  const std::pair<const float*, size_t> ins[] = {{x, nx}, {gamma, ng}, {beta, nbeta}};
+  const char* in_names[] = {"x", "gamma", "beta"};
+  const std::pair<float*, size_t> outs[] = {{y, ny}, {mean, nm}, {variance, nv}, {inv_std, ni}};
+  const char* out_names[] = {"y", "mean", "variance", "invStd"};
+  for (int o = 0; o < 4; ++o)
+    for (int i = 0; i < 3; ++i) no_overlap(env, outs[o].first, outs[o].second, out_names[o], ins[i].first, ins[i].second, in_names[i]);
+  Context& ctx = Context::of(env);
+  lowbit::batch_norm_forward(x, s.batch, s.channels, s.spatial, gamma, beta, float(eps), y, mean, variance, inv_std,
+                             ctx.pool.get(), threads_of(info[11]));
+  return env.Undefined();
+}
+
+// batchNormBackward(x, dy, batch, channels, spatial, gamma, mean, invStd, dx, dGamma, dBeta, threads)
+Napi::Value BatchNormBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const BnShape s(info, 2);
+  size_t nx, ndy, ng, nm, ni, ndx, ndg, ndb;
+  const float* x = floats_in(info[0], "x", &nx);
+  const float* dy = floats_in(info[1], "dy", &ndy);
+  const float* gamma = floats_in(info[5], "gamma", &ng);
+  const float* mean = floats_in(info[6], "mean", &nm);
+  const float* inv_std = floats_in(info[7], "invStd", &ni);
+  float* dx = floats_out(info[8], "dx", &ndx);
+  float* d_gamma = floats_out(info[9], "dGamma", &ndg);
+  float* d_beta = floats_out(info[10], "dBeta", &ndb);
+  need_length(env, "x", nx, s.total, "batch * channels * spatial");
+  need_length(env, "dy", ndy, s.total, "batch * channels * spatial");
+  need_length(env, "dx", ndx, s.total, "batch * channels * spatial");
+  need_length(env, "gamma", ng, s.channels, "channels");
+  need_length(env, "mean", nm, s.channels, "channels");
+  need_length(env, "invStd", ni, s.channels, "channels");
+  need_length(env, "dGamma", ndg, s.channels, "channels");
+  need_length(env, "dBeta", ndb, s.channels, "channels");
+  const std::pair<const float*, size_t> ins[] = {{x, nx}, {dy, ndy}, {gamma, ng}, {mean, nm}, {inv_std, ni}};
+  const char* in_names[] = {"x", "dy", "gamma", "mean", "invStd"};
+  const std::pair<float*, size_t> outs[] = {{dx, ndx}, {d_gamma, ndg}, {d_beta, ndb}};
+  const char* out_names[] = {"dx", "dGamma", "dBeta"};
+  for (int o = 0; o < 3; ++o)
+    for (int i = 0; i < 5; ++i) no_overlap(env, outs[o].first, outs[o].second, out_names[o], ins[i].first, ins[i].second, in_names[i]);
+  Context& ctx = Context::of(env);
+  lowbit::batch_norm_backward(x, dy, s.batch, s.channels, s.spatial, gamma, mean, inv_std, dx, d_gamma, d_beta,
+                              ctx.pool.get(), threads_of(info[11]));
+  return env.Undefined();
+}
+
+}  // namespace
+
+void register_train_functions(Napi::Env env, Napi::Object exports) {
+  exports.Set("sgemm", Napi::Function::New(env, Sgemm, "sgemm"));
+  exports.Set("im2col", Napi::Function::New(env, Im2col, "im2col"));
+  exports.Set("col2im", Napi::Function::New(env, Col2im, "col2im"));
+  exports.Set("batchNormForward", Napi::Function::New(env, BatchNormForward, "batchNormForward"));
+  exports.Set("batchNormBackward", Napi::Function::New(env, BatchNormBackward, "batchNormBackward"));
+}
+
+}  // namespace lowbit_binding
