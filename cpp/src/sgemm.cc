@@ -4,7 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "lowbit/gemm.h"  // AlignedBytes
 
@@ -67,15 +71,34 @@ void pack_b_block(const SgemmArgs& g, size_t nr, size_t p0, size_t kc, size_t j0
       const size_t cols = std::min(nr, width - q * nr);
       float* panel = dst + q * nr * kc;
       const float* src = g.b + p0 * g.n + j0 + q * nr;
-      for (size_t p = 0; p < kc; ++p) std::memcpy(panel + p * nr, src + p * g.n, cols * sizeof(float));
+      if (cols == 32)  // constant sizes let the compiler inline the copies
+        for (size_t p = 0; p < kc; ++p) std::memcpy(panel + p * 32, src + p * g.n, 32 * sizeof(float));
+      else if (cols == 16)
+        for (size_t p = 0; p < kc; ++p) std::memcpy(panel + p * nr, src + p * g.n, 16 * sizeof(float));
+      else
+        for (size_t p = 0; p < kc; ++p) std::memcpy(panel + p * nr, src + p * g.n, cols * sizeof(float));
     }
   } else {
-    // B is [n, k]: read 8 columns' rows together so the writes fill whole lines.
-    for (size_t jl = 0; jl < width; jl += 8) {
-      const size_t cols = std::min<size_t>(8, width - jl);
+    // B is [n, k]: transpose 4 × 4 blocks (4 columns' rows, 4 k) into the panel.
+    for (size_t jl = 0; jl < width; jl += 4) {
+      const size_t cols = std::min<size_t>(4, width - jl);
       float* panel = dst + (jl / nr) * nr * kc + jl % nr;
       const float* src = g.b + (j0 + jl) * g.k + p0;
-      for (size_t p = 0; p < kc; ++p)
+      size_t p = 0;
+#if defined(__SSE2__)
+      if (cols == 4) {
+        for (; p + 4 <= kc; p += 4) {
+          __m128 r0 = _mm_loadu_ps(src + p), r1 = _mm_loadu_ps(src + g.k + p);
+          __m128 r2 = _mm_loadu_ps(src + 2 * g.k + p), r3 = _mm_loadu_ps(src + 3 * g.k + p);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          _mm_storeu_ps(panel + p * nr, r0);
+          _mm_storeu_ps(panel + (p + 1) * nr, r1);
+          _mm_storeu_ps(panel + (p + 2) * nr, r2);
+          _mm_storeu_ps(panel + (p + 3) * nr, r3);
+        }
+      }
+#endif
+      for (; p < kc; ++p)
         for (size_t c = 0; c < cols; ++c) panel[p * nr + c] = src[c * g.k + p];
     }
   }
@@ -108,6 +131,8 @@ void sgemm(const SgemmKernel& kernel, const SgemmArgs& g, ThreadPool* pool, unsi
   }
   const size_t mr = kernel.mr, nr = kernel.nr;
   const size_t m_panels = ceil_div(m, mr);
+  // Waking the pool costs more than a tiny product gains (no effect on results).
+  if (double(m) * double(n) * double(k) < 262144.0) threads = 1;
 
   AlignedBytes a_packed;
   a_packed.allocate(m_panels * mr * k * sizeof(float));
@@ -116,23 +141,26 @@ void sgemm(const SgemmKernel& kernel, const SgemmArgs& g, ThreadPool* pool, unsi
 
   // Work items are blocks of C. Their shape only decides which thread computes
   // an element, never the order of its sum (fixed by kSgemmKc), so it may
-  // depend on the thread count: aim for a few items per thread.
-  const size_t n_blocks = ceil_div(n, kNc);
-  const unsigned participants = pool->threads_for(m_panels * n_blocks * 4, threads);
-  size_t m_blocks = std::max(ceil_div(m, kMcMax), ceil_div(2 * size_t(participants), n_blocks));
+  // depend on the thread count: aim for 2 items per thread, splitting N first
+  // (each item packs its own B block, so splitting M repeats packing).
+  const size_t want_items = 2 * size_t(pool->threads_for(SIZE_MAX, threads));
+  const size_t n_panels = ceil_div(n, nr);
+  size_t n_blocks = std::max(ceil_div(n, kNc), std::min(want_items, n_panels));
+  const size_t nc = ceil_div(n_panels, n_blocks) * nr;  // balanced, whole panels
+  n_blocks = ceil_div(n, nc);
+  size_t m_blocks = std::max(ceil_div(m, kMcMax), n_blocks >= want_items ? 1 : ceil_div(want_items, n_blocks));
   m_blocks = std::min(m_blocks, m_panels);
   const size_t mc_panels = ceil_div(m_panels, m_blocks);
   m_blocks = ceil_div(m_panels, mc_panels);
 
-  const size_t nc = std::min(kNc, n);
-  const size_t b_floats = ceil_div(nc, nr) * nr * std::min(kSgemmKc, k);
+  const size_t b_floats = nc * std::min(kSgemmKc, k);
   std::vector<AlignedBytes> scratch(pool->threads_for(m_blocks * n_blocks, threads));
 
   pool->parallel_for(m_blocks * n_blocks, threads, [&](size_t item, unsigned t) {
     if (!scratch[t].data) scratch[t].allocate(b_floats * sizeof(float));
     float* bp = reinterpret_cast<float*>(scratch[t].data.get());
     const size_t jb = item / m_blocks, ib = item % m_blocks;
-    const size_t j0 = jb * kNc, j1 = std::min(n, j0 + kNc);
+    const size_t j0 = jb * nc, j1 = std::min(n, j0 + nc);
     const size_t r0 = ib * mc_panels, r1 = std::min(m_panels, r0 + mc_panels);
     for (size_t p0 = 0; p0 < k; p0 += kSgemmKc) {
       const size_t kc = std::min(kSgemmKc, k - p0);

@@ -33,12 +33,17 @@ void sgemm_reference(const SgemmArgs& g, ThreadPool* pool, unsigned threads) {
         for (size_t j = 0; j < width; ++j) acc[j] += ap * brow[j];
       }
     } else {
-      // Column j of op(B) is row j of B: a dot product.
-      for (size_t j = 0; j < width; ++j) {
+      // Column j of op(B) is row j of B: dot products, 8 columns at a time so
+      // the 8 independent sums overlap (each still adds in p order).
+      for (size_t j = 0; j < width; j += 8) {
+        const size_t cols = std::min<size_t>(8, width - j);
         const float* bcol = g.b + (j0 + j) * k;
-        float s = 0.0f;
-        for (size_t p = 0; p < k; ++p) s += a_at(p) * bcol[p];
-        acc[j] = s;
+        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (size_t p = 0; p < k; ++p) {
+          const float ap = a_at(p);
+          for (size_t c = 0; c < cols; ++c) s[c] += ap * bcol[c * k + p];
+        }
+        std::copy_n(s, cols, acc + j);
       }
     }
     float* c = g.c + i * n + j0;
