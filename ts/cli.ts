@@ -6,7 +6,7 @@ import { SingleBar, Presets } from 'cli-progress';
 import { Command, InvalidArgumentError } from 'commander';
 import * as path from 'node:path';
 
-import { benchGemm, benchQuantize, DEFAULT_GEMM_SHAPES } from './bench';
+import { benchGemm, benchQuantize, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
 import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
@@ -146,6 +146,14 @@ export function program(): Command {
         kernels: o.kernel,
         json: !!o.json,
       });
+    });
+  bench.command('sgemm')
+    .description('float32 SGEMM GFLOPS per kernel (training-engine shapes: conv and fully connected, all transposes) and the ratio to scalar')
+    .option('--threads <n|all|both>', 'thread counts', parseThreads, undefined)
+    .option('--kernel <name...>', 'kernels to measure (default: all usable here)')
+    .option('--json', 'machine-readable output')
+    .action(async (o: { threads?: number[]; kernel?: string[]; json?: boolean }) => {
+      await benchSgemm({ threads: o.threads ?? [1, cpuInfo().maxThreads], kernels: o.kernel, json: !!o.json });
     });
   bench.command('quantize')
     .description('per-tensor float32 -> int8 quantization GB/s vs plain TypeScript and onnxruntime QuantizeLinear')

@@ -1,3 +1,4 @@
 /** Benchmarks behind `lowbit bench <name>` and `npm run bench -- <name>`. */
 export { benchGemm, DEFAULT_GEMM_SHAPES, type GemmBenchOptions } from './gemm';
 export { benchQuantize, type QuantizeBenchOptions } from './quantize';
+export { benchSgemm, DEFAULT_SGEMM_SHAPES, type SgemmBenchOptions } from './sgemm';

@@ -1,12 +1,15 @@
 /** Child-process entry of the benchmarks: runs one case and prints its median milliseconds. */
 import { runGemmCase, type GemmCase } from './gemm';
 import { runQuantizeCase, type QuantizeCase } from './quantize';
+import { runSgemmCase, type SgemmCase } from './sgemm';
 
-type Job = { bench: 'quantize'; c: QuantizeCase; n: number; runs: number } | { bench: 'gemm'; c: GemmCase };
+type Job = { bench: 'quantize'; c: QuantizeCase; n: number; runs: number } | { bench: 'gemm'; c: GemmCase } |
+  { bench: 'sgemm'; c: SgemmCase };
 
 async function main(): Promise<void> {
   const job = JSON.parse(process.argv[2]) as Job;
-  const ms = job.bench === 'quantize' ? await runQuantizeCase(job.c, job.n, job.runs) : await runGemmCase(job.c);
+  const ms = job.bench === 'quantize' ? await runQuantizeCase(job.c, job.n, job.runs)
+    : job.bench === 'sgemm' ? await runSgemmCase(job.c) : await runGemmCase(job.c);
   process.stdout.write(`${ms}\n`);
 }
 
