@@ -12,7 +12,7 @@ import { ort } from '../ts/bench/ort-models';
 import { table } from '../ts/bench/timing';
 import { quantizeModel, type QuantizeModelOptions } from '../ts/onnx/quantize-model';
 import { normalFeeds } from '../test/helpers/random';
-import { loadMnist } from './mnist';
+import { loadMnist } from '../ts/train/mnist';
 
 /** Top-1 accuracy of an MNIST model (input [N,1,28,28] → logits [N,10]) on the first `limit` test images. */
 export async function mnistAccuracy(model: Uint8Array, limit = 10_000): Promise<number> {

@@ -15,7 +15,7 @@ import * as path from 'node:path';
 import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
 import { rng } from '../test/helpers/random';
-import { loadMnist } from './mnist';
+import { loadMnist } from '../ts/train/mnist';
 
 const EPS = 1e-5;
 const TRAIN_IMAGES = 60_000;

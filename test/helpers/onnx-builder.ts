@@ -1,0 +1,118 @@
+/** Small ONNX models built in code, for the training-engine tests and experiments. */
+import { create, toBinary } from '@bufbuild/protobuf';
+import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+
+import { rng } from './random';
+
+export type Attr = number | number[] | string;
+
+export interface NodeSpec {
+  op: string;
+  inputs: string[];
+  output: string;
+  name?: string;
+  attrs?: Record<string, Attr>;
+}
+
+export interface ModelSpec {
+  inputDims: Array<number | string>;
+  nodes: NodeSpec[];
+  /** Float initializers (int64 when listed in int64). */
+  initializers: Record<string, { dims: number[]; data: ArrayLike<number> }>;
+  int64?: Record<string, number[]>;
+  output: string;
+  opset?: number;
+}
+
+function attribute(name: string, v: Attr) {
+  if (typeof v === 'string') return { name, type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode(v) };
+  if (Array.isArray(v)) return { name, type: AttributeProto_AttributeType.INTS, ints: v.map(BigInt) };
+  return Number.isInteger(v) && !['alpha', 'beta', 'epsilon', 'momentum', 'min', 'max'].includes(name)
+    ? { name, type: AttributeProto_AttributeType.INT, i: BigInt(v) }
+    : { name, type: AttributeProto_AttributeType.FLOAT, f: v };
+}
+
+const shape = (dims: Array<number | string>) => ({
+  dim: dims.map((d) => (typeof d === 'number' ? { value: { case: 'dimValue', value: BigInt(d) } } : { value: { case: 'dimParam', value: d } })),
+});
+
+export function buildModel(spec: ModelSpec): Uint8Array {
+  const initializer = [
+    ...Object.entries(spec.initializers).map(([name, t]) => ({
+      name, dataType: TensorProto_DataType.FLOAT, dims: t.dims.map(BigInt), rawData: new Uint8Array(Float32Array.from(t.data).buffer),
+    })),
+    ...Object.entries(spec.int64 ?? {}).map(([name, values]) => ({
+      name, dataType: TensorProto_DataType.INT64, dims: [BigInt(values.length)], rawData: new Uint8Array(BigInt64Array.from(values.map(BigInt)).buffer),
+    })),
+  ];
+  const model = create(ModelProtoSchema, {
+    irVersion: 8n, producerName: 'lowbit test', opsetImport: [{ domain: '', version: BigInt(spec.opset ?? 13) }],
+    graph: {
+      name: 'test',
+      node: spec.nodes.map((n, i) => ({
+        opType: n.op, name: n.name ?? `${n.op.toLowerCase()}${i}`, input: n.inputs, output: [n.output],
+        attribute: Object.entries(n.attrs ?? {}).map(([k, v]) => attribute(k, v)),
+      })),
+      initializer,
+      input: [{ name: 'input', type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, shape: shape(spec.inputDims) } } } }],
+      output: [{ name: spec.output, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT } } } }],
+    },
+  } as never);
+  return toBinary(ModelProtoSchema, model);
+}
+
+/** Uniform He initialisation. */
+export function heInit(count: number, fanIn: number, seed: number): Float32Array {
+  const r = rng(seed);
+  const bound = Math.sqrt(6 / fanIn);
+  return Float32Array.from({ length: count }, () => (r() * 2 - 1) * bound);
+}
+
+export interface ConvBlock {
+  channels: number;
+  /** MaxPool 2×2 after the block. */
+  pool: boolean;
+}
+
+/**
+ * An untrained CNN for 1×28×28 inputs: per block Conv 3×3 (pad 1) → BatchNorm →
+ * ReLU (→ MaxPool 2), then Flatten → Gemm (10 classes).
+ */
+export function cnn(seed: number, blocks: ConvBlock[]): Uint8Array {
+  const nodes: NodeSpec[] = [];
+  const initializers: ModelSpec['initializers'] = {};
+  let x = 'input', channels = 1, size = 28;
+  blocks.forEach((b, i) => {
+    const k = i + 1;
+    const c = b.channels;
+    nodes.push(
+      { op: 'Conv', name: `conv${k}`, inputs: [x, `conv${k}.weight`, `conv${k}.bias`], output: `c${k}`, attrs: { kernel_shape: [3, 3], pads: [1, 1, 1, 1] } },
+      { op: 'BatchNormalization', name: `bn${k}`, inputs: [`c${k}`, `bn${k}.gamma`, `bn${k}.beta`, `bn${k}.mean`, `bn${k}.var`], output: `b${k}`, attrs: { epsilon: 1e-5 } },
+      { op: 'Relu', name: `relu${k}`, inputs: [`b${k}`], output: `r${k}` });
+    x = `r${k}`;
+    if (b.pool) {
+      nodes.push({ op: 'MaxPool', name: `pool${k}`, inputs: [x], output: `p${k}`, attrs: { kernel_shape: [2, 2], strides: [2, 2] } });
+      x = `p${k}`;
+      size /= 2;
+    }
+    Object.assign(initializers, {
+      [`conv${k}.weight`]: { dims: [c, channels, 3, 3], data: heInit(c * channels * 9, channels * 9, seed + k) },
+      [`conv${k}.bias`]: { dims: [c], data: new Float32Array(c) },
+      [`bn${k}.gamma`]: { dims: [c], data: new Float32Array(c).fill(1) }, [`bn${k}.beta`]: { dims: [c], data: new Float32Array(c) },
+      [`bn${k}.mean`]: { dims: [c], data: new Float32Array(c) }, [`bn${k}.var`]: { dims: [c], data: new Float32Array(c).fill(1) },
+    });
+    channels = c;
+  });
+  const features = channels * size * size;
+  nodes.push(
+    { op: 'Flatten', name: 'flatten', inputs: [x], output: 'flat', attrs: { axis: 1 } },
+    { op: 'Gemm', name: 'fc', inputs: ['flat', 'fc.weight', 'fc.bias'], output: 'logits', attrs: { transB: 1 } });
+  initializers['fc.weight'] = { dims: [10, features], data: heInit(10 * features, features, seed) };
+  initializers['fc.bias'] = { dims: [10], data: new Float32Array(10) };
+  return buildModel({ inputDims: ['N', 1, 28, 28], nodes, initializers, output: 'logits' });
+}
+
+/** The bundled example's architecture, untrained: Conv(8) → pool → Conv(16) → pool → Gemm. */
+export function mnistCnn(seed: number): Uint8Array {
+  return cnn(seed, [{ channels: 8, pool: true }, { channels: 16, pool: true }]);
+}

@@ -1,0 +1,207 @@
+/**
+ * Training engine: every op's backward against numerical gradients (through
+ * the TypeScript reference kernels), native kernels against the reference on a
+ * training step, and the loss.
+ */
+import { expect } from 'chai';
+
+import { readModel } from '../../ts/onnx/model-io';
+import { nativeKernels, referenceKernels } from '../../ts/train/kernels';
+import { TrainableModel, TrainingError } from '../../ts/train/model';
+import { softmaxCrossEntropy } from '../../ts/train/finetune';
+import { buildModel, heInit, mnistCnn, type NodeSpec } from '../helpers/onnx-builder';
+import { rng } from '../helpers/random';
+
+function randomInput(dims: number[], seed: number): Float32Array {
+  const r = rng(seed);
+  return Float32Array.from({ length: dims.reduce((a, b) => a * b, 1) }, () => r() * 2 - 1);
+}
+
+function lossOf(model: TrainableModel, input: Float32Array, dims: number[], labels: Int32Array): number {
+  const tape = model.forward({ data: input, dims }, true, referenceKernels);
+  const logits = model.output(tape);
+  return softmaxCrossEntropy(logits, labels, new Float32Array(logits.data.length)).loss;
+}
+
+/**
+ * Directional derivatives: for each parameter and a few random ±1 directions v,
+ * (L(w + h·v) - L(w - h·v)) / 2h against ⟨∇L, v⟩. Returns the worst relative error.
+ */
+function gradientCheck(bytes: Uint8Array, dims: number[], classes: number, directions = 3, seed = 1): { worst: number; where: string } {
+  const model = new TrainableModel(readModel(bytes));
+  const input = randomInput(dims, seed);
+  const labels = Int32Array.from({ length: dims[0] }, (_, i) => i % classes);
+  const tape = model.forward({ data: input, dims }, true, referenceKernels);
+  const logits = model.output(tape);
+  const d = new Float32Array(logits.data.length);
+  softmaxCrossEntropy(logits, labels, d);
+  model.backward(tape, d, referenceKernels);
+  let worst = 0, where = '';
+  const r = rng(seed + 7);
+  // Small steps: fewer kinks (ReLU, Clip, MaxPool ties) crossed; float32 noise stays below the 1e-2 floor.
+  const h = 1e-4;
+  for (const p of model.params.values()) {
+    const analytic = Float32Array.from(p.grad);
+    const keep = Float32Array.from(p.value);
+    for (let k = 0; k < directions; k++) {
+      const v = Float32Array.from(p.value, () => (r() < 0.5 ? -1 : 1));
+      let expected = 0;
+      for (let i = 0; i < v.length; i++) expected += analytic[i] * v[i];
+      p.value.set(keep.map((w, i) => w + h * v[i]));
+      const up = lossOf(model, input, dims, labels);
+      p.value.set(keep.map((w, i) => w - h * v[i]));
+      const down = lossOf(model, input, dims, labels);
+      p.value.set(keep);
+      const numeric = (up - down) / (2 * h);
+      // Differences below 1e-3 are float32 noise of the loss (e.g. a conv bias before BN has gradient 0).
+      const err = Math.abs(numeric - expected) < 1e-3 ? 0 : Math.abs(numeric - expected) / (Math.abs(numeric) + Math.abs(expected));
+      if (err > worst) { worst = err; where = `${p.name} direction ${k}: numeric ${numeric}, analytic ${expected}`; }
+    }
+  }
+  return { worst, where };
+}
+
+/** input [2, 4, 6, 6] → Conv(param) → <ops> → Flatten → Gemm(param) → logits [2, 3]. */
+function sandwich(ops: NodeSpec[], convAttrs: Record<string, number[] | number> = {}, extra: Record<string, { dims: number[]; data: ArrayLike<number> }> = {},
+  flatFeatures?: number, int64?: Record<string, number[]>, opset = 13): Uint8Array {
+  const features = flatFeatures ?? 4 * 36;
+  return buildModel({
+    inputDims: ['N', 4, 6, 6],
+    opset,
+    nodes: [
+      { op: 'Conv', inputs: ['input', 'cw', 'cb'], output: 'x0', attrs: { kernel_shape: [3, 3], pads: [1, 1, 1, 1], ...convAttrs } },
+      ...ops,
+      { op: 'Flatten', inputs: [ops.length ? ops[ops.length - 1].output : 'x0'], output: 'flat', attrs: { axis: 1 } },
+      { op: 'Gemm', inputs: ['flat', 'fw', 'fb'], output: 'logits', attrs: { transB: 1 } },
+    ],
+    initializers: {
+      cw: { dims: [4, 4 / ((convAttrs.group as number) ?? 1), 3, 3], data: heInit(144 / ((convAttrs.group as number) ?? 1), 36, 3) },
+      cb: { dims: [4], data: [0.1, -0.2, 0.05, 0] },
+      fw: { dims: [3, features], data: heInit(3 * features, features, 4) },
+      fb: { dims: [3], data: [0, 0.1, -0.1] },
+      ...extra,
+    },
+    int64,
+    output: 'logits',
+  });
+}
+
+const EPS = 2e-2;
+
+describe('training engine: backward against numerical gradients', () => {
+  const cases: Array<[string, () => Uint8Array, number[]]> = [
+    ['Conv with bias (pad 1)', () => sandwich([]), [2, 4, 6, 6]],
+    ['Conv stride 2, dilation 2, group 2', () => sandwich([], { strides: [2, 2], dilations: [2, 2], pads: [2, 2, 2, 2], group: 2 }, {}, 4 * 9), [2, 4, 6, 6]],
+    ['BatchNormalization (training statistics) + Relu', () => sandwich([
+      { op: 'BatchNormalization', inputs: ['x0', 'g', 'b', 'm', 'v'], output: 'x1', attrs: { epsilon: 1e-5 } },
+      { op: 'Relu', inputs: ['x1'], output: 'x2' }],
+    {}, { g: { dims: [4], data: [1, 0.5, 2, 1.5] }, b: { dims: [4], data: [0, 0.1, -0.1, 0.2] }, m: { dims: [4], data: [0, 0, 0, 0] }, v: { dims: [4], data: [1, 1, 1, 1] } }), [3, 4, 6, 6]],
+    ['Clip, HardSigmoid, HardSwish', () => sandwich([
+      { op: 'Clip', inputs: ['x0', 'lo', 'hi'], output: 'x1' },
+      { op: 'HardSigmoid', inputs: ['x1'], output: 'x2', attrs: { alpha: 0.3, beta: 0.4 } },
+      { op: 'HardSwish', inputs: ['x2'], output: 'x3' }],
+    {}, { lo: { dims: [], data: [-0.5] }, hi: { dims: [], data: [0.7] } }), [2, 4, 6, 6]],
+    ['MaxPool 3×3 stride 2 pad 1', () => sandwich([{ op: 'MaxPool', inputs: ['x0'], output: 'x1', attrs: { kernel_shape: [3, 3], strides: [2, 2], pads: [1, 1, 1, 1] } }], {}, {}, 4 * 9), [2, 4, 6, 6]],
+    ['AveragePool count_include_pad 0 and 1', () => sandwich([
+      { op: 'AveragePool', inputs: ['x0'], output: 'x1', attrs: { kernel_shape: [3, 3], pads: [1, 1, 1, 1], count_include_pad: 1 } },
+      { op: 'AveragePool', inputs: ['x1'], output: 'x2', attrs: { kernel_shape: [2, 2], strides: [2, 2], pads: [0, 0, 1, 1] } }], {}, {}, 4 * 9), [2, 4, 6, 6]],
+    ['GlobalAveragePool', () => sandwich([{ op: 'GlobalAveragePool', inputs: ['x0'], output: 'x1' }], {}, {}, 4), [2, 4, 6, 6]],
+    ['Add / Sub / Mul with broadcasting (trainable Add operand)', () => sandwich([
+      { op: 'Add', inputs: ['x0', 'shift'], output: 'x1' },
+      { op: 'Mul', inputs: ['x1', 'x0'], output: 'x2' },
+      { op: 'Sub', inputs: ['x2', 'k'], output: 'x3' }],
+    {}, { shift: { dims: [4, 1, 1], data: [0.1, -0.3, 0.2, 0] }, k: { dims: [1, 6], data: [1, 2, 3, 4, 5, 6] } }), [2, 4, 6, 6]],
+    ['Reshape + MatMul (3-D × 2-D) + Softmax mid-graph', () => sandwich([
+      { op: 'Reshape', inputs: ['x0', 'shape'], output: 'x1' },
+      { op: 'MatMul', inputs: ['x1', 'mw'], output: 'x2' },
+      { op: 'Softmax', inputs: ['x2'], output: 'x3', attrs: { axis: -1 } }],
+    {}, { mw: { dims: [6, 5], data: heInit(30, 6, 9) } }, 4 * 6 * 5, { shape: [0, 24, 6] }), [2, 4, 6, 6]],
+  ];
+  for (const [name, build, dims] of cases) {
+    it(name, () => {
+      const { worst, where } = gradientCheck(build(), dims, 3);
+      expect(worst, where).to.be.below(EPS);
+    });
+  }
+
+  it('Gemm with transA, alpha, beta and a broadcast C', () => {
+    const bytes = buildModel({
+      inputDims: ['N', 5],
+      nodes: [
+        { op: 'Gemm', inputs: ['input', 'w1', 'b1'], output: 'h', attrs: { alpha: 0.7, beta: 1.3 } },
+        { op: 'Relu', inputs: ['h'], output: 'r' },
+        { op: 'Gemm', inputs: ['wt', 'r', 'c2'], output: 'logitsT', attrs: { transA: 1, transB: 1 } },
+        { op: 'Gemm', inputs: ['logitsT', 'eye'], output: 'logits', attrs: { transA: 1 } },
+      ],
+      initializers: {
+        w1: { dims: [5, 7], data: heInit(35, 5, 1) }, b1: { dims: [7], data: heInit(7, 7, 2) },
+        wt: { dims: [7, 3], data: heInit(21, 7, 3) }, c2: { dims: [3, 1], data: [0.1, 0.2, 0.3] },
+        eye: { dims: [3, 3], data: [1, 0, 0, 0, 1, 0, 0, 0, 1] },
+      },
+      output: 'logits',
+    });
+    const { worst, where } = gradientCheck(bytes, [4, 5], 3);
+    expect(worst, where).to.be.below(EPS);
+  });
+
+  it('a final Softmax: the loss reads its input as logits', () => {
+    const bytes = buildModel({
+      inputDims: ['N', 5],
+      nodes: [
+        { op: 'Gemm', inputs: ['input', 'w', 'b'], output: 'z', attrs: {} },
+        { op: 'Softmax', inputs: ['z'], output: 'prob', attrs: { axis: 1 } },
+      ],
+      initializers: { w: { dims: [5, 3], data: heInit(15, 5, 1) }, b: { dims: [3], data: [0, 0, 0] } },
+      output: 'prob',
+    });
+    const model = new TrainableModel(readModel(bytes));
+    expect(model.logitsName).to.equal('z');
+    const { worst, where } = gradientCheck(bytes, [4, 5], 3);
+    expect(worst, where).to.be.below(EPS);
+  });
+});
+
+describe('training engine: native kernels against the reference', () => {
+  it('one training step of the MNIST CNN gives the same loss and gradients (float tolerance)', () => {
+    const bytes = mnistCnn(5);
+    const dims = [6, 1, 28, 28];
+    const input = randomInput(dims, 11);
+    const labels = Int32Array.from([0, 1, 2, 3, 4, 5]);
+    const grads = [referenceKernels, nativeKernels()].map((kernels) => {
+      const model = new TrainableModel(readModel(bytes));
+      const tape = model.forward({ data: input, dims }, true, kernels);
+      const logits = model.output(tape);
+      const d = new Float32Array(logits.data.length);
+      const { loss } = softmaxCrossEntropy(logits, labels, d);
+      model.backward(tape, d, kernels);
+      return { loss, grads: [...model.params.values()].map((p) => Float32Array.from(p.grad)) };
+    });
+    expect(grads[1].loss).to.be.closeTo(grads[0].loss, 1e-5 * Math.abs(grads[0].loss));
+    grads[0].grads.forEach((g, k) => {
+      const scale = g.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+      g.forEach((v, i) => expect(grads[1].grads[k][i]).to.be.closeTo(v, 1e-4 * scale + 1e-7));
+    });
+  });
+});
+
+describe('training engine: model checks', () => {
+  it('lists unsupported operators by name before training', () => {
+    const bytes = buildModel({
+      inputDims: ['N', 4],
+      nodes: [{ op: 'Gemm', inputs: ['input', 'w'], output: 'h' }, { op: 'Tanh', inputs: ['h'], output: 't' }, { op: 'LRN', inputs: ['t'], output: 'y', attrs: { size: 1 } }],
+      initializers: { w: { dims: [4, 2], data: [1, 2, 3, 4, 5, 6, 7, 8] } },
+      output: 'y',
+    });
+    expect(() => new TrainableModel(readModel(bytes))).to.throw(TrainingError, /Tanh, LRN/);
+  });
+
+  it('softmaxCrossEntropy: loss, accuracy and gradient of a known case', () => {
+    const logits = { data: Float32Array.of(0, 0, Math.log(2), 0), dims: [2, 2] };
+    const d = new Float32Array(4);
+    const r = softmaxCrossEntropy(logits, [0, 1], d);
+    // Row 0: p = [1/2, 1/2] → -ln(1/2); row 1: p = [2/3, 1/3] → -ln(1/3).
+    expect(r.loss).to.be.closeTo((Math.log(2) + Math.log(3)) / 2, 1e-6);
+    expect(r.correct).to.equal(1);
+    [-0.25, 0.25, 1 / 3, -1 / 3].forEach((v, i) => expect(d[i]).to.be.closeTo(v, 1e-6));
+  });
+});

@@ -1,0 +1,187 @@
+/**
+ * finetune(): float training learns, runs are deterministic, LSQ/GDRQ exports
+ * run in onnxruntime and equal the engine's quantized forward pass, bad input
+ * gets typed errors, and the event loop keeps running. Small MNIST subsets.
+ */
+import { expect } from 'chai';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import { finetune, TrainingError, type LabelledBatch } from '../../ts/index';
+import { ort } from '../../ts/bench/ort-models';
+import { readModel } from '../../ts/onnx/model-io';
+import { floatData } from '../../ts/onnx/graph';
+import { loadMnist } from '../../ts/train/mnist';
+import { buildModel, mnistCnn } from '../helpers/onnx-builder';
+
+const BUNDLED = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
+
+function subset(split: 'train' | 't10k', count: number): LabelledBatch {
+  const set = loadMnist(split, count);
+  return { inputs: { data: set.images, dims: [set.count, 1, 28, 28] }, labels: set.labels };
+}
+
+async function ortLogits(model: Uint8Array, batch: LabelledBatch): Promise<Float32Array> {
+  const o = ort();
+  const session = await o.InferenceSession.create(model, { graphOptimizationLevel: 'basic' });
+  const result = await session.run({ [session.inputNames[0]]: new o.Tensor('float32', batch.inputs.data, batch.inputs.dims) });
+  return result[session.outputNames[0]].data as Float32Array;
+}
+
+function argmaxAgreement(a: Float32Array, b: Float32Array, classes: number): number {
+  let same = 0;
+  for (let i = 0; i < a.length / classes; i++) {
+    const arg = (x: Float32Array) => { let k = 0; for (let c = 1; c < classes; c++) if (x[i * classes + c] > x[i * classes + k]) k = c; return k; };
+    if (arg(a) === arg(b)) same++;
+  }
+  return same / (a.length / classes);
+}
+
+describe('finetune: float training', () => {
+  it('trains the MNIST CNN from scratch to > 90% on held-out digits (4 000 images, two epochs)', async () => {
+    const test = subset('t10k', 500);
+    const { history, model, forward } = await finetune(mnistCnn(1), subset('train', 4000), {
+      epochs: 2, batchSize: 32, learningRate: 0.05, validation: test,
+    });
+    expect(history).to.have.length(2);
+    expect(history[1].validationAccuracy).to.be.above(0.9);
+    // The exported float model computes what the engine computes.
+    const engine = forward(test.inputs);
+    const runtime = await ortLogits(model, test);
+    const scale = engine.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+    runtime.forEach((v, i) => expect(v).to.be.closeTo(engine[i], 1e-4 * scale));
+  });
+
+  it('is deterministic for a seed, and identical for 1 and 2 threads', async () => {
+    const data = subset('train', 192);
+    const run = (threads: number, seed = 3) => finetune(mnistCnn(2), data, { epochs: 1, batchSize: 32, seed, threads });
+    const [a, b, c, d] = [await run(1), await run(1), await run(2), await run(1, 4)];
+    expect(Buffer.from(a.model).equals(Buffer.from(b.model))).to.equal(true);
+    expect(Buffer.from(a.model).equals(Buffer.from(c.model))).to.equal(true);
+    expect(Buffer.from(a.model).equals(Buffer.from(d.model))).to.equal(false);
+  });
+
+  it('accepts an async iterable of batches that restarts every epoch; a one-shot generator fails in epoch 2', async () => {
+    const data = subset('train', 128);
+    const batches = {
+      async *[Symbol.asyncIterator]() {
+        for (let i = 0; i < 128; i += 64) {
+          yield { inputs: { data: data.inputs.data.subarray(i * 784, (i + 64) * 784), dims: [64, 1, 28, 28] }, labels: data.labels.subarray(i, i + 64) };
+        }
+      },
+    };
+    const { history } = await finetune(mnistCnn(3), batches, { epochs: 2 });
+    expect(history.map((h) => h.images)).to.deep.equal([128, 128]);
+    const once = batches[Symbol.asyncIterator]();
+    const oneShot = { [Symbol.asyncIterator]: () => once };
+    try {
+      await finetune(mnistCnn(3), oneShot, { epochs: 2 });
+      expect.fail('expected a TrainingError');
+    } catch (e) {
+      expect(e).to.be.instanceOf(TrainingError);
+      expect((e as Error).message).to.match(/no batch in epoch 2/);
+    }
+  });
+
+  it('keeps the event loop running', async () => {
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 1);
+    await finetune(mnistCnn(4), subset('train', 512), { epochs: 1, batchSize: 16 });
+    clearInterval(timer);
+    expect(ticks).to.be.above(5);
+  });
+});
+
+describe('finetune: quantization-aware training and QDQ export', () => {
+  const train = () => subset('train', 512);
+  const test = subset('t10k', 256);
+
+  for (const [method, wbits, abits] of [['lsq', 4, 4], ['lsq', 2, 4], ['gdrq', 2, 4], ['gdrq', 4, 4]] as const) {
+    it(`${method} W${wbits}A${abits}: onnxruntime's output on the export equals the engine's quantized forward pass`, async () => {
+      const result = await finetune(BUNDLED, train(), {
+        method, weightBits: wbits, activationBits: abits, epochs: 1, batchSize: 64, learningRate: 0.005,
+      });
+      const engine = result.forward(test.inputs);
+      const runtime = await ortLogits(result.model, test);
+      const scale = engine.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+      let close = 0;
+      runtime.forEach((v, i) => { if (Math.abs(v - engine[i]) <= 1e-4 * scale) close++; });
+      // A float rounding difference can move a value across a quantization threshold: allow a few such elements.
+      expect(close / runtime.length).to.be.above(0.99);
+      expect(argmaxAgreement(engine, runtime, 10)).to.be.above(0.99);
+      const quantized = result.layers.filter((l) => l.weightBits !== undefined);
+      expect(quantized.map((l) => [l.weightBits, l.activationBits])).to.deep.equal([[8, 8], [wbits, abits], [8, 8]]);
+      const graph = readModel(result.model).graph!;
+      expect(graph.node.filter((n) => n.opType === 'DequantizeLinear').length).to.equal(6);
+      if (method === 'gdrq') expect(result.layers.filter((l) => l.foldedIntoBatchNorm).map((l) => l.node)).to.deep.equal(['conv1', 'conv2']);
+    });
+  }
+});
+
+describe('finetune: bad input', () => {
+  const data = subset('train', 64);
+  const expectError = async (p: Promise<unknown>, type: new (...a: never[]) => Error, pattern: RegExp) => {
+    try {
+      await p;
+    } catch (e) {
+      expect(e).to.be.instanceOf(type);
+      expect((e as Error).message).to.match(pattern);
+      return e as Error;
+    }
+    return expect.fail(`expected ${type.name} matching ${pattern}`);
+  };
+
+  it('labels that do not match the inputs or the model output', async () => {
+    await expectError(finetune(BUNDLED, { inputs: data.inputs, labels: data.labels.subarray(0, 10) }), RangeError, /one label per input \(N = dims\[0\] = 64\) for data\.labels/);
+    const wrong = Uint8Array.from(data.labels);
+    wrong[5] = 12;
+    await expectError(finetune(BUNDLED, { inputs: data.inputs, labels: wrong }), RangeError, /\[0, 9\].*10 classes.* for data\.labels\[5\] but received 12/);
+    await expectError(finetune(BUNDLED, { inputs: data.inputs, labels: Array.from(data.labels) as never }), TypeError, /Int32Array or Uint8Array.*for data\.labels/);
+  });
+
+  it('inputs of the wrong shape, type or values', async () => {
+    await expectError(finetune(BUNDLED, { inputs: { data: data.inputs.data, dims: [64, 784] }, labels: data.labels }), RangeError, /'input' shape \[N, 1, 28, 28\] for data\.inputs\.dims/);
+    await expectError(finetune(BUNDLED, { inputs: { data: data.inputs.data, dims: [64, 1, 28, 27] }, labels: data.labels }), RangeError, /product of dims.*for data\.inputs\.data/);
+    await expectError(finetune(BUNDLED, { inputs: { data: Float64Array.from(data.inputs.data) as never, dims: [64, 1, 28, 28] }, labels: data.labels }), TypeError, /Float32Array/);
+    const nan = Float32Array.from(data.inputs.data);
+    nan[100] = NaN;
+    await expectError(finetune(BUNDLED, { inputs: { data: nan, dims: [64, 1, 28, 28] }, labels: data.labels }), RangeError, /finite number for data\.inputs\.data\[100\]/);
+  });
+
+  it('options out of range and unknown options', async () => {
+    await expectError(finetune(BUNDLED, data, { method: 'pact' as never }), RangeError, /options\.method/);
+    await expectError(finetune(BUNDLED, data, { weightBits: 3 as never }), RangeError, /one of 2, 4, 8 for options\.weightBits/);
+    await expectError(finetune(BUNDLED, data, { learningRate: -1 }), RangeError, /options\.learningRate/);
+    await expectError(finetune(BUNDLED, data, { epoch: 2 } as never), Error, /epoch/);
+  });
+
+  it('unsupported operators are named before training starts', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 4], nodes: [{ op: 'Gemm', inputs: ['input', 'w'], output: 'h' }, { op: 'Tanh', inputs: ['h'], output: 'y' }],
+      initializers: { w: { dims: [4, 2], data: [1, 2, 3, 4, 5, 6, 7, 8] } }, output: 'y',
+    });
+    await expectError(finetune(bytes, { inputs: { data: new Float32Array(8), dims: [2, 4] }, labels: Int32Array.of(0, 1) }), TrainingError, /not support: Tanh/);
+  });
+
+  it('a non-finite loss stops training, names the step and the layer, and keeps the last good weights', async () => {
+    const e = await expectError(finetune(mnistCnn(9), subset('train', 256), { batchSize: 32, learningRate: 1e30, momentum: 0 }), TrainingError,
+      /epoch 1, step \d+: the loss is (NaN|Infinity|-Infinity); values first became non-finite in the output of \w+/) as TrainingError;
+    expect(e.step).to.be.above(1);
+    expect(e.layer).to.be.a('string');
+    const weights = readModel(e.model!).graph!.initializer.map((t) => floatData(t)).filter((d): d is Float32Array => !!d);
+    expect(weights.every((w) => w.every(Number.isFinite))).to.equal(true);
+    // The last good model still runs.
+    const out = await ortLogits(e.model!, subset('t10k', 4));
+    expect(out.length).to.equal(40);
+  });
+
+  it('writes the model atomically when outputPath is given', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ft-'));
+    const file = path.join(dir, 'out.onnx');
+    const r = await finetune(BUNDLED, data, { outputPath: file });
+    expect(Buffer.from(fs.readFileSync(file)).equals(Buffer.from(r.model))).to.equal(true);
+    expect(fs.readdirSync(dir)).to.deep.equal(['out.onnx']);
+    fs.rmSync(dir, { recursive: true });
+  });
+});

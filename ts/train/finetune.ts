@@ -1,0 +1,430 @@
+/**
+ * finetune(): trains an ONNX classifier on the CPU — in float, or
+ * quantization-aware with LSQ or GDRQ — with SGD (momentum, weight decay,
+ * cosine learning-rate decay), seeded shuffling, and returns the trained model
+ * as ONNX (a QDQ model with the learned scales for LSQ/GDRQ). Deterministic for
+ * a given seed and thread count. The event loop gets a turn after every step.
+ */
+import type { ModelProto } from 'onnx-buf';
+
+import { invalidType, invalidValue } from '../errors';
+import { readModel, writeFileAtomic } from '../onnx/model-io';
+import { checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
+import { exportModel, type ExportLayer } from './export';
+import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
+import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
+import { GdrqWeightQuantizer, LsqQuantizer, RunningClipQuantizer } from './quantizers';
+import type { Tensor } from './tensor';
+
+export interface LabelledBatch {
+  inputs: { data: Float32Array; dims: number[] };
+  labels: Int32Array | Uint8Array;
+}
+
+export type TrainingData = LabelledBatch | AsyncIterable<LabelledBatch> | Iterable<LabelledBatch>;
+
+export interface FinetuneOptions {
+  /** 'float' (default), 'lsq' or 'gdrq'. */
+  method?: 'float' | 'lsq' | 'gdrq';
+  /** Weight bits of the quantized layers: 2, 4 (default) or 8. */
+  weightBits?: 2 | 4 | 8;
+  /** Activation bits at the inputs of the quantized layers: 4 (default) or 8. */
+  activationBits?: 4 | 8;
+  /** Bits of the first and last quantized layers (weights and input activations). Default 8. */
+  firstLastLayerBits?: 2 | 4 | 8;
+  /** Node names or op types to keep in float. */
+  keepFloat?: string[];
+  epochs?: number;
+  batchSize?: number;
+  /** Initial learning rate (cosine decay to 0 over the run). Default 0.01. */
+  learningRate?: number;
+  momentum?: number;
+  /** L2 weight decay of Conv/Gemm/MatMul weights. Default 1e-4 (LSQ: 5e-5 at 3 bits, 2.5e-5 at 2 bits). */
+  weightDecay?: number;
+  seed?: number;
+  /** LSQ: one weight step per output channel instead of per tensor. */
+  perChannel?: boolean;
+  /** GDRQ: groups of output channels per layer (default 4), Scale-Clip k of weights (2) and activations (3). */
+  groups?: number;
+  scaleClipK?: number;
+  activationClipK?: number;
+  /** GDRQ group steps: 'learned' with the LSQ gradient (default) or re-'search'ed with the L1 loss every epoch. */
+  groupSteps?: 'learned' | 'search';
+  /** Labelled data to measure accuracy on after every epoch (the engine's forward in inference mode). */
+  validation?: LabelledBatch;
+  /** Native threads (default all) and SGEMM kernel ('reference' = the TypeScript reference kernels). */
+  threads?: number;
+  kernel?: string;
+  onEpoch?: (entry: EpochRecord) => void;
+  onStep?: (progress: StepProgress) => void;
+  /** Also write the result here (atomically). */
+  outputPath?: string;
+}
+
+export interface EpochRecord {
+  epoch: number;
+  loss: number;
+  accuracy: number;
+  validationAccuracy?: number;
+  learningRate: number;
+  seconds: number;
+  images: number;
+}
+
+export interface StepProgress {
+  epoch: number;
+  step: number;
+  stepsPerEpoch?: number;
+  loss: number;
+  accuracy: number;
+}
+
+export interface FinetuneResult {
+  model: Uint8Array;
+  history: EpochRecord[];
+  /** What export wrote per quantized layer (bits, scales, BN folding). */
+  layers: ExportLayer[];
+  /** The engine's inference-mode forward pass of the trained model (quantizers included): the output for a batch. */
+  forward(inputs: { data: Float32Array; dims: number[] }): Float32Array;
+}
+
+const KNOWN_OPTIONS = ['method', 'weightBits', 'activationBits', 'firstLastLayerBits', 'keepFloat', 'epochs', 'batchSize',
+  'learningRate', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps',
+  'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath'];
+
+function positive(name: string, v: unknown, fallback: number): number {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) throw invalidValue(name, 'a positive finite number', v);
+  return v;
+}
+
+function nonNegative(name: string, v: unknown, fallback: number): number {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw invalidValue(name, 'a finite number ≥ 0', v);
+  return v;
+}
+
+/** mulberry32: a small seeded generator for reproducible shuffles. */
+function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function checkBatch(name: string, batch: unknown): LabelledBatch {
+  if (!isPlainObject(batch)) throw invalidType(name, 'an object { inputs: { data, dims }, labels }', batch);
+  const inputs = batch.inputs;
+  if (!isPlainObject(inputs) && !(inputs && typeof inputs === 'object')) throw invalidType(`${name}.inputs`, 'an object { data: Float32Array, dims: [N, ...] }', inputs);
+  const { data, dims } = inputs as { data: unknown; dims: unknown };
+  if (!(data instanceof Float32Array)) throw invalidType(`${name}.inputs.data`, 'a Float32Array', data);
+  if (!Array.isArray(dims) || dims.length === 0 || !dims.every((d) => Number.isInteger(d) && d > 0)) {
+    throw invalidValue(`${name}.inputs.dims`, 'an array of positive integers [N, ...]', dims);
+  }
+  const count = dims.reduce((a: number, b: number) => a * b, 1);
+  if (count !== data.length) throw invalidValue(`${name}.inputs.data`, `${count} values (the product of dims [${dims.join(', ')}])`, data);
+  const labels = batch.labels;
+  if (!(labels instanceof Int32Array) && !(labels instanceof Uint8Array)) throw invalidType(`${name}.labels`, 'an Int32Array or Uint8Array of class indices', labels);
+  if (labels.length !== dims[0]) {
+    throw invalidValue(`${name}.labels`, `one label per input (N = dims[0] = ${dims[0]})`, labels, `It has ${labels.length}.`);
+  }
+  for (let i = 0; i < data.length; i++) {
+    if (!Number.isFinite(data[i])) throw invalidValue(`${name}.inputs.data[${i}]`, 'a finite number', data[i]);
+  }
+  return { inputs: { data, dims: dims as number[] }, labels };
+}
+
+interface Settings {
+  method: 'float' | 'lsq' | 'gdrq';
+  weightBits: 2 | 4 | 8;
+  activationBits: 4 | 8;
+  firstLastLayerBits: 2 | 4 | 8;
+  keepFloat: string[];
+  epochs: number;
+  batchSize: number;
+  learningRate: number;
+  momentum: number;
+  weightDecay: number;
+  seed: number;
+  perChannel: boolean;
+  groups: number;
+  scaleClipK: number;
+  activationClipK: number;
+  groupSteps: 'learned' | 'search';
+}
+
+function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
+  if (options === undefined) options = {};
+  if (!isPlainObject(options)) throw invalidType('options', 'an object', options);
+  checkKnownKeys('options', options, KNOWN_OPTIONS);
+  const o = options as FinetuneOptions;
+  const method = o.method === undefined ? 'float' : checkChoice('options.method', o.method, ['float', 'lsq', 'gdrq'] as const);
+  const bits = (name: string, v: unknown, fallback: number, allowed: number[]) => {
+    if (v === undefined) return fallback;
+    if (!allowed.includes(v as number)) throw invalidValue(name, `one of ${allowed.join(', ')}`, v);
+    return v as number;
+  };
+  const weightBits = bits('options.weightBits', o.weightBits, 4, [2, 4, 8]) as 2 | 4 | 8;
+  const defaultDecay = method === 'float' || weightBits >= 4 ? 1e-4 : 2.5e-5;
+  if (o.keepFloat !== undefined && (!Array.isArray(o.keepFloat) || !o.keepFloat.every((k) => typeof k === 'string'))) {
+    throw invalidType('options.keepFloat', 'an array of node names or op types', o.keepFloat);
+  }
+  for (const fn of ['onEpoch', 'onStep'] as const) {
+    if (o[fn] !== undefined && typeof o[fn] !== 'function') throw invalidType(`options.${fn}`, 'a function', o[fn]);
+  }
+  return {
+    method, weightBits,
+    activationBits: bits('options.activationBits', o.activationBits, 4, [4, 8]) as 4 | 8,
+    firstLastLayerBits: bits('options.firstLastLayerBits', o.firstLastLayerBits, 8, [2, 4, 8]) as 2 | 4 | 8,
+    keepFloat: o.keepFloat ?? [],
+    epochs: o.epochs === undefined ? 1 : checkInteger('options.epochs', o.epochs, 1, 100_000),
+    batchSize: o.batchSize === undefined ? 32 : checkInteger('options.batchSize', o.batchSize, 1, 1 << 20),
+    learningRate: positive('options.learningRate', o.learningRate, 0.01),
+    momentum: nonNegative('options.momentum', o.momentum, 0.9),
+    weightDecay: nonNegative('options.weightDecay', o.weightDecay, defaultDecay),
+    seed: o.seed === undefined ? 0 : checkInteger('options.seed', o.seed, 0, 2 ** 32 - 1),
+    perChannel: !!o.perChannel,
+    groups: o.groups === undefined ? 4 : checkInteger('options.groups', o.groups, 1, 1 << 16),
+    scaleClipK: positive('options.scaleClipK', o.scaleClipK, 2),
+    activationClipK: positive('options.activationClipK', o.activationClipK, 3),
+    groupSteps: o.groupSteps === undefined ? 'learned' : checkChoice('options.groupSteps', o.groupSteps, ['learned', 'search'] as const),
+    raw: o,
+  };
+}
+
+function buildQuantizers(model: TrainableModel, s: Settings): void {
+  if (s.method === 'float') return;
+  const layers = model.layers.filter((l) => !s.keepFloat.includes(l.label) && !s.keepFloat.includes(l.node.opType) && !s.keepFloat.includes(l.node.name));
+  if (layers.length === 0) throw new TrainingError('No Conv, Gemm or MatMul layer with trainable weights is left to quantize (check keepFloat).');
+  const map = new Map<typeof layers[number]['node'], LayerQuantizers>();
+  layers.forEach((layer, i) => {
+    const edge = i === 0 || i === layers.length - 1;
+    const wBits = edge ? s.firstLastLayerBits : s.weightBits;
+    const aBits = edge ? s.firstLastLayerBits : s.activationBits;
+    const actBits = aBits === 2 ? 4 : aBits;
+    if (s.method === 'lsq') {
+      const weight = new LsqQuantizer(`${layer.label}.weight`, wBits, 'weight', true, s.perChannel ? layer.outputAxis : undefined);
+      weight.initialize({ data: layer.weight.value, dims: layer.weight.dims });
+      map.set(layer.node, { weight, activation: new LsqQuantizer(`${layer.label}.input`, actBits, 'activation', undefined) });
+    } else {
+      map.set(layer.node, {
+        weight: new GdrqWeightQuantizer(`${layer.label}.weight`, wBits, layer.weight, layer.outputAxis, s.groups, s.scaleClipK, s.groupSteps),
+        activation: new RunningClipQuantizer(`${layer.label}.input`, actBits, s.activationClipK, 0.9),
+      });
+    }
+  });
+  model.setQuantizers(map);
+}
+
+/** Mean softmax cross-entropy of logits [N, classes]; writes dLoss/dLogits and returns the loss and the correct count. */
+export function softmaxCrossEntropy(logits: Tensor, labels: ArrayLike<number>, dLogits: Float32Array): { loss: number; correct: number } {
+  const [n, classes] = logits.dims;
+  let loss = 0, correct = 0;
+  for (let b = 0; b < n; b++) {
+    const row = logits.data.subarray(b * classes, (b + 1) * classes);
+    let max = -Infinity, arg = 0;
+    for (let c = 0; c < classes; c++) if (row[c] > max) { max = row[c]; arg = c; }
+    let z = 0;
+    for (let c = 0; c < classes; c++) z += Math.exp(row[c] - max);
+    loss += Math.log(z) + max - row[labels[b]];
+    if (arg === labels[b]) correct++;
+    for (let c = 0; c < classes; c++) dLogits[b * classes + c] = (Math.exp(row[c] - max) / z - (c === labels[b] ? 1 : 0)) / n;
+  }
+  return { loss: loss / n, correct };
+}
+
+function sgdStep(params: Parameter[], lr: number, momentum: number, weightDecay: number): void {
+  for (const p of params) {
+    const decay = p.decay ? weightDecay : 0;
+    for (let i = 0; i < p.value.length; i++) {
+      p.velocity[i] = momentum * p.velocity[i] + p.grad[i] + decay * p.value[i];
+      p.value[i] -= lr * p.velocity[i];
+    }
+    p.grad.fill(0);
+  }
+}
+
+/** Copies of every parameter and BN running statistic, to return to after a non-finite step. */
+class Snapshot {
+  private readonly saved: Float32Array[];
+  constructor(private readonly arrays: Float32Array[]) {
+    this.saved = arrays.map((a) => Float32Array.from(a));
+  }
+  take(): void {
+    this.arrays.forEach((a, i) => this.saved[i].set(a));
+  }
+  restore(): void {
+    this.arrays.forEach((a, i) => a.set(this.saved[i]));
+  }
+}
+
+function classesOf(model: TrainableModel, logits: Tensor): number {
+  if (logits.dims.length !== 2) {
+    throw new TrainingError(`The model's output '${model.logitsName}' is [${logits.dims.join(', ')}]; fine-tuning a classifier needs logits [N, classes].`);
+  }
+  return logits.dims[1];
+}
+
+function checkLabels(name: string, labels: ArrayLike<number>, classes: number): void {
+  for (let i = 0; i < labels.length; i++) {
+    if (!(labels[i] >= 0 && labels[i] < classes)) {
+      throw invalidValue(`${name}[${i}]`, `a class index in [0, ${classes - 1}] (the model's output has ${classes} classes)`, labels[i]);
+    }
+  }
+}
+
+function sliceBatch(batch: LabelledBatch, order: Int32Array, from: number, to: number): LabelledBatch {
+  const per = batch.inputs.data.length / batch.inputs.dims[0];
+  const data = new Float32Array((to - from) * per);
+  const labels = new Int32Array(to - from);
+  for (let i = from; i < to; i++) {
+    data.set(batch.inputs.data.subarray(order[i] * per, (order[i] + 1) * per), (i - from) * per);
+    labels[i - from] = batch.labels[order[i]];
+  }
+  return { inputs: { data, dims: [to - from, ...batch.inputs.dims.slice(1)] }, labels };
+}
+
+/** Accuracy of the model's forward pass in inference mode (quantizers included). */
+export function evaluateAccuracy(model: TrainableModel, data: LabelledBatch, kernels: FloatKernels, batchSize = 256): number {
+  const n = data.inputs.dims[0];
+  const order = Int32Array.from({ length: n }, (_, i) => i);
+  let correct = 0;
+  for (let from = 0; from < n; from += batchSize) {
+    const b = sliceBatch(data, order, from, Math.min(n, from + batchSize));
+    const tape = model.forward({ data: b.inputs.data, dims: b.inputs.dims }, false, kernels);
+    const logits = model.output(tape);
+    const classes = logits.dims[1];
+    for (let i = 0; i < b.labels.length; i++) {
+      let arg = 0;
+      for (let c = 1; c < classes; c++) if (logits.data[i * classes + c] > logits.data[i * classes + arg]) arg = c;
+      if (arg === b.labels[i]) correct++;
+    }
+  }
+  return correct / n;
+}
+
+const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+function isBatchSource(data: unknown): data is AsyncIterable<LabelledBatch> | Iterable<LabelledBatch> {
+  return !!data && typeof data === 'object' && (Symbol.asyncIterator in data || Symbol.iterator in data);
+}
+
+/**
+ * Fine-tunes an ONNX classifier. `data` is one labelled set (shuffled into
+ * mini-batches of `batchSize` every epoch) or an (async) iterable of batches
+ * that restarts for every epoch.
+ * @example
+ * const { model, history } = await finetune('mnist-cnn.onnx', { inputs: { data, dims: [n, 1, 28, 28] }, labels },
+ *   { method: 'lsq', weightBits: 4, activationBits: 4, epochs: 1 });
+ */
+export async function finetune(input: string | Uint8Array | ModelProto, data: TrainingData, options?: FinetuneOptions): Promise<FinetuneResult> {
+  const s = checkOptions(options);
+  const o = s.raw;
+  const kernels = o.kernel === 'reference' ? referenceKernels : nativeKernels({ kernel: o.kernel, threads: o.threads });
+  const proto = input instanceof Uint8Array || typeof input === 'string' ? readModel(input) : input;
+  const model = new TrainableModel(proto);
+  const inMemory = !isBatchSource(data) ? checkBatch('data', data) : undefined;
+  const validation = o.validation === undefined ? undefined : checkBatch('options.validation', o.validation);
+  const checkShape = (name: string, b: LabelledBatch) => {
+    const expected = model.checkInput(b.inputs.dims);
+    if (expected) throw invalidValue(`${name}.inputs.dims`, `the model input '${model.inputName}' shape ${expected}`, b.inputs.dims);
+  };
+  if (inMemory) checkShape('data', inMemory);
+  if (validation) checkShape('options.validation', validation);
+
+  // A probe with the float model: output shape, and labels against the class count.
+  let classes: number | undefined;
+  const probe = (b: LabelledBatch, name: string) => {
+    if (classes === undefined) {
+      const one = sliceBatch(b, Int32Array.of(0), 0, 1);
+      classes = classesOf(model, model.output(model.forward({ data: one.inputs.data, dims: one.inputs.dims }, false, kernels)));
+    }
+    checkLabels(`${name}.labels`, b.labels, classes);
+  };
+  if (inMemory) probe(inMemory, 'data');
+  if (validation) probe(validation, 'options.validation');
+  buildQuantizers(model, s);
+
+  const params = () => model.allParameters();
+  const stats = model.nodes.filter((n) => n.opType === 'BatchNormalization').flatMap((n) => n.input.slice(3, 5).map((i) => model.constants.get(i)!.data));
+  let previous: Snapshot | undefined, current: Snapshot | undefined;
+  const stepsPerEpoch = inMemory ? Math.ceil(inMemory.inputs.dims[0] / s.batchSize) : undefined;
+  const totalSteps = stepsPerEpoch ? stepsPerEpoch * s.epochs : undefined;
+  const random = seededRandom(s.seed);
+  const history: EpochRecord[] = [];
+  let globalStep = 0;
+
+  for (let epoch = 0; epoch < s.epochs; epoch++) {
+    const t0 = performance.now();
+    for (const q of model.quantizers.values()) (q.weight as { onEpochStart?: () => void } | undefined)?.onEpochStart?.();
+    let lossSum = 0, correct = 0, seen = 0, step = 0;
+    let lr = s.learningRate;
+    const batches = inMemory ? shuffled(inMemory, s.batchSize, random) : (data as AsyncIterable<LabelledBatch>);
+    for await (const raw of batches) {
+      const batch = inMemory ? raw : checkBatch(`data batch ${step}`, raw);
+      if (!inMemory) { checkShape(`data batch ${step}`, batch); probe(batch, `data batch ${step}`); }
+      const progress = totalSteps ? globalStep / totalSteps : epoch / s.epochs;
+      lr = 0.5 * s.learningRate * (1 + Math.cos(Math.PI * progress));
+      const all = params();
+      if (!current) { current = new Snapshot([...all.map((p) => p.value), ...stats]); previous = new Snapshot([...all.map((p) => p.value), ...stats]); }
+      [previous, current] = [current, previous!];
+      current.take();
+      const tape = model.forward({ data: batch.inputs.data, dims: batch.inputs.dims }, true, kernels);
+      const logits = model.output(tape);
+      const dLogits = new Float32Array(logits.data.length);
+      const r = softmaxCrossEntropy(logits, batch.labels, dLogits);
+      if (!Number.isFinite(r.loss)) {
+        const layer = model.firstNonFiniteLayer(tape) ?? 'the loss';
+        previous.restore();
+        const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: the loss is ${r.loss}; values first became non-finite in ` +
+          `the output of ${layer}. The error's model holds the weights of the last step whose loss was finite. Lower the learning rate.`);
+        error.step = globalStep + 1;
+        error.layer = layer;
+        error.model = exportModel(model).bytes;
+        throw error;
+      }
+      model.backward(tape, dLogits, kernels);
+      sgdStep(all, lr, s.momentum, s.weightDecay);
+      lossSum += r.loss * batch.labels.length;
+      correct += r.correct;
+      seen += batch.labels.length;
+      step++;
+      globalStep++;
+      o.onStep?.({ epoch: epoch + 1, step, stepsPerEpoch, loss: lossSum / seen, accuracy: correct / seen });
+      await yieldToEventLoop();
+    }
+    if (seen === 0) {
+      throw new TrainingError(`The training data yielded no batch in epoch ${epoch + 1}. An iterable must restart for every epoch (pass an object whose [Symbol.asyncIterator]() starts over, not a generator).`);
+    }
+    const record: EpochRecord = {
+      epoch: epoch + 1, loss: lossSum / seen, accuracy: correct / seen, learningRate: lr, seconds: (performance.now() - t0) / 1000, images: seen,
+    };
+    if (validation) record.validationAccuracy = evaluateAccuracy(model, validation, kernels);
+    history.push(record);
+    o.onEpoch?.(record);
+    await yieldToEventLoop();
+  }
+  const { bytes, layers } = exportModel(model);
+  if (o.outputPath !== undefined) writeFileAtomic(o.outputPath, bytes);
+  const forward = (inputs: { data: Float32Array; dims: number[] }) => {
+    const b = checkBatch('inputs', { inputs, labels: new Int32Array(inputs.dims?.[0] ?? 0) });
+    checkShape('inputs', b);
+    return model.output(model.forward({ data: b.inputs.data, dims: b.inputs.dims }, false, kernels), model.outputName).data;
+  };
+  return { model: bytes, history, layers, forward };
+}
+
+function* shuffled(data: LabelledBatch, batchSize: number, random: () => number): Generator<LabelledBatch> {
+  const n = data.inputs.dims[0];
+  const order = Int32Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) {
+    const j = Math.floor(random() * (i + 1));
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  for (let from = 0; from < n; from += batchSize) yield sliceBatch(data, order, from, Math.min(n, from + batchSize));
+}
+

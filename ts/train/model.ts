@@ -1,0 +1,277 @@
+/**
+ * A trainable view of an ONNX model: the graph IR in topological order, its
+ * weights as parameters (Conv/Gemm/MatMul weights and biases, BatchNormalization
+ * scale and bias, Add/Sub constant operands), other constants, and forward /
+ * backward passes over it. Fake quantizers (LSQ, GDRQ) hook into the weight and
+ * activation inputs of Conv, Gemm and MatMul.
+ */
+import { TensorProto_DataType, type ModelProto, type NodeProto, type TensorProto } from 'onnx-buf';
+
+import { dimsOf, floatData, Graph } from '../onnx/graph';
+import { nodeLabel } from '../onnx/passes/pass';
+import type { FloatKernels } from './kernels';
+import { OPS, type OpContext } from './ops';
+import { firstNonFinite, sizeOf, type Tensor } from './tensor';
+
+export interface Parameter {
+  name: string;
+  value: Float32Array;
+  dims: number[];
+  grad: Float32Array;
+  velocity: Float32Array;
+  /** Weight decay applies (Conv/Gemm/MatMul weights, not biases, BN parameters or steps). */
+  decay: boolean;
+}
+
+export function makeParameter(name: string, value: Float32Array, dims: number[], decay: boolean): Parameter {
+  return { name, value, dims, grad: new Float32Array(value.length), velocity: new Float32Array(value.length), decay };
+}
+
+/** A fake quantizer in the forward pass: its backward returns the input gradient and accumulates its own parameters' gradients. */
+export interface FakeQuantizer {
+  readonly parameters: Parameter[];
+  forward(x: Tensor, training: boolean): { y: Tensor; saved?: unknown };
+  backward(x: Tensor, saved: unknown, dy: Float32Array): Float32Array;
+}
+
+export interface LayerQuantizers {
+  weight?: FakeQuantizer;
+  activation?: FakeQuantizer;
+}
+
+/** A layer with quantizable weights: Conv, Gemm or MatMul with a parameter weight. */
+export interface QuantizableLayer {
+  node: NodeProto;
+  label: string;
+  weightInput: number;
+  weight: Parameter;
+  /** Axis of the weight's output channels. */
+  outputAxis: number;
+}
+
+export class TrainingError extends Error {
+  /** The last good model (ONNX bytes), when training stopped on a non-finite value. */
+  model?: Uint8Array;
+  step?: number;
+  layer?: string;
+  constructor(message: string) {
+    super(message);
+    this.name = 'TrainingError';
+  }
+}
+
+interface Tape {
+  values: Map<string, Tensor>;
+  /** The (possibly fake-quantized) inputs each node saw, and what its forward saved. */
+  records: Map<NodeProto, { inputs: Array<Tensor | undefined>; saved: unknown; quantSaved: unknown[] }>;
+}
+
+const PARAMETER_INPUTS: Record<string, number[]> = {
+  Conv: [1, 2], Gemm: [1, 2], MatMul: [0, 1], BatchNormalization: [1, 2], Add: [0, 1], Sub: [0, 1],
+};
+
+function constantTensor(t: TensorProto): Tensor | undefined {
+  const dims = dimsOf(t);
+  const f = floatData(t);
+  if (f) return { data: f, dims };
+  if (t.dataType === TensorProto_DataType.INT64) {
+    const values = t.rawData.length > 0 ? new BigInt64Array(Uint8Array.from(t.rawData).buffer) : BigInt64Array.from(t.int64Data);
+    return { data: Float32Array.from(values, Number), dims };
+  }
+  if (t.dataType === TensorProto_DataType.INT32) {
+    const values = t.rawData.length > 0 ? new Int32Array(Uint8Array.from(t.rawData).buffer) : Int32Array.from(t.int32Data);
+    return { data: Float32Array.from(values), dims };
+  }
+  return undefined;
+}
+
+export class TrainableModel {
+  readonly graph: Graph;
+  readonly nodes: NodeProto[];
+  readonly inputName: string;
+  readonly inputDims: Array<number | undefined>;
+  readonly outputName: string;
+  /** The tensor the loss reads as logits: the output, or the input of a final Softmax. */
+  readonly logitsName: string;
+  readonly params = new Map<string, Parameter>();
+  readonly constants = new Map<string, Tensor>();
+  readonly layers: QuantizableLayer[] = [];
+  readonly quantizers = new Map<NodeProto, LayerQuantizers>();
+  private readonly needsGrad = new Set<string>();
+
+  constructor(model: ModelProto) {
+    this.graph = new Graph(model);
+    const unsupported = [...new Set(model.graph!.node.filter((n) => n.opType !== 'Constant' && (n.domain !== '' && n.domain !== 'ai.onnx' || !OPS.has(n.opType))).map((n) => n.opType))];
+    if (unsupported.length > 0) {
+      throw new TrainingError(`The model uses operators the training engine does not support: ${unsupported.join(', ')}. ` +
+        `Supported: ${[...OPS.keys()].join(', ')}.`);
+    }
+    this.nodes = this.graph.topologicalOrder().filter((n) => n.opType !== 'Constant');
+    const initializers = new Set(model.graph!.initializer.map((t) => t.name));
+    const inputs = model.graph!.input.filter((i) => !initializers.has(i.name));
+    if (inputs.length !== 1) throw new TrainingError(`Fine-tuning needs a model with exactly one input; this one has ${inputs.length} (${inputs.map((i) => i.name).join(', ')}).`);
+    this.inputName = inputs[0].name;
+    const type = inputs[0].type?.value;
+    this.inputDims = type?.case === 'tensorType'
+      ? (type.value.shape?.dim ?? []).map((d) => (d.value.case === 'dimValue' ? Number(d.value.value) : undefined))
+      : [];
+    this.outputName = model.graph!.output[0]?.name;
+    if (!this.outputName) throw new TrainingError('The model has no output.');
+    const last = this.nodes.find((n) => n.output[0] === this.outputName);
+    this.logitsName = last?.opType === 'Softmax' ? last.input[0] : this.outputName;
+
+    // Parameters and constants.
+    for (const node of this.nodes) {
+      node.input.forEach((name, i) => {
+        if (!name || this.params.has(name) || this.constants.has(name)) return;
+        const t = this.graph.constant(name);
+        if (!t) return;
+        const tensor = constantTensor(t);
+        if (!tensor) throw new TrainingError(`${node.opType} node '${nodeLabel(node)}' reads constant '${name}' of an unsupported data type (${TensorProto_DataType[t.dataType]}).`);
+        const trainable = t.dataType === TensorProto_DataType.FLOAT && (PARAMETER_INPUTS[node.opType] ?? []).includes(i);
+        if (trainable) {
+          const decay = (node.opType === 'Conv' || node.opType === 'Gemm' || node.opType === 'MatMul') && tensor.dims.length >= 2;
+          this.params.set(name, makeParameter(name, Float32Array.from(tensor.data), tensor.dims, decay));
+        } else {
+          this.constants.set(name, { data: Float32Array.from(tensor.data), dims: tensor.dims });
+        }
+      });
+    }
+    for (const node of this.nodes) {
+      const weightInput = node.opType === 'MatMul' ? [1, 0].find((i) => this.params.has(node.input[i])) : 1;
+      if (!['Conv', 'Gemm', 'MatMul'].includes(node.opType) || weightInput === undefined) continue;
+      const weight = this.params.get(node.input[weightInput]);
+      if (!weight || weight.dims.length < 2) continue;
+      const outputAxis = node.opType === 'Conv' ? 0 : node.opType === 'Gemm' ? (node.attribute.find((a) => a.name === 'transB')?.i === 1n ? 0 : 1) : weightInput === 1 ? 1 : 0;
+      this.layers.push({ node, label: nodeLabel(node), weightInput, weight, outputAxis });
+    }
+    this.analyseGradients();
+  }
+
+  /** Which values need a gradient: parameters and everything computed from them, and inputs of learnable quantizers. */
+  analyseGradients(): void {
+    this.needsGrad.clear();
+    for (const name of this.params.keys()) this.needsGrad.add(name);
+    for (const node of this.nodes) {
+      const q = this.quantizers.get(node);
+      const learnsInput = !!q?.activation && q.activation.parameters.length > 0;
+      if (learnsInput || node.input.some((i) => this.needsGrad.has(i))) node.output.forEach((o) => this.needsGrad.add(o));
+    }
+  }
+
+  setQuantizers(quantizers: Map<NodeProto, LayerQuantizers>): void {
+    this.quantizers.clear();
+    for (const [k, v] of quantizers) this.quantizers.set(k, v);
+    this.analyseGradients();
+  }
+
+  /** Every trainable parameter, quantizer steps included. */
+  allParameters(): Parameter[] {
+    const list = [...this.params.values()];
+    for (const q of this.quantizers.values()) list.push(...(q.weight?.parameters ?? []), ...(q.activation?.parameters ?? []));
+    return list;
+  }
+
+  private value(tape: Tape, name: string): Tensor | undefined {
+    if (!name) return undefined;
+    const p = this.params.get(name);
+    if (p) return { data: p.value, dims: p.dims };
+    return tape.values.get(name) ?? this.constants.get(name);
+  }
+
+  forward(input: Tensor, training: boolean, kernels: FloatKernels): Tape {
+    const tape: Tape = { values: new Map([[this.inputName, input]]), records: new Map() };
+    const ctx: OpContext = { kernels, training, opset: this.graph.opset };
+    for (const node of this.nodes) {
+      const inputs = node.input.map((name) => this.value(tape, name));
+      const q = this.quantizers.get(node);
+      const quantSaved: unknown[] = [];
+      if (q?.activation && inputs[0]) {
+        const r = q.activation.forward(inputs[0], training);
+        inputs[0] = r.y;
+        quantSaved[0] = r.saved;
+      }
+      const layer = q?.weight ? this.layers.find((l) => l.node === node) : undefined;
+      if (q?.weight && layer && inputs[layer.weightInput]) {
+        const r = q.weight.forward(inputs[layer.weightInput]!, training);
+        inputs[layer.weightInput] = r.y;
+        quantSaved[layer.weightInput] = r.saved;
+      }
+      const { y, saved } = OPS.get(node.opType)!.forward(node, inputs, ctx);
+      tape.values.set(node.output[0], y);
+      tape.records.set(node, { inputs, saved, quantSaved });
+    }
+    return tape;
+  }
+
+  output(tape: Tape, name = this.logitsName): Tensor {
+    return tape.values.get(name)!;
+  }
+
+  /** The first node (topological order) whose output holds a non-finite value, if any. */
+  firstNonFiniteLayer(tape: Tape): string | undefined {
+    for (const node of this.nodes) {
+      const v = tape.values.get(node.output[0]);
+      if (v && firstNonFinite(v.data) >= 0) return nodeLabel(node);
+    }
+    return undefined;
+  }
+
+  /** Back-propagates dLoss/dLogits; parameter gradients are overwritten (quantizer steps accumulate into their grad). */
+  backward(tape: Tape, dLogits: Float32Array, kernels: FloatKernels): void {
+    const ctx: OpContext = { kernels, training: true, opset: this.graph.opset };
+    const grads = new Map<string, Float32Array>([[this.logitsName, dLogits]]);
+    // Gradients may alias each other (Identity, Reshape and Add pass dy through): sums go to fresh arrays.
+    const add = (name: string, g: Float32Array) => {
+      const prev = grads.get(name);
+      if (!prev) {
+        grads.set(name, g);
+        return;
+      }
+      const sum = new Float32Array(prev.length);
+      for (let i = 0; i < sum.length; i++) sum[i] = prev[i] + g[i];
+      grads.set(name, sum);
+    };
+    const stop = this.nodes.findIndex((n) => n.output[0] === this.logitsName);
+    for (let i = stop; i >= 0; i--) {
+      const node = this.nodes[i];
+      const dy = grads.get(node.output[0]);
+      if (!dy) continue;
+      const record = tape.records.get(node)!;
+      const q = this.quantizers.get(node);
+      const learnable = (k: number) => (k === 0 && !!q?.activation?.parameters.length) || (!!q?.weight?.parameters.length && this.layers.find((l) => l.node === node)?.weightInput === k);
+      const needs = node.input.map((name, k) => !!name && (this.needsGrad.has(name) || learnable(k)));
+      const dx = OPS.get(node.opType)!.backward(node, record.inputs, tape.values.get(node.output[0])!, record.saved, dy, needs, ctx);
+      node.input.forEach((name, k) => {
+        let g = dx[k];
+        if (!g || !needs[k]) return;
+        if (k in record.quantSaved) {
+          const original = this.value(tape, name)!;
+          const quantizer = k === 0 && q?.activation ? q.activation : q!.weight!;
+          g = quantizer.backward(original, record.quantSaved[k], g);
+        }
+        if (this.needsGrad.has(name)) add(name, g);
+      });
+    }
+    for (const p of this.params.values()) {
+      const g = grads.get(p.name);
+      if (g) p.grad.set(g);
+      else p.grad.fill(0);
+    }
+  }
+
+  /** Checks an input batch against the model's declared input shape (the batch dimension is free). */
+  checkInput(dims: readonly number[]): string | undefined {
+    if (this.inputDims.length === 0) return undefined;
+    const expected = `[N, ${this.inputDims.slice(1).map((d) => d ?? '?').join(', ')}]`;
+    if (dims.length !== this.inputDims.length) return expected;
+    for (let i = 1; i < dims.length; i++) if (this.inputDims[i] !== undefined && this.inputDims[i] !== dims[i]) return expected;
+    return undefined;
+  }
+
+  get parameterCount(): number {
+    let n = 0;
+    for (const p of this.params.values()) n += sizeOf(p.dims);
+    return n;
+  }
+}

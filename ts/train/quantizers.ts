@@ -1,0 +1,252 @@
+/**
+ * Fake quantizers for quantization-aware training (ALGORITHMS.md §3, §4):
+ *   LsqQuantizer      learned step sizes (per tensor or per channel), STE,
+ *                     step gradient scaled by 1/√(N·Q_P), s₀ = 2⟨|v|⟩/√Q_P;
+ *   GdrqWeightQuantizer   Scale-Clip at k·mean|W| (recomputed every step), then
+ *                     one step per contiguous group of output channels, learned
+ *                     with the LSQ gradient (or re-searched with the L1 loss
+ *                     each epoch);
+ *   RunningClipQuantizer  GDRQ activations: a running Scale-Clip threshold
+ *                     T = EMA of k·mean|A|, step T/Q_P.
+ * The rounding itself is the native LSQ kernel (round half to even, clip), the
+ * same arithmetic as ONNX QuantizeLinear → DequantizeLinear.
+ */
+import { native, type NativeLayout } from '../native';
+import { tensorLayout } from '../quant-params';
+import { quantizeTensor } from '../quantize';
+import { lsqLevels } from '../methods/lsq';
+import { makeParameter, type FakeQuantizer, type Parameter } from './model';
+import { sizeOf, type Tensor } from './tensor';
+
+/** What export needs to write a quantizer as QuantizeLinear/DequantizeLinear. */
+export interface QuantizerExport {
+  bits: number;
+  signed: boolean;
+  /** One scale (per tensor) or one per channel along `axis`. */
+  scale: Float32Array;
+  axis?: number;
+  /** GDRQ: contiguous channel groups sharing a scale. */
+  groups?: number;
+  /** Values are clipped to ±clip before quantizing (GDRQ Scale-Clip of weights). */
+  clip?: number;
+}
+
+export interface ExportableQuantizer extends FakeQuantizer {
+  readonly bits: number;
+  describe(): QuantizerExport;
+  /** Called at the start of every epoch (GDRQ 'search' re-searches its group steps). */
+  onEpochStart?(): void;
+}
+
+function lsqApply(v: Float32Array, layout: NativeLayout, steps: Float32Array, qn: number, qp: number): Float32Array {
+  const out = new Float32Array(v.length);
+  native().lsqForward(v, layout, steps, qn, qp, out, '', 0);
+  return out;
+}
+
+function lsqGrad(v: Float32Array, dy: Float32Array, layout: NativeLayout, steps: Float32Array, qn: number, qp: number):
+  { dx: Float32Array; dStep: Float64Array } {
+  const dx = new Float32Array(v.length);
+  const dStep = new Float64Array(steps.length);
+  native().lsqBackward(v, dy, layout, steps, qn, qp, dx, dStep, '', 0);
+  return { dx, dStep };
+}
+
+/** mean |v| over `run` values at from, from + stride, … below `to` (default: all of v). */
+function meanAbs(v: Float32Array, from = 0, to = v.length, stride = to - from, run = to - from): number {
+  let s = 0, n = 0;
+  for (let base = from; base < to; base += stride) {
+    for (let i = 0; i < run; i++) { s += Math.abs(v[base + i]); n++; }
+  }
+  return n ? s / n : 0;
+}
+
+const MIN_STEP = 1e-8;
+
+/** LSQ for weights (signed) or activations (signedness from the first batch). */
+export class LsqQuantizer implements ExportableQuantizer {
+  readonly parameters: Parameter[] = [];
+  private step?: Parameter;
+  private signed: boolean;
+  private qn = 0;
+  private qp = 0;
+
+  /**
+   * perChannelAxis: one step per channel along this axis (weights only).
+   * signed: undefined = decide from the first batch (activations: unsigned when it has no negative value).
+   */
+  constructor(readonly name: string, readonly bits: number, private readonly kind: 'weight' | 'activation',
+    signed: boolean | undefined, private readonly perChannelAxis?: number) {
+    this.signed = signed ?? true;
+    if (signed !== undefined) ({ qn: this.qn, qp: this.qp } = lsqLevels(bits, signed));
+  }
+
+  private layout(dims: number[]): NativeLayout {
+    return this.perChannelAxis === undefined ? tensorLayout(dims, 'tensor', 0, 0).native : tensorLayout(dims, 'channel', this.perChannelAxis, 0).native;
+  }
+
+  /** s₀ = 2⟨|v|⟩/√Q_P from these values (weights: the pretrained weights; activations: the first batch). */
+  initialize(x: Tensor): void {
+    if (this.kind === 'activation') {
+      let min = Infinity;
+      for (let i = 0; i < x.data.length; i++) if (x.data[i] < min) min = x.data[i];
+      this.signed = min < 0;
+    }
+    ({ qn: this.qn, qp: this.qp } = lsqLevels(this.bits, this.signed));
+    const init = (m: number) => Math.max(MIN_STEP, (2 * m) / Math.sqrt(this.qp));
+    let steps: Float32Array;
+    if (this.perChannelAxis === undefined) steps = Float32Array.of(init(meanAbs(x.data)));
+    else {
+      const axis = this.perChannelAxis;
+      const channels = x.dims[axis];
+      const inner = sizeOf(x.dims.slice(axis + 1));
+      steps = Float32Array.from({ length: channels }, (_, c) => init(meanAbs(x.data, c * inner, x.data.length, channels * inner, inner)));
+    }
+    this.step = makeParameter(`${this.name}.step`, steps, [steps.length], false);
+    this.parameters.splice(0, this.parameters.length, this.step);
+  }
+
+  get initialized(): boolean {
+    return !!this.step;
+  }
+
+  forward(x: Tensor, training: boolean): { y: Tensor; saved?: unknown } {
+    if (!this.step) {
+      if (!training) throw new Error(`LSQ quantizer ${this.name} is used before its step was initialised (run a training batch first).`);
+      this.initialize(x);
+    }
+    return { y: { data: lsqApply(x.data, this.layout(x.dims), this.step!.value, this.qn, this.qp), dims: x.dims } };
+  }
+
+  backward(x: Tensor, saved: unknown, dy: Float32Array): Float32Array {
+    const { dx, dStep } = lsqGrad(x.data, dy, this.layout(x.dims), this.step!.value, this.qn, this.qp);
+    // g = 1/√(N·Q_P): N = weights per step, or features per sample for activations.
+    const count = this.kind === 'weight' ? x.data.length / dStep.length : x.data.length / x.dims[0];
+    const g = 1 / Math.sqrt(count * this.qp);
+    for (let i = 0; i < dStep.length; i++) this.step!.grad[i] += g * dStep[i];
+    return dx;
+  }
+
+  describe(): QuantizerExport {
+    return { bits: this.bits, signed: this.signed, scale: Float32Array.from(this.step!.value), axis: this.perChannelAxis };
+  }
+}
+
+/** Contiguous equal groups of output channels; falls back to fewer groups when `groups` does not divide the channels. */
+export function groupsFor(channels: number, groups: number): number {
+  let g = Math.min(groups, channels);
+  while (channels % g !== 0) g--;
+  return g;
+}
+
+/** GDRQ weights: Scale-Clip, then group-wise steps. */
+export class GdrqWeightQuantizer implements ExportableQuantizer {
+  readonly parameters: Parameter[] = [];
+  private readonly steps: Parameter;
+  private readonly qn: number;
+  private readonly qp: number;
+  readonly groups: number;
+  private threshold = 0;
+
+  constructor(readonly name: string, readonly bits: number, private readonly weight: Parameter, private readonly axis: number,
+    groups: number, private readonly k: number, private readonly groupSteps: 'learned' | 'search') {
+    ({ qn: this.qn, qp: this.qp } = lsqLevels(bits, true));
+    this.groups = groupsFor(weight.dims[axis], groups);
+    this.steps = makeParameter(`${name}.groupSteps`, new Float32Array(this.groups), [this.groups], false);
+    this.search();
+    if (groupSteps === 'learned') this.parameters.push(this.steps);
+  }
+
+  private clipped(w: Float32Array): Float32Array {
+    this.threshold = this.k * meanAbs(w);
+    const t = this.threshold;
+    return w.map((v) => Math.min(t, Math.max(-t, v)));
+  }
+
+  /** Group steps minimising the L1 quantization loss of the clipped weights (the paper's QL, p = 1). */
+  private search(): void {
+    const q = quantizeTensor(this.clipped(this.weight.value), {
+      shape: this.weight.dims, bits: this.bits, method: 'mse', norm: 1, granularity: 'group', groups: this.groups, axis: this.axis,
+    });
+    this.steps.value.set(q.scale.map((s) => Math.max(MIN_STEP, s)));
+  }
+
+  onEpochStart(): void {
+    if (this.groupSteps === 'search') this.search();
+  }
+
+  private channelSteps(): Float32Array {
+    const channels = this.weight.dims[this.axis];
+    const per = channels / this.groups;
+    return Float32Array.from({ length: channels }, (_, c) => this.steps.value[Math.floor(c / per)]);
+  }
+
+  forward(x: Tensor): { y: Tensor; saved?: unknown } {
+    const clipped = this.clipped(x.data);
+    const layout = tensorLayout(x.dims, 'channel', this.axis, 0).native;
+    return { y: { data: lsqApply(clipped, layout, this.channelSteps(), this.qn, this.qp), dims: x.dims }, saved: clipped };
+  }
+
+  backward(x: Tensor, saved: unknown, dy: Float32Array): Float32Array {
+    const clipped = saved as Float32Array;
+    const layout = tensorLayout(x.dims, 'channel', this.axis, 0).native;
+    const { dx, dStep } = lsqGrad(clipped, dy, layout, this.channelSteps(), this.qn, this.qp);
+    // Scale-Clip passes the gradient of unclipped weights only (T is treated as a constant).
+    const t = this.threshold;
+    for (let i = 0; i < dx.length; i++) if (Math.abs(x.data[i]) >= t) dx[i] = 0;
+    if (this.groupSteps === 'learned') {
+      const channels = this.weight.dims[this.axis];
+      const per = channels / this.groups;
+      const g = 1 / Math.sqrt((x.data.length / this.groups) * this.qp);
+      for (let c = 0; c < channels; c++) this.steps.grad[Math.floor(c / per)] += g * dStep[c];
+    }
+    return dx;
+  }
+
+  describe(): QuantizerExport {
+    return { bits: this.bits, signed: true, scale: this.channelSteps(), axis: this.axis, groups: this.groups, clip: this.k * meanAbs(this.weight.value) };
+  }
+}
+
+/** GDRQ activations: a running Scale-Clip threshold (EMA of k·mean|A| over training batches), step = T/Q_P. */
+export class RunningClipQuantizer implements ExportableQuantizer {
+  readonly parameters: Parameter[] = [];
+  private threshold = 0;
+  private signed = false;
+  private qn = 0;
+  private qp = 0;
+
+  constructor(readonly name: string, readonly bits: number, private readonly k: number, private readonly momentum: number) {}
+
+  private step(): number {
+    return Math.max(MIN_STEP, this.threshold / this.qp);
+  }
+
+  forward(x: Tensor, training: boolean): { y: Tensor; saved?: unknown } {
+    if (training) {
+      const target = this.k * meanAbs(x.data);
+      if (this.threshold === 0) {
+        let min = Infinity;
+        for (let i = 0; i < x.data.length; i++) if (x.data[i] < min) min = x.data[i];
+        this.signed = min < 0;
+        ({ qn: this.qn, qp: this.qp } = lsqLevels(this.bits, this.signed));
+        this.threshold = target;
+      } else {
+        this.threshold = this.momentum * this.threshold + (1 - this.momentum) * target;
+      }
+    } else if (this.threshold === 0) {
+      throw new Error(`Activation quantizer ${this.name} has no threshold yet (run a training batch first).`);
+    }
+    const layout = tensorLayout(x.dims, 'tensor', 0, 0).native;
+    return { y: { data: lsqApply(x.data, layout, Float32Array.of(this.step()), this.qn, this.qp), dims: x.dims } };
+  }
+
+  backward(x: Tensor, saved: unknown, dy: Float32Array): Float32Array {
+    const layout = tensorLayout(x.dims, 'tensor', 0, 0).native;
+    return lsqGrad(x.data, dy, layout, Float32Array.of(this.step()), this.qn, this.qp).dx;
+  }
+
+  describe(): QuantizerExport {
+    return { bits: this.bits, signed: this.signed, scale: Float32Array.of(this.step()) };
+  }
+}
