@@ -275,6 +275,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
   }));
   passes.push(weightReport);
+  // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.
+  if (layers.some((l) => l.bits === 2) && graph.opset < 25 && microsoftDomainFallback === undefined) passes.push(upgradeOpset(graph, 25));
   if (layers.length === 0) {
     throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
   }
