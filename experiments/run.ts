@@ -1,6 +1,7 @@
-/** `npm run experiments -- <name> [--json]`. Names: clipping, ptq. */
+/** `npm run experiments -- <name> [--json] [--quick]`. Names: clipping, ptq, qat (qat runs only when named). */
 import { clippingExperiment } from './clipping';
 import { ptqExperiment } from './ptq';
+import { qatExperiment } from './qat';
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
@@ -9,7 +10,8 @@ async function main(): Promise<void> {
   for (const name of names.length ? names : ['clipping', 'ptq']) {
     if (name === 'clipping') clippingExperiment(json);
     else if (name === 'ptq') await ptqExperiment(json);
-    else throw new Error(`Unknown experiment '${name}'. Known: clipping, ptq.`);
+    else if (name === 'qat') await qatExperiment(json, args.includes('--quick'));
+    else throw new Error(`Unknown experiment '${name}'. Known: clipping, ptq, qat.`);
   }
 }
 

@@ -206,7 +206,9 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
     const wBits = edge ? s.firstLastLayerBits : s.weightBits;
     const aBits = edge ? s.firstLastLayerBits : s.activationBits;
     const actBits = aBits === 2 ? 4 : aBits;
-    if (s.method === 'lsq') {
+    // GDRQ reshapes the low-bit layers only: at 8 bits Scale-Clip would just throw information away,
+    // so the 8-bit first and last layers get LSQ quantizers as in the LSQ recipe.
+    if (s.method === 'lsq' || (edge && s.firstLastLayerBits === 8)) {
       const weight = new LsqQuantizer(`${layer.label}.weight`, wBits, 'weight', true, s.perChannel ? layer.outputAxis : undefined);
       weight.initialize({ data: layer.weight.value, dims: layer.weight.dims });
       map.set(layer.node, { weight, activation: new LsqQuantizer(`${layer.label}.input`, actBits, 'activation', undefined) });

@@ -1,0 +1,115 @@
+/**
+ * `npm run experiments -- qat [--quick] [--json]`: quantization-aware training on MNIST.
+ * A small CNN (four Conv+BN+ReLU blocks, two max-pools, Gemm) is trained in
+ * float by lowbit's engine; then, at W4A4 and W2A4 (first and last layer at 8
+ * bits in every setting): PTQ minmax, PTQ ACIQ + bit allocation + bias
+ * correction, LSQ QAT and GDRQ QAT, each evaluated in onnxruntime on the 10 000
+ * MNIST test images. Also the float training throughput of the engine against
+ * TensorFlow.js (pure-JavaScript CPU backend) on the same model and batch size.
+ */
+import { ort } from '../ts/bench/ort-models';
+import { table } from '../ts/bench/timing';
+import { tfjsTrainThroughput } from '../ts/bench/tfjs-train';
+import { quantizeModel, type QuantizeModelOptions } from '../ts/onnx/quantize-model';
+import { finetune, type FinetuneOptions, type LabelledBatch } from '../ts/train/finetune';
+import { loadMnist } from '../ts/train/mnist';
+import { cnn, mnistCnn } from '../test/helpers/onnx-builder';
+import { mnistAccuracy } from './ptq';
+
+const BLOCKS = [
+  { channels: 16, pool: false }, { channels: 16, pool: true }, { channels: 32, pool: false }, { channels: 32, pool: true },
+];
+
+function trainingSet(count: number): LabelledBatch {
+  const set = loadMnist('train', count);
+  return { inputs: { data: set.images, dims: [set.count, 1, 28, 28] }, labels: set.labels };
+}
+
+/** Calibration feeds for PTQ: 8 batches of 64 training images. */
+function* calibrationFeeds(train: LabelledBatch): Generator<Record<string, { data: Float32Array; dims: number[] }>> {
+  for (let b = 0; b < 8; b++) {
+    yield { input: { data: train.inputs.data.subarray(b * 64 * 784, (b + 1) * 64 * 784), dims: [64, 1, 28, 28] } };
+  }
+}
+
+const pct = (x: number) => `${(x * 100).toFixed(2)}%`;
+
+/** Images per second of the engine's float training step (forward, backward, SGD) on the bundled architecture. */
+export async function engineTrainThroughput(batchSize: number, steps: number): Promise<number> {
+  const train = trainingSet(batchSize * (steps + 2));
+  // Two untimed warm-up steps, as for tfjs.
+  await finetune(mnistCnn(1), { inputs: { data: train.inputs.data.subarray(0, 2 * batchSize * 784), dims: [2 * batchSize, 1, 28, 28] }, labels: train.labels.subarray(0, 2 * batchSize) }, { batchSize });
+  let seconds = 0;
+  await finetune(mnistCnn(1), train, { batchSize, onEpoch: (e) => { seconds = e.seconds; } });
+  return train.labels.length / seconds;
+}
+
+export async function qatExperiment(json: boolean, quick: boolean): Promise<void> {
+  ort();
+  const trainCount = quick ? 10_000 : 60_000;
+  const train = trainingSet(trainCount);
+  const log = (s: string) => { if (!json) process.stderr.write(`${s}\n`); };
+
+  log(`float: training the CNN from scratch (${trainCount} images)…`);
+  let t0 = performance.now();
+  const floatEpochs = quick ? 1 : 2;
+  const float = await finetune(cnn(1, BLOCKS), train, { epochs: floatEpochs, batchSize: 64, learningRate: 0.05, seed: 1 });
+  const floatSeconds = (performance.now() - t0) / 1000;
+  const floatAccuracy = await mnistAccuracy(float.model);
+  const rows: Array<Record<string, string | number>> = [{
+    bits: 'float', method: `float training, ${floatEpochs} epochs`, accuracy: pct(floatAccuracy), 'vs float': '', seconds: Number(floatSeconds.toFixed(1)),
+  }];
+
+  const qatEpochs = 1;
+  for (const [wbits, abits] of [[4, 4], [2, 4]] as const) {
+    const ptq: Array<[string, Partial<QuantizeModelOptions>]> = [
+      ['PTQ minmax', { weights: { bits: wbits }, activations: { bits: abits } }],
+      ['PTQ ACIQ + bit allocation + bias correction', {
+        weights: { bits: 4, method: 'aciq', bitAllocation: { averageBits: wbits }, biasCorrection: true },
+        activations: { bits: abits, method: 'aciq', biasCorrection: true },
+      }],
+    ];
+    for (const [method, options] of ptq) {
+      log(`W${wbits}A${abits} ${method}…`);
+      t0 = performance.now();
+      const { model } = await quantizeModel(float.model, { ...(options as QuantizeModelOptions), calibration: calibrationFeeds(train) });
+      const seconds = (performance.now() - t0) / 1000;
+      const accuracy = await mnistAccuracy(model);
+      rows.push({ bits: `W${wbits}A${abits}`, method, accuracy: pct(accuracy), 'vs float': `${((accuracy - floatAccuracy) * 100).toFixed(2)} points`, seconds: Number(seconds.toFixed(1)) });
+    }
+    const qat: Array<[string, FinetuneOptions]> = [
+      ['LSQ QAT (per-tensor steps)', { method: 'lsq' }],
+      ['GDRQ QAT (Scale-Clip, 4 groups, learned group steps)', { method: 'gdrq', groups: 4 }],
+    ];
+    for (const [method, options] of qat) {
+      log(`W${wbits}A${abits} ${method} (${qatEpochs} epochs)…`);
+      t0 = performance.now();
+      const { model } = await finetune(float.model, train, {
+        ...options, weightBits: wbits, activationBits: abits, epochs: qatEpochs, batchSize: 64, learningRate: 0.01, seed: 2,
+      });
+      const seconds = (performance.now() - t0) / 1000;
+      const accuracy = await mnistAccuracy(model);
+      rows.push({ bits: `W${wbits}A${abits}`, method: `${method}, ${qatEpochs} epochs`, accuracy: pct(accuracy), 'vs float': `${((accuracy - floatAccuracy) * 100).toFixed(2)} points`, seconds: Number(seconds.toFixed(1)) });
+    }
+  }
+
+  log('throughput: lowbit engine vs TensorFlow.js (cpu backend), float training, batch 64…');
+  // tfjs needs seconds per step: fewer timed steps for it (both after two warm-up steps).
+  const batchSize = 64, steps = quick ? 10 : 30, tfjsSteps = quick ? 2 : 5;
+  const lowbit = await engineTrainThroughput(batchSize, steps);
+  const tfjs = await tfjsTrainThroughput({ batchSize, steps: tfjsSteps });
+  const throughput = [
+    { trainer: 'lowbit finetune (native kernels)', 'images/s': Math.round(lowbit), ratio: '1.00' },
+    { trainer: `TensorFlow.js ${tfjs.backend} backend`, 'images/s': Math.round(tfjs.imagesPerSecond), ratio: (tfjs.imagesPerSecond / lowbit).toFixed(2) },
+  ];
+  if (json) {
+    console.log(JSON.stringify({ accuracy: rows, throughput }, null, 2));
+    return;
+  }
+  console.log(`\nqat: MNIST, CNN with ${BLOCKS.length} Conv+BN+ReLU blocks, accuracy on the 10 000 test images (onnxruntime on the exported models);` +
+    ` first and last layer at 8 bits everywhere; PTQ calibrated on 512 training images\n`);
+  console.log(table(rows));
+  console.log(`\nqat: float training throughput, the bundled MNIST CNN architecture, batch ${batchSize} (lowbit ${steps} steps, tfjs ${tfjsSteps}), same process\n`);
+  console.log(table(throughput));
+  console.log(`lowbit / tfjs = ${(lowbit / tfjs.imagesPerSecond).toFixed(2)}×`);
+}
