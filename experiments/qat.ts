@@ -10,10 +10,11 @@
 import { ort } from '../ts/bench/ort-models';
 import { table } from '../ts/bench/timing';
 import { tfjsTrainThroughput } from '../ts/bench/tfjs-train';
+import { lowbitTrainThroughput } from '../ts/bench/train';
 import { quantizeModel, type QuantizeModelOptions } from '../ts/onnx/quantize-model';
 import { finetune, type FinetuneOptions, type LabelledBatch } from '../ts/train/finetune';
 import { loadMnist } from '../ts/train/mnist';
-import { cnn, mnistCnn } from '../test/helpers/onnx-builder';
+import { cnn } from '../test/helpers/onnx-builder';
 import { mnistAccuracy } from './ptq';
 
 const BLOCKS = [
@@ -33,16 +34,6 @@ function* calibrationFeeds(train: LabelledBatch): Generator<Record<string, { dat
 }
 
 const pct = (x: number) => `${(x * 100).toFixed(2)}%`;
-
-/** Images per second of the engine's float training step (forward, backward, SGD) on the bundled architecture. */
-export async function engineTrainThroughput(batchSize: number, steps: number): Promise<number> {
-  const train = trainingSet(batchSize * (steps + 2));
-  // Two untimed warm-up steps, as for tfjs.
-  await finetune(mnistCnn(1), { inputs: { data: train.inputs.data.subarray(0, 2 * batchSize * 784), dims: [2 * batchSize, 1, 28, 28] }, labels: train.labels.subarray(0, 2 * batchSize) }, { batchSize });
-  let seconds = 0;
-  await finetune(mnistCnn(1), train, { batchSize, onEpoch: (e) => { seconds = e.seconds; } });
-  return train.labels.length / seconds;
-}
 
 export async function qatExperiment(json: boolean, quick: boolean): Promise<void> {
   ort();
@@ -96,7 +87,7 @@ export async function qatExperiment(json: boolean, quick: boolean): Promise<void
   log('throughput: lowbit engine vs TensorFlow.js (cpu backend), float training, batch 64…');
   // tfjs needs seconds per step: fewer timed steps for it (both after two warm-up steps).
   const batchSize = 64, steps = quick ? 10 : 30, tfjsSteps = quick ? 2 : 5;
-  const lowbit = await engineTrainThroughput(batchSize, steps);
+  const lowbit = await lowbitTrainThroughput(batchSize, steps);
   const tfjs = await tfjsTrainThroughput({ batchSize, steps: tfjsSteps });
   const throughput = [
     { trainer: 'lowbit finetune (native kernels)', 'images/s': Math.round(lowbit), ratio: '1.00' },

@@ -6,7 +6,7 @@ import { SingleBar, Presets } from 'cli-progress';
 import { Command, InvalidArgumentError } from 'commander';
 import * as path from 'node:path';
 
-import { benchGemm, benchQuantize, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
+import { benchGemm, benchQuantize, benchTrain, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
 import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
@@ -159,6 +159,8 @@ export function program(): Command {
       const output = o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`;
       const bar = new SingleBar({
         format: '  epoch {epoch} [{bar}] {value}/{total} steps | loss {loss} | accuracy {accuracy}', hideCursor: true,
+        // Piped output (CI logs) gets the bar too, as a line every few seconds and at the end of each epoch.
+        noTTYOutput: true, notTTYSchedule: 5000,
       }, Presets.shades_classic);
       let epochShown = 0;
       const t0 = performance.now();
@@ -216,6 +218,15 @@ export function program(): Command {
     .option('--json', 'machine-readable output')
     .action(async (o: { threads?: number[]; kernel?: string[]; json?: boolean }) => {
       await benchSgemm({ threads: o.threads ?? [1, cpuInfo().maxThreads], kernels: o.kernel, json: !!o.json });
+    });
+  bench.command('train')
+    .description('float training throughput (images/s) of the bundled MNIST CNN: lowbit finetune vs TensorFlow.js cpu backend, same process')
+    .option('--batch-size <n>', 'mini-batch size', (v) => parseSize(v)[0], 64)
+    .option('--steps <n>', 'timed lowbit steps', (v) => parseSize(v)[0], 30)
+    .option('--tfjs-steps <n>', 'timed TensorFlow.js steps', (v) => parseSize(v)[0], 5)
+    .option('--json', 'machine-readable output')
+    .action(async (o: { batchSize: number; steps: number; tfjsSteps: number; json?: boolean }) => {
+      await benchTrain({ batchSize: o.batchSize, steps: o.steps, tfjsSteps: o.tfjsSteps, json: !!o.json });
     });
   bench.command('quantize')
     .description('per-tensor float32 -> int8 quantization GB/s vs plain TypeScript and onnxruntime QuantizeLinear')

@@ -31,7 +31,6 @@ export { quantizeModel, type QuantizationReport, type QuantizeModelOptions } fro
 export { inspectModel, type LayerStats } from './onnx/inspect';
 export { OnnxModelError } from './onnx/model-io';
 export {
-  evaluateAccuracy, finetune, softmaxCrossEntropy,
-  type EpochRecord, type FinetuneOptions, type FinetuneResult, type LabelledBatch, type StepProgress, type TrainingData,
+  finetune, type EpochRecord, type FinetuneOptions, type FinetuneResult, type LabelledBatch, type StepProgress, type TrainingData,
 } from './train/finetune';
-export { TrainableModel, TrainingError } from './train/model';
+export { TrainingError } from './train/model';

@@ -4,6 +4,7 @@
  * gets typed errors, and the event loop keeps running. Small MNIST subsets.
  */
 import { expect } from 'chai';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -106,9 +107,10 @@ describe('finetune: quantization-aware training and QDQ export', () => {
       const runtime = await ortLogits(result.model, test);
       const scale = engine.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
       let close = 0;
-      runtime.forEach((v, i) => { if (Math.abs(v - engine[i]) <= 1e-4 * scale) close++; });
-      // A float rounding difference can move a value across a quantization threshold: allow a few such elements.
-      expect(close / runtime.length).to.be.above(0.99);
+      runtime.forEach((v, i) => { if (Math.abs(v - engine[i]) <= 1e-5 * scale) close++; });
+      // onnxruntime sums convolutions in another order; a last-bit difference could move a value across a
+      // quantization threshold, so a few elements may differ by a step (none did on the development machine).
+      expect(close / runtime.length).to.be.at.least(0.995);
       expect(argmaxAgreement(engine, runtime, 10)).to.be.above(0.99);
       const quantized = result.layers.filter((l) => l.weightBits !== undefined);
       expect(quantized.map((l) => [l.weightBits, l.activationBits])).to.deep.equal([[8, 8], [wbits, abits], [8, 8]]);
@@ -182,6 +184,39 @@ describe('finetune: bad input', () => {
     const r = await finetune(BUNDLED, data, { outputPath: file });
     expect(Buffer.from(fs.readFileSync(file)).equals(Buffer.from(r.model))).to.equal(true);
     expect(fs.readdirSync(dir)).to.deep.equal(['out.onnx']);
+    fs.rmSync(dir, { recursive: true });
+  });
+});
+
+function writeNpy(file: string, descr: string, dims: number[], body: Uint8Array): void {
+  let header = `{'descr': '${descr}', 'fortran_order': False, 'shape': (${dims.join(', ')}${dims.length === 1 ? ',' : ''}), }`;
+  header += ' '.repeat(63 - ((10 + header.length) % 64)) + '\n';
+  const head = Buffer.alloc(10);
+  head.write('\x93NUMPY', 0, 'latin1');
+  head[6] = 1;
+  head.writeUInt16LE(header.length, 8);
+  fs.writeFileSync(file, Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(body)]));
+}
+
+describe('lowbit finetune (CLI)', () => {
+  it('fine-tunes from an inputs.npy/labels.npy folder with LSQ W4A4, shows progress and the epoch table, writes the model', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-ft-'));
+    const set = subset('train', 256);
+    const data = path.join(dir, 'data');
+    fs.mkdirSync(data);
+    writeNpy(path.join(data, 'inputs.npy'), '<f4', [256, 1, 28, 28], new Uint8Array(set.inputs.data.buffer, set.inputs.data.byteOffset, set.inputs.data.byteLength));
+    writeNpy(path.join(data, 'labels.npy'), '|u1', [256], set.labels as Uint8Array);
+    const cli = path.resolve(__dirname, '..', '..', 'ts', 'cli.js');
+    const r = spawnSync(process.execPath, [cli, 'finetune', BUNDLED, '--data', data, '--validation', data, '--method', 'lsq', '--batch-size', '32'],
+      { cwd: dir, encoding: 'utf8' });
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stderr).to.match(/epoch 1 .*8\/8 steps \| loss \d\.\d{4} \| accuracy \d+\.\d\d%/);
+    expect(r.stdout).to.match(/validation accuracy %/);
+    expect(r.stdout).to.match(/wrote mnist-cnn\.lsq\.onnx \(lsq W4A4\)/);
+    expect(readModel(path.join(dir, 'mnist-cnn.lsq.onnx')).graph!.node.some((n) => n.opType === 'QuantizeLinear')).to.equal(true);
+    const bad = spawnSync(process.execPath, [cli, 'finetune', BUNDLED, '--data', path.join(dir, 'nope')], { cwd: dir, encoding: 'utf8' });
+    expect(bad.status).to.equal(1);
+    expect(bad.stderr).to.match(/lowbit: .*inputs\.npy/);
     fs.rmSync(dir, { recursive: true });
   });
 });

@@ -2,3 +2,4 @@
 export { benchGemm, DEFAULT_GEMM_SHAPES, type GemmBenchOptions } from './gemm';
 export { benchQuantize, type QuantizeBenchOptions } from './quantize';
 export { benchSgemm, DEFAULT_SGEMM_SHAPES, type SgemmBenchOptions } from './sgemm';
+export { benchTrain, lowbitTrainThroughput, type TrainBenchOptions } from './train';

@@ -246,6 +246,10 @@ function sgdStep(params: Parameter[], lr: number, momentum: number, weightDecay:
       p.velocity[i] = momentum * p.velocity[i] + p.grad[i] + decay * p.value[i];
       p.value[i] -= lr * p.velocity[i];
     }
+    if (p.min !== undefined) {
+      // A step pushed below its floor restarts from the floor, without the momentum that pushed it there.
+      for (let i = 0; i < p.value.length; i++) if (!(p.value[i] >= p.min)) { p.value[i] = p.min; p.velocity[i] = 0; }
+    }
     p.grad.fill(0);
   }
 }

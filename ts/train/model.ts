@@ -21,10 +21,12 @@ export interface Parameter {
   velocity: Float32Array;
   /** Weight decay applies (Conv/Gemm/MatMul weights, not biases, BN parameters or steps). */
   decay: boolean;
+  /** Lower bound kept after every update (quantizer steps must stay positive). */
+  min?: number;
 }
 
-export function makeParameter(name: string, value: Float32Array, dims: number[], decay: boolean): Parameter {
-  return { name, value, dims, grad: new Float32Array(value.length), velocity: new Float32Array(value.length), decay };
+export function makeParameter(name: string, value: Float32Array, dims: number[], decay: boolean, min?: number): Parameter {
+  return { name, value, dims, grad: new Float32Array(value.length), velocity: new Float32Array(value.length), decay, min };
 }
 
 /** A fake quantizer in the forward pass: its backward returns the input gradient and accumulates its own parameters' gradients. */

@@ -102,7 +102,7 @@ export class LsqQuantizer implements ExportableQuantizer {
       const inner = sizeOf(x.dims.slice(axis + 1));
       steps = Float32Array.from({ length: channels }, (_, c) => init(meanAbs(x.data, c * inner, x.data.length, channels * inner, inner)));
     }
-    this.step = makeParameter(`${this.name}.step`, steps, [steps.length], false);
+    this.step = makeParameter(`${this.name}.step`, steps, [steps.length], false, MIN_STEP);
     this.parameters.splice(0, this.parameters.length, this.step);
   }
 
@@ -152,7 +152,7 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
     groups: number, private readonly k: number, private readonly groupSteps: 'learned' | 'search') {
     ({ qn: this.qn, qp: this.qp } = lsqLevels(bits, true));
     this.groups = groupsFor(weight.dims[axis], groups);
-    this.steps = makeParameter(`${name}.groupSteps`, new Float32Array(this.groups), [this.groups], false);
+    this.steps = makeParameter(`${name}.groupSteps`, new Float32Array(this.groups), [this.groups], false, MIN_STEP);
     this.search();
     if (groupSteps === 'learned') this.parameters.push(this.steps);
   }
