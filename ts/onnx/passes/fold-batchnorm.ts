@@ -1,15 +1,19 @@
 /**
- * Folds BatchNormalization into the Conv or Gemm that feeds it:
+ * Folds BatchNormalization into the Conv, Gemm or MatMul that feeds it:
  *   W'[c] = W[c] · γ_c / √(var_c + ε),  b'[c] = (b[c] − μ_c) · γ_c / √(var_c + ε) + β_c
+ * (a Gemm with transB = 0 has its output channels in the weight's columns.)
+ * MatMul has no bias input: MatMul → BN becomes MatMul → Add(b'), and
+ * MatMul → Add(constant b) → BN folds into that Add. BN normalises axis 1, so a
+ * MatMul folds only when its output is 2-D ([N, C], channels last = axis 1);
+ * for [N, T, C] outputs axis 1 is T and the scale would be per row, not per
+ * weight column.
  * Not folded (reported): the producer's output also feeds other nodes or is a
- * graph output; weights or BN parameters are not constants; a Gemm with
- * transB = 0 whose output channels are not the weight's rows is handled by
- * scaling columns; MatMul and ConvTranspose are left alone (no bias input /
- * other channel layout).
+ * graph output; weights or BN parameters are not constants; a MatMul whose
+ * output rank is not known to be 2; ConvTranspose (other channel layout).
  */
-import { TensorProto_DataType } from 'onnx-buf';
+import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import { dimsOf, floatAttribute, floatData, intAttribute, makeTensor, type Graph } from '../graph';
+import { dimsOf, floatAttribute, floatData, intAttribute, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export function foldBatchNorm(graph: Graph): PassReport {
@@ -19,8 +23,14 @@ export function foldBatchNorm(graph: Graph): PassReport {
     const label = nodeLabel(bn);
     const skip = (reason: string) => report.skipped.push({ node: label, reason });
     const producer = graph.producer(bn.input[0]);
+    if (producer?.opType === 'MatMul' || (producer?.opType === 'Add' && graph.producer(producer.input[0])?.opType === 'MatMul')) {
+      const why = foldIntoMatMul(graph, bn, producer);
+      if (why) skip(why);
+      else report.changed.push(`${label} folded into ${nodeLabel(producer.opType === 'Add' ? graph.producer(producer.input[0])! : producer)}`);
+      continue;
+    }
     if (!producer || (producer.opType !== 'Conv' && producer.opType !== 'Gemm')) {
-      skip(`its input comes from ${producer ? producer.opType : 'a graph input'}, not Conv or Gemm`);
+      skip(`its input comes from ${producer ? producer.opType : 'a graph input'}, not Conv, Gemm or MatMul`);
       continue;
     }
     if (graph.consumers(bn.input[0]).length !== 1 || graph.isGraphOutput(bn.input[0])) {
@@ -81,4 +91,78 @@ export function foldBatchNorm(graph: Graph): PassReport {
     report.changed.push(`${label} folded into ${nodeLabel(producer)}`);
   }
   return report;
+}
+
+/** Rank of a value when the graph declares it or it comes from an op with a known output rank. */
+function knownRank(graph: Graph, name: string): number | undefined {
+  const info = [...graph.graph.valueInfo, ...graph.graph.input, ...graph.graph.output].find((v) => v.name === name);
+  const type = info?.type?.value;
+  if (type?.case === 'tensorType' && type.value.shape) return type.value.shape.dim.length;
+  const producer = graph.producer(name);
+  if (!producer) return undefined;
+  if (producer.opType === 'Flatten' || producer.opType === 'Gemm') return 2;
+  if (['Relu', 'Clip', 'Sigmoid', 'HardSigmoid', 'HardSwish', 'LeakyRelu', 'Tanh', 'Identity', 'Dropout', 'BatchNormalization'].includes(producer.opType)) {
+    return knownRank(graph, producer.input[0]);
+  }
+  if (['Add', 'Sub', 'Mul', 'Div'].includes(producer.opType)) {
+    // A per-channel constant operand (rank ≤ 1) does not change the other operand's rank.
+    const constant = producer.input.findIndex((i) => { const t = graph.constant(i); return t && dimsOf(t).length <= 1; });
+    return constant < 0 ? undefined : knownRank(graph, producer.input[1 - constant]);
+  }
+  if (producer.opType === 'MatMul') {
+    const b = graph.constant(producer.input[1]);
+    return b && dimsOf(b).length === 2 ? knownRank(graph, producer.input[0]) : undefined;
+  }
+  return undefined;
+}
+
+/** Folds BN into MatMul (→ Add) or MatMul → Add; returns why not, or undefined when folded. */
+function foldIntoMatMul(graph: Graph, bn: NodeProto, producer: NodeProto): string | undefined {
+  const matmul = producer.opType === 'MatMul' ? producer : graph.producer(producer.input[0])!;
+  const add = producer.opType === 'Add' ? producer : undefined;
+  const chain = add ? [matmul.output[0], add.output[0]] : [matmul.output[0]];
+  if (chain.some((v) => graph.consumers(v).length !== 1 || graph.isGraphOutput(v))) return 'the MatMul output is also used elsewhere';
+  if (bn.output.length > 1 && bn.output.slice(1).some((o) => o !== '')) return 'it is in training mode (running statistics are outputs)';
+  const w = graph.constant(matmul.input[1]);
+  const wData = w && floatData(w);
+  const params = [1, 2, 3, 4].map((i) => { const t = graph.constant(bn.input[i]); return t && floatData(t); });
+  if (!wData || params.some((p) => !p)) return 'weights or BatchNormalization parameters are not float constants';
+  const dims = dimsOf(w!);
+  if (dims.length !== 2) return `the MatMul weight is ${dims.length}-D, not 2-D`;
+  const rank = knownRank(graph, matmul.input[0]);
+  if (rank !== 2) {
+    return rank === undefined ? 'the MatMul output rank is unknown (BN normalises axis 1, which must be the channel axis)'
+      : `the MatMul output is ${rank}-D: BN's axis 1 is not the weight's output channels`;
+  }
+  const [gamma, beta, mean, variance] = params as Float32Array[];
+  const channels = dims[1];
+  if (gamma.length !== channels) return `BatchNormalization has ${gamma.length} channels but the weights have ${channels}`;
+  let bias: Float32Array = new Float32Array(channels);
+  if (add) {
+    const b = graph.constant(add.input[1]);
+    const bData = b && floatData(b);
+    if (!bData || bData.length !== channels || add.input[0] !== matmul.output[0]) return 'the Add after MatMul is not a per-channel float constant bias';
+    bias = bData;
+  }
+  const eps = floatAttribute(bn, 'epsilon', 1e-5);
+  const scale = Float64Array.from(gamma, (g, c) => g / Math.sqrt(variance[c] + eps));
+  const newW = Float32Array.from(wData, (v, i) => v * scale[i % channels]);
+  const newB = Float32Array.from(bias, (b, c) => (b - mean[c]) * scale[c] + beta[c]);
+  const wName = graph.uniqueName(`${matmul.input[1]}_bn_folded`);
+  const bName = graph.uniqueName(`${nodeLabel(bn)}_folded_bias`);
+  graph.addInitializer(makeTensor(wName, TensorProto_DataType.FLOAT, dims, new Uint8Array(newW.buffer)));
+  graph.addInitializer(makeTensor(bName, TensorProto_DataType.FLOAT, [channels], new Uint8Array(newB.buffer)));
+  const oldNames = [matmul.input[1], ...(add ? [add.input[1]] : []), ...bn.input.slice(1)];
+  matmul.input[1] = wName;
+  if (add) {
+    add.input[1] = bName;
+    add.output[0] = bn.output[0];
+    graph.graph.node.splice(graph.graph.node.indexOf(bn), 1);
+  } else {
+    // The BN node becomes the bias Add, in place (keeps the node order valid).
+    const index = graph.graph.node.indexOf(bn);
+    graph.graph.node.splice(index, 1, makeNode('Add', [matmul.output[0], bName], [bn.output[0]], `${bn.name || bn.output[0]}_as_bias`));
+  }
+  for (const name of oldNames) if (name) graph.removeIfUnused(name);
+  return undefined;
 }
