@@ -1,4 +1,5 @@
-// N-API glue for the float32 training kernels (cpp/include/lowbit/sgemm.h).
+// N-API glue for the float32 training kernels (cpp/include/lowbit/sgemm.h,
+// cpp/include/lowbit/train_ops.h).
 // Synchronous: they are called once per op inside a training step, and the
 // work is spread over the Context's thread pool. Argument order is private to
 // ts/native.ts. Lengths are checked exactly (the layouts in ts/train/kernels.ts
@@ -8,6 +9,7 @@
 #include "context.h"
 #include "napi_args.h"
 #include "lowbit/sgemm.h"
+#include "lowbit/train_ops.h"
 
 namespace lowbit_binding {
 namespace {
@@ -32,10 +34,14 @@ size_t product(Napi::Env env, std::initializer_list<size_t> factors, const char*
   return p;
 }
 
-bool overlap(const float* a, size_t na, const float* b, size_t nb) {
-  return na && nb && a < b + nb && b < a + na;
+// Byte ranges, so arrays of different element types (argmax vs y) compare too.
+template <class A, class B>
+bool overlap(const A* a, size_t na, const B* b, size_t nb) {
+  const char *pa = reinterpret_cast<const char*>(a), *pb = reinterpret_cast<const char*>(b);
+  return na && nb && pa < pb + nb * sizeof(B) && pb < pa + na * sizeof(A);
 }
-void no_overlap(Napi::Env env, const float* out, size_t nout, const char* out_name, const float* in, size_t nin,
+template <class A, class B>
+void no_overlap(Napi::Env env, const A* out, size_t nout, const char* out_name, const B* in, size_t nin,
                 const char* in_name) {
   if (overlap(out, nout, in, nin))
     throw_range(env, std::string(out_name) + " must not share memory with " + in_name);
@@ -219,6 +225,138 @@ Napi::Value BatchNormBackward(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ---------------------------------------------------------------------------
+// Activations and pooling (train_ops.h)
+
+lowbit::Activation activation_of(const Napi::Value& v) {
+  const std::string kind = string_of(v, "kind");
+  if (kind == "relu") return lowbit::Activation::kRelu;
+  if (kind == "clip") return lowbit::Activation::kClip;
+  if (kind == "hardSigmoid") return lowbit::Activation::kHardSigmoid;
+  if (kind == "hardSwish") return lowbit::Activation::kHardSwish;
+  throw_range(v.Env(), "kind must be 'relu', 'clip', 'hardSigmoid' or 'hardSwish' (got '" + kind + "')");
+}
+
+// Any number, NaN and ±Infinity included (clip bounds may be infinite).
+double number_of(const Napi::Value& v, const char* name) {
+  if (!v.IsNumber()) throw_type(v.Env(), std::string(name) + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+// activationForward(kind, x, y, alpha, beta, threads)
+Napi::Value ActivationForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const lowbit::Activation kind = activation_of(info[0]);
+  size_t nx, ny;
+  const float* x = floats_in(info[1], "x", &nx);
+  float* y = floats_out(info[2], "y", &ny);
+  need_length(env, "y", ny, nx, "x.length");
+  no_overlap(env, y, ny, "y", x, nx, "x");
+  const double alpha = number_of(info[3], "alpha"), beta = number_of(info[4], "beta");
+  Context& ctx = Context::of(env);
+  lowbit::activation_forward(kind, x, nx, y, alpha, beta, ctx.pool.get(), threads_of(info[5]));
+  return env.Undefined();
+}
+
+// activationBackward(kind, x, dy, dx, alpha, beta, threads)
+Napi::Value ActivationBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const lowbit::Activation kind = activation_of(info[0]);
+  size_t nx, ndy, ndx;
+  const float* x = floats_in(info[1], "x", &nx);
+  const float* dy = floats_in(info[2], "dy", &ndy);
+  float* dx = floats_out(info[3], "dx", &ndx);
+  need_length(env, "dy", ndy, nx, "x.length");
+  need_length(env, "dx", ndx, nx, "x.length");
+  no_overlap(env, dx, ndx, "dx", x, nx, "x");
+  no_overlap(env, dx, ndx, "dx", dy, ndy, "dy");
+  const double alpha = number_of(info[4], "alpha"), beta = number_of(info[5], "beta");
+  Context& ctx = Context::of(env);
+  lowbit::activation_backward(kind, x, dy, nx, dx, alpha, beta, ctx.pool.get(), threads_of(info[6]));
+  return env.Undefined();
+}
+
+struct PoolCall {
+  lowbit::ConvGeometry g;
+  size_t batch, image_len, out_len;
+  PoolCall(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    batch = size_of(info[1], "batch");
+    g = geometry_of(info[2]);
+    image_len = product(env, {batch, g.channels, g.height, g.width}, "batch * channels * height * width");
+    out_len = product(env, {batch, g.channels, g.out_h, g.out_w}, "batch * channels * outH * outW");
+  }
+};
+
+// maxPoolForward(x, batch, geometry, y, argmax, threads)
+Napi::Value MaxPoolForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  PoolCall call(info);
+  size_t nx, ny, narg;
+  const float* x = floats_in(info[0], "x", &nx);
+  float* y = floats_out(info[3], "y", &ny);
+  int32_t* argmax = array_of<int32_t>(info[4], "argmax", napi_int32_array, &narg);
+  need_length(env, "x", nx, call.image_len, "batch * channels * height * width");
+  need_length(env, "y", ny, call.out_len, "batch * channels * outH * outW");
+  need_length(env, "argmax", narg, call.out_len, "batch * channels * outH * outW");
+  if (nx > size_t(INT32_MAX)) throw_range(env, "x.length must be < 2^31 (argmax is an Int32Array)");
+  no_overlap(env, y, ny, "y", x, nx, "x");
+  no_overlap(env, argmax, narg, "argmax", x, nx, "x");
+  no_overlap(env, argmax, narg, "argmax", y, ny, "y");
+  Context& ctx = Context::of(env);
+  lowbit::max_pool_forward(x, call.batch, call.g, y, argmax, ctx.pool.get(), threads_of(info[5]));
+  return env.Undefined();
+}
+
+// maxPoolBackward(dy, argmax, dx)
+Napi::Value MaxPoolBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t ndy, narg, ndx;
+  const float* dy = floats_in(info[0], "dy", &ndy);
+  const int32_t* argmax = array_of<int32_t>(info[1], "argmax", napi_int32_array, &narg);
+  float* dx = floats_out(info[2], "dx", &ndx);
+  need_length(env, "argmax", narg, ndy, "dy.length");
+  no_overlap(env, dx, ndx, "dx", dy, ndy, "dy");
+  no_overlap(env, dx, ndx, "dx", argmax, narg, "argmax");
+  const ptrdiff_t bad = lowbit::max_pool_backward(dy, argmax, ndy, dx, ndx);
+  if (bad >= 0)
+    throw_range(env, "argmax[" + std::to_string(bad) + "] = " + std::to_string(argmax[bad]) + " is outside [-1, dx.length = " +
+                         std::to_string(ndx) + ")");
+  return env.Undefined();
+}
+
+// averagePoolForward(x, batch, geometry, countIncludePad, y, threads)
+Napi::Value AveragePoolForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  PoolCall call(info);
+  const bool count_pad = bool_of(info[3], "countIncludePad");
+  size_t nx, ny;
+  const float* x = floats_in(info[0], "x", &nx);
+  float* y = floats_out(info[4], "y", &ny);
+  need_length(env, "x", nx, call.image_len, "batch * channels * height * width");
+  need_length(env, "y", ny, call.out_len, "batch * channels * outH * outW");
+  no_overlap(env, y, ny, "y", x, nx, "x");
+  Context& ctx = Context::of(env);
+  lowbit::average_pool_forward(x, call.batch, call.g, count_pad, y, ctx.pool.get(), threads_of(info[5]));
+  return env.Undefined();
+}
+
+// averagePoolBackward(dy, batch, geometry, countIncludePad, dx, threads)
+Napi::Value AveragePoolBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  PoolCall call(info);
+  const bool count_pad = bool_of(info[3], "countIncludePad");
+  size_t ndy, ndx;
+  const float* dy = floats_in(info[0], "dy", &ndy);
+  float* dx = floats_out(info[4], "dx", &ndx);
+  need_length(env, "dy", ndy, call.out_len, "batch * channels * outH * outW");
+  need_length(env, "dx", ndx, call.image_len, "batch * channels * height * width");
+  no_overlap(env, dx, ndx, "dx", dy, ndy, "dy");
+  Context& ctx = Context::of(env);
+  lowbit::average_pool_backward(dy, call.batch, call.g, count_pad, dx, ctx.pool.get(), threads_of(info[5]));
+  return env.Undefined();
+}
+
 }  // namespace
 
 void register_train_functions(Napi::Env env, Napi::Object exports) {
@@ -227,6 +365,12 @@ void register_train_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("col2im", Napi::Function::New(env, Col2im, "col2im"));
   exports.Set("batchNormForward", Napi::Function::New(env, BatchNormForward, "batchNormForward"));
   exports.Set("batchNormBackward", Napi::Function::New(env, BatchNormBackward, "batchNormBackward"));
+  exports.Set("activationForward", Napi::Function::New(env, ActivationForward, "activationForward"));
+  exports.Set("activationBackward", Napi::Function::New(env, ActivationBackward, "activationBackward"));
+  exports.Set("maxPoolForward", Napi::Function::New(env, MaxPoolForward, "maxPoolForward"));
+  exports.Set("maxPoolBackward", Napi::Function::New(env, MaxPoolBackward, "maxPoolBackward"));
+  exports.Set("averagePoolForward", Napi::Function::New(env, AveragePoolForward, "averagePoolForward"));
+  exports.Set("averagePoolBackward", Napi::Function::New(env, AveragePoolBackward, "averagePoolBackward"));
 }
 
 }  // namespace lowbit_binding

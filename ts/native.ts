@@ -40,7 +40,7 @@ export interface NativeCpuInfo {
   maxThreads: number;
 }
 
-/** Convolution window geometry for im2col/col2im: the ConvGeometry of ts/train/kernels.ts. */
+/** Window geometry for im2col/col2im and pooling: the ConvGeometry of ts/train/kernels.ts. */
 export interface NativeConvGeometry {
   channels: number;
   height: number;
@@ -120,6 +120,17 @@ export interface NativeBinding {
   batchNormBackward(x: Float32Array, dy: Float32Array, batch: number, channels: number, spatial: number,
     gamma: Float32Array, mean: Float32Array, invStd: Float32Array, dx: Float32Array, dGamma: Float32Array,
     dBeta: Float32Array, threads: number): void;
+  activationForward(kind: string, x: Float32Array, y: Float32Array, alpha: number, beta: number, threads: number): void;
+  activationBackward(kind: string, x: Float32Array, dy: Float32Array, dx: Float32Array, alpha: number, beta: number,
+    threads: number): void;
+  maxPoolForward(x: Float32Array, batch: number, geometry: NativeConvGeometry, y: Float32Array, argmax: Int32Array,
+    threads: number): void;
+  /** Serial; throws a RangeError naming the first argmax entry outside [-1, dx.length) before writing. */
+  maxPoolBackward(dy: Float32Array, argmax: Int32Array, dx: Float32Array): void;
+  averagePoolForward(x: Float32Array, batch: number, geometry: NativeConvGeometry, countIncludePad: boolean,
+    y: Float32Array, threads: number): void;
+  averagePoolBackward(dy: Float32Array, batch: number, geometry: NativeConvGeometry, countIncludePad: boolean,
+    dx: Float32Array, threads: number): void;
 }
 
 /** Opaque native handle of a packed B matrix. */

@@ -7,6 +7,7 @@ void register_gemm_tests();
 void register_int4_tests();
 void register_thread_pool_tests();
 void register_sgemm_tests();
+void register_train_ops_tests();
 
 int main(int argc, char** argv) {
   register_quantize_tests();
@@ -14,5 +15,6 @@ int main(int argc, char** argv) {
   register_int4_tests();
   register_thread_pool_tests();
   register_sgemm_tests();
+  register_train_ops_tests();
   return harness::run_all(argc > 1 ? argv[1] : "");
 }

@@ -3,7 +3,7 @@ import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 
 import { cpuInfo } from '../../ts/cpu';
-import { ConvGeometry, FloatKernels, nativeKernels, referenceKernels, SgemmArgs } from '../../ts/train/kernels';
+import { ActivationKind, ConvGeometry, FloatKernels, nativeKernels, referenceKernels, SgemmArgs } from '../../ts/train/kernels';
 
 /** Deterministic uniform floats in [lo, hi). */
 function randomFloats(length: number, seed: number, lo = -1, hi = 1): Float32Array {
@@ -58,10 +58,43 @@ function expectSgemmClose(s: SgemmArgs, got: Float32Array, want: Float32Array, l
   }
 }
 
+/** Equal bit for bit, except that any NaN matches any NaN (payloads are unspecified). */
+function expectSameFloats(got: Float32Array, want: Float32Array, label: string): void {
+  expect(got.length, `${label}: length`).to.equal(want.length);
+  const gb = new Uint32Array(got.buffer, got.byteOffset, got.length), wb = new Uint32Array(want.buffer, want.byteOffset, want.length);
+  for (let i = 0; i < got.length; i++) {
+    if (gb[i] !== wb[i] && !(Number.isNaN(got[i]) && Number.isNaN(want[i]))) {
+      expect.fail(`${label}[${i}]: want ${Object.is(want[i], -0) ? '-0' : want[i]} got ${Object.is(got[i], -0) ? '-0' : got[i]}`);
+    }
+  }
+}
+
+/** Random floats with NaN, ±Infinity, ±0 and the activations' corners (±3, ±2.5, 6) mixed in. */
+function activationInputs(length: number, seed: number): Float32Array {
+  const specials = [NaN, Infinity, -Infinity, 0, -0, 3, -3, 6, -6, 2.5, -2.5, 1, 0.1, 0.7, 1e-40, -1e-40, 3.4e38, -3.4e38];
+  const x = randomFloats(length, seed, -8, 8), pick = randomFloats(length, seed + 1, 0, 4 * specials.length);
+  for (let i = 0; i < length; i++) if (pick[i] < specials.length) x[i] = specials[Math.floor(pick[i])];
+  return x;
+}
+
+/** A pooling geometry the way ops.ts axisGeometry computes it (explicit pads, optional ceil_mode). */
+function poolGeometry(channels: number, height: number, width: number, [kernelH, kernelW]: number[],
+  [padTop, padLeft, padBottom, padRight]: number[], [strideH, strideW]: number[], [dilationH, dilationW]: number[],
+  ceil: boolean): ConvGeometry {
+  const out = (size: number, k: number, s: number, d: number, begin: number, end: number): number => {
+    const span = size + begin + end - (d * (k - 1) + 1);
+    let o = (ceil ? Math.ceil(span / s) : Math.floor(span / s)) + 1;
+    if (ceil && (o - 1) * s >= size + begin) o--;
+    return Math.max(0, o);
+  };
+  return { channels, height, width, kernelH, kernelW, padTop, padLeft, strideH, strideW, dilationH, dilationW,
+    outH: out(height, kernelH, strideH, dilationH, padTop, padBottom), outW: out(width, kernelW, strideW, dilationW, padLeft, padRight) };
+}
+
 const sizes = [0, 1, 2, 3, 5, 7, 13, 17, 31, 33, 64, 65];
 const missingReason: Record<string, string> = { avx512: 'no AVX-512F (with VL, DQ)', avx2: 'no AVX2 + FMA' };
 
-describe('train kernels: native float32 SGEMM, im2col/col2im and BatchNormalization vs the TypeScript reference', () => {
+describe('train kernels: native float32 SGEMM, im2col/col2im, BatchNormalization, activations and pooling vs the TypeScript reference', () => {
   const available = cpuInfo().sgemmKernels;
 
   it('cpuInfo lists the SGEMM kernels best first, ending with scalar, and the selected one', () => {
@@ -170,6 +203,75 @@ describe('train kernels: native float32 SGEMM, im2col/col2im and BatchNormalizat
     });
   }
 
+  const activationCases: Array<[ActivationKind, number, number]> = [
+    ['relu', 0, 0], ['hardSwish', 0, 0],
+    ['clip', 0, 6], ['clip', -Infinity, Infinity], ['clip', -Infinity, 0], ['clip', -0, Infinity], ['clip', -1, -0],
+    ['clip', 0.1, 0.7], // bounds that are not float32 values
+    ['clip', 2, 1], ['clip', NaN, 1], ['clip', 0, NaN],
+    ['hardSigmoid', Math.fround(0.2), 0.5], ['hardSigmoid', 1 / 6, 0.5], ['hardSigmoid', -0.3, 0.1],
+  ];
+  for (const [kind, alpha, beta] of activationCases) {
+    it(`activation ${kind} (${alpha}, ${beta}): forward/backward equal the reference bit for bit (NaN, ±Infinity, ±0); 1 vs 2 threads identical`, () => {
+      for (const n of [0, 1, 7, 33, 1000, 70001]) {
+        const x = activationInputs(n, 21 + n), dy = activationInputs(n, 22 + n);
+        const run = (k: FloatKernels): [Float32Array, Float32Array] => {
+          const y = new Float32Array(n).fill(7), dx = new Float32Array(n).fill(7);
+          k.activationForward(kind, x, y, alpha, beta);
+          k.activationBackward(kind, x, dy, dx, alpha, beta);
+          return [y, dx];
+        };
+        const [wantY, wantDx] = run(referenceKernels);
+        for (const threads of [1, 2]) {
+          const [y, dx] = run(nativeKernels({ threads }));
+          expectSameFloats(y, wantY, `n ${n}, ${threads} threads: y`);
+          expectSameFloats(dx, wantDx, `n ${n}, ${threads} threads: dx`);
+        }
+      }
+    });
+  }
+
+  const pools: Array<[string, number, ConvGeometry]> = [
+    ['2x2 stride 2', 2, poolGeometry(3, 8, 8, [2, 2], [0, 0, 0, 0], [2, 2], [1, 1], false)],
+    ['3x3 stride 2 pad 1 ceil_mode', 2, poolGeometry(3, 7, 9, [3, 3], [1, 1, 1, 1], [2, 2], [1, 1], true)],
+    ['2x2 stride 2 ceil_mode (windows past the edge)', 1, poolGeometry(2, 7, 7, [2, 2], [0, 0, 0, 0], [2, 2], [1, 1], true)],
+    ['asymmetric pads and strides, dilation 2', 3, poolGeometry(2, 9, 8, [3, 2], [2, 1, 0, 2], [2, 3], [2, 1], false)],
+    ['dilation 2 ceil_mode', 1, poolGeometry(2, 10, 11, [3, 3], [1, 2, 1, 1], [3, 2], [2, 2], true)],
+    ['pads wider than the kernel (empty windows)', 2, poolGeometry(1, 3, 3, [2, 2], [3, 3, 3, 3], [1, 1], [1, 1], false)],
+    ['MNIST-sized, threaded', 8, poolGeometry(16, 28, 28, [2, 2], [0, 0, 0, 0], [2, 2], [1, 1], false)],
+  ];
+  for (const [what, batch, g] of pools) {
+    it(`maxPool/averagePool equal the reference bit for bit (ties, NaN, -Infinity; count_include_pad on/off): ${what}; 1 vs 2 threads identical`, () => {
+      const xLen = batch * g.channels * g.height * g.width, yLen = batch * g.channels * g.outH * g.outW;
+      // Small integers: many ties in every window; a few NaN and -Infinity.
+      const x = randomFloats(xLen, 31, -2, 3).map(Math.floor), dy = randomFloats(yLen, 32);
+      const special = randomFloats(xLen, 33, 0, 40);
+      for (let i = 0; i < xLen; i++) if (special[i] < 1) x[i] = NaN; else if (special[i] < 2) x[i] = -Infinity;
+      const smooth = randomFloats(xLen, 34, -3, 3);
+      const run = (k: FloatKernels): Array<Float32Array | Int32Array> => {
+        const y = new Float32Array(yLen).fill(5), arg = new Int32Array(yLen).fill(12345), dx = new Float32Array(xLen).fill(5);
+        k.maxPoolForward(x, batch, g, y, arg);
+        k.maxPoolBackward(dy, arg, dx);
+        const out: Array<Float32Array | Int32Array> = [y, arg, dx];
+        for (const countPad of [false, true]) {
+          const ay = new Float32Array(yLen).fill(5), adx = new Float32Array(xLen).fill(5);
+          k.averagePoolForward(smooth, batch, g, countPad, ay);
+          k.averagePoolBackward(dy, batch, g, countPad, adx);
+          out.push(ay, adx);
+        }
+        return out;
+      };
+      const names = ['max y', 'argmax', 'max dx', 'average y', 'average dx', 'average (count_include_pad) y', 'average (count_include_pad) dx'];
+      const want = run(referenceKernels);
+      for (const threads of [1, 2]) {
+        const got = run(nativeKernels({ threads }));
+        for (let o = 0; o < names.length; o++) {
+          if (got[o] instanceof Int32Array) expect(got[o], `${threads} threads: ${names[o]}`).to.deep.equal(want[o]);
+          else expectSameFloats(got[o] as Float32Array, want[o] as Float32Array, `${threads} threads: ${names[o]}`);
+        }
+      }
+    });
+  }
+
   describe('bad arguments are clear errors, never out-of-bounds reads', () => {
     const k = nativeKernels();
     const g = geometry(2, 5, 5, 3, 1, 2, 2);
@@ -205,6 +307,50 @@ describe('train kernels: native float32 SGEMM, im2col/col2im and BatchNormalizat
         .to.throw(RangeError, /dBeta\.length/);
       expect(() => referenceKernels.batchNormBackward(x, new Float32Array(20), 2, 3, 4, c3(), c3(), c3(), new Float32Array(24), c3(), c3()))
         .to.throw(RangeError, /dy\.length/);
+    });
+
+    it('activations: wrong lengths, an unknown kind and a non-number bound are errors naming the argument', () => {
+      const x = new Float32Array(10);
+      for (const kernels of [k, referenceKernels]) {
+        expect(() => kernels.activationForward('relu', x, new Float32Array(9), 0, 0)).to.throw(RangeError, /y\.length must be x\.length = 10 \(got 9\)/);
+        expect(() => kernels.activationBackward('clip', x, new Float32Array(11), new Float32Array(10), 0, 6)).to.throw(RangeError, /dy\.length must be x\.length = 10/);
+        expect(() => kernels.activationBackward('clip', x, new Float32Array(10), new Float32Array(9), 0, 6)).to.throw(RangeError, /dx\.length must be x\.length = 10/);
+        expect(() => kernels.activationForward('gelu' as ActivationKind, x, new Float32Array(10), 0, 0)).to.throw(RangeError, /kind must be 'relu', 'clip', 'hardSigmoid' or 'hardSwish' \(got 'gelu'\)/);
+      }
+      expect(() => k.activationForward('relu', x, x, 0, 0)).to.throw(RangeError, /y must not share memory with x/);
+      expect(() => k.activationForward('clip', x, new Float32Array(10), '0' as unknown as number, 6)).to.throw(TypeError, /alpha must be a number/);
+    });
+
+    it('pooling: wrong lengths, bad geometry and out-of-range argmax are errors naming the argument', () => {
+      const pg = poolGeometry(2, 5, 5, [3, 3], [1, 1, 1, 1], [2, 2], [1, 1], true);
+      const x = new Float32Array(2 * 2 * 25), yLen = 2 * 2 * pg.outH * pg.outW;
+      for (const kernels of [k, referenceKernels]) {
+        expect(() => kernels.maxPoolForward(x.subarray(1), 2, pg, new Float32Array(yLen), new Int32Array(yLen)))
+          .to.throw(RangeError, /x\.length must be batch \* channels \* height \* width = 100 \(got 99\)/);
+        expect(() => kernels.maxPoolForward(x, 2, pg, new Float32Array(yLen - 1), new Int32Array(yLen)))
+          .to.throw(RangeError, new RegExp(`y\\.length must be batch \\* channels \\* outH \\* outW = ${yLen}`));
+        expect(() => kernels.maxPoolForward(x, 2, pg, new Float32Array(yLen), new Int32Array(yLen + 1))).to.throw(RangeError, /argmax\.length/);
+        expect(() => kernels.maxPoolBackward(new Float32Array(yLen), new Int32Array(yLen - 1), new Float32Array(100)))
+          .to.throw(RangeError, /argmax\.length must be dy\.length/);
+        const arg = new Int32Array(yLen);
+        arg[3] = 100;
+        const dx = new Float32Array(100).fill(4);
+        expect(() => kernels.maxPoolBackward(new Float32Array(yLen), arg, dx)).to.throw(RangeError, /argmax\[3\] = 100 is outside \[-1, dx\.length = 100\)/);
+        arg[3] = -2;
+        expect(() => kernels.maxPoolBackward(new Float32Array(yLen), arg, dx)).to.throw(RangeError, /argmax\[3\] = -2/);
+        expect(dx.every((v) => v === 4), 'a refused call wrote dx').to.equal(true);
+        expect(() => kernels.averagePoolForward(x, 2, pg, false, new Float32Array(yLen + 1))).to.throw(RangeError, /y\.length/);
+        expect(() => kernels.averagePoolBackward(new Float32Array(yLen - 1), 2, pg, true, new Float32Array(100))).to.throw(RangeError, /dy\.length/);
+        expect(() => kernels.averagePoolBackward(new Float32Array(yLen), 2, pg, true, new Float32Array(101))).to.throw(RangeError, /dx\.length/);
+        expect(() => kernels.averagePoolForward(x, 2, { ...pg, dilationW: 0 }, false, new Float32Array(yLen))).to.throw(RangeError, /geometry\.dilationW/);
+      }
+      expect(() => k.maxPoolForward(x, 2, pg, new Float32Array(yLen), new Float64Array(yLen) as unknown as Int32Array))
+        .to.throw(TypeError, /argmax has the wrong element type/);
+      const shared = new Float32Array(100 + yLen);
+      expect(() => k.averagePoolForward(shared.subarray(0, 100), 2, pg, false, shared.subarray(99, 99 + yLen)))
+        .to.throw(RangeError, /y must not share memory with x/);
+      expect(() => k.averagePoolBackward(new Float32Array(yLen), 2, pg, 1 as unknown as boolean, new Float32Array(100)))
+        .to.throw(TypeError, /countIncludePad must be a boolean/);
     });
 
     it('nativeKernels: an unknown or unsupported kernel and bad thread counts are RangeErrors', () => {

@@ -2,8 +2,10 @@
  * The float32 kernels the training engine spends its time in, behind one
  * interface with two implementations: `referenceKernels` (plain TypeScript,
  * the readable definition every test compares against) and `nativeKernels()`
- * (the addon: SGEMM with AVX-512/AVX2 FMA or scalar, im2col/col2im and the
- * BatchNormalization loops on the native thread pool).
+ * (the addon: SGEMM with AVX-512/AVX2 FMA or scalar, im2col/col2im, the
+ * BatchNormalization loops, activations and pooling on the native thread pool).
+ * Apart from SGEMM and BatchNormalization (which sum in other orders), native
+ * results equal the reference bit for bit (NaN payloads aside).
  *
  * Layouts are row-major and NCHW. Every kernel writes all of its output
  * (no reliance on zeroed memory) unless it says "adds".
@@ -45,6 +47,12 @@ export interface ConvGeometry {
   outW: number;
 }
 
+/**
+ * Element-wise activations. alpha/beta: clip's min and max (may be ±Infinity),
+ * hardSigmoid's slope and offset; relu and hardSwish ignore them.
+ */
+export type ActivationKind = 'relu' | 'clip' | 'hardSigmoid' | 'hardSwish';
+
 export interface FloatKernels {
   readonly name: string;
   sgemm(args: SgemmArgs): void;
@@ -71,25 +79,81 @@ export interface FloatKernels {
   batchNormBackward(x: Float32Array, dy: Float32Array, batch: number, channels: number, spatial: number,
     gamma: Float32Array, mean: Float32Array, invStd: Float32Array, dx: Float32Array, dGamma: Float32Array,
     dBeta: Float32Array): void;
+  /**
+   * y = f(x) element-wise, computed in float64 and rounded to float32 (JavaScript number semantics, so Math.min/max's
+   * NaN and ±0 rules): relu x > 0 ? x : 0; clip min(beta, max(alpha, x)); hardSigmoid max(0, min(1, alpha·x + beta));
+   * hardSwish x·max(0, min(1, x/6 + 1/2)).
+   */
+  activationForward(kind: ActivationKind, x: Float32Array, y: Float32Array, alpha: number, beta: number): void;
+  /**
+   * dx = dy·f'(x): relu x > 0; clip alpha < x < beta; hardSigmoid alpha where 0 < alpha·x + beta < 1;
+   * hardSwish 0 (x ≤ -3), 1 (x ≥ 3), else x/3 + 1/2. The product is taken everywhere (NaN dy stays NaN).
+   */
+  activationBackward(kind: ActivationKind, x: Float32Array, dy: Float32Array, dx: Float32Array, alpha: number,
+    beta: number): void;
+  /**
+   * Windows as im2col's (positions outside the image are skipped; outH/outW may let windows run past the
+   * bottom/right edge, as ceil_mode does). x: [batch, channels, height, width] → y: [batch, channels, outH, outW],
+   * argmax: the index into x of the first maximum in (ky, kx) scan order (the first in-image value is taken even
+   * when NaN; a NaN is never replaced); a window with no in-image position gives -Infinity and -1.
+   */
+  maxPoolForward(x: Float32Array, batch: number, g: ConvGeometry, y: Float32Array, argmax: Int32Array): void;
+  /** dx is overwritten: zero, then dx[argmax[i]] += dy[i] in order i (argmax -1 skipped; others must be < dx.length). */
+  maxPoolBackward(dy: Float32Array, argmax: Int32Array, dx: Float32Array): void;
+  /**
+   * y = (window sum) / divisor: the number of in-image positions, or with countIncludePad the positions above row
+   * height + padTop and left of column width + padLeft (explicit padding counts; windows running past it do not).
+   */
+  averagePoolForward(x: Float32Array, batch: number, g: ConvGeometry, countIncludePad: boolean, y: Float32Array): void;
+  /** dx is overwritten: each window adds dy/divisor to its in-image positions, in (image, channel, oy, ox, ky, kx) order. */
+  averagePoolBackward(dy: Float32Array, batch: number, g: ConvGeometry, countIncludePad: boolean, dx: Float32Array): void;
 }
 
 // ---------------------------------------------------------------------------
 // Implementations
 
 
-function needLength(name: string, v: Float32Array, want: number, formula: string): void {
+function needLength(name: string, v: Float32Array | Int32Array, want: number, formula: string): void {
   if (v.length !== want) throw new RangeError(`${name}.length must be ${formula} = ${want} (got ${v.length})`);
 }
 
 function checkGeometry(x: Float32Array, batch: number, g: ConvGeometry, col: Float32Array, xName: string, colName: string): void {
-  for (const key of ['channels', 'height', 'width', 'kernelH', 'kernelW', 'padTop', 'padLeft', 'outH', 'outW'] as const) {
-    checkInteger(`geometry.${key}`, g[key], 0, 2 ** 31 - 1);
-  }
-  for (const key of ['strideH', 'strideW', 'dilationH', 'dilationW'] as const) checkInteger(`geometry.${key}`, g[key], 1, 2 ** 31 - 1);
+  checkWindowGeometry(g);
   needLength(xName, x, batch * g.channels * g.height * g.width, 'batch * channels * height * width');
   needLength(colName, col, batch * g.channels * g.kernelH * g.kernelW * g.outH * g.outW,
     'batch * channels * kernelH * kernelW * outH * outW');
 }
+
+function checkWindowGeometry(g: ConvGeometry): void {
+  for (const key of ['channels', 'height', 'width', 'kernelH', 'kernelW', 'padTop', 'padLeft', 'outH', 'outW'] as const) {
+    checkInteger(`geometry.${key}`, g[key], 0, 2 ** 31 - 1);
+  }
+  for (const key of ['strideH', 'strideW', 'dilationH', 'dilationW'] as const) checkInteger(`geometry.${key}`, g[key], 1, 2 ** 31 - 1);
+}
+
+function checkPoolLengths(batch: number, g: ConvGeometry, image: Float32Array, pooled: Float32Array | Int32Array,
+  imageName: string, pooledName: string): void {
+  checkWindowGeometry(g);
+  needLength(imageName, image, batch * g.channels * g.height * g.width, 'batch * channels * height * width');
+  needLength(pooledName, pooled, batch * g.channels * g.outH * g.outW, 'batch * channels * outH * outW');
+}
+
+const ACTIVATIONS: readonly ActivationKind[] = ['relu', 'clip', 'hardSigmoid', 'hardSwish'];
+
+function checkActivation(kind: ActivationKind): void {
+  if (!ACTIVATIONS.includes(kind)) throw new RangeError(`kind must be 'relu', 'clip', 'hardSigmoid' or 'hardSwish' (got '${String(kind)}')`);
+}
+
+/** f(v) and f'(v) of each activation in float64, exactly as the ONNX ops define them. */
+const activationFns: Record<ActivationKind, [(v: number, alpha: number, beta: number) => number,
+  (v: number, alpha: number, beta: number) => number]> = {
+  relu: [(v) => (v > 0 ? v : 0), (v) => (v > 0 ? 1 : 0)],
+  clip: [(v, lo, hi) => Math.min(hi, Math.max(lo, v)), (v, lo, hi) => (v > lo && v < hi ? 1 : 0)],
+  hardSigmoid: [
+    (v, alpha, beta) => Math.max(0, Math.min(1, alpha * v + beta)),
+    (v, alpha, beta) => { const t = alpha * v + beta; return t > 0 && t < 1 ? alpha : 0; }],
+  hardSwish: [(v) => v * Math.max(0, Math.min(1, v / 6 + 0.5)), (v) => (v <= -3 ? 0 : v >= 3 ? 1 : v / 3 + 0.5)],
+};
 
 /**
  * Calls fn(colIndex, xIndex) for every entry of the im2col matrix, in row-major
@@ -203,7 +267,114 @@ export const referenceKernels: FloatKernels = {
       }
     }
   },
+
+  activationForward(kind, x, y, alpha, beta) {
+    checkActivation(kind);
+    needLength('y', y, x.length, 'x.length');
+    const f = activationFns[kind][0];
+    for (let i = 0; i < y.length; i++) y[i] = f(x[i], alpha, beta);
+  },
+
+  activationBackward(kind, x, dy, dx, alpha, beta) {
+    checkActivation(kind);
+    needLength('dy', dy, x.length, 'x.length');
+    needLength('dx', dx, x.length, 'x.length');
+    const df = activationFns[kind][1];
+    for (let i = 0; i < dx.length; i++) dx[i] = dy[i] * df(x[i], alpha, beta);
+  },
+
+  maxPoolForward(x, batch, g, y, argmax) {
+    checkPoolLengths(batch, g, x, y, 'x', 'y');
+    checkPoolLengths(batch, g, x, argmax, 'x', 'argmax');
+    poolForward(x, batch, g, false, y, argmax);
+  },
+
+  maxPoolBackward(dy, argmax, dx) {
+    needLength('argmax', argmax, dy.length, 'dy.length');
+    const bad = argmax.findIndex((a) => a < -1 || a >= dx.length);
+    if (bad >= 0) throw new RangeError(`argmax[${bad}] = ${argmax[bad]} is outside [-1, dx.length = ${dx.length})`);
+    dx.fill(0);
+    for (let i = 0; i < dy.length; i++) if (argmax[i] >= 0) dx[argmax[i]] += dy[i];
+  },
+
+  averagePoolForward(x, batch, g, countIncludePad, y) {
+    checkPoolLengths(batch, g, x, y, 'x', 'y');
+    poolForward(x, batch, g, countIncludePad, y, undefined);
+  },
+
+  averagePoolBackward(dy, batch, g, countIncludePad, dx) {
+    checkPoolLengths(batch, g, dx, dy, 'dx', 'dy');
+    const counts = new Float64Array(g.outH * g.outW);
+    for (let oy = 0; oy < g.outH; oy++) {
+      for (let ox = 0; ox < g.outW; ox++) {
+        let count = 0, padded = 0;
+        forEachTap(g, oy, ox, (at) => { if (at >= 0) count++; else if (at === PADDING) padded++; });
+        counts[oy * g.outW + ox] = countIncludePad ? count + padded : count;
+      }
+    }
+    dx.fill(0);
+    const outSize = g.outH * g.outW;
+    const planes = batch * g.channels;
+    for (let p = 0; p < planes; p++) {
+      const xBase = p * g.height * g.width;
+      for (let oy = 0; oy < g.outH; oy++) {
+        for (let ox = 0; ox < g.outW; ox++) {
+          const d = dy[p * outSize + oy * g.outW + ox] / counts[oy * g.outW + ox];
+          forEachTap(g, oy, ox, (at) => { if (at >= 0) dx[xBase + at] += d; });
+        }
+      }
+    }
+  },
 };
+
+const PADDING = -1, PAST_PADDING = -2;
+
+/**
+ * Calls fn for window (oy, ox)'s taps in (ky, kx) order with the tap's index in its image plane, or PADDING for a
+ * position in the explicit padding (count_include_pad counts it), or PAST_PADDING where a ceil_mode window runs
+ * past it.
+ */
+function forEachTap(g: ConvGeometry, oy: number, ox: number, fn: (at: number) => void): void {
+  for (let ky = 0; ky < g.kernelH; ky++) {
+    const iy = oy * g.strideH - g.padTop + ky * g.dilationH;
+    for (let kx = 0; kx < g.kernelW; kx++) {
+      const ix = ox * g.strideW - g.padLeft + kx * g.dilationW;
+      if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
+        fn(iy < g.height + g.padTop && ix < g.width + g.padLeft ? PADDING : PAST_PADDING);
+      } else {
+        fn(iy * g.width + ix);
+      }
+    }
+  }
+}
+
+/** Max (argmax given) or average pooling forward: one scan of each window. */
+function poolForward(x: Float32Array, batch: number, g: ConvGeometry, countPad: boolean, y: Float32Array,
+  arg: Int32Array | undefined): void {
+  const planes = batch * g.channels;
+  const outSize = g.outH * g.outW;
+  for (let p = 0; p < planes; p++) {
+    const xBase = p * g.height * g.width;
+    for (let oy = 0; oy < g.outH; oy++) {
+      for (let ox = 0; ox < g.outW; ox++) {
+        let best = -Infinity, bestAt = -1, sum = 0, count = 0, padded = 0;
+        forEachTap(g, oy, ox, (tap) => {
+          if (tap < 0) {
+            if (tap === PADDING) padded++;
+            return;
+          }
+          const at = xBase + tap;
+          const v = x[at];
+          if (v > best || bestAt < 0) { best = v; bestAt = at; }
+          sum += v;
+          count++;
+        });
+        const o = p * outSize + oy * g.outW + ox;
+        if (arg) { y[o] = best; arg[o] = bestAt; } else y[o] = sum / (countPad ? count + padded : count);
+      }
+    }
+  }
+}
 
 export interface NativeKernelOptions {
   /** SGEMM kernel: one of cpuInfo().sgemmKernels ('avx512', 'avx2', 'scalar'). Default: LOWBIT_KERNEL or the best. */
@@ -229,5 +400,11 @@ export function nativeKernels(options: NativeKernelOptions = {}): FloatKernels {
       b.batchNormForward(x, batch, channels, spatial, gamma, beta, epsilon, y, mean, variance, invStd, threads),
     batchNormBackward: (x, dy, batch, channels, spatial, gamma, mean, invStd, dx, dGamma, dBeta) =>
       b.batchNormBackward(x, dy, batch, channels, spatial, gamma, mean, invStd, dx, dGamma, dBeta, threads),
+    activationForward: (kind, x, y, alpha, beta) => b.activationForward(kind, x, y, alpha, beta, threads),
+    activationBackward: (kind, x, dy, dx, alpha, beta) => b.activationBackward(kind, x, dy, dx, alpha, beta, threads),
+    maxPoolForward: (x, batch, g, y, argmax) => b.maxPoolForward(x, batch, g, y, argmax, threads),
+    maxPoolBackward: (dy, argmax, dx) => b.maxPoolBackward(dy, argmax, dx),
+    averagePoolForward: (x, batch, g, countIncludePad, y) => b.averagePoolForward(x, batch, g, countIncludePad, y, threads),
+    averagePoolBackward: (dy, batch, g, countIncludePad, dx) => b.averagePoolBackward(dy, batch, g, countIncludePad, dx, threads),
   };
 }

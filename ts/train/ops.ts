@@ -1,13 +1,14 @@
 /**
  * Forward and backward of the ONNX operators the training engine supports.
- * Heavy work (Conv via im2col + SGEMM, Gemm/MatMul, BatchNormalization) goes
- * through FloatKernels; element-wise work stays here. Every backward returns
+ * Heavy work (Conv via im2col + SGEMM, Gemm/MatMul, BatchNormalization, the
+ * activations and pooling) goes through FloatKernels; the remaining element-wise
+ * work (Add/Sub/Mul, Softmax, bias adds) stays here. Every backward returns
  * the gradient of each input that needs one (same shape as the input).
  */
 import type { NodeProto } from 'onnx-buf';
 
 import { attribute, floatAttribute, intAttribute, intsAttribute } from '../onnx/graph';
-import type { ConvGeometry, FloatKernels } from './kernels';
+import type { ActivationKind, ConvGeometry, FloatKernels } from './kernels';
 import { broadcastDims, broadcastIndex, sizeOf, unbroadcast, type Tensor } from './tensor';
 
 export interface OpContext {
@@ -301,40 +302,34 @@ function binary(kind: 'Add' | 'Sub' | 'Mul'): OpImpl {
   };
 }
 
-/** y = f(x) element-wise with dy/dx from x. */
-function unary(f: (x: number, node: NodeProto, p: number[]) => number, df: (x: number, p: number[]) => number,
-  params: (node: NodeProto, x: Array<Tensor | undefined>, opset: number) => number[] = () => []): OpImpl {
+/** y = f(x) element-wise on FloatKernels, with dy/dx from x; params gives the kernel's [alpha, beta]. */
+function activation(kind: ActivationKind,
+  params: (node: NodeProto, x: Array<Tensor | undefined>, opset: number) => [number, number] = () => [0, 0]): OpImpl {
   return {
     forward(node, x, ctx) {
       const input = need(node, x[0], 'input X');
       const p = params(node, x, ctx.opset);
       const y = new Float32Array(input.data.length);
-      for (let i = 0; i < y.length; i++) y[i] = f(input.data[i], node, p);
+      ctx.kernels.activationForward(kind, input.data, y, p[0], p[1]);
       return { y: { data: y, dims: input.dims }, saved: p };
     },
-    backward(node, x, y, saved, dy) {
-      const p = saved as number[];
-      const X = x[0]!.data;
+    backward(node, x, y, saved, dy, needs, ctx) {
+      const p = saved as [number, number];
       const dx = new Float32Array(dy.length);
-      for (let i = 0; i < dx.length; i++) dx[i] = dy[i] * df(X[i], p);
+      ctx.kernels.activationBackward(kind, x[0]!.data, dy, dx, p[0], p[1]);
       return [dx];
     },
   };
 }
 
-const clipBounds = (node: NodeProto, x: Array<Tensor | undefined>, opset: number): number[] => opset >= 11
+const clipBounds = (node: NodeProto, x: Array<Tensor | undefined>, opset: number): [number, number] => opset >= 11
   ? [x[1]?.data[0] ?? -Infinity, x[2]?.data[0] ?? Infinity]
   : [floatAttribute(node, 'min', -Infinity), floatAttribute(node, 'max', Infinity)];
 
-const relu = unary((v) => (v > 0 ? v : 0), (v) => (v > 0 ? 1 : 0));
-const clip = unary((v, n, [lo, hi]) => Math.min(hi, Math.max(lo, v)), (v, [lo, hi]) => (v > lo && v < hi ? 1 : 0), clipBounds);
-const hardSigmoid = unary(
-  (v, n, [alpha, beta]) => Math.max(0, Math.min(1, alpha * v + beta)),
-  (v, [alpha, beta]) => { const t = alpha * v + beta; return t > 0 && t < 1 ? alpha : 0; },
-  (node) => [floatAttribute(node, 'alpha', 0.2), floatAttribute(node, 'beta', 0.5)]);
-const hardSwish = unary(
-  (v) => v * Math.max(0, Math.min(1, v / 6 + 0.5)),
-  (v) => (v <= -3 ? 0 : v >= 3 ? 1 : v / 3 + 0.5));
+const relu = activation('relu');
+const clip = activation('clip', clipBounds);
+const hardSigmoid = activation('hardSigmoid', (node) => [floatAttribute(node, 'alpha', 0.2), floatAttribute(node, 'beta', 0.5)]);
+const hardSwish = activation('hardSwish');
 
 const identity: OpImpl = {
   forward(node, [x]) { return { y: need(node, x, 'input') }; },
@@ -453,74 +448,28 @@ const batchNormalization: OpImpl = {
 
 function pool(kind: 'max' | 'average'): OpImpl {
   return {
-    forward(node, [xIn]) {
+    forward(node, [xIn], ctx) {
       const x = need(node, xIn, 'input X');
       const [kernelH, kernelW] = spatial2d(node, 'kernel_shape', 0);
       if (!kernelH || !kernelW) throw new OpError(node, 'kernel_shape is required');
       const g = windowGeometry(node, x, kernelH, kernelW);
-      const planes = x.dims[0] * g.channels;
-      const outSize = g.outH * g.outW;
-      const y = new Float32Array(planes * outSize);
+      const batch = x.dims[0];
+      const y = new Float32Array(batch * g.channels * g.outH * g.outW);
       const countPad = intAttribute(node, 'count_include_pad', 0) === 1;
-      const arg = kind === 'max' ? new Int32Array(y.length) : undefined;
-      const counts = kind === 'average' ? new Float32Array(outSize) : undefined;
-      for (let p = 0; p < planes; p++) {
-        const xBase = p * g.height * g.width;
-        for (let oy = 0; oy < g.outH; oy++) {
-          for (let ox = 0; ox < g.outW; ox++) {
-            let best = -Infinity, bestAt = -1, sum = 0, count = 0, padded = 0;
-            for (let ky = 0; ky < kernelH; ky++) {
-              const iy = oy * g.strideH - g.padTop + ky * g.dilationH;
-              for (let kx = 0; kx < kernelW; kx++) {
-                const ix = ox * g.strideW - g.padLeft + kx * g.dilationW;
-                if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
-                  // count_include_pad counts the explicit padding, not windows running past it (ceil_mode).
-                  if (iy < g.height + g.padTop && ix < g.width + g.padLeft) padded++;
-                  continue;
-                }
-                const at = xBase + iy * g.width + ix;
-                const v = x.data[at];
-                if (v > best || bestAt < 0) { best = v; bestAt = at; }
-                sum += v;
-                count++;
-              }
-            }
-            const o = p * outSize + oy * g.outW + ox;
-            if (arg) { y[o] = best; arg[o] = bestAt; } else {
-              const divisor = countPad ? count + padded : count;
-              y[o] = sum / divisor;
-              if (p === 0) counts![oy * g.outW + ox] = divisor;
-            }
-          }
-        }
+      let arg: Int32Array | undefined;
+      if (kind === 'max') {
+        arg = new Int32Array(y.length);
+        ctx.kernels.maxPoolForward(x.data, batch, g, y, arg);
+      } else {
+        ctx.kernels.averagePoolForward(x.data, batch, g, countPad, y);
       }
-      return { y: { data: y, dims: [x.dims[0], g.channels, g.outH, g.outW] }, saved: { g, arg, counts, kernelH, kernelW } };
+      return { y: { data: y, dims: [batch, g.channels, g.outH, g.outW] }, saved: { g, arg, countPad } };
     },
-    backward(node, [x], y, saved, dy) {
-      const { g, arg, counts, kernelH, kernelW } = saved as { g: ConvGeometry; arg?: Int32Array; counts?: Float32Array; kernelH: number; kernelW: number };
+    backward(node, [x], y, saved, dy, needs, ctx) {
+      const { g, arg, countPad } = saved as { g: ConvGeometry; arg?: Int32Array; countPad: boolean };
       const dx = new Float32Array(x!.data.length);
-      if (arg) {
-        for (let i = 0; i < dy.length; i++) dx[arg[i]] += dy[i];
-        return [dx];
-      }
-      const outSize = g.outH * g.outW;
-      const planes = dy.length / outSize;
-      for (let p = 0; p < planes; p++) {
-        const xBase = p * g.height * g.width;
-        for (let oy = 0; oy < g.outH; oy++) {
-          for (let ox = 0; ox < g.outW; ox++) {
-            const d = dy[p * outSize + oy * g.outW + ox] / counts![oy * g.outW + ox];
-            for (let ky = 0; ky < kernelH; ky++) {
-              const iy = oy * g.strideH - g.padTop + ky * g.dilationH;
-              if (iy < 0 || iy >= g.height) continue;
-              for (let kx = 0; kx < kernelW; kx++) {
-                const ix = ox * g.strideW - g.padLeft + kx * g.dilationW;
-                if (ix >= 0 && ix < g.width) dx[xBase + iy * g.width + ix] += d;
-              }
-            }
-          }
-        }
-      }
+      if (arg) ctx.kernels.maxPoolBackward(dy, arg, dx);
+      else ctx.kernels.averagePoolBackward(dy, x!.dims[0], g, countPad, dx);
       return [dx];
     },
   };
