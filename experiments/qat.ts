@@ -87,7 +87,7 @@ export async function qatExperiment(json: boolean, quick: boolean): Promise<void
   log('throughput: lowbit engine vs TensorFlow.js (cpu backend), float training, batch 64…');
   // tfjs needs seconds per step: fewer timed steps for it (both after two warm-up steps).
   const batchSize = 64, steps = quick ? 10 : 30, tfjsSteps = quick ? 2 : 5;
-  const lowbit = await lowbitTrainThroughput(batchSize, steps);
+  const lowbit = await lowbitTrainThroughput(batchSize, steps);  // all threads
   const tfjs = await tfjsTrainThroughput({ batchSize, steps: tfjsSteps });
   const throughput = [
     { trainer: 'lowbit finetune (native kernels)', 'images/s': Math.round(lowbit), ratio: '1.00' },

@@ -224,9 +224,10 @@ export function program(): Command {
     .option('--batch-size <n>', 'mini-batch size', (v) => parseSize(v)[0], 64)
     .option('--steps <n>', 'timed lowbit steps', (v) => parseSize(v)[0], 30)
     .option('--tfjs-steps <n>', 'timed TensorFlow.js steps', (v) => parseSize(v)[0], 5)
+    .option('--threads <n|all|both>', 'lowbit thread counts', parseThreads, undefined)
     .option('--json', 'machine-readable output')
-    .action(async (o: { batchSize: number; steps: number; tfjsSteps: number; json?: boolean }) => {
-      await benchTrain({ batchSize: o.batchSize, steps: o.steps, tfjsSteps: o.tfjsSteps, json: !!o.json });
+    .action(async (o: { batchSize: number; steps: number; tfjsSteps: number; threads?: number[]; json?: boolean }) => {
+      await benchTrain({ batchSize: o.batchSize, steps: o.steps, tfjsSteps: o.tfjsSteps, threads: o.threads ?? [1, cpuInfo().maxThreads], json: !!o.json });
     });
   bench.command('quantize')
     .description('per-tensor float32 -> int8 quantization GB/s vs plain TypeScript and onnxruntime QuantizeLinear')

@@ -15,11 +15,13 @@ export interface TrainBenchOptions {
   /** Timed lowbit steps and tfjs steps (tfjs needs seconds per step); both after two warm-up steps. */
   steps: number;
   tfjsSteps: number;
+  /** lowbit thread counts to measure (tfjs's cpu backend is single-threaded). */
+  threads: number[];
   json: boolean;
 }
 
 /** Images per second of lowbit's float training step on the bundled MNIST CNN, random normal images. */
-export async function lowbitTrainThroughput(batchSize: number, steps: number, seed = 1): Promise<number> {
+export async function lowbitTrainThroughput(batchSize: number, steps: number, threads?: number, seed = 1): Promise<number> {
   const model = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
   let a = seed >>> 0;
   const next = () => { a = (Math.imul(a ^ (a >>> 15), 0x2c1b3c6d) + 0x6d2b79f5) >>> 0; return a / 4294967296; };
@@ -29,24 +31,24 @@ export async function lowbitTrainThroughput(batchSize: number, steps: number, se
   const batch = (from: number, count: number) => ({
     inputs: { data: data.subarray(from * 784, (from + count) * 784), dims: [count, 1, 28, 28] }, labels: labels.subarray(from, from + count),
   });
-  await finetune(model, batch(0, 2 * batchSize), { batchSize });
+  await finetune(model, batch(0, 2 * batchSize), { batchSize, threads });
   let seconds = 0;
-  await finetune(model, batch(2 * batchSize, steps * batchSize), { batchSize, onEpoch: (e) => { seconds = e.seconds; } });
+  await finetune(model, batch(2 * batchSize, steps * batchSize), { batchSize, threads, onEpoch: (e) => { seconds = e.seconds; } });
   return (steps * batchSize) / seconds;
 }
 
-export async function benchTrain(o: TrainBenchOptions): Promise<{ lowbit: number; tfjs: number }> {
-  const lowbit = await lowbitTrainThroughput(o.batchSize, o.steps);
+export async function benchTrain(o: TrainBenchOptions): Promise<{ lowbit: Array<{ threads: number; imagesPerSecond: number }>; tfjs: number }> {
+  const lowbit: Array<{ threads: number; imagesPerSecond: number }> = [];
+  for (const threads of o.threads) lowbit.push({ threads, imagesPerSecond: await lowbitTrainThroughput(o.batchSize, o.steps, threads) });
   const tfjs = (await tfjsTrainThroughput({ batchSize: o.batchSize, steps: o.tfjsSteps })).imagesPerSecond;
   if (o.json) {
-    console.log(JSON.stringify({ batchSize: o.batchSize, lowbitImagesPerSecond: lowbit, tfjsImagesPerSecond: tfjs, ratio: lowbit / tfjs }));
+    console.log(JSON.stringify({ batchSize: o.batchSize, lowbit, tfjsImagesPerSecond: tfjs }));
   } else {
     console.log(`float training of the bundled MNIST CNN, batch ${o.batchSize} (lowbit ${o.steps} steps, tfjs ${o.tfjsSteps}), same process\n`);
     console.log(table([
-      { trainer: 'lowbit finetune (native kernels, all threads)', 'images/s': Math.round(lowbit) },
-      { trainer: 'TensorFlow.js 4.22 cpu backend', 'images/s': Number(tfjs.toFixed(1)) },
+      ...lowbit.map((l) => ({ trainer: `lowbit finetune, ${l.threads} thread${l.threads > 1 ? 's' : ''}`, 'images/s': Math.round(l.imagesPerSecond), 'vs tfjs': `${(l.imagesPerSecond / tfjs).toFixed(1)}×` })),
+      { trainer: 'TensorFlow.js 4.22 cpu backend (1 thread)', 'images/s': Number(tfjs.toFixed(1)), 'vs tfjs': '1.0×' },
     ]));
-    console.log(`lowbit / tfjs = ${(lowbit / tfjs).toFixed(1)}×`);
   }
   return { lowbit, tfjs };
 }
