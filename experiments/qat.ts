@@ -44,7 +44,7 @@ export async function qatExperiment(json: boolean, quick: boolean): Promise<void
   log(`float: training the CNN from scratch (${trainCount} images)…`);
   let t0 = performance.now();
   const floatEpochs = quick ? 1 : 2;
-  const float = await finetune(cnn(1, BLOCKS), train, { epochs: floatEpochs, batchSize: 64, learningRate: 0.05, seed: 1 });
+  const float = await finetune(cnn(1, BLOCKS), train, { epochs: floatEpochs, batchSize: 64, learningRate: 0.02, seed: 1 });
   const floatSeconds = (performance.now() - t0) / 1000;
   const floatAccuracy = await mnistAccuracy(float.model);
   const rows: Array<Record<string, string | number>> = [{

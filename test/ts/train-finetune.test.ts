@@ -85,6 +85,17 @@ describe('finetune: float training', () => {
     }
   });
 
+  it('learning-rate schedules: cosine decays towards 0 over the run, constant stays', async () => {
+    const data = subset('train', 256);
+    const rates: number[] = [];
+    const cosine = await finetune(mnistCnn(5), data, { epochs: 2, batchSize: 64, learningRate: 0.02, onStep: () => undefined, onEpoch: (e) => rates.push(e.learningRate) });
+    expect(cosine.history.map((h) => h.learningRate)).to.deep.equal(rates);
+    // The last step of 8 uses progress 7/8: 0.01·(1 + cos(7π/8)).
+    expect(rates[1]).to.be.closeTo(0.01 * (1 + Math.cos((7 * Math.PI) / 8)), 1e-12);
+    const constant = await finetune(mnistCnn(5), data, { epochs: 2, batchSize: 64, learningRate: 0.02, learningRateSchedule: 'constant' });
+    expect(constant.history.map((h) => h.learningRate)).to.deep.equal([0.02, 0.02]);
+  });
+
   it('keeps the event loop running', async () => {
     let ticks = 0;
     const timer = setInterval(() => ticks++, 1);

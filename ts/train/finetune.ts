@@ -36,8 +36,10 @@ export interface FinetuneOptions {
   keepFloat?: string[];
   epochs?: number;
   batchSize?: number;
-  /** Initial learning rate (cosine decay to 0 over the run). Default 0.01. */
+  /** Initial learning rate. Default 0.01. */
   learningRate?: number;
+  /** 'cosine' (default): decay to 0 over the run, as in LSQ's recipe; 'constant'. */
+  learningRateSchedule?: 'cosine' | 'constant';
   momentum?: number;
   /** L2 weight decay of Conv/Gemm/MatMul weights. Default 1e-4 (LSQ: 5e-5 at 3 bits, 2.5e-5 at 2 bits). */
   weightDecay?: number;
@@ -89,7 +91,7 @@ export interface FinetuneResult {
 }
 
 const KNOWN_OPTIONS = ['method', 'weightBits', 'activationBits', 'firstLastLayerBits', 'keepFloat', 'epochs', 'batchSize',
-  'learningRate', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps',
+  'learningRate', 'learningRateSchedule', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps',
   'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath'];
 
 function positive(name: string, v: unknown, fallback: number): number {
@@ -147,6 +149,7 @@ interface Settings {
   epochs: number;
   batchSize: number;
   learningRate: number;
+  schedule: 'cosine' | 'constant';
   momentum: number;
   weightDecay: number;
   seed: number;
@@ -184,6 +187,7 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
     epochs: o.epochs === undefined ? 1 : checkInteger('options.epochs', o.epochs, 1, 100_000),
     batchSize: o.batchSize === undefined ? 32 : checkInteger('options.batchSize', o.batchSize, 1, 1 << 20),
     learningRate: positive('options.learningRate', o.learningRate, 0.01),
+    schedule: o.learningRateSchedule === undefined ? 'cosine' : checkChoice('options.learningRateSchedule', o.learningRateSchedule, ['cosine', 'constant'] as const),
     momentum: nonNegative('options.momentum', o.momentum, 0.9),
     weightDecay: nonNegative('options.weightDecay', o.weightDecay, defaultDecay),
     seed: o.seed === undefined ? 0 : checkInteger('options.seed', o.seed, 0, 2 ** 32 - 1),
@@ -374,7 +378,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       const batch = inMemory ? raw : checkBatch(`data batch ${step}`, raw);
       if (!inMemory) { checkShape(`data batch ${step}`, batch); probe(batch, `data batch ${step}`); }
       const progress = totalSteps ? globalStep / totalSteps : epoch / s.epochs;
-      lr = 0.5 * s.learningRate * (1 + Math.cos(Math.PI * progress));
+      lr = s.schedule === 'constant' ? s.learningRate : 0.5 * s.learningRate * (1 + Math.cos(Math.PI * progress));
       const all = params();
       if (!current) { current = new Snapshot([...all.map((p) => p.value), ...stats]); previous = new Snapshot([...all.map((p) => p.value), ...stats]); }
       [previous, current] = [current, previous!];
