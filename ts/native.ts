@@ -6,6 +6,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
+import type { ConvGeometry } from './train/kernels';
+
 /** Where a tensor's parameters change: see QuantLayout in ts/quant-params.ts. */
 export interface NativeLayout {
   kind: 0 | 1 | 2;
@@ -40,22 +42,8 @@ export interface NativeCpuInfo {
   maxThreads: number;
 }
 
-/** Window geometry for im2col/col2im and pooling: the ConvGeometry of ts/train/kernels.ts. */
-export interface NativeConvGeometry {
-  channels: number;
-  height: number;
-  width: number;
-  kernelH: number;
-  kernelW: number;
-  padTop: number;
-  padLeft: number;
-  strideH: number;
-  strideW: number;
-  dilationH: number;
-  dilationW: number;
-  outH: number;
-  outW: number;
-}
+/** Window geometry for im2col/col2im and pooling (defined with the kernels that use it). */
+export type NativeConvGeometry = ConvGeometry;
 
 export interface NativeErrorStats {
   squaredError: number;

@@ -1,14 +1,7 @@
 /** Seeded random data for tests (mulberry32): failures reproduce from the printed seed. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { seededRandom as rng } from '../../ts/random';
+
+export { rng };
 
 /** Values that hit ties (k + 0.5)·scale, saturation, signed zeros, infinities and tiny numbers. */
 export function trickyData(n: number, scale: number, seed: number): Float32Array {

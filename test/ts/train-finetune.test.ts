@@ -117,11 +117,19 @@ describe('finetune: quantization-aware training and QDQ export', () => {
       const engine = result.forward(test.inputs);
       const runtime = await ortLogits(result.model, test);
       const scale = engine.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
-      let close = 0;
-      runtime.forEach((v, i) => { if (Math.abs(v - engine[i]) <= 1e-5 * scale) close++; });
-      // onnxruntime sums convolutions in another order; a last-bit difference could move a value across a
-      // quantization threshold, so a few elements may differ by a step (none did on the development machine).
-      expect(close / runtime.length).to.be.at.least(0.995);
+      // onnxruntime sums convolutions in another order (and GDRQ folds its group scales into the BN), so a
+      // last-bit difference can move one of the 200 704 activations feeding the 8-bit Gemm (or the 4-bit Conv) across a rounding
+      // threshold: that image's logits then differ by one activation step times a weight. Expect almost every
+      // image to agree to float tolerance, and the rest to differ by no more than a few such steps.
+      const differing = new Set<number>();
+      let largest = 0;
+      runtime.forEach((v, i) => {
+        const d = Math.abs(v - engine[i]);
+        if (d > 1e-5 * scale) differing.add(Math.floor(i / 10));
+        largest = Math.max(largest, d);
+      });
+      expect(differing.size / (runtime.length / 10), 'share of images whose logits differ').to.be.at.most(0.04);
+      expect(largest / scale, 'largest logit difference relative to the largest logit').to.be.below(2e-3);
       expect(argmaxAgreement(engine, runtime, 10)).to.be.above(0.99);
       const quantized = result.layers.filter((l) => l.weightBits !== undefined);
       expect(quantized.map((l) => [l.weightBits, l.activationBits])).to.deep.equal([[8, 8], [wbits, abits], [8, 8]]);

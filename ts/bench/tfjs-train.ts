@@ -14,6 +14,8 @@
  */
 import type * as Tf from '@tensorflow/tfjs';
 
+import { seededRandom } from '../random';
+
 /** The shape of a classification model in a training benchmark (channels first, as in ONNX). */
 export interface TrainBenchModel {
   input: [channels: number, height: number, width: number];
@@ -84,17 +86,6 @@ async function useCpuBackend(tf: typeof Tf): Promise<void> {
   }
 }
 
-/** Deterministic 32-bit generator (mulberry32). */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Standard normal samples (Box–Muller) from a seeded generator. */
 function randomNormal(n: number, next: () => number): Float32Array {
@@ -164,7 +155,7 @@ export async function tfjsTrainThroughput(options: TfjsTrainOptions): Promise<Tf
 
   const [c, h, w] = MNIST_CNN.input;
   const classes = MNIST_CNN.classes;
-  const next = mulberry32(seed);
+  const next = seededRandom(seed);
   const batches: Array<{ x: Tf.Tensor4D; y: Tf.Tensor2D }> = [];
   const { model, optimizer } = buildModel(tf, seed);
   try {

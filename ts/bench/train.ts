@@ -6,6 +6,7 @@
  */
 import * as path from 'node:path';
 
+import { seededRandom } from '../random';
 import { finetune } from '../train/finetune';
 import { table } from './timing';
 import { tfjsTrainThroughput } from './tfjs-train';
@@ -23,8 +24,7 @@ export interface TrainBenchOptions {
 /** Images per second of lowbit's float training step on the bundled MNIST CNN, random normal images. */
 export async function lowbitTrainThroughput(batchSize: number, steps: number, threads?: number, seed = 1): Promise<number> {
   const model = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
-  let a = seed >>> 0;
-  const next = () => { a = (Math.imul(a ^ (a >>> 15), 0x2c1b3c6d) + 0x6d2b79f5) >>> 0; return a / 4294967296; };
+  const next = seededRandom(seed);
   const images = (steps + 2) * batchSize;
   const data = Float32Array.from({ length: images * 784 }, () => Math.sqrt(-2 * Math.log(1 - next())) * Math.cos(2 * Math.PI * next()));
   const labels = Int32Array.from({ length: images }, (_, i) => i % 10);

@@ -9,6 +9,7 @@ import type { ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { readModel, writeFileAtomic } from '../onnx/model-io';
+import { seededRandom } from '../random';
 import { checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
@@ -46,7 +47,7 @@ export interface FinetuneOptions {
   seed?: number;
   /** LSQ: one weight step per output channel instead of per tensor. */
   perChannel?: boolean;
-  /** GDRQ: groups of output channels per layer (default 4), Scale-Clip k of weights (2) and activations (3). */
+  /** GDRQ: groups of output channels per layer (default 4), Scale-Clip k of weights (2) and activations (5). */
   groups?: number;
   scaleClipK?: number;
   activationClipK?: number;
@@ -106,17 +107,6 @@ function nonNegative(name: string, v: unknown, fallback: number): number {
   return v;
 }
 
-/** mulberry32: a small seeded generator for reproducible shuffles. */
-function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function checkBatch(name: string, batch: unknown): LabelledBatch {
   if (!isPlainObject(batch)) throw invalidType(name, 'an object { inputs: { data, dims }, labels }', batch);
@@ -194,7 +184,7 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
     perChannel: !!o.perChannel,
     groups: o.groups === undefined ? 4 : checkInteger('options.groups', o.groups, 1, 1 << 16),
     scaleClipK: positive('options.scaleClipK', o.scaleClipK, 2),
-    activationClipK: positive('options.activationClipK', o.activationClipK, 3),
+    activationClipK: positive('options.activationClipK', o.activationClipK, 5),
     groupSteps: o.groupSteps === undefined ? 'learned' : checkChoice('options.groupSteps', o.groupSteps, ['learned', 'search'] as const),
     raw: o,
   };
