@@ -1,11 +1,14 @@
 /**
- * `npm run experiments -- qat [--quick] [--json]`: quantization-aware training on MNIST.
+ * `npm run experiments -- qat [--quick] [--json] [--seeds N]`: quantization-aware training on MNIST.
  * A small CNN (four Conv+BN+ReLU blocks, two max-pools, Gemm) is trained in
  * float by lowbit's engine; then, at W4A4 and W2A4 (first and last layer at 8
  * bits in every setting): PTQ minmax, PTQ ACIQ + bit allocation + bias
  * correction, LSQ QAT and GDRQ QAT, each evaluated in onnxruntime on the 10 000
  * MNIST test images. Also the float training throughput of the engine against
  * TensorFlow.js (pure-JavaScript CPU backend) on the same model and batch size.
+ * `--seeds N` repeats each QAT row with N shuffling seeds (2, 3, …) from the same
+ * float model and reports their mean, range and each accuracy: one run's
+ * difference between LSQ and GDRQ can be smaller than the seed-to-seed spread.
  */
 import { ort } from '../ts/bench/ort-models';
 import { table } from '../ts/bench/timing';
@@ -35,7 +38,8 @@ function* calibrationFeeds(train: LabelledBatch): Generator<Record<string, { dat
 
 const pct = (x: number) => `${(x * 100).toFixed(2)}%`;
 
-export async function qatExperiment(json: boolean, quick: boolean): Promise<void> {
+export async function qatExperiment(json: boolean, quick: boolean, seeds = 1): Promise<void> {
+  if (!Number.isInteger(seeds) || seeds < 1) throw new RangeError(`Expected a positive integer for --seeds but received ${seeds}.`);
   ort();
   const trainCount = quick ? 10_000 : 60_000;
   const train = trainingSet(trainCount);
@@ -73,14 +77,28 @@ export async function qatExperiment(json: boolean, quick: boolean): Promise<void
       ['GDRQ QAT (Scale-Clip, 4 groups, learned group steps)', { method: 'gdrq', groups: 4 }],
     ];
     for (const [method, options] of qat) {
-      log(`W${wbits}A${abits} ${method} (${qatEpochs} epochs)…`);
-      t0 = performance.now();
-      const { model } = await finetune(float.model, train, {
-        ...options, weightBits: wbits, activationBits: abits, epochs: qatEpochs, batchSize: 64, learningRate: 0.01, seed: 2,
-      });
-      const seconds = (performance.now() - t0) / 1000;
-      const accuracy = await mnistAccuracy(model);
-      rows.push({ bits: `W${wbits}A${abits}`, method: `${method}, ${qatEpochs} epochs`, accuracy: pct(accuracy), 'vs float': `${((accuracy - floatAccuracy) * 100).toFixed(2)} points`, seconds: Number(seconds.toFixed(1)) });
+      const accuracies: number[] = [];
+      let seconds = 0;
+      for (let seed = 2; seed < 2 + seeds; seed++) {
+        log(`W${wbits}A${abits} ${method} (${qatEpochs} epochs, seed ${seed})…`);
+        t0 = performance.now();
+        const { model } = await finetune(float.model, train, {
+          ...options, weightBits: wbits, activationBits: abits, epochs: qatEpochs, batchSize: 64, learningRate: 0.01, seed,
+        });
+        seconds += (performance.now() - t0) / 1000;
+        accuracies.push(await mnistAccuracy(model));
+      }
+      const mean = accuracies.reduce((a, b) => a + b, 0) / seeds;
+      const row: Record<string, string | number> = {
+        bits: `W${wbits}A${abits}`, method: `${method}, ${qatEpochs} epoch${qatEpochs === 1 ? '' : 's'}`, accuracy: pct(mean),
+        'vs float': `${((mean - floatAccuracy) * 100).toFixed(2)} points`, seconds: Number((seconds / seeds).toFixed(1)),
+      };
+      if (seeds > 1) {
+        row.accuracy = `${pct(mean)} (mean of ${seeds})`;
+        row['each seed'] = accuracies.map(pct).join(' ');
+        row.range = `${((Math.max(...accuracies) - Math.min(...accuracies)) * 100).toFixed(2)} points`;
+      }
+      rows.push(row);
     }
   }
 

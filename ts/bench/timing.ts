@@ -21,8 +21,8 @@ export async function measure(fn: () => unknown | Promise<unknown>, runs: number
 }
 
 export function table(rows: Array<Record<string, string | number>>): string {
-  const cols = Object.keys(rows[0] ?? {});
-  const cell = (v: string | number) => (typeof v !== 'number' ? v : Number.isInteger(v) ? String(v) : v.toFixed(v >= 100 ? 0 : 2));
+  const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))];
+  const cell = (v: string | number | undefined) => (v === undefined ? '' : typeof v !== 'number' ? v : Number.isInteger(v) ? String(v) : v.toFixed(v >= 100 ? 0 : 2));
   const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => String(cell(r[c])).length)));
   const line = (vals: string[]) => vals.map((v, i) => v.padEnd(widths[i])).join('  ');
   return [line(cols), line(widths.map((w) => '-'.repeat(w))), ...rows.map((r) => line(cols.map((c) => String(cell(r[c])))))].join('\n');
