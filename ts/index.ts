@@ -26,7 +26,7 @@ export {
 } from './methods/gdrq';
 export { lsqBackward, lsqGradScale, lsqInitStep, lsqLevels, lsqQuantize, type LsqBackwardOptions, type LsqOptions } from './methods/lsq';
 export { lambertW0 } from './methods/special';
-export { AciqObserver, HistogramObserver, MinMaxObserver, type Range } from './calibration/observers';
+export { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from './calibration/observers';
 export { quantizeModel, type QuantizationReport, type QuantizeModelOptions } from './onnx/quantize-model';
 export { inspectModel, type LayerStats } from './onnx/inspect';
 export { OnnxModelError } from './onnx/model-io';

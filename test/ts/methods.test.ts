@@ -4,7 +4,7 @@ import { expect } from 'chai';
 
 import {
   aciqAlpha, aciqExpectedMse, ActivationScaleClip, AciqObserver, allocateBits, correctWeightBias, dequantize,
-  expectedOutputShift, foldScalesIntoBatchNorm, HistogramObserver, lambertW0, lsqBackward, lsqGradScale, lsqInitStep,
+  expectedOutputShift, foldScalesIntoBatchNorm, HistogramObserver, klLevels, lambertW0, lsqBackward, lsqGradScale, lsqInitStep,
   lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
 } from '../../ts';
 import { laplace, rng } from '../helpers/random';
@@ -161,9 +161,39 @@ describe('calibration observers (streaming)', () => {
     expect(kl.hi).to.be.lessThan(h.max).and.greaterThan(1);
     const mse4 = h.mseRange(4);
     expect(Math.max(-mse4.lo, mse4.hi)).to.be.lessThan(Math.max(-h.min, h.max)).and.greaterThan(1);
+    expect(() => h.klRange(0)).to.throw(RangeError, /levels/);
     const ema = new MinMaxObserver({ movingAverage: 0.5 });
     ema.observe(Float32Array.of(0, 10)).observe(Float32Array.of(0, 20));
     expect(ema.range().hi).to.equal(15);
+  });
+});
+
+describe('KL (entropy) ranges', () => {
+  // A ReLU output: 60% exact zeros, the rest |N(0, 1)|.
+  const relu = gaussian(200_000, 5).map((v, i) => (i % 5 < 3 ? 0 : Math.abs(v)));
+  const observed = new HistogramObserver().observe(relu);
+
+  it('the zero spike after a ReLU does not pull the clip towards 0', () => {
+    for (const bits of [8, 4]) {
+      const { lo, hi } = observed.klRange(klLevels(bits, true));
+      expect(lo).to.equal(0);
+      // |N(0, 1)|: 2.0 is its 95.4th percentile; a clip below it would saturate ≥ 4.6% of the non-zero values.
+      expect(hi, `${bits} bits`).to.be.greaterThan(2).and.at.most(observed.max);
+    }
+  });
+
+  it('fewer levels clip harder, and levels follow the bits and the sign', () => {
+    const hi8 = observed.klRange(klLevels(8, true)).hi;
+    const hi4 = observed.klRange(klLevels(4, true)).hi;
+    expect(hi4).to.be.lessThan(hi8);
+    expect([klLevels(8, false), klLevels(8, true), klLevels(4, true), klLevels(2, false)]).to.deep.equal([128, 255, 15, 2]);
+    expect(() => klLevels(9, true)).to.throw(RangeError, /bits/);
+  });
+
+  it("quantizeTensor's 'kl' method uses the levels of the requested bits", () => {
+    const at = (bits: 4 | 8) => quantizeTensor(relu, { shape: [relu.length], bits, signed: false, method: 'kl' }).scale[0] * (2 ** bits - 1);
+    expect(at(8)).to.be.closeTo(observed.klRange(255).hi, 1e-5 * observed.max);
+    expect(at(4)).to.be.closeTo(observed.klRange(15).hi, 1e-5 * observed.max);
   });
 });
 

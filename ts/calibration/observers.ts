@@ -169,11 +169,18 @@ export class HistogramObserver {
   /**
    * TensorRT-style entropy calibration: the threshold (a bin edge from
    * `levels` bins up) whose clipped, `levels`-level quantized distribution has the
-   * smallest KL divergence from the clipped reference distribution.
+   * smallest KL divergence from the clipped reference distribution. `levels` is
+   * the number of quantization steps between 0 and the threshold (TensorRT's 128
+   * is int8's); `klLevels` gives it for other bit widths. The first bin's count
+   * is replaced by the second's (as NVIDIA's pytorch-quantization does): after a
+   * ReLU most values are exactly 0, and that spike alone would make a tiny clip
+   * look like a faithful distribution. The search starts at 1/16 of the histogram.
    */
   klRange(levels = 128): Range {
     this.check();
-    const h = this.counts;
+    if (!Number.isInteger(levels) || levels < 1 || levels > this.bins) throw invalidValue('levels', `an integer in [1, ${this.bins}]`, levels);
+    const h = Float64Array.from(this.counts);
+    h[0] = h[1];
     const nb = this.bins;
     if (this.limit === 0) return { lo: 0, hi: 0 };
     let bestKl = Infinity;
@@ -182,7 +189,10 @@ export class HistogramObserver {
     const q = new Float64Array(nb);
     const suffix = new Float64Array(nb + 1);
     for (let i = nb - 1; i >= 0; i--) suffix[i] = suffix[i + 1] + h[i];
-    for (let i = levels; i <= nb; i++) {
+    // Thresholds below 1/16 of the histogram (TensorRT's first candidate, bin 128 of
+    // 2048) are not tried: with few levels, P and Q are each normalised, so a clip that
+    // moves most of the mass into the last bin can still look faithful.
+    for (let i = Math.max(levels, nb / 16); i <= nb; i++) {
       for (let j = 0; j < i; j++) p[j] = h[j];
       p[i - 1] += suffix[i];
       // Merge the i reference bins into `levels` groups, then spread each group's
@@ -243,6 +253,16 @@ export class HistogramObserver {
 
 // KL(p || q) over the first n bins, both normalised, with p's empty bins skipped
 // and q smoothed where p has mass but q has none.
+/**
+ * Quantization steps between 0 and the clip threshold for `bits`: 2^bits − 1
+ * when the values are never negative (an unsigned range starting at 0), else
+ * 2^(bits−1) (a range symmetric about 0; 128 at 8 bits, TensorRT's value).
+ */
+export function klLevels(bits: number, neverNegative: boolean): number {
+  if (!Number.isInteger(bits) || bits < 2 || bits > 8) throw invalidValue('bits', 'an integer in [2, 8]', bits);
+  return neverNegative ? 2 ** bits - 1 : 2 ** (bits - 1);
+}
+
 function klDivergence(p: Float64Array, q: Float64Array, n: number): number {
   let ps = 0;
   let qs = 0;

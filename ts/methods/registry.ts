@@ -3,7 +3,7 @@
  * The scale and zero point then follow from the range (paramsFromRanges, in
  * C++, as onnxruntime computes them). Methods register here under their name.
  */
-import { HistogramObserver } from '../calibration/observers';
+import { HistogramObserver, klLevels } from '../calibration/observers';
 import { invalidValue } from '../errors';
 import { native, type NativeLayout } from '../native';
 import { aciqRange, type AciqPrior } from './aciq';
@@ -164,8 +164,11 @@ const aciq: RangeMethod = {
 const percentile = perGroup('percentile', 'clip at a percentile of |x| (default 99.99)', (r, values) =>
   new HistogramObserver().observe(values).percentileRange(r.options.percentile ?? 99.99));
 
-const kl = perGroup('kl', 'TensorRT-style entropy calibration: 2048-bin histogram, 128 quantized levels, minimum KL divergence',
-  (_r, values) => new HistogramObserver().observe(values).klRange(128));
+const kl = perGroup('kl', 'TensorRT-style entropy calibration: 2048-bin histogram, minimum KL divergence against the quantized histogram (128 levels at 8 bits)',
+  (r, values) => {
+    const h = new HistogramObserver().observe(values);
+    return h.klRange(klLevels(r.bits, h.min >= 0 && (r.qmin === 0 || !r.symmetric)));
+  });
 
 const registry = new Map<string, RangeMethod>([minmax, mse, aciq, percentile, kl].map((m) => [m.name, m]));
 

@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type ModelProto } from 'onnx-buf';
 
 import { ort } from '../bench/ort-models';
-import { AciqObserver, HistogramObserver, MinMaxObserver, type Range } from '../calibration/observers';
+import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
 
 export type Feed = Record<string, { data: Float32Array; dims: readonly number[] }>;
@@ -36,7 +36,7 @@ export function makeObserver(method: ActivationMethod): TensorObserver {
     }
     case 'kl': {
       const o = new HistogramObserver();
-      return { observe: (b) => void o.observe(b), range: () => o.klRange(128) };
+      return { observe: (b) => void o.observe(b), range: (bits) => o.klRange(klLevels(bits, o.min >= 0)) };
     }
     case 'aciq': {
       const o = new AciqObserver();
