@@ -173,11 +173,31 @@ const GemmKernel* find_gemm_kernel(const std::string& name, const CpuFeatures& c
   return nullptr;
 }
 
+namespace {
+
+// Σ (a' = A + 128 for int8 A) over n bytes, modulo 2^32 like the kernels' int32 sums.
+// Separate from the copy so both loops vectorise.
+uint32_t shifted_sum(const uint8_t* src, size_t n, bool a_signed) {
+  uint32_t sum = 0;
+  if (a_signed) {
+    const int8_t* s = reinterpret_cast<const int8_t*>(src);
+    for (size_t i = 0; i < n; ++i) sum += uint32_t(int32_t(s[i]));
+    return sum + uint32_t(128) * uint32_t(n);
+  }
+  for (size_t i = 0; i < n; ++i) sum += src[i];
+  return sum;
+}
+
+}  // namespace
+
 void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size_t mr, size_t block_size,
             PackedA* out, ThreadPool* pool, unsigned threads, bool row_major) {
   const uint8_t flip = a_signed ? 0x80 : 0x00;  // a' = A + 128 for int8 A
+  const uint32_t flip4 = flip * 0x01010101u;
   const size_t row_blocks = (m + mr - 1) / mr;
   const size_t sum_blocks = block_size == 0 ? 1 : (k + block_size - 1) / block_size;
+  // Blocks are multiples of 4 k, so whole groups never straddle two blocks.
+  const size_t span = block_size == 0 ? std::max<size_t>(k, 1) : block_size;
   out->mr = mr;
   out->kp = kp;
   out->row_stride = row_blocks * mr;
@@ -185,31 +205,36 @@ void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size
   out->row_sums.assign(std::max<size_t>(sum_blocks, 1) * out->row_stride, 0);
   pool->parallel_for(row_blocks, threads, [&](size_t rb, unsigned) {
     uint8_t* dst = out->bytes.data.get() + rb * mr * kp;
-    std::memset(dst, 0, mr * kp);
-    for (size_t r = 0; r < mr && rb * mr + r < m; ++r) {
+    const size_t rows = std::min(mr, m - rb * mr);
+    // Padding rows and the bytes past k must be zero; full blocks are overwritten.
+    if (rows < mr || kp != k) std::memset(dst, 0, mr * kp);
+    const uint8_t* first = a + rb * mr * k;
+    for (size_t r = 0; r < rows; ++r) {
       const size_t i = rb * mr + r;
-      const uint8_t* src = a + i * k;
-      // Blocks are multiples of 4 k, so whole groups never straddle two blocks.
-      const size_t span = block_size == 0 ? std::max<size_t>(k, 1) : block_size;
-      const uint32_t flip4 = flip * 0x01010101u;
+      const uint8_t* src = first + r * k;
       for (size_t k0 = 0, blk = 0; k0 < k; k0 += span, ++blk) {
-        const size_t k1 = std::min(k, k0 + span);
-        uint32_t sum = 0;
-        size_t kk = k0;
-        for (; kk + 4 <= k1; kk += 4) {
-          uint32_t w;
-          std::memcpy(&w, src + kk, 4);
-          w ^= flip4;
-          std::memcpy(dst + (row_major ? r * kp + kk : (kk / 4) * mr * 4 + r * 4), &w, 4);
-          sum += (w & 0xFF) + ((w >> 8) & 0xFF) + ((w >> 16) & 0xFF) + (w >> 24);
-        }
-        for (; kk < k1; ++kk) {
-          const uint8_t v = uint8_t(src[kk] ^ flip);
-          dst[row_major ? r * kp + kk : (kk / 4) * mr * 4 + r * 4 + kk % 4] = v;
-          sum += v;
-        }
-        out->row_sums[blk * out->row_stride + i] = wrap(sum);
+        out->row_sums[blk * out->row_stride + i] = wrap(shifted_sum(src + k0, std::min(k, k0 + span) - k0, a_signed));
       }
+      if (row_major) {
+        uint8_t* row = dst + r * kp;
+        for (size_t kk = 0; kk < k; ++kk) row[kk] = uint8_t(src[kk] ^ flip);
+      }
+    }
+    if (row_major) return;
+    // Interleaved: group g of row r at g·mr·4 + r·4; written group by group so the
+    // stores are sequential.
+    const size_t groups = k / 4;
+    for (size_t g = 0; g < groups; ++g) {
+      uint8_t* to = dst + g * mr * 4;
+      for (size_t r = 0; r < rows; ++r) {
+        uint32_t w;
+        std::memcpy(&w, first + r * k + 4 * g, 4);
+        w ^= flip4;
+        std::memcpy(to + r * 4, &w, 4);
+      }
+    }
+    for (size_t r = 0; r < rows; ++r) {
+      for (size_t kk = groups * 4; kk < k; ++kk) dst[groups * mr * 4 + r * 4 + kk % 4] = uint8_t(first[r * k + kk] ^ flip);
     }
   });
 }
