@@ -175,24 +175,28 @@ const GemmKernel* find_gemm_kernel(const std::string& name, const CpuFeatures& c
 
 namespace {
 
-// Σ (a' = A + 128 for int8 A) over n bytes, modulo 2^32 like the kernels' int32 sums.
-// Separate from the copy so both loops vectorise.
-uint32_t shifted_sum(const uint8_t* src, size_t n, bool a_signed) {
+// Σ of the packed bytes (src[i] ^ flip) over n bytes, read as uint8 or as int8,
+// modulo 2^32 like the kernels' int32 sums. Separate from the copy so both loops
+// vectorise. (x ^ 0x80) is int8(x) + 128 as uint8 and uint8(x) - 128 as int8.
+uint32_t packed_sum(const uint8_t* src, size_t n, uint8_t flip, bool as_int8) {
   uint32_t sum = 0;
-  if (a_signed) {
+  const bool source_as_int8 = (flip != 0) != as_int8;
+  if (source_as_int8) {
     const int8_t* s = reinterpret_cast<const int8_t*>(src);
     for (size_t i = 0; i < n; ++i) sum += uint32_t(int32_t(s[i]));
-    return sum + uint32_t(128) * uint32_t(n);
+  } else {
+    for (size_t i = 0; i < n; ++i) sum += src[i];
   }
-  for (size_t i = 0; i < n; ++i) sum += src[i];
-  return sum;
+  if (flip == 0) return sum;
+  return as_int8 ? sum - uint32_t(128) * uint32_t(n) : sum + uint32_t(128) * uint32_t(n);
 }
 
 }  // namespace
 
 void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size_t mr, size_t block_size,
-            PackedA* out, ThreadPool* pool, unsigned threads, bool row_major) {
-  const uint8_t flip = a_signed ? 0x80 : 0x00;  // a' = A + 128 for int8 A
+            PackedA* out, ThreadPool* pool, unsigned threads, bool row_major, bool centered) {
+  // a' = A + 128 for int8 A (uint8 bytes); centered: s = A - 128 for uint8 A (int8 bytes).
+  const uint8_t flip = a_signed != centered ? 0x80 : 0x00;
   const uint32_t flip4 = flip * 0x01010101u;
   const size_t row_blocks = (m + mr - 1) / mr;
   const size_t sum_blocks = block_size == 0 ? 1 : (k + block_size - 1) / block_size;
@@ -213,7 +217,7 @@ void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size
       const size_t i = rb * mr + r;
       const uint8_t* src = first + r * k;
       for (size_t k0 = 0, blk = 0; k0 < k; k0 += span, ++blk) {
-        out->row_sums[blk * out->row_stride + i] = wrap(shifted_sum(src + k0, std::min(k, k0 + span) - k0, a_signed));
+        out->row_sums[blk * out->row_stride + i] = wrap(packed_sum(src + k0, std::min(k, k0 + span) - k0, flip, centered));
       }
       if (row_major) {
         uint8_t* row = dst + r * kp;

@@ -71,6 +71,7 @@ int64_t pack_b_int4(const uint8_t* values, size_t k, size_t n, bool is_signed, s
       }
     }
   });
+  out->uniform_zb = std::all_of(zero_point, zero_point + out->blocks * n, [&](int32_t z) { return z == zero_point[0]; });
   return -1;
 }
 
@@ -164,8 +165,11 @@ void gemm_int4(const GemmKernel& kernel, const Int4Args& args, const PackedB4& b
   const Int4Kernel* fast = int4_kernel_for(kernel, m);
   const size_t mr = fast ? fast->mr : kernel.mr, nr = fast ? fast->nr : kernel.nr;
   const int32_t za = args.a_zero_point + (args.a_signed ? 128 : 0);
+  // s = A - aZp fits int8 exactly when za (a' domain) is 128: the fast kernel then
+  // needs no column terms (P = Σ s·u - zb·Σ s).
+  const bool centered = fast && za == 128;
   PackedA a;
-  pack_a(args.a, args.a_signed, m, b.k, b.kp, mr, b.block_size, &a, pool, threads);
+  pack_a(args.a, args.a_signed, m, b.k, b.kp, mr, b.block_size, &a, pool, threads, false, centered);
   const size_t mt = (m + mr - 1) / mr, nt = (n + nr - 1) / nr;
   const unsigned used = pool->threads_for(mt * nt, threads);
   std::vector<std::vector<int8_t>> scratch(used);
@@ -190,6 +194,8 @@ void gemm_int4(const GemmKernel& kernel, const Int4Args& args, const PackedB4& b
     t.b_scale = b.scale_np.data() + b.term_index(0, j0);
     t.panel_terms = b.panel_terms();
     t.za = za;
+    t.centered = centered;
+    t.uniform_zb = b.uniform_zb;
     t.a_scale = args.a_scale;
     t.row_sums = a.row_sums.data() + i0;
     t.row_stride = a.row_stride;

@@ -201,12 +201,15 @@ void register_int4_tests() {
     const GemmKernel* k = kc.kernel;
     const std::string skip = !k ? "not built for this architecture" : (kc.supported ? "" : kc.missing);
     harness::add(str("gemm_int4/", kc.name, int4_kernel_for(*(k ? k : gemm_kernel_portable()), 1) ? " (dedicated W4A8 kernel)" : " (int8 kernel on unpacked blocks)",
-                     " equals the W4A8 reference: ragged blocks, int4/uint4, zero points, 1 and 2 threads"),
+                     " equals the W4A8 reference: ragged blocks, int4/uint4, zero points (random, A centred, one B zero point), 1 and 2 threads"),
                  [k, cases] {
                    Rng rng(44);
                    for (const Case4& c : cases)
-                     for (int types = 0; types < 4; ++types) {
+                     for (int types = 0; types < 16; ++types) {
                        const bool as = types & 1, bs = types & 2;
+                       // A's zero point 128 (uint8) / 0 (int8) selects the centred kernel path;
+                       // one zero point for all of B selects its scalar row term.
+                       const bool centred_a = types & 4, one_b_zero_point = types & 8;
                        const size_t blocks = (c.k + c.block - 1) / c.block;
                        std::vector<uint8_t> a(c.m * c.k), b(c.k * c.n);
                        for (auto& v : a) v = uint8_t(rng.next());
@@ -215,11 +218,12 @@ void register_int4_tests() {
                        std::vector<int32_t> zp(blocks * c.n);
                        for (auto& s : scale) s = rng.range(0.001f, 0.1f);
                        for (auto& z : zp) z = bs ? rng.integer(-8, 7) : rng.integer(0, 15);
+                       if (one_b_zero_point) std::fill(zp.begin(), zp.end(), zp[0]);
                        ThreadPool pool(2);
                        PackedB4 packed;
                        if (pack_b_int4(b.data(), c.k, c.n, bs, c.block, scale.data(), zp.data(), &packed, &pool, 2) != -1)
                          return std::string("pack rejected valid values");
-                       const int32_t azp = as ? rng.integer(-128, 127) : rng.integer(0, 255);
+                       const int32_t azp = centred_a ? (as ? 0 : 128) : as ? rng.integer(-128, 127) : rng.integer(0, 255);
                        std::vector<float> want(c.m * c.n), got(c.m * c.n);
                        Int4Args args{a.data(), as, c.m, azp, 0.02f, want.data()};
                        gemm_int4_reference(args, packed, &pool, 1);
@@ -242,7 +246,7 @@ void register_int4_tests() {
                            for (size_t i = 0; i < want.size(); ++i)
                              if (std::memcmp(&want[i], &got[i], 4) != 0)
                                return str(c.m, "x", c.k, "x", c.n, " block ", c.block, " a_signed=", as, " b_signed=", bs,
-                                          " threads=", threads, ": first difference at ", i, ": want ", want[i], " got ", got[i]);
+                                          " aZp=", azp, " one B zero point=", one_b_zero_point, " threads=", threads, ": first difference at ", i, ": want ", want[i], " got ", got[i]);
                          }
                        }
                      }

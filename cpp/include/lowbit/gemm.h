@@ -64,8 +64,11 @@ struct PackedA {
 };
 // With `row_major`, each block of mr rows is stored row by row (kp bytes a row)
 // instead of interleaved: the AMX kernel loads A tiles with a row stride.
+// With `centered`, the bytes are s = A - 128 (uint8 A) or A (int8 A), read as
+// int8, and the row sums are Σ s: the W4A8 kernels use it when the A zero point
+// is 128 (uint8) or 0 (int8), so that s = A - aZp exactly.
 void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size_t mr, size_t block_size,
-            PackedA* out, ThreadPool* pool, unsigned threads, bool row_major = false);
+            PackedA* out, ThreadPool* pool, unsigned threads, bool row_major = false, bool centered = false);
 
 // Packs B [K, N] (row-major, ldb = n) for every GEMM kernel.
 void pack_b(const uint8_t* b, size_t k, size_t n, bool b_signed, PackedB* out, ThreadPool* pool,
@@ -189,6 +192,7 @@ struct PackedB4 {
   std::vector<int32_t> zb;         // B's zero point in the u domain
   std::vector<int32_t> term_base;  // len · zb - Σ b'  (the column term is za · term_base)
   std::vector<float> scale_np;     // B's scale
+  bool uniform_zb = false;         // every block and column has the same zero point
   size_t panel_bytes() const { return kp * 8; }
   size_t panel_terms() const { return blocks * kPanelWidth; }
   size_t term_index(size_t blk, size_t j) const {
@@ -223,6 +227,10 @@ struct Int4Tile {
   const float* b_scale;
   size_t panel_terms;
   int32_t za;                // aZp + 128 for int8 A (the a' domain)
+  // A packed centered (s = A - aZp as int8, row_sums Σ s; see pack_a): then
+  // P = Σ s·u - zb·Σ s, and za, term_base and b_col_sums are not needed.
+  bool centered;
+  bool uniform_zb;           // zb is the same everywhere (zb[0])
   float a_scale;
   const int32_t* row_sums;  // [blocks][row_stride] at i0: Σ_{k in block} a'
   size_t row_stride;

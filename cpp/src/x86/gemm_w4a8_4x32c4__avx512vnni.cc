@@ -4,6 +4,10 @@
 // nibbles u, see gemm.h), then vpdpbusd per row.
 // After each block the int32 sums become P (zero-point terms) and are added
 // to float accumulators as float(P) · multiplier, exactly as gemm_int4_reference.
+// CENTERED (A zero point 128 for uint8, 0 for int8): A arrives as s = A - aZp in
+// int8 and the nibbles are the unsigned operand, so P = Σ s·u - zb·Σ s needs no
+// per-column term; with one zero point everywhere (UNIFORM) zb·Σ s is a scalar
+// per row. In the GEMV the per-column terms cost as much as the dot products.
 #include <immintrin.h>
 
 #include <cstring>
@@ -14,7 +18,7 @@
 namespace lowbit {
 namespace {
 
-template <int MR, int NV>
+template <int MR, int NV, bool CENTERED, bool UNIFORM>
 void tile_w4(const Int4Tile& t) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 y[MR][NV];
@@ -39,18 +43,37 @@ void tile_w4(const Int4Tile& t) {
         const __m512i va0 = broadcast_group(t.a + g * t.a_group_stride + r * 4);
         const __m512i va1 = broadcast_group(t.a + (g + 1) * t.a_group_stride + r * 4);
         for (int v = 0; v < NV; ++v) {
-          acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], va0, even[v]);
-          acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], va1, odd[v]);
+          if (CENTERED) {
+            acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], even[v], va0);
+            acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], odd[v], va1);
+          } else {
+            acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], va0, even[v]);
+            acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], va1, odd[v]);
+          }
         }
       }
     }
+    const int32_t* row_sums = t.row_sums + blk * t.row_stride;
+    __m512i row_term[MR];  // UNIFORM: zb·Σ s per row
+    if (CENTERED && UNIFORM) {
+      for (int r = 0; r < MR; ++r) row_term[r] = _mm512_set1_epi32(int32_t(uint32_t(t.zb[0]) * uint32_t(row_sums[r])));
+    }
     for (int v = 0; v < NV; ++v) {
       const size_t e = v * t.panel_terms + blk * 16;
+      const __m512 mult = _mm512_mul_ps(a_scale, _mm512_loadu_ps(t.b_scale + e));
+      if (CENTERED) {
+        for (int r = 0; r < MR; ++r) {
+          const __m512i row = UNIFORM ? row_term[r]
+                                      : _mm512_mullo_epi32(_mm512_loadu_si512(t.zb + e), _mm512_set1_epi32(row_sums[r]));
+          const __m512i p = _mm512_sub_epi32(acc[r][v], row);
+          y[r][v] = _mm512_add_ps(y[r][v], _mm512_mul_ps(_mm512_cvtepi32_ps(p), mult));
+        }
+        continue;
+      }
       const __m512i col_term = _mm512_mullo_epi32(za, _mm512_loadu_si512(t.term_base + e));
       const __m512i zb = _mm512_loadu_si512(t.zb + e);
-      const __m512 mult = _mm512_mul_ps(a_scale, _mm512_loadu_ps(t.b_scale + e));
       for (int r = 0; r < MR; ++r) {
-        const __m512i row = _mm512_mullo_epi32(zb, _mm512_set1_epi32(t.row_sums[blk * t.row_stride + r]));
+        const __m512i row = _mm512_mullo_epi32(zb, _mm512_set1_epi32(row_sums[r]));
         const __m512i p = _mm512_sub_epi32(_mm512_add_epi32(acc[r][v], col_term), row);
         y[r][v] = _mm512_add_ps(y[r][v], _mm512_mul_ps(_mm512_cvtepi32_ps(p), mult));
       }
@@ -66,7 +89,9 @@ void tile_w4(const Int4Tile& t) {
 
 template <int MR, int NV>
 void tile_cols(const Int4Tile& t) {
-  tile_w4<MR, NV>(t);
+  if (!t.centered) tile_w4<MR, NV, false, false>(t);
+  else if (t.uniform_zb) tile_w4<MR, NV, true, true>(t);
+  else tile_w4<MR, NV, true, false>(t);
 }
 
 template <int MR>
