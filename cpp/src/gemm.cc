@@ -191,6 +191,24 @@ uint32_t packed_sum(const uint8_t* src, size_t n, uint8_t flip, bool as_int8) {
   return as_int8 ? sum - uint32_t(128) * uint32_t(n) : sum + uint32_t(128) * uint32_t(n);
 }
 
+using Words4 = uint32_t __attribute__((vector_size(16)));
+
+// out[q] = {in[0][q], in[1][q], in[2][q], in[3][q]}.
+inline void transpose4(const Words4 in[4], Words4 out[4]) {
+#if defined(__clang__)
+#define LOWBIT_SHUFFLE(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
+#else
+#define LOWBIT_SHUFFLE(a, b, i0, i1, i2, i3) __builtin_shuffle(a, b, Words4{i0, i1, i2, i3})
+#endif
+  const Words4 t0 = LOWBIT_SHUFFLE(in[0], in[1], 0, 4, 1, 5), t1 = LOWBIT_SHUFFLE(in[0], in[1], 2, 6, 3, 7);
+  const Words4 t2 = LOWBIT_SHUFFLE(in[2], in[3], 0, 4, 1, 5), t3 = LOWBIT_SHUFFLE(in[2], in[3], 2, 6, 3, 7);
+  out[0] = LOWBIT_SHUFFLE(t0, t2, 0, 1, 4, 5);
+  out[1] = LOWBIT_SHUFFLE(t0, t2, 2, 3, 6, 7);
+  out[2] = LOWBIT_SHUFFLE(t1, t3, 0, 1, 4, 5);
+  out[3] = LOWBIT_SHUFFLE(t1, t3, 2, 3, 6, 7);
+#undef LOWBIT_SHUFFLE
+}
+
 }  // namespace
 
 void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size_t mr, size_t block_size,
@@ -207,8 +225,12 @@ void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size
   out->row_stride = row_blocks * mr;
   out->bytes.allocate(row_blocks * mr * kp);
   out->row_sums.assign(std::max<size_t>(sum_blocks, 1) * out->row_stride, 0);
-  pool->parallel_for(row_blocks, threads, [&](size_t rb, unsigned) {
-    uint8_t* dst = out->bytes.data.get() + rb * mr * kp;
+  // By value: the byte stores below may alias anything reached by reference.
+  uint8_t* const bytes = out->bytes.data.get();
+  int32_t* const row_sums = out->row_sums.data();
+  const size_t row_stride = out->row_stride;
+  pool->parallel_for(row_blocks, threads, [=](size_t rb, unsigned) {
+    uint8_t* dst = bytes + rb * mr * kp;
     const size_t rows = std::min(mr, m - rb * mr);
     // Padding rows and the bytes past k must be zero; full blocks are overwritten.
     if (rows < mr || kp != k) std::memset(dst, 0, mr * kp);
@@ -217,7 +239,7 @@ void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size
       const size_t i = rb * mr + r;
       const uint8_t* src = first + r * k;
       for (size_t k0 = 0, blk = 0; k0 < k; k0 += span, ++blk) {
-        out->row_sums[blk * out->row_stride + i] = wrap(packed_sum(src + k0, std::min(k, k0 + span) - k0, flip, centered));
+        row_sums[blk * row_stride + i] = wrap(packed_sum(src + k0, std::min(k, k0 + span) - k0, flip, centered));
       }
       if (row_major) {
         uint8_t* row = dst + r * kp;
@@ -227,9 +249,33 @@ void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size
     if (row_major) return;
     // Interleaved: group g of row r at g·mr·4 + r·4; written group by group so the
     // stores are sequential.
-    const size_t groups = k / 4;
-    for (size_t g = 0; g < groups; ++g) {
-      uint8_t* to = dst + g * mr * 4;
+    const size_t groups = k / 4, group_stride = mr * 4;
+    size_t g = 0;
+    // Four groups of four rows at a time: a 4×4 transpose of 32-bit words.
+    const size_t rows4 = rows / 4 * 4;
+    const Words4 flips = {flip4, flip4, flip4, flip4};
+    for (; g + 4 <= groups; g += 4) {
+      uint8_t* to = dst + g * group_stride;
+      for (size_t r = 0; r < rows4; r += 4) {
+        Words4 in[4], outw[4];
+        for (int q = 0; q < 4; ++q) {
+          std::memcpy(&in[q], first + (r + q) * k + 4 * g, 16);
+          in[q] ^= flips;
+        }
+        transpose4(in, outw);
+        for (int q = 0; q < 4; ++q) std::memcpy(to + q * group_stride + r * 4, &outw[q], 16);
+      }
+      for (size_t r = rows4; r < rows; ++r) {
+        uint32_t w[4];
+        std::memcpy(w, first + r * k + 4 * g, 16);
+        for (int q = 0; q < 4; ++q) {
+          w[q] ^= flip4;
+          std::memcpy(to + q * group_stride + r * 4, &w[q], 4);
+        }
+      }
+    }
+    for (; g < groups; ++g) {
+      uint8_t* to = dst + g * group_stride;
       for (size_t r = 0; r < rows; ++r) {
         uint32_t w;
         std::memcpy(&w, first + r * k + 4 * g, 4);
@@ -238,7 +284,7 @@ void pack_a(const uint8_t* a, bool a_signed, size_t m, size_t k, size_t kp, size
       }
     }
     for (size_t r = 0; r < rows; ++r) {
-      for (size_t kk = groups * 4; kk < k; ++kk) dst[groups * mr * 4 + r * 4 + kk % 4] = uint8_t(first[r * k + kk] ^ flip);
+      for (size_t kk = groups * 4; kk < k; ++kk) dst[groups * group_stride + r * 4 + kk % 4] = uint8_t(first[r * k + kk] ^ flip);
     }
   });
 }
