@@ -101,6 +101,39 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.9);
   });
 
+  it('calibration streams: a batch is not kept once observed (memory does not grow with the number of batches)', async function () {
+    const gc = (globalThis as { gc?: () => void }).gc;
+    if (!gc) return this.skip();  // .mocharc passes --expose-gc
+    const model = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
+    const batches = 40;
+    const seen: Array<WeakRef<Float32Array>> = [];
+    const random = rng(11);
+    const collect = async () => {
+      for (let round = 0; round < 3; round++) {
+        await new Promise((resolve) => setImmediate(resolve));  // WeakRefs clear only between jobs
+        gc();
+      }
+    };
+    const reachable = (from: number, to: number) => seen.slice(from, to).filter((w) => w.deref() !== undefined).length;
+    let midway = -1;
+    async function* feeds() {
+      for (let b = 0; b < batches; b++) {
+        if (b === 30) {
+          await collect();
+          midway = reachable(4, 28);  // the first 4 are kept to evaluate the model; the last ones may be in flight
+        }
+        const data = Float32Array.from({ length: 16 * 784 }, () => random() * 2 - 0.5);
+        seen.push(new WeakRef(data));
+        yield { input: { data, dims: [16, 1, 28, 28] } };
+      }
+    }
+    const { report } = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, method: 'percentile' }, calibration: feeds() });
+    expect(report.calibrationBatches).to.equal(batches);
+    expect(midway, `${midway} of the 24 observed batches 4..27 still reachable while calibrating`).to.equal(0);
+    await collect();
+    expect(reachable(0, batches), 'calibration batches still reachable after the call').to.equal(0);
+  });
+
   it('calibration feeds that do not match the model are errors naming the input; an empty set too', async () => {
     const rejects = async (calibration: unknown, re: RegExp) => {
       let caught: unknown;
