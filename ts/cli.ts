@@ -4,6 +4,7 @@
  */
 import { SingleBar, Presets } from 'cli-progress';
 import { Command, InvalidArgumentError } from 'commander';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import { benchGemm, benchQuantize, benchTrain, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
@@ -11,6 +12,7 @@ import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
 import { readNpy, readNpyLabels } from './onnx/calibrate';
+import { checkOutputPath } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
 import { finetune } from './train/finetune';
 import { loadMnist } from './train/mnist';
@@ -143,10 +145,15 @@ export function program(): Command {
       batchSize: string; lr: string; groups: string; seed: string;
     }) => {
       const limit = o.limit === undefined ? Infinity : Number(o.limit);
-      const load = async (source: string, split: 'train' | 't10k') => {
+      const load = async (source: string, split: 'train' | 't10k', flag: string) => {
         if (source === 'mnist') {
           const set = loadMnist(split, limit);
           return { inputs: { data: set.images, dims: [set.count, 1, 28, 28] }, labels: set.labels };
+        }
+        for (const file of ['inputs.npy', 'labels.npy']) {
+          if (!fs.existsSync(path.join(source, file))) {
+            throw new Error(`Expected 'mnist' or a folder with inputs.npy and labels.npy for ${flag} but ${path.join(source, file)} does not exist.`);
+          }
         }
         const inputs = readNpy(path.join(source, 'inputs.npy'));
         const labels = readNpyLabels(path.join(source, 'labels.npy'));
@@ -154,9 +161,9 @@ export function program(): Command {
         const per = inputs.data.length / inputs.dims[0];
         return { inputs: { data: inputs.data.subarray(0, n * per), dims: [n, ...inputs.dims.slice(1)] }, labels: labels.subarray(0, n) };
       };
-      const data = await load(o.data, 'train');
-      const validation = o.validation ? await load(o.validation, 't10k') : undefined;
-      const output = o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`;
+      const output = checkOutputPath('-o', o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`);
+      const data = await load(o.data, 'train', '--data');
+      const validation = o.validation ? await load(o.validation, 't10k', '--validation') : undefined;
       const bar = new SingleBar({
         format: '  epoch {epoch} [{bar}] {value}/{total} steps | loss {loss} | accuracy {accuracy}', hideCursor: true,
         // Piped output (CI logs) gets the bar too, as a line every few seconds and at the end of each epoch.

@@ -37,10 +37,23 @@ describe('ONNX model I/O', () => {
   it('writes atomically: a failed write leaves no file behind', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-'));
     const target = path.join(dir, 'missing-folder', 'out.onnx');
-    expect(() => writeFileAtomic(target, new Uint8Array(10))).to.throw();
+    expect(() => writeFileAtomic(target, new Uint8Array(10))).to.throw(/Could not write .*out\.onnx \(ENOENT\): nothing was written/);
     expect(fs.readdirSync(dir)).to.deep.equal([]);
     writeFileAtomic(path.join(dir, 'ok.onnx'), new Uint8Array([1, 2, 3]));
     expect(fs.readdirSync(dir)).to.deep.equal(['ok.onnx']);
+    fs.rmSync(dir, { recursive: true });
+  });
+  it('an output path in a missing folder, or that is a folder, is refused before any work', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-'));
+    const refuses = async (outputPath: unknown, re: RegExp) => {
+      let caught: unknown;
+      await quantizeModel(classifier, { weights: { bits: 8 }, outputPath: outputPath as string }).catch((e) => (caught = e));
+      expect((caught as Error)?.message, String(re)).to.match(re);
+    };
+    await refuses(path.join(dir, 'missing', 'q.onnx'), /existing folder for options\.outputPath .*missing does not exist\. Create it first/);
+    await refuses(dir, /file path for options\.outputPath but received .*, which is a folder/);
+    await refuses(42, /file path for options\.outputPath but received 42/);
+    expect(fs.readdirSync(dir)).to.deep.equal([]);
     fs.rmSync(dir, { recursive: true });
   });
 });

@@ -203,6 +203,10 @@ describe('finetune: bad input', () => {
     const r = await finetune(BUNDLED, data, { outputPath: file });
     expect(Buffer.from(fs.readFileSync(file)).equals(Buffer.from(r.model))).to.equal(true);
     expect(fs.readdirSync(dir)).to.deep.equal(['out.onnx']);
+    let caught: unknown;
+    await finetune(BUNDLED, data, { outputPath: path.join(dir, 'missing', 'out.onnx') }).catch((e) => (caught = e));
+    expect(caught).to.be.instanceOf(RangeError);
+    expect((caught as Error).message).to.match(/existing folder for options\.outputPath .*missing does not exist/);
     fs.rmSync(dir, { recursive: true });
   });
 });

@@ -120,6 +120,23 @@ export function writeFileAtomic(file: string, bytes: Uint8Array): void {
     fs.renameSync(temp, file);
   } catch (e) {
     fs.rmSync(temp, { force: true });
-    throw e;
+    const reason = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+    throw new Error(`Could not write ${file} (${reason}): nothing was written. Check that its folder exists and is writable.`);
   }
+}
+
+/**
+ * Checks, before any long work, that `file` can be an output path: a string
+ * naming a file (not a folder) whose folder exists.
+ */
+export function checkOutputPath(name: string, file: unknown): string {
+  if (typeof file !== 'string' || file === '') throw new TypeError(`Expected a file path for ${name} but received ${JSON.stringify(file) ?? String(file)}.`);
+  const folder = path.dirname(path.resolve(file));
+  if (!fs.existsSync(folder) || !fs.statSync(folder).isDirectory()) {
+    throw new RangeError(`Expected a file path in an existing folder for ${name} but received "${file}": ${folder} does not exist. Create it first.`);
+  }
+  if (fs.existsSync(file) && fs.statSync(file).isDirectory()) {
+    throw new RangeError(`Expected a file path for ${name} but received "${file}", which is a folder.`);
+  }
+  return file;
 }

@@ -13,7 +13,7 @@ import { invalidType, invalidValue } from '../errors';
 import { hasOrt, ort } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph } from './graph';
-import { externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
+import { checkOutputPath, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
 import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type Feed } from './calibrate';
 import { correctBiases } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
@@ -83,6 +83,7 @@ export interface QuantizationReport {
 function checkOptions(options: unknown): QuantizeModelOptions {
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with weights', options);
   checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData']);
+  if (options.outputPath !== undefined) checkOutputPath('options.outputPath', options.outputPath);
   if (options.externalData && typeof options.outputPath !== 'string') {
     throw invalidValue('options.outputPath', 'a file path when externalData is set (the data file goes next to it)', options.outputPath);
   }

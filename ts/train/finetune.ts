@@ -8,7 +8,7 @@
 import type { ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
-import { readModel, writeFileAtomic } from '../onnx/model-io';
+import { checkOutputPath, readModel, writeFileAtomic } from '../onnx/model-io';
 import { seededRandom } from '../random';
 import { checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
 import { exportModel, type ExportLayer } from './export';
@@ -155,6 +155,7 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
   if (!isPlainObject(options)) throw invalidType('options', 'an object', options);
   checkKnownKeys('options', options, KNOWN_OPTIONS);
   const o = options as FinetuneOptions;
+  if (o.outputPath !== undefined) checkOutputPath('options.outputPath', o.outputPath);
   const method = o.method === undefined ? 'float' : checkChoice('options.method', o.method, ['float', 'lsq', 'gdrq'] as const);
   const bits = (name: string, v: unknown, fallback: number, allowed: number[]) => {
     if (v === undefined) return fallback;
