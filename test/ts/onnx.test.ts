@@ -43,6 +43,18 @@ describe('ONNX model I/O', () => {
     expect(fs.readdirSync(dir)).to.deep.equal(['ok.onnx']);
     fs.rmSync(dir, { recursive: true });
   });
+  it('options of the wrong type or value are refused with the option named', async () => {
+    const refuses = async (options: object, re: RegExp) => {
+      let caught: unknown;
+      await quantizeModel(classifier, { weights: { bits: 8 }, ...options } as never).catch((e) => (caught = e));
+      expect((caught as Error)?.message, String(re)).to.match(re);
+    };
+    await refuses({ keepFloat: 'Gemm' }, /array of node names or op types .* for options\.keepFloat but received "Gemm"/);
+    await refuses({ firstLastLayerBits: 5 }, /2, 4 or 8 for options\.firstLastLayerBits but received 5/);
+    await refuses({ onProgress: 'yes' }, /a function for options\.onProgress/);
+    await refuses({ weights: { bits: 8, biasCorrection: 1 } }, /a boolean for options\.weights\.biasCorrection/);
+    await refuses({ activations: { bits: 8, signed: 'no' }, calibration: [] }, /a boolean for options\.activations\.signed/);
+  });
   it('an output path in a missing folder, or that is a folder, is refused before any work', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-'));
     const refuses = async (outputPath: unknown, re: RegExp) => {
@@ -158,6 +170,9 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     await rejects([{ x: { data: new Float32Array(4 * 48 * 192), dims: [1, 4, 48, 192] } }], /for calibration\[0\]\.x\.dims/);
     await rejects([{ x: { data: new Float64Array(3 * 48 * 192), dims: [1, 3, 48, 192] } }], /Float32Array \(float32 input\) for calibration\[0\]\.x\.data/);
     await rejects([], /at least one batch for options\.calibration/);
+    const nan = new Float32Array(3 * 48 * 192);
+    nan[7] = NaN;
+    await rejects([{ x: { data: nan, dims: [1, 3, 48, 192] } }], /a finite number for calibration\[0\]\.x\.data\[7\] but received NaN/);
     let caught: unknown;
     await quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 8 } }).catch((e) => (caught = e));
     expect((caught as Error).message).to.match(/calibration feeds .* to quantize activations for options\.calibration/);

@@ -125,6 +125,10 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number): Feed
     if (v.data.length !== (v.dims as number[]).reduce((a, b) => a * b, 1)) {
       throw invalidValue(`calibration[${index}].${input.name}.data`, `${(v.dims as number[]).reduce((a, b) => a * b, 1)} values for dims [${v.dims.join(', ')}]`, v.data);
     }
+    const bad = v.data.findIndex((x) => !Number.isFinite(x));
+    if (bad >= 0) {
+      throw invalidValue(`calibration[${index}].${input.name}.data[${bad}]`, 'a finite number', v.data[bad], 'Remove or replace NaN and infinite values before calibrating.');
+    }
   }
   const known = new Set(inputs.map((i) => i.name));
   for (const name of Object.keys(f)) {
@@ -173,7 +177,13 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     for await (const raw of iterable as AsyncIterable<Feed>) {
       const feed = checkFeed(model, raw, batches);
       const outputs = await session.run(Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])])), tensors);
-      for (const t of tensors) observers.get(t)!.observe(outputs[t].data as Float32Array);
+      for (const t of tensors) {
+        try {
+          observers.get(t)!.observe(outputs[t].data as Float32Array);
+        } catch (e) {
+          throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${t}': ${(e as Error).message}`);
+        }
+      }
       for (const [t, m] of meanObservers) m.observe(outputs[t].data as Float32Array, outputs[t].dims);
       if (sample.length < (options.keep ?? 4)) sample.push(feed);
       options.onBatch?.(batches);

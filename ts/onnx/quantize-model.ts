@@ -109,11 +109,22 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (w.blockSize !== undefined && (!Number.isInteger(w.blockSize) || (w.blockSize as number) < 16 || ((w.blockSize as number) & ((w.blockSize as number) - 1)) !== 0)) {
     throw invalidValue('options.weights.blockSize', 'a power of two >= 16', w.blockSize);
   }
+  if (w.biasCorrection !== undefined && typeof w.biasCorrection !== 'boolean') throw invalidType('options.weights.biasCorrection', 'a boolean', w.biasCorrection);
+  if (options.keepFloat !== undefined && !(Array.isArray(options.keepFloat) && options.keepFloat.every((k) => typeof k === 'string'))) {
+    throw invalidType('options.keepFloat', "an array of node names or op types (e.g. ['Gemm'])", options.keepFloat);
+  }
+  if (options.firstLastLayerBits !== undefined && ![2, 4, 8].includes(options.firstLastLayerBits as number)) {
+    throw invalidValue('options.firstLastLayerBits', '2, 4 or 8', options.firstLastLayerBits);
+  }
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw invalidType('options.onProgress', 'a function', options.onProgress);
   const a = options.activations;
   if (a !== undefined && a !== false) {
     if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8, signed?, method? }', a);
     checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection']);
     if (a.bits !== 4 && a.bits !== 8) throw invalidValue('options.activations.bits', '4 or 8', a.bits);
+    for (const key of ['signed', 'biasCorrection'] as const) {
+      if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
+    }
     if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq'].includes(a.method as string)) {
       throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl' or 'aciq'", a.method);
     }
