@@ -50,7 +50,7 @@ export function program(): Command {
     .argument('[model]', 'the float ONNX model (default: the bundled example)')
     .option('-o, --output <file>', 'where to write the quantized model (written atomically); default <model>.q.onnx in this folder')
     .option('--wbits <bits>', 'weight bits: 8, 4 or 2', '8')
-    .option('--granularity <g>', "'channel' or 'block'", 'channel')
+    .option('--granularity <g>', "'channel', 'block' or 'tensor'", 'channel')
     .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', '32')
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
     .option('--abits <bits>', 'activation bits (4 or 8); needs --calib')
@@ -79,7 +79,7 @@ export function program(): Command {
       let barStarted = false;
       const { report } = await quantizeModel(model, {
         weights: {
-          bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block', blockSize: Number(o.blockSize), method: o.method as 'minmax',
+          bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block' | 'tensor', blockSize: Number(o.blockSize), method: o.method as 'minmax',
           ...(o.bitAllocation ? { bitAllocation: { averageBits: Number(o.bitAllocation) } } : {}),
           ...(o.biasCorrection ? { biasCorrection: true } : {}),
           ...(o.groups ? { groups: Number(o.groups) } : {}),

@@ -97,6 +97,22 @@ describe('quantizeModel (weights only)', () => {
     }
   });
 
+  it("per-tensor weights (granularity 'tensor', onnxruntime's default): one scale a layer, int32 biases, runs in onnxruntime", async () => {
+    const bundled = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
+    const calibration = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-calibration');
+    const { model, report } = await quantizeModel(bundled, { weights: { bits: 4, granularity: 'tensor' }, activations: { bits: 8 }, calibration });
+    expect(report.layers.map((l) => l.granularity)).to.deep.equal(['tensor', 'tensor', 'tensor']);
+    const graph = readModel(model).graph!;
+    const scales = graph.node.filter((n) => n.opType === 'DequantizeLinear' && n.name.endsWith('_weight_dq'))
+      .map((n) => graph.initializer.find((t) => t.name === n.input[1])!);
+    expect(scales.map((t) => t.dims.length)).to.deep.equal([0, 0, 0]);
+    expect(graph.initializer.filter((t) => t.dataType === TensorProto_DataType.INT32).length, 'int32 biases').to.equal(3);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.99);
+    let caught: unknown;
+    await quantizeModel(bundled, { weights: { bits: 4, granularity: 'tensor', bitAllocation: { averageBits: 4 } } }).catch((e) => (caught = e));
+    expect((caught as Error)?.message).to.match(/'channel' with bitAllocation .* for options\.weights\.granularity but received "tensor"/);
+  });
+
   // On random inputs the recognizer's W8 cosine measures about 0.992 (short of the 0.999 target; see the README).
   it('PP-OCRv4 recognizer (MatMul layers): W8 runs, keeps the top-1 class, and writes the output file', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-'));

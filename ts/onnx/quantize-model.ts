@@ -27,7 +27,8 @@ import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 export interface QuantizeModelOptions {
   weights: {
     bits: 2 | 4 | 8;
-    granularity?: 'channel' | 'block';
+    /** 'channel' (default), 'block' (blockSize along the reduction axis), or 'tensor' (one scale a tensor: onnxruntime's default, the naive baseline). */
+    granularity?: 'channel' | 'block' | 'tensor';
     blockSize?: number;
     method?: 'minmax' | 'mse' | 'aciq';
     /** ACIQ per-channel bit allocation with this mean (per-channel granularity; first/last layers excluded). */
@@ -100,8 +101,12 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   }
 
   if (![2, 4, 8].includes(w.bits as number)) throw invalidValue('options.weights.bits', '2, 4 or 8', w.bits);
-  if (w.granularity !== undefined && w.granularity !== 'channel' && w.granularity !== 'block') {
-    throw invalidValue('options.weights.granularity', "'channel' or 'block'", w.granularity);
+  if (w.granularity !== undefined && !['channel', 'block', 'tensor'].includes(w.granularity as string)) {
+    throw invalidValue('options.weights.granularity', "'channel', 'block' or 'tensor'", w.granularity);
+  }
+  if (w.granularity === 'tensor') {
+    const perChannelOption = (['bitAllocation', 'groups', 'biasCorrection'] as const).find((key) => w[key] !== undefined && w[key] !== false);
+    if (perChannelOption) throw invalidValue('options.weights.granularity', `'channel' with ${perChannelOption} (it works per output channel)`, w.granularity);
   }
   if (w.method !== undefined && !['minmax', 'mse', 'aciq'].includes(w.method as string)) {
     throw invalidValue('options.weights.method', "'minmax', 'mse' or 'aciq'", w.method);

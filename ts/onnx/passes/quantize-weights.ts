@@ -15,7 +15,8 @@ import { nodeLabel, type PassReport } from './pass';
 
 export interface WeightQuantization {
   bits: 2 | 4 | 8;
-  granularity: 'channel' | 'block';
+  /** 'tensor': one scale per weight tensor (onnxruntime's quantizer default; the naive baseline). */
+  granularity: 'channel' | 'block' | 'tensor';
   blockSize?: number;
   method: 'minmax' | 'mse' | 'aciq';
   /** Bits of the first and last quantized layers. */
@@ -141,8 +142,9 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     const edge = node === first || node === last;
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
     const blocked = options.granularity === 'block' && bits < 8 && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
-    const allocate = options.bitAllocation && !blocked && !edge && dims[axes.outputAxis] > 1;
-    const grouped = !!options.groups && !blocked && !allocate && dims[axes.outputAxis] % options.groups === 0;
+    const perTensor = options.granularity === 'tensor';
+    const allocate = options.bitAllocation && !blocked && !perTensor && !edge && dims[axes.outputAxis] > 1;
+    const grouped = !!options.groups && !blocked && !perTensor && !allocate && dims[axes.outputAxis] % options.groups === 0;
     let source = data;
     if (options.scaleClipK !== undefined) {
       source = scaleClip(data, { k: options.scaleClipK, shape: dims, axis: axes.outputAxis, groups: grouped ? options.groups : 1 }).clipped;
@@ -164,7 +166,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
         shape: dims, bits: allocate ? 8 : bits, method: options.method,
         ...(blocked
           ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
-          : { granularity: 'channel' as const, axis: axes.outputAxis }),
+          : perTensor ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: axes.outputAxis }),
         ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: 8 } } : {}),
       });
     }
@@ -180,7 +182,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     const dqOut = graph.uniqueName(`${base}_dequantized`);
     graph.addInitializer(valuesTensor(valuesName, q));
     graph.addInitializer(makeTensor(scaleName, TensorProto_DataType.FLOAT, q.scaleShape, new Uint8Array(q.scale.buffer.slice(0))));
-    const attrs = [makeIntAttribute('axis', q.axis!)];
+    const attrs = perTensor ? [] : [makeIntAttribute('axis', q.axis!)];
     if (blocked) attrs.push(makeIntAttribute('block_size', q.blockSize!));
     graph.graph.node.push(makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], `${label}_weight_dq`, attrs,
       options.microsoftDomain ? 'com.microsoft' : ''));
@@ -188,14 +190,15 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     graph.removeIfUnused(base);
     const layer: WeightLayerReport = {
       node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
-      granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}` : `channel on axis ${q.axis}`,
+      granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}`
+        : perTensor ? 'tensor' : `channel on axis ${q.axis}`,
       method: grouped ? 'mse (L1)' : options.method, weightSqnrDb: quantizationError(data, q).sqnrDb,
       ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
       output: node.output[0],
     };
     weights.push({
       node: label, shape: dims, outputAxis: axes.outputAxis, original: data.slice(), dequantized: dequantize(q),
-      ...(blocked ? {} : { channelScales: q.scale }),
+      ...(blocked ? {} : { channelScales: perTensor ? new Float32Array(dims[axes.outputAxis]).fill(q.scale[0]) : q.scale }),
     });
     layers.push(layer);
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
