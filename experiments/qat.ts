@@ -75,6 +75,7 @@ export async function qatExperiment(json: boolean, quick: boolean, seeds = 1): P
     const qat: Array<[string, FinetuneOptions]> = [
       ['LSQ QAT (per-tensor steps)', { method: 'lsq' }],
       ['GDRQ QAT (Scale-Clip, 4 groups, learned group steps)', { method: 'gdrq', groups: 4 }],
+      ['GDRQ weights, LSQ-learned activation steps (variant)', { method: 'gdrq', groups: 4, activationSteps: 'learned' }],
     ];
     for (const [method, options] of qat) {
       const accuracies: number[] = [];

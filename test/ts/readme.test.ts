@@ -27,7 +27,7 @@ describe('README', () => {
   it('documents every finetune option', () => {
     const section = readme.split('### Fine-tuning')[1].split('### ')[0];
     for (const option of ['method', 'weightBits', 'activationBits', 'firstLastLayerBits', 'keepFloat', 'epochs', 'batchSize', 'learningRate',
-      'learningRateSchedule', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps', 'validation', 'threads',
+      'learningRateSchedule', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps', 'activationSteps', 'validation', 'threads',
       'kernel', 'onEpoch', 'onStep', 'outputPath']) {
       expect(section, option).to.include(`\`${option}\``);
     }

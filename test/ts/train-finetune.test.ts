@@ -109,10 +109,12 @@ describe('finetune: quantization-aware training and QDQ export', () => {
   const train = () => subset('train', 512);
   const test = subset('t10k', 256);
 
-  for (const [method, wbits, abits] of [['lsq', 4, 4], ['lsq', 2, 4], ['gdrq', 2, 4], ['gdrq', 4, 4]] as const) {
-    it(`${method} W${wbits}A${abits}: onnxruntime's output on the export equals the engine's quantized forward pass`, async () => {
+  const cases = [['lsq', 4, 4, {}], ['lsq', 2, 4, {}], ['gdrq', 2, 4, {}], ['gdrq', 4, 4, {}], ['gdrq', 2, 4, { activationSteps: 'learned' }]] as const;
+  for (const [method, wbits, abits, extra] of cases) {
+    const variant = Object.keys(extra).length ? ` (${JSON.stringify(extra)})` : '';
+    it(`${method} W${wbits}A${abits}${variant}: onnxruntime's output on the export equals the engine's quantized forward pass`, async () => {
       const result = await finetune(BUNDLED, train(), {
-        method, weightBits: wbits, activationBits: abits, epochs: 1, batchSize: 64, learningRate: 0.005,
+        method, weightBits: wbits, activationBits: abits, epochs: 1, batchSize: 64, learningRate: 0.005, ...extra,
       });
       const engine = result.forward(test.inputs);
       const runtime = await ortLogits(result.model, test);

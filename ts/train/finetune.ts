@@ -53,6 +53,11 @@ export interface FinetuneOptions {
   activationClipK?: number;
   /** GDRQ group steps: 'learned' with the LSQ gradient (default) or re-'search'ed with the L1 loss every epoch. */
   groupSteps?: 'learned' | 'search';
+  /**
+   * GDRQ activations: clipped at the 'running' Scale-Clip threshold (default, the
+   * paper's), or with a 'learned' LSQ step (a variant: GDRQ weights, LSQ inputs).
+   */
+  activationSteps?: 'running' | 'learned';
   /** Labelled data to measure accuracy on after every epoch (the engine's forward in inference mode). */
   validation?: LabelledBatch;
   /** Native threads (default all) and SGEMM kernel ('reference' = the TypeScript reference kernels). */
@@ -92,7 +97,7 @@ export interface FinetuneResult {
 }
 
 const KNOWN_OPTIONS = ['method', 'weightBits', 'activationBits', 'firstLastLayerBits', 'keepFloat', 'epochs', 'batchSize',
-  'learningRate', 'learningRateSchedule', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps',
+  'learningRate', 'learningRateSchedule', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps', 'activationSteps',
   'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath'];
 
 function positive(name: string, v: unknown, fallback: number): number {
@@ -148,6 +153,7 @@ interface Settings {
   scaleClipK: number;
   activationClipK: number;
   groupSteps: 'learned' | 'search';
+  activationSteps: 'running' | 'learned';
 }
 
 function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
@@ -187,6 +193,8 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
     scaleClipK: positive('options.scaleClipK', o.scaleClipK, 2),
     activationClipK: positive('options.activationClipK', o.activationClipK, 5),
     groupSteps: o.groupSteps === undefined ? 'learned' : checkChoice('options.groupSteps', o.groupSteps, ['learned', 'search'] as const),
+    activationSteps: o.activationSteps === undefined ? 'running'
+      : checkChoice('options.activationSteps', o.activationSteps, ['running', 'learned'] as const),
     raw: o,
   };
 }
@@ -210,7 +218,9 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
     } else {
       map.set(layer.node, {
         weight: new GdrqWeightQuantizer(`${layer.label}.weight`, wBits, layer.weight, layer.outputAxis, s.groups, s.scaleClipK, s.groupSteps),
-        activation: new RunningClipQuantizer(`${layer.label}.input`, actBits, s.activationClipK, 0.9),
+        activation: s.activationSteps === 'learned'
+          ? new LsqQuantizer(`${layer.label}.input`, actBits, 'activation', undefined)
+          : new RunningClipQuantizer(`${layer.label}.input`, actBits, s.activationClipK, 0.9),
       });
     }
   });
