@@ -139,10 +139,11 @@ export function program(): Command {
     .option('--batch-size <n>', 'mini-batch size', '64')
     .option('--lr <rate>', 'initial learning rate (cosine decay)', '0.01')
     .option('--groups <n>', 'GDRQ: output-channel groups per layer', '4')
+    .option('--activation-steps <s>', "GDRQ activations: 'running' Scale-Clip threshold or 'learned' LSQ steps", 'running')
     .option('--seed <n>', 'shuffling seed', '0')
     .action(async (modelArg: string, o: {
       data: string; validation?: string; limit?: string; output?: string; method: string; wbits: string; abits: string; epochs: string;
-      batchSize: string; lr: string; groups: string; seed: string;
+      batchSize: string; lr: string; groups: string; activationSteps: string; seed: string;
     }) => {
       const limit = o.limit === undefined ? Infinity : Number(o.limit);
       const load = async (source: string, split: 'train' | 't10k', flag: string) => {
@@ -174,6 +175,7 @@ export function program(): Command {
       const { history } = await finetune(modelArg, data, {
         method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, epochs: Number(o.epochs),
         batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed), validation, outputPath: output,
+        ...(o.method === 'gdrq' ? { activationSteps: o.activationSteps as 'running' | 'learned' } : {}),
         onStep: (p) => {
           if (p.epoch !== epochShown) {
             if (epochShown) bar.stop();
