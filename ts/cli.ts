@@ -175,7 +175,7 @@ export function program(): Command {
       const { history } = await finetune(modelArg, data, {
         method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, epochs: Number(o.epochs),
         batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed), validation, outputPath: output,
-        ...(o.method === 'gdrq' ? { activationSteps: o.activationSteps as 'running' | 'learned' } : {}),
+        activationSteps: o.activationSteps as 'running' | 'learned',
         onStep: (p) => {
           if (p.epoch !== epochShown) {
             if (epochShown) bar.stop();

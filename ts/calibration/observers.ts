@@ -251,8 +251,6 @@ export class HistogramObserver {
   }
 }
 
-// KL(p || q) over the first n bins, both normalised, with p's empty bins skipped
-// and q smoothed where p has mass but q has none.
 /**
  * Quantization steps between 0 and the clip threshold for `bits`: 2^bits − 1
  * when the values are never negative (an unsigned range starting at 0), else
@@ -263,6 +261,8 @@ export function klLevels(bits: number, neverNegative: boolean): number {
   return neverNegative ? 2 ** bits - 1 : 2 ** (bits - 1);
 }
 
+// KL(p || q) over the first n bins, both normalised, with p's empty bins skipped
+// and q smoothed where p has mass but q has none.
 function klDivergence(p: Float64Array, q: Float64Array, n: number): number {
   let ps = 0;
   let qs = 0;

@@ -112,7 +112,6 @@ function nonNegative(name: string, v: unknown, fallback: number): number {
   return v;
 }
 
-
 function checkBatch(name: string, batch: unknown): LabelledBatch {
   if (!isPlainObject(batch)) throw invalidType(name, 'an object { inputs: { data, dims }, labels }', batch);
   const inputs = batch.inputs;

@@ -62,9 +62,9 @@ void tile_w4(const Int4Tile& t) {
       const size_t e = v * t.panel_terms + blk * 16;
       const __m512 mult = _mm512_mul_ps(a_scale, _mm512_loadu_ps(t.b_scale + e));
       if (CENTERED) {
+        const __m512i zb = UNIFORM ? _mm512_setzero_si512() : _mm512_loadu_si512(t.zb + e);
         for (int r = 0; r < MR; ++r) {
-          const __m512i row = UNIFORM ? row_term[r]
-                                      : _mm512_mullo_epi32(_mm512_loadu_si512(t.zb + e), _mm512_set1_epi32(row_sums[r]));
+          const __m512i row = UNIFORM ? row_term[r] : _mm512_mullo_epi32(zb, _mm512_set1_epi32(row_sums[r]));
           const __m512i p = _mm512_sub_epi32(acc[r][v], row);
           y[r][v] = _mm512_add_ps(y[r][v], _mm512_mul_ps(_mm512_cvtepi32_ps(p), mult));
         }
