@@ -46,7 +46,13 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
   const rows: Array<Record<string, string | number>> = [{ model: 'MNIST CNN (bundled)', setting: 'float', accuracy: `${(float * 100).toFixed(2)}%`, 'vs float': '' }];
   const settings: Array<[string, Partial<QuantizeModelOptions>]> = [
     ['W8A8 minmax', { weights: { bits: 8 }, activations: { bits: 8 } }],
+    ['W8A8 KL activations', { weights: { bits: 8 }, activations: { bits: 8, method: 'kl' } }],
     ['W4A4 minmax (all layers 4-bit)', { weights: { bits: 4 }, activations: { bits: 4 }, firstLastLayerBits: 4 }],
+    ['W4A4 minmax, per-tensor weights (all layers 4-bit)', { weights: { bits: 4, granularity: 'tensor' }, activations: { bits: 4 }, firstLastLayerBits: 4 }],
+    ['W4A4 ACIQ + bit allocation + bias correction (all layers 4-bit)', {
+      weights: { bits: 4, method: 'aciq', bitAllocation: { averageBits: 4 }, biasCorrection: true },
+      activations: { bits: 4, method: 'aciq', biasCorrection: true }, firstLastLayerBits: 4,
+    }],
     ['W4A4 weights mse, activations percentile', { weights: { bits: 4, method: 'mse' }, activations: { bits: 4, method: 'percentile' }, firstLastLayerBits: 4 }],
     ['W4A4 ACIQ weights and activations', { weights: { bits: 4, method: 'aciq' }, activations: { bits: 4, method: 'aciq' }, firstLastLayerBits: 4 }],
     ['W2A4 minmax (all layers 2-bit)', { weights: { bits: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
