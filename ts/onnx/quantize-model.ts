@@ -44,6 +44,12 @@ export interface QuantizeModelOptions {
     groups?: number;
     /** GDRQ Scale-Clip before quantizing: clip at k·mean|W| (per group with `groups`). */
     scaleClip?: number;
+    /**
+     * 'nearest' (default): round half to even, as QuantizeLinear. 'sum-preserving':
+     * then re-round the fewest weights so each scale group keeps its sum (the
+     * layer's response to flat input); see methods/sum-preserving.ts.
+     */
+    rounding?: 'nearest' | 'sum-preserving';
   };
   /** `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data. */
   activations?: false | {
@@ -57,7 +63,7 @@ export interface QuantizeModelOptions {
   calibration?: CalibrationData;
   /** Node names or op types to leave in float. */
   keepFloat?: string[];
-  /** Bits of the first and last quantized layers. Default 8. */
+  /** Bits of the first and last quantized layers (their weights; at 8, also their input activations). Default 8. */
   firstLastLayerBits?: number;
   /** Feeds to compare float and quantized outputs on; default: one random normal input per graph input. */
   evaluationFeeds?: Array<Record<string, { data: Float32Array; dims: number[] }>>;
@@ -90,7 +96,10 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   }
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
-  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip']);
+  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding']);
+  if (w.rounding !== undefined && !['nearest', 'sum-preserving'].includes(w.rounding as string)) {
+    throw invalidValue('options.weights.rounding', "'nearest' or 'sum-preserving'", w.rounding);
+  }
   if (w.groups !== undefined && (!Number.isInteger(w.groups) || (w.groups as number) < 1)) throw invalidValue('options.weights.groups', 'a positive integer', w.groups);
   if (w.scaleClip !== undefined && (typeof w.scaleClip !== 'number' || !((w.scaleClip as number) > 0))) throw invalidValue('options.weights.scaleClip', 'a positive number (k)', w.scaleClip);
   if (w.bitAllocation !== undefined) {
@@ -265,13 +274,17 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   time('validate', () => graph.topologicalOrder());
   const passes: PassReport[] = [];
   const bits = opts.weights.bits;
-  const needed = bits === 2 ? 25 : bits === 4 || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13;
+  // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
+  const blockedWeights = opts.weights.granularity === 'block';
+  const needed = bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13;
   const from = graph.opset;
   let microsoftDomainFallback: string | undefined;
   if (from < needed) {
     const why = unconvertibleReason(graph);
     if (why) {
-      if (bits !== 8) throw new OnnxModelError(`${bits}-bit weights need opset ${needed}, and this model (opset ${from}) cannot be converted: ${why}.`);
+      if (bits !== 8 || blockedWeights) {
+        throw new OnnxModelError(`${blockedWeights ? 'blocked' : `${bits}-bit`} weights need opset ${needed}, and this model (opset ${from}) cannot be converted: ${why}.`);
+      }
       microsoftDomainFallback = `opset ${from} kept (${why}); weights use com.microsoft DequantizeLinear`;
       if (!model.opsetImport.some((o) => o.domain === 'com.microsoft')) {
         model.opsetImport.push({ ...model.opsetImport[0], domain: 'com.microsoft', version: 1n });
@@ -285,11 +298,12 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const calibrating = !!opts.activations;
   const prepared = fromBinary(ModelProtoSchema, serializeModel(model));
-  const { report: weightReport, layers, weights } = time('quantize-weights', () => quantizeWeights(graph, {
+  const { report: weightReport, layers, weights, firstAndLast } = time('quantize-weights', () => quantizeWeights(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
+    rounding: opts.weights.rounding,
   }));
   passes.push(weightReport);
   // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.
@@ -324,9 +338,16 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     sample = result.sample;
     if (dataBiasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, inputs, result.means)));
     if (opts.activations) {
-      const ranges = new Map(tensors.map((t) => [t, result.observers.get(t)!.range(a.bits)]));
+      // The first and last layers' inputs take their 8 bits too (as their weights do): the model input and the
+      // classifier's features, which ACIQ's authors also keep at 8 bits.
+      const edgeInputs = new Set(targets.filter((n) => firstAndLast.includes(nodeLabel(n))).map((n) => n.input[0]));
+      const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? 8 : a.bits;
+      const ranges = new Map(tensors.map((t) => {
+        const bits = edgeInputs.has(t) ? edgeBits : a.bits;
+        return [t, { ...result.observers.get(t)!.range(bits), bits }];
+      }));
       const act = time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
-        a.bits, a.signed ?? false, microsoftDomainFallback !== undefined));
+        a.signed ?? false, microsoftDomainFallback !== undefined));
       passes.push(act.report);
       activations = act.activations;
       // Int32 biases where both the input activation and the weights are quantized per channel.

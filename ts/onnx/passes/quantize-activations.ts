@@ -28,14 +28,15 @@ function zeroPointTensor(name: string, bits: number, signed: boolean, zp: number
   return makeTensor(name, signed ? TensorProto_DataType.INT4 : TensorProto_DataType.UINT4, [], Uint8Array.of(zp & 0x0f));
 }
 
-/** `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair. */
-export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: number; hi: number }>, consumers: Set<string>,
-  bits: 4 | 8, signed: boolean, microsoftDomain: boolean): { report: PassReport; activations: ActivationLayerReport[] } {
+/** `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair; `ranges`: the range and width of each tensor. */
+export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: number; hi: number; bits: 4 | 8 }>, consumers: Set<string>,
+  signed: boolean, microsoftDomain: boolean): { report: PassReport; activations: ActivationLayerReport[] } {
   const report: PassReport = { pass: 'quantize-activations', changed: [], skipped: [] };
   const activations: ActivationLayerReport[] = [];
-  const { qmin, qmax } = integerRange(bits, signed);
   const domain = microsoftDomain ? 'com.microsoft' : '';
   for (const [tensor, range] of ranges) {
+    const bits = range.bits;
+    const { qmin, qmax } = integerRange(bits, signed);
     const scale = new Float32Array(1);
     const zp = new Int32Array(1);
     native().paramsFromRanges(Float32Array.of(range.lo), Float32Array.of(range.hi), qmin, qmax, signed, scale, zp);

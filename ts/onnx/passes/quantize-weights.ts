@@ -9,6 +9,7 @@ import { TensorProto_DataType } from 'onnx-buf';
 import { dimsOf, floatData, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
+import { preserveRunSums } from '../../methods/sum-preserving';
 import { dequantize, quantizationError, quantizeTensor } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
 import { nodeLabel, type PassReport } from './pass';
@@ -41,6 +42,8 @@ export interface WeightQuantization {
   scaleClipK?: number;
   /** Multiply each channel's scale by std(W)/std(Ŵ) (ACIQ's variance correction; per-channel weights only). */
   momentCorrection?: boolean;
+  /** 'sum-preserving': re-round so each Conv filter's taps over one input channel keep their sum (methods/sum-preserving.ts). */
+  rounding?: 'nearest' | 'sum-preserving';
 }
 
 export interface WeightLayerReport {
@@ -107,7 +110,7 @@ function stdRatios(a: Float32Array, b: Float32Array, dims: number[], axis: numbe
 }
 
 export function quantizeWeights(graph: Graph, options: WeightQuantization):
-  { report: PassReport; layers: WeightLayerReport[]; weights: QuantizedWeights[] } {
+  { report: PassReport; layers: WeightLayerReport[]; weights: QuantizedWeights[]; firstAndLast: string[] } {
   const report: PassReport = { pass: 'quantize-weights', changed: [], skipped: [] };
   const layers: WeightLayerReport[] = [];
   const weights: QuantizedWeights[] = [];
@@ -141,7 +144,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     }
     const edge = node === first || node === last;
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
-    const blocked = options.granularity === 'block' && bits < 8 && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
+    const blocked = options.granularity === 'block' && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
     const perTensor = options.granularity === 'tensor';
     const allocate = options.bitAllocation && !blocked && !perTensor && !edge && dims[axes.outputAxis] > 1;
     const grouped = !!options.groups && !blocked && !perTensor && !allocate && dims[axes.outputAxis] % options.groups === 0;
@@ -170,6 +173,8 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
         ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: 8 } } : {}),
       });
     }
+    const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
+    if (options.rounding === 'sum-preserving' && taps > 1) q = preserveRunSums(q, source, taps);
     if (q.channelBits && q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type
     if (options.momentCorrection && !blocked) {
       // ξ_c = std(W_c) / std(Ŵ_c): scaling channel c's scale (zero point 0) scales Ŵ_c's spread by ξ_c.
@@ -204,5 +209,5 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
   }
   graph.sort();
-  return { report, layers, weights };
+  return { report, layers, weights, firstAndLast: [first, last].filter((n) => n).map((n) => nodeLabel(n)) };
 }
