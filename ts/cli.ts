@@ -59,7 +59,7 @@ export function program(): Command {
     .option('--bias-correction', 'weight std correction, and data-driven bias correction when activations are calibrated')
     .option('--groups <n>', 'GDRQ: output-channel groups per layer, one clip each')
     .option('--scale-clip <k>', 'GDRQ Scale-Clip of the weights at k·mean|W| before quantizing')
-    .option('--rounding <r>', "'nearest', or 'sum-preserving' (each conv filter keeps its response to flat input)", 'nearest')
+    .option('--rounding <r>', "'nearest', 'sum-preserving' (each conv filter keeps its response to flat input) or 'gptq' (minimise each layer's output error on --calib data)", 'nearest')
     .option('--calib <folder>', 'calibration data: one subfolder of float32 .npy batches per model input')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
     .option('--report <file>', 'also write the report as JSON')

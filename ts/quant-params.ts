@@ -49,6 +49,30 @@ export function integerRange(bits: number, signed: boolean): { qmin: number; qma
   return signed ? { qmin: -(2 ** (bits - 1)), qmax: 2 ** (bits - 1) - 1 } : { qmin: 0, qmax: 2 ** bits - 1 };
 }
 
+/** The scale index (into `q.scale`) of every element of `q`. */
+export function scaleIndices(q: Pick<QuantizedTensor, 'values' | 'shape' | 'granularity' | 'axis' | 'blockSize' | 'groups'>): Int32Array {
+  const count = q.values.length;
+  const index = new Int32Array(count);
+  if (q.granularity === 'tensor') return index;
+  const axis = q.axis!;
+  const axisLen = q.shape[axis];
+  const inner = q.shape.slice(axis + 1).reduce((a, b) => a * b, 1);
+  const blocks = q.granularity === 'block' ? Math.ceil(axisLen / q.blockSize!) : 0;
+  for (let e = 0; e < count; e++) {
+    const along = Math.floor(e / inner) % axisLen;
+    if (q.granularity === 'channel') index[e] = along;
+    else if (q.granularity === 'group') index[e] = Math.floor(along / (axisLen / q.groups!));
+    else index[e] = (Math.floor(e / (axisLen * inner)) * blocks + Math.floor(along / q.blockSize!)) * inner + (e % inner);
+  }
+  return index;
+}
+
+/** Round half to even, as QuantizeLinear rounds. */
+export function roundHalfToEven(x: number): number {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 ? 2 * Math.round(x / 2) : r;
+}
+
 export interface TensorLayout {
   native: NativeLayout;
   groups: number;

@@ -8,6 +8,12 @@ import {
   lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
 } from '../../ts';
 import { preserveRunSums } from '../../ts/methods/sum-preserving';
+import { gptqRound, upperFactorOfInverse } from '../../ts/methods/gptq';
+import { InputGram } from '../../ts/calibration/input-gram';
+import { referenceKernels } from '../../ts/train/kernels';
+import { makeIntAttribute, makeNode } from '../../ts/onnx/graph';
+import { create } from '@bufbuild/protobuf';
+import { AttributeProtoSchema, AttributeProto_AttributeType } from 'onnx-buf';
 import { laplace, rng } from '../helpers/random';
 
 function gaussian(n: number, seed: number): Float32Array {
@@ -183,6 +189,122 @@ describe('sum-preserving rounding', () => {
     const preserved = preserveRunSums(clipped, w, 9);
     expect(runSumErrors(preserved).reduce((a, b) => a + b, 0)).to.be.lessThan(runSumErrors(clipped).reduce((a, b) => a + b, 0));
     for (const v of preserved.values) expect(v).to.be.within(-8, 7);
+  });
+});
+
+describe('GPTQ rounding', () => {
+  // Inputs with correlated features (a few latent factors plus noise), as a layer's inputs are.
+  const features = 24;
+  const samples = 400;
+  const outputs = 16;
+  const r = rng(31);
+  const latent = Array.from({ length: 4 }, () => Float64Array.from({ length: features }, () => r() * 2 - 1));
+  const x = new Float32Array(samples * features);  // [samples, features]
+  for (let s = 0; s < samples; s++) {
+    const a = latent.map(() => r() * 2 - 1);
+    for (let f = 0; f < features; f++) x[s * features + f] = latent.reduce((acc, l, i) => acc + a[i] * l[f], 0) + 0.05 * (r() - 0.5);
+  }
+  const w = Float32Array.from({ length: outputs * features }, () => r() * 2 - 1);  // [outputs, features], Gemm transB
+  const gram = () => {
+    const g = new InputGram({ kind: 'matrix', columns: features, transposed: false });
+    g.observe(x.subarray(0, 100 * features), [100, features]);
+    g.observe(x.subarray(100 * features), [samples - 100, features]);
+    return g;
+  };
+  const outputError = (wq: Float32Array) => {
+    let e = 0;
+    for (let s = 0; s < samples; s++) {
+      for (let o = 0; o < outputs; o++) {
+        let d = 0;
+        for (let f = 0; f < features; f++) d += (wq[o * features + f] - w[o * features + f]) * x[s * features + f];
+        e += d * d;
+      }
+    }
+    return e;
+  };
+  const view = { rows: outputs, columns: features, rowStride: features, columnStride: 1, rowsPerGram: outputs };
+
+  it('upperFactorOfInverse gives U with UᵀU = H⁻¹', () => {
+    const n = 7;
+    const a = Float64Array.from({ length: n * n }, () => r() - 0.5);
+    const h = new Float64Array(n * n);
+    for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) for (let k = 0; k < n; k++) h[i * n + j] += a[i * n + k] * a[j * n + k] + (i === j && k === 0 ? 0.1 : 0);
+    const u = upperFactorOfInverse(h, n)!;
+    for (let i = 0; i < n; i++) for (let j = 0; j < i; j++) expect(u[i * n + j]).to.equal(0);
+    // (UᵀU)·H = I
+    for (let i = 0; i < n; i++) {
+      for (let j = 0; j < n; j++) {
+        let v = 0;
+        for (let k = 0; k < n; k++) {
+          let utu = 0;
+          for (let m = 0; m < n; m++) utu += u[m * n + i] * u[m * n + k];
+          v += utu * h[k * n + j];
+        }
+        expect(v).to.be.closeTo(i === j ? 1 : 0, 1e-8);
+      }
+    }
+    expect(upperFactorOfInverse(Float64Array.of(1, 2, 2, 1), 2)).to.equal(undefined);
+  });
+
+  it('InputGram sums x·xᵀ over the vectors a layer meets: matrix rows, and im2col columns per conv group', () => {
+    const g = gram();
+    expect(g.count).to.equal(samples);
+    for (const [i, j] of [[0, 0], [3, 17], [23, 5]]) {
+      let v = 0;
+      for (let s = 0; s < samples; s++) v += x[s * features + i] * x[s * features + j];
+      expect(g.matrices[0][i * features + j]).to.be.closeTo(v, 1e-3 * Math.abs(v) + 1e-3);
+    }
+    // Grouped conv, 2 groups of 2 channels, 3×3 kernel, padding 1, stride 2, on a [2, 4, 5, 6] input.
+    const node = makeNode('Conv', ['x', 'w'], ['y'], 'conv', [makeIntAttribute('group', 2)]);
+    const ints = (name: string, values: bigint[]) => create(AttributeProtoSchema, { name, type: AttributeProto_AttributeType.INTS, ints: values });
+    node.attribute.push(ints('strides', [2n, 2n]), ints('pads', [1n, 1n, 1n, 1n]));
+    const dims = [2, 4, 5, 6];
+    const input = Float32Array.from({ length: 240 }, () => r() - 0.5);
+    const conv = new InputGram({ kind: 'conv', node, weightDims: [6, 2, 3, 3] }, referenceKernels);
+    conv.observe(input, dims);
+    expect(conv.matrices.length).to.equal(2);
+    expect(conv.count).to.equal(2 * 3 * 3);
+    const at = (b: number, c: number, y: number, xx: number) => (y < 0 || y >= 5 || xx < 0 || xx >= 6 ? 0 : input[((b * 4 + c) * 5 + y) * 6 + xx]);
+    for (const group of [0, 1]) {
+      const expected = new Float64Array(18 * 18);
+      for (let b = 0; b < 2; b++) {
+        for (let oy = 0; oy < 3; oy++) {
+          for (let ox = 0; ox < 3; ox++) {
+            const v = [];
+            for (let c = 0; c < 2; c++) for (let ky = 0; ky < 3; ky++) for (let kx = 0; kx < 3; kx++) v.push(at(b, group * 2 + c, oy * 2 - 1 + ky, ox * 2 - 1 + kx));
+            for (let i = 0; i < 18; i++) for (let j = 0; j < 18; j++) expected[i * 18 + j] += v[i] * v[j];
+          }
+        }
+      }
+      for (let i = 0; i < 18 * 18; i++) expect(conv.matrices[group][i]).to.be.closeTo(expected[i], 1e-5);
+    }
+  });
+
+  it('lowers the layer output error ‖(Ŵ − W)·X‖² well below round-to-nearest, same scales, inside the integer range', () => {
+    for (const bits of [8, 4, 2]) {
+      const nearest = quantizeTensor(w, { shape: [outputs, features], bits, granularity: 'channel', axis: 0 });
+      const copy = Array.from(nearest.values);
+      const rounded = gptqRound(nearest, w, gram().matrices, view);
+      expect(Array.from(nearest.values), 'input not modified').to.deep.equal(copy);
+      expect(Array.from(rounded.scale)).to.deep.equal(Array.from(nearest.scale));
+      const [a, b] = [nearest, rounded].map((q) => outputError(dequantize(q)));
+      expect(b, `${bits}-bit: output error ${a} → ${b}`).to.be.lessThan(a / 2);
+      const limit = 2 ** (bits - 1);
+      for (const v of rounded.values) expect(v).to.be.within(-limit, limit - 1);
+    }
+  });
+
+  it('is round-to-nearest when the inputs are uncorrelated (diagonal Gram matrix), and follows the weight layout', () => {
+    const nearest = quantizeTensor(w, { shape: [outputs, features], bits: 4, granularity: 'channel', axis: 0 });
+    const diagonal = new Float32Array(features * features);
+    for (let i = 0; i < features; i++) diagonal[i * features + i] = 1 + i;
+    expect(Array.from(gptqRound(nearest, w, [diagonal], view).values)).to.deep.equal(Array.from(nearest.values));
+    // The same weights stored [features, outputs] (MatMul): the same integers, transposed.
+    const t = Float32Array.from({ length: w.length }, (_, i) => w[(i % outputs) * features + Math.floor(i / outputs)]);
+    const nearestT = quantizeTensor(t, { shape: [features, outputs], bits: 4, granularity: 'channel', axis: 1 });
+    const a = gptqRound(nearest, w, gram().matrices, view).values;
+    const b = gptqRound(nearestT, t, gram().matrices, { rows: outputs, columns: features, rowStride: 1, columnStride: outputs, rowsPerGram: outputs }).values;
+    for (let i = 0; i < t.length; i++) expect(b[i]).to.equal(a[(i % outputs) * features + Math.floor(i / outputs)]);
   });
 });
 

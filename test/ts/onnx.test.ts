@@ -83,7 +83,8 @@ describe('quantizeModel (weights only)', () => {
     await rejects(quantizeModel(classifier, { weights: { bits: 4, blockSize: 24 } }), /power of two >= 16/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 6 } as never }), /4 or 8 for options\.activations\.bits/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8 }, keepFloat: ['Conv', 'MatMul'] }), /No Conv, Gemm or MatMul layer/);
-    await rejects(quantizeModel(classifier, { weights: { bits: 8, rounding: 'up' as never } }), /'nearest' or 'sum-preserving' for options\.weights\.rounding but received "up"/);
+    await rejects(quantizeModel(classifier, { weights: { bits: 8, rounding: 'up' as never } }), /'nearest', 'sum-preserving' or 'gptq' for options\.weights\.rounding but received "up"/);
+    await rejects(quantizeModel(classifier, { weights: { bits: 8, rounding: 'gptq' } }), /calibration feeds .* for weights\.rounding 'gptq' for options\.calibration/);
   });
 
   it('8-bit blocked weights raise the opset to 21 (blocked DequantizeLinear) and run in onnxruntime', async () => {
@@ -112,6 +113,17 @@ describe('quantizeModel (weights only)', () => {
       for (let k = 0; k < 9; k++) error += values[c * 9 + k] * scales[c] - w[c * 9 + k];
       expect(Math.abs(error) / scales[c]).to.be.at.most(0.5 + 1e-4);
     }
+  });
+
+  it("rounding 'gptq' (calibrated) brings the recognizer's int8 weights much closer to float on text lines", async () => {
+    const evaluationFeeds = renderedTextLineFeeds(8, [1, 3, 48, 320], 100);
+    const calibration = renderedTextLineFeeds(6, [1, 3, 48, 320], 7);
+    const nearest = await quantizeModel(recognizer, { weights: { bits: 8 }, evaluationFeeds });
+    const gptq = await quantizeModel(recognizer, { weights: { bits: 8, rounding: 'gptq' }, calibration, evaluationFeeds });
+    const [a, b] = [nearest, gptq].map((r) => r.report.evaluation!.outputs[0].cosine);
+    expect(b, `cosine ${a} → ${b}`).to.be.greaterThan(Math.max(0.99, a + 0.008));
+    expect(gptq.report.layers.every((l) => l.method === 'minmax, gptq rounding')).to.equal(true);
+    expect(gptq.report.calibrationBatches).to.equal(6);
   });
 
   it('PP-OCR text-direction classifier (opset 9, Conv+BN, Constant weights): W8 per channel and W4 blocked run in onnxruntime', async () => {
@@ -203,6 +215,22 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     expect(midway, `${midway} of the 24 observed batches 4..27 still reachable while calibrating`).to.equal(0);
     await collect();
     expect(reachable(0, batches), 'calibration batches still reachable after the call').to.equal(0);
+  });
+
+  it("GPTQ rounding with quantized activations: Gram matrices from a second pass on quantized inputs (one pass on a generator, reported)", async () => {
+    const bundled = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
+    const calibration = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-calibration');
+    const options = { activations: { bits: 4 as const }, firstLastLayerBits: 2, calibration };
+    const nearest = await quantizeModel(bundled, { weights: { bits: 2 }, ...options });
+    const twoPass = await quantizeModel(bundled, { weights: { bits: 2, rounding: 'gptq' }, ...options });
+    const last = (r: typeof nearest) => r.report.layers[r.report.layers.length - 1].outputSqnrDb!;
+    expect(last(twoPass), `W2A4 last-layer output SQNR ${last(nearest)} → ${last(twoPass)} dB`).to.be.greaterThan(last(nearest) + 3);
+    expect(twoPass.report.passes.find((p) => p.pass === 'gptq-inputs')!.changed[0]).to.match(/second calibration pass/);
+    const feeds = [...npyFolderFeeds(calibration)];
+    function* once() { yield* feeds; }
+    const onePass = await quantizeModel(bundled, { weights: { bits: 2, rounding: 'gptq' }, ...options, calibration: once() });
+    expect(onePass.report.passes.find((p) => p.pass === 'gptq-inputs')!.skipped[0].reason).to.match(/read only once/);
+    expect(last(onePass)).to.be.greaterThan(last(nearest));
   });
 
   it('calibration feeds that do not match the model are errors naming the input; an empty set too', async () => {

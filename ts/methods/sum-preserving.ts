@@ -17,29 +17,7 @@
  * measured on the PP-OCR classifier, preserving the sum over all of a channel's
  * inputs there lowered the output cosine.
  */
-import { integerRange, type QuantizedTensor } from '../quant-params';
-
-/** Group index (into `q.scale`) of every element of `q`. */
-function groupIndices(q: QuantizedTensor): Int32Array {
-  const count = q.values.length;
-  const index = new Int32Array(count);
-  if (q.granularity === 'tensor') return index;
-  const axis = q.axis!;
-  const axisLen = q.shape[axis];
-  const inner = q.shape.slice(axis + 1).reduce((a, b) => a * b, 1);
-  for (let e = 0; e < count; e++) {
-    const outerIndex = Math.floor(e / (axisLen * inner));
-    const along = Math.floor(e / inner) % axisLen;
-    const innerIndex = e % inner;
-    if (q.granularity === 'channel') index[e] = along;
-    else if (q.granularity === 'group') index[e] = Math.floor(along / (axisLen / q.groups!));
-    else {
-      const blocks = Math.ceil(axisLen / q.blockSize!);
-      index[e] = (outerIndex * blocks + Math.floor(along / q.blockSize!)) * inner + innerIndex;
-    }
-  }
-  return index;
-}
+import { integerRange, scaleIndices, type QuantizedTensor } from '../quant-params';
 
 /**
  * Returns a copy of `q` (quantized from `source` by round-to-nearest) whose
@@ -52,7 +30,7 @@ function groupIndices(q: QuantizedTensor): Int32Array {
  */
 export function preserveRunSums(q: QuantizedTensor, source: Float32Array, run: number): QuantizedTensor {
   const values = q.values.slice();
-  const group = groupIndices(q);
+  const group = scaleIndices(q);
   for (let start = 0; start + run <= values.length; start += run) {
     const g = group[start];
     const scale = q.scale[g];

@@ -165,10 +165,16 @@ export interface CalibrationResult {
 }
 
 export async function calibrate(model: ModelProto, tensors: string[], data: CalibrationData, method: ActivationMethod,
-  options: { keep?: number; onBatch?: (index: number) => void; channelMeans?: Map<string, 'second' | 'last'> } = {}): Promise<CalibrationResult> {
+  options: {
+    keep?: number; onBatch?: (index: number) => void; channelMeans?: Map<string, 'second' | 'last'>;
+    /** More observers of whole tensors with their dims (e.g. input Gram matrices for GPTQ rounding). */
+    tensorObservers?: Array<{ tensor: string; observe(data: Float32Array, dims: readonly number[]): void }>;
+  } = {}): Promise<CalibrationResult> {
   const meanObservers = new Map([...(options.channelMeans ?? [])].map(([t, axis]) => [t, new ChannelMean(axis)]));
+  const extra = options.tensorObservers ?? [];
+  const exposed = [...new Set([...tensors, ...meanObservers.keys(), ...extra.map((o) => o.tensor)])];
   const O = ort();
-  const session = await O.InferenceSession.create(withOutputs(model, tensors), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 });
+  const session = await O.InferenceSession.create(withOutputs(model, exposed), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 });
   const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
   const sample: Feed[] = [];
   const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
@@ -176,7 +182,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   try {
     for await (const raw of iterable as AsyncIterable<Feed>) {
       const feed = checkFeed(model, raw, batches);
-      const outputs = await session.run(Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])])), tensors);
+      const outputs = await session.run(Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])])), exposed);
       for (const t of tensors) {
         try {
           observers.get(t)!.observe(outputs[t].data as Float32Array);
@@ -185,6 +191,13 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
         }
       }
       for (const [t, m] of meanObservers) m.observe(outputs[t].data as Float32Array, outputs[t].dims);
+      for (const o of extra) {
+        try {
+          o.observe(outputs[o.tensor].data as Float32Array, outputs[o.tensor].dims);
+        } catch (e) {
+          throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${o.tensor}': ${(e as Error).message}`);
+        }
+      }
       if (sample.length < (options.keep ?? 4)) sample.push(feed);
       options.onBatch?.(batches);
       batches++;

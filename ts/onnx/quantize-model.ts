@@ -14,14 +14,15 @@ import { hasOrt, ort } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph } from './graph';
 import { checkOutputPath, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
-import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type Feed } from './calibrate';
+import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
+import { InputGram } from '../calibration/input-gram';
 import { correctBiases } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
-import { quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
+import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import type { PassReport } from './passes/pass';
-import { quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
+import { gramLayer, quantizableLayers, quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -47,9 +48,11 @@ export interface QuantizeModelOptions {
     /**
      * 'nearest' (default): round half to even, as QuantizeLinear. 'sum-preserving':
      * then re-round the fewest weights so each scale group keeps its sum (the
-     * layer's response to flat input); see methods/sum-preserving.ts.
+     * layer's response to flat input); see methods/sum-preserving.ts. 'gptq': re-round
+     * each layer against the Gram matrix of its calibration inputs so its output
+     * error, not its weights' error, is small (needs `calibration`); see methods/gptq.ts.
      */
-    rounding?: 'nearest' | 'sum-preserving';
+    rounding?: 'nearest' | 'sum-preserving' | 'gptq';
   };
   /** `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data. */
   activations?: false | {
@@ -97,8 +100,11 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
   checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding']);
-  if (w.rounding !== undefined && !['nearest', 'sum-preserving'].includes(w.rounding as string)) {
-    throw invalidValue('options.weights.rounding', "'nearest' or 'sum-preserving'", w.rounding);
+  if (w.rounding !== undefined && !['nearest', 'sum-preserving', 'gptq'].includes(w.rounding as string)) {
+    throw invalidValue('options.weights.rounding', "'nearest', 'sum-preserving' or 'gptq'", w.rounding);
+  }
+  if (w.rounding === 'gptq' && options.calibration === undefined) {
+    throw invalidValue('options.calibration', "calibration feeds (or a folder of .npy files) for weights.rounding 'gptq'", undefined);
   }
   if (w.groups !== undefined && (!Number.isInteger(w.groups) || (w.groups as number) < 1)) throw invalidValue('options.weights.groups', 'a positive integer', w.groups);
   if (w.scaleClip !== undefined && (typeof w.scaleClip !== 'number' || !((w.scaleClip as number) > 0))) throw invalidValue('options.weights.scaleClip', 'a positive number (k)', w.scaleClip);
@@ -210,6 +216,14 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   layers.forEach((l, i) => (l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i])));
 }
 
+/** Whether iterating the calibration data again starts over (a folder, an array, a re-iterable object; not a generator). */
+function canReadTwice(data: CalibrationData): boolean {
+  if (typeof data === 'string') return true;
+  const d = data as Partial<Iterable<Feed> & AsyncIterable<Feed>>;
+  const iterator = d[Symbol.iterator]?.() ?? d[Symbol.asyncIterator]?.();
+  return iterator !== undefined && iterator !== (data as unknown);
+}
+
 async function evaluate(floatBytes: Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
   const O = ort();
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
@@ -296,56 +310,83 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   passes.push(time('fold-batchnorm', () => foldBatchNorm(graph)));
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
-  const calibrating = !!opts.activations;
+  const gptq = opts.weights.rounding === 'gptq';
   const prepared = fromBinary(ModelProtoSchema, serializeModel(model));
-  const { report: weightReport, layers, weights, firstAndLast } = time('quantize-weights', () => quantizeWeights(graph, {
+  // Calibration runs the prepared float model before the weights are quantized: GPTQ rounding needs its input statistics.
+  const targets = quantizableLayers(graph, opts.keepFloat);
+  if (targets.length === 0) {
+    throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
+  }
+  const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
+  const tensors = opts.activations ? [...new Set(targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t)))] : [];
+  const grams = new Map(gptq ? targets.filter((n) => !graph.constant(n.input[0])).map((n) => [nodeLabel(n), new InputGram(gramLayer(graph, n))]) : []);
+  let result: CalibrationResult | undefined;
+  let sample: Feed[] | undefined;
+  let calibrationBatches: number | undefined;
+  // The activation ranges. The first and last layers' inputs take their 8 bits too (as their weights do): the model
+  // input and the classifier's features, which ACIQ's authors also keep at 8 bits.
+  const edgeInputs = new Set([targets[0], targets[targets.length - 1]].map((n) => n.input[0]));
+  const ranges = new Map<string, { lo: number; hi: number; bits: 4 | 8 }>();
+  const observeGrams = (quantizeInputs: boolean) => targets.filter((n) => grams.has(nodeLabel(n))).map((n) => {
+    const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
+    const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
+    const gram = grams.get(nodeLabel(n))!;
+    return { tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => gram.observe(params ? fakeQuantize(data, params) : data, dims) };
+  });
+  // GPTQ with quantized activations takes a second pass over the calibration data, so its Gram matrices see the
+  // inputs as the quantized model will (clipped and rounded); data that can be read only once get one pass on float inputs.
+  const secondPass = gptq && !!opts.activations && canReadTwice(opts.calibration!);
+  if (opts.activations || gptq) {
+    opts.onProgress?.('calibrate');
+    const t0 = performance.now();
+    const channelMeans = new Map<string, 'second' | 'last'>(dataBiasCorrection
+      ? targets.filter((n) => !graph.constant(n.input[0])).map((n) => [n.input[0], n.opType === 'MatMul' ? 'last' : 'second'])
+      : []);
+    result = await calibrate(prepared, tensors, opts.calibration!, (opts.activations && opts.activations.method) || 'minmax', {
+      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), channelMeans, tensorObservers: secondPass ? [] : observeGrams(false),
+    });
+    calibrationBatches = result.batches;
+    sample = result.sample;
+    if (opts.activations) {
+      const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? 8 : opts.activations.bits;
+      for (const t of tensors) {
+        const bits = edgeInputs.has(t) ? edgeBits : opts.activations.bits;
+        ranges.set(t, { ...result.observers.get(t)!.range(bits), bits });
+      }
+    }
+    if (secondPass) {
+      opts.onProgress?.('calibrate (GPTQ inputs)');
+      await calibrate(prepared, [], opts.calibration!, 'minmax', {
+        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), tensorObservers: observeGrams(true),
+      });
+    }
+    timings.calibrate = performance.now() - t0;
+    if (gptq) {
+      passes.push(secondPass
+        ? { pass: 'gptq-inputs', changed: ['Gram matrices from a second calibration pass, inputs quantized as the model will quantize them'], skipped: [] }
+        : { pass: 'gptq-inputs', changed: [`Gram matrices from ${opts.activations ? 'float' : 'the'} calibration inputs`],
+          skipped: opts.activations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
+    }
+  }
+  const { report: weightReport, layers, weights } = time('quantize-weights', () => quantizeWeights(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
-    rounding: opts.weights.rounding,
+    rounding: opts.weights.rounding, grams,
   }));
   passes.push(weightReport);
   // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.
   if (layers.some((l) => l.bits === 2) && graph.opset < 25 && microsoftDomainFallback === undefined) passes.push(upgradeOpset(graph, 25));
-  if (layers.length === 0) {
-    throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
-  }
   let activations: ActivationLayerReport[] = [];
-  let sample: Feed[] | undefined;
-  let calibrationBatches: number | undefined;
-  if (calibrating && prepared) {
+  if (result) {
     const a = opts.activations || { bits: 8 as const, method: 'minmax' as const };
     if (opts.activations && a.bits === 4 && graph.opset < 21) {
       if (microsoftDomainFallback) throw new OnnxModelError(`4-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
       passes.push(upgradeOpset(graph, 21));
     }
-    // The activation inputs of the quantized layers, as they exist in the prepared float model.
-    const layerNames = new Set(layers.map((l) => l.node));
-    const targets = graph.graph.node.filter((n) => layerNames.has(nodeLabel(n)));
-    const tensors = [...new Set(targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t)))];
-    opts.onProgress?.('calibrate');
-    const t0 = performance.now();
-    const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
-    const channelMeans = new Map<string, 'second' | 'last'>(dataBiasCorrection
-      ? targets.filter((n) => !graph.constant(n.input[0])).map((n) => [n.input[0], n.opType === 'MatMul' ? 'last' : 'second'])
-      : []);
-    const result = await calibrate(prepared, tensors, opts.calibration!, a.method ?? 'minmax', {
-      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), channelMeans,
-    });
-    timings.calibrate = performance.now() - t0;
-    calibrationBatches = result.batches;
-    sample = result.sample;
     if (dataBiasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, inputs, result.means)));
     if (opts.activations) {
-      // The first and last layers' inputs take their 8 bits too (as their weights do): the model input and the
-      // classifier's features, which ACIQ's authors also keep at 8 bits.
-      const edgeInputs = new Set(targets.filter((n) => firstAndLast.includes(nodeLabel(n))).map((n) => n.input[0]));
-      const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? 8 : a.bits;
-      const ranges = new Map(tensors.map((t) => {
-        const bits = edgeInputs.has(t) ? edgeBits : a.bits;
-        return [t, { ...result.observers.get(t)!.range(bits), bits }];
-      }));
       const act = time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
         a.signed ?? false, microsoftDomainFallback !== undefined));
       passes.push(act.report);

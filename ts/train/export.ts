@@ -12,7 +12,7 @@ import { Graph, makeIntAttribute, makeNode, makeTensor } from '../onnx/graph';
 import { readModel, serializeModel } from '../onnx/model-io';
 import { unconvertibleReason, upgradeOpset } from '../onnx/passes/upgrade-opset';
 import { packInt2, packInt4 } from '../pack';
-import { integerRange } from '../quant-params';
+import { integerRange, roundHalfToEven } from '../quant-params';
 import type { TrainableModel } from './model';
 import type { ExportableQuantizer, QuantizerExport } from './quantizers';
 import { TrainingError } from './model';
@@ -27,11 +27,6 @@ function floatTensor(name: string, dims: number[], values: Float32Array): Tensor
   return makeTensor(name, TensorProto_DataType.FLOAT, dims, new Uint8Array(Float32Array.from(values).buffer));
 }
 
-function roundHalfEven(x: number): number {
-  const r = Math.round(x);
-  return Math.abs(x % 1) === 0.5 ? 2 * Math.round(x / 2) : r;
-}
-
 /** The integer codes of weights under an exported quantizer: round(clip(w)/s) saturated, as the engine's forward. */
 export function weightCodes(w: Float32Array, dims: number[], q: QuantizerExport): Int8Array {
   const { qmin, qmax } = integerRange(q.bits, true);
@@ -42,7 +37,7 @@ export function weightCodes(w: Float32Array, dims: number[], q: QuantizerExport)
   for (let i = 0; i < w.length; i++) {
     const s = q.scale[channels === 1 ? 0 : Math.floor(i / inner) % channels];
     const v = Math.fround(Math.min(clip, Math.max(-clip, w[i])));
-    codes[i] = Math.min(qmax, Math.max(qmin, roundHalfEven(Math.fround(v / s))));
+    codes[i] = Math.min(qmax, Math.max(qmin, roundHalfToEven(Math.fround(v / s))));
   }
   return codes;
 }

@@ -67,9 +67,10 @@ function axisGeometry(node: NodeProto, size: number, kernel: number, stride: num
   return { out, padBegin };
 }
 
-function windowGeometry(node: NodeProto, x: Tensor, kernelH: number, kernelW: number): ConvGeometry {
-  if (x.dims.length !== 4) throw new OpError(node, `expects a 4-D NCHW input, got [${x.dims.join(', ')}]`);
-  const [, channels, height, width] = x.dims;
+/** The im2col geometry of a Conv or pooling node over an NCHW input of these dims. */
+export function windowGeometry(node: NodeProto, dims: readonly number[], kernelH: number, kernelW: number): ConvGeometry {
+  if (dims.length !== 4) throw new OpError(node, `expects a 4-D NCHW input, got [${dims.join(', ')}]`);
+  const [, channels, height, width] = dims;
   const [strideH, strideW] = spatial2d(node, 'strides', 1);
   const [dilationH, dilationW] = spatial2d(node, 'dilations', 1);
   const pads = intsAttribute(node, 'pads') ?? [0, 0, 0, 0];
@@ -88,7 +89,7 @@ const conv: OpImpl = {
     if (w.dims.length !== 4) throw new OpError(node, `only 2-D convolution is supported (weight [${w.dims.join(', ')}])`);
     const group = intAttribute(node, 'group', 1);
     const [outChannels, groupChannels, kernelH, kernelW] = w.dims;
-    const g = windowGeometry(node, x, kernelH, kernelW);
+    const g = windowGeometry(node, x.dims, kernelH, kernelW);
     if (g.channels !== groupChannels * group || outChannels % group !== 0) {
       throw new OpError(node, `input has ${g.channels} channels; weight [${w.dims.join(', ')}] with group ${group} expects ${groupChannels * group}`);
     }
@@ -465,7 +466,7 @@ function pool(kind: 'max' | 'average'): OpImpl {
       const x = need(node, xIn, 'input X');
       const [kernelH, kernelW] = spatial2d(node, 'kernel_shape', 0);
       if (!kernelH || !kernelW) throw new OpError(node, 'kernel_shape is required');
-      const g = windowGeometry(node, x, kernelH, kernelW);
+      const g = windowGeometry(node, x.dims, kernelH, kernelW);
       const batch = x.dims[0];
       const y = new Float32Array(batch * g.channels * g.outH * g.outW);
       const countPad = intAttribute(node, 'count_include_pad', 0) === 1;

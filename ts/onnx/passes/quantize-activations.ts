@@ -8,7 +8,7 @@
 import { TensorProto_DataType } from 'onnx-buf';
 
 import { native } from '../../native';
-import { integerRange } from '../../quant-params';
+import { integerRange, roundHalfToEven } from '../../quant-params';
 import { makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
@@ -28,6 +28,26 @@ function zeroPointTensor(name: string, bits: number, signed: boolean, zp: number
   return makeTensor(name, signed ? TensorProto_DataType.INT4 : TensorProto_DataType.UINT4, [], Uint8Array.of(zp & 0x0f));
 }
 
+/** The scale and zero point of an activation's QuantizeLinear for its calibrated range. */
+export function activationParams(range: { lo: number; hi: number; bits: number }, signed: boolean):
+  { scale: number; zeroPoint: number; qmin: number; qmax: number } {
+  const { qmin, qmax } = integerRange(range.bits, signed);
+  const scale = new Float32Array(1);
+  const zp = new Int32Array(1);
+  native().paramsFromRanges(Float32Array.of(range.lo), Float32Array.of(range.hi), qmin, qmax, signed, scale, zp);
+  return { scale: scale[0], zeroPoint: zp[0], qmin, qmax };
+}
+
+/** What QuantizeLinear then DequantizeLinear make of x (float32 division, round half to even, saturation). */
+export function fakeQuantize(x: Float32Array, p: { scale: number; zeroPoint: number; qmin: number; qmax: number }): Float32Array {
+  const y = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) {
+    const q = Math.min(p.qmax, Math.max(p.qmin, roundHalfToEven(Math.fround(x[i] / p.scale)) + p.zeroPoint));
+    y[i] = (q - p.zeroPoint) * p.scale;
+  }
+  return y;
+}
+
 /** `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair; `ranges`: the range and width of each tensor. */
 export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: number; hi: number; bits: 4 | 8 }>, consumers: Set<string>,
   signed: boolean, microsoftDomain: boolean): { report: PassReport; activations: ActivationLayerReport[] } {
@@ -36,10 +56,9 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: numb
   const domain = microsoftDomain ? 'com.microsoft' : '';
   for (const [tensor, range] of ranges) {
     const bits = range.bits;
-    const { qmin, qmax } = integerRange(bits, signed);
-    const scale = new Float32Array(1);
-    const zp = new Int32Array(1);
-    native().paramsFromRanges(Float32Array.of(range.lo), Float32Array.of(range.hi), qmin, qmax, signed, scale, zp);
+    const params = activationParams(range, signed);
+    const scale = Float32Array.of(params.scale);
+    const zp = Int32Array.of(params.zeroPoint);
     const scaleName = graph.uniqueName(`${tensor}_scale`);
     const zpName = graph.uniqueName(`${tensor}_zero_point`);
     const quantized = graph.uniqueName(`${tensor}_quantized`);

@@ -4,12 +4,14 @@
  * or blocked along the input-channel (reduction) axis (opset 21 for int4, 25 for
  * int2). Symmetric signed values, zero point 0 (the zero-point input is left out).
  */
-import { TensorProto_DataType } from 'onnx-buf';
+import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import { dimsOf, floatData, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
 import { preserveRunSums } from '../../methods/sum-preserving';
+import { gptqRound, type WeightMatrixView } from '../../methods/gptq';
+import type { GramLayer, InputGram } from '../../calibration/input-gram';
 import { dequantize, quantizationError, quantizeTensor } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
 import { nodeLabel, type PassReport } from './pass';
@@ -42,8 +44,13 @@ export interface WeightQuantization {
   scaleClipK?: number;
   /** Multiply each channel's scale by std(W)/std(Ŵ) (ACIQ's variance correction; per-channel weights only). */
   momentCorrection?: boolean;
-  /** 'sum-preserving': re-round so each Conv filter's taps over one input channel keep their sum (methods/sum-preserving.ts). */
-  rounding?: 'nearest' | 'sum-preserving';
+  /**
+   * 'sum-preserving': re-round so each Conv filter's taps over one input channel keep their sum (methods/sum-preserving.ts).
+   * 'gptq': re-round against each layer's input Gram matrix from calibration (`grams`; methods/gptq.ts).
+   */
+  rounding?: 'nearest' | 'sum-preserving' | 'gptq';
+  /** Per layer (node label), the Gram matrices of its calibration inputs, for 'gptq' rounding. */
+  grams?: Map<string, InputGram>;
 }
 
 export interface WeightLayerReport {
@@ -109,6 +116,35 @@ function stdRatios(a: Float32Array, b: Float32Array, dims: number[], axis: numbe
   });
 }
 
+/** The Conv/Gemm/MatMul nodes with constant float weights of a shape this pass handles, minus keepFloat, in order. */
+export function quantizableLayers(graph: Graph, keepFloat: string[] = []): NodeProto[] {
+  const keep = new Set(keepFloat);
+  return graph.topologicalOrder().filter((n) => {
+    if (!QUANTIZABLE.has(n.opType) || keep.has(n.name) || keep.has(n.opType)) return false;
+    const w = graph.constant(n.input[1]);
+    return !!w && !!floatData(w) && !!layout(n.opType, dimsOf(w), intAttribute(n, 'transB', 0));
+  });
+}
+
+/** What a layer's weights meet in its input, for gathering its input Gram matrix during calibration. */
+export function gramLayer(graph: Graph, node: NodeProto): GramLayer {
+  const dims = dimsOf(graph.constant(node.input[1])!);
+  if (node.opType === 'Conv') return { kind: 'conv', node, weightDims: dims };
+  const transB = node.opType === 'Gemm' && intAttribute(node, 'transB', 0) === 1;
+  return { kind: 'matrix', columns: transB ? dims[1] : dims[0], transposed: node.opType === 'Gemm' && intAttribute(node, 'transA', 0) === 1 };
+}
+
+/** The weight tensor as GPTQ's [rows = outputs, columns = what one output meets] matrix. */
+function matrixView(node: NodeProto, dims: number[], outputAxis: number): WeightMatrixView {
+  if (node.opType === 'Conv') {
+    const columns = dims.slice(1).reduce((a, b) => a * b, 1);
+    return { rows: dims[0], columns, rowStride: columns, columnStride: 1, rowsPerGram: dims[0] / intAttribute(node, 'group', 1) };
+  }
+  return outputAxis === 0
+    ? { rows: dims[0], columns: dims[1], rowStride: dims[1], columnStride: 1, rowsPerGram: dims[0] }
+    : { rows: dims[1], columns: dims[0], rowStride: 1, columnStride: dims[1], rowsPerGram: dims[1] };
+}
+
 export function quantizeWeights(graph: Graph, options: WeightQuantization):
   { report: PassReport; layers: WeightLayerReport[]; weights: QuantizedWeights[]; firstAndLast: string[] } {
   const report: PassReport = { pass: 'quantize-weights', changed: [], skipped: [] };
@@ -121,7 +157,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     }
   }
   const candidates = graph.topologicalOrder().filter((n) => QUANTIZABLE.has(n.opType));
-  const quantizable = candidates.filter((n) => !keep.has(n.name) && !keep.has(n.opType) && graph.constant(n.input[1]) && floatData(graph.constant(n.input[1])!));
+  const quantizable = quantizableLayers(graph, options.keepFloat);
   const first = quantizable[0];
   const last = quantizable[quantizable.length - 1];
   for (const node of candidates) {
@@ -175,6 +211,11 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     }
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
     if (options.rounding === 'sum-preserving' && taps > 1) q = preserveRunSums(q, source, taps);
+    const gram = options.rounding === 'gptq' ? options.grams?.get(label) : undefined;
+    if (options.rounding === 'gptq') {
+      if (gram && gram.count > 0) q = gptqRound(q, source, gram.matrices, matrixView(node, dims, axes.outputAxis));
+      else report.skipped.push({ node: label, reason: 'no calibration inputs reached it: GPTQ rounding not applied (rounded to nearest)' });
+    }
     if (q.channelBits && q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type
     if (options.momentCorrection && !blocked) {
       // ξ_c = std(W_c) / std(Ŵ_c): scaling channel c's scale (zero point 0) scales Ŵ_c's spread by ξ_c.
@@ -197,7 +238,8 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
       node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
       granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}`
         : perTensor ? 'tensor' : `channel on axis ${q.axis}`,
-      method: grouped ? 'mse (L1)' : options.method, weightSqnrDb: quantizationError(data, q).sqnrDb,
+      method: `${grouped ? 'mse (L1)' : options.method}${gram ? ', gptq rounding' : options.rounding === 'sum-preserving' && taps > 1 ? ', sum-preserving rounding' : ''}`,
+      weightSqnrDb: quantizationError(data, q).sqnrDb,
       ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
       output: node.output[0],
     };
