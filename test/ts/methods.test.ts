@@ -9,7 +9,7 @@ import {
 } from '../../ts';
 import { preserveRunSums } from '../../ts/methods/sum-preserving';
 import { gptqRound, upperFactorOfInverse } from '../../ts/methods/gptq';
-import { InputGram } from '../../ts/calibration/input-gram';
+import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { referenceKernels } from '../../ts/train/kernels';
 import { makeIntAttribute, makeNode } from '../../ts/onnx/graph';
 import { create } from '@bufbuild/protobuf';
@@ -206,7 +206,7 @@ describe('GPTQ rounding', () => {
   }
   const w = Float32Array.from({ length: outputs * features }, () => r() * 2 - 1);  // [outputs, features], Gemm transB
   const gram = () => {
-    const g = new InputGram({ kind: 'matrix', columns: features, transposed: false });
+    const g = new LayerInputMoments({ kind: 'matrix', columns: features, transposed: false }, { gram: true });
     g.observe(x.subarray(0, 100 * features), [100, features]);
     g.observe(x.subarray(100 * features), [samples - 100, features]);
     return g;
@@ -246,13 +246,18 @@ describe('GPTQ rounding', () => {
     expect(upperFactorOfInverse(Float64Array.of(1, 2, 2, 1), 2)).to.equal(undefined);
   });
 
-  it('InputGram sums x·xᵀ over the vectors a layer meets: matrix rows, and im2col columns per conv group', () => {
+  it('LayerInputMoments sums x and x·xᵀ over the vectors a layer meets: matrix rows, and im2col columns per conv group', () => {
     const g = gram();
     expect(g.count).to.equal(samples);
+    for (const i of [0, 11]) {
+      let v = 0;
+      for (let s = 0; s < samples; s++) v += x[s * features + i];
+      expect(g.means()[0][i]).to.be.closeTo(v / samples, 1e-9);
+    }
     for (const [i, j] of [[0, 0], [3, 17], [23, 5]]) {
       let v = 0;
       for (let s = 0; s < samples; s++) v += x[s * features + i] * x[s * features + j];
-      expect(g.matrices[0][i * features + j]).to.be.closeTo(v, 1e-3 * Math.abs(v) + 1e-3);
+      expect(g.grams[0][i * features + j]).to.be.closeTo(v, 1e-3 * Math.abs(v) + 1e-3);
     }
     // Grouped conv, 2 groups of 2 channels, 3×3 kernel, padding 1, stride 2, on a [2, 4, 5, 6] input.
     const node = makeNode('Conv', ['x', 'w'], ['y'], 'conv', [makeIntAttribute('group', 2)]);
@@ -260,23 +265,27 @@ describe('GPTQ rounding', () => {
     node.attribute.push(ints('strides', [2n, 2n]), ints('pads', [1n, 1n, 1n, 1n]));
     const dims = [2, 4, 5, 6];
     const input = Float32Array.from({ length: 240 }, () => r() - 0.5);
-    const conv = new InputGram({ kind: 'conv', node, weightDims: [6, 2, 3, 3] }, referenceKernels);
+    const conv = new LayerInputMoments({ kind: 'conv', node, weightDims: [6, 2, 3, 3] }, { gram: true, kernels: referenceKernels });
     conv.observe(input, dims);
-    expect(conv.matrices.length).to.equal(2);
+    expect(conv.grams.length).to.equal(2);
     expect(conv.count).to.equal(2 * 3 * 3);
     const at = (b: number, c: number, y: number, xx: number) => (y < 0 || y >= 5 || xx < 0 || xx >= 6 ? 0 : input[((b * 4 + c) * 5 + y) * 6 + xx]);
     for (const group of [0, 1]) {
       const expected = new Float64Array(18 * 18);
+      const expectedSums = new Float64Array(18);
       for (let b = 0; b < 2; b++) {
         for (let oy = 0; oy < 3; oy++) {
           for (let ox = 0; ox < 3; ox++) {
             const v = [];
             for (let c = 0; c < 2; c++) for (let ky = 0; ky < 3; ky++) for (let kx = 0; kx < 3; kx++) v.push(at(b, group * 2 + c, oy * 2 - 1 + ky, ox * 2 - 1 + kx));
             for (let i = 0; i < 18; i++) for (let j = 0; j < 18; j++) expected[i * 18 + j] += v[i] * v[j];
+            v.forEach((x, i) => (expectedSums[i] += x));
           }
         }
       }
-      for (let i = 0; i < 18 * 18; i++) expect(conv.matrices[group][i]).to.be.closeTo(expected[i], 1e-5);
+      for (let i = 0; i < 18 * 18; i++) expect(conv.grams[group][i]).to.be.closeTo(expected[i], 1e-5);
+      // Means per im2col row: taps that read padding average in its zeros.
+      conv.means()[group].forEach((m, i) => expect(m).to.be.closeTo(expectedSums[i] / 18, 1e-6));
     }
   });
 
@@ -284,7 +293,7 @@ describe('GPTQ rounding', () => {
     for (const bits of [8, 4, 2]) {
       const nearest = quantizeTensor(w, { shape: [outputs, features], bits, granularity: 'channel', axis: 0 });
       const copy = Array.from(nearest.values);
-      const rounded = gptqRound(nearest, w, gram().matrices, view);
+      const rounded = gptqRound(nearest, w, gram().grams, view);
       expect(Array.from(nearest.values), 'input not modified').to.deep.equal(copy);
       expect(Array.from(rounded.scale)).to.deep.equal(Array.from(nearest.scale));
       const [a, b] = [nearest, rounded].map((q) => outputError(dequantize(q)));
@@ -302,8 +311,8 @@ describe('GPTQ rounding', () => {
     // The same weights stored [features, outputs] (MatMul): the same integers, transposed.
     const t = Float32Array.from({ length: w.length }, (_, i) => w[(i % outputs) * features + Math.floor(i / outputs)]);
     const nearestT = quantizeTensor(t, { shape: [features, outputs], bits: 4, granularity: 'channel', axis: 1 });
-    const a = gptqRound(nearest, w, gram().matrices, view).values;
-    const b = gptqRound(nearestT, t, gram().matrices, { rows: outputs, columns: features, rowStride: 1, columnStride: outputs, rowsPerGram: outputs }).values;
+    const a = gptqRound(nearest, w, gram().grams, view).values;
+    const b = gptqRound(nearestT, t, gram().grams, { rows: outputs, columns: features, rowStride: 1, columnStride: outputs, rowsPerGram: outputs }).values;
     for (let i = 0; i < t.length; i++) expect(b[i]).to.equal(a[(i % outputs) * features + Math.floor(i / outputs)]);
   });
 });

@@ -10,7 +10,9 @@ import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
 import { Graph } from '../../ts/onnx/graph';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
-import { quantizeWeights } from '../../ts/onnx/passes/quantize-weights';
+import { layerInput, quantizeWeights } from '../../ts/onnx/passes/quantize-weights';
+import { correctBiases } from '../../ts/onnx/passes/bias-correction';
+import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
@@ -465,5 +467,45 @@ describe('BatchNormalization folding into MatMul', () => {
     const report = foldBatchNorm(new Graph(readModel(bytes)));
     expect(report.changed).to.deep.equal([]);
     expect(report.skipped).to.deep.equal([{ node: 'bn', reason: "the MatMul output is 3-D: BN's axis 1 is not the weight's output channels" }]);
+  });
+});
+
+describe('data-driven bias correction', () => {
+  it('makes the mean output of a padded conv equal the float one on the calibration data (taps in the padding count as zeros)', async () => {
+    // A 5×5 kernel over 3-row maps, as the PP-OCRv4 recognizer's late depthwise convs: most taps read padding.
+    const r = rng(41);
+    const bytes = buildModel({
+      inputDims: [1, 2, 3, 8],
+      nodes: [{ op: 'Conv', inputs: ['input', 'w', 'b'], output: 'y', attrs: { kernel_shape: [5, 5], pads: [2, 2, 2, 2] } }],
+      initializers: { w: { dims: [4, 2, 5, 5], data: Array.from({ length: 200 }, () => r() * 2 - 1) }, b: { dims: [4], data: [0.1, -0.2, 0.3, 0] } },
+      output: 'y',
+    });
+    const feeds = Array.from({ length: 6 }, () => Float32Array.from({ length: 48 }, () => 1 + r()));  // positive mean: padding matters
+    const quantized = async (correct: boolean) => {
+      const graph = new Graph(readModel(bytes));
+      upgradeOpset(graph, 21);
+      const conv = graph.graph.node[0];
+      const moments = new LayerInputMoments(layerInput(graph, conv));
+      for (const f of feeds) moments.observe(f, [1, 2, 3, 8]);
+      const { weights } = quantizeWeights(graph, { bits: 4, granularity: 'channel', method: 'minmax' });
+      if (correct) expect(correctBiases(graph, weights, new Map([['conv0', moments]])).changed.length).to.equal(1);
+      return serializeModel(graph.model);
+    };
+    const O = ort();
+    const meanOutputs = async (model: Uint8Array) => {
+      const session = await O.InferenceSession.create(model);
+      const sums = new Float64Array(4);
+      for (const f of feeds) {
+        const y = (await session.run({ input: new O.Tensor('float32', f, [1, 2, 3, 8]) })).y.data as Float32Array;
+        for (let i = 0; i < y.length; i++) sums[Math.floor(i / 24)] += y[i] / (24 * feeds.length);
+      }
+      await session.release();
+      return sums;
+    };
+    const float = await meanOutputs(bytes);
+    const [plain, corrected] = [await meanOutputs(await quantized(false)), await meanOutputs(await quantized(true))];
+    const gap = (m: Float64Array) => Math.max(...m.map((v, c) => Math.abs(v - float[c])));
+    expect(gap(plain), 'uncorrected 4-bit weights shift the mean').to.be.greaterThan(0.01);
+    expect(gap(corrected)).to.be.lessThan(1e-4);
   });
 });

@@ -137,28 +137,8 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number): Feed
   return f as Feed;
 }
 
-/** Running per-channel mean of a tensor, channels on the second axis ('second', NCHW / [N, K]) or the last. */
-class ChannelMean {
-  sums: Float64Array | undefined;
-  count = 0;
-  constructor(readonly axis: 'second' | 'last') {}
-  observe(data: Float32Array, dims: readonly number[]): void {
-    const channelAxis = this.axis === 'second' ? 1 : dims.length - 1;
-    const channels = dims[channelAxis];
-    const inner = dims.slice(channelAxis + 1).reduce((a, b) => a * b, 1);
-    this.sums ??= new Float64Array(channels);
-    for (let i = 0; i < data.length; i++) this.sums[Math.floor(i / inner) % channels] += data[i];
-    this.count += data.length / channels;
-  }
-  mean(): Float64Array {
-    return Float64Array.from(this.sums ?? [], (s) => s / Math.max(1, this.count));
-  }
-}
-
 export interface CalibrationResult {
   observers: Map<string, TensorObserver>;
-  /** Per-channel means of the tensors asked for in `channelMeans`. */
-  means: Map<string, Float64Array>;
   batches: number;
   /** The first few feeds, kept for evaluating the quantized model. */
   sample: Feed[];
@@ -166,13 +146,12 @@ export interface CalibrationResult {
 
 export async function calibrate(model: ModelProto, tensors: string[], data: CalibrationData, method: ActivationMethod,
   options: {
-    keep?: number; onBatch?: (index: number) => void; channelMeans?: Map<string, 'second' | 'last'>;
+    keep?: number; onBatch?: (index: number) => void;
     /** More observers of whole tensors with their dims (e.g. input Gram matrices for GPTQ rounding). */
     tensorObservers?: Array<{ tensor: string; observe(data: Float32Array, dims: readonly number[]): void }>;
   } = {}): Promise<CalibrationResult> {
-  const meanObservers = new Map([...(options.channelMeans ?? [])].map(([t, axis]) => [t, new ChannelMean(axis)]));
   const extra = options.tensorObservers ?? [];
-  const exposed = [...new Set([...tensors, ...meanObservers.keys(), ...extra.map((o) => o.tensor)])];
+  const exposed = [...new Set([...tensors, ...extra.map((o) => o.tensor)])];
   const O = ort();
   const session = await O.InferenceSession.create(withOutputs(model, exposed), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 });
   const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
@@ -190,7 +169,6 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
           throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${t}': ${(e as Error).message}`);
         }
       }
-      for (const [t, m] of meanObservers) m.observe(outputs[t].data as Float32Array, outputs[t].dims);
       for (const o of extra) {
         try {
           o.observe(outputs[o.tensor].data as Float32Array, outputs[o.tensor].dims);
@@ -206,5 +184,5 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     await session.release();
   }
   if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
-  return { observers, means: new Map([...meanObservers].map(([t, m]) => [t, m.mean()])), batches, sample };
+  return { observers, batches, sample };
 }

@@ -15,14 +15,14 @@ import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph } from './graph';
 import { checkOutputPath, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
 import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
-import { InputGram } from '../calibration/input-gram';
+import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiases } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import type { PassReport } from './passes/pass';
-import { gramLayer, quantizableLayers, quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
+import { layerInput, quantizableLayers, quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -319,7 +319,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   const tensors = opts.activations ? [...new Set(targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t)))] : [];
-  const grams = new Map(gptq ? targets.filter((n) => !graph.constant(n.input[0])).map((n) => [nodeLabel(n), new InputGram(gramLayer(graph, n))]) : []);
+  const withData = targets.filter((n) => !graph.constant(n.input[0]));
+  // Per layer, the moments of its inputs: Gram matrices for GPTQ, means (of float inputs) for data-driven bias correction.
+  const gptqMoments = new Map(gptq ? withData.map((n) => [nodeLabel(n), new LayerInputMoments(layerInput(graph, n), { gram: true })]) : []);
+  const biasMoments = new Map(dataBiasCorrection ? withData.map((n) => [nodeLabel(n), new LayerInputMoments(layerInput(graph, n))]) : []);
   let result: CalibrationResult | undefined;
   let sample: Feed[] | undefined;
   let calibrationBatches: number | undefined;
@@ -327,11 +330,11 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // input and the classifier's features, which ACIQ's authors also keep at 8 bits.
   const edgeInputs = new Set([targets[0], targets[targets.length - 1]].map((n) => n.input[0]));
   const ranges = new Map<string, { lo: number; hi: number; bits: 4 | 8 }>();
-  const observeGrams = (quantizeInputs: boolean) => targets.filter((n) => grams.has(nodeLabel(n))).map((n) => {
+  const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter((n) => moments.has(nodeLabel(n))).map((n) => {
     const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
     const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
-    const gram = grams.get(nodeLabel(n))!;
-    return { tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => gram.observe(params ? fakeQuantize(data, params) : data, dims) };
+    const m = moments.get(nodeLabel(n))!;
+    return { tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => m.observe(params ? fakeQuantize(data, params) : data, dims) };
   });
   // GPTQ with quantized activations takes a second pass over the calibration data, so its Gram matrices see the
   // inputs as the quantized model will (clipped and rounded); data that can be read only once get one pass on float inputs.
@@ -339,11 +342,9 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   if (opts.activations || gptq) {
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
-    const channelMeans = new Map<string, 'second' | 'last'>(dataBiasCorrection
-      ? targets.filter((n) => !graph.constant(n.input[0])).map((n) => [n.input[0], n.opType === 'MatMul' ? 'last' : 'second'])
-      : []);
     result = await calibrate(prepared, tensors, opts.calibration!, (opts.activations && opts.activations.method) || 'minmax', {
-      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), channelMeans, tensorObservers: secondPass ? [] : observeGrams(false),
+      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`),
+      tensorObservers: [...observe(biasMoments, false), ...(secondPass ? [] : observe(gptqMoments, false))],
     });
     calibrationBatches = result.batches;
     sample = result.sample;
@@ -357,7 +358,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     if (secondPass) {
       opts.onProgress?.('calibrate (GPTQ inputs)');
       await calibrate(prepared, [], opts.calibration!, 'minmax', {
-        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), tensorObservers: observeGrams(true),
+        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), tensorObservers: observe(gptqMoments, true),
       });
     }
     timings.calibrate = performance.now() - t0;
@@ -373,7 +374,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
-    rounding: opts.weights.rounding, grams,
+    rounding: opts.weights.rounding, moments: gptqMoments,
   }));
   passes.push(weightReport);
   // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.
@@ -385,7 +386,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       if (microsoftDomainFallback) throw new OnnxModelError(`4-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
       passes.push(upgradeOpset(graph, 21));
     }
-    if (dataBiasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, inputs, result.means)));
+    if (dataBiasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, biasMoments)));
     if (opts.activations) {
       const act = time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
         a.signed ?? false, microsoftDomainFallback !== undefined));

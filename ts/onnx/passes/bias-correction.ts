@@ -1,64 +1,42 @@
 /**
  * Data-driven bias correction (Banner et al.): for each quantized layer, adds
  * E[W·x] − E[Ŵ·x] = Σ_k (W − Ŵ)[c, k] · E[x_k] to the bias of output channel c,
- * with E[x] the per-channel mean of the layer's input measured during
- * calibration (padding and the input's own quantization are ignored). Conv and
- * Gemm get a new bias initializer; MatMul gets an Add after it.
+ * with E[x] the mean of the vectors the layer's weights meet during
+ * calibration — for Conv, each im2col column, so a tap that reads padding
+ * counts the zeros it reads (with a channel mean, a 5×5 kernel over a 3-row
+ * feature map would be corrected as if all 25 taps saw data). The input's own
+ * quantization is ignored. Conv and Gemm get a new bias initializer; MatMul
+ * gets an Add after it.
  */
 import { TensorProto_DataType } from 'onnx-buf';
 
-import { floatData, intAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import type { LayerInputMoments } from '../../calibration/layer-input-moments';
+import { floatData, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
-import type { QuantizedWeights } from './quantize-weights';
+import { matrixView, type QuantizedWeights } from './quantize-weights';
 
-export function correctBiases(graph: Graph, weights: QuantizedWeights[], inputs: Map<string, string>,
-  means: Map<string, Float64Array>): PassReport {
+export function correctBiases(graph: Graph, weights: QuantizedWeights[], moments: Map<string, LayerInputMoments>): PassReport {
   const report: PassReport = { pass: 'bias-correction', changed: [], skipped: [] };
   const byLabel = new Map(graph.graph.node.map((n) => [nodeLabel(n), n]));
   for (const w of weights) {
     const node = byLabel.get(w.node);
-    const mean = means.get(inputs.get(w.node) ?? '');
-    if (!node || !mean) {
+    const m = moments.get(w.node);
+    if (!node || !m || m.count === 0) {
       report.skipped.push({ node: w.node, reason: 'no calibrated input mean' });
       continue;
     }
-    const dims = w.shape;
-    const out = dims[w.outputAxis];
+    const view = matrixView(node, w.shape, w.outputAxis);
+    const means = m.means();
+    const out = view.rows;
     const shift = new Float64Array(out);
-    if (node.opType === 'Conv') {
-      const group = intAttribute(node, 'group', 1);
-      const perGroupIn = dims[1];
-      const perGroupOut = out / group;
-      const spatial = dims.slice(2).reduce((a, b) => a * b, 1);
-      if (mean.length !== perGroupIn * group) {
-        report.skipped.push({ node: w.node, reason: `input mean has ${mean.length} channels, expected ${perGroupIn * group}` });
-        continue;
+    for (let o = 0; o < out; o++) {
+      const mean = means[Math.floor(o / view.rowsPerGram)];
+      let s = 0;
+      for (let k = 0; k < view.columns; k++) {
+        const idx = o * view.rowStride + k * view.columnStride;
+        s += (w.original[idx] - w.dequantized[idx]) * mean[k];
       }
-      for (let o = 0; o < out; o++) {
-        const g = Math.floor(o / perGroupOut);
-        let s = 0;
-        for (let i = 0; i < perGroupIn; i++) {
-          for (let t = 0; t < spatial; t++) {
-            const idx = (o * perGroupIn + i) * spatial + t;
-            s += (w.original[idx] - w.dequantized[idx]) * mean[g * perGroupIn + i];
-          }
-        }
-        shift[o] = s;
-      }
-    } else {
-      const k = dims[1 - w.outputAxis];
-      if (mean.length !== k) {
-        report.skipped.push({ node: w.node, reason: `input mean has ${mean.length} channels, expected ${k}` });
-        continue;
-      }
-      for (let o = 0; o < out; o++) {
-        let s = 0;
-        for (let i = 0; i < k; i++) {
-          const idx = w.outputAxis === 0 ? o * k + i : i * out + o;
-          s += (w.original[idx] - w.dequantized[idx]) * mean[i];
-        }
-        shift[o] = s;
-      }
+      shift[o] = s;
     }
     if (node.opType === 'Conv' || node.opType === 'Gemm') {
       const old = node.input[2] ? graph.constant(node.input[2]) : undefined;

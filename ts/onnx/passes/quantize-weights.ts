@@ -11,7 +11,7 @@ import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
 import { preserveRunSums } from '../../methods/sum-preserving';
 import { gptqRound, type WeightMatrixView } from '../../methods/gptq';
-import type { GramLayer, InputGram } from '../../calibration/input-gram';
+import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
 import { dequantize, quantizationError, quantizeTensor } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
 import { nodeLabel, type PassReport } from './pass';
@@ -46,11 +46,11 @@ export interface WeightQuantization {
   momentCorrection?: boolean;
   /**
    * 'sum-preserving': re-round so each Conv filter's taps over one input channel keep their sum (methods/sum-preserving.ts).
-   * 'gptq': re-round against each layer's input Gram matrix from calibration (`grams`; methods/gptq.ts).
+   * 'gptq': re-round against each layer's input Gram matrix from calibration (`moments`; methods/gptq.ts).
    */
   rounding?: 'nearest' | 'sum-preserving' | 'gptq';
-  /** Per layer (node label), the Gram matrices of its calibration inputs, for 'gptq' rounding. */
-  grams?: Map<string, InputGram>;
+  /** Per layer (node label), the moments of its calibration inputs with Gram matrices, for 'gptq' rounding. */
+  moments?: Map<string, LayerInputMoments>;
 }
 
 export interface WeightLayerReport {
@@ -126,16 +126,16 @@ export function quantizableLayers(graph: Graph, keepFloat: string[] = []): NodeP
   });
 }
 
-/** What a layer's weights meet in its input, for gathering its input Gram matrix during calibration. */
-export function gramLayer(graph: Graph, node: NodeProto): GramLayer {
+/** What a layer's weights meet in its input, for gathering its input moments during calibration. */
+export function layerInput(graph: Graph, node: NodeProto): LayerInput {
   const dims = dimsOf(graph.constant(node.input[1])!);
   if (node.opType === 'Conv') return { kind: 'conv', node, weightDims: dims };
   const transB = node.opType === 'Gemm' && intAttribute(node, 'transB', 0) === 1;
   return { kind: 'matrix', columns: transB ? dims[1] : dims[0], transposed: node.opType === 'Gemm' && intAttribute(node, 'transA', 0) === 1 };
 }
 
-/** The weight tensor as GPTQ's [rows = outputs, columns = what one output meets] matrix. */
-function matrixView(node: NodeProto, dims: number[], outputAxis: number): WeightMatrixView {
+/** The weight tensor as a [rows = outputs, columns = what one output meets] matrix (GPTQ, bias correction). */
+export function matrixView(node: NodeProto, dims: number[], outputAxis: number): WeightMatrixView {
   if (node.opType === 'Conv') {
     const columns = dims.slice(1).reduce((a, b) => a * b, 1);
     return { rows: dims[0], columns, rowStride: columns, columnStride: 1, rowsPerGram: dims[0] / intAttribute(node, 'group', 1) };
@@ -211,9 +211,10 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     }
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
     if (options.rounding === 'sum-preserving' && taps > 1) q = preserveRunSums(q, source, taps);
-    const gram = options.rounding === 'gptq' ? options.grams?.get(label) : undefined;
+    const moments = options.rounding === 'gptq' ? options.moments?.get(label) : undefined;
+    const gptq = !!moments && moments.count > 0 && moments.grams.length > 0;
     if (options.rounding === 'gptq') {
-      if (gram && gram.count > 0) q = gptqRound(q, source, gram.matrices, matrixView(node, dims, axes.outputAxis));
+      if (gptq) q = gptqRound(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
       else report.skipped.push({ node: label, reason: 'no calibration inputs reached it: GPTQ rounding not applied (rounded to nearest)' });
     }
     if (q.channelBits && q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type
@@ -238,7 +239,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
       node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
       granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}`
         : perTensor ? 'tensor' : `channel on axis ${q.axis}`,
-      method: `${grouped ? 'mse (L1)' : options.method}${gram ? ', gptq rounding' : options.rounding === 'sum-preserving' && taps > 1 ? ', sum-preserving rounding' : ''}`,
+      method: `${grouped ? 'mse (L1)' : options.method}${gptq ? ', gptq rounding' : options.rounding === 'sum-preserving' && taps > 1 ? ', sum-preserving rounding' : ''}`,
       weightSqnrDb: quantizationError(data, q).sqnrDb,
       ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
       output: node.output[0],

@@ -1,0 +1,93 @@
+/**
+ * LayerInputMoments: running moments of the vectors one layer's weights meet
+ * (an im2col column for Conv, padding included; a row of the input matrix for
+ * Gemm/MatMul), one set per convolution group, summed over all calibration
+ * batches: the mean (for data-driven bias correction, E[W·x] − E[Ŵ·x]) and,
+ * when asked for, the Gram matrix Σ x·xᵀ — the Hessian of the layer's output
+ * error ‖(Ŵ − W)·X‖² that GPTQ rounding (methods/gptq.ts) minimises. Fixed
+ * memory (columns² floats per group with the Gram matrix, columns without), so
+ * calibration memory does not grow with the number of batches.
+ */
+import type { NodeProto } from 'onnx-buf';
+
+import { intAttribute } from '../onnx/graph';
+import { nativeKernels, type FloatKernels } from '../train/kernels';
+import { windowGeometry } from '../train/ops';
+
+export type LayerInput =
+  | { kind: 'conv'; node: NodeProto; weightDims: number[] }
+  /** Gemm/MatMul: the input's last axis meets the weights (first axis when Gemm's transA is set). */
+  | { kind: 'matrix'; columns: number; transposed: boolean };
+
+export class LayerInputMoments {
+  /** Columns of each group's vectors (weights one output meets). */
+  readonly columns: number;
+  readonly groups: number;
+  /** Per group, Σ x ([columns]). */
+  readonly sums: Float64Array[];
+  /** Per group, Σ x·xᵀ (row-major [columns, columns]); empty unless `gram` was asked for. */
+  readonly grams: Float32Array[];
+  /** Vectors summed so far (per group). */
+  count = 0;
+  private readonly kernels: FloatKernels;
+
+  constructor(readonly layer: LayerInput, options: { gram?: boolean; kernels?: FloatKernels } = {}) {
+    this.kernels = options.kernels ?? nativeKernels({ threads: 1 });
+    if (layer.kind === 'conv') {
+      this.groups = intAttribute(layer.node, 'group', 1);
+      this.columns = layer.weightDims.slice(1).reduce((a, b) => a * b, 1);
+    } else {
+      this.groups = 1;
+      this.columns = layer.columns;
+    }
+    this.sums = Array.from({ length: this.groups }, () => new Float64Array(this.columns));
+    this.grams = options.gram ? Array.from({ length: this.groups }, () => new Float32Array(this.columns * this.columns)) : [];
+  }
+
+  /** Per group, the mean vector E[x]. */
+  means(): Float64Array[] {
+    return this.sums.map((s) => Float64Array.from(s, (v) => v / Math.max(1, this.count)));
+  }
+
+  observe(data: Float32Array, dims: readonly number[]): void {
+    const d = this.columns;
+    if (this.layer.kind === 'matrix') {
+      const rows = data.length / d;
+      const transposed = this.layer.transposed;
+      if (!Number.isInteger(rows) || (transposed ? dims[0] : dims[dims.length - 1]) !== d) {
+        throw new RangeError(`expected ${d} values on the axis the weights meet, got dims [${dims.join(', ')}]`);
+      }
+      const sums = this.sums[0];
+      for (let i = 0; i < data.length; i++) sums[transposed ? Math.floor(i / rows) : i % d] += data[i];
+      // transposed: A is [K, M] and its columns are the vectors.
+      if (this.grams.length > 0) {
+        this.kernels.sgemm({ transA: !transposed, transB: transposed, m: d, n: d, k: rows, a: data, b: data, c: this.grams[0], accumulate: true });
+      }
+      this.count += rows;
+      return;
+    }
+    const [, , kernelH, kernelW] = this.layer.weightDims;
+    const full = windowGeometry(this.layer.node, dims, kernelH, kernelW);
+    const groupChannels = full.channels / this.groups;
+    const geometry = { ...full, channels: groupChannels };
+    const pixels = geometry.outH * geometry.outW;
+    const plane = full.height * full.width;
+    const col = new Float32Array(d * pixels);
+    for (let b = 0; b < dims[0]; b++) {
+      for (let g = 0; g < this.groups; g++) {
+        const start = (b * full.channels + g * groupChannels) * plane;
+        this.kernels.im2col(data.subarray(start, start + groupChannels * plane), 1, geometry, col);
+        const sums = this.sums[g];
+        for (let r = 0; r < d; r++) {
+          let s = 0;
+          for (let p = r * pixels; p < (r + 1) * pixels; p++) s += col[p];
+          sums[r] += s;
+        }
+        if (this.grams.length > 0) {
+          this.kernels.sgemm({ transA: false, transB: true, m: d, n: d, k: pixels, a: col, b: col, c: this.grams[g], accumulate: true });
+        }
+      }
+      this.count += pixels;
+    }
+  }
+}
