@@ -289,7 +289,8 @@ Napi::Value ParamsFromRanges(const Napi::CallbackInfo& info) {
   const float* lo = array_of<float>(info[0], "lo", napi_float32_array, &nlo);
   const float* hi = array_of<float>(info[1], "hi", napi_float32_array, &nhi);
   int32_t qmin = int_of(info[2], "qmin"), qmax = int_of(info[3], "qmax");
-  if (qmin >= qmax || qmin < -128 || qmax > 255) throw_range(env, "qmin/qmax out of range");
+  // Up to 16 bits: activation scales for uint16/int16 QuantizeLinear (integer codes elsewhere stay within 8 bits).
+  if (qmin >= qmax || qmin < -32768 || qmax > 65535) throw_range(env, "qmin/qmax out of range");
   bool symmetric = bool_of(info[4], "symmetric");
   float* scale = array_of<float>(info[5], "scale", napi_float32_array, &ns);
   int32_t* zp = array_of<int32_t>(info[6], "zeroPoint", napi_int32_array, &nz);

@@ -53,7 +53,7 @@ export function program(): Command {
     .option('--granularity <g>', "'channel', 'block' or 'tensor'", 'channel')
     .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', '32')
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
-    .option('--abits <bits>', 'activation bits (4 or 8); needs --calib')
+    .option('--abits <bits>', 'activation bits (4, 8 or 16); needs --calib')
     .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq' (default: --method when it is one of them, else minmax)")
     .option('--bit-allocation <bits>', 'per-channel bit allocation of the weights with this mean')
     .option('--bias-correction', 'weight std correction, and data-driven bias correction when activations are calibrated')
@@ -87,7 +87,7 @@ export function program(): Command {
           ...(o.scaleClip ? { scaleClip: Number(o.scaleClip) } : {}),
           rounding: o.rounding as 'nearest',
         },
-        activations: o.abits ? { bits: Number(o.abits) as 4 | 8, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection } : false,
+        activations: o.abits ? { bits: Number(o.abits) as 4 | 8 | 16, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection } : false,
         calibration: o.calib,
         keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,
         outputPath: o.output,

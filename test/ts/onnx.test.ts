@@ -83,7 +83,7 @@ describe('quantizeModel (weights only)', () => {
     };
     await rejects(quantizeModel(classifier, { weights: { bits: 3 as never } }), /2, 4 or 8 for options\.weights\.bits/);
     await rejects(quantizeModel(classifier, { weights: { bits: 4, blockSize: 24 } }), /power of two >= 16/);
-    await rejects(quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 6 } as never }), /4 or 8 for options\.activations\.bits/);
+    await rejects(quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 6 } as never }), /4, 8 or 16 for options\.activations\.bits/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8 }, keepFloat: ['Conv', 'MatMul'] }), /No Conv, Gemm or MatMul layer/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8, rounding: 'up' as never } }), /'nearest', 'sum-preserving' or 'gptq' for options\.weights\.rounding but received "up"/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8, rounding: 'gptq' } }), /calibration feeds .* for weights\.rounding 'gptq' for options\.calibration/);
@@ -176,6 +176,23 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     expect(report.calibrationBatches).to.equal(6);
     expect(report.activations.length).to.equal(54);
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+  });
+
+  it('W8A16: uint16 activations (opset 21) run in onnxruntime and keep the classifier closer to float than W8A8; KL is refused', async () => {
+    const calibration = normalFeeds(4, [1, 3, 48, 192], 3);
+    const evaluationFeeds = normalFeeds(4, [1, 3, 48, 192], 9);
+    const a8 = await quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 8 }, calibration, evaluationFeeds });
+    const a16 = await quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 16 }, calibration, evaluationFeeds });
+    expect(a16.report.opset.to).to.equal(21);
+    expect(a16.report.activations.every((a) => a.bits === 16 && a.zeroPoint >= 0 && a.zeroPoint <= 65535)).to.equal(true);
+    const zeroPoints = readModel(a16.model).graph!.initializer.filter((t) => t.name.endsWith('_zero_point'));
+    expect(zeroPoints.length).to.equal(54);
+    expect(zeroPoints.every((t) => t.dataType === TensorProto_DataType.UINT16)).to.equal(true);
+    const [c8, c16] = [a8, a16].map((r) => r.report.evaluation!.outputs[0].cosine);
+    expect(1 - c16, `cosine W8A8 ${c8}, W8A16 ${c16}`).to.be.lessThan(1 - c8);
+    let caught: unknown;
+    await quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 16, method: 'kl' }, calibration }).catch((e) => (caught = e));
+    expect((caught as Error).message).to.match(/'minmax', 'percentile' or 'aciq' with 16-bit activations .* for options\.activations\.method but received "kl"/);
   });
 
   it('W4A4 with ACIQ activations runs in onnxruntime (opset 21, uint4 activations)', async () => {

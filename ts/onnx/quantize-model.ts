@@ -56,7 +56,8 @@ export interface QuantizeModelOptions {
   };
   /** `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data. */
   activations?: false | {
-    bits: 4 | 8;
+    /** 16: uint16/int16 activations (opset 21), for layers too sensitive for 8 bits (not with 'kl'). */
+    bits: 4 | 8 | 16;
     signed?: boolean;
     method?: ActivationMethod;
     /** Data-driven bias correction: E[W·x] − E[Ŵ·x] per output channel, from the calibration data, added to the bias. */
@@ -139,9 +140,12 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw invalidType('options.onProgress', 'a function', options.onProgress);
   const a = options.activations;
   if (a !== undefined && a !== false) {
-    if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8, signed?, method? }', a);
+    if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8 | 16, signed?, method? }', a);
     checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection']);
-    if (a.bits !== 4 && a.bits !== 8) throw invalidValue('options.activations.bits', '4 or 8', a.bits);
+    if (a.bits !== 4 && a.bits !== 8 && a.bits !== 16) throw invalidValue('options.activations.bits', '4, 8 or 16', a.bits);
+    if (a.bits === 16 && a.method === 'kl') {
+      throw invalidValue('options.activations.method', "'minmax', 'percentile' or 'aciq' with 16-bit activations (KL works up to 8 bits)", a.method);
+    }
     for (const key of ['signed', 'biasCorrection'] as const) {
       if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
     }
@@ -329,7 +333,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // The activation ranges. The first and last layers' inputs take their 8 bits too (as their weights do): the model
   // input and the classifier's features, which ACIQ's authors also keep at 8 bits.
   const edgeInputs = new Set([targets[0], targets[targets.length - 1]].map((n) => n.input[0]));
-  const ranges = new Map<string, { lo: number; hi: number; bits: 4 | 8 }>();
+  const ranges = new Map<string, { lo: number; hi: number; bits: number }>();
   const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter((n) => moments.has(nodeLabel(n))).map((n) => {
     const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
     const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
@@ -349,7 +353,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     calibrationBatches = result.batches;
     sample = result.sample;
     if (opts.activations) {
-      const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? 8 : opts.activations.bits;
+      const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? Math.max(8, opts.activations.bits) : opts.activations.bits;
       for (const t of tensors) {
         const bits = edgeInputs.has(t) ? edgeBits : opts.activations.bits;
         ranges.set(t, { ...result.observers.get(t)!.range(bits), bits });
@@ -382,8 +386,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   let activations: ActivationLayerReport[] = [];
   if (result) {
     const a = opts.activations || { bits: 8 as const, method: 'minmax' as const };
-    if (opts.activations && a.bits === 4 && graph.opset < 21) {
-      if (microsoftDomainFallback) throw new OnnxModelError(`4-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
+    if (opts.activations && a.bits !== 8 && graph.opset < 21) {
+      if (microsoftDomainFallback) throw new OnnxModelError(`${a.bits}-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
       passes.push(upgradeOpset(graph, 21));
     }
     if (dataBiasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, biasMoments)));

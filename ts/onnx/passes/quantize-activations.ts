@@ -2,8 +2,8 @@
  * Inserts QuantizeLinear → DequantizeLinear (per tensor) on the activation
  * inputs of the quantized layers, with scales and zero points from the
  * calibrated ranges (the native paramsFromRanges, as for weights). Unsigned
- * activations are asymmetric (uint8/uint4 with a zero point); signed ones are
- * symmetric (int8/int4, zero point 0).
+ * activations are asymmetric (uint16/uint8/uint4 with a zero point); signed ones are
+ * symmetric (int16/int8/int4, zero point 0). 4- and 16-bit types need opset 21.
  */
 import { TensorProto_DataType } from 'onnx-buf';
 
@@ -22,6 +22,9 @@ export interface ActivationLayerReport {
 }
 
 function zeroPointTensor(name: string, bits: number, signed: boolean, zp: number) {
+  if (bits === 16) {
+    return makeTensor(name, signed ? TensorProto_DataType.INT16 : TensorProto_DataType.UINT16, [], Uint8Array.of(zp & 0xff, (zp >> 8) & 0xff));
+  }
   if (bits === 8) {
     return makeTensor(name, signed ? TensorProto_DataType.INT8 : TensorProto_DataType.UINT8, [], Uint8Array.of(zp & 0xff));
   }
@@ -49,7 +52,7 @@ export function fakeQuantize(x: Float32Array, p: { scale: number; zeroPoint: num
 }
 
 /** `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair; `ranges`: the range and width of each tensor. */
-export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: number; hi: number; bits: 4 | 8 }>, consumers: Set<string>,
+export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: number; hi: number; bits: number }>, consumers: Set<string>,
   signed: boolean, microsoftDomain: boolean): { report: PassReport; activations: ActivationLayerReport[] } {
   const report: PassReport = { pass: 'quantize-activations', changed: [], skipped: [] };
   const activations: ActivationLayerReport[] = [];
