@@ -1,5 +1,6 @@
 /**
- * `npm run experiments -- qat [--quick] [--json] [--seeds N] [--narrow]`: quantization-aware training on MNIST.
+ * `npm run experiments -- qat [--quick] [--json] [--seeds N] [--narrow] [--ptq-only]`: quantization-aware training on MNIST
+ * (`--ptq-only`: the float model and the PTQ rows, without QAT and the throughput comparison).
  * A small CNN (four Conv+BN+ReLU blocks, two max-pools, Gemm) is trained in
  * float by lowbit's engine; then, at W4A4 and W2A4 (first and last layer at 8
  * bits in every setting): PTQ minmax, PTQ ACIQ + bit allocation + bias
@@ -40,7 +41,7 @@ function* calibrationFeeds(train: LabelledBatch): Generator<Record<string, { dat
 
 const pct = (x: number) => `${(x * 100).toFixed(2)}%`;
 
-export async function qatExperiment(json: boolean, quick: boolean, seeds = 1, narrow = false): Promise<void> {
+export async function qatExperiment(json: boolean, quick: boolean, seeds = 1, narrow = false, ptqOnly = false): Promise<void> {
   const blocks = narrow ? NARROW_BLOCKS : BLOCKS;
   if (!Number.isInteger(seeds) || seeds < 1) throw new RangeError(`Expected a positive integer for --seeds but received ${seeds}.`);
   ort();
@@ -66,6 +67,8 @@ export async function qatExperiment(json: boolean, quick: boolean, seeds = 1, na
         weights: { bits: 4, method: 'aciq', bitAllocation: { averageBits: wbits }, biasCorrection: true },
         activations: { bits: abits, method: 'aciq', biasCorrection: true },
       }],
+      ['PTQ minmax + GPTQ rounding', { weights: { bits: wbits, rounding: 'gptq' }, activations: { bits: abits } }],
+      ['PTQ mse weights + GPTQ rounding, percentile activations', { weights: { bits: wbits, method: 'mse', rounding: 'gptq' }, activations: { bits: abits, method: 'percentile' } }],
     ];
     for (const [method, options] of ptq) {
       log(`W${wbits}A${abits} ${method}…`);
@@ -75,6 +78,7 @@ export async function qatExperiment(json: boolean, quick: boolean, seeds = 1, na
       const accuracy = await mnistAccuracy(model);
       rows.push({ bits: `W${wbits}A${abits}`, method, accuracy: pct(accuracy), 'vs float': `${((accuracy - floatAccuracy) * 100).toFixed(2)} points`, seconds: Number(seconds.toFixed(1)) });
     }
+    if (ptqOnly) continue;
     const qat: Array<[string, FinetuneOptions]> = [
       ['LSQ QAT (per-tensor steps)', { method: 'lsq' }],
       ['GDRQ QAT (Scale-Clip, 4 groups, learned group steps)', { method: 'gdrq', groups: 4 }],
@@ -106,6 +110,11 @@ export async function qatExperiment(json: boolean, quick: boolean, seeds = 1, na
     }
   }
 
+  if (ptqOnly) {
+    if (json) console.log(JSON.stringify({ accuracy: rows }, null, 2));
+    else console.log(`\nqat --ptq-only: MNIST, CNN with ${blocks.map((b) => b.channels).join('/')} channels; PTQ rows only\n\n${table(rows)}`);
+    return;
+  }
   log('throughput: lowbit engine vs TensorFlow.js (cpu backend), float training, batch 64…');
   // tfjs needs seconds per step: fewer timed steps for it (both after two warm-up steps).
   const batchSize = 64, steps = quick ? 10 : 30, tfjsSteps = quick ? 2 : 5;

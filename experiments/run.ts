@@ -1,4 +1,4 @@
-/** `npm run experiments -- <name> [--json] [--quick] [--seeds N] [--narrow]`. Names: clipping, ptq, qat (qat runs only when named). */
+/** `npm run experiments -- <name> [--json] [--quick] [--seeds N] [--narrow] [--ptq-only]`. Names: clipping, ptq, qat (qat runs only when named). */
 import { clippingExperiment } from './clipping';
 import { ptqExperiment } from './ptq';
 import { qatExperiment } from './qat';
@@ -15,7 +15,7 @@ async function main(): Promise<void> {
   for (const name of names.length ? names : ['clipping', 'ptq']) {
     if (name === 'clipping') clippingExperiment(json);
     else if (name === 'ptq') await ptqExperiment(json);
-    else if (name === 'qat') await qatExperiment(json, args.includes('--quick'), seedsArgument(args), args.includes('--narrow'));
+    else if (name === 'qat') await qatExperiment(json, args.includes('--quick'), seedsArgument(args), args.includes('--narrow'), args.includes('--ptq-only'));
     else throw new Error(`Unknown experiment '${name}'. Known: clipping, ptq, qat.`);
   }
 }
