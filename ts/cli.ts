@@ -75,6 +75,9 @@ export function program(): Command {
         o.abits ??= '8';
         o.calib ??= path.join(assets, 'mnist-calibration');
       }
+      if (!o.calib && (o.abits || o.rounding === 'gptq')) {
+        throw new Error(`${o.abits ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of float32 .npy batches per model input).`);
+      }
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
       const bar = new SingleBar({ format: '  calibrating [{bar}] {value} batches', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
       let barStarted = false;
@@ -110,6 +113,7 @@ export function program(): Command {
       });
       console.log(table(report.layers.map((l) => ({
         layer: l.node, op: l.op, shape: l.shape.join('x'), bits: l.channelBits ? `${l.bits} (mixed)` : l.bits, granularity: l.granularity,
+        method: l.method,
         'weight SQNR dB': Number(l.weightSqnrDb.toFixed(1)),
         'output SQNR dB': l.outputSqnrDb === undefined ? '' : Number(l.outputSqnrDb.toFixed(1)),
       }))));

@@ -26,6 +26,21 @@ describe('bundled MNIST CNN example', () => {
     fs.rmSync(dir, { recursive: true });
   });
 
+  it('`lowbit quantize --rounding gptq --abits 16 --calib` runs; without --calib it says what to pass', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-'));
+    const cli = path.join(root, 'dist', 'ts', 'cli.js');
+    const calib = path.join(root, 'assets', 'mnist-calibration');
+    const r = spawnSync(process.execPath, [cli, 'quantize', model, '--wbits', '4', '--abits', '16', '--rounding', 'gptq', '--calib', calib], { cwd: dir, encoding: 'utf8' });
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/conv2 +Conv +16x8x3x3 +4 +channel on axis 0 +minmax, gptq rounding/);
+    expect(r.stdout).to.match(/opset 13 -> 21/);
+    const missing = spawnSync(process.execPath, [cli, 'quantize', model, '--rounding', 'gptq'], { cwd: dir, encoding: 'utf8' });
+    expect(missing.status).to.equal(1);
+    expect(missing.stderr).to.match(/--rounding gptq needs calibration data: pass --calib <folder>/);
+    expect(fs.readdirSync(dir)).to.deep.equal(['mnist-cnn.q.onnx']);
+    fs.rmSync(dir, { recursive: true });
+  });
+
   it('W8A8 keeps the float accuracy on 2000 test images (within 0.3 points)', async () => {
     const float = await mnistAccuracy(new Uint8Array(fs.readFileSync(model)), 2000);
     expect(float).to.be.greaterThan(0.9);
