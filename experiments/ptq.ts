@@ -96,6 +96,8 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     ['W8, sum-preserving rounding, weights only', { weights: { bits: 8, rounding: 'sum-preserving' } }],
     ['W8, GPTQ rounding, weights only', { weights: { bits: 8, rounding: 'gptq' } }],
     ['W4 (block 32), weights only', { weights: { bits: 4, granularity: 'block', blockSize: 32 } }],
+    ['W4 (block 32), GPTQ rounding, weights only', { weights: { bits: 4, granularity: 'block', blockSize: 32, rounding: 'gptq' } }],
+    ['W4 (per channel, mse), GPTQ rounding, weights only', { weights: { bits: 4, method: 'mse', rounding: 'gptq' } }],
     ['W8A8 (minmax activations)', { weights: { bits: 8 }, activations: { bits: 8 } }],
     ['W8A8 (percentile activations)', { weights: { bits: 8 }, activations: { bits: 8, method: 'percentile' } }],
     ['W8A8 (percentile, sum-preserving rounding)', { weights: { bits: 8, rounding: 'sum-preserving' }, activations: { bits: 8, method: 'percentile' } }],
