@@ -303,6 +303,18 @@ describe('GPTQ rounding', () => {
     }
   });
 
+  it('lazy batch updates (blocks of columns through SGEMM) match column-by-column updates', () => {
+    const nearest = quantizeTensor(w, { shape: [outputs, features], bits: 4, granularity: 'channel', axis: 0 });
+    const h = gram().grams;
+    const sequential = gptqRound(nearest, w, h, view, { block: features });
+    for (const [block, kernels] of [[1, referenceKernels], [5, referenceKernels], [7, undefined]] as const) {
+      const blocked = gptqRound(nearest, w, h, view, { block, kernels });
+      const same = blocked.values.filter((v, i) => v === sequential.values[i]).length;
+      expect(same, `block ${block}: ${same} of ${w.length} integers equal`).to.be.at.least(w.length - 2);
+      expect(outputError(dequantize(blocked))).to.be.closeTo(outputError(dequantize(sequential)), 0.02 * outputError(dequantize(sequential)));
+    }
+  });
+
   it('is round-to-nearest when the inputs are uncorrelated (diagonal Gram matrix), and follows the weight layout', () => {
     const nearest = quantizeTensor(w, { shape: [outputs, features], bits: 4, granularity: 'channel', axis: 0 });
     const diagonal = new Float32Array(features * features);

@@ -12,9 +12,11 @@
  *   e = (w_i − s·q_i) / U_ii;  w_j −= e·U_ij for the later columns j.
  * H is damped by 1% of its mean diagonal. Wide layers are solved in column
  * chunks of at most `maxColumns` (H's off-chunk blocks ignored), which keeps
- * the cubic cost of the factorisation small.
+ * the cubic cost of the factorisation small; within a chunk, errors reach the
+ * later columns in blocks through SGEMM (the paper's lazy batch updates).
  */
 import { integerRange, roundHalfToEven, scaleIndices, type QuantizedTensor } from '../quant-params';
+import { nativeKernels, type FloatKernels } from '../train/kernels';
 
 /** Where weight (row, column) lives in the weight tensor, and which Gram matrix its row uses. */
 export interface WeightMatrixView {
@@ -32,6 +34,10 @@ export interface GptqOptions {
   damping?: number;
   /** Largest column chunk solved jointly. Default 512. */
   maxColumns?: number;
+  /** Columns whose errors are pushed onto the later columns at once (lazy batch). Default 32. */
+  block?: number;
+  /** SGEMM for the block updates. Default: the addon's. */
+  kernels?: FloatKernels;
 }
 
 /**
@@ -42,30 +48,52 @@ export interface GptqOptions {
 export function upperFactorOfInverse(h: Float64Array, n: number): Float64Array | undefined {
   const v = new Float64Array(n * n);
   for (let j = n - 1; j >= 0; j--) {
-    let s = h[j * n + j];
-    for (let k = j + 1; k < n; k++) s -= v[j * n + k] * v[j * n + k];
+    const rowJ = j * n;
+    const s = h[rowJ + j] - dotFrom(v, rowJ, v, rowJ, j + 1, n);
     if (!(s > 0)) return undefined;
     const vjj = Math.sqrt(s);
-    v[j * n + j] = vjj;
-    for (let i = 0; i < j; i++) {
-      let t = h[i * n + j];
-      for (let k = j + 1; k < n; k++) t -= v[i * n + k] * v[j * n + k];
-      v[i * n + j] = t / vjj;
-    }
+    v[rowJ + j] = vjj;
+    for (let i = 0; i < j; i++) v[i * n + j] = (h[i * n + j] - dotFrom(v, i * n, v, rowJ, j + 1, n)) / vjj;
   }
   // U = V⁻¹, row by row from the bottom: U_ii = 1/V_ii, U_ij = −(Σ_{i<k≤j} V_ik·U_kj) / V_ii.
   const u = new Float64Array(n * n);
   for (let i = n - 1; i >= 0; i--) {
-    const vii = v[i * n + i];
-    u[i * n + i] = 1 / vii;
+    const rowI = i * n;
+    const vii = v[rowI + i];
+    u[rowI + i] = 1 / vii;
     for (let k = i + 1; k < n; k++) {
-      const vik = v[i * n + k];
-      if (vik === 0) continue;
-      for (let j = k; j < n; j++) u[i * n + j] -= vik * u[k * n + j];
+      const vik = v[rowI + k];
+      if (vik !== 0) axpyFrom(-vik, u, k * n, u, rowI, k, n);
     }
-    for (let j = i + 1; j < n; j++) u[i * n + j] /= vii;
+    for (let j = i + 1; j < n; j++) u[rowI + j] /= vii;
   }
   return u;
+}
+
+/** Σ_{k=from}^{to−1} a[ai+k]·b[bi+k], four partial sums (the loops of the factorisation). */
+function dotFrom(a: Float64Array, ai: number, b: Float64Array, bi: number, from: number, to: number): number {
+  let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  let k = from;
+  for (; k + 3 < to; k += 4) {
+    s0 += a[ai + k] * b[bi + k];
+    s1 += a[ai + k + 1] * b[bi + k + 1];
+    s2 += a[ai + k + 2] * b[bi + k + 2];
+    s3 += a[ai + k + 3] * b[bi + k + 3];
+  }
+  for (; k < to; k++) s0 += a[ai + k] * b[bi + k];
+  return s0 + s1 + s2 + s3;
+}
+
+/** y[yi+k] += alpha·x[xi+k] for k in [from, to). */
+function axpyFrom(alpha: number, x: Float64Array, xi: number, y: Float64Array, yi: number, from: number, to: number): void {
+  let k = from;
+  for (; k + 3 < to; k += 4) {
+    y[yi + k] += alpha * x[xi + k];
+    y[yi + k + 1] += alpha * x[xi + k + 1];
+    y[yi + k + 2] += alpha * x[xi + k + 2];
+    y[yi + k + 3] += alpha * x[xi + k + 3];
+  }
+  for (; k < to; k++) y[yi + k] += alpha * x[xi + k];
 }
 
 /**
@@ -79,6 +107,8 @@ export function gptqRound(q: QuantizedTensor, source: Float32Array, grams: Array
   const scaleIndex = scaleIndices(q);
   const damping = options.damping ?? 0.01;
   const maxColumns = options.maxColumns ?? 512;
+  const block = options.block ?? 32;
+  const kernels = options.kernels ?? nativeKernels();
   const { columns } = view;
   const chunks = Math.ceil(columns / maxColumns);
   const ranges = Array.from({ length: q.scale.length }, (_, g) => integerRange(q.channelBits ? q.channelBits[g] : q.bits, q.signed));
@@ -104,23 +134,44 @@ export function gptqRound(q: QuantizedTensor, source: Float32Array, grams: Array
         u = upperFactorOfInverse(damped, n);
       }
       if (!u) continue;
-      const w = new Float64Array(n);
-      const rowEnd = Math.min(view.rows, (gram + 1) * view.rowsPerGram);
-      for (let row = gram * view.rowsPerGram; row < rowEnd; row++) {
-        const base = row * view.rowStride;
-        for (let a = 0; a < n; a++) w[a] = source[base + order[a] * view.columnStride];
-        for (let a = 0; a < n; a++) {
-          const e = base + order[a] * view.columnStride;
-          const g = scaleIndex[e];
-          const s = q.scale[g];
-          if (!(s > 0)) continue;
-          const z = q.zeroPoint[g];
-          const { qmin, qmax } = ranges[g];
-          const integer = Math.min(qmax, Math.max(qmin, roundHalfToEven(w[a] / s) + z));
-          values[e] = integer;
-          const err = (w[a] - (integer - z) * s) / u[a * n + a];
-          for (let b = a + 1; b < n; b++) w[b] -= err * u[a * n + b];
+      // Rows × columns of this chunk (in rounding order). Errors feed forward within a block of
+      // columns one by one, and onto the later columns once per block through SGEMM (GPTQ's lazy
+      // batch updates): the row loop costs rows·n·block instead of rows·n².
+      const rowStart = gram * view.rowsPerGram;
+      const rows = Math.min(view.rows, (gram + 1) * view.rowsPerGram) - rowStart;
+      const w = new Float32Array(rows * n);
+      for (let r = 0; r < rows; r++) {
+        const base = (rowStart + r) * view.rowStride;
+        for (let a = 0; a < n; a++) w[r * n + a] = source[base + order[a] * view.columnStride];
+      }
+      for (let b0 = 0; b0 < n; b0 += block) {
+        const b1 = Math.min(n, b0 + block);
+        const width = b1 - b0;
+        const errors = new Float32Array(rows * width);
+        for (let r = 0; r < rows; r++) {
+          const base = (rowStart + r) * view.rowStride;
+          for (let a = b0; a < b1; a++) {
+            const e = base + order[a] * view.columnStride;
+            const g = scaleIndex[e];
+            const s = q.scale[g];
+            if (!(s > 0)) continue;
+            const z = q.zeroPoint[g];
+            const { qmin, qmax } = ranges[g];
+            const wa = w[r * n + a];
+            const integer = Math.min(qmax, Math.max(qmin, roundHalfToEven(wa / s) + z));
+            values[e] = integer;
+            const err = (wa - (integer - z) * s) / u[a * n + a];
+            errors[r * width + (a - b0)] = err;
+            for (let c = a + 1; c < b1; c++) w[r * n + c] -= err * u[a * n + c];
+          }
         }
+        const rest = n - b1;
+        if (rest === 0) continue;
+        const uBlock = new Float32Array(width * rest);
+        for (let a = 0; a < width; a++) for (let c = 0; c < rest; c++) uBlock[a * rest + c] = u[(b0 + a) * n + b1 + c];
+        const update = new Float32Array(rows * rest);
+        kernels.sgemm({ transA: false, transB: false, m: rows, n: rest, k: width, a: errors, b: uBlock, c: update, accumulate: false });
+        for (let r = 0; r < rows; r++) for (let c = 0; c < rest; c++) w[r * n + b1 + c] -= update[r * rest + c];
       }
     }
   }
