@@ -257,7 +257,7 @@ describe('GPTQ rounding', () => {
     for (const [i, j] of [[0, 0], [3, 17], [23, 5]]) {
       let v = 0;
       for (let s = 0; s < samples; s++) v += x[s * features + i] * x[s * features + j];
-      expect(g.grams[0][i * features + j]).to.be.closeTo(v, 1e-3 * Math.abs(v) + 1e-3);
+      expect(g.grams[0][0].matrix[i * features + j]).to.be.closeTo(v, 1e-3 * Math.abs(v) + 1e-3);
     }
     // Grouped conv, 2 groups of 2 channels, 3×3 kernel, padding 1, stride 2, on a [2, 4, 5, 6] input.
     const node = makeNode('Conv', ['x', 'w'], ['y'], 'conv', [makeIntAttribute('group', 2)]);
@@ -283,10 +283,31 @@ describe('GPTQ rounding', () => {
           }
         }
       }
-      for (let i = 0; i < 18 * 18; i++) expect(conv.grams[group][i]).to.be.closeTo(expected[i], 1e-5);
+      for (let i = 0; i < 18 * 18; i++) expect(conv.grams[group][0].matrix[i]).to.be.closeTo(expected[i], 1e-5);
       // Means per im2col row: taps that read padding average in its zeros.
       conv.means()[group].forEach((m, i) => expect(m).to.be.closeTo(expectedSums[i] / 18, 1e-6));
     }
+  });
+
+  it('gathers only the diagonal blocks of H over column chunks, and GPTQ over chunks still beats round-to-nearest', () => {
+    const chunked = new LayerInputMoments({ kind: 'matrix', columns: features, transposed: false }, { gram: true, maxColumns: 10 });
+    chunked.observe(x, [samples, features]);
+    const full = gram().grams[0][0].matrix;
+    expect(chunked.grams[0].map((b) => [b.first, b.size])).to.deep.equal([[0, 8], [8, 8], [16, 8]]);
+    for (const { first, size, matrix } of chunked.grams[0]) {
+      for (let i = 0; i < size; i++) {
+        for (let j = 0; j < size; j++) expect(matrix[i * size + j]).to.be.closeTo(full[(first + i) * features + first + j], 1e-3 * Math.abs(full[(first + i) * features + first + j]) + 1e-3);
+      }
+    }
+    // The same vectors stored transposed ([features, samples], Gemm with transA) give the same blocks.
+    const xt = Float32Array.from({ length: x.length }, (_, i) => x[(i % samples) * features + Math.floor(i / samples)]);
+    const transposed = new LayerInputMoments({ kind: 'matrix', columns: features, transposed: true }, { gram: true, maxColumns: 10 });
+    transposed.observe(xt, [features, samples]);
+    transposed.grams[0].forEach((b, c) => b.matrix.forEach((v, i) => expect(v).to.be.closeTo(chunked.grams[0][c].matrix[i], 1e-3 * Math.abs(v) + 1e-3)));
+    const nearest = quantizeTensor(w, { shape: [outputs, features], bits: 4, granularity: 'channel', axis: 0 });
+    const [a, b, c] = [nearest, gptqRound(nearest, w, chunked.grams, view), gptqRound(nearest, w, gram().grams, view)].map((q) => outputError(dequantize(q)));
+    expect(b, `output error: nearest ${a}, chunks of 8 ${b}, whole ${c}`).to.be.lessThan(a);
+    expect(c).to.be.at.most(b);
   });
 
   it('lowers the layer output error ‖(Ŵ − W)·X‖² well below round-to-nearest, same scales, inside the integer range', () => {
@@ -319,7 +340,7 @@ describe('GPTQ rounding', () => {
     const nearest = quantizeTensor(w, { shape: [outputs, features], bits: 4, granularity: 'channel', axis: 0 });
     const diagonal = new Float32Array(features * features);
     for (let i = 0; i < features; i++) diagonal[i * features + i] = 1 + i;
-    expect(Array.from(gptqRound(nearest, w, [diagonal], view).values)).to.deep.equal(Array.from(nearest.values));
+    expect(Array.from(gptqRound(nearest, w, [[{ first: 0, size: features, matrix: diagonal }]], view).values)).to.deep.equal(Array.from(nearest.values));
     // The same weights stored [features, outputs] (MatMul): the same integers, transposed.
     const t = Float32Array.from({ length: w.length }, (_, i) => w[(i % outputs) * features + Math.floor(i / outputs)]);
     const nearestT = quantizeTensor(t, { shape: [features, outputs], bits: 4, granularity: 'channel', axis: 1 });

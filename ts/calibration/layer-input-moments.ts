@@ -3,16 +3,17 @@
  * (an im2col column for Conv, padding included; a row of the input matrix for
  * Gemm/MatMul), one set per convolution group, summed over all calibration
  * batches: the mean (for data-driven bias correction, E[W·x] − E[Ŵ·x]) and,
- * when asked for, the Gram matrix Σ x·xᵀ — the Hessian of the layer's output
+ * when asked for, the Gram matrix Σ x·xᵀ (its diagonal blocks) — the Hessian of the layer's output
  * error ‖(Ŵ − W)·X‖² that GPTQ rounding (methods/gptq.ts) minimises. Fixed
- * memory (columns² floats per group with the Gram matrix, columns without), so
- * calibration memory does not grow with the number of batches.
+ * memory (at most columns·512 floats per group with the Gram blocks, columns
+ * without), so calibration memory does not grow with the number of batches.
  */
 import type { NodeProto } from 'onnx-buf';
 
 import { intAttribute } from '../onnx/graph';
 import { nativeKernels, type FloatKernels } from '../train/kernels';
 import { windowGeometry } from '../train/ops';
+import { columnChunks, type GramBlock } from '../methods/gptq';
 
 export type LayerInput =
   | { kind: 'conv'; node: NodeProto; weightDims: number[] }
@@ -25,13 +26,17 @@ export class LayerInputMoments {
   readonly groups: number;
   /** Per group, Σ x ([columns]). */
   readonly sums: Float64Array[];
-  /** Per group, Σ x·xᵀ (row-major [columns, columns]); empty unless `gram` was asked for. */
-  readonly grams: Float32Array[];
+  /**
+   * Per group, the diagonal blocks of Σ x·xᵀ over column chunks of at most
+   * `maxColumns` (all GPTQ uses; the whole matrix could need gigabytes for wide
+   * convolutions); empty unless `gram` was asked for.
+   */
+  readonly grams: Array<Array<GramBlock & { matrix: Float32Array }>>;
   /** Vectors summed so far (per group). */
   count = 0;
   private readonly kernels: FloatKernels;
 
-  constructor(readonly layer: LayerInput, options: { gram?: boolean; kernels?: FloatKernels } = {}) {
+  constructor(readonly layer: LayerInput, options: { gram?: boolean; maxColumns?: number; kernels?: FloatKernels } = {}) {
     this.kernels = options.kernels ?? nativeKernels({ threads: 1 });
     if (layer.kind === 'conv') {
       this.groups = intAttribute(layer.node, 'group', 1);
@@ -41,7 +46,10 @@ export class LayerInputMoments {
       this.columns = layer.columns;
     }
     this.sums = Array.from({ length: this.groups }, () => new Float64Array(this.columns));
-    this.grams = options.gram ? Array.from({ length: this.groups }, () => new Float32Array(this.columns * this.columns)) : [];
+    const chunks = columnChunks(this.columns, options.maxColumns ?? 512);
+    this.grams = options.gram
+      ? Array.from({ length: this.groups }, () => chunks.map(({ first, size }) => ({ first, size, matrix: new Float32Array(size * size) })))
+      : [];
   }
 
   /** Per group, the mean vector E[x]. */
@@ -59,9 +67,11 @@ export class LayerInputMoments {
       }
       const sums = this.sums[0];
       for (let i = 0; i < data.length; i++) sums[transposed ? Math.floor(i / rows) : i % d] += data[i];
-      // transposed: A is [K, M] and its columns are the vectors.
-      if (this.grams.length > 0) {
-        this.kernels.sgemm({ transA: !transposed, transB: transposed, m: d, n: d, k: rows, a: data, b: data, c: this.grams[0], accumulate: true });
+      for (const { first, size, matrix } of this.grams[0] ?? []) {
+        // This chunk's columns as a dense [size, rows] block (transposed: A is [K, M], already so).
+        const x = transposed ? data.subarray(first * rows, (first + size) * rows) : new Float32Array(size * rows);
+        if (!transposed) for (let r = 0; r < rows; r++) for (let c = 0; c < size; c++) x[c * rows + r] = data[r * d + first + c];
+        this.kernels.sgemm({ transA: false, transB: true, m: size, n: size, k: rows, a: x, b: x, c: matrix, accumulate: true });
       }
       this.count += rows;
       return;
@@ -83,8 +93,9 @@ export class LayerInputMoments {
           for (let p = r * pixels; p < (r + 1) * pixels; p++) s += col[p];
           sums[r] += s;
         }
-        if (this.grams.length > 0) {
-          this.kernels.sgemm({ transA: false, transB: true, m: d, n: d, k: pixels, a: col, b: col, c: this.grams[g], accumulate: true });
+        for (const { first, size, matrix } of this.grams[g] ?? []) {
+          const rowsOfChunk = col.subarray(first * pixels, (first + size) * pixels);
+          this.kernels.sgemm({ transA: false, transB: true, m: size, n: size, k: pixels, a: rowsOfChunk, b: rowsOfChunk, c: matrix, accumulate: true });
         }
       }
       this.count += pixels;

@@ -11,12 +11,28 @@
  *   for i in columns (largest diagonal of H first): q_i = round(w_i / s);
  *   e = (w_i − s·q_i) / U_ii;  w_j −= e·U_ij for the later columns j.
  * H is damped by 1% of its mean diagonal. Wide layers are solved in column
- * chunks of at most `maxColumns` (H's off-chunk blocks ignored), which keeps
- * the cubic cost of the factorisation small; within a chunk, errors reach the
+ * chunks (`GramBlock`s: only H's diagonal blocks are gathered and used), which
+ * keeps calibration memory and the cubic cost of the factorisation small; within a chunk, errors reach the
  * later columns in blocks through SGEMM (the paper's lazy batch updates).
  */
 import { integerRange, roundHalfToEven, scaleIndices, type QuantizedTensor } from '../quant-params';
 import { nativeKernels, type FloatKernels } from '../train/kernels';
+
+/** H over one chunk of columns: [size, size], row-major, for columns first … first + size − 1. */
+export interface GramBlock {
+  first: number;
+  size: number;
+  matrix: ArrayLike<number>;
+}
+
+/** Splits `columns` into near-equal contiguous chunks of at most `maxColumns`. */
+export function columnChunks(columns: number, maxColumns: number): Array<{ first: number; size: number }> {
+  const chunks = Math.ceil(columns / maxColumns);
+  return Array.from({ length: chunks }, (_, c) => {
+    const first = Math.floor((c * columns) / chunks);
+    return { first, size: Math.floor(((c + 1) * columns) / chunks) - first };
+  });
+}
 
 /** Where weight (row, column) lives in the weight tensor, and which Gram matrix its row uses. */
 export interface WeightMatrixView {
@@ -32,8 +48,6 @@ export interface WeightMatrixView {
 export interface GptqOptions {
   /** Damping added to H's diagonal, as a fraction of its mean diagonal. Default 0.01. */
   damping?: number;
-  /** Largest column chunk solved jointly. Default 512. */
-  maxColumns?: number;
   /** Columns whose errors are pushed onto the later columns at once (lazy batch). Default 32. */
   block?: number;
   /** SGEMM for the block updates. Default: the addon's. */
@@ -98,32 +112,28 @@ function axpyFrom(alpha: number, x: Float64Array, xi: number, y: Float64Array, y
 
 /**
  * Returns a copy of `q` (quantized from `source` with its scales already chosen)
- * whose integers are re-rounded by GPTQ against the Gram matrices `grams`
- * ([columns, columns] each, one per `view.rowsPerGram` rows). `q` is not modified.
+ * whose integers are re-rounded by GPTQ against the Gram matrices `grams` (per
+ * group of `view.rowsPerGram` rows, the diagonal blocks of its [columns, columns]
+ * H, covering every column once). `q` is not modified.
  */
-export function gptqRound(q: QuantizedTensor, source: Float32Array, grams: ArrayLike<number>[], view: WeightMatrixView,
+export function gptqRound(q: QuantizedTensor, source: Float32Array, grams: GramBlock[][], view: WeightMatrixView,
   options: GptqOptions = {}): QuantizedTensor {
   const values = q.values.slice();
   const scaleIndex = scaleIndices(q);
   const damping = options.damping ?? 0.01;
-  const maxColumns = options.maxColumns ?? 512;
   const block = options.block ?? 32;
   const kernels = options.kernels ?? nativeKernels();
-  const { columns } = view;
-  const chunks = Math.ceil(columns / maxColumns);
   const ranges = Array.from({ length: q.scale.length }, (_, g) => integerRange(q.channelBits ? q.channelBits[g] : q.bits, q.signed));
   for (let gram = 0; gram < grams.length; gram++) {
-    const full = grams[gram];
-    for (let chunk = 0; chunk < chunks; chunk++) {
-      const first = Math.floor((chunk * columns) / chunks);
-      const n = Math.floor(((chunk + 1) * columns) / chunks) - first;
+    for (const { first, size: n, matrix: full } of grams[gram]) {
       // Largest diagonal first (GPTQ's "act order"): the most-used inputs are rounded
       // while the most columns remain to absorb their error.
-      const order = Array.from({ length: n }, (_, i) => first + i).sort((a, b) => full[b * columns + b] - full[a * columns + a] || a - b);
+      const local = Array.from({ length: n }, (_, i) => i).sort((a, b) => full[b * n + b] - full[a * n + a] || a - b);
+      const order = local.map((i) => first + i);
       const h = new Float64Array(n * n);
       let meanDiagonal = 0;
       for (let a = 0; a < n; a++) {
-        for (let b = 0; b < n; b++) h[a * n + b] = full[order[a] * columns + order[b]];
+        for (let b = 0; b < n; b++) h[a * n + b] = full[local[a] * n + local[b]];
         meanDiagonal += h[a * n + a] / n;
       }
       if (!(meanDiagonal > 0)) continue;  // inputs always zero: any rounding gives the same output
