@@ -12,8 +12,9 @@
  *   e = (w_i − s·q_i) / U_ii;  w_j −= e·U_ij for the later columns j.
  * H is damped by 1% of its mean diagonal. Wide layers are solved in column
  * chunks (`GramBlock`s: only H's diagonal blocks are gathered and used), which
- * keeps calibration memory and the cubic cost of the factorisation small; within a chunk, errors reach the
- * later columns in blocks through SGEMM (the paper's lazy batch updates).
+ * keeps calibration memory and the cubic cost of the factorisation small;
+ * within a chunk, errors reach the later columns in blocks through SGEMM (the
+ * paper's lazy batch updates).
  */
 import { integerRange, roundHalfToEven, scaleIndices, type QuantizedTensor } from '../quant-params';
 import { nativeKernels, type FloatKernels } from '../train/kernels';
