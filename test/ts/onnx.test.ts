@@ -526,3 +526,40 @@ describe('data-driven bias correction', () => {
     expect(gap(corrected)).to.be.lessThan(1e-4);
   });
 });
+
+describe('input moments of 1-D convolutions', () => {
+  it('are the 2-D ones over a height of 1: bias correction keeps the mean output and GPTQ runs (quantizeModel)', async () => {
+    const r = rng(43);
+    const bytes = buildModel({
+      inputDims: [1, 2, 12],
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'w', 'b'], output: 'h', attrs: { kernel_shape: [3], pads: [1, 2], strides: [2] } },
+        { op: 'Relu', inputs: ['h'], output: 'y' },
+      ],
+      initializers: { w: { dims: [4, 2, 3], data: Array.from({ length: 24 }, () => r() * 2 - 1) }, b: { dims: [4], data: [0.1, -0.2, 0.3, 0] } },
+      output: 'y',
+    });
+    const feeds = Array.from({ length: 6 }, () => Float32Array.from({ length: 24 }, () => 1 + r()));
+    const graph = new Graph(readModel(bytes));
+    const conv = graph.graph.node[0];
+    const moments = new LayerInputMoments(layerInput(graph, conv), { gram: true });
+    for (const f of feeds) moments.observe(f, [1, 2, 12]);
+    // Output positions 0..6 (L = 12, pads 1 and 2, stride 2): tap k of position p reads x[2p − 1 + k], zero outside.
+    const expected = new Float64Array(6);
+    for (const f of feeds) {
+      for (let p = 0; p < 7; p++) {
+        for (let c = 0; c < 2; c++) for (let k = 0; k < 3; k++) {
+          const at = 2 * p - 1 + k;
+          expected[c * 3 + k] += at >= 0 && at < 12 ? f[c * 12 + at] / (7 * feeds.length) : 0;
+        }
+      }
+    }
+    expect(moments.count).to.equal(7 * feeds.length);
+    moments.means()[0].forEach((m, i) => expect(m).to.be.closeTo(expected[i], 1e-6));
+    const calibration = feeds.map((data) => ({ input: { data, dims: [1, 2, 12] } }));
+    const { report } = await quantizeModel(bytes, { weights: { bits: 4, rounding: 'gptq' }, activations: { bits: 8, biasCorrection: true }, calibration, firstLastLayerBits: 4 });
+    expect(report.layers[0].method).to.equal('minmax, gptq rounding');
+    expect(report.passes.find((p) => p.pass === 'bias-correction')!.changed.length).to.equal(1);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.95);
+  });
+});

@@ -8,9 +8,10 @@
  * memory (at most columns·512 floats per group with the Gram blocks, columns
  * without), so calibration memory does not grow with the number of batches.
  */
-import type { NodeProto } from 'onnx-buf';
+import { create } from '@bufbuild/protobuf';
+import { AttributeProto_AttributeType, AttributeProtoSchema, NodeProtoSchema, type NodeProto } from 'onnx-buf';
 
-import { intAttribute } from '../onnx/graph';
+import { intAttribute, intsAttribute } from '../onnx/graph';
 import { nativeKernels, type FloatKernels } from '../train/kernels';
 import { windowGeometry } from '../train/ops';
 import { columnChunks, type GramBlock } from '../methods/gptq';
@@ -36,8 +37,18 @@ export class LayerInputMoments {
   count = 0;
   private readonly kernels: FloatKernels;
 
+  /** A 2-D view of a 1-D convolution (height 1), so one im2col serves both. */
+  private readonly conv2d: NodeProto | undefined;
+
+  /** Whether moments can be gathered for this layer: Gemm/MatMul and 1-D or 2-D convolutions. */
+  static supports(layer: LayerInput): boolean {
+    return layer.kind === 'matrix' || layer.weightDims.length === 3 || layer.weightDims.length === 4;
+  }
+
   constructor(readonly layer: LayerInput, options: { gram?: boolean; maxColumns?: number; kernels?: FloatKernels } = {}) {
+    if (!LayerInputMoments.supports(layer)) throw new RangeError('input moments are gathered for Gemm, MatMul and 1-D or 2-D Conv only');
     this.kernels = options.kernels ?? nativeKernels({ threads: 1 });
+    this.conv2d = layer.kind === 'conv' ? (layer.weightDims.length === 3 ? asConv2d(layer.node) : layer.node) : undefined;
     if (layer.kind === 'conv') {
       this.groups = intAttribute(layer.node, 'group', 1);
       this.columns = layer.weightDims.slice(1).reduce((a, b) => a * b, 1);
@@ -76,8 +87,10 @@ export class LayerInputMoments {
       this.count += rows;
       return;
     }
-    const [, , kernelH, kernelW] = this.layer.weightDims;
-    const full = windowGeometry(this.layer.node, dims, kernelH, kernelW);
+    const oneD = this.layer.weightDims.length === 3;
+    const [kernelH, kernelW] = oneD ? [1, this.layer.weightDims[2]] : this.layer.weightDims.slice(2);
+    if (oneD && dims.length !== 3) throw new RangeError(`a 1-D convolution expects a 3-D [N, C, L] input, got [${dims.join(', ')}]`);
+    const full = windowGeometry(this.conv2d!, oneD ? [dims[0], dims[1], 1, dims[2]] : dims, kernelH, kernelW);
     const groupChannels = full.channels / this.groups;
     const geometry = { ...full, channels: groupChannels };
     const pixels = geometry.outH * geometry.outW;
@@ -101,4 +114,16 @@ export class LayerInputMoments {
       this.count += pixels;
     }
   }
+}
+
+/** The node with its 1-D strides, dilations and pads as 2-D ones over a height of 1. */
+function asConv2d(node: NodeProto): NodeProto {
+  const ints = (name: string, values: number[]) => create(AttributeProtoSchema, { name, type: AttributeProto_AttributeType.INTS, ints: values.map(BigInt) });
+  const strides = intsAttribute(node, 'strides') ?? [1];
+  const dilations = intsAttribute(node, 'dilations') ?? [1];
+  const pads = intsAttribute(node, 'pads') ?? [0, 0];
+  const kept = node.attribute.filter((a) => !['strides', 'dilations', 'pads', 'kernel_shape'].includes(a.name));
+  return create(NodeProtoSchema, {
+    ...node, attribute: [...kept, ints('strides', [1, strides[0]]), ints('dilations', [1, dilations[0]]), ints('pads', [0, pads[0], 0, pads[1]])],
+  } as never);
 }

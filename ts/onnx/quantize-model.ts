@@ -323,7 +323,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   const tensors = opts.activations ? [...new Set(targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t)))] : [];
-  const withData = targets.filter((n) => !graph.constant(n.input[0]));
+  const withData = targets.filter((n) => !graph.constant(n.input[0]) && LayerInputMoments.supports(layerInput(graph, n)));
   // Per layer, the moments of its inputs: Gram matrices for GPTQ, means (of float inputs) for data-driven bias correction.
   const gptqMoments = new Map(gptq ? withData.map((n) => [nodeLabel(n), new LayerInputMoments(layerInput(graph, n), { gram: true })]) : []);
   const biasMoments = new Map(dataBiasCorrection ? withData.map((n) => [nodeLabel(n), new LayerInputMoments(layerInput(graph, n))]) : []);

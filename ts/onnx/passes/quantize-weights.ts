@@ -215,7 +215,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     const gptq = !!moments && moments.count > 0 && moments.grams.length > 0;
     if (options.rounding === 'gptq') {
       if (gptq) q = gptqRound(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
-      else report.skipped.push({ node: label, reason: 'no calibration inputs reached it: GPTQ rounding not applied (rounded to nearest)' });
+      else report.skipped.push({ node: label, reason: 'no input statistics for it (a constant input, a 3-D convolution or no calibration data): rounded to nearest, not GPTQ' });
     }
     if (q.channelBits && q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type
     if (options.momentCorrection && !blocked) {
