@@ -146,7 +146,7 @@ export function matrixView(node: NodeProto, dims: number[], outputAxis: number):
 }
 
 export function quantizeWeights(graph: Graph, options: WeightQuantization):
-  { report: PassReport; layers: WeightLayerReport[]; weights: QuantizedWeights[]; firstAndLast: string[] } {
+  { report: PassReport; layers: WeightLayerReport[]; weights: QuantizedWeights[] } {
   const report: PassReport = { pass: 'quantize-weights', changed: [], skipped: [] };
   const layers: WeightLayerReport[] = [];
   const weights: QuantizedWeights[] = [];
@@ -252,5 +252,5 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
   }
   graph.sort();
-  return { report, layers, weights, firstAndLast: [first, last].filter((n) => n).map((n) => nodeLabel(n)) };
+  return { report, layers, weights };
 }
