@@ -136,7 +136,7 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     console.log(JSON.stringify({ ppocr: rows, mnist }, null, 2));
     return;
   }
-  console.log('ptq: PP-OCR models vs float on 16 inputs of their real sizes per kind (8 other samples of the kind for calibration)\n');
+  console.log(`ptq: PP-OCR models vs float on ${EVALUATION_SAMPLES} inputs of their real sizes per kind (8 other samples of the kind for calibration)\n`);
   console.log(table(rows));
   console.log('\nptq: the bundled MNIST CNN, top-1 accuracy on the 10 000 MNIST test images (calibrated on its 64 bundled training images)\n');
   console.log(table(mnist));

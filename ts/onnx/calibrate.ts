@@ -150,11 +150,12 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     /** More observers of whole tensors with their dims (e.g. input Gram matrices for GPTQ rounding). */
     tensorObservers?: Array<{ tensor: string; observe(data: Float32Array, dims: readonly number[]): void }>;
   } = {}): Promise<CalibrationResult> {
-  const extra = options.tensorObservers ?? [];
-  const exposed = [...new Set([...tensors, ...extra.map((o) => o.tensor)])];
+  const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
+  // The range observers and the caller's, fed alike.
+  const all = [...tensors.map((t) => ({ tensor: t, observe: (data: Float32Array) => observers.get(t)!.observe(data) })), ...(options.tensorObservers ?? [])];
+  const exposed = [...new Set(all.map((o) => o.tensor))];
   const O = ort();
   const session = await O.InferenceSession.create(withOutputs(model, exposed), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 });
-  const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
   const sample: Feed[] = [];
   const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
   let batches = 0;
@@ -162,14 +163,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     for await (const raw of iterable as AsyncIterable<Feed>) {
       const feed = checkFeed(model, raw, batches);
       const outputs = await session.run(Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])])), exposed);
-      for (const t of tensors) {
-        try {
-          observers.get(t)!.observe(outputs[t].data as Float32Array);
-        } catch (e) {
-          throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${t}': ${(e as Error).message}`);
-        }
-      }
-      for (const o of extra) {
+      for (const o of all) {
         try {
           o.observe(outputs[o.tensor].data as Float32Array, outputs[o.tensor].dims);
         } catch (e) {

@@ -323,10 +323,12 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   const tensors = opts.activations ? [...new Set(targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t)))] : [];
-  const withData = targets.filter((n) => !graph.constant(n.input[0]) && LayerInputMoments.supports(layerInput(graph, n)));
+  // The layers whose input statistics calibration can gather, with what their weights meet.
+  const withData = targets.filter((n) => !graph.constant(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
+    .filter(({ input }) => LayerInputMoments.supports(input));
   // Per layer, the moments of its inputs: Gram matrices for GPTQ, means (of float inputs) for data-driven bias correction.
-  const gptqMoments = new Map(gptq ? withData.map((n) => [nodeLabel(n), new LayerInputMoments(layerInput(graph, n), { gram: true })]) : []);
-  const biasMoments = new Map(dataBiasCorrection ? withData.map((n) => [nodeLabel(n), new LayerInputMoments(layerInput(graph, n))]) : []);
+  const gptqMoments = new Map(gptq ? withData.map(({ n, input }) => [nodeLabel(n), new LayerInputMoments(input, { gram: true })]) : []);
+  const biasMoments = new Map(dataBiasCorrection ? withData.map(({ n, input }) => [nodeLabel(n), new LayerInputMoments(input)]) : []);
   let result: CalibrationResult | undefined;
   let sample: Feed[] | undefined;
   let calibrationBatches: number | undefined;
@@ -334,7 +336,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // input and the classifier's features, which ACIQ's authors also keep at 8 bits.
   const edgeInputs = new Set([targets[0], targets[targets.length - 1]].map((n) => n.input[0]));
   const ranges = new Map<string, { lo: number; hi: number; bits: number }>();
-  const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter((n) => moments.has(nodeLabel(n))).map((n) => {
+  const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter(({ n }) => moments.has(nodeLabel(n))).map(({ n }) => {
     const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
     const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
     const m = moments.get(nodeLabel(n))!;
