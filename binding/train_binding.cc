@@ -279,10 +279,11 @@ Napi::Value ActivationBackward(const Napi::CallbackInfo& info) {
 struct PoolCall {
   lowbit::ConvGeometry g;
   size_t batch, image_len, out_len;
-  PoolCall(const Napi::CallbackInfo& info) {
+  // batch at info[batch_arg], the geometry after it.
+  explicit PoolCall(const Napi::CallbackInfo& info, size_t batch_arg = 1) {
     Napi::Env env = info.Env();
-    batch = size_of(info[1], "batch");
-    g = geometry_of(info[2]);
+    batch = size_of(info[batch_arg], "batch");
+    g = geometry_of(info[batch_arg + 1]);
     image_len = product(env, {batch, g.channels, g.height, g.width}, "batch * channels * height * width");
     out_len = product(env, {batch, g.channels, g.out_h, g.out_w}, "batch * channels * outH * outW");
   }
@@ -357,6 +358,69 @@ Napi::Value AveragePoolBackward(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// Depthwise convolution: the geometry's channels are the groups; w is [channels, kernelH·kernelW].
+struct DepthwiseCall {
+  PoolCall shape;
+  size_t w_len;
+  DepthwiseCall(const Napi::CallbackInfo& info, size_t batch_arg) : shape(info, batch_arg) {
+    w_len = product(info.Env(), {shape.g.channels, shape.g.kernel_h, shape.g.kernel_w}, "channels * kernelH * kernelW");
+  }
+};
+
+// depthwiseConvForward(x, w, batch, geometry, y, threads)
+Napi::Value DepthwiseConvForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const DepthwiseCall call(info, 2);
+  size_t nx, nw, ny;
+  const float* x = floats_in(info[0], "x", &nx);
+  const float* w = floats_in(info[1], "w", &nw);
+  float* y = floats_out(info[4], "y", &ny);
+  need_length(env, "x", nx, call.shape.image_len, "batch * channels * height * width");
+  need_length(env, "w", nw, call.w_len, "channels * kernelH * kernelW");
+  need_length(env, "y", ny, call.shape.out_len, "batch * channels * outH * outW");
+  no_overlap(env, y, ny, "y", x, nx, "x");
+  no_overlap(env, y, ny, "y", w, nw, "w");
+  Context& ctx = Context::of(env);
+  lowbit::depthwise_conv_forward(x, w, call.shape.batch, call.shape.g, y, ctx.pool.get(), threads_of(info[5]));
+  return env.Undefined();
+}
+
+// depthwiseConvBackwardInput(dy, w, batch, geometry, dx, threads)
+Napi::Value DepthwiseConvBackwardInput(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const DepthwiseCall call(info, 2);
+  size_t ndy, nw, ndx;
+  const float* dy = floats_in(info[0], "dy", &ndy);
+  const float* w = floats_in(info[1], "w", &nw);
+  float* dx = floats_out(info[4], "dx", &ndx);
+  need_length(env, "dy", ndy, call.shape.out_len, "batch * channels * outH * outW");
+  need_length(env, "w", nw, call.w_len, "channels * kernelH * kernelW");
+  need_length(env, "dx", ndx, call.shape.image_len, "batch * channels * height * width");
+  no_overlap(env, dx, ndx, "dx", dy, ndy, "dy");
+  no_overlap(env, dx, ndx, "dx", w, nw, "w");
+  Context& ctx = Context::of(env);
+  lowbit::depthwise_conv_backward_input(dy, w, call.shape.batch, call.shape.g, dx, ctx.pool.get(), threads_of(info[5]));
+  return env.Undefined();
+}
+
+// depthwiseConvBackwardWeight(dy, x, batch, geometry, dw, threads)
+Napi::Value DepthwiseConvBackwardWeight(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const DepthwiseCall call(info, 2);
+  size_t ndy, nx, ndw;
+  const float* dy = floats_in(info[0], "dy", &ndy);
+  const float* x = floats_in(info[1], "x", &nx);
+  float* dw = floats_out(info[4], "dw", &ndw);
+  need_length(env, "dy", ndy, call.shape.out_len, "batch * channels * outH * outW");
+  need_length(env, "x", nx, call.shape.image_len, "batch * channels * height * width");
+  need_length(env, "dw", ndw, call.w_len, "channels * kernelH * kernelW");
+  no_overlap(env, dw, ndw, "dw", dy, ndy, "dy");
+  no_overlap(env, dw, ndw, "dw", x, nx, "x");
+  Context& ctx = Context::of(env);
+  lowbit::depthwise_conv_backward_weight(dy, x, call.shape.batch, call.shape.g, dw, ctx.pool.get(), threads_of(info[5]));
+  return env.Undefined();
+}
+
 }  // namespace
 
 void register_train_functions(Napi::Env env, Napi::Object exports) {
@@ -371,6 +435,9 @@ void register_train_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("maxPoolBackward", Napi::Function::New(env, MaxPoolBackward, "maxPoolBackward"));
   exports.Set("averagePoolForward", Napi::Function::New(env, AveragePoolForward, "averagePoolForward"));
   exports.Set("averagePoolBackward", Napi::Function::New(env, AveragePoolBackward, "averagePoolBackward"));
+  exports.Set("depthwiseConvForward", Napi::Function::New(env, DepthwiseConvForward, "depthwiseConvForward"));
+  exports.Set("depthwiseConvBackwardInput", Napi::Function::New(env, DepthwiseConvBackwardInput, "depthwiseConvBackwardInput"));
+  exports.Set("depthwiseConvBackwardWeight", Napi::Function::New(env, DepthwiseConvBackwardWeight, "depthwiseConvBackwardWeight"));
 }
 
 }  // namespace lowbit_binding

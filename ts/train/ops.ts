@@ -9,12 +9,14 @@ import type { NodeProto } from 'onnx-buf';
 
 import { attribute, floatAttribute, intAttribute, intsAttribute } from '../onnx/graph';
 import type { ActivationKind, ConvGeometry, FloatKernels } from './kernels';
-import { broadcastDims, broadcastIndex, sizeOf, unbroadcast, type Tensor } from './tensor';
+import { broadcastDims, broadcastIndex, expandTo, reduceTo, sizeOf, stridesOf, unbroadcast, viewIndex, type Tensor } from './tensor';
 
 export interface OpContext {
   kernels: FloatKernels;
   training: boolean;
   opset: number;
+  /** BatchNormalization normalises with (and keeps) its running statistics even in training. */
+  frozenBatchNorm?: boolean;
 }
 
 export interface ForwardResult {
@@ -97,15 +99,18 @@ const conv: OpImpl = {
     const rows = groupChannels * kernelH * kernelW;
     const pixels = g.outH * g.outW;
     const perGroupOut = outChannels / group;
-    const col = new Float32Array(batch * g.channels * kernelH * kernelW * pixels);
-    ctx.kernels.im2col(x.data, batch, g, col);
     const y = new Float32Array(batch * outChannels * pixels);
-    for (let n = 0; n < batch; n++) {
+    // One filter per channel: direct loops (im2col + per-channel SGEMM calls would cost many times more).
+    const depthwise = groupChannels === 1 && perGroupOut === 1;
+    const col = depthwise ? undefined : new Float32Array(batch * g.channels * kernelH * kernelW * pixels);
+    if (col) ctx.kernels.im2col(x.data, batch, g, col);
+    else ctx.kernels.depthwiseConvForward(x.data, w.data, batch, g, y);
+    for (let n = 0; n < batch && col; n++) {
       for (let k = 0; k < group; k++) {
         ctx.kernels.sgemm({
           transA: false, transB: false, m: perGroupOut, n: pixels, k: rows,
           a: w.data.subarray(k * perGroupOut * rows, (k + 1) * perGroupOut * rows),
-          b: col.subarray((n * group + k) * rows * pixels, (n * group + k + 1) * rows * pixels),
+          b: col!.subarray((n * group + k) * rows * pixels, (n * group + k + 1) * rows * pixels),
           c: y.subarray((n * outChannels + k * perGroupOut) * pixels, (n * outChannels + (k + 1) * perGroupOut) * pixels),
           accumulate: false,
         });
@@ -123,14 +128,18 @@ const conv: OpImpl = {
     return { y: { data: y, dims: [batch, outChannels, g.outH, g.outW] }, saved: { col, g, group } };
   },
   backward(node, [x, w, b], y, saved, dy, needs, ctx) {
-    const { col, g, group } = saved as { col: Float32Array; g: ConvGeometry; group: number };
+    const { col, g, group } = saved as { col?: Float32Array; g: ConvGeometry; group: number };
     const [outChannels, , kernelH, kernelW] = w!.dims;
     const batch = x!.dims[0];
     const rows = (g.channels / group) * kernelH * kernelW;
     const pixels = g.outH * g.outW;
     const perGroupOut = outChannels / group;
     const grads: Array<Float32Array | undefined> = [];
-    if (needs[1]) {
+    if (!col) {
+      if (needs[1]) ctx.kernels.depthwiseConvBackwardWeight(dy, x!.data, batch, g, grads[1] = new Float32Array(w!.data.length));
+      if (needs[0]) ctx.kernels.depthwiseConvBackwardInput(dy, w!.data, batch, g, grads[0] = new Float32Array(x!.data.length));
+    }
+    if (needs[1] && col) {
       const dw = new Float32Array(w!.data.length);
       for (let n = 0; n < batch; n++) {
         for (let k = 0; k < group; k++) {
@@ -157,7 +166,7 @@ const conv: OpImpl = {
       }
       grads[2] = Float32Array.from(db);
     }
-    if (needs[0]) {
+    if (needs[0] && col) {
       const dcol = new Float32Array(col.length);
       for (let n = 0; n < batch; n++) {
         for (let k = 0; k < group; k++) {
@@ -274,30 +283,38 @@ const matMul: OpImpl = {
   },
 };
 
-function binary(kind: 'Add' | 'Sub' | 'Mul'): OpImpl {
+function binary(kind: 'Add' | 'Sub' | 'Mul' | 'Div'): OpImpl {
   return {
     forward(node, [aIn, bIn]) {
       const a = need(node, aIn, 'input A'), b = need(node, bIn, 'input B');
       const dims = broadcastDims(a.dims, b.dims);
       if (!dims) throw new OpError(node, `shapes [${a.dims}] and [${b.dims}] do not broadcast`);
-      const ia = broadcastIndex(a.dims, dims), ib = broadcastIndex(b.dims, dims);
-      const y = new Float32Array(sizeOf(dims));
-      const A = a.data, B = b.data;
-      if (kind === 'Add') for (let i = 0; i < y.length; i++) y[i] = A[ia[i]] + B[ib[i]];
-      else if (kind === 'Sub') for (let i = 0; i < y.length; i++) y[i] = A[ia[i]] - B[ib[i]];
-      else for (let i = 0; i < y.length; i++) y[i] = A[ia[i]] * B[ib[i]];
-      return { y: { data: y, dims }, saved: { ia, ib } };
+      const A = expandTo(a.data, a.dims, dims), B = expandTo(b.data, b.dims, dims);
+      const y = new Float32Array(A.length);
+      if (kind === 'Add') for (let i = 0; i < y.length; i++) y[i] = A[i] + B[i];
+      else if (kind === 'Sub') for (let i = 0; i < y.length; i++) y[i] = A[i] - B[i];
+      else if (kind === 'Mul') for (let i = 0; i < y.length; i++) y[i] = A[i] * B[i];
+      else for (let i = 0; i < y.length; i++) y[i] = A[i] / B[i];
+      return { y: { data: y, dims } };
     },
     backward(node, [a, b], y, saved, dy, needs) {
-      const { ia, ib } = saved as { ia: Int32Array; ib: Int32Array };
       const grads: Array<Float32Array | undefined> = [];
+      const operand = (t: Tensor) => expandTo(t.data, t.dims, y.dims);
+      let da: Float32Array | undefined, db: Float32Array | undefined;
       if (kind === 'Mul') {
-        if (needs[0]) grads[0] = unbroadcast(dy.map((d, i) => d * b!.data[ib[i]]), ia, a!.data.length);
-        if (needs[1]) grads[1] = unbroadcast(dy.map((d, i) => d * a!.data[ia[i]]), ib, b!.data.length);
+        if (needs[0]) { const B = operand(b!); da = new Float32Array(dy.length); for (let i = 0; i < dy.length; i++) da[i] = dy[i] * B[i]; }
+        if (needs[1]) { const A = operand(a!); db = new Float32Array(dy.length); for (let i = 0; i < dy.length; i++) db[i] = dy[i] * A[i]; }
+      } else if (kind === 'Div') {
+        // d(a/b)/da = 1/b; d(a/b)/db = -y/b.
+        const B = operand(b!);
+        if (needs[0]) { da = new Float32Array(dy.length); for (let i = 0; i < dy.length; i++) da[i] = dy[i] / B[i]; }
+        if (needs[1]) { db = new Float32Array(dy.length); for (let i = 0; i < dy.length; i++) db[i] = -dy[i] * y.data[i] / B[i]; }
       } else {
-        if (needs[0]) grads[0] = unbroadcast(dy, ia, a!.data.length);
-        if (needs[1]) grads[1] = unbroadcast(kind === 'Sub' ? dy.map((d) => -d) : dy, ib, b!.data.length);
+        if (needs[0]) da = dy;
+        if (needs[1]) db = kind === 'Sub' ? dy.map((d) => -d) : dy;
       }
+      if (da) grads[0] = reduceTo(da, a!.dims, y.dims);
+      if (db) grads[1] = reduceTo(db, b!.dims, y.dims);
       return grads;
     },
   };
@@ -337,11 +354,11 @@ const identity: OpImpl = {
   backward(node, x, y, saved, dy) { return [dy]; },
 };
 
-function reshapeTo(dims: (node: NodeProto, x: Array<Tensor | undefined>) => number[]): OpImpl {
+function reshapeTo(dims: (node: NodeProto, x: Array<Tensor | undefined>, opset: number) => number[]): OpImpl {
   return {
-    forward(node, x) {
+    forward(node, x, ctx) {
       const input = need(node, x[0], 'input');
-      const out = dims(node, x);
+      const out = dims(node, x, ctx.opset);
       if (sizeOf(out) !== input.data.length) throw new OpError(node, `cannot reshape [${input.dims}] to [${out}]`);
       return { y: { data: input.data, dims: out } };
     },
@@ -362,6 +379,211 @@ const reshape = reshapeTo((node, [x, shape]) => {
   const known = out.reduce((a, d) => (d === -1 ? a : a * d), 1);
   return out.map((d) => (d === -1 ? x!.data.length / known : d));
 });
+
+/** Axes from an attribute (older opsets) or an input, normalised to [0, rank). */
+function axesOf(node: NodeProto, x: Array<Tensor | undefined>, inputIndex: number, fromInput: boolean, rank: number): number[] | undefined {
+  const raw = fromInput ? (x[inputIndex] ? Array.from(x[inputIndex]!.data) : undefined) : intsAttribute(node, 'axes');
+  if (!raw) return undefined;
+  return raw.map((a) => {
+    const axis = a < 0 ? a + rank : a;
+    if (!(axis >= 0 && axis < rank)) throw new OpError(node, `axis ${a} is out of range for rank ${rank}`);
+    return axis;
+  });
+}
+
+const squeeze = reshapeTo((node, x, opset) => {
+  const dims = x[0]!.dims;
+  const axes = axesOf(node, x, 1, opset >= 13, dims.length) ?? dims.flatMap((d, i) => (d === 1 ? [i] : []));
+  for (const a of axes) if (dims[a] !== 1) throw new OpError(node, `cannot squeeze axis ${a} of size ${dims[a]}`);
+  return dims.filter((_, i) => !axes.includes(i));
+});
+
+const unsqueeze = reshapeTo((node, x, opset) => {
+  const dims = x[0]!.dims;
+  const raw = opset >= 13 ? Array.from(x[1]?.data ?? []) : intsAttribute(node, 'axes') ?? [];
+  const rank = dims.length + raw.length;
+  const axes = raw.map((a) => (a < 0 ? a + rank : a));
+  const out: number[] = [];
+  for (let i = 0, k = 0; i < rank; i++) out.push(axes.includes(i) ? 1 : dims[k++]);
+  return out;
+});
+
+/** y[i] = x[index[i]] for a view of x; backward scatters dy back through the same index. */
+function gather(x: Float32Array, index: Int32Array): Float32Array {
+  const y = new Float32Array(index.length);
+  for (let i = 0; i < y.length; i++) y[i] = x[index[i]];
+  return y;
+}
+
+function scatter(dy: Float32Array, index: Int32Array, size: number): Float32Array {
+  const dx = new Float32Array(size);
+  for (let i = 0; i < dy.length; i++) dx[index[i]] += dy[i];
+  return dx;
+}
+
+function viewOp(view: (node: NodeProto, x: Array<Tensor | undefined>, opset: number) => { dims: number[]; index: Int32Array }): OpImpl {
+  return {
+    forward(node, x, ctx) {
+      const input = need(node, x[0], 'input');
+      const { dims, index } = view(node, x, ctx.opset);
+      return { y: { data: gather(input.data, index), dims }, saved: index };
+    },
+    backward(node, x, y, saved, dy) {
+      return [scatter(dy, saved as Int32Array, x[0]!.data.length)];
+    },
+  };
+}
+
+const transpose = viewOp((node, [x]) => {
+  const rank = x!.dims.length;
+  const perm = intsAttribute(node, 'perm') ?? Array.from({ length: rank }, (_, i) => rank - 1 - i);
+  if (perm.length !== rank || [...perm].sort().some((p, i) => p !== i)) throw new OpError(node, `perm [${perm}] is not a permutation of ${rank} axes`);
+  const strides = stridesOf(x!.dims);
+  const dims = perm.map((p) => x!.dims[p]);
+  return { dims, index: viewIndex(dims, perm.map((p) => strides[p])) };
+});
+
+const slice = viewOp((node, x, opset) => {
+  const dims = x[0]!.dims;
+  const rank = dims.length;
+  const list = (i: number, attr: string) => (opset >= 10 ? (x[i] ? Array.from(x[i]!.data) : undefined) : intsAttribute(node, attr));
+  const starts = list(1, 'starts'), ends = list(2, 'ends');
+  if (!starts || !ends || starts.length !== ends.length) throw new OpError(node, 'needs starts and ends of equal length');
+  const axes = axesOf(node, x, 3, opset >= 10, rank) ?? starts.map((_, i) => i);
+  const steps = (opset >= 10 && x[4] ? Array.from(x[4].data) : undefined) ?? starts.map(() => 1);
+  const begin = new Array<number>(rank).fill(0), step = new Array<number>(rank).fill(1), out = [...dims];
+  axes.forEach((a, i) => {
+    const d = dims[a], st = steps[i];
+    if (st === 0) throw new OpError(node, 'a step of 0');
+    const clamp = (v: number, lo: number, hi: number) => Math.min(hi, Math.max(lo, v < 0 ? v + d : v));
+    const b = st > 0 ? clamp(starts[i], 0, d) : clamp(starts[i], 0, d - 1);
+    const e = st > 0 ? clamp(ends[i], 0, d) : clamp(ends[i], -1, d - 1);
+    begin[a] = b;
+    step[a] = st;
+    out[a] = Math.max(0, Math.ceil((e - b) / st));
+  });
+  const strides = stridesOf(dims);
+  return { dims: out, index: viewIndex(out, strides.map((s, a) => s * step[a]), begin.reduce((o, b, a) => o + b * strides[a], 0)) };
+});
+
+const concat: OpImpl = {
+  forward(node, x) {
+    const parts = x.map((t, i) => need(node, t, `input ${i}`));
+    const rank = parts[0].dims.length;
+    const axisAttr = intAttribute(node, 'axis', 0);
+    const axis = axisAttr < 0 ? axisAttr + rank : axisAttr;
+    const dims = [...parts[0].dims];
+    dims[axis] = 0;
+    for (const p of parts) {
+      if (p.dims.length !== rank || p.dims.some((d, i) => i !== axis && d !== parts[0].dims[i])) {
+        throw new OpError(node, `inputs [${parts.map((q) => `[${q.dims}]`).join(', ')}] differ outside axis ${axis}`);
+      }
+      dims[axis] += p.dims[axis];
+    }
+    const outer = sizeOf(dims.slice(0, axis));
+    const y = new Float32Array(sizeOf(dims));
+    const rows = parts.map((p) => sizeOf(p.dims.slice(axis)));
+    const row = sizeOf(dims.slice(axis));
+    for (let o = 0; o < outer; o++) {
+      let at = o * row;
+      parts.forEach((p, k) => {
+        y.set(p.data.subarray(o * rows[k], (o + 1) * rows[k]), at);
+        at += rows[k];
+      });
+    }
+    return { y: { data: y, dims }, saved: { outer, rows, row } };
+  },
+  backward(node, x, y, saved, dy, needs) {
+    const { outer, rows, row } = saved as { outer: number; rows: number[]; row: number };
+    let offset = 0;
+    return rows.map((r, k) => {
+      const start = offset;
+      offset += r;
+      if (!needs[k]) return undefined;
+      const dx = new Float32Array(outer * r);
+      for (let o = 0; o < outer; o++) dx.set(dy.subarray(o * row + start, o * row + start + r), o * r);
+      return dx;
+    });
+  },
+};
+
+const reduceMean: OpImpl = {
+  forward(node, x, ctx) {
+    const input = need(node, x[0], 'input');
+    const rank = input.dims.length;
+    const axes = axesOf(node, x, 1, ctx.opset >= 18, rank) ?? input.dims.map((_, i) => i);
+    const kept = input.dims.map((d, i) => (axes.includes(i) ? 1 : d));
+    const index = broadcastIndex(kept, input.dims);
+    const count = input.data.length / sizeOf(kept);
+    const sum = new Float64Array(sizeOf(kept));
+    for (let i = 0; i < index.length; i++) sum[index[i]] += input.data[i];
+    const keepDims = intAttribute(node, 'keepdims', 1) === 1;
+    return { y: { data: Float32Array.from(sum, (v) => v / count), dims: keepDims ? kept : input.dims.filter((_, i) => !axes.includes(i)) }, saved: { index, count } };
+  },
+  backward(node, x, y, saved, dy) {
+    const { index, count } = saved as { index: Int32Array; count: number };
+    const dx = new Float32Array(index.length);
+    for (let i = 0; i < dx.length; i++) dx[i] = dy[index[i]] / count;
+    return [dx];
+  },
+};
+
+/** An element-wise op with dy/dx from x and y. */
+function elementwise(f: (x: number) => number, derivative: (x: number, y: number) => number): OpImpl {
+  return {
+    forward(node, [x]) {
+      const input = need(node, x, 'input');
+      return { y: { data: input.data.map(f), dims: input.dims } };
+    },
+    backward(node, [x], y, saved, dy) {
+      return [dy.map((d, i) => d * derivative(x!.data[i], y.data[i]))];
+    },
+  };
+}
+
+const sqrt = elementwise(Math.sqrt, (x, y) => 0.5 / y);
+const sigmoid = elementwise((x) => 1 / (1 + Math.exp(-x)), (x, y) => y * (1 - y));
+
+const pow: OpImpl = {
+  forward(node, [xIn, pIn]) {
+    const x = need(node, xIn, 'input X'), p = need(node, pIn, 'exponent Y');
+    if (p.data.length !== 1) throw new OpError(node, `only a scalar exponent is supported, got [${p.dims}]`);
+    const e = p.data[0];
+    return { y: { data: x.data.map((v) => v ** e), dims: x.dims }, saved: e };
+  },
+  backward(node, [x], y, saved, dy, needs) {
+    if (needs[1]) throw new OpError(node, 'the exponent must be a constant');
+    const e = saved as number;
+    return [dy.map((d, i) => d * e * x!.data[i] ** (e - 1))];
+  },
+};
+
+/** Shapes are computed, not trained: Shape and Cast carry no gradient into integer values. */
+const shape: OpImpl = {
+  forward(node, [x]) {
+    const dims = need(node, x, 'input').dims;
+    const rank = dims.length;
+    const at = (v: number) => Math.min(rank, Math.max(0, v < 0 ? v + rank : v));
+    const start = at(intAttribute(node, 'start', 0)), end = at(intAttribute(node, 'end', rank));
+    const out = dims.slice(start, end);
+    return { y: { data: Float32Array.from(out), dims: [out.length] } };
+  },
+  backward() { return []; },
+};
+
+const FLOAT_TYPES = new Set([1, 10, 11, 16]); // FLOAT, FLOAT16, DOUBLE, BFLOAT16
+const cast: OpImpl = {
+  forward(node, [x]) {
+    const input = need(node, x, 'input');
+    const to = intAttribute(node, 'to', 1);
+    if (FLOAT_TYPES.has(to)) return { y: input };
+    if (to === 9) return { y: { data: input.data.map((v) => (v !== 0 ? 1 : 0)), dims: input.dims } };
+    return { y: { data: input.data.map(Math.trunc), dims: input.dims } };
+  },
+  backward(node, x, y, saved, dy) {
+    return FLOAT_TYPES.has(intAttribute(node, 'to', 1)) ? [dy] : [];
+  },
+};
 
 /** Softmax over [outer, axis, inner] (opset < 13 flattens everything from `axis` on). */
 function softmaxLayout(node: NodeProto, dims: number[], opset: number): [number, number, number] {
@@ -415,8 +637,10 @@ const batchNormalization: OpImpl = {
       if (!t || t.data.length !== channels) throw new OpError(node, `${what} must have ${channels} values (one per channel)`);
     }
     const y = new Float32Array(x.data.length);
-    if (!ctx.training) {
+    if (!ctx.training || ctx.frozenBatchNorm) {
+      const invStd = new Float32Array(channels);
       for (let c = 0; c < channels; c++) {
+        invStd[c] = 1 / Math.sqrt(variance!.data[c] + epsilon);
         const gain = scale!.data[c] / Math.sqrt(variance!.data[c] + epsilon);
         const shift = bias!.data[c] - mean!.data[c] * gain;
         for (let n = 0; n < batch; n++) {
@@ -424,7 +648,7 @@ const batchNormalization: OpImpl = {
           for (let i = 0; i < spatial; i++) y[base + i] = x.data[base + i] * gain + shift;
         }
       }
-      return { y: { data: y, dims: x.dims } };
+      return { y: { data: y, dims: x.dims }, saved: { frozen: true, batchMean: Float32Array.from(mean!.data), invStd, batch, channels, spatial } };
     }
     const batchMean = new Float32Array(channels), batchVar = new Float32Array(channels), invStd = new Float32Array(channels);
     ctx.kernels.batchNormForward(x.data, batch, channels, spatial, scale!.data, bias!.data, epsilon, y, batchMean, batchVar, invStd);
@@ -440,8 +664,26 @@ const batchNormalization: OpImpl = {
   },
   backward(node, [x, scale], y, saved, dy, needs, ctx) {
     if (!saved) throw new OpError(node, 'backward needs a training-mode forward pass');
-    const s = saved as { batchMean: Float32Array; invStd: Float32Array; batch: number; channels: number; spatial: number };
+    const s = saved as { frozen?: boolean; batchMean: Float32Array; invStd: Float32Array; batch: number; channels: number; spatial: number };
     const dx = new Float32Array(dy.length), dGamma = new Float32Array(s.channels), dBeta = new Float32Array(s.channels);
+    if (s.frozen) {
+      // y = γ·(x − μ)·invStd + β with μ, invStd constants: an affine map per channel.
+      for (let c = 0; c < s.channels; c++) {
+        const gain = scale!.data[c] * s.invStd[c];
+        let sumDy = 0, sumDyHat = 0;
+        for (let n = 0; n < s.batch; n++) {
+          const base = (n * s.channels + c) * s.spatial;
+          for (let i = base; i < base + s.spatial; i++) {
+            dx[i] = dy[i] * gain;
+            sumDy += dy[i];
+            sumDyHat += dy[i] * (x!.data[i] - s.batchMean[c]) * s.invStd[c];
+          }
+        }
+        dGamma[c] = sumDyHat;
+        dBeta[c] = sumDy;
+      }
+      return [needs[0] ? dx : undefined, needs[1] ? dGamma : undefined, needs[2] ? dBeta : undefined];
+    }
     ctx.kernels.batchNormBackward(x!.data, dy, s.batch, s.channels, s.spatial, scale!.data, s.batchMean, s.invStd, dx, dGamma, dBeta);
     return [needs[0] ? dx : undefined, needs[1] ? dGamma : undefined, needs[2] ? dBeta : undefined];
   },
@@ -518,7 +760,10 @@ const globalAveragePool: OpImpl = {
 /** The operators fine-tuning supports. Dropout is the identity: fine-tuning does not drop units. */
 export const OPS: ReadonlyMap<string, OpImpl> = new Map<string, OpImpl>([
   ['Conv', conv], ['Gemm', gemm], ['MatMul', matMul],
-  ['Add', binary('Add')], ['Sub', binary('Sub')], ['Mul', binary('Mul')],
+  ['Add', binary('Add')], ['Sub', binary('Sub')], ['Mul', binary('Mul')], ['Div', binary('Div')],
+  ['Pow', pow], ['Sqrt', sqrt], ['Sigmoid', sigmoid], ['ReduceMean', reduceMean],
+  ['Transpose', transpose], ['Concat', concat], ['Slice', slice], ['Squeeze', squeeze], ['Unsqueeze', unsqueeze],
+  ['Shape', shape], ['Cast', cast],
   ['BatchNormalization', batchNormalization],
   ['Relu', relu], ['Clip', clip], ['HardSigmoid', hardSigmoid], ['HardSwish', hardSwish],
   ['MaxPool', pool('max')], ['AveragePool', pool('average')], ['GlobalAveragePool', globalAveragePool],

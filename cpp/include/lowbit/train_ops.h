@@ -63,4 +63,18 @@ void average_pool_forward(const float* x, size_t batch, const ConvGeometry& g, b
 void average_pool_backward(const float* dy, size_t batch, const ConvGeometry& g, bool count_include_pad, float* dx,
                            ThreadPool* pool, unsigned threads);
 
+// Depthwise convolution (one filter per channel, ONNX Conv with group = channels
+// and one output channel per group), windows as im2col's; w is [C, kernel_h·kernel_w].
+// Taps are summed in float, in (ky, kx) order, starting from 0, without FMA:
+// y = Σ w·x over in-image taps. Threads split (image, channel) planes (backward
+// weight: channels), so results never depend on the thread count.
+void depthwise_conv_forward(const float* x, const float* w, size_t batch, const ConvGeometry& g, float* y, ThreadPool* pool,
+                            unsigned threads);
+// dx is overwritten: for each tap in (ky, kx) order, then (oy, ox) order, dx += w·dy (float).
+void depthwise_conv_backward_input(const float* dy, const float* w, size_t batch, const ConvGeometry& g, float* dx,
+                                   ThreadPool* pool, unsigned threads);
+// dw [C, kernel_h·kernel_w] is overwritten: Σ over (image, oy, ox) of dy·x, summed in double in that order.
+void depthwise_conv_backward_weight(const float* dy, const float* x, size_t batch, const ConvGeometry& g, float* dw,
+                                    ThreadPool* pool, unsigned threads);
+
 }  // namespace lowbit
