@@ -147,9 +147,14 @@ export function program(): Command {
     .option('--groups <n>', 'GDRQ: output-channel groups per layer', '4')
     .option('--activation-steps <s>', "GDRQ activations: 'running' Scale-Clip threshold or 'learned' LSQ steps", 'running')
     .option('--seed <n>', 'shuffling seed', '0')
+    .option('--distill', 'learn the float model\'s outputs instead of labels (labels.npy not needed; accuracy = agreement with the float model)')
+    .option('--optimizer <o>', "'sgd' (with momentum) or 'adam'", 'sgd')
+    .option('--per-channel', 'LSQ: one weight step per output channel')
+    .option('--step-init <s>', "LSQ initial steps: 'lsq' (the paper's) or 'max' (no clipping, zero points for signed activations; better at 8 bits)", 'lsq')
     .action(async (modelArg: string, o: {
       data: string; validation?: string; limit?: string; output?: string; method: string; wbits: string; abits: string; epochs: string;
-      batchSize: string; lr: string; groups: string; activationSteps: string; seed: string;
+      batchSize: string; lr: string; groups: string; activationSteps: string; seed: string; distill?: boolean; optimizer: string;
+      perChannel?: boolean; stepInit: string;
     }) => {
       const limit = o.limit === undefined ? Infinity : Number(o.limit);
       const load = async (source: string, split: 'train' | 't10k', flag: string) => {
@@ -157,16 +162,16 @@ export function program(): Command {
           const set = loadMnist(split, limit);
           return { inputs: { data: set.images, dims: [set.count, 1, 28, 28] }, labels: set.labels };
         }
-        for (const file of ['inputs.npy', 'labels.npy']) {
+        for (const file of o.distill ? ['inputs.npy'] : ['inputs.npy', 'labels.npy']) {
           if (!fs.existsSync(path.join(source, file))) {
-            throw new Error(`Expected 'mnist' or a folder with inputs.npy and labels.npy for ${flag} but ${path.join(source, file)} does not exist.`);
+            throw new Error(`Expected 'mnist' or a folder with inputs.npy${o.distill ? '' : ' and labels.npy'} for ${flag} but ${path.join(source, file)} does not exist.`);
           }
         }
         const inputs = readNpy(path.join(source, 'inputs.npy'));
-        const labels = readNpyLabels(path.join(source, 'labels.npy'));
         const n = Math.min(limit, inputs.dims[0]);
         const per = inputs.data.length / inputs.dims[0];
-        return { inputs: { data: inputs.data.subarray(0, n * per), dims: [n, ...inputs.dims.slice(1)] }, labels: labels.subarray(0, n) };
+        const batch = { inputs: { data: inputs.data.subarray(0, n * per), dims: [n, ...inputs.dims.slice(1)] } };
+        return o.distill ? batch : { ...batch, labels: readNpyLabels(path.join(source, 'labels.npy')).subarray(0, n) };
       };
       const output = checkOutputPath('-o', o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`);
       const data = await load(o.data, 'train', '--data');
@@ -181,7 +186,8 @@ export function program(): Command {
       const { history } = await finetune(modelArg, data, {
         method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, epochs: Number(o.epochs),
         batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed), validation, outputPath: output,
-        activationSteps: o.activationSteps as 'running' | 'learned',
+        activationSteps: o.activationSteps as 'running' | 'learned', distill: !!o.distill, optimizer: o.optimizer as 'sgd',
+        perChannel: !!o.perChannel, stepInit: o.stepInit as 'lsq',
         onStep: (p) => {
           if (p.epoch !== epochShown) {
             if (epochShown) bar.stop();
@@ -193,8 +199,8 @@ export function program(): Command {
       });
       bar.stop();
       console.log(table(history.map((h) => ({
-        epoch: h.epoch, loss: Number(h.loss.toFixed(4)), 'train accuracy %': Number((h.accuracy * 100).toFixed(2)),
-        ...(h.validationAccuracy !== undefined ? { 'validation accuracy %': Number((h.validationAccuracy * 100).toFixed(2)) } : {}),
+        epoch: h.epoch, loss: Number(h.loss.toFixed(4)), [o.distill ? 'train agreement %' : 'train accuracy %']: Number((h.accuracy * 100).toFixed(2)),
+        ...(h.validationAccuracy !== undefined ? { [o.distill ? 'validation agreement %' : 'validation accuracy %']: Number((h.validationAccuracy * 100).toFixed(2)) } : {}),
         'images/s': Math.round(h.images / h.seconds), seconds: Number(h.seconds.toFixed(1)),
       }))));
       console.log(`wrote ${output} (${o.method}${o.method === 'float' ? '' : ` W${o.wbits}A${o.abits}`}) in ${((performance.now() - t0) / 1000).toFixed(1)} s`);

@@ -31,6 +31,6 @@ export { quantizeModel, type QuantizationReport, type QuantizeModelOptions } fro
 export { inspectModel, type LayerStats } from './onnx/inspect';
 export { OnnxModelError } from './onnx/model-io';
 export {
-  finetune, type EpochRecord, type FinetuneOptions, type FinetuneResult, type LabelledBatch, type StepProgress, type TrainingData,
+  finetune, type EpochRecord, type FinetuneOptions, type FinetuneResult, type InputBatch, type LabelledBatch, type StepProgress, type TrainingData,
 } from './train/finetune';
 export { TrainingError } from './train/model';

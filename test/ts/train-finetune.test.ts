@@ -10,6 +10,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { finetune, TrainingError, type LabelledBatch } from '../../ts/index';
+import { distillationLoss } from '../../ts/train/finetune';
 import { ort } from '../../ts/bench/ort-models';
 import { readModel } from '../../ts/onnx/model-io';
 import { floatData } from '../../ts/onnx/graph';
@@ -142,6 +143,51 @@ describe('finetune: quantization-aware training and QDQ export', () => {
   }
 });
 
+describe('finetune: distillation from the float model (no labels)', () => {
+  it('distillationLoss: zero at the teacher, KL and (q - p)/rows otherwise, top-1 agreement per row', () => {
+    const logits = { data: Float32Array.of(Math.log(0.7), Math.log(0.2), Math.log(0.1), 0, 0, 0), dims: [1, 2, 3] };
+    const teacher = Float32Array.of(0.7, 0.2, 0.1, 0.1, 0.3, 0.6);
+    const d = new Float32Array(6);
+    const r = distillationLoss(logits, teacher, d);
+    const klSecond = 0.1 * Math.log(0.1 * 3) + 0.3 * Math.log(0.3 * 3) + 0.6 * Math.log(0.6 * 3);
+    expect(r.rows).to.equal(2);
+    expect(r.correct).to.equal(1);
+    expect(r.loss).to.be.closeTo(klSecond / 2, 1e-6);
+    const want = [0, 0, 0, (1 / 3 - 0.1) / 2, (1 / 3 - 0.3) / 2, (1 / 3 - 0.6) / 2];
+    d.forEach((v, i) => expect(v).to.be.closeTo(want[i], 1e-6));
+  });
+
+  it('W8A8 LSQ with max-initialised steps and zero points learns from unlabelled inputs; the export runs in onnxruntime as the engine computes', async () => {
+    // Inputs in [-1, 1]: the first layer's activations are signed, so their quantizer gets a zero point.
+    const shift = (b: LabelledBatch) => ({ inputs: { data: b.inputs.data.map((v) => 2 * v - 1), dims: b.inputs.dims } });
+    const train = shift(subset('train', 256)), test = shift(subset('t10k', 128));
+    const float = await finetune(BUNDLED, train, { distill: true, epochs: 1, batchSize: 32, learningRate: 0.001 });
+    expect(float.history[0].accuracy, 'float agreement with itself').to.be.above(0.99);
+    const result = await finetune(BUNDLED, train, {
+      distill: true, method: 'lsq', weightBits: 8, activationBits: 8, perChannel: true, stepInit: 'max', epochs: 1, batchSize: 32,
+      learningRate: 1e-4, optimizer: 'adam', weightDecay: 0, validation: test,
+    });
+    expect(result.history[0].loss).to.be.a('number').and.to.be.below(0.05);
+    expect(result.history[0].validationAccuracy, 'top-1 agreement with the float model').to.be.above(0.97);
+    const graph = readModel(result.model).graph!;
+    const zeroPoints = graph.node.filter((n) => n.opType === 'QuantizeLinear').map((n) => graph.initializer.find((t) => t.name === n.input[2])!);
+    expect(zeroPoints.some((z) => z.rawData[0] > 0), 'an asymmetric (uint8, zero point > 0) activation').to.equal(true);
+    const engine = result.forward(test.inputs);
+    const runtime = await ortLogits(result.model, { ...test, labels: new Int32Array(128) });
+    expect(argmaxAgreement(engine, runtime, 10)).to.be.above(0.99);
+    const scale = engine.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+    let largest = 0;
+    runtime.forEach((v, i) => (largest = Math.max(largest, Math.abs(v - engine[i]))));
+    expect(largest / scale).to.be.below(2e-3);
+  });
+
+  it('Adam lowers the loss of float training', async () => {
+    const { history } = await finetune(mnistCnn(6), subset('train', 1024), { epochs: 2, batchSize: 32, learningRate: 0.003, optimizer: 'adam' });
+    expect(history[1].loss).to.be.below(history[0].loss);
+    expect(history[1].accuracy).to.be.above(0.8);
+  });
+});
+
 describe('finetune: bad input', () => {
   const data = subset('train', 64);
   const expectError = async (p: Promise<unknown>, type: new (...a: never[]) => Error, pattern: RegExp) => {
@@ -177,6 +223,10 @@ describe('finetune: bad input', () => {
     await expectError(finetune(BUNDLED, data, { weightBits: 3 as never }), RangeError, /one of 2, 4, 8 for options\.weightBits/);
     await expectError(finetune(BUNDLED, data, { learningRate: -1 }), RangeError, /options\.learningRate/);
     await expectError(finetune(BUNDLED, data, { epoch: 2 } as never), Error, /epoch/);
+    await expectError(finetune(BUNDLED, data, { optimizer: 'rmsprop' as never }), RangeError, /options\.optimizer/);
+    await expectError(finetune(BUNDLED, data, { stepInit: 'mean' as never }), RangeError, /options\.stepInit/);
+    await expectError(finetune(BUNDLED, data, { distill: 1 as never }), TypeError, /a boolean for options\.distill/);
+    await expectError(finetune(BUNDLED, { inputs: data.inputs }), TypeError, /Int32Array or Uint8Array.*data\.labels.*options\.distill/);
   });
 
   it('unsupported operators are named before training starts', async () => {
@@ -242,6 +292,13 @@ describe('lowbit finetune (CLI)', () => {
     const bad = spawnSync(process.execPath, [cli, 'finetune', BUNDLED, '--data', path.join(dir, 'nope')], { cwd: dir, encoding: 'utf8' });
     expect(bad.status).to.equal(1);
     expect(bad.stderr).to.match(/lowbit: .*inputs\.npy/);
+    // Distillation needs inputs only.
+    fs.rmSync(path.join(data, 'labels.npy'));
+    const distilled = spawnSync(process.execPath, [cli, 'finetune', BUNDLED, '--data', data, '--distill', '--wbits', '8', '--abits', '8',
+      '--step-init', 'max', '--per-channel', '--optimizer', 'adam', '--lr', '0.0001', '--batch-size', '64', '-o', 'distilled.onnx'], { cwd: dir, encoding: 'utf8' });
+    expect(distilled.status, distilled.stderr).to.equal(0);
+    expect(distilled.stdout).to.match(/train agreement %/);
+    expect(fs.existsSync(path.join(dir, 'distilled.onnx'))).to.equal(true);
     fs.rmSync(dir, { recursive: true });
   });
 });

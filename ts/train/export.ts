@@ -49,10 +49,10 @@ function codesTensor(name: string, dims: number[], codes: Int8Array, bits: numbe
   throw new TrainingError(`Weights of ${bits} bits have no ONNX storage type; use 2, 4 or 8.`);
 }
 
-function zeroPoint(name: string, bits: number, signed: boolean): TensorProto {
+function zeroPoint(name: string, bits: number, signed: boolean, value = 0): TensorProto {
   const type = bits === 8 ? (signed ? TensorProto_DataType.INT8 : TensorProto_DataType.UINT8) : signed ? TensorProto_DataType.INT4 : TensorProto_DataType.UINT4;
   if (bits !== 8 && bits !== 4) throw new TrainingError(`Activations of ${bits} bits have no ONNX QuantizeLinear type; use 4 or 8.`);
-  return makeTensor(name, type, [], Uint8Array.of(0));
+  return makeTensor(name, type, [], Uint8Array.of(value));
 }
 
 export interface ExportLayer {
@@ -140,7 +140,7 @@ export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers:
       const q = graph.uniqueName(`${input}_quantized`);
       const dq = graph.uniqueName(`${input}_dequantized`);
       graph.addInitializer(floatTensor(scaleName, [], activation.scale));
-      graph.addInitializer(zeroPoint(zpName, activation.bits, activation.signed));
+      graph.addInitializer(zeroPoint(zpName, activation.bits, activation.signed, activation.zeroPoint));
       copy.graph!.node.push(
         makeNode('QuantizeLinear', [input, scaleName, zpName], [q], `${input}_q_${layer.label}`),
         makeNode('DequantizeLinear', [q, scaleName, zpName], [dq], `${input}_dq_${layer.label}`));

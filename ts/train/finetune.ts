@@ -4,25 +4,34 @@
  * cosine learning-rate decay), seeded shuffling, and returns the trained model
  * as ONNX (a QDQ model with the learned scales for LSQ/GDRQ). Deterministic for
  * a given seed and thread count. The event loop gets a turn after every step.
+ * With `distill`, no labels are needed: the model learns to reproduce the
+ * float model's output distribution (computed by onnxruntime).
  */
 import type { ModelProto } from 'onnx-buf';
+import type { InferenceSession } from 'onnxruntime-node';
 
 import { invalidType, invalidValue } from '../errors';
-import { checkOutputPath, readModel, writeFileAtomic } from '../onnx/model-io';
+import { ort } from '../bench/ort-models';
+import { checkOutputPath, readModel, serializeModel, writeFileAtomic } from '../onnx/model-io';
 import { seededRandom } from '../random';
 import { checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
-import { GdrqWeightQuantizer, LsqQuantizer, RunningClipQuantizer } from './quantizers';
+import { GdrqWeightQuantizer, LsqQuantizer, RunningClipQuantizer, type StepInit } from './quantizers';
 import type { Tensor } from './tensor';
 
-export interface LabelledBatch {
+/** A batch of inputs; labels (class indices, one per input) are needed unless distilling. */
+export interface InputBatch {
   inputs: { data: Float32Array; dims: number[] };
+  labels?: Int32Array | Uint8Array;
+}
+
+export interface LabelledBatch extends InputBatch {
   labels: Int32Array | Uint8Array;
 }
 
-export type TrainingData = LabelledBatch | AsyncIterable<LabelledBatch> | Iterable<LabelledBatch>;
+export type TrainingData = InputBatch | AsyncIterable<InputBatch> | Iterable<InputBatch>;
 
 export interface FinetuneOptions {
   /** 'float' (default), 'lsq' or 'gdrq'. */
@@ -41,12 +50,17 @@ export interface FinetuneOptions {
   learningRate?: number;
   /** 'cosine' (default): decay to 0 over the run, as in LSQ's recipe; 'constant'. */
   learningRateSchedule?: 'cosine' | 'constant';
+  /** 'sgd' with momentum (default) or 'adam'. */
+  optimizer?: 'sgd' | 'adam';
+  /** SGD momentum. Default 0.9. */
   momentum?: number;
   /** L2 weight decay of Conv/Gemm/MatMul weights. Default 1e-4 (LSQ: 5e-5 at 3 bits, 2.5e-5 at 2 bits). */
   weightDecay?: number;
   seed?: number;
   /** LSQ: one weight step per output channel instead of per tensor. */
   perChannel?: boolean;
+  /** LSQ: initial steps 2⟨|v|⟩/√Q_P ('lsq', the paper's, default) or max|v|/Q_P ('max': no clipping, the minmax PTQ starting point, better at 8 bits). */
+  stepInit?: StepInit;
   /** GDRQ: groups of output channels per layer (default 4), Scale-Clip k of weights (2) and activations (5). */
   groups?: number;
   scaleClipK?: number;
@@ -58,8 +72,16 @@ export interface FinetuneOptions {
    * paper's), or with a 'learned' LSQ step (a variant: GDRQ weights, LSQ inputs).
    */
   activationSteps?: 'running' | 'learned';
-  /** Labelled data to measure accuracy on after every epoch (the engine's forward in inference mode). */
-  validation?: LabelledBatch;
+  /**
+   * Knowledge distillation: the loss is the KL divergence from the float model's softmax output to the trained
+   * model's (over the output's last axis, e.g. per frame of a sequence model), so batches need no labels, and
+   * "accuracy" is top-1 agreement with the float model. Default false.
+   */
+  distill?: boolean;
+  /** BatchNormalization keeps normalising with its running statistics while training. Default: true when distilling. */
+  freezeBatchNorm?: boolean;
+  /** Data to measure accuracy (or, distilling, agreement with the float model) on after every epoch (the engine's forward in inference mode). */
+  validation?: InputBatch;
   /** Native threads (default all) and SGEMM kernel ('reference' = the TypeScript reference kernels). */
   threads?: number;
   kernel?: string;
@@ -97,8 +119,8 @@ export interface FinetuneResult {
 }
 
 const KNOWN_OPTIONS = ['method', 'weightBits', 'activationBits', 'firstLastLayerBits', 'keepFloat', 'epochs', 'batchSize',
-  'learningRate', 'learningRateSchedule', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps', 'activationSteps',
-  'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath'];
+  'learningRate', 'learningRateSchedule', 'optimizer', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps', 'activationSteps',
+  'stepInit', 'distill', 'freezeBatchNorm', 'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath'];
 
 function positive(name: string, v: unknown, fallback: number): number {
   if (v === undefined) return fallback;
@@ -112,7 +134,7 @@ function nonNegative(name: string, v: unknown, fallback: number): number {
   return v;
 }
 
-function checkBatch(name: string, batch: unknown): LabelledBatch {
+function checkBatch(name: string, batch: unknown, needLabels: boolean): InputBatch {
   if (!isPlainObject(batch)) throw invalidType(name, 'an object { inputs: { data, dims }, labels }', batch);
   const inputs = batch.inputs;
   if (!isPlainObject(inputs) && !(inputs && typeof inputs === 'object')) throw invalidType(`${name}.inputs`, 'an object { data: Float32Array, dims: [N, ...] }', inputs);
@@ -123,13 +145,16 @@ function checkBatch(name: string, batch: unknown): LabelledBatch {
   }
   const count = dims.reduce((a: number, b: number) => a * b, 1);
   if (count !== data.length) throw invalidValue(`${name}.inputs.data`, `${count} values (the product of dims [${dims.join(', ')}])`, data);
-  const labels = batch.labels;
-  if (!(labels instanceof Int32Array) && !(labels instanceof Uint8Array)) throw invalidType(`${name}.labels`, 'an Int32Array or Uint8Array of class indices', labels);
-  if (labels.length !== dims[0]) {
-    throw invalidValue(`${name}.labels`, `one label per input (N = dims[0] = ${dims[0]})`, labels, `It has ${labels.length}.`);
-  }
   for (let i = 0; i < data.length; i++) {
     if (!Number.isFinite(data[i])) throw invalidValue(`${name}.inputs.data[${i}]`, 'a finite number', data[i]);
+  }
+  if (!needLabels) return { inputs: { data, dims: dims as number[] } };
+  const labels = batch.labels;
+  if (!(labels instanceof Int32Array) && !(labels instanceof Uint8Array)) {
+    throw invalidType(`${name}.labels`, 'an Int32Array or Uint8Array of class indices', labels, 'Or set options.distill to train without labels.');
+  }
+  if (labels.length !== dims[0]) {
+    throw invalidValue(`${name}.labels`, `one label per input (N = dims[0] = ${dims[0]})`, labels, `It has ${labels.length}.`);
   }
   return { inputs: { data, dims: dims as number[] }, labels };
 }
@@ -144,6 +169,7 @@ interface Settings {
   batchSize: number;
   learningRate: number;
   schedule: 'cosine' | 'constant';
+  optimizer: 'sgd' | 'adam';
   momentum: number;
   weightDecay: number;
   seed: number;
@@ -153,6 +179,9 @@ interface Settings {
   activationClipK: number;
   groupSteps: 'learned' | 'search';
   activationSteps: 'running' | 'learned';
+  stepInit: StepInit;
+  distill: boolean;
+  freezeBatchNorm: boolean;
 }
 
 function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
@@ -172,6 +201,9 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
   if (o.keepFloat !== undefined && (!Array.isArray(o.keepFloat) || !o.keepFloat.every((k) => typeof k === 'string'))) {
     throw invalidType('options.keepFloat', 'an array of node names or op types', o.keepFloat);
   }
+  for (const flag of ['distill', 'freezeBatchNorm', 'perChannel'] as const) {
+    if (o[flag] !== undefined && typeof o[flag] !== 'boolean') throw invalidType(`options.${flag}`, 'a boolean', o[flag]);
+  }
   for (const fn of ['onEpoch', 'onStep'] as const) {
     if (o[fn] !== undefined && typeof o[fn] !== 'function') throw invalidType(`options.${fn}`, 'a function', o[fn]);
   }
@@ -184,6 +216,7 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
     batchSize: o.batchSize === undefined ? 32 : checkInteger('options.batchSize', o.batchSize, 1, 1 << 20),
     learningRate: positive('options.learningRate', o.learningRate, 0.01),
     schedule: o.learningRateSchedule === undefined ? 'cosine' : checkChoice('options.learningRateSchedule', o.learningRateSchedule, ['cosine', 'constant'] as const),
+    optimizer: o.optimizer === undefined ? 'sgd' : checkChoice('options.optimizer', o.optimizer, ['sgd', 'adam'] as const),
     momentum: nonNegative('options.momentum', o.momentum, 0.9),
     weightDecay: nonNegative('options.weightDecay', o.weightDecay, defaultDecay),
     seed: o.seed === undefined ? 0 : checkInteger('options.seed', o.seed, 0, 2 ** 32 - 1),
@@ -194,6 +227,9 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
     groupSteps: o.groupSteps === undefined ? 'learned' : checkChoice('options.groupSteps', o.groupSteps, ['learned', 'search'] as const),
     activationSteps: o.activationSteps === undefined ? 'running'
       : checkChoice('options.activationSteps', o.activationSteps, ['running', 'learned'] as const),
+    stepInit: o.stepInit === undefined ? 'lsq' : checkChoice('options.stepInit', o.stepInit, ['lsq', 'max'] as const),
+    distill: !!o.distill,
+    freezeBatchNorm: o.freezeBatchNorm ?? !!o.distill,
     raw: o,
   };
 }
@@ -211,9 +247,9 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
     // GDRQ reshapes the low-bit layers only: at 8 bits Scale-Clip would just throw information away,
     // so the 8-bit first and last layers get LSQ quantizers as in the LSQ recipe.
     if (s.method === 'lsq' || (edge && s.firstLastLayerBits === 8)) {
-      const weight = new LsqQuantizer(`${layer.label}.weight`, wBits, 'weight', true, s.perChannel ? layer.outputAxis : undefined);
+      const weight = new LsqQuantizer(`${layer.label}.weight`, wBits, 'weight', true, s.perChannel ? layer.outputAxis : undefined, s.stepInit);
       weight.initialize({ data: layer.weight.value, dims: layer.weight.dims });
-      map.set(layer.node, { weight, activation: new LsqQuantizer(`${layer.label}.input`, actBits, 'activation', undefined) });
+      map.set(layer.node, { weight, activation: new LsqQuantizer(`${layer.label}.input`, actBits, 'activation', undefined, undefined, s.stepInit) });
     } else {
       map.set(layer.node, {
         weight: new GdrqWeightQuantizer(`${layer.label}.weight`, wBits, layer.weight, layer.outputAxis, s.groups, s.scaleClipK, s.groupSteps),
@@ -243,12 +279,90 @@ export function softmaxCrossEntropy(logits: Tensor, labels: ArrayLike<number>, d
   return { loss: loss / n, correct };
 }
 
-function sgdStep(params: Parameter[], lr: number, momentum: number, weightDecay: number): void {
+/**
+ * Mean KL divergence from the teacher's probabilities to softmax(logits) over the rows of logits [..., classes];
+ * writes dLoss/dLogits and counts the rows whose top-1 class agrees with the teacher's.
+ */
+export function distillationLoss(logits: Tensor, teacher: Float32Array, dLogits: Float32Array): { loss: number; correct: number; rows: number } {
+  const classes = logits.dims[logits.dims.length - 1];
+  const rows = logits.data.length / classes;
+  let loss = 0, correct = 0;
+  for (let r = 0; r < rows; r++) {
+    const z = logits.data.subarray(r * classes, (r + 1) * classes), p = teacher.subarray(r * classes, (r + 1) * classes);
+    let max = -Infinity, arg = 0, teacherArg = 0;
+    for (let c = 0; c < classes; c++) {
+      if (z[c] > max) { max = z[c]; arg = c; }
+      if (p[c] > p[teacherArg]) teacherArg = c;
+    }
+    let sum = 0;
+    for (let c = 0; c < classes; c++) sum += Math.exp(z[c] - max);
+    const logZ = Math.log(sum) + max;
+    for (let c = 0; c < classes; c++) {
+      const logQ = z[c] - logZ;
+      if (p[c] > 0) loss += p[c] * (Math.log(p[c]) - logQ);
+      dLogits[r * classes + c] = (Math.exp(logQ) - p[c]) / rows;
+    }
+    if (arg === teacherArg) correct++;
+  }
+  return { loss: loss / rows, correct, rows };
+}
+
+/** The float model in onnxruntime: its softmax output for a batch, the targets of distillation. */
+class Teacher {
+  private constructor(private readonly session: InferenceSession, private readonly model: TrainableModel) {}
+
+  static async create(bytes: Uint8Array, model: TrainableModel): Promise<Teacher> {
+    return new Teacher(await ort().InferenceSession.create(bytes), model);
+  }
+
+  async probabilities(inputs: { data: Float32Array; dims: number[] }, expectedLength: number): Promise<Float32Array> {
+    const out = await this.session.run({ [this.model.inputName]: new (ort().Tensor)('float32', inputs.data, inputs.dims) }, [this.model.outputName]);
+    const p = Float32Array.from(out[this.model.outputName].data as Float32Array);
+    if (p.length !== expectedLength) {
+      throw new TrainingError(`Distillation compares the model's output '${this.model.outputName}' element by element, but onnxruntime gives ${p.length} values for it and the engine ${expectedLength}.`);
+    }
+    // Without a final Softmax the output is logits: turn each row into probabilities.
+    if (this.model.logitsName === this.model.outputName) {
+      const dims = out[this.model.outputName].dims;
+      const classes = Number(dims[dims.length - 1]);
+      for (let r = 0; r < p.length; r += classes) {
+        const row = p.subarray(r, r + classes);
+        const max = row.reduce((m, v) => Math.max(m, v), -Infinity);
+        let sum = 0;
+        for (let c = 0; c < classes; c++) sum += (row[c] = Math.exp(row[c] - max));
+        for (let c = 0; c < classes; c++) row[c] /= sum;
+      }
+    }
+    return p;
+  }
+
+  release(): Promise<void> {
+    return this.session.release();
+  }
+}
+
+/**
+ * One update: SGD with momentum, or Adam (β₁ = 0.9, β₂ = 0.999, ε = 1e-8, bias-corrected at step t ≥ 1;
+ * Adam suits fine-tuning, where gradient scales differ widely between weights, biases and quantizer steps).
+ * Weight decay is an L2 term added to the gradient in both.
+ */
+function optimizerStep(params: Parameter[], optimizer: 'sgd' | 'adam', lr: number, momentum: number, weightDecay: number, t: number): void {
+  const c1 = 1 - 0.9 ** t, c2 = 1 - 0.999 ** t;
   for (const p of params) {
     const decay = p.decay ? weightDecay : 0;
-    for (let i = 0; i < p.value.length; i++) {
-      p.velocity[i] = momentum * p.velocity[i] + p.grad[i] + decay * p.value[i];
-      p.value[i] -= lr * p.velocity[i];
+    if (optimizer === 'sgd') {
+      for (let i = 0; i < p.value.length; i++) {
+        p.velocity[i] = momentum * p.velocity[i] + p.grad[i] + decay * p.value[i];
+        p.value[i] -= lr * p.velocity[i];
+      }
+    } else {
+      const m = p.velocity, v = (p.secondMoment ??= new Float32Array(p.value.length));
+      for (let i = 0; i < p.value.length; i++) {
+        const g = p.grad[i] + decay * p.value[i];
+        m[i] = 0.9 * m[i] + 0.1 * g;
+        v[i] = 0.999 * v[i] + 0.001 * g * g;
+        p.value[i] -= (lr * (m[i] / c1)) / (Math.sqrt(v[i] / c2) + 1e-8);
+      }
     }
     if (p.min !== undefined) {
       // A step pushed below its floor restarts from the floor, without the momentum that pushed it there.
@@ -287,13 +401,13 @@ function checkLabels(name: string, labels: ArrayLike<number>, classes: number): 
   }
 }
 
-function sliceBatch(batch: LabelledBatch, order: Int32Array, from: number, to: number): LabelledBatch {
+function sliceBatch(batch: InputBatch, order: Int32Array, from: number, to: number): InputBatch {
   const per = batch.inputs.data.length / batch.inputs.dims[0];
   const data = new Float32Array((to - from) * per);
-  const labels = new Int32Array(to - from);
+  const labels = batch.labels ? new Int32Array(to - from) : undefined;
   for (let i = from; i < to; i++) {
     data.set(batch.inputs.data.subarray(order[i] * per, (order[i] + 1) * per), (i - from) * per);
-    labels[i - from] = batch.labels[order[i]];
+    if (labels) labels[i - from] = batch.labels![order[i]];
   }
   return { inputs: { data, dims: [to - from, ...batch.inputs.dims.slice(1)] }, labels };
 }
@@ -308,18 +422,33 @@ export function evaluateAccuracy(model: TrainableModel, data: LabelledBatch, ker
     const tape = model.forward({ data: b.inputs.data, dims: b.inputs.dims }, false, kernels);
     const logits = model.output(tape);
     const classes = logits.dims[1];
-    for (let i = 0; i < b.labels.length; i++) {
+    for (let i = 0; i < b.labels!.length; i++) {
       let arg = 0;
       for (let c = 1; c < classes; c++) if (logits.data[i * classes + c] > logits.data[i * classes + arg]) arg = c;
-      if (arg === b.labels[i]) correct++;
+      if (arg === b.labels![i]) correct++;
     }
   }
   return correct / n;
 }
 
+/** Share of output rows whose top-1 class agrees with the float model's (inference mode, quantizers included). */
+async function evaluateAgreement(model: TrainableModel, data: InputBatch, teacher: Teacher, kernels: FloatKernels, batchSize = 64): Promise<number> {
+  const n = data.inputs.dims[0];
+  const order = Int32Array.from({ length: n }, (_, i) => i);
+  let correct = 0, rows = 0;
+  for (let from = 0; from < n; from += batchSize) {
+    const b = sliceBatch(data, order, from, Math.min(n, from + batchSize));
+    const logits = model.output(model.forward(b.inputs, false, kernels));
+    const r = distillationLoss(logits, await teacher.probabilities(b.inputs, logits.data.length), new Float32Array(logits.data.length));
+    correct += r.correct;
+    rows += r.rows;
+  }
+  return correct / rows;
+}
+
 const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
 
-function isBatchSource(data: unknown): data is AsyncIterable<LabelledBatch> | Iterable<LabelledBatch> {
+function isBatchSource(data: unknown): data is AsyncIterable<InputBatch> | Iterable<InputBatch> {
   return !!data && typeof data === 'object' && (Symbol.asyncIterator in data || Symbol.iterator in data);
 }
 
@@ -337,9 +466,11 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   const kernels = o.kernel === 'reference' ? referenceKernels : nativeKernels({ kernel: o.kernel, threads: o.threads });
   const proto = input instanceof Uint8Array || typeof input === 'string' ? readModel(input) : input;
   const model = new TrainableModel(proto);
-  const inMemory = !isBatchSource(data) ? checkBatch('data', data) : undefined;
-  const validation = o.validation === undefined ? undefined : checkBatch('options.validation', o.validation);
-  const checkShape = (name: string, b: LabelledBatch) => {
+  model.freezeBatchNorm = s.freezeBatchNorm;
+  const needLabels = !s.distill;
+  const inMemory = !isBatchSource(data) ? checkBatch('data', data, needLabels) : undefined;
+  const validation = o.validation === undefined ? undefined : checkBatch('options.validation', o.validation, needLabels);
+  const checkShape = (name: string, b: InputBatch) => {
     const expected = model.checkInput(b.inputs.dims);
     if (expected) throw invalidValue(`${name}.inputs.dims`, `the model input '${model.inputName}' shape ${expected}`, b.inputs.dims);
   };
@@ -348,15 +479,18 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
 
   // A probe with the float model: output shape, and labels against the class count.
   let classes: number | undefined;
-  const probe = (b: LabelledBatch, name: string) => {
+  const probe = (b: InputBatch, name: string) => {
+    if (!needLabels) return;
     if (classes === undefined) {
       const one = sliceBatch(b, Int32Array.of(0), 0, 1);
       classes = classesOf(model, model.output(model.forward({ data: one.inputs.data, dims: one.inputs.dims }, false, kernels)));
     }
-    checkLabels(`${name}.labels`, b.labels, classes);
+    checkLabels(`${name}.labels`, b.labels!, classes!);
   };
   if (inMemory) probe(inMemory, 'data');
   if (validation) probe(validation, 'options.validation');
+  // The float model's outputs, before quantizers change the engine's.
+  const teacher = s.distill ? await Teacher.create(serializeModel(proto), model) : undefined;
   buildQuantizers(model, s);
 
   const params = () => model.allParameters();
@@ -368,67 +502,77 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   const history: EpochRecord[] = [];
   let globalStep = 0;
 
-  for (let epoch = 0; epoch < s.epochs; epoch++) {
-    const t0 = performance.now();
-    for (const q of model.quantizers.values()) (q.weight as { onEpochStart?: () => void } | undefined)?.onEpochStart?.();
-    let lossSum = 0, correct = 0, seen = 0, step = 0;
-    let lr = s.learningRate;
-    const batches = inMemory ? shuffled(inMemory, s.batchSize, random) : (data as AsyncIterable<LabelledBatch>);
-    for await (const raw of batches) {
-      const batch = inMemory ? raw : checkBatch(`data batch ${step}`, raw);
-      if (!inMemory) { checkShape(`data batch ${step}`, batch); probe(batch, `data batch ${step}`); }
-      const progress = totalSteps ? globalStep / totalSteps : epoch / s.epochs;
-      lr = s.schedule === 'constant' ? s.learningRate : 0.5 * s.learningRate * (1 + Math.cos(Math.PI * progress));
-      const all = params();
-      if (!current) { current = new Snapshot([...all.map((p) => p.value), ...stats]); previous = new Snapshot([...all.map((p) => p.value), ...stats]); }
-      [previous, current] = [current, previous!];
-      current.take();
-      const tape = model.forward({ data: batch.inputs.data, dims: batch.inputs.dims }, true, kernels);
-      const logits = model.output(tape);
-      const dLogits = new Float32Array(logits.data.length);
-      const r = softmaxCrossEntropy(logits, batch.labels, dLogits);
-      if (!Number.isFinite(r.loss)) {
-        const layer = model.firstNonFiniteLayer(tape) ?? 'the loss';
-        previous.restore();
-        const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: the loss is ${r.loss}; values first became non-finite in ` +
-          `the output of ${layer}. The error's model holds the weights of the last step whose loss was finite. Lower the learning rate.`);
-        error.step = globalStep + 1;
-        error.layer = layer;
-        error.model = exportModel(model).bytes;
-        throw error;
+  try {
+    for (let epoch = 0; epoch < s.epochs; epoch++) {
+      const t0 = performance.now();
+      for (const q of model.quantizers.values()) (q.weight as { onEpochStart?: () => void } | undefined)?.onEpochStart?.();
+      let lossSum = 0, correct = 0, judged = 0, seen = 0, step = 0;
+      let lr = s.learningRate;
+      const batches = inMemory ? shuffled(inMemory, s.batchSize, random) : (data as AsyncIterable<InputBatch>);
+      for await (const raw of batches) {
+        const batch = inMemory ? raw : checkBatch(`data batch ${step}`, raw, needLabels);
+        if (!inMemory) { checkShape(`data batch ${step}`, batch); probe(batch, `data batch ${step}`); }
+        const progress = totalSteps ? globalStep / totalSteps : epoch / s.epochs;
+        lr = s.schedule === 'constant' ? s.learningRate : 0.5 * s.learningRate * (1 + Math.cos(Math.PI * progress));
+        const all = params();
+        if (!current) { current = new Snapshot([...all.map((p) => p.value), ...stats]); previous = new Snapshot([...all.map((p) => p.value), ...stats]); }
+        [previous, current] = [current, previous!];
+        current.take();
+        const tape = model.forward({ data: batch.inputs.data, dims: batch.inputs.dims }, true, kernels);
+        const logits = model.output(tape);
+        const dLogits = new Float32Array(logits.data.length);
+        const images = batch.inputs.dims[0];
+        const r = teacher
+          ? distillationLoss(logits, await teacher.probabilities(batch.inputs, logits.data.length), dLogits)
+          : { ...softmaxCrossEntropy(logits, batch.labels!, dLogits), rows: images };
+        if (!Number.isFinite(r.loss)) {
+          const layer = model.firstNonFiniteLayer(tape) ?? 'the loss';
+          previous.restore();
+          const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: the loss is ${r.loss}; values first became non-finite in ` +
+            `the output of ${layer}. The error's model holds the weights of the last step whose loss was finite. Lower the learning rate.`);
+          error.step = globalStep + 1;
+          error.layer = layer;
+          error.model = exportModel(model).bytes;
+          throw error;
+        }
+        model.backward(tape, dLogits, kernels);
+        optimizerStep(all, s.optimizer, lr, s.momentum, s.weightDecay, globalStep + 1);
+        lossSum += r.loss * images;
+        correct += r.correct;
+        judged += r.rows;
+        seen += images;
+        step++;
+        globalStep++;
+        o.onStep?.({ epoch: epoch + 1, step, stepsPerEpoch, loss: lossSum / seen, accuracy: correct / judged });
+        await yieldToEventLoop();
       }
-      model.backward(tape, dLogits, kernels);
-      sgdStep(all, lr, s.momentum, s.weightDecay);
-      lossSum += r.loss * batch.labels.length;
-      correct += r.correct;
-      seen += batch.labels.length;
-      step++;
-      globalStep++;
-      o.onStep?.({ epoch: epoch + 1, step, stepsPerEpoch, loss: lossSum / seen, accuracy: correct / seen });
+      if (seen === 0) {
+        throw new TrainingError(`The training data yielded no batch in epoch ${epoch + 1}. An iterable must restart for every epoch (pass an object whose [Symbol.asyncIterator]() starts over, not a generator).`);
+      }
+      const record: EpochRecord = {
+        epoch: epoch + 1, loss: lossSum / seen, accuracy: correct / judged, learningRate: lr, seconds: (performance.now() - t0) / 1000, images: seen,
+      };
+      if (validation) {
+        record.validationAccuracy = teacher ? await evaluateAgreement(model, validation, teacher, kernels) : evaluateAccuracy(model, validation as LabelledBatch, kernels);
+      }
+      history.push(record);
+      o.onEpoch?.(record);
       await yieldToEventLoop();
     }
-    if (seen === 0) {
-      throw new TrainingError(`The training data yielded no batch in epoch ${epoch + 1}. An iterable must restart for every epoch (pass an object whose [Symbol.asyncIterator]() starts over, not a generator).`);
-    }
-    const record: EpochRecord = {
-      epoch: epoch + 1, loss: lossSum / seen, accuracy: correct / seen, learningRate: lr, seconds: (performance.now() - t0) / 1000, images: seen,
-    };
-    if (validation) record.validationAccuracy = evaluateAccuracy(model, validation, kernels);
-    history.push(record);
-    o.onEpoch?.(record);
-    await yieldToEventLoop();
+  } finally {
+    await teacher?.release();
   }
   const { bytes, layers } = exportModel(model);
   if (o.outputPath !== undefined) writeFileAtomic(o.outputPath, bytes);
   const forward = (inputs: { data: Float32Array; dims: number[] }) => {
-    const b = checkBatch('inputs', { inputs, labels: new Int32Array(inputs.dims?.[0] ?? 0) });
+    const b = checkBatch('inputs', { inputs }, false);
     checkShape('inputs', b);
     return model.output(model.forward({ data: b.inputs.data, dims: b.inputs.dims }, false, kernels), model.outputName).data;
   };
   return { model: bytes, history, layers, forward };
 }
 
-function* shuffled(data: LabelledBatch, batchSize: number, random: () => number): Generator<LabelledBatch> {
+function* shuffled(data: InputBatch, batchSize: number, random: () => number): Generator<InputBatch> {
   const n = data.inputs.dims[0];
   const order = Int32Array.from({ length: n }, (_, i) => i);
   for (let i = n - 1; i > 0; i--) {

@@ -18,7 +18,10 @@ export interface Parameter {
   value: Float32Array;
   dims: number[];
   grad: Float32Array;
+  /** SGD momentum, or Adam's first moment. */
   velocity: Float32Array;
+  /** Adam's second moment (allocated by the first Adam step). */
+  secondMoment?: Float32Array;
   /** Weight decay applies (Conv/Gemm/MatMul weights, not biases, BN parameters or steps). */
   decay: boolean;
   /** Lower bound kept after every update (quantizer steps must stay positive). */

@@ -29,6 +29,8 @@ export interface QuantizerExport {
   groups?: number;
   /** Values are clipped to ±clip before quantizing (GDRQ Scale-Clip of weights). */
   clip?: number;
+  /** Unsigned codes with this zero point (asymmetric activations); default 0. */
+  zeroPoint?: number;
 }
 
 export interface ExportableQuantizer extends FakeQuantizer {
@@ -52,14 +54,25 @@ function lsqGrad(v: Float32Array, dy: Float32Array, layout: NativeLayout, steps:
   return { dx, dStep };
 }
 
-/** mean |v| over `run` values at from, from + stride, … below `to` (default: all of v). */
-function meanAbs(v: Float32Array, from = 0, to = v.length, stride = to - from, run = to - from): number {
+/** mean |v| (or, with max, the largest |v|) over `run` values at from, from + stride, … below `to` (default: all of v). */
+function meanAbs(v: Float32Array, from = 0, to = v.length, stride = to - from, run = to - from, max = false): number {
   let s = 0, n = 0;
   for (let base = from; base < to; base += stride) {
-    for (let i = 0; i < run; i++) { s += Math.abs(v[base + i]); n++; }
+    for (let i = 0; i < run; i++) {
+      const a = Math.abs(v[base + i]);
+      s = max ? Math.max(s, a) : s + a;
+      n++;
+    }
   }
-  return n ? s / n : 0;
+  return max ? s : n ? s / n : 0;
 }
+
+/**
+ * How LSQ steps start: the paper's 2⟨|v|⟩/√Q_P, or 'max': no clipping, the minmax PTQ point (better at 8 bits) —
+ * weights max|w|/Q_P; activations the first batch's [min, max] over 2^b − 1 steps, with a zero point when min < 0
+ * (integer range [−z, 2^b − 1 − z]: asymmetric, as QuantizeLinear with uint8 and zero point z).
+ */
+export type StepInit = 'lsq' | 'max';
 
 const MIN_STEP = 1e-8;
 
@@ -70,13 +83,14 @@ export class LsqQuantizer implements ExportableQuantizer {
   private signed: boolean;
   private qn = 0;
   private qp = 0;
+  private zeroPoint?: number;
 
   /**
    * perChannelAxis: one step per channel along this axis (weights only).
    * signed: undefined = decide from the first batch (activations: unsigned when it has no negative value).
    */
   constructor(readonly name: string, readonly bits: number, private readonly kind: 'weight' | 'activation',
-    signed: boolean | undefined, private readonly perChannelAxis?: number) {
+    signed: boolean | undefined, private readonly perChannelAxis?: number, private readonly init: StepInit = 'lsq') {
     this.signed = signed ?? true;
     if (signed !== undefined) ({ qn: this.qn, qp: this.qp } = lsqLevels(bits, signed));
   }
@@ -85,22 +99,37 @@ export class LsqQuantizer implements ExportableQuantizer {
     return this.perChannelAxis === undefined ? tensorLayout(dims, 'tensor', 0, 0).native : tensorLayout(dims, 'channel', this.perChannelAxis, 0).native;
   }
 
-  /** s₀ = 2⟨|v|⟩/√Q_P from these values (weights: the pretrained weights; activations: the first batch). */
+  /** s₀ from these values (weights: the pretrained weights; activations: the first batch), as `init` says. */
   initialize(x: Tensor): void {
     if (this.kind === 'activation') {
-      let min = Infinity;
-      for (let i = 0; i < x.data.length; i++) if (x.data[i] < min) min = x.data[i];
+      let min = Infinity, high = -Infinity;
+      for (let i = 0; i < x.data.length; i++) {
+        if (x.data[i] < min) min = x.data[i];
+        if (x.data[i] > high) high = x.data[i];
+      }
       this.signed = min < 0;
+      if (this.init === 'max' && this.signed) {
+        const levels = 2 ** this.bits - 1;
+        const step = Math.max(MIN_STEP, (Math.max(high, 0) - min) / levels);
+        this.zeroPoint = Math.min(levels, Math.round(-min / step));
+        this.signed = false;
+        this.qn = this.zeroPoint;
+        this.qp = levels - this.zeroPoint;
+        this.step = makeParameter(`${this.name}.step`, Float32Array.of(step), [1], false, MIN_STEP);
+        this.parameters.splice(0, this.parameters.length, this.step);
+        return;
+      }
     }
     ({ qn: this.qn, qp: this.qp } = lsqLevels(this.bits, this.signed));
-    const init = (m: number) => Math.max(MIN_STEP, (2 * m) / Math.sqrt(this.qp));
+    const max = this.init === 'max';
+    const init = (m: number) => Math.max(MIN_STEP, max ? m / this.qp : (2 * m) / Math.sqrt(this.qp));
     let steps: Float32Array;
-    if (this.perChannelAxis === undefined) steps = Float32Array.of(init(meanAbs(x.data)));
+    if (this.perChannelAxis === undefined) steps = Float32Array.of(init(meanAbs(x.data, 0, x.data.length, x.data.length, x.data.length, max)));
     else {
       const axis = this.perChannelAxis;
       const channels = x.dims[axis];
       const inner = sizeOf(x.dims.slice(axis + 1));
-      steps = Float32Array.from({ length: channels }, (_, c) => init(meanAbs(x.data, c * inner, x.data.length, channels * inner, inner)));
+      steps = Float32Array.from({ length: channels }, (_, c) => init(meanAbs(x.data, c * inner, x.data.length, channels * inner, inner, max)));
     }
     this.step = makeParameter(`${this.name}.step`, steps, [steps.length], false, MIN_STEP);
     this.parameters.splice(0, this.parameters.length, this.step);
@@ -128,7 +157,7 @@ export class LsqQuantizer implements ExportableQuantizer {
   }
 
   describe(): QuantizerExport {
-    return { bits: this.bits, signed: this.signed, scale: Float32Array.from(this.step!.value), axis: this.perChannelAxis };
+    return { bits: this.bits, signed: this.signed, scale: Float32Array.from(this.step!.value), axis: this.perChannelAxis, zeroPoint: this.zeroPoint };
   }
 }
 
