@@ -1,22 +1,33 @@
-/** `npm run experiments -- <name> [--json] [--quick] [--seeds N] [--narrow] [--ptq-only]`. Names: clipping, ptq, qat (qat runs only when named). */
+/**
+ * `npm run experiments -- <name> [--json] [--quick] [--seeds N] [--narrow] [--ptq-only] [--lines N] [--epochs E] [--lr R] [--optimizer o]`.
+ * Names: clipping, ptq, qat, ocr-qat (qat and ocr-qat run only when named).
+ */
 import { clippingExperiment } from './clipping';
 import { ptqExperiment } from './ptq';
+import { ocrQatExperiment } from './ocr-qat';
 import { qatExperiment } from './qat';
 
-function seedsArgument(args: string[]): number {
-  const at = args.indexOf('--seeds');
-  return at < 0 ? 1 : Number(args[at + 1]);
+const VALUE_FLAGS = ['--seeds', '--lines', '--epochs', '--lr', '--optimizer'];
+
+function flagValue(args: string[], flag: string, fallback: string): string {
+  const at = args.indexOf(flag);
+  return at < 0 ? fallback : args[at + 1];
 }
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const json = args.includes('--json');
-  const names = args.filter((a, i) => !a.startsWith('--') && args[i - 1] !== '--seeds');
+  const names = args.filter((a, i) => !a.startsWith('--') && !VALUE_FLAGS.includes(args[i - 1]));
   for (const name of names.length ? names : ['clipping', 'ptq']) {
     if (name === 'clipping') clippingExperiment(json);
     else if (name === 'ptq') await ptqExperiment(json);
-    else if (name === 'qat') await qatExperiment(json, args.includes('--quick'), seedsArgument(args), args.includes('--narrow'), args.includes('--ptq-only'));
-    else throw new Error(`Unknown experiment '${name}'. Known: clipping, ptq, qat.`);
+    else if (name === 'qat') await qatExperiment(json, args.includes('--quick'), Number(flagValue(args, '--seeds', '1')), args.includes('--narrow'), args.includes('--ptq-only'));
+    else if (name === 'ocr-qat') {
+      await ocrQatExperiment(json, {
+        lines: Number(flagValue(args, '--lines', '512')), epochs: Number(flagValue(args, '--epochs', '1')),
+        learningRate: Number(flagValue(args, '--lr', '1e-5')), optimizer: flagValue(args, '--optimizer', 'sgd') as 'sgd',
+      });
+    } else throw new Error(`Unknown experiment '${name}'. Known: clipping, ptq, qat, ocr-qat.`);
   }
 }
 

@@ -181,6 +181,24 @@ describe('finetune: distillation from the float model (no labels)', () => {
     expect(largest / scale).to.be.below(2e-3);
   });
 
+  it("'max' steps start from the activation range of the first 64 inputs, not just the first batch", async () => {
+    const images = subset('train', 96);
+    const data = images.inputs.data.map((v) => 2 * v - 1);
+    data.subarray(50 * 784, 51 * 784).forEach((v, i, row) => (row[i] = 3 * v)); // input 50 alone sets the range
+    const r = await finetune(BUNDLED, { inputs: { data, dims: [96, 1, 28, 28] } }, {
+      distill: true, method: 'lsq', weightBits: 8, activationBits: 8, stepInit: 'max', batchSize: 16, learningRate: Number.MIN_VALUE,
+    });
+    const first64 = data.subarray(0, 64 * 784);
+    const [min, max] = [first64.reduce((m, v) => Math.min(m, v)), first64.reduce((m, v) => Math.max(m, v))];
+    const [min50, max50] = [data.subarray(50 * 784, 51 * 784).reduce((m, v) => Math.min(m, v)), data.subarray(50 * 784, 51 * 784).reduce((m, v) => Math.max(m, v))];
+    expect([min, max]).to.deep.equal([min50, max50]);
+    const step = (max - min) / 255;
+    expect(r.layers[0].activationScale).to.be.closeTo(step, 1e-6 * step);
+    const graph = readModel(r.model).graph!;
+    const q = graph.node.find((n) => n.opType === 'QuantizeLinear' && n.input[0] === 'input')!;
+    expect(graph.initializer.find((t) => t.name === q.input[2])!.rawData[0]).to.equal(Math.round(-min / step));
+  });
+
   it('Adam lowers the loss of float training', async () => {
     const { history } = await finetune(mnistCnn(6), subset('train', 1024), { epochs: 2, batchSize: 32, learningRate: 0.003, optimizer: 'adam' });
     expect(history[1].loss).to.be.below(history[0].loss);

@@ -228,7 +228,8 @@ function canReadTwice(data: CalibrationData): boolean {
   return iterator !== undefined && iterator !== (data as unknown);
 }
 
-async function evaluate(floatBytes: Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
+/** Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds. */
+export async function compareOutputs(floatBytes: Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
   const O = ort();
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   const floatSession = await O.InferenceSession.create(floatBytes, options);
@@ -420,7 +421,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     opts.onProgress?.('evaluate');
     const t0 = performance.now();
     const feeds = opts.evaluationFeeds ?? sample ?? [randomFeeds(model, 1), randomFeeds(model, 2)];
-    report.evaluation = await evaluate(floatBytes, bytes, feeds);
+    report.evaluation = await compareOutputs(floatBytes, bytes, feeds);
     await layerSqnr(prepared, model, layers, feeds);
     timings.evaluate = performance.now() - t0;
   }

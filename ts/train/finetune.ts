@@ -59,7 +59,11 @@ export interface FinetuneOptions {
   seed?: number;
   /** LSQ: one weight step per output channel instead of per tensor. */
   perChannel?: boolean;
-  /** LSQ: initial steps 2⟨|v|⟩/√Q_P ('lsq', the paper's, default) or max|v|/Q_P ('max': no clipping, the minmax PTQ starting point, better at 8 bits). */
+  /**
+   * LSQ: initial steps 2⟨|v|⟩/√Q_P ('lsq', the paper's, default) or 'max': no clipping, the minmax PTQ starting point
+   * (better at 8 bits) — weights max|w|/Q_P, activations the [min, max] seen on the first 64 inputs (first batch of an
+   * iterable), with a zero point for signed ranges.
+   */
   stepInit?: StepInit;
   /** GDRQ: groups of output channels per layer (default 4), Scale-Clip k of weights (2) and activations (5). */
   groups?: number;
@@ -372,6 +376,16 @@ function optimizerStep(params: Parameter[], optimizer: 'sgd' | 'adam', lr: numbe
   }
 }
 
+/** 'max' step initialisation: activation ranges from the float forward pass over the first (up to) 64 inputs, as PTQ calibrates. */
+function observeActivationRanges(model: TrainableModel, data: InputBatch, batchSize: number, kernels: FloatKernels): void {
+  const observers = [...model.quantizers.values()].map((q) => q.activation).filter((a): a is LsqQuantizer => a instanceof LsqQuantizer);
+  observers.forEach((o) => (o.observing = true));
+  const n = Math.min(64, data.inputs.dims[0]);
+  const order = Int32Array.from({ length: n }, (_, i) => i);
+  for (let from = 0; from < n; from += batchSize) model.forward(sliceBatch(data, order, from, Math.min(n, from + batchSize)).inputs, false, kernels);
+  observers.forEach((o) => (o.observing = false));
+}
+
 /** Copies of every parameter and BN running statistic, to return to after a non-finite step. */
 class Snapshot {
   private readonly saved: Float32Array[];
@@ -492,6 +506,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   // The float model's outputs, before quantizers change the engine's.
   const teacher = s.distill ? await Teacher.create(serializeModel(proto), model) : undefined;
   buildQuantizers(model, s);
+  if (s.stepInit === 'max' && inMemory) observeActivationRanges(model, inMemory, s.batchSize, kernels);
 
   const params = () => model.allParameters();
   const stats = model.nodes.filter((n) => n.opType === 'BatchNormalization').flatMap((n) => n.input.slice(3, 5).map((i) => model.constants.get(i)!.data));

@@ -69,7 +69,8 @@ function meanAbs(v: Float32Array, from = 0, to = v.length, stride = to - from, r
 
 /**
  * How LSQ steps start: the paper's 2⟨|v|⟩/√Q_P, or 'max': no clipping, the minmax PTQ point (better at 8 bits) —
- * weights max|w|/Q_P; activations the first batch's [min, max] over 2^b − 1 steps, with a zero point when min < 0
+ * weights max|w|/Q_P; activations [min, max] over 2^b − 1 steps (the range observed before training, else the
+ * first batch's), with a zero point when min < 0
  * (integer range [−z, 2^b − 1 − z]: asymmetric, as QuantizeLinear with uint8 and zero point z).
  */
 export type StepInit = 'lsq' | 'max';
@@ -84,6 +85,9 @@ export class LsqQuantizer implements ExportableQuantizer {
   private qn = 0;
   private qp = 0;
   private zeroPoint?: number;
+  /** While set (activations, 'max' init), forward passes values through and widens `observed` instead. */
+  observing = false;
+  private observed = { min: Infinity, max: -Infinity };
 
   /**
    * perChannelAxis: one step per channel along this axis (weights only).
@@ -102,7 +106,7 @@ export class LsqQuantizer implements ExportableQuantizer {
   /** s₀ from these values (weights: the pretrained weights; activations: the first batch), as `init` says. */
   initialize(x: Tensor): void {
     if (this.kind === 'activation') {
-      let min = Infinity, high = -Infinity;
+      let min = this.observed.min, high = this.observed.max;
       for (let i = 0; i < x.data.length; i++) {
         if (x.data[i] < min) min = x.data[i];
         if (x.data[i] > high) high = x.data[i];
@@ -140,6 +144,13 @@ export class LsqQuantizer implements ExportableQuantizer {
   }
 
   forward(x: Tensor, training: boolean): { y: Tensor; saved?: unknown } {
+    if (this.observing) {
+      for (let i = 0; i < x.data.length; i++) {
+        if (x.data[i] < this.observed.min) this.observed.min = x.data[i];
+        if (x.data[i] > this.observed.max) this.observed.max = x.data[i];
+      }
+      return { y: x };
+    }
     if (!this.step) {
       if (!training) throw new Error(`LSQ quantizer ${this.name} is used before its step was initialised (run a training batch first).`);
       this.initialize(x);
