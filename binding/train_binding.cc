@@ -359,66 +359,57 @@ Napi::Value AveragePoolBackward(const Napi::CallbackInfo& info) {
 }
 
 // Depthwise convolution: the geometry's channels are the groups; w is [channels, kernelH·kernelW].
-struct DepthwiseCall {
-  PoolCall shape;
-  size_t w_len;
-  DepthwiseCall(const Napi::CallbackInfo& info, size_t batch_arg) : shape(info, batch_arg) {
-    w_len = product(info.Env(), {shape.g.channels, shape.g.kernel_h, shape.g.kernel_w}, "channels * kernelH * kernelW");
-  }
+// Every call is (in0, in1, batch, geometry, out, threads); each array is an image, the weights or an output map.
+enum class DepthwiseArray { kImage, kWeights, kOutput };
+
+struct DepthwiseArg {
+  const char* name;
+  DepthwiseArray kind;
 };
+
+using DepthwiseKernel = void (*)(const float*, const float*, size_t, const lowbit::ConvGeometry&, float*, lowbit::ThreadPool*,
+                                 unsigned);
+
+Napi::Value DepthwiseCall(const Napi::CallbackInfo& info, DepthwiseArg in0, DepthwiseArg in1, DepthwiseArg out,
+                          DepthwiseKernel kernel) {
+  Napi::Env env = info.Env();
+  const PoolCall call(info, 2);
+  const size_t w_len = product(env, {call.g.channels, call.g.kernel_h, call.g.kernel_w}, "channels * kernelH * kernelW");
+  auto check = [&](const DepthwiseArg& a, size_t n) {
+    if (a.kind == DepthwiseArray::kImage) need_length(env, a.name, n, call.image_len, "batch * channels * height * width");
+    else if (a.kind == DepthwiseArray::kWeights) need_length(env, a.name, n, w_len, "channels * kernelH * kernelW");
+    else need_length(env, a.name, n, call.out_len, "batch * channels * outH * outW");
+  };
+  size_t n0, n1, nout;
+  const float* p0 = floats_in(info[0], in0.name, &n0);
+  const float* p1 = floats_in(info[1], in1.name, &n1);
+  float* pout = floats_out(info[4], out.name, &nout);
+  check(in0, n0);
+  check(in1, n1);
+  check(out, nout);
+  no_overlap(env, pout, nout, out.name, p0, n0, in0.name);
+  no_overlap(env, pout, nout, out.name, p1, n1, in1.name);
+  Context& ctx = Context::of(env);
+  kernel(p0, p1, call.batch, call.g, pout, ctx.pool.get(), threads_of(info[5]));
+  return env.Undefined();
+}
 
 // depthwiseConvForward(x, w, batch, geometry, y, threads)
 Napi::Value DepthwiseConvForward(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  const DepthwiseCall call(info, 2);
-  size_t nx, nw, ny;
-  const float* x = floats_in(info[0], "x", &nx);
-  const float* w = floats_in(info[1], "w", &nw);
-  float* y = floats_out(info[4], "y", &ny);
-  need_length(env, "x", nx, call.shape.image_len, "batch * channels * height * width");
-  need_length(env, "w", nw, call.w_len, "channels * kernelH * kernelW");
-  need_length(env, "y", ny, call.shape.out_len, "batch * channels * outH * outW");
-  no_overlap(env, y, ny, "y", x, nx, "x");
-  no_overlap(env, y, ny, "y", w, nw, "w");
-  Context& ctx = Context::of(env);
-  lowbit::depthwise_conv_forward(x, w, call.shape.batch, call.shape.g, y, ctx.pool.get(), threads_of(info[5]));
-  return env.Undefined();
+  return DepthwiseCall(info, {"x", DepthwiseArray::kImage}, {"w", DepthwiseArray::kWeights}, {"y", DepthwiseArray::kOutput},
+                       lowbit::depthwise_conv_forward);
 }
 
 // depthwiseConvBackwardInput(dy, w, batch, geometry, dx, threads)
 Napi::Value DepthwiseConvBackwardInput(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  const DepthwiseCall call(info, 2);
-  size_t ndy, nw, ndx;
-  const float* dy = floats_in(info[0], "dy", &ndy);
-  const float* w = floats_in(info[1], "w", &nw);
-  float* dx = floats_out(info[4], "dx", &ndx);
-  need_length(env, "dy", ndy, call.shape.out_len, "batch * channels * outH * outW");
-  need_length(env, "w", nw, call.w_len, "channels * kernelH * kernelW");
-  need_length(env, "dx", ndx, call.shape.image_len, "batch * channels * height * width");
-  no_overlap(env, dx, ndx, "dx", dy, ndy, "dy");
-  no_overlap(env, dx, ndx, "dx", w, nw, "w");
-  Context& ctx = Context::of(env);
-  lowbit::depthwise_conv_backward_input(dy, w, call.shape.batch, call.shape.g, dx, ctx.pool.get(), threads_of(info[5]));
-  return env.Undefined();
+  return DepthwiseCall(info, {"dy", DepthwiseArray::kOutput}, {"w", DepthwiseArray::kWeights}, {"dx", DepthwiseArray::kImage},
+                       lowbit::depthwise_conv_backward_input);
 }
 
 // depthwiseConvBackwardWeight(dy, x, batch, geometry, dw, threads)
 Napi::Value DepthwiseConvBackwardWeight(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  const DepthwiseCall call(info, 2);
-  size_t ndy, nx, ndw;
-  const float* dy = floats_in(info[0], "dy", &ndy);
-  const float* x = floats_in(info[1], "x", &nx);
-  float* dw = floats_out(info[4], "dw", &ndw);
-  need_length(env, "dy", ndy, call.shape.out_len, "batch * channels * outH * outW");
-  need_length(env, "x", nx, call.shape.image_len, "batch * channels * height * width");
-  need_length(env, "dw", ndw, call.w_len, "channels * kernelH * kernelW");
-  no_overlap(env, dw, ndw, "dw", dy, ndy, "dy");
-  no_overlap(env, dw, ndw, "dw", x, nx, "x");
-  Context& ctx = Context::of(env);
-  lowbit::depthwise_conv_backward_weight(dy, x, call.shape.batch, call.shape.g, dw, ctx.pool.get(), threads_of(info[5]));
-  return env.Undefined();
+  return DepthwiseCall(info, {"dy", DepthwiseArray::kOutput}, {"x", DepthwiseArray::kImage}, {"dw", DepthwiseArray::kWeights},
+                       lowbit::depthwise_conv_backward_weight);
 }
 
 }  // namespace

@@ -290,6 +290,22 @@ struct DepthwisePlan {
     for (size_t kx = 0; kx < g.kernel_w; ++kx) cols.push_back(tap_span(g.out_w, g.stride_w, g.pad_left, g.dilation_w, kx, g.width));
     threads = double(batch * g.channels) * double(plane_out) * double(taps) < kSerialWorkBelow ? 1 : requested;
   }
+
+  // For each tap (ky, kx order) and output row, the in-image run: row_op(tap, x_at, y_at, count) where
+  // output y_at + i reads image position x_at + i·stride_w of the plane.
+  template <class RowOp>
+  void for_each_run(const ConvGeometry& g, const RowOp& row_op) const {
+    for (size_t ky = 0; ky < g.kernel_h; ++ky) {
+      const TapSpan& r = rows[ky];
+      for (size_t kx = 0; kx < g.kernel_w; ++kx) {
+        const TapSpan& c = cols[kx];
+        for (size_t oy = r.lo; oy < r.hi; ++oy) {
+          const size_t x_at = size_t(int64_t(oy * g.stride_h) + r.offset) * g.width + size_t(int64_t(c.lo * g.stride_w) + c.offset);
+          row_op(ky * g.kernel_w + kx, x_at, oy * g.out_w + c.lo, c.hi - c.lo);
+        }
+      }
+    }
+  }
 };
 
 }  // namespace
@@ -302,24 +318,14 @@ void depthwise_conv_forward(const float* x, const float* w, size_t batch, const 
     const float* filter = w + (p % g.channels) * plan.taps;
     float* out = y + p * plan.plane_out;
     std::fill_n(out, plan.plane_out, 0.0f);
-    for (size_t ky = 0; ky < g.kernel_h; ++ky) {
-      const TapSpan& r = plan.rows[ky];
-      for (size_t kx = 0; kx < g.kernel_w; ++kx) {
-        const TapSpan& c = plan.cols[kx];
-        const float wv = filter[ky * g.kernel_w + kx];
-        for (size_t oy = r.lo; oy < r.hi; ++oy) {
-          const float* in = src + size_t(int64_t(oy * g.stride_h) + r.offset) * g.width;
-          float* o = out + oy * g.out_w;
-          if (g.stride_w == 1) {  // contiguous: vectorizes
-            const float* in_row = in + (int64_t(c.lo) + c.offset);
-            float* o_row = o + c.lo;
-            for (size_t i = 0; i < c.hi - c.lo; ++i) o_row[i] += wv * in_row[i];
-          } else {
-            for (size_t ox = c.lo; ox < c.hi; ++ox) o[ox] += wv * in[size_t(int64_t(ox * g.stride_w) + c.offset)];
-          }
-        }
+    plan.for_each_run(g, [&](size_t tap, size_t x_at, size_t y_at, size_t count) {
+      const float wv = filter[tap];
+      if (g.stride_w == 1) {  // contiguous: vectorizes
+        for (size_t i = 0; i < count; ++i) out[y_at + i] += wv * src[x_at + i];
+      } else {
+        for (size_t i = 0; i < count; ++i) out[y_at + i] += wv * src[x_at + i * g.stride_w];
       }
-    }
+    });
   });
 }
 
@@ -331,24 +337,14 @@ void depthwise_conv_backward_input(const float* dy, const float* w, size_t batch
     const float* filter = w + (p % g.channels) * plan.taps;
     float* dst = dx + p * plan.plane_in;
     std::fill_n(dst, plan.plane_in, 0.0f);
-    for (size_t ky = 0; ky < g.kernel_h; ++ky) {
-      const TapSpan& r = plan.rows[ky];
-      for (size_t kx = 0; kx < g.kernel_w; ++kx) {
-        const TapSpan& c = plan.cols[kx];
-        const float wv = filter[ky * g.kernel_w + kx];
-        for (size_t oy = r.lo; oy < r.hi; ++oy) {
-          float* d = dst + size_t(int64_t(oy * g.stride_h) + r.offset) * g.width;
-          const float* gy = grad + oy * g.out_w;
-          if (g.stride_w == 1) {
-            float* d_row = d + (int64_t(c.lo) + c.offset);
-            const float* g_row = gy + c.lo;
-            for (size_t i = 0; i < c.hi - c.lo; ++i) d_row[i] += wv * g_row[i];
-          } else {
-            for (size_t ox = c.lo; ox < c.hi; ++ox) d[size_t(int64_t(ox * g.stride_w) + c.offset)] += wv * gy[ox];
-          }
-        }
+    plan.for_each_run(g, [&](size_t tap, size_t x_at, size_t y_at, size_t count) {
+      const float wv = filter[tap];
+      if (g.stride_w == 1) {
+        for (size_t i = 0; i < count; ++i) dst[x_at + i] += wv * grad[y_at + i];
+      } else {
+        for (size_t i = 0; i < count; ++i) dst[x_at + i * g.stride_w] += wv * grad[y_at + i];
       }
-    }
+    });
   });
 }
 
@@ -356,24 +352,19 @@ void depthwise_conv_backward_weight(const float* dy, const float* x, size_t batc
                                     ThreadPool* pool, unsigned threads) {
   const DepthwisePlan plan(batch, g, threads);
   pool->parallel_for(g.channels, plan.threads, [&](size_t ch, unsigned) {
-    for (size_t ky = 0; ky < g.kernel_h; ++ky) {
-      const TapSpan& r = plan.rows[ky];
-      for (size_t kx = 0; kx < g.kernel_w; ++kx) {
-        const TapSpan& c = plan.cols[kx];
-        double sum = 0;
-        for (size_t n = 0; n < batch; ++n) {
-          const size_t p = n * g.channels + ch;
-          const float* src = x + p * plan.plane_in;
-          const float* grad = dy + p * plan.plane_out;
-          for (size_t oy = r.lo; oy < r.hi; ++oy) {
-            const float* in = src + size_t(int64_t(oy * g.stride_h) + r.offset) * g.width;
-            const float* gy = grad + oy * g.out_w;
-            for (size_t ox = c.lo; ox < c.hi; ++ox) sum += double(gy[ox]) * double(in[size_t(int64_t(ox * g.stride_w) + c.offset)]);
-          }
-        }
-        dw[ch * plan.taps + ky * g.kernel_w + kx] = float(sum);
-      }
+    // Images outermost: each tap's sum still runs over (image, oy, ox) in order.
+    std::vector<double> sums(plan.taps, 0.0);
+    for (size_t n = 0; n < batch; ++n) {
+      const size_t p = n * g.channels + ch;
+      const float* src = x + p * plan.plane_in;
+      const float* grad = dy + p * plan.plane_out;
+      plan.for_each_run(g, [&](size_t tap, size_t x_at, size_t y_at, size_t count) {
+        double sum = sums[tap];
+        for (size_t i = 0; i < count; ++i) sum += double(grad[y_at + i]) * double(src[x_at + i * g.stride_w]);
+        sums[tap] = sum;
+      });
     }
+    for (size_t t = 0; t < plan.taps; ++t) dw[ch * plan.taps + t] = float(sums[t]);
   });
 }
 

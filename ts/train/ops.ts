@@ -1,9 +1,11 @@
 /**
  * Forward and backward of the ONNX operators the training engine supports.
- * Heavy work (Conv via im2col + SGEMM, Gemm/MatMul, BatchNormalization, the
- * activations and pooling) goes through FloatKernels; the remaining element-wise
- * work (Add/Sub/Mul, Softmax, bias adds) stays here. Every backward returns
- * the gradient of each input that needs one (same shape as the input).
+ * Heavy work (Conv via im2col + SGEMM or, one filter per channel, the depthwise
+ * kernels; Gemm/MatMul, BatchNormalization, the activations and pooling) goes
+ * through FloatKernels; the remaining element-wise and layout work (Add/Sub/Mul/Div,
+ * Pow, Sqrt, Sigmoid, ReduceMean, Softmax, Transpose, Slice, Concat, bias adds)
+ * stays here. Shape and Cast compute shapes and carry no gradient. Every backward
+ * returns the gradient of each input that needs one (same shape as the input).
  */
 import type { NodeProto } from 'onnx-buf';
 
@@ -101,19 +103,21 @@ const conv: OpImpl = {
     const perGroupOut = outChannels / group;
     const y = new Float32Array(batch * outChannels * pixels);
     // One filter per channel: direct loops (im2col + per-channel SGEMM calls would cost many times more).
-    const depthwise = groupChannels === 1 && perGroupOut === 1;
-    const col = depthwise ? undefined : new Float32Array(batch * g.channels * kernelH * kernelW * pixels);
-    if (col) ctx.kernels.im2col(x.data, batch, g, col);
-    else ctx.kernels.depthwiseConvForward(x.data, w.data, batch, g, y);
-    for (let n = 0; n < batch && col; n++) {
-      for (let k = 0; k < group; k++) {
-        ctx.kernels.sgemm({
-          transA: false, transB: false, m: perGroupOut, n: pixels, k: rows,
-          a: w.data.subarray(k * perGroupOut * rows, (k + 1) * perGroupOut * rows),
-          b: col!.subarray((n * group + k) * rows * pixels, (n * group + k + 1) * rows * pixels),
-          c: y.subarray((n * outChannels + k * perGroupOut) * pixels, (n * outChannels + (k + 1) * perGroupOut) * pixels),
-          accumulate: false,
-        });
+    let col: Float32Array | undefined;
+    if (groupChannels === 1 && perGroupOut === 1) ctx.kernels.depthwiseConvForward(x.data, w.data, batch, g, y);
+    else {
+      col = new Float32Array(batch * g.channels * kernelH * kernelW * pixels);
+      ctx.kernels.im2col(x.data, batch, g, col);
+      for (let n = 0; n < batch; n++) {
+        for (let k = 0; k < group; k++) {
+          ctx.kernels.sgemm({
+            transA: false, transB: false, m: perGroupOut, n: pixels, k: rows,
+            a: w.data.subarray(k * perGroupOut * rows, (k + 1) * perGroupOut * rows),
+            b: col.subarray((n * group + k) * rows * pixels, (n * group + k + 1) * rows * pixels),
+            c: y.subarray((n * outChannels + k * perGroupOut) * pixels, (n * outChannels + (k + 1) * perGroupOut) * pixels),
+            accumulate: false,
+          });
+        }
       }
     }
     if (bIn) {
@@ -135,11 +139,24 @@ const conv: OpImpl = {
     const pixels = g.outH * g.outW;
     const perGroupOut = outChannels / group;
     const grads: Array<Float32Array | undefined> = [];
-    if (!col) {
+    if (needs[2] && b) {
+      const db = new Float64Array(outChannels);
+      for (let n = 0; n < batch; n++) {
+        for (let o = 0; o < outChannels; o++) {
+          const base = (n * outChannels + o) * pixels;
+          let s = 0;
+          for (let i = 0; i < pixels; i++) s += dy[base + i];
+          db[o] += s;
+        }
+      }
+      grads[2] = Float32Array.from(db);
+    }
+    if (!col) { // depthwise
       if (needs[1]) ctx.kernels.depthwiseConvBackwardWeight(dy, x!.data, batch, g, grads[1] = new Float32Array(w!.data.length));
       if (needs[0]) ctx.kernels.depthwiseConvBackwardInput(dy, w!.data, batch, g, grads[0] = new Float32Array(x!.data.length));
+      return grads;
     }
-    if (needs[1] && col) {
+    if (needs[1]) {
       const dw = new Float32Array(w!.data.length);
       for (let n = 0; n < batch; n++) {
         for (let k = 0; k < group; k++) {
@@ -154,19 +171,7 @@ const conv: OpImpl = {
       }
       grads[1] = dw;
     }
-    if (needs[2] && b) {
-      const db = new Float64Array(outChannels);
-      for (let n = 0; n < batch; n++) {
-        for (let o = 0; o < outChannels; o++) {
-          const base = (n * outChannels + o) * pixels;
-          let s = 0;
-          for (let i = 0; i < pixels; i++) s += dy[base + i];
-          db[o] += s;
-        }
-      }
-      grads[2] = Float32Array.from(db);
-    }
-    if (needs[0] && col) {
+    if (needs[0]) {
       const dcol = new Float32Array(col.length);
       for (let n = 0; n < batch; n++) {
         for (let k = 0; k < group; k++) {
