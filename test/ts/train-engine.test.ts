@@ -157,6 +157,32 @@ describe('training engine: backward against numerical gradients', () => {
     });
   }
 
+  it('HardSwish written out (x · Clip(x + 3, 0, 6) / 6, both orders) runs as one fused op, with the same values and gradients', () => {
+    const decomposed = (productFirst: boolean, extraConsumer = false): NodeSpec[] => [
+      { op: 'Add', inputs: ['x0', 'three'], output: 'shifted' },
+      { op: 'Clip', inputs: ['shifted', 'zero', 'six'], output: 'clipped' },
+      ...(productFirst
+        ? [{ op: 'Mul', inputs: ['x0', 'clipped'], output: 'product' }, { op: 'Div', inputs: ['product', 'six'], output: 'hs' }]
+        : [{ op: 'Mul', inputs: ['clipped', 'sixth'], output: 'scaled' }, { op: 'Mul', inputs: ['scaled', 'x0'], output: 'hs' }]),
+      ...(extraConsumer ? [{ op: 'Add', inputs: ['hs', 'clipped'], output: 'x1' }] : [{ op: 'Identity', inputs: ['hs'], output: 'x1' }]),
+    ];
+    const constants = { three: { dims: [], data: [3] }, zero: { dims: [], data: [0] }, six: { dims: [], data: [6] }, sixth: { dims: [], data: [1 / 6] } };
+    const input = randomInput([2, 4, 6, 6], 3).map((v) => 4 * v);
+    for (const productFirst of [true, false]) {
+      const bytes = sandwich(decomposed(productFirst), {}, constants);
+      const model = new TrainableModel(readModel(bytes));
+      expect(model.nodes.map((n) => n.opType)).to.deep.equal(['Conv', 'HardSwish', 'Identity', 'Flatten', 'Gemm']);
+      const { worst, where } = gradientCheck(bytes, [2, 4, 6, 6], 3);
+      expect(worst, where).to.be.below(EPS);
+      // The plan with the fused op computes what the written-out ops compute (to float rounding).
+      const unfused = new TrainableModel(readModel(sandwich(decomposed(productFirst, true), {}, constants)));
+      expect(unfused.nodes.some((n) => n.opType === 'HardSwish'), 'an intermediate read twice is not fused').to.equal(false);
+      const hs = (m: TrainableModel) => m.forward({ data: input, dims: [2, 4, 6, 6] }, false, referenceKernels).values.get('hs')!.data;
+      const a = hs(model), b = hs(unfused);
+      a.forEach((v, i) => expect(v).to.be.closeTo(b[i], 1e-6));
+    }
+  });
+
   it('BatchNormalization frozen on its running statistics (fine-tuning by distillation)', () => {
     const bytes = sandwich([{ op: 'BatchNormalization', inputs: ['x0', 'g', 'b', 'm', 'v'], output: 'x1', attrs: { epsilon: 1e-5 } }],
       {}, { g: { dims: [4], data: [1, 0.5, 2, 1.5] }, b: { dims: [4], data: [0, 0.1, -0.1, 0.2] }, m: { dims: [4], data: [0.1, -0.2, 0, 0.3] }, v: { dims: [4], data: [1, 2, 0.5, 1.5] } });

@@ -7,7 +7,7 @@
  */
 import { TensorProto_DataType, type ModelProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
-import { dimsOf, floatData, Graph } from '../onnx/graph';
+import { dimsOf, floatAttribute, floatData, Graph, makeNode } from '../onnx/graph';
 import { nodeLabel } from '../onnx/passes/pass';
 import type { FloatKernels } from './kernels';
 import { OPS, type OpContext } from './ops';
@@ -90,6 +90,49 @@ function constantTensor(t: TensorProto): Tensor | undefined {
   return undefined;
 }
 
+/** The value of a constant scalar input, if it is one. */
+function scalar(graph: Graph, name: string | undefined): number | undefined {
+  const t = name ? graph.constant(name) : undefined;
+  const v = t ? floatData(t) : undefined;
+  return v && v.length === 1 ? v[0] : undefined;
+}
+
+/**
+ * HardSwish written out as x · Clip(x + 3, 0, 6) / 6 (as exporters for opsets before 14 do; the product and the
+ * division in either order) becomes one native HardSwish in the execution plan: four passes over the tensor,
+ * and four backward, become one each. Only the plan changes; the graph, and so the export, keeps its nodes.
+ */
+function fuseHardSwish(graph: Graph, nodes: NodeProto[]): NodeProto[] {
+  // The single consumer of a tensor that nothing else reads.
+  const next = (name: string): NodeProto | undefined => {
+    const consumers = graph.consumers(name);
+    return consumers.length === 1 && !graph.isGraphOutput(name) ? consumers[0] : undefined;
+  };
+  const isSixth = (n: NodeProto | undefined, input: string) => !!n && n.input[0] === input &&
+    ((n.opType === 'Div' && scalar(graph, n.input[1]) === 6) || (n.opType === 'Mul' && Math.abs((scalar(graph, n.input[1]) ?? 0) - 1 / 6) < 1e-7));
+  const timesX = (n: NodeProto | undefined, input: string, x: string) => !!n && n.opType === 'Mul' &&
+    ((n.input[0] === x && n.input[1] === input) || (n.input[1] === x && n.input[0] === input));
+  const removed = new Set<NodeProto>();
+  const replacement = new Map<NodeProto, NodeProto>();
+  for (const clip of nodes) {
+    if (clip.opType !== 'Clip') continue;
+    const bounds = graph.opset >= 11 ? [scalar(graph, clip.input[1]), scalar(graph, clip.input[2])]
+      : [floatAttribute(clip, 'min', NaN), floatAttribute(clip, 'max', NaN)];
+    const add = graph.producer(clip.input[0]);
+    if (bounds[0] !== 0 || bounds[1] !== 6 || add?.opType !== 'Add' || next(add.output[0]) !== clip) continue;
+    const x = scalar(graph, add.input[1]) === 3 ? add.input[0] : scalar(graph, add.input[0]) === 3 ? add.input[1] : undefined;
+    const second = next(clip.output[0]);
+    const last = second ? next(second.output[0]) : undefined;
+    if (!x || !second || !last) continue;
+    const productFirst = timesX(second, clip.output[0], x) && isSixth(last, second.output[0]);
+    const divisionFirst = isSixth(second, clip.output[0]) && timesX(last, second.output[0], x);
+    if (!productFirst && !divisionFirst) continue;
+    for (const n of [add, clip, second]) removed.add(n);
+    replacement.set(last, makeNode('HardSwish', [x], [last.output[0]], `${last.name || last.output[0]} (HardSwish)`));
+  }
+  return nodes.flatMap((n) => (replacement.has(n) ? [replacement.get(n)!] : removed.has(n) ? [] : [n]));
+}
+
 export class TrainableModel {
   readonly graph: Graph;
   readonly nodes: NodeProto[];
@@ -113,7 +156,7 @@ export class TrainableModel {
       throw new TrainingError(`The model uses operators the training engine does not support: ${unsupported.join(', ')}. ` +
         `Supported: ${[...OPS.keys()].join(', ')}.`);
     }
-    this.nodes = this.graph.topologicalOrder().filter((n) => n.opType !== 'Constant');
+    this.nodes = fuseHardSwish(this.graph, this.graph.topologicalOrder().filter((n) => n.opType !== 'Constant'));
     const initializers = new Set(model.graph!.initializer.map((t) => t.name));
     const inputs = model.graph!.input.filter((i) => !initializers.has(i.name));
     if (inputs.length !== 1) throw new TrainingError(`Fine-tuning needs a model with exactly one input; this one has ${inputs.length} (${inputs.map((i) => i.name).join(', ')}).`);
