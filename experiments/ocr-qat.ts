@@ -1,5 +1,5 @@
 /**
- * `npm run experiments -- ocr-qat [--lines N] [--epochs E] [--lr R] [--optimizer sgd|adam]`: W8A8
+ * `npm run experiments -- ocr-qat [--lines N] [--epochs E] [--lr R] [--optimizer sgd|adam] [--fixed-steps]`: W8A8
  * quantization-aware fine-tuning of the PP-OCRv4 recognizer by distillation from the float model on
  * rendered text lines (no labels), against PTQ W8A8 in the same run, on the ptq experiment's 64
  * evaluation lines (same seed) with the same measure (mean per-line output cosine, top-1 agreement per frame).
@@ -17,6 +17,8 @@ export interface OcrQatSettings {
   epochs: number;
   learningRate: number;
   optimizer: 'sgd' | 'adam';
+  /** Train the weights only, at the initial (minmax) steps. */
+  fixedSteps: boolean;
 }
 
 export async function ocrQatExperiment(json: boolean, settings: OcrQatSettings): Promise<void> {
@@ -47,7 +49,7 @@ export async function ocrQatExperiment(json: boolean, settings: OcrQatSettings):
   training.forEach((f, i) => data.set(f.x.data, i * f.x.data.length));
   const qat: FinetuneOptions = {
     method: 'lsq', weightBits: 8, activationBits: 8, perChannel: true, stepInit: 'max', distill: true, batchSize: 8, weightDecay: 0,
-    optimizer: settings.optimizer,
+    optimizer: settings.optimizer, learnSteps: !settings.fixedSteps,
   };
   // Ranges come from the first 64 training lines: train on just those with no update (the smallest positive
   // learning rate) to see where fine-tuning starts.
@@ -60,7 +62,8 @@ export async function ocrQatExperiment(json: boolean, settings: OcrQatSettings):
     ...qat, epochs: settings.epochs, learningRate: settings.learningRate,
     onEpoch: (e) => { if (!json) console.log(`  epoch ${e.epoch}: KL ${e.loss.toFixed(4)}, frame agreement ${(e.accuracy * 100).toFixed(2)}%, ${e.seconds.toFixed(0)} s`); },
   });
-  await row(`QAT W8A8 LSQ (per-channel weights), distilled on ${settings.lines} lines × ${settings.epochs} epochs, ${settings.optimizer} lr ${settings.learningRate}`,
+  const steps = settings.fixedSteps ? 'steps fixed at the start' : 'steps learned';
+  await row(`QAT W8A8 LSQ (per-channel weights, ${steps}), distilled on ${settings.lines} lines × ${settings.epochs} epochs, ${settings.optimizer} lr ${settings.learningRate}`,
     trained.model, (performance.now() - t0) / 1000);
 
   if (json) {

@@ -1,5 +1,5 @@
 /**
- * `npm run experiments -- <name> [--json] [--quick] [--seeds N] [--narrow] [--ptq-only] [--lines N] [--epochs E] [--lr R] [--optimizer o]`.
+ * `npm run experiments -- <name> [--json] [--quick] [--seeds N] [--narrow] [--ptq-only] [--lines N] [--epochs E] [--lr R] [--optimizer o] [--fixed-steps]`.
  * Names: clipping, ptq, qat, ocr-qat (qat and ocr-qat run only when named).
  */
 import { clippingExperiment } from './clipping';
@@ -26,6 +26,7 @@ async function main(): Promise<void> {
       await ocrQatExperiment(json, {
         lines: Number(flagValue(args, '--lines', '512')), epochs: Number(flagValue(args, '--epochs', '1')),
         learningRate: Number(flagValue(args, '--lr', '1e-5')), optimizer: flagValue(args, '--optimizer', 'sgd') as 'sgd',
+        fixedSteps: args.includes('--fixed-steps'),
       });
     } else throw new Error(`Unknown experiment '${name}'. Known: clipping, ptq, qat, ocr-qat.`);
   }

@@ -150,11 +150,12 @@ export function program(): Command {
     .option('--distill', 'learn the float model\'s outputs instead of labels (labels.npy not needed; accuracy = agreement with the float model)')
     .option('--optimizer <o>', "'sgd' (with momentum) or 'adam'", 'sgd')
     .option('--per-channel', 'LSQ: one weight step per output channel')
+    .option('--fixed-steps', 'train the weights only, at the initial quantizer steps')
     .option('--step-init <s>', "LSQ initial steps: 'lsq' (the paper's) or 'max' (no clipping, zero points for signed activations; better at 8 bits)", 'lsq')
     .action(async (modelArg: string, o: {
       data: string; validation?: string; limit?: string; output?: string; method: string; wbits: string; abits: string; epochs: string;
       batchSize: string; lr: string; groups: string; activationSteps: string; seed: string; distill?: boolean; optimizer: string;
-      perChannel?: boolean; stepInit: string;
+      perChannel?: boolean; stepInit: string; fixedSteps?: boolean;
     }) => {
       const limit = o.limit === undefined ? Infinity : Number(o.limit);
       const load = async (source: string, split: 'train' | 't10k', flag: string) => {
@@ -187,7 +188,7 @@ export function program(): Command {
         method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, epochs: Number(o.epochs),
         batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed), validation, outputPath: output,
         activationSteps: o.activationSteps as 'running' | 'learned', distill: !!o.distill, optimizer: o.optimizer as 'sgd',
-        perChannel: !!o.perChannel, stepInit: o.stepInit as 'lsq',
+        perChannel: !!o.perChannel, stepInit: o.stepInit as 'lsq', learnSteps: !o.fixedSteps,
         onStep: (p) => {
           if (p.epoch !== epochShown) {
             if (epochShown) bar.stop();

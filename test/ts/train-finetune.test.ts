@@ -11,6 +11,8 @@ import * as path from 'node:path';
 
 import { finetune, TrainingError, type LabelledBatch } from '../../ts/index';
 import { distillationLoss } from '../../ts/train/finetune';
+import { nativeKernels } from '../../ts/train/kernels';
+import { TrainableModel } from '../../ts/train/model';
 import { ort } from '../../ts/bench/ort-models';
 import { readModel } from '../../ts/onnx/model-io';
 import { floatData } from '../../ts/onnx/graph';
@@ -197,6 +199,25 @@ describe('finetune: distillation from the float model (no labels)', () => {
     const graph = readModel(r.model).graph!;
     const q = graph.node.find((n) => n.opType === 'QuantizeLinear' && n.input[0] === 'input')!;
     expect(graph.initializer.find((t) => t.name === q.input[2])!.rawData[0]).to.equal(Math.round(-min / step));
+    // An unsigned activation (conv2's input, after ReLU and MaxPool): [0, max over the 64 inputs], zero point 0.
+    const float = new TrainableModel(readModel(BUNDLED));
+    const pooled = float.forward({ data: first64, dims: [64, 1, 28, 28] }, false, nativeKernels()).values.get('p1')!.data;
+    const highest = pooled.reduce((m, v) => Math.max(m, v));
+    expect(r.layers[1].activationScale).to.be.closeTo(highest / 255, 0.02 * highest / 255);
+    const q2 = graph.node.find((n) => n.opType === 'QuantizeLinear' && n.input[0] === 'p1')!;
+    expect(graph.initializer.find((t) => t.name === q2.input[2])!.rawData[0]).to.equal(0);
+  });
+
+  it('learnSteps: false trains the weights at the initial steps', async () => {
+    const data = subset('train', 128);
+    const options = { method: 'lsq', weightBits: 4, activationBits: 4, epochs: 1, batchSize: 32, learningRate: 0.01 } as const;
+    const start = await finetune(BUNDLED, data, { ...options, learningRate: Number.MIN_VALUE });
+    const fixed = await finetune(BUNDLED, data, { ...options, learnSteps: false });
+    const learned = await finetune(BUNDLED, data, options);
+    const scales = (r: typeof start) => r.layers.map((l) => [l.weightScale, l.activationScale]);
+    expect(scales(fixed)).to.deep.equal(scales(start));
+    expect(scales(learned)).to.not.deep.equal(scales(start));
+    expect(Buffer.from(fixed.model).equals(Buffer.from(start.model)), 'the weights were trained').to.equal(false);
   });
 
   it('Adam lowers the loss of float training', async () => {
@@ -313,7 +334,7 @@ describe('lowbit finetune (CLI)', () => {
     // Distillation needs inputs only.
     fs.rmSync(path.join(data, 'labels.npy'));
     const distilled = spawnSync(process.execPath, [cli, 'finetune', BUNDLED, '--data', data, '--distill', '--wbits', '8', '--abits', '8',
-      '--step-init', 'max', '--per-channel', '--optimizer', 'adam', '--lr', '0.0001', '--batch-size', '64', '-o', 'distilled.onnx'], { cwd: dir, encoding: 'utf8' });
+      '--step-init', 'max', '--per-channel', '--fixed-steps', '--optimizer', 'adam', '--lr', '0.0001', '--batch-size', '64', '-o', 'distilled.onnx'], { cwd: dir, encoding: 'utf8' });
     expect(distilled.status, distilled.stderr).to.equal(0);
     expect(distilled.stdout).to.match(/train agreement %/);
     expect(fs.existsSync(path.join(dir, 'distilled.onnx'))).to.equal(true);

@@ -65,6 +65,12 @@ export interface FinetuneOptions {
    * iterable), with a zero point for signed ranges.
    */
   stepInit?: StepInit;
+  /**
+   * Whether the quantizers' steps (LSQ steps, GDRQ group steps) are trained along with the weights. Default true.
+   * false keeps them where they started and trains the weights only: with stepInit 'max' that is QAT at the
+   * calibrated minmax scales, which was the stable choice for an 8-bit recognizer (the ocr-qat experiment).
+   */
+  learnSteps?: boolean;
   /** GDRQ: groups of output channels per layer (default 4), Scale-Clip k of weights (2) and activations (5). */
   groups?: number;
   scaleClipK?: number;
@@ -124,7 +130,7 @@ export interface FinetuneResult {
 
 const KNOWN_OPTIONS = ['method', 'weightBits', 'activationBits', 'firstLastLayerBits', 'keepFloat', 'epochs', 'batchSize',
   'learningRate', 'learningRateSchedule', 'optimizer', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps', 'activationSteps',
-  'stepInit', 'distill', 'freezeBatchNorm', 'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath'];
+  'stepInit', 'learnSteps', 'distill', 'freezeBatchNorm', 'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath'];
 
 function positive(name: string, v: unknown, fallback: number): number {
   if (v === undefined) return fallback;
@@ -184,6 +190,7 @@ interface Settings {
   groupSteps: 'learned' | 'search';
   activationSteps: 'running' | 'learned';
   stepInit: StepInit;
+  learnSteps: boolean;
   distill: boolean;
   freezeBatchNorm: boolean;
 }
@@ -205,7 +212,7 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
   if (o.keepFloat !== undefined && (!Array.isArray(o.keepFloat) || !o.keepFloat.every((k) => typeof k === 'string'))) {
     throw invalidType('options.keepFloat', 'an array of node names or op types', o.keepFloat);
   }
-  for (const flag of ['distill', 'freezeBatchNorm', 'perChannel'] as const) {
+  for (const flag of ['distill', 'freezeBatchNorm', 'perChannel', 'learnSteps'] as const) {
     if (o[flag] !== undefined && typeof o[flag] !== 'boolean') throw invalidType(`options.${flag}`, 'a boolean', o[flag]);
   }
   for (const fn of ['onEpoch', 'onStep'] as const) {
@@ -232,6 +239,7 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
     activationSteps: o.activationSteps === undefined ? 'running'
       : checkChoice('options.activationSteps', o.activationSteps, ['running', 'learned'] as const),
     stepInit: o.stepInit === undefined ? 'lsq' : checkChoice('options.stepInit', o.stepInit, ['lsq', 'max'] as const),
+    learnSteps: o.learnSteps ?? true,
     distill: !!o.distill,
     freezeBatchNorm: o.freezeBatchNorm ?? !!o.distill,
     raw: o,
@@ -508,7 +516,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   buildQuantizers(model, s);
   if (s.stepInit === 'max' && inMemory) observeActivationRanges(model, inMemory, s.batchSize, kernels);
 
-  const params = () => model.allParameters();
+  const params = () => (s.learnSteps ? model.allParameters() : [...model.params.values()]);
   const stats = model.nodes.filter((n) => n.opType === 'BatchNormalization').flatMap((n) => n.input.slice(3, 5).map((i) => model.constants.get(i)!.data));
   let previous: Snapshot | undefined, current: Snapshot | undefined;
   const stepsPerEpoch = inMemory ? Math.ceil(inMemory.inputs.dims[0] / s.batchSize) : undefined;

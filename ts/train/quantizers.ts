@@ -112,13 +112,14 @@ export class LsqQuantizer implements ExportableQuantizer {
         if (x.data[i] > high) high = x.data[i];
       }
       this.signed = min < 0;
-      if (this.init === 'max' && this.signed) {
+      if (this.init === 'max') {
+        // Unsigned codes over [min(min, 0), max(max, 0)]: a zero point when the range has negative values.
         const levels = 2 ** this.bits - 1;
-        const step = Math.max(MIN_STEP, (Math.max(high, 0) - min) / levels);
-        this.zeroPoint = Math.min(levels, Math.round(-min / step));
+        const step = Math.max(MIN_STEP, (Math.max(high, 0) - Math.min(min, 0)) / levels);
+        this.zeroPoint = this.signed ? Math.min(levels, Math.round(-min / step)) : undefined;
         this.signed = false;
-        this.qn = this.zeroPoint;
-        this.qp = levels - this.zeroPoint;
+        this.qn = this.zeroPoint ?? 0;
+        this.qp = levels - this.qn;
         this.step = makeParameter(`${this.name}.step`, Float32Array.of(step), [1], false, MIN_STEP);
         this.parameters.splice(0, this.parameters.length, this.step);
         return;
