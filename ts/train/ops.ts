@@ -11,7 +11,7 @@ import type { NodeProto } from 'onnx-buf';
 
 import { attribute, floatAttribute, intAttribute, intsAttribute } from '../onnx/graph';
 import type { ActivationKind, ConvGeometry, FloatKernels } from './kernels';
-import { broadcastDims, broadcastIndex, expandTo, reduceTo, sizeOf, stridesOf, unbroadcast, viewIndex, type Tensor } from './tensor';
+import { broadcastDims, broadcastIndex, expandTo, gather, reduceTo, scatter, sizeOf, stridesOf, unbroadcast, viewIndex, type Tensor } from './tensor';
 
 export interface OpContext {
   kernels: FloatKernels;
@@ -413,19 +413,7 @@ const unsqueeze = reshapeTo((node, x, opset) => {
   return out;
 });
 
-/** y[i] = x[index[i]] for a view of x; backward scatters dy back through the same index. */
-function gather(x: Float32Array, index: Int32Array): Float32Array {
-  const y = new Float32Array(index.length);
-  for (let i = 0; i < y.length; i++) y[i] = x[index[i]];
-  return y;
-}
-
-function scatter(dy: Float32Array, index: Int32Array, size: number): Float32Array {
-  const dx = new Float32Array(size);
-  for (let i = 0; i < dy.length; i++) dx[index[i]] += dy[i];
-  return dx;
-}
-
+/** An op whose output is a view of its input (y[i] = x[index[i]]); backward scatters dy through the same index. */
 function viewOp(view: (node: NodeProto, x: Array<Tensor | undefined>, opset: number) => { dims: number[]; index: Int32Array }): OpImpl {
   return {
     forward(node, x, ctx) {

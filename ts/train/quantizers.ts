@@ -103,16 +103,23 @@ export class LsqQuantizer implements ExportableQuantizer {
     return this.perChannelAxis === undefined ? tensorLayout(dims, 'tensor', 0, 0).native : tensorLayout(dims, 'channel', this.perChannelAxis, 0).native;
   }
 
+  /** Widens the observed range (activations) by these values. */
+  private widen(v: Float32Array): void {
+    for (let i = 0; i < v.length; i++) {
+      if (v[i] < this.observed.min) this.observed.min = v[i];
+      if (v[i] > this.observed.max) this.observed.max = v[i];
+    }
+  }
+
   /** s₀ from these values (weights: the pretrained weights; activations: the first batch), as `init` says. */
   initialize(x: Tensor): void {
+    const max = this.init === 'max';
+    let steps: Float32Array | undefined;
     if (this.kind === 'activation') {
-      let min = this.observed.min, high = this.observed.max;
-      for (let i = 0; i < x.data.length; i++) {
-        if (x.data[i] < min) min = x.data[i];
-        if (x.data[i] > high) high = x.data[i];
-      }
+      this.widen(x.data);
+      const { min, max: high } = this.observed;
       this.signed = min < 0;
-      if (this.init === 'max') {
+      if (max) {
         // Unsigned codes over [min(min, 0), max(max, 0)]: a zero point when the range has negative values.
         const levels = 2 ** this.bits - 1;
         const step = Math.max(MIN_STEP, (Math.max(high, 0) - Math.min(min, 0)) / levels);
@@ -120,21 +127,20 @@ export class LsqQuantizer implements ExportableQuantizer {
         this.signed = false;
         this.qn = this.zeroPoint ?? 0;
         this.qp = levels - this.qn;
-        this.step = makeParameter(`${this.name}.step`, Float32Array.of(step), [1], false, MIN_STEP);
-        this.parameters.splice(0, this.parameters.length, this.step);
-        return;
+        steps = Float32Array.of(step);
       }
     }
-    ({ qn: this.qn, qp: this.qp } = lsqLevels(this.bits, this.signed));
-    const max = this.init === 'max';
-    const init = (m: number) => Math.max(MIN_STEP, max ? m / this.qp : (2 * m) / Math.sqrt(this.qp));
-    let steps: Float32Array;
-    if (this.perChannelAxis === undefined) steps = Float32Array.of(init(meanAbs(x.data, 0, x.data.length, x.data.length, x.data.length, max)));
-    else {
-      const axis = this.perChannelAxis;
-      const channels = x.dims[axis];
-      const inner = sizeOf(x.dims.slice(axis + 1));
-      steps = Float32Array.from({ length: channels }, (_, c) => init(meanAbs(x.data, c * inner, x.data.length, channels * inner, inner, max)));
+    if (!steps) {
+      ({ qn: this.qn, qp: this.qp } = lsqLevels(this.bits, this.signed));
+      const init = (m: number) => Math.max(MIN_STEP, max ? m / this.qp : (2 * m) / Math.sqrt(this.qp));
+      // mean (or max) |v| over `run` values every `stride` from `from`.
+      const stat = (from: number, stride: number, run: number) => init(meanAbs(x.data, from, x.data.length, stride, run, max));
+      if (this.perChannelAxis === undefined) steps = Float32Array.of(stat(0, x.data.length, x.data.length));
+      else {
+        const channels = x.dims[this.perChannelAxis];
+        const inner = sizeOf(x.dims.slice(this.perChannelAxis + 1));
+        steps = Float32Array.from({ length: channels }, (_, c) => stat(c * inner, channels * inner, inner));
+      }
     }
     this.step = makeParameter(`${this.name}.step`, steps, [steps.length], false, MIN_STEP);
     this.parameters.splice(0, this.parameters.length, this.step);
@@ -146,10 +152,7 @@ export class LsqQuantizer implements ExportableQuantizer {
 
   forward(x: Tensor, training: boolean): { y: Tensor; saved?: unknown } {
     if (this.observing) {
-      for (let i = 0; i < x.data.length; i++) {
-        if (x.data[i] < this.observed.min) this.observed.min = x.data[i];
-        if (x.data[i] > this.observed.max) this.observed.max = x.data[i];
-      }
+      this.widen(x.data);
       return { y: x };
     }
     if (!this.step) {

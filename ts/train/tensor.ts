@@ -82,17 +82,26 @@ function runPattern(dims: readonly number[], outDims: readonly number[]): { mid:
   return { mid: sizeOf(outDims.slice(first, last + 1)), inner: sizeOf(outDims.slice(last + 1)) };
 }
 
+/** out[i] = x[index[i]]: the values of a view (broadcast, transposed, sliced) of x. */
+export function gather(x: Float32Array, index: Int32Array): Float32Array {
+  const out = new Float32Array(index.length);
+  for (let i = 0; i < out.length; i++) out[i] = x[index[i]];
+  return out;
+}
+
+/** The adjoint of gather: out (of `size`) sums grad[i] into out[index[i]], in element order. */
+export function scatter(grad: Float32Array, index: Int32Array, size: number): Float32Array {
+  const out = new Float32Array(size);
+  for (let i = 0; i < grad.length; i++) out[index[i]] += grad[i];
+  return out;
+}
+
 /** The values of a tensor of `dims` broadcast to `outDims` (the data itself when the shapes match). */
 export function expandTo(data: Float32Array, dims: readonly number[], outDims: readonly number[]): Float32Array {
   const total = sizeOf(outDims);
   if (data.length === total) return data;
   const p = runPattern(dims, outDims);
-  if (!p) {
-    const index = broadcastIndex(dims, outDims);
-    const out = new Float32Array(total);
-    for (let i = 0; i < total; i++) out[i] = data[index[i]];
-    return out;
-  }
+  if (!p) return gather(data, broadcastIndex(dims, outDims));
   const out = new Float32Array(total);
   const block = p.mid * p.inner;
   for (let o = 0; o < total; o += block) {
@@ -107,7 +116,7 @@ export function reduceTo(grad: Float32Array, dims: readonly number[], outDims: r
   const size = sizeOf(dims);
   if (grad.length === size) return grad;
   const p = runPattern(dims, outDims);
-  if (!p) return unbroadcast(grad, broadcastIndex(dims, outDims), size);
+  if (!p) return scatter(grad, broadcastIndex(dims, outDims), size);
   const out = new Float32Array(size);
   let i = 0;
   while (i < grad.length) {
@@ -120,10 +129,7 @@ export function reduceTo(grad: Float32Array, dims: readonly number[], outDims: r
 
 /** Sums a gradient of the broadcast shape back to the operand's shape. */
 export function unbroadcast(grad: Float32Array, index: Int32Array, size: number): Float32Array {
-  if (grad.length === size) return grad;
-  const out = new Float32Array(size);
-  for (let i = 0; i < grad.length; i++) out[index[i]] += grad[i];
-  return out;
+  return grad.length === size ? grad : scatter(grad, index, size);
 }
 
 /** Index of the first non-finite value, or -1. */
