@@ -84,10 +84,12 @@ export function renderTextLine(text: string, height: number, width: number, rand
 }
 
 /** `count` rendered lines for a model input of `dims` = [1, 3, H, W]; deterministic for a seed. */
-export function renderedTextLineFeeds(count: number, dims: number[], seed: number): Array<Record<string, { data: Float32Array; dims: number[] }>> {
+export function renderedTextLines(count: number, dims: number[], seed: number): TextLine[] {
   const random = seededRandom(seed);
-  return Array.from({ length: count }, () => {
-    const line = renderTextLine(randomLineText(random), dims[2], dims[3], random);
-    return { x: { data: line.data, dims: line.dims } };
-  });
+  return Array.from({ length: count }, () => renderTextLine(randomLineText(random), dims[2], dims[3], random));
+}
+
+/** The same lines as feeds of the PP-OCR models' input `x`. */
+export function renderedTextLineFeeds(count: number, dims: number[], seed: number): Array<Record<string, { data: Float32Array; dims: number[] }>> {
+  return renderedTextLines(count, dims, seed).map((line) => ({ x: { data: line.data, dims: line.dims } }));
 }

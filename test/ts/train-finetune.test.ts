@@ -28,7 +28,8 @@ function subset(split: 'train' | 't10k', count: number): LabelledBatch {
 
 async function ortLogits(model: Uint8Array, batch: LabelledBatch): Promise<Float32Array> {
   const o = ort();
-  const session = await o.InferenceSession.create(model, { graphOptimizationLevel: 'basic' });
+  // onnxruntime's default session options (graph optimisations 'all'): what users run.
+  const session = await o.InferenceSession.create(model);
   const result = await session.run({ [session.inputNames[0]]: new o.Tensor('float32', batch.inputs.data, batch.inputs.dims) });
   return result[session.outputNames[0]].data as Float32Array;
 }

@@ -148,6 +148,10 @@ export function makeIntAttribute(name: string, value: number): AttributeProto {
   return create(AttributeProtoSchema, { name, type: AttributeProto_AttributeType.INT, i: BigInt(value) });
 }
 
+export function makeIntsAttribute(name: string, values: number[]): AttributeProto {
+  return create(AttributeProtoSchema, { name, type: AttributeProto_AttributeType.INTS, ints: values.map(BigInt) });
+}
+
 export function makeStringAttribute(name: string, value: string): AttributeProto {
   return create(AttributeProtoSchema, { name, type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode(value) });
 }

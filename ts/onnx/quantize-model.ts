@@ -20,6 +20,7 @@ import { correctBiases } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
+import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import type { PassReport } from './passes/pass';
 import { layerInput, quantizableLayers, quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
@@ -407,6 +408,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
         if (act && w.channelScales) scales.set(w.node, { activation: act.scale, weight: w.channelScales });
       }
       passes.push(time('quantize-bias', () => quantizeBiases(graph, scales)));
+      passes.push(time('fit-onnxruntime', () => fitOnnxruntime(graph)));
     }
   }
   const fitsOneFile = model.graph!.initializer.reduce((a, t) => a + t.rawData.length, 0) < 2 ** 31 - 2 ** 26;

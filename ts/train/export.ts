@@ -10,6 +10,7 @@ import { TensorProto_DataType, type TensorProto } from 'onnx-buf';
 
 import { Graph, makeIntAttribute, makeNode, makeTensor } from '../onnx/graph';
 import { readModel, serializeModel } from '../onnx/model-io';
+import { fitOnnxruntime } from '../onnx/passes/fit-onnxruntime';
 import { unconvertibleReason, upgradeOpset } from '../onnx/passes/upgrade-opset';
 import { packInt2, packInt4 } from '../pack';
 import { integerRange, roundHalfToEven } from '../quant-params';
@@ -151,6 +152,6 @@ export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers:
     layers.push(entry);
   }
   for (const name of [...exports.map((e) => e.layer.weight.name), ...replaced]) graph.removeIfUnused(name);
-  graph.sort();
+  fitOnnxruntime(graph);
   return { bytes: serializeModel(copy), layers };
 }

@@ -1,0 +1,132 @@
+/**
+ * Rewrites QDQ patterns that onnxruntime's graph optimisations (level 'extended', part of its
+ * default 'all') fuse into kernels that cannot run them, so that a quantized model runs with
+ * onnxruntime's default session options. Each rewrite computes exactly what the QDQ model
+ * computed before (checked by the tests at every optimisation level). Found with
+ * onnxruntime-node 1.30:
+ *
+ * - 4-bit activations: the QDQ fusions accept uint4/int4 inputs for QLinearConv and move
+ *   Q/DQ pairs across MaxPool, neither of which takes 4-bit types ("invalid model"). The
+ *   pair is stored in 8 bits with a Clip to the 4-bit range between Q and DQ:
+ *   clip(saturate8(round(x/s) + z), qmin4, qmax4) = saturate4(round(x/s) + z), as z lies in range.
+ *   onnxruntime then runs such a layer with its 8-bit kernels where the weights allow.
+ * - 2-bit weights of a layer whose input is quantized: fused into QLinearConv or
+ *   MatMulIntegerToFloat, which reject int2. Stored as int4 (the same values).
+ * - Blocked weights of a MatMul whose input is quantized: fused into MatMulIntegerToFloat,
+ *   which broadcasts the [blocks, N] scales wrongly and fails at run time. The weights are
+ *   stored transposed, blocked along their last axis, and a Transpose restores them, so the
+ *   MatMul no longer reads a DequantizeLinear directly.
+ */
+import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
+
+import { packInt2, packInt4, unpackInt2, unpackInt4 } from '../../pack';
+import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { nodeLabel, type PassReport } from './pass';
+
+const FOUR_BIT = new Map([[TensorProto_DataType.INT4, TensorProto_DataType.INT8], [TensorProto_DataType.UINT4, TensorProto_DataType.UINT8]]);
+const TWO_BIT = new Map([[TensorProto_DataType.INT2, TensorProto_DataType.INT4], [TensorProto_DataType.UINT2, TensorProto_DataType.UINT4]]);
+
+export function fitOnnxruntime(graph: Graph): PassReport {
+  const report: PassReport = { pass: 'fit-onnxruntime', changed: [], skipped: [] };
+  widenFourBitActivations(graph, report);
+  const dequantizedInput = (layer: NodeProto, weight: string) => layer.input.some((i) => i !== weight && graph.producer(i)?.opType === 'DequantizeLinear');
+  for (const dq of [...graph.graph.node]) {
+    if (dq.opType !== 'DequantizeLinear' || dq.domain !== '') continue;
+    const values = graph.constant(dq.input[0]);
+    if (!values) continue;
+    const layers = graph.consumers(dq.output[0]).filter((n) => dequantizedInput(n, dq.output[0]));
+    if (layers.length === 0) continue;
+    if (TWO_BIT.has(values.dataType)) {
+      widenTwoBitWeights(graph, dq, values);
+      report.changed.push(`${dq.input[0]}: int2 weights stored as int4 (${layers.map(nodeLabel).join(', ')} has a quantized input)`);
+    }
+    if (intAttribute(dq, 'block_size', 0) > 0 && layers.some((n) => n.opType === 'MatMul')) {
+      if (transposeBlockedWeights(graph, dq, values)) {
+        report.changed.push(`${dq.input[0]}: blocked weights stored transposed, then Transpose (${layers.map(nodeLabel).join(', ')} has a quantized input)`);
+      } else {
+        report.skipped.push({ node: layers.map(nodeLabel).join(', '), reason: 'blocked weights that are not 2-D: onnxruntime may fail to run this MatMul at its default optimisation level' });
+      }
+    }
+  }
+  graph.sort();
+  return report;
+}
+
+function widenFourBitActivations(graph: Graph, report: PassReport): void {
+  for (const q of [...graph.graph.node]) {
+    if (q.opType !== 'QuantizeLinear' || q.domain !== '' || q.input.length < 3) continue;
+    const zeroPoint = graph.constant(q.input[2]);
+    const wide = zeroPoint && FOUR_BIT.get(zeroPoint.dataType);
+    if (!zeroPoint || wide === undefined) continue;
+    const signed = zeroPoint.dataType === TensorProto_DataType.INT4;
+    const zp = signed ? unpackInt4(zeroPoint.rawData, 1)[0] : unpackInt4(zeroPoint.rawData, 1, false)[0];
+    const narrow = graph.uniqueName(`${q.output[0]}_4bit`);
+    const bound = (suffix: string, v: number) => {
+      const name = graph.uniqueName(`${q.output[0]}_${suffix}`);
+      graph.addInitializer(makeTensor(name, wide, [], Uint8Array.of(v & 0xff)));
+      return name;
+    };
+    const [lo, hi] = signed ? [-8, 7] : [0, 15];
+    const clip = makeNode('Clip', [narrow, bound('min', lo), bound('max', hi)], [q.output[0]], `${q.name || q.output[0]}_clip`);
+    q.output[0] = narrow;
+    graph.graph.node.push(clip);
+    // Shared by the Q and its DQs: all now read and write 8-bit values.
+    retype(zeroPoint, wide, Uint8Array.of(zp & 0xff));
+    report.changed.push(`${clip.input[0].replace(/_4bit$/, '')}: 4-bit activation stored in 8 bits with a Clip to [${lo}, ${hi}]`);
+  }
+}
+
+function retype(t: TensorProto, dataType: TensorProto_DataType, raw: Uint8Array): void {
+  t.dataType = dataType;
+  t.rawData = Uint8Array.from(raw);
+  t.int32Data = [];
+}
+
+function widenTwoBitWeights(graph: Graph, dq: NodeProto, values: TensorProto): void {
+  const signed = values.dataType === TensorProto_DataType.INT2;
+  const asInt4 = (t: TensorProto) => {
+    const n = dimsOf(t).reduce((a, b) => a * b, 1);
+    retype(t, TWO_BIT.get(t.dataType)!, packInt4(signed ? unpackInt2(t.rawData, n) : unpackInt2(t.rawData, n, false)));
+  };
+  asInt4(values);
+  const zeroPoint = dq.input[2] ? graph.constant(dq.input[2]) : undefined;
+  if (zeroPoint && TWO_BIT.has(zeroPoint.dataType)) asInt4(zeroPoint);
+}
+
+/** Values [K, N] blocked along axis 0 become [N, K] blocked along axis 1, then a Transpose; false when not 2-D. */
+function transposeBlockedWeights(graph: Graph, dq: NodeProto, values: TensorProto): boolean {
+  const dims = dimsOf(values);
+  const scale = graph.constant(dq.input[1]);
+  if (dims.length !== 2 || !scale || intAttribute(dq, 'axis', 1) !== 0) return false;
+  for (const name of dq.input.slice(0, 3)) {
+    const t = name ? graph.constant(name) : undefined;
+    if (t) transpose2d(t);
+  }
+  attribute(dq, 'axis')!.i = 1n;
+  const transposed = graph.uniqueName(`${dq.output[0]}_transposed`);
+  const restore = makeNode('Transpose', [transposed], [dq.output[0]], `${dq.name || dq.output[0]}_transpose`, [makeIntsAttribute('perm', [1, 0])]);
+  dq.output[0] = transposed;
+  graph.graph.node.push(restore);
+  return true;
+}
+
+/** Transposes a 2-D constant of 8-, 4- or 2-bit integers or float32 in place. */
+function transpose2d(t: TensorProto): void {
+  const [rows, cols] = dimsOf(t);
+  const n = rows * cols;
+  const swap = <T extends Float32Array | Int8Array | Uint8Array>(source: ArrayLike<number>, out: T): T => {
+    for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = source[r * cols + c];
+    return out;
+  };
+  const raw = Uint8Array.from(t.rawData);
+  const signed = t.dataType === TensorProto_DataType.INT4 || t.dataType === TensorProto_DataType.INT2 || t.dataType === TensorProto_DataType.INT8;
+  const values = (): Int8Array | Uint8Array => (signed ? new Int8Array(n) : new Uint8Array(n));
+  let bytes: Uint8Array;
+  if (t.dataType === TensorProto_DataType.FLOAT) bytes = new Uint8Array(swap(floatData(t)!, new Float32Array(n)).buffer);
+  else if (FOUR_BIT.has(t.dataType)) bytes = packInt4(swap(unpackInt4(raw, n, signed), values()));
+  else if (TWO_BIT.has(t.dataType)) bytes = packInt2(swap(unpackInt2(raw, n, signed), values()));
+  else bytes = new Uint8Array(swap(signed ? new Int8Array(raw.buffer) : raw, values()).buffer);
+  t.dims = [BigInt(cols), BigInt(rows)];
+  retype(t, t.dataType, bytes);
+  t.floatData = [];
+}
