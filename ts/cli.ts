@@ -7,7 +7,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { benchGemm, benchQuantize, benchTrain, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
+import { benchGemm, benchModels, benchQuantize, benchTrain, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
 import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
@@ -55,6 +55,7 @@ export function program(): Command {
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
     .option('--abits <bits>', 'activation bits (4, 8 or 16); needs --calib')
     .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq' (default: --method when it is one of them, else minmax)")
+    .option('--quantize-outputs', 'also quantize the layers\' outputs, so onnxruntime runs them with integer kernels (QLinearConv, QLinearMatMul); needs --abits')
     .option('--bit-allocation <bits>', 'per-channel bit allocation of the weights with this mean')
     .option('--bias-correction', 'weight std correction, and data-driven bias correction when activations are calibrated')
     .option('--groups <n>', 'GDRQ: output-channel groups per layer, one clip each')
@@ -66,6 +67,7 @@ export function program(): Command {
     .action(async (modelArg: string | undefined, o: {
       output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod?: string;
       calib?: string; keepFloat?: string; report?: string; bitAllocation?: string; biasCorrection?: boolean; groups?: string; scaleClip?: string; rounding: string;
+      quantizeOutputs?: boolean;
     }) => {
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
@@ -78,6 +80,7 @@ export function program(): Command {
       if (!o.calib && (o.abits || o.rounding === 'gptq')) {
         throw new Error(`${o.abits ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of float32 .npy batches per model input).`);
       }
+      if (o.quantizeOutputs && !o.abits) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
       const bar = new SingleBar({ format: '  calibrating [{bar}] {value} batches', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
       let barStarted = false;
@@ -90,7 +93,9 @@ export function program(): Command {
           ...(o.scaleClip ? { scaleClip: Number(o.scaleClip) } : {}),
           rounding: o.rounding as 'nearest',
         },
-        activations: o.abits ? { bits: Number(o.abits) as 4 | 8 | 16, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection } : false,
+        activations: o.abits
+          ? { bits: Number(o.abits) as 4 | 8 | 16, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection, outputs: !!o.quantizeOutputs }
+          : false,
         calibration: o.calib,
         keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,
         outputPath: o.output,
@@ -258,6 +263,14 @@ export function program(): Command {
     .option('--json', 'machine-readable output')
     .action(async (o: { size?: number[]; runs: number; json?: boolean }) => {
       await benchQuantize({ sizes: o.size ?? [16 * 2 ** 20, 64 * 2 ** 20], runs: o.runs, json: !!o.json });
+    });
+  bench.command('models')
+    .description('onnxruntime inference latency of float vs quantized models (default session options), same process')
+    .option('--threads <n>', 'onnxruntime intra-op threads', (v) => parseSize(v)[0], 1)
+    .option('--rounds <n>', 'interleaved timing rounds', (v) => parseSize(v)[0], 7)
+    .option('--json', 'machine-readable output')
+    .action(async (o: { threads: number; rounds: number; json?: boolean }) => {
+      await benchModels({ threads: o.threads, rounds: o.rounds, json: !!o.json });
     });
   return cli;
 }

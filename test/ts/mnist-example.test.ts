@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import { TensorProto_DataType } from 'onnx-buf';
 
 import { mnistAccuracy } from '../../experiments/ptq';
+import { ort } from '../../ts/bench/ort-models';
 import { readModel } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 
@@ -50,6 +51,46 @@ describe('bundled MNIST CNN example', () => {
     expect(report.passes.find((p) => p.pass === 'quantize-bias')!.changed.length).to.equal(3);  // both convs and the Gemm
     expect(report.layers.every((l) => (l.outputSqnrDb ?? 0) > 30)).to.equal(true);
     expect(Math.abs((await mnistAccuracy(q, 2000)) - float)).to.be.at.most(0.003);
+  });
+});
+
+describe('layer outputs quantized (activations.outputs) on the bundled MNIST CNN', () => {
+  const calibration = path.join(root, 'assets', 'mnist-calibration');
+  // The operators onnxruntime runs after its graph optimisations (QDQ fusions are at level 'extended').
+  const optimizedOps = async (bytes: Uint8Array): Promise<string[]> => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ort-'));
+    const file = path.join(dir, 'optimized.onnx');
+    const session = await ort().InferenceSession.create(bytes, { graphOptimizationLevel: 'extended', optimizedModelFilePath: file });
+    await session.release();
+    const ops = readModel(file).graph!.node.map((n) => n.opType);
+    fs.rmSync(dir, { recursive: true });
+    return ops;
+  };
+
+  it('onnxruntime runs both convolutions as QLinearConv (one without it), within 0.3 points of float accuracy', async () => {
+    const float = await mnistAccuracy(new Uint8Array(fs.readFileSync(model)), 2000);
+    const inputsOnly = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8 }, calibration, evaluationFeeds: [] });
+    const withOutputs = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, outputs: true }, calibration, evaluationFeeds: [] });
+    // conv1 (BN folded) → Relu → MaxPool → conv2 → Relu → … → Gemm (the model's output stays float).
+    const convOutputs = readModel(withOutputs.model).graph!.node.filter((n) => n.opType === 'Conv').map((n) => n.output[0]);
+    expect(withOutputs.report.activations.map((a) => a.tensor)).to.include.members(convOutputs);
+    // Without it only conv1 is fused: onnxruntime moves conv2's input Q/DQ back across MaxPool and Relu onto conv1's output.
+    expect((await optimizedOps(inputsOnly.model)).filter((op) => op === 'QLinearConv')).to.have.length(1);
+    expect((await optimizedOps(withOutputs.model)).filter((op) => op === 'QLinearConv')).to.have.length(2);
+    expect(Math.abs((await mnistAccuracy(withOutputs.model, 2000)) - float)).to.be.at.most(0.003);
+  });
+
+  it('rejects a non-boolean value; the CLI flag needs --abits', async () => {
+    const error = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, outputs: 'yes' as never }, calibration }).catch((e: Error) => e);
+    expect(String(error)).to.match(/TypeError: Expected a boolean for options\.activations\.outputs/);
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-'));
+    const cli = path.join(root, 'dist', 'ts', 'cli.js');
+    const bad = spawnSync(process.execPath, [cli, 'quantize', model, '--quantize-outputs'], { cwd: dir, encoding: 'utf8' });
+    expect(bad.status).to.equal(1);
+    expect(bad.stderr).to.match(/--quantize-outputs quantizes activations: pass --abits 8/);
+    const good = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', '8', '--calib', calibration, '--quantize-outputs'], { cwd: dir, encoding: 'utf8' });
+    expect(good.status, good.stderr).to.equal(0);
+    fs.rmSync(dir, { recursive: true });
   });
 });
 

@@ -63,6 +63,13 @@ export interface QuantizeModelOptions {
     method?: ActivationMethod;
     /** Data-driven bias correction: E[W·x] − E[Ŵ·x] per output channel, from the calibration data, added to the bias. */
     biasCorrection?: boolean;
+    /**
+     * Also quantize the quantized layers' outputs (every consumer then reads the dequantized value): the
+     * placement onnxruntime fuses into QLinearConv / QLinearMatMul, so the model runs with integer kernels,
+     * at the cost of one more rounding per layer. Default false: only layer inputs are quantized, and
+     * onnxruntime runs the layers in float on dequantized values.
+     */
+    outputs?: boolean;
   };
   /** Feeds ({ inputName: { data: Float32Array, dims } }), an (async) iterable of them, or a folder of .npy files per input. */
   calibration?: CalibrationData;
@@ -142,12 +149,12 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   const a = options.activations;
   if (a !== undefined && a !== false) {
     if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8 | 16, signed?, method? }', a);
-    checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection']);
+    checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection', 'outputs']);
     if (a.bits !== 4 && a.bits !== 8 && a.bits !== 16) throw invalidValue('options.activations.bits', '4, 8 or 16', a.bits);
     if (a.bits === 16 && a.method === 'kl') {
       throw invalidValue('options.activations.method', "'minmax', 'percentile' or 'aciq' with 16-bit activations (KL works up to 8 bits)", a.method);
     }
-    for (const key of ['signed', 'biasCorrection'] as const) {
+    for (const key of ['signed', 'biasCorrection', 'outputs'] as const) {
       if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
     }
     if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq'].includes(a.method as string)) {
@@ -324,7 +331,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
   }
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
-  const tensors = opts.activations ? [...new Set(targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t)))] : [];
+  const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t));
+  // With `outputs`, the layers' outputs too (not the model's outputs, which stay float).
+  const layerOutputs = opts.activations && opts.activations.outputs ? targets.map((n) => n.output[0]).filter((t) => !graph.isGraphOutput(t)) : [];
+  const tensors = opts.activations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
   // The layers whose input statistics calibration can gather, with what their weights meet.
   const withData = targets.filter((n) => !graph.constant(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
     .filter(({ input }) => LayerInputMoments.supports(input));
@@ -336,7 +346,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   let calibrationBatches: number | undefined;
   // The activation ranges. The first and last layers' inputs take their 8 bits too (as their weights do): the model
   // input and the classifier's features, which ACIQ's authors also keep at 8 bits.
-  const edgeInputs = new Set([targets[0], targets[targets.length - 1]].map((n) => n.input[0]));
+  const edgeTensors = new Set([targets[0], targets[targets.length - 1]].flatMap((n) => [n.input[0], n.output[0]]));
   const ranges = new Map<string, { lo: number; hi: number; bits: number }>();
   const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter(({ n }) => moments.has(nodeLabel(n))).map(({ n }) => {
     const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
@@ -359,7 +369,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     if (opts.activations) {
       const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? Math.max(8, opts.activations.bits) : opts.activations.bits;
       for (const t of tensors) {
-        const bits = edgeInputs.has(t) ? edgeBits : opts.activations.bits;
+        const bits = edgeTensors.has(t) ? edgeBits : opts.activations.bits;
         ranges.set(t, { ...result.observers.get(t)!.range(bits), bits });
       }
     }
@@ -397,7 +407,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     if (dataBiasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, biasMoments)));
     if (opts.activations) {
       const act = time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
-        a.signed ?? false, microsoftDomainFallback !== undefined));
+        a.signed ?? false, microsoftDomainFallback !== undefined, new Set(layerOutputs)));
       passes.push(act.report);
       activations = act.activations;
       // Int32 biases where both the input activation and the weights are quantized per channel.

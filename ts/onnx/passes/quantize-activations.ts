@@ -51,9 +51,13 @@ export function fakeQuantize(x: Float32Array, p: { scale: number; zeroPoint: num
   return y;
 }
 
-/** `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair; `ranges`: the range and width of each tensor. */
+/**
+ * `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair; `ranges`: the range and width of each
+ * tensor; `everyConsumer`: tensors that every consumer reads dequantized (layer outputs, so the producer's only
+ * consumer is the QuantizeLinear, as onnxruntime's QDQ fusions require).
+ */
 export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: number; hi: number; bits: number }>, consumers: Set<string>,
-  signed: boolean, microsoftDomain: boolean): { report: PassReport; activations: ActivationLayerReport[] } {
+  signed: boolean, microsoftDomain: boolean, everyConsumer: Set<string> = new Set()): { report: PassReport; activations: ActivationLayerReport[] } {
   const report: PassReport = { pass: 'quantize-activations', changed: [], skipped: [] };
   const activations: ActivationLayerReport[] = [];
   const domain = microsoftDomain ? 'com.microsoft' : '';
@@ -68,15 +72,20 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: numb
     const dequantized = graph.uniqueName(`${tensor}_dequantized`);
     graph.addInitializer(makeTensor(scaleName, TensorProto_DataType.FLOAT, [], new Uint8Array(scale.buffer)));
     graph.addInitializer(zeroPointTensor(zpName, bits, signed, zp[0]));
-    graph.graph.node.push(
-      makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], `${tensor}_q`, [], domain),
-      makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], `${tensor}_dq`, [], domain),
-    );
+    const quantize = makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], `${tensor}_q`, [], domain);
+    graph.graph.node.push(quantize, makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], `${tensor}_dq`, [], domain));
     let rewired = 0;
     for (const node of graph.graph.node) {
-      if (!consumers.has(nodeLabel(node)) || node.input[0] !== tensor) continue;
-      node.input[0] = dequantized;
-      rewired++;
+      if (node === quantize) continue;
+      if (everyConsumer.has(tensor)) {
+        node.input.forEach((input, slot) => {
+          if (input === tensor) node.input[slot] = dequantized;
+        });
+        rewired += node.input.includes(dequantized) ? 1 : 0;
+      } else if (consumers.has(nodeLabel(node)) && node.input[0] === tensor) {
+        node.input[0] = dequantized;
+        rewired++;
+      }
     }
     activations.push({ tensor, bits, signed, range: [range.lo, range.hi], scale: scale[0], zeroPoint: zp[0] });
     report.changed.push(`${tensor}: ${bits}-bit ${signed ? 'int' : 'uint'}, ${rewired} consumer(s)`);

