@@ -131,6 +131,12 @@ export function program(): Command {
         console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''} (${report.calibrationBatches ? 'calibration samples' : 'random inputs'})`);
       }
       console.log(`wrote ${o.output} (opset ${report.opset.from} -> ${report.opset.to})`);
+      // How onnxruntime will run it (`npm run bench -- models`).
+      if (!o.abits) {
+        console.log("note: onnxruntime dequantizes weight-only models' weights on every run; session option session.disable_quant_qdq = '1' folds them at load (float speed)");
+      } else if (!o.quantizeOutputs) {
+        console.log('note: onnxruntime runs layers whose outputs are not quantized in float; --quantize-outputs lets it use integer kernels (faster, one more rounding per layer)');
+      }
       if (o.report) {
         const fs = await import('node:fs');
         fs.writeFileSync(o.report, JSON.stringify(report, null, 2));
