@@ -23,7 +23,7 @@ import { packInt2, packInt4, unpackInt2, unpackInt4 } from '../../pack';
 import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
-const FOUR_BIT = new Map([[TensorProto_DataType.INT4, TensorProto_DataType.INT8], [TensorProto_DataType.UINT4, TensorProto_DataType.UINT8]]);
+const FOUR_BIT = new Set([TensorProto_DataType.INT4, TensorProto_DataType.UINT4]);
 const TWO_BIT = new Map([[TensorProto_DataType.INT2, TensorProto_DataType.INT4], [TensorProto_DataType.UINT2, TensorProto_DataType.UINT4]]);
 
 export function fitOnnxruntime(graph: Graph): PassReport {
@@ -53,13 +53,18 @@ export function fitOnnxruntime(graph: Graph): PassReport {
 }
 
 function widenFourBitActivations(graph: Graph, report: PassReport): void {
-  for (const q of [...graph.graph.node]) {
-    if (q.opType !== 'QuantizeLinear' || q.domain !== '' || q.input.length < 3) continue;
-    const zeroPoint = graph.constant(q.input[2]);
-    const wide = zeroPoint && FOUR_BIT.get(zeroPoint.dataType);
-    if (!zeroPoint || wide === undefined) continue;
-    const signed = zeroPoint.dataType === TensorProto_DataType.INT4;
-    const zp = signed ? unpackInt4(zeroPoint.rawData, 1)[0] : unpackInt4(zeroPoint.rawData, 1, false)[0];
+  // All 4-bit Q nodes first: a zero point shared by several of them is retyped once.
+  const fourBit = graph.graph.node.filter((q) => q.opType === 'QuantizeLinear' && q.domain === '' && q.input.length >= 3 &&
+    FOUR_BIT.has(graph.constant(q.input[2])?.dataType ?? TensorProto_DataType.UNDEFINED));
+  for (const q of fourBit) {
+    const zeroPoint = graph.constant(q.input[2])!;
+    const signed = zeroPoint.dataType === TensorProto_DataType.INT4 || zeroPoint.dataType === TensorProto_DataType.INT8;
+    const wide = signed ? TensorProto_DataType.INT8 : TensorProto_DataType.UINT8;
+    if (FOUR_BIT.has(zeroPoint.dataType)) {
+      const zp = signed ? unpackInt4(zeroPoint.rawData, 1)[0] : unpackInt4(zeroPoint.rawData, 1, false)[0];
+      // Shared by the Q and its DQs: all now read and write 8-bit values.
+      retype(zeroPoint, wide, Uint8Array.of(zp & 0xff));
+    }
     const narrow = graph.uniqueName(`${q.output[0]}_4bit`);
     const bound = (suffix: string, v: number) => {
       const name = graph.uniqueName(`${q.output[0]}_${suffix}`);
@@ -70,8 +75,6 @@ function widenFourBitActivations(graph: Graph, report: PassReport): void {
     const clip = makeNode('Clip', [narrow, bound('min', lo), bound('max', hi)], [q.output[0]], `${q.name || q.output[0]}_clip`);
     q.output[0] = narrow;
     graph.graph.node.push(clip);
-    // Shared by the Q and its DQs: all now read and write 8-bit values.
-    retype(zeroPoint, wide, Uint8Array.of(zp & 0xff));
     report.changed.push(`${clip.input[0].replace(/_4bit$/, '')}: 4-bit activation stored in 8 bits with a Clip to [${lo}, ${hi}]`);
   }
 }
