@@ -55,6 +55,7 @@ export function program(): Command {
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
     .option('--abits <bits>', 'activation bits (4, 8 or 16); needs --calib')
     .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq' (default: --method when it is one of them, else minmax)")
+    .option('--reduce-range', '8-bit weights in the 7-bit range [-64, 63] (no int16 saturation in onnxruntime\'s uint8 x int8 kernels on x86 CPUs without VNNI)')
     .option('--quantize-outputs', 'also quantize the layers\' outputs, so onnxruntime runs them with integer kernels (QLinearConv, QLinearMatMul); needs --abits')
     .option('--bit-allocation <bits>', 'per-channel bit allocation of the weights with this mean')
     .option('--bias-correction', 'weight std correction, and data-driven bias correction when activations are calibrated')
@@ -67,7 +68,7 @@ export function program(): Command {
     .action(async (modelArg: string | undefined, o: {
       output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod?: string;
       calib?: string; keepFloat?: string; report?: string; bitAllocation?: string; biasCorrection?: boolean; groups?: string; scaleClip?: string; rounding: string;
-      quantizeOutputs?: boolean;
+      quantizeOutputs?: boolean; reduceRange?: boolean;
     }) => {
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
@@ -92,6 +93,7 @@ export function program(): Command {
           ...(o.groups ? { groups: Number(o.groups) } : {}),
           ...(o.scaleClip ? { scaleClip: Number(o.scaleClip) } : {}),
           rounding: o.rounding as 'nearest',
+          ...(o.reduceRange ? { reduceRange: true } : {}),
         },
         activations: o.abits
           ? { bits: Number(o.abits) as 4 | 8 | 16, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection, outputs: !!o.quantizeOutputs }

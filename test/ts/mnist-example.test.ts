@@ -81,6 +81,27 @@ describe('layer outputs quantized (activations.outputs) on the bundled MNIST CNN
     expect(Math.abs((await mnistAccuracy(withOutputs.model, 2000)) - float)).to.be.at.most(0.003);
   });
 
+  it('weights.reduceRange keeps 8-bit weight values in [-64, 63] (also with GPTQ and bit allocation), within 0.3 points of float', async () => {
+    const float = await mnistAccuracy(new Uint8Array(fs.readFileSync(model)), 2000);
+    const int8Values = (bytes: Uint8Array) => {
+      const graph = readModel(bytes).graph!;
+      return graph.node.filter((n) => n.opType === 'DequantizeLinear').map((n) => graph.initializer.find((t) => t.name === n.input[0]))
+        .filter((t) => t?.dataType === TensorProto_DataType.INT8).flatMap((t) => Array.from(new Int8Array(Uint8Array.from(t!.rawData).buffer)));
+    };
+    const full = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, outputs: true }, calibration, evaluationFeeds: [] });
+    expect(Math.max(...int8Values(full.model).map(Math.abs))).to.equal(127);
+    for (const weights of [{ bits: 8 as const, reduceRange: true }, { bits: 8 as const, reduceRange: true, rounding: 'gptq' as const },
+      { bits: 8 as const, reduceRange: true, bitAllocation: { averageBits: 6 } }]) {
+      const reduced = await quantizeModel(model, { weights, activations: { bits: 8, outputs: true }, calibration, evaluationFeeds: [] });
+      const values = int8Values(reduced.model);
+      expect(values.length).to.be.greaterThan(1000);
+      expect(Math.min(...values), JSON.stringify(weights)).to.be.at.least(-64);
+      expect(Math.max(...values), JSON.stringify(weights)).to.be.at.most(63);
+      expect(reduced.report.layers.every((l) => l.bits === 8 && l.method.includes('reduced range'))).to.equal(true);
+      if (!weights.bitAllocation) expect(Math.abs((await mnistAccuracy(reduced.model, 2000)) - float)).to.be.at.most(0.003);
+    }
+  });
+
   it('rejects a non-boolean value; the CLI flag needs --abits', async () => {
     const error = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, outputs: 'yes' as never }, calibration }).catch((e: Error) => e);
     expect(String(error)).to.match(/TypeError: Expected a boolean for options\.activations\.outputs/);

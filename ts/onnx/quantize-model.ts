@@ -54,6 +54,12 @@ export interface QuantizeModelOptions {
      * error, not its weights' error, is small (needs `calibration`); see methods/gptq.ts.
      */
     rounding?: 'nearest' | 'sum-preserving' | 'gptq';
+    /**
+     * 8-bit weights in the 7-bit range [−64, 63], stored as int8 (onnxruntime's quantizer calls it
+     * reduce_range). x86 CPUs without VNNI multiply uint8 activations by int8 weights with vpmaddubsw,
+     * which adds two products into a saturating int16: 2·255·64 still fits, 2·255·127 does not.
+     */
+    reduceRange?: boolean;
   };
   /** `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data. */
   activations?: false | {
@@ -108,7 +114,8 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   }
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
-  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding']);
+  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding', 'reduceRange']);
+  if (w.reduceRange !== undefined && typeof w.reduceRange !== 'boolean') throw invalidType('options.weights.reduceRange', 'a boolean', w.reduceRange);
   if (w.rounding !== undefined && !['nearest', 'sum-preserving', 'gptq'].includes(w.rounding as string)) {
     throw invalidValue('options.weights.rounding', "'nearest', 'sum-preserving' or 'gptq'", w.rounding);
   }
@@ -392,7 +399,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
-    rounding: opts.weights.rounding, moments: gptqMoments,
+    rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
   }));
   passes.push(weightReport);
   // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.

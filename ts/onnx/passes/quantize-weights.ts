@@ -51,6 +51,8 @@ export interface WeightQuantization {
   rounding?: 'nearest' | 'sum-preserving' | 'gptq';
   /** Per layer (node label), the moments of its calibration inputs with Gram matrices, for 'gptq' rounding. */
   moments?: Map<string, LayerInputMoments>;
+  /** 8-bit layers take 7-bit values (stored as int8), as onnxruntime's reduce_range: no int16 saturation in u8×s8 kernels without VNNI. */
+  reduceRange?: boolean;
 }
 
 export interface WeightLayerReport {
@@ -180,6 +182,8 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     }
     const edge = node === first || node === last;
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
+    // The width of the values: 7 bits in int8 storage with reduceRange.
+    const valueBits = bits === 8 && options.reduceRange ? 7 : bits;
     const blocked = options.granularity === 'block' && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
     const perTensor = options.granularity === 'tensor';
     const allocate = options.bitAllocation && !blocked && !perTensor && !edge && dims[axes.outputAxis] > 1;
@@ -190,7 +194,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     }
     let q: QuantizedTensor;
     if (grouped) {
-      const g = quantizeTensor(source, { shape: dims, bits, method: 'mse', norm: 1, granularity: 'group', groups: options.groups!, axis: axes.outputAxis });
+      const g = quantizeTensor(source, { shape: dims, bits: valueBits, method: 'mse', norm: 1, granularity: 'group', groups: options.groups!, axis: axes.outputAxis });
       // One scale per channel (each group's, repeated): the DequantizeLinear form of folding group scales into BN.
       const channels = dims[axes.outputAxis];
       const per = channels / options.groups!;
@@ -202,11 +206,11 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
       delete q.groups;
     } else {
       q = quantizeTensor(source, {
-        shape: dims, bits: allocate ? 8 : bits, method: options.method,
+        shape: dims, bits: allocate ? (options.reduceRange ? 7 : 8) : valueBits, method: options.method,
         ...(blocked
           ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
           : perTensor ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: axes.outputAxis }),
-        ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: 8 } } : {}),
+        ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: options.reduceRange ? 7 : 8 } } : {}),
       });
     }
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
@@ -217,7 +221,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
       if (gptq) q = gptqRound(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
       else report.skipped.push({ node: label, reason: 'no input statistics for it (a constant input, a 3-D convolution or no calibration data): rounded to nearest, not GPTQ' });
     }
-    if (q.channelBits && q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type
+    if (q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type (mixed channel bits, reduced range)
     if (options.momentCorrection && !blocked) {
       // ξ_c = std(W_c) / std(Ŵ_c): scaling channel c's scale (zero point 0) scales Ŵ_c's spread by ξ_c.
       const ratios = stdRatios(source, dequantize(q), dims, axes.outputAxis);
@@ -239,7 +243,8 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
       node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
       granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}`
         : perTensor ? 'tensor' : `channel on axis ${q.axis}`,
-      method: `${grouped ? 'mse (L1)' : options.method}${gptq ? ', gptq rounding' : options.rounding === 'sum-preserving' && taps > 1 ? ', sum-preserving rounding' : ''}`,
+      method: `${grouped ? 'mse (L1)' : options.method}${gptq ? ', gptq rounding' : options.rounding === 'sum-preserving' && taps > 1 ? ', sum-preserving rounding' : ''}` +
+        (valueBits !== bits ? ', reduced range (7-bit values)' : ''),
       weightSqnrDb: quantizationError(data, q).sqnrDb,
       ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
       output: node.output[0],
