@@ -141,6 +141,7 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     ['W8A8 (percentile, GPTQ rounding)', { weights: { bits: 8, rounding: 'gptq' }, activations: { bits: 8, method: 'percentile' } }],
     ['W8A8 (minmax, layer outputs too)', { weights: { bits: 8 }, activations: { bits: 8, outputs: true } }],
     ['W8A8 (percentile, layer outputs too)', { weights: { bits: 8 }, activations: { bits: 8, method: 'percentile', outputs: true } }],
+    ['W8A8 (percentile, layer outputs too, reduced range)', { weights: { bits: 8, reduceRange: true }, activations: { bits: 8, method: 'percentile', outputs: true } }],
     ['W8A16 (minmax activations, GPTQ rounding)', { weights: { bits: 8, rounding: 'gptq' }, activations: { bits: 16 } }],
     ['W8A8 (percentile, both bias corrections)', { weights: { bits: 8, biasCorrection: true }, activations: { bits: 8, method: 'percentile', biasCorrection: true } }],
     ['W4A8 (block 32, ACIQ activations)', { weights: { bits: 4, granularity: 'block' }, activations: { bits: 8, method: 'aciq' } }],

@@ -352,8 +352,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   let sample: Feed[] | undefined;
   let calibrationBatches: number | undefined;
   // The activation ranges. The first and last layers' inputs take their 8 bits too (as their weights do): the model
-  // input and the classifier's features, which ACIQ's authors also keep at 8 bits.
-  const edgeTensors = new Set([targets[0], targets[targets.length - 1]].flatMap((n) => [n.input[0], n.output[0]]));
+  // input and the classifier's features, which ACIQ's authors also keep at 8 bits; with `outputs`, the last layer's
+  // output (the logits) as well.
+  const last = targets[targets.length - 1];
+  const edgeTensors = new Set([targets[0].input[0], last.input[0], last.output[0]]);
   const ranges = new Map<string, { lo: number; hi: number; bits: number }>();
   const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter(({ n }) => moments.has(nodeLabel(n))).map(({ n }) => {
     const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
