@@ -139,6 +139,9 @@ describe('pipeline methods on the bundled MNIST CNN', () => {
     expect(edges8.report.layers.map((l) => l.bits)).to.deep.equal([8, 4, 8]);
     // conv1 reads the model input, conv2 the pooled conv1 output, the Gemm the flattened features.
     expect(bitsOf(edges8.report).map(([, bits]) => bits)).to.deep.equal([8, 4, 8]);
+    // With outputs: conv1's and conv2's outputs at 4 bits; the Gemm's output is the model's (float).
+    const outputs = await quantizeModel(model, { weights: { bits: 4 }, activations: { bits: 4, outputs: true }, calibration, evaluationFeeds: [] });
+    expect(bitsOf(outputs.report)).to.deep.equal([['input', 8], ['p1', 4], ['flat', 8], ['b1', 4], ['b2', 4]]);
     const all4 = await quantizeModel(model, { weights: { bits: 4 }, activations: { bits: 4 }, firstLastLayerBits: 4, calibration, evaluationFeeds: [] });
     expect(bitsOf(all4.report).map(([, bits]) => bits)).to.deep.equal([4, 4, 4]);
     const graph = readModel(edges8.model).graph!;
