@@ -60,9 +60,20 @@ function models(): Array<{ name: string; file: string; feeds: Feed[] }> {
   return list;
 }
 
-export async function benchModels(options: ModelsBenchOptions): Promise<void> {
+export interface ModelLatency {
+  model: string;
+  setting: string;
+  megabytes: number;
+  /** Median milliseconds per inference. */
+  ms: number;
+  /** Float model's milliseconds over this one's. */
+  speedVsFloat: number;
+}
+
+/** Times every model in every setting (see the file comment); the first setting of each model is the float one. */
+export async function modelLatencies(options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>): Promise<ModelLatency[]> {
   const O = ort();
-  const rows: Array<Record<string, string | number>> = [];
+  const rows: ModelLatency[] = [];
   for (const m of models()) {
     const sessions = [];
     for (const [setting, q, sessionConfig] of SETTINGS) {
@@ -83,14 +94,21 @@ export async function benchModels(options: ModelsBenchOptions): Promise<void> {
     const floatMs = median(sessions[0].times);
     for (const s of sessions) {
       const ms = median(s.times);
-      rows.push({ model: m.name, setting: s.setting, 'MB': (s.bytes / 1e6).toFixed(2), 'ms per inference': ms.toFixed(ms < 1 ? 3 : 2), 'speed vs float': `${(floatMs / ms).toFixed(2)}x` });
+      rows.push({ model: m.name, setting: s.setting, megabytes: s.bytes / 1e6, ms, speedVsFloat: floatMs / ms });
       await s.session.release();
     }
   }
+  return rows;
+}
+
+export async function benchModels(options: ModelsBenchOptions): Promise<void> {
+  const rows = await modelLatencies(options);
   if (options.json) {
     console.log(JSON.stringify(rows, null, 2));
     return;
   }
   console.log(`models: onnxruntime-node inference latency, default session options, ${options.threads} thread(s), batch 1, median of ${options.rounds} interleaved rounds\n`);
-  console.log(table(rows));
+  console.log(table(rows.map((r) => ({
+    model: r.model, setting: r.setting, MB: r.megabytes.toFixed(2), 'ms per inference': r.ms.toFixed(r.ms < 1 ? 3 : 2), 'speed vs float': `${r.speedVsFloat.toFixed(2)}x`,
+  }))));
 }
