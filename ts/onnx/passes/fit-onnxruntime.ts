@@ -44,7 +44,10 @@ export function fitOnnxruntime(graph: Graph): PassReport {
       if (transposeBlockedWeights(graph, dq, values)) {
         report.changed.push(`${dq.input[0]}: blocked weights stored transposed, then Transpose (${layers.map(nodeLabel).join(', ')} has a quantized input)`);
       } else {
-        report.skipped.push({ node: layers.map(nodeLabel).join(', '), reason: 'blocked weights that are not 2-D: onnxruntime may fail to run this MatMul at its default optimisation level' });
+        report.skipped.push({
+          node: layers.map(nodeLabel).join(', '),
+          reason: 'blocked weights that are not 2-D, or whose constants other nodes share: onnxruntime may fail to run this MatMul at its default optimisation level',
+        });
       }
     }
   }
@@ -96,11 +99,13 @@ function widenTwoBitWeights(graph: Graph, dq: NodeProto, values: TensorProto): v
   if (zeroPoint && TWO_BIT.has(zeroPoint.dataType)) asInt4(zeroPoint);
 }
 
-/** Values [K, N] blocked along axis 0 become [N, K] blocked along axis 1, then a Transpose; false when not 2-D. */
+/** Values [K, N] blocked along axis 0 become [N, K] blocked along axis 1, then a Transpose; false when not 2-D or shared. */
 function transposeBlockedWeights(graph: Graph, dq: NodeProto, values: TensorProto): boolean {
   const dims = dimsOf(values);
   const scale = graph.constant(dq.input[1]);
   if (dims.length !== 2 || !scale || intAttribute(dq, 'axis', 1) !== 0) return false;
+  // Constants another node also reads would change under it.
+  if (dq.input.slice(0, 3).some((name) => name && graph.consumers(name).some((n) => n !== dq))) return false;
   for (const name of dq.input.slice(0, 3)) {
     const t = name ? graph.constant(name) : undefined;
     if (t) transpose2d(t);
