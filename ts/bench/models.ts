@@ -30,6 +30,7 @@ const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | undefined, Record
   ['W8 (per channel), weights only', { weights: { bits: 8 } }],
   ['W8 (per channel), weights only, session.disable_quant_qdq', { weights: { bits: 8 } }, FOLD_WEIGHTS],
   ['W4 (block 32), weights only', { weights: { bits: 4, granularity: 'block' } }],
+  ['W4 (block 32), weights only, session.disable_quant_qdq', { weights: { bits: 4, granularity: 'block' } }, FOLD_WEIGHTS],
   ['W8A8, layer inputs', { weights: { bits: 8 }, activations: { bits: 8 } }],
   ['W8A8, layer inputs and outputs (activations.outputs)', { weights: { bits: 8 }, activations: { bits: 8, outputs: true } }],
 ];
