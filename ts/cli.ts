@@ -14,6 +14,7 @@ import { inspectModel, sparkline } from './onnx/inspect';
 import { readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
+import type { WeightLayerReport } from './onnx/passes/quantize-weights';
 import { finetune } from './train/finetune';
 import { loadMnist } from './train/mnist';
 
@@ -37,6 +38,12 @@ function parseSize(value: string, previous: number[] = []): number[] {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`expected a positive integer, got '${value}'`);
   return [...previous, n];
+}
+
+/** A layer's quantized input (and output) activation: bits and clip range, e.g. "8 [0, 6.1] → 8 [-3.2, 9.9]". */
+function activationCell(l: WeightLayerReport): string {
+  const one = (a: { bits: number; range: [number, number] }) => `${a.bits} [${Number(a.range[0].toPrecision(3))}, ${Number(a.range[1].toPrecision(3))}]`;
+  return [l.input ? one(l.input) : 'float', ...(l.outputActivation ? [one(l.outputActivation)] : [])].join(' → ');
 }
 
 export function program(): Command {
@@ -121,6 +128,7 @@ export function program(): Command {
       console.log(table(report.layers.map((l) => ({
         layer: l.node, op: l.op, shape: l.shape.join('x'), bits: l.channelBits ? `${l.bits} (mixed)` : l.bits, granularity: l.granularity,
         method: l.method,
+        ...(report.activations.length ? { 'activation bits, clip': activationCell(l) } : {}),
         'weight SQNR dB': Number(l.weightSqnrDb.toFixed(1)),
         'output SQNR dB': l.outputSqnrDb === undefined ? '' : Number(l.outputSqnrDb.toFixed(1)),
       }))));

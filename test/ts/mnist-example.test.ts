@@ -113,6 +113,7 @@ describe('layer outputs quantized (activations.outputs) on the bundled MNIST CNN
     const good = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', '8', '--calib', calibration, '--quantize-outputs'], { cwd: dir, encoding: 'utf8' });
     expect(good.status, good.stderr).to.equal(0);
     expect(good.stdout).not.to.match(/--quantize-outputs lets it/);
+    expect(good.stdout).to.match(/conv2 .* 8 \[0, [\d.]+\] → 8 \[-?[\d.]+, [\d.]+\]/);
     fs.rmSync(dir, { recursive: true });
   });
 });
@@ -142,6 +143,9 @@ describe('pipeline methods on the bundled MNIST CNN', () => {
     // With outputs: conv1's and conv2's outputs at 4 bits; the Gemm's output is the model's (float).
     const outputs = await quantizeModel(model, { weights: { bits: 4 }, activations: { bits: 4, outputs: true }, calibration, evaluationFeeds: [] });
     expect(bitsOf(outputs.report)).to.deep.equal([['input', 8], ['p1', 4], ['flat', 8], ['b1', 4], ['b2', 4]]);
+    // Per layer, as the report's layer table shows them: input bits and clip, and output bits.
+    expect(outputs.report.layers.map((l) => [l.input?.bits, l.outputActivation?.bits])).to.deep.equal([[8, 4], [4, 4], [8, undefined]]);
+    expect(outputs.report.layers[1].input!.range).to.deep.equal(outputs.report.activations.find((a) => a.tensor === 'p1')!.range);
     const all4 = await quantizeModel(model, { weights: { bits: 4 }, activations: { bits: 4 }, firstLastLayerBits: 4, calibration, evaluationFeeds: [] });
     expect(bitsOf(all4.report).map(([, bits]) => bits)).to.deep.equal([4, 4, 4]);
     const graph = readModel(edges8.model).graph!;

@@ -419,6 +419,13 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
         a.signed ?? false, microsoftDomainFallback !== undefined, new Set(layerOutputs)));
       passes.push(act.report);
       activations = act.activations;
+      const byTensor = new Map(activations.map((x) => [x.tensor, { bits: x.bits, range: x.range }]));
+      for (const l of layers) {
+        const input = byTensor.get(inputs.get(l.node)!);
+        const output = byTensor.get(l.output);
+        if (input) l.input = input;
+        if (output) l.outputActivation = output;
+      }
       // Int32 biases where both the input activation and the weights are quantized per channel.
       const scales = new Map<string, { activation: number; weight: Float32Array }>();
       for (const w of weights) {

@@ -70,6 +70,9 @@ export interface WeightLayerReport {
   output: string;
   /** SQNR of the layer's output in the quantized model against the float model on the evaluation inputs. */
   outputSqnrDb?: number;
+  /** With quantized activations: the layer input's bits and clip range, and its output's when outputs are quantized. */
+  input?: { bits: number; range: [number, number] };
+  outputActivation?: { bits: number; range: [number, number] };
 }
 
 /** Float and dequantized weights of each quantized layer, for bias correction. */
