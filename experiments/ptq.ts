@@ -94,8 +94,8 @@ function uniformFeeds(count: number, dims: number[], seed: number): Feed[] {
  */
 export async function recognizerReading(floatModel: string, lines: TextLine[]): Promise<(quantized: Uint8Array) => Promise<Record<string, string>>> {
   const O = ort();
-  const run = async (model: string | Uint8Array): Promise<{ outputs: Float32Array[]; frames: number; classes: number }> => {
-    const session = await (typeof model === 'string' ? O.InferenceSession.create(model) : O.InferenceSession.create(model));
+  const run = async (model: Uint8Array): Promise<{ outputs: Float32Array[]; frames: number; classes: number }> => {
+    const session = await O.InferenceSession.create(model);
     const outputs: Float32Array[] = [];
     let dims: readonly number[] = [];
     for (const line of lines) {
@@ -106,7 +106,7 @@ export async function recognizerReading(floatModel: string, lines: TextLine[]): 
     await session.release();
     return { outputs, frames: dims[1], classes: dims[2] };
   };
-  const float = await run(floatModel);
+  const float = await run(new Uint8Array(fs.readFileSync(floatModel)));
   const truth = lines.map((l) => l.text);
   return async (quantized) => {
     const r = compareReadings(float.outputs, (await run(quantized)).outputs, float.frames, float.classes, truth);

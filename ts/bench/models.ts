@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import { quantizeModel, type QuantizeModelOptions } from '../onnx/quantize-model';
+import { seededRandom } from '../random';
 import { ort } from './ort-models';
 import { measure, table } from './timing';
 
@@ -37,10 +38,9 @@ const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | undefined, Record
 
 /** Uniform [-1, 1) values: latency does not depend on the data, and the calibrated ranges only need to be plausible. */
 function uniformFeeds(input: string, dims: number[], count: number, seed: number): Feed[] {
-  let s = seed >>> 0;
-  const next = () => ((s = (Math.imul(s, 1103515245) + 12345) >>> 0) / 4294967296) * 2 - 1;
+  const random = seededRandom(seed);
   const n = dims.reduce((a, b) => a * b, 1);
-  return Array.from({ length: count }, () => ({ [input]: { data: Float32Array.from({ length: n }, next), dims } }));
+  return Array.from({ length: count }, () => ({ [input]: { data: Float32Array.from({ length: n }, () => random() * 2 - 1), dims } }));
 }
 
 function models(): Array<{ name: string; file: string; feeds: Feed[] }> {

@@ -78,7 +78,7 @@ function widenFourBitActivations(graph: Graph, report: PassReport): void {
     const clip = makeNode('Clip', [narrow, bound('min', lo), bound('max', hi)], [q.output[0]], `${q.name || q.output[0]}_clip`);
     q.output[0] = narrow;
     graph.graph.node.push(clip);
-    report.changed.push(`${clip.input[0].replace(/_4bit$/, '')}: 4-bit activation stored in 8 bits with a Clip to [${lo}, ${hi}]`);
+    report.changed.push(`${q.input[0]}: 4-bit activation stored in 8 bits with a Clip to [${lo}, ${hi}]`);
   }
 }
 

@@ -185,8 +185,9 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     }
     const edge = node === first || node === last;
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
-    // The width of the values: 7 bits in int8 storage with reduceRange.
-    const valueBits = bits === 8 && options.reduceRange ? 7 : bits;
+    // The width of the values: at most 7 bits (in int8 storage) with reduceRange.
+    const widest = options.reduceRange ? 7 : 8;
+    const valueBits = Math.min(bits, widest);
     const blocked = options.granularity === 'block' && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
     const perTensor = options.granularity === 'tensor';
     const allocate = options.bitAllocation && !blocked && !perTensor && !edge && dims[axes.outputAxis] > 1;
@@ -209,11 +210,11 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
       delete q.groups;
     } else {
       q = quantizeTensor(source, {
-        shape: dims, bits: allocate ? (options.reduceRange ? 7 : 8) : valueBits, method: options.method,
+        shape: dims, bits: allocate ? widest : valueBits, method: options.method,
         ...(blocked
           ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
           : perTensor ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: axes.outputAxis }),
-        ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: options.reduceRange ? 7 : 8 } } : {}),
+        ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: widest } } : {}),
       });
     }
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
