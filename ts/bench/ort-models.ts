@@ -8,6 +8,8 @@ import {
 } from 'onnx-buf';
 import type * as Ort from 'onnxruntime-node';
 
+import { OnnxModelError } from '../onnx/model-io';
+
 export { TensorProto_DataType as DataType };
 
 let ortModule: typeof Ort | undefined;
@@ -25,6 +27,19 @@ export function ort(): typeof Ort {
 }
 
 /** True when onnxruntime-node can be loaded. */
+/**
+ * An onnxruntime session on `model`; when onnxruntime rejects the model, an
+ * OnnxModelError that says which model (`what`), onnxruntime's reason and what to do.
+ */
+export async function openSession(model: Uint8Array, options: Ort.InferenceSession.SessionOptions, what: string, remedy: string): Promise<Ort.InferenceSession> {
+  const O = ort();
+  try {
+    return await O.InferenceSession.create(model, options);
+  } catch (e) {
+    throw new OnnxModelError(`onnxruntime cannot load ${what}: ${(e as Error).message.split('\n')[0]}. ${remedy}`);
+  }
+}
+
 export function hasOrt(): boolean {
   try {
     ort();

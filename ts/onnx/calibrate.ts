@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type ModelProto } from 'onnx-buf';
 
-import { ort } from '../bench/ort-models';
+import { openSession, ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
 
@@ -155,7 +155,9 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const all = [...tensors.map((t) => ({ tensor: t, observe: (data: Float32Array) => observers.get(t)!.observe(data) })), ...(options.tensorObservers ?? [])];
   const exposed = [...new Set(all.map((o) => o.tensor))];
   const O = ort();
-  const session = await O.InferenceSession.create(withOutputs(model, exposed), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 });
+  const session = await openSession(withOutputs(model, exposed), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
+    'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
+    'BatchNormalization folding broke it: a lowbit bug, please report it with the model.');
   const sample: Feed[] = [];
   const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
   let batches = 0;

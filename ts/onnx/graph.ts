@@ -176,10 +176,20 @@ export function floatScalarTensor(name: string, value: number): TensorProto {
   return makeTensor(name, TensorProto_DataType.FLOAT, [], new Uint8Array(Float32Array.of(value).buffer));
 }
 
-/** The float32 contents of a tensor, or undefined when it is not float32. */
+/**
+ * The float32 contents of a tensor, or undefined when it is not float32. A tensor
+ * whose data do not fill its dims exactly is a corrupted model (OnnxModelError).
+ */
 export function floatData(t: TensorProto): Float32Array | undefined {
   if (t.dataType !== TensorProto_DataType.FLOAT) return undefined;
-  if (t.rawData.length > 0) return new Float32Array(Uint8Array.from(t.rawData).buffer, 0, t.rawData.length / 4);
+  const count = t.dims.reduce((a, d) => a * Number(d), 1);
+  const held = t.rawData.length > 0 ? t.rawData.length / 4 : t.floatData.length;
+  if (held !== count) {
+    const what = t.rawData.length > 0 ? `${t.rawData.length} bytes of raw data` : `${t.floatData.length} float values`;
+    throw new OnnxModelError(`Tensor '${t.name}' holds ${what}, but its dims [${dimsOf(t).join(', ')}] need ${count} float32 values` +
+      `${t.rawData.length > 0 ? ` (${count * 4} bytes)` : ''}: the model file is corrupted or was written wrongly; re-export it.`);
+  }
+  if (t.rawData.length > 0) return new Float32Array(Uint8Array.from(t.rawData).buffer);
   return Float32Array.from(t.floatData);
 }
 

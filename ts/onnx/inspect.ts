@@ -14,6 +14,8 @@ export interface LayerStats {
   kurtosis: number;
   /** 20-bin histogram over [min, max]. */
   histogram: number[];
+  /** NaN and ±Infinity values (left out of the statistics above); quantizeModel refuses such weights. */
+  nonFinite: number;
   quantized: boolean;
   reason?: string;
 }
@@ -24,12 +26,14 @@ export function inspectModel(input: string | Uint8Array): { opset: number; layer
   for (const node of graph.topologicalOrder()) {
     if (!['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(node.opType)) continue;
     const t = node.input[1] ? graph.constant(node.input[1]) : undefined;
-    const w = t && floatData(t);
-    if (!w || w.length === 0) {
-      layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [],
+    const data = t && floatData(t);
+    if (!data || data.length === 0) {
+      layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [], nonFinite: 0,
         quantized: false, reason: 'weight is not a float constant' });
       continue;
     }
+    const w = data.filter((v) => Number.isFinite(v));
+    const nonFinite = data.length - w.length;
     let min = Infinity;
     let max = -Infinity;
     let sum = 0;
@@ -50,10 +54,11 @@ export function inspectModel(input: string | Uint8Array): { opset: number; layer
     m4 /= w.length;
     const histogram = new Array<number>(20).fill(0);
     for (const v of w) histogram[Math.min(19, Math.floor(((v - min) / (max - min || 1)) * 20))]++;
-    const quantized = node.opType !== 'ConvTranspose';
+    const reason = node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized'
+      : nonFinite > 0 ? `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel refuses them` : undefined;
     layers.push({
       node: nodeLabel(node), op: node.opType, shape: dimsOf(t!), min, max, std: Math.sqrt(m2), kurtosis: m2 > 0 ? m4 / (m2 * m2) - 3 : 0,
-      histogram, quantized, ...(quantized ? {} : { reason: 'ConvTranspose weights are not quantized' }),
+      histogram, nonFinite, quantized: reason === undefined, ...(reason ? { reason } : {}),
     });
   }
   return { opset: graph.opset, layers };

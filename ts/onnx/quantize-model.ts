@@ -10,9 +10,9 @@ import * as path from 'node:path';
 import { ModelProtoSchema, type ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
-import { hasOrt, ort } from '../bench/ort-models';
+import { hasOrt, openSession, ort } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
-import { Graph } from './graph';
+import { floatData, Graph } from './graph';
 import { checkOutputPath, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
 import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -23,7 +23,7 @@ import { nodeLabel } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import type { PassReport } from './passes/pass';
-import { layerInput, quantizableLayers, quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
+import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -207,14 +207,18 @@ function randomFeeds(model: ModelProto, seed: number): Record<string, { data: Fl
   return feeds;
 }
 
+/** What to do when onnxruntime rejects a model lowbit made from one it loads. */
+const LOWBIT_BUG = 'The input model loads, so this is a lowbit bug: please report it with the model and options; ' +
+  'leaving the node onnxruntime names in float (keepFloat) works around it.';
+
 /** Per-layer output SQNR: the prepared float model and the quantized one, layer outputs exposed. */
 async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[]): Promise<void> {
   if (feedsList.length === 0) return;
   const O = ort();
   const names = layers.map((l) => l.output);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  const f = await O.InferenceSession.create(withOutputs(preparedFloat, names), options);
-  const q = await O.InferenceSession.create(withOutputs(quantized, names), options);
+  const f = await openSession(withOutputs(preparedFloat, names), options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
+  const q = await openSession(withOutputs(quantized, names), options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
   const signal = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
   for (const feeds of feedsList) {
@@ -247,8 +251,8 @@ function canReadTwice(data: CalibrationData): boolean {
 export async function compareOutputs(floatBytes: Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
   const O = ort();
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  const floatSession = await O.InferenceSession.create(floatBytes, options);
-  const quantSession = await O.InferenceSession.create(quantBytes, options);
+  const floatSession = await openSession(floatBytes, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.');
+  const quantSession = await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG);
   const sums = new Map<string, { cos: number; agree: number; ranked: number }>();
   for (const feeds of feedsList) {
     const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])]));
@@ -337,6 +341,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   if (targets.length === 0) {
     throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
   }
+  // Before calibration, which would otherwise fail later on the values they produce.
+  for (const n of targets) checkFiniteWeights(n, n.input[1], floatData(graph.constant(n.input[1])!)!);
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t));
   // With `outputs`, the layers' outputs too (not the model's outputs, which stay float).

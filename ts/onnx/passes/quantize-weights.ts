@@ -6,6 +6,7 @@
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
+import { OnnxModelError } from '../model-io';
 import { dimsOf, floatData, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
@@ -121,6 +122,14 @@ function stdRatios(a: Float32Array, b: Float32Array, dims: number[], axis: numbe
   });
 }
 
+/** Throws an OnnxModelError naming the layer and tensor when its weights hold NaN or ±Infinity. */
+export function checkFiniteWeights(node: NodeProto, tensor: string, data: Float32Array): void {
+  const at = data.findIndex((v) => !Number.isFinite(v));
+  if (at < 0) return;
+  throw new OnnxModelError(`${node.opType} '${nodeLabel(node)}': its weights '${tensor}' hold ${data[at]} at index ${at}; quantized weights must be finite. ` +
+    `Fix the weights (or, if a BatchNormalization was folded into this layer, its scale and variance), or leave the layer in float with keepFloat: ['${node.name || node.opType}'].`);
+}
+
 /** The Conv/Gemm/MatMul nodes with constant float weights of a shape this pass handles, minus keepFloat, in order. */
 export function quantizableLayers(graph: Graph, keepFloat: string[] = []): NodeProto[] {
   const keep = new Set(keepFloat);
@@ -177,6 +186,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
       report.skipped.push({ node: label, reason: 'its weight is not a float constant (a computed input)' });
       continue;
     }
+    checkFiniteWeights(node, w!.name, data);
     const dims = dimsOf(w!);
     const axes = layout(node.opType, dims, intAttribute(node, 'transB', 0));
     if (!axes) {
