@@ -392,6 +392,18 @@ describe('corrupted or unloadable models', () => {
     }
   });
 
+  it('a float model that computes NaN from finite calibration inputs: an OnnxModelError naming the tensor, not a complaint about the data', async () => {
+    const bytes = buildModel({
+      inputDims: [1, 2, 4, 4], output: 'y',
+      nodes: [{ op: 'Add', inputs: ['input', 'c'], output: 'shifted' }, { op: 'Conv', inputs: ['shifted', 'w'], output: 'y', name: 'conv' }],
+      initializers: { c: { dims: [1, 2, 1, 1], data: [0, NaN] }, w: { dims: [3, 2, 1, 1], data: heInit(6, 2, 1) } },
+    });
+    const feeds = [{ input: { data: new Float32Array(32).fill(0.5), dims: [1, 2, 4, 4] } }];
+    const e = await failure(() => quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: feeds }));
+    expect(e.name).to.equal('OnnxModelError');
+    expect(e.message).to.match(/^The float model computes NaN in its tensor 'shifted' on calibration\[0\], whose inputs are finite/);
+  });
+
   it("a model onnxruntime cannot load: an OnnxModelError that says it is the input model, with onnxruntime's reason", async () => {
     const m = readModel(bundled);
     m.graph!.node.find((n) => n.opType === 'Relu')!.opType = 'Rlu';

@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-import { finetune, TrainingError, type LabelledBatch } from '../../ts/index';
+import { finetune, OnnxModelError, TrainingError, type LabelledBatch } from '../../ts/index';
 import { distillationLoss } from '../../ts/train/finetune';
 import { nativeKernels } from '../../ts/train/kernels';
 import { TrainableModel } from '../../ts/train/model';
@@ -275,6 +275,17 @@ describe('finetune: bad input', () => {
       initializers: { w: { dims: [4, 2], data: [1, 2, 3, 4, 5, 6, 7, 8] } }, output: 'y',
     });
     await expectError(finetune(bytes, { inputs: { data: new Float32Array(8), dims: [2, 4] }, labels: Int32Array.of(0, 1) }), TrainingError, /not support: Tanh/);
+  });
+
+  it('a model whose own shapes do not fit (Gemm after a mismatched Flatten) is an OnnxModelError before training, also when distilling', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 1, 4, 4], nodes: [{ op: 'Flatten', inputs: ['input'], output: 'f' }, { op: 'Gemm', inputs: ['f', 'w'], output: 'y' }],
+      initializers: { w: { dims: [15, 2], data: new Float32Array(30).fill(0.1) } }, output: 'y',
+    });
+    const inputs = { data: new Float32Array(32).fill(1), dims: [2, 1, 4, 4] };
+    const pattern = /^The model does not compute on data's input dims \[1, 1, 4, 4\]: Gemm node .*inner sizes 16 and 15 differ/;
+    await expectError(finetune(bytes, { inputs, labels: Int32Array.of(0, 1) }), OnnxModelError, pattern);
+    await expectError(finetune(bytes, { inputs }, { distill: true, epochs: 1 }), OnnxModelError, pattern);
   });
 
   it('a non-finite loss stops training, names the step and the layer, and keeps the last good weights', async () => {

@@ -12,6 +12,7 @@ import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type Mode
 import { openSession, ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
+import { OnnxModelError } from './model-io';
 
 export type Feed = Record<string, { data: Float32Array; dims: readonly number[] }>;
 export type CalibrationData = Iterable<Feed> | AsyncIterable<Feed> | string;
@@ -169,6 +170,11 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
         try {
           o.observe(outputs[o.tensor].data as Float32Array, outputs[o.tensor].dims);
         } catch (e) {
+          // The feeds were checked finite, so NaN here is the model's own doing.
+          if ((outputs[o.tensor].data as Float32Array).some((v) => Number.isNaN(v))) {
+            throw new OnnxModelError(`The float model computes NaN in its tensor '${o.tensor}' on calibration[${batches}], whose inputs are finite: ` +
+              'the model itself is broken there (a NaN constant, a negative BatchNormalization variance, …), and quantizing cannot fix it. Check its outputs in onnxruntime.');
+          }
           throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${o.tensor}': ${(e as Error).message}`);
         }
       }

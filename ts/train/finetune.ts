@@ -11,13 +11,14 @@ import type { ModelProto } from 'onnx-buf';
 import type { InferenceSession } from 'onnxruntime-node';
 
 import { invalidType, invalidValue } from '../errors';
-import { ort } from '../bench/ort-models';
-import { checkOutputPath, readModel, serializeModel, writeFileAtomic } from '../onnx/model-io';
+import { openSession, ort } from '../bench/ort-models';
+import { checkOutputPath, OnnxModelError, readModel, serializeModel, writeFileAtomic } from '../onnx/model-io';
 import { seededRandom } from '../random';
 import { checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
+import { OpError } from './ops';
 import { GdrqWeightQuantizer, LsqQuantizer, RunningClipQuantizer, type StepInit } from './quantizers';
 import type { Tensor } from './tensor';
 
@@ -324,7 +325,8 @@ class Teacher {
   private constructor(private readonly session: InferenceSession, private readonly model: TrainableModel) {}
 
   static async create(bytes: Uint8Array, model: TrainableModel): Promise<Teacher> {
-    return new Teacher(await ort().InferenceSession.create(bytes), model);
+    return new Teacher(await openSession(bytes, {}, 'the input model (the teacher for distillation)',
+      'Distillation runs the float model in onnxruntime-node: fix or re-export the model so that it loads there.'), model);
   }
 
   async probabilities(inputs: { data: Float32Array; dims: number[] }, expectedLength: number): Promise<Float32Array> {
@@ -499,15 +501,25 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   if (inMemory) checkShape('data', inMemory);
   if (validation) checkShape('options.validation', validation);
 
-  // A probe with the float model: output shape, and labels against the class count.
+  // A probe with the float model on one sample: the graph computes on these dims, and labels match its class count.
   let classes: number | undefined;
+  let probed = false;
   const probe = (b: InputBatch, name: string) => {
-    if (!needLabels) return;
-    if (classes === undefined) {
+    if (!probed) {
+      probed = true;
       const one = sliceBatch(b, Int32Array.of(0), 0, 1);
-      classes = classesOf(model, model.output(model.forward({ data: one.inputs.data, dims: one.inputs.dims }, false, kernels)));
+      let output;
+      try {
+        output = model.output(model.forward({ data: one.inputs.data, dims: one.inputs.dims }, false, kernels));
+      } catch (e) {
+        // Shapes the graph itself gets wrong (a corrupted or inconsistent model), found before any training.
+        if (!(e instanceof OpError)) throw e;
+        throw new OnnxModelError(`The model does not compute on ${name}'s input dims [1, ${one.inputs.dims.slice(1).join(', ')}]: ${e.message}. ` +
+          'Check that the model runs in onnxruntime on inputs of that shape.');
+      }
+      if (needLabels) classes = classesOf(model, output);
     }
-    checkLabels(`${name}.labels`, b.labels!, classes!);
+    if (needLabels) checkLabels(`${name}.labels`, b.labels!, classes!);
   };
   if (inMemory) probe(inMemory, 'data');
   if (validation) probe(validation, 'options.validation');
