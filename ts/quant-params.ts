@@ -16,6 +16,7 @@
  * Dequantize: x = (q - zeroPoint) · scale
  */
 import type { NativeLayout, NativeParams } from './native';
+import { checkBoolean, checkInteger } from './validate';
 
 export type Granularity = 'tensor' | 'channel' | 'block' | 'group';
 
@@ -46,6 +47,8 @@ export interface QuantizedTensor {
 
 /** Integer range of a `bits`-wide integer. */
 export function integerRange(bits: number, signed: boolean): { qmin: number; qmax: number } {
+  checkInteger('bits', bits, 1, 32);
+  checkBoolean('signed', signed);
   return signed ? { qmin: -(2 ** (bits - 1)), qmax: 2 ** (bits - 1) - 1 } : { qmin: 0, qmax: 2 ** bits - 1 };
 }
 

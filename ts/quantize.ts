@@ -149,6 +149,7 @@ function resolveAxis(name: string, v: unknown, rank: number): number {
 function explicitValues(name: string, v: unknown, groups: number, scaleShape: number[]): number[] {
   if (typeof v === 'number') return new Array<number>(groups).fill(v);
   if (Array.isArray(v) || ArrayBuffer.isView(v)) {
+    if (ArrayBuffer.isView(v)) checkAttached(name, v);
     const list = Array.from(v as ArrayLike<number>);
     if (list.length !== groups) {
       throw invalidValue(name, `a number or ${groups} values (scale shape [${scaleShape.join(', ')}])`, v);

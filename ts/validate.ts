@@ -40,6 +40,13 @@ export function checkAttached(name: string, v: ArrayBufferView): void {
       'The buffer was transferred (postMessage, structuredClone) or detached; pass a copy that is still owned here.');
 }
 
+/** An options argument: undefined means none given ({}); anything but a plain object is a TypeError. */
+export function checkOptions<T extends object = Record<string, unknown>>(name: string, v: T | undefined): Partial<T> {
+  if (v === undefined) return {};
+  if (!isPlainObject(v)) throw invalidType(name, 'an options object (or nothing)', v);
+  return v;
+}
+
 export function checkInteger(name: string, v: unknown, min: number, max: number): number {
   if (typeof v !== 'number') throw invalidType(name, `an integer in [${min}, ${max}]`, v);
   if (!Number.isInteger(v) || v < min || v > max) throw invalidValue(name, `an integer in [${min}, ${max}]`, v);

@@ -1,7 +1,10 @@
 // Bad calls first: every rejected input gets a TypeError/RangeError naming the parameter.
 import { expect } from 'chai';
 
-import { dequantize, matmulInt8, quantizationError, quantizeTensor, quantizeTensorAsync, type QuantizeOptions } from '../../ts';
+import {
+  ActivationScaleClip, aciqExpectedMse, aciqRange, allocateBits, dequantize, foldScalesIntoBatchNorm, HistogramObserver, integerRange, lambertW0, lsqLevels,
+  matmulInt8, MinMaxObserver, quantizationError, quantizeTensor, quantizeTensorAsync, scaleClip, tensorStats, type QuantizeOptions,
+} from '../../ts';
 
 function expectError(fn: () => unknown, type: ErrorConstructor, pattern: RegExp): void {
   let caught: unknown;
@@ -162,5 +165,47 @@ describe('shared memory', () => {
     const sa = new Int8Array(new SharedArrayBuffer(6)).fill(3);
     const sb = new Int8Array(new SharedArrayBuffer(6)).fill(-2);
     expect(Array.from(matmulInt8(sa, sb, 2, 3, 2))).to.deep.equal([-18, -18, -18, -18]);
+  });
+});
+
+describe('method helpers and observers: malformed arguments', () => {
+  const detached = () => {
+    const x = new Float32Array(4);
+    structuredClone(x.buffer, { transfer: [x.buffer] });
+    return x;
+  };
+  const w = Float32Array.of(0.5, -1, 2, 0.25);
+  // Each was a JavaScript internals error (or a silent NaN) before it was checked (found by an API fuzz probe).
+  it('name the parameter for wrong types, null options and detached arrays', () => {
+    expectError(() => integerRange(Symbol('b') as never, true), TypeError, /an integer in \[1, 32\] for bits but received a Symbol/);
+    expectError(() => integerRange(3.5, true), RangeError, /for bits but received 3\.5/);
+    expectError(() => integerRange(8, 'yes' as never), TypeError, /a boolean for signed/);
+    expectError(() => lsqLevels(4n as never, true), TypeError, /for bits but received 4 \(bigint\)/);
+    expectError(() => lambertW0('1' as never), TypeError, /a number for x but received "1"/);
+    expectError(() => aciqExpectedMse('laplace', -1, 1, 4), RangeError, /for alpha but received -1/);
+    expectError(() => aciqExpectedMse('cauchy' as never, 1, 1, 4), RangeError, /'laplace', 'gauss' for prior/);
+    expectError(() => aciqRange(undefined as never, 4, 'auto', false), TypeError, /numbers tensorStats\(\) returns for stats but received undefined/);
+    expectError(() => aciqRange(tensorStats(w), 4, 'auto', 'no' as never), TypeError, /a boolean for oneSided/);
+    expectError(() => tensorStats(null as never), TypeError, /an array or typed array of numbers for x but received null/);
+    expectError(() => tensorStats(detached()), TypeError, /x.*detached/);
+    expectError(() => new MinMaxObserver(null as never), TypeError, /an options object \(or nothing\) for options but received null/);
+    expectError(() => new HistogramObserver(null as never), TypeError, /for options but received null/);
+    expectError(() => new ActivationScaleClip(null as never), TypeError, /for options but received null/);
+    expectError(() => allocateBits([1, 2], 4, null as never), TypeError, /for options but received null/);
+    expectError(() => scaleClip(w, null as never), TypeError, /for options but received null/);
+    expectError(() => foldScalesIntoBatchNorm({ gamma: [1], beta: [0], mean: [0], variance: [1] }, undefined as never), TypeError, /for channelScale but received undefined/);
+    const h = new HistogramObserver();
+    h.observe(w);
+    expectError(() => h.mseRange(4, null as never), TypeError, /for options but received null/);
+    expectError(() => quantizeTensor(w, { shape: [4], scale: detached() }), TypeError, /options\.scale.*detached/);
+  });
+  it('still accept what they accepted: no options, an options object, arrays and typed arrays', () => {
+    expect(integerRange(4, true)).to.deep.equal({ qmin: -8, qmax: 7 });
+    expect(lsqLevels(2, false)).to.deep.equal({ qn: 0, qp: 3 });
+    expect(tensorStats([1, 2, 3]).mean).to.equal(2);
+    expect(aciqExpectedMse('gauss', 2, 1, 4)).to.be.greaterThan(0);
+    expect(new MinMaxObserver().observe(w).range()).to.be.an('object');
+    expect(allocateBits([1, 2], 4).length).to.equal(2);
+    expect(scaleClip(w).clipped.length).to.equal(4);
   });
 });

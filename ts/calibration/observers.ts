@@ -17,6 +17,7 @@ import { invalidType, invalidValue } from '../errors';
 import { aciqRange, tensorStats, type AciqPrior } from '../methods/aciq';
 import { native } from '../native';
 import { integerRange } from '../quant-params';
+import { checkOptions } from '../validate';
 
 export interface Range {
   lo: number;
@@ -49,8 +50,11 @@ export class MinMaxObserver {
   private batches = 0;
 
   /** @param options.movingAverage - if set (0 < c <= 1), min/max follow avg += c·(batch - avg). */
-  constructor(private readonly options: { movingAverage?: number } = {}) {
-    const c = options.movingAverage;
+  private readonly options: { movingAverage?: number };
+
+  constructor(options?: { movingAverage?: number }) {
+    this.options = checkOptions('options', options);
+    const c = this.options.movingAverage;
     if (c !== undefined && !(c > 0 && c <= 1)) throw invalidValue('options.movingAverage', 'a number in (0, 1]', c);
   }
 
@@ -92,8 +96,8 @@ export class HistogramObserver {
   max = -Infinity;
   total = 0;
 
-  constructor(options: { bins?: number } = {}) {
-    const bins = options.bins ?? 2048;
+  constructor(options?: { bins?: number }) {
+    const bins = checkOptions('options', options).bins ?? 2048;
     if (!Number.isInteger(bins) || bins < 128 || bins % 128 !== 0) throw invalidValue('options.bins', 'a multiple of 128, at least 128', bins);
     this.bins = bins;
     this.counts = new Float64Array(bins);
@@ -224,8 +228,9 @@ export class HistogramObserver {
    * centres weighted by their counts, mirrored for negative values in proportion
    * to the observed range.
    */
-  mseRange(bits: number, options: { signed?: boolean; symmetric?: boolean; candidates?: number } = {}): Range {
+  mseRange(bits: number, opts?: { signed?: boolean; symmetric?: boolean; candidates?: number }): Range {
     this.check();
+    const options = checkOptions('options', opts);
     if (!Number.isInteger(bits) || bits < 2 || bits > 8) throw invalidValue('bits', 'an integer in [2, 8]', bits);
     const signed = options.signed ?? true;
     const { qmin, qmax } = integerRange(bits, signed);

@@ -11,6 +11,7 @@
  */
 import { invalidType, invalidValue } from '../errors';
 import { bisect, erfc, lambertW0 } from './special';
+import { checkAttached, checkBoolean, isPlainObject } from '../validate';
 
 export type AciqPrior = 'laplace' | 'gauss';
 
@@ -20,6 +21,11 @@ function checkBits(bits: unknown, name = 'bits', max = 8): number {
   if (typeof bits !== 'number') throw invalidType(name, `an integer in [1, ${max}]`, bits);
   if (!Number.isInteger(bits) || bits < 1 || bits > max) throw invalidValue(name, `an integer in [1, ${max}]`, bits);
   return bits;
+}
+
+function checkPrior(prior: unknown, auto: boolean): void {
+  const choices = auto ? ['laplace', 'gauss', 'auto'] : ['laplace', 'gauss'];
+  if (!choices.includes(prior as string)) throw invalidValue('prior', choices.map((c) => `'${c}'`).join(', '), prior);
 }
 
 function checkScaleParam(name: string, v: unknown): number {
@@ -57,6 +63,10 @@ export function aciqGaussConstant(bits: number): number {
 
 /** Analytic expected squared error of clipping at α and quantizing to `bits` (ACIQ's model). */
 export function aciqExpectedMse(prior: AciqPrior, alpha: number, scaleParam: number, bits: number): number {
+  checkPrior(prior, false);
+  checkScaleParam('alpha', alpha);
+  checkScaleParam('scaleParam', scaleParam);
+  checkBits(bits, 'bits', 16);
   const noise = (alpha * alpha) / (3 * 4 ** bits);
   if (scaleParam === 0) return noise;
   if (prior === 'laplace') return 2 * scaleParam * scaleParam * Math.exp(-alpha / scaleParam) + noise;
@@ -92,6 +102,9 @@ export interface TensorStats {
 
 /** Mean, Laplace b = mean|x - mean|, unbiased σ, min and max of the finite values (ALGORITHMS.md §2.5). */
 export function tensorStats(x: ArrayLike<number>, name = 'x'): TensorStats {
+  if (typeof name !== 'string') throw invalidType('name', 'a string (the tensor name for error messages)', name);
+  if (!Array.isArray(x) && !(ArrayBuffer.isView(x) && !(x instanceof DataView))) throw invalidType(name, 'an array or typed array of numbers', x);
+  if (ArrayBuffer.isView(x)) checkAttached(name, x);
   let n = 0;
   let sum = 0;
   let min = Infinity;
@@ -129,6 +142,12 @@ export interface AciqChoice {
 
 /** ACIQ clip range of a tensor (or one group) from its statistics, for one prior or the analytic best ('auto'). */
 export function aciqRange(stats: TensorStats, bits: number, prior: AciqPrior | 'auto', oneSided: boolean): AciqChoice {
+  if (!isPlainObject(stats) || (['mean', 'laplaceB', 'sigma', 'min', 'max'] as const).some((k) => typeof stats[k] !== 'number')) {
+    throw invalidType('stats', 'the { mean, laplaceB, sigma, min, max } numbers tensorStats() returns', stats);
+  }
+  checkBits(bits);
+  checkPrior(prior, true);
+  checkBoolean('oneSided', oneSided);
   const candidates: AciqPrior[] = prior === 'auto' ? ['laplace', 'gauss'] : [prior];
   let best: AciqChoice | undefined;
   for (const p of candidates) {

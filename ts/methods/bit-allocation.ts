@@ -7,6 +7,7 @@
  * until |goal − mean| < 0.01).
  */
 import { invalidType, invalidValue } from '../errors';
+import { checkOptions } from '../validate';
 
 export interface BitAllocationOptions {
   /** Fewest bits a channel may get. Default 2 (the quantizers here support 2..8). */
@@ -17,17 +18,18 @@ export interface BitAllocationOptions {
   rounding?: 'round' | 'floor';
 }
 
-export function allocateBits(alphas: ArrayLike<number>, averageBits: number, options: BitAllocationOptions = {}): Int32Array {
+export function allocateBits(alphas: ArrayLike<number>, averageBits: number, options?: BitAllocationOptions): Int32Array {
   if (!alphas || typeof alphas.length !== 'number') throw invalidType('alphas', 'an array of per-channel clip values', alphas);
   if (alphas.length === 0) throw invalidValue('alphas', 'at least one channel', alphas);
-  const minBits = options.minBits ?? 2;
-  const maxBits = options.maxBits ?? 8;
+  const o = checkOptions('options', options);
+  const minBits = o.minBits ?? 2;
+  const maxBits = o.maxBits ?? 8;
   if (!Number.isInteger(minBits) || minBits < 1 || minBits > 8) throw invalidValue('options.minBits', 'an integer in [1, 8]', minBits);
   if (!Number.isInteger(maxBits) || maxBits < minBits || maxBits > 8) throw invalidValue('options.maxBits', `an integer in [${minBits}, 8]`, maxBits);
   if (typeof averageBits !== 'number' || !(averageBits >= minBits && averageBits <= maxBits)) {
     throw invalidValue('averageBits', `a number in [minBits, maxBits] = [${minBits}, ${maxBits}]`, averageBits);
   }
-  const rounding = options.rounding ?? 'round';
+  const rounding = o.rounding ?? 'round';
   if (rounding !== 'round' && rounding !== 'floor') throw invalidValue('options.rounding', "'round' or 'floor'", rounding);
   const n = alphas.length;
   const weights = new Float64Array(n);

@@ -10,7 +10,7 @@
  * Group-based quantization itself is quantizeTensor(w, { granularity: 'group', groups, axis }).
  */
 import { invalidType, invalidValue } from '../errors';
-import { checkFloat32Array, checkInteger, checkShape } from '../validate';
+import { checkFloat32Array, checkInteger, checkOptions, checkShape } from '../validate';
 
 export interface ScaleClipOptions {
   /** Threshold multiplier. Default 2. */
@@ -29,8 +29,9 @@ function checkK(k: unknown, fallback: number): number {
 }
 
 /** Scale-Clip: returns the clipped copy and the threshold of each group. */
-export function scaleClip(w: Float32Array, options: ScaleClipOptions = {}): { clipped: Float32Array; thresholds: Float64Array } {
+export function scaleClip(w: Float32Array, opts?: ScaleClipOptions): { clipped: Float32Array; thresholds: Float64Array } {
   const x = checkFloat32Array('w', w);
+  const options = checkOptions('options', opts);
   if (x.length === 0) throw invalidValue('w', 'a non-empty tensor (mean|W| is undefined otherwise)', x);
   const k = checkK(options.k, 2);
   const shape = options.shape === undefined ? [x.length] : checkShape('options.shape', options.shape);
@@ -72,9 +73,10 @@ export class ActivationScaleClip {
   /** The running threshold (undefined before the first batch). */
   threshold: number | undefined;
 
-  constructor(options: { k?: number; momentum?: number } = {}) {
-    this.k = checkK(options.k, 3);
-    const m = options.momentum ?? 0.99;
+  constructor(options?: { k?: number; momentum?: number }) {
+    const o = checkOptions('options', options);
+    this.k = checkK(o.k, 3);
+    const m = o.momentum ?? 0.99;
     if (typeof m !== 'number' || !(m >= 0 && m < 1)) throw invalidValue('options.momentum', 'a number in [0, 1)', m);
     this.momentum = m;
   }
@@ -120,6 +122,7 @@ export interface BatchNormParams {
  */
 export function foldScalesIntoBatchNorm(bn: BatchNormParams, channelScale: ArrayLike<number>): { gain: Float64Array; shift: Float64Array } {
   if (!bn || typeof bn !== 'object') throw invalidType('bn', 'an object { gamma, beta, mean, variance, epsilon? }', bn);
+  if (!channelScale || typeof channelScale.length !== 'number') throw invalidType('channelScale', 'an array of per-channel scales', channelScale);
   const n = channelScale.length;
   for (const key of ['gamma', 'beta', 'mean', 'variance'] as const) {
     const v = bn[key];

@@ -33,6 +33,8 @@ export interface LsqBackwardOptions extends LsqOptions {
 
 /** Q_N and Q_P of a `bits`-wide integer (LSQ notation). */
 export function lsqLevels(bits: number, signed: boolean): { qn: number; qp: number } {
+  checkInteger('bits', bits, 1, 32);
+  checkBoolean('signed', signed);
   return signed ? { qn: 2 ** (bits - 1), qp: 2 ** (bits - 1) - 1 } : { qn: 0, qp: 2 ** bits - 1 };
 }
 

@@ -4,7 +4,10 @@
  */
 
 /** Principal branch W0(x) for x >= -1/e: the w with w·e^w = x (Halley iteration). */
+import { invalidType } from '../errors';
+
 export function lambertW0(x: number): number {
+  if (typeof x !== 'number') throw invalidType('x', 'a number', x);
   if (!(x >= -1 / Math.E)) throw new RangeError(`Expected x >= -1/e for lambertW0 but received ${x}.`);
   if (x === 0) return 0;
   if (x === Infinity) return Infinity;
