@@ -325,6 +325,30 @@ describe('malformed graphs', () => {
   });
 });
 
+describe('quantizeModel leaves the event loop running', () => {
+  it('turns the event loop between the layers of each per-layer pass and between calibration observers', async () => {
+    const stages: Array<{ stage: string; ticks: number }> = [];
+    let ticks = 0;
+    let running = true;
+    const tick = () => { ticks++; if (running) setImmediate(tick); };
+    setImmediate(tick);
+    const { report } = await quantizeModel(classifier, {
+      weights: { bits: 8 }, activations: { bits: 8, biasCorrection: true }, calibration: normalFeeds(2, [1, 3, 48, 192], 5),
+      onProgress: (stage) => stages.push({ stage, ticks }),
+    });
+    running = false;
+    const turnsDuring = (stage: string) => {
+      const i = stages.findIndex((s) => s.stage === stage);
+      return stages[i + 1].ticks - stages[i].ticks;
+    };
+    const layers = report.layers.length;
+    expect(layers).to.be.greaterThan(20);
+    expect(turnsDuring('quantize-weights'), 'event-loop turns while weights were quantized').to.be.at.least(layers);
+    expect(turnsDuring('bias-correction'), 'turns during bias correction').to.be.at.least(layers);
+    expect(turnsDuring('calibrate batch 1'), 'turns while one batch was observed').to.be.at.least(report.activations.length);
+  });
+});
+
 describe('inspectModel and `lowbit inspect`', () => {
   it("prints shape, range, std, kurtosis and a histogram per layer, and says which layers quantizeModel quantizes (the classifier's Constant-node weights)", async () => {
     const { opset, layers } = inspectModel(classifier);

@@ -13,6 +13,7 @@ import { openSession, ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
 import { OnnxModelError } from './model-io';
+import { nextTurn } from './passes/pass';
 
 export type Feed = Record<string, { data: Float32Array; dims: readonly number[] }>;
 export type CalibrationData = Iterable<Feed> | AsyncIterable<Feed> | string;
@@ -177,6 +178,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
           }
           throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${o.tensor}': ${(e as Error).message}`);
         }
+        await nextTurn();  // observers of large tensors (histograms, Gram matrices) take a while each
       }
       if (sample.length < (options.keep ?? 4)) sample.push(feed);
       options.onBatch?.(batches);

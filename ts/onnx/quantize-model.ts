@@ -16,14 +16,14 @@ import { floatData, Graph } from './graph';
 import { checkOutputPath, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
 import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
-import { correctBiases } from './passes/bias-correction';
+import { correctBiasesByLayer } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
-import type { PassReport } from './passes/pass';
-import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeights, type WeightLayerReport } from './passes/quantize-weights';
+import { nextTurn, runStepsAsync, type PassReport, type Steps } from './passes/pass';
+import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -233,6 +233,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
         noise[i] += (a[j] - b[j]) ** 2;
       }
     });
+    await nextTurn();
   }
   await f.release();
   await q.release();
@@ -279,6 +280,7 @@ export async function compareOutputs(floatBytes: Uint8Array, quantBytes: Uint8Ar
       }
       sums.set(name, entry);
     }
+    await nextTurn();
   }
   await floatSession.release();
   await quantSession.release();
@@ -299,17 +301,29 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   Promise<{ model: Uint8Array; report: QuantizationReport }> {
   const opts = checkOptions(options);
   const timings: Record<string, number> = {};
-  const time = <T>(stage: string, fn: () => T): T => {
+  // Every stage starts on a new event-loop turn, and the per-layer passes let it turn between layers:
+  // quantizing a large model holds the event loop for one layer's work at most (onnxruntime's session
+  // creation, which is synchronous in onnxruntime-node, excepted).
+  const time = async <T>(stage: string, fn: () => T): Promise<T> => {
     opts.onProgress?.(stage);
+    await nextTurn();
     const t0 = performance.now();
     const r = fn();
     timings[stage] = performance.now() - t0;
     return r;
   };
-  const model = time('read', () => readModel(input));
+  const timeSteps = async <T>(stage: string, steps: () => Steps<T>): Promise<T> => {
+    opts.onProgress?.(stage);
+    await nextTurn();
+    const t0 = performance.now();
+    const r = await runStepsAsync(steps());
+    timings[stage] = performance.now() - t0;
+    return r;
+  };
+  const model = await time('read', () => readModel(input));
   const floatBytes = input instanceof Uint8Array ? input : serializeModel(model);
   const graph = new Graph(model);
-  time('validate', () => graph.topologicalOrder());
+  await time('validate', () => graph.topologicalOrder());
   const passes: PassReport[] = [];
   const bits = opts.weights.bits;
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
@@ -328,10 +342,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
         model.opsetImport.push({ ...model.opsetImport[0], domain: 'com.microsoft', version: 1n });
       }
     } else {
-      passes.push(time('upgrade-opset', () => upgradeOpset(graph, needed)));
+      passes.push(await time('upgrade-opset', () => upgradeOpset(graph, needed)));
     }
   }
-  passes.push(time('fold-batchnorm', () => foldBatchNorm(graph)));
+  passes.push(await time('fold-batchnorm', () => foldBatchNorm(graph)));
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const gptq = opts.weights.rounding === 'gptq';
@@ -386,6 +400,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       for (const t of tensors) {
         const bits = edgeTensors.has(t) ? edgeBits : opts.activations.bits;
         ranges.set(t, { ...result.observers.get(t)!.range(bits), bits });
+        await nextTurn();  // a KL or ACIQ search per tensor
       }
     }
     if (secondPass) {
@@ -402,7 +417,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
           skipped: opts.activations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
     }
   }
-  const { report: weightReport, layers, weights } = time('quantize-weights', () => quantizeWeights(graph, {
+  const { report: weightReport, layers, weights } = await timeSteps('quantize-weights', () => quantizeWeightsByLayer(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
@@ -419,9 +434,9 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       if (microsoftDomainFallback) throw new OnnxModelError(`${a.bits}-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
       passes.push(upgradeOpset(graph, 21));
     }
-    if (dataBiasCorrection) passes.push(time('bias-correction', () => correctBiases(graph, weights, biasMoments)));
+    if (dataBiasCorrection) passes.push(await timeSteps('bias-correction', () => correctBiasesByLayer(graph, weights, biasMoments)));
     if (opts.activations) {
-      const act = time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
+      const act = await time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
         a.signed ?? false, microsoftDomainFallback !== undefined, new Set(layerOutputs)));
       passes.push(act.report);
       activations = act.activations;
@@ -439,14 +454,14 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
         const act = activations.find((x) => x.tensor === input);
         if (act && w.channelScales) scales.set(w.node, { activation: act.scale, weight: w.channelScales });
       }
-      passes.push(time('quantize-bias', () => quantizeBiases(graph, scales)));
-      passes.push(time('fit-onnxruntime', () => fitOnnxruntime(graph)));
+      passes.push(await time('quantize-bias', () => quantizeBiases(graph, scales)));
+      passes.push(await time('fit-onnxruntime', () => fitOnnxruntime(graph)));
     }
   }
   const fitsOneFile = model.graph!.initializer.reduce((a, t) => a + t.rawData.length, 0) < 2 ** 31 - 2 ** 26;
   const external = opts.outputPath !== undefined && (opts.externalData === true || (opts.externalData === undefined && !fitsOneFile));
   // The self-contained model is what gets evaluated; external data is split out only when writing.
-  const bytes = time('serialize', () => (fitsOneFile ? serializeModel(model) : new Uint8Array(0)));
+  const bytes = await time('serialize', () => (fitsOneFile ? serializeModel(model) : new Uint8Array(0)));
   const report: QuantizationReport = {
     opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
     ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,
@@ -463,12 +478,12 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     const dataName = `${path.basename(opts.outputPath!)}.data`;
     const data = externalizeData(model, dataName);
     const modelBytes = serializeModel(model);
-    time('write', () => {
+    await time('write', () => {
       writeFileAtomic(path.join(path.dirname(opts.outputPath!), dataName), data);
       writeFileAtomic(opts.outputPath!, modelBytes);
     });
     return { model: modelBytes, report };
   }
-  if (opts.outputPath) time('write', () => writeFileAtomic(opts.outputPath!, bytes));
+  if (opts.outputPath) await time('write', () => writeFileAtomic(opts.outputPath!, bytes));
   return { model: bytes, report };
 }

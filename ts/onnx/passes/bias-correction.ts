@@ -12,10 +12,15 @@ import { TensorProto_DataType } from 'onnx-buf';
 
 import type { LayerInputMoments } from '../../calibration/layer-input-moments';
 import { floatData, makeNode, makeTensor, type Graph } from '../graph';
-import { nodeLabel, type PassReport } from './pass';
+import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 import { matrixView, type QuantizedWeights } from './quantize-weights';
 
 export function correctBiases(graph: Graph, weights: QuantizedWeights[], moments: Map<string, LayerInputMoments>): PassReport {
+  return runSteps(correctBiasesByLayer(graph, weights, moments));
+}
+
+/** correctBiases in steps: yields after each layer (see runStepsAsync). */
+export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[], moments: Map<string, LayerInputMoments>): Steps<PassReport> {
   const report: PassReport = { pass: 'bias-correction', changed: [], skipped: [] };
   const byLabel = new Map(graph.graph.node.map((n) => [nodeLabel(n), n]));
   for (const w of weights) {
@@ -60,6 +65,7 @@ export function correctBiases(graph: Graph, weights: QuantizedWeights[], moments
     let norm = 0;
     for (const v of shift) norm += v * v;
     report.changed.push(`${w.node}: bias shifted by ‖Δb‖ = ${Math.sqrt(norm).toExponential(2)}`);
+    yield w.node;
   }
   graph.sort();
   return report;

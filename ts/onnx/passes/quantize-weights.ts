@@ -15,7 +15,7 @@ import { gptqRound, type WeightMatrixView } from '../../methods/gptq';
 import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
 import { dequantize, quantizationError, quantizeTensor } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
-import { nodeLabel, type PassReport } from './pass';
+import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 
 export interface WeightQuantization {
   bits: 2 | 4 | 8;
@@ -159,8 +159,14 @@ export function matrixView(node: NodeProto, dims: number[], outputAxis: number):
     : { rows: dims[1], columns: dims[0], rowStride: 1, columnStride: dims[1], rowsPerGram: dims[1] };
 }
 
-export function quantizeWeights(graph: Graph, options: WeightQuantization):
-  { report: PassReport; layers: WeightLayerReport[]; weights: QuantizedWeights[] } {
+export interface WeightQuantizationResult { report: PassReport; layers: WeightLayerReport[]; weights: QuantizedWeights[] }
+
+export function quantizeWeights(graph: Graph, options: WeightQuantization): WeightQuantizationResult {
+  return runSteps(quantizeWeightsByLayer(graph, options));
+}
+
+/** quantizeWeights in steps: yields after each layer (see runStepsAsync). */
+export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantization): Steps<WeightQuantizationResult> {
   const report: PassReport = { pass: 'quantize-weights', changed: [], skipped: [] };
   const layers: WeightLayerReport[] = [];
   const weights: QuantizedWeights[] = [];
@@ -269,6 +275,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization):
     });
     layers.push(layer);
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
+    yield label;
   }
   graph.sort();
   return { report, layers, weights };
