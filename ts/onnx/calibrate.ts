@@ -50,15 +50,18 @@ export function makeObserver(method: ActivationMethod): TensorObserver {
 /** The dtype, shape and data bytes of a C-order .npy file. */
 function readNpyRaw(file: string): { descr: string; dims: number[]; body: Uint8Array } {
   const bytes = fs.readFileSync(file);
-  if (bytes.length < 10 || bytes.toString('latin1', 1, 6) !== 'NUMPY') throw new Error(`${file} is not a .npy file.`);
+  if (bytes.length < 10 || bytes.toString('latin1', 1, 6) !== 'NUMPY') throw new RangeError(`${file} is not a .npy file.`);
   const major = bytes[6];
   const headerLength = major === 1 ? bytes.readUInt16LE(8) : bytes.readUInt32LE(8);
   const start = major === 1 ? 10 : 12;
   const header = bytes.toString('latin1', start, start + headerLength);
-  if (/'fortran_order':\s*True/.test(header)) throw new Error(`${file}: Fortran-ordered arrays are not supported.`);
+  if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported.`);
   const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1] ?? '';
   const shape = /'shape':\s*\(([^)]*)\)/.exec(header);
   const dims = shape ? shape[1].split(',').map((s) => s.trim()).filter(Boolean).map(Number) : [];
+  if (!shape || dims.some((d) => !Number.isInteger(d) || d < 0) || start + headerLength > bytes.length) {
+    throw new RangeError(`${file}: the .npy header is malformed or truncated (no valid 'shape').`);
+  }
   // A copy: aligned for the typed-array views below.
   return { descr, dims, body: Uint8Array.from(bytes.subarray(start + headerLength)) };
 }
@@ -66,9 +69,9 @@ function readNpyRaw(file: string): { descr: string; dims: number[]; body: Uint8A
 /** Reads a float32 C-order .npy file. */
 export function readNpy(file: string): { data: Float32Array; dims: number[] } {
   const { descr, dims, body } = readNpyRaw(file);
-  if (descr !== '<f4') throw new Error(`${file}: only little-endian float32 ('<f4') arrays are supported (this one is '${descr}').`);
+  if (descr !== '<f4') throw new RangeError(`${file}: only little-endian float32 ('<f4') arrays are supported (this one is '${descr}').`);
   const data = new Float32Array(body.buffer, 0, body.length >> 2);
-  if (data.length !== dims.reduce((a, b) => a * b, 1)) throw new Error(`${file}: the data do not match the shape (${dims.join('x')}).`);
+  if (data.length !== dims.reduce((a, b) => a * b, 1)) throw new RangeError(`${file}: the data do not match the shape (${dims.join('x')}).`);
   return { data, dims };
 }
 
@@ -79,15 +82,15 @@ export function readNpyLabels(file: string): Int32Array {
   if (descr === '|u1' || descr === '<u1') labels = Int32Array.from(body);
   else if (descr === '<i4') labels = new Int32Array(body.buffer, 0, body.length >> 2);
   else if (descr === '<i8') labels = Int32Array.from(new BigInt64Array(body.buffer, 0, body.length >> 3), Number);
-  else throw new Error(`${file}: labels must be a uint8, int32 or int64 array (this one is '${descr}').`);
-  if (dims.length !== 1 || labels.length !== dims[0]) throw new Error(`${file}: labels must be a 1-D array matching its shape (${dims.join('x')}).`);
+  else throw new RangeError(`${file}: labels must be a uint8, int32 or int64 array (this one is '${descr}').`);
+  if (dims.length !== 1 || labels.length !== dims[0]) throw new RangeError(`${file}: labels must be a 1-D array matching its shape (${dims.join('x')}).`);
   return labels;
 }
 
 /** Batches from a folder with one subfolder of .npy files per input (batch i = the i-th file of each, sorted by name). */
 export function* npyFolderFeeds(folder: string): Generator<Feed> {
   const inputs = fs.readdirSync(folder).filter((d) => fs.statSync(path.join(folder, d)).isDirectory()).sort();
-  if (inputs.length === 0) throw new Error(`${folder} has no subfolders; put each input's .npy batches in a folder named after the input.`);
+  if (inputs.length === 0) throw new RangeError(`${folder} has no subfolders; put each input's .npy batches in a folder named after the input.`);
   const files = inputs.map((i) => fs.readdirSync(path.join(folder, i)).filter((f) => f.endsWith('.npy')).sort());
   const count = Math.min(...files.map((f) => f.length));
   for (let b = 0; b < count; b++) {
