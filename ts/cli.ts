@@ -12,7 +12,7 @@ import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
 import { readNpy, readNpyLabels } from './onnx/calibrate';
-import { checkOutputPath } from './onnx/model-io';
+import { checkOutputPath, writeFileAtomic } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
 import type { WeightLayerReport } from './onnx/passes/quantize-weights';
 import { finetune } from './train/finetune';
@@ -90,6 +90,7 @@ export function program(): Command {
       }
       if (o.quantizeOutputs && !o.abits) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
+      if (o.report) checkOutputPath('--report', o.report);  // before the work, not after it
       const bar = new SingleBar({ format: '  calibrating [{bar}] {value} batches', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
       let barStarted = false;
       const { report } = await quantizeModel(model, {
@@ -147,10 +148,7 @@ export function program(): Command {
       } else if (!o.quantizeOutputs) {
         console.log('note: onnxruntime runs layers whose outputs are not quantized in float; --quantize-outputs lets it use integer kernels (faster, one more rounding per layer)');
       }
-      if (o.report) {
-        const fs = await import('node:fs');
-        fs.writeFileSync(o.report, JSON.stringify(report, null, 2));
-      }
+      if (o.report) writeFileAtomic(o.report, new TextEncoder().encode(JSON.stringify(report, null, 2)));
     });
   cli.command('finetune')
     .description('fine-tune an ONNX classifier on the CPU: float, or quantization-aware (LSQ or GDRQ); writes a QDQ model with the learned scales')

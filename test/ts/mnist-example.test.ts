@@ -43,6 +43,23 @@ describe('bundled MNIST CNN example', () => {
     fs.rmSync(dir, { recursive: true });
   });
 
+  it('a --report path in a missing folder or a missing --calib folder fails before any work and writes nothing; --report writes JSON', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-'));
+    const cli = path.join(root, 'dist', 'ts', 'cli.js');
+    const badReport = spawnSync(process.execPath, [cli, 'quantize', model, '--report', path.join(dir, 'missing', 'r.json')], { cwd: dir, encoding: 'utf8' });
+    expect(badReport.status).to.equal(1);
+    expect(badReport.stderr).to.match(/a file path in an existing folder for --report .* does not exist\. Create it first\./);
+    const badCalib = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', '8', '--calib', path.join(dir, 'nope')], { cwd: dir, encoding: 'utf8' });
+    expect(badCalib.status).to.equal(1);
+    expect(badCalib.stderr).to.match(/for options\.calibration but received ".*nope"\. It does not exist/);
+    expect(fs.readdirSync(dir)).to.deep.equal([]);
+    const good = spawnSync(process.execPath, [cli, 'quantize', model, '--report', 'r.json'], { cwd: dir, encoding: 'utf8' });
+    expect(good.status, good.stderr).to.equal(0);
+    expect(JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).layers).to.have.length(3);
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['mnist-cnn.q.onnx', 'r.json']);
+    fs.rmSync(dir, { recursive: true });
+  });
+
   it('W8A8 keeps the float accuracy on 2000 test images (within 0.3 points)', async () => {
     const float = await mnistAccuracy(new Uint8Array(fs.readFileSync(model)), 2000);
     expect(float).to.be.greaterThan(0.9);

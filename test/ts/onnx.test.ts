@@ -265,6 +265,9 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     await rejects([{ x: { data: new Float32Array(4 * 48 * 192), dims: [1, 4, 48, 192] } }], /for calibration\[0\]\.x\.dims/);
     await rejects([{ x: { data: new Float64Array(3 * 48 * 192), dims: [1, 3, 48, 192] } }], /Float32Array \(float32 input\) for calibration\[0\]\.x\.data/);
     await rejects([], /at least one batch for options\.calibration/);
+    await rejects('/no/such/folder', /a folder with one subfolder of float32 \.npy batches per model input for options\.calibration but received "\/no\/such\/folder"\. It does not exist/);
+    await rejects(classifier, /for options\.calibration .*It is not a folder/);
+    await rejects(42, /a folder path, or an array, iterable or async iterable of feeds .* for options\.calibration but received 42/);
     const nan = new Float32Array(3 * 48 * 192);
     nan[7] = NaN;
     await rejects([{ x: { data: nan, dims: [1, 3, 48, 192] } }], /a finite number for calibration\[0\]\.x\.data\[7\] but received NaN/);

@@ -6,6 +6,7 @@
  * in onnxruntime-node.
  */
 import { fromBinary } from '@bufbuild/protobuf';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ModelProtoSchema, type ModelProto } from 'onnx-buf';
 
@@ -169,6 +170,17 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     }
     if (options.calibration === undefined) {
       throw invalidValue('options.calibration', 'calibration feeds (or a folder of .npy files) to quantize activations', undefined);
+    }
+  }
+  const c = options.calibration;
+  if (c !== undefined) {
+    if (typeof c === 'string') {
+      if (!fs.existsSync(c) || !fs.statSync(c).isDirectory()) {
+        throw invalidValue('options.calibration', 'a folder with one subfolder of float32 .npy batches per model input', c,
+          `${fs.existsSync(c) ? 'It is not a folder' : 'It does not exist'}; or pass the feeds themselves (an array or iterable of { inputName: { data, dims } }).`);
+      }
+    } else if (typeof c !== 'object' || c === null || (typeof (c as Iterable<unknown>)[Symbol.iterator] !== 'function' && typeof (c as AsyncIterable<unknown>)[Symbol.asyncIterator] !== 'function')) {
+      throw invalidType('options.calibration', 'a folder path, or an array, iterable or async iterable of feeds { inputName: { data, dims } }', c);
     }
   }
   return options as unknown as QuantizeModelOptions;
