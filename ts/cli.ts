@@ -177,6 +177,7 @@ export function program(): Command {
       perChannel?: boolean; stepInit: string; fixedSteps?: boolean;
     }) => {
       const limit = o.limit === undefined ? Infinity : Number(o.limit);
+      if (!(Number.isInteger(limit) && limit >= 1) && limit !== Infinity) throw new Error(`Expected a positive integer for --limit but received ${o.limit}.`);
       const load = async (source: string, split: 'train' | 't10k', flag: string) => {
         if (source === 'mnist') {
           const set = loadMnist(split, limit);

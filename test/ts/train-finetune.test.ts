@@ -343,6 +343,8 @@ describe('lowbit finetune (CLI)', () => {
     const bad = spawnSync(process.execPath, [cli, 'finetune', BUNDLED, '--data', path.join(dir, 'nope')], { cwd: dir, encoding: 'utf8' });
     expect(bad.status).to.equal(1);
     expect(bad.stderr).to.match(/lowbit: .*inputs\.npy/);
+    const badLimit = spawnSync(process.execPath, [cli, 'finetune', BUNDLED, '--data', data, '--limit', '0'], { cwd: dir, encoding: 'utf8' });
+    expect(badLimit.stderr).to.match(/Expected a positive integer for --limit but received 0\./);
     // Distillation needs inputs only.
     fs.rmSync(path.join(data, 'labels.npy'));
     const distilled = spawnSync(process.execPath, [cli, 'finetune', BUNDLED, '--data', data, '--distill', '--wbits', '8', '--abits', '8',
