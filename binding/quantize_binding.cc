@@ -198,8 +198,9 @@ struct LsqCall {
     step = array_of<float>(info[a++], "step", napi_float32_array, &ns);
     qn = int_of(info[a++], "qn");
     qp = int_of(info[a++], "qp");
-    // Integer range [-qn, qp]: signed (qn = qp + 1), unsigned (qn = 0) or with a zero point (qn = z, qp = 2^b - 1 - z).
-    if (qn < 0 || qp < 0 || qn + qp < 1 || qn > 255 || qp > 255) throw_range(env, "qn/qp out of range");
+    // Integer range [-qn, qp]: signed (qn = qp + 1), unsigned (qn = 0) or with a zero point (qn = z, qp = 2^b - 1 - z);
+    // up to 16-bit codes (fake quantization of 16-bit activations; the kernels work in float).
+    if (qn < 0 || qp < 0 || qn + qp < 1 || qn > 65535 || qp > 65535) throw_range(env, "qn/qp out of range");
     out = array_of<float>(info[a++], backward ? "gradIn" : "out", napi_float32_array, &no);
     if (backward) grad_step = array_of<double>(info[a++], "gradStep", napi_float64_array, &ngs);
     expect_length(env, nv, layout.element_count(), "v");

@@ -2,7 +2,8 @@
 // the integer outputs must be identical.
 import { expect } from 'chai';
 
-import { cpuInfo, quantizeTensor, type QuantizeOptions } from '../../ts';
+import { cpuInfo, integerRange, quantizeTensor, type QuantizeOptions } from '../../ts';
+import { fakeQuantize } from '../../ts/onnx/passes/quantize-activations';
 import { quantizeLinearModel, runQuantizeLinear, session } from '../../ts/bench/ort-models';
 import { rng, trickyData } from '../helpers/random';
 
@@ -41,5 +42,23 @@ describe('bit-exact with onnxruntime QuantizeLinear', () => {
     await compare(x, { shape: [24, 37], granularity: 'channel', axis: 1, signed: false, symmetric: false }, 1);
     await compare(x, { shape: [24, 37], granularity: 'block', axis: 1, blockSize: 16 }, 1, 16);
     await compare(x, { shape: [24, 37], granularity: 'block', axis: 0, blockSize: 5, method: 'mse' }, 0, 5);
+  });
+});
+
+describe('fakeQuantize (activation QuantizeLinear → DequantizeLinear, native) against onnxruntime', () => {
+  it('equals QuantizeLinear then (q − z)·s bit for bit: uint8, int8, uint16 and int16, ties and saturation', async () => {
+    const cases: Array<[number, number, boolean, 8 | 16]> = [[0.05, 128, false, 8], [0.1, 0, true, 8], [0.0078125, 3, false, 8], [1e-3, 30000, false, 16], [2e-4, 0, true, 16]];
+    for (const [scale, zeroPoint, signed, bits] of cases) {
+      const x = trickyData(20_000, scale, bits + zeroPoint).map((v) => (Number.isFinite(v) ? v : 0));
+      const { qmin, qmax } = integerRange(bits, signed);
+      const zp = bits === 8 ? (signed ? Int8Array.of(zeroPoint) : Uint8Array.of(zeroPoint)) : signed ? Int16Array.of(zeroPoint) : Uint16Array.of(zeroPoint);
+      const q = await runQuantizeLinear(await session(quantizeLinearModel({ shape: [x.length], scale: Float32Array.of(scale), zeroPoint: zp, scaleShape: [] })), x, [x.length]);
+      const s = Math.fround(scale);
+      const got = fakeQuantize(x, { scale: s, zeroPoint, qmin, qmax });
+      for (let i = 0; i < x.length; i++) {
+        const want = Math.fround((q[i] - zeroPoint) * s);
+        if (!Object.is(got[i], want) && !(got[i] === 0 && want === 0)) expect.fail(`${bits}-bit ${signed ? 'signed' : 'unsigned'} z=${zeroPoint}: x[${i}] = ${x[i]}: ${got[i]}, onnxruntime ${want}`);
+      }
+    }
   });
 });

@@ -49,7 +49,7 @@ export function hasOrt(): boolean {
   }
 }
 
-type Typed = Float32Array | Int8Array | Uint8Array | Int32Array;
+type Typed = Float32Array | Int8Array | Uint8Array | Int16Array | Uint16Array | Int32Array;
 
 export interface TensorSpec {
   name: string;
@@ -117,10 +117,12 @@ export function singleNodeModel(spec: NodeSpec): Uint8Array {
  * input of shape `shape`; scale/zeroPoint are initializers of `scaleShape`.
  */
 export function quantizeLinearModel(opts: {
-  shape: number[]; scale: Float32Array; zeroPoint: Int8Array | Uint8Array; scaleShape: number[];
+  shape: number[]; scale: Float32Array; zeroPoint: Int8Array | Uint8Array | Int16Array | Uint16Array; scaleShape: number[];
   axis?: number; blockSize?: number;
 }): Uint8Array {
-  const zpType = opts.zeroPoint instanceof Int8Array ? TensorProto_DataType.INT8 : TensorProto_DataType.UINT8;
+  const zp = opts.zeroPoint;
+  const zpType = zp instanceof Int8Array ? TensorProto_DataType.INT8 : zp instanceof Uint8Array ? TensorProto_DataType.UINT8
+    : zp instanceof Int16Array ? TensorProto_DataType.INT16 : TensorProto_DataType.UINT16;
   const attributes: Record<string, number> = {};
   if (opts.axis !== undefined) attributes.axis = opts.axis;
   if (opts.blockSize !== undefined) attributes.block_size = opts.blockSize;
@@ -166,9 +168,9 @@ export async function session(model: Uint8Array, threads = 1, extra?: Record<str
 }
 
 /** Runs a QuantizeLinear model on x; returns y. */
-export async function runQuantizeLinear(s: Ort.InferenceSession, x: Float32Array, shape: number[]): Promise<Int8Array | Uint8Array> {
+export async function runQuantizeLinear(s: Ort.InferenceSession, x: Float32Array, shape: number[]): Promise<Int8Array | Uint8Array | Int16Array | Uint16Array> {
   const out = await s.run({ x: new (ort().Tensor)('float32', x, shape) });
-  return out.y.data as Int8Array | Uint8Array;
+  return out.y.data as Int8Array | Uint8Array | Int16Array | Uint16Array;
 }
 
 /** y = MatMul(a, b) in float32 with b a constant [k, n]. */

@@ -8,7 +8,7 @@
 import { TensorProto_DataType } from 'onnx-buf';
 
 import { native } from '../../native';
-import { integerRange, roundHalfToEven } from '../../quant-params';
+import { integerRange, tensorLayout } from '../../quant-params';
 import { makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
@@ -41,14 +41,17 @@ export function activationParams(range: { lo: number; hi: number; bits: number }
   return { scale: scale[0], zeroPoint: zp[0], qmin, qmax };
 }
 
-/** What QuantizeLinear then DequantizeLinear make of x (float32 division, round half to even, saturation). */
+/**
+ * What QuantizeLinear then DequantizeLinear make of x (float32 division, round half to even, saturation),
+ * computed by the native LSQ forward kernel: with an integer zero point z,
+ * saturate(round(x / s) + z) − z = clamp(round(x / s), qmin − z, qmax − z), i.e. step s, Q_N = z − qmin,
+ * Q_P = qmax − z; and (q − z)·s is one float32 product either way. Also for 16-bit codes.
+ */
 export function fakeQuantize(x: Float32Array, p: { scale: number; zeroPoint: number; qmin: number; qmax: number }): Float32Array {
-  const y = new Float32Array(x.length);
-  for (let i = 0; i < x.length; i++) {
-    const q = Math.min(p.qmax, Math.max(p.qmin, roundHalfToEven(Math.fround(x[i] / p.scale)) + p.zeroPoint));
-    y[i] = (q - p.zeroPoint) * p.scale;
-  }
-  return y;
+  const out = new Float32Array(x.length);
+  native().lsqForward(x, tensorLayout([x.length], 'tensor', 0, 0).native, Float32Array.of(p.scale), p.zeroPoint - p.qmin, p.qmax - p.zeroPoint,
+    out, '', 0);
+  return out;
 }
 
 /**
