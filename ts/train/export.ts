@@ -13,7 +13,7 @@ import { readModel, serializeModel } from '../onnx/model-io';
 import { fitOnnxruntime } from '../onnx/passes/fit-onnxruntime';
 import { unconvertibleReason, upgradeOpset } from '../onnx/passes/upgrade-opset';
 import { packInt2, packInt4 } from '../pack';
-import { integerRange, roundHalfToEven } from '../quant-params';
+import { quantizeTensor } from '../quantize';
 import type { TrainableModel } from './model';
 import type { ExportableQuantizer, QuantizerExport } from './quantizers';
 import { TrainingError } from './model';
@@ -30,17 +30,12 @@ function floatTensor(name: string, dims: number[], values: Float32Array): Tensor
 
 /** The integer codes of weights under an exported quantizer: round(clip(w)/s) saturated, as the engine's forward. */
 export function weightCodes(w: Float32Array, dims: number[], q: QuantizerExport): Int8Array {
-  const { qmin, qmax } = integerRange(q.bits, true);
-  const channels = q.axis === undefined ? 1 : dims[q.axis];
-  const inner = q.axis === undefined ? w.length : dims.slice(q.axis + 1).reduce((a, b) => a * b, 1);
-  const clip = q.clip === undefined ? Infinity : q.clip;
-  const codes = new Int8Array(w.length);
-  for (let i = 0; i < w.length; i++) {
-    const s = q.scale[channels === 1 ? 0 : Math.floor(i / inner) % channels];
-    const v = Math.fround(Math.min(clip, Math.max(-clip, w[i])));
-    codes[i] = Math.min(qmax, Math.max(qmin, roundHalfToEven(Math.fround(v / s))));
-  }
-  return codes;
+  const clip = q.clip;
+  const clipped = clip === undefined ? w : Float32Array.from(w, (v) => Math.min(clip, Math.max(-clip, v)));
+  return quantizeTensor(clipped, {
+    shape: dims, bits: q.bits, signed: true, scale: q.scale,
+    ...(q.axis === undefined ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: q.axis }),
+  }).values as Int8Array;
 }
 
 function codesTensor(name: string, dims: number[], codes: Int8Array, bits: number): TensorProto {
