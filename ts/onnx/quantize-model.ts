@@ -19,6 +19,7 @@ import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, ty
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
+import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
@@ -340,7 +341,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const bits = opts.weights.bits;
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
   const blockedWeights = opts.weights.granularity === 'block';
-  const needed = bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13;
+  const forWeights = bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13;
+  // HardSwish (fused below) arrived in opset 14; a model that cannot be converted keeps its pattern rather than
+  // falling back to com.microsoft Q/DQ for it.
+  const needed = hasHardSwishPattern(graph) && !unconvertibleReason(graph) ? Math.max(forWeights, 14) : forWeights;
   const from = graph.opset;
   let microsoftDomainFallback: string | undefined;
   if (from < needed) {
@@ -357,6 +361,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       passes.push(await time('upgrade-opset', () => upgradeOpset(graph, needed)));
     }
   }
+  passes.push(await time('fuse-hardswish', () => fuseHardSwish(graph)));
   passes.push(await time('fold-batchnorm', () => foldBatchNorm(graph)));
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
