@@ -24,7 +24,7 @@ import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
-import { nextTurn, runStepsAsync, type PassReport, type Steps } from './passes/pass';
+import { nextTurn, runStepsAsync, type PassReport } from './passes/pass';
 import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
@@ -317,19 +317,11 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // Every stage starts on a new event-loop turn, and the per-layer passes let it turn between layers:
   // quantizing a large model holds the event loop for one layer's work at most (onnxruntime's session
   // creation, which is synchronous in onnxruntime-node, excepted).
-  const time = async <T>(stage: string, fn: () => T): Promise<T> => {
+  const time = async <T>(stage: string, fn: () => T | Promise<T>): Promise<T> => {
     opts.onProgress?.(stage);
     await nextTurn();
     const t0 = performance.now();
-    const r = fn();
-    timings[stage] = performance.now() - t0;
-    return r;
-  };
-  const timeSteps = async <T>(stage: string, steps: () => Steps<T>): Promise<T> => {
-    opts.onProgress?.(stage);
-    await nextTurn();
-    const t0 = performance.now();
-    const r = await runStepsAsync(steps());
+    const r = await fn();
     timings[stage] = performance.now() - t0;
     return r;
   };
@@ -434,13 +426,13 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
           skipped: opts.activations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
     }
   }
-  const { report: weightReport, layers, weights } = await timeSteps('quantize-weights', () => quantizeWeightsByLayer(graph, {
+  const { report: weightReport, layers, weights } = await time('quantize-weights', () => runStepsAsync(quantizeWeightsByLayer(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
     rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
-  }));
+  })));
   passes.push(weightReport);
   // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.
   if (layers.some((l) => l.bits === 2) && graph.opset < 25 && microsoftDomainFallback === undefined) passes.push(upgradeOpset(graph, 25));
@@ -451,7 +443,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       if (microsoftDomainFallback) throw new OnnxModelError(`${a.bits}-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
       passes.push(upgradeOpset(graph, 21));
     }
-    if (dataBiasCorrection) passes.push(await timeSteps('bias-correction', () => correctBiasesByLayer(graph, weights, biasMoments)));
+    if (dataBiasCorrection) passes.push(await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments))));
     if (opts.activations) {
       const act = await time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
         a.signed ?? false, microsoftDomainFallback !== undefined, new Set(layerOutputs)));
