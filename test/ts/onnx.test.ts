@@ -9,8 +9,10 @@ import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } 
 
 import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
-import { Graph } from '../../ts/onnx/graph';
+import { floatData, Graph } from '../../ts/onnx/graph';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
+import { foldScalarAffine } from '../../ts/onnx/passes/fold-scalar-affine';
+import { fuseHardSwish } from '../../ts/onnx/passes/fuse-hardswish';
 import { layerInput, quantizeWeights } from '../../ts/onnx/passes/quantize-weights';
 import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
@@ -110,8 +112,13 @@ describe('quantizeModel (weights only)', () => {
     const dq = graph.node.find((n) => n.name === 'p2o.Conv.1_weight_dq')!;
     const values = new Int8Array(graph.initializer.find((t) => t.name === dq.input[0])!.rawData.slice().buffer);
     const scales = new Float32Array(graph.initializer.find((t) => t.name === dq.input[1])!.rawData.slice().buffer);
-    const original = readModel(recognizer).graph!.node.find((n) => n.output[0] === 'conv2d_157.w_0')!.attribute[0].t!;
-    const w = new Float32Array(original.rawData.slice().buffer);
+    // The float weights quantizeModel quantizes: after its clean-up passes (the affine block after this conv scales them).
+    const prepared = new Graph(readModel(recognizer));
+    upgradeOpset(prepared, 14);
+    fuseHardSwish(prepared);
+    foldBatchNorm(prepared);
+    foldScalarAffine(prepared);
+    const w = floatData(prepared.constant(prepared.graph.node.find((n) => n.name === 'p2o.Conv.1')!.input[1])!)!;
     for (let c = 0; c < 16; c++) {
       let error = 0;
       for (let k = 0; k < 9; k++) error += values[c * 9 + k] * scales[c] - w[c * 9 + k];

@@ -10,6 +10,8 @@ import * as path from 'node:path';
 
 import { Graph } from '../onnx/graph';
 import { readModel, serializeModel } from '../onnx/model-io';
+import { foldBatchNorm } from '../onnx/passes/fold-batchnorm';
+import { foldScalarAffine } from '../onnx/passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from '../onnx/passes/fuse-hardswish';
 import { upgradeOpset } from '../onnx/passes/upgrade-opset';
 import { quantizeModel, type QuantizeModelOptions } from '../onnx/quantize-model';
@@ -30,11 +32,11 @@ export interface ModelsBenchOptions {
 // every run; with 'session.disable_quant_qdq' it folds them into float weights when the session loads.
 const FOLD_WEIGHTS = { disable_quant_qdq: '1' };
 
-// 'float' is the model as given; 'fused' is it after lowbit's float clean-up alone (hard-swish fused), which separates
-// what the clean-up gains from what quantization gains.
-const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'float' | 'fused', Record<string, string>?]> = [
+// 'float' is the model as given; 'cleaned' is it after lowbit's float clean-up alone (quantizeModel's passes before
+// quantization), which separates what the clean-up gains from what quantization gains.
+const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'float' | 'cleaned', Record<string, string>?]> = [
   ['float', 'float'],
-  ['float, hard-swish fused (no quantization)', 'fused'],
+  ['float, lowbit clean-up only (hard-swish fused, BN and scalar affines folded)', 'cleaned'],
   ['W8 (per channel), weights only', { weights: { bits: 8 } }],
   ['W8 (per channel), weights only, session.disable_quant_qdq', { weights: { bits: 8 } }, FOLD_WEIGHTS],
   ['W4 (block 32), weights only', { weights: { bits: 4, granularity: 'block' } }],
@@ -43,12 +45,14 @@ const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'float' | 'fused'
   ['W8A8, layer inputs and outputs (activations.outputs)', { weights: { bits: 8 }, activations: { bits: 8, outputs: true } }],
 ];
 
-/** The float model with its hard-swish patterns fused, as quantizeModel prepares it (opset 14 when there are any). */
-function hardSwishFused(file: string): Uint8Array {
+/** The float model after quantizeModel's float clean-up (hard-swish fused, BN and scalar affines folded), not quantized. */
+function cleanedUp(file: string): Uint8Array {
   const model = readModel(file);
   const graph = new Graph(model);
   if (hasHardSwishPattern(graph) && graph.opset < 14) upgradeOpset(graph, 14);
   fuseHardSwish(graph);
+  foldBatchNorm(graph);
+  foldScalarAffine(graph);
   return serializeModel(model);
 }
 
@@ -94,7 +98,7 @@ export async function modelLatencies(options: Pick<ModelsBenchOptions, 'threads'
   for (const m of models()) {
     const sessions = [];
     for (const [setting, q, sessionConfig] of SETTINGS) {
-      const bytes = q === 'float' ? new Uint8Array(fs.readFileSync(m.file)) : q === 'fused' ? hardSwishFused(m.file)
+      const bytes = q === 'float' ? new Uint8Array(fs.readFileSync(m.file)) : q === 'cleaned' ? cleanedUp(m.file)
         : (await quantizeModel(m.file, { ...(q as QuantizeModelOptions), ...(q.activations ? { calibration: m.feeds } : {}), evaluationFeeds: [] })).model;
       const session = await O.InferenceSession.create(bytes, {
         intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),

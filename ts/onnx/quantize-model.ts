@@ -19,6 +19,7 @@ import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, ty
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
+import { foldScalarAffine } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
@@ -355,6 +356,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   passes.push(await time('fuse-hardswish', () => fuseHardSwish(graph)));
   passes.push(await time('fold-batchnorm', () => foldBatchNorm(graph)));
+  passes.push(await time('fold-scalar-affine', () => foldScalarAffine(graph)));
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const gptq = opts.weights.rounding === 'gptq';

@@ -1,0 +1,135 @@
+/**
+ * Folds a scalar affine y = s·x + t (Mul by a one-element constant, then Add of
+ * one, either alone) into the Conv next to it — PP-LCNetV3's "learnable affine
+ * blocks" put one after almost every convolution and activation of the PP-OCRv4
+ * recognizer:
+ *   after a Conv:  W' = s·W, b' = s·b + t;
+ *   before a Conv that pads nothing:  W' = s·W, b' = b + t·Σ W[o, ·]  (every
+ *   input value moves by t, so each output by t times its weights' sum).
+ * Equal to float rounding. Why: each is two more passes over a feature map and,
+ * in a quantized model, float work between a DequantizeLinear and a
+ * QuantizeLinear that onnxruntime cannot fuse away.
+ * Not folded: a Conv that pads its input (the padding would read t, not 0), an
+ * intermediate read elsewhere or a graph output, non-constant or non-float
+ * weights.
+ */
+import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
+
+import { dimsOf, floatData, intsAttribute, attribute, makeTensor, type Graph } from '../graph';
+import { nodeLabel, type PassReport } from './pass';
+
+/**
+ * The one-element float constant (shape [] or [1], which broadcast without changing the other operand's
+ * shape) among a two-input node's inputs, and the other input; or undefined.
+ */
+function scalarOperand(graph: Graph, node: NodeProto): { value: number; other: string } | undefined {
+  if (node.input.length !== 2) return undefined;
+  for (const i of [1, 0]) {
+    const t = graph.constant(node.input[i]);
+    const data = t && dimsOf(t).length <= 1 && floatData(t);
+    if (data && data.length === 1) return { value: data[0], other: node.input[1 - i] };
+  }
+  return undefined;
+}
+
+/** Whether only `node` reads `value` and it is not a graph output. */
+function onlyReader(graph: Graph, value: string, node: NodeProto): boolean {
+  const readers = graph.consumers(value);
+  return readers.length === 1 && readers[0] === node && !graph.isGraphOutput(value);
+}
+
+/** The affine starting at `first` (a Mul by s, optionally followed by an Add of t, or an Add of t alone). */
+function affineFrom(graph: Graph, first: NodeProto): { input: string; s: number; t: number; nodes: NodeProto[] } | undefined {
+  const op = scalarOperand(graph, first);
+  if (!op) return undefined;
+  if (first.opType === 'Add') return { input: op.other, s: 1, t: op.value, nodes: [first] };
+  if (first.opType !== 'Mul') return undefined;
+  const readers = graph.consumers(first.output[0]);
+  const add = readers.length === 1 && readers[0].opType === 'Add' && !graph.isGraphOutput(first.output[0]) ? readers[0] : undefined;
+  const shift = add && scalarOperand(graph, add);
+  if (add && shift && shift.other === first.output[0]) return { input: op.other, s: op.value, t: shift.value, nodes: [first, add] };
+  return { input: op.other, s: op.value, t: 0, nodes: [first] };
+}
+
+function convWeights(graph: Graph, conv: NodeProto): { w: Float32Array; dims: number[]; b: Float32Array } | undefined {
+  const wt = graph.constant(conv.input[1]);
+  const w = wt && floatData(wt);
+  if (!w) return undefined;
+  const dims = dimsOf(wt!);
+  const bt = conv.input[2] ? graph.constant(conv.input[2]) : undefined;
+  const b = conv.input[2] ? bt && floatData(bt) : new Float32Array(dims[0]);
+  if (!b || b.length !== dims[0]) return undefined;
+  return { w, dims, b };
+}
+
+function setConvWeights(graph: Graph, conv: NodeProto, w: Float32Array, dims: number[], b: Float32Array): void {
+  const label = nodeLabel(conv);
+  const wName = graph.uniqueName(`${conv.input[1]}_affine_folded`);
+  const bName = graph.uniqueName(`${label}_affine_folded_bias`);
+  graph.addInitializer(makeTensor(wName, TensorProto_DataType.FLOAT, dims, new Uint8Array(w.buffer)));
+  graph.addInitializer(makeTensor(bName, TensorProto_DataType.FLOAT, [dims[0]], new Uint8Array(b.buffer)));
+  const [oldW, oldB] = [conv.input[1], conv.input[2]];
+  conv.input[1] = wName;
+  conv.input[2] = bName;
+  for (const name of [oldW, oldB]) if (name) graph.removeIfUnused(name);
+}
+
+function removeAffine(graph: Graph, nodes: NodeProto[]): void {
+  const constants = nodes.flatMap((n) => n.input).filter((i) => graph.constant(i));
+  for (const n of nodes) graph.graph.node.splice(graph.graph.node.indexOf(n), 1);
+  for (const c of new Set(constants)) graph.removeIfUnused(c);
+}
+
+const describe = (s: number, t: number) => `${Number(s.toPrecision(4))}·x${t === 0 ? '' : ` ${t < 0 ? '−' : '+'} ${Number(Math.abs(t).toPrecision(4))}`}`;
+
+export function foldScalarAffine(graph: Graph): PassReport {
+  const report: PassReport = { pass: 'fold-scalar-affine', changed: [], skipped: [] };
+  const seen = new Set<NodeProto>();  // the Add of a Mul → Add is not looked at again on its own
+  for (const first of [...graph.graph.node]) {
+    if (seen.has(first) || !graph.graph.node.includes(first) || (first.opType !== 'Mul' && first.opType !== 'Add')) continue;
+    const affine = affineFrom(graph, first);
+    if (!affine) continue;
+    affine.nodes.forEach((n) => seen.add(n));
+    const last = affine.nodes[affine.nodes.length - 1];
+    const { s, t } = affine;
+    // After a Conv: scale its filters and bias.
+    const producer = graph.producer(affine.input);
+    if (producer?.opType === 'Conv' && onlyReader(graph, affine.input, first)) {
+      const conv = convWeights(graph, producer);
+      if (conv) {
+        setConvWeights(graph, producer, Float32Array.from(conv.w, (v) => v * s), conv.dims, Float32Array.from(conv.b, (v) => v * s + t));
+        producer.output[0] = last.output[0];
+        removeAffine(graph, affine.nodes);
+        report.changed.push(`${nodeLabel(producer)}: the affine after it (${describe(s, t)}) folded into its weights and bias`);
+        continue;
+      }
+    }
+    // Before a Conv that pads nothing: scale its filters, shift its bias by t·ΣW.
+    const readers = graph.consumers(last.output[0]);
+    const next = readers.length === 1 && !graph.isGraphOutput(last.output[0]) ? readers[0] : undefined;
+    if (next?.opType !== 'Conv' || next.input[0] !== last.output[0]) continue;
+    const pads = intsAttribute(next, 'pads') ?? [];
+    const autoPad = attribute(next, 'auto_pad')?.s;
+    const autoPadding = autoPad && !['NOTSET', 'VALID'].includes(new TextDecoder().decode(autoPad));
+    if (pads.some((p) => p !== 0) || autoPadding) {
+      if (t !== 0) {
+        report.skipped.push({ node: nodeLabel(first), reason: `${nodeLabel(next)} pads its input, which would then read the shift ${Number(t.toPrecision(4))} instead of 0` });
+        continue;
+      }
+    }
+    const conv = convWeights(graph, next);
+    if (!conv) continue;
+    const per = conv.w.length / conv.dims[0];
+    const bias = Float32Array.from(conv.b, (b, o) => {
+      let sum = 0;
+      for (let i = o * per; i < (o + 1) * per; i++) sum += conv.w[i];
+      return b + t * sum;
+    });
+    setConvWeights(graph, next, Float32Array.from(conv.w, (v) => v * s), conv.dims, bias);
+    next.input[0] = affine.input;
+    removeAffine(graph, affine.nodes);
+    report.changed.push(`${nodeLabel(next)}: the affine before it (${describe(s, t)}) folded into its weights and bias`);
+  }
+  graph.sort();
+  return report;
+}
