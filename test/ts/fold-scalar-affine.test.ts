@@ -67,6 +67,12 @@ describe('fold-scalar-affine', () => {
     expect(m.graph!.initializer.map((t) => t.name).filter((n) => /^[st]\d$/.test(n))).to.deep.equal(['t3']);
     const feeds = normalFeeds(3, [1, 2, 7, 7], 8, 'input');
     expect(relativeGap(await run(bytes, feeds), await run(serializeModel(m), feeds))).to.be.lessThan(1e-5);
+    // With the Conv outputs quantized, the shift after conv1 stays an Add (its range would leave zero behind).
+    const kept = readModel(bytes);
+    const keptReport = foldScalarAffine(new Graph(kept), { shiftAfterConv: false });
+    expect(keptReport.changed[0]).to.equal("conv1: the affine after it (1.7·x) folded into its weights and bias; its shift -0.4 stays an Add (the layer's output is quantized)");
+    expect(kept.graph!.node.map((n) => n.opType)).to.deep.equal(['Conv', 'Add', 'Relu', 'Conv', 'Relu', 'Add', 'Conv']);
+    expect(relativeGap(await run(bytes, feeds), await run(serializeModel(kept), feeds))).to.be.lessThan(1e-5);
   });
 
   it('leaves a shape-changing constant and a Conv output read twice alone', () => {

@@ -356,7 +356,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   passes.push(await time('fuse-hardswish', () => fuseHardSwish(graph)));
   passes.push(await time('fold-batchnorm', () => foldBatchNorm(graph)));
-  passes.push(await time('fold-scalar-affine', () => foldScalarAffine(graph)));
+  passes.push(await time('fold-scalar-affine', () => foldScalarAffine(graph, { shiftAfterConv: !(opts.activations && opts.activations.outputs) })));
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const gptq = opts.weights.rounding === 'gptq';

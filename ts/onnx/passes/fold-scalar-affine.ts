@@ -82,8 +82,18 @@ function removeAffine(graph: Graph, nodes: NodeProto[]): void {
 
 const describe = (s: number, t: number) => `${Number(s.toPrecision(4))}·x${t === 0 ? '' : ` ${t < 0 ? '−' : '+'} ${Number(Math.abs(t).toPrecision(4))}`}`;
 
-export function foldScalarAffine(graph: Graph): PassReport {
+export interface ScalarAffineOptions {
+  /**
+   * Fold the shift t of an affine after a Conv into its bias (default true). With the Conv's output
+   * quantized (activations.outputs) the shift stays an Add: folded, it would move the quantized range away
+   * from zero, which an asymmetric range must still include, and cost resolution.
+   */
+  shiftAfterConv?: boolean;
+}
+
+export function foldScalarAffine(graph: Graph, options: ScalarAffineOptions = {}): PassReport {
   const report: PassReport = { pass: 'fold-scalar-affine', changed: [], skipped: [] };
+  const shiftAfterConv = options.shiftAfterConv ?? true;
   const seen = new Set<NodeProto>();  // the Add of a Mul → Add is not looked at again on its own
   for (const first of [...graph.graph.node]) {
     if (seen.has(first) || !graph.graph.node.includes(first) || (first.opType !== 'Mul' && first.opType !== 'Add')) continue;
@@ -96,11 +106,14 @@ export function foldScalarAffine(graph: Graph): PassReport {
     const producer = graph.producer(affine.input);
     if (producer?.opType === 'Conv' && onlyReader(graph, affine.input, first)) {
       const conv = convWeights(graph, producer);
-      if (conv) {
-        setConvWeights(graph, producer, Float32Array.from(conv.w, (v) => v * s), conv.dims, Float32Array.from(conv.b, (v) => v * s + t));
-        producer.output[0] = last.output[0];
-        removeAffine(graph, affine.nodes);
-        report.changed.push(`${nodeLabel(producer)}: the affine after it (${describe(s, t)}) folded into its weights and bias`);
+      const folded = shiftAfterConv || t === 0 ? affine.nodes : affine.nodes.filter((n) => n.opType === 'Mul');
+      if (conv && folded.length > 0) {
+        const shift = folded.length === affine.nodes.length ? t : 0;
+        setConvWeights(graph, producer, Float32Array.from(conv.w, (v) => v * s), conv.dims, Float32Array.from(conv.b, (v) => v * s + shift));
+        producer.output[0] = folded[folded.length - 1].output[0];
+        removeAffine(graph, folded);
+        report.changed.push(`${nodeLabel(producer)}: the affine after it (${describe(s, shift)}) folded into its weights and bias` +
+          (shift !== t ? `; its shift ${Number(t.toPrecision(4))} stays an Add (the layer's output is quantized)` : ''));
         continue;
       }
     }
