@@ -44,6 +44,16 @@ export class Graph {
     return undefined;
   }
 
+  /**
+   * The value of a one-element float constant of shape [] or [1] (which broadcasts without changing the
+   * other operand's shape), or undefined.
+   */
+  scalar(name: string | undefined): number | undefined {
+    const t = name ? this.constant(name) : undefined;
+    const data = t && t.dims.length <= 1 ? floatData(t) : undefined;
+    return data && data.length === 1 ? data[0] : undefined;
+  }
+
   producer(name: string): NodeProto | undefined {
     return this.graph.node.find((n) => n.output.includes(name));
   }

@@ -18,16 +18,12 @@ import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 import { dimsOf, floatData, intsAttribute, attribute, makeTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
-/**
- * The one-element float constant (shape [] or [1], which broadcast without changing the other operand's
- * shape) among a two-input node's inputs, and the other input; or undefined.
- */
+/** The scalar constant among a two-input node's inputs (Graph.scalar) and the other input; or undefined. */
 function scalarOperand(graph: Graph, node: NodeProto): { value: number; other: string } | undefined {
   if (node.input.length !== 2) return undefined;
   for (const i of [1, 0]) {
-    const t = graph.constant(node.input[i]);
-    const data = t && dimsOf(t).length <= 1 && floatData(t);
-    if (data && data.length === 1) return { value: data[0], other: node.input[1 - i] };
+    const value = graph.scalar(node.input[i]);
+    if (value !== undefined) return { value, other: node.input[1 - i] };
   }
   return undefined;
 }

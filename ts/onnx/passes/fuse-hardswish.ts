@@ -14,32 +14,25 @@
  */
 import type { NodeProto } from 'onnx-buf';
 
-import { floatAttribute, floatData, makeNode, type Graph } from '../graph';
+import { floatAttribute, makeNode, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
-
-/** The value of a one-element float constant, or undefined. */
-function scalar(graph: Graph, name: string | undefined): number | undefined {
-  const t = name ? graph.constant(name) : undefined;
-  const data = t && floatData(t);
-  return data && data.length === 1 ? data[0] : undefined;
-}
 
 /** The other input of a two-input node when one of them is the constant `value`. */
 function otherThanConstant(graph: Graph, node: NodeProto, value: number): string | undefined {
   if (node.input.length !== 2) return undefined;
-  if (scalar(graph, node.input[1]) === value) return node.input[0];
-  if (scalar(graph, node.input[0]) === value) return node.input[1];
+  if (graph.scalar(node.input[1]) === value) return node.input[0];
+  if (graph.scalar(node.input[0]) === value) return node.input[1];
   return undefined;
 }
 
 function clipBounds(graph: Graph, clip: NodeProto): [number | undefined, number | undefined] {
-  if (clip.input.length > 1) return [scalar(graph, clip.input[1]), scalar(graph, clip.input[2])];
+  if (clip.input.length > 1) return [graph.scalar(clip.input[1]), graph.scalar(clip.input[2])];
   return [floatAttribute(clip, 'min', -3.4028234663852886e38), floatAttribute(clip, 'max', 3.4028234663852886e38)];
 }
 
 /** The Add, Clip, Mul (and the divide) computing hard-swish of `x` ending at `last`, or undefined. */
 function match(graph: Graph, last: NodeProto): { x: string; nodes: NodeProto[] } | undefined {
-  const byDivide = last.opType === 'Div' && scalar(graph, last.input[1]) === 6;
+  const byDivide = last.opType === 'Div' && graph.scalar(last.input[1]) === 6;
   const byProduct = last.opType === 'Mul' && otherThanConstant(graph, last, Math.fround(1 / 6)) !== undefined;
   if (!byDivide && !byProduct) return undefined;
   const product = graph.producer(byDivide ? last.input[0] : otherThanConstant(graph, last, Math.fround(1 / 6))!);
