@@ -89,13 +89,42 @@ describe('layer outputs quantized (activations.outputs) on the bundled MNIST CNN
     const float = await mnistAccuracy(new Uint8Array(fs.readFileSync(model)), 2000);
     const inputsOnly = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8 }, calibration, evaluationFeeds: [] });
     const withOutputs = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, outputs: true }, calibration, evaluationFeeds: [] });
-    // conv1 (BN folded) → Relu → MaxPool → conv2 → Relu → … → Gemm (the model's output stays float).
-    const convOutputs = readModel(withOutputs.model).graph!.node.filter((n) => n.opType === 'Conv').map((n) => n.output[0]);
-    expect(withOutputs.report.activations.map((a) => a.tensor)).to.include.members(convOutputs);
     // Without it only conv1 is fused: onnxruntime moves conv2's input Q/DQ back across MaxPool and Relu onto conv1's output.
     expect((await optimizedOps(inputsOnly.model)).filter((op) => op === 'QLinearConv')).to.have.length(1);
     expect((await optimizedOps(withOutputs.model)).filter((op) => op === 'QLinearConv')).to.have.length(2);
     expect(Math.abs((await mnistAccuracy(withOutputs.model, 2000)) - float)).to.be.at.most(0.003);
+  });
+
+  it('quantizes conv outputs after their Relu and shares the parameters through MaxPool and Flatten: onnxruntime removes the Relus', async () => {
+    // conv1 (BN folded) → Relu → MaxPool → conv2 → Relu → MaxPool → Flatten → Gemm (the model's output stays float).
+    const { model: q, report } = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, outputs: true }, calibration, evaluationFeeds: [] });
+    const graph = readModel(q).graph!;
+    const producer = (t: string) => graph.node.find((n) => n.output.includes(t));
+    const quantizers = graph.node.filter((n) => n.opType === 'QuantizeLinear');
+    const quantizedBy = (op: string) => quantizers.filter((n) => producer(n.input[0])?.opType === op);
+    expect(quantizedBy('Relu')).to.have.length(2);
+    expect(quantizedBy('Conv')).to.have.length(0);
+    expect(quantizedBy('MaxPool')).to.have.length(2);
+    expect(quantizedBy('Flatten')).to.have.length(1);
+    // Each MaxPool/Flatten quantizer uses its input's scale and zero point: DequantizeLinear → op → QuantizeLinear, one pair.
+    for (const qn of [...quantizedBy('MaxPool'), ...quantizedBy('Flatten')]) {
+      const dq = producer(producer(qn.input[0])!.input[0])!;
+      expect(dq.opType).to.equal('DequantizeLinear');
+      const bytes = (names: string[]) => names.map((t) => Array.from(graph.initializer.find((i) => i.name === t)!.rawData));
+      expect(bytes(qn.input.slice(1))).to.deep.equal(bytes(dq.input.slice(1)));
+    }
+    // Relu outputs: zero point 0, so the quantizer clamps as the Relu does.
+    for (const a of report.activations.filter((x) => quantizedBy('Relu').some((n) => n.input[0] === x.tensor))) expect(a.zeroPoint).to.equal(0);
+    expect(report.passes.find((p) => p.pass === 'output-placement')!.changed).to.have.length(5);
+    const ops = await optimizedOps(q);
+    expect(ops.filter((op) => op === 'Relu')).to.have.length(0);
+    expect(ops.filter((op) => op === 'QLinearConv')).to.have.length(2);
+    // Signed (symmetric) activations: the zero point is not the minimum, onnxruntime would keep the Relu; quantized before it.
+    const signed = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, signed: true, outputs: true }, calibration, evaluationFeeds: [] });
+    const placement = signed.report.passes.find((p) => p.pass === 'output-placement')!;
+    expect(placement.skipped.map((s) => s.node)).to.deep.equal(['conv1', 'conv2']);
+    expect(placement.skipped[0].reason).to.match(/signed activations/);
+    expect(placement.changed).to.have.length(0);
   });
 
   it('weights.reduceRange keeps 8-bit weight values in [-64, 63] (also with GPTQ and bit allocation), within 0.3 points of float', async () => {
@@ -157,9 +186,10 @@ describe('pipeline methods on the bundled MNIST CNN', () => {
     expect(edges8.report.layers.map((l) => l.bits)).to.deep.equal([8, 4, 8]);
     // conv1 reads the model input, conv2 the pooled conv1 output, the Gemm the flattened features.
     expect(bitsOf(edges8.report).map(([, bits]) => bits)).to.deep.equal([8, 4, 8]);
-    // With outputs: conv1's and conv2's outputs at 4 bits; the Gemm's output is the model's (float).
+    // With outputs: conv1's and conv2's outputs (after their Relus) at 4 bits, the second pooled one sharing its input's 4 bits,
+    // the flattened features (the Gemm's input) at their own 8 bits; the Gemm's output is the model's (float).
     const outputs = await quantizeModel(model, { weights: { bits: 4 }, activations: { bits: 4, outputs: true }, calibration, evaluationFeeds: [] });
-    expect(bitsOf(outputs.report)).to.deep.equal([['input', 8], ['p1', 4], ['flat', 8], ['b1', 4], ['b2', 4]]);
+    expect(bitsOf(outputs.report)).to.deep.equal([['input', 8], ['p1', 4], ['flat', 8], ['r1', 4], ['r2', 4], ['p2', 4]]);
     // Per layer, as the report's layer table shows them: input bits and clip, and output bits.
     expect(outputs.report.layers.map((l) => [l.input?.bits, l.outputActivation?.bits])).to.deep.equal([[8, 4], [4, 4], [8, undefined]]);
     expect(outputs.report.layers[1].input!.range).to.deep.equal(outputs.report.activations.find((a) => a.tensor === 'p1')!.range);

@@ -24,6 +24,7 @@ import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
+import { placeOutputQuantizers } from './passes/output-placement';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import { nextTurn, runStepsAsync, type PassReport } from './passes/pass';
 import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
@@ -371,7 +372,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t));
   // With `outputs`, the layers' outputs too (not the model's outputs, which stay float).
-  const layerOutputs = opts.activations && opts.activations.outputs ? targets.map((n) => n.output[0]).filter((t) => !graph.isGraphOutput(t)) : [];
+  // after a Relu/Clip where there is one, and shared through data-movement ops (see output-placement).
+  const placement = opts.activations && opts.activations.outputs ? placeOutputQuantizers(graph, targets, opts.activations.signed ?? false) : undefined;
+  if (placement) passes.push(placement.report);
+  const layerOutputs = placement ? placement.calibrated : [];
   const tensors = opts.activations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
   // The layers whose input statistics calibration can gather, with what their weights meet.
   const withData = targets.filter((n) => !graph.constant(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
@@ -386,7 +390,9 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // input and the classifier's features, which ACIQ's authors also keep at 8 bits; with `outputs`, the last layer's
   // output (the logits) as well.
   const last = targets[targets.length - 1];
-  const edgeTensors = new Set([targets[0].input[0], last.input[0], last.output[0]]);
+  const edgeTensors = new Set([targets[0].input[0], last.input[0], placement?.quantizedOutput.get(nodeLabel(last)) ?? last.output[0]]);
+  // Tensors quantized for every consumer: the layer outputs, and what shares their parameters.
+  const everyConsumer = new Set(layerOutputs);
   const ranges = new Map<string, { lo: number; hi: number; bits: number }>();
   const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter(({ n }) => moments.has(nodeLabel(n))).map(({ n }) => {
     const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
@@ -412,6 +418,13 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
         const bits = edgeTensors.has(t) ? edgeBits : opts.activations.bits;
         ranges.set(t, { ...result.observers.get(t)!.range(bits), bits });
         await nextTurn();  // a KL or ACIQ search per tensor
+      }
+      for (const { tensor, source } of placement?.shared ?? []) {
+        const from = ranges.get(source);
+        // The last layer's input keeps its own (wider) 8 bits rather than a narrower source's.
+        if (!from || (edgeTensors.has(tensor) && from.bits < edgeBits)) continue;
+        ranges.set(tensor, from);
+        everyConsumer.add(tensor);
       }
     }
     if (secondPass) {
@@ -448,13 +461,13 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     if (dataBiasCorrection) passes.push(await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments))));
     if (opts.activations) {
       const act = await time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
-        a.signed ?? false, microsoftDomainFallback !== undefined, new Set(layerOutputs)));
+        a.signed ?? false, microsoftDomainFallback !== undefined, everyConsumer));
       passes.push(act.report);
       activations = act.activations;
       const byTensor = new Map(activations.map((x) => [x.tensor, { bits: x.bits, range: x.range }]));
       for (const l of layers) {
         const input = byTensor.get(inputs.get(l.node)!);
-        const output = byTensor.get(l.output);
+        const output = byTensor.get(placement?.quantizedOutput.get(l.node) ?? l.output);
         if (input) l.input = input;
         if (output) l.outputActivation = output;
       }

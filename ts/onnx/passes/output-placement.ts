@@ -1,0 +1,64 @@
+/**
+ * Where the layers' outputs are quantized with `activations.outputs`, placed so that
+ * onnxruntime can run the chain on integers:
+ * - after a Relu or Clip that is a layer output's only consumer, instead of before it. With
+ *   unsigned activations the quantizer then clamps at zero itself (zero point 0), onnxruntime
+ *   removes the Relu/Clip and fuses DequantizeLinear → Conv → QuantizeLinear into QLinearConv;
+ *   and none of the 8-bit codes is spent on negative values that the Relu would discard.
+ * - after a data-movement op (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze) whose
+ *   input is quantized for every consumer: its output reuses the input's scale and zero point,
+ *   so the pair costs nothing (the op picks or moves codes; re-quantizing them is exact) and
+ *   onnxruntime drops it and runs the op on the 8-bit codes.
+ * This only plans (which tensors, with whose parameters); quantize-activations inserts the nodes.
+ */
+import type { NodeProto } from 'onnx-buf';
+
+import type { Graph } from '../graph';
+import { nodeLabel, type PassReport } from './pass';
+
+/** Ops that select or move values without computing new ones, for which onnxruntime drops a DQ → op → Q with equal parameters. */
+const MOVES_CODES = new Set(['MaxPool', 'Reshape', 'Flatten', 'Transpose', 'Squeeze', 'Unsqueeze']);
+
+export interface OutputPlacement {
+  /** Per quantized layer (label), the tensor its output is quantized at. */
+  quantizedOutput: Map<string, string>;
+  /** Tensors to quantize for every consumer, from calibration. */
+  calibrated: string[];
+  /** Tensors to quantize for every consumer with the parameters of another (output → input of a MOVES_CODES op), in graph order. */
+  shared: Array<{ tensor: string; source: string }>;
+  report: PassReport;
+}
+
+/**
+ * `targets`: the quantized layers in topological order; `signed`: signed (symmetric) activations, whose zero point
+ * is not the type's minimum, so onnxruntime would not remove the Relu and quantizing after it would lose the fusion.
+ */
+export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed: boolean): OutputPlacement {
+  const report: PassReport = { pass: 'output-placement', changed: [], skipped: [] };
+  const quantizedOutput = new Map<string, string>();
+  for (const n of targets) {
+    const out = n.output[0];
+    if (graph.isGraphOutput(out)) continue;
+    const consumers = graph.consumers(out);
+    const clamp = consumers.length === 1 && (consumers[0].opType === 'Relu' || consumers[0].opType === 'Clip') ? consumers[0] : undefined;
+    if (clamp && !signed && !graph.isGraphOutput(clamp.output[0])) {
+      quantizedOutput.set(nodeLabel(n), clamp.output[0]);
+      report.changed.push(`${nodeLabel(n)}: output quantized after its ${clamp.opType} '${nodeLabel(clamp)}'`);
+    } else {
+      quantizedOutput.set(nodeLabel(n), out);
+      if (clamp) report.skipped.push({ node: nodeLabel(n), reason: `output quantized before its ${clamp.opType}: ${signed ? 'signed activations (zero point not the minimum, onnxruntime keeps the clamp)' : 'the clamp\'s output is a model output'}` });
+    }
+  }
+  const calibrated = [...new Set(quantizedOutput.values())];
+  const everyConsumer = new Set(calibrated);
+  const shared: OutputPlacement['shared'] = [];
+  for (const node of graph.topologicalOrder()) {
+    if (!MOVES_CODES.has(node.opType) || !everyConsumer.has(node.input[0]) || node.output.length !== 1) continue;
+    const out = node.output[0];
+    if (graph.isGraphOutput(out) || everyConsumer.has(out)) continue;
+    shared.push({ tensor: out, source: node.input[0] });
+    everyConsumer.add(out);
+    report.changed.push(`${nodeLabel(node)}: output shares its input's quantization (onnxruntime runs it on the codes)`);
+  }
+  return { quantizedOutput, calibrated, shared, report };
+}
