@@ -17,7 +17,7 @@ import { layerInput, quantizeWeights } from '../../ts/onnx/passes/quantize-weigh
 import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
-import { readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
+import { cloneSharingData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { buildModel, heInit } from '../helpers/onnx-builder';
@@ -484,13 +484,13 @@ describe('QDQ weights equal fake-quantized float weights', () => {
     upgradeOpset(g, 21);
     foldBatchNorm(g);
     const fake = new Graph(readModel(serializeModel(g.model)));
-    const { weights } = quantizeWeights(g, { bits: 4, granularity: 'block', blockSize: 32, method: 'minmax', firstLastLayerBits: 8 });
+    const { weights } = quantizeWeights(g, { bits: 4, granularity: 'block', blockSize: 32, method: 'minmax', firstLastLayerBits: 8, keepValues: true });
     const byLabel = new Map(weights.map((w) => [w.node, w]));
     for (const n of fake.graph.node) {
       const w = byLabel.get(n.name);
       if (!w) continue;
       const t = fake.constant(n.input[1])!;
-      t.rawData = new Uint8Array(w.dequantized.slice().buffer);
+      t.rawData = new Uint8Array(w.dequantized!.slice().buffer);
       t.floatData = [];
     }
     const feed = normalFeeds(1, [1, 3, 48, 192], 9)[0].x;
@@ -560,9 +560,53 @@ describe('external data', () => {
     const b = await (await O.InferenceSession.create(inline.model)).run({ x: new O.Tensor('float32', feed.data, feed.dims) });
     const name = Object.keys(a)[0];
     expect(Array.from(a[name].data as Float32Array)).to.deep.equal(Array.from(b[name].data as Float32Array));
-    // And lowbit reads it back through the external file.
-    expect(readModel(out).graph!.initializer.every((t) => t.dataLocation === 0)).to.equal(true);
+    // And lowbit reads it back through the external file: every tensor its own bytes.
+    const back = readModel(out).graph!.initializer;
+    expect(back.every((t) => t.dataLocation === 0)).to.equal(true);
+    const original = readModel(inline.model).graph!.initializer;
+    expect(back.map((t) => Buffer.from(t.rawData).toString('base64'))).to.deep.equal(original.map((t) => Buffer.from(t.rawData).toString('base64')));
     fs.rmSync(dir, { recursive: true });
+  });
+
+  it('a data file too short for a tensor is an OnnxModelError naming the tensor, not short weights', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ext-'));
+    const out = path.join(dir, 'cls.q.onnx');
+    await quantizeModel(classifier, { weights: { bits: 8 }, outputPath: out, externalData: true, evaluationFeeds: [] });
+    const data = fs.readFileSync(`${out}.data`);
+    fs.writeFileSync(`${out}.data`, data.subarray(0, data.length - 100));
+    expect(() => readModel(out)).to.throw(OnnxModelError, /Tensor .*: its external data \(offset \d+, length \d+\) lies outside .*cls\.q\.onnx\.data \(\d+ bytes\): the data file is truncated/);
+    fs.rmSync(`${out}.data`);
+    expect(() => readModel(out)).to.throw(OnnxModelError, /its external data file .* cannot be read/);
+    fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describe('large models', () => {
+  it('quantizing does not copy the weights into the retained results unless bias correction needs them; evaluationFeeds [] skips the evaluation', async () => {
+    const { report } = await quantizeModel(classifier, { weights: { bits: 8 }, evaluationFeeds: [] });
+    expect(report.evaluation).to.equal(undefined);
+    expect(report.timingsMs.evaluate).to.equal(undefined);
+    expect(report.layers.every((l) => l.outputSqnrDb === undefined)).to.equal(true);
+    const g = new Graph(readModel(classifier));
+    expect(quantizeWeights(g, { bits: 8, granularity: 'channel', method: 'minmax' }).weights.every((w) => !w.original && !w.dequantized)).to.equal(true);
+  });
+
+  it('cloneSharingData copies the graph but shares the initializers\' bytes', () => {
+    // The recognizer keeps its weights in Constant nodes, the MNIST CNN in initializers.
+    for (const file of [recognizer, path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx')]) {
+      const model = readModel(file);
+      const copy = cloneSharingData(model);
+      const stored = (m: typeof model) => [...m.graph!.initializer, ...m.graph!.node.filter((n) => n.opType === 'Constant').map((n) => n.attribute[0].t!)];
+      const big = stored(model).findIndex((t) => t.rawData.length > 1000);
+      expect(big).to.be.at.least(0);
+      expect(stored(copy)[big].rawData).to.equal(stored(model)[big].rawData);
+      expect(stored(copy)[big]).not.to.equal(stored(model)[big]);
+      copy.graph!.node.splice(0, 1);
+      stored(copy)[big].name = 'renamed';
+      expect(model.graph!.node.length).to.equal(copy.graph!.node.length + 1);
+      expect(stored(model)[big].name).not.to.equal('renamed');
+      expect(Buffer.from(serializeModel(readModel(file))).equals(Buffer.from(serializeModel(model)))).to.equal(true);
+    }
   });
 });
 
@@ -630,7 +674,7 @@ describe('data-driven bias correction', () => {
       const conv = graph.graph.node[0];
       const moments = new LayerInputMoments(layerInput(graph, conv));
       for (const f of feeds) moments.observe(f, [1, 2, 3, 8]);
-      const { weights } = quantizeWeights(graph, { bits: 4, granularity: 'channel', method: 'minmax' });
+      const { weights } = quantizeWeights(graph, { bits: 4, granularity: 'channel', method: 'minmax', keepValues: true });
       if (correct) expect(correctBiases(graph, weights, new Map([['conv0', moments]])).changed.length).to.equal(1);
       return serializeModel(graph.model);
     };

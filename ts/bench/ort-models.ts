@@ -31,10 +31,10 @@ export function ort(): typeof Ort {
  * An onnxruntime session on `model`; when onnxruntime rejects the model, an
  * OnnxModelError that says which model (`what`), onnxruntime's reason and what to do.
  */
-export async function openSession(model: Uint8Array, options: Ort.InferenceSession.SessionOptions, what: string, remedy: string): Promise<Ort.InferenceSession> {
+export async function openSession(model: Uint8Array | string, options: Ort.InferenceSession.SessionOptions, what: string, remedy: string): Promise<Ort.InferenceSession> {
   const O = ort();
   try {
-    return await O.InferenceSession.create(model, options);
+    return await (typeof model === 'string' ? O.InferenceSession.create(model, options) : O.InferenceSession.create(model, options));
   } catch (e) {
     throw new OnnxModelError(`onnxruntime cannot load ${what}: ${(e as Error).message.split('\n')[0]}. ${remedy}`);
   }

@@ -4,7 +4,7 @@
  * streaming observer; nothing but the observers' fixed state is kept between
  * batches, so memory does not grow with the number of batches.
  */
-import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
+import { create, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type ModelProto } from 'onnx-buf';
@@ -12,7 +12,7 @@ import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type Mode
 import { openSession, ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
-import { OnnxModelError } from './model-io';
+import { cloneSharingData, OnnxModelError } from './model-io';
 import { nextTurn } from './passes/pass';
 
 export type Feed = Record<string, { data: Float32Array; dims: readonly number[] }>;
@@ -100,7 +100,7 @@ export function* npyFolderFeeds(folder: string): Generator<Feed> {
 
 /** A copy of the model with extra float outputs (for calibration and per-layer comparisons). */
 export function withOutputs(model: ModelProto, names: string[]): Uint8Array {
-  const copy = fromBinary(ModelProtoSchema, toBinary(ModelProtoSchema, model));
+  const copy = cloneSharingData(model);
   const existing = new Set(copy.graph!.output.map((o) => o.name));
   for (const name of names) {
     if (existing.has(name)) continue;

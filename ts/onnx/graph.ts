@@ -191,7 +191,18 @@ export function floatScalarTensor(name: string, value: number): TensorProto {
  * whose data do not fill its dims exactly is a corrupted model (OnnxModelError).
  */
 export function floatData(t: TensorProto): Float32Array | undefined {
-  if (t.dataType !== TensorProto_DataType.FLOAT) return undefined;
+  if (!isFloatTensor(t)) return undefined;
+  if (t.rawData.length === 0) return Float32Array.from(t.floatData);
+  // A copy (the callers own what they get); Float32Array.set copies aligned data fastest.
+  const out = new Float32Array(t.rawData.length / 4);
+  if (t.rawData.byteOffset % 4 === 0) out.set(new Float32Array(t.rawData.buffer, t.rawData.byteOffset, out.length));
+  else new Uint8Array(out.buffer).set(t.rawData);
+  return out;
+}
+
+/** Whether a tensor holds float32 data, without copying it; throws OnnxModelError when the data do not fill its dims. */
+export function isFloatTensor(t: TensorProto): boolean {
+  if (t.dataType !== TensorProto_DataType.FLOAT) return false;
   const count = t.dims.reduce((a, d) => a * Number(d), 1);
   const held = t.rawData.length > 0 ? t.rawData.length / 4 : t.floatData.length;
   if (held !== count) {
@@ -199,8 +210,7 @@ export function floatData(t: TensorProto): Float32Array | undefined {
     throw new OnnxModelError(`Tensor '${t.name}' holds ${what}, but its dims [${dimsOf(t).join(', ')}] need ${count} float32 values` +
       `${t.rawData.length > 0 ? ` (${count * 4} bytes)` : ''}: the model file is corrupted or was written wrongly; re-export it.`);
   }
-  if (t.rawData.length > 0) return new Float32Array(Uint8Array.from(t.rawData).buffer);
-  return Float32Array.from(t.floatData);
+  return true;
 }
 
 export function dimsOf(t: TensorProto): number[] {

@@ -6,7 +6,7 @@
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, type ModelProto } from 'onnx-buf';
+import { ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, type ModelProto, type TensorProto } from 'onnx-buf';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
 export class OnnxModelError extends Error {
@@ -51,23 +51,69 @@ export function readModel(input: string | Uint8Array): ModelProto {
 }
 
 function loadExternalData(model: ModelProto, folder: string | undefined): void {
-  for (const t of model.graph!.initializer) {
-    if (t.dataLocation !== TensorProto_DataLocation.EXTERNAL) continue;
-    const entry = Object.fromEntries(t.externalData.map((e) => [e.key, e.value]));
-    if (!folder) throw new OnnxModelError(`Tensor ${t.name} keeps its data in an external file (${entry.location}); pass the model as a file path so it can be found.`);
-    const file = path.resolve(folder, entry.location ?? '');
-    if (!file.startsWith(path.resolve(folder))) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);
-    const offset = Number(entry.offset ?? 0);
-    let data: Buffer;
-    try {
-      const all = fs.readFileSync(file);
-      data = all.subarray(offset, entry.length === undefined ? undefined : offset + Number(entry.length));
-    } catch {
-      throw new OnnxModelError(`Tensor ${t.name}: its external data file ${file} cannot be read.`);
+  // Each tensor reads its own bytes at its offset: reading the whole file per tensor made a model of n tensors
+  // read its data file n times.
+  const files = new Map<string, { fd: number; size: number }>();
+  try {
+    for (const t of model.graph!.initializer) {
+      if (t.dataLocation !== TensorProto_DataLocation.EXTERNAL) continue;
+      const entry = Object.fromEntries(t.externalData.map((e) => [e.key, e.value]));
+      if (!folder) throw new OnnxModelError(`Tensor ${t.name} keeps its data in an external file (${entry.location}); pass the model as a file path so it can be found.`);
+      const file = path.resolve(folder, entry.location ?? '');
+      if (!file.startsWith(path.resolve(folder))) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);
+      let opened = files.get(file);
+      if (!opened) {
+        try {
+          const fd = fs.openSync(file, 'r');
+          opened = { fd, size: fs.fstatSync(fd).size };
+        } catch {
+          throw new OnnxModelError(`Tensor ${t.name}: its external data file ${file} cannot be read.`);
+        }
+        files.set(file, opened);
+      }
+      const offset = Number(entry.offset ?? 0);
+      const length = entry.length === undefined ? opened.size - offset : Number(entry.length);
+      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > opened.size) {
+        throw new OnnxModelError(`Tensor ${t.name}: its external data (offset ${entry.offset ?? 0}, length ${entry.length ?? 'to the end'}) lies outside ` +
+          `${file} (${opened.size} bytes): the data file is truncated or belongs to another model.`);
+      }
+      const data = new Uint8Array(length);
+      for (let read = 0; read < length;) {
+        const n = fs.readSync(opened.fd, data, read, length - read, offset + read);
+        if (n === 0) throw new OnnxModelError(`Tensor ${t.name}: ${file} ended while reading its data (was it changed while being read?).`);
+        read += n;
+      }
+      t.rawData = data;
+      t.dataLocation = TensorProto_DataLocation.DEFAULT;
+      t.externalData = [];
     }
-    t.rawData = new Uint8Array(data);
-    t.dataLocation = TensorProto_DataLocation.DEFAULT;
-    t.externalData = [];
+  } finally {
+    for (const { fd } of files.values()) fs.closeSync(fd);
+  }
+}
+
+/** The model's stored tensors: initializers, then Constant nodes' values, in graph order. */
+function storedTensors(model: ModelProto): TensorProto[] {
+  const constants = model.graph!.node.filter((n) => n.opType === 'Constant')
+    .map((n) => n.attribute.find((a) => a.name === 'value')?.t).filter((t): t is TensorProto => t !== undefined);
+  return [...model.graph!.initializer, ...constants];
+}
+
+/**
+ * A deep copy of the model whose stored tensors (initializers, Constant values) share their data bytes with the
+ * original's: a large model's weights are not copied. Safe because lowbit's passes give a tensor new rawData,
+ * never write into it.
+ */
+export function cloneSharingData(model: ModelProto): ModelProto {
+  const tensors = storedTensors(model);
+  const held = tensors.map((t) => t.rawData);
+  for (const t of tensors) t.rawData = new Uint8Array(0);
+  try {
+    const copy = fromBinary(ModelProtoSchema, toBinary(ModelProtoSchema, model));
+    storedTensors(copy).forEach((t, i) => (t.rawData = held[i]));
+    return copy;
+  } finally {
+    tensors.forEach((t, i) => (t.rawData = held[i]));
   }
 }
 

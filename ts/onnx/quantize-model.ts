@@ -5,16 +5,15 @@
  * layers (per tensor, 8/4 bits), then compares the result with the float model
  * in onnxruntime-node.
  */
-import { fromBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ModelProtoSchema, type ModelProto } from 'onnx-buf';
+import type { ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { hasOrt, openSession, ort } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { floatData, Graph } from './graph';
-import { checkOutputPath, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
+import { checkOutputPath, cloneSharingData, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
 import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
@@ -87,7 +86,10 @@ export interface QuantizeModelOptions {
   keepFloat?: string[];
   /** Bits of the first and last quantized layers (their weights; at 8, also their input activations). Default 8. */
   firstLastLayerBits?: number;
-  /** Feeds to compare float and quantized outputs on; default: one random normal input per graph input. */
+  /**
+   * Feeds to compare float and quantized outputs on; default: the first calibration batches, or two random normal
+   * inputs. An empty array skips the evaluation (no onnxruntime sessions: for large models, or when timing).
+   */
   evaluationFeeds?: Array<Record<string, { data: Float32Array; dims: number[] }>>;
   /** Write the quantized model here (atomically). */
   outputPath?: string;
@@ -264,10 +266,10 @@ function canReadTwice(data: CalibrationData): boolean {
 }
 
 /** Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds. */
-export async function compareOutputs(floatBytes: Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
+export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
   const O = ort();
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  const floatSession = await openSession(floatBytes, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.');
+  const floatSession = await openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.');
   const quantSession = await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG);
   const sums = new Map<string, { cos: number; agree: number; ranked: number }>();
   for (const feeds of feedsList) {
@@ -328,7 +330,6 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     return r;
   };
   const model = await time('read', () => readModel(input));
-  const floatBytes = input instanceof Uint8Array ? input : serializeModel(model);
   const graph = new Graph(model);
   await time('validate', () => graph.topologicalOrder());
   const passes: PassReport[] = [];
@@ -361,7 +362,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const gptq = opts.weights.rounding === 'gptq';
-  const prepared = fromBinary(ModelProtoSchema, serializeModel(model));
+  const prepared = cloneSharingData(model);
   // Calibration runs the prepared float model before the weights are quantized: GPTQ rounding needs its input statistics.
   const targets = quantizableLayers(graph, opts.keepFloat);
   if (targets.length === 0) {
@@ -446,7 +447,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
-    rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
+    rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange, keepValues: dataBiasCorrection,
   })));
   passes.push(weightReport);
   // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.
@@ -490,11 +491,12 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
     ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,
   };
-  if (hasOrt() && fitsOneFile) {
+  const feeds = opts.evaluationFeeds ?? sample ?? [randomFeeds(model, 1), randomFeeds(model, 2)];
+  if (hasOrt() && fitsOneFile && feeds.length > 0) {
     opts.onProgress?.('evaluate');
     const t0 = performance.now();
-    const feeds = opts.evaluationFeeds ?? sample ?? [randomFeeds(model, 1), randomFeeds(model, 2)];
-    report.evaluation = await compareOutputs(floatBytes, bytes, feeds);
+    // The float model as given: its file (onnxruntime reads external data next to it) or its bytes.
+    report.evaluation = await compareOutputs(input, bytes, feeds);
     await layerSqnr(prepared, model, layers, feeds);
     timings.evaluate = performance.now() - t0;
   }

@@ -30,6 +30,8 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
       report.skipped.push({ node: w.node, reason: 'no calibrated input mean' });
       continue;
     }
+    if (!w.original || !w.dequantized) throw new Error(`bias correction of ${w.node}: quantizeWeights ran without keepValues`);
+    const { original, dequantized } = w;
     const view = matrixView(node, w.shape, w.outputAxis);
     const means = m.means();
     const out = view.rows;
@@ -39,7 +41,7 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
       let s = 0;
       for (let k = 0; k < view.columns; k++) {
         const idx = o * view.rowStride + k * view.columnStride;
-        s += (w.original[idx] - w.dequantized[idx]) * mean[k];
+        s += (original[idx] - dequantized[idx]) * mean[k];
       }
       shift[o] = s;
     }

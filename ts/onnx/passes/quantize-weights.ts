@@ -7,7 +7,7 @@
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import { OnnxModelError } from '../model-io';
-import { dimsOf, floatData, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { dimsOf, floatData, intAttribute, isFloatTensor, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
 import { preserveRunSums } from '../../methods/sum-preserving';
@@ -54,6 +54,8 @@ export interface WeightQuantization {
   moments?: Map<string, LayerInputMoments>;
   /** 8-bit layers take 7-bit values (stored as int8), as onnxruntime's reduce_range: no int16 saturation in u8×s8 kernels without VNNI. */
   reduceRange?: boolean;
+  /** Keep each layer's float and dequantized weights in the result (for data-driven bias correction). */
+  keepValues?: boolean;
 }
 
 export interface WeightLayerReport {
@@ -76,13 +78,14 @@ export interface WeightLayerReport {
   outputActivation?: { bits: number; range: [number, number] };
 }
 
-/** Float and dequantized weights of each quantized layer, for bias correction. */
+/** What bias correction and int32 biases need of each quantized layer. */
 export interface QuantizedWeights {
   node: string;
   shape: number[];
   outputAxis: number;
-  original: Float32Array;
-  dequantized: Float32Array;
+  /** Float and dequantized weights, with `keepValues` only (two float copies of every layer's weights). */
+  original?: Float32Array;
+  dequantized?: Float32Array;
   /** Weight scales per output channel (per-channel granularity only). */
   channelScales?: Float32Array;
 }
@@ -136,7 +139,7 @@ export function quantizableLayers(graph: Graph, keepFloat: string[] = []): NodeP
   return graph.topologicalOrder().filter((n) => {
     if (!QUANTIZABLE.has(n.opType) || keep.has(n.name) || keep.has(n.opType)) return false;
     const w = graph.constant(n.input[1]);
-    return !!w && !!floatData(w) && !!layout(n.opType, dimsOf(w), intAttribute(n, 'transB', 0));
+    return !!w && isFloatTensor(w) && !!layout(n.opType, dimsOf(w), intAttribute(n, 'transB', 0));
   });
 }
 
@@ -270,7 +273,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       output: node.output[0],
     };
     weights.push({
-      node: label, shape: dims, outputAxis: axes.outputAxis, original: data.slice(), dequantized: dequantize(q),
+      node: label, shape: dims, outputAxis: axes.outputAxis, ...(options.keepValues ? { original: data, dequantized: dequantize(q) } : {}),
       ...(blocked ? {} : { channelScales: perTensor ? new Float32Array(dims[axes.outputAxis]).fill(q.scale[0]) : q.scale }),
     });
     layers.push(layer);
