@@ -7,7 +7,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { benchGemm, benchModels, benchQuantize, benchTrain, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
+import { benchGemm, benchLargeModel, benchModels, benchQuantize, benchTrain, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
 import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
@@ -72,10 +72,11 @@ export function program(): Command {
     .option('--calib <folder>', 'calibration data: one subfolder of float32 .npy batches per model input')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
     .option('--report <file>', 'also write the report as JSON')
+    .option('--no-evaluate', 'do not compare the quantized model with the float one in onnxruntime (saves time and memory on large models)')
     .action(async (modelArg: string | undefined, o: {
       output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod?: string;
       calib?: string; keepFloat?: string; report?: string; bitAllocation?: string; biasCorrection?: boolean; groups?: string; scaleClip?: string; rounding: string;
-      quantizeOutputs?: boolean; reduceRange?: boolean;
+      quantizeOutputs?: boolean; reduceRange?: boolean; evaluate: boolean;
     }) => {
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
@@ -109,6 +110,7 @@ export function program(): Command {
         calibration: o.calib,
         keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,
         outputPath: o.output,
+        ...(o.evaluate ? {} : { evaluationFeeds: [] }),
         onProgress: (stage) => {
           if (stage.startsWith('calibrate batch')) {
             if (!barStarted) {
@@ -286,6 +288,13 @@ export function program(): Command {
     .option('--json', 'machine-readable output')
     .action(async (o: { threads: number; rounds: number; json?: boolean }) => {
       await benchModels({ threads: o.threads, rounds: o.rounds, json: !!o.json });
+    });
+  bench.command('large-model')
+    .description('time and peak memory of quantizing a model of large MatMul weights kept in external data (one process per setting)')
+    .option('--megabytes <n>', 'about this many MB of float32 weights (2048x2048 MatMuls of 16.8 MB each)', (v) => parseSize(v)[0], 128)
+    .option('--json', 'machine-readable output')
+    .action(async (o: { megabytes: number; json?: boolean }) => {
+      await benchLargeModel({ megabytes: o.megabytes, json: !!o.json });
     });
   return cli;
 }

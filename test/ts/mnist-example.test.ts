@@ -56,7 +56,13 @@ describe('bundled MNIST CNN example', () => {
     const good = spawnSync(process.execPath, [cli, 'quantize', model, '--report', 'r.json'], { cwd: dir, encoding: 'utf8' });
     expect(good.status, good.stderr).to.equal(0);
     expect(JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).layers).to.have.length(3);
+    expect(JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).evaluation.outputs).to.have.length(1);
+    expect(good.stdout).to.match(/output logits: cosine/);
     expect(fs.readdirSync(dir).sort()).to.deep.equal(['mnist-cnn.q.onnx', 'r.json']);
+    const skipped = spawnSync(process.execPath, [cli, 'quantize', model, '--report', 'r.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(skipped.status, skipped.stderr).to.equal(0);
+    expect(skipped.stdout).not.to.match(/cosine/);
+    expect(JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).evaluation).to.equal(undefined);
     fs.rmSync(dir, { recursive: true });
   });
 

@@ -200,6 +200,16 @@ export function floatData(t: TensorProto): Float32Array | undefined {
   return out;
 }
 
+/**
+ * The float32 contents of a tensor as a view of its bytes when they are aligned (a copy otherwise), or undefined
+ * when it is not float32. Read-only: it may share the model's memory (a large model's weights are not copied).
+ */
+export function floatView(t: TensorProto): Float32Array | undefined {
+  if (!isFloatTensor(t)) return undefined;
+  if (t.rawData.length > 0 && t.rawData.byteOffset % 4 === 0) return new Float32Array(t.rawData.buffer, t.rawData.byteOffset, t.rawData.length / 4);
+  return floatData(t);
+}
+
 /** Whether a tensor holds float32 data, without copying it; throws OnnxModelError when the data do not fill its dims. */
 export function isFloatTensor(t: TensorProto): boolean {
   if (t.dataType !== TensorProto_DataType.FLOAT) return false;

@@ -12,7 +12,7 @@ import type { ModelProto } from 'onnx-buf';
 import { invalidType, invalidValue } from '../errors';
 import { hasOrt, openSession, ort } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
-import { floatData, Graph } from './graph';
+import { floatView, Graph } from './graph';
 import { checkOutputPath, cloneSharingData, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
 import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -369,7 +369,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
   }
   // Before calibration, which would otherwise fail later on the values they produce.
-  for (const n of targets) checkFiniteWeights(n, n.input[1], floatData(graph.constant(n.input[1])!)!);
+  for (const n of targets) checkFiniteWeights(n, n.input[1], floatView(graph.constant(n.input[1])!)!);
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t));
   // With `outputs`, the layers' outputs too (not the model's outputs, which stay float).

@@ -1,0 +1,106 @@
+/**
+ * `npm run bench -- large-model`: quantizing a model whose weights dominate (a chain of 2048×2048 MatMuls,
+ * weights in an external data file, as large models are stored): wall time and peak resident memory against
+ * the model's size. Each setting runs in its own process, since peak memory is per process; a process that
+ * only loads lowbit and onnxruntime gives the baseline.
+ */
+import { create } from '@bufbuild/protobuf';
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+
+import { externalizeData, serializeModel } from '../onnx/model-io';
+import { quantizeModel, type QuantizeModelOptions } from '../onnx/quantize-model';
+import { ort } from './ort-models';
+import { table } from './timing';
+
+const WIDTH = 2048;
+
+export interface LargeModelCase {
+  model: string;
+  setting: string;
+}
+
+const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'baseline']> = [
+  ['baseline: lowbit and onnxruntime loaded, nothing quantized', 'baseline'],
+  ['W8 (per channel), weights only, no evaluation', { weights: { bits: 8 }, evaluationFeeds: [] }],
+  ['W4 (block 32), weights only, no evaluation', { weights: { bits: 4, granularity: 'block', blockSize: 32 }, evaluationFeeds: [] }],
+  ['W8 (per channel), weights only, evaluated in onnxruntime (the default)', { weights: { bits: 8 } }],
+  ['W8A8 (minmax), 4 calibration inputs, no evaluation', { weights: { bits: 8 }, activations: { bits: 8 }, evaluationFeeds: [] }],
+];
+
+/** A [1, 2048] → MatMul × layers model with its weights in `<file>.data`; returns the data's size in bytes. */
+function writeMatMulChain(file: string, layers: number): number {
+  const initializer = [];
+  const node = [];
+  let x = 'input';
+  for (let l = 0; l < layers; l++) {
+    const w = new Float32Array(WIDTH * WIDTH);
+    let s = 12345 + l;
+    for (let i = 0; i < w.length; i++) {
+      s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+      w[i] = (s / 2 ** 32 - 0.5) * (2 / Math.sqrt(WIDTH));
+    }
+    initializer.push({ name: `w${l}`, dataType: TensorProto_DataType.FLOAT, dims: [BigInt(WIDTH), BigInt(WIDTH)], rawData: new Uint8Array(w.buffer) });
+    node.push({ opType: 'MatMul', name: `matmul${l}`, input: [x, `w${l}`], output: [`y${l}`] });
+    x = `y${l}`;
+  }
+  const tensor = (name: string) => ({
+    name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, shape: { dim: [1, WIDTH].map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } },
+  });
+  const model = create(ModelProtoSchema, {
+    irVersion: 8n, producerName: 'lowbit bench', opsetImport: [{ domain: '', version: 13n }],
+    graph: { name: 'matmul-chain', node, initializer, input: [tensor('input')], output: [tensor(x)] },
+  } as never);
+  const data = externalizeData(model, `${path.basename(file)}.data`);
+  fs.writeFileSync(`${file}.data`, data);
+  fs.writeFileSync(file, serializeModel(model));
+  return data.length;
+}
+
+/** In the child process: one setting; prints { ms, peakMb }. */
+export async function runLargeModelCase(c: LargeModelCase): Promise<{ ms: number; peakMb: number }> {
+  const setting = SETTINGS.find(([name]) => name === c.setting)![1];
+  const t0 = performance.now();
+  if (setting !== 'baseline') {
+    const calibration = setting.activations
+      ? Array.from({ length: 4 }, (_, i) => ({ input: { data: Float32Array.from({ length: WIDTH }, (_, j) => Math.sin(i * 7 + j)), dims: [1, WIDTH] } }))
+      : undefined;
+    await quantizeModel(c.model, { ...(setting as QuantizeModelOptions), ...(calibration ? { calibration } : {}), outputPath: `${c.model}.q.onnx` });
+  } else {
+    ort();
+  }
+  return { ms: performance.now() - t0, peakMb: process.resourceUsage().maxRSS / 1024 };
+}
+
+export async function benchLargeModel(options: { megabytes: number; json: boolean }): Promise<void> {
+  const layers = Math.max(1, Math.round((options.megabytes * 1e6) / (WIDTH * WIDTH * 4)));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-large-'));
+  try {
+    const file = path.join(dir, 'matmul-chain.onnx');
+    const bytes = writeMatMulChain(file, layers);
+    const modelMb = bytes / 2 ** 20;
+    const results = SETTINGS.map(([setting]) => {
+      const out = execFileSync(process.execPath, [path.join(__dirname, 'worker.js'), JSON.stringify({ bench: 'large-model', c: { model: file, setting } })], {
+        encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20,
+      });
+      return { setting, ...(JSON.parse(out.trim().split('\n').pop()!) as { ms: number; peakMb: number }) };
+    });
+    const baseline = results[0].peakMb;
+    const rows = results.slice(1).map((r) => ({
+      setting: r.setting, seconds: Number((r.ms / 1000).toFixed(2)), 'MB/s of weights': Math.round(modelMb / (r.ms / 1000)),
+      'peak RSS MB': Math.round(r.peakMb), 'above baseline / model size': `${((r.peakMb - baseline) / modelMb).toFixed(2)}x`,
+    }));
+    if (options.json) {
+      console.log(JSON.stringify({ modelMb, baselineMb: baseline, rows }, null, 2));
+      return;
+    }
+    console.log(`large-model: ${layers} MatMuls of ${WIDTH}x${WIDTH}, ${modelMb.toFixed(0)} MiB of float32 weights in external data; ` +
+      `baseline process (lowbit and onnxruntime loaded) ${Math.round(baseline)} MB\n`);
+    console.log(table(rows));
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
