@@ -92,7 +92,7 @@ export function program(): Command {
       if (o.quantizeOutputs && !o.abits) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
       if (o.report) checkOutputPath('--report', o.report);  // before the work, not after it
-      const bar = new SingleBar({ format: '  calibrating [{bar}] {value} batches', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
+      const bar = new SingleBar({ format: '  {stage} [{bar}] {value} {unit}', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
       let barStarted = false;
       const { report } = await quantizeModel(model, {
         weights: {
@@ -114,11 +114,20 @@ export function program(): Command {
         onProgress: (stage) => {
           if (stage.startsWith('calibrate batch')) {
             if (!barStarted) {
-              bar.start(0, 0);
+              bar.start(0, 0, { stage: 'calibrating', unit: 'batches' });
               barStarted = true;
             }
             bar.setTotal(Number(stage.split(' ').pop()));
             bar.update(Number(stage.split(' ').pop()));
+            return;
+          }
+          const layer = /^(quantize-weights|bias-correction) (\d+)\/(\d+)$/.exec(stage);
+          if (layer) {
+            if (!barStarted) {
+              bar.start(Number(layer[3]), 0, { stage: layer[1] === 'quantize-weights' ? 'quantizing weights' : 'correcting biases', unit: 'layers' });
+              barStarted = true;
+            }
+            bar.update(Number(layer[2]));
             return;
           }
           if (barStarted) {

@@ -347,15 +347,22 @@ describe('quantizeModel leaves the event loop running', () => {
       onProgress: (stage) => stages.push({ stage, ticks }),
     });
     running = false;
+    // From a stage's start to the next stage (its own 'i/n' progress events are not stages).
     const turnsDuring = (stage: string) => {
       const i = stages.findIndex((s) => s.stage === stage);
-      return stages[i + 1].ticks - stages[i].ticks;
+      const next = stages.findIndex((s, j) => j > i && !s.stage.startsWith(`${stage} `));
+      return stages[next].ticks - stages[i].ticks;
     };
     const layers = report.layers.length;
     expect(layers).to.be.greaterThan(20);
     expect(turnsDuring('quantize-weights'), 'event-loop turns while weights were quantized').to.be.at.least(layers);
     expect(turnsDuring('bias-correction'), 'turns during bias correction').to.be.at.least(layers);
     expect(turnsDuring('calibrate batch 1'), 'turns while one batch was observed').to.be.at.least(report.activations.length);
+    // Per-layer progress: 'quantize-weights 1/n' … 'n/n', and the same for bias correction.
+    const progress = (stage: string) => stages.filter((s) => s.stage.startsWith(`${stage} `)).map((s) => s.stage);
+    expect(progress('quantize-weights')).to.deep.equal(report.layers.map((_, i) => `quantize-weights ${i + 1}/${layers}`));
+    expect(progress('bias-correction')).to.have.length(layers);
+    expect(progress('bias-correction')[layers - 1]).to.equal(`bias-correction ${layers}/${layers}`);
   });
 });
 

@@ -98,6 +98,10 @@ export interface QuantizeModelOptions {
    * `outputPath`). Default: only when the model would reach 2 GB.
    */
   externalData?: boolean;
+  /**
+   * Hears each stage's name as it starts ('read', 'calibrate', 'quantize-weights', 'evaluate', …) and progress
+   * within the long ones: 'calibrate batch <i>', 'quantize-weights <i>/<n>', 'bias-correction <i>/<n>' (layers).
+   */
   onProgress?: (stage: string) => void;
 }
 
@@ -448,7 +452,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
     rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange, keepValues: dataBiasCorrection,
-  })));
+  }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length}`)));
   passes.push(weightReport);
   // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.
   if (layers.some((l) => l.bits === 2) && graph.opset < 25 && microsoftDomainFallback === undefined) passes.push(upgradeOpset(graph, 25));
@@ -459,7 +463,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       if (microsoftDomainFallback) throw new OnnxModelError(`${a.bits}-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
       passes.push(upgradeOpset(graph, 21));
     }
-    if (dataBiasCorrection) passes.push(await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments))));
+    if (dataBiasCorrection) passes.push(await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments),
+      (_, done) => opts.onProgress?.(`bias-correction ${done}/${weights.length}`))));
     if (opts.activations) {
       const act = await time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
         a.signed ?? false, microsoftDomainFallback !== undefined, everyConsumer));

@@ -30,10 +30,12 @@ export function runSteps<T>(steps: Steps<T>): T {
   }
 }
 
-export async function runStepsAsync<T>(steps: Steps<T>): Promise<T> {
-  for (;;) {
+/** Runs the steps, letting the event loop turn between them; `onStep` hears each step's label and how many are done. */
+export async function runStepsAsync<T>(steps: Steps<T>, onStep?: (label: string, done: number) => void): Promise<T> {
+  for (let done = 1; ; done++) {
     const r = steps.next();
     if (r.done) return r.value;
+    onStep?.(r.value, done);
     await nextTurn();
   }
 }
