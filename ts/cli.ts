@@ -69,7 +69,7 @@ export function program(): Command {
     .option('--groups <n>', 'GDRQ: output-channel groups per layer, one clip each')
     .option('--scale-clip <k>', 'GDRQ Scale-Clip of the weights at k·mean|W| before quantizing')
     .option('--rounding <r>', "'nearest', 'sum-preserving' (each conv filter keeps its response to flat input) or 'gptq' (minimise each layer's output error on --calib data)", 'nearest')
-    .option('--calib <folder>', 'calibration data: one subfolder of float32 .npy batches per model input')
+    .option('--calib <folder>', 'calibration data: one subfolder of .npy batches per model input (float32, or int64/int32 for integer inputs such as token ids)')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
     .option('--report <file>', 'also write the report as JSON')
     .option('--no-evaluate', 'do not compare the quantized model with the float one in onnxruntime (saves time and memory on large models)')
@@ -152,6 +152,7 @@ export function program(): Command {
       for (const out of report.evaluation?.outputs ?? []) {
         console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''} (${report.calibrationBatches ? 'calibration samples' : 'random inputs'})`);
       }
+      if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);
       console.log(`wrote ${o.output} (opset ${report.opset.from} -> ${report.opset.to})`);
       // How onnxruntime will run it (`npm run bench -- models`).
       if (!o.abits) {

@@ -272,7 +272,7 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     await rejects([{ x: { data: new Float32Array(4 * 48 * 192), dims: [1, 4, 48, 192] } }], /for calibration\[0\]\.x\.dims/);
     await rejects([{ x: { data: new Float64Array(3 * 48 * 192), dims: [1, 3, 48, 192] } }], /Float32Array \(float32 input\) for calibration\[0\]\.x\.data/);
     await rejects([], /at least one batch for options\.calibration/);
-    await rejects('/no/such/folder', /a folder with one subfolder of float32 \.npy batches per model input for options\.calibration but received "\/no\/such\/folder"\. It does not exist/);
+    await rejects('/no/such/folder', /a folder with one subfolder of \.npy batches per model input for options\.calibration but received "\/no\/such\/folder"\. It does not exist/);
     await rejects(classifier, /for options\.calibration .*It is not a folder/);
     await rejects(42, /a folder path, or an array, iterable or async iterable of feeds .* for options\.calibration but received 42/);
     const nan = new Float32Array(3 * 48 * 192);
@@ -308,6 +308,90 @@ describe('.npy calibration folders', () => {
     fs.writeFileSync(path.join(dir, 'bad.npy'), Buffer.from('\x93NUMPY\x01\x00\x20\x00' + "{'descr': '<f8', 'shape': (1,)}  \n", 'latin1'));
     expect(() => readNpy(path.join(dir, 'bad.npy'))).to.throw(/only little-endian float32/);
     fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describe('models with integer inputs (token ids)', () => {
+  const V = 40;
+  const D = 32;
+  // ids [batch, seq] (int64) → Gather(embedding) → MatMul → Relu → MatMul: a transformer's input end.
+  const tokenModel = (idType = TensorProto_DataType.INT64): Uint8Array => {
+    const r = rng(11);
+    const floats = (n: number, scale: number) => new Uint8Array(Float32Array.from({ length: n }, () => (r() - 0.5) * scale).buffer);
+    const info = (name: string, elemType: number, dims: Array<number | string>) => ({
+      name, type: { value: { case: 'tensorType', value: { elemType, shape: { dim: dims.map((d) => ({ value: typeof d === 'string' ? { case: 'dimParam', value: d } : { case: 'dimValue', value: BigInt(d) } })) } } } },
+    });
+    return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'tokens', input: [info('ids', idType, ['batch', 'seq'])], output: [info('y', TensorProto_DataType.FLOAT, ['batch', 'seq', D])],
+        initializer: [
+          { name: 'embedding', dataType: TensorProto_DataType.FLOAT, dims: [BigInt(V), BigInt(D)], rawData: floats(V * D, 2) },
+          { name: 'w1', dataType: TensorProto_DataType.FLOAT, dims: [BigInt(D), BigInt(D)], rawData: floats(D * D, 0.5) },
+          { name: 'w2', dataType: TensorProto_DataType.FLOAT, dims: [BigInt(D), BigInt(D)], rawData: floats(D * D, 0.5) },
+        ],
+        node: [
+          { opType: 'Gather', name: 'embed', input: ['embedding', 'ids'], output: ['e'] },
+          { opType: 'MatMul', name: 'mm1', input: ['e', 'w1'], output: ['h'] },
+          { opType: 'Relu', name: 'relu', input: ['h'], output: ['a'] },
+          { opType: 'MatMul', name: 'mm2', input: ['a', 'w2'], output: ['y'] },
+        ],
+      },
+    } as never));
+  };
+  const ids = (seed: number, seq = 6) => {
+    const r = rng(seed);
+    return { ids: { data: BigInt64Array.from({ length: seq }, () => BigInt(Math.floor(r() * V))), dims: [1, seq] } };
+  };
+
+  it('weight-only quantization evaluates with made-up int64 inputs (ones) instead of failing in onnxruntime', async () => {
+    for (const weights of [{ bits: 8 as const }, { bits: 4 as const, granularity: 'block' as const, blockSize: 16 }]) {
+      const { report } = await quantizeModel(tokenModel(), { weights });
+      expect(report.layers.map((l) => l.node)).to.deep.equal(['mm1', 'mm2']);
+      expect(report.evaluation!.samples).to.equal(2);
+      expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(weights.bits === 8 ? 0.999 : 0.98);
+    }
+    const int32 = await quantizeModel(tokenModel(TensorProto_DataType.INT32), { weights: { bits: 8 } });
+    expect(int32.report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+  });
+
+  it('calibrates on BigInt64Array feeds (and int64 .npy folders); the wrong array type names the input and what it takes', async () => {
+    const calibration = [ids(1), ids(2), ids(3), ids(4)];
+    const { report } = await quantizeModel(tokenModel(), { weights: { bits: 8 }, activations: { bits: 8 }, calibration, evaluationFeeds: [ids(5), ids(6)] });
+    expect(report.activations.map((a) => a.tensor)).to.deep.equal(['e', 'a']);
+    expect(report.evaluation!.samples).to.equal(2);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.99);
+    const wrong = await quantizeModel(tokenModel(), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [{ ids: { data: new Float32Array(6), dims: [1, 6] } }] as never })
+      .catch((e: Error) => e);
+    expect(String(wrong)).to.match(/TypeError: Expected a BigInt64Array \(int64 input\) for calibration\[0\]\.ids\.data/);
+    const badEvaluation = await quantizeModel(tokenModel(), { weights: { bits: 8 }, evaluationFeeds: [{ tokens: ids(1).ids }] as never }).catch((e: Error) => e);
+    expect(String(badEvaluation)).to.match(/Expected a feed with input 'ids' .* for options\.evaluationFeeds\[0\] but received "tokens"/);
+    expect(String(await quantizeModel(tokenModel(), { weights: { bits: 8 }, evaluationFeeds: 'x' as never }).catch((e: Error) => e)))
+      .to.match(/TypeError: Expected an array of feeds .* for options\.evaluationFeeds/);
+    // An int64 .npy folder.
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
+    fs.mkdirSync(path.join(dir, 'ids'));
+    calibration.forEach((f, i) => {
+      let header = "{'descr': '<i8', 'fortran_order': False, 'shape': (1, 6), }";
+      header += ' '.repeat(64 - ((10 + header.length + 1) % 64)) + '\n';
+      const head = Buffer.alloc(10);
+      head.write('\x93NUMPY', 0, 'latin1');
+      head[6] = 1;
+      head.writeUInt16LE(header.length, 8);
+      fs.writeFileSync(path.join(dir, 'ids', `${i}.npy`), Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(f.ids.data.buffer)]));
+    });
+    const fromFolder = await quantizeModel(tokenModel(), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: dir, evaluationFeeds: [ids(5), ids(6)] });
+    expect(fromFolder.report.activations.map((a) => a.range)).to.deep.equal(report.activations.map((a) => a.range));
+    fs.rmSync(dir, { recursive: true });
+  });
+
+  it('an input of another type is a clear error for calibration and skips the made-up evaluation (reported)', async () => {
+    const { report } = await quantizeModel(tokenModel(TensorProto_DataType.INT16), { weights: { bits: 8 } });
+    expect(report.evaluation).to.equal(undefined);
+    expect(report.evaluationSkipped).to.match(/input 'ids' has element type INT16/);
+    const e = await quantizeModel(tokenModel(TensorProto_DataType.INT16), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [ids(1)] }).catch((x: Error) => x);
+    expect(e).to.be.instanceOf(OnnxModelError);
+    expect(String(e)).to.match(/Input 'ids' has element type INT16; lowbit feeds float32, int64 and int32 inputs only/);
   });
 });
 

@@ -15,7 +15,43 @@ import { invalidType, invalidValue } from '../errors';
 import { cloneSharingData, OnnxModelError } from './model-io';
 import { nextTurn } from './passes/pass';
 
-export type Feed = Record<string, { data: Float32Array; dims: readonly number[] }>;
+/** One input's values: float32 inputs take a Float32Array, int64 ones a BigInt64Array (token ids), int32 ones an Int32Array. */
+export interface FeedTensor { data: Float32Array | BigInt64Array | Int32Array; dims: readonly number[] }
+export type Feed = Record<string, FeedTensor>;
+
+/** The input element types a feed can carry, with the array each takes. */
+const FEED_TYPES = new Map<number, { name: string; array: string; is: (d: unknown) => boolean }>([
+  [TensorProto_DataType.FLOAT, { name: 'float32', array: 'Float32Array', is: (d) => d instanceof Float32Array }],
+  [TensorProto_DataType.INT64, { name: 'int64', array: 'BigInt64Array', is: (d) => d instanceof BigInt64Array }],
+  [TensorProto_DataType.INT32, { name: 'int32', array: 'Int32Array', is: (d) => d instanceof Int32Array }],
+]);
+
+/** What a feed for this input must hold; an OnnxModelError for input types lowbit cannot feed. */
+function feedType(name: string, elemType: number): { name: string; array: string; is: (d: unknown) => boolean } {
+  const type = FEED_TYPES.get(elemType);
+  if (!type) {
+    throw new OnnxModelError(`Input '${name}' has element type ${TensorProto_DataType[elemType] ?? elemType}; lowbit feeds float32, int64 and int32 inputs only. ` +
+      'Weight-only quantization works without running the model: drop the activations and GPTQ options, and pass evaluationFeeds: [] (CLI --no-evaluate).');
+  }
+  return type;
+}
+
+/** An onnxruntime tensor of a feed's values (its type follows the array). */
+export function ortTensor(v: FeedTensor): InstanceType<ReturnType<typeof ort>['Tensor']> {
+  const O = ort();
+  if (v.data instanceof BigInt64Array) return new O.Tensor('int64', v.data, [...v.dims]);
+  if (v.data instanceof Int32Array) return new O.Tensor('int32', v.data, [...v.dims]);
+  return new O.Tensor('float32', v.data, [...v.dims]);
+}
+
+/** The model's inputs that need feeds (not initializers), with their element type and dims (-1 when symbolic). */
+export function modelInputs(model: ModelProto): Array<{ name: string; elemType: number; dims: number[] }> {
+  const initializers = new Set(model.graph!.initializer.map((t) => t.name));
+  return model.graph!.input.filter((i) => !initializers.has(i.name)).map((input) => {
+    const tensor = input.type?.value.case === 'tensorType' ? input.type.value.value : undefined;
+    return { name: input.name, elemType: tensor?.elemType ?? 0, dims: (tensor?.shape?.dim ?? []).map((d) => (d.value.case === 'dimValue' ? Number(d.value.value) : -1)) };
+  });
+}
 export type CalibrationData = Iterable<Feed> | AsyncIterable<Feed> | string;
 
 export type ActivationMethod = 'minmax' | 'percentile' | 'kl' | 'aciq';
@@ -66,6 +102,18 @@ function readNpyRaw(file: string): { descr: string; dims: number[]; body: Uint8A
   return { descr, dims, body: Uint8Array.from(bytes.subarray(start + headerLength)) };
 }
 
+/** Reads a C-order .npy file of float32, int64 or int32 values (a model input's batch). */
+export function readNpyFeed(file: string): FeedTensor {
+  const { descr, dims, body } = readNpyRaw(file);
+  const count = dims.reduce((a, b) => a * b, 1);
+  const data = descr === '<f4' ? new Float32Array(body.buffer, 0, body.length >> 2)
+    : descr === '<i8' ? new BigInt64Array(body.buffer, 0, body.length >> 3)
+      : descr === '<i4' ? new Int32Array(body.buffer, 0, body.length >> 2) : undefined;
+  if (!data) throw new RangeError(`${file}: model inputs must be little-endian float32, int64 or int32 arrays ('<f4', '<i8', '<i4'; this one is '${descr}').`);
+  if (data.length !== count) throw new RangeError(`${file}: the data do not match the shape (${dims.join('x')}).`);
+  return { data, dims };
+}
+
 /** Reads a float32 C-order .npy file. */
 export function readNpy(file: string): { data: Float32Array; dims: number[] } {
   const { descr, dims, body } = readNpyRaw(file);
@@ -94,7 +142,7 @@ export function* npyFolderFeeds(folder: string): Generator<Feed> {
   const files = inputs.map((i) => fs.readdirSync(path.join(folder, i)).filter((f) => f.endsWith('.npy')).sort());
   const count = Math.min(...files.map((f) => f.length));
   for (let b = 0; b < count; b++) {
-    yield Object.fromEntries(inputs.map((name, i) => [name, readNpy(path.join(folder, name, files[i][b]))]));
+    yield Object.fromEntries(inputs.map((name, i) => [name, readNpyFeed(path.join(folder, name, files[i][b]))]));
   }
 }
 
@@ -111,33 +159,37 @@ export function withOutputs(model: ModelProto, names: string[]): Uint8Array {
   return toBinary(ModelProtoSchema, copy);
 }
 
-/** Checks a feed against the model's inputs: names, float32 data, rank and static dimensions. */
-export function checkFeed(model: ModelProto, feed: unknown, index: number): Feed {
-  if (typeof feed !== 'object' || feed === null) throw invalidType(`calibration[${index}]`, 'a feed object { inputName: { data, dims } }', feed);
-  const initializers = new Set(model.graph!.initializer.map((t) => t.name));
-  const inputs = model.graph!.input.filter((i) => !initializers.has(i.name));
+/**
+ * Checks a feed against the model's inputs: names, element type (float32 → Float32Array, int64 → BigInt64Array,
+ * int32 → Int32Array), rank and static dimensions, finite floats. `what` names the feed in errors.
+ */
+export function checkFeed(model: ModelProto, feed: unknown, index: number, what = 'calibration'): Feed {
+  if (typeof feed !== 'object' || feed === null) throw invalidType(`${what}[${index}]`, 'a feed object { inputName: { data, dims } }', feed);
+  const inputs = modelInputs(model);
   const f = feed as Record<string, { data?: unknown; dims?: unknown }>;
-  for (const input of inputs) {
-    const v = f[input.name];
-    const tensor = input.type?.value.case === 'tensorType' ? input.type.value.value : undefined;
-    const dims = (tensor?.shape?.dim ?? []).map((d) => (d.value.case === 'dimValue' ? Number(d.value.value) : -1));
-    const expected = `{ data: Float32Array, dims: [${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}] }`;
-    if (!v) throw invalidValue(`calibration[${index}]`, `a feed with input '${input.name}' ${expected}`, Object.keys(f).join(', ') || 'an empty feed');
-    if (!(v.data instanceof Float32Array)) throw invalidType(`calibration[${index}].${input.name}.data`, 'a Float32Array (float32 input)', v.data);
+  for (const { name, elemType, dims } of inputs) {
+    const v = f[name];
+    const type = feedType(name, elemType);
+    const expected = `{ data: ${type.array}, dims: [${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}] }`;
+    if (!v) throw invalidValue(`${what}[${index}]`, `a feed with input '${name}' ${expected}`, Object.keys(f).join(', ') || 'an empty feed');
+    if (!type.is(v.data)) throw invalidType(`${what}[${index}].${name}.data`, `a ${type.array} (${type.name} input)`, v.data);
+    const data = v.data as FeedTensor['data'];
     if (!Array.isArray(v.dims) || v.dims.length !== dims.length || v.dims.some((d, i) => dims[i] >= 0 && d !== dims[i])) {
-      throw invalidValue(`calibration[${index}].${input.name}.dims`, `dims matching [${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}]`, v.dims);
+      throw invalidValue(`${what}[${index}].${name}.dims`, `dims matching [${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}]`, v.dims);
     }
-    if (v.data.length !== (v.dims as number[]).reduce((a, b) => a * b, 1)) {
-      throw invalidValue(`calibration[${index}].${input.name}.data`, `${(v.dims as number[]).reduce((a, b) => a * b, 1)} values for dims [${v.dims.join(', ')}]`, v.data);
+    if (data.length !== (v.dims as number[]).reduce((a, b) => a * b, 1)) {
+      throw invalidValue(`${what}[${index}].${name}.data`, `${(v.dims as number[]).reduce((a, b) => a * b, 1)} values for dims [${v.dims.join(', ')}]`, data);
     }
-    const bad = v.data.findIndex((x) => !Number.isFinite(x));
-    if (bad >= 0) {
-      throw invalidValue(`calibration[${index}].${input.name}.data[${bad}]`, 'a finite number', v.data[bad], 'Remove or replace NaN and infinite values before calibrating.');
+    if (data instanceof Float32Array) {
+      const bad = data.findIndex((x) => !Number.isFinite(x));
+      if (bad >= 0) {
+        throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, 'a finite number', data[bad], 'Remove or replace NaN and infinite values before calibrating.');
+      }
     }
   }
   const known = new Set(inputs.map((i) => i.name));
   for (const name of Object.keys(f)) {
-    if (!known.has(name)) throw invalidValue(`calibration[${index}]`, `only the model's inputs (${[...known].join(', ')})`, name);
+    if (!known.has(name)) throw invalidValue(`${what}[${index}]`, `only the model's inputs (${[...known].join(', ')})`, name);
   }
   return f as Feed;
 }
@@ -159,7 +211,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   // The range observers and the caller's, fed alike.
   const all = [...tensors.map((t) => ({ tensor: t, observe: (data: Float32Array) => observers.get(t)!.observe(data) })), ...(options.tensorObservers ?? [])];
   const exposed = [...new Set(all.map((o) => o.tensor))];
-  const O = ort();
+  for (const input of modelInputs(model)) feedType(input.name, input.elemType);  // before loading anything
   const session = await openSession(withOutputs(model, exposed), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
     'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
     'BatchNormalization folding broke it: a lowbit bug, please report it with the model.');
@@ -169,7 +221,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   try {
     for await (const raw of iterable as AsyncIterable<Feed>) {
       const feed = checkFeed(model, raw, batches);
-      const outputs = await session.run(Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])])), exposed);
+      const outputs = await session.run(Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)])), exposed);
       for (const o of all) {
         try {
           o.observe(outputs[o.tensor].data as Float32Array, outputs[o.tensor].dims);

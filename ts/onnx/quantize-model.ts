@@ -7,14 +7,14 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import type { ModelProto } from 'onnx-buf';
+import { TensorProto_DataType, type ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
-import { hasOrt, openSession, ort } from '../bench/ort-models';
+import { hasOrt, openSession } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { floatView, Graph } from './graph';
 import { checkOutputPath, cloneSharingData, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
-import { calibrate, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
+import { calibrate, checkFeed, modelInputs, ortTensor, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { foldBatchNorm } from './passes/fold-batchnorm';
@@ -90,7 +90,7 @@ export interface QuantizeModelOptions {
    * Feeds to compare float and quantized outputs on; default: the first calibration batches, or two random normal
    * inputs. An empty array skips the evaluation (no onnxruntime sessions: for large models, or when timing).
    */
-  evaluationFeeds?: Array<Record<string, { data: Float32Array; dims: number[] }>>;
+  evaluationFeeds?: Feed[];
   /** Write the quantized model here (atomically). */
   outputPath?: string;
   /**
@@ -112,6 +112,8 @@ export interface QuantizationReport {
   activations: ActivationLayerReport[];
   calibrationBatches?: number;
   evaluation?: { samples: number; outputs: Array<{ name: string; cosine: number; top1Agreement?: number }> };
+  /** Why there is no evaluation although none was turned off (no inputs could be made for the model). */
+  evaluationSkipped?: string;
   timingsMs: Record<string, number>;
 }
 
@@ -119,6 +121,9 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with weights', options);
   checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData']);
   if (options.outputPath !== undefined) checkOutputPath('options.outputPath', options.outputPath);
+  if (options.evaluationFeeds !== undefined && !Array.isArray(options.evaluationFeeds)) {
+    throw invalidType('options.evaluationFeeds', 'an array of feeds { inputName: { data, dims } } (or [] to skip the evaluation)', options.evaluationFeeds);
+  }
   if (options.externalData && typeof options.outputPath !== 'string') {
     throw invalidValue('options.outputPath', 'a file path when externalData is set (the data file goes next to it)', options.outputPath);
   }
@@ -185,7 +190,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (c !== undefined) {
     if (typeof c === 'string') {
       if (!fs.existsSync(c) || !fs.statSync(c).isDirectory()) {
-        throw invalidValue('options.calibration', 'a folder with one subfolder of float32 .npy batches per model input', c,
+        throw invalidValue('options.calibration', 'a folder with one subfolder of .npy batches per model input', c,
           `${fs.existsSync(c) ? 'It is not a folder' : 'It does not exist'}; or pass the feeds themselves (an array or iterable of { inputName: { data, dims } }).`);
       }
     } else if (typeof c !== 'object' || c === null || (typeof (c as Iterable<unknown>)[Symbol.iterator] !== 'function' && typeof (c as AsyncIterable<unknown>)[Symbol.asyncIterator] !== 'function')) {
@@ -207,23 +212,30 @@ function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return aa === 0 && bb === 0 ? 1 : ab / Math.sqrt(aa * bb);
 }
 
-function randomFeeds(model: ModelProto, seed: number): Record<string, { data: Float32Array; dims: number[] }> {
-  const initializers = new Set(model.graph!.initializer.map((t) => t.name));
-  const feeds: Record<string, { data: Float32Array; dims: number[] }> = {};
+/**
+ * One input per model input for comparing float and quantized outputs when no data were given: standard normal
+ * values for float inputs, ones for integer inputs (a valid token id, mask or type id for nearly every model;
+ * random ids could fall outside a vocabulary), symbolic dims as 1. A string says why there is none.
+ */
+function randomFeeds(model: ModelProto, seed: number): Feed | string {
+  const feeds: Feed = {};
   let s = seed >>> 0;
   const next = () => {
     s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
     return (s + 0.5) / 4294967296;
   };
-  for (const input of model.graph!.input) {
-    if (initializers.has(input.name)) continue;
-    const tensor = input.type?.value.case === 'tensorType' ? input.type.value.value : undefined;
-    const dims = (tensor?.shape?.dim ?? []).map((d) => (d.value.case === 'dimValue' ? Number(d.value.value) : 1));
+  for (const input of modelInputs(model)) {
+    const dims = input.dims.map((d) => (d < 0 ? 1 : d));
     const n = dims.reduce((a, b) => a * b, 1);
-    feeds[input.name] = {
-      dims,
-      data: Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next())),
-    };
+    if (input.elemType === TensorProto_DataType.FLOAT) {
+      feeds[input.name] = { dims, data: Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next())) };
+    } else if (input.elemType === TensorProto_DataType.INT64) {
+      feeds[input.name] = { dims, data: new BigInt64Array(n).fill(1n) };
+    } else if (input.elemType === TensorProto_DataType.INT32) {
+      feeds[input.name] = { dims, data: new Int32Array(n).fill(1) };
+    } else {
+      return `input '${input.name}' has element type ${TensorProto_DataType[input.elemType] ?? input.elemType}, for which lowbit makes no inputs; pass evaluationFeeds`;
+    }
   }
   return feeds;
 }
@@ -235,7 +247,6 @@ const LOWBIT_BUG = 'The input model loads, so this is a lowbit bug: please repor
 /** Per-layer output SQNR: the prepared float model and the quantized one, layer outputs exposed. */
 async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[]): Promise<void> {
   if (feedsList.length === 0) return;
-  const O = ort();
   const names = layers.map((l) => l.output);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   const f = await openSession(withOutputs(preparedFloat, names), options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
@@ -243,7 +254,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   const signal = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
   for (const feeds of feedsList) {
-    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])]));
+    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
     const fo = await f.run(tensors, names);
     const qo = await q.run(tensors, names);
     names.forEach((name, i) => {
@@ -271,13 +282,12 @@ function canReadTwice(data: CalibrationData): boolean {
 
 /** Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds. */
 export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
-  const O = ort();
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   const floatSession = await openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.');
   const quantSession = await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG);
   const sums = new Map<string, { cos: number; agree: number; ranked: number }>();
   for (const feeds of feedsList) {
-    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, new O.Tensor('float32', v.data, [...v.dims])]));
+    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
     const f = await floatSession.run(tensors);
     const q = await quantSession.run(tensors);
     for (const name of floatSession.outputNames) {
@@ -334,6 +344,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     return r;
   };
   const model = await time('read', () => readModel(input));
+  opts.evaluationFeeds?.forEach((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
   const graph = new Graph(model);
   await time('validate', () => graph.topologicalOrder());
   const passes: PassReport[] = [];
@@ -496,7 +507,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
     ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,
   };
-  const feeds = opts.evaluationFeeds ?? sample ?? [randomFeeds(model, 1), randomFeeds(model, 2)];
+  const random = opts.evaluationFeeds || sample ? [] : [randomFeeds(model, 1), randomFeeds(model, 2)];
+  const noRandomFeeds = random.find((f): f is string => typeof f === 'string');
+  if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
+  const feeds = opts.evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
   if (hasOrt() && fitsOneFile && feeds.length > 0) {
     opts.onProgress?.('evaluate');
     const t0 = performance.now();
