@@ -569,6 +569,32 @@ describe('opset conversion keeps the float models exact', () => {
   }
 });
 
+describe('opset conversion of a transformer-style graph (opset 14)', () => {
+  it('W4 weights convert it to opset 21 (Trilu, CumSum, GreaterOrEqual, Where, Erf, LayerNormalization kept) and it runs', async () => {
+    const D = 32;
+    const r = rng(4);
+    const w = (name: string) => ({ [name]: { dims: [D, D], data: Array.from({ length: D * D }, () => (r() - 0.5) * 0.4) } });
+    const bytes = buildModel({
+      opset: 14, inputDims: [1, 8, D], output: 'y',
+      initializers: { ...w('w1'), ...w('w2'), zero: { dims: [], data: [0] }, half: { dims: [], data: [0.5] } },
+      int64: { axis: [1] },
+      nodes: [
+        { op: 'MatMul', inputs: ['input', 'w1'], output: 'h', name: 'mm1' },
+        { op: 'Trilu', inputs: ['h'], output: 't' },
+        { op: 'CumSum', inputs: ['t', 'axis'], output: 'c' },
+        { op: 'GreaterOrEqual', inputs: ['c', 'zero'], output: 'positive' },
+        { op: 'Where', inputs: ['positive', 'c', 'h'], output: 'm' },
+        { op: 'Erf', inputs: ['m'], output: 'e' },
+        { op: 'Mul', inputs: ['e', 'half'], output: 'g' },
+        { op: 'MatMul', inputs: ['g', 'w2'], output: 'y', name: 'mm2' },
+      ],
+    });
+    const { report } = await quantizeModel(bytes, { weights: { bits: 4, granularity: 'block', blockSize: 16 } });
+    expect(report.opset).to.deep.equal({ from: 14, to: 21 });
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.98);
+  });
+});
+
 describe('QDQ weights equal fake-quantized float weights', () => {
   it('the QDQ classifier (W4, block 32) computes what the float model with dequantized weights computes (to float rounding)', async () => {
     const g = new Graph(readModel(classifier));

@@ -25,6 +25,12 @@ const UNCHANGED = new Set([
   'LRN', 'MatMul', 'Max', 'MaxPool', 'Mean', 'Min', 'Mul', 'Neg', 'Not', 'Or', 'PRelu', 'Pow', 'QuantizeLinear',
   'Range', 'Reciprocal', 'Relu', 'Reshape', 'Selu', 'Shape', 'Sigmoid', 'Sign', 'Sin', 'Size', 'Softplus', 'Softsign',
   'SpaceToDepth', 'Sqrt', 'Sub', 'Sum', 'Tan', 'Tanh', 'Tile', 'Transpose', 'Where', 'Xor', 'Gelu', 'Einsum',
+  // Introduced after opset 7 and unchanged since, with default attributes (common in exported transformers).
+  'GreaterOrEqual', 'LessOrEqual', 'Trilu', 'CumSum', 'Mod', 'IsNaN', 'IsInf', 'ScatterND', 'ScatterElements', 'GatherND',
+  'NonZero', 'OneHot', 'Round', 'CastLike', 'Mish', 'Celu', 'ThresholdedRelu', 'Shrink', 'Asin', 'Acos', 'Atan', 'Sinh',
+  'Cosh', 'Asinh', 'Acosh', 'Atanh', 'Compress', 'EyeLike', 'LpNormalization', 'BitShift', 'Det', 'ReverseSequence',
+  'Unique', 'NonMaxSuppression', 'MatMulInteger', 'ConvInteger', 'DynamicQuantizeLinear', 'BitwiseAnd', 'BitwiseOr',
+  'BitwiseXor', 'BitwiseNot',
 ]);
 const REDUCE_18 = new Set(['ReduceMean', 'ReduceMax', 'ReduceMin', 'ReduceProd', 'ReduceSumSquare', 'ReduceL1', 'ReduceL2', 'ReduceLogSum', 'ReduceLogSumExp']);
 
