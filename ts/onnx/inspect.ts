@@ -1,5 +1,5 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
-import { Graph, dimsOf, floatData } from './graph';
+import { Graph, dimsOf, floatView } from './graph';
 import { readModel } from './model-io';
 import { nodeLabel } from './passes/pass';
 
@@ -26,34 +26,41 @@ export function inspectModel(input: string | Uint8Array): { opset: number; layer
   for (const node of graph.topologicalOrder()) {
     if (!['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(node.opType)) continue;
     const t = node.input[1] ? graph.constant(node.input[1]) : undefined;
-    const data = t && floatData(t);
+    const data = t && floatView(t);
     if (!data || data.length === 0) {
       layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [], nonFinite: 0,
         quantized: false, reason: 'weight is not a float constant' });
       continue;
     }
-    const w = data.filter((v) => Number.isFinite(v));
-    const nonFinite = data.length - w.length;
+    // Indexed loops over a view of the weights (no copies): a large model's layers are tens of MB each.
+    let count = 0;
     let min = Infinity;
     let max = -Infinity;
     let sum = 0;
-    for (const v of w) {
-      min = Math.min(min, v);
-      max = Math.max(max, v);
+    for (let i = 0; i < data.length; i++) {
+      const v = data[i];
+      if (v - v !== 0) continue;  // NaN or ±Infinity
+      count++;
+      if (v < min) min = v;
+      if (v > max) max = v;
       sum += v;
     }
-    const mean = sum / w.length;
+    const nonFinite = data.length - count;
+    const mean = sum / count;
     let m2 = 0;
     let m4 = 0;
-    for (const v of w) {
+    const histogram = new Array<number>(20).fill(0);
+    const toBin = 20 / (max - min || 1);
+    for (let i = 0; i < data.length; i++) {
+      const v = data[i];
+      if (v - v !== 0) continue;
       const d = (v - mean) ** 2;
       m2 += d;
       m4 += d * d;
+      histogram[Math.min(19, Math.floor((v - min) * toBin))]++;
     }
-    m2 /= w.length;
-    m4 /= w.length;
-    const histogram = new Array<number>(20).fill(0);
-    for (const v of w) histogram[Math.min(19, Math.floor(((v - min) / (max - min || 1)) * 20))]++;
+    m2 /= count;
+    m4 /= count;
     const reason = node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized'
       : nonFinite > 0 ? `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel refuses them` : undefined;
     layers.push({
