@@ -315,7 +315,7 @@ describe('models with integer inputs (token ids)', () => {
   const V = 40;
   const D = 32;
   // ids [batch, seq] (int64) → Gather(embedding) → MatMul → Relu → MatMul: a transformer's input end.
-  const tokenModel = (idType = TensorProto_DataType.INT64): Uint8Array => {
+  const tokenModel = (idType = TensorProto_DataType.INT64, argmax = false): Uint8Array => {
     const r = rng(11);
     const floats = (n: number, scale: number) => new Uint8Array(Float32Array.from({ length: n }, () => (r() - 0.5) * scale).buffer);
     const info = (name: string, elemType: number, dims: Array<number | string>) => ({
@@ -324,7 +324,8 @@ describe('models with integer inputs (token ids)', () => {
     return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
       graph: {
-        name: 'tokens', input: [info('ids', idType, ['batch', 'seq'])], output: [info('y', TensorProto_DataType.FLOAT, ['batch', 'seq', D])],
+        name: 'tokens', input: [info('ids', idType, ['batch', 'seq'])],
+        output: [info('y', TensorProto_DataType.FLOAT, ['batch', 'seq', D]), ...(argmax ? [info('best', TensorProto_DataType.INT64, ['batch', 'seq'])] : [])],
         initializer: [
           { name: 'embedding', dataType: TensorProto_DataType.FLOAT, dims: [BigInt(V), BigInt(D)], rawData: floats(V * D, 2) },
           { name: 'w1', dataType: TensorProto_DataType.FLOAT, dims: [BigInt(D), BigInt(D)], rawData: floats(D * D, 0.5) },
@@ -335,6 +336,7 @@ describe('models with integer inputs (token ids)', () => {
           { opType: 'MatMul', name: 'mm1', input: ['e', 'w1'], output: ['h'] },
           { opType: 'Relu', name: 'relu', input: ['h'], output: ['a'] },
           { opType: 'MatMul', name: 'mm2', input: ['a', 'w2'], output: ['y'] },
+          ...(argmax ? [{ opType: 'ArgMax', name: 'argmax', input: ['y'], output: ['best'], attribute: [{ name: 'axis', type: 2, i: -1n }, { name: 'keepdims', type: 2, i: 0n }] }] : []),
         ],
       },
     } as never));
@@ -353,6 +355,9 @@ describe('models with integer inputs (token ids)', () => {
     }
     const int32 = await quantizeModel(tokenModel(TensorProto_DataType.INT32), { weights: { bits: 8 } });
     expect(int32.report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+    // An integer model output (an argmax) has no cosine: only the float one is compared.
+    const withArgmax = await quantizeModel(tokenModel(TensorProto_DataType.INT64, true), { weights: { bits: 8 } });
+    expect(withArgmax.report.evaluation!.outputs.map((o) => o.name)).to.deep.equal(['y']);
   });
 
   it('calibrates on BigInt64Array feeds (and int64 .npy folders); the wrong array type names the input and what it takes', async () => {

@@ -32,7 +32,7 @@ const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'baseline']> = [
 ];
 
 /**
- * A [1, 2048] → MatMul × layers model (random weights, uniform ±1/√2048·1) written to `file`, its weights in
+ * A [1, 2048] → MatMul × layers model (weights uniform in ±1/√2048) written to `file`, its weights in
  * `<file>.data` unless `inline`; returns the weights' size in bytes.
  */
 export function writeMatMulChain(file: string, layers: number, inline = false): number {

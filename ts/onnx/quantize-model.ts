@@ -87,8 +87,9 @@ export interface QuantizeModelOptions {
   /** Bits of the first and last quantized layers (their weights; at 8, also their input activations). Default 8. */
   firstLastLayerBits?: number;
   /**
-   * Feeds to compare float and quantized outputs on; default: the first calibration batches, or two random normal
-   * inputs. An empty array skips the evaluation (no onnxruntime sessions: for large models, or when timing).
+   * Feeds to compare float and quantized outputs on; default: the first calibration batches, or two made-up inputs
+   * (normal values for float inputs, ones for integer ones). An empty array skips the evaluation (no onnxruntime
+   * sessions: for large models, or when timing).
    */
   evaluationFeeds?: Feed[];
   /** Write the quantized model here (atomically). */
@@ -291,6 +292,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
     const f = await floatSession.run(tensors);
     const q = await quantSession.run(tensors);
     for (const name of floatSession.outputNames) {
+      if (f[name].type !== 'float32') continue;  // integer outputs (e.g. an argmax) have no cosine
       const a = f[name].data as Float32Array;
       const b = q[name].data as Float32Array;
       const entry = sums.get(name) ?? { cos: 0, agree: 0, ranked: 0 };
