@@ -502,6 +502,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     }
   }
   const fitsOneFile = model.graph!.initializer.reduce((a, t) => a + t.rawData.length, 0) < 2 ** 31 - 2 ** 26;
+  if (!fitsOneFile && opts.outputPath === undefined) {
+    throw new OnnxModelError('The quantized model is 2 GB or more, which one ONNX buffer cannot hold: pass outputPath, and it is written with ' +
+      'its weights in <outputPath>.data.');
+  }
   const external = opts.outputPath !== undefined && (opts.externalData === true || (opts.externalData === undefined && !fitsOneFile));
   // The self-contained model is what gets evaluated; external data is split out only when writing.
   const bytes = await time('serialize', () => (fitsOneFile ? serializeModel(model) : new Uint8Array(0)));
@@ -512,6 +516,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const random = opts.evaluationFeeds || sample ? [] : [randomFeeds(model, 1), randomFeeds(model, 2)];
   const noRandomFeeds = random.find((f): f is string => typeof f === 'string');
   if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
+  if (!fitsOneFile) report.evaluationSkipped = 'the quantized model is 2 GB or more (written with external data); it was not loaded for comparison';
   const feeds = opts.evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
   if (hasOrt() && fitsOneFile && feeds.length > 0) {
     opts.onProgress?.('evaluate');
