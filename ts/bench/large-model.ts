@@ -79,7 +79,21 @@ export async function runLargeModelCase(c: LargeModelCase): Promise<{ ms: number
   } else {
     ort();
   }
-  return { ms: performance.now() - t0, peakMb: process.resourceUsage().maxRSS / 1024 };
+  return { ms: performance.now() - t0, peakMb: peakResidentMb() };
+}
+
+/**
+ * This process's peak resident memory. On Linux from VmHWM, which starts afresh at exec: getrusage's maxrss
+ * survives exec, so a child would report the parent's peak (here the parent that just wrote the model).
+ */
+function peakResidentMb(): number {
+  try {
+    const hwm = /VmHWM:\s*(\d+) kB/.exec(fs.readFileSync('/proc/self/status', 'utf8'));
+    if (hwm) return Number(hwm[1]) / 1024;
+  } catch {
+    // not Linux
+  }
+  return process.resourceUsage().maxRSS / 1024;
 }
 
 export async function benchLargeModel(options: { megabytes: number; json: boolean }): Promise<void> {
