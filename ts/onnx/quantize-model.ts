@@ -379,7 +379,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const gptq = opts.weights.rounding === 'gptq';
-  const prepared = cloneSharingData(model);
+  let prepared: ModelProto | undefined = cloneSharingData(model);
   // Calibration runs the prepared float model before the weights are quantized: GPTQ rounding needs its input statistics.
   const targets = quantizableLayers(graph, opts.keepFloat);
   if (targets.length === 0) {
@@ -424,7 +424,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   if (opts.activations || gptq) {
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
-    result = await calibrate(prepared, tensors, opts.calibration!, (opts.activations && opts.activations.method) || 'minmax', {
+    result = await calibrate(prepared!, tensors, opts.calibration!, (opts.activations && opts.activations.method) || 'minmax', {
       onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`),
       tensorObservers: [...observe(biasMoments, false), ...(secondPass ? [] : observe(gptqMoments, false))],
     });
@@ -447,7 +447,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     }
     if (secondPass) {
       opts.onProgress?.('calibrate (GPTQ inputs)');
-      await calibrate(prepared, [], opts.calibration!, 'minmax', {
+      await calibrate(prepared!, [], opts.calibration!, 'minmax', {
         onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), tensorObservers: observe(gptqMoments, true),
       });
     }
@@ -459,6 +459,9 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
           skipped: opts.activations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
     }
   }
+  // Without an evaluation nothing needs the float model any more: dropping it lets each layer's float weights be
+  // freed once the layer is quantized (a large model's peak memory then stays near its quantized size).
+  if (opts.evaluationFeeds?.length === 0) prepared = undefined;
   const { report: weightReport, layers, weights } = await time('quantize-weights', () => runStepsAsync(quantizeWeightsByLayer(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
@@ -523,7 +526,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     const t0 = performance.now();
     // The float model as given: its file (onnxruntime reads external data next to it) or its bytes.
     report.evaluation = await compareOutputs(input, bytes, feeds);
-    await layerSqnr(prepared, model, layers, feeds);
+    if (prepared) await layerSqnr(prepared, model, layers, feeds);
     timings.evaluate = performance.now() - t0;
   }
   if (external) {
