@@ -52,6 +52,7 @@ export function modelInputs(model: ModelProto): Array<{ name: string; elemType: 
     return { name: input.name, elemType: tensor?.elemType ?? 0, dims: (tensor?.shape?.dim ?? []).map((d) => (d.value.case === 'dimValue' ? Number(d.value.value) : -1)) };
   });
 }
+
 export type CalibrationData = Iterable<Feed> | AsyncIterable<Feed> | string;
 
 export type ActivationMethod = 'minmax' | 'percentile' | 'kl' | 'aciq';

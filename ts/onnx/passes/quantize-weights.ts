@@ -83,7 +83,7 @@ export interface QuantizedWeights {
   node: string;
   shape: number[];
   outputAxis: number;
-  /** Float and dequantized weights, with `keepValues` only (two float copies of every layer's weights). */
+  /** Float (a read-only view of the model's bytes) and dequantized weights, with `keepValues` only. */
   original?: Float32Array;
   dequantized?: Float32Array;
   /** Weight scales per output channel (per-channel granularity only). */
