@@ -153,6 +153,7 @@ export function program(): Command {
         console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''} (${report.calibrationBatches ? 'calibration samples' : 'random inputs'})`);
       }
       if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);
+      if (report.layerSqnrSkipped) console.log(`no layer output SQNR: ${report.layerSqnrSkipped}`);
       console.log(`wrote ${o.output} (opset ${report.opset.from} -> ${report.opset.to})`);
       // How onnxruntime will run it (`npm run bench -- models`).
       if (!o.abits) {

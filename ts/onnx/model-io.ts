@@ -92,6 +92,14 @@ function loadExternalData(model: ModelProto, folder: string | undefined): void {
   }
 }
 
+/** Weight bytes above which a model cannot be one ONNX buffer (protobuf's 2 GB, less room for the graph). */
+export const ONE_BUFFER_LIMIT = 2 ** 31 - 2 ** 26;
+
+/** Bytes of the model's stored tensors (initializers and Constant values). */
+export function storedBytes(model: ModelProto): number {
+  return storedTensors(model).reduce((a, t) => a + t.rawData.length + 4 * t.floatData.length, 0);
+}
+
 /** The model's stored tensors: initializers, then Constant nodes' values, in graph order. */
 function storedTensors(model: ModelProto): TensorProto[] {
   const constants = model.graph!.node.filter((n) => n.opType === 'Constant')

@@ -13,7 +13,9 @@ import { invalidType, invalidValue } from '../errors';
 import { hasOrt, openSession } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { floatView, Graph } from './graph';
-import { checkOutputPath, cloneSharingData, externalizeData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from './model-io';
+import {
+  checkOutputPath, cloneSharingData, externalizeData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeFileAtomic,
+} from './model-io';
 import { calibrate, checkFeed, modelInputs, ortTensor, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
@@ -113,8 +115,10 @@ export interface QuantizationReport {
   activations: ActivationLayerReport[];
   calibrationBatches?: number;
   evaluation?: { samples: number; outputs: Array<{ name: string; cosine: number; top1Agreement?: number }> };
-  /** Why there is no evaluation although none was turned off (no inputs could be made for the model). */
+  /** Why there is no evaluation although none was turned off (no inputs could be made for the model, or it is too large). */
   evaluationSkipped?: string;
+  /** Why the layers have no output SQNR although the model was evaluated. */
+  layerSqnrSkipped?: string;
   timingsMs: Record<string, number>;
 }
 
@@ -379,7 +383,14 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const gptq = opts.weights.rounding === 'gptq';
-  let prepared: ModelProto | undefined = cloneSharingData(model);
+  // onnxruntime-node takes lowbit's models as one buffer: a float model of 2 GB or more (external data) can be
+  // quantized weight-only and compared from its file, but not calibrated nor compared layer by layer.
+  const floatTooLarge = storedBytes(model) >= ONE_BUFFER_LIMIT;
+  if (floatTooLarge && (opts.activations || gptq)) {
+    throw new OnnxModelError(`This model holds ${(storedBytes(model) / 2 ** 30).toFixed(1)} GiB of weights; calibration runs it in onnxruntime-node ` +
+      'from one buffer, which cannot hold 2 GB or more. Quantize its weights only (no activations, no GPTQ rounding).');
+  }
+  let prepared: ModelProto | undefined = floatTooLarge ? undefined : cloneSharingData(model);
   // Calibration runs the prepared float model before the weights are quantized: GPTQ rounding needs its input statistics.
   const targets = quantizableLayers(graph, opts.keepFloat);
   if (targets.length === 0) {
@@ -504,7 +515,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       passes.push(await time('fit-onnxruntime', () => fitOnnxruntime(graph)));
     }
   }
-  const fitsOneFile = model.graph!.initializer.reduce((a, t) => a + t.rawData.length, 0) < 2 ** 31 - 2 ** 26;
+  const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
   if (!fitsOneFile && opts.outputPath === undefined) {
     throw new OnnxModelError('The quantized model is 2 GB or more, which one ONNX buffer cannot hold: pass outputPath, and it is written with ' +
       'its weights in <outputPath>.data.');
@@ -527,6 +538,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     // The float model as given: its file (onnxruntime reads external data next to it) or its bytes.
     report.evaluation = await compareOutputs(input, bytes, feeds);
     if (prepared) await layerSqnr(prepared, model, layers, feeds);
+    else if (floatTooLarge) report.layerSqnrSkipped = 'the float model is 2 GB or more: onnxruntime-node cannot load it with its layer outputs exposed';
     timings.evaluate = performance.now() - t0;
   }
   if (external) {
