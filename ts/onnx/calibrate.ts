@@ -103,25 +103,28 @@ function readNpyRaw(file: string): { descr: string; dims: number[]; body: Uint8A
   return { descr, dims, body: Uint8Array.from(bytes.subarray(start + headerLength)) };
 }
 
-/** Reads a C-order .npy file of float32, int64 or int32 values (a model input's batch). */
-export function readNpyFeed(file: string): FeedTensor {
-  const { descr, dims, body } = readNpyRaw(file);
-  const count = dims.reduce((a, b) => a * b, 1);
+/** A .npy body as the typed array of its dtype (float32, int64, int32; undefined for others), checked against its shape. */
+function npyValues(file: string, { descr, dims, body }: { descr: string; dims: number[]; body: Uint8Array }): FeedTensor['data'] | undefined {
   const data = descr === '<f4' ? new Float32Array(body.buffer, 0, body.length >> 2)
     : descr === '<i8' ? new BigInt64Array(body.buffer, 0, body.length >> 3)
       : descr === '<i4' ? new Int32Array(body.buffer, 0, body.length >> 2) : undefined;
-  if (!data) throw new RangeError(`${file}: model inputs must be little-endian float32, int64 or int32 arrays ('<f4', '<i8', '<i4'; this one is '${descr}').`);
-  if (data.length !== count) throw new RangeError(`${file}: the data do not match the shape (${dims.join('x')}).`);
-  return { data, dims };
+  if (data && data.length !== dims.reduce((a, b) => a * b, 1)) throw new RangeError(`${file}: the data do not match the shape (${dims.join('x')}).`);
+  return data;
+}
+
+/** Reads a C-order .npy file of float32, int64 or int32 values (a model input's batch). */
+export function readNpyFeed(file: string): FeedTensor {
+  const raw = readNpyRaw(file);
+  const data = npyValues(file, raw);
+  if (!data) throw new RangeError(`${file}: model inputs must be little-endian float32, int64 or int32 arrays ('<f4', '<i8', '<i4'; this one is '${raw.descr}').`);
+  return { data, dims: raw.dims };
 }
 
 /** Reads a float32 C-order .npy file. */
 export function readNpy(file: string): { data: Float32Array; dims: number[] } {
-  const { descr, dims, body } = readNpyRaw(file);
-  if (descr !== '<f4') throw new RangeError(`${file}: only little-endian float32 ('<f4') arrays are supported (this one is '${descr}').`);
-  const data = new Float32Array(body.buffer, 0, body.length >> 2);
-  if (data.length !== dims.reduce((a, b) => a * b, 1)) throw new RangeError(`${file}: the data do not match the shape (${dims.join('x')}).`);
-  return { data, dims };
+  const raw = readNpyRaw(file);
+  if (raw.descr !== '<f4') throw new RangeError(`${file}: only little-endian float32 ('<f4') arrays are supported (this one is '${raw.descr}').`);
+  return { data: npyValues(file, raw) as Float32Array, dims: raw.dims };
 }
 
 /** Reads a 1-D .npy array of class labels (uint8, int32 or int64). */

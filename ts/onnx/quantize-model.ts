@@ -385,9 +385,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const gptq = opts.weights.rounding === 'gptq';
   // onnxruntime-node takes lowbit's models as one buffer: a float model of 2 GB or more (external data) can be
   // quantized weight-only and compared from its file, but not calibrated nor compared layer by layer.
-  const floatTooLarge = storedBytes(model) >= ONE_BUFFER_LIMIT;
+  const floatBytes = storedBytes(model);
+  const floatTooLarge = floatBytes >= ONE_BUFFER_LIMIT;
   if (floatTooLarge && (opts.activations || gptq)) {
-    throw new OnnxModelError(`This model holds ${(storedBytes(model) / 2 ** 30).toFixed(1)} GiB of weights; calibration runs it in onnxruntime-node ` +
+    throw new OnnxModelError(`This model holds ${(floatBytes / 2 ** 30).toFixed(1)} GiB of weights; calibration runs it in onnxruntime-node ` +
       'from one buffer, which cannot hold 2 GB or more. Quantize its weights only (no activations, no GPTQ rounding).');
   }
   let prepared: ModelProto | undefined = floatTooLarge ? undefined : cloneSharingData(model);
