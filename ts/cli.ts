@@ -40,9 +40,10 @@ function parseSize(value: string, previous: number[] = []): number[] {
   return [...previous, n];
 }
 
-/** A layer's quantized input (and output) activation: bits and clip range, e.g. "8 [0, 6.1] → 8 [-3.2, 9.9]". */
+/** A layer's quantized input (and output) activation: bits and clip range, e.g. "8 [0, 6.1] → 8 [-3.2, 9.9]", or "8 dynamic". */
 function activationCell(l: WeightLayerReport): string {
-  const one = (a: { bits: number; range: [number, number] }) => `${a.bits} [${Number(a.range[0].toPrecision(3))}, ${Number(a.range[1].toPrecision(3))}]`;
+  const one = (a: NonNullable<WeightLayerReport['input']>) => ('dynamic' in a ? `${a.bits} dynamic`
+    : `${a.bits} [${Number(a.range[0].toPrecision(3))}, ${Number(a.range[1].toPrecision(3))}]`);
   return [l.input ? one(l.input) : 'float', ...(l.outputActivation ? [one(l.outputActivation)] : [])].join(' → ');
 }
 
@@ -60,8 +61,9 @@ export function program(): Command {
     .option('--granularity <g>', "'channel', 'block' or 'tensor'", 'channel')
     .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', '32')
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
-    .option('--abits <bits>', 'activation bits (4, 8 or 16); needs --calib')
-    .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq' (default: --method when it is one of them, else minmax)")
+    .option('--abits <bits>', 'activation bits (4, 8 or 16); needs --calib, except with --amethod dynamic')
+    .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq' (default: --method when it is one of them, else minmax), "
+      + "or 'dynamic' (8-bit, from each run's input, no --calib: MatMul and Gemm layers, as onnxruntime's quantize_dynamic)")
     .option('--reduce-range', '8-bit weights in the 7-bit range [-64, 63] (no int16 saturation in onnxruntime\'s uint8 x int8 kernels on x86 CPUs without VNNI)')
     .option('--quantize-outputs', 'also quantize the layers\' outputs, so onnxruntime runs them with integer kernels (QLinearConv, QLinearMatMul); needs --abits')
     .option('--bit-allocation <bits>', 'per-channel bit allocation of the weights with this mean')
@@ -86,7 +88,8 @@ export function program(): Command {
         o.abits ??= '8';
         o.calib ??= path.join(assets, 'mnist-calibration');
       }
-      if (!o.calib && (o.abits || o.rounding === 'gptq')) {
+      if (amethod === 'dynamic') o.abits ??= '8';
+      if (!o.calib && ((o.abits && amethod !== 'dynamic') || o.rounding === 'gptq')) {
         throw new Error(`${o.abits ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of float32 .npy batches per model input).`);
       }
       if (o.quantizeOutputs && !o.abits) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
@@ -140,13 +143,15 @@ export function program(): Command {
       console.log(table(report.layers.map((l) => ({
         layer: l.node, op: l.op, shape: l.shape.join('x'), bits: l.channelBits ? `${l.bits} (mixed)` : l.bits, granularity: l.granularity,
         method: l.method,
-        ...(report.activations.length ? { 'activation bits, clip': activationCell(l) } : {}),
+        ...(report.layers.some((x) => x.input) ? { 'activation bits, clip': activationCell(l) } : {}),
         'weight SQNR dB': Number(l.weightSqnrDb.toFixed(1)),
         'output SQNR dB': l.outputSqnrDb === undefined ? '' : Number(l.outputSqnrDb.toFixed(1)),
       }))));
       if (report.activations.length) {
         console.log(`\n${report.activations.length} activation tensors quantized from ${report.calibrationBatches} calibration batches`);
       }
+      const dynamicInputs = report.layers.filter((l) => l.input && 'dynamic' in l.input).length;
+      if (dynamicInputs) console.log(`\n${dynamicInputs} layer inputs quantized dynamically (scale and zero point computed on every run)`);
       for (const p of report.passes) for (const s of p.skipped) console.log(`skipped by ${p.pass}: ${s.node}: ${s.reason}`);
       if (report.opset.microsoftDomainFallback) console.log(`note: ${report.opset.microsoftDomainFallback}`);
       for (const out of report.evaluation?.outputs ?? []) {
@@ -158,7 +163,7 @@ export function program(): Command {
       // How onnxruntime will run it (`npm run bench -- models`).
       if (!o.abits) {
         console.log("note: onnxruntime dequantizes weight-only models' weights on every run; session option session.disable_quant_qdq = '1' folds them at load (float speed)");
-      } else if (!o.quantizeOutputs) {
+      } else if (!o.quantizeOutputs && amethod !== 'dynamic') {
         console.log('note: onnxruntime runs layers whose outputs are not quantized in float; --quantize-outputs lets it use integer kernels (faster, one more rounding per layer)');
       }
       if (o.report) writeFileAtomic(o.report, new TextEncoder().encode(JSON.stringify(report, null, 2)));

@@ -198,7 +198,7 @@ describe('pipeline methods on the bundled MNIST CNN', () => {
     expect(bitsOf(outputs.report)).to.deep.equal([['input', 8], ['p1', 4], ['flat', 8], ['r1', 4], ['r2', 4], ['p2', 4]]);
     // Per layer, as the report's layer table shows them: input bits and clip, and output bits.
     expect(outputs.report.layers.map((l) => [l.input?.bits, l.outputActivation?.bits])).to.deep.equal([[8, 4], [4, 4], [8, undefined]]);
-    expect(outputs.report.layers[1].input!.range).to.deep.equal(outputs.report.activations.find((a) => a.tensor === 'p1')!.range);
+    expect((outputs.report.layers[1].input as { range: [number, number] }).range).to.deep.equal(outputs.report.activations.find((a) => a.tensor === 'p1')!.range);
     const all4 = await quantizeModel(model, { weights: { bits: 4 }, activations: { bits: 4 }, firstLastLayerBits: 4, calibration, evaluationFeeds: [] });
     expect(bitsOf(all4.report).map(([, bits]) => bits)).to.deep.equal([4, 4, 4]);
     const graph = readModel(edges8.model).graph!;

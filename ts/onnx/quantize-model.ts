@@ -26,6 +26,7 @@ import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
+import { gemmToMatMul, quantizeInputsDynamically } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import { nextTurn, runStepsAsync, type PassReport } from './passes/pass';
 import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
@@ -66,12 +67,15 @@ export interface QuantizeModelOptions {
      */
     reduceRange?: boolean;
   };
-  /** `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data. */
+  /**
+   * `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data, or with
+   * method 'dynamic' from each run's own input (no calibration; MatMul and Gemm only; see passes/dynamic-activations).
+   */
   activations?: false | {
-    /** 16: uint16/int16 activations (opset 21), for layers too sensitive for 8 bits (not with 'kl'). */
+    /** 16: uint16/int16 activations (opset 21), for layers too sensitive for 8 bits (not with 'kl'); 'dynamic' is 8 only. */
     bits: 4 | 8 | 16;
     signed?: boolean;
-    method?: ActivationMethod;
+    method?: ActivationMethod | 'dynamic';
     /** Data-driven bias correction: E[W·x] − E[Ŵ·x] per output channel, from the calibration data, added to the bias. */
     biasCorrection?: boolean;
     /**
@@ -184,10 +188,22 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     for (const key of ['signed', 'biasCorrection', 'outputs'] as const) {
       if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
     }
-    if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq'].includes(a.method as string)) {
-      throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl' or 'aciq'", a.method);
+    if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq', 'dynamic'].includes(a.method as string)) {
+      throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl', 'aciq' or 'dynamic'", a.method);
     }
-    if (options.calibration === undefined) {
+    if (a.method === 'dynamic') {
+      // DynamicQuantizeLinear makes uint8 codes, which MatMulInteger multiplies by int8 weights.
+      if (a.bits !== 8) throw invalidValue('options.activations.bits', "8 with method 'dynamic' (DynamicQuantizeLinear makes uint8)", a.bits);
+      if (a.signed) throw invalidValue('options.activations.signed', "false with method 'dynamic' (DynamicQuantizeLinear makes uint8)", a.signed);
+      if (a.outputs) throw invalidValue('options.activations.outputs', "false with method 'dynamic' (the layers output float; there are no ranges to quantize them with)", a.outputs);
+      if (w.bits !== 8 || (w.granularity ?? 'channel') === 'block' || (options.firstLastLayerBits ?? 8) !== 8) {
+        throw invalidValue('options.weights', "8-bit weights per channel or per tensor (and firstLastLayerBits 8) with activations.method 'dynamic': " +
+          'MatMulInteger multiplies int8 weights with one scale per column', { bits: w.bits, granularity: w.granularity, firstLastLayerBits: options.firstLastLayerBits });
+      }
+      if (a.biasCorrection && options.calibration === undefined) {
+        throw invalidValue('options.calibration', 'calibration feeds (or a folder of .npy files) for activations.biasCorrection', undefined);
+      }
+    } else if (options.calibration === undefined) {
       throw invalidValue('options.calibration', 'calibration feeds (or a folder of .npy files) to quantize activations', undefined);
     }
   }
@@ -380,6 +396,13 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   passes.push(await time('fuse-hardswish', () => fuseHardSwish(graph)));
   passes.push(await time('fold-batchnorm', () => foldBatchNorm(graph)));
   passes.push(await time('fold-scalar-affine', () => foldScalarAffine(graph, { shiftAfterConv: !(opts.activations && opts.activations.outputs) })));
+  // Dynamic activations replace calibrated ranges for MatMul layers; static ones come from calibration.
+  const dynamic = !!opts.activations && opts.activations.method === 'dynamic';
+  const staticActivations = opts.activations && !dynamic ? opts.activations as typeof opts.activations & { method?: ActivationMethod } : undefined;
+  if (dynamic) {
+    const gemms = quantizableLayers(graph, opts.keepFloat).filter((n) => n.opType === 'Gemm');
+    if (gemms.length > 0) passes.push(await time('gemm-to-matmul', () => gemmToMatMul(graph, gemms)));
+  }
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const gptq = opts.weights.rounding === 'gptq';
@@ -387,7 +410,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // quantized weight-only and compared from its file, but not calibrated nor compared layer by layer.
   const floatBytes = storedBytes(model);
   const floatTooLarge = floatBytes >= ONE_BUFFER_LIMIT;
-  if (floatTooLarge && (opts.activations || gptq)) {
+  if (floatTooLarge && (staticActivations || gptq || dataBiasCorrection)) {
     throw new OnnxModelError(`This model holds ${(floatBytes / 2 ** 30).toFixed(1)} GiB of weights; calibration runs it in onnxruntime-node ` +
       'from one buffer, which cannot hold 2 GB or more. Quantize its weights only (no activations, no GPTQ rounding).');
   }
@@ -403,10 +426,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t));
   // With `outputs`, the layers' outputs too (not the model's outputs, which stay float).
   // after a Relu/Clip where there is one, and shared through data-movement ops (see output-placement).
-  const placement = opts.activations && opts.activations.outputs ? placeOutputQuantizers(graph, targets, opts.activations.signed ?? false) : undefined;
+  const placement = staticActivations && staticActivations.outputs ? placeOutputQuantizers(graph, targets, staticActivations.signed ?? false) : undefined;
   if (placement) passes.push(placement.report);
   const layerOutputs = placement ? placement.calibrated : [];
-  const tensors = opts.activations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
+  const tensors = staticActivations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
   // The layers whose input statistics calibration can gather, with what their weights meet.
   const withData = targets.filter((n) => !graph.constant(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
     .filter(({ input }) => LayerInputMoments.supports(input));
@@ -432,20 +455,20 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   });
   // GPTQ with quantized activations takes a second pass over the calibration data, so its Gram matrices see the
   // inputs as the quantized model will (clipped and rounded); data that can be read only once get one pass on float inputs.
-  const secondPass = gptq && !!opts.activations && canReadTwice(opts.calibration!);
-  if (opts.activations || gptq) {
+  const secondPass = gptq && !!staticActivations && canReadTwice(opts.calibration!);
+  if (staticActivations || gptq || dataBiasCorrection) {
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
-    result = await calibrate(prepared!, tensors, opts.calibration!, (opts.activations && opts.activations.method) || 'minmax', {
+    result = await calibrate(prepared!, tensors, opts.calibration!, staticActivations?.method ?? 'minmax', {
       onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`),
       tensorObservers: [...observe(biasMoments, false), ...(secondPass ? [] : observe(gptqMoments, false))],
     });
     calibrationBatches = result.batches;
     sample = result.sample;
-    if (opts.activations) {
-      const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? Math.max(8, opts.activations.bits) : opts.activations.bits;
+    if (staticActivations) {
+      const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? Math.max(8, staticActivations.bits) : staticActivations.bits;
       for (const t of tensors) {
-        const bits = edgeTensors.has(t) ? edgeBits : opts.activations.bits;
+        const bits = edgeTensors.has(t) ? edgeBits : staticActivations.bits;
         ranges.set(t, { ...result.observers.get(t)!.range(bits), bits });
         await nextTurn();  // a KL or ACIQ search per tensor
       }
@@ -467,8 +490,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     if (gptq) {
       passes.push(secondPass
         ? { pass: 'gptq-inputs', changed: ['Gram matrices from a second calibration pass, inputs quantized as the model will quantize them'], skipped: [] }
-        : { pass: 'gptq-inputs', changed: [`Gram matrices from ${opts.activations ? 'float' : 'the'} calibration inputs`],
-          skipped: opts.activations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
+        : { pass: 'gptq-inputs', changed: [`Gram matrices from ${staticActivations ? 'float' : 'the'} calibration inputs`],
+          skipped: staticActivations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
     }
   }
   // Without an evaluation nothing needs the float model any more: dropping it lets each layer's float weights be
@@ -486,14 +509,14 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   if (layers.some((l) => l.bits === 2) && graph.opset < 25 && microsoftDomainFallback === undefined) passes.push(upgradeOpset(graph, 25));
   let activations: ActivationLayerReport[] = [];
   if (result) {
-    const a = opts.activations || { bits: 8 as const, method: 'minmax' as const };
-    if (opts.activations && a.bits !== 8 && graph.opset < 21) {
+    const a = staticActivations || { bits: 8 as const, method: 'minmax' as const };
+    if (staticActivations && a.bits !== 8 && graph.opset < 21) {
       if (microsoftDomainFallback) throw new OnnxModelError(`${a.bits}-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
       passes.push(upgradeOpset(graph, 21));
     }
     if (dataBiasCorrection) passes.push(await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments),
       (_, done) => opts.onProgress?.(`bias-correction ${done}/${weights.length}`))));
-    if (opts.activations) {
+    if (staticActivations) {
       const act = await time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
         a.signed ?? false, microsoftDomainFallback !== undefined, everyConsumer));
       passes.push(act.report);
@@ -515,6 +538,11 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       passes.push(await time('quantize-bias', () => quantizeBiases(graph, scales)));
       passes.push(await time('fit-onnxruntime', () => fitOnnxruntime(graph)));
     }
+  }
+  if (dynamic) {
+    const dyn = await time('dynamic-activations', () => quantizeInputsDynamically(graph, targets));
+    passes.push(dyn.report);
+    for (const l of layers) if (dyn.quantized.has(l.node)) l.input = { bits: 8, dynamic: true };
   }
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
   if (!fitsOneFile && opts.outputPath === undefined) {

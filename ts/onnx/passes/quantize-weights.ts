@@ -73,8 +73,11 @@ export interface WeightLayerReport {
   output: string;
   /** SQNR of the layer's output in the quantized model against the float model on the evaluation inputs. */
   outputSqnrDb?: number;
-  /** With quantized activations: the layer input's bits and clip range, and its output's when outputs are quantized. */
-  input?: { bits: number; range: [number, number] };
+  /**
+   * With quantized activations: the layer input's bits and clip range (or `dynamic`: computed from each run's input),
+   * and its output's when outputs are quantized.
+   */
+  input?: { bits: number; range: [number, number] } | { bits: 8; dynamic: true };
   outputActivation?: { bits: number; range: [number, number] };
 }
 

@@ -1,0 +1,195 @@
+// activations.method 'dynamic': MatMul (and Gemm) inputs quantized per run, as onnxruntime's quantize_dynamic does.
+import { expect } from 'chai';
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fromBinary } from '@bufbuild/protobuf';
+import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+
+import { ort } from '../../ts/bench/ort-models';
+import { floatData } from '../../ts/onnx/graph';
+import { readModel } from '../../ts/onnx/model-io';
+import { quantizeModel } from '../../ts/onnx/quantize-model';
+import { roundHalfToEven } from '../../ts/quant-params';
+import { buildModel } from '../helpers/onnx-builder';
+import { rng } from '../helpers/random';
+
+const root = path.resolve(__dirname, '..', '..', '..');
+const f32 = Math.fround;
+
+function values(n: number, seed: number, scale = 1): Float32Array {
+  const r = rng(seed);
+  return Float32Array.from({ length: n }, () => (r() * 2 - 1) * scale);
+}
+
+/** x [n, 24] → MatMul [24, 16] → Add bias: one layer, for the exact check. */
+function oneMatMul(): Uint8Array {
+  return buildModel({
+    inputDims: ['n', 24],
+    nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'fc' }, { op: 'Add', inputs: ['y', 'b'], output: 'out' }],
+    initializers: { w: { dims: [24, 16], data: values(24 * 16, 1, 0.3) }, b: { dims: [16], data: values(16, 2) } },
+    output: 'out',
+  });
+}
+
+/** What DynamicQuantizeLinear → MatMulInteger → Cast → Mul → Add computes, from the ONNX definitions, in float32. */
+function reference(x: Float32Array, rows: number, k: number, wq: Int8Array, ws: Float32Array, bias: Float32Array): Float32Array {
+  let lo = 0;
+  let hi = 0;
+  for (const v of x) {
+    lo = Math.min(lo, v);
+    hi = Math.max(hi, v);
+  }
+  const scale = f32(f32(hi - lo) / 255);
+  const zp = Math.min(255, Math.max(0, roundHalfToEven(f32(0 - f32(lo / scale)))));
+  const q = Int32Array.from(x, (v) => Math.min(255, Math.max(0, roundHalfToEven(f32(v / scale)) + zp)));
+  const n = ws.length;
+  const y = new Float32Array(rows * n);
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < n; c++) {
+      let acc = 0;
+      for (let i = 0; i < k; i++) acc += (q[r * k + i] - zp) * wq[i * n + c];
+      y[r * n + c] = f32(f32(acc * f32(scale * ws[c])) + bias[c]);
+    }
+  }
+  return y;
+}
+
+async function optimizedOps(model: Uint8Array): Promise<string[]> {
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-dyn-')), 'optimized.onnx');
+  const session = await ort().InferenceSession.create(model, { graphOptimizationLevel: 'extended', optimizedModelFilePath: file });
+  await session.release();
+  const ops = fromBinary(ModelProtoSchema, fs.readFileSync(file)).graph!.node.map((n) => n.opType);
+  fs.rmSync(path.dirname(file), { recursive: true });
+  return ops;
+}
+
+describe("dynamic activations (activations.method 'dynamic')", function () {
+  this.timeout(60000);
+
+  it('needs no calibration; a MatMul becomes DynamicQuantizeLinear → MatMulInteger → Cast → Mul, equal to the ONNX definitions in float32, and onnxruntime fuses it', async () => {
+    const { model, report } = await quantizeModel(oneMatMul(), { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } });
+    const graph = readModel(model).graph!;
+    expect(graph.node.map((n) => n.opType).sort()).to.deep.equal(['Add', 'Cast', 'DynamicQuantizeLinear', 'MatMulInteger', 'Mul', 'Mul']);
+    expect(report.layers[0].input).to.deep.equal({ bits: 8, dynamic: true });
+    expect(report.calibrationBatches).to.equal(undefined);
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.9999);
+    const tensor = (name: string) => graph.initializer.find((t) => t.name === name)!;
+    const integer = graph.node.find((n) => n.opType === 'MatMulInteger')!;
+    const wq = tensor(integer.input[1]);
+    expect(wq.dataType).to.equal(TensorProto_DataType.INT8);
+    const scales = floatData(tensor(graph.node.find((n) => n.name === 'fc_scales')!.input[1]))!;
+    expect(scales.length).to.equal(16);  // per column
+    const rows = 5;
+    const x = values(rows * 24, 3, 2.5).map((v, i) => (i % 7 === 0 ? v + 1 : v));  // asymmetric: a nonzero zero point
+    const expected = reference(x, rows, 24, new Int8Array(wq.rawData.buffer, wq.rawData.byteOffset, wq.rawData.length), scales, values(16, 2));
+    for (const level of ['basic', 'all'] as const) {
+      const session = await ort().InferenceSession.create(model, { graphOptimizationLevel: level });
+      const out = (await session.run({ input: new (ort().Tensor)('float32', x, [rows, 24]) })).out.data as Float32Array;
+      await session.release();
+      const largest = Math.max(...expected.map(Math.abs));
+      // As written ('basic'): the same float32 operations; fused ('all'): onnxruntime's kernel may order the scaling differently.
+      const tolerance = level === 'basic' ? 0 : 1e-6 * largest;
+      expected.forEach((v, i) => expect(Math.abs(out[i] - v), `${level} [${i}]`).to.be.at.most(tolerance));
+    }
+    expect(await optimizedOps(model)).to.deep.equal(['DynamicQuantizeMatMul']);
+  });
+
+  it('shares one DynamicQuantizeLinear among the MatMuls that read a tensor, turns Gemm into MatMul + Add, leaves Conv inputs float and says why', async () => {
+    const model = buildModel({
+      inputDims: ['n', 1, 6, 6],
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'cw', 'cb'], output: 'c', name: 'conv', attrs: { kernel_shape: [3, 3] } },
+        { op: 'Flatten', inputs: ['c'], output: 'f' },
+        { op: 'MatMul', inputs: ['f', 'w1'], output: 'a', name: 'left' },
+        { op: 'MatMul', inputs: ['f', 'w2'], output: 'b', name: 'right' },
+        { op: 'Add', inputs: ['a', 'b'], output: 'ab' },
+        { op: 'Gemm', inputs: ['ab', 'gw', 'gb'], output: 'out', name: 'head', attrs: { transB: 1 } },
+      ],
+      initializers: {
+        cw: { dims: [2, 1, 3, 3], data: values(18, 4) }, cb: { dims: [2], data: values(2, 5) },
+        w1: { dims: [32, 12], data: values(32 * 12, 6) }, w2: { dims: [32, 12], data: values(32 * 12, 7) },
+        gw: { dims: [5, 12], data: values(60, 8) }, gb: { dims: [5], data: values(5, 9) },
+      },
+      output: 'out',
+    });
+    const { model: q, report } = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } });
+    const ops = readModel(q).graph!.node.map((n) => n.opType);
+    expect(ops.filter((o) => o === 'DynamicQuantizeLinear')).to.have.length(2);  // f (shared by left and right), ab
+    expect(ops.filter((o) => o === 'MatMulInteger')).to.have.length(3);
+    expect(ops).to.not.include('Gemm');
+    expect(ops).to.not.include('MatMul');
+    const pass = (name: string) => report.passes.find((p) => p.pass === name)!;
+    expect(pass('gemm-to-matmul').changed).to.deep.equal(['head: Gemm → MatMul + Add']);
+    expect(pass('dynamic-activations').changed).to.have.length(3);
+    expect(pass('dynamic-activations').skipped).to.deep.equal([{ node: 'conv', reason: pass('dynamic-activations').skipped[0].reason }]);
+    expect(pass('dynamic-activations').skipped[0].reason).to.match(/ConvInteger .*calibrate for static activations/);
+    expect(report.layers.map((l) => [l.node, l.input])).to.deep.equal([
+      ['conv', undefined], ['left', { bits: 8, dynamic: true }], ['right', { bits: 8, dynamic: true }], ['head', { bits: 8, dynamic: true }],
+    ]);
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+    expect((await optimizedOps(q)).filter((o) => o === 'MatMulInteger')).to.deep.equal([]);  // all fused
+  });
+
+  it('keeps a Gemm it cannot rewrite (alpha ≠ 1) with float inputs and reports it; takes calibration for GPTQ rounding and data-driven bias correction', async () => {
+    const model = buildModel({
+      inputDims: ['n', 12],
+      nodes: [{ op: 'Gemm', inputs: ['input', 'gw', 'gb'], output: 'out', name: 'scaled', attrs: { alpha: 0.5 } }],
+      initializers: { gw: { dims: [12, 4], data: values(48, 10) }, gb: { dims: [4], data: values(4, 11) } },
+      output: 'out',
+    });
+    const { model: q, report } = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } });
+    expect(report.passes.find((p) => p.pass === 'gemm-to-matmul')!.skipped[0]).to.deep.include({ node: 'scaled' });
+    expect(report.passes.find((p) => p.pass === 'dynamic-activations')!.skipped[0].reason).to.match(/Gemm: dynamic activations need MatMul/);
+    expect(readModel(q).graph!.node.map((n) => n.opType)).to.deep.equal(['DequantizeLinear', 'Gemm']);
+
+    const calibration = [{ input: { data: values(8 * 24, 12, 3).map((v) => v + 1), dims: [8, 24] } }];
+    const plain = await quantizeModel(oneMatMul(), { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } });
+    const both = await quantizeModel(oneMatMul(), {
+      weights: { bits: 8, rounding: 'gptq' }, activations: { bits: 8, method: 'dynamic', biasCorrection: true }, calibration,
+    });
+    expect(both.report.calibrationBatches).to.equal(1);
+    expect(both.report.layers[0].method).to.match(/gptq rounding/);
+    expect(both.report.passes.map((p) => p.pass)).to.include.members(['bias-correction', 'dynamic-activations']);
+    // The correction is an Add after the layer's output (MatMul has no bias input), then the model's own bias Add.
+    expect(both.report.passes.find((p) => p.pass === 'bias-correction')!.changed[0]).to.match(/^fc: bias shifted by/);
+    expect(readModel(both.model).graph!.node.map((n) => n.name)).to.include('fc_bias_correction_add');
+    expect(readModel(plain.model).graph!.node.map((n) => n.name)).to.not.include('fc_bias_correction_add');
+  });
+
+  it('rejects what it cannot do, saying what to pass', async () => {
+    const cases: Array<[object, RegExp]> = [
+      [{ weights: { bits: 8 }, activations: { bits: 4, method: 'dynamic' } }, /Expected 8 with method 'dynamic' .* for options\.activations\.bits but received 4/],
+      [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', signed: true } }, /options\.activations\.signed/],
+      [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', outputs: true } }, /options\.activations\.outputs/],
+      [{ weights: { bits: 4 }, activations: { bits: 8, method: 'dynamic' } }, /8-bit weights per channel or per tensor .* for options\.weights/],
+      [{ weights: { bits: 8, granularity: 'block' }, activations: { bits: 8, method: 'dynamic' } }, /for options\.weights/],
+      [{ weights: { bits: 8 }, firstLastLayerBits: 4, activations: { bits: 8, method: 'dynamic' } }, /firstLastLayerBits 8/],
+      [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', biasCorrection: true } }, /calibration feeds .* for options\.calibration/],
+      [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dyn' } }, /'minmax', 'percentile', 'kl', 'aciq' or 'dynamic'/],
+    ];
+    for (const [options, message] of cases) {
+      let error: unknown;
+      try {
+        await quantizeModel(oneMatMul(), options as never);
+      } catch (e) {
+        error = e;
+      }
+      expect(error, JSON.stringify(options)).to.be.instanceOf(RangeError);
+      expect((error as Error).message, JSON.stringify(options)).to.match(message);
+    }
+  });
+
+  it('`lowbit quantize --amethod dynamic` needs no --calib', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-'));
+    const r = spawnSync(process.execPath, [path.join(root, 'dist', 'ts', 'cli.js'), 'quantize', path.join(root, 'assets', 'mnist-cnn.onnx'), '--amethod', 'dynamic'],
+      { cwd: dir, encoding: 'utf8' });
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/fc +MatMul .* 8 dynamic/);
+    expect(r.stdout).to.match(/1 layer inputs quantized dynamically/);
+    expect(r.stdout).to.match(/skipped by dynamic-activations: conv1: .*ConvInteger/);
+    expect(fs.readdirSync(dir)).to.deep.equal(['mnist-cnn.q.onnx']);
+    fs.rmSync(dir, { recursive: true });
+  });
+});
