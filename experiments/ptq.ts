@@ -145,6 +145,7 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     ['W8A16 (minmax activations, GPTQ rounding)', { weights: { bits: 8, rounding: 'gptq' }, activations: { bits: 16 } }],
     ['W8A8 (percentile, both bias corrections)', { weights: { bits: 8, biasCorrection: true }, activations: { bits: 8, method: 'percentile', biasCorrection: true } }],
     ['W4A8 (block 32, ACIQ activations)', { weights: { bits: 4, granularity: 'block' }, activations: { bits: 8, method: 'aciq' } }],
+    ['W8A8 dynamic (MatMul and Gemm inputs only, no calibration)', { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } }],
   ];
   const rows: Array<Record<string, string | number>> = [];
   const readingRows: Array<Record<string, string | number>> = [];
@@ -157,7 +158,7 @@ export async function ptqExperiment(json: boolean): Promise<void> {
         const t0 = performance.now();
         const { model, report } = await quantizeModel(path.join(assets, file), {
           ...(options as QuantizeModelOptions),
-          ...(options.activations || options.weights?.rounding === 'gptq' ? { calibration: feeds(8, dims, 7) } : {}),
+          ...((options.activations && options.activations.method !== 'dynamic') || options.weights?.rounding === 'gptq' ? { calibration: feeds(8, dims, 7) } : {}),
           evaluationFeeds: evaluation,
         });
         const total = performance.now() - t0;

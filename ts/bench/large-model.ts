@@ -32,10 +32,10 @@ const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'baseline']> = [
 ];
 
 /**
- * A [1, 2048] → MatMul × layers model (weights uniform in ±1/√2048) written to `file`, its weights in
+ * A [batch, 2048] → MatMul × layers model (weights uniform in ±1/√2048) written to `file`, its weights in
  * `<file>.data` unless `inline`; returns the weights' size in bytes.
  */
-export function writeMatMulChain(file: string, layers: number, inline = false): number {
+export function writeMatMulChain(file: string, layers: number, inline = false, batch = 1): number {
   const initializer = [];
   const node = [];
   let x = 'input';
@@ -51,7 +51,7 @@ export function writeMatMulChain(file: string, layers: number, inline = false): 
     x = `y${l}`;
   }
   const tensor = (name: string) => ({
-    name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, shape: { dim: [1, WIDTH].map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } },
+    name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, shape: { dim: [batch, WIDTH].map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } },
   });
   const model = create(ModelProtoSchema, {
     irVersion: 8n, producerName: 'lowbit bench', opsetImport: [{ domain: '', version: 13n }],

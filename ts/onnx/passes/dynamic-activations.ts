@@ -8,7 +8,8 @@
  *
  * Only MatMul (and Gemm, rewritten as MatMul + Add first) gets it: onnxruntime's ConvInteger takes one
  * weight zero point per tensor and, in a probe on a 64-channel 3×3 conv, ran at float speed at best
- * (uint8 weights) and 3× slower with int8 weights; convolutions want static (calibrated) activations.
+ * (uint8 weights) and 3× slower with int8 weights (onnxruntime 1.30, one run each); convolutions want static
+ * (calibrated) activations.
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
