@@ -17,7 +17,8 @@ import { layerInput, quantizeWeights } from '../../ts/onnx/passes/quantize-weigh
 import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
-import { cloneSharingData, OnnxModelError, readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
+import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
+import { writeMatMulChain } from '../../ts/bench/large-model';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { buildModel, heInit } from '../helpers/onnx-builder';
@@ -711,6 +712,51 @@ describe('large models', () => {
     expect(report.layers.every((l) => l.outputSqnrDb === undefined)).to.equal(true);
     const g = new Graph(readModel(classifier));
     expect(quantizeWeights(g, { bits: 8, granularity: 'channel', method: 'minmax' }).weights.every((w) => !w.original && !w.dequantized)).to.equal(true);
+  });
+
+  it('reads each large external weight from its file once, when it quantizes it (weights only, no evaluation), and writes the same model as from inline weights', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-lazy-'));
+    const external = path.join(dir, 'chain.onnx');
+    const inline = path.join(dir, 'inline.onnx');
+    const dataBytes = writeMatMulChain(external, 2);  // two 2048x2048 float32 weights (16 MiB each) in chain.onnx.data
+    writeMatMulChain(inline, 2, true);
+    // Lazily read tensors report their length without reading.
+    const lazy = readModel(external, { lazyExternalData: true }).graph!.initializer;
+    expect(lazy.map(rawLength)).to.deep.equal([dataBytes / 2, dataBytes / 2]);
+    // Count what quantizeModel reads with readSync: the model file, and the external data.
+    // The module object itself (the namespace import above only has getters onto it).
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const nodeFs: { readSync: typeof fs.readSync } = require('node:fs');
+    const real = nodeFs.readSync;
+    let bytesRead = 0;
+    nodeFs.readSync = ((...args: Parameters<typeof fs.readSync>) => {
+      const n = (real as (...a: unknown[]) => number)(...args);
+      bytesRead += n;
+      return n;
+    }) as typeof fs.readSync;
+    const options = { weights: { bits: 8 as const }, evaluationFeeds: [], externalData: true };
+    const seen: Record<string, number> = {};
+    try {
+      await quantizeModel(external, { ...options, outputPath: path.join(dir, 'chain.q.onnx'), onProgress: (stage) => (seen[stage] = bytesRead) });
+    } finally {
+      nodeFs.readSync = real;
+    }
+    const modelFile = fs.statSync(external).size;  // readFileSync reads the model file with readSync too
+    // Nothing read before the weight pass, one layer's weights after its first layer, everything once in all.
+    expect(seen).to.deep.include({ 'quantize-weights': modelFile, 'quantize-weights 1/2': modelFile + dataBytes / 2, 'quantize-weights 2/2': modelFile + dataBytes });
+    expect(bytesRead).to.equal(modelFile + dataBytes);
+    await quantizeModel(inline, { ...options, outputPath: path.join(dir, 'inline.q.onnx') });
+    const a = readModel(path.join(dir, 'chain.q.onnx')).graph!.initializer;
+    const b = readModel(path.join(dir, 'inline.q.onnx')).graph!.initializer;
+    expect(a.map((t) => t.name)).to.deep.equal(b.map((t) => t.name));
+    a.forEach((t, i) => expect(Buffer.from(t.rawData).equals(Buffer.from(b[i].rawData)), t.name).to.equal(true));
+    // A data file that goes away while its tensors wait is an OnnxModelError naming the tensor.
+    const waiting = readModel(external, { lazyExternalData: true }).graph!.initializer[0];
+    fs.renameSync(`${external}.data`, `${external}.moved`);
+    expect(() => floatData(waiting)).to.throw(OnnxModelError, /Tensor w0: its external data file .* cannot be read any more/);
+    fs.renameSync(`${external}.moved`, `${external}.data`);
+    expect(floatData(waiting)!.length).to.equal(2048 * 2048);
+    fs.rmSync(dir, { recursive: true });
   });
 
   it('cloneSharingData copies the graph but shares the initializers\' bytes', () => {

@@ -27,6 +27,9 @@ const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'baseline']> = [
   ['baseline: lowbit and onnxruntime loaded, nothing quantized', 'baseline'],
   ['W8 (per channel), weights only, no evaluation', { weights: { bits: 8 }, evaluationFeeds: [] }],
   ['W4 (block 32), weights only, no evaluation', { weights: { bits: 4, granularity: 'block', blockSize: 32 }, evaluationFeeds: [] }],
+  // As a model of 2 GB or more is written: the data streamed to <output>.data tensor by tensor, no whole-model buffer.
+  ['W8 (per channel), weights only, no evaluation, external data output', { weights: { bits: 8 }, evaluationFeeds: [], externalData: true }],
+  ['W4 (block 32), weights only, no evaluation, external data output', { weights: { bits: 4, granularity: 'block', blockSize: 32 }, evaluationFeeds: [], externalData: true }],
   ['W8 (per channel), weights only, evaluated in onnxruntime (the default)', { weights: { bits: 8 } }],
   ['W8A8 (minmax), 4 calibration inputs, no evaluation', { weights: { bits: 8 }, activations: { bits: 8 }, evaluationFeeds: [] }],
 ];

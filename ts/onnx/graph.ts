@@ -9,7 +9,7 @@ import {
   type AttributeProto, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
 } from 'onnx-buf';
 
-import { OnnxModelError } from './model-io';
+import { OnnxModelError, rawLength } from './model-io';
 
 export class Graph {
   readonly model: ModelProto;
@@ -192,11 +192,12 @@ export function floatScalarTensor(name: string, value: number): TensorProto {
  */
 export function floatData(t: TensorProto): Float32Array | undefined {
   if (!isFloatTensor(t)) return undefined;
-  if (t.rawData.length === 0) return Float32Array.from(t.floatData);
+  const raw = t.rawData;  // once: a lazily read tensor reads its file on every access (model-io)
+  if (raw.length === 0) return Float32Array.from(t.floatData);
   // A copy (the callers own what they get); Float32Array.set copies aligned data fastest.
-  const out = new Float32Array(t.rawData.length / 4);
-  if (t.rawData.byteOffset % 4 === 0) out.set(new Float32Array(t.rawData.buffer, t.rawData.byteOffset, out.length));
-  else new Uint8Array(out.buffer).set(t.rawData);
+  const out = new Float32Array(raw.length / 4);
+  if (raw.byteOffset % 4 === 0) out.set(new Float32Array(raw.buffer, raw.byteOffset, out.length));
+  else new Uint8Array(out.buffer).set(raw);
   return out;
 }
 
@@ -206,7 +207,8 @@ export function floatData(t: TensorProto): Float32Array | undefined {
  */
 export function floatView(t: TensorProto): Float32Array | undefined {
   if (!isFloatTensor(t)) return undefined;
-  if (t.rawData.length > 0 && t.rawData.byteOffset % 4 === 0) return new Float32Array(t.rawData.buffer, t.rawData.byteOffset, t.rawData.length / 4);
+  const raw = t.rawData;
+  if (raw.length > 0 && raw.byteOffset % 4 === 0) return new Float32Array(raw.buffer, raw.byteOffset, raw.length / 4);
   return floatData(t);
 }
 
@@ -214,11 +216,12 @@ export function floatView(t: TensorProto): Float32Array | undefined {
 export function isFloatTensor(t: TensorProto): boolean {
   if (t.dataType !== TensorProto_DataType.FLOAT) return false;
   const count = t.dims.reduce((a, d) => a * Number(d), 1);
-  const held = t.rawData.length > 0 ? t.rawData.length / 4 : t.floatData.length;
+  const bytes = rawLength(t);
+  const held = bytes > 0 ? bytes / 4 : t.floatData.length;
   if (held !== count) {
-    const what = t.rawData.length > 0 ? `${t.rawData.length} bytes of raw data` : `${t.floatData.length} float values`;
+    const what = bytes > 0 ? `${bytes} bytes of raw data` : `${t.floatData.length} float values`;
     throw new OnnxModelError(`Tensor '${t.name}' holds ${what}, but its dims [${dimsOf(t).join(', ')}] need ${count} float32 values` +
-      `${t.rawData.length > 0 ? ` (${count * 4} bytes)` : ''}: the model file is corrupted or was written wrongly; re-export it.`);
+      `${bytes > 0 ? ` (${count * 4} bytes)` : ''}: the model file is corrupted or was written wrongly; re-export it.`);
   }
   return true;
 }

@@ -18,8 +18,29 @@ export class OnnxModelError extends Error {
 
 const TWO_GB = 2 ** 31;
 
-/** Parses an ONNX model from a path or bytes; external data next to a model file is loaded. */
-export function readModel(input: string | Uint8Array): ModelProto {
+/** Where a lazily read tensor's bytes wait: its external data file, offset and length. */
+interface ExternalSource {
+  file: string;
+  offset: number;
+  length: number;
+}
+
+const EXTERNAL_SOURCE = Symbol('lowbit.externalSource');
+
+/** Tensors at least this large are read when used, with `lazyExternalData`; smaller ones at once. */
+const LAZY_MIN_BYTES = 1 << 20;
+
+export interface ReadModelOptions {
+  /**
+   * Read each large external tensor (1 MiB or more) from its file when its data are used, every time, instead of
+   * loading them all: a pass that quantizes weights one layer at a time then holds one layer's float weights, not
+   * the model's. Reading `rawData` of such a tensor reads the file; assigning it makes the tensor an ordinary one.
+   */
+  lazyExternalData?: boolean;
+}
+
+/** Parses an ONNX model from a path or bytes; external data next to a model file is loaded (or read lazily). */
+export function readModel(input: string | Uint8Array, options: ReadModelOptions = {}): ModelProto {
   let bytes: Uint8Array;
   let folder: string | undefined;
   if (typeof input === 'string') {
@@ -46,11 +67,55 @@ export function readModel(input: string | Uint8Array): ModelProto {
   if (!model.graph || model.irVersion === 0n || model.opsetImport.length === 0) {
     throw new OnnxModelError('This is not an ONNX model: it has no graph, IR version or opset (is it another protobuf file?).');
   }
-  loadExternalData(model, folder);
+  loadExternalData(model, folder, options.lazyExternalData ?? false);
   return model;
 }
 
-function loadExternalData(model: ModelProto, folder: string | undefined): void {
+/** Reads `length` bytes at `offset` of an open file; `what` names the tensor in errors. */
+function readAt(fd: number, file: string, offset: number, length: number, what: string): Uint8Array<ArrayBuffer> {
+  const data = new Uint8Array(length);
+  for (let read = 0; read < length;) {
+    const n = fs.readSync(fd, data, read, length - read, offset + read);
+    if (n === 0) throw new OnnxModelError(`Tensor ${what}: ${file} ended while reading its data (was it changed while being read?).`);
+    read += n;
+  }
+  return data;
+}
+
+function readExternal(name: string, source: ExternalSource): Uint8Array<ArrayBuffer> {
+  let fd: number;
+  try {
+    fd = fs.openSync(source.file, 'r');
+  } catch {
+    throw new OnnxModelError(`Tensor ${name}: its external data file ${source.file} cannot be read any more (was it moved or deleted while the model was in use?).`);
+  }
+  try {
+    return readAt(fd, source.file, source.offset, source.length, name);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Makes `t.rawData` read its bytes from the file on every access, until something assigns it. */
+function readLazily(t: TensorProto, source: ExternalSource): void {
+  Object.defineProperty(t, EXTERNAL_SOURCE, { value: source, configurable: true, enumerable: false });
+  Object.defineProperty(t, 'rawData', {
+    configurable: true,
+    enumerable: true,
+    get: () => readExternal(t.name, source),
+    set: (value: Uint8Array) => {
+      delete (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE];
+      Object.defineProperty(t, 'rawData', { value, writable: true, enumerable: true, configurable: true });
+    },
+  });
+}
+
+/** The byte length of a tensor's raw data, without reading it when it waits in its file. */
+export function rawLength(t: TensorProto): number {
+  return (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE]?.length ?? t.rawData.length;
+}
+
+function loadExternalData(model: ModelProto, folder: string | undefined, lazy: boolean): void {
   // Each tensor reads its own bytes at its offset: reading the whole file per tensor made a model of n tensors
   // read its data file n times.
   const files = new Map<string, { fd: number; size: number }>();
@@ -77,15 +142,10 @@ function loadExternalData(model: ModelProto, folder: string | undefined): void {
         throw new OnnxModelError(`Tensor ${t.name}: its external data (offset ${entry.offset ?? 0}, length ${entry.length ?? 'to the end'}) lies outside ` +
           `${file} (${opened.size} bytes): the data file is truncated or belongs to another model.`);
       }
-      const data = new Uint8Array(length);
-      for (let read = 0; read < length;) {
-        const n = fs.readSync(opened.fd, data, read, length - read, offset + read);
-        if (n === 0) throw new OnnxModelError(`Tensor ${t.name}: ${file} ended while reading its data (was it changed while being read?).`);
-        read += n;
-      }
-      t.rawData = data;
       t.dataLocation = TensorProto_DataLocation.DEFAULT;
       t.externalData = [];
+      if (lazy && length >= LAZY_MIN_BYTES) readLazily(t, { file, offset, length });
+      else t.rawData = readAt(opened.fd, file, offset, length, t.name);
     }
   } finally {
     for (const { fd } of files.values()) fs.closeSync(fd);
@@ -97,7 +157,7 @@ export const ONE_BUFFER_LIMIT = 2 ** 31 - 2 ** 26;
 
 /** Bytes of the model's stored tensors (initializers and Constant values). */
 export function storedBytes(model: ModelProto): number {
-  return storedTensors(model).reduce((a, t) => a + t.rawData.length + 4 * t.floatData.length, 0);
+  return storedTensors(model).reduce((a, t) => a + rawLength(t) + 4 * t.floatData.length, 0);
 }
 
 /** The model's stored tensors: initializers, then Constant nodes' values, in graph order. */
@@ -136,28 +196,39 @@ export function serializeModel(model: ModelProto): Uint8Array {
 
 /**
  * Moves the data of large initializers (>= `threshold` bytes) into one external
- * file named `dataFile` (a name next to the model file) and returns its bytes;
- * the model then refers to it by location, offset and length.
+ * file named `dataFile` (a name next to the model file), handing each tensor's
+ * bytes to `write` in file order (with zero padding before it); the model then
+ * refers to it by location, offset and length. Each tensor's bytes are read once
+ * (a lazily read tensor from its file) and dropped once written.
  */
-export function externalizeData(model: ModelProto, dataFile: string, threshold = 1024): Uint8Array {
-  const chunks: Uint8Array[] = [];
+function moveDataOut(model: ModelProto, dataFile: string, threshold: number, write: (bytes: Uint8Array) => void): void {
   let offset = 0;
   for (const t of model.graph!.initializer) {
-    if (t.rawData.length < threshold) continue;
+    if (rawLength(t) < threshold) continue;
     const pad = (4096 - (offset % 4096)) % 4096;  // page-aligned, so readers can map it
-    if (pad) chunks.push(new Uint8Array(pad));
+    if (pad) write(new Uint8Array(pad));
     offset += pad;
-    chunks.push(t.rawData);
+    const raw = t.rawData;
+    write(raw);
     t.externalData = [
       create(StringStringEntryProtoSchema, { key: 'location', value: dataFile }),
       create(StringStringEntryProtoSchema, { key: 'offset', value: String(offset) }),
-      create(StringStringEntryProtoSchema, { key: 'length', value: String(t.rawData.length) }),
+      create(StringStringEntryProtoSchema, { key: 'length', value: String(raw.length) }),
     ];
     t.dataLocation = TensorProto_DataLocation.EXTERNAL;
-    offset += t.rawData.length;
+    offset += raw.length;
     t.rawData = new Uint8Array(0);
   }
-  const data = new Uint8Array(offset);
+}
+
+/**
+ * Moves the data of large initializers (>= `threshold` bytes) into one external
+ * file named `dataFile` and returns its bytes (see moveDataOut).
+ */
+export function externalizeData(model: ModelProto, dataFile: string, threshold = 1024): Uint8Array {
+  const chunks: Uint8Array[] = [];
+  moveDataOut(model, dataFile, threshold, (bytes) => chunks.push(bytes));
+  const data = new Uint8Array(chunks.reduce((a, c) => a + c.length, 0));
   let at = 0;
   for (const c of chunks) {
     data.set(c, at);
@@ -166,16 +237,47 @@ export function externalizeData(model: ModelProto, dataFile: string, threshold =
   return data;
 }
 
+/**
+ * Writes the data of large initializers to `dataPath` (atomically, streamed: one tensor in memory at a time) and
+ * makes the model refer to it by its base name (see moveDataOut).
+ */
+export function writeExternalData(model: ModelProto, dataPath: string, threshold = 1024): void {
+  const temp = temporaryPath(dataPath);
+  try {
+    const fd = fs.openSync(temp, 'w');
+    try {
+      moveDataOut(model, path.basename(dataPath), threshold, (bytes) => {
+        for (let done = 0; done < bytes.length;) done += fs.writeSync(fd, bytes, done, bytes.length - done);
+      });
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(temp, dataPath);
+  } catch (e) {
+    fs.rmSync(temp, { force: true });
+    if (e instanceof OnnxModelError) throw e;
+    throw writeError(dataPath, e);
+  }
+}
+
+function temporaryPath(file: string): string {
+  return path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.${Date.now()}.tmp`);
+}
+
+function writeError(file: string, e: unknown): Error {
+  const reason = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+  return new Error(`Could not write ${file} (${reason}): nothing was written. Check that its folder exists and is writable.`);
+}
+
 /** Writes bytes to `file` atomically (temporary file, then rename); nothing partial is left on failure. */
 export function writeFileAtomic(file: string, bytes: Uint8Array): void {
-  const temp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.${Date.now()}.tmp`);
+  const temp = temporaryPath(file);
   try {
     fs.writeFileSync(temp, bytes);
     fs.renameSync(temp, file);
   } catch (e) {
     fs.rmSync(temp, { force: true });
-    const reason = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
-    throw new Error(`Could not write ${file} (${reason}): nothing was written. Check that its folder exists and is writable.`);
+    throw writeError(file, e);
   }
 }
 

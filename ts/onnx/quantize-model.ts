@@ -6,7 +6,6 @@
  * in onnxruntime-node.
  */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { TensorProto_DataType, type ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
@@ -14,7 +13,7 @@ import { hasOrt, openSession } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { floatView, Graph } from './graph';
 import {
-  checkOutputPath, cloneSharingData, externalizeData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeFileAtomic,
+  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeExternalData, writeFileAtomic,
 } from './model-io';
 import { calibrate, checkFeed, modelInputs, ortTensor, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -365,7 +364,9 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     timings[stage] = performance.now() - t0;
     return r;
   };
-  const model = await time('read', () => readModel(input));
+  // Large external tensors stay in their file until a pass uses them: quantizing weights only, without an
+  // evaluation, then holds one layer's float weights at a time rather than the whole float model.
+  const model = await time('read', () => readModel(input, { lazyExternalData: true }));
   opts.evaluationFeeds?.forEach((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
   const graph = new Graph(model);
   await time('validate', () => graph.topologicalOrder());
@@ -414,14 +415,17 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     throw new OnnxModelError(`This model holds ${(floatBytes / 2 ** 30).toFixed(1)} GiB of weights; calibration runs it in onnxruntime-node ` +
       'from one buffer, which cannot hold 2 GB or more. Quantize its weights only (no activations, no GPTQ rounding).');
   }
-  let prepared: ModelProto | undefined = floatTooLarge ? undefined : cloneSharingData(model);
+  const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
+  // The float model for calibration and the layer SQNR (cloning it reads every lazily read tensor).
+  let prepared: ModelProto | undefined = floatTooLarge || (!calibrating && opts.evaluationFeeds?.length === 0) ? undefined : cloneSharingData(model);
   // Calibration runs the prepared float model before the weights are quantized: GPTQ rounding needs its input statistics.
   const targets = quantizableLayers(graph, opts.keepFloat);
   if (targets.length === 0) {
     throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
   }
-  // Before calibration, which would otherwise fail later on the values they produce.
-  for (const n of targets) checkFiniteWeights(n, n.input[1], floatView(graph.constant(n.input[1])!)!);
+  // Before calibration, which would otherwise fail later on the values they produce (without calibration the
+  // weight pass checks each layer as it quantizes it).
+  if (calibrating) for (const n of targets) checkFiniteWeights(n, n.input[1], floatView(graph.constant(n.input[1])!)!);
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t));
   // With `outputs`, the layers' outputs too (not the model's outputs, which stay float).
@@ -456,7 +460,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // GPTQ with quantized activations takes a second pass over the calibration data, so its Gram matrices see the
   // inputs as the quantized model will (clipped and rounded); data that can be read only once get one pass on float inputs.
   const secondPass = gptq && !!staticActivations && canReadTwice(opts.calibration!);
-  if (staticActivations || gptq || dataBiasCorrection) {
+  if (calibrating) {
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
     result = await calibrate(prepared!, tensors, opts.calibration!, staticActivations?.method ?? 'minmax', {
@@ -550,8 +554,6 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       'its weights in <outputPath>.data.');
   }
   const external = opts.outputPath !== undefined && (opts.externalData === true || (opts.externalData === undefined && !fitsOneFile));
-  // The self-contained model is what gets evaluated; external data is split out only when writing.
-  const bytes = await time('serialize', () => (fitsOneFile ? serializeModel(model) : new Uint8Array(0)));
   const report: QuantizationReport = {
     opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
     ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,
@@ -561,7 +563,11 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
   if (!fitsOneFile) report.evaluationSkipped = 'the quantized model is 2 GB or more (written with external data); it was not loaded for comparison';
   const feeds = opts.evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
-  if (hasOrt() && fitsOneFile && feeds.length > 0) {
+  const evaluating = hasOrt() && fitsOneFile && feeds.length > 0;
+  // The self-contained model is what gets evaluated and returned; with external data and no evaluation it is never
+  // needed whole (the data are written tensor by tensor).
+  const bytes = fitsOneFile && (evaluating || !external) ? await time('serialize', () => serializeModel(model)) : new Uint8Array(0);
+  if (evaluating) {
     opts.onProgress?.('evaluate');
     const t0 = performance.now();
     // The float model as given: its file (onnxruntime reads external data next to it) or its bytes.
@@ -571,12 +577,11 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     timings.evaluate = performance.now() - t0;
   }
   if (external) {
-    const dataName = `${path.basename(opts.outputPath!)}.data`;
-    const data = externalizeData(model, dataName);
-    const modelBytes = serializeModel(model);
-    await time('write', () => {
-      writeFileAtomic(path.join(path.dirname(opts.outputPath!), dataName), data);
-      writeFileAtomic(opts.outputPath!, modelBytes);
+    const modelBytes = await time('write', () => {
+      writeExternalData(model, `${opts.outputPath!}.data`);
+      const graphBytes = serializeModel(model);
+      writeFileAtomic(opts.outputPath!, graphBytes);
+      return graphBytes;
     });
     return { model: modelBytes, report };
   }
