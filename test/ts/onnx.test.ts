@@ -750,6 +750,12 @@ describe('large models', () => {
     const b = readModel(path.join(dir, 'inline.q.onnx')).graph!.initializer;
     expect(a.map((t) => t.name)).to.deep.equal(b.map((t) => t.name));
     a.forEach((t, i) => expect(Buffer.from(t.rawData).equals(Buffer.from(b[i].rawData)), t.name).to.equal(true));
+    // With calibration and the evaluation (which clone the float model), the lazily read weights read as well.
+    const calibrated = await quantizeModel(external, {
+      weights: { bits: 8 }, activations: { bits: 8 }, calibration: [{ input: { data: new Float32Array(2048).fill(0.5), dims: [1, 2048] } }],
+    });
+    expect(calibrated.report.evaluation!.outputs[0].cosine).to.be.above(0.99);
+    expect(calibrated.report.layers.every((l) => l.outputSqnrDb! > 20)).to.equal(true);
     // A data file that goes away while its tensors wait is an OnnxModelError naming the tensor.
     const waiting = readModel(external, { lazyExternalData: true }).graph!.initializer[0];
     fs.renameSync(`${external}.data`, `${external}.moved`);
