@@ -765,6 +765,33 @@ describe('large models', () => {
     fs.rmSync(dir, { recursive: true });
   });
 
+  it('quantizes a weight read by several layers once (shared layers, as ALBERT has), unless GPTQ rounds it per layer', async () => {
+    const shared = buildModel({
+      inputDims: ['n', 16],
+      nodes: [
+        { op: 'MatMul', inputs: ['input', 'w'], output: 'a', name: 'first' },
+        { op: 'Relu', inputs: ['a'], output: 'r' },
+        { op: 'MatMul', inputs: ['r', 'w'], output: 'b', name: 'again' },
+        { op: 'MatMul', inputs: ['b', 'head'], output: 'out', name: 'head' },
+      ],
+      initializers: { w: { dims: [16, 16], data: heInit(256, 16, 1) }, head: { dims: [16, 4], data: heInit(64, 16, 2) } },
+      output: 'out',
+    });
+    const int8 = (m: Uint8Array) => readModel(m).graph!.initializer.filter((t) => t.dataType === TensorProto_DataType.INT8).map((t) => t.name);
+    for (const activations of [false as const, { bits: 8 as const, method: 'dynamic' as const }]) {
+      const { model, report } = await quantizeModel(shared, { weights: { bits: 8 }, activations });
+      expect(int8(model), JSON.stringify(activations)).to.deep.equal(['w_quantized', 'head_quantized']);
+      expect(report.layers.map((l) => [l.node, l.weight, l.output])).to.deep.equal([['first', 'w', 'a'], ['again', 'w', 'b'], ['head', 'head', 'out']]);
+      expect(report.passes.find((p) => p.pass === 'quantize-weights')!.changed).to.include('again: shares the quantized weights of first');
+      expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+      expect(report.layers.every((l) => l.outputSqnrDb! > 30)).to.equal(true);
+    }
+    // GPTQ rounds each layer against its own inputs: two copies.
+    const calibration = [{ input: { data: Float32Array.from(heInit(64, 1, 3)), dims: [4, 16] } }];
+    const gptq = await quantizeModel(shared, { weights: { bits: 8, rounding: 'gptq' }, calibration });
+    expect(int8(gptq.model)).to.have.length(3);
+  });
+
   it('cloneSharingData copies the graph but shares the initializers\' bytes', () => {
     // The recognizer keeps its weights in Constant nodes, the MNIST CNN in initializers.
     for (const file of [recognizer, path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx')]) {

@@ -193,6 +193,9 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const quantizable = quantizableLayers(graph, options.keepFloat);
   const first = quantizable[0];
   const last = quantizable[quantizable.length - 1];
+  // Weights read by several layers (ALBERT-style shared layers) are quantized once and their DequantizeLinear shared
+  // when the layers would quantize them alike (same layout and bits, no per-layer GPTQ rounding).
+  const quantizedOnce = new Map<string, { how: string; dqOut: string; layer: WeightLayerReport; weights: QuantizedWeights }>();
   for (const node of candidates) {
     const label = nodeLabel(node);
     if (keep.has(node.name) || keep.has(node.opType)) {
@@ -200,19 +203,34 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       continue;
     }
     const w = graph.constant(node.input[1]);
-    const data = w && floatView(w);  // read-only: the passes below make new arrays
-    if (!data) {
+    if (!w || !isFloatTensor(w)) {
       report.skipped.push({ node: label, reason: 'its weight is not a float constant (a computed input)' });
       continue;
     }
-    checkFiniteWeights(node, w!.name, data);
-    const dims = dimsOf(w!);
+    const dims = dimsOf(w);
     const axes = layout(node.opType, dims, intAttribute(node, 'transB', 0));
     if (!axes) {
       report.skipped.push({ node: label, reason: `weight shape [${dims.join(', ')}] is not a ${node.opType} weight this pass handles` });
       continue;
     }
     const edge = node === first || node === last;
+    const base = node.input[1];
+    // What decides the quantized values besides the weights (the first and last layers' bits, no bit allocation there).
+    const how = JSON.stringify([node.opType === 'Conv' ? 'conv' : 'matrix', axes, edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits,
+      !!options.bitAllocation && !edge]);
+    const earlier = quantizedOnce.get(base);
+    const ownRounding = options.rounding === 'gptq' && (options.moments?.get(label)?.count ?? 0) > 0;
+    if (earlier && earlier.how === how && !ownRounding) {
+      node.input[1] = earlier.dqOut;
+      graph.removeIfUnused(base);
+      layers.push({ ...earlier.layer, node: label, output: node.output[0] });
+      weights.push({ ...earlier.weights, node: label });
+      report.changed.push(`${label}: shares the quantized weights of ${earlier.layer.node}`);
+      yield label;
+      continue;
+    }
+    const data = floatView(w)!;  // read-only: the passes below make new arrays
+    checkFiniteWeights(node, w.name, data);
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
     // The width of the values: at most 7 bits (in int8 storage) with reduceRange.
     const widest = options.reduceRange ? 7 : 8;
@@ -260,7 +278,6 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       const ratios = stdRatios(source, dequantize(q), dims, axes.outputAxis);
       q.scale = Float32Array.from(q.scale, (s, c) => s * ratios[c]);
     }
-    const base = node.input[1];
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
     const dqOut = graph.uniqueName(`${base}_dequantized`);
@@ -287,6 +304,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       ...(blocked ? {} : { channelScales: perTensor ? new Float32Array(dims[axes.outputAxis]).fill(q.scale[0]) : q.scale }),
     });
     layers.push(layer);
+    if (!gptq) quantizedOnce.set(base, { how, dqOut, layer, weights: weights[weights.length - 1] });
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
     yield label;
   }
