@@ -3,6 +3,7 @@
  * The public API; everything else under ts/ is internal.
  */
 export { cpuInfo, type CpuInfo } from './cpu';
+export { fromFloat16Array, toFloat16Array } from './float16';
 export { NativeLoadError } from './native';
 export { packInt2, packInt4, unpackInt2, unpackInt4 } from './pack';
 export { integerRange, type Granularity, type QuantizedTensor } from './quant-params';

@@ -397,7 +397,7 @@ describe('models with integer inputs (token ids)', () => {
     expect(report.evaluationSkipped).to.match(/input 'ids' has element type INT16/);
     const e = await quantizeModel(tokenModel(TensorProto_DataType.INT16), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [ids(1)] }).catch((x: Error) => x);
     expect(e).to.be.instanceOf(OnnxModelError);
-    expect(String(e)).to.match(/Input 'ids' has element type INT16; lowbit feeds float32, int64 and int32 inputs only/);
+    expect(String(e)).to.match(/Input 'ids' has element type INT16; lowbit feeds float32, float16, int64 and int32 inputs only/);
   });
 });
 

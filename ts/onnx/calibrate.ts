@@ -15,8 +15,11 @@ import { invalidType, invalidValue } from '../errors';
 import { cloneSharingData, OnnxModelError } from './model-io';
 import { nextTurn } from './passes/pass';
 
-/** One input's values: float32 inputs take a Float32Array, int64 ones a BigInt64Array (token ids), int32 ones an Int32Array. */
-export interface FeedTensor { data: Float32Array | BigInt64Array | Int32Array; dims: readonly number[] }
+/**
+ * One input's values: float32 inputs take a Float32Array, int64 ones a BigInt64Array (token ids), int32 ones an
+ * Int32Array, float16 ones a Uint16Array of float16 bit patterns (see float16.ts).
+ */
+export interface FeedTensor { data: Float32Array | BigInt64Array | Int32Array | Uint16Array; dims: readonly number[] }
 export type Feed = Record<string, FeedTensor>;
 
 /** The input element types a feed can carry, with the array each takes. */
@@ -24,13 +27,14 @@ const FEED_TYPES = new Map<number, { name: string; array: string; is: (d: unknow
   [TensorProto_DataType.FLOAT, { name: 'float32', array: 'Float32Array', is: (d) => d instanceof Float32Array }],
   [TensorProto_DataType.INT64, { name: 'int64', array: 'BigInt64Array', is: (d) => d instanceof BigInt64Array }],
   [TensorProto_DataType.INT32, { name: 'int32', array: 'Int32Array', is: (d) => d instanceof Int32Array }],
+  [TensorProto_DataType.FLOAT16, { name: 'float16', array: 'Uint16Array (float16 bit patterns)', is: (d) => d instanceof Uint16Array }],
 ]);
 
 /** What a feed for this input must hold; an OnnxModelError for input types lowbit cannot feed. */
 function feedType(name: string, elemType: number): { name: string; array: string; is: (d: unknown) => boolean } {
   const type = FEED_TYPES.get(elemType);
   if (!type) {
-    throw new OnnxModelError(`Input '${name}' has element type ${TensorProto_DataType[elemType] ?? elemType}; lowbit feeds float32, int64 and int32 inputs only. ` +
+    throw new OnnxModelError(`Input '${name}' has element type ${TensorProto_DataType[elemType] ?? elemType}; lowbit feeds float32, float16, int64 and int32 inputs only. ` +
       'Weight-only quantization works without running the model: drop the activations and GPTQ options, and pass evaluationFeeds: [] (CLI --no-evaluate).');
   }
   return type;
@@ -41,6 +45,7 @@ export function ortTensor(v: FeedTensor): InstanceType<ReturnType<typeof ort>['T
   const O = ort();
   if (v.data instanceof BigInt64Array) return new O.Tensor('int64', v.data, [...v.dims]);
   if (v.data instanceof Int32Array) return new O.Tensor('int32', v.data, [...v.dims]);
+  if (v.data instanceof Uint16Array) return new O.Tensor('float16', v.data, [...v.dims]);
   return new O.Tensor('float32', v.data, [...v.dims]);
 }
 
@@ -151,13 +156,13 @@ export function* npyFolderFeeds(folder: string): Generator<Feed> {
 }
 
 /** A copy of the model with extra float outputs (for calibration and per-layer comparisons). */
-export function withOutputs(model: ModelProto, names: string[]): Uint8Array {
+export function withOutputs(model: ModelProto, names: string[], elemTypes: Map<string, number> = new Map()): Uint8Array {
   const copy = cloneSharingData(model);
   const existing = new Set(copy.graph!.output.map((o) => o.name));
   for (const name of names) {
     if (existing.has(name)) continue;
     copy.graph!.output.push(create(ValueInfoProtoSchema, {
-      name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT } } },
+      name, type: { value: { case: 'tensorType', value: { elemType: elemTypes.get(name) ?? TensorProto_DataType.FLOAT } } },
     } as never));
   }
   return toBinary(ModelProtoSchema, copy);

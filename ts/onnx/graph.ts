@@ -9,6 +9,7 @@ import {
   type AttributeProto, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
 } from 'onnx-buf';
 
+import { fromFloat16Array } from '../float16';
 import { OnnxModelError, rawLength } from './model-io';
 
 export class Graph {
@@ -224,6 +225,30 @@ export function isFloatTensor(t: TensorProto): boolean {
       `${bytes > 0 ? ` (${count * 4} bytes)` : ''}: the model file is corrupted or was written wrongly; re-export it.`);
   }
   return true;
+}
+
+/** Whether a tensor holds float16 data (raw bytes, or the int32 field ONNX also allows), checking that they fill its dims. */
+export function isFloat16Tensor(t: TensorProto): boolean {
+  if (t.dataType !== TensorProto_DataType.FLOAT16) return false;
+  const count = t.dims.reduce((a, d) => a * Number(d), 1);
+  const bytes = rawLength(t);
+  const held = bytes > 0 ? bytes / 2 : t.int32Data.length;
+  if (held !== count) {
+    throw new OnnxModelError(`Tensor '${t.name}' holds ${held} float16 values, but its dims [${dimsOf(t).join(', ')}] need ${count}: ` +
+      'the model file is corrupted or was written wrongly; re-export it.');
+  }
+  return true;
+}
+
+/**
+ * A weight's values as float32: a read-only view of float32 data (floatView), or float16 data converted;
+ * undefined for other types.
+ */
+export function weightValues(t: TensorProto): Float32Array | undefined {
+  if (!isFloat16Tensor(t)) return floatView(t);
+  const raw = t.rawData;
+  if (raw.length === 0) return fromFloat16Array(t.int32Data);
+  return fromFloat16Array(raw.byteOffset % 2 === 0 ? new Uint16Array(raw.buffer, raw.byteOffset, raw.length / 2) : new Uint16Array(Uint8Array.from(raw).buffer));
 }
 
 export function dimsOf(t: TensorProto): number[] {

@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import { TensorProto_DataType, type ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
+import { fromFloat16Array, toFloat16Array } from '../float16';
 import { hasOrt, openSession } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { floatView, Graph } from './graph';
@@ -220,6 +221,11 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   return options as unknown as QuantizeModelOptions;
 }
 
+/** An onnxruntime output's values as numbers (float16 ones converted). */
+function floatValues(t: { type: string; data: unknown }): Float32Array {
+  return t.type === 'float16' ? fromFloat16Array(t.data as Uint16Array) : t.data as Float32Array;
+}
+
 function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let ab = 0;
   let aa = 0;
@@ -253,6 +259,8 @@ function randomFeeds(model: ModelProto, seed: number): Feed | string {
       feeds[input.name] = { dims, data: new BigInt64Array(n).fill(1n) };
     } else if (input.elemType === TensorProto_DataType.INT32) {
       feeds[input.name] = { dims, data: new Int32Array(n).fill(1) };
+    } else if (input.elemType === TensorProto_DataType.FLOAT16) {
+      feeds[input.name] = { dims, data: toFloat16Array(Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next()))) };
     } else {
       return `input '${input.name}' has element type ${TensorProto_DataType[input.elemType] ?? input.elemType}, for which lowbit makes no inputs; pass evaluationFeeds`;
     }
@@ -268,9 +276,12 @@ const LOWBIT_BUG = 'The input model loads, so this is a lowbit bug: please repor
 async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[]): Promise<void> {
   if (feedsList.length === 0) return;
   const names = layers.map((l) => l.output);
+  // A layer outputs the type of its weights (float16 layers float16).
+  const weightType = (name: string) => preparedFloat.graph!.initializer.find((t) => t.name === name)?.dataType ?? TensorProto_DataType.FLOAT;
+  const types = new Map(layers.map((l) => [l.output, weightType(l.weight)]));
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  const f = await openSession(withOutputs(preparedFloat, names), options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
-  const q = await openSession(withOutputs(quantized, names), options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
+  const f = await openSession(withOutputs(preparedFloat, names, types), options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
+  const q = await openSession(withOutputs(quantized, names, types), options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
   const signal = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
   for (const feeds of feedsList) {
@@ -278,8 +289,8 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
     const fo = await f.run(tensors, names);
     const qo = await q.run(tensors, names);
     names.forEach((name, i) => {
-      const a = fo[name].data as Float32Array;
-      const b = qo[name].data as Float32Array;
+      const a = floatValues(fo[name]);
+      const b = floatValues(qo[name]);
       for (let j = 0; j < a.length; j++) {
         signal[i] += a[j] * a[j];
         noise[i] += (a[j] - b[j]) ** 2;
@@ -311,9 +322,9 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
     const f = await floatSession.run(tensors);
     const q = await quantSession.run(tensors);
     for (const name of floatSession.outputNames) {
-      if (f[name].type !== 'float32') continue;  // integer outputs (e.g. an argmax) have no cosine
-      const a = f[name].data as Float32Array;
-      const b = q[name].data as Float32Array;
+      if (f[name].type !== 'float32' && f[name].type !== 'float16') continue;  // integer outputs (e.g. an argmax) have no cosine
+      const a = floatValues(f[name]);
+      const b = floatValues(q[name]);
       const entry = sums.get(name) ?? { cos: 0, agree: 0, ranked: 0 };
       entry.cos += cosine(a, b);
       const dims = f[name].dims;
@@ -374,7 +385,13 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const bits = opts.weights.bits;
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
   const blockedWeights = opts.weights.granularity === 'block';
-  const forWeights = bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13;
+  // Float16 weights get float16 scales (DequantizeLinear then outputs float16), which arrived in opset 19.
+  const halfWeights = quantizableLayers(graph, opts.keepFloat).filter((n) => graph.constant(n.input[1])!.dataType === TensorProto_DataType.FLOAT16);
+  if (halfWeights.length > 0 && (opts.activations || opts.weights.rounding === 'gptq')) {
+    throw new OnnxModelError(`Layer '${nodeLabel(halfWeights[0])}' has float16 weights: lowbit quantizes float16 models' weights only ` +
+      '(calibration and dynamic activations run float32 models). Drop the activations and GPTQ options, or convert the model to float32.');
+  }
+  const forWeights = Math.max(bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13, halfWeights.length > 0 ? 19 : 0);
   // HardSwish (fused below) arrived in opset 14; a model that cannot be converted keeps its pattern rather than
   // falling back to com.microsoft Q/DQ for it.
   const needed = hasHardSwishPattern(graph) && !unconvertibleReason(graph) ? Math.max(forWeights, 14) : forWeights;
@@ -383,8 +400,9 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   if (from < needed) {
     const why = unconvertibleReason(graph);
     if (why) {
-      if (bits !== 8 || blockedWeights) {
-        throw new OnnxModelError(`${blockedWeights ? 'blocked' : `${bits}-bit`} weights need opset ${needed}, and this model (opset ${from}) cannot be converted: ${why}.`);
+      if (bits !== 8 || blockedWeights || halfWeights.length > 0) {
+        const what = halfWeights.length > 0 ? 'float16 weights (float16 scales)' : `${blockedWeights ? 'blocked' : `${bits}-bit`} weights`;
+        throw new OnnxModelError(`${what} need opset ${needed}, and this model (opset ${from}) cannot be converted: ${why}.`);
       }
       microsoftDomainFallback = `opset ${from} kept (${why}); weights use com.microsoft DequantizeLinear`;
       if (!model.opsetImport.some((o) => o.domain === 'com.microsoft')) {

@@ -7,7 +7,8 @@
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import { OnnxModelError } from '../model-io';
-import { dimsOf, floatView, intAttribute, isFloatTensor, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
+import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
 import { preserveRunSums } from '../../methods/sum-preserving';
@@ -108,6 +109,29 @@ function valuesTensor(name: string, q: QuantizedTensor): ReturnType<typeof makeT
   return makeTensor(name, TensorProto_DataType.INT2, q.shape, packInt2(q));
 }
 
+/** The float16 value nearest a positive scale, kept positive and finite (DequantizeLinear needs scale > 0). */
+function float16Scale(scale: number): number {
+  const s = fromFloat16Bits(toFloat16Bits(scale));
+  return s === 0 ? 2 ** -24 : Number.isFinite(s) ? s : 65504;
+}
+
+/**
+ * Weights of a float16 layer get float16 scales: the values are re-quantized with the scales rounded to float16,
+ * so they are what QuantizeLinear makes with the scales the model stores.
+ */
+function withFloat16Scales(q: QuantizedTensor, source: Float32Array, label: string): QuantizedTensor {
+  if (q.channelBits) {
+    throw new OnnxModelError(`Layer '${label}' has float16 weights, whose scales are float16: bit allocation is not supported for them. Drop bitAllocation.`);
+  }
+  const scale = Float32Array.from(q.scale, float16Scale);
+  if (scale.every((s, i) => s === q.scale[i])) return q;
+  return quantizeTensor(source, {
+    shape: q.shape, bits: q.bits, scale,
+    ...(q.granularity === 'block' ? { granularity: 'block' as const, axis: q.axis, blockSize: q.blockSize }
+      : q.granularity === 'tensor' ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: q.axis }),
+  });
+}
+
 /** Per output channel, std(a) / std(b) (1 where b has no spread). */
 function stdRatios(a: Float32Array, b: Float32Array, dims: number[], axis: number): Float64Array {
   const channels = dims[axis];
@@ -149,7 +173,7 @@ export function quantizableLayers(graph: Graph, keepFloat: string[] = []): NodeP
   return graph.topologicalOrder().filter((n) => {
     if (!QUANTIZABLE.has(n.opType) || keep.has(n.name) || keep.has(n.opType)) return false;
     const w = graph.constant(n.input[1]);
-    return !!w && isFloatTensor(w) && !!layout(n.opType, dimsOf(w), intAttribute(n, 'transB', 0));
+    return !!w && (isFloatTensor(w) || isFloat16Tensor(w)) && !!layout(n.opType, dimsOf(w), intAttribute(n, 'transB', 0));
   });
 }
 
@@ -203,7 +227,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       continue;
     }
     const w = graph.constant(node.input[1]);
-    if (!w || !isFloatTensor(w)) {
+    if (!w || !(isFloatTensor(w) || isFloat16Tensor(w))) {
       report.skipped.push({ node: label, reason: 'its weight is not a float constant (a computed input)' });
       continue;
     }
@@ -229,7 +253,8 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       yield label;
       continue;
     }
-    const data = floatView(w)!;  // read-only: the passes below make new arrays
+    const data = weightValues(w)!;  // read-only: the passes below make new arrays
+    const half = w.dataType === TensorProto_DataType.FLOAT16;
     checkFiniteWeights(node, w.name, data);
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
     // The width of the values: at most 7 bits (in int8 storage) with reduceRange.
@@ -264,6 +289,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: widest } } : {}),
       });
     }
+    if (half) q = withFloat16Scales(q, source, label);
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
     if (options.rounding === 'sum-preserving' && taps > 1) q = preserveRunSums(q, source, taps);
     const moments = options.rounding === 'gptq' ? options.moments?.get(label) : undefined;
@@ -277,12 +303,15 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       // ξ_c = std(W_c) / std(Ŵ_c): scaling channel c's scale (zero point 0) scales Ŵ_c's spread by ξ_c.
       const ratios = stdRatios(source, dequantize(q), dims, axes.outputAxis);
       q.scale = Float32Array.from(q.scale, (s, c) => s * ratios[c]);
+      if (half) q.scale = Float32Array.from(q.scale, float16Scale);  // what the model stores (the values stay)
     }
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
     const dqOut = graph.uniqueName(`${base}_dequantized`);
     graph.addInitializer(valuesTensor(valuesName, q));
-    graph.addInitializer(makeTensor(scaleName, TensorProto_DataType.FLOAT, q.scaleShape, new Uint8Array(q.scale.buffer.slice(0))));
+    const scaleBytes = half ? new Uint8Array(toFloat16Array(q.scale).buffer) : new Uint8Array(q.scale.buffer.slice(0));
+    // A float16 scale makes DequantizeLinear output float16, the type the layer's other input has.
+    graph.addInitializer(makeTensor(scaleName, half ? TensorProto_DataType.FLOAT16 : TensorProto_DataType.FLOAT, q.scaleShape, scaleBytes));
     const attrs = perTensor ? [] : [makeIntAttribute('axis', q.axis!)];
     if (blocked) attrs.push(makeIntAttribute('block_size', q.blockSize!));
     graph.graph.node.push(makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], `${label}_weight_dq`, attrs,

@@ -1,0 +1,134 @@
+// Float16 conversion, and quantizing models whose weights are float16 (weight-only, float16 scales).
+import { expect } from 'chai';
+import { fromBinary, toBinary } from '@bufbuild/protobuf';
+import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+
+import { ort } from '../../ts/bench/ort-models';
+import { fromFloat16Array, fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../ts/float16';
+import { OnnxModelError, readModel } from '../../ts/onnx/model-io';
+import { quantizeModel } from '../../ts/onnx/quantize-model';
+import { roundHalfToEven } from '../../ts/quant-params';
+import { unpackInt4 } from '../../ts/pack';
+import { buildModel, heInit } from '../helpers/onnx-builder';
+
+/** The model with its float initializers, inputs and outputs made float16 (as a float16 export is). */
+function toHalfModel(bytes: Uint8Array): Uint8Array {
+  const model = fromBinary(ModelProtoSchema, bytes);
+  for (const t of model.graph!.initializer) {
+    if (t.dataType !== TensorProto_DataType.FLOAT) continue;
+    const values = new Float32Array(Uint8Array.from(t.rawData).buffer);
+    t.rawData = new Uint8Array(toFloat16Array(values).buffer);
+    t.dataType = TensorProto_DataType.FLOAT16;
+  }
+  for (const v of [...model.graph!.input, ...model.graph!.output]) {
+    if (v.type?.value.case === 'tensorType') v.type.value.value.elemType = TensorProto_DataType.FLOAT16;
+  }
+  return toBinary(ModelProtoSchema, model);
+}
+
+function convAndMatMul(): Uint8Array {
+  return buildModel({
+    inputDims: ['n', 1, 6, 6],
+    nodes: [
+      { op: 'Conv', inputs: ['input', 'cw', 'cb'], output: 'c', name: 'conv', attrs: { kernel_shape: [3, 3] } },
+      { op: 'Relu', inputs: ['c'], output: 'r' },
+      { op: 'Flatten', inputs: ['r'], output: 'f' },
+      { op: 'MatMul', inputs: ['f', 'w'], output: 'm', name: 'fc' },
+      { op: 'Add', inputs: ['m', 'b'], output: 'out' },
+    ],
+    initializers: {
+      cw: { dims: [2, 1, 3, 3], data: heInit(18, 9, 1) }, cb: { dims: [2], data: [0.1, -0.2] },
+      w: { dims: [32, 12], data: heInit(32 * 12, 32, 2) }, b: { dims: [12], data: heInit(12, 1, 3) },
+    },
+    output: 'out',
+    opset: 17,
+  });
+}
+
+describe('float16', () => {
+  it('converts to the nearest float16, ties to even, with overflow, subnormals and NaN, and back exactly', () => {
+    expect(toFloat16Bits(1)).to.equal(0x3c00);
+    expect(toFloat16Bits(-2)).to.equal(0xc000);
+    expect(toFloat16Bits(65504)).to.equal(0x7bff);
+    expect(toFloat16Bits(65519)).to.equal(0x7bff);
+    expect(toFloat16Bits(65520)).to.equal(0x7c00);  // the tie rounds to even: Infinity
+    expect(toFloat16Bits(2 ** -24)).to.equal(0x0001);
+    expect(toFloat16Bits(2 ** -25)).to.equal(0x0000);  // tie to even
+    expect(toFloat16Bits(1.5 * 2 ** -25)).to.equal(0x0001);
+    expect(toFloat16Bits(3 * 2 ** -25)).to.equal(0x0002);  // tie between 1 and 2 units: even
+    expect(toFloat16Bits(1 + 2 ** -11)).to.equal(0x3c00);  // tie: even
+    expect(toFloat16Bits(1 + 3 * 2 ** -11)).to.equal(0x3c02);  // tie: even (up)
+    expect(toFloat16Bits(-0)).to.equal(0x8000);
+    expect(toFloat16Bits(NaN) & 0x7c00).to.equal(0x7c00);
+    expect(toFloat16Bits(NaN) & 0x3ff).to.not.equal(0);
+    expect(fromFloat16Bits(0x7c00)).to.equal(Infinity);
+    for (let bits = 0; bits < 0x10000; bits++) {
+      const v = fromFloat16Bits(bits);
+      if (Number.isNaN(v)) continue;
+      if (toFloat16Bits(v) !== bits) throw new Error(`round trip of 0x${bits.toString(16)} gave 0x${toFloat16Bits(v).toString(16)}`);
+      // Halfway to the next pattern up (same sign) rounds to the even one of the two.
+      const next = fromFloat16Bits(bits + 1);
+      if ((bits & 0x7fff) < 0x7bff && Number.isFinite(next)) {
+        const even = (bits & 1) === 0 ? bits : bits + 1;
+        if (toFloat16Bits((v + next) / 2) !== even) throw new Error(`midpoint above 0x${bits.toString(16)}`);
+      }
+    }
+  });
+
+  it('the array helpers check their arguments', () => {
+    expect(Array.from(toFloat16Array([1, -2]))).to.deep.equal([0x3c00, 0xc000]);
+    expect(Array.from(fromFloat16Array(Uint16Array.of(0x3c00, 0xc000)))).to.deep.equal([1, -2]);
+    for (const bad of [null, undefined, 3, 'abc', {}, new BigInt64Array(2)]) {
+      expect(() => toFloat16Array(bad as never), String(bad)).to.throw(TypeError, /for values but received/);
+    }
+    for (const bad of [null, new Float32Array(2), 'abc']) expect(() => fromFloat16Array(bad as never)).to.throw(TypeError, /Uint16Array of float16 bit patterns for bits/);
+  });
+
+  it('quantizes a float16 model\'s weights with float16 scales: values as QuantizeLinear makes them with those scales, outputs close to float16', async () => {
+    const half = toHalfModel(convAndMatMul());
+    const { model, report } = await quantizeModel(half, { weights: { bits: 8 } });
+    expect(report.opset).to.deep.include({ from: 17, to: 19 });
+    const graph = readModel(model).graph!;
+    const init = (name: string) => graph.initializer.find((t) => t.name === name)!;
+    for (const [weight, axis] of [['w', 1], ['cw', 0]] as const) {
+      const scale = init(`${weight}_scale`);
+      expect(scale.dataType, weight).to.equal(TensorProto_DataType.FLOAT16);
+      const s = fromFloat16Array(new Uint16Array(scale.rawData.slice().buffer));
+      const values = new Int8Array(init(`${weight}_quantized`).rawData.slice().buffer);
+      const original = fromFloat16Array(new Uint16Array(readModel(half).graph!.initializer.find((t) => t.name === weight)!.rawData.slice().buffer));
+      const dims = init(`${weight}_quantized`).dims.map(Number);
+      const inner = dims.slice(axis + 1).reduce((a, b) => a * b, 1);
+      original.forEach((v, i) => {
+        const c = Math.floor(i / inner) % dims[axis];
+        const expected = Math.max(-128, Math.min(127, roundHalfToEven(Math.fround(v / s[c]))));
+        if (values[i] !== expected) throw new Error(`${weight}[${i}]: ${values[i]}, expected ${expected}`);
+      });
+    }
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.9999);
+    expect(report.layers.every((l) => l.outputSqnrDb! > 30)).to.equal(true);
+    const session = await ort().InferenceSession.create(model);  // default optimisations
+    const out = await session.run({ input: new (ort().Tensor)('float16', toFloat16Array(heInit(36, 1, 4)), [1, 1, 6, 6]) });
+    expect(out.out.type).to.equal('float16');
+  });
+
+  it('4-bit blocked float16 weights (opset 21) run; calibration is refused with what to do', async () => {
+    const half = toHalfModel(convAndMatMul());
+    const { model, report } = await quantizeModel(half, { weights: { bits: 4, granularity: 'block', blockSize: 16 }, firstLastLayerBits: 4 });
+    expect(report.opset.to).to.equal(21);
+    const fc = readModel(model).graph!.initializer.find((t) => t.name === 'w_quantized')!;
+    expect(fc.dataType).to.equal(TensorProto_DataType.INT4);
+    expect(unpackInt4(fc.rawData, 32 * 12).some((v) => v !== 0)).to.equal(true);
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.99);
+    const session = await ort().InferenceSession.create(model);  // default optimisations
+    const out = await session.run({ input: new (ort().Tensor)('float16', toFloat16Array(heInit(36, 1, 4)), [1, 1, 6, 6]) });
+    expect(fromFloat16Array(out.out.data as Uint16Array).every(Number.isFinite)).to.equal(true);
+    let error: unknown;
+    try {
+      await quantizeModel(half, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [] });
+    } catch (e) {
+      error = e;
+    }
+    expect(error).to.be.instanceOf(OnnxModelError);
+    expect((error as Error).message).to.match(/Layer 'conv' has float16 weights: lowbit quantizes float16 models' weights only .* convert the model to float32/);
+  });
+});
