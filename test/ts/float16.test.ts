@@ -7,6 +7,7 @@ import { ort } from '../../ts/bench/ort-models';
 import { fromFloat16Array, fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../ts/float16';
 import { OnnxModelError, readModel } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
+import { inspectModel } from '../../ts/onnx/inspect';
 import { roundHalfToEven } from '../../ts/quant-params';
 import { unpackInt4 } from '../../ts/pack';
 import { buildModel, heInit } from '../helpers/onnx-builder';
@@ -109,6 +110,10 @@ describe('float16', () => {
     const session = await ort().InferenceSession.create(model);  // default optimisations
     const out = await session.run({ input: new (ort().Tensor)('float16', toFloat16Array(heInit(36, 1, 4)), [1, 1, 6, 6]) });
     expect(out.out.type).to.equal('float16');
+    // `lowbit inspect` reads float16 weights too.
+    const stats = inspectModel(half).layers;
+    expect(stats.map((l) => [l.node, l.quantized])).to.deep.equal([['conv', true], ['fc', true]]);
+    expect(stats[1].std).to.be.closeTo(Math.sqrt(2 / 32), 0.05);
   });
 
   it('4-bit blocked float16 weights (opset 21) run; calibration is refused with what to do', async () => {

@@ -1,5 +1,5 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
-import { Graph, dimsOf, floatView } from './graph';
+import { Graph, dimsOf, weightValues } from './graph';
 import { readModel } from './model-io';
 import { nodeLabel } from './passes/pass';
 
@@ -21,12 +21,13 @@ export interface LayerStats {
 }
 
 export function inspectModel(input: string | Uint8Array): { opset: number; layers: LayerStats[] } {
-  const graph = new Graph(readModel(input));
+  // One layer's weights in memory at a time when they are external (float16 ones converted).
+  const graph = new Graph(readModel(input, { lazyExternalData: true }));
   const layers: LayerStats[] = [];
   for (const node of graph.topologicalOrder()) {
     if (!['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(node.opType)) continue;
     const t = node.input[1] ? graph.constant(node.input[1]) : undefined;
-    const data = t && floatView(t);
+    const data = t && weightValues(t);
     if (!data || data.length === 0) {
       layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [], nonFinite: 0,
         quantized: false, reason: 'weight is not a float constant' });
