@@ -216,28 +216,25 @@ export function floatView(t: TensorProto): Float32Array | undefined {
 /** Whether a tensor holds float32 data, without copying it; throws OnnxModelError when the data do not fill its dims. */
 export function isFloatTensor(t: TensorProto): boolean {
   if (t.dataType !== TensorProto_DataType.FLOAT) return false;
-  const count = t.dims.reduce((a, d) => a * Number(d), 1);
-  const bytes = rawLength(t);
-  const held = bytes > 0 ? bytes / 4 : t.floatData.length;
-  if (held !== count) {
-    const what = bytes > 0 ? `${bytes} bytes of raw data` : `${t.floatData.length} float values`;
-    throw new OnnxModelError(`Tensor '${t.name}' holds ${what}, but its dims [${dimsOf(t).join(', ')}] need ${count} float32 values` +
-      `${bytes > 0 ? ` (${count * 4} bytes)` : ''}: the model file is corrupted or was written wrongly; re-export it.`);
-  }
+  checkFillsDims(t, 'float32', 4, t.floatData.length);
   return true;
 }
 
 /** Whether a tensor holds float16 data (raw bytes, or the int32 field ONNX also allows), checking that they fill its dims. */
 export function isFloat16Tensor(t: TensorProto): boolean {
   if (t.dataType !== TensorProto_DataType.FLOAT16) return false;
+  checkFillsDims(t, 'float16', 2, t.int32Data.length);
+  return true;
+}
+
+/** Throws OnnxModelError when a tensor's raw bytes (or, without them, its typed field's values) do not fill its dims. */
+function checkFillsDims(t: TensorProto, type: string, bytesPerValue: number, fieldValues: number): void {
   const count = t.dims.reduce((a, d) => a * Number(d), 1);
   const bytes = rawLength(t);
-  const held = bytes > 0 ? bytes / 2 : t.int32Data.length;
-  if (held !== count) {
-    throw new OnnxModelError(`Tensor '${t.name}' holds ${held} float16 values, but its dims [${dimsOf(t).join(', ')}] need ${count}: ` +
-      'the model file is corrupted or was written wrongly; re-export it.');
-  }
-  return true;
+  if ((bytes > 0 ? bytes / bytesPerValue : fieldValues) === count) return;
+  const what = bytes > 0 ? `${bytes} bytes of raw data` : `${fieldValues} ${type} values`;
+  throw new OnnxModelError(`Tensor '${t.name}' holds ${what}, but its dims [${dimsOf(t).join(', ')}] need ${count} ${type} values` +
+    `${bytes > 0 ? ` (${count * bytesPerValue} bytes)` : ''}: the model file is corrupted or was written wrongly; re-export it.`);
 }
 
 /**
