@@ -108,7 +108,8 @@ export function program(): Command {
           ...(o.reduceRange ? { reduceRange: true } : {}),
         },
         activations: o.abits
-          ? { bits: Number(o.abits) as 4 | 8 | 16, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection, outputs: !!o.quantizeOutputs }
+          // Data-driven bias correction needs calibration data (dynamic activations take none).
+          ? { bits: Number(o.abits) as 4 | 8 | 16, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection && !!o.calib, outputs: !!o.quantizeOutputs }
           : false,
         calibration: o.calib,
         keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,

@@ -96,7 +96,7 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     expect(await optimizedOps(model)).to.deep.equal(['DynamicQuantizeMatMul']);
   });
 
-  it('shares one DynamicQuantizeLinear among the MatMuls that read a tensor, turns Gemm into MatMul + Add, leaves Conv inputs float and says why', async () => {
+  it('shares one DynamicQuantizeLinear among the MatMuls that read a tensor, makes Gemm MatMulInteger + Add, leaves Conv inputs float and says why', async () => {
     const model = buildModel({
       inputDims: ['n', 1, 6, 6],
       nodes: [
@@ -121,13 +121,16 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     expect(ops).to.not.include('Gemm');
     expect(ops).to.not.include('MatMul');
     const pass = (name: string) => report.passes.find((p) => p.pass === name)!;
-    expect(pass('gemm-to-matmul').changed).to.deep.equal(['head: Gemm → MatMul + Add']);
     expect(pass('dynamic-activations').changed).to.have.length(3);
     expect(pass('dynamic-activations').skipped).to.deep.equal([{ node: 'conv', reason: pass('dynamic-activations').skipped[0].reason }]);
     expect(pass('dynamic-activations').skipped[0].reason).to.match(/ConvInteger .*calibrate for static activations/);
     expect(report.layers.map((l) => [l.node, l.input])).to.deep.equal([
       ['conv', undefined], ['left', { bits: 8, dynamic: true }], ['right', { bits: 8, dynamic: true }], ['head', { bits: 8, dynamic: true }],
     ]);
+    // The Gemm's [5, 12] int8 weights (transB) are stored transposed for MatMulInteger; the [5, 12] ones are gone.
+    const graph = readModel(q).graph!;
+    expect(graph.initializer.filter((t) => t.name.startsWith('gw')).map((t) => [t.name, t.dims.map(Number)]))
+      .to.deep.equal([['gw_scale', [5]], ['gw_quantized_transposed', [12, 5]]]);
     expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
     expect((await optimizedOps(q)).filter((o) => o === 'MatMulInteger')).to.deep.equal([]);  // all fused
   });
@@ -140,8 +143,9 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
       output: 'out',
     });
     const { model: q, report } = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } });
-    expect(report.passes.find((p) => p.pass === 'gemm-to-matmul')!.skipped[0]).to.deep.include({ node: 'scaled' });
-    expect(report.passes.find((p) => p.pass === 'dynamic-activations')!.skipped[0].reason).to.match(/Gemm: dynamic activations need MatMul/);
+    expect(report.passes.find((p) => p.pass === 'dynamic-activations')!.skipped).to.deep.equal([
+      { node: 'scaled', reason: 'a Gemm whose alpha is not 1: input left float (MatMulInteger computes x·W only)' },
+    ]);
     expect(readModel(q).graph!.node.map((n) => n.opType)).to.deep.equal(['DequantizeLinear', 'Gemm']);
 
     const calibration = [{ input: { data: values(8 * 24, 12, 3).map((v) => v + 1), dims: [8, 24] } }];
@@ -150,12 +154,37 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
       weights: { bits: 8, rounding: 'gptq' }, activations: { bits: 8, method: 'dynamic', biasCorrection: true }, calibration,
     });
     expect(both.report.calibrationBatches).to.equal(1);
+    expect(both.report.layers[0].input).to.deep.equal({ bits: 8, dynamic: true });
     expect(both.report.layers[0].method).to.match(/gptq rounding/);
     expect(both.report.passes.map((p) => p.pass)).to.include.members(['bias-correction', 'dynamic-activations']);
     // The correction is an Add after the layer's output (MatMul has no bias input), then the model's own bias Add.
     expect(both.report.passes.find((p) => p.pass === 'bias-correction')!.changed[0]).to.match(/^fc: bias shifted by/);
     expect(readModel(both.model).graph!.node.map((n) => n.name)).to.include('fc_bias_correction_add');
     expect(readModel(plain.model).graph!.node.map((n) => n.name)).to.not.include('fc_bias_correction_add');
+  });
+
+  it('keepFloat by op type keeps only that type; unnamed layers keep their report names through bias correction; Gemms sharing a weight share it', async () => {
+    const model = buildModel({
+      inputDims: ['n', 12],
+      nodes: [
+        { op: 'MatMul', inputs: ['input', 'w'], output: 'h', name: '' },  // unnamed: reported as MatMul(h)
+        { op: 'Gemm', inputs: ['h', 'gw', 'gb'], output: 'g1', attrs: { transB: 1 }, name: '' },
+        { op: 'Gemm', inputs: ['g1', 'gw'], output: 'out', attrs: { transB: 1 }, name: '' },
+      ],
+      initializers: { w: { dims: [12, 6], data: values(72, 13) }, gw: { dims: [6, 6], data: values(36, 14) }, gb: { dims: [6], data: values(6, 15) } },
+      output: 'out',
+    });
+    const keep = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' }, keepFloat: ['MatMul'] });
+    expect(keep.report.layers.map((l) => [l.node, l.input])).to.deep.equal([['Gemm(g1)', { bits: 8, dynamic: true }], ['Gemm(out)', { bits: 8, dynamic: true }]]);
+    const int8 = readModel(keep.model).graph!.initializer.filter((t) => t.dataType === TensorProto_DataType.INT8).map((t) => t.name);
+    expect(int8).to.deep.equal(['gw_quantized_transposed']);  // quantized once, transposed once
+    const calibration = [{ input: { data: values(4 * 12, 16), dims: [4, 12] } }];
+    const corrected = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', biasCorrection: true }, calibration });
+    expect(corrected.report.layers.map((l) => [l.node, l.input])).to.deep.equal([
+      ['MatMul(h)', { bits: 8, dynamic: true }], ['Gemm(g1)', { bits: 8, dynamic: true }], ['Gemm(out)', { bits: 8, dynamic: true }],
+    ]);
+    expect(corrected.report.passes.find((p) => p.pass === 'dynamic-activations')!.changed.map((c) => c.split(':')[0])).to.deep.equal(['MatMul(h)', 'Gemm(g1)', 'Gemm(out)']);
+    expect(corrected.report.evaluation!.outputs[0].cosine).to.be.above(0.999);
   });
 
   it('rejects what it cannot do, saying what to pass', async () => {
@@ -186,7 +215,7 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     const r = spawnSync(process.execPath, [path.join(root, 'dist', 'ts', 'cli.js'), 'quantize', path.join(root, 'assets', 'mnist-cnn.onnx'), '--amethod', 'dynamic'],
       { cwd: dir, encoding: 'utf8' });
     expect(r.status, r.stderr).to.equal(0);
-    expect(r.stdout).to.match(/fc +MatMul .* 8 dynamic/);
+    expect(r.stdout).to.match(/fc +Gemm .* 8 dynamic/);
     expect(r.stdout).to.match(/1 layer inputs quantized dynamically/);
     expect(r.stdout).to.match(/skipped by dynamic-activations: conv1: .*ConvInteger/);
     expect(fs.readdirSync(dir)).to.deep.equal(['mnist-cnn.q.onnx']);

@@ -1,7 +1,7 @@
 // Float16 conversion, and quantizing models whose weights are float16 (weight-only, float16 scales).
 import { expect } from 'chai';
-import { fromBinary, toBinary } from '@bufbuild/protobuf';
-import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { fromFloat16Array, fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../ts/float16';
@@ -114,6 +114,25 @@ describe('float16', () => {
     const stats = inspectModel(half).layers;
     expect(stats.map((l) => [l.node, l.quantized])).to.deep.equal([['conv', true], ['fc', true]]);
     expect(stats[1].std).to.be.closeTo(Math.sqrt(2 / 32), 0.05);
+  });
+
+  it('float16 weights in a Constant node or in int32_data (as ONNX also stores them) quantize and evaluate', async () => {
+    const model = fromBinary(ModelProtoSchema, toHalfModel(convAndMatMul()));
+    const graph = model.graph!;
+    const w = graph.initializer.find((t) => t.name === 'w')!;
+    graph.initializer.splice(graph.initializer.indexOf(w), 1);
+    graph.node.unshift(create(NodeProtoSchema, {
+      opType: 'Constant', name: 'w_const', output: ['w'], attribute: [{ name: 'value', type: AttributeProto_AttributeType.TENSOR, t: w }],
+    }));
+    // The conv weights as int32_data (one float16 pattern per value), raw_data unset.
+    const cw = graph.initializer.find((t) => t.name === 'cw')!;
+    graph.initializer[graph.initializer.indexOf(cw)] = create(TensorProtoSchema, {
+      name: 'cw', dataType: TensorProto_DataType.FLOAT16, dims: cw.dims, int32Data: Array.from(new Uint16Array(Uint8Array.from(cw.rawData).buffer)),
+    });
+    const { report } = await quantizeModel(toBinary(ModelProtoSchema, model), { weights: { bits: 8 } });
+    expect(report.layers.map((l) => l.node)).to.deep.equal(['conv', 'fc']);
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.9999);
+    expect(report.layers.every((l) => l.outputSqnrDb! > 30)).to.equal(true);
   });
 
   it('4-bit blocked float16 weights (opset 21) run; calibration is refused with what to do', async () => {

