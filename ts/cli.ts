@@ -75,10 +75,11 @@ export function program(): Command {
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
     .option('--report <file>', 'also write the report as JSON')
     .option('--no-evaluate', 'do not compare the quantized model with the float one in onnxruntime (saves time and memory on large models)')
+    .option('--external-data', 'write the weights to <output>.data next to the model, tensor by tensor (automatic at 2 GB; with --no-evaluate the least memory)')
     .action(async (modelArg: string | undefined, o: {
       output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod?: string;
       calib?: string; keepFloat?: string; report?: string; bitAllocation?: string; biasCorrection?: boolean; groups?: string; scaleClip?: string; rounding: string;
-      quantizeOutputs?: boolean; reduceRange?: boolean; evaluate: boolean;
+      quantizeOutputs?: boolean; reduceRange?: boolean; evaluate: boolean; externalData?: boolean;
     }) => {
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
@@ -114,6 +115,7 @@ export function program(): Command {
         calibration: o.calib,
         keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,
         outputPath: o.output,
+        ...(o.externalData ? { externalData: true } : {}),
         ...(o.evaluate ? {} : { evaluationFeeds: [] }),
         onProgress: (stage) => {
           if (stage.startsWith('calibrate batch')) {
@@ -160,7 +162,7 @@ export function program(): Command {
       }
       if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);
       if (report.layerSqnrSkipped) console.log(`no layer output SQNR: ${report.layerSqnrSkipped}`);
-      console.log(`wrote ${o.output} (opset ${report.opset.from} -> ${report.opset.to})`);
+      console.log(`wrote ${o.output}${o.externalData ? ` and ${o.output}.data` : ''} (opset ${report.opset.from} -> ${report.opset.to})`);
       // How onnxruntime will run it (`npm run bench -- models`).
       if (!o.abits) {
         console.log("note: onnxruntime dequantizes weight-only models' weights on every run; session option session.disable_quant_qdq = '1' folds them at load (float speed)");

@@ -691,6 +691,20 @@ describe('external data', () => {
     fs.rmSync(dir, { recursive: true });
   });
 
+  it('`lowbit quantize --external-data --no-evaluate` writes <output>.data, and onnxruntime loads the model', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-'));
+    const cli = path.resolve(__dirname, '..', '..', 'ts', 'cli.js');
+    const r = spawnSync(process.execPath, [cli, 'quantize', classifier, '-o', 'cls.q.onnx', '--external-data', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/wrote cls\.q\.onnx and cls\.q\.onnx\.data/);
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['cls.q.onnx', 'cls.q.onnx.data']);
+    const O = ort();
+    const feed = normalFeeds(1, [1, 3, 48, 192], 3)[0].x;
+    const out = await (await O.InferenceSession.create(path.join(dir, 'cls.q.onnx'))).run({ x: new O.Tensor('float32', feed.data, feed.dims) });
+    expect(Object.values(out)[0].dims).to.deep.equal([1, 2]);
+    fs.rmSync(dir, { recursive: true });
+  });
+
   it('tensors whose values sit in float_data survive the float model\'s clone (calibration, evaluation)', async () => {
     const model = fromBinary(ModelProtoSchema, new Uint8Array(fs.readFileSync(path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx'))));
     const graph = model.graph!;
