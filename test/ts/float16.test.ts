@@ -139,9 +139,20 @@ describe('float16', () => {
     const half = toHalfModel(convAndMatMul());
     const { model, report } = await quantizeModel(half, { weights: { bits: 4, granularity: 'block', blockSize: 16 }, firstLastLayerBits: 4 });
     expect(report.opset.to).to.equal(21);
-    const fc = readModel(model).graph!.initializer.find((t) => t.name === 'w_quantized')!;
+    const inits = readModel(model).graph!.initializer;
+    const fc = inits.find((t) => t.name === 'w_quantized')!;
     expect(fc.dataType).to.equal(TensorProto_DataType.INT4);
-    expect(unpackInt4(fc.rawData, 32 * 12).some((v) => v !== 0)).to.equal(true);
+    // Blocks of 16 along K (axis 0 of the [32, 12] weights): each value rounded with its block's float16 scale.
+    const scaleTensor = inits.find((t) => t.name === 'w_scale')!;
+    expect([scaleTensor.dataType, scaleTensor.dims.map(Number)]).to.deep.equal([TensorProto_DataType.FLOAT16, [2, 12]]);
+    const s = fromFloat16Array(new Uint16Array(Uint8Array.from(scaleTensor.rawData).buffer));
+    const original = fromFloat16Array(new Uint16Array(Uint8Array.from(readModel(half).graph!.initializer.find((t) => t.name === 'w')!.rawData).buffer));
+    const values = unpackInt4(fc.rawData, 32 * 12);
+    original.forEach((v, i) => {
+      const scale = s[Math.floor(Math.floor(i / 12) / 16) * 12 + (i % 12)];
+      const expected = Math.max(-8, Math.min(7, roundHalfToEven(Math.fround(v / scale))));
+      if (values[i] !== expected) throw new Error(`w[${i}]: ${values[i]}, expected ${expected}`);
+    });
     expect(report.evaluation!.outputs[0].cosine).to.be.above(0.99);
     const session = await ort().InferenceSession.create(model);  // default optimisations
     const out = await session.run({ input: new (ort().Tensor)('float16', toFloat16Array(heInit(36, 1, 4)), [1, 1, 6, 6]) });
