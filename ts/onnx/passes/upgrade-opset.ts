@@ -11,7 +11,7 @@
  * refuse, and the caller falls back to com.microsoft Q/DQ.
  */
 import {
-  attribute, floatAttribute, floatScalarTensor, floatTensor, int64Tensor, intAttribute, intsAttribute, makeIntAttribute, makeNode,
+  attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, intsAttribute, makeIntAttribute, makeNode,
   makeStringAttribute, removeAttribute, type Graph,
 } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
@@ -73,8 +73,10 @@ export function upgradeOpset(graph: Graph, target: number): PassReport {
         if (from < 11) {
           const min = floatAttribute(n, 'min', -3.4028234663852886e38);
           const max = floatAttribute(n, 'max', 3.4028234663852886e38);
-          n.input[1] = constInput(`${label}_min`, (name) => floatScalarTensor(name, min));
-          n.input[2] = constInput(`${label}_max`, (name) => floatScalarTensor(name, max));
+          // The bounds take the type of the clipped tensor (float16 in a float16 model).
+          const type = graph.elemType(n.input[0]);
+          n.input[1] = constInput(`${label}_min`, (name) => scalarOfType(name, min, type));
+          n.input[2] = constInput(`${label}_max`, (name) => scalarOfType(name, max, type));
           removeAttribute(n, 'min');
           removeAttribute(n, 'max');
           report.changed.push(`${label}: Clip min/max attributes -> inputs`);
@@ -96,7 +98,7 @@ export function upgradeOpset(graph: Graph, target: number): PassReport {
         if (from < 11) {
           moveInts('pads', 1);
           const value = floatAttribute(n, 'value', 0);
-          n.input[2] = constInput(`${label}_value`, (name) => floatScalarTensor(name, value));
+          n.input[2] = constInput(`${label}_value`, (name) => scalarOfType(name, value, graph.elemType(n.input[0])));
           removeAttribute(n, 'value');
           report.changed.push(`${label}: Pad attributes -> inputs`);
         }
