@@ -46,7 +46,7 @@ export function foldBatchNorm(graph: Graph): PassReport {
     const wData = w && floatData(w);
     const paramData = params.map((p) => p && floatData(p));
     if (!wData || paramData.some((p) => !p)) {
-      skip('weights or BatchNormalization parameters are not float constants');
+      skip('weights or BatchNormalization parameters are not float32 constants (float16 models keep their BatchNormalization)');
       continue;
     }
     const [gamma, beta, mean, variance] = paramData as Float32Array[];
@@ -126,7 +126,7 @@ function foldIntoMatMul(graph: Graph, bn: NodeProto, producer: NodeProto): strin
   const w = graph.constant(matmul.input[1]);
   const wData = w && floatData(w);
   const params = [1, 2, 3, 4].map((i) => { const t = graph.constant(bn.input[i]); return t && floatData(t); });
-  if (!wData || params.some((p) => !p)) return 'weights or BatchNormalization parameters are not float constants';
+  if (!wData || params.some((p) => !p)) return 'weights or BatchNormalization parameters are not float32 constants (float16 models keep their BatchNormalization)';
   const dims = dimsOf(w!);
   if (dims.length !== 2) return `the MatMul weight is ${dims.length}-D, not 2-D`;
   const rank = knownRank(graph, matmul.input[0]);
