@@ -766,6 +766,29 @@ describe('external data', () => {
     }
   });
 
+  it('a failure writing the model file after its data file leaves neither (both are renamed only when complete)', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ext-'));
+    // The module object itself (the namespace import above only has getters onto it).
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const nodeFs: { writeFileSync: typeof fs.writeFileSync } = require('node:fs');
+    const real = nodeFs.writeFileSync;
+    nodeFs.writeFileSync = ((file: fs.PathOrFileDescriptor, ...rest: unknown[]) => {
+      if (String(file).startsWith(dir)) throw Object.assign(new Error('no space left'), { code: 'ENOSPC' });
+      return (real as (...a: unknown[]) => void)(file, ...rest);
+    }) as typeof fs.writeFileSync;
+    let error: unknown;
+    try {
+      await quantizeModel(classifier, { weights: { bits: 8 }, outputPath: path.join(dir, 'cls.q.onnx'), externalData: true, evaluationFeeds: [] });
+    } catch (e) {
+      error = e;
+    } finally {
+      nodeFs.writeFileSync = real;
+    }
+    expect(String(error)).to.match(/Could not write .*cls\.q\.onnx \(ENOSPC\): nothing was written/);
+    expect(fs.readdirSync(dir)).to.deep.equal([]);
+    fs.rmSync(dir, { recursive: true });
+  });
+
   it('a data file too short for a tensor is an OnnxModelError naming the tensor, not short weights', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ext-'));
     const out = path.join(dir, 'cls.q.onnx');

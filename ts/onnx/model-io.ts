@@ -242,25 +242,33 @@ export function externalizeData(model: ModelProto, dataFile: string, threshold =
 }
 
 /**
- * Writes the data of large initializers to `dataPath` (atomically, streamed: one tensor in memory at a time) and
- * makes the model refer to it by its base name (see moveDataOut).
+ * Writes the model to `file` with the data of its large initializers in `<file>.data` (streamed: one tensor in
+ * memory at a time; see moveDataOut) and returns the model file's bytes. Both files are written to temporary
+ * files first and renamed only when both are complete: a failure leaves neither.
  */
-export function writeExternalData(model: ModelProto, dataPath: string, threshold = 1024): void {
-  const temp = temporaryPath(dataPath);
+export function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024): Uint8Array {
+  const dataFile = `${file}.data`;
+  const temps = [temporaryPath(dataFile), temporaryPath(file)];
+  let failed = dataFile;
   try {
-    const fd = fs.openSync(temp, 'w');
+    const fd = fs.openSync(temps[0], 'w');
     try {
-      moveDataOut(model, path.basename(dataPath), threshold, (bytes) => {
+      moveDataOut(model, path.basename(dataFile), threshold, (bytes) => {
         for (let done = 0; done < bytes.length;) done += fs.writeSync(fd, bytes, done, bytes.length - done);
       });
     } finally {
       fs.closeSync(fd);
     }
-    fs.renameSync(temp, dataPath);
+    const bytes = serializeModel(model);
+    failed = file;
+    fs.writeFileSync(temps[1], bytes);
+    fs.renameSync(temps[0], dataFile);
+    fs.renameSync(temps[1], file);
+    return bytes;
   } catch (e) {
-    fs.rmSync(temp, { force: true });
+    for (const temp of temps) fs.rmSync(temp, { force: true });
     if (e instanceof OnnxModelError) throw e;
-    throw writeError(dataPath, e);
+    throw writeError(failed, e);
   }
 }
 

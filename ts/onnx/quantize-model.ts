@@ -14,7 +14,7 @@ import { hasOrt, openSession } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { floatView, Graph } from './graph';
 import {
-  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeExternalData, writeFileAtomic,
+  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeFileAtomic, writeModelWithExternalData,
 } from './model-io';
 import { calibrate, checkFeed, modelInputs, ortTensor, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -597,12 +597,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     timings.evaluate = performance.now() - t0;
   }
   if (external) {
-    const modelBytes = await time('write', () => {
-      writeExternalData(model, `${opts.outputPath!}.data`);
-      const graphBytes = serializeModel(model);
-      writeFileAtomic(opts.outputPath!, graphBytes);
-      return graphBytes;
-    });
+    const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!));
     return { model: modelBytes, report };
   }
   if (opts.outputPath) await time('write', () => writeFileAtomic(opts.outputPath!, bytes));
