@@ -157,10 +157,23 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     expect(both.report.layers[0].input).to.deep.equal({ bits: 8, dynamic: true });
     expect(both.report.layers[0].method).to.match(/gptq rounding/);
     expect(both.report.passes.map((p) => p.pass)).to.include.members(['bias-correction', 'dynamic-activations']);
-    // The correction is an Add after the layer's output (MatMul has no bias input), then the model's own bias Add.
+    // The correction goes into the bias that the Add after the MatMul adds (no second Add): b + Δ.
     expect(both.report.passes.find((p) => p.pass === 'bias-correction')!.changed[0]).to.match(/^fc: bias shifted by/);
-    expect(readModel(both.model).graph!.node.map((n) => n.name)).to.include('fc_bias_correction_add');
-    expect(readModel(plain.model).graph!.node.map((n) => n.name)).to.not.include('fc_bias_correction_add');
+    const addBias = (m: Uint8Array) => {
+      const graph = readModel(m).graph!;
+      const add = graph.node.filter((n) => n.opType === 'Add');
+      expect(add).to.have.length(1);
+      return graph.initializer.find((t) => t.name === add[0].input[1])!;
+    };
+    expect(addBias(plain.model).name).to.equal('b');
+    expect(addBias(both.model).name).to.equal('fc_corrected_bias');
+    const shift = floatData(addBias(both.model))!.map((v, i) => v - values(16, 2)[i]);
+    expect(shift.some((v) => Math.abs(v) > 1e-7)).to.equal(true);
+    // Without a bias Add after it, the MatMul gets one for the correction.
+    const bare = buildModel({ inputDims: ['n', 24], nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'out', name: 'fc' }],
+      initializers: { w: { dims: [24, 16], data: values(24 * 16, 1, 0.3) } }, output: 'out' });
+    const added = await quantizeModel(bare, { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', biasCorrection: true }, calibration });
+    expect(readModel(added.model).graph!.node.map((n) => n.name)).to.include('fc_bias_correction_add');
   });
 
   it('keepFloat by op type keeps only that type; unnamed layers keep their report names through bias correction; Gemms sharing a weight share it', async () => {

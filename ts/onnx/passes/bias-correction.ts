@@ -5,15 +5,29 @@
  * calibration — for Conv, each im2col column, so a tap that reads padding
  * counts the zeros it reads (with a channel mean, a 5×5 kernel over a 3-row
  * feature map would be corrected as if all 25 taps saw data). The input's own
- * quantization is ignored. Conv and Gemm get a new bias initializer; MatMul
- * gets an Add after it.
+ * quantization is ignored. Conv and Gemm get a new bias initializer; so does a
+ * MatMul followed by an Add of a constant bias (one value per output, its only
+ * reader); another MatMul gets an Add after it.
  */
-import { TensorProto_DataType } from 'onnx-buf';
+import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import type { LayerInputMoments } from '../../calibration/layer-input-moments';
 import { floatData, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 import { matrixView, type QuantizedWeights } from './quantize-weights';
+
+/** The Add that adds a constant bias of `n` float values to `value`, its only reader, or undefined. */
+function constantBiasAdd(graph: Graph, value: string, n: number): { node: NodeProto; slot: number } | undefined {
+  const readers = graph.consumers(value);
+  if (readers.length !== 1 || readers[0].opType !== 'Add' || graph.isGraphOutput(value)) return undefined;
+  const add = readers[0];
+  const slot = add.input[0] === value ? 1 : 0;
+  const bias = graph.constant(add.input[slot]);
+  const data = bias && floatData(bias);
+  // Shape [n] (or [1, n]): it broadcasts over the last axis exactly as the per-channel shift does.
+  if (!data || data.length !== n || bias.dims[bias.dims.length - 1] !== BigInt(n)) return undefined;
+  return { node: add, slot };
+}
 
 export function correctBiases(graph: Graph, weights: QuantizedWeights[], moments: Map<string, LayerInputMoments>): PassReport {
   return runSteps(correctBiasesByLayer(graph, weights, moments));
@@ -45,7 +59,15 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
       }
       shift[o] = s;
     }
-    if (node.opType === 'Conv' || node.opType === 'Gemm') {
+    const biasAdd = node.opType === 'MatMul' ? constantBiasAdd(graph, node.output[0], out) : undefined;
+    if (biasAdd) {
+      const name = graph.uniqueName(`${w.node}_corrected_bias`);
+      const old = floatData(graph.constant(biasAdd.node.input[biasAdd.slot])!)!;
+      graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, [out], new Uint8Array(Float32Array.from(old, (b, c) => b + shift[c]).buffer)));
+      const previous = biasAdd.node.input[biasAdd.slot];
+      biasAdd.node.input[biasAdd.slot] = name;
+      graph.removeIfUnused(previous);
+    } else if (node.opType === 'Conv' || node.opType === 'Gemm') {
       const old = node.input[2] ? graph.constant(node.input[2]) : undefined;
       const oldData = old ? floatData(old) : new Float32Array(out);
       if (!oldData || oldData.length !== out) {
