@@ -12,7 +12,7 @@
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import type { LayerInputMoments } from '../../calibration/layer-input-moments';
-import { floatData, makeNode, makeTensor, type Graph } from '../graph';
+import { dimsOf, floatData, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 import { matrixView, type QuantizedWeights } from './quantize-weights';
 
@@ -62,8 +62,10 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
     const biasAdd = node.opType === 'MatMul' ? constantBiasAdd(graph, node.output[0], out) : undefined;
     if (biasAdd) {
       const name = graph.uniqueName(`${w.node}_corrected_bias`);
-      const old = floatData(graph.constant(biasAdd.node.input[biasAdd.slot])!)!;
-      graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, [out], new Uint8Array(Float32Array.from(old, (b, c) => b + shift[c]).buffer)));
+      const oldTensor = graph.constant(biasAdd.node.input[biasAdd.slot])!;
+      const old = floatData(oldTensor)!;
+      // Its own dims ([n] or [1, n]): the Add's output shape stays what it was.
+      graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, dimsOf(oldTensor), new Uint8Array(Float32Array.from(old, (b, c) => b + shift[c]).buffer)));
       const previous = biasAdd.node.input[biasAdd.slot];
       biasAdd.node.input[biasAdd.slot] = name;
       graph.removeIfUnused(previous);
