@@ -167,6 +167,7 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     };
     expect(addBias(plain.model).name).to.equal('b');
     expect(addBias(both.model).name).to.equal('fc_corrected_bias');
+    expect(both.report.layers[0].output).to.equal('out');  // its layer SQNR is taken after the corrected bias
     const shift = floatData(addBias(both.model))!.map((v, i) => v - values(16, 2)[i]);
     expect(shift.some((v) => Math.abs(v) > 1e-7)).to.equal(true);
     // Without a bias Add after it, the MatMul gets one for the correction.

@@ -151,6 +151,23 @@ describe('float16', () => {
     expect([1, 2].map((i) => graph.constant(clip.input[i])!.dataType)).to.deep.equal([TensorProto_DataType.FLOAT16, TensorProto_DataType.FLOAT16]);
   });
 
+  it('Graph.elemType follows producers: Cast, ConstantOfShape, type-preserving operators, declarations', () => {
+    const model = fromBinary(ModelProtoSchema, toHalfModel(convAndMatMul()));
+    const value = create(TensorProtoSchema, { name: 'v', dataType: TensorProto_DataType.FLOAT16, dims: [1n], rawData: new Uint8Array(2) });
+    model.graph!.node.push(
+      create(NodeProtoSchema, { opType: 'Shape', input: ['input'], output: ['shape'] }),
+      create(NodeProtoSchema, { opType: 'ConstantOfShape', input: ['shape'], output: ['zeros'], attribute: [{ name: 'value', type: AttributeProto_AttributeType.TENSOR, t: value }] }),
+      create(NodeProtoSchema, { opType: 'Relu', input: ['zeros'], output: ['relu'] }),
+      create(NodeProtoSchema, { opType: 'Cast', input: ['relu'], output: ['wide'], attribute: [{ name: 'to', type: AttributeProto_AttributeType.INT, i: 11n }] }),
+    );
+    const graph = new Graph(model);
+    expect(['shape', 'zeros', 'relu', 'wide', 'r', 'input', 'cw'].map((n) => graph.elemType(n))).to.deep.equal([
+      TensorProto_DataType.INT64, TensorProto_DataType.FLOAT16, TensorProto_DataType.FLOAT16, TensorProto_DataType.DOUBLE,
+      TensorProto_DataType.FLOAT16, TensorProto_DataType.FLOAT16, TensorProto_DataType.FLOAT16,
+    ]);
+    expect(graph.elemType('nothing')).to.equal(undefined);
+  });
+
   it('4-bit blocked float16 weights (opset 21) run; calibration is refused with what to do', async () => {
     const half = toHalfModel(convAndMatMul());
     const { model, report } = await quantizeModel(half, { weights: { bits: 4, granularity: 'block', blockSize: 16 }, firstLastLayerBits: 4 });

@@ -786,6 +786,28 @@ describe('external data', () => {
     }
     expect(String(error)).to.match(/Could not write .*cls\.q\.onnx \(ENOSPC\): nothing was written/);
     expect(fs.readdirSync(dir)).to.deep.equal([]);
+    // Over an earlier pair: when the model file cannot be renamed into place, the earlier data file is put back.
+    const out = path.join(dir, 'cls.q.onnx');
+    await quantizeModel(classifier, { weights: { bits: 4, granularity: 'block' }, outputPath: out, externalData: true, evaluationFeeds: [] });
+    const before = [fs.readFileSync(out), fs.readFileSync(`${out}.data`)];
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const renamer: { renameSync: typeof fs.renameSync } = require('node:fs');
+    const realRename = renamer.renameSync;
+    renamer.renameSync = ((from: fs.PathLike, to: fs.PathLike) => {
+      if (String(to) === out) throw Object.assign(new Error('busy'), { code: 'EBUSY' });
+      return realRename(from, to);
+    }) as typeof fs.renameSync;
+    error = undefined;
+    try {
+      await quantizeModel(classifier, { weights: { bits: 8 }, outputPath: out, externalData: true, evaluationFeeds: [] });
+    } catch (e) {
+      error = e;
+    } finally {
+      renamer.renameSync = realRename;
+    }
+    expect(String(error)).to.match(/Could not write .*cls\.q\.onnx \(EBUSY\)/);
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['cls.q.onnx', 'cls.q.onnx.data']);
+    expect(fs.readFileSync(out).equals(before[0]) && fs.readFileSync(`${out}.data`).equals(before[1])).to.equal(true);
     fs.rmSync(dir, { recursive: true });
   });
 

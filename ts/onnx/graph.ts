@@ -61,21 +61,27 @@ export class Graph {
    * DequantizeLinear are known exceptions). Undefined when it cannot be told.
    */
   elemType(name: string): number | undefined {
-    const declared = new Map<string, number>();
+    const known = new Map<string, number>();
     for (const v of [...this.graph.input, ...this.graph.valueInfo, ...this.graph.output]) {
-      if (v.type?.value.case === 'tensorType' && v.type.value.value.elemType) declared.set(v.name, v.type.value.value.elemType);
+      if (v.type?.value.case === 'tensorType' && v.type.value.value.elemType) known.set(v.name, v.type.value.value.elemType);
     }
+    for (const t of this.graph.initializer) known.set(t.name, t.dataType);
+    const producers = new Map<string, NodeProto>();
+    for (const n of this.graph.node) n.output.forEach((o) => producers.set(o, n));
     let current = name;
     for (let steps = 0; steps <= this.graph.node.length; steps++) {
-      const known = declared.get(current) ?? this.constant(current)?.dataType;
-      if (known) return known;
-      const p = this.producer(current);
+      if (known.has(current)) return known.get(current);
+      const p = producers.get(current);
       if (!p) return undefined;
+      if (p.opType === 'Constant' || p.opType === 'ConstantOfShape') return attribute(p, 'value')?.t?.dataType ?? TensorProto_DataType.FLOAT;
       if (p.opType === 'Cast') return intAttribute(p, 'to', 0) || undefined;
+      if (['EyeLike', 'RandomNormalLike', 'RandomUniformLike', 'RandomNormal', 'RandomUniform'].includes(p.opType) && attribute(p, 'dtype')) {
+        return intAttribute(p, 'dtype', 0) || undefined;
+      }
       if (['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin'].includes(p.opType)) return TensorProto_DataType.INT64;
       if (['Equal', 'Less', 'Greater', 'LessOrEqual', 'GreaterOrEqual', 'And', 'Or', 'Xor', 'Not', 'IsNaN', 'IsInf'].includes(p.opType)) return TensorProto_DataType.BOOL;
-      if (p.opType === 'DequantizeLinear') current = p.input[1];
-      else if (p.opType === 'Where') current = p.input[1];
+      if (p.opType === 'DequantizeLinear' || p.opType === 'Where') current = p.input[1];
+      else if (p.opType === 'OneHot') current = p.input[2];
       else current = p.input[0];
       if (!current) return undefined;
     }

@@ -248,7 +248,7 @@ export function externalizeData(model: ModelProto, dataFile: string, threshold =
  */
 export function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024): Uint8Array {
   const dataFile = `${file}.data`;
-  const temps = [temporaryPath(dataFile), temporaryPath(file)];
+  const temps = [temporaryPath(dataFile), temporaryPath(file), `${temporaryPath(dataFile)}.previous`];
   let failed = dataFile;
   try {
     const fd = fs.openSync(temps[0], 'w');
@@ -262,11 +262,24 @@ export function writeModelWithExternalData(model: ModelProto, file: string, thre
     const bytes = serializeModel(model);
     failed = file;
     fs.writeFileSync(temps[1], bytes);
+    // A data file already there is kept aside until the model file is in place: an old model next to a new data
+    // file would read the wrong bytes.
+    if (fs.existsSync(dataFile)) fs.renameSync(dataFile, temps[2]);
+    failed = dataFile;
     fs.renameSync(temps[0], dataFile);
-    fs.renameSync(temps[1], file);
+    failed = file;
+    try {
+      fs.renameSync(temps[1], file);
+    } catch (e) {
+      if (fs.existsSync(temps[2])) fs.renameSync(temps[2], dataFile);
+      else fs.rmSync(dataFile, { force: true });
+      throw e;
+    }
+    fs.rmSync(temps[2], { force: true });
     return bytes;
   } catch (e) {
-    for (const temp of temps) fs.rmSync(temp, { force: true });
+    for (const temp of temps.slice(0, 2)) fs.rmSync(temp, { force: true });
+    if (fs.existsSync(temps[2]) && !fs.existsSync(dataFile)) fs.renameSync(temps[2], dataFile);
     if (e instanceof OnnxModelError) throw e;
     throw writeError(failed, e);
   }

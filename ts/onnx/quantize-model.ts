@@ -538,8 +538,13 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       if (microsoftDomainFallback) throw new OnnxModelError(`${a.bits}-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
       passes.push(upgradeOpset(graph, 21));
     }
-    if (dataBiasCorrection) passes.push(await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments),
-      (_, done) => opts.onProgress?.(`bias-correction ${done}/${weights.length}`))));
+    if (dataBiasCorrection) {
+      passes.push(await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments),
+        (_, done) => opts.onProgress?.(`bias-correction ${done}/${weights.length}`))));
+      // A MatMul whose correction went into the bias Add after it is compared (layer SQNR) after that Add.
+      const moved = new Map(weights.filter((w) => w.biasAddOutput).map((w) => [w.node, w.biasAddOutput!]));
+      for (const l of layers) l.output = moved.get(l.node) ?? l.output;
+    }
     if (staticActivations) {
       const act = await time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
         a.signed ?? false, microsoftDomainFallback !== undefined, everyConsumer));

@@ -6,13 +6,13 @@
  * counts the zeros it reads (with a channel mean, a 5×5 kernel over a 3-row
  * feature map would be corrected as if all 25 taps saw data). The input's own
  * quantization is ignored. Conv and Gemm get a new bias initializer; so does a
- * MatMul followed by an Add of a constant bias (one value per output, its only
- * reader); another MatMul gets an Add after it.
+ * MatMul followed by an Add of a constant [n] bias (its only reader); another
+ * MatMul gets an Add after it.
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import type { LayerInputMoments } from '../../calibration/layer-input-moments';
-import { dimsOf, floatData, makeNode, makeTensor, type Graph } from '../graph';
+import { floatData, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 import { matrixView, type QuantizedWeights } from './quantize-weights';
 
@@ -24,8 +24,9 @@ function constantBiasAdd(graph: Graph, value: string, n: number): { node: NodePr
   const slot = add.input[0] === value ? 1 : 0;
   const bias = graph.constant(add.input[slot]);
   const data = bias && floatData(bias);
-  // Shape [n] (or [1, n]): it broadcasts over the last axis exactly as the per-channel shift does.
-  if (!data || data.length !== n || bias.dims[bias.dims.length - 1] !== BigInt(n)) return undefined;
+  // Shape [n] only: it broadcasts over the last axis as the per-channel shift does and adds no dimension (onnxruntime's
+  // fused MatMul + bias drops the leading 1 of a [1, n] bias on a 1-D product).
+  if (!data || data.length !== n || bias.dims.length !== 1) return undefined;
   return { node: add, slot };
 }
 
@@ -62,10 +63,9 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
     const biasAdd = node.opType === 'MatMul' ? constantBiasAdd(graph, node.output[0], out) : undefined;
     if (biasAdd) {
       const name = graph.uniqueName(`${w.node}_corrected_bias`);
-      const oldTensor = graph.constant(biasAdd.node.input[biasAdd.slot])!;
-      const old = floatData(oldTensor)!;
-      // Its own dims ([n] or [1, n]): the Add's output shape stays what it was.
-      graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, dimsOf(oldTensor), new Uint8Array(Float32Array.from(old, (b, c) => b + shift[c]).buffer)));
+      const old = floatData(graph.constant(biasAdd.node.input[biasAdd.slot])!)!;
+      graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, [out], new Uint8Array(Float32Array.from(old, (b, c) => b + shift[c]).buffer)));
+      w.biasAddOutput = biasAdd.node.output[0];  // where the layer's corrected output now is
       const previous = biasAdd.node.input[biasAdd.slot];
       biasAdd.node.input[biasAdd.slot] = name;
       graph.removeIfUnused(previous);

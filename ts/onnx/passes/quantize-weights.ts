@@ -70,7 +70,7 @@ export interface WeightLayerReport {
   weightSqnrDb: number;
   /** Per-channel bits when bit allocation was used. */
   channelBits?: number[];
-  /** The layer's output tensor. */
+  /** The layer's output tensor (its bias Add's, when data-driven bias correction shifted that bias). */
   output: string;
   /** SQNR of the layer's output in the quantized model against the float model on the evaluation inputs. */
   outputSqnrDb?: number;
@@ -92,6 +92,8 @@ export interface QuantizedWeights {
   dequantized?: Float32Array;
   /** Weight scales per output channel (per-channel granularity only). */
   channelScales?: Float32Array;
+  /** Set by data-driven bias correction when it moved into the bias Add after a MatMul: that Add's output. */
+  biasAddOutput?: string;
 }
 
 const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
