@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
@@ -717,6 +717,22 @@ describe('external data', () => {
     const { report } = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration });
     expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
     expect(readModel(bytes).graph!.initializer.filter((t) => t.floatData.length > 0).every((t) => t.rawData.length === 0)).to.equal(true);
+  });
+
+  it('a model that lists its initializers among its inputs (IR version < 4) quantizes and runs without feeds for them', async () => {
+    const model = fromBinary(ModelProtoSchema, new Uint8Array(fs.readFileSync(path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx'))));
+    model.irVersion = 3n;
+    for (const t of model.graph!.initializer) {
+      model.graph!.input.push(create(ValueInfoProtoSchema, {
+        name: t.name, type: { value: { case: 'tensorType', value: { elemType: t.dataType, shape: { dim: t.dims.map((d) => ({ value: { case: 'dimValue', value: d } })) } } } },
+      } as never));
+    }
+    const calibration = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-calibration');
+    const { model: q, report } = await quantizeModel(toBinary(ModelProtoSchema, model), { weights: { bits: 8 }, activations: { bits: 8 }, calibration });
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+    const graph = readModel(q).graph!;
+    const initializers = new Set(graph.initializer.map((t) => t.name));
+    expect(graph.input.filter((i) => !initializers.has(i.name)).map((i) => i.name)).to.deep.equal(['input']);
   });
 
   it('a Constant node whose value is in external data is read from it', async () => {

@@ -117,7 +117,12 @@ export class Graph {
   removeIfUnused(name: string): void {
     if (this.consumers(name).length > 0 || this.isGraphOutput(name)) return;
     const i = this.graph.initializer.findIndex((t) => t.name === name);
-    if (i >= 0) this.graph.initializer.splice(i, 1);
+    if (i >= 0) {
+      this.graph.initializer.splice(i, 1);
+      // Models of IR version < 4 list their initializers among the graph inputs too: the input would then need a feed.
+      const input = this.graph.input.findIndex((v) => v.name === name);
+      if (input >= 0) this.graph.input.splice(input, 1);
+    }
     const node = this.producer(name);
     if (node?.opType === 'Constant') this.graph.node.splice(this.graph.node.indexOf(node), 1);
   }
