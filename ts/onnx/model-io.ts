@@ -180,9 +180,9 @@ export function cloneSharingData(model: ModelProto): ModelProto {
   for (const t of tensors) t.rawData = new Uint8Array(0);
   try {
     const copy = fromBinary(ModelProtoSchema, toBinary(ModelProtoSchema, model));
-    const copies = new Map(storedTensors(copy).map((t, i) => [i, t]));
+    const copies = storedTensors(copy);  // in the same order as the original's
     const index = new Map(storedTensors(model).map((t, i) => [t, i]));
-    tensors.forEach((t, i) => (copies.get(index.get(t)!)!.rawData = held[i]));
+    tensors.forEach((t, i) => (copies[index.get(t)!].rawData = held[i]));
     return copy;
   } finally {
     tensors.forEach((t, i) => (t.rawData = held[i]));
@@ -248,10 +248,14 @@ export function externalizeData(model: ModelProto, dataFile: string, threshold =
  */
 export function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024): Uint8Array {
   const dataFile = `${file}.data`;
-  const temps = [temporaryPath(dataFile), temporaryPath(file), `${temporaryPath(dataFile)}.previous`];
+  const [dataTemp, modelTemp] = [temporaryPath(dataFile), temporaryPath(file)];
+  // A data file already there is kept aside until the model file is in place: an old model next to a new data file
+  // would read the wrong bytes.
+  const previousData = `${dataTemp}.previous`;
   let failed = dataFile;
+  let dataReplaced = false;
   try {
-    const fd = fs.openSync(temps[0], 'w');
+    const fd = fs.openSync(dataTemp, 'w');
     try {
       moveDataOut(model, path.basename(dataFile), threshold, (bytes) => {
         for (let done = 0; done < bytes.length;) done += fs.writeSync(fd, bytes, done, bytes.length - done);
@@ -261,25 +265,19 @@ export function writeModelWithExternalData(model: ModelProto, file: string, thre
     }
     const bytes = serializeModel(model);
     failed = file;
-    fs.writeFileSync(temps[1], bytes);
-    // A data file already there is kept aside until the model file is in place: an old model next to a new data
-    // file would read the wrong bytes.
-    if (fs.existsSync(dataFile)) fs.renameSync(dataFile, temps[2]);
+    fs.writeFileSync(modelTemp, bytes);
     failed = dataFile;
-    fs.renameSync(temps[0], dataFile);
+    if (fs.existsSync(dataFile)) fs.renameSync(dataFile, previousData);
+    fs.renameSync(dataTemp, dataFile);
+    dataReplaced = true;
     failed = file;
-    try {
-      fs.renameSync(temps[1], file);
-    } catch (e) {
-      if (fs.existsSync(temps[2])) fs.renameSync(temps[2], dataFile);
-      else fs.rmSync(dataFile, { force: true });
-      throw e;
-    }
-    fs.rmSync(temps[2], { force: true });
+    fs.renameSync(modelTemp, file);
+    fs.rmSync(previousData, { force: true });
     return bytes;
   } catch (e) {
-    for (const temp of temps.slice(0, 2)) fs.rmSync(temp, { force: true });
-    if (fs.existsSync(temps[2]) && !fs.existsSync(dataFile)) fs.renameSync(temps[2], dataFile);
+    for (const temp of [dataTemp, modelTemp]) fs.rmSync(temp, { force: true });
+    if (dataReplaced) fs.rmSync(dataFile, { force: true });
+    if (fs.existsSync(previousData)) fs.renameSync(previousData, dataFile);
     if (e instanceof OnnxModelError) throw e;
     throw writeError(failed, e);
   }

@@ -250,17 +250,18 @@ function randomFeeds(model: ModelProto, seed: number): Feed | string {
     s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
     return (s + 0.5) / 4294967296;
   };
+  const normal = (n: number) => Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next()));
   for (const input of modelInputs(model)) {
     const dims = input.dims.map((d) => (d < 0 ? 1 : d));
     const n = dims.reduce((a, b) => a * b, 1);
     if (input.elemType === TensorProto_DataType.FLOAT) {
-      feeds[input.name] = { dims, data: Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next())) };
+      feeds[input.name] = { dims, data: normal(n) };
     } else if (input.elemType === TensorProto_DataType.INT64) {
       feeds[input.name] = { dims, data: new BigInt64Array(n).fill(1n) };
     } else if (input.elemType === TensorProto_DataType.INT32) {
       feeds[input.name] = { dims, data: new Int32Array(n).fill(1) };
     } else if (input.elemType === TensorProto_DataType.FLOAT16) {
-      feeds[input.name] = { dims, data: toFloat16Array(Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next()))) };
+      feeds[input.name] = { dims, data: toFloat16Array(normal(n)) };
     } else {
       return `input '${input.name}' has element type ${TensorProto_DataType[input.elemType] ?? input.elemType}, for which lowbit makes no inputs; pass evaluationFeeds`;
     }
