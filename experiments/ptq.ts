@@ -146,6 +146,9 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     ['W8A8 (percentile, both bias corrections)', { weights: { bits: 8, biasCorrection: true }, activations: { bits: 8, method: 'percentile', biasCorrection: true } }],
     ['W4A8 (block 32, ACIQ activations)', { weights: { bits: 4, granularity: 'block' }, activations: { bits: 8, method: 'aciq' } }],
     ['W8A8 dynamic (MatMul and Gemm inputs only, no calibration)', { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } }],
+    ['W8A8 (minmax, depthwise equalization)', { weights: { bits: 8 }, activations: { bits: 8, equalizeDepthwise: true } }],
+    ['W8A8 (percentile, sum-preserving rounding, depthwise equalization)', { weights: { bits: 8, rounding: 'sum-preserving' }, activations: { bits: 8, method: 'percentile', equalizeDepthwise: true } }],
+    ['W8A8 (percentile, GPTQ rounding, depthwise equalization)', { weights: { bits: 8, rounding: 'gptq' }, activations: { bits: 8, method: 'percentile', equalizeDepthwise: true } }],
   ];
   const rows: Array<Record<string, string | number>> = [];
   const readingRows: Array<Record<string, string | number>> = [];

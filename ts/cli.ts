@@ -66,6 +66,7 @@ export function program(): Command {
       + "or 'dynamic' (8-bit, from each run's input, no --calib: MatMul and Gemm layers, as onnxruntime's quantize_dynamic)")
     .option('--reduce-range', '8-bit weights in the 7-bit range [-64, 63] (no int16 saturation in onnxruntime\'s uint8 x int8 kernels on x86 CPUs without VNNI)')
     .option('--quantize-outputs', 'also quantize the layers\' outputs, so onnxruntime runs them with integer kernels (QLinearConv, QLinearMatMul); needs --abits')
+    .option('--equalize-depthwise', 'shift and stretch each depthwise convolution\'s input channels onto the tensor\'s range (filters and bias compensate); needs --abits 4 or 8 and --calib')
     .option('--bit-allocation <bits>', 'per-channel bit allocation of the weights with this mean')
     .option('--bias-correction', 'weight std correction, and data-driven bias correction when activations are calibrated')
     .option('--groups <n>', 'GDRQ: output-channel groups per layer, one clip each')
@@ -79,7 +80,7 @@ export function program(): Command {
     .action(async (modelArg: string | undefined, o: {
       output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod?: string;
       calib?: string; keepFloat?: string; report?: string; bitAllocation?: string; biasCorrection?: boolean; groups?: string; scaleClip?: string; rounding: string;
-      quantizeOutputs?: boolean; reduceRange?: boolean; evaluate: boolean; externalData?: boolean;
+      quantizeOutputs?: boolean; reduceRange?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean;
     }) => {
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
@@ -94,6 +95,7 @@ export function program(): Command {
         throw new Error(`${o.abits ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of float32 .npy batches per model input).`);
       }
       if (o.quantizeOutputs && !o.abits) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
+      if (o.equalizeDepthwise && !o.abits) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
       if (o.report) checkOutputPath('--report', o.report);  // before the work, not after it
       const bar = new SingleBar({ format: '  {stage} [{bar}] {value} {unit}', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
@@ -110,7 +112,8 @@ export function program(): Command {
         },
         activations: o.abits
           // Data-driven bias correction needs calibration data (dynamic activations take none).
-          ? { bits: Number(o.abits) as 4 | 8 | 16, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection && !!o.calib, outputs: !!o.quantizeOutputs }
+          ? { bits: Number(o.abits) as 4 | 8 | 16, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection && !!o.calib, outputs: !!o.quantizeOutputs,
+            ...(o.equalizeDepthwise ? { equalizeDepthwise: true } : {}) }
           : false,
         calibration: o.calib,
         keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,

@@ -12,7 +12,7 @@ describe('models bench (onnxruntime latency of float vs quantized models)', func
     expect(models).to.deep.equal(['MNIST CNN (bundled)', '4 MatMuls 2048x2048, batch 1', '4 MatMuls 2048x2048, batch 64', 'PP-OCR text-direction classifier', 'PP-OCRv4 recognizer']);
     for (const model of models) {
       const own = rows.filter((r) => r.model === model);
-      expect(own.length).to.equal(9);
+      expect(own.length).to.equal(10);
       expect(own[0].setting).to.equal('float');
       expect(own[0].speedVsFloat).to.equal(1);
       for (const r of own) {

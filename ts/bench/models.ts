@@ -44,6 +44,7 @@ const SETTINGS: Array<[string, Partial<QuantizeModelOptions> | 'float' | 'cleane
   ['W4 (block 32), weights only, session.disable_quant_qdq', { weights: { bits: 4, granularity: 'block' } }, FOLD_WEIGHTS],
   ['W8A8, layer inputs', { weights: { bits: 8 }, activations: { bits: 8 } }],
   ['W8A8, layer inputs and outputs (activations.outputs)', { weights: { bits: 8 }, activations: { bits: 8, outputs: true } }],
+  ['W8A8, layer inputs and outputs, depthwise equalization', { weights: { bits: 8 }, activations: { bits: 8, outputs: true, equalizeDepthwise: true } }],
   ['W8A8 dynamic (MatMul and Gemm inputs, no calibration)', { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } }],
 ];
 

@@ -6,7 +6,7 @@
  * in onnxruntime-node.
  */
 import * as fs from 'node:fs';
-import { TensorProto_DataType, type ModelProto } from 'onnx-buf';
+import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, toFloat16Array } from '../float16';
@@ -19,6 +19,7 @@ import {
 import { calibrate, checkFeed, modelInputs, ortTensor, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
+import { ChannelRangeObserver, compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { foldScalarAffine } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
@@ -85,6 +86,15 @@ export interface QuantizeModelOptions {
      * onnxruntime runs the layers in float on dequantized values.
      */
     outputs?: boolean;
+    /**
+     * Depthwise input equalization (default false; 4- and 8-bit activations): each depthwise convolution's input
+     * channels are shifted and stretched (up to 4×) onto the tensor's calibrated range, and its filters and bias
+     * changed to match (the float output is unchanged; see passes/equalize-depthwise), so narrow channels do
+     * not share a few levels of a range set by wide ones. One more pass over the calibration data; in the
+     * model, a Pad before each padded depthwise convolution whose input is shifted, and a Mul and an Add where
+     * the input does not come from a scalar affine.
+     */
+    equalizeDepthwise?: boolean;
   };
   /** Feeds ({ inputName: { data: Float32Array, dims } }), an (async) iterable of them, or a folder of .npy files per input. */
   calibration?: CalibrationData;
@@ -180,16 +190,19 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   const a = options.activations;
   if (a !== undefined && a !== false) {
     if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8 | 16, signed?, method? }', a);
-    checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection', 'outputs']);
+    checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection', 'outputs', 'equalizeDepthwise']);
     if (a.bits !== 4 && a.bits !== 8 && a.bits !== 16) throw invalidValue('options.activations.bits', '4, 8 or 16', a.bits);
     if (a.bits === 16 && a.method === 'kl') {
       throw invalidValue('options.activations.method', "'minmax', 'percentile' or 'aciq' with 16-bit activations (KL works up to 8 bits)", a.method);
     }
-    for (const key of ['signed', 'biasCorrection', 'outputs'] as const) {
+    for (const key of ['signed', 'biasCorrection', 'outputs', 'equalizeDepthwise'] as const) {
       if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
     }
     if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq', 'dynamic'].includes(a.method as string)) {
       throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl', 'aciq' or 'dynamic'", a.method);
+    }
+    if (a.equalizeDepthwise && (a.method === 'dynamic' || a.bits === 16)) {
+      throw invalidValue('options.activations.equalizeDepthwise', `false with ${a.method === 'dynamic' ? "method 'dynamic' (it works on calibrated ranges)" : '16-bit activations (they need no equalization)'}`, a.equalizeDepthwise);
     }
     if (a.method === 'dynamic') {
       // DynamicQuantizeLinear makes uint8 codes, which MatMulInteger multiplies by int8 weights.
@@ -303,6 +316,31 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   await f.release();
   await q.release();
   layers.forEach((l, i) => (l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i])));
+}
+
+/**
+ * Depthwise input equalization (passes/equalize-depthwise) before the main calibration, from a first pass that
+ * takes the depthwise inputs' per-channel ranges; undefined when the model has no depthwise layer.
+ */
+async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: QuantizeModelOptions):
+  Promise<{ report: PassReport; shifts: Map<string, Float64Array> } | undefined> {
+  const layers = depthwiseLayers(graph, targets);
+  if (layers.length === 0) return undefined;
+  const w = opts.weights;
+  // Scaling a filter is absorbed only by scales of its own; bit allocation, GDRQ groups and Scale-Clip compare channels.
+  const why = (w.granularity ?? 'channel') === 'tensor' ? 'weights.granularity is \'tensor\' (one scale would take every stretched filter)'
+    : w.bitAllocation ? 'weights.bitAllocation compares the channels\' ranges'
+      : w.groups !== undefined || w.scaleClip !== undefined ? 'GDRQ groups and Scale-Clip compare the channels\' ranges'
+        : !canReadTwice(opts.calibration!) ? 'the calibration data can be read only once (a generator); pass an array or a folder for it'
+          : undefined;
+  if (why) return { report: { pass: 'equalize-depthwise', changed: [], skipped: layers.map((n) => ({ node: nodeLabel(n), reason: why })) }, shifts: new Map() };
+  const observers = new Map(layers.map((n) => [n, new ChannelRangeObserver()]));
+  opts.onProgress?.('calibrate (depthwise input channels)');
+  await calibrate(cloneSharingData(graph.model), [], opts.calibration!, 'minmax', {
+    onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`),
+    tensorObservers: layers.map((n) => ({ tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => observers.get(n)!.observe(data, dims) })),
+  });
+  return equalizeDepthwiseInputs(graph, layers, observers);
 }
 
 /** Whether iterating the calibration data again starts over (a folder, an array, a re-iterable object; not a generator). */
@@ -435,9 +473,6 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       'from one buffer, which cannot hold 2 GB or more. Quantize its weights only (no activations, no GPTQ rounding).');
   }
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
-  // The float model for calibration and the layer SQNR (cloning it reads every lazily read tensor).
-  let prepared: ModelProto | undefined = floatTooLarge || (!calibrating && opts.evaluationFeeds?.length === 0) ? undefined : cloneSharingData(model);
-  // Calibration runs the prepared float model before the weights are quantized: GPTQ rounding needs its input statistics.
   const targets = quantizableLayers(graph, opts.keepFloat);
   if (targets.length === 0) {
     throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
@@ -445,6 +480,16 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // Before calibration, which would otherwise fail later on the values they produce (without calibration the
   // weight pass checks each layer as it quantizes it).
   if (calibrating) for (const n of targets) checkFiniteWeights(n, n.input[1], floatView(graph.constant(n.input[1])!)!);
+  // Depthwise inputs whose shift the rounded filters must be compensated for after the weight pass.
+  let shifts = new Map<string, Float64Array>();
+  if (staticActivations && staticActivations.bits <= 8 && staticActivations.equalizeDepthwise) {
+    const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts));
+    if (equalized) passes.push(equalized.report);
+    if (equalized && !gptq && !dataBiasCorrection) shifts = equalized.shifts;
+  }
+  // The float model for calibration and the layer SQNR (cloning it reads every lazily read tensor).
+  // Calibration runs it before the weights are quantized: GPTQ rounding needs its input statistics.
+  let prepared: ModelProto | undefined = floatTooLarge || (!calibrating && opts.evaluationFeeds?.length === 0) ? undefined : cloneSharingData(graph.model);
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   // The layers' names in the report, before bias correction renames unnamed layers' outputs.
   const labels = new Map(targets.map((n) => [n, nodeLabel(n)]));
@@ -527,9 +572,11 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
-    rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange, keepValues: dataBiasCorrection,
+    rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
+    keepValues: dataBiasCorrection || new Set(shifts.keys()),
   }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length}`)));
   passes.push(weightReport);
+  if (shifts.size > 0) passes.push(compensateShifts(graph, weights, shifts));
   // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.
   if (layers.some((l) => l.bits === 2) && graph.opset < 25 && microsoftDomainFallback === undefined) passes.push(upgradeOpset(graph, 25));
   let activations: ActivationLayerReport[] = [];

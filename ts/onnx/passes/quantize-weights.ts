@@ -55,8 +55,8 @@ export interface WeightQuantization {
   moments?: Map<string, LayerInputMoments>;
   /** 8-bit layers take 7-bit values (stored as int8), as onnxruntime's reduce_range: no int16 saturation in u8×s8 kernels without VNNI. */
   reduceRange?: boolean;
-  /** Keep each layer's float and dequantized weights in the result (for data-driven bias correction). */
-  keepValues?: boolean;
+  /** Keep each layer's (or these layers') float and dequantized weights in the result (for bias corrections). */
+  keepValues?: boolean | Set<string>;
 }
 
 export interface WeightLayerReport {
@@ -331,7 +331,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       output: node.output[0],
     };
     weights.push({
-      node: label, shape: dims, outputAxis: axes.outputAxis, ...(options.keepValues ? { original: data, dequantized: dequantize(q) } : {}),
+      node: label, shape: dims, outputAxis: axes.outputAxis, ...(options.keepValues === true || (options.keepValues && options.keepValues.has(label)) ? { original: data, dequantized: dequantize(q) } : {}),
       ...(blocked ? {} : { channelScales: perTensor ? new Float32Array(dims[axes.outputAxis]).fill(q.scale[0]) : q.scale }),
     });
     layers.push(layer);
