@@ -14,7 +14,8 @@ import {
 } from '../../ts/onnx/passes/equalize-depthwise';
 import { quantizableLayers } from '../../ts/onnx/passes/quantize-weights';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
-import { TensorProto_DataType } from 'onnx-buf';
+import { create } from '@bufbuild/protobuf';
+import { TensorProto_DataType, ValueInfoProtoSchema } from 'onnx-buf';
 import { buildModel, heInit } from '../helpers/onnx-builder';
 import { normalFeeds } from '../helpers/random';
 
@@ -248,14 +249,85 @@ describe('equalize-depthwise', () => {
     expect(bad.stderr).to.match(/--equalize-depthwise prepares activations for quantization: pass --abits 8/);
   });
 
-  it('leaves graphs without a depthwise layer alone (no pass, no extra calibration)', () => {
+  it('leaves a model without a depthwise layer alone (a conv whose groups read two channels each is not one)', async () => {
     const m = readModel(model([{ op: 'Relu', inputs: ['c1'], output: 'x' }], 'x'));
-    const graph = new Graph(m);
     const dw = m.graph!.node.find((n) => n.name === 'dw')!;
-    // A grouped conv whose groups read two channels each is not depthwise.
     dw.attribute = dw.attribute.map((a) => (a.name === 'group' ? { ...a, i: 2n } : a));
-    graph.addInitializer(makeTensor('w2b', TensorProto_DataType.FLOAT, [4, 2, 3, 3], new Uint8Array(new Float32Array(72).buffer)));
+    new Graph(m).addInitializer(makeTensor('w2b', TensorProto_DataType.FLOAT, [4, 2, 3, 3], new Uint8Array(heInit(72, 18, 4).buffer)));
     dw.input[1] = 'w2b';
+    const graph = new Graph(m);
+    graph.removeIfUnused('w2');
     expect(depthwiseLayers(graph, quantizableLayers(graph, undefined))).to.deep.equal([]);
+    const { report } = await quantizeModel(serializeModel(m), {
+      weights: { bits: 8 }, activations: { bits: 8, equalizeDepthwise: true }, calibration: normalFeeds(2, [1, 3, 9, 9], 5, 'input'), evaluationFeeds: [],
+    });
+    expect(report.passes.map((p) => p.pass)).not.to.include('equalize-depthwise');
+  });
+
+  it('Conv1d with a channel multiplier, no bias, asymmetric pads, strides and dilations: output unchanged', async () => {
+    const bytes = buildModel({
+      inputDims: [1, 3, 20], output: 'y', opset: 14,
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'w1', 'b1'], output: 'c1', name: 'conv1', attrs: { pads: [1, 1] } },
+        { op: 'Tanh', inputs: ['c1'], output: 'x' },
+        { op: 'Conv', inputs: ['x', 'w2'], output: 'y', name: 'dw', attrs: { pads: [2, 1], group: 4, strides: [2], dilations: [2] } },
+      ],
+      initializers: {
+        w1: { dims: [4, 3, 3], data: heInit(36, 9, 1).map((v, i) => v * [1, 0.05, 0.2, 3][Math.floor(i / 9)]) }, b1: { dims: [4], data: [0.1, -0.02, 0.05, 0.3] },
+        w2: { dims: [8, 1, 3], data: heInit(24, 3, 2) },
+      },
+    });
+    const feeds = normalFeeds(4, [1, 3, 20], 4, 'input');
+    const m = readModel(bytes);
+    const graph = new Graph(m);
+    const layers = depthwiseLayers(graph, quantizableLayers(graph, undefined));
+    const { report, shifts } = equalizeDepthwiseInputs(graph, layers, await channelRanges(bytes, layers, feeds));
+    expect(report.changed[0]).to.match(/shifted, in an inserted Pad, Mul and Add$/);
+    expect(shifts.get('dw')).to.have.length(4);
+    expect(await relativeGap(bytes, serializeModel(m), feeds)).to.be.lessThan(1e-5);
+  });
+
+  it('skips a computed bias, and a padded shift in a model kept below opset 11; drops shapes recorded for the padded affine', async () => {
+    const feeds = normalFeeds(3, [1, 3, 9, 9], 4, 'input');
+    // The bias comes out of an Identity: not a constant the pass could change.
+    const computed = model([...HARDSWISH_AFFINE, { op: 'Identity', inputs: ['b2'], output: 'b2i' }], 'x', AFFINE_CONSTANTS);
+    const c = readModel(computed);
+    c.graph!.node.find((n) => n.name === 'dw')!.input[2] = 'b2i';
+    const cg = new Graph(c);
+    cg.sort();
+    const cl = depthwiseLayers(cg, quantizableLayers(cg, undefined));
+    const cr = equalizeDepthwiseInputs(cg, cl, await channelRanges(serializeModel(c), cl, feeds));
+    expect(cr.report.skipped).to.deep.equal([{ node: 'dw', reason: 'its bias is not a float constant with one value per output channel' }]);
+    // Opset 10: Pad takes its pads as an attribute, so no Pad with a value input can go in.
+    const old = buildModel({
+      inputDims: [1, 3, 9, 9], output: 'y', opset: 10,
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'w1', 'b1'], output: 'c1', name: 'conv1', attrs: { pads: [1, 1, 1, 1] } },
+        { op: 'Tanh', inputs: ['c1'], output: 'x' },
+        { op: 'Conv', inputs: ['x', 'w2', 'b2'], output: 'y', name: 'dw', attrs: { pads: [1, 1, 1, 1], group: 4 } },
+      ],
+      initializers: {
+        w1: { dims: [4, 3, 3, 3], data: gainedFilters(GAINS, 3, 1) }, b1: { dims: [4], data: [0.1, -0.02, 0.05, 0.3] },
+        w2: { dims: [4, 1, 3, 3], data: heInit(36, 9, 2) }, b2: { dims: [4], data: [0.2, -0.1, 0, 0.4] },
+      },
+    });
+    const o = readModel(old);
+    const og = new Graph(o);
+    const ol = depthwiseLayers(og, quantizableLayers(og, undefined));
+    const or = equalizeDepthwiseInputs(og, ol, await channelRanges(old, ol, feeds));
+    expect(or.report.skipped).to.deep.equal([{ node: 'dw', reason: 'it pads, and its shifted input would need a Pad with a value input (opset 11; the model stays at 10)' }]);
+    expect(serializeModel(o)).to.deep.equal(old);
+    // Shapes an exporter recorded for the affine's values (which the Pad before it enlarges) are dropped; others stay.
+    const bytes = model(HARDSWISH_AFFINE, 'x', AFFINE_CONSTANTS);
+    const m = readModel(bytes);
+    const typed = (name: string) => create(ValueInfoProtoSchema, {
+      name, type: { value: { case: 'tensorType', value: { elemType: 1, shape: { dim: [1, 4, 9, 9].map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } },
+    } as never);
+    m.graph!.valueInfo.push(typed('m'), typed('x'), typed('h'));
+    const g = new Graph(m);
+    const layers = depthwiseLayers(g, quantizableLayers(g, undefined));
+    equalizeDepthwiseInputs(g, layers, await channelRanges(bytes, layers, feeds));
+    expect(m.graph!.valueInfo.map((v) => v.name)).to.deep.equal(['h']);
+    expect(await relativeGap(bytes, serializeModel(m), feeds)).to.be.lessThan(1e-5);
   });
 });

@@ -92,7 +92,8 @@ export function depthwiseLayers(graph: Graph, layers: NodeProto[]): NodeProto[] 
     if (!w || w.dataType !== TensorProto_DataType.FLOAT) return false;
     const dims = dimsOf(w);
     const group = intAttribute(n, 'group', 1);
-    return dims.length >= 3 && dims[1] === 1 && group > 1 && dims[0] % group === 0;
+    // 1-D and 2-D convolutions: the layer-input statistics of GPTQ and data-driven bias correction cover those.
+    return (dims.length === 3 || dims.length === 4) && dims[1] === 1 && group > 1 && dims[0] % group === 0;
   });
 }
 
@@ -202,7 +203,11 @@ function intoScalarAffine(graph: Graph, conv: NodeProto, s: Float64Array, u: Flo
   const b = graph.scalar(add.input[bIndex])!;
   if (a === 0 || graph.constant(mul.input[1 - aIndex])) return undefined;
   const channels = [1, s.length, ...new Array(Math.max(rank - 2, 0)).fill(1)];
-  if (padFirst) mul.input[1 - aIndex] = padFirst(mul.input[1 - aIndex], -b / a);
+  if (padFirst) {
+    mul.input[1 - aIndex] = padFirst(mul.input[1 - aIndex], -b / a);
+    // The affine's values grow by the padding: shapes recorded for them would now contradict them.
+    graph.graph.valueInfo = graph.graph.valueInfo.filter((v) => v.name !== mul.output[0] && v.name !== add.output[0]);
+  }
   replaceConstant(graph, mul, aIndex, Float32Array.from(s, (v) => a / v), channels);
   replaceConstant(graph, add, bIndex, Float32Array.from(s, (v, c) => b / v - u[c]), channels);
   return `${padFirst ? 'an inserted Pad, ' : ''}${nodeLabel(mul)} and ${nodeLabel(add)}`;
@@ -214,6 +219,8 @@ function intoScalarAffine(graph: Graph, conv: NodeProto, s: Float64Array, u: Flo
  */
 export function equalizeDepthwiseInputs(graph: Graph, layers: NodeProto[], ranges: Map<NodeProto, { lo?: Float64Array; hi?: Float64Array }>):
   { report: PassReport; shifts: Map<string, Float64Array> } {
+  // Pad takes its pads and value as inputs from opset 11 (a model kept at an older opset gets no Pad).
+  const canPad = graph.opset >= 11;
   const report: PassReport = { pass: 'equalize-depthwise', changed: [], skipped: [] };
   const shifts = new Map<string, Float64Array>();
   for (const conv of layers) {
@@ -230,6 +237,12 @@ export function equalizeDepthwiseInputs(graph: Graph, layers: NodeProto[], range
       report.skipped.push({ node: label, reason: 'it pads by auto_pad (explicit pads are needed to pad before the shift)' });
       continue;
     }
+    const wt = graph.constant(conv.input[1])!;
+    const dims = dimsOf(wt);
+    if (pads.length !== 0 && pads.length !== 2 * (dims.length - 2)) {
+      report.skipped.push({ node: label, reason: `its pads [${pads.join(', ')}] do not give a begin and an end per spatial axis` });
+      continue;
+    }
     const padded = pads.some((p) => p !== 0);
     const { s, u } = equalization(range.lo, range.hi, padded);
     const stretched = s.filter((v) => v < 1).length;
@@ -238,12 +251,14 @@ export function equalizeDepthwiseInputs(graph: Graph, layers: NodeProto[], range
       report.skipped.push({ node: label, reason: 'every input channel already spans the whole range' });
       continue;
     }
+    if (padded && shifted && !canPad) {
+      report.skipped.push({ node: label, reason: `it pads, and its shifted input would need a Pad with a value input (opset 11; the model stays at ${graph.opset})` });
+      continue;
+    }
     // Filters W·s; bias b + Σ_taps W·s·u (the shifted input reads u less).
-    const wt = graph.constant(conv.input[1])!;
-    const dims = dimsOf(wt);
     const w = floatData(wt)!;
     const bt = conv.input[2] ? graph.constant(conv.input[2]) : undefined;
-    const bias = bt ? floatData(bt) : new Float32Array(dims[0]);
+    const bias = conv.input[2] ? bt && floatData(bt) : new Float32Array(dims[0]);
     if (!bias || bias.length !== dims[0]) {
       report.skipped.push({ node: label, reason: 'its bias is not a float constant with one value per output channel' });
       continue;
@@ -299,8 +314,9 @@ export function equalizeDepthwiseInputs(graph: Graph, layers: NodeProto[], range
       where = `${padded && shifted ? 'an inserted Pad, ' : 'an inserted '}Mul${shifted ? ' and Add' : ''}`;
     }
     const most = 1 / Math.min(...s);
-    report.changed.push(`${label}: ${stretched} of ${group} input channels stretched (up to ${Number(most.toPrecision(3))}×)` +
-      `${shifted ? ' and shifted' : ''}, in ${where}`);
+    const what = [stretched > 0 ? `${stretched} of ${group} input channels stretched (up to ${Number(most.toPrecision(3))}×)` : '',
+      shifted ? `${stretched > 0 ? '' : 'input channels '}shifted` : ''].filter((x) => x).join(' and ');
+    report.changed.push(`${label}: ${what}, in ${where}`);
   }
   graph.sort();
   return { report, shifts };
