@@ -262,6 +262,19 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     expect(last(onePass)).to.be.greaterThan(last(nearest));
   });
 
+  it('GPTQ rounding on a model whose layers take no input statistics (a Conv3d) runs: calibration with nothing to observe', async () => {
+    const bytes = buildModel({
+      inputDims: [1, 2, 4, 5, 5], output: 'y', opset: 13,
+      nodes: [{ op: 'Conv', inputs: ['input', 'w', 'b'], output: 'y', name: 'conv3d', attrs: { pads: [1, 1, 1, 1, 1, 1] } }],
+      initializers: { w: { dims: [3, 2, 3, 3, 3], data: heInit(162, 54, 1) }, b: { dims: [3], data: [0.1, 0, -0.1] } },
+    });
+    const calibration = normalFeeds(2, [1, 2, 4, 5, 5], 3, 'input');
+    for (const activations of [false, { bits: 8 as const }] as const) {
+      const { report } = await quantizeModel(bytes, { weights: { bits: 8, rounding: 'gptq' }, activations, calibration });
+      expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+    }
+  });
+
   it('calibration feeds that do not match the model are errors naming the input; an empty set too', async () => {
     const rejects = async (calibration: unknown, re: RegExp) => {
       let caught: unknown;

@@ -1,7 +1,7 @@
 /**
  * Depthwise input equalization. The input channels of a depthwise convolution span very different ranges
- * (in the PP-OCRv4 recognizer, per-channel maxima from 0.14 to 2.4 on one input; after HardSwish every
- * channel also dips to −0.375 whatever its maximum), and one per-tensor 8-bit scale then leaves narrow
+ * (in the PP-OCRv4 recognizer, per-channel maxima an order of magnitude apart on one input; after HardSwish
+ * every channel also dips to −0.375 whatever its maximum), and one per-tensor 8-bit scale then leaves narrow
  * channels a handful of levels. Each depthwise filter reads one channel, so the channel can be moved and
  * stretched onto the tensor's whole calibrated range [LO, HI] before it is quantized,
  *     x'_c = x_c / s_c − u_c,
@@ -56,8 +56,8 @@ export class ChannelRangeObserver {
 /**
  * A channel is stretched at most this much. The narrower a channel's calibrated range, the likelier new inputs
  * leave it (a rarely active channel, few calibration samples) and are clipped: on the PP-OCRv4 recognizer with 8
- * calibration samples, stretches up to 16× or 1024× lost up to 0.026 cosine on text lines where 4× gained in
- * every setting tried (probes, see the README's ptq section for the measured rows).
+ * calibration samples, probes with caps of 16× and 1024× gained more on normal inputs but lost on text lines,
+ * where 4× gained in the settings tried.
  */
 export const MAX_STRETCH = 4;
 
