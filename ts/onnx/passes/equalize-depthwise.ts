@@ -97,11 +97,15 @@ export function depthwiseLayers(graph: Graph, layers: NodeProto[]): NodeProto[] 
   });
 }
 
-/** `values` as a [1, C, 1, …] float32 initializer, broadcasting over an NC… tensor of rank `rank`. */
+/** [1, C, 1, …]: one value per channel, broadcasting over an NC… tensor of rank `rank`. */
+function channelDims(channels: number, rank: number): number[] {
+  return [1, channels, ...new Array(Math.max(rank - 2, 0)).fill(1)];
+}
+
+/** `values` as a [1, C, 1, …] float32 initializer. */
 function channelTensor(graph: Graph, base: string, values: Float64Array, rank: number): string {
   const name = graph.uniqueName(base);
-  const dims = [1, values.length, ...new Array(Math.max(rank - 2, 0)).fill(1)];
-  graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, dims, new Uint8Array(Float32Array.from(values).buffer)));
+  graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, channelDims(values.length, rank), new Uint8Array(Float32Array.from(values).buffer)));
   return name;
 }
 
@@ -158,7 +162,7 @@ function divideAtProducer(graph: Graph, value: string, reader: NodeProto, s: Flo
       const before = p.opType === 'Add' ? divideAtProducer(graph, p.input[1 - c.index], p, s, rank) : undefined;
       if (p.opType === 'Add' && !before) return undefined;
       const divided = Float32Array.from(s, (v, ch) => c.values[c.values.length === 1 ? 0 : ch] / v);
-      replaceConstant(graph, p, c.index, divided, [1, s.length, ...new Array(Math.max(rank - 2, 0)).fill(1)]);
+      replaceConstant(graph, p, c.index, divided, channelDims(s.length, rank));
       return before ? `${before} and ${nodeLabel(p)}` : nodeLabel(p);
     }
     case 'Conv':
@@ -202,7 +206,7 @@ function intoScalarAffine(graph: Graph, conv: NodeProto, s: Float64Array, u: Flo
   const a = graph.scalar(mul.input[aIndex])!;
   const b = graph.scalar(add.input[bIndex])!;
   if (a === 0 || graph.constant(mul.input[1 - aIndex])) return undefined;
-  const channels = [1, s.length, ...new Array(Math.max(rank - 2, 0)).fill(1)];
+  const channels = channelDims(s.length, rank);
   if (padFirst) {
     mul.input[1 - aIndex] = padFirst(mul.input[1 - aIndex], -b / a);
     // The affine's values grow by the padding: shapes recorded for them would now contradict them.
