@@ -10,8 +10,9 @@ import { withOutputs } from '../../ts/onnx/calibrate';
 import { Graph, floatData, makeTensor } from '../../ts/onnx/graph';
 import { readModel, serializeModel } from '../../ts/onnx/model-io';
 import {
-  ChannelRangeObserver, compensateShifts, depthwiseLayers, equalization, equalizeDepthwiseInputs, MAX_STRETCH,
+  compensateShifts, depthwiseLayers, equalization, equalizeDepthwiseInputs, MAX_STRETCH,
 } from '../../ts/onnx/passes/equalize-depthwise';
+import { ChannelRangeObserver } from '../../ts/calibration/observers';
 import { quantizableLayers } from '../../ts/onnx/passes/quantize-weights';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { create } from '@bufbuild/protobuf';

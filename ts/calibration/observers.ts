@@ -9,6 +9,7 @@
  *    of two that doubles as needed (re-binning merges 2^k old bins into one,
  *    exactly); ranges by percentile, by KL divergence (TensorRT entropy
  *    calibration: 2048 bins, 128 quantized levels) or by MSE over the histogram.
+ *  - ChannelRangeObserver: per-channel min/max of NC… tensors (depthwise input equalization).
  *  - AciqObserver: per-batch mean, Laplace b and σ averaged over batches
  *    (weighted by count; the authors average per-batch statistics), global
  *    min/max, and the ACIQ clip range from them.
@@ -324,5 +325,32 @@ export class AciqObserver {
     const stats = { count: this.count, mean: this.mean, laplaceB: this.laplaceB, sigma: this.sigma, min: this.min, max: this.max };
     const r = aciqRange(stats, bits, prior, oneSided ?? this.min >= 0);
     return { lo: r.lo, hi: r.hi };
+  }
+}
+
+/** Per-channel (axis 1) minimum and maximum of an NC… tensor, over every batch it sees. */
+export class ChannelRangeObserver {
+  lo?: Float64Array;
+  hi?: Float64Array;
+
+  observe(data: Float32Array, dims: readonly number[]): void {
+    const [n, c] = [dims[0], dims[1]];
+    const inner = data.length / (n * c);
+    this.lo ??= new Float64Array(c).fill(Infinity);
+    this.hi ??= new Float64Array(c).fill(-Infinity);
+    if (this.lo.length !== c) throw new RangeError(`a tensor with ${c} channels where ${this.lo.length} were seen before`);
+    for (let b = 0; b < n; b++) {
+      for (let ch = 0; ch < c; ch++) {
+        let lo = this.lo[ch];
+        let hi = this.hi[ch];
+        for (let i = (b * c + ch) * inner, end = i + inner; i < end; i++) {
+          const v = data[i];
+          if (v < lo) lo = v;
+          if (v > hi) hi = v;
+        }
+        this.lo[ch] = lo;
+        this.hi[ch] = hi;
+      }
+    }
   }
 }

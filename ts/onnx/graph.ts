@@ -100,6 +100,12 @@ export class Graph {
     return this.graph.output.some((o) => o.name === name);
   }
 
+  /** The one node that reads a value, when exactly one does and it is no graph output (a pass may then change it). */
+  onlyReader(name: string): NodeProto | undefined {
+    const readers = this.consumers(name);
+    return readers.length === 1 && !this.isGraphOutput(name) ? readers[0] : undefined;
+  }
+
   /** A fresh value name based on `base`. */
   uniqueName(base: string): string {
     let name = base;

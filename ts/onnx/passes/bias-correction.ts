@@ -18,9 +18,8 @@ import { matrixView, type QuantizedWeights } from './quantize-weights';
 
 /** The Add that adds a constant bias of `n` float values to `value`, its only reader, or undefined. */
 function constantBiasAdd(graph: Graph, value: string, n: number): { node: NodeProto; slot: number } | undefined {
-  const readers = graph.consumers(value);
-  if (readers.length !== 1 || readers[0].opType !== 'Add' || graph.isGraphOutput(value)) return undefined;
-  const add = readers[0];
+  const add = graph.onlyReader(value);
+  if (add?.opType !== 'Add') return undefined;
   const slot = add.input[0] === value ? 1 : 0;
   const bias = graph.constant(add.input[slot]);
   const data = bias && floatData(bias);

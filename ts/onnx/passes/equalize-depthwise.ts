@@ -23,35 +23,9 @@
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import { dimsOf, floatData, intAttribute, intsAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { affineFrom } from './fold-scalar-affine';
 import { nodeLabel, type PassReport } from './pass';
 import type { QuantizedWeights } from './quantize-weights';
-
-/** Per-channel (axis 1) minimum and maximum of an NC… tensor, over every batch it sees. */
-export class ChannelRangeObserver {
-  lo?: Float64Array;
-  hi?: Float64Array;
-
-  observe(data: Float32Array, dims: readonly number[]): void {
-    const [n, c] = [dims[0], dims[1]];
-    const inner = data.length / (n * c);
-    this.lo ??= new Float64Array(c).fill(Infinity);
-    this.hi ??= new Float64Array(c).fill(-Infinity);
-    if (this.lo.length !== c) throw new RangeError(`a tensor with ${c} channels where ${this.lo.length} were seen before`);
-    for (let b = 0; b < n; b++) {
-      for (let ch = 0; ch < c; ch++) {
-        let lo = this.lo[ch];
-        let hi = this.hi[ch];
-        for (let i = (b * c + ch) * inner, end = i + inner; i < end; i++) {
-          const v = data[i];
-          if (v < lo) lo = v;
-          if (v > hi) hi = v;
-        }
-        this.lo[ch] = lo;
-        this.hi[ch] = hi;
-      }
-    }
-  }
-}
 
 /**
  * A channel is stretched at most this much. The narrower a channel's calibrated range, the likelier new inputs
@@ -109,12 +83,6 @@ function channelTensor(graph: Graph, base: string, values: Float64Array, rank: n
   return name;
 }
 
-/** Whether only `node` reads `value` (and it is no graph output). */
-function readOnlyBy(graph: Graph, value: string, node: NodeProto): boolean {
-  const readers = graph.consumers(value);
-  return readers.length === 1 && readers[0] === node && !graph.isGraphOutput(value);
-}
-
 /**
  * The constant float32 operand of a two-input Mul/Add on a tensor of rank `rank` that is one value or one per
  * channel (shape [], [1], [C, 1, …] or [1, C, 1, …]), and its index; undefined otherwise.
@@ -148,7 +116,7 @@ function replaceConstant(graph: Graph, node: NodeProto, index: number, values: F
  * step is linear per channel; returns where, or undefined (then nothing was changed).
  */
 function divideAtProducer(graph: Graph, value: string, reader: NodeProto, s: Float64Array, rank: number): string | undefined {
-  if (!readOnlyBy(graph, value, reader)) return undefined;
+  if (graph.onlyReader(value) !== reader) return undefined;
   const p = graph.producer(value);
   if (!p || p.output.length !== 1) return undefined;
   switch (p.opType) {
@@ -196,16 +164,13 @@ function divideAtProducer(graph: Graph, value: string, reader: NodeProto, s: Flo
 function intoScalarAffine(graph: Graph, conv: NodeProto, s: Float64Array, u: Float64Array, rank: number,
   padFirst?: (value: string, fill: number) => string): string | undefined {
   const add = graph.producer(conv.input[0]);
-  if (add?.opType !== 'Add' || !readOnlyBy(graph, conv.input[0], conv) || add.input.length !== 2) return undefined;
-  const bIndex = graph.scalar(add.input[1]) !== undefined ? 1 : graph.scalar(add.input[0]) !== undefined ? 0 : -1;
-  if (bIndex < 0) return undefined;
-  const mul = graph.producer(add.input[1 - bIndex]);
-  if (mul?.opType !== 'Mul' || !readOnlyBy(graph, add.input[1 - bIndex], add) || mul.input.length !== 2) return undefined;
-  const aIndex = graph.scalar(mul.input[1]) !== undefined ? 1 : graph.scalar(mul.input[0]) !== undefined ? 0 : -1;
-  if (aIndex < 0) return undefined;
-  const a = graph.scalar(mul.input[aIndex])!;
-  const b = graph.scalar(add.input[bIndex])!;
-  if (a === 0 || graph.constant(mul.input[1 - aIndex])) return undefined;
+  if (add?.opType !== 'Add' || graph.onlyReader(conv.input[0]) !== conv) return undefined;
+  const mul = add.input.map((i) => graph.producer(i)).find((p) => p?.opType === 'Mul');
+  const affine = mul && affineFrom(graph, mul);
+  if (!mul || affine?.nodes[1] !== add || affine.s === 0 || graph.constant(affine.input)) return undefined;
+  const [a, b] = [affine.s, affine.t];
+  const aIndex = 1 - mul.input.indexOf(affine.input);
+  const bIndex = 1 - add.input.indexOf(mul.output[0]);
   const channels = channelDims(s.length, rank);
   if (padFirst) {
     mul.input[1 - aIndex] = padFirst(mul.input[1 - aIndex], -b / a);

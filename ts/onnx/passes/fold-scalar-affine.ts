@@ -28,20 +28,14 @@ function scalarOperand(graph: Graph, node: NodeProto): { value: number; other: s
   return undefined;
 }
 
-/** Whether only `node` reads `value` and it is not a graph output. */
-function onlyReader(graph: Graph, value: string, node: NodeProto): boolean {
-  const readers = graph.consumers(value);
-  return readers.length === 1 && readers[0] === node && !graph.isGraphOutput(value);
-}
-
 /** The affine starting at `first` (a Mul by s, optionally followed by an Add of t, or an Add of t alone). */
-function affineFrom(graph: Graph, first: NodeProto): { input: string; s: number; t: number; nodes: NodeProto[] } | undefined {
+export function affineFrom(graph: Graph, first: NodeProto): { input: string; s: number; t: number; nodes: NodeProto[] } | undefined {
   const op = scalarOperand(graph, first);
   if (!op) return undefined;
   if (first.opType === 'Add') return { input: op.other, s: 1, t: op.value, nodes: [first] };
   if (first.opType !== 'Mul') return undefined;
-  const readers = graph.consumers(first.output[0]);
-  const add = readers.length === 1 && readers[0].opType === 'Add' && !graph.isGraphOutput(first.output[0]) ? readers[0] : undefined;
+  const reader = graph.onlyReader(first.output[0]);
+  const add = reader?.opType === 'Add' ? reader : undefined;
   const shift = add && scalarOperand(graph, add);
   if (add && shift && shift.other === first.output[0]) return { input: op.other, s: op.value, t: shift.value, nodes: [first, add] };
   return { input: op.other, s: op.value, t: 0, nodes: [first] };
@@ -107,7 +101,7 @@ export function foldScalarAffine(graph: Graph, options: ScalarAffineOptions = {}
     const { s, t } = affine;
     // After a Conv: scale its filters and bias.
     const producer = graph.producer(affine.input);
-    if (producer?.opType === 'Conv' && onlyReader(graph, affine.input, first)) {
+    if (producer?.opType === 'Conv' && graph.onlyReader(affine.input) === first) {
       const conv = convWeights(graph, producer);
       const folded = shiftAfterConv || t === 0 ? affine.nodes : affine.nodes.filter((n) => n.opType === 'Mul');
       if (conv && folded.length > 0) {
@@ -121,8 +115,7 @@ export function foldScalarAffine(graph: Graph, options: ScalarAffineOptions = {}
       }
     }
     // Before a Conv that pads nothing: scale its filters, shift its bias by t·ΣW.
-    const readers = graph.consumers(last.output[0]);
-    const next = readers.length === 1 && !graph.isGraphOutput(last.output[0]) ? readers[0] : undefined;
+    const next = graph.onlyReader(last.output[0]);
     if (next?.opType !== 'Conv' || next.input[0] !== last.output[0]) continue;
     const pads = intsAttribute(next, 'pads') ?? [];
     const autoPad = attribute(next, 'auto_pad')?.s;
