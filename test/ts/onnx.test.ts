@@ -770,6 +770,44 @@ describe('external data', () => {
     fs.rmSync(dir, { recursive: true });
   });
 
+  it('with externalData, large Constant-node values and float_data initializers go to the data file too', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ext-'));
+    const [w1, w2, w3] = [1, 2, 3].map((seed) => Float32Array.from(heInit(64 * 64, 64, seed)));
+    const model = fromBinary(ModelProtoSchema, buildModel({
+      inputDims: ['n', 64], initializers: { w3: { dims: [64, 64], data: w3 } }, output: 'out',
+      nodes: [
+        { op: 'MatMul', inputs: ['input', 'w1'], output: 'h1', name: 'fc1' },
+        { op: 'MatMul', inputs: ['h1', 'w2'], output: 'h2', name: 'fc2' },
+        { op: 'MatMul', inputs: ['h2', 'w3'], output: 'out', name: 'fc3' },
+      ],
+    }));
+    // w1 in a Constant node (as Paddle exports write weights), w2 an initializer with its values in float_data.
+    model.graph!.node.unshift(create(NodeProtoSchema, {
+      opType: 'Constant', name: 'w1_const', output: ['w1'],
+      attribute: [{ name: 'value', type: AttributeProto_AttributeType.TENSOR, t: { dataType: TensorProto_DataType.FLOAT, dims: [64n, 64n], floatData: Array.from(w1) } }],
+    }));
+    model.graph!.initializer.push(create(TensorProtoSchema, { name: 'w2', dataType: TensorProto_DataType.FLOAT, dims: [64n, 64n], floatData: Array.from(w2) }));
+    const bytes = toBinary(ModelProtoSchema, model);
+    const out = path.join(dir, 'q.onnx');
+    const options = { weights: { bits: 8 as const }, keepFloat: ['fc1', 'fc2'], evaluationFeeds: [] };
+    await quantizeModel(bytes, { ...options, outputPath: out, externalData: true });
+    const inline = await quantizeModel(bytes, options);
+    const written = fromBinary(ModelProtoSchema, new Uint8Array(fs.readFileSync(out)));
+    expect(written.graph!.node.map((n) => n.opType)).to.not.include('Constant');
+    const external = written.graph!.initializer.filter((t) => t.dataLocation === 1).map((t) => t.name);
+    expect(external).to.include.members(['w1', 'w2']);
+    expect(fs.statSync(out).size).to.be.lessThan(64 * 64);  // no float weights left inline
+    const back = new Map(readModel(out).graph!.initializer.map((t) => [t.name, floatData(t)!]));
+    expect(Array.from(back.get('w1')!)).to.deep.equal(Array.from(w1));
+    expect(Array.from(back.get('w2')!)).to.deep.equal(Array.from(w2));
+    const O = ort();
+    const feed = new O.Tensor('float32', Float32Array.from(heInit(2 * 64, 1, 9)), [2, 64]);
+    const a = await (await O.InferenceSession.create(out)).run({ input: feed });
+    const b = await (await O.InferenceSession.create(inline.model)).run({ input: feed });
+    expect(Array.from(a.out.data as Float32Array)).to.deep.equal(Array.from(b.out.data as Float32Array));
+    fs.rmSync(dir, { recursive: true });
+  });
+
   it('a quantized model of 2 GB or more with externalData: false is an error, not an empty file (limit lowered to simulate one)', async () => {
     // The module object itself, whose exported constant quantizeModel reads when it runs.
     // eslint-disable-next-line @typescript-eslint/no-require-imports

@@ -6,7 +6,7 @@
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, type ModelProto, type TensorProto } from 'onnx-buf';
+import { ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, type ModelProto, type TensorProto } from 'onnx-buf';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
 export class OnnxModelError extends Error {
@@ -199,15 +199,17 @@ export function serializeModel(model: ModelProto): Uint8Array {
 }
 
 /**
- * Moves the data of large initializers (>= `threshold` bytes) into one external
+ * Moves the data of large initializers and Constant values (>= `threshold` bytes) into one external
  * file named `dataFile` (a name next to the model file), handing each tensor's
  * bytes to `write` in file order (with zero padding before it); the model then
  * refers to it by location, offset and length. Each tensor's bytes are read once
  * (a lazily read tensor from its file) and dropped once written.
  */
 function moveDataOut(model: ModelProto, dataFile: string, threshold: number, write: (bytes: Uint8Array) => void): void {
+  largeConstantsToInitializers(model, threshold);
   let offset = 0;
   for (const t of model.graph!.initializer) {
+    floatDataToRaw(t, threshold);
     if (rawLength(t) < threshold) continue;
     const pad = (4096 - (offset % 4096)) % 4096;  // page-aligned, so readers can map it
     if (pad) write(new Uint8Array(pad));
@@ -223,6 +225,32 @@ function moveDataOut(model: ModelProto, dataFile: string, threshold: number, wri
     offset += raw.length;
     t.rawData = new Uint8Array(0);
   }
+}
+
+/**
+ * Makes each top-level Constant node whose value has `threshold` bytes or more an initializer of the same name,
+ * so that its data can go to the external file too (external data in a node attribute is not read by every
+ * runtime; onnxruntime turns Constant nodes into initializers when it loads a model anyway). A Constant that is
+ * also a graph output stays.
+ */
+function largeConstantsToInitializers(model: ModelProto, threshold: number): void {
+  const graph = model.graph!;
+  const outputs = new Set(graph.output.map((o) => o.name));
+  graph.node = graph.node.filter((n) => {
+    if (n.opType !== 'Constant' || (n.domain !== '' && n.domain !== 'ai.onnx') || outputs.has(n.output[0])) return true;
+    const value = n.attribute.find((a) => a.name === 'value')?.t;
+    if (!value || rawLength(value) + 4 * value.floatData.length < threshold) return true;
+    value.name = n.output[0];
+    graph.initializer.push(value);
+    return false;
+  });
+}
+
+/** Puts a large float32 tensor's float_data values in raw_data (little-endian, as ONNX stores it), which external data needs. */
+function floatDataToRaw(t: TensorProto, threshold: number): void {
+  if (t.dataType !== TensorProto_DataType.FLOAT || t.floatData.length === 0 || 4 * t.floatData.length < threshold) return;
+  t.rawData = new Uint8Array(Float32Array.from(t.floatData).buffer);
+  t.floatData = [];
 }
 
 /**
