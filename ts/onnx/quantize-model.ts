@@ -12,7 +12,7 @@ import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, toFloat16Array } from '../float16';
 import { hasOrt, openSession } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
-import { floatView, Graph } from './graph';
+import { Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeFileAtomic, writeModelWithExternalData,
 } from './model-io';
@@ -24,12 +24,12 @@ import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './pa
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { foldScalarAffine } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
-import { quantizeBiases } from './passes/quantize-bias';
+import { quantizeBiases, type LayerScales } from './passes/quantize-bias';
 import { nodeLabel } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamically } from './passes/dynamic-activations';
-import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport } from './passes/quantize-activations';
+import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, runStepsAsync, type PassReport } from './passes/pass';
 import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
@@ -430,9 +430,16 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const blockedWeights = opts.weights.granularity === 'block';
   // Float16 weights get float16 scales (DequantizeLinear then outputs float16), which arrived in opset 19.
   const halfWeights = quantizableLayers(graph, opts.keepFloat).filter((n) => graph.constant(n.input[1])!.dataType === TensorProto_DataType.FLOAT16);
-  if (halfWeights.length > 0 && (opts.activations || opts.weights.rounding === 'gptq')) {
-    throw new OnnxModelError(`Layer '${nodeLabel(halfWeights[0])}' has float16 weights: lowbit quantizes float16 models' weights only ` +
-      '(calibration and dynamic activations run float32 models). Drop the activations and GPTQ options, or convert the model to float32.');
+  // Float16 layers take calibrated activations (float16 scales) but not what rewrites their float tensors from
+  // calibration statistics, nor the dynamic-quantization operators, which are float32 only.
+  const unsupportedForHalf = !opts.activations ? undefined
+    : opts.activations.method === 'dynamic' ? "activations.method 'dynamic'"
+      : opts.activations.biasCorrection ? 'activations.biasCorrection'
+        : opts.activations.equalizeDepthwise ? 'activations.equalizeDepthwise' : undefined;
+  const halfUnsupported = opts.weights.rounding === 'gptq' ? "weights.rounding 'gptq'" : unsupportedForHalf;
+  if (halfWeights.length > 0 && halfUnsupported) {
+    throw new OnnxModelError(`Layer '${nodeLabel(halfWeights[0])}' has float16 weights: ${halfUnsupported} works on float32 layers only. ` +
+      'Drop that option (float16 models take weights and calibrated activations), or convert the model to float32.');
   }
   const forWeights = Math.max(bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13, halfWeights.length > 0 ? 19 : 0);
   // HardSwish (fused below) arrived in opset 14; a model that cannot be converted keeps its pattern rather than
@@ -482,7 +489,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   // Before calibration, which would otherwise fail later on the values they produce (without calibration the
   // weight pass checks each layer as it quantizes it).
-  if (calibrating) for (const n of targets) checkFiniteWeights(n, n.input[1], floatView(graph.constant(n.input[1])!)!);
+  if (calibrating) for (const n of targets) checkFiniteWeights(n, n.input[1], weightValues(graph.constant(n.input[1])!)!);
   // Depthwise inputs whose shift the rounded filters must be compensated for after the weight pass.
   let shifts = new Map<string, Float64Array>();
   if (staticActivations && staticActivations.bits <= 8 && staticActivations.equalizeDepthwise) {
@@ -524,7 +531,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const edgeTensors = new Set([targets[0].input[0], last.input[0], placement?.quantizedOutput.get(nodeLabel(last)) ?? last.output[0]]);
   // Tensors quantized for every consumer: the layer outputs, and what shares their parameters.
   const everyConsumer = new Set(layerOutputs);
-  const ranges = new Map<string, { lo: number; hi: number; bits: number }>();
+  const ranges = new Map<string, ActivationRange>();
   const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter(({ n }) => moments.has(nodeLabel(n))).map(({ n }) => {
     const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
     const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
@@ -547,7 +554,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? Math.max(8, staticActivations.bits) : staticActivations.bits;
       for (const t of tensors) {
         const bits = edgeTensors.has(t) ? edgeBits : staticActivations.bits;
-        ranges.set(t, { ...result.observers.get(t)!.range(bits), bits });
+        const float16 = halfWeights.length > 0 && graph.elemType(t) === TensorProto_DataType.FLOAT16;
+        ranges.set(t, { ...result.observers.get(t)!.range(bits), bits, ...(float16 ? { float16 } : {}) });
         await nextTurn();  // a KL or ACIQ search per tensor
       }
       for (const { tensor, source } of placement?.shared ?? []) {
@@ -613,12 +621,13 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
         if (input) l.input = input;
         if (output) l.outputActivation = output;
       }
-      // Int32 biases where both the input activation and the weights are quantized per channel.
-      const scales = new Map<string, { activation: number; weight: Float32Array }>();
+      // Int32 biases where both the input activation and the weights are quantized per channel (float16 layers: all).
+      const scales = new Map<string, LayerScales>();
       for (const w of weights) {
         const input = inputs.get(w.node);
         const act = activations.find((x) => x.tensor === input);
-        if (act && w.channelScales) scales.set(w.node, { activation: act.scale, weight: w.channelScales });
+        if (act?.float16) scales.set(w.node, { activation: act.scale, weight: new Float32Array(0), float16: true });
+        else if (act && w.channelScales) scales.set(w.node, { activation: act.scale, weight: w.channelScales });
       }
       passes.push(await time('quantize-bias', () => quantizeBiases(graph, scales)));
       passes.push(await time('fit-onnxruntime', () => fitOnnxruntime(graph)));

@@ -20,7 +20,8 @@
 import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { packInt2, packInt4, unpackInt2, unpackInt4 } from '../../pack';
-import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { toFloat16Array } from '../../float16';
+import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 const FOUR_BIT = new Set([TensorProto_DataType.INT4, TensorProto_DataType.UINT4]);
@@ -118,11 +119,11 @@ function transposeBlockedWeights(graph: Graph, dq: NodeProto, values: TensorProt
   return true;
 }
 
-/** Transposes a 2-D constant of 8-, 4- or 2-bit integers or float32 in place. */
+/** Transposes a 2-D constant of 8-, 4- or 2-bit integers, float32 or float16 in place. */
 function transpose2d(t: TensorProto): void {
   const [rows, cols] = dimsOf(t);
   const n = rows * cols;
-  const swap = <T extends Float32Array | Int8Array | Uint8Array>(source: ArrayLike<number>, out: T): T => {
+  const swap = <T extends Float32Array | Uint16Array | Int8Array | Uint8Array>(source: ArrayLike<number>, out: T): T => {
     for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = source[r * cols + c];
     return out;
   };
@@ -131,6 +132,7 @@ function transpose2d(t: TensorProto): void {
   const values = (): Int8Array | Uint8Array => (signed ? new Int8Array(n) : new Uint8Array(n));
   let bytes: Uint8Array;
   if (t.dataType === TensorProto_DataType.FLOAT) bytes = new Uint8Array(swap(floatData(t)!, new Float32Array(n)).buffer);
+  else if (t.dataType === TensorProto_DataType.FLOAT16) bytes = new Uint8Array(swap(toFloat16Array(weightValues(t)!), new Uint16Array(n)).buffer);
   else if (FOUR_BIT.has(t.dataType)) bytes = packInt4(swap(unpackInt4(raw, n, signed), values()));
   else if (TWO_BIT.has(t.dataType)) bytes = packInt2(swap(unpackInt2(raw, n, signed), values()));
   else bytes = new Uint8Array(swap(signed ? new Int8Array(raw.buffer) : raw, values()).buffer);

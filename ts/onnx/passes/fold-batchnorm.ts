@@ -7,13 +7,17 @@
  * MatMul folds only when its output is 2-D ([N, C], channels last = axis 1);
  * for [N, T, C] outputs axis 1 is T and the scale would be per row, not per
  * weight column.
+ * Float16 weights are folded in float32 and stored as float16 again (as a float16
+ * export stores them).
  * Not folded (reported): the producer's output also feeds other nodes or is a
  * graph output; weights or BN parameters are not constants; a MatMul whose
- * output rank is not known to be 2; ConvTranspose (other channel layout).
+ * output rank is not known to be 2; ConvTranspose (other channel layout); a
+ * float16 weight or bias that would overflow float16 once folded.
  */
-import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
+import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
-import { dimsOf, floatAttribute, floatData, intAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { toFloat16Array } from '../../float16';
+import { dimsOf, floatAttribute, intAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export function foldBatchNorm(graph: Graph): PassReport {
@@ -43,10 +47,10 @@ export function foldBatchNorm(graph: Graph): PassReport {
     }
     const params = [1, 2, 3, 4].map((i) => graph.constant(bn.input[i]));
     const w = graph.constant(producer.input[1]);
-    const wData = w && floatData(w);
-    const paramData = params.map((p) => p && floatData(p));
+    const wData = w && weightValues(w);
+    const paramData = params.map((p) => p && weightValues(p));
     if (!wData || paramData.some((p) => !p)) {
-      skip('weights or BatchNormalization parameters are not float32 constants (float16 models keep their BatchNormalization)');
+      skip('weights or BatchNormalization parameters are not float32 or float16 constants');
       continue;
     }
     const [gamma, beta, mean, variance] = paramData as Float32Array[];
@@ -71,7 +75,7 @@ export function foldBatchNorm(graph: Graph): PassReport {
       for (let r = 0; r < dims[0]; r++) for (let c = 0; c < channels; c++) newW[r * channels + c] = wData[r * channels + c] * scale[c];
     }
     const oldBias = producer.input[2] ? graph.constant(producer.input[2]) : undefined;
-    const oldBiasData = oldBias ? floatData(oldBias) : new Float32Array(channels);
+    const oldBiasData = oldBias ? weightValues(oldBias) : new Float32Array(channels);
     if (!oldBiasData || oldBiasData.length !== channels) {
       skip('the bias is not a float constant with one value per channel');
       continue;
@@ -79,8 +83,12 @@ export function foldBatchNorm(graph: Graph): PassReport {
     const newB = Float32Array.from(oldBiasData, (b, c) => (b - mean[c]) * scale[c] + beta[c]);
     const wName = graph.uniqueName(`${producer.input[1]}_bn_folded`);
     const bName = graph.uniqueName(`${label}_folded_bias`);
-    graph.addInitializer(makeTensor(wName, TensorProto_DataType.FLOAT, dims, new Uint8Array(newW.buffer)));
-    graph.addInitializer(makeTensor(bName, TensorProto_DataType.FLOAT, [channels], new Uint8Array(newB.buffer)));
+    const folded = [tensorLike(w!, wName, dims, newW), tensorLike(w!, bName, [channels], newB)];
+    if (folded.some((t) => !t)) {
+      skip('the folded float16 weights or bias would overflow float16');
+      continue;
+    }
+    folded.forEach((t) => graph.addInitializer(t!));
     const oldW = producer.input[1];
     const oldB = producer.input[2];
     producer.input[1] = wName;
@@ -91,6 +99,14 @@ export function foldBatchNorm(graph: Graph): PassReport {
     report.changed.push(`${label} folded into ${nodeLabel(producer)}`);
   }
   return report;
+}
+
+/** A new tensor of `values` in the type of `like` (float32, or float16 rounded to nearest); undefined when float16 overflows. */
+function tensorLike(like: TensorProto, name: string, dims: number[], values: Float32Array): TensorProto | undefined {
+  if (like.dataType !== TensorProto_DataType.FLOAT16) return makeTensor(name, TensorProto_DataType.FLOAT, dims, new Uint8Array(values.buffer));
+  const half = toFloat16Array(values);
+  if (half.some((h) => (h & 0x7c00) === 0x7c00)) return undefined;
+  return makeTensor(name, TensorProto_DataType.FLOAT16, dims, new Uint8Array(half.buffer));
 }
 
 /** Rank of a value when the graph declares it or it comes from an op with a known output rank. */
@@ -124,9 +140,9 @@ function foldIntoMatMul(graph: Graph, bn: NodeProto, producer: NodeProto): strin
   if (chain.some((v) => graph.consumers(v).length !== 1 || graph.isGraphOutput(v))) return 'the MatMul output is also used elsewhere';
   if (bn.output.length > 1 && bn.output.slice(1).some((o) => o !== '')) return 'it is in training mode (running statistics are outputs)';
   const w = graph.constant(matmul.input[1]);
-  const wData = w && floatData(w);
-  const params = [1, 2, 3, 4].map((i) => { const t = graph.constant(bn.input[i]); return t && floatData(t); });
-  if (!wData || params.some((p) => !p)) return 'weights or BatchNormalization parameters are not float32 constants (float16 models keep their BatchNormalization)';
+  const wData = w && weightValues(w);
+  const params = [1, 2, 3, 4].map((i) => { const t = graph.constant(bn.input[i]); return t && weightValues(t); });
+  if (!wData || params.some((p) => !p)) return 'weights or BatchNormalization parameters are not float32 or float16 constants';
   const dims = dimsOf(w!);
   if (dims.length !== 2) return `the MatMul weight is ${dims.length}-D, not 2-D`;
   const rank = knownRank(graph, matmul.input[0]);
@@ -140,7 +156,7 @@ function foldIntoMatMul(graph: Graph, bn: NodeProto, producer: NodeProto): strin
   let bias: Float32Array = new Float32Array(channels);
   if (add) {
     const b = graph.constant(add.input[1]);
-    const bData = b && floatData(b);
+    const bData = b && weightValues(b);
     if (!bData || bData.length !== channels || add.input[0] !== matmul.output[0]) return 'the Add after MatMul is not a per-channel float constant bias';
     bias = bData;
   }
@@ -150,8 +166,9 @@ function foldIntoMatMul(graph: Graph, bn: NodeProto, producer: NodeProto): strin
   const newB = Float32Array.from(bias, (b, c) => (b - mean[c]) * scale[c] + beta[c]);
   const wName = graph.uniqueName(`${matmul.input[1]}_bn_folded`);
   const bName = graph.uniqueName(`${nodeLabel(bn)}_folded_bias`);
-  graph.addInitializer(makeTensor(wName, TensorProto_DataType.FLOAT, dims, new Uint8Array(newW.buffer)));
-  graph.addInitializer(makeTensor(bName, TensorProto_DataType.FLOAT, [channels], new Uint8Array(newB.buffer)));
+  const folded = [tensorLike(w!, wName, dims, newW), tensorLike(w!, bName, [channels], newB)];
+  if (folded.some((t) => !t)) return 'the folded float16 weights or bias would overflow float16';
+  folded.forEach((t) => graph.addInitializer(t!));
   const oldNames = [matmul.input[1], ...(add ? [add.input[1]] : []), ...bn.input.slice(1)];
   matmul.input[1] = wName;
   if (add) {

@@ -4,9 +4,11 @@
  * calibrated ranges (the native paramsFromRanges, as for weights). Unsigned
  * activations are asymmetric (uint16/uint8/uint4 with a zero point); signed ones are
  * symmetric (int16/int8/int4, zero point 0). 4- and 16-bit types need opset 21.
+ * A float16 tensor gets a float16 scale (opset 19), rounded up so the calibrated range stays inside the grid.
  */
 import { TensorProto_DataType } from 'onnx-buf';
 
+import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { native } from '../../native';
 import { integerRange, tensorLayout } from '../../quant-params';
 import { makeNode, makeTensor, type Graph } from '../graph';
@@ -19,6 +21,21 @@ export interface ActivationLayerReport {
   range: [number, number];
   scale: number;
   zeroPoint: number;
+  /** A float16 tensor, whose scale is float16. */
+  float16?: true;
+}
+
+/** A tensor's calibrated range, the width of its integers, and whether it is float16. */
+export interface ActivationRange { lo: number; hi: number; bits: number; float16?: boolean }
+
+/** The smallest float16 value at least `scale` (and above zero): a wider grid never cuts the calibrated range. */
+function float16ScaleAtLeast(scale: number): number {
+  let bits = toFloat16Bits(scale);
+  if (fromFloat16Bits(bits) < scale || bits === 0) bits++;
+  if (!Number.isFinite(fromFloat16Bits(bits))) {
+    throw new RangeError(`An activation scale of ${scale} does not fit in float16 (at most 65504): the calibrated range is too wide for a float16 model.`);
+  }
+  return fromFloat16Bits(bits);
 }
 
 function zeroPointTensor(name: string, bits: number, signed: boolean, zp: number) {
@@ -59,7 +76,7 @@ export function fakeQuantize(x: Float32Array, p: { scale: number; zeroPoint: num
  * tensor; `everyConsumer`: tensors that every consumer reads dequantized (layer outputs, so the producer's only
  * consumer is the QuantizeLinear, as onnxruntime's QDQ fusions require).
  */
-export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: number; hi: number; bits: number }>, consumers: Set<string>,
+export function quantizeActivations(graph: Graph, ranges: Map<string, ActivationRange>, consumers: Set<string>,
   signed: boolean, microsoftDomain: boolean, everyConsumer: Set<string> = new Set()): { report: PassReport; activations: ActivationLayerReport[] } {
   const report: PassReport = { pass: 'quantize-activations', changed: [], skipped: [] };
   const activations: ActivationLayerReport[] = [];
@@ -67,13 +84,15 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: numb
   for (const [tensor, range] of ranges) {
     const bits = range.bits;
     const params = activationParams(range, signed);
-    const scale = Float32Array.of(params.scale);
+    const scale = Float32Array.of(range.float16 ? float16ScaleAtLeast(params.scale) : params.scale);
     const zp = Int32Array.of(params.zeroPoint);
     const scaleName = graph.uniqueName(`${tensor}_scale`);
     const zpName = graph.uniqueName(`${tensor}_zero_point`);
     const quantized = graph.uniqueName(`${tensor}_quantized`);
     const dequantized = graph.uniqueName(`${tensor}_dequantized`);
-    graph.addInitializer(makeTensor(scaleName, TensorProto_DataType.FLOAT, [], new Uint8Array(scale.buffer)));
+    graph.addInitializer(range.float16
+      ? makeTensor(scaleName, TensorProto_DataType.FLOAT16, [], new Uint8Array(toFloat16Array(scale).buffer))
+      : makeTensor(scaleName, TensorProto_DataType.FLOAT, [], new Uint8Array(scale.buffer)));
     graph.addInitializer(zeroPointTensor(zpName, bits, signed, zp[0]));
     const quantize = makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], `${tensor}_q`, [], domain);
     graph.graph.node.push(quantize, makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], `${tensor}_dq`, [], domain));
@@ -90,8 +109,8 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, { lo: numb
         rewired++;
       }
     }
-    activations.push({ tensor, bits, signed, range: [range.lo, range.hi], scale: scale[0], zeroPoint: zp[0] });
-    report.changed.push(`${tensor}: ${bits}-bit ${signed ? 'int' : 'uint'}, ${rewired} consumer(s)`);
+    activations.push({ tensor, bits, signed, range: [range.lo, range.hi], scale: scale[0], zeroPoint: zp[0], ...(range.float16 ? { float16: true as const } : {}) });
+    report.changed.push(`${tensor}: ${bits}-bit ${signed ? 'int' : 'uint'}${range.float16 ? ' (float16 scale)' : ''}, ${rewired} consumer(s)`);
   }
   graph.sort();
   return { report, activations };

@@ -3,10 +3,16 @@
  * quantized (per tensor / per output channel): b_q = round(b / (s_a · s_w[c]))
  * with a DequantizeLinear (scale s_a · s_w, axis 0) in front of the bias input,
  * the pattern onnxruntime fuses into integer convolutions and GEMMs.
+ * A float16 layer's bias gets one power-of-two float16 scale instead, fine enough
+ * to hold its float16 values to 2^-30 of the largest: s_a · s_w is often below
+ * float16's normal range, and a float bias left as it is would be quantized by
+ * onnxruntime itself (its bias quantization, from optimisation level 'basic' up)
+ * with that product, which gave wrong convolutions on float16 models.
  */
-import { TensorProto_DataType } from 'onnx-buf';
+import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
-import { floatData, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { toFloat16Array } from '../../float16';
+import { floatData, makeIntAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export interface LayerScales {
@@ -14,6 +20,8 @@ export interface LayerScales {
   activation: number;
   /** Weight scale per output channel (per-channel weights only). */
   weight: Float32Array;
+  /** A float16 layer: its bias gets a power-of-two float16 scale of its own. */
+  float16?: boolean;
 }
 
 export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>): PassReport {
@@ -24,6 +32,13 @@ export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>): 
     const s = scales.get(label);
     if (!s) continue;
     const b = node.input[2] ? graph.constant(node.input[2]) : undefined;
+    if (s.float16) {
+      const values = b && weightValues(b);
+      if (values) replaceBias(graph, node, label, float16Bias(values));
+      else report.skipped.push({ node: label, reason: node.input[2] ? 'the bias is not a float constant' : 'no bias' });
+      if (values) report.changed.push(`${label}: float16 bias -> int32 (power-of-two scale)`);
+      continue;
+    }
     const data = b && floatData(b);
     if (!data) {
       report.skipped.push({ node: label, reason: node.input[2] ? 'the bias is not a float constant' : 'no bias' });
@@ -45,17 +60,35 @@ export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>): 
       report.skipped.push({ node: label, reason: 'the bias does not fit in int32 at scale s_a·s_w' });
       continue;
     }
-    const qName = graph.uniqueName(`${node.input[2]}_int32`);
-    const sName = graph.uniqueName(`${node.input[2]}_scale`);
-    const out = graph.uniqueName(`${node.input[2]}_dequantized`);
-    graph.addInitializer(makeTensor(qName, TensorProto_DataType.INT32, [q.length], new Uint8Array(q.buffer)));
-    graph.addInitializer(makeTensor(sName, TensorProto_DataType.FLOAT, [scale.length], new Uint8Array(scale.buffer)));
-    graph.graph.node.push(makeNode('DequantizeLinear', [qName, sName], [out], `${label}_bias_dq`, [makeIntAttribute('axis', 0)]));
-    const previous = node.input[2];
-    node.input[2] = out;
-    graph.removeIfUnused(previous);
+    replaceBias(graph, node, label, { values: q, scale: makeTensor('', TensorProto_DataType.FLOAT, [scale.length], new Uint8Array(scale.buffer)) });
     report.changed.push(`${label}: bias -> int32`);
   }
   graph.sort();
   return report;
+}
+
+/** A float16 bias as int32 values and one power-of-two float16 scale (2^-24 at least, float16's smallest step). */
+function float16Bias(values: Float32Array): { values: Int32Array; scale: TensorProto } {
+  const largest = values.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+  const exponent = Math.max(-24, (largest > 0 ? Math.ceil(Math.log2(largest)) : 0) - 30);
+  const step = 2 ** exponent;
+  return {
+    values: Int32Array.from(values, (v) => Math.round(v / step)),
+    scale: makeTensor('', TensorProto_DataType.FLOAT16, [], new Uint8Array(toFloat16Array([step]).buffer)),
+  };
+}
+
+/** Feeds the layer's bias input from DequantizeLinear(int32 values, scale) (axis 0 for a per-channel scale). */
+function replaceBias(graph: Graph, node: NodeProto, label: string, bias: { values: Int32Array; scale: TensorProto }): void {
+  const qName = graph.uniqueName(`${node.input[2]}_int32`);
+  const sName = graph.uniqueName(`${node.input[2]}_scale`);
+  const out = graph.uniqueName(`${node.input[2]}_dequantized`);
+  graph.addInitializer(makeTensor(qName, TensorProto_DataType.INT32, [bias.values.length], new Uint8Array(bias.values.buffer)));
+  bias.scale.name = sName;
+  graph.addInitializer(bias.scale);
+  const axis = bias.scale.dims.length > 0 ? [makeIntAttribute('axis', 0)] : [];
+  graph.graph.node.push(makeNode('DequantizeLinear', [qName, sName], [out], `${label}_bias_dq`, axis));
+  const previous = node.input[2];
+  node.input[2] = out;
+  graph.removeIfUnused(previous);
 }
