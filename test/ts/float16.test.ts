@@ -221,6 +221,39 @@ describe('float16', () => {
     expect(fromFloat16Array(out.out.data as Uint16Array).every(Number.isFinite)).to.equal(true);
   });
 
+  it('float16 calibration feeds with NaN or Infinity bit patterns are refused, naming the value', async () => {
+    const half = toHalfModel(convAndMatMul());
+    for (const bits of [0x7e00, 0xfc00]) {
+      const data = toFloat16Array(heInit(36, 1, 4));
+      data[5] = bits;
+      let error: unknown;
+      try {
+        await quantizeModel(half, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [{ input: { data, dims: [1, 1, 6, 6] } }] });
+      } catch (e) {
+        error = e;
+      }
+      expect(error).to.be.instanceOf(RangeError);
+      expect((error as Error).message).to.match(/Expected the bit pattern of a finite float16 number for calibration\[0\]\.input\.data\[5\] but received "0x(7e00 \(NaN\)|fc00 \(-Infinity\))"/);
+    }
+  });
+
+  it('a float16 Gemm whose bias is 2-D keeps it float16, and the model gives the same outputs at every optimisation level', async () => {
+    const half = toHalfModel(buildModel({
+      inputDims: ['n', 8], output: 'out', opset: 17,
+      nodes: [{ op: 'Gemm', inputs: ['input', 'w', 'c'], output: 'out', name: 'fc' }],
+      initializers: { w: { dims: [8, 4], data: heInit(32, 8, 3).map((v) => v * 0.01) }, c: { dims: [1, 4], data: [3, -2, 1, 0.5] } },
+    }));
+    const calibration = [0, 1].map((seed) => ({ input: { data: toFloat16Array(heInit(16, 1, seed)), dims: [2, 8] } }));
+    const { model, report } = await quantizeModel(half, { weights: { bits: 8 }, activations: { bits: 8 }, calibration, firstLastLayerBits: 8 });
+    expect(report.passes.find((p) => p.pass === 'quantize-bias')!.skipped).to.deep.equal([{ node: 'fc', reason: 'the bias is not 1-D (one value per output channel)' }]);
+    const outputs: number[][] = [];
+    for (const level of ['disabled', 'basic', 'all'] as const) {
+      const session = await ort().InferenceSession.create(model, { graphOptimizationLevel: level });
+      outputs.push(Array.from((await session.run({ input: new (ort().Tensor)('float16', calibration[0].input.data, [2, 8]) })).out.data as Uint16Array));
+    }
+    for (const o of outputs.slice(1)) expect(o).to.deep.equal(outputs[0]);
+  });
+
   it('options that rewrite float tensors from calibration statistics, and dynamic activations, are refused for float16 layers, naming the option', async () => {
     const half = toHalfModel(convAndMatMul());
     const calibration = [{ input: { data: toFloat16Array(heInit(36, 1, 4)), dims: [1, 1, 6, 6] } }];
@@ -260,7 +293,13 @@ describe('float16', () => {
       const exact = activationParams({ lo: a.range[0], hi: a.range[1], bits: 8 }, false).scale;
       expect(a.scale).to.be.at.least(exact).and.below(exact * (1 + 2 ** -10));
     }
-    // The conv bias: int32 values with a power-of-two float16 scale that give back the float16 bias exactly.
+    // conv2's bias: int32 at the float16 scales s_a·s_w[c], the QDQ convention.
+    const bias2 = graph.graph.node.find((n) => n.name === 'conv2_bias_dq')!;
+    const weightScales = weightValues(graph.constant('cw2_scale')!)!;
+    const cScale = report.activations.find((a) => a.tensor === 'c')!.scale;
+    expect(Array.from(weightValues(graph.constant(bias2.input[1])!)!)).to.deep.equal(Array.from(weightScales, (w) => fromFloat16Bits(toFloat16Bits(cScale * w))));
+    // conv's weights are small: s_a·s_w falls below float16's normal range, so its bias gets a power-of-two scale,
+    // int32 values that give back the float16 bias exactly.
     const biasDq = graph.graph.node.find((n) => n.name === 'conv_bias_dq')!;
     const [values, scale] = [graph.constant(biasDq.input[0])!, graph.constant(biasDq.input[1])!];
     expect([values.dataType, scale.dataType]).to.deep.equal([TensorProto_DataType.INT32, TensorProto_DataType.FLOAT16]);
@@ -268,7 +307,9 @@ describe('float16', () => {
     expect(Math.log2(step) % 1).to.equal(0);
     const original = weightValues(readModel(half).graph!.initializer.find((t) => t.name === 'cb')!)!;
     expect(Array.from(new Int32Array(Uint8Array.from(values.rawData).buffer), (q) => q * step)).to.deep.equal(Array.from(original));
-    expect(report.passes.find((p) => p.pass === 'quantize-bias')!.changed).to.deep.equal(['conv: float16 bias -> int32 (power-of-two scale)', 'conv2: float16 bias -> int32 (power-of-two scale)']);
+    expect(report.passes.find((p) => p.pass === 'quantize-bias')!.changed).to.deep.equal([
+      "conv: float16 bias -> int32 (power-of-two scale: s_a·s_w is below float16's normal range)", 'conv2: float16 bias -> int32 (scale s_a·s_w)',
+    ]);
     expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
     const outputs: number[][] = [];
     for (const level of ['disabled', 'basic', 'extended', 'all'] as const) {
@@ -289,6 +330,7 @@ describe('float16', () => {
     });
     expect(report.activations).to.have.length(54);
     expect(report.activations.every((a) => a.float16)).to.equal(true);
+    expect(report.passes.find((p) => p.pass === 'fold-batchnorm')!.changed.length).to.be.greaterThan(0);
     expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
   });
 
@@ -317,9 +359,17 @@ describe('float16', () => {
     expect([1, 2].map((i) => graph.constant(conv.input[i])!.dataType)).to.deep.equal([TensorProto_DataType.FLOAT16, TensorProto_DataType.FLOAT16]);
     const [a, b] = [await run(original), await run(toBinary(ModelProtoSchema, folded))];
     a.forEach((v, i) => expect(Math.abs(v - b[i]), `out[${i}]`).to.be.below(2e-2 * Math.max(1, Math.abs(v))));
-    // γ = 60000 on a variance of 1e-4: W·γ/σ leaves float16's range (65504).
-    const huge = new Graph(fromBinary(ModelProtoSchema, model(60000, 1e-4)));
-    expect(foldBatchNorm(huge).skipped).to.deep.equal([{ node: 'bn', reason: 'the folded float16 weights or bias would overflow float16' }]);
+    // γ = 60000 on a variance of 1e-4: W·γ/σ leaves float16's range (65504); γ = 1e-4 on a unit variance takes
+    // channel 0's weights below its normal range. Both stay unfolded, the graph as it was.
+    for (const [gamma, variance, reason] of [
+      [60000, 1e-4, 'the folded weights or bias would overflow float16 (or are not finite)'],
+      [1e-4, 1, "channel 0's folded weights fall below float16's normal range (they would keep few significant bits)"],
+    ] as const) {
+      const bytes = model(gamma, variance);
+      const kept = fromBinary(ModelProtoSchema, bytes);
+      expect(foldBatchNorm(new Graph(kept)).skipped).to.deep.equal([{ node: 'bn', reason }]);
+      expect(toBinary(ModelProtoSchema, kept)).to.deep.equal(bytes);
+    }
   });
 });
 

@@ -436,6 +436,31 @@ describe('malformed graphs', () => {
     await quantizeModel(cyclic, { weights: { bits: 8 } }).catch((e) => (e2 = e));
     expect((e2 as Error).message).to.match(/cycle/);
   });
+
+  it('a model that loads in onnxruntime but fails when it runs is an OnnxModelError naming the feed, in evaluation and in calibration (found by mutating model files)', async () => {
+    // A BatchNormalization after a Relu (not folded) whose scale is 2-D: onnxruntime builds the session, then fails.
+    const broken = buildModel({
+      inputDims: [1, 2, 4, 4], output: 'out',
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'w'], output: 'c', name: 'conv', attrs: { kernel_shape: [1, 1] } },
+        { op: 'Relu', inputs: ['c'], output: 'r' },
+        { op: 'BatchNormalization', inputs: ['r', 'g', 'beta', 'mean', 'var'], output: 'out', name: 'bn' },
+      ],
+      initializers: {
+        w: { dims: [2, 2, 1, 1], data: [1, 0.5, -0.5, 1] }, g: { dims: [2, 1], data: [1, 1] }, beta: { dims: [2], data: [0, 0] },
+        mean: { dims: [2], data: [0, 0] }, var: { dims: [2], data: [1, 1] },
+      },
+    });
+    let e1: unknown;
+    await quantizeModel(broken, { weights: { bits: 8 } }).catch((e) => (e1 = e));
+    expect(e1).to.be.instanceOf(OnnxModelError);
+    expect((e1 as Error).message).to.match(/^onnxruntime could not run the input model on evaluation feed 0: .*BatchNormalization.* The float model itself fails there/);
+    let e2: unknown;
+    const calibration = [{ input: { data: new Float32Array(32), dims: [1, 2, 4, 4] } }];
+    await quantizeModel(broken, { weights: { bits: 8 }, activations: { bits: 8 }, calibration }).catch((e) => (e2 = e));
+    expect(e2).to.be.instanceOf(OnnxModelError);
+    expect((e2 as Error).message).to.match(/^onnxruntime could not run the float model on calibration\[0\]: .*Check that the input model runs in onnxruntime-node on this input/);
+  });
 });
 
 describe('quantizeModel leaves the event loop running', () => {

@@ -9,11 +9,10 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type ModelProto } from 'onnx-buf';
 
-import { openSession, ort } from '../bench/ort-models';
+import { openSession, ort, runSession } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
-import { fromFloat16Array } from '../float16';
-import { Graph } from './graph';
+import { fromFloat16Array, fromFloat16Bits } from '../float16';
 import { cloneSharingData, OnnxModelError } from './model-io';
 import { nextTurn } from './passes/pass';
 
@@ -163,15 +162,15 @@ export function* npyFolderFeeds(folder: string): Generator<Feed> {
   }
 }
 
-/** A copy of the model with extra float outputs (for calibration and per-layer comparisons). */
-export function withOutputs(model: ModelProto, names: string[], elemTypes: Map<string, number> = new Map()): Uint8Array {
+/**
+ * A copy of the model with extra outputs (for calibration and per-layer comparisons), declared without a type:
+ * onnxruntime takes each one's type from the graph (float32, or float16 in a float16 model).
+ */
+export function withOutputs(model: ModelProto, names: string[]): Uint8Array {
   const copy = cloneSharingData(model);
   const existing = new Set(copy.graph!.output.map((o) => o.name));
   for (const name of names) {
-    if (existing.has(name)) continue;
-    copy.graph!.output.push(create(ValueInfoProtoSchema, {
-      name, type: { value: { case: 'tensorType', value: { elemType: elemTypes.get(name) ?? TensorProto_DataType.FLOAT } } },
-    } as never));
+    if (!existing.has(name)) copy.graph!.output.push(create(ValueInfoProtoSchema, { name }));
   }
   return toBinary(ModelProtoSchema, copy);
 }
@@ -202,6 +201,12 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
       if (bad >= 0) {
         throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, 'a finite number', data[bad], 'Remove or replace NaN and infinite values before calibrating.');
       }
+    } else if (data instanceof Uint16Array) {
+      const bad = data.findIndex((h) => (h & 0x7c00) === 0x7c00);  // float16 NaN or ±Infinity: all exponent bits set
+      if (bad >= 0) {
+        throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, 'the bit pattern of a finite float16 number', `0x${data[bad].toString(16)} (${fromFloat16Bits(data[bad])})`,
+          'Remove or replace NaN and infinite values before calibrating.');
+      }
     }
   }
   const known = new Set(inputs.map((i) => i.name));
@@ -209,23 +214,6 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
     if (!known.has(name)) throw invalidValue(`${what}[${index}]`, `only the model's inputs (${[...known].join(', ')})`, name);
   }
   return f as Feed;
-}
-
-/**
- * The element types of exposed tensors that are not float32 (float16 ones in a float16 model). Followed through
- * the graph only when something in it may not be float32 (tracing every tensor of a large model takes a while).
- */
-function exposedTypes(model: ModelProto, names: string[]): Map<string, number> {
-  const types = new Map<string, number>();
-  const declared = [...model.graph!.input, ...model.graph!.output].map((v) => (v.type?.value.case === 'tensorType' ? v.type.value.value.elemType : 0));
-  if (!model.graph!.initializer.some((t) => t.dataType === TensorProto_DataType.FLOAT16) && declared.every((t) => t !== TensorProto_DataType.FLOAT16) &&
-    !model.graph!.node.some((n) => n.opType === 'Constant' || n.opType === 'Cast')) return types;
-  const graph = new Graph(model);
-  for (const name of names) {
-    const type = graph.elemType(name);
-    if (type !== undefined && type !== TensorProto_DataType.FLOAT) types.set(name, type);
-  }
-  return types;
 }
 
 /** An exposed tensor's values as float32 (float16 ones converted; the observers take float32). */
@@ -238,6 +226,8 @@ export interface CalibrationResult {
   batches: number;
   /** The first few feeds, kept for evaluating the quantized model. */
   sample: Feed[];
+  /** The observed tensors that onnxruntime computes in float16 (a float16 model's). */
+  float16: Set<string>;
 }
 
 export async function calibrate(model: ModelProto, tensors: string[], data: CalibrationData, method: ActivationMethod,
@@ -251,10 +241,11 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const all = [...tensors.map((t) => ({ tensor: t, observe: (data: Float32Array) => observers.get(t)!.observe(data) })), ...(options.tensorObservers ?? [])];
   const exposed = [...new Set(all.map((o) => o.tensor))];
   for (const input of modelInputs(model)) feedType(input.name, input.elemType);  // before loading anything
-  const session = await openSession(withOutputs(model, exposed, exposedTypes(model, exposed)), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
+  const session = await openSession(withOutputs(model, exposed), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
     'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
     'BatchNormalization folding broke it: a lowbit bug, please report it with the model.');
   const sample: Feed[] = [];
+  const float16 = new Set<string>();
   const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
   let batches = 0;
   try {
@@ -262,8 +253,10 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       const feed = checkFeed(model, raw, batches);
       const inputs = Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
       // Nothing to observe (no layer whose inputs the observers take): the run still checks the feed in onnxruntime.
-      const outputs = exposed.length > 0 ? await session.run(inputs, exposed) : await session.run(inputs);
+      const outputs = await runSession(session, inputs, exposed.length > 0 ? exposed : undefined, `the float model on calibration[${batches}]`,
+        'Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.');
       const values = new Map(exposed.map((t) => [t, outputValues(outputs[t])]));
+      for (const t of exposed) if (outputs[t].type === 'float16') float16.add(t);
       for (const o of all) {
         try {
           o.observe(values.get(o.tensor)!, outputs[o.tensor].dims);
@@ -285,5 +278,5 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     await session.release();
   }
   if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
-  return { observers, batches, sample };
+  return { observers, batches, sample, float16 };
 }

@@ -10,7 +10,7 @@ import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf'
 
 import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, toFloat16Array } from '../float16';
-import { hasOrt, openSession } from '../bench/ort-models';
+import { hasOrt, openSession, runSession } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph, weightValues } from './graph';
 import {
@@ -291,31 +291,30 @@ const LOWBIT_BUG = 'The input model loads, so this is a lowbit bug: please repor
 async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[]): Promise<void> {
   if (feedsList.length === 0) return;
   const names = layers.map((l) => l.output);
-  // A layer outputs the type of its weights (float16 layers float16).
-  const floatGraph = new Graph(preparedFloat);
-  const weightType = (name: string) => floatGraph.constant(name)?.dataType ?? TensorProto_DataType.FLOAT;
-  const types = new Map(layers.map((l) => [l.output, weightType(l.weight)]));
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  const f = await openSession(withOutputs(preparedFloat, names, types), options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
-  const q = await openSession(withOutputs(quantized, names, types), options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
+  const f = await openSession(withOutputs(preparedFloat, names), options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
+  const q = await openSession(withOutputs(quantized, names), options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
   const signal = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
-  for (const feeds of feedsList) {
-    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
-    const fo = await f.run(tensors, names);
-    const qo = await q.run(tensors, names);
-    names.forEach((name, i) => {
-      const a = floatValues(fo[name]);
-      const b = floatValues(qo[name]);
-      for (let j = 0; j < a.length; j++) {
-        signal[i] += a[j] * a[j];
-        noise[i] += (a[j] - b[j]) ** 2;
-      }
-    });
-    await nextTurn();
+  try {
+    for (const [index, feeds] of feedsList.entries()) {
+      const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
+      const fo = await runSession(f, tensors, names, `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
+      const qo = await runSession(q, tensors, names, `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
+      names.forEach((name, i) => {
+        const a = floatValues(fo[name]);
+        const b = floatValues(qo[name]);
+        for (let j = 0; j < a.length; j++) {
+          signal[i] += a[j] * a[j];
+          noise[i] += (a[j] - b[j]) ** 2;
+        }
+      });
+      await nextTurn();
+    }
+  } finally {
+    await f.release();
+    await q.release();
   }
-  await f.release();
-  await q.release();
   layers.forEach((l, i) => (l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i])));
 }
 
@@ -360,36 +359,40 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
   const floatSession = await openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.');
   const quantSession = await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG);
   const sums = new Map<string, { cos: number; agree: number; ranked: number }>();
-  for (const feeds of feedsList) {
-    const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
-    const f = await floatSession.run(tensors);
-    const q = await quantSession.run(tensors);
-    for (const name of floatSession.outputNames) {
-      if (f[name].type !== 'float32' && f[name].type !== 'float16') continue;  // integer outputs (e.g. an argmax) have no cosine
-      const a = floatValues(f[name]);
-      const b = floatValues(q[name]);
-      const entry = sums.get(name) ?? { cos: 0, agree: 0, ranked: 0 };
-      entry.cos += cosine(a, b);
-      const dims = f[name].dims;
-      const classes = dims[dims.length - 1];
-      if (classes > 1 && a.length % classes === 0) {
-        for (let r = 0; r < a.length / classes; r++) {
-          let ia = 0;
-          let ib = 0;
-          for (let c = 1; c < classes; c++) {
-            if (a[r * classes + c] > a[r * classes + ia]) ia = c;
-            if (b[r * classes + c] > b[r * classes + ib]) ib = c;
+  try {
+    for (const [index, feeds] of feedsList.entries()) {
+      const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
+      const f = await runSession(floatSession, tensors, undefined, `the input model on evaluation feed ${index}`,
+        'The float model itself fails there: check the model (and that feed) in onnxruntime-node, where lowbit evaluates models.');
+      const q = await runSession(quantSession, tensors, undefined, `the quantized model on evaluation feed ${index}`, LOWBIT_BUG);
+      for (const name of floatSession.outputNames) {
+        if (f[name].type !== 'float32' && f[name].type !== 'float16') continue;  // integer outputs (e.g. an argmax) have no cosine
+        const a = floatValues(f[name]);
+        const b = floatValues(q[name]);
+        const entry = sums.get(name) ?? { cos: 0, agree: 0, ranked: 0 };
+        entry.cos += cosine(a, b);
+        const dims = f[name].dims;
+        const classes = dims[dims.length - 1];
+        if (classes > 1 && a.length % classes === 0) {
+          for (let r = 0; r < a.length / classes; r++) {
+            let ia = 0;
+            let ib = 0;
+            for (let c = 1; c < classes; c++) {
+              if (a[r * classes + c] > a[r * classes + ia]) ia = c;
+              if (b[r * classes + c] > b[r * classes + ib]) ib = c;
+            }
+            entry.agree += ia === ib ? 1 : 0;
+            entry.ranked++;
           }
-          entry.agree += ia === ib ? 1 : 0;
-          entry.ranked++;
         }
+        sums.set(name, entry);
       }
-      sums.set(name, entry);
+      await nextTurn();
     }
-    await nextTurn();
+  } finally {
+    await floatSession.release();
+    await quantSession.release();
   }
-  await floatSession.release();
-  await quantSession.release();
   return {
     samples: feedsList.length,
     outputs: [...sums].map(([name, s]) => ({
@@ -554,7 +557,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? Math.max(8, staticActivations.bits) : staticActivations.bits;
       for (const t of tensors) {
         const bits = edgeTensors.has(t) ? edgeBits : staticActivations.bits;
-        const float16 = halfWeights.length > 0 && graph.elemType(t) === TensorProto_DataType.FLOAT16;
+        const float16 = result.float16.has(t);
         ranges.set(t, { ...result.observers.get(t)!.range(bits), bits, ...(float16 ? { float16 } : {}) });
         await nextTurn();  // a KL or ACIQ search per tensor
       }
@@ -626,7 +629,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
       for (const w of weights) {
         const input = inputs.get(w.node);
         const act = activations.find((x) => x.tensor === input);
-        if (act?.float16) scales.set(w.node, { activation: act.scale, weight: new Float32Array(0), float16: true });
+        if (act?.float16) scales.set(w.node, { activation: act.scale, weight: w.channelScales ?? new Float32Array(0), float16: true });
         else if (act && w.channelScales) scales.set(w.node, { activation: act.scale, weight: w.channelScales });
       }
       passes.push(await time('quantize-bias', () => quantizeBiases(graph, scales)));

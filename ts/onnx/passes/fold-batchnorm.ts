@@ -12,7 +12,8 @@
  * Not folded (reported): the producer's output also feeds other nodes or is a
  * graph output; weights or BN parameters are not constants; a MatMul whose
  * output rank is not known to be 2; ConvTranspose (other channel layout); a
- * float16 weight or bias that would overflow float16 once folded.
+ * float16 weight or bias that would overflow float16 once folded, or a float16
+ * channel whose folded weights would all fall below float16's normal range.
  */
 import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
@@ -69,7 +70,7 @@ export function foldBatchNorm(graph: Graph): PassReport {
     const scale = Float64Array.from(gamma, (g, c) => g / Math.sqrt(variance[c] + eps));
     const newW = new Float32Array(wData.length);
     if (producer.opType === 'Conv' || transB === 1) {
-      const per = wData.length / channels;
+      const per = wData.length / channels;  // values per output channel
       for (let c = 0; c < channels; c++) for (let i = 0; i < per; i++) newW[c * per + i] = wData[c * per + i] * scale[c];
     } else {
       for (let r = 0; r < dims[0]; r++) for (let c = 0; c < channels; c++) newW[r * channels + c] = wData[r * channels + c] * scale[c];
@@ -81,14 +82,17 @@ export function foldBatchNorm(graph: Graph): PassReport {
       continue;
     }
     const newB = Float32Array.from(oldBiasData, (b, c) => (b - mean[c]) * scale[c] + beta[c]);
+    const per = wData.length / channels;
+    const channelsFirst = producer.opType === 'Conv' || transB === 1;
+    const why = float16Trouble(w!, newW, newB, channels, (i) => (channelsFirst ? Math.floor(i / per) : i % channels));
+    if (why) {
+      skip(why);
+      continue;
+    }
     const wName = graph.uniqueName(`${producer.input[1]}_bn_folded`);
     const bName = graph.uniqueName(`${label}_folded_bias`);
     const folded = [tensorLike(w!, wName, dims, newW), tensorLike(w!, bName, [channels], newB)];
-    if (folded.some((t) => !t)) {
-      skip('the folded float16 weights or bias would overflow float16');
-      continue;
-    }
-    folded.forEach((t) => graph.addInitializer(t!));
+    folded.forEach((t) => graph.addInitializer(t));
     const oldW = producer.input[1];
     const oldB = producer.input[2];
     producer.input[1] = wName;
@@ -101,12 +105,25 @@ export function foldBatchNorm(graph: Graph): PassReport {
   return report;
 }
 
-/** A new tensor of `values` in the type of `like` (float32, or float16 rounded to nearest); undefined when float16 overflows. */
-function tensorLike(like: TensorProto, name: string, dims: number[], values: Float32Array): TensorProto | undefined {
+/** A new tensor of `values` in the type of `like` (float32, or float16 rounded to nearest). */
+function tensorLike(like: TensorProto, name: string, dims: number[], values: Float32Array): TensorProto {
   if (like.dataType !== TensorProto_DataType.FLOAT16) return makeTensor(name, TensorProto_DataType.FLOAT, dims, new Uint8Array(values.buffer));
-  const half = toFloat16Array(values);
-  if (half.some((h) => (h & 0x7c00) === 0x7c00)) return undefined;
-  return makeTensor(name, TensorProto_DataType.FLOAT16, dims, new Uint8Array(half.buffer));
+  return makeTensor(name, TensorProto_DataType.FLOAT16, dims, new Uint8Array(toFloat16Array(values).buffer));
+}
+
+/**
+ * Why folded weights and bias cannot be stored as float16 (the layer's type), or undefined: a value beyond
+ * float16's range (65504) or not finite; or a channel whose largest folded weight falls below float16's normal
+ * range (2^-14), where its weights would keep only a few significant bits.
+ */
+function float16Trouble(like: TensorProto, w: Float32Array, b: Float32Array, channels: number, channelOf: (i: number) => number): string | undefined {
+  if (like.dataType !== TensorProto_DataType.FLOAT16) return undefined;
+  const fits = (v: number) => Number.isFinite(v) && Math.abs(v) < 65520;  // 65520 and above round to Infinity
+  if (!w.every(fits) || !b.every(fits)) return 'the folded weights or bias would overflow float16 (or are not finite)';
+  const largest = new Float64Array(channels);
+  w.forEach((v, i) => (largest[channelOf(i)] = Math.max(largest[channelOf(i)], Math.abs(v))));
+  const tiny = largest.findIndex((m) => m > 0 && m < 2 ** -14);
+  return tiny < 0 ? undefined : `channel ${tiny}'s folded weights fall below float16's normal range (they would keep few significant bits)`;
 }
 
 /** Rank of a value when the graph declares it or it comes from an op with a known output rank. */
@@ -164,11 +181,12 @@ function foldIntoMatMul(graph: Graph, bn: NodeProto, producer: NodeProto): strin
   const scale = Float64Array.from(gamma, (g, c) => g / Math.sqrt(variance[c] + eps));
   const newW = Float32Array.from(wData, (v, i) => v * scale[i % channels]);
   const newB = Float32Array.from(bias, (b, c) => (b - mean[c]) * scale[c] + beta[c]);
+  const why = float16Trouble(w!, newW, newB, channels, (i) => i % channels);
+  if (why) return why;
   const wName = graph.uniqueName(`${matmul.input[1]}_bn_folded`);
   const bName = graph.uniqueName(`${nodeLabel(bn)}_folded_bias`);
   const folded = [tensorLike(w!, wName, dims, newW), tensorLike(w!, bName, [channels], newB)];
-  if (folded.some((t) => !t)) return 'the folded float16 weights or bias would overflow float16';
-  folded.forEach((t) => graph.addInitializer(t!));
+  folded.forEach((t) => graph.addInitializer(t));
   const oldNames = [matmul.input[1], ...(add ? [add.input[1]] : []), ...bn.input.slice(1)];
   matmul.input[1] = wName;
   if (add) {

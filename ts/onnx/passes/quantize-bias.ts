@@ -3,16 +3,18 @@
  * quantized (per tensor / per output channel): b_q = round(b / (s_a · s_w[c]))
  * with a DequantizeLinear (scale s_a · s_w, axis 0) in front of the bias input,
  * the pattern onnxruntime fuses into integer convolutions and GEMMs.
- * A float16 layer's bias gets one power-of-two float16 scale instead, fine enough
- * to hold its float16 values to 2^-30 of the largest: s_a · s_w is often below
- * float16's normal range, and a float bias left as it is would be quantized by
- * onnxruntime itself (its bias quantization, from optimisation level 'basic' up)
- * with that product, which gave wrong convolutions on float16 models.
+ * A float16 layer's bias gets float16 scales s_a · s_w too, unless a product
+ * falls below float16's normal range (often: small weights' scales times an
+ * activation's); then one power-of-two float16 scale fine enough to hold its
+ * float16 values to 2^-30 of the largest. Every float16 bias becomes int32: one
+ * left float is quantized by onnxruntime itself (its bias quantization, from
+ * optimisation level 'basic' up) with the float16 product, which gave wrong
+ * convolutions on float16 models.
  */
 import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
-import { toFloat16Array } from '../../float16';
-import { floatData, makeIntAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
+import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
+import { dimsOf, floatData, makeIntAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export interface LayerScales {
@@ -20,7 +22,7 @@ export interface LayerScales {
   activation: number;
   /** Weight scale per output channel (per-channel weights only). */
   weight: Float32Array;
-  /** A float16 layer: its bias gets a power-of-two float16 scale of its own. */
+  /** A float16 layer (its scales are float16 values). */
   float16?: boolean;
 }
 
@@ -33,10 +35,14 @@ export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>): 
     if (!s) continue;
     const b = node.input[2] ? graph.constant(node.input[2]) : undefined;
     if (s.float16) {
-      const values = b && weightValues(b);
-      if (values) replaceBias(graph, node, label, float16Bias(values));
-      else report.skipped.push({ node: label, reason: node.input[2] ? 'the bias is not a float constant' : 'no bias' });
-      if (values) report.changed.push(`${label}: float16 bias -> int32 (power-of-two scale)`);
+      const values = b && dimsOf(b).length === 1 ? weightValues(b) : undefined;
+      if (!values) {
+        report.skipped.push({ node: label, reason: !node.input[2] ? 'no bias' : b ? 'the bias is not 1-D (one value per output channel)' : 'the bias is not a float constant' });
+        continue;
+      }
+      const product = productScaleBias(values, s);
+      replaceBias(graph, node, label, product ?? float16Bias(values));
+      report.changed.push(`${label}: float16 bias -> int32 (${product ? 'scale s_a·s_w' : "power-of-two scale: s_a·s_w is below float16's normal range"})`);
       continue;
     }
     const data = b && floatData(b);
@@ -65,6 +71,19 @@ export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>): 
   }
   graph.sort();
   return report;
+}
+
+/**
+ * A float16 bias as int32 values at the float16 scales s_a·s_w[c], the QDQ convention; undefined when a product falls
+ * below float16's normal range (2^-14), where it would keep few significant bits, or a value would overflow int32.
+ */
+function productScaleBias(values: Float32Array, s: LayerScales): { values: Int32Array; scale: TensorProto } | undefined {
+  if (s.weight.length !== values.length) return undefined;
+  const scale = Float32Array.from(s.weight, (w) => fromFloat16Bits(toFloat16Bits(s.activation * w)));
+  if (scale.some((x) => !(x >= 2 ** -14) || !Number.isFinite(x))) return undefined;
+  const q = Int32Array.from(values, (v, c) => Math.round(v / scale[c]));
+  if (values.some((v, c) => Math.abs(Math.round(v / scale[c])) > 2 ** 31 - 1)) return undefined;
+  return { values: q, scale: makeTensor('', TensorProto_DataType.FLOAT16, [scale.length], new Uint8Array(toFloat16Array(scale).buffer)) };
 }
 
 /** A float16 bias as int32 values and one power-of-two float16 scale (2^-24 at least, float16's smallest step). */
