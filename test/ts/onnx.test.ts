@@ -463,6 +463,40 @@ describe('malformed graphs', () => {
   });
 });
 
+describe('bit allocation below the storage width', () => {
+  // A chain of three MatMuls (the middle one is allocated: first and last keep 8 bits), then a TopK, which lowbit's
+  // opset conversion does not convert.
+  function chain(withTopK: boolean): Uint8Array {
+    const model = fromBinary(ModelProtoSchema, buildModel({
+      inputDims: [2, 32], opset: 11, output: withTopK ? 'top' : 'h3', int64: withTopK ? { k: [3] } : {},
+      nodes: [
+        { op: 'MatMul', inputs: ['input', 'w1'], output: 'h1', name: 'fc1' },
+        { op: 'MatMul', inputs: ['h1', 'w2'], output: 'h2', name: 'fc2' },
+        { op: 'MatMul', inputs: ['h2', 'w3'], output: 'h3', name: 'fc3' },
+        ...(withTopK ? [{ op: 'TopK', inputs: ['h3', 'k'], output: 'top', name: 'topk' }] : []),
+      ],
+      initializers: { w1: { dims: [32, 32], data: heInit(1024, 32, 1) }, w2: { dims: [32, 32], data: heInit(1024, 32, 2) }, w3: { dims: [32, 8], data: heInit(256, 32, 3) } },
+    }));
+    if (withTopK) model.graph!.node[3].output.push('indices');
+    return toBinary(ModelProtoSchema, model);
+  }
+
+  it('8-bit weights with bitAllocation.averageBits 3 store the allocated layer in int4 and move the model to opset 21 (it was an invalid model)', async () => {
+    const { model, report } = await quantizeModel(chain(false), { weights: { bits: 8, bitAllocation: { averageBits: 3 } } });
+    expect(report.layers.map((l) => l.bits)).to.deep.equal([8, 4, 8]);
+    expect(report.opset.to).to.equal(21);
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.9);
+    await ort().InferenceSession.create(model);  // default optimisations
+  });
+
+  it('and a model that cannot be converted to opset 21 is an OnnxModelError saying what to change', async () => {
+    let error: unknown;
+    await quantizeModel(chain(true), { weights: { bits: 8, bitAllocation: { averageBits: 3 } } }).catch((e) => (error = e));
+    expect(error).to.be.instanceOf(OnnxModelError);
+    expect((error as Error).message).to.match(/^Bit allocation left layer 'fc2' with 4-bit weights, which need opset 21, and this model cannot be converted \(opset 11 kept \(TopK .*Raise weights\.bitAllocation\.averageBits to 8 or drop it\./);
+  });
+});
+
 describe('quantizeModel leaves the event loop running', () => {
   it('turns the event loop between the layers of each per-layer pass and between calibration observers', async () => {
     const stages: Array<{ stage: string; ticks: number }> = [];

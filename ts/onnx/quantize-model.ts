@@ -596,8 +596,17 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length}`)));
   passes.push(weightReport);
   if (shifts.size > 0) passes.push(compensateShifts(graph, weights, shifts));
-  // Bit allocation can leave a layer's widest channel at 2 bits: int2 storage needs opset 25.
-  if (layers.some((l) => l.bits === 2) && graph.opset < 25 && microsoftDomainFallback === undefined) passes.push(upgradeOpset(graph, 25));
+  // Bit allocation can leave a layer's widest channel at 4 or 2 bits (also when weights.bits is 8): int4 storage
+  // needs opset 21, int2 25.
+  const narrowest = layers.reduce((a, l) => (l.bits < a.bits ? l : a), layers[0]);
+  const storageOpset = narrowest.bits <= 2 ? 25 : narrowest.bits <= 4 ? 21 : 0;
+  if (graph.opset < storageOpset) {
+    if (microsoftDomainFallback) {
+      throw new OnnxModelError(`Bit allocation left layer '${narrowest.node}' with ${narrowest.bits}-bit weights, which need opset ${storageOpset}, and this model ` +
+        `cannot be converted (${microsoftDomainFallback}). Raise weights.bitAllocation.averageBits to 8 or drop it.`);
+    }
+    passes.push(upgradeOpset(graph, storageOpset));
+  }
   let activations: ActivationLayerReport[] = [];
   if (result) {
     const a = staticActivations || { bits: 8 as const, method: 'minmax' as const };
