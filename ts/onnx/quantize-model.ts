@@ -161,8 +161,9 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (w.scaleClip !== undefined && (typeof w.scaleClip !== 'number' || !((w.scaleClip as number) > 0))) throw invalidValue('options.weights.scaleClip', 'a positive number (k)', w.scaleClip);
   if (w.bitAllocation !== undefined) {
     const b = w.bitAllocation as Record<string, unknown>;
-    if (!isPlainObject(b) || typeof b.averageBits !== 'number' || !(b.averageBits >= 2 && b.averageBits <= 8)) {
-      throw invalidValue('options.weights.bitAllocation', '{ averageBits } with averageBits in [2, 8]', w.bitAllocation);
+    if (!isPlainObject(b)) throw invalidType('options.weights.bitAllocation', '{ averageBits } with averageBits in [2, 8]', w.bitAllocation);
+    if (typeof b.averageBits !== 'number' || !(b.averageBits >= 2 && b.averageBits <= 8)) {
+      throw invalidValue('options.weights.bitAllocation.averageBits', 'a number in [2, 8] (the mean bits per weight)', b.averageBits);
     }
   }
 

@@ -216,6 +216,14 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     }
   }
   const candidates = graph.topologicalOrder().filter((n) => QUANTIZABLE.has(n.opType));
+  // A keepFloat entry that keeps nothing is most likely misspelled: say so rather than quantize the layer silently.
+  for (const entry of keep) {
+    if (candidates.some((n) => n.name === entry || n.opType === entry)) continue;
+    const close = [...new Set(candidates.flatMap((n) => [n.name, n.opType]))].find((k) => k.toLowerCase() === entry.toLowerCase());
+    report.skipped.push({
+      node: entry, reason: `keepFloat: no Conv, Gemm or MatMul layer of this model has this name or op type${close ? ` (did you mean '${close}'?)` : ''}; it keeps nothing`,
+    });
+  }
   const quantizable = quantizableLayers(graph, options.keepFloat);
   const first = quantizable[0];
   const last = quantizable[quantizable.length - 1];
