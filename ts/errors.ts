@@ -12,13 +12,29 @@ export function describe(value: unknown): string {
   if (typeof value === 'string') return JSON.stringify(value.length > 40 ? value.slice(0, 40) + '…' : value);
   if (typeof value === 'boolean' || typeof value === 'bigint') return `${value} (${typeof value})`;
   if (ArrayBuffer.isView(value)) {
+    if (detached(value)) return `${value.constructor.name} on a detached buffer`;
     const len = (value as unknown as { length?: number }).length;
     return `${value.constructor.name}${len === undefined ? '' : ` of length ${len}`}`;
+  }
+  // A short list of plain values (dims, a shape) says more as itself.
+  if (Array.isArray(value) && value.length <= 8 && value.every((v) => typeof v === 'number' || typeof v === 'string' || typeof v === 'boolean')) {
+    return `[${value.map((v) => (typeof v === 'string' ? JSON.stringify(v) : String(v))).join(', ')}]`;
   }
   if (Array.isArray(value)) return `Array of length ${value.length}`;
   if (typeof value === 'function') return 'a function';
   const name = (value as object).constructor?.name;
   return name && name !== 'Object' ? `a ${name}` : 'an object';
+}
+
+/** Whether a view's buffer was transferred or detached (slicing a detached buffer throws). */
+function detached(view: ArrayBufferView): boolean {
+  if (typeof SharedArrayBuffer !== 'undefined' && view.buffer instanceof SharedArrayBuffer) return false;
+  try {
+    view.buffer.slice(0, 0);
+    return false;
+  } catch {
+    return true;
+  }
 }
 
 function message(name: string, expected: string, received: unknown, hint?: string): string {

@@ -21,7 +21,7 @@ const x4 = new Float32Array([1, 2, 3, 4]);
 
 describe('quantizeTensor: bad input', () => {
   it('rejects data that is not a Float32Array, naming data and how to convert', () => {
-    expectError(() => quantizeTensor([1, 2] as never, { shape: [2] }), TypeError, /for data but received Array of length 2.*Float32Array\.from/);
+    expectError(() => quantizeTensor([1, 2] as never, { shape: [2] }), TypeError, /for data but received \[1, 2\].*Float32Array\.from/);
     expectError(() => quantizeTensor(new Float64Array(2) as never, { shape: [2] }), TypeError, /Float32Array for data but received Float64Array/);
     expectError(() => quantizeTensor(null as never, { shape: [2] }), TypeError, /for data but received null/);
   });

@@ -256,6 +256,14 @@ describe('finetune: bad input', () => {
     const nan = Float32Array.from(data.inputs.data);
     nan[100] = NaN;
     await expectError(finetune(BUNDLED, { inputs: { data: nan, dims: [64, 1, 28, 28] }, labels: data.labels }), RangeError, /finite number for data\.inputs\.data\[100\]/);
+    // The dims received are shown as themselves; a transferred buffer is named as such (it used to read as "length 0").
+    await expectError(finetune(BUNDLED, { inputs: { data: data.inputs.data, dims: [64, 784] }, labels: data.labels }), RangeError, /but received \[64, 784\]\./);
+    const moved = Float32Array.from(data.inputs.data);
+    structuredClone(moved.buffer, { transfer: [moved.buffer] });
+    await expectError(finetune(BUNDLED, { inputs: { data: moved, dims: [64, 1, 28, 28] }, labels: data.labels }), TypeError, /an attached buffer for data\.inputs\.data .*transferred/);
+    const labels = Uint8Array.from(data.labels);
+    structuredClone(labels.buffer, { transfer: [labels.buffer] });
+    await expectError(finetune(BUNDLED, { inputs: data.inputs, labels }), TypeError, /an attached buffer for data\.labels/);
   });
 
   it('options out of range and unknown options', async () => {

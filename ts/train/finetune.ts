@@ -14,7 +14,7 @@ import { invalidType, invalidValue } from '../errors';
 import { openSession, ort } from '../bench/ort-models';
 import { checkOutputPath, OnnxModelError, readModel, serializeModel, writeFileAtomic } from '../onnx/model-io';
 import { seededRandom } from '../random';
-import { checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
+import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
@@ -151,6 +151,7 @@ function checkBatch(name: string, batch: unknown, needLabels: boolean): InputBat
   if (!isPlainObject(inputs) && !(inputs && typeof inputs === 'object')) throw invalidType(`${name}.inputs`, 'an object { data: Float32Array, dims: [N, ...] }', inputs);
   const { data, dims } = inputs as { data: unknown; dims: unknown };
   if (!(data instanceof Float32Array)) throw invalidType(`${name}.inputs.data`, 'a Float32Array', data);
+  checkAttached(`${name}.inputs.data`, data);
   if (!Array.isArray(dims) || dims.length === 0 || !dims.every((d) => Number.isInteger(d) && d > 0)) {
     throw invalidValue(`${name}.inputs.dims`, 'an array of positive integers [N, ...]', dims);
   }
@@ -164,6 +165,7 @@ function checkBatch(name: string, batch: unknown, needLabels: boolean): InputBat
   if (!(labels instanceof Int32Array) && !(labels instanceof Uint8Array)) {
     throw invalidType(`${name}.labels`, 'an Int32Array or Uint8Array of class indices', labels, 'Or set options.distill to train without labels.');
   }
+  checkAttached(`${name}.labels`, labels);
   if (labels.length !== dims[0]) {
     throw invalidValue(`${name}.labels`, `one label per input (N = dims[0] = ${dims[0]})`, labels, `It has ${labels.length}.`);
   }
