@@ -951,6 +951,36 @@ describe('external data', () => {
 });
 
 describe('large models', () => {
+  it('a float model of 2 GB or more is calibrated from a temporary copy with external data, removed afterwards: the same W8A8 and GPTQ models as below the limit (limit lowered to simulate one)', async () => {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const io: { ONE_BUFFER_LIMIT: number } = require('../../ts/onnx/model-io');
+    const limit = io.ONE_BUFFER_LIMIT;
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-large-'));
+    const model = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
+    const calibration = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-calibration');
+    const temporary = () => fs.readdirSync(os.tmpdir()).filter((f) => f.startsWith('lowbit-calibration-')).length;
+    const before = temporary();
+    for (const weights of [{ bits: 8 as const }, { bits: 4 as const, rounding: 'gptq' as const }]) {
+      const options = { weights, activations: { bits: 8 as const }, calibration };
+      const small = await quantizeModel(model, { ...options, evaluationFeeds: [] });
+      io.ONE_BUFFER_LIMIT = 1000;
+      let large: Awaited<ReturnType<typeof quantizeModel>>;
+      try {
+        large = await quantizeModel(model, { ...options, outputPath: path.join(dir, 'q.onnx') });
+      } finally {
+        io.ONE_BUFFER_LIMIT = limit;
+      }
+      expect(large.report.activations.map((a) => [a.tensor, a.scale, a.zeroPoint])).to.deep.equal(small.report.activations.map((a) => [a.tensor, a.scale, a.zeroPoint]));
+      expect(large.report.evaluationSkipped).to.match(/2 GB or more/);
+      const written = readModel(path.join(dir, 'q.onnx')).graph!.initializer;
+      const expected = readModel(small.model).graph!.initializer;
+      expect(written.map((t) => t.name)).to.deep.equal(expected.map((t) => t.name));
+      written.forEach((t, i) => expect(Buffer.from(t.rawData).equals(Buffer.from(expected[i].rawData)), t.name).to.equal(true));
+    }
+    expect(temporary()).to.equal(before);
+    fs.rmSync(dir, { recursive: true });
+  });
+
   it('quantizing does not copy the weights into the retained results unless bias correction needs them; evaluationFeeds [] skips the evaluation', async () => {
     const { report } = await quantizeModel(classifier, { weights: { bits: 8 }, evaluationFeeds: [] });
     expect(report.evaluation).to.equal(undefined);

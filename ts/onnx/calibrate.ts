@@ -6,6 +6,7 @@
  */
 import { create, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type ModelProto } from 'onnx-buf';
 
@@ -13,7 +14,7 @@ import { openSession, ort, runSession } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
-import { cloneSharingData, OnnxModelError } from './model-io';
+import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, storedBytes, writeModelWithExternalData } from './model-io';
 import { nextTurn } from './passes/pass';
 
 /**
@@ -167,12 +168,34 @@ export function* npyFolderFeeds(folder: string): Generator<Feed> {
  * onnxruntime takes each one's type from the graph (float32, or float16 in a float16 model).
  */
 export function withOutputs(model: ModelProto, names: string[]): Uint8Array {
+  return toBinary(ModelProtoSchema, copyWithOutputs(model, names));
+}
+
+function copyWithOutputs(model: ModelProto, names: string[]): ModelProto {
   const copy = cloneSharingData(model);
   const existing = new Set(copy.graph!.output.map((o) => o.name));
   for (const name of names) {
     if (!existing.has(name)) copy.graph!.output.push(create(ValueInfoProtoSchema, { name }));
   }
-  return toBinary(ModelProtoSchema, copy);
+  return copy;
+}
+
+/**
+ * The model with extra outputs, as onnxruntime will load it: its bytes, or — for a model of 2 GB or more, which one
+ * buffer cannot hold — a temporary file with its weights in external data, which `dispose` removes.
+ */
+function exposedModel(model: ModelProto, names: string[]): { source: Uint8Array | string; dispose: () => void } {
+  if (storedBytes(model) < ONE_BUFFER_LIMIT) return { source: withOutputs(model, names), dispose: () => undefined };
+  const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-calibration-'));
+  const dispose = () => fs.rmSync(folder, { recursive: true, force: true });
+  try {
+    const file = path.join(folder, 'model.onnx');
+    writeModelWithExternalData(copyWithOutputs(model, names), file);
+    return { source: file, dispose };
+  } catch (e) {
+    dispose();
+    throw e;
+  }
 }
 
 /**
@@ -241,9 +264,16 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const all = [...tensors.map((t) => ({ tensor: t, observe: (data: Float32Array) => observers.get(t)!.observe(data) })), ...(options.tensorObservers ?? [])];
   const exposed = [...new Set(all.map((o) => o.tensor))];
   for (const input of modelInputs(model)) feedType(input.name, input.elemType);  // before loading anything
-  const session = await openSession(withOutputs(model, exposed), { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
-    'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
-    'BatchNormalization folding broke it: a lowbit bug, please report it with the model.');
+  const exposedFloat = exposedModel(model, exposed);
+  let session: Awaited<ReturnType<typeof openSession>>;
+  try {
+    session = await openSession(exposedFloat.source, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
+      'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
+      'BatchNormalization folding broke it: a lowbit bug, please report it with the model.');
+  } catch (e) {
+    exposedFloat.dispose();
+    throw e;
+  }
   const sample: Feed[] = [];
   const float16 = new Set<string>();
   const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
@@ -276,6 +306,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     }
   } finally {
     await session.release();
+    exposedFloat.dispose();  // after the release: onnxruntime may map the external data file
   }
   if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
   return { observers, batches, sample, float16 };

@@ -482,10 +482,6 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // quantized weight-only and compared from its file, but not calibrated nor compared layer by layer.
   const floatBytes = storedBytes(model);
   const floatTooLarge = floatBytes >= ONE_BUFFER_LIMIT;
-  if (floatTooLarge && (staticActivations || gptq || dataBiasCorrection)) {
-    throw new OnnxModelError(`This model holds ${(floatBytes / 2 ** 30).toFixed(1)} GiB of weights; calibration runs it in onnxruntime-node ` +
-      'from one buffer, which cannot hold 2 GB or more. Quantize its weights only (no activations, no GPTQ rounding).');
-  }
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   const targets = quantizableLayers(graph, opts.keepFloat);
   if (targets.length === 0) {
@@ -508,7 +504,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   // The float model for calibration and the layer SQNR (cloning it reads every lazily read tensor).
   // Calibration runs it before the weights are quantized: GPTQ rounding needs its input statistics.
-  let prepared: ModelProto | undefined = floatTooLarge || (!calibrating && opts.evaluationFeeds?.length === 0) ? undefined : cloneSharingData(graph.model);
+  // A float model of 2 GB or more is calibrated as it is (before the weight pass changes it) and not compared layer by
+  // layer, so it is not cloned: cloning reads every lazily read tensor.
+  let prepared: ModelProto | undefined = floatTooLarge ? (calibrating ? graph.model : undefined)
+    : !calibrating && opts.evaluationFeeds?.length === 0 ? undefined : cloneSharingData(graph.model);
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   // The layers' names in the report, before bias correction renames unnamed layers' outputs.
   const labels = new Map(targets.map((n) => [n, nodeLabel(n)]));
@@ -586,7 +585,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   // Without an evaluation nothing needs the float model any more: dropping it lets each layer's float weights be
   // freed once the layer is quantized (a large model's peak memory then stays near its quantized size).
-  if (opts.evaluationFeeds?.length === 0) prepared = undefined;
+  if (opts.evaluationFeeds?.length === 0 || floatTooLarge) prepared = undefined;
   const { report: weightReport, layers, weights } = await time('quantize-weights', () => runStepsAsync(quantizeWeightsByLayer(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
