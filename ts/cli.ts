@@ -123,7 +123,7 @@ export function program(): Command {
             ...(o.equalizeDepthwise ? { equalizeDepthwise: true } : {}) }
           : false,
         calibration: o.calib,
-        keepFloat: o.keepFloat ? o.keepFloat.split(',') : undefined,
+        keepFloat: o.keepFloat ? o.keepFloat.split(',').map((k) => k.trim()).filter((k) => k !== '') : undefined,
         outputPath: o.output,
         ...(o.externalData ? { externalData: true } : {}),
         ...(o.evaluate ? {} : { evaluationFeeds: [] }),

@@ -36,7 +36,7 @@ export function checkFloat32Array(name: string, v: unknown): Float32Array {
 
 export function checkAttached(name: string, v: ArrayBufferView): void {
   if (isDetached(v))
-    throw invalidType(name, 'a typed array with an attached buffer', 'a detached buffer',
+    throw invalidType(name, 'a typed array with an attached buffer', v,
       'The buffer was transferred (postMessage, structuredClone) or detached; pass a copy that is still owned here.');
 }
 

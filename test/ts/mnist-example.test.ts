@@ -81,6 +81,11 @@ describe('bundled MNIST CNN example', () => {
     const typo = spawnSync(process.execPath, [cli, 'quantize', model, '--keep-float', 'Conv2', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
     expect(typo.status, typo.stderr).to.equal(0);
     expect(typo.stdout).to.include("skipped by quantize-weights: Conv2: keepFloat: no Conv, Gemm or MatMul layer of this model has this name or op type (did you mean 'conv2'?); it keeps nothing");
+    // Spaces and empty entries in the list are dropped (an empty name would keep every unnamed layer).
+    const spaced = spawnSync(process.execPath, [cli, 'quantize', model, '--keep-float', ' conv2, ,', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(spaced.status, spaced.stderr).to.equal(0);
+    expect(spaced.stdout).to.include('skipped by quantize-weights: conv2: kept in float (keepFloat)');
+    expect(spaced.stdout).to.not.include('it keeps nothing');
     fs.rmSync(dir, { recursive: true });
   });
 

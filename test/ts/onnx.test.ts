@@ -165,6 +165,9 @@ describe('quantizeModel (weights only)', () => {
     let caught: unknown;
     await quantizeModel(bundled, { weights: { bits: 4, granularity: 'tensor', bitAllocation: { averageBits: 4 } } }).catch((e) => (caught = e));
     expect((caught as Error)?.message).to.match(/'channel' with bitAllocation .* for options\.weights\.granularity but received "tensor"/);
+    caught = undefined;
+    await quantizeModel(bundled, { weights: { bits: 8 }, keepFloat: ['fc', ''] }).catch((e) => (caught = e));
+    expect((caught as Error)?.message).to.equal('Expected a node name or op type for options.keepFloat[1] but received "". Remove the empty entry.');
   });
 
   // On random inputs the recognizer's W8 cosine measures about 0.992 (short of the 0.999 target; see the README).
@@ -489,11 +492,17 @@ describe('bit allocation below the storage width', () => {
     await ort().InferenceSession.create(model);  // default optimisations
   });
 
-  it('and a model that cannot be converted to opset 21 is an OnnxModelError saying what to change', async () => {
+  it('and a model that cannot be converted to opset 21 is an OnnxModelError saying what to change, before any work (also with firstLastLayerBits below 8)', async () => {
+    const stages: string[] = [];
     let error: unknown;
-    await quantizeModel(chain(true), { weights: { bits: 8, bitAllocation: { averageBits: 3 } } }).catch((e) => (error = e));
+    await quantizeModel(chain(true), { weights: { bits: 8, bitAllocation: { averageBits: 3 } }, onProgress: (s) => stages.push(s) }).catch((e) => (error = e));
     expect(error).to.be.instanceOf(OnnxModelError);
-    expect((error as Error).message).to.match(/^Bit allocation left layer 'fc2' with 4-bit weights, which need opset 21, and this model cannot be converted \(opset 11 kept \(TopK .*Raise weights\.bitAllocation\.averageBits to 8 or drop it\./);
+    expect((error as Error).message).to.match(/^weights\.bitAllocation \(averageBits 3\) can leave layers with 4- or 2-bit weights, which need opset 21 or 25, and this model \(opset 11\) cannot be converted: TopK .*Drop bitAllocation or set averageBits to 8\./);
+    expect(stages).to.not.include('quantize-weights');
+    error = undefined;
+    await quantizeModel(chain(true), { weights: { bits: 8 }, firstLastLayerBits: 4 }).catch((e) => (error = e));
+    expect(error).to.be.instanceOf(OnnxModelError);
+    expect((error as Error).message).to.match(/^firstLastLayerBits 4 need opset 21, and this model \(opset 11\) cannot be converted: TopK/);
   });
 });
 
@@ -966,7 +975,10 @@ describe('large models', () => {
       io.ONE_BUFFER_LIMIT = 1000;
       let large: Awaited<ReturnType<typeof quantizeModel>>;
       try {
-        large = await quantizeModel(model, { ...options, outputPath: path.join(dir, 'q.onnx') });
+        // While a batch is observed, the temporary copy exists.
+        let during = -1;
+        large = await quantizeModel(model, { ...options, outputPath: path.join(dir, 'q.onnx'), onProgress: (s) => (s === 'calibrate batch 1' && during < 0 ? (during = temporary()) : undefined) });
+        expect(during).to.equal(before + 1);
       } finally {
         io.ONE_BUFFER_LIMIT = limit;
       }

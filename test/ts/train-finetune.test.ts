@@ -260,7 +260,7 @@ describe('finetune: bad input', () => {
     await expectError(finetune(BUNDLED, { inputs: { data: data.inputs.data, dims: [64, 784] }, labels: data.labels }), RangeError, /but received \[64, 784\]\./);
     const moved = Float32Array.from(data.inputs.data);
     structuredClone(moved.buffer, { transfer: [moved.buffer] });
-    await expectError(finetune(BUNDLED, { inputs: { data: moved, dims: [64, 1, 28, 28] }, labels: data.labels }), TypeError, /an attached buffer for data\.inputs\.data .*transferred/);
+    await expectError(finetune(BUNDLED, { inputs: { data: moved, dims: [64, 1, 28, 28] }, labels: data.labels }), TypeError, /an attached buffer for data\.inputs\.data but received Float32Array on a detached buffer\. The buffer was transferred/);
     const labels = Uint8Array.from(data.labels);
     structuredClone(labels.buffer, { transfer: [labels.buffer] });
     await expectError(finetune(BUNDLED, { inputs: data.inputs, labels }), TypeError, /an attached buffer for data\.labels/);

@@ -187,7 +187,14 @@ function copyWithOutputs(model: ModelProto, names: string[]): ModelProto {
 function exposedModel(model: ModelProto, names: string[]): { source: Uint8Array | string; dispose: () => void } {
   if (storedBytes(model) < ONE_BUFFER_LIMIT) return { source: withOutputs(model, names), dispose: () => undefined };
   const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-calibration-'));
-  const dispose = () => fs.rmSync(folder, { recursive: true, force: true });
+  // Best effort: a folder that cannot be removed (held open elsewhere) must not replace the calibration's result or error.
+  const dispose = () => {
+    try {
+      fs.rmSync(folder, { recursive: true, force: true, maxRetries: 3 });
+    } catch {
+      /* left in the temporary folder */
+    }
+  };
   try {
     const file = path.join(folder, 'model.onnx');
     writeModelWithExternalData(copyWithOutputs(model, names), file);
@@ -305,8 +312,11 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       batches++;
     }
   } finally {
-    await session.release();
-    exposedFloat.dispose();  // after the release: onnxruntime may map the external data file
+    try {
+      await session.release();
+    } finally {
+      exposedFloat.dispose();  // after the release: onnxruntime may map the external data file
+    }
   }
   if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
   return { observers, batches, sample, float16 };

@@ -169,23 +169,25 @@ function storedTensors(model: ModelProto): TensorProto[] {
 
 /**
  * A deep copy of the model whose stored tensors (initializers, Constant values) share their data bytes with the
- * original's: a large model's weights are not copied. Safe because lowbit's passes give a tensor new rawData,
- * never write into it.
+ * original's: a large model's weights are not copied, and a lazily read tensor stays lazy in both (it is not read).
+ * Safe because lowbit's passes give a tensor new rawData, never write into it.
  */
 export function cloneSharingData(model: ModelProto): ModelProto {
   // Only tensors with raw bytes: one whose values sit in a typed field (float_data, int32_data…) must keep raw_data
   // unset, which an assigned empty array is not (onnxruntime then reads 0 bytes of raw data).
   const tensors = storedTensors(model).filter((t) => rawLength(t) > 0);
-  const held = tensors.map((t) => t.rawData);
+  const sources = tensors.map((t) => (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE]);
+  const held = tensors.map((t, i) => (sources[i] ? undefined : t.rawData));
+  const restore = (t: TensorProto, i: number) => (sources[i] ? readLazily(t, sources[i]!) : (t.rawData = held[i]!));
   for (const t of tensors) t.rawData = new Uint8Array(0);
   try {
     const copy = fromBinary(ModelProtoSchema, toBinary(ModelProtoSchema, model));
     const copies = storedTensors(copy);  // in the same order as the original's
     const index = new Map(storedTensors(model).map((t, i) => [t, i]));
-    tensors.forEach((t, i) => (copies[index.get(t)!].rawData = held[i]));
+    tensors.forEach((t, i) => restore(copies[index.get(t)!], i));
     return copy;
   } finally {
-    tensors.forEach((t, i) => (t.rawData = held[i]));
+    tensors.forEach(restore);
   }
 }
 

@@ -185,6 +185,11 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (options.keepFloat !== undefined && !(Array.isArray(options.keepFloat) && options.keepFloat.every((k) => typeof k === 'string'))) {
     throw invalidType('options.keepFloat', "an array of node names or op types (e.g. ['Gemm'])", options.keepFloat);
   }
+  const emptyName = options.keepFloat?.findIndex((k) => k === '') ?? -1;
+  if (emptyName >= 0) {
+    // An empty name would match every unnamed layer.
+    throw invalidValue(`options.keepFloat[${emptyName}]`, 'a node name or op type', '', 'Remove the empty entry.');
+  }
   if (options.firstLastLayerBits !== undefined && ![2, 4, 8].includes(options.firstLastLayerBits as number)) {
     throw invalidValue('options.firstLastLayerBits', '2, 4 or 8', options.firstLastLayerBits);
   }
@@ -454,8 +459,10 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   if (from < needed) {
     const why = unconvertibleReason(graph);
     if (why) {
-      if (bits !== 8 || blockedWeights || halfWeights.length > 0) {
-        const what = halfWeights.length > 0 ? 'float16 weights (float16 scales)' : `${blockedWeights ? 'blocked' : `${bits}-bit`} weights`;
+      const edgeBits = opts.firstLastLayerBits ?? 8;
+      if (bits !== 8 || blockedWeights || halfWeights.length > 0 || edgeBits < 8) {
+        const what = halfWeights.length > 0 ? 'float16 weights (float16 scales)' : blockedWeights ? 'blocked weights'
+          : bits !== 8 ? `${bits}-bit weights` : `firstLastLayerBits ${edgeBits}`;
         throw new OnnxModelError(`${what} need opset ${needed}, and this model (opset ${from}) cannot be converted: ${why}.`);
       }
       microsoftDomainFallback = `opset ${from} kept (${why}); weights use com.microsoft DequantizeLinear`;
@@ -465,6 +472,12 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     } else {
       passes.push(await time('upgrade-opset', () => upgradeOpset(graph, needed)));
     }
+  }
+  // Bit allocation may store a layer in int4 or int2 (opset 21 or 25): refused before any work where that is out of reach.
+  const allocation = opts.weights.bitAllocation;
+  if (allocation && allocation.averageBits < 8 && graph.opset < 21 && (microsoftDomainFallback ?? unconvertibleReason(graph))) {
+    throw new OnnxModelError(`weights.bitAllocation (averageBits ${allocation.averageBits}) can leave layers with 4- or 2-bit weights, which need opset 21 or 25, ` +
+      `and this model (opset ${graph.opset}) cannot be converted: ${unconvertibleReason(graph)}. Drop bitAllocation or set averageBits to 8.`);
   }
   passes.push(await time('fuse-hardswish', () => fuseHardSwish(graph)));
   passes.push(await time('fold-batchnorm', () => foldBatchNorm(graph)));
@@ -478,8 +491,9 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // The float model after conversion and folding: what calibration runs.
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const gptq = opts.weights.rounding === 'gptq';
-  // onnxruntime-node takes lowbit's models as one buffer: a float model of 2 GB or more (external data) can be
-  // quantized weight-only and compared from its file, but not calibrated nor compared layer by layer.
+  // onnxruntime-node takes lowbit's models as one buffer: a float model of 2 GB or more (external data) is compared
+  // from its file and calibrated from a temporary copy with external data (see calibrate), but not compared layer by
+  // layer (that would keep a second float copy through the weight pass).
   const floatBytes = storedBytes(model);
   const floatTooLarge = floatBytes >= ONE_BUFFER_LIMIT;
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
@@ -502,7 +516,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     if (equalized) passes.push(equalized.report);
     if (equalized && !gptq && !dataBiasCorrection) shifts = equalized.shifts;
   }
-  // The float model for calibration and the layer SQNR (cloning it reads every lazily read tensor).
+  // The float model for calibration and the layer SQNR (the clone shares the weights' bytes; lazily read ones stay lazy).
   // Calibration runs it before the weights are quantized: GPTQ rounding needs its input statistics.
   // A float model of 2 GB or more is calibrated as it is (before the weight pass changes it) and not compared layer by
   // layer, so it is not cloned: cloning reads every lazily read tensor.
@@ -599,11 +613,14 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // Bit allocation can leave a layer's widest channel at 4 or 2 bits (also when weights.bits is 8): int4 storage
   // needs opset 21, int2 25.
   const narrowest = layers.reduce((a, l) => (l.bits < a.bits ? l : a), layers[0]);
-  const storageOpset = narrowest.bits <= 2 ? 25 : narrowest.bits <= 4 ? 21 : 0;
+  const storageOpset = narrowest && narrowest.bits <= 2 ? 25 : narrowest && narrowest.bits <= 4 ? 21 : 0;
   if (graph.opset < storageOpset) {
-    if (microsoftDomainFallback) {
-      throw new OnnxModelError(`Bit allocation left layer '${narrowest.node}' with ${narrowest.bits}-bit weights, which need opset ${storageOpset}, and this model ` +
-        `cannot be converted (${microsoftDomainFallback}). Raise weights.bitAllocation.averageBits to 8 or drop it.`);
+    const why = microsoftDomainFallback ?? unconvertibleReason(graph);
+    if (why) {
+      const cause = narrowest.channelBits ? 'Bit allocation left' : 'firstLastLayerBits left';
+      const remedy = narrowest.channelBits ? 'Raise weights.bitAllocation.averageBits or drop it.' : 'Raise firstLastLayerBits.';
+      throw new OnnxModelError(`${cause} layer '${narrowest.node}' with ${narrowest.bits}-bit weights, which need opset ${storageOpset}, and this model ` +
+        `(opset ${graph.opset}) cannot be converted: ${why}. ${remedy}`);
     }
     passes.push(upgradeOpset(graph, storageOpset));
   }
@@ -675,7 +692,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     // The float model as given: its file (onnxruntime reads external data next to it) or its bytes.
     report.evaluation = await compareOutputs(input, bytes, feeds);
     if (prepared) await layerSqnr(prepared, model, layers, feeds);
-    else if (floatTooLarge) report.layerSqnrSkipped = 'the float model is 2 GB or more: onnxruntime-node cannot load it with its layer outputs exposed';
+    else if (floatTooLarge) report.layerSqnrSkipped = 'the float model is 2 GB or more: lowbit does not keep a float copy of it through the weight pass to compare layer by layer';
     timings.evaluate = performance.now() - t0;
   }
   if (external) {
