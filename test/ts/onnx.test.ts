@@ -892,9 +892,12 @@ describe('external data', () => {
       }
       expect(String(error)).to.match(/OnnxModelError: The quantized model is 2 GB or more.*without externalData: false/);
       expect(fs.readdirSync(dir)).to.deep.equal([]);
-      const written = await quantizeModel(classifier, { weights: { bits: 8 }, outputPath: path.join(dir, 'q.onnx'), evaluationFeeds: [] });
-      expect(written.report.evaluationSkipped).to.match(/2 GB or more/);
+      const written = await quantizeModel(classifier, { weights: { bits: 8 }, outputPath: path.join(dir, 'q.onnx') });
       expect(fs.readdirSync(dir).sort()).to.deep.equal(['q.onnx', 'q.onnx.data']);
+      // Compared from the written files (one buffer could not hold the model), not layer by layer.
+      expect(written.report.evaluationSkipped).to.equal(undefined);
+      expect(written.report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+      expect(written.report.layerSqnrSkipped).to.match(/2 GB or more/);
     } finally {
       io.ONE_BUFFER_LIMIT = limit;
       fs.rmSync(dir, { recursive: true });
@@ -983,7 +986,7 @@ describe('large models', () => {
         io.ONE_BUFFER_LIMIT = limit;
       }
       expect(large.report.activations.map((a) => [a.tensor, a.scale, a.zeroPoint])).to.deep.equal(small.report.activations.map((a) => [a.tensor, a.scale, a.zeroPoint]));
-      expect(large.report.evaluationSkipped).to.match(/2 GB or more/);
+      expect(large.report.evaluation!.outputs[0].cosine).to.be.above(0.99);
       const written = readModel(path.join(dir, 'q.onnx')).graph!.initializer;
       const expected = readModel(small.model).graph!.initializer;
       expect(written.map((t) => t.name)).to.deep.equal(expected.map((t) => t.name));

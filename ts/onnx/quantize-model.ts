@@ -360,7 +360,7 @@ function canReadTwice(data: CalibrationData): boolean {
 }
 
 /** Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds. */
-export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array, feedsList: Feed[]) {
+export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[]) {
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   const floatSession = await openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.');
   const quantSession = await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG);
@@ -680,23 +680,34 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const random = opts.evaluationFeeds || sample ? [] : [randomFeeds(model, 1), randomFeeds(model, 2)];
   const noRandomFeeds = random.find((f): f is string => typeof f === 'string');
   if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
-  if (!fitsOneFile) report.evaluationSkipped = 'the quantized model is 2 GB or more (written with external data); it was not loaded for comparison';
   const feeds = opts.evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
-  const evaluating = hasOrt() && fitsOneFile && feeds.length > 0;
+  const evaluating = hasOrt() && feeds.length > 0;
   // The self-contained model is what gets evaluated and returned; with external data and no evaluation it is never
   // needed whole (the data are written tensor by tensor).
   const bytes = fitsOneFile && (evaluating || !external) ? await time('serialize', () => serializeModel(model)) : new Uint8Array(0);
-  if (evaluating) {
+  const evaluate = async (quantized: Uint8Array | string) => {
     opts.onProgress?.('evaluate');
     const t0 = performance.now();
     // The float model as given: its file (onnxruntime reads external data next to it) or its bytes.
-    report.evaluation = await compareOutputs(input, bytes, feeds);
-    if (prepared) await layerSqnr(prepared, model, layers, feeds);
+    report.evaluation = await compareOutputs(input, quantized, feeds);
+    if (prepared && fitsOneFile) await layerSqnr(prepared, model, layers, feeds);
     else if (floatTooLarge) report.layerSqnrSkipped = 'the float model is 2 GB or more: lowbit does not keep a float copy of it through the weight pass to compare layer by layer';
+    else if (!fitsOneFile) report.layerSqnrSkipped = 'the quantized model is 2 GB or more: it is compared from its written file, not layer by layer';
     timings.evaluate = performance.now() - t0;
-  }
+  };
+  if (evaluating && fitsOneFile) await evaluate(bytes);
   if (external) {
     const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!));
+    // A model of 2 GB or more is compared from the files just written (one buffer cannot hold it); if that fails,
+    // the files go too: an error leaves no output.
+    if (evaluating && !fitsOneFile) {
+      try {
+        await evaluate(opts.outputPath!);
+      } catch (e) {
+        for (const f of [opts.outputPath!, `${opts.outputPath!}.data`]) fs.rmSync(f, { force: true });
+        throw e;
+      }
+    }
     return { model: modelBytes, report };
   }
   if (opts.outputPath) await time('write', () => writeFileAtomic(opts.outputPath!, bytes));
