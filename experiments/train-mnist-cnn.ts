@@ -14,6 +14,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
+import { writeNpy } from '../test/helpers/npy';
 import { rng } from '../test/helpers/random';
 import { loadMnist } from '../ts/train/mnist';
 
@@ -290,16 +291,6 @@ function exportOnnx(file: string): void {
   fs.writeFileSync(file, toBinary(ModelProtoSchema, model));
 }
 
-function writeNpy(file: string, data: Float32Array, dims: number[]): void {
-  let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${dims.join(', ')}), }`;
-  header += ' '.repeat(64 - ((10 + header.length + 1) % 64)) + '\n';
-  const head = Buffer.alloc(10);
-  head.write('\x93NUMPY', 0, 'latin1');
-  head[6] = 1;
-  head.writeUInt16LE(header.length, 8);
-  fs.writeFileSync(file, Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(data.buffer, data.byteOffset, data.byteLength)]));
-}
-
 function main(): void {
   const train = loadMnist('train', TRAIN_IMAGES);
   const order = Array.from({ length: train.count }, (_, i) => i);
@@ -326,7 +317,7 @@ function main(): void {
   exportOnnx(out);
   const calib = path.join(root, 'assets', 'mnist-calibration', 'input');
   fs.mkdirSync(calib, { recursive: true });
-  writeNpy(path.join(calib, '000.npy'), train.images.slice(0, 64 * 784), [64, 1, 28, 28]);
+  writeNpy(path.join(calib, '000.npy'), '<f4', [64, 1, 28, 28], train.images.slice(0, 64 * 784));
   console.log(`wrote ${out} and ${calib}/000.npy`);
 }
 

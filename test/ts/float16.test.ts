@@ -13,6 +13,7 @@ import { OnnxModelError, readModel } from '../../ts/onnx/model-io';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
 import { activationParams } from '../../ts/onnx/passes/quantize-activations';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
+import { writeNpy } from '../helpers/npy';
 import { normalFeeds } from '../helpers/random';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { roundHalfToEven } from '../../ts/quant-params';
@@ -279,7 +280,7 @@ describe('float16', () => {
     const half = toHalfModel(twoConvs());
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-f16-'));
     fs.mkdirSync(path.join(dir, 'input'));
-    for (let b = 0; b < 3; b++) writeNpyFloat16(path.join(dir, 'input', `${b}.npy`), toFloat16Array(heInit(2 * 36, 1, 10 + b)), [2, 1, 6, 6]);
+    for (let b = 0; b < 3; b++) writeNpy(path.join(dir, 'input', `${b}.npy`), '<f2', [2, 1, 6, 6], toFloat16Array(heInit(2 * 36, 1, 10 + b)));
     const feeds = [0, 1].map((seed) => ({ input: { data: toFloat16Array(heInit(36, 1, 20 + seed)), dims: [1, 1, 6, 6] } }));
     const { model, report } = await quantizeModel(half, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: dir, evaluationFeeds: feeds });
     fs.rmSync(dir, { recursive: true });
@@ -372,14 +373,3 @@ describe('float16', () => {
     }
   });
 });
-
-/** A C-order .npy file of float16 values ('<f2'). */
-function writeNpyFloat16(file: string, data: Uint16Array, dims: number[]): void {
-  let header = `{'descr': '<f2', 'fortran_order': False, 'shape': (${dims.join(', ')}${dims.length === 1 ? ',' : ''}), }`;
-  header += ' '.repeat(64 - ((10 + header.length + 1) % 64)) + '\n';
-  const head = Buffer.alloc(10);
-  head.write('\x93NUMPY', 0, 'latin1');
-  head[6] = 1;
-  head.writeUInt16LE(header.length, 8);
-  fs.writeFileSync(file, Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(data.buffer, data.byteOffset, data.byteLength)]));
-}

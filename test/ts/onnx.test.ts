@@ -21,6 +21,7 @@ import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel,
 import { writeMatMulChain } from '../../ts/bench/large-model';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
+import { writeNpy } from '../helpers/npy';
 import { buildModel, heInit } from '../helpers/onnx-builder';
 import { normalFeeds, rng } from '../helpers/random';
 import { renderedTextLineFeeds } from '../helpers/text-lines';
@@ -302,22 +303,11 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
 });
 
 describe('.npy calibration folders', () => {
-  function writeNpy(file: string, data: Float32Array, dims: number[]): void {
-    let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${dims.join(', ')}${dims.length === 1 ? ',' : ''}), }`;
-    header += ' '.repeat(64 - ((10 + header.length + 1) % 64)) + '\n';
-    const head = Buffer.alloc(10);
-    head.write('\x93NUMPY', 0, 'latin1');
-    head[6] = 1;
-    head[7] = 0;
-    head.writeUInt16LE(header.length, 8);
-    fs.writeFileSync(file, Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(data.buffer)]));
-  }
-
   it('reads float32 .npy batches per input and rejects other dtypes', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
     fs.mkdirSync(path.join(dir, 'x'));
-    writeNpy(path.join(dir, 'x', '0.npy'), Float32Array.of(1, 2, 3, 4, 5, 6), [2, 3]);
-    writeNpy(path.join(dir, 'x', '1.npy'), Float32Array.of(7, 8, 9, 10, 11, 12), [2, 3]);
+    writeNpy(path.join(dir, 'x', '0.npy'), '<f4', [2, 3], Float32Array.of(1, 2, 3, 4, 5, 6));
+    writeNpy(path.join(dir, 'x', '1.npy'), '<f4', [2, 3], Float32Array.of(7, 8, 9, 10, 11, 12));
     const first = readNpy(path.join(dir, 'x', '0.npy'));
     expect(first.dims).to.deep.equal([2, 3]);
     expect(Array.from(first.data)).to.deep.equal([1, 2, 3, 4, 5, 6]);

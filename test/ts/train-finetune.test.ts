@@ -17,6 +17,7 @@ import { ort } from '../../ts/bench/ort-models';
 import { readModel } from '../../ts/onnx/model-io';
 import { floatData } from '../../ts/onnx/graph';
 import { loadMnist } from '../../ts/train/mnist';
+import { writeNpy } from '../helpers/npy';
 import { buildModel, mnistCnn } from '../helpers/onnx-builder';
 
 const BUNDLED = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
@@ -322,23 +323,13 @@ describe('finetune: bad input', () => {
   });
 });
 
-function writeNpy(file: string, descr: string, dims: number[], body: Uint8Array): void {
-  let header = `{'descr': '${descr}', 'fortran_order': False, 'shape': (${dims.join(', ')}${dims.length === 1 ? ',' : ''}), }`;
-  header += ' '.repeat(63 - ((10 + header.length) % 64)) + '\n';
-  const head = Buffer.alloc(10);
-  head.write('\x93NUMPY', 0, 'latin1');
-  head[6] = 1;
-  head.writeUInt16LE(header.length, 8);
-  fs.writeFileSync(file, Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(body)]));
-}
-
 describe('lowbit finetune (CLI)', () => {
   it('fine-tunes from an inputs.npy/labels.npy folder with LSQ W4A4, shows progress and the epoch table, writes the model', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-ft-'));
     const set = subset('train', 256);
     const data = path.join(dir, 'data');
     fs.mkdirSync(data);
-    writeNpy(path.join(data, 'inputs.npy'), '<f4', [256, 1, 28, 28], new Uint8Array(set.inputs.data.buffer, set.inputs.data.byteOffset, set.inputs.data.byteLength));
+    writeNpy(path.join(data, 'inputs.npy'), '<f4', [256, 1, 28, 28], set.inputs.data);
     writeNpy(path.join(data, 'labels.npy'), '|u1', [256], set.labels as Uint8Array);
     const cli = path.resolve(__dirname, '..', '..', 'ts', 'cli.js');
     const r = spawnSync(process.execPath, [cli, 'finetune', BUNDLED, '--data', data, '--validation', data, '--method', 'lsq', '--batch-size', '32'],
