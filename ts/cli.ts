@@ -79,7 +79,7 @@ export function program(): Command {
     .option('--groups <n>', 'GDRQ: output-channel groups per layer, one clip each', parseNumber)
     .option('--scale-clip <k>', 'GDRQ Scale-Clip of the weights at k·mean|W| before quantizing', parseNumber)
     .option('--rounding <r>', "'nearest', 'sum-preserving' (each conv filter keeps its response to flat input) or 'gptq' (minimise each layer's output error on --calib data)", 'nearest')
-    .option('--calib <folder>', 'calibration data: one subfolder of .npy batches per model input (float32, or int64/int32 for integer inputs such as token ids)')
+    .option('--calib <folder>', 'calibration data: one subfolder of .npy batches per model input (float32; float16 for float16 inputs; int64/int32 for integer inputs such as token ids)')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
     .option('--report <file>', 'also write the report as JSON')
     .option('--no-evaluate', 'do not compare the quantized model with the float one in onnxruntime (saves time and memory on large models)')
@@ -99,7 +99,7 @@ export function program(): Command {
       }
       if (amethod === 'dynamic') o.abits ??= 8;
       if (!o.calib && ((o.abits !== undefined && amethod !== 'dynamic') || o.rounding === 'gptq')) {
-        throw new Error(`${o.abits !== undefined ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of float32 .npy batches per model input).`);
+        throw new Error(`${o.abits !== undefined ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of .npy batches per model input, in the input's type).`);
       }
       if (o.quantizeOutputs && o.abits === undefined) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       if (o.equalizeDepthwise && o.abits === undefined) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
