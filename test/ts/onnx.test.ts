@@ -17,7 +17,7 @@ import { layerInput, quantizeWeights } from '../../ts/onnx/passes/quantize-weigh
 import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
-import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel, writeFileAtomic } from '../../ts/onnx/model-io';
+import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel, storedBytes, writeFileAtomic } from '../../ts/onnx/model-io';
 import { writeMatMulChain } from '../../ts/bench/large-model';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
@@ -982,6 +982,20 @@ describe('large models', () => {
       expect(written.map((t) => t.name)).to.deep.equal(expected.map((t) => t.name));
       written.forEach((t, i) => expect(Buffer.from(t.rawData).equals(Buffer.from(expected[i].rawData)), t.name).to.equal(true));
     }
+    // A float model above the limit whose quantized model is below it: compared layer by layer from a temporary copy,
+    // with the same figures as below the limit.
+    const options = { weights: { bits: 8 as const }, activations: { bits: 8 as const }, calibration };
+    const small = await quantizeModel(model, options);
+    io.ONE_BUFFER_LIMIT = (storedBytes(readModel(model)) + storedBytes(readModel(small.model))) / 2;
+    let mid: Awaited<ReturnType<typeof quantizeModel>>;
+    try {
+      mid = await quantizeModel(model, options);
+    } finally {
+      io.ONE_BUFFER_LIMIT = limit;
+    }
+    expect(mid.report.layerSqnrSkipped).to.equal(undefined);
+    expect(mid.report.layers.map((l) => l.outputSqnrDb)).to.deep.equal(small.report.layers.map((l) => l.outputSqnrDb));
+    expect(mid.report.layers.every((l) => l.outputSqnrDb! > 20)).to.equal(true);
     expect(temporary()).to.equal(before);
     fs.rmSync(dir, { recursive: true });
   });

@@ -184,7 +184,7 @@ function copyWithOutputs(model: ModelProto, names: string[]): ModelProto {
  * The model with extra outputs, as onnxruntime will load it: its bytes, or — for a model of 2 GB or more, which one
  * buffer cannot hold — a temporary file with its weights in external data, which `dispose` removes.
  */
-function exposedModel(model: ModelProto, names: string[]): { source: Uint8Array | string; dispose: () => void } {
+export function exposedModel(model: ModelProto, names: string[]): { source: Uint8Array | string; dispose: () => void } {
   if (storedBytes(model) < ONE_BUFFER_LIMIT) return { source: withOutputs(model, names), dispose: () => undefined };
   const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-calibration-'));
   // Best effort: a folder that cannot be removed (held open elsewhere) must not replace the calibration's result or error.

@@ -16,7 +16,7 @@ import { Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeFileAtomic, writeModelWithExternalData,
 } from './model-io';
-import { calibrate, checkFeed, modelInputs, ortTensor, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
+import { calibrate, checkFeed, exposedModel, modelInputs, ortTensor, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
@@ -298,8 +298,23 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   if (feedsList.length === 0) return;
   const names = layers.map((l) => l.output);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  const f = await openSession(withOutputs(preparedFloat, names), options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
-  const q = await openSession(withOutputs(quantized, names), options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
+  // A float model of 2 GB or more loads from a temporary copy with external data (as for calibration).
+  const exposedFloat = exposedModel(preparedFloat, names);
+  let f: Awaited<ReturnType<typeof openSession>>;
+  let q: Awaited<ReturnType<typeof openSession>>;
+  try {
+    f = await openSession(exposedFloat.source, options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
+  } catch (e) {
+    exposedFloat.dispose();
+    throw e;
+  }
+  try {
+    q = await openSession(withOutputs(quantized, names), options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
+  } catch (e) {
+    await f.release();
+    exposedFloat.dispose();
+    throw e;
+  }
   const signal = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
   try {
@@ -318,8 +333,12 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
       await nextTurn();
     }
   } finally {
-    await f.release();
-    await q.release();
+    try {
+      await f.release();
+      await q.release();
+    } finally {
+      exposedFloat.dispose();
+    }
   }
   layers.forEach((l, i) => (l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i])));
 }
@@ -492,10 +511,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const dataBiasCorrection = !!(opts.activations && opts.activations.biasCorrection);
   const gptq = opts.weights.rounding === 'gptq';
   // onnxruntime-node takes lowbit's models as one buffer: a float model of 2 GB or more (external data) is compared
-  // from its file and calibrated from a temporary copy with external data (see calibrate), but not compared layer by
-  // layer (that would keep a second float copy through the weight pass).
-  const floatBytes = storedBytes(model);
-  const floatTooLarge = floatBytes >= ONE_BUFFER_LIMIT;
+  // from its file, and calibrated and compared layer by layer from temporary copies with external data (see
+  // calibrate's exposedModel).
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   const targets = quantizableLayers(graph, opts.keepFloat);
   if (targets.length === 0) {
@@ -518,10 +535,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   // The float model for calibration and the layer SQNR (the clone shares the weights' bytes; lazily read ones stay lazy).
   // Calibration runs it before the weights are quantized: GPTQ rounding needs its input statistics.
-  // A float model of 2 GB or more is calibrated as it is (before the weight pass changes it) and not compared layer by
-  // layer, so it is not cloned: cloning reads every lazily read tensor.
-  let prepared: ModelProto | undefined = floatTooLarge ? (calibrating ? graph.model : undefined)
-    : !calibrating && opts.evaluationFeeds?.length === 0 ? undefined : cloneSharingData(graph.model);
+  let prepared: ModelProto | undefined = !calibrating && opts.evaluationFeeds?.length === 0 ? undefined : cloneSharingData(graph.model);
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   // The layers' names in the report, before bias correction renames unnamed layers' outputs.
   const labels = new Map(targets.map((n) => [n, nodeLabel(n)]));
@@ -599,7 +613,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   }
   // Without an evaluation nothing needs the float model any more: dropping it lets each layer's float weights be
   // freed once the layer is quantized (a large model's peak memory then stays near its quantized size).
-  if (opts.evaluationFeeds?.length === 0 || floatTooLarge) prepared = undefined;
+  if (opts.evaluationFeeds?.length === 0) prepared = undefined;
   const { report: weightReport, layers, weights } = await time('quantize-weights', () => runStepsAsync(quantizeWeightsByLayer(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
@@ -691,7 +705,6 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     // The float model as given: its file (onnxruntime reads external data next to it) or its bytes.
     report.evaluation = await compareOutputs(input, quantized, feeds);
     if (prepared && fitsOneFile) await layerSqnr(prepared, model, layers, feeds);
-    else if (floatTooLarge) report.layerSqnrSkipped = 'the float model is 2 GB or more: lowbit does not keep a float copy of it through the weight pass to compare layer by layer';
     else if (!fitsOneFile) report.layerSqnrSkipped = 'the quantized model is 2 GB or more: it is compared from its written file, not layer by layer';
     timings.evaluate = performance.now() - t0;
   };
