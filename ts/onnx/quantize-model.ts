@@ -16,7 +16,7 @@ import { Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeFileAtomic, writeModelWithExternalData,
 } from './model-io';
-import { calibrate, checkFeed, exposedModel, modelInputs, ortTensor, withOutputs, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
+import { calibrate, checkFeed, exposedModel, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
@@ -298,21 +298,22 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   if (feedsList.length === 0) return;
   const names = layers.map((l) => l.output);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  // A float model of 2 GB or more loads from a temporary copy with external data (as for calibration).
+  // A model of 2 GB or more loads from a temporary copy with external data (as for calibration).
   const exposedFloat = exposedModel(preparedFloat, names);
-  let f: Awaited<ReturnType<typeof openSession>>;
+  let exposedQuantized: ReturnType<typeof exposedModel> | undefined;
+  const dispose = () => {
+    exposedFloat.dispose();
+    exposedQuantized?.dispose();
+  };
+  let f: Awaited<ReturnType<typeof openSession>> | undefined;
   let q: Awaited<ReturnType<typeof openSession>>;
   try {
     f = await openSession(exposedFloat.source, options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
+    exposedQuantized = exposedModel(quantized, names);
+    q = await openSession(exposedQuantized.source, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
   } catch (e) {
-    exposedFloat.dispose();
-    throw e;
-  }
-  try {
-    q = await openSession(withOutputs(quantized, names), options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
-  } catch (e) {
-    await f.release();
-    exposedFloat.dispose();
+    await f?.release();
+    dispose();
     throw e;
   }
   const signal = new Float64Array(names.length);
@@ -337,7 +338,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
       await f.release();
       await q.release();
     } finally {
-      exposedFloat.dispose();
+      dispose();
     }
   }
   layers.forEach((l, i) => (l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i])));
@@ -699,23 +700,27 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // The self-contained model is what gets evaluated and returned; with external data and no evaluation it is never
   // needed whole (the data are written tensor by tensor).
   const bytes = fitsOneFile && (evaluating || !external) ? await time('serialize', () => serializeModel(model)) : new Uint8Array(0);
-  const evaluate = async (quantized: Uint8Array | string) => {
-    opts.onProgress?.('evaluate');
+  const evaluationTime = async (fn: () => Promise<void>) => {
     const t0 = performance.now();
-    // The float model as given: its file (onnxruntime reads external data next to it) or its bytes.
-    report.evaluation = await compareOutputs(input, quantized, feeds);
-    if (prepared && fitsOneFile) await layerSqnr(prepared, model, layers, feeds);
-    else if (!fitsOneFile) report.layerSqnrSkipped = 'the quantized model is 2 GB or more: it is compared from its written file, not layer by layer';
-    timings.evaluate = performance.now() - t0;
+    await fn();
+    timings.evaluate = (timings.evaluate ?? 0) + performance.now() - t0;
   };
-  if (evaluating && fitsOneFile) await evaluate(bytes);
+  if (evaluating) {
+    opts.onProgress?.('evaluate');
+    // The float model as given: its file (onnxruntime reads external data next to it) or its bytes. A quantized model
+    // of 2 GB or more is compared layer by layer here, before the write moves its data out (from temporary copies),
+    // and as a whole from its written files below.
+    await evaluationTime(async () => {
+      if (fitsOneFile) report.evaluation = await compareOutputs(input, bytes, feeds);
+      if (prepared) await layerSqnr(prepared, model, layers, feeds);
+    });
+  }
   if (external) {
     const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!));
-    // A model of 2 GB or more is compared from the files just written (one buffer cannot hold it); if that fails,
-    // the files go too: an error leaves no output.
+    // If that comparison fails, the files go too: an error leaves no output.
     if (evaluating && !fitsOneFile) {
       try {
-        await evaluate(opts.outputPath!);
+        await evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds)));
       } catch (e) {
         for (const f of [opts.outputPath!, `${opts.outputPath!}.data`]) fs.rmSync(f, { force: true });
         throw e;
