@@ -11,7 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
-import { externalizeData, serializeModel } from '../onnx/model-io';
+import { serializeModel, writeModelWithExternalData } from '../onnx/model-io';
 import { quantizeModel, type QuantizeModelOptions } from '../onnx/quantize-model';
 import { ort } from './ort-models';
 import { table } from './timing';
@@ -64,10 +64,9 @@ export function writeMatMulChain(file: string, layers: number, inline = false, b
     fs.writeFileSync(file, serializeModel(model));
     return layers * WIDTH * WIDTH * 4;
   }
-  const data = externalizeData(model, `${path.basename(file)}.data`);
-  fs.writeFileSync(`${file}.data`, data);
-  fs.writeFileSync(file, serializeModel(model));
-  return data.length;
+  // Streamed tensor by tensor: a chain of 2 GB or more cannot be one buffer.
+  writeModelWithExternalData(model, file);
+  return fs.statSync(`${file}.data`).size;
 }
 
 /** In the child process: one setting; prints { ms, peakMb }. */

@@ -256,22 +256,6 @@ function floatDataToRaw(t: TensorProto, threshold: number): void {
 }
 
 /**
- * Moves the data of large initializers (>= `threshold` bytes) into one external
- * file named `dataFile` and returns its bytes (see moveDataOut).
- */
-export function externalizeData(model: ModelProto, dataFile: string, threshold = 1024): Uint8Array {
-  const chunks: Uint8Array[] = [];
-  moveDataOut(model, dataFile, threshold, (bytes) => chunks.push(bytes));
-  const data = new Uint8Array(chunks.reduce((a, c) => a + c.length, 0));
-  let at = 0;
-  for (const c of chunks) {
-    data.set(c, at);
-    at += c.length;
-  }
-  return data;
-}
-
-/**
  * Writes the model to `file` with the data of its large initializers in `<file>.data` (streamed: one tensor in
  * memory at a time; see moveDataOut) and returns the model file's bytes. Both files are written to temporary
  * files first and renamed only when both are complete: a failure leaves neither.
