@@ -12,7 +12,7 @@ export function describe(value: unknown): string {
   if (typeof value === 'string') return JSON.stringify(value.length > 40 ? value.slice(0, 40) + '…' : value);
   if (typeof value === 'boolean' || typeof value === 'bigint') return `${value} (${typeof value})`;
   if (ArrayBuffer.isView(value)) {
-    if (detached(value)) return `${value.constructor.name} on a detached buffer`;
+    if (isDetached(value)) return `${value.constructor.name} on a detached buffer`;
     const len = (value as unknown as { length?: number }).length;
     return `${value.constructor.name}${len === undefined ? '' : ` of length ${len}`}`;
   }
@@ -26,11 +26,16 @@ export function describe(value: unknown): string {
   return name && name !== 'Object' ? `a ${name}` : 'an object';
 }
 
-/** Whether a view's buffer was transferred or detached (slicing a detached buffer throws). */
-function detached(view: ArrayBufferView): boolean {
-  if (typeof SharedArrayBuffer !== 'undefined' && view.buffer instanceof SharedArrayBuffer) return false;
+/** True when the typed array's buffer was transferred or detached. */
+export function isDetached(view: ArrayBufferView): boolean {
+  const buffer = view.buffer as ArrayBuffer & { detached?: boolean };
+  if (typeof buffer.detached === 'boolean') return buffer.detached;
+  // Node 20 lacks ArrayBuffer.prototype.detached; a detached buffer has no bytes and
+  // its views report length 0 at offset 0, which a real zero-length buffer cannot
+  // be told apart from, so probe: slicing a detached buffer throws.
+  if (buffer.byteLength !== 0) return false;
   try {
-    view.buffer.slice(0, 0);
+    buffer.slice(0, 0);
     return false;
   } catch {
     return true;

@@ -3,26 +3,10 @@
  * layer only ever sees well-formed input. Each failure names the parameter,
  * what was expected, what was received and what to do.
  */
-import { invalidType, invalidValue } from './errors';
+import { invalidType, invalidValue, isDetached } from './errors';
 
 export function isPlainObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v) && !ArrayBuffer.isView(v);
-}
-
-/** True when the typed array's buffer was transferred or detached. */
-export function isDetached(view: ArrayBufferView): boolean {
-  const buffer = view.buffer as ArrayBuffer & { detached?: boolean };
-  if (typeof buffer.detached === 'boolean') return buffer.detached;
-  // Node 20 lacks ArrayBuffer.prototype.detached; a detached buffer has no bytes and
-  // its views report length 0 at offset 0, which a real zero-length buffer cannot
-  // be told apart from, so probe: slicing a detached buffer throws.
-  if (buffer.byteLength !== 0) return false;
-  try {
-    buffer.slice(0, 0);
-    return false;
-  } catch {
-    return true;
-  }
 }
 
 export function checkFloat32Array(name: string, v: unknown): Float32Array {

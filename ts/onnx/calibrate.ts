@@ -184,7 +184,7 @@ function copyWithOutputs(model: ModelProto, names: string[]): ModelProto {
  * The model with extra outputs, as onnxruntime will load it: its bytes, or — for a model of 2 GB or more, which one
  * buffer cannot hold — a temporary file with its weights in external data, which `dispose` removes.
  */
-export function exposedModel(model: ModelProto, names: string[]): { source: Uint8Array | string; dispose: () => void } {
+function exposedModel(model: ModelProto, names: string[]): { source: Uint8Array | string; dispose: () => void } {
   if (storedBytes(model) < ONE_BUFFER_LIMIT) return { source: withOutputs(model, names), dispose: () => undefined };
   const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-calibration-'));
   // Best effort: a folder that cannot be removed (held open elsewhere) must not replace the calibration's result or error.
@@ -203,6 +203,30 @@ export function exposedModel(model: ModelProto, names: string[]): { source: Uint
     dispose();
     throw e;
   }
+}
+
+/**
+ * An onnxruntime session on the model with extra outputs (from a temporary copy for a model of 2 GB or more, see
+ * exposedModel); `close` releases it, then removes the copy (onnxruntime may map the external data file).
+ */
+export async function openExposed(model: ModelProto, names: string[], options: Parameters<typeof openSession>[1], what: string, remedy: string):
+  Promise<{ session: Awaited<ReturnType<typeof openSession>>; close: () => Promise<void> }> {
+  const exposed = exposedModel(model, names);
+  let session: Awaited<ReturnType<typeof openSession>>;
+  try {
+    session = await openSession(exposed.source, options, what, remedy);
+  } catch (e) {
+    exposed.dispose();
+    throw e;
+  }
+  const close = async () => {
+    try {
+      await session.release();
+    } finally {
+      exposed.dispose();
+    }
+  };
+  return { session, close };
 }
 
 /**
@@ -246,8 +270,8 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
   return f as Feed;
 }
 
-/** An exposed tensor's values as float32 (float16 ones converted; the observers take float32). */
-function outputValues(t: { type: string; data: unknown }): Float32Array {
+/** An onnxruntime output's values as float32 (float16 ones converted: observers and comparisons take float32). */
+export function floatValues(t: { type: string; data: unknown }): Float32Array {
   return t.type === 'float16' ? fromFloat16Array(t.data as Uint16Array) : t.data as Float32Array;
 }
 
@@ -271,16 +295,9 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const all = [...tensors.map((t) => ({ tensor: t, observe: (data: Float32Array) => observers.get(t)!.observe(data) })), ...(options.tensorObservers ?? [])];
   const exposed = [...new Set(all.map((o) => o.tensor))];
   for (const input of modelInputs(model)) feedType(input.name, input.elemType);  // before loading anything
-  const exposedFloat = exposedModel(model, exposed);
-  let session: Awaited<ReturnType<typeof openSession>>;
-  try {
-    session = await openSession(exposedFloat.source, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
-      'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
-      'BatchNormalization folding broke it: a lowbit bug, please report it with the model.');
-  } catch (e) {
-    exposedFloat.dispose();
-    throw e;
-  }
+  const { session, close } = await openExposed(model, exposed, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
+    'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
+    'BatchNormalization folding broke it: a lowbit bug, please report it with the model.');
   const sample: Feed[] = [];
   const float16 = new Set<string>();
   const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
@@ -292,7 +309,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       // Nothing to observe (no layer whose inputs the observers take): the run still checks the feed in onnxruntime.
       const outputs = await runSession(session, inputs, exposed.length > 0 ? exposed : undefined, `the float model on calibration[${batches}]`,
         'Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.');
-      const values = new Map(exposed.map((t) => [t, outputValues(outputs[t])]));
+      const values = new Map(exposed.map((t) => [t, floatValues(outputs[t])]));
       for (const t of exposed) if (outputs[t].type === 'float16') float16.add(t);
       for (const o of all) {
         try {
@@ -312,11 +329,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       batches++;
     }
   } finally {
-    try {
-      await session.release();
-    } finally {
-      exposedFloat.dispose();  // after the release: onnxruntime may map the external data file
-    }
+    await close();
   }
   if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
   return { observers, batches, sample, float16 };

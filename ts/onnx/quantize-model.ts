@@ -9,14 +9,14 @@ import * as fs from 'node:fs';
 import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
-import { fromFloat16Array, toFloat16Array } from '../float16';
+import { toFloat16Array } from '../float16';
 import { hasOrt, openSession, runSession } from '../bench/ort-models';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeFileAtomic, writeModelWithExternalData,
 } from './model-io';
-import { calibrate, checkFeed, exposedModel, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
+import { calibrate, checkFeed, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
@@ -241,11 +241,6 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   return options as unknown as QuantizeModelOptions;
 }
 
-/** An onnxruntime output's values as numbers (float16 ones converted). */
-function floatValues(t: { type: string; data: unknown }): Float32Array {
-  return t.type === 'float16' ? fromFloat16Array(t.data as Uint16Array) : t.data as Float32Array;
-}
-
 function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let ab = 0;
   let aa = 0;
@@ -299,21 +294,12 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   const names = layers.map((l) => l.output);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   // A model of 2 GB or more loads from a temporary copy with external data (as for calibration).
-  const exposedFloat = exposedModel(preparedFloat, names);
-  let exposedQuantized: ReturnType<typeof exposedModel> | undefined;
-  const dispose = () => {
-    exposedFloat.dispose();
-    exposedQuantized?.dispose();
-  };
-  let f: Awaited<ReturnType<typeof openSession>> | undefined;
-  let q: Awaited<ReturnType<typeof openSession>>;
+  const f = await openExposed(preparedFloat, names, options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
+  let q: Awaited<ReturnType<typeof openExposed>>;
   try {
-    f = await openSession(exposedFloat.source, options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
-    exposedQuantized = exposedModel(quantized, names);
-    q = await openSession(exposedQuantized.source, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
+    q = await openExposed(quantized, names, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
   } catch (e) {
-    await f?.release();
-    dispose();
+    await f.close();
     throw e;
   }
   const signal = new Float64Array(names.length);
@@ -321,8 +307,8 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   try {
     for (const [index, feeds] of feedsList.entries()) {
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
-      const fo = await runSession(f, tensors, names, `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
-      const qo = await runSession(q, tensors, names, `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
+      const fo = await runSession(f.session, tensors, names, `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
+      const qo = await runSession(q.session, tensors, names, `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
       names.forEach((name, i) => {
         const a = floatValues(fo[name]);
         const b = floatValues(qo[name]);
@@ -335,10 +321,9 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
     }
   } finally {
     try {
-      await f.release();
-      await q.release();
+      await f.close();
     } finally {
-      dispose();
+      await q.close();
     }
   }
   layers.forEach((l, i) => (l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i])));
@@ -461,11 +446,11 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   const halfWeights = quantizableLayers(graph, opts.keepFloat).filter((n) => graph.constant(n.input[1])!.dataType === TensorProto_DataType.FLOAT16);
   // Float16 layers take calibrated activations (float16 scales) but not what rewrites their float tensors from
   // calibration statistics, nor the dynamic-quantization operators, which are float32 only.
-  const unsupportedForHalf = !opts.activations ? undefined
-    : opts.activations.method === 'dynamic' ? "activations.method 'dynamic'"
-      : opts.activations.biasCorrection ? 'activations.biasCorrection'
-        : opts.activations.equalizeDepthwise ? 'activations.equalizeDepthwise' : undefined;
-  const halfUnsupported = opts.weights.rounding === 'gptq' ? "weights.rounding 'gptq'" : unsupportedForHalf;
+  const requested = opts.activations || undefined;
+  const halfUnsupported = [
+    [opts.weights.rounding === 'gptq', "weights.rounding 'gptq'"], [requested?.method === 'dynamic', "activations.method 'dynamic'"],
+    [requested?.biasCorrection, 'activations.biasCorrection'], [requested?.equalizeDepthwise, 'activations.equalizeDepthwise'],
+  ].find(([used]) => used)?.[1];
   if (halfWeights.length > 0 && halfUnsupported) {
     throw new OnnxModelError(`Layer '${nodeLabel(halfWeights[0])}' has float16 weights: ${halfUnsupported} works on float32 layers only. ` +
       'Drop that option (float16 models take weights and calibrated activations), or convert the model to float32.');

@@ -81,9 +81,9 @@ function productScaleBias(values: Float32Array, s: LayerScales): { values: Int32
   if (s.weight.length !== values.length) return undefined;
   const scale = Float32Array.from(s.weight, (w) => fromFloat16Bits(toFloat16Bits(s.activation * w)));
   if (scale.some((x) => !(x >= 2 ** -14) || !Number.isFinite(x))) return undefined;
-  const q = Int32Array.from(values, (v, c) => Math.round(v / scale[c]));
-  if (values.some((v, c) => Math.abs(Math.round(v / scale[c])) > 2 ** 31 - 1)) return undefined;
-  return { values: q, scale: makeTensor('', TensorProto_DataType.FLOAT16, [scale.length], new Uint8Array(toFloat16Array(scale).buffer)) };
+  const rounded = Array.from(values, (v, c) => Math.round(v / scale[c]));
+  if (rounded.some((q) => Math.abs(q) > 2 ** 31 - 1)) return undefined;
+  return { values: Int32Array.from(rounded), scale: makeTensor('', TensorProto_DataType.FLOAT16, [scale.length], new Uint8Array(toFloat16Array(scale).buffer)) };
 }
 
 /** A float16 bias as int32 values and one power-of-two float16 scale (2^-24 at least, float16's smallest step). */
