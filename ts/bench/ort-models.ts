@@ -8,8 +8,6 @@ import {
 } from 'onnx-buf';
 import type * as Ort from 'onnxruntime-node';
 
-import { OnnxModelError } from '../onnx/model-io';
-
 export { TensorProto_DataType as DataType };
 
 let ortModule: typeof Ort | undefined;
@@ -24,32 +22,6 @@ export function ort(): typeof Ort {
     }
   }
   return ortModule;
-}
-
-/**
- * An onnxruntime session on `model`; when onnxruntime rejects the model, an
- * OnnxModelError that says which model (`what`), onnxruntime's reason and what to do.
- */
-export async function openSession(model: Uint8Array | string, options: Ort.InferenceSession.SessionOptions, what: string, remedy: string): Promise<Ort.InferenceSession> {
-  const O = ort();
-  // onnxruntime's own log stays quiet (fatal only): its failures come back as errors that say what to do, and its
-  // warnings (e.g. float16 nodes it cannot constant-fold) are nothing a user can act on.
-  const quiet = { logSeverityLevel: 4 as const, ...options };
-  try {
-    return await (typeof model === 'string' ? O.InferenceSession.create(model, quiet) : O.InferenceSession.create(model, quiet));
-  } catch (e) {
-    throw new OnnxModelError(`onnxruntime cannot load ${what}: ${(e as Error).message.split('\n')[0]}. ${remedy}`);
-  }
-}
-
-/** session.run, with onnxruntime's failure as an OnnxModelError that names the model and the feed and says what to do. */
-export async function runSession(session: Ort.InferenceSession, feeds: Ort.InferenceSession.FeedsType, fetches: string[] | undefined,
-  what: string, remedy: string): Promise<Ort.InferenceSession.ReturnType> {
-  try {
-    return fetches ? await session.run(feeds, fetches) : await session.run(feeds);
-  } catch (e) {
-    throw new OnnxModelError(`onnxruntime could not run ${what}: ${(e as Error).message.split('\n')[0]}. ${remedy}`);
-  }
 }
 
 /** True when onnxruntime-node can be loaded. */

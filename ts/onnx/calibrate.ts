@@ -10,11 +10,12 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type ModelProto } from 'onnx-buf';
 
-import { openSession, ort, runSession } from '../bench/ort-models';
+import { ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
 import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, storedBytes, writeModelWithExternalData } from './model-io';
+import { openSession, runSession } from './ort-session';
 import { nextTurn } from './passes/pass';
 
 /**
@@ -214,7 +215,7 @@ export async function openExposed(model: ModelProto, names: string[], options: P
   const exposed = exposedModel(model, names);
   let session: Awaited<ReturnType<typeof openSession>>;
   try {
-    session = await openSession(exposed.source, options, what, remedy);
+    session = await openSession(exposed.source, options, what, remedy, true);  // the bytes were made for this session
   } catch (e) {
     exposed.dispose();
     throw e;

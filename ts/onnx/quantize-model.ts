@@ -10,7 +10,8 @@ import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf'
 
 import { invalidType, invalidValue } from '../errors';
 import { toFloat16Array } from '../float16';
-import { hasOrt, openSession, runSession } from '../bench/ort-models';
+import { hasOrt } from '../bench/ort-models';
+import { openPair, openSession, runSession } from './ort-session';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph, weightValues } from './graph';
 import {
@@ -294,14 +295,8 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   const names = layers.map((l) => l.output);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   // A model of 2 GB or more loads from a temporary copy with external data (as for calibration).
-  const f = await openExposed(preparedFloat, names, options, 'the float model with its layer outputs exposed', LOWBIT_BUG);
-  let q: Awaited<ReturnType<typeof openExposed>>;
-  try {
-    q = await openExposed(quantized, names, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG);
-  } catch (e) {
-    await f.close();
-    throw e;
-  }
+  const [f, q] = await openPair(() => openExposed(preparedFloat, names, options, 'the float model with its layer outputs exposed', LOWBIT_BUG),
+    () => openExposed(quantized, names, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG), (s) => s.close());
   const signal = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
   try {
@@ -309,15 +304,15 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
       const fo = await runSession(f.session, tensors, names, `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
       const qo = await runSession(q.session, tensors, names, `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
-      names.forEach((name, i) => {
+      for (const [i, name] of names.entries()) {
         const a = floatValues(fo[name]);
         const b = floatValues(qo[name]);
         for (let j = 0; j < a.length; j++) {
           signal[i] += a[j] * a[j];
           noise[i] += (a[j] - b[j]) ** 2;
         }
-      });
-      await nextTurn();
+        await nextTurn();  // a large model's layer outputs take a while each
+      }
     }
   } finally {
     try {
@@ -367,8 +362,9 @@ function canReadTwice(data: CalibrationData): boolean {
 /** Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds. */
 export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[]) {
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  const floatSession = await openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.');
-  const quantSession = await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG);
+  const [floatSession, quantSession] = await openPair(
+    () => openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.'),
+    () => openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG), (s) => s.release());
   const sums = new Map<string, { cos: number; agree: number; ranked: number }>();
   try {
     for (const [index, feeds] of feedsList.entries()) {
@@ -401,8 +397,11 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       await nextTurn();
     }
   } finally {
-    await floatSession.release();
-    await quantSession.release();
+    try {
+      await floatSession.release();
+    } finally {
+      await quantSession.release();
+    }
   }
   return {
     samples: feedsList.length,

@@ -8,11 +8,11 @@
  * float model's output distribution (computed by onnxruntime).
  */
 import type { ModelProto } from 'onnx-buf';
-import type { InferenceSession } from 'onnxruntime-node';
 
 import { invalidType, invalidValue } from '../errors';
-import { openSession, ort } from '../bench/ort-models';
+import { ort } from '../bench/ort-models';
 import { checkOutputPath, OnnxModelError, readModel, serializeModel, writeFileAtomic } from '../onnx/model-io';
+import { openSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
 import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
 import { exportModel, type ExportLayer } from './export';
@@ -324,7 +324,7 @@ export function distillationLoss(logits: Tensor, teacher: Float32Array, dLogits:
 
 /** The float model in onnxruntime: its softmax output for a batch, the targets of distillation. */
 class Teacher {
-  private constructor(private readonly session: InferenceSession, private readonly model: TrainableModel) {}
+  private constructor(private readonly session: OrtSession, private readonly model: TrainableModel) {}
 
   static async create(bytes: Uint8Array, model: TrainableModel): Promise<Teacher> {
     return new Teacher(await openSession(bytes, {}, 'the input model (the teacher for distillation)',

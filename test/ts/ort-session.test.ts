@@ -1,0 +1,127 @@
+// onnxruntime sessions on worker threads (ts/onnx/ort-session.ts): same results as onnxruntime on the calling
+// thread, the caller's buffers untouched, the event loop free while a model runs, typed errors, no hang.
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { expect } from 'chai';
+
+import { matMulFloatModel, ort } from '../../ts/bench/ort-models';
+import { OnnxModelError } from '../../ts/onnx/model-io';
+import { openSession, OrtSession, runSession } from '../../ts/onnx/ort-session';
+import { rng } from '../helpers/random';
+
+const random = (n: number, seed: number) => {
+  const r = rng(seed);
+  return Float32Array.from({ length: n }, () => r() - 0.5);
+};
+
+describe('onnxruntime sessions on a worker thread', () => {
+  it('give the same outputs as onnxruntime on the calling thread, from bytes (a Node Buffer too) or a file, and leave the caller\'s data alone', async () => {
+    const [m, k, n] = [5, 33, 7];
+    const model = matMulFloatModel(m, k, n, random(k * n, 1));
+    const whole = random(3 * m * k, 2);
+    const a = whole.subarray(m * k, 2 * m * k);  // a view into a larger buffer
+    const O = ort();
+    const want = (await (await O.InferenceSession.create(model)).run({ a: new O.Tensor('float32', a, [m, k]) })).y.data as Float32Array;
+
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ort-session-'));
+    try {
+      const file = path.join(dir, 'matmul.onnx');
+      fs.writeFileSync(file, model);
+      const buffer = fs.readFileSync(file);  // a Buffer: its slice() is a view, so copying it needs care
+      for (const source of [model, buffer, file]) {
+        const session = await OrtSession.open(source, {});
+        try {
+          expect(session.inputNames).to.deep.equal(['a']);
+          expect(session.outputNames).to.deep.equal(['y']);
+          const out = await session.run({ a: new O.Tensor('float32', a, [m, k]) });
+          expect(out.y).to.be.instanceOf(O.Tensor);
+          expect(out.y.dims).to.deep.equal([m, n]);
+          expect([...(out.y.data as Float32Array)]).to.deep.equal([...want]);
+        } finally {
+          await session.release();
+        }
+      }
+      expect(model.byteLength, 'model bytes still attached').to.be.greaterThan(0);
+      expect(buffer.byteLength, 'Buffer still attached').to.equal(model.byteLength);
+      expect(whole.byteLength, 'feed buffer still attached').to.equal(3 * m * k * 4);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('given bytes made for them (giveBytes), take their buffer instead of copying it', async () => {
+    const model = matMulFloatModel(2, 3, 4, random(12, 3));
+    const session = await OrtSession.open(model, {}, true);
+    await session.release();
+    expect(model.byteLength, 'the bytes moved to the worker').to.equal(0);
+  });
+
+  it('leave the event loop turning while the model runs', async () => {
+    // One MatMul of 192x1024 by 1024x1024 (0.2 G multiply-adds, single-threaded): run on the calling thread it holds
+    // the loop for its whole duration, so no turn at all could happen while the run is pending.
+    const [m, k, n] = [192, 1024, 1024];
+    const session = await OrtSession.open(matMulFloatModel(m, k, n, random(k * n, 4)), { intraOpNumThreads: 1 });
+    try {
+      const a = new (ort().Tensor)('float32', random(m * k, 5), [m, k]);
+      let done = false;
+      let turns = 0;
+      const spin = () => {
+        if (done) return;
+        turns++;
+        setImmediate(spin);
+      };
+      setImmediate(spin);
+      const runs = await (async () => {
+        let count = 0;
+        for (; count < 3; count++) await session.run({ a });
+        return count;
+      })();
+      done = true;
+      expect(runs).to.equal(3);
+      expect(turns, 'event loop turns while three runs were pending').to.be.greaterThan(10);
+    } finally {
+      await session.release();
+    }
+  });
+
+  it('report what onnxruntime refuses as an OnnxModelError, and refuse work after release', async () => {
+    const bad = new Uint8Array([8, 7, 18, 3, 1, 2]);
+    try {
+      await openSession(bad, {}, 'the test model', 'Fix it.');
+      expect.fail('a model onnxruntime cannot parse was opened');
+    } catch (e) {
+      expect(e).to.be.instanceOf(OnnxModelError);
+      expect((e as Error).message).to.match(/^onnxruntime cannot load the test model: .+\. Fix it\.$/);
+    }
+    const session = await openSession(matMulFloatModel(2, 3, 4, random(12, 6)), {}, 'the test model', 'Fix it.');
+    try {
+      await runSession(session, { a: { type: 'float32', data: new Float32Array(5), dims: [1, 5] } }, undefined, 'the test model on feed 0', 'Check the feed.');
+      expect.fail('a feed of the wrong shape ran');
+    } catch (e) {
+      expect(e).to.be.instanceOf(OnnxModelError);
+      expect((e as Error).message).to.match(/^onnxruntime could not run the test model on feed 0: .+\. Check the feed\.$/);
+    }
+    await session.release();
+    try {
+      await session.run({ a: { type: 'float32', data: new Float32Array(6), dims: [2, 3] } });
+      expect.fail('a released session ran');
+    } catch (e) {
+      expect((e as Error).message).to.match(/worker thread stopped/);
+    }
+  });
+
+  it('never keep the process alive when left open idle', () => {
+    // A process that opens a session and forgets to release it must still exit on its own.
+    const script = `
+      const { OrtSession } = require(${JSON.stringify(path.join(__dirname, '../../ts/onnx/ort-session.js'))});
+      const { matMulFloatModel } = require(${JSON.stringify(path.join(__dirname, '../../ts/bench/ort-models.js'))});
+      OrtSession.open(matMulFloatModel(2, 3, 4, new Float32Array(12)), {}).then(async (s) => {
+        const out = await s.run({ a: { type: 'float32', data: new Float32Array(6), dims: [2, 3] } });
+        console.log('ran', out.y.dims.join('x'));
+      });`;
+    const stdout = execFileSync(process.execPath, ['-e', script], { timeout: 60_000, encoding: 'utf8' });
+    expect(stdout.trim()).to.equal('ran 2x4');
+  });
+});

@@ -1,0 +1,60 @@
+/**
+ * The worker thread behind OrtSession (ort-session.ts): it holds one onnxruntime-node session, so that loading the
+ * model and running it (both synchronous in onnxruntime-node) happen off the caller's event loop.
+ *
+ * Requests: { id, op: 'open', model, options } → { id, inputNames, outputNames };
+ *           { id, op: 'run', feeds, fetches? } → { id, outputs };  { id, op: 'release' } → { id }.
+ * Any failure answers { id, error } with onnxruntime's message. Tensors travel as { type, data, dims }.
+ */
+import { parentPort } from 'node:worker_threads';
+import type * as Ort from 'onnxruntime-node';
+
+import type { PlainTensor, SessionRequest } from './ort-session';
+
+const port = parentPort!;
+let session: Ort.InferenceSession | undefined;
+
+async function answer(request: SessionRequest): Promise<{ reply: object; transfer: ArrayBuffer[] }> {
+  const ort = require('onnxruntime-node') as typeof Ort;
+  switch (request.op) {
+    case 'open': {
+      if (session) throw new Error('this worker already holds a session');
+      session = await (typeof request.model === 'string'
+        ? ort.InferenceSession.create(request.model, request.options)
+        : ort.InferenceSession.create(request.model, request.options));
+      return { reply: { inputNames: session.inputNames, outputNames: session.outputNames }, transfer: [] };
+    }
+    case 'run': {
+      if (!session) throw new Error('no session is open');
+      const feeds = Object.fromEntries(Object.entries(request.feeds).map(([name, t]) =>
+        [name, new ort.Tensor(t.type as 'float32', t.data as Float32Array, t.dims)]));
+      const results = request.fetches ? await session.run(feeds, request.fetches) : await session.run(feeds);
+      const outputs: Record<string, PlainTensor> = {};
+      const transfer: ArrayBuffer[] = [];
+      for (const [name, t] of Object.entries(results)) {
+        outputs[name] = { type: t.type, data: t.data as PlainTensor['data'], dims: t.dims };
+        const data = t.data as ArrayBufferView;
+        // An output that owns its whole buffer moves to the caller instead of being copied.
+        if (ArrayBuffer.isView(data) && data.byteOffset === 0 && data.byteLength === data.buffer.byteLength &&
+          data.buffer instanceof ArrayBuffer && !transfer.includes(data.buffer)) transfer.push(data.buffer);
+      }
+      return { reply: { outputs }, transfer };
+    }
+    case 'release': {
+      const s = session;
+      session = undefined;
+      await s?.release();
+      return { reply: {}, transfer: [] };
+    }
+  }
+}
+
+port.on('message', (request: SessionRequest) => {
+  answer(request).then(({ reply, transfer }) => {
+    try {
+      port.postMessage({ id: request.id, ...reply }, transfer);
+    } catch {
+      port.postMessage({ id: request.id, ...reply });  // a buffer that cannot move (e.g. external memory) is copied
+    }
+  }, (e: unknown) => port.postMessage({ id: request.id, error: e instanceof Error ? e.message : String(e) }));
+});
