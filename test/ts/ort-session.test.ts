@@ -8,7 +8,7 @@ import { expect } from 'chai';
 
 import { matMulFloatModel, ort } from '../../ts/bench/ort-models';
 import { OnnxModelError } from '../../ts/onnx/model-io';
-import { openSession, OrtSession, runSession } from '../../ts/onnx/ort-session';
+import { openSession, OrtHost, OrtSession, runSession } from '../../ts/onnx/ort-session';
 import { rng } from '../helpers/random';
 
 const random = (n: number, seed: number) => {
@@ -56,6 +56,32 @@ describe('onnxruntime sessions on a worker thread', () => {
     const session = await OrtSession.open(model, {}, true);
     await session.release();
     expect(model.byteLength, 'the bytes moved to the worker').to.equal(0);
+  });
+
+  it('share one host thread, which close() ends with whatever is still open', async () => {
+    const O = ort();
+    const host = new OrtHost();
+    await host.close();  // never started: nothing to do
+    const other = new OrtHost();
+    const [m, k, n] = [3, 4, 5];
+    const [b1, b2] = [random(k * n, 7), random(k * n, 8)];
+    const a = new O.Tensor('float32', random(m * k, 9), [m, k]);
+    const first = await other.openSession(matMulFloatModel(m, k, n, b1), {});
+    const second = await other.openSession(matMulFloatModel(m, k, n, b2), {});
+    const want = async (b: Float32Array) => [...((await (await O.InferenceSession.create(matMulFloatModel(m, k, n, b))).run({ a })).y.data as Float32Array)];
+    expect([...((await first.run({ a })).y.data as Float32Array)]).to.deep.equal(await want(b1));
+    expect([...((await second.run({ a })).y.data as Float32Array)]).to.deep.equal(await want(b2));
+    await first.release();
+    await first.release();  // twice is harmless
+    expect([...((await second.run({ a })).y.data as Float32Array)], 'the other session still runs').to.deep.equal(await want(b2));
+    await other.close();
+    try {
+      await second.run({ a });
+      expect.fail('a session of a closed host ran');
+    } catch (e) {
+      expect((e as Error).message).to.match(/host was closed/);
+    }
+    await second.release();  // after close: nothing left to do
   });
 
   it('leave the event loop turning while the model runs', async () => {
@@ -108,7 +134,7 @@ describe('onnxruntime sessions on a worker thread', () => {
       await session.run({ a: { type: 'float32', data: new Float32Array(6), dims: [2, 3] } });
       expect.fail('a released session ran');
     } catch (e) {
-      expect((e as Error).message).to.match(/worker thread stopped/);
+      expect((e as Error).message).to.match(/host was closed/);
     }
   });
 

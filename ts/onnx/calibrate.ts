@@ -15,7 +15,7 @@ import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range }
 import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
 import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, storedBytes, writeModelWithExternalData } from './model-io';
-import { openSession, runSession } from './ort-session';
+import { openSession, runSession, type OrtHost } from './ort-session';
 import { nextTurn } from './passes/pass';
 
 /**
@@ -210,12 +210,13 @@ function exposedModel(model: ModelProto, names: string[]): { source: Uint8Array 
  * An onnxruntime session on the model with extra outputs (from a temporary copy for a model of 2 GB or more, see
  * exposedModel); `close` releases it, then removes the copy (onnxruntime may map the external data file).
  */
-export async function openExposed(model: ModelProto, names: string[], options: Parameters<typeof openSession>[1], what: string, remedy: string):
+export async function openExposed(model: ModelProto, names: string[], options: Parameters<typeof openSession>[1], what: string, remedy: string,
+  host?: OrtHost):
   Promise<{ session: Awaited<ReturnType<typeof openSession>>; close: () => Promise<void> }> {
   const exposed = exposedModel(model, names);
   let session: Awaited<ReturnType<typeof openSession>>;
   try {
-    session = await openSession(exposed.source, options, what, remedy, true);  // the bytes were made for this session
+    session = await openSession(exposed.source, options, what, remedy, { host, giveBytes: true });  // the bytes were made for this session
   } catch (e) {
     exposed.dispose();
     throw e;
@@ -288,6 +289,8 @@ export interface CalibrationResult {
 export async function calibrate(model: ModelProto, tensors: string[], data: CalibrationData, method: ActivationMethod,
   options: {
     keep?: number; onBatch?: (index: number) => void;
+    /** The worker thread that runs the float model (default: one for this calibration). */
+    host?: OrtHost;
     /** More observers of whole tensors with their dims (e.g. input Gram matrices for GPTQ rounding). */
     tensorObservers?: Array<{ tensor: string; observe(data: Float32Array, dims: readonly number[]): void }>;
   } = {}): Promise<CalibrationResult> {
@@ -298,7 +301,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   for (const input of modelInputs(model)) feedType(input.name, input.elemType);  // before loading anything
   const { session, close } = await openExposed(model, exposed, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
     'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
-    'BatchNormalization folding broke it: a lowbit bug, please report it with the model.');
+    'BatchNormalization folding broke it: a lowbit bug, please report it with the model.', options.host);
   const sample: Feed[] = [];
   const float16 = new Set<string>();
   const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;

@@ -1,7 +1,7 @@
 /**
  * onnxruntime-node sessions on a worker thread. onnxruntime-node loads models and runs them synchronously on the
  * calling thread; lowbit's calibration, evaluation and distillation run many batches through a session, so each
- * session lives on its own worker (ort-worker.ts) and the caller's event loop keeps turning meanwhile.
+ * session lives on a worker thread (ort-worker.ts; an OrtHost) and the caller's event loop keeps turning meanwhile.
  */
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -17,7 +17,7 @@ export interface PlainTensor {
   dims: readonly number[];
 }
 
-export type SessionRequest = { id: number } & (
+export type SessionRequest = { id: number; session: number } & (
   | { op: 'open'; model: Uint8Array | string; options: Ort.InferenceSession.SessionOptions }
   | { op: 'run'; feeds: Record<string, PlainTensor>; fetches?: string[] }
   | { op: 'release' });
@@ -41,15 +41,60 @@ function ownData<T extends PlainTensor['data']>(data: T): T {
   return ArrayBuffer.isView(data) && !coversBuffer(data) ? copyOf(data) : data;
 }
 
-/** An onnxruntime-node session on its own worker thread; `release` ends both. */
-export class OrtSession {
+/**
+ * One worker thread that holds onnxruntime sessions, started on the first `open`; `close` releases what is still
+ * open and ends it. One quantizeModel call uses one host for all its sessions: one thread start, and onnxruntime's
+ * memory stays in one thread's allocator arena (with a thread per session, memory freed by one session was not
+ * reused by the next, and the peak grew by about the model's size).
+ */
+export class OrtHost {
+  private worker: Worker | undefined;
   private nextId = 0;
   private readonly pending = new Map<number, { resolve: (r: Reply) => void; reject: (e: Error) => void }>();
+  private readonly open = new Set<number>();
   private ended: Error | undefined;
-  inputNames: readonly string[] = [];
-  outputNames: readonly string[] = [];
 
-  private constructor(private readonly worker: Worker) {
+  /**
+   * Loads `model` (bytes or a file path) as a new session. Bytes are copied to the worker unless `giveBytes` is
+   * true, in which case their buffer moves there and the caller's view becomes empty (for bytes made only for this).
+   */
+  async openSession(model: Uint8Array | string, options: Ort.InferenceSession.SessionOptions, giveBytes = false): Promise<OrtSession> {
+    ort();  // onnxruntime-node missing: the clear error, before any thread starts
+    const owned = typeof model === 'string' || (giveBytes && coversBuffer(model)) ? model : copyOf(model);
+    const session = this.nextId++;
+    const reply = await this.request({ op: 'open', session, model: owned, options }, typeof owned === 'string' ? [] : [owned.buffer as ArrayBuffer]);
+    this.open.add(session);
+    return new OrtSession(this, session, reply.inputNames!, reply.outputNames!);
+  }
+
+  /** Releases every session still open and ends the thread (a no-op when none was started). */
+  async close(): Promise<void> {
+    const worker = this.worker;
+    if (!worker) return;
+    try {
+      // Best effort: the thread ends below either way, and a failed release must not replace the caller's result or error.
+      for (const session of [...this.open]) await this.release(session).catch(() => undefined);
+    } finally {
+      this.ended ??= new Error('the onnxruntime host was closed');
+      this.worker = undefined;
+      await worker.terminate();
+    }
+  }
+
+  /** @internal OrtSession.run */
+  async run(session: number, feeds: Record<string, PlainTensor>, fetches?: string[]): Promise<Reply> {
+    return this.request({ op: 'run', session, feeds, ...(fetches ? { fetches } : {}) }, []);
+  }
+
+  /** @internal OrtSession.release */
+  async release(session: number): Promise<void> {
+    if (!this.open.delete(session) || this.ended) return;
+    await this.request({ op: 'release', session }, []);
+  }
+
+  private started(): Worker {
+    if (this.worker) return this.worker;
+    const worker = new Worker(path.join(__dirname, 'ort-worker.js'));
     worker.on('message', (reply: Reply) => {
       const p = this.pending.get(reply.id);
       if (!p) return;
@@ -65,24 +110,36 @@ export class OrtSession {
     };
     worker.on('error', fail);
     worker.on('exit', (code) => fail(new Error(`the onnxruntime worker thread stopped (exit code ${code})`)));
-    worker.unref();  // an idle session never keeps the process alive
+    worker.unref();  // an idle host never keeps the process alive
+    return (this.worker = worker);
   }
 
-  /**
-   * Loads `model` (bytes or a file path) in a new worker. Bytes are copied to it unless `giveBytes` is true, in
-   * which case their buffer moves there and the caller's view becomes empty (for copies made only for this session).
-   */
+  private request(body: DistributiveOmit<SessionRequest, 'id'>, transfer: ArrayBuffer[]): Promise<Reply> {
+    if (this.ended) return Promise.reject(this.ended);
+    const worker = this.started();
+    const id = this.nextId++;
+    return new Promise<Reply>((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      worker.ref();  // a pending answer keeps the process alive
+      worker.postMessage({ id, ...body }, transfer);
+    });
+  }
+}
+
+/** An onnxruntime-node session held by an OrtHost's worker thread. */
+export class OrtSession {
+  /** @internal OrtHost.openSession makes sessions. */
+  constructor(private readonly host: OrtHost, private readonly id: number, readonly inputNames: readonly string[],
+    readonly outputNames: readonly string[], private readonly ownsHost = false) {}
+
+  /** A session on a host of its own, which `release` closes. */
   static async open(model: Uint8Array | string, options: Ort.InferenceSession.SessionOptions, giveBytes = false): Promise<OrtSession> {
-    ort();  // onnxruntime-node missing: the clear error, before any thread starts
-    const session = new OrtSession(new Worker(path.join(__dirname, 'ort-worker.js')));
-    const owned = typeof model === 'string' || (giveBytes && coversBuffer(model)) ? model : copyOf(model);
+    const host = new OrtHost();
     try {
-      const reply = await session.request({ op: 'open', model: owned, options }, typeof owned === 'string' ? [] : [owned.buffer as ArrayBuffer]);
-      session.inputNames = reply.inputNames!;
-      session.outputNames = reply.outputNames!;
-      return session;
+      const s = await host.openSession(model, options, giveBytes);
+      return new OrtSession(host, s.id, s.inputNames, s.outputNames, true);
     } catch (e) {
-      await session.worker.terminate();
+      await host.close();
       throw e;
     }
   }
@@ -90,46 +147,36 @@ export class OrtSession {
   /** Runs the model on `feeds` (onnxruntime Tensors or plain { type, data, dims }); returns onnxruntime Tensors. */
   async run(feeds: Record<string, PlainTensor>, fetches?: string[]): Promise<Record<string, Ort.Tensor>> {
     const plain = Object.fromEntries(Object.entries(feeds).map(([name, t]) => [name, { type: t.type, data: ownData(t.data), dims: [...t.dims] }]));
-    const reply = await this.request({ op: 'run', feeds: plain, ...(fetches ? { fetches } : {}) }, []);
+    const reply = await this.host.run(this.id, plain, fetches);
     const O = ort();
     return Object.fromEntries(Object.entries(reply.outputs!).map(([name, t]) =>
       [name, new O.Tensor(t.type as 'float32', t.data as Float32Array, t.dims as number[])]));
   }
 
-  /** Releases the session and ends its worker. */
+  /** Releases the session (and its host when it has one of its own). */
   async release(): Promise<void> {
     try {
-      if (!this.ended) await this.request({ op: 'release' }, []);
+      await this.host.release(this.id);
     } finally {
-      await this.worker.terminate();
+      if (this.ownsHost) await this.host.close();
     }
-  }
-
-  private request(body: DistributiveOmit<SessionRequest, 'id'>, transfer: ArrayBuffer[]): Promise<Reply> {
-    if (this.ended) return Promise.reject(this.ended);
-    const id = this.nextId++;
-    return new Promise<Reply>((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      this.worker.ref();  // a pending answer keeps the process alive
-      this.worker.postMessage({ id, ...body }, transfer);
-    });
   }
 }
 
 type DistributiveOmit<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never;
 
 /**
- * An onnxruntime session on `model` (on its own worker thread); when onnxruntime rejects the model, an
+ * An onnxruntime session on `model`, on `where.host` or on a worker of its own; when onnxruntime rejects the model, an
  * OnnxModelError that says which model (`what`), onnxruntime's reason and what to do.
  */
 export async function openSession(model: Uint8Array | string, options: Ort.InferenceSession.SessionOptions, what: string, remedy: string,
-  giveBytes = false): Promise<OrtSession> {
+  where: { host?: OrtHost; giveBytes?: boolean } = {}): Promise<OrtSession> {
   // onnxruntime's own log stays quiet (fatal only): its failures come back as errors that say what to do, and its
   // warnings (e.g. float16 nodes it cannot constant-fold) are nothing a user can act on.
   const quiet = { logSeverityLevel: 4 as const, ...options };
   ort();  // onnxruntime-node missing: its own error, not a model error
   try {
-    return await OrtSession.open(model, quiet, giveBytes);
+    return await (where.host ? where.host.openSession(model, quiet, where.giveBytes) : OrtSession.open(model, quiet, where.giveBytes));
   } catch (e) {
     throw new OnnxModelError(`onnxruntime cannot load ${what}: ${(e as Error).message.split('\n')[0]}. ${remedy}`);
   }
@@ -146,12 +193,15 @@ export async function runSession(session: OrtSession, feeds: Record<string, Plai
 }
 
 /**
- * Opens two sessions at once (each loads on its own worker); when either fails, the other is closed and the
- * first failure is thrown.
+ * Opens two sessions one after the other (together, their transient loading memory would add up); when the
+ * second fails, the first is closed.
  */
 export async function openPair<T>(first: () => Promise<T>, second: () => Promise<T>, close: (opened: T) => Promise<void>): Promise<[T, T]> {
-  const [a, b] = await Promise.allSettled([first(), second()]);
-  if (a.status === 'fulfilled' && b.status === 'fulfilled') return [a.value, b.value];
-  for (const r of [a, b]) if (r.status === 'fulfilled') await close(r.value).catch(() => undefined);
-  throw (a.status === 'rejected' ? a.reason : (b as PromiseRejectedResult).reason) as Error;
+  const a = await first();
+  try {
+    return [a, await second()];
+  } catch (e) {
+    await close(a).catch(() => undefined);
+    throw e;
+  }
 }

@@ -1,9 +1,9 @@
 /**
- * The worker thread behind OrtSession (ort-session.ts): it holds one onnxruntime-node session, so that loading the
- * model and running it (both synchronous in onnxruntime-node) happen off the caller's event loop.
+ * The worker thread behind OrtHost (ort-session.ts): it holds onnxruntime-node sessions, so that loading models
+ * and running them (both synchronous in onnxruntime-node) happen off the caller's event loop.
  *
- * Requests: { id, op: 'open', model, options } → { id, inputNames, outputNames };
- *           { id, op: 'run', feeds, fetches? } → { id, outputs };  { id, op: 'release' } → { id }.
+ * Requests: { id, op: 'open', session, model, options } → { id, inputNames, outputNames };
+ *           { id, op: 'run', session, feeds, fetches? } → { id, outputs };  { id, op: 'release', session } → { id }.
  * Any failure answers { id, error } with onnxruntime's message. Tensors travel as { type, data, dims }.
  */
 import { parentPort } from 'node:worker_threads';
@@ -12,20 +12,26 @@ import type * as Ort from 'onnxruntime-node';
 import type { PlainTensor, SessionRequest } from './ort-session';
 
 const port = parentPort!;
-let session: Ort.InferenceSession | undefined;
+const sessions = new Map<number, Ort.InferenceSession>();
+
+function held(id: number): Ort.InferenceSession {
+  const session = sessions.get(id);
+  if (!session) throw new Error(`session ${id} is not open`);
+  return session;
+}
 
 async function answer(request: SessionRequest): Promise<{ reply: object; transfer: ArrayBuffer[] }> {
   const ort = require('onnxruntime-node') as typeof Ort;
   switch (request.op) {
     case 'open': {
-      if (session) throw new Error('this worker already holds a session');
-      session = await (typeof request.model === 'string'
+      const session = await (typeof request.model === 'string'
         ? ort.InferenceSession.create(request.model, request.options)
         : ort.InferenceSession.create(request.model, request.options));
+      sessions.set(request.session, session);
       return { reply: { inputNames: session.inputNames, outputNames: session.outputNames }, transfer: [] };
     }
     case 'run': {
-      if (!session) throw new Error('no session is open');
+      const session = held(request.session);
       const feeds = Object.fromEntries(Object.entries(request.feeds).map(([name, t]) =>
         [name, new ort.Tensor(t.type as 'float32', t.data as Float32Array, t.dims)]));
       const results = request.fetches ? await session.run(feeds, request.fetches) : await session.run(feeds);
@@ -41,9 +47,9 @@ async function answer(request: SessionRequest): Promise<{ reply: object; transfe
       return { reply: { outputs }, transfer };
     }
     case 'release': {
-      const s = session;
-      session = undefined;
-      await s?.release();
+      const session = sessions.get(request.session);
+      sessions.delete(request.session);
+      await session?.release();
       return { reply: {}, transfer: [] };
     }
   }

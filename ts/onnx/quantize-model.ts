@@ -11,7 +11,7 @@ import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf'
 import { invalidType, invalidValue } from '../errors';
 import { toFloat16Array } from '../float16';
 import { hasOrt } from '../bench/ort-models';
-import { openPair, openSession, runSession } from './ort-session';
+import { openPair, openSession, OrtHost, runSession } from './ort-session';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph, weightValues } from './graph';
 import {
@@ -290,13 +290,13 @@ const LOWBIT_BUG = 'The input model loads, so this is a lowbit bug: please repor
   'leaving the node onnxruntime names in float (keepFloat) works around it.';
 
 /** Per-layer output SQNR: the prepared float model and the quantized one, layer outputs exposed. */
-async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[]): Promise<void> {
+async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[], host: OrtHost): Promise<void> {
   if (feedsList.length === 0) return;
   const names = layers.map((l) => l.output);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   // A model of 2 GB or more loads from a temporary copy with external data (as for calibration).
-  const [f, q] = await openPair(() => openExposed(preparedFloat, names, options, 'the float model with its layer outputs exposed', LOWBIT_BUG),
-    () => openExposed(quantized, names, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG), (s) => s.close());
+  const [f, q] = await openPair(() => openExposed(preparedFloat, names, options, 'the float model with its layer outputs exposed', LOWBIT_BUG, host),
+    () => openExposed(quantized, names, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG, host), (s) => s.close());
   const signal = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
   try {
@@ -328,7 +328,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
  * Depthwise input equalization (passes/equalize-depthwise) before the main calibration, from a first pass that
  * takes the depthwise inputs' per-channel ranges; undefined when the model has no depthwise layer.
  */
-async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: QuantizeModelOptions):
+async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: QuantizeModelOptions, host: OrtHost):
   Promise<{ report: PassReport; shifts: Map<string, Float64Array>; calibrationMs?: number } | undefined> {
   const layers = depthwiseLayers(graph, targets);
   if (layers.length === 0) return undefined;
@@ -344,7 +344,7 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
   opts.onProgress?.('calibrate (depthwise input channels)');
   const t0 = performance.now();
   await calibrate(cloneSharingData(graph.model), [], opts.calibration!, 'minmax', {
-    onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`),
+    onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host,
     tensorObservers: layers.map((n) => ({ tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => observers.get(n)!.observe(data, dims) })),
   });
   const calibrationMs = performance.now() - t0;
@@ -360,11 +360,11 @@ function canReadTwice(data: CalibrationData): boolean {
 }
 
 /** Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds. */
-export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[]) {
+export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost) {
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   const [floatSession, quantSession] = await openPair(
-    () => openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.'),
-    () => openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG), (s) => s.release());
+    () => openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.', { host }),
+    () => openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host }), (s) => s.release());
   const sums = new Map<string, { cos: number; agree: number; ranked: number }>();
   try {
     for (const [index, feeds] of feedsList.entries()) {
@@ -419,10 +419,20 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
 export async function quantizeModel(input: string | Uint8Array, options: QuantizeModelOptions):
   Promise<{ model: Uint8Array; report: QuantizationReport }> {
   const opts = checkOptions(options);
+  // One worker thread runs every onnxruntime session of this call (calibration, evaluation), started when first needed.
+  const host = new OrtHost();
+  try {
+    return await quantizeModelWith(input, opts, host);
+  } finally {
+    await host.close();
+  }
+}
+
+async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModelOptions, host: OrtHost):
+  Promise<{ model: Uint8Array; report: QuantizationReport }> {
   const timings: Record<string, number> = {};
   // Every stage starts on a new event-loop turn, and the per-layer passes let it turn between layers:
-  // quantizing a large model holds the event loop for one layer's work at most (onnxruntime's session
-  // creation, which is synchronous in onnxruntime-node, excepted).
+  // quantizing a large model holds the event loop for one layer's work at most (onnxruntime works on the host's thread).
   const time = async <T>(stage: string, fn: () => T | Promise<T>): Promise<T> => {
     opts.onProgress?.(stage);
     await nextTurn();
@@ -509,7 +519,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // Depthwise inputs whose shift the rounded filters must be compensated for after the weight pass.
   let shifts = new Map<string, Float64Array>();
   if (staticActivations && staticActivations.bits <= 8 && staticActivations.equalizeDepthwise) {
-    const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts));
+    const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts, host));
     // Its pass over the calibration data counts as calibration.
     if (equalized?.calibrationMs) {
       timings['equalize-depthwise'] -= equalized.calibrationMs;
@@ -561,7 +571,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
     result = await calibrate(prepared!, tensors, opts.calibration!, staticActivations?.method ?? 'minmax', {
-      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`),
+      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host,
       tensorObservers: [...observe(biasMoments, false), ...(secondPass ? [] : observe(gptqMoments, false))],
     });
     calibrationBatches = result.batches;
@@ -585,7 +595,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     if (secondPass) {
       opts.onProgress?.('calibrate (GPTQ inputs)');
       await calibrate(prepared!, [], opts.calibration!, 'minmax', {
-        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), tensorObservers: observe(gptqMoments, true),
+        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, tensorObservers: observe(gptqMoments, true),
       });
     }
     timings.calibrate = (timings.calibrate ?? 0) + performance.now() - t0;
@@ -695,8 +705,8 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     // of 2 GB or more is compared layer by layer here, before the write moves its data out (from temporary copies),
     // and as a whole from its written files below.
     await evaluationTime(async () => {
-      if (fitsOneFile) report.evaluation = await compareOutputs(input, bytes, feeds);
-      if (prepared) await layerSqnr(prepared, model, layers, feeds);
+      if (fitsOneFile) report.evaluation = await compareOutputs(input, bytes, feeds, host);
+      if (prepared) await layerSqnr(prepared, model, layers, feeds, host);
     });
   }
   if (external) {
@@ -704,7 +714,7 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
     // If that comparison fails, the files go too: an error leaves no output.
     if (evaluating && !fitsOneFile) {
       try {
-        await evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds)));
+        await evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host)));
       } catch (e) {
         for (const f of [opts.outputPath!, `${opts.outputPath!}.data`]) fs.rmSync(f, { force: true });
         throw e;
