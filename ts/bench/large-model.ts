@@ -1,14 +1,15 @@
 /**
  * `npm run bench -- large-model`: quantizing a model whose weights dominate (a chain of 2048×2048 MatMuls,
  * weights in an external data file, as large models are stored): wall time and peak resident memory against
- * the model's size. Each setting runs in its own process, since peak memory is per process; a process that
- * only loads lowbit and onnxruntime gives the baseline.
+ * the model's size, and the longest the event loop was held at once. Each setting runs in its own process, since
+ * peak memory is per process; a process that only loads lowbit and onnxruntime gives the baseline.
  */
 import { create } from '@bufbuild/protobuf';
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
 import { serializeModel, writeModelWithExternalData } from '../onnx/model-io';
@@ -69,9 +70,12 @@ export function writeMatMulChain(file: string, layers: number, inline = false, b
   return fs.statSync(`${file}.data`).size;
 }
 
-/** In the child process: one setting; prints { ms, peakMb }. */
-export async function runLargeModelCase(c: LargeModelCase): Promise<{ ms: number; peakMb: number }> {
+/** In the child process: one setting; prints { ms, peakMb, longestStallMs }. */
+export async function runLargeModelCase(c: LargeModelCase): Promise<{ ms: number; peakMb: number; longestStallMs: number }> {
   const setting = SETTINGS.find(([name]) => name === c.setting)![1];
+  // How late a 10 ms timer fires at worst: the longest stretch the event loop was held.
+  const delay = monitorEventLoopDelay({ resolution: 10 });
+  delay.enable();
   const t0 = performance.now();
   if (setting !== 'baseline') {
     const calibration = setting.activations
@@ -81,7 +85,9 @@ export async function runLargeModelCase(c: LargeModelCase): Promise<{ ms: number
   } else {
     ort();
   }
-  return { ms: performance.now() - t0, peakMb: peakResidentMb() };
+  const ms = performance.now() - t0;
+  delay.disable();
+  return { ms, peakMb: peakResidentMb(), longestStallMs: delay.max / 1e6 };
 }
 
 /**
@@ -109,12 +115,13 @@ export async function benchLargeModel(options: { megabytes: number; json: boolea
       const out = execFileSync(process.execPath, [path.join(__dirname, 'worker.js'), JSON.stringify({ bench: 'large-model', c: { model: file, setting } })], {
         encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20,
       });
-      return { setting, ...(JSON.parse(out.trim().split('\n').pop()!) as { ms: number; peakMb: number }) };
+      return { setting, ...(JSON.parse(out.trim().split('\n').pop()!) as { ms: number; peakMb: number; longestStallMs: number }) };
     });
     const baseline = results[0].peakMb;
     const rows = results.slice(1).map((r) => ({
       setting: r.setting, seconds: Number((r.ms / 1000).toFixed(2)), 'MB/s of weights': Math.round(modelMb / (r.ms / 1000)),
       'peak RSS MB': Math.round(r.peakMb), 'above baseline / model size': `${((r.peakMb - baseline) / modelMb).toFixed(2)}x`,
+      'longest event-loop stall s': Number((r.longestStallMs / 1000).toFixed(2)),
     }));
     if (options.json) {
       console.log(JSON.stringify({ modelMb, baselineMb: baseline, rows }, null, 2));

@@ -14,7 +14,7 @@ import { ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
-import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, storedBytes, writeModelWithExternalData } from './model-io';
+import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeModelAsync, storedBytes, writeModelWithExternalData } from './model-io';
 import { openSession, runSession, type OrtHost } from './ort-session';
 import { nextTurn } from './passes/pass';
 
@@ -185,8 +185,8 @@ function copyWithOutputs(model: ModelProto, names: string[]): ModelProto {
  * The model with extra outputs, as onnxruntime will load it: its bytes, or — for a model of 2 GB or more, which one
  * buffer cannot hold — a temporary file with its weights in external data, which `dispose` removes.
  */
-function exposedModel(model: ModelProto, names: string[]): { source: Uint8Array | string; dispose: () => void } {
-  if (storedBytes(model) < ONE_BUFFER_LIMIT) return { source: withOutputs(model, names), dispose: () => undefined };
+async function exposedModel(model: ModelProto, names: string[]): Promise<{ source: Uint8Array | string; dispose: () => void }> {
+  if (storedBytes(model) < ONE_BUFFER_LIMIT) return { source: await serializeModelAsync(copyWithOutputs(model, names)), dispose: () => undefined };
   const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-calibration-'));
   // Best effort: a folder that cannot be removed (held open elsewhere) must not replace the calibration's result or error.
   const dispose = () => {
@@ -213,7 +213,7 @@ function exposedModel(model: ModelProto, names: string[]): { source: Uint8Array 
 export async function openExposed(model: ModelProto, names: string[], options: Parameters<typeof openSession>[1], what: string, remedy: string,
   host?: OrtHost):
   Promise<{ session: Awaited<ReturnType<typeof openSession>>; close: () => Promise<void> }> {
-  const exposed = exposedModel(model, names);
+  const exposed = await exposedModel(model, names);
   let session: Awaited<ReturnType<typeof openSession>>;
   try {
     session = await openSession(exposed.source, options, what, remedy, { host, giveBytes: true });  // the bytes were made for this session

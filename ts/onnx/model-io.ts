@@ -6,7 +6,10 @@
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, type ModelProto, type TensorProto } from 'onnx-buf';
+import {
+  GraphProtoSchema, ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema,
+  type ModelProto, type TensorProto,
+} from 'onnx-buf';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
 export class OnnxModelError extends Error {
@@ -191,13 +194,136 @@ export function cloneSharingData(model: ModelProto): ModelProto {
   }
 }
 
-/** Serializes a model; protobuf cannot hold 2 GB or more. */
-export function serializeModel(model: ModelProto): Uint8Array {
-  const bytes = toBinary(ModelProtoSchema, model);
-  if (bytes.length >= TWO_GB) {
-    throw new OnnxModelError(`The model is ${(bytes.length / 2 ** 30).toFixed(2)} GB; ONNX protobuf files must stay under 2 GB. Keep large weights in external data.`);
+/** Initializers with at least this many data bytes are copied into the output by lowbit rather than by protobuf-es. */
+const PLACED_MIN_BYTES = 1 << 16;
+
+/** A piece of a serialized model: encoded bytes, or a tensor's data to copy in (from memory or from its file). */
+type Piece = Uint8Array | { data: Uint8Array } | { source: ExternalSource; name: string };
+
+function pieceLength(p: Piece): number {
+  return p instanceof Uint8Array ? p.length : 'data' in p ? p.data.length : p.source.length;
+}
+
+/** The tag and length of a length-delimited field (wire type 2); lengths here are below 2^31. */
+function fieldHeader(field: number, length: number): Uint8Array {
+  const bytes: number[] = [];
+  for (let v of [(field << 3) | 2, length]) {
+    for (; v >= 0x80; v = Math.floor(v / 128)) bytes.push((v % 128) | 0x80);
+    bytes.push(v);
   }
-  return bytes;
+  return Uint8Array.from(bytes);
+}
+
+/**
+ * The encoding of `message`'s fields whose numbers `keep` accepts (and its unknown fields when `unknown`).
+ * protobuf-es writes fields in number order, unknown fields last, so a message's encoding is the concatenation of
+ * such parts around one field; reading the message's properties does not read a lazily read tensor's data.
+ */
+function encodeFields(schema: typeof ModelProtoSchema | typeof GraphProtoSchema | typeof TensorProtoSchema, message: object,
+  keep: (field: number) => boolean, unknown: boolean): Uint8Array {
+  const part = create(schema) as unknown as Record<string, unknown>;
+  const source = message as Record<string, unknown>;
+  for (const f of schema.fields) if (keep(f.number) && Object.prototype.hasOwnProperty.call(source, f.localName)) part[f.localName] = source[f.localName];
+  if (unknown && source.$unknown) part.$unknown = source.$unknown;
+  return toBinary(schema as typeof ModelProtoSchema, part as unknown as ModelProto);
+}
+
+/**
+ * The model's encoding as pieces: exactly protobuf-es's bytes, but the data of each initializer of 64 KiB or more
+ * is a piece of its own, to be copied once, straight into place (protobuf-es grows its buffer by doubling and
+ * shifts each nested message into place: it copied a 128 MiB model's weights several times).
+ * Field numbers: ModelProto.graph 7, GraphProto.initializer 5, TensorProto.raw_data 9.
+ */
+function modelPieces(model: ModelProto): Piece[] {
+  const graph = model.graph;
+  if (!graph || !graph.initializer.some((t) => rawLength(t) >= PLACED_MIN_BYTES)) return [toBinary(ModelProtoSchema, model)];
+  const graphPieces: Piece[] = [encodeFields(GraphProtoSchema, graph, (n) => n < 5, false)];
+  for (const t of graph.initializer) {
+    const length = rawLength(t);
+    const tensor: Piece[] = length < PLACED_MIN_BYTES ? [toBinary(TensorProtoSchema, t)] : [
+      encodeFields(TensorProtoSchema, t, (n) => n < 9, false),
+      fieldHeader(9, length),
+      (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE] ? { source: (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE]!, name: t.name } : { data: t.rawData },
+      encodeFields(TensorProtoSchema, t, (n) => n > 9, true),
+    ];
+    graphPieces.push(fieldHeader(5, tensor.reduce((a, p) => a + pieceLength(p), 0)), ...tensor);
+  }
+  graphPieces.push(encodeFields(GraphProtoSchema, graph, (n) => n > 5, true));
+  return [
+    encodeFields(ModelProtoSchema, model, (n) => n < 7, false),
+    fieldHeader(7, graphPieces.reduce((a, p) => a + pieceLength(p), 0)),
+    ...graphPieces,
+    encodeFields(ModelProtoSchema, model, (n) => n > 7, true),
+  ];
+}
+
+/** One buffer for the pieces; protobuf cannot hold 2 GB or more. */
+function allocateFor(pieces: Piece[]): Uint8Array {
+  const total = pieces.reduce((a, p) => a + pieceLength(p), 0);
+  if (total >= TWO_GB) {
+    throw new OnnxModelError(`The model is ${(total / 2 ** 30).toFixed(2)} GB; ONNX protobuf files must stay under 2 GB. Keep large weights in external data.`);
+  }
+  return pieces.length === 1 && pieces[0] instanceof Uint8Array ? pieces[0] : new Uint8Array(total);
+}
+
+/** Serializes a model (protobuf-es's bytes, with fewer copies of large tensors); protobuf cannot hold 2 GB or more. */
+export function serializeModel(model: ModelProto): Uint8Array {
+  const pieces = modelPieces(model);
+  const out = allocateFor(pieces);
+  if (out === pieces[0]) return out;
+  let pos = 0;
+  for (const p of pieces) {
+    const bytes = p instanceof Uint8Array ? p : 'data' in p ? p.data : readExternal(p.name, p.source);
+    out.set(bytes, pos);
+    pos += bytes.length;
+  }
+  return out;
+}
+
+/**
+ * serializeModel without holding the event loop for the data: lazily read tensors are read asynchronously straight
+ * into place, and the loop turns between large tensors. The same bytes.
+ */
+export async function serializeModelAsync(model: ModelProto): Promise<Uint8Array> {
+  const pieces = modelPieces(model);
+  const out = allocateFor(pieces);
+  if (out === pieces[0]) return out;
+  let pos = 0;
+  for (const p of pieces) {
+    if (p instanceof Uint8Array) {
+      out.set(p, pos);
+      pos += p.length;
+      continue;
+    }
+    if ('data' in p) {
+      out.set(p.data, pos);
+      pos += p.data.length;
+    } else {
+      pos += await readInto(out.subarray(pos, pos + p.source.length), p.name, p.source);
+    }
+    await new Promise(setImmediate);
+  }
+  return out;
+}
+
+/** readExternal, asynchronously, into `target` (its length is the source's). */
+async function readInto(target: Uint8Array, name: string, source: ExternalSource): Promise<number> {
+  let file: fs.promises.FileHandle;
+  try {
+    file = await fs.promises.open(source.file, 'r');
+  } catch {
+    throw new OnnxModelError(`Tensor ${name}: its external data file ${source.file} cannot be read any more (was it moved or deleted while the model was in use?).`);
+  }
+  try {
+    for (let read = 0; read < target.length;) {
+      const { bytesRead } = await file.read(target, read, target.length - read, source.offset + read);
+      if (bytesRead === 0) throw new OnnxModelError(`Tensor ${name}: ${source.file} ended while reading its data (was it changed while being read?).`);
+      read += bytesRead;
+    }
+  } finally {
+    await file.close();
+  }
+  return target.length;
 }
 
 /**

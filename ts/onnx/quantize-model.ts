@@ -15,7 +15,7 @@ import { openPair, openSession, OrtHost, runSession } from './ort-session';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph, weightValues } from './graph';
 import {
-  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModel, storedBytes, writeFileAtomic, writeModelWithExternalData,
+  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModelAsync, storedBytes, writeFileAtomic, writeModelWithExternalData,
 } from './model-io';
 import { calibrate, checkFeed, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -515,7 +515,12 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   }
   // Before calibration, which would otherwise fail later on the values they produce (without calibration the
   // weight pass checks each layer as it quantizes it).
-  if (calibrating) for (const n of targets) checkFiniteWeights(n, n.input[1], weightValues(graph.constant(n.input[1])!)!);
+  if (calibrating) {
+    for (const n of targets) {
+      checkFiniteWeights(n, n.input[1], weightValues(graph.constant(n.input[1])!)!);
+      await nextTurn();  // each layer's weights are read (from their file when large) and scanned
+    }
+  }
   // Depthwise inputs whose shift the rounded filters must be compensated for after the weight pass.
   let shifts = new Map<string, Float64Array>();
   if (staticActivations && staticActivations.bits <= 8 && staticActivations.equalizeDepthwise) {
@@ -693,7 +698,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const evaluating = hasOrt() && feeds.length > 0;
   // The self-contained model is what gets evaluated and returned; with external data and no evaluation it is never
   // needed whole (the data are written tensor by tensor).
-  const bytes = fitsOneFile && (evaluating || !external) ? await time('serialize', () => serializeModel(model)) : new Uint8Array(0);
+  const bytes = fitsOneFile && (evaluating || !external) ? await time('serialize', () => serializeModelAsync(model)) : new Uint8Array(0);
   const evaluationTime = async (fn: () => Promise<void>) => {
     const t0 = performance.now();
     await fn();
