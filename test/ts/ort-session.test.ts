@@ -58,7 +58,7 @@ describe('onnxruntime sessions on a worker thread', () => {
     expect(model.byteLength, 'the bytes moved to the worker').to.equal(0);
   });
 
-  it('share one host thread, which close() ends with whatever is still open', async () => {
+  it('share one host thread, which ends when the last session is released or on close()', async () => {
     const O = ort();
     const host = new OrtHost();
     await host.close();  // never started: nothing to do
@@ -74,14 +74,24 @@ describe('onnxruntime sessions on a worker thread', () => {
     await first.release();
     await first.release();  // twice is harmless
     expect([...((await second.run({ a })).y.data as Float32Array)], 'the other session still runs').to.deep.equal(await want(b2));
+    await second.release();  // the last one: the thread ends; the next open starts another
+    expect((other as unknown as { worker?: unknown }).worker, 'thread ended when idle').to.equal(undefined);
+    const third = await other.openSession(matMulFloatModel(m, k, n, b2), {});
+    expect([...((await third.run({ a })).y.data as Float32Array)], 'a session on the restarted thread').to.deep.equal(await want(b2));
     await other.close();
     try {
-      await second.run({ a });
+      await third.run({ a });
       expect.fail('a session of a closed host ran');
     } catch (e) {
       expect((e as Error).message).to.match(/host was closed/);
     }
-    await second.release();  // after close: nothing left to do
+    await third.release();  // after close: nothing left to do
+    try {
+      await other.openSession(matMulFloatModel(m, k, n, b1), {});
+      expect.fail('a closed host opened a session');
+    } catch (e) {
+      expect((e as Error).message).to.match(/host was closed/);
+    }
   });
 
   it('leave the event loop turning while the model runs', async () => {

@@ -42,10 +42,10 @@ function ownData<T extends PlainTensor['data']>(data: T): T {
 }
 
 /**
- * One worker thread that holds onnxruntime sessions, started on the first `open`; `close` releases what is still
- * open and ends it. One quantizeModel call uses one host for all its sessions: one thread start, and onnxruntime's
- * memory stays in one thread's allocator arena (with a thread per session, memory freed by one session was not
- * reused by the next, and the peak grew by about the model's size).
+ * A worker thread that holds onnxruntime sessions: started when a session opens, ended when the last open one is
+ * released (kept alive after calibration, what it held added about the model's size to the peak of the later
+ * stages on a 128 MiB model), started again by the next open. `close` releases what is still open and ends it.
+ * quantizeModel uses one host for all its sessions; a session opened on its own gets a host of its own.
  */
 export class OrtHost {
   private worker: Worker | undefined;
@@ -67,17 +67,14 @@ export class OrtHost {
     return new OrtSession(this, session, reply.inputNames!, reply.outputNames!);
   }
 
-  /** Releases every session still open and ends the thread (a no-op when none was started). */
+  /** Releases every session still open and ends the thread; the host cannot be used after. */
   async close(): Promise<void> {
-    const worker = this.worker;
-    if (!worker) return;
     try {
       // Best effort: the thread ends below either way, and a failed release must not replace the caller's result or error.
       for (const session of [...this.open]) await this.release(session).catch(() => undefined);
     } finally {
       this.ended ??= new Error('the onnxruntime host was closed');
-      this.worker = undefined;
-      await worker.terminate();
+      await this.stop();
     }
   }
 
@@ -90,6 +87,15 @@ export class OrtHost {
   async release(session: number): Promise<void> {
     if (!this.open.delete(session) || this.ended) return;
     await this.request({ op: 'release', session }, []);
+    // Idle: the thread ends, and with it its heap (the model bytes given to onnxruntime, not yet collected) and what
+    // its allocator arena holds, which the other threads would not reuse; the next open starts a new one.
+    if (this.open.size === 0 && this.pending.size === 0) await this.stop();
+  }
+
+  private async stop(): Promise<void> {
+    const worker = this.worker;
+    this.worker = undefined;
+    await worker?.terminate();
   }
 
   private started(): Worker {
@@ -104,6 +110,7 @@ export class OrtHost {
       else p.resolve(reply);
     });
     const fail = (e: Error) => {
+      if (this.worker !== worker) return;  // stopped on purpose
       this.ended ??= e;
       for (const p of this.pending.values()) p.reject(e);
       this.pending.clear();
