@@ -8,8 +8,9 @@ import {
   lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
 } from '../../ts';
 import { preserveRunSums } from '../../ts/methods/sum-preserving';
-import { gptqRound, upperFactorOfInverse } from '../../ts/methods/gptq';
+import { gptqRound, gptqRoundSteps, upperFactorOfInverse } from '../../ts/methods/gptq';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
+import { runStepsAsync } from '../../ts/onnx/passes/pass';
 import { referenceKernels } from '../../ts/train/kernels';
 import { makeIntAttribute, makeNode } from '../../ts/onnx/graph';
 import { create } from '@bufbuild/protobuf';
@@ -334,6 +335,38 @@ describe('GPTQ rounding', () => {
       expect(same, `block ${block}: ${same} of ${w.length} integers equal`).to.be.at.least(w.length - 2);
       expect(outputError(dequantize(blocked))).to.be.closeTo(outputError(dequantize(sequential)), 0.02 * outputError(dequantize(sequential)));
     }
+  });
+
+  it('pauses for the event loop on a wide layer (gptqRoundSteps) and gives the same integers as in one go', () => {
+    const [rows, cols] = [256, 512];
+    const r = rng(31);
+    const wide = Float32Array.from({ length: rows * cols }, () => r() - 0.5);
+    const inputs = Float32Array.from({ length: 600 * cols }, () => r() - 0.5);
+    const moments = new LayerInputMoments({ kind: 'matrix', columns: cols, transposed: false }, { gram: true });
+    moments.observe(inputs, [600, cols]);
+    const wideView = { rows, columns: cols, rowStride: cols, columnStride: 1, rowsPerGram: rows };
+    const nearest = quantizeTensor(wide, { shape: [rows, cols], bits: 4, granularity: 'channel', axis: 0 });
+    const steps = gptqRoundSteps(nearest, wide, moments.grams, wideView);
+    let pauses = 0;
+    let r1 = steps.next();
+    for (; !r1.done; r1 = steps.next()) pauses++;
+    expect(Array.from(r1.value.values)).to.deep.equal(Array.from(gptqRound(nearest, wide, moments.grams, wideView).values));
+    // A 512-column factorization and 16 column blocks over 256 rows take well over 10 ms in TypeScript.
+    expect(pauses, 'pauses').to.be.at.least(1);
+  });
+
+  it('runStepsAsync counts labelled steps only, not the pauses between them', async () => {
+    function* steps(): Generator<string | undefined, number, void> {
+      yield undefined;
+      yield 'a';
+      yield undefined;
+      yield undefined;
+      yield 'b';
+      return 7;
+    }
+    const heard: Array<[string, number]> = [];
+    expect(await runStepsAsync(steps(), (label, done) => heard.push([label, done]))).to.equal(7);
+    expect(heard).to.deep.equal([['a', 1], ['b', 2]]);
   });
 
   it('is round-to-nearest when the inputs are uncorrelated (diagonal Gram matrix), and follows the weight layout', () => {

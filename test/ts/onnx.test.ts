@@ -497,7 +497,7 @@ describe('bit allocation below the storage width', () => {
 });
 
 describe('quantizeModel leaves the event loop running', () => {
-  it('turns the event loop between the layers of each per-layer pass and between calibration observers', async () => {
+  it('turns the event loop between the layers of each per-layer pass and while calibration batches run and are observed', async () => {
     const stages: Array<{ stage: string; ticks: number }> = [];
     let ticks = 0;
     let running = true;
@@ -518,7 +518,8 @@ describe('quantizeModel leaves the event loop running', () => {
     expect(layers).to.be.greaterThan(20);
     expect(turnsDuring('quantize-weights'), 'event-loop turns while weights were quantized').to.be.at.least(layers);
     expect(turnsDuring('bias-correction'), 'turns during bias correction').to.be.at.least(layers);
-    expect(turnsDuring('calibrate batch 1'), 'turns while one batch was observed').to.be.at.least(report.activations.length);
+    // The next batch runs on onnxruntime's worker thread meanwhile; observers pause every 10 ms.
+    expect(turnsDuring('calibrate batch 1'), 'turns while one batch ran and was observed').to.be.at.least(report.activations.length);
     // Per-layer progress: 'quantize-weights 1/n' … 'n/n', and the same for bias correction.
     const progress = (stage: string) => stages.filter((s) => s.stage.startsWith(`${stage} `)).map((s) => s.stage);
     expect(progress('quantize-weights')).to.deep.equal(report.layers.map((_, i) => `quantize-weights ${i + 1}/${layers}`));

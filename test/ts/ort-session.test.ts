@@ -51,6 +51,20 @@ describe('onnxruntime sessions on a worker thread', () => {
     }
   });
 
+  it('take model bytes in shared memory, and feeds of every element type onnxruntime returns', async () => {
+    const model = matMulFloatModel(2, 3, 4, random(12, 10));
+    const shared = new Uint8Array(new SharedArrayBuffer(model.byteLength));
+    shared.set(model);
+    const session = await OrtSession.open(shared, {});
+    try {
+      const out = await session.run({ a: { type: 'float32', data: random(6, 11), dims: [2, 3] } });
+      expect(out.y.dims).to.deep.equal([2, 4]);
+    } finally {
+      await session.release();
+    }
+    expect(shared.byteLength, 'shared bytes untouched').to.equal(model.byteLength);
+  });
+
   it('given bytes made for them (giveBytes), take their buffer instead of copying it', async () => {
     const model = matMulFloatModel(2, 3, 4, random(12, 3));
     const session = await OrtSession.open(model, {}, true);
@@ -58,7 +72,7 @@ describe('onnxruntime sessions on a worker thread', () => {
     expect(model.byteLength, 'the bytes moved to the worker').to.equal(0);
   });
 
-  it('share one host thread, which ends when the last session is released or on close()', async () => {
+  it('share one host thread, which close() ends with whatever is still open', async () => {
     const O = ort();
     const host = new OrtHost();
     await host.close();  // never started: nothing to do
@@ -74,10 +88,9 @@ describe('onnxruntime sessions on a worker thread', () => {
     await first.release();
     await first.release();  // twice is harmless
     expect([...((await second.run({ a })).y.data as Float32Array)], 'the other session still runs').to.deep.equal(await want(b2));
-    await second.release();  // the last one: the thread ends; the next open starts another
-    expect((other as unknown as { worker?: unknown }).worker, 'thread ended when idle').to.equal(undefined);
+    await second.release();
     const third = await other.openSession(matMulFloatModel(m, k, n, b2), {});
-    expect([...((await third.run({ a })).y.data as Float32Array)], 'a session on the restarted thread').to.deep.equal(await want(b2));
+    expect([...((await third.run({ a })).y.data as Float32Array)], 'a session opened after others were released').to.deep.equal(await want(b2));
     await other.close();
     try {
       await third.run({ a });
@@ -146,6 +159,42 @@ describe('onnxruntime sessions on a worker thread', () => {
     } catch (e) {
       expect((e as Error).message).to.match(/host was closed/);
     }
+  });
+
+  it('settle every pending request when the host closes, and keep transport errors apart from model errors', async () => {
+    const O = ort();
+    const [m, k, n] = [192, 1024, 1024];
+    const host = new OrtHost();
+    const session = await host.openSession(matMulFloatModel(m, k, n, random(k * n, 12)), { intraOpNumThreads: 1 });
+    const pending = session.run({ a: new O.Tensor('float32', random(m * k, 13), [m, k]) });
+    const closing = host.close();
+    try {
+      await pending;  // either it finished before the thread ended or it is rejected: never left hanging
+    } catch (e) {
+      expect((e as Error).message).to.match(/host was closed/);
+    }
+    await closing;
+    try {
+      await runSession(session, { a: new O.Tensor('float32', random(m * k, 13), [m, k]) }, undefined, 'the test model', 'Fix it.');
+      expect.fail('a session of a closed host ran');
+    } catch (e) {
+      expect(e, 'a closed host is not the model\'s fault').not.to.be.instanceOf(OnnxModelError);
+      expect((e as Error).message).to.match(/host was closed/);
+    }
+    // A released session of a host that stays open: a clear error, and no thread started for it.
+    const other = new OrtHost();
+    const kept = await other.openSession(matMulFloatModel(2, 3, 4, random(12, 14)), {});
+    const released = await other.openSession(matMulFloatModel(2, 3, 4, random(12, 15)), {});
+    await released.release();
+    try {
+      await released.run({ a: { type: 'float32', data: new Float32Array(6), dims: [2, 3] } });
+      expect.fail('a released session ran');
+    } catch (e) {
+      expect((e as Error).message).to.match(/was released/);
+    }
+    await kept.release();
+    await other.close();
+    expect((other as unknown as { worker?: unknown }).worker, 'no thread left').to.equal(undefined);
   });
 
   it('never keep the process alive when left open idle', () => {

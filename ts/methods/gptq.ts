@@ -119,72 +119,128 @@ function axpyFrom(alpha: number, x: Float64Array, xi: number, y: Float64Array, y
  */
 export function gptqRound(q: QuantizedTensor, source: Float32Array, grams: GramBlock[][], view: WeightMatrixView,
   options: GptqOptions = {}): QuantizedTensor {
+  const steps = gptqRoundSteps(q, source, grams, view, options);
+  for (;;) {
+    const r = steps.next();
+    if (r.done) return r.value;
+  }
+}
+
+/** Milliseconds of GPTQ work between pauses for the event loop. */
+const PAUSE_AFTER_MS = 10;
+
+/**
+ * gptqRound in pieces: yields `undefined` (a pause, see Steps) after each Gram block's factorization and between
+ * column blocks once PAUSE_AFTER_MS have passed, so that one wide layer does not hold the event loop throughout.
+ * The result does not depend on where it pauses. (The arithmetic lives in plain functions, which V8 optimizes
+ * better than a generator's body.)
+ */
+export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams: GramBlock[][], view: WeightMatrixView,
+  options: GptqOptions = {}): Generator<undefined, QuantizedTensor, void> {
+  let resumed = performance.now();
+  const pause = () => performance.now() - resumed >= PAUSE_AFTER_MS;
   const values = q.values.slice();
   const scaleIndex = scaleIndices(q);
-  const damping = options.damping ?? 0.01;
   const block = options.block ?? 32;
   const kernels = options.kernels ?? nativeKernels();
   const ranges = Array.from({ length: q.scale.length }, (_, g) => integerRange(q.channelBits ? q.channelBits[g] : q.bits, q.signed));
   for (let gram = 0; gram < grams.length; gram++) {
-    for (const { first, size: n, matrix: full } of grams[gram]) {
-      // Largest diagonal first (GPTQ's "act order"): the most-used inputs are rounded
-      // while the most columns remain to absorb their error.
-      const local = Array.from({ length: n }, (_, i) => i).sort((a, b) => full[b * n + b] - full[a * n + a] || a - b);
-      const order = local.map((i) => first + i);
-      const h = new Float64Array(n * n);
-      let meanDiagonal = 0;
-      for (let a = 0; a < n; a++) {
-        for (let b = 0; b < n; b++) h[a * n + b] = full[local[a] * n + local[b]];
-        meanDiagonal += h[a * n + a] / n;
+    for (const chunk of grams[gram]) {
+      const factor = factorChunk(chunk, options.damping ?? 0.01);
+      if (!factor) continue;
+      if (pause()) {
+        yield;
+        resumed = performance.now();
       }
-      if (!(meanDiagonal > 0)) continue;  // inputs always zero: any rounding gives the same output
-      let u: Float64Array | undefined;
-      for (let damp = damping; !u && damp < 1e3; damp *= 10) {
-        const damped = h.slice();
-        for (let a = 0; a < n; a++) damped[a * n + a] += damp * meanDiagonal + (h[a * n + a] === 0 ? meanDiagonal : 0);
-        u = upperFactorOfInverse(damped, n);
-      }
-      if (!u) continue;
       // Rows × columns of this chunk (in rounding order). Errors feed forward within a block of
       // columns one by one, and onto the later columns once per block through SGEMM (GPTQ's lazy
       // batch updates): the row loop costs rows·n·block instead of rows·n².
       const rowStart = gram * view.rowsPerGram;
       const rows = Math.min(view.rows, (gram + 1) * view.rowsPerGram) - rowStart;
+      const n = chunk.size;
       const w = new Float32Array(rows * n);
       for (let r = 0; r < rows; r++) {
         const base = (rowStart + r) * view.rowStride;
-        for (let a = 0; a < n; a++) w[r * n + a] = source[base + order[a] * view.columnStride];
+        for (let a = 0; a < n; a++) w[r * n + a] = source[base + factor.order[a] * view.columnStride];
       }
+      const state: ChunkState = { q, values, scaleIndex, ranges, view, kernels, order: factor.order, u: factor.u, n, w, rows, rowStart };
       for (let b0 = 0; b0 < n; b0 += block) {
-        const b1 = Math.min(n, b0 + block);
-        const width = b1 - b0;
-        const errors = new Float32Array(rows * width);
-        for (let r = 0; r < rows; r++) {
-          const base = (rowStart + r) * view.rowStride;
-          for (let a = b0; a < b1; a++) {
-            const e = base + order[a] * view.columnStride;
-            const g = scaleIndex[e];
-            const s = q.scale[g];
-            if (!(s > 0)) continue;
-            const z = q.zeroPoint[g];
-            const { qmin, qmax } = ranges[g];
-            const wa = w[r * n + a];
-            const integer = Math.min(qmax, Math.max(qmin, roundHalfToEven(wa / s) + z));
-            values[e] = integer;
-            const err = (wa - (integer - z) * s) / u[a * n + a];
-            errors[r * width + (a - b0)] = err;
-            for (let c = a + 1; c < b1; c++) w[r * n + c] -= err * u[a * n + c];
-          }
+        roundColumnBlock(state, b0, Math.min(n, b0 + block));
+        if (pause()) {
+          yield;
+          resumed = performance.now();
         }
-        const rest = n - b1;
-        if (rest === 0) continue;
-        const uBlock = new Float32Array(width * rest);
-        for (let a = 0; a < width; a++) for (let c = 0; c < rest; c++) uBlock[a * rest + c] = u[(b0 + a) * n + b1 + c];
-        const update = new Float32Array(rows * rest);
-        kernels.sgemm({ transA: false, transB: false, m: rows, n: rest, k: width, a: errors, b: uBlock, c: update, accumulate: false });
-        for (let r = 0; r < rows; r++) for (let c = 0; c < rest; c++) w[r * n + b1 + c] -= update[r * rest + c];
       }
     }
   }
   return { ...q, values };
+}
+
+/**
+ * A Gram chunk's columns in rounding order (largest diagonal first, GPTQ's "act order": the most-used inputs are
+ * rounded while the most columns remain to absorb their error) and the upper factor of its damped inverse;
+ * undefined when the inputs are always zero (any rounding gives the same output) or no damping makes it invertible.
+ */
+function factorChunk({ first, size: n, matrix: full }: GramBlock, damping: number): { order: number[]; u: Float64Array } | undefined {
+  const local = Array.from({ length: n }, (_, i) => i).sort((a, b) => full[b * n + b] - full[a * n + a] || a - b);
+  const h = new Float64Array(n * n);
+  let meanDiagonal = 0;
+  for (let a = 0; a < n; a++) {
+    for (let b = 0; b < n; b++) h[a * n + b] = full[local[a] * n + local[b]];
+    meanDiagonal += h[a * n + a] / n;
+  }
+  if (!(meanDiagonal > 0)) return undefined;
+  for (let damp = damping; damp < 1e3; damp *= 10) {
+    const damped = h.slice();
+    for (let a = 0; a < n; a++) damped[a * n + a] += damp * meanDiagonal + (h[a * n + a] === 0 ? meanDiagonal : 0);
+    const u = upperFactorOfInverse(damped, n);
+    if (u) return { order: local.map((i) => first + i), u };
+  }
+  return undefined;
+}
+
+interface ChunkState {
+  q: QuantizedTensor;
+  values: QuantizedTensor['values'];
+  scaleIndex: ReturnType<typeof scaleIndices>;
+  ranges: Array<{ qmin: number; qmax: number }>;
+  view: WeightMatrixView;
+  kernels: FloatKernels;
+  order: number[];
+  u: Float64Array;
+  n: number;
+  w: Float32Array;
+  rows: number;
+  rowStart: number;
+}
+
+/** Rounds columns [b0, b1) of a chunk and carries their errors onto the later columns. */
+function roundColumnBlock(st: ChunkState, b0: number, b1: number): void {
+  const { q, values, scaleIndex, ranges, view, order, u, n, w, rows, rowStart } = st;
+  const width = b1 - b0;
+  const errors = new Float32Array(rows * width);
+  for (let r = 0; r < rows; r++) {
+    const base = (rowStart + r) * view.rowStride;
+    for (let a = b0; a < b1; a++) {
+      const e = base + order[a] * view.columnStride;
+      const g = scaleIndex[e];
+      const s = q.scale[g];
+      if (!(s > 0)) continue;
+      const z = q.zeroPoint[g];
+      const { qmin, qmax } = ranges[g];
+      const wa = w[r * n + a];
+      const integer = Math.min(qmax, Math.max(qmin, roundHalfToEven(wa / s) + z));
+      values[e] = integer;
+      const err = (wa - (integer - z) * s) / u[a * n + a];
+      errors[r * width + (a - b0)] = err;
+      for (let c = a + 1; c < b1; c++) w[r * n + c] -= err * u[a * n + c];
+    }
+  }
+  const rest = n - b1;
+  if (rest === 0) return;
+  const uBlock = new Float32Array(width * rest);
+  for (let a = 0; a < width; a++) for (let c = 0; c < rest; c++) uBlock[a * rest + c] = u[(b0 + a) * n + b1 + c];
+  const update = new Float32Array(rows * rest);
+  st.kernels.sgemm({ transA: false, transB: false, m: rows, n: rest, k: width, a: errors, b: uBlock, c: update, accumulate: false });
+  for (let r = 0; r < rows; r++) for (let c = 0; c < rest; c++) w[r * n + b1 + c] -= update[r * rest + c];
 }

@@ -16,7 +16,7 @@ import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
 import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeModelAsync, storedBytes, writeModelWithExternalData } from './model-io';
 import { openSession, runSession, type OrtHost } from './ort-session';
-import { nextTurn } from './passes/pass';
+import { pauser } from './passes/pass';
 
 /**
  * One input's values: float32 inputs take a Float32Array, int64 ones a BigInt64Array (token ids), int32 ones an
@@ -306,6 +306,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const float16 = new Set<string>();
   const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
   let batches = 0;
+  const pause = pauser();
   try {
     for await (const raw of iterable as AsyncIterable<Feed>) {
       const feed = checkFeed(model, raw, batches);
@@ -326,7 +327,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
           }
           throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${o.tensor}': ${(e as Error).message}`);
         }
-        await nextTurn();  // observers of large tensors (histograms, Gram matrices) take a while each
+        await pause();  // observers of large tensors (histograms, Gram matrices) take a while each
       }
       if (sample.length < (options.keep ?? 4)) sample.push(feed);
       options.onBatch?.(batches);

@@ -75,8 +75,7 @@ export function readModel(input: string | Uint8Array, options: ReadModelOptions 
 }
 
 /** Reads `length` bytes at `offset` of an open file; `what` names the tensor in errors. */
-function readAt(fd: number, file: string, offset: number, length: number, what: string): Uint8Array<ArrayBuffer> {
-  const data = new Uint8Array(length);
+function readAt(fd: number, file: string, offset: number, length: number, what: string, data: Uint8Array<ArrayBuffer> = new Uint8Array(length)): Uint8Array<ArrayBuffer> {
   for (let read = 0; read < length;) {
     const n = fs.readSync(fd, data, read, length - read, offset + read);
     if (n === 0) throw new OnnxModelError(`Tensor ${what}: ${file} ended while reading its data (was it changed while being read?).`);
@@ -85,7 +84,8 @@ function readAt(fd: number, file: string, offset: number, length: number, what: 
   return data;
 }
 
-function readExternal(name: string, source: ExternalSource): Uint8Array<ArrayBuffer> {
+/** A lazily read tensor's bytes, from its file, into `into` when given. */
+function readExternal(name: string, source: ExternalSource, into?: Uint8Array<ArrayBuffer>): Uint8Array<ArrayBuffer> {
   let fd: number;
   try {
     fd = fs.openSync(source.file, 'r');
@@ -93,7 +93,7 @@ function readExternal(name: string, source: ExternalSource): Uint8Array<ArrayBuf
     throw new OnnxModelError(`Tensor ${name}: its external data file ${source.file} cannot be read any more (was it moved or deleted while the model was in use?).`);
   }
   try {
-    return readAt(fd, source.file, source.offset, source.length, name);
+    return readAt(fd, source.file, source.offset, source.length, name, into);
   } finally {
     fs.closeSync(fd);
   }
@@ -273,9 +273,9 @@ export function serializeModel(model: ModelProto): Uint8Array {
   if (out === pieces[0]) return out;
   let pos = 0;
   for (const p of pieces) {
-    const bytes = p instanceof Uint8Array ? p : 'data' in p ? p.data : readExternal(p.name, p.source);
-    out.set(bytes, pos);
-    pos += bytes.length;
+    if ('source' in p) readExternal(p.name, p.source, out.subarray(pos, pos + p.source.length) as Uint8Array<ArrayBuffer>);
+    else out.set(p instanceof Uint8Array ? p : p.data, pos);
+    pos += pieceLength(p);
   }
   return out;
 }

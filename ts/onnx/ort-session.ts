@@ -13,7 +13,7 @@ import { OnnxModelError } from './model-io';
 /** A tensor as it crosses threads: onnxruntime's type name, its data, its dims. */
 export interface PlainTensor {
   type: string;
-  data: Float32Array | Uint16Array | Int32Array | BigInt64Array | Uint8Array | Int8Array | Int16Array | Float64Array | string[] | ArrayBufferView;
+  data: ArrayBufferView | string[];
   dims: readonly number[];
 }
 
@@ -24,11 +24,12 @@ export type SessionRequest = { id: number; session: number } & (
 
 type Reply = { id: number; error?: string; inputNames?: string[]; outputNames?: string[]; outputs?: Record<string, PlainTensor> };
 
-/** A copy of a typed array in a buffer of its own (a Node Buffer's `slice` would be a view, not a copy). */
+/** A copy of a typed array in a new ArrayBuffer of its own (a Node Buffer's `slice` is a view; a shared buffer's is shared). */
 function copyOf<T extends ArrayBufferView>(view: T): T {
-  const bytes = view.buffer.slice(view.byteOffset, view.byteOffset + view.byteLength) as ArrayBuffer;
+  const bytes = new Uint8Array(view.byteLength);
+  bytes.set(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
   const Type = (Buffer.isBuffer(view) ? Uint8Array : view.constructor) as new (b: ArrayBuffer) => T;
-  return new Type(bytes);
+  return new Type(bytes.buffer);
 }
 
 /** Whether the view covers its whole (non-shared) buffer, which can then move to another thread as it is. */
@@ -36,16 +37,13 @@ function coversBuffer(view: ArrayBufferView): boolean {
   return view.byteOffset === 0 && view.byteLength === view.buffer.byteLength && view.buffer instanceof ArrayBuffer;
 }
 
-/** Typed-array data that covers its buffer exactly: posting a view into a larger buffer would copy the whole buffer. */
-function ownData<T extends PlainTensor['data']>(data: T): T {
-  return ArrayBuffer.isView(data) && !coversBuffer(data) ? copyOf(data) : data;
-}
+/** An error onnxruntime gave on the worker thread (not one of passing messages to it). */
+class OnnxruntimeFailure extends Error {}
 
 /**
- * A worker thread that holds onnxruntime sessions: started when a session opens, ended when the last open one is
- * released (kept alive after calibration, what it held added about the model's size to the peak of the later
- * stages on a 128 MiB model), started again by the next open. `close` releases what is still open and ends it.
- * quantizeModel uses one host for all its sessions; a session opened on its own gets a host of its own.
+ * A worker thread that holds onnxruntime sessions, started when a session first opens; `close` releases what is
+ * still open and ends it. quantizeModel uses one host for all its sessions (the thread's code stays warmed up from
+ * calibration to evaluation); a session opened on its own gets a host of its own.
  */
 export class OrtHost {
   private worker: Worker | undefined;
@@ -62,40 +60,53 @@ export class OrtHost {
     ort();  // onnxruntime-node missing: the clear error, before any thread starts
     const owned = typeof model === 'string' || (giveBytes && coversBuffer(model)) ? model : copyOf(model);
     const session = this.nextId++;
-    const reply = await this.request({ op: 'open', session, model: owned, options }, typeof owned === 'string' ? [] : [owned.buffer as ArrayBuffer]);
+    let reply: Reply;
+    try {
+      reply = await this.request({ op: 'open', session, model: owned, options }, typeof owned === 'string' ? [] : [owned.buffer as ArrayBuffer]);
+    } catch (e) {
+      if (this.open.size === 0 && this.pending.size === 0) await this.stop();  // nothing left for the thread
+      throw e;
+    }
+    if (this.ended) {  // closed while it loaded
+      await this.request({ op: 'release', session }, []).catch(() => undefined);
+      throw this.ended;
+    }
     this.open.add(session);
     return new OrtSession(this, session, reply.inputNames!, reply.outputNames!);
   }
 
   /** Releases every session still open and ends the thread; the host cannot be used after. */
   async close(): Promise<void> {
-    try {
-      // Best effort: the thread ends below either way, and a failed release must not replace the caller's result or error.
-      for (const session of [...this.open]) await this.release(session).catch(() => undefined);
-    } finally {
-      this.ended ??= new Error('the onnxruntime host was closed');
-      await this.stop();
-    }
+    const open = [...this.open];
+    this.open.clear();
+    this.ended ??= new Error('the onnxruntime host was closed');
+    // Best effort: the thread ends below either way, and a failed release must not replace the caller's result or error.
+    for (const session of open) await this.send({ op: 'release', session }, []).catch(() => undefined);
+    await this.stop();
   }
 
   /** @internal OrtSession.run */
-  async run(session: number, feeds: Record<string, PlainTensor>, fetches?: string[]): Promise<Reply> {
-    return this.request({ op: 'run', session, feeds, ...(fetches ? { fetches } : {}) }, []);
+  async run(session: number, feeds: Record<string, PlainTensor>, fetches: string[] | undefined, transfer: ArrayBuffer[]): Promise<Reply> {
+    if (!this.open.has(session)) throw this.ended ?? new Error(`onnxruntime session ${session} was released`);
+    return this.request({ op: 'run', session, feeds, ...(fetches ? { fetches } : {}) }, transfer);
   }
 
   /** @internal OrtSession.release */
   async release(session: number): Promise<void> {
     if (!this.open.delete(session) || this.ended) return;
     await this.request({ op: 'release', session }, []);
-    // Idle: the thread ends, and with it its heap (the model bytes given to onnxruntime, not yet collected) and what
-    // its allocator arena holds, which the other threads would not reuse; the next open starts a new one.
-    if (this.open.size === 0 && this.pending.size === 0) await this.stop();
   }
 
   private async stop(): Promise<void> {
     const worker = this.worker;
     this.worker = undefined;
+    this.settleAll(this.ended ?? new Error('the onnxruntime thread was stopped'));
     await worker?.terminate();
+  }
+
+  private settleAll(e: Error): void {
+    for (const p of this.pending.values()) p.reject(e);
+    this.pending.clear();
   }
 
   private started(): Worker {
@@ -106,16 +117,16 @@ export class OrtHost {
       if (!p) return;
       this.pending.delete(reply.id);
       if (this.pending.size === 0) worker.unref();
-      if (reply.error !== undefined) p.reject(new Error(reply.error));
+      if (reply.error !== undefined) p.reject(new OnnxruntimeFailure(reply.error));
       else p.resolve(reply);
     });
     const fail = (e: Error) => {
       if (this.worker !== worker) return;  // stopped on purpose
       this.ended ??= e;
-      for (const p of this.pending.values()) p.reject(e);
-      this.pending.clear();
+      this.settleAll(e);
     };
     worker.on('error', fail);
+    worker.on('messageerror', fail);
     worker.on('exit', (code) => fail(new Error(`the onnxruntime worker thread stopped (exit code ${code})`)));
     worker.unref();  // an idle host never keeps the process alive
     return (this.worker = worker);
@@ -123,12 +134,23 @@ export class OrtHost {
 
   private request(body: DistributiveOmit<SessionRequest, 'id'>, transfer: ArrayBuffer[]): Promise<Reply> {
     if (this.ended) return Promise.reject(this.ended);
+    return this.send(body, transfer);
+  }
+
+  /** Posts a request (also while closing) and waits for its reply. */
+  private send(body: DistributiveOmit<SessionRequest, 'id'>, transfer: ArrayBuffer[]): Promise<Reply> {
     const worker = this.started();
     const id = this.nextId++;
     return new Promise<Reply>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       worker.ref();  // a pending answer keeps the process alive
-      worker.postMessage({ id, ...body }, transfer);
+      try {
+        worker.postMessage({ id, ...body }, transfer);
+      } catch (e) {
+        this.pending.delete(id);
+        if (this.pending.size === 0) worker.unref();
+        reject(e);
+      }
     });
   }
 }
@@ -153,8 +175,18 @@ export class OrtSession {
 
   /** Runs the model on `feeds` (onnxruntime Tensors or plain { type, data, dims }); returns onnxruntime Tensors. */
   async run(feeds: Record<string, PlainTensor>, fetches?: string[]): Promise<Record<string, Ort.Tensor>> {
-    const plain = Object.fromEntries(Object.entries(feeds).map(([name, t]) => [name, { type: t.type, data: ownData(t.data), dims: [...t.dims] }]));
-    const reply = await this.host.run(this.id, plain, fetches);
+    // A view into a larger buffer would be posted with its whole buffer: such data go as copies of their own range,
+    // which then move rather than being copied again.
+    const transfer: ArrayBuffer[] = [];
+    const plain = Object.fromEntries(Object.entries(feeds).map(([name, t]) => {
+      let data = t.data;
+      if (ArrayBuffer.isView(data) && !coversBuffer(data)) {
+        data = copyOf(data);
+        transfer.push(data.buffer as ArrayBuffer);
+      }
+      return [name, { type: t.type, data, dims: [...t.dims] }];
+    }));
+    const reply = await this.host.run(this.id, plain, fetches, transfer);
     const O = ort();
     return Object.fromEntries(Object.entries(reply.outputs!).map(([name, t]) =>
       [name, new O.Tensor(t.type as 'float32', t.data as Float32Array, t.dims as number[])]));
@@ -185,7 +217,8 @@ export async function openSession(model: Uint8Array | string, options: Ort.Infer
   try {
     return await (where.host ? where.host.openSession(model, quiet, where.giveBytes) : OrtSession.open(model, quiet, where.giveBytes));
   } catch (e) {
-    throw new OnnxModelError(`onnxruntime cannot load ${what}: ${(e as Error).message.split('\n')[0]}. ${remedy}`);
+    if (!(e instanceof OnnxruntimeFailure)) throw e;  // not the model's doing (a closed host, a stopped thread)
+    throw new OnnxModelError(`onnxruntime cannot load ${what}: ${e.message.split('\n')[0]}. ${remedy}`);
   }
 }
 
@@ -195,7 +228,8 @@ export async function runSession(session: OrtSession, feeds: Record<string, Plai
   try {
     return await session.run(feeds, fetches);
   } catch (e) {
-    throw new OnnxModelError(`onnxruntime could not run ${what}: ${(e as Error).message.split('\n')[0]}. ${remedy}`);
+    if (!(e instanceof OnnxruntimeFailure)) throw e;
+    throw new OnnxModelError(`onnxruntime could not run ${what}: ${e.message.split('\n')[0]}. ${remedy}`);
   }
 }
 

@@ -2,7 +2,8 @@
  * The worker thread behind OrtHost (ort-session.ts): it holds onnxruntime-node sessions, so that loading models
  * and running them (both synchronous in onnxruntime-node) happen off the caller's event loop.
  *
- * Requests: { id, op: 'open', session, model, options } → { id, inputNames, outputNames };
+ * Requests: { id, op: 'open', session, model, options } → { id, inputNames, outputNames } (the model's bytes are
+ *           moved back, detached: onnxruntime keeps its own copy);
  *           { id, op: 'run', session, feeds, fetches? } → { id, outputs };  { id, op: 'release', session } → { id }.
  * Any failure answers { id, error } with onnxruntime's message. Tensors travel as { type, data, dims }.
  */
@@ -28,7 +29,10 @@ async function answer(request: SessionRequest): Promise<{ reply: object; transfe
         ? ort.InferenceSession.create(request.model, request.options)
         : ort.InferenceSession.create(request.model, request.options));
       sessions.set(request.session, session);
-      return { reply: { inputNames: session.inputNames, outputNames: session.outputNames }, transfer: [] };
+      // onnxruntime has parsed the bytes into its own memory: they go back to the caller's thread, which drops them,
+      // rather than wait in this thread's heap for a collection that an idle thread may not run for a long time.
+      const bytes = typeof request.model === 'string' ? [] : [request.model.buffer as ArrayBuffer];
+      return { reply: { inputNames: session.inputNames, outputNames: session.outputNames }, transfer: bytes };
     }
     case 'run': {
       const session = held(request.session);
@@ -55,12 +59,20 @@ async function answer(request: SessionRequest): Promise<{ reply: object; transfe
   }
 }
 
-port.on('message', (request: SessionRequest) => {
-  answer(request).then(({ reply, transfer }) => {
+/** Posts the reply: its buffers moved, else copied, else (outputs that cannot be cloned at all) an error reply. */
+function reply(id: number, body: object, transfer: ArrayBuffer[]): void {
+  try {
+    port.postMessage({ id, ...body }, transfer);
+  } catch {
     try {
-      port.postMessage({ id: request.id, ...reply }, transfer);
-    } catch {
-      port.postMessage({ id: request.id, ...reply });  // a buffer that cannot move (e.g. external memory) is copied
+      port.postMessage({ id, ...body });  // a buffer that cannot move (e.g. external memory) is copied
+    } catch (e) {
+      port.postMessage({ id, error: `its outputs could not be passed back from the onnxruntime thread: ${(e as Error).message}` });
     }
-  }, (e: unknown) => port.postMessage({ id: request.id, error: e instanceof Error ? e.message : String(e) }));
+  }
+}
+
+port.on('message', (request: SessionRequest) => {
+  answer(request).then(({ reply: body, transfer }) => reply(request.id, body, transfer),
+    (e: unknown) => port.postMessage({ id: request.id, error: e instanceof Error ? e.message : String(e) }));
 });

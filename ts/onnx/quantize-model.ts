@@ -31,7 +31,7 @@ import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamically } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
-import { nextTurn, runStepsAsync, type PassReport } from './passes/pass';
+import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
 import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
@@ -299,6 +299,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
     () => openExposed(quantized, names, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG, host), (s) => s.close());
   const signal = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
+  const pause = pauser();
   try {
     for (const [index, feeds] of feedsList.entries()) {
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
@@ -311,7 +312,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
           signal[i] += a[j] * a[j];
           noise[i] += (a[j] - b[j]) ** 2;
         }
-        await nextTurn();  // a large model's layer outputs take a while each
+        await pause();  // a large model's layer outputs take a while each
       }
     }
   } finally {

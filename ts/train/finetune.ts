@@ -326,9 +326,10 @@ export function distillationLoss(logits: Tensor, teacher: Float32Array, dLogits:
 class Teacher {
   private constructor(private readonly session: OrtSession, private readonly model: TrainableModel) {}
 
+  /** `bytes` move to the session's thread. */
   static async create(bytes: Uint8Array, model: TrainableModel): Promise<Teacher> {
     return new Teacher(await openSession(bytes, {}, 'the input model (the teacher for distillation)',
-      'Distillation runs the float model in onnxruntime-node: fix or re-export the model so that it loads there.'), model);
+      'Distillation runs the float model in onnxruntime-node: fix or re-export the model so that it loads there.', { giveBytes: true }), model);
   }
 
   async probabilities(inputs: { data: Float32Array; dims: number[] }, expectedLength: number): Promise<Float32Array> {
@@ -525,8 +526,9 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   };
   if (inMemory) probe(inMemory, 'data');
   if (validation) probe(validation, 'options.validation');
-  // The float model's outputs, before quantizers change the engine's.
-  const teacher = s.distill ? await Teacher.create(serializeModel(proto), model) : undefined;
+  // The float model as given, before quantizers change anything (the teacher's session opens just before training,
+  // so that no error on the way leaves it open).
+  const teacherBytes = s.distill ? serializeModel(proto) : undefined;
   buildQuantizers(model, s);
   if (s.stepInit === 'max' && inMemory) observeActivationRanges(model, inMemory, s.batchSize, kernels);
 
@@ -539,6 +541,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   const history: EpochRecord[] = [];
   let globalStep = 0;
 
+  const teacher = teacherBytes ? await Teacher.create(teacherBytes, model) : undefined;
   try {
     for (let epoch = 0; epoch < s.epochs; epoch++) {
       const t0 = performance.now();

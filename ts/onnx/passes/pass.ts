@@ -19,9 +19,10 @@ export function nodeLabel(node: { name: string; opType: string; output: string[]
 /**
  * A pass's work in steps (one per layer): the generator yields the label of each
  * step done and returns the result, so `runSteps` can finish it at once and
- * `runStepsAsync` can let the event loop run between steps.
+ * `runStepsAsync` can let the event loop run between steps. A long step may also
+ * yield `undefined` part-way: a pause for the event loop, not a step.
  */
-export type Steps<T> = Generator<string, T, void>;
+export type Steps<T> = Generator<string | undefined, T, void>;
 
 export function runSteps<T>(steps: Steps<T>): T {
   for (;;) {
@@ -32,10 +33,10 @@ export function runSteps<T>(steps: Steps<T>): T {
 
 /** Runs the steps, letting the event loop turn between them; `onStep` hears each step's label and how many are done. */
 export async function runStepsAsync<T>(steps: Steps<T>, onStep?: (label: string, done: number) => void): Promise<T> {
-  for (let done = 1; ; done++) {
+  for (let done = 0; ;) {
     const r = steps.next();
     if (r.done) return r.value;
-    onStep?.(r.value, done);
+    if (r.value !== undefined) onStep?.(r.value, ++done);
     await nextTurn();
   }
 }
@@ -43,4 +44,17 @@ export async function runStepsAsync<T>(steps: Steps<T>, onStep?: (label: string,
 /** Resolves on the event loop's next turn (after pending I/O and timers). */
 export function nextTurn(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
+}
+
+/**
+ * A pause for loops of many short pieces of work: `await pause()` lets the event loop turn once `ms` have passed
+ * since the last turn, and costs only a microtask otherwise (a turn per piece cost more than the pieces).
+ */
+export function pauser(ms = 10): () => Promise<void> {
+  let resumed = performance.now();
+  return async () => {
+    if (performance.now() - resumed < ms) return;
+    await nextTurn();
+    resumed = performance.now();
+  };
 }

@@ -12,7 +12,7 @@ import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
 import { preserveRunSums } from '../../methods/sum-preserving';
-import { gptqRound, type WeightMatrixView } from '../../methods/gptq';
+import { gptqRoundSteps, type WeightMatrixView } from '../../methods/gptq';
 import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
 import { dequantize, quantizationError, quantizeTensor } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
@@ -305,7 +305,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const moments = options.rounding === 'gptq' ? options.moments?.get(label) : undefined;
     const gptq = !!moments && moments.count > 0 && moments.grams.length > 0;
     if (options.rounding === 'gptq') {
-      if (gptq) q = gptqRound(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
+      if (gptq) q = yield* gptqRoundSteps(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
       else report.skipped.push({ node: label, reason: 'no input statistics for it (a constant input, a 3-D convolution or no calibration data): rounded to nearest, not GPTQ' });
     }
     if (q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type (mixed channel bits, reduced range)
