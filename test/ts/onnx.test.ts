@@ -17,7 +17,7 @@ import { layerInput, quantizeWeights } from '../../ts/onnx/passes/quantize-weigh
 import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
-import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel, storedBytes, writeFileAtomic } from '../../ts/onnx/model-io';
+import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel, storedBytes, writeFileAtomic, writeFileAtomicAsync } from '../../ts/onnx/model-io';
 import { writeMatMulChain } from '../../ts/bench/large-model';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
@@ -51,6 +51,31 @@ describe('ONNX model I/O', () => {
     writeFileAtomic(path.join(dir, 'ok.onnx'), new Uint8Array([1, 2, 3]));
     expect(fs.readdirSync(dir)).to.deep.equal(['ok.onnx']);
     fs.rmSync(dir, { recursive: true });
+  });
+  it('writes atomically without holding the event loop (writeFileAtomicAsync): a write failing part-way leaves no file', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-'));
+    try {
+      await writeFileAtomicAsync(path.join(dir, 'missing-folder', 'out.onnx'), new Uint8Array(10)).then(
+        () => expect.fail('wrote into a missing folder'), (e: Error) => expect(e.message).to.match(/Could not write .*out\.onnx \(ENOENT\): nothing was written/));
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const promises: { writeFile: typeof fs.promises.writeFile } = require('node:fs').promises;
+      const real = promises.writeFile;
+      promises.writeFile = (async (file: string, data: Uint8Array) => {
+        await real(file, data.subarray(0, 3));  // part of it, then the disk is full
+        throw Object.assign(new Error('no space left'), { code: 'ENOSPC' });
+      }) as typeof fs.promises.writeFile;
+      try {
+        await writeFileAtomicAsync(path.join(dir, 'out.onnx'), new Uint8Array(10)).then(
+          () => expect.fail('a failed write succeeded'), (e: Error) => expect(e.message).to.match(/\(ENOSPC\): nothing was written/));
+      } finally {
+        promises.writeFile = real;
+      }
+      expect(fs.readdirSync(dir)).to.deep.equal([]);
+      await writeFileAtomicAsync(path.join(dir, 'ok.onnx'), new Uint8Array([1, 2, 3]));
+      expect([...fs.readFileSync(path.join(dir, 'ok.onnx'))]).to.deep.equal([1, 2, 3]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
   it('options of the wrong type or value are refused with the option named', async () => {
     const refuses = async (options: object, re: RegExp) => {

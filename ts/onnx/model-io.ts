@@ -444,6 +444,18 @@ export function writeFileAtomic(file: string, bytes: Uint8Array): void {
   }
 }
 
+/** writeFileAtomic without holding the event loop while the bytes are written (a large model takes a while). */
+export async function writeFileAtomicAsync(file: string, bytes: Uint8Array): Promise<void> {
+  const temp = temporaryPath(file);
+  try {
+    await fs.promises.writeFile(temp, bytes);
+    await fs.promises.rename(temp, file);
+  } catch (e) {
+    await fs.promises.rm(temp, { force: true });
+    throw writeError(file, e);
+  }
+}
+
 /**
  * Checks, before any long work, that `file` can be an output path: a string
  * naming a file (not a folder) whose folder exists.

@@ -15,7 +15,7 @@ import { openPair, openSession, OrtHost, runSession } from './ort-session';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph, weightValues } from './graph';
 import {
-  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModelAsync, storedBytes, writeFileAtomic, writeModelWithExternalData,
+  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModelAsync, storedBytes, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
 import { calibrate, checkFeed, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -728,6 +728,6 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     }
     return { model: modelBytes, report };
   }
-  if (opts.outputPath) await time('write', () => writeFileAtomic(opts.outputPath!, bytes));
+  if (opts.outputPath) await time('write', () => writeFileAtomicAsync(opts.outputPath!, bytes));
   return { model: bytes, report };
 }

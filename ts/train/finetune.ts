@@ -11,7 +11,7 @@ import type { ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { ort } from '../bench/ort-models';
-import { checkOutputPath, OnnxModelError, readModel, serializeModel, writeFileAtomic } from '../onnx/model-io';
+import { checkOutputPath, OnnxModelError, readModel, serializeModel, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
 import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
@@ -603,7 +603,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
     await teacher?.release();
   }
   const { bytes, layers } = exportModel(model);
-  if (o.outputPath !== undefined) writeFileAtomic(o.outputPath, bytes);
+  if (o.outputPath !== undefined) await writeFileAtomicAsync(o.outputPath, bytes);
   const forward = (inputs: { data: Float32Array; dims: number[] }) => {
     const b = checkBatch('inputs', { inputs }, false);
     checkShape('inputs', b);
