@@ -6,7 +6,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'chai';
 
-import { matMulFloatModel, ort } from '../../ts/bench/ort-models';
+import { matMulFloatModel, ort, ortVersionProblem } from '../../ts/bench/ort-models';
 import { OnnxModelError } from '../../ts/onnx/model-io';
 import { openSession, OrtHost, OrtSession, runSession } from '../../ts/onnx/ort-session';
 import { rng } from '../helpers/random';
@@ -195,6 +195,33 @@ describe('onnxruntime sessions on a worker thread', () => {
     await kept.release();
     await other.close();
     expect((other as unknown as { worker?: unknown }).worker, 'no thread left').to.equal(undefined);
+  });
+
+  it('close without hanging when the thread has died, and refuse work after', async () => {
+    const host = new OrtHost();
+    const session = await host.openSession(matMulFloatModel(2, 3, 4, random(12, 16)), {});
+    const worker = (host as unknown as { worker: { terminate(): Promise<number>; once(e: string, f: () => void): void } }).worker;
+    const exited = new Promise<void>((resolve) => worker.once('exit', resolve));
+    await worker.terminate();  // as if the thread had crashed
+    await exited;
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<string>((resolve) => (timer = setTimeout(() => resolve('close() hung'), 10_000)));
+    expect(await Promise.race([host.close().then(() => 'closed'), late])).to.equal('closed');
+    clearTimeout(timer);
+    try {
+      await session.run({ a: { type: 'float32', data: new Float32Array(6), dims: [2, 3] } });
+      expect.fail('a session of a dead thread ran');
+    } catch (e) {
+      expect((e as Error).message).to.match(/worker thread stopped/);
+    }
+  });
+
+  it('need onnxruntime-node 1.30 or a later 1.x (older ones abort the process on worker threads), and say so', () => {
+    for (const ok of ['1.30.0', '1.30.1', '1.31.0', '1.40.2-dev']) expect(ortVersionProblem(ok), ok).to.equal(undefined);
+    for (const old of ['1.21.0', '1.29.9', '2.0.0', '0.9.0']) {
+      expect(ortVersionProblem(old), old).to.match(new RegExp(`needs onnxruntime-node 1\\.30 or a later 1\\.x, but ${old.replace(/\./g, '\\.')} is installed: npm install onnxruntime-node@\\^1\\.30\\.0`));
+    }
+    expect(ortVersionProblem(require('onnxruntime-node/package.json').version), 'the installed one').to.equal(undefined);
   });
 
   it('never keep the process alive when left open idle', () => {

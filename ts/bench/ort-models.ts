@@ -15,13 +15,30 @@ let ortModule: typeof Ort | undefined;
 /** onnxruntime-node, an optional peer dependency: loaded on first use, with a clear error when absent. */
 export function ort(): typeof Ort {
   if (!ortModule) {
+    let version: string;
     try {
-      ortModule = require('onnxruntime-node') as typeof Ort;
+      version = (require('onnxruntime-node/package.json') as { version: string }).version;
     } catch (e) {
       throw new Error(`lowbit: this needs the optional peer dependency onnxruntime-node (npm install onnxruntime-node): ${(e as Error).message.split('\n')[0]}`);
     }
+    const problem = ortVersionProblem(version);
+    if (problem) throw new Error(problem);
+    ortModule = require('onnxruntime-node') as typeof Ort;
   }
   return ortModule;
+}
+
+/** The oldest onnxruntime-node 1.x lowbit accepts (the peer dependency's range; tested with it). */
+const MIN_ORT_MINOR = 30;
+
+/**
+ * Why this onnxruntime-node version cannot be used, or undefined. lowbit runs onnxruntime on worker threads, where
+ * older versions abort the whole process (onnxruntime#24486).
+ */
+export function ortVersionProblem(version: string): string | undefined {
+  const [major, minor] = version.split('.').map(Number);
+  if (major === 1 && minor >= MIN_ORT_MINOR) return undefined;
+  return `lowbit: this needs onnxruntime-node 1.${MIN_ORT_MINOR} or a later 1.x, but ${version} is installed: npm install onnxruntime-node@^1.${MIN_ORT_MINOR}.0`;
 }
 
 /** True when onnxruntime-node can be loaded. */

@@ -423,8 +423,11 @@ export function writeModelWithExternalData(model: ModelProto, file: string, thre
   }
 }
 
+let temporaryCount = 0;
+
+/** A name next to `file` that no other write of this process (or another) uses at the same time. */
 function temporaryPath(file: string): string {
-  return path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.${Date.now()}.tmp`);
+  return path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.${Date.now()}.${temporaryCount++}.tmp`);
 }
 
 function writeError(file: string, e: unknown): Error {
@@ -448,10 +451,10 @@ export function writeFileAtomic(file: string, bytes: Uint8Array): void {
 export async function writeFileAtomicAsync(file: string, bytes: Uint8Array): Promise<void> {
   const temp = temporaryPath(file);
   try {
-    await fs.promises.writeFile(temp, bytes);
+    await fs.promises.writeFile(temp, bytes, { flag: 'wx' });
     await fs.promises.rename(temp, file);
   } catch (e) {
-    await fs.promises.rm(temp, { force: true });
+    await fs.promises.rm(temp, { force: true }).catch(() => undefined);  // the write's error is the one to report
     throw writeError(file, e);
   }
 }

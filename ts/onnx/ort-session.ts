@@ -9,6 +9,7 @@ import type * as Ort from 'onnxruntime-node';
 
 import { ort } from '../bench/ort-models';
 import { OnnxModelError } from './model-io';
+import { nextTurn } from './passes/pass';
 
 /** A tensor as it crosses threads: onnxruntime's type name, its data, its dims. */
 export interface PlainTensor {
@@ -22,7 +23,7 @@ export type SessionRequest = { id: number; session: number } & (
   | { op: 'run'; feeds: Record<string, PlainTensor>; fetches?: string[] }
   | { op: 'release' });
 
-type Reply = { id: number; error?: string; inputNames?: string[]; outputNames?: string[]; outputs?: Record<string, PlainTensor> };
+type Reply = { id: number; error?: string; transport?: boolean; inputNames?: string[]; outputNames?: string[]; outputs?: Record<string, PlainTensor> };
 
 /** A copy of a typed array in a new ArrayBuffer of its own (a Node Buffer's `slice` is a view; a shared buffer's is shared). */
 function copyOf<T extends ArrayBufferView>(view: T): T {
@@ -30,6 +31,19 @@ function copyOf<T extends ArrayBufferView>(view: T): T {
   bytes.set(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
   const Type = (Buffer.isBuffer(view) ? Uint8Array : view.constructor) as new (b: ArrayBuffer) => T;
   return new Type(bytes.buffer);
+}
+
+/** Bytes copied per event-loop turn when a model is copied for its session. */
+const COPY_PIECE = 16 << 20;
+
+/** A copy of model bytes in an ArrayBuffer of their own, made in pieces so that a large model does not hold the event loop. */
+async function copyInPieces(bytes: Uint8Array): Promise<Uint8Array> {
+  const out = new Uint8Array(bytes.byteLength);
+  for (let at = 0; at < bytes.byteLength; at += COPY_PIECE) {
+    if (at > 0) await nextTurn();
+    out.set(bytes.subarray(at, at + COPY_PIECE), at);
+  }
+  return out;
 }
 
 /** Whether the view covers its whole (non-shared) buffer, which can then move to another thread as it is. */
@@ -57,8 +71,8 @@ export class OrtHost {
    * true, in which case their buffer moves there and the caller's view becomes empty (for bytes made only for this).
    */
   async openSession(model: Uint8Array | string, options: Ort.InferenceSession.SessionOptions, giveBytes = false): Promise<OrtSession> {
-    ort();  // onnxruntime-node missing: the clear error, before any thread starts
-    const owned = typeof model === 'string' || (giveBytes && coversBuffer(model)) ? model : copyOf(model);
+    ort();  // onnxruntime-node missing (or too old): the clear error, before any thread starts
+    const owned = typeof model === 'string' || (giveBytes && coversBuffer(model)) ? model : await copyInPieces(model);
     const session = this.nextId++;
     let reply: Reply;
     try {
@@ -67,10 +81,7 @@ export class OrtHost {
       if (this.open.size === 0 && this.pending.size === 0) await this.stop();  // nothing left for the thread
       throw e;
     }
-    if (this.ended) {  // closed while it loaded
-      await this.request({ op: 'release', session }, []).catch(() => undefined);
-      throw this.ended;
-    }
+    if (this.ended) throw this.ended;  // closed while it loaded: close() ends the thread, and the session with it
     this.open.add(session);
     return new OrtSession(this, session, reply.inputNames!, reply.outputNames!);
   }
@@ -79,9 +90,10 @@ export class OrtHost {
   async close(): Promise<void> {
     const open = [...this.open];
     this.open.clear();
+    const alive = this.worker !== undefined && this.ended === undefined;  // a thread that died answers nothing
     this.ended ??= new Error('the onnxruntime host was closed');
     // Best effort: the thread ends below either way, and a failed release must not replace the caller's result or error.
-    for (const session of open) await this.send({ op: 'release', session }, []).catch(() => undefined);
+    if (alive) for (const session of open) await this.send({ op: 'release', session }, []).catch(() => undefined);
     await this.stop();
   }
 
@@ -117,13 +129,14 @@ export class OrtHost {
       if (!p) return;
       this.pending.delete(reply.id);
       if (this.pending.size === 0) worker.unref();
-      if (reply.error !== undefined) p.reject(new OnnxruntimeFailure(reply.error));
+      if (reply.error !== undefined) p.reject(reply.transport ? new Error(reply.error) : new OnnxruntimeFailure(reply.error));
       else p.resolve(reply);
     });
     const fail = (e: Error) => {
       if (this.worker !== worker) return;  // stopped on purpose
       this.ended ??= e;
       this.settleAll(e);
+      worker.unref();  // nothing more will come from it
     };
     worker.on('error', fail);
     worker.on('messageerror', fail);
@@ -139,6 +152,7 @@ export class OrtHost {
 
   /** Posts a request (also while closing) and waits for its reply. */
   private send(body: DistributiveOmit<SessionRequest, 'id'>, transfer: ArrayBuffer[]): Promise<Reply> {
+    if (this.ended && !this.worker) return Promise.reject(this.ended);  // never a new thread for a closed host
     const worker = this.started();
     const id = this.nextId++;
     return new Promise<Reply>((resolve, reject) => {

@@ -25,13 +25,13 @@ async function answer(request: SessionRequest): Promise<{ reply: object; transfe
   const ort = require('onnxruntime-node') as typeof Ort;
   switch (request.op) {
     case 'open': {
-      const session = await (typeof request.model === 'string'
-        ? ort.InferenceSession.create(request.model, request.options)
-        : ort.InferenceSession.create(request.model, request.options));
+      const session = await ort.InferenceSession.create(request.model as Uint8Array, request.options);
       sessions.set(request.session, session);
       // onnxruntime has parsed the bytes into its own memory: they go back to the caller's thread, which drops them,
       // rather than wait in this thread's heap for a collection that an idle thread may not run for a long time.
-      const bytes = typeof request.model === 'string' ? [] : [request.model.buffer as ArrayBuffer];
+      // (Not when a session option lets onnxruntime keep using them: ORT-format models' use_ort_model_bytes_*.)
+      const direct = JSON.stringify(request.options).includes('use_ort_model_bytes');
+      const bytes = typeof request.model === 'string' || direct ? [] : [request.model.buffer as ArrayBuffer];
       return { reply: { inputNames: session.inputNames, outputNames: session.outputNames }, transfer: bytes };
     }
     case 'run': {
@@ -67,12 +67,14 @@ function reply(id: number, body: object, transfer: ArrayBuffer[]): void {
     try {
       port.postMessage({ id, ...body });  // a buffer that cannot move (e.g. external memory) is copied
     } catch (e) {
-      port.postMessage({ id, error: `its outputs could not be passed back from the onnxruntime thread: ${(e as Error).message}` });
+      port.postMessage({ id, transport: true, error: `its outputs could not be passed back from the onnxruntime thread: ${(e as Error).message}` });
     }
   }
 }
 
+// One request at a time, in order: a release never overtakes a run still in progress.
+let queue: Promise<void> = Promise.resolve();
 port.on('message', (request: SessionRequest) => {
-  answer(request).then(({ reply: body, transfer }) => reply(request.id, body, transfer),
-    (e: unknown) => port.postMessage({ id: request.id, error: e instanceof Error ? e.message : String(e) }));
+  queue = queue.then(() => answer(request).then(({ reply: body, transfer }) => reply(request.id, body, transfer),
+    (e: unknown) => port.postMessage({ id: request.id, error: e instanceof Error ? e.message : String(e) })));
 });

@@ -12,7 +12,7 @@ import type { ModelProto } from 'onnx-buf';
 import { invalidType, invalidValue } from '../errors';
 import { ort } from '../bench/ort-models';
 import { checkOutputPath, OnnxModelError, readModel, serializeModel, writeFileAtomicAsync } from '../onnx/model-io';
-import { openSession, type OrtSession } from '../onnx/ort-session';
+import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
 import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
 import { exportModel, type ExportLayer } from './export';
@@ -333,7 +333,8 @@ class Teacher {
   }
 
   async probabilities(inputs: { data: Float32Array; dims: number[] }, expectedLength: number): Promise<Float32Array> {
-    const out = await this.session.run({ [this.model.inputName]: new (ort().Tensor)('float32', inputs.data, inputs.dims) }, [this.model.outputName]);
+    const out = await runSession(this.session, { [this.model.inputName]: new (ort().Tensor)('float32', inputs.data, inputs.dims) }, [this.model.outputName],
+      'the input model (the teacher for distillation)', 'Distillation runs the float model in onnxruntime-node: check that it runs there on inputs of this shape.');
     const p = Float32Array.from(out[this.model.outputName].data as Float32Array);
     if (p.length !== expectedLength) {
       throw new TrainingError(`Distillation compares the model's output '${this.model.outputName}' element by element, but onnxruntime gives ${p.length} values for it and the engine ${expectedLength}.`);
