@@ -5,7 +5,8 @@
  * Requests: { id, op: 'open', session, model, options } → { id, inputNames, outputNames } (the model's bytes are
  *           moved back, detached: onnxruntime keeps its own copy);
  *           { id, op: 'run', session, feeds, fetches? } → { id, outputs };  { id, op: 'release', session } → { id }.
- * Any failure answers { id, error } with onnxruntime's message. Tensors travel as { type, data, dims }.
+ * A failure answers { id, error } with onnxruntime's message, or { id, error, transport: true } when a reply could
+ * not be posted back. Requests are answered one at a time, in order. Tensors travel as { type, data, dims }.
  */
 import { parentPort } from 'node:worker_threads';
 import type * as Ort from 'onnxruntime-node';
