@@ -17,6 +17,7 @@
  * paper's lazy batch updates).
  */
 import { integerRange, roundHalfToEven, scaleIndices, type QuantizedTensor } from '../quant-params';
+import { pauseClock } from '../onnx/passes/pass';
 import { nativeKernels, type FloatKernels } from '../train/kernels';
 
 /** H over one chunk of columns: [size, size], row-major, for columns first … first + size − 1. */
@@ -137,8 +138,7 @@ const PAUSE_AFTER_MS = 10;
  */
 export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams: GramBlock[][], view: WeightMatrixView,
   options: GptqOptions = {}): Generator<undefined, QuantizedTensor, void> {
-  let resumed = performance.now();
-  const pause = () => performance.now() - resumed >= PAUSE_AFTER_MS;
+  const pause = pauseClock(PAUSE_AFTER_MS);
   const values = q.values.slice();
   const scaleIndex = scaleIndices(q);
   const block = options.block ?? 32;
@@ -148,10 +148,7 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
     for (const chunk of grams[gram]) {
       const factor = factorChunk(chunk, options.damping ?? 0.01);
       if (!factor) continue;
-      if (pause()) {
-        yield;
-        resumed = performance.now();
-      }
+      if (pause()) yield;
       // Rows × columns of this chunk (in rounding order). Errors feed forward within a block of
       // columns one by one, and onto the later columns once per block through SGEMM (GPTQ's lazy
       // batch updates): the row loop costs rows·n·block instead of rows·n².
@@ -166,10 +163,7 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
       const state: ChunkState = { q, values, scaleIndex, ranges, view, kernels, order: factor.order, u: factor.u, n, w, rows, rowStart };
       for (let b0 = 0; b0 < n; b0 += block) {
         roundColumnBlock(state, b0, Math.min(n, b0 + block));
-        if (pause()) {
-          yield;
-          resumed = performance.now();
-        }
+        if (pause()) yield;
       }
     }
   }

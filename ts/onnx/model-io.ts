@@ -78,10 +78,20 @@ export function readModel(input: string | Uint8Array, options: ReadModelOptions 
 function readAt(fd: number, file: string, offset: number, length: number, what: string, data: Uint8Array<ArrayBuffer> = new Uint8Array(length)): Uint8Array<ArrayBuffer> {
   for (let read = 0; read < length;) {
     const n = fs.readSync(fd, data, read, length - read, offset + read);
-    if (n === 0) throw new OnnxModelError(`Tensor ${what}: ${file} ended while reading its data (was it changed while being read?).`);
+    if (n === 0) throw fileEnded(what, file);
     read += n;
   }
   return data;
+}
+
+/** A lazily read tensor's data file that is gone (readExternal, readInto). */
+function fileGone(name: string, file: string): OnnxModelError {
+  return new OnnxModelError(`Tensor ${name}: its external data file ${file} cannot be read any more (was it moved or deleted while the model was in use?).`);
+}
+
+/** A data file shorter than the tensor's data (readAt, readInto). */
+function fileEnded(name: string, file: string): OnnxModelError {
+  return new OnnxModelError(`Tensor ${name}: ${file} ended while reading its data (was it changed while being read?).`);
 }
 
 /** A lazily read tensor's bytes, from its file, into `into` when given. */
@@ -90,7 +100,7 @@ function readExternal(name: string, source: ExternalSource, into?: Uint8Array<Ar
   try {
     fd = fs.openSync(source.file, 'r');
   } catch {
-    throw new OnnxModelError(`Tensor ${name}: its external data file ${source.file} cannot be read any more (was it moved or deleted while the model was in use?).`);
+    throw fileGone(name, source.file);
   }
   try {
     return readAt(fd, source.file, source.offset, source.length, name, into);
@@ -312,12 +322,12 @@ async function readInto(target: Uint8Array, name: string, source: ExternalSource
   try {
     file = await fs.promises.open(source.file, 'r');
   } catch {
-    throw new OnnxModelError(`Tensor ${name}: its external data file ${source.file} cannot be read any more (was it moved or deleted while the model was in use?).`);
+    throw fileGone(name, source.file);
   }
   try {
     for (let read = 0; read < target.length;) {
       const { bytesRead } = await file.read(target, read, target.length - read, source.offset + read);
-      if (bytesRead === 0) throw new OnnxModelError(`Tensor ${name}: ${source.file} ended while reading its data (was it changed while being read?).`);
+      if (bytesRead === 0) throw fileEnded(name, source.file);
       read += bytesRead;
     }
   } finally {

@@ -47,14 +47,23 @@ export function nextTurn(): Promise<void> {
 }
 
 /**
- * A pause for loops of many short pieces of work: `await pause()` lets the event loop turn once `ms` have passed
- * since the last turn, and costs only a microtask otherwise (a turn per piece cost more than the pieces).
+ * A clock for pauses in long work: true once `ms` have passed since it last said true (or since it was made), so
+ * that work in many short pieces lets the event loop turn about every `ms`, not after every piece.
  */
+export function pauseClock(ms = 10): () => boolean {
+  let since = performance.now();
+  return () => {
+    const now = performance.now();
+    if (now - since < ms) return false;
+    since = now;
+    return true;
+  };
+}
+
+/** `await pause()` turns the event loop when pauseClock(ms) says so, and costs only a microtask otherwise. */
 export function pauser(ms = 10): () => Promise<void> {
-  let resumed = performance.now();
+  const due = pauseClock(ms);
   return async () => {
-    if (performance.now() - resumed < ms) return;
-    await nextTurn();
-    resumed = performance.now();
+    if (due()) await nextTurn();
   };
 }
