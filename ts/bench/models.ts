@@ -66,14 +66,14 @@ function uniformFeeds(input: string, dims: number[], count: number, seed: number
   return Array.from({ length: count }, () => ({ [input]: { data: Float32Array.from({ length: n }, () => random() * 2 - 1), dims } }));
 }
 
-function models(scratch: string): Array<{ name: string; file: string; feeds: Feed[] }> {
+async function models(scratch: string): Promise<Array<{ name: string; file: string; feeds: Feed[] }>> {
   const assets = path.resolve(__dirname, '..', '..', '..', 'assets');
   // Batch-1 products with 64 MiB of weights: memory-bound, as a language model's decoding steps are; at batch 64
   // (a 64-token prompt, or a sentence through an encoder) compute-bound.
   const chain = path.join(scratch, 'matmul-chain.onnx');
-  writeMatMulChain(chain, 4, true);
+  await writeMatMulChain(chain, 4, true);
   const chain64 = path.join(scratch, 'matmul-chain-64.onnx');
-  writeMatMulChain(chain64, 4, true, 64);
+  await writeMatMulChain(chain64, 4, true, 64);
   const list = [
     { name: 'MNIST CNN (bundled)', file: path.join(assets, 'mnist-cnn.onnx'), feeds: uniformFeeds('input', [1, 1, 28, 28], 8, 1) },
     { name: '4 MatMuls 2048x2048, batch 1', file: chain, feeds: uniformFeeds('input', [1, 2048], 8, 4) },
@@ -109,7 +109,7 @@ export async function modelLatencies(options: Pick<ModelsBenchOptions, 'threads'
   const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-models-'));
   try {
     const rows: ModelLatency[] = [];
-    for (const m of models(scratch)) rows.push(...(await modelLatency(m, options)));
+    for (const m of await models(scratch)) rows.push(...(await modelLatency(m, options)));
     return rows;
   } finally {
     fs.rmSync(scratch, { recursive: true, force: true });

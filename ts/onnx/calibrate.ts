@@ -198,7 +198,7 @@ async function exposedModel(model: ModelProto, names: string[]): Promise<{ sourc
   };
   try {
     const file = path.join(folder, 'model.onnx');
-    writeModelWithExternalData(copyWithOutputs(model, names), file);
+    await writeModelWithExternalData(copyWithOutputs(model, names), file);
     return { source: file, dispose };
   } catch (e) {
     dispose();

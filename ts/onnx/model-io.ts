@@ -44,23 +44,61 @@ export interface ReadModelOptions {
 
 /** Parses an ONNX model from a path or bytes; external data next to a model file is loaded (or read lazily). */
 export function readModel(input: string | Uint8Array, options: ReadModelOptions = {}): ModelProto {
-  let bytes: Uint8Array;
-  let folder: string | undefined;
-  if (typeof input === 'string') {
-    let stat: fs.Stats;
-    try {
-      stat = fs.statSync(input);
-    } catch {
-      throw new OnnxModelError(`Expected an ONNX model file for model but received "${input}", which does not exist.`);
-    }
-    if (!stat.isFile()) throw new OnnxModelError(`Expected an ONNX model file for model but received "${input}", which is not a file.`);
-    bytes = new Uint8Array(fs.readFileSync(input));
-    folder = path.dirname(input);
-  } else if (input instanceof Uint8Array) {
-    bytes = input;
-  } else {
-    throw new TypeError(`Expected a file path or a Uint8Array for model but received ${typeof input}.`);
+  if (typeof input !== 'string') {
+    const model = parseModel(checkModelBytes(input));
+    loadExternalData(model, undefined, false);  // refuses external data: there is no folder to find it in
+    return model;
   }
+  let stat: fs.Stats;
+  try {
+    stat = fs.statSync(input);
+  } catch {
+    throw modelFileMissing(input);
+  }
+  if (!stat.isFile()) throw notAModelFile(input);
+  const model = parseModel(fileBytes(fs.readFileSync(input)));
+  loadExternalData(model, path.dirname(input), options.lazyExternalData ?? false);
+  return model;
+}
+
+/**
+ * readModel without holding the event loop while the file and its external data are read (a model of a few
+ * hundred MB takes seconds); parsing itself is quick, since the tensors' bytes stay where the file was read.
+ */
+export async function readModelAsync(input: string | Uint8Array, options: ReadModelOptions = {}): Promise<ModelProto> {
+  if (typeof input !== 'string') return readModel(input, options);
+  let stat: fs.Stats;
+  try {
+    stat = await fs.promises.stat(input);
+  } catch {
+    throw modelFileMissing(input);
+  }
+  if (!stat.isFile()) throw notAModelFile(input);
+  const model = parseModel(fileBytes(await fs.promises.readFile(input)));
+  await loadExternalDataAsync(model, path.dirname(input), options.lazyExternalData ?? false);
+  return model;
+}
+
+function modelFileMissing(file: string): OnnxModelError {
+  return new OnnxModelError(`Expected an ONNX model file for model but received "${file}", which does not exist.`);
+}
+
+function notAModelFile(file: string): OnnxModelError {
+  return new OnnxModelError(`Expected an ONNX model file for model but received "${file}", which is not a file.`);
+}
+
+function checkModelBytes(input: unknown): Uint8Array {
+  if (input instanceof Uint8Array) return input;
+  throw new TypeError(`Expected a file path or a Uint8Array for model but received ${typeof input}.`);
+}
+
+/** A file's bytes as a plain Uint8Array over the same memory: copying a model of several hundred MB took seconds. */
+function fileBytes(buffer: Buffer): Uint8Array {
+  return new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+}
+
+/** The model in `bytes` (protobuf-es keeps its tensors' bytes as views of them), checked to be an ONNX model. */
+function parseModel(bytes: Uint8Array): ModelProto {
   let model: ModelProto;
   try {
     model = fromBinary(ModelProtoSchema, bytes);
@@ -70,7 +108,6 @@ export function readModel(input: string | Uint8Array, options: ReadModelOptions 
   if (!model.graph || model.irVersion === 0n || model.opsetImport.length === 0) {
     throw new OnnxModelError('This is not an ONNX model: it has no graph, IR version or opset (is it another protobuf file?).');
   }
-  loadExternalData(model, folder, options.lazyExternalData ?? false);
   return model;
 }
 
@@ -84,12 +121,12 @@ function readAt(fd: number, file: string, offset: number, length: number, what: 
   return data;
 }
 
-/** A lazily read tensor's data file that is gone (readExternal, readInto). */
+/** A lazily read tensor's data file that is gone (readExternal, readExternalAsync). */
 function fileGone(name: string, file: string): OnnxModelError {
   return new OnnxModelError(`Tensor ${name}: its external data file ${file} cannot be read any more (was it moved or deleted while the model was in use?).`);
 }
 
-/** A data file shorter than the tensor's data (readAt, readInto). */
+/** A data file shorter than the tensor's data (readAt, readAtAsync). */
 function fileEnded(name: string, file: string): OnnxModelError {
   return new OnnxModelError(`Tensor ${name}: ${file} ended while reading its data (was it changed while being read?).`);
 }
@@ -128,40 +165,97 @@ export function rawLength(t: TensorProto): number {
   return (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE]?.length ?? t.rawData.length;
 }
 
+/** A tensor kept in an external file: the file (inside the model's folder) and its location entries. */
+interface ExternalTensor {
+  t: TensorProto;
+  file: string;
+  entry: Record<string, string>;
+}
+
+function externalTensors(model: ModelProto, folder: string | undefined): ExternalTensor[] {
+  const found: ExternalTensor[] = [];
+  for (const t of storedTensors(model)) {
+    if (t.dataLocation !== TensorProto_DataLocation.EXTERNAL) continue;
+    const entry = Object.fromEntries(t.externalData.map((e) => [e.key, e.value]));
+    if (!folder) throw new OnnxModelError(`Tensor ${t.name} keeps its data in an external file (${entry.location}); pass the model as a file path so it can be found.`);
+    const file = path.resolve(folder, entry.location ?? '');
+    if (!file.startsWith(path.resolve(folder))) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);
+    found.push({ t, file, entry });
+  }
+  return found;
+}
+
+function unreadableDataFile(t: TensorProto, file: string): OnnxModelError {
+  return new OnnxModelError(`Tensor ${t.name}: its external data file ${file} cannot be read.`);
+}
+
+/** Where the tensor's bytes lie in its data file of `size` bytes (checked); the tensor is marked as holding them itself. */
+function externalRange({ t, file, entry }: ExternalTensor, size: number): ExternalSource {
+  const offset = Number(entry.offset ?? 0);
+  const length = entry.length === undefined ? size - offset : Number(entry.length);
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
+    throw new OnnxModelError(`Tensor ${t.name}: its external data (offset ${entry.offset ?? 0}, length ${entry.length ?? 'to the end'}) lies outside ` +
+      `${file} (${size} bytes): the data file is truncated or belongs to another model.`);
+  }
+  t.dataLocation = TensorProto_DataLocation.DEFAULT;
+  t.externalData = [];
+  return { file, offset, length };
+}
+
 function loadExternalData(model: ModelProto, folder: string | undefined, lazy: boolean): void {
   // Each tensor reads its own bytes at its offset: reading the whole file per tensor made a model of n tensors
   // read its data file n times.
   const files = new Map<string, { fd: number; size: number }>();
   try {
-    for (const t of storedTensors(model)) {
-      if (t.dataLocation !== TensorProto_DataLocation.EXTERNAL) continue;
-      const entry = Object.fromEntries(t.externalData.map((e) => [e.key, e.value]));
-      if (!folder) throw new OnnxModelError(`Tensor ${t.name} keeps its data in an external file (${entry.location}); pass the model as a file path so it can be found.`);
-      const file = path.resolve(folder, entry.location ?? '');
-      if (!file.startsWith(path.resolve(folder))) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);
+    for (const external of externalTensors(model, folder)) {
+      const { t, file } = external;
       let opened = files.get(file);
       if (!opened) {
+        let fd: number;
         try {
-          const fd = fs.openSync(file, 'r');
-          opened = { fd, size: fs.fstatSync(fd).size };
+          fd = fs.openSync(file, 'r');
         } catch {
-          throw new OnnxModelError(`Tensor ${t.name}: its external data file ${file} cannot be read.`);
+          throw unreadableDataFile(t, file);
         }
-        files.set(file, opened);
+        files.set(file, opened = { fd, size: 0 });
+        const stat = fs.fstatSync(fd);
+        if (!stat.isFile()) throw unreadableDataFile(t, file);
+        opened.size = stat.size;
       }
-      const offset = Number(entry.offset ?? 0);
-      const length = entry.length === undefined ? opened.size - offset : Number(entry.length);
-      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > opened.size) {
-        throw new OnnxModelError(`Tensor ${t.name}: its external data (offset ${entry.offset ?? 0}, length ${entry.length ?? 'to the end'}) lies outside ` +
-          `${file} (${opened.size} bytes): the data file is truncated or belongs to another model.`);
-      }
-      t.dataLocation = TensorProto_DataLocation.DEFAULT;
-      t.externalData = [];
-      if (lazy && length >= LAZY_MIN_BYTES) readLazily(t, { file, offset, length });
-      else t.rawData = readAt(opened.fd, file, offset, length, t.name);
+      const source = externalRange(external, opened.size);
+      if (lazy && source.length >= LAZY_MIN_BYTES) readLazily(t, source);
+      else t.rawData = readAt(opened.fd, file, source.offset, source.length, t.name);
     }
   } finally {
     for (const { fd } of files.values()) fs.closeSync(fd);
+  }
+}
+
+/** loadExternalData with asynchronous reads. */
+async function loadExternalDataAsync(model: ModelProto, folder: string | undefined, lazy: boolean): Promise<void> {
+  const files = new Map<string, { handle: fs.promises.FileHandle; size: number }>();
+  try {
+    for (const external of externalTensors(model, folder)) {
+      const { t, file } = external;
+      let opened = files.get(file);
+      if (!opened) {
+        let handle: fs.promises.FileHandle;
+        try {
+          handle = await fs.promises.open(file, 'r');
+        } catch {
+          throw unreadableDataFile(t, file);
+        }
+        files.set(file, opened = { handle, size: 0 });
+        const stat = await handle.stat();
+        if (!stat.isFile()) throw unreadableDataFile(t, file);
+        opened.size = stat.size;
+      }
+      const source = externalRange(external, opened.size);
+      if (lazy && source.length >= LAZY_MIN_BYTES) readLazily(t, source);
+      else t.rawData = await readAtAsync(opened.handle, source, t.name, new Uint8Array(source.length));
+    }
+  } finally {
+    for (const { handle } of files.values()) await handle.close();
   }
 }
 
@@ -309,15 +403,25 @@ export async function serializeModelAsync(model: ModelProto): Promise<Uint8Array
       out.set(p.data, pos);
       pos += p.data.length;
     } else {
-      pos += await readInto(out.subarray(pos, pos + p.source.length), p.name, p.source);
+      pos += (await readExternalAsync(out.subarray(pos, pos + p.source.length), p.name, p.source)).length;
     }
     await new Promise(setImmediate);
   }
   return out;
 }
 
+/** readAt, asynchronously: the source's bytes into `target` (its length is the source's). */
+async function readAtAsync<T extends Uint8Array>(file: fs.promises.FileHandle, source: ExternalSource, name: string, target: T): Promise<T> {
+  for (let read = 0; read < target.length;) {
+    const { bytesRead } = await file.read(target, read, target.length - read, source.offset + read);
+    if (bytesRead === 0) throw fileEnded(name, source.file);
+    read += bytesRead;
+  }
+  return target;
+}
+
 /** readExternal, asynchronously, into `target` (its length is the source's). */
-async function readInto(target: Uint8Array, name: string, source: ExternalSource): Promise<number> {
+async function readExternalAsync<T extends Uint8Array>(target: T, name: string, source: ExternalSource): Promise<T> {
   let file: fs.promises.FileHandle;
   try {
     file = await fs.promises.open(source.file, 'r');
@@ -325,15 +429,10 @@ async function readInto(target: Uint8Array, name: string, source: ExternalSource
     throw fileGone(name, source.file);
   }
   try {
-    for (let read = 0; read < target.length;) {
-      const { bytesRead } = await file.read(target, read, target.length - read, source.offset + read);
-      if (bytesRead === 0) throw fileEnded(name, source.file);
-      read += bytesRead;
-    }
+    return await readAtAsync(file, source, name, target);
   } finally {
     await file.close();
   }
-  return target.length;
 }
 
 /**
@@ -343,17 +442,18 @@ async function readInto(target: Uint8Array, name: string, source: ExternalSource
  * refers to it by location, offset and length. Each tensor's bytes are read once
  * (a lazily read tensor from its file) and dropped once written.
  */
-function moveDataOut(model: ModelProto, dataFile: string, threshold: number, write: (bytes: Uint8Array) => void): void {
+async function moveDataOut(model: ModelProto, dataFile: string, threshold: number, write: (bytes: Uint8Array) => Promise<void>): Promise<void> {
   largeConstantsToInitializers(model, threshold);
   let offset = 0;
   for (const t of model.graph!.initializer) {
     floatDataToRaw(t, threshold);
     if (rawLength(t) < threshold) continue;
     const pad = (4096 - (offset % 4096)) % 4096;  // page-aligned, so readers can map it
-    if (pad) write(new Uint8Array(pad));
+    if (pad) await write(new Uint8Array(pad));
     offset += pad;
-    const raw = t.rawData;
-    write(raw);
+    const source = (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE];
+    const raw = source ? await readExternalAsync(new Uint8Array(source.length), t.name, source) : t.rawData;
+    await write(raw);
     t.externalData = [
       create(StringStringEntryProtoSchema, { key: 'location', value: dataFile }),
       create(StringStringEntryProtoSchema, { key: 'offset', value: String(offset) }),
@@ -393,10 +493,10 @@ function floatDataToRaw(t: TensorProto, threshold: number): void {
 
 /**
  * Writes the model to `file` with the data of its large initializers in `<file>.data` (streamed: one tensor in
- * memory at a time; see moveDataOut) and returns the model file's bytes. Both files are written to temporary
- * files first and renamed only when both are complete: a failure leaves neither.
+ * memory at a time, written asynchronously; see moveDataOut) and returns the model file's bytes. Both files are
+ * written to temporary files first and renamed only when both are complete: a failure leaves neither.
  */
-export function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024): Uint8Array {
+export async function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024): Promise<Uint8Array> {
   const dataFile = `${file}.data`;
   const [dataTemp, modelTemp] = [temporaryPath(dataFile), temporaryPath(file)];
   // A data file already there is kept aside until the model file is in place: an old model next to a new data file
@@ -405,26 +505,27 @@ export function writeModelWithExternalData(model: ModelProto, file: string, thre
   let failed = dataFile;
   let dataReplaced = false;
   try {
-    const fd = fs.openSync(dataTemp, 'w');
+    const data = await fs.promises.open(dataTemp, 'wx');
     try {
-      moveDataOut(model, path.basename(dataFile), threshold, (bytes) => {
-        for (let done = 0; done < bytes.length;) done += fs.writeSync(fd, bytes, done, bytes.length - done);
+      await moveDataOut(model, path.basename(dataFile), threshold, async (bytes) => {
+        for (let done = 0; done < bytes.length;) done += (await data.write(bytes, done, bytes.length - done)).bytesWritten;
       });
     } finally {
-      fs.closeSync(fd);
+      await data.close();
     }
-    const bytes = serializeModel(model);
+    const bytes = await serializeModelAsync(model);
     failed = file;
-    fs.writeFileSync(modelTemp, bytes);
+    await fs.promises.writeFile(modelTemp, bytes, { flag: 'wx' });
     failed = dataFile;
-    if (fs.existsSync(dataFile)) fs.renameSync(dataFile, previousData);
-    fs.renameSync(dataTemp, dataFile);
+    if (fs.existsSync(dataFile)) await fs.promises.rename(dataFile, previousData);
+    await fs.promises.rename(dataTemp, dataFile);
     dataReplaced = true;
     failed = file;
-    fs.renameSync(modelTemp, file);
-    fs.rmSync(previousData, { force: true });
+    await fs.promises.rename(modelTemp, file);
+    await fs.promises.rm(previousData, { force: true });
     return bytes;
   } catch (e) {
+    // Clean-up is synchronous and brief; the write's error is the one to report.
     for (const temp of [dataTemp, modelTemp]) fs.rmSync(temp, { force: true });
     if (dataReplaced) fs.rmSync(dataFile, { force: true });
     if (fs.existsSync(previousData)) fs.renameSync(previousData, dataFile);

@@ -15,7 +15,7 @@ import { openPair, openSession, OrtHost, runSession } from './ort-session';
 import { checkKnownKeys, isPlainObject } from '../validate';
 import { Graph, weightValues } from './graph';
 import {
-  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModel, serializeModelAsync, storedBytes, writeFileAtomicAsync, writeModelWithExternalData,
+  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
 import { calibrate, checkFeed, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -444,7 +444,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   };
   // Large external tensors stay in their file until a pass uses them: quantizing weights only, without an
   // evaluation, then holds one layer's float weights at a time rather than the whole float model.
-  const model = await time('read', () => readModel(input, { lazyExternalData: true }));
+  const model = await time('read', () => readModelAsync(input, { lazyExternalData: true }));
   opts.evaluationFeeds?.forEach((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
   const graph = new Graph(model);
   await time('validate', () => graph.topologicalOrder());

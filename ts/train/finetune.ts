@@ -11,7 +11,7 @@ import type { ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { ort } from '../bench/ort-models';
-import { checkOutputPath, OnnxModelError, readModel, serializeModel, writeFileAtomicAsync } from '../onnx/model-io';
+import { checkOutputPath, OnnxModelError, readModelAsync, serializeModel, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
 import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
@@ -492,7 +492,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   const s = checkOptions(options);
   const o = s.raw;
   const kernels = o.kernel === 'reference' ? referenceKernels : nativeKernels({ kernel: o.kernel, threads: o.threads });
-  const proto = input instanceof Uint8Array || typeof input === 'string' ? readModel(input) : input;
+  const proto = input instanceof Uint8Array || typeof input === 'string' ? await readModelAsync(input) : input;
   const model = new TrainableModel(proto);
   model.freezeBatchNorm = s.freezeBatchNorm;
   const needLabels = !s.distill;
