@@ -216,7 +216,16 @@ export function makeNode(opType: string, inputs: string[], outputs: string[], na
 }
 
 export function makeTensor(name: string, dataType: TensorProto_DataType, dims: number[], raw: Uint8Array): TensorProto {
-  return create(TensorProtoSchema, { name, dataType, dims: dims.map(BigInt), rawData: Uint8Array.from(raw) });
+  return ownedTensor(name, dataType, dims, Uint8Array.from(raw));
+}
+
+/**
+ * makeTensor without the copy, for bytes just computed that nothing will write into again (tensors' data are
+ * never written in place): copying a large model's weights once more cost time and peak memory.
+ */
+export function ownedTensor(name: string, dataType: TensorProto_DataType, dims: number[], raw: Uint8Array): TensorProto {
+  const own = raw.buffer instanceof ArrayBuffer ? (raw as Uint8Array<ArrayBuffer>) : Uint8Array.from(raw);  // never shared memory
+  return create(TensorProtoSchema, { name, dataType, dims: dims.map(BigInt), rawData: own });
 }
 
 export function int64Tensor(name: string, values: number[]): TensorProto {

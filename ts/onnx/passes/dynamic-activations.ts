@@ -13,7 +13,7 @@
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, ownedTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fuses them into MatMulIntegerToFloat); its ConvInteger ' +
@@ -47,7 +47,7 @@ function integerWeights(graph: Graph, node: NodeProto, transposed: Map<string, s
     const to = new Uint8Array(from.length);
     for (let i = 0; i < n; i++) for (let j = 0; j < k; j++) to[j * n + i] = from[i * k + j];
     name = graph.uniqueName(`${dq.input[0]}_transposed`);
-    graph.addInitializer(makeTensor(name, TensorProto_DataType.INT8, [k, n], to));
+    graph.addInitializer(ownedTensor(name, TensorProto_DataType.INT8, [k, n], to));
     transposed.set(dq.input[0], name);
   }
   return { values: name, scale: dq.input[1] };

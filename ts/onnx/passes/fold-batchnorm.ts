@@ -18,7 +18,7 @@
 import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { toFloat16Array } from '../../float16';
-import { dimsOf, floatAttribute, intAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
+import { dimsOf, floatAttribute, intAttribute, makeNode, ownedTensor, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export function foldBatchNorm(graph: Graph): PassReport {
@@ -107,8 +107,8 @@ export function foldBatchNorm(graph: Graph): PassReport {
 
 /** A new tensor of `values` in the type of `like` (float32, or float16 rounded to nearest). */
 function tensorLike(like: TensorProto, name: string, dims: number[], values: Float32Array): TensorProto {
-  if (like.dataType !== TensorProto_DataType.FLOAT16) return makeTensor(name, TensorProto_DataType.FLOAT, dims, new Uint8Array(values.buffer));
-  return makeTensor(name, TensorProto_DataType.FLOAT16, dims, new Uint8Array(toFloat16Array(values).buffer));
+  if (like.dataType !== TensorProto_DataType.FLOAT16) return ownedTensor(name, TensorProto_DataType.FLOAT, dims, new Uint8Array(values.buffer));
+  return ownedTensor(name, TensorProto_DataType.FLOAT16, dims, new Uint8Array(toFloat16Array(values).buffer));
 }
 
 /**

@@ -15,7 +15,7 @@
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import { dimsOf, floatData, intsAttribute, attribute, makeTensor, type Graph } from '../graph';
+import { dimsOf, floatData, floatView, intsAttribute, attribute, ownedTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 /** The scalar constant among a two-input node's inputs (Graph.scalar) and the other input; or undefined. */
@@ -43,11 +43,11 @@ export function affineFrom(graph: Graph, first: NodeProto): { input: string; s: 
 
 function convWeights(graph: Graph, conv: NodeProto): { w: Float32Array; dims: number[]; b: Float32Array } | undefined {
   const wt = graph.constant(conv.input[1]);
-  const w = wt && floatData(wt);
+  const w = wt && floatData(wt);  // a copy, scaled in place into the folded weights
   if (!w) return undefined;
   const dims = dimsOf(wt!);
   const bt = conv.input[2] ? graph.constant(conv.input[2]) : undefined;
-  const b = conv.input[2] ? bt && floatData(bt) : new Float32Array(dims[0]);
+  const b = conv.input[2] ? bt && floatView(bt) : new Float32Array(dims[0]);  // read only
   if (!b || b.length !== dims[0]) return undefined;
   return { w, dims, b };
 }
@@ -56,8 +56,8 @@ function setConvWeights(graph: Graph, conv: NodeProto, w: Float32Array, dims: nu
   const label = nodeLabel(conv);
   const wName = graph.uniqueName(`${conv.input[1]}_affine_folded`);
   const bName = graph.uniqueName(`${label}_affine_folded_bias`);
-  graph.addInitializer(makeTensor(wName, TensorProto_DataType.FLOAT, dims, new Uint8Array(w.buffer)));
-  graph.addInitializer(makeTensor(bName, TensorProto_DataType.FLOAT, [dims[0]], new Uint8Array(b.buffer)));
+  graph.addInitializer(ownedTensor(wName, TensorProto_DataType.FLOAT, dims, new Uint8Array(w.buffer)));
+  graph.addInitializer(ownedTensor(bName, TensorProto_DataType.FLOAT, [dims[0]], new Uint8Array(b.buffer)));
   const [oldW, oldB] = [conv.input[1], conv.input[2]];
   conv.input[1] = wName;
   conv.input[2] = bName;
@@ -70,11 +70,10 @@ function removeAffine(graph: Graph, nodes: NodeProto[]): void {
   for (const c of new Set(constants)) graph.removeIfUnused(c);
 }
 
-/** s·w, in a plain loop (Float32Array.from with a map function is far slower on megabytes of weights). */
-function scaled(w: Float32Array, s: number): Float32Array {
-  const out = new Float32Array(w.length);
-  for (let i = 0; i < w.length; i++) out[i] = w[i] * s;
-  return out;
+/** w·s in place, in a plain loop (Float32Array.from with a map function is far slower on megabytes of weights). */
+function scaleInPlace(w: Float32Array, s: number): Float32Array {
+  for (let i = 0; i < w.length; i++) w[i] *= s;
+  return w;
 }
 
 const describe = (s: number, t: number) => `${Number(s.toPrecision(4))}·x${t === 0 ? '' : ` ${t < 0 ? '−' : '+'} ${Number(Math.abs(t).toPrecision(4))}`}`;
@@ -106,7 +105,7 @@ export function foldScalarAffine(graph: Graph, options: ScalarAffineOptions = {}
       const folded = shiftAfterConv || t === 0 ? affine.nodes : affine.nodes.filter((n) => n.opType === 'Mul');
       if (conv && folded.length > 0) {
         const shift = folded.length === affine.nodes.length ? t : 0;
-        setConvWeights(graph, producer, scaled(conv.w, s), conv.dims, Float32Array.from(conv.b, (v) => v * s + shift));
+        setConvWeights(graph, producer, scaleInPlace(conv.w, s), conv.dims, Float32Array.from(conv.b, (v) => v * s + shift));
         producer.output[0] = folded[folded.length - 1].output[0];
         removeAffine(graph, folded);
         report.changed.push(`${nodeLabel(producer)}: the affine after it (${describe(s, shift)}) folded into its weights and bias` +
@@ -134,7 +133,7 @@ export function foldScalarAffine(graph: Graph, options: ScalarAffineOptions = {}
       for (let i = o * per; i < (o + 1) * per; i++) sum += conv.w[i];
       return b + t * sum;
     });
-    setConvWeights(graph, next, scaled(conv.w, s), conv.dims, bias);
+    setConvWeights(graph, next, scaleInPlace(conv.w, s), conv.dims, bias);  // after the sums above
     next.input[0] = affine.input;
     removeAffine(graph, affine.nodes);
     report.changed.push(`${nodeLabel(next)}: the affine before it (${describe(s, t)}) folded into its weights and bias`);

@@ -7,7 +7,7 @@
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import { OnnxModelError } from '../model-io';
-import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
+import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
@@ -105,10 +105,11 @@ function layout(opType: string, dims: number[], transB: number): { outputAxis: n
   return { outputAxis: 1, reductionAxis: 0 };
 }
 
+/** The stored values: q's int8 codes themselves (q is not changed after this), or freshly packed int4/int2. */
 function valuesTensor(name: string, q: QuantizedTensor): ReturnType<typeof makeTensor> {
-  if (q.bits === 8) return makeTensor(name, TensorProto_DataType.INT8, q.shape, new Uint8Array(q.values.buffer, q.values.byteOffset, q.values.length));
-  if (q.bits === 4) return makeTensor(name, TensorProto_DataType.INT4, q.shape, packInt4(q));
-  return makeTensor(name, TensorProto_DataType.INT2, q.shape, packInt2(q));
+  if (q.bits === 8) return ownedTensor(name, TensorProto_DataType.INT8, q.shape, new Uint8Array(q.values.buffer, q.values.byteOffset, q.values.length));
+  if (q.bits === 4) return ownedTensor(name, TensorProto_DataType.INT4, q.shape, packInt4(q));
+  return ownedTensor(name, TensorProto_DataType.INT2, q.shape, packInt2(q));
 }
 
 /** The float16 value nearest a positive scale, kept positive and finite (DequantizeLinear needs scale > 0). */
