@@ -24,6 +24,24 @@ async function expectProtobufBytes(model: ModelProto, what: string): Promise<voi
   expect(Buffer.from(await serializeModelAsync(model)).equals(want), `${what}: serializeModelAsync`).to.equal(true);
 }
 
+/**
+ * Calls of the synchronous file functions while `work` runs (reading or writing a large file with them would hold
+ * the event loop). The module object itself is patched: the namespace import only has getters onto it.
+ */
+async function syncFileCalls<T>(work: () => Promise<T>): Promise<{ result: T; calls: string[] }> {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const nodeFs: Record<string, unknown> = require('node:fs');
+  const names = ['readSync', 'writeSync', 'readFileSync', 'writeFileSync'];
+  const real = names.map((n) => nodeFs[n] as (...a: unknown[]) => unknown);
+  const calls: string[] = [];
+  names.forEach((n, i) => (nodeFs[n] = (...a: unknown[]) => (calls.push(n), real[i](...a))));
+  try {
+    return { result: await work(), calls };
+  } finally {
+    names.forEach((n, i) => (nodeFs[n] = real[i]));
+  }
+}
+
 /** `work`'s result and how many times the event loop turned while it ran. */
 async function countingTurns<T>(work: Promise<T>): Promise<{ result: T; turns: number }> {
   let turns = 0;
@@ -116,16 +134,20 @@ describe('reading and writing models asynchronously', () => {
     await writeMatMulChain(inline, 3, true);  // 48 MiB in one file
     const dataBytes = await writeMatMulChain(external, 3);
     const encoded = (m: ModelProto) => Buffer.from(toBinary(ModelProtoSchema, m));
-    const { result: fromFile, turns } = await countingTurns(readModelAsync(inline));
+    const { result: { result: fromFile, turns }, calls } = await syncFileCalls(() => countingTurns(readModelAsync(inline)));
+    expect(calls, 'synchronous file calls while reading one file').to.deep.equal([]);
     expect(encoded(fromFile).equals(encoded(readModel(inline))), 'one file').to.equal(true);
     expect(turns, 'event loop turns while 48 MiB were read').to.be.at.least(3);
-    const eager = await countingTurns(readModelAsync(external));
+    const { result: eager, calls: externalCalls } = await syncFileCalls(() => countingTurns(readModelAsync(external)));
+    expect(externalCalls, 'synchronous file calls while reading external data').to.deep.equal([]);
     expect(encoded(eager.result).equals(encoded(readModel(external))), 'external data').to.equal(true);
     expect(eager.turns, 'event loop turns while three external tensors were read').to.be.at.least(3);
     // The same weights, whichever way they were kept.
     expectSameWeights(eager.result, fromFile);
     const lazy = await readModelAsync(external, { lazyExternalData: true });
     expect(lazy.graph!.initializer.map(rawLength)).to.deep.equal([1, 2, 3].map(() => dataBytes / 3));
+    // Not read yet: each tensor's rawData reads its file when used.
+    expect(lazy.graph!.initializer.every((t) => Object.getOwnPropertyDescriptor(t, 'rawData')?.get !== undefined), 'lazily read').to.equal(true);
     expect(Buffer.from(serializeModel(lazy)).equals(encoded(eager.result)), 'lazily read, then serialized').to.equal(true);
     const bytes = new Uint8Array(fs.readFileSync(inline));
     expect(encoded(await readModelAsync(bytes)).equals(encoded(fromFile)), 'bytes').to.equal(true);
@@ -163,15 +185,60 @@ describe('reading and writing models asynchronously', () => {
   });
 
   it('writeModelWithExternalData writes tensor by tensor while the event loop turns, and the files read back as the model', async () => {
-    const inline = path.join(dir, 'write-source.onnx');
+    const folder = fs.mkdtempSync(path.join(dir, 'write-'));
+    const inline = path.join(folder, 'source.onnx');
     await writeMatMulChain(inline, 3, true);
     const source = readModel(inline);
-    const out = path.join(dir, 'written.onnx');
-    const { result: modelBytes, turns } = await countingTurns(writeModelWithExternalData(readModel(inline), out));
+    const out = path.join(folder, 'written.onnx');
+    // From lazily read tensors: each is read from its file and written without synchronous file calls.
+    const external = path.join(folder, 'external.onnx');
+    await writeMatMulChain(external, 3);
+    const lazy = readModel(external, { lazyExternalData: true });
+    const { result: { result: modelBytes, turns }, calls } = await syncFileCalls(() => countingTurns(writeModelWithExternalData(lazy, out)));
+    expect(calls, 'synchronous file calls while writing').to.deep.equal([]);
     expect(turns, 'event loop turns while three 16 MiB tensors were written').to.be.at.least(3);
     expect(Buffer.from(modelBytes).equals(fs.readFileSync(out))).to.equal(true);
     expect(fs.statSync(`${out}.data`).size).to.be.at.least(3 * 2048 * 2048 * 4);
     expectSameWeights(readModel(out), source);
-    expect(fs.readdirSync(dir).filter((f) => f.endsWith('.tmp'))).to.deep.equal([]);
+    // Over the pair just written: replaced, nothing else left in the folder.
+    await writeModelWithExternalData(readModel(inline), out);
+    expectSameWeights(readModel(out), source);
+    const expected = ['external.onnx', 'external.onnx.data', 'source.onnx', 'written.onnx', 'written.onnx.data'];
+    expect(fs.readdirSync(folder).sort()).to.deep.equal(expected);
+  });
+
+  it('writeModelWithExternalData: a data write failing part-way leaves the earlier pair as it was and nothing else', async () => {
+    const folder = fs.mkdtempSync(path.join(dir, 'fail-'));
+    const inline = path.join(folder, 'source.onnx');
+    await writeMatMulChain(inline, 2, true);
+    const out = path.join(folder, 'out.onnx');
+    await writeModelWithExternalData(readModel(inline), out);
+    const before = [fs.readFileSync(out), fs.readFileSync(`${out}.data`)];
+    const probe = await fs.promises.open(inline, 'r');
+    const handlePrototype = Object.getPrototypeOf(probe) as { write: (...a: unknown[]) => Promise<unknown> };
+    await probe.close();
+    const realWrite = handlePrototype.write;
+    let writes = 0;
+    handlePrototype.write = function (this: unknown, ...a: unknown[]) {
+      if (++writes === 2) return Promise.reject(Object.assign(new Error('no space left'), { code: 'ENOSPC' }));
+      return realWrite.apply(this, a);
+    };
+    const error = await writeModelWithExternalData(readModel(inline), out).then(() => undefined, (e: Error) => e)
+      .finally(() => (handlePrototype.write = realWrite));
+    expect(writes, 'the failure came part-way through the data').to.equal(2);
+    expect(String(error)).to.match(/Could not write .*out\.onnx\.data \(ENOSPC\): nothing was written/);
+    expect(fs.readdirSync(folder).sort()).to.deep.equal(['out.onnx', 'out.onnx.data', 'source.onnx']);
+    expect(fs.readFileSync(out).equals(before[0]) && fs.readFileSync(`${out}.data`).equals(before[1])).to.equal(true);
+  });
+
+  it('writeModelWithExternalData: two writes to one path at once end as the later one, model and data together', async () => {
+    const folder = fs.mkdtempSync(path.join(dir, 'race-'));
+    const [three, two] = [path.join(folder, 'three.onnx'), path.join(folder, 'two.onnx')];
+    await writeMatMulChain(three, 3, true);
+    await writeMatMulChain(two, 2, true);
+    const out = path.join(folder, 'out.onnx');
+    await Promise.all([writeModelWithExternalData(readModel(three), out), writeModelWithExternalData(readModel(two), out)]);
+    expectSameWeights(readModel(out), readModel(two));
+    expect(fs.readdirSync(folder).sort()).to.deep.equal(['out.onnx', 'out.onnx.data', 'three.onnx', 'two.onnx']);
   });
 });

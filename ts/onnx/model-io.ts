@@ -227,7 +227,13 @@ function loadExternalData(model: ModelProto, folder: string | undefined, lazy: b
       else t.rawData = readAt(opened.fd, file, source.offset, source.length, t.name);
     }
   } finally {
-    for (const { fd } of files.values()) fs.closeSync(fd);
+    for (const { fd } of files.values()) {
+      try {
+        fs.closeSync(fd);
+      } catch {
+        // not to mask a read's error
+      }
+    }
   }
 }
 
@@ -255,7 +261,7 @@ async function loadExternalDataAsync(model: ModelProto, folder: string | undefin
       else t.rawData = await readAtAsync(opened.handle, source, t.name, new Uint8Array(source.length));
     }
   } finally {
-    for (const { handle } of files.values()) await handle.close();
+    for (const { handle } of files.values()) await handle.close().catch(() => undefined);  // not to mask a read's error
   }
 }
 
@@ -494,9 +500,29 @@ function floatDataToRaw(t: TensorProto, threshold: number): void {
 /**
  * Writes the model to `file` with the data of its large initializers in `<file>.data` (streamed: one tensor in
  * memory at a time, written asynchronously; see moveDataOut) and returns the model file's bytes. Both files are
- * written to temporary files first and renamed only when both are complete: a failure leaves neither.
+ * written to temporary files first and renamed only when both are complete: a failure leaves neither (and an
+ * earlier pair as it was). Writes of this process to one path run one after another.
  */
-export async function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024): Promise<Uint8Array> {
+export function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024): Promise<Uint8Array> {
+  return oneWriteAtATime(file, () => writeBothFiles(model, file, threshold));
+}
+
+/** The pending write of each output path (resolved), while there is one. */
+const writesInProgress = new Map<string, Promise<unknown>>();
+
+/** Runs `write` once the writes to `file` started before it have ended: interleaved renames of two writes could pair one's model with the other's data. */
+function oneWriteAtATime<T>(file: string, write: () => Promise<T>): Promise<T> {
+  const key = path.resolve(file);
+  const run = (writesInProgress.get(key) ?? Promise.resolve()).then(write);
+  const settled = run.catch(() => undefined);
+  writesInProgress.set(key, settled);
+  void settled.then(() => {
+    if (writesInProgress.get(key) === settled) writesInProgress.delete(key);
+  });
+  return run;
+}
+
+async function writeBothFiles(model: ModelProto, file: string, threshold: number): Promise<Uint8Array> {
   const dataFile = `${file}.data`;
   const [dataTemp, modelTemp] = [temporaryPath(dataFile), temporaryPath(file)];
   // A data file already there is kept aside until the model file is in place: an old model next to a new data file
@@ -504,6 +530,7 @@ export async function writeModelWithExternalData(model: ModelProto, file: string
   const previousData = `${dataTemp}.previous`;
   let failed = dataFile;
   let dataReplaced = false;
+  let bytes: Uint8Array;
   try {
     const data = await fs.promises.open(dataTemp, 'wx');
     try {
@@ -513,7 +540,7 @@ export async function writeModelWithExternalData(model: ModelProto, file: string
     } finally {
       await data.close();
     }
-    const bytes = await serializeModelAsync(model);
+    bytes = await serializeModelAsync(model);
     failed = file;
     await fs.promises.writeFile(modelTemp, bytes, { flag: 'wx' });
     failed = dataFile;
@@ -522,16 +549,18 @@ export async function writeModelWithExternalData(model: ModelProto, file: string
     dataReplaced = true;
     failed = file;
     await fs.promises.rename(modelTemp, file);
-    await fs.promises.rm(previousData, { force: true });
-    return bytes;
   } catch (e) {
-    // Clean-up is synchronous and brief; the write's error is the one to report.
-    for (const temp of [dataTemp, modelTemp]) fs.rmSync(temp, { force: true });
-    if (dataReplaced) fs.rmSync(dataFile, { force: true });
-    if (fs.existsSync(previousData)) fs.renameSync(previousData, dataFile);
+    // Each clean-up step on its own, best effort: the write's error is the one to report.
+    const attempt = (step: Promise<unknown>) => step.catch(() => undefined);
+    for (const temp of [dataTemp, modelTemp]) await attempt(fs.promises.rm(temp, { force: true }));
+    if (dataReplaced) await attempt(fs.promises.rm(dataFile, { force: true }));
+    if (fs.existsSync(previousData)) await attempt(fs.promises.rename(previousData, dataFile));
     if (e instanceof OnnxModelError) throw e;
     throw writeError(failed, e);
   }
+  // Both files are in place: the earlier data file only has to go (a failure to remove it is no failure of the write).
+  await fs.promises.rm(previousData, { force: true }).catch(() => undefined);
+  return bytes;
 }
 
 let temporaryCount = 0;
