@@ -1,5 +1,6 @@
 // N-API glue for the float32 training kernels (cpp/include/lowbit/sgemm.h,
-// cpp/include/lowbit/train_ops.h).
+// cpp/include/lowbit/train_ops.h) and GPTQ's float64 factorization
+// (cpp/include/lowbit/linalg.h), the float kernels of ts/train/kernels.ts.
 // Synchronous: they are called once per op inside a training step, and the
 // work is spread over the Context's thread pool. Argument order is private to
 // ts/native.ts. Lengths are checked exactly (the layouts in ts/train/kernels.ts
@@ -8,6 +9,7 @@
 
 #include "context.h"
 #include "napi_args.h"
+#include "lowbit/linalg.h"
 #include "lowbit/sgemm.h"
 #include "lowbit/train_ops.h"
 
@@ -412,6 +414,20 @@ Napi::Value DepthwiseConvBackwardWeight(const Napi::CallbackInfo& info) {
                        lowbit::depthwise_conv_backward_weight);
 }
 
+// upperFactorOfInverse(h, n, u) -> whether h was positive definite (u written)
+Napi::Value UpperFactorOfInverse(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nh, nu;
+  const double* h = array_of<double>(info[0], "h", napi_float64_array, &nh);
+  const size_t n = size_of(info[1], "n");
+  double* u = array_of<double>(info[2], "u", napi_float64_array, &nu);
+  const size_t nn = product(env, {n, n}, "n * n");
+  need_length(env, "h", nh, nn, "n * n");
+  need_length(env, "u", nu, nn, "n * n");
+  no_overlap(env, u, nu, "u", h, nh, "h");
+  return Napi::Boolean::New(env, lowbit::upper_factor_of_inverse(h, n, u));
+}
+
 }  // namespace
 
 void register_train_functions(Napi::Env env, Napi::Object exports) {
@@ -429,6 +445,7 @@ void register_train_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("depthwiseConvForward", Napi::Function::New(env, DepthwiseConvForward, "depthwiseConvForward"));
   exports.Set("depthwiseConvBackwardInput", Napi::Function::New(env, DepthwiseConvBackwardInput, "depthwiseConvBackwardInput"));
   exports.Set("depthwiseConvBackwardWeight", Napi::Function::New(env, DepthwiseConvBackwardWeight, "depthwiseConvBackwardWeight"));
+  exports.Set("upperFactorOfInverse", Napi::Function::New(env, UpperFactorOfInverse, "upperFactorOfInverse"));
 }
 
 }  // namespace lowbit_binding

@@ -126,6 +126,8 @@ export interface NativeBinding {
     dx: Float32Array, threads: number): void;
   depthwiseConvBackwardWeight(dy: Float32Array, x: Float32Array, batch: number, geometry: NativeConvGeometry,
     dw: Float32Array, threads: number): void;
+  /** U with H⁻¹ = UᵀU written to u; false when h is not positive definite (linalg.h). */
+  upperFactorOfInverse(h: Float64Array, n: number, u: Float64Array): boolean;
 }
 
 /** Opaque native handle of a packed B matrix. */

@@ -8,6 +8,7 @@ void register_int4_tests();
 void register_thread_pool_tests();
 void register_sgemm_tests();
 void register_train_ops_tests();
+void register_linalg_tests();
 
 int main(int argc, char** argv) {
   register_quantize_tests();
@@ -16,5 +17,6 @@ int main(int argc, char** argv) {
   register_thread_pool_tests();
   register_sgemm_tests();
   register_train_ops_tests();
+  register_linalg_tests();
   return harness::run_all(argc > 1 ? argv[1] : "");
 }

@@ -8,10 +8,10 @@ import {
   lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
 } from '../../ts';
 import { preserveRunSums } from '../../ts/methods/sum-preserving';
-import { gptqRound, gptqRoundSteps, upperFactorOfInverse } from '../../ts/methods/gptq';
+import { gptqRound, gptqRoundSteps } from '../../ts/methods/gptq';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { runStepsAsync } from '../../ts/onnx/passes/pass';
-import { referenceKernels } from '../../ts/train/kernels';
+import { nativeKernels, referenceKernels } from '../../ts/train/kernels';
 import { makeIntAttribute, makeNode } from '../../ts/onnx/graph';
 import { create } from '@bufbuild/protobuf';
 import { AttributeProtoSchema, AttributeProto_AttributeType } from 'onnx-buf';
@@ -230,7 +230,8 @@ describe('GPTQ rounding', () => {
     const a = Float64Array.from({ length: n * n }, () => r() - 0.5);
     const h = new Float64Array(n * n);
     for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) for (let k = 0; k < n; k++) h[i * n + j] += a[i * n + k] * a[j * n + k] + (i === j && k === 0 ? 0.1 : 0);
-    const u = upperFactorOfInverse(h, n)!;
+    const u = new Float64Array(n * n);
+    expect(referenceKernels.upperFactorOfInverse(h, n, u)).to.equal(true);
     for (let i = 0; i < n; i++) for (let j = 0; j < i; j++) expect(u[i * n + j]).to.equal(0);
     // (UᵀU)·H = I
     for (let i = 0; i < n; i++) {
@@ -244,7 +245,39 @@ describe('GPTQ rounding', () => {
         expect(v).to.be.closeTo(i === j ? 1 : 0, 1e-8);
       }
     }
-    expect(upperFactorOfInverse(Float64Array.of(1, 2, 2, 1), 2)).to.equal(undefined);
+    expect(referenceKernels.upperFactorOfInverse(Float64Array.of(1, 2, 2, 1), 2, new Float64Array(4))).to.equal(false);
+  });
+
+  it('the native upperFactorOfInverse equals the TypeScript reference bit for bit (odd sizes up to 513), and refuses the same matrices', () => {
+    const native = nativeKernels();
+    for (const n of [0, 1, 2, 3, 4, 5, 7, 9, 31, 33, 64, 127, 480, 513]) {
+      // X·Xᵀ + a small ridge: symmetric positive definite, as a damped Gram matrix is.
+      const m = n + 5;
+      const x = Float64Array.from({ length: n * m }, () => r() - 0.5);
+      const h = new Float64Array(n * n);
+      for (let i = 0; i < n; i++) {
+        for (let j = 0; j <= i; j++) {
+          let s = 0;
+          for (let k = 0; k < m; k++) s += x[i * m + k] * x[j * m + k];
+          h[i * n + j] = h[j * n + i] = s + (i === j ? 1e-3 : 0);
+        }
+      }
+      const [want, got] = [new Float64Array(n * n), new Float64Array(n * n).fill(7)];
+      expect(referenceKernels.upperFactorOfInverse(h, n, want), `n = ${n}: reference`).to.equal(true);
+      expect(native.upperFactorOfInverse(h, n, got), `n = ${n}: native`).to.equal(true);
+      expect(Buffer.from(got.buffer).equals(Buffer.from(want.buffer)), `n = ${n}: identical bits`).to.equal(true);
+    }
+    for (const h of [Float64Array.of(1, 2, 2, 1), Float64Array.of(1, 0, 0, 0), Float64Array.of(1, 0, 0, NaN), Float64Array.of(-1, 0, 0, 1)]) {
+      expect(native.upperFactorOfInverse(h, 2, new Float64Array(4)), String(h)).to.equal(false);
+      expect(referenceKernels.upperFactorOfInverse(h, 2, new Float64Array(4)), String(h)).to.equal(false);
+    }
+    // Wrong lengths, types and shared memory are errors, not reads past the end.
+    expect(() => native.upperFactorOfInverse(new Float64Array(3), 2, new Float64Array(4))).to.throw(RangeError, /h\.length must be n \* n = 4 \(got 3\)/);
+    expect(() => native.upperFactorOfInverse(new Float64Array(4), 2, new Float64Array(5))).to.throw(RangeError, /u\.length must be n \* n = 4/);
+    expect(() => native.upperFactorOfInverse(new Float32Array(4) as never, 2, new Float64Array(4))).to.throw(TypeError, /h has the wrong element type/);
+    const both = new Float64Array(4);
+    expect(() => native.upperFactorOfInverse(both, 2, both)).to.throw(RangeError, /u must not share memory with h/);
+    expect(() => referenceKernels.upperFactorOfInverse(new Float64Array(3), 2, new Float64Array(4))).to.throw(RangeError, /h\.length must be n \* n = 4 \(got 3\)/);
   });
 
   it('LayerInputMoments sums x and x·xᵀ over the vectors a layer meets: matrix rows, and im2col columns per conv group', () => {
@@ -356,7 +389,7 @@ describe('GPTQ rounding', () => {
     let hash = 0;
     for (const v of r1.value.values) hash = (Math.imul(hash, 31) + v + 8) | 0;
     expect([hash, r1.value.values.filter((v, i) => v !== nearest.values[i]).length]).to.deep.equal([1529765299, 29343]);
-    // A 512-column factorization and 16 column blocks over 256 rows take well over 10 ms in TypeScript.
+    // A 512-column factorization and 16 column blocks over 256 rows take well over 10 ms.
     expect(pauses, 'pauses').to.be.at.least(1);
   });
 

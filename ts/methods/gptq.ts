@@ -52,64 +52,8 @@ export interface GptqOptions {
   damping?: number;
   /** Columns whose errors are pushed onto the later columns at once (lazy batch). Default 32. */
   block?: number;
-  /** SGEMM for the block updates. Default: the addon's. */
+  /** SGEMM for the block updates and the factorization (upperFactorOfInverse). Default: the addon's. */
   kernels?: FloatKernels;
-}
-
-/**
- * U with H⁻¹ = UᵀU (upper triangular), for a symmetric positive definite H [n, n]:
- * H = V·Vᵀ with V upper (Cholesky from the last row up), then U = V⁻¹.
- * Undefined when H is not positive definite.
- */
-export function upperFactorOfInverse(h: Float64Array, n: number): Float64Array | undefined {
-  const v = new Float64Array(n * n);
-  for (let j = n - 1; j >= 0; j--) {
-    const rowJ = j * n;
-    const s = h[rowJ + j] - dotFrom(v, rowJ, v, rowJ, j + 1, n);
-    if (!(s > 0)) return undefined;
-    const vjj = Math.sqrt(s);
-    v[rowJ + j] = vjj;
-    for (let i = 0; i < j; i++) v[i * n + j] = (h[i * n + j] - dotFrom(v, i * n, v, rowJ, j + 1, n)) / vjj;
-  }
-  // U = V⁻¹, row by row from the bottom: U_ii = 1/V_ii, U_ij = −(Σ_{i<k≤j} V_ik·U_kj) / V_ii.
-  const u = new Float64Array(n * n);
-  for (let i = n - 1; i >= 0; i--) {
-    const rowI = i * n;
-    const vii = v[rowI + i];
-    u[rowI + i] = 1 / vii;
-    for (let k = i + 1; k < n; k++) {
-      const vik = v[rowI + k];
-      if (vik !== 0) axpyFrom(-vik, u, k * n, u, rowI, k, n);
-    }
-    for (let j = i + 1; j < n; j++) u[rowI + j] /= vii;
-  }
-  return u;
-}
-
-/** Σ_{k=from}^{to−1} a[ai+k]·b[bi+k], four partial sums (the loops of the factorisation). */
-function dotFrom(a: Float64Array, ai: number, b: Float64Array, bi: number, from: number, to: number): number {
-  let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  let k = from;
-  for (; k + 3 < to; k += 4) {
-    s0 += a[ai + k] * b[bi + k];
-    s1 += a[ai + k + 1] * b[bi + k + 1];
-    s2 += a[ai + k + 2] * b[bi + k + 2];
-    s3 += a[ai + k + 3] * b[bi + k + 3];
-  }
-  for (; k < to; k++) s0 += a[ai + k] * b[bi + k];
-  return s0 + s1 + s2 + s3;
-}
-
-/** y[yi+k] += alpha·x[xi+k] for k in [from, to). */
-function axpyFrom(alpha: number, x: Float64Array, xi: number, y: Float64Array, yi: number, from: number, to: number): void {
-  let k = from;
-  for (; k + 3 < to; k += 4) {
-    y[yi + k] += alpha * x[xi + k];
-    y[yi + k + 1] += alpha * x[xi + k + 1];
-    y[yi + k + 2] += alpha * x[xi + k + 2];
-    y[yi + k + 3] += alpha * x[xi + k + 3];
-  }
-  for (; k < to; k++) y[yi + k] += alpha * x[xi + k];
 }
 
 /**
@@ -144,9 +88,16 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
   const block = options.block ?? 32;
   const kernels = options.kernels ?? nativeKernels();
   const ranges = Array.from({ length: q.scale.length }, (_, g) => integerRange(q.channelBits ? q.channelBits[g] : q.bits, q.signed));
+  // Buffers for the largest chunk, reused by every chunk and block of the layer (see Scratch).
+  const largest = Math.max(0, ...grams.flat().map((c) => c.size));
+  const maxRows = Math.min(view.rows, view.rowsPerGram);
+  const scratch: Scratch = {
+    h: new Float64Array(largest * largest), u: new Float64Array(largest * largest), w: new Float32Array(maxRows * largest),
+    errors: new Float32Array(maxRows * block), uBlock: new Float32Array(block * largest), update: new Float32Array(maxRows * largest),
+  };
   for (let gram = 0; gram < grams.length; gram++) {
     for (const chunk of grams[gram]) {
-      const factor = factorChunk(chunk, options.damping ?? 0.01);
+      const factor = factorChunk(chunk, options.damping ?? 0.01, kernels, scratch);
       if (!factor) continue;
       if (pause()) yield;
       // Rows × columns of this chunk (in rounding order). Errors feed forward within a block of
@@ -155,12 +106,12 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
       const rowStart = gram * view.rowsPerGram;
       const rows = Math.min(view.rows, (gram + 1) * view.rowsPerGram) - rowStart;
       const n = chunk.size;
-      const w = new Float32Array(rows * n);
+      const w = scratch.w.subarray(0, rows * n);
       for (let r = 0; r < rows; r++) {
         const base = (rowStart + r) * view.rowStride;
         for (let a = 0; a < n; a++) w[r * n + a] = source[base + factor.order[a] * view.columnStride];
       }
-      const state: ChunkState = { q, values, scaleIndex, ranges, view, kernels, order: factor.order, u: factor.u, n, w, rows, rowStart };
+      const state: ChunkState = { q, values, scaleIndex, ranges, view, kernels, order: factor.order, u: factor.u, n, w, rows, rowStart, scratch };
       for (let b0 = 0; b0 < n; b0 += block) {
         roundColumnBlock(state, b0, Math.min(n, b0 + block));
         if (pause()) yield;
@@ -175,22 +126,39 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
  * rounded while the most columns remain to absorb their error) and the upper factor of its damped inverse;
  * undefined when the inputs are always zero (any rounding gives the same output) or no damping makes it invertible.
  */
-function factorChunk({ first, size: n, matrix: full }: GramBlock, damping: number): { order: number[]; u: Float64Array } | undefined {
+function factorChunk({ first, size: n, matrix: full }: GramBlock, damping: number, kernels: FloatKernels, scratch: Scratch):
+  { order: number[]; u: Float64Array } | undefined {
   const local = Array.from({ length: n }, (_, i) => i).sort((a, b) => full[b * n + b] - full[a * n + a] || a - b);
-  const h = new Float64Array(n * n);
+  const h = scratch.h.subarray(0, n * n);
+  const diagonal = new Float64Array(n);
   let meanDiagonal = 0;
   for (let a = 0; a < n; a++) {
     for (let b = 0; b < n; b++) h[a * n + b] = full[local[a] * n + local[b]];
-    meanDiagonal += h[a * n + a] / n;
+    diagonal[a] = h[a * n + a];
+    meanDiagonal += diagonal[a] / n;
   }
   if (!(meanDiagonal > 0)) return undefined;
+  const u = scratch.u.subarray(0, n * n);
   for (let damp = damping; damp < 1e3; damp *= 10) {
-    const damped = h.slice();
-    for (let a = 0; a < n; a++) damped[a * n + a] += damp * meanDiagonal + (h[a * n + a] === 0 ? meanDiagonal : 0);
-    const u = upperFactorOfInverse(damped, n);
-    if (u) return { order: local.map((i) => first + i), u };
+    for (let a = 0; a < n; a++) h[a * n + a] = diagonal[a] + (damp * meanDiagonal + (diagonal[a] === 0 ? meanDiagonal : 0));
+    if (kernels.upperFactorOfInverse(h, n, u)) return { order: local.map((i) => first + i), u };
   }
   return undefined;
+}
+
+/**
+ * Working arrays of a layer's chunks and column blocks, which are processed one at a time, each used through a
+ * subarray of its size: allocating them per chunk and block cost more than the native factorization on this
+ * development machine, where fresh memory is slow to touch. h, u: the chunk's damped H and its factor; w: the
+ * chunk's weights being rounded; errors, uBlock, update: one block's SGEMM operands.
+ */
+interface Scratch {
+  h: Float64Array;
+  u: Float64Array;
+  w: Float32Array;
+  errors: Float32Array;
+  uBlock: Float32Array;
+  update: Float32Array;
 }
 
 interface ChunkState {
@@ -206,13 +174,14 @@ interface ChunkState {
   w: Float32Array;
   rows: number;
   rowStart: number;
+  scratch: Scratch;
 }
 
 /** Rounds columns [b0, b1) of a chunk and carries their errors onto the later columns. */
 function roundColumnBlock(st: ChunkState, b0: number, b1: number): void {
-  const { q, values, scaleIndex, ranges, view, order, u, n, w, rows, rowStart } = st;
+  const { q, values, scaleIndex, ranges, view, order, u, n, w, rows, rowStart, scratch } = st;
   const width = b1 - b0;
-  const errors = new Float32Array(rows * width);
+  const errors = scratch.errors.subarray(0, rows * width).fill(0);  // a channel without a scale leaves its errors 0
   for (let r = 0; r < rows; r++) {
     const base = (rowStart + r) * view.rowStride;
     for (let a = b0; a < b1; a++) {
@@ -232,9 +201,9 @@ function roundColumnBlock(st: ChunkState, b0: number, b1: number): void {
   }
   const rest = n - b1;
   if (rest === 0) return;
-  const uBlock = new Float32Array(width * rest);
+  const uBlock = scratch.uBlock.subarray(0, width * rest);
   for (let a = 0; a < width; a++) for (let c = 0; c < rest; c++) uBlock[a * rest + c] = u[(b0 + a) * n + b1 + c];
-  const update = new Float32Array(rows * rest);
+  const update = scratch.update.subarray(0, rows * rest);
   st.kernels.sgemm({ transA: false, transB: false, m: rows, n: rest, k: width, a: errors, b: uBlock, c: update, accumulate: false });
   for (let r = 0; r < rows; r++) for (let c = 0; c < rest; c++) w[r * n + b1 + c] -= update[r * rest + c];
 }

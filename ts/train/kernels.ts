@@ -116,13 +116,20 @@ export interface FloatKernels {
   depthwiseConvBackwardInput(dy: Float32Array, w: Float32Array, batch: number, g: ConvGeometry, dx: Float32Array): void;
   /** dw is overwritten: per channel and tap, Σ dy·x over (image, oy, ox) in that order, in float64. */
   depthwiseConvBackwardWeight(dy: Float32Array, x: Float32Array, batch: number, g: ConvGeometry, dw: Float32Array): void;
+  /**
+   * GPTQ's factorization (methods/gptq.ts): U with H⁻¹ = UᵀU (upper triangular, zero below the diagonal) for a
+   * symmetric positive definite h [n, n] (row-major), written to u; false (u unspecified) when h is not positive
+   * definite. H = V·Vᵀ with V upper (Cholesky from the last row up), then U = V⁻¹; every dot product sums four
+   * partial sums, ((s0 + s1) + s2) + s3. Bit-identical across kernels: GPTQ's integers depend on every bit of U.
+   */
+  upperFactorOfInverse(h: Float64Array, n: number, u: Float64Array): boolean;
 }
 
 // ---------------------------------------------------------------------------
 // Implementations
 
 
-function needLength(name: string, v: Float32Array | Int32Array, want: number, formula: string): void {
+function needLength(name: string, v: Float32Array | Int32Array | Float64Array, want: number, formula: string): void {
   if (v.length !== want) throw new RangeError(`${name}.length must be ${formula} = ${want} (got ${v.length})`);
 }
 
@@ -353,7 +360,60 @@ export const referenceKernels: FloatKernels = {
     forEachDepthwiseTap(batch, g, (xi, wi, yi) => { sums[wi] += dy[yi] * x[xi]; }, true);
     dw.set(sums);
   },
+
+  upperFactorOfInverse(h, n, u) {
+    needLength('h', h, n * n, 'n * n');
+    needLength('u', u, n * n, 'n * n');
+    const v = new Float64Array(n * n);
+    for (let j = n - 1; j >= 0; j--) {
+      const rowJ = j * n;
+      const s = h[rowJ + j] - dotFrom(v, rowJ, v, rowJ, j + 1, n);
+      if (!(s > 0)) return false;
+      const vjj = Math.sqrt(s);
+      v[rowJ + j] = vjj;
+      for (let i = 0; i < j; i++) v[i * n + j] = (h[i * n + j] - dotFrom(v, i * n, v, rowJ, j + 1, n)) / vjj;
+    }
+    // U = V⁻¹, row by row from the bottom: U_ii = 1/V_ii, U_ij = −(Σ_{i<k≤j} V_ik·U_kj) / V_ii.
+    u.fill(0);
+    for (let i = n - 1; i >= 0; i--) {
+      const rowI = i * n;
+      const vii = v[rowI + i];
+      u[rowI + i] = 1 / vii;
+      for (let k = i + 1; k < n; k++) {
+        const vik = v[rowI + k];
+        if (vik !== 0) axpyFrom(-vik, u, k * n, u, rowI, k, n);
+      }
+      for (let j = i + 1; j < n; j++) u[rowI + j] /= vii;
+    }
+    return true;
+  },
 };
+
+/** Σ_{k=from}^{to−1} a[ai+k]·b[bi+k], four partial sums (upperFactorOfInverse's order). */
+function dotFrom(a: Float64Array, ai: number, b: Float64Array, bi: number, from: number, to: number): number {
+  let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  let k = from;
+  for (; k + 3 < to; k += 4) {
+    s0 += a[ai + k] * b[bi + k];
+    s1 += a[ai + k + 1] * b[bi + k + 1];
+    s2 += a[ai + k + 2] * b[bi + k + 2];
+    s3 += a[ai + k + 3] * b[bi + k + 3];
+  }
+  for (; k < to; k++) s0 += a[ai + k] * b[bi + k];
+  return s0 + s1 + s2 + s3;
+}
+
+/** y[yi+k] += alpha·x[xi+k] for k in [from, to). */
+function axpyFrom(alpha: number, x: Float64Array, xi: number, y: Float64Array, yi: number, from: number, to: number): void {
+  let k = from;
+  for (; k + 3 < to; k += 4) {
+    y[yi + k] += alpha * x[xi + k];
+    y[yi + k + 1] += alpha * x[xi + k + 1];
+    y[yi + k + 2] += alpha * x[xi + k + 2];
+    y[yi + k + 3] += alpha * x[xi + k + 3];
+  }
+  for (; k < to; k++) y[yi + k] += alpha * x[xi + k];
+}
 
 function checkDepthwise(batch: number, g: ConvGeometry, image: Float32Array, w: Float32Array, out: Float32Array,
   imageName: string, outName: string, wName = 'w'): void {
@@ -472,5 +532,6 @@ export function nativeKernels(options: NativeKernelOptions = {}): FloatKernels {
     depthwiseConvForward: (x, w, batch, g, y) => b.depthwiseConvForward(x, w, batch, g, y, threads),
     depthwiseConvBackwardInput: (dy, w, batch, g, dx) => b.depthwiseConvBackwardInput(dy, w, batch, g, dx, threads),
     depthwiseConvBackwardWeight: (dy, x, batch, g, dw) => b.depthwiseConvBackwardWeight(dy, x, batch, g, dw, threads),
+    upperFactorOfInverse: (h, n, u) => b.upperFactorOfInverse(h, n, u),
   };
 }

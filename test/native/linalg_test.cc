@@ -1,0 +1,77 @@
+// Native tests of upper_factor_of_inverse: UᵀU·H = I to rounding for odd
+// sizes, zeros below the diagonal, and false for matrices that are not
+// positive definite (a negative or zero pivot, NaN). Bit-identity with the
+// TypeScript reference is checked from mocha (test/ts/methods.test.ts).
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "harness.h"
+#include "lowbit/linalg.h"
+
+using harness::Rng;
+using harness::str;
+
+void register_linalg_tests();
+
+namespace {
+
+// X·Xᵀ + n·1e-3·I for a random X [n, n + 3]: symmetric positive definite.
+std::vector<double> spd(size_t n, uint64_t seed) {
+  Rng rng(seed);
+  const size_t m = n + 3;
+  std::vector<double> x(n * m), h(n * n);
+  for (auto& v : x) v = rng.uniform() - 0.5;
+  for (size_t i = 0; i < n; ++i)
+    for (size_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (size_t k = 0; k < m; ++k) s += x[i * m + k] * x[j * m + k];
+      h[i * n + j] = s + (i == j ? double(n) * 1e-3 : 0);
+    }
+  return h;
+}
+
+std::string check_inverse(size_t n) {
+  const std::vector<double> h = spd(n, 1000 + n);
+  std::vector<double> u(n * n, 7.0);
+  if (!lowbit::upper_factor_of_inverse(h.data(), n, u.data())) return str("n=", n, ": refused a positive definite matrix");
+  double worst = 0;
+  for (size_t i = 0; i < n; ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (u[i * n + j] != 0) return str("n=", n, ": U[", i, ",", j, "] = ", u[i * n + j], " below the diagonal");
+  // (UᵀU·H)[i][j] = Σ_k (UᵀU)[i][k]·H[k][j]
+  std::vector<double> inv(n * n, 0.0);
+  for (size_t i = 0; i < n; ++i)
+    for (size_t j = 0; j < n; ++j)
+      for (size_t k = 0; k < n; ++k) inv[i * n + j] += u[k * n + i] * u[k * n + j];
+  for (size_t i = 0; i < n; ++i)
+    for (size_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (size_t k = 0; k < n; ++k) s += inv[i * n + k] * h[k * n + j];
+      worst = std::max(worst, std::fabs(s - (i == j ? 1.0 : 0.0)));
+    }
+  return worst < 1e-8 ? "" : str("n=", n, ": |UᵀU·H − I| reaches ", worst);
+}
+
+}  // namespace
+
+void register_linalg_tests() {
+  harness::add("linalg: upper_factor_of_inverse gives UᵀU = H⁻¹ (odd sizes, n = 1 … 67)", [] {
+    for (size_t n : {1, 2, 3, 4, 5, 7, 8, 9, 31, 33, 67}) {
+      std::string why = check_inverse(n);
+      if (!why.empty()) return why;
+    }
+    return std::string();
+  });
+  harness::add("linalg: upper_factor_of_inverse refuses matrices that are not positive definite", [] {
+    const double indefinite[] = {1, 2, 2, 1};
+    const double zero_pivot[] = {1, 0, 0, 0};
+    const double nan_entry[] = {1, 0, 0, std::numeric_limits<double>::quiet_NaN()};
+    double u[4];
+    for (const double* h : {indefinite, zero_pivot, nan_entry})
+      if (lowbit::upper_factor_of_inverse(h, 2, u)) return std::string("accepted a matrix that is not positive definite");
+    double none = 0;
+    if (!lowbit::upper_factor_of_inverse(&none, 0, &none)) return std::string("refused the empty matrix");
+    return std::string();
+  });
+}
