@@ -2,7 +2,9 @@
 // sizes, zeros below the diagonal, and false for matrices that are not
 // positive definite (a negative or zero pivot, NaN). Bit-identity with the
 // TypeScript reference is checked from mocha (test/ts/methods.test.ts).
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 

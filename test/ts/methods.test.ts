@@ -267,6 +267,22 @@ describe('GPTQ rounding', () => {
       expect(native.upperFactorOfInverse(h, n, got), `n = ${n}: native`).to.equal(true);
       expect(Buffer.from(got.buffer).equals(Buffer.from(want.buffer)), `n = ${n}: identical bits`).to.equal(true);
     }
+    // Exact zeros (a block-diagonal H: the factor's zero entries are skipped), then the same with one block not
+    // positive definite, which fails part-way (the factorization runs from the last row up).
+    const blocks = (second: number) => {
+      const n = 9;
+      const h = new Float64Array(n * n);
+      for (let i = 0; i < n; i++) h[i * n + i] = 2 + i;
+      for (const [i, j, v] of [[0, 1, 0.5], [2, 3, -0.7], [6, 7, second]]) h[i * n + j] = h[j * n + i] = v;
+      return h;
+    };
+    for (const [second, positive] of [[0.3, true], [9, false]] as const) {
+      const h = blocks(second);
+      const [want, got] = [new Float64Array(81), new Float64Array(81)];
+      expect(referenceKernels.upperFactorOfInverse(h, 9, want), `block-diagonal, ${second}: reference`).to.equal(positive);
+      expect(native.upperFactorOfInverse(h, 9, got), `block-diagonal, ${second}: native`).to.equal(positive);
+      if (positive) expect(Buffer.from(got.buffer).equals(Buffer.from(want.buffer)), 'block-diagonal: identical bits').to.equal(true);
+    }
     for (const h of [Float64Array.of(1, 2, 2, 1), Float64Array.of(1, 0, 0, 0), Float64Array.of(1, 0, 0, NaN), Float64Array.of(-1, 0, 0, 1)]) {
       expect(native.upperFactorOfInverse(h, 2, new Float64Array(4)), String(h)).to.equal(false);
       expect(referenceKernels.upperFactorOfInverse(h, 2, new Float64Array(4)), String(h)).to.equal(false);
@@ -277,7 +293,38 @@ describe('GPTQ rounding', () => {
     expect(() => native.upperFactorOfInverse(new Float32Array(4) as never, 2, new Float64Array(4))).to.throw(TypeError, /h has the wrong element type/);
     const both = new Float64Array(4);
     expect(() => native.upperFactorOfInverse(both, 2, both)).to.throw(RangeError, /u must not share memory with h/);
-    expect(() => referenceKernels.upperFactorOfInverse(new Float64Array(3), 2, new Float64Array(4))).to.throw(RangeError, /h\.length must be n \* n = 4 \(got 3\)/);
+    for (const kernels of [native, referenceKernels]) {
+      expect(() => kernels.upperFactorOfInverse(new Float64Array(3), 2, new Float64Array(4)), kernels.name).to.throw(RangeError, /h\.length must be n \* n = 4 \(got 3\)/);
+      expect(() => kernels.upperFactorOfInverse(new Float64Array(4), -2, new Float64Array(4)), kernels.name).to.throw(RangeError);
+      expect(() => kernels.upperFactorOfInverse(both, 2, both), kernels.name).to.throw(RangeError, /u must not share memory with h/);
+    }
+  });
+
+  it('GPTQ over chunks of different sizes, one needing more damping, equals the chunks rounded one call each (working arrays reused)', () => {
+    const full = gram().grams[0][0].matrix;
+    const block = (first: number, size: number, spike = 0) => {
+      const matrix = new Float64Array(size * size);
+      let mean = 0;
+      for (let i = 0; i < size; i++) mean += full[(first + i) * features + first + i] / size;
+      for (let i = 0; i < size; i++) {
+        for (let j = 0; j < size; j++) matrix[i * size + j] = full[(first + i) * features + first + j];
+      }
+      matrix[1] += spike * mean;
+      matrix[size] += spike * mean;
+      return { first, size, matrix, mean };
+    };
+    // The second chunk is made indefinite (a large symmetric pair off the diagonal): 1% damping does not make it
+    // positive definite, so factorChunk retries with more.
+    const [a, b] = [block(0, 17), block(17, 7, 5)];
+    const damped = Float64Array.from(b.matrix, (v, i) => (i % 8 === 0 ? v + 0.01 * b.mean : v));
+    expect(referenceKernels.upperFactorOfInverse(damped, 7, new Float64Array(49)), 'the second chunk with 1% damping').to.equal(false);
+    const nearest = quantizeTensor(w, { shape: [outputs, features], bits: 4, granularity: 'channel', axis: 0 });
+    const together = gptqRound(nearest, w, [[a, b]], view);
+    const apart = gptqRound(gptqRound(nearest, w, [[a]], view), w, [[b]], view);
+    expect(Array.from(together.values)).to.deep.equal(Array.from(apart.values));
+    expect(together.values.filter((v, i) => v !== nearest.values[i]).length, 'integers changed by GPTQ').to.be.above(0);
+    const tail = Array.from({ length: outputs }, (_, r) => Array.from(together.values.slice(r * features + 17, (r + 1) * features)));
+    expect(tail.flat().some((v, i) => v !== nearest.values[Math.floor(i / 7) * features + 17 + (i % 7)]), 'the damped chunk re-rounded').to.equal(true);
   });
 
   it('LayerInputMoments sums x and x·xᵀ over the vectors a layer meets: matrix rows, and im2col columns per conv group', () => {

@@ -89,7 +89,8 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
   const kernels = options.kernels ?? nativeKernels();
   const ranges = Array.from({ length: q.scale.length }, (_, g) => integerRange(q.channelBits ? q.channelBits[g] : q.bits, q.signed));
   // Buffers for the largest chunk, reused by every chunk and block of the layer (see Scratch).
-  const largest = Math.max(0, ...grams.flat().map((c) => c.size));
+  let largest = 0;
+  for (const chunks of grams) for (const c of chunks) largest = Math.max(largest, c.size);
   const maxRows = Math.min(view.rows, view.rowsPerGram);
   const scratch: Scratch = {
     h: new Float64Array(largest * largest), u: new Float64Array(largest * largest), w: new Float32Array(maxRows * largest),
