@@ -11,7 +11,7 @@ import type { ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { ort } from '../bench/ort-models';
-import { checkOutputPath, OnnxModelError, readModelAsync, serializeModel, writeFileAtomicAsync } from '../onnx/model-io';
+import { checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
 import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
@@ -529,7 +529,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   if (validation) probe(validation, 'options.validation');
   // The float model as given, before quantizers change anything (the teacher's session opens just before training,
   // so that no error on the way leaves it open).
-  const teacherBytes = s.distill ? serializeModel(proto) : undefined;
+  const teacherBytes = s.distill ? await serializeModelAsync(proto) : undefined;
   buildQuantizers(model, s);
   if (s.stepInit === 'max' && inMemory) observeActivationRanges(model, inMemory, s.batchSize, kernels);
 
