@@ -7,8 +7,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import {
-  GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, OperatorSetIdProtoSchema, StringStringEntryProtoSchema, TensorProto_DataType,
-  TensorProtoSchema, ValueInfoProtoSchema, type ModelProto,
+  AttributeProto_AttributeType, AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, OperatorSetIdProtoSchema,
+  StringStringEntryProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type ModelProto, type TensorProto,
 } from 'onnx-buf';
 
 import { writeMatMulChain } from '../../ts/bench/large-model';
@@ -79,9 +79,22 @@ describe('serializing models', () => {
       docString: `${name} doc`, metadataProps: [entry('k', name)],
     }), 30);
     const small = create(TensorProtoSchema, { name: 'small', dims: [2n], dataType: TensorProto_DataType.FLOAT, floatData: [1, 2] });
+    // Constant nodes whose value is placed: with attributes before and after it, every node field and unknown fields
+    // in the node, the attribute and the tensor; one whose value is small; nodes without attributes around them.
+    const attribute = (name: string, fields: object) => create(AttributeProtoSchema, { name, ...fields });
+    const constant = (name: string, value: TensorProto, unknown: boolean) => {
+      const a = attribute('value', { type: AttributeProto_AttributeType.TENSOR, t: value, docString: 'value doc', refAttrName: 'r' });
+      const node = create(NodeProtoSchema, {
+        opType: 'Constant', name, output: [name], domain: '', docString: `${name} doc`, overload: 'o', metadataProps: [entry('n', name)],
+        attribute: [attribute('alpha', { type: AttributeProto_AttributeType.FLOAT, f: 0.5 }), unknown ? withUnknown(a, 40) : a,
+          attribute('zeta', { type: AttributeProto_AttributeType.INTS, ints: [1n, 2n] })],
+      });
+      return unknown ? withUnknown(node, 41) : node;
+    };
     const graph = withUnknown(create(GraphProtoSchema, {
       name: 'g', docString: 'graph doc', metadataProps: [entry('g', 'v')],
-      node: [create(NodeProtoSchema, { opType: 'Add', input: ['x', 'w1'], output: ['y'] })],
+      node: [create(NodeProtoSchema, { opType: 'Add', input: ['x', 'w1'], output: ['y'] }), constant('c1', large('c1', 30_000, 5), true),
+        constant('c2', small, false), create(NodeProtoSchema, { opType: 'Relu', input: ['y'], output: ['z'] }), constant('c3', large('c3', 17_000, 3), false)],
       initializer: [large('w1', 20_000, 7), small, large('w2', 70_000, 9)],
       input: [create(ValueInfoProtoSchema, { name: 'x' })], output: [create(ValueInfoProtoSchema, { name: 'y' })],
     }), 31);
@@ -90,10 +103,11 @@ describe('serializing models', () => {
       opsetImport: [create(OperatorSetIdProtoSchema, { domain: '', version: 21n })], metadataProps: [entry('m', 'v')], graph,
     }), 32);
     await expectProtobufBytes(model, 'synthetic model');
-    // Without a large initializer (nothing placed) and without a graph.
+    // Only a large Constant placed; without a large initializer or Constant (nothing placed); without a graph.
+    await expectProtobufBytes(create(ModelProtoSchema, { irVersion: 9n, graph: create(GraphProtoSchema, { node: [constant('c', large('c', 20_000, 1), true)] }) }), 'Constant only');
     await expectProtobufBytes(create(ModelProtoSchema, { irVersion: 9n, graph: create(GraphProtoSchema, { initializer: [small] }) }), 'small model');
     await expectProtobufBytes(create(ModelProtoSchema, { irVersion: 9n }), 'model without graph');
-    const schemas: DescMessage[] = [ModelProtoSchema, GraphProtoSchema, TensorProtoSchema];
+    const schemas: DescMessage[] = [ModelProtoSchema, GraphProtoSchema, NodeProtoSchema, AttributeProtoSchema, TensorProtoSchema];
     expect(schemas.every((s) => s.fields.every((f) => f.oneof === undefined)), 'no oneof in the split messages').to.equal(true);
   });
 

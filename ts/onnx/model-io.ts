@@ -7,8 +7,8 @@ import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import {
-  GraphProtoSchema, ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema,
-  type ModelProto, type TensorProto,
+  AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation,
+  TensorProto_DataType, TensorProtoSchema, type ModelProto, type NodeProto, type TensorProto,
 } from 'onnx-buf';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
@@ -304,7 +304,7 @@ export function cloneSharingData(model: ModelProto): ModelProto {
   }
 }
 
-/** Initializers with at least this many data bytes are copied into the output by lowbit rather than by protobuf-es. */
+/** Initializers and Constant-node values with at least this many data bytes are copied into the output by lowbit rather than by protobuf-es. */
 const PLACED_MIN_BYTES = 1 << 16;
 
 /** A piece of a serialized model: encoded bytes, or a tensor's data to copy in (from memory or from its file). */
@@ -324,13 +324,15 @@ function fieldHeader(field: number, length: number): Uint8Array {
   return Uint8Array.from(bytes);
 }
 
+type SplitSchema = typeof ModelProtoSchema | typeof GraphProtoSchema | typeof NodeProtoSchema | typeof AttributeProtoSchema |
+  typeof TensorProtoSchema;
+
 /**
  * The encoding of `message`'s fields whose numbers `keep` accepts (and its unknown fields when `unknown`).
  * protobuf-es writes fields in number order, unknown fields last, so a message's encoding is the concatenation of
  * such parts around one field; reading the message's properties does not read a lazily read tensor's data.
  */
-function encodeFields(schema: typeof ModelProtoSchema | typeof GraphProtoSchema | typeof TensorProtoSchema, message: object,
-  keep: (field: number) => boolean, unknown: boolean): Uint8Array {
+function encodeFields(schema: SplitSchema, message: object, keep: (field: number) => boolean, unknown: boolean): Uint8Array {
   const part = create(schema) as unknown as Record<string, unknown>;
   const source = message as Record<string, unknown>;
   for (const f of schema.fields) if (keep(f.number) && Object.prototype.hasOwnProperty.call(source, f.localName)) part[f.localName] = source[f.localName];
@@ -338,31 +340,57 @@ function encodeFields(schema: typeof ModelProtoSchema | typeof GraphProtoSchema 
   return toBinary(schema as typeof ModelProtoSchema, part as unknown as ModelProto);
 }
 
+/** Tensors whose data are a piece of their own. */
+function placed(t: TensorProto | undefined): t is TensorProto {
+  return t !== undefined && rawLength(t) >= PLACED_MIN_BYTES;
+}
+
+/** A length-delimited field holding `pieces`: its tag and length, then them. */
+function fieldOf(field: number, pieces: Piece[]): Piece[] {
+  return [fieldHeader(field, pieces.reduce((a, p) => a + pieceLength(p), 0)), ...pieces];
+}
+
+/** TensorProto.raw_data is field 9. */
+function tensorPieces(t: TensorProto): Piece[] {
+  if (!placed(t)) return [toBinary(TensorProtoSchema, t)];
+  const source = (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE];
+  return [
+    encodeFields(TensorProtoSchema, t, (n) => n < 9, false),
+    fieldHeader(9, rawLength(t)),
+    source ? { source, name: t.name } : { data: t.rawData },
+    encodeFields(TensorProtoSchema, t, (n) => n > 9, true),
+  ];
+}
+
+/** A node with a large tensor attribute (a Constant's value): NodeProto.attribute is field 5, AttributeProto.t field 5. */
+function nodePieces(node: NodeProto): Piece[] {
+  if (!node.attribute.some((a) => placed(a.t))) return [toBinary(NodeProtoSchema, node)];
+  const attributes = node.attribute.flatMap((a) => fieldOf(5, placed(a.t)
+    ? [encodeFields(AttributeProtoSchema, a, (n) => n < 5, false), ...fieldOf(5, tensorPieces(a.t)), encodeFields(AttributeProtoSchema, a, (n) => n > 5, true)]
+    : [toBinary(AttributeProtoSchema, a)]));
+  return [encodeFields(NodeProtoSchema, node, (n) => n < 5, false), ...attributes, encodeFields(NodeProtoSchema, node, (n) => n > 5, true)];
+}
+
 /**
- * The model's encoding as pieces: exactly protobuf-es's bytes, but the data of each initializer of 64 KiB or more
- * is a piece of its own, to be copied once, straight into place (protobuf-es grows its buffer by doubling and
- * shifts each nested message into place: it copied a 128 MiB model's weights several times).
- * Field numbers: ModelProto.graph 7, GraphProto.initializer 5, TensorProto.raw_data 9.
+ * The model's encoding as pieces: exactly protobuf-es's bytes, but the data of each initializer or Constant-node
+ * value of 64 KiB or more is a piece of its own, to be copied once, straight into place (protobuf-es grows its
+ * buffer by doubling and shifts each nested message into place: it copied a 128 MiB model's weights several times,
+ * and serializing the PP-OCRv4 recognizer, whose weights are Constant nodes, held the event loop ~150 ms).
+ * Field numbers: ModelProto.graph 7, GraphProto.node 1 and initializer 5.
  */
 function modelPieces(model: ModelProto): Piece[] {
   const graph = model.graph;
-  if (!graph || !graph.initializer.some((t) => rawLength(t) >= PLACED_MIN_BYTES)) return [toBinary(ModelProtoSchema, model)];
-  const graphPieces: Piece[] = [encodeFields(GraphProtoSchema, graph, (n) => n < 5, false)];
-  for (const t of graph.initializer) {
-    const length = rawLength(t);
-    const tensor: Piece[] = length < PLACED_MIN_BYTES ? [toBinary(TensorProtoSchema, t)] : [
-      encodeFields(TensorProtoSchema, t, (n) => n < 9, false),
-      fieldHeader(9, length),
-      (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE] ? { source: (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE]!, name: t.name } : { data: t.rawData },
-      encodeFields(TensorProtoSchema, t, (n) => n > 9, true),
-    ];
-    graphPieces.push(fieldHeader(5, tensor.reduce((a, p) => a + pieceLength(p), 0)), ...tensor);
-  }
-  graphPieces.push(encodeFields(GraphProtoSchema, graph, (n) => n > 5, true));
+  const nodeSplit = (n: NodeProto) => n.attribute.some((a) => placed(a.t));
+  if (!graph || !(graph.initializer.some(placed) || graph.node.some(nodeSplit))) return [toBinary(ModelProtoSchema, model)];
+  const graphPieces: Piece[] = [
+    ...graph.node.flatMap((n) => fieldOf(1, nodePieces(n))),
+    encodeFields(GraphProtoSchema, graph, (n) => n > 1 && n < 5, false),
+    ...graph.initializer.flatMap((t) => fieldOf(5, tensorPieces(t))),
+    encodeFields(GraphProtoSchema, graph, (n) => n > 5, true),
+  ];
   return [
     encodeFields(ModelProtoSchema, model, (n) => n < 7, false),
-    fieldHeader(7, graphPieces.reduce((a, p) => a + pieceLength(p), 0)),
-    ...graphPieces,
+    ...fieldOf(7, graphPieces),
     encodeFields(ModelProtoSchema, model, (n) => n > 7, true),
   ];
 }
