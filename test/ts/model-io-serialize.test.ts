@@ -1,7 +1,7 @@
 // serializeModel / serializeModelAsync lay out large initializers' data themselves: their bytes must be exactly
 // protobuf-es's, for real models, lazily read tensors and every field around the spliced ones. The asynchronous
 // reader and writer give what the synchronous ones give, and let the event loop turn.
-import { create, toBinary, type DescMessage } from '@bufbuild/protobuf';
+import { create, fromBinary, toBinary, type DescMessage } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -103,7 +103,11 @@ describe('serializing models', () => {
       opsetImport: [create(OperatorSetIdProtoSchema, { domain: '', version: 21n })], metadataProps: [entry('m', 'v')], graph,
     }), 32);
     await expectProtobufBytes(model, 'synthetic model');
-    // Only a large Constant placed; without a large initializer or Constant (nothing placed); without a graph.
+    // A node with two placed tensor attributes; only a large Constant placed; nothing placed; no graph.
+    const twice = create(NodeProtoSchema, { opType: 'Custom', domain: 'x', output: ['t'], attribute: [
+      attribute('a', { type: AttributeProto_AttributeType.TENSOR, t: large('a', 20_000, 1), f: 0 }),
+      attribute('b', { type: AttributeProto_AttributeType.TENSOR, t: large('b', 20_000, 2), tensors: [small] })] });
+    await expectProtobufBytes(create(ModelProtoSchema, { irVersion: 9n, graph: create(GraphProtoSchema, { node: [twice, twice] }) }), 'two placed attributes');
     await expectProtobufBytes(create(ModelProtoSchema, { irVersion: 9n, graph: create(GraphProtoSchema, { node: [constant('c', large('c', 20_000, 1), true)] }) }), 'Constant only');
     await expectProtobufBytes(create(ModelProtoSchema, { irVersion: 9n, graph: create(GraphProtoSchema, { initializer: [small] }) }), 'small model');
     await expectProtobufBytes(create(ModelProtoSchema, { irVersion: 9n }), 'model without graph');
@@ -116,7 +120,15 @@ describe('serializing models', () => {
     try {
       const file = path.join(dir, 'chain.onnx');
       await writeMatMulChain(file, 3);  // three 16 MiB weights in chain.onnx.data
+      // The last weight as a Constant node's value (still in the data file): lazily read Constant values too.
+      const written = fromBinary(ModelProtoSchema, fs.readFileSync(file));  // as stored: external data entries
+      const last = written.graph!.initializer.pop()!;
+      written.graph!.node.unshift(create(NodeProtoSchema, {
+        opType: 'Constant', output: [last.name], attribute: [create(AttributeProtoSchema, { name: 'value', type: AttributeProto_AttributeType.TENSOR, t: last })],
+      }));
+      fs.writeFileSync(file, toBinary(ModelProtoSchema, written));
       const lazy = readModel(file, { lazyExternalData: true });
+      expect(Object.getOwnPropertyDescriptor(lazy.graph!.node[0].attribute[0].t!, 'rawData')?.get, 'the Constant value is lazily read').to.not.equal(undefined);
       const eager = readModel(file);
       const want = Buffer.from(toBinary(ModelProtoSchema, eager));
       expect(Buffer.from(serializeModel(lazy)).equals(want), 'serializeModel').to.equal(true);

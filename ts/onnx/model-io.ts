@@ -382,12 +382,27 @@ function modelPieces(model: ModelProto): Piece[] {
   const graph = model.graph;
   const nodeSplit = (n: NodeProto) => n.attribute.some((a) => placed(a.t));
   if (!graph || !(graph.initializer.some(placed) || graph.node.some(nodeSplit))) return [toBinary(ModelProtoSchema, model)];
-  const graphPieces: Piece[] = [
-    ...graph.node.flatMap((n) => fieldOf(1, nodePieces(n))),
+  // Runs of nodes without a placed value are encoded in one call each (a call per node costs on large graphs).
+  const graphPieces: Piece[] = [];
+  let run: NodeProto[] = [];
+  const endRun = () => {
+    if (run.length > 0) graphPieces.push(encodeFields(GraphProtoSchema, { node: run }, (n) => n === 1, false));
+    run = [];
+  };
+  for (const n of graph.node) {
+    if (!nodeSplit(n)) {
+      run.push(n);
+      continue;
+    }
+    endRun();
+    graphPieces.push(...fieldOf(1, nodePieces(n)));
+  }
+  endRun();
+  graphPieces.push(
     encodeFields(GraphProtoSchema, graph, (n) => n > 1 && n < 5, false),
     ...graph.initializer.flatMap((t) => fieldOf(5, tensorPieces(t))),
     encodeFields(GraphProtoSchema, graph, (n) => n > 5, true),
-  ];
+  );
   return [
     encodeFields(ModelProtoSchema, model, (n) => n < 7, false),
     ...fieldOf(7, graphPieces),
