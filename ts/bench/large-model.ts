@@ -1,6 +1,7 @@
 /**
  * `npm run bench -- large-model`: quantizing a model whose weights dominate (a chain of 2048×2048 MatMuls,
- * weights in an external data file, as large models are stored): wall time and peak resident memory against
+ * weights in an external data file, as large models are stored, and the same model as one file for one setting):
+ * wall time and peak resident memory against
  * the model's size, and the longest the event loop was held at once. Each setting runs in its own process, since
  * peak memory is per process; a process that only loads lowbit and onnxruntime gives the baseline.
  */

@@ -160,9 +160,14 @@ function readLazily(t: TensorProto, source: ExternalSource): void {
   });
 }
 
+/** Where a lazily read tensor's bytes wait; undefined for other tensors. */
+function lazySource(t: TensorProto): ExternalSource | undefined {
+  return (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE];
+}
+
 /** The byte length of a tensor's raw data, without reading it when it waits in its file. */
 export function rawLength(t: TensorProto): number {
-  return (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE]?.length ?? t.rawData.length;
+  return lazySource(t)?.length ?? t.rawData.length;
 }
 
 /** A tensor kept in an external file: the file (inside the model's folder) and its location entries. */
@@ -289,7 +294,7 @@ export function cloneSharingData(model: ModelProto): ModelProto {
   // Only tensors with raw bytes: one whose values sit in a typed field (float_data, int32_data…) must keep raw_data
   // unset, which an assigned empty array is not (onnxruntime then reads 0 bytes of raw data).
   const tensors = storedTensors(model).filter((t) => rawLength(t) > 0);
-  const sources = tensors.map((t) => (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE]);
+  const sources = tensors.map(lazySource);
   const held = tensors.map((t, i) => (sources[i] ? undefined : t.rawData));
   const restore = (t: TensorProto, i: number) => (sources[i] ? readLazily(t, sources[i]!) : (t.rawData = held[i]!));
   for (const t of tensors) t.rawData = new Uint8Array(0);
@@ -353,7 +358,7 @@ function fieldOf(field: number, pieces: Piece[]): Piece[] {
 /** TensorProto.raw_data is field 9. */
 function tensorPieces(t: TensorProto): Piece[] {
   if (!placed(t)) return [toBinary(TensorProtoSchema, t)];
-  const source = (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE];
+  const source = lazySource(t);
   return [
     encodeFields(TensorProtoSchema, t, (n) => n < 9, false),
     fieldHeader(9, rawLength(t)),
@@ -362,9 +367,13 @@ function tensorPieces(t: TensorProto): Piece[] {
   ];
 }
 
-/** A node with a large tensor attribute (a Constant's value): NodeProto.attribute is field 5, AttributeProto.t field 5. */
+/** Nodes with a large tensor attribute (a Constant's value) are split around it. */
+function holdsPlacedTensor(node: NodeProto): boolean {
+  return node.attribute.some((a) => placed(a.t));
+}
+
+/** A node that holdsPlacedTensor: NodeProto.attribute is field 5, AttributeProto.t field 5. */
 function nodePieces(node: NodeProto): Piece[] {
-  if (!node.attribute.some((a) => placed(a.t))) return [toBinary(NodeProtoSchema, node)];
   const attributes = node.attribute.flatMap((a) => fieldOf(5, placed(a.t)
     ? [encodeFields(AttributeProtoSchema, a, (n) => n < 5, false), ...fieldOf(5, tensorPieces(a.t)), encodeFields(AttributeProtoSchema, a, (n) => n > 5, true)]
     : [toBinary(AttributeProtoSchema, a)]));
@@ -374,14 +383,13 @@ function nodePieces(node: NodeProto): Piece[] {
 /**
  * The model's encoding as pieces: exactly protobuf-es's bytes, but the data of each initializer or Constant-node
  * value of 64 KiB or more is a piece of its own, to be copied once, straight into place (protobuf-es grows its
- * buffer by doubling and shifts each nested message into place: it copied a 128 MiB model's weights several times,
- * and serializing the PP-OCRv4 recognizer, whose weights are Constant nodes, held the event loop ~150 ms).
+ * buffer by doubling and shifts each nested message into place: it copied a 128 MiB model's weights several times;
+ * the PP-OCR models keep their weights in Constant nodes).
  * Field numbers: ModelProto.graph 7, GraphProto.node 1 and initializer 5.
  */
 function modelPieces(model: ModelProto): Piece[] {
   const graph = model.graph;
-  const nodeSplit = (n: NodeProto) => n.attribute.some((a) => placed(a.t));
-  if (!graph || !(graph.initializer.some(placed) || graph.node.some(nodeSplit))) return [toBinary(ModelProtoSchema, model)];
+  if (!graph || !(graph.initializer.some(placed) || graph.node.some(holdsPlacedTensor))) return [toBinary(ModelProtoSchema, model)];
   // Runs of nodes without a placed value are encoded in one call each (a call per node costs on large graphs).
   const graphPieces: Piece[] = [];
   let run: NodeProto[] = [];
@@ -390,7 +398,7 @@ function modelPieces(model: ModelProto): Piece[] {
     run = [];
   };
   for (const n of graph.node) {
-    if (!nodeSplit(n)) {
+    if (!holdsPlacedTensor(n)) {
       run.push(n);
       continue;
     }
@@ -500,7 +508,7 @@ async function moveDataOut(model: ModelProto, dataFile: string, threshold: numbe
     const pad = (4096 - (offset % 4096)) % 4096;  // page-aligned, so readers can map it
     if (pad) await write(new Uint8Array(pad));
     offset += pad;
-    const source = (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE];
+    const source = lazySource(t);
     const raw = source ? await readExternalAsync(new Uint8Array(source.length), t.name, source) : t.rawData;
     await write(raw);
     t.externalData = [
