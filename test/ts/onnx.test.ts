@@ -1045,24 +1045,38 @@ describe('large models', () => {
     // Lazily read tensors report their length without reading.
     const lazy = readModel(external, { lazyExternalData: true }).graph!.initializer;
     expect(lazy.map(rawLength)).to.deep.equal([dataBytes / 2, dataBytes / 2]);
-    // Count what quantizeModel reads with readSync: the external data (the model file is read asynchronously).
+    // Count what quantizeModel reads of the external data, with readSync and through file handles (the weight pass
+    // reads each layer asynchronously; the model file itself is read with fs.promises.readFile, not counted here).
     // The module object itself (the namespace import above only has getters onto it).
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     const nodeFs: { readSync: typeof fs.readSync } = require('node:fs');
     const real = nodeFs.readSync;
     let bytesRead = 0;
+    let syncBytes = 0;
     nodeFs.readSync = ((...args: Parameters<typeof fs.readSync>) => {
       const n = (real as (...a: unknown[]) => number)(...args);
       bytesRead += n;
+      syncBytes += n;
       return n;
     }) as typeof fs.readSync;
+    const probe = await fs.promises.open(external, 'r');
+    const handles = Object.getPrototypeOf(probe) as { read: (...a: unknown[]) => Promise<{ bytesRead: number }> };
+    await probe.close();
+    const realRead = handles.read;
+    handles.read = async function (this: unknown, ...a: unknown[]) {
+      const r = await realRead.apply(this, a);
+      bytesRead += r.bytesRead;
+      return r;
+    };
     const options = { weights: { bits: 8 as const }, evaluationFeeds: [], externalData: true };
     const seen: Record<string, number> = {};
     try {
       await quantizeModel(external, { ...options, outputPath: path.join(dir, 'chain.q.onnx'), onProgress: (stage) => (seen[stage] = bytesRead) });
     } finally {
       nodeFs.readSync = real;
+      handles.read = realRead;
     }
+    expect(syncBytes, 'bytes read synchronously').to.equal(0);
     // Nothing read before the weight pass, one layer's weights after its first layer, everything once in all.
     expect(seen).to.deep.include({ 'quantize-weights': 0, 'quantize-weights 1/2': dataBytes / 2, 'quantize-weights 2/2': dataBytes });
     expect(bytesRead).to.equal(dataBytes);

@@ -165,6 +165,26 @@ function lazySource(t: TensorProto): ExternalSource | undefined {
   return (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE];
 }
 
+/**
+ * For a lazily read tensor, reads its bytes asynchronously and keeps them (it becomes an ordinary tensor, its data
+ * freed with it); undefined for other tensors. What a pass uses next, read without holding the event loop.
+ */
+export function readLazyTensor(t: TensorProto): Promise<void> | undefined {
+  const source = lazySource(t);
+  if (!source) return undefined;
+  return readExternalAsync(new Uint8Array(source.length), t.name, source).then((bytes) => {
+    if (lazySource(t) === source) t.rawData = bytes;  // unless something assigned its data meanwhile
+  });
+}
+
+/** A lazily read tensor's contents in a new tensor (read asynchronously; the tensor stays lazy); other tensors as they are. */
+export async function withDataRead(t: TensorProto): Promise<TensorProto> {
+  const source = lazySource(t);
+  if (!source) return t;
+  const rawData = await readExternalAsync(new Uint8Array(source.length), t.name, source);
+  return create(TensorProtoSchema, { name: t.name, dataType: t.dataType, dims: t.dims, rawData });
+}
+
 /** The byte length of a tensor's raw data, without reading it when it waits in its file. */
 export function rawLength(t: TensorProto): number {
   return lazySource(t)?.length ?? t.rawData.length;

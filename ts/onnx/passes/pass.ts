@@ -20,14 +20,16 @@ export function nodeLabel(node: { name: string; opType: string; output: string[]
  * A pass's work in steps (one per layer): the generator yields the label of each
  * step done and returns the result, so `runSteps` can finish it at once and
  * `runStepsAsync` can let the event loop run between steps. A long step may also
- * yield `undefined` part-way: a pause for the event loop, not a step.
+ * yield `undefined` part-way (a pause for the event loop, not a step) or a promise
+ * to wait for (a file read; only steps made for runStepsAsync yield those).
  */
-export type Steps<T> = Generator<string | undefined, T, void>;
+export type Steps<T> = Generator<string | undefined | Promise<void>, T, void>;
 
 export function runSteps<T>(steps: Steps<T>): T {
   for (;;) {
     const r = steps.next();
     if (r.done) return r.value;
+    if (r.value instanceof Promise) throw new Error('These steps wait for file reads: run them with runStepsAsync.');
   }
 }
 
@@ -36,6 +38,10 @@ export async function runStepsAsync<T>(steps: Steps<T>, onStep?: (label: string,
   for (let done = 0; ;) {
     const r = steps.next();
     if (r.done) return r.value;
+    if (r.value instanceof Promise) {
+      await r.value;
+      continue;
+    }
     if (r.value !== undefined) onStep?.(r.value, ++done);
     await nextTurn();
   }

@@ -4,7 +4,7 @@
  * or blocked along the input-channel (reduction) axis (opset 21 for int4, 25 for
  * int2). Symmetric signed values, zero point 0 (the zero-point input is left out).
  */
-import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
+import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { OnnxModelError } from '../model-io';
 import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
@@ -57,6 +57,11 @@ export interface WeightQuantization {
   reduceRange?: boolean;
   /** Keep each layer's (or these layers') float and dequantized weights in the result (for bias corrections). */
   keepValues?: boolean | Set<string>;
+  /**
+   * Reads a layer's weight tensor before the layer is quantized, when its data wait in a file (model-io's
+   * readLazyTensor): the steps then yield the read, for runStepsAsync to wait for without holding the event loop.
+   */
+  readWeight?: (t: TensorProto) => Promise<void> | undefined;
 }
 
 export interface WeightLayerReport {
@@ -264,6 +269,8 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       yield label;
       continue;
     }
+    const reading = options.readWeight?.(w);
+    if (reading) yield reading;
     const data = weightValues(w)!;  // read-only: the passes below make new arrays
     const half = w.dataType === TensorProto_DataType.FLOAT16;
     checkFiniteWeights(node, w.name, data);
