@@ -1085,6 +1085,18 @@ describe('large models', () => {
     const b = readModel(path.join(dir, 'inline.q.onnx')).graph!.initializer;
     expect(a.map((t) => t.name)).to.deep.equal(b.map((t) => t.name));
     a.forEach((t, i) => expect(Buffer.from(t.rawData).equals(Buffer.from(b[i].rawData)), t.name).to.equal(true));
+    // Layers this large are quantized on native worker threads: the same integers and scales as the synchronous
+    // pass, per channel and in blocks (both layers are the first or the last: 8-bit, as firstLastLayerBits says).
+    for (const weights of [{ bits: 8 as const, granularity: 'channel' as const }, { bits: 4 as const, granularity: 'block' as const, blockSize: 32 }]) {
+      const out = path.join(dir, `inline.${weights.bits}.q.onnx`);
+      await quantizeModel(inline, { weights, evaluationFeeds: [], outputPath: out });
+      const sync = new Graph(readModel(inline));
+      quantizeWeights(sync, { ...weights, method: 'minmax', firstLastLayerBits: 8 });
+      const expected = new Map(sync.graph.initializer.map((t) => [t.name, t]));
+      const compared = readModel(out).graph!.initializer.filter((t) => expected.has(t.name) && /_(quantized|scale)$/.test(t.name));
+      expect(compared.length, `${weights.bits}-bit tensors compared`).to.equal(4);
+      for (const t of compared) expect(Buffer.from(t.rawData).equals(Buffer.from(expected.get(t.name)!.rawData)), t.name).to.equal(true);
+    }
     // With calibration and the evaluation (which clone the float model), the lazily read weights read as well.
     const calibrated = await quantizeModel(external, {
       weights: { bits: 8 }, activations: { bits: 8 }, calibration: [{ input: { data: new Float32Array(2048).fill(0.5), dims: [1, 2048] } }],

@@ -622,7 +622,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
     rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
-    keepValues: dataBiasCorrection || new Set(shifts.keys()), readWeight: readLazyTensor,
+    keepValues: dataBiasCorrection || new Set(shifts.keys()), readWeight: readLazyTensor, quantizeAsync: true,
   }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length}`)));
   passes.push(weightReport);
   if (shifts.size > 0) passes.push(compensateShifts(graph, weights, shifts));

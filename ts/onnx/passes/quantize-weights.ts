@@ -14,7 +14,7 @@ import { scaleClip } from '../../methods/gdrq';
 import { preserveRunSums } from '../../methods/sum-preserving';
 import { gptqRoundSteps, type WeightMatrixView } from '../../methods/gptq';
 import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
-import { dequantize, quantizationError, quantizeTensor } from '../../quantize';
+import { dequantize, quantizationError, quantizeTensor, quantizeTensorAsync, type QuantizeOptions } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
 import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 
@@ -62,6 +62,28 @@ export interface WeightQuantization {
    * readLazyTensor): the steps then yield the read, for runStepsAsync to wait for without holding the event loop.
    */
   readWeight?: (t: TensorProto) => Promise<void> | undefined;
+  /**
+   * Quantize layers of ASYNC_MIN_VALUES weights or more on native worker threads (quantizeTensorAsync): the steps
+   * yield the work for runStepsAsync.
+   */
+  quantizeAsync?: boolean;
+}
+
+/**
+ * Weights from which a layer is quantized off the event loop: such a layer takes milliseconds; below it, handing
+ * each layer to a worker thread cost more than it held the loop (about 100 ms over the PP-OCRv4 recognizer's 47
+ * small layers in npm run experiments -- ptq).
+ */
+const ASYNC_MIN_VALUES = 1 << 20;
+
+/** quantizeTensor, or quantizeTensorAsync yielded for runStepsAsync to wait for (the same values; the event loop stays free). */
+function* quantized(data: Float32Array, how: QuantizeOptions, async: boolean): Generator<Promise<void>, QuantizedTensor, void> {
+  if (!async || data.length < ASYNC_MIN_VALUES) return quantizeTensor(data, how);
+  let q: QuantizedTensor | undefined;
+  yield quantizeTensorAsync(data, how).then((r) => {
+    q = r;
+  });
+  return q!;
 }
 
 export interface WeightLayerReport {
@@ -288,7 +310,8 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     }
     let q: QuantizedTensor;
     if (grouped) {
-      const g = quantizeTensor(source, { shape: dims, bits: valueBits, method: 'mse', norm: 1, granularity: 'group', groups: options.groups!, axis: axes.outputAxis });
+      const g = yield* quantized(source, { shape: dims, bits: valueBits, method: 'mse', norm: 1, granularity: 'group', groups: options.groups!, axis: axes.outputAxis },
+        !!options.quantizeAsync);
       // One scale per channel (each group's, repeated): the DequantizeLinear form of folding group scales into BN.
       const channels = dims[axes.outputAxis];
       const per = channels / options.groups!;
@@ -299,13 +322,13 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       };
       delete q.groups;
     } else {
-      q = quantizeTensor(source, {
+      q = yield* quantized(source, {
         shape: dims, bits: allocate ? widest : valueBits, method: options.method,
         ...(blocked
           ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
           : perTensor ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: axes.outputAxis }),
         ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: widest } } : {}),
-      });
+      }, !!options.quantizeAsync);
     }
     if (half) q = withFloat16Scales(q, source, label);
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
