@@ -165,6 +165,11 @@ function lazySource(t: TensorProto): ExternalSource | undefined {
   return (t as { [EXTERNAL_SOURCE]?: ExternalSource })[EXTERNAL_SOURCE];
 }
 
+/** A lazily read tensor's bytes, read asynchronously into a new array. */
+function readSourceAsync(t: TensorProto, source: ExternalSource): Promise<Uint8Array<ArrayBuffer>> {
+  return readExternalAsync(new Uint8Array(source.length), t.name, source);
+}
+
 /**
  * For a lazily read tensor, reads its bytes asynchronously and keeps them (it becomes an ordinary tensor, its data
  * freed with it); undefined for other tensors. What a pass uses next, read without holding the event loop.
@@ -172,7 +177,7 @@ function lazySource(t: TensorProto): ExternalSource | undefined {
 export function readLazyTensor(t: TensorProto): Promise<void> | undefined {
   const source = lazySource(t);
   if (!source) return undefined;
-  return readExternalAsync(new Uint8Array(source.length), t.name, source).then((bytes) => {
+  return readSourceAsync(t, source).then((bytes) => {
     if (lazySource(t) === source) t.rawData = bytes;  // unless something assigned its data meanwhile
   });
 }
@@ -181,7 +186,7 @@ export function readLazyTensor(t: TensorProto): Promise<void> | undefined {
 export async function withDataRead(t: TensorProto): Promise<TensorProto> {
   const source = lazySource(t);
   if (!source) return t;
-  const rawData = await readExternalAsync(new Uint8Array(source.length), t.name, source);
+  const rawData = await readSourceAsync(t, source);
   return create(TensorProtoSchema, { name: t.name, dataType: t.dataType, dims: t.dims, rawData });
 }
 
@@ -529,7 +534,7 @@ async function moveDataOut(model: ModelProto, dataFile: string, threshold: numbe
     if (pad) await write(new Uint8Array(pad));
     offset += pad;
     const source = lazySource(t);
-    const raw = source ? await readExternalAsync(new Uint8Array(source.length), t.name, source) : t.rawData;
+    const raw = source ? await readSourceAsync(t, source) : t.rawData;
     await write(raw);
     t.externalData = [
       create(StringStringEntryProtoSchema, { key: 'location', value: dataFile }),

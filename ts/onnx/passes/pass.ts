@@ -21,7 +21,7 @@ export function nodeLabel(node: { name: string; opType: string; output: string[]
  * step done and returns the result, so `runSteps` can finish it at once and
  * `runStepsAsync` can let the event loop run between steps. A long step may also
  * yield `undefined` part-way (a pause for the event loop, not a step) or a promise
- * to wait for (a file read; only steps made for runStepsAsync yield those).
+ * to wait for (a file read, work on native threads; only steps made for runStepsAsync yield those).
  */
 export type Steps<T> = Generator<string | undefined | Promise<void>, T, void>;
 
@@ -29,7 +29,7 @@ export function runSteps<T>(steps: Steps<T>): T {
   for (;;) {
     const r = steps.next();
     if (r.done) return r.value;
-    if (r.value instanceof Promise) throw new Error('These steps wait for file reads: run them with runStepsAsync.');
+    if (r.value instanceof Promise) throw new Error('These steps wait for asynchronous work: run them with runStepsAsync.');
   }
 }
 

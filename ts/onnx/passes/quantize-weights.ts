@@ -4,9 +4,9 @@
  * or blocked along the input-channel (reduction) axis (opset 21 for int4, 25 for
  * int2). Symmetric signed values, zero point 0 (the zero-point input is left out).
  */
-import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
+import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import { OnnxModelError } from '../model-io';
+import { OnnxModelError, readLazyTensor } from '../model-io';
 import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
@@ -58,15 +58,11 @@ export interface WeightQuantization {
   /** Keep each layer's (or these layers') float and dequantized weights in the result (for bias corrections). */
   keepValues?: boolean | Set<string>;
   /**
-   * Reads a layer's weight tensor before the layer is quantized, when its data wait in a file (model-io's
-   * readLazyTensor): the steps then yield the read, for runStepsAsync to wait for without holding the event loop.
+   * Steps for runStepsAsync, which waits for what they yield without holding the event loop: a weight whose data
+   * wait in a file is read asynchronously (readLazyTensor), and a layer of ASYNC_MIN_VALUES weights or more is
+   * quantized on native worker threads (quantizeTensorAsync).
    */
-  readWeight?: (t: TensorProto) => Promise<void> | undefined;
-  /**
-   * Quantize layers of ASYNC_MIN_VALUES weights or more on native worker threads (quantizeTensorAsync): the steps
-   * yield the work for runStepsAsync.
-   */
-  quantizeAsync?: boolean;
+  async?: boolean;
 }
 
 /**
@@ -291,7 +287,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       yield label;
       continue;
     }
-    const reading = options.readWeight?.(w);
+    const reading = options.async ? readLazyTensor(w) : undefined;
     if (reading) yield reading;
     const data = weightValues(w)!;  // read-only: the passes below make new arrays
     const half = w.dataType === TensorProto_DataType.FLOAT16;
@@ -311,7 +307,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     let q: QuantizedTensor;
     if (grouped) {
       const g = yield* quantized(source, { shape: dims, bits: valueBits, method: 'mse', norm: 1, granularity: 'group', groups: options.groups!, axis: axes.outputAxis },
-        !!options.quantizeAsync);
+        !!options.async);
       // One scale per channel (each group's, repeated): the DequantizeLinear form of folding group scales into BN.
       const channels = dims[axes.outputAxis];
       const per = channels / options.groups!;
@@ -328,7 +324,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
           ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
           : perTensor ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: axes.outputAxis }),
         ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: widest } } : {}),
-      }, !!options.quantizeAsync);
+      }, !!options.async);
     }
     if (half) q = withFloat16Scales(q, source, label);
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
