@@ -228,27 +228,6 @@ Napi::Value LsqBackward(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// searchRangeWeighted(values: Float32Array, weights: Float64Array, lo, hi, qmin, qmax, symmetric, candidates) -> [lo, hi]
-Napi::Value SearchRangeWeighted(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  size_t nv, nw;
-  const float* values = array_of<float>(info[0], "values", napi_float32_array, &nv);
-  const double* weights = array_of<double>(info[1], "weights", napi_float64_array, &nw);
-  expect_length(env, nw, nv, "weights");
-  const float lo = float(info[2].As<Napi::Number>().DoubleValue()), hi = float(info[3].As<Napi::Number>().DoubleValue());
-  const int32_t qmin = int_of(info[4], "qmin"), qmax = int_of(info[5], "qmax");
-  if (qmin >= qmax || qmin < -128 || qmax > 255) throw_range(env, "qmin/qmax out of range");
-  const bool symmetric = bool_of(info[6], "symmetric");
-  const size_t candidates = size_of(info[7], "candidates");
-  if (candidates < 1 || candidates > 10000) throw_range(env, "candidates must be in 1..10000");
-  float best_lo, best_hi;
-  lowbit::search_range_weighted(values, weights, nv, lo, hi, qmin, qmax, symmetric, unsigned(candidates), &best_lo, &best_hi);
-  Napi::Array r = Napi::Array::New(env, 2);
-  r.Set(uint32_t(0), double(best_lo));
-  r.Set(uint32_t(1), double(best_hi));
-  return r;
-}
-
 // groupMoments(x, layout, out: Float64Array (6 × groups: count, mean, b, Σd², min, max), kernel, threads) -> NaN index or -1
 struct MomentsCall {
   const float* x;
@@ -369,7 +348,6 @@ void register_quantize_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("groupErrors", Napi::Function::New(env, GroupErrors, "groupErrors"));
   exports.Set("lsqForward", Napi::Function::New(env, LsqForward, "lsqForward"));
   exports.Set("lsqBackward", Napi::Function::New(env, LsqBackward, "lsqBackward"));
-  exports.Set("searchRangeWeighted", Napi::Function::New(env, SearchRangeWeighted, "searchRangeWeighted"));
   exports.Set("paramsFromRanges", Napi::Function::New(env, ParamsFromRanges, "paramsFromRanges"));
   exports.Set("errorStats", Napi::Function::New(env, ErrorStats, "errorStats"));
   exports.Set("packInt4", Napi::Function::New(env, Pack<4>, "packInt4"));

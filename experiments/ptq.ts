@@ -49,6 +49,7 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
   const settings: Array<[string, Partial<QuantizeModelOptions>]> = [
     ['W8A8 minmax', { weights: { bits: 8 }, activations: { bits: 8 } }],
     ['W8A8 KL activations', { weights: { bits: 8 }, activations: { bits: 8, method: 'kl' } }],
+    ['W8A8 mse activations', { weights: { bits: 8 }, activations: { bits: 8, method: 'mse' } }],
     ['W4A4 minmax (all layers 4-bit)', { weights: { bits: 4 }, activations: { bits: 4 }, firstLastLayerBits: 4 }],
     ['W4A4 minmax, per-tensor weights (all layers 4-bit)', { weights: { bits: 4, granularity: 'tensor' }, activations: { bits: 4 }, firstLastLayerBits: 4 }],
     ['W4A4 ACIQ + bit allocation + bias correction (all layers 4-bit)', {
@@ -56,6 +57,7 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
       activations: { bits: 4, method: 'aciq', biasCorrection: true }, firstLastLayerBits: 4,
     }],
     ['W4A4 weights mse, activations percentile', { weights: { bits: 4, method: 'mse' }, activations: { bits: 4, method: 'percentile' }, firstLastLayerBits: 4 }],
+    ['W4A4 weights and activations mse', { weights: { bits: 4, method: 'mse' }, activations: { bits: 4, method: 'mse' }, firstLastLayerBits: 4 }],
     ['W4A4 ACIQ weights and activations', { weights: { bits: 4, method: 'aciq' }, activations: { bits: 4, method: 'aciq' }, firstLastLayerBits: 4 }],
     ['W2A4 minmax (all layers 2-bit)', { weights: { bits: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
     ['W2A4 minmax + GPTQ rounding (all layers 2-bit)', { weights: { bits: 2, rounding: 'gptq' }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
@@ -192,6 +194,10 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     ['W8A8 (minmax, depthwise equalization)', { weights: { bits: 8 }, activations: { bits: 8, equalizeDepthwise: true } }],
     ['W8A8 (percentile, sum-preserving rounding, depthwise equalization)', { weights: { bits: 8, rounding: 'sum-preserving' }, activations: { bits: 8, method: 'percentile', equalizeDepthwise: true } }],
     ['W8A8 (percentile, GPTQ rounding, depthwise equalization)', { weights: { bits: 8, rounding: 'gptq' }, activations: { bits: 8, method: 'percentile', equalizeDepthwise: true } }],
+    ['W8A8 (mse activations)', { weights: { bits: 8 }, activations: { bits: 8, method: 'mse' } }],
+    ['W8A8 (mse, depthwise equalization)', { weights: { bits: 8 }, activations: { bits: 8, method: 'mse', equalizeDepthwise: true } }],
+    ['W8A8 (mse, sum-preserving rounding, depthwise equalization)', { weights: { bits: 8, rounding: 'sum-preserving' }, activations: { bits: 8, method: 'mse', equalizeDepthwise: true } }],
+    ['W8A8 (mse, both bias corrections, depthwise equalization)', { weights: { bits: 8, biasCorrection: true }, activations: { bits: 8, method: 'mse', biasCorrection: true, equalizeDepthwise: true } }],
   ];
   const rows: Array<Record<string, string | number>> = [];
   const readingRows: Array<Record<string, string | number>> = [];

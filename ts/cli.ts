@@ -69,7 +69,7 @@ export function program(): Command {
     .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', parseNumber, 32)
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
     .option('--abits <bits>', 'activation bits (4, 8 or 16); needs --calib, except with --amethod dynamic', parseNumber)
-    .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl' or 'aciq' (default: --method when it is one of them, else minmax), "
+    .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl', 'aciq' or 'mse' (default: --method when it is one of them, else minmax), "
       + "or 'dynamic' (8-bit, from each run's input, no --calib: MatMul and Gemm layers, as onnxruntime's quantize_dynamic)")
     .option('--reduce-range', '8-bit weights in the 7-bit range [-64, 63] (no int16 saturation in onnxruntime\'s uint8 x int8 kernels on x86 CPUs without VNNI)')
     .option('--quantize-outputs', 'also quantize the layers\' outputs, so onnxruntime runs them with integer kernels (QLinearConv, QLinearMatMul); needs --abits')
@@ -89,7 +89,7 @@ export function program(): Command {
       calib?: string; keepFloat?: string; report?: string; bitAllocation?: number; biasCorrection?: boolean; groups?: number; scaleClip?: number; rounding: string;
       quantizeOutputs?: boolean; reduceRange?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean;
     }) => {
-      const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq'].includes(o.method) ? o.method : 'minmax');
+      const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq', 'mse'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
       const model = modelArg ?? path.join(assets, 'mnist-cnn.onnx');
       if (!modelArg) {

@@ -74,8 +74,6 @@ export interface NativeBinding {
     kernel: string, threads: number): void;
   lsqBackward(v: Float32Array, gradOut: Float32Array, layout: NativeLayout, step: Float32Array, qn: number, qp: number,
     gradIn: Float32Array, gradStep: Float64Array, kernel: string, threads: number): void;
-  searchRangeWeighted(values: Float32Array, weights: Float64Array, lo: number, hi: number, qmin: number, qmax: number,
-    symmetric: boolean, candidates: number): [number, number];
   paramsFromRanges(lo: Float32Array, hi: Float32Array, qmin: number, qmax: number, symmetric: boolean,
     scale: Float32Array, zeroPoint: Int32Array): void;
   errorStats(x: Float32Array, q: Codes, isSigned: boolean, params: NativeParams): NativeErrorStats;

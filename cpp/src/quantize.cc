@@ -376,33 +376,6 @@ int64_t group_moments(const Exec& exec, const float* x, const QuantLayout& layou
   return kNoNaN;
 }
 
-void search_range_weighted(const float* values, const double* weights, size_t n, float lo, float hi,
-                           int32_t qmin, int32_t qmax, bool symmetric, unsigned candidates, float* best_lo,
-                           float* best_hi) {
-  candidates = std::max(1u, candidates);
-  double best = INFINITY;
-  *best_lo = lo;
-  *best_hi = hi;
-  for (unsigned c = 0; c < candidates; ++c) {
-    const float ratio = float(double(candidates - c) / double(candidates));
-    const float clo = lo * ratio, chi = hi * ratio;
-    float scale;
-    int32_t zp;
-    params_from_range(clo, chi, qmin, qmax, symmetric, &scale, &zp);
-    double error = 0;
-    for (size_t i = 0; i < n; ++i) {
-      if (weights[i] == 0) continue;
-      const float e = values[i] - dequantize_value(quantize_value(values[i], scale, zp, qmin, qmax), scale, zp);
-      error += weights[i] * double(e) * double(e);
-    }
-    if (error < best) {
-      best = error;
-      *best_lo = clo;
-      *best_hi = chi;
-    }
-  }
-}
-
 void lsq_forward_tensor(const Exec& exec, const float* v, const QuantLayout& layout, const float* step,
                         int32_t qn, int32_t qp, float* out) {
   const PieceGrid grid(layout);

@@ -210,7 +210,7 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
       [{ weights: { bits: 8, granularity: 'block' }, activations: { bits: 8, method: 'dynamic' } }, /for options\.weights/],
       [{ weights: { bits: 8 }, firstLastLayerBits: 4, activations: { bits: 8, method: 'dynamic' } }, /firstLastLayerBits 8/],
       [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', biasCorrection: true } }, /calibration feeds .* for options\.calibration/],
-      [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dyn' } }, /'minmax', 'percentile', 'kl', 'aciq' or 'dynamic'/],
+      [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dyn' } }, /'minmax', 'percentile', 'kl', 'aciq', 'mse' or 'dynamic'/],
     ];
     for (const [options, message] of cases) {
       let error: unknown;

@@ -16,6 +16,7 @@ import { makeIntAttribute, makeNode } from '../../ts/onnx/graph';
 import { create } from '@bufbuild/protobuf';
 import { AttributeProtoSchema, AttributeProto_AttributeType } from 'onnx-buf';
 import { laplace, rng } from '../helpers/random';
+import { activationParams, fakeQuantize } from '../../ts/onnx/passes/quantize-activations';
 
 function gaussian(n: number, seed: number): Float32Array {
   const r = rng(seed);
@@ -26,7 +27,9 @@ describe('methods: bad input', () => {
   it('rejects bits outside the range, negative or NaN scale parameters and empty tensors', () => {
     expect(() => aciqAlpha(0, 'laplace', 1)).to.throw(RangeError, /for bits but received 0/);
     expect(() => aciqAlpha(9, 'gauss', 1)).to.throw(RangeError, /\[1, 8\] for bits but received 9/);
-    expect(() => new HistogramObserver().observe(Float32Array.of(1)).mseRange(9)).to.throw(RangeError, /for bits/);
+    expect(() => new HistogramObserver().observe(Float32Array.of(1)).mseRange(17)).to.throw(RangeError, /\[2, 16\] for bits but received 17/);
+    expect(() => new HistogramObserver().observe(Float32Array.of(1)).mseRange(8, { candidates: 0 })).to.throw(RangeError, /\[1, 1000\] for options\.candidates but received 0/);
+    expect(() => new HistogramObserver().observe(Float32Array.of(1)).mseRange(8, { candidates: 2.5 })).to.throw(RangeError, /options\.candidates/);
     expect(() => aciqAlpha(4, 'laplace', -1)).to.throw(RangeError, /for scaleParam but received -1/);
     expect(() => aciqAlpha(4, 'gauss', NaN)).to.throw(RangeError, /for scaleParam but received NaN/);
     expect(() => aciqAlpha(4, 'cauchy' as never, 1)).to.throw(RangeError, /prior/);
@@ -502,6 +505,89 @@ describe('calibration observers (streaming)', () => {
     const ema = new MinMaxObserver({ movingAverage: 0.5 });
     ema.observe(Float32Array.of(0, 10)).observe(Float32Array.of(0, 20));
     expect(ema.range().hi).to.equal(15);
+  });
+});
+
+describe('MSE ranges from a histogram', () => {
+  // What quantizing x with the range costs, as QuantizeLinear then DequantizeLinear compute it.
+  const realError = (x: Float32Array, range: { lo: number; hi: number }, bits: number, signed: boolean): number => {
+    const y = fakeQuantize(x, activationParams({ ...range, bits }, signed));
+    let e = 0;
+    for (let i = 0; i < x.length; i++) e += (x[i] - y[i]) ** 2;
+    return e / x.length;
+  };
+  const hardSwish = (v: number) => (v * Math.min(Math.max(v + 3, 0), 6)) / 6;
+  const data: Array<[string, Float32Array]> = [
+    ['Laplace', laplace(100_000, 21)],
+    ['hard-swish of N(0, 2)', gaussian(100_000, 22).map((v) => hardSwish(2 * v))],
+    ['ReLU of Laplace', laplace(100_000, 23).map((v) => Math.max(0, v))],
+  ];
+
+  it('the chosen range has (nearly) the least real error among the candidates, and less than min/max', () => {
+    for (const [name, x] of data) {
+      const h = new HistogramObserver().observe(x);
+      for (const [bits, signed] of [[8, false], [8, true], [4, false], [4, true]] as const) {
+        const chosen = h.mseRange(bits, { signed, symmetric: signed });
+        // The real error of every candidate of a coarser grid: the expected-error model must pick as well.
+        const candidates = h.mseRange(bits, { signed, symmetric: signed, candidates: 1 });
+        expect(candidates).to.deep.equal({ lo: h.min, hi: h.max });
+        let best = Infinity;
+        const grid = 25;
+        for (let a = 1; a <= grid; a++) {
+          for (let b = 1; b <= grid; b++) {
+            if (signed && a !== b) continue;
+            const range = signed
+              ? { lo: Math.max(h.min, (-Math.max(-h.min, h.max) * a) / grid), hi: Math.min(h.max, (Math.max(-h.min, h.max) * a) / grid) }
+              : { lo: h.min < 0 ? (h.min * a) / grid : h.min, hi: (h.max * b) / grid };
+            best = Math.min(best, realError(x, range, bits, signed));
+          }
+        }
+        const error = realError(x, chosen, bits, signed);
+        const label = `${name}, ${bits} bits, ${signed ? 'signed' : 'unsigned'}: chosen ${error}, best of the grid ${best}`;
+        expect(error, label).to.be.at.most(best * 1.05);
+        expect(error, label).to.be.lessThan(realError(x, { lo: h.min, hi: h.max }, bits, signed));
+      }
+    }
+  });
+
+  it('each side of zero keeps its own counts: a short negative tail is kept while the long positive one is clipped', () => {
+    const h = new HistogramObserver().observe(data[1][1]);
+    const { lo, hi } = h.mseRange(4, { signed: false, symmetric: false });
+    expect(h.min).to.be.closeTo(-0.375, 0.01);
+    // The lowest representable value (the zero point's distance from qmin, in steps).
+    const p = activationParams({ lo, hi, bits: 4 }, false);
+    const lowest = (p.qmin - p.zeroPoint) * p.scale;
+    expect(lowest, `lowest ${lowest} (range ${lo}..${hi}) of ${h.min}`).to.be.at.most(0.9 * h.min);
+    expect(hi, `hi ${hi} of ${h.max}`).to.be.lessThan(0.8 * h.max);
+  });
+
+  it('exact zeros cost nothing (0 is always representable): a ReLU output clips as its non-zero values do', () => {
+    const nonZero = data[2][1].filter((v) => v > 0);
+    const withZeros = new HistogramObserver().observe(data[2][1]);
+    expect(withZeros.zeros).to.be.greaterThan(40_000);
+    const alone = new HistogramObserver().observe(nonZero);
+    expect(alone.zeros).to.equal(0);
+    for (const bits of [4, 8]) {
+      expect(withZeros.mseRange(bits, { signed: false, symmetric: false }).hi).to.equal(alone.mseRange(bits, { signed: false, symmetric: false }).hi);
+    }
+  });
+
+  it('merging observers equals observing everything, also when one side saw only zeros', () => {
+    const x = data[1][1];
+    const whole = new HistogramObserver().observe(x);
+    const parts = new HistogramObserver().observe(x.subarray(0, 1000).map((v) => v / 64));
+    parts.merge(new HistogramObserver().observe(x.subarray(1000))).merge(new HistogramObserver().observe(new Float32Array(7)));
+    whole.observe(new Float32Array(7));
+    const mixed = new HistogramObserver().observe(x.subarray(0, 1000).map((v) => v / 64)).observe(x.subarray(1000)).observe(new Float32Array(7));
+    for (const [name, h] of [['merged', parts], ['one observer', mixed]] as const) {
+      expect([...h.counts], name).to.deep.equal([...new HistogramObserver().observe(x.subarray(0, 1000).map((v) => v / 64)).observe(x.subarray(1000)).observe(new Float32Array(7)).counts]);
+      expect(h.zeros, name).to.equal(whole.zeros);
+      expect(h.negativeCounts.reduce((a, b) => a + b, 0), name).to.equal(x.filter((v) => v < 0).length);
+    }
+    expect(parts.mseRange(8, { signed: false, symmetric: false })).to.deep.equal(mixed.mseRange(8, { signed: false, symmetric: false }));
+    const zeros = new HistogramObserver().observe(new Float32Array(5)).merge(new HistogramObserver().observe(new Float32Array(3)));
+    expect([zeros.counts[0], zeros.zeros, zeros.total]).to.deep.equal([8, 8, 8]);
+    expect(zeros.mseRange(8)).to.deep.equal({ lo: 0, hi: 0 });
   });
 });
 

@@ -43,6 +43,24 @@ describe('bundled MNIST CNN example', () => {
     fs.rmSync(dir, { recursive: true });
   });
 
+  it("`--method mse` with --abits takes 'mse' for the activation ranges too (the API's ranges); --amethod overrides it", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-'));
+    const cli = path.join(root, 'dist', 'ts', 'cli.js');
+    const calibration = path.join(root, 'assets', 'mnist-calibration');
+    const ranges = (args: string[]) => {
+      const r = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', '4', '--calib', calibration, '--report', 'r.json', '--no-evaluate', ...args], { cwd: dir, encoding: 'utf8' });
+      expect(r.status, r.stderr).to.equal(0);
+      return (JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).activations as Array<{ range: number[] }>).map((a) => a.range);
+    };
+    const api = async (method: 'mse' | 'minmax') => (await quantizeModel(model, {
+      weights: { bits: 8, method: 'mse' }, activations: { bits: 4, method }, calibration, evaluationFeeds: [],
+    })).report.activations.map((a) => a.range);
+    const mse = await api('mse');
+    expect(ranges(['--method', 'mse'])).to.deep.equal(mse);
+    expect(ranges(['--method', 'mse', '--amethod', 'minmax'])).to.deep.equal(await api('minmax')).and.not.deep.equal(mse);
+    fs.rmSync(dir, { recursive: true });
+  });
+
   it('a --report path in a missing folder or a missing --calib folder fails before any work and writes nothing; --report writes JSON', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-'));
     const cli = path.join(root, 'dist', 'ts', 'cli.js');

@@ -231,7 +231,30 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     expect(1 - c16, `cosine W8A8 ${c8}, W8A16 ${c16}`).to.be.lessThan(1 - c8);
     let caught: unknown;
     await quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 16, method: 'kl' }, calibration }).catch((e) => (caught = e));
-    expect((caught as Error).message).to.match(/'minmax', 'percentile' or 'aciq' with 16-bit activations .* for options\.activations\.method but received "kl"/);
+    expect((caught as Error).message).to.match(/'minmax', 'percentile', 'aciq' or 'mse' with 16-bit activations .* for options\.activations\.method but received "kl"/);
+  });
+
+  it("'mse' activation ranges lie within the calibrated min/max, clip where it pays, and beat min/max at 4 bits", async () => {
+    const calibration = normalFeeds(4, [1, 3, 48, 192], 3);
+    const evaluationFeeds = normalFeeds(8, [1, 3, 48, 192], 9);
+    const run = (method: 'minmax' | 'mse', bits: 4 | 8, signed = false) =>
+      quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits, method, signed }, calibration, evaluationFeeds });
+    for (const signed of [false, true]) {
+      const [minmax, mse] = [await run('minmax', 4, signed), await run('mse', 4, signed)];
+      const ranges = new Map(minmax.report.activations.map((a) => [a.tensor, a.range]));
+      let narrower = 0;
+      for (const a of mse.report.activations) {
+        const [lo, hi] = ranges.get(a.tensor)!;
+        expect(a.range[0], a.tensor).to.be.at.least(lo);
+        expect(a.range[1], a.tensor).to.be.at.most(hi);
+        if (a.range[1] - a.range[0] < 0.95 * (hi - lo)) narrower++;
+        if (signed) expect(a.zeroPoint, a.tensor).to.equal(0);
+      }
+      const [c4, m4] = [minmax, mse].map((r) => r.report.evaluation!.outputs[0].cosine);
+      expect(narrower, `${signed ? 'signed' : 'unsigned'}: ranges narrower than min/max`).to.be.greaterThan(mse.report.activations.length / 2);
+      expect(m4, `${signed ? 'signed' : 'unsigned'} W8A4: cosine min/max ${c4}, mse ${m4}`).to.be.greaterThan(c4);
+    }
+    expect((await run('mse', 8)).report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
   });
 
   it('W4A4 with ACIQ activations runs in onnxruntime (opset 21, uint4 activations)', async () => {

@@ -8,7 +8,8 @@
  *  - HistogramObserver: histogram of |x| with `bins` bins over [0, R], R a power
  *    of two that doubles as needed (re-binning merges 2^k old bins into one,
  *    exactly); ranges by percentile, by KL divergence (TensorRT entropy
- *    calibration: 2048 bins, 128 quantized levels) or by MSE over the histogram.
+ *    calibration: 2048 bins, 128 quantized levels) or by the least expected
+ *    squared error (negative values also counted apart, and exact zeros).
  *  - ChannelRangeObserver: per-channel min/max of NC… tensors (depthwise input equalization).
  *  - AciqObserver: per-batch mean, Laplace b and σ averaged over batches
  *    (weighted by count; the authors average per-batch statistics), global
@@ -91,8 +92,12 @@ export class HistogramObserver {
   readonly bins: number;
   /** Counts of |x| per bin over [0, limit). */
   readonly counts: Float64Array;
+  /** Counts of the negative values by |x|, over the same bins (counts holds them too). */
+  readonly negativeCounts: Float64Array;
   /** Upper end of the histogram: a power of two (0 before any non-zero value). */
   limit = 0;
+  /** How many values were exactly 0 (in counts' first bin too). */
+  zeros = 0;
   min = Infinity;
   max = -Infinity;
   total = 0;
@@ -102,6 +107,7 @@ export class HistogramObserver {
     if (!Number.isInteger(bins) || bins < 128 || bins % 128 !== 0) throw invalidValue('options.bins', 'a multiple of 128, at least 128', bins);
     this.bins = bins;
     this.counts = new Float64Array(bins);
+    this.negativeCounts = new Float64Array(bins);
   }
 
   private grow(maxAbs: number): void {
@@ -111,10 +117,12 @@ export class HistogramObserver {
     while (limit < maxAbs) limit *= 2;
     if (this.limit > 0) {
       const factor = limit / this.limit;  // a power of two: old bins nest exactly
-      for (let i = 0; i < this.bins; i++) {
-        const c = this.counts[i];
-        this.counts[i] = 0;
-        this.counts[Math.floor(i / factor)] += c;
+      for (const counts of [this.counts, this.negativeCounts]) {
+        for (let i = 0; i < this.bins; i++) {
+          const c = counts[i];
+          counts[i] = 0;
+          counts[Math.floor(i / factor)] += c;
+        }
       }
     }
     this.limit = limit;
@@ -132,6 +140,8 @@ export class HistogramObserver {
       if (!Number.isFinite(v)) continue;
       const b = Math.min(this.bins - 1, Math.floor(Math.abs(v) * scale));
       this.counts[b]++;
+      if (v < 0) this.negativeCounts[b]++;
+      else if (v === 0) this.zeros++;
     }
     this.total += finite;
     return this;
@@ -141,8 +151,13 @@ export class HistogramObserver {
     if (other.bins !== this.bins) throw invalidValue('other.bins', `${this.bins} bins`, other.bins);
     if (other.total === 0) return this;
     this.grow(other.limit);
-    const factor = this.limit / other.limit;
-    for (let i = 0; i < other.bins; i++) this.counts[Math.floor(i / factor)] += other.counts[i];
+    // Other's bins nest in ours (both limits powers of two); an other holding only zeros has them all in bin 0.
+    const factor = other.limit === 0 ? Infinity : this.limit / other.limit;
+    for (let i = 0; i < other.bins; i++) {
+      this.counts[Math.floor(i / factor)] += other.counts[i];
+      this.negativeCounts[Math.floor(i / factor)] += other.negativeCounts[i];
+    }
+    this.zeros += other.zeros;
     this.min = Math.min(this.min, other.min);
     this.max = Math.max(this.max, other.max);
     this.total += other.total;
@@ -224,36 +239,104 @@ export class HistogramObserver {
   }
 
   /**
-   * The clip with the least squared error of the quantizer itself (native search
-   * over ratios 1, 0.99, …, 0.01 of the range), evaluated on the histogram's bin
-   * centres weighted by their counts, mirrored for negative values in proportion
-   * to the observed range.
+   * The range whose quantizer has the least expected squared error on the observed values: each bin's
+   * values taken as uniform over the bin, each side of zero from its own counts; inside the representable
+   * range the rounding noise Δ²/12 (exact zeros cost nothing: 0 is always representable), outside it the
+   * squared distance to the nearer end. Candidates: the observed ends scaled by 1, 1 − 1/candidates, …,
+   * 1/candidates, each end on its own for an asymmetric range, one threshold for a symmetric one. `signed`
+   * and `symmetric` must be those the range is then quantized with (activations: both equal to
+   * `activations.signed`).
    */
   mseRange(bits: number, opts?: { signed?: boolean; symmetric?: boolean; candidates?: number }): Range {
     this.check();
     const options = checkOptions('options', opts);
-    if (!Number.isInteger(bits) || bits < 2 || bits > 8) throw invalidValue('bits', 'an integer in [2, 8]', bits);
+    if (!Number.isInteger(bits) || bits < 2 || bits > 16) throw invalidValue('bits', 'an integer in [2, 16]', bits);
+    const candidates = options.candidates ?? 100;
+    if (!Number.isInteger(candidates) || candidates < 1 || candidates > 1000) {
+      throw invalidValue('options.candidates', 'an integer in [1, 1000]', candidates);
+    }
     const signed = options.signed ?? true;
+    const symmetric = options.symmetric ?? true;
     const { qmin, qmax } = integerRange(bits, signed);
-    const width = this.limit / this.bins;
-    // |x| histogram → signed sample points: negative side only when values < 0 were seen.
-    const twoSided = this.min < 0 && this.max > 0;
-    const n = twoSided ? 2 * this.bins : this.bins;
-    const values = new Float32Array(n);
-    const weights = new Float64Array(n);
-    const negativeShare = twoSided ? Math.abs(this.min) / (Math.abs(this.min) + this.max) : 0;
-    const sign = this.max > 0 ? 1 : -1;
-    for (let i = 0; i < this.bins; i++) {
-      values[i] = sign * (i + 0.5) * width;
-      weights[i] = this.counts[i] * (twoSided ? 1 - negativeShare : 1);
-      if (twoSided) {
-        values[this.bins + i] = -(i + 0.5) * width;
-        weights[this.bins + i] = this.counts[i] * negativeShare;
+    if (this.limit === 0) return { lo: this.min, hi: this.max };  // only zeros
+    const ratios = Array.from({ length: candidates }, (_, c) => (candidates - c) / candidates);
+    let los: number[];
+    let his: number[];
+    if (symmetric) {
+      const ranges = ratios.map((r) => this.clip(Math.max(-this.min, this.max) * r));
+      los = ranges.map((r) => r.lo);
+      his = ranges.map((r) => r.hi);
+    } else {
+      // Every pair of a low and a high end.
+      const lows = this.min < 0 ? ratios.map((r) => this.min * r) : [this.min];
+      const highs = this.max > 0 ? ratios.map((r) => this.max * r) : [this.max];
+      los = lows.flatMap((lo) => highs.map(() => lo));
+      his = lows.flatMap(() => highs);
+    }
+    const count = los.length;
+    const scale = new Float32Array(count);
+    const zeroPoint = new Int32Array(count);
+    native().paramsFromRanges(Float32Array.from(los), Float32Array.from(his), qmin, qmax, symmetric, scale, zeroPoint);
+    const positive = new BinMoments(this, false);
+    const negative = new BinMoments(this, true);
+    let best = 0;
+    let bestError = Infinity;
+    for (let c = 0; c < count; c++) {
+      const s = scale[c];
+      const below = positive.split((qmax - zeroPoint[c]) * s);
+      const above = negative.split((zeroPoint[c] - qmin) * s);
+      const error = ((below.inside + above.inside) * s * s) / 12 + below.clipped + above.clipped;
+      if (error < bestError) {
+        bestError = error;
+        best = c;
       }
     }
-    const [lo, hi] = native().searchRangeWeighted(values, weights, this.min, this.max, qmin, qmax,
-      options.symmetric ?? true, options.candidates ?? 100);
-    return { lo, hi };
+    return { lo: los[best], hi: his[best] };
+  }
+}
+
+/**
+ * One side of a histogram (the positive values, or the negative ones by magnitude), without exact zeros, with
+ * suffix sums of count, count·centre and count·(centre² + width²/12) per bin, so that the squared error of
+ * clipping at any threshold is O(1).
+ */
+class BinMoments {
+  private readonly width: number;
+  private readonly counts: Float64Array;
+  private readonly s0: Float64Array;
+  private readonly s1: Float64Array;
+  private readonly s2: Float64Array;
+
+  constructor(h: HistogramObserver, negative: boolean) {
+    const n = h.bins;
+    this.width = h.limit / n;
+    this.counts = negative ? h.negativeCounts : h.counts.map((c, i) => c - h.negativeCounts[i] - (i === 0 ? h.zeros : 0));
+    this.s0 = new Float64Array(n + 1);
+    this.s1 = new Float64Array(n + 1);
+    this.s2 = new Float64Array(n + 1);
+    const w = this.width;
+    for (let i = n - 1; i >= 0; i--) {
+      const c = this.counts[i];
+      const m = (i + 0.5) * w;
+      this.s0[i] = this.s0[i + 1] + c;
+      this.s1[i] = this.s1[i + 1] + c * m;
+      this.s2[i] = this.s2[i + 1] + c * (m * m + (w * w) / 12);
+    }
+  }
+
+  /** Values up to `threshold` (count `inside`) and the squared error of clipping the rest to it (`clipped`). */
+  split(threshold: number): { inside: number; clipped: number } {
+    const n = this.counts.length;
+    const w = this.width;
+    const t = Math.max(0, threshold);
+    const k = Math.floor(t / w);
+    if (k >= n) return { inside: this.s0[0], clipped: 0 };
+    // Bin k holds t: the part below it is inside; the part above contributes ∫(x − t)² over [t, b) per unit width.
+    const c = this.counts[k];
+    const above = (k + 1) * w - t;
+    const inside = this.s0[0] - this.s0[k] + (c * (w - above)) / w;
+    const clipped = (c * above ** 3) / (3 * w) + this.s2[k + 1] - 2 * t * this.s1[k + 1] + t * t * this.s0[k + 1];
+    return { inside, clipped };
   }
 }
 

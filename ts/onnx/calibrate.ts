@@ -63,12 +63,13 @@ export function modelInputs(model: ModelProto): Array<{ name: string; elemType: 
 
 export type CalibrationData = Iterable<Feed> | AsyncIterable<Feed> | string;
 
-export type ActivationMethod = 'minmax' | 'percentile' | 'kl' | 'aciq';
+export type ActivationMethod = 'minmax' | 'percentile' | 'kl' | 'aciq' | 'mse';
 
 /** One observer per tensor, behind one shape. */
 export interface TensorObserver {
   observe(batch: Float32Array): void;
-  range(bits: number): Range;
+  /** The range for codes of `bits`, signed (then symmetric, zero point 0) or not (asymmetric). */
+  range(bits: number, signed: boolean): Range;
 }
 
 export function makeObserver(method: ActivationMethod): TensorObserver {
@@ -88,6 +89,10 @@ export function makeObserver(method: ActivationMethod): TensorObserver {
     case 'aciq': {
       const o = new AciqObserver();
       return { observe: (b) => void o.observe(b), range: (bits) => o.range(bits, 'laplace') };
+    }
+    case 'mse': {
+      const o = new HistogramObserver();
+      return { observe: (b) => void o.observe(b), range: (bits, signed) => o.mseRange(bits, { signed, symmetric: signed }) };
     }
   }
 }

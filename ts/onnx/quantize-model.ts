@@ -201,13 +201,13 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection', 'outputs', 'equalizeDepthwise']);
     if (a.bits !== 4 && a.bits !== 8 && a.bits !== 16) throw invalidValue('options.activations.bits', '4, 8 or 16', a.bits);
     if (a.bits === 16 && a.method === 'kl') {
-      throw invalidValue('options.activations.method', "'minmax', 'percentile' or 'aciq' with 16-bit activations (KL works up to 8 bits)", a.method);
+      throw invalidValue('options.activations.method', "'minmax', 'percentile', 'aciq' or 'mse' with 16-bit activations (KL works up to 8 bits)", a.method);
     }
     for (const key of ['signed', 'biasCorrection', 'outputs', 'equalizeDepthwise'] as const) {
       if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
     }
-    if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq', 'dynamic'].includes(a.method as string)) {
-      throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl', 'aciq' or 'dynamic'", a.method);
+    if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic'].includes(a.method as string)) {
+      throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl', 'aciq', 'mse' or 'dynamic'", a.method);
     }
     if (a.equalizeDepthwise && (a.method === 'dynamic' || a.bits === 16)) {
       throw invalidValue('options.activations.equalizeDepthwise', `false with ${a.method === 'dynamic' ? "method 'dynamic' (it works on calibrated ranges)" : '16-bit activations (they need no equalization)'}`, a.equalizeDepthwise);
@@ -588,7 +588,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       for (const t of tensors) {
         const bits = edgeTensors.has(t) ? edgeBits : staticActivations.bits;
         const float16 = result.float16.has(t);
-        ranges.set(t, { ...result.observers.get(t)!.range(bits), bits, ...(float16 ? { float16 } : {}) });
+        ranges.set(t, { ...result.observers.get(t)!.range(bits, staticActivations.signed ?? false), bits, ...(float16 ? { float16 } : {}) });
         await nextTurn();  // a KL or ACIQ search per tensor
       }
       for (const { tensor, source } of placement?.shared ?? []) {

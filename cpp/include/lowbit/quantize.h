@@ -50,13 +50,6 @@ int64_t search_ranges_mse(const Exec& exec, const float* x, const QuantLayout& l
 void group_errors(const Exec& exec, const float* x, const QuantLayout& layout, const float* lo,
                   const float* hi, int32_t qmin, int32_t qmax, bool symmetric, int norm, double* out);
 
-// The clip range [lo·r, hi·r] (r = 1, 1 - 1/c, ..., 1/c) whose quantization has the
-// least weighted squared error over a histogram: Σ weight[i] · (v[i] - x̂(v[i]))².
-// For streaming calibration, where the data are summarised by bin centres.
-void search_range_weighted(const float* values, const double* weights, size_t n, float lo, float hi,
-                           int32_t qmin, int32_t qmax, bool symmetric, unsigned candidates, float* best_lo,
-                           float* best_hi);
-
 // LSQ over a 'tensor' or 'channel' layout with one step per group.
 void lsq_forward_tensor(const Exec& exec, const float* v, const QuantLayout& layout, const float* step,
                         int32_t qn, int32_t qp, float* out);
