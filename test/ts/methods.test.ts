@@ -529,8 +529,7 @@ describe('MSE ranges from a histogram', () => {
       for (const [bits, signed] of [[8, false], [8, true], [4, false], [4, true]] as const) {
         const chosen = h.mseRange(bits, { signed, symmetric: signed });
         // The real error of every candidate of a coarser grid: the expected-error model must pick as well.
-        const candidates = h.mseRange(bits, { signed, symmetric: signed, candidates: 1 });
-        expect(candidates).to.deep.equal({ lo: h.min, hi: h.max });
+        expect(h.mseRange(bits, { signed, symmetric: signed, candidates: 1 })).to.deep.equal({ lo: h.min, hi: h.max });
         let best = Infinity;
         const grid = 25;
         for (let a = 1; a <= grid; a++) {
@@ -572,22 +571,44 @@ describe('MSE ranges from a histogram', () => {
     }
   });
 
-  it('merging observers equals observing everything, also when one side saw only zeros', () => {
+  it('merging observers equals observing everything, bin by bin, also when one side saw only zeros', () => {
     const x = data[1][1];
-    const whole = new HistogramObserver().observe(x);
-    const parts = new HistogramObserver().observe(x.subarray(0, 1000).map((v) => v / 64));
-    parts.merge(new HistogramObserver().observe(x.subarray(1000))).merge(new HistogramObserver().observe(new Float32Array(7)));
-    whole.observe(new Float32Array(7));
-    const mixed = new HistogramObserver().observe(x.subarray(0, 1000).map((v) => v / 64)).observe(x.subarray(1000)).observe(new Float32Array(7));
-    for (const [name, h] of [['merged', parts], ['one observer', mixed]] as const) {
-      expect([...h.counts], name).to.deep.equal([...new HistogramObserver().observe(x.subarray(0, 1000).map((v) => v / 64)).observe(x.subarray(1000)).observe(new Float32Array(7)).counts]);
-      expect(h.zeros, name).to.equal(whole.zeros);
-      expect(h.negativeCounts.reduce((a, b) => a + b, 0), name).to.equal(x.filter((v) => v < 0).length);
+    const small = x.subarray(0, 1000).map((v) => v / 64);
+    const rest = x.subarray(1000);
+    // Re-binning (the histogram grows after the small values) must give the bins of an observer that saw the
+    // largest values first: power-of-two ranges nest exactly.
+    const reference = new HistogramObserver().observe(rest).observe(small).observe(new Float32Array(7));
+    const merged = new HistogramObserver().observe(small).merge(new HistogramObserver().observe(rest)).merge(new HistogramObserver().observe(new Float32Array(7)));
+    const grown = new HistogramObserver().observe(small).observe(rest).observe(new Float32Array(7));
+    expect(grown.limit).to.equal(reference.limit);
+    for (const [name, h] of [['merged', merged], ['grown', grown]] as const) {
+      expect([...h.counts], name).to.deep.equal([...reference.counts]);
+      expect([...h.negativeCounts], name).to.deep.equal([...reference.negativeCounts]);
+      expect([h.zeros, h.total, h.min, h.max], name).to.deep.equal([reference.zeros, reference.total, reference.min, reference.max]);
     }
-    expect(parts.mseRange(8, { signed: false, symmetric: false })).to.deep.equal(mixed.mseRange(8, { signed: false, symmetric: false }));
+    expect(reference.negativeCounts.reduce((a, b) => a + b, 0)).to.equal(x.filter((v) => v < 0).length);
+    expect(reference.zeros).to.equal(7 + x.filter((v) => v === 0).length);
     const zeros = new HistogramObserver().observe(new Float32Array(5)).merge(new HistogramObserver().observe(new Float32Array(3)));
     expect([zeros.counts[0], zeros.zeros, zeros.total]).to.deep.equal([8, 8, 8]);
     expect(zeros.mseRange(8)).to.deep.equal({ lo: 0, hi: 0 });
+  });
+
+  it('one-sided data never get a range whose ends cross; 16 bits; symmetric follows signed by default', () => {
+    const narrow = (lo: number, hi: number) => Float32Array.from({ length: 10_000 }, (_, i) => lo + ((hi - lo) * i) / 9999);
+    for (const [name, x] of [['positive', narrow(15, 15.3)], ['negative', narrow(-7.2, -7)]] as const) {
+      const h = new HistogramObserver().observe(x);
+      for (const [bits, signed, symmetric] of [[4, false, false], [4, true, true], [4, false, true], [2, true, true], [16, false, false]] as const) {
+        const range = h.mseRange(bits, { signed, symmetric });
+        const label = `${name}, ${bits} bits, signed ${signed}, symmetric ${symmetric}: ${range.lo}..${range.hi}`;
+        expect(range.lo, label).to.be.at.most(range.hi);
+        if (signed === symmetric) expect(realError(x, range, bits, signed), label).to.be.at.most(realError(x, { lo: h.min, hi: h.max }, bits, signed));
+      }
+    }
+    const h = new HistogramObserver().observe(data[0][1]);
+    expect(h.mseRange(16, { signed: false })).to.deep.equal(h.mseRange(16, { signed: false, symmetric: false }));
+    const wide = h.mseRange(16, { signed: false });
+    expect(wide.hi - wide.lo, '16 bits keep (nearly) the whole range').to.be.greaterThan(0.9 * (h.max - h.min));
+    expect(() => h.mseRange(8, { signed: 1 as never })).to.throw(TypeError, /a boolean for options\.signed/);
   });
 });
 

@@ -243,9 +243,11 @@ export class HistogramObserver {
    * values taken as uniform over the bin, each side of zero from its own counts; inside the representable
    * range the rounding noise Δ²/12 (exact zeros cost nothing: 0 is always representable), outside it the
    * squared distance to the nearer end. Candidates: the observed ends scaled by 1, 1 − 1/candidates, …,
-   * 1/candidates, each end on its own for an asymmetric range, one threshold for a symmetric one. `signed`
-   * and `symmetric` must be those the range is then quantized with (activations: both equal to
-   * `activations.signed`).
+   * 1/candidates, each end on its own for an asymmetric range, one threshold for a symmetric one (never a
+   * range whose low end passes its high end). `signed` (default true) and `symmetric` (default: `signed`) must
+   * be those the range is then quantized with (activations: both equal to `activations.signed`). The model
+   * charges every in-range value Δ²/12, so values piled on one point other than 0 (a Clip's bound, 8-bit
+   * pixels) count more rounding noise than they get.
    */
   mseRange(bits: number, opts?: { signed?: boolean; symmetric?: boolean; candidates?: number }): Range {
     this.check();
@@ -255,8 +257,11 @@ export class HistogramObserver {
     if (!Number.isInteger(candidates) || candidates < 1 || candidates > 1000) {
       throw invalidValue('options.candidates', 'an integer in [1, 1000]', candidates);
     }
+    for (const key of ['signed', 'symmetric'] as const) {
+      if (options[key] !== undefined && typeof options[key] !== 'boolean') throw invalidType(`options.${key}`, 'a boolean', options[key]);
+    }
     const signed = options.signed ?? true;
-    const symmetric = options.symmetric ?? true;
+    const symmetric = options.symmetric ?? signed;
     const { qmin, qmax } = integerRange(bits, signed);
     if (this.limit === 0) return { lo: this.min, hi: this.max };  // only zeros
     const ratios = Array.from({ length: candidates }, (_, c) => (candidates - c) / candidates);
@@ -282,10 +287,12 @@ export class HistogramObserver {
     let best = 0;
     let bestError = Infinity;
     for (let c = 0; c < count; c++) {
+      // One-sided data: a high end below the lowest value (or a low end above the highest) is no range.
+      if (!(los[c] <= his[c])) continue;
       const s = scale[c];
-      const below = positive.split((qmax - zeroPoint[c]) * s);
-      const above = negative.split((zeroPoint[c] - qmin) * s);
-      const error = ((below.inside + above.inside) * s * s) / 12 + below.clipped + above.clipped;
+      const pos = positive.split((qmax - zeroPoint[c]) * s);
+      const neg = negative.split((zeroPoint[c] - qmin) * s);
+      const error = ((pos.inside + neg.inside) * s * s) / 12 + pos.clipped + neg.clipped;
       if (error < bestError) {
         bestError = error;
         best = c;
