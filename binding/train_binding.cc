@@ -428,6 +428,41 @@ Napi::Value UpperFactorOfInverse(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, lowbit::upper_factor_of_inverse(h, n, u));
 }
 
+// gptqRoundBlock(w, rows, n, u, b0, b1, group, scale, zeroPoint, qmin, qmax, values, errors)
+Napi::Value GptqRoundBlock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t nw, nu, ngroup, nscale, nzp, nqmin, nqmax, nvalues, nerrors;
+  float* w = array_of<float>(info[0], "w", napi_float32_array, &nw);
+  const size_t rows = size_of(info[1], "rows"), n = size_of(info[2], "n");
+  const double* u = array_of<double>(info[3], "u", napi_float64_array, &nu);
+  const size_t b0 = size_of(info[4], "b0"), b1 = size_of(info[5], "b1");
+  const int32_t* group = array_of<int32_t>(info[6], "group", napi_int32_array, &ngroup);
+  const float* scale = array_of<float>(info[7], "scale", napi_float32_array, &nscale);
+  const int32_t* zero_point = array_of<int32_t>(info[8], "zeroPoint", napi_int32_array, &nzp);
+  const int32_t* qmin = array_of<int32_t>(info[9], "qmin", napi_int32_array, &nqmin);
+  const int32_t* qmax = array_of<int32_t>(info[10], "qmax", napi_int32_array, &nqmax);
+  int32_t* values = array_of<int32_t>(info[11], "values", napi_int32_array, &nvalues);
+  float* errors = array_of<float>(info[12], "errors", napi_float32_array, &nerrors);
+  if (b0 > b1 || b1 > n) throw_range(env, "columns must satisfy b0 <= b1 <= n (got b0 = " + std::to_string(b0) + ", b1 = " +
+                                              std::to_string(b1) + ", n = " + std::to_string(n) + ")");
+  const size_t block = product(env, {rows, b1 - b0}, "rows * (b1 - b0)");
+  need_length(env, "w", nw, product(env, {rows, n}, "rows * n"), "rows * n");
+  need_length(env, "u", nu, product(env, {n, n}, "n * n"), "n * n");
+  need_length(env, "group", ngroup, block, "rows * (b1 - b0)");
+  need_length(env, "values", nvalues, block, "rows * (b1 - b0)");
+  need_length(env, "errors", nerrors, block, "rows * (b1 - b0)");
+  need_length(env, "zeroPoint", nzp, nscale, "scale.length");
+  need_length(env, "qmin", nqmin, nscale, "scale.length");
+  need_length(env, "qmax", nqmax, nscale, "scale.length");
+  for (size_t i = 0; i < ngroup; ++i)
+    if (group[i] < 0 || size_t(group[i]) >= nscale)
+      throw_range(env, "group[" + std::to_string(i) + "] must be in [0, scale.length) (got " + std::to_string(group[i]) + ")");
+  no_overlap(env, errors, nerrors, "errors", w, nw, "w");
+  no_overlap(env, values, nvalues, "values", group, ngroup, "group");
+  lowbit::gptq_round_block(w, rows, n, u, b0, b1, group, scale, zero_point, qmin, qmax, values, errors);
+  return env.Undefined();
+}
+
 }  // namespace
 
 void register_train_functions(Napi::Env env, Napi::Object exports) {
@@ -446,6 +481,7 @@ void register_train_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("depthwiseConvBackwardInput", Napi::Function::New(env, DepthwiseConvBackwardInput, "depthwiseConvBackwardInput"));
   exports.Set("depthwiseConvBackwardWeight", Napi::Function::New(env, DepthwiseConvBackwardWeight, "depthwiseConvBackwardWeight"));
   exports.Set("upperFactorOfInverse", Napi::Function::New(env, UpperFactorOfInverse, "upperFactorOfInverse"));
+  exports.Set("gptqRoundBlock", Napi::Function::New(env, GptqRoundBlock, "gptqRoundBlock"));
 }
 
 }  // namespace lowbit_binding

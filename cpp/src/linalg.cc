@@ -3,6 +3,7 @@
 // dot product's four partial sums.
 #include "lowbit/linalg.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -58,6 +59,32 @@ bool upper_factor_of_inverse(const double* h, size_t n, double* u) {
     for (size_t j = i + 1; j < n; ++j) ui[j] /= vii;
   }
   return true;
+}
+
+void gptq_round_block(float* w, size_t rows, size_t n, const double* u, size_t b0, size_t b1, const int32_t* group,
+                      const float* scale, const int32_t* zero_point, const int32_t* qmin, const int32_t* qmax,
+                      int32_t* values, float* errors) {
+  const size_t width = b1 - b0;
+  for (size_t r = 0; r < rows; ++r) {
+    float* row = w + r * n;
+    for (size_t a = b0; a < b1; ++a) {
+      const size_t at = r * width + (a - b0);
+      const int32_t g = group[at];
+      const double s = scale[g];
+      if (!(s > 0)) {
+        errors[at] = 0;
+        continue;
+      }
+      const double z = zero_point[g];
+      const double wa = row[a];
+      const double q = std::min(double(qmax[g]), std::max(double(qmin[g]), std::nearbyint(wa / s) + z));
+      values[at] = int32_t(q);
+      const double e = (wa - (q - z) * s) / u[a * n + a];
+      errors[at] = float(e);
+      const double* ua = u + a * n;
+      for (size_t c = a + 1; c < b1; ++c) row[c] = float(double(row[c]) - e * ua[c]);
+    }
+  }
 }
 
 }  // namespace lowbit

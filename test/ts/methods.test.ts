@@ -303,6 +303,64 @@ describe('GPTQ rounding', () => {
     }
   });
 
+  it('the native gptqRoundBlock equals the TypeScript reference bit for bit (odd sizes, mixed ranges, skipped groups), and checks its arguments', () => {
+    const native = nativeKernels();
+    for (const [rows, n, b0, b1] of [[1, 1, 0, 1], [3, 5, 0, 5], [7, 33, 4, 29], [2, 64, 32, 64], [5, 70, 69, 70], [4, 9, 3, 3]]) {
+      const x = Float64Array.from({ length: n * (n + 4) }, () => r() - 0.5);
+      const h = new Float64Array(n * n);
+      for (let i = 0; i < n; i++) {
+        for (let j = 0; j < n; j++) {
+          let s = 0;
+          for (let k = 0; k < n + 4; k++) s += x[i * (n + 4) + k] * x[j * (n + 4) + k];
+          h[i * n + j] = s + (i === j ? 1e-2 : 0);
+        }
+      }
+      const u = new Float64Array(n * n);
+      expect(native.upperFactorOfInverse(h, n, u)).to.equal(true);
+      // Four groups: 4-bit signed, 8-bit unsigned with a zero point, 2-bit signed, and one without a scale (skipped).
+      const params = {
+        scale: Float32Array.of(0.02, 0.004, 0.15, 0), zeroPoint: Int32Array.of(0, 131, 0, 0),
+        qmin: Int32Array.of(-8, 0, -2, -8), qmax: Int32Array.of(7, 255, 1, 7),
+      };
+      const width = b1 - b0;
+      const group = Int32Array.from({ length: rows * width }, () => Math.floor(r() * 4));
+      const w = Float32Array.from({ length: rows * n }, () => (r() - 0.5) * 0.6);
+      const runs = [referenceKernels, native].map((kernels) => {
+        const out = { w: w.slice(), values: new Int32Array(rows * width).fill(-99), errors: new Float32Array(rows * width).fill(5) };
+        kernels.gptqRoundBlock(out.w, rows, n, u, b0, b1, group, params, out.values, out.errors);
+        return out;
+      });
+      const label = `rows ${rows}, n ${n}, columns ${b0}..${b1}`;
+      for (const key of ['w', 'values', 'errors'] as const) {
+        expect(Buffer.from(runs[1][key].buffer).equals(Buffer.from(runs[0][key].buffer)), `${label}: ${key} identical`).to.equal(true);
+      }
+      group.forEach((g, i) => {
+        if (g === 3) expect([runs[1].values[i], runs[1].errors[i]], `${label}: skipped element ${i}`).to.deep.equal([-99, 0]);
+        else expect(runs[1].values[i], `${label}: element ${i} in range`).to.be.within(params.qmin[g], params.qmax[g]);
+      });
+      if (width > 1) expect(runs[1].w.some((v, i) => v !== w[i]), `${label}: later columns moved`).to.equal(true);
+    }
+    const args = (over: Record<string, unknown> = {}) => {
+      const a = { w: new Float32Array(6), rows: 2, n: 3, u: Float64Array.of(1, 0, 0, 0, 1, 0, 0, 0, 1), b0: 0, b1: 3, group: new Int32Array(6),
+        params: { scale: Float32Array.of(1), zeroPoint: Int32Array.of(0), qmin: Int32Array.of(-8), qmax: Int32Array.of(7) },
+        values: new Int32Array(6), errors: new Float32Array(6), ...over };
+      return [a.w, a.rows, a.n, a.u, a.b0, a.b1, a.group, a.params, a.values, a.errors] as Parameters<typeof native.gptqRoundBlock>;
+    };
+    for (const kernels of [native, referenceKernels]) {
+      expect(() => kernels.gptqRoundBlock(...args()), kernels.name).not.to.throw();
+      expect(() => kernels.gptqRoundBlock(...args({ group: Int32Array.of(0, 0, 1, 0, 0, 0) })), kernels.name).to.throw(RangeError, /group\[2\] must be in \[0, scale\.length\) \(got 1\)/);
+      expect(() => kernels.gptqRoundBlock(...args({ group: Int32Array.of(0, 0, 0, 0, 0, -1) })), kernels.name).to.throw(RangeError, /group\[5\]/);
+      expect(() => kernels.gptqRoundBlock(...args({ b1: 4 })), kernels.name).to.throw(RangeError, /b0 <= b1 <= n \(got b0 = 0, b1 = 4, n = 3\)/);
+      expect(() => kernels.gptqRoundBlock(...args({ w: new Float32Array(5) })), kernels.name).to.throw(RangeError, /w\.length must be rows \* n = 6 \(got 5\)/);
+      expect(() => kernels.gptqRoundBlock(...args({ errors: new Float32Array(4) })), kernels.name).to.throw(RangeError, /errors\.length must be rows \* \(b1 - b0\) = 6/);
+      expect(() => kernels.gptqRoundBlock(...args({ params: { scale: Float32Array.of(1), zeroPoint: new Int32Array(2), qmin: Int32Array.of(-8), qmax: Int32Array.of(7) } })), kernels.name)
+        .to.throw(RangeError, /zeroPoint\.length must be scale\.length = 1/);
+    }
+    const shared = new Float32Array(6);
+    expect(() => native.gptqRoundBlock(...args({ w: shared, errors: shared }))).to.throw(RangeError, /errors must not share memory with w/);
+    expect(() => native.gptqRoundBlock(...args({ u: new Float32Array(9) }))).to.throw(TypeError, /u has the wrong element type/);
+  });
+
   it('GPTQ over chunks of different sizes, one needing more damping, equals the chunks rounded one call each (working arrays reused)', () => {
     const full = gram().grams[0][0].matrix;
     const block = (first: number, size: number, spike = 0) => {

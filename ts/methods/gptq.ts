@@ -16,9 +16,9 @@
  * within a chunk, errors reach the later columns in blocks through SGEMM (the
  * paper's lazy batch updates).
  */
-import { integerRange, roundHalfToEven, scaleIndices, type QuantizedTensor } from '../quant-params';
+import { integerRange, scaleIndices, type QuantizedTensor } from '../quant-params';
 import { pauseClock } from '../onnx/passes/pass';
-import { nativeKernels, type FloatKernels } from '../train/kernels';
+import { nativeKernels, type FloatKernels, type GptqGroupParams } from '../train/kernels';
 
 /** H over one chunk of columns: [size, size], row-major, for columns first … first + size − 1. */
 export interface GramBlock {
@@ -88,6 +88,9 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
   const block = options.block ?? 32;
   const kernels = options.kernels ?? nativeKernels();
   const ranges = Array.from({ length: q.scale.length }, (_, g) => integerRange(q.channelBits ? q.channelBits[g] : q.bits, q.signed));
+  const params: GptqGroupParams = {
+    scale: q.scale, zeroPoint: q.zeroPoint, qmin: Int32Array.from(ranges, (r) => r.qmin), qmax: Int32Array.from(ranges, (r) => r.qmax),
+  };
   // Buffers for the largest chunk, reused by every chunk and block of the layer (see Scratch).
   let largest = 0;
   for (const chunks of grams) for (const c of chunks) largest = Math.max(largest, c.size);
@@ -95,6 +98,7 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
   const scratch: Scratch = {
     h: new Float64Array(largest * largest), u: new Float64Array(largest * largest), w: new Float32Array(maxRows * largest),
     errors: new Float32Array(maxRows * block), uBlock: new Float32Array(block * largest), update: new Float32Array(maxRows * largest),
+    group: new Int32Array(maxRows * block), rounded: new Int32Array(maxRows * block),
   };
   for (let gram = 0; gram < grams.length; gram++) {
     for (const chunk of grams[gram]) {
@@ -112,7 +116,7 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
         const base = (rowStart + r) * view.rowStride;
         for (let a = 0; a < n; a++) w[r * n + a] = source[base + factor.order[a] * view.columnStride];
       }
-      const state: ChunkState = { q, values, scaleIndex, ranges, view, kernels, order: factor.order, u: factor.u, n, w, rows, rowStart, scratch };
+      const state: ChunkState = { q, values, scaleIndex, params, view, kernels, order: factor.order, u: factor.u, n, w, rows, rowStart, scratch };
       for (let b0 = 0; b0 < n; b0 += block) {
         roundColumnBlock(state, b0, Math.min(n, b0 + block));
         if (pause()) yield;
@@ -151,7 +155,8 @@ function factorChunk({ first, size: n, matrix: full }: GramBlock, damping: numbe
  * Working arrays of a layer's chunks and column blocks, which are processed one at a time, each used through a
  * subarray of its size: allocating them per chunk and block cost more than the native factorization on this
  * development machine, where fresh memory is slow to touch. h, u: the chunk's damped H and its factor; w: the
- * chunk's weights being rounded; errors, uBlock, update: one block's SGEMM operands.
+ * chunk's weights being rounded; errors, uBlock, update: one block's SGEMM operands; group, rounded: its elements'
+ * parameter groups and integers.
  */
 interface Scratch {
   h: Float64Array;
@@ -160,13 +165,15 @@ interface Scratch {
   errors: Float32Array;
   uBlock: Float32Array;
   update: Float32Array;
+  group: Int32Array;
+  rounded: Int32Array;
 }
 
 interface ChunkState {
   q: QuantizedTensor;
   values: QuantizedTensor['values'];
   scaleIndex: ReturnType<typeof scaleIndices>;
-  ranges: Array<{ qmin: number; qmax: number }>;
+  params: GptqGroupParams;
   view: WeightMatrixView;
   kernels: FloatKernels;
   order: number[];
@@ -180,24 +187,21 @@ interface ChunkState {
 
 /** Rounds columns [b0, b1) of a chunk and carries their errors onto the later columns. */
 function roundColumnBlock(st: ChunkState, b0: number, b1: number): void {
-  const { q, values, scaleIndex, ranges, view, order, u, n, w, rows, rowStart, scratch } = st;
+  const { q, values, scaleIndex, params, view, order, u, n, w, rows, rowStart, scratch } = st;
   const width = b1 - b0;
-  const errors = scratch.errors.subarray(0, rows * width).fill(0);  // a channel without a scale leaves its errors 0
+  const group = scratch.group.subarray(0, rows * width);
+  for (let r = 0; r < rows; r++) {
+    const base = (rowStart + r) * view.rowStride;
+    for (let a = b0; a < b1; a++) group[r * width + (a - b0)] = scaleIndex[base + order[a] * view.columnStride];
+  }
+  const rounded = scratch.rounded.subarray(0, rows * width);
+  const errors = scratch.errors.subarray(0, rows * width);
+  st.kernels.gptqRoundBlock(w, rows, n, u, b0, b1, group, params, rounded, errors);
   for (let r = 0; r < rows; r++) {
     const base = (rowStart + r) * view.rowStride;
     for (let a = b0; a < b1; a++) {
-      const e = base + order[a] * view.columnStride;
-      const g = scaleIndex[e];
-      const s = q.scale[g];
-      if (!(s > 0)) continue;
-      const z = q.zeroPoint[g];
-      const { qmin, qmax } = ranges[g];
-      const wa = w[r * n + a];
-      const integer = Math.min(qmax, Math.max(qmin, roundHalfToEven(wa / s) + z));
-      values[e] = integer;
-      const err = (wa - (integer - z) * s) / u[a * n + a];
-      errors[r * width + (a - b0)] = err;
-      for (let c = a + 1; c < b1; c++) w[r * n + c] -= err * u[a * n + c];
+      const at = r * width + (a - b0);
+      if (q.scale[group[at]] > 0) values[base + order[a] * view.columnStride] = rounded[at];  // else left as it was
     }
   }
   const rest = n - b1;

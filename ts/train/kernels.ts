@@ -14,6 +14,7 @@
 import { checkKernel, cpuInfo } from '../cpu';
 import { native } from '../native';
 import { checkInteger } from '../validate';
+import { roundHalfToEven } from '../quant-params';
 
 export interface SgemmArgs {
   transA: boolean;
@@ -123,6 +124,24 @@ export interface FloatKernels {
    * partial sums, ((s0 + s1) + s2) + s3. Bit-identical across kernels: GPTQ's integers depend on every bit of U.
    */
   upperFactorOfInverse(h: Float64Array, n: number, u: Float64Array): boolean;
+  /**
+   * GPTQ's rounding of columns [b0, b1) of a chunk (methods/gptq.ts), row by row: w [rows, n] (columns in rounding
+   * order, changed in place), u the factor above. For row r and column a, with g = group[r·width + a − b0] (width =
+   * b1 − b0) and parameters s = scale[g] (not > 0: the element is left alone, its error 0), z, qmin, qmax:
+   * q = clamp(roundHalfToEven(w/s) + z, qmin, qmax), e = (w − (q − z)·s) / U_aa, then w_c −= e·U_ac for the later
+   * columns c < b1 of the block; all in float64, w stored as float32. Writes q to values and e (float32) to errors
+   * ([rows, width]). Bit-identical across kernels.
+   */
+  gptqRoundBlock(w: Float32Array, rows: number, n: number, u: Float64Array, b0: number, b1: number, group: Int32Array,
+    params: GptqGroupParams, values: Int32Array, errors: Float32Array): void;
+}
+
+/** Per parameter group of a quantized tensor: its scale, zero point and integer range (gptqRoundBlock). */
+export interface GptqGroupParams {
+  scale: Float32Array;
+  zeroPoint: Int32Array;
+  qmin: Int32Array;
+  qmax: Int32Array;
 }
 
 // ---------------------------------------------------------------------------
@@ -391,6 +410,40 @@ export const referenceKernels: FloatKernels = {
     }
     return true;
   },
+
+  gptqRoundBlock(w, rows, n, u, b0, b1, group, params, values, errors) {
+    for (const [name, v] of [['rows', rows], ['n', n], ['b0', b0], ['b1', b1]] as const) {
+      if (!Number.isSafeInteger(v) || v < 0) throw new RangeError(`${name} must be a non-negative integer (got ${v})`);
+    }
+    if (b0 > b1 || b1 > n) throw new RangeError(`columns must satisfy b0 <= b1 <= n (got b0 = ${b0}, b1 = ${b1}, n = ${n})`);
+    const width = b1 - b0;
+    needLength('w', w, rows * n, 'rows * n');
+    needLength('u', u, n * n, 'n * n');
+    for (const [name, v] of [['group', group], ['values', values], ['errors', errors]] as const) needLength(name, v, rows * width, 'rows * (b1 - b0)');
+    const { scale, zeroPoint, qmin, qmax } = params;
+    for (const [name, v] of [['zeroPoint', zeroPoint], ['qmin', qmin], ['qmax', qmax]] as const) needLength(name, v, scale.length, 'scale.length');
+    group.forEach((g, i) => {
+      if (!(g >= 0 && g < scale.length)) throw new RangeError(`group[${i}] must be in [0, scale.length) (got ${g})`);
+    });
+    for (let r = 0; r < rows; r++) {
+      for (let a = b0; a < b1; a++) {
+        const at = r * width + (a - b0);
+        const g = group[at];
+        const s = scale[g];
+        if (!(s > 0)) {
+          errors[at] = 0;
+          continue;
+        }
+        const z = zeroPoint[g];
+        const wa = w[r * n + a];
+        const q = Math.min(qmax[g], Math.max(qmin[g], roundHalfToEven(wa / s) + z));
+        values[at] = q;
+        const e = (wa - (q - z) * s) / u[a * n + a];
+        errors[at] = e;
+        for (let c = a + 1; c < b1; c++) w[r * n + c] -= e * u[a * n + c];
+      }
+    }
+  },
 };
 
 /** Σ_{k=from}^{to−1} a[ai+k]·b[bi+k], four partial sums (upperFactorOfInverse's order). */
@@ -537,5 +590,7 @@ export function nativeKernels(options: NativeKernelOptions = {}): FloatKernels {
     depthwiseConvBackwardInput: (dy, w, batch, g, dx) => b.depthwiseConvBackwardInput(dy, w, batch, g, dx, threads),
     depthwiseConvBackwardWeight: (dy, x, batch, g, dw) => b.depthwiseConvBackwardWeight(dy, x, batch, g, dw, threads),
     upperFactorOfInverse: (h, n, u) => b.upperFactorOfInverse(h, n, u),
+    gptqRoundBlock: (w, rows, n, u, b0, b1, group, p, values, errors) =>
+      b.gptqRoundBlock(w, rows, n, u, b0, b1, group, p.scale, p.zeroPoint, p.qmin, p.qmax, values, errors),
   };
 }

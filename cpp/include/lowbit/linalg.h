@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace lowbit {
 
@@ -18,5 +19,18 @@ namespace lowbit {
 // returns false (u unspecified) when h is not positive definite (a pivot that
 // is not > 0, NaN included). h and u must not overlap.
 bool upper_factor_of_inverse(const double* h, size_t n, double* u);
+
+// GPTQ's rounding of columns [b0, b1) of a chunk, row by row: w [rows, n]
+// (float32, columns in rounding order, modified in place), u [n, n] the upper
+// factor above. For each row r and column a of the block, with the element's
+// parameter group g = group[r·width + a − b0] (width = b1 − b0):
+//   q = clamp(nearbyint(w/s) + z, qmin, qmax), e = (w − (q − z)·s) / U_aa,
+//   w_c −= e·U_ac for the later columns c < b1 of the block (float64, stored
+// float32); values and errors [rows, width] get q and e (float32). A group whose
+// scale is not > 0 leaves its elements' values untouched and their errors 0.
+// Group indices must be < groups (the binding checks them).
+void gptq_round_block(float* w, size_t rows, size_t n, const double* u, size_t b0, size_t b1, const int32_t* group,
+                      const float* scale, const int32_t* zero_point, const int32_t* qmin, const int32_t* qmax,
+                      int32_t* values, float* errors);
 
 }  // namespace lowbit
