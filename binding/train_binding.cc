@@ -459,7 +459,9 @@ Napi::Value GptqRoundBlock(const Napi::CallbackInfo& info) {
       throw_range(env, "group[" + std::to_string(i) + "] must be in [0, scale.length) (got " + std::to_string(group[i]) + ")");
   no_overlap(env, errors, nerrors, "errors", w, nw, "w");
   no_overlap(env, values, nvalues, "values", group, ngroup, "group");
-  lowbit::gptq_round_block(w, rows, n, u, b0, b1, group, scale, zero_point, qmin, qmax, values, errors);
+  no_overlap(env, w, nw, "w", group, ngroup, "group");
+  no_overlap(env, errors, nerrors, "errors", group, ngroup, "group");
+  lowbit::gptq_round_block(w, rows, n, u, b0, b1, group, nscale, scale, zero_point, qmin, qmax, values, errors);
   return env.Undefined();
 }
 

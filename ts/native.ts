@@ -126,6 +126,7 @@ export interface NativeBinding {
     dw: Float32Array, threads: number): void;
   /** U with H⁻¹ = UᵀU written to u; false when h is not positive definite (linalg.h). */
   upperFactorOfInverse(h: Float64Array, n: number, u: Float64Array): boolean;
+  /** FloatKernels.gptqRoundBlock with the group parameters as separate arrays (binding/train_binding.cc). */
   gptqRoundBlock(w: Float32Array, rows: number, n: number, u: Float64Array, b0: number, b1: number, group: Int32Array,
     scale: Float32Array, zeroPoint: Int32Array, qmin: Int32Array, qmax: Int32Array, values: Int32Array, errors: Float32Array): void;
 }

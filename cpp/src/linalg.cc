@@ -62,23 +62,25 @@ bool upper_factor_of_inverse(const double* h, size_t n, double* u) {
 }
 
 void gptq_round_block(float* w, size_t rows, size_t n, const double* u, size_t b0, size_t b1, const int32_t* group,
-                      const float* scale, const int32_t* zero_point, const int32_t* qmin, const int32_t* qmax,
-                      int32_t* values, float* errors) {
+                      size_t groups, const float* scale, const int32_t* zero_point, const int32_t* qmin,
+                      const int32_t* qmax, int32_t* values, float* errors) {
   const size_t width = b1 - b0;
   for (size_t r = 0; r < rows; ++r) {
     float* row = w + r * n;
     for (size_t a = b0; a < b1; ++a) {
       const size_t at = r * width + (a - b0);
       const int32_t g = group[at];
-      const double s = scale[g];
+      const double s = g >= 0 && size_t(g) < groups ? double(scale[g]) : 0.0;
       if (!(s > 0)) {
         errors[at] = 0;
         continue;
       }
       const double z = zero_point[g];
       const double wa = row[a];
-      const double q = std::min(double(qmax[g]), std::max(double(qmin[g]), std::nearbyint(wa / s) + z));
-      values[at] = int32_t(q);
+      double q = std::nearbyint(wa / s) + z;
+      // Math.min/max propagate NaN, std::min/max do not: clamp only numbers, and store NaN as 0 (as Int32Array does).
+      if (!std::isnan(q)) q = std::min(double(qmax[g]), std::max(double(qmin[g]), q));
+      values[at] = std::isnan(q) ? 0 : int32_t(q);
       const double e = (wa - (q - z) * s) / u[a * n + a];
       errors[at] = float(e);
       const double* ua = u + a * n;

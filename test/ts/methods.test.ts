@@ -358,6 +358,22 @@ describe('GPTQ rounding', () => {
     }
     const shared = new Float32Array(6);
     expect(() => native.gptqRoundBlock(...args({ w: shared, errors: shared }))).to.throw(RangeError, /errors must not share memory with w/);
+    // group is the one array used as an index: no output may share its memory.
+    const buffer = new ArrayBuffer(48);
+    expect(() => native.gptqRoundBlock(...args({ w: new Float32Array(buffer, 0, 6), group: new Int32Array(buffer, 16, 6) }))).to.throw(RangeError, /w must not share memory with group/);
+    expect(() => native.gptqRoundBlock(...args({ errors: new Float32Array(buffer, 0, 6), group: new Int32Array(buffer, 8, 6) }))).to.throw(RangeError, /errors must not share memory with group/);
+    // NaN and infinite weights: the same integers (NaN stored as 0, ±Infinity clamped) and the same NaN positions.
+    const odd = Float32Array.of(NaN, 0.3, Infinity, -Infinity, 0.2, 0.1);
+    const oddRuns = [referenceKernels, native].map((kernels) => {
+      const out = { w: odd.slice(), values: new Int32Array(6), errors: new Float32Array(6) };
+      kernels.gptqRoundBlock(...args({ w: out.w, values: out.values, errors: out.errors, u: Float64Array.of(1, 0.5, 0, 0, 1, 0.5, 0, 0, 1) }));
+      return out;
+    });
+    expect([...oddRuns[1].values]).to.deep.equal([...oddRuns[0].values]);
+    expect([...oddRuns[1].values]).to.deep.equal([0, 0, 0, -8, 7, 0]);  // NaN spreads along row 0; row 1: -Inf, then +Inf (its error × U_01), then NaN (Inf × U_02 = 0)
+    for (const key of ['w', 'errors'] as const) {
+      oddRuns[0][key].forEach((v, i) => expect(Object.is(oddRuns[1][key][i], v), `${key}[${i}]: ${oddRuns[1][key][i]} vs ${v}`).to.equal(true));
+    }
     expect(() => native.gptqRoundBlock(...args({ u: new Float32Array(9) }))).to.throw(TypeError, /u has the wrong element type/);
   });
 

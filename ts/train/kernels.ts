@@ -130,7 +130,7 @@ export interface FloatKernels {
    * b1 − b0) and parameters s = scale[g] (not > 0: the element is left alone, its error 0), z, qmin, qmax:
    * q = clamp(roundHalfToEven(w/s) + z, qmin, qmax), e = (w − (q − z)·s) / U_aa, then w_c −= e·U_ac for the later
    * columns c < b1 of the block; all in float64, w stored as float32. Writes q to values and e (float32) to errors
-   * ([rows, width]). Bit-identical across kernels.
+   * ([rows, width]); a NaN q (NaN weights or factor) is stored as 0. Bit-identical across kernels (NaN payloads aside).
    */
   gptqRoundBlock(w: Float32Array, rows: number, n: number, u: Float64Array, b0: number, b1: number, group: Int32Array,
     params: GptqGroupParams, values: Int32Array, errors: Float32Array): void;

@@ -27,10 +27,13 @@ bool upper_factor_of_inverse(const double* h, size_t n, double* u);
 //   q = clamp(nearbyint(w/s) + z, qmin, qmax), e = (w − (q − z)·s) / U_aa,
 //   w_c −= e·U_ac for the later columns c < b1 of the block (float64, stored
 // float32); values and errors [rows, width] get q and e (float32). A group whose
-// scale is not > 0 leaves its elements' values untouched and their errors 0.
-// Group indices must be < groups (the binding checks them).
+// scale is not > 0 leaves its elements' values untouched and their errors 0, as
+// does a group index outside [0, groups) (the binding refuses those up front; the
+// check here keeps reads in bounds if group changes meanwhile). A NaN q is stored
+// as 0 and its error stays NaN, as a JavaScript Int32Array store does; the
+// default rounding mode (to nearest) is assumed.
 void gptq_round_block(float* w, size_t rows, size_t n, const double* u, size_t b0, size_t b1, const int32_t* group,
-                      const float* scale, const int32_t* zero_point, const int32_t* qmin, const int32_t* qmax,
-                      int32_t* values, float* errors);
+                      size_t groups, const float* scale, const int32_t* zero_point, const int32_t* qmin,
+                      const int32_t* qmax, int32_t* values, float* errors);
 
 }  // namespace lowbit
