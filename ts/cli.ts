@@ -161,7 +161,7 @@ export function program(): Command {
         'output SQNR dB': l.outputSqnrDb === undefined ? '' : Number(l.outputSqnrDb.toFixed(1)),
       }))));
       if (report.activations.length) {
-        console.log(`\n${report.activations.length} activation tensors quantized from ${report.calibrationBatches} calibration batches`);
+        console.log(`\n${report.activations.length} activation tensors quantized (${amethod} ranges) from ${report.calibrationBatches} calibration batches`);
       }
       const dynamicInputs = report.layers.filter((l) => l.input && 'dynamic' in l.input).length;
       if (dynamicInputs) console.log(`\n${dynamicInputs} layer inputs quantized dynamically (scale and zero point computed on every run)`);
