@@ -263,6 +263,36 @@ Napi::Value GroupMomentsAsync(const Napi::CallbackInfo& info) {
   return AsyncTask::Start(info.Env(), {info[0], info[2]}, [call] { return call.run(); });
 }
 
+// finiteRange(x) -> [min, max, finite, nanIndex (-1: none)]
+Napi::Value FiniteRange(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t n;
+  const float* x = array_of<float>(info[0], "x", napi_float32_array, &n);
+  float lo, hi;
+  size_t finite = 0;
+  const int64_t nan = lowbit::finite_range(x, n, &lo, &hi, &finite);
+  Napi::Array r = Napi::Array::New(env, 4);
+  r.Set(uint32_t(0), double(lo));
+  r.Set(uint32_t(1), double(hi));
+  r.Set(uint32_t(2), double(finite));
+  r.Set(uint32_t(3), double(nan));
+  return r;
+}
+
+// histogramAdd(x, binsPerUnit, counts, negativeCounts) -> how many values were exactly 0
+Napi::Value HistogramAdd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t n, ncounts, nnegative;
+  const float* x = array_of<float>(info[0], "x", napi_float32_array, &n);
+  const double bins_per_unit = info[1].As<Napi::Number>().DoubleValue();
+  if (!(bins_per_unit >= 0) || std::isinf(bins_per_unit)) throw_range(env, "binsPerUnit must be a finite number >= 0");
+  double* counts = array_of<double>(info[2], "counts", napi_float64_array, &ncounts);
+  double* negative = array_of<double>(info[3], "negativeCounts", napi_float64_array, &nnegative);
+  if (ncounts == 0) throw_range(env, "counts must not be empty");
+  expect_length(env, nnegative, ncounts, "negativeCounts");
+  return Napi::Number::New(env, double(lowbit::histogram_add(x, n, bins_per_unit, ncounts, counts, negative)));
+}
+
 // paramsFromRanges(lo, hi, qmin, qmax, symmetric, scaleOut, zeroPointOut)
 Napi::Value ParamsFromRanges(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -348,6 +378,8 @@ void register_quantize_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("groupErrors", Napi::Function::New(env, GroupErrors, "groupErrors"));
   exports.Set("lsqForward", Napi::Function::New(env, LsqForward, "lsqForward"));
   exports.Set("lsqBackward", Napi::Function::New(env, LsqBackward, "lsqBackward"));
+  exports.Set("finiteRange", Napi::Function::New(env, FiniteRange, "finiteRange"));
+  exports.Set("histogramAdd", Napi::Function::New(env, HistogramAdd, "histogramAdd"));
   exports.Set("paramsFromRanges", Napi::Function::New(env, ParamsFromRanges, "paramsFromRanges"));
   exports.Set("errorStats", Napi::Function::New(env, ErrorStats, "errorStats"));
   exports.Set("packInt4", Napi::Function::New(env, Pack<4>, "packInt4"));

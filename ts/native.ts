@@ -74,6 +74,10 @@ export interface NativeBinding {
     kernel: string, threads: number): void;
   lsqBackward(v: Float32Array, gradOut: Float32Array, layout: NativeLayout, step: Float32Array, qn: number, qp: number,
     gradIn: Float32Array, gradStep: Float64Array, kernel: string, threads: number): void;
+  /** [min, max, finite count, index of the first NaN or -1] of a calibration batch (±Infinity skipped). */
+  finiteRange(x: Float32Array): [number, number, number, number];
+  /** Adds x's finite values to an |x| histogram (and negative ones to negativeCounts); returns how many were 0. */
+  histogramAdd(x: Float32Array, binsPerUnit: number, counts: Float64Array, negativeCounts: Float64Array): number;
   paramsFromRanges(lo: Float32Array, hi: Float32Array, qmin: number, qmax: number, symmetric: boolean,
     scale: Float32Array, zeroPoint: Int32Array): void;
   errorStats(x: Float32Array, q: Codes, isSigned: boolean, params: NativeParams): NativeErrorStats;

@@ -337,6 +337,39 @@ int64_t search_ranges_mse(const Exec& exec, const float* x, const QuantLayout& l
   return kNoNaN;
 }
 
+int64_t finite_range(const float* x, size_t n, float* min, float* max, size_t* finite) {
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  size_t count = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    if (std::isnan(v)) return int64_t(i);
+    if (std::isinf(v)) continue;
+    ++count;
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
+  *min = lo;
+  *max = hi;
+  *finite = count;
+  return kNoNaN;
+}
+
+size_t histogram_add(const float* x, size_t n, double bins_per_unit, size_t bins, double* counts,
+                     double* negative_counts) {
+  size_t zeros = 0;
+  const double last = double(bins - 1);
+  for (size_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    if (!std::isfinite(v)) continue;
+    const double at = std::fabs(double(v)) * bins_per_unit;
+    const size_t b = at >= last ? bins - 1 : size_t(at);  // floor: at is not negative
+    counts[b] += 1;
+    if (v < 0) negative_counts[b] += 1;
+    else if (v == 0) ++zeros;
+  }
+  return zeros;
+}
+
 int64_t group_moments(const Exec& exec, const float* x, const QuantLayout& layout, GroupMoments* out) {
   const size_t groups = layout.group_count();
   std::vector<float> lo(groups), hi(groups);

@@ -525,11 +525,36 @@ void register_pack_tests() {
 
 }  // namespace
 
+void register_calibration_tests() {
+  harness::add("calibration: finite_range skips ±Infinity and finds the first NaN; histogram_add bins |x| and counts zeros", [] {
+    const float inf = std::numeric_limits<float>::infinity();
+    const float x[] = {0.5f, -inf, -3.0f, 0.0f, -0.0f, inf, 7.75f, -0.25f};
+    float lo, hi;
+    size_t finite;
+    if (lowbit::finite_range(x, 8, &lo, &hi, &finite) != lowbit::kNoNaN || lo != -3.0f || hi != 7.75f || finite != 6)
+      return str("finite_range: ", lo, " ", hi, " ", finite);
+    const float with_nan[] = {1, 2, std::numeric_limits<float>::quiet_NaN(), 4};
+    if (lowbit::finite_range(with_nan, 4, &lo, &hi, &finite) != 2) return std::string("finite_range did not report the NaN at 2");
+    if (lowbit::finite_range(&inf, 1, &lo, &hi, &finite) != lowbit::kNoNaN || finite != 0 || lo != inf || hi != -inf)
+      return str("finite_range of no finite values: ", lo, " ", hi, " ", finite);
+    // 8 bins over [0, 8): one unit per bin; 7.75 in the last bin, anything larger clamps to it.
+    std::vector<double> counts(8, 0), negative(8, 0);
+    const size_t zeros = lowbit::histogram_add(x, 8, 1.0, 8, counts.data(), negative.data());
+    const std::vector<double> want_counts = {4, 0, 0, 1, 0, 0, 0, 1}, want_negative = {1, 0, 0, 1, 0, 0, 0, 0};
+    if (zeros != 2 || counts != want_counts || negative != want_negative) return str("histogram_add: zeros ", zeros);
+    const float big = 1e30f;
+    lowbit::histogram_add(&big, 1, 1.0, 8, counts.data(), negative.data());
+    if (counts[7] != 2) return std::string("a value past the last bin was not clamped into it");
+    return std::string();
+  });
+}
+
 void register_quantize_tests() {
   register_rule_tests();
   register_kernel_tests();
   register_driver_tests();
   register_pack_tests();
+  register_calibration_tests();
 }
 
 void register_thread_pool_tests();

@@ -686,6 +686,68 @@ describe('MSE ranges from a histogram', () => {
   });
 });
 
+describe('histogram observer: native batch statistics', () => {
+  // The definition, in plain loops: what observe() must do to its fields.
+  function plainHistogram(batches: Float32Array[], bins = 2048) {
+    let min = Infinity, max = -Infinity, limit = 0, zeros = 0, total = 0;
+    const counts = new Float64Array(bins), negativeCounts = new Float64Array(bins);
+    for (const batch of batches) {
+      const finite = [...batch].filter((v) => Number.isFinite(v));
+      if (finite.length === 0) continue;
+      for (const v of finite) { min = Math.min(min, v); max = Math.max(max, v); }
+      const maxAbs = Math.max(Math.abs(min), Math.abs(max));
+      if (maxAbs > limit) {
+        let grown = limit === 0 ? 2 ** Math.ceil(Math.log2(maxAbs)) : limit;
+        while (grown < maxAbs) grown *= 2;
+        if (limit > 0) {
+          for (const c of [counts, negativeCounts]) {
+            const old = Float64Array.from(c);
+            c.fill(0);
+            old.forEach((x, i) => { c[Math.floor(i / (grown / limit))] += x; });
+          }
+        }
+        limit = grown;
+      }
+      for (const v of finite) {
+        const b = Math.min(bins - 1, Math.floor(Math.abs(v) * (limit > 0 ? bins / limit : 0)));
+        counts[b]++;
+        if (v < 0) negativeCounts[b]++;
+        else if (v === 0) zeros++;
+      }
+      total += finite.length;
+    }
+    return { min, max, limit, zeros, total, counts: [...counts], negativeCounts: [...negativeCounts] };
+  }
+
+  it('min, max, counts, negative counts and zeros equal the plain definition (±Infinity skipped, -0, growth, views)', () => {
+    const rand = rng(41);
+    const batches = [
+      Float32Array.of(0, -0, 0, Infinity, -Infinity),
+      Float32Array.from({ length: 5000 }, (_, i) => (i % 7 === 0 ? 0 : (rand() - 0.3) * 1e-3)),
+      Float32Array.from({ length: 7001 }, (_, i) => (i % 11 === 0 ? -Infinity : (rand() - 0.6) * 37)),
+      new Float32Array(Float32Array.from({ length: 300 }, () => (rand() - 0.5) * 3e5).buffer, 40, 200),  // a view with an offset
+      Float32Array.of(2 ** -140, -(2 ** -149), 3.4e38),
+    ];
+    const h = new HistogramObserver();
+    for (const b of batches) h.observe(b);
+    const want = plainHistogram(batches);
+    expect({ min: h.min, max: h.max, limit: h.limit, zeros: h.zeros, total: h.total, counts: [...h.counts], negativeCounts: [...h.negativeCounts] })
+      .to.deep.equal(want);
+    const m = new MinMaxObserver();
+    for (const b of batches) m.observe(b);
+    expect(m.range()).to.deep.equal({ lo: want.min, hi: want.max });
+  });
+
+  it('a NaN is an error naming its index; nothing is counted from that batch', () => {
+    const batch = Float32Array.of(1, 2, -3, NaN, 5, NaN);
+    const h = new HistogramObserver().observe(Float32Array.of(1));
+    expect(() => h.observe(batch)).to.throw(RangeError, /a number for batch\[3\] but received NaN.*Remove NaN values before calibration/);
+    expect([h.total, h.counts.reduce((a, b) => a + b, 0)]).to.deep.equal([1, 1]);
+    expect(() => new MinMaxObserver().observe(batch)).to.throw(RangeError, /batch\[3\]/);
+    expect(() => new HistogramObserver().observe([1, 2] as never)).to.throw(TypeError, /Float32Array for batch/);
+  });
+});
+
 describe('KL (entropy) ranges', () => {
   // A ReLU output: 60% exact zeros, the rest |N(0, 1)|.
   const relu = gaussian(200_000, 5).map((v, i) => (i % 5 < 3 ? 0 : Math.abs(v)));

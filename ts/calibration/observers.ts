@@ -32,17 +32,8 @@ function checkBatch(batch: unknown): Float32Array {
 }
 
 function batchMinMax(batch: Float32Array): { min: number; max: number; finite: number } {
-  let min = Infinity;
-  let max = -Infinity;
-  let finite = 0;
-  for (let i = 0; i < batch.length; i++) {
-    const v = batch[i];
-    if (Number.isNaN(v)) throw invalidValue(`batch[${i}]`, 'a number', v, 'Remove NaN values before calibration.');
-    if (!Number.isFinite(v)) continue;
-    finite++;
-    if (v < min) min = v;
-    if (v > max) max = v;
-  }
+  const [min, max, finite, nan] = native().finiteRange(batch);
+  if (nan >= 0) throw invalidValue(`batch[${nan}]`, 'a number', NaN, 'Remove NaN values before calibration.');
   return { min, max, finite };
 }
 
@@ -134,15 +125,7 @@ export class HistogramObserver {
     this.min = Math.min(this.min, min);
     this.max = Math.max(this.max, max);
     this.grow(Math.max(Math.abs(min), Math.abs(max)));
-    const scale = this.limit > 0 ? this.bins / this.limit : 0;
-    for (let i = 0; i < batch.length; i++) {
-      const v = batch[i];
-      if (!Number.isFinite(v)) continue;
-      const b = Math.min(this.bins - 1, Math.floor(Math.abs(v) * scale));
-      this.counts[b]++;
-      if (v < 0) this.negativeCounts[b]++;
-      else if (v === 0) this.zeros++;
-    }
+    this.zeros += native().histogramAdd(batch, this.limit > 0 ? this.bins / this.limit : 0, this.counts, this.negativeCounts);
     this.total += finite;
     return this;
   }

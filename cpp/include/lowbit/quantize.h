@@ -67,6 +67,16 @@ struct GroupMoments {
 };
 int64_t group_moments(const Exec& exec, const float* x, const QuantLayout& layout, GroupMoments* out);
 
+// One calibration batch (ts/calibration/observers.ts; single-threaded: onnxruntime's
+// thread runs the model meanwhile). finite_range: the least and greatest finite
+// values and how many values are finite (±Infinity skipped; +inf/-inf when none);
+// returns the index of the first NaN, or kNoNaN. histogram_add: each finite value
+// into the |x| histogram, bin min(bins − 1, floor(|x|·bins_per_unit)) in float64,
+// negative ones also into negative_counts; returns how many values were exactly 0.
+int64_t finite_range(const float* x, size_t n, float* min, float* max, size_t* finite);
+size_t histogram_add(const float* x, size_t n, double bins_per_unit, size_t bins, double* counts,
+                     double* negative_counts);
+
 struct ErrorStats {
   double squared_error = 0;  // over finite inputs
   double signal = 0;         // sum of x^2 over finite inputs
