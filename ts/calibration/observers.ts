@@ -1,7 +1,9 @@
 /**
  * Streaming calibration observers: each keeps a fixed amount of state, however
  * many batches it sees (memory does not grow with the number of batches), and
- * can be merged with another observer of the same kind.
+ * can be merged with another observer of the same kind. The loops over a batch's
+ * values are native (finiteRange, histogramAdd, group moments); the searches over
+ * the kept state are here.
  *
  *  - MinMaxObserver: running min/max, or an exponential moving average of the
  *    per-batch min/max (onnxruntime's CalibMovingAverage).

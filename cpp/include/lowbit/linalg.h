@@ -1,7 +1,7 @@
 // Dense float64 linear algebra for GPTQ rounding (ts/methods/gptq.ts).
 //
-// upper_factor_of_inverse is bit-identical to the TypeScript reference
-// (`referenceKernels.upperFactorOfInverse`, ts/train/kernels.ts): the same
+// Both functions are bit-identical to their TypeScript references
+// (`referenceKernels.upperFactorOfInverse` and `.gptqRoundBlock`, ts/train/kernels.ts): the same
 // operations in the same order (dot products with four partial sums, ((s0 + s1)
 // + s2) + s3; no fused multiply-add, the build compiles with
 // -ffp-contract=off). GPTQ's integers depend on every bit of U, and the TypeScript
