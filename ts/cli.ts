@@ -260,8 +260,8 @@ export function program(): Command {
   cli.command('inspect')
     .description('per-layer weight statistics of an ONNX model and which layers lowbit would quantize')
     .argument('<model>', 'an ONNX model')
-    .action((model: string) => {
-      const { opset, layers } = inspectModel(model);
+    .action(async (model: string) => {
+      const { opset, layers } = await inspectModel(model);
       console.log(`opset ${opset}, ${layers.length} layers with weights\n`);
       console.log(table(layers.map((l) => ({
         layer: l.node, op: l.op, shape: l.shape.join('x'), min: Number(l.min.toPrecision(3)), max: Number(l.max.toPrecision(3)),

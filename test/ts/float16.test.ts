@@ -146,7 +146,7 @@ describe('float16', () => {
     const out = await session.run({ input: new (ort().Tensor)('float16', toFloat16Array(heInit(36, 1, 4)), [1, 1, 6, 6]) });
     expect(out.out.type).to.equal('float16');
     // `lowbit inspect` reads float16 weights too.
-    const stats = inspectModel(half).layers;
+    const stats = (await inspectModel(half)).layers;
     expect(stats.map((l) => [l.node, l.quantized])).to.deep.equal([['conv', true], ['fc', true]]);
     expect(stats[1].std).to.be.closeTo(Math.sqrt(2 / 32), 0.05);
   });

@@ -12,6 +12,7 @@ import {
 } from 'onnx-buf';
 
 import { writeMatMulChain } from '../../ts/bench/large-model';
+import { inspectModel } from '../../ts/onnx/inspect';
 import {
   OnnxModelError, rawLength, readModel, readModelAsync, serializeModel, serializeModelAsync, writeModelWithExternalData,
 } from '../../ts/onnx/model-io';
@@ -153,6 +154,18 @@ describe('reading and writing models asynchronously', () => {
   let dir: string;
   before(() => (dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-model-io-'))));
   after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it('inspectModel reads an external-data model without synchronous file calls, turning the event loop, with the one-file statistics', async () => {
+    const inline = path.join(dir, 'inspect-inline.onnx');
+    const external = path.join(dir, 'inspect-external.onnx');
+    await writeMatMulChain(inline, 3, true);
+    await writeMatMulChain(external, 3);
+    const { result: { result: stats, turns }, calls } = await syncFileCalls(() => countingTurns(inspectModel(external)));
+    expect(calls, 'synchronous file calls while inspecting').to.deep.equal([]);
+    expect(turns, 'event loop turns while three 16 MiB layers were inspected').to.be.at.least(3);
+    expect(stats.layers).to.have.length(3);
+    expect(stats).to.deep.equal(await inspectModel(inline));
+  });
 
   it('readModelAsync reads what readModel reads (one file, external data eagerly and lazily, bytes), turning the event loop', async () => {
     const inline = path.join(dir, 'inline.onnx');

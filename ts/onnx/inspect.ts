@@ -1,7 +1,7 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
 import { Graph, dimsOf, weightValues } from './graph';
-import { readModel } from './model-io';
-import { nodeLabel } from './passes/pass';
+import { readModelAsync, withDataRead } from './model-io';
+import { nextTurn, nodeLabel } from './passes/pass';
 
 export interface LayerStats {
   node: string;
@@ -20,13 +20,16 @@ export interface LayerStats {
   reason?: string;
 }
 
-export function inspectModel(input: string | Uint8Array): { opset: number; layers: LayerStats[] } {
-  // One layer's weights in memory at a time when they are external (float16 ones converted).
-  const graph = new Graph(readModel(input, { lazyExternalData: true }));
+export async function inspectModel(input: string | Uint8Array): Promise<{ opset: number; layers: LayerStats[] }> {
+  // Read without holding the event loop, and one layer's weights in memory at a time when they are external
+  // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer.
+  const graph = new Graph(await readModelAsync(input, { lazyExternalData: true }));
   const layers: LayerStats[] = [];
   for (const node of graph.topologicalOrder()) {
     if (!['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(node.opType)) continue;
-    const t = node.input[1] ? graph.constant(node.input[1]) : undefined;
+    if (layers.length > 0) await nextTurn();
+    const weight = node.input[1] ? graph.constant(node.input[1]) : undefined;
+    const t = weight && await withDataRead(weight);
     const data = t && weightValues(t);
     if (!data || data.length === 0) {
       layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [], nonFinite: 0,
