@@ -362,7 +362,7 @@ size_t histogram_add(const float* x, size_t n, double bins_per_unit, size_t bins
     const float v = x[i];
     if (!std::isfinite(v)) continue;
     const double at = std::fabs(double(v)) * bins_per_unit;
-    const size_t b = at >= last ? bins - 1 : size_t(at);  // floor: at is not negative
+    const size_t b = at < last ? size_t(at) : bins - 1;  // floor: at is not negative (and never NaN here)
     counts[b] += 1;
     if (v < 0) negative_counts[b] += 1;
     else if (v == 0) ++zeros;

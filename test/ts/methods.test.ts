@@ -16,6 +16,7 @@ import { makeIntAttribute, makeNode } from '../../ts/onnx/graph';
 import { create } from '@bufbuild/protobuf';
 import { AttributeProtoSchema, AttributeProto_AttributeType } from 'onnx-buf';
 import { laplace, rng } from '../helpers/random';
+import { native } from '../../ts/native';
 import { activationParams, fakeQuantize } from '../../ts/onnx/passes/quantize-activations';
 
 function gaussian(n: number, seed: number): Float32Array {
@@ -736,6 +737,28 @@ describe('histogram observer: native batch statistics', () => {
     const m = new MinMaxObserver();
     for (const b of batches) m.observe(b);
     expect(m.range()).to.deep.equal({ lo: want.min, hi: want.max });
+  });
+
+  it('with a bin count that is not a power of two (|x|·bins/limit then needs more than float32), ±0 order, and bad arguments', () => {
+    const rand = rng(43);
+    const batches = [Float32Array.from({ length: 20_000 }, () => (rand() - 0.45) * 6), Float32Array.of(4, -4, 8, -8, 7.999999)];
+    const h = new HistogramObserver({ bins: 384 });
+    for (const b of batches) h.observe(b);
+    const want = plainHistogram(batches, 384);
+    expect({ min: h.min, max: h.max, limit: h.limit, zeros: h.zeros, total: h.total, counts: [...h.counts], negativeCounts: [...h.negativeCounts] })
+      .to.deep.equal(want);
+    // The first of +0 and -0 stays the minimum, as \`if (v < min)\` kept it.
+    expect(Object.is(new MinMaxObserver().observe(Float32Array.of(0, -0)).range().lo, 0)).to.equal(true);
+    expect(Object.is(new MinMaxObserver().observe(Float32Array.of(-0, 0)).range().lo, -0)).to.equal(true);
+    const b = native();
+    const counts = new Float64Array(4);
+    expect(() => b.histogramAdd(Float32Array.of(1), NaN, counts, new Float64Array(4))).to.throw(RangeError, /binsPerUnit/);
+    expect(() => b.histogramAdd(Float32Array.of(1), -1, counts, new Float64Array(4))).to.throw(RangeError, /binsPerUnit/);
+    expect(() => b.histogramAdd(Float32Array.of(1), Infinity, counts, new Float64Array(4))).to.throw(RangeError, /binsPerUnit/);
+    expect(() => b.histogramAdd(Float32Array.of(1), '1' as never, counts, new Float64Array(4))).to.throw(TypeError, /binsPerUnit must be a number/);
+    expect(() => b.histogramAdd(Float32Array.of(1), 1, counts, new Float64Array(3))).to.throw(RangeError, /negativeCounts/);
+    expect(() => b.histogramAdd(Float32Array.of(1), 1, new Float64Array(0), new Float64Array(0))).to.throw(RangeError, /counts must not be empty/);
+    expect(() => b.finiteRange(new Float64Array(2) as never)).to.throw(TypeError);
   });
 
   it('a NaN is an error naming its index; nothing is counted from that batch', () => {

@@ -1,4 +1,6 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
+import { TensorProto_DataType } from 'onnx-buf';
+
 import { Graph, dimsOf, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel } from './passes/pass';
@@ -29,7 +31,9 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
     if (!['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(node.opType)) continue;
     if (layers.length > 0) await nextTurn();
     const weight = node.input[1] ? graph.constant(node.input[1]) : undefined;
-    const t = weight && await withDataRead(weight);
+    // Only float weights have statistics here: others are not read from their file.
+    const float = weight && (weight.dataType === TensorProto_DataType.FLOAT || weight.dataType === TensorProto_DataType.FLOAT16);
+    const t = float ? await withDataRead(weight) : weight;
     const data = t && weightValues(t);
     if (!data || data.length === 0) {
       layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [], nonFinite: 0,
