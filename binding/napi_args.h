@@ -69,6 +69,12 @@ inline size_t size_of(const Napi::Value& v, const char* name) {
   return size_t(d);
 }
 
+// Any number, NaN and ±Infinity included (callers check their own ranges; clip bounds may be infinite).
+inline double number_of(const Napi::Value& v, const char* name) {
+  if (!v.IsNumber()) throw_type(v.Env(), std::string(name) + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
 inline int32_t int_of(const Napi::Value& v, const char* name) {
   if (!v.IsNumber()) throw_type(v.Env(), std::string(name) + " must be a number");
   double d = v.As<Napi::Number>().DoubleValue();

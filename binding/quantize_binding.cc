@@ -284,8 +284,7 @@ Napi::Value HistogramAdd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   size_t n, ncounts, nnegative;
   const float* x = array_of<float>(info[0], "x", napi_float32_array, &n);
-  if (!info[1].IsNumber()) throw_type(env, "binsPerUnit must be a number");
-  const double bins_per_unit = info[1].As<Napi::Number>().DoubleValue();
+  const double bins_per_unit = number_of(info[1], "binsPerUnit");
   if (!(bins_per_unit >= 0) || std::isinf(bins_per_unit)) throw_range(env, "binsPerUnit must be a finite number >= 0");
   double* counts = array_of<double>(info[2], "counts", napi_float64_array, &ncounts);
   double* negative = array_of<double>(info[3], "negativeCounts", napi_float64_array, &nnegative);

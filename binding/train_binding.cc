@@ -239,12 +239,6 @@ lowbit::Activation activation_of(const Napi::Value& v) {
   throw_range(v.Env(), "kind must be 'relu', 'clip', 'hardSigmoid' or 'hardSwish' (got '" + kind + "')");
 }
 
-// Any number, NaN and ±Infinity included (clip bounds may be infinite).
-double number_of(const Napi::Value& v, const char* name) {
-  if (!v.IsNumber()) throw_type(v.Env(), std::string(name) + " must be a number");
-  return v.As<Napi::Number>().DoubleValue();
-}
-
 // activationForward(kind, x, y, alpha, beta, threads)
 Napi::Value ActivationForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

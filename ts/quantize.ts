@@ -14,7 +14,7 @@ import {
   integerRange, nativeParams, tensorLayout, type Granularity, type QuantizedTensor, type TensorLayout,
 } from './quant-params';
 import {
-  checkAttached, checkBoolean, checkChoice, checkFloat32Array, checkInteger, checkKnownKeys, checkShape, isPlainObject,
+  checkAttached, checkBoolean, checkChoice, checkFloat32Array, checkInteger, checkKnownKeys, checkShape, isPlainObject, overlaps,
 } from './validate';
 
 export interface QuantizeOptions {
@@ -122,10 +122,6 @@ interface Plan {
 
 function checkThreads(v: unknown): number {
   return v === undefined ? 0 : checkInteger('options.threads', v, 1, 1024);
-}
-
-function overlaps(a: ArrayBufferView, b: ArrayBufferView): boolean {
-  return a.buffer === b.buffer && a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength;
 }
 
 /** An output array the caller passed in: right type and length, attached, not overlapping the input. */

@@ -18,6 +18,11 @@ export function checkFloat32Array(name: string, v: unknown): Float32Array {
   return v;
 }
 
+/** Whether two views share bytes of one buffer (empty views never do). */
+export function overlaps(a: ArrayBufferView, b: ArrayBufferView): boolean {
+  return a.buffer === b.buffer && a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength;
+}
+
 export function checkAttached(name: string, v: ArrayBufferView): void {
   if (isDetached(v))
     throw invalidType(name, 'a typed array with an attached buffer', v,

@@ -21,7 +21,7 @@ import { invalidType, invalidValue } from '../errors';
 import { aciqRange, tensorStats, type AciqPrior } from '../methods/aciq';
 import { native } from '../native';
 import { integerRange } from '../quant-params';
-import { checkOptions } from '../validate';
+import { checkBoolean, checkInteger, checkOptions } from '../validate';
 
 export interface Range {
   lo: number;
@@ -238,15 +238,9 @@ export class HistogramObserver {
     this.check();
     const options = checkOptions('options', opts);
     if (!Number.isInteger(bits) || bits < 2 || bits > 16) throw invalidValue('bits', 'an integer in [2, 16]', bits);
-    const candidates = options.candidates ?? 100;
-    if (!Number.isInteger(candidates) || candidates < 1 || candidates > 1000) {
-      throw invalidValue('options.candidates', 'an integer in [1, 1000]', candidates);
-    }
-    for (const key of ['signed', 'symmetric'] as const) {
-      if (options[key] !== undefined && typeof options[key] !== 'boolean') throw invalidType(`options.${key}`, 'a boolean', options[key]);
-    }
-    const signed = options.signed ?? true;
-    const symmetric = options.symmetric ?? signed;
+    const candidates = options.candidates === undefined ? 100 : checkInteger('options.candidates', options.candidates, 1, 1000);
+    const signed = options.signed === undefined ? true : checkBoolean('options.signed', options.signed);
+    const symmetric = options.symmetric === undefined ? signed : checkBoolean('options.symmetric', options.symmetric);
     const { qmin, qmax } = integerRange(bits, signed);
     if (this.limit === 0) return { lo: this.min, hi: this.max };  // only zeros
     const ratios = Array.from({ length: candidates }, (_, c) => (candidates - c) / candidates);

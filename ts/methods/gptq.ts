@@ -98,7 +98,7 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
   const scratch: Scratch = {
     h: new Float64Array(largest * largest), u: new Float64Array(largest * largest), w: new Float32Array(maxRows * largest),
     errors: new Float32Array(maxRows * block), uBlock: new Float32Array(block * largest), update: new Float32Array(maxRows * largest),
-    group: new Int32Array(maxRows * block), rounded: new Int32Array(maxRows * block),
+    group: new Int32Array(maxRows * block), rounded: new Int32Array(maxRows * block), element: new Float64Array(maxRows * block),
   };
   for (let gram = 0; gram < grams.length; gram++) {
     for (const chunk of grams[gram]) {
@@ -116,7 +116,7 @@ export function* gptqRoundSteps(q: QuantizedTensor, source: Float32Array, grams:
         const base = (rowStart + r) * view.rowStride;
         for (let a = 0; a < n; a++) w[r * n + a] = source[base + factor.order[a] * view.columnStride];
       }
-      const state: ChunkState = { q, values, scaleIndex, params, view, kernels, order: factor.order, u: factor.u, n, w, rows, rowStart, scratch };
+      const state: ChunkState = { values, scaleIndex, params, view, kernels, order: factor.order, u: factor.u, n, w, rows, rowStart, scratch };
       for (let b0 = 0; b0 < n; b0 += block) {
         roundColumnBlock(state, b0, Math.min(n, b0 + block));
         if (pause()) yield;
@@ -155,8 +155,8 @@ function factorChunk({ first, size: n, matrix: full }: GramBlock, damping: numbe
  * Working arrays of a layer's chunks and column blocks, which are processed one at a time, each used through a
  * subarray of its size: allocating them per chunk and block cost more than the native factorization on this
  * development machine, where fresh memory is slow to touch. h, u: the chunk's damped H and its factor; w: the
- * chunk's weights being rounded; errors, uBlock, update: one block's SGEMM operands; group, rounded: its elements'
- * parameter groups and integers.
+ * chunk's weights being rounded; errors, uBlock, update: one block's SGEMM operands; group, rounded, element: its
+ * elements' parameter groups, integers and indices in the weight tensor.
  */
 interface Scratch {
   h: Float64Array;
@@ -167,10 +167,10 @@ interface Scratch {
   update: Float32Array;
   group: Int32Array;
   rounded: Int32Array;
+  element: Float64Array;
 }
 
 interface ChunkState {
-  q: QuantizedTensor;
   values: QuantizedTensor['values'];
   scaleIndex: ReturnType<typeof scaleIndices>;
   params: GptqGroupParams;
@@ -187,23 +187,24 @@ interface ChunkState {
 
 /** Rounds columns [b0, b1) of a chunk and carries their errors onto the later columns. */
 function roundColumnBlock(st: ChunkState, b0: number, b1: number): void {
-  const { q, values, scaleIndex, params, view, order, u, n, w, rows, rowStart, scratch } = st;
+  const { values, scaleIndex, params, view, order, u, n, w, rows, rowStart, scratch } = st;
   const width = b1 - b0;
+  // The block's elements: their parameter groups and current integers (which the kernel keeps where it skips).
   const group = scratch.group.subarray(0, rows * width);
-  for (let r = 0; r < rows; r++) {
-    const base = (rowStart + r) * view.rowStride;
-    for (let a = b0; a < b1; a++) group[r * width + (a - b0)] = scaleIndex[base + order[a] * view.columnStride];
-  }
   const rounded = scratch.rounded.subarray(0, rows * width);
-  const errors = scratch.errors.subarray(0, rows * width);
-  st.kernels.gptqRoundBlock(w, rows, n, u, b0, b1, group, params, rounded, errors);
+  const element = scratch.element.subarray(0, rows * width);
   for (let r = 0; r < rows; r++) {
     const base = (rowStart + r) * view.rowStride;
-    for (let a = b0; a < b1; a++) {
-      const at = r * width + (a - b0);
-      if (q.scale[group[at]] > 0) values[base + order[a] * view.columnStride] = rounded[at];  // else left as it was
+    for (let a = b0, at = r * width; a < b1; a++, at++) {
+      const e = base + order[a] * view.columnStride;
+      element[at] = e;
+      group[at] = scaleIndex[e];
+      rounded[at] = values[e];
     }
   }
+  const errors = scratch.errors.subarray(0, rows * width);
+  st.kernels.gptqRoundBlock(w, rows, n, u, b0, b1, group, params, rounded, errors);
+  for (let at = 0; at < element.length; at++) values[element[at]] = rounded[at];
   const rest = n - b1;
   if (rest === 0) return;
   const uBlock = scratch.uBlock.subarray(0, width * rest);

@@ -1,7 +1,5 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
-import { TensorProto_DataType } from 'onnx-buf';
-
-import { Graph, dimsOf, weightValues } from './graph';
+import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel } from './passes/pass';
 
@@ -32,7 +30,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
     if (layers.length > 0) await nextTurn();
     const weight = node.input[1] ? graph.constant(node.input[1]) : undefined;
     // Only float weights have statistics here: others are not read from their file.
-    const float = weight && (weight.dataType === TensorProto_DataType.FLOAT || weight.dataType === TensorProto_DataType.FLOAT16);
+    const float = weight && (isFloatTensor(weight) || isFloat16Tensor(weight));
     const t = float ? await withDataRead(weight) : weight;
     const data = t && weightValues(t);
     if (!data || data.length === 0) {

@@ -13,7 +13,7 @@
 
 import { checkKernel, cpuInfo } from '../cpu';
 import { native } from '../native';
-import { checkInteger } from '../validate';
+import { checkInteger, overlaps } from '../validate';
 import { roundHalfToEven } from '../quant-params';
 
 export interface SgemmArgs {
@@ -384,9 +384,7 @@ export const referenceKernels: FloatKernels = {
     if (!Number.isSafeInteger(n) || n < 0) throw new RangeError(`n must be a non-negative integer (got ${n})`);
     needLength('h', h, n * n, 'n * n');
     needLength('u', u, n * n, 'n * n');
-    if (h.buffer === u.buffer && h.byteOffset < u.byteOffset + u.byteLength && u.byteOffset < h.byteOffset + h.byteLength && n > 0) {
-      throw new RangeError('u must not share memory with h');
-    }
+    if (overlaps(h, u)) throw new RangeError('u must not share memory with h');
     const v = new Float64Array(n * n);
     for (let j = n - 1; j >= 0; j--) {
       const rowJ = j * n;
