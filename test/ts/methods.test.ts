@@ -793,6 +793,53 @@ describe('KL (entropy) ranges', () => {
     expect(() => klLevels(9, true)).to.throw(RangeError, /bits/);
   });
 
+  it('matches the plain definition (P and Q built bin by bin for every candidate threshold)', () => {
+    // The reference: TensorRT's search written out, one log per bin per candidate.
+    const plainKlThreshold = (o: HistogramObserver, levels: number): number => {
+      const h = Float64Array.from(o.counts);
+      h[0] = h[1];
+      const nb = o.bins;
+      let best = Infinity;
+      let bestI = nb;
+      for (let i = Math.max(levels, nb / 16); i <= nb; i++) {
+        const p = h.slice(0, i);
+        for (let j = i; j < nb; j++) p[i - 1] += h[j];
+        const q = new Float64Array(i);
+        for (let g = 0; g < levels; g++) {
+          const start = Math.floor(g * (i / levels));
+          const stop = g === levels - 1 ? i : Math.floor((g + 1) * (i / levels));
+          let m = 0;
+          let nz = 0;
+          for (let j = start; j < stop; j++) if (h[j] !== 0) (m += h[j]), nz++;
+          for (let j = start; j < stop; j++) q[j] = h[j] !== 0 ? m / nz : 0;
+        }
+        const ps = p.reduce((a, b) => a + b, 0);
+        const qs = q.reduce((a, b) => a + b, 0);
+        if (ps === 0 || qs === 0) continue;
+        let kl = 0;
+        for (let j = 0; j < i; j++) if (p[j] > 0) kl += (p[j] / ps) * Math.log(p[j] / ps / Math.max(q[j] / qs, 1e-4 / i));
+        if (kl < best) (best = kl), (bestI = i);
+      }
+      return (bestI * o.limit) / nb;
+    };
+    const random = rng(31);
+    const cases: [string, Float32Array][] = [
+      ['ReLU output', relu],
+      ['Laplace', laplace(50_000, 3)],
+      ['bimodal with empty bins', Float32Array.from({ length: 30_000 }, (_, i) => (i % 2 ? 3 : -0.5) + 0.01 * random())],
+      ['few values', Float32Array.of(0, 0, 0, 1, 2, 2, 7.5, -3)],
+      ['heavy tail', Float32Array.from({ length: 20_000 }, () => Math.tan(1.5 * random()))],
+      ['values on a coarse grid (most bins empty)', Float32Array.from({ length: 5000 }, (_, i) => (i % 50) * 0.37 * (1 + (i % 7)))],
+    ];
+    for (const [name, values] of cases) {
+      const o = new HistogramObserver().observe(values);
+      for (const levels of [128, 255, 15, 3]) {
+        const t = plainKlThreshold(o, levels);
+        expect(o.klRange(levels), `${name}, ${levels} levels`).to.deep.equal({ lo: Math.max(o.min, -t), hi: Math.min(o.max, t) });
+      }
+    }
+  });
+
   it("quantizeTensor's 'kl' method uses the levels of the requested bits", () => {
     const at = (bits: 4 | 8) => quantizeTensor(relu, { shape: [relu.length], bits, signed: false, method: 'kl' }).scale[0] * (2 ** bits - 1);
     expect(at(8)).to.be.closeTo(observed.klRange(255).hi, 1e-5 * observed.max);

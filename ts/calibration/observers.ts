@@ -184,37 +184,54 @@ export class HistogramObserver {
   klRange(levels = 128): Range {
     this.check();
     if (!Number.isInteger(levels) || levels < 1 || levels > this.bins) throw invalidValue('levels', `an integer in [1, ${this.bins}]`, levels);
+    if (this.limit === 0) return { lo: 0, hi: 0 };
+    const nb = this.bins;
     const h = Float64Array.from(this.counts);
     h[0] = h[1];
-    const nb = this.bins;
-    if (this.limit === 0) return { lo: 0, hi: 0 };
+    // Prefix sums of h, h·log h and of the non-empty bins: within a merged group Q is one constant c, so
+    // Σ p·log(p/c) over the group is (Σ h·log h − log(total·c)·Σ h) / total, and a candidate threshold
+    // costs O(levels) instead of O(bins) logs.
+    const mass = new Float64Array(nb + 1);
+    const massLogMass = new Float64Array(nb + 1);
+    const nonEmpty = new Float64Array(nb + 1);
+    for (let j = 0; j < nb; j++) {
+      mass[j + 1] = mass[j] + h[j];
+      massLogMass[j + 1] = massLogMass[j] + (h[j] > 0 ? h[j] * Math.log(h[j]) : 0);
+      nonEmpty[j + 1] = nonEmpty[j] + (h[j] !== 0 ? 1 : 0);
+    }
+    const total = mass[nb];
+    if (total === 0) return this.clip(this.limit);
+    const logTotal = Math.log(total);
     let bestKl = Infinity;
     let bestI = nb;
-    const p = new Float64Array(nb);
-    const q = new Float64Array(nb);
-    const suffix = new Float64Array(nb + 1);
-    for (let i = nb - 1; i >= 0; i--) suffix[i] = suffix[i + 1] + h[i];
     // Thresholds below 1/16 of the histogram (TensorRT's first candidate, bin 128 of
     // 2048) are not tried: with few levels, P and Q are each normalised, so a clip that
     // moves most of the mass into the last bin can still look faithful.
     for (let i = Math.max(levels, nb / 16); i <= nb; i++) {
-      for (let j = 0; j < i; j++) p[j] = h[j];
-      p[i - 1] += suffix[i];
-      // Merge the i reference bins into `levels` groups, then spread each group's
-      // mass evenly over its non-empty bins.
+      // P: the first i bins, the clipped tail added to the last. Q: the i bins merged into `levels`
+      // groups, each group's mass spread evenly over its non-empty bins, normalised to qs; Q is floored
+      // at eps where P has mass.
+      const qs = mass[i];
+      if (qs === 0) continue;
+      const eps = 1e-4 / i;
       const merged = i / levels;
+      let sum = 0;  // Σ h·log(h / (total·q)) over the non-empty bins before the last one
+      let lastQ = 0;
       for (let g = 0; g < levels; g++) {
         const start = Math.floor(g * merged);
         const stop = g === levels - 1 ? i : Math.floor((g + 1) * merged);
-        let mass = 0;
-        let nonzero = 0;
-        for (let j = start; j < stop; j++) {
-          mass += h[j];
-          if (h[j] !== 0) nonzero++;
-        }
-        for (let j = start; j < stop; j++) q[j] = h[j] !== 0 ? mass / nonzero : 0;
+        const groupMass = mass[stop] - mass[start];
+        if (groupMass === 0) continue;
+        const q = Math.max(groupMass / (nonEmpty[stop] - nonEmpty[start]) / qs, eps);
+        // Bin i − 1 (in the last group) carries the tail: its term is added below.
+        const end = g === levels - 1 ? i - 1 : stop;
+        if (g === levels - 1 && h[i - 1] !== 0) lastQ = q;
+        const m = mass[end] - mass[start];
+        if (m > 0) sum += massLogMass[end] - massLogMass[start] - m * (logTotal + Math.log(q));
       }
-      const kl = klDivergence(p, q, i);
+      let kl = sum / total;
+      const lastP = (h[i - 1] + (total - mass[i])) / total;
+      if (lastP > 0) kl += lastP * Math.log(lastP / Math.max(lastQ, eps));
       if (kl < bestKl) {
         bestKl = kl;
         bestI = i;
@@ -334,27 +351,6 @@ class BinMoments {
 export function klLevels(bits: number, neverNegative: boolean): number {
   if (!Number.isInteger(bits) || bits < 2 || bits > 8) throw invalidValue('bits', 'an integer in [2, 8]', bits);
   return neverNegative ? 2 ** bits - 1 : 2 ** (bits - 1);
-}
-
-// KL(p || q) over the first n bins, both normalised, with p's empty bins skipped
-// and q smoothed where p has mass but q has none.
-function klDivergence(p: Float64Array, q: Float64Array, n: number): number {
-  let ps = 0;
-  let qs = 0;
-  for (let j = 0; j < n; j++) {
-    ps += p[j];
-    qs += q[j];
-  }
-  if (ps === 0 || qs === 0) return Infinity;
-  const eps = 1e-4 / n;
-  let kl = 0;
-  for (let j = 0; j < n; j++) {
-    if (p[j] === 0) continue;
-    const pj = p[j] / ps;
-    const qj = Math.max(q[j] / qs, eps);
-    kl += pj * Math.log(pj / qj);
-  }
-  return kl;
 }
 
 export class AciqObserver {
