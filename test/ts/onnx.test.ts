@@ -19,7 +19,7 @@ import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel, storedBytes, writeFileAtomic, writeFileAtomicAsync } from '../../ts/onnx/model-io';
 import { writeMatMulChain } from '../../ts/bench/large-model';
-import { quantizeModel } from '../../ts/onnx/quantize-model';
+import { compareOutputs, quantizeModel } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { writeNpy } from '../helpers/npy';
 import { buildModel, heInit } from '../helpers/onnx-builder';
@@ -501,6 +501,123 @@ describe('malformed graphs', () => {
     await quantizeModel(broken, { weights: { bits: 8 }, activations: { bits: 8 }, calibration }).catch((e) => (e2 = e));
     expect(e2).to.be.instanceOf(OnnxModelError);
     expect((e2 as Error).message).to.match(/^onnxruntime could not run the float model on calibration\[0\]: .*Check that the input model runs in onnxruntime-node on this input/);
+  });
+});
+
+describe('models with subgraphs (If)', () => {
+  // Opset 9. Outside: Conv → BatchNormalization → Relu → Flatten → MatMul, and cond = max(x) > 0. The If's then
+  // branch reads the MatMul's output and the Conv's output (before the BatchNormalization) from the enclosing scope
+  // and uses operators of the old opset (Clip and Unsqueeze attributes, Softmax's 2-D coercion, ReduceMean axes);
+  // the else branch negates the MatMul's output.
+  function ifModel(): Uint8Array {
+    const f32 = (name: string, dims: number[], values: ArrayLike<number>) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt), rawData: new Uint8Array(Float32Array.from(values).buffer) });
+    const i64 = (name: string, values: number[]) => ({ name, dataType: TensorProto_DataType.INT64, dims: [BigInt(values.length)], rawData: new Uint8Array(BigInt64Array.from(values.map(BigInt)).buffer) });
+    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
+    const ints = (name: string, v: number[]) => ({ name, type: AttributeProto_AttributeType.INTS, ints: v.map(BigInt) });
+    const int = (name: string, v: number) => ({ name, type: AttributeProto_AttributeType.INT, i: BigInt(v) });
+    const float = (name: string, v: number) => ({ name, type: AttributeProto_AttributeType.FLOAT, f: v });
+    const node = (opType: string, input: string[], output: string, name: string, attribute: unknown[] = []) => ({ opType, input, output: [output], name, attribute });
+    const r = rng(12);
+    const thenBranch = {
+      name: 'then', initializer: [i64('shape_then', [1, 2, 4])], output: [info('out_then')],
+      node: [
+        node('Clip', ['m'], 't1', 'then_clip', [float('min', -0.5), float('max', 0.5)]),
+        node('Unsqueeze', ['t1'], 't2', 'then_unsqueeze', [ints('axes', [1])]),
+        node('Reshape', ['t2', 'shape_then'], 't3', 'then_reshape'),
+        node('Softmax', ['t3'], 't4', 'then_softmax', [int('axis', 1)]),
+        node('ReduceMean', ['c'], 'cm', 'then_mean', [ints('axes', [1, 2, 3]), int('keepdims', 0)]),
+        node('Add', ['t4', 'cm'], 'out_then', 'then_add'),
+      ],
+    };
+    const elseBranch = {
+      name: 'else', initializer: [i64('shape_else', [1, 2, 4])], output: [info('out_else')],
+      node: [node('Reshape', ['m', 'shape_else'], 'e1', 'else_reshape'), node('Neg', ['e1'], 'out_else', 'else_neg')],
+    };
+    return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 7n, opsetImport: [{ domain: '', version: 9n }],
+      graph: {
+        name: 'if-model', input: [info('x', TensorProto_DataType.FLOAT, [1, 2, 4, 4])], output: [info('z')],
+        initializer: [
+          f32('w', [2, 2, 1, 1], [1, 0.5, -0.5, 1]), f32('gamma', [2], [1.5, 0.8]), f32('beta', [2], [0.1, -0.2]),
+          f32('mean', [2], [0.05, -0.1]), f32('var', [2], [0.9, 1.2]), f32('W', [32, 8], Array.from({ length: 256 }, () => r() - 0.5)),
+          f32('zero', [], [0]),
+        ],
+        node: [
+          node('Conv', ['x', 'w'], 'c', 'conv', [ints('kernel_shape', [1, 1])]),
+          node('BatchNormalization', ['c', 'gamma', 'beta', 'mean', 'var'], 'b', 'bn'),
+          node('Relu', ['b'], 'rl', 'relu'),
+          node('Flatten', ['rl'], 'f', 'flatten'),
+          node('MatMul', ['f', 'W'], 'm', 'matmul'),
+          node('ReduceMax', ['x'], 'mx', 'max', [int('keepdims', 0)]),
+          node('Greater', ['mx', 'zero'], 'cond', 'greater'),
+          node('If', ['cond'], 'z', 'if', [
+            { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: thenBranch },
+            { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: elseBranch },
+          ]),
+        ],
+      },
+    } as never));
+  }
+  const feeds = [1, 2, 3].map((seed) => normalFeeds(1, [1, 2, 4, 4], seed)[0]);
+  feeds.push({ x: { data: feeds[0].x.data.map((v) => -Math.abs(v) - 0.1), dims: [1, 2, 4, 4] } });  // max(x) < 0: else branch
+  async function run(bytes: Uint8Array): Promise<Float32Array[]> {
+    const O = ort();
+    const s = await O.InferenceSession.create(bytes);
+    const out: Float32Array[] = [];
+    for (const f of feeds) out.push((await s.run({ x: new O.Tensor('float32', f.x.data, f.x.dims) })).z.data as Float32Array);
+    await s.release();
+    return out;
+  }
+
+  it('upgradeOpset converts the branches too (constants inside them) and the model computes the same outputs', async () => {
+    const bytes = ifModel();
+    const graph = new Graph(readModel(bytes));
+    const report = upgradeOpset(graph, 21);
+    expect(graph.opset).to.equal(21);
+    for (const label of ['then_clip', 'then_unsqueeze', 'then_softmax', 'then_mean']) expect(report.changed.join('\n')).to.contain(`${label}:`);
+    const then = graph.graph.node.find((n) => n.opType === 'If')!.attribute.find((a) => a.name === 'then_branch')!.g!;
+    expect(then.initializer.map((t) => t.name)).to.include.members(['then_clip_min', 'then_clip_max', 'then_unsqueeze_axes', 'then_mean_axes']);
+    expect(graph.graph.initializer.map((t) => t.name)).to.not.include('then_clip_min');
+    const want = await run(bytes);
+    const got = await run(serializeModel(graph.model));
+    // onnxruntime runs the opset-9 model with the old Softmax (over all 8 values after a 2-D coercion, not over axis 1).
+    want.forEach((w, k) => w.forEach((v, i) => expect(got[k][i], `feed ${k}`).to.be.closeTo(v, 1e-6)));
+  });
+
+  it('quantizeModel keeps what the branches read: the If after its producers, no folding away of a value read inside, no dead quantizers', async () => {
+    const bytes = ifModel();
+    const want = await run(bytes);
+    const calibration = feeds.slice(0, 3);
+    for (const options of [
+      { weights: { bits: 4 as const, granularity: 'block' as const, blockSize: 16 } },
+      { weights: { bits: 8 as const }, activations: { bits: 8 as const, outputs: true }, calibration },
+    ]) {
+      const { model, report } = await quantizeModel(bytes, options);
+      expect(report.opset).to.deep.equal({ from: 9, to: options.weights.bits === 4 ? 21 : 13 });  // int4 needs 21, per-channel int8 13
+      expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'if', reason: 'If has subgraphs; they are left in float' });
+      const graph = new Graph(readModel(model));
+      const order = graph.graph.node.map((n) => n.name);
+      expect(order.indexOf('if'), order.join(' ')).to.be.greaterThan(order.indexOf('conv')).and.greaterThan(order.indexOf('matmul'));
+      expect(graph.producer('c')?.name, 'the Conv output the then branch reads').to.equal('conv');
+      for (const dq of graph.graph.node.filter((n) => n.opType === 'DequantizeLinear')) expect(graph.consumers(dq.output[0]), dq.name).to.not.be.empty;
+      const got = await run(model);
+      got.forEach((g, k) => g.forEach((v, i) => expect(v, `feed ${k}`).to.be.closeTo(want[k][i], 0.05)));
+    }
+  });
+});
+
+describe('compareOutputs', () => {
+  it('scores an all-zero output 1 against an all-zero output and 0 against any other (not NaN)', async () => {
+    const relu = (negate: boolean) => buildModel({
+      inputDims: [1, 4], output: 'y', initializers: {},
+      nodes: negate ? [{ op: 'Neg', inputs: ['input'], output: 'n' }, { op: 'Relu', inputs: ['n'], output: 'y' }] : [{ op: 'Relu', inputs: ['input'], output: 'y' }],
+    });
+    const feed = (values: number[]) => [{ input: { data: Float32Array.from(values), dims: [1, 4] } }];
+    const cosine = async (values: number[]) => (await compareOutputs(relu(false), relu(true), feed(values))).outputs[0].cosine;
+    expect(await cosine([-1, -2, -3, -4])).to.equal(0);  // float all zero, the other not
+    expect(await cosine([1, 2, 3, 4])).to.equal(0);  // the other way round
+    expect(await cosine([0, 0, 0, 0])).to.equal(1);
+    expect(await cosine([1, -1, 0, 0])).to.equal(0);  // orthogonal
   });
 });
 

@@ -20,9 +20,8 @@ export class Graph {
   constructor(model: ModelProto) {
     this.model = model;
     this.graph = model.graph!;
-    for (const n of this.graph.node) n.output.forEach((o) => this.names.add(o));
-    for (const t of this.graph.initializer) this.names.add(t.name);
-    for (const i of this.graph.input) this.names.add(i.name);
+    // Names are unique across the whole model (subgraphs may not redefine an enclosing scope's names).
+    addDefinedNames(this.graph, this.names);
   }
 
   /** Opset of the default ONNX domain. */
@@ -92,8 +91,9 @@ export class Graph {
     return this.graph.node.find((n) => n.output.includes(name));
   }
 
+  /** The nodes that read a value: as an input, or from inside their subgraphs (see subgraphReads). */
   consumers(name: string): NodeProto[] {
-    return this.graph.node.filter((n) => n.input.includes(name));
+    return this.graph.node.filter((n) => n.input.includes(name) || subgraphReads(n).includes(name));
   }
 
   isGraphOutput(name: string): boolean {
@@ -142,8 +142,9 @@ export class Graph {
     const order: NodeProto[] = [];
     const producers = new Map<string, NodeProto>();
     for (const n of remaining) n.output.forEach((o) => producers.set(o, n));
+    const reads = new Map(remaining.map((n) => [n, [...n.input, ...subgraphReads(n)]]));
     for (const n of remaining) {
-      for (const input of n.input) {
+      for (const input of reads.get(n)!) {
         if (!available.has(input) && !producers.has(input)) {
           throw new OnnxModelError(`Node ${n.name || n.opType} reads '${input}', which no node, input or initializer provides (a dangling input).`);
         }
@@ -154,7 +155,7 @@ export class Graph {
       progress = false;
       for (let i = 0; i < remaining.length; i++) {
         const n = remaining[i];
-        if (n.input.every((x) => available.has(x))) {
+        if (reads.get(n)!.every((x) => available.has(x))) {
           order.push(n);
           n.output.forEach((o) => available.add(o));
           remaining.splice(i--, 1);
@@ -173,6 +174,43 @@ export class Graph {
     const order = this.topologicalOrder();
     this.graph.node.splice(0, this.graph.node.length, ...order);
   }
+}
+
+/** The subgraphs a node holds (If's branches, Loop's and Scan's bodies). */
+export function subgraphsOf(node: NodeProto): GraphProto[] {
+  return node.attribute.flatMap((a) => (a.g ? [a.g, ...a.graphs] : a.graphs));
+}
+
+const outerReadsCache = new WeakMap<NodeProto, string[]>();
+
+/**
+ * Values of the enclosing scope that a node reads from inside its subgraphs (at any depth): names their nodes read
+ * but the subgraphs do not define. ONNX lists them nowhere on the node, yet they are inputs of it: a pass must not
+ * remove or rename them, and the node must come after their producers. Cached per node (passes do not edit subgraphs
+ * after reading them; upgradeOpset adds its constants inside the subgraph that needs them).
+ */
+export function subgraphReads(node: NodeProto): string[] {
+  const cached = outerReadsCache.get(node);
+  if (cached) return cached;
+  const reads = new Set<string>();
+  for (const g of subgraphsOf(node)) {
+    const local = addDefinedNames(g, new Set(['']), false);
+    for (const n of g.node) for (const name of [...n.input, ...subgraphReads(n)]) if (!local.has(name)) reads.add(name);
+  }
+  const result = [...reads];
+  if (subgraphsOf(node).length > 0) outerReadsCache.set(node, result);
+  return result;
+}
+
+// Adds the names a graph defines (inputs, initializers, node outputs), and with `nested` those of its subgraphs.
+function addDefinedNames(g: GraphProto, names: Set<string>, nested = true): Set<string> {
+  for (const i of g.input) names.add(i.name);
+  for (const t of g.initializer) names.add(t.name);
+  for (const n of g.node) {
+    n.output.forEach((o) => names.add(o));
+    if (nested) for (const sub of subgraphsOf(n)) addDefinedNames(sub, names);
+  }
+  return names;
 }
 
 export function attribute(node: NodeProto, name: string): AttributeProto | undefined {

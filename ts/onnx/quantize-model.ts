@@ -251,7 +251,8 @@ function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
     aa += a[i] * a[i];
     bb += b[i] * b[i];
   }
-  return aa === 0 && bb === 0 ? 1 : ab / Math.sqrt(aa * bb);
+  if (aa === 0 || bb === 0) return aa === bb ? 1 : 0;  // a zero output matches only a zero output
+  return ab / Math.sqrt(aa * bb);
 }
 
 /**

@@ -41,9 +41,15 @@ export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed
     if (graph.isGraphOutput(out)) continue;
     const consumers = graph.consumers(out);
     const clamp = consumers.length === 1 && (consumers[0].opType === 'Relu' || consumers[0].opType === 'Clip') ? consumers[0] : undefined;
-    if (clamp && !signed && !graph.isGraphOutput(clamp.output[0])) {
-      quantizedOutput.set(nodeLabel(n), clamp.output[0]);
-      report.changed.push(`${nodeLabel(n)}: output quantized after its ${clamp.opType} '${nodeLabel(clamp)}'`);
+    const at = clamp && !signed && !graph.isGraphOutput(clamp.output[0]) ? clamp.output[0] : out;
+    if (!graph.consumers(at).some((c) => c.input.includes(at))) {
+      // Only subgraphs read it: they stay in float, and a quantizer nothing reads would be dead weight.
+      report.skipped.push({ node: nodeLabel(n), reason: `output '${at}' is read only inside subgraphs, which stay in float` });
+      continue;
+    }
+    if (at !== out) {
+      quantizedOutput.set(nodeLabel(n), at);
+      report.changed.push(`${nodeLabel(n)}: output quantized after its ${clamp!.opType} '${nodeLabel(clamp!)}'`);
     } else {
       quantizedOutput.set(nodeLabel(n), out);
       if (clamp) report.skipped.push({ node: nodeLabel(n), reason: `output quantized before its ${clamp.opType}: ${signed ? 'signed activations (zero point not the minimum, onnxruntime keeps the clamp)' : 'the clamp\'s output is a model output'}` });

@@ -6,14 +6,17 @@
  * Flatten + op + Reshape), the other Reduce ops (18), Split's num_outputs (18),
  * Upsample and Resize-10 (Resize-11 with an empty roi, 'asymmetric'
  * coordinates and, for nearest, 'floor' rounding: their old behaviour).
- * Operators known to be unchanged in meaning are kept as they are; anything
- * else (for example Upsample, Resize before 11, loops) makes the conversion
- * refuse, and the caller falls back to com.microsoft Q/DQ.
+ * Operators known to be unchanged in meaning are kept as they are, and so are
+ * If, Loop (from opset 11) and Scan (from 9), whose bodies (which share the
+ * model's opset) are converted the same way, their new constants kept inside
+ * the body; anything else makes the conversion refuse, and the caller falls
+ * back to com.microsoft Q/DQ.
  */
 import {
   attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, intsAttribute, makeIntAttribute, makeNode,
-  makeStringAttribute, removeAttribute, type Graph,
+  makeStringAttribute, removeAttribute, subgraphsOf, type Graph,
 } from '../graph';
+import type { GraphProto, TensorProto } from 'onnx-buf';
 import { nodeLabel, type PassReport } from './pass';
 
 // Operators whose meaning at any opset from 7 on equals their meaning at 25 with default attributes.
@@ -34,31 +37,54 @@ const UNCHANGED = new Set([
 ]);
 const REDUCE_18 = new Set(['ReduceMean', 'ReduceMax', 'ReduceMin', 'ReduceProd', 'ReduceSumSquare', 'ReduceL1', 'ReduceL2', 'ReduceLogSum', 'ReduceLogSumExp']);
 
+// Control flow: unchanged in meaning from this opset on (later versions only admit more types), bodies converted.
+const CONTROL_FLOW_SINCE = new Map([['If', 1], ['Loop', 11], ['Scan', 9]]);
+
 /** Why the model cannot be converted (or undefined when it can). */
 export function unconvertibleReason(graph: Graph): string | undefined {
-  for (const n of graph.graph.node) {
+  return unconvertibleIn(graph.graph, graph.opset);
+}
+
+function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
+  for (const n of scope.node) {
     if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
+    for (const body of subgraphsOf(n)) {
+      const why = unconvertibleIn(body, opset);
+      if (why) return `${why}, inside ${n.opType} (${nodeLabel(n)})`;
+    }
     if (UNCHANGED.has(n.opType) || REDUCE_18.has(n.opType)) continue;
     if (['Clip', 'Slice', 'Pad', 'Dropout', 'Squeeze', 'Unsqueeze', 'Split', 'ReduceSum', 'Softmax', 'LogSoftmax', 'Hardmax'].includes(n.opType)) continue;
     if (n.opType === 'Resize' || n.opType === 'Upsample') continue;
-    return `${n.opType} (${nodeLabel(n)}) changed between opset ${graph.opset} and the target and is not converted here`;
+    if (opset >= (CONTROL_FLOW_SINCE.get(n.opType) ?? Infinity)) continue;
+    return `${n.opType} (${nodeLabel(n)}) changed between opset ${opset} and the target and is not converted here`;
   }
   return undefined;
 }
 
 export function upgradeOpset(graph: Graph, target: number): PassReport {
   const report: PassReport = { pass: `upgrade-opset ${graph.opset} -> ${target}`, changed: [], skipped: [] };
-  const from = graph.opset;
-  if (from >= target) return report;
+  if (graph.opset >= target) return report;
   const why = unconvertibleReason(graph);
   if (why) throw new Error(why);
-  const constInput = (base: string, make: (name: string) => ReturnType<typeof int64Tensor>) => {
+  upgradeNodes(graph, graph.graph, target, report);
+  graph.opset = target;
+  graph.sort();
+  return report;
+}
+
+// Converts the nodes of one scope (the main graph or a subgraph body) and, first, their bodies. (Element types
+// are looked up in the main graph: a float16 Clip or Pad inside a body would get float32 bounds.)
+function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: PassReport): void {
+  const from = graph.opset;
+  const constInput = (base: string, make: (name: string) => TensorProto) => {
     const name = graph.uniqueName(base);
-    graph.addInitializer(make(name));
+    if (scope === graph.graph) graph.addInitializer(make(name));
+    else scope.initializer.push(make(name));
     return name;
   };
-  for (const n of [...graph.graph.node]) {
+  for (const n of [...scope.node]) {
     if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
+    for (const body of subgraphsOf(n)) upgradeNodes(graph, body, target, report);
     const label = nodeLabel(n);
     const moveInts = (attr: string, inputIndex: number) => {
       const values = intsAttribute(n, attr);
@@ -138,11 +164,12 @@ export function upgradeOpset(graph: Graph, target: number): PassReport {
           n.attribute.push(makeIntAttribute('axis', -1));
           n.input[0] = flat;
           n.output[0] = z;
-          graph.graph.node.push(
+          // In place, so a subgraph body (which nothing sorts) stays in order.
+          const at = scope.node.indexOf(n);
+          scope.node.splice(at + 1, 0, makeNode('Reshape', [z, shape], [y], `${label}_reshape_back`));
+          scope.node.splice(at, 0,
             makeNode('Flatten', [x], [flat], `${label}_flatten`, [makeIntAttribute('axis', axis)]),
-            makeNode('Shape', [x], [shape], `${label}_shape_of_input`),
-            makeNode('Reshape', [z, shape], [y], `${label}_reshape_back`),
-          );
+            makeNode('Shape', [x], [shape], `${label}_shape_of_input`));
           report.changed.push(`${label}: ${n.opType} 2-D coercion -> Flatten, ${n.opType}(axis=-1), Reshape`);
         }
         break;
@@ -167,7 +194,4 @@ export function upgradeOpset(graph: Graph, target: number): PassReport {
         if (REDUCE_18.has(n.opType) && target >= 18 && moveInts('axes', 1)) report.changed.push(`${label}: ${n.opType} axes -> input`);
     }
   }
-  graph.opset = target;
-  graph.sort();
-  return report;
 }
