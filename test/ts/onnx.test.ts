@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
@@ -530,8 +530,8 @@ describe('models with subgraphs (If)', () => {
       ],
     };
     const elseBranch = {
-      name: 'else', initializer: [i64('shape_else', [1, 2, 4])], output: [info('out_else')],
-      node: [node('Reshape', ['m', 'shape_else'], 'e1', 'else_reshape'), node('Neg', ['e1'], 'out_else', 'else_neg')],
+      name: 'else', initializer: [i64('shape_else', [1, 2, 4]), f32('gain_else', [1, 2, 4], [1, 2, 3, 4, -1, -2, -3, -4])], output: [info('out_else')],
+      node: [node('Reshape', ['m', 'shape_else'], 'e1', 'else_reshape'), node('Mul', ['e1', 'gain_else'], 'e2', 'else_mul'), node('Neg', ['e2'], 'out_else', 'else_neg')],
     };
     return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 7n, opsetImport: [{ domain: '', version: 9n }],
@@ -603,6 +603,32 @@ describe('models with subgraphs (If)', () => {
       const got = await run(model);
       got.forEach((g, k) => g.forEach((v, i) => expect(v, `feed ${k}`).to.be.closeTo(want[k][i], 0.05)));
     }
+  });
+
+  it('tensors inside the branches may keep their data in an external file (read from the model\'s folder)', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-if-'));
+    const model = fromBinary(ModelProtoSchema, ifModel());
+    const data: Buffer[] = [];
+    let offset = 0;
+    const branches = model.graph!.node.find((n) => n.opType === 'If')!.attribute.map((a) => a.g!);
+    // Float tensors only: onnxruntime cannot infer shapes from an external int64 shape.
+    for (const t of [...model.graph!.initializer, ...branches.flatMap((g) => g.initializer)].filter((x) => x.dataType === TensorProto_DataType.FLOAT)) {
+      data.push(Buffer.from(t.rawData));
+      t.externalData = [{ key: 'location', value: 'if.data' }, { key: 'offset', value: String(offset) }, { key: 'length', value: String(t.rawData.length) }].map((e) => create(StringStringEntryProtoSchema, e));
+      t.dataLocation = 1;  // EXTERNAL
+      offset += t.rawData.length;
+      t.rawData = new Uint8Array(0);
+    }
+    fs.writeFileSync(path.join(dir, 'if.data'), Buffer.concat(data));
+    expect(branches[1].initializer.find((t) => t.name === 'gain_else')!.dataLocation).to.equal(1);
+    fs.writeFileSync(path.join(dir, 'if.onnx'), toBinary(ModelProtoSchema, model));
+    fs.mkdirSync(path.join(dir, 'out'));
+    const out = path.join(dir, 'out', 'if.q.onnx');
+    await quantizeModel(path.join(dir, 'if.onnx'), { weights: { bits: 8 }, outputPath: out });
+    const want = await run(ifModel());
+    const got = await run(new Uint8Array(fs.readFileSync(out)));
+    got.forEach((g, k) => g.forEach((v, i) => expect(v, `feed ${k}`).to.be.closeTo(want[k][i], 0.05)));
+    fs.rmSync(dir, { recursive: true });
   });
 });
 

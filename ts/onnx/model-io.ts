@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import {
   AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation,
-  TensorProto_DataType, TensorProtoSchema, type ModelProto, type NodeProto, type TensorProto,
+  TensorProto_DataType, TensorProtoSchema, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
 } from 'onnx-buf';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
@@ -303,11 +303,19 @@ export function storedBytes(model: ModelProto): number {
   return storedTensors(model).reduce((a, t) => a + rawLength(t) + 4 * t.floatData.length, 0);
 }
 
-/** The model's stored tensors: initializers, then Constant nodes' values, in graph order. */
+/**
+ * The model's stored tensors: initializers, then Constant nodes' values, in graph order; then those of the subgraphs
+ * (If branches, Loop and Scan bodies, whose tensors may keep their data externally too), depth first.
+ */
 function storedTensors(model: ModelProto): TensorProto[] {
-  const constants = model.graph!.node.filter((n) => n.opType === 'Constant')
-    .map((n) => n.attribute.find((a) => a.name === 'value')?.t).filter((t): t is TensorProto => t !== undefined);
-  return [...model.graph!.initializer, ...constants];
+  const found: TensorProto[] = [];
+  const collect = (g: GraphProto) => {
+    found.push(...g.initializer);
+    for (const n of g.node) if (n.opType === 'Constant') found.push(...n.attribute.filter((a) => a.name === 'value' && a.t).map((a) => a.t!));
+    for (const n of g.node) for (const a of n.attribute) for (const sub of a.g ? [a.g, ...a.graphs] : a.graphs) collect(sub);
+  };
+  collect(model.graph!);
+  return found;
 }
 
 /**
