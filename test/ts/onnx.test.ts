@@ -605,6 +605,51 @@ describe('models with subgraphs (If)', () => {
     }
   });
 
+  it('a Loop (opset 11) whose body squeezes and unsqueezes with attributes converts to opset 21 and quantizes (W4)', async () => {
+    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
+    const ints = (name: string, v: number[]) => ({ name, type: AttributeProto_AttributeType.INTS, ints: v.map(BigInt) });
+    const node = (opType: string, input: string[], output: string[], name: string, attribute: unknown[] = []) => ({ opType, input, output, name, attribute });
+    const r = rng(3);
+    const body = {
+      name: 'body', input: [info('i', TensorProto_DataType.INT64, []), info('cond_in', TensorProto_DataType.BOOL, []), info('v')],
+      output: [info('cond_out', TensorProto_DataType.BOOL, []), info('v_next')],
+      node: [
+        node('Squeeze', ['v'], ['s'], 'body_squeeze', [ints('axes', [0])]),
+        node('Unsqueeze', ['s'], ['u'], 'body_unsqueeze', [ints('axes', [0])]),
+        node('Mul', ['u', 'gain'], ['v_next'], 'body_mul'),
+        node('Identity', ['cond_in'], ['cond_out'], 'body_cond'),
+      ],
+    };
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 7n, opsetImport: [{ domain: '', version: 11n }],
+      graph: {
+        name: 'loop-model', input: [info('x', TensorProto_DataType.FLOAT, [1, 16])], output: [info('y')],
+        initializer: [
+          { name: 'W', dataType: TensorProto_DataType.FLOAT, dims: [16n, 8n], rawData: new Uint8Array(Float32Array.from({ length: 128 }, () => r() - 0.5).buffer) },
+          { name: 'gain', dataType: TensorProto_DataType.FLOAT, dims: [], rawData: new Uint8Array(Float32Array.of(0.5).buffer) },
+          { name: 'trips', dataType: TensorProto_DataType.INT64, dims: [], rawData: new Uint8Array(BigInt64Array.of(3n).buffer) },
+          { name: 'keep_going', dataType: TensorProto_DataType.BOOL, dims: [], rawData: Uint8Array.of(1) },
+        ],
+        node: [
+          node('MatMul', ['x', 'W'], ['h'], 'matmul'),
+          node('Loop', ['trips', 'keep_going', 'h'], ['y'], 'loop', [{ name: 'body', type: AttributeProto_AttributeType.GRAPH, g: body }]),
+        ],
+      },
+    } as never));
+    const graph = new Graph(readModel(bytes));
+    const report = upgradeOpset(graph, 21);
+    expect(report.changed.filter((c) => c.startsWith('body_'))).to.have.length(2);
+    const x = normalFeeds(1, [1, 16], 8)[0].x;
+    const O = ort();
+    const outputOf = async (m: Uint8Array) => (await (await O.InferenceSession.create(m)).run({ x: new O.Tensor('float32', x.data, x.dims) })).y.data as Float32Array;
+    const want = await outputOf(bytes);
+    (await outputOf(serializeModel(graph.model))).forEach((v, i) => expect(v).to.equal(want[i]));
+    const { model, report: q } = await quantizeModel(bytes, { weights: { bits: 4 }, evaluationFeeds: [{ x }] });
+    expect(q.opset).to.deep.equal({ from: 11, to: 21 });
+    expect(q.evaluation!.outputs[0].cosine).to.be.greaterThan(0.97);
+    expect((await outputOf(model)).length).to.equal(8);
+  });
+
   it('tensors inside the branches may keep their data in an external file (read from the model\'s folder)', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-if-'));
     const model = fromBinary(ModelProtoSchema, ifModel());
