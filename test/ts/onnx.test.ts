@@ -451,7 +451,72 @@ describe('models with integer inputs (token ids)', () => {
     expect(report.evaluationSkipped).to.match(/input 'ids' has element type INT16/);
     const e = await quantizeModel(tokenModel(TensorProto_DataType.INT16), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [ids(1)] }).catch((x: Error) => x);
     expect(e).to.be.instanceOf(OnnxModelError);
-    expect(String(e)).to.match(/Input 'ids' has element type INT16; lowbit feeds float32, float16, int64 and int32 inputs only/);
+    expect(String(e)).to.match(/Input 'ids' has element type INT16; lowbit feeds float32, float16, int64, int32, uint8, int8 and bool inputs only/);
+  });
+});
+
+describe('models with uint8, int8 and bool inputs', () => {
+  // pixels (uint8 or int8) → Cast → Mul(1/255) → MatMul → Relu, then If(flag: a bool input, as in merged decoders'
+  // use_cache_branch) negates it or not.
+  const pixelModel = (pixelType: number): Uint8Array => {
+    const r = rng(21);
+    const info = (name: string, elemType: number, dims: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } } });
+    const branch = (name: string, op: string) => ({ name, output: [info(`out_${name}`, TensorProto_DataType.FLOAT, [1, 8])], node: [{ opType: op, name: `${name}_op`, input: ['a'], output: [`out_${name}`] }] });
+    return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'pixels', input: [info('pixels', pixelType, [1, 16]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y', TensorProto_DataType.FLOAT, [1, 8])],
+        initializer: [
+          { name: 'w', dataType: TensorProto_DataType.FLOAT, dims: [16n, 8n], rawData: new Uint8Array(Float32Array.from({ length: 128 }, () => r() - 0.5).buffer) },
+          { name: 'inv255', dataType: TensorProto_DataType.FLOAT, dims: [], rawData: new Uint8Array(Float32Array.of(1 / 255).buffer) },
+        ],
+        node: [
+          { opType: 'Cast', name: 'cast', input: ['pixels'], output: ['p'], attribute: [{ name: 'to', type: AttributeProto_AttributeType.INT, i: BigInt(TensorProto_DataType.FLOAT) }] },
+          { opType: 'Mul', name: 'scale', input: ['p', 'inv255'], output: ['x'] },
+          { opType: 'MatMul', name: 'mm', input: ['x', 'w'], output: ['h'] },
+          { opType: 'Relu', name: 'relu', input: ['h'], output: ['a'] },
+          { opType: 'If', name: 'branch', input: ['flag'], output: ['y'], attribute: [
+            { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('then', 'Neg') },
+            { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('else', 'Identity') },
+          ] },
+        ],
+      },
+    } as never));
+  };
+  const feed = (seed: number, signed = false) => {
+    const r = rng(seed);
+    const values = Array.from({ length: 16 }, () => Math.floor(r() * 256) - (signed ? 128 : 0));
+    return { pixels: { data: signed ? Int8Array.from(values) : Uint8Array.from(values), dims: [1, 16] }, flag: { data: Uint8Array.of(seed % 2), dims: [] } };
+  };
+
+  it('calibrates and evaluates on Uint8Array / Int8Array pixels and a 0/1 Uint8Array bool (plain objects), and from |u1 and |b1 .npy folders', async () => {
+    for (const [type, signed] of [[TensorProto_DataType.UINT8, false], [TensorProto_DataType.INT8, true]] as Array<[number, boolean]>) {
+      const calibration = [1, 2, 3, 4].map((k) => feed(k, signed));
+      const { report } = await quantizeModel(pixelModel(type), { weights: { bits: 8 }, activations: { bits: 8 }, calibration, evaluationFeeds: [feed(5, signed), feed(6, signed)] });
+      expect(report.activations.map((a) => a.tensor)).to.deep.equal(['x']);
+      expect(report.evaluation!.samples).to.equal(2);
+      expect(report.evaluation!.outputs[0].cosine, TensorProto_DataType[type]).to.be.greaterThan(0.99);
+      if (signed) continue;
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
+      fs.mkdirSync(path.join(dir, 'pixels'));
+      fs.mkdirSync(path.join(dir, 'flag'));
+      calibration.forEach((f, i) => {
+        writeNpy(path.join(dir, 'pixels', `${i}.npy`), '|u1', [1, 16], f.pixels.data);
+        writeNpy(path.join(dir, 'flag', `${i}.npy`), '|b1', [], f.flag.data);
+      });
+      const fromFolder = await quantizeModel(pixelModel(type), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: dir, evaluationFeeds: [] });
+      expect(fromFolder.report.activations.map((a) => a.range)).to.deep.equal(report.activations.map((a) => a.range));
+      fs.rmSync(dir, { recursive: true });
+    }
+  });
+
+  it('a bool feed other than 0 or 1 names the value; weights only evaluates on made-up inputs (ones, true)', async () => {
+    const two = { ...feed(1), flag: { data: Uint8Array.of(2), dims: [] } };
+    const e = await quantizeModel(pixelModel(TensorProto_DataType.UINT8), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [two] }).catch((x: Error) => x);
+    expect(String(e)).to.match(/RangeError: Expected 0 or 1 \(a bool input\) for calibration\[0\]\.flag\.data\[0\] but received 2/);
+    const { report } = await quantizeModel(pixelModel(TensorProto_DataType.UINT8), { weights: { bits: 8 } });
+    expect(report.evaluationSkipped).to.equal(undefined);
+    expect(report.evaluation!.samples).to.equal(2);
   });
 });
 

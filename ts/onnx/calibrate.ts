@@ -20,36 +20,47 @@ import { pauser } from './passes/pass';
 
 /**
  * One input's values: float32 inputs take a Float32Array, int64 ones a BigInt64Array (token ids), int32 ones an
- * Int32Array, float16 ones a Uint16Array of float16 bit patterns (see float16.ts).
+ * Int32Array, float16 ones a Uint16Array of float16 bit patterns (see float16.ts), uint8 ones a Uint8Array (8-bit
+ * images), int8 ones an Int8Array, bool ones a Uint8Array of 0 and 1. `type` is onnxruntime's name of the element
+ * type (an onnxruntime Tensor has it); checked feeds carry it where the array alone does not tell (bool, uint8).
  */
-export interface FeedTensor { data: Float32Array | BigInt64Array | Int32Array | Uint16Array; dims: readonly number[] }
+export interface FeedTensor { data: Float32Array | BigInt64Array | Int32Array | Uint16Array | Uint8Array | Int8Array; dims: readonly number[]; type?: string }
 export type Feed = Record<string, FeedTensor>;
 
-/** The input element types a feed can carry, with the array each takes. */
-const FEED_TYPES = new Map<number, { name: string; array: string; is: (d: unknown) => boolean }>([
+interface FeedType { name: string; array: string; is: (d: unknown) => boolean }
+
+/** The input element types a feed can carry (by onnxruntime's name), with the array each takes. */
+const FEED_TYPES = new Map<number, FeedType>([
   [TensorProto_DataType.FLOAT, { name: 'float32', array: 'Float32Array', is: (d) => d instanceof Float32Array }],
   [TensorProto_DataType.INT64, { name: 'int64', array: 'BigInt64Array', is: (d) => d instanceof BigInt64Array }],
   [TensorProto_DataType.INT32, { name: 'int32', array: 'Int32Array', is: (d) => d instanceof Int32Array }],
   [TensorProto_DataType.FLOAT16, { name: 'float16', array: 'Uint16Array (float16 bit patterns)', is: (d) => d instanceof Uint16Array }],
+  [TensorProto_DataType.UINT8, { name: 'uint8', array: 'Uint8Array', is: (d) => d instanceof Uint8Array }],
+  [TensorProto_DataType.INT8, { name: 'int8', array: 'Int8Array', is: (d) => d instanceof Int8Array }],
+  [TensorProto_DataType.BOOL, { name: 'bool', array: 'Uint8Array (0 or 1)', is: (d) => d instanceof Uint8Array }],
 ]);
 
 /** What a feed for this input must hold; an OnnxModelError for input types lowbit cannot feed. */
-function feedType(name: string, elemType: number): { name: string; array: string; is: (d: unknown) => boolean } {
+function feedType(name: string, elemType: number): FeedType {
   const type = FEED_TYPES.get(elemType);
   if (!type) {
-    throw new OnnxModelError(`Input '${name}' has element type ${TensorProto_DataType[elemType] ?? elemType}; lowbit feeds float32, float16, int64 and int32 inputs only. ` +
-      'Weight-only quantization works without running the model: drop the activations and GPTQ options, and pass evaluationFeeds: [] (CLI --no-evaluate).');
+    throw new OnnxModelError(`Input '${name}' has element type ${TensorProto_DataType[elemType] ?? elemType}; lowbit feeds float32, float16, int64, int32, ` +
+      'uint8, int8 and bool inputs only. Weight-only quantization works without running the model: drop the activations and GPTQ options, ' +
+      'and pass evaluationFeeds: [] (CLI --no-evaluate).');
   }
   return type;
 }
 
-/** An onnxruntime tensor of a feed's values (its type follows the array). */
+/** An onnxruntime tensor of a feed's values (its type follows `type`, else the array). */
 export function ortTensor(v: FeedTensor): InstanceType<ReturnType<typeof ort>['Tensor']> {
   const O = ort();
-  if (v.data instanceof BigInt64Array) return new O.Tensor('int64', v.data, [...v.dims]);
-  if (v.data instanceof Int32Array) return new O.Tensor('int32', v.data, [...v.dims]);
-  if (v.data instanceof Uint16Array) return new O.Tensor('float16', v.data, [...v.dims]);
-  return new O.Tensor('float32', v.data, [...v.dims]);
+  const dims = [...v.dims];
+  if (v.data instanceof BigInt64Array) return new O.Tensor('int64', v.data, dims);
+  if (v.data instanceof Int32Array) return new O.Tensor('int32', v.data, dims);
+  if (v.data instanceof Uint16Array) return new O.Tensor('float16', v.data, dims);
+  if (v.data instanceof Uint8Array) return new O.Tensor(v.type === 'bool' ? 'bool' : 'uint8', v.data, dims);
+  if (v.data instanceof Int8Array) return new O.Tensor('int8', v.data, dims);
+  return new O.Tensor('float32', v.data, dims);
 }
 
 /** The model's inputs that need feeds (not initializers), with their element type and dims (-1 when symbolic). */
@@ -117,24 +128,28 @@ function readNpyRaw(file: string): { descr: string; dims: number[]; body: Uint8A
 }
 
 /**
- * A .npy body as the typed array of its dtype (float32, int64, int32, float16 as bit patterns; undefined for others),
+ * A .npy body as the typed array of its dtype (float32, int64, int32, float16 as bit patterns, uint8, int8, bool as
+ * 0/1 bytes; undefined for others),
  * checked against its shape.
  */
 function npyValues(file: string, { descr, dims, body }: { descr: string; dims: number[]; body: Uint8Array }): FeedTensor['data'] | undefined {
   const data = descr === '<f4' ? new Float32Array(body.buffer, 0, body.length >> 2)
     : descr === '<i8' ? new BigInt64Array(body.buffer, 0, body.length >> 3)
       : descr === '<i4' ? new Int32Array(body.buffer, 0, body.length >> 2)
-        : descr === '<f2' ? new Uint16Array(body.buffer, 0, body.length >> 1) : undefined;
+        : descr === '<f2' ? new Uint16Array(body.buffer, 0, body.length >> 1)
+          : descr === '|u1' || descr === '|b1' ? new Uint8Array(body.buffer, 0, body.length)
+            : descr === '|i1' ? new Int8Array(body.buffer, 0, body.length) : undefined;
   if (data && data.length !== dims.reduce((a, b) => a * b, 1)) throw new RangeError(`${file}: the data do not match the shape (${dims.join('x')}).`);
   return data;
 }
 
-/** Reads a C-order .npy file of float32, int64, int32 or float16 values (a model input's batch). */
+/** Reads a C-order .npy file of float32, int64, int32, float16, uint8, int8 or bool values (a model input's batch). */
 export function readNpyFeed(file: string): FeedTensor {
   const raw = readNpyRaw(file);
   const data = npyValues(file, raw);
   if (!data) {
-    throw new RangeError(`${file}: model inputs must be little-endian float32, int64, int32 or float16 arrays ('<f4', '<i8', '<i4', '<f2'; this one is '${raw.descr}').`);
+    throw new RangeError(`${file}: model inputs must be little-endian float32, int64, int32 or float16 arrays, or uint8, int8 or bool ones ` +
+      `('<f4', '<i8', '<i4', '<f2', '|u1', '|i1', '|b1'; this one is '${raw.descr}').`);
   }
   return { data, dims: raw.dims };
 }
@@ -237,8 +252,9 @@ export async function openExposed(model: ModelProto, names: string[], options: P
 }
 
 /**
- * Checks a feed against the model's inputs: names, element type (float32 → Float32Array, int64 → BigInt64Array,
- * int32 → Int32Array), rank and static dimensions, finite floats. `what` names the feed in errors.
+ * Checks a feed against the model's inputs: names, element type (the arrays of FeedTensor), rank and static
+ * dimensions, finite floats, bools 0 or 1. `what` names the feed in errors. Returns the feed to run: each entry
+ * with its onnxruntime type name.
  */
 export function checkFeed(model: ModelProto, feed: unknown, index: number, what = 'calibration'): Feed {
   if (typeof feed !== 'object' || feed === null) throw invalidType(`${what}[${index}]`, 'a feed object { inputName: { data, dims } }', feed);
@@ -257,7 +273,10 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
     if (data.length !== (v.dims as number[]).reduce((a, b) => a * b, 1)) {
       throw invalidValue(`${what}[${index}].${name}.data`, `${(v.dims as number[]).reduce((a, b) => a * b, 1)} values for dims [${v.dims.join(', ')}]`, data);
     }
-    if (data instanceof Float32Array) {
+    if (type.name === 'bool') {
+      const bad = data.findIndex((x) => x !== 0 && x !== 1);
+      if (bad >= 0) throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, '0 or 1 (a bool input)', data[bad]);
+    } else if (data instanceof Float32Array) {
       const bad = data.findIndex((x) => !Number.isFinite(x));
       if (bad >= 0) {
         throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, 'a finite number', data[bad], 'Remove or replace NaN and infinite values before calibrating.');
@@ -274,7 +293,8 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
   for (const name of Object.keys(f)) {
     if (!known.has(name)) throw invalidValue(`${what}[${index}]`, `only the model's inputs (${[...known].join(', ')})`, name);
   }
-  return f as Feed;
+  // New entries (the caller's objects untouched) with onnxruntime's type name, which a Uint8Array alone does not tell.
+  return Object.fromEntries(inputs.map(({ name, elemType }) => [name, { data: f[name]!.data as FeedTensor['data'], dims: f[name]!.dims as number[], type: FEED_TYPES.get(elemType)!.name }]));
 }
 
 /** An onnxruntime output's values as float32 (float16 ones converted: observers and comparisons take float32). */

@@ -258,7 +258,7 @@ function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
 /**
  * One input per model input for comparing float and quantized outputs when no data were given: standard normal
  * values for float inputs, ones for integer inputs (a valid token id, mask or type id for nearly every model;
- * random ids could fall outside a vocabulary), symbolic dims as 1. A string says why there is none.
+ * random ids could fall outside a vocabulary) and true for bool ones, symbolic dims as 1. A string says why there is none.
  */
 function randomFeeds(model: ModelProto, seed: number): Feed | string {
   const feeds: Feed = {};
@@ -279,6 +279,10 @@ function randomFeeds(model: ModelProto, seed: number): Feed | string {
       feeds[input.name] = { dims, data: new Int32Array(n).fill(1) };
     } else if (input.elemType === TensorProto_DataType.FLOAT16) {
       feeds[input.name] = { dims, data: toFloat16Array(normal(n)) };
+    } else if (input.elemType === TensorProto_DataType.UINT8 || input.elemType === TensorProto_DataType.BOOL) {
+      feeds[input.name] = { dims, data: new Uint8Array(n).fill(1), type: input.elemType === TensorProto_DataType.BOOL ? 'bool' : 'uint8' };
+    } else if (input.elemType === TensorProto_DataType.INT8) {
+      feeds[input.name] = { dims, data: new Int8Array(n).fill(1) };
     } else {
       return `input '${input.name}' has element type ${TensorProto_DataType[input.elemType] ?? input.elemType}, for which lowbit makes no inputs; pass evaluationFeeds`;
     }
@@ -446,7 +450,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // Large external tensors stay in their file until a pass uses them: quantizing weights only, without an
   // evaluation, then holds one layer's float weights at a time rather than the whole float model.
   const model = await time('read', () => readModelAsync(input, { lazyExternalData: true }));
-  opts.evaluationFeeds?.forEach((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
+  const evaluationFeeds = opts.evaluationFeeds?.map((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
   const graph = new Graph(model);
   await time('validate', () => graph.topologicalOrder());
   const passes: PassReport[] = [];
@@ -538,7 +542,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   }
   // The float model for calibration and the layer SQNR (the clone shares the weights' bytes; lazily read ones stay lazy).
   // Calibration runs it before the weights are quantized: GPTQ rounding needs its input statistics.
-  let prepared: ModelProto | undefined = !calibrating && opts.evaluationFeeds?.length === 0 ? undefined : cloneSharingData(graph.model);
+  let prepared: ModelProto | undefined = !calibrating && evaluationFeeds?.length === 0 ? undefined : cloneSharingData(graph.model);
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   // The layers' names in the report, before bias correction renames unnamed layers' outputs.
   const labels = new Map(targets.map((n) => [n, nodeLabel(n)]));
@@ -616,7 +620,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   }
   // Without an evaluation nothing needs the float model any more: dropping it lets each layer's float weights be
   // freed once the layer is quantized (a large model's peak memory then stays near its quantized size).
-  if (opts.evaluationFeeds?.length === 0) prepared = undefined;
+  if (evaluationFeeds?.length === 0) prepared = undefined;
   const { report: weightReport, layers, weights } = await time('quantize-weights', () => runStepsAsync(quantizeWeightsByLayer(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
@@ -694,10 +698,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
     ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,
   };
-  const random = opts.evaluationFeeds || sample ? [] : [randomFeeds(model, 1), randomFeeds(model, 2)];
+  const random = evaluationFeeds || sample ? [] : [randomFeeds(model, 1), randomFeeds(model, 2)];
   const noRandomFeeds = random.find((f): f is string => typeof f === 'string');
   if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
-  const feeds = opts.evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
+  const feeds = evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
   const evaluating = hasOrt() && feeds.length > 0;
   // The self-contained model is what gets evaluated and returned; with external data and no evaluation it is never
   // needed whole (the data are written tensor by tensor).
