@@ -715,6 +715,111 @@ describe('models with subgraphs (If)', () => {
     expect((await outputOf(model)).length).to.equal(8);
   });
 
+  it('quantizes the weights of layers inside the branches, in each branch (a shared weight too), where onnxruntime fuses them', async () => {
+    // x → MatMul(A) → If(flag): then MatMul(W) → MatMul(V, the branch's own weight); else MatMul(W). W is the main
+    // graph's, read by both branches.
+    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
+    const r = rng(5);
+    const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [32n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 1024 }, () => (r() - 0.5) / 4).buffer) });
+    const mm = (x: string, w: string, y: string) => ({ opType: 'MatMul', name: y, input: [x, w], output: [y] });
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'branches', input: [info('x', TensorProto_DataType.FLOAT, [1, 32]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [matrix('A'), matrix('W')],
+        node: [mm('x', 'A', 'h'), { opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', initializer: [matrix('V')], output: [info('t2')], node: [mm('h', 'W', 't1'), mm('t1', 'V', 't2')] } },
+          { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [info('e1')], node: [mm('h', 'W', 'e1')] } },
+        ] }],
+      },
+    } as never));
+    const O = ort();
+    const x = normalFeeds(1, [1, 32], 4)[0].x;
+    const outputs = async (m: Uint8Array) => {
+      const session = await O.InferenceSession.create(m);  // default options: onnxruntime's fusions run
+      const out: Float32Array[] = [];
+      for (const flag of [1, 0]) out.push((await session.run({ x: new O.Tensor('float32', x.data, x.dims), flag: new O.Tensor('bool', Uint8Array.of(flag), []) })).y.data as Float32Array);
+      await session.release();
+      return out;
+    };
+    const want = await outputs(bytes);
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 4 } });
+    // The main graph's MatMul is the first layer, each branch's last one the last: 8 bits (firstLastLayerBits).
+    expect(report.layers.map((l) => [l.node, l.bits, l.subgraph])).to.deep.equal([['h', 8, undefined], ['t1', 4, 'if'], ['t2', 8, 'if'], ['e1', 8, 'if']]);
+    expect(report.layers.filter((l) => l.subgraph).every((l) => l.outputSqnrDb === undefined)).to.equal(true);
+    expect(report.layers[0].outputSqnrDb).to.be.a('number');
+    expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'if', reason: 'If has subgraphs: the weights of their Conv, Gemm and MatMul layers are quantized, the rest stays in float' });
+    const q = readModel(model);
+    expect(q.graph!.initializer.map((t) => t.name).sort()).to.deep.equal(['A_quantized', 'A_scale']);  // W and its quantized form left the main graph
+    const [then, otherwise] = q.graph!.node.find((n) => n.opType === 'If')!.attribute.map((a) => a.g!);
+    expect(then.node.map((n) => n.opType)).to.deep.equal(['DequantizeLinear', 'MatMul', 'DequantizeLinear', 'MatMul']);
+    expect(then.initializer.map((t) => t.dataType)).to.deep.equal([TensorProto_DataType.INT4, TensorProto_DataType.FLOAT, TensorProto_DataType.INT8, TensorProto_DataType.FLOAT]);
+    expect(otherwise.node.map((n) => n.opType)).to.deep.equal(['DequantizeLinear', 'MatMul']);
+    const got = await outputs(model);
+    got.forEach((g, k) => g.forEach((v, i) => expect(v, `flag ${k}`).to.be.closeTo(want[k][i], 0.1)));
+    // At 8 bits everywhere, both branches read W alike: its quantized constants are copied (the same bytes) into each.
+    const eight = readModel((await quantizeModel(bytes, { weights: { bits: 8 } })).model);
+    const [then8, else8] = eight.graph!.node.find((n) => n.opType === 'If')!.attribute.map((a) => a.g!);
+    const wThen = then8.initializer.find((t) => t.name.startsWith('W_quantized'))!;
+    const wElse = else8.initializer.find((t) => t.name.startsWith('W_quantized'))!;
+    expect(wThen.name).to.not.equal(wElse.name);
+    expect(Buffer.from(wThen.rawData).equals(Buffer.from(wElse.rawData))).to.equal(true);
+    // With 8-bit activations: the main graph's layer input is quantized, the branches' layers are weights only.
+    const calibration = [1, 2, 3].map((seed) => ({ x: normalFeeds(1, [1, 32], seed)[0].x, flag: { data: Uint8Array.of(seed % 2), dims: [] } }));
+    const a8 = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration });
+    expect(a8.report.activations.map((a) => a.tensor)).to.deep.equal(['x']);
+    expect(a8.report.layers.map((l) => !!l.input)).to.deep.equal([true, false, false, false]);
+    (await outputs(a8.model)).forEach((g, k) => g.forEach((v, i) => expect(v, `flag ${k}`).to.be.closeTo(want[k][i], 0.1)));
+  });
+
+  it('with layer outputs quantized, a data-movement output read only inside a branch gets no (dead) quantizer', async () => {
+    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
+    const r = rng(8);
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'moves', input: [info('x', TensorProto_DataType.FLOAT, [1, 16])], output: [info('y'), info('z')],
+        initializer: [
+          { name: 'W', dataType: TensorProto_DataType.FLOAT, dims: [16n, 16n], rawData: new Uint8Array(Float32Array.from({ length: 256 }, () => r() - 0.5).buffer) },
+          { name: 'shape', dataType: TensorProto_DataType.INT64, dims: [2n], rawData: new Uint8Array(BigInt64Array.of(4n, 4n).buffer) },
+          { name: 'yes', dataType: TensorProto_DataType.BOOL, dims: [], rawData: Uint8Array.of(1) },
+        ],
+        node: [
+          { opType: 'MatMul', name: 'mm', input: ['x', 'W'], output: ['h'] },
+          { opType: 'Reshape', name: 'reshape', input: ['h', 'shape'], output: ['rs'] },
+          { opType: 'Relu', name: 'relu', input: ['h'], output: ['y'] },
+          { opType: 'If', name: 'if', input: ['yes'], output: ['z'], attribute: [
+            { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', output: [info('t')], node: [{ opType: 'Neg', name: 'neg', input: ['rs'], output: ['t'] }] } },
+            { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [info('e')], node: [{ opType: 'Identity', name: 'id', input: ['rs'], output: ['e'] }] } },
+          ] },
+        ],
+      },
+    } as never));
+    const calibration = [1, 2].map((seed) => normalFeeds(1, [1, 16], seed)[0]);
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8, outputs: true }, calibration });
+    expect(report.activations.map((a) => a.tensor)).to.deep.equal(['x', 'h']);
+    const graph = new Graph(readModel(model));
+    for (const dq of graph.graph.node.filter((n) => n.opType === 'DequantizeLinear')) expect(graph.consumers(dq.output[0]), dq.name).to.not.be.empty;
+  });
+
+  it('elemType: an If output has its branches\' declared type; a value inside a branch is looked up there first', () => {
+    const info = (name: string, elemType: number) => ({ name, type: { value: { case: 'tensorType', value: { elemType } } } });
+    const branch = { name: 'b', input: [], output: [info('half', TensorProto_DataType.FLOAT16)], node: [{ opType: 'Identity', name: 'id', input: ['outer'], output: ['half'] }] };
+    const graph = new Graph(create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'types', input: [info('cond', TensorProto_DataType.BOOL), info('outer', TensorProto_DataType.FLOAT16)], output: [info('z', 0)],
+        node: [{ opType: 'If', name: 'if', input: ['cond'], output: ['z'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: branch }, { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: branch },
+        ] }],
+      },
+    } as never));
+    expect(graph.elemType('z')).to.equal(TensorProto_DataType.FLOAT16);  // not the condition's BOOL
+    const body = graph.graph.node[0].attribute[0].g!;
+    expect(graph.elemType('half', [body])).to.equal(TensorProto_DataType.FLOAT16);
+    expect(graph.elemType('half')).to.equal(undefined);  // not a main-graph value
+  });
+
   it('tensors inside the branches may keep their data in an external file (read from the model\'s folder)', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-if-'));
     const model = fromBinary(ModelProtoSchema, ifModel());

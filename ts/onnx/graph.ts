@@ -10,7 +10,9 @@ import {
 } from 'onnx-buf';
 
 import { fromFloat16Array, toFloat16Bits } from '../float16';
-import { OnnxModelError, rawLength } from './model-io';
+import { OnnxModelError, rawLength, subgraphsOf } from './model-io';
+
+export { subgraphsOf };
 
 export class Graph {
   readonly model: ModelProto;
@@ -57,32 +59,42 @@ export class Graph {
   /**
    * The element type of a value: declared (graph inputs and outputs, value_info), a constant's, or followed back
    * through its producers (most operators keep their first input's type; Cast, shape and comparison operators and
-   * DequantizeLinear are known exceptions). Undefined when it cannot be told.
+   * DequantizeLinear are known exceptions; an If, Loop or Scan output has its body's declared output type).
+   * `scopes`: for a value inside subgraphs, those around it, innermost first (a name not found in one is looked
+   * up in the next, then in the main graph). Undefined when it cannot be told.
    */
-  elemType(name: string): number | undefined {
-    const known = new Map<string, number>();
-    for (const v of [...this.graph.input, ...this.graph.valueInfo, ...this.graph.output]) {
-      if (v.type?.value.case === 'tensorType' && v.type.value.value.elemType) known.set(v.name, v.type.value.value.elemType);
-    }
-    for (const t of this.graph.initializer) known.set(t.name, t.dataType);
-    const producers = new Map<string, NodeProto>();
-    for (const n of this.graph.node) n.output.forEach((o) => producers.set(o, n));
+  elemType(name: string, scopes: GraphProto[] = []): number | undefined {
     let current = name;
-    for (let steps = 0; steps <= this.graph.node.length; steps++) {
-      if (known.has(current)) return known.get(current);
-      const p = producers.get(current);
-      if (!p) return undefined;
-      if (p.opType === 'Constant' || p.opType === 'ConstantOfShape') return attribute(p, 'value')?.t?.dataType ?? TensorProto_DataType.FLOAT;
-      if (p.opType === 'Cast') return intAttribute(p, 'to', 0) || undefined;
-      if (['EyeLike', 'RandomNormalLike', 'RandomUniformLike', 'RandomNormal', 'RandomUniform'].includes(p.opType) && attribute(p, 'dtype')) {
-        return intAttribute(p, 'dtype', 0) || undefined;
+    for (const g of [...scopes, this.graph]) {
+      const known = new Map<string, number>();
+      for (const v of [...g.input, ...g.valueInfo, ...g.output]) {
+        if (v.type?.value.case === 'tensorType' && v.type.value.value.elemType) known.set(v.name, v.type.value.value.elemType);
       }
-      if (['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin'].includes(p.opType)) return TensorProto_DataType.INT64;
-      if (['Equal', 'Less', 'Greater', 'LessOrEqual', 'GreaterOrEqual', 'And', 'Or', 'Xor', 'Not', 'IsNaN', 'IsInf'].includes(p.opType)) return TensorProto_DataType.BOOL;
-      if (p.opType === 'DequantizeLinear' || p.opType === 'Where') current = p.input[1];
-      else if (p.opType === 'OneHot') current = p.input[2];
-      else current = p.input[0];
-      if (!current) return undefined;
+      for (const t of g.initializer) known.set(t.name, t.dataType);
+      const producers = new Map<string, NodeProto>();
+      for (const n of g.node) n.output.forEach((o) => producers.set(o, n));
+      for (let steps = 0; steps <= g.node.length; steps++) {
+        if (known.has(current)) return known.get(current);
+        const p = producers.get(current);
+        if (!p) break;  // defined further out
+        if (p.opType === 'Constant' || p.opType === 'ConstantOfShape') return attribute(p, 'value')?.t?.dataType ?? TensorProto_DataType.FLOAT;
+        if (p.opType === 'Cast') return intAttribute(p, 'to', 0) || undefined;
+        if (['EyeLike', 'RandomNormalLike', 'RandomUniformLike', 'RandomNormal', 'RandomUniform'].includes(p.opType) && attribute(p, 'dtype')) {
+          return intAttribute(p, 'dtype', 0) || undefined;
+        }
+        if (['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin'].includes(p.opType)) return TensorProto_DataType.INT64;
+        if (['Equal', 'Less', 'Greater', 'LessOrEqual', 'GreaterOrEqual', 'And', 'Or', 'Xor', 'Not', 'IsNaN', 'IsInf'].includes(p.opType)) return TensorProto_DataType.BOOL;
+        const body = subgraphsOf(p)[0];
+        if (body) {
+          // If: output k is each branch's output k; Loop: its body's output k + 1 (after the condition); Scan: k.
+          const declared = body.output[p.output.indexOf(current) + (p.opType === 'Loop' ? 1 : 0)]?.type;
+          return declared?.value.case === 'tensorType' ? declared.value.value.elemType || undefined : undefined;
+        }
+        if (p.opType === 'DequantizeLinear' || p.opType === 'Where') current = p.input[1];
+        else if (p.opType === 'OneHot') current = p.input[2];
+        else current = p.input[0];
+        if (!current) return undefined;
+      }
     }
     return undefined;
   }
@@ -176,36 +188,30 @@ export class Graph {
   }
 }
 
-/** The subgraphs a node holds (If's branches, Loop's and Scan's bodies). */
-export function subgraphsOf(node: NodeProto): GraphProto[] {
-  return node.attribute.flatMap((a) => (a.g ? [a.g, ...a.graphs] : a.graphs));
-}
-
-const outerReadsCache = new WeakMap<NodeProto, string[]>();
+const NO_READS: readonly string[] = Object.freeze([]);
 
 /**
  * Values of the enclosing scope that a node reads from inside its subgraphs (at any depth): names their nodes read
  * but the subgraphs do not define. ONNX lists them nowhere on the node, yet they are inputs of it: a pass must not
- * remove or rename them, and the node must come after their producers. Cached per node (passes do not edit subgraphs
- * after reading them; upgradeOpset adds its constants inside the subgraph that needs them).
+ * remove or rename them, and the node must come after their producers. Computed each time: passes edit bodies
+ * (their layers' weights are quantized in place).
  */
-export function subgraphReads(node: NodeProto): string[] {
-  const cached = outerReadsCache.get(node);
-  if (cached) return cached;
+export function subgraphReads(node: NodeProto): readonly string[] {
+  if (!node.attribute.some((a) => a.g || a.graphs.length > 0)) return NO_READS;  // most nodes: nothing to walk
   const reads = new Set<string>();
   for (const g of subgraphsOf(node)) {
     const local = addDefinedNames(g, new Set(['']), false);
     for (const n of g.node) for (const name of [...n.input, ...subgraphReads(n)]) if (!local.has(name)) reads.add(name);
+    for (const o of g.output) if (!local.has(o.name)) reads.add(o.name);  // a body output naming an enclosing value
   }
-  const result = [...reads];
-  if (subgraphsOf(node).length > 0) outerReadsCache.set(node, result);
-  return result;
+  return [...reads];
 }
 
 // Adds the names a graph defines (inputs, initializers, node outputs), and with `nested` those of its subgraphs.
 function addDefinedNames(g: GraphProto, names: Set<string>, nested = true): Set<string> {
   for (const i of g.input) names.add(i.name);
   for (const t of g.initializer) names.add(t.name);
+  for (const t of g.sparseInitializer) if (t.values) names.add(t.values.name);
   for (const n of g.node) {
     n.output.forEach((o) => names.add(o));
     if (nested) for (const sub of subgraphsOf(n)) addDefinedNames(sub, names);

@@ -312,10 +312,15 @@ function storedTensors(model: ModelProto): TensorProto[] {
   const collect = (g: GraphProto) => {
     found.push(...g.initializer);
     for (const n of g.node) if (n.opType === 'Constant') found.push(...n.attribute.filter((a) => a.name === 'value' && a.t).map((a) => a.t!));
-    for (const n of g.node) for (const a of n.attribute) for (const sub of a.g ? [a.g, ...a.graphs] : a.graphs) collect(sub);
+    for (const n of g.node) subgraphsOf(n).forEach(collect);
   };
   collect(model.graph!);
   return found;
+}
+
+/** The subgraphs a node holds (If's branches, Loop's and Scan's bodies). */
+export function subgraphsOf(node: NodeProto): GraphProto[] {
+  return node.attribute.flatMap((a) => (a.g ? [a.g, ...a.graphs] : a.graphs));
 }
 
 /**

@@ -32,7 +32,7 @@ import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamically } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { checkFiniteWeights, layerInput, quantizableLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
+import { checkFiniteWeights, layerInput, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, weightConstant, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -296,7 +296,8 @@ const LOWBIT_BUG = 'The input model loads, so this is a lowbit bug: please repor
 
 /** Per-layer output SQNR: the prepared float model and the quantized one, layer outputs exposed. */
 async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[], host: OrtHost): Promise<void> {
-  if (feedsList.length === 0) return;
+  layers = layers.filter((l) => !l.subgraph);  // a body's tensors cannot be outputs
+  if (feedsList.length === 0 || layers.length === 0) return;
   const names = layers.map((l) => l.output);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   // A model of 2 GB or more loads from a temporary copy with external data (as for calibration).
@@ -458,7 +459,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
   const blockedWeights = opts.weights.granularity === 'block';
   // Float16 weights get float16 scales (DequantizeLinear then outputs float16), which arrived in opset 19.
-  const halfWeights = quantizableLayers(graph, opts.keepFloat).filter((n) => graph.constant(n.input[1])!.dataType === TensorProto_DataType.FLOAT16);
+  const halfWeights = [...quantizableLayers(graph, opts.keepFloat).map((node) => ({ node, scopes: [] })), ...quantizableSubgraphLayers(graph, opts.keepFloat)]
+    .filter((l) => weightConstant(graph, l.node, l.scopes)!.tensor.dataType === TensorProto_DataType.FLOAT16).map((l) => l.node);
   // Float16 layers take calibrated activations (float16 scales) but not what rewrites their float tensors from
   // calibration statistics, nor the dynamic-quantization operators, which are float32 only.
   const requested = opts.activations || undefined;
@@ -516,7 +518,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // calibrate's exposedModel).
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   const targets = quantizableLayers(graph, opts.keepFloat);
-  if (targets.length === 0) {
+  const bodyTargets = quantizableSubgraphLayers(graph, opts.keepFloat).length;  // weights only
+  if (targets.length + bodyTargets === 0) {
     throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
   }
   // Before calibration, which would otherwise fail later on the values they produce (without calibration the
@@ -566,7 +569,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // input and the classifier's features, which ACIQ's authors also keep at 8 bits; with `outputs`, the last layer's
   // output (the logits) as well.
   const last = targets[targets.length - 1];
-  const edgeTensors = new Set([targets[0].input[0], last.input[0], placement?.quantizedOutput.get(nodeLabel(last)) ?? last.output[0]]);
+  // (None when every layer is inside subgraphs, whose activations stay in float.)
+  const edgeTensors = new Set(last ? [targets[0].input[0], last.input[0], placement?.quantizedOutput.get(nodeLabel(last)) ?? last.output[0]] : []);
   // Tensors quantized for every consumer: the layer outputs, and what shares their parameters.
   const everyConsumer = new Set(layerOutputs);
   const ranges = new Map<string, ActivationRange>();
@@ -628,7 +632,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
     rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
     keepValues: dataBiasCorrection || new Set(shifts.keys()), async: true,
-  }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length}`)));
+  }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length + bodyTargets}`)));
   passes.push(weightReport);
   if (shifts.size > 0) passes.push(compensateShifts(graph, weights, shifts));
   // Bit allocation can leave a layer's widest channel at 4 or 2 bits (also when weights.bits is 8): int4 storage

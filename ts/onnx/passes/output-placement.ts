@@ -42,9 +42,9 @@ export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed
     const consumers = graph.consumers(out);
     const clamp = consumers.length === 1 && (consumers[0].opType === 'Relu' || consumers[0].opType === 'Clip') ? consumers[0] : undefined;
     const at = clamp && !signed && !graph.isGraphOutput(clamp.output[0]) ? clamp.output[0] : out;
-    if (!graph.consumers(at).some((c) => c.input.includes(at))) {
-      // Only subgraphs read it: they stay in float, and a quantizer nothing reads would be dead weight.
-      report.skipped.push({ node: nodeLabel(n), reason: `output '${at}' is read only inside subgraphs, which stay in float` });
+    if (!readDirectly(graph, at)) {
+      // A quantizer nothing would read (subgraphs stay in float) would be dead weight.
+      report.skipped.push({ node: nodeLabel(n), reason: graph.consumers(at).length > 0 ? `output '${at}' is read only inside subgraphs, which stay in float` : `nothing reads output '${at}'` });
       continue;
     }
     if (at !== out) {
@@ -61,10 +61,15 @@ export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed
   for (const node of graph.topologicalOrder()) {
     if (!MOVES_CODES.has(node.opType) || !everyConsumer.has(node.input[0]) || node.output.length !== 1) continue;
     const out = node.output[0];
-    if (graph.isGraphOutput(out) || everyConsumer.has(out)) continue;
+    if (graph.isGraphOutput(out) || everyConsumer.has(out) || !readDirectly(graph, out)) continue;
     shared.push({ tensor: out, source: node.input[0] });
     everyConsumer.add(out);
     report.changed.push(`${nodeLabel(node)}: output shares its input's quantization (onnxruntime runs it on the codes)`);
   }
   return { quantizedOutput, calibrated, shared, report };
+}
+
+/** Whether a node reads the value as one of its inputs (not only from inside its subgraphs). */
+function readDirectly(graph: Graph, name: string): boolean {
+  return graph.consumers(name).some((c) => c.input.includes(name));
 }

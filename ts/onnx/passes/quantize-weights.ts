@@ -4,10 +4,10 @@
  * or blocked along the input-channel (reduction) axis (opset 21 for int4, 25 for
  * int2). Symmetric signed values, zero point 0 (the zero-point input is left out).
  */
-import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
+import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { OnnxModelError, readLazyTensor } from '../model-io';
-import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
+import { attribute, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, subgraphsOf, weightValues, type Graph } from '../graph';
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
@@ -97,6 +97,8 @@ export interface WeightLayerReport {
   output: string;
   /** SQNR of the layer's output in the quantized model against the float model on the evaluation inputs. */
   outputSqnrDb?: number;
+  /** The node whose subgraph (If branch, Loop or Scan body) holds the layer: weights only, no output SQNR. */
+  subgraph?: string;
   /**
    * With quantized activations: the layer input's bits and clip range (or `dynamic`: computed from each run's input),
    * and its output's when outputs are quantized.
@@ -196,11 +198,65 @@ export function checkFiniteWeights(node: NodeProto, tensor: string, data: Float3
 /** The Conv/Gemm/MatMul nodes with constant float weights of a shape this pass handles, minus keepFloat, in order. */
 export function quantizableLayers(graph: Graph, keepFloat: string[] = []): NodeProto[] {
   const keep = new Set(keepFloat);
-  return graph.topologicalOrder().filter((n) => {
-    if (!QUANTIZABLE.has(n.opType) || keep.has(n.name) || keep.has(n.opType)) return false;
-    const w = graph.constant(n.input[1]);
-    return !!w && (isFloatTensor(w) || isFloat16Tensor(w)) && !!layout(n.opType, dimsOf(w), intAttribute(n, 'transB', 0));
-  });
+  return graph.topologicalOrder().filter((n) => !keep.has(n.name) && !keep.has(n.opType) && isQuantizable(graph, n));
+}
+
+function isQuantizable(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): boolean {
+  if (!QUANTIZABLE.has(n.opType)) return false;
+  const w = weightConstant(graph, n, scopes)?.tensor;
+  return !!w && (isFloatTensor(w) || isFloat16Tensor(w)) && !!layout(n.opType, dimsOf(w), intAttribute(n, 'transB', 0));
+}
+
+/**
+ * A layer's constant weight and the subgraph that holds it (undefined: the main graph). `scopes`: the subgraphs
+ * around the layer, innermost first (none for a layer of the main graph); the nearest one that defines the name wins.
+ */
+export function weightConstant(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): { tensor: TensorProto; home?: GraphProto } | undefined {
+  const name = n.input[1];
+  for (const scope of scopes) {
+    const init = scope.initializer.find((t) => t.name === name);
+    if (init) return { tensor: init, home: scope };
+    const producer = scope.node.find((p) => p.output.includes(name));
+    if (producer) return producer.opType === 'Constant' && attribute(producer, 'value')?.t ? { tensor: attribute(producer, 'value')!.t!, home: scope } : undefined;
+    if (scope.input.some((i) => i.name === name)) return undefined;  // a body input (a Loop's carried value)
+  }
+  const tensor = graph.constant(name);
+  return tensor ? { tensor } : undefined;
+}
+
+/** quantizableLayers' counterpart inside subgraphs. */
+export function quantizableSubgraphLayers(graph: Graph, keepFloat: string[] = []): SubgraphLayer[] {
+  const keep = new Set(keepFloat);
+  return subgraphLayers(graph).filter((l) => !keep.has(l.node.name) && !keep.has(l.node.opType) && isQuantizable(graph, l.node, l.scopes));
+}
+
+/**
+ * A Conv/Gemm/MatMul inside a subgraph: the subgraphs around it (innermost first: `scopes[0]` holds it), and the
+ * main graph's node whose (nested) subgraph `body` that is.
+ */
+export interface SubgraphLayer { node: NodeProto; scopes: GraphProto[]; owner: NodeProto; body: GraphProto }
+
+/** The Conv/Gemm/MatMul nodes inside subgraphs, each body's in order (a nested body's where its node stands). */
+export function subgraphLayers(graph: Graph): SubgraphLayer[] {
+  const found: SubgraphLayer[] = [];
+  const walk = (scopes: GraphProto[], owner: NodeProto, body: GraphProto) => {
+    for (const n of scopes[0].node) {
+      if (QUANTIZABLE.has(n.opType)) found.push({ node: n, scopes, owner, body });
+      for (const inner of subgraphsOf(n)) walk([inner, ...scopes], owner, body);
+    }
+  };
+  for (const owner of graph.graph.node) for (const body of subgraphsOf(owner)) walk([body], owner, body);
+  return found;
+}
+
+/** Removes a subgraph's own constant (initializer or Constant node) once no node in it, at any depth, reads it. */
+function removeFromBodyIfUnused(home: GraphProto, name: string): void {
+  const reads = (g: GraphProto): boolean => g.node.some((n) => n.input.includes(name) || subgraphsOf(n).some(reads));
+  if (reads(home) || home.output.some((o) => o.name === name)) return;
+  const i = home.initializer.findIndex((t) => t.name === name);
+  if (i >= 0) home.initializer.splice(i, 1);
+  const c = home.node.findIndex((n) => n.opType === 'Constant' && n.output.includes(name));
+  if (c >= 0) home.node.splice(c, 1);
 }
 
 /** What a layer's weights meet in its input, for gathering its input moments during calibration. */
@@ -234,12 +290,20 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const layers: WeightLayerReport[] = [];
   const weights: QuantizedWeights[] = [];
   const keep = new Set(options.keepFloat ?? []);
+  // Layers inside subgraphs get their weights quantized (the DequantizeLinear next to them, in their body); their
+  // activations stay in float: calibration cannot observe a body's tensors.
+  const inBodies = subgraphLayers(graph);
+  const quantizableInBodies = quantizableSubgraphLayers(graph, options.keepFloat);
+  const bodyOf = new Map(inBodies.map((l) => [l.node, l]));
   for (const n of graph.graph.node) {
-    if (n.attribute.some((a) => a.g || a.graphs.length > 0)) {
-      report.skipped.push({ node: nodeLabel(n), reason: `${n.opType} has subgraphs; they are left in float` });
-    }
+    if (subgraphsOf(n).length === 0) continue;
+    const held = quantizableInBodies.some((l) => l.owner === n);
+    report.skipped.push({ node: nodeLabel(n), reason: held
+      ? `${n.opType} has subgraphs: the weights of their Conv, Gemm and MatMul layers are quantized, the rest stays in float`
+      : `${n.opType} has subgraphs; they are left in float` });
   }
-  const candidates = graph.topologicalOrder().filter((n) => QUANTIZABLE.has(n.opType));
+  const mainCandidates = graph.topologicalOrder().filter((n) => QUANTIZABLE.has(n.opType));
+  const candidates = [...mainCandidates, ...inBodies.map((l) => l.node)];
   // A keepFloat entry that keeps nothing is most likely misspelled: say so rather than quantize the layer silently.
   for (const entry of keep) {
     if (candidates.some((n) => n.name === entry || n.opType === entry)) continue;
@@ -251,37 +315,74 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const quantizable = quantizableLayers(graph, options.keepFloat);
   const first = quantizable[0];
   const last = quantizable[quantizable.length - 1];
+  // In a body, the first (last) quantizable layer is an edge layer when no layer of the main graph comes before
+  // (after) the body's node: each branch is a path through the model.
+  const mainOrder = graph.topologicalOrder();
+  const bodyEdges = new Set<NodeProto>();
+  for (const body of new Set(quantizableInBodies.map((l) => l.body))) {
+    const held = quantizableInBodies.filter((l) => l.body === body);
+    const at = mainOrder.indexOf(held[0].owner);
+    if (!quantizable.some((n) => mainOrder.indexOf(n) < at)) bodyEdges.add(held[0].node);
+    if (!quantizable.some((n) => mainOrder.indexOf(n) > at)) bodyEdges.add(held[held.length - 1].node);
+  }
   // Weights read by several layers (ALBERT-style shared layers) are quantized once and their DequantizeLinear shared
   // when the layers would quantize them alike (same layout and bits, no per-layer GPTQ rounding).
-  const quantizedOnce = new Map<string, { how: string; dqOut: string; layer: WeightLayerReport; weights: QuantizedWeights }>();
+  const quantizedOnce = new Map<TensorProto, {
+    how: string; dq: NodeProto; constants: TensorProto[]; scope: GraphProto; layer: WeightLayerReport; weights: QuantizedWeights;
+  }>();
+  // The DequantizeLinear goes next to the layer: in the main graph (sorted at the end), or in its body, in place.
+  const place = (dq: NodeProto, node: NodeProto) => {
+    const scope = bodyOf.get(node)?.scopes[0] ?? graph.graph;
+    if (scope === graph.graph) scope.node.push(dq);
+    else scope.node.splice(scope.node.indexOf(node), 0, dq);
+  };
   for (const node of candidates) {
     const label = nodeLabel(node);
+    const inBody = bodyOf.get(node);
     if (keep.has(node.name) || keep.has(node.opType)) {
       report.skipped.push({ node: label, reason: 'kept in float (keepFloat)' });
       continue;
     }
-    const w = graph.constant(node.input[1]);
+    const found = weightConstant(graph, node, inBody?.scopes);
+    const w = found?.tensor;
     if (!w || !(isFloatTensor(w) || isFloat16Tensor(w))) {
       report.skipped.push({ node: label, reason: 'its weight is not a float constant (a computed input)' });
       continue;
     }
+    // The float weight leaves the graph that holds it once unused. The quantized constants go into the layer's own
+    // graph: onnxruntime 1.30 fails to load a model whose subgraph DequantizeLinear reads an enclosing graph's
+    // initializer (its MatMulNBits fusion looks for the weight in the subgraph), so a weight shared by two branches
+    // is stored in each.
+    const home = found!.home;
+    const scope = inBody?.scopes[0] ?? graph.graph;
+    const addConstant = (t: TensorProto) => (scope === graph.graph ? graph.addInitializer(t) : scope.initializer.push(t));
+    const removeIfUnused = (name: string) => (home ? removeFromBodyIfUnused(home, name) : graph.removeIfUnused(name));
     const dims = dimsOf(w);
     const axes = layout(node.opType, dims, intAttribute(node, 'transB', 0));
     if (!axes) {
       report.skipped.push({ node: label, reason: `weight shape [${dims.join(', ')}] is not a ${node.opType} weight this pass handles` });
       continue;
     }
-    const edge = node === first || node === last;
+    const edge = node === first || node === last || bodyEdges.has(node);
     const base = node.input[1];
     // What decides the quantized values besides the weights (the first and last layers' bits, no bit allocation there).
     const how = JSON.stringify([node.opType === 'Conv' ? 'conv' : 'matrix', axes, edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits,
       !!options.bitAllocation && !edge]);
-    const earlier = quantizedOnce.get(base);
+    const earlier = quantizedOnce.get(w);
     const ownRounding = options.rounding === 'gptq' && (options.moments?.get(label)?.count ?? 0) > 0;
     if (earlier && earlier.how === how && !ownRounding) {
-      node.input[1] = earlier.dqOut;
-      graph.removeIfUnused(base);
-      layers.push({ ...earlier.layer, node: label, output: node.output[0] });
+      if (earlier.scope === scope) {
+        node.input[1] = earlier.dq.output[0];
+      } else {
+        // Another graph holds the first DequantizeLinear: one more here, with copies of its constants (sharing their bytes).
+        const copies = earlier.constants.map((t) => ownedTensor(graph.uniqueName(t.name), t.dataType, dimsOf(t), t.rawData));
+        copies.forEach(addConstant);
+        const dq = makeNode('DequantizeLinear', copies.map((t) => t.name), [graph.uniqueName(`${base}_dequantized`)], `${label}_weight_dq`, earlier.dq.attribute, earlier.dq.domain);
+        place(dq, node);
+        node.input[1] = dq.output[0];
+      }
+      removeIfUnused(base);
+      layers.push({ ...earlier.layer, node: label, output: node.output[0], ...(inBody ? { subgraph: nodeLabel(inBody.owner) } : {}) });
       weights.push({ ...earlier.weights, node: label });
       report.changed.push(`${label}: shares the quantized weights of ${earlier.layer.node}`);
       yield label;
@@ -345,16 +446,18 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
     const dqOut = graph.uniqueName(`${base}_dequantized`);
-    graph.addInitializer(valuesTensor(valuesName, q));
+    const valuesTensorProto = valuesTensor(valuesName, q);
+    addConstant(valuesTensorProto);
     const scaleBytes = half ? new Uint8Array(toFloat16Array(q.scale).buffer) : new Uint8Array(q.scale.buffer.slice(0));
     // A float16 scale makes DequantizeLinear output float16, the type the layer's other input has.
-    graph.addInitializer(makeTensor(scaleName, half ? TensorProto_DataType.FLOAT16 : TensorProto_DataType.FLOAT, q.scaleShape, scaleBytes));
+    const scaleTensor = makeTensor(scaleName, half ? TensorProto_DataType.FLOAT16 : TensorProto_DataType.FLOAT, q.scaleShape, scaleBytes);
+    addConstant(scaleTensor);
     const attrs = perTensor ? [] : [makeIntAttribute('axis', q.axis!)];
     if (blocked) attrs.push(makeIntAttribute('block_size', q.blockSize!));
-    graph.graph.node.push(makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], `${label}_weight_dq`, attrs,
-      options.microsoftDomain ? 'com.microsoft' : ''));
+    const dq = makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], `${label}_weight_dq`, attrs, options.microsoftDomain ? 'com.microsoft' : '');
+    place(dq, node);
     node.input[1] = dqOut;
-    graph.removeIfUnused(base);
+    removeIfUnused(base);
     const layer: WeightLayerReport = {
       node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
       granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}`
@@ -364,13 +467,14 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       weightSqnrDb: quantizationError(data, q).sqnrDb,
       ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
       output: node.output[0],
+      ...(inBody ? { subgraph: nodeLabel(inBody.owner) } : {}),
     };
     weights.push({
       node: label, shape: dims, outputAxis: axes.outputAxis, ...(options.keepValues === true || (options.keepValues && options.keepValues.has(label)) ? { original: data, dequantized: dequantize(q) } : {}),
       ...(blocked ? {} : { channelScales: perTensor ? new Float32Array(dims[axes.outputAxis]).fill(q.scale[0]) : q.scale }),
     });
     layers.push(layer);
-    if (!gptq) quantizedOnce.set(base, { how, dqOut, layer, weights: weights[weights.length - 1] });
+    if (!gptq) quantizedOnce.set(w, { how, dq, constants: [valuesTensorProto, scaleTensor], scope, layer, weights: weights[weights.length - 1] });
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
     yield label;
   }

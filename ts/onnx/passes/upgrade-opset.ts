@@ -72,9 +72,9 @@ export function upgradeOpset(graph: Graph, target: number): PassReport {
   return report;
 }
 
-// Converts the nodes of one scope (the main graph or a subgraph body) and, first, their bodies. (Element types
-// are looked up in the main graph: a float16 Clip or Pad inside a body would get float32 bounds.)
-function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: PassReport): void {
+// Converts the nodes of one scope (the main graph or a subgraph body; `enclosing`: the bodies around it, innermost
+// first, ending with `scope` itself when it is one) and, first, their bodies.
+function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: PassReport, enclosing: GraphProto[] = []): void {
   const from = graph.opset;
   const constInput = (base: string, make: (name: string) => TensorProto) => {
     const name = graph.uniqueName(base);
@@ -84,7 +84,7 @@ function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: P
   };
   for (const n of [...scope.node]) {
     if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
-    for (const body of subgraphsOf(n)) upgradeNodes(graph, body, target, report);
+    for (const body of subgraphsOf(n)) upgradeNodes(graph, body, target, report, [body, ...enclosing]);
     const label = nodeLabel(n);
     const moveInts = (attr: string, inputIndex: number) => {
       const values = intsAttribute(n, attr);
@@ -100,7 +100,7 @@ function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: P
           const min = floatAttribute(n, 'min', -3.4028234663852886e38);
           const max = floatAttribute(n, 'max', 3.4028234663852886e38);
           // The bounds take the type of the clipped tensor (float16 in a float16 model).
-          const type = graph.elemType(n.input[0]);
+          const type = graph.elemType(n.input[0], enclosing);
           n.input[1] = constInput(`${label}_min`, (name) => scalarOfType(name, min, type));
           n.input[2] = constInput(`${label}_max`, (name) => scalarOfType(name, max, type));
           removeAttribute(n, 'min');
@@ -124,7 +124,7 @@ function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: P
         if (from < 11) {
           moveInts('pads', 1);
           const value = floatAttribute(n, 'value', 0);
-          n.input[2] = constInput(`${label}_value`, (name) => scalarOfType(name, value, graph.elemType(n.input[0])));
+          n.input[2] = constInput(`${label}_value`, (name) => scalarOfType(name, value, graph.elemType(n.input[0], enclosing)));
           removeAttribute(n, 'value');
           report.changed.push(`${label}: Pad attributes -> inputs`);
         }
