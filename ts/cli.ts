@@ -18,6 +18,11 @@ import type { WeightLayerReport } from './onnx/passes/quantize-weights';
 import { finetune } from './train/finetune';
 import { loadMnist } from './train/mnist';
 
+/** A layer's name, with the node whose subgraph holds it. */
+function layerName(l: { node: string; subgraph?: string }): string {
+  return l.subgraph ? `${l.node} (in ${l.subgraph})` : l.node;
+}
+
 function parseShape(value: string, previous: Array<[number, number, number]> = []): Array<[number, number, number]> {
   const m = /^(\d+)x(\d+)x(\d+)$/i.exec(value.trim());
   if (!m) throw new InvalidArgumentError(`expected MxKxN (e.g. 64x4096x4096), got '${value}'`);
@@ -154,7 +159,7 @@ export function program(): Command {
         },
       });
       console.log(table(report.layers.map((l) => ({
-        layer: l.node, op: l.op, shape: l.shape.join('x'), bits: l.channelBits ? `${l.bits} (mixed)` : l.bits, granularity: l.granularity,
+        layer: layerName(l), op: l.op, shape: l.shape.join('x'), bits: l.channelBits ? `${l.bits} (mixed)` : l.bits, granularity: l.granularity,
         method: l.method,
         ...(report.layers.some((x) => x.input) ? { 'activation bits, clip': activationCell(l) } : {}),
         'weight SQNR dB': Number(l.weightSqnrDb.toFixed(1)),
@@ -264,7 +269,7 @@ export function program(): Command {
       const { opset, layers } = await inspectModel(model);
       console.log(`opset ${opset}, ${layers.length} layers with weights\n`);
       console.log(table(layers.map((l) => ({
-        layer: l.node, op: l.op, shape: l.shape.join('x'), min: Number(l.min.toPrecision(3)), max: Number(l.max.toPrecision(3)),
+        layer: layerName(l), op: l.op, shape: l.shape.join('x'), min: Number(l.min.toPrecision(3)), max: Number(l.max.toPrecision(3)),
         std: Number(l.std.toPrecision(3)), kurtosis: Number(l.kurtosis.toFixed(2)), histogram: sparkline(l.histogram),
         quantized: l.quantized ? 'yes' : `no: ${l.reason}`,
       }))));

@@ -764,6 +764,10 @@ describe('models with subgraphs (If)', () => {
     const wElse = else8.initializer.find((t) => t.name.startsWith('W_quantized'))!;
     expect(wThen.name).to.not.equal(wElse.name);
     expect(Buffer.from(wThen.rawData).equals(Buffer.from(wElse.rawData))).to.equal(true);
+    // inspectModel lists the branches' layers too.
+    const inspected = await inspectModel(bytes);
+    expect(inspected.layers.map((l) => [l.node, l.subgraph, l.quantized, l.shape])).to.deep.equal([
+      ['h', undefined, true, [32, 32]], ['t1', 'if', true, [32, 32]], ['t2', 'if', true, [32, 32]], ['e1', 'if', true, [32, 32]]]);
     // With 8-bit activations: the main graph's layer input is quantized, the branches' layers are weights only.
     const calibration = [1, 2, 3].map((seed) => ({ x: normalFeeds(1, [1, 32], seed)[0].x, flag: { data: Uint8Array.of(seed % 2), dims: [] } }));
     const a8 = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration });

@@ -2,6 +2,7 @@
 import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel } from './passes/pass';
+import { subgraphLayers, weightConstant } from './passes/quantize-weights';
 
 export interface LayerStats {
   node: string;
@@ -18,6 +19,8 @@ export interface LayerStats {
   nonFinite: number;
   quantized: boolean;
   reason?: string;
+  /** The node whose subgraph (If branch, Loop or Scan body) holds the layer. */
+  subgraph?: string;
 }
 
 export async function inspectModel(input: string | Uint8Array): Promise<{ opset: number; layers: LayerStats[] }> {
@@ -25,17 +28,21 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer.
   const graph = new Graph(await readModelAsync(input, { lazyExternalData: true }));
   const layers: LayerStats[] = [];
-  for (const node of graph.topologicalOrder()) {
-    if (!['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(node.opType)) continue;
+  const candidates = [
+    ...graph.topologicalOrder().filter((n) => ['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(n.opType)).map((node) => ({ node, scopes: [], owner: undefined })),
+    ...subgraphLayers(graph),  // after the main graph's, as quantizeModel takes them
+  ];
+  for (const { node, scopes, owner } of candidates) {
     if (layers.length > 0) await nextTurn();
-    const weight = node.input[1] ? graph.constant(node.input[1]) : undefined;
+    const inBody = owner ? { subgraph: nodeLabel(owner) } : {};
+    const weight = node.input[1] ? weightConstant(graph, node, scopes)?.tensor : undefined;
     // Only float weights have statistics here: others are not read from their file.
     const float = weight && (isFloatTensor(weight) || isFloat16Tensor(weight));
     const t = float ? await withDataRead(weight) : weight;
     const data = t && weightValues(t);
     if (!data || data.length === 0) {
       layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [], nonFinite: 0,
-        quantized: false, reason: 'weight is not a float constant' });
+        quantized: false, reason: 'weight is not a float constant', ...inBody });
       continue;
     }
     // Indexed loops over a view of the weights (no copies): a large model's layers are tens of MB each.
@@ -71,7 +78,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
       : nonFinite > 0 ? `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel refuses them` : undefined;
     layers.push({
       node: nodeLabel(node), op: node.opType, shape: dimsOf(t!), min, max, std: Math.sqrt(m2), kurtosis: m2 > 0 ? m4 / (m2 * m2) - 3 : 0,
-      histogram, nonFinite, quantized: reason === undefined, ...(reason ? { reason } : {}),
+      histogram, nonFinite, quantized: reason === undefined, ...(reason ? { reason } : {}), ...inBody,
     });
   }
   return { opset: graph.opset, layers };
