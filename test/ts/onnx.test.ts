@@ -1112,6 +1112,27 @@ describe('QDQ weights equal fake-quantized float weights', () => {
   });
 });
 
+describe('models below opset 7', () => {
+  it('are not converted (legacy broadcast attributes): int8 falls back to com.microsoft Q/DQ, int4 is refused, never an invalid model', async () => {
+    const bytes = buildModel({
+      opset: 6, inputDims: [1, 3, 3, 3], output: 'y',
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'w'], output: 'c', name: 'conv', attrs: { kernel_shape: [1, 1] } },
+        { op: 'Add', inputs: ['c', 'b'], output: 'y', name: 'add', attrs: { broadcast: 1, axis: 1 } },
+      ],
+      initializers: { w: { dims: [3, 3, 1, 1], data: [1, 0.5, 0, 0, 1, 0.5, 0.5, 0, 1] }, b: { dims: [3], data: [10, 20, 30] } },
+    });
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [] });
+    expect(report.opset.to).to.equal(6);
+    expect(report.opset.microsoftDomainFallback).to.match(/opset 6 predates 7/);
+    const add = readModel(model).graph!.node.find((n) => n.opType === 'Add')!;
+    expect(add.attribute.map((a) => a.name).sort()).to.deep.equal(['axis', 'broadcast']);
+    const e = await quantizeModel(bytes, { weights: { bits: 4 }, evaluationFeeds: [] }).catch((x: Error) => x);
+    expect(e).to.be.instanceOf(OnnxModelError);
+    expect((e as Error).message).to.match(/4-bit weights need opset 21, and this model \(opset 6\) cannot be converted: the model's opset 6 predates 7/);
+  });
+});
+
 describe('Upsample and Resize-10 conversion', () => {
   function upsampleModel(opType: 'Upsample' | 'Resize', opset: number, mode: string, scalesAsAttribute: boolean): Uint8Array {
     const info = (name: string, dims: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } } });

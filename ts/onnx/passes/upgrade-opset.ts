@@ -42,6 +42,9 @@ const CONTROL_FLOW_SINCE = new Map([['If', 1], ['Loop', 11], ['Scan', 9]]);
 
 /** Why the model cannot be converted (or undefined when it can). */
 export function unconvertibleReason(graph: Graph): string | undefined {
+  // Before 7, Add, Mul, Gemm… broadcast only with a `broadcast` attribute and an `axis`, and other attributes
+  // (BatchNormalization's is_test, spatial) differ: what UNCHANGED says holds from 7 on.
+  if (graph.opset < 7) return `the model's opset ${graph.opset} predates 7, from which lowbit converts (older broadcasting rules and attributes)`;
   return unconvertibleIn(graph.graph, graph.opset);
 }
 
