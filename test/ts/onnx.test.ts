@@ -1112,6 +1112,34 @@ describe('QDQ weights equal fake-quantized float weights', () => {
   });
 });
 
+describe('BatchNormalization of opset 7 and 8 (spatial attribute)', () => {
+  const model = (spatial: number) => buildModel({
+    opset: 8, inputDims: [1, 2, 3, 3], output: 'y',
+    nodes: [
+      { op: 'Conv', inputs: ['input', 'w'], output: 'c', name: 'conv', attrs: { kernel_shape: [1, 1] } },
+      { op: 'Relu', inputs: ['c'], output: 'r' },
+      { op: 'BatchNormalization', inputs: ['r', 'g', 'beta', 'mean', 'var'], output: 'y', name: 'bn', attrs: { spatial } },
+    ],
+    initializers: {
+      w: { dims: [2, 2, 1, 1], data: [1, 0.5, -0.5, 1] }, g: { dims: [2], data: [1.5, 0.5] }, beta: { dims: [2], data: [0.1, -0.1] },
+      mean: { dims: [2], data: [0.2, 0.1] }, var: { dims: [2], data: [1.1, 0.9] },
+    },
+  });
+
+  it('spatial = 1 is dropped when the model is converted (opset 9 has no such attribute), and the model computes what it did', async () => {
+    const { model: q, report } = await quantizeModel(model(1), { weights: { bits: 4 }, firstLastLayerBits: 4 });
+    expect(report.opset).to.deep.equal({ from: 8, to: 21 });
+    expect(report.passes.flatMap((p) => p.changed)).to.include('bn: BatchNormalization spatial = 1 attribute dropped');
+    expect(readModel(q).graph!.node.find((n) => n.opType === 'BatchNormalization')!.attribute).to.deep.equal([]);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.98);
+  });
+
+  it('spatial = 0 (per-element statistics) is not converted: int4 is refused with the reason', async () => {
+    const e = await quantizeModel(model(0), { weights: { bits: 4 }, evaluationFeeds: [] }).catch((x: Error) => x);
+    expect((e as Error).message).to.match(/cannot be converted: BatchNormalization \(bn\) with spatial = 0/);
+  });
+});
+
 describe('models below opset 7', () => {
   it('are not converted (legacy broadcast attributes): int8 falls back to com.microsoft Q/DQ, int4 is refused, never an invalid model', async () => {
     const bytes = buildModel({

@@ -55,6 +55,9 @@ function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
       const why = unconvertibleIn(body, opset);
       if (why) return `${why}, inside ${n.opType} (${nodeLabel(n)})`;
     }
+    if (n.opType === 'BatchNormalization' && opset < 9 && intAttribute(n, 'spatial', 1) === 0) {
+      return `BatchNormalization (${nodeLabel(n)}) with spatial = 0 (per-element statistics, dropped at opset 9) is not converted here`;
+    }
     if (UNCHANGED.has(n.opType) || REDUCE_18.has(n.opType)) continue;
     if (['Clip', 'Slice', 'Pad', 'Dropout', 'Squeeze', 'Unsqueeze', 'Split', 'ReduceSum', 'Softmax', 'LogSoftmax', 'Hardmax'].includes(n.opType)) continue;
     if (n.opType === 'Resize' || n.opType === 'Upsample') continue;
@@ -130,6 +133,13 @@ function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: P
           n.input[2] = constInput(`${label}_value`, (name) => scalarOfType(name, value, graph.elemType(n.input[0], enclosing)));
           removeAttribute(n, 'value');
           report.changed.push(`${label}: Pad attributes -> inputs`);
+        }
+        break;
+      case 'BatchNormalization':
+        // spatial (opset 7, 8) is 1 here (unconvertibleIn refuses 0): the only meaning it kept at opset 9.
+        if (from < 9 && attribute(n, 'spatial')) {
+          removeAttribute(n, 'spatial');
+          report.changed.push(`${label}: BatchNormalization spatial = 1 attribute dropped`);
         }
         break;
       case 'Dropout':
