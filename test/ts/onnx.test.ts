@@ -1140,6 +1140,54 @@ describe('BatchNormalization of opset 7 and 8 (spatial attribute)', () => {
   });
 });
 
+describe('Identity nodes on constants (shared or renamed parameters)', () => {
+  it('are bypassed so the layers reading them are quantized (a tied weight read directly and through an Identity is quantized once)', async () => {
+    const r = rng(17);
+    const bytes = buildModel({
+      inputDims: [1, 16], output: 'y',
+      nodes: [
+        { op: 'Identity', inputs: ['W'], output: 'W_tied', name: 'tie' },
+        { op: 'MatMul', inputs: ['input', 'W'], output: 'h', name: 'mm1' },
+        { op: 'Relu', inputs: ['h'], output: 'a' },
+        { op: 'MatMul', inputs: ['a', 'W_tied'], output: 'y', name: 'mm2' },
+      ],
+      initializers: { W: { dims: [16, 16], data: Array.from({ length: 256 }, () => r() - 0.5) } },
+    });
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 } });
+    expect(report.passes.find((p) => p.pass === 'bypass-constant-identities')!.changed).to.deep.equal(["tie: its 1 reader(s) read the constant 'W'"]);
+    expect(report.layers.map((l) => l.node)).to.deep.equal(['mm1', 'mm2']);
+    expect(report.passes.flatMap((p) => p.changed)).to.include('mm2: shares the quantized weights of mm1');
+    const q = readModel(model);
+    expect(q.graph!.node.map((n) => n.opType)).to.not.include('Identity');
+    expect(q.graph!.initializer.map((t) => t.name).sort()).to.deep.equal(['W_quantized', 'W_scale']);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+  });
+
+  it('inside subgraphs too: a branch reading the Identity reads the constant, and its layer is quantized', async () => {
+    const r = rng(18);
+    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
+    const branch = (name: string) => ({ name, output: [info(`${name}_y`)], node: [{ opType: 'MatMul', name: `${name}_mm`, input: ['x', 'W_tied'], output: [`${name}_y`] }] });
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'tied', input: [info('x', TensorProto_DataType.FLOAT, [1, 16]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [{ name: 'W', dataType: TensorProto_DataType.FLOAT, dims: [16n, 16n], rawData: new Uint8Array(Float32Array.from({ length: 256 }, () => r() - 0.5).buffer) }],
+        node: [
+          { opType: 'Identity', name: 'tie', input: ['W'], output: ['W_tied'] },
+          { opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
+            { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('then') },
+            { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('else') },
+          ] },
+        ],
+      },
+    } as never));
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 } });
+    expect(report.layers.map((l) => [l.node, l.subgraph])).to.deep.equal([['then_mm', 'if'], ['else_mm', 'if']]);
+    expect(readModel(model).graph!.initializer).to.deep.equal([]);  // the float W left; its quantized copies sit in the branches
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+  });
+});
+
 describe('models below opset 7', () => {
   it('are not converted (legacy broadcast attributes): int8 falls back to com.microsoft Q/DQ, int4 is refused, never an invalid model', async () => {
     const bytes = buildModel({

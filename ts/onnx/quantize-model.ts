@@ -22,6 +22,7 @@ import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
 import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
+import { bypassConstantIdentities } from './passes/constant-identities';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { foldScalarAffine } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
@@ -501,6 +502,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     throw new OnnxModelError(`weights.bitAllocation (averageBits ${allocation.averageBits}) can leave layers with 4- or 2-bit weights, which need opset 21 or 25, ` +
       `and this model (opset ${graph.opset}) cannot be converted: ${unconvertibleReason(graph)}. Drop bitAllocation or set averageBits to 8.`);
   }
+  passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
   passes.push(await time('fuse-hardswish', () => fuseHardSwish(graph)));
   passes.push(await time('fold-batchnorm', () => foldBatchNorm(graph)));
   passes.push(await time('fold-scalar-affine', () => foldScalarAffine(graph, { shiftAfterConv: !(opts.activations && opts.activations.outputs) })));

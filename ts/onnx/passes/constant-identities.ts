@@ -1,0 +1,41 @@
+/**
+ * Removes Identity nodes whose input is a constant (an initializer or a Constant node's value): exporters write them
+ * for parameters that are shared or renamed (tied embeddings, reused layers). A layer reading such an Identity sees
+ * a computed input, not a constant weight, and stays float; its readers read the constant itself instead (inside
+ * subgraphs too: names are unique across the model). Kept where the Identity's output is a model output.
+ */
+import type { GraphProto } from 'onnx-buf';
+
+import { subgraphsOf, type Graph } from '../graph';
+import { nodeLabel, type PassReport } from './pass';
+
+export function bypassConstantIdentities(graph: Graph): PassReport {
+  const report: PassReport = { pass: 'bypass-constant-identities', changed: [], skipped: [] };
+  for (const identity of [...graph.graph.node]) {
+    if (identity.opType !== 'Identity' || (identity.domain !== '' && identity.domain !== 'ai.onnx')) continue;
+    const [source] = identity.input;
+    const [out] = identity.output;
+    if (!source || !graph.constant(source)) continue;
+    if (graph.isGraphOutput(out)) {
+      report.skipped.push({ node: nodeLabel(identity), reason: `its output '${out}' is a model output` });
+      continue;
+    }
+    const readers = graph.consumers(out);
+    for (const reader of readers) {
+      reader.input.forEach((name, slot) => name === out && (reader.input[slot] = source));
+      subgraphsOf(reader).forEach((body) => renameReads(body, out, source));
+    }
+    graph.graph.node.splice(graph.graph.node.indexOf(identity), 1);
+    report.changed.push(`${nodeLabel(identity)}: its ${readers.length} reader(s) read the constant '${source}'`);
+  }
+  return report;
+}
+
+// Renames the reads of an enclosing graph's value in a subgraph, at any depth.
+function renameReads(body: GraphProto, from: string, to: string): void {
+  for (const n of body.node) {
+    n.input.forEach((name, slot) => name === from && (n.input[slot] = to));
+    subgraphsOf(n).forEach((inner) => renameReads(inner, from, to));
+  }
+  for (const o of body.output) if (o.name === from) o.name = to;
+}
