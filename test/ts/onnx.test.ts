@@ -957,8 +957,9 @@ describe('quantizeModel leaves the event loop running', () => {
     expect(layers).to.be.greaterThan(20);
     expect(turnsDuring('quantize-weights'), 'event-loop turns while weights were quantized').to.be.at.least(layers);
     expect(turnsDuring('bias-correction'), 'turns during bias correction').to.be.at.least(layers);
-    // The next batch runs on onnxruntime's worker thread meanwhile; observers pause every 10 ms.
-    expect(turnsDuring('calibrate batch 1'), 'turns while one batch ran and was observed').to.be.at.least(report.activations.length);
+    // The next batch runs on onnxruntime's worker thread meanwhile; observers pause every 10 ms. How many turns that
+    // gives depends on the machine's load (thousands here when idle, 33 once under a full CI run): a held loop gives 0.
+    expect(turnsDuring('calibrate batch 1'), 'turns while one batch ran and was observed').to.be.at.least(2);
     // Per-layer progress: 'quantize-weights 1/n' … 'n/n', and the same for bias correction.
     const progress = (stage: string) => stages.filter((s) => s.stage.startsWith(`${stage} `)).map((s) => s.stage);
     expect(progress('quantize-weights')).to.deep.equal(report.layers.map((_, i) => `quantize-weights ${i + 1}/${layers}`));
