@@ -447,19 +447,21 @@ describe('models with integer inputs (token ids)', () => {
   });
 
   it('weights.gather quantizes the embedding table into GatherBlockQuantized, whose rows are exactly the dequantized table\'s', async () => {
-    for (const [bits, granularity] of [[8, 'channel'], [4, 'block'], [4, 'channel']] as Array<[2 | 4 | 8, 'channel' | 'block']>) {
+    for (const [bits, granularity] of [[8, 'channel'], [4, 'block'], [4, 'channel'], [2, 'block'], [8, 'tensor']] as Array<[2 | 4 | 8, 'channel' | 'block' | 'tensor']>) {
       const { model, report } = await quantizeModel(tokenModel(), { weights: { bits, granularity, blockSize: 16, gather: true }, evaluationFeeds: [ids(5), ids(6)] });
       const table = report.layers.find((l) => l.op === 'Gather')!;
-      expect(table, `${bits} ${granularity}`).to.include({ node: 'embed', weight: 'embedding', bits, granularity: granularity === 'block' ? 'block 16 on axis 1' : 'channel on axis 0' });
+      expect(table, `${bits} ${granularity}`).to.include({ node: 'embed', weight: 'embedding', bits,
+        granularity: granularity === 'block' ? 'block 16 on axis 1' : granularity === 'tensor' ? 'tensor' : 'channel on axis 0' });
       const q = readModel(model);
       const gbq = q.graph!.node.find((n) => n.name === 'embed')!;
       expect([gbq.opType, gbq.domain]).to.deep.equal(['GatherBlockQuantized', 'com.microsoft']);
       expect(q.graph!.initializer.map((t) => t.name)).to.not.include('embedding');
-      expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(bits === 8 ? 0.999 : 0.97);
+      expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(bits === 8 ? 0.999 : bits === 4 ? 0.97 : 0.5);
       // The gathered rows: the table quantized as the pass does (zero point 0), dequantized.
       const r = rng(11);
       const embedding = Float32Array.from({ length: V * D }, () => (r() - 0.5) * 2);  // tokenModel's first initializer
-      const expected = dequantize(quantizeTensor(embedding, { shape: [V, D], bits, ...(granularity === 'block' ? { granularity, axis: 1, blockSize: 16 } : { granularity, axis: 0 }) }));
+      const how = granularity === 'block' ? { granularity, axis: 1, blockSize: 16 } : granularity === 'tensor' ? { granularity } : { granularity, axis: 0 };
+      const expected = dequantize(quantizeTensor(embedding, { shape: [V, D], bits, ...how }));
       const probe = new Graph(readModel(model));
       probe.graph.output.push(create(ValueInfoProtoSchema, { name: 'e', type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT } } } }));
       const O = ort();
@@ -471,7 +473,38 @@ describe('models with integer inputs (token ids)', () => {
     }
     const plain = await quantizeModel(tokenModel(), { weights: { bits: 8 } });
     expect(readModel(plain.model).graph!.node.find((n) => n.name === 'embed')!.opType).to.equal('Gather');  // off by default
+    const kept = await quantizeModel(tokenModel(), { weights: { bits: 8, gather: true }, keepFloat: ['Gather'] });
+    expect(kept.report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'embed', reason: 'kept in float (keepFloat)' });
+    expect(kept.report.passes.flatMap((p) => p.skipped).map((x) => x.reason).join('\n')).to.not.match(/it keeps nothing/);
     expect(String(await quantizeModel(tokenModel(), { weights: { bits: 8, gather: 1 as never } }).catch((x: Error) => x))).to.match(/TypeError: Expected a boolean for options\.weights\.gather/);
+  });
+
+  it('weights.gather: a table two Gathers read is quantized once; one that another node reads too stays as well (reported)', async () => {
+    const r = rng(13);
+    const info = (name: string, elemType: number) => ({ name, type: { value: { case: 'tensorType', value: { elemType } } } });
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'tables', output: [info('y', TensorProto_DataType.FLOAT)],
+        input: [{ name: 'ids', type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.INT64, shape: { dim: [{ value: { case: 'dimParam', value: 'batch' } }, { value: { case: 'dimParam', value: 'seq' } }] } } } } }],
+        initializer: [{ name: 'E', dataType: TensorProto_DataType.FLOAT, dims: [8n, 16n], rawData: new Uint8Array(Float32Array.from({ length: 128 }, () => r() - 0.5).buffer) }],
+        node: [
+          { opType: 'Gather', name: 'encoder_embed', input: ['E', 'ids'], output: ['a'] },
+          { opType: 'Gather', name: 'decoder_embed', input: ['E', 'ids'], output: ['b'] },
+          { opType: 'Add', name: 'add', input: ['a', 'b'], output: ['s'] },
+          { opType: 'Transpose', name: 'tie', input: ['E'], output: ['Et'] },
+          { opType: 'MatMul', name: 'logits', input: ['s', 'Et'], output: ['y'] },
+        ],
+      },
+    } as never));
+    const feeds = [{ ids: { data: BigInt64Array.of(1n, 5n, 7n), dims: [1, 3] } }];
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 8, gather: true }, evaluationFeeds: feeds });
+    expect(report.layers.map((l) => [l.node, l.op])).to.deep.equal([['encoder_embed', 'Gather'], ['decoder_embed', 'Gather']]);
+    expect(report.passes.flatMap((p) => p.changed)).to.include('decoder_embed: shares the quantized table of encoder_embed');
+    expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'encoder_embed', reason: "the float table 'E' stays too: tie read(s) it" });
+    const q = readModel(model);
+    expect(q.graph!.initializer.map((t) => t.name).sort()).to.deep.equal(['E', 'E_quantized', 'E_scale']);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
   });
 
   it('an input of another type is a clear error for calibration and skips the made-up evaluation (reported)', async () => {
@@ -803,6 +836,33 @@ describe('models with subgraphs (If)', () => {
     expect(a8.report.activations.map((a) => a.tensor)).to.deep.equal(['x']);
     expect(a8.report.layers.map((l) => !!l.input)).to.deep.equal([true, false, false, false]);
     (await outputs(a8.model)).forEach((g, k) => g.forEach((v, i) => expect(v, `flag ${k}`).to.be.closeTo(want[k][i], 0.1)));
+  });
+
+  it('a weight a main-graph layer and a branch layer share keeps its own DequantizeLinear attributes in the branch (blocked, W4A8)', async () => {
+    // The main MatMul's blocked weights are stored transposed by fit-onnxruntime (its input is quantized); the
+    // branch's copy must keep axis 0.
+    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
+    const r = rng(6);
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 21n }],
+      graph: {
+        name: 'shared', input: [info('x', TensorProto_DataType.FLOAT, [1, 32]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [{ name: 'W', dataType: TensorProto_DataType.FLOAT, dims: [32n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 1024 }, () => (r() - 0.5) / 4).buffer) }],
+        node: [
+          { opType: 'MatMul', name: 'main_mm', input: ['x', 'W'], output: ['h'] },
+          { opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
+            { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', output: [info('t')], node: [{ opType: 'MatMul', name: 'then_mm', input: ['h', 'W'], output: ['t'] }] } },
+            { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [info('e')], node: [{ opType: 'Relu', name: 'relu', input: ['h'], output: ['e'] }] } },
+          ] },
+        ],
+      },
+    } as never));
+    const calibration = [1, 2].map((seed) => ({ x: normalFeeds(1, [1, 32], seed)[0].x, flag: { data: Uint8Array.of(1), dims: [] } }));
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 4, granularity: 'block', blockSize: 16 }, firstLastLayerBits: 4, activations: { bits: 8 }, calibration });
+    expect(report.passes.flatMap((p) => p.changed)).to.include('then_mm: shares the quantized weights of main_mm');
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.97);
+    const then = readModel(model).graph!.node.find((n) => n.opType === 'If')!.attribute[0].g!;
+    expect(Number(then.node.find((n) => n.opType === 'DequantizeLinear')!.attribute.find((a) => a.name === 'axis')!.i)).to.equal(0);
   });
 
   it('with layer outputs quantized, a data-movement output read only inside a branch gets no (dead) quantizer', async () => {
@@ -1219,7 +1279,7 @@ describe('Identity nodes on constants (shared or renamed parameters)', () => {
 });
 
 describe('models below opset 7', () => {
-  it('are not converted (legacy broadcast attributes): int8 falls back to com.microsoft Q/DQ, int4 is refused, never an invalid model', async () => {
+  it('are refused with the reason (legacy broadcast attributes; onnxruntime guarantees opset 7 and later), never turned into an invalid model', async () => {
     const bytes = buildModel({
       opset: 6, inputDims: [1, 3, 3, 3], output: 'y',
       nodes: [
@@ -1228,14 +1288,13 @@ describe('models below opset 7', () => {
       ],
       initializers: { w: { dims: [3, 3, 1, 1], data: [1, 0.5, 0, 0, 1, 0.5, 0.5, 0, 1] }, b: { dims: [3], data: [10, 20, 30] } },
     });
-    const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [] });
-    expect(report.opset.to).to.equal(6);
-    expect(report.opset.microsoftDomainFallback).to.match(/opset 6 predates 7/);
-    const add = readModel(model).graph!.node.find((n) => n.opType === 'Add')!;
-    expect(add.attribute.map((a) => a.name).sort()).to.deep.equal(['axis', 'broadcast']);
-    const e = await quantizeModel(bytes, { weights: { bits: 4 }, evaluationFeeds: [] }).catch((x: Error) => x);
-    expect(e).to.be.instanceOf(OnnxModelError);
-    expect((e as Error).message).to.match(/4-bit weights need opset 21, and this model \(opset 6\) cannot be converted: the model's opset 6 predates 7/);
+    for (const bits of [8, 4] as const) {
+      const e = await quantizeModel(bytes, { weights: { bits }, evaluationFeeds: [] }).catch((x: Error) => x);
+      expect(e).to.be.instanceOf(OnnxModelError);
+      expect((e as Error).message).to.match(/^This model's opset 6 predates 7, which lowbit needs .*re-export or convert the model to a newer opset first/);
+    }
+    // upgradeOpset alone refuses it too.
+    expect(() => upgradeOpset(new Graph(readModel(bytes)), 13)).to.throw(/the model's opset 6 predates 7/);
   });
 });
 

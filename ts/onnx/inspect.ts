@@ -2,6 +2,7 @@
 import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel } from './passes/pass';
+import { bypassConstantIdentities } from './passes/constant-identities';
 import { subgraphLayers, weightConstant } from './passes/quantize-weights';
 
 export interface LayerStats {
@@ -27,6 +28,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   // Read without holding the event loop, and one layer's weights in memory at a time when they are external
   // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer.
   const graph = new Graph(await readModelAsync(input, { lazyExternalData: true }));
+  bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
   const layers: LayerStats[] = [];
   const candidates = [
     ...graph.topologicalOrder().filter((n) => ['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(n.opType)).map((node) => ({ node, scopes: [], owner: undefined })),

@@ -23,7 +23,7 @@ import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
 import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
 import { bypassConstantIdentities } from './passes/constant-identities';
-import { quantizeGathers } from './passes/quantize-gather';
+import { isQuantizableTable, quantizeGathers } from './passes/quantize-gather';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { foldScalarAffine } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
@@ -462,8 +462,15 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const model = await time('read', () => readModelAsync(input, { lazyExternalData: true }));
   const evaluationFeeds = opts.evaluationFeeds?.map((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
   const graph = new Graph(model);
+  if (graph.opset > 0 && graph.opset < 7) {
+    // Add, Mul, Gemm… broadcast by attribute there, which the passes' inserted nodes do not do.
+    throw new OnnxModelError(`This model's opset ${graph.opset} predates 7, which lowbit needs (onnxruntime itself guarantees only opset 7 and later): ` +
+      're-export or convert the model to a newer opset first.');
+  }
   await time('validate', () => graph.topologicalOrder());
   const passes: PassReport[] = [];
+  // First: what reads a weight through an Identity is a layer for every decision below (float16 weights, opset).
+  passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
   const bits = opts.weights.bits;
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
   const blockedWeights = opts.weights.granularity === 'block';
@@ -508,7 +515,6 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     throw new OnnxModelError(`weights.bitAllocation (averageBits ${allocation.averageBits}) can leave layers with 4- or 2-bit weights, which need opset 21 or 25, ` +
       `and this model (opset ${graph.opset}) cannot be converted: ${unconvertibleReason(graph)}. Drop bitAllocation or set averageBits to 8.`);
   }
-  passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
   passes.push(await time('fuse-hardswish', () => fuseHardSwish(graph)));
   passes.push(await time('fold-batchnorm', () => foldBatchNorm(graph)));
   passes.push(await time('fold-scalar-affine', () => foldScalarAffine(graph, { shiftAfterConv: !(opts.activations && opts.activations.outputs) })));
@@ -527,9 +533,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   const targets = quantizableLayers(graph, opts.keepFloat);
   const bodyTargets = quantizableSubgraphLayers(graph, opts.keepFloat).length;  // weights only
-  const tables = opts.weights.gather ? graph.graph.node.filter((n) => n.opType === 'Gather' && graph.constant(n.input[0])).length : 0;
+  const tables = opts.weights.gather ? graph.graph.node.filter((n) => isQuantizableTable(graph, n, opts.keepFloat)).length : 0;
   if (targets.length + bodyTargets + tables === 0) {
-    throw new OnnxModelError('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. Check keepFloat.');
+    throw new OnnxModelError(`No Conv, Gemm or MatMul layer with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
+      'the model would be unchanged. Check keepFloat.');
   }
   // Before calibration, which would otherwise fail later on the values they produce (without calibration the
   // weight pass checks each layer as it quantizes it).
@@ -637,7 +644,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const { report: weightReport, layers, weights } = await time('quantize-weights', () => runStepsAsync(quantizeWeightsByLayer(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
-    keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
+    keepFloat: opts.keepFloat, gather: !!opts.weights.gather, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
     rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
     keepValues: dataBiasCorrection || new Set(shifts.keys()), async: true,
@@ -678,7 +685,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         (_, done) => opts.onProgress?.(`bias-correction ${done}/${weights.length}`))));
       // A MatMul whose correction went into the bias Add after it is compared (layer SQNR) after that Add.
       const moved = new Map(weights.filter((w) => w.biasAddOutput).map((w) => [w.node, w.biasAddOutput!]));
-      for (const l of layers) l.output = moved.get(l.node) ?? l.output;
+      for (const l of layers) if (!l.subgraph) l.output = moved.get(l.node) ?? l.output;
     }
     if (staticActivations) {
       const act = await time('quantize-activations', () => quantizeActivations(graph, ranges, new Set(targets.map((n) => nodeLabel(n))),
@@ -686,7 +693,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       passes.push(act.report);
       activations = act.activations;
       const byTensor = new Map(activations.map((x) => [x.tensor, { bits: x.bits, range: x.range }]));
-      for (const l of layers) {
+      for (const l of layers.filter((x) => !x.subgraph)) {  // a body node may share a main-graph layer's name
         const input = byTensor.get(inputs.get(l.node)!);
         const output = byTensor.get(placement?.quantizedOutput.get(l.node) ?? l.output);
         if (input) l.input = input;
@@ -707,7 +714,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (dynamic) {
     const dyn = await time('dynamic-activations', () => quantizeInputsDynamically(graph, targets, labels));
     passes.push(dyn.report);
-    for (const l of layers) if (dyn.quantized.has(l.node)) l.input = { bits: 8, dynamic: true };
+    for (const l of layers) if (!l.subgraph && dyn.quantized.has(l.node)) l.input = { bits: 8, dynamic: true };
   }
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
   if (!fitsOneFile && (opts.outputPath === undefined || opts.externalData === false)) {

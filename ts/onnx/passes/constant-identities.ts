@@ -1,5 +1,6 @@
 /**
- * Removes Identity nodes whose input is a constant (an initializer or a Constant node's value): exporters write them
+ * Removes the main graph's Identity nodes whose input is a constant (an initializer or a Constant node's value; not
+ * yet Identity nodes inside subgraph bodies): exporters write them
  * for parameters that are shared or renamed (tied embeddings, reused layers). A layer reading such an Identity sees
  * a computed input, not a constant weight, and stays float; its readers read the constant itself instead (inside
  * subgraphs too: names are unique across the model). Kept where the Identity's output is a model output.
@@ -11,7 +12,7 @@ import { nodeLabel, type PassReport } from './pass';
 
 export function bypassConstantIdentities(graph: Graph): PassReport {
   const report: PassReport = { pass: 'bypass-constant-identities', changed: [], skipped: [] };
-  for (const identity of [...graph.graph.node]) {
+  for (const identity of graph.topologicalOrder()) {  // a chain's first Identity first
     if (identity.opType !== 'Identity' || (identity.domain !== '' && identity.domain !== 'ai.onnx')) continue;
     const [source] = identity.input;
     const [out] = identity.output;

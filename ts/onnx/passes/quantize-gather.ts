@@ -7,14 +7,14 @@
  * and 4-bit values (2-bit values in int4: the operator's CPU kernel takes 4 and 8 bits) and as uint8 with bits = 8
  * for 8-bit ones (value + 128: the operator's default zero point there).
  */
-import { TensorProto_DataType } from 'onnx-buf';
+import { TensorProto_DataType, type AttributeProto, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { packInt4 } from '../../pack';
-import { quantizationError, quantizeTensor, type QuantizeOptions } from '../../quantize';
-import { dimsOf, intAttribute, isFloatTensor, makeIntAttribute, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
+import { quantizationError, type QuantizeOptions } from '../../quantize';
+import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeTensor, ownedTensor, subgraphsOf, weightValues, type Graph } from '../graph';
 import { readLazyTensor } from '../model-io';
 import { nodeLabel, type PassReport, type Steps } from './pass';
-import type { WeightLayerReport } from './quantize-weights';
+import { checkFiniteWeights, quantized, weightConstant, type WeightLayerReport } from './quantize-weights';
 
 export interface GatherQuantization {
   bits: 2 | 4 | 8;
@@ -24,38 +24,61 @@ export interface GatherQuantization {
   keepFloat?: string[];
 }
 
+/** Whether a node is a Gather this pass converts: axis 0 (rows) of a 2-D float32 constant, not kept in float. */
+export function isQuantizableTable(graph: Graph, node: NodeProto, keepFloat: string[] = []): boolean {
+  return whyNot(graph, node, new Set(keepFloat)) === undefined;
+}
+
+// Why a Gather of a constant is not converted (undefined: it is); '' when there is nothing worth reporting.
+function whyNot(graph: Graph, node: NodeProto, keep: Set<string>): string | undefined {
+  if (node.opType !== 'Gather' || (node.domain !== '' && node.domain !== 'ai.onnx')) return '';
+  const table = graph.constant(node.input[0]);
+  if (!table) return '';  // gathering from a computed tensor (shapes, ids)
+  if (keep.has(node.name) || keep.has('Gather')) return 'kept in float (keepFloat)';
+  if (isFloat16Tensor(table)) return 'float16 tables are not quantized yet';
+  if (!isFloatTensor(table)) return '';  // integer constants (indices, shapes)
+  const dims = dimsOf(table);
+  if (dims.length !== 2) return `its table is ${dims.length}-D, not 2-D`;
+  const axis = intAttribute(node, 'axis', 0);
+  return axis === 0 || axis === -2 ? undefined : 'it gathers along the table\'s columns, not its rows';
+}
+
 export function* quantizeGathers(graph: Graph, options: GatherQuantization): Steps<{ report: PassReport; layers: WeightLayerReport[] }> {
   const report: PassReport = { pass: 'quantize-gather', changed: [], skipped: [] };
   const layers: WeightLayerReport[] = [];
   const keep = new Set(options.keepFloat ?? []);
+  // A table several Gathers read (shared encoder/decoder embeddings) is quantized once.
+  const converted = new Map<TensorProto, { base: string; inputs: [string, string]; attributes: AttributeProto[]; layer: WeightLayerReport }>();
   for (const node of graph.topologicalOrder()) {
-    if (node.opType !== 'Gather' || (node.domain !== '' && node.domain !== 'ai.onnx')) continue;
+    const why = whyNot(graph, node, keep);
     const label = nodeLabel(node);
-    const table = graph.constant(node.input[0]);
-    if (!table) continue;  // gathering from a computed tensor (shapes, ids): nothing to quantize
-    const dims = dimsOf(table);
-    const why = keep.has(node.name) || keep.has('Gather') ? 'kept in float (keepFloat)'
-      : !isFloatTensor(table) ? 'its table is not float32'
-        : dims.length !== 2 ? `its table is ${dims.length}-D, not 2-D`
-          : intAttribute(node, 'axis', 0) !== 0 ? 'it gathers along axis 1, not 0 (rows)' : undefined;
-    if (why) {
-      report.skipped.push({ node: label, reason: why });
+    if (why) report.skipped.push({ node: label, reason: why });
+    if (why !== undefined) continue;
+    const table = graph.constant(node.input[0])!;
+    const base = node.input[0];
+    const earlier = converted.get(table);
+    if (earlier) {
+      convert(graph, node, earlier.inputs, earlier.attributes);
+      layers.push({ ...earlier.layer, node: label, output: node.output[0] });
+      report.changed.push(`${label}: shares the quantized table of ${earlier.layer.node}`);
+      yield label;
       continue;
     }
     const reading = readLazyTensor(table);
     if (reading) yield reading;
     const data = weightValues(table)!;
+    checkFiniteWeights(node, base, data);
+    const dims = dimsOf(table);
     const [rows, width] = dims;
     const blocked = options.granularity === 'block' && width >= (options.blockSize ?? 32);
-    const q = quantizeTensor(data, {
+    const q = yield* quantized(data, {
       shape: dims, bits: options.bits, method: options.method,
       ...(blocked ? { granularity: 'block' as const, axis: 1, blockSize: options.blockSize ?? 32 }
         : options.granularity === 'tensor' ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: 0 }),
-    });
+    }, true);
     // One block per row unless blocked: the operator's block_size is a power of two of at least 16.
     const blockSize = blocked ? options.blockSize ?? 32 : Math.max(16, 2 ** Math.ceil(Math.log2(width)));
     const scales = q.granularity === 'tensor' ? new Float32Array(rows).fill(q.scale[0]) : q.scale;
-    const base = node.input[0];
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
     const eightBit = options.bits === 8;
@@ -63,20 +86,48 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
       ? ownedTensor(valuesName, TensorProto_DataType.UINT8, dims, Uint8Array.from(q.values, (v) => v + 128))
       : ownedTensor(valuesName, TensorProto_DataType.INT4, dims, packInt4(q)));
     graph.addInitializer(makeTensor(scaleName, TensorProto_DataType.FLOAT, [rows, scales.length / rows], new Uint8Array(scales.buffer, scales.byteOffset, scales.byteLength)));
-    node.opType = 'GatherBlockQuantized';
-    node.domain = 'com.microsoft';
-    node.input = [valuesName, node.input[1], scaleName];
-    node.attribute = [makeIntAttribute('gather_axis', 0), makeIntAttribute('quantize_axis', 1), makeIntAttribute('block_size', blockSize),
+    const attributes = [makeIntAttribute('gather_axis', 0), makeIntAttribute('quantize_axis', 1), makeIntAttribute('block_size', blockSize),
       ...(eightBit ? [makeIntAttribute('bits', 8)] : [])];
-    graph.removeIfUnused(base);
-    graph.importDomain('com.microsoft');
+    convert(graph, node, [valuesName, scaleName], attributes);
     const granularity = blocked ? `block ${blockSize} on axis 1` : options.granularity === 'tensor' ? 'tensor' : 'channel on axis 0';
-    layers.push({
+    const layer: WeightLayerReport = {
       node: label, op: 'Gather', weight: base, shape: dims, bits: options.bits, granularity, method: options.method ?? 'minmax',
       weightSqnrDb: quantizationError(data, q).sqnrDb, output: node.output[0],
-    });
+    };
+    layers.push(layer);
+    converted.set(table, { base, inputs: [valuesName, scaleName], attributes, layer });
     report.changed.push(`${label}: ${options.bits}-bit ${granularity} table, GatherBlockQuantized`);
     yield label;
   }
+  for (const { base, layer } of converted.values()) {
+    graph.removeIfUnused(base);
+    const others = graph.consumers(base).map(nodeLabel);
+    if (others.length > 0) report.skipped.push({ node: layer.node, reason: `the float table '${base}' stays too: ${others.join(', ')} read(s) it` });
+  }
+  // Gathers inside If/Loop/Scan bodies (merged decoders keep theirs there) are not converted yet: say so.
+  for (const l of subgraphGathers(graph)) report.skipped.push({ node: nodeLabel(l.node), reason: 'inside a subgraph: tables there are not quantized yet' });
   return { report, layers };
+}
+
+// The Gather becomes GatherBlockQuantized over the quantized table (its indices stay).
+function convert(graph: Graph, node: NodeProto, [values, scales]: [string, string], attributes: AttributeProto[]): void {
+  node.opType = 'GatherBlockQuantized';
+  node.domain = 'com.microsoft';
+  node.input = [values, node.input[1], scales];
+  node.attribute = attributes.map((a) => makeIntAttribute(a.name, Number(a.i)));
+  graph.importDomain('com.microsoft');
+}
+
+// Gathers of a float constant inside subgraph bodies.
+function subgraphGathers(graph: Graph): Array<{ node: NodeProto }> {
+  const found: Array<{ node: NodeProto }> = [];
+  const walk = (scopes: GraphProto[]) => {
+    for (const n of scopes[0].node) {
+      const t = n.opType === 'Gather' ? weightConstant(graph, n, scopes, 0)?.tensor : undefined;
+      if (t && (isFloatTensor(t) || isFloat16Tensor(t))) found.push({ node: n });
+      for (const inner of subgraphsOf(n)) walk([inner, ...scopes]);
+    }
+  };
+  for (const n of graph.graph.node) for (const body of subgraphsOf(n)) walk([body]);
+  return found;
 }

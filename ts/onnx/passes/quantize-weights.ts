@@ -28,6 +28,8 @@ export interface WeightQuantization {
   firstLastLayerBits?: number;
   /** Node names or op types to leave in float. */
   keepFloat?: string[];
+  /** Embedding tables are quantized too (passes/quantize-gather): keepFloat may name their Gathers. */
+  gather?: boolean;
   /** Use com.microsoft Q/DQ (old opsets onnxruntime still accepts; int8 only). */
   microsoftDomain?: boolean;
   /**
@@ -73,7 +75,7 @@ export interface WeightQuantization {
 const ASYNC_MIN_VALUES = 1 << 20;
 
 /** quantizeTensor, or quantizeTensorAsync yielded for runStepsAsync to wait for (the same values; the event loop stays free). */
-function* quantized(data: Float32Array, how: QuantizeOptions, async: boolean): Generator<Promise<void>, QuantizedTensor, void> {
+export function* quantized(data: Float32Array, how: QuantizeOptions, async: boolean): Generator<Promise<void>, QuantizedTensor, void> {
   if (!async || data.length < ASYNC_MIN_VALUES) return quantizeTensor(data, how);
   let q: QuantizedTensor | undefined;
   yield quantizeTensorAsync(data, how).then((r) => {
@@ -208,11 +210,11 @@ function isQuantizable(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): b
 }
 
 /**
- * A layer's constant weight and the subgraph that holds it (undefined: the main graph). `scopes`: the subgraphs
+ * A layer's constant weight (its input `input`) and the subgraph that holds it (undefined: the main graph). `scopes`: the subgraphs
  * around the layer, innermost first (none for a layer of the main graph); the nearest one that defines the name wins.
  */
-export function weightConstant(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): { tensor: TensorProto; home?: GraphProto } | undefined {
-  const name = n.input[1];
+export function weightConstant(graph: Graph, n: NodeProto, scopes: GraphProto[] = [], input = 1): { tensor: TensorProto; home?: GraphProto } | undefined {
+  const name = n.input[input];
   for (const scope of scopes) {
     const init = scope.initializer.find((t) => t.name === name);
     if (init) return { tensor: init, home: scope };
@@ -251,7 +253,8 @@ export function subgraphLayers(graph: Graph): SubgraphLayer[] {
 
 /** Removes a subgraph's own constant (initializer or Constant node) once no node in it, at any depth, reads it. */
 function removeFromBodyIfUnused(home: GraphProto, name: string): void {
-  const reads = (g: GraphProto): boolean => g.node.some((n) => n.input.includes(name) || subgraphsOf(n).some(reads));
+  const reads = (g: GraphProto): boolean =>
+    g.node.some((n) => n.input.includes(name) || subgraphsOf(n).some((sub) => reads(sub) || sub.output.some((o) => o.name === name)));
   if (reads(home) || home.output.some((o) => o.name === name)) return;
   const i = home.initializer.findIndex((t) => t.name === name);
   if (i >= 0) home.initializer.splice(i, 1);
@@ -305,8 +308,9 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const mainCandidates = graph.topologicalOrder().filter((n) => QUANTIZABLE.has(n.opType));
   const candidates = [...mainCandidates, ...inBodies.map((l) => l.node)];
   // A keepFloat entry that keeps nothing is most likely misspelled: say so rather than quantize the layer silently.
+  const tables = options.gather ? graph.graph.node.filter((n) => n.opType === 'Gather') : [];
   for (const entry of keep) {
-    if (candidates.some((n) => n.name === entry || n.opType === entry)) continue;
+    if ([...candidates, ...tables].some((n) => n.name === entry || n.opType === entry)) continue;
     const close = [...new Set(candidates.flatMap((n) => [n.name, n.opType]))].find((k) => k.toLowerCase() === entry.toLowerCase());
     report.skipped.push({
       node: entry, reason: `keepFloat: no Conv, Gemm or MatMul layer of this model has this name or op type${close ? ` (did you mean '${close}'?)` : ''}; it keeps nothing`,
@@ -369,7 +373,10 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const how = JSON.stringify([node.opType === 'Conv' ? 'conv' : 'matrix', axes, edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits,
       !!options.bitAllocation && !edge]);
     const earlier = quantizedOnce.get(w);
-    const ownRounding = options.rounding === 'gptq' && (options.moments?.get(label)?.count ?? 0) > 0;
+    // Input statistics (GPTQ, bias correction) exist for main-graph layers only: calibration cannot observe a body,
+    // and a body node may share a main-graph node's name.
+    const moments = options.rounding === 'gptq' && !inBody ? options.moments?.get(label) : undefined;
+    const ownRounding = (moments?.count ?? 0) > 0;
     if (earlier && earlier.how === how && !ownRounding) {
       if (earlier.scope === scope) {
         node.input[1] = earlier.dq.output[0];
@@ -377,13 +384,15 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         // Another graph holds the first DequantizeLinear: one more here, with copies of its constants (sharing their bytes).
         const copies = earlier.constants.map((t) => ownedTensor(graph.uniqueName(t.name), t.dataType, dimsOf(t), t.rawData));
         copies.forEach(addConstant);
-        const dq = makeNode('DequantizeLinear', copies.map((t) => t.name), [graph.uniqueName(`${base}_dequantized`)], `${label}_weight_dq`, earlier.dq.attribute, earlier.dq.domain);
+        // Fresh attributes: a later pass (fit-onnxruntime) may change the first node's in place.
+        const attributes = earlier.dq.attribute.map((a) => makeIntAttribute(a.name, Number(a.i)));
+        const dq = makeNode('DequantizeLinear', copies.map((t) => t.name), [graph.uniqueName(`${base}_dequantized`)], `${label}_weight_dq`, attributes, earlier.dq.domain);
         place(dq, node);
         node.input[1] = dq.output[0];
       }
       removeIfUnused(base);
       layers.push({ ...earlier.layer, node: label, output: node.output[0], ...(inBody ? { subgraph: nodeLabel(inBody.owner) } : {}) });
-      weights.push({ ...earlier.weights, node: label });
+      if (!inBody) weights.push({ ...earlier.weights, node: label });
       report.changed.push(`${label}: shares the quantized weights of ${earlier.layer.node}`);
       yield label;
       continue;
@@ -430,11 +439,11 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     if (half) q = withFloat16Scales(q, source, label);
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
     if (options.rounding === 'sum-preserving' && taps > 1) q = preserveRunSums(q, source, taps);
-    const moments = options.rounding === 'gptq' ? options.moments?.get(label) : undefined;
     const gptq = !!moments && moments.count > 0 && moments.grams.length > 0;
     if (options.rounding === 'gptq') {
       if (gptq) q = yield* gptqRoundSteps(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
-      else report.skipped.push({ node: label, reason: 'no input statistics for it (a constant input, a 3-D convolution or no calibration data): rounded to nearest, not GPTQ' });
+      else report.skipped.push({ node: label, reason: inBody ? 'inside a subgraph, whose inputs calibration cannot observe: rounded to nearest, not GPTQ'
+        : 'no input statistics for it (a constant input, a 3-D convolution or no calibration data): rounded to nearest, not GPTQ' });
     }
     if (q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type (mixed channel bits, reduced range)
     if (options.momentCorrection && !blocked) {
@@ -469,12 +478,15 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       output: node.output[0],
       ...(inBody ? { subgraph: nodeLabel(inBody.owner) } : {}),
     };
-    weights.push({
-      node: label, shape: dims, outputAxis: axes.outputAxis, ...(options.keepValues === true || (options.keepValues && options.keepValues.has(label)) ? { original: data, dequantized: dequantize(q) } : {}),
+    // What bias correction, int32 biases and shift compensation need: main-graph layers only.
+    const kept = !inBody && (options.keepValues === true || (options.keepValues && options.keepValues.has(label)));
+    const entry: QuantizedWeights = {
+      node: label, shape: dims, outputAxis: axes.outputAxis, ...(kept ? { original: data, dequantized: dequantize(q) } : {}),
       ...(blocked ? {} : { channelScales: perTensor ? new Float32Array(dims[axes.outputAxis]).fill(q.scale[0]) : q.scale }),
-    });
+    };
+    if (!inBody) weights.push(entry);
     layers.push(layer);
-    if (!gptq) quantizedOnce.set(w, { how, dq, constants: [valuesTensorProto, scaleTensor], scope, layer, weights: weights[weights.length - 1] });
+    if (!gptq) quantizedOnce.set(w, { how, dq, constants: [valuesTensorProto, scaleTensor], scope, layer, weights: entry });
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
     yield label;
   }
