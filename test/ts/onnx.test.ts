@@ -16,7 +16,7 @@ import { fuseHardSwish } from '../../ts/onnx/passes/fuse-hardswish';
 import { layerInput, quantizeWeights } from '../../ts/onnx/passes/quantize-weights';
 import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
-import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
+import { unconvertibleReason, upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel, storedBytes, writeFileAtomic, writeFileAtomicAsync } from '../../ts/onnx/model-io';
 import { writeMatMulChain } from '../../ts/bench/large-model';
 import { compareOutputs, quantizeModel } from '../../ts/onnx/quantize-model';
@@ -1224,9 +1224,12 @@ describe('BatchNormalization of opset 7 and 8 (spatial attribute)', () => {
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.98);
   });
 
-  it('spatial = 0 (per-element statistics) is not converted: int4 is refused with the reason', async () => {
+  it('spatial = 0 (per-element statistics) or training outputs are not converted: int4 is refused with the reason', async () => {
     const e = await quantizeModel(model(0), { weights: { bits: 4 }, evaluationFeeds: [] }).catch((x: Error) => x);
     expect((e as Error).message).to.match(/cannot be converted: BatchNormalization \(bn\) with spatial = 0/);
+    const training = readModel(model(1));
+    training.graph!.node.find((n) => n.opType === 'BatchNormalization')!.output.push('running_mean', 'running_var');
+    expect(unconvertibleReason(new Graph(training))).to.match(/BatchNormalization \(bn\) with training outputs/);
   });
 });
 

@@ -55,6 +55,9 @@ function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
       const why = unconvertibleIn(body, opset);
       if (why) return `${why}, inside ${n.opType} (${nodeLabel(n)})`;
     }
+    if (n.opType === 'BatchNormalization' && n.output.filter((o) => o !== '').length > 1) {
+      return `BatchNormalization (${nodeLabel(n)}) with training outputs (running statistics; from opset 14 they need training_mode) is not converted here`;
+    }
     if (n.opType === 'BatchNormalization' && opset < 9 && intAttribute(n, 'spatial', 1) === 0) {
       return `BatchNormalization (${nodeLabel(n)}) with spatial = 0 (per-element statistics, dropped at opset 9) is not converted here`;
     }
