@@ -22,7 +22,7 @@ import { pauser } from './passes/pass';
  * One input's values: float32 inputs take a Float32Array, int64 ones a BigInt64Array (token ids), int32 ones an
  * Int32Array, float16 ones a Uint16Array of float16 bit patterns (see float16.ts), uint8 ones a Uint8Array (8-bit
  * images), int8 ones an Int8Array, bool ones a Uint8Array of 0 and 1. `type` is onnxruntime's name of the element
- * type (an onnxruntime Tensor has it); checked feeds carry it where the array alone does not tell (bool, uint8).
+ * type (an onnxruntime Tensor has it; checkFeed sets it): a Uint8Array alone does not tell bool from uint8.
  */
 export interface FeedTensor { data: Float32Array | BigInt64Array | Int32Array | Uint16Array | Uint8Array | Int8Array; dims: readonly number[]; type?: string }
 export type Feed = Record<string, FeedTensor>;
@@ -51,7 +51,7 @@ function feedType(name: string, elemType: number): FeedType {
   return type;
 }
 
-/** An onnxruntime tensor of a feed's values (its type follows `type`, else the array). */
+/** An onnxruntime tensor of a feed's values (its type follows the array; a Uint8Array's, `type`). */
 export function ortTensor(v: FeedTensor): InstanceType<ReturnType<typeof ort>['Tensor']> {
   const O = ort();
   const dims = [...v.dims];
@@ -260,6 +260,7 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
   if (typeof feed !== 'object' || feed === null) throw invalidType(`${what}[${index}]`, 'a feed object { inputName: { data, dims } }', feed);
   const inputs = modelInputs(model);
   const f = feed as Record<string, { data?: unknown; dims?: unknown }>;
+  const checked: Feed = {};
   for (const { name, elemType, dims } of inputs) {
     const v = f[name];
     const type = feedType(name, elemType);
@@ -288,13 +289,14 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
           'Remove or replace NaN and infinite values before calibrating.');
       }
     }
+    // A new entry (the caller's object untouched) with onnxruntime's type name, which a Uint8Array alone does not tell.
+    checked[name] = { data, dims: v.dims as number[], type: type.name };
   }
   const known = new Set(inputs.map((i) => i.name));
   for (const name of Object.keys(f)) {
     if (!known.has(name)) throw invalidValue(`${what}[${index}]`, `only the model's inputs (${[...known].join(', ')})`, name);
   }
-  // New entries (the caller's objects untouched) with onnxruntime's type name, which a Uint8Array alone does not tell.
-  return Object.fromEntries(inputs.map(({ name, elemType }) => [name, { data: f[name]!.data as FeedTensor['data'], dims: f[name]!.dims as number[], type: FEED_TYPES.get(elemType)!.name }]));
+  return checked;
 }
 
 /** An onnxruntime output's values as float32 (float16 ones converted: observers and comparisons take float32). */

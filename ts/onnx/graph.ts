@@ -28,12 +28,12 @@ export class Graph {
 
   /** Opset of the default ONNX domain. */
   get opset(): number {
-    const entry = this.model.opsetImport.find((o) => o.domain === '' || o.domain === 'ai.onnx');
+    const entry = this.model.opsetImport.find((o) => isOnnxDomain(o.domain));
     return entry ? Number(entry.version) : 0;
   }
 
   set opset(version: number) {
-    const entry = this.model.opsetImport.find((o) => o.domain === '' || o.domain === 'ai.onnx');
+    const entry = this.model.opsetImport.find((o) => isOnnxDomain(o.domain));
     if (entry) entry.version = BigInt(version);
   }
 
@@ -110,7 +110,7 @@ export class Graph {
 
   /** The nodes that read a value: as an input, or from inside their subgraphs (see subgraphReads). */
   consumers(name: string): NodeProto[] {
-    return this.graph.node.filter((n) => n.input.includes(name) || subgraphReads(n).includes(name));
+    return this.graph.node.filter((n) => readsValue(n, name));
   }
 
   isGraphOutput(name: string): boolean {
@@ -131,23 +131,40 @@ export class Graph {
     return name;
   }
 
-  addInitializer(tensor: TensorProto): void {
-    this.graph.initializer.push(tensor);
+  /** Adds an initializer to the main graph or to a subgraph `scope`. */
+  addInitializer(tensor: TensorProto, scope: GraphProto = this.graph): void {
+    scope.initializer.push(tensor);
     this.names.add(tensor.name);
   }
 
-  /** Removes a constant (initializer or Constant node) when nothing uses it any more. */
-  removeIfUnused(name: string): void {
-    if (this.consumers(name).length > 0 || this.isGraphOutput(name)) return;
-    const i = this.graph.initializer.findIndex((t) => t.name === name);
+  /** Removes a constant (initializer or Constant node) of the main graph or of a subgraph `scope` when nothing in it reads it any more. */
+  removeIfUnused(name: string, scope: GraphProto = this.graph): void {
+    if (scope.node.some((n) => readsValue(n, name)) || scope.output.some((o) => o.name === name)) return;
+    const i = scope.initializer.findIndex((t) => t.name === name);
     if (i >= 0) {
-      this.graph.initializer.splice(i, 1);
+      scope.initializer.splice(i, 1);
       // Models of IR version < 4 list their initializers among the graph inputs too: the input would then need a feed.
-      const input = this.graph.input.findIndex((v) => v.name === name);
-      if (input >= 0) this.graph.input.splice(input, 1);
+      const input = scope === this.graph ? scope.input.findIndex((v) => v.name === name) : -1;
+      if (input >= 0) scope.input.splice(input, 1);
     }
-    const node = this.producer(name);
-    if (node?.opType === 'Constant') this.graph.node.splice(this.graph.node.indexOf(node), 1);
+    const node = scope.node.find((n) => n.opType === 'Constant' && n.output.includes(name));
+    if (node) scope.node.splice(scope.node.indexOf(node), 1);
+  }
+
+  /**
+   * The constant tensor behind a value name and the subgraph that holds it (undefined: the main graph). `scopes`:
+   * for a value read inside subgraphs, those around it, innermost first; the nearest one that defines the name wins.
+   */
+  constantIn(name: string, scopes: GraphProto[] = []): { tensor: TensorProto; home?: GraphProto } | undefined {
+    for (const scope of scopes) {
+      const init = scope.initializer.find((t) => t.name === name);
+      if (init) return { tensor: init, home: scope };
+      const producer = scope.node.find((p) => p.output.includes(name));
+      if (producer) return producer.opType === 'Constant' && attribute(producer, 'value')?.t ? { tensor: attribute(producer, 'value')!.t!, home: scope } : undefined;
+      if (scope.input.some((i) => i.name === name)) return undefined;  // a body input (a Loop's carried value)
+    }
+    const tensor = this.constant(name);
+    return tensor ? { tensor } : undefined;
   }
 
   /** Nodes in topological order; throws on a cycle or an input nobody produces. */
@@ -195,6 +212,37 @@ export class Graph {
 
 const NO_READS: readonly string[] = Object.freeze([]);
 
+/** Whether a node holds subgraphs (If branches, Loop and Scan bodies). */
+export function hasSubgraphs(node: NodeProto): boolean {
+  return node.attribute.some((a) => a.g || a.graphs.length > 0);
+}
+
+/** Whether a node reads a value: as an input, or from inside its subgraphs. */
+export function readsValue(node: NodeProto, name: string): boolean {
+  return node.input.includes(name) || subgraphReads(node).includes(name);
+}
+
+/** Whether an operator domain is the default ONNX one. */
+export function isOnnxDomain(domain: string): boolean {
+  return domain === '' || domain === 'ai.onnx';
+}
+
+/**
+ * The nodes inside subgraphs, each body's in order (a nested body's where its node stands), with the subgraphs
+ * around each (innermost first: `scopes[0]` holds it) and the main-graph node whose subgraphs, at any depth, hold it.
+ */
+export function subgraphNodes(graph: Graph): Array<{ node: NodeProto; scopes: GraphProto[]; owner: NodeProto }> {
+  const found: Array<{ node: NodeProto; scopes: GraphProto[]; owner: NodeProto }> = [];
+  const walk = (scopes: GraphProto[], owner: NodeProto) => {
+    for (const node of scopes[0].node) {
+      found.push({ node, scopes, owner });
+      for (const inner of subgraphsOf(node)) walk([inner, ...scopes], owner);
+    }
+  };
+  for (const owner of graph.graph.node) for (const body of subgraphsOf(owner)) walk([body], owner);
+  return found;
+}
+
 /**
  * Values of the enclosing scope that a node reads from inside its subgraphs (at any depth): names their nodes read
  * but the subgraphs do not define. ONNX lists them nowhere on the node, yet they are inputs of it: a pass must not
@@ -202,7 +250,7 @@ const NO_READS: readonly string[] = Object.freeze([]);
  * (their layers' weights are quantized in place).
  */
 export function subgraphReads(node: NodeProto): readonly string[] {
-  if (!node.attribute.some((a) => a.g || a.graphs.length > 0)) return NO_READS;  // most nodes: nothing to walk
+  if (!hasSubgraphs(node)) return NO_READS;  // most nodes: nothing to walk
   const reads = new Set<string>();
   for (const g of subgraphsOf(node)) {
     const local = addDefinedNames(g, new Set(['']), false);
@@ -212,7 +260,7 @@ export function subgraphReads(node: NodeProto): readonly string[] {
   return [...reads];
 }
 
-// Adds the names a graph defines (inputs, initializers, node outputs), and with `nested` those of its subgraphs.
+// Adds the names a graph defines (inputs, initializers, sparse initializers, node outputs), and with `nested` those of its subgraphs.
 function addDefinedNames(g: GraphProto, names: Set<string>, nested = true): Set<string> {
   for (const i of g.input) names.add(i.name);
   for (const t of g.initializer) names.add(t.name);

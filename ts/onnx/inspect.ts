@@ -3,7 +3,7 @@ import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './g
 import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel } from './passes/pass';
 import { bypassConstantIdentities } from './passes/constant-identities';
-import { subgraphLayers, weightConstant } from './passes/quantize-weights';
+import { subgraphLayers } from './passes/quantize-weights';
 
 export interface LayerStats {
   node: string;
@@ -37,7 +37,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   for (const { node, scopes, owner } of candidates) {
     if (layers.length > 0) await nextTurn();
     const inBody = owner ? { subgraph: nodeLabel(owner) } : {};
-    const weight = node.input[1] ? weightConstant(graph, node, scopes)?.tensor : undefined;
+    const weight = node.input[1] ? graph.constantIn(node.input[1], scopes)?.tensor : undefined;
     // Only float weights have statistics here: others are not read from their file.
     const float = weight && (isFloatTensor(weight) || isFloat16Tensor(weight));
     const t = float ? await withDataRead(weight) : weight;

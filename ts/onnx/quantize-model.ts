@@ -34,7 +34,7 @@ import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamically } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { checkFiniteWeights, layerInput, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, weightConstant, type WeightLayerReport } from './passes/quantize-weights';
+import { checkFiniteWeights, layerInput, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -476,7 +476,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const blockedWeights = opts.weights.granularity === 'block';
   // Float16 weights get float16 scales (DequantizeLinear then outputs float16), which arrived in opset 19.
   const halfWeights = [...quantizableLayers(graph, opts.keepFloat).map((node) => ({ node, scopes: [] })), ...quantizableSubgraphLayers(graph, opts.keepFloat)]
-    .filter((l) => weightConstant(graph, l.node, l.scopes)!.tensor.dataType === TensorProto_DataType.FLOAT16).map((l) => l.node);
+    .filter((l) => graph.constantIn(l.node.input[1], l.scopes)!.tensor.dataType === TensorProto_DataType.FLOAT16).map((l) => l.node);
   // Float16 layers take calibrated activations (float16 scales) but not what rewrites their float tensors from
   // calibration statistics, nor the dynamic-quantization operators, which are float32 only.
   const requested = opts.activations || undefined;
@@ -532,9 +532,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // calibrate's exposedModel).
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   const targets = quantizableLayers(graph, opts.keepFloat);
-  const bodyTargets = quantizableSubgraphLayers(graph, opts.keepFloat).length;  // weights only
-  const tables = opts.weights.gather ? graph.graph.node.filter((n) => isQuantizableTable(graph, n, opts.keepFloat)).length : 0;
-  if (targets.length + bodyTargets + tables === 0) {
+  const bodyTargetCount = quantizableSubgraphLayers(graph, opts.keepFloat).length;  // weights only
+  const tableCount = opts.weights.gather ? graph.graph.node.filter((n) => isQuantizableTable(graph, n, opts.keepFloat)).length : 0;
+  if (targets.length + bodyTargetCount + tableCount === 0) {
     throw new OnnxModelError(`No Conv, Gemm or MatMul layer with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
       'the model would be unchanged. Check keepFloat.');
   }
@@ -648,7 +648,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
     rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
     keepValues: dataBiasCorrection || new Set(shifts.keys()), async: true,
-  }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length + bodyTargets}`)));
+  }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length + bodyTargetCount}`)));
   passes.push(weightReport);
   if (shifts.size > 0) passes.push(compensateShifts(graph, weights, shifts));
   // Bit allocation can leave a layer's widest channel at 4 or 2 bits (also when weights.bits is 8): int4 storage

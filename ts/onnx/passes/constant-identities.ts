@@ -1,19 +1,19 @@
 /**
- * Removes the main graph's Identity nodes whose input is a constant (an initializer or a Constant node's value; not
- * yet Identity nodes inside subgraph bodies): exporters write them
- * for parameters that are shared or renamed (tied embeddings, reused layers). A layer reading such an Identity sees
- * a computed input, not a constant weight, and stays float; its readers read the constant itself instead (inside
- * subgraphs too: names are unique across the model). Kept where the Identity's output is a model output.
+ * Removes the main graph's Identity nodes whose input is a constant (an initializer or a Constant node's value),
+ * which exporters write for parameters that are shared or renamed (tied embeddings, reused layers): a layer reading
+ * such an Identity sees a computed input, not a constant weight, and stays float. Their readers (inside subgraphs
+ * too: names are unique across the model) read the constant instead. Identity nodes inside bodies are left, and so
+ * is one whose output is a model output.
  */
 import type { GraphProto } from 'onnx-buf';
 
-import { subgraphsOf, type Graph } from '../graph';
+import { isOnnxDomain, subgraphsOf, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export function bypassConstantIdentities(graph: Graph): PassReport {
   const report: PassReport = { pass: 'bypass-constant-identities', changed: [], skipped: [] };
   for (const identity of graph.topologicalOrder()) {  // a chain's first Identity first
-    if (identity.opType !== 'Identity' || (identity.domain !== '' && identity.domain !== 'ai.onnx')) continue;
+    if (identity.opType !== 'Identity' || !isOnnxDomain(identity.domain)) continue;
     const [source] = identity.input;
     const [out] = identity.output;
     if (!source || !graph.constant(source)) continue;

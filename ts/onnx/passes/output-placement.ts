@@ -71,5 +71,5 @@ export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed
 
 /** Whether a node reads the value as one of its inputs (not only from inside its subgraphs). */
 function readDirectly(graph: Graph, name: string): boolean {
-  return graph.consumers(name).some((c) => c.input.includes(name));
+  return graph.graph.node.some((n) => n.input.includes(name));
 }

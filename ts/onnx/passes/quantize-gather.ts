@@ -7,14 +7,14 @@
  * and 4-bit values (2-bit values in int4: the operator's CPU kernel takes 4 and 8 bits) and as uint8 with bits = 8
  * for 8-bit ones (value + 128: the operator's default zero point there).
  */
-import { TensorProto_DataType, type AttributeProto, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
+import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { packInt4 } from '../../pack';
 import { quantizationError, type QuantizeOptions } from '../../quantize';
-import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeTensor, ownedTensor, subgraphsOf, weightValues, type Graph } from '../graph';
+import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, subgraphNodes, weightValues, type Graph } from '../graph';
 import { readLazyTensor } from '../model-io';
 import { nodeLabel, type PassReport, type Steps } from './pass';
-import { checkFiniteWeights, quantized, weightConstant, type WeightLayerReport } from './quantize-weights';
+import { checkFiniteWeights, quantized, type WeightLayerReport } from './quantize-weights';
 
 export interface GatherQuantization {
   bits: 2 | 4 | 8;
@@ -31,12 +31,11 @@ export function isQuantizableTable(graph: Graph, node: NodeProto, keepFloat: str
 
 // Why a Gather of a constant is not converted (undefined: it is); '' when there is nothing worth reporting.
 function whyNot(graph: Graph, node: NodeProto, keep: Set<string>): string | undefined {
-  if (node.opType !== 'Gather' || (node.domain !== '' && node.domain !== 'ai.onnx')) return '';
+  if (node.opType !== 'Gather' || !isOnnxDomain(node.domain)) return '';
   const table = graph.constant(node.input[0]);
-  if (!table) return '';  // gathering from a computed tensor (shapes, ids)
+  if (!table || !(isFloatTensor(table) || isFloat16Tensor(table))) return '';  // a computed tensor or integer constants (shapes, ids)
   if (keep.has(node.name) || keep.has('Gather')) return 'kept in float (keepFloat)';
   if (isFloat16Tensor(table)) return 'float16 tables are not quantized yet';
-  if (!isFloatTensor(table)) return '';  // integer constants (indices, shapes)
   const dims = dimsOf(table);
   if (dims.length !== 2) return `its table is ${dims.length}-D, not 2-D`;
   const axis = intAttribute(node, 'axis', 0);
@@ -48,7 +47,7 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
   const layers: WeightLayerReport[] = [];
   const keep = new Set(options.keepFloat ?? []);
   // A table several Gathers read (shared encoder/decoder embeddings) is quantized once.
-  const converted = new Map<TensorProto, { base: string; inputs: [string, string]; attributes: AttributeProto[]; layer: WeightLayerReport }>();
+  const converted = new Map<TensorProto, { base: string; inputs: [string, string]; attributes: Array<[string, number]>; layer: WeightLayerReport }>();
   for (const node of graph.topologicalOrder()) {
     const why = whyNot(graph, node, keep);
     const label = nodeLabel(node);
@@ -70,14 +69,15 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
     checkFiniteWeights(node, base, data);
     const dims = dimsOf(table);
     const [rows, width] = dims;
-    const blocked = options.granularity === 'block' && width >= (options.blockSize ?? 32);
+    const requestedBlock = options.blockSize ?? 32;
+    const blocked = options.granularity === 'block' && width >= requestedBlock;
     const q = yield* quantized(data, {
       shape: dims, bits: options.bits, method: options.method,
-      ...(blocked ? { granularity: 'block' as const, axis: 1, blockSize: options.blockSize ?? 32 }
+      ...(blocked ? { granularity: 'block' as const, axis: 1, blockSize: requestedBlock }
         : options.granularity === 'tensor' ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: 0 }),
     }, true);
     // One block per row unless blocked: the operator's block_size is a power of two of at least 16.
-    const blockSize = blocked ? options.blockSize ?? 32 : Math.max(16, 2 ** Math.ceil(Math.log2(width)));
+    const blockSize = blocked ? requestedBlock : Math.max(16, 2 ** Math.ceil(Math.log2(width)));
     const scales = q.granularity === 'tensor' ? new Float32Array(rows).fill(q.scale[0]) : q.scale;
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
@@ -86,8 +86,7 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
       ? ownedTensor(valuesName, TensorProto_DataType.UINT8, dims, Uint8Array.from(q.values, (v) => v + 128))
       : ownedTensor(valuesName, TensorProto_DataType.INT4, dims, packInt4(q)));
     graph.addInitializer(makeTensor(scaleName, TensorProto_DataType.FLOAT, [rows, scales.length / rows], new Uint8Array(scales.buffer, scales.byteOffset, scales.byteLength)));
-    const attributes = [makeIntAttribute('gather_axis', 0), makeIntAttribute('quantize_axis', 1), makeIntAttribute('block_size', blockSize),
-      ...(eightBit ? [makeIntAttribute('bits', 8)] : [])];
+    const attributes: Array<[string, number]> = [['gather_axis', 0], ['quantize_axis', 1], ['block_size', blockSize], ...(eightBit ? [['bits', 8] as [string, number]] : [])];
     convert(graph, node, [valuesName, scaleName], attributes);
     const granularity = blocked ? `block ${blockSize} on axis 1` : options.granularity === 'tensor' ? 'tensor' : 'channel on axis 0';
     const layer: WeightLayerReport = {
@@ -105,29 +104,23 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
     if (others.length > 0) report.skipped.push({ node: layer.node, reason: `the float table '${base}' stays too: ${others.join(', ')} read(s) it` });
   }
   // Gathers inside If/Loop/Scan bodies (merged decoders keep theirs there) are not converted yet: say so.
-  for (const l of subgraphGathers(graph)) report.skipped.push({ node: nodeLabel(l.node), reason: 'inside a subgraph: tables there are not quantized yet' });
+  for (const node of subgraphGathers(graph)) report.skipped.push({ node: nodeLabel(node), reason: 'inside a subgraph: tables there are not quantized yet' });
   return { report, layers };
 }
 
 // The Gather becomes GatherBlockQuantized over the quantized table (its indices stay).
-function convert(graph: Graph, node: NodeProto, [values, scales]: [string, string], attributes: AttributeProto[]): void {
+function convert(graph: Graph, node: NodeProto, [values, scales]: [string, string], attributes: Array<[string, number]>): void {
   node.opType = 'GatherBlockQuantized';
   node.domain = 'com.microsoft';
   node.input = [values, node.input[1], scales];
-  node.attribute = attributes.map((a) => makeIntAttribute(a.name, Number(a.i)));
+  node.attribute = attributes.map(([name, value]) => makeIntAttribute(name, value));
   graph.importDomain('com.microsoft');
 }
 
 // Gathers of a float constant inside subgraph bodies.
-function subgraphGathers(graph: Graph): Array<{ node: NodeProto }> {
-  const found: Array<{ node: NodeProto }> = [];
-  const walk = (scopes: GraphProto[]) => {
-    for (const n of scopes[0].node) {
-      const t = n.opType === 'Gather' ? weightConstant(graph, n, scopes, 0)?.tensor : undefined;
-      if (t && (isFloatTensor(t) || isFloat16Tensor(t))) found.push({ node: n });
-      for (const inner of subgraphsOf(n)) walk([inner, ...scopes]);
-    }
-  };
-  for (const n of graph.graph.node) for (const body of subgraphsOf(n)) walk([body]);
-  return found;
+function subgraphGathers(graph: Graph): NodeProto[] {
+  return subgraphNodes(graph).filter(({ node, scopes }) => {
+    const t = node.opType === 'Gather' ? graph.constantIn(node.input[0], scopes)?.tensor : undefined;
+    return !!t && (isFloatTensor(t) || isFloat16Tensor(t));
+  }).map((l) => l.node);
 }

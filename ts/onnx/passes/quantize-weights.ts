@@ -7,7 +7,7 @@
 import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { OnnxModelError, readLazyTensor } from '../model-io';
-import { attribute, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, subgraphsOf, weightValues, type Graph } from '../graph';
+import { dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, subgraphNodes, weightValues, type Graph } from '../graph';
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
@@ -198,68 +198,29 @@ export function checkFiniteWeights(node: NodeProto, tensor: string, data: Float3
 }
 
 /** The Conv/Gemm/MatMul nodes with constant float weights of a shape this pass handles, minus keepFloat, in order. */
-export function quantizableLayers(graph: Graph, keepFloat: string[] = []): NodeProto[] {
+export function quantizableLayers(graph: Graph, keepFloat: string[] = [], order = graph.topologicalOrder()): NodeProto[] {
   const keep = new Set(keepFloat);
-  return graph.topologicalOrder().filter((n) => !keep.has(n.name) && !keep.has(n.opType) && isQuantizable(graph, n));
+  return order.filter((n) => !keep.has(n.name) && !keep.has(n.opType) && isQuantizable(graph, n));
 }
 
 function isQuantizable(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): boolean {
   if (!QUANTIZABLE.has(n.opType)) return false;
-  const w = weightConstant(graph, n, scopes)?.tensor;
+  const w = graph.constantIn(n.input[1], scopes)?.tensor;
   return !!w && (isFloatTensor(w) || isFloat16Tensor(w)) && !!layout(n.opType, dimsOf(w), intAttribute(n, 'transB', 0));
 }
 
-/**
- * A layer's constant weight (its input `input`) and the subgraph that holds it (undefined: the main graph). `scopes`: the subgraphs
- * around the layer, innermost first (none for a layer of the main graph); the nearest one that defines the name wins.
- */
-export function weightConstant(graph: Graph, n: NodeProto, scopes: GraphProto[] = [], input = 1): { tensor: TensorProto; home?: GraphProto } | undefined {
-  const name = n.input[input];
-  for (const scope of scopes) {
-    const init = scope.initializer.find((t) => t.name === name);
-    if (init) return { tensor: init, home: scope };
-    const producer = scope.node.find((p) => p.output.includes(name));
-    if (producer) return producer.opType === 'Constant' && attribute(producer, 'value')?.t ? { tensor: attribute(producer, 'value')!.t!, home: scope } : undefined;
-    if (scope.input.some((i) => i.name === name)) return undefined;  // a body input (a Loop's carried value)
-  }
-  const tensor = graph.constant(name);
-  return tensor ? { tensor } : undefined;
-}
-
 /** quantizableLayers' counterpart inside subgraphs. */
-export function quantizableSubgraphLayers(graph: Graph, keepFloat: string[] = []): SubgraphLayer[] {
+export function quantizableSubgraphLayers(graph: Graph, keepFloat: string[] = [], inBodies = subgraphLayers(graph)): SubgraphLayer[] {
   const keep = new Set(keepFloat);
-  return subgraphLayers(graph).filter((l) => !keep.has(l.node.name) && !keep.has(l.node.opType) && isQuantizable(graph, l.node, l.scopes));
+  return inBodies.filter((l) => !keep.has(l.node.name) && !keep.has(l.node.opType) && isQuantizable(graph, l.node, l.scopes));
 }
 
-/**
- * A Conv/Gemm/MatMul inside a subgraph: the subgraphs around it (innermost first: `scopes[0]` holds it), and the
- * main graph's node whose (nested) subgraph `body` that is.
- */
-export interface SubgraphLayer { node: NodeProto; scopes: GraphProto[]; owner: NodeProto; body: GraphProto }
+/** A Conv/Gemm/MatMul inside a subgraph (see subgraphNodes). */
+export type SubgraphLayer = ReturnType<typeof subgraphNodes>[number];
 
-/** The Conv/Gemm/MatMul nodes inside subgraphs, each body's in order (a nested body's where its node stands). */
+/** The Conv/Gemm/MatMul nodes inside subgraphs, each body's in order. */
 export function subgraphLayers(graph: Graph): SubgraphLayer[] {
-  const found: SubgraphLayer[] = [];
-  const walk = (scopes: GraphProto[], owner: NodeProto, body: GraphProto) => {
-    for (const n of scopes[0].node) {
-      if (QUANTIZABLE.has(n.opType)) found.push({ node: n, scopes, owner, body });
-      for (const inner of subgraphsOf(n)) walk([inner, ...scopes], owner, body);
-    }
-  };
-  for (const owner of graph.graph.node) for (const body of subgraphsOf(owner)) walk([body], owner, body);
-  return found;
-}
-
-/** Removes a subgraph's own constant (initializer or Constant node) once no node in it, at any depth, reads it. */
-function removeFromBodyIfUnused(home: GraphProto, name: string): void {
-  const reads = (g: GraphProto): boolean =>
-    g.node.some((n) => n.input.includes(name) || subgraphsOf(n).some((sub) => reads(sub) || sub.output.some((o) => o.name === name)));
-  if (reads(home) || home.output.some((o) => o.name === name)) return;
-  const i = home.initializer.findIndex((t) => t.name === name);
-  if (i >= 0) home.initializer.splice(i, 1);
-  const c = home.node.findIndex((n) => n.opType === 'Constant' && n.output.includes(name));
-  if (c >= 0) home.node.splice(c, 1);
+  return subgraphNodes(graph).filter((l) => QUANTIZABLE.has(l.node.opType));
 }
 
 /** What a layer's weights meet in its input, for gathering its input moments during calibration. */
@@ -296,38 +257,40 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   // Layers inside subgraphs get their weights quantized (the DequantizeLinear next to them, in their body); their
   // activations stay in float: calibration cannot observe a body's tensors.
   const inBodies = subgraphLayers(graph);
-  const quantizableInBodies = quantizableSubgraphLayers(graph, options.keepFloat);
+  const quantizableInBodies = quantizableSubgraphLayers(graph, options.keepFloat, inBodies);
   const bodyOf = new Map(inBodies.map((l) => [l.node, l]));
   for (const n of graph.graph.node) {
-    if (subgraphsOf(n).length === 0) continue;
+    if (!hasSubgraphs(n)) continue;
     const held = quantizableInBodies.some((l) => l.owner === n);
     report.skipped.push({ node: nodeLabel(n), reason: held
       ? `${n.opType} has subgraphs: the weights of their Conv, Gemm and MatMul layers are quantized, the rest stays in float`
       : `${n.opType} has subgraphs; they are left in float` });
   }
-  const mainCandidates = graph.topologicalOrder().filter((n) => QUANTIZABLE.has(n.opType));
+  const mainOrder = graph.topologicalOrder();
+  const mainCandidates = mainOrder.filter((n) => QUANTIZABLE.has(n.opType));
   const candidates = [...mainCandidates, ...inBodies.map((l) => l.node)];
   // A keepFloat entry that keeps nothing is most likely misspelled: say so rather than quantize the layer silently.
   const tables = options.gather ? graph.graph.node.filter((n) => n.opType === 'Gather') : [];
   for (const entry of keep) {
     if ([...candidates, ...tables].some((n) => n.name === entry || n.opType === entry)) continue;
-    const close = [...new Set(candidates.flatMap((n) => [n.name, n.opType]))].find((k) => k.toLowerCase() === entry.toLowerCase());
+    const close = [...new Set([...candidates, ...tables].flatMap((n) => [n.name, n.opType]))].find((k) => k.toLowerCase() === entry.toLowerCase());
     report.skipped.push({
-      node: entry, reason: `keepFloat: no Conv, Gemm or MatMul layer of this model has this name or op type${close ? ` (did you mean '${close}'?)` : ''}; it keeps nothing`,
+      node: entry, reason: `keepFloat: no Conv, Gemm or MatMul layer${options.gather ? ' or Gather' : ''} of this model has this name or op type${close ? ` (did you mean '${close}'?)` : ''}; it keeps nothing`,
     });
   }
-  const quantizable = quantizableLayers(graph, options.keepFloat);
+  const quantizable = quantizableLayers(graph, options.keepFloat, mainCandidates);
   const first = quantizable[0];
   const last = quantizable[quantizable.length - 1];
   // In a body, the first (last) quantizable layer is an edge layer when no layer of the main graph comes before
   // (after) the body's node: each branch is a path through the model.
-  const mainOrder = graph.topologicalOrder();
+  const firstAt = first ? mainOrder.indexOf(first) : Infinity;
+  const lastAt = last ? mainOrder.indexOf(last) : -Infinity;
   const bodyEdges = new Set<NodeProto>();
-  for (const body of new Set(quantizableInBodies.map((l) => l.body))) {
-    const held = quantizableInBodies.filter((l) => l.body === body);
+  for (const body of new Set(quantizableInBodies.map((l) => l.scopes[l.scopes.length - 1]))) {
+    const held = quantizableInBodies.filter((l) => l.scopes[l.scopes.length - 1] === body);
     const at = mainOrder.indexOf(held[0].owner);
-    if (!quantizable.some((n) => mainOrder.indexOf(n) < at)) bodyEdges.add(held[0].node);
-    if (!quantizable.some((n) => mainOrder.indexOf(n) > at)) bodyEdges.add(held[held.length - 1].node);
+    if (firstAt > at) bodyEdges.add(held[0].node);
+    if (lastAt < at) bodyEdges.add(held[held.length - 1].node);
   }
   // Weights read by several layers (ALBERT-style shared layers) are quantized once and their DequantizeLinear shared
   // when the layers would quantize them alike (same layout and bits, no per-layer GPTQ rounding).
@@ -335,19 +298,19 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     how: string; dq: NodeProto; constants: TensorProto[]; scope: GraphProto; layer: WeightLayerReport; weights: QuantizedWeights;
   }>();
   // The DequantizeLinear goes next to the layer: in the main graph (sorted at the end), or in its body, in place.
-  const place = (dq: NodeProto, node: NodeProto) => {
-    const scope = bodyOf.get(node)?.scopes[0] ?? graph.graph;
+  const place = (dq: NodeProto, node: NodeProto, scope: GraphProto) => {
     if (scope === graph.graph) scope.node.push(dq);
     else scope.node.splice(scope.node.indexOf(node), 0, dq);
   };
   for (const node of candidates) {
     const label = nodeLabel(node);
     const inBody = bodyOf.get(node);
+    const where = inBody ? { subgraph: nodeLabel(inBody.owner) } : {};
     if (keep.has(node.name) || keep.has(node.opType)) {
       report.skipped.push({ node: label, reason: 'kept in float (keepFloat)' });
       continue;
     }
-    const found = weightConstant(graph, node, inBody?.scopes);
+    const found = graph.constantIn(node.input[1], inBody?.scopes);
     const w = found?.tensor;
     if (!w || !(isFloatTensor(w) || isFloat16Tensor(w))) {
       report.skipped.push({ node: label, reason: 'its weight is not a float constant (a computed input)' });
@@ -357,10 +320,8 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     // graph: onnxruntime 1.30 fails to load a model whose subgraph DequantizeLinear reads an enclosing graph's
     // initializer (its MatMulNBits fusion looks for the weight in the subgraph), so a weight shared by two branches
     // is stored in each.
-    const home = found!.home;
+    const home = found!.home ?? graph.graph;
     const scope = inBody?.scopes[0] ?? graph.graph;
-    const addConstant = (t: TensorProto) => (scope === graph.graph ? graph.addInitializer(t) : scope.initializer.push(t));
-    const removeIfUnused = (name: string) => (home ? removeFromBodyIfUnused(home, name) : graph.removeIfUnused(name));
     const dims = dimsOf(w);
     const axes = layout(node.opType, dims, intAttribute(node, 'transB', 0));
     if (!axes) {
@@ -383,15 +344,15 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       } else {
         // Another graph holds the first DequantizeLinear: one more here, with copies of its constants (sharing their bytes).
         const copies = earlier.constants.map((t) => ownedTensor(graph.uniqueName(t.name), t.dataType, dimsOf(t), t.rawData));
-        copies.forEach(addConstant);
+        copies.forEach((t) => graph.addInitializer(t, scope));
         // Fresh attributes: a later pass (fit-onnxruntime) may change the first node's in place.
         const attributes = earlier.dq.attribute.map((a) => makeIntAttribute(a.name, Number(a.i)));
         const dq = makeNode('DequantizeLinear', copies.map((t) => t.name), [graph.uniqueName(`${base}_dequantized`)], `${label}_weight_dq`, attributes, earlier.dq.domain);
-        place(dq, node);
+        place(dq, node, scope);
         node.input[1] = dq.output[0];
       }
-      removeIfUnused(base);
-      layers.push({ ...earlier.layer, node: label, output: node.output[0], ...(inBody ? { subgraph: nodeLabel(inBody.owner) } : {}) });
+      graph.removeIfUnused(base, home);
+      layers.push({ ...earlier.layer, node: label, output: node.output[0], ...where });
       if (!inBody) weights.push({ ...earlier.weights, node: label });
       report.changed.push(`${label}: shares the quantized weights of ${earlier.layer.node}`);
       yield label;
@@ -455,18 +416,18 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
     const dqOut = graph.uniqueName(`${base}_dequantized`);
-    const valuesTensorProto = valuesTensor(valuesName, q);
-    addConstant(valuesTensorProto);
+    const valuesConstant = valuesTensor(valuesName, q);
+    graph.addInitializer(valuesConstant, scope);
     const scaleBytes = half ? new Uint8Array(toFloat16Array(q.scale).buffer) : new Uint8Array(q.scale.buffer.slice(0));
     // A float16 scale makes DequantizeLinear output float16, the type the layer's other input has.
     const scaleTensor = makeTensor(scaleName, half ? TensorProto_DataType.FLOAT16 : TensorProto_DataType.FLOAT, q.scaleShape, scaleBytes);
-    addConstant(scaleTensor);
+    graph.addInitializer(scaleTensor, scope);
     const attrs = perTensor ? [] : [makeIntAttribute('axis', q.axis!)];
     if (blocked) attrs.push(makeIntAttribute('block_size', q.blockSize!));
     const dq = makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], `${label}_weight_dq`, attrs, options.microsoftDomain ? 'com.microsoft' : '');
-    place(dq, node);
+    place(dq, node, scope);
     node.input[1] = dqOut;
-    removeIfUnused(base);
+    graph.removeIfUnused(base, home);
     const layer: WeightLayerReport = {
       node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
       granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}`
@@ -476,7 +437,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       weightSqnrDb: quantizationError(data, q).sqnrDb,
       ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
       output: node.output[0],
-      ...(inBody ? { subgraph: nodeLabel(inBody.owner) } : {}),
+      ...where,
     };
     // What bias correction, int32 biases and shift compensation need: main-graph layers only.
     const kept = !inBody && (options.keepValues === true || (options.keepValues && options.keepValues.has(label)));
@@ -486,7 +447,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     };
     if (!inBody) weights.push(entry);
     layers.push(layer);
-    if (!gptq) quantizedOnce.set(w, { how, dq, constants: [valuesTensorProto, scaleTensor], scope, layer, weights: entry });
+    if (!gptq) quantizedOnce.set(w, { how, dq, constants: [valuesConstant, scaleTensor], scope, layer, weights: entry });
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
     yield label;
   }

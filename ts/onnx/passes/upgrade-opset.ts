@@ -12,11 +12,12 @@
  * the body; anything else makes the conversion refuse, and the caller falls
  * back to com.microsoft Q/DQ.
  */
+import type { GraphProto, TensorProto } from 'onnx-buf';
+
 import {
   attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, intsAttribute, makeIntAttribute, makeNode,
-  makeStringAttribute, removeAttribute, subgraphsOf, type Graph,
+  isOnnxDomain, makeStringAttribute, removeAttribute, subgraphsOf, type Graph,
 } from '../graph';
-import type { GraphProto, TensorProto } from 'onnx-buf';
 import { nodeLabel, type PassReport } from './pass';
 
 // Operators whose meaning at any opset from 7 on equals their meaning at 25 with default attributes.
@@ -50,7 +51,7 @@ export function unconvertibleReason(graph: Graph): string | undefined {
 
 function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
   for (const n of scope.node) {
-    if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
+    if (!isOnnxDomain(n.domain)) continue;
     for (const body of subgraphsOf(n)) {
       const why = unconvertibleIn(body, opset);
       if (why) return `${why}, inside ${n.opType} (${nodeLabel(n)})`;
@@ -75,25 +76,25 @@ export function upgradeOpset(graph: Graph, target: number): PassReport {
   if (graph.opset >= target) return report;
   const why = unconvertibleReason(graph);
   if (why) throw new Error(why);
-  upgradeNodes(graph, graph.graph, target, report);
+  upgradeNodes(graph, target, report);
   graph.opset = target;
   graph.sort();
   return report;
 }
 
-// Converts the nodes of one scope (the main graph or a subgraph body; `enclosing`: the bodies around it, innermost
-// first, ending with `scope` itself when it is one) and, first, their bodies.
-function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: PassReport, enclosing: GraphProto[] = []): void {
+// Converts the nodes of one graph (`scopes`: none for the main graph; for a subgraph body, it and the bodies around
+// it, innermost first) and, first, their bodies.
+function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: GraphProto[] = []): void {
   const from = graph.opset;
+  const scope = scopes[0] ?? graph.graph;
   const constInput = (base: string, make: (name: string) => TensorProto) => {
     const name = graph.uniqueName(base);
-    if (scope === graph.graph) graph.addInitializer(make(name));
-    else scope.initializer.push(make(name));
+    graph.addInitializer(make(name), scope);
     return name;
   };
   for (const n of [...scope.node]) {
-    if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
-    for (const body of subgraphsOf(n)) upgradeNodes(graph, body, target, report, [body, ...enclosing]);
+    if (!isOnnxDomain(n.domain)) continue;
+    for (const body of subgraphsOf(n)) upgradeNodes(graph, target, report, [body, ...scopes]);
     const label = nodeLabel(n);
     const moveInts = (attr: string, inputIndex: number) => {
       const values = intsAttribute(n, attr);
@@ -109,7 +110,7 @@ function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: P
           const min = floatAttribute(n, 'min', -3.4028234663852886e38);
           const max = floatAttribute(n, 'max', 3.4028234663852886e38);
           // The bounds take the type of the clipped tensor (float16 in a float16 model).
-          const type = graph.elemType(n.input[0], enclosing);
+          const type = graph.elemType(n.input[0], scopes);
           n.input[1] = constInput(`${label}_min`, (name) => scalarOfType(name, min, type));
           n.input[2] = constInput(`${label}_max`, (name) => scalarOfType(name, max, type));
           removeAttribute(n, 'min');
@@ -133,7 +134,7 @@ function upgradeNodes(graph: Graph, scope: GraphProto, target: number, report: P
         if (from < 11) {
           moveInts('pads', 1);
           const value = floatAttribute(n, 'value', 0);
-          n.input[2] = constInput(`${label}_value`, (name) => scalarOfType(name, value, graph.elemType(n.input[0], enclosing)));
+          n.input[2] = constInput(`${label}_value`, (name) => scalarOfType(name, value, graph.elemType(n.input[0], scopes)));
           removeAttribute(n, 'value');
           report.changed.push(`${label}: Pad attributes -> inputs`);
         }
