@@ -512,6 +512,35 @@ describe('models with integer inputs (token ids)', () => {
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
   });
 
+  it('weights.gather converts Gathers inside If branches too (a merged decoder\'s embedding): the main-graph table quantized once, stored in each branch', async () => {
+    const r = rng(14);
+    const ids = { name: 'ids', type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.INT64, shape: { dim: [{ value: { case: 'dimValue', value: 1n } }, { value: { case: 'dimValue', value: 3n } }] } } } } };
+    const branch = (name: string, op: string) => ({ name, output: [info(`${name}_y`)], node: [
+      { opType: 'Gather', name: `${name}_embed`, input: ['E', 'ids'], output: [`${name}_e`] }, { opType: op, name: `${name}_op`, input: [`${name}_e`], output: [`${name}_y`] }] });
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'merged', input: [ids, info('use_cache_branch', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [{ name: 'E', dataType: TensorProto_DataType.FLOAT, dims: [8n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 256 }, () => r() - 0.5).buffer) }],
+        node: [{ opType: 'If', name: 'if', input: ['use_cache_branch'], output: ['y'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('then', 'Relu') },
+          { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('else', 'Neg') },
+        ] }],
+      },
+    } as never));
+    const feeds = [0, 1].map((flag) => ({ ids: { data: BigInt64Array.of(0n, 3n, 7n), dims: [1, 3] }, use_cache_branch: { data: Uint8Array.of(flag), dims: [] } }));
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 4, granularity: 'block', blockSize: 16, gather: true }, evaluationFeeds: feeds });
+    expect(report.layers.map((l) => [l.node, l.op, l.subgraph])).to.deep.equal([['then_embed', 'Gather', 'if'], ['else_embed', 'Gather', 'if']]);
+    expect(report.passes.flatMap((p) => p.changed)).to.include('else_embed: shares the quantized table of then_embed');
+    const q = readModel(model);
+    expect(q.graph!.initializer).to.deep.equal([]);  // the float table left the main graph
+    for (const body of q.graph!.node[0].attribute.map((a) => a.g!)) {
+      expect(body.node[0].opType).to.equal('GatherBlockQuantized');
+      expect(body.initializer.map((t) => t.dataType)).to.deep.equal([TensorProto_DataType.INT4, TensorProto_DataType.FLOAT]);
+    }
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.97);
+  });
+
   it('an input of another type is a clear error for calibration and skips the made-up evaluation (reported)', async () => {
     const { report } = await quantizeModel(tokenModel(TensorProto_DataType.INT16), { weights: { bits: 8 } });
     expect(report.evaluation).to.equal(undefined);

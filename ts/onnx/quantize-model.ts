@@ -23,7 +23,7 @@ import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
 import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
 import { bypassConstantIdentities } from './passes/constant-identities';
-import { isQuantizableTable, quantizeGathers } from './passes/quantize-gather';
+import { quantizableTableCount, quantizeGathers } from './passes/quantize-gather';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { foldScalarAffine } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
@@ -533,7 +533,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   const targets = quantizableLayers(graph, opts.keepFloat);
   const bodyTargetCount = quantizableSubgraphLayers(graph, opts.keepFloat).length;  // weights only
-  const tableCount = opts.weights.gather ? graph.graph.node.filter((n) => isQuantizableTable(graph, n, opts.keepFloat)).length : 0;
+  const tableCount = opts.weights.gather ? quantizableTableCount(graph, opts.keepFloat) : 0;
   if (targets.length + bodyTargetCount + tableCount === 0) {
     throw new OnnxModelError(`No Conv, Gemm or MatMul layer with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
       'the model would be unchanged. Check keepFloat.');

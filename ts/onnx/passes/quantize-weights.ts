@@ -270,7 +270,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const mainCandidates = mainOrder.filter((n) => QUANTIZABLE.has(n.opType));
   const candidates = [...mainCandidates, ...inBodies.map((l) => l.node)];
   // A keepFloat entry that keeps nothing is most likely misspelled: say so rather than quantize the layer silently.
-  const tables = options.gather ? graph.graph.node.filter((n) => n.opType === 'Gather') : [];
+  const tables = options.gather ? [...mainOrder, ...subgraphNodes(graph).map((l) => l.node)].filter((n) => n.opType === 'Gather') : [];
   for (const entry of keep) {
     if ([...candidates, ...tables].some((n) => n.name === entry || n.opType === entry)) continue;
     const close = [...new Set([...candidates, ...tables].flatMap((n) => [n.name, n.opType]))].find((k) => k.toLowerCase() === entry.toLowerCase());
