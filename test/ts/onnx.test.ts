@@ -1306,6 +1306,16 @@ describe('Identity nodes on constants (shared or renamed parameters)', () => {
     expect(report.layers.map((l) => [l.node, l.subgraph])).to.deep.equal([['then_mm', 'if'], ['else_mm', 'if']]);
     expect(readModel(model).graph!.initializer).to.deep.equal([]);  // the float W left; its quantized copies sit in the branches
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+    // An Identity inside a branch, on the main graph's W: bypassed too.
+    const inner = readModel(bytes);
+    inner.graph!.node.splice(0, 1);  // the main graph's Identity
+    const thenBranch = inner.graph!.node[0].attribute[0].g!;
+    thenBranch.node.unshift(create(NodeProtoSchema, { opType: 'Identity', name: 'tie_inside', input: ['W'], output: ['W_tied'] }));
+    inner.graph!.node[0].attribute[1].g!.node[0].input[1] = 'W';
+    const { report: r2 } = await quantizeModel(serializeModel(inner), { weights: { bits: 8 } });
+    expect(r2.passes.find((p) => p.pass === 'bypass-constant-identities')!.changed).to.deep.equal(["tie_inside: its 1 reader(s) read the constant 'W'"]);
+    expect(r2.layers.map((l) => [l.node, l.subgraph])).to.deep.equal([['then_mm', 'if'], ['else_mm', 'if']]);
+    expect(r2.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
   });
 });
 

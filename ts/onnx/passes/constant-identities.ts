@@ -1,32 +1,35 @@
 /**
- * Removes the main graph's Identity nodes whose input is a constant (an initializer or a Constant node's value),
- * which exporters write for parameters that are shared or renamed (tied embeddings, reused layers): a layer reading
- * such an Identity sees a computed input, not a constant weight, and stays float. Their readers (inside subgraphs
- * too: names are unique across the model) read the constant instead. Identity nodes inside bodies are left, and so
- * is one whose output is a model output.
+ * Removes Identity nodes whose input is a constant (an initializer or a Constant node's value), which exporters write
+ * for parameters that are shared or renamed (tied embeddings, reused layers): a layer reading such an Identity sees a
+ * computed input, not a constant weight, and stays float. Their readers (inside subgraphs too: names are unique
+ * across the model) read the constant instead. In the main graph and in subgraph bodies; kept where the Identity's
+ * output is an output of its graph.
  */
 import type { GraphProto } from 'onnx-buf';
 
-import { isOnnxDomain, subgraphsOf, type Graph } from '../graph';
+import { isOnnxDomain, readsValue, subgraphNodes, subgraphsOf, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export function bypassConstantIdentities(graph: Graph): PassReport {
   const report: PassReport = { pass: 'bypass-constant-identities', changed: [], skipped: [] };
-  for (const identity of graph.topologicalOrder()) {  // a chain's first Identity first
+  // The main graph's in topological order (a chain's first Identity first), then those inside bodies.
+  const candidates = [...graph.topologicalOrder().map((node) => ({ node, scopes: [] as GraphProto[] })), ...subgraphNodes(graph)];
+  for (const { node: identity, scopes } of candidates) {
     if (identity.opType !== 'Identity' || !isOnnxDomain(identity.domain)) continue;
     const [source] = identity.input;
     const [out] = identity.output;
-    if (!source || !graph.constant(source)) continue;
-    if (graph.isGraphOutput(out)) {
-      report.skipped.push({ node: nodeLabel(identity), reason: `its output '${out}' is a model output` });
+    if (!source || !graph.constantIn(source, scopes)) continue;
+    const scope = scopes[0] ?? graph.graph;
+    if (scope.output.some((o) => o.name === out)) {
+      report.skipped.push({ node: nodeLabel(identity), reason: `its output '${out}' is an output of its graph` });
       continue;
     }
-    const readers = graph.consumers(out);
+    const readers = scope.node.filter((n) => readsValue(n, out));
     for (const reader of readers) {
       reader.input.forEach((name, slot) => name === out && (reader.input[slot] = source));
       subgraphsOf(reader).forEach((body) => renameReads(body, out, source));
     }
-    graph.graph.node.splice(graph.graph.node.indexOf(identity), 1);
+    scope.node.splice(scope.node.indexOf(identity), 1);
     report.changed.push(`${nodeLabel(identity)}: its ${readers.length} reader(s) read the constant '${source}'`);
   }
   return report;
