@@ -151,6 +151,15 @@ export class Graph {
     if (node) scope.node.splice(scope.node.indexOf(node), 1);
   }
 
+  /** Copies of constants (new names, the same bytes) added to a subgraph `scope` or the main graph, which cannot see the originals. */
+  copyConstants<T extends TensorProto[]>(tensors: T, scope: GraphProto = this.graph): T {
+    return tensors.map((t) => {
+      const copy = ownedTensor(this.uniqueName(t.name), t.dataType, dimsOf(t), t.rawData);
+      this.addInitializer(copy, scope);
+      return copy;
+    }) as T;
+  }
+
   /**
    * The constant tensor behind a value name and the subgraph that holds it (undefined: the main graph). `scopes`:
    * for a value read inside subgraphs, those around it, innermost first; the nearest one that defines the name wins.
@@ -225,6 +234,11 @@ export function readsValue(node: NodeProto, name: string): boolean {
 /** Whether an operator domain is the default ONNX one. */
 export function isOnnxDomain(domain: string): boolean {
   return domain === '' || domain === 'ai.onnx';
+}
+
+/** Every node: the main graph's in topological order, then those inside subgraphs (see subgraphNodes). */
+export function allNodes(graph: Graph): Array<{ node: NodeProto; scopes: GraphProto[]; owner?: NodeProto }> {
+  return [...graph.topologicalOrder().map((node) => ({ node, scopes: [] as GraphProto[] })), ...subgraphNodes(graph)];
 }
 
 /**

@@ -7,14 +7,13 @@
  */
 import type { GraphProto } from 'onnx-buf';
 
-import { isOnnxDomain, readsValue, subgraphNodes, subgraphsOf, type Graph } from '../graph';
+import { allNodes, isOnnxDomain, readsValue, subgraphsOf, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export function bypassConstantIdentities(graph: Graph): PassReport {
   const report: PassReport = { pass: 'bypass-constant-identities', changed: [], skipped: [] };
   // The main graph's in topological order (a chain's first Identity first), then those inside bodies.
-  const candidates = [...graph.topologicalOrder().map((node) => ({ node, scopes: [] as GraphProto[] })), ...subgraphNodes(graph)];
-  for (const { node: identity, scopes } of candidates) {
+  for (const { node: identity, scopes } of allNodes(graph)) {
     if (identity.opType !== 'Identity' || !isOnnxDomain(identity.domain)) continue;
     const [source] = identity.input;
     const [out] = identity.output;

@@ -11,7 +11,7 @@ import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto
 
 import { packInt4 } from '../../pack';
 import { quantizationError, type QuantizeOptions } from '../../quantize';
-import { dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, readsValue, subgraphNodes, weightValues, type Graph } from '../graph';
+import { allNodes, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, readsValue, weightValues, type Graph } from '../graph';
 import { readLazyTensor } from '../model-io';
 import { nodeLabel, type PassReport, type Steps } from './pass';
 import { checkFiniteWeights, quantized, type WeightLayerReport } from './quantize-weights';
@@ -31,8 +31,8 @@ export function quantizableTableCount(graph: Graph, keepFloat: string[] = []): n
 }
 
 // The Gathers, the main graph's in topological order, then those inside bodies (with the subgraphs around them).
-function candidates(graph: Graph): Array<{ node: NodeProto; scopes: GraphProto[]; owner?: NodeProto }> {
-  return [...graph.topologicalOrder().map((node) => ({ node, scopes: [] })), ...subgraphNodes(graph)].filter(({ node }) => node.opType === 'Gather');
+function candidates(graph: Graph): ReturnType<typeof allNodes> {
+  return allNodes(graph).filter(({ node }) => node.opType === 'Gather');
 }
 
 // Why a Gather of a constant is not converted (undefined: it is); '' when there is nothing worth reporting.
@@ -71,9 +71,7 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
     const base = node.input[0];
     const earlier = converted.get(table);
     if (earlier) {
-      const constants = earlier.scope === scope ? earlier.constants
-        : earlier.constants.map((t) => ownedTensor(graph.uniqueName(t.name), t.dataType, dimsOf(t), t.rawData)) as [TensorProto, TensorProto];
-      if (constants !== earlier.constants) constants.forEach((t) => graph.addInitializer(t, scope));
+      const constants = earlier.scope === scope ? earlier.constants : graph.copyConstants(earlier.constants, scope);
       convert(graph, node, constants, earlier.attributes);
       layers.push({ ...earlier.layer, node: label, output: node.output[0], ...where });
       report.changed.push(`${label}: shares the quantized table of ${earlier.layer.node}`);

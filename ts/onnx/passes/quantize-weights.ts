@@ -343,8 +343,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         node.input[1] = earlier.dq.output[0];
       } else {
         // Another graph holds the first DequantizeLinear: one more here, with copies of its constants (sharing their bytes).
-        const copies = earlier.constants.map((t) => ownedTensor(graph.uniqueName(t.name), t.dataType, dimsOf(t), t.rawData));
-        copies.forEach((t) => graph.addInitializer(t, scope));
+        const copies = graph.copyConstants(earlier.constants, scope);
         // Fresh attributes: a later pass (fit-onnxruntime) may change the first node's in place.
         const attributes = earlier.dq.attribute.map((a) => makeIntAttribute(a.name, Number(a.i)));
         const dq = makeNode('DequantizeLinear', copies.map((t) => t.name), [graph.uniqueName(`${base}_dequantized`)], `${label}_weight_dq`, attributes, earlier.dq.domain);
