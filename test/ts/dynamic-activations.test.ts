@@ -4,8 +4,8 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { fromBinary } from '@bufbuild/protobuf';
-import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
+import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType, type GraphProto } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { floatData } from '../../ts/onnx/graph';
@@ -56,13 +56,18 @@ function reference(x: Float32Array, rows: number, k: number, wq: Int8Array, ws: 
   return y;
 }
 
-async function optimizedOps(model: Uint8Array): Promise<string[]> {
+/** onnxruntime's optimized form of a model (graph optimizations 'extended'). */
+async function optimizedGraph(model: Uint8Array): Promise<GraphProto> {
   const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-dyn-')), 'optimized.onnx');
   const session = await ort().InferenceSession.create(model, { graphOptimizationLevel: 'extended', optimizedModelFilePath: file });
   await session.release();
-  const ops = fromBinary(ModelProtoSchema, fs.readFileSync(file)).graph!.node.map((n) => n.opType);
+  const graph = fromBinary(ModelProtoSchema, fs.readFileSync(file)).graph!;
   fs.rmSync(path.dirname(file), { recursive: true });
-  return ops;
+  return graph;
+}
+
+async function optimizedOps(model: Uint8Array): Promise<string[]> {
+  return (await optimizedGraph(model)).node.map((n) => n.opType);
 }
 
 describe("dynamic activations (activations.method 'dynamic')", function () {
@@ -199,6 +204,70 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     ]);
     expect(corrected.report.passes.find((p) => p.pass === 'dynamic-activations')!.changed.map((c) => c.split(':')[0])).to.deep.equal(['MatMul(h)', 'Gemm(g1)', 'Gemm(out)']);
     expect(corrected.report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+  });
+
+  it('quantizes MatMul and Gemm inputs inside If branches too (a merged decoder keeps its layers there): the same arithmetic as without the If', async () => {
+    // x → MatMul(A) → h → If(flag): then MatMul(h, W) + MatMul(h, V) → Gemm(G, transB); else MatMul(h, W).
+    const r = rng(21);
+    const matrix = (name: string, dims: number[]) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt),
+      rawData: new Uint8Array(Float32Array.from({ length: dims[0] * dims[1] }, () => (r() - 0.5) / 2).buffer) });
+    const node = (opType: string, input: string[], y: string, attribute: unknown[] = []) => ({ opType, name: y, input, output: [y], attribute });
+    const info = (name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: {
+      elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
+    const transB = { name: 'transB', type: AttributeProto_AttributeType.INT, i: 1n };
+    const [A, W, V, G] = [matrix('A', [16, 24]), matrix('W', [24, 24]), matrix('V', [24, 24]), matrix('G', [8, 24])];
+    const thenNodes = [node('MatMul', ['h', 'W'], 't1'), node('MatMul', ['h', 'V'], 't2'), node('Add', ['t1', 't2'], 't3'), node('Gemm', ['t3', 'G'], 'y_then', [transB])];
+    const model = (withIf: boolean) => toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: withIf ? {
+        name: 'branches', input: [info('x', TensorProto_DataType.FLOAT, [3, 16]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [A, W], node: [node('MatMul', ['x', 'A'], 'h'), { opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', initializer: [V, G], output: [info('y_then')], node: thenNodes } },
+          { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [info('y_else')], node: [node('MatMul', ['h', 'W'], 'y_else')] } },
+        ] }],
+      } : {  // the then branch alone, in the main graph
+        name: 'flat', input: [info('x', TensorProto_DataType.FLOAT, [3, 16])], output: [info('y_then')],
+        initializer: [A, W, V, G], node: [node('MatMul', ['x', 'A'], 'h'), ...thenNodes],
+      },
+    } as never));
+    const options = { weights: { bits: 8 as const }, activations: { bits: 8 as const, method: 'dynamic' as const } };
+    const { model: q, report } = await quantizeModel(model(true), options);
+    expect(report.layers.map((l) => [l.node, l.subgraph, l.input])).to.deep.equal([['h', undefined, { bits: 8, dynamic: true }],
+      ['t1', 'if', { bits: 8, dynamic: true }], ['t2', 'if', { bits: 8, dynamic: true }], ['y_then', 'if', { bits: 8, dynamic: true }], ['y_else', 'if', { bits: 8, dynamic: true }]]);
+    expect(report.passes.find((p) => p.pass === 'dynamic-activations')!.changed).to.have.length(5);
+    const graph = readModel(q).graph!;
+    const [then, otherwise] = graph.node.find((n) => n.opType === 'If')!.attribute.map((a) => a.g!);
+    // h is quantized once per branch that reads it (shared by t1 and t2), before its first reader; no float weights or weight DQ remain.
+    expect(then.node.map((n) => n.opType)).to.deep.equal(['DynamicQuantizeLinear', 'MatMulInteger', 'Cast', 'Mul', 'Mul', 'MatMulInteger', 'Cast', 'Mul', 'Mul',
+      'Add', 'DynamicQuantizeLinear', 'MatMulInteger', 'Cast', 'Mul', 'Mul']);
+    expect(otherwise.node.map((n) => n.opType)).to.deep.equal(['DynamicQuantizeLinear', 'MatMulInteger', 'Cast', 'Mul', 'Mul']);
+    expect([...then.initializer, ...otherwise.initializer].every((t) => t.dataType === TensorProto_DataType.INT8 || /_scale(_\d+)?$/.test(t.name))).to.equal(true);
+    expect(then.initializer.find((t) => t.name.startsWith('G_quantized'))!.dims.map(Number)).to.deep.equal([24, 8]);  // transposed for MatMulInteger
+    // Unoptimized, the then branch computes exactly what the same layers quantized without the If compute.
+    const flat = await quantizeModel(model(false), options);
+    const x = values(3 * 16, 22, 2);
+    const O = ort();
+    const run = async (bytes: Uint8Array, feeds: Record<string, unknown>, output: string, level: 'disabled' | 'all' = 'disabled') => {
+      const session = await O.InferenceSession.create(bytes, { graphOptimizationLevel: level });
+      const out = (await session.run(feeds as never))[output].data as Float32Array;
+      await session.release();
+      return out;
+    };
+    const xt = new O.Tensor('float32', x, [3, 16]);
+    const flag = (v: number) => new O.Tensor('bool', Uint8Array.of(v), []);
+    const want = await run(flat.model, { x: xt }, 'y_then');
+    expect(Array.from(await run(q, { x: xt, flag: flag(1) }, 'y'))).to.deep.equal(Array.from(want));
+    // Optimized (onnxruntime fuses inside the branches too), both branches stay close to the float model.
+    for (const v of [1, 0]) {
+      const float = await run(model(true), { x: xt, flag: flag(v) }, 'y', 'all');
+      const got = await run(q, { x: xt, flag: flag(v) }, 'y', 'all');
+      const largest = Math.max(...float.map(Math.abs));
+      float.forEach((f, i) => expect(Math.abs(got[i] - f), `flag ${v} [${i}]`).to.be.below(0.02 * largest));
+    }
+    // onnxruntime fuses inside the branches as in the main graph.
+    const branches = (await optimizedGraph(q)).node.find((n) => n.opType === 'If')!.attribute.map((a) => a.g!.node.map((n) => n.opType));
+    expect(branches.flat().filter((o) => o === 'DynamicQuantizeMatMul' || o === 'MatMulIntegerToFloat')).to.have.length(4);
+    expect(branches.flat()).to.not.include('MatMulInteger');
   });
 
   it('rejects what it cannot do, saying what to pass', async () => {

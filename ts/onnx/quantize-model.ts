@@ -532,7 +532,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // calibrate's exposedModel).
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   const targets = quantizableLayers(graph, opts.keepFloat);
-  const bodyTargetCount = quantizableSubgraphLayers(graph, opts.keepFloat).length;  // weights only
+  // Inside subgraphs: weights only, and MatMul/Gemm inputs with dynamic activations (calibration cannot observe a body).
+  const bodyTargets = quantizableSubgraphLayers(graph, opts.keepFloat);
+  const bodyTargetCount = bodyTargets.length;
   const tableCount = opts.weights.gather ? quantizableTableCount(graph, opts.keepFloat) : 0;
   if (targets.length + bodyTargetCount + tableCount === 0) {
     throw new OnnxModelError(`No Conv, Gemm or MatMul layer with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
@@ -712,9 +714,15 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     }
   }
   if (dynamic) {
-    const dyn = await time('dynamic-activations', () => quantizeInputsDynamically(graph, targets, labels));
+    const places = [...targets.map((node) => ({ node, scope: graph.graph, scopes: [] })),
+      ...bodyTargets.map((l) => ({ node: l.node, scope: l.scopes[0], scopes: l.scopes }))];
+    const dyn = await time('dynamic-activations', () => quantizeInputsDynamically(graph, places, labels));
     passes.push(dyn.report);
-    for (const l of layers) if (!l.subgraph && dyn.quantized.has(l.node)) l.input = { bits: 8, dynamic: true };
+    // Report entries name a layer and, inside a body, the node holding it (a body node may share a main-graph name).
+    const key = (label: string, subgraph?: string) => JSON.stringify([label, subgraph ?? null]);
+    const done = new Set([...targets.filter((n) => dyn.quantized.has(n)).map((n) => key(labels.get(n)!)),
+      ...bodyTargets.filter((l) => dyn.quantized.has(l.node)).map((l) => key(nodeLabel(l.node), nodeLabel(l.owner)))]);
+    for (const l of layers) if (done.has(key(l.node, l.subgraph))) l.input = { bits: 8, dynamic: true };
   }
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
   if (!fitsOneFile && (opts.outputPath === undefined || opts.externalData === false)) {

@@ -11,9 +11,9 @@
  * (uint8 weights) and 3× slower with int8 weights (onnxruntime 1.30, one run each); convolutions want static
  * (calibrated) activations.
  */
-import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
+import { TensorProto_DataType, type GraphProto, type NodeProto } from 'onnx-buf';
 
-import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, ownedTensor, type Graph } from '../graph';
+import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, ownedTensor, readsValue, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fuses them into MatMulIntegerToFloat); its ConvInteger ' +
@@ -22,22 +22,23 @@ const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fu
 /**
  * The int8 values ([K, N], as MatMulInteger takes them) and per-column (or per-tensor) scale of a layer's
  * weight DequantizeLinear, or why there are none. A Gemm with transB keeps [N, K] values quantized along N:
- * they are transposed (int8, once per tensor however many layers share it).
+ * they are transposed (int8, once per tensor however many layers of the layer's graph share it).
  */
-function integerWeights(graph: Graph, node: NodeProto, transposed: Map<string, string>): { values: string; scale: string } | string {
-  const dq = graph.producer(node.input[1]);
+function integerWeights(graph: Graph, at: LayerPlace, transposed: Map<string, string>): { values: string; scale: string } | string {
+  const { node, scope, scopes } = at;
+  const dq = scope.node.find((n) => n.output.includes(node.input[1]));
   if (!dq || dq.opType !== 'DequantizeLinear') return 'its weights are not quantized by a DequantizeLinear';
-  const values = graph.constant(dq.input[0]);
+  const values = graph.constantIn(dq.input[0], scopes)?.tensor;
   if (values?.dataType !== TensorProto_DataType.INT8) return 'its weights are not stored as int8 (MatMulInteger needs 8-bit weights)';
   if (attribute(dq, 'block_size')) return 'its weights are blocked (MatMulInteger takes one scale per column)';
-  const scale = graph.constant(dq.input[1]);
+  const scale = graph.constantIn(dq.input[1], scopes)?.tensor;
   const dims = dimsOf(values);
   const transB = node.opType === 'Gemm' && intAttribute(node, 'transB', 0) === 1;
   const axis = intAttribute(dq, 'axis', 1);
   const columnAxis = transB ? 0 : dims.length - 1;
   if (scale?.dataType !== TensorProto_DataType.FLOAT) return 'its weight scales are not float32';
   if (dimsOf(scale).length > 0 && (axis + dims.length) % dims.length !== columnAxis) return 'its weight scales are not per tensor or per column';
-  const zeroPoint = dq.input[2] ? graph.constant(dq.input[2]) : undefined;
+  const zeroPoint = dq.input[2] ? graph.constantIn(dq.input[2], scopes)?.tensor : undefined;
   if (dq.input[2] && !(zeroPoint && zeroPoint.rawData.every((b) => b === 0))) return 'its weights have a zero point';
   if (!transB) return { values: dq.input[0], scale: dq.input[1] };
   let name = transposed.get(dq.input[0]);
@@ -47,7 +48,7 @@ function integerWeights(graph: Graph, node: NodeProto, transposed: Map<string, s
     const to = new Uint8Array(from.length);
     for (let i = 0; i < n; i++) for (let j = 0; j < k; j++) to[j * n + i] = from[i * k + j];
     name = graph.uniqueName(`${dq.input[0]}_transposed`);
-    graph.addInitializer(ownedTensor(name, TensorProto_DataType.INT8, [k, n], to));
+    graph.addInitializer(ownedTensor(name, TensorProto_DataType.INT8, [k, n], to), scope);
     transposed.set(dq.input[0], name);
   }
   return { values: name, scale: dq.input[1] };
@@ -61,19 +62,25 @@ function gemmObstacle(node: NodeProto): string | undefined {
   return undefined;
 }
 
+/** A layer and the graph that holds it: the main graph, or a subgraph body (`scopes`: the bodies around it, innermost first). */
+export interface LayerPlace { node: NodeProto; scope: GraphProto; scopes: GraphProto[] }
+
 /**
  * Quantizes the inputs of the MatMul and Gemm layers dynamically (see the file comment), after their weights are
- * quantized. One DynamicQuantizeLinear per input tensor, shared by the layers that read it; each layer becomes
- * MatMulInteger → Cast → Mul (→ Add of a Gemm's C), keeping its output name. `labels`: each layer's name in the
- * report, taken before passes that rename outputs (bias correction) changed what nodeLabel would say.
+ * quantized, in the main graph and inside If/Loop/Scan bodies alike (no calibration is needed to see a body's
+ * values). One DynamicQuantizeLinear per input tensor and graph, shared by the layers of that graph that read it,
+ * placed before the first of them; each layer becomes MatMulInteger → Cast → Mul (→ Add of a Gemm's C) in place,
+ * keeping its output name. `labels`: each layer's name in the report, taken before passes that rename outputs
+ * (bias correction) changed what nodeLabel would say. Returns the layers it quantized.
  */
-export function quantizeInputsDynamically(graph: Graph, layers: NodeProto[], labels: Map<NodeProto, string>):
-  { report: PassReport; quantized: Set<string> } {
+export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], labels: Map<NodeProto, string>):
+  { report: PassReport; quantized: Set<NodeProto> } {
   const report: PassReport = { pass: 'dynamic-activations', changed: [], skipped: [] };
-  const quantized = new Set<string>();
-  const codes = new Map<string, [string, string, string]>();
+  const quantized = new Set<NodeProto>();
+  const codes = new Map<GraphProto, Map<string, [string, string, string]>>();
   const transposed = new Map<string, string>();
-  for (const node of layers) {
+  for (const at of layers) {
+    const { node, scope, scopes } = at;
     const label = labels.get(node) ?? nodeLabel(node);
     if (node.opType !== 'MatMul' && node.opType !== 'Gemm') {
       report.skipped.push({ node: label, reason: node.opType === 'Conv' ? CONV_REASON : `${node.opType}: dynamic activations need MatMul or Gemm` });
@@ -85,21 +92,23 @@ export function quantizeInputsDynamically(graph: Graph, layers: NodeProto[], lab
       continue;
     }
     const x = node.input[0];
-    if (graph.constant(x)) {
+    if (graph.constantIn(x, scopes)) {
       report.skipped.push({ node: label, reason: 'its input is a constant' });
       continue;
     }
-    const dq = graph.producer(node.input[1]);
-    const weights = integerWeights(graph, node, transposed);
+    const dq = scope.node.find((n) => n.output.includes(node.input[1]));
+    const weights = integerWeights(graph, at, transposed);
     if (typeof weights === 'string') {
       report.skipped.push({ node: label, reason: `${weights}: input left float` });
       continue;
     }
-    let xq = codes.get(x);
+    const inScope = codes.get(scope) ?? new Map<string, [string, string, string]>();
+    codes.set(scope, inScope);
+    let xq = inScope.get(x);
     if (!xq) {
       xq = [graph.uniqueName(`${x}_quantized`), graph.uniqueName(`${x}_scale`), graph.uniqueName(`${x}_zero_point`)];
-      codes.set(x, xq);
-      graph.graph.node.push(makeNode('DynamicQuantizeLinear', [x], xq, `${x}_dynamic_q`));
+      inScope.set(x, xq);
+      scope.node.splice(scope.node.indexOf(node), 0, makeNode('DynamicQuantizeLinear', [x], xq, graph.uniqueName(`${x}_dynamic_q`)));
     }
     const output = node.output[0];
     const bias = node.opType === 'Gemm' ? node.input[2] : undefined;
@@ -107,17 +116,17 @@ export function quantizeInputsDynamically(graph: Graph, layers: NodeProto[], lab
     const asFloat = graph.uniqueName(`${output}_float`);
     const scale = graph.uniqueName(`${label}_output_scale`);
     const scaled = bias ? graph.uniqueName(`${output}_unbiased`) : output;
-    graph.graph.node.splice(graph.graph.node.indexOf(node), 1,
+    scope.node.splice(scope.node.indexOf(node), 1,
       makeNode('MatMulInteger', [xq[0], weights.values, xq[2]], [product], `${label}_integer`),
       makeNode('Cast', [product], [asFloat], `${label}_cast`, [makeIntAttribute('to', TensorProto_DataType.FLOAT)]),
       makeNode('Mul', [xq[1], weights.scale], [scale], `${label}_scales`),
       makeNode('Mul', [asFloat, scale], [scaled], bias ? `${label}_scaled` : label),
       ...(bias ? [makeNode('Add', [scaled, bias], [output], label)] : []));
-    if (dq && graph.consumers(dq.output[0]).length === 0) {
-      graph.graph.node.splice(graph.graph.node.indexOf(dq), 1);
-      graph.removeIfUnused(dq.input[0]);  // a transposed copy replaced the values
+    if (dq && !scope.node.some((n) => readsValue(n, dq.output[0])) && !scope.output.some((o) => o.name === dq.output[0])) {
+      scope.node.splice(scope.node.indexOf(dq), 1);
+      graph.removeIfUnused(dq.input[0], scope);  // a transposed copy replaced the values
     }
-    quantized.add(label);
+    quantized.add(node);
     report.changed.push(`${label}: uint8 input quantized per run (DynamicQuantizeLinear), MatMulInteger`);
   }
   graph.sort();
