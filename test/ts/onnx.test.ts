@@ -340,8 +340,9 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
       expect((caught as Error)?.message, String(re)).to.match(re);
     };
     await rejects([{ image: { data: new Float32Array(3 * 48 * 192), dims: [1, 3, 48, 192] } }], /a feed with input 'x' \{ data: Float32Array, dims: \[\?, 3, \?, \?\] \} for calibration\[0\] but received "image"/);
-    await rejects([{ x: { data: new Float32Array(3 * 48 * 192), dims: [3, 48, 192] } }], /dims matching \[\?, 3, \?, \?\] for calibration\[0\]\.x\.dims/);
+    await rejects([{ x: { data: new Float32Array(3 * 48 * 192), dims: [3, 48, 192] } }], /dims matching \[\?, 3, \?, \?\] \(non-negative integers\) for calibration\[0\]\.x\.dims/);
     await rejects([{ x: { data: new Float32Array(4 * 48 * 192), dims: [1, 4, 48, 192] } }], /for calibration\[0\]\.x\.dims/);
+    await rejects([{ x: { data: new Float32Array(3 * 48 * 192), dims: [1, 3, 48.5, 192] } }], /dims matching \[\?, 3, \?, \?\] \(non-negative integers\) for calibration\[0\]\.x\.dims/);
     await rejects([{ x: { data: new Float64Array(3 * 48 * 192), dims: [1, 3, 48, 192] } }], /Float32Array \(float32 input\) for calibration\[0\]\.x\.data/);
     await rejects([], /at least one batch for options\.calibration/);
     await rejects('/no/such/folder', /a folder with one subfolder of \.npy batches per model input for options\.calibration but received "\/no\/such\/folder"\. It does not exist/);
@@ -548,6 +549,19 @@ describe('models with integer inputs (token ids)', () => {
     const e = await quantizeModel(tokenModel(TensorProto_DataType.INT16), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [ids(1)] }).catch((x: Error) => x);
     expect(e).to.be.instanceOf(OnnxModelError);
     expect(String(e)).to.match(/Input 'ids' has element type INT16; lowbit feeds float32, float16, int64, int32, uint8, int8 and bool inputs only/);
+  });
+
+  it('an input that declares no shape takes feeds of any rank; the made-up evaluation is skipped (reported)', async () => {
+    const model = readModel(tokenModel());
+    const input = model.graph!.input[0].type!.value.value as { shape?: unknown };
+    delete input.shape;  // unknown rank
+    const bytes = serializeModel(model);
+    const { report } = await quantizeModel(bytes, { weights: { bits: 8 } });
+    expect(report.evaluationSkipped).to.equal("input 'ids' declares no shape, so lowbit cannot make inputs for it; pass evaluationFeeds");
+    const fed = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [ids(1), ids(2)], evaluationFeeds: [ids(3)] });
+    expect(fed.report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.99);
+    const e = await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [{ ids: { data: ids(3).ids.data, dims: [1, -6] } }] }).catch((x: Error) => x);
+    expect(String(e)).to.match(/Expected dims of non-negative integers for options\.evaluationFeeds\[0\]\.ids\.dims but received \[1, -6\]/);
   });
 });
 

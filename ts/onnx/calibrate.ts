@@ -63,13 +63,22 @@ export function ortTensor(v: FeedTensor): InstanceType<ReturnType<typeof ort>['T
   return new O.Tensor('float32', v.data, dims);
 }
 
-/** The model's inputs that need feeds (not initializers), with their element type and dims (-1 when symbolic). */
-export function modelInputs(model: ModelProto): Array<{ name: string; elemType: number; dims: number[] }> {
+/**
+ * The model's inputs that need feeds (not initializers), with their element type and dims (-1 when symbolic;
+ * undefined when the input declares no shape: any rank).
+ */
+export function modelInputs(model: ModelProto): Array<{ name: string; elemType: number; dims?: number[] }> {
   const initializers = new Set(model.graph!.initializer.map((t) => t.name));
   return model.graph!.input.filter((i) => !initializers.has(i.name)).map((input) => {
     const tensor = input.type?.value.case === 'tensorType' ? input.type.value.value : undefined;
-    return { name: input.name, elemType: tensor?.elemType ?? 0, dims: (tensor?.shape?.dim ?? []).map((d) => (d.value.case === 'dimValue' ? Number(d.value.value) : -1)) };
+    const dims = tensor?.shape?.dim.map((d) => (d.value.case === 'dimValue' ? Number(d.value.value) : -1));
+    return { name: input.name, elemType: tensor?.elemType ?? 0, ...(dims ? { dims } : {}) };
   });
+}
+
+/** How dims are written in errors: [1, ?, 48] (? symbolic). */
+function shapeText(dims: number[]): string {
+  return `[${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}]`;
 }
 
 export type CalibrationData = Iterable<Feed> | AsyncIterable<Feed> | string;
@@ -264,12 +273,13 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
   for (const { name, elemType, dims } of inputs) {
     const v = f[name];
     const type = feedType(name, elemType);
-    const expected = `{ data: ${type.array}, dims: [${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}] }`;
+    const expected = `{ data: ${type.array}, dims: ${dims ? shapeText(dims) : '[...]'} }`;
     if (!v) throw invalidValue(`${what}[${index}]`, `a feed with input '${name}' ${expected}`, Object.keys(f).join(', ') || 'an empty feed');
     if (!type.is(v.data)) throw invalidType(`${what}[${index}].${name}.data`, `a ${type.array} (${type.name} input)`, v.data);
     const data = v.data as FeedTensor['data'];
-    if (!Array.isArray(v.dims) || v.dims.length !== dims.length || v.dims.some((d, i) => dims[i] >= 0 && d !== dims[i])) {
-      throw invalidValue(`${what}[${index}].${name}.dims`, `dims matching [${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}]`, v.dims);
+    if (!Array.isArray(v.dims) || v.dims.some((d) => !Number.isSafeInteger(d) || d < 0) ||
+      (dims && (v.dims.length !== dims.length || v.dims.some((d, i) => dims[i] >= 0 && d !== dims[i])))) {
+      throw invalidValue(`${what}[${index}].${name}.dims`, dims ? `dims matching ${shapeText(dims)} (non-negative integers)` : 'dims of non-negative integers', v.dims);
     }
     if (data.length !== (v.dims as number[]).reduce((a, b) => a * b, 1)) {
       throw invalidValue(`${what}[${index}].${name}.data`, `${(v.dims as number[]).reduce((a, b) => a * b, 1)} values for dims [${v.dims.join(', ')}]`, data);

@@ -278,6 +278,7 @@ function randomFeeds(model: ModelProto, seed: number): Feed | string {
   };
   const normal = (n: number) => Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next()));
   for (const input of modelInputs(model)) {
+    if (!input.dims) return `input '${input.name}' declares no shape, so lowbit cannot make inputs for it; pass evaluationFeeds`;
     const dims = input.dims.map((d) => (d < 0 ? 1 : d));
     const n = dims.reduce((a, b) => a * b, 1);
     if (input.elemType === TensorProto_DataType.FLOAT) {
