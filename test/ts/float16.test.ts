@@ -3,7 +3,7 @@ import { expect } from 'chai';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
-import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { fromFloat16Array, fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../ts/float16';
@@ -220,6 +220,59 @@ describe('float16', () => {
     const session = await ort().InferenceSession.create(model);  // default optimisations
     const out = await session.run({ input: new (ort().Tensor)('float16', toFloat16Array(heInit(36, 1, 4)), [1, 1, 6, 6]) });
     expect(fromFloat16Array(out.out.data as Uint16Array).every(Number.isFinite)).to.equal(true);
+  });
+
+  it('weights.gather: a float16 embedding table becomes GatherBlockQuantized with float16 scales; the gathered rows are value × float16 scale', async () => {
+    // ids → Gather(table [40, 32] float16) → MatMul(w [32, 16] float16) → y, opset 21.
+    const [V, D] = [40, 32];
+    const halfTensor = (name: string, dims: number[], seed: number) => ({ name, dataType: TensorProto_DataType.FLOAT16, dims: dims.map(BigInt),
+      rawData: new Uint8Array(toFloat16Array(heInit(dims[0] * dims[1], dims[0] / 4, seed)).buffer) });
+    const info = (name: string, elemType: number) => ({ name, type: { value: { case: 'tensorType', value: { elemType } } } });
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 10n, opsetImport: [{ domain: '', version: 21n }],
+      graph: {
+        name: 'half-tokens', input: [info('ids', TensorProto_DataType.INT64)], output: [info('y', TensorProto_DataType.FLOAT16)],
+        initializer: [halfTensor('table', [V, D], 1), halfTensor('w', [D, 16], 2)],
+        node: [{ opType: 'Gather', name: 'embed', input: ['table', 'ids'], output: ['e'] }, { opType: 'MatMul', name: 'fc', input: ['e', 'w'], output: ['y'] }],
+      },
+    } as never));
+    const table = fromFloat16Array(new Uint16Array(Uint8Array.from(readModel(bytes).graph!.initializer[0].rawData).buffer));
+    const O = ort();
+    const ids = BigInt64Array.of(0n, 5n, 39n, 5n);
+    for (const [bits, granularity] of [[4, 'block'], [8, 'channel']] as Array<[4 | 8, 'block' | 'channel']>) {
+      const { model, report } = await quantizeModel(bytes, { weights: { bits, granularity, blockSize: 16, gather: true }, evaluationFeeds: [{ ids: { data: ids, dims: [1, 4] } }] });
+      expect(report.layers.find((l) => l.op === 'Gather'), `${bits}`).to.include({ node: 'embed', bits });
+      expect(report.evaluation!.outputs[0].cosine).to.be.above(bits === 8 ? 0.999 : 0.97);
+      const graph = readModel(model).graph!;
+      const node = graph.node.find((n) => n.name === 'embed')!;
+      expect(node.opType).to.equal('GatherBlockQuantized');
+      const scaleTensor = graph.initializer.find((t) => t.name === node.input[2])!;
+      const perRow = granularity === 'block' ? D / 16 : 1;
+      expect([scaleTensor.dataType, scaleTensor.dims.map(Number)]).to.deep.equal([TensorProto_DataType.FLOAT16, [V, perRow]]);
+      const scales = fromFloat16Array(new Uint16Array(Uint8Array.from(scaleTensor.rawData).buffer));
+      const stored = graph.initializer.find((t) => t.name === node.input[0])!;
+      const values = bits === 4 ? unpackInt4(stored.rawData, V * D) : Int32Array.from(stored.rawData, (v) => v - 128);
+      // Each value as QuantizeLinear makes it with the stored float16 scale.
+      const range = bits === 4 ? 7 : 127;
+      table.forEach((v, i) => {
+        const scale = scales[Math.floor(i / D) * perRow + Math.floor((i % D) / (D / perRow))];
+        const expected = Math.max(-range - 1, Math.min(range, roundHalfToEven(Math.fround(v / scale))));
+        if (values[i] !== expected) throw new Error(`${bits}-bit table[${i}]: ${values[i]}, expected ${expected}`);
+      });
+      // onnxruntime's gathered rows (exposed as an output): value × scale, rounded to float16.
+      const probe = readModel(model);
+      probe.graph!.output.push(create(ValueInfoProtoSchema, info('e', TensorProto_DataType.FLOAT16) as never));
+      const session = await O.InferenceSession.create(toBinary(ModelProtoSchema, probe));
+      const e = fromFloat16Array((await session.run({ ids: new O.Tensor('int64', ids, [1, 4]) }, ['e'])).e.data as Uint16Array);
+      await session.release();
+      ids.forEach((row, k) => {
+        for (let j = 0; j < D; j++) {
+          const i = Number(row) * D + j;
+          const want = fromFloat16Bits(toFloat16Bits(values[i] * scales[Number(row) * perRow + Math.floor(j / (D / perRow))]));
+          if (e[k * D + j] !== want) throw new Error(`${bits}-bit row ${row}[${j}]: ${e[k * D + j]}, expected ${want}`);
+        }
+      });
+    }
   });
 
   it('float16 calibration feeds with NaN or Infinity bit patterns are refused, naming the value', async () => {

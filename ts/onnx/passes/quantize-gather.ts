@@ -1,5 +1,6 @@
 /**
- * Quantized embedding tables (opt-in, `weights.gather`): a Gather (inside subgraph bodies too) on axis 0 whose data is a 2-D float32 constant
+ * Quantized embedding tables (opt-in, `weights.gather`): a Gather (inside subgraph bodies too) on axis 0 whose data is a 2-D float32
+ * or float16 constant (float16 scales for a float16 table: the operator returns the scales' type)
  * becomes onnxruntime's com.microsoft GatherBlockQuantized, which dequantizes only the rows it gathers (a
  * DequantizeLinear before the Gather would dequantize the whole table on every run). The table is quantized like the
  * layers' weights (symmetric, zero point 0) along the embedding axis: in blocks (`granularity: 'block'`), per row
@@ -9,12 +10,13 @@
  */
 import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
+import { toFloat16Array } from '../../float16';
 import { packInt4 } from '../../pack';
 import { quantizationError, type QuantizeOptions } from '../../quantize';
 import { allNodes, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, readsValue, weightValues, type Graph } from '../graph';
 import { readLazyTensor } from '../model-io';
 import { nodeLabel, type PassReport, type Steps } from './pass';
-import { checkFiniteWeights, quantized, type WeightLayerReport } from './quantize-weights';
+import { checkFiniteWeights, quantized, withFloat16Scales, type WeightLayerReport } from './quantize-weights';
 
 export interface GatherQuantization {
   bits: 2 | 4 | 8;
@@ -41,7 +43,6 @@ function whyNot(graph: Graph, node: NodeProto, scopes: GraphProto[], keep: Set<s
   const table = graph.constantIn(node.input[0], scopes)?.tensor;
   if (!table || !(isFloatTensor(table) || isFloat16Tensor(table))) return '';  // a computed tensor or integer constants (shapes, ids)
   if (keep.has(node.name) || keep.has('Gather')) return 'kept in float (keepFloat)';
-  if (isFloat16Tensor(table)) return 'float16 tables are not quantized yet';
   const dims = dimsOf(table);
   if (dims.length !== 2) return `its table is ${dims.length}-D, not 2-D`;
   const axis = intAttribute(node, 'axis', 0);
@@ -86,11 +87,14 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
     const [rows, width] = dims;
     const requestedBlock = options.blockSize ?? 32;
     const blocked = options.granularity === 'block' && width >= requestedBlock;
-    const q = yield* quantized(data, {
+    let q = yield* quantized(data, {
       shape: dims, bits: options.bits, method: options.method,
       ...(blocked ? { granularity: 'block' as const, axis: 1, blockSize: requestedBlock }
         : options.granularity === 'tensor' ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: 0 }),
     }, true);
+    // A float16 table gathers float16 rows: float16 scales (the operator's output type is theirs), values rounded against them.
+    const half = isFloat16Tensor(table);
+    if (half) q = withFloat16Scales(q, data, label);
     // One block per row unless blocked: the operator's block_size is a power of two of at least 16.
     const blockSize = blocked ? requestedBlock : Math.max(16, 2 ** Math.ceil(Math.log2(width)));
     const scales = q.granularity === 'tensor' ? new Float32Array(rows).fill(q.scale[0]) : q.scale;
@@ -98,8 +102,8 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
     const values = eightBit
       ? ownedTensor(graph.uniqueName(`${base}_quantized`), TensorProto_DataType.UINT8, dims, Uint8Array.from(q.values, (v) => v + 128))
       : ownedTensor(graph.uniqueName(`${base}_quantized`), TensorProto_DataType.INT4, dims, packInt4(q));
-    const scale = makeTensor(graph.uniqueName(`${base}_scale`), TensorProto_DataType.FLOAT, [rows, scales.length / rows],
-      new Uint8Array(scales.buffer, scales.byteOffset, scales.byteLength));
+    const scaleBytes = half ? new Uint8Array(toFloat16Array(scales).buffer) : new Uint8Array(scales.buffer, scales.byteOffset, scales.byteLength);
+    const scale = makeTensor(graph.uniqueName(`${base}_scale`), half ? TensorProto_DataType.FLOAT16 : TensorProto_DataType.FLOAT, [rows, scales.length / rows], scaleBytes);
     graph.addInitializer(values, scope);
     graph.addInitializer(scale, scope);
     const attributes: Array<[string, number]> = [['gather_axis', 0], ['quantize_axis', 1], ['block_size', blockSize], ...(eightBit ? [['bits', 8] as [string, number]] : [])];

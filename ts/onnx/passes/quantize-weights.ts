@@ -149,7 +149,7 @@ function float16Scale(scale: number): number {
  * Weights of a float16 layer get float16 scales: the values are re-quantized with the scales rounded to float16,
  * so they are what QuantizeLinear makes with the scales the model stores.
  */
-function withFloat16Scales(q: QuantizedTensor, source: Float32Array, label: string): QuantizedTensor {
+export function withFloat16Scales(q: QuantizedTensor, source: Float32Array, label: string): QuantizedTensor {
   if (q.channelBits) {
     throw new OnnxModelError(`Layer '${label}' has float16 weights, whose scales are float16: bit allocation is not supported for them. Drop bitAllocation.`);
   }
