@@ -140,6 +140,19 @@ export class Graph {
   /** Removes a constant (initializer or Constant node) of the main graph or of a subgraph `scope` when nothing in it reads it any more. */
   removeIfUnused(name: string, scope: GraphProto = this.graph): void {
     if (scope.node.some((n) => readsValue(n, name)) || scope.output.some((o) => o.name === name)) return;
+    this.removeConstant(name, scope);
+  }
+
+  /**
+   * removeIfUnused for many constants of one graph, looking at what the graph reads once: a pass that replaces
+   * many weights calls it at its end (each removeIfUnused walks every subgraph of the graph).
+   */
+  removeAllUnused(names: Iterable<string>, scope: GraphProto = this.graph): void {
+    const read = namesRead(scope);
+    for (const name of new Set(names)) if (!read.has(name)) this.removeConstant(name, scope);
+  }
+
+  private removeConstant(name: string, scope: GraphProto): void {
     const i = scope.initializer.findIndex((t) => t.name === name);
     if (i >= 0) {
       scope.initializer.splice(i, 1);
@@ -224,6 +237,16 @@ const NO_READS: readonly string[] = Object.freeze([]);
 /** Whether a node holds subgraphs (If branches, Loop and Scan bodies). */
 export function hasSubgraphs(node: NodeProto): boolean {
   return node.attribute.some((a) => a.g || a.graphs.length > 0);
+}
+
+/** The values a graph's nodes read (as inputs or from inside their subgraphs) and its outputs. */
+export function namesRead(scope: GraphProto): Set<string> {
+  const read = new Set(scope.output.map((o) => o.name));
+  for (const n of scope.node) {
+    for (const i of n.input) read.add(i);
+    for (const r of subgraphReads(n)) read.add(r);
+  }
+  return read;
 }
 
 /** Whether a node reads a value: as an input, or from inside its subgraphs. */

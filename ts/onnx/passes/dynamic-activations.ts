@@ -13,7 +13,7 @@
  */
 import { TensorProto_DataType, type GraphProto, type NodeProto } from 'onnx-buf';
 
-import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, ownedTensor, readsValue, type Graph } from '../graph';
+import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, namesRead, ownedTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fuses them into MatMulIntegerToFloat); its ConvInteger ' +
@@ -79,6 +79,9 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
   const quantized = new Set<NodeProto>();
   const codes = new Map<GraphProto, Map<string, [string, string, string]>>();
   const transposed = new Map<string, string>();
+  // Weight DequantizeLinears the layers no longer read, per graph: removed at the end (with their values, which a
+  // transposed copy may have replaced), looking at what each graph reads once.
+  const replacedWeights = new Map<GraphProto, NodeProto[]>();
   for (const at of layers) {
     const { node, scope, scopes } = at;
     const label = labels.get(node) ?? nodeLabel(node);
@@ -122,12 +125,15 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
       makeNode('Mul', [xq[1], weights.scale], [scale], `${label}_scales`),
       makeNode('Mul', [asFloat, scale], [scaled], bias ? `${label}_scaled` : label),
       ...(bias ? [makeNode('Add', [scaled, bias], [output], label)] : []));
-    if (dq && !scope.node.some((n) => readsValue(n, dq.output[0])) && !scope.output.some((o) => o.name === dq.output[0])) {
-      scope.node.splice(scope.node.indexOf(dq), 1);
-      graph.removeIfUnused(dq.input[0], scope);  // a transposed copy replaced the values
-    }
+    if (dq) replacedWeights.set(scope, [...(replacedWeights.get(scope) ?? []), dq]);
     quantized.add(node);
     report.changed.push(`${label}: uint8 input quantized per run (DynamicQuantizeLinear), MatMulInteger`);
+  }
+  for (const [scope, dqs] of replacedWeights) {
+    const read = namesRead(scope);
+    const unread = [...new Set(dqs)].filter((dq) => !read.has(dq.output[0]));
+    for (const dq of unread) scope.node.splice(scope.node.indexOf(dq), 1);
+    graph.removeAllUnused(unread.map((dq) => dq.input[0]), scope);
   }
   graph.sort();
   return { report, quantized };

@@ -297,6 +297,10 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const quantizedOnce = new Map<TensorProto, {
     how: string; dq: NodeProto; constants: TensorProto[]; scope: GraphProto; layer: WeightLayerReport; weights: QuantizedWeights;
   }>();
+  // Float weights the layers no longer read, per graph that holds them: removed at the end, once unused (a
+  // removal per layer would walk every subgraph of the main graph per layer).
+  const replaced = new Map<GraphProto, string[]>();
+  const release = (name: string, home: GraphProto) => replaced.set(home, [...(replaced.get(home) ?? []), name]);
   // The DequantizeLinear goes next to the layer: in the main graph (sorted at the end), or in its body, in place.
   const place = (dq: NodeProto, node: NodeProto, scope: GraphProto) => {
     if (scope === graph.graph) scope.node.push(dq);
@@ -350,7 +354,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         place(dq, node, scope);
         node.input[1] = dq.output[0];
       }
-      graph.removeIfUnused(base, home);
+      release(base, home);
       layers.push({ ...earlier.layer, node: label, output: node.output[0], ...where });
       if (!inBody) weights.push({ ...earlier.weights, node: label });
       report.changed.push(`${label}: shares the quantized weights of ${earlier.layer.node}`);
@@ -426,7 +430,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const dq = makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], `${label}_weight_dq`, attrs, options.microsoftDomain ? 'com.microsoft' : '');
     place(dq, node, scope);
     node.input[1] = dqOut;
-    graph.removeIfUnused(base, home);
+    release(base, home);
     const layer: WeightLayerReport = {
       node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
       granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}`
@@ -450,6 +454,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
     yield label;
   }
+  for (const [home, names] of replaced) graph.removeAllUnused(names, home);
   graph.sort();
   return { report, layers, weights };
 }
