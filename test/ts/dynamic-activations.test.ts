@@ -270,6 +270,34 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     expect(branches.flat()).to.not.include('MatMulInteger');
   });
 
+  it('quantizes MatMul inputs inside a Loop body, on every iteration', async () => {
+    // Loop (3 trips) carrying v: m = v·W (W from the main graph), v_next = tanh(m·B); m is also a scan output.
+    const matrix = (name: string, seed: number) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [16n, 16n], rawData: new Uint8Array(values(256, seed, 0.5).buffer) });
+    const info = (name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: {
+      elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
+    const node = (opType: string, input: string[], y: string) => ({ opType, name: y, input, output: [y] });
+    const body = {
+      name: 'body', input: [info('i', TensorProto_DataType.INT64, []), info('c', TensorProto_DataType.BOOL, []), info('v')],
+      output: [info('c_out', TensorProto_DataType.BOOL, []), info('v_next'), info('m_out')], initializer: [matrix('B', 31)],
+      node: [node('MatMul', ['v', 'W'], 'm'), node('MatMul', ['m', 'B'], 'mb'), node('Tanh', ['mb'], 'v_next'), node('Identity', ['c'], 'c_out'), node('Identity', ['m'], 'm_out')],
+    };
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'loop', input: [info('x', TensorProto_DataType.FLOAT, [2, 16])], output: [info('y'), info('ms')],
+        initializer: [matrix('W', 30), { name: 'trips', dataType: TensorProto_DataType.INT64, dims: [], rawData: new Uint8Array(BigInt64Array.of(3n).buffer) },
+          { name: 'go', dataType: TensorProto_DataType.BOOL, dims: [], rawData: Uint8Array.of(1) }],
+        node: [{ opType: 'Loop', name: 'loop', input: ['trips', 'go', 'x'], output: ['y', 'ms'], attribute: [{ name: 'body', type: AttributeProto_AttributeType.GRAPH, g: body }] }],
+      },
+    } as never));
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } });
+    expect(report.layers.map((l) => [l.node, l.subgraph, l.input])).to.deep.equal([['m', 'loop', { bits: 8, dynamic: true }], ['mb', 'loop', { bits: 8, dynamic: true }]]);
+    const quantizedBody = readModel(model).graph!.node[0].attribute[0].g!;
+    expect(quantizedBody.node.filter((n) => n.opType === 'DynamicQuantizeLinear')).to.have.length(2);
+    expect(quantizedBody.node.map((n) => n.opType)).to.not.include('MatMul');
+    for (const output of report.evaluation!.outputs) expect(output.cosine, output.name).to.be.above(0.999);
+  });
+
   it('rejects what it cannot do, saying what to pass', async () => {
     const cases: Array<[object, RegExp]> = [
       [{ weights: { bits: 8 }, activations: { bits: 4, method: 'dynamic' } }, /Expected 8 with method 'dynamic' .* for options\.activations\.bits but received 4/],
