@@ -164,11 +164,12 @@ export function program(): Command {
         layer: layerName(l), op: l.op, shape: l.shape.join('x'), bits: l.channelBits ? `${l.bits} (mixed)` : l.bits, granularity: l.granularity,
         method: l.method,
         ...(report.layers.some((x) => x.input) ? { 'activation bits, clip': activationCell(l) } : {}),
-        'weight SQNR dB': Number(l.weightSqnrDb.toFixed(1)),
-        'output SQNR dB': l.outputSqnrDb === undefined ? '' : Number(l.outputSqnrDb.toFixed(1)),
+        'weight SQNR dB': l.weightSqnrDb.toFixed(1),
+        'output SQNR dB': l.outputSqnrDb === undefined ? '' : l.outputSqnrDb.toFixed(1),  // strings: one decimal in every row
       }))));
       if (report.activations.length) {
-        console.log(`\n${report.activations.length} activation tensors quantized (${amethod} ranges) from ${report.calibrationBatches} calibration batches`);
+        const batches = report.calibrationBatches;
+        console.log(`\n${report.activations.length} activation tensor${report.activations.length === 1 ? '' : 's'} quantized (${amethod} ranges) from ${batches} calibration batch${batches === 1 ? '' : 'es'}`);
       }
       const dynamicInputs = report.layers.filter((l) => l.input && 'dynamic' in l.input).length;
       if (dynamicInputs) console.log(`\n${dynamicInputs} layer inputs quantized dynamically (scale and zero point computed on every run)`);
