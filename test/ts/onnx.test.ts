@@ -679,6 +679,27 @@ describe('malformed graphs', () => {
   });
 });
 
+describe('layers whose weights cannot be quantized', () => {
+  const r = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 1.7 + seed) * 0.3);
+
+  it('a model with none to quantize is an OnnxModelError saying why for each layer; one with some reports the others, naming the reason', async () => {
+    const batched = buildModel({ inputDims: [2, 4, 16], output: 'y', opset: 13, nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'bmm' }],
+      initializers: { w: { dims: [2, 16, 8], data: r(256, 1) } } });
+    const e = await quantizeModel(batched, { weights: { bits: 8 } }).catch((x: Error) => x);
+    expect(e).to.be.instanceOf(OnnxModelError);
+    expect((e as Error).message).to.equal('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. ' +
+      "MatMul 'bmm': weight shape [2, 16, 8] is not a MatMul weight this pass handles (2-D). Check keepFloat.");
+    // W·x (the constant first) is left float, saying so; the x·W layer after it is quantized.
+    const constantFirst = buildModel({ inputDims: [16, 3], output: 'y', opset: 13,
+      nodes: [{ op: 'MatMul', inputs: ['w', 'input'], output: 'm', name: 'wx' }, { op: 'MatMul', inputs: ['m', 'w2'], output: 'y', name: 'xw' }],
+      initializers: { w: { dims: [8, 16], data: r(128, 2) }, w2: { dims: [3, 5], data: r(15, 3) } } });
+    const { report } = await quantizeModel(constantFirst, { weights: { bits: 8 } });
+    expect(report.layers.map((l) => l.node)).to.deep.equal(['xw']);
+    expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'wx',
+      reason: 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take' });
+  });
+});
+
 describe('models with subgraphs (If)', () => {
   // Opset 9. Outside: Conv → BatchNormalization → Relu → Flatten → MatMul, and cond = max(x) > 0. The If's then
   // branch reads the MatMul's output and the Conv's output (before the BatchNormalization) from the enclosing scope

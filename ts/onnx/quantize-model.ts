@@ -13,7 +13,7 @@ import { toFloat16Array } from '../float16';
 import { hasOrt } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession } from './ort-session';
 import { checkKnownKeys, isPlainObject } from '../validate';
-import { Graph, weightValues } from './graph';
+import { allNodes, Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
@@ -34,7 +34,7 @@ import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamically } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { checkFiniteWeights, layerInput, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, type WeightLayerReport } from './passes/quantize-weights';
+import { checkFiniteWeights, layerInput, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -538,8 +538,12 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const bodyTargetCount = bodyTargets.length;
   const tableCount = opts.weights.gather ? quantizableTableCount(graph, opts.keepFloat) : 0;
   if (targets.length + bodyTargetCount + tableCount === 0) {
+    // Say why the layers there are cannot be quantized (keepFloat aside).
+    const keep = new Set(opts.keepFloat ?? []);
+    const reasons = allNodes(graph).filter(({ node }) => ['Conv', 'Gemm', 'MatMul'].includes(node.opType) && !keep.has(node.name) && !keep.has(node.opType))
+      .map(({ node, scopes }) => `${node.opType} '${nodeLabel(node)}': ${unquantizableReason(graph, node, scopes)}`);
     throw new OnnxModelError(`No Conv, Gemm or MatMul layer with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
-      'the model would be unchanged. Check keepFloat.');
+      `the model would be unchanged.${reasons.length ? ` ${reasons.slice(0, 3).join('; ')}${reasons.length > 3 ? `; and ${reasons.length - 3} more` : ''}.` : ''} Check keepFloat.`);
   }
   // Before calibration, which would otherwise fail later on the values they produce (without calibration the
   // weight pass checks each layer as it quantizes it).

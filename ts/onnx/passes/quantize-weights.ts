@@ -204,9 +204,21 @@ export function quantizableLayers(graph: Graph, keepFloat: string[] = [], order 
 }
 
 function isQuantizable(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): boolean {
-  if (!QUANTIZABLE.has(n.opType)) return false;
+  return QUANTIZABLE.has(n.opType) && unquantizableReason(graph, n, scopes) === undefined;
+}
+
+/** Why a Conv/Gemm/MatMul's weights cannot be quantized (undefined: they can). `scopes`: see Graph.constantIn. */
+export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): string | undefined {
+  const isFloat = (t: TensorProto | undefined) => !!t && (isFloatTensor(t) || isFloat16Tensor(t));
   const w = graph.constantIn(n.input[1], scopes)?.tensor;
-  return !!w && (isFloatTensor(w) || isFloat16Tensor(w)) && !!layout(n.opType, dimsOf(w), intAttribute(n, 'transB', 0));
+  if (!isFloat(w)) {
+    return n.opType !== 'Conv' && isFloat(graph.constantIn(n.input[0], scopes)?.tensor)
+      ? 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take'
+      : 'its weight is not a float constant (a computed input)';
+  }
+  const dims = dimsOf(w!);
+  if (layout(n.opType, dims, intAttribute(n, 'transB', 0))) return undefined;
+  return `weight shape [${dims.join(', ')}] is not a ${n.opType} weight this pass handles (${n.opType === 'Conv' ? 'at least 3-D' : '2-D'})`;
 }
 
 /** quantizableLayers' counterpart inside subgraphs. */
@@ -314,24 +326,21 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       report.skipped.push({ node: label, reason: 'kept in float (keepFloat)' });
       continue;
     }
-    const found = graph.constantIn(node.input[1], inBody?.scopes);
-    const w = found?.tensor;
-    if (!w || !(isFloatTensor(w) || isFloat16Tensor(w))) {
-      report.skipped.push({ node: label, reason: 'its weight is not a float constant (a computed input)' });
+    const unquantizable = unquantizableReason(graph, node, inBody?.scopes);
+    if (unquantizable) {
+      report.skipped.push({ node: label, reason: unquantizable });
       continue;
     }
+    const found = graph.constantIn(node.input[1], inBody?.scopes)!;
+    const w = found.tensor;
     // The float weight leaves the graph that holds it once unused. The quantized constants go into the layer's own
     // graph: onnxruntime 1.30 fails to load a model whose subgraph DequantizeLinear reads an enclosing graph's
     // initializer (its MatMulNBits fusion looks for the weight in the subgraph), so a weight shared by two branches
     // is stored in each.
-    const home = found!.home ?? graph.graph;
+    const home = found.home ?? graph.graph;
     const scope = inBody?.scopes[0] ?? graph.graph;
     const dims = dimsOf(w);
-    const axes = layout(node.opType, dims, intAttribute(node, 'transB', 0));
-    if (!axes) {
-      report.skipped.push({ node: label, reason: `weight shape [${dims.join(', ')}] is not a ${node.opType} weight this pass handles` });
-      continue;
-    }
+    const axes = layout(node.opType, dims, intAttribute(node, 'transB', 0))!;
     const edge = node === first || node === last || bodyEdges.has(node);
     const base = node.input[1];
     // What decides the quantized values besides the weights (the first and last layers' bits, no bit allocation there).
