@@ -697,6 +697,9 @@ describe('layers whose weights cannot be quantized', () => {
     expect(report.layers.map((l) => l.node)).to.deep.equal(['xw']);
     expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'wx',
       reason: 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take' });
+    // A quantized model again: its layers' weights come from DequantizeLinear.
+    const again = await quantizeModel((await quantizeModel(constantFirst, { weights: { bits: 8 } })).model, { weights: { bits: 8 } }).catch((x: Error) => x);
+    expect((again as Error).message).to.contain("MatMul 'xw': its weight is already quantized (it comes from a DequantizeLinear)");
   });
 });
 

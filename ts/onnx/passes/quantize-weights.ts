@@ -212,6 +212,8 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
   const isFloat = (t: TensorProto | undefined) => !!t && (isFloatTensor(t) || isFloat16Tensor(t));
   const w = graph.constantIn(n.input[1], scopes)?.tensor;
   if (!isFloat(w)) {
+    const producer = (scopes[0] ?? graph.graph).node.find((p) => p.output.includes(n.input[1]));
+    if (producer?.opType === 'DequantizeLinear') return 'its weight is already quantized (it comes from a DequantizeLinear)';
     return n.opType !== 'Conv' && isFloat(graph.constantIn(n.input[0], scopes)?.tensor)
       ? 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take'
       : 'its weight is not a float constant (a computed input)';
