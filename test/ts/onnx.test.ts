@@ -899,12 +899,30 @@ describe('models with subgraphs (If)', () => {
     const inspected = await inspectModel(bytes);
     expect(inspected.layers.map((l) => [l.node, l.subgraph, l.quantized, l.shape])).to.deep.equal([
       ['h', undefined, true, [32, 32]], ['t1', 'if', true, [32, 32]], ['t2', 'if', true, [32, 32]], ['e1', 'if', true, [32, 32]]]);
-    // With 8-bit activations: the main graph's layer input is quantized, the branches' layers are weights only.
-    const calibration = [1, 2, 3].map((seed) => ({ x: normalFeeds(1, [1, 32], seed)[0].x, flag: { data: Uint8Array.of(seed % 2), dims: [] } }));
+    // With 8-bit activations the branches' layer inputs are quantized too: a Q/DQ pair per tensor and branch, before
+    // its first reader, constants in the branch. Calibration batches 1 and 3 take the then branch, 2 the else branch.
+    const feed = (seed: number, flag: number) => ({ x: normalFeeds(1, [1, 32], seed)[0].x, flag: { data: Uint8Array.of(flag), dims: [] } });
+    const calibration = [feed(1, 1), feed(2, 0), feed(3, 1)];
     const a8 = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration });
-    expect(a8.report.activations.map((a) => a.tensor)).to.deep.equal(['x']);
-    expect(a8.report.layers.map((l) => !!l.input)).to.deep.equal([true, false, false, false]);
+    expect(a8.report.activations.map((a) => [a.tensor, a.subgraph])).to.deep.equal([['x', undefined], ['h', 'if'], ['t1', 'if'], ['h', 'if']]);
+    expect(a8.report.layers.map((l) => !!l.input)).to.deep.equal([true, true, true, true]);
+    const [thenA8, elseA8] = readModel(a8.model).graph!.node.find((n) => n.opType === 'If')!.attribute.map((a) => a.g!);
+    const wq = ['DequantizeLinear', 'QuantizeLinear', 'DequantizeLinear', 'MatMul'];  // weights, then the input's pair, then the layer
+    expect(thenA8.node.map((n) => n.opType)).to.deep.equal([...wq, ...wq]);
+    expect(elseA8.node.map((n) => n.opType)).to.deep.equal(wq);
+    const quantizer = thenA8.node.find((n) => n.opType === 'QuantizeLinear')!;
+    expect(thenA8.initializer.map((t) => t.name)).to.include.members([quantizer.input[1], quantizer.input[2]]);
     (await outputs(a8.model)).forEach((g, k) => g.forEach((v, i) => expect(v, `flag ${k}`).to.be.closeTo(want[k][i], 0.1)));
+    // t1 exists only inside the then branch: its range comes from batches 1 and 3 alone (batch 2 ran the other branch).
+    const rangeOf = async (c: typeof calibration, tensor: string) =>
+      (await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: c })).report.activations.find((a) => a.tensor === tensor)?.range;
+    const t1 = a8.report.activations.find((a) => a.tensor === 't1')!.range;
+    expect(await rangeOf([feed(1, 1), feed(3, 1)], 't1')).to.deep.equal(t1);
+    expect(await rangeOf([feed(1, 1), feed(2, 1), feed(3, 1)], 't1')).to.not.deep.equal(t1);
+    // A branch no batch runs keeps its own values' consumers float, and says so.
+    const never = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [feed(1, 0), feed(2, 0)] });
+    expect(never.report.layers.map((l) => [l.node, !!l.input])).to.deep.equal([['h', true], ['t1', true], ['t2', false], ['e1', true]]);
+    expect(never.report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 't2', reason: 'its branch of if ran on no calibration batch: input left float' });
   });
 
   it('a weight a main-graph layer and a branch layer share keeps its own DequantizeLinear attributes in the branch (blocked, W4A8)', async () => {

@@ -8,13 +8,16 @@ import { create, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { ModelProtoSchema, TensorProto_DataType, ValueInfoProtoSchema, type ModelProto } from 'onnx-buf';
+import {
+  AttributeProto_AttributeType, AttributeProtoSchema, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type ModelProto,
+} from 'onnx-buf';
 
 import { ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
-import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeModelAsync, storedBytes, writeModelWithExternalData } from './model-io';
+import { Graph } from './graph';
+import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeModelAsync, storedBytes, subgraphsOf, writeModelWithExternalData } from './model-io';
 import { openSession, runSession, type OrtHost } from './ort-session';
 import { pauser } from './passes/pass';
 
@@ -198,24 +201,68 @@ export function* npyFolderFeeds(folder: string): Generator<Feed> {
  * onnxruntime takes each one's type from the graph (float32, or float16 in a float16 model).
  */
 export function withOutputs(model: ModelProto, names: string[]): Uint8Array {
-  return toBinary(ModelProtoSchema, copyWithOutputs(model, names));
+  return toBinary(ModelProtoSchema, copyWithOutputs(model, names).copy);
 }
 
-function copyWithOutputs(model: ModelProto, names: string[]): ModelProto {
+/**
+ * The copy with extra outputs, and the output each value comes out as: its own name, or — for a value computed
+ * inside a branch of one of the main graph's If nodes — another (see exposeFromBranches).
+ */
+function copyWithOutputs(model: ModelProto, names: string[]): { copy: ModelProto; outputOf: (name: string) => string } {
   const copy = cloneSharingData(model);
-  const existing = new Set(copy.graph!.output.map((o) => o.name));
+  const g = copy.graph!;
+  const inMain = new Set([...g.input.map((i) => i.name), ...g.initializer.map((t) => t.name), ...g.node.flatMap((n) => n.output)]);
+  const existing = new Set(g.output.map((o) => o.name));
   for (const name of names) {
-    if (!existing.has(name)) copy.graph!.output.push(create(ValueInfoProtoSchema, { name }));
+    if (inMain.has(name) && !existing.has(name)) g.output.push(create(ValueInfoProtoSchema, { name }));
   }
-  return copy;
+  const fromBranches = names.filter((n) => !inMain.has(n));
+  const renamed = fromBranches.length > 0 ? exposeFromBranches(copy, fromBranches) : new Map<string, string>();
+  return { copy, outputOf: (name) => renamed.get(name) ?? name };
+}
+
+/**
+ * Makes values computed inside the branches of the main graph's If nodes observable: each becomes one more output
+ * of its branch and of the If (under a new name: a branch's names may not be defined again outside it, the
+ * returned map gives it), and the other branch outputs an empty tensor of the same type in its place (ONNX lets If
+ * branches give outputs of different shapes); calibration skips empty values, so a value counts only on the
+ * batches whose branch ran.
+ */
+function exposeFromBranches(copy: ModelProto, names: string[]): Map<string, string> {
+  const graph = new Graph(copy);
+  const renamed = new Map<string, string>();
+  for (const name of names) {
+    const owner = copy.graph!.node.find((n) => n.opType === 'If' && subgraphsOf(n).some((b) => b.node.some((x) => x.output.includes(name))));
+    if (!owner) throw new Error(`lowbit bug: '${name}' is computed neither in the main graph nor in an If branch of it, so it cannot be observed.`);
+    const branches = subgraphsOf(owner);
+    const home = branches.find((b) => b.node.some((x) => x.output.includes(name)))!;
+    const type = graph.elemType(name, [home]) ?? TensorProto_DataType.FLOAT;
+    for (const branch of branches) {
+      let output = name;
+      if (branch !== home) {
+        output = graph.uniqueName(`${name}__absent`);
+        const empty = create(TensorProtoSchema, { name: output, dataType: type, dims: [0n] });
+        branch.node.push(create(NodeProtoSchema, { opType: 'Constant', name: output, output: [output],
+          attribute: [create(AttributeProtoSchema, { name: 'value', type: AttributeProto_AttributeType.TENSOR, t: empty })] }));
+      }
+      branch.output.push(create(ValueInfoProtoSchema, { name: output, type: { value: { case: 'tensorType', value: { elemType: type } } } }));
+    }
+    const output = graph.uniqueName(`${name}_from_${owner.name || 'if'}`);
+    owner.output.push(output);
+    copy.graph!.output.push(create(ValueInfoProtoSchema, { name: output }));
+    renamed.set(name, output);
+  }
+  return renamed;
 }
 
 /**
  * The model with extra outputs, as onnxruntime will load it: its bytes, or — for a model of 2 GB or more, which one
  * buffer cannot hold — a temporary file with its weights in external data, which `dispose` removes.
  */
-async function exposedModel(model: ModelProto, names: string[]): Promise<{ source: Uint8Array | string; dispose: () => void }> {
-  if (storedBytes(model) < ONE_BUFFER_LIMIT) return { source: await serializeModelAsync(copyWithOutputs(model, names)), dispose: () => undefined };
+async function exposedModel(model: ModelProto, names: string[]):
+  Promise<{ source: Uint8Array | string; dispose: () => void; outputOf: (name: string) => string }> {
+  const { copy, outputOf } = copyWithOutputs(model, names);
+  if (storedBytes(model) < ONE_BUFFER_LIMIT) return { source: await serializeModelAsync(copy), dispose: () => undefined, outputOf };
   const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-calibration-'));
   // Best effort: a folder that cannot be removed (held open elsewhere) must not replace the calibration's result or error.
   const dispose = () => {
@@ -227,8 +274,8 @@ async function exposedModel(model: ModelProto, names: string[]): Promise<{ sourc
   };
   try {
     const file = path.join(folder, 'model.onnx');
-    await writeModelWithExternalData(copyWithOutputs(model, names), file);
-    return { source: file, dispose };
+    await writeModelWithExternalData(copy, file);
+    return { source: file, dispose, outputOf };
   } catch (e) {
     dispose();
     throw e;
@@ -241,7 +288,7 @@ async function exposedModel(model: ModelProto, names: string[]): Promise<{ sourc
  */
 export async function openExposed(model: ModelProto, names: string[], options: Parameters<typeof openSession>[1], what: string, remedy: string,
   host?: OrtHost):
-  Promise<{ session: Awaited<ReturnType<typeof openSession>>; close: () => Promise<void> }> {
+  Promise<{ session: Awaited<ReturnType<typeof openSession>>; close: () => Promise<void>; outputOf: (name: string) => string }> {
   const exposed = await exposedModel(model, names);
   let session: Awaited<ReturnType<typeof openSession>>;
   try {
@@ -257,7 +304,7 @@ export async function openExposed(model: ModelProto, names: string[], options: P
       exposed.dispose();
     }
   };
-  return { session, close };
+  return { session, close, outputOf: exposed.outputOf };
 }
 
 /**
@@ -321,6 +368,8 @@ export interface CalibrationResult {
   sample: Feed[];
   /** The observed tensors that onnxruntime computes in float16 (a float16 model's). */
   float16: Set<string>;
+  /** Per observed tensor, the batches it was observed on: all of them, but for a value inside an If branch those whose branch ran. */
+  observedBatches: Map<string, number>;
 }
 
 export async function calibrate(model: ModelProto, tensors: string[], data: CalibrationData, method: ActivationMethod,
@@ -336,11 +385,12 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const all = [...tensors.map((t) => ({ tensor: t, observe: (data: Float32Array) => observers.get(t)!.observe(data) })), ...(options.tensorObservers ?? [])];
   const exposed = [...new Set(all.map((o) => o.tensor))];
   for (const input of modelInputs(model)) feedType(input.name, input.elemType);  // before loading anything
-  const { session, close } = await openExposed(model, exposed, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
+  const { session, close, outputOf } = await openExposed(model, exposed, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 },
     'the float model for calibration', 'Check that the input model loads in onnxruntime-node; if it does, the opset conversion or ' +
     'BatchNormalization folding broke it: a lowbit bug, please report it with the model.', options.host);
   const sample: Feed[] = [];
   const float16 = new Set<string>();
+  const observedBatches = new Map<string, number>();
   const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
   let batches = 0;
   const pause = pauser();
@@ -349,11 +399,16 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       const feed = checkFeed(model, raw, batches);
       const inputs = Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
       // Nothing to observe (no layer whose inputs the observers take): the run still checks the feed in onnxruntime.
-      const outputs = await runSession(session, inputs, exposed.length > 0 ? exposed : undefined, `the float model on calibration[${batches}]`,
+      const fetched = await runSession(session, inputs, exposed.length > 0 ? exposed.map(outputOf) : undefined, `the float model on calibration[${batches}]`,
         'Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.');
+      const outputs = Object.fromEntries(exposed.map((t) => [t, fetched[outputOf(t)]]));
       const values = new Map(exposed.map((t) => [t, floatValues(outputs[t])]));
       for (const t of exposed) if (outputs[t].type === 'float16') float16.add(t);
+      // A value inside an If branch is empty on the batches that took the other branch: nothing to observe there.
+      const ran = new Set(exposed.filter((t) => outputOf(t) === t || values.get(t)!.length > 0));
+      for (const t of ran) observedBatches.set(t, (observedBatches.get(t) ?? 0) + 1);
       for (const o of all) {
+        if (!ran.has(o.tensor)) continue;
         try {
           o.observe(values.get(o.tensor)!, outputs[o.tensor].dims);
         } catch (e) {
@@ -374,5 +429,5 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     await close();
   }
   if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
-  return { observers, batches, sample, float16 };
+  return { observers, batches, sample, float16, observedBatches };
 }

@@ -32,9 +32,9 @@ import { nodeLabel } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamically } from './passes/dynamic-activations';
-import { activationParams, fakeQuantize, quantizeActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
+import { activationParams, fakeQuantize, quantizeActivations, quantizeBodyActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { checkFiniteWeights, layerInput, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
+import { bodyEdgeLayers, checkFiniteWeights, layerInput, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -262,6 +262,11 @@ function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
   }
   if (aa === 0 || bb === 0) return aa === bb ? 1 : 0;  // a zero output matches only a zero output
   return ab / Math.sqrt(aa * bb);
+}
+
+/** A layer report entry's identity: its name and, inside a subgraph, the node holding it (a body node may share a main-graph name). */
+function layerKey(label: string, subgraph?: string): string {
+  return JSON.stringify([label, subgraph ?? null]);
 }
 
 /**
@@ -533,7 +538,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // calibrate's exposedModel).
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   const targets = quantizableLayers(graph, opts.keepFloat);
-  // Inside subgraphs: weights only, and MatMul/Gemm inputs with dynamic activations (calibration cannot observe a body).
+  // Inside subgraphs: weights, and inputs (calibrated ones in the main graph's If branches, dynamic ones anywhere).
   const bodyTargets = quantizableSubgraphLayers(graph, opts.keepFloat);
   const bodyTargetCount = bodyTargets.length;
   const tableCount = opts.weights.gather ? quantizableTableCount(graph, opts.keepFloat) : 0;
@@ -578,6 +583,21 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const placement = staticActivations && staticActivations.outputs ? placeOutputQuantizers(graph, targets, staticActivations.signed ?? false) : undefined;
   if (placement) passes.push(placement.report);
   const layerOutputs = placement ? placement.calibrated : [];
+  // Layers inside the branches of the main graph's If nodes get calibrated inputs too: calibration brings branch
+  // values out through the If (see calibrate's exposeFromBranches). Loop and Scan bodies, and nested ones, stay float.
+  const bodyInputLayers = staticActivations ? bodyTargets.filter((l) => !graph.constantIn(l.node.input[0], l.scopes)) : [];
+  const branchLayers = bodyInputLayers.filter((l) => l.scopes.length === 1 && l.owner.opType === 'If');
+  const bodyActivationReport: PassReport = { pass: 'quantize-activations (subgraphs)', changed: [], skipped: [] };
+  for (const l of bodyInputLayers.filter((x) => !branchLayers.includes(x))) {
+    bodyActivationReport.skipped.push({ node: nodeLabel(l.node), reason: `inside ${l.scopes.length > 1 ? 'a nested subgraph' : `a ${l.owner.opType} body`} of ` +
+      `${nodeLabel(l.owner)}, whose values calibration cannot observe (If branches of the main graph only): input left float` });
+  }
+  if (staticActivations?.outputs) {
+    for (const owner of new Set(branchLayers.map((l) => l.owner))) {
+      bodyActivationReport.skipped.push({ node: nodeLabel(owner), reason: 'outputs: the outputs of layers inside subgraphs stay float (their inputs are quantized)' });
+    }
+  }
+  const branchTensors = [...new Set(branchLayers.map((l) => l.node.input[0]))];
   const tensors = staticActivations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
   // The layers whose input statistics calibration can gather, with what their weights meet.
   const withData = targets.filter((n) => !graph.constant(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
@@ -597,6 +617,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // Tensors quantized for every consumer: the layer outputs, and what shares their parameters.
   const everyConsumer = new Set(layerOutputs);
   const ranges = new Map<string, ActivationRange>();
+  const branchRanges = new Map<string, ActivationRange>();
   const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter(({ n }) => moments.has(nodeLabel(n))).map(({ n }) => {
     const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
     const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
@@ -609,7 +630,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (calibrating) {
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
-    result = await calibrate(prepared!, tensors, opts.calibration!, staticActivations?.method ?? 'minmax', {
+    result = await calibrate(prepared!, [...new Set([...tensors, ...branchTensors])], opts.calibration!, staticActivations?.method ?? 'minmax', {
       onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host,
       tensorObservers: [...observe(biasMoments, false), ...(secondPass ? [] : observe(gptqMoments, false))],
     });
@@ -622,6 +643,20 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         const float16 = result.float16.has(t);
         ranges.set(t, { ...result.observers.get(t)!.range(bits, staticActivations.signed ?? false), bits, ...(float16 ? { float16 } : {}) });
         await nextTurn();  // a KL or ACIQ search per tensor
+      }
+      // Branch layers' inputs: their own ranges (a tensor also read in the main graph keeps its main-graph range
+      // there), the edge layers' at their bits; none for a branch no calibration batch ran.
+      const bodyEdges = bodyEdgeLayers(targets, bodyTargets, graph.topologicalOrder());
+      for (const t of branchTensors) {
+        const readers = branchLayers.filter((l) => l.node.input[0] === t);
+        if (!result.observedBatches.get(t)) {
+          for (const l of readers) bodyActivationReport.skipped.push({ node: nodeLabel(l.node), reason: `its branch of ${nodeLabel(l.owner)} ran on no calibration batch: input left float` });
+          continue;
+        }
+        const bits = readers.some((l) => bodyEdges.has(l.node)) ? edgeBits : staticActivations.bits;
+        const float16 = result.float16.has(t);
+        branchRanges.set(t, { ...result.observers.get(t)!.range(bits, staticActivations.signed ?? false), bits, ...(float16 ? { float16 } : {}) });
+        await nextTurn();
       }
       for (const { tensor, source } of placement?.shared ?? []) {
         const from = ranges.get(source);
@@ -706,6 +741,19 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         if (input) l.input = input;
         if (output) l.outputActivation = output;
       }
+      if (branchLayers.length > 0) {
+        const inBranches = quantizeBodyActivations(graph, branchLayers.map((l) => ({ node: l.node, label: nodeLabel(l.node), scope: l.scopes[0], subgraph: nodeLabel(l.owner) })),
+          branchRanges, a.signed ?? false, microsoftDomainFallback !== undefined);
+        bodyActivationReport.changed.push(...inBranches.report.changed);
+        activations.push(...inBranches.activations);
+        const byLayer = new Map(branchLayers.filter((l) => inBranches.inputs.has(l.node))
+          .map((l) => [layerKey(nodeLabel(l.node), nodeLabel(l.owner)), inBranches.inputs.get(l.node)!]));
+        for (const l of layers) {
+          const input = l.subgraph ? byLayer.get(layerKey(l.node, l.subgraph)) : undefined;
+          if (input) l.input = { bits: input.bits, range: input.range };
+        }
+      }
+      if (bodyActivationReport.changed.length + bodyActivationReport.skipped.length > 0) passes.push(bodyActivationReport);
       // Int32 biases where both the input activation and the weights are quantized per channel (float16 layers: all).
       const scales = new Map<string, LayerScales>();
       for (const w of weights) {
@@ -723,11 +771,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       ...bodyTargets.map((l) => ({ node: l.node, scope: l.scopes[0], scopes: l.scopes }))];
     const dyn = await time('dynamic-activations', () => quantizeInputsDynamically(graph, places, labels));
     passes.push(dyn.report);
-    // Report entries name a layer and, inside a body, the node holding it (a body node may share a main-graph name).
-    const key = (label: string, subgraph?: string) => JSON.stringify([label, subgraph ?? null]);
-    const done = new Set([...targets.filter((n) => dyn.quantized.has(n)).map((n) => key(labels.get(n)!)),
-      ...bodyTargets.filter((l) => dyn.quantized.has(l.node)).map((l) => key(nodeLabel(l.node), nodeLabel(l.owner)))]);
-    for (const l of layers) if (done.has(key(l.node, l.subgraph))) l.input = { bits: 8, dynamic: true };
+    const done = new Set([...targets.filter((n) => dyn.quantized.has(n)).map((n) => layerKey(labels.get(n)!)),
+      ...bodyTargets.filter((l) => dyn.quantized.has(l.node)).map((l) => layerKey(nodeLabel(l.node), nodeLabel(l.owner)))]);
+    for (const l of layers) if (done.has(layerKey(l.node, l.subgraph))) l.input = { bits: 8, dynamic: true };
   }
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
   if (!fitsOneFile && (opts.outputPath === undefined || opts.externalData === false)) {

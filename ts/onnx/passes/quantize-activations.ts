@@ -6,7 +6,7 @@
  * symmetric (int16/int8/int4, zero point 0). 4- and 16-bit types need opset 21.
  * A float16 tensor gets a float16 scale (opset 19), rounded up so the calibrated range stays inside the grid.
  */
-import { TensorProto_DataType } from 'onnx-buf';
+import { TensorProto_DataType, type GraphProto, type NodeProto } from 'onnx-buf';
 
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { native } from '../../native';
@@ -23,6 +23,8 @@ export interface ActivationLayerReport {
   zeroPoint: number;
   /** A float16 tensor, whose scale is float16. */
   float16?: true;
+  /** The node whose subgraph (If branch) holds the quantizer. */
+  subgraph?: string;
 }
 
 /** A tensor's calibrated range, the width of its integers, and whether it is float16. */
@@ -80,38 +82,89 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, Activation
   signed: boolean, microsoftDomain: boolean, everyConsumer: Set<string> = new Set()): { report: PassReport; activations: ActivationLayerReport[] } {
   const report: PassReport = { pass: 'quantize-activations', changed: [], skipped: [] };
   const activations: ActivationLayerReport[] = [];
-  const domain = microsoftDomain ? 'com.microsoft' : '';
   for (const [tensor, range] of ranges) {
-    const bits = range.bits;
-    const params = activationParams(range, signed);
-    const scale = Float32Array.of(range.float16 ? float16ScaleAtLeast(params.scale) : params.scale);
-    const zp = Int32Array.of(params.zeroPoint);
-    const scaleName = graph.uniqueName(`${tensor}_scale`);
-    const zpName = graph.uniqueName(`${tensor}_zero_point`);
-    const quantized = graph.uniqueName(`${tensor}_quantized`);
-    const dequantized = graph.uniqueName(`${tensor}_dequantized`);
-    graph.addInitializer(range.float16
-      ? makeTensor(scaleName, TensorProto_DataType.FLOAT16, [], new Uint8Array(toFloat16Array(scale).buffer))
-      : makeTensor(scaleName, TensorProto_DataType.FLOAT, [], new Uint8Array(scale.buffer)));
-    graph.addInitializer(zeroPointTensor(zpName, bits, signed, zp[0]));
-    const quantize = makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], `${tensor}_q`, [], domain);
-    graph.graph.node.push(quantize, makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], `${tensor}_dq`, [], domain));
+    const pair = quantizerPair(graph, tensor, range, signed, microsoftDomain, graph.graph);
+    graph.graph.node.push(...pair.nodes);
     let rewired = 0;
     for (const node of graph.graph.node) {
-      if (node === quantize) continue;
+      if (node === pair.nodes[0]) continue;
       if (everyConsumer.has(tensor)) {
         node.input.forEach((input, slot) => {
-          if (input === tensor) node.input[slot] = dequantized;
+          if (input === tensor) node.input[slot] = pair.dequantized;
         });
-        rewired += node.input.includes(dequantized) ? 1 : 0;
+        rewired += node.input.includes(pair.dequantized) ? 1 : 0;
       } else if (consumers.has(nodeLabel(node)) && node.input[0] === tensor) {
-        node.input[0] = dequantized;
+        node.input[0] = pair.dequantized;
         rewired++;
       }
     }
-    activations.push({ tensor, bits, signed, range: [range.lo, range.hi], scale: scale[0], zeroPoint: zp[0], ...(range.float16 ? { float16: true as const } : {}) });
-    report.changed.push(`${tensor}: ${bits}-bit ${signed ? 'int' : 'uint'}${range.float16 ? ' (float16 scale)' : ''}, ${rewired} consumer(s)`);
+    activations.push(pair.activation);
+    report.changed.push(`${tensor}: ${describe(pair.activation)}, ${rewired} consumer(s)`);
   }
   graph.sort();
   return { report, activations };
+}
+
+/** A layer inside a subgraph body whose input gets quantized (see quantizeBodyActivations). */
+export interface BodyLayerInput { node: NodeProto; label: string; scope: GraphProto; subgraph: string }
+
+/**
+ * quantizeActivations for layers inside If branches: a QuantizeLinear → DequantizeLinear pair per input tensor and
+ * branch, in the branch before the first layer that reads it, its constants in the branch (onnxruntime does not
+ * load subgraph Q/DQ that read an enclosing graph's initializers, see the weight pass). `ranges`: per tensor.
+ * Returns the layers whose inputs it quantized, with the tensor's report entry.
+ */
+export function quantizeBodyActivations(graph: Graph, layers: BodyLayerInput[], ranges: Map<string, ActivationRange>, signed: boolean,
+  microsoftDomain: boolean): { report: PassReport; activations: ActivationLayerReport[]; inputs: Map<NodeProto, ActivationLayerReport> } {
+  const report: PassReport = { pass: 'quantize-activations (subgraphs)', changed: [], skipped: [] };
+  const activations: ActivationLayerReport[] = [];
+  const inputs = new Map<NodeProto, ActivationLayerReport>();
+  const made = new Map<GraphProto, Map<string, ReturnType<typeof quantizerPair>>>();
+  for (const { node, label, scope, subgraph } of layers) {
+    const tensor = node.input[0];
+    const range = ranges.get(tensor);
+    if (!range) continue;
+    const inScope = made.get(scope) ?? new Map<string, ReturnType<typeof quantizerPair>>();
+    made.set(scope, inScope);
+    let pair = inScope.get(tensor);
+    if (!pair) {
+      pair = quantizerPair(graph, tensor, range, signed, microsoftDomain, scope);
+      scope.node.splice(scope.node.indexOf(node), 0, ...pair.nodes);
+      inScope.set(tensor, pair);
+      activations.push({ ...pair.activation, subgraph });
+    }
+    node.input[0] = pair.dequantized;
+    inputs.set(node, pair.activation);
+    report.changed.push(`${label} (in ${subgraph}): input ${tensor} ${describe(pair.activation)}`);
+  }
+  return { report, activations, inputs };
+}
+
+function describe(a: ActivationLayerReport): string {
+  return `${a.bits}-bit ${a.signed ? 'int' : 'uint'}${a.float16 ? ' (float16 scale)' : ''}`;
+}
+
+/** QuantizeLinear → DequantizeLinear of a tensor for its range, their constants added to `scope`. */
+function quantizerPair(graph: Graph, tensor: string, range: ActivationRange, signed: boolean, microsoftDomain: boolean, scope: GraphProto):
+  { nodes: [NodeProto, NodeProto]; dequantized: string; activation: ActivationLayerReport } {
+  const domain = microsoftDomain ? 'com.microsoft' : '';
+  const bits = range.bits;
+  const params = activationParams(range, signed);
+  const scale = Float32Array.of(range.float16 ? float16ScaleAtLeast(params.scale) : params.scale);
+  const zp = Int32Array.of(params.zeroPoint);
+  const scaleName = graph.uniqueName(`${tensor}_scale`);
+  const zpName = graph.uniqueName(`${tensor}_zero_point`);
+  const quantized = graph.uniqueName(`${tensor}_quantized`);
+  const dequantized = graph.uniqueName(`${tensor}_dequantized`);
+  graph.addInitializer(range.float16
+    ? makeTensor(scaleName, TensorProto_DataType.FLOAT16, [], new Uint8Array(toFloat16Array(scale).buffer))
+    : makeTensor(scaleName, TensorProto_DataType.FLOAT, [], new Uint8Array(scale.buffer)), scope);
+  graph.addInitializer(zeroPointTensor(zpName, bits, signed, zp[0]), scope);
+  const names = scope === graph.graph ? [`${tensor}_q`, `${tensor}_dq`] : [graph.uniqueName(`${tensor}_q`), graph.uniqueName(`${tensor}_dq`)];
+  return {
+    nodes: [makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], names[0], [], domain),
+      makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], names[1], [], domain)],
+    dequantized,
+    activation: { tensor, bits, signed, range: [range.lo, range.hi], scale: scale[0], zeroPoint: zp[0], ...(range.float16 ? { float16: true as const } : {}) },
+  };
 }

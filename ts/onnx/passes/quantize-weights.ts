@@ -229,6 +229,24 @@ export function quantizableSubgraphLayers(graph: Graph, keepFloat: string[] = []
   return inBodies.filter((l) => !keep.has(l.node.name) && !keep.has(l.node.opType) && isQuantizable(graph, l.node, l.scopes));
 }
 
+/**
+ * The edge layers (firstLastLayerBits) inside subgraphs: in a body, the first (last) quantizable layer is one when no
+ * quantizable layer of the main graph (`quantizable`, in `mainOrder`) comes before (after) the body's node: each
+ * branch is a path through the model.
+ */
+export function bodyEdgeLayers(quantizable: NodeProto[], quantizableInBodies: SubgraphLayer[], mainOrder: NodeProto[]): Set<NodeProto> {
+  const firstAt = quantizable.length > 0 ? mainOrder.indexOf(quantizable[0]) : Infinity;
+  const lastAt = quantizable.length > 0 ? mainOrder.indexOf(quantizable[quantizable.length - 1]) : -Infinity;
+  const edges = new Set<NodeProto>();
+  for (const body of new Set(quantizableInBodies.map((l) => l.scopes[l.scopes.length - 1]))) {
+    const held = quantizableInBodies.filter((l) => l.scopes[l.scopes.length - 1] === body);
+    const at = mainOrder.indexOf(held[0].owner);
+    if (firstAt > at) edges.add(held[0].node);
+    if (lastAt < at) edges.add(held[held.length - 1].node);
+  }
+  return edges;
+}
+
 /** A Conv/Gemm/MatMul inside a subgraph (see subgraphNodes). */
 export type SubgraphLayer = ReturnType<typeof subgraphNodes>[number];
 
@@ -269,7 +287,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const weights: QuantizedWeights[] = [];
   const keep = new Set(options.keepFloat ?? []);
   // Layers inside subgraphs get their weights quantized (the DequantizeLinear next to them, in their body); their
-  // activations stay in float: calibration cannot observe a body's tensors.
+  // inputs are quantize-model's business (calibrated in the main graph's If branches, dynamic anywhere).
   const inBodies = subgraphLayers(graph);
   const quantizableInBodies = quantizableSubgraphLayers(graph, options.keepFloat, inBodies);
   const bodyOf = new Map(inBodies.map((l) => [l.node, l]));
@@ -295,17 +313,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const quantizable = quantizableLayers(graph, options.keepFloat, mainCandidates);
   const first = quantizable[0];
   const last = quantizable[quantizable.length - 1];
-  // In a body, the first (last) quantizable layer is an edge layer when no layer of the main graph comes before
-  // (after) the body's node: each branch is a path through the model.
-  const firstAt = first ? mainOrder.indexOf(first) : Infinity;
-  const lastAt = last ? mainOrder.indexOf(last) : -Infinity;
-  const bodyEdges = new Set<NodeProto>();
-  for (const body of new Set(quantizableInBodies.map((l) => l.scopes[l.scopes.length - 1]))) {
-    const held = quantizableInBodies.filter((l) => l.scopes[l.scopes.length - 1] === body);
-    const at = mainOrder.indexOf(held[0].owner);
-    if (firstAt > at) bodyEdges.add(held[0].node);
-    if (lastAt < at) bodyEdges.add(held[held.length - 1].node);
-  }
+  const bodyEdges = bodyEdgeLayers(quantizable, quantizableInBodies, mainOrder);
   // Weights read by several layers (ALBERT-style shared layers) are quantized once and their DequantizeLinear shared
   // when the layers would quantize them alike (same layout and bits, no per-layer GPTQ rounding).
   const quantizedOnce = new Map<TensorProto, {
@@ -349,8 +357,8 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const how = JSON.stringify([node.opType === 'Conv' ? 'conv' : 'matrix', axes, edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits,
       !!options.bitAllocation && !edge]);
     const earlier = quantizedOnce.get(w);
-    // Input statistics (GPTQ, bias correction) exist for main-graph layers only: calibration cannot observe a body,
-    // and a body node may share a main-graph node's name.
+    // Input statistics (GPTQ, bias correction) are gathered for main-graph layers only (calibration observes only
+    // the ranges of If branches' values), and a body node may share a main-graph node's name.
     const moments = options.rounding === 'gptq' && !inBody ? options.moments?.get(label) : undefined;
     const ownRounding = (moments?.count ?? 0) > 0;
     if (earlier && earlier.how === how && !ownRounding) {
@@ -417,7 +425,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const gptq = !!moments && moments.count > 0 && moments.grams.length > 0;
     if (options.rounding === 'gptq') {
       if (gptq) q = yield* gptqRoundSteps(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
-      else report.skipped.push({ node: label, reason: inBody ? 'inside a subgraph, whose inputs calibration cannot observe: rounded to nearest, not GPTQ'
+      else report.skipped.push({ node: label, reason: inBody ? 'inside a subgraph (input statistics are gathered for main-graph layers only): rounded to nearest, not GPTQ'
         : 'no input statistics for it (a constant input, a 3-D convolution or no calibration data): rounded to nearest, not GPTQ' });
     }
     if (q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type (mixed channel bits, reduced range)
