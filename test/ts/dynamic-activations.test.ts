@@ -296,6 +296,12 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     expect(quantizedBody.node.filter((n) => n.opType === 'DynamicQuantizeLinear')).to.have.length(2);
     expect(quantizedBody.node.map((n) => n.opType)).to.not.include('MatMul');
     for (const output of report.evaluation!.outputs) expect(output.cosine, output.name).to.be.above(0.999);
+    // Calibrated activations cannot see a Loop body's values: its layers keep float inputs, reported.
+    const calibration = [{ x: { data: values(32, 32), dims: [2, 16] } }];
+    const calibrated = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration });
+    expect(calibrated.report.layers.map((l) => l.input)).to.deep.equal([undefined, undefined]);
+    expect(calibrated.report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'mb',
+      reason: 'inside a Loop body of loop, whose values calibration cannot observe (If branches of the main graph only): input left float' });
   });
 
   it('rejects what it cannot do, saying what to pass', async () => {
