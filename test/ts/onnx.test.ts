@@ -919,6 +919,29 @@ describe('models with subgraphs (If)', () => {
     const t1 = a8.report.activations.find((a) => a.tensor === 't1')!.range;
     expect(await rangeOf([feed(1, 1), feed(3, 1)], 't1')).to.deep.equal(t1);
     expect(await rangeOf([feed(1, 1), feed(2, 1), feed(3, 1)], 't1')).to.not.deep.equal(t1);
+    // GPTQ rounding in the branches too, from the inputs of the batches that ran the branch: t2's weights V (then
+    // branch, input t1) come out as when calibrating on batches 1 and 3 alone, and differ from rounding to nearest.
+    const vBytes = async (c: typeof calibration | undefined) => {
+      const m = readModel((await quantizeModel(bytes, { weights: { bits: 4, ...(c ? { rounding: 'gptq' as const } : {}) }, firstLastLayerBits: 4, ...(c ? { calibration: c } : {}) })).model);
+      const then = m.graph!.node.find((n) => n.opType === 'If')!.attribute.find((a) => a.name === 'then_branch')!.g!;
+      return Buffer.from(then.initializer.find((t) => t.name.startsWith('V_quantized'))!.rawData).toString('hex');
+    };
+    const gptqV = await vBytes(calibration);
+    expect(gptqV).to.equal(await vBytes([feed(1, 1), feed(3, 1)]));
+    expect(gptqV).to.not.equal(await vBytes(undefined));
+    const gptqReport = (await quantizeModel(bytes, { weights: { bits: 8, rounding: 'gptq' }, calibration })).report;
+    expect(gptqReport.layers.map((l) => l.method)).to.deep.equal(Array(4).fill('minmax, gptq rounding'));
+    // fit-onnxruntime's rewrites reach the branches: with 2-bit weights and quantized inputs onnxruntime's default
+    // optimisations fuse QLinearMatMul there, which rejects int2 ("invalid model") unless the weights are stored as int4.
+    const w2 = await quantizeModel(bytes, { weights: { bits: 2 }, firstLastLayerBits: 2, activations: { bits: 8 }, calibration });
+    expect(w2.report.passes.find((p) => p.pass === 'fit-onnxruntime')!.changed.filter((c) => /int2 weights stored as int4/.test(c))).to.have.length(4);
+    const atLevel = async (level: 'basic' | 'all') => {
+      const session = await O.InferenceSession.create(w2.model, { graphOptimizationLevel: level });
+      const out = (await session.run({ x: new O.Tensor('float32', x.data, x.dims), flag: new O.Tensor('bool', Uint8Array.of(1), []) })).y.data as Float32Array;
+      await session.release();
+      return Array.from(out);
+    };
+    expect(await atLevel('all')).to.deep.equal(await atLevel('basic'));
     // A branch no batch runs keeps its own values' consumers float, and says so.
     const never = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [feed(1, 0), feed(2, 0)] });
     expect(never.report.layers.map((l) => [l.node, !!l.input])).to.deep.equal([['h', true], ['t1', true], ['t2', false], ['e1', true]]);
@@ -926,8 +949,8 @@ describe('models with subgraphs (If)', () => {
   });
 
   it('a weight a main-graph layer and a branch layer share keeps its own DequantizeLinear attributes in the branch (blocked, W4A8)', async () => {
-    // The main MatMul's blocked weights are stored transposed by fit-onnxruntime (its input is quantized); the
-    // branch's copy must keep axis 0.
+    // Both MatMuls' blocked weights are stored transposed by fit-onnxruntime (their inputs are quantized), each copy
+    // once: the branch's DequantizeLinear must not share the main one's attributes (already turned to axis 1).
     const r = rng(6);
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 21n }],
@@ -947,8 +970,20 @@ describe('models with subgraphs (If)', () => {
     const { model, report } = await quantizeModel(bytes, { weights: { bits: 4, granularity: 'block', blockSize: 16 }, firstLastLayerBits: 4, activations: { bits: 8 }, calibration });
     expect(report.passes.flatMap((p) => p.changed)).to.include('then_mm: shares the quantized weights of main_mm');
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.97);
+    expect(report.passes.find((p) => p.pass === 'fit-onnxruntime')!.changed.filter((c) => /blocked weights stored transposed/.test(c))).to.have.length(2);
     const then = readModel(model).graph!.node.find((n) => n.opType === 'If')!.attribute[0].g!;
-    expect(Number(then.node.find((n) => n.opType === 'DequantizeLinear')!.attribute.find((a) => a.name === 'axis')!.i)).to.equal(0);
+    expect(then.node.map((n) => n.opType)).to.deep.equal(['DequantizeLinear', 'Transpose', 'QuantizeLinear', 'DequantizeLinear', 'MatMul']);
+    expect(Number(then.node[0].attribute.find((a) => a.name === 'axis')!.i)).to.equal(1);
+    // The same outputs with and without onnxruntime's fusions (which fail on blocked weights read directly).
+    const O = ort();
+    const atLevel = async (level: 'basic' | 'all') => {
+      const session = await O.InferenceSession.create(model, { graphOptimizationLevel: level });
+      const out = (await session.run({ x: new O.Tensor('float32', calibration[0].x.data, [1, 32]), flag: new O.Tensor('bool', Uint8Array.of(1), []) })).y.data as Float32Array;
+      await session.release();
+      return Array.from(out);
+    };
+    const basic = await atLevel('basic');
+    (await atLevel('all')).forEach((v, i) => expect(v, `[${i}]`).to.be.closeTo(basic[i], 1e-5));  // fused kernels sum in another order
   });
 
   it('with layer outputs quantized, a data-movement output read only inside a branch gets no (dead) quantizer', async () => {

@@ -585,10 +585,11 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const layerOutputs = placement ? placement.calibrated : [];
   // Layers inside the branches of the main graph's If nodes get calibrated inputs too: calibration brings branch
   // values out through the If (see calibrate's exposeFromBranches). Loop and Scan bodies, and nested ones, stay float.
-  const bodyInputLayers = staticActivations ? bodyTargets.filter((l) => !graph.constantIn(l.node.input[0], l.scopes)) : [];
-  const branchLayers = bodyInputLayers.filter((l) => l.scopes.length === 1 && l.owner.opType === 'If');
+  const bodyInputLayers = bodyTargets.filter((l) => !graph.constantIn(l.node.input[0], l.scopes));
+  const observableBodyLayers = bodyInputLayers.filter((l) => l.scopes.length === 1 && l.owner.opType === 'If');
+  const branchLayers = staticActivations ? observableBodyLayers : [];
   const bodyActivationReport: PassReport = { pass: 'quantize-activations (subgraphs)', changed: [], skipped: [] };
-  for (const l of bodyInputLayers.filter((x) => !branchLayers.includes(x))) {
+  for (const l of staticActivations ? bodyInputLayers.filter((x) => !branchLayers.includes(x)) : []) {
     bodyActivationReport.skipped.push({ node: nodeLabel(l.node), reason: `inside ${l.scopes.length > 1 ? 'a nested subgraph' : `a ${l.owner.opType} body`} of ` +
       `${nodeLabel(l.owner)}, whose values calibration cannot observe (If branches of the main graph only): input left float` });
   }
@@ -599,11 +600,15 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   }
   const branchTensors = [...new Set(branchLayers.map((l) => l.node.input[0]))];
   const tensors = staticActivations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
-  // The layers whose input statistics calibration can gather, with what their weights meet.
+  // The layers whose input statistics calibration can gather, with what their weights meet: GPTQ's also in the
+  // main graph's If branches; data-driven bias correction's in the main graph only.
   const withData = targets.filter((n) => !graph.constant(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
     .filter(({ input }) => LayerInputMoments.supports(input));
+  const branchWithData = observableBodyLayers.map((l) => ({ n: l.node, input: layerInput(graph, l.node, l.scopes) }))
+    .filter(({ input }) => LayerInputMoments.supports(input));
+  const inBranch = new Set(branchWithData.map(({ n }) => n));
   // Per layer, the moments of its inputs: Gram matrices for GPTQ, means (of float inputs) for data-driven bias correction.
-  const gptqMoments = new Map(gptq ? withData.map(({ n, input }) => [nodeLabel(n), new LayerInputMoments(input, { gram: true })]) : []);
+  const gptqMoments = new Map(gptq ? [...withData, ...branchWithData].map(({ n, input }) => [n, new LayerInputMoments(input, { gram: true })]) : []);
   const biasMoments = new Map(dataBiasCorrection ? withData.map(({ n, input }) => [nodeLabel(n), new LayerInputMoments(input)]) : []);
   let result: CalibrationResult | undefined;
   let sample: Feed[] | undefined;
@@ -618,12 +623,13 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const everyConsumer = new Set(layerOutputs);
   const ranges = new Map<string, ActivationRange>();
   const branchRanges = new Map<string, ActivationRange>();
-  const observe = (moments: Map<string, LayerInputMoments>, quantizeInputs: boolean) => withData.filter(({ n }) => moments.has(nodeLabel(n))).map(({ n }) => {
-    const range = quantizeInputs ? ranges.get(n.input[0]) : undefined;
+  // Calibration observers feeding layers' input moments (`quantizeInputs`: the inputs as the quantized model will see them).
+  const observe = (moments: Array<[NodeProto, LayerInputMoments]>, quantizeInputs: boolean) => moments.map(([n, m]) => {
+    const range = quantizeInputs ? (inBranch.has(n) ? branchRanges : ranges).get(n.input[0]) : undefined;
     const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
-    const m = moments.get(nodeLabel(n))!;
     return { tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => m.observe(params ? fakeQuantize(data, params) : data, dims) };
   });
+  const biasObservers = withData.filter(({ n }) => biasMoments.has(nodeLabel(n))).map(({ n }): [NodeProto, LayerInputMoments] => [n, biasMoments.get(nodeLabel(n))!]);
   // GPTQ with quantized activations takes a second pass over the calibration data, so its Gram matrices see the
   // inputs as the quantized model will (clipped and rounded); data that can be read only once get one pass on float inputs.
   const secondPass = gptq && !!staticActivations && canReadTwice(opts.calibration!);
@@ -632,7 +638,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     const t0 = performance.now();
     result = await calibrate(prepared!, [...new Set([...tensors, ...branchTensors])], opts.calibration!, staticActivations?.method ?? 'minmax', {
       onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host,
-      tensorObservers: [...observe(biasMoments, false), ...(secondPass ? [] : observe(gptqMoments, false))],
+      tensorObservers: [...observe(biasObservers, false), ...(secondPass ? [] : observe([...gptqMoments], false))],
     });
     calibrationBatches = result.batches;
     sample = result.sample;
@@ -669,7 +675,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     if (secondPass) {
       opts.onProgress?.('calibrate (GPTQ inputs)');
       await calibrate(prepared!, [], opts.calibration!, 'minmax', {
-        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, tensorObservers: observe(gptqMoments, true),
+        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, tensorObservers: observe([...gptqMoments], true),
       });
     }
     timings.calibrate = (timings.calibrate ?? 0) + performance.now() - t0;

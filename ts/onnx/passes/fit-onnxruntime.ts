@@ -17,38 +17,65 @@
  *   stored transposed, blocked along their last axis, and a Transpose restores them, so the
  *   MatMul no longer reads a DequantizeLinear directly.
  */
-import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
+import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { packInt2, packInt4, unpackInt2, unpackInt4 } from '../../pack';
 import { toFloat16Array } from '../../float16';
-import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
+import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeNode, makeTensor, readsValue, subgraphNodes, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 const FOUR_BIT = new Set([TensorProto_DataType.INT4, TensorProto_DataType.UINT4]);
 const TWO_BIT = new Map([[TensorProto_DataType.INT2, TensorProto_DataType.INT4], [TensorProto_DataType.UINT2, TensorProto_DataType.UINT4]]);
 
+/** One graph (the main graph or a subgraph body) as the rewrites see it; new nodes go right after `after`. */
+interface Scope {
+  nodes: NodeProto[];
+  constant(name: string): TensorProto | undefined;
+  producer(name: string): NodeProto | undefined;
+  consumers(name: string): NodeProto[];
+  addInitializer(t: TensorProto): void;
+  insertAfter(after: NodeProto, node: NodeProto): void;
+}
+
+/** The main graph and every subgraph body (layers inside If branches get Q/DQ pairs too). */
+function scopes(graph: Graph): Scope[] {
+  const insertAfter = (nodes: NodeProto[]) => (after: NodeProto, node: NodeProto) => nodes.splice(nodes.indexOf(after) + 1, 0, node);
+  const main: Scope = {
+    nodes: graph.graph.node, constant: (n) => graph.constant(n), producer: (n) => graph.producer(n), consumers: (n) => graph.consumers(n),
+    addInitializer: (t) => graph.addInitializer(t), insertAfter: (_, node) => graph.graph.node.push(node),  // sorted at the end
+  };
+  const bodies = new Map<GraphProto, GraphProto[]>();
+  for (const { scopes: around } of subgraphNodes(graph)) if (!bodies.has(around[0])) bodies.set(around[0], around);
+  return [main, ...[...bodies].map(([body, around]): Scope => ({
+    nodes: body.node, constant: (n) => graph.constantIn(n, around)?.tensor, producer: (n) => body.node.find((x) => x.output.includes(n)),
+    consumers: (n) => body.node.filter((x) => readsValue(x, n)), addInitializer: (t) => graph.addInitializer(t, body), insertAfter: insertAfter(body.node),
+  }))];
+}
+
 export function fitOnnxruntime(graph: Graph): PassReport {
   const report: PassReport = { pass: 'fit-onnxruntime', changed: [], skipped: [] };
-  widenFourBitActivations(graph, report);
-  const dequantizedInput = (layer: NodeProto, weight: string) => layer.input.some((i) => i !== weight && graph.producer(i)?.opType === 'DequantizeLinear');
-  for (const dq of [...graph.graph.node]) {
-    if (dq.opType !== 'DequantizeLinear' || dq.domain !== '') continue;
-    const values = graph.constant(dq.input[0]);
-    if (!values) continue;
-    const layers = graph.consumers(dq.output[0]).filter((n) => dequantizedInput(n, dq.output[0]));
-    if (layers.length === 0) continue;
-    if (TWO_BIT.has(values.dataType)) {
-      widenTwoBitWeights(graph, dq, values);
-      report.changed.push(`${dq.input[0]}: int2 weights stored as int4 (${layers.map(nodeLabel).join(', ')} has a quantized input)`);
-    }
-    if (intAttribute(dq, 'block_size', 0) > 0 && layers.some((n) => n.opType === 'MatMul')) {
-      if (transposeBlockedWeights(graph, dq, values)) {
-        report.changed.push(`${dq.input[0]}: blocked weights stored transposed, then Transpose (${layers.map(nodeLabel).join(', ')} has a quantized input)`);
-      } else {
-        report.skipped.push({
-          node: layers.map(nodeLabel).join(', '),
-          reason: 'blocked weights that are not 2-D, or whose constants other nodes share: onnxruntime may fail to run this MatMul at its default optimisation level',
-        });
+  for (const scope of scopes(graph)) {
+    widenFourBitActivations(graph, scope, report);
+    const dequantizedInput = (layer: NodeProto, weight: string) => layer.input.some((i) => i !== weight && scope.producer(i)?.opType === 'DequantizeLinear');
+    for (const dq of [...scope.nodes]) {
+      if (dq.opType !== 'DequantizeLinear' || dq.domain !== '') continue;
+      const values = scope.constant(dq.input[0]);
+      if (!values) continue;
+      const layers = scope.consumers(dq.output[0]).filter((n) => dequantizedInput(n, dq.output[0]));
+      if (layers.length === 0) continue;
+      if (TWO_BIT.has(values.dataType)) {
+        widenTwoBitWeights(scope, dq, values);
+        report.changed.push(`${dq.input[0]}: int2 weights stored as int4 (${layers.map(nodeLabel).join(', ')} has a quantized input)`);
+      }
+      if (intAttribute(dq, 'block_size', 0) > 0 && layers.some((n) => n.opType === 'MatMul')) {
+        if (transposeBlockedWeights(graph, scope, dq, values)) {
+          report.changed.push(`${dq.input[0]}: blocked weights stored transposed, then Transpose (${layers.map(nodeLabel).join(', ')} has a quantized input)`);
+        } else {
+          report.skipped.push({
+            node: layers.map(nodeLabel).join(', '),
+            reason: 'blocked weights that are not 2-D, or whose constants other nodes share: onnxruntime may fail to run this MatMul at its default optimisation level',
+          });
+        }
       }
     }
   }
@@ -56,12 +83,12 @@ export function fitOnnxruntime(graph: Graph): PassReport {
   return report;
 }
 
-function widenFourBitActivations(graph: Graph, report: PassReport): void {
+function widenFourBitActivations(graph: Graph, scope: Scope, report: PassReport): void {
   // All 4-bit Q nodes first: a zero point shared by several of them is retyped once.
-  const fourBit = graph.graph.node.filter((q) => q.opType === 'QuantizeLinear' && q.domain === '' && q.input.length >= 3 &&
-    FOUR_BIT.has(graph.constant(q.input[2])?.dataType ?? TensorProto_DataType.UNDEFINED));
+  const fourBit = scope.nodes.filter((q) => q.opType === 'QuantizeLinear' && q.domain === '' && q.input.length >= 3 &&
+    FOUR_BIT.has(scope.constant(q.input[2])?.dataType ?? TensorProto_DataType.UNDEFINED));
   for (const q of fourBit) {
-    const zeroPoint = graph.constant(q.input[2])!;
+    const zeroPoint = scope.constant(q.input[2])!;
     const signed = zeroPoint.dataType === TensorProto_DataType.INT4 || zeroPoint.dataType === TensorProto_DataType.INT8;
     const wide = signed ? TensorProto_DataType.INT8 : TensorProto_DataType.UINT8;
     if (FOUR_BIT.has(zeroPoint.dataType)) {
@@ -72,13 +99,13 @@ function widenFourBitActivations(graph: Graph, report: PassReport): void {
     const narrow = graph.uniqueName(`${q.output[0]}_4bit`);
     const bound = (suffix: string, v: number) => {
       const name = graph.uniqueName(`${q.output[0]}_${suffix}`);
-      graph.addInitializer(makeTensor(name, wide, [], Uint8Array.of(v & 0xff)));
+      scope.addInitializer(makeTensor(name, wide, [], Uint8Array.of(v & 0xff)));
       return name;
     };
     const [lo, hi] = signed ? [-8, 7] : [0, 15];
     const clip = makeNode('Clip', [narrow, bound('min', lo), bound('max', hi)], [q.output[0]], `${q.name || q.output[0]}_clip`);
     q.output[0] = narrow;
-    graph.graph.node.push(clip);
+    scope.insertAfter(q, clip);
     report.changed.push(`${q.input[0]}: 4-bit activation stored in 8 bits with a Clip to [${lo}, ${hi}]`);
   }
 }
@@ -89,33 +116,33 @@ function retype(t: TensorProto, dataType: TensorProto_DataType, raw: Uint8Array)
   t.int32Data = [];
 }
 
-function widenTwoBitWeights(graph: Graph, dq: NodeProto, values: TensorProto): void {
+function widenTwoBitWeights(scope: Scope, dq: NodeProto, values: TensorProto): void {
   const signed = values.dataType === TensorProto_DataType.INT2;
   const asInt4 = (t: TensorProto) => {
     const n = dimsOf(t).reduce((a, b) => a * b, 1);
     retype(t, TWO_BIT.get(t.dataType)!, packInt4(signed ? unpackInt2(t.rawData, n) : unpackInt2(t.rawData, n, false)));
   };
   asInt4(values);
-  const zeroPoint = dq.input[2] ? graph.constant(dq.input[2]) : undefined;
+  const zeroPoint = dq.input[2] ? scope.constant(dq.input[2]) : undefined;
   if (zeroPoint && TWO_BIT.has(zeroPoint.dataType)) asInt4(zeroPoint);
 }
 
 /** Values [K, N] blocked along axis 0 become [N, K] blocked along axis 1, then a Transpose; false when not 2-D or shared. */
-function transposeBlockedWeights(graph: Graph, dq: NodeProto, values: TensorProto): boolean {
+function transposeBlockedWeights(graph: Graph, scope: Scope, dq: NodeProto, values: TensorProto): boolean {
   const dims = dimsOf(values);
-  const scale = graph.constant(dq.input[1]);
+  const scale = scope.constant(dq.input[1]);
   if (dims.length !== 2 || !scale || intAttribute(dq, 'axis', 1) !== 0) return false;
   // Constants another node also reads would change under it.
-  if (dq.input.slice(0, 3).some((name) => name && graph.consumers(name).some((n) => n !== dq))) return false;
+  if (dq.input.slice(0, 3).some((name) => name && scope.consumers(name).some((n) => n !== dq))) return false;
   for (const name of dq.input.slice(0, 3)) {
-    const t = name ? graph.constant(name) : undefined;
+    const t = name ? scope.constant(name) : undefined;
     if (t) transpose2d(t);
   }
   attribute(dq, 'axis')!.i = 1n;
   const transposed = graph.uniqueName(`${dq.output[0]}_transposed`);
   const restore = makeNode('Transpose', [transposed], [dq.output[0]], `${dq.name || dq.output[0]}_transpose`, [makeIntsAttribute('perm', [1, 0])]);
   dq.output[0] = transposed;
-  graph.graph.node.push(restore);
+  scope.insertAfter(dq, restore);
   return true;
 }
 

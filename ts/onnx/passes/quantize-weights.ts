@@ -53,8 +53,8 @@ export interface WeightQuantization {
    * 'gptq': re-round against each layer's input Gram matrix from calibration (`moments`; methods/gptq.ts).
    */
   rounding?: 'nearest' | 'sum-preserving' | 'gptq';
-  /** Per layer (node label), the moments of its calibration inputs with Gram matrices, for 'gptq' rounding. */
-  moments?: Map<string, LayerInputMoments>;
+  /** Per layer (inside If branches too), the moments of its calibration inputs with Gram matrices, for 'gptq' rounding. */
+  moments?: Map<NodeProto, LayerInputMoments>;
   /** 8-bit layers take 7-bit values (stored as int8), as onnxruntime's reduce_range: no int16 saturation in u8×s8 kernels without VNNI. */
   reduceRange?: boolean;
   /** Keep each layer's (or these layers') float and dequantized weights in the result (for bias corrections). */
@@ -256,8 +256,8 @@ export function subgraphLayers(graph: Graph): SubgraphLayer[] {
 }
 
 /** What a layer's weights meet in its input, for gathering its input moments during calibration. */
-export function layerInput(graph: Graph, node: NodeProto): LayerInput {
-  const dims = dimsOf(graph.constant(node.input[1])!);
+export function layerInput(graph: Graph, node: NodeProto, scopes: GraphProto[] = []): LayerInput {
+  const dims = dimsOf(graph.constantIn(node.input[1], scopes)!.tensor);
   if (node.opType === 'Conv') return { kind: 'conv', node, weightDims: dims };
   const transB = node.opType === 'Gemm' && intAttribute(node, 'transB', 0) === 1;
   return { kind: 'matrix', columns: transB ? dims[1] : dims[0], transposed: node.opType === 'Gemm' && intAttribute(node, 'transA', 0) === 1 };
@@ -357,9 +357,8 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const how = JSON.stringify([node.opType === 'Conv' ? 'conv' : 'matrix', axes, edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits,
       !!options.bitAllocation && !edge]);
     const earlier = quantizedOnce.get(w);
-    // Input statistics (GPTQ, bias correction) are gathered for main-graph layers only (calibration observes only
-    // the ranges of If branches' values), and a body node may share a main-graph node's name.
-    const moments = options.rounding === 'gptq' && !inBody ? options.moments?.get(label) : undefined;
+    // GPTQ's input statistics: for main-graph layers and those in the main graph's If branches (see calibrate).
+    const moments = options.rounding === 'gptq' ? options.moments?.get(node) : undefined;
     const ownRounding = (moments?.count ?? 0) > 0;
     if (earlier && earlier.how === how && !ownRounding) {
       if (earlier.scope === scope) {
@@ -425,8 +424,9 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const gptq = !!moments && moments.count > 0 && moments.grams.length > 0;
     if (options.rounding === 'gptq') {
       if (gptq) q = yield* gptqRoundSteps(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
-      else report.skipped.push({ node: label, reason: inBody ? 'inside a subgraph (input statistics are gathered for main-graph layers only): rounded to nearest, not GPTQ'
-        : 'no input statistics for it (a constant input, a 3-D convolution or no calibration data): rounded to nearest, not GPTQ' });
+      else report.skipped.push({ node: label, reason: `${!inBody ? 'no input statistics for it (a constant input, a 3-D convolution or no calibration data)'
+        : moments ? `its branch of ${nodeLabel(inBody.owner)} ran on no calibration batch`
+          : 'no input statistics for it (inside a Loop or Scan body or a nested subgraph, whose values calibration cannot observe, or a constant input)'}: rounded to nearest, not GPTQ` });
     }
     if (q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type (mixed channel bits, reduced range)
     if (options.momentCorrection && !blocked) {
