@@ -19,7 +19,7 @@ import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { unconvertibleReason, upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel, storedBytes, writeFileAtomic, writeFileAtomicAsync } from '../../ts/onnx/model-io';
 import { writeMatMulChain } from '../../ts/bench/large-model';
-import { compareOutputs, quantizeModel } from '../../ts/onnx/quantize-model';
+import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { writeNpy } from '../helpers/npy';
 import { buildModel, heInit } from '../helpers/onnx-builder';
@@ -700,6 +700,14 @@ describe('layers whose weights cannot be quantized', () => {
     // A quantized model again: its layers' weights come from DequantizeLinear.
     const again = await quantizeModel((await quantizeModel(constantFirst, { weights: { bits: 8 } })).model, { weights: { bits: 8 } }).catch((x: Error) => x);
     expect((again as Error).message).to.contain("MatMul 'xw': its weight is already quantized (it comes from a DequantizeLinear)");
+    // Also through the Transpose that fit-onnxruntime puts after blocked weights of a MatMul with a quantized input.
+    const blocked = buildModel({ inputDims: [1, 32], output: 'y', opset: 21, nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+      initializers: { w: { dims: [32, 8], data: r(256, 4) } } });
+    const calibration = [{ input: { data: r(32, 5), dims: [1, 32] } }];
+    const w4a8 = await quantizeModel(blocked, { weights: { bits: 4, granularity: 'block', blockSize: 16 }, firstLastLayerBits: 4, activations: { bits: 8 }, calibration });
+    expect(readModel(w4a8.model).graph!.node.map((n) => n.opType)).to.include('Transpose');
+    const twice = await quantizeModel(w4a8.model, { weights: { bits: 8 } }).catch((x: Error) => x);
+    expect((twice as Error).message).to.contain("MatMul 'mm': its weight is already quantized (it comes from a DequantizeLinear)");
   });
 });
 
@@ -945,7 +953,50 @@ describe('models with subgraphs (If)', () => {
     // A branch no batch runs keeps its own values' consumers float, and says so.
     const never = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [feed(1, 0), feed(2, 0)] });
     expect(never.report.layers.map((l) => [l.node, !!l.input])).to.deep.equal([['h', true], ['t1', true], ['t2', false], ['e1', true]]);
-    expect(never.report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 't2', reason: 'its branch of if ran on no calibration batch: input left float' });
+    expect(never.report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 't2', reason: 'its branch of if gave it no values on any calibration batch (the branch did not run): input left float' });
+  });
+
+  it('branches that reuse value and node names (as a merged decoder\'s two decoders do) are calibrated and reported each on its own', async () => {
+    // x → MatMul(A) → h → If(flag): each branch MatMul(h, W?) → 'z' → Relu → 'zr' → MatMul(zr, V?) → out, with the
+    // same names in both branches and different weights.
+    const r = rng(9);
+    const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [16n, 16n], rawData: new Uint8Array(Float32Array.from({ length: 256 }, () => r() - 0.5).buffer) });
+    const branch = (name: string, scale: number) => ({
+      name, output: [info(`out_${name}`)],
+      initializer: [matrix(`W${name}`), matrix(`V${name}`), { name: `s_${name}`, dataType: TensorProto_DataType.FLOAT, dims: [], rawData: new Uint8Array(Float32Array.of(scale).buffer) }],
+      node: [
+        { opType: 'MatMul', name: 'mm1', input: ['h', `W${name}`], output: ['z'] }, { opType: 'Relu', name: 'relu', input: ['z'], output: ['zr'] },
+        { opType: 'Mul', name: 'scale', input: ['zr', `s_${name}`], output: ['zs'] }, { opType: 'MatMul', name: 'mm2', input: ['zs', `V${name}`], output: [`out_${name}`] },
+      ],
+    });
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'reused', input: [info('x', TensorProto_DataType.FLOAT, [1, 16]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [matrix('A')],
+        node: [{ opType: 'MatMul', name: 'first', input: ['x', 'A'], output: ['h'] }, { opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('then', 1) },
+          { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('else', 100) },  // else's zs far wider
+        ] }],
+      },
+    } as never));
+    const feed = (seed: number, flag: number) => ({ x: normalFeeds(1, [1, 16], seed)[0].x, flag: { data: Uint8Array.of(flag), dims: [] } });
+    const run = async (calibration: Array<ReturnType<typeof feed>>) => (await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8, method: 'percentile' }, calibration })).report;
+    const both = await run([feed(1, 1), feed(2, 0), feed(3, 1), feed(4, 0)]);
+    const zs = (report: QuantizationReport, branch: string) => report.activations.find((a) => a.tensor === 'zs' && a.branch === branch)?.range;
+    expect(both.activations.filter((a) => a.tensor === 'zs').map((a) => a.branch)).to.deep.equal(['then_branch', 'else_branch']);
+    // Each branch's zs from its own batches only.
+    const thenOnly = await run([feed(1, 1), feed(3, 1)]);
+    const elseOnly = await run([feed(2, 0), feed(4, 0)]);
+    expect(zs(both, 'then_branch')).to.deep.equal(zs(thenOnly, 'then_branch'));
+    expect(zs(both, 'else_branch')).to.deep.equal(zs(elseOnly, 'else_branch'));
+    expect(zs(both, 'else_branch')![1]).to.be.greaterThan(10 * zs(both, 'then_branch')![1]);
+    expect(zs(thenOnly, 'else_branch')).to.equal(undefined);
+    // The report's layers (mm1, mm2 twice) carry their own branch's input range.
+    expect(both.layers.map((l) => [l.node, l.subgraph])).to.deep.equal([['first', undefined], ['mm1', 'if'], ['mm2', 'if'], ['mm1', 'if'], ['mm2', 'if']]);
+    const inputRange = (k: number) => (both.layers[k].input as { range: [number, number] }).range;
+    expect([inputRange(2), inputRange(4)]).to.deep.equal([zs(both, 'then_branch'), zs(both, 'else_branch')]);
+    expect(thenOnly.layers.map((l) => !!l.input)).to.deep.equal([true, true, true, true, false]);  // else's mm1 reads h, a main-graph value
   });
 
   it('a weight a main-graph layer and a branch layer share keeps its own DequantizeLinear attributes in the branch (blocked, W4A8)', async () => {

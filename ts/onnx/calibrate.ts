@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import {
-  AttributeProto_AttributeType, AttributeProtoSchema, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type ModelProto,
+  AttributeProto_AttributeType, AttributeProtoSchema, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type ModelProto, type NodeProto,
 } from 'onnx-buf';
 
 import { ort } from '../bench/ort-models';
@@ -204,19 +204,37 @@ export function withOutputs(model: ModelProto, names: string[]): Uint8Array {
   return toBinary(ModelProtoSchema, copyWithOutputs(model, names).copy);
 }
 
+const BRANCH_VALUE = '\u0000branch:';
+
+/**
+ * How calibration names a value computed inside a branch (`branch`: its attribute, then_branch or else_branch) of
+ * one of the main graph's If nodes: sibling branches may reuse names (a merged decoder's two decoders do).
+ */
+export function branchValue(ifNode: NodeProto, branch: string, name: string): string {
+  return BRANCH_VALUE + JSON.stringify([ifNode.output[0], branch, name]);
+}
+
+function isBranchValue(tensor: string): boolean {
+  return tensor.startsWith(BRANCH_VALUE);
+}
+
+/** A tensor's name for messages (a branch value's own name). */
+function tensorName(tensor: string): string {
+  return isBranchValue(tensor) ? (JSON.parse(tensor.slice(BRANCH_VALUE.length)) as string[])[2] : tensor;
+}
+
 /**
  * The copy with extra outputs, and the output each value comes out as: its own name, or — for a value computed
- * inside a branch of one of the main graph's If nodes — another (see exposeFromBranches).
+ * inside a branch of one of the main graph's If nodes (named by branchValue) — another (see exposeFromBranches).
  */
 function copyWithOutputs(model: ModelProto, names: string[]): { copy: ModelProto; outputOf: (name: string) => string } {
   const copy = cloneSharingData(model);
   const g = copy.graph!;
-  const inMain = new Set([...g.input.map((i) => i.name), ...g.initializer.map((t) => t.name), ...g.node.flatMap((n) => n.output)]);
   const existing = new Set(g.output.map((o) => o.name));
   for (const name of names) {
-    if (inMain.has(name) && !existing.has(name)) g.output.push(create(ValueInfoProtoSchema, { name }));
+    if (!isBranchValue(name) && !existing.has(name)) g.output.push(create(ValueInfoProtoSchema, { name }));
   }
-  const fromBranches = names.filter((n) => !inMain.has(n));
+  const fromBranches = names.filter(isBranchValue);
   const renamed = fromBranches.length > 0 ? exposeFromBranches(copy, fromBranches) : new Map<string, string>();
   return { copy, outputOf: (name) => renamed.get(name) ?? name };
 }
@@ -228,15 +246,22 @@ function copyWithOutputs(model: ModelProto, names: string[]): { copy: ModelProto
  * branches give outputs of different shapes); calibration skips empty values, so a value counts only on the
  * batches whose branch ran.
  */
-function exposeFromBranches(copy: ModelProto, names: string[]): Map<string, string> {
+function exposeFromBranches(copy: ModelProto, values: string[]): Map<string, string> {
   const graph = new Graph(copy);
   const renamed = new Map<string, string>();
-  for (const name of names) {
-    const owner = copy.graph!.node.find((n) => n.opType === 'If' && subgraphsOf(n).some((b) => b.node.some((x) => x.output.includes(name))));
-    if (!owner) throw new Error(`lowbit bug: '${name}' is computed neither in the main graph nor in an If branch of it, so it cannot be observed.`);
+  for (const value of values) {
+    const [ifOutput, branch, name] = JSON.parse(value.slice(BRANCH_VALUE.length)) as string[];
+    const owner = copy.graph!.node.find((n) => n.opType === 'If' && n.output[0] === ifOutput);
+    const home = owner?.attribute.find((a) => a.name === branch)?.g;
+    if (!owner || !home?.node.some((x) => x.output.includes(name))) {
+      throw new Error(`lowbit bug: '${name}' is not computed in the ${branch} of the If making '${ifOutput}', so it cannot be observed.`);
+    }
     const branches = subgraphsOf(owner);
-    const home = branches.find((b) => b.node.some((x) => x.output.includes(name)))!;
-    const type = graph.elemType(name, [home]) ?? TensorProto_DataType.FLOAT;
+    const type = graph.elemType(name, [home]);
+    if (!type) {
+      throw new OnnxModelError(`Cannot tell the element type of '${name}' inside the ${branch} of the If making '${ifOutput}' (needed to calibrate it); ` +
+        'declare it in the branch\'s value_info, or leave the layers reading it in float with keepFloat.');
+    }
     for (const branch of branches) {
       let output = name;
       if (branch !== home) {
@@ -250,7 +275,7 @@ function exposeFromBranches(copy: ModelProto, names: string[]): Map<string, stri
     const output = graph.uniqueName(`${name}_from_${owner.name || 'if'}`);
     owner.output.push(output);
     copy.graph!.output.push(create(ValueInfoProtoSchema, { name: output }));
-    renamed.set(name, output);
+    renamed.set(value, output);
   }
   return renamed;
 }
@@ -405,7 +430,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       const values = new Map(exposed.map((t) => [t, floatValues(outputs[t])]));
       for (const t of exposed) if (outputs[t].type === 'float16') float16.add(t);
       // A value inside an If branch is empty on the batches that took the other branch: nothing to observe there.
-      const ran = new Set(exposed.filter((t) => outputOf(t) === t || values.get(t)!.length > 0));
+      const ran = new Set(exposed.filter((t) => !isBranchValue(t) || values.get(t)!.length > 0));
       for (const t of ran) observedBatches.set(t, (observedBatches.get(t) ?? 0) + 1);
       for (const o of all) {
         if (!ran.has(o.tensor)) continue;
@@ -414,10 +439,10 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
         } catch (e) {
           // The feeds were checked finite, so NaN here is the model's own doing.
           if (values.get(o.tensor)!.some((v) => Number.isNaN(v))) {
-            throw new OnnxModelError(`The float model computes NaN in its tensor '${o.tensor}' on calibration[${batches}], whose inputs are finite: ` +
+            throw new OnnxModelError(`The float model computes NaN in its tensor '${tensorName(o.tensor)}' on calibration[${batches}], whose inputs are finite: ` +
               'the model itself is broken there (a NaN constant, a negative BatchNormalization variance, …), and quantizing cannot fix it. Check its outputs in onnxruntime.');
           }
-          throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${o.tensor}': ${(e as Error).message}`);
+          throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${tensorName(o.tensor)}': ${(e as Error).message}`);
         }
         await pause();  // observers of large tensors (histograms, Gram matrices) take a while each
       }

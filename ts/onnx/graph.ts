@@ -22,7 +22,8 @@ export class Graph {
   constructor(model: ModelProto) {
     this.model = model;
     this.graph = model.graph!;
-    // Names are unique across the whole model (subgraphs may not redefine an enclosing scope's names).
+    // Every name defined anywhere in the model, so that new names clash with none (a subgraph may not redefine an
+    // enclosing scope's names, but sibling subgraphs, such as an If's two branches, may reuse each other's).
     addDefinedNames(this.graph, this.names);
   }
 

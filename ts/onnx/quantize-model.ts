@@ -17,7 +17,7 @@ import { allNodes, Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
-import { calibrate, checkFeed, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
+import { branchValue, calibrate, checkFeed, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
@@ -34,7 +34,7 @@ import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamically } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, quantizeBodyActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { bodyEdgeLayers, checkFiniteWeights, layerInput, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
+import { bodyEdgeLayers, checkFiniteWeights, layerInput, QUANTIZABLE, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -262,11 +262,6 @@ function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
   }
   if (aa === 0 || bb === 0) return aa === bb ? 1 : 0;  // a zero output matches only a zero output
   return ab / Math.sqrt(aa * bb);
-}
-
-/** A layer report entry's identity: its name and, inside a subgraph, the node holding it (a body node may share a main-graph name). */
-function layerKey(label: string, subgraph?: string): string {
-  return JSON.stringify([label, subgraph ?? null]);
 }
 
 /**
@@ -545,7 +540,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (targets.length + bodyTargetCount + tableCount === 0) {
     // Say why the layers there are cannot be quantized (keepFloat aside).
     const keep = new Set(opts.keepFloat ?? []);
-    const reasons = allNodes(graph).filter(({ node }) => ['Conv', 'Gemm', 'MatMul'].includes(node.opType) && !keep.has(node.name) && !keep.has(node.opType))
+    const reasons = allNodes(graph).filter(({ node }) => QUANTIZABLE.has(node.opType) && !keep.has(node.name) && !keep.has(node.opType))
       .map(({ node, scopes }) => `${node.opType} '${nodeLabel(node)}': ${unquantizableReason(graph, node, scopes)}`);
     throw new OnnxModelError(`No Conv, Gemm or MatMul layer with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
       `the model would be unchanged.${reasons.length ? ` ${reasons.slice(0, 3).join('; ')}${reasons.length > 3 ? `; and ${reasons.length - 3} more` : ''}.` : ''} Check keepFloat.`);
@@ -598,7 +593,14 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       bodyActivationReport.skipped.push({ node: nodeLabel(owner), reason: 'outputs: the outputs of layers inside subgraphs stay float (their inputs are quantized)' });
     }
   }
-  const branchTensors = [...new Set(branchLayers.map((l) => l.node.input[0]))];
+  // What calibration observes for a branch layer's input: the branch's own value (branchValue: sibling branches may
+  // reuse names), or a main-graph value the branch reads.
+  const observedInput = new Map(observableBodyLayers.map((l) => {
+    const x = l.node.input[0];
+    const branch = l.owner.attribute.find((a) => a.g === l.scopes[0])!.name;
+    return [l.node, l.scopes[0].node.some((n) => n.output.includes(x)) ? branchValue(l.owner, branch, x) : x];
+  }));
+  const branchTensors = [...new Set(branchLayers.map((l) => observedInput.get(l.node)!))];
   const tensors = staticActivations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
   // The layers whose input statistics calibration can gather, with what their weights meet: GPTQ's also in the
   // main graph's If branches; data-driven bias correction's in the main graph only.
@@ -617,7 +619,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // input and the classifier's features, which ACIQ's authors also keep at 8 bits; with `outputs`, the last layer's
   // output (the logits) as well.
   const last = targets[targets.length - 1];
-  // (None when every layer is inside subgraphs, whose activations stay in float.)
+  // (None when every layer is inside subgraphs: bodyEdgeLayers gives theirs.)
   const edgeTensors = new Set(last ? [targets[0].input[0], last.input[0], placement?.quantizedOutput.get(nodeLabel(last)) ?? last.output[0]] : []);
   // Tensors quantized for every consumer: the layer outputs, and what shares their parameters.
   const everyConsumer = new Set(layerOutputs);
@@ -625,9 +627,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const branchRanges = new Map<string, ActivationRange>();
   // Calibration observers feeding layers' input moments (`quantizeInputs`: the inputs as the quantized model will see them).
   const observe = (moments: Array<[NodeProto, LayerInputMoments]>, quantizeInputs: boolean) => moments.map(([n, m]) => {
-    const range = quantizeInputs ? (inBranch.has(n) ? branchRanges : ranges).get(n.input[0]) : undefined;
+    const tensor = observedInput.get(n) ?? n.input[0];
+    const range = quantizeInputs ? (inBranch.has(n) ? branchRanges : ranges).get(tensor) : undefined;
     const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
-    return { tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => m.observe(params ? fakeQuantize(data, params) : data, dims) };
+    return { tensor, observe: (data: Float32Array, dims: readonly number[]) => m.observe(params ? fakeQuantize(data, params) : data, dims) };
   });
   const biasObservers = withData.filter(({ n }) => biasMoments.has(nodeLabel(n))).map(({ n }): [NodeProto, LayerInputMoments] => [n, biasMoments.get(nodeLabel(n))!]);
   // GPTQ with quantized activations takes a second pass over the calibration data, so its Gram matrices see the
@@ -644,25 +647,23 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     sample = result.sample;
     if (staticActivations) {
       const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? Math.max(8, staticActivations.bits) : staticActivations.bits;
-      for (const t of tensors) {
-        const bits = edgeTensors.has(t) ? edgeBits : staticActivations.bits;
-        const float16 = result.float16.has(t);
-        ranges.set(t, { ...result.observers.get(t)!.range(bits, staticActivations.signed ?? false), bits, ...(float16 ? { float16 } : {}) });
+      const calibrated = result;
+      const rangeOf = async (t: string, bits: number): Promise<ActivationRange> => {
+        const range = calibrated.observers.get(t)!.range(bits, staticActivations.signed ?? false);
         await nextTurn();  // a KL or ACIQ search per tensor
-      }
+        return { ...range, bits, ...(calibrated.float16.has(t) ? { float16: true } : {}) };
+      };
+      for (const t of tensors) ranges.set(t, await rangeOf(t, edgeTensors.has(t) ? edgeBits : staticActivations.bits));
       // Branch layers' inputs: their own ranges (a tensor also read in the main graph keeps its main-graph range
       // there), the edge layers' at their bits; none for a branch no calibration batch ran.
       const bodyEdges = bodyEdgeLayers(targets, bodyTargets, graph.topologicalOrder());
       for (const t of branchTensors) {
-        const readers = branchLayers.filter((l) => l.node.input[0] === t);
+        const readers = branchLayers.filter((l) => observedInput.get(l.node) === t);
         if (!result.observedBatches.get(t)) {
-          for (const l of readers) bodyActivationReport.skipped.push({ node: nodeLabel(l.node), reason: `its branch of ${nodeLabel(l.owner)} ran on no calibration batch: input left float` });
+          for (const l of readers) bodyActivationReport.skipped.push({ node: nodeLabel(l.node), reason: `its branch of ${nodeLabel(l.owner)} gave it no values on any calibration batch (the branch did not run): input left float` });
           continue;
         }
-        const bits = readers.some((l) => bodyEdges.has(l.node)) ? edgeBits : staticActivations.bits;
-        const float16 = result.float16.has(t);
-        branchRanges.set(t, { ...result.observers.get(t)!.range(bits, staticActivations.signed ?? false), bits, ...(float16 ? { float16 } : {}) });
-        await nextTurn();
+        branchRanges.set(t, await rangeOf(t, readers.some((l) => bodyEdges.has(l.node)) ? edgeBits : staticActivations.bits));
       }
       for (const { tensor, source } of placement?.shared ?? []) {
         const from = ranges.get(source);
@@ -689,7 +690,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // Without an evaluation nothing needs the float model any more: dropping it lets each layer's float weights be
   // freed once the layer is quantized (a large model's peak memory then stays near its quantized size).
   if (evaluationFeeds?.length === 0) prepared = undefined;
-  const { report: weightReport, layers, weights } = await time('quantize-weights', () => runStepsAsync(quantizeWeightsByLayer(graph, {
+  const { report: weightReport, layers, weights, layerOf } = await time('quantize-weights', () => runStepsAsync(quantizeWeightsByLayer(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
     keepFloat: opts.keepFloat, gather: !!opts.weights.gather, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
@@ -748,15 +749,15 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         if (output) l.outputActivation = output;
       }
       if (branchLayers.length > 0) {
-        const inBranches = quantizeBodyActivations(graph, branchLayers.map((l) => ({ node: l.node, label: nodeLabel(l.node), scope: l.scopes[0], subgraph: nodeLabel(l.owner) })),
-          branchRanges, a.signed ?? false, microsoftDomainFallback !== undefined);
+        const inBranches = quantizeBodyActivations(graph, branchLayers.map((l) => ({
+          node: l.node, label: nodeLabel(l.node), scope: l.scopes[0], subgraph: nodeLabel(l.owner),
+          branch: l.owner.attribute.find((x) => x.g === l.scopes[0])!.name, range: branchRanges.get(observedInput.get(l.node)!),
+        })), a.signed ?? false, microsoftDomainFallback !== undefined);
         bodyActivationReport.changed.push(...inBranches.report.changed);
         activations.push(...inBranches.activations);
-        const byLayer = new Map(branchLayers.filter((l) => inBranches.inputs.has(l.node))
-          .map((l) => [layerKey(nodeLabel(l.node), nodeLabel(l.owner)), inBranches.inputs.get(l.node)!]));
-        for (const l of layers) {
-          const input = l.subgraph ? byLayer.get(layerKey(l.node, l.subgraph)) : undefined;
-          if (input) l.input = { bits: input.bits, range: input.range };
+        for (const [node, input] of inBranches.inputs) {
+          const entry = layerOf.get(node);
+          if (entry) entry.input = { bits: input.bits, range: input.range };
         }
       }
       if (bodyActivationReport.changed.length + bodyActivationReport.skipped.length > 0) passes.push(bodyActivationReport);
@@ -777,9 +778,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       ...bodyTargets.map((l) => ({ node: l.node, scope: l.scopes[0], scopes: l.scopes }))];
     const dyn = await time('dynamic-activations', () => quantizeInputsDynamically(graph, places, labels));
     passes.push(dyn.report);
-    const done = new Set([...targets.filter((n) => dyn.quantized.has(n)).map((n) => layerKey(labels.get(n)!)),
-      ...bodyTargets.filter((l) => dyn.quantized.has(l.node)).map((l) => layerKey(nodeLabel(l.node), nodeLabel(l.owner)))]);
-    for (const l of layers) if (done.has(layerKey(l.node, l.subgraph))) l.input = { bits: 8, dynamic: true };
+    for (const node of dyn.quantized) {
+      const entry = layerOf.get(node);
+      if (entry) entry.input = { bits: 8, dynamic: true };
+    }
   }
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
   if (!fitsOneFile && (opts.outputPath === undefined || opts.externalData === false)) {

@@ -24,7 +24,7 @@ const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fu
  * weight DequantizeLinear, or why there are none. A Gemm with transB keeps [N, K] values quantized along N:
  * they are transposed (int8, once per tensor however many layers of the layer's graph share it).
  */
-function integerWeights(graph: Graph, at: LayerPlace, transposed: Map<string, string>): { values: string; scale: string } | string {
+function integerWeights(graph: Graph, at: LayerPlace, transposed: Map<string, string>): { values: string; scale: string; dq: NodeProto } | string {
   const { node, scope, scopes } = at;
   const dq = scope.node.find((n) => n.output.includes(node.input[1]));
   if (!dq || dq.opType !== 'DequantizeLinear') return 'its weights are not quantized by a DequantizeLinear';
@@ -40,7 +40,7 @@ function integerWeights(graph: Graph, at: LayerPlace, transposed: Map<string, st
   if (dimsOf(scale).length > 0 && (axis + dims.length) % dims.length !== columnAxis) return 'its weight scales are not per tensor or per column';
   const zeroPoint = dq.input[2] ? graph.constantIn(dq.input[2], scopes)?.tensor : undefined;
   if (dq.input[2] && !(zeroPoint && zeroPoint.rawData.every((b) => b === 0))) return 'its weights have a zero point';
-  if (!transB) return { values: dq.input[0], scale: dq.input[1] };
+  if (!transB) return { values: dq.input[0], scale: dq.input[1], dq };
   let name = transposed.get(dq.input[0]);
   if (!name) {
     const [n, k] = dims;
@@ -51,7 +51,7 @@ function integerWeights(graph: Graph, at: LayerPlace, transposed: Map<string, st
     graph.addInitializer(ownedTensor(name, TensorProto_DataType.INT8, [k, n], to), scope);
     transposed.set(dq.input[0], name);
   }
-  return { values: name, scale: dq.input[1] };
+  return { values: name, scale: dq.input[1], dq };
 }
 
 /** Why a Gemm cannot become MatMulInteger + Add, or undefined. */
@@ -99,7 +99,6 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
       report.skipped.push({ node: label, reason: 'its input is a constant' });
       continue;
     }
-    const dq = scope.node.find((n) => n.output.includes(node.input[1]));
     const weights = integerWeights(graph, at, transposed);
     if (typeof weights === 'string') {
       report.skipped.push({ node: label, reason: `${weights}: input left float` });
@@ -125,7 +124,7 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
       makeNode('Mul', [xq[1], weights.scale], [scale], `${label}_scales`),
       makeNode('Mul', [asFloat, scale], [scaled], bias ? `${label}_scaled` : label),
       ...(bias ? [makeNode('Add', [scaled, bias], [output], label)] : []));
-    if (dq) replacedWeights.set(scope, [...(replacedWeights.get(scope) ?? []), dq]);
+    replacedWeights.set(scope, [...(replacedWeights.get(scope) ?? []), weights.dq]);
     quantized.add(node);
     report.changed.push(`${label}: uint8 input quantized per run (DynamicQuantizeLinear), MatMulInteger`);
   }

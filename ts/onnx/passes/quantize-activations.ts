@@ -23,8 +23,9 @@ export interface ActivationLayerReport {
   zeroPoint: number;
   /** A float16 tensor, whose scale is float16. */
   float16?: true;
-  /** The node whose subgraph (If branch) holds the quantizer. */
+  /** The node whose subgraph holds the quantizer, and which of its subgraphs (then_branch or else_branch). */
   subgraph?: string;
+  branch?: string;
 }
 
 /** A tensor's calibrated range, the width of its integers, and whether it is float16. */
@@ -105,24 +106,26 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, Activation
   return { report, activations };
 }
 
-/** A layer inside a subgraph body whose input gets quantized (see quantizeBodyActivations). */
-export interface BodyLayerInput { node: NodeProto; label: string; scope: GraphProto; subgraph: string }
+/**
+ * A layer inside an If branch (`scope`; `branch`: its attribute name) of the node `subgraph` whose input gets
+ * quantized with `range` (none: it stays float).
+ */
+export interface BodyLayerInput { node: NodeProto; label: string; scope: GraphProto; subgraph: string; branch: string; range?: ActivationRange }
 
 /**
  * quantizeActivations for layers inside If branches: a QuantizeLinear → DequantizeLinear pair per input tensor and
  * branch, in the branch before the first layer that reads it, its constants in the branch (onnxruntime does not
- * load subgraph Q/DQ that read an enclosing graph's initializers, see the weight pass). `ranges`: per tensor.
+ * load subgraph Q/DQ that read an enclosing graph's initializers, see the weight pass).
  * Returns the layers whose inputs it quantized, with the tensor's report entry.
  */
-export function quantizeBodyActivations(graph: Graph, layers: BodyLayerInput[], ranges: Map<string, ActivationRange>, signed: boolean,
-  microsoftDomain: boolean): { report: PassReport; activations: ActivationLayerReport[]; inputs: Map<NodeProto, ActivationLayerReport> } {
+export function quantizeBodyActivations(graph: Graph, layers: BodyLayerInput[], signed: boolean, microsoftDomain: boolean):
+  { report: PassReport; activations: ActivationLayerReport[]; inputs: Map<NodeProto, ActivationLayerReport> } {
   const report: PassReport = { pass: 'quantize-activations (subgraphs)', changed: [], skipped: [] };
   const activations: ActivationLayerReport[] = [];
   const inputs = new Map<NodeProto, ActivationLayerReport>();
   const made = new Map<GraphProto, Map<string, ReturnType<typeof quantizerPair>>>();
-  for (const { node, label, scope, subgraph } of layers) {
+  for (const { node, label, scope, subgraph, branch, range } of layers) {
     const tensor = node.input[0];
-    const range = ranges.get(tensor);
     if (!range) continue;
     const inScope = made.get(scope) ?? new Map<string, ReturnType<typeof quantizerPair>>();
     made.set(scope, inScope);
@@ -131,7 +134,7 @@ export function quantizeBodyActivations(graph: Graph, layers: BodyLayerInput[], 
       pair = quantizerPair(graph, tensor, range, signed, microsoftDomain, scope);
       scope.node.splice(scope.node.indexOf(node), 0, ...pair.nodes);
       inScope.set(tensor, pair);
-      activations.push({ ...pair.activation, subgraph });
+      activations.push({ ...pair.activation, subgraph, branch });
     }
     node.input[0] = pair.dequantized;
     inputs.set(node, pair.activation);

@@ -123,7 +123,7 @@ export interface QuantizedWeights {
   biasAddOutput?: string;
 }
 
-const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
+export const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
 
 function layout(opType: string, dims: number[], transB: number): { outputAxis: number; reductionAxis: number } | undefined {
   if (opType === 'Conv') return dims.length >= 3 ? { outputAxis: 0, reductionAxis: 1 } : undefined;
@@ -207,13 +207,23 @@ function isQuantizable(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): b
   return QUANTIZABLE.has(n.opType) && unquantizableReason(graph, n, scopes) === undefined;
 }
 
+/** Whether a value is a DequantizeLinear's output, directly or through Transpose/Reshape/Identity (as fit-onnxruntime leaves blocked weights). */
+function fromDequantizeLinear(graph: Graph, name: string, scopes: GraphProto[]): boolean {
+  for (let steps = 0; steps < 8; steps++) {
+    const producer = [...scopes, graph.graph].map((g) => g.node.find((p) => p.output.includes(name))).find((p) => p);
+    if (producer?.opType === 'DequantizeLinear') return true;
+    if (!producer || !['Transpose', 'Reshape', 'Identity'].includes(producer.opType)) return false;
+    name = producer.input[0];
+  }
+  return false;
+}
+
 /** Why a Conv/Gemm/MatMul's weights cannot be quantized (undefined: they can). `scopes`: see Graph.constantIn. */
 export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): string | undefined {
   const isFloat = (t: TensorProto | undefined) => !!t && (isFloatTensor(t) || isFloat16Tensor(t));
   const w = graph.constantIn(n.input[1], scopes)?.tensor;
   if (!isFloat(w)) {
-    const producer = (scopes[0] ?? graph.graph).node.find((p) => p.output.includes(n.input[1]));
-    if (producer?.opType === 'DequantizeLinear') return 'its weight is already quantized (it comes from a DequantizeLinear)';
+    if (fromDequantizeLinear(graph, n.input[1], scopes)) return 'its weight is already quantized (it comes from a DequantizeLinear)';
     return n.opType !== 'Conv' && isFloat(graph.constantIn(n.input[0], scopes)?.tensor)
       ? 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take'
       : 'its weight is not a float constant (a computed input)';
@@ -274,7 +284,13 @@ export function matrixView(node: NodeProto, dims: number[], outputAxis: number):
     : { rows: dims[1], columns: dims[0], rowStride: 1, columnStride: dims[1], rowsPerGram: dims[1] };
 }
 
-export interface WeightQuantizationResult { report: PassReport; layers: WeightLayerReport[]; weights: QuantizedWeights[] }
+export interface WeightQuantizationResult {
+  report: PassReport;
+  layers: WeightLayerReport[];
+  weights: QuantizedWeights[];
+  /** Each quantized layer's entry in `layers` (names can repeat across subgraphs: sibling If branches may reuse them). */
+  layerOf: Map<NodeProto, WeightLayerReport>;
+}
 
 export function quantizeWeights(graph: Graph, options: WeightQuantization): WeightQuantizationResult {
   return runSteps(quantizeWeightsByLayer(graph, options));
@@ -284,6 +300,7 @@ export function quantizeWeights(graph: Graph, options: WeightQuantization): Weig
 export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantization): Steps<WeightQuantizationResult> {
   const report: PassReport = { pass: 'quantize-weights', changed: [], skipped: [] };
   const layers: WeightLayerReport[] = [];
+  const layerOf = new Map<NodeProto, WeightLayerReport>();
   const weights: QuantizedWeights[] = [];
   const keep = new Set(options.keepFloat ?? []);
   // Layers inside subgraphs get their weights quantized (the DequantizeLinear next to them, in their body); their
@@ -373,7 +390,9 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         node.input[1] = dq.output[0];
       }
       release(base, home);
-      layers.push({ ...earlier.layer, node: label, output: node.output[0], ...where });
+      const shared = { ...earlier.layer, node: label, output: node.output[0], ...where };
+      layers.push(shared);
+      layerOf.set(node, shared);
       if (!inBody) weights.push({ ...earlier.weights, node: label });
       report.changed.push(`${label}: shares the quantized weights of ${earlier.layer.node}`);
       yield label;
@@ -425,7 +444,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     if (options.rounding === 'gptq') {
       if (gptq) q = yield* gptqRoundSteps(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
       else report.skipped.push({ node: label, reason: `${!inBody ? 'no input statistics for it (a constant input, a 3-D convolution or no calibration data)'
-        : moments ? `its branch of ${nodeLabel(inBody.owner)} ran on no calibration batch`
+        : moments ? `its branch of ${nodeLabel(inBody.owner)} gave it no inputs on any calibration batch (the branch did not run)`
           : 'no input statistics for it (inside a Loop or Scan body or a nested subgraph, whose values calibration cannot observe, or a constant input)'}: rounded to nearest, not GPTQ` });
     }
     if (q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type (mixed channel bits, reduced range)
@@ -469,11 +488,12 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     };
     if (!inBody) weights.push(entry);
     layers.push(layer);
+    layerOf.set(node, layer);
     if (!gptq) quantizedOnce.set(w, { how, dq, constants: [valuesConstant, scaleTensor], scope, layer, weights: entry });
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
     yield label;
   }
   for (const [home, names] of replaced) graph.removeAllUnused(names, home);
   graph.sort();
-  return { report, layers, weights };
+  return { report, layers, weights, layerOf };
 }
