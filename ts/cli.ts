@@ -19,8 +19,8 @@ import { finetune } from './train/finetune';
 import { loadMnist } from './train/mnist';
 
 /** A layer's name, with the node whose subgraph holds it. */
-function layerName(l: { node: string; subgraph?: string }): string {
-  return l.subgraph ? `${l.node} (in ${l.subgraph})` : l.node;
+function layerName(l: { node: string; subgraph?: string; branch?: string }): string {
+  return l.subgraph ? `${l.node} (in ${l.subgraph}${l.branch ? ` ${l.branch}` : ''})` : l.node;
 }
 
 function parseShape(value: string, previous: Array<[number, number, number]> = []): Array<[number, number, number]> {

@@ -207,11 +207,12 @@ export function withOutputs(model: ModelProto, names: string[]): Uint8Array {
 const BRANCH_VALUE = '\u0000branch:';
 
 /**
- * How calibration names a value computed inside a branch (`branch`: its attribute, then_branch or else_branch) of
- * one of the main graph's If nodes: sibling branches may reuse names (a merged decoder's two decoders do).
+ * How calibration names a value as a branch (`branch`: its attribute, then_branch or else_branch) of one of the main
+ * graph's If nodes sees it — computed there, or read from the main graph —, observed only on the batches that run
+ * that branch (sibling branches may reuse names: a merged decoder's two decoders do). `elemType`: its element type.
  */
-export function branchValue(ifNode: NodeProto, branch: string, name: string): string {
-  return BRANCH_VALUE + JSON.stringify([ifNode.output[0], branch, name]);
+export function branchValue(ifNode: NodeProto, branch: string, name: string, elemType: number): string {
+  return BRANCH_VALUE + JSON.stringify([ifNode.output[0], branch, name, elemType]);
 }
 
 function isBranchValue(tensor: string): boolean {
@@ -240,37 +241,36 @@ function copyWithOutputs(model: ModelProto, names: string[]): { copy: ModelProto
 }
 
 /**
- * Makes values computed inside the branches of the main graph's If nodes observable: each becomes one more output
- * of its branch and of the If (under a new name: a branch's names may not be defined again outside it, the
- * returned map gives it), and the other branch outputs an empty tensor of the same type in its place (ONNX lets If
- * branches give outputs of different shapes); calibration skips empty values, so a value counts only on the
+ * Makes values as branches of the main graph's If nodes see them observable (see branchValue): each becomes one
+ * more output of its branch and of the If (under a new name: a branch's names may not be defined again outside it;
+ * the returned map gives it), and the other branch outputs an empty tensor of the same type in its place (ONNX lets
+ * If branches give outputs of different shapes); calibration skips empty values, so a value counts only on the
  * batches whose branch ran.
  */
 function exposeFromBranches(copy: ModelProto, values: string[]): Map<string, string> {
   const graph = new Graph(copy);
   const renamed = new Map<string, string>();
   for (const value of values) {
-    const [ifOutput, branch, name] = JSON.parse(value.slice(BRANCH_VALUE.length)) as string[];
+    const [ifOutput, branch, name, type] = JSON.parse(value.slice(BRANCH_VALUE.length)) as [string, string, string, number];
     const owner = copy.graph!.node.find((n) => n.opType === 'If' && n.output[0] === ifOutput);
     const home = owner?.attribute.find((a) => a.name === branch)?.g;
-    if (!owner || !home?.node.some((x) => x.output.includes(name))) {
-      throw new Error(`lowbit bug: '${name}' is not computed in the ${branch} of the If making '${ifOutput}', so it cannot be observed.`);
+    if (!owner || !home) throw new Error(`lowbit bug: no If makes '${ifOutput}' with a ${branch}, so '${name}' cannot be observed there.`);
+    // A main-graph value the branch reads comes out through an Identity in the branch, so that it too is observed
+    // only when the branch runs.
+    let inBranch = name;
+    if (!home.node.some((x) => x.output.includes(name))) {
+      inBranch = graph.uniqueName(`${name}_in_${branch}`);
+      home.node.push(create(NodeProtoSchema, { opType: 'Identity', name: inBranch, input: [name], output: [inBranch] }));
     }
-    const branches = subgraphsOf(owner);
-    const type = graph.elemType(name, [home]);
-    if (!type) {
-      throw new OnnxModelError(`Cannot tell the element type of '${name}' inside the ${branch} of the If making '${ifOutput}' (needed to calibrate it); ` +
-        'declare it in the branch\'s value_info, or leave the layers reading it in float with keepFloat.');
-    }
-    for (const branch of branches) {
-      let output = name;
-      if (branch !== home) {
+    for (const b of subgraphsOf(owner)) {
+      let output = inBranch;
+      if (b !== home) {
         output = graph.uniqueName(`${name}__absent`);
         const empty = create(TensorProtoSchema, { name: output, dataType: type, dims: [0n] });
-        branch.node.push(create(NodeProtoSchema, { opType: 'Constant', name: output, output: [output],
+        b.node.push(create(NodeProtoSchema, { opType: 'Constant', name: output, output: [output],
           attribute: [create(AttributeProtoSchema, { name: 'value', type: AttributeProto_AttributeType.TENSOR, t: empty })] }));
       }
-      branch.output.push(create(ValueInfoProtoSchema, { name: output, type: { value: { case: 'tensorType', value: { elemType: type } } } }));
+      b.output.push(create(ValueInfoProtoSchema, { name: output, type: { value: { case: 'tensorType', value: { elemType: type } } } }));
     }
     const output = graph.uniqueName(`${name}_from_${owner.name || 'if'}`);
     owner.output.push(output);

@@ -1,7 +1,7 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
 import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
-import { nextTurn, nodeLabel } from './passes/pass';
+import { nextTurn, nodeLabel, placeOf } from './passes/pass';
 import { bypassConstantIdentities } from './passes/constant-identities';
 import { subgraphLayers } from './passes/quantize-weights';
 
@@ -20,8 +20,9 @@ export interface LayerStats {
   nonFinite: number;
   quantized: boolean;
   reason?: string;
-  /** The node whose subgraph (If branch, Loop or Scan body) holds the layer. */
+  /** The node whose subgraph (If branch, Loop or Scan body) holds the layer, and which of its subgraphs. */
   subgraph?: string;
+  branch?: string;
 }
 
 export async function inspectModel(input: string | Uint8Array): Promise<{ opset: number; layers: LayerStats[] }> {
@@ -36,7 +37,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   ];
   for (const { node, scopes, owner } of candidates) {
     if (layers.length > 0) await nextTurn();
-    const inBody = owner ? { subgraph: nodeLabel(owner) } : {};
+    const inBody = owner ? placeOf(owner, scopes) : {};
     const weight = node.input[1] ? graph.constantIn(node.input[1], scopes)?.tensor : undefined;
     // Only float weights have statistics here: others are not read from their file.
     const float = weight && (isFloatTensor(weight) || isFloat16Tensor(weight));

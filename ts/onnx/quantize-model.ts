@@ -581,7 +581,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // Layers inside the branches of the main graph's If nodes get calibrated inputs too: calibration brings branch
   // values out through the If (see calibrate's exposeFromBranches). Loop and Scan bodies, and nested ones, stay float.
   const bodyInputLayers = bodyTargets.filter((l) => !graph.constantIn(l.node.input[0], l.scopes));
-  const observableBodyLayers = bodyInputLayers.filter((l) => l.scopes.length === 1 && l.owner.opType === 'If');
+  // (The If's branch attribute holding the layer; none in an invalid If, which then stays unobserved.)
+  const branchOf = (l: typeof bodyTargets[number]) => l.owner.attribute.find((a) => a.g === l.scopes[0])?.name;
+  const observableBodyLayers = bodyInputLayers.filter((l) => l.scopes.length === 1 && l.owner.opType === 'If' && l.owner.output.length > 0 && branchOf(l));
   const branchLayers = staticActivations ? observableBodyLayers : [];
   const bodyActivationReport: PassReport = { pass: 'quantize-activations (subgraphs)', changed: [], skipped: [] };
   for (const l of staticActivations ? bodyInputLayers.filter((x) => !branchLayers.includes(x)) : []) {
@@ -593,13 +595,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       bodyActivationReport.skipped.push({ node: nodeLabel(owner), reason: 'outputs: the outputs of layers inside subgraphs stay float (their inputs are quantized)' });
     }
   }
-  // What calibration observes for a branch layer's input: the branch's own value (branchValue: sibling branches may
-  // reuse names), or a main-graph value the branch reads.
-  const observedInput = new Map(observableBodyLayers.map((l) => {
-    const x = l.node.input[0];
-    const branch = l.owner.attribute.find((a) => a.g === l.scopes[0])!.name;
-    return [l.node, l.scopes[0].node.some((n) => n.output.includes(x)) ? branchValue(l.owner, branch, x) : x];
-  }));
+  // What calibration observes for a branch layer's input: the value as its branch sees it (see branchValue), of the
+  // layer's weight type (a float Conv/Gemm/MatMul's inputs share one).
+  const observedInput = new Map(observableBodyLayers.map((l) =>
+    [l.node, branchValue(l.owner, branchOf(l)!, l.node.input[0], graph.constantIn(l.node.input[1], l.scopes)!.tensor.dataType)]));
   const branchTensors = [...new Set(branchLayers.map((l) => observedInput.get(l.node)!))];
   const tensors = staticActivations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
   // The layers whose input statistics calibration can gather, with what their weights meet: GPTQ's also in the
@@ -751,7 +750,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       if (branchLayers.length > 0) {
         const inBranches = quantizeBodyActivations(graph, branchLayers.map((l) => ({
           node: l.node, label: nodeLabel(l.node), scope: l.scopes[0], subgraph: nodeLabel(l.owner),
-          branch: l.owner.attribute.find((x) => x.g === l.scopes[0])!.name, range: branchRanges.get(observedInput.get(l.node)!),
+          branch: branchOf(l)!, range: branchRanges.get(observedInput.get(l.node)!),
         })), a.signed ?? false, microsoftDomainFallback !== undefined);
         bodyActivationReport.changed.push(...inBranches.report.changed);
         activations.push(...inBranches.activations);

@@ -47,7 +47,9 @@ function scopes(graph: Graph): Scope[] {
   const bodies = new Map<GraphProto, GraphProto[]>();
   for (const { scopes: around } of subgraphNodes(graph)) if (!bodies.has(around[0])) bodies.set(around[0], around);
   return [main, ...[...bodies].map(([body, around]): Scope => ({
-    nodes: body.node, constant: (n) => graph.constantIn(n, around)?.tensor, producer: (n) => body.node.find((x) => x.output.includes(n)),
+    // Only the body's own constants: one of an enclosing graph may have other readers there, which its rewrite would change.
+    nodes: body.node, constant: (n) => { const c = graph.constantIn(n, around); return c?.home === body ? c.tensor : undefined; },
+    producer: (n) => body.node.find((x) => x.output.includes(n)),
     consumers: (n) => body.node.filter((x) => readsValue(x, n)), addInitializer: (t) => graph.addInitializer(t, body), insertAfter: insertAfter(body.node),
   }))];
 }

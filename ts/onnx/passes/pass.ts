@@ -1,4 +1,6 @@
 /** A graph pass and what it reports: what it changed, and what it skipped and why. */
+import type { GraphProto, NodeProto } from 'onnx-buf';
+
 import type { Graph } from '../graph';
 
 export interface PassReport {
@@ -14,6 +16,16 @@ export interface Pass {
 
 export function nodeLabel(node: { name: string; opType: string; output: string[] }): string {
   return node.name || `${node.opType}(${node.output[0] ?? ''})`;
+}
+
+/**
+ * Where a node inside subgraphs sits, for reports: the main-graph node holding it (`owner`) and the attribute of
+ * that node (then_branch, else_branch, body) whose subgraph holds it at any depth (`scopes`: innermost first).
+ */
+export function placeOf(owner: NodeProto, scopes: GraphProto[]): { subgraph: string; branch?: string } {
+  const outermost = scopes[scopes.length - 1];
+  const branch = owner.attribute.find((a) => a.g === outermost || a.graphs.includes(outermost))?.name;
+  return { subgraph: nodeLabel(owner), ...(branch ? { branch } : {}) };
 }
 
 /**

@@ -15,7 +15,7 @@ import { packInt4 } from '../../pack';
 import { quantizationError, type QuantizeOptions } from '../../quantize';
 import { allNodes, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, readsValue, weightValues, type Graph } from '../graph';
 import { readLazyTensor } from '../model-io';
-import { nodeLabel, type PassReport, type Steps } from './pass';
+import { nodeLabel, placeOf, type PassReport, type Steps } from './pass';
 import { checkFiniteWeights, quantized, withFloat16Scales, type WeightLayerReport } from './quantize-weights';
 
 export interface GatherQuantization {
@@ -68,7 +68,7 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
     const table = found.tensor;
     const home = found.home ?? graph.graph;
     const scope = scopes[0] ?? graph.graph;
-    const where = owner ? { subgraph: nodeLabel(owner) } : {};
+    const where = owner ? placeOf(owner, scopes) : {};
     const base = node.input[0];
     const earlier = converted.get(table);
     if (earlier) {

@@ -16,7 +16,7 @@ import { gptqRoundSteps, type WeightMatrixView } from '../../methods/gptq';
 import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
 import { dequantize, quantizationError, quantizeTensor, quantizeTensorAsync, type QuantizeOptions } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
-import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
+import { nodeLabel, placeOf, runSteps, type PassReport, type Steps } from './pass';
 
 export interface WeightQuantization {
   bits: 2 | 4 | 8;
@@ -99,8 +99,9 @@ export interface WeightLayerReport {
   output: string;
   /** SQNR of the layer's output in the quantized model against the float model on the evaluation inputs. */
   outputSqnrDb?: number;
-  /** The node whose subgraph (If branch, Loop or Scan body) holds the layer: weights only, no output SQNR. */
+  /** The node whose subgraph (If branch, Loop or Scan body) holds the layer (no output SQNR), and which of its subgraphs. */
   subgraph?: string;
+  branch?: string;
   /**
    * With quantized activations: the layer input's bits and clip range (or `dynamic`: computed from each run's input),
    * and its output's when outputs are quantized.
@@ -348,7 +349,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   for (const node of candidates) {
     const label = nodeLabel(node);
     const inBody = bodyOf.get(node);
-    const where = inBody ? { subgraph: nodeLabel(inBody.owner) } : {};
+    const where = inBody ? placeOf(inBody.owner, inBody.scopes) : {};
     if (keep.has(node.name) || keep.has(node.opType)) {
       report.skipped.push({ node: label, reason: 'kept in float (keepFloat)' });
       continue;
@@ -445,7 +446,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       if (gptq) q = yield* gptqRoundSteps(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
       else report.skipped.push({ node: label, reason: `${!inBody ? 'no input statistics for it (a constant input, a 3-D convolution or no calibration data)'
         : moments ? `its branch of ${nodeLabel(inBody.owner)} gave it no inputs on any calibration batch (the branch did not run)`
-          : 'no input statistics for it (inside a Loop or Scan body or a nested subgraph, whose values calibration cannot observe, or a constant input)'}: rounded to nearest, not GPTQ` });
+          : 'no input statistics for it (inside a Loop or Scan body or a nested subgraph, whose values calibration cannot observe; a constant input; or a 3-D convolution)'}: rounded to nearest, not GPTQ` });
     }
     if (q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type (mixed channel bits, reduced range)
     if (options.momentCorrection && !blocked) {
