@@ -861,13 +861,14 @@ describe('models with subgraphs (If)', () => {
     const r = rng(5);
     const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [32n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 1024 }, () => (r() - 0.5) / 4).buffer) });
     const mm = (x: string, w: string, y: string) => ({ opType: 'MatMul', name: y, input: [x, w], output: [y] });
+    const [A, W, V] = [matrix('A'), matrix('W'), matrix('V')];
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
       graph: {
         name: 'branches', input: [info('x', TensorProto_DataType.FLOAT, [1, 32]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
-        initializer: [matrix('A'), matrix('W')],
+        initializer: [A, W],
         node: [mm('x', 'A', 'h'), { opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
-          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', initializer: [matrix('V')], output: [info('t2')], node: [mm('h', 'W', 't1'), mm('t1', 'V', 't2')] } },
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', initializer: [V], output: [info('t2')], node: [mm('h', 'W', 't1'), mm('t1', 'V', 't2')] } },
           { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [info('e1')], node: [mm('h', 'W', 'e1')] } },
         ] }],
       },
@@ -885,8 +886,19 @@ describe('models with subgraphs (If)', () => {
     const { model, report } = await quantizeModel(bytes, { weights: { bits: 4 } });
     // The main graph's MatMul is the first layer, each branch's last one the last: 8 bits (firstLastLayerBits).
     expect(report.layers.map((l) => [l.node, l.bits, l.subgraph])).to.deep.equal([['h', 8, undefined], ['t1', 4, 'if'], ['t2', 8, 'if'], ['e1', 8, 'if']]);
-    expect(report.layers.filter((l) => l.subgraph).every((l) => l.outputSqnrDb === undefined)).to.equal(true);
-    expect(report.layers[0].outputSqnrDb).to.be.a('number');
+    // Output SQNR for the layers whose branch the evaluation feeds run (the made-up feeds: flag true, the then branch).
+    expect(report.layers.map((l) => typeof l.outputSqnrDb)).to.deep.equal(['number', 'number', 'number', 'undefined']);
+    const given = await quantizeModel(bytes, { weights: { bits: 4 }, evaluationFeeds: [0, 1].map((flag) => ({ x, flag: { data: Uint8Array.of(flag), dims: [] } })) });
+    expect(given.report.layers.map((l) => [l.node, l.branch, typeof l.outputSqnrDb])).to.deep.equal([['h', undefined, 'number'], ['t1', 'then_branch', 'number'],
+      ['t2', 'then_branch', 'number'], ['e1', 'else_branch', 'number']]);
+    // e1's SQNR is measured on the feed that runs the else branch only: the same as the second layer's of the model
+    // without the If (x → MatMul(A) → MatMul(W), both 8-bit as edge layers) on that feed.
+    const flat = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: { name: 'flat', input: [info('x', TensorProto_DataType.FLOAT, [1, 32])], output: [info('e1')], initializer: [A, W], node: [mm('x', 'A', 'h'), mm('h', 'W', 'e1')] },
+    } as never));
+    const flatReport = (await quantizeModel(flat, { weights: { bits: 4 }, evaluationFeeds: [{ x }] })).report;
+    expect(given.report.layers[3].outputSqnrDb).to.equal(flatReport.layers[1].outputSqnrDb);
     expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'if', reason: 'If has subgraphs: the weights of their Conv, Gemm and MatMul layers are quantized, the rest stays in float' });
     const q = readModel(model);
     expect(q.graph!.initializer.map((t) => t.name).sort()).to.deep.equal(['A_quantized', 'A_scale']);  // W and its quantized form left the main graph

@@ -304,11 +304,30 @@ function randomFeeds(model: ModelProto, seed: number): Feed | string {
 const LOWBIT_BUG = 'The input model loads, so this is a lowbit bug: please report it with the model and options; ' +
   'leaving the node onnxruntime names in float (keepFloat) works around it.';
 
-/** Per-layer output SQNR: the prepared float model and the quantized one, layer outputs exposed. */
+/**
+ * A layer's output inside a branch of one of the main graph's If nodes as calibration names it (see branchValue),
+ * or undefined for one elsewhere in a subgraph (Loop and Scan bodies, nested subgraphs), which cannot be observed.
+ */
+function branchOutput(graph: Graph, l: WeightLayerReport): string | undefined {
+  const owners = graph.graph.node.filter((n) => n.opType === 'If' && nodeLabel(n) === l.subgraph);
+  const body = owners.length === 1 && owners[0].output.length > 0 ? owners[0].attribute.find((a) => a.name === l.branch)?.g : undefined;
+  const node = body?.node.find((n) => n.output.includes(l.output));
+  // Its output has its weight's (or table's) element type.
+  const weight = node && graph.constantIn(node.input[node.opType === 'Gather' ? 0 : 1], [body!])?.tensor;
+  return weight ? branchValue(owners[0], l.branch!, l.output, weight.dataType) : undefined;
+}
+
+/**
+ * Per-layer output SQNR: the prepared float model and the quantized one, layer outputs exposed (those in the main
+ * graph's If branches on the feeds that run their branch).
+ */
 async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[], host: OrtHost): Promise<void> {
-  layers = layers.filter((l) => !l.subgraph);  // a body's tensors cannot be outputs
+  const floatGraph = layers.some((l) => l.subgraph) ? new Graph(preparedFloat) : undefined;
+  const compared = layers.map((l) => ({ l, name: l.subgraph ? branchOutput(floatGraph!, l) : l.output }))
+    .filter((c): c is { l: WeightLayerReport; name: string } => c.name !== undefined);
+  layers = compared.map((c) => c.l);
   if (feedsList.length === 0 || layers.length === 0) return;
-  const names = layers.map((l) => l.output);
+  const names = compared.map((c) => c.name);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   // A model of 2 GB or more loads from a temporary copy with external data (as for calibration).
   const [f, q] = await openPair(() => openExposed(preparedFloat, names, options, 'the float model with its layer outputs exposed', LOWBIT_BUG, host),
@@ -319,11 +338,12 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   try {
     for (const [index, feeds] of feedsList.entries()) {
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
-      const fo = await runSession(f.session, tensors, names, `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
-      const qo = await runSession(q.session, tensors, names, `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
+      const fo = await runSession(f.session, tensors, names.map(f.outputOf), `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
+      const qo = await runSession(q.session, tensors, names.map(q.outputOf), `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
       for (const [i, name] of names.entries()) {
-        const a = floatValues(fo[name]);
-        const b = floatValues(qo[name]);
+        const a = floatValues(fo[f.outputOf(name)]);
+        const b = floatValues(qo[q.outputOf(name)]);
+        if (a.length > 0) compared[i].l.outputSqnrDb = 0;  // compared (an empty branch value: its branch did not run)
         for (let j = 0; j < a.length; j++) {
           signal[i] += a[j] * a[j];
           noise[i] += (a[j] - b[j]) ** 2;
@@ -338,7 +358,10 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
       await q.close();
     }
   }
-  layers.forEach((l, i) => (l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i])));
+  for (const [i, l] of layers.entries()) {
+    if (l.outputSqnrDb === undefined) continue;  // a branch no feed ran
+    l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i]);
+  }
 }
 
 /**

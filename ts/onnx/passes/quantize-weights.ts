@@ -99,7 +99,7 @@ export interface WeightLayerReport {
   output: string;
   /** SQNR of the layer's output in the quantized model against the float model on the evaluation inputs. */
   outputSqnrDb?: number;
-  /** The node whose subgraph (If branch, Loop or Scan body) holds the layer (no output SQNR), and which of its subgraphs. */
+  /** The node whose subgraph (If branch, Loop or Scan body) holds the layer, and which of its subgraphs (then_branch, else_branch, body). */
   subgraph?: string;
   branch?: string;
   /**
