@@ -270,6 +270,45 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     expect(branches.flat()).to.not.include('MatMulInteger');
   });
 
+  it('measures branch layers whose output is their branch\'s output (onnxruntime crashed on the exposed model before)', async () => {
+    // ids → Gather → e → If(flag): then MatMul(e, W) → Add → Relu → Flatten(axis 2) → Gemm(transB) = the branch's
+    // output; else MatMul(e, W) = the branch's output. Exposing such an output by listing it twice made onnxruntime
+    // 1.30 crash (segmentation fault) while running the model.
+    const f = (name: string, dims: number[], seed: number) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt), rawData: new Uint8Array(values(dims.reduce((a, b) => a * b, 1), seed, 0.3).buffer) });
+    const info = (name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: Array<number | string>) => ({ name, type: { value: { case: 'tensorType', value: {
+      elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: typeof d === 'string' ? { case: 'dimParam', value: d } : { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
+    const n = (opType: string, input: string[], y: string, attribute: unknown[] = []) => ({ opType, name: y, input, output: [y], attribute });
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'merged', input: [info('ids', TensorProto_DataType.INT64, [1, 'seq']), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [f('table', [50, 32], 1), f('W', [32, 32], 2)],
+        node: [n('Gather', ['table', 'ids'], 'e'), { opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', initializer: [f('b', [32], 3), f('G', [16, 32], 4)], output: [info('t4')],
+            node: [n('MatMul', ['e', 'W'], 't1'), n('Add', ['t1', 'b'], 't2'), n('Relu', ['t2'], 't3'),
+              n('Flatten', ['t3'], 't3_2d', [{ name: 'axis', type: AttributeProto_AttributeType.INT, i: 2n }]),
+              n('Gemm', ['t3_2d', 'G'], 't4', [{ name: 'transB', type: AttributeProto_AttributeType.INT, i: 1n }])] } },
+          { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [info('e1')], node: [n('MatMul', ['e', 'W'], 'e1')] } },
+        ] }],
+      },
+    } as never));
+    // Run in a child process: a crash there fails the test instead of ending mocha.
+    const script = `const { quantizeModel } = require(${JSON.stringify(path.join(root, 'dist', 'ts', 'onnx', 'quantize-model.js'))});
+      const bytes = Buffer.from(process.argv[1], 'base64');
+      const feed = (flag) => ({ ids: { data: BigInt64Array.of(3n, 7n), dims: [1, 2] }, flag: { data: Uint8Array.of(flag), dims: [] } });
+      (async () => {
+        for (const activations of [false, { bits: 8, method: 'dynamic' }, { bits: 8 }]) {
+          const { report } = await quantizeModel(bytes, { weights: { bits: 8 }, activations, ...(activations && !activations.method ? { calibration: [feed(1), feed(0)] } : {}),
+            evaluationFeeds: [feed(1), feed(0)] });
+          console.log(JSON.stringify(report.layers.map((l) => [l.node, l.branch, Number.isFinite(l.outputSqnrDb)])));
+        }
+      })();`;
+    const r = spawnSync(process.execPath, ['-e', script, Buffer.from(bytes).toString('base64')], { encoding: 'utf8' });
+    expect(r.status, r.stderr).to.equal(0);
+    const expected = JSON.stringify([['t1', 'then_branch', true], ['t4', 'then_branch', true], ['e1', 'else_branch', true]]);
+    expect(r.stdout.trim().split('\n')).to.deep.equal([expected, expected, expected]);
+  });
+
   it('quantizes MatMul inputs inside a Loop body, on every iteration', async () => {
     // Loop (3 trips) carrying v: m = v·W (W from the main graph), v_next = tanh(m·B); m is also a scan output.
     const matrix = (name: string, seed: number) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [16n, 16n], rawData: new Uint8Array(values(256, seed, 0.5).buffer) });

@@ -255,13 +255,11 @@ function exposeFromBranches(copy: ModelProto, values: string[]): Map<string, str
     const owner = copy.graph!.node.find((n) => n.opType === 'If' && n.output[0] === ifOutput);
     const home = owner?.attribute.find((a) => a.name === branch)?.g;
     if (!owner || !home) throw new Error(`lowbit bug: no If makes '${ifOutput}' with a ${branch}, so '${name}' cannot be observed there.`);
-    // A main-graph value the branch reads comes out through an Identity in the branch, so that it too is observed
-    // only when the branch runs.
-    let inBranch = name;
-    if (!home.node.some((x) => x.output.includes(name))) {
-      inBranch = graph.uniqueName(`${name}_in_${branch}`);
-      home.node.push(create(NodeProtoSchema, { opType: 'Identity', name: inBranch, input: [name], output: [inBranch] }));
-    }
+    // Through an Identity in the branch: a main-graph value the branch reads is then observed only when the branch
+    // runs too, and a value that already is an output of the branch is not listed twice (onnxruntime 1.30 crashes
+    // on a subgraph output listed twice).
+    const inBranch = graph.uniqueName(`${name}_in_${branch}`);
+    home.node.push(create(NodeProtoSchema, { opType: 'Identity', name: inBranch, input: [name], output: [inBranch] }));
     for (const b of subgraphsOf(owner)) {
       let output = inBranch;
       if (b !== home) {
