@@ -308,8 +308,9 @@ const LOWBIT_BUG = 'The input model loads, so this is a lowbit bug: please repor
  * A layer's output inside a branch of one of the main graph's If nodes as calibration names it (see branchValue),
  * or undefined for one elsewhere in a subgraph (Loop and Scan bodies, nested subgraphs), which cannot be observed.
  */
-function branchOutput(graph: Graph, l: WeightLayerReport): string | undefined {
-  const owners = graph.graph.node.filter((n) => n.opType === 'If' && nodeLabel(n) === l.subgraph);
+function branchOutput(graph: Graph, l: WeightLayerReport, ifOutput?: string): string | undefined {
+  // The If by its first output (unique) when known, else by its name (when only one If has it).
+  const owners = graph.graph.node.filter((n) => n.opType === 'If' && (ifOutput !== undefined ? n.output[0] === ifOutput : nodeLabel(n) === l.subgraph));
   const body = owners.length === 1 && owners[0].output.length > 0 ? owners[0].attribute.find((a) => a.name === l.branch)?.g : undefined;
   const node = body?.node.find((n) => n.output.includes(l.output));
   // Its output has its weight's (or table's) element type.
@@ -321,9 +322,10 @@ function branchOutput(graph: Graph, l: WeightLayerReport): string | undefined {
  * Per-layer output SQNR: the prepared float model and the quantized one, layer outputs exposed (those in the main
  * graph's If branches on the feeds that run their branch).
  */
-async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[], host: OrtHost): Promise<void> {
+async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[], host: OrtHost,
+  ifOutputs: Map<WeightLayerReport, string>): Promise<void> {
   const floatGraph = layers.some((l) => l.subgraph) ? new Graph(preparedFloat) : undefined;
-  const compared = layers.map((l) => ({ l, name: l.subgraph ? branchOutput(floatGraph!, l) : l.output }))
+  const compared = layers.map((l) => ({ l, name: l.subgraph ? branchOutput(floatGraph!, l, ifOutputs.get(l)) : l.output }))
     .filter((c): c is { l: WeightLayerReport; name: string } => c.name !== undefined);
   layers = compared.map((c) => c.l);
   if (feedsList.length === 0 || layers.length === 0) return;
@@ -343,7 +345,10 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
       for (const [i, name] of names.entries()) {
         const a = floatValues(fo[f.outputOf(name)]);
         const b = floatValues(qo[q.outputOf(name)]);
-        if (a.length > 0) compared[i].l.outputSqnrDb = 0;  // compared (an empty branch value: its branch did not run)
+        // An empty branch value: its branch did not run. (When the two models take different branches, an If whose
+        // condition depends on quantized values, the feed does not count for the layer.)
+        if (a.length === 0 || a.length !== b.length) continue;
+        compared[i].l.outputSqnrDb = 0;  // compared at least once
         for (let j = 0; j < a.length; j++) {
           signal[i] += a[j] * a[j];
           noise[i] += (a[j] - b[j]) ** 2;
@@ -835,7 +840,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     // and as a whole from its written files below.
     await evaluationTime(async () => {
       if (fitsOneFile) report.evaluation = await compareOutputs(input, bytes, feeds, host);
-      if (prepared) await layerSqnr(prepared, model, layers, feeds, host);
+      if (prepared) await layerSqnr(prepared, model, layers, feeds, host, new Map([...layerOf].flatMap(([node, entry]) => {
+        const owner = bodyTargets.find((l) => l.node === node)?.owner;
+        return owner ? [[entry, owner.output[0]] as [WeightLayerReport, string]] : [];
+      })));
     });
   }
   if (external) {
