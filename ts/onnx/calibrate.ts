@@ -225,8 +225,8 @@ function tensorName(tensor: string): string {
 }
 
 /**
- * The copy with extra outputs, and the output each value comes out as: its own name, or — for a value computed
- * inside a branch of one of the main graph's If nodes (named by branchValue) — another (see exposeFromBranches).
+ * The copy with extra outputs, and the output each value comes out as: its own name, or — for a value as a branch
+ * of one of the main graph's If nodes sees it (named by branchValue) — another (see exposeFromBranches).
  */
 function copyWithOutputs(model: ModelProto, names: string[]): { copy: ModelProto; outputOf: (name: string) => string } {
   const copy = cloneSharingData(model);

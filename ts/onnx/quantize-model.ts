@@ -566,7 +566,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const bodyTargetCount = bodyTargets.length;
   const tableCount = opts.weights.gather ? quantizableTableCount(graph, opts.keepFloat) : 0;
   if (targets.length + bodyTargetCount + tableCount === 0) {
-    // Say why the layers there are cannot be quantized (keepFloat aside).
+    // Say why the layers there cannot be quantized (keepFloat aside).
     const keep = new Set(opts.keepFloat ?? []);
     const reasons = allNodes(graph).filter(({ node }) => QUANTIZABLE.has(node.opType) && !keep.has(node.name) && !keep.has(node.opType))
       .map(({ node, scopes }) => `${node.opType} '${nodeLabel(node)}': ${unquantizableReason(graph, node, scopes)}`);
@@ -606,8 +606,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const placement = staticActivations && staticActivations.outputs ? placeOutputQuantizers(graph, targets, staticActivations.signed ?? false) : undefined;
   if (placement) passes.push(placement.report);
   const layerOutputs = placement ? placement.calibrated : [];
-  // Layers inside the branches of the main graph's If nodes get calibrated inputs too: calibration brings branch
-  // values out through the If (see calibrate's exposeFromBranches). Loop and Scan bodies, and nested ones, stay float.
+  // Layers inside the branches of the main graph's If nodes get calibrated inputs and GPTQ statistics too:
+  // calibration brings branch values out through the If (see calibrate's exposeFromBranches). Loop and Scan bodies,
+  // and nested subgraphs, stay float.
   const bodyInputLayers = bodyTargets.filter((l) => !graph.constantIn(l.node.input[0], l.scopes));
   // (The If's branch attribute holding the layer; none in an invalid If, which then stays unobserved.)
   const branchOf = (l: typeof bodyTargets[number]) => l.owner.attribute.find((a) => a.g === l.scopes[0])?.name;
@@ -681,8 +682,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         return { ...range, bits, ...(calibrated.float16.has(t) ? { float16: true } : {}) };
       };
       for (const t of tensors) ranges.set(t, await rangeOf(t, edgeTensors.has(t) ? edgeBits : staticActivations.bits));
-      // Branch layers' inputs: their own ranges (a tensor also read in the main graph keeps its main-graph range
-      // there), the edge layers' at their bits; none for a branch no calibration batch ran.
+      // Branch layers' inputs: each value as its branch sees it (also one the main graph computes) gets its own range,
+      // the edge layers' at their bits; none for a branch no calibration batch ran.
       const bodyEdges = bodyEdgeLayers(targets, bodyTargets, graph.topologicalOrder());
       for (const t of branchTensors) {
         const readers = branchLayers.filter((l) => observedInput.get(l.node) === t);
