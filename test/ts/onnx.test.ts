@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
-import { npyFolderFeeds, readNpy } from '../../ts/onnx/calibrate';
+import { npyFolderFeeds, readNpy, withOutputs } from '../../ts/onnx/calibrate';
 import { floatData, Graph } from '../../ts/onnx/graph';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
 import { foldScalarAffine } from '../../ts/onnx/passes/fold-scalar-affine';
@@ -1024,6 +1024,42 @@ describe('models with subgraphs (If)', () => {
       return ['Welse', 'Velse'].map((w) => Buffer.from(otherwise.initializer.find((t) => t.name.startsWith(`${w}_quantized`))!.rawData).toString('hex'));
     };
     expect(await elseWeights([feed(1, 1), feed(2, 0), feed(3, 1), feed(4, 0)])).to.deep.equal(await elseWeights([feed(2, 0), feed(4, 0)]));
+  });
+
+  it('a feed on which the float and the quantized model take different branches gives no branch-layer SQNR (not NaN)', async () => {
+    // x → MatMul(A) → h; cond = max(h) > t; If: then MatMul(h, W1), else MatMul(h, W2). t is set between the float and
+    // the W4 model's max(h) on the evaluation feed, so the two models take different branches there.
+    const r = rng(13);
+    const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [16n, 16n], rawData: new Uint8Array(Float32Array.from({ length: 256 }, () => r() - 0.5).buffer) });
+    const [A, W1, W2] = [matrix('A'), matrix('W1'), matrix('W2')];
+    const model = (t: number) => toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'gated', input: [info('x', TensorProto_DataType.FLOAT, [1, 16])], output: [info('y')],
+        initializer: [A, W1, W2, { name: 't', dataType: TensorProto_DataType.FLOAT, dims: [], rawData: new Uint8Array(Float32Array.of(t).buffer) }],
+        node: [
+          { opType: 'MatMul', name: 'first', input: ['x', 'A'], output: ['h'] },
+          { opType: 'ReduceMax', name: 'max', input: ['h'], output: ['m'], attribute: [{ name: 'keepdims', type: AttributeProto_AttributeType.INT, i: 0n }] },
+          { opType: 'Greater', name: 'gate', input: ['m', 't'], output: ['cond'] },
+          { opType: 'If', name: 'if', input: ['cond'], output: ['y'], attribute: [
+            { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', output: [info('a')], node: [{ opType: 'MatMul', name: 'a', input: ['h', 'W1'], output: ['a'] }] } },
+            { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [info('b')], node: [{ opType: 'MatMul', name: 'b', input: ['h', 'W2'], output: ['b'] }] } },
+          ] },
+        ],
+      },
+    } as never));
+    const x = normalFeeds(1, [1, 16], 3)[0].x;
+    const options = { weights: { bits: 4 as const }, firstLastLayerBits: 4, evaluationFeeds: [{ x }] };
+    const maxOfH = async (bytes: Uint8Array) => {
+      const session = await ort().InferenceSession.create(withOutputs(readModel(bytes), ['h']));
+      const h = (await session.run({ x: new (ort().Tensor)('float32', x.data, [1, 16]) }, ['h'])).h.data as Float32Array;
+      await session.release();
+      return Math.max(...h);
+    };
+    const [floatMax, quantizedMax] = [await maxOfH(model(0)), await maxOfH((await quantizeModel(model(0), options)).model)];
+    expect(floatMax).to.not.equal(quantizedMax);
+    const { report } = await quantizeModel(model((floatMax + quantizedMax) / 2), options);
+    expect(report.layers.map((l) => [l.node, l.outputSqnrDb === undefined ? 'none' : Number.isFinite(l.outputSqnrDb)])).to.deep.equal([['first', true], ['a', 'none'], ['b', 'none']]);
   });
 
   it('a weight a main-graph layer and a branch layer share keeps its own DequantizeLinear attributes in the branch (blocked, W4A8)', async () => {
