@@ -16,7 +16,7 @@ import { ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
-import { Graph } from './graph';
+import { attribute, Graph, makeNode } from './graph';
 import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeModelAsync, storedBytes, subgraphsOf, writeModelWithExternalData } from './model-io';
 import { openSession, runSession, type OrtHost } from './ort-session';
 import { pauser } from './passes/pass';
@@ -253,13 +253,13 @@ function exposeFromBranches(copy: ModelProto, values: string[]): Map<string, str
   for (const value of values) {
     const [ifOutput, branch, name, type] = JSON.parse(value.slice(BRANCH_VALUE.length)) as [string, string, string, number];
     const owner = copy.graph!.node.find((n) => n.opType === 'If' && n.output[0] === ifOutput);
-    const home = owner?.attribute.find((a) => a.name === branch)?.g;
+    const home = owner && attribute(owner, branch)?.g;
     if (!owner || !home) throw new Error(`lowbit bug: no If makes '${ifOutput}' with a ${branch}, so '${name}' cannot be observed there.`);
     // Through an Identity in the branch: a main-graph value the branch reads is then observed only when the branch
     // runs too, and a value that already is an output of the branch is not listed twice (onnxruntime 1.30 crashes
     // on a subgraph output listed twice).
     const inBranch = graph.uniqueName(`${name}_in_${branch}`);
-    home.node.push(create(NodeProtoSchema, { opType: 'Identity', name: inBranch, input: [name], output: [inBranch] }));
+    home.node.push(makeNode('Identity', [name], [inBranch], inBranch));
     for (const b of subgraphsOf(owner)) {
       let output = inBranch;
       if (b !== home) {

@@ -43,11 +43,11 @@ export class Graph {
     if (!this.model.opsetImport.some((o) => o.domain === domain)) this.model.opsetImport.push({ ...this.model.opsetImport[0], domain, version: 1n });
   }
 
-  /** The constant tensor behind a value name (initializer or Constant node output). */
-  constant(name: string): TensorProto | undefined {
-    const init = this.graph.initializer.find((t) => t.name === name);
+  /** The constant tensor behind a value name (initializer or Constant node output) of the main graph or of a subgraph `scope`. */
+  constant(name: string, scope: GraphProto = this.graph): TensorProto | undefined {
+    const init = scope.initializer.find((t) => t.name === name);
     if (init) return init;
-    const node = this.producer(name);
+    const node = this.producer(name, scope);
     if (node?.opType === 'Constant') return attribute(node, 'value')?.t;
     return undefined;
   }
@@ -105,13 +105,19 @@ export class Graph {
     return undefined;
   }
 
-  producer(name: string): NodeProto | undefined {
-    return this.graph.node.find((n) => n.output.includes(name));
+  /** The node of the main graph (or of a subgraph `scope`) that makes a value. */
+  producer(name: string, scope: GraphProto = this.graph): NodeProto | undefined {
+    return scope.node.find((n) => n.output.includes(name));
   }
 
-  /** The nodes that read a value: as an input, or from inside their subgraphs (see subgraphReads). */
-  consumers(name: string): NodeProto[] {
-    return this.graph.node.filter((n) => readsValue(n, name));
+  /** The nodes of the main graph (or of a subgraph `scope`) that read a value: as an input, or from inside their subgraphs (see subgraphReads). */
+  consumers(name: string, scope: GraphProto = this.graph): NodeProto[] {
+    return scope.node.filter((n) => readsValue(n, name));
+  }
+
+  /** Inserts nodes into a subgraph `scope` (or the main graph) right before `node`, keeping a body's order topological. */
+  insertBefore(scope: GraphProto, node: NodeProto, ...nodes: NodeProto[]): void {
+    scope.node.splice(scope.node.indexOf(node), 0, ...nodes);
   }
 
   isGraphOutput(name: string): boolean {

@@ -13,7 +13,7 @@ import { toFloat16Array } from '../float16';
 import { hasOrt } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession } from './ort-session';
 import { checkKnownKeys, isPlainObject } from '../validate';
-import { allNodes, Graph, weightValues } from './graph';
+import { allNodes, attribute, Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
@@ -28,7 +28,7 @@ import { foldBatchNorm } from './passes/fold-batchnorm';
 import { foldScalarAffine } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases, type LayerScales } from './passes/quantize-bias';
-import { nodeLabel } from './passes/pass';
+import { nodeLabel, placeOf } from './passes/pass';
 import { fitOnnxruntime } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamically } from './passes/dynamic-activations';
@@ -311,8 +311,8 @@ const LOWBIT_BUG = 'The input model loads, so this is a lowbit bug: please repor
 function branchOutput(graph: Graph, l: WeightLayerReport, ifOutput?: string): string | undefined {
   // The If by its first output (unique) when known, else by its name (when only one If has it).
   const owners = graph.graph.node.filter((n) => n.opType === 'If' && (ifOutput !== undefined ? n.output[0] === ifOutput : nodeLabel(n) === l.subgraph));
-  const body = owners.length === 1 && owners[0].output.length > 0 ? owners[0].attribute.find((a) => a.name === l.branch)?.g : undefined;
-  const node = body?.node.find((n) => n.output.includes(l.output));
+  const body = owners.length === 1 && owners[0].output.length > 0 && l.branch ? attribute(owners[0], l.branch)?.g : undefined;
+  const node = body && graph.producer(l.output, body);
   // Its output has its weight's (or table's) element type.
   const weight = node && graph.constantIn(node.input[node.opType === 'Gather' ? 0 : 1], [body!])?.tensor;
   return weight ? branchValue(owners[0], l.branch!, l.output, weight.dataType) : undefined;
@@ -611,7 +611,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // and nested subgraphs, stay float.
   const bodyInputLayers = bodyTargets.filter((l) => !graph.constantIn(l.node.input[0], l.scopes));
   // (The If's branch attribute holding the layer; none in an invalid If, which then stays unobserved.)
-  const branchOf = (l: typeof bodyTargets[number]) => l.owner.attribute.find((a) => a.g === l.scopes[0])?.name;
+  const branchOf = (l: typeof bodyTargets[number]) => placeOf(l.owner, l.scopes).branch;
   const observableBodyLayers = bodyInputLayers.filter((l) => l.scopes.length === 1 && l.owner.opType === 'If' && l.owner.output.length > 0 && branchOf(l));
   const branchLayers = staticActivations ? observableBodyLayers : [];
   const bodyActivationReport: PassReport = { pass: 'quantize-activations (subgraphs)', changed: [], skipped: [] };
@@ -636,7 +636,6 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     .filter(({ input }) => LayerInputMoments.supports(input));
   const branchWithData = observableBodyLayers.map((l) => ({ n: l.node, input: layerInput(graph, l.node, l.scopes) }))
     .filter(({ input }) => LayerInputMoments.supports(input));
-  const inBranch = new Set(branchWithData.map(({ n }) => n));
   // Per layer, the moments of its inputs: Gram matrices for GPTQ, means (of float inputs) for data-driven bias correction.
   const gptqMoments = new Map(gptq ? [...withData, ...branchWithData].map(({ n, input }) => [n, new LayerInputMoments(input, { gram: true })]) : []);
   const biasMoments = new Map(dataBiasCorrection ? withData.map(({ n, input }) => [nodeLabel(n), new LayerInputMoments(input)]) : []);
@@ -656,7 +655,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // Calibration observers feeding layers' input moments (`quantizeInputs`: the inputs as the quantized model will see them).
   const observe = (moments: Array<[NodeProto, LayerInputMoments]>, quantizeInputs: boolean) => moments.map(([n, m]) => {
     const tensor = observedInput.get(n) ?? n.input[0];
-    const range = quantizeInputs ? (inBranch.has(n) ? branchRanges : ranges).get(tensor) : undefined;
+    const range = quantizeInputs ? branchRanges.get(tensor) ?? ranges.get(tensor) : undefined;  // branch values' names never clash with main ones
     const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
     return { tensor, observe: (data: Float32Array, dims: readonly number[]) => m.observe(params ? fakeQuantize(data, params) : data, dims) };
   });
@@ -685,8 +684,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       // Branch layers' inputs: each value as its branch sees it (also one the main graph computes) gets its own range,
       // the edge layers' at their bits; none for a branch no calibration batch ran.
       const bodyEdges = bodyEdgeLayers(targets, bodyTargets, graph.topologicalOrder());
-      for (const t of branchTensors) {
-        const readers = branchLayers.filter((l) => observedInput.get(l.node) === t);
+      const readersOf = new Map(branchTensors.map((t) => [t, [] as typeof branchLayers]));
+      for (const l of branchLayers) readersOf.get(observedInput.get(l.node)!)!.push(l);
+      for (const [t, readers] of readersOf) {
         if (!result.observedBatches.get(t)) {
           for (const l of readers) bodyActivationReport.skipped.push({ node: nodeLabel(l.node), reason: `its branch of ${nodeLabel(l.owner)} gave it no values on any calibration batch (the branch did not run): input left float` });
           continue;
@@ -841,10 +841,12 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     // and as a whole from its written files below.
     await evaluationTime(async () => {
       if (fitsOneFile) report.evaluation = await compareOutputs(input, bytes, feeds, host);
-      if (prepared) await layerSqnr(prepared, model, layers, feeds, host, new Map([...layerOf].flatMap(([node, entry]) => {
-        const owner = bodyTargets.find((l) => l.node === node)?.owner;
-        return owner ? [[entry, owner.output[0]] as [WeightLayerReport, string]] : [];
-      })));
+      if (prepared) {
+        await layerSqnr(prepared, model, layers, feeds, host, new Map(bodyTargets.flatMap((l) => {
+          const entry = layerOf.get(l.node);
+          return entry ? [[entry, l.owner.output[0]] as [WeightLayerReport, string]] : [];
+        })));
+      }
     });
   }
   if (external) {

@@ -7,7 +7,7 @@
  */
 import type { GraphProto } from 'onnx-buf';
 
-import { allNodes, isOnnxDomain, readsValue, subgraphsOf, type Graph } from '../graph';
+import { allNodes, isOnnxDomain, subgraphsOf, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export function bypassConstantIdentities(graph: Graph): PassReport {
@@ -23,7 +23,7 @@ export function bypassConstantIdentities(graph: Graph): PassReport {
       report.skipped.push({ node: nodeLabel(identity), reason: `its output '${out}' is an output of its graph` });
       continue;
     }
-    const readers = scope.node.filter((n) => readsValue(n, out));
+    const readers = graph.consumers(out, scope);
     for (const reader of readers) {
       reader.input.forEach((name, slot) => name === out && (reader.input[slot] = source));
       subgraphsOf(reader).forEach((body) => renameReads(body, out, source));

@@ -26,7 +26,7 @@ const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fu
  */
 function integerWeights(graph: Graph, at: LayerPlace, transposed: Map<string, string>): { values: string; scale: string; dq: NodeProto } | string {
   const { node, scope, scopes } = at;
-  const dq = scope.node.find((n) => n.output.includes(node.input[1]));
+  const dq = graph.producer(node.input[1], scope);
   if (!dq || dq.opType !== 'DequantizeLinear') return 'its weights are not quantized by a DequantizeLinear';
   const values = graph.constantIn(dq.input[0], scopes)?.tensor;
   if (values?.dataType !== TensorProto_DataType.INT8) return 'its weights are not stored as int8 (MatMulInteger needs 8-bit weights)';
@@ -110,7 +110,7 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
     if (!xq) {
       xq = [graph.uniqueName(`${x}_quantized`), graph.uniqueName(`${x}_scale`), graph.uniqueName(`${x}_zero_point`)];
       inScope.set(x, xq);
-      scope.node.splice(scope.node.indexOf(node), 0, makeNode('DynamicQuantizeLinear', [x], xq, graph.uniqueName(`${x}_dynamic_q`)));
+      graph.insertBefore(scope, node, makeNode('DynamicQuantizeLinear', [x], xq, graph.uniqueName(`${x}_dynamic_q`)));
     }
     const output = node.output[0];
     const bias = node.opType === 'Gemm' ? node.input[2] : undefined;
@@ -124,7 +124,7 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
       makeNode('Mul', [xq[1], weights.scale], [scale], `${label}_scales`),
       makeNode('Mul', [asFloat, scale], [scaled], bias ? `${label}_scaled` : label),
       ...(bias ? [makeNode('Add', [scaled, bias], [output], label)] : []));
-    replacedWeights.set(scope, [...(replacedWeights.get(scope) ?? []), weights.dq]);
+    (replacedWeights.get(scope) ?? replacedWeights.set(scope, []).get(scope)!).push(weights.dq);
     quantized.add(node);
     report.changed.push(`${label}: uint8 input quantized per run (DynamicQuantizeLinear), MatMulInteger`);
   }

@@ -17,11 +17,11 @@
  *   stored transposed, blocked along their last axis, and a Transpose restores them, so the
  *   MatMul no longer reads a DequantizeLinear directly.
  */
-import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
+import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { packInt2, packInt4, unpackInt2, unpackInt4 } from '../../pack';
 import { toFloat16Array } from '../../float16';
-import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeNode, makeTensor, readsValue, subgraphNodes, weightValues, type Graph } from '../graph';
+import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeNode, makeTensor, subgraphNodes, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 const FOUR_BIT = new Set([TensorProto_DataType.INT4, TensorProto_DataType.UINT4]);
@@ -39,19 +39,14 @@ interface Scope {
 
 /** The main graph and every subgraph body (layers inside If branches get Q/DQ pairs too). */
 function scopes(graph: Graph): Scope[] {
-  const insertAfter = (nodes: NodeProto[]) => (after: NodeProto, node: NodeProto) => nodes.splice(nodes.indexOf(after) + 1, 0, node);
-  const main: Scope = {
-    nodes: graph.graph.node, constant: (n) => graph.constant(n), producer: (n) => graph.producer(n), consumers: (n) => graph.consumers(n),
-    addInitializer: (t) => graph.addInitializer(t), insertAfter: (_, node) => graph.graph.node.push(node),  // sorted at the end
-  };
-  const bodies = new Map<GraphProto, GraphProto[]>();
-  for (const { scopes: around } of subgraphNodes(graph)) if (!bodies.has(around[0])) bodies.set(around[0], around);
-  return [main, ...[...bodies].map(([body, around]): Scope => ({
-    // Only the body's own constants: one of an enclosing graph may have other readers there, which its rewrite would change.
-    nodes: body.node, constant: (n) => { const c = graph.constantIn(n, around); return c?.home === body ? c.tensor : undefined; },
-    producer: (n) => body.node.find((x) => x.output.includes(n)),
-    consumers: (n) => body.node.filter((x) => readsValue(x, n)), addInitializer: (t) => graph.addInitializer(t, body), insertAfter: insertAfter(body.node),
-  }))];
+  const bodies = new Set(subgraphNodes(graph).map((l) => l.scopes[0]));
+  return [graph.graph, ...bodies].map((g): Scope => ({
+    // A body's own constants only: one of an enclosing graph may have other readers there, which its rewrite would change.
+    nodes: g.node, constant: (n) => graph.constant(n, g), producer: (n) => graph.producer(n, g), consumers: (n) => graph.consumers(n, g),
+    addInitializer: (t) => graph.addInitializer(t, g),
+    // The main graph is sorted at the end; a body keeps its order.
+    insertAfter: g === graph.graph ? (_, node) => g.node.push(node) : (after, node) => g.node.splice(g.node.indexOf(after) + 1, 0, node),
+  }));
 }
 
 export function fitOnnxruntime(graph: Graph): PassReport {

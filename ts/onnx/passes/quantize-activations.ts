@@ -132,7 +132,7 @@ export function quantizeBodyActivations(graph: Graph, layers: BodyLayerInput[], 
     let pair = inScope.get(tensor);
     if (!pair) {
       pair = quantizerPair(graph, tensor, range, signed, microsoftDomain, scope);
-      scope.node.splice(scope.node.indexOf(node), 0, ...pair.nodes);
+      graph.insertBefore(scope, node, ...pair.nodes);
       inScope.set(tensor, pair);
       activations.push({ ...pair.activation, subgraph, branch });
     }

@@ -13,7 +13,7 @@ import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto
 import { toFloat16Array } from '../../float16';
 import { packInt4 } from '../../pack';
 import { quantizationError, type QuantizeOptions } from '../../quantize';
-import { allNodes, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, readsValue, weightValues, type Graph } from '../graph';
+import { allNodes, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
 import { readLazyTensor } from '../model-io';
 import { nodeLabel, placeOf, type PassReport, type Steps } from './pass';
 import { checkFiniteWeights, quantized, withFloat16Scales, type WeightLayerReport } from './quantize-weights';
@@ -120,7 +120,7 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
   }
   for (const { base, home, layer } of converted.values()) {
     graph.removeIfUnused(base, home);
-    const others = home.node.filter((n) => readsValue(n, base)).map(nodeLabel);
+    const others = graph.consumers(base, home).map(nodeLabel);
     if (others.length > 0) report.skipped.push({ node: layer.node, reason: `the float table '${base}' stays too: ${others.join(', ')} read(s) it` });
   }
   return { report, layers };

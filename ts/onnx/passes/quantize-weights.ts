@@ -211,7 +211,7 @@ function isQuantizable(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): b
 /** Whether a value is a DequantizeLinear's output, directly or through Transpose/Reshape/Identity (as fit-onnxruntime leaves blocked weights). */
 function fromDequantizeLinear(graph: Graph, name: string, scopes: GraphProto[]): boolean {
   for (let steps = 0; steps < 8; steps++) {
-    const producer = [...scopes, graph.graph].map((g) => g.node.find((p) => p.output.includes(name))).find((p) => p);
+    const producer = [...scopes, graph.graph].map((g) => graph.producer(name, g)).find((p) => p);
     if (producer?.opType === 'DequantizeLinear') return true;
     if (!producer || !['Transpose', 'Reshape', 'Identity'].includes(producer.opType)) return false;
     name = producer.input[0];
@@ -340,11 +340,11 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   // Float weights the layers no longer read, per graph that holds them: removed at the end, once unused (a
   // removal per layer would walk every subgraph of the main graph per layer).
   const replaced = new Map<GraphProto, string[]>();
-  const release = (name: string, home: GraphProto) => replaced.set(home, [...(replaced.get(home) ?? []), name]);
+  const release = (name: string, home: GraphProto) => (replaced.get(home) ?? replaced.set(home, []).get(home)!).push(name);
   // The DequantizeLinear goes next to the layer: in the main graph (sorted at the end), or in its body, in place.
   const place = (dq: NodeProto, node: NodeProto, scope: GraphProto) => {
     if (scope === graph.graph) scope.node.push(dq);
-    else scope.node.splice(scope.node.indexOf(node), 0, dq);
+    else graph.insertBefore(scope, node, dq);
   };
   for (const node of candidates) {
     const label = nodeLabel(node);
