@@ -5,11 +5,11 @@
  * Row-major A [m, k] and B [k, n]; int8 or uint8 each.
  */
 import { checkKernel } from './cpu';
-import { invalidType, invalidValue } from './errors';
+import { invalidType, invalidValue, isDetached } from './errors';
 import { native, type PackedHandle, type PackedInt4Handle } from './native';
 import type { QuantizedTensor } from './quant-params';
 import { checkQuantizedTensor } from './quantize';
-import { checkAttached, checkBoolean, checkInteger, isPlainObject, checkKnownKeys } from './validate';
+import { checkAttached, checkBoolean, checkInteger, isPlainObject, checkKnownKeys, otherRealm, overlaps } from './validate';
 
 type Bytes = Int8Array | Uint8Array;
 
@@ -71,7 +71,7 @@ export interface MatmulRequantizedOptions extends MatmulToFloatOptions {
 
 function checkBytes(name: string, v: unknown): Bytes {
   if (!(v instanceof Int8Array || v instanceof Uint8Array)) {
-    throw invalidType(name, 'an Int8Array or Uint8Array', v, 'Quantize floats first (quantizeTensor).');
+    throw invalidType(name, 'an Int8Array or Uint8Array', v, otherRealm(v, 'Int8Array') ?? otherRealm(v, 'Uint8Array') ?? 'Quantize floats first (quantizeTensor).');
   }
   checkAttached(name, v);
   return v;
@@ -156,9 +156,19 @@ function resolve(a: unknown, b: unknown, m: unknown, k: unknown, n: unknown, opt
     if (!(opts.out instanceof Int32Array)) throw invalidType('options.out', 'an Int32Array', opts.out);
     checkAttached('options.out', opts.out);
     if (opts.out.length < dims.m * dims.n) throw invalidValue('options.out', `an Int32Array of at least m·n = ${dims.m * dims.n} elements`, opts.out);
+    checkSeparate(opts.out, A, B);
     out = opts.out;
   }
   return { a: A, b: B, bSigned, ...dims, aZeroPoint, bZeroPoint, perColumn, kernel, threads, out };
+}
+
+/** An output must not share bytes with an input: kernels write C while they still read A and B. */
+function checkSeparate(out: ArrayBufferView, ...inputs: unknown[]): void {
+  for (const input of inputs) {
+    if (ArrayBuffer.isView(input) && overlaps(out, input)) {
+      throw invalidValue('options.out', 'an array that shares no memory with a or b', out, 'Pass a separate array (or none).');
+    }
+  }
 }
 
 function call(r: Resolved): void {
@@ -196,11 +206,25 @@ export function matmulInt8(a: Int8Array | Uint8Array, b: Int8Array | Uint8Array 
   return view(r);
 }
 
-/** matmulInt8 on native worker threads; do not write to the inputs until it settles. */
+/**
+ * matmulInt8 on native worker threads. The inputs are copied when the call starts (a PackedMatrix is lowbit's own),
+ * so the caller may write, transfer or resize them meanwhile; `options.out` is written when the work ends.
+ */
 export async function matmulInt8Async(a: Int8Array | Uint8Array, b: Int8Array | Uint8Array | PackedMatrix, m: number, k: number,
   n: number, options?: MatmulOptions): Promise<Int32Array> {
   const r = resolve(a, b, m, k, n, options);
-  await native().matmulInt8Async(r.a, r.b, r.m, r.k, r.n, r.aZeroPoint, r.bZeroPoint, r.perColumn, r.out, r.kernel, r.threads);
+  // The native threads touch memory only lowbit holds: a caller's buffer may move (transfer) or shrink (resize).
+  const own: Resolved = {
+    ...r, a: r.a.slice(), b: ArrayBuffer.isView(r.b) ? r.b.slice() : r.b,
+    bZeroPoint: r.bZeroPoint.slice(), out: r.out === options?.out ? new Int32Array(r.m * r.n) : r.out,
+  };
+  await native().matmulInt8Async(own.a, own.b, own.m, own.k, own.n, own.aZeroPoint, own.bZeroPoint, own.perColumn, own.out, own.kernel, own.threads);
+  if (own.out === r.out) return view(r);
+  if (isDetached(r.out) || r.out.length < r.m * r.n) {
+    throw invalidType('options.out', `an Int32Array of at least m·n = ${r.m * r.n} elements still attached when the work ended`, r.out,
+      'It was transferred or resized while matmulInt8Async ran: pass an array that stays in place, or none.');
+  }
+  r.out.set(own.out);
   return view(r);
 }
 
@@ -218,9 +242,15 @@ function checkColumnScales(name: string, v: unknown, n: number): { scale: Float3
   return { scale: v, perColumn: true };
 }
 
-function scaled(r: Resolved, o: Record<string, unknown>): { aScale: number; bScale: Float32Array; perColumn: boolean } {
+function scaled(r: Resolved, o: Record<string, unknown>, yScale = 1): { aScale: number; bScale: Float32Array; perColumn: boolean } {
   const aScale = checkScale('options.aScale', o.aScale);
   const { scale, perColumn } = checkColumnScales('options.bScale', o.bScale, r.n);
+  // The kernels multiply C by aScale·bScale (/ yScale) in float32: an infinite factor would turn C = 0 into NaN.
+  const bad = scale.findIndex((b) => !Number.isFinite(Math.fround(Math.fround(aScale * b) / yScale)));
+  if (bad >= 0) {
+    throw invalidValue(perColumn ? `options.bScale[${bad}]` : 'options.bScale', `scales whose product aScale·bScale${yScale === 1 ? '' : ' / yScale'} is a finite float32`,
+      scale[bad], `aScale is ${aScale}${yScale === 1 ? '' : ` and yScale ${yScale}`}: rescale the quantized values.`);
+  }
   return { aScale, bScale: scale, perColumn };
 }
 
@@ -253,8 +283,8 @@ export function matmulInt8Requantized(a: Int8Array | Uint8Array, b: Int8Array | 
   const r = resolve(a, b, m, k, n, options, ['aScale', 'bScale', 'yScale', 'yZeroPoint', 'signed', 'relu', 'bias']);
   if (options.bias !== undefined) throw invalidValue('options.bias', 'no bias (QLinearMatMul has none)', options.bias, 'Use matmulInt8ToFloat for a float bias.');
   if (options.out !== undefined) throw invalidValue('options.out', 'no out (the output is a new int8/uint8 array)', options.out);
-  const s = scaled(r, options as unknown as Record<string, unknown>);
   const yScale = checkScale('options.yScale', options.yScale);
+  const s = scaled(r, options as unknown as Record<string, unknown>, yScale);
   const signed = options.signed === undefined ? r.a instanceof Int8Array : checkBoolean('options.signed', options.signed);
   const [qmin, qmax] = range(signed);
   const yZeroPoint = options.yZeroPoint === undefined ? 0 : checkInteger('options.yZeroPoint', options.yZeroPoint, qmin, qmax);
@@ -360,6 +390,7 @@ export function matmulInt4(a: Int8Array | Uint8Array, b: PackedInt4Matrix, m: nu
       throw invalidType('options.out', `a Float32Array of at least m·n = ${dims.m * dims.n} elements`, options.out);
     }
     checkAttached('options.out', options.out);
+    checkSeparate(options.out, A);
     out = options.out;
   }
   native().matmulInt4(A, int4Handles.get(b)!, dims.m, aZeroPoint, aScale, out, kernel, threads);

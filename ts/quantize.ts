@@ -4,7 +4,7 @@
  * the native kernels round, saturate and reduce.
  */
 import { checkKernel } from './cpu';
-import { invalidType, invalidValue } from './errors';
+import { invalidType, invalidValue, isDetached } from './errors';
 import { tensorStats } from './methods/aciq';
 import { allocateBits } from './methods/bit-allocation';
 import { forEachGroup } from './methods/groups';
@@ -334,11 +334,24 @@ export function quantizeTensor(data: Float32Array, options: QuantizeOptions): Qu
 
 /**
  * quantizeTensor off the main thread: range estimation and quantization run
- * on native worker threads. Do not write to `data` until the promise settles.
+ * on native worker threads. `data` is copied when the call starts, so the
+ * caller may write, transfer or resize it meanwhile; `options.out` is written
+ * when the work ends.
  */
-export async function quantizeTensorAsync(data: Float32Array, options: QuantizeOptions): Promise<QuantizedTensor> {
-  const p = plan(data, options);
-  if (p.bitAllocation) return quantizeWithBitAllocation(p);
+export function quantizeTensorAsync(data: Float32Array, options: QuantizeOptions): Promise<QuantizedTensor> {
+  return quantizeOffThread(data, options, true);
+}
+
+/**
+ * quantizeTensorAsync, reading `data` in place when `copy` is false: for lowbit's own arrays, which no caller can
+ * transfer or resize while the native threads read them.
+ */
+export async function quantizeOffThread(data: Float32Array, options: QuantizeOptions, copy: boolean): Promise<QuantizedTensor> {
+  const planned = plan(data, options);
+  if (planned.bitAllocation) return quantizeWithBitAllocation(planned);
+  // The native threads read and write memory only lowbit holds: a caller's buffer may move (transfer) or shrink (resize).
+  const explicit = planned.explicit && { scale: planned.explicit.scale.slice(), zeroPoint: planned.explicit.zeroPoint.slice() };
+  const p = copy ? { ...planned, data: planned.data.slice(), out: undefined, explicit } : planned;
   let params = p.explicit;
   if (!params) {
     const ranges = await p.method!.rangesAsync(rangeRequest(p));
@@ -349,7 +362,15 @@ export async function quantizeTensorAsync(data: Float32Array, options: QuantizeO
   const values = p.out ?? (p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length));
   const nan = await native().quantizeAsync(p.data, values, quantizeParams(p, params), p.kernel, p.threads);
   if (nan >= 0) throw nanError(nan);
-  return result(p, values, params);
+  const out = planned.out;
+  if (out && out !== values) {
+    if (isDetached(out) || out.length !== values.length) {
+      throw invalidType('options.out', `an array of ${values.length} elements still attached when the work ended`, out,
+        'It was transferred or resized while quantizeTensorAsync ran: pass an array that stays in place, or none.');
+    }
+    out.set(values);
+  }
+  return result(planned, out ?? values, params);
 }
 
 /**
@@ -439,6 +460,13 @@ export function checkQuantizedTensor(name: string, q: unknown): { q: QuantizedTe
   q.zeroPoint.forEach((z, i) => {
     if (z < qmin || z > qmax) throw invalidValue(`${name}.zeroPoint[${i}]`, `an integer in [${qmin}, ${qmax}]`, z);
   });
+  if (q.channelBits !== undefined) {
+    // Bit allocation's per-channel widths: one per channel, none wider than bits.
+    if (granularity !== 'channel' || !(q.channelBits instanceof Uint8Array) || q.channelBits.length !== layout.groups ||
+      q.channelBits.some((b) => b < 2 || b > bits)) {
+      throw invalidValue(`${name}.channelBits`, `a Uint8Array of ${layout.groups} widths in [2, ${bits}] with granularity 'channel' (or no channelBits)`, q.channelBits);
+    }
+  }
   return { q: q as unknown as QuantizedTensor, layout };
 }
 
@@ -475,6 +503,8 @@ export function quantizationError(original: Float32Array, q: QuantizedTensor): Q
   if (x.length !== t.values.length) {
     throw invalidValue('original', `a Float32Array of length ${t.values.length} (q.values.length)`, x);
   }
+  const nan = x.findIndex(Number.isNaN);
+  if (nan >= 0) throw invalidValue(`original[${nan}]`, 'a number or ±Infinity (as quantizeTensor takes)', NaN, 'Compare against the data that was quantized.');
   const s = native().errorStats(x, t.values, t.signed, nativeParams(t, layout));
   const mse = s.finiteCount === 0 ? 0 : s.squaredError / s.finiteCount;
   const sqnrDb = s.squaredError === 0 ? Infinity : 10 * Math.log10(s.signal / s.squaredError);
@@ -482,6 +512,24 @@ export function quantizationError(original: Float32Array, q: QuantizedTensor): Q
     mse,
     sqnrDb,
     maxAbsError: s.maxAbsError,
-    clippedFraction: x.length === 0 ? 0 : s.clippedCount / x.length,
+    clippedFraction: x.length === 0 ? 0 : (t.channelBits ? clippedWithChannelBits(x, t, layout) : s.clippedCount) / x.length,
   };
+}
+
+/** Elements outside their own channel's integer range, for bit-allocated tensors (channels of different widths). */
+function clippedWithChannelBits(x: Float32Array, t: QuantizedTensor, layout: TensorLayout): number {
+  const { outer, axisLen, inner } = layout.native;
+  let clipped = 0;
+  for (let c = 0; c < axisLen; c++) {
+    const xs = new Float32Array(outer * inner);
+    const codes = t.signed ? new Int8Array(outer * inner) : new Uint8Array(outer * inner);
+    for (let o = 0; o < outer; o++) {
+      const from = (o * axisLen + c) * inner;
+      xs.set(x.subarray(from, from + inner), o * inner);
+      codes.set(t.values.subarray(from, from + inner), o * inner);
+    }
+    const channel = { scale: t.scale.subarray(c, c + 1), zeroPoint: t.zeroPoint.subarray(c, c + 1), bits: t.channelBits![c], signed: t.signed };
+    clipped += native().errorStats(xs, codes, t.signed, nativeParams(channel, tensorLayout([xs.length], 'tensor', 0, 0))).clippedCount;
+  }
+  return clipped;
 }

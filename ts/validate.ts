@@ -11,11 +11,21 @@ export function isPlainObject(v: unknown): v is Record<string, unknown> {
 
 export function checkFloat32Array(name: string, v: unknown): Float32Array {
   if (!(v instanceof Float32Array)) {
-    const hint = ArrayBuffer.isView(v) || Array.isArray(v) ? 'Convert it with Float32Array.from(values).' : undefined;
+    const hint = otherRealm(v, 'Float32Array') ?? (ArrayBuffer.isView(v) || Array.isArray(v) ? 'Convert it with Float32Array.from(values).' : undefined);
     throw invalidType(name, 'a Float32Array', v, hint);
   }
   checkAttached(name, v);
   return v;
+}
+
+/**
+ * A hint when `v` is a typed array of the expected kind made in another JavaScript realm (a vm context, some test
+ * sandboxes), which instanceof does not recognise.
+ */
+export function otherRealm(v: unknown, expected: string): string | undefined {
+  return ArrayBuffer.isView(v) && Object.prototype.toString.call(v) === `[object ${expected}]`
+    ? `This ${expected} comes from another JavaScript realm (a vm context or test sandbox): copy it into this one with new ${expected}(array).`
+    : undefined;
 }
 
 /** Whether two views share bytes of one buffer (empty views never do). */

@@ -37,6 +37,22 @@ describe('matmulInt8: bad input', () => {
     expect(() => matmulInt8(new Uint8Array(0), new Int8Array(0), 2 ** 30, 0, 2 ** 30)).to.throw(RangeError, /m·n < 2\^32 for m, k, n/);
     expect(() => matmulInt8(new Uint8Array(0), new Int8Array(0), 1, 2 ** 40, 2 ** 20)).to.throw(RangeError, /m·k·n < 2\^53/);
   });
+  it('rejects an out array sharing memory with a or b (the scalar reference wrote C over A)', () => {
+    const bytes = new Uint8Array(16).fill(1);
+    const over = new Int32Array(bytes.buffer);
+    for (const kernel of ['scalar', undefined]) {
+      expect(() => matmulInt8(bytes.subarray(0, 4), Int8Array.of(1, 2, 3, 4), 2, 2, 2, { out: over, kernel })).to.throw(RangeError, /shares no memory with a or b for options\.out/);
+    }
+    expect(matmulInt8(Uint8Array.of(1, 1, 1, 1), Int8Array.of(1, 2, 3, 4), 2, 2, 2, { kernel: 'scalar' })).to.deep.equal(Int32Array.of(4, 6, 4, 6));
+  });
+  it('refuses scales whose product overflows float32 (C = 0 would give NaN, not the zero point)', () => {
+    const a = Uint8Array.of(0, 0);
+    const b = Int8Array.of(1, 1);
+    expect(() => matmulInt8Requantized(a, b, 1, 2, 1, { aScale: 1, bScale: 1, yScale: 1e-45, yZeroPoint: 10, signed: false }))
+      .to.throw(RangeError, /aScale·bScale \/ yScale is a finite float32 for options\.bScale/);
+    expect(() => matmulInt8ToFloat(a, b, 1, 2, 1, { aScale: 1e20, bScale: 1e20 })).to.throw(RangeError, /aScale·bScale is a finite float32/);
+    expect(matmulInt8Requantized(a, b, 1, 2, 1, { aScale: 1, bScale: 1, yScale: 1e-30, yZeroPoint: 10, signed: false })).to.deep.equal(Uint8Array.of(10));
+  });
   it('rejects zero points outside the element types', () => {
     expect(() => matmulInt8(a, b, 2, 3, 4, { aZeroPoint: 256 })).to.throw(RangeError, /\[0, 255\] for options\.aZeroPoint/);
     expect(() => matmulInt8(new Int8Array(6), b, 2, 3, 4, { aZeroPoint: 128 })).to.throw(RangeError, /\[-128, 127\] for options\.aZeroPoint/);

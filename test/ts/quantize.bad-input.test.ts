@@ -1,5 +1,7 @@
 // Bad calls first: every rejected input gets a TypeError/RangeError naming the parameter.
 import { expect } from 'chai';
+import { spawnSync } from 'node:child_process';
+import { runInNewContext } from 'node:vm';
 
 import {
   ActivationScaleClip, aciqExpectedMse, aciqRange, allocateBits, dequantize, foldScalesIntoBatchNorm, HistogramObserver, integerRange, lambertW0, lsqLevels,
@@ -165,6 +167,76 @@ describe('shared memory', () => {
     const sa = new Int8Array(new SharedArrayBuffer(6)).fill(3);
     const sb = new Int8Array(new SharedArrayBuffer(6)).fill(-2);
     expect(Array.from(matmulInt8(sa, sb, 2, 3, 2))).to.deep.equal([-18, -18, -18, -18]);
+  });
+});
+
+describe('async calls while the caller moves its buffers', () => {
+  // Each case in its own process: before the inputs were copied, the native threads read freed memory (a crash).
+  const run = (code: string): { status: number | null; stdout: string; stderr: string } => {
+    const index = require.resolve('../../ts');
+    const r = spawnSync(process.execPath, ['--expose-gc', '-e', `const L = require(${JSON.stringify(index)});\n${code}`], { encoding: 'utf8' });
+    return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+  };
+
+  it('quantizeTensorAsync gives the result of the data as they were when the call started (transferred, or resized to 0)', () => {
+    for (const move of [
+      'let moved = structuredClone(x.buffer, { transfer: [x.buffer] }); moved = null; for (let i = 0; i < 5; i++) gc();',
+      'x.buffer.resize(0);',
+    ]) {
+      const r = run(`const n = 1 << 22;
+        const x = new Float32Array(new ArrayBuffer(n * 4, { maxByteLength: n * 4 }));
+        for (let i = 0; i < n; i++) x[i] = Math.sin(i) * 3;
+        const expected = L.quantizeTensor(x, { shape: [n], method: 'mse' });
+        const p = L.quantizeTensorAsync(x, { shape: [n], method: 'mse' });
+        ${move}
+        p.then((q) => console.log(q.scale[0] === expected.scale[0] && q.values.every((v, i) => v === expected.values[i]) ? 'same' : 'different'));`);
+      expect(r.status, r.stderr).to.equal(0);
+      expect(r.stdout.trim()).to.equal('same');
+    }
+  });
+
+  it('matmulInt8Async computes on its copies of a and b; an out array moved meanwhile is an error naming options.out', () => {
+    const r = run(`const m = 256, k = 4096, n = 4096;  // B of 16 MB: freed memory of that size is unmapped
+      const a = new Uint8Array(m * k).fill(3), b = new Int8Array(k * n).fill(-2);
+      const p = L.matmulInt8Async(a, b, m, k, n);
+      let moved = structuredClone(b.buffer, { transfer: [b.buffer] }); moved = null; for (let i = 0; i < 3; i++) gc();
+      p.then((c) => console.log(c.every((v) => v === k * 3 * -2) ? 'right' : 'wrong'));
+      const out = new Int32Array(m * n);
+      const q = L.matmulInt8Async(new Uint8Array(m * k), new Int8Array(k * n), m, k, n, { out });
+      structuredClone(out.buffer, { transfer: [out.buffer] });
+      q.then(() => console.log('resolved'), (e) => console.log(e.message));`);
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/^right$/m);
+    expect(r.stdout).to.match(/still attached when the work ended for options\.out .*transferred or resized while matmulInt8Async ran/);
+  });
+});
+
+describe('quantizationError on bit-allocated tensors and NaN', () => {
+  it('counts clipped values against each channel\'s own width, and refuses NaN in original', () => {
+    const data = Float32Array.from({ length: 4 * 64 }, (_, i) => Math.sin(i * 1.7) * (1 + (i % 4)) * (i % 13 === 0 ? 6 : 1));
+    const q = quantizeTensor(data, { shape: [64, 4], granularity: 'channel', axis: 1, method: 'mse', bitAllocation: { averageBits: 3 } });
+    expect(new Set(q.channelBits)).to.have.length.above(1);
+    // Reference: per element, round(x / scale_c) + zp_c outside channel c's range.
+    let clipped = 0;
+    data.forEach((x, i) => {
+      const c = i % 4;
+      const { qmin, qmax } = integerRange(q.channelBits![c], q.signed);
+      const r = x / q.scale[c];
+      const rounded = Math.abs(r % 1) === 0.5 ? 2 * Math.round(r / 2) : Math.round(r);
+      if (rounded + q.zeroPoint[c] < qmin || rounded + q.zeroPoint[c] > qmax) clipped++;
+    });
+    expect(clipped).to.be.above(0);
+    expect(quantizationError(data, q).clippedFraction).to.equal(clipped / data.length);
+    const withNaN = data.slice();
+    withNaN[7] = NaN;
+    expectError(() => quantizationError(withNaN, q), RangeError, /for original\[7\] but received NaN/);
+    expectError(() => quantizationError(data, { ...q, channelBits: Uint8Array.of(2, 3) }), RangeError, /Uint8Array of 4 widths in \[2, 4\].* for q\.channelBits/);
+  });
+
+  it('a typed array from another realm is named as such', () => {
+    const foreign = runInNewContext('new Float32Array([1, 2, 3])');
+    expectError(() => quantizeTensor(foreign, { shape: [3] }), TypeError, /comes from another JavaScript realm .* new Float32Array\(array\)/);
+    expectError(() => matmulInt8(runInNewContext('new Uint8Array(1)'), new Int8Array(1), 1, 1, 1), TypeError, /comes from another JavaScript realm/);
   });
 });
 

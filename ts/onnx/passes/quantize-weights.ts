@@ -14,7 +14,7 @@ import { scaleClip } from '../../methods/gdrq';
 import { preserveRunSums } from '../../methods/sum-preserving';
 import { gptqRoundSteps, type WeightMatrixView } from '../../methods/gptq';
 import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
-import { dequantize, quantizationError, quantizeTensor, quantizeTensorAsync, type QuantizeOptions } from '../../quantize';
+import { dequantize, quantizationError, quantizeOffThread, quantizeTensor, type QuantizeOptions } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
 import { nodeLabel, placeOf, runSteps, type PassReport, type Steps } from './pass';
 
@@ -62,7 +62,7 @@ export interface WeightQuantization {
   /**
    * Steps for runStepsAsync, which waits for what they yield without holding the event loop: a weight whose data
    * wait in a file is read asynchronously (readLazyTensor), and a layer of ASYNC_MIN_VALUES weights or more is
-   * quantized on native worker threads (quantizeTensorAsync).
+   * quantized on native worker threads (quantizeOffThread).
    */
   async?: boolean;
 }
@@ -74,11 +74,12 @@ export interface WeightQuantization {
  */
 const ASYNC_MIN_VALUES = 1 << 20;
 
-/** quantizeTensor, or quantizeTensorAsync yielded for runStepsAsync to wait for (the same values; the event loop stays free). */
+/** quantizeTensor, or quantizeOffThread yielded for runStepsAsync to wait for (the same values; the event loop stays free). */
 export function* quantized(data: Float32Array, how: QuantizeOptions, async: boolean): Generator<Promise<void>, QuantizedTensor, void> {
   if (!async || data.length < ASYNC_MIN_VALUES) return quantizeTensor(data, how);
   let q: QuantizedTensor | undefined;
-  yield quantizeTensorAsync(data, how).then((r) => {
+  // In place: the weights are the model's (lowbit's copy, or the caller's bytes, which must stay put during quantizeModel).
+  yield quantizeOffThread(data, how, false).then((r) => {
     q = r;
   });
   return q!;
