@@ -52,6 +52,25 @@ function parseSize(value: string, previous: number[] = []): number[] {
   return [...previous, n];
 }
 
+/** Checks a folder argument before any work. */
+function checkInputFolder(flag: string, folder: string): void {
+  if (!fs.existsSync(folder)) throw new Error(`Expected a folder for ${flag} but received "${folder}", which does not exist.`);
+  if (!fs.statSync(folder).isDirectory()) throw new Error(`Expected a folder for ${flag} but received "${folder}", which is a file: give the folder holding one subfolder of .npy batches per model input.`);
+}
+
+/** The API's option names in an error message, as the quantize command's flags that set them (longest names first). */
+const QUANTIZE_FLAGS: Array<[string, string]> = [
+  ['options.weights.bitAllocation.averageBits', '--bit-allocation'], ['options.weights.granularity', '--granularity'],
+  ['options.weights.blockSize', '--block-size'], ['options.weights.scaleClip', '--scale-clip'], ['options.weights.rounding', '--rounding'],
+  ['options.weights.groups', '--groups'], ['options.weights.method', '--method'], ['options.weights.bits', '--wbits'],
+  ['options.activations.method', '--amethod'], ['options.activations.bits', '--abits'], ['options.calibration', '--calib'],
+  ['options.keepFloat', '--keep-float'], ['options.outputPath', '--output'],
+];
+
+export function withFlagNames(message: string): string {
+  return QUANTIZE_FLAGS.reduce((m, [option, flag]) => m.split(option).join(flag), message);
+}
+
 /** A layer's quantized input (and output) activation: bits and clip range, e.g. "8 [0, 6.1] → 8 [-3.2, 9.9]", or "8 dynamic". */
 function activationCell(l: WeightLayerReport): string {
   const one = (a: NonNullable<WeightLayerReport['input']>) => ('dynamic' in a ? `${a.bits} dynamic`
@@ -107,13 +126,37 @@ export function program(): Command {
       if (!o.calib && ((o.abits !== undefined && amethod !== 'dynamic') || o.rounding === 'gptq')) {
         throw new Error(`${o.abits !== undefined ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of .npy batches per model input, in the input's type).`);
       }
+      if (o.amethod !== undefined && o.abits === undefined) throw new Error(`--amethod ${o.amethod} sets how activations are quantized: pass --abits 8 (and --calib <folder>) with it.`);
+      if (o.calib !== undefined) checkInputFolder('--calib', o.calib);
       if (o.quantizeOutputs && o.abits === undefined) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       if (o.equalizeDepthwise && o.abits === undefined) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
       if (o.report) checkOutputPath('--report', o.report);  // before the work, not after it
+      // Layers have a known count (a bar); calibration batches do not (a counter).
       const bar = new SingleBar({ format: '  {stage} [{bar}] {value} {unit}', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
-      let barStarted = false;
-      const { report } = await quantizeModel(model, {
+      const counter = new SingleBar({ format: '  {stage} {value} {unit}', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
+      let shown: SingleBar | undefined;
+      const show = (b: SingleBar, total: number, payload: Record<string, string>) => {
+        if (shown === b) return;
+        shown?.stop();
+        b.start(total, 0, payload);
+        shown = b;
+      };
+      // Ctrl-C (or a SIGTERM) stops the work at its next step and removes what was being written; a second one exits at once.
+      const stop = new AbortController();
+      const interrupt = (signal: NodeJS.Signals) => {
+        shown?.stop();
+        shown = undefined;
+        process.stderr.write(`\nlowbit: ${signal}: stopping, removing partial output…\n`);
+        stop.abort(new Error(`interrupted (${signal}): nothing was written`));
+        process.once(signal, () => process.exit(130));
+      };
+      process.once('SIGINT', interrupt);
+      process.once('SIGTERM', interrupt);
+      let result: Awaited<ReturnType<typeof quantizeModel>>;
+      const started = Date.now();
+      try {
+        result = await quantizeModel(model, {
         weights: {
           bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block' | 'tensor', blockSize: Number(o.blockSize), method: o.method as 'minmax',
           ...(o.bitAllocation !== undefined ? { bitAllocation: { averageBits: Number(o.bitAllocation) } } : {}),
@@ -134,32 +177,34 @@ export function program(): Command {
         outputPath: o.output,
         ...(o.externalData ? { externalData: true } : {}),
         ...(o.evaluate ? {} : { evaluationFeeds: [] }),
+        signal: stop.signal,
         onProgress: (stage) => {
           if (stage.startsWith('calibrate batch')) {
-            if (!barStarted) {
-              bar.start(0, 0, { stage: 'calibrating', unit: 'batches' });
-              barStarted = true;
-            }
-            bar.setTotal(Number(stage.split(' ').pop()));
-            bar.update(Number(stage.split(' ').pop()));
+            show(counter, 0, { stage: 'calibrating', unit: 'batches' });
+            counter.update(Number(stage.split(' ').pop()));
             return;
           }
           const layer = /^(quantize-weights|bias-correction) (\d+)\/(\d+)$/.exec(stage);
           if (layer) {
-            if (!barStarted) {
-              bar.start(Number(layer[3]), 0, { stage: layer[1] === 'quantize-weights' ? 'quantizing weights' : 'correcting biases', unit: 'layers' });
-              barStarted = true;
-            }
+            show(bar, Number(layer[3]), { stage: layer[1] === 'quantize-weights' ? 'quantizing weights' : 'correcting biases', unit: 'layers' });
             bar.update(Number(layer[2]));
             return;
           }
-          if (barStarted) {
-            bar.stop();
-            barStarted = false;
-          }
+          shown?.stop();
+          shown = undefined;
           process.stderr.write(`  ${stage}…\n`);
         },
-      });
+        });
+      } catch (e) {
+        if (stop.signal.aborted) process.exitCode = 130;
+        if (e instanceof Error) e.message = withFlagNames(e.message);
+        throw e;
+      } finally {
+        shown?.stop();  // restores the cursor before any error is printed
+        process.off('SIGINT', interrupt);
+        process.off('SIGTERM', interrupt);
+      }
+      const { report } = result;
       console.log(table(report.layers.map((l) => ({
         layer: layerName(l), op: l.op, shape: l.shape.join('x'), bits: l.channelBits ? `${l.bits} (mixed)` : l.bits, granularity: l.granularity,
         method: l.method,
@@ -176,7 +221,7 @@ export function program(): Command {
       for (const p of report.passes) for (const s of p.skipped) console.log(`skipped by ${p.pass}: ${s.node}: ${s.reason}`);
       if (report.opset.microsoftDomainFallback) console.log(`note: ${report.opset.microsoftDomainFallback}`);
       for (const out of report.evaluation?.outputs ?? []) {
-        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''} (${report.calibrationBatches ? 'calibration samples' : 'random inputs'})`);
+        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'random'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
       }
       if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);
       if (report.layerSqnrSkipped) console.log(`no layer output SQNR: ${report.layerSqnrSkipped}`);
@@ -187,7 +232,17 @@ export function program(): Command {
       } else if (!o.quantizeOutputs && amethod !== 'dynamic') {
         console.log('note: onnxruntime runs layers whose outputs are not quantized in float; --quantize-outputs lets it use integer kernels (faster, one more rounding per layer)');
       }
-      if (o.report) writeFileAtomic(o.report, new TextEncoder().encode(JSON.stringify(report, null, 2)));
+      if (o.report) {
+        try {
+          writeFileAtomic(o.report, new TextEncoder().encode(JSON.stringify(report, null, 2)));
+        } catch (e) {
+          // All or nothing: the model without the report asked for is a failed run.
+          const data = `${o.output}.data`;
+          const written = [o.output, ...(fs.existsSync(data) && fs.statSync(data).mtimeMs >= started ? [data] : [])];
+          for (const f of written) fs.rmSync(f, { force: true });
+          throw new Error(`${(e as Error).message.replace(': nothing was written', '')}; removed ${written.join(' and ')} too, so nothing of this run is left.`);
+        }
+      }
     });
   cli.command('finetune')
     .description('fine-tune an ONNX classifier on the CPU: float, or quantization-aware (LSQ or GDRQ); writes a QDQ model with the learned scales')
@@ -339,6 +394,6 @@ export function program(): Command {
 if (require.main === module) {
   program().parseAsync(process.argv).catch((e: unknown) => {
     console.error(`lowbit: ${e instanceof Error ? e.message : String(e)}`);
-    process.exit(1);
+    process.exit(process.exitCode || 1);
   });
 }

@@ -69,7 +69,7 @@ describe('bundled MNIST CNN example', () => {
     expect(badReport.stderr).to.match(/a file path in an existing folder for --report .* does not exist\. Create it first\./);
     const badCalib = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', '8', '--calib', path.join(dir, 'nope')], { cwd: dir, encoding: 'utf8' });
     expect(badCalib.status).to.equal(1);
-    expect(badCalib.stderr).to.match(/for options\.calibration but received ".*nope"\. It does not exist/);
+    expect(badCalib.stderr).to.match(/Expected a folder for --calib but received ".*nope", which does not exist\./);
     expect(fs.readdirSync(dir)).to.deep.equal([]);
     const good = spawnSync(process.execPath, [cli, 'quantize', model, '--report', 'r.json'], { cwd: dir, encoding: 'utf8' });
     expect(good.status, good.stderr).to.equal(0);
@@ -91,10 +91,18 @@ describe('bundled MNIST CNN example', () => {
     expect(text.status).to.equal(1);
     expect(text.stderr).to.match(/option '--abits <bits>' argument 'abc' is invalid\. expected a number, got 'abc'/);
     // 0 used to read as "not given" (weight-only) for --abits and as no bit allocation for --bit-allocation.
-    const zeroBits = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', '0', '--calib', 'x'], { cwd: dir, encoding: 'utf8' });
-    expect(zeroBits.stderr).to.match(/Expected 4, 8 or 16 for options\.activations\.bits but received 0\./);
+    // The API's errors name the CLI's flags.
+    const calib = path.join(root, 'assets', 'mnist-calibration');
+    const zeroBits = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', '0', '--calib', calib], { cwd: dir, encoding: 'utf8' });
+    expect(zeroBits.stderr).to.match(/Expected 4, 8 or 16 for --abits but received 0\./);
     const zeroMean = spawnSync(process.execPath, [cli, 'quantize', model, '--bit-allocation', '0'], { cwd: dir, encoding: 'utf8' });
-    expect(zeroMean.stderr).to.match(/Expected a number in \[2, 8\] \(the mean bits per weight\) for options\.weights\.bitAllocation\.averageBits but received 0\./);
+    expect(zeroMean.stderr).to.match(/Expected a number in \[2, 8\] \(the mean bits per weight\) for --bit-allocation but received 0\./);
+    const wbits = spawnSync(process.execPath, [cli, 'quantize', model, '--wbits', '3'], { cwd: dir, encoding: 'utf8' });
+    expect(wbits.stderr).to.match(/for --wbits but received 3\./);
+    // --amethod without --abits would have been ignored.
+    const amethod = spawnSync(process.execPath, [cli, 'quantize', model, '--amethod', 'kl', '--calib', calib], { cwd: dir, encoding: 'utf8' });
+    expect(amethod.status).to.equal(1);
+    expect(amethod.stderr).to.match(/--amethod kl sets how activations are quantized: pass --abits 8/);
     expect(fs.readdirSync(dir)).to.deep.equal([]);
     const typo = spawnSync(process.execPath, [cli, 'quantize', model, '--keep-float', 'Conv2', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
     expect(typo.status, typo.stderr).to.equal(0);

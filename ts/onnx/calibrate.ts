@@ -151,7 +151,9 @@ function npyValues(file: string, { descr, dims, body }: { descr: string; dims: n
         : descr === '<f2' ? new Uint16Array(body.buffer, 0, body.length >> 1)
           : descr === '|u1' || descr === '|b1' ? new Uint8Array(body.buffer, 0, body.length)
             : descr === '|i1' ? new Int8Array(body.buffer, 0, body.length) : undefined;
-  if (data && data.length !== dims.reduce((a, b) => a * b, 1)) throw new RangeError(`${file}: the data do not match the shape (${dims.join('x')}).`);
+  if (data && body.length !== dims.reduce((a, b) => a * b, 1) * data.BYTES_PER_ELEMENT) {
+    throw new RangeError(`${file}: the data (${body.length} bytes) do not match the shape (${dims.join('x') || 'a scalar'} of ${descr}).`);
+  }
   return data;
 }
 
@@ -187,12 +189,37 @@ export function readNpyLabels(file: string): Int32Array {
 
 /** Batches from a folder with one subfolder of .npy files per input (batch i = the i-th file of each, sorted by name). */
 export function* npyFolderFeeds(folder: string): Generator<Feed> {
-  const inputs = fs.readdirSync(folder).filter((d) => fs.statSync(path.join(folder, d)).isDirectory()).sort();
+  for (const { feed } of npyFolderBatches(folder)) yield feed;
+}
+
+/**
+ * The first `count` batches of calibration data, checked against the model's inputs (for evaluating a model whose
+ * quantization reads no calibration data: weight-only). Reads no further than that.
+ */
+export async function firstFeeds(model: ModelProto, data: CalibrationData, count: number): Promise<Feed[]> {
+  const feeds: Feed[] = [];
+  const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data as Iterable<Feed> | AsyncIterable<Feed>;
+  for await (const raw of iterable as AsyncIterable<Feed>) {
+    feeds.push(checkFeed(model, raw, feeds.length));
+    if (feeds.length === count) break;
+  }
+  if (feeds.length === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
+  return feeds;
+}
+
+/** npyFolderFeeds with the files each batch came from (for errors). Hidden subfolders (.ipynb_checkpoints, …) are skipped. */
+function* npyFolderBatches(folder: string): Generator<{ feed: Feed; files: string[] }> {
+  const isDir = (p: string) => fs.statSync(p).isDirectory();
+  const inputs = fs.readdirSync(folder).filter((d) => !d.startsWith('.') && isDir(path.join(folder, d))).sort();
   if (inputs.length === 0) throw new RangeError(`${folder} has no subfolders; put each input's .npy batches in a folder named after the input.`);
-  const files = inputs.map((i) => fs.readdirSync(path.join(folder, i)).filter((f) => f.endsWith('.npy')).sort());
-  const count = Math.min(...files.map((f) => f.length));
-  for (let b = 0; b < count; b++) {
-    yield Object.fromEntries(inputs.map((name, i) => [name, readNpyFeed(path.join(folder, name, files[i][b]))]));
+  const files = inputs.map((i) => fs.readdirSync(path.join(folder, i)).filter((f) => f.endsWith('.npy') && !isDir(path.join(folder, i, f))).sort());
+  if (files.some((f) => f.length !== files[0].length)) {
+    throw new RangeError(`${folder}: every input's subfolder must hold one .npy file per batch, as many as the others; found ` +
+      `${inputs.map((name, i) => `${name}/ ${files[i].length}`).join(', ')}. Subfolders name the model's inputs.`);
+  }
+  for (let b = 0; b < files[0].length; b++) {
+    const paths = inputs.map((name, i) => path.join(folder, name, files[i][b]));
+    yield { feed: Object.fromEntries(inputs.map((name, i) => [name, readNpyFeed(paths[i])])), files: paths };
   }
 }
 
@@ -402,6 +429,8 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     host?: OrtHost;
     /** More observers of whole tensors with their dims (e.g. input Gram matrices for GPTQ rounding). */
     tensorObservers?: Array<{ tensor: string; observe(data: Float32Array, dims: readonly number[]): void }>;
+    /** A second reading of the data: the batches the first gave (a stream read once gives none the second time). */
+    expectBatches?: number;
   } = {}): Promise<CalibrationResult> {
   const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
   // The range observers and the caller's, fed alike.
@@ -414,12 +443,21 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const sample: Feed[] = [];
   const float16 = new Set<string>();
   const observedBatches = new Map<string, number>();
-  const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data;
+  const sources = new WeakMap<object, string[]>();  // a folder's batches: their files, for errors
+  const fromFolder = typeof data === 'string' ? npyFolderBatches(data) : undefined;
+  const iterable = fromFolder ? (function* () { for (const b of fromFolder) { sources.set(b.feed, b.files); yield b.feed; } })() : data as Iterable<Feed> | AsyncIterable<Feed>;
   let batches = 0;
   const pause = pauser();
   try {
     for await (const raw of iterable as AsyncIterable<Feed>) {
-      const feed = checkFeed(model, raw, batches);
+      let feed: Feed;
+      try {
+        feed = checkFeed(model, raw, batches);
+      } catch (e) {
+        const files = sources.get(raw);
+        if (files) (e as Error).message += ` (from ${files.join(', ')})`;
+        throw e;
+      }
       const inputs = Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
       // Nothing to observe (no layer whose inputs the observers take): the run still checks the feed in onnxruntime.
       const fetched = await runSession(session, inputs, exposed.length > 0 ? exposed.map(outputOf) : undefined, `the float model on calibration[${batches}]`,
@@ -427,8 +465,9 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       const outputs = Object.fromEntries(exposed.map((t) => [t, fetched[outputOf(t)]]));
       const values = new Map(exposed.map((t) => [t, floatValues(outputs[t])]));
       for (const t of exposed) if (outputs[t].type === 'float16') float16.add(t);
-      // A value inside an If branch is empty on the batches that took the other branch: nothing to observe there.
-      const ran = new Set(exposed.filter((t) => !isBranchValue(t) || values.get(t)!.length > 0));
+      // A value inside an If branch is empty on the batches that took the other branch, and any value may be empty on
+      // a batch with a dimension of 0: nothing to observe there.
+      const ran = new Set(exposed.filter((t) => values.get(t)!.length > 0));
       for (const t of ran) observedBatches.set(t, (observedBatches.get(t) ?? 0) + 1);
       for (const o of all) {
         if (!ran.has(o.tensor)) continue;
@@ -450,6 +489,10 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     }
   } finally {
     await close();
+  }
+  if (options.expectBatches !== undefined && batches !== options.expectBatches) {
+    throw invalidValue('options.calibration', `the same ${options.expectBatches} batches on its second reading (lowbit reads it twice here)`, `${batches} batches`,
+      'Data that can be read only once (a stream) must not look re-iterable: pass an array of feeds or a folder of .npy files, or a generator.');
   }
   if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
   return { observers, batches, sample, float16, observedBatches };

@@ -330,6 +330,11 @@ export function intsAttribute(node: NodeProto, name: string): number[] | undefin
   return a ? a.ints.map(Number) : undefined;
 }
 
+/** An ints attribute's values as stored (int64: INT64_MAX, PyTorch's open end of a Slice, does not survive a Number). */
+export function int64sAttribute(node: NodeProto, name: string): bigint[] | undefined {
+  return attribute(node, name)?.ints.map(BigInt);
+}
+
 export function floatAttribute(node: NodeProto, name: string, fallback: number): number {
   const a = attribute(node, name);
   return a ? a.f : fallback;
@@ -369,8 +374,8 @@ export function ownedTensor(name: string, dataType: TensorProto_DataType, dims: 
   return create(TensorProtoSchema, { name, dataType, dims: dims.map(BigInt), rawData: own });
 }
 
-export function int64Tensor(name: string, values: number[]): TensorProto {
-  return makeTensor(name, TensorProto_DataType.INT64, [values.length], new Uint8Array(BigInt64Array.from(values.map(BigInt)).buffer));
+export function int64Tensor(name: string, values: ReadonlyArray<number | bigint>): TensorProto {
+  return makeTensor(name, TensorProto_DataType.INT64, [values.length], new Uint8Array(BigInt64Array.from(values.map((v) => BigInt(v))).buffer));
 }
 
 export function floatTensor(name: string, values: number[]): TensorProto {

@@ -3,7 +3,7 @@ import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './g
 import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel, placeOf } from './passes/pass';
 import { bypassConstantIdentities } from './passes/constant-identities';
-import { subgraphLayers } from './passes/quantize-weights';
+import { subgraphLayers, unquantizableReason } from './passes/quantize-weights';
 
 export interface LayerStats {
   node: string;
@@ -43,9 +43,11 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
     const float = weight && (isFloatTensor(weight) || isFloat16Tensor(weight));
     const t = float ? await withDataRead(weight) : weight;
     const data = t && weightValues(t);
+    // The quantizer's own reasons for leaving a layer float (W·x, weight rank, already quantized, …).
+    const skipped = node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized' : unquantizableReason(graph, node, scopes);
     if (!data || data.length === 0) {
       layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [], nonFinite: 0,
-        quantized: false, reason: 'weight is not a float constant', ...inBody });
+        quantized: false, reason: skipped ?? 'weight is not a float constant', ...inBody });
       continue;
     }
     // Indexed loops over a view of the weights (no copies): a large model's layers are tens of MB each.
@@ -77,8 +79,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
     }
     m2 /= count;
     m4 /= count;
-    const reason = node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized'
-      : nonFinite > 0 ? `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel refuses them` : undefined;
+    const reason = skipped ?? (nonFinite > 0 ? `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel refuses them` : undefined);
     layers.push({
       node: nodeLabel(node), op: node.opType, shape: dimsOf(t!), min, max, std: Math.sqrt(m2), kurtosis: m2 > 0 ? m4 / (m2 * m2) - 3 : 0,
       histogram, nonFinite, quantized: reason === undefined, ...(reason ? { reason } : {}), ...inBody,

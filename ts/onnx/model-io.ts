@@ -209,7 +209,8 @@ function externalTensors(model: ModelProto, folder: string | undefined): Externa
     const entry = Object.fromEntries(t.externalData.map((e) => [e.key, e.value]));
     if (!folder) throw new OnnxModelError(`Tensor ${t.name} keeps its data in an external file (${entry.location}); pass the model as a file path so it can be found.`);
     const file = path.resolve(folder, entry.location ?? '');
-    if (!file.startsWith(path.resolve(folder))) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);
+    const relative = path.relative(path.resolve(folder), file);
+    if (relative === '' || relative.startsWith('..') || path.isAbsolute(relative)) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);
     found.push({ t, file, entry });
   }
   return found;
@@ -592,8 +593,8 @@ function floatDataToRaw(t: TensorProto, threshold: number): void {
  * written to temporary files first and renamed only when both are complete: a failure leaves neither (and an
  * earlier pair as it was). Writes of this process to one path run one after another.
  */
-export function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024): Promise<Uint8Array> {
-  return oneWriteAtATime(file, () => writeBothFiles(model, file, threshold));
+export function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024, signal?: AbortSignal): Promise<Uint8Array> {
+  return oneWriteAtATime(file, () => writeBothFiles(model, file, threshold, signal));
 }
 
 /** The pending write of each output path (resolved), while there is one. */
@@ -611,7 +612,7 @@ function oneWriteAtATime<T>(file: string, write: () => Promise<T>): Promise<T> {
   return run;
 }
 
-async function writeBothFiles(model: ModelProto, file: string, threshold: number): Promise<Uint8Array> {
+async function writeBothFiles(model: ModelProto, file: string, threshold: number, signal?: AbortSignal): Promise<Uint8Array> {
   const dataFile = `${file}.data`;
   const [dataTemp, modelTemp] = [temporaryPath(dataFile), temporaryPath(file)];
   // A data file already there is kept aside until the model file is in place: an old model next to a new data file
@@ -624,6 +625,7 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
     const data = await fs.promises.open(dataTemp, 'wx');
     try {
       await moveDataOut(model, path.basename(dataFile), threshold, async (bytes) => {
+        signal?.throwIfAborted();
         for (let done = 0; done < bytes.length;) done += (await data.write(bytes, done, bytes.length - done)).bytesWritten;
       });
     } finally {
@@ -631,7 +633,8 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
     }
     bytes = await serializeModelAsync(model);
     failed = file;
-    await fs.promises.writeFile(modelTemp, bytes, { flag: 'wx' });
+    await fs.promises.writeFile(modelTemp, bytes, { flag: 'wx', signal });
+    signal?.throwIfAborted();
     failed = dataFile;
     if (fs.existsSync(dataFile)) await fs.promises.rename(dataFile, previousData);
     await fs.promises.rename(dataTemp, dataFile);
@@ -645,6 +648,7 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
     if (dataReplaced) await attempt(fs.promises.rm(dataFile, { force: true }));
     if (fs.existsSync(previousData)) await attempt(fs.promises.rename(previousData, dataFile));
     if (e instanceof OnnxModelError) throw e;
+    if (signal?.aborted) throw signal.reason;
     throw writeError(failed, e);
   }
   // Both files are in place: the earlier data file only has to go (a failure to remove it is no failure of the write).
@@ -677,13 +681,15 @@ export function writeFileAtomic(file: string, bytes: Uint8Array): void {
 }
 
 /** writeFileAtomic without holding the event loop while the bytes are written (a large model takes a while). */
-export async function writeFileAtomicAsync(file: string, bytes: Uint8Array): Promise<void> {
+export async function writeFileAtomicAsync(file: string, bytes: Uint8Array, signal?: AbortSignal): Promise<void> {
   const temp = temporaryPath(file);
   try {
-    await fs.promises.writeFile(temp, bytes, { flag: 'wx' });
+    await fs.promises.writeFile(temp, bytes, { flag: 'wx', signal });
+    signal?.throwIfAborted();
     await fs.promises.rename(temp, file);
   } catch (e) {
     await fs.promises.rm(temp, { force: true }).catch(() => undefined);  // the write's error is the one to report
+    if (signal?.aborted) throw signal.reason;
     throw writeError(file, e);
   }
 }

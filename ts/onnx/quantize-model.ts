@@ -17,7 +17,7 @@ import { allNodes, attribute, Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
-import { branchValue, calibrate, checkFeed, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
+import { branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
@@ -130,6 +130,11 @@ export interface QuantizeModelOptions {
    * within the long ones: 'calibrate batch <i>', 'quantize-weights <i>/<n>', 'bias-correction <i>/<n>' (layers).
    */
   onProgress?: (stage: string) => void;
+  /**
+   * Stops the work when aborted: checked at every stage and progress step (calibration batch, layer) and while the
+   * output is written; the promise rejects with the signal's reason and no output file is left.
+   */
+  signal?: AbortSignal;
 }
 
 export interface QuantizationReport {
@@ -138,6 +143,10 @@ export interface QuantizationReport {
   layers: WeightLayerReport[];
   activations: ActivationLayerReport[];
   calibrationBatches?: number;
+  /**
+   * The float outputs of the quantized model against the float model's: mean cosine per sample (each row along the
+   * batch axis; an output without one, per feed) and top-1 agreement over the last axis; `samples` counts the rows.
+   */
   evaluation?: { samples: number; outputs: Array<{ name: string; cosine: number; top1Agreement?: number }> };
   /** Why there is no evaluation although none was turned off (no inputs could be made for the model, or it is too large). */
   evaluationSkipped?: string;
@@ -148,7 +157,8 @@ export interface QuantizationReport {
 
 function checkOptions(options: unknown): QuantizeModelOptions {
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with weights', options);
-  checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData']);
+  checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData', 'signal']);
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw invalidType('options.signal', 'an AbortSignal (AbortController.signal)', options.signal);
   if (options.outputPath !== undefined) checkOutputPath('options.outputPath', options.outputPath);
   if (options.evaluationFeeds !== undefined && !Array.isArray(options.evaluationFeeds)) {
     throw invalidType('options.evaluationFeeds', 'an array of feeds { inputName: { data, dims } } (or [] to skip the evaluation)', options.evaluationFeeds);
@@ -374,7 +384,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
  * takes the depthwise inputs' per-channel ranges; undefined when the model has no depthwise layer.
  */
 async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: QuantizeModelOptions, host: OrtHost):
-  Promise<{ report: PassReport; shifts: Map<string, Float64Array>; calibrationMs?: number } | undefined> {
+  Promise<{ report: PassReport; shifts: Map<string, Float64Array>; calibrationMs?: number; batches?: number } | undefined> {
   const layers = depthwiseLayers(graph, targets);
   if (layers.length === 0) return undefined;
   const w = opts.weights;
@@ -388,42 +398,62 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
   const observers = new Map(layers.map((n) => [n, new ChannelRangeObserver()]));
   opts.onProgress?.('calibrate (depthwise input channels)');
   const t0 = performance.now();
-  await calibrate(cloneSharingData(graph.model), [], opts.calibration!, 'minmax', {
+  const { batches } = await calibrate(cloneSharingData(graph.model), [], opts.calibration!, 'minmax', {
     onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host,
     tensorObservers: layers.map((n) => ({ tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => observers.get(n)!.observe(data, dims) })),
   });
   const calibrationMs = performance.now() - t0;
-  return { ...equalizeDepthwiseInputs(graph, layers, observers), calibrationMs };
+  return { ...equalizeDepthwiseInputs(graph, layers, observers), calibrationMs, batches };
 }
 
-/** Whether iterating the calibration data again starts over (a folder, an array, a re-iterable object; not a generator). */
+/**
+ * Whether iterating the calibration data again starts over: a folder, an array, a re-iterable object; not a generator,
+ * nor a stream (a Node Readable or readline interface hands out a new iterator each time, over data read once).
+ * A second reading still checks that it gives as many batches as the first (calibrate's `expectBatches`).
+ */
 function canReadTwice(data: CalibrationData): boolean {
-  if (typeof data === 'string') return true;
-  const d = data as Partial<Iterable<Feed> & AsyncIterable<Feed>>;
+  if (typeof data === 'string' || Array.isArray(data)) return true;
+  const d = data as Partial<Iterable<Feed> & AsyncIterable<Feed>> & Record<string, unknown>;
+  if (typeof d.pipe === 'function' || typeof d.read === 'function' || typeof d.getReader === 'function' || typeof d.on === 'function') return false;
   const iterator = d[Symbol.iterator]?.() ?? d[Symbol.asyncIterator]?.();
   return iterator !== undefined && iterator !== (data as unknown);
 }
 
-/** Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds. */
+/**
+ * Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds.
+ * A feed holds as many samples as its first input's first dimension (1 for a scalar input); an output whose first
+ * dimension is that batch is compared sample by sample, any other as one sample per feed.
+ */
 export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost) {
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   const [floatSession, quantSession] = await openPair(
     () => openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.', { host }),
     () => openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host }), (s) => s.release());
-  const sums = new Map<string, { cos: number; agree: number; ranked: number }>();
+  const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number }>();
+  let samples = 0;
   try {
     for (const [index, feeds] of feedsList.entries()) {
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
       const f = await runSession(floatSession, tensors, undefined, `the input model on evaluation feed ${index}`,
         'The float model itself fails there: check the model (and that feed) in onnxruntime-node, where lowbit evaluates models.');
       const q = await runSession(quantSession, tensors, undefined, `the quantized model on evaluation feed ${index}`, LOWBIT_BUG);
+      const firstDims = Object.values(feeds)[0]?.dims ?? [];
+      const batch = firstDims.length > 0 ? firstDims[0] : 1;
+      samples += batch;
       for (const name of floatSession.outputNames) {
         if (f[name].type !== 'float32' && f[name].type !== 'float16') continue;  // integer outputs (e.g. an argmax) have no cosine
         const a = floatValues(f[name]);
         const b = floatValues(q[name]);
-        const entry = sums.get(name) ?? { cos: 0, agree: 0, ranked: 0 };
-        entry.cos += cosine(a, b);
         const dims = f[name].dims;
+        if (q[name].dims.join() !== dims.join()) {
+          throw new OnnxModelError(`On evaluation feed ${index}, the quantized model's output '${name}' has dims [${q[name].dims.join(', ')}] where the float ` +
+            `model's has [${dims.join(', ')}]: a rewrite changed what the model computes. This is a lowbit bug: please report it with the model and options.`);
+        }
+        const entry = sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0 };
+        const rows = dims.length >= 2 && dims[0] === batch && batch > 0 ? batch : 1;
+        const size = a.length / rows;
+        for (let r = 0; r < rows; r++) entry.cos += cosine(a.subarray(r * size, (r + 1) * size), b.subarray(r * size, (r + 1) * size));
+        entry.compared += rows;
         const classes = dims[dims.length - 1];
         if (classes > 1 && a.length % classes === 0) {
           for (let r = 0; r < a.length / classes; r++) {
@@ -449,9 +479,9 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
     }
   }
   return {
-    samples: feedsList.length,
+    samples,
     outputs: [...sums].map(([name, s]) => ({
-      name, cosine: s.cos / feedsList.length, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}),
+      name, cosine: s.cos / s.compared, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}),
     })),
   };
 }
@@ -463,7 +493,11 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
  */
 export async function quantizeModel(input: string | Uint8Array, options: QuantizeModelOptions):
   Promise<{ model: Uint8Array; report: QuantizationReport }> {
-  const opts = checkOptions(options);
+  const checked = checkOptions(options);
+  const { signal, onProgress } = checked;
+  signal?.throwIfAborted();
+  // Every stage and progress step is a point to stop at.
+  const opts: QuantizeModelOptions = signal ? { ...checked, onProgress: (stage) => { signal.throwIfAborted(); onProgress?.(stage); } } : checked;
   // One worker thread runs every onnxruntime session of this call (calibration, evaluation), started when first needed.
   const host = new OrtHost();
   try {
@@ -584,6 +618,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   }
   // Depthwise inputs whose shift the rounded filters must be compensated for after the weight pass.
   let shifts = new Map<string, Float64Array>();
+  let equalizationBatches: number | undefined;  // what the main calibration must read again
   if (staticActivations && staticActivations.bits <= 8 && staticActivations.equalizeDepthwise) {
     const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts, host));
     // Its pass over the calibration data counts as calibration.
@@ -592,6 +627,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       timings.calibrate = equalized.calibrationMs;
     }
     if (equalized) passes.push(equalized.report);
+    equalizationBatches = equalized?.batches;
     if (equalized && !gptq && !dataBiasCorrection) shifts = equalized.shifts;
   }
   // The float model for calibration and the layer SQNR (the clone shares the weights' bytes; lazily read ones stay lazy).
@@ -668,7 +704,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     const t0 = performance.now();
     result = await calibrate(prepared!, [...new Set([...tensors, ...branchTensors])], opts.calibration!, staticActivations?.method ?? 'minmax', {
       onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host,
-      tensorObservers: [...observe(biasObservers, false), ...(secondPass ? [] : observe([...gptqMoments], false))],
+      tensorObservers: [...observe(biasObservers, false), ...(secondPass ? [] : observe([...gptqMoments], false))], expectBatches: equalizationBatches,
     });
     calibrationBatches = result.batches;
     sample = result.sample;
@@ -676,6 +712,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? Math.max(8, staticActivations.bits) : staticActivations.bits;
       const calibrated = result;
       const rangeOf = async (t: string, bits: number): Promise<ActivationRange> => {
+        if (!calibrated.observedBatches.get(t)) {
+          throw invalidValue('options.calibration', `batches on which the model computes values for tensor '${t}' (a layer input)`,
+            `${calibrated.batches} batches on which it is empty`, 'A batch with a dimension of 0 gives nothing to calibrate on: give batches with data.');
+        }
         const range = calibrated.observers.get(t)!.range(bits, staticActivations.signed ?? false);
         await nextTurn();  // a KL or ACIQ search per tensor
         return { ...range, bits, ...(calibrated.float16.has(t) ? { float16: true } : {}) };
@@ -704,7 +744,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     if (secondPass) {
       opts.onProgress?.('calibrate (GPTQ inputs)');
       await calibrate(prepared!, [], opts.calibration!, 'minmax', {
-        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, tensorObservers: observe([...gptqMoments], true),
+        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, tensorObservers: observe([...gptqMoments], true), expectBatches: calibrationBatches,
       });
     }
     timings.calibrate = (timings.calibrate ?? 0) + performance.now() - t0;
@@ -715,6 +755,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
           skipped: staticActivations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
     }
   }
+  // Calibration data that quantizing does not read (weight-only, round to nearest) still make the evaluation's inputs.
+  if (!calibrating && opts.calibration !== undefined && evaluationFeeds === undefined) sample = await firstFeeds(model, opts.calibration, 4);
   // Without an evaluation nothing needs the float model any more: dropping it lets each layer's float weights be
   // freed once the layer is quantized (a large model's peak memory then stays near its quantized size).
   if (evaluationFeeds?.length === 0) prepared = undefined;
@@ -797,7 +839,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         if (act?.float16) scales.set(w.node, { activation: act.scale, weight: w.channelScales ?? new Float32Array(0), float16: true });
         else if (act && w.channelScales) scales.set(w.node, { activation: act.scale, weight: w.channelScales });
       }
-      passes.push(await time('quantize-bias', () => quantizeBiases(graph, scales)));
+      passes.push(await time('quantize-bias', () => quantizeBiases(graph, scales, microsoftDomainFallback !== undefined)));
       passes.push(await time('fit-onnxruntime', () => fitOnnxruntime(graph)));
     }
   }
@@ -850,7 +892,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     });
   }
   if (external) {
-    const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!));
+    const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!, undefined, opts.signal));
     // If that comparison fails, the files go too: an error leaves no output.
     if (evaluating && !fitsOneFile) {
       try {
@@ -862,6 +904,6 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     }
     return { model: modelBytes, report };
   }
-  if (opts.outputPath) await time('write', () => writeFileAtomicAsync(opts.outputPath!, bytes));
+  if (opts.outputPath) await time('write', () => writeFileAtomicAsync(opts.outputPath!, bytes, opts.signal));
   return { model: bytes, report };
 }

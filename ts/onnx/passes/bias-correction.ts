@@ -12,7 +12,7 @@
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import type { LayerInputMoments } from '../../calibration/layer-input-moments';
-import { floatData, makeNode, makeTensor, type Graph } from '../graph';
+import { floatAttribute, floatData, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 import { matrixView, type QuantizedWeights } from './quantize-weights';
 
@@ -68,7 +68,10 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
       const previous = biasAdd.node.input[biasAdd.slot];
       biasAdd.node.input[biasAdd.slot] = name;
       graph.removeIfUnused(previous);
-    } else if (node.opType === 'Conv' || node.opType === 'Gemm') {
+    } else if (node.opType === 'Conv' || (node.opType === 'Gemm' && floatAttribute(node, 'beta', 1) !== 0)) {
+      // Gemm computes alpha·A·B + beta·C: the shift of A·B enters C as alpha/beta of it.
+      const gain = node.opType === 'Gemm' ? floatAttribute(node, 'alpha', 1) / floatAttribute(node, 'beta', 1) : 1;
+      for (let c = 0; c < out; c++) shift[c] *= gain;
       const old = node.input[2] ? graph.constant(node.input[2]) : undefined;
       const oldData = old ? floatData(old) : new Float32Array(out);
       if (!oldData || oldData.length !== out) {
@@ -81,6 +84,8 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
       node.input[2] = name;
       if (previous) graph.removeIfUnused(previous);
     } else {
+      // (A MatMul without a constant bias Add, or a Gemm that ignores C: beta = 0.)
+      if (node.opType === 'Gemm') for (let c = 0; c < out; c++) shift[c] *= floatAttribute(node, 'alpha', 1);
       const name = graph.uniqueName(`${w.node}_bias_correction`);
       const raw = graph.uniqueName(`${node.output[0]}_uncorrected`);
       graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, [out], new Uint8Array(Float32Array.from(shift).buffer)));

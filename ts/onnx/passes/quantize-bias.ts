@@ -26,7 +26,7 @@ export interface LayerScales {
   float16?: boolean;
 }
 
-export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>): PassReport {
+export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>, microsoftDomain = false): PassReport {
   const report: PassReport = { pass: 'quantize-bias', changed: [], skipped: [] };
   for (const node of [...graph.graph.node]) {
     if (node.opType !== 'Conv' && node.opType !== 'Gemm') continue;
@@ -41,7 +41,7 @@ export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>): 
         continue;
       }
       const product = productScaleBias(values, s);
-      replaceBias(graph, node, label, product ?? float16Bias(values));
+      replaceBias(graph, node, label, product ?? float16Bias(values), microsoftDomain);
       report.changed.push(`${label}: float16 bias -> int32 (${product ? 'scale s_a·s_w' : "power-of-two scale: s_a·s_w is below float16's normal range"})`);
       continue;
     }
@@ -66,7 +66,7 @@ export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>): 
       report.skipped.push({ node: label, reason: 'the bias does not fit in int32 at scale s_a·s_w' });
       continue;
     }
-    replaceBias(graph, node, label, { values: q, scale: makeTensor('', TensorProto_DataType.FLOAT, [scale.length], new Uint8Array(scale.buffer)) });
+    replaceBias(graph, node, label, { values: q, scale: makeTensor('', TensorProto_DataType.FLOAT, [scale.length], new Uint8Array(scale.buffer)) }, microsoftDomain);
     report.changed.push(`${label}: bias -> int32`);
   }
   graph.sort();
@@ -97,8 +97,11 @@ function float16Bias(values: Float32Array): { values: Int32Array; scale: TensorP
   };
 }
 
-/** Feeds the layer's bias input from DequantizeLinear(int32 values, scale) (axis 0 for a per-channel scale). */
-function replaceBias(graph: Graph, node: NodeProto, label: string, bias: { values: Int32Array; scale: TensorProto }): void {
+/**
+ * Feeds the layer's bias input from DequantizeLinear(int32 values, scale) (axis 0 for a per-channel scale), onnxruntime's
+ * com.microsoft one in a model kept below opset 13 (as its weights' and activations').
+ */
+function replaceBias(graph: Graph, node: NodeProto, label: string, bias: { values: Int32Array; scale: TensorProto }, microsoftDomain: boolean): void {
   const qName = graph.uniqueName(`${node.input[2]}_int32`);
   const sName = graph.uniqueName(`${node.input[2]}_scale`);
   const out = graph.uniqueName(`${node.input[2]}_dequantized`);
@@ -106,7 +109,7 @@ function replaceBias(graph: Graph, node: NodeProto, label: string, bias: { value
   bias.scale.name = sName;
   graph.addInitializer(bias.scale);
   const axis = bias.scale.dims.length > 0 ? [makeIntAttribute('axis', 0)] : [];
-  graph.graph.node.push(makeNode('DequantizeLinear', [qName, sName], [out], `${label}_bias_dq`, axis));
+  graph.graph.node.push(makeNode('DequantizeLinear', [qName, sName], [out], `${label}_bias_dq`, axis, microsoftDomain ? 'com.microsoft' : ''));
   const previous = node.input[2];
   node.input[2] = out;
   graph.removeIfUnused(previous);

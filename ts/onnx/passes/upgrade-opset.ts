@@ -15,7 +15,7 @@
 import type { GraphProto, TensorProto } from 'onnx-buf';
 
 import {
-  attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, intsAttribute, makeIntAttribute, makeNode,
+  attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, int64sAttribute, makeIntAttribute, makeNode,
   isOnnxDomain, makeStringAttribute, removeAttribute, subgraphsOf, type Graph,
 } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
@@ -62,6 +62,9 @@ function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
     if (n.opType === 'BatchNormalization' && opset < 9 && intAttribute(n, 'spatial', 1) === 0) {
       return `BatchNormalization (${nodeLabel(n)}) with spatial = 0 (per-element statistics, dropped at opset 9) is not converted here`;
     }
+    if (n.opType === 'Dropout' && opset < 10 && n.output[1] && reads(scope, n.output[1])) {
+      return `Dropout (${nodeLabel(n)}) whose mask output is used (the mask became bool at opset 10) is not converted here`;
+    }
     if (UNCHANGED.has(n.opType) || REDUCE_18.has(n.opType)) continue;
     if (['Clip', 'Slice', 'Pad', 'Dropout', 'Squeeze', 'Unsqueeze', 'Split', 'ReduceSum', 'Softmax', 'LogSoftmax', 'Hardmax'].includes(n.opType)) continue;
     if (n.opType === 'Resize' || n.opType === 'Upsample') continue;
@@ -71,6 +74,18 @@ function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
   return undefined;
 }
 
+/** The lowest IR version of the ONNX releases with this opset (onnx/docs/Versioning.md). */
+function irVersionFor(opset: number): number {
+  const table: Array<[number, number]> = [[25, 13], [24, 12], [23, 11], [21, 10], [19, 9], [15, 8], [12, 7], [11, 6], [10, 5], [9, 4]];
+  return table.find(([from]) => opset >= from)?.[1] ?? 3;
+}
+
+/** Whether a node of the scope (or of a subgraph in it) or the scope's outputs read `name`. */
+function reads(scope: GraphProto, name: string): boolean {
+  return scope.output.some((o) => o.name === name) ||
+    scope.node.some((n) => n.input.includes(name) || subgraphsOf(n).some((body) => reads(body, name)));
+}
+
 export function upgradeOpset(graph: Graph, target: number): PassReport {
   const report: PassReport = { pass: `upgrade-opset ${graph.opset} -> ${target}`, changed: [], skipped: [] };
   if (graph.opset >= target) return report;
@@ -78,6 +93,12 @@ export function upgradeOpset(graph: Graph, target: number): PassReport {
   if (why) throw new Error(why);
   upgradeNodes(graph, target, report);
   graph.opset = target;
+  // The IR version of the ONNX release that brought the opset (INT4 needs 10, for one): strict checkers refuse less.
+  const ir = BigInt(irVersionFor(target));
+  if (graph.model.irVersion < ir) {
+    report.changed.push(`IR version ${graph.model.irVersion} -> ${ir}`);
+    graph.model.irVersion = ir;
+  }
   graph.sort();
   return report;
 }
@@ -97,7 +118,7 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
     for (const body of subgraphsOf(n)) upgradeNodes(graph, target, report, [body, ...scopes]);
     const label = nodeLabel(n);
     const moveInts = (attr: string, inputIndex: number) => {
-      const values = intsAttribute(n, attr);
+      const values = int64sAttribute(n, attr);
       if (values === undefined) return false;
       while (n.input.length < inputIndex) n.input.push('');
       n.input[inputIndex] = constInput(`${label}_${attr}`, (name) => int64Tensor(name, values));
@@ -120,8 +141,8 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
         break;
       case 'Slice':
         if (from < 10) {
-          const starts = intsAttribute(n, 'starts') ?? [];
-          const ends = intsAttribute(n, 'ends') ?? [];
+          const starts = int64sAttribute(n, 'starts') ?? [];
+          const ends = int64sAttribute(n, 'ends') ?? [];
           n.input[1] = constInput(`${label}_starts`, (name) => int64Tensor(name, starts));
           n.input[2] = constInput(`${label}_ends`, (name) => int64Tensor(name, ends));
           removeAttribute(n, 'starts');
