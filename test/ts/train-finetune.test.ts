@@ -44,6 +44,17 @@ function argmaxAgreement(a: Float32Array, b: Float32Array, classes: number): num
   return same / (a.length / classes);
 }
 
+async function expectError(p: Promise<unknown>, type: new (...a: never[]) => Error, pattern: RegExp): Promise<Error> {
+  try {
+    await p;
+  } catch (e) {
+    expect(e).to.be.instanceOf(type);
+    expect((e as Error).message).to.match(pattern);
+    return e as Error;
+  }
+  return expect.fail(`expected ${type.name} matching ${pattern}`);
+}
+
 describe('finetune: float training', () => {
   it('trains the MNIST CNN from scratch to > 90% on held-out digits (4 000 images, two epochs)', async () => {
     const test = subset('t10k', 500);
@@ -231,16 +242,6 @@ describe('finetune: distillation from the float model (no labels)', () => {
 
 describe('finetune: bad input', () => {
   const data = subset('train', 64);
-  const expectError = async (p: Promise<unknown>, type: new (...a: never[]) => Error, pattern: RegExp) => {
-    try {
-      await p;
-    } catch (e) {
-      expect(e).to.be.instanceOf(type);
-      expect((e as Error).message).to.match(pattern);
-      return e as Error;
-    }
-    return expect.fail(`expected ${type.name} matching ${pattern}`);
-  };
 
   it('labels that do not match the inputs or the model output', async () => {
     await expectError(finetune(BUNDLED, { inputs: data.inputs, labels: data.labels.subarray(0, 10) }), RangeError, /one label per input \(N = dims\[0\] = 64\) for data\.labels/);
@@ -299,7 +300,7 @@ describe('finetune: bad input', () => {
 
   it('a non-finite loss stops training, names the step and the layer, and keeps the last good weights', async () => {
     const e = await expectError(finetune(mnistCnn(9), subset('train', 256), { batchSize: 32, learningRate: 1e30, momentum: 0 }), TrainingError,
-      /epoch 1, step \d+: the loss is (NaN|Infinity|-Infinity); values first became non-finite in the output of \w+/) as TrainingError;
+      /epoch 1, step \d+: (the loss is (NaN|Infinity|-Infinity);|the loss is finite, but) values first became non-finite in (the output|the running statistics) of \w+\./) as TrainingError;
     expect(e.step).to.be.above(1);
     expect(e.layer).to.be.a('string');
     const weights = readModel(e.model!).graph!.initializer.map((t) => floatData(t)).filter((d): d is Float32Array => !!d);
@@ -320,6 +321,104 @@ describe('finetune: bad input', () => {
     expect(caught).to.be.instanceOf(RangeError);
     expect((caught as Error).message).to.match(/existing folder for options\.outputPath .*missing does not exist/);
     fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describe('finetune: quantizer set-up and non-finite values (audit)', () => {
+  const batchesOf = (data: LabelledBatch, size: number) => ({
+    async *[Symbol.asyncIterator]() {
+      const n = data.inputs.dims[0];
+      for (let i = 0; i < n; i += size) {
+        yield { inputs: { data: data.inputs.data.subarray(i * 784, (i + size) * 784), dims: [size, 1, 28, 28] }, labels: data.labels.subarray(i, i + size) };
+      }
+    },
+  });
+
+  it('LSQ and GDRQ train on an async iterable of batches (the probe runs the float model, before any step exists)', async () => {
+    for (const method of ['lsq', 'gdrq'] as const) {
+      const { history } = await finetune(BUNDLED, batchesOf(subset('train', 64), 32), { method, weightBits: 4, activationBits: 4 });
+      expect(history[0].images).to.equal(64);
+    }
+  });
+
+  it("GDRQ with 'max' step initialisation runs (its running clips pass values through while the LSQ edge layers observe)", async () => {
+    const { history } = await finetune(BUNDLED, subset('train', 64), { method: 'gdrq', weightBits: 2, activationBits: 4, stepInit: 'max', batchSize: 32 });
+    expect(history[0].images).to.equal(64);
+  });
+
+  it('LSQ activation steps made in the first forward pass take the first update like every other parameter', async () => {
+    // One step: with a learning rate of ~0 the activation steps stay at their initial values, with 0.05 they move.
+    const data = subset('train', 64);
+    const opts = { method: 'lsq' as const, weightBits: 4 as const, activationBits: 4 as const, epochs: 1, batchSize: 64, learningRateSchedule: 'constant' as const };
+    const still = await finetune(BUNDLED, data, { ...opts, learningRate: Number.MIN_VALUE });
+    const moved = await finetune(BUNDLED, data, { ...opts, learningRate: 0.05 });
+    const changed = still.layers.filter((l, i) => l.activationScale !== moved.layers[i].activationScale);
+    expect(changed.length).to.equal(still.layers.length);
+  });
+
+  it('QAT stops on non-finite values that fake quantizers hide from the loss, and on an update that makes parameters non-finite', async () => {
+    const run = (learningRate: number) => finetune(BUNDLED, subset('train', 256), { method: 'lsq', weightBits: 2, activationBits: 4, batchSize: 32, learningRate, momentum: 0 });
+    // lr 1e30: step 1's update leaves huge finite weights; step 2's convolutions overflow, and the next quantizer maps Infinity to a code.
+    const masked = await expectError(run(1e30), TrainingError,
+      /step 2: the loss is finite, but values first became non-finite in the output of conv\d/) as TrainingError;
+    // lr 1e20: step 2's batch statistics overflow into bn2's running variance, which no output shows.
+    const statistics = await expectError(run(1e20), TrainingError, /step 2: .* values first became non-finite in the running statistics of bn2\./) as TrainingError;
+    // lr 1e300: the first update overflows the weights themselves.
+    const broken = await expectError(run(1e300), TrainingError, /step 1: its update made parameter '[\w.]+' non-finite/) as TrainingError;
+    for (const e of [masked, statistics, broken]) {
+      expect(e.layer).to.be.a('string');
+      const weights = readModel(e.model!).graph!.initializer.map((t) => floatData(t)).filter((d): d is Float32Array => !!d);
+      expect(weights.every((w) => w.every(Number.isFinite))).to.equal(true);
+    }
+  });
+
+  it('the last update is checked too: a diverging final step is an error, not a returned model', async () => {
+    const e = await expectError(finetune(mnistCnn(9), subset('train', 32), { batchSize: 32, learningRate: 1e300, momentum: 0 }), TrainingError,
+      /epoch 1, step 1: its update made parameter '[\w.]+' non-finite/) as TrainingError;
+    expect(e.step).to.equal(1);
+    const weights = readModel(e.model!).graph!.initializer.map((t) => floatData(t)).filter((d): d is Float32Array => !!d);
+    expect(weights.every((w) => w.every(Number.isFinite))).to.equal(true);
+  });
+
+  it('a MatMul whose constant weight comes first (W·x) quantizes x as the activation, in the engine and in the export', async () => {
+    const r = (seed: number) => { let s = seed; return () => ((s = (s * 1103515245 + 12345) % 2147483648) / 2147483648) * 2 - 1; };
+    const next = r(1);
+    const bytes = buildModel({
+      inputDims: ['N', 4], output: 'y', initializers: { W: { dims: [3, 4], data: Array.from({ length: 12 }, next) } },
+      nodes: [
+        { op: 'Transpose', inputs: ['input'], output: 't', attrs: { perm: [1, 0] } },
+        { op: 'MatMul', inputs: ['W', 't'], output: 'm', name: 'mm' },
+        { op: 'Transpose', inputs: ['m'], output: 'y', attrs: { perm: [1, 0] } },
+      ],
+    });
+    const data = { inputs: { data: Float32Array.from({ length: 64 }, next), dims: [16, 4] }, labels: Int32Array.from({ length: 16 }, (_, i) => i % 3) };
+    const result = await finetune(bytes, data, { method: 'lsq', epochs: 1, batchSize: 16, learningRate: 1e-3 });
+    const graph = readModel(result.model).graph!;
+    const matmul = graph.node.find((n) => n.opType === 'MatMul')!;
+    const producer = (name: string) => graph.node.find((n) => n.output.includes(name));
+    // x's side goes through QuantizeLinear -> DequantizeLinear from the Transpose; W's side is its DequantizeLinear of constant codes.
+    expect(producer(matmul.input[1])!.opType).to.equal('DequantizeLinear');
+    expect(producer(producer(matmul.input[1])!.input[0])!.opType).to.equal('QuantizeLinear');
+    expect(producer(producer(producer(matmul.input[1])!.input[0])!.input[0])!.opType).to.equal('Transpose');
+    expect(producer(matmul.input[0])!.opType).to.equal('DequantizeLinear');
+    expect(producer(producer(matmul.input[0])!.input[0]) ?? 'constant codes').to.equal('constant codes');
+    expect(result.layers[0].activationScale).to.not.equal(result.layers[0].weightScale![0]);
+  });
+
+  it('pooling with pads as large as the kernel is an error before training (windows wholly in the padding)', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 1, 4, 4], output: 'y', initializers: { w: { dims: [2, 4], data: [0.1, 0.2, 0.3, 0.4, -0.1, -0.2, -0.3, -0.4] } },
+      nodes: [
+        { op: 'AveragePool', inputs: ['input'], output: 'p', attrs: { kernel_shape: [2, 2], strides: [2, 2], pads: [2, 2, 2, 2] } },
+        { op: 'Flatten', inputs: ['p'], output: 'f' },
+        { op: 'ReduceMean', inputs: ['f'], output: 'g', attrs: { axes: [1], keepdims: 1 } },
+        { op: 'Gemm', inputs: ['g', 'w'], output: 'y', attrs: { transB: 0 } },
+      ],
+    });
+    const data = { inputs: { data: new Float32Array(32), dims: [2, 1, 4, 4] }, labels: Int32Array.of(0, 1) };
+    let caught: unknown;
+    await finetune(bytes, data, { epochs: 1 }).catch((e) => (caught = e));
+    expect((caught as Error).message).to.match(/pads \[2, 2, 2, 2\] must be smaller than the 2×2 kernel/);
   });
 });
 

@@ -130,7 +130,7 @@ export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers:
       entry.weightScale = Array.from(weight.scale);
     }
     if (activation) {
-      const input = node.input[0];
+      const input = node.input[layer.activationInput];
       const scaleName = graph.uniqueName(`${input}_scale`);
       const zpName = graph.uniqueName(`${input}_zero_point`);
       const q = graph.uniqueName(`${input}_quantized`);
@@ -140,7 +140,7 @@ export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers:
       copy.graph!.node.push(
         makeNode('QuantizeLinear', [input, scaleName, zpName], [q], `${input}_q_${layer.label}`),
         makeNode('DequantizeLinear', [q, scaleName, zpName], [dq], `${input}_dq_${layer.label}`));
-      node.input[0] = dq;
+      node.input[layer.activationInput] = dq;
       entry.activationBits = activation.bits;
       entry.activationScale = activation.scale[0];
     }

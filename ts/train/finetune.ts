@@ -19,6 +19,7 @@ import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
 import { OpError } from './ops';
+import { nodeLabel } from '../onnx/passes/pass';
 import { GdrqWeightQuantizer, LsqQuantizer, RunningClipQuantizer, type StepInit } from './quantizers';
 import type { Tensor } from './tensor';
 
@@ -392,7 +393,9 @@ function optimizerStep(params: Parameter[], optimizer: 'sgd' | 'adam', lr: numbe
 
 /** 'max' step initialisation: activation ranges from the float forward pass over the first (up to) 64 inputs, as PTQ calibrates. */
 function observeActivationRanges(model: TrainableModel, data: InputBatch, batchSize: number, kernels: FloatKernels): void {
-  const observers = [...model.quantizers.values()].map((q) => q.activation).filter((a): a is LsqQuantizer => a instanceof LsqQuantizer);
+  // The LSQ ones widen their ranges; GDRQ's running clips, which set their thresholds in training, pass values through.
+  const observers = [...model.quantizers.values()].map((q) => q.activation).filter((a): a is LsqQuantizer | RunningClipQuantizer =>
+    a instanceof LsqQuantizer || a instanceof RunningClipQuantizer);
   observers.forEach((o) => (o.observing = true));
   const n = Math.min(64, data.inputs.dims[0]);
   const order = Int32Array.from({ length: n }, (_, i) => i);
@@ -408,6 +411,11 @@ class Snapshot {
   }
   take(): void {
     this.arrays.forEach((a, i) => this.saved[i].set(a));
+  }
+  /** Adds arrays made after the snapshot was taken, with their values now. */
+  extend(arrays: Float32Array[]): void {
+    this.arrays.push(...arrays);
+    this.saved.push(...arrays.map((a) => Float32Array.from(a)));
   }
   restore(): void {
     this.arrays.forEach((a, i) => a.set(this.saved[i]));
@@ -514,7 +522,8 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       const one = sliceBatch(b, Int32Array.of(0), 0, 1);
       let output;
       try {
-        output = model.output(model.forward({ data: one.inputs.data, dims: one.inputs.dims }, false, kernels));
+        // Float (no quantizers): theirs may not be initialised before the first training batch.
+        output = model.output(model.forward({ data: one.inputs.data, dims: one.inputs.dims }, false, kernels, false));
       } catch (e) {
         // Shapes the graph itself gets wrong (a corrupted or inconsistent model), found before any training.
         if (!(e instanceof OpError)) throw e;
@@ -534,13 +543,17 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   if (s.stepInit === 'max' && inMemory) observeActivationRanges(model, inMemory, s.batchSize, kernels);
 
   const params = () => (s.learnSteps ? model.allParameters() : [...model.params.values()]);
-  const stats = model.nodes.filter((n) => n.opType === 'BatchNormalization').flatMap((n) => n.input.slice(3, 5).map((i) => model.constants.get(i)!.data));
+  const batchNorms = model.nodes.filter((n) => n.opType === 'BatchNormalization');
+  const stats = batchNorms.flatMap((n) => n.input.slice(3, 5).map((i) => model.constants.get(i)!.data));
+  // A training forward pass folds its batch statistics into these; an overflow there shows in no output.
+  const brokenStatistics = () => batchNorms.find((n) => n.input.slice(3, 5).some((i) => !model.constants.get(i)!.data.every(Number.isFinite)));
   let previous: Snapshot | undefined, current: Snapshot | undefined;
   const stepsPerEpoch = inMemory ? Math.ceil(inMemory.inputs.dims[0] / s.batchSize) : undefined;
   const totalSteps = stepsPerEpoch ? stepsPerEpoch * s.epochs : undefined;
   const random = seededRandom(s.seed);
   const history: EpochRecord[] = [];
   let globalStep = 0;
+  let iterableSteps: number | undefined;
 
   const teacher = teacherBytes ? await Teacher.create(teacherBytes, model) : undefined;
   try {
@@ -553,24 +566,41 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       for await (const raw of batches) {
         const batch = inMemory ? raw : checkBatch(`data batch ${step}`, raw, needLabels);
         if (!inMemory) { checkShape(`data batch ${step}`, batch); probe(batch, `data batch ${step}`); }
-        const progress = totalSteps ? globalStep / totalSteps : epoch / s.epochs;
+        // An iterable's length shows once its first epoch has ended: cosine decay per step from then on.
+        const progress = totalSteps ? globalStep / totalSteps : iterableSteps ? Math.min(1, globalStep / (iterableSteps * s.epochs)) : epoch / s.epochs;
         lr = s.schedule === 'constant' ? s.learningRate : 0.5 * s.learningRate * (1 + Math.cos(Math.PI * progress));
-        const all = params();
+        let all = params();
         if (!current) { current = new Snapshot([...all.map((p) => p.value), ...stats]); previous = new Snapshot([...all.map((p) => p.value), ...stats]); }
         [previous, current] = [current, previous!];
         current.take();
         const tape = model.forward({ data: batch.inputs.data, dims: batch.inputs.dims }, true, kernels);
+        if (globalStep === 0) {
+          // LSQ activation steps start from the first batch, in this forward pass: now they are parameters to update and keep.
+          const known = new Set(all);
+          const created = params().filter((p) => !known.has(p));
+          all = [...all, ...created];
+          current.extend(created.map((p) => p.value));
+          previous.extend(created.map((p) => p.value));
+        }
         const logits = model.output(tape);
         const dLogits = new Float32Array(logits.data.length);
         const images = batch.inputs.dims[0];
         const r = teacher
           ? distillationLoss(logits, await teacher.probabilities(batch.inputs, logits.data.length), dLogits)
           : { ...softmaxCrossEntropy(logits, batch.labels!, dLogits), rows: images };
-        if (!Number.isFinite(r.loss)) {
-          const layer = model.firstNonFiniteLayer(tape) ?? 'the loss';
+        // Fake quantizers turn NaN and ±Infinity into codes, so a finite loss alone does not prove finite values
+        // (nor, in any model, finite running statistics).
+        const masked = (model.quantizers.size > 0 ? model.firstNonFiniteLayer(tape) : undefined) ?? brokenStatistics();
+        if (!Number.isFinite(r.loss) || masked) {
+          const statistics = brokenStatistics();
+          const output = model.firstNonFiniteLayer(tape);
+          const layer = output ?? (statistics ? nodeLabel(statistics) : 'the loss');
+          const where = output ? `the output of ${output}` : statistics ? `the running statistics of ${layer}` : 'the loss';
           previous.restore();
-          const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: the loss is ${r.loss}; values first became non-finite in ` +
-            `the output of ${layer}. The error's model holds the weights of the last step whose loss was finite. Lower the learning rate.`);
+          // (Fake quantizers turn Infinity into codes, and the native Relu and MaxPool drop NaN.)
+          const loss = Number.isFinite(r.loss) ? 'the loss is finite, but' : `the loss is ${r.loss};`;
+          const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${loss} values first became non-finite in ` +
+            `${where}. The error's model holds the weights of the last step whose values were finite. Lower the learning rate.`);
           error.step = globalStep + 1;
           error.layer = layer;
           error.model = exportModel(model).bytes;
@@ -578,6 +608,17 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         }
         model.backward(tape, dLogits, kernels);
         optimizerStep(all, s.optimizer, lr, s.momentum, s.weightDecay, globalStep + 1);
+        const broken = all.find((p) => !p.value.every(Number.isFinite));
+        if (broken) {
+          // This update overflowed (the last one too: no later forward pass would see it); the weights before it are good.
+          current.restore();
+          const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: its update made parameter '${broken.name}' non-finite. ` +
+            'The error\'s model holds the weights before that update. Lower the learning rate.');
+          error.step = globalStep + 1;
+          error.layer = broken.name;
+          error.model = exportModel(model).bytes;
+          throw error;
+        }
         lossSum += r.loss * images;
         correct += r.correct;
         judged += r.rows;
@@ -587,6 +628,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         o.onStep?.({ epoch: epoch + 1, step, stepsPerEpoch, loss: lossSum / seen, accuracy: correct / judged });
         await yieldToEventLoop();
       }
+      iterableSteps ??= inMemory ? undefined : step;
       if (seen === 0) {
         throw new TrainingError(`The training data yielded no batch in epoch ${epoch + 1}. An iterable must restart for every epoch (pass an object whose [Symbol.asyncIterator]() starts over, not a generator).`);
       }

@@ -49,6 +49,8 @@ export interface QuantizableLayer {
   node: NodeProto;
   label: string;
   weightInput: number;
+  /** The input the activation quantizer takes: 0, but 1 for a MatMul whose constant weight comes first (W·x). */
+  activationInput: number;
   weight: Parameter;
   /** Axis of the weight's output channels. */
   outputAxis: number;
@@ -195,7 +197,7 @@ export class TrainableModel {
       const weight = this.params.get(node.input[weightInput]);
       if (!weight || weight.dims.length < 2) continue;
       const outputAxis = node.opType === 'Conv' ? 0 : node.opType === 'Gemm' ? (node.attribute.find((a) => a.name === 'transB')?.i === 1n ? 0 : 1) : weightInput === 1 ? 1 : 0;
-      this.layers.push({ node, label: nodeLabel(node), weightInput, weight, outputAxis });
+      this.layers.push({ node, label: nodeLabel(node), weightInput, activationInput: weightInput === 0 ? 1 : 0, weight, outputAxis });
     }
     this.analyseGradients();
   }
@@ -231,19 +233,21 @@ export class TrainableModel {
     return tape.values.get(name) ?? this.constants.get(name);
   }
 
-  forward(input: Tensor, training: boolean, kernels: FloatKernels): Tape {
+  /** The values of every node on this input; `quantize: false` runs the float model, as if no quantizer were set. */
+  forward(input: Tensor, training: boolean, kernels: FloatKernels, quantize = true): Tape {
     const tape: Tape = { values: new Map([[this.inputName, input]]), records: new Map() };
     const ctx: OpContext = { kernels, training, opset: this.graph.opset, frozenBatchNorm: this.freezeBatchNorm };
     for (const node of this.nodes) {
       const inputs = node.input.map((name) => this.value(tape, name));
-      const q = this.quantizers.get(node);
+      const q = quantize ? this.quantizers.get(node) : undefined;
       const quantSaved: unknown[] = [];
-      if (q?.activation && inputs[0]) {
-        const r = q.activation.forward(inputs[0], training);
-        inputs[0] = r.y;
-        quantSaved[0] = r.saved;
+      const layer = q ? this.layers.find((l) => l.node === node) : undefined;
+      const act = layer?.activationInput ?? 0;
+      if (q?.activation && inputs[act]) {
+        const r = q.activation.forward(inputs[act]!, training);
+        inputs[act] = r.y;
+        quantSaved[act] = r.saved;
       }
-      const layer = q?.weight ? this.layers.find((l) => l.node === node) : undefined;
       if (q?.weight && layer && inputs[layer.weightInput]) {
         const r = q.weight.forward(inputs[layer.weightInput]!, training);
         inputs[layer.weightInput] = r.y;
@@ -291,7 +295,9 @@ export class TrainableModel {
       if (!dy) continue;
       const record = tape.records.get(node)!;
       const q = this.quantizers.get(node);
-      const learnable = (k: number) => (k === 0 && !!q?.activation?.parameters.length) || (!!q?.weight?.parameters.length && this.layers.find((l) => l.node === node)?.weightInput === k);
+      const layer = q ? this.layers.find((l) => l.node === node) : undefined;
+      const act = layer?.activationInput ?? 0;
+      const learnable = (k: number) => (k === act && !!q?.activation?.parameters.length) || (!!q?.weight?.parameters.length && layer?.weightInput === k);
       const needs = node.input.map((name, k) => !!name && (this.needsGrad.has(name) || learnable(k)));
       const dx = OPS.get(node.opType)!.backward(node, record.inputs, tape.values.get(node.output[0])!, record.saved, dy, needs, ctx);
       node.input.forEach((name, k) => {
@@ -299,7 +305,7 @@ export class TrainableModel {
         if (!g || !needs[k]) return;
         if (k in record.quantSaved) {
           const original = this.value(tape, name)!;
-          const quantizer = k === 0 && q?.activation ? q.activation : q!.weight!;
+          const quantizer = k === act && q?.activation ? q.activation : q!.weight!;
           g = quantizer.backward(original, record.quantSaved[k], g);
         }
         if (this.needsGrad.has(name)) add(name, g);

@@ -83,6 +83,10 @@ export function windowGeometry(node: NodeProto, dims: readonly number[], kernelH
   const h = axisGeometry(node, height, kernelH, strideH, dilationH, pads[0], pads[2], ceil);
   const w = axisGeometry(node, width, kernelW, strideW, dilationW, pads[1], pads[3], ceil);
   if (h.out <= 0 || w.out <= 0) throw new OpError(node, `the window does not fit the ${height}×${width} input`);
+  if ((node.opType === 'MaxPool' || node.opType === 'AveragePool') && (Math.max(pads[0], pads[2]) >= kernelH || Math.max(pads[1], pads[3]) >= kernelW)) {
+    // Windows wholly in the padding would have no value to take (onnxruntime refuses such a model too).
+    throw new OpError(node, `pads [${pads.join(', ')}] must be smaller than the ${kernelH}×${kernelW} kernel`);
+  }
   return { channels, height, width, kernelH, kernelW, padTop: h.padBegin, padLeft: w.padBegin, strideH, strideW,
     dilationH, dilationW, outH: h.out, outW: w.out };
 }
@@ -504,7 +508,10 @@ const reduceMean: OpImpl = {
   forward(node, x, ctx) {
     const input = need(node, x[0], 'input');
     const rank = input.dims.length;
-    const axes = axesOf(node, x, 1, ctx.opset >= 18, rank) ?? input.dims.map((_, i) => i);
+    const given = axesOf(node, x, 1, ctx.opset >= 18, rank);
+    // No axes: every axis, or none (identity) with opset 18's noop_with_empty_axes.
+    const noop = ctx.opset >= 18 && intAttribute(node, 'noop_with_empty_axes', 0) === 1;
+    const axes = given && given.length > 0 ? given : noop ? [] : input.dims.map((_, i) => i);
     const kept = input.dims.map((d, i) => (axes.includes(i) ? 1 : d));
     const index = broadcastIndex(kept, input.dims);
     const count = input.data.length / sizeOf(kept);

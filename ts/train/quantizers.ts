@@ -260,6 +260,9 @@ export class RunningClipQuantizer implements ExportableQuantizer {
   private qn = 0;
   private qp = 0;
 
+  /** Passes values through untouched (while the LSQ quantizers beside it observe ranges for their 'max' steps). */
+  observing = false;
+
   constructor(readonly name: string, readonly bits: number, private readonly k: number, private readonly momentum: number) {}
 
   private step(): number {
@@ -267,6 +270,7 @@ export class RunningClipQuantizer implements ExportableQuantizer {
   }
 
   forward(x: Tensor, training: boolean): { y: Tensor; saved?: unknown } {
+    if (this.observing) return { y: x };
     if (training) {
       const target = this.k * meanAbs(x.data);
       if (this.threshold === 0) {
