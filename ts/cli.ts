@@ -144,12 +144,13 @@ export function program(): Command {
       };
       // Ctrl-C (or a SIGTERM) stops the work at its next step and removes what was being written; a second one exits at once.
       const stop = new AbortController();
+      const forceExit = () => process.exit(130);
       const interrupt = (signal: NodeJS.Signals) => {
         shown?.stop();
         shown = undefined;
         process.stderr.write(`\nlowbit: ${signal}: stopping, removing partial output…\n`);
         stop.abort(new Error(`interrupted (${signal}): nothing was written`));
-        process.once(signal, () => process.exit(130));
+        process.once(signal, forceExit);
       };
       process.once('SIGINT', interrupt);
       process.once('SIGTERM', interrupt);
@@ -201,8 +202,17 @@ export function program(): Command {
         throw e;
       } finally {
         shown?.stop();  // restores the cursor before any error is printed
-        process.off('SIGINT', interrupt);
-        process.off('SIGTERM', interrupt);
+        for (const s of ['SIGINT', 'SIGTERM'] as const) {
+          process.off(s, interrupt);
+          process.off(s, forceExit);
+        }
+      }
+      // Interrupted after quantizeModel's last check (it finished meanwhile): the run still ends with nothing written.
+      if (stop.signal.aborted) {
+        const data = `${o.output}.data`;
+        for (const f of [o.output, ...(fs.existsSync(data) && fs.statSync(data).mtimeMs >= started ? [data] : [])]) fs.rmSync(f, { force: true });
+        process.exitCode = 130;
+        throw stop.signal.reason;
       }
       const { report } = result;
       console.log(table(report.layers.map((l) => ({
@@ -221,10 +231,10 @@ export function program(): Command {
       for (const p of report.passes) for (const s of p.skipped) console.log(`skipped by ${p.pass}: ${s.node}: ${s.reason}`);
       if (report.opset.microsoftDomainFallback) console.log(`note: ${report.opset.microsoftDomainFallback}`);
       for (const out of report.evaluation?.outputs ?? []) {
-        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'random'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
+        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''}${out.reshapedFeeds ? `, ${out.reshapedFeeds} feeds left out (its size differed)` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'random'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
       }
+      for (const out of report.evaluation?.uncompared ?? []) console.log(`output ${out.name}: not compared (${out.reason})`);
       if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);
-      if (report.layerSqnrSkipped) console.log(`no layer output SQNR: ${report.layerSqnrSkipped}`);
       console.log(`wrote ${o.output}${o.externalData ? ` and ${o.output}.data` : ''} (opset ${report.opset.from} -> ${report.opset.to})`);
       // How onnxruntime will run it (`npm run bench -- models`).
       if (o.abits === undefined) {
@@ -234,7 +244,9 @@ export function program(): Command {
       }
       if (o.report) {
         try {
-          writeFileAtomic(o.report, new TextEncoder().encode(JSON.stringify(report, null, 2)));
+          // JSON has no Infinity (an SQNR with no error): written as the string "Infinity" rather than null.
+          const json = JSON.stringify(report, (_, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2);
+          writeFileAtomic(o.report, new TextEncoder().encode(json));
         } catch (e) {
           // All or nothing: the model without the report asked for is a failed run.
           const data = `${o.output}.data`;

@@ -697,9 +697,10 @@ describe('histogram observer: native batch statistics', () => {
       if (finite.length === 0) continue;
       for (const v of finite) { min = Math.min(min, v); max = Math.max(max, v); }
       const maxAbs = Math.max(Math.abs(min), Math.abs(max));
-      if (maxAbs > limit) {
-        let grown = limit === 0 ? 2 ** Math.ceil(Math.log2(maxAbs)) : limit;
-        while (grown < maxAbs) grown *= 2;
+      // The limit: the smallest power of two strictly above every |x| (half-open bins).
+      if (maxAbs >= limit && maxAbs > 0) {
+        let grown = limit === 0 ? 2 ** Math.floor(Math.log2(maxAbs)) : limit;
+        while (grown <= maxAbs) grown *= 2;
         if (limit > 0) {
           for (const c of [counts, negativeCounts]) {
             const old = Float64Array.from(c);

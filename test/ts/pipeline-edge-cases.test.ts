@@ -3,18 +3,21 @@
 // Dropout masks, IR versions, external data paths).
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Readable } from 'node:stream';
-import { ModelProtoSchema, TensorProto_DataLocation, TensorProto_DataType } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
-import { readNpyFeed } from '../../ts/onnx/calibrate';
+import { makeObserver, readNpyFeed } from '../../ts/onnx/calibrate';
+import { HistogramObserver } from '../../ts/calibration/observers';
+import { quantizeTensor } from '../../ts/quantize';
 import { Graph } from '../../ts/onnx/graph';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { readModel, serializeModel } from '../../ts/onnx/model-io';
+import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { compareOutputs, quantizeModel } from '../../ts/onnx/quantize-model';
 import { writeNpy } from '../helpers/npy';
@@ -57,6 +60,38 @@ describe('calibration data read once or twice', () => {
     await quantizeModel(mnist, { weights: { bits: 4, rounding: 'gptq' }, activations: { bits: 8 }, calibration: shrinking, evaluationFeeds: [] })
       .catch((e) => (caught = e));
     expect((caught as Error).message).to.match(/the same 2 batches on its second reading .* for options\.calibration but received "1 batches"/);
+  });
+});
+
+describe('calibration observers (audit)', () => {
+  it('KL ranges for signed (symmetric) activations assume the levels such a quantizer has above 0, as quantizeTensor\'s kl does', () => {
+    const r = rng(7);
+    const n = 1 << 16;
+    const data = Float32Array.from({ length: n }, () => { const u = r() - 0.5; return Math.max(0, -Math.sign(u) * Math.log(1 - 2 * Math.abs(u))); });
+    for (const bits of [4, 8]) {
+      const observer = makeObserver('kl');
+      for (let b = 0; b < 8; b++) observer.observe(data.subarray((b * n) / 8, ((b + 1) * n) / 8));
+      const direct = quantizeTensor(data, { shape: [n], bits, method: 'kl' });  // signed symmetric
+      expect(observer.range(bits, true).hi).to.be.closeTo(direct.scale[0] * (2 ** (bits - 1) - 1), 1e-6);
+    }
+  });
+
+  it('a histogram\'s bins do not depend on batch order when the maximum is a power of two (bins are half-open)', () => {
+    const nonEmpty = (h: HistogramObserver) => [...h.counts.keys()].filter((i) => h.counts[i] > 0);
+    const a = new HistogramObserver().observe(Float32Array.of(1)).observe(Float32Array.of(3));
+    const b = new HistogramObserver().observe(Float32Array.of(3)).observe(Float32Array.of(1));
+    const merged = new HistogramObserver().observe(Float32Array.of(1)).merge(new HistogramObserver().observe(Float32Array.of(3)));
+    expect(nonEmpty(a)).to.deep.equal(nonEmpty(b));
+    expect(nonEmpty(merged)).to.deep.equal(nonEmpty(b));
+    expect(a.percentileRange(50)).to.deep.equal(b.percentileRange(50));
+  });
+
+  it('16-bit activations with ACIQ or KL ranges are refused before calibrating', async () => {
+    for (const method of ['aciq', 'kl'] as const) {
+      let caught: unknown;
+      await quantizeModel(mnist, { weights: { bits: 8 }, activations: { bits: 16, method }, calibration: [feed(0, 2)] }).catch((e) => (caught = e));
+      expect((caught as Error).message).to.match(/'minmax', 'percentile' or 'mse' with 16-bit activations .* for options\.activations\.method/);
+    }
   });
 });
 
@@ -117,15 +152,37 @@ describe('the evaluation', () => {
     expect(report.calibrationBatches).to.equal(undefined);  // nothing was calibrated
   });
 
-  it('an output whose shape the quantized model changed is a lowbit bug, not a NaN cosine', async () => {
+  it('an output of a data-dependent size that quantization changed is left out of the cosine and reported', async () => {
+    // y = Compress(x, x > t): how many values pass depends on x, which the 2-bit weights move.
+    const model = buildModel({
+      inputDims: [1, 16], output: 'y', opset: 13, initializers: { w: { dims: [16, 16], data: heInit(256, 16, 21) }, t: { dims: [], data: [0] } },
+      nodes: [
+        { op: 'MatMul', inputs: ['input', 'w'], output: 'h', name: 'mm' },
+        { op: 'Reshape', inputs: ['h', 'flat'], output: 'f' },
+        { op: 'Greater', inputs: ['f', 't'], output: 'keep' },
+        { op: 'Compress', inputs: ['f', 'keep'], output: 'y' },
+      ],
+      int64: { flat: [-1] },
+    });
+    const r = rng(2);
+    const feeds = Array.from({ length: 8 }, () => ({ input: { data: Float32Array.from({ length: 16 }, () => r() - 0.5), dims: [1, 16] } }));
+    const { report } = await quantizeModel(model, { weights: { bits: 2, granularity: 'tensor' }, firstLastLayerBits: 2, evaluationFeeds: feeds });
+    const out = report.evaluation!.outputs.find((o) => o.name === 'y');
+    const uncompared = report.evaluation!.uncompared?.find((o) => o.name === 'y');
+    // Some feeds changed the size: left out there (or on every feed: reported as not compared).
+    expect((out?.reshapedFeeds ?? 0) > 0 || uncompared !== undefined).to.equal(true);
+    if (out) expect(Number.isFinite(out.cosine)).to.equal(true);
+  });
+
+  it('an output whose rank the quantized model changed is a lowbit bug, not a NaN cosine', async () => {
     const relu = buildModel({ inputDims: [1, 4], output: 'y', initializers: {}, nodes: [{ op: 'Relu', inputs: ['input'], output: 'y' }] });
     const shorter = buildModel({
-      inputDims: [1, 4], output: 'y', initializers: {}, int64: { starts: [0], ends: [2], axes: [1] },
-      nodes: [{ op: 'Slice', inputs: ['input', 'starts', 'ends', 'axes'], output: 'y' }],
+      inputDims: [1, 4], output: 'y', initializers: {}, int64: { shape: [4] },
+      nodes: [{ op: 'Reshape', inputs: ['input', 'shape'], output: 'y' }],
     });
     let caught: unknown;
     await compareOutputs(relu, shorter, [{ input: { data: Float32Array.of(1, 2, 3, 4), dims: [1, 4] } }]).catch((e) => (caught = e));
-    expect((caught as Error).message).to.match(/output 'y' has dims \[1, 2\] where the float model's has \[1, 4\]: a rewrite changed what the model computes/);
+    expect((caught as Error).message).to.match(/output 'y' has dims \[4\] where the float model's has \[1, 4\]: a rewrite changed what the model computes/);
   });
 });
 
@@ -153,17 +210,20 @@ describe('stopping quantizeModel', () => {
     fs.rmSync(dir, { recursive: true });
   });
 
-  it('an abort during the write removes the temporary files (external data too)', async () => {
+  it('an abort as the write starts removes its temporary files (external data too)', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-abort-'));
-    const stop = new AbortController();
-    let caught: unknown;
-    await quantizeModel(mnist, {
-      weights: { bits: 8 }, outputPath: path.join(dir, 'q.onnx'), externalData: true, evaluationFeeds: [], signal: stop.signal,
-      onProgress: (stage) => { if (stage === 'write') setImmediate(() => stop.abort(new Error('late'))); },
-    }).catch((e) => (caught = e));
-    // Either the write finished before the abort took effect, or nothing of it is left.
-    if (caught) expect(fs.readdirSync(dir)).to.deep.equal([]);
-    else expect(fs.readdirSync(dir).sort()).to.deep.equal(['q.onnx', 'q.onnx.data']);
+    for (const externalData of [true, false]) {
+      const stop = new AbortController();
+      const reason = new Error('stopped at the write');
+      let caught: unknown;
+      await quantizeModel(mnist, {
+        weights: { bits: 8 }, outputPath: path.join(dir, 'q.onnx'), externalData, evaluationFeeds: [], signal: stop.signal,
+        // The write's own checks see it: the data file's first chunk, or the model file's write.
+        onProgress: (stage) => { if (stage === 'write') stop.abort(reason); },
+      }).catch((e) => (caught = e));
+      expect(caught).to.equal(reason);
+      expect(fs.readdirSync(dir)).to.deep.equal([]);
+    }
     fs.rmSync(dir, { recursive: true });
   });
 
@@ -182,6 +242,41 @@ describe('stopping quantizeModel', () => {
     expect(stderr).to.match(/lowbit: interrupted \(SIGINT\): nothing was written/);
     expect(status).to.equal(130);
     expect(fs.readdirSync(dir)).to.deep.equal([]);
+    fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describe('`lowbit quantize --report`', () => {
+  it('writes an infinite SQNR as "Infinity"; when the report cannot be written, removes the model it wrote and says so', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-report-'));
+    // Weights on the 8-bit grid (k/127): quantized exactly, an SQNR of Infinity.
+    const exact = buildModel({
+      inputDims: [1, 4], output: 'y', initializers: { w: { dims: [4, 2], data: [127, -127, 64, 0, -3, 5, 100, -50].map((k) => k / 127) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+    });
+    fs.writeFileSync(path.join(dir, 'exact.onnx'), exact);
+    const cli = path.join(root, 'dist', 'ts', 'cli.js');
+    const good = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--granularity', 'tensor', '--report', 'r.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(good.status, good.stderr).to.equal(0);
+    expect(JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).layers[0].weightSqnrDb).to.equal('Infinity');
+    fs.rmSync(path.join(dir, 'exact.q.onnx'));
+    const bad = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(bad.status).to.equal(1);
+    expect(bad.stderr).to.match(/Could not write \/proc\/lowbit-report\.json .*; removed exact\.q\.onnx too, so nothing of this run is left\./);
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
+    fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describe('reading model files', () => {
+  it('an unreadable file is named in the error', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-read-'));
+    const file = path.join(dir, 'notes.onnx');
+    fs.writeFileSync(file, 'hello, not a model');
+    expect(() => readModel(file)).to.throw(/notes\.onnx is not an ONNX model/);
+    let caught: unknown;
+    await quantizeModel(file, { weights: { bits: 8 } }).catch((e) => (caught = e));
+    expect((caught as Error).message).to.match(/notes\.onnx is not an ONNX model/);
     fs.rmSync(dir, { recursive: true });
   });
 });
@@ -257,27 +352,45 @@ describe('ONNX rewrites found by the audit', () => {
 
   it('data-driven bias correction of a Gemm scales the shift by alpha / beta (alpha = -1: the same error as alpha = 1)', async () => {
     const r = rng(11);
-    const gemm = (alpha: number) => buildModel({
+    const gemm = (alpha: number, beta: number) => buildModel({
       inputDims: [8, 32], output: 'y', opset: 13,
       initializers: { w: { dims: [16, 32], data: heInit(512, 32, 7) }, b: { dims: [16], data: new Float32Array(16) } },
-      nodes: [{ op: 'Gemm', inputs: ['input', 'w', 'b'], output: 'y', name: 'fc', attrs: { transB: 1, alpha } }],
+      nodes: [{ op: 'Gemm', inputs: ['input', 'w', 'b'], output: 'y', name: 'fc', attrs: { transB: 1, alpha, beta } }],
     });
     // Inputs with a mean: rounding errors shift the outputs' means, which the correction removes.
     const calibration = Array.from({ length: 4 }, () => ({ input: { data: Float32Array.from({ length: 256 }, () => 1 + r()), dims: [8, 32] } }));
-    const meanError = async (alpha: number, correct: boolean) => {
-      const { model } = await quantizeModel(gemm(alpha), {
+    const meanError = async (alpha: number, beta: number, correct: boolean) => {
+      const { model } = await quantizeModel(gemm(alpha, beta), {
         weights: { bits: 4 }, activations: { bits: 16, biasCorrection: correct }, calibration, evaluationFeeds: [],
       });
-      const f = (await run(gemm(alpha), calibration[0])).y.data as Float32Array;
+      const f = (await run(gemm(alpha, beta), calibration[0])).y.data as Float32Array;
       const q = (await run(model, calibration[0])).y.data as Float32Array;
       const perChannel = new Float64Array(16);
       for (let i = 0; i < f.length; i++) perChannel[i % 16] += (q[i] - f[i]) / 8;
       return perChannel.reduce((a, v) => a + Math.abs(v), 0) / 16;
     };
-    const uncorrected = await meanError(1, false);
-    const corrected = await meanError(1, true);
+    const uncorrected = await meanError(1, 1, false);
+    const corrected = await meanError(1, 1, true);
     expect(corrected).to.be.below(uncorrected / 4);
-    expect(await meanError(-1, true)).to.be.closeTo(corrected, 1e-3);
+    // The bias is 0, so these Gemms compute ±the same: their corrected errors match (beta = 0 ignores C: an Add takes the shift).
+    for (const [alpha, beta] of [[-1, 1], [1, 0.5], [2, 0.25], [1, 0]]) expect(await meanError(alpha, beta, true), `alpha ${alpha} beta ${beta}`).to.be.closeTo(corrected * Math.abs(alpha), 1e-3);
+  });
+
+  it('a BatchNormalization with training_mode = 1 (batch statistics) is not folded', () => {
+    const model = buildModel({
+      inputDims: [2, 3, 4, 4], output: 'y', opset: 15,
+      initializers: {
+        w: { dims: [3, 3, 1, 1], data: heInit(9, 3, 1) }, g: { dims: [3], data: [1, 1, 1] }, b: { dims: [3], data: [0, 0, 0] },
+        m: { dims: [3], data: [0, 0, 0] }, v: { dims: [3], data: [1, 1, 1] },
+      },
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'w'], output: 'c', name: 'conv' },
+        { op: 'BatchNormalization', inputs: ['c', 'g', 'b', 'm', 'v'], output: 'y', name: 'bn', attrs: { training_mode: 1 } },
+      ],
+    });
+    const report = foldBatchNorm(new Graph(readModel(model)));
+    expect(report.changed).to.deep.equal([]);
+    expect(report.skipped).to.deep.equal([{ node: 'bn', reason: 'it is in training mode (training_mode = 1: batch statistics)' }]);
   });
 
   it('a Dropout whose mask is read is not converted past opset 10 (its mask became bool)', () => {
@@ -294,15 +407,89 @@ describe('ONNX rewrites found by the audit', () => {
     expect(() => upgradeOpset(new Graph(readModel(unread)), 13)).not.to.throw();
   });
 
-  it('raising the opset raises the IR version to the one the opset came with (INT4 needs IR 10)', async () => {
+  it('raising the opset raises the IR version to the one the opset came with (INT4 needs IR 10); IR 3\'s initializer inputs go', async () => {
     const model = edited(buildModel({
       inputDims: [1, 16], output: 'y', opset: 9, initializers: { w: { dims: [16, 8], data: heInit(128, 16, 9) } },
       nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
-    }), (m) => { m.irVersion = 3n; });
+    }), (m) => {
+      // IR 3 lists initializers among the inputs.
+      m.irVersion = 3n;
+      m.graph!.input.push({ ...m.graph!.input[0], name: 'w' });
+    });
     const { model: q } = await quantizeModel(model, { weights: { bits: 4, granularity: 'block', blockSize: 16 }, evaluationFeeds: [] });
     const out = fromBinary(ModelProtoSchema, q);
     expect(out.opsetImport.find((o) => o.domain === '')!.version).to.equal(21n);
     expect(out.irVersion).to.equal(10n);
+    expect(out.graph!.input.map((i) => i.name)).to.deep.equal(['input']);
+  });
+
+  it('external data output takes the initializers of If branches too (a shared quantized weight written once) and runs the same', async () => {
+    const info = (name: string, elemType: number, dims: number[]) => ({
+      name, type: { value: { case: 'tensorType', value: { elemType, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } },
+    });
+    const n = 64;
+    const branch = (name: string, negate: boolean) => ({
+      name: `${name}_branch`, type: AttributeProto_AttributeType.GRAPH,
+      g: {
+        name, output: [info(`${name}_y`, TensorProto_DataType.FLOAT, [1, n])],
+        node: negate
+          ? [{ opType: 'MatMul', name: `${name}_mm`, input: ['x', 'W'], output: [`${name}_m`] }, { opType: 'Neg', name: `${name}_neg`, input: [`${name}_m`], output: [`${name}_y`] }]
+          : [{ opType: 'MatMul', name: `${name}_mm`, input: ['x', 'W'], output: [`${name}_y`] }],
+      },
+    });
+    const model = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'merged', input: [info('x', TensorProto_DataType.FLOAT, [1, n]), info('c', TensorProto_DataType.BOOL, [])], output: [info('y', TensorProto_DataType.FLOAT, [1, n])],
+        initializer: [{ name: 'W', dataType: TensorProto_DataType.FLOAT, dims: [BigInt(n), BigInt(n)], rawData: new Uint8Array(heInit(n * n, n, 3).buffer) }],
+        node: [{ opType: 'If', name: 'if', input: ['c'], output: ['y'], attribute: [branch('then', false), branch('else', true)] }],
+      },
+    } as never));
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-subext-'));
+    const file = path.join(dir, 'q.onnx');
+    const inline = await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [] });
+    await quantizeModel(model, { weights: { bits: 8 }, outputPath: file, externalData: true, evaluationFeeds: [] });
+    const written = fromBinary(ModelProtoSchema, fs.readFileSync(file));
+    const large: Array<{ external: boolean }> = [];
+    const walk = (g: NonNullable<typeof written.graph>) => {
+      for (const t of g.initializer) if (t.dataLocation === TensorProto_DataLocation.EXTERNAL || t.rawData.length >= 1024) large.push({ external: t.dataLocation === TensorProto_DataLocation.EXTERNAL });
+      for (const node of g.node) for (const a of node.attribute) for (const sub of [a.g, ...a.graphs]) if (sub) walk(sub);
+    };
+    walk(written.graph!);
+    expect(large.length).to.be.at.least(2);  // the quantized weight in each branch
+    expect(large.every((t) => t.external)).to.equal(true);
+    expect(fs.statSync(`${file}.data`).size).to.be.below(2 * n * n);  // one copy of the int8 codes
+    const O = ort();
+    for (const c of [true, false]) {
+      const feeds = { x: new O.Tensor('float32', Float32Array.from({ length: n }, (_, i) => Math.cos(i)), [1, n]), c: new O.Tensor('bool', Uint8Array.of(c ? 1 : 0), []) };
+      const fromFile = await O.InferenceSession.create(file);
+      const fromBytes = await O.InferenceSession.create(inline.model);
+      expect(Array.from((await fromFile.run(feeds)).y.data as Float32Array)).to.deep.equal(Array.from((await fromBytes.run(feeds)).y.data as Float32Array));
+      await fromFile.release();
+      await fromBytes.release();
+    }
+    fs.rmSync(dir, { recursive: true });
+  });
+
+  it('a model of 2 GB or more (limit lowered) is not written over its input when it is compared from the written files', async () => {
+    const io: { ONE_BUFFER_LIMIT: number } = require('../../ts/onnx/model-io');
+    const limit = io.ONE_BUFFER_LIMIT;
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-inplace-'));
+    const file = path.join(dir, 'm.onnx');
+    fs.writeFileSync(file, buildModel({
+      inputDims: [1, 64], output: 'y', initializers: { w: { dims: [64, 64], data: heInit(4096, 64, 5) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+    }));
+    io.ONE_BUFFER_LIMIT = 1;
+    let caught: unknown;
+    try {
+      await quantizeModel(file, { weights: { bits: 4 }, outputPath: file }).catch((e) => (caught = e));
+    } finally {
+      io.ONE_BUFFER_LIMIT = limit;
+    }
+    expect((caught as Error).message).to.match(/a path other than the input model's for a model of 2 GB or more .* for options\.outputPath/);
+    expect(fs.readdirSync(dir)).to.deep.equal(['m.onnx']);
+    fs.rmSync(dir, { recursive: true });
   });
 
   it('an external data location in a sibling folder whose name starts like the model\'s folder is refused', () => {
@@ -324,6 +511,11 @@ describe('ONNX rewrites found by the audit', () => {
     } as never);
     fs.writeFileSync(path.join(dir, 'm', 'model.onnx'), toBinary(ModelProtoSchema, model));
     expect(() => readModel(path.join(dir, 'm', 'model.onnx'))).to.throw(/points outside the model's folder \(\.\.\/m2\/secret\.bin\)/);
+    // A file of the model's folder whose name starts with two dots is inside.
+    fs.writeFileSync(path.join(dir, 'm', '..weights.bin'), Buffer.from(Float32Array.of(7, 8).buffer));
+    model.graph!.initializer[0].externalData = [create(StringStringEntryProtoSchema, { key: 'location', value: '..weights.bin' })];
+    fs.writeFileSync(path.join(dir, 'm', 'model.onnx'), toBinary(ModelProtoSchema, model));
+    expect(Array.from(new Float32Array(readModel(path.join(dir, 'm', 'model.onnx')).graph!.initializer[0].rawData.slice().buffer))).to.deep.equal([7, 8]);
     fs.rmSync(dir, { recursive: true });
   });
 });

@@ -13,6 +13,7 @@ import { finetune, OnnxModelError, TrainingError, type LabelledBatch } from '../
 import { distillationLoss } from '../../ts/train/finetune';
 import { nativeKernels } from '../../ts/train/kernels';
 import { TrainableModel } from '../../ts/train/model';
+import { LsqQuantizer } from '../../ts/train/quantizers';
 import { ort } from '../../ts/bench/ort-models';
 import { readModel } from '../../ts/onnx/model-io';
 import { floatData } from '../../ts/onnx/graph';
@@ -372,6 +373,13 @@ describe('finetune: quantizer set-up and non-finite values (audit)', () => {
     }
   });
 
+  it("GDRQ's running clip thresholds go back with the weights when training stops (the export's scales stay finite)", async () => {
+    const e = await expectError(finetune(BUNDLED, subset('train', 256), { method: 'gdrq', weightBits: 2, activationBits: 4, batchSize: 32, learningRate: 1e30, momentum: 0 }),
+      TrainingError, /values first became non-finite/) as TrainingError;
+    const tensors = readModel(e.model!).graph!.initializer.map((t) => floatData(t)).filter((d): d is Float32Array => !!d);
+    expect(tensors.every((t) => t.every(Number.isFinite))).to.equal(true);
+  });
+
   it('the last update is checked too: a diverging final step is an error, not a returned model', async () => {
     const e = await expectError(finetune(mnistCnn(9), subset('train', 32), { batchSize: 32, learningRate: 1e300, momentum: 0 }), TrainingError,
       /epoch 1, step 1: its update made parameter '[\w.]+' non-finite/) as TrainingError;
@@ -403,6 +411,15 @@ describe('finetune: quantizer set-up and non-finite values (audit)', () => {
     expect(producer(matmul.input[0])!.opType).to.equal('DequantizeLinear');
     expect(producer(producer(matmul.input[0])!.input[0]) ?? 'constant codes').to.equal('constant codes');
     expect(result.layers[0].activationScale).to.not.equal(result.layers[0].weightScale![0]);
+  });
+
+  it("an LSQ activation quantizer with 'max' steps on all-negative values (no positive level) gets a finite step gradient", () => {
+    const q = new LsqQuantizer('a', 4, 'activation', undefined, undefined, 'max');
+    const x = { data: Float32Array.of(-1, -2, -0.5, -3), dims: [1, 4] };
+    q.initialize(x);
+    q.forward(x, true);
+    q.backward(x, undefined, Float32Array.of(1, 1, 1, 1));
+    expect(Array.from(q.parameters[0].grad).every(Number.isFinite)).to.equal(true);
   });
 
   it('pooling with pads as large as the kernel is an error before training (windows wholly in the padding)', async () => {

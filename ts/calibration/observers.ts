@@ -103,11 +103,18 @@ export class HistogramObserver {
     this.negativeCounts = new Float64Array(bins);
   }
 
+  /** Makes room for |x| up to maxAbs: the limit becomes a power of two strictly above it, so every bin is half-open. */
   private grow(maxAbs: number): void {
-    if (maxAbs <= this.limit) return;
-    let limit = this.limit === 0 ? 2 ** Math.ceil(Math.log2(maxAbs)) : this.limit;
-    if (limit < maxAbs) limit *= 2;  // guard against log2 rounding
-    while (limit < maxAbs) limit *= 2;
+    if (maxAbs === 0 || maxAbs < this.limit) return;
+    let limit = this.limit === 0 ? 2 ** Math.floor(Math.log2(maxAbs)) : this.limit;
+    while (limit <= maxAbs) limit *= 2;
+    // (A closed top bin would hold a power-of-two maximum that a wider histogram puts in the next bin up.)
+    this.rebin(limit);
+  }
+
+  /** Re-bins to a limit that is this one times a power of two. */
+  private rebin(limit: number): void {
+    if (limit <= this.limit) return;
     if (this.limit > 0) {
       const factor = limit / this.limit;  // a power of two: old bins nest exactly
       for (const counts of [this.counts, this.negativeCounts]) {
@@ -135,7 +142,7 @@ export class HistogramObserver {
   merge(other: HistogramObserver): this {
     if (other.bins !== this.bins) throw invalidValue('other.bins', `${this.bins} bins`, other.bins);
     if (other.total === 0) return this;
-    this.grow(other.limit);
+    this.rebin(other.limit);
     // Other's bins nest in ours (both limits powers of two); an other holding only zeros has them all in bin 0.
     const factor = other.limit === 0 ? Infinity : this.limit / other.limit;
     for (let i = 0; i < other.bins; i++) {

@@ -107,7 +107,9 @@ export function makeObserver(method: ActivationMethod): TensorObserver {
     }
     case 'kl': {
       const o = new HistogramObserver();
-      return { observe: (b) => void o.observe(b), range: (bits) => o.klRange(klLevels(bits, o.min >= 0)) };
+      // Non-negative values fill 2^bits - 1 steps only in an unsigned (or asymmetric) quantizer; a signed symmetric one
+      // has half of them above 0.
+      return { observe: (b) => void o.observe(b), range: (bits, signed) => o.klRange(klLevels(bits, o.min >= 0 && !signed)) };
     }
     case 'aciq': {
       const o = new AciqObserver();

@@ -56,7 +56,7 @@ export function readModel(input: string | Uint8Array, options: ReadModelOptions 
     throw modelFileMissing(input);
   }
   if (!stat.isFile()) throw notAModelFile(input);
-  const model = parseModel(fileBytes(fs.readFileSync(input)));
+  const model = parseModel(fileBytes(readWhole(input, () => fs.readFileSync(input), stat)), input);
   loadExternalData(model, path.dirname(input), options.lazyExternalData ?? false);
   return model;
 }
@@ -74,7 +74,7 @@ export async function readModelAsync(input: string | Uint8Array, options: ReadMo
     throw modelFileMissing(input);
   }
   if (!stat.isFile()) throw notAModelFile(input);
-  const model = parseModel(fileBytes(await fs.promises.readFile(input)));
+  const model = parseModel(fileBytes(await readWhole(input, () => fs.promises.readFile(input), stat)), input);
   await loadExternalDataAsync(model, path.dirname(input), options.lazyExternalData ?? false);
   return model;
 }
@@ -97,16 +97,26 @@ function fileBytes(buffer: Buffer): Uint8Array {
   return new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.byteLength);
 }
 
-/** The model in `bytes` (protobuf-es keeps its tensors' bytes as views of them), checked to be an ONNX model. */
-function parseModel(bytes: Uint8Array): ModelProto {
+/** Reads a model file whole: one over 2 GiB cannot be an ONNX protobuf (Node would refuse it without naming it). */
+function readWhole<T>(file: string, read: () => T, stat: fs.Stats): T {
+  if (stat.size >= 2 ** 31) {
+    throw new OnnxModelError(`${file} is ${(stat.size / 2 ** 30).toFixed(1)} GiB: an ONNX model file stays under 2 GB (its large weights in external data). ` +
+      'Is it the external data file? Pass the .onnx file next to it.');
+  }
+  return read();
+}
+
+/** The model in `bytes` (protobuf-es keeps its tensors' bytes as views of them), checked to be an ONNX model; `file` names it in errors. */
+function parseModel(bytes: Uint8Array, file?: string): ModelProto {
+  const what = file ? `${file} is` : 'This is';
   let model: ModelProto;
   try {
     model = fromBinary(ModelProtoSchema, bytes);
   } catch (e) {
-    throw new OnnxModelError(`This is not an ONNX model, or it is truncated or corrupted: the protobuf did not parse (${(e as Error).message}).`);
+    throw new OnnxModelError(`${what} not an ONNX model, or it is truncated or corrupted: the protobuf did not parse (${(e as Error).message}).`);
   }
   if (!model.graph || model.irVersion === 0n || model.opsetImport.length === 0) {
-    throw new OnnxModelError('This is not an ONNX model: it has no graph, IR version or opset (is it another protobuf file?).');
+    throw new OnnxModelError(`${what} not an ONNX model: it has no graph, IR version or opset (is it another protobuf file?).`);
   }
   return model;
 }
@@ -210,7 +220,7 @@ function externalTensors(model: ModelProto, folder: string | undefined): Externa
     if (!folder) throw new OnnxModelError(`Tensor ${t.name} keeps its data in an external file (${entry.location}); pass the model as a file path so it can be found.`);
     const file = path.resolve(folder, entry.location ?? '');
     const relative = path.relative(path.resolve(folder), file);
-    if (relative === '' || relative.startsWith('..') || path.isAbsolute(relative)) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);
+    if (relative === '' || relative.split(path.sep)[0] === '..' || path.isAbsolute(relative)) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);
     found.push({ t, file, entry });
   }
   return found;
@@ -541,22 +551,36 @@ async function readExternalAsync<T extends Uint8Array>(target: T, name: string, 
 async function moveDataOut(model: ModelProto, dataFile: string, threshold: number, write: (bytes: Uint8Array) => Promise<void>): Promise<void> {
   largeConstantsToInitializers(model, threshold);
   let offset = 0;
-  for (const t of model.graph!.initializer) {
+  // Where each byte array went: If branches that share a quantized weight hold one array (written once).
+  const written = new Map<Uint8Array, number>();
+  // The initializers of every graph: the main graph's, and those If/Loop/Scan bodies keep their layers' weights in.
+  const initializers: TensorProto[] = [];
+  const collect = (g: GraphProto) => {
+    initializers.push(...g.initializer);
+    for (const n of g.node) subgraphsOf(n).forEach(collect);
+  };
+  collect(model.graph!);
+  for (const t of initializers) {
     floatDataToRaw(t, threshold);
     if (rawLength(t) < threshold) continue;
-    const pad = (4096 - (offset % 4096)) % 4096;  // page-aligned, so readers can map it
-    if (pad) await write(new Uint8Array(pad));
-    offset += pad;
     const source = lazySource(t);
     const raw = source ? await readSourceAsync(t, source) : t.rawData;
-    await write(raw);
+    let at = written.get(raw);
+    if (at === undefined) {
+      const pad = (4096 - (offset % 4096)) % 4096;  // page-aligned, so readers can map it
+      if (pad) await write(new Uint8Array(pad));
+      offset += pad;
+      await write(raw);
+      at = offset;
+      written.set(raw, at);
+      offset += raw.length;
+    }
     t.externalData = [
       create(StringStringEntryProtoSchema, { key: 'location', value: dataFile }),
-      create(StringStringEntryProtoSchema, { key: 'offset', value: String(offset) }),
+      create(StringStringEntryProtoSchema, { key: 'offset', value: String(at) }),
       create(StringStringEntryProtoSchema, { key: 'length', value: String(raw.length) }),
     ];
     t.dataLocation = TensorProto_DataLocation.EXTERNAL;
-    offset += raw.length;
     t.rawData = new Uint8Array(0);
   }
 }

@@ -6,6 +6,7 @@
  * in onnxruntime-node.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
@@ -147,11 +148,15 @@ export interface QuantizationReport {
    * The float outputs of the quantized model against the float model's: mean cosine per sample (each row along the
    * batch axis; an output without one, per feed) and top-1 agreement over the last axis; `samples` counts the rows.
    */
-  evaluation?: { samples: number; outputs: Array<{ name: string; cosine: number; top1Agreement?: number }> };
+  evaluation?: {
+    samples: number;
+    /** `reshapedFeeds`: feeds on which a data-dependent output size (NonZero, Compress, NMS) differed, left out of its cosine. */
+    outputs: Array<{ name: string; cosine: number; top1Agreement?: number; reshapedFeeds?: number }>;
+    /** Float outputs compared on no feed, and why. */
+    uncompared?: Array<{ name: string; reason: string }>;
+  };
   /** Why there is no evaluation although none was turned off (no inputs could be made for the model, or it is too large). */
   evaluationSkipped?: string;
-  /** Why the layers have no output SQNR although the model was evaluated. */
-  layerSqnrSkipped?: string;
   timingsMs: Record<string, number>;
 }
 
@@ -219,8 +224,8 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8 | 16, signed?, method? }', a);
     checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection', 'outputs', 'equalizeDepthwise']);
     if (a.bits !== 4 && a.bits !== 8 && a.bits !== 16) throw invalidValue('options.activations.bits', '4, 8 or 16', a.bits);
-    if (a.bits === 16 && a.method === 'kl') {
-      throw invalidValue('options.activations.method', "'minmax', 'percentile', 'aciq' or 'mse' with 16-bit activations (KL works up to 8 bits)", a.method);
+    if (a.bits === 16 && (a.method === 'kl' || a.method === 'aciq')) {
+      throw invalidValue('options.activations.method', "'minmax', 'percentile' or 'mse' with 16-bit activations (KL and ACIQ's clipping work up to 8 bits)", a.method);
     }
     for (const key of ['signed', 'biasCorrection', 'outputs', 'equalizeDepthwise'] as const) {
       if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
@@ -333,7 +338,7 @@ function branchOutput(graph: Graph, l: WeightLayerReport, ifOutput?: string): st
  * graph's If branches on the feeds that run their branch).
  */
 async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[], host: OrtHost,
-  ifOutputs: Map<WeightLayerReport, string>): Promise<void> {
+  ifOutputs: Map<WeightLayerReport, string>, signal?: AbortSignal): Promise<void> {
   const floatGraph = layers.some((l) => l.subgraph) ? new Graph(preparedFloat) : undefined;
   const compared = layers.map((l) => ({ l, name: l.subgraph ? branchOutput(floatGraph!, l, ifOutputs.get(l)) : l.output }))
     .filter((c): c is { l: WeightLayerReport; name: string } => c.name !== undefined);
@@ -344,11 +349,12 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   // A model of 2 GB or more loads from a temporary copy with external data (as for calibration).
   const [f, q] = await openPair(() => openExposed(preparedFloat, names, options, 'the float model with its layer outputs exposed', LOWBIT_BUG, host),
     () => openExposed(quantized, names, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG, host), (s) => s.close());
-  const signal = new Float64Array(names.length);
+  const power = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
   const pause = pauser();
   try {
     for (const [index, feeds] of feedsList.entries()) {
+      signal?.throwIfAborted();
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
       const fo = await runSession(f.session, tensors, names.map(f.outputOf), `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
       const qo = await runSession(q.session, tensors, names.map(q.outputOf), `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
@@ -360,7 +366,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
         if (a.length === 0 || a.length !== b.length) continue;
         compared[i].l.outputSqnrDb = 0;  // compared at least once
         for (let j = 0; j < a.length; j++) {
-          signal[i] += a[j] * a[j];
+          power[i] += a[j] * a[j];
           noise[i] += (a[j] - b[j]) ** 2;
         }
         await pause();  // a large model's layer outputs take a while each
@@ -375,7 +381,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   }
   for (const [i, l] of layers.entries()) {
     if (l.outputSqnrDb === undefined) continue;  // a branch no feed ran
-    l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(signal[i] / noise[i]);
+    l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(power[i] / noise[i]);
   }
 }
 
@@ -392,7 +398,7 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
   const why = (w.granularity ?? 'channel') === 'tensor' ? 'weights.granularity is \'tensor\' (one scale would take every stretched filter)'
     : w.bitAllocation ? 'weights.bitAllocation compares the channels\' ranges'
       : w.groups !== undefined || w.scaleClip !== undefined ? 'GDRQ groups and Scale-Clip compare the channels\' ranges'
-        : !canReadTwice(opts.calibration!) ? 'the calibration data can be read only once (a generator); pass an array or a folder for it'
+        : !canReadTwice(opts.calibration!) ? 'the calibration data can be read only once (a generator or a stream); pass an array or a folder for it'
           : undefined;
   if (why) return { report: { pass: 'equalize-depthwise', changed: [], skipped: layers.map((n) => ({ node: nodeLabel(n), reason: why })) }, shifts: new Map() };
   const observers = new Map(layers.map((n) => [n, new ChannelRangeObserver()]));
@@ -424,15 +430,17 @@ function canReadTwice(data: CalibrationData): boolean {
  * A feed holds as many samples as its first input's first dimension (1 for a scalar input); an output whose first
  * dimension is that batch is compared sample by sample, any other as one sample per feed.
  */
-export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost) {
+export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost,
+  signal?: AbortSignal) {
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   const [floatSession, quantSession] = await openPair(
     () => openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.', { host }),
     () => openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host }), (s) => s.release());
-  const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number }>();
+  const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number }>();
   let samples = 0;
   try {
     for (const [index, feeds] of feedsList.entries()) {
+      signal?.throwIfAborted();
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
       const f = await runSession(floatSession, tensors, undefined, `the input model on evaluation feed ${index}`,
         'The float model itself fails there: check the model (and that feed) in onnxruntime-node, where lowbit evaluates models.');
@@ -445,11 +453,17 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
         const a = floatValues(f[name]);
         const b = floatValues(q[name]);
         const dims = f[name].dims;
+        const entry = sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0, reshaped: 0 };
+        sums.set(name, entry);
         if (q[name].dims.join() !== dims.join()) {
-          throw new OnnxModelError(`On evaluation feed ${index}, the quantized model's output '${name}' has dims [${q[name].dims.join(', ')}] where the float ` +
-            `model's has [${dims.join(', ')}]: a rewrite changed what the model computes. This is a lowbit bug: please report it with the model and options.`);
+          if (q[name].dims.length !== dims.length) {
+            throw new OnnxModelError(`On evaluation feed ${index}, the quantized model's output '${name}' has dims [${q[name].dims.join(', ')}] where the float ` +
+              `model's has [${dims.join(', ')}]: a rewrite changed what the model computes. This is a lowbit bug: please report it with the model and options.`);
+          }
+          // A data-dependent size (after NonZero, Compress, non-max suppression…) that the quantized values moved: not comparable.
+          entry.reshaped++;
+          continue;
         }
-        const entry = sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0 };
         const rows = dims.length >= 2 && dims[0] === batch && batch > 0 ? batch : 1;
         const size = a.length / rows;
         for (let r = 0; r < rows; r++) entry.cos += cosine(a.subarray(r * size, (r + 1) * size), b.subarray(r * size, (r + 1) * size));
@@ -467,7 +481,6 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
             entry.ranked++;
           }
         }
-        sums.set(name, entry);
       }
       await nextTurn();
     }
@@ -480,9 +493,12 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
   }
   return {
     samples,
-    outputs: [...sums].map(([name, s]) => ({
-      name, cosine: s.cos / s.compared, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}),
+    outputs: [...sums].filter(([, s]) => s.compared > 0).map(([name, s]) => ({
+      name, cosine: s.cos / s.compared, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}), ...(s.reshaped > 0 ? { reshapedFeeds: s.reshaped } : {}),
     })),
+    ...([...sums.values()].some((s) => s.compared === 0)
+      ? { uncompared: [...sums].filter(([, s]) => s.compared === 0).map(([name]) => ({ name, reason: 'its shape differed between the two models on every feed (a data-dependent size)' })) }
+      : {}),
   };
 }
 
@@ -752,7 +768,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       passes.push(secondPass
         ? { pass: 'gptq-inputs', changed: ['Gram matrices from a second calibration pass, inputs quantized as the model will quantize them'], skipped: [] }
         : { pass: 'gptq-inputs', changed: [`Gram matrices from ${staticActivations ? 'float' : 'the'} calibration inputs`],
-          skipped: staticActivations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
+          skipped: staticActivations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator or a stream): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
     }
   }
   // Calibration data that quantizing does not read (weight-only, round to nearest) still make the evaluation's inputs.
@@ -868,6 +884,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
   const feeds = evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
   const evaluating = hasOrt() && feeds.length > 0;
+  if (feeds.length > 0 && !evaluating) {
+    report.evaluationSkipped = 'onnxruntime-node (an optional peer dependency) is not installed: install it to compare the quantized model with the float one';
+  }
   // The self-contained model is what gets evaluated and returned; with external data and no evaluation it is never
   // needed whole (the data are written tensor by tensor).
   const bytes = fitsOneFile && (evaluating || !external) ? await time('serialize', () => serializeModelAsync(model)) : new Uint8Array(0);
@@ -882,21 +901,26 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     // of 2 GB or more is compared layer by layer here, before the write moves its data out (from temporary copies),
     // and as a whole from its written files below.
     await evaluationTime(async () => {
-      if (fitsOneFile) report.evaluation = await compareOutputs(input, bytes, feeds, host);
+      if (fitsOneFile) report.evaluation = await compareOutputs(input, bytes, feeds, host, opts.signal);
       if (prepared) {
         await layerSqnr(prepared, model, layers, feeds, host, new Map(bodyTargets.flatMap((l) => {
           const entry = layerOf.get(l.node);
           return entry ? [[entry, l.owner.output[0]] as [WeightLayerReport, string]] : [];
-        })));
+        })), opts.signal);
       }
     });
+  }
+  if (external && evaluating && !fitsOneFile && typeof input === 'string' && path.resolve(input) === path.resolve(opts.outputPath!)) {
+    // That comparison reads the written files: over the input, it would compare the quantized model with itself.
+    throw invalidValue('options.outputPath', 'a path other than the input model\'s for a model of 2 GB or more (compared from its written files)', opts.outputPath,
+      'Write it elsewhere, or pass evaluationFeeds: [] to skip the comparison.');
   }
   if (external) {
     const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!, undefined, opts.signal));
     // If that comparison fails, the files go too: an error leaves no output.
     if (evaluating && !fitsOneFile) {
       try {
-        await evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host)));
+        await evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host, opts.signal)));
       } catch (e) {
         for (const f of [opts.outputPath!, `${opts.outputPath!}.data`]) fs.rmSync(f, { force: true });
         throw e;

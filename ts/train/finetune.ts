@@ -405,17 +405,17 @@ function observeActivationRanges(model: TrainableModel, data: InputBatch, batchS
 
 /** Copies of every parameter and BN running statistic, to return to after a non-finite step. */
 class Snapshot {
-  private readonly saved: Float32Array[];
-  constructor(private readonly arrays: Float32Array[]) {
-    this.saved = arrays.map((a) => Float32Array.from(a));
+  private readonly saved: Array<Float32Array | Float64Array>;
+  constructor(private readonly arrays: Array<Float32Array | Float64Array>) {
+    this.saved = arrays.map((a) => a.slice());
   }
   take(): void {
     this.arrays.forEach((a, i) => this.saved[i].set(a));
   }
   /** Adds arrays made after the snapshot was taken, with their values now. */
-  extend(arrays: Float32Array[]): void {
+  extend(arrays: Array<Float32Array | Float64Array>): void {
     this.arrays.push(...arrays);
-    this.saved.push(...arrays.map((a) => Float32Array.from(a)));
+    this.saved.push(...arrays.map((a) => a.slice()));
   }
   restore(): void {
     this.arrays.forEach((a, i) => a.set(this.saved[i]));
@@ -544,7 +544,11 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
 
   const params = () => (s.learnSteps ? model.allParameters() : [...model.params.values()]);
   const batchNorms = model.nodes.filter((n) => n.opType === 'BatchNormalization');
-  const stats = batchNorms.flatMap((n) => n.input.slice(3, 5).map((i) => model.constants.get(i)!.data));
+  // Restored with the parameters after a non-finite step: BN running statistics, GDRQ's running clip thresholds.
+  const stats: Array<Float32Array | Float64Array> = [
+    ...batchNorms.flatMap((n) => n.input.slice(3, 5).map((i) => model.constants.get(i)!.data)),
+    ...[...model.quantizers.values()].flatMap((q) => (q.activation instanceof RunningClipQuantizer ? [q.activation.state] : [])),
+  ];
   // A training forward pass folds its batch statistics into these; an overflow there shows in no output.
   const brokenStatistics = () => batchNorms.find((n) => n.input.slice(3, 5).some((i) => !model.constants.get(i)!.data.every(Number.isFinite)));
   let previous: Snapshot | undefined, current: Snapshot | undefined;
@@ -590,7 +594,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
           : { ...softmaxCrossEntropy(logits, batch.labels!, dLogits), rows: images };
         // Fake quantizers turn NaN and ±Infinity into codes, so a finite loss alone does not prove finite values
         // (nor, in any model, finite running statistics).
-        const masked = (model.quantizers.size > 0 ? model.firstNonFiniteLayer(tape) : undefined) ?? brokenStatistics();
+        const masked = model.maskedNonFinite(tape) ?? brokenStatistics();
         if (!Number.isFinite(r.loss) || masked) {
           const statistics = brokenStatistics();
           const output = model.firstNonFiniteLayer(tape);

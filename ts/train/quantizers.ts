@@ -166,7 +166,8 @@ export class LsqQuantizer implements ExportableQuantizer {
     const { dx, dStep } = lsqGrad(x.data, dy, this.layout(x.dims), this.step!.value, this.qn, this.qp);
     // g = 1/√(N·Q_P): N = weights per step, or features per sample for activations.
     const count = this.kind === 'weight' ? x.data.length / dStep.length : x.data.length / x.dims[0];
-    const g = 1 / Math.sqrt(count * this.qp);
+    // (With a zero point, an all-negative range leaves no positive levels: Q_N stands in for Q_P then.)
+    const g = 1 / Math.sqrt(count * (this.qp > 0 ? this.qp : Math.max(this.qn, 1)));
     for (let i = 0; i < dStep.length; i++) this.step!.grad[i] += g * dStep[i];
     return dx;
   }
@@ -255,7 +256,8 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
 /** GDRQ activations: a running Scale-Clip threshold (EMA of k·mean|A| over training batches), step = T/Q_P. */
 export class RunningClipQuantizer implements ExportableQuantizer {
   readonly parameters: Parameter[] = [];
-  private threshold = 0;
+  /** The running threshold T (one value): state that training updates, kept with the parameters' snapshots. */
+  readonly state = new Float64Array(1);
   private signed = false;
   private qn = 0;
   private qp = 0;
@@ -266,23 +268,23 @@ export class RunningClipQuantizer implements ExportableQuantizer {
   constructor(readonly name: string, readonly bits: number, private readonly k: number, private readonly momentum: number) {}
 
   private step(): number {
-    return Math.max(MIN_STEP, this.threshold / this.qp);
+    return Math.max(MIN_STEP, this.state[0] / this.qp);
   }
 
   forward(x: Tensor, training: boolean): { y: Tensor; saved?: unknown } {
     if (this.observing) return { y: x };
     if (training) {
       const target = this.k * meanAbs(x.data);
-      if (this.threshold === 0) {
+      if (this.state[0] === 0) {
         let min = Infinity;
         for (let i = 0; i < x.data.length; i++) if (x.data[i] < min) min = x.data[i];
         this.signed = min < 0;
         ({ qn: this.qn, qp: this.qp } = lsqLevels(this.bits, this.signed));
-        this.threshold = target;
+        this.state[0] = target;
       } else {
-        this.threshold = this.momentum * this.threshold + (1 - this.momentum) * target;
+        this.state[0] = this.momentum * this.state[0] + (1 - this.momentum) * target;
       }
-    } else if (this.threshold === 0) {
+    } else if (this.state[0] === 0) {
       throw new Error(`Activation quantizer ${this.name} has no threshold yet (run a training batch first).`);
     }
     const layout = tensorLayout(x.dims, 'tensor', 0, 0).native;

@@ -27,6 +27,11 @@ export function foldBatchNorm(graph: Graph): PassReport {
     if (bn.opType !== 'BatchNormalization') continue;
     const label = nodeLabel(bn);
     const skip = (reason: string) => report.skipped.push({ node: label, reason });
+    if (intAttribute(bn, 'training_mode', 0) === 1) {
+      // (opset 14+) It normalizes with each batch's own statistics, which no constant scale reproduces.
+      skip('it is in training mode (training_mode = 1: batch statistics)');
+      continue;
+    }
     const producer = graph.producer(bn.input[0]);
     if (producer?.opType === 'MatMul' || (producer?.opType === 'Add' && graph.producer(producer.input[0])?.opType === 'MatMul')) {
       const why = foldIntoMatMul(graph, bn, producer);

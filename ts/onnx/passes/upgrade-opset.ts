@@ -97,6 +97,12 @@ export function upgradeOpset(graph: Graph, target: number): PassReport {
   const ir = BigInt(irVersionFor(target));
   if (graph.model.irVersion < ir) {
     report.changed.push(`IR version ${graph.model.irVersion} -> ${ir}`);
+    if (graph.model.irVersion < 4n) {
+      // IR 3 listed every initializer among the graph inputs; from IR 4 that makes them overridable inputs, which
+      // onnxruntime does not fold or fuse (the weights' DequantizeLinear would stay a run-time op).
+      const initializers = new Set(graph.graph.initializer.map((t) => t.name));
+      graph.graph.input = graph.graph.input.filter((i) => !initializers.has(i.name));
+    }
     graph.model.irVersion = ir;
   }
   graph.sort();
