@@ -409,12 +409,12 @@ describe('ONNX rewrites found by the audit', () => {
 
   it('raising the opset raises the IR version to the one the opset came with (INT4 needs IR 10); IR 3\'s initializer inputs go', async () => {
     const model = edited(buildModel({
-      inputDims: [1, 16], output: 'y', opset: 9, initializers: { w: { dims: [16, 8], data: heInit(128, 16, 9) } },
-      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+      inputDims: [1, 16], output: 'y', opset: 9, initializers: { w: { dims: [16, 8], data: heInit(128, 16, 9) }, b: { dims: [8], data: new Float32Array(8).fill(0.5) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'm', name: 'mm' }, { op: 'Add', inputs: ['m', 'b'], output: 'y' }],
     }), (m) => {
-      // IR 3 lists initializers among the inputs.
+      // IR 3 lists initializers among the inputs (b stays a float initializer).
       m.irVersion = 3n;
-      m.graph!.input.push({ ...m.graph!.input[0], name: 'w' });
+      m.graph!.input.push({ ...m.graph!.input[0], name: 'w' }, { ...m.graph!.input[0], name: 'b' });
     });
     const { model: q } = await quantizeModel(model, { weights: { bits: 4, granularity: 'block', blockSize: 16 }, evaluationFeeds: [] });
     const out = fromBinary(ModelProtoSchema, q);
