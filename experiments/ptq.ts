@@ -64,7 +64,7 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
     ['W4A4 minmax + GPTQ rounding (all layers 4-bit)', { weights: { bits: 4, rounding: 'gptq' }, activations: { bits: 4 }, firstLastLayerBits: 4 }],
     ['W2A4 minmax + weight std correction', { weights: { bits: 2, biasCorrection: true }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
     ['W2A4 minmax + data-driven bias correction', { weights: { bits: 2 }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2 }],
-    ['W2A4 ACIQ weights + data-driven bias correction', { weights: { bits: 2, method: 'aciq' }, activations: { bits: 4, method: 'aciq', biasCorrection: true }, firstLastLayerBits: 2 }],
+    ['W2A4 ACIQ weights and activations + data-driven bias correction', { weights: { bits: 2, method: 'aciq' }, activations: { bits: 4, method: 'aciq', biasCorrection: true }, firstLastLayerBits: 2 }],
     ['W2A4 GDRQ weights (4 groups, Scale-Clip k = 2)', { weights: { bits: 2, groups: 4, scaleClip: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
     ['W2A4 mse weights + data-driven bias correction', { weights: { bits: 2, method: 'mse' }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2 }],
     ['W2A4 mse weights + both bias corrections', { weights: { bits: 2, method: 'mse', biasCorrection: true }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2 }],
