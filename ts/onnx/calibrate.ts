@@ -494,7 +494,8 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   }
   if (options.expectBatches !== undefined && batches !== options.expectBatches) {
     throw invalidValue('options.calibration', `the same ${options.expectBatches} batches on its second reading (lowbit reads it twice here)`, `${batches} batches`,
-      'Data that can be read only once (a stream) must not look re-iterable: pass an array of feeds or a folder of .npy files, or a generator.');
+      'It gave fewer the second time, as data read once do (a stream of a kind lowbit did not recognise): pass an array of feeds or a folder of .npy files, ' +
+      'or a generator (read once; the second pass is then skipped and reported).');
   }
   if (batches === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
   return { observers, batches, sample, float16, observedBatches };

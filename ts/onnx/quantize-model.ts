@@ -132,8 +132,8 @@ export interface QuantizeModelOptions {
    */
   onProgress?: (stage: string) => void;
   /**
-   * Stops the work when aborted: checked at every stage and progress step (calibration batch, layer) and while the
-   * output is written; the promise rejects with the signal's reason and no output file is left.
+   * Stops the work when aborted: checked at every stage and progress step (calibration batch, layer), between
+   * evaluation feeds and while the output is written; the promise rejects with the signal's reason and no output file is left.
    */
   signal?: AbortSignal;
 }
