@@ -208,9 +208,15 @@ export function program(): Command {
         }
       }
       // Interrupted after quantizeModel's last check (it finished meanwhile): the run still ends with nothing written.
-      if (stop.signal.aborted) {
+      // What this run wrote: the model, and its data file when one was written since the run started.
+      const removeOutput = (): string[] => {
         const data = `${o.output}.data`;
-        for (const f of [o.output, ...(fs.existsSync(data) && fs.statSync(data).mtimeMs >= started ? [data] : [])]) fs.rmSync(f, { force: true });
+        const written = [o.output!, ...(fs.existsSync(data) && fs.statSync(data).mtimeMs >= started ? [data] : [])];
+        for (const f of written) fs.rmSync(f, { force: true });
+        return written;
+      };
+      if (stop.signal.aborted) {
+        removeOutput();
         process.exitCode = 130;
         throw stop.signal.reason;
       }
@@ -249,9 +255,7 @@ export function program(): Command {
           writeFileAtomic(o.report, new TextEncoder().encode(json));
         } catch (e) {
           // All or nothing: the model without the report asked for is a failed run.
-          const data = `${o.output}.data`;
-          const written = [o.output, ...(fs.existsSync(data) && fs.statSync(data).mtimeMs >= started ? [data] : [])];
-          for (const f of written) fs.rmSync(f, { force: true });
+          const written = removeOutput();
           throw new Error(`${(e as Error).message.replace(': nothing was written', '')}; removed ${written.join(' and ')} too, so nothing of this run is left.`);
         }
       }

@@ -5,11 +5,11 @@
  * Row-major A [m, k] and B [k, n]; int8 or uint8 each.
  */
 import { checkKernel } from './cpu';
-import { invalidType, invalidValue, isDetached } from './errors';
+import { invalidType, invalidValue } from './errors';
 import { native, type PackedHandle, type PackedInt4Handle } from './native';
 import type { QuantizedTensor } from './quant-params';
 import { checkQuantizedTensor } from './quantize';
-import { checkAttached, checkBoolean, checkInteger, isPlainObject, checkKnownKeys, otherRealm, overlaps } from './validate';
+import { checkAttached, checkBoolean, checkInteger, copyIntoOut, isPlainObject, checkKnownKeys, otherRealm, overlaps } from './validate';
 
 type Bytes = Int8Array | Uint8Array;
 
@@ -219,12 +219,7 @@ export async function matmulInt8Async(a: Int8Array | Uint8Array, b: Int8Array | 
     bZeroPoint: r.bZeroPoint.slice(), out: r.out === options?.out ? new Int32Array(r.m * r.n) : r.out,
   };
   await native().matmulInt8Async(own.a, own.b, own.m, own.k, own.n, own.aZeroPoint, own.bZeroPoint, own.perColumn, own.out, own.kernel, own.threads);
-  if (own.out === r.out) return view(r);
-  if (isDetached(r.out) || r.out.length < r.m * r.n) {
-    throw invalidType('options.out', `an Int32Array of at least m·n = ${r.m * r.n} elements still attached when the work ended`, r.out,
-      'It was transferred or resized while matmulInt8Async ran: pass an array that stays in place, or none.');
-  }
-  r.out.set(own.out);
+  if (own.out !== r.out) copyIntoOut(r.out, own.out, 'matmulInt8Async');
   return view(r);
 }
 

@@ -4,7 +4,7 @@
  * the native kernels round, saturate and reduce.
  */
 import { checkKernel } from './cpu';
-import { invalidType, invalidValue, isDetached } from './errors';
+import { invalidType, invalidValue } from './errors';
 import { tensorStats } from './methods/aciq';
 import { allocateBits } from './methods/bit-allocation';
 import { forEachGroup } from './methods/groups';
@@ -14,7 +14,7 @@ import {
   integerRange, nativeParams, tensorLayout, type Granularity, type QuantizedTensor, type TensorLayout,
 } from './quant-params';
 import {
-  checkAttached, checkBoolean, checkChoice, checkFloat32Array, checkInteger, checkKnownKeys, checkShape, isPlainObject, overlaps,
+  checkAttached, checkBoolean, copyIntoOut, checkChoice, checkFloat32Array, checkInteger, checkKnownKeys, checkShape, isPlainObject, overlaps,
 } from './validate';
 
 export interface QuantizeOptions {
@@ -362,15 +362,8 @@ export async function quantizeOffThread(data: Float32Array, options: QuantizeOpt
   const values = p.out ?? (p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length));
   const nan = await native().quantizeAsync(p.data, values, quantizeParams(p, params), p.kernel, p.threads);
   if (nan >= 0) throw nanError(nan);
-  const out = planned.out;
-  if (out && out !== values) {
-    if (isDetached(out) || out.length !== values.length) {
-      throw invalidType('options.out', `an array of ${values.length} elements still attached when the work ended`, out,
-        'It was transferred or resized while quantizeTensorAsync ran: pass an array that stays in place, or none.');
-    }
-    out.set(values);
-  }
-  return result(planned, out ?? values, params);
+  const out = planned.out && planned.out !== values ? copyIntoOut(planned.out, values, 'quantizeTensorAsync') : values;
+  return result(planned, out, params);
 }
 
 /**

@@ -91,3 +91,16 @@ export function checkKnownKeys(name: string, options: Record<string, unknown>, k
     throw invalidValue(`${name}.${key}`, 'a known option', key, hint);
   }
 }
+
+/**
+ * Writes an async call's result into the caller's `options.out` once the work has ended (the native threads wrote
+ * lowbit's own array): an `out` transferred or resized meanwhile is an error naming it.
+ */
+export function copyIntoOut<T extends Int8Array | Uint8Array | Int32Array>(out: T, values: ArrayLike<number>, call: string): T {
+  if (isDetached(out) || out.length < values.length) {
+    throw invalidType('options.out', `an array of at least ${values.length} elements still attached when the work ended`, out,
+      `It was transferred or resized while ${call} ran: pass an array that stays in place, or none.`);
+  }
+  out.set(values);
+  return out;
+}

@@ -319,10 +319,17 @@ export function storedBytes(model: ModelProto): number {
  * (If branches, Loop and Scan bodies, whose tensors may keep their data externally too), depth first.
  */
 function storedTensors(model: ModelProto): TensorProto[] {
-  const found: TensorProto[] = [];
+  return allGraphs(model).flatMap((g) => [
+    ...g.initializer,
+    ...g.node.filter((n) => n.opType === 'Constant').flatMap((n) => n.attribute.filter((a) => a.name === 'value' && a.t).map((a) => a.t!)),
+  ]);
+}
+
+/** The main graph and every subgraph in it (If branches, Loop and Scan bodies, nested), each before its subgraphs. */
+function allGraphs(model: ModelProto): GraphProto[] {
+  const found: GraphProto[] = [];
   const collect = (g: GraphProto) => {
-    found.push(...g.initializer);
-    for (const n of g.node) if (n.opType === 'Constant') found.push(...n.attribute.filter((a) => a.name === 'value' && a.t).map((a) => a.t!));
+    found.push(g);
     for (const n of g.node) subgraphsOf(n).forEach(collect);
   };
   collect(model.graph!);
@@ -554,13 +561,7 @@ async function moveDataOut(model: ModelProto, dataFile: string, threshold: numbe
   // Where each byte array went: If branches that share a quantized weight hold one array (written once).
   const written = new Map<Uint8Array, number>();
   // The initializers of every graph: the main graph's, and those If/Loop/Scan bodies keep their layers' weights in.
-  const initializers: TensorProto[] = [];
-  const collect = (g: GraphProto) => {
-    initializers.push(...g.initializer);
-    for (const n of g.node) subgraphsOf(n).forEach(collect);
-  };
-  collect(model.graph!);
-  for (const t of initializers) {
+  for (const t of allGraphs(model).flatMap((g) => g.initializer)) {
     floatDataToRaw(t, threshold);
     if (rawLength(t) < threshold) continue;
     const source = lazySource(t);

@@ -565,6 +565,14 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       const t0 = performance.now();
       for (const q of model.quantizers.values()) (q.weight as { onEpochStart?: () => void } | undefined)?.onEpochStart?.();
       let lossSum = 0, correct = 0, judged = 0, seen = 0, step = 0;
+      // Training stops on non-finite values with the model as restored (the last good weights).
+      const stopped = (what: string, layer: string) => {
+        const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${what} Lower the learning rate.`);
+        error.step = globalStep + 1;
+        error.layer = layer;
+        error.model = exportModel(model).bytes;
+        return error;
+      };
       let lr = s.learningRate;
       const batches = inMemory ? shuffled(inMemory, s.batchSize, random) : (data as AsyncIterable<InputBatch>);
       for await (const raw of batches) {
@@ -603,12 +611,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
           previous.restore();
           // (Fake quantizers turn Infinity into codes, and the native Relu and MaxPool drop NaN.)
           const loss = Number.isFinite(r.loss) ? 'the loss is finite, but' : `the loss is ${r.loss};`;
-          const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${loss} values first became non-finite in ` +
-            `${where}. The error's model holds the weights of the last step whose values were finite. Lower the learning rate.`);
-          error.step = globalStep + 1;
-          error.layer = layer;
-          error.model = exportModel(model).bytes;
-          throw error;
+          throw stopped(`${loss} values first became non-finite in ${where}. The error's model holds the weights of the last step whose values were finite.`, layer);
         }
         model.backward(tape, dLogits, kernels);
         optimizerStep(all, s.optimizer, lr, s.momentum, s.weightDecay, globalStep + 1);
@@ -616,12 +619,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         if (broken) {
           // This update overflowed (the last one too: no later forward pass would see it); the weights before it are good.
           current.restore();
-          const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: its update made parameter '${broken.name}' non-finite. ` +
-            'The error\'s model holds the weights before that update. Lower the learning rate.');
-          error.step = globalStep + 1;
-          error.layer = broken.name;
-          error.model = exportModel(model).bytes;
-          throw error;
+          throw stopped(`its update made parameter '${broken.name}' non-finite. The error's model holds the weights before that update.`, broken.name);
         }
         lossSum += r.loss * images;
         correct += r.correct;

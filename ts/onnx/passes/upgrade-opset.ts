@@ -16,7 +16,7 @@ import type { GraphProto, TensorProto } from 'onnx-buf';
 
 import {
   attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, int64sAttribute, makeIntAttribute, makeNode,
-  isOnnxDomain, makeStringAttribute, removeAttribute, subgraphsOf, type Graph,
+  isOnnxDomain, makeStringAttribute, namesRead, removeAttribute, subgraphsOf, type Graph,
 } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
@@ -62,7 +62,7 @@ function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
     if (n.opType === 'BatchNormalization' && opset < 9 && intAttribute(n, 'spatial', 1) === 0) {
       return `BatchNormalization (${nodeLabel(n)}) with spatial = 0 (per-element statistics, dropped at opset 9) is not converted here`;
     }
-    if (n.opType === 'Dropout' && opset < 10 && n.output[1] && reads(scope, n.output[1])) {
+    if (n.opType === 'Dropout' && opset < 10 && n.output[1] && namesRead(scope).has(n.output[1])) {
       return `Dropout (${nodeLabel(n)}) whose mask output is used (the mask became bool at opset 10) is not converted here`;
     }
     if (UNCHANGED.has(n.opType) || REDUCE_18.has(n.opType)) continue;
@@ -78,12 +78,6 @@ function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
 function irVersionFor(opset: number): number {
   const table: Array<[number, number]> = [[25, 13], [24, 12], [23, 11], [21, 10], [19, 9], [15, 8], [12, 7], [11, 6], [10, 5], [9, 4]];
   return table.find(([from]) => opset >= from)?.[1] ?? 3;
-}
-
-/** Whether a node of the scope (or of a subgraph in it) or the scope's outputs read `name`. */
-function reads(scope: GraphProto, name: string): boolean {
-  return scope.output.some((o) => o.name === name) ||
-    scope.node.some((n) => n.input.includes(name) || subgraphsOf(n).some((body) => reads(body, name)));
 }
 
 export function upgradeOpset(graph: Graph, target: number): PassReport {
