@@ -409,7 +409,8 @@ export function program(): Command {
 
 if (require.main === module) {
   program().parseAsync(process.argv).catch((e: unknown) => {
-    console.error(`lowbit: ${e instanceof Error ? e.message : String(e)}`);
+    // Errors that name lowbit themselves (the addon's load error) are not prefixed twice.
+    console.error(`lowbit: ${(e instanceof Error ? e.message : String(e)).replace(/^lowbit: /, '')}`);
     process.exit(process.exitCode || 1);
   });
 }

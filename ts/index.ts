@@ -31,6 +31,7 @@ export { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range }
 export { quantizeModel, type QuantizationReport, type QuantizeModelOptions } from './onnx/quantize-model';
 export { inspectModel, type LayerStats } from './onnx/inspect';
 export { OnnxModelError } from './onnx/model-io';
+export { OnnxruntimeMissingError } from './bench/ort-models';
 export {
   finetune, type EpochRecord, type FinetuneOptions, type FinetuneResult, type InputBatch, type LabelledBatch, type StepProgress, type TrainingData,
 } from './train/finetune';

@@ -1,6 +1,6 @@
 // onnxruntime sessions on worker threads (ts/onnx/ort-session.ts): same results as onnxruntime on the calling
 // thread, the caller's buffers untouched, the event loop free while a model runs, typed errors, no hang.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -222,6 +222,46 @@ describe('onnxruntime sessions on a worker thread', () => {
       expect(ortVersionProblem(old), old).to.match(new RegExp(`needs onnxruntime-node 1\\.30 or a later 1\\.x, but ${old.replace(/\./g, '\\.')} is installed: npm install onnxruntime-node@\\^1\\.30\\.0`));
     }
     expect(ortVersionProblem(require('onnxruntime-node/package.json').version), 'the installed one').to.equal(undefined);
+  });
+
+  it('without onnxruntime-node installed: a typed error that says what needs it and how to install it; weight-only runs go on unevaluated', () => {
+    // A preload hides onnxruntime-node from require, as in a project that did not install the optional peer dependency.
+    const hide = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-no-ort-')), 'hide-ort.js');
+    fs.writeFileSync(hide, `const Module = require('module');
+      const resolve = Module._resolveFilename;
+      Module._resolveFilename = function (request, ...rest) {
+        if (request === 'onnxruntime-node' || request.startsWith('onnxruntime-node/')) throw Object.assign(new Error("Cannot find module '" + request + "'"), { code: 'MODULE_NOT_FOUND' });
+        return resolve.call(this, request, ...rest);
+      };`);
+    const root = path.join(__dirname, '../../..');
+    const cli = path.join(root, 'dist', 'ts', 'cli.js');
+    const cwd = path.dirname(hide);
+    try {
+      // The CLI's one-command example calibrates, so it needs onnxruntime: one clear line, exit code 1, no file.
+      const tryIt = spawnSync(process.execPath, ['--require', hide, cli, 'quantize'], { cwd, encoding: 'utf8', timeout: 120_000 });
+      expect(tryIt.status, tryIt.stderr).to.equal(1);
+      expect(tryIt.stderr).to.match(/^lowbit: lowbit runs models \(calibration, evaluation, distillation, fine-tuning\) in onnxruntime-node, an optional peer dependency that is not installed/m);
+      expect(tryIt.stderr).to.contain('npm install onnxruntime-node@^1.30.0');
+      expect(tryIt.stderr).to.contain('Weight-only quantization');
+      expect(fs.existsSync(path.join(cwd, 'mnist-cnn.q.onnx'))).to.equal(false);
+      // The API: an OnnxruntimeMissingError (exported) from a calibrated call; a weight-only call writes its model.
+      const script = `
+        const { quantizeModel, OnnxruntimeMissingError } = require(${JSON.stringify(path.join(root, 'dist', 'ts', 'index.js'))});
+        const model = ${JSON.stringify(path.join(root, 'assets', 'mnist-cnn.onnx'))};
+        (async () => {
+          const calibration = [{ input: { data: new Float32Array(784), dims: [1, 1, 28, 28] } }];
+          const error = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, method: 'minmax' }, calibration }).catch((e) => e);
+          console.log(error instanceof OnnxruntimeMissingError, error.name);
+          const { model: bytes, report } = await quantizeModel(model, { weights: { bits: 8 } });
+          console.log(bytes.length > 0, report.layers.length, report.evaluationSkipped);
+        })();`;
+      const api = spawnSync(process.execPath, ['--require', hide, '-e', script], { cwd, encoding: 'utf8', timeout: 120_000 });
+      expect(api.status, api.stderr).to.equal(0);
+      expect(api.stdout.split('\n')).to.deep.equal(['true OnnxruntimeMissingError',
+        'true 3 onnxruntime-node (an optional peer dependency) is not installed: install it to compare the quantized model with the float one', '']);
+    } finally {
+      fs.rmSync(cwd, { recursive: true, force: true });
+    }
   });
 
   it('never keep the process alive when left open idle', () => {

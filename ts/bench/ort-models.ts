@@ -12,6 +12,14 @@ export { TensorProto_DataType as DataType };
 
 let ortModule: typeof Ort | undefined;
 
+/** onnxruntime-node, which lowbit runs models with, is missing or of a version lowbit cannot use. */
+export class OnnxruntimeMissingError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'OnnxruntimeMissingError';
+  }
+}
+
 /** onnxruntime-node, an optional peer dependency: loaded on first use, with a clear error when absent. */
 export function ort(): typeof Ort {
   if (!ortModule) {
@@ -19,10 +27,13 @@ export function ort(): typeof Ort {
     try {
       version = (require('onnxruntime-node/package.json') as { version: string }).version;
     } catch (e) {
-      throw new Error(`lowbit: this needs the optional peer dependency onnxruntime-node (npm install onnxruntime-node): ${(e as Error).message.split('\n')[0]}`);
+      throw new OnnxruntimeMissingError('lowbit runs models (calibration, evaluation, distillation, fine-tuning) in onnxruntime-node, an optional ' +
+        `peer dependency that is not installed (${(e as Error).message.split('\n')[0]}). Install it: npm install onnxruntime-node@^1.${MIN_ORT_MINOR}.0 ` +
+        '(offline, set ONNXRUNTIME_NODE_INSTALL=skip: its install script fetches CUDA binaries from nuget.org). ' +
+        'Weight-only quantization (no activations, no data-driven bias correction) works without it, unevaluated.');
     }
     const problem = ortVersionProblem(version);
-    if (problem) throw new Error(problem);
+    if (problem) throw new OnnxruntimeMissingError(problem);
     ortModule = require('onnxruntime-node') as typeof Ort;
   }
   return ortModule;
@@ -38,7 +49,7 @@ const MIN_ORT_MINOR = 30;
 export function ortVersionProblem(version: string): string | undefined {
   const [major, minor] = version.split('.').map(Number);
   if (major === 1 && minor >= MIN_ORT_MINOR) return undefined;
-  return `lowbit: this needs onnxruntime-node 1.${MIN_ORT_MINOR} or a later 1.x, but ${version} is installed: npm install onnxruntime-node@^1.${MIN_ORT_MINOR}.0`;
+  return `lowbit needs onnxruntime-node 1.${MIN_ORT_MINOR} or a later 1.x, but ${version} is installed: npm install onnxruntime-node@^1.${MIN_ORT_MINOR}.0`;
 }
 
 /** True when onnxruntime-node can be loaded. */
