@@ -7,6 +7,8 @@ import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { EventEmitter } from 'node:events';
+import * as readline from 'node:readline';
 import { Readable } from 'node:stream';
 import { AttributeProto_AttributeType, ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType } from 'onnx-buf';
 
@@ -51,6 +53,30 @@ describe('calibration data read once or twice', () => {
     expect(report.calibrationBatches).to.equal(2);
     const gptq = report.passes.find((p) => p.pass === 'gptq-inputs')!;
     expect(gptq.skipped[0].reason).to.match(/can be read only once/);
+  });
+
+  it('a re-iterable dataset that is also an EventEmitter gets both passes; a readline interface and a web stream one', async () => {
+    const batches = [feed(0, 8), feed(8, 8)];
+    class Dataset extends EventEmitter {
+      reads = 0;
+      * [Symbol.iterator]() {
+        this.reads++;
+        this.emit('read');
+        yield* batches;
+      }
+    }
+    const dataset = new Dataset();
+    const options = { weights: { bits: 4 as const, rounding: 'gptq' as const }, activations: { bits: 8 as const }, evaluationFeeds: [] };
+    const both = await quantizeModel(mnist, { ...options, calibration: dataset });
+    expect(both.report.passes.find((p) => p.pass === 'gptq-inputs')!.skipped).to.deep.equal([]);
+    expect(dataset.reads).to.equal(2);
+    const lines = readline.createInterface({ input: Readable.from([]) });
+    const webStream = new ReadableStream({ start(c) { batches.forEach((b) => c.enqueue(b)); c.close(); } });
+    for (const once of [Object.assign(lines, { [Symbol.asyncIterator]: async function * () { yield* batches; } }), webStream]) {
+      const { report } = await quantizeModel(mnist, { ...options, calibration: once as unknown as AsyncIterable<ReturnType<typeof feed>> });
+      expect(report.passes.find((p) => p.pass === 'gptq-inputs')!.skipped[0].reason).to.match(/can be read only once/);
+    }
+    lines.close();
   });
 
   it('an object that reads twice but gives fewer batches the second time is an error naming options.calibration', async () => {

@@ -413,14 +413,17 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
 }
 
 /**
- * Whether iterating the calibration data again starts over: a folder, an array, a re-iterable object; not a generator,
- * nor a stream (a Node Readable or readline interface hands out a new iterator each time, over data read once).
- * A second reading still checks that it gives as many batches as the first (calibrate's `expectBatches`).
+ * Whether iterating the calibration data again starts over: a folder, an array, a re-iterable object (an
+ * EventEmitter too); not a generator, nor a stream (a Node or web Readable, a readline interface: each hands out a
+ * new iterator each time, over data read once). A second reading still checks that it gives as many batches as the
+ * first (calibrate's `expectBatches`).
  */
 function canReadTwice(data: CalibrationData): boolean {
   if (typeof data === 'string' || Array.isArray(data)) return true;
   const d = data as Partial<Iterable<Feed> & AsyncIterable<Feed>> & Record<string, unknown>;
-  if (typeof d.pipe === 'function' || typeof d.read === 'function' || typeof d.getReader === 'function' || typeof d.on === 'function') return false;
+  const nodeStream = typeof d.pipe === 'function' && typeof d.on === 'function';
+  const readlineInterface = typeof d.question === 'function' && typeof d.on === 'function';
+  if (nodeStream || readlineInterface || typeof d.getReader === 'function') return false;
   const iterator = d[Symbol.iterator]?.() ?? d[Symbol.asyncIterator]?.();
   return iterator !== undefined && iterator !== (data as unknown);
 }
