@@ -397,6 +397,59 @@ describe('finetune: quantizer set-up and non-finite values (audit)', () => {
     expect(tensors.every((t) => t.every(Number.isFinite))).to.equal(true);
   });
 
+  it('Infinity reaching a GDRQ running clip or a new LSQ activation step stops training naming the layer', async () => {
+    // Weights scaled by 1e20 make fc3's output overflow in the first forward pass; fc4's activation quantizer sees
+    // Infinity. (The running clip's threshold, or LSQ's first step, took it before, and the kernel refused the
+    // infinite step with a RangeError.)
+    const r = (seed: number) => { let v = seed; return () => ((v = (v * 1103515245 + 12345) % 2147483648) / 2147483648) * 2 - 1; };
+    const next = r(5);
+    const dense = (rows: number, cols: number, scale = 1) => ({ dims: [rows, cols], data: Array.from({ length: rows * cols }, () => next() * scale) });
+    const layers = [dense(784, 16), dense(16, 16, 1e20), dense(16, 16, 1e20), dense(16, 16), dense(16, 10)];
+    const nodes = layers.flatMap((_, i) => [
+      { op: 'MatMul', inputs: [i === 0 ? 'input' : `r${i}`, `w${i + 1}`], output: i === layers.length - 1 ? 'y' : `h${i + 1}`, name: `fc${i + 1}` },
+      ...(i === layers.length - 1 ? [] : [{ op: 'Relu', inputs: [`h${i + 1}`], output: `r${i + 1}` }]),
+    ]);
+    const mlp = buildModel({ inputDims: ['N', 784], output: 'y', initializers: Object.fromEntries(layers.map((w, i) => [`w${i + 1}`, w])), nodes });
+    const set = subset('train', 64);
+    for (const method of ['gdrq', 'lsq'] as const) {
+      const e = await expectError(finetune(mlp, { inputs: { data: set.inputs.data, dims: [64, 784] }, labels: set.labels },
+        { method, weightBits: 4, activationBits: 4, batchSize: 32, learningRate: 1e-3 }),
+      TrainingError, /step 1: the loss is finite, but values first became non-finite in the output of fc3/) as TrainingError;
+      const scales = readModel(e.model!).graph!.initializer.filter((t) => /scale/.test(t.name)).map((t) => floatData(t)!);
+      expect(scales.length, method).to.be.greaterThan(4);
+      expect(scales.every((t) => t.every(Number.isFinite)), method).to.equal(true);
+    }
+  });
+
+  it('GDRQ stopped by values that overflow returns the model of the last good step, running clip thresholds included', async () => {
+    // The first layer's input goes through a running clip (edge layers at 4 bits too). Batch 3 holds values near the
+    // float32 maximum: its threshold update stays finite, fc1's output overflows. The error's model must be the one
+    // after step 1 (the weights step 2 ran with), thresholds included: the same bytes as training on batch 1 alone.
+    const r = (seed: number) => { let v = seed; return () => ((v = (v * 1103515245 + 12345) % 2147483648) / 2147483648) * 2 - 1; };
+    const next = r(5);
+    const dense = (rows: number, cols: number) => ({ dims: [rows, cols], data: Array.from({ length: rows * cols }, next) });
+    const mlp = buildModel({
+      inputDims: ['N', 784], output: 'y', initializers: { w1: dense(784, 16), w2: dense(16, 16), w3: dense(16, 10) },
+      nodes: [
+        { op: 'MatMul', inputs: ['input', 'w1'], output: 'h1', name: 'fc1' }, { op: 'Relu', inputs: ['h1'], output: 'r1' },
+        { op: 'MatMul', inputs: ['r1', 'w2'], output: 'h2', name: 'fc2' }, { op: 'Relu', inputs: ['h2'], output: 'r2' },
+        { op: 'MatMul', inputs: ['r2', 'w3'], output: 'y', name: 'fc3' },
+      ],
+    });
+    const set = subset('train', 96);
+    const batch = (i: number, scale = 1) => ({
+      inputs: { data: set.inputs.data.slice(i * 32 * 784, (i + 1) * 32 * 784).map((v) => v * scale), dims: [32, 784] }, labels: set.labels.slice(i * 32, (i + 1) * 32),
+    });
+    const iterable = (batches: ReturnType<typeof batch>[]) => ({ async * [Symbol.asyncIterator]() { yield* batches; } });
+    const options = { method: 'gdrq' as const, weightBits: 4 as const, activationBits: 4 as const, firstLastLayerBits: 4 as const, learningRate: 0.05 };
+    const e = await expectError(finetune(mlp, iterable([batch(0), batch(1), batch(2, 1e38)]), options),
+      TrainingError, /step 3: the loss is finite, but values first became non-finite in the output of fc1/) as TrainingError;
+    const afterStep1 = await finetune(mlp, iterable([batch(0)]), options);
+    const tensors = (bytes: Uint8Array) => readModel(bytes).graph!.initializer.map((t) => [t.name, Array.from(floatData(t) ?? [])] as const);
+    expect(tensors(e.model!)).to.deep.equal(tensors(afterStep1.model));
+    expect(tensors(e.model!).filter(([name]) => /r1.*scale|scale.*r1/.test(name)).length, 'a running clip scale is compared').to.be.greaterThan(0);
+  });
+
   it('the last update is checked too: a diverging final step is an error, not a returned model', async () => {
     const e = await expectError(finetune(mnistCnn(9), subset('train', 32), { batchSize: 32, learningRate: 1e300, momentum: 0 }), TrainingError,
       /epoch 1, step 1: its update made parameter '[\w.]+' non-finite/) as TrainingError;

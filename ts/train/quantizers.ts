@@ -77,6 +77,14 @@ export type StepInit = 'lsq' | 'max';
 
 const MIN_STEP = 1e-8;
 
+/**
+ * A first step within [MIN_STEP, float32 max]: a first batch with NaN or ±Infinity (or values near float32's limit)
+ * must not give the kernels a step they refuse; finetune then stops on those values and names the layer.
+ */
+function initialStep(step: number): number {
+  return Number.isNaN(step) ? MIN_STEP : Math.min(3.4028234663852886e38, Math.max(MIN_STEP, step));
+}
+
 /** LSQ for weights (signed) or activations (signedness from the first batch). */
 export class LsqQuantizer implements ExportableQuantizer {
   readonly parameters: Parameter[] = [];
@@ -122,7 +130,7 @@ export class LsqQuantizer implements ExportableQuantizer {
       if (max) {
         // Unsigned codes over [min(min, 0), max(max, 0)]: a zero point when the range has negative values.
         const levels = 2 ** this.bits - 1;
-        const step = Math.max(MIN_STEP, (Math.max(high, 0) - Math.min(min, 0)) / levels);
+        const step = initialStep((Math.max(high, 0) - Math.min(min, 0)) / levels);
         this.zeroPoint = this.signed ? Math.min(levels, Math.round(-min / step)) : undefined;
         this.signed = false;
         this.qn = this.zeroPoint ?? 0;
@@ -132,7 +140,7 @@ export class LsqQuantizer implements ExportableQuantizer {
     }
     if (!steps) {
       ({ qn: this.qn, qp: this.qp } = lsqLevels(this.bits, this.signed));
-      const init = (m: number) => Math.max(MIN_STEP, max ? m / this.qp : (2 * m) / Math.sqrt(this.qp));
+      const init = (m: number) => initialStep(max ? m / this.qp : (2 * m) / Math.sqrt(this.qp));
       // mean (or max) |v| over `run` values every `stride` from `from`.
       const stat = (from: number, stride: number, run: number) => init(meanAbs(x.data, from, x.data.length, stride, run, max));
       if (this.perChannelAxis === undefined) steps = Float32Array.of(stat(0, x.data.length, x.data.length));
@@ -280,10 +288,11 @@ export class RunningClipQuantizer implements ExportableQuantizer {
         for (let i = 0; i < x.data.length; i++) if (x.data[i] < min) min = x.data[i];
         this.signed = min < 0;
         ({ qn: this.qn, qp: this.qp } = lsqLevels(this.bits, this.signed));
-        this.state[0] = target;
-      } else {
-        this.state[0] = this.momentum * this.state[0] + (1 - this.momentum) * target;
       }
+      const next = this.state[0] === 0 ? target : this.momentum * this.state[0] + (1 - this.momentum) * target;
+      // Non-finite inputs (or a step beyond float32) leave the threshold as it was: finetune stops on them and names
+      // the layer, rather than the kernel refusing an infinite step.
+      if (Number.isFinite(Math.fround(next / this.qp))) this.state[0] = next;
     } else if (this.state[0] === 0) {
       throw new Error(`Activation quantizer ${this.name} has no threshold yet (run a training batch first).`);
     }
