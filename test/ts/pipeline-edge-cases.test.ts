@@ -10,7 +10,9 @@ import * as path from 'node:path';
 import { EventEmitter } from 'node:events';
 import * as readline from 'node:readline';
 import { Readable } from 'node:stream';
-import { AttributeProto_AttributeType, ModelProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType } from 'onnx-buf';
+import {
+  AttributeProto_AttributeType, ModelProtoSchema, SparseTensorProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType,
+} from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { makeObserver, readNpyFeed } from '../../ts/onnx/calibrate';
@@ -18,8 +20,9 @@ import { HistogramObserver } from '../../ts/calibration/observers';
 import { quantizeTensor } from '../../ts/quantize';
 import { Graph } from '../../ts/onnx/graph';
 import { inspectModel } from '../../ts/onnx/inspect';
-import { readModel, serializeModel } from '../../ts/onnx/model-io';
+import { OnnxModelError, readModel, serializeModel } from '../../ts/onnx/model-io';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
+import { densifySparseInitializers } from '../../ts/onnx/passes/sparse-initializers';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { compareOutputs, quantizeModel } from '../../ts/onnx/quantize-model';
 import { writeNpy } from '../helpers/npy';
@@ -545,3 +548,67 @@ describe('ONNX rewrites found by the audit', () => {
     fs.rmSync(dir, { recursive: true });
   });
 });
+
+describe('sparse initializers', () => {
+  // x [N, 8] → MatMul W1 [8, 6] → Relu → Gemm W2 [4, 6] (transB): W1 stored with linear indices and float_data, W2 with
+  // coordinates and raw data; the dense model holds the same values with zeros elsewhere.
+  const r = rng(11);
+  const w1 = Float32Array.from({ length: 48 }, (_, i) => (i % 3 === 0 ? r() - 0.5 : 0));
+  const w2 = Float32Array.from({ length: 24 }, (_, i) => (i % 2 === 1 ? r() - 0.5 : 0));
+  const dense = buildModel({
+    inputDims: ['N', 8], output: 'y', initializers: { W1: { dims: [8, 6], data: w1 }, W2: { dims: [4, 6], data: w2 } },
+    nodes: [
+      { op: 'MatMul', inputs: ['input', 'W1'], output: 'h', name: 'mm' }, { op: 'Relu', inputs: ['h'], output: 'r' },
+      { op: 'Gemm', inputs: ['r', 'W2'], output: 'y', name: 'gemm', attrs: { transB: 1 } },
+    ],
+  });
+  const sparseModel = (mutate?: (indices: bigint[]) => void) => {
+    const model = readModel(dense);
+    const g = model.graph!;
+    const nonzero = (w: Float32Array) => [...w.keys()].filter((i) => w[i] !== 0);
+    const at1 = nonzero(w1);
+    const linear = at1.map(BigInt);
+    mutate?.(linear);
+    const at2 = nonzero(w2);
+    g.initializer = [];
+    g.sparseInitializer = [
+      create(SparseTensorProtoSchema, {
+        values: { name: 'W1', dataType: TensorProto_DataType.FLOAT, dims: [BigInt(at1.length)], floatData: at1.map((i) => w1[i]) },
+        indices: { name: 'W1_indices', dataType: TensorProto_DataType.INT64, dims: [BigInt(at1.length)], int64Data: linear }, dims: [8n, 6n],
+      }),
+      create(SparseTensorProtoSchema, {
+        values: { name: 'W2', dataType: TensorProto_DataType.FLOAT, dims: [BigInt(at2.length)], rawData: new Uint8Array(Float32Array.from(at2, (i) => w2[i]).buffer) },
+        indices: {
+          name: 'W2_indices', dataType: TensorProto_DataType.INT64, dims: [BigInt(at2.length), 2n],
+          rawData: new Uint8Array(BigInt64Array.from(at2.flatMap((i) => [BigInt(Math.floor(i / 6)), BigInt(i % 6)])).buffer),
+        },
+        dims: [4n, 6n],
+      }),
+    ];
+    return toBinary(ModelProtoSchema, model);
+  };
+  const x = { input: { data: Float32Array.from({ length: 24 }, () => r() * 2 - 1), dims: [3, 8] } };
+
+  it('become dense initializers with the values onnxruntime reads, and their layers are quantized', async () => {
+    const bytes = sparseModel();
+    const graph = new Graph(readModel(bytes));
+    const pass = densifySparseInitializers(graph);
+    expect(pass.changed).to.deep.equal(['W1: 16 stored values made a dense [8, 6] initializer', 'W2: 12 stored values made a dense [4, 6] initializer']);
+    const made = serializeModel(graph.model);
+    expect(Array.from((await run(made, x)).y.data as Float32Array)).to.deep.equal(Array.from((await run(bytes, x)).y.data as Float32Array));
+    expect(Array.from((await run(made, x)).y.data as Float32Array)).to.deep.equal(Array.from((await run(dense, x)).y.data as Float32Array));
+    const { report } = await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [x] });
+    expect(report.layers.map((l) => [l.node, l.bits])).to.deep.equal([['mm', 8], ['gemm', 8]]);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+    expect((await inspectModel(bytes)).layers.map((l) => [l.node, l.quantized])).to.deep.equal([['mm', true], ['gemm', true]]);
+  });
+
+  it('with an index outside the dims are an OnnxModelError naming the tensor', async () => {
+    const bytes = sparseModel((indices) => (indices[3] = 48n));
+    let caught: unknown;
+    await quantizeModel(bytes, { weights: { bits: 8 } }).catch((e) => (caught = e));
+    expect(caught).to.be.instanceOf(OnnxModelError);
+    expect((caught as Error).message).to.equal("Sparse initializer 'W1': value 3 has index 48, outside its 48 elements. The model file is corrupted; re-export it.");
+  });
+});
+

@@ -200,6 +200,7 @@ export class Graph {
   topologicalOrder(): NodeProto[] {
     const available = new Set<string>(['']);
     for (const t of this.graph.initializer) available.add(t.name);
+    for (const t of this.graph.sparseInitializer) if (t.values) available.add(t.values.name);
     for (const i of this.graph.input) available.add(i.name);
     const remaining = [...this.graph.node];
     const order: NodeProto[] = [];

@@ -3,6 +3,7 @@ import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './g
 import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel, placeOf } from './passes/pass';
 import { bypassConstantIdentities } from './passes/constant-identities';
+import { densifySparseInitializers } from './passes/sparse-initializers';
 import { subgraphLayers, unquantizableReason } from './passes/quantize-weights';
 
 export interface LayerStats {
@@ -29,6 +30,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   // Read without holding the event loop, and one layer's weights in memory at a time when they are external
   // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer.
   const graph = new Graph(await readModelAsync(input, { lazyExternalData: true }));
+  densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
   const layers: LayerStats[] = [];
   const candidates = [

@@ -24,6 +24,7 @@ import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
 import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
 import { bypassConstantIdentities } from './passes/constant-identities';
+import { densifySparseInitializers } from './passes/sparse-initializers';
 import { quantizableTableCount, quantizeGathers } from './passes/quantize-gather';
 import { foldBatchNorm } from './passes/fold-batchnorm';
 import { foldScalarAffine } from './passes/fold-scalar-affine';
@@ -551,7 +552,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   }
   await time('validate', () => graph.topologicalOrder());
   const passes: PassReport[] = [];
-  // First: what reads a weight through an Identity is a layer for every decision below (float16 weights, opset).
+  // First: weights stored sparse, or read through an Identity, are a layer's weights for every decision below.
+  passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
   passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
   const bits = opts.weights.bits;
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
