@@ -15,7 +15,7 @@ import { readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, writeFileAtomic } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
 import type { WeightLayerReport } from './onnx/passes/quantize-weights';
-import { finetune } from './train/finetune';
+import { checkOptions as checkFinetuneOptions, finetune, type EpochRecord, type FinetuneOptions } from './train/finetune';
 import { loadMnist } from './train/mnist';
 
 /** A layer's name, with the node whose subgraph holds it. */
@@ -31,12 +31,44 @@ function parseShape(value: string, previous: Array<[number, number, number]> = [
   return [...previous, dims];
 }
 
-function parseThreads(value: string): number[] {
-  if (value === 'both') return [1, cpuInfo().maxThreads];
-  if (value === 'all') return [cpuInfo().maxThreads];
+/** Thread counts (repeatable: each use adds its counts); the kernels take 1 to 1024 threads. */
+function parseThreads(value: string, previous: number[] = []): number[] {
+  if (value === 'both') return [...previous, 1, cpuInfo().maxThreads];
+  if (value === 'all') return [...previous, cpuInfo().maxThreads];
   const t = Number(value);
-  if (!Number.isInteger(t) || t < 1) throw new InvalidArgumentError(`expected a thread count, 'all' or 'both', got '${value}'`);
-  return [t];
+  if (!Number.isInteger(t) || t < 1 || t > 1024) throw new InvalidArgumentError(`expected a thread count from 1 to 1024, 'all' or 'both', got '${value}'`);
+  return [...previous, t];
+}
+
+/** Comma-separated names; repeating the option adds to them. */
+function parseNames(value: string, previous: string[] = []): string[] {
+  return [...previous, ...value.split(',').map((k) => k.trim()).filter((k) => k !== '')];
+}
+
+/** Kernel names this CPU can run (for --kernel), checked before any benchmark starts. */
+function checkKernels(kind: 'gemm' | 'sgemm', names: string[] | undefined): string[] | undefined {
+  const usable = kind === 'gemm' ? cpuInfo().gemmKernels : cpuInfo().sgemmKernels;
+  const unknown = names?.find((k) => !usable.includes(k));
+  if (unknown !== undefined) throw new Error(`Expected one of ${usable.map((k) => `'${k}'`).join(', ')} for --kernel but received '${unknown}': those are the ${kind} kernels this CPU runs.`);
+  return names;
+}
+
+/** Whether two paths name the same file (through symbolic links when both exist). */
+function samePath(a: string, b: string): boolean {
+  const real = (p: string) => {
+    try {
+      return fs.realpathSync(p);
+    } catch {
+      return path.resolve(p);
+    }
+  };
+  return real(a) === real(b);
+}
+
+/** Refuses an output path that would overwrite an input or another output of the same run. */
+function checkDistinct(flag: string, file: string, others: Array<[string, string]>): void {
+  const clash = others.find(([, other]) => samePath(file, other));
+  if (clash) throw new Error(`Expected ${flag} to name a file other than ${clash[0]} (${clash[1]}), but it is the same file: writing it would destroy that one. Choose another path.`);
 }
 
 /** A numeric option's value; anything else is commander's "argument is invalid" error with the text given. */
@@ -54,22 +86,58 @@ function parseSize(value: string, previous: number[] = []): number[] {
 
 /** Checks a folder argument before any work. */
 function checkInputFolder(flag: string, folder: string): void {
-  if (!fs.existsSync(folder)) throw new Error(`Expected a folder for ${flag} but received "${folder}", which does not exist.`);
+  if (!fs.existsSync(folder)) throw new Error(`Expected a folder for ${flag} but received "${folder}", which does not exist: check the path.`);
   if (!fs.statSync(folder).isDirectory()) throw new Error(`Expected a folder for ${flag} but received "${folder}", which is a file: give the folder holding one subfolder of .npy batches per model input.`);
 }
 
 /** The API's option names in an error message, as the quantize command's flags that set them (longest names first). */
 const QUANTIZE_FLAGS: Array<[string, string]> = [
-  ['options.weights.bitAllocation.averageBits', '--bit-allocation'], ['options.weights.granularity', '--granularity'],
-  ['options.weights.blockSize', '--block-size'], ['options.weights.scaleClip', '--scale-clip'], ['options.weights.rounding', '--rounding'],
-  ['options.weights.groups', '--groups'], ['options.weights.method', '--method'], ['options.weights.bits', '--wbits'],
-  ['options.activations.method', '--amethod'], ['options.activations.bits', '--abits'], ['options.calibration', '--calib'],
-  ['options.keepFloat', '--keep-float'], ['options.outputPath', '--output'],
+  ['options.weights.bitAllocation.averageBits', '--bit-allocation'], ['options.weights.bitAllocation', '--bit-allocation'],
+  ['options.weights.granularity', '--granularity'], ['options.weights.blockSize', '--block-size'], ['options.weights.scaleClip', '--scale-clip'],
+  ['options.weights.rounding', '--rounding'], ['options.weights.groups', '--groups'], ['options.weights.method', '--method'],
+  ['options.weights.bits', '--wbits'], ['options.weights.biasCorrection', '--bias-correction'], ['options.weights.reduceRange', '--reduce-range'],
+  ['options.activations.biasCorrection', '--bias-correction'], ['options.activations.equalizeDepthwise', '--equalize-depthwise'],
+  ['options.activations.outputs', '--quantize-outputs'], ['options.activations.method', '--amethod'], ['options.activations.bits', '--abits'],
+  ['options.calibration', '--calib'], ['options.keepFloat', '--keep-float'], ['options.outputPath', '--output'],
+  ['options.firstLastLayerBits', '--first-last-bits'], ['options.externalData', '--external-data'],
 ];
 
-export function withFlagNames(message: string): string {
-  return QUANTIZE_FLAGS.reduce((m, [option, flag]) => m.split(option).join(flag), message);
+/** The same for the finetune command. */
+const FINETUNE_FLAGS: Array<[string, string]> = [
+  ['options.weightBits', '--wbits'], ['options.activationBits', '--abits'], ['options.firstLastLayerBits', '--first-last-bits'],
+  ['options.epochs', '--epochs'], ['options.batchSize', '--batch-size'], ['options.learningRate', '--lr'], ['options.method', '--method'],
+  ['options.optimizer', '--optimizer'], ['options.seed', '--seed'], ['options.groups', '--groups'], ['options.activationSteps', '--activation-steps'],
+  ['options.stepInit', '--step-init'], ['options.perChannel', '--per-channel'], ['options.learnSteps', '--fixed-steps'],
+  ['options.outputPath', '--output'], ['options.validation', '--validation'],
+];
+
+export function withFlagNames(message: string, flags: Array<[string, string]> = QUANTIZE_FLAGS): string {
+  return flags.reduce((m, [option, flag]) => m.split(option).join(flag), message);
 }
+
+/** Runs a command's work with API option names in its errors replaced by the command's flags. */
+async function withFlags<T>(flags: Array<[string, string]>, work: () => T | Promise<T>): Promise<T> {
+  try {
+    return await work();
+  } catch (e) {
+    if (e instanceof Error) e.message = withFlagNames(e.message, flags);
+    throw e;
+  }
+}
+
+/** Says which given options this run does not use (commander knows which ones the user typed). */
+function warnIgnored(command: Command, ignored: Array<[string, string, boolean]>): void {
+  for (const [key, flag, unused] of ignored) {
+    if (unused && command.getOptionValueSource(key) === 'cli') console.error(`lowbit: note: ${flag} has no effect here (${unusedReason.get(flag) ?? 'not used by these settings'})`);
+  }
+}
+const unusedReason = new Map([
+  ['--block-size', 'it sets the block size of --granularity block'],
+  ['--wbits', "--method float trains without quantizers"], ['--abits', "--method float trains without quantizers"],
+  ['--per-channel', 'it applies to LSQ weight steps (--method lsq)'], ['--groups', 'it applies to --method gdrq'],
+  ['--activation-steps', 'it applies to --method gdrq'], ['--step-init', 'it applies to LSQ quantizers (--method lsq, or gdrq\'s edge layers)'],
+  ['--first-last-bits', '--method float trains without quantizers'],
+]);
 
 /** A layer's quantized input (and output) activation: bits and clip range, e.g. "8 [0, 6.1] → 8 [-3.2, 9.9]", or "8 dynamic". */
 function activationCell(l: WeightLayerReport): string {
@@ -88,7 +156,8 @@ export function program(): Command {
       + 'Without a model: the bundled MNIST CNN, W8A8 with its bundled calibration images')
     .argument('[model]', 'the float ONNX model (default: the bundled example)')
     .option('-o, --output <file>', 'where to write the quantized model (written atomically); default <model>.q.onnx in this folder')
-    .option('--wbits <bits>', 'weight bits: 8, 4 or 2', parseNumber, 8)
+    .option('--wbits <bits>', 'weight bits: 8, 4 or 2 (the first and last layers take --first-last-bits)', parseNumber, 8)
+    .option('--first-last-bits <bits>', 'weight bits of the first and last quantized layers (and their activations with --abits 4)', parseNumber, 8)
     .option('--granularity <g>', "'channel', 'block' or 'tensor'", 'channel')
     .option('--block-size <n>', 'block size along the input channels (power of two >= 16)', parseNumber, 32)
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
@@ -105,23 +174,30 @@ export function program(): Command {
     .option('--scale-clip <k>', 'GDRQ Scale-Clip of the weights at k·mean|W| before quantizing', parseNumber)
     .option('--rounding <r>', "'nearest', 'sum-preserving' (each conv filter keeps its response to flat input) or 'gptq' (minimise each layer's output error on --calib data)", 'nearest')
     .option('--calib <folder>', 'calibration data: one subfolder of .npy batches per model input (float32; float16 for float16 inputs; int64/int32 for integer inputs such as token ids)')
-    .option('--keep-float <names>', 'comma-separated node names or op types to leave in float')
+    .option('--keep-float <names>', 'comma-separated node names or op types to leave in float (repeatable)', parseNames)
     .option('--report <file>', 'also write the report as JSON')
     .option('--no-evaluate', 'do not compare the quantized model with the float one in onnxruntime (saves time and memory on large models)')
     .option('--external-data', 'write the weights to <output>.data next to the model, tensor by tensor (automatic at 2 GB; with --no-evaluate the least memory)')
     .action(async (modelArg: string | undefined, o: {
-      output?: string; wbits: number; granularity: string; blockSize: number; method: string; abits?: number; amethod?: string;
-      calib?: string; keepFloat?: string; report?: string; bitAllocation?: number; biasCorrection?: boolean; groups?: number; scaleClip?: number; rounding: string;
+      output?: string; wbits: number; firstLastBits: number; granularity: string; blockSize: number; method: string; abits?: number; amethod?: string;
+      calib?: string; keepFloat?: string[]; report?: string; bitAllocation?: number; biasCorrection?: boolean; groups?: number; scaleClip?: number; rounding: string;
       quantizeOutputs?: boolean; reduceRange?: boolean; gather?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean;
-    }) => {
+    }, command: Command) => {
+      const activationMethods = ['minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic'];
+      if (o.amethod !== undefined && !activationMethods.includes(o.amethod)) {
+        throw new Error(`Expected one of ${activationMethods.map((m) => `'${m}'`).join(', ')} for --amethod but received '${o.amethod}'.`);
+      }
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq', 'mse'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
       const model = modelArg ?? path.join(assets, 'mnist-cnn.onnx');
       if (!modelArg) {
-        console.log(`No model given: quantizing the bundled example ${model} (a small MNIST CNN) to W8A8, calibrated on its 64 bundled images.\n`);
         o.abits ??= 8;
+        const bundled = o.calib === undefined;
         o.calib ??= path.join(assets, 'mnist-calibration');
+        console.log(`No model given: quantizing the bundled example ${model} (a small MNIST CNN) to W${o.wbits}A${o.abits}` +
+          (amethod === 'dynamic' ? ' (dynamic activations).\n' : `, calibrated on ${bundled ? 'its 64 bundled images' : o.calib}.\n`));
       }
+      warnIgnored(command, [['blockSize', '--block-size', o.granularity !== 'block']]);
       if (amethod === 'dynamic') o.abits ??= 8;
       if (!o.calib && ((o.abits !== undefined && amethod !== 'dynamic') || o.rounding === 'gptq')) {
         throw new Error(`${o.abits !== undefined ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of .npy batches per model input, in the input's type).`);
@@ -131,7 +207,11 @@ export function program(): Command {
       if (o.quantizeOutputs && o.abits === undefined) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       if (o.equalizeDepthwise && o.abits === undefined) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
-      if (o.report) checkOutputPath('--report', o.report);  // before the work, not after it
+      checkDistinct('--output', o.output, [['the input model', model]]);
+      if (o.report) {
+        checkOutputPath('--report', o.report);  // before the work, not after it
+        checkDistinct('--report', o.report, [['the input model', model], ['--output', o.output], ['--output\'s data file', `${o.output}.data`]]);
+      }
       // Layers have a known count (a bar); calibration batches do not (a counter).
       const bar = new SingleBar({ format: '  {stage} [{bar}] {value} {unit}', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
       const counter = new SingleBar({ format: '  {stage} {value} {unit}', clearOnComplete: true, hideCursor: true }, Presets.shades_classic);
@@ -174,7 +254,8 @@ export function program(): Command {
             ...(o.equalizeDepthwise ? { equalizeDepthwise: true } : {}) }
           : false,
         calibration: o.calib,
-        keepFloat: o.keepFloat ? o.keepFloat.split(',').map((k) => k.trim()).filter((k) => k !== '') : undefined,
+        keepFloat: o.keepFloat,
+        firstLastLayerBits: Number(o.firstLastBits) as 2 | 4 | 8,
         outputPath: o.output,
         ...(o.externalData ? { externalData: true } : {}),
         ...(o.evaluate ? {} : { evaluationFeeds: [] }),
@@ -221,6 +302,17 @@ export function program(): Command {
         throw stop.signal.reason;
       }
       const { report } = result;
+      if (o.report) {
+        try {
+          // JSON has no Infinity (an SQNR with no error): written as the string "Infinity" rather than null.
+          const json = JSON.stringify(report, (_, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2);
+          writeFileAtomic(o.report, new TextEncoder().encode(json));
+        } catch (e) {
+          // All or nothing: the model without the report asked for is a failed run.
+          const written = removeOutput();
+          throw new Error(`${(e as Error).message.replace(': nothing was written', '')}; removed ${written.join(' and ')} too, so nothing of this run is left.`);
+        }
+      }
       console.log(table(report.layers.map((l) => ({
         layer: layerName(l), op: l.op, shape: l.shape.join('x'), bits: l.channelBits ? `${l.bits} (mixed)` : l.bits, granularity: l.granularity,
         method: l.method,
@@ -241,24 +333,13 @@ export function program(): Command {
       }
       for (const out of report.evaluation?.uncompared ?? []) console.log(`output ${out.name}: not compared (${out.reason})`);
       if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);
-      console.log(`wrote ${o.output}${o.externalData ? ` and ${o.output}.data` : ''} (opset ${report.opset.from} -> ${report.opset.to})`);
       // How onnxruntime will run it (`npm run bench -- models`).
       if (o.abits === undefined) {
         console.log("note: onnxruntime dequantizes weight-only models' weights on every run; session option session.disable_quant_qdq = '1' folds them at load (float speed)");
       } else if (!o.quantizeOutputs && amethod !== 'dynamic') {
         console.log('note: onnxruntime runs layers whose outputs are not quantized in float; --quantize-outputs lets it use integer kernels (faster, one more rounding per layer)');
       }
-      if (o.report) {
-        try {
-          // JSON has no Infinity (an SQNR with no error): written as the string "Infinity" rather than null.
-          const json = JSON.stringify(report, (_, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2);
-          writeFileAtomic(o.report, new TextEncoder().encode(json));
-        } catch (e) {
-          // All or nothing: the model without the report asked for is a failed run.
-          const written = removeOutput();
-          throw new Error(`${(e as Error).message.replace(': nothing was written', '')}; removed ${written.join(' and ')} too, so nothing of this run is left.`);
-        }
-      }
+      console.log(`wrote ${o.output}${o.externalData ? ` and ${o.output}.data` : ''}${o.report ? ` and ${o.report}` : ''} (opset ${report.opset.from} -> ${report.opset.to})`);
     });
   cli.command('finetune')
     .description('fine-tune an ONNX classifier on the CPU: float, or quantization-aware (LSQ or GDRQ); writes a QDQ model with the learned scales')
@@ -268,8 +349,9 @@ export function program(): Command {
     .option('--limit <n>', 'use only the first n training (and validation) samples', parseNumber)
     .option('-o, --output <file>', 'where to write the model (atomically); default <model>.<method>.onnx in this folder')
     .option('--method <m>', "'float', 'lsq' or 'gdrq'", 'lsq')
-    .option('--wbits <bits>', 'weight bits: 2, 4 or 8', parseNumber, 4)
+    .option('--wbits <bits>', 'weight bits: 2, 4 or 8 (the first and last layers take --first-last-bits)', parseNumber, 4)
     .option('--abits <bits>', 'activation bits: 4 or 8', parseNumber, 4)
+    .option('--first-last-bits <bits>', 'weight and activation bits of the first and last layers', parseNumber, 8)
     .option('--epochs <n>', 'epochs', parseNumber, 1)
     .option('--batch-size <n>', 'mini-batch size', parseNumber, 64)
     .option('--lr <rate>', 'initial learning rate (cosine decay)', parseNumber, 0.01)
@@ -282,10 +364,10 @@ export function program(): Command {
     .option('--fixed-steps', 'train the weights only, at the initial quantizer steps')
     .option('--step-init <s>', "LSQ initial steps: 'lsq' (the paper's) or 'max' (no clipping, zero points for signed activations; better at 8 bits)", 'lsq')
     .action(async (modelArg: string, o: {
-      data: string; validation?: string; limit?: number; output?: string; method: string; wbits: number; abits: number; epochs: number;
-      batchSize: number; lr: number; groups: number; activationSteps: string; seed: number; distill?: boolean; optimizer: string;
+      data: string; validation?: string; limit?: number; output?: string; method: string; wbits: number; abits: number; firstLastBits: number;
+      epochs: number; batchSize: number; lr: number; groups: number; activationSteps: string; seed: number; distill?: boolean; optimizer: string;
       perChannel?: boolean; stepInit: string; fixedSteps?: boolean;
-    }) => {
+    }, command: Command) => {
       const limit = o.limit === undefined ? Infinity : Number(o.limit);
       if (!(Number.isInteger(limit) && limit >= 1) && limit !== Infinity) throw new Error(`Expected a positive integer for --limit but received ${o.limit}.`);
       const load = async (source: string, split: 'train' | 't10k', flag: string) => {
@@ -304,7 +386,21 @@ export function program(): Command {
         const batch = { inputs: { data: inputs.data.subarray(0, n * per), dims: [n, ...inputs.dims.slice(1)] } };
         return o.distill ? batch : { ...batch, labels: readNpyLabels(path.join(source, 'labels.npy')).subarray(0, n) };
       };
-      const output = checkOutputPath('-o', o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`);
+      const output = checkOutputPath('--output', o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`);
+      checkDistinct('--output', output, [['the model', modelArg]]);
+      const options: FinetuneOptions = {
+        method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, firstLastLayerBits: Number(o.firstLastBits) as 8,
+        epochs: Number(o.epochs), batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed),
+        outputPath: output, activationSteps: o.activationSteps as 'running' | 'learned', distill: !!o.distill, optimizer: o.optimizer as 'sgd',
+        perChannel: !!o.perChannel, stepInit: o.stepInit as 'lsq', learnSteps: !o.fixedSteps,
+      };
+      await withFlags(FINETUNE_FLAGS, () => checkFinetuneOptions(options));  // before the data are loaded
+      const quantizing = o.method !== 'float';
+      warnIgnored(command, [
+        ['wbits', '--wbits', !quantizing], ['abits', '--abits', !quantizing], ['firstLastBits', '--first-last-bits', !quantizing],
+        ['perChannel', '--per-channel', o.method !== 'lsq'], ['groups', '--groups', o.method !== 'gdrq'], ['activationSteps', '--activation-steps', o.method !== 'gdrq'],
+        ['stepInit', '--step-init', !quantizing],
+      ]);
       const data = await load(o.data, 'train', '--data');
       const validation = o.validation ? await load(o.validation, 't10k', '--validation') : undefined;
       const bar = new SingleBar({
@@ -314,21 +410,40 @@ export function program(): Command {
       }, Presets.shades_classic);
       let epochShown = 0;
       const t0 = performance.now();
-      const { history } = await finetune(modelArg, data, {
-        method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, epochs: Number(o.epochs),
-        batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed), validation, outputPath: output,
-        activationSteps: o.activationSteps as 'running' | 'learned', distill: !!o.distill, optimizer: o.optimizer as 'sgd',
-        perChannel: !!o.perChannel, stepInit: o.stepInit as 'lsq', learnSteps: !o.fixedSteps,
-        onStep: (p) => {
-          if (p.epoch !== epochShown) {
-            if (epochShown) bar.stop();
-            bar.start(p.stepsPerEpoch ?? 0, 0, { epoch: p.epoch, loss: '-', accuracy: '-' });
-            epochShown = p.epoch;
-          }
-          bar.update(p.step, { loss: p.loss.toFixed(4), accuracy: `${(p.accuracy * 100).toFixed(2)}%` });
-        },
-      });
-      bar.stop();
+      // Ctrl-C (or a SIGTERM) stops at the next step; the output is written only at the end, atomically.
+      const stop = new AbortController();
+      const forceExit = () => process.exit(130);
+      const interrupt = (signal: NodeJS.Signals) => {
+        bar.stop();
+        process.stderr.write(`\nlowbit: ${signal}: stopping…\n`);
+        stop.abort(new Error(`interrupted (${signal}): nothing was written`));
+        process.once(signal, forceExit);
+      };
+      process.once('SIGINT', interrupt);
+      process.once('SIGTERM', interrupt);
+      let history: EpochRecord[];
+      try {
+        ({ history } = await withFlags(FINETUNE_FLAGS, () => finetune(modelArg, data, {
+          ...options, validation, signal: stop.signal,
+          onStep: (p) => {
+            if (p.epoch !== epochShown) {
+              if (epochShown) bar.stop();
+              bar.start(p.stepsPerEpoch ?? 0, 0, { epoch: p.epoch, loss: '-', accuracy: '-' });
+              epochShown = p.epoch;
+            }
+            bar.update(p.step, { loss: p.loss.toFixed(4), accuracy: `${(p.accuracy * 100).toFixed(2)}%` });
+          },
+        })));
+      } catch (e) {
+        if (stop.signal.aborted) process.exitCode = 130;
+        throw e;
+      } finally {
+        bar.stop();  // restores the cursor and line wrap before any error is printed
+        for (const s of ['SIGINT', 'SIGTERM'] as const) {
+          process.off(s, interrupt);
+          process.off(s, forceExit);
+        }
+      }
       console.log(table(history.map((h) => ({
         epoch: h.epoch, loss: Number(h.loss.toFixed(4)), [o.distill ? 'train agreement %' : 'train accuracy %']: Number((h.accuracy * 100).toFixed(2)),
         ...(h.validationAccuracy !== undefined ? { [o.distill ? 'validation agreement %' : 'validation accuracy %']: Number((h.validationAccuracy * 100).toFixed(2)) } : {}),
@@ -352,31 +467,31 @@ export function program(): Command {
   bench.command('gemm')
     .description('int8/int4 GEMM GOPS per kernel path vs onnxruntime MatMulInteger, MatMul fp32 and MatMulNBits')
     .option('--shape <MxKxN>', 'a shape to measure (repeatable); default: the standard set', parseShape)
-    .option('--threads <n|all|both>', 'thread counts', parseThreads, undefined)
+    .option('--threads <n|all|both>', 'thread counts (repeatable; default: both)', parseThreads, undefined)
     .option('--kernel <name...>', 'lowbit kernels to measure (default: all SIMD paths here)')
     .option('--json', 'machine-readable output')
     .action(async (o: { shape?: Array<[number, number, number]>; threads?: number[]; kernel?: string[]; json?: boolean }) => {
       await benchGemm({
         shapes: o.shape ?? DEFAULT_GEMM_SHAPES,
         threads: o.threads ?? [1, cpuInfo().maxThreads],
-        kernels: o.kernel,
+        kernels: checkKernels('gemm', o.kernel),
         json: !!o.json,
       });
     });
   bench.command('sgemm')
     .description('float32 SGEMM GFLOPS per kernel (training-engine shapes: conv and fully connected, all transposes) and the ratio to scalar')
-    .option('--threads <n|all|both>', 'thread counts', parseThreads, undefined)
+    .option('--threads <n|all|both>', 'thread counts (repeatable; default: both)', parseThreads, undefined)
     .option('--kernel <name...>', 'kernels to measure (default: all usable here)')
     .option('--json', 'machine-readable output')
     .action(async (o: { threads?: number[]; kernel?: string[]; json?: boolean }) => {
-      await benchSgemm({ threads: o.threads ?? [1, cpuInfo().maxThreads], kernels: o.kernel, json: !!o.json });
+      await benchSgemm({ threads: o.threads ?? [1, cpuInfo().maxThreads], kernels: checkKernels('sgemm', o.kernel), json: !!o.json });
     });
   bench.command('train')
     .description('float training throughput (images/s) of the bundled MNIST CNN: lowbit finetune vs TensorFlow.js cpu backend, same process')
     .option('--batch-size <n>', 'mini-batch size', (v) => parseSize(v)[0], 64)
     .option('--steps <n>', 'timed lowbit steps', (v) => parseSize(v)[0], 30)
     .option('--tfjs-steps <n>', 'timed TensorFlow.js steps', (v) => parseSize(v)[0], 5)
-    .option('--threads <n|all|both>', 'lowbit thread counts', parseThreads, undefined)
+    .option('--threads <n|all|both>', 'lowbit thread counts (repeatable; default: both)', parseThreads, undefined)
     .option('--json', 'machine-readable output')
     .action(async (o: { batchSize: number; steps: number; tfjsSteps: number; threads?: number[]; json?: boolean }) => {
       await benchTrain({ batchSize: o.batchSize, steps: o.steps, tfjsSteps: o.tfjsSteps, threads: o.threads ?? [1, cpuInfo().maxThreads], json: !!o.json });

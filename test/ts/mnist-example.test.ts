@@ -69,7 +69,7 @@ describe('bundled MNIST CNN example', () => {
     expect(badReport.stderr).to.match(/a file path in an existing folder for --report .* does not exist\. Create it first\./);
     const badCalib = spawnSync(process.execPath, [cli, 'quantize', model, '--abits', '8', '--calib', path.join(dir, 'nope')], { cwd: dir, encoding: 'utf8' });
     expect(badCalib.status).to.equal(1);
-    expect(badCalib.stderr).to.match(/Expected a folder for --calib but received ".*nope", which does not exist\./);
+    expect(badCalib.stderr).to.match(/Expected a folder for --calib but received ".*nope", which does not exist: check the path\./);
     expect(fs.readdirSync(dir)).to.deep.equal([]);
     const good = spawnSync(process.execPath, [cli, 'quantize', model, '--report', 'r.json'], { cwd: dir, encoding: 'utf8' });
     expect(good.status, good.stderr).to.equal(0);

@@ -196,7 +196,7 @@ describe('quantizeModel (weights only)', () => {
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.99);
     let caught: unknown;
     await quantizeModel(bundled, { weights: { bits: 4, granularity: 'tensor', bitAllocation: { averageBits: 4 } } }).catch((e) => (caught = e));
-    expect((caught as Error)?.message).to.match(/'channel' with bitAllocation .* for options\.weights\.granularity but received "tensor"/);
+    expect((caught as Error)?.message).to.match(/'channel' with options\.weights\.bitAllocation .* for options\.weights\.granularity but received "tensor"/);
     caught = undefined;
     await quantizeModel(bundled, { weights: { bits: 8 }, keepFloat: ['fc', ''] }).catch((e) => (caught = e));
     expect((caught as Error)?.message).to.equal('Expected a node name or op type for options.keepFloat[1] but received "". Remove the empty entry.');
@@ -688,7 +688,7 @@ describe('layers whose weights cannot be quantized', () => {
     const e = await quantizeModel(batched, { weights: { bits: 8 } }).catch((x: Error) => x);
     expect(e).to.be.instanceOf(OnnxModelError);
     expect((e as Error).message).to.equal('No Conv, Gemm or MatMul layer with constant float weights was found to quantize; the model would be unchanged. ' +
-      "MatMul 'bmm': weight shape [2, 16, 8] is not a MatMul weight this pass handles (2-D). Check keepFloat.");
+      "MatMul 'bmm': weight shape [2, 16, 8] is not a MatMul weight this pass handles (2-D). Check options.keepFloat.");
     // W·x (the constant first) is left float, saying so; the x·W layer after it is quantized.
     const constantFirst = buildModel({ inputDims: [16, 3], output: 'y', opset: 13,
       nodes: [{ op: 'MatMul', inputs: ['w', 'input'], output: 'm', name: 'wx' }, { op: 'MatMul', inputs: ['m', 'w2'], output: 'y', name: 'xw' }],

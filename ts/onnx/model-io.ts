@@ -683,14 +683,23 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
 
 let temporaryCount = 0;
 
-/** A name next to `file` that no other write of this process (or another) uses at the same time. */
+/**
+ * A name next to `file` that no other write of this process (or another) uses at the same time. A long name (file
+ * names stop at 255 bytes) gets a short stem instead, so any name that can be written can be written atomically.
+ */
 function temporaryPath(file: string): string {
-  return path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.${Date.now()}.${temporaryCount++}.tmp`);
+  const base = path.basename(file);
+  const stem = Buffer.byteLength(base) > 200 ? 'lowbit' : base;
+  return path.join(path.dirname(file), `.${stem}.${process.pid}.${Date.now()}.${temporaryCount++}.tmp`);
 }
 
 function writeError(file: string, e: unknown): Error {
-  const reason = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
-  return new Error(`Could not write ${file} (${reason}): nothing was written. Check that its folder exists and is writable.`);
+  const code = (e as NodeJS.ErrnoException).code;
+  const remedy = code === 'ENAMETOOLONG' ? 'Its name is too long for the file system: choose a shorter one.'
+    : code === 'ENOSPC' || code === 'EDQUOT' ? 'The disk (or quota) is full: free space or write elsewhere.'
+      : code === 'EISDIR' ? 'It is a folder: give a file path.'
+        : 'Check that its folder exists and is writable.';
+  return new Error(`Could not write ${file} (${code ?? (e as Error).message}): nothing was written. ${remedy}`);
 }
 
 /** Writes bytes to `file` atomically (temporary file, then rename); nothing partial is left on failure. */
@@ -700,7 +709,11 @@ export function writeFileAtomic(file: string, bytes: Uint8Array): void {
     fs.writeFileSync(temp, bytes);
     fs.renameSync(temp, file);
   } catch (e) {
-    fs.rmSync(temp, { force: true });
+    try {
+      fs.rmSync(temp, { force: true });
+    } catch {
+      // the write's error is the one to report
+    }
     throw writeError(file, e);
   }
 }

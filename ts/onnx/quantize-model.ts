@@ -199,7 +199,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   }
   if (w.granularity === 'tensor') {
     const perChannelOption = (['bitAllocation', 'groups', 'biasCorrection'] as const).find((key) => w[key] !== undefined && w[key] !== false);
-    if (perChannelOption) throw invalidValue('options.weights.granularity', `'channel' with ${perChannelOption} (it works per output channel)`, w.granularity);
+    if (perChannelOption) throw invalidValue('options.weights.granularity', `'channel' with options.weights.${perChannelOption} (it works per output channel)`, w.granularity);
   }
   if (w.method !== undefined && !['minmax', 'mse', 'aciq'].includes(w.method as string)) {
     throw invalidValue('options.weights.method', "'minmax', 'mse' or 'aciq'", w.method);
@@ -242,10 +242,11 @@ function checkOptions(options: unknown): QuantizeModelOptions {
       if (a.bits !== 8) throw invalidValue('options.activations.bits', "8 with method 'dynamic' (DynamicQuantizeLinear makes uint8)", a.bits);
       if (a.signed) throw invalidValue('options.activations.signed', "false with method 'dynamic' (DynamicQuantizeLinear makes uint8)", a.signed);
       if (a.outputs) throw invalidValue('options.activations.outputs', "false with method 'dynamic' (the layers output float; there are no ranges to quantize them with)", a.outputs);
-      if (w.bits !== 8 || (w.granularity ?? 'channel') === 'block' || (options.firstLastLayerBits ?? 8) !== 8) {
-        throw invalidValue('options.weights', "8-bit weights per channel or per tensor (and firstLastLayerBits 8) with activations.method 'dynamic': " +
-          'MatMulInteger multiplies int8 weights with one scale per column', { bits: w.bits, granularity: w.granularity, firstLastLayerBits: options.firstLastLayerBits });
-      }
+      // MatMulInteger multiplies int8 weights with one scale per column.
+      const why = "with activations.method 'dynamic' (MatMulInteger multiplies int8 weights, one scale per column)";
+      if (w.bits !== 8) throw invalidValue('options.weights.bits', `8 ${why}`, w.bits);
+      if (w.granularity === 'block') throw invalidValue('options.weights.granularity', `'channel' or 'tensor' ${why}`, w.granularity);
+      if ((options.firstLastLayerBits ?? 8) !== 8) throw invalidValue('options.firstLastLayerBits', `8 ${why}`, options.firstLastLayerBits);
       if (a.biasCorrection && options.calibration === undefined) {
         throw invalidValue('options.calibration', 'calibration feeds (or a folder of .npy files) for activations.biasCorrection', undefined);
       }
@@ -626,7 +627,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     const reasons = allNodes(graph).filter(({ node }) => QUANTIZABLE.has(node.opType) && !keep.has(node.name) && !keep.has(node.opType))
       .map(({ node, scopes }) => `${node.opType} '${nodeLabel(node)}': ${unquantizableReason(graph, node, scopes)}`);
     throw new OnnxModelError(`No Conv, Gemm or MatMul layer with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
-      `the model would be unchanged.${reasons.length ? ` ${reasons.slice(0, 3).join('; ')}${reasons.length > 3 ? `; and ${reasons.length - 3} more` : ''}.` : ''} Check keepFloat.`);
+      `the model would be unchanged.${reasons.length ? ` ${reasons.slice(0, 3).join('; ')}${reasons.length > 3 ? `; and ${reasons.length - 3} more` : ''}.` : ''} Check options.keepFloat.`);
   }
   // Before calibration, which would otherwise fail later on the values they produce (without calibration the
   // weight pass checks each layer as it quantizes it).

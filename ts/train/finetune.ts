@@ -101,6 +101,8 @@ export interface FinetuneOptions {
   onStep?: (progress: StepProgress) => void;
   /** Also write the result here (atomically). */
   outputPath?: string;
+  /** Stops training at the next step (and the write) with the signal's reason; nothing is written. */
+  signal?: AbortSignal;
 }
 
 export interface EpochRecord {
@@ -132,7 +134,7 @@ export interface FinetuneResult {
 
 const KNOWN_OPTIONS = ['method', 'weightBits', 'activationBits', 'firstLastLayerBits', 'keepFloat', 'epochs', 'batchSize',
   'learningRate', 'learningRateSchedule', 'optimizer', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps', 'activationSteps',
-  'stepInit', 'learnSteps', 'distill', 'freezeBatchNorm', 'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath'];
+  'stepInit', 'learnSteps', 'distill', 'freezeBatchNorm', 'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath', 'signal'];
 
 function positive(name: string, v: unknown, fallback: number): number {
   if (v === undefined) return fallback;
@@ -199,7 +201,7 @@ interface Settings {
   freezeBatchNorm: boolean;
 }
 
-function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
+export function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
   if (options === undefined) options = {};
   if (!isPlainObject(options)) throw invalidType('options', 'an object', options);
   checkKnownKeys('options', options, KNOWN_OPTIONS);
@@ -219,6 +221,7 @@ function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
   for (const flag of ['distill', 'freezeBatchNorm', 'perChannel', 'learnSteps'] as const) {
     if (o[flag] !== undefined && typeof o[flag] !== 'boolean') throw invalidType(`options.${flag}`, 'a boolean', o[flag]);
   }
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw invalidType('options.signal', 'an AbortSignal (AbortController.signal)', o.signal);
   for (const fn of ['onEpoch', 'onStep'] as const) {
     if (o[fn] !== undefined && typeof o[fn] !== 'function') throw invalidType(`options.${fn}`, 'a function', o[fn]);
   }
@@ -499,6 +502,7 @@ function isBatchSource(data: unknown): data is AsyncIterable<InputBatch> | Itera
 export async function finetune(input: string | Uint8Array | ModelProto, data: TrainingData, options?: FinetuneOptions): Promise<FinetuneResult> {
   const s = checkOptions(options);
   const o = s.raw;
+  o.signal?.throwIfAborted();
   const kernels = o.kernel === 'reference' ? referenceKernels : nativeKernels({ kernel: o.kernel, threads: o.threads });
   const proto = input instanceof Uint8Array || typeof input === 'string' ? await readModelAsync(input) : input;
   const model = new TrainableModel(proto);
@@ -629,6 +633,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         globalStep++;
         o.onStep?.({ epoch: epoch + 1, step, stepsPerEpoch, loss: lossSum / seen, accuracy: correct / judged });
         await yieldToEventLoop();
+        o.signal?.throwIfAborted();
       }
       iterableSteps ??= inMemory ? undefined : step;
       if (seen === 0) {
@@ -648,7 +653,8 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
     await teacher?.release();
   }
   const { bytes, layers } = exportModel(model);
-  if (o.outputPath !== undefined) await writeFileAtomicAsync(o.outputPath, bytes);
+  o.signal?.throwIfAborted();
+  if (o.outputPath !== undefined) await writeFileAtomicAsync(o.outputPath, bytes, o.signal);
   const forward = (inputs: { data: Float32Array; dims: number[] }) => {
     const b = checkBatch('inputs', { inputs }, false);
     checkShape('inputs', b);

@@ -1,0 +1,127 @@
+// The lowbit command line on what an audit of it found: outputs that would overwrite an input or each other, errors
+// in the flags' names, repeatable options, options that do nothing, the one-command example's banner, Ctrl-C during
+// fine-tuning, bench arguments checked up front, long file names.
+import { expect } from 'chai';
+import { spawn, spawnSync } from 'node:child_process';
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import { program } from '../../ts/cli';
+
+const root = path.resolve(__dirname, '..', '..', '..');
+const cli = path.join(root, 'dist', 'ts', 'cli.js');
+const mnist = path.join(root, 'assets', 'mnist-cnn.onnx');
+
+describe('lowbit CLI (audit)', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-'));
+    fs.copyFileSync(mnist, path.join(dir, 'm.onnx'));
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const lowbit = (...args: string[]) => spawnSync(process.execPath, [cli, ...args], { cwd: dir, encoding: 'utf8', timeout: 120_000 });
+  const md5 = (file: string) => crypto.createHash('md5').update(fs.readFileSync(path.join(dir, file))).digest('hex');
+  const files = () => fs.readdirSync(dir).sort();
+
+  it('refuses an output that is the input model, or a report that is the model or the output; nothing is written', () => {
+    const before = md5('m.onnx');
+    fs.mkdirSync(path.join(dir, 'sub'));
+    for (const args of [['quantize', 'm.onnx', '-o', 'm.onnx'], ['quantize', 'm.onnx', '-o', './sub/../m.onnx'], ['finetune', 'm.onnx', '--data', 'mnist', '--limit', '32', '-o', 'm.onnx']]) {
+      const r = lowbit(...args);
+      expect(r.status, args.join(' ')).to.equal(1);
+      expect(r.stderr).to.match(/^lowbit: Expected --output to name a file other than the (input )?model \(.*m\.onnx\), but it is the same file: writing it would destroy that one\. Choose another path\./);
+    }
+    fs.symlinkSync(path.join(dir, 'm.onnx'), path.join(dir, 'link.onnx'));
+    for (const [output, report, clash] of [['q.onnx', 'q.onnx', '--output'], ['q.onnx', 'm.onnx', 'the input model'], ['q.onnx', 'link.onnx', 'the input model'], ['q.onnx', 'q.onnx.data', "--output's data file"]]) {
+      const r = lowbit('quantize', 'm.onnx', '-o', output, '--report', report, '--no-evaluate');
+      expect(r.status, `${output} ${report}`).to.equal(1);
+      expect(r.stderr).to.contain(`Expected --report to name a file other than ${clash}`);
+    }
+    expect(md5('m.onnx')).to.equal(before);
+    expect(files()).to.deep.equal(['link.onnx', 'm.onnx', 'sub']);
+  });
+
+  it('writes a report with a long name (the temporary name stays short) and says "wrote" only when both are written', () => {
+    const report = `${'r'.repeat(240)}.json`;
+    const r = lowbit('quantize', 'm.onnx', '-o', 'q.onnx', '--report', report, '--no-evaluate');
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout.trim().split('\n').pop()).to.equal(`wrote q.onnx and ${report} (opset 13 -> 13)`);
+    expect(JSON.parse(fs.readFileSync(path.join(dir, report), 'utf8')).layers).to.have.length(3);
+    expect(files()).to.deep.equal(['m.onnx', 'q.onnx', report].sort());
+  });
+
+  it('names the flags in errors (quantize and finetune), checks finetune\'s options before loading data, and --amethod before --calib', () => {
+    const cases: Array<[string[], RegExp]> = [
+      [['quantize', 'm.onnx', '--amethod', 'dynamic', '--wbits', '4'], /Expected 8 with activations\.method 'dynamic' .* for --wbits but received 4\./],
+      [['quantize', 'm.onnx', '--granularity', 'tensor', '--bias-correction'], /'channel' with --bias-correction .* for --granularity/],
+      [['quantize', 'm.onnx', '--amethod', 'dynamic', '--quantize-outputs'], /for --quantize-outputs but received true/],
+      [['quantize', 'm.onnx', '--keep-float', 'Conv,Gemm'], /the model would be unchanged\. .*Check --keep-float\./],
+      [['quantize', 'm.onnx', '--amethod', 'foo', '--abits', '8'], /Expected one of 'minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic' for --amethod but received 'foo'\./],
+      [['finetune', 'm.onnx', '--data', 'no-such-folder', '--epochs', '1e9'], /for --epochs but received 1000000000\./],
+      [['finetune', 'm.onnx', '--data', 'no-such-folder', '--wbits', '3'], /Expected one of 2, 4, 8 for --wbits but received 3\./],
+      [['finetune', 'm.onnx', '--data', 'no-such-folder', '--batch-size', '0'], /for --batch-size but received 0\./],
+      [['finetune', 'm.onnx', '--data', 'no-such-folder', '--optimizer', 'Adam'], /for --optimizer but received "Adam"\./],
+    ];
+    for (const [args, message] of cases) {
+      const r = lowbit(...args);
+      expect(r.status, args.join(' ')).to.equal(1);
+      expect(r.stderr, args.join(' ')).to.match(message);
+      expect(r.stderr, args.join(' ')).not.to.contain('options.');
+    }
+    expect(files()).to.deep.equal(['m.onnx']);
+  });
+
+  it('collects repeated --keep-float and --threads, takes --first-last-bits, and notes options that do nothing', () => {
+    const kept = lowbit('quantize', 'm.onnx', '-o', 'q.onnx', '--no-evaluate', '--keep-float', 'conv1', '--keep-float', 'fc');
+    expect(kept.stdout).to.contain('skipped by quantize-weights: conv1: kept in float (keepFloat)');
+    expect(kept.stdout).to.contain('skipped by quantize-weights: fc: kept in float (keepFloat)');
+    const edges = lowbit('quantize', 'm.onnx', '-o', 'q.onnx', '--no-evaluate', '--wbits', '4', '--first-last-bits', '4');
+    expect(edges.stdout.split('\n').filter((l) => /^(conv1|conv2|fc) /.test(l)).map((l) => l.split(/\s+/)[3])).to.deep.equal(['4', '4', '4']);
+    const block = lowbit('quantize', 'm.onnx', '-o', 'q.onnx', '--no-evaluate', '--block-size', '64');
+    expect(block.stderr).to.contain('lowbit: note: --block-size has no effect here (it sets the block size of --granularity block)');
+    const float = lowbit('finetune', 'm.onnx', '--data', 'mnist', '--limit', '32', '--method', 'float', '--wbits', '2', '--groups', '7', '-o', 'f.onnx');
+    expect(float.status, float.stderr).to.equal(0);
+    expect(float.stderr).to.contain('lowbit: note: --wbits has no effect here (--method float trains without quantizers)');
+    expect(float.stderr).to.contain('lowbit: note: --groups has no effect here (it applies to --method gdrq)');
+    let threads: unknown;
+    const cmd = program();
+    cmd.commands.find((c) => c.name() === 'bench')!.commands.find((c) => c.name() === 'gemm')!.action((o: { threads?: number[] }) => { threads = o.threads; });
+    cmd.parse(['node', 'lowbit', 'bench', 'gemm', '--threads', '1', '--threads', '4']);
+    expect(threads).to.deep.equal([1, 4]);
+  });
+
+  it('describes the one-command example as it runs (other bits, other calibration data)', () => {
+    const r = lowbit('quantize', '--wbits', '4', '--abits', '16', '--no-evaluate');
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout.split('\n')[0]).to.match(/^No model given: quantizing the bundled example .*mnist-cnn\.onnx \(a small MNIST CNN\) to W4A16, calibrated on its 64 bundled images\.$/);
+  });
+
+  it('bench checks --kernel and --threads before starting', () => {
+    const kernel = lowbit('bench', 'gemm', '--kernel', 'foo', '--shape', '16x16x16', '--threads', '1');
+    expect(kernel.status).to.equal(1);
+    expect(kernel.stderr).to.match(/^lowbit: Expected one of 'avx512vnni'|^lowbit: Expected one of '\w+'/);
+    expect(kernel.stderr).to.match(/for --kernel but received 'foo': those are the gemm kernels this CPU runs\.\n$/);
+    const threads = lowbit('bench', 'sgemm', '--threads', '100000');
+    expect(threads.status).to.equal(1);
+    expect(threads.stderr).to.contain("expected a thread count from 1 to 1024, 'all' or 'both', got '100000'");
+  });
+
+  it('finetune stops on Ctrl-C with exit code 130, says so, and writes nothing', async function () {
+    this.timeout(60_000);
+    const child = spawn(process.execPath, [cli, 'finetune', 'm.onnx', '--data', 'mnist', '--limit', '2048', '--epochs', '1000', '-o', 'f.onnx'], { cwd: dir });
+    let stderr = '';
+    // The bar's first line (on stderr; piped output gets one too) means training runs.
+    await new Promise<void>((resolve) => child.stderr.on('data', (d) => {
+      stderr += d;
+      if (stderr.includes('epoch 1')) resolve();
+    }));
+    child.kill('SIGINT');
+    const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+    expect(code).to.equal(130);
+    expect(stderr).to.contain('lowbit: SIGINT: stopping…');
+    expect(stderr).to.contain('lowbit: interrupted (SIGINT): nothing was written');
+    expect(files()).to.deep.equal(['m.onnx']);
+  });
+});
