@@ -380,11 +380,21 @@ export function program(): Command {
             throw new Error(`Expected 'mnist' or a folder with inputs.npy${o.distill ? '' : ' and labels.npy'} for ${flag} but ${path.join(source, file)} does not exist.`);
           }
         }
-        const inputs = readNpy(path.join(source, 'inputs.npy'));
+        const inputsFile = path.join(source, 'inputs.npy');
+        const inputs = readNpy(inputsFile);
+        if (inputs.dims.length < 2 || inputs.dims[0] === 0) {
+          throw new Error(`Expected ${inputsFile} (${flag}) to hold samples [N, ...] but it is ${inputs.dims.length ? `[${inputs.dims.join(', ')}]` : 'a scalar'}.`);
+        }
         const n = Math.min(limit, inputs.dims[0]);
         const per = inputs.data.length / inputs.dims[0];
         const batch = { inputs: { data: inputs.data.subarray(0, n * per), dims: [n, ...inputs.dims.slice(1)] } };
-        return o.distill ? batch : { ...batch, labels: readNpyLabels(path.join(source, 'labels.npy')).subarray(0, n) };
+        if (o.distill) return batch;
+        const labelsFile = path.join(source, 'labels.npy');
+        const labels = readNpyLabels(labelsFile);
+        if (labels.length !== inputs.dims[0]) {
+          throw new Error(`Expected one label per sample (${inputs.dims[0]}, as in ${inputsFile}) in ${labelsFile} (${flag}) but it holds ${labels.length}.`);
+        }
+        return { ...batch, labels: labels.subarray(0, n) };
       };
       const output = checkOutputPath('--output', o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`);
       checkDistinct('--output', output, [['the model', modelArg]]);

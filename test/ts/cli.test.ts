@@ -9,6 +9,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { program } from '../../ts/cli';
+import { readNpy, readNpyLabels } from '../../ts/onnx/calibrate';
+import { loadMnist } from '../../ts/train/mnist';
+import { finetune } from '../../ts/train/finetune';
+import { writeNpy } from '../helpers/npy';
 
 const root = path.resolve(__dirname, '..', '..', '..');
 const cli = path.join(root, 'dist', 'ts', 'cli.js');
@@ -123,5 +127,50 @@ describe('lowbit CLI (audit)', () => {
     expect(stderr).to.contain('lowbit: SIGINT: stopping…');
     expect(stderr).to.contain('lowbit: interrupted (SIGINT): nothing was written');
     expect(files()).to.deep.equal(['m.onnx']);
+  });
+
+  it('finetune --data folders: labels that wrap, extra labels, bodies that do not fill the shape, scalars and bad headers are errors', () => {
+    const set = loadMnist('train', 4);
+    const folder = (name: string) => fs.mkdirSync(path.join(dir, name), { recursive: true });
+    const inputs = (name: string, n = 4) => writeNpy(path.join(dir, name, 'inputs.npy'), '<f4', [n, 1, 28, 28], set.images.subarray(0, n * 784));
+    const cases: Array<[string, () => void, RegExp]> = [
+      ['wrap', () => writeNpy(path.join(dir, 'wrap', 'labels.npy'), '<i8', [4], BigInt64Array.of(1n, 4294967298n, 3n, 4n)),
+        /labels\.npy: label 1 is 4294967298, not a class index \(int64 labels must fit in int32\)\./],
+      ['extra', () => writeNpy(path.join(dir, 'extra', 'labels.npy'), '|u1', [5], Uint8Array.of(1, 2, 3, 4, 5)),
+        /Expected one label per sample \(4, as in .*inputs\.npy\) in .*labels\.npy \(--data\) but it holds 5\./],
+      ['short', () => writeNpy(path.join(dir, 'short', 'labels.npy'), '<i4', [4], new Uint8Array(18)), /labels\.npy: the data \(18 bytes\) do not match the shape \(4 of <i4\)\./],
+    ];
+    for (const [name, labels, message] of cases) {
+      folder(name);
+      inputs(name);
+      labels();
+      const r = lowbit('finetune', 'm.onnx', '--data', name, '-o', 'f.onnx');
+      expect(r.status, name).to.equal(1);
+      expect(r.stderr, name).to.match(message);
+    }
+    folder('scalar');
+    writeNpy(path.join(dir, 'scalar', 'inputs.npy'), '<f4', [], Float32Array.of(1));
+    writeNpy(path.join(dir, 'scalar', 'labels.npy'), '|u1', [1], Uint8Array.of(1));
+    expect(lowbit('finetune', 'm.onnx', '--data', 'scalar', '-o', 'f.onnx').stderr).to.match(/Expected .*inputs\.npy \(--data\) to hold samples \[N, \.\.\.\] but it is a scalar\./);
+    expect(fs.existsSync(path.join(dir, 'f.onnx'))).to.equal(false);
+    // Headers: version 2 cut short, no magic byte, an unknown version; int64 labels that fit are read.
+    const file = path.join(dir, 'x.npy');
+    fs.writeFileSync(file, Buffer.from('\x93NUMPY\x02\x00\x10\x00\x00', 'latin1'));
+    expect(() => readNpy(file)).to.throw(RangeError, /x\.npy: the \.npy header is truncated\./);
+    fs.writeFileSync(file, Buffer.from('xNUMPY\x01\x00\x10\x00', 'latin1'));
+    expect(() => readNpy(file)).to.throw(RangeError, /x\.npy is not a \.npy file/);
+    fs.writeFileSync(file, Buffer.from('\x93NUMPY\x07\x00\x10\x00', 'latin1'));
+    expect(() => readNpy(file)).to.throw(RangeError, /\.npy format version 7 is not one lowbit reads/);
+    writeNpy(file, '<i8', [3], BigInt64Array.of(0n, 9n, 2147483647n));
+    expect(Array.from(readNpyLabels(file))).to.deep.equal([0, 9, 2147483647]);
+  });
+
+  it('finetune refuses a Float32Array as data (it is iterable, but not of batches), and names another realm\'s arrays', async () => {
+    let caught: unknown;
+    await finetune(mnist, new Float32Array(784) as never).catch((e) => (caught = e));
+    expect((caught as Error).message).to.equal('Expected an object { inputs: { data, dims }, labels } for data but received Float32Array of length 784.');
+    const foreign = require('node:vm').runInNewContext('new Float32Array(784)') as Float32Array;
+    await finetune(mnist, { inputs: { data: foreign, dims: [1, 1, 28, 28] }, labels: Int32Array.of(1) }).catch((e) => (caught = e));
+    expect((caught as Error).message).to.match(/for data\.inputs\.data .* another JavaScript realm/);
   });
 });

@@ -125,10 +125,14 @@ export function makeObserver(method: ActivationMethod): TensorObserver {
 /** The dtype, shape and data bytes of a C-order .npy file. */
 function readNpyRaw(file: string): { descr: string; dims: number[]; body: Uint8Array } {
   const bytes = fs.readFileSync(file);
-  if (bytes.length < 10 || bytes.toString('latin1', 1, 6) !== 'NUMPY') throw new RangeError(`${file} is not a .npy file.`);
+  if (bytes.length < 10 || bytes[0] !== 0x93 || bytes.toString('latin1', 1, 6) !== 'NUMPY') {
+    throw new RangeError(`${file} is not a .npy file (no \\x93NUMPY magic): write it with numpy.save.`);
+  }
   const major = bytes[6];
-  const headerLength = major === 1 ? bytes.readUInt16LE(8) : bytes.readUInt32LE(8);
+  if (major < 1 || major > 3) throw new RangeError(`${file}: .npy format version ${major} is not one lowbit reads (1, 2 or 3).`);
   const start = major === 1 ? 10 : 12;
+  if (bytes.length < start) throw new RangeError(`${file}: the .npy header is truncated.`);
+  const headerLength = major === 1 ? bytes.readUInt16LE(8) : bytes.readUInt32LE(8);
   const header = bytes.toString('latin1', start, start + headerLength);
   if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported.`);
   const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1] ?? '';
@@ -177,15 +181,19 @@ export function readNpy(file: string): { data: Float32Array; dims: number[] } {
   return { data: npyValues(file, raw) as Float32Array, dims: raw.dims };
 }
 
-/** Reads a 1-D .npy array of class labels (uint8, int32 or int64). */
+/** Reads a 1-D .npy array of class labels (uint8, int32 or int64; int64 values must fit in int32). */
 export function readNpyLabels(file: string): Int32Array {
-  const { descr, dims, body } = readNpyRaw(file);
-  let labels: Int32Array;
-  if (descr === '|u1' || descr === '<u1') labels = Int32Array.from(body);
-  else if (descr === '<i4') labels = new Int32Array(body.buffer, 0, body.length >> 2);
-  else if (descr === '<i8') labels = Int32Array.from(new BigInt64Array(body.buffer, 0, body.length >> 3), Number);
-  else throw new RangeError(`${file}: labels must be a uint8, int32 or int64 array (this one is '${descr}').`);
-  if (dims.length !== 1 || labels.length !== dims[0]) throw new RangeError(`${file}: labels must be a 1-D array matching its shape (${dims.join('x')}).`);
+  const raw = readNpyRaw(file);
+  const { descr, dims } = raw;
+  if (!['|u1', '<u1', '<i4', '<i8'].includes(descr)) throw new RangeError(`${file}: labels must be a uint8, int32 or int64 array (this one is '${descr}').`);
+  if (dims.length !== 1) throw new RangeError(`${file}: labels must be a 1-D array [N] (this one is ${dims.join('x') || 'a scalar'}).`);
+  const values = npyValues(file, { ...raw, descr: descr === '<u1' ? '|u1' : descr })!;  // checks the data fill the shape
+  if (!(values instanceof BigInt64Array)) return Int32Array.from(values as Int32Array | Uint8Array);
+  const labels = new Int32Array(values.length);
+  for (let i = 0; i < values.length; i++) {
+    if (values[i] < -(2n ** 31n) || values[i] >= 2n ** 31n) throw new RangeError(`${file}: label ${i} is ${values[i]}, not a class index (int64 labels must fit in int32).`);
+    labels[i] = Number(values[i]);
+  }
   return labels;
 }
 

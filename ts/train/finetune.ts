@@ -14,7 +14,7 @@ import { ort } from '../bench/ort-models';
 import { checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
-import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject } from '../validate';
+import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject, otherRealm } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
@@ -153,7 +153,7 @@ function checkBatch(name: string, batch: unknown, needLabels: boolean): InputBat
   const inputs = batch.inputs;
   if (!isPlainObject(inputs) && !(inputs && typeof inputs === 'object')) throw invalidType(`${name}.inputs`, 'an object { data: Float32Array, dims: [N, ...] }', inputs);
   const { data, dims } = inputs as { data: unknown; dims: unknown };
-  if (!(data instanceof Float32Array)) throw invalidType(`${name}.inputs.data`, 'a Float32Array', data);
+  if (!(data instanceof Float32Array)) throw invalidType(`${name}.inputs.data`, 'a Float32Array', data, otherRealm(data, 'Float32Array'));
   checkAttached(`${name}.inputs.data`, data);
   if (!Array.isArray(dims) || dims.length === 0 || !dims.every((d) => Number.isInteger(d) && d > 0)) {
     throw invalidValue(`${name}.inputs.dims`, 'an array of positive integers [N, ...]', dims);
@@ -166,7 +166,8 @@ function checkBatch(name: string, batch: unknown, needLabels: boolean): InputBat
   if (!needLabels) return { inputs: { data, dims: dims as number[] } };
   const labels = batch.labels;
   if (!(labels instanceof Int32Array) && !(labels instanceof Uint8Array)) {
-    throw invalidType(`${name}.labels`, 'an Int32Array or Uint8Array of class indices', labels, 'Or set options.distill to train without labels.');
+    throw invalidType(`${name}.labels`, 'an Int32Array or Uint8Array of class indices', labels,
+      otherRealm(labels, 'Int32Array') ?? otherRealm(labels, 'Uint8Array') ?? 'Or set options.distill to train without labels.');
   }
   checkAttached(`${name}.labels`, labels);
   if (labels.length !== dims[0]) {
@@ -488,7 +489,8 @@ async function evaluateAgreement(model: TrainableModel, data: InputBatch, teache
 const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 function isBatchSource(data: unknown): data is AsyncIterable<InputBatch> | Iterable<InputBatch> {
-  return !!data && typeof data === 'object' && (Symbol.asyncIterator in data || Symbol.iterator in data);
+  // A typed array is iterable too, but of numbers: it is the one set's inputs passed on their own.
+  return !!data && typeof data === 'object' && !ArrayBuffer.isView(data) && (Symbol.asyncIterator in data || Symbol.iterator in data);
 }
 
 /**
