@@ -33,6 +33,13 @@ void parse_kernel_env(Context& ctx) {
   std::string item;
   while (std::getline(in, item, ',')) {
     auto colon = item.find(':');
+    const std::string op = colon == std::string::npos ? "*" : item.substr(0, colon);
+    const std::string name = colon == std::string::npos ? item : item.substr(colon + 1);
+    if (name.empty())
+      ctx.kernel_env_error = "LOWBIT_KERNEL has an entry '" + item + "' without a kernel name. Fix or unset LOWBIT_KERNEL.";
+    else if (ctx.forced.count(op))
+      ctx.kernel_env_error = "LOWBIT_KERNEL names " + (op == "*" ? std::string("a kernel for every operation") : "the operation '" + op + "'") +
+                             " twice ('" + ctx.forced[op] + "' and '" + name + "'). Fix or unset LOWBIT_KERNEL.";
     if (colon == std::string::npos) {
       ctx.forced["*"] = item;
       if (!contains(kQuantizeKernelNames, item) && !contains(kGemmKernelNames, item) && !contains(kSgemmKernelNames, item))
@@ -40,10 +47,9 @@ void parse_kernel_env(Context& ctx) {
                                join(kQuantizeKernelNames) + "; gemm: " + join(kGemmKernelNames) + "; sgemm: " +
                                join(kSgemmKernelNames) + "). Fix or unset LOWBIT_KERNEL.";
     } else {
-      const std::string op = item.substr(0, colon);
       if (op != "quantize" && op != "gemm" && op != "sgemm")
         ctx.kernel_env_error = "LOWBIT_KERNEL names the operation '" + op + "'; operations are quantize, gemm and sgemm. Fix or unset LOWBIT_KERNEL.";
-      ctx.forced[op] = item.substr(colon + 1);
+      ctx.forced[op] = name;
     }
   }
 }
@@ -84,27 +90,32 @@ Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   result.Set("sgemmKernels", sgemm);
   result.Set("maxThreads", double(ctx.pool->max_threads()));
   result.Set("kernelOverride", ctx.kernel_env.empty() ? env.Null() : Napi::String::New(env, ctx.kernel_env));
-  // The kernel a call without options.kernel gets, or why LOWBIT_KERNEL cannot be honoured.
+  // The kernel a call without options.kernel gets, or why LOWBIT_KERNEL cannot be honoured (per operation, and the
+  // first such reason overall).
   result.Set("kernelOverrideError", env.Null());
+  Napi::Object errors = Napi::Object::New(env);
+  const auto failed = [&](const char* op, const char* key, const Napi::Error& e) {
+    result.Set(key, env.Null());
+    errors.Set(op, e.Message());
+    if (result.Get("kernelOverrideError").IsNull()) result.Set("kernelOverrideError", e.Message());
+  };
   try {
     result.Set("selectedQuantizeKernel", ctx.quantize_kernels(env, "").name);
   } catch (const Napi::Error& e) {
-    result.Set("selectedQuantizeKernel", env.Null());
-    result.Set("kernelOverrideError", e.Message());
+    failed("quantize", "selectedQuantizeKernel", e);
   }
   try {
     const lowbit::GemmKernel* k = ctx.gemm_kernel(env, "");
     result.Set("selectedGemmKernel", k ? k->name : "scalar");
   } catch (const Napi::Error& e) {
-    result.Set("selectedGemmKernel", env.Null());
-    result.Set("kernelOverrideError", e.Message());
+    failed("gemm", "selectedGemmKernel", e);
   }
   try {
     result.Set("selectedSgemmKernel", ctx.sgemm_kernel(env, "").name);
   } catch (const Napi::Error& e) {
-    result.Set("selectedSgemmKernel", env.Null());
-    result.Set("kernelOverrideError", e.Message());
+    failed("sgemm", "selectedSgemmKernel", e);
   }
+  result.Set("kernelOverrideErrors", errors);
   return result;
 }
 

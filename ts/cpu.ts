@@ -19,8 +19,10 @@ export interface CpuInfo {
   selected: { quantize: string | null; gemm: string | null };
   /** Value of LOWBIT_KERNEL when the addon loaded, if set. */
   kernelOverride: string | null;
-  /** Why LOWBIT_KERNEL cannot be honoured, if it cannot. */
+  /** Why LOWBIT_KERNEL cannot be honoured, if it cannot (the first operation's reason). */
   kernelOverrideError: string | null;
+  /** Per operation, why LOWBIT_KERNEL cannot be honoured for it (absent where it can). */
+  kernelOverrideErrors: { quantize?: string; gemm?: string; sgemm?: string };
   /** Threads the native pool uses by default (all cores). */
   maxThreads: number;
 }
@@ -45,6 +47,7 @@ export function cpuInfo(): CpuInfo {
       selected: { quantize: raw.selectedQuantizeKernel, gemm: raw.selectedGemmKernel },
       kernelOverride: raw.kernelOverride,
       kernelOverrideError: raw.kernelOverrideError,
+      kernelOverrideErrors: { ...raw.kernelOverrideErrors },
       maxThreads: raw.maxThreads,
     };
   }
@@ -55,14 +58,16 @@ export function cpuInfo(): CpuInfo {
     gemmKernels: cached.gemmKernels.slice(),
     sgemmKernels: cached.sgemmKernels.slice(),
     selected: { ...cached.selected },
+    kernelOverrideErrors: { ...cached.kernelOverrideErrors },
   };
 }
 
 /** Checks `options.kernel` for an operation: '' (automatic) or a kernel usable here. */
 export function checkKernel(operation: 'quantize' | 'gemm' | 'sgemm', kernel: unknown): string {
   if (kernel === undefined) {
-    const info = cpuInfo();
-    if (info.kernelOverrideError) throw new Error(info.kernelOverrideError);
+    // Only this operation's own problem with LOWBIT_KERNEL stops it ('gemm:neon' on x86 leaves quantizing alone).
+    const problem = cpuInfo().kernelOverrideErrors[operation];
+    if (problem) throw new RangeError(problem);
     return '';
   }
   const usable = cpuInfo().kernels[operation];

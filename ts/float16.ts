@@ -2,7 +2,8 @@
  * IEEE 754 half precision (float16) as 16-bit patterns in a Uint16Array, the form ONNX stores and
  * onnxruntime-node exchanges them in: conversion from float32 rounds to nearest, ties to even.
  */
-import { invalidType } from './errors';
+import { invalidType, invalidValue } from './errors';
+import { checkAttached } from './validate';
 
 const single = new Float32Array(1);
 const singleBits = new Uint32Array(single.buffer);
@@ -10,6 +11,28 @@ const singleBits = new Uint32Array(single.buffer);
 /** The float16 bit pattern nearest to `value` (ties to even; overflow to ±Infinity; NaN stays NaN). */
 export function toFloat16Bits(value: number): number {
   single[0] = value;
+  const bits = float16OfSingle();
+  if (single[0] === value || Number.isNaN(value)) return bits;
+  // Not a float32: rounding it to float32 first can round twice (1 + 2^-11 + 2^-40 must not tie). The nearest
+  // float16 is within one step of that result; overflow starts halfway past the largest finite value.
+  const sign = value < 0 ? 0x8000 : 0;
+  const magnitude = Math.abs(value);
+  if (magnitude >= 65520) return sign | 0x7c00;
+  let pick = Math.min(bits & 0x7fff, 0x7bff);
+  let error = Math.abs(magnitude - fromFloat16Bits(pick));
+  for (const candidate of [pick - 1, pick + 1]) {
+    if (candidate < 0 || candidate > 0x7bff) continue;
+    const e = Math.abs(magnitude - fromFloat16Bits(candidate));
+    if (e < error || (e === error && (candidate & 1) === 0)) {
+      pick = candidate;
+      error = e;
+    }
+  }
+  return sign | pick;
+}
+
+/** The float16 bit pattern nearest to the float32 in `single`. */
+function float16OfSingle(): number {
   const x = singleBits[0];
   const sign = (x >>> 16) & 0x8000;
   const exponent = (x >>> 23) & 0xff;
@@ -45,20 +68,30 @@ export function fromFloat16Bits(bits: number): number {
   return sign * (1 + mantissa / 1024) * 2 ** (exponent - 15);
 }
 
-/** float32 values (an array or a typed array of numbers) as float16 bit patterns. */
+/** Values (an array or a typed array of numbers, float64 ones rounded once) as float16 bit patterns. */
 export function toFloat16Array(values: ArrayLike<number>): Uint16Array<ArrayBuffer> {
   if (!(Array.isArray(values) || (ArrayBuffer.isView(values) && !(values instanceof DataView) && !(values instanceof BigInt64Array) && !(values instanceof BigUint64Array)))) {
     throw invalidType('values', 'an array or typed array of numbers', values);
   }
+  if (ArrayBuffer.isView(values)) checkAttached('values', values);
   const out = new Uint16Array(values.length);
-  for (let i = 0; i < values.length; i++) out[i] = toFloat16Bits(values[i]);
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (typeof v !== 'number') throw invalidValue(`values[${i}]`, 'a number', v, 'Convert the values with Number() first.');
+    out[i] = toFloat16Bits(v);
+  }
   return out;
 }
 
-/** float16 bit patterns (a Uint16Array, as onnxruntime-node returns float16 tensors) as float32 values. */
+/** float16 bit patterns (a Uint16Array, as onnxruntime-node returns float16 tensors, or an array of them) as float32 values. */
 export function fromFloat16Array(bits: ArrayLike<number>): Float32Array {
   if (!(bits instanceof Uint16Array || Array.isArray(bits))) throw invalidType('bits', 'a Uint16Array of float16 bit patterns', bits);
+  if (bits instanceof Uint16Array) checkAttached('bits', bits);
   const out = new Float32Array(bits.length);
-  for (let i = 0; i < bits.length; i++) out[i] = fromFloat16Bits(bits[i]);
+  for (let i = 0; i < bits.length; i++) {
+    const b = bits[i];
+    if (!Number.isInteger(b) || b < 0 || b > 0xffff) throw invalidValue(`bits[${i}]`, 'a float16 bit pattern (an integer in [0, 65535])', b);
+    out[i] = fromFloat16Bits(b);
+  }
   return out;
 }

@@ -39,6 +39,7 @@ export interface NativeCpuInfo {
   selectedSgemmKernel: string | null;
   kernelOverride: string | null;
   kernelOverrideError: string | null;
+  kernelOverrideErrors: { quantize?: string; gemm?: string; sgemm?: string };
   maxThreads: number;
 }
 

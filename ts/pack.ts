@@ -16,11 +16,17 @@ function valuesOf(name: string, q: unknown, bits: 2 | 4): { values: Values; sign
   }
   if (isPlainObject(q) && (q.values instanceof Int8Array || q.values instanceof Uint8Array)) {
     const t = q as unknown as QuantizedTensor;
-    if (typeof t.bits === 'number' && t.bits > bits) {
-      throw invalidValue(`${name}.bits`, `at most ${bits}`, t.bits, `Quantize with bits: ${bits} before packing.`);
+    if (t.bits !== undefined && (!Number.isInteger(t.bits) || t.bits < 1 || t.bits > bits)) {
+      throw invalidValue(`${name}.bits`, `an integer (1 or more), at most ${bits}`, t.bits, `Quantize with bits: ${bits} before packing.`);
     }
     checkAttached(`${name}.values`, t.values);
-    return { values: t.values, signed: t.values instanceof Int8Array };
+    const signed = t.values instanceof Int8Array;
+    // The codes' type and the tensor's own flag must agree: packing uint4 codes as int4 changes what they mean.
+    if (t.signed !== undefined && t.signed !== signed) {
+      throw invalidValue(`${name}.signed`, `${signed} (its values are a ${t.values.constructor.name})`, t.signed,
+        'Pass the QuantizedTensor that quantizeTensor returned, unchanged.');
+    }
+    return { values: t.values, signed };
   }
   throw invalidType(name, 'a QuantizedTensor or an Int8Array/Uint8Array of values', q);
 }

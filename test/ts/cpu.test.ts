@@ -45,6 +45,23 @@ describe('cpuInfo and kernel selection', () => {
     expect(r.stdout).to.match(new RegExp(`LOWBIT_KERNEL asks for gemm kernel '${missing}', which this CPU \\(or build\\) does not support. Use one of: .*scalar`));
   });
 
+  it("a LOWBIT_KERNEL one operation cannot honour stops only that operation's calls (a RangeError); empty or repeated entries are errors", () => {
+    const missing = cpuInfo().arch === 'x86_64' ? 'neon' : 'avx2';
+    const calls = `
+      for (const [op, f] of [['quantize', () => lowbit.quantizeTensor(new Float32Array(2), { shape: [2] })], ['gemm', () => lowbit.matmulInt8(new Int8Array(1), new Int8Array(1), 1, 1, 1)]]) {
+        try { f(); console.log(op, 'ran'); } catch (e) { console.log(op, e.name, e.message); }
+      }`;
+    for (const value of [`gemm:${missing}`, missing]) {
+      const lines = inChild({ LOWBIT_KERNEL: value }, calls).stdout.trim().split('\n');
+      expect(lines[0], value).to.equal('quantize ran');
+      expect(lines[1], value).to.match(new RegExp(`^gemm RangeError LOWBIT_KERNEL asks for gemm kernel '${missing}'`));
+    }
+    const empty = inChild({ LOWBIT_KERNEL: 'quantize:' }, calls).stdout;
+    expect(empty).to.contain("quantize RangeError LOWBIT_KERNEL has an entry 'quantize:' without a kernel name. Fix or unset LOWBIT_KERNEL.");
+    const twice = inChild({ LOWBIT_KERNEL: 'quantize:avx2,quantize:scalar' }, calls).stdout;
+    expect(twice).to.contain("quantize RangeError LOWBIT_KERNEL names the operation 'quantize' twice ('avx2' and 'scalar'). Fix or unset LOWBIT_KERNEL.");
+  });
+
   it('forcing a kernel the CPU lacks is a clear error', () => {
     const missing = ['avx512', 'avx2'].find((k) => !cpuInfo().kernels.quantize.includes(k));
     expect(() => quantizeTensor(new Float32Array(1), { shape: [1], kernel: missing ?? 'neon' })).to.throw(RangeError, /options\.kernel/);

@@ -21,7 +21,7 @@ import { invalidType, invalidValue } from '../errors';
 import { aciqRange, tensorStats, type AciqPrior } from '../methods/aciq';
 import { native } from '../native';
 import { integerRange } from '../quant-params';
-import { checkBoolean, checkInteger, checkOptions } from '../validate';
+import { checkAttached, checkBoolean, checkInteger, checkOptions, otherRealm } from '../validate';
 
 export interface Range {
   lo: number;
@@ -29,8 +29,15 @@ export interface Range {
 }
 
 function checkBatch(batch: unknown): Float32Array {
-  if (!(batch instanceof Float32Array)) throw invalidType('batch', 'a Float32Array', batch);
+  if (!(batch instanceof Float32Array)) throw invalidType('batch', 'a Float32Array', batch, otherRealm(batch, 'Float32Array'));
+  checkAttached('batch', batch);
   return batch;
+}
+
+/** `other` must be an observer of this kind (merging another kind, or a plain object, would give NaN ranges). */
+function checkOther<T>(other: unknown, kind: abstract new (...args: never[]) => T): T {
+  if (!(other instanceof kind)) throw invalidType('other', `a ${kind.name} to merge`, other);
+  return other;
 }
 
 function batchMinMax(batch: Float32Array): { min: number; max: number; finite: number } {
@@ -69,6 +76,12 @@ export class MinMaxObserver {
   }
 
   merge(other: MinMaxObserver): this {
+    checkOther(other, MinMaxObserver);
+    if (other.options.movingAverage !== this.options.movingAverage) {
+      throw invalidValue('other.options.movingAverage', `${this.options.movingAverage ?? 'none'}, as this observer's`, other.options.movingAverage ?? 'none',
+        'Merge observers made with the same options.');
+    }
+    // (With a moving average the union of the two ranges is kept: the averages' orders are unknown.)
     this.min = Math.min(this.min, other.min);
     this.max = Math.max(this.max, other.max);
     this.batches += other.batches;
@@ -97,7 +110,8 @@ export class HistogramObserver {
 
   constructor(options?: { bins?: number }) {
     const bins = checkOptions('options', options).bins ?? 2048;
-    if (!Number.isInteger(bins) || bins < 128 || bins % 128 !== 0) throw invalidValue('options.bins', 'a multiple of 128, at least 128', bins);
+    // (A million bins is ~16 MB of counts; more gains nothing over 8-bit grids.)
+    if (!Number.isInteger(bins) || bins < 128 || bins > 2 ** 20 || bins % 128 !== 0) throw invalidValue('options.bins', 'a multiple of 128 from 128 to 2^20', bins);
     this.bins = bins;
     this.counts = new Float64Array(bins);
     this.negativeCounts = new Float64Array(bins);
@@ -140,6 +154,7 @@ export class HistogramObserver {
   }
 
   merge(other: HistogramObserver): this {
+    checkOther(other, HistogramObserver);
     if (other.bins !== this.bins) throw invalidValue('other.bins', `${this.bins} bins`, other.bins);
     if (other.total === 0) return this;
     this.rebin(other.limit);
@@ -167,7 +182,7 @@ export class HistogramObserver {
   /** The range that keeps `percentile` percent of |x| (e.g. 99.99). */
   percentileRange(percentile = 99.99): Range {
     this.check();
-    if (!(percentile > 0 && percentile <= 100)) throw invalidValue('percentile', 'a number in (0, 100]', percentile);
+    if (typeof percentile !== 'number' || !(percentile > 0 && percentile <= 100)) throw invalidValue('percentile', 'a number in (0, 100]', percentile);
     const target = (this.total * percentile) / 100;
     let cumulative = 0;
     const width = this.limit / this.bins;
@@ -387,6 +402,7 @@ export class AciqObserver {
   }
 
   merge(other: AciqObserver): this {
+    checkOther(other, AciqObserver);
     if (other.count > 0) this.accumulate(other.count, other.mean, other.laplaceB, other.sigma, other.min, other.max);
     return this;
   }

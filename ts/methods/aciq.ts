@@ -11,7 +11,7 @@
  */
 import { invalidType, invalidValue } from '../errors';
 import { bisect, erfc, lambertW0 } from './special';
-import { checkAttached, checkBoolean, isPlainObject } from '../validate';
+import { checkAttached, checkBoolean, checkOptions, isPlainObject } from '../validate';
 
 export type AciqPrior = 'laplace' | 'gauss';
 
@@ -25,12 +25,15 @@ function checkBits(bits: unknown, name = 'bits', max = 8): number {
 
 function checkPrior(prior: unknown, auto: boolean): void {
   const choices = auto ? ['laplace', 'gauss', 'auto'] : ['laplace', 'gauss'];
-  if (!choices.includes(prior as string)) throw invalidValue('prior', choices.map((c) => `'${c}'`).join(', '), prior);
+  if (!choices.includes(prior as string)) {
+    const expected = `one of ${choices.map((c) => `'${c}'`).join(', ')}`;
+    throw typeof prior === 'string' ? invalidValue('prior', expected, prior) : invalidType('prior', expected, prior);
+  }
 }
 
-function checkScaleParam(name: string, v: unknown): number {
-  if (typeof v !== 'number') throw invalidType(name, 'a non-negative finite number (b for Laplace, σ for Gauss)', v);
-  if (!(v >= 0) || !Number.isFinite(v)) throw invalidValue(name, 'a non-negative finite number (b for Laplace, σ for Gauss)', v);
+function checkScaleParam(name: string, v: unknown, what = ' (b for Laplace, σ for Gauss)'): number {
+  if (typeof v !== 'number') throw invalidType(name, `a non-negative finite number${what}`, v);
+  if (!(v >= 0) || !Number.isFinite(v)) throw invalidValue(name, `a non-negative finite number${what}`, v);
   return v;
 }
 
@@ -64,7 +67,7 @@ export function aciqGaussConstant(bits: number): number {
 /** Analytic expected squared error of clipping at α and quantizing to `bits` (ACIQ's model). */
 export function aciqExpectedMse(prior: AciqPrior, alpha: number, scaleParam: number, bits: number): number {
   checkPrior(prior, false);
-  checkScaleParam('alpha', alpha);
+  checkScaleParam('alpha', alpha, ' (the clip distance)');
   checkScaleParam('scaleParam', scaleParam);
   checkBits(bits, 'bits', 16);
   const noise = (alpha * alpha) / (3 * 4 ** bits);
@@ -85,7 +88,9 @@ export function aciqAlpha(bits: number, prior: AciqPrior, scaleParam: number, op
   checkBits(bits);
   if (prior !== 'laplace' && prior !== 'gauss') throw invalidValue('prior', "'laplace' or 'gauss'", prior);
   const b = checkScaleParam('scaleParam', scaleParam);
-  const m = options?.oneSided ? bits + 1 : bits;
+  const { oneSided } = checkOptions('options', options) as { oneSided?: unknown };
+  if (oneSided !== undefined) checkBoolean('options.oneSided', oneSided);
+  const m = oneSided ? bits + 1 : bits;
   return b * (prior === 'laplace' ? aciqLaplaceConstant(m) : aciqGaussConstant(m));
 }
 
@@ -111,7 +116,7 @@ export function tensorStats(x: ArrayLike<number>, name = 'x'): TensorStats {
   let max = -Infinity;
   for (let i = 0; i < x.length; i++) {
     const v = x[i];
-    if (Number.isNaN(v)) throw invalidValue(`${name}[${i}]`, 'a number', v, 'Remove NaN values first.');
+    if (typeof v !== 'number' || Number.isNaN(v)) throw invalidValue(`${name}[${i}]`, 'a number', v, 'Remove NaN values first.');
     if (!Number.isFinite(v)) continue;
     n++;
     sum += v;
@@ -119,6 +124,8 @@ export function tensorStats(x: ArrayLike<number>, name = 'x'): TensorStats {
     if (v > max) max = v;
   }
   if (n === 0) throw invalidValue(name, 'at least one finite value (the statistics are undefined otherwise)', x);
+  // Values near the float64 limit overflow the sums: the statistics would be Infinity and NaN.
+  if (!Number.isFinite(sum)) throw invalidValue(name, `values whose sum stays finite (float64); scale them down first`, x);
   const mean = sum / n;
   let abs = 0;
   let sq = 0;
@@ -128,6 +135,7 @@ export function tensorStats(x: ArrayLike<number>, name = 'x'): TensorStats {
     abs += Math.abs(v - mean);
     sq += (v - mean) * (v - mean);
   }
+  if (!Number.isFinite(sq)) throw invalidValue(name, `values whose squared spread stays finite (float64); scale them down first`, x);
   return { count: n, mean, laplaceB: abs / n, sigma: n > 1 ? Math.sqrt(sq / (n - 1)) : 0, min, max };
 }
 
@@ -144,6 +152,11 @@ export interface AciqChoice {
 export function aciqRange(stats: TensorStats, bits: number, prior: AciqPrior | 'auto', oneSided: boolean): AciqChoice {
   if (!isPlainObject(stats) || (['mean', 'laplaceB', 'sigma', 'min', 'max'] as const).some((k) => typeof stats[k] !== 'number')) {
     throw invalidType('stats', 'the { mean, laplaceB, sigma, min, max } numbers tensorStats() returns', stats);
+  }
+  for (const k of ['mean', 'min', 'max'] as const) if (!Number.isFinite(stats[k])) throw invalidValue(`stats.${k}`, 'a finite number', stats[k]);
+  for (const k of ['laplaceB', 'sigma'] as const) checkScaleParam(`stats.${k}`, stats[k], '');
+  if (!(stats.min <= stats.mean && stats.mean <= stats.max)) {
+    throw invalidValue('stats', 'min <= mean <= max (as tensorStats() returns them)', `min ${stats.min}, mean ${stats.mean}, max ${stats.max}`);
   }
   checkBits(bits);
   checkPrior(prior, true);

@@ -38,6 +38,7 @@ export function scaleClip(w: Float32Array, opts?: ScaleClipOptions): { clipped: 
   if (shape.reduce((a, b) => a * b, 1) !== x.length) throw invalidValue('options.shape', `dimensions whose product is w.length = ${x.length}`, options.shape);
   const axis = options.axis === undefined ? 0 : checkInteger('options.axis', options.axis, 0, shape.length - 1);
   const groups = options.groups === undefined ? 1 : checkInteger('options.groups', options.groups, 1, shape[axis]);
+  if (shape.length === 0) throw invalidValue('options.shape', 'at least one dimension (the channels to group)', options.shape);
   if (shape[axis] % groups !== 0) throw invalidValue('options.groups', `a divisor of the ${shape[axis]} channels along axis ${axis}`, groups);
   const outer = shape.slice(0, axis).reduce((a, b) => a * b, 1);
   const run = (shape[axis] / groups) * shape.slice(axis + 1).reduce((a, b) => a * b, 1);
@@ -100,6 +101,8 @@ export class ActivationScaleClip {
     const x = checkFloat32Array('batch', batch);
     if (this.threshold === undefined) throw invalidValue('threshold', 'a threshold from update(batch) first', undefined);
     const t = this.threshold;
+    const nan = x.findIndex((v) => Number.isNaN(v));
+    if (nan >= 0) throw invalidValue(`batch[${nan}]`, 'a number', NaN, 'Remove NaN values first.');
     return Float32Array.from(x, (v) => Math.min(t, Math.max(-t, v)));
   }
 }
@@ -129,7 +132,13 @@ export function foldScalesIntoBatchNorm(bn: BatchNormParams, channelScale: Array
     if (!v || v.length !== n) throw invalidValue(`bn.${key}`, `${n} values (one per channel, like channelScale)`, v);
   }
   const eps = bn.epsilon ?? 1e-5;
-  if (typeof eps !== 'number' || !(eps >= 0)) throw invalidValue('bn.epsilon', 'a non-negative number', eps);
+  if (typeof eps !== 'number' || !(eps >= 0) || !Number.isFinite(eps)) throw invalidValue('bn.epsilon', 'a non-negative finite number', eps);
+  // Every element a finite number: a string would concatenate ('4' + 0 = '40'), NaN would spread.
+  for (const [name, values] of [['bn.gamma', bn.gamma], ['bn.beta', bn.beta], ['bn.mean', bn.mean], ['bn.variance', bn.variance], ['channelScale', channelScale]] as const) {
+    for (let c = 0; c < n; c++) {
+      if (typeof values[c] !== 'number' || !Number.isFinite(values[c])) throw invalidValue(`${name}[${c}]`, 'a finite number', values[c]);
+    }
+  }
   const gain = new Float64Array(n);
   const shift = new Float64Array(n);
   for (let c = 0; c < n; c++) {

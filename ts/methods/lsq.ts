@@ -12,7 +12,7 @@ import { checkKernel } from '../cpu';
 import { invalidType, invalidValue } from '../errors';
 import { native, type NativeLayout } from '../native';
 import { tensorLayout } from '../quant-params';
-import { checkBoolean, checkFloat32Array, checkInteger, checkShape, isPlainObject } from '../validate';
+import { checkBoolean, checkFloat32Array, checkInteger, checkKnownKeys, checkShape, isPlainObject } from '../validate';
 
 export interface LsqOptions {
   bits: number;
@@ -53,9 +53,11 @@ interface Plan {
   perChannel: boolean;
 }
 
-function plan(v: unknown, step: unknown, options: unknown): Plan {
+function plan(v: unknown, step: unknown, options: unknown, backward = false): Plan {
   const x = checkFloat32Array('v', v);
   if (!isPlainObject(options)) throw invalidType('options', 'an object with bits', options);
+  // A misspelt key ('singed') would silently keep its default.
+  checkKnownKeys('options', options, ['bits', 'signed', 'shape', 'axis', 'kernel', 'threads', ...(backward ? ['gradScale'] : [])]);
   const bits = checkLsqBits(options.bits);
   const signed = options.signed === undefined ? true : checkBoolean('options.signed', options.signed);
   const { qn, qp } = lsqLevels(bits, signed);
@@ -65,6 +67,8 @@ function plan(v: unknown, step: unknown, options: unknown): Plan {
   let steps: Float32Array;
   let perChannel = false;
   if (typeof step === 'number') {
+    // Checked before it becomes a float32 (1e-50 would read as 0).
+    if (!(step > 0) || !Number.isFinite(Math.fround(step)) || Math.fround(step) === 0) throw invalidValue('step', 'a positive finite float32 number', step);
     layout = tensorLayout(shape, 'tensor', 0, 0).native;
     steps = Float32Array.of(step);
   } else if (step instanceof Float32Array) {
@@ -107,9 +111,12 @@ export function lsqQuantize(v: Float32Array, step: number | Float32Array, option
  */
 export function lsqBackward(v: Float32Array, step: number | Float32Array, gradOut: Float32Array, options: LsqBackwardOptions):
   { gradInput: Float32Array; gradStep: number | Float64Array } {
-  const p = plan(v, step, options);
+  const p = plan(v, step, options, true);
   const g = checkFloat32Array('gradOut', gradOut);
   if (g.length !== p.v.length) throw invalidValue('gradOut', `a Float32Array of v.length = ${p.v.length}`, g);
+  const nan = g.findIndex((x) => Number.isNaN(x));
+  if (nan >= 0) throw invalidValue(`gradOut[${nan}]`, 'a number', NaN, 'A NaN gradient comes from an earlier layer: check the values there.');
+  if (p.v.length === 0 && options.gradScale === undefined) throw invalidValue('v', 'a non-empty Float32Array (the gradient scale 1/√(N·Q_P) needs N ≥ 1)', p.v);
   const signed = options.signed ?? true;
   const gradScale = options.gradScale === undefined ? lsqGradScale(p.v.length, options.bits, signed) : options.gradScale;
   if (typeof gradScale !== 'number' || !Number.isFinite(gradScale)) throw invalidValue('options.gradScale', 'a finite number', gradScale);

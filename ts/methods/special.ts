@@ -11,13 +11,17 @@ export function lambertW0(x: number): number {
   if (!(x >= -1 / Math.E)) throw new RangeError(`Expected x >= -1/e for lambertW0 but received ${x}.`);
   if (x === 0) return 0;
   if (x === Infinity) return Infinity;
+  // The branch point (−1/e, where Halley's step divides by 2w + 2 = 0) and tiny |x|, where W0(x) = x − x² + …
+  if (x <= -1 / Math.E) return -1;
+  if (Math.abs(x) < 1e-8) return x - x * x;
   // Start: log-based for large x, series near the branch point, x otherwise.
   let w = x > Math.E ? Math.log(x) - Math.log(Math.log(x)) : x > 0 ? Math.log1p(x) * 0.7 : -1 + Math.sqrt(2 * (1 + Math.E * x));
   for (let i = 0; i < 64; i++) {
     const ew = Math.exp(w);
     const f = w * ew - x;
     const next = w - f / (ew * (w + 1) - ((w + 2) * f) / (2 * w + 2));
-    if (Math.abs(next - w) <= 1e-15 * (1 + Math.abs(next))) return next;
+    if (!Number.isFinite(next)) return w;  // at the branch point's doorstep: w is as close as doubles get
+    if (Math.abs(next - w) <= 1e-15 * Math.abs(next)) return next;
     w = next;
   }
   return w;

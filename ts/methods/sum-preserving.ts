@@ -29,6 +29,7 @@ import { integerRange, scaleIndices, type QuantizedTensor } from '../quant-param
  * reduction-axis scales). `q` is not modified.
  */
 export function preserveRunSums(q: QuantizedTensor, source: Float32Array, run: number): QuantizedTensor {
+  if (source.length !== q.values.length) throw new RangeError(`preserveRunSums: source has ${source.length} values for ${q.values.length} codes.`);
   const values = q.values.slice();
   const group = scaleIndices(q);
   for (let start = 0; start + run <= values.length; start += run) {
@@ -47,7 +48,8 @@ export function preserveRunSums(q: QuantizedTensor, source: Float32Array, run: n
       offset[i] = Math.min(qmax, Math.max(qmin, exact)) - values[start + i];
       residual += exact - values[start + i];
     }
-    let flips = Math.round(residual);
+    if (Number.isNaN(residual)) throw new RangeError(`preserveRunSums: source holds NaN in elements ${start}..${start + run - 1}.`);
+    let flips = roundHalfEven(residual);  // as the codes themselves were rounded, whatever the residual's sign
     if (flips === 0) continue;
     const direction = Math.sign(flips);
     // Flip those nearest their threshold first: largest offset in the direction of the residual.
@@ -61,4 +63,9 @@ export function preserveRunSums(q: QuantizedTensor, source: Float32Array, run: n
     }
   }
   return { ...q, values };
+}
+
+function roundHalfEven(x: number): number {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
