@@ -533,6 +533,8 @@ export function program(): Command {
 }
 
 if (require.main === module) {
+  // `npm start` and `npm run lowbit -- …` run in the package's root folder; paths are the user's, from where they typed.
+  if (['start', 'lowbit', 'bench'].includes(process.env.npm_lifecycle_event ?? '') && process.env.INIT_CWD) process.chdir(process.env.INIT_CWD);
   program().parseAsync(process.argv).catch((e: unknown) => {
     // Errors that name lowbit themselves (the addon's load error) are not prefixed twice.
     console.error(`lowbit: ${(e instanceof Error ? e.message : String(e)).replace(/^lowbit: /, '')}`);

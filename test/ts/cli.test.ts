@@ -96,6 +96,14 @@ describe('lowbit CLI (audit)', () => {
     expect(threads).to.deep.equal([1, 4]);
   });
 
+  it('run through npm (npm run lowbit, npm start) takes relative paths from where the user typed (INIT_CWD), not the package root', () => {
+    const r = spawnSync(process.execPath, [cli, 'quantize', 'm.onnx', '-o', 'q.onnx', '--no-evaluate'],
+      { cwd: root, encoding: 'utf8', env: { ...process.env, npm_lifecycle_event: 'lowbit', INIT_CWD: dir } });
+    expect(r.status, r.stderr).to.equal(0);
+    expect(files()).to.deep.equal(['m.onnx', 'q.onnx']);
+    expect(fs.existsSync(path.join(root, 'q.onnx'))).to.equal(false);
+  });
+
   it('describes the one-command example as it runs (other bits, other calibration data)', () => {
     const r = lowbit('quantize', '--wbits', '4', '--abits', '16', '--no-evaluate');
     expect(r.status, r.stderr).to.equal(0);
