@@ -8,6 +8,7 @@ import {
   AciqObserver, aciqAlpha, aciqRange, foldScalesIntoBatchNorm, fromFloat16Array, HistogramObserver, lambertW0, lsqBackward, lsqQuantize,
   MinMaxObserver, packInt4, quantizeTensor, tensorStats, toFloat16Array,
 } from '../../ts';
+import { allocateBits } from '../../ts/methods/bit-allocation';
 import { ActivationScaleClip, scaleClip } from '../../ts/methods/gdrq';
 import { preserveRunSums } from '../../ts/methods/sum-preserving';
 
@@ -81,6 +82,12 @@ describe('tensor API (audit)', () => {
     const clip = new ActivationScaleClip();
     clip.update(Float32Array.of(1, 2));
     expect(() => clip.apply(Float32Array.of(1, NaN))).to.throw(RangeError, /batch\[1\]/);
+  });
+
+  it('bit allocation and Scale-Clip refuse misspelt options and absurd channel counts', () => {
+    expect(() => allocateBits([1, 2], 4, { minbits: 3 } as never)).to.throw(/options\.minbits .* Did you mean 'minBits'/);
+    expect(() => scaleClip(Float32Array.of(1, 2), { group: 2 } as never)).to.throw(/options\.group/);
+    expect(() => allocateBits({ length: 2 ** 32 } as never, 4)).to.throw(RangeError, /at most 2\^28 channels for alphas/);
   });
 
   it('LSQ refuses misspelt options, a step that is 0 as a float32, NaN gradients and an empty tensor without gradScale', () => {

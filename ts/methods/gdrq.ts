@@ -10,7 +10,7 @@
  * Group-based quantization itself is quantizeTensor(w, { granularity: 'group', groups, axis }).
  */
 import { invalidType, invalidValue } from '../errors';
-import { checkFloat32Array, checkInteger, checkOptions, checkShape } from '../validate';
+import { checkFloat32Array, checkInteger, checkKnownKeys, checkOptions, checkShape } from '../validate';
 
 export interface ScaleClipOptions {
   /** Threshold multiplier. Default 2. */
@@ -32,6 +32,7 @@ function checkK(k: unknown, fallback: number): number {
 export function scaleClip(w: Float32Array, opts?: ScaleClipOptions): { clipped: Float32Array; thresholds: Float64Array } {
   const x = checkFloat32Array('w', w);
   const options = checkOptions('options', opts);
+  checkKnownKeys('options', options, ['k', 'shape', 'axis', 'groups']);
   if (x.length === 0) throw invalidValue('w', 'a non-empty tensor (mean|W| is undefined otherwise)', x);
   const k = checkK(options.k, 2);
   const shape = options.shape === undefined ? [x.length] : checkShape('options.shape', options.shape);
