@@ -455,6 +455,15 @@ export function weightValues(t: TensorProto): Float32Array | undefined {
   return fromFloat16Array(raw.byteOffset % 2 === 0 ? new Uint16Array(raw.buffer, raw.byteOffset, raw.length / 2) : new Uint16Array(Uint8Array.from(raw).buffer));
 }
 
+/**
+ * Whether a constant holds one value per output channel the way a layer's output broadcasts it: shape [channels],
+ * or [1, …, 1, channels]. A [M, 1] per-row bias has as many values when M = channels, but means something else.
+ */
+export function isChannelVector(t: TensorProto, channels: number): boolean {
+  const dims = dimsOf(t);
+  return dims.length >= 1 && dims[dims.length - 1] === channels && dims.slice(0, -1).every((d) => d === 1);
+}
+
 export function dimsOf(t: TensorProto): number[] {
   return t.dims.map(Number);
 }

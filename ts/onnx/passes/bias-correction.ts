@@ -12,7 +12,7 @@
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import type { LayerInputMoments } from '../../calibration/layer-input-moments';
-import { floatAttribute, floatData, makeNode, makeTensor, type Graph } from '../graph';
+import { floatAttribute, floatData, isChannelVector, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 import { matrixView, type QuantizedWeights } from './quantize-weights';
 
@@ -74,8 +74,8 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
       for (let c = 0; c < out; c++) shift[c] *= gain;
       const old = node.input[2] ? graph.constant(node.input[2]) : undefined;
       const oldData = old ? floatData(old) : new Float32Array(out);
-      if (!oldData || oldData.length !== out) {
-        report.skipped.push({ node: w.node, reason: 'its bias is not a float constant with one value per output channel' });
+      if (!oldData || oldData.length !== out || (old && !isChannelVector(old, out))) {
+        report.skipped.push({ node: w.node, reason: 'its bias is not a float constant with one value per output channel (shape [channels] or [1, channels])' });
         continue;
       }
       const name = graph.uniqueName(`${w.node}_corrected_bias`);

@@ -18,7 +18,7 @@
 import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { toFloat16Array } from '../../float16';
-import { dimsOf, floatAttribute, intAttribute, makeNode, ownedTensor, weightValues, type Graph } from '../graph';
+import { dimsOf, floatAttribute, intAttribute, isChannelVector, makeNode, ownedTensor, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export function foldBatchNorm(graph: Graph): PassReport {
@@ -82,8 +82,8 @@ export function foldBatchNorm(graph: Graph): PassReport {
     }
     const oldBias = producer.input[2] ? graph.constant(producer.input[2]) : undefined;
     const oldBiasData = oldBias ? weightValues(oldBias) : new Float32Array(channels);
-    if (!oldBiasData || oldBiasData.length !== channels) {
-      skip('the bias is not a float constant with one value per channel');
+    if (!oldBiasData || oldBiasData.length !== channels || (oldBias && !isChannelVector(oldBias, channels))) {
+      skip('the bias is not a float constant with one value per channel (shape [channels] or [1, channels])');
       continue;
     }
     const newB = Float32Array.from(oldBiasData, (b, c) => (b - mean[c]) * scale[c] + beta[c]);
@@ -179,7 +179,9 @@ function foldIntoMatMul(graph: Graph, bn: NodeProto, producer: NodeProto): strin
   if (add) {
     const b = graph.constant(add.input[1]);
     const bData = b && weightValues(b);
-    if (!bData || bData.length !== channels || add.input[0] !== matmul.output[0]) return 'the Add after MatMul is not a per-channel float constant bias';
+    if (!bData || bData.length !== channels || !isChannelVector(b, channels) || add.input[0] !== matmul.output[0]) {
+      return 'the Add after MatMul is not a per-channel float constant bias (shape [channels] or [1, channels])';
+    }
     bias = bData;
   }
   const eps = floatAttribute(bn, 'epsilon', 1e-5);

@@ -14,7 +14,7 @@
 import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
-import { dimsOf, floatData, makeIntAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
+import { dimsOf, floatData, isChannelVector, makeIntAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export interface LayerScales {
@@ -50,8 +50,8 @@ export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>, m
       report.skipped.push({ node: label, reason: node.input[2] ? 'the bias is not a float constant' : 'no bias' });
       continue;
     }
-    if (data.length !== s.weight.length) {
-      report.skipped.push({ node: label, reason: 'the bias does not have one value per output channel' });
+    if (data.length !== s.weight.length || !isChannelVector(b, s.weight.length)) {
+      report.skipped.push({ node: label, reason: `the bias (shape [${dimsOf(b).join(', ')}]) does not have one value per output channel` });
       continue;
     }
     const scale = Float32Array.from(s.weight, (w) => Math.fround(s.activation * w));
