@@ -24,7 +24,7 @@ struct Context {
   // that name; "quantize:avx2,gemm:scalar,sgemm:avx2" forces per operation.
   std::string kernel_env;
   std::map<std::string, std::string> forced;  // operation (or "*") -> kernel name
-  std::string kernel_env_error;               // LOWBIT_KERNEL names no known kernel
+  std::string kernel_env_error;               // why LOWBIT_KERNEL is malformed (unknown name, empty or repeated entry)
 
   static Context& of(Napi::Env env) { return *env.GetInstanceData<Context>(); }
 

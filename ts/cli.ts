@@ -15,7 +15,7 @@ import { readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, writeFileAtomic } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
 import type { WeightLayerReport } from './onnx/passes/quantize-weights';
-import { checkOptions as checkFinetuneOptions, finetune, type EpochRecord, type FinetuneOptions } from './train/finetune';
+import { checkFinetuneOptions, finetune, type EpochRecord, type FinetuneOptions } from './train/finetune';
 import { loadMnist } from './train/mnist';
 
 /** A layer's name, with the node whose subgraph holds it. */
@@ -53,14 +53,27 @@ function checkKernels(kind: 'gemm' | 'sgemm', names: string[] | undefined): stri
   return names;
 }
 
-/** Whether two paths name the same file (through symbolic links when both exist). */
+/**
+ * Whether two paths name the same file: the same inode when both exist (symbolic and hard links), else the same
+ * real folder and name — compared without case where the file system ignores it (macOS, Windows).
+ */
 function samePath(a: string, b: string): boolean {
+  try {
+    const [sa, sb] = [fs.statSync(a), fs.statSync(b)];
+    return sa.dev === sb.dev && sa.ino === sb.ino;
+  } catch {
+    // One of them does not exist yet.
+  }
   const real = (p: string) => {
+    const resolved = path.resolve(p);
+    let folder: string;
     try {
-      return fs.realpathSync(p);
+      folder = fs.realpathSync.native(path.dirname(resolved));
     } catch {
-      return path.resolve(p);
+      folder = path.dirname(resolved);
     }
+    const full = path.join(folder, path.basename(resolved));
+    return process.platform === 'darwin' || process.platform === 'win32' ? full.toLowerCase() : full;
   };
   return real(a) === real(b);
 }
@@ -107,7 +120,7 @@ const FINETUNE_FLAGS: Array<[string, string]> = [
   ['options.weightBits', '--wbits'], ['options.activationBits', '--abits'], ['options.firstLastLayerBits', '--first-last-bits'],
   ['options.epochs', '--epochs'], ['options.batchSize', '--batch-size'], ['options.learningRate', '--lr'], ['options.method', '--method'],
   ['options.optimizer', '--optimizer'], ['options.seed', '--seed'], ['options.groups', '--groups'], ['options.activationSteps', '--activation-steps'],
-  ['options.stepInit', '--step-init'], ['options.perChannel', '--per-channel'], ['options.learnSteps', '--fixed-steps'],
+  ['options.stepInit', '--step-init'], ['options.perChannel', '--per-channel'], 
   ['options.outputPath', '--output'], ['options.validation', '--validation'],
 ];
 
@@ -134,7 +147,7 @@ function warnIgnored(command: Command, ignored: Array<[string, string, boolean]>
 const unusedReason = new Map([
   ['--block-size', 'it sets the block size of --granularity block'],
   ['--wbits', "--method float trains without quantizers"], ['--abits', "--method float trains without quantizers"],
-  ['--per-channel', 'it applies to LSQ weight steps (--method lsq)'], ['--groups', 'it applies to --method gdrq'],
+  ['--per-channel', 'it applies to LSQ weight steps: --method lsq, or gdrq\'s 8-bit edge layers'], ['--groups', 'it applies to --method gdrq'],
   ['--activation-steps', 'it applies to --method gdrq'], ['--step-init', 'it applies to LSQ quantizers (--method lsq, or gdrq\'s edge layers)'],
   ['--first-last-bits', '--method float trains without quantizers'],
 ]);
@@ -408,7 +421,7 @@ export function program(): Command {
       const quantizing = o.method !== 'float';
       warnIgnored(command, [
         ['wbits', '--wbits', !quantizing], ['abits', '--abits', !quantizing], ['firstLastBits', '--first-last-bits', !quantizing],
-        ['perChannel', '--per-channel', o.method !== 'lsq'], ['groups', '--groups', o.method !== 'gdrq'], ['activationSteps', '--activation-steps', o.method !== 'gdrq'],
+        ['perChannel', '--per-channel', o.method === 'float' || (o.method === 'gdrq' && Number(o.firstLastBits) !== 8)], ['groups', '--groups', o.method !== 'gdrq'], ['activationSteps', '--activation-steps', o.method !== 'gdrq'],
         ['stepInit', '--step-init', !quantizing],
       ]);
       const data = await load(o.data, 'train', '--data');
@@ -534,7 +547,9 @@ export function program(): Command {
 
 if (require.main === module) {
   // `npm start` and `npm run lowbit -- …` run in the package's root folder; paths are the user's, from where they typed.
-  if (['start', 'lowbit', 'bench'].includes(process.env.npm_lifecycle_event ?? '') && process.env.INIT_CWD) process.chdir(process.env.INIT_CWD);
+  // Only lowbit's own scripts: a project's script named 'start' that runs lowbit from a folder of its choosing keeps it.
+  if (['start', 'lowbit', 'bench'].includes(process.env.npm_lifecycle_event ?? '') && process.env.INIT_CWD &&
+    process.env.npm_package_name === 'lowbit' && process.cwd() === path.resolve(__dirname, '..', '..')) process.chdir(process.env.INIT_CWD);
   program().parseAsync(process.argv).catch((e: unknown) => {
     // Errors that name lowbit themselves (the addon's load error) are not prefixed twice.
     console.error(`lowbit: ${(e instanceof Error ? e.message : String(e)).replace(/^lowbit: /, '')}`);

@@ -1,6 +1,6 @@
 /**
  * IEEE 754 half precision (float16) as 16-bit patterns in a Uint16Array, the form ONNX stores and
- * onnxruntime-node exchanges them in: conversion from float32 rounds to nearest, ties to even.
+ * onnxruntime-node exchanges them in: conversion of any number rounds once to nearest, ties to even.
  */
 import { invalidType, invalidValue } from './errors';
 import { checkAttached } from './validate';

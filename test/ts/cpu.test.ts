@@ -46,7 +46,8 @@ describe('cpuInfo and kernel selection', () => {
   });
 
   it("a LOWBIT_KERNEL one operation cannot honour stops only that operation's calls (a RangeError); empty or repeated entries are errors", () => {
-    const missing = cpuInfo().arch === 'x86_64' ? 'neon' : 'avx2';
+    // A GEMM kernel name this CPU lacks that names no quantize kernel.
+    const missing = cpuInfo().arch === 'x86_64' ? 'neon' : 'avx512vnni';
     const calls = `
       for (const [op, f] of [['quantize', () => lowbit.quantizeTensor(new Float32Array(2), { shape: [2] })], ['gemm', () => lowbit.matmulInt8(new Int8Array(1), new Int8Array(1), 1, 1, 1)]]) {
         try { f(); console.log(op, 'ran'); } catch (e) { console.log(op, e.name, e.message); }
@@ -60,6 +61,13 @@ describe('cpuInfo and kernel selection', () => {
     expect(empty).to.contain("quantize RangeError LOWBIT_KERNEL has an entry 'quantize:' without a kernel name. Fix or unset LOWBIT_KERNEL.");
     const twice = inChild({ LOWBIT_KERNEL: 'quantize:avx2,quantize:scalar' }, calls).stdout;
     expect(twice).to.contain("quantize RangeError LOWBIT_KERNEL names the operation 'quantize' twice ('avx2' and 'scalar'). Fix or unset LOWBIT_KERNEL.");
+    const trailing = inChild({ LOWBIT_KERNEL: 'gemm:scalar,' }, calls).stdout;
+    expect(trailing).to.contain("gemm RangeError LOWBIT_KERNEL has an empty entry ('gemm:scalar,'). Fix or unset LOWBIT_KERNEL.");
+    // finetune with quantizers checks the quantize kernel before loading anything.
+    const finetune = inChild({ LOWBIT_KERNEL: 'quantize:nope' },
+      `lowbit.finetune(${JSON.stringify(path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx'))}, { inputs: { data: new Float32Array(784), dims: [1, 1, 28, 28] }, labels: Int32Array.of(1) }, { method: 'lsq' })
+        .then(() => console.log('trained'), (e) => console.log(e.name, e.message))`).stdout;
+    expect(finetune).to.match(/^RangeError LOWBIT_KERNEL asks for quantize kernel 'nope'/);
   });
 
   it('forcing a kernel the CPU lacks is a clear error', () => {

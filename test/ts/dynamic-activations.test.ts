@@ -348,9 +348,9 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
       [{ weights: { bits: 8 }, activations: { bits: 4, method: 'dynamic' } }, /Expected 8 with method 'dynamic' .* for options\.activations\.bits but received 4/],
       [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', signed: true } }, /options\.activations\.signed/],
       [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', outputs: true } }, /options\.activations\.outputs/],
-      [{ weights: { bits: 4 }, activations: { bits: 8, method: 'dynamic' } }, /Expected 8 with activations\.method 'dynamic' \(MatMulInteger .* for options\.weights\.bits but received 4/],
+      [{ weights: { bits: 4 }, activations: { bits: 8, method: 'dynamic' } }, /Expected 8 with options\.activations\.method 'dynamic' \(MatMulInteger .* for options\.weights\.bits but received 4/],
       [{ weights: { bits: 8, granularity: 'block' }, activations: { bits: 8, method: 'dynamic' } }, /'channel' or 'tensor' with .* for options\.weights\.granularity but received "block"/],
-      [{ weights: { bits: 8 }, firstLastLayerBits: 4, activations: { bits: 8, method: 'dynamic' } }, /Expected 8 with activations.method 'dynamic' .* for options.firstLastLayerBits but received 4/],
+      [{ weights: { bits: 8 }, firstLastLayerBits: 4, activations: { bits: 8, method: 'dynamic' } }, /Expected 8 with options\.activations\.method 'dynamic' .* for options\.firstLastLayerBits but received 4/],
       [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', biasCorrection: true } }, /calibration feeds .* for options\.calibration/],
       [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dyn' } }, /'minmax', 'percentile', 'kl', 'aciq', 'mse' or 'dynamic'/],
     ];

@@ -12,13 +12,14 @@ import * as readline from 'node:readline';
 import { Readable } from 'node:stream';
 import {
   AttributeProto_AttributeType, ModelProtoSchema, SparseTensorProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType,
+  TensorProtoSchema,
 } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { makeObserver, readNpyFeed } from '../../ts/onnx/calibrate';
 import { HistogramObserver } from '../../ts/calibration/observers';
 import { quantizeTensor } from '../../ts/quantize';
-import { Graph } from '../../ts/onnx/graph';
+import { Graph, isChannelVector } from '../../ts/onnx/graph';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { OnnxModelError, readModel, serializeModel } from '../../ts/onnx/model-io';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
@@ -647,6 +648,12 @@ describe('per-row biases (shape [M, 1] with M equal to the channel count)', () =
       nodes: [{ op: 'Gemm', inputs: ['input', 'W', 'C'], output: 'y', name: 'gemm' }],
     }), { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', biasCorrection: true }, calibration: feeds(4, 1) }],
   ];
+
+  it('are told from per-channel shapes: [N], [1, N], a scalar for one channel', () => {
+    const t = (dims: number[]) => create(TensorProtoSchema, { name: 't', dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt) });
+    expect([[6], [1, 6], [1, 1, 6], [6, 1], [2, 3], [], [1]].map((d) => isChannelVector(t(d), 6))).to.deep.equal([true, true, true, false, false, false, false]);
+    expect([[], [1], [1, 1]].map((d) => isChannelVector(t(d), 1))).to.deep.equal([true, true, true]);
+  });
 
   it('are left as they are (reported), and the quantized model computes what the float one does', async () => {
     for (const [name, model, options] of models) {

@@ -461,7 +461,8 @@ export function weightValues(t: TensorProto): Float32Array | undefined {
  */
 export function isChannelVector(t: TensorProto, channels: number): boolean {
   const dims = dimsOf(t);
-  return dims.length >= 1 && dims[dims.length - 1] === channels && dims.slice(0, -1).every((d) => d === 1);
+  if (dims.length === 0) return channels === 1;  // a scalar is one value for the one channel
+  return dims[dims.length - 1] === channels && dims.slice(0, -1).every((d) => d === 1);
 }
 
 export function dimsOf(t: TensorProto): number[] {

@@ -243,7 +243,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
       if (a.signed) throw invalidValue('options.activations.signed', "false with method 'dynamic' (DynamicQuantizeLinear makes uint8)", a.signed);
       if (a.outputs) throw invalidValue('options.activations.outputs', "false with method 'dynamic' (the layers output float; there are no ranges to quantize them with)", a.outputs);
       // MatMulInteger multiplies int8 weights with one scale per column.
-      const why = "with activations.method 'dynamic' (MatMulInteger multiplies int8 weights, one scale per column)";
+      const why = "with options.activations.method 'dynamic' (MatMulInteger multiplies int8 weights, one scale per column)";
       if (w.bits !== 8) throw invalidValue('options.weights.bits', `8 ${why}`, w.bits);
       if (w.granularity === 'block') throw invalidValue('options.weights.granularity', `'channel' or 'tensor' ${why}`, w.granularity);
       if ((options.firstLastLayerBits ?? 8) !== 8) throw invalidValue('options.firstLastLayerBits', `8 ${why}`, options.firstLastLayerBits);

@@ -17,6 +17,7 @@ import { seededRandom } from '../random';
 import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject, otherRealm } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
+import { checkKernel } from '../cpu';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
 import { OpError } from './ops';
 import { nodeLabel } from '../onnx/passes/pass';
@@ -202,7 +203,7 @@ interface Settings {
   freezeBatchNorm: boolean;
 }
 
-export function checkOptions(options: unknown): Settings & { raw: FinetuneOptions } {
+export function checkFinetuneOptions(options: unknown): Settings & { raw: FinetuneOptions } {
   if (options === undefined) options = {};
   if (!isPlainObject(options)) throw invalidType('options', 'an object', options);
   checkKnownKeys('options', options, KNOWN_OPTIONS);
@@ -502,10 +503,12 @@ function isBatchSource(data: unknown): data is AsyncIterable<InputBatch> | Itera
  *   { method: 'lsq', weightBits: 4, activationBits: 4, epochs: 1 });
  */
 export async function finetune(input: string | Uint8Array | ModelProto, data: TrainingData, options?: FinetuneOptions): Promise<FinetuneResult> {
-  const s = checkOptions(options);
+  const s = checkFinetuneOptions(options);
   const o = s.raw;
   o.signal?.throwIfAborted();
   const kernels = o.kernel === 'reference' ? referenceKernels : nativeKernels({ kernel: o.kernel, threads: o.threads });
+  // The fake quantizers run the native LSQ kernels: a LOWBIT_KERNEL they cannot honour stops here, not at step 1.
+  if (s.method !== 'float') checkKernel('quantize', undefined);
   const proto = input instanceof Uint8Array || typeof input === 'string' ? await readModelAsync(input) : input;
   const model = new TrainableModel(proto);
   model.freezeBatchNorm = s.freezeBatchNorm;

@@ -2,8 +2,8 @@
  * Makes sparse initializers (SparseTensorProto: NNZ values, their int64 indices — linear, [NNZ], or coordinates,
  * [NNZ, rank] — and the dense dims) ordinary dense initializers, in the main graph and in subgraph bodies, so that
  * the layers reading them have constant weights to quantize (QDQ weights are dense anyway). Every fixed-width
- * element type; a tensor that would reach 2 GB dense, or whose indices are malformed, stays sparse (skipped, or an
- * OnnxModelError for indices outside the dims).
+ * element type; a tensor that would reach 2 GB dense, or of a 4-bit or 2-bit type, stays sparse (reported as
+ * skipped); malformed values, indices or dims are an OnnxModelError.
  */
 import { TensorProto_DataType, type GraphProto, type SparseTensorProto, type TensorProto } from 'onnx-buf';
 
