@@ -15,7 +15,7 @@ import { readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, writeFileAtomic } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
 import type { WeightLayerReport } from './onnx/passes/quantize-weights';
-import { checkFinetuneOptions, finetune, type EpochRecord, type FinetuneOptions } from './train/finetune';
+import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
 import { loadMnist } from './train/mnist';
 
 /** A layer's name, with the node whose subgraph holds it. */
@@ -49,7 +49,9 @@ function parseNames(value: string, previous: string[] = []): string[] {
 function checkKernels(kind: 'gemm' | 'sgemm', names: string[] | undefined): string[] | undefined {
   const usable = kind === 'gemm' ? cpuInfo().gemmKernels : cpuInfo().sgemmKernels;
   const unknown = names?.find((k) => !usable.includes(k));
-  if (unknown !== undefined) throw new Error(`Expected one of ${usable.map((k) => `'${k}'`).join(', ')} for --kernel but received '${unknown}': those are the ${kind} kernels this CPU runs.`);
+  if (unknown !== undefined) {
+    throw new Error(`Expected one of ${usable.map((k) => `'${k}'`).join(', ')} for --kernel but received '${unknown}': those are the ${kind} kernels this CPU runs. Leave --kernel out to measure them all.`);
+  }
   return names;
 }
 
@@ -138,19 +140,43 @@ async function withFlags<T>(flags: Array<[string, string]>, work: () => T | Prom
   }
 }
 
-/** Says which given options this run does not use (commander knows which ones the user typed). */
-function warnIgnored(command: Command, ignored: Array<[string, string, boolean]>): void {
-  for (const [key, flag, unused] of ignored) {
-    if (unused && command.getOptionValueSource(key) === 'cli') console.error(`lowbit: note: ${flag} has no effect here (${unusedReason.get(flag) ?? 'not used by these settings'})`);
+/**
+ * Runs work that takes an AbortSignal, with Ctrl-C (or SIGTERM) aborting it at its next step: `hideProgress` stops the
+ * progress bar (also before any error is printed), the message says what happens; a second signal exits at once.
+ * Exit code 130 when interrupted. Returns the signal too: it may have come after the work's last check.
+ */
+async function interruptible<T>(message: string, hideProgress: () => void, work: (signal: AbortSignal) => Promise<T>):
+  Promise<{ result: T; signal: AbortSignal }> {
+  const stop = new AbortController();
+  const forceExit = () => process.exit(130);
+  const interrupt = (signal: NodeJS.Signals) => {
+    hideProgress();
+    process.stderr.write(`\nlowbit: ${signal}: ${message}\n`);
+    stop.abort(new Error(`interrupted (${signal}): nothing was written`));
+    process.once(signal, forceExit);
+  };
+  process.once('SIGINT', interrupt);
+  process.once('SIGTERM', interrupt);
+  try {
+    return { result: await work(stop.signal), signal: stop.signal };
+  } catch (e) {
+    if (stop.signal.aborted) process.exitCode = 130;
+    throw e;
+  } finally {
+    hideProgress();  // restores the cursor (and line wrap) before any error is printed
+    for (const s of ['SIGINT', 'SIGTERM'] as const) {
+      process.off(s, interrupt);
+      process.off(s, forceExit);
+    }
   }
 }
-const unusedReason = new Map([
-  ['--block-size', 'it sets the block size of --granularity block'],
-  ['--wbits', "--method float trains without quantizers"], ['--abits', "--method float trains without quantizers"],
-  ['--per-channel', 'it applies to LSQ weight steps: --method lsq, or gdrq\'s 8-bit edge layers'], ['--groups', 'it applies to --method gdrq'],
-  ['--activation-steps', 'it applies to --method gdrq'], ['--step-init', 'it applies to LSQ quantizers (--method lsq, or gdrq\'s edge layers)'],
-  ['--first-last-bits', '--method float trains without quantizers'],
-]);
+
+/** Says which given options this run does not use, and why (commander knows which ones the user typed). */
+function warnIgnored(command: Command, ignored: Array<{ key: string; flag: string; unused: boolean; why: string }>): void {
+  for (const { key, flag, unused, why } of ignored) {
+    if (unused && command.getOptionValueSource(key) === 'cli') console.error(`lowbit: note: ${flag} has no effect here (${why})`);
+  }
+}
 
 /** A layer's quantized input (and output) activation: bits and clip range, e.g. "8 [0, 6.1] → 8 [-3.2, 9.9]", or "8 dynamic". */
 function activationCell(l: WeightLayerReport): string {
@@ -198,7 +224,7 @@ export function program(): Command {
     }, command: Command) => {
       const activationMethods = ['minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic'];
       if (o.amethod !== undefined && !activationMethods.includes(o.amethod)) {
-        throw new Error(`Expected one of ${activationMethods.map((m) => `'${m}'`).join(', ')} for --amethod but received '${o.amethod}'.`);
+        throw new Error(`Expected one of ${activationMethods.map((m) => `'${m}'`).join(', ')} for --amethod but received '${o.amethod}'. Leave it out for min/max ranges.`);
       }
       const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq', 'mse'].includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
@@ -210,7 +236,7 @@ export function program(): Command {
         console.log(`No model given: quantizing the bundled example ${model} (a small MNIST CNN) to W${o.wbits}A${o.abits}` +
           (amethod === 'dynamic' ? ' (dynamic activations).\n' : `, calibrated on ${bundled ? 'its 64 bundled images' : o.calib}.\n`));
       }
-      warnIgnored(command, [['blockSize', '--block-size', o.granularity !== 'block']]);
+      warnIgnored(command, [{ key: 'blockSize', flag: '--block-size', unused: o.granularity !== 'block', why: 'it sets the block size of --granularity block' }]);
       if (amethod === 'dynamic') o.abits ??= 8;
       if (!o.calib && ((o.abits !== undefined && amethod !== 'dynamic') || o.rounding === 'gptq')) {
         throw new Error(`${o.abits !== undefined ? `--abits ${o.abits}` : '--rounding gptq'} needs calibration data: pass --calib <folder> (one subfolder of .npy batches per model input, in the input's type).`);
@@ -235,22 +261,13 @@ export function program(): Command {
         b.start(total, 0, payload);
         shown = b;
       };
-      // Ctrl-C (or a SIGTERM) stops the work at its next step and removes what was being written; a second one exits at once.
-      const stop = new AbortController();
-      const forceExit = () => process.exit(130);
-      const interrupt = (signal: NodeJS.Signals) => {
+      // Ctrl-C (or a SIGTERM) stops the work at its next step and removes what was being written.
+      const hideProgress = () => {
         shown?.stop();
         shown = undefined;
-        process.stderr.write(`\nlowbit: ${signal}: stopping, removing partial output…\n`);
-        stop.abort(new Error(`interrupted (${signal}): nothing was written`));
-        process.once(signal, forceExit);
       };
-      process.once('SIGINT', interrupt);
-      process.once('SIGTERM', interrupt);
-      let result: Awaited<ReturnType<typeof quantizeModel>>;
       const started = Date.now();
-      try {
-        result = await quantizeModel(model, {
+      const { result, signal } = await interruptible('stopping, removing partial output…', hideProgress, (signal) => withFlags(QUANTIZE_FLAGS, () => quantizeModel(model, {
         weights: {
           bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block' | 'tensor', blockSize: Number(o.blockSize), method: o.method as 'minmax',
           ...(o.bitAllocation !== undefined ? { bitAllocation: { averageBits: Number(o.bitAllocation) } } : {}),
@@ -272,7 +289,7 @@ export function program(): Command {
         outputPath: o.output,
         ...(o.externalData ? { externalData: true } : {}),
         ...(o.evaluate ? {} : { evaluationFeeds: [] }),
-        signal: stop.signal,
+        signal,
         onProgress: (stage) => {
           if (stage.startsWith('calibrate batch')) {
             show(counter, 0, { stage: 'calibrating', unit: 'batches' });
@@ -285,22 +302,10 @@ export function program(): Command {
             bar.update(Number(layer[2]));
             return;
           }
-          shown?.stop();
-          shown = undefined;
+          hideProgress();
           process.stderr.write(`  ${stage}…\n`);
         },
-        });
-      } catch (e) {
-        if (stop.signal.aborted) process.exitCode = 130;
-        if (e instanceof Error) e.message = withFlagNames(e.message);
-        throw e;
-      } finally {
-        shown?.stop();  // restores the cursor before any error is printed
-        for (const s of ['SIGINT', 'SIGTERM'] as const) {
-          process.off(s, interrupt);
-          process.off(s, forceExit);
-        }
-      }
+      })));
       // Interrupted after quantizeModel's last check (it finished meanwhile): the run still ends with nothing written.
       // What this run wrote: the model, and its data file when one was written since the run started.
       const removeOutput = (): string[] => {
@@ -309,10 +314,10 @@ export function program(): Command {
         for (const f of written) fs.rmSync(f, { force: true });
         return written;
       };
-      if (stop.signal.aborted) {
+      if (signal.aborted) {
         removeOutput();
         process.exitCode = 130;
-        throw stop.signal.reason;
+        throw signal.reason;
       }
       const { report } = result;
       if (o.report) {
@@ -396,7 +401,7 @@ export function program(): Command {
         const inputsFile = path.join(source, 'inputs.npy');
         const inputs = readNpy(inputsFile);
         if (inputs.dims.length < 2 || inputs.dims[0] === 0) {
-          throw new Error(`Expected ${inputsFile} (${flag}) to hold samples [N, ...] but it is ${inputs.dims.length ? `[${inputs.dims.join(', ')}]` : 'a scalar'}.`);
+          throw new Error(`Expected ${inputsFile} (${flag}) to hold samples [N, ...] but it is ${inputs.dims.length ? `[${inputs.dims.join(', ')}]` : 'a scalar'}. Save the inputs with the sample axis first.`);
         }
         const n = Math.min(limit, inputs.dims[0]);
         const per = inputs.data.length / inputs.dims[0];
@@ -405,7 +410,7 @@ export function program(): Command {
         const labelsFile = path.join(source, 'labels.npy');
         const labels = readNpyLabels(labelsFile);
         if (labels.length !== inputs.dims[0]) {
-          throw new Error(`Expected one label per sample (${inputs.dims[0]}, as in ${inputsFile}) in ${labelsFile} (${flag}) but it holds ${labels.length}.`);
+          throw new Error(`Expected one label per sample (${inputs.dims[0]}, as in ${inputsFile}) in ${labelsFile} (${flag}) but it holds ${labels.length}. Save the labels of exactly those samples.`);
         }
         return { ...batch, labels: labels.subarray(0, n) };
       };
@@ -419,10 +424,15 @@ export function program(): Command {
       };
       await withFlags(FINETUNE_FLAGS, () => checkFinetuneOptions(options));  // before the data are loaded
       const quantizing = o.method !== 'float';
+      const floatOnly = '--method float trains without quantizers';
       warnIgnored(command, [
-        ['wbits', '--wbits', !quantizing], ['abits', '--abits', !quantizing], ['firstLastBits', '--first-last-bits', !quantizing],
-        ['perChannel', '--per-channel', o.method === 'float' || (o.method === 'gdrq' && Number(o.firstLastBits) !== 8)], ['groups', '--groups', o.method !== 'gdrq'], ['activationSteps', '--activation-steps', o.method !== 'gdrq'],
-        ['stepInit', '--step-init', !quantizing],
+        { key: 'wbits', flag: '--wbits', unused: !quantizing, why: floatOnly }, { key: 'abits', flag: '--abits', unused: !quantizing, why: floatOnly },
+        { key: 'firstLastBits', flag: '--first-last-bits', unused: !quantizing, why: floatOnly },
+        { key: 'perChannel', flag: '--per-channel', unused: o.method === 'float' || (o.method === 'gdrq' && Number(o.firstLastBits) !== 8),
+          why: "it applies to LSQ weight steps: --method lsq, or gdrq's 8-bit edge layers" },
+        { key: 'groups', flag: '--groups', unused: o.method !== 'gdrq', why: 'it applies to --method gdrq' },
+        { key: 'activationSteps', flag: '--activation-steps', unused: o.method !== 'gdrq', why: 'it applies to --method gdrq' },
+        { key: 'stepInit', flag: '--step-init', unused: !quantizing, why: floatOnly },
       ]);
       const data = await load(o.data, 'train', '--data');
       const validation = o.validation ? await load(o.validation, 't10k', '--validation') : undefined;
@@ -434,20 +444,8 @@ export function program(): Command {
       let epochShown = 0;
       const t0 = performance.now();
       // Ctrl-C (or a SIGTERM) stops at the next step; the output is written only at the end, atomically.
-      const stop = new AbortController();
-      const forceExit = () => process.exit(130);
-      const interrupt = (signal: NodeJS.Signals) => {
-        bar.stop();
-        process.stderr.write(`\nlowbit: ${signal}: stopping…\n`);
-        stop.abort(new Error(`interrupted (${signal}): nothing was written`));
-        process.once(signal, forceExit);
-      };
-      process.once('SIGINT', interrupt);
-      process.once('SIGTERM', interrupt);
-      let history: EpochRecord[];
-      try {
-        ({ history } = await withFlags(FINETUNE_FLAGS, () => finetune(modelArg, data, {
-          ...options, validation, signal: stop.signal,
+      const { result: { history } } = await interruptible('stopping…', () => bar.stop(), (signal) => withFlags(FINETUNE_FLAGS, () => finetune(modelArg, data, {
+          ...options, validation, signal,
           onStep: (p) => {
             if (p.epoch !== epochShown) {
               if (epochShown) bar.stop();
@@ -457,16 +455,6 @@ export function program(): Command {
             bar.update(p.step, { loss: p.loss.toFixed(4), accuracy: `${(p.accuracy * 100).toFixed(2)}%` });
           },
         })));
-      } catch (e) {
-        if (stop.signal.aborted) process.exitCode = 130;
-        throw e;
-      } finally {
-        bar.stop();  // restores the cursor and line wrap before any error is printed
-        for (const s of ['SIGINT', 'SIGTERM'] as const) {
-          process.off(s, interrupt);
-          process.off(s, forceExit);
-        }
-      }
       console.log(table(history.map((h) => ({
         epoch: h.epoch, loss: Number(h.loss.toFixed(4)), [o.distill ? 'train agreement %' : 'train accuracy %']: Number((h.accuracy * 100).toFixed(2)),
         ...(h.validationAccuracy !== undefined ? { [o.distill ? 'validation agreement %' : 'validation accuracy %']: Number((h.validationAccuracy * 100).toFixed(2)) } : {}),

@@ -48,7 +48,7 @@ describe('tensor API (audit)', () => {
     const minmax = new MinMaxObserver().observe(Float32Array.of(1, 2));
     expect(() => minmax.merge({} as never)).to.throw(TypeError, /Expected a MinMaxObserver to merge for other but received an object/);
     expect(() => minmax.merge(new HistogramObserver() as never)).to.throw(TypeError, /a MinMaxObserver to merge/);
-    expect(() => new AciqObserver().merge(new MinMaxObserver() as never)).to.throw(TypeError, /an AciqObserver to merge|a AciqObserver to merge/);
+    expect(() => new AciqObserver().merge(new MinMaxObserver() as never)).to.throw(TypeError, /Expected an AciqObserver to merge for other/);
     expect(() => new HistogramObserver().merge(undefined as never)).to.throw(TypeError, /HistogramObserver to merge/);
     expect(() => new MinMaxObserver({ movingAverage: 0.1 }).merge(minmax)).to.throw(RangeError, /other\.options\.movingAverage/);
     expect(minmax.range()).to.deep.equal({ lo: 1, hi: 2 });

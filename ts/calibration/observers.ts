@@ -36,7 +36,7 @@ function checkBatch(batch: unknown): Float32Array {
 
 /** `other` must be an observer of this kind (merging another kind, or a plain object, would give NaN ranges). */
 function checkOther<T>(other: unknown, kind: abstract new (...args: never[]) => T): T {
-  if (!(other instanceof kind)) throw invalidType('other', `a ${kind.name} to merge`, other);
+  if (!(other instanceof kind)) throw invalidType('other', `${/^[AEIOU]/.test(kind.name) ? 'an' : 'a'} ${kind.name} to merge`, other, 'Merge observers of one kind.');
   return other;
 }
 

@@ -116,7 +116,8 @@ export function tensorStats(x: ArrayLike<number>, name = 'x'): TensorStats {
   let max = -Infinity;
   for (let i = 0; i < x.length; i++) {
     const v = x[i];
-    if (typeof v !== 'number' || Number.isNaN(v)) throw invalidValue(`${name}[${i}]`, 'a number', v, 'Remove NaN values first.');
+    if (typeof v !== 'number') throw invalidValue(`${name}[${i}]`, 'a number', v, 'Convert the values with Number() first.');
+    if (Number.isNaN(v)) throw invalidValue(`${name}[${i}]`, 'a number', v, 'Remove NaN values first.');
     if (!Number.isFinite(v)) continue;
     n++;
     sum += v;
@@ -125,7 +126,7 @@ export function tensorStats(x: ArrayLike<number>, name = 'x'): TensorStats {
   }
   if (n === 0) throw invalidValue(name, 'at least one finite value (the statistics are undefined otherwise)', x);
   // Values near the float64 limit overflow the sums: the statistics would be Infinity and NaN.
-  if (!Number.isFinite(sum)) throw invalidValue(name, `values whose sum stays finite (float64); scale them down first`, x);
+  if (!Number.isFinite(sum)) throw invalidValue(name, 'values whose sum stays finite (float64)', x, 'Scale them down first.');
   const mean = sum / n;
   let abs = 0;
   let sq = 0;
@@ -135,7 +136,7 @@ export function tensorStats(x: ArrayLike<number>, name = 'x'): TensorStats {
     abs += Math.abs(v - mean);
     sq += (v - mean) * (v - mean);
   }
-  if (!Number.isFinite(sq)) throw invalidValue(name, `values whose squared spread stays finite (float64); scale them down first`, x);
+  if (!Number.isFinite(sq)) throw invalidValue(name, 'values whose squared spread stays finite (float64)', x, 'Scale them down first.');
   return { count: n, mean, laplaceB: abs / n, sigma: n > 1 ? Math.sqrt(sq / (n - 1)) : 0, min, max };
 }
 

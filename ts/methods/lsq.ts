@@ -116,7 +116,9 @@ export function lsqBackward(v: Float32Array, step: number | Float32Array, gradOu
   if (g.length !== p.v.length) throw invalidValue('gradOut', `a Float32Array of v.length = ${p.v.length}`, g);
   const nan = g.findIndex((x) => Number.isNaN(x));
   if (nan >= 0) throw invalidValue(`gradOut[${nan}]`, 'a number', NaN, 'A NaN gradient comes from an earlier layer: check the values there.');
-  if (p.v.length === 0 && options.gradScale === undefined) throw invalidValue('v', 'a non-empty Float32Array (the gradient scale 1/√(N·Q_P) needs N ≥ 1)', p.v);
+  if (p.v.length === 0 && options.gradScale === undefined) {
+    throw invalidValue('v', 'a non-empty Float32Array (the gradient scale 1/√(N·Q_P) needs N ≥ 1)', p.v, 'Or pass options.gradScale.');
+  }
   const signed = options.signed ?? true;
   const gradScale = options.gradScale === undefined ? lsqGradScale(p.v.length, options.bits, signed) : options.gradScale;
   if (typeof gradScale !== 'number' || !Number.isFinite(gradScale)) throw invalidValue('options.gradScale', 'a finite number', gradScale);
