@@ -73,8 +73,13 @@ export function toFloat16Array(values: ArrayLike<number>): Uint16Array<ArrayBuff
   if (!(Array.isArray(values) || (ArrayBuffer.isView(values) && !(values instanceof DataView) && !(values instanceof BigInt64Array) && !(values instanceof BigUint64Array)))) {
     throw invalidType('values', 'an array or typed array of numbers', values);
   }
-  if (ArrayBuffer.isView(values)) checkAttached('values', values);
   const out = new Uint16Array(values.length);
+  if (ArrayBuffer.isView(values)) {
+    checkAttached('values', values);
+    for (let i = 0; i < values.length; i++) out[i] = toFloat16Bits(values[i]);
+    return out;
+  }
+  // A plain array's elements can be anything; a typed array's are numbers.
   for (let i = 0; i < values.length; i++) {
     const v = values[i];
     if (typeof v !== 'number') throw invalidValue(`values[${i}]`, 'a number', v, 'Convert the values with Number() first.');
@@ -83,11 +88,29 @@ export function toFloat16Array(values: ArrayLike<number>): Uint16Array<ArrayBuff
   return out;
 }
 
+let valuesOfBits: Float32Array | undefined;
+
+/** The value of every float16 bit pattern, made on first use (256 KB). */
+function float16Table(): Float32Array {
+  if (!valuesOfBits) {
+    valuesOfBits = new Float32Array(65536);
+    for (let b = 0; b < 65536; b++) valuesOfBits[b] = fromFloat16Bits(b);
+  }
+  return valuesOfBits;
+}
+
 /** float16 bit patterns (a Uint16Array, as onnxruntime-node returns float16 tensors, or an array of them) as float32 values. */
 export function fromFloat16Array(bits: ArrayLike<number>): Float32Array {
   if (!(bits instanceof Uint16Array || Array.isArray(bits))) throw invalidType('bits', 'a Uint16Array of float16 bit patterns', bits);
-  if (bits instanceof Uint16Array) checkAttached('bits', bits);
   const out = new Float32Array(bits.length);
+  if (bits instanceof Uint16Array) {
+    // Calibration batches and float16 weights come this way: every element is a bit pattern already, and a table of
+    // all 65536 values turns each into one load.
+    checkAttached('bits', bits);
+    const table = float16Table();
+    for (let i = 0; i < bits.length; i++) out[i] = table[bits[i]];
+    return out;
+  }
   for (let i = 0; i < bits.length; i++) {
     const b = bits[i];
     if (!Number.isInteger(b) || b < 0 || b > 0xffff) throw invalidValue(`bits[${i}]`, 'a float16 bit pattern (an integer in [0, 65535])', b);
