@@ -12,7 +12,7 @@ import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
 import { readNpy, readNpyLabels } from './onnx/calibrate';
-import { checkOutputPath, writeFileAtomic } from './onnx/model-io';
+import { checkOutputPath, samePath, writeFileAtomic } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
 import type { WeightLayerReport } from './onnx/passes/quantize-weights';
 import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
@@ -53,31 +53,6 @@ function checkKernels(kind: 'gemm' | 'sgemm', names: string[] | undefined): stri
     throw new Error(`Expected one of ${usable.map((k) => `'${k}'`).join(', ')} for --kernel but received '${unknown}': those are the ${kind} kernels this CPU runs. Leave --kernel out to measure them all.`);
   }
   return names;
-}
-
-/**
- * Whether two paths name the same file: the same inode when both exist (symbolic and hard links), else the same
- * real folder and name — compared without case where the file system ignores it (macOS, Windows).
- */
-function samePath(a: string, b: string): boolean {
-  try {
-    const [sa, sb] = [fs.statSync(a), fs.statSync(b)];
-    return sa.dev === sb.dev && sa.ino === sb.ino;
-  } catch {
-    // One of them does not exist yet.
-  }
-  const real = (p: string) => {
-    const resolved = path.resolve(p);
-    let folder: string;
-    try {
-      folder = fs.realpathSync.native(path.dirname(resolved));
-    } catch {
-      folder = path.dirname(resolved);
-    }
-    const full = path.join(folder, path.basename(resolved));
-    return process.platform === 'darwin' || process.platform === 'win32' ? full.toLowerCase() : full;
-  };
-  return real(a) === real(b);
 }
 
 /** Refuses an output path that would overwrite an input or another output of the same run. */
@@ -444,7 +419,7 @@ export function program(): Command {
       let epochShown = 0;
       const t0 = performance.now();
       // Ctrl-C (or a SIGTERM) stops at the next step; the output is written only at the end, atomically.
-      const { result: { history } } = await interruptible('stopping…', () => bar.stop(), (signal) => withFlags(FINETUNE_FLAGS, () => finetune(modelArg, data, {
+      const { result: { history }, signal } = await interruptible('stopping…', () => bar.stop(), (signal) => withFlags(FINETUNE_FLAGS, () => finetune(modelArg, data, {
           ...options, validation, signal,
           onStep: (p) => {
             if (p.epoch !== epochShown) {
@@ -455,6 +430,12 @@ export function program(): Command {
             bar.update(p.step, { loss: p.loss.toFixed(4), accuracy: `${(p.accuracy * 100).toFixed(2)}%` });
           },
         })));
+      // Interrupted after finetune's last check (it had written the model meanwhile): the run still ends with nothing written.
+      if (signal.aborted) {
+        fs.rmSync(output, { force: true });
+        process.exitCode = 130;
+        throw signal.reason;
+      }
       console.log(table(history.map((h) => ({
         epoch: h.epoch, loss: Number(h.loss.toFixed(4)), [o.distill ? 'train agreement %' : 'train accuracy %']: Number((h.accuracy * 100).toFixed(2)),
         ...(h.validationAccuracy !== undefined ? { [o.distill ? 'validation agreement %' : 'validation accuracy %']: Number((h.validationAccuracy * 100).toFixed(2)) } : {}),

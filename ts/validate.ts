@@ -104,3 +104,23 @@ export function copyIntoOut<T extends Int8Array | Uint8Array | Int32Array>(out: 
   out.set(values);
   return out;
 }
+
+/**
+ * Whether iterating `data` again starts over: a folder path, an array, a re-iterable object (an EventEmitter too);
+ * not a generator or any iterable handing out the same iterator twice, nor a stream (a Node or web Readable, a
+ * readline interface: each hands out a new iterator each time, over data read once). Callers still check that a
+ * second reading gives what the first did.
+ */
+export function startsOver(data: unknown): boolean {
+  if (typeof data === 'string' || Array.isArray(data)) return true;
+  if (typeof data !== 'object' || data === null) return false;
+  const d = data as Partial<Iterable<unknown> & AsyncIterable<unknown>> & Record<string, unknown>;
+  const nodeStream = typeof d.pipe === 'function' && typeof d.on === 'function';
+  const readlineInterface = typeof d.question === 'function' && typeof d.on === 'function';
+  if (nodeStream || readlineInterface || typeof d.getReader === 'function') return false;
+  const iterate = (typeof d[Symbol.iterator] === 'function' ? d[Symbol.iterator] : d[Symbol.asyncIterator]) as ((this: unknown) => unknown) | undefined;
+  if (typeof iterate !== 'function') return false;
+  // Unstarted iterators: a generator's body has not run yet.
+  const first = iterate.call(d) as unknown;
+  return first !== data && iterate.call(d) !== first;
+}

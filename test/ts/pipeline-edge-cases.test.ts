@@ -453,6 +453,26 @@ describe('ONNX rewrites found by the audit', () => {
     expect(out.graph!.input.map((i) => i.name)).to.deep.equal(['input']);
   });
 
+  it('an initializer that is also a graph input (IR 4 on: overridable) and gets quantized is reported as no longer an input', async () => {
+    const model = edited(buildModel({
+      inputDims: [1, 16], output: 'y', initializers: { w: { dims: [16, 8], data: heInit(128, 16, 9) }, b: { dims: [8], data: new Float32Array(8).fill(0.5) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'm', name: 'mm' }, { op: 'Add', inputs: ['m', 'b'], output: 'y' }],
+    }), (m) => {
+      m.graph!.input.push({ ...m.graph!.input[0], name: 'w' }, { ...m.graph!.input[0], name: 'b' });
+    });
+    const { model: q, report } = await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [] });
+    // b stays float, and overridable.
+    expect(fromBinary(ModelProtoSchema, q).graph!.input.map((i) => i.name)).to.deep.equal(['input', 'b']);
+    expect(report.passes.find((p) => p.pass === 'overridable-initializers')?.changed).to.deep.equal(
+      ['w: a graph input with a default (a feed could replace it), quantized as a constant, so no longer an input']);
+    // Nothing to say when no initializer is an input.
+    const plain = await quantizeModel(buildModel({
+      inputDims: [1, 16], output: 'y', initializers: { w: { dims: [16, 8], data: heInit(128, 16, 9) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+    }), { weights: { bits: 8 }, evaluationFeeds: [] });
+    expect(plain.report.passes.map((p) => p.pass)).to.not.include('overridable-initializers');
+  });
+
   it('external data output takes the initializers of If branches too (a shared quantized weight written once) and runs the same', async () => {
     const info = (name: string, elemType: number, dims: number[]) => ({
       name, type: { value: { case: 'tensorType', value: { elemType, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } },
@@ -510,15 +530,24 @@ describe('ONNX rewrites found by the audit', () => {
       inputDims: [1, 64], output: 'y', initializers: { w: { dims: [64, 64], data: heInit(4096, 64, 5) } },
       nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
     }));
+    // The same file by its own path, a symbolic link, a hard link, and a path through a linked folder.
+    fs.symlinkSync(file, path.join(dir, 'soft.onnx'));
+    fs.linkSync(file, path.join(dir, 'hard.onnx'));
+    fs.symlinkSync(dir, path.join(dir, 'folder'));
+    const names = ['m.onnx', 'soft.onnx', 'hard.onnx', path.join('folder', 'm.onnx')];
+    const before = fs.readFileSync(file);
     io.ONE_BUFFER_LIMIT = 1;
-    let caught: unknown;
     try {
-      await quantizeModel(file, { weights: { bits: 4 }, outputPath: file }).catch((e) => (caught = e));
+      for (const name of names) {
+        let caught: unknown;
+        await quantizeModel(file, { weights: { bits: 4 }, outputPath: path.join(dir, name) }).catch((e) => (caught = e));
+        expect((caught as Error)?.message, name).to.match(/a path other than the input model's for a model of 2 GB or more .* for options\.outputPath/);
+      }
     } finally {
       io.ONE_BUFFER_LIMIT = limit;
     }
-    expect((caught as Error).message).to.match(/a path other than the input model's for a model of 2 GB or more .* for options\.outputPath/);
-    expect(fs.readdirSync(dir)).to.deep.equal(['m.onnx']);
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['folder', 'hard.onnx', 'm.onnx', 'soft.onnx']);
+    expect(fs.readFileSync(file).equals(before)).to.equal(true);
     fs.rmSync(dir, { recursive: true });
   });
 

@@ -80,7 +80,7 @@ describe('finetune: float training', () => {
     expect(Buffer.from(a.model).equals(Buffer.from(d.model))).to.equal(false);
   });
 
-  it('accepts an async iterable of batches that restarts every epoch; a one-shot generator fails in epoch 2', async () => {
+  it('accepts an async iterable of batches that restarts every epoch; a one-shot one is refused before training, one that runs dry fails in epoch 2', async () => {
     const data = subset('train', 128);
     const batches = {
       async *[Symbol.asyncIterator]() {
@@ -91,10 +91,31 @@ describe('finetune: float training', () => {
     };
     const { history } = await finetune(mnistCnn(3), batches, { epochs: 2 });
     expect(history.map((h) => h.images)).to.deep.equal([128, 128]);
+    // One-shot: a generator, and an object handing out the same iterator each time. Refused before any step.
     const once = batches[Symbol.asyncIterator]();
-    const oneShot = { [Symbol.asyncIterator]: () => once };
+    for (const oneShot of [batches[Symbol.asyncIterator](), { [Symbol.asyncIterator]: () => once }]) {
+      let steps = 0;
+      try {
+        await finetune(mnistCnn(3), oneShot, { epochs: 2, onStep: () => steps++ });
+        expect.fail('expected a RangeError');
+      } catch (e) {
+        expect(e).to.be.instanceOf(RangeError);
+        expect((e as Error).message).to.match(/for data but received .*can be read only once.*epochs: 1/);
+      }
+      expect(steps).to.equal(0);
+      // With one epoch it is fine.
+      expect((await finetune(mnistCnn(3), oneShot, { epochs: 1 })).history[0].images).to.equal(128);
+    }
+    // New iterators over a source read once: empty from the second epoch on.
+    let source: AsyncIterator<unknown> | undefined;
+    const runsDry = {
+      [Symbol.asyncIterator]: () => {
+        source ??= batches[Symbol.asyncIterator]();
+        return { next: () => source!.next() };
+      },
+    };
     try {
-      await finetune(mnistCnn(3), oneShot, { epochs: 2 });
+      await finetune(mnistCnn(3), runsDry as typeof batches, { epochs: 2 });
       expect.fail('expected a TrainingError');
     } catch (e) {
       expect(e).to.be.instanceOf(TrainingError);

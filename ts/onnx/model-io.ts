@@ -733,6 +733,31 @@ export async function writeFileAtomicAsync(file: string, bytes: Uint8Array, sign
 }
 
 /**
+ * Whether two paths name the same file: the same inode when both exist (symbolic and hard links), else the same
+ * real folder and name — compared without case where the file system ignores it (macOS, Windows).
+ */
+export function samePath(a: string, b: string): boolean {
+  try {
+    const [sa, sb] = [fs.statSync(a), fs.statSync(b)];
+    return sa.dev === sb.dev && sa.ino === sb.ino;
+  } catch {
+    // One of them does not exist yet.
+  }
+  const real = (p: string) => {
+    const resolved = path.resolve(p);
+    let folder: string;
+    try {
+      folder = fs.realpathSync.native(path.dirname(resolved));
+    } catch {
+      folder = path.dirname(resolved);
+    }
+    const full = path.join(folder, path.basename(resolved));
+    return process.platform === 'darwin' || process.platform === 'win32' ? full.toLowerCase() : full;
+  };
+  return real(a) === real(b);
+}
+
+/**
  * Checks, before any long work, that `file` can be an output path: a string
  * naming a file (not a folder) whose folder exists.
  */

@@ -6,17 +6,16 @@
  * in onnxruntime-node.
  */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { toFloat16Array } from '../float16';
 import { hasOrt } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession } from './ort-session';
-import { checkKnownKeys, isPlainObject } from '../validate';
+import { checkKnownKeys, isPlainObject, startsOver } from '../validate';
 import { allNodes, attribute, Graph, weightValues } from './graph';
 import {
-  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
+  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, samePath, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
 import { branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -400,7 +399,7 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
   const why = (w.granularity ?? 'channel') === 'tensor' ? 'weights.granularity is \'tensor\' (one scale would take every stretched filter)'
     : w.bitAllocation ? 'weights.bitAllocation compares the channels\' ranges'
       : w.groups !== undefined || w.scaleClip !== undefined ? 'GDRQ groups and Scale-Clip compare the channels\' ranges'
-        : !canReadTwice(opts.calibration!) ? 'the calibration data can be read only once (a generator or a stream); pass an array or a folder for it'
+        : !startsOver(opts.calibration!) ? 'the calibration data can be read only once (a generator or a stream); pass an array or a folder for it'
           : undefined;
   if (why) return { report: { pass: 'equalize-depthwise', changed: [], skipped: layers.map((n) => ({ node: nodeLabel(n), reason: why })) }, shifts: new Map() };
   const observers = new Map(layers.map((n) => [n, new ChannelRangeObserver()]));
@@ -412,22 +411,6 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
   });
   const calibrationMs = performance.now() - t0;
   return { ...equalizeDepthwiseInputs(graph, layers, observers), calibrationMs, batches };
-}
-
-/**
- * Whether iterating the calibration data again starts over: a folder, an array, a re-iterable object (an
- * EventEmitter too); not a generator, nor a stream (a Node or web Readable, a readline interface: each hands out a
- * new iterator each time, over data read once). A second reading still checks that it gives as many batches as the
- * first (calibrate's `expectBatches`).
- */
-function canReadTwice(data: CalibrationData): boolean {
-  if (typeof data === 'string' || Array.isArray(data)) return true;
-  const d = data as Partial<Iterable<Feed> & AsyncIterable<Feed>> & Record<string, unknown>;
-  const nodeStream = typeof d.pipe === 'function' && typeof d.on === 'function';
-  const readlineInterface = typeof d.question === 'function' && typeof d.on === 'function';
-  if (nodeStream || readlineInterface || typeof d.getReader === 'function') return false;
-  const iterator = d[Symbol.iterator]?.() ?? d[Symbol.asyncIterator]?.();
-  return iterator !== undefined && iterator !== (data as unknown);
 }
 
 /**
@@ -553,6 +536,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   }
   await time('validate', () => graph.topologicalOrder());
   const passes: PassReport[] = [];
+  // From IR 4 on, an initializer also listed as a graph input is a default that a feed may replace.
+  const initializerNames = new Set(model.graph!.initializer.map((t) => t.name));
+  const overridable = model.irVersion >= 4n ? model.graph!.input.filter((i) => initializerNames.has(i.name)).map((i) => i.name) : [];
   // First: weights stored sparse, or read through an Identity, are a layer's weights for every decision below.
   passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
   passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
@@ -720,7 +706,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const biasObservers = withData.filter(({ n }) => biasMoments.has(nodeLabel(n))).map(({ n }): [NodeProto, LayerInputMoments] => [n, biasMoments.get(nodeLabel(n))!]);
   // GPTQ with quantized activations takes a second pass over the calibration data, so its Gram matrices see the
   // inputs as the quantized model will (clipped and rounded); data that can be read only once get one pass on float inputs.
-  const secondPass = gptq && !!staticActivations && canReadTwice(opts.calibration!);
+  const secondPass = gptq && !!staticActivations && startsOver(opts.calibration!);
   if (calibrating) {
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
@@ -875,6 +861,14 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       if (entry) entry.input = { bits: 8, dynamic: true };
     }
   }
+  const inputsLeft = new Set(model.graph!.input.map((i) => i.name));
+  const replaced = overridable.filter((name) => !inputsLeft.has(name));
+  if (replaced.length > 0) {
+    passes.push({
+      pass: 'overridable-initializers', skipped: [],
+      changed: replaced.map((name) => `${name}: a graph input with a default (a feed could replace it), quantized as a constant, so no longer an input`),
+    });
+  }
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
   if (!fitsOneFile && (opts.outputPath === undefined || opts.externalData === false)) {
     throw new OnnxModelError('The quantized model is 2 GB or more, which one ONNX buffer cannot hold: pass outputPath (without externalData: false), ' +
@@ -916,7 +910,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       }
     });
   }
-  if (external && evaluating && !fitsOneFile && typeof input === 'string' && path.resolve(input) === path.resolve(opts.outputPath!)) {
+  if (external && evaluating && !fitsOneFile && typeof input === 'string' && samePath(input, opts.outputPath!)) {
     // That comparison reads the written files: over the input, it would compare the quantized model with itself.
     throw invalidValue('options.outputPath', 'a path other than the input model\'s for a model of 2 GB or more (compared from its written files)', opts.outputPath,
       'Write it elsewhere, or pass evaluationFeeds: [] to skip the comparison.');

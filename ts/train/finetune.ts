@@ -14,7 +14,7 @@ import { ort } from '../bench/ort-models';
 import { checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
-import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject, otherRealm } from '../validate';
+import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject, otherRealm, startsOver } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { checkKernel } from '../cpu';
@@ -514,6 +514,12 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   model.freezeBatchNorm = s.freezeBatchNorm;
   const needLabels = !s.distill;
   const inMemory = !isBatchSource(data) ? checkBatch('data', data, needLabels) : undefined;
+  if (!inMemory && s.epochs > 1 && !startsOver(data)) {
+    // Found here rather than after a whole first epoch of training.
+    throw invalidValue('data', `batches that can be read once per epoch (options.epochs is ${s.epochs}): an array, or an object whose [Symbol.asyncIterator]() starts over each time`,
+      data, 'It can be read only once (a generator, a stream, or an object handing out the same iterator each time). ' +
+      'Wrap the generator function: { [Symbol.asyncIterator]: () => batches() }, or pass epochs: 1.');
+  }
   const validation = o.validation === undefined ? undefined : checkBatch('options.validation', o.validation, needLabels);
   const checkShape = (name: string, b: InputBatch) => {
     const expected = model.checkInput(b.inputs.dims);
