@@ -151,6 +151,34 @@ describe('float16', () => {
     expect(stats[1].std).to.be.closeTo(Math.sqrt(2 / 32), 0.05);
   });
 
+  it('float16 weight scales below float16\'s normal range are rounded up where the nearest would clip the largest weights', async () => {
+    // Columns whose largest weights are 1e-5 to 2e-3: 8-bit scales of 8e-8 to 1.6e-5, float16 subnormals 6e-8 apart.
+    const [k, n] = [64, 24];
+    const w = heInit(k * n, k, 11).map((v, i) => v * 1e-3 * (0.01 + (i % n) / 12));
+    for (let c = 0; c < n; c++) w[c] = (c % 2 ? -1 : 1) * 4 * 1e-3 * (0.01 + c / 12);  // each column's largest
+    const half = toHalfModel(buildModel({
+      inputDims: [1, k], output: 'y', opset: 17, initializers: { w: { dims: [k, n], data: w } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'fc' }],
+    }));
+    const stored = fromFloat16Array(new Uint16Array(readModel(half).graph!.initializer[0].rawData.slice().buffer));
+    for (const [bits, qmax] of [[8, 127], [4, 7]] as const) {
+      const { model } = await quantizeModel(half, { weights: { bits }, firstLastLayerBits: bits, evaluationFeeds: [] });
+      const scale = readModel(model).graph!.initializer.find((t) => t.name === 'w_scale')!;
+      const s = fromFloat16Array(new Uint16Array(scale.rawData.slice().buffer));
+      let roundedUp = 0;
+      for (let c = 0; c < n; c++) {
+        let max = 0;
+        for (let r = 0; r < k; r++) max = Math.max(max, Math.abs(stored[r * n + c]));
+        // Nothing saturates beyond rounding, and the scale is the nearest float16 or the next one up.
+        expect(max, `${bits}-bit column ${c}`).to.be.at.most((qmax + 0.5) * s[c]);
+        const nearest = fromFloat16Bits(toFloat16Bits(max / qmax));
+        expect([nearest, fromFloat16Bits(toFloat16Bits(nearest) + 1)], `${bits}-bit column ${c}`).to.include(s[c]);
+        if (s[c] !== nearest) roundedUp++;
+      }
+      if (bits === 8) expect(roundedUp).to.be.above(0);  // the case exists in this tensor
+    }
+  });
+
   it('float16 weights in a Constant node or in int32_data (as ONNX also stores them) quantize and evaluate', async () => {
     const model = fromBinary(ModelProtoSchema, toHalfModel(convAndMatMul()));
     const graph = model.graph!;

@@ -15,7 +15,7 @@ import { preserveRunSums } from '../../methods/sum-preserving';
 import { gptqRoundSteps, type WeightMatrixView } from '../../methods/gptq';
 import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
 import { dequantize, quantizationError, quantizeOffThread, quantizeTensor, type QuantizeOptions } from '../../quantize';
-import type { QuantizedTensor } from '../../quant-params';
+import { integerRange, type QuantizedTensor } from '../../quant-params';
 import { nodeLabel, placeOf, runSteps, type PassReport, type Steps } from './pass';
 
 export interface WeightQuantization {
@@ -141,10 +141,17 @@ function valuesTensor(name: string, q: QuantizedTensor): ReturnType<typeof makeT
   return ownedTensor(name, TensorProto_DataType.INT2, q.shape, packInt2(q));
 }
 
-/** The float16 value nearest a positive scale, kept positive and finite (DequantizeLinear needs scale > 0). */
-function float16Scale(scale: number): number {
-  const s = fromFloat16Bits(toFloat16Bits(scale));
-  return s === 0 ? 2 ** -24 : Number.isFinite(s) ? s : 65504;
+/**
+ * The float16 value nearest a positive scale, kept positive and finite (DequantizeLinear needs scale > 0) — or the
+ * next one up where the nearest would saturate the top of the grid, `qmax` steps of the float32 scale: that happens
+ * only below float16's normal range (scales under 2^-14, max |w| under about 0.008 at 8 bits), where the nearest
+ * value can be far from the scale and would clip the largest weights by several steps.
+ */
+function float16Scale(scale: number, qmax: number): number {
+  let bits = toFloat16Bits(scale);
+  if (fromFloat16Bits(bits) * (qmax + 0.5) < scale * qmax) bits++;
+  const s = fromFloat16Bits(bits);
+  return Number.isFinite(s) ? s : 65504;
 }
 
 /**
@@ -155,7 +162,8 @@ export function withFloat16Scales(q: QuantizedTensor, source: Float32Array, labe
   if (q.channelBits) {
     throw new OnnxModelError(`Layer '${label}' has float16 weights, whose scales are float16: bit allocation is not supported for them. Drop bitAllocation.`);
   }
-  const scale = Float32Array.from(q.scale, float16Scale);
+  const { qmax } = integerRange(q.bits, q.signed);
+  const scale = Float32Array.from(q.scale, (s) => float16Scale(s, qmax));
   if (scale.every((s, i) => s === q.scale[i])) return q;
   return quantizeTensor(source, {
     shape: q.shape, bits: q.bits, scale,
@@ -454,7 +462,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       // ξ_c = std(W_c) / std(Ŵ_c): scaling channel c's scale (zero point 0) scales Ŵ_c's spread by ξ_c.
       const ratios = stdRatios(source, dequantize(q), dims, axes.outputAxis);
       q.scale = Float32Array.from(q.scale, (s, c) => s * ratios[c]);
-      if (half) q.scale = Float32Array.from(q.scale, float16Scale);  // what the model stores (the values stay)
+      if (half) q.scale = Float32Array.from(q.scale, (s) => float16Scale(s, integerRange(q.bits, q.signed).qmax));  // what the model stores (the values stay)
     }
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
