@@ -448,6 +448,29 @@ describe('GPTQ rounding', () => {
     }
   });
 
+  it('LayerInputMoments.observeSteps yields after every 64 Gram rows (and conv group) and sums exactly what one SGEMM per block gives', () => {
+    const r = rng(5);
+    const [rows, cols] = [300, 200];
+    const data = Float32Array.from({ length: rows * cols }, () => r() - 0.5);
+    const m = new LayerInputMoments({ kind: 'matrix', columns: cols, transposed: false }, { gram: true });
+    let pieces = 0;
+    for (const _ of m.observeSteps(data, [rows, cols])) pieces++;
+    expect(pieces).to.equal(Math.ceil(cols / 64));
+    // The whole block in one SGEMM, bit for bit (each element's sum is ordered by K alone).
+    const x = new Float32Array(cols * rows);
+    for (let i = 0; i < rows; i++) for (let c = 0; c < cols; c++) x[c * rows + i] = data[i * cols + c];
+    const whole = new Float32Array(cols * cols);
+    nativeKernels({ threads: 1 }).sgemm({ transA: false, transB: true, m: cols, n: cols, k: rows, a: x, b: x, c: whole, accumulate: true });
+    expect(Buffer.from(m.grams[0][0].matrix.buffer).equals(Buffer.from(whole.buffer))).to.equal(true);
+    // A grouped convolution: a piece per Gram block of 64 rows or fewer, and one after each group.
+    const node = makeNode('Conv', ['x', 'w'], ['y'], 'c', [makeIntAttribute('group', 2)]);
+    node.attribute.push(create(AttributeProtoSchema, { name: 'kernel_shape', type: AttributeProto_AttributeType.INTS, ints: [3n, 3n] }));
+    const conv = new LayerInputMoments({ kind: 'conv', node, weightDims: [4, 10, 3, 3] }, { gram: true });
+    let convPieces = 0;
+    for (const _ of conv.observeSteps(Float32Array.from({ length: 20 * 36 }, () => r()), [1, 20, 6, 6])) convPieces++;
+    expect(convPieces).to.equal(2 * (Math.ceil(90 / 64) + 1));
+  });
+
   it('gathers only the diagonal blocks of H over column chunks, and GPTQ over chunks still beats round-to-nearest', () => {
     const chunked = new LayerInputMoments({ kind: 'matrix', columns: features, transposed: false }, { gram: true, maxColumns: 10 });
     chunked.observe(x, [samples, features]);

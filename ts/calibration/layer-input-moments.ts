@@ -21,6 +21,9 @@ export type LayerInput =
   /** Gemm/MatMul: the input's last axis meets the weights (first axis when Gemm's transA is set). */
   | { kind: 'matrix'; columns: number; transposed: boolean };
 
+/** Rows of a Gram block computed between pauses: 64 × 512 × (4 000 pixels) is about 10 ms of single-threaded SGEMM here. */
+const GRAM_ROWS = 64;
+
 export class LayerInputMoments {
   /** Columns of each group's vectors (weights one output meets). */
   readonly columns: number;
@@ -69,6 +72,15 @@ export class LayerInputMoments {
   }
 
   observe(data: Float32Array, dims: readonly number[]): void {
+    for (const _ of this.observeSteps(data, dims));
+  }
+
+  /**
+   * observe in pieces: yields after each block of Gram rows (and each convolution group), so that a caller can let
+   * the event loop turn in between (one wide layer's Gram update on a large batch took over 100 ms). The sums do not
+   * depend on the pieces: SGEMM sums each element in an order fixed by K alone.
+   */
+  *observeSteps(data: Float32Array, dims: readonly number[]): Generator<void, void, void> {
     const d = this.columns;
     if (this.layer.kind === 'matrix') {
       const rows = data.length / d;
@@ -82,7 +94,7 @@ export class LayerInputMoments {
         // This chunk's columns as a dense [size, rows] block (transposed: A is [K, M], already so).
         const x = transposed ? data.subarray(first * rows, (first + size) * rows) : new Float32Array(size * rows);
         if (!transposed) for (let r = 0; r < rows; r++) for (let c = 0; c < size; c++) x[c * rows + r] = data[r * d + first + c];
-        this.kernels.sgemm({ transA: false, transB: true, m: size, n: size, k: rows, a: x, b: x, c: matrix, accumulate: true });
+        yield* this.gramRows(x, size, rows, matrix);
       }
       this.count += rows;
       return;
@@ -107,11 +119,20 @@ export class LayerInputMoments {
           sums[r] += s;
         }
         for (const { first, size, matrix } of this.grams[g] ?? []) {
-          const rowsOfChunk = col.subarray(first * pixels, (first + size) * pixels);
-          this.kernels.sgemm({ transA: false, transB: true, m: size, n: size, k: pixels, a: rowsOfChunk, b: rowsOfChunk, c: matrix, accumulate: true });
+          yield* this.gramRows(col.subarray(first * pixels, (first + size) * pixels), size, pixels, matrix);
         }
+        yield;
       }
       this.count += pixels;
+    }
+  }
+
+  /** matrix += x·xᵀ for x [size, k], by blocks of GRAM_ROWS rows of the result, yielding after each. */
+  private *gramRows(x: Float32Array, size: number, k: number, matrix: Float32Array): Generator<void, void, void> {
+    for (let r0 = 0; r0 < size; r0 += GRAM_ROWS) {
+      const m = Math.min(GRAM_ROWS, size - r0);
+      this.kernels.sgemm({ transA: false, transB: true, m, n: size, k, a: x.subarray(r0 * k, (r0 + m) * k), b: x, c: matrix.subarray(r0 * size, (r0 + m) * size), accumulate: true });
+      yield;
     }
   }
 }

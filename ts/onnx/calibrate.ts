@@ -438,7 +438,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     /** The worker thread that runs the float model (default: one for this calibration). */
     host?: OrtHost;
     /** More observers of whole tensors with their dims (e.g. input Gram matrices for GPTQ rounding). */
-    tensorObservers?: Array<{ tensor: string; observe(data: Float32Array, dims: readonly number[]): void }>;
+    tensorObservers?: Array<{ tensor: string; observe(data: Float32Array, dims: readonly number[]): void | Iterable<void> }>;
     /** A second reading of the data: the batches the first gave (a stream read once gives none the second time). */
     expectBatches?: number;
   } = {}): Promise<CalibrationResult> {
@@ -482,7 +482,9 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       for (const o of all) {
         if (!ran.has(o.tensor)) continue;
         try {
-          o.observe(values.get(o.tensor)!, outputs[o.tensor].dims);
+          // An observer in pieces (a Gram matrix) gets the event loop turned between them.
+          const pieces = o.observe(values.get(o.tensor)!, outputs[o.tensor].dims);
+          if (pieces) for (const _ of pieces) await pause();
         } catch (e) {
           // The feeds were checked finite, so NaN here is the model's own doing.
           if (values.get(o.tensor)!.some((v) => Number.isNaN(v))) {

@@ -25,8 +25,8 @@ import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './pa
 import { bypassConstantIdentities } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { quantizableTableCount, quantizeGathers } from './passes/quantize-gather';
-import { foldBatchNorm } from './passes/fold-batchnorm';
-import { foldScalarAffine } from './passes/fold-scalar-affine';
+import { foldBatchNormSteps } from './passes/fold-batchnorm';
+import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases, type LayerScales } from './passes/quantize-bias';
 import { nodeLabel, placeOf } from './passes/pass';
@@ -587,8 +587,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       `and this model (opset ${graph.opset}) cannot be converted: ${unconvertibleReason(graph)}. Drop bitAllocation or set averageBits to 8.`);
   }
   passes.push(await time('fuse-hardswish', () => fuseHardSwish(graph)));
-  passes.push(await time('fold-batchnorm', () => foldBatchNorm(graph)));
-  passes.push(await time('fold-scalar-affine', () => foldScalarAffine(graph, { shiftAfterConv: !(opts.activations && opts.activations.outputs) })));
+  passes.push(await time('fold-batchnorm', () => runStepsAsync(foldBatchNormSteps(graph))));
+  passes.push(await time('fold-scalar-affine', () => runStepsAsync(foldScalarAffineSteps(graph, { shiftAfterConv: !(opts.activations && opts.activations.outputs) }))));
   // Dynamic activations replace calibrated ranges for MatMul layers; static ones come from calibration.
   const dynamic = !!opts.activations && opts.activations.method === 'dynamic';
   const staticActivations = opts.activations && !dynamic ? opts.activations as typeof opts.activations & { method?: ActivationMethod } : undefined;
@@ -681,8 +681,15 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const branchWithData = observableBodyLayers.map((l) => ({ n: l.node, input: layerInput(graph, l.node, l.scopes) }))
     .filter(({ input }) => LayerInputMoments.supports(input));
   // Per layer, the moments of its inputs: Gram matrices for GPTQ, means (of float inputs) for data-driven bias correction.
-  const gptqMoments = new Map(gptq ? [...withData, ...branchWithData].map(({ n, input }) => [n, new LayerInputMoments(input, { gram: true })]) : []);
+  // (Their zeroed Gram blocks take a while to allocate for a large model: the event loop turns in between.)
+  const pause = pauser();
+  const gptqMoments = new Map<NodeProto, LayerInputMoments>();
+  for (const { n, input } of gptq ? [...withData, ...branchWithData] : []) {
+    gptqMoments.set(n, new LayerInputMoments(input, { gram: true }));
+    await pause();
+  }
   const biasMoments = new Map(dataBiasCorrection ? withData.map(({ n, input }) => [nodeLabel(n), new LayerInputMoments(input)]) : []);
+  await nextTurn();
   let result: CalibrationResult | undefined;
   let sample: Feed[] | undefined;
   let calibrationBatches: number | undefined;
@@ -701,7 +708,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     const tensor = observedInput.get(n) ?? n.input[0];
     const range = quantizeInputs ? branchRanges.get(tensor) ?? ranges.get(tensor) : undefined;  // branch values' names never clash with main ones
     const params = range && activationParams(range, opts.activations ? opts.activations.signed ?? false : false);
-    return { tensor, observe: (data: Float32Array, dims: readonly number[]) => m.observe(params ? fakeQuantize(data, params) : data, dims) };
+    return { tensor, observe: (data: Float32Array, dims: readonly number[]) => m.observeSteps(params ? fakeQuantize(data, params) : data, dims) };
   });
   const biasObservers = withData.filter(({ n }) => biasMoments.has(nodeLabel(n))).map(({ n }): [NodeProto, LayerInputMoments] => [n, biasMoments.get(nodeLabel(n))!]);
   // GPTQ with quantized activations takes a second pass over the calibration data, so its Gram matrices see the

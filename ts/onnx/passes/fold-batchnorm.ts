@@ -19,11 +19,18 @@ import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf
 
 import { toFloat16Array } from '../../float16';
 import { dimsOf, floatAttribute, intAttribute, isChannelVector, makeNode, ownedTensor, weightValues, type Graph } from '../graph';
-import { nodeLabel, type PassReport } from './pass';
+import { nodeLabel, pauseClock, runSteps, type PassReport, type Steps } from './pass';
 
 export function foldBatchNorm(graph: Graph): PassReport {
+  return runSteps(foldBatchNormSteps(graph));
+}
+
+/** foldBatchNorm in steps: pauses for the event loop every few milliseconds (a large model's weights take a while). */
+export function* foldBatchNormSteps(graph: Graph): Steps<PassReport> {
+  const pause = pauseClock();
   const report: PassReport = { pass: 'fold-batchnorm', changed: [], skipped: [] };
   for (const bn of [...graph.graph.node]) {
+    if (pause()) yield;
     if (bn.opType !== 'BatchNormalization') continue;
     const label = nodeLabel(bn);
     const skip = (reason: string) => report.skipped.push({ node: label, reason });

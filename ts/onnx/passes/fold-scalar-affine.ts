@@ -16,7 +16,7 @@
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import { dimsOf, floatData, floatView, intsAttribute, attribute, ownedTensor, type Graph } from '../graph';
-import { nodeLabel, type PassReport } from './pass';
+import { nodeLabel, pauseClock, runSteps, type PassReport, type Steps } from './pass';
 
 /** The scalar constant among a two-input node's inputs (Graph.scalar) and the other input; or undefined. */
 function scalarOperand(graph: Graph, node: NodeProto): { value: number; other: string } | undefined {
@@ -88,10 +88,17 @@ export interface ScalarAffineOptions {
 }
 
 export function foldScalarAffine(graph: Graph, options: ScalarAffineOptions = {}): PassReport {
+  return runSteps(foldScalarAffineSteps(graph, options));
+}
+
+/** foldScalarAffine in steps: pauses for the event loop every few milliseconds (a large model's weights take a while). */
+export function* foldScalarAffineSteps(graph: Graph, options: ScalarAffineOptions = {}): Steps<PassReport> {
+  const pause = pauseClock();
   const report: PassReport = { pass: 'fold-scalar-affine', changed: [], skipped: [] };
   const shiftAfterConv = options.shiftAfterConv ?? true;
   const seen = new Set<NodeProto>();  // the Add of a Mul → Add is not looked at again on its own
   for (const first of [...graph.graph.node]) {
+    if (pause()) yield;
     if (seen.has(first) || !graph.graph.node.includes(first) || (first.opType !== 'Mul' && first.opType !== 'Add')) continue;
     const affine = affineFrom(graph, first);
     if (!affine) continue;
