@@ -198,6 +198,7 @@ export async function ptqExperiment(json: boolean): Promise<void> {
     ['W8A8 (mse, depthwise equalization)', { weights: { bits: 8 }, activations: { bits: 8, method: 'mse', equalizeDepthwise: true } }],
     ['W8A8 (mse, sum-preserving rounding, depthwise equalization)', { weights: { bits: 8, rounding: 'sum-preserving' }, activations: { bits: 8, method: 'mse', equalizeDepthwise: true } }],
     ['W8A8 (mse, both bias corrections, depthwise equalization)', { weights: { bits: 8, biasCorrection: true }, activations: { bits: 8, method: 'mse', biasCorrection: true, equalizeDepthwise: true } }],
+    ['W8A8 (mse, sum-preserving rounding, both bias corrections, depthwise equalization)', { weights: { bits: 8, rounding: 'sum-preserving', biasCorrection: true }, activations: { bits: 8, method: 'mse', biasCorrection: true, equalizeDepthwise: true } }],
   ];
   const rows: Array<Record<string, string | number>> = [];
   const readingRows: Array<Record<string, string | number>> = [];
