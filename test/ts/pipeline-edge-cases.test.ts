@@ -464,7 +464,21 @@ describe('ONNX rewrites found by the audit', () => {
     // b stays float, and overridable.
     expect(fromBinary(ModelProtoSchema, q).graph!.input.map((i) => i.name)).to.deep.equal(['input', 'b']);
     expect(report.passes.find((p) => p.pass === 'overridable-initializers')?.changed).to.deep.equal(
-      ['w: a graph input with a default (a feed could replace it), quantized as a constant, so no longer an input']);
+      ['w: a graph input with a default (a feed could replace it), quantized or folded into a layer, so no longer an input']);
+    // A BatchNormalization's parameters as inputs: folded into the convolution, they go too.
+    const bn = edited(buildModel({
+      inputDims: [1, 2, 5, 5], output: 'y', initializers: {
+        w: { dims: [3, 2, 3, 3], data: heInit(54, 18, 4) }, scale: { dims: [3], data: [1.5, 0.5, 2] }, bias: { dims: [3], data: [0.1, 0, -0.1] },
+        mean: { dims: [3], data: [0.2, -0.1, 0] }, variance: { dims: [3], data: [1, 2, 0.5] },
+      },
+      nodes: [{ op: 'Conv', inputs: ['input', 'w'], output: 'c', name: 'conv' }, { op: 'BatchNormalization', inputs: ['c', 'scale', 'bias', 'mean', 'variance'], output: 'y', name: 'bn' }],
+    }), (m) => {
+      m.graph!.input.push({ ...m.graph!.input[0], name: 'scale' });
+    });
+    const folded = await quantizeModel(bn, { weights: { bits: 8 }, evaluationFeeds: [] });
+    expect(folded.report.passes.find((p) => p.pass === 'fold-batchnorm')!.changed).to.have.length(1);
+    expect(folded.report.passes.find((p) => p.pass === 'overridable-initializers')?.changed).to.deep.equal(
+      ['scale: a graph input with a default (a feed could replace it), quantized or folded into a layer, so no longer an input']);
     // Nothing to say when no initializer is an input.
     const plain = await quantizeModel(buildModel({
       inputDims: [1, 16], output: 'y', initializers: { w: { dims: [16, 8], data: heInit(128, 16, 9) } },

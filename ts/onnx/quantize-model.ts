@@ -873,7 +873,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (replaced.length > 0) {
     passes.push({
       pass: 'overridable-initializers', skipped: [],
-      changed: replaced.map((name) => `${name}: a graph input with a default (a feed could replace it), quantized as a constant, so no longer an input`),
+      changed: replaced.map((name) => `${name}: a graph input with a default (a feed could replace it), quantized or folded into a layer, so no longer an input`),
     });
   }
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
