@@ -146,6 +146,16 @@ async function interruptible<T>(message: string, hideProgress: () => void, work:
   }
 }
 
+/**
+ * A Ctrl-C (or SIGTERM) that came once the work had written its output (the write's last check had passed): the
+ * output is complete and kept — removing it would also lose the file it replaced — and the exit code says 130.
+ */
+function interruptedTooLate(signal: AbortSignal): void {
+  if (!signal.aborted) return;
+  console.error('lowbit: the interrupt came after the output was written: it is complete and kept');
+  process.exitCode = 130;
+}
+
 /** Says which given options this run does not use, and why (commander knows which ones the user typed). */
 function warnIgnored(command: Command, ignored: Array<{ key: string; flag: string; unused: boolean; why: string }>): void {
   for (const { key, flag, unused, why } of ignored) {
@@ -281,7 +291,6 @@ export function program(): Command {
           process.stderr.write(`  ${stage}…\n`);
         },
       })));
-      // Interrupted after quantizeModel's last check (it finished meanwhile): the run still ends with nothing written.
       // What this run wrote: the model, and its data file when one was written since the run started.
       const removeOutput = (): string[] => {
         const data = `${o.output}.data`;
@@ -289,11 +298,6 @@ export function program(): Command {
         for (const f of written) fs.rmSync(f, { force: true });
         return written;
       };
-      if (signal.aborted) {
-        removeOutput();
-        process.exitCode = 130;
-        throw signal.reason;
-      }
       const { report } = result;
       if (o.report) {
         try {
@@ -333,6 +337,7 @@ export function program(): Command {
         console.log('note: onnxruntime runs layers whose outputs are not quantized in float; --quantize-outputs lets it use integer kernels (faster, one more rounding per layer)');
       }
       console.log(`wrote ${o.output}${o.externalData ? ` and ${o.output}.data` : ''}${o.report ? ` and ${o.report}` : ''} (opset ${report.opset.from} -> ${report.opset.to})`);
+      interruptedTooLate(signal);
     });
   cli.command('finetune')
     .description('fine-tune an ONNX classifier on the CPU: float, or quantization-aware (LSQ or GDRQ); writes a QDQ model with the learned scales')
@@ -430,18 +435,13 @@ export function program(): Command {
             bar.update(p.step, { loss: p.loss.toFixed(4), accuracy: `${(p.accuracy * 100).toFixed(2)}%` });
           },
         })));
-      // Interrupted after finetune's last check (it had written the model meanwhile): the run still ends with nothing written.
-      if (signal.aborted) {
-        fs.rmSync(output, { force: true });
-        process.exitCode = 130;
-        throw signal.reason;
-      }
       console.log(table(history.map((h) => ({
         epoch: h.epoch, loss: Number(h.loss.toFixed(4)), [o.distill ? 'train agreement %' : 'train accuracy %']: Number((h.accuracy * 100).toFixed(2)),
         ...(h.validationAccuracy !== undefined ? { [o.distill ? 'validation agreement %' : 'validation accuracy %']: Number((h.validationAccuracy * 100).toFixed(2)) } : {}),
         'images/s': Math.round(h.images / h.seconds), seconds: Number(h.seconds.toFixed(1)),
       }))));
       console.log(`wrote ${output} (${o.method}${o.method === 'float' ? '' : ` W${o.wbits}A${o.abits}`}) in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+      interruptedTooLate(signal);
     });
   cli.command('inspect')
     .description('per-layer weight statistics of an ONNX model and which layers lowbit would quantize')

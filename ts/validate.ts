@@ -106,21 +106,36 @@ export function copyIntoOut<T extends Int8Array | Uint8Array | Int32Array>(out: 
 }
 
 /**
- * Whether iterating `data` again starts over: a folder path, an array, a re-iterable object (an EventEmitter too);
- * not a generator or any iterable handing out the same iterator twice, nor a stream (a Node or web Readable, a
- * readline interface: each hands out a new iterator each time, over data read once). Callers still check that a
- * second reading gives what the first did.
+ * Whether iterating `data` again starts over: 'restarts' for a folder path, an array, or an iterable handing out a
+ * new iterator each time (an EventEmitter dataset too); 'once' for what can be read only once: a generator object, a
+ * stream (a Node or web Readable, a readline interface: new iterators over data read once), or an iterable handing
+ * out the same generator twice; 'unknown' otherwise — an object returning itself (it may reset its position) or
+ * another iterator twice, or whose iterator method throws. Probing calls the iterator method (the async one first,
+ * as `for await` does) twice and leaves the iterators unread (closing them could close what a dataset shares between
+ * its iterators; an unstarted generator holds nothing). Callers that read again still check that the second reading
+ * gives what the first did.
  */
-export function startsOver(data: unknown): boolean {
-  if (typeof data === 'string' || Array.isArray(data)) return true;
-  if (typeof data !== 'object' || data === null) return false;
+export function iterability(data: unknown): 'restarts' | 'once' | 'unknown' {
+  if (typeof data === 'string' || Array.isArray(data)) return 'restarts';
+  if (typeof data !== 'object' || data === null) return 'unknown';
   const d = data as Partial<Iterable<unknown> & AsyncIterable<unknown>> & Record<string, unknown>;
   const nodeStream = typeof d.pipe === 'function' && typeof d.on === 'function';
   const readlineInterface = typeof d.question === 'function' && typeof d.on === 'function';
-  if (nodeStream || readlineInterface || typeof d.getReader === 'function') return false;
-  const iterate = (typeof d[Symbol.iterator] === 'function' ? d[Symbol.iterator] : d[Symbol.asyncIterator]) as ((this: unknown) => unknown) | undefined;
-  if (typeof iterate !== 'function') return false;
-  // Unstarted iterators: a generator's body has not run yet.
-  const first = iterate.call(d) as unknown;
-  return first !== data && iterate.call(d) !== first;
+  if (nodeStream || readlineInterface || typeof d.getReader === 'function' || isGenerator(data)) return 'once';
+  const iterate = (typeof d[Symbol.asyncIterator] === 'function' ? d[Symbol.asyncIterator] : d[Symbol.iterator]) as ((this: unknown) => unknown) | undefined;
+  if (typeof iterate !== 'function') return 'unknown';
+  try {
+    const first = iterate.call(d);
+    if (first === data) return 'unknown';
+    const second = iterate.call(d);
+    if (first !== second) return 'restarts';
+    return isGenerator(first) ? 'once' : 'unknown';
+  } catch {
+    return 'unknown';
+  }
+}
+
+function isGenerator(v: unknown): boolean {
+  const tag = Object.prototype.toString.call(v);
+  return tag === '[object Generator]' || tag === '[object AsyncGenerator]';
 }

@@ -9,7 +9,7 @@ import {
 } from '../../ts';
 import { preserveRunSums } from '../../ts/methods/sum-preserving';
 import { gptqRound, gptqRoundSteps } from '../../ts/methods/gptq';
-import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
+import { gramBlockRows, LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { runStepsAsync } from '../../ts/onnx/passes/pass';
 import { nativeKernels, referenceKernels } from '../../ts/train/kernels';
 import { makeIntAttribute, makeNode } from '../../ts/onnx/graph';
@@ -448,14 +448,15 @@ describe('GPTQ rounding', () => {
     }
   });
 
-  it('LayerInputMoments.observeSteps yields after every 64 Gram rows (and conv group) and sums exactly what one SGEMM per block gives', () => {
+  it('LayerInputMoments.observeSteps yields after each block of Gram rows (and conv group) and sums exactly what one SGEMM per block gives', () => {
     const r = rng(5);
-    const [rows, cols] = [300, 200];
+    const [rows, cols] = [4000, 200];
     const data = Float32Array.from({ length: rows * cols }, () => r() - 0.5);
     const m = new LayerInputMoments({ kind: 'matrix', columns: cols, transposed: false }, { gram: true });
     let pieces = 0;
     for (const _ of m.observeSteps(data, [rows, cols])) pieces++;
-    expect(pieces).to.equal(Math.ceil(cols / 64));
+    expect(gramBlockRows(cols, rows)).to.equal(167);  // 2^27 multiply-adds a piece
+    expect(pieces).to.equal(2);
     // The whole block in one SGEMM, bit for bit (each element's sum is ordered by K alone).
     const x = new Float32Array(cols * rows);
     for (let i = 0; i < rows; i++) for (let c = 0; c < cols; c++) x[c * rows + i] = data[i * cols + c];
@@ -468,7 +469,9 @@ describe('GPTQ rounding', () => {
     const conv = new LayerInputMoments({ kind: 'conv', node, weightDims: [4, 10, 3, 3] }, { gram: true });
     let convPieces = 0;
     for (const _ of conv.observeSteps(Float32Array.from({ length: 20 * 36 }, () => r()), [1, 20, 6, 6])) convPieces++;
-    expect(convPieces).to.equal(2 * (Math.ceil(90 / 64) + 1));
+    expect(convPieces).to.equal(2 * (1 + 1));
+    // A piece is at least one row, and at most the whole block.
+    expect([gramBlockRows(512, 2 ** 30), gramBlockRows(9, 16)]).to.deep.equal([1, 9]);
   });
 
   it('gathers only the diagonal blocks of H over column chunks, and GPTQ over chunks still beats round-to-nearest', () => {

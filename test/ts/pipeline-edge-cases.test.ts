@@ -479,6 +479,17 @@ describe('ONNX rewrites found by the audit', () => {
     expect(folded.report.passes.find((p) => p.pass === 'fold-batchnorm')!.changed).to.have.length(1);
     expect(folded.report.passes.find((p) => p.pass === 'overridable-initializers')?.changed).to.deep.equal(
       ['scale: a graph input with a default (a feed could replace it), quantized or folded into a layer, so no longer an input']);
+    // Read by two layers, one kept float: it stays an input for that one only.
+    const shared = edited(buildModel({
+      inputDims: [1, 16], output: 'y', initializers: { w: { dims: [16, 16], data: heInit(256, 16, 6) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'a', name: 'first' }, { op: 'MatMul', inputs: ['a', 'w'], output: 'y', name: 'second' }],
+    }), (m) => {
+      m.graph!.input.push({ ...m.graph!.input[0], name: 'w', type: { ...m.graph!.input[0].type! } });
+    });
+    const partly = await quantizeModel(shared, { weights: { bits: 8 }, keepFloat: ['second'], evaluationFeeds: [] });
+    expect(fromBinary(ModelProtoSchema, partly.model).graph!.input.map((i) => i.name)).to.deep.equal(['input', 'w']);
+    expect(partly.report.passes.find((p) => p.pass === 'overridable-initializers')?.changed).to.deep.equal([
+      'w: a graph input with a default (a feed could replace it), quantized for some of the layers that read it; it stays an input for the others (left float), so a feed for it now reaches only those']);
     // Nothing to say when no initializer is an input.
     const plain = await quantizeModel(buildModel({
       inputDims: [1, 16], output: 'y', initializers: { w: { dims: [16, 8], data: heInit(128, 16, 9) } },

@@ -4,6 +4,7 @@
  * gets typed errors, and the event loop keeps running. Small MNIST subsets.
  */
 import { expect } from 'chai';
+import { Readable } from 'node:stream';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -106,6 +107,21 @@ describe('finetune: float training', () => {
       // With one epoch it is fine.
       expect((await finetune(mnistCnn(3), oneShot, { epochs: 1 })).history[0].images).to.equal(128);
     }
+    const stream = Readable.from([]);
+    try {
+      await finetune(mnistCnn(3), stream, { epochs: 2 });
+      expect.fail('expected a RangeError');
+    } catch (e) {
+      expect((e as Error).message).to.match(/received a stream, which can be read only once\. Collect its batches into an array, or pass epochs: 1\./);
+    }
+    // An object that is its own iterator and starts over when asked for it (a common hand-written dataset) trains.
+    const list = [0, 64].map((i) => ({ inputs: { data: data.inputs.data.subarray(i * 784, (i + 64) * 784), dims: [64, 1, 28, 28] }, labels: data.labels.subarray(i, i + 64) }));
+    const resetting = {
+      at: 0,
+      [Symbol.asyncIterator]() { this.at = 0; return this; },
+      async next() { return this.at < list.length ? { value: list[this.at++], done: false as const } : { value: undefined, done: true as const }; },
+    };
+    expect((await finetune(mnistCnn(3), resetting, { epochs: 2 })).history.map((h) => h.images)).to.deep.equal([128, 128]);
     // New iterators over a source read once: empty from the second epoch on.
     let source: AsyncIterator<unknown> | undefined;
     const runsDry = {

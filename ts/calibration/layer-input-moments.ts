@@ -21,8 +21,13 @@ export type LayerInput =
   /** Gemm/MatMul: the input's last axis meets the weights (first axis when Gemm's transA is set). */
   | { kind: 'matrix'; columns: number; transposed: boolean };
 
-/** Rows of a Gram block computed between pauses: 64 × 512 × (4 000 pixels) is about 10 ms of single-threaded SGEMM here. */
-const GRAM_ROWS = 64;
+/**
+ * Rows of a [size, size] Gram block, summed over k vectors, computed between pauses: about 2^27 multiply-adds
+ * (64 rows × 512 columns × 4 096 pixels, some 10 ms of single-threaded SGEMM here), at least one row.
+ */
+export function gramBlockRows(size: number, k: number): number {
+  return Math.max(1, Math.min(size, Math.floor(2 ** 27 / (size * k))));
+}
 
 export class LayerInputMoments {
   /** Columns of each group's vectors (weights one output meets). */
@@ -76,7 +81,7 @@ export class LayerInputMoments {
   }
 
   /**
-   * observe in pieces: yields after each block of Gram rows (and each convolution group), so that a caller can let
+   * observe in pieces: yields after each block of Gram rows (see gramBlockRows) and each convolution group, so that a caller can let
    * the event loop turn in between (one wide layer's Gram update on a large batch took over 100 ms). The sums do not
    * depend on the pieces: SGEMM sums each element in an order fixed by K alone.
    */
@@ -127,10 +132,11 @@ export class LayerInputMoments {
     }
   }
 
-  /** matrix += x·xᵀ for x [size, k], by blocks of GRAM_ROWS rows of the result, yielding after each. */
+  /** matrix += x·xᵀ for x [size, k], by blocks of gramBlockRows rows of the result, yielding after each. */
   private *gramRows(x: Float32Array, size: number, k: number, matrix: Float32Array): Generator<void, void, void> {
-    for (let r0 = 0; r0 < size; r0 += GRAM_ROWS) {
-      const m = Math.min(GRAM_ROWS, size - r0);
+    const block = gramBlockRows(size, k);
+    for (let r0 = 0; r0 < size; r0 += block) {
+      const m = Math.min(block, size - r0);
       this.kernels.sgemm({ transA: false, transB: true, m, n: size, k, a: x.subarray(r0 * k, (r0 + m) * k), b: x, c: matrix.subarray(r0 * size, (r0 + m) * size), accumulate: true });
       yield;
     }

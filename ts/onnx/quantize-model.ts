@@ -12,7 +12,7 @@ import { invalidType, invalidValue } from '../errors';
 import { toFloat16Array } from '../float16';
 import { hasOrt } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession } from './ort-session';
-import { checkKnownKeys, isPlainObject, startsOver } from '../validate';
+import { checkKnownKeys, isPlainObject, iterability } from '../validate';
 import { allNodes, attribute, Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, samePath, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
@@ -390,7 +390,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
  * Depthwise input equalization (passes/equalize-depthwise) before the main calibration, from a first pass that
  * takes the depthwise inputs' per-channel ranges; undefined when the model has no depthwise layer.
  */
-async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: QuantizeModelOptions, host: OrtHost):
+async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: QuantizeModelOptions, host: OrtHost, rereadable: boolean):
   Promise<{ report: PassReport; shifts: Map<string, Float64Array>; calibrationMs?: number; batches?: number } | undefined> {
   const layers = depthwiseLayers(graph, targets);
   if (layers.length === 0) return undefined;
@@ -399,7 +399,7 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
   const why = (w.granularity ?? 'channel') === 'tensor' ? 'weights.granularity is \'tensor\' (one scale would take every stretched filter)'
     : w.bitAllocation ? 'weights.bitAllocation compares the channels\' ranges'
       : w.groups !== undefined || w.scaleClip !== undefined ? 'GDRQ groups and Scale-Clip compare the channels\' ranges'
-        : !startsOver(opts.calibration!) ? 'the calibration data can be read only once (a generator or a stream); pass an array or a folder for it'
+        : !rereadable ? 'the calibration data can be read only once, or may not start over (a generator, a stream, an object whose iterator is itself); pass an array or a folder for it'
           : undefined;
   if (why) return { report: { pass: 'equalize-depthwise', changed: [], skipped: layers.map((n) => ({ node: nodeLabel(n), reason: why })) }, shifts: new Map() };
   const observers = new Map(layers.map((n) => [n, new ChannelRangeObserver()]));
@@ -537,7 +537,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   await time('validate', () => graph.topologicalOrder());
   const passes: PassReport[] = [];
   // From IR 4 on, an initializer also listed as a graph input is a default that a feed may replace.
-  const initializerNames = new Set(model.graph!.initializer.map((t) => t.name));
+  const initializerNames = new Set([...model.graph!.initializer.map((t) => t.name), ...model.graph!.sparseInitializer.map((t) => t.values?.name ?? '')]);
   const overridable = model.irVersion >= 4n ? model.graph!.input.filter((i) => initializerNames.has(i.name)).map((i) => i.name) : [];
   // First: weights stored sparse, or read through an Identity, are a layer's weights for every decision below.
   passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
@@ -602,6 +602,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // from its file, and calibrated and compared layer by layer from temporary copies with external data (see
   // calibrate's exposedModel).
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
+  // Whether a second reading of the calibration data (equalization's, GPTQ's on quantized inputs) reads the same: probed once.
+  const rereadable = calibrating && iterability(opts.calibration) === 'restarts';
   const targets = quantizableLayers(graph, opts.keepFloat);
   // Inside subgraphs: weights, and inputs (calibrated ones in the main graph's If branches, dynamic ones anywhere).
   const bodyTargets = quantizableSubgraphLayers(graph, opts.keepFloat);
@@ -628,7 +630,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   let shifts = new Map<string, Float64Array>();
   let equalizationBatches: number | undefined;  // what the main calibration must read again
   if (staticActivations && staticActivations.bits <= 8 && staticActivations.equalizeDepthwise) {
-    const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts, host));
+    const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts, host, rereadable));
     // Its pass over the calibration data counts as calibration.
     if (equalized?.calibrationMs) {
       timings['equalize-depthwise'] -= equalized.calibrationMs;
@@ -713,7 +715,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const biasObservers = withData.filter(({ n }) => biasMoments.has(nodeLabel(n))).map(({ n }): [NodeProto, LayerInputMoments] => [n, biasMoments.get(nodeLabel(n))!]);
   // GPTQ with quantized activations takes a second pass over the calibration data, so its Gram matrices see the
   // inputs as the quantized model will (clipped and rounded); data that can be read only once get one pass on float inputs.
-  const secondPass = gptq && !!staticActivations && startsOver(opts.calibration!);
+  const secondPass = gptq && !!staticActivations && rereadable;
   if (calibrating) {
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
@@ -767,7 +769,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       passes.push(secondPass
         ? { pass: 'gptq-inputs', changed: ['Gram matrices from a second calibration pass, inputs quantized as the model will quantize them'], skipped: [] }
         : { pass: 'gptq-inputs', changed: [`Gram matrices from ${staticActivations ? 'float' : 'the'} calibration inputs`],
-          skipped: staticActivations ? [{ node: 'all layers', reason: 'the calibration data can be read only once (a generator or a stream): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
+          skipped: staticActivations ? [{ node: 'all layers', reason: 'the calibration data can be read only once, or may not start over (a generator, a stream, an object whose iterator is itself): no second pass on quantized inputs; pass an array or a folder for it' }] : [] });
     }
   }
   // Calibration data that quantizing does not read (weight-only, round to nearest) still make the evaluation's inputs.
@@ -869,13 +871,13 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     }
   }
   const inputsLeft = new Set(model.graph!.input.map((i) => i.name));
-  const replaced = overridable.filter((name) => !inputsLeft.has(name));
-  if (replaced.length > 0) {
-    passes.push({
-      pass: 'overridable-initializers', skipped: [],
-      changed: replaced.map((name) => `${name}: a graph input with a default (a feed could replace it), quantized or folded into a layer, so no longer an input`),
-    });
-  }
+  const quantizedWeights = new Set(layers.map((l) => l.weight));
+  const overridden = overridable.flatMap((name) => (!inputsLeft.has(name)
+    ? [`${name}: a graph input with a default (a feed could replace it), quantized or folded into a layer, so no longer an input`]
+    : quantizedWeights.has(name)
+      ? [`${name}: a graph input with a default (a feed could replace it), quantized for some of the layers that read it; it stays an input for the others (left float), so a feed for it now reaches only those`]
+      : []));
+  if (overridden.length > 0) passes.push({ pass: 'overridable-initializers', changed: overridden, skipped: [] });
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
   if (!fitsOneFile && (opts.outputPath === undefined || opts.externalData === false)) {
     throw new OnnxModelError('The quantized model is 2 GB or more, which one ONNX buffer cannot hold: pass outputPath (without externalData: false), ' +

@@ -14,7 +14,7 @@ import { ort } from '../bench/ort-models';
 import { checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
-import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject, otherRealm, startsOver } from '../validate';
+import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject, iterability, otherRealm } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { checkKernel } from '../cpu';
@@ -487,6 +487,18 @@ async function evaluateAgreement(model: TrainableModel, data: InputBatch, teache
   return correct / rows;
 }
 
+/** The error for training data that can be read only once when several epochs are asked for. */
+function readOnce(data: object, epochs: number): RangeError {
+  const tag = Object.prototype.toString.call(data);
+  const stream = ('pipe' in data && 'on' in data) || 'getReader' in data || ('question' in data && 'on' in data);  // as iterability tells them
+  const kind = tag === '[object AsyncGenerator]' ? 'an async generator' : tag === '[object Generator]' ? 'a generator'
+    : stream ? 'a stream' : 'an object handing out the same generator each time';
+  const remedy = stream ? 'Collect its batches into an array, or pass epochs: 1.'
+    : 'Pass an object that calls the generator function for each reading: { [Symbol.asyncIterator]: () => batches() }, or pass epochs: 1.';
+  return new RangeError(`Expected batches that can be read once per epoch (options.epochs is ${epochs}: an array, or an object whose ` +
+    `[Symbol.asyncIterator]() starts over each time) for data but received ${kind}, which can be read only once. ${remedy}`);
+}
+
 const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 function isBatchSource(data: unknown): data is AsyncIterable<InputBatch> | Iterable<InputBatch> {
@@ -514,12 +526,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   model.freezeBatchNorm = s.freezeBatchNorm;
   const needLabels = !s.distill;
   const inMemory = !isBatchSource(data) ? checkBatch('data', data, needLabels) : undefined;
-  if (!inMemory && s.epochs > 1 && !startsOver(data)) {
-    // Found here rather than after a whole first epoch of training.
-    throw invalidValue('data', `batches that can be read once per epoch (options.epochs is ${s.epochs}): an array, or an object whose [Symbol.asyncIterator]() starts over each time`,
-      data, 'It can be read only once (a generator, a stream, or an object handing out the same iterator each time). ' +
-      'Wrap the generator function: { [Symbol.asyncIterator]: () => batches() }, or pass epochs: 1.');
-  }
+  if (!inMemory && s.epochs > 1 && iterability(data) === 'once') throw readOnce(data, s.epochs);  // not after a whole epoch
   const validation = o.validation === undefined ? undefined : checkBatch('options.validation', o.validation, needLabels);
   const checkShape = (name: string, b: InputBatch) => {
     const expected = model.checkInput(b.inputs.dims);

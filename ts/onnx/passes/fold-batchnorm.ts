@@ -25,9 +25,11 @@ export function foldBatchNorm(graph: Graph): PassReport {
   return runSteps(foldBatchNormSteps(graph));
 }
 
-/** foldBatchNorm in steps: pauses for the event loop every few milliseconds (a large model's weights take a while). */
-export function* foldBatchNormSteps(graph: Graph): Steps<PassReport> {
-  const pause = pauseClock();
+/**
+ * foldBatchNorm in steps: pauses for the event loop (yields) before a node whenever `pause` says so, by default every
+ * 10 ms (a large model's weights take a while).
+ */
+export function* foldBatchNormSteps(graph: Graph, pause: () => boolean = pauseClock()): Steps<PassReport> {
   const report: PassReport = { pass: 'fold-batchnorm', changed: [], skipped: [] };
   for (const bn of [...graph.graph.node]) {
     if (pause()) yield;

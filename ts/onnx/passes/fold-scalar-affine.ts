@@ -91,9 +91,11 @@ export function foldScalarAffine(graph: Graph, options: ScalarAffineOptions = {}
   return runSteps(foldScalarAffineSteps(graph, options));
 }
 
-/** foldScalarAffine in steps: pauses for the event loop every few milliseconds (a large model's weights take a while). */
-export function* foldScalarAffineSteps(graph: Graph, options: ScalarAffineOptions = {}): Steps<PassReport> {
-  const pause = pauseClock();
+/**
+ * foldScalarAffine in steps: pauses for the event loop (yields) before a node whenever `pause` says so, by default
+ * every 10 ms (a large model's weights take a while).
+ */
+export function* foldScalarAffineSteps(graph: Graph, options: ScalarAffineOptions = {}, pause: () => boolean = pauseClock()): Steps<PassReport> {
   const report: PassReport = { pass: 'fold-scalar-affine', changed: [], skipped: [] };
   const shiftAfterConv = options.shiftAfterConv ?? true;
   const seen = new Set<NodeProto>();  // the Add of a Mul → Add is not looked at again on its own

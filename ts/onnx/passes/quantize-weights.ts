@@ -142,14 +142,15 @@ function valuesTensor(name: string, q: QuantizedTensor): ReturnType<typeof makeT
 }
 
 /**
- * The float16 value nearest a positive scale, kept positive and finite (DequantizeLinear needs scale > 0) — or the
- * next one up where the nearest would saturate the top of the grid, `qmax` steps of the float32 scale: that happens
- * only below float16's normal range (scales under 2^-14, max |w| under about 0.008 at 8 bits), where the nearest
- * value can be far from the scale and would clip the largest weights by several steps.
+ * The float16 value nearest a positive scale, kept positive and finite (DequantizeLinear needs scale > 0). With
+ * `qmax` (the values are then quantized with the result), the next float16 up where the nearest would saturate the
+ * top of the grid, `qmax` steps of the float32 scale: only below float16's normal range, where one float16 step can
+ * be a large part of the scale (at 8 bits for max |w| under about 0.001), so the nearest value clipped the largest
+ * weights by several steps. Normal-range scales never change for qmax < 1024: (qmax + 0.5)(1 − 2^-11) > qmax.
  */
-function float16Scale(scale: number, qmax: number): number {
+function float16Scale(scale: number, qmax?: number): number {
   let bits = toFloat16Bits(scale);
-  if (fromFloat16Bits(bits) * (qmax + 0.5) < scale * qmax) bits++;
+  if (bits === 0 || (qmax !== undefined && fromFloat16Bits(bits) * (qmax + 0.5) < scale * qmax)) bits++;
   const s = fromFloat16Bits(bits);
   return Number.isFinite(s) ? s : 65504;
 }
@@ -462,7 +463,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
       // ξ_c = std(W_c) / std(Ŵ_c): scaling channel c's scale (zero point 0) scales Ŵ_c's spread by ξ_c.
       const ratios = stdRatios(source, dequantize(q), dims, axes.outputAxis);
       q.scale = Float32Array.from(q.scale, (s, c) => s * ratios[c]);
-      if (half) q.scale = Float32Array.from(q.scale, (s) => float16Scale(s, integerRange(q.bits, q.signed).qmax));  // what the model stores (the values stay)
+      if (half) q.scale = Float32Array.from(q.scale, (s) => float16Scale(s));  // what the model stores (the values stay: nothing to clip)
     }
     const valuesName = graph.uniqueName(`${base}_quantized`);
     const scaleName = graph.uniqueName(`${base}_scale`);
