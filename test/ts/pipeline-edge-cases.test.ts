@@ -498,6 +498,34 @@ describe('ONNX rewrites found by the audit', () => {
     expect(plain.report.passes.map((p) => p.pass)).to.not.include('overridable-initializers');
   });
 
+  it('a large layer whose bytes are not 4-byte aligned is copied in pieces into the same values; a NaN past the first piece is named', async () => {
+    const n = 600;  // 360 000 weights: more than one piece (2^18 values) to copy and scan
+    const bytes = buildModel({
+      inputDims: [1, n], output: 'y', initializers: { w: { dims: [n, n], data: heInit(n * n, n, 8) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+    });
+    const offsets = [0, 1, 2, 3].map((shift) => {
+      const buffer = new Uint8Array(bytes.length + shift);
+      buffer.set(bytes, shift);
+      return buffer.subarray(shift);
+    });
+    expect(new Set(offsets.map((b) => readModel(b).graph!.initializer[0].rawData.byteOffset % 4)).size).to.equal(4);
+    const models = await Promise.all(offsets.map(async (b) => Buffer.from((await quantizeModel(b, { weights: { bits: 8 }, evaluationFeeds: [] })).model)));
+    for (const m of models.slice(1)) expect(m.equals(models[0])).to.equal(true);
+    const broken = heInit(n * n, n, 8);
+    broken[300_001] = NaN;
+    const withNaN = buildModel({
+      inputDims: [1, n], output: 'y', initializers: { w: { dims: [n, n], data: broken } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+    });
+    const shifted = new Uint8Array(withNaN.length + 1);
+    shifted.set(withNaN, 1);
+    for (const b of [withNaN, shifted.subarray(1)]) {
+      const caught = await quantizeModel(b, { weights: { bits: 8 }, evaluationFeeds: [] }).catch((e: Error) => e);
+      expect((caught as Error).message).to.match(/MatMul 'mm': its weights 'w' hold NaN at index 300001/);
+    }
+  });
+
   it('external data output takes the initializers of If branches too (a shared quantized weight written once) and runs the same', async () => {
     const info = (name: string, elemType: number, dims: number[]) => ({
       name, type: { value: { case: 'tensorType', value: { elemType, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } },

@@ -16,7 +16,7 @@ import { gptqRoundSteps, type WeightMatrixView } from '../../methods/gptq';
 import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
 import { dequantize, quantizationError, quantizeOffThread, quantizeTensor, type QuantizeOptions } from '../../quantize';
 import { integerRange, type QuantizedTensor } from '../../quant-params';
-import { nodeLabel, placeOf, runSteps, type PassReport, type Steps } from './pass';
+import { nodeLabel, pauseClock, placeOf, runSteps, type PassReport, type Steps } from './pass';
 
 export interface WeightQuantization {
   bits: 2 | 4 | 8;
@@ -195,16 +195,40 @@ function stdRatios(a: Float32Array, b: Float32Array, dims: number[], axis: numbe
 
 /** Throws an OnnxModelError naming the layer and tensor when its weights hold NaN or ±Infinity. */
 export function checkFiniteWeights(node: NodeProto, tensor: string, data: Float32Array): void {
-  let at = -1;
-  // A plain loop (findIndex with a callback took ~10 ns per weight); v - v is NaN exactly for NaN and ±Infinity.
-  for (let i = 0; i < data.length; i++) {
-    if (data[i] - data[i] !== 0) {
-      at = i;
-      break;
-    }
+  for (const _ of checkFiniteWeightsSteps(node, tensor, data, () => false));
+}
+
+/** Values of a large layer's weights scanned or copied between checks of the pause clock (2^18: 1 MiB). */
+const PIECE_VALUES = 1 << 18;
+
+/** checkFiniteWeights in pieces, pausing (yielding) between them when `pause` says so. */
+function* checkFiniteWeightsSteps(node: NodeProto, tensor: string, data: Float32Array, pause: () => boolean): Generator<undefined, void, void> {
+  for (let from = 0; from < data.length; from += PIECE_VALUES) {
+    const to = Math.min(data.length, from + PIECE_VALUES);
+    // A plain loop (findIndex with a callback took ~10 ns per weight); v - v is NaN exactly for NaN and ±Infinity.
+    for (let i = from; i < to; i++) if (data[i] - data[i] !== 0) throw nonFiniteWeights(node, tensor, data, i);
+    if (pause()) yield;
   }
-  if (at < 0) return;
-  throw new OnnxModelError(`${node.opType} '${nodeLabel(node)}': its weights '${tensor}' hold ${data[at]} at index ${at}; quantized weights must be finite. ` +
+}
+
+/**
+ * weightValues, copying a large float32 tensor whose bytes are not 4-byte aligned (a view is impossible) a piece at a
+ * time, pausing (yielding) between pieces when `pause` says so: touching 16 MiB of fresh memory took 50-100 ms here.
+ */
+function* weightValuesSteps(t: TensorProto, pause: () => boolean): Generator<undefined, Float32Array, void> {
+  const raw = isFloatTensor(t) ? t.rawData : undefined;  // read once: a lazily read tensor reads its file on every access
+  if (!raw || raw.length <= 4 * PIECE_VALUES || raw.byteOffset % 4 === 0) return weightValues(t)!;
+  const out = new Float32Array(raw.length / 4);
+  const bytes = new Uint8Array(out.buffer);
+  for (let at = 0; at < raw.length; at += 4 * PIECE_VALUES) {
+    bytes.set(raw.subarray(at, at + 4 * PIECE_VALUES), at);
+    if (pause()) yield;
+  }
+  return out;
+}
+
+function nonFiniteWeights(node: NodeProto, tensor: string, data: Float32Array, at: number): OnnxModelError {
+  return new OnnxModelError(`${node.opType} '${nodeLabel(node)}': its weights '${tensor}' hold ${data[at]} at index ${at}; quantized weights must be finite. ` +
     `Fix the weights (or, if a BatchNormalization was folded into this layer, its scale and variance), or leave the layer in float with keepFloat: ['${node.name || node.opType}'].`);
 }
 
@@ -411,9 +435,11 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     }
     const reading = options.async ? readLazyTensor(w) : undefined;
     if (reading) yield reading;
-    const data = weightValues(w)!;  // read-only: the passes below make new arrays
+    // Read-only: the passes below make new arrays. (A large layer is copied and scanned with pauses.)
+    const pause = options.async ? pauseClock() : () => false;
+    const data = yield* weightValuesSteps(w, pause);
     const half = w.dataType === TensorProto_DataType.FLOAT16;
-    checkFiniteWeights(node, w.name, data);
+    yield* checkFiniteWeightsSteps(node, w.name, data, pause);
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
     // The width of the values: at most 7 bits (in int8 storage) with reduceRange.
     const widest = options.reduceRange ? 7 : 8;
@@ -480,6 +506,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     place(dq, node, scope);
     node.input[1] = dqOut;
     release(base, home);
+    if (pause()) yield;  // the error statistics of a large layer take a while too
     const layer: WeightLayerReport = {
       node: label, op: node.opType, weight: base, shape: dims, bits: q.channelBits ? q.bits : bits,
       granularity: blocked ? `block ${q.blockSize} on axis ${q.axis}` : grouped ? `${options.groups} groups on axis ${q.axis}`
