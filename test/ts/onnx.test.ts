@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type TensorProto } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, readNpy, withOutputs } from '../../ts/onnx/calibrate';
@@ -13,11 +13,11 @@ import { floatData, Graph } from '../../ts/onnx/graph';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
 import { foldScalarAffine } from '../../ts/onnx/passes/fold-scalar-affine';
 import { fuseHardSwish } from '../../ts/onnx/passes/fuse-hardswish';
-import { layerInput, quantizeWeights } from '../../ts/onnx/passes/quantize-weights';
+import { layerInput, quantizeWeights, quantizeWeightsByLayer } from '../../ts/onnx/passes/quantize-weights';
 import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { unconvertibleReason, upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
-import { cloneSharingData, OnnxModelError, rawLength, readModel, serializeModel, storedBytes, writeFileAtomic, writeFileAtomicAsync } from '../../ts/onnx/model-io';
+import { cloneSharingData, OnnxModelError, rawLength, readLazyTensor, readModel, serializeModel, storedBytes, unloadTensor, writeFileAtomic, writeFileAtomicAsync } from '../../ts/onnx/model-io';
 import { writeMatMulChain } from '../../ts/bench/large-model';
 import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
@@ -1924,6 +1924,34 @@ describe('large models', () => {
     expect(() => floatData(waiting)).to.throw(OnnxModelError, /Tensor w0: its external data file .* cannot be read any more/);
     fs.renameSync(`${external}.moved`, `${external}.data`);
     expect(floatData(waiting)!.length).to.equal(2048 * 2048);
+    fs.rmSync(dir, { recursive: true });
+  });
+
+  it('gives each float weight read from its file back to the file once its layer is quantized (the float model is not held to the end of the pass)', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-unload-'));
+    const external = path.join(dir, 'chain.onnx');
+    await writeMatMulChain(external, 2);
+    const lazy = (t: TensorProto) => Object.getOwnPropertyDescriptor(t, 'rawData')?.get !== undefined;
+    const model = readModel(external, { lazyExternalData: true });
+    const [w0, w1] = model.graph!.initializer;
+    const steps = quantizeWeightsByLayer(new Graph(model), { bits: 8, granularity: 'channel', method: 'minmax', async: true });
+    const states: Array<[string, boolean, boolean]> = [];
+    for (let r = steps.next(); !r.done; r = steps.next()) {
+      if (r.value instanceof Promise) await r.value;
+      else if (typeof r.value === 'string') states.push([r.value, lazy(w0), lazy(w1)]);
+    }
+    expect(states).to.deep.equal([['matmul0', true, true], ['matmul1', true, true]]);
+    // Read, given back (the same bytes from the file on the next use); one whose data were assigned since keeps them.
+    const [read, assigned] = readModel(external, { lazyExternalData: true }).graph!.initializer;
+    for (const t of [read, assigned]) await readLazyTensor(t);
+    expect([lazy(read), lazy(assigned)]).to.deep.equal([false, false]);
+    const before = Buffer.from(read.rawData);
+    const replacement = new Uint8Array(assigned.rawData.length);
+    assigned.rawData = replacement;
+    for (const t of [read, assigned]) unloadTensor(t);
+    expect([lazy(read), lazy(assigned)]).to.deep.equal([true, false]);
+    expect(Buffer.from(read.rawData).equals(before)).to.equal(true);
+    expect(assigned.rawData).to.equal(replacement);
     fs.rmSync(dir, { recursive: true });
   });
 

@@ -29,6 +29,8 @@ interface ExternalSource {
 }
 
 const EXTERNAL_SOURCE = Symbol('lowbit.externalSource');
+/** On a tensor readLazyTensor read: its source and the bytes it read (see unloadTensor). */
+const READ_FROM = Symbol('lowbit.readFrom');
 
 /** Tensors at least this large are read when used, with `lazyExternalData`; smaller ones at once. */
 const LAZY_MIN_BYTES = 1 << 20;
@@ -188,8 +190,22 @@ export function readLazyTensor(t: TensorProto): Promise<void> | undefined {
   const source = lazySource(t);
   if (!source) return undefined;
   return readSourceAsync(t, source).then((bytes) => {
-    if (lazySource(t) === source) t.rawData = bytes;  // unless something assigned its data meanwhile
+    if (lazySource(t) !== source) return;  // something assigned its data meanwhile
+    t.rawData = bytes;
+    Object.defineProperty(t, READ_FROM, { value: { source, bytes }, configurable: true, enumerable: false });
   });
+}
+
+/**
+ * Gives back the bytes readLazyTensor read for `t`, which then reads them from its file again when used (lazily, as
+ * before); nothing happens to a tensor whose data were assigned since. For a pass done with a large weight that the
+ * graph still holds until the pass ends: without it, every layer's float weights stayed in memory to the end.
+ */
+export function unloadTensor(t: TensorProto): void {
+  const read = (t as { [READ_FROM]?: { source: ExternalSource; bytes: Uint8Array } })[READ_FROM];
+  if (!read) return;
+  delete (t as { [READ_FROM]?: unknown })[READ_FROM];
+  if (t.rawData === read.bytes) readLazily(t, read.source);
 }
 
 /** A lazily read tensor's contents in a new tensor (read asynchronously; the tensor stays lazy); other tensors as they are. */

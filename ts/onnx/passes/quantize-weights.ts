@@ -6,7 +6,7 @@
  */
 import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
-import { OnnxModelError, readLazyTensor } from '../model-io';
+import { OnnxModelError, readLazyTensor, unloadTensor } from '../model-io';
 import { dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, subgraphNodes, weightValues, type Graph } from '../graph';
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
@@ -529,6 +529,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     layerOf.set(node, layer);
     if (!gptq) quantizedOnce.set(w, { how, dq, constants: [valuesConstant, scaleTensor], scope, layer, weights: entry });
     report.changed.push(`${label}: ${bits}-bit ${layer.granularity}`);
+    unloadTensor(w);  // a weight read from its file goes back there: the float model is not kept in memory to the end
     yield label;
   }
   for (const [home, names] of replaced) graph.removeAllUnused(names, home);
