@@ -216,8 +216,10 @@ function* checkFiniteWeightsSteps(node: NodeProto, tensor: string, data: Float32
  * time, pausing (yielding) between pieces when `pause` says so: touching 16 MiB of fresh memory took 50-100 ms here.
  */
 function* weightValuesSteps(t: TensorProto, pause: () => boolean): Generator<undefined, Float32Array, void> {
-  const raw = isFloatTensor(t) ? t.rawData : undefined;  // read once: a lazily read tensor reads its file on every access
-  if (!raw || raw.length <= 4 * PIECE_VALUES || raw.byteOffset % 4 === 0) return weightValues(t)!;
+  if (!isFloatTensor(t)) return weightValues(t)!;
+  const raw = t.rawData;  // read once: a lazily read tensor reads its file on every access
+  if (raw.length === 0) return Float32Array.from(t.floatData);
+  if (raw.byteOffset % 4 === 0) return new Float32Array(raw.buffer, raw.byteOffset, raw.length / 4);
   const out = new Float32Array(raw.length / 4);
   const bytes = new Uint8Array(out.buffer);
   for (let at = 0; at < raw.length; at += 4 * PIECE_VALUES) {
