@@ -119,9 +119,7 @@ export function iterability(data: unknown): 'restarts' | 'once' | 'unknown' {
   if (typeof data === 'string' || Array.isArray(data)) return 'restarts';
   if (typeof data !== 'object' || data === null) return 'unknown';
   const d = data as Partial<Iterable<unknown> & AsyncIterable<unknown>> & Record<string, unknown>;
-  const nodeStream = typeof d.pipe === 'function' && typeof d.on === 'function';
-  const readlineInterface = typeof d.question === 'function' && typeof d.on === 'function';
-  if (nodeStream || readlineInterface || typeof d.getReader === 'function' || isGenerator(data)) return 'once';
+  if (isStream(data) || isGenerator(data)) return 'once';
   const iterate = (typeof d[Symbol.asyncIterator] === 'function' ? d[Symbol.asyncIterator] : d[Symbol.iterator]) as ((this: unknown) => unknown) | undefined;
   if (typeof iterate !== 'function') return 'unknown';
   try {
@@ -133,6 +131,13 @@ export function iterability(data: unknown): 'restarts' | 'once' | 'unknown' {
   } catch {
     return 'unknown';
   }
+}
+
+/** A Node or web Readable, or a readline interface: each hands out new iterators over data read once. */
+export function isStream(data: object): boolean {
+  const d = data as Record<string, unknown>;
+  return (typeof d.pipe === 'function' && typeof d.on === 'function') || (typeof d.question === 'function' && typeof d.on === 'function') ||
+    typeof d.getReader === 'function';
 }
 
 function isGenerator(v: unknown): boolean {

@@ -14,7 +14,7 @@ import { ort } from '../bench/ort-models';
 import { checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
-import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject, iterability, otherRealm } from '../validate';
+import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject, isStream, iterability, otherRealm } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { checkKernel } from '../cpu';
@@ -490,7 +490,7 @@ async function evaluateAgreement(model: TrainableModel, data: InputBatch, teache
 /** The error for training data that can be read only once when several epochs are asked for. */
 function readOnce(data: object, epochs: number): RangeError {
   const tag = Object.prototype.toString.call(data);
-  const stream = ('pipe' in data && 'on' in data) || 'getReader' in data || ('question' in data && 'on' in data);  // as iterability tells them
+  const stream = isStream(data);
   const kind = tag === '[object AsyncGenerator]' ? 'an async generator' : tag === '[object Generator]' ? 'a generator'
     : stream ? 'a stream' : 'an object handing out the same generator each time';
   const remedy = stream ? 'Collect its batches into an array, or pass epochs: 1.'

@@ -212,8 +212,9 @@ function* checkFiniteWeightsSteps(node: NodeProto, tensor: string, data: Float32
 }
 
 /**
- * weightValues, copying a large float32 tensor whose bytes are not 4-byte aligned (a view is impossible) a piece at a
- * time, pausing (yielding) between pieces when `pause` says so: touching 16 MiB of fresh memory took 50-100 ms here.
+ * weightValues with its bytes read once; a float32 tensor whose bytes are not 4-byte aligned (no view possible) is
+ * copied a piece at a time, pausing (yielding) between pieces when `pause` says so: filling 16 MiB of fresh memory
+ * took 50-100 ms here.
  */
 function* weightValuesSteps(t: TensorProto, pause: () => boolean): Generator<undefined, Float32Array, void> {
   if (!isFloatTensor(t)) return weightValues(t)!;
