@@ -1952,6 +1952,27 @@ describe('large models', () => {
     expect([lazy(read), lazy(assigned)]).to.deep.equal([true, false]);
     expect(Buffer.from(read.rawData).equals(before)).to.equal(true);
     expect(assigned.rawData).to.equal(replacement);
+    // A data file replaced or rewritten since the model was read is an error, not another tensor's bytes.
+    const waiting = () => readModel(external, { lazyExternalData: true }).graph!.initializer[1];
+    const data = `${external}.data`;
+    const original = fs.readFileSync(data);
+    const rewritten = waiting();
+    const other = Buffer.from(original);
+    other.reverse();
+    fs.writeFileSync(data, other);  // the same file and size, other bytes
+    const later = new Date(fs.statSync(data).mtimeMs + 10_000);
+    fs.utimesSync(data, later, later);  // a modification time that differs on any file system's granularity
+    expect(() => rewritten.rawData).to.throw(OnnxModelError, /Tensor w1: its external data file .*chain\.onnx\.data changed since the model was read \(size \d+ -> \d+ bytes, or written since\)/);
+    fs.writeFileSync(data, original);
+    const replaced = waiting();
+    fs.writeFileSync(`${data}.new`, original);
+    fs.renameSync(`${data}.new`, data);  // the same bytes in another file
+    await readLazyTensor(replaced)!.then(() => expect.fail('expected an OnnxModelError'), (e: Error) => {
+      expect(e).to.be.instanceOf(OnnxModelError);
+      expect(e.message).to.match(/changed since the model was read \(another file is at its path\).*Read the model again/);
+    });
+    // Read after the change: fine.
+    expect(Buffer.from(waiting().rawData).equals(original.subarray(original.length / 2))).to.equal(true);
     fs.rmSync(dir, { recursive: true });
   });
 
