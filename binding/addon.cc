@@ -29,8 +29,8 @@ void parse_kernel_env(Context& ctx) {
   const char* raw = std::getenv("LOWBIT_KERNEL");
   if (!raw || !*raw) return;
   ctx.kernel_env = raw;
-  // getline drops a trailing empty entry ("gemm:avx2,"): an empty one anywhere is an error.
-  if (ctx.kernel_env.back() == ',' || ctx.kernel_env.front() == ',' || ctx.kernel_env.find(",,") != std::string::npos)
+  // getline drops a trailing empty entry ("gemm:avx2,"); one elsewhere is an entry without a kernel name (below).
+  if (ctx.kernel_env.back() == ',')
     ctx.kernel_env_error = "LOWBIT_KERNEL has an empty entry ('" + ctx.kernel_env + "'). Fix or unset LOWBIT_KERNEL.";
   std::stringstream in(ctx.kernel_env);
   std::string item;

@@ -11,7 +11,7 @@ import { benchGemm, benchLargeModel, benchModels, benchQuantize, benchTrain, ben
 import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
-import { readNpy, readNpyLabels } from './onnx/calibrate';
+import { ACTIVATION_METHODS, readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, samePath, writeFileAtomic } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
 import type { WeightLayerReport } from './onnx/passes/quantize-weights';
@@ -47,7 +47,7 @@ function parseNames(value: string, previous: string[] = []): string[] {
 
 /** Kernel names this CPU can run (for --kernel), checked before any benchmark starts. */
 function checkKernels(kind: 'gemm' | 'sgemm', names: string[] | undefined): string[] | undefined {
-  const usable = kind === 'gemm' ? cpuInfo().gemmKernels : cpuInfo().sgemmKernels;
+  const usable = cpuInfo().kernels[kind];
   const unknown = names?.find((k) => !usable.includes(k));
   if (unknown !== undefined) {
     throw new Error(`Expected one of ${usable.map((k) => `'${k}'`).join(', ')} for --kernel but received '${unknown}': those are the ${kind} kernels this CPU runs. Leave --kernel out to measure them all.`);
@@ -207,11 +207,11 @@ export function program(): Command {
       calib?: string; keepFloat?: string[]; report?: string; bitAllocation?: number; biasCorrection?: boolean; groups?: number; scaleClip?: number; rounding: string;
       quantizeOutputs?: boolean; reduceRange?: boolean; gather?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean;
     }, command: Command) => {
-      const activationMethods = ['minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic'];
+      const activationMethods: string[] = [...ACTIVATION_METHODS, 'dynamic'];
       if (o.amethod !== undefined && !activationMethods.includes(o.amethod)) {
         throw new Error(`Expected one of ${activationMethods.map((m) => `'${m}'`).join(', ')} for --amethod but received '${o.amethod}'. Leave it out for min/max ranges.`);
       }
-      const amethod = o.amethod ?? (['minmax', 'percentile', 'kl', 'aciq', 'mse'].includes(o.method) ? o.method : 'minmax');
+      const amethod = o.amethod ?? ((ACTIVATION_METHODS as readonly string[]).includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
       const model = modelArg ?? path.join(assets, 'mnist-cnn.onnx');
       if (!modelArg) {

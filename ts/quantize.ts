@@ -496,14 +496,7 @@ export function quantizationError(original: Float32Array, q: QuantizedTensor): Q
   if (x.length !== t.values.length) {
     throw invalidValue('original', `a Float32Array of length ${t.values.length} (q.values.length)`, x);
   }
-  // A plain loop: findIndex with a callback took about 10 ns a value (40 ms for a 2048×2048 layer).
-  let nan = -1;
-  for (let i = 0; i < x.length; i++) {
-    if (x[i] !== x[i]) {
-      nan = i;
-      break;
-    }
-  }
+  const nan = native().finiteRange(x)[3];  // the first NaN (natively: findIndex with a callback took ~40 ms a 2048×2048 layer)
   if (nan >= 0) throw invalidValue(`original[${nan}]`, 'a number or ±Infinity (as quantizeTensor takes)', NaN, 'Compare against the data that was quantized.');
   const s = native().errorStats(x, t.values, t.signed, nativeParams(t, layout));
   const mse = s.finiteCount === 0 ? 0 : s.squaredError / s.finiteCount;

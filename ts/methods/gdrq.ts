@@ -10,6 +10,7 @@
  * Group-based quantization itself is quantizeTensor(w, { granularity: 'group', groups, axis }).
  */
 import { invalidType, invalidValue } from '../errors';
+import { native } from '../native';
 import { checkFloat32Array, checkInteger, checkKnownKeys, checkOptions, checkShape } from '../validate';
 
 export interface ScaleClipOptions {
@@ -102,7 +103,7 @@ export class ActivationScaleClip {
     const x = checkFloat32Array('batch', batch);
     if (this.threshold === undefined) throw invalidValue('threshold', 'a threshold from update(batch) first', undefined);
     const t = this.threshold;
-    const nan = x.findIndex((v) => Number.isNaN(v));
+    const nan = native().finiteRange(x)[3];
     if (nan >= 0) throw invalidValue(`batch[${nan}]`, 'a number', NaN, 'Remove NaN values first.');
     return Float32Array.from(x, (v) => Math.min(t, Math.max(-t, v)));
   }

@@ -114,7 +114,7 @@ export function lsqBackward(v: Float32Array, step: number | Float32Array, gradOu
   const p = plan(v, step, options, true);
   const g = checkFloat32Array('gradOut', gradOut);
   if (g.length !== p.v.length) throw invalidValue('gradOut', `a Float32Array of v.length = ${p.v.length}`, g);
-  const nan = g.findIndex((x) => Number.isNaN(x));
+  const nan = native().finiteRange(g)[3];
   if (nan >= 0) throw invalidValue(`gradOut[${nan}]`, 'a number', NaN, 'A NaN gradient comes from an earlier layer: check the values there.');
   if (p.v.length === 0 && options.gradScale === undefined) {
     throw invalidValue('v', 'a non-empty Float32Array (the gradient scale 1/√(N·Q_P) needs N ≥ 1)', p.v, 'Or pass options.gradScale.');

@@ -17,7 +17,7 @@
  * measured on the PP-OCR classifier, preserving the sum over all of a channel's
  * inputs there lowered the output cosine.
  */
-import { integerRange, scaleIndices, type QuantizedTensor } from '../quant-params';
+import { integerRange, roundHalfToEven, scaleIndices, type QuantizedTensor } from '../quant-params';
 
 /**
  * Returns a copy of `q` (quantized from `source` by round-to-nearest) whose
@@ -49,7 +49,7 @@ export function preserveRunSums(q: QuantizedTensor, source: Float32Array, run: n
       residual += exact - values[start + i];
     }
     if (Number.isNaN(residual)) throw new RangeError(`preserveRunSums: source holds NaN in elements ${start}..${start + run - 1}.`);
-    let flips = roundHalfEven(residual);  // as the codes themselves were rounded, whatever the residual's sign
+    let flips = roundHalfToEven(residual);  // as the codes themselves were rounded, whatever the residual's sign
     if (flips === 0) continue;
     const direction = Math.sign(flips);
     // Flip those nearest their threshold first: largest offset in the direction of the residual.
@@ -63,9 +63,4 @@ export function preserveRunSums(q: QuantizedTensor, source: Float32Array, run: n
     }
   }
   return { ...q, values };
-}
-
-function roundHalfEven(x: number): number {
-  const r = Math.round(x);
-  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }

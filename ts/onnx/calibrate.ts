@@ -86,7 +86,9 @@ function shapeText(dims: number[]): string {
 
 export type CalibrationData = Iterable<Feed> | AsyncIterable<Feed> | string;
 
-export type ActivationMethod = 'minmax' | 'percentile' | 'kl' | 'aciq' | 'mse';
+/** The calibrated activation methods, in the order error messages list them. */
+export const ACTIVATION_METHODS = ['minmax', 'percentile', 'kl', 'aciq', 'mse'] as const;
+export type ActivationMethod = typeof ACTIVATION_METHODS[number];
 
 /** One observer per tensor, behind one shape. */
 export interface TensorObserver {

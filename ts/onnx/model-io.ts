@@ -27,7 +27,7 @@ interface ExternalSource {
   offset: number;
   length: number;
   /** The data file as the model was read (a lazily read tensor's file must still be that one when it reads). */
-  identity?: FileIdentity;
+  identity: FileIdentity;
 }
 
 interface FileIdentity { dev: number; ino: number; size: number; mtimeMs: number }
@@ -39,7 +39,7 @@ function identityOf(stat: fs.Stats): FileIdentity {
 /** Throws when a lazily read tensor's data file is no longer the file the model was read with (replaced or changed). */
 function checkSameFile(name: string, source: ExternalSource, stat: fs.Stats): void {
   const was = source.identity;
-  if (!was || (was.dev === stat.dev && was.ino === stat.ino && was.size === stat.size && was.mtimeMs === stat.mtimeMs)) return;
+  if ((was.dev === stat.dev && was.ino === stat.ino && was.size === stat.size && was.mtimeMs === stat.mtimeMs)) return;
   throw new OnnxModelError(`Tensor ${name}: its external data file ${source.file} changed since the model was read (${was.ino !== stat.ino || was.dev !== stat.dev
     ? 'another file is at its path' : `size ${was.size} -> ${stat.size} bytes, or written since`}), so its bytes at offset ${source.offset} may be another tensor's. ` +
     'Read the model again, and do not replace or rewrite its data file while it is in use.');
@@ -265,7 +265,8 @@ function unreadableDataFile(t: TensorProto, file: string): OnnxModelError {
 }
 
 /** Where the tensor's bytes lie in its data file of `size` bytes (checked); the tensor is marked as holding them itself. */
-function externalRange({ t, file, entry }: ExternalTensor, size: number, identity?: FileIdentity): ExternalSource {
+function externalRange({ t, file, entry }: ExternalTensor, identity: FileIdentity): ExternalSource {
+  const size = identity.size;
   const offset = Number(entry.offset ?? 0);
   const length = entry.length === undefined ? size - offset : Number(entry.length);
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
@@ -274,13 +275,13 @@ function externalRange({ t, file, entry }: ExternalTensor, size: number, identit
   }
   t.dataLocation = TensorProto_DataLocation.DEFAULT;
   t.externalData = [];
-  return { file, offset, length, ...(identity ? { identity } : {}) };
+  return { file, offset, length, identity };
 }
 
 function loadExternalData(model: ModelProto, folder: string | undefined, lazy: boolean): void {
   // Each tensor reads its own bytes at its offset: reading the whole file per tensor made a model of n tensors
   // read its data file n times.
-  const files = new Map<string, { fd: number; size: number; identity?: FileIdentity }>();
+  const files = new Map<string, { fd: number; identity?: FileIdentity }>();
   try {
     for (const external of externalTensors(model, folder)) {
       const { t, file } = external;
@@ -292,13 +293,12 @@ function loadExternalData(model: ModelProto, folder: string | undefined, lazy: b
         } catch {
           throw unreadableDataFile(t, file);
         }
-        files.set(file, opened = { fd, size: 0 });
+        files.set(file, opened = { fd });
         const stat = fs.fstatSync(fd);
         if (!stat.isFile()) throw unreadableDataFile(t, file);
-        opened.size = stat.size;
         opened.identity = identityOf(stat);
       }
-      const source = externalRange(external, opened.size, opened.identity);
+      const source = externalRange(external, opened.identity!);
       if (lazy && source.length >= LAZY_MIN_BYTES) readLazily(t, source);
       else t.rawData = readAt(opened.fd, file, source.offset, source.length, t.name);
     }
@@ -315,7 +315,7 @@ function loadExternalData(model: ModelProto, folder: string | undefined, lazy: b
 
 /** loadExternalData with asynchronous reads. */
 async function loadExternalDataAsync(model: ModelProto, folder: string | undefined, lazy: boolean): Promise<void> {
-  const files = new Map<string, { handle: fs.promises.FileHandle; size: number; identity?: FileIdentity }>();
+  const files = new Map<string, { handle: fs.promises.FileHandle; identity?: FileIdentity }>();
   try {
     for (const external of externalTensors(model, folder)) {
       const { t, file } = external;
@@ -327,13 +327,12 @@ async function loadExternalDataAsync(model: ModelProto, folder: string | undefin
         } catch {
           throw unreadableDataFile(t, file);
         }
-        files.set(file, opened = { handle, size: 0 });
+        files.set(file, opened = { handle });
         const stat = await handle.stat();
         if (!stat.isFile()) throw unreadableDataFile(t, file);
-        opened.size = stat.size;
         opened.identity = identityOf(stat);
       }
-      const source = externalRange(external, opened.size, opened.identity);
+      const source = externalRange(external, opened.identity!);
       if (lazy && source.length >= LAZY_MIN_BYTES) readLazily(t, source);
       else t.rawData = await readAtAsync(opened.handle, source, t.name, new Uint8Array(source.length));
     }

@@ -17,7 +17,7 @@ import { allNodes, attribute, Graph, weightValues } from './graph';
 import {
   checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, samePath, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
-import { branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
+import { ACTIVATION_METHODS, branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
@@ -230,7 +230,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     for (const key of ['signed', 'biasCorrection', 'outputs', 'equalizeDepthwise'] as const) {
       if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
     }
-    if (a.method !== undefined && !['minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic'].includes(a.method as string)) {
+    if (a.method !== undefined && ![...ACTIVATION_METHODS, 'dynamic'].includes(a.method as string)) {
       throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl', 'aciq', 'mse' or 'dynamic'", a.method);
     }
     if (a.equalizeDepthwise && (a.method === 'dynamic' || a.bits === 16)) {
