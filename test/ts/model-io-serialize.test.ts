@@ -128,7 +128,7 @@ describe('serializing models', () => {
         opType: 'Constant', output: [last.name], attribute: [create(AttributeProtoSchema, { name: 'value', type: AttributeProto_AttributeType.TENSOR, t: last })],
       }));
       fs.writeFileSync(file, toBinary(ModelProtoSchema, written));
-      const lazy = readModel(file, { lazyExternalData: true });
+      const lazy = readModel(file, { lazyTensors: true });
       expect(Object.getOwnPropertyDescriptor(lazy.graph!.node[0].attribute[0].t!, 'rawData')?.get, 'the Constant value is lazily read').to.not.equal(undefined);
       const eager = readModel(file);
       const want = Buffer.from(toBinary(ModelProtoSchema, eager));
@@ -183,13 +183,44 @@ describe('reading and writing models asynchronously', () => {
     expect(eager.turns, 'event loop turns while three external tensors were read').to.be.at.least(3);
     // The same weights, whichever way they were kept.
     expectSameWeights(eager.result, fromFile);
-    const lazy = await readModelAsync(external, { lazyExternalData: true });
+    const lazy = await readModelAsync(external, { lazyTensors: true });
     expect(lazy.graph!.initializer.map(rawLength)).to.deep.equal([1, 2, 3].map(() => dataBytes / 3));
     // Not read yet: each tensor's rawData reads its file when used.
     expect(lazy.graph!.initializer.every((t) => Object.getOwnPropertyDescriptor(t, 'rawData')?.get !== undefined), 'lazily read').to.equal(true);
     expect(Buffer.from(serializeModel(lazy)).equals(encoded(eager.result)), 'lazily read, then serialized').to.equal(true);
     const bytes = new Uint8Array(fs.readFileSync(inline));
     expect(encoded(await readModelAsync(bytes)).equals(encoded(fromFile)), 'bytes').to.equal(true);
+  });
+
+  it('a model file read with lazyTensors keeps its large inline tensors in the file and holds no view of the file\'s bytes (read, sync and async)', async () => {
+    // A 1 MiB weight, a small one and a string attribute: everything but the large weight's data is copied out.
+    const large = Float32Array.from({ length: 1 << 18 }, (_, i) => Math.sin(i));
+    const model = create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [create(OperatorSetIdProtoSchema, { version: 13n })],
+      graph: create(GraphProtoSchema, {
+        name: 'g',
+        node: [create(NodeProtoSchema, { opType: 'MatMul', input: ['x', 'large'], output: ['y'] }), create(NodeProtoSchema, {
+          opType: 'Pad', input: ['y', 'pads'], output: ['z'], attribute: [create(AttributeProtoSchema, { name: 'mode', type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode('reflect') })],
+        })],
+        initializer: [
+          create(TensorProtoSchema, { name: 'large', dataType: TensorProto_DataType.FLOAT, dims: [512n, 512n], rawData: new Uint8Array(large.buffer) }),
+          create(TensorProtoSchema, { name: 'pads', dataType: TensorProto_DataType.INT64, dims: [4n], rawData: new Uint8Array(new BigInt64Array([0n, 1n, 0n, 1n]).buffer) }),
+        ],
+        input: [create(ValueInfoProtoSchema, { name: 'x' })], output: [create(ValueInfoProtoSchema, { name: 'z' })],
+      }),
+    });
+    const file = path.join(dir, 'one-file-lazy.onnx');
+    const stored = toBinary(ModelProtoSchema, model);
+    fs.writeFileSync(file, stored);
+    for (const lazy of [readModel(file, { lazyTensors: true }), await readModelAsync(file, { lazyTensors: true })]) {
+      const [w, pads] = lazy.graph!.initializer;
+      expect(Object.getOwnPropertyDescriptor(w, 'rawData')?.get, 'the large weight waits in the model file').to.not.equal(undefined);
+      expect(rawLength(w)).to.equal(large.byteLength);
+      for (const bytes of [pads.rawData, lazy.graph!.node[1].attribute[0].s]) expect(bytes.buffer.byteLength, 'a buffer of its own, not the file\'s').to.be.below(stored.length);
+      expect(Buffer.from(serializeModel(lazy)).equals(Buffer.from(stored)), 'serialized: the file\'s bytes').to.equal(true);
+    }
+    // Without lazyTensors, and from bytes, the tensors are views of the file's bytes as before.
+    expect(readModel(file).graph!.initializer[0].rawData.buffer.byteLength).to.be.at.least(stored.length);
   });
 
   it('readModelAsync refuses what readModel refuses, with the same errors', async () => {
@@ -232,7 +263,7 @@ describe('reading and writing models asynchronously', () => {
     // From lazily read tensors: each is read from its file and written without synchronous file calls.
     const external = path.join(folder, 'external.onnx');
     await writeMatMulChain(external, 3);
-    const lazy = readModel(external, { lazyExternalData: true });
+    const lazy = readModel(external, { lazyTensors: true });
     const { result: { result: modelBytes, turns }, calls } = await syncFileCalls(() => countingTurns(writeModelWithExternalData(lazy, out)));
     expect(calls, 'synchronous file calls while writing').to.deep.equal([]);
     expect(turns, 'event loop turns while three 16 MiB tensors were written').to.be.at.least(3);

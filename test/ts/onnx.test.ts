@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type TensorProto } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type TensorProto } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, readNpy, withOutputs } from '../../ts/onnx/calibrate';
@@ -17,7 +17,11 @@ import { layerInput, quantizeWeights, quantizeWeightsByLayer } from '../../ts/on
 import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { unconvertibleReason, upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
-import { cloneSharingData, OnnxModelError, rawLength, readLazyTensor, readModel, serializeModel, storedBytes, unloadTensor, writeFileAtomic, writeFileAtomicAsync } from '../../ts/onnx/model-io';
+import {
+  cloneSharingData, OnnxModelError, rawLength, readLazyTensor, readModel, serializeForSession, serializeModel, sessionFolderOption, storedBytes, unloadTensor, writeFileAtomic,
+  writeFileAtomicAsync,
+} from '../../ts/onnx/model-io';
+import { OrtHost, OrtSession } from '../../ts/onnx/ort-session';
 import { writeMatMulChain } from '../../ts/bench/large-model';
 import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
@@ -1858,7 +1862,7 @@ describe('large models', () => {
     const dataBytes = await writeMatMulChain(external, 2);  // two 2048x2048 float32 weights (16 MiB each) in chain.onnx.data
     await writeMatMulChain(inline, 2, true);
     // Lazily read tensors report their length without reading.
-    const lazy = readModel(external, { lazyExternalData: true }).graph!.initializer;
+    const lazy = readModel(external, { lazyTensors: true }).graph!.initializer;
     expect(lazy.map(rawLength)).to.deep.equal([dataBytes / 2, dataBytes / 2]);
     // Count what quantizeModel reads of the external data, with readSync and through file handles (the weight pass
     // reads each layer asynchronously; the model file itself is read with fs.promises.readFile, not counted here).
@@ -1919,7 +1923,7 @@ describe('large models', () => {
     expect(calibrated.report.evaluation!.outputs[0].cosine).to.be.above(0.99);
     expect(calibrated.report.layers.every((l) => l.outputSqnrDb! > 20)).to.equal(true);
     // A data file that goes away while its tensors wait is an OnnxModelError naming the tensor.
-    const waiting = readModel(external, { lazyExternalData: true }).graph!.initializer[0];
+    const waiting = readModel(external, { lazyTensors: true }).graph!.initializer[0];
     fs.renameSync(`${external}.data`, `${external}.moved`);
     expect(() => floatData(waiting)).to.throw(OnnxModelError, /Tensor w0: its external data file .* cannot be read any more/);
     fs.renameSync(`${external}.moved`, `${external}.data`);
@@ -1932,7 +1936,7 @@ describe('large models', () => {
     const external = path.join(dir, 'chain.onnx');
     await writeMatMulChain(external, 2);
     const lazy = (t: TensorProto) => Object.getOwnPropertyDescriptor(t, 'rawData')?.get !== undefined;
-    const model = readModel(external, { lazyExternalData: true });
+    const model = readModel(external, { lazyTensors: true });
     const [w0, w1] = model.graph!.initializer;
     const steps = quantizeWeightsByLayer(new Graph(model), { bits: 8, granularity: 'channel', method: 'minmax', async: true });
     const states: Array<[string, boolean, boolean]> = [];
@@ -1942,7 +1946,7 @@ describe('large models', () => {
     }
     expect(states).to.deep.equal([['matmul0', true, true], ['matmul1', true, true]]);
     // Read, given back (the same bytes from the file on the next use); one whose data were assigned since keeps them.
-    const [read, assigned] = readModel(external, { lazyExternalData: true }).graph!.initializer;
+    const [read, assigned] = readModel(external, { lazyTensors: true }).graph!.initializer;
     for (const t of [read, assigned]) await readLazyTensor(t);
     expect([lazy(read), lazy(assigned)]).to.deep.equal([false, false]);
     const before = Buffer.from(read.rawData);
@@ -1953,7 +1957,7 @@ describe('large models', () => {
     expect(Buffer.from(read.rawData).equals(before)).to.equal(true);
     expect(assigned.rawData).to.equal(replacement);
     // A data file replaced or rewritten since the model was read is an error, not another tensor's bytes.
-    const waiting = () => readModel(external, { lazyExternalData: true }).graph!.initializer[1];
+    const waiting = () => readModel(external, { lazyTensors: true }).graph!.initializer[1];
     const data = `${external}.data`;
     const original = fs.readFileSync(data);
     const rewritten = waiting();
@@ -1973,6 +1977,83 @@ describe('large models', () => {
     });
     // Read after the change: fine.
     expect(Buffer.from(waiting().rawData).equals(original.subarray(original.length / 2))).to.equal(true);
+    fs.rmSync(dir, { recursive: true });
+  });
+
+  it('sessions on a model whose weights wait in its files (external data, or the model file itself) read them there: only the rest is serialized for onnxruntime (calibration, evaluation), with the same figures', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-refs-'));
+    const external = path.join(dir, 'chain.onnx');
+    const inline = path.join(dir, 'inline.onnx');
+    const dataBytes = await writeMatMulChain(external, 2);
+    await writeMatMulChain(inline, 2, true);
+    const lazy = (t: TensorProto) => Object.getOwnPropertyDescriptor(t, 'rawData')?.get !== undefined;
+    const feed = { input: { type: 'float32', data: Float32Array.from({ length: 2048 }, (_, i) => Math.sin(i)), dims: [1, 2048] } };
+    const run = async (model: Uint8Array | string, options = {}) => {
+      const session = await OrtSession.open(model, { logSeverityLevel: 4, ...options });
+      try {
+        return (await session.run(feed))[session.outputNames[0]].data as Float32Array;
+      } finally {
+        await session.release();
+      }
+    };
+    const expected = await run(inline);
+    // Two data files in two folders: the references are relative to the folder holding both.
+    const data = fs.readFileSync(`${external}.data`);
+    const model = readModel(external);
+    model.graph!.initializer.forEach((t, i) => {
+      fs.mkdirSync(path.join(dir, `part${i}`));
+      fs.writeFileSync(path.join(dir, `part${i}`, 'w.bin'), data.subarray(i * dataBytes / 2, (i + 1) * dataBytes / 2));
+      t.dataLocation = TensorProto_DataLocation.EXTERNAL;
+      t.externalData = [create(StringStringEntryProtoSchema, { key: 'location', value: `part${i}/w.bin` })];
+      t.rawData = new Uint8Array(0);
+    });
+    const split = path.join(dir, 'split.onnx');
+    fs.writeFileSync(split, serializeModel(model));
+    // A model kept in one file is read like one with external data: its weights wait in the model file itself.
+    for (const file of [external, split, inline]) {
+      const waiting = readModel(file, { lazyTensors: true });
+      const { bytes, folder } = await serializeForSession(waiting);
+      expect(folder).to.equal(dir);
+      expect(bytes.length, 'bytes serialized').to.be.below(4096);
+      expect(waiting.graph!.initializer.map(lazy), 'still waiting in their files').to.deep.equal([true, true]);
+      expect(Buffer.from(new Float32Array(await run(bytes, sessionFolderOption(folder))).buffer).equals(Buffer.from(expected.buffer))).to.equal(true);
+    }
+    // What quantizeModel hands to onnxruntime: small buffers for the float models (the quantized model's 8 MiB of
+    // integers aside), from the data files or from one file. The same scales and figures either way.
+    const realOpen = OrtHost.prototype.openSession;
+    const opened: number[] = [];
+    OrtHost.prototype.openSession = function (this: OrtHost, m: Uint8Array | string, ...rest: [never, boolean?]) {
+      opened.push(typeof m === 'string' ? -1 : m.length);
+      return realOpen.call(this, m, ...rest);
+    };
+    const options = { weights: { bits: 8 as const }, activations: { bits: 8 as const }, calibration: [{ input: { data: feed.input.data, dims: [1, 2048] } }] };
+    let fromFiles: Awaited<ReturnType<typeof quantizeModel>>;
+    let fromOneFile: Awaited<ReturnType<typeof quantizeModel>>;
+    let fromFilesOpened: number[];
+    try {
+      fromFiles = await quantizeModel(external, options);
+      fromFilesOpened = opened.splice(0);
+      fromOneFile = await quantizeModel(inline, options);
+    } finally {
+      OrtHost.prototype.openSession = realOpen;
+    }
+    const oneFileOpened = opened;
+    // Calibration; the float input model (a path) and the quantized model; the float and quantized models with their layer outputs.
+    expect(fromFilesOpened.length).to.equal(5);
+    expect(fromFilesOpened.filter((n) => n >= 0 && n < 65536).length, `sizes ${fromFilesOpened}`).to.equal(2);
+    expect(oneFileOpened.filter((n) => n >= 0 && n < 65536).length, `sizes ${oneFileOpened}`).to.equal(2);
+    expect(fromFiles.report.activations).to.deep.equal(fromOneFile.report.activations);
+    expect(fromFiles.report.layers.map((l) => l.outputSqnrDb)).to.deep.equal(fromOneFile.report.layers.map((l) => l.outputSqnrDb));
+    expect(fromFiles.report.evaluation).to.deep.equal(fromOneFile.report.evaluation);
+    expect(Buffer.from(fromFiles.model).equals(Buffer.from(fromOneFile.model))).to.equal(true);
+    // A data file rewritten since the model was read is an error, not another model's weights in the session.
+    const waiting = readModel(external, { lazyTensors: true });
+    const later = new Date(fs.statSync(`${external}.data`).mtimeMs + 10_000);
+    fs.utimesSync(`${external}.data`, later, later);
+    await serializeForSession(waiting).then(() => expect.fail('expected an OnnxModelError'), (e: Error) => {
+      expect(e).to.be.instanceOf(OnnxModelError);
+      expect(e.message).to.match(/Tensor w0: its external data file .*chain\.onnx\.data changed since the model was read/);
+    });
     fs.rmSync(dir, { recursive: true });
   });
 

@@ -17,7 +17,9 @@ import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range }
 import { invalidType, invalidValue } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
 import { attribute, Graph, makeNode } from './graph';
-import { cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeModelAsync, storedBytes, subgraphsOf, writeModelWithExternalData } from './model-io';
+import {
+  bytesLeftInFiles, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeForSession, sessionFolderOption, storedBytes, subgraphsOf, writeModelWithExternalData,
+} from './model-io';
 import { openSession, runSession, type OrtHost } from './ort-session';
 import { pauser } from './passes/pass';
 
@@ -318,13 +320,17 @@ function exposeFromBranches(copy: ModelProto, values: string[]): Map<string, str
 }
 
 /**
- * The model with extra outputs, as onnxruntime will load it: its bytes, or — for a model of 2 GB or more, which one
- * buffer cannot hold — a temporary file with its weights in external data, which `dispose` removes.
+ * The model with extra outputs, as onnxruntime will load it: its bytes, with weights still unread in the model's
+ * data files left there (serializeForSession; `folder` says where), or — when what remains is 2 GB or more, which
+ * one buffer cannot hold — a temporary file with its weights in external data, which `dispose` removes.
  */
 async function exposedModel(model: ModelProto, names: string[]):
-  Promise<{ source: Uint8Array | string; dispose: () => void; outputOf: (name: string) => string }> {
+  Promise<{ source: Uint8Array | string; folder?: string; dispose: () => void; outputOf: (name: string) => string }> {
   const { copy, outputOf } = copyWithOutputs(model, names);
-  if (storedBytes(model) < ONE_BUFFER_LIMIT) return { source: await serializeModelAsync(copy), dispose: () => undefined, outputOf };
+  if (storedBytes(copy) - bytesLeftInFiles(copy) < ONE_BUFFER_LIMIT) {
+    const { bytes, folder } = await serializeForSession(copy);
+    return { source: bytes, folder, dispose: () => undefined, outputOf };
+  }
   const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-calibration-'));
   // Best effort: a folder that cannot be removed (held open elsewhere) must not replace the calibration's result or error.
   const dispose = () => {
@@ -354,7 +360,7 @@ export async function openExposed(model: ModelProto, names: string[], options: P
   const exposed = await exposedModel(model, names);
   let session: Awaited<ReturnType<typeof openSession>>;
   try {
-    session = await openSession(exposed.source, options, what, remedy, { host, giveBytes: true });  // the bytes were made for this session
+    session = await openSession(exposed.source, { ...options, ...sessionFolderOption(exposed.folder) }, what, remedy, { host, giveBytes: true });  // the bytes were made for this session
   } catch (e) {
     exposed.dispose();
     throw e;

@@ -29,7 +29,7 @@ export interface LayerStats {
 export async function inspectModel(input: string | Uint8Array): Promise<{ opset: number; layers: LayerStats[] }> {
   // Read without holding the event loop, and one layer's weights in memory at a time when they are external
   // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer.
-  const graph = new Graph(await readModelAsync(input, { lazyExternalData: true }));
+  const graph = new Graph(await readModelAsync(input, { lazyTensors: true }));
   densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
   const layers: LayerStats[] = [];

@@ -49,16 +49,18 @@ const EXTERNAL_SOURCE = Symbol('lowbit.externalSource');
 /** On a tensor readLazyTensor read: its source and the bytes it read (see unloadTensor). */
 const READ_FROM = Symbol('lowbit.readFrom');
 
-/** Tensors at least this large are read when used, with `lazyExternalData`; smaller ones at once. */
+/** Tensors at least this large are read when used, with `lazyTensors`; smaller ones at once. */
 const LAZY_MIN_BYTES = 1 << 20;
 
 export interface ReadModelOptions {
   /**
-   * Read each large external tensor (1 MiB or more) from its file when its data are used, every time, instead of
-   * loading them all: a pass that quantizes weights one layer at a time then holds one layer's float weights, not
-   * the model's. Reading `rawData` of such a tensor reads the file; assigning it makes the tensor an ordinary one.
+   * Read each large tensor (1 MiB or more) from its file when its data are used, every time, instead of holding
+   * them all: a pass that quantizes weights one layer at a time then holds one layer's float weights, not the
+   * model's. Tensors in external data files wait there; a model file read from a path is held like one with
+   * external data: its large inline tensors wait in the model file and the file's bytes are not kept. Reading
+   * `rawData` of such a tensor reads the file; assigning it makes the tensor an ordinary one.
    */
-  lazyExternalData?: boolean;
+  lazyTensors?: boolean;
 }
 
 /** Parses an ONNX model from a path or bytes; external data next to a model file is loaded (or read lazily). */
@@ -75,9 +77,10 @@ export function readModel(input: string | Uint8Array, options: ReadModelOptions 
     throw modelFileMissing(input);
   }
   if (!stat.isFile()) throw notAModelFile(input);
-  const model = parseModel(fileBytes(readWhole(input, () => fs.readFileSync(input), stat)), input);
-  loadExternalData(model, path.dirname(input), options.lazyExternalData ?? false);
-  return model;
+  const bytes = fileBytes(readWhole(input, () => fs.readFileSync(input), stat));
+  const model = parseModel(bytes, input);
+  loadExternalData(model, path.dirname(input), options.lazyTensors ?? false);
+  return options.lazyTensors ? inlineTensorsLazily(model, bytes, input, identityOf(stat)) : model;
 }
 
 /**
@@ -93,9 +96,31 @@ export async function readModelAsync(input: string | Uint8Array, options: ReadMo
     throw modelFileMissing(input);
   }
   if (!stat.isFile()) throw notAModelFile(input);
-  const model = parseModel(fileBytes(await readWhole(input, () => fs.promises.readFile(input), stat)), input);
-  await loadExternalDataAsync(model, path.dirname(input), options.lazyExternalData ?? false);
-  return model;
+  const bytes = fileBytes(await readWhole(input, () => fs.promises.readFile(input), stat));
+  const model = parseModel(bytes, input);
+  await loadExternalDataAsync(model, path.dirname(input), options.lazyTensors ?? false);
+  return options.lazyTensors ? inlineTensorsLazily(model, bytes, input, identityOf(stat)) : model;
+}
+
+/**
+ * The model with its large inline tensors (views of the model file's bytes) read from the model file when used,
+ * as lazily read external data are, and everything else copied out of those bytes, which are then no longer held:
+ * a model kept in one file then costs the memory of one with external data.
+ */
+function inlineTensorsLazily(model: ModelProto, bytes: Uint8Array, file: string, identity: FileIdentity): ModelProto {
+  const waiting = storedTensors(model).flatMap((t) => {
+    const raw = rawLength(t) >= LAZY_MIN_BYTES && !lazySource(t) ? t.rawData : undefined;
+    return raw && raw.buffer === bytes.buffer ? [{ t, source: { file, offset: raw.byteOffset - bytes.byteOffset, length: raw.length, identity } }] : [];
+  });
+  if (waiting.length === 0) return model;
+  // Every other bytes field (small tensors, string attributes) is a view of the file's bytes too: a copy without the
+  // waiting tensors' data holds none of them.
+  for (const { t } of waiting) t.rawData = new Uint8Array(0);
+  const copy = fromBinary(ModelProtoSchema, toBinary(ModelProtoSchema, model));
+  const copies = storedTensors(copy);  // in the same order as the original's
+  const index = new Map(storedTensors(model).map((t, i) => [t, i]));
+  for (const { t, source } of waiting) readLazily(copies[index.get(t)!], source);
+  return copy;
 }
 
 function modelFileMissing(file: string): OnnxModelError {
@@ -537,7 +562,11 @@ export function serializeModel(model: ModelProto): Uint8Array {
  * into place, and the loop turns between large tensors. The same bytes.
  */
 export async function serializeModelAsync(model: ModelProto): Promise<Uint8Array> {
-  const pieces = modelPieces(model);
+  return joinPiecesAsync(modelPieces(model));
+}
+
+/** The pieces in one buffer: lazily read tensors read asynchronously straight into place, the loop turning between large pieces. */
+async function joinPiecesAsync(pieces: Piece[]): Promise<Uint8Array> {
   const out = allocateFor(pieces);
   if (out === pieces[0]) return out;
   let pos = 0;
@@ -556,6 +585,64 @@ export async function serializeModelAsync(model: ModelProto): Promise<Uint8Array
     await new Promise(setImmediate);
   }
   return out;
+}
+
+/**
+ * The model's bytes for an onnxruntime session, with the main graph's lazily read initializers left in their
+ * files: each is written as an external data reference (its file relative to `folder`, offset and length) rather
+ * than read, and the session finds them under `folder` (onnxruntime's session option
+ * `session.model_external_initializers_file_folder_path`; sessionFolderOption). So a calibration or evaluation
+ * session on a large model reads its untouched weights from the model's own data files: lowbit holds no serialized
+ * copy of them and onnxruntime parses none. The data files are checked to be those the model was read with.
+ * `folder` is undefined when nothing is left in a file (the bytes are then serializeModelAsync's).
+ */
+export async function serializeForSession(model: ModelProto): Promise<{ bytes: Uint8Array; folder?: string }> {
+  const left = model.graph!.initializer.flatMap((t) => {
+    const source = lazySource(t);
+    return source ? [{ t, source }] : [];
+  });
+  if (left.length === 0) return { bytes: await serializeModelAsync(model) };
+  for (const file of new Set(left.map(({ source }) => source.file))) {
+    const { t, source } = left.find((l) => l.source.file === file)!;
+    let stat: fs.Stats;
+    try {
+      stat = await fs.promises.stat(file);
+    } catch {
+      throw fileGone(t.name, file);
+    }
+    checkSameFile(t.name, source, stat);
+  }
+  // The deepest folder holding every data file (they lie inside the model's folder).
+  let folder = path.dirname(left[0].source.file);
+  while (left.some(({ source }) => path.relative(folder, source.file).split(path.sep)[0] === '..') && path.dirname(folder) !== folder) folder = path.dirname(folder);
+  // Each tensor as a reference while the pieces are made (nothing else runs meanwhile), then lazy again.
+  for (const { t, source } of left) {
+    t.rawData = new Uint8Array(0);
+    t.dataLocation = TensorProto_DataLocation.EXTERNAL;
+    t.externalData = [['location', path.relative(folder, source.file).split(path.sep).join('/')], ['offset', String(source.offset)],
+      ['length', String(source.length)]].map(([key, value]) => create(StringStringEntryProtoSchema, { key, value }));
+  }
+  let pieces: Piece[];
+  try {
+    pieces = modelPieces(model);
+  } finally {
+    for (const { t, source } of left) {
+      t.dataLocation = TensorProto_DataLocation.DEFAULT;
+      t.externalData = [];
+      readLazily(t, source);
+    }
+  }
+  return { bytes: await joinPiecesAsync(pieces), folder };
+}
+
+/** The bytes of stored tensors that serializeForSession leaves in their files. */
+export function bytesLeftInFiles(model: ModelProto): number {
+  return model.graph!.initializer.reduce((a, t) => a + (lazySource(t)?.length ?? 0), 0);
+}
+
+/** The session options that tell onnxruntime where serializeForSession's references lie (none for no folder). */
+export function sessionFolderOption(folder: string | undefined): { extra?: { session: Record<string, string> } } {
+  return folder === undefined ? {} : { extra: { session: { model_external_initializers_file_folder_path: folder } } };
 }
 
 /** readAt, asynchronously: the source's bytes into `target` (its length is the source's). */

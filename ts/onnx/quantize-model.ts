@@ -526,7 +526,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   };
   // Large external tensors stay in their file until a pass uses them: quantizing weights only, without an
   // evaluation, then holds one layer's float weights at a time rather than the whole float model.
-  const model = await time('read', () => readModelAsync(input, { lazyExternalData: true }));
+  const model = await time('read', () => readModelAsync(input, { lazyTensors: true }));
   const evaluationFeeds = opts.evaluationFeeds?.map((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
   const graph = new Graph(model);
   if (graph.opset > 0 && graph.opset < 7) {
