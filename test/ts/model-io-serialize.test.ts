@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { expect } from 'chai';
 import {
   AttributeProto_AttributeType, AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, OperatorSetIdProtoSchema,
-  StringStringEntryProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type ModelProto, type TensorProto,
+  StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type ModelProto, type TensorProto,
 } from 'onnx-buf';
 
 import { writeMatMulChain } from '../../ts/bench/large-model';
@@ -57,6 +57,43 @@ async function countingTurns<T>(work: Promise<T>): Promise<{ result: T; turns: n
     return { result: await work, turns };
   } finally {
     done = true;
+  }
+}
+
+/** A protobuf varint's bytes. */
+function varintBytes(v: number): number[] {
+  const bytes: number[] = [];
+  for (; v >= 0x80; v = Math.floor(v / 128)) bytes.push((v % 128) | 0x80);
+  bytes.push(v);
+  return bytes;
+}
+
+/** Bytes read from files (synchronously and through file handles) while `work` runs. */
+async function bytesReadDuring<T>(work: () => Promise<T>): Promise<{ result: { result: T; read: number } }> {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const nodeFs: { readSync: typeof fs.readSync } = require('node:fs');
+  const real = nodeFs.readSync;
+  let read = 0;
+  nodeFs.readSync = ((...args: Parameters<typeof fs.readSync>) => {
+    const n = (real as (...a: unknown[]) => number)(...args);
+    read += n;
+    return n;
+  }) as typeof fs.readSync;
+  const probe = await fs.promises.open(__filename, 'r');
+  const handles = Object.getPrototypeOf(probe) as { read: (...a: unknown[]) => Promise<{ bytesRead: number }> };
+  await probe.close();
+  const realRead = handles.read;
+  handles.read = async function (this: unknown, ...a: unknown[]) {
+    const r = await realRead.apply(this, a);
+    read += r.bytesRead;
+    return r;
+  };
+  try {
+    const result = await work();
+    return { result: { result, read } };
+  } finally {
+    nodeFs.readSync = real;
+    handles.read = realRead;
   }
 }
 
@@ -140,6 +177,38 @@ describe('serializing models', () => {
       fs.rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  it('serializeModelAsync reads the lazily read tensors of subgraphs asynchronously too, and gives them back to their file', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-serialize-'));
+    try {
+      const weight = (name: string) => create(TensorProtoSchema, {
+        name, dataType: TensorProto_DataType.FLOAT, dims: [1n << 18n], rawData: new Uint8Array(Float32Array.from({ length: 1 << 18 }, (_, i) => Math.cos(i)).buffer),
+      });
+      const branch = create(GraphProtoSchema, {
+        name: 'then', initializer: [weight('inBranch')], output: [create(ValueInfoProtoSchema, { name: 'c' })],
+        node: [create(NodeProtoSchema, { opType: 'Constant', output: ['c'], attribute: [create(AttributeProtoSchema, { name: 'value', type: AttributeProto_AttributeType.TENSOR, t: weight('constantInBranch') })] })],
+      });
+      const model = create(ModelProtoSchema, {
+        irVersion: 8n, opsetImport: [create(OperatorSetIdProtoSchema, { version: 13n })],
+        graph: create(GraphProtoSchema, {
+          name: 'g', input: [create(ValueInfoProtoSchema, { name: 'cond' })], output: [create(ValueInfoProtoSchema, { name: 'c' })],
+          node: [create(NodeProtoSchema, { opType: 'If', input: ['cond'], output: ['c'], attribute: [create(AttributeProtoSchema, { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: branch })] })],
+        }),
+      });
+      const file = path.join(dir, 'branch.onnx');
+      fs.writeFileSync(file, toBinary(ModelProtoSchema, model));
+      const lazy = await readModelAsync(file, { lazyTensors: true });
+      const tensors = [lazy.graph!.node[0].attribute[0].g!.initializer[0], lazy.graph!.node[0].attribute[0].g!.node[0].attribute[0].t!];
+      const waits = () => tensors.map((t) => Object.getOwnPropertyDescriptor(t, 'rawData')?.get !== undefined);
+      expect(waits()).to.deep.equal([true, true]);
+      const { result: bytes, calls } = await syncFileCalls(() => serializeModelAsync(lazy));
+      expect(calls, 'synchronous file calls').to.deep.equal([]);
+      expect(Buffer.from(bytes).equals(fs.readFileSync(file))).to.equal(true);
+      expect(waits(), 'back in the file').to.deep.equal([true, true]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 /** The same initializers (names and bytes) and nodes; where the data were kept (external, inline) aside. */
@@ -192,35 +261,102 @@ describe('reading and writing models asynchronously', () => {
     expect(encoded(await readModelAsync(bytes)).equals(encoded(fromFile)), 'bytes').to.equal(true);
   });
 
-  it('a model file read with lazyTensors keeps its large inline tensors in the file and holds no view of the file\'s bytes (read, sync and async)', async () => {
-    // A 1 MiB weight, a small one and a string attribute: everything but the large weight's data is copied out.
-    const large = Float32Array.from({ length: 1 << 18 }, (_, i) => Math.sin(i));
+  it('a model file read with lazyTensors is skimmed: its large stored tensors wait in the file, which is not read whole, and nothing else holds its bytes; the same model as read whole', async () => {
+    const floats = (n: number, seed: number) => new Uint8Array(Float32Array.from({ length: n }, (_, i) => Math.sin(i + seed)).buffer);
+    const MB = 1 << 18;  // float32 values in 1 MiB
+    const tensor = (name: string, n: number, seed: number, extra: { dataLocation?: TensorProto_DataLocation } = {}) =>
+      create(TensorProtoSchema, { name, dataType: TensorProto_DataType.FLOAT, dims: [BigInt(n)], rawData: floats(n, seed), ...extra });
+    const tensorAttribute = (name: string, t: TensorProto) => create(AttributeProtoSchema, { name, type: AttributeProto_AttributeType.TENSOR, t });
+    // Read lazily: initializers, a Constant node's value and an If branch's initializer of 1 MiB or more. Kept in
+    // memory: smaller ones, a large tensor attribute of another op, a large TENSORS attribute. One initializer
+    // stores data_location DEFAULT itself; one stores raw_data twice (the later one counts).
+    const twice = toBinary(TensorProtoSchema, tensor('twice', MB, 7));
+    const twiceBytes = new Uint8Array([...twice, ...toBinary(TensorProtoSchema, create(TensorProtoSchema, { rawData: floats(4, 8) }))]);
+    const branch = create(GraphProtoSchema, {
+      name: 'then', node: [create(NodeProtoSchema, { opType: 'Identity', input: ['inBranch'], output: ['b'] })],
+      initializer: [tensor('inBranch', MB, 5)], output: [create(ValueInfoProtoSchema, { name: 'b' })],
+    });
     const model = create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [create(OperatorSetIdProtoSchema, { version: 13n })],
       graph: create(GraphProtoSchema, {
         name: 'g',
-        node: [create(NodeProtoSchema, { opType: 'MatMul', input: ['x', 'large'], output: ['y'] }), create(NodeProtoSchema, {
-          opType: 'Pad', input: ['y', 'pads'], output: ['z'], attribute: [create(AttributeProtoSchema, { name: 'mode', type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode('reflect') })],
-        })],
+        node: [
+          create(NodeProtoSchema, { opType: 'Constant', output: ['constant'], attribute: [tensorAttribute('value', tensor('constantValue', MB, 1))] }),
+          create(NodeProtoSchema, { opType: 'ConstantOfShape', input: ['shape'], output: ['filled'], attribute: [tensorAttribute('value', tensor('notStored', MB, 2))] }),
+          create(NodeProtoSchema, { opType: 'Custom', domain: 'x', output: ['c'], attribute: [create(AttributeProtoSchema, { name: 'list', type: AttributeProto_AttributeType.TENSORS, tensors: [tensor('listed', MB, 3)] })] }),
+          create(NodeProtoSchema, { opType: 'If', input: ['cond'], output: ['b'], attribute: [create(AttributeProtoSchema, { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: branch })] }),
+          create(NodeProtoSchema, { opType: 'Pad', input: ['y', 'pads'], output: ['z'], attribute: [create(AttributeProtoSchema, { name: 'mode', type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode('reflect') })] }),
+        ],
         initializer: [
-          create(TensorProtoSchema, { name: 'large', dataType: TensorProto_DataType.FLOAT, dims: [512n, 512n], rawData: new Uint8Array(large.buffer) }),
-          create(TensorProtoSchema, { name: 'pads', dataType: TensorProto_DataType.INT64, dims: [4n], rawData: new Uint8Array(new BigInt64Array([0n, 1n, 0n, 1n]).buffer) }),
+          tensor('large', MB, 0), tensor('small', 16, 4), tensor('explicit', MB, 6, { dataLocation: TensorProto_DataLocation.DEFAULT }),
+          fromBinary(TensorProtoSchema, twiceBytes),
         ],
         input: [create(ValueInfoProtoSchema, { name: 'x' })], output: [create(ValueInfoProtoSchema, { name: 'z' })],
       }),
     });
-    const file = path.join(dir, 'one-file-lazy.onnx');
-    const stored = toBinary(ModelProtoSchema, model);
-    fs.writeFileSync(file, stored);
-    for (const lazy of [readModel(file, { lazyTensors: true }), await readModelAsync(file, { lazyTensors: true })]) {
-      const [w, pads] = lazy.graph!.initializer;
-      expect(Object.getOwnPropertyDescriptor(w, 'rawData')?.get, 'the large weight waits in the model file').to.not.equal(undefined);
-      expect(rawLength(w)).to.equal(large.byteLength);
-      for (const bytes of [pads.rawData, lazy.graph!.node[1].attribute[0].s]) expect(bytes.buffer.byteLength, 'a buffer of its own, not the file\'s').to.be.below(stored.length);
-      expect(Buffer.from(serializeModel(lazy)).equals(Buffer.from(stored)), 'serialized: the file\'s bytes').to.equal(true);
+    const file = path.join(dir, 'skimmed.onnx');
+    // Written by hand, fields out of number order (any order is valid protobuf), 'twice' with both of its raw_data
+    // fields (protobuf-es would write the later one only): the graph (7) after the opset (8), the initializers
+    // (GraphProto field 5, tag 0x2a) after the outputs.
+    const canonical = toBinary(ModelProtoSchema, model);
+    const graph = model.graph!;
+    const initializers = graph.initializer.splice(0);
+    const graphBytes = [...toBinary(GraphProtoSchema, graph), ...initializers.flatMap((t) => {
+      const body = t.name === 'twice' ? twiceBytes : toBinary(TensorProtoSchema, t);
+      return [0x2a, ...varintBytes(body.length), ...body];
+    })];
+    graph.initializer.push(...initializers);
+    const withoutGraph = toBinary(ModelProtoSchema, create(ModelProtoSchema, { irVersion: 8n, opsetImport: model.opsetImport }));
+    const fileBytes = new Uint8Array([...withoutGraph, 0x3a, ...varintBytes(graphBytes.length), ...graphBytes]);
+    fs.writeFileSync(file, fileBytes);
+    const whole = readModel(file);
+    expect(Buffer.from(toBinary(ModelProtoSchema, whole)).equals(Buffer.from(canonical)), 'the file as written').to.equal(true);
+    const waits = (t: TensorProto) => Object.getOwnPropertyDescriptor(t, 'rawData')?.get !== undefined;
+    const storedTensors = (m: ModelProto) => [
+      ...m.graph!.initializer, m.graph!.node[0].attribute[0].t!, m.graph!.node[1].attribute[0].t!, m.graph!.node[2].attribute[0].tensors[0],
+      m.graph!.node[3].attribute[0].g!.initializer[0],
+    ];
+    const { result: readBytes } = await bytesReadDuring(async () => readModel(file, { lazyTensors: true }));
+    // Of the four 1 MiB tensors left in the file, at most what the field headers' reads (16 KiB each) take in.
+    expect(readBytes.read, 'bytes read from the file').to.be.below(fileBytes.length - 3.5 * (1 << 20));
+    for (const lazy of [readBytes.result, await readModelAsync(file, { lazyTensors: true })]) {
+      const tensors = storedTensors(lazy);
+      expect(tensors.filter(waits).map((t) => t.name)).to.deep.equal(['large', 'explicit', 'constantValue', 'inBranch']);
+      tensors.forEach((t, i) => expect(Buffer.from(t.rawData).equals(Buffer.from(storedTensors(whole)[i].rawData)), t.name).to.equal(true));
+      for (const t of tensors.filter((x) => !waits(x))) expect(t.rawData.buffer.byteLength, `${t.name}: a buffer of its own, not the file's`).to.be.below(fileBytes.length);
+      expect(lazy.graph!.node[4].attribute[0].s.buffer.byteLength, 'a string attribute').to.be.below(fileBytes.length);
+      expect(Buffer.from(serializeModel(lazy)).equals(Buffer.from(canonical)), 'serialized: what the file reads as').to.equal(true);
     }
-    // Without lazyTensors, and from bytes, the tensors are views of the file's bytes as before.
-    expect(readModel(file).graph!.initializer[0].rawData.buffer.byteLength).to.be.at.least(stored.length);
+    // Without lazyTensors the tensors are views of the file's bytes, as before.
+    expect(readModel(file).graph!.initializer[0].rawData.buffer.byteLength).to.be.at.least(fileBytes.length);
+    // The real models read lazily serialize to the same bytes as read whole; a truncated model file gives the
+    // same error either way (the skim gives up; the file read whole says what is wrong).
+    for (const real of [path.join(assets, 'ch_PP-OCRv4_rec_infer.onnx'), path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx')]) {
+      expect(Buffer.from(serializeModel(readModel(real, { lazyTensors: true }))).equals(fs.readFileSync(real)), real).to.equal(true);
+    }
+    const errorOf = (f: () => unknown) => {
+      try {
+        f();
+      } catch (e) {
+        return (e as Error).message;
+      }
+      return 'no error';
+    };
+    let seed = 1;
+    const noise = Uint8Array.from({ length: 1 << 16 }, () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) >>> 24));
+    const bad: Array<[string, Uint8Array, RegExp]> = [
+      ['truncated', fileBytes.subarray(0, fileBytes.length - 1000), /truncated or corrupted/],
+      ['noise', noise, /not an ONNX model/],
+      ['text', new TextEncoder().encode('hello, not a model'), /not an ONNX model/],
+    ];
+    for (const [name, bytes, message] of bad) {
+      const f = path.join(dir, `${name}.onnx`);
+      fs.writeFileSync(f, bytes);
+      const whole = errorOf(() => readModel(f));
+      expect(whole, name).to.match(message);
+      expect(errorOf(() => readModel(f, { lazyTensors: true })), name).to.equal(whole);
+      expect(await readModelAsync(f, { lazyTensors: true }).then(() => 'no error', (e: Error) => e.message), name).to.equal(whole);
+    }
   });
 
   it('readModelAsync refuses what readModel refuses, with the same errors', async () => {

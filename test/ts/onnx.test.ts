@@ -5,10 +5,10 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type TensorProto } from 'onnx-buf';
+import { AttributeProto_AttributeType, AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type TensorProto } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
-import { npyFolderFeeds, readNpy, withOutputs } from '../../ts/onnx/calibrate';
+import { npyFolderFeeds, openExposed, readNpy, withOutputs } from '../../ts/onnx/calibrate';
 import { floatData, Graph } from '../../ts/onnx/graph';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
 import { foldScalarAffine } from '../../ts/onnx/passes/fold-scalar-affine';
@@ -19,7 +19,7 @@ import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { unconvertibleReason, upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import {
   cloneSharingData, OnnxModelError, rawLength, readLazyTensor, readModel, serializeForSession, serializeModel, sessionFolderOption, storedBytes, unloadTensor, writeFileAtomic,
-  writeFileAtomicAsync,
+  writeFileAtomicAsync, writeModelWithExternalData,
 } from '../../ts/onnx/model-io';
 import { OrtHost, OrtSession } from '../../ts/onnx/ort-session';
 import { writeMatMulChain } from '../../ts/bench/large-model';
@@ -1864,8 +1864,8 @@ describe('large models', () => {
     // Lazily read tensors report their length without reading.
     const lazy = readModel(external, { lazyTensors: true }).graph!.initializer;
     expect(lazy.map(rawLength)).to.deep.equal([dataBytes / 2, dataBytes / 2]);
-    // Count what quantizeModel reads of the external data, with readSync and through file handles (the weight pass
-    // reads each layer asynchronously; the model file itself is read with fs.promises.readFile, not counted here).
+    // Count what quantizeModel reads, with readSync and through file handles (the weight pass reads each layer
+    // asynchronously; the model file, a few hundred bytes, is skimmed through a file handle too).
     // The module object itself (the namespace import above only has getters onto it).
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     const nodeFs: { readSync: typeof fs.readSync } = require('node:fs');
@@ -1897,8 +1897,9 @@ describe('large models', () => {
     }
     expect(syncBytes, 'bytes read synchronously').to.equal(0);
     // Nothing read before the weight pass, one layer's weights after its first layer, everything once in all.
-    expect(seen).to.deep.include({ 'quantize-weights': 0, 'quantize-weights 1/2': dataBytes / 2, 'quantize-weights 2/2': dataBytes });
-    expect(bytesRead).to.equal(dataBytes);
+    const modelFile = fs.statSync(external).size;
+    expect(seen).to.deep.include({ 'quantize-weights': modelFile, 'quantize-weights 1/2': modelFile + dataBytes / 2, 'quantize-weights 2/2': modelFile + dataBytes });
+    expect(bytesRead).to.equal(modelFile + dataBytes);
     await quantizeModel(inline, { ...options, outputPath: path.join(dir, 'inline.q.onnx') });
     const a = readModel(path.join(dir, 'chain.q.onnx')).graph!.initializer;
     const b = readModel(path.join(dir, 'inline.q.onnx')).graph!.initializer;
@@ -2009,14 +2010,58 @@ describe('large models', () => {
     });
     const split = path.join(dir, 'split.onnx');
     fs.writeFileSync(split, serializeModel(model));
+    // Symbolic links to the model and its data, as in a Hugging Face cache (onnxruntime refuses a reference that
+    // resolves outside its folder): the references name the real files.
+    const links = path.join(dir, 'links');
+    fs.mkdirSync(links);
+    for (const f of ['chain.onnx', 'chain.onnx.data', 'inline.onnx']) fs.symlinkSync(path.join(dir, f), path.join(links, f));
     // A model kept in one file is read like one with external data: its weights wait in the model file itself.
-    for (const file of [external, split, inline]) {
+    for (const file of [external, split, inline, path.join(links, 'chain.onnx'), path.join(links, 'inline.onnx')]) {
       const waiting = readModel(file, { lazyTensors: true });
       const { bytes, folder } = await serializeForSession(waiting);
-      expect(folder).to.equal(dir);
+      expect(folder, file).to.equal(fs.realpathSync(dir));
       expect(bytes.length, 'bytes serialized').to.be.below(4096);
       expect(waiting.graph!.initializer.map(lazy), 'still waiting in their files').to.deep.equal([true, true]);
-      expect(Buffer.from(new Float32Array(await run(bytes, sessionFolderOption(folder))).buffer).equals(Buffer.from(expected.buffer))).to.equal(true);
+      expect(Buffer.from(new Float32Array(await run(bytes, sessionFolderOption(folder))).buffer).equals(Buffer.from(expected.buffer)), file).to.equal(true);
+    }
+    // Weights in If branches wait in their file too.
+    const branchWeight = (name: string, seed: number) => ({ dims: [512, 512], data: heInit(512 * 512, 512, seed), name });
+    const branches = buildModel({
+      inputDims: [1, 512],
+      nodes: [{ op: 'ReduceSum', inputs: ['input'], output: 'total', attrs: { keepdims: 0 } }, { op: 'Greater', inputs: ['total', 'zero'], output: 'positive' }],
+      initializers: { zero: { dims: [], data: [0] } },
+      output: 'positive',
+    });
+    const branchGraph = (w: { dims: number[]; data: Float32Array; name: string }) => create(GraphProtoSchema, {
+      name: w.name, node: [create(NodeProtoSchema, { opType: 'MatMul', input: ['input', w.name], output: [`${w.name}_out`] })],
+      initializer: [create(TensorProtoSchema, { name: w.name, dataType: TensorProto_DataType.FLOAT, dims: w.dims.map(BigInt), rawData: new Uint8Array(w.data.buffer as ArrayBuffer) })],
+      output: [create(ValueInfoProtoSchema, info(`${w.name}_out`) as never)],
+    });
+    const bm = readModel(branches);
+    bm.graph!.node.push(create(NodeProtoSchema, {
+      opType: 'If', input: ['positive'], output: ['out'], attribute: [
+        create(AttributeProtoSchema, { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: branchGraph(branchWeight('wThen', 1)) }),
+        create(AttributeProtoSchema, { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: branchGraph(branchWeight('wElse', 2)) }),
+      ],
+    }));
+    bm.graph!.output = [create(ValueInfoProtoSchema, info('out') as never)];
+    const branchInline = serializeModel(bm);
+    const branchFile = path.join(dir, 'branches.onnx');
+    await writeModelWithExternalData(bm, branchFile);
+    const branchWaiting = readModel(branchFile, { lazyTensors: true });
+    const forSession = await serializeForSession(branchWaiting);
+    expect(forSession.bytes.length, 'bytes serialized').to.be.below(4096);
+    for (const sign of [1, -1]) {
+      const x = { input: { type: 'float32', data: Float32Array.from({ length: 512 }, (_, i) => sign * (1 + Math.sin(i))), dims: [1, 512] } };
+      const outputs = await Promise.all([branchInline, forSession.bytes].map(async (m, i) => {
+        const session = await OrtSession.open(m, { logSeverityLevel: 4, ...(i === 1 ? sessionFolderOption(forSession.folder) : {}) });
+        try {
+          return Buffer.from(((await session.run(x)).out.data as Float32Array).buffer);
+        } finally {
+          await session.release();
+        }
+      }));
+      expect(outputs[1].equals(outputs[0]), `branch ${sign}`).to.equal(true);
     }
     // What quantizeModel hands to onnxruntime: small buffers for the float models (the quantized model's 8 MiB of
     // integers aside), from the data files or from one file. The same scales and figures either way.
@@ -2054,6 +2099,29 @@ describe('large models', () => {
       expect(e).to.be.instanceOf(OnnxModelError);
       expect(e.message).to.match(/Tensor w0: its external data file .*chain\.onnx\.data changed since the model was read/);
     });
+    // Rewritten while the session opened: the session is released and the error is the same.
+    const opening = readModel(external, { lazyTensors: true });
+    const host = new OrtHost();
+    const hostOpen = host.openSession.bind(host);
+    let sessions = 0;
+    host.openSession = async (...args: Parameters<OrtHost['openSession']>) => {
+      const session = await hostOpen(...args);
+      sessions++;
+      const rewritten = new Date(fs.statSync(`${external}.data`).mtimeMs + 10_000);
+      fs.utimesSync(`${external}.data`, rewritten, rewritten);
+      const release = session.release.bind(session);
+      session.release = async () => (sessions--, release());
+      return session;
+    };
+    try {
+      await openExposed(opening, ['y0'], {}, 'the model', 'remedy', host).then(() => expect.fail('expected an OnnxModelError'), (e: Error) => {
+        expect(e).to.be.instanceOf(OnnxModelError);
+        expect(e.message).to.match(/changed since the model was read/);
+      });
+      expect(sessions, 'sessions left open').to.equal(0);
+    } finally {
+      await host.close();
+    }
     fs.rmSync(dir, { recursive: true });
   });
 

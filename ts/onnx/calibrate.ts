@@ -325,11 +325,11 @@ function exposeFromBranches(copy: ModelProto, values: string[]): Map<string, str
  * one buffer cannot hold — a temporary file with its weights in external data, which `dispose` removes.
  */
 async function exposedModel(model: ModelProto, names: string[]):
-  Promise<{ source: Uint8Array | string; folder?: string; dispose: () => void; outputOf: (name: string) => string }> {
+  Promise<{ source: Uint8Array | string; folder?: string; check?: () => Promise<void>; dispose: () => void; outputOf: (name: string) => string }> {
   const { copy, outputOf } = copyWithOutputs(model, names);
   if (storedBytes(copy) - bytesLeftInFiles(copy) < ONE_BUFFER_LIMIT) {
-    const { bytes, folder } = await serializeForSession(copy);
-    return { source: bytes, folder, dispose: () => undefined, outputOf };
+    const { bytes, folder, check } = await serializeForSession(copy);
+    return { source: bytes, folder, check, dispose: () => undefined, outputOf };
   }
   const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-calibration-'));
   // Best effort: a folder that cannot be removed (held open elsewhere) must not replace the calibration's result or error.
@@ -362,6 +362,13 @@ export async function openExposed(model: ModelProto, names: string[], options: P
   try {
     session = await openSession(exposed.source, { ...options, ...sessionFolderOption(exposed.folder) }, what, remedy, { host, giveBytes: true });  // the bytes were made for this session
   } catch (e) {
+    exposed.dispose();
+    throw e;
+  }
+  try {
+    await exposed.check?.();  // the files the session read its weights from are still those the model was read with
+  } catch (e) {
+    await session.release().catch(() => undefined);
     exposed.dispose();
     throw e;
   }

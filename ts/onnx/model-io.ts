@@ -3,13 +3,15 @@
  * byte-identical round trips). Writes are atomic: a temporary file in the same
  * folder, then a rename, so a failed write leaves no partial output.
  */
-import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
+import { clearField, create, fromBinary, isFieldSet, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import {
   AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation,
   TensorProto_DataType, TensorProtoSchema, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
 } from 'onnx-buf';
+
+import { skimModel, SkimError } from './skim-model';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
 export class OnnxModelError extends Error {
@@ -36,10 +38,14 @@ function identityOf(stat: fs.Stats): FileIdentity {
   return { dev: stat.dev, ino: stat.ino, size: stat.size, mtimeMs: stat.mtimeMs };
 }
 
+function sameIdentity(a: FileIdentity, b: FileIdentity): boolean {
+  return a.dev === b.dev && a.ino === b.ino && a.size === b.size && a.mtimeMs === b.mtimeMs;
+}
+
 /** Throws when a lazily read tensor's data file is no longer the file the model was read with (replaced or changed). */
 function checkSameFile(name: string, source: ExternalSource, stat: fs.Stats): void {
   const was = source.identity;
-  if ((was.dev === stat.dev && was.ino === stat.ino && was.size === stat.size && was.mtimeMs === stat.mtimeMs)) return;
+  if (sameIdentity(was, identityOf(stat))) return;
   throw new OnnxModelError(`Tensor ${name}: its external data file ${source.file} changed since the model was read (${was.ino !== stat.ino || was.dev !== stat.dev
     ? 'another file is at its path' : `size ${was.size} -> ${stat.size} bytes, or written since`}), so its bytes at offset ${source.offset} may be another tensor's. ` +
     'Read the model again, and do not replace or rewrite its data file while it is in use.');
@@ -77,10 +83,11 @@ export function readModel(input: string | Uint8Array, options: ReadModelOptions 
     throw modelFileMissing(input);
   }
   if (!stat.isFile()) throw notAModelFile(input);
-  const bytes = fileBytes(readWhole(input, () => fs.readFileSync(input), stat));
-  const model = parseModel(bytes, input);
+  const skimmed = options.lazyTensors ? skimSync(input) : undefined;
+  const model = parsedOrUndefined(skimmed, input) ?? parseModel(fileBytes(readWhole(input, () => fs.readFileSync(input), stat)), input);
   loadExternalData(model, path.dirname(input), options.lazyTensors ?? false);
-  return options.lazyTensors ? inlineTensorsLazily(model, bytes, input, identityOf(stat)) : model;
+  if (skimmed) restoreSkimmedTensors(model, input, skimmed);
+  return model;
 }
 
 /**
@@ -96,31 +103,99 @@ export async function readModelAsync(input: string | Uint8Array, options: ReadMo
     throw modelFileMissing(input);
   }
   if (!stat.isFile()) throw notAModelFile(input);
-  const bytes = fileBytes(await readWhole(input, () => fs.promises.readFile(input), stat));
-  const model = parseModel(bytes, input);
+  const skimmed = options.lazyTensors ? await skimAsync(input) : undefined;
+  const model = parsedOrUndefined(skimmed, input) ?? parseModel(fileBytes(await readWhole(input, () => fs.promises.readFile(input), stat)), input);
   await loadExternalDataAsync(model, path.dirname(input), options.lazyTensors ?? false);
-  return options.lazyTensors ? inlineTensorsLazily(model, bytes, input, identityOf(stat)) : model;
+  if (skimmed) restoreSkimmedTensors(model, input, skimmed);
+  return model;
 }
 
 /**
- * The model with its large inline tensors (views of the model file's bytes) read from the model file when used,
- * as lazily read external data are, and everything else copied out of those bytes, which are then no longer held:
- * a model kept in one file then costs the memory of one with external data.
+ * A model file skimmed (skim-model.ts): its protobuf with each large stored tensor an external data reference to
+ * the file itself, and the file's identity while it was read; undefined when the walk met something it does not
+ * expect (the file is then read whole, and its parse says what is wrong) or the file changed meanwhile.
  */
-function inlineTensorsLazily(model: ModelProto, bytes: Uint8Array, file: string, identity: FileIdentity): ModelProto {
-  const waiting = storedTensors(model).flatMap((t) => {
-    const raw = rawLength(t) >= LAZY_MIN_BYTES && !lazySource(t) ? t.rawData : undefined;
-    return raw && raw.buffer === bytes.buffer ? [{ t, source: { file, offset: raw.byteOffset - bytes.byteOffset, length: raw.length, identity } }] : [];
-  });
-  if (waiting.length === 0) return model;
-  // Every other bytes field (small tensors, string attributes) is a view of the file's bytes too: a copy without the
-  // waiting tensors' data holds none of them.
-  for (const { t } of waiting) t.rawData = new Uint8Array(0);
-  const copy = fromBinary(ModelProtoSchema, toBinary(ModelProtoSchema, model));
-  const copies = storedTensors(copy);  // in the same order as the original's
-  const index = new Map(storedTensors(model).map((t, i) => [t, i]));
-  for (const { t, source } of waiting) readLazily(copies[index.get(t)!], source);
-  return copy;
+function skimSync(file: string): { bytes: Uint8Array; identity: FileIdentity; locationSet: Set<number> } | undefined {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch {
+    return undefined;
+  }
+  try {
+    const identity = identityOf(fs.fstatSync(fd));
+    if (identity.size >= TWO_GB) return undefined;
+    const walk = skimModel(identity.size, path.basename(file), LAZY_MIN_BYTES);
+    for (let step = walk.next(); ; step = walk.next(readAt(fd, file, step.value.offset, step.value.length, 'model'))) {
+      if (step.done) return sameIdentity(identity, identityOf(fs.fstatSync(fd))) ? { bytes: joined(step.value.pieces), identity, locationSet: step.value.locationSet } : undefined;
+    }
+  } catch (e) {
+    if (e instanceof SkimError || e instanceof OnnxModelError) return undefined;
+    throw e;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** skimSync with asynchronous reads. */
+async function skimAsync(file: string): Promise<{ bytes: Uint8Array; identity: FileIdentity; locationSet: Set<number> } | undefined> {
+  let handle: fs.promises.FileHandle;
+  try {
+    handle = await fs.promises.open(file, 'r');
+  } catch {
+    return undefined;
+  }
+  try {
+    const identity = identityOf(await handle.stat());
+    if (identity.size >= TWO_GB) return undefined;
+    const walk = skimModel(identity.size, path.basename(file), LAZY_MIN_BYTES);
+    for (let step = walk.next(); ;) {
+      if (step.done) return sameIdentity(identity, identityOf(await handle.stat())) ? { bytes: joined(step.value.pieces), identity, locationSet: step.value.locationSet } : undefined;
+      const { offset, length } = step.value;
+      step = walk.next(await readAtAsync(handle, { file, offset, length, identity }, 'model', new Uint8Array(length)));
+    }
+  } catch (e) {
+    if (e instanceof SkimError || e instanceof OnnxModelError) return undefined;
+    throw e;
+  } finally {
+    await handle.close();
+  }
+}
+
+/** The skimmed model, parsed; undefined when it does not parse (the file read whole then gives the error, as without skimming). */
+function parsedOrUndefined(skimmed: { bytes: Uint8Array } | undefined, file: string): ModelProto | undefined {
+  if (!skimmed) return undefined;
+  try {
+    return parseModel(skimmed.bytes, file);
+  } catch (e) {
+    if (e instanceof OnnxModelError) return undefined;
+    throw e;
+  }
+}
+
+function joined(pieces: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(pieces.reduce((a, p) => a + p.length, 0));
+  let at = 0;
+  for (const p of pieces) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+/**
+ * The skimmed tensors as the file stores them (a data_location only where they had one), checked to wait in the
+ * model file as it was skimmed (loadExternalData opened it again).
+ */
+function restoreSkimmedTensors(model: ModelProto, file: string, skimmed: { identity: FileIdentity; locationSet: Set<number> }): void {
+  for (const t of storedTensors(model)) {
+    const source = lazySource(t);
+    if (source?.file !== path.resolve(file)) continue;
+    if (!sameIdentity(source.identity, skimmed.identity)) {
+      throw new OnnxModelError(`${file} changed while it was being read: read the model again, and do not rewrite it while it is in use.`);
+    }
+    if (!skimmed.locationSet.has(source.offset)) clearField(t, TensorProtoSchema.field.dataLocation);
+  }
 }
 
 function modelFileMissing(file: string): OnnxModelError {
@@ -379,10 +454,12 @@ export function storedBytes(model: ModelProto): number {
  * (If branches, Loop and Scan bodies, whose tensors may keep their data externally too), depth first.
  */
 function storedTensors(model: ModelProto): TensorProto[] {
-  return allGraphs(model).flatMap((g) => [
-    ...g.initializer,
-    ...g.node.filter((n) => n.opType === 'Constant').flatMap((n) => n.attribute.filter((a) => a.name === 'value' && a.t).map((a) => a.t!)),
-  ]);
+  return allGraphs(model).flatMap(graphTensors);
+}
+
+/** A graph's own stored tensors: its initializers, then its Constant nodes' values. */
+function graphTensors(g: GraphProto): TensorProto[] {
+  return [...g.initializer, ...g.node.filter((n) => n.opType === 'Constant').flatMap((n) => n.attribute.filter((a) => a.name === 'value' && a.t).map((a) => a.t!))];
 }
 
 /** The main graph and every subgraph in it (If branches, Loop and Scan bodies, nested), each before its subgraphs. */
@@ -562,7 +639,21 @@ export function serializeModel(model: ModelProto): Uint8Array {
  * into place, and the loop turns between large tensors. The same bytes.
  */
 export async function serializeModelAsync(model: ModelProto): Promise<Uint8Array> {
-  return joinPiecesAsync(modelPieces(model));
+  return joinPiecesAsync(await modelPiecesAsync(model));
+}
+
+/**
+ * modelPieces, with the lazily read tensors of subgraphs read asynchronously first (protobuf-es encodes them with
+ * their node, which would read them synchronously) and given back to their files once encoded.
+ */
+async function modelPiecesAsync(model: ModelProto): Promise<Piece[]> {
+  const inSubgraphs = model.graph ? allGraphs(model).slice(1).flatMap(graphTensors).filter((t) => lazySource(t)) : [];
+  try {
+    for (const t of inSubgraphs) await readLazyTensor(t);
+    return modelPieces(model);
+  } finally {
+    inSubgraphs.forEach(unloadTensor);
+  }
 }
 
 /** The pieces in one buffer: lazily read tensors read asynchronously straight into place, the loop turning between large pieces. */
@@ -588,56 +679,75 @@ async function joinPiecesAsync(pieces: Piece[]): Promise<Uint8Array> {
 }
 
 /**
- * The model's bytes for an onnxruntime session, with the main graph's lazily read initializers left in their
- * files: each is written as an external data reference (its file relative to `folder`, offset and length) rather
- * than read, and the session finds them under `folder` (onnxruntime's session option
+ * The model's bytes for an onnxruntime session, with the lazily read initializers of its graphs (subgraphs too)
+ * left in their files: each is written as an external data reference (its file relative to `folder`, offset and
+ * length) rather than read, and the session finds them under `folder` (onnxruntime's session option
  * `session.model_external_initializers_file_folder_path`; sessionFolderOption). So a calibration or evaluation
- * session on a large model reads its untouched weights from the model's own data files: lowbit holds no serialized
- * copy of them and onnxruntime parses none. The data files are checked to be those the model was read with.
- * `folder` is undefined when nothing is left in a file (the bytes are then serializeModelAsync's).
+ * session on a large model reads its untouched weights from the model's own files: lowbit holds no serialized copy
+ * of them and onnxruntime parses none. Files are named by their real paths (onnxruntime refuses a reference that
+ * resolves, through a symbolic link, outside the folder: a model in a Hugging Face cache is such a link), and are
+ * checked to be those the model was read with, before and — `check` — after the session opened them.
+ * `folder` is undefined when nothing is left in a file (the bytes are then serializeModelAsync's). The model's
+ * tensors are references while this runs: give it a model nothing else uses meanwhile (a copy made for the session).
  */
-export async function serializeForSession(model: ModelProto): Promise<{ bytes: Uint8Array; folder?: string }> {
-  const left = model.graph!.initializer.flatMap((t) => {
+export async function serializeForSession(model: ModelProto): Promise<{ bytes: Uint8Array; folder?: string; check: () => Promise<void> }> {
+  const waiting = () => allGraphs(model).flatMap((g) => g.initializer).flatMap((t) => {
     const source = lazySource(t);
     return source ? [{ t, source }] : [];
   });
-  if (left.length === 0) return { bytes: await serializeModelAsync(model) };
-  for (const file of new Set(left.map(({ source }) => source.file))) {
-    const { t, source } = left.find((l) => l.source.file === file)!;
+  const found = waiting();
+  if (found.length === 0) return { bytes: await serializeModelAsync(model), check: async () => undefined };
+  const check = () => checkFiles(found);
+  await check();
+  const real = new Map<string, string>();
+  for (const { source } of found) if (!real.has(source.file)) real.set(source.file, await fs.promises.realpath(source.file));
+  // The deepest folder holding every file.
+  const files = [...real.values()];
+  let folder = path.dirname(files[0]);
+  while (files.some((f) => path.relative(folder, f).split(path.sep)[0] === '..') && path.dirname(folder) !== folder) folder = path.dirname(folder);
+  // Each tensor as a reference while the pieces are made, then as it was. (What else the pieces read, the
+  // Constant values of subgraphs, are read asynchronously; nothing else uses this model meanwhile.)
+  const left = waiting();
+  const hadLocation = left.map(({ t }) => isFieldSet(t, TensorProtoSchema.field.dataLocation));
+  let pieces: Piece[];
+  try {
+    for (const { t, source } of left) {
+      t.rawData = new Uint8Array(0);
+      t.dataLocation = TensorProto_DataLocation.EXTERNAL;
+      t.externalData = [['location', path.relative(folder, real.get(source.file)!).split(path.sep).join('/')], ['offset', String(source.offset)],
+        ['length', String(source.length)]].map(([key, value]) => create(StringStringEntryProtoSchema, { key, value }));
+    }
+    pieces = await modelPiecesAsync(model);
+  } finally {
+    left.forEach(({ t, source }, i) => {
+      if (hadLocation[i]) t.dataLocation = TensorProto_DataLocation.DEFAULT;
+      else clearField(t, TensorProtoSchema.field.dataLocation);
+      t.externalData = [];
+      readLazily(t, source);
+    });
+  }
+  return { bytes: await joinPiecesAsync(pieces), folder, check };
+}
+
+/** Throws (as a read would) when a file that lazily read tensors wait in is gone or no longer the one the model was read with. */
+async function checkFiles(waiting: Array<{ t: TensorProto; source: ExternalSource }>): Promise<void> {
+  const checked = new Set<string>();
+  for (const { t, source } of waiting) {
+    if (checked.has(source.file)) continue;
+    checked.add(source.file);
     let stat: fs.Stats;
     try {
-      stat = await fs.promises.stat(file);
+      stat = await fs.promises.stat(source.file);
     } catch {
-      throw fileGone(t.name, file);
+      throw fileGone(t.name, source.file);
     }
     checkSameFile(t.name, source, stat);
   }
-  // The deepest folder holding every data file (they lie inside the model's folder).
-  let folder = path.dirname(left[0].source.file);
-  while (left.some(({ source }) => path.relative(folder, source.file).split(path.sep)[0] === '..') && path.dirname(folder) !== folder) folder = path.dirname(folder);
-  // Each tensor as a reference while the pieces are made (nothing else runs meanwhile), then lazy again.
-  for (const { t, source } of left) {
-    t.rawData = new Uint8Array(0);
-    t.dataLocation = TensorProto_DataLocation.EXTERNAL;
-    t.externalData = [['location', path.relative(folder, source.file).split(path.sep).join('/')], ['offset', String(source.offset)],
-      ['length', String(source.length)]].map(([key, value]) => create(StringStringEntryProtoSchema, { key, value }));
-  }
-  let pieces: Piece[];
-  try {
-    pieces = modelPieces(model);
-  } finally {
-    for (const { t, source } of left) {
-      t.dataLocation = TensorProto_DataLocation.DEFAULT;
-      t.externalData = [];
-      readLazily(t, source);
-    }
-  }
-  return { bytes: await joinPiecesAsync(pieces), folder };
 }
 
 /** The bytes of stored tensors that serializeForSession leaves in their files. */
 export function bytesLeftInFiles(model: ModelProto): number {
-  return model.graph!.initializer.reduce((a, t) => a + (lazySource(t)?.length ?? 0), 0);
+  return allGraphs(model).flatMap((g) => g.initializer).reduce((a, t) => a + (lazySource(t)?.length ?? 0), 0);
 }
 
 /** The session options that tell onnxruntime where serializeForSession's references lie (none for no folder). */
