@@ -12,6 +12,7 @@ import {
 } from 'onnx-buf';
 
 import { writeMatMulChain } from '../../ts/bench/large-model';
+import { countFileReads } from '../helpers/file-reads';
 import { inspectModel } from '../../ts/onnx/inspect';
 import {
   OnnxModelError, rawLength, readModel, readModelAsync, serializeModel, serializeModelAsync, writeModelWithExternalData,
@@ -70,30 +71,12 @@ function varintBytes(v: number): number[] {
 
 /** Bytes read from files (synchronously and through file handles) while `work` runs. */
 async function bytesReadDuring<T>(work: () => Promise<T>): Promise<{ result: { result: T; read: number } }> {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const nodeFs: { readSync: typeof fs.readSync } = require('node:fs');
-  const real = nodeFs.readSync;
-  let read = 0;
-  nodeFs.readSync = ((...args: Parameters<typeof fs.readSync>) => {
-    const n = (real as (...a: unknown[]) => number)(...args);
-    read += n;
-    return n;
-  }) as typeof fs.readSync;
-  const probe = await fs.promises.open(__filename, 'r');
-  const handles = Object.getPrototypeOf(probe) as { read: (...a: unknown[]) => Promise<{ bytesRead: number }> };
-  await probe.close();
-  const realRead = handles.read;
-  handles.read = async function (this: unknown, ...a: unknown[]) {
-    const r = await realRead.apply(this, a);
-    read += r.bytesRead;
-    return r;
-  };
+  const reads = await countFileReads();
   try {
     const result = await work();
-    return { result: { result, read } };
+    return { result: { result, read: reads.bytes() } };
   } finally {
-    nodeFs.readSync = real;
-    handles.read = realRead;
+    reads.stop();
   }
 }
 
@@ -316,10 +299,11 @@ describe('reading and writing models asynchronously', () => {
       ...m.graph!.initializer, m.graph!.node[0].attribute[0].t!, m.graph!.node[1].attribute[0].t!, m.graph!.node[2].attribute[0].tensors[0],
       m.graph!.node[3].attribute[0].g!.initializer[0],
     ];
-    const { result: readBytes } = await bytesReadDuring(async () => readModel(file, { lazyTensors: true }));
+    const { result: readSync } = await bytesReadDuring(async () => readModel(file, { lazyTensors: true }));
+    const { result: readAsync } = await bytesReadDuring(() => readModelAsync(file, { lazyTensors: true }));
     // Of the four 1 MiB tensors left in the file, at most what the field headers' reads (16 KiB each) take in.
-    expect(readBytes.read, 'bytes read from the file').to.be.below(fileBytes.length - 3.5 * (1 << 20));
-    for (const lazy of [readBytes.result, await readModelAsync(file, { lazyTensors: true })]) {
+    for (const { read } of [readSync, readAsync]) expect(read, 'bytes read from the file').to.be.below(fileBytes.length - 3.5 * (1 << 20));
+    for (const lazy of [readSync.result, readAsync.result]) {
       const tensors = storedTensors(lazy);
       expect(tensors.filter(waits).map((t) => t.name)).to.deep.equal(['large', 'explicit', 'constantValue', 'inBranch']);
       tensors.forEach((t, i) => expect(Buffer.from(t.rawData).equals(Buffer.from(storedTensors(whole)[i].rawData)), t.name).to.equal(true));
@@ -334,6 +318,44 @@ describe('reading and writing models asynchronously', () => {
     for (const real of [path.join(assets, 'ch_PP-OCRv4_rec_infer.onnx'), path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx')]) {
       expect(Buffer.from(serializeModel(readModel(real, { lazyTensors: true }))).equals(fs.readFileSync(real)), real).to.equal(true);
     }
+    // The recognizer's one tensor of 1 MiB or more (its last MatMul's, 3.2 MB) waits in the file, sync and async.
+    const recognizer = path.join(assets, 'ch_PP-OCRv4_rec_infer.onnx');
+    for (const read of [async () => readModel(recognizer, { lazyTensors: true }), () => readModelAsync(recognizer, { lazyTensors: true })]) {
+      const { result } = await bytesReadDuring(read);
+      const all = result.result.graph!.node.filter((n) => n.opType === 'Constant').map((n) => n.attribute[0].t!);
+      expect(all.filter(waits).map((t) => t.name)).to.deep.equal(['linear_85.w_0']);
+      // (the graph's field headers are read 16 KiB at a time, and the rest once more when copied)
+      expect(result.read).to.be.below(fs.statSync(recognizer).size - 2e6);
+    }
+    // A file that changes while it is skimmed is read whole (nothing waits in it); one that changes between the skim
+    // and the reading of its references is an error.
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const nodeFs: { readSync: typeof fs.readSync; openSync: typeof fs.openSync } = require('node:fs');
+    const [realReadSync, realOpenSync] = [nodeFs.readSync, nodeFs.openSync];
+    const touch = () => {
+      const later = new Date(fs.statSync(file).mtimeMs + 10_000);
+      fs.utimesSync(file, later, later);
+    };
+    let changedWhileSkimmed: ModelProto;
+    let opened = 0;
+    try {
+      nodeFs.readSync = ((...args: Parameters<typeof fs.readSync>) => (touch(), (realReadSync as (...a: unknown[]) => number)(...args))) as typeof fs.readSync;
+      changedWhileSkimmed = readModel(file, { lazyTensors: true });
+      nodeFs.readSync = realReadSync;
+      nodeFs.openSync = ((...args: Parameters<typeof fs.openSync>) => (++opened === 2 && touch(), (realOpenSync as (...a: unknown[]) => number)(...args))) as typeof fs.openSync;
+      expect(() => readModel(file, { lazyTensors: true })).to.throw(OnnxModelError, /skimmed\.onnx changed while it was being read/);
+    } finally {
+      nodeFs.readSync = realReadSync;
+      nodeFs.openSync = realOpenSync;
+    }
+    expect(storedTensors(changedWhileSkimmed).filter(waits)).to.deep.equal([]);
+    expect(Buffer.from(serializeModel(changedWhileSkimmed)).equals(Buffer.from(canonical))).to.equal(true);
+    // Through a symbolic link and '..', which the references (resolved as text) would not follow: read whole.
+    fs.mkdirSync(path.join(dir, 'deep', 'inner'), { recursive: true });
+    fs.symlinkSync(path.join(dir, 'deep', 'inner'), path.join(dir, 'link'));
+    fs.copyFileSync(file, path.join(dir, 'deep', 'skimmed.onnx'));
+    const throughLink = readModel(`${path.join(dir, 'link')}${path.sep}..${path.sep}skimmed.onnx`, { lazyTensors: true });  // not path.join: it would drop the link
+    expect(Buffer.from(serializeModel(throughLink)).equals(Buffer.from(canonical))).to.equal(true);
     const errorOf = (f: () => unknown) => {
       try {
         f();

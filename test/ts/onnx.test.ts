@@ -25,6 +25,7 @@ import { OrtHost, OrtSession } from '../../ts/onnx/ort-session';
 import { writeMatMulChain } from '../../ts/bench/large-model';
 import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts/onnx/quantize-model';
 import { inspectModel } from '../../ts/onnx/inspect';
+import { countFileReads } from '../helpers/file-reads';
 import { writeNpy } from '../helpers/npy';
 import { buildModel, heInit } from '../helpers/onnx-builder';
 import { normalFeeds, rng } from '../helpers/random';
@@ -1866,35 +1867,15 @@ describe('large models', () => {
     expect(lazy.map(rawLength)).to.deep.equal([dataBytes / 2, dataBytes / 2]);
     // Count what quantizeModel reads, with readSync and through file handles (the weight pass reads each layer
     // asynchronously; the model file, a few hundred bytes, is skimmed through a file handle too).
-    // The module object itself (the namespace import above only has getters onto it).
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const nodeFs: { readSync: typeof fs.readSync } = require('node:fs');
-    const real = nodeFs.readSync;
-    let bytesRead = 0;
-    let syncBytes = 0;
-    nodeFs.readSync = ((...args: Parameters<typeof fs.readSync>) => {
-      const n = (real as (...a: unknown[]) => number)(...args);
-      bytesRead += n;
-      syncBytes += n;
-      return n;
-    }) as typeof fs.readSync;
-    const probe = await fs.promises.open(external, 'r');
-    const handles = Object.getPrototypeOf(probe) as { read: (...a: unknown[]) => Promise<{ bytesRead: number }> };
-    await probe.close();
-    const realRead = handles.read;
-    handles.read = async function (this: unknown, ...a: unknown[]) {
-      const r = await realRead.apply(this, a);
-      bytesRead += r.bytesRead;
-      return r;
-    };
+    const reads = await countFileReads();
     const options = { weights: { bits: 8 as const }, evaluationFeeds: [], externalData: true };
     const seen: Record<string, number> = {};
     try {
-      await quantizeModel(external, { ...options, outputPath: path.join(dir, 'chain.q.onnx'), onProgress: (stage) => (seen[stage] = bytesRead) });
+      await quantizeModel(external, { ...options, outputPath: path.join(dir, 'chain.q.onnx'), onProgress: (stage) => (seen[stage] = reads.bytes()) });
     } finally {
-      nodeFs.readSync = real;
-      handles.read = realRead;
+      reads.stop();
     }
+    const [bytesRead, syncBytes] = [reads.bytes(), reads.syncBytes()];
     expect(syncBytes, 'bytes read synchronously').to.equal(0);
     // Nothing read before the weight pass, one layer's weights after its first layer, everything once in all.
     const modelFile = fs.statSync(external).size;

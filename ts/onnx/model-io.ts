@@ -11,7 +11,7 @@ import {
   TensorProto_DataType, TensorProtoSchema, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
 } from 'onnx-buf';
 
-import { skimModel, SkimError } from './skim-model';
+import { fieldHeader, skimModel, SkimError, type Skimmed } from './skim-model';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
 export class OnnxModelError extends Error {
@@ -84,9 +84,10 @@ export function readModel(input: string | Uint8Array, options: ReadModelOptions 
   }
   if (!stat.isFile()) throw notAModelFile(input);
   const skimmed = options.lazyTensors ? skimSync(input) : undefined;
-  const model = parsedOrUndefined(skimmed, input) ?? parseModel(fileBytes(readWhole(input, () => fs.readFileSync(input), stat)), input);
+  const fromSkim = parsedOrUndefined(skimmed, input);
+  const model = fromSkim ?? parseModel(fileBytes(readWhole(input, () => fs.readFileSync(input), stat)), input);
   loadExternalData(model, path.dirname(input), options.lazyTensors ?? false);
-  if (skimmed) restoreSkimmedTensors(model, input, skimmed);
+  if (fromSkim) restoreSkimmedTensors(model, input, skimmed!);
   return model;
 }
 
@@ -104,18 +105,23 @@ export async function readModelAsync(input: string | Uint8Array, options: ReadMo
   }
   if (!stat.isFile()) throw notAModelFile(input);
   const skimmed = options.lazyTensors ? await skimAsync(input) : undefined;
-  const model = parsedOrUndefined(skimmed, input) ?? parseModel(fileBytes(await readWhole(input, () => fs.promises.readFile(input), stat)), input);
+  const fromSkim = parsedOrUndefined(skimmed, input);
+  const model = fromSkim ?? parseModel(fileBytes(await readWhole(input, () => fs.promises.readFile(input), stat)), input);
   await loadExternalDataAsync(model, path.dirname(input), options.lazyTensors ?? false);
-  if (skimmed) restoreSkimmedTensors(model, input, skimmed);
+  if (fromSkim) restoreSkimmedTensors(model, input, skimmed!);
   return model;
 }
 
+type SkimmedFile = Skimmed & { bytes: Uint8Array; identity: FileIdentity };
+
 /**
  * A model file skimmed (skim-model.ts): its protobuf with each large stored tensor an external data reference to
- * the file itself, and the file's identity while it was read; undefined when the walk met something it does not
- * expect (the file is then read whole, and its parse says what is wrong) or the file changed meanwhile.
+ * the file itself, and the file's identity while it was read. Undefined — the file is then read whole, and its
+ * parse says what is wrong — when the walk met something it does not expect, when the file changed meanwhile, or
+ * when the path, resolved as text (as the references will be, against its folder), names another file than the
+ * one opened (a link followed by `..`).
  */
-function skimSync(file: string): { bytes: Uint8Array; identity: FileIdentity; locationSet: Set<number> } | undefined {
+function skimSync(file: string): SkimmedFile | undefined {
   let fd: number;
   try {
     fd = fs.openSync(file, 'r');
@@ -124,13 +130,13 @@ function skimSync(file: string): { bytes: Uint8Array; identity: FileIdentity; lo
   }
   try {
     const identity = identityOf(fs.fstatSync(fd));
-    if (identity.size >= TWO_GB) return undefined;
+    if (identity.size >= TWO_GB || !sameFile(identity, fs.statSync(path.resolve(file)))) return undefined;
     const walk = skimModel(identity.size, path.basename(file), LAZY_MIN_BYTES);
-    for (let step = walk.next(); ; step = walk.next(readAt(fd, file, step.value.offset, step.value.length, 'model'))) {
-      if (step.done) return sameIdentity(identity, identityOf(fs.fstatSync(fd))) ? { bytes: joined(step.value.pieces), identity, locationSet: step.value.locationSet } : undefined;
-    }
+    let step = walk.next();
+    while (!step.done) step = walk.next(readAt(fd, file, step.value.offset, step.value.length, 'model'));
+    return sameIdentity(identity, identityOf(fs.fstatSync(fd))) ? { ...step.value, bytes: joined(step.value.pieces), identity } : undefined;
   } catch (e) {
-    if (e instanceof SkimError || e instanceof OnnxModelError) return undefined;
+    if (e instanceof SkimError || e instanceof OnnxModelError || isFileSystemError(e)) return undefined;
     throw e;
   } finally {
     fs.closeSync(fd);
@@ -138,7 +144,7 @@ function skimSync(file: string): { bytes: Uint8Array; identity: FileIdentity; lo
 }
 
 /** skimSync with asynchronous reads. */
-async function skimAsync(file: string): Promise<{ bytes: Uint8Array; identity: FileIdentity; locationSet: Set<number> } | undefined> {
+async function skimAsync(file: string): Promise<SkimmedFile | undefined> {
   let handle: fs.promises.FileHandle;
   try {
     handle = await fs.promises.open(file, 'r');
@@ -147,19 +153,28 @@ async function skimAsync(file: string): Promise<{ bytes: Uint8Array; identity: F
   }
   try {
     const identity = identityOf(await handle.stat());
-    if (identity.size >= TWO_GB) return undefined;
+    if (identity.size >= TWO_GB || !sameFile(identity, await fs.promises.stat(path.resolve(file)))) return undefined;
     const walk = skimModel(identity.size, path.basename(file), LAZY_MIN_BYTES);
-    for (let step = walk.next(); ;) {
-      if (step.done) return sameIdentity(identity, identityOf(await handle.stat())) ? { bytes: joined(step.value.pieces), identity, locationSet: step.value.locationSet } : undefined;
+    let step = walk.next();
+    while (!step.done) {
       const { offset, length } = step.value;
       step = walk.next(await readAtAsync(handle, { file, offset, length, identity }, 'model', new Uint8Array(length)));
     }
+    return sameIdentity(identity, identityOf(await handle.stat())) ? { ...step.value, bytes: joined(step.value.pieces), identity } : undefined;
   } catch (e) {
-    if (e instanceof SkimError || e instanceof OnnxModelError) return undefined;
+    if (e instanceof SkimError || e instanceof OnnxModelError || isFileSystemError(e)) return undefined;
     throw e;
   } finally {
     await handle.close();
   }
+}
+
+function sameFile(identity: FileIdentity, stat: fs.Stats): boolean {
+  return identity.dev === stat.dev && identity.ino === stat.ino;
+}
+
+function isFileSystemError(e: unknown): boolean {
+  return e instanceof Error && typeof (e as NodeJS.ErrnoException).code === 'string';
 }
 
 /** The skimmed model, parsed; undefined when it does not parse (the file read whole then gives the error, as without skimming). */
@@ -187,10 +202,10 @@ function joined(pieces: Uint8Array[]): Uint8Array {
  * The skimmed tensors as the file stores them (a data_location only where they had one), checked to wait in the
  * model file as it was skimmed (loadExternalData opened it again).
  */
-function restoreSkimmedTensors(model: ModelProto, file: string, skimmed: { identity: FileIdentity; locationSet: Set<number> }): void {
+function restoreSkimmedTensors(model: ModelProto, file: string, skimmed: SkimmedFile): void {
   for (const t of storedTensors(model)) {
     const source = lazySource(t);
-    if (source?.file !== path.resolve(file)) continue;
+    if (source?.file !== path.resolve(file) || !skimmed.left.has(source.offset)) continue;
     if (!sameIdentity(source.identity, skimmed.identity)) {
       throw new OnnxModelError(`${file} changed while it was being read: read the model again, and do not rewrite it while it is in use.`);
     }
@@ -512,16 +527,6 @@ function pieceLength(p: Piece): number {
   return p instanceof Uint8Array ? p.length : 'data' in p ? p.data.length : p.source.length;
 }
 
-/** The tag and length of a length-delimited field (wire type 2); lengths here are below 2^31. */
-function fieldHeader(field: number, length: number): Uint8Array {
-  const bytes: number[] = [];
-  for (let v of [(field << 3) | 2, length]) {
-    for (; v >= 0x80; v = Math.floor(v / 128)) bytes.push((v % 128) | 0x80);
-    bytes.push(v);
-  }
-  return Uint8Array.from(bytes);
-}
-
 type SplitSchema = typeof ModelProtoSchema | typeof GraphProtoSchema | typeof NodeProtoSchema | typeof AttributeProtoSchema |
   typeof TensorProtoSchema;
 
@@ -644,7 +649,8 @@ export async function serializeModelAsync(model: ModelProto): Promise<Uint8Array
 
 /**
  * modelPieces, with the lazily read tensors of subgraphs read asynchronously first (protobuf-es encodes them with
- * their node, which would read them synchronously) and given back to their files once encoded.
+ * their node, which would read them synchronously) and given back to their files once encoded. (Two of these at
+ * once on one model would give tensors back under each other: the bytes stay right, some reads synchronous.)
  */
 async function modelPiecesAsync(model: ModelProto): Promise<Piece[]> {
   const inSubgraphs = model.graph ? allGraphs(model).slice(1).flatMap(graphTensors).filter((t) => lazySource(t)) : [];
@@ -700,7 +706,14 @@ export async function serializeForSession(model: ModelProto): Promise<{ bytes: U
   const check = () => checkFiles(found);
   await check();
   const real = new Map<string, string>();
-  for (const { source } of found) if (!real.has(source.file)) real.set(source.file, await fs.promises.realpath(source.file));
+  for (const { t, source } of found) {
+    if (real.has(source.file)) continue;
+    try {
+      real.set(source.file, await fs.promises.realpath(source.file));
+    } catch {
+      throw fileGone(t.name, source.file);
+    }
+  }
   // The deepest folder holding every file.
   const files = [...real.values()];
   let folder = path.dirname(files[0]);

@@ -22,6 +22,17 @@ export interface ByteRange { offset: number; length: number }
 
 type Walk<T> = Generator<ByteRange, T, Uint8Array>;
 
+/** What skimModel gives: the skimmed protobuf as pieces, and the data offsets (in the file) it left there. */
+export interface Skimmed {
+  pieces: Uint8Array[];
+  left: Set<number>;
+  /**
+   * Those of `left` whose tensor stored a data_location (DEFAULT) of its own: the reference replaces it, and the
+   * reader puts it back (for the same bytes when the model is written again).
+   */
+  locationSet: Set<number>;
+}
+
 type Kind = 'model' | 'graph' | 'node' | 'attribute' | 'tensor';
 
 /** A field as stored: its number and wire type, where it starts, and for a length-delimited one its data. */
@@ -36,8 +47,8 @@ function lastField(found: Field[], which: (f: Field) => boolean): Field | undefi
 /** Bytes read at a time while scanning field headers. */
 const WINDOW = 1 << 14;
 
-/** The tag and length of a length-delimited field (wire type 2). */
-function fieldHeader(field: number, length: number): Uint8Array {
+/** The tag and length of a length-delimited field (wire type 2); lengths here are below 2^31. */
+export function fieldHeader(field: number, length: number): Uint8Array {
   const bytes: number[] = [];
   for (let v of [(field << 3) | 2, length]) {
     for (; v >= 0x80; v = Math.floor(v / 128)) bytes.push((v % 128) | 0x80);
@@ -50,9 +61,8 @@ function fieldHeader(field: number, length: number): Uint8Array {
  * The file of `size` bytes (named `location` in the references it writes) as pieces of a protobuf whose tensors with
  * raw data of `threshold` bytes or more refer to the file instead of holding the data.
  */
-export function* skimModel(size: number, location: string, threshold: number): Walk<{ pieces: Uint8Array[]; locationSet: Set<number> }> {
-  // The offsets of data left in the file whose tensor stored a data_location (DEFAULT) of its own: the reference
-  // replaces it, and the reader puts it back (for the same bytes when the model is written again).
+export function* skimModel(size: number, location: string, threshold: number): Walk<Skimmed> {
+  const left = new Set<number>();
   const locationSet = new Set<number>();
   let window: Uint8Array = new Uint8Array(0);
   let windowAt = 0;
@@ -64,7 +74,10 @@ export function* skimModel(size: number, location: string, threshold: number): W
     return yield { offset: from, length: to - from };
   }
 
-  /** A varint at `pos` (below 2^53) and the position after it. */
+  /**
+   * A varint at `pos` and the position after it. Up to 10 bytes (a negative int64); values above 2^53 come out
+   * inexact, which only a wire-type-0 field's value can be, and those are skipped, not used.
+   */
   function* varint(pos: number): Walk<[number, number]> {
     const windowEnd = windowAt + window.length;
     if (pos < windowAt || pos >= windowEnd || (pos + 10 > windowEnd && windowEnd < size)) {
@@ -73,7 +86,7 @@ export function* skimModel(size: number, location: string, threshold: number): W
       windowAt = pos;
     }
     let value = 0;
-    for (let shift = 1, at = pos; at < windowAt + window.length && shift < 2 ** 56; shift *= 128, at++) {
+    for (let shift = 1, at = pos; at < windowAt + window.length && at < pos + 10; shift *= 128, at++) {
       const b = window[at - windowAt];
       value += (b & 0x7f) * shift;
       if (b < 0x80) return [value, at + 1];
@@ -130,18 +143,19 @@ export function* skimModel(size: number, location: string, threshold: number): W
       const external = location !== undefined && (yield* varint(location.dataStart))[0] === TensorProto_DataLocation.EXTERNAL;
       const data = lastField(found, (f) => f.number === 9 && f.wire === 2);
       holds = (f) => (f === data && !external ? 'data' : undefined);
-      if (location && data) locationSet.add(data.dataStart);
+      if (location && data && !external) locationSet.add(data.dataStart);
     }
     const out: Uint8Array[] = [];
     let copiedTo = start;
-    let left: ByteRange | undefined;
+    let leftHere: ByteRange | undefined;
     for (const f of found) {
       const inner = f.wire === 2 && f.end - f.dataStart >= threshold ? holds(f) : undefined;
       if (inner === undefined) continue;
       out.push(yield* bytes(copiedTo, f.start));
       copiedTo = f.end;
       if (inner === 'data') {
-        left = { offset: f.dataStart, length: f.end - f.dataStart };
+        leftHere = { offset: f.dataStart, length: f.end - f.dataStart };
+        left.add(f.dataStart);
         continue;
       }
       const pieces = yield* message(inner, f.dataStart, f.end, constant);
@@ -149,10 +163,10 @@ export function* skimModel(size: number, location: string, threshold: number): W
     }
     out.push(yield* bytes(copiedTo, end));
     // Fields appended to a message merge into it: the data now wait at their place in this file.
-    if (left) {
+    if (leftHere) {
       out.push(toBinary(TensorProtoSchema, create(TensorProtoSchema, {
         dataLocation: TensorProto_DataLocation.EXTERNAL,
-        externalData: [['location', location], ['offset', String(left.offset)], ['length', String(left.length)]]
+        externalData: [['location', location], ['offset', String(leftHere.offset)], ['length', String(leftHere.length)]]
           .map(([key, value]) => create(StringStringEntryProtoSchema, { key, value })),
       })));
     }
@@ -160,5 +174,5 @@ export function* skimModel(size: number, location: string, threshold: number): W
   }
 
   const pieces = yield* message('model', 0, size);
-  return { pieces, locationSet };
+  return { pieces, left, locationSet };
 }
