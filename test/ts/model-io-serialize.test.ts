@@ -1,18 +1,19 @@
 // serializeModel / serializeModelAsync lay out large initializers' data themselves: their bytes must be exactly
 // protobuf-es's, for real models, lazily read tensors and every field around the spliced ones. The asynchronous
 // reader and writer give what the synchronous ones give, and let the event loop turn.
-import { create, fromBinary, toBinary, type DescMessage } from '@bufbuild/protobuf';
+import { clearField, create, fromBinary, toBinary, type DescMessage } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import {
   AttributeProto_AttributeType, AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, OperatorSetIdProtoSchema,
-  StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type ModelProto, type TensorProto,
+  StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type GraphProto, type ModelProto, type TensorProto,
 } from 'onnx-buf';
 
 import { writeMatMulChain } from '../../ts/bench/large-model';
 import { countFileReads } from '../helpers/file-reads';
+import { skimModel, SkimError, type Skimmed } from '../../ts/onnx/skim-model';
 import { inspectModel } from '../../ts/onnx/inspect';
 import {
   OnnxModelError, rawLength, readModel, readModelAsync, serializeModel, serializeModelAsync, writeModelWithExternalData,
@@ -192,7 +193,83 @@ describe('serializing models', () => {
       fs.rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  it('skimModel: on real models and 600 damaged copies, the skimmed model with its references filled in is the model as parsed whole, or the skim gives up, or the whole file does not parse either', () => {
+    let seed = 7;
+    const random = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32;
+    const cases: Array<[string, Uint8Array]> = [];
+    for (const [file, copies] of [[path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx'), 480], [path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx'), 120]] as const) {
+      const bytes = new Uint8Array(fs.readFileSync(file));
+      cases.push([path.basename(file), bytes]);
+      for (let i = 0; i < copies; i++) {
+        const damaged = Uint8Array.from(bytes);
+        const kind = i % 3;
+        const at = Math.floor(random() * bytes.length);
+        if (kind === 0) damaged[at] = Math.floor(random() * 256);
+        cases.push([`${path.basename(file)} ${['byte changed', 'truncated', 'bytes inserted'][kind]} at ${at}`, kind === 0 ? damaged
+          : kind === 1 ? bytes.slice(0, at) : new Uint8Array([...bytes.subarray(0, at), ...Array.from({ length: 1 + (i % 7) }, () => Math.floor(random() * 256)), ...bytes.subarray(at)])]);
+      }
+    }
+    const outcomes: Record<string, number> = {};
+    for (const [what, bytes] of cases) {
+      let whole: ModelProto | undefined;
+      try {
+        whole = fromBinary(ModelProtoSchema, bytes);
+      } catch {
+        whole = undefined;
+      }
+      const skimmed = skimAndResolve(bytes, 64);  // a low threshold: every tensor of 64 bytes or more is left in the file
+      const outcome = typeof skimmed === 'string' ? skimmed : whole ? 'same model' : 'parsed, whole does not';
+      outcomes[outcome] = (outcomes[outcome] ?? 0) + 1;
+      if (typeof skimmed !== 'string') {
+        expect(whole, `${what}: the skim parsed what protobuf-es does not`).to.not.equal(undefined);
+        expect(Buffer.from(toBinary(ModelProtoSchema, skimmed)).equals(Buffer.from(toBinary(ModelProtoSchema, whole!))), what).to.equal(true);
+      }
+    }
+    // The undamaged models skim; most damaged ones too (a damaged byte inside a tensor's data changes nothing).
+    expect(outcomes['same model']).to.be.above(cases.length / 4);
+  });
 });
+
+/**
+ * skimModel over bytes in memory, checking that it only asks for bytes inside the file; then the skimmed model with
+ * each reference to the file replaced by the bytes it names (as readModel does, data_location as stored), or the
+ * SkimError / parse error that makes readModel read the file whole.
+ */
+function skimAndResolve(file: Uint8Array, threshold: number): ModelProto | 'skim gave up' | 'skimmed bytes do not parse' {
+  let skimmed: Skimmed;
+  try {
+    const walk = skimModel(file.length, 'self', threshold);
+    let step = walk.next();
+    while (!step.done) {
+      const { offset, length } = step.value;
+      expect(offset >= 0 && length > 0 && offset + length <= file.length, `asked for [${offset}, ${offset + length}) of ${file.length} bytes`).to.equal(true);
+      step = walk.next(file.slice(offset, offset + length));
+    }
+    skimmed = step.value;
+  } catch (e) {
+    if (e instanceof SkimError) return 'skim gave up';
+    throw e;
+  }
+  let model: ModelProto;
+  try {
+    model = fromBinary(ModelProtoSchema, Buffer.concat(skimmed.pieces));
+  } catch {
+    return 'skimmed bytes do not parse';
+  }
+  const tensorsIn = (g: GraphProto | undefined): TensorProto[] => (g ? [...g.initializer, ...g.node.flatMap((n) => n.attribute.flatMap((a) => [
+    ...(a.t ? [a.t] : []), ...a.tensors, ...tensorsIn(a.g), ...a.graphs.flatMap(tensorsIn)]))] : []);
+  for (const t of tensorsIn(model.graph)) {
+    const entry = Object.fromEntries(t.externalData.map((e) => [e.key, e.value]));
+    const offset = Number(entry.offset);
+    if (t.dataLocation !== TensorProto_DataLocation.EXTERNAL || entry.location !== 'self' || !skimmed.left.has(offset)) continue;
+    t.rawData = file.slice(offset, offset + Number(entry.length));
+    t.externalData = [];
+    if (skimmed.locationSet.has(offset)) t.dataLocation = TensorProto_DataLocation.DEFAULT;
+    else clearField(t, TensorProtoSchema.field.dataLocation);
+  }
+  return model;
+}
 
 /** The same initializers (names and bytes) and nodes; where the data were kept (external, inline) aside. */
 function expectSameWeights(a: ModelProto, b: ModelProto): void {
