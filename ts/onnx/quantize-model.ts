@@ -15,7 +15,7 @@ import { openPair, openSession, OrtHost, runSession } from './ort-session';
 import { checkKnownKeys, isPlainObject, iterability } from '../validate';
 import { allNodes, attribute, Graph, weightValues } from './graph';
 import {
-  checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, samePath, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
+  bytesLeftInFiles, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, samePath, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
 import { ACTIVATION_METHODS, branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -414,6 +414,24 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
 }
 
 /**
+ * The float model in onnxruntime for the comparison. Given as a path, it is skimmed, and when it has weights of
+ * 1 MiB or more onnxruntime reads them from the model's own files (openExposed, serializeForSession), rather than
+ * parsing a model file with its weights inline whole.
+ */
+async function openFloatModel(model: string | Uint8Array, options: Parameters<typeof openSession>[1], host?: OrtHost) {
+  const remedy = 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.';
+  if (typeof model === 'string') {
+    const read = await readModelAsync(model, { lazyTensors: true });
+    if (bytesLeftInFiles(read) > 0) {
+      const { session, close } = await openExposed(read, [], options, 'the input model', remedy, host);
+      return { session, close };
+    }
+  }
+  const session = await openSession(model, options, 'the input model', remedy, { host });
+  return { session, close: () => session.release() };
+}
+
+/**
  * Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds.
  * A feed holds as many samples as its first input's first dimension (1 for a scalar input); an output whose first
  * dimension is that batch is compared sample by sample, any other as one sample per feed.
@@ -421,9 +439,11 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
 export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost,
   signal?: AbortSignal) {
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  const [floatSession, quantSession] = await openPair(
-    () => openSession(floatModel, options, 'the input model', 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.', { host }),
-    () => openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host }), (s) => s.release());
+  const [float, quant] = await openPair(() => openFloatModel(floatModel, options, host), async () => {
+    const session = await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host });
+    return { session, close: () => session.release() };
+  }, (opened) => opened.close());
+  const [floatSession, quantSession] = [float.session, quant.session];
   const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number }>();
   let samples = 0;
   try {
@@ -474,9 +494,9 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
     }
   } finally {
     try {
-      await floatSession.release();
+      await float.close();
     } finally {
-      await quantSession.release();
+      await quant.close();
     }
   }
   return {
