@@ -2069,6 +2069,7 @@ describe('large models', () => {
     for (const sizes of [fromFilesOpened, oneFileOpened]) {
       expect(sizes.length).to.equal(5);
       expect(sizes.filter((n) => n >= 0 && n < 65536).length, `sizes ${sizes}`).to.equal(3);
+      expect(sizes, 'a path').to.not.include(-1);
     }
     expect(fromFiles.report.activations).to.deep.equal(fromOneFile.report.activations);
     expect(fromFiles.report.layers.map((l) => l.outputSqnrDb)).to.deep.equal(fromOneFile.report.layers.map((l) => l.outputSqnrDb));
