@@ -351,8 +351,9 @@ async function exposedModel(model: ModelProto, names: string[]):
 }
 
 /**
- * An onnxruntime session on the model with extra outputs (from a temporary copy for a model of 2 GB or more, see
- * exposedModel); `close` releases it, then removes the copy (onnxruntime may map the external data file).
+ * An onnxruntime session on the model with extra outputs (its weights read from the model's files, or from a
+ * temporary copy only when what is not left there reaches 2 GB; see exposedModel); `close` releases it, then removes
+ * any copy (onnxruntime may map the external data file).
  */
 export async function openExposed(model: ModelProto, names: string[], options: Parameters<typeof openSession>[1], what: string, remedy: string,
   host?: OrtHost):

@@ -63,7 +63,8 @@ export interface ReadModelOptions {
    * Read each large tensor (1 MiB or more) from its file when its data are used, every time, instead of holding
    * them all: a pass that quantizes weights one layer at a time then holds one layer's float weights, not the
    * model's. Tensors in external data files wait there; a model file read from a path is held like one with
-   * external data: its large inline tensors wait in the model file and the file's bytes are not kept. Reading
+   * external data: its large inline tensors wait in the model file and the file's bytes are not kept (unless the
+   * skim gives up: the file is then read whole and its tensors view its bytes, as without the option). Reading
    * `rawData` of such a tensor reads the file; assigning it makes the tensor an ordinary one.
    */
   lazyTensors?: boolean;
@@ -84,7 +85,7 @@ export function readModel(input: string | Uint8Array, options: ReadModelOptions 
   }
   if (!stat.isFile()) throw notAModelFile(input);
   const skimmed = options.lazyTensors ? skimSync(input) : undefined;
-  const fromSkim = parsedOrUndefined(skimmed, input);
+  const fromSkim = parseSkimmed(skimmed, input);
   const model = fromSkim ?? parseModel(fileBytes(readWhole(input, () => fs.readFileSync(input), stat)), input);
   loadExternalData(model, path.dirname(input), options.lazyTensors ?? false);
   if (fromSkim) restoreSkimmedTensors(model, input, skimmed!);
@@ -105,14 +106,14 @@ export async function readModelAsync(input: string | Uint8Array, options: ReadMo
   }
   if (!stat.isFile()) throw notAModelFile(input);
   const skimmed = options.lazyTensors ? await skimAsync(input) : undefined;
-  const fromSkim = parsedOrUndefined(skimmed, input);
+  const fromSkim = parseSkimmed(skimmed, input);
   const model = fromSkim ?? parseModel(fileBytes(await readWhole(input, () => fs.promises.readFile(input), stat)), input);
   await loadExternalDataAsync(model, path.dirname(input), options.lazyTensors ?? false);
   if (fromSkim) restoreSkimmedTensors(model, input, skimmed!);
   return model;
 }
 
-type SkimmedFile = Skimmed & { bytes: Uint8Array; identity: FileIdentity };
+type SkimmedFile = Omit<Skimmed, 'pieces'> & { bytes: Uint8Array; identity: FileIdentity };
 
 /**
  * A model file skimmed (skim-model.ts): its protobuf with each large stored tensor an external data reference to
@@ -130,13 +131,13 @@ function skimSync(file: string): SkimmedFile | undefined {
   }
   try {
     const identity = identityOf(fs.fstatSync(fd));
-    if (identity.size >= TWO_GB || !sameFile(identity, fs.statSync(path.resolve(file)))) return undefined;
+    if (identity.size >= TWO_GB || !sameInode(identity, fs.statSync(path.resolve(file)))) return undefined;
     const walk = skimModel(identity.size, path.basename(file), LAZY_MIN_BYTES);
     let step = walk.next();
     while (!step.done) step = walk.next(readAt(fd, file, step.value.offset, step.value.length, 'model'));
-    return sameIdentity(identity, identityOf(fs.fstatSync(fd))) ? { ...step.value, bytes: joined(step.value.pieces), identity } : undefined;
+    return skimmedFile(step.value, identity, identityOf(fs.fstatSync(fd)));
   } catch (e) {
-    if (e instanceof SkimError || e instanceof OnnxModelError || isFileSystemError(e)) return undefined;
+    if (skimGaveUp(e)) return undefined;
     throw e;
   } finally {
     fs.closeSync(fd);
@@ -153,32 +154,38 @@ async function skimAsync(file: string): Promise<SkimmedFile | undefined> {
   }
   try {
     const identity = identityOf(await handle.stat());
-    if (identity.size >= TWO_GB || !sameFile(identity, await fs.promises.stat(path.resolve(file)))) return undefined;
+    if (identity.size >= TWO_GB || !sameInode(identity, await fs.promises.stat(path.resolve(file)))) return undefined;
     const walk = skimModel(identity.size, path.basename(file), LAZY_MIN_BYTES);
     let step = walk.next();
     while (!step.done) {
       const { offset, length } = step.value;
       step = walk.next(await readAtAsync(handle, { file, offset, length, identity }, 'model', new Uint8Array(length)));
     }
-    return sameIdentity(identity, identityOf(await handle.stat())) ? { ...step.value, bytes: joined(step.value.pieces), identity } : undefined;
+    return skimmedFile(step.value, identity, identityOf(await handle.stat()));
   } catch (e) {
-    if (e instanceof SkimError || e instanceof OnnxModelError || isFileSystemError(e)) return undefined;
+    if (skimGaveUp(e)) return undefined;
     throw e;
   } finally {
     await handle.close();
   }
 }
 
-function sameFile(identity: FileIdentity, stat: fs.Stats): boolean {
+/** The skim's result in one buffer (its pieces dropped), or undefined when the file changed while it was skimmed. */
+function skimmedFile({ pieces, left, locationSet }: Skimmed, identity: FileIdentity, after: FileIdentity): SkimmedFile | undefined {
+  return sameIdentity(identity, after) ? { left, locationSet, bytes: joined(pieces), identity } : undefined;
+}
+
+/** Errors after which the file is read whole instead: the walk's surprises, a read past a shrunk end, a file system error. */
+function skimGaveUp(e: unknown): boolean {
+  return e instanceof SkimError || e instanceof OnnxModelError || (e instanceof Error && typeof (e as NodeJS.ErrnoException).code === 'string');
+}
+
+function sameInode(identity: FileIdentity, stat: fs.Stats): boolean {
   return identity.dev === stat.dev && identity.ino === stat.ino;
 }
 
-function isFileSystemError(e: unknown): boolean {
-  return e instanceof Error && typeof (e as NodeJS.ErrnoException).code === 'string';
-}
-
 /** The skimmed model, parsed; undefined when it does not parse (the file read whole then gives the error, as without skimming). */
-function parsedOrUndefined(skimmed: { bytes: Uint8Array } | undefined, file: string): ModelProto | undefined {
+function parseSkimmed(skimmed: { bytes: Uint8Array } | undefined, file: string): ModelProto | undefined {
   if (!skimmed) return undefined;
   try {
     return parseModel(skimmed.bytes, file);
@@ -207,7 +214,7 @@ function restoreSkimmedTensors(model: ModelProto, file: string, skimmed: Skimmed
     const source = lazySource(t);
     if (source?.file !== path.resolve(file) || !skimmed.left.has(source.offset)) continue;
     if (!sameIdentity(source.identity, skimmed.identity)) {
-      throw new OnnxModelError(`${file} changed while it was being read: read the model again, and do not rewrite it while it is in use.`);
+      throw new OnnxModelError(`${file} changed while it was being read. Read the model again, and do not replace or rewrite it while it is in use.`);
     }
     if (!skimmed.locationSet.has(source.offset)) clearField(t, TensorProtoSchema.field.dataLocation);
   }
@@ -697,11 +704,7 @@ async function joinPiecesAsync(pieces: Piece[]): Promise<Uint8Array> {
  * tensors are references while this runs: give it a model nothing else uses meanwhile (a copy made for the session).
  */
 export async function serializeForSession(model: ModelProto): Promise<{ bytes: Uint8Array; folder?: string; check: () => Promise<void> }> {
-  const waiting = () => allGraphs(model).flatMap((g) => g.initializer).flatMap((t) => {
-    const source = lazySource(t);
-    return source ? [{ t, source }] : [];
-  });
-  const found = waiting();
+  const found = waitingInitializers(model);
   if (found.length === 0) return { bytes: await serializeModelAsync(model), check: async () => undefined };
   const check = () => checkFiles(found);
   await check();
@@ -720,11 +723,10 @@ export async function serializeForSession(model: ModelProto): Promise<{ bytes: U
   while (files.some((f) => path.relative(folder, f).split(path.sep)[0] === '..') && path.dirname(folder) !== folder) folder = path.dirname(folder);
   // Each tensor as a reference while the pieces are made, then as it was. (What else the pieces read, the
   // Constant values of subgraphs, are read asynchronously; nothing else uses this model meanwhile.)
-  const left = waiting();
-  const hadLocation = left.map(({ t }) => isFieldSet(t, TensorProtoSchema.field.dataLocation));
+  const hadLocation = found.map(({ t }) => isFieldSet(t, TensorProtoSchema.field.dataLocation));
   let pieces: Piece[];
   try {
-    for (const { t, source } of left) {
+    for (const { t, source } of found) {
       t.rawData = new Uint8Array(0);
       t.dataLocation = TensorProto_DataLocation.EXTERNAL;
       t.externalData = [['location', path.relative(folder, real.get(source.file)!).split(path.sep).join('/')], ['offset', String(source.offset)],
@@ -732,7 +734,7 @@ export async function serializeForSession(model: ModelProto): Promise<{ bytes: U
     }
     pieces = await modelPiecesAsync(model);
   } finally {
-    left.forEach(({ t, source }, i) => {
+    found.forEach(({ t, source }, i) => {
       if (hadLocation[i]) t.dataLocation = TensorProto_DataLocation.DEFAULT;
       else clearField(t, TensorProtoSchema.field.dataLocation);
       t.externalData = [];
@@ -758,9 +760,17 @@ async function checkFiles(waiting: Array<{ t: TensorProto; source: ExternalSourc
   }
 }
 
+/** The initializers of every graph that wait in their files (lazily read), with where. */
+function waitingInitializers(model: ModelProto): Array<{ t: TensorProto; source: ExternalSource }> {
+  return allGraphs(model).flatMap((g) => g.initializer).flatMap((t) => {
+    const source = lazySource(t);
+    return source ? [{ t, source }] : [];
+  });
+}
+
 /** The bytes of stored tensors that serializeForSession leaves in their files. */
 export function bytesLeftInFiles(model: ModelProto): number {
-  return allGraphs(model).flatMap((g) => g.initializer).reduce((a, t) => a + (lazySource(t)?.length ?? 0), 0);
+  return waitingInitializers(model).reduce((a, { source }) => a + source.length, 0);
 }
 
 /** The session options that tell onnxruntime where serializeForSession's references lie (none for no folder). */

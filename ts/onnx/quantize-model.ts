@@ -11,7 +11,7 @@ import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf'
 import { invalidType, invalidValue } from '../errors';
 import { toFloat16Array } from '../float16';
 import { hasOrt } from '../bench/ort-models';
-import { openPair, openSession, OrtHost, runSession } from './ort-session';
+import { openPair, openSession, OrtHost, runSession, type OrtSession } from './ort-session';
 import { checkKnownKeys, isPlainObject, iterability } from '../validate';
 import { allNodes, attribute, Graph, weightValues } from './graph';
 import {
@@ -347,7 +347,8 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   if (feedsList.length === 0 || layers.length === 0) return;
   const names = compared.map((c) => c.name);
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  // A model of 2 GB or more loads from a temporary copy with external data (as for calibration).
+  // Weights no pass changed are read by onnxruntime from the model's files; a temporary copy with external data
+  // only when what is not left there reaches 2 GB (openExposed, as for calibration).
   const [f, q] = await openPair(() => openExposed(preparedFloat, names, options, 'the float model with its layer outputs exposed', LOWBIT_BUG, host),
     () => openExposed(quantized, names, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG, host), (s) => s.close());
   const power = new Float64Array(names.length);
@@ -418,16 +419,18 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
  * 1 MiB or more onnxruntime reads them from the model's own files (openExposed, serializeForSession), rather than
  * parsing a model file with its weights inline whole.
  */
-async function openFloatModel(model: string | Uint8Array, options: Parameters<typeof openSession>[1], host?: OrtHost) {
+async function openFloatModel(model: string | Uint8Array, options: Parameters<typeof openSession>[1], host?: OrtHost): Promise<ClosableSession> {
   const remedy = 'lowbit evaluates models in onnxruntime-node: fix or re-export the model so that it loads there.';
   if (typeof model === 'string') {
     const read = await readModelAsync(model, { lazyTensors: true });
-    if (bytesLeftInFiles(read) > 0) {
-      const { session, close } = await openExposed(read, [], options, 'the input model', remedy, host);
-      return { session, close };
-    }
+    if (bytesLeftInFiles(read) > 0) return openExposed(read, [], options, 'the input model', remedy, host);
   }
-  const session = await openSession(model, options, 'the input model', remedy, { host });
+  return closable(await openSession(model, options, 'the input model', remedy, { host }));
+}
+
+type ClosableSession = { session: OrtSession; close: () => Promise<void> };
+
+function closable(session: OrtSession): ClosableSession {
   return { session, close: () => session.release() };
 }
 
@@ -439,10 +442,8 @@ async function openFloatModel(model: string | Uint8Array, options: Parameters<ty
 export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost,
   signal?: AbortSignal) {
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
-  const [float, quant] = await openPair(() => openFloatModel(floatModel, options, host), async () => {
-    const session = await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host });
-    return { session, close: () => session.release() };
-  }, (opened) => opened.close());
+  const [float, quant] = await openPair(() => openFloatModel(floatModel, options, host),
+    async () => closable(await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host })), (opened) => opened.close());
   const [floatSession, quantSession] = [float.session, quant.session];
   const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number }>();
   let samples = 0;
@@ -544,8 +545,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     timings[stage] = performance.now() - t0;
     return r;
   };
-  // Large external tensors stay in their file until a pass uses them: quantizing weights only, without an
-  // evaluation, then holds one layer's float weights at a time rather than the whole float model.
+  // Large tensors (in external data, or in the model file, which is skimmed) stay in their file until a pass uses
+  // them: quantizing weights only, without an evaluation, then holds one layer's float weights at a time rather
+  // than the whole float model.
   const model = await time('read', () => readModelAsync(input, { lazyTensors: true }));
   const evaluationFeeds = opts.evaluationFeeds?.map((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
   const graph = new Graph(model);
@@ -926,9 +928,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   };
   if (evaluating) {
     opts.onProgress?.('evaluate');
-    // The float model as given: its file (onnxruntime reads external data next to it) or its bytes. A quantized model
-    // of 2 GB or more is compared layer by layer here, before the write moves its data out (from temporary copies),
-    // and as a whole from its written files below.
+    // The float model as given: from its path, skimmed, its weights read by onnxruntime from its own files
+    // (openFloatModel), or its bytes. A quantized model of 2 GB or more is compared layer by layer here, before the
+    // write moves its data out, and as a whole from its written files below.
     await evaluationTime(async () => {
       if (fitsOneFile) report.evaluation = await compareOutputs(input, bytes, feeds, host, opts.signal);
       if (prepared) {

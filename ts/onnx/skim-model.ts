@@ -139,11 +139,11 @@ export function* skimModel(size: number, location: string, threshold: number): W
       holds = (f) => (f.number === 6 || f.number === 11 ? 'graph' : f.number === 5 && value ? 'tensor' : undefined);
     } else {
       // A tensor already marked as external keeps what it has; of several raw_data fields the last one counts.
-      const location = lastField(found, (f) => f.number === 14 && f.wire === 0);
-      const external = location !== undefined && (yield* varint(location.dataStart))[0] === TensorProto_DataLocation.EXTERNAL;
+      const locationField = lastField(found, (f) => f.number === 14 && f.wire === 0);
+      const external = locationField !== undefined && (yield* varint(locationField.dataStart))[0] === TensorProto_DataLocation.EXTERNAL;
       const data = lastField(found, (f) => f.number === 9 && f.wire === 2);
       holds = (f) => (f === data && !external ? 'data' : undefined);
-      if (location && data && !external) locationSet.add(data.dataStart);
+      if (locationField && data && !external && data.end - data.dataStart >= threshold) locationSet.add(data.dataStart);
     }
     const out: Uint8Array[] = [];
     let copiedTo = start;
