@@ -141,6 +141,11 @@ export function isStream(data: object): boolean {
 }
 
 function isGenerator(v: unknown): boolean {
+  return generatorKind(v) !== undefined;
+}
+
+/** 'a generator' or 'an async generator' for a generator object; undefined for anything else. */
+export function generatorKind(v: unknown): 'a generator' | 'an async generator' | undefined {
   const tag = Object.prototype.toString.call(v);
-  return tag === '[object Generator]' || tag === '[object AsyncGenerator]';
+  return tag === '[object Generator]' ? 'a generator' : tag === '[object AsyncGenerator]' ? 'an async generator' : undefined;
 }

@@ -359,28 +359,24 @@ export async function openExposed(model: ModelProto, names: string[], options: P
   host?: OrtHost):
   Promise<{ session: Awaited<ReturnType<typeof openSession>>; close: () => Promise<void>; outputOf: (name: string) => string }> {
   const exposed = await exposedModel(model, names);
-  let session: Awaited<ReturnType<typeof openSession>>;
+  let session: Awaited<ReturnType<typeof openSession>> | undefined;
   try {
     session = await openSession(exposed.source, { ...options, ...sessionFolderOption(exposed.folder) }, what, remedy, { host, giveBytes: true });  // the bytes were made for this session
-  } catch (e) {
-    exposed.dispose();
-    throw e;
-  }
-  try {
     await exposed.check?.();  // the files the session read its weights from are still those the model was read with
   } catch (e) {
-    await session.release().catch(() => undefined);
+    await session?.release().catch(() => undefined);
     exposed.dispose();
     throw e;
   }
+  const opened = session;
   const close = async () => {
     try {
-      await session.release();
+      await opened.release();
     } finally {
       exposed.dispose();
     }
   };
-  return { session, close, outputOf: exposed.outputOf };
+  return { session: opened, close, outputOf: exposed.outputOf };
 }
 
 /**

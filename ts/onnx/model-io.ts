@@ -7,11 +7,11 @@ import { clearField, create, fromBinary, isFieldSet, toBinary } from '@bufbuild/
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import {
-  AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation,
+  AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, TensorProto_DataLocation,
   TensorProto_DataType, TensorProtoSchema, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
 } from 'onnx-buf';
 
-import { fieldHeader, skimModel, SkimError, type Skimmed } from './skim-model';
+import { externalDataEntries, fieldHeader, skimModel, SkimError, type Skimmed } from './skim-model';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
 export class OnnxModelError extends Error {
@@ -39,14 +39,18 @@ function identityOf(stat: fs.Stats): FileIdentity {
 }
 
 function sameIdentity(a: FileIdentity, b: FileIdentity): boolean {
-  return a.dev === b.dev && a.ino === b.ino && a.size === b.size && a.mtimeMs === b.mtimeMs;
+  return sameInode(a, b) && a.size === b.size && a.mtimeMs === b.mtimeMs;
+}
+
+function sameInode(a: { dev: number; ino: number }, b: { dev: number; ino: number }): boolean {
+  return a.dev === b.dev && a.ino === b.ino;
 }
 
 /** Throws when a lazily read tensor's data file is no longer the file the model was read with (replaced or changed). */
 function checkSameFile(name: string, source: ExternalSource, stat: fs.Stats): void {
   const was = source.identity;
   if (sameIdentity(was, identityOf(stat))) return;
-  throw new OnnxModelError(`Tensor ${name}: its external data file ${source.file} changed since the model was read (${was.ino !== stat.ino || was.dev !== stat.dev
+  throw new OnnxModelError(`Tensor ${name}: its external data file ${source.file} changed since the model was read (${!sameInode(was, stat)
     ? 'another file is at its path' : `size ${was.size} -> ${stat.size} bytes, or written since`}), so its bytes at offset ${source.offset} may be another tensor's. ` +
     'Read the model again, and do not replace or rewrite its data file while it is in use.');
 }
@@ -180,10 +184,6 @@ function skimGaveUp(e: unknown): boolean {
   return e instanceof SkimError || e instanceof OnnxModelError || (e instanceof Error && typeof (e as NodeJS.ErrnoException).code === 'string');
 }
 
-function sameInode(identity: FileIdentity, stat: fs.Stats): boolean {
-  return identity.dev === stat.dev && identity.ino === stat.ino;
-}
-
 /** The skimmed model, parsed; undefined when it does not parse (the file read whole then gives the error, as without skimming). */
 function parseSkimmed(skimmed: { bytes: Uint8Array } | undefined, file: string): ModelProto | undefined {
   if (!skimmed) return undefined;
@@ -210,9 +210,10 @@ function joined(pieces: Uint8Array[]): Uint8Array {
  * model file as it was skimmed (loadExternalData opened it again).
  */
 function restoreSkimmedTensors(model: ModelProto, file: string, skimmed: SkimmedFile): void {
+  const resolved = path.resolve(file);
   for (const t of storedTensors(model)) {
     const source = lazySource(t);
-    if (source?.file !== path.resolve(file) || !skimmed.left.has(source.offset)) continue;
+    if (source?.file !== resolved || !skimmed.left.has(source.offset)) continue;
     if (!sameIdentity(source.identity, skimmed.identity)) {
       throw new OnnxModelError(`${file} changed while it was being read. Read the model again, and do not replace or rewrite it while it is in use.`);
     }
@@ -729,8 +730,7 @@ export async function serializeForSession(model: ModelProto): Promise<{ bytes: U
     for (const { t, source } of found) {
       t.rawData = new Uint8Array(0);
       t.dataLocation = TensorProto_DataLocation.EXTERNAL;
-      t.externalData = [['location', path.relative(folder, real.get(source.file)!).split(path.sep).join('/')], ['offset', String(source.offset)],
-        ['length', String(source.length)]].map(([key, value]) => create(StringStringEntryProtoSchema, { key, value }));
+      t.externalData = externalDataEntries(path.relative(folder, real.get(source.file)!).split(path.sep).join('/'), source.offset, source.length);
     }
     pieces = await modelPiecesAsync(model);
   } finally {
@@ -832,11 +832,7 @@ async function moveDataOut(model: ModelProto, dataFile: string, threshold: numbe
       written.set(raw, at);
       offset += raw.length;
     }
-    t.externalData = [
-      create(StringStringEntryProtoSchema, { key: 'location', value: dataFile }),
-      create(StringStringEntryProtoSchema, { key: 'offset', value: String(at) }),
-      create(StringStringEntryProtoSchema, { key: 'length', value: String(raw.length) }),
-    ];
+    t.externalData = externalDataEntries(dataFile, at, raw.length);
     t.dataLocation = TensorProto_DataLocation.EXTERNAL;
     t.rawData = new Uint8Array(0);
   }
@@ -994,8 +990,7 @@ export async function writeFileAtomicAsync(file: string, bytes: Uint8Array, sign
  */
 export function samePath(a: string, b: string): boolean {
   try {
-    const [sa, sb] = [fs.statSync(a), fs.statSync(b)];
-    return sa.dev === sb.dev && sa.ino === sb.ino;
+    return sameInode(fs.statSync(a), fs.statSync(b));
   } catch {
     // One of them does not exist yet.
   }

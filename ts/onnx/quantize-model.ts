@@ -231,7 +231,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
       if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
     }
     if (a.method !== undefined && ![...ACTIVATION_METHODS, 'dynamic'].includes(a.method as string)) {
-      throw invalidValue('options.activations.method', "'minmax', 'percentile', 'kl', 'aciq', 'mse' or 'dynamic'", a.method);
+      throw invalidValue('options.activations.method', `${ACTIVATION_METHODS.map((m) => `'${m}'`).join(', ')} or 'dynamic'`, a.method);
     }
     if (a.equalizeDepthwise && (a.method === 'dynamic' || a.bits === 16)) {
       throw invalidValue('options.activations.equalizeDepthwise', `false with ${a.method === 'dynamic' ? "method 'dynamic' (it works on calibrated ranges)" : '16-bit activations (they need no equalization)'}`, a.equalizeDepthwise);

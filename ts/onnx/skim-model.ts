@@ -13,7 +13,7 @@
  * is a SkimError: the caller then reads the file whole, whose parse gives the proper error.
  */
 import { create, toBinary } from '@bufbuild/protobuf';
-import { StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProtoSchema } from 'onnx-buf';
+import { StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProtoSchema, type StringStringEntryProto } from 'onnx-buf';
 
 export class SkimError extends Error {}
 
@@ -37,6 +37,11 @@ type Kind = 'model' | 'graph' | 'node' | 'attribute' | 'tensor';
 
 /** A field as stored: its number and wire type, where it starts, and for a length-delimited one its data. */
 interface Field { number: number; wire: number; start: number; dataStart: number; end: number }
+
+/** A tensor's external_data entries: its data at `offset` of the file `location`, `length` bytes. */
+export function externalDataEntries(location: string, offset: number, length: number): StringStringEntryProto[] {
+  return [['location', location], ['offset', String(offset)], ['length', String(length)]].map(([key, value]) => create(StringStringEntryProtoSchema, { key, value }));
+}
 
 /** The last field that `which` accepts (protobuf's rule: of a non-repeated field stored several times, the last counts). */
 function lastField(found: Field[], which: (f: Field) => boolean): Field | undefined {
@@ -166,8 +171,7 @@ export function* skimModel(size: number, location: string, threshold: number): W
     if (leftHere) {
       out.push(toBinary(TensorProtoSchema, create(TensorProtoSchema, {
         dataLocation: TensorProto_DataLocation.EXTERNAL,
-        externalData: [['location', location], ['offset', String(leftHere.offset)], ['length', String(leftHere.length)]]
-          .map(([key, value]) => create(StringStringEntryProtoSchema, { key, value })),
+        externalData: externalDataEntries(location, leftHere.offset, leftHere.length),
       })));
     }
     return out;

@@ -14,7 +14,7 @@ import { ort } from '../bench/ort-models';
 import { checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
-import { checkAttached, checkChoice, checkInteger, checkKnownKeys, isPlainObject, isStream, iterability, otherRealm } from '../validate';
+import { checkAttached, checkChoice, checkInteger, checkKnownKeys, generatorKind, isPlainObject, isStream, iterability, otherRealm } from '../validate';
 import { exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { checkKernel } from '../cpu';
@@ -489,10 +489,8 @@ async function evaluateAgreement(model: TrainableModel, data: InputBatch, teache
 
 /** The error for training data that can be read only once when several epochs are asked for. */
 function readOnce(data: object, epochs: number): RangeError {
-  const tag = Object.prototype.toString.call(data);
   const stream = isStream(data);
-  const kind = tag === '[object AsyncGenerator]' ? 'an async generator' : tag === '[object Generator]' ? 'a generator'
-    : stream ? 'a stream' : 'an object handing out the same generator each time';
+  const kind = generatorKind(data) ?? (stream ? 'a stream' : 'an object handing out the same generator each time');
   const remedy = stream ? 'Collect its batches into an array, or pass epochs: 1.'
     : 'Pass an object that calls the generator function for each reading: { [Symbol.asyncIterator]: () => batches() }, or pass epochs: 1.';
   return new RangeError(`Expected batches that can be read once per epoch (options.epochs is ${epochs}: an array, or an object whose ` +
