@@ -1549,7 +1549,7 @@ describe('models below opset 7', () => {
   });
 });
 
-describe('Upsample and Resize-10 conversion', () => {
+describe('Upsample and Resize conversion', () => {
   function upsampleModel(opType: 'Upsample' | 'Resize', opset: number, mode: string, scalesAsAttribute: boolean): Uint8Array {
     const info = (name: string, dims: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } } });
     const scales = [1, 1, 2, 3];
@@ -1583,6 +1583,73 @@ describe('Upsample and Resize-10 conversion', () => {
       const want = await run(bytes);
       const got = await run(serializeModel(graph.model));
       want.forEach((v, i) => expect(got[i]).to.be.closeTo(v, 1e-6));
+    });
+  }
+
+  // Resize-11 with 'tf_half_pixel_for_nn' (dropped at opset 13), output sizes given, a conv after it to quantize.
+  function tfHalfPixelModel(inDims: number[], outDims: number[], mode: string, nearestMode?: string): Uint8Array {
+    const text = (name: string, value: string) => ({ name, type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode(value) });
+    const attribute = [text('mode', mode), text('coordinate_transformation_mode', 'tf_half_pixel_for_nn'), ...(nearestMode ? [text('nearest_mode', nearestMode)] : [])];
+    const channels = inDims[1];
+    return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 6n, opsetImport: [{ domain: '', version: 11n }],
+      graph: {
+        name: 'resize', input: [info('x', TensorProto_DataType.FLOAT, inDims)], output: [info('y', TensorProto_DataType.FLOAT, [outDims[0], 4, outDims[2], outDims[3]])],
+        initializer: [
+          { name: 'roi', dataType: TensorProto_DataType.FLOAT, dims: [0n] }, { name: 'scales', dataType: TensorProto_DataType.FLOAT, dims: [0n] },
+          { name: 'sizes', dataType: TensorProto_DataType.INT64, dims: [4n], rawData: new Uint8Array(BigInt64Array.from(outDims.map(BigInt)).buffer) },
+          { name: 'w', dataType: TensorProto_DataType.FLOAT, dims: [4n, BigInt(channels), 1n, 1n], rawData: new Uint8Array(Float32Array.from({ length: 4 * channels }, (_, i) => Math.cos(i)).buffer) },
+        ],
+        node: [
+          { opType: 'Resize', name: 'resize', input: ['x', 'roi', 'scales', 'sizes'], output: ['r'], attribute },
+          { opType: 'Conv', name: 'conv', input: ['r', 'w'], output: ['y'] },
+        ],
+      },
+    } as never));
+  }
+
+  for (const nearestMode of [undefined, 'round_prefer_floor', 'floor']) {
+    it(`Resize-11 nearest 'tf_half_pixel_for_nn' (nearest_mode ${nearestMode ?? 'by default'}) becomes 'half_pixel' with the same pixels at opset 13`, async () => {
+      const O = ort();
+      // Up and down by whole and fractional factors, where the two roundings differ if the mode is wrong.
+      for (const [inDims, outDims] of [[[1, 2, 3, 4], [1, 2, 6, 8]], [[1, 2, 5, 7], [1, 2, 3, 4]], [[1, 2, 4, 6], [1, 2, 7, 13]], [[1, 2, 3, 3], [1, 2, 9, 10]], [[1, 2, 7, 5], [1, 2, 5, 2]]]) {
+        const bytes = tfHalfPixelModel(inDims, outDims, 'nearest', nearestMode);
+        expect(unconvertibleReason(new Graph(readModel(bytes)))).to.equal(undefined);
+        const graph = new Graph(readModel(bytes));
+        const report = upgradeOpset(graph, 13);
+        const resize = graph.graph.node.find((n) => n.opType === 'Resize')!;
+        const text = (name: string) => new TextDecoder().decode(resize.attribute.find((a) => a.name === name)!.s);
+        expect(text('coordinate_transformation_mode')).to.equal('half_pixel');
+        expect(text('nearest_mode')).to.equal(nearestMode === 'floor' ? 'round_prefer_ceil' : 'ceil');
+        expect(resize.attribute.filter((a) => a.name === 'nearest_mode')).to.have.length(1);
+        expect(report.changed.some((c) => c.includes("'tf_half_pixel_for_nn' -> 'half_pixel'"))).to.equal(true);
+        const size = inDims.reduce((a, b) => a * b, 1);
+        const x = Float32Array.from({ length: size }, (_, i) => i);  // every pixel distinct: a wrong pick shows
+        const run = async (m: Uint8Array) => {
+          const s = await O.InferenceSession.create(m);
+          try {
+            return Array.from((await s.run({ x: new O.Tensor('float32', x, inDims) })).y.data as Float32Array);
+          } finally {
+            await s.release();
+          }
+        };
+        expect(await run(serializeModel(graph.model)), `${inDims} -> ${outDims}`).to.deep.equal(await run(bytes));
+      }
+    });
+  }
+
+  for (const [mode, nearestMode] of [['nearest', 'ceil'], ['nearest', 'round_prefer_ceil'], ['linear', undefined]] as const) {
+    it(`Resize-11 ${mode} 'tf_half_pixel_for_nn'${nearestMode ? ` with nearest_mode '${nearestMode}'` : ''} is not converted: W8 falls back to com.microsoft Q/DQ and says why`, async () => {
+      const bytes = tfHalfPixelModel([1, 2, 3, 4], [1, 2, 6, 8], mode, nearestMode);
+      expect(unconvertibleReason(new Graph(readModel(bytes)))).to.match(/^Resize \(resize\) with coordinate_transformation_mode 'tf_half_pixel_for_nn' \(dropped at opset 13\)/);
+      const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [{ x: { data: Float32Array.from({ length: 24 }, (_, i) => Math.sin(i)), dims: [1, 2, 3, 4] } }] });
+      expect(report.opset.microsoftDomainFallback).to.match(/opset 11 kept \(Resize \(resize\) with coordinate_transformation_mode 'tf_half_pixel_for_nn'/);
+      expect(fromBinary(ModelProtoSchema, model).opsetImport.find((o) => o.domain === '')!.version).to.equal(11n);
+      expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
+      // Int4 weights need opset 21: refused with the reason.
+      const e = await quantizeModel(bytes, { weights: { bits: 4 } }).catch((x: Error) => x);
+      expect(e).to.be.instanceOf(OnnxModelError);
+      expect((e as Error).message).to.match(/4-bit weights need opset 21, and this model \(opset 11\) cannot be converted: Resize \(resize\)/);
     });
   }
 });

@@ -336,6 +336,11 @@ export function int64sAttribute(node: NodeProto, name: string): bigint[] | undef
   return attribute(node, name)?.ints.map(BigInt);
 }
 
+export function stringAttribute(node: NodeProto, name: string, fallback: string): string {
+  const a = attribute(node, name);
+  return a ? new TextDecoder().decode(a.s) : fallback;
+}
+
 export function floatAttribute(node: NodeProto, name: string, fallback: number): number {
   const a = attribute(node, name);
   return a ? a.f : fallback;

@@ -22,7 +22,7 @@
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import { dimsOf, floatData, intAttribute, intsAttribute, makeNode, makeTensor, type Graph } from '../graph';
+import { dimsOf, floatData, intAttribute, intsAttribute, makeNode, makeTensor, stringAttribute, type Graph } from '../graph';
 import { affineFrom } from './fold-scalar-affine';
 import { nodeLabel, type PassReport } from './pass';
 import type { QuantizedWeights } from './quantize-weights';
@@ -201,8 +201,7 @@ export function equalizeDepthwiseInputs(graph: Graph, layers: NodeProto[], range
       continue;
     }
     const pads = intsAttribute(conv, 'pads') ?? [];
-    const autoPad = conv.attribute.find((a) => a.name === 'auto_pad')?.s;
-    if (autoPad && !['NOTSET', 'VALID'].includes(new TextDecoder().decode(autoPad))) {
+    if (!['NOTSET', 'VALID'].includes(stringAttribute(conv, 'auto_pad', 'NOTSET'))) {
       report.skipped.push({ node: label, reason: 'it pads by auto_pad (explicit pads are needed to pad before the shift)' });
       continue;
     }

@@ -15,7 +15,7 @@
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import { dimsOf, floatData, floatView, intsAttribute, attribute, ownedTensor, type Graph } from '../graph';
+import { dimsOf, floatData, floatView, intsAttribute, ownedTensor, stringAttribute, type Graph } from '../graph';
 import { nodeLabel, pauseClock, runSteps, type PassReport, type Steps } from './pass';
 
 /** The scalar constant among a two-input node's inputs (Graph.scalar) and the other input; or undefined. */
@@ -126,8 +126,7 @@ export function* foldScalarAffineSteps(graph: Graph, options: ScalarAffineOption
     const next = graph.onlyReader(last.output[0]);
     if (next?.opType !== 'Conv' || next.input[0] !== last.output[0]) continue;
     const pads = intsAttribute(next, 'pads') ?? [];
-    const autoPad = attribute(next, 'auto_pad')?.s;
-    const autoPadding = autoPad && !['NOTSET', 'VALID'].includes(new TextDecoder().decode(autoPad));
+    const autoPadding = !['NOTSET', 'VALID'].includes(stringAttribute(next, 'auto_pad', 'NOTSET'));
     if (pads.some((p) => p !== 0) || autoPadding) {
       if (t !== 0) {
         report.skipped.push({ node: nodeLabel(first), reason: `${nodeLabel(next)} pads its input, which would then read the shift ${Number(t.toPrecision(4))} instead of 0` });

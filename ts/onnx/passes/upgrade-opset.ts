@@ -5,18 +5,20 @@
  * ReduceSum (13), Softmax/LogSoftmax/Hardmax (13: the 2-D coercion becomes
  * Flatten + op + Reshape), the other Reduce ops (18), Split's num_outputs (18),
  * Upsample and Resize-10 (Resize-11 with an empty roi, 'asymmetric'
- * coordinates and, for nearest, 'floor' rounding: their old behaviour).
+ * coordinates and, for nearest, 'floor' rounding: their old behaviour),
+ * Resize-11's 'tf_half_pixel_for_nn' (13: 'half_pixel' with the nearest_mode
+ * that picks the same pixels; refused for the modes where none does).
  * Operators known to be unchanged in meaning are kept as they are, and so are
  * If, Loop (from opset 11) and Scan (from 9), whose bodies (which share the
  * model's opset) are converted the same way, their new constants kept inside
  * the body; anything else makes the conversion refuse, and the caller falls
  * back to com.microsoft Q/DQ.
  */
-import type { GraphProto, TensorProto } from 'onnx-buf';
+import type { GraphProto, NodeProto, TensorProto } from 'onnx-buf';
 
 import {
   attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, int64sAttribute, makeIntAttribute, makeNode,
-  isOnnxDomain, makeStringAttribute, namesRead, removeAttribute, subgraphsOf, type Graph,
+  isOnnxDomain, makeStringAttribute, namesRead, removeAttribute, stringAttribute, subgraphsOf, type Graph,
 } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
@@ -67,11 +69,31 @@ function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
     }
     if (UNCHANGED.has(n.opType) || REDUCE_18.has(n.opType)) continue;
     if (['Clip', 'Slice', 'Pad', 'Dropout', 'Squeeze', 'Unsqueeze', 'Split', 'ReduceSum', 'Softmax', 'LogSoftmax', 'Hardmax'].includes(n.opType)) continue;
+    if (n.opType === 'Resize' && opset >= 11 && opset < 13 && usesTfHalfPixel(n) && !halfPixelNearestMode(n)) {
+      return `Resize (${nodeLabel(n)}) with coordinate_transformation_mode 'tf_half_pixel_for_nn' (dropped at opset 13) and mode ` +
+        `'${stringAttribute(n, 'mode', 'nearest')}', nearest_mode '${stringAttribute(n, 'nearest_mode', 'round_prefer_floor')}' has no equivalent at opset 13 ` +
+        "(only nearest with 'round_prefer_floor' or 'floor' is converted)";
+    }
     if (n.opType === 'Resize' || n.opType === 'Upsample') continue;
     if (opset >= (CONTROL_FLOW_SINCE.get(n.opType) ?? Infinity)) continue;
     return `${n.opType} (${nodeLabel(n)}) changed between opset ${opset} and the target and is not converted here`;
   }
   return undefined;
+}
+
+/**
+ * Resize-11's 'tf_half_pixel_for_nn' maps x to (x + 0.5) / scale; 'half_pixel' to that minus 0.5, so rounding
+ * (x + 0.5) / scale is rounding the half_pixel coordinate shifted by half: round_prefer_floor(c) = ceil(c − 0.5) and
+ * floor(c) = round_prefer_ceil(c − 0.5). The nearest_mode that does this with 'half_pixel', or undefined when none
+ * does (linear and cubic modes, nearest with 'ceil' or 'round_prefer_ceil').
+ */
+function halfPixelNearestMode(n: NodeProto): string | undefined {
+  if (stringAttribute(n, 'mode', 'nearest') !== 'nearest') return undefined;
+  return new Map([['round_prefer_floor', 'ceil'], ['floor', 'round_prefer_ceil']]).get(stringAttribute(n, 'nearest_mode', 'round_prefer_floor'));
+}
+
+function usesTfHalfPixel(n: NodeProto): boolean {
+  return stringAttribute(n, 'coordinate_transformation_mode', 'half_pixel') === 'tf_half_pixel_for_nn';
 }
 
 /** The lowest IR version of the ONNX releases with this opset (onnx/docs/Versioning.md). */
@@ -220,12 +242,17 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
             removeAttribute(n, 'scales');
           }
           n.input = [n.input[0], '', n.input[1]];
-          const mode = attribute(n, 'mode')?.s;
-          const isNearest = !mode || new TextDecoder().decode(mode) === 'nearest';
+          const isNearest = stringAttribute(n, 'mode', 'nearest') === 'nearest';
           n.opType = 'Resize';
           n.attribute.push(makeStringAttribute('coordinate_transformation_mode', 'asymmetric'));
           if (isNearest) n.attribute.push(makeStringAttribute('nearest_mode', 'floor'));
           report.changed.push(`${label}: ${from < 10 ? 'Upsample' : 'Resize-10'} -> Resize (asymmetric${isNearest ? ', floor' : ''})`);
+        } else if (from < 13 && target >= 13 && usesTfHalfPixel(n)) {
+          const nearestMode = halfPixelNearestMode(n)!;
+          removeAttribute(n, 'coordinate_transformation_mode');
+          removeAttribute(n, 'nearest_mode');
+          n.attribute.push(makeStringAttribute('coordinate_transformation_mode', 'half_pixel'), makeStringAttribute('nearest_mode', nearestMode));
+          report.changed.push(`${label}: Resize 'tf_half_pixel_for_nn' -> 'half_pixel' with nearest_mode '${nearestMode}' (same pixels)`);
         }
         break;
       default:
