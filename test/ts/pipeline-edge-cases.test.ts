@@ -747,3 +747,60 @@ describe('per-row biases (shape [M, 1] with M equal to the channel count)', () =
   });
 });
 
+
+describe('MatMul weights with leading dimensions of 1', () => {
+  // x·W with W [1, K, N] or [1, 1, K, N] (one matrix, as some exporters write it) is quantized like [K, N];
+  // a batched weight [2, K, N] (two matrices) is not, and says so.
+  const model = buildModel({
+    inputDims: [2, 5, 64], output: 'y', opset: 13,
+    initializers: {
+      w0: { dims: [64, 64], data: heInit(4096, 64, 9) }, w1: { dims: [1, 64, 48], data: heInit(3072, 64, 1) }, b1: { dims: [48], data: heInit(48, 4, 2) },
+      w2: { dims: [1, 1, 48, 10], data: heInit(480, 48, 3) }, w3: { dims: [2, 48, 10], data: heInit(960, 48, 5) },
+    },
+    nodes: [
+      { op: 'MatMul', inputs: ['input', 'w0'], output: 'h0', name: 'mm0' },
+      { op: 'MatMul', inputs: ['h0', 'w1'], output: 'h1', name: 'mm1' },
+      { op: 'Add', inputs: ['h1', 'b1'], output: 'a' },
+      { op: 'Relu', inputs: ['a'], output: 'r' },
+      { op: 'MatMul', inputs: ['r', 'w2'], output: 'y0', name: 'mm2' },
+      { op: 'MatMul', inputs: ['r', 'w3'], output: 'y1', name: 'batched' },
+      { op: 'Add', inputs: ['y0', 'y1'], output: 'y' },
+    ],
+  });
+  const r = rng(4);
+  const feeds = [0, 1, 2, 3].map(() => ({ input: { data: Float32Array.from({ length: 640 }, () => r() * 2 - 1 + 0.3), dims: [2, 5, 64] } }));
+
+  it('are quantized per output channel (the last axis) or in blocks along K, in every setting, and run in onnxruntime', async () => {
+    const settings = {
+      'W8': { weights: { bits: 8 as const } },
+      'W4 blocks': { weights: { bits: 4 as const, granularity: 'block' as const, blockSize: 16 }, firstLastLayerBits: 4 },
+      'W8A8 with bias correction': { weights: { bits: 8 as const }, activations: { bits: 8 as const, method: 'minmax' as const, biasCorrection: true }, calibration: feeds },
+      'W8A8 dynamic': { weights: { bits: 8 as const }, activations: { bits: 8 as const, method: 'dynamic' as const } },
+      'W8 with bit allocation': { weights: { bits: 8 as const, bitAllocation: { averageBits: 4 } } },
+    };
+    for (const [name, options] of Object.entries(settings)) {
+      const { model: q, report } = await quantizeModel(model, { ...options, evaluationFeeds: feeds });
+      const blocked = name === 'W4 blocks';
+      const granularity = (axis: number) => (blocked ? `block 16 on axis ${axis - 1}` : `channel on axis ${axis}`);
+      expect(report.layers.map((l) => [l.node, l.shape.join('x'), l.granularity]), name).to.deep.equal([
+        ['mm0', '64x64', blocked ? 'block 16 on axis 0' : 'channel on axis 1'], ['mm1', '1x64x48', granularity(2)], ['mm2', '1x1x48x10', granularity(3)]]);
+      const skipped = report.passes.flatMap((p) => p.skipped.map((s) => `${s.node}: ${s.reason}`));
+      expect(skipped, name).to.deep.equal(['batched: weight shape [2, 48, 10] is not a MatMul weight this pass handles (2-D, or with leading dimensions of 1 ([1, K, N]))']);
+      // The layers' own errors are those of their bits (a misread axis gives tens of dB less), and the model runs.
+      for (const l of report.layers) expect(l.weightSqnrDb, `${name} ${l.node}`).to.be.above(l.bits === 8 ? 45 : 20);
+      expect(report.evaluation!.outputs[0].cosine, name).to.be.above(blocked || name.includes('allocation') ? 0.99 : 0.9999);
+      const graph = fromBinary(ModelProtoSchema, q).graph!;
+      expect(graph.initializer.some((t) => t.name === 'w1' || t.name === 'w2'), name).to.equal(false);
+    }
+  });
+
+  it('take GPTQ rounding over the right axis (it lowers their output error below rounding to nearest)', async () => {
+    const layerSqnr = async (rounding: 'nearest' | 'gptq') => {
+      const { report } = await quantizeModel(model, { weights: { bits: 4, rounding }, firstLastLayerBits: 4, calibration: feeds, evaluationFeeds: feeds });
+      return new Map(report.layers.map((l) => [l.node, l.outputSqnrDb!]));
+    };
+    const nearest = await layerSqnr('nearest');
+    const gptq = await layerSqnr('gptq');
+    for (const node of ['mm0', 'mm1', 'mm2']) expect(gptq.get(node)! - nearest.get(node)!, node).to.be.above(3);
+  });
+});

@@ -127,11 +127,12 @@ export interface QuantizedWeights {
 
 export const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
 
+// A MatMul weight may carry leading dimensions of 1 ([1, K, N], as some exporters write it): one [K, N] matrix.
 function layout(opType: string, dims: number[], transB: number): { outputAxis: number; reductionAxis: number } | undefined {
   if (opType === 'Conv') return dims.length >= 3 ? { outputAxis: 0, reductionAxis: 1 } : undefined;
-  if (dims.length !== 2) return undefined;
-  if (opType === 'Gemm' && transB === 1) return { outputAxis: 0, reductionAxis: 1 };
-  return { outputAxis: 1, reductionAxis: 0 };
+  if (opType === 'Gemm') return dims.length !== 2 ? undefined : transB === 1 ? { outputAxis: 0, reductionAxis: 1 } : { outputAxis: 1, reductionAxis: 0 };
+  if (dims.length < 2 || dims.slice(0, -2).some((d) => d !== 1)) return undefined;
+  return { outputAxis: dims.length - 1, reductionAxis: dims.length - 2 };
 }
 
 /** The stored values: q's int8 codes themselves (q is not changed after this), or freshly packed int4/int2. */
@@ -268,7 +269,8 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
   }
   const dims = dimsOf(w!);
   if (layout(n.opType, dims, intAttribute(n, 'transB', 0))) return undefined;
-  return `weight shape [${dims.join(', ')}] is not a ${n.opType} weight this pass handles (${n.opType === 'Conv' ? 'at least 3-D' : '2-D'})`;
+  const handled = n.opType === 'Conv' ? 'at least 3-D' : n.opType === 'Gemm' ? '2-D' : '2-D, or with leading dimensions of 1 ([1, K, N])';
+  return `weight shape [${dims.join(', ')}] is not a ${n.opType} weight this pass handles (${handled})`;
 }
 
 /** quantizableLayers' counterpart inside subgraphs. */
@@ -308,7 +310,7 @@ export function layerInput(graph: Graph, node: NodeProto, scopes: GraphProto[] =
   const dims = dimsOf(graph.constantIn(node.input[1], scopes)!.tensor);
   if (node.opType === 'Conv') return { kind: 'conv', node, weightDims: dims };
   const transB = node.opType === 'Gemm' && intAttribute(node, 'transB', 0) === 1;
-  return { kind: 'matrix', columns: transB ? dims[1] : dims[0], transposed: node.opType === 'Gemm' && intAttribute(node, 'transA', 0) === 1 };
+  return { kind: 'matrix', columns: transB ? dims[1] : dims[dims.length - 2], transposed: node.opType === 'Gemm' && intAttribute(node, 'transA', 0) === 1 };
 }
 
 /** The weight tensor as a [rows = outputs, columns = what one output meets] matrix (GPTQ, bias correction). */
@@ -317,9 +319,9 @@ export function matrixView(node: NodeProto, dims: number[], outputAxis: number):
     const columns = dims.slice(1).reduce((a, b) => a * b, 1);
     return { rows: dims[0], columns, rowStride: columns, columnStride: 1, rowsPerGram: dims[0] / intAttribute(node, 'group', 1) };
   }
-  return outputAxis === 0
-    ? { rows: dims[0], columns: dims[1], rowStride: dims[1], columnStride: 1, rowsPerGram: dims[0] }
-    : { rows: dims[1], columns: dims[0], rowStride: 1, columnStride: dims[1], rowsPerGram: dims[1] };
+  if (outputAxis === 0) return { rows: dims[0], columns: dims[1], rowStride: dims[1], columnStride: 1, rowsPerGram: dims[0] };
+  const [k, n] = dims.slice(-2);  // [.., K, N] with leading ones (see layout)
+  return { rows: n, columns: k, rowStride: 1, columnStride: n, rowsPerGram: n };
 }
 
 export interface WeightQuantizationResult {
