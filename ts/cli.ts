@@ -252,6 +252,7 @@ export function program(): Command {
         shown = undefined;
       };
       const started = Date.now();
+      const existedBefore = new Set([o.output, `${o.output}.data`].filter((f) => fs.existsSync(f)));
       const { result, signal } = await interruptible('stopping, removing partial output…', hideProgress, (signal) => withFlags(QUANTIZE_FLAGS, () => quantizeModel(model, {
         weights: {
           bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block' | 'tensor', blockSize: Number(o.blockSize), method: o.method as 'minmax',
@@ -291,12 +292,14 @@ export function program(): Command {
           process.stderr.write(`  ${stage}…\n`);
         },
       })));
-      // What this run wrote: the model, and its data file when one was written since the run started.
-      const removeOutput = (): string[] => {
+      // What this run wrote: the model, and its data file when one was written since the run started. Files that
+      // were there before the run were replaced by it: removing them would leave neither the old nor the new one.
+      const removeOutput = (): { removed: string[]; kept: string[] } => {
         const data = `${o.output}.data`;
         const written = [o.output!, ...(fs.existsSync(data) && fs.statSync(data).mtimeMs >= started ? [data] : [])];
-        for (const f of written) fs.rmSync(f, { force: true });
-        return written;
+        const removed = written.filter((f) => !existedBefore.has(f));
+        for (const f of removed) fs.rmSync(f, { force: true });
+        return { removed, kept: written.filter((f) => existedBefore.has(f)) };
       };
       const { report } = result;
       if (o.report) {
@@ -305,9 +308,11 @@ export function program(): Command {
           const json = JSON.stringify(report, (_, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2);
           writeFileAtomic(o.report, new TextEncoder().encode(json));
         } catch (e) {
-          // All or nothing: the model without the report asked for is a failed run.
-          const written = removeOutput();
-          throw new Error(`${(e as Error).message.replace(': nothing was written', '')}; removed ${written.join(' and ')} too, so nothing of this run is left.`);
+          // All or nothing where it can be: the model without the report asked for is a failed run.
+          const { removed, kept } = removeOutput();
+          throw new Error(`${(e as Error).message.replace(': nothing was written.', '.')}` +
+            (removed.length ? ` Removed ${removed.join(' and ')}, which this run wrote.` : '') +
+            (kept.length ? ` Kept ${kept.join(' and ')}: this run wrote ${kept.length > 1 ? 'them' : 'it'} over an earlier file, which is gone.` : ''));
         }
       }
       console.log(table(report.layers.map((l) => ({

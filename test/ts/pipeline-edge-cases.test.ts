@@ -11,7 +11,7 @@ import { EventEmitter } from 'node:events';
 import * as readline from 'node:readline';
 import { Readable } from 'node:stream';
 import {
-  AttributeProto_AttributeType, ModelProtoSchema, SparseTensorProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType,
+  AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, SparseTensorProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType,
   TensorProtoSchema,
 } from 'onnx-buf';
 
@@ -26,6 +26,7 @@ import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
 import { densifySparseInitializers } from '../../ts/onnx/passes/sparse-initializers';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { compareOutputs, quantizeModel } from '../../ts/onnx/quantize-model';
+import { finetune } from '../../ts/train/finetune';
 import { writeNpy } from '../helpers/npy';
 import { buildModel, heInit } from '../helpers/onnx-builder';
 import { rng } from '../helpers/random';
@@ -292,8 +293,14 @@ describe('`lowbit quantize --report`', () => {
     fs.rmSync(path.join(dir, 'exact.q.onnx'));
     const bad = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
     expect(bad.status).to.equal(1);
-    expect(bad.stderr).to.match(/Could not write \/proc\/lowbit-report\.json .*; removed exact\.q\.onnx too, so nothing of this run is left\./);
+    expect(bad.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. Check that its folder exists and is writable\. Removed exact\.q\.onnx, which this run wrote\.\n/);
     expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
+    // An output that was there before the run was replaced by it: removing it would leave neither, so it is kept.
+    fs.writeFileSync(path.join(dir, 'exact.q.onnx'), 'an earlier output');
+    const over = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(over.status).to.equal(1);
+    expect(over.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. .* Kept exact\.q\.onnx: this run wrote it over an earlier file, which is gone\.\n/);
+    expect(readModel(path.join(dir, 'exact.q.onnx')).graph!.node.some((n) => n.opType === 'DequantizeLinear')).to.equal(true);  // this run's model
     fs.rmSync(dir, { recursive: true });
   });
 });
@@ -574,7 +581,7 @@ describe('ONNX rewrites found by the audit', () => {
     fs.rmSync(dir, { recursive: true });
   });
 
-  it('a model of 2 GB or more (limit lowered) is not written over its input when it is compared from the written files', async () => {
+  it('the input model named by another path (a symbolic link, a hard link, a linked folder) is refused as the output path, also at 2 GB or more (limit lowered)', async () => {
     const io: { ONE_BUFFER_LIMIT: number } = require('../../ts/onnx/model-io');
     const limit = io.ONE_BUFFER_LIMIT;
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-inplace-'));
@@ -589,12 +596,15 @@ describe('ONNX rewrites found by the audit', () => {
     fs.symlinkSync(dir, path.join(dir, 'folder'));
     const names = ['m.onnx', 'soft.onnx', 'hard.onnx', path.join('folder', 'm.onnx')];
     const before = fs.readFileSync(file);
-    io.ONE_BUFFER_LIMIT = 1;
     try {
-      for (const name of names) {
-        let caught: unknown;
-        await quantizeModel(file, { weights: { bits: 4 }, outputPath: path.join(dir, name) }).catch((e) => (caught = e));
-        expect((caught as Error)?.message, name).to.match(/a path other than the input model's for a model of 2 GB or more .* for options\.outputPath/);
+      for (const limited of [false, true]) {
+        if (limited) io.ONE_BUFFER_LIMIT = 1;
+        for (const name of names) {
+          let caught: unknown;
+          await quantizeModel(file, { weights: { bits: 4 }, outputPath: path.join(dir, name) }).catch((e) => (caught = e));
+          expect(caught, name).to.be.instanceOf(RangeError);
+          expect((caught as Error).message, name).to.match(/^Expected options\.outputPath to name a file other than the input model's file \(.*\), but it is the same file: writing it would destroy the input/);
+        }
       }
     } finally {
       io.ONE_BUFFER_LIMIT = limit;
@@ -802,5 +812,241 @@ describe('MatMul weights with leading dimensions of 1', () => {
     const nearest = await layerSqnr('nearest');
     const gptq = await layerSqnr('gptq');
     for (const node of ['mm0', 'mm1', 'mm2']) expect(gptq.get(node)! - nearest.get(node)!, node).to.be.above(3);
+  });
+});
+
+describe('malformed and unusual models (second audit)', () => {
+  const info = (name: string, dims?: number[]) => ({
+    name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } },
+  });
+  const floats = (name: string, dims: number[], values: ArrayLike<number>) => ({
+    name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt), rawData: new Uint8Array(Float32Array.from(values).buffer),
+  });
+  const model = (graph: Record<string, unknown>, opsetImport = [{ domain: '', version: 13n }]) =>
+    toBinary(ModelProtoSchema, create(ModelProtoSchema, { irVersion: 8n, opsetImport, graph: { name: 'g', ...graph } } as never));
+
+  it('a Gemm whose transB is any value but 0 is read as transposed, as onnxruntime reads it (BN folding, int32 bias, GPTQ, dynamic)', async () => {
+    const r = rng(21);
+    const w = heInit(32, 8, 3);  // [4, 8] read transposed: 8 inputs, 4 outputs
+    const gemmBn = (transB: number) => model({
+      input: [info('x', [2, 8])], output: [info('y')],
+      node: [
+        { opType: 'Gemm', name: 'gemm', input: ['x', 'w', 'c'], output: ['h'], attribute: [{ name: 'transB', type: AttributeProto_AttributeType.INT, i: BigInt(transB) }] },
+        { opType: 'BatchNormalization', name: 'bn', input: ['h', 'g', 'b', 'm', 'v'], output: ['y'] },
+      ],
+      initializer: [floats('w', [4, 8], w), floats('c', [4], [0.1, -0.2, 0.3, 0]), floats('g', [4], [1, 2, 3, 4]), floats('b', [4], [0.1, 0.2, 0.3, 0.4]),
+        floats('m', [4], [0.5, 0, -0.5, 1]), floats('v', [4], [1, 2, 0.5, 1])],
+    });
+    const feeds = [0, 1, 2].map(() => ({ x: { data: Float32Array.from({ length: 16 }, () => r() * 2 - 1), dims: [2, 8] } }));
+    const O = ort();
+    const run = async (bytes: Uint8Array) => {
+      const s = await O.InferenceSession.create(bytes);
+      try {
+        return Array.from((await s.run({ x: new O.Tensor('float32', feeds[0].x.data, [2, 8]) })).y.data as Float32Array);
+      } finally {
+        await s.release();
+      }
+    };
+    const reference = await run(gemmBn(1));
+    expect(await run(gemmBn(2))).to.deep.equal(reference);  // onnxruntime: transB 2 is transB 1
+    for (const options of [
+      { weights: { bits: 8 as const } },
+      { weights: { bits: 8 as const }, activations: { bits: 8 as const, method: 'minmax' as const, biasCorrection: true }, calibration: feeds },
+      { weights: { bits: 8 as const, rounding: 'gptq' as const }, calibration: feeds },
+      { weights: { bits: 8 as const }, activations: { bits: 8 as const, method: 'dynamic' as const } },
+    ]) {
+      const got = await quantizeModel(gemmBn(2), { ...options, evaluationFeeds: feeds });
+      const want = await quantizeModel(gemmBn(1), { ...options, evaluationFeeds: feeds });
+      expect(got.report.layers.map((l) => l.granularity), JSON.stringify(options)).to.deep.equal(['channel on axis 0']);
+      expect(got.report.evaluation!.outputs[0].cosine, JSON.stringify(options)).to.be.above(0.9999);
+      expect(got.report.passes.flatMap((p) => p.skipped), JSON.stringify(options)).to.deep.equal(want.report.passes.flatMap((p) => p.skipped));
+      expect(got.report.passes.flatMap((p) => p.changed), JSON.stringify(options)).to.deep.equal(want.report.passes.flatMap((p) => p.changed));
+    }
+  });
+
+  it('BatchNormalization parameters of the wrong length are not folded (no NaN bias), with the reason', async () => {
+    const bytes = model({
+      input: [info('x', [1, 4])], output: [info('y')],
+      node: [{ opType: 'Gemm', name: 'gemm', input: ['x', 'w'], output: ['h'] }, { opType: 'BatchNormalization', name: 'bn', input: ['h', 'g', 'b', 'm', 'v'], output: ['y'] }],
+      initializer: [floats('w', [4, 4], heInit(16, 4, 1)), floats('g', [4], [1, 1, 1, 1]), floats('b', [4], [0, 0, 0, 0]), floats('m', [3], [0, 0, 0]), floats('v', [4], [1, 1, 1, 1])],
+    });
+    const { report } = await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [] });
+    expect(report.passes.find((p) => p.pass === 'fold-batchnorm')!.skipped).to.deep.equal([
+      { node: 'bn', reason: "BatchNormalization's scale, bias, mean and variance hold 4, 4, 3, 4 values but the weights have 4 channels" }]);
+  });
+});
+
+describe('output paths and model files (second audit)', () => {
+  const matmul = () => buildModel({
+    inputDims: [1, 8], output: 'y', initializers: { w: { dims: [8, 4], data: heInit(32, 8, 1) } },
+    nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+  });
+  // The same model with its weight in w.bin (external data), offset and length as given.
+  const withExternalWeight = (dir: string, entries: Array<[string, string]>, dataFile = 'w.bin') => {
+    const model = readModel(matmul());
+    const w = model.graph!.initializer[0];
+    if (!fs.existsSync(path.join(dir, dataFile))) fs.writeFileSync(path.join(dir, dataFile), Buffer.concat([Buffer.alloc(16), Buffer.from(w.rawData)]));
+    w.rawData = new Uint8Array(0);
+    w.dataLocation = TensorProto_DataLocation.EXTERNAL;
+    w.externalData = [['location', dataFile], ...entries].map(([key, value]) => create(StringStringEntryProtoSchema, { key, value }));
+    const file = path.join(dir, 'm.onnx');
+    fs.writeFileSync(file, serializeModel(model));
+    return file;
+  };
+  let dir: string;
+  beforeEach(() => { dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-paths-')); });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it('an output path that is a named pipe is refused before any work, and stays a pipe', async () => {
+    const pipe = path.join(dir, 'pipe.onnx');
+    expect(spawnSync('mkfifo', [pipe]).status).to.equal(0);
+    const stages: string[] = [];
+    const e = await quantizeModel(matmul(), { weights: { bits: 8 }, outputPath: pipe, evaluationFeeds: [], onProgress: (s) => stages.push(s) }).catch((x: Error) => x);
+    expect(e).to.be.instanceOf(RangeError);
+    expect((e as Error).message).to.equal(`Expected a regular file path for options.outputPath but received "${pipe}", which is a named pipe: lowbit writes a ` +
+      'temporary file and renames it over the path, which would replace it. Write to a file, then copy it there.');
+    expect(stages).to.deep.equal([]);
+    expect(fs.lstatSync(pipe).isFIFO()).to.equal(true);
+  });
+
+  it('an output path that is a symbolic link is written through: the link stays, the file it names gets the model (one file and external data)', async () => {
+    for (const externalData of [false, true]) {
+      const target = path.join(dir, `target${externalData}.onnx`);
+      const link = path.join(dir, `link${externalData}.onnx`);
+      fs.writeFileSync(target, 'old');
+      fs.symlinkSync(target, link);
+      const { model } = await quantizeModel(matmul(), { weights: { bits: 8 }, outputPath: link, evaluationFeeds: [], externalData });
+      expect(fs.lstatSync(link).isSymbolicLink()).to.equal(true);
+      expect(fs.readFileSync(target)).to.deep.equal(Buffer.from(model));
+      expect(fs.existsSync(`${target}.data`)).to.equal(externalData);  // next to the model, where its reference finds it
+    }
+  });
+
+  it("externalData with '<outputPath>.data' a folder is refused before any work, and the folder is left as it was", async () => {
+    const out = path.join(dir, 'q.onnx');
+    fs.mkdirSync(`${out}.data`);
+    fs.writeFileSync(path.join(`${out}.data`, 'notes.txt'), 'mine');
+    const e = await quantizeModel(matmul(), { weights: { bits: 8 }, outputPath: out, externalData: true, evaluationFeeds: [] }).catch((x: Error) => x);
+    expect(e).to.be.instanceOf(RangeError);
+    expect((e as Error).message).to.equal(`Expected a file path for options.outputPath's data file but received "${out}.data", which is a folder.`);
+    expect(fs.readdirSync(dir)).to.deep.equal(['q.onnx.data']);
+    expect(fs.readdirSync(`${out}.data`)).to.deep.equal(['notes.txt']);
+  });
+
+  it('an output path that is the input model or its external data file is refused (quantizeModel, finetune), and the input stays', async () => {
+    const file = withExternalWeight(dir, [['offset', '16']]);
+    const before = [fs.readFileSync(file), fs.readFileSync(path.join(dir, 'w.bin'))];
+    for (const [outputPath, which] of [[file, 'file'], [path.join(dir, 'w.bin'), 'external data file']] as const) {
+      const e = await quantizeModel(file, { weights: { bits: 8 }, outputPath, evaluationFeeds: [] }).catch((x: Error) => x);
+      expect(e, outputPath).to.be.instanceOf(RangeError);
+      expect((e as Error).message).to.match(new RegExp(`^Expected options.outputPath to name a file other than the input model's ${which} \\(.*\\), but it is the same file`));
+    }
+    fs.renameSync(path.join(dir, 'w.bin'), path.join(dir, 'w.data'));  // so that 'w' + '.data' is the data file
+    withExternalWeight(dir, [['offset', '16']], 'w.data');
+    const e = await quantizeModel(file, { weights: { bits: 8 }, outputPath: path.join(dir, 'w'), externalData: true, evaluationFeeds: [] }).catch((x: Error) => x);
+    expect((e as Error).message).to.match(/^Expected options.outputPath's data file to name a file other than the input model's external data file/);
+    fs.renameSync(path.join(dir, 'w.data'), path.join(dir, 'w.bin'));
+    withExternalWeight(dir, [['offset', '16']]);
+    const f = await finetune(file, { inputs: { data: new Float32Array(16), dims: [2, 8] }, labels: Uint8Array.of(0, 1) }, { outputPath: file, epochs: 1 }).catch((x: Error) => x);
+    expect((f as Error).message).to.match(/^Expected options.outputPath to name a file other than the input model's file/);
+    expect([fs.readFileSync(file), fs.readFileSync(path.join(dir, 'w.bin'))]).to.deep.equal(before);
+  });
+
+  it('an external data file that is a named pipe is an OnnxModelError, not a wait for ever', () => {
+    const file = withExternalWeight(dir, [], 'pipe.bin');
+    fs.rmSync(path.join(dir, 'pipe.bin'));
+    expect(spawnSync('mkfifo', [path.join(dir, 'pipe.bin')]).status).to.equal(0);
+    // In a child: opening a pipe for reading waits in a way that not even process.exit ends.
+    const script = `require(${JSON.stringify(path.join(root, 'dist', 'ts', 'index.js'))}).inspectModel(${JSON.stringify(file)})` +
+      '.then(() => console.log("resolved"), (e) => console.log(e.name + ": " + e.message))';
+    const child = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 20000, killSignal: 'SIGKILL' });
+    expect(child.signal, 'the read waited on the pipe').to.equal(null);
+    expect(child.stdout.trim()).to.equal(`OnnxModelError: Tensor w: its external data file ${path.join(dir, 'pipe.bin')} cannot be read (it is not a regular file). ` +
+      "Put the model's data file next to it, as it was written.");
+  });
+
+  it('external data offsets and lengths are decimal digits only, as onnxruntime reads them', async () => {
+    for (const [key, value] of [['offset', ''], ['offset', ' 16'], ['offset', '0x10'], ['length', '1.28e2'], ['offset', '-16']]) {
+      const file = withExternalWeight(dir, [[key, value], ...(key === 'offset' ? [['length', '128'] as [string, string]] : [['offset', '16'] as [string, string]])]);
+      const e = await inspectModel(file).catch((x: Error) => x);
+      expect(e, `${key} ${JSON.stringify(value)}`).to.be.instanceOf(OnnxModelError);
+      expect((e as Error).message).to.equal(`Tensor w: its external data ${key} is ${JSON.stringify(value)}, not a byte count in decimal digits: ` +
+        'the model file is corrupted or was written wrongly; re-export it.');
+    }
+    const good = await inspectModel(withExternalWeight(dir, [['offset', '16'], ['length', '128']]));
+    expect(good.layers[0].quantized).to.equal(true);
+  });
+});
+
+describe('model contents refused (second audit)', () => {
+  const withModel = (edit: (m: ReturnType<typeof readModel>) => void) => {
+    const m = readModel(buildModel({
+      inputDims: [1, 8], output: 'y', initializers: { w: { dims: [8, 4], data: heInit(32, 8, 1) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+    }));
+    edit(m);
+    return serializeModel(m);
+  };
+
+  it('an opset_import with the default domain twice, none, or a version below 1 is an OnnxModelError', async () => {
+    const cases: Array<[string, (m: ReturnType<typeof readModel>) => void, string]> = [
+      ['twice', (m) => m.opsetImport.push({ ...m.opsetImport[0], domain: 'ai.onnx', version: 9n }), '2 versions (13, 9)'],
+      ['none', (m) => { m.opsetImport[0].domain = 'com.microsoft'; }, 'no version'],
+      ['version 0', (m) => { m.opsetImport[0].version = 0n; }, 'version 0'],
+      ['version -5', (m) => { m.opsetImport[0].version = -5n; }, 'version -5'],
+    ];
+    for (const [label, edit, what] of cases) {
+      const e = await quantizeModel(withModel(edit), { weights: { bits: 8 }, evaluationFeeds: [] }).catch((x: Error) => x);
+      expect(e, label).to.be.instanceOf(OnnxModelError);
+      expect((e as Error).message, label).to.equal(`This model imports ${what} of the default ONNX domain in its opset_import, where a model imports one, ` +
+        "1 or later: fix the model's opset_import (or re-export it).");
+    }
+  });
+
+  it('a weight with a negative dimension, or float16 int32_data outside 0..65535, is an OnnxModelError (quantizeModel and inspectModel)', async () => {
+    const negative = withModel((m) => { m.graph!.initializer[0].dims = [-8n, -4n]; });
+    const half = withModel((m) => {
+      const w = m.graph!.initializer[0];
+      w.dataType = TensorProto_DataType.FLOAT16;
+      w.rawData = new Uint8Array(0);
+      w.int32Data = Array.from({ length: 32 }, (_, i) => (i === 5 ? 0x13c00 : 0x3c00));
+    });
+    for (const [bytes, message] of [
+      [negative, "Tensor 'w' has dims [-8, -4]: a dimension below 0 is no size. The model file is corrupted or was written wrongly; re-export it."],
+      [half, "Tensor 'w' (float16) holds 80896 at index 5 of its int32_data, which is no float16 bit pattern (0 to 65535): the model file is corrupted or was written wrongly; re-export it."],
+    ] as const) {
+      for (const run of [() => quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [] }), () => inspectModel(bytes)]) {
+        const e = await run().catch((x: Error) => x);
+        expect(e).to.be.instanceOf(OnnxModelError);
+        expect((e as Error).message).to.equal(message);
+      }
+    }
+  });
+
+  it('4- or 16-bit activations on a model that cannot reach opset 21 are refused before calibration', async () => {
+    const bytes = withModel((m) => {
+      // MeanVarianceNormalization: not one of the operators the opset conversion knows.
+      m.graph!.node.unshift(create(NodeProtoSchema, { opType: 'MeanVarianceNormalization', name: 'mvn', input: ['input'], output: ['normalized'] }));
+      m.graph!.node[1].input[0] = 'normalized';
+    });
+    const calibration = [0, 1].map((s) => ({ input: { data: Float32Array.from({ length: 8 }, (_, i) => Math.cos(i + s)), dims: [1, 8] } }));
+    for (const bits of [4, 16] as const) {
+      const stages: string[] = [];
+      const e = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits, method: 'minmax' }, calibration, onProgress: (s) => stages.push(s) }).catch((x: Error) => x);
+      expect(e).to.be.instanceOf(OnnxModelError);
+      expect((e as Error).message).to.equal(`${bits}-bit activations need opset 21, and this model (opset 13) cannot be converted: MeanVarianceNormalization (mvn) ` +
+        'changed between opset 13 and the target and is not converted here. Use 8-bit activations (activations.bits 8), or convert the model to opset 21 first.');
+      expect(stages.some((s) => s.startsWith('calibrate'))).to.equal(false);
+    }
+  });
+
+  it('model bytes whose buffer was detached are a TypeError saying so', async () => {
+    const bytes = withModel(() => undefined);
+    structuredClone(bytes.buffer, { transfer: [bytes.buffer as ArrayBuffer] });
+    for (const run of [() => quantizeModel(bytes, { weights: { bits: 8 } }), () => inspectModel(bytes)]) {
+      const e = await run().catch((x: Error) => x);
+      expect(e).to.be.instanceOf(TypeError);
+      expect((e as Error).message).to.match(/^Expected the model's bytes for model but received a Uint8Array whose buffer was detached/);
+    }
   });
 });

@@ -336,6 +336,11 @@ export function int64sAttribute(node: NodeProto, name: string): bigint[] | undef
   return attribute(node, name)?.ints.map(BigInt);
 }
 
+/** Gemm's transA / transB: any value but 0 transposes (as onnxruntime and the ONNX reference read it). */
+export function transposes(node: NodeProto, name: 'transA' | 'transB'): boolean {
+  return node.opType === 'Gemm' && intAttribute(node, name, 0) !== 0;
+}
+
 export function stringAttribute(node: NodeProto, name: string, fallback: string): string {
   const a = attribute(node, name);
   return a ? new TextDecoder().decode(a.s) : fallback;
@@ -441,6 +446,9 @@ export function isFloat16Tensor(t: TensorProto): boolean {
 
 /** Throws OnnxModelError when a tensor's raw bytes (or, without them, its typed field's values) do not fill its dims. */
 function checkFillsDims(t: TensorProto, type: string, bytesPerValue: number, fieldValues: number): void {
+  if (t.dims.some((d) => d < 0n)) {
+    throw new OnnxModelError(`Tensor '${t.name}' has dims [${dimsOf(t).join(', ')}]: a dimension below 0 is no size. The model file is corrupted or was written wrongly; re-export it.`);
+  }
   const count = t.dims.reduce((a, d) => a * Number(d), 1);
   const bytes = rawLength(t);
   if ((bytes > 0 ? bytes / bytesPerValue : fieldValues) === count) return;
@@ -456,7 +464,15 @@ function checkFillsDims(t: TensorProto, type: string, bytesPerValue: number, fie
 export function weightValues(t: TensorProto): Float32Array | undefined {
   if (!isFloat16Tensor(t)) return floatView(t);
   const raw = t.rawData;
-  if (raw.length === 0) return fromFloat16Array(t.int32Data);
+  if (raw.length === 0) {
+    // The int32 field holds one float16 bit pattern per value.
+    const outside = t.int32Data.findIndex((v) => v < 0 || v > 0xffff);
+    if (outside >= 0) {
+      throw new OnnxModelError(`Tensor '${t.name}' (float16) holds ${t.int32Data[outside]} at index ${outside} of its int32_data, which is no float16 bit pattern ` +
+        '(0 to 65535): the model file is corrupted or was written wrongly; re-export it.');
+    }
+    return fromFloat16Array(t.int32Data);
+  }
   return fromFloat16Array(raw.byteOffset % 2 === 0 ? new Uint16Array(raw.buffer, raw.byteOffset, raw.length / 2) : new Uint16Array(Uint8Array.from(raw).buffer));
 }
 

@@ -91,7 +91,7 @@ export function readModel(input: string | Uint8Array, options: ReadModelOptions 
   const skimmed = options.lazyTensors ? skimSync(input) : undefined;
   const fromSkim = parseSkimmed(skimmed, input);
   const model = fromSkim ?? parseModel(fileBytes(readWhole(input, () => fs.readFileSync(input), stat)), input);
-  loadExternalData(model, path.dirname(input), options.lazyTensors ?? false);
+  recordFilesRead(model, input, loadExternalData(model, path.dirname(input), options.lazyTensors ?? false));
   if (fromSkim) restoreSkimmedTensors(model, input, skimmed!);
   return model;
 }
@@ -112,7 +112,7 @@ export async function readModelAsync(input: string | Uint8Array, options: ReadMo
   const skimmed = options.lazyTensors ? await skimAsync(input) : undefined;
   const fromSkim = parseSkimmed(skimmed, input);
   const model = fromSkim ?? parseModel(fileBytes(await readWhole(input, () => fs.promises.readFile(input), stat)), input);
-  await loadExternalDataAsync(model, path.dirname(input), options.lazyTensors ?? false);
+  recordFilesRead(model, input, await loadExternalDataAsync(model, path.dirname(input), options.lazyTensors ?? false));
   if (fromSkim) restoreSkimmedTensors(model, input, skimmed!);
   return model;
 }
@@ -230,8 +230,24 @@ function notAModelFile(file: string): OnnxModelError {
 }
 
 function checkModelBytes(input: unknown): Uint8Array {
-  if (input instanceof Uint8Array) return input;
+  if (input instanceof Uint8Array) {
+    // A detached buffer reads as empty: say so rather than "not an ONNX model".
+    if (input.length === 0 && input.buffer.byteLength === 0 && isDetached(input.buffer)) {
+      throw new TypeError('Expected the model\'s bytes for model but received a Uint8Array whose buffer was detached (transferred): pass a copy, or transfer it only after the call ends.');
+    }
+    return input;
+  }
   throw new TypeError(`Expected a file path or a Uint8Array for model but received ${typeof input}.`);
+}
+
+function isDetached(buffer: ArrayBufferLike): boolean {
+  if (buffer instanceof SharedArrayBuffer) return false;
+  try {
+    new Uint8Array(buffer, 0, 0);
+    return false;
+  } catch {
+    return true;
+  }
 }
 
 /** A file's bytes as a plain Uint8Array over the same memory: copying a model of several hundred MB took seconds. */
@@ -383,15 +399,41 @@ function externalTensors(model: ModelProto, folder: string | undefined): Externa
   return found;
 }
 
-function unreadableDataFile(t: TensorProto, file: string): OnnxModelError {
-  return new OnnxModelError(`Tensor ${t.name}: its external data file ${file} cannot be read.`);
+function unreadableDataFile(t: TensorProto, file: string, why: string): OnnxModelError {
+  return new OnnxModelError(`Tensor ${t.name}: its external data file ${file} cannot be read (${why}). Put the model's data file next to it, as it was written.`);
+}
+
+/**
+ * Checks that a data file is a regular file before it is opened: opening a FIFO for reading waits for a writer
+ * (for ever: not even process.exit ends the wait).
+ */
+function checkDataFile(t: TensorProto, file: string, stat: (file: string) => fs.Stats | undefined): void {
+  const s = stat(file);
+  if (!s) throw unreadableDataFile(t, file, 'it does not exist');
+  if (!s.isFile()) throw unreadableDataFile(t, file, s.isDirectory() ? 'it is a folder' : 'it is not a regular file');
+}
+
+function statOrUndefined(file: string): fs.Stats | undefined {
+  try {
+    return fs.statSync(file);
+  } catch {
+    return undefined;
+  }
 }
 
 /** Where the tensor's bytes lie in its data file of `size` bytes (checked); the tensor is marked as holding them itself. */
 function externalRange({ t, file, entry }: ExternalTensor, identity: FileIdentity): ExternalSource {
   const size = identity.size;
-  const offset = Number(entry.offset ?? 0);
-  const length = entry.length === undefined ? size - offset : Number(entry.length);
+  // Decimal digits only, as onnxruntime reads them ('', ' 16', '0x10' and '1.6e1' are numbers to Number()).
+  const integer = (text: string | undefined, fallback: number) => (text === undefined ? fallback : /^[0-9]+$/.test(text) ? Number(text) : NaN);
+  const offset = integer(entry.offset, 0);
+  const length = integer(entry.length, size - offset);
+  for (const key of ['offset', 'length'] as const) {
+    if (entry[key] !== undefined && Number.isNaN(integer(entry[key], 0))) {
+      throw new OnnxModelError(`Tensor ${t.name}: its external data ${key} is ${JSON.stringify(entry[key])}, not a byte count in decimal digits: ` +
+        'the model file is corrupted or was written wrongly; re-export it.');
+    }
+  }
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
     throw new OnnxModelError(`Tensor ${t.name}: its external data (offset ${entry.offset ?? 0}, length ${entry.length ?? 'to the end'}) lies outside ` +
       `${file} (${size} bytes): the data file is truncated or belongs to another model.`);
@@ -401,7 +443,8 @@ function externalRange({ t, file, entry }: ExternalTensor, identity: FileIdentit
   return { file, offset, length, identity };
 }
 
-function loadExternalData(model: ModelProto, folder: string | undefined, lazy: boolean): void {
+/** Reads (or, lazily, finds) the model's external data; returns the data files. */
+function loadExternalData(model: ModelProto, folder: string | undefined, lazy: boolean): string[] {
   // Each tensor reads its own bytes at its offset: reading the whole file per tensor made a model of n tensors
   // read its data file n times.
   const files = new Map<string, { fd: number; identity?: FileIdentity }>();
@@ -410,21 +453,23 @@ function loadExternalData(model: ModelProto, folder: string | undefined, lazy: b
       const { t, file } = external;
       let opened = files.get(file);
       if (!opened) {
+        checkDataFile(t, file, statOrUndefined);
         let fd: number;
         try {
           fd = fs.openSync(file, 'r');
-        } catch {
-          throw unreadableDataFile(t, file);
+        } catch (e) {
+          throw unreadableDataFile(t, file, (e as NodeJS.ErrnoException).code ?? (e as Error).message);
         }
         files.set(file, opened = { fd });
         const stat = fs.fstatSync(fd);
-        if (!stat.isFile()) throw unreadableDataFile(t, file);
+        if (!stat.isFile()) throw unreadableDataFile(t, file, 'it is not a regular file');
         opened.identity = identityOf(stat);
       }
       const source = externalRange(external, opened.identity!);
       if (lazy && source.length >= LAZY_MIN_BYTES) readLazily(t, source);
       else t.rawData = readAt(opened.fd, file, source.offset, source.length, t.name);
     }
+    return [...files.keys()];
   } finally {
     for (const { fd } of files.values()) {
       try {
@@ -437,28 +482,30 @@ function loadExternalData(model: ModelProto, folder: string | undefined, lazy: b
 }
 
 /** loadExternalData with asynchronous reads. */
-async function loadExternalDataAsync(model: ModelProto, folder: string | undefined, lazy: boolean): Promise<void> {
+async function loadExternalDataAsync(model: ModelProto, folder: string | undefined, lazy: boolean): Promise<string[]> {
   const files = new Map<string, { handle: fs.promises.FileHandle; identity?: FileIdentity }>();
   try {
     for (const external of externalTensors(model, folder)) {
       const { t, file } = external;
       let opened = files.get(file);
       if (!opened) {
+        checkDataFile(t, file, statOrUndefined);
         let handle: fs.promises.FileHandle;
         try {
           handle = await fs.promises.open(file, 'r');
-        } catch {
-          throw unreadableDataFile(t, file);
+        } catch (e) {
+          throw unreadableDataFile(t, file, (e as NodeJS.ErrnoException).code ?? (e as Error).message);
         }
         files.set(file, opened = { handle });
         const stat = await handle.stat();
-        if (!stat.isFile()) throw unreadableDataFile(t, file);
+        if (!stat.isFile()) throw unreadableDataFile(t, file, 'it is not a regular file');
         opened.identity = identityOf(stat);
       }
       const source = externalRange(external, opened.identity!);
       if (lazy && source.length >= LAZY_MIN_BYTES) readLazily(t, source);
       else t.rawData = await readAtAsync(opened.handle, source, t.name, new Uint8Array(source.length));
     }
+    return [...files.keys()];
   } finally {
     for (const { handle } of files.values()) await handle.close().catch(() => undefined);  // not to mask a read's error
   }
@@ -870,8 +917,11 @@ function floatDataToRaw(t: TensorProto, threshold: number): void {
  * written to temporary files first and renamed only when both are complete: a failure leaves neither (and an
  * earlier pair as it was). Writes of this process to one path run one after another.
  */
-export function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024, signal?: AbortSignal): Promise<Uint8Array> {
-  return oneWriteAtATime(file, () => writeBothFiles(model, file, threshold, signal));
+export async function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024, signal?: AbortSignal): Promise<Uint8Array> {
+  // Through a link the model goes where the link points, and its data file next to it, where its reference finds it.
+  const target = writeTarget(file);
+  checkOutputPath(`the data file of ${file}`, `${target}.data`);
+  return oneWriteAtATime(target, () => writeBothFiles(model, target, threshold, signal));
 }
 
 /** The pending write of each output path (resolved), while there is one. */
@@ -956,10 +1006,11 @@ function writeError(file: string, e: unknown): Error {
 
 /** Writes bytes to `file` atomically (temporary file, then rename); nothing partial is left on failure. */
 export function writeFileAtomic(file: string, bytes: Uint8Array): void {
-  const temp = temporaryPath(file);
+  const target = writeTarget(file);
+  const temp = temporaryPath(target);
   try {
     fs.writeFileSync(temp, bytes);
-    fs.renameSync(temp, file);
+    fs.renameSync(temp, target);
   } catch (e) {
     try {
       fs.rmSync(temp, { force: true });
@@ -972,11 +1023,12 @@ export function writeFileAtomic(file: string, bytes: Uint8Array): void {
 
 /** writeFileAtomic without holding the event loop while the bytes are written (a large model takes a while). */
 export async function writeFileAtomicAsync(file: string, bytes: Uint8Array, signal?: AbortSignal): Promise<void> {
-  const temp = temporaryPath(file);
+  const target = writeTarget(file);
+  const temp = temporaryPath(target);
   try {
     await fs.promises.writeFile(temp, bytes, { flag: 'wx', signal });
     signal?.throwIfAborted();
-    await fs.promises.rename(temp, file);
+    await fs.promises.rename(temp, target);
   } catch (e) {
     await fs.promises.rm(temp, { force: true }).catch(() => undefined);  // the write's error is the one to report
     if (signal?.aborted) throw signal.reason;
@@ -1018,8 +1070,55 @@ export function checkOutputPath(name: string, file: unknown): string {
   if (!fs.existsSync(folder) || !fs.statSync(folder).isDirectory()) {
     throw new RangeError(`Expected a file path in an existing folder for ${name} but received "${file}": ${folder} does not exist. Create it first.`);
   }
-  if (fs.existsSync(file) && fs.statSync(file).isDirectory()) {
-    throw new RangeError(`Expected a file path for ${name} but received "${file}", which is a folder.`);
+  let stat: fs.Stats | undefined;
+  try {
+    stat = fs.statSync(file);  // through a link: what the write replaces
+  } catch {
+    // nothing there yet (or a dangling link, replaced by the file)
+  }
+  if (stat?.isDirectory()) throw new RangeError(`Expected a file path for ${name} but received "${file}", which is a folder.`);
+  if (stat && !stat.isFile()) {
+    const kind = stat.isCharacterDevice() || stat.isBlockDevice() ? 'a device' : stat.isFIFO() ? 'a named pipe' : 'not a regular file';
+    throw new RangeError(`Expected a regular file path for ${name} but received "${file}", which is ${kind}: lowbit writes a temporary file and ` +
+      'renames it over the path, which would replace it. Write to a file, then copy it there.');
+  }
+  if (Buffer.byteLength(path.basename(file)) > 255) {
+    throw new RangeError(`Expected a file name of at most 255 bytes for ${name} but received "${path.basename(file)}" (${Buffer.byteLength(path.basename(file))} bytes). Choose a shorter one.`);
+  }
+  return file;
+}
+
+/**
+ * Refuses an output path that is one of the files the model was read from (its model file or an external data
+ * file): writing it would destroy the input. `dataFileToo`: the output's `<path>.data` is checked as well.
+ */
+export function checkNotModelFile(name: string, file: string, model: ModelProto, dataFileToo: boolean): void {
+  for (const [what, output] of [[name, file], ...(dataFileToo ? [[`${name}'s data file`, `${file}.data`]] : [])]) {
+    const input = filesReadFor(model).find((f) => samePath(output, f));
+    if (input) {
+      throw new RangeError(`Expected ${what} to name a file other than the input model's ${input === filesReadFor(model)[0] ? 'file' : 'external data file'} ` +
+        `(${input}), but it is the same file: writing it would destroy the input. Choose another path.`);
+    }
+  }
+}
+
+const FILES_READ = Symbol('lowbit.filesRead');
+
+/** The files a model was read from: its model file, then its external data files (none for bytes). */
+function filesReadFor(model: ModelProto): string[] {
+  return (model as { [FILES_READ]?: string[] })[FILES_READ] ?? [];
+}
+
+function recordFilesRead(model: ModelProto, file: string, dataFiles: string[]): void {
+  Object.defineProperty(model, FILES_READ, { value: [path.resolve(file), ...dataFiles], enumerable: false });
+}
+
+/** Where a write to `file` goes: through a symbolic link to the file it names (renaming over the link would replace the link). */
+function writeTarget(file: string): string {
+  try {
+    if (fs.lstatSync(file).isSymbolicLink()) return fs.realpathSync(file);
+  } catch {
+    // nothing there, or a dangling link: written as named
   }
   return file;
 }

@@ -13,9 +13,9 @@ import { toFloat16Array } from '../float16';
 import { hasOrt } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession, type OrtSession } from './ort-session';
 import { checkKnownKeys, isPlainObject, iterability } from '../validate';
-import { allNodes, attribute, Graph, weightValues } from './graph';
+import { allNodes, attribute, Graph, isOnnxDomain, weightValues } from './graph';
 import {
-  bytesLeftInFiles, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, samePath, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
+  bytesLeftInFiles, checkNotModelFile, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
 import { ACTIVATION_METHODS, branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -171,6 +171,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (options.externalData && typeof options.outputPath !== 'string') {
     throw invalidValue('options.outputPath', 'a file path when externalData is set (the data file goes next to it)', options.outputPath);
   }
+  if (options.externalData) checkOutputPath("options.outputPath's data file", `${options.outputPath}.data`);
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
   checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding', 'reduceRange', 'gather']);
@@ -549,9 +550,17 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // them: quantizing weights only, without an evaluation, then holds one layer's float weights at a time rather
   // than the whole float model.
   const model = await time('read', () => readModelAsync(input, { lazyTensors: true }));
+  if (opts.outputPath !== undefined) checkNotModelFile('options.outputPath', opts.outputPath, model, opts.externalData !== false);
   const evaluationFeeds = opts.evaluationFeeds?.map((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
   const graph = new Graph(model);
-  if (graph.opset > 0 && graph.opset < 7) {
+  const defaultImports = model.opsetImport.filter((o) => isOnnxDomain(o.domain));
+  if (defaultImports.length !== 1 || graph.opset < 1) {
+    // onnxruntime reads the last of two entries, lowbit's passes the first; a version below 1 names no opset.
+    throw new OnnxModelError(`This model imports ${defaultImports.length === 0 ? 'no version' : defaultImports.length > 1
+      ? `${defaultImports.length} versions (${defaultImports.map((o) => o.version).join(', ')})` : `version ${graph.opset}`} of the default ONNX domain ` +
+      "in its opset_import, where a model imports one, 1 or later: fix the model's opset_import (or re-export it).");
+  }
+  if (graph.opset < 7) {
     // Add, Mul, Gemm… broadcast by attribute there, which the passes' inserted nodes do not do.
     throw new OnnxModelError(`This model's opset ${graph.opset} predates 7, which lowbit needs (onnxruntime itself guarantees only opset 7 and later): ` +
       're-export or convert the model to a newer opset first.');
@@ -580,6 +589,11 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (halfWeights.length > 0 && halfUnsupported) {
     throw new OnnxModelError(`Layer '${nodeLabel(halfWeights[0])}' has float16 weights: ${halfUnsupported} works on float32 layers only. ` +
       'Drop that option (float16 models take weights and calibrated activations), or convert the model to float32.');
+  }
+  const activationBits = opts.activations && opts.activations.method !== 'dynamic' ? opts.activations.bits : 8;
+  if (activationBits !== 8 && graph.opset < 21 && unconvertibleReason(graph)) {
+    throw new OnnxModelError(`${activationBits}-bit activations need opset 21, and this model (opset ${graph.opset}) cannot be converted: ${unconvertibleReason(graph)}. ` +
+      'Use 8-bit activations (activations.bits 8), or convert the model to opset 21 first.');
   }
   const forWeights = Math.max(bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13, halfWeights.length > 0 ? 19 : 0);
   // HardSwish (fused below) arrived in opset 14; a model that cannot be converted keeps its pattern rather than
@@ -940,11 +954,6 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         })), opts.signal);
       }
     });
-  }
-  if (external && evaluating && !fitsOneFile && typeof input === 'string' && samePath(input, opts.outputPath!)) {
-    // That comparison reads the written files: over the input, it would compare the quantized model with itself.
-    throw invalidValue('options.outputPath', 'a path other than the input model\'s for a model of 2 GB or more (compared from its written files)', opts.outputPath,
-      'Write it elsewhere, or pass evaluationFeeds: [] to skip the comparison.');
   }
   if (external) {
     const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!, undefined, opts.signal));

@@ -11,7 +11,7 @@ import type { ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { ort } from '../bench/ort-models';
-import { checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
+import { checkNotModelFile, checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
 import { checkAttached, checkChoice, checkInteger, checkKnownKeys, generatorKind, isPlainObject, isStream, iterability, otherRealm } from '../validate';
@@ -520,6 +520,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   // The fake quantizers run the native LSQ kernels: a LOWBIT_KERNEL they cannot honour stops here, not at step 1.
   if (s.method !== 'float') checkKernel('quantize', undefined);
   const proto = input instanceof Uint8Array || typeof input === 'string' ? await readModelAsync(input) : input;
+  if (o.outputPath !== undefined) checkNotModelFile('options.outputPath', o.outputPath, proto, false);
   const model = new TrainableModel(proto);
   model.freezeBatchNorm = s.freezeBatchNorm;
   const needLabels = !s.distill;

@@ -7,7 +7,7 @@
  */
 import { TensorProto_DataType, type ModelProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
-import { dimsOf, floatAttribute, floatData, Graph, makeNode } from '../onnx/graph';
+import { dimsOf, floatAttribute, floatData, Graph, makeNode, transposes } from '../onnx/graph';
 import { nodeLabel } from '../onnx/passes/pass';
 import type { FloatKernels } from './kernels';
 import { OPS, type OpContext } from './ops';
@@ -196,7 +196,7 @@ export class TrainableModel {
       if (!['Conv', 'Gemm', 'MatMul'].includes(node.opType) || weightInput === undefined) continue;
       const weight = this.params.get(node.input[weightInput]);
       if (!weight || weight.dims.length < 2) continue;
-      const outputAxis = node.opType === 'Conv' ? 0 : node.opType === 'Gemm' ? (node.attribute.find((a) => a.name === 'transB')?.i === 1n ? 0 : 1) : weightInput === 1 ? 1 : 0;
+      const outputAxis = node.opType === 'Conv' ? 0 : node.opType === 'Gemm' ? (transposes(node, 'transB') ? 0 : 1) : weightInput === 1 ? 1 : 0;
       this.layers.push({ node, label: nodeLabel(node), weightInput, activationInput: weightInput === 0 ? 1 : 0, weight, outputAxis });
     }
     this.analyseGradients();

@@ -9,7 +9,7 @@
  */
 import type { NodeProto } from 'onnx-buf';
 
-import { attribute, floatAttribute, intAttribute, intsAttribute } from '../onnx/graph';
+import { attribute, floatAttribute, intAttribute, intsAttribute, transposes } from '../onnx/graph';
 import type { ActivationKind, ConvGeometry, FloatKernels } from './kernels';
 import { broadcastDims, broadcastIndex, expandTo, gather, reduceTo, scatter, sizeOf, stridesOf, unbroadcast, viewIndex, type Tensor } from './tensor';
 
@@ -221,7 +221,7 @@ const gemm: OpImpl = {
   forward(node, [aIn, bIn, cIn], ctx) {
     const a = need(node, aIn, 'input A'), b = need(node, bIn, 'input B');
     if (a.dims.length !== 2 || b.dims.length !== 2) throw new OpError(node, `expects 2-D A and B, got [${a.dims}] and [${b.dims}]`);
-    const transA = intAttribute(node, 'transA', 0) === 1, transB = intAttribute(node, 'transB', 0) === 1;
+    const transA = transposes(node, 'transA'), transB = transposes(node, 'transB');
     const alpha = floatAttribute(node, 'alpha', 1), beta = floatAttribute(node, 'beta', 1);
     const [m, k] = transA ? [a.dims[1], a.dims[0]] : a.dims;
     const [kb, n] = transB ? [b.dims[1], b.dims[0]] : b.dims;

@@ -13,7 +13,7 @@
  */
 import { TensorProto_DataType, type GraphProto, type NodeProto } from 'onnx-buf';
 
-import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, namesRead, ownedTensor, type Graph } from '../graph';
+import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, namesRead, ownedTensor, transposes, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fuses them into MatMulIntegerToFloat); its ConvInteger ' +
@@ -33,7 +33,7 @@ function integerWeights(graph: Graph, at: LayerPlace, transposed: Map<string, st
   if (attribute(dq, 'block_size')) return 'its weights are blocked (MatMulInteger takes one scale per column)';
   const scale = graph.constantIn(dq.input[1], scopes)?.tensor;
   const dims = dimsOf(values);
-  const transB = node.opType === 'Gemm' && intAttribute(node, 'transB', 0) === 1;
+  const transB = transposes(node, 'transB');
   const axis = intAttribute(dq, 'axis', 1);
   const columnAxis = transB ? 0 : dims.length - 1;
   if (scale?.dataType !== TensorProto_DataType.FLOAT) return 'its weight scales are not float32';
@@ -56,7 +56,7 @@ function integerWeights(graph: Graph, at: LayerPlace, transposed: Map<string, st
 
 /** Why a Gemm cannot become MatMulInteger + Add, or undefined. */
 function gemmObstacle(node: NodeProto): string | undefined {
-  if (intAttribute(node, 'transA', 0) !== 0) return 'a Gemm with transA = 1';
+  if (transposes(node, 'transA')) return 'a Gemm with transA set';
   if (floatAttribute(node, 'alpha', 1) !== 1) return 'a Gemm whose alpha is not 1';
   if (node.input[2] && floatAttribute(node, 'beta', 1) !== 1) return 'a Gemm whose beta is not 1';
   return undefined;

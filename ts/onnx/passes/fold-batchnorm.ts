@@ -18,7 +18,7 @@
 import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { toFloat16Array } from '../../float16';
-import { dimsOf, floatAttribute, intAttribute, isChannelVector, makeNode, ownedTensor, weightValues, type Graph } from '../graph';
+import { dimsOf, floatAttribute, intAttribute, isChannelVector, makeNode, ownedTensor, transposes, weightValues, type Graph } from '../graph';
 import { nodeLabel, pauseClock, runSteps, type PassReport, type Steps } from './pass';
 
 export function foldBatchNorm(graph: Graph): PassReport {
@@ -71,10 +71,12 @@ export function* foldBatchNormSteps(graph: Graph, pause: () => boolean = pauseCl
     const [gamma, beta, mean, variance] = paramData as Float32Array[];
     const eps = floatAttribute(bn, 'epsilon', 1e-5);
     const dims = dimsOf(w!);
-    const transB = producer.opType === 'Gemm' ? intAttribute(producer, 'transB', 0) : 1;
-    const channels = producer.opType === 'Conv' || transB === 1 ? dims[0] : dims[1];
-    if (gamma.length !== channels) {
-      skip(`BatchNormalization has ${gamma.length} channels but the weights have ${channels}`);
+    const channelsFirst = producer.opType === 'Conv' || transposes(producer, 'transB');
+    const channels = channelsFirst ? dims[0] : dims[1];
+    const lengths = [gamma, beta, mean, variance].map((p) => p.length);
+    if (lengths.some((n) => n !== channels)) {
+      // (A mismatch among the four themselves makes the model invalid: onnxruntime refuses it.)
+      skip(`BatchNormalization's scale, bias, mean and variance hold ${lengths.join(', ')} values but the weights have ${channels} channels`);
       continue;
     }
     if (producer.opType === 'Gemm' && (floatAttribute(producer, 'alpha', 1) !== 1 || floatAttribute(producer, 'beta', 1) !== 1)) {
@@ -83,7 +85,7 @@ export function* foldBatchNormSteps(graph: Graph, pause: () => boolean = pauseCl
     }
     const scale = Float64Array.from(gamma, (g, c) => g / Math.sqrt(variance[c] + eps));
     const newW = new Float32Array(wData.length);
-    if (producer.opType === 'Conv' || transB === 1) {
+    if (channelsFirst) {
       const per = wData.length / channels;  // values per output channel
       for (let c = 0; c < channels; c++) for (let i = 0; i < per; i++) newW[c * per + i] = wData[c * per + i] * scale[c];
     } else {
@@ -97,7 +99,6 @@ export function* foldBatchNormSteps(graph: Graph, pause: () => boolean = pauseCl
     }
     const newB = Float32Array.from(oldBiasData, (b, c) => (b - mean[c]) * scale[c] + beta[c]);
     const per = wData.length / channels;
-    const channelsFirst = producer.opType === 'Conv' || transB === 1;
     const why = float16Trouble(w!, newW, newB, channels, (i) => (channelsFirst ? Math.floor(i / per) : i % channels));
     if (why) {
       skip(why);

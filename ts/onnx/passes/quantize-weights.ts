@@ -7,7 +7,7 @@
 import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { OnnxModelError, readLazyTensor, unloadTensor } from '../model-io';
-import { dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, subgraphNodes, weightValues, type Graph } from '../graph';
+import { dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, subgraphNodes, transposes, weightValues, type Graph } from '../graph';
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
@@ -128,9 +128,9 @@ export interface QuantizedWeights {
 export const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
 
 // A MatMul weight may carry leading dimensions of 1 ([1, K, N], as some exporters write it): one [K, N] matrix.
-function layout(opType: string, dims: number[], transB: number): { outputAxis: number; reductionAxis: number } | undefined {
+function layout(opType: string, dims: number[], transB: boolean): { outputAxis: number; reductionAxis: number } | undefined {
   if (opType === 'Conv') return dims.length >= 3 ? { outputAxis: 0, reductionAxis: 1 } : undefined;
-  if (opType === 'Gemm') return dims.length !== 2 ? undefined : transB === 1 ? { outputAxis: 0, reductionAxis: 1 } : { outputAxis: 1, reductionAxis: 0 };
+  if (opType === 'Gemm') return dims.length !== 2 ? undefined : transB ? { outputAxis: 0, reductionAxis: 1 } : { outputAxis: 1, reductionAxis: 0 };
   if (dims.length < 2 || dims.slice(0, -2).some((d) => d !== 1)) return undefined;
   return { outputAxis: dims.length - 1, reductionAxis: dims.length - 2 };
 }
@@ -268,7 +268,7 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
       : 'its weight is not a float constant (a computed input)';
   }
   const dims = dimsOf(w!);
-  if (layout(n.opType, dims, intAttribute(n, 'transB', 0))) return undefined;
+  if (layout(n.opType, dims, transposes(n, 'transB'))) return undefined;
   const handled = n.opType === 'Conv' ? 'at least 3-D' : n.opType === 'Gemm' ? '2-D' : '2-D, or with leading dimensions of 1 ([1, K, N])';
   return `weight shape [${dims.join(', ')}] is not a ${n.opType} weight this pass handles (${handled})`;
 }
@@ -309,8 +309,7 @@ export function subgraphLayers(graph: Graph): SubgraphLayer[] {
 export function layerInput(graph: Graph, node: NodeProto, scopes: GraphProto[] = []): LayerInput {
   const dims = dimsOf(graph.constantIn(node.input[1], scopes)!.tensor);
   if (node.opType === 'Conv') return { kind: 'conv', node, weightDims: dims };
-  const transB = node.opType === 'Gemm' && intAttribute(node, 'transB', 0) === 1;
-  return { kind: 'matrix', columns: transB ? dims[1] : dims[dims.length - 2], transposed: node.opType === 'Gemm' && intAttribute(node, 'transA', 0) === 1 };
+  return { kind: 'matrix', columns: transposes(node, 'transB') ? dims[1] : dims[dims.length - 2], transposed: transposes(node, 'transA') };
 }
 
 /** The weight tensor as a [rows = outputs, columns = what one output meets] matrix (GPTQ, bias correction). */
@@ -407,7 +406,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const home = found.home ?? graph.graph;
     const scope = inBody?.scopes[0] ?? graph.graph;
     const dims = dimsOf(w);
-    const axes = layout(node.opType, dims, intAttribute(node, 'transB', 0))!;
+    const axes = layout(node.opType, dims, transposes(node, 'transB'))!;
     const edge = node === first || node === last || bodyEdges.has(node);
     const base = node.input[1];
     // What decides the quantized values besides the weights (the first and last layers' bits, no bit allocation there).
