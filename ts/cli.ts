@@ -331,7 +331,12 @@ export function program(): Command {
       for (const p of report.passes) for (const s of p.skipped) console.log(`skipped by ${p.pass}: ${s.node}: ${s.reason}`);
       if (report.opset.microsoftDomainFallback) console.log(`note: ${report.opset.microsoftDomainFallback}`);
       for (const out of report.evaluation?.outputs ?? []) {
-        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''}${out.reshapedFeeds ? `, ${out.reshapedFeeds} feeds left out (its size differed)` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'random'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
+        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''}${out.reshapedFeeds ? `, ${out.reshapedFeeds} feeds left out (its size differed)` : ''}${out.nonFiniteFeeds ? `, ${out.nonFiniteFeeds} feeds left out (the float model's output held NaN or an infinity)` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'made-up'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
+      }
+      const madeUp = report.evaluation?.madeUpInputs;
+      if (madeUp) {
+        console.log(`note: compared on made-up inputs (${Object.entries(madeUp).map(([name, dims]) => `${name} [${dims.join(', ')}]`).join(', ')}; ` +
+          'symbolic dimensions set to 1): this shows the model runs more than how close it stays; pass --calib <folder> to compare on real inputs.');
       }
       for (const out of report.evaluation?.uncompared ?? []) console.log(`output ${out.name}: not compared (${out.reason})`);
       if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);

@@ -1050,3 +1050,49 @@ describe('model contents refused (second audit)', () => {
     }
   });
 });
+
+describe('the evaluation on inputs that say nothing (second audit)', () => {
+  const mm = (inputDims: Array<number | string>, w = heInit(32, 8, 1)) => buildModel({
+    inputDims, output: 'y', initializers: { w: { dims: [8, 4], data: w } },
+    nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+  });
+
+  it('made-up inputs are reported with their dims (symbolic ones set to 1), and the CLI says what they are worth', async () => {
+    const { report } = await quantizeModel(mm(['batch', 8]), { weights: { bits: 8 } });
+    expect(report.evaluation!.madeUpInputs).to.deep.equal({ input: [1, 8] });
+    const { report: given } = await quantizeModel(mm(['batch', 8]), { weights: { bits: 8 }, evaluationFeeds: [{ input: { data: new Float32Array(8).fill(1), dims: [1, 8] } }] });
+    expect(given.evaluation!.madeUpInputs).to.equal(undefined);
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-madeup-'));
+    fs.writeFileSync(path.join(dir, 'm.onnx'), mm(['batch', 8]));
+    const cli = spawnSync(process.execPath, [path.join(root, 'dist', 'ts', 'cli.js'), 'quantize', 'm.onnx'], { cwd: dir, encoding: 'utf8' });
+    fs.rmSync(dir, { recursive: true });
+    expect(cli.status, cli.stderr).to.equal(0);
+    expect(cli.stdout).to.match(/output y: cosine [0-9.]+ vs float, top-1 agreement [0-9.]+% \(2 made-up samples\)\n/);
+    expect(cli.stdout).to.include('note: compared on made-up inputs (input [1, 8]; symbolic dimensions set to 1): this shows the model runs more than how close it stays; pass --calib <folder> to compare on real inputs.');
+  });
+
+  it('an input with a dimension of 0, or too many values to make up, skips the made-up evaluation and says why', async () => {
+    const { report: zero } = await quantizeModel(mm([0, 8]), { weights: { bits: 8 } });
+    expect(zero.evaluation).to.equal(undefined);
+    expect(zero.evaluationSkipped).to.equal("input 'input' has a dimension of 0 (dims [0, 8]): made-up inputs would hold no values; pass evaluationFeeds");
+    const { report: huge } = await quantizeModel(mm([2 ** 20, 2 ** 20, 8]), { weights: { bits: 8 } });
+    expect(huge.evaluationSkipped).to.equal("input 'input' has dims [1048576, 1048576, 8], 8796093022208 values, more than lowbit makes up for one input (16777216); pass evaluationFeeds");
+  });
+
+  it('empty feeds and float outputs holding NaN are left out of the cosine (uncompared when every feed is), not counted as agreement', async () => {
+    const { report: empty } = await quantizeModel(mm(['batch', 8]), { weights: { bits: 8 }, evaluationFeeds: [{ input: { data: new Float32Array(0), dims: [0, 8] } }] });
+    expect(empty.evaluation).to.deep.equal({ samples: 0, outputs: [], uncompared: [{ name: 'y', reason: 'it was empty on 1 feed' }] });
+    // A weight of 3e38 overflows on inputs above 1: NaN/Infinity in the float model's output on the second feed only.
+    const w = heInit(32, 8, 1);
+    w[0] = 3e38;
+    w[4] = -3e38;
+    const feeds = [0.5, 2].map((v) => ({ input: { data: new Float32Array(8).fill(v), dims: [1, 8] } }));
+    const { report } = await quantizeModel(mm([1, 8], w), { weights: { bits: 8 }, evaluationFeeds: feeds });
+    expect(report.evaluation!.outputs).to.have.length(1);
+    expect(report.evaluation!.outputs[0].nonFiniteFeeds).to.equal(1);
+    expect(Number.isFinite(report.evaluation!.outputs[0].cosine)).to.equal(true);  // from the first feed alone
+    const { report: all } = await quantizeModel(mm([1, 8], w), { weights: { bits: 8 }, evaluationFeeds: [feeds[1]] });
+    expect(all.evaluation!.outputs).to.deep.equal([]);
+    expect(all.evaluation!.uncompared).to.deep.equal([{ name: 'y', reason: "the float model's output held NaN or an infinity on 1 feed" }]);
+  });
+});

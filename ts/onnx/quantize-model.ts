@@ -150,10 +150,19 @@ export interface QuantizationReport {
    */
   evaluation?: {
     samples: number;
-    /** `reshapedFeeds`: feeds on which a data-dependent output size (NonZero, Compress, NMS) differed, left out of its cosine. */
-    outputs: Array<{ name: string; cosine: number; top1Agreement?: number; reshapedFeeds?: number }>;
+    /**
+     * `reshapedFeeds`: feeds on which a data-dependent output size (NonZero, Compress, NMS) differed, left out of its
+     * cosine; `nonFiniteFeeds`: feeds on which the float model's output held NaN or an infinity, left out too.
+     */
+    outputs: Array<{ name: string; cosine: number; top1Agreement?: number; reshapedFeeds?: number; nonFiniteFeeds?: number }>;
     /** Float outputs compared on no feed, and why. */
     uncompared?: Array<{ name: string; reason: string }>;
+    /**
+     * With no evaluationFeeds and no calibration data: the dims of the inputs lowbit made up (symbolic dimensions
+     * set to 1, which can make an image model's input a single pixel): a check that the model runs more than a
+     * measure of its accuracy.
+     */
+    madeUpInputs?: Record<string, number[]>;
   };
   /** Why there is no evaluation although none was turned off (no inputs could be made for the model, or it is too large). */
   evaluationSkipped?: string;
@@ -286,6 +295,9 @@ function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
  * values for float inputs, ones for integer inputs (a valid token id, mask or type id for nearly every model;
  * random ids could fall outside a vocabulary) and true for bool ones, symbolic dims as 1. A string says why there is none.
  */
+/** The most values lowbit makes up for one input of the evaluation (64 MB of float32). */
+const MADE_UP_VALUES = 2 ** 24;
+
 function randomFeeds(model: ModelProto, seed: number): Feed | string {
   const feeds: Feed = {};
   let s = seed >>> 0;
@@ -298,6 +310,10 @@ function randomFeeds(model: ModelProto, seed: number): Feed | string {
     if (!input.dims) return `input '${input.name}' declares no shape, so lowbit cannot make inputs for it; pass evaluationFeeds`;
     const dims = input.dims.map((d) => (d < 0 ? 1 : d));
     const n = dims.reduce((a, b) => a * b, 1);
+    if (n === 0) return `input '${input.name}' has a dimension of 0 (dims [${dims.join(', ')}]): made-up inputs would hold no values; pass evaluationFeeds`;
+    if (n > MADE_UP_VALUES) {
+      return `input '${input.name}' has dims [${dims.join(', ')}], ${n} values, more than lowbit makes up for one input (${MADE_UP_VALUES}); pass evaluationFeeds`;
+    }
     if (input.elemType === TensorProto_DataType.FLOAT) {
       feeds[input.name] = { dims, data: normal(n) };
     } else if (input.elemType === TensorProto_DataType.INT64) {
@@ -435,6 +451,15 @@ function closable(session: OrtSession): ClosableSession {
   return { session, close: () => session.release() };
 }
 
+/** Why an output was compared on no feed: each feed left it out for one of these. */
+function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: number }): string {
+  return [
+    ...(s.reshaped ? [`its shape differed between the two models (a data-dependent size) on ${s.reshaped} feed${s.reshaped === 1 ? '' : 's'}`] : []),
+    ...(s.nonFinite ? [`the float model's output held NaN or an infinity on ${s.nonFinite} feed${s.nonFinite === 1 ? '' : 's'}`] : []),
+    ...(s.empty ? [`it was empty on ${s.empty} feed${s.empty === 1 ? '' : 's'}`] : []),
+  ].join('; ');
+}
+
 /**
  * Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds.
  * A feed holds as many samples as its first input's first dimension (1 for a scalar input); an output whose first
@@ -446,7 +471,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
   const [float, quant] = await openPair(() => openFloatModel(floatModel, options, host),
     async () => closable(await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host })), (opened) => opened.close());
   const [floatSession, quantSession] = [float.session, quant.session];
-  const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number }>();
+  const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number; nonFinite: number; empty: number }>();
   let samples = 0;
   try {
     for (const [index, feeds] of feedsList.entries()) {
@@ -463,7 +488,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
         const a = floatValues(f[name]);
         const b = floatValues(q[name]);
         const dims = f[name].dims;
-        const entry = sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0, reshaped: 0 };
+        const entry = sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0, reshaped: 0, nonFinite: 0, empty: 0 };
         sums.set(name, entry);
         if (q[name].dims.join() !== dims.join()) {
           if (q[name].dims.length !== dims.length) {
@@ -472,6 +497,16 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
           }
           // A data-dependent size (after NonZero, Compress, non-max suppression…) that the quantized values moved: not comparable.
           entry.reshaped++;
+          continue;
+        }
+        // Nothing to compare: an empty output (a batch of 0), or a float output already NaN or infinite (the
+        // cosine would be NaN, its argmax meaningless).
+        if (a.length === 0) {
+          entry.empty++;
+          continue;
+        }
+        if (!a.every(Number.isFinite)) {
+          entry.nonFinite++;
           continue;
         }
         const rows = dims.length >= 2 && dims[0] === batch && batch > 0 ? batch : 1;
@@ -505,9 +540,10 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
     samples,
     outputs: [...sums].filter(([, s]) => s.compared > 0).map(([name, s]) => ({
       name, cosine: s.cos / s.compared, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}), ...(s.reshaped > 0 ? { reshapedFeeds: s.reshaped } : {}),
+      ...(s.nonFinite > 0 ? { nonFiniteFeeds: s.nonFinite } : {}),
     })),
     ...([...sums.values()].some((s) => s.compared === 0)
-      ? { uncompared: [...sums].filter(([, s]) => s.compared === 0).map(([name]) => ({ name, reason: 'its shape differed between the two models on every feed (a data-dependent size)' })) }
+      ? { uncompared: [...sums].filter(([, s]) => s.compared === 0).map(([name, s]) => ({ name, reason: uncomparedReason(s) })) }
       : {}),
   };
 }
@@ -928,6 +964,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const noRandomFeeds = random.find((f): f is string => typeof f === 'string');
   if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
   const feeds = evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
+  const madeUp = !evaluationFeeds && !sample && !noRandomFeeds;
+  const noteMadeUp = (r: QuantizationReport) => {
+    if (madeUp && r.evaluation) r.evaluation.madeUpInputs = Object.fromEntries(Object.entries(feeds[0]).map(([name, t]) => [name, [...t.dims]]));
+  };
   const evaluating = hasOrt() && feeds.length > 0;
   if (feeds.length > 0 && !evaluating) {
     report.evaluationSkipped = 'onnxruntime-node (an optional peer dependency) is not installed: install it to compare the quantized model with the float one';
@@ -966,8 +1006,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         throw e;
       }
     }
+    noteMadeUp(report);
     return { model: modelBytes, report };
   }
   if (opts.outputPath) await time('write', () => writeFileAtomicAsync(opts.outputPath!, bytes, opts.signal));
+  noteMadeUp(report);
   return { model: bytes, report };
 }
