@@ -171,12 +171,14 @@ function activationCell(l: WeightLayerReport): string {
 }
 
 export function program(): Command {
-  const cli = new Command('lowbit').description('Low-bit quantization toolkit for Node.js').showHelpAfterError();
+  const { version } = JSON.parse(fs.readFileSync(path.resolve(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };
+  const cli = new Command('lowbit').description('Low-bit quantization toolkit for Node.js').version(version, '-V, --version')
+    .showHelpAfterError('(lowbit <command> --help lists its options)');
   cli.command('info').description('CPU features and the kernels lowbit uses').action(() => {
     console.log(JSON.stringify(cpuInfo(), null, 2));
   });
   cli.command('quantize')
-    .description('quantize an ONNX model (QDQ): weights, and activations when calibration data are given. '
+    .description('quantize an ONNX model (QDQ): weights, and activations with --abits (calibrated on --calib) or --amethod dynamic. '
       + 'Without a model: the bundled MNIST CNN, W8A8 with its bundled calibration images')
     .argument('[model]', 'the float ONNX model (default: the bundled example)')
     .option('-o, --output <file>', 'where to write the quantized model (written atomically); default <model>.q.onnx in this folder')
@@ -228,6 +230,10 @@ export function program(): Command {
       }
       if (o.amethod !== undefined && o.abits === undefined) throw new Error(`--amethod ${o.amethod} sets how activations are quantized: pass --abits 8 (and --calib <folder>) with it.`);
       if (o.calib !== undefined) checkInputFolder('--calib', o.calib);
+      if (o.calib !== undefined && o.abits === undefined) {
+        console.error('note: --calib without --abits quantizes weights only; the calibration data serve the comparison with the float model' +
+          `${o.rounding === 'gptq' ? ' and GPTQ rounding' : ''}. Pass --abits 8 to quantize activations too.`);
+      }
       if (o.quantizeOutputs && o.abits === undefined) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       if (o.equalizeDepthwise && o.abits === undefined) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';

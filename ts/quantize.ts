@@ -375,6 +375,12 @@ function quantizeWithBitAllocation(p: Plan): QuantizedTensor {
   const nan = native().groupRanges(p.data, p.layout.native, new Float32Array(p.layout.groups), new Float32Array(p.layout.groups), p.kernel, p.threads);
   if (nan >= 0) throw nanError(nan);
   const channels = p.layout.groups;
+  if (channels === 0) {
+    // No channel to give bits to: the empty result any zero-size tensor gets.
+    const out = result(p, p.out ?? (p.signed ? new Int8Array(0) : new Uint8Array(0)), { scale: new Float32Array(0), zeroPoint: new Int32Array(0) });
+    out.channelBits = new Uint8Array(0);
+    return out;
+  }
   const alphas = new Float64Array(channels);
   const perChannel: Float32Array[] = [];
   forEachGroup(p.data, p.layout.native, (g, values) => {

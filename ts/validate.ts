@@ -61,7 +61,7 @@ export function checkChoice<T extends string>(name: string, v: unknown, choices:
   const list = choices.map((c) => `'${c}'`).join(', ');
   if (typeof v !== 'string') throw invalidType(name, `one of ${list}`, v);
   if (!choices.includes(v as T)) {
-    const close = choices.find((c) => c.toLowerCase() === v.toLowerCase());
+    const close = closestName(v, choices);
     throw invalidValue(name, `one of ${list}`, v, close ? `Did you mean '${close}'?` : undefined);
   }
   return v as T;
@@ -82,11 +82,38 @@ export function checkShape(name: string, v: unknown): number[] {
   return v.slice() as number[];
 }
 
+/**
+ * The name a misspelling most likely meant: the same but for case, else the nearest by edit distance when that is
+ * at most 2 and under a third of the name (so 'bit' finds 'bits', 'granularty' 'granularity', and 'x' nothing).
+ */
+export function closestName(v: string, names: readonly string[]): string | undefined {
+  const same = names.find((n) => n.toLowerCase() === v.toLowerCase());
+  if (same) return same;
+  let best: string | undefined;
+  let bestDistance = Infinity;
+  for (const n of names) {
+    const d = editDistance(v.toLowerCase(), n.toLowerCase());
+    if (d < bestDistance) [best, bestDistance] = [n, d];
+  }
+  return best !== undefined && bestDistance <= 2 && bestDistance * 3 < Math.max(v.length, best.length) ? best : undefined;
+}
+
+/** Levenshtein distance (insertions, deletions, substitutions). */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++) row[j] = Math.min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    previous = row;
+  }
+  return previous[b.length];
+}
+
 /** Rejects keys not in `known`, suggesting the closest one. */
 export function checkKnownKeys(name: string, options: Record<string, unknown>, known: readonly string[]): void {
   for (const key of Object.keys(options)) {
     if (known.includes(key) || options[key] === undefined) continue;
-    const close = known.find((k) => k.toLowerCase() === key.toLowerCase());
+    const close = closestName(key, known);
     const hint = close ? `Did you mean '${close}'?` : `Known options: ${known.join(', ')}.`;
     throw invalidValue(`${name}.${key}`, 'a known option', key, hint);
   }

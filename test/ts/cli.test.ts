@@ -29,6 +29,18 @@ describe('lowbit CLI (audit)', () => {
   const md5 = (file: string) => crypto.createHash('md5').update(fs.readFileSync(path.join(dir, file))).digest('hex');
   const files = () => fs.readdirSync(dir).sort();
 
+  it('--version prints the package version; a bad flag value gives its error and a one-line hint, not the whole help; --calib without --abits says what it does', () => {
+    const version = lowbit('--version');
+    expect(version.status).to.equal(0);
+    expect(version.stdout.trim()).to.equal(JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')).version);
+    const bad = lowbit('quantize', 'm.onnx', '--wbits', 'abc');
+    expect(bad.status).to.equal(1);
+    expect(bad.stderr).to.equal("error: option '--wbits <bits>' argument 'abc' is invalid. expected a number, got 'abc'\n(lowbit <command> --help lists its options)\n");
+    const calib = lowbit('quantize', 'm.onnx', '--calib', path.join(root, 'assets', 'mnist-calibration'), '--no-evaluate');
+    expect(calib.status, calib.stderr).to.equal(0);
+    expect(calib.stderr).to.include('note: --calib without --abits quantizes weights only; the calibration data serve the comparison with the float model. Pass --abits 8 to quantize activations too.');
+  });
+
   it('refuses an output that is the input model, or a report that is the model or the output; nothing is written', () => {
     const before = md5('m.onnx');
     fs.mkdirSync(path.join(dir, 'sub'));
@@ -64,7 +76,7 @@ describe('lowbit CLI (audit)', () => {
       [['quantize', 'm.onnx', '--amethod', 'dynamic', '--wbits', '4'], /Expected 8 with --amethod 'dynamic' .* for --wbits but received 4\./],
       [['quantize', 'm.onnx', '--granularity', 'tensor', '--bias-correction'], /'channel' with --bias-correction .* for --granularity/],
       [['quantize', 'm.onnx', '--amethod', 'dynamic', '--quantize-outputs'], /for --quantize-outputs but received true/],
-      [['quantize', 'm.onnx', '--keep-float', 'Conv,Gemm'], /the model would be unchanged\. .*Check --keep-float\./],
+      [['quantize', 'm.onnx', '--keep-float', 'Conv,Gemm'], /the model would be unchanged\. .*Check --keep-float, which leaves 2 names in float\./],
       [['quantize', 'm.onnx', '--amethod', 'foo', '--abits', '8'], /Expected one of 'minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic' for --amethod but received 'foo'\./],
       [['finetune', 'm.onnx', '--data', 'no-such-folder', '--epochs', '1e9'], /for --epochs but received 1000000000\./],
       [['finetune', 'm.onnx', '--data', 'no-such-folder', '--wbits', '3'], /Expected one of 2, 4, 8 for --wbits but received 3\./],

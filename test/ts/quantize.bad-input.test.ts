@@ -5,7 +5,7 @@ import { runInNewContext } from 'node:vm';
 
 import {
   ActivationScaleClip, aciqExpectedMse, aciqRange, allocateBits, dequantize, foldScalesIntoBatchNorm, HistogramObserver, integerRange, lambertW0, lsqLevels,
-  matmulInt8, MinMaxObserver, quantizationError, quantizeTensor, quantizeTensorAsync, scaleClip, tensorStats, type QuantizeOptions,
+  matmulInt8, MinMaxObserver, quantizationError, quantizeTensor, quantizeTensorAsync, rangeMethodNames, registerRangeMethod, scaleClip, tensorStats, type QuantizeOptions,
 } from '../../ts';
 
 function expectError(fn: () => unknown, type: ErrorConstructor, pattern: RegExp): void {
@@ -56,7 +56,8 @@ describe('quantizeTensor: bad input', () => {
 
   it('rejects misspelled options with the right name', () => {
     expectError(() => quantizeTensor(x4, { shape: [4], granularity: 'block', blocksize: 2 } as never), RangeError, /options\.blocksize.*Did you mean 'blockSize'/);
-    expectError(() => quantizeTensor(x4, { shape: [4], bitz: 4 } as never), RangeError, /options\.bitz.*Known options/);
+    expectError(() => quantizeTensor(x4, { shape: [4], bitz: 4 } as never), RangeError, /options\.bitz but received "bitz"\. Did you mean 'bits'\?/);
+    expectError(() => quantizeTensor(x4, { shape: [4], zzz: 4 } as never), RangeError, /options\.zzz.*Known options/);
   });
 
   it('names the first NaN in the data', () => {
@@ -279,5 +280,57 @@ describe('method helpers and observers: malformed arguments', () => {
     expect(new MinMaxObserver().observe(w).range()).to.be.an('object');
     expect(allocateBits([1, 2], 4).length).to.equal(2);
     expect(scaleClip(w).clipped.length).to.equal(4);
+  });
+});
+
+describe('misspelled options and registered range methods (second audit)', () => {
+  it('a misspelled option or choice gets the nearest known name (edit distance up to 2), not only a case-only match', () => {
+    const data = new Float32Array(8).fill(0.5);
+    const shape = [8];
+    for (const [options, message] of [
+      [{ shape, bit: 8 }, "Expected a known option for options.bit but received \"bit\". Did you mean 'bits'?"],
+      [{ shape, granularty: 'channel' }, "Expected a known option for options.granularty but received \"granularty\". Did you mean 'granularity'?"],
+      [{ shape, method: 'minmx' }, "Did you mean 'minmax'?"],
+    ] as const) {
+      expect(() => quantizeTensor(data, options as never), JSON.stringify(options)).to.throw(RangeError, message);
+    }
+    // Nothing near: the known names are listed instead.
+    expect(() => quantizeTensor(data, { shape, xyz: 1 } as never)).to.throw(RangeError, /received "xyz"\. Known options: shape, bits/);
+  });
+
+  it('bit allocation over zero channels returns the empty result (sync and async), as other zero-size tensors get', async () => {
+    for (const q of [quantizeTensor(new Float32Array(0), { shape: [0, 16], granularity: 'channel', bitAllocation: { averageBits: 4 } }),
+      await quantizeTensorAsync(new Float32Array(0), { shape: [0, 16], granularity: 'channel', bitAllocation: { averageBits: 4 } })]) {
+      expect([q.values.length, q.scale.length, q.channelBits!.length, q.granularity]).to.deep.equal([0, 0, 0, 'channel']);
+      expect(dequantize(q)).to.deep.equal(new Float32Array(0));
+    }
+  });
+
+  it('registerRangeMethod checks what it is given and will not replace a built-in method; a registered one is used', () => {
+    expect(() => registerRangeMethod({} as never)).to.throw(TypeError, 'Expected a non-empty string for method.name but received undefined.');
+    const fixed = {
+      name: 'audit-fixed', description: 'always [-1, 1]',
+      ranges: (r: { groups: number }) => ({ lo: new Float32Array(r.groups).fill(-1), hi: new Float32Array(r.groups).fill(1), nanIndex: -1 }),
+      rangesAsync: async (r: { groups: number }) => fixed.ranges(r),
+    };
+    expect(() => registerRangeMethod({ ...fixed, name: 'minmax' })).to.throw(RangeError, /for method\.name but received "minmax"\. Register it under a name of its own\./);
+    expect(() => registerRangeMethod({ ...fixed, rangesAsync: undefined } as never)).to.throw(TypeError, /method\.rangesAsync/);
+    expect(rangeMethodNames()).to.not.include('audit-fixed');
+    // Registering changes the process's registry: done in a child, which reports what it got.
+    const script = `const l = require(${JSON.stringify(require.resolve('../../ts'))});
+      const fixed = { name: 'audit-fixed', description: '', ranges: (r) => ({ lo: new Float32Array(r.groups).fill(-1), hi: new Float32Array(r.groups).fill(1), nanIndex: -1 }) };
+      fixed.rangesAsync = async (r) => fixed.ranges(r);
+      l.registerRangeMethod(fixed);
+      const q = l.quantizeTensor(Float32Array.of(0.25, -3), { shape: [2], bits: 8, method: 'audit-fixed', granularity: 'tensor' });
+      const m = l.quantizeTensor(Float32Array.of(0.25, -3), { shape: [2], bits: 8, granularity: 'tensor' });
+      console.log(JSON.stringify({ names: l.rangeMethodNames(), scale: q.scale[0], values: Array.from(q.values), minmaxScale: m.scale[0] }));`;
+    const child = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' });
+    expect(child.status, child.stderr).to.equal(0);
+    const got = JSON.parse(child.stdout) as { names: string[]; scale: number; values: number[]; minmaxScale: number };
+    expect(got.names).to.include('audit-fixed');
+    // Symmetric by default: the registered range [-1, 1] gives scale 1/127, and -3 saturates; minmax is untouched (max |x| 3).
+    expect(got.scale).to.be.closeTo(1 / 127, 1e-8);
+    expect(got.values).to.deep.equal([32, -128]);
+    expect(got.minmaxScale).to.be.closeTo(3 / 127, 1e-8);
   });
 });

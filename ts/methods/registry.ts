@@ -4,7 +4,8 @@
  * C++, as onnxruntime computes them). Methods register here under their name.
  */
 import { HistogramObserver, klLevels } from '../calibration/observers';
-import { invalidValue } from '../errors';
+import { invalidType, invalidValue } from '../errors';
+import { closestName } from '../validate';
 import { native, type NativeLayout } from '../native';
 import { aciqRange, type AciqPrior } from './aciq';
 import { forEachGroup } from './groups';
@@ -171,9 +172,25 @@ const kl = perGroup('kl', 'TensorRT-style entropy calibration: 2048-bin histogra
   });
 
 const registry = new Map<string, RangeMethod>([minmax, mse, aciq, percentile, kl].map((m) => [m.name, m]));
+const BUILT_IN = new Set(registry.keys());
 
 /** Registers a range method under its name. */
+/**
+ * Adds a range method under its name (options.method then takes it). The built-in methods cannot be replaced: the
+ * whole process would take the new one.
+ */
 export function registerRangeMethod(method: RangeMethod): void {
+  if (typeof method !== 'object' || method === null) {
+    throw invalidType('method', 'an object { name, description, ranges, rangesAsync }', method);
+  }
+  if (typeof method.name !== 'string' || method.name === '') throw invalidType('method.name', 'a non-empty string', method.name);
+  if (BUILT_IN.has(method.name)) {
+    throw invalidValue('method.name', `a name other than the built-in methods' (${[...BUILT_IN].map((n) => `'${n}'`).join(', ')})`, method.name, 'Register it under a name of its own.');
+  }
+  if (typeof method.description !== 'string') throw invalidType('method.description', 'a string', method.description);
+  for (const key of ['ranges', 'rangesAsync'] as const) {
+    if (typeof method[key] !== 'function') throw invalidType(`method.${key}`, 'a function (request) => { lo, hi }', method[key]);
+  }
   registry.set(method.name, method);
 }
 
@@ -184,7 +201,8 @@ export function rangeMethodNames(): string[] {
 export function rangeMethod(name: unknown): RangeMethod {
   const method = typeof name === 'string' ? registry.get(name) : undefined;
   if (!method) {
-    throw invalidValue('options.method', `one of ${rangeMethodNames().map((n) => `'${n}'`).join(', ')}`, name);
+    const close = typeof name === 'string' ? closestName(name, rangeMethodNames()) : undefined;
+    throw invalidValue('options.method', `one of ${rangeMethodNames().map((n) => `'${n}'`).join(', ')}`, name, close ? `Did you mean '${close}'?` : undefined);
   }
   return method;
 }

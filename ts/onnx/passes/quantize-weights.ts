@@ -16,6 +16,7 @@ import { gptqRoundSteps, type WeightMatrixView } from '../../methods/gptq';
 import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
 import { dequantize, quantizationError, quantizeOffThread, quantizeTensor, type QuantizeOptions } from '../../quantize';
 import { integerRange, type QuantizedTensor } from '../../quant-params';
+import { closestName } from '../../validate';
 import { nodeLabel, pauseClock, placeOf, runSteps, type PassReport, type Steps } from './pass';
 
 export interface WeightQuantization {
@@ -233,7 +234,7 @@ function* weightValuesSteps(t: TensorProto, pause: () => boolean): Generator<und
 
 function nonFiniteWeights(node: NodeProto, tensor: string, data: Float32Array, at: number): OnnxModelError {
   return new OnnxModelError(`${node.opType} '${nodeLabel(node)}': its weights '${tensor}' hold ${data[at]} at index ${at}; quantized weights must be finite. ` +
-    `Fix the weights (or, if a BatchNormalization was folded into this layer, its scale and variance), or leave the layer in float with keepFloat: ['${node.name || node.opType}'].`);
+    `Fix the weights (or, if a BatchNormalization was folded into this layer, its scale and variance), or leave the layer '${node.name || node.opType}' in float (options.keepFloat).`);
 }
 
 /** The Conv/Gemm/MatMul nodes with constant float weights of a shape this pass handles, minus keepFloat, in order. */
@@ -361,7 +362,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const tables = options.gather ? [...mainOrder, ...subgraphNodes(graph).map((l) => l.node)].filter((n) => n.opType === 'Gather') : [];
   for (const entry of keep) {
     if ([...candidates, ...tables].some((n) => n.name === entry || n.opType === entry)) continue;
-    const close = [...new Set([...candidates, ...tables].flatMap((n) => [n.name, n.opType]))].find((k) => k.toLowerCase() === entry.toLowerCase());
+    const close = closestName(entry, [...new Set([...candidates, ...tables].flatMap((n) => [n.name, n.opType]))].filter((k) => k !== ''));
     report.skipped.push({
       node: entry, reason: `keepFloat: no Conv, Gemm or MatMul layer${options.gather ? ' or Gather' : ''} of this model has this name or op type${close ? ` (did you mean '${close}'?)` : ''}; it keeps nothing`,
     });
