@@ -23,7 +23,12 @@ export function describe(value: unknown): string {
   if (Array.isArray(value)) return `Array of length ${value.length}`;
   if (typeof value === 'function') return 'a function';
   const name = (value as object).constructor?.name;
-  return name && name !== 'Object' ? `a ${name}` : 'an object';
+  return name && name !== 'Object' ? withArticle(name) : 'an object';
+}
+
+/** 'a' or 'an' before a type or value name: an Int8Array, an int4 value, a Uint8Array, a uint4 value. */
+export function withArticle(word: string): string {
+  return `${/^[aeio]/i.test(word) ? 'an' : 'a'} ${word}`;
 }
 
 /** True when the typed array's buffer was transferred or detached. */

@@ -2,7 +2,7 @@
  * ONNX sub-byte layouts: INT4/UINT4 hold two values per byte and INT2/UINT2
  * four, element 0 in the lowest bits; an incomplete last byte is zero-padded.
  */
-import { invalidType, invalidValue } from './errors';
+import { invalidType, invalidValue, withArticle } from './errors';
 import { native } from './native';
 import type { QuantizedTensor } from './quant-params';
 import { checkAttached, checkBoolean, checkInteger, isPlainObject } from './validate';
@@ -23,7 +23,7 @@ function valuesOf(name: string, q: unknown, bits: 2 | 4): { values: Values; sign
     const signed = t.values instanceof Int8Array;
     // The codes' type and the tensor's own flag must agree: packing uint4 codes as int4 changes what they mean.
     if (t.signed !== undefined && t.signed !== signed) {
-      throw invalidValue(`${name}.signed`, `${signed} (its values are a ${t.values.constructor.name})`, t.signed,
+      throw invalidValue(`${name}.signed`, `${signed} (its values are ${withArticle(t.values.constructor.name)})`, t.signed,
         'Pass the QuantizedTensor that quantizeTensor returned, unchanged.');
     }
     return { values: t.values, signed };
@@ -39,7 +39,7 @@ function pack(name: string, q: unknown, bits: 2 | 4): Uint8Array {
   if (bad >= 0) {
     const lo = signed ? -(2 ** (bits - 1)) : 0;
     const hi = signed ? 2 ** (bits - 1) - 1 : 2 ** bits - 1;
-    throw invalidValue(`${name}[${bad}]`, `a ${signed ? '' : 'u'}int${bits} value in [${lo}, ${hi}]`, values[bad],
+    throw invalidValue(`${name}[${bad}]`, `${signed ? 'an ' : 'a u'}int${bits} value in [${lo}, ${hi}]`, values[bad],
       `Quantize with bits: ${bits} (or fewer) before packing.`);
   }
   return out;

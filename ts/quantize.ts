@@ -4,7 +4,7 @@
  * the native kernels round, saturate and reduce.
  */
 import { checkKernel } from './cpu';
-import { invalidType, invalidValue } from './errors';
+import { invalidType, invalidValue, withArticle } from './errors';
 import { tensorStats } from './methods/aciq';
 import { allocateBits } from './methods/bit-allocation';
 import { forEachGroup } from './methods/groups';
@@ -129,7 +129,7 @@ function checkOut<T extends ArrayBufferView>(
   name: string, v: unknown, type: { new (n: number): T; name: string }, length: number, input: ArrayBufferView,
 ): T {
   if (!(v instanceof type) || (v as unknown as { length: number }).length !== length) {
-    throw invalidType(name, `a ${type.name} of length ${length}`, v);
+    throw invalidType(name, `${withArticle(type.name)} of length ${length}`, v);
   }
   checkAttached(name, v);
   if (overlaps(v, input)) throw invalidValue(name, 'an array that does not share memory with the input', v, 'Use a separate buffer.');

@@ -11,7 +11,7 @@ import { EventEmitter } from 'node:events';
 import * as readline from 'node:readline';
 import { Readable } from 'node:stream';
 import {
-  AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, SparseTensorProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType,
+  AttributeProto_AttributeType, AttributeProtoSchema, ModelProtoSchema, NodeProtoSchema, SparseTensorProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType,
   TensorProtoSchema,
 } from 'onnx-buf';
 
@@ -1038,6 +1038,58 @@ describe('model contents refused (second audit)', () => {
         'changed between opset 13 and the target and is not converted here. Use 8-bit activations (activations.bits 8), or convert the model to opset 21 first.');
       expect(stages.some((s) => s.startsWith('calibrate'))).to.equal(false);
     }
+  });
+
+  it('invalid structure is an OnnxModelError before any pass, also when no evaluation would load the model in onnxruntime', async () => {
+    const cases: Array<[string, (m: ReturnType<typeof readModel>) => void, string]> = [
+      ['a value defined twice', (m) => {
+        m.graph!.node.push(create(NodeProtoSchema, { opType: 'Relu', name: 'again', input: ['input'], output: ['y'] }));
+      }, "The value 'y' is defined twice (an output of node 'mm', and an output of node 'again'): ONNX defines each value once, so the model is invalid; re-export it."],
+      ['a node output named like the input', (m) => {
+        m.graph!.node.unshift(create(NodeProtoSchema, { opType: 'Relu', name: 'shadow', input: ['w'], output: ['input'] }));
+      }, "The value 'input' is defined twice (graph input 'input', and an output of node 'shadow'): ONNX defines each value once, so the model is invalid; re-export it."],
+      ['a graph output nothing produces', (m) => {
+        m.graph!.output.push({ ...m.graph!.output[0], name: 'ghost' });
+      }, "Graph output 'ghost' is not produced by any node, input or initializer: the model is invalid; re-export it."],
+      ['a node without op_type', (m) => {
+        m.graph!.node.push(create(NodeProtoSchema, { opType: '', name: 'blank', input: ['y'], output: ['z'] }));
+      }, "Node 'blank' has no op_type: the model is invalid; re-export it."],
+      ['a mistyped attribute', (m) => {
+        m.graph!.node[0].opType = 'Gemm';
+        m.graph!.node[0].attribute.push(create(AttributeProtoSchema, { name: 'transB', type: AttributeProto_AttributeType.FLOAT, f: 1 }));
+      }, "Node 'mm' (Gemm): attribute 'transB' is FLOAT, where it is INT: the model is invalid (onnxruntime refuses it too); re-export it."],
+    ];
+    for (const [label, edit, message] of cases) {
+      const e = await quantizeModel(withModel(edit), { weights: { bits: 8 }, evaluationFeeds: [] }).catch((x: Error) => x);
+      expect(e, label).to.be.instanceOf(OnnxModelError);
+      expect((e as Error).message, label).to.equal(message);
+    }
+  });
+
+  it('a weight constant of another type is reported as that, not as a computed input; external data naming no file says so', async () => {
+    const { report } = await quantizeModel(withModel((m) => {
+      const w = m.graph!.initializer[0];
+      w.name = 'wd';
+      w.dataType = TensorProto_DataType.DOUBLE;
+      w.rawData = new Uint8Array(new Float64Array(32).fill(0.5).buffer);
+      m.graph!.node.push(create(NodeProtoSchema, { opType: 'MatMul', name: 'mm2', input: ['input', 'w2'], output: ['y2'] }));
+      m.graph!.initializer.push(create(TensorProtoSchema, { name: 'w2', dataType: TensorProto_DataType.FLOAT, dims: [8n, 4n], rawData: new Uint8Array(new Float32Array(32).fill(0.25).buffer) }));
+      m.graph!.node[0].input[1] = 'wd';
+      m.graph!.output.push({ ...m.graph!.output[0], name: 'y2' });
+    }), { weights: { bits: 8 }, evaluationFeeds: [] });
+    expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'mm', reason: 'its weight is a DOUBLE constant, not float32 or float16' });
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-noloc-'));
+    const file = path.join(dir, 'm.onnx');
+    fs.writeFileSync(file, withModel((m) => {
+      const w = m.graph!.initializer[0];
+      w.rawData = new Uint8Array(0);
+      w.dataLocation = TensorProto_DataLocation.EXTERNAL;
+      w.externalData = [create(StringStringEntryProtoSchema, { key: 'offset', value: '0' })];
+    }));
+    const e = await inspectModel(file).catch((x: Error) => x);
+    fs.rmSync(dir, { recursive: true });
+    expect(e).to.be.instanceOf(OnnxModelError);
+    expect((e as Error).message).to.equal('Tensor w keeps its data externally but names no data file (location null): the model file is corrupted or was written wrongly; re-export it.');
   });
 
   it('model bytes whose buffer was detached are a TypeError saying so', async () => {

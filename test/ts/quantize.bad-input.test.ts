@@ -298,6 +298,11 @@ describe('misspelled options and registered range methods (second audit)', () =>
     expect(() => quantizeTensor(data, { shape, xyz: 1 } as never)).to.throw(RangeError, /received "xyz"\. Known options: shape, bits/);
   });
 
+  it("type names take 'an' where they start with a vowel sound (an Int8Array, an int4 value, a Uint8Array)", () => {
+    expectError(() => quantizeTensor(x4, { shape: [4], out: new Float32Array(4) } as never), TypeError, /^Expected an Int8Array of length 4 for options\.out/);
+    expectError(() => quantizeTensor(x4, { shape: [4], signed: false, out: new Float32Array(4) } as never), TypeError, /^Expected a Uint8Array of length 4 for options\.out/);
+  });
+
   it('bit allocation over zero channels returns the empty result (sync and async), as other zero-size tensors get', async () => {
     for (const q of [quantizeTensor(new Float32Array(0), { shape: [0, 16], granularity: 'channel', bitAllocation: { averageBits: 4 } }),
       await quantizeTensorAsync(new Float32Array(0), { shape: [0, 16], granularity: 'channel', bitAllocation: { averageBits: 4 } })]) {

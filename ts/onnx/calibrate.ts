@@ -14,7 +14,7 @@ import {
 
 import { ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
-import { invalidType, invalidValue } from '../errors';
+import { invalidType, invalidValue, withArticle } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
 import { attribute, Graph, makeNode } from './graph';
 import {
@@ -394,7 +394,7 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
     const type = feedType(name, elemType);
     const expected = `{ data: ${type.array}, dims: ${dims ? shapeText(dims) : '[...]'} }`;
     if (!v) throw invalidValue(`${what}[${index}]`, `a feed with input '${name}' ${expected}`, Object.keys(f).join(', ') || 'an empty feed');
-    if (!type.is(v.data)) throw invalidType(`${what}[${index}].${name}.data`, `a ${type.array} (${type.name} input)`, v.data);
+    if (!type.is(v.data)) throw invalidType(`${what}[${index}].${name}.data`, `${withArticle(type.array)} (${type.name} input)`, v.data);
     const data = v.data as FeedTensor['data'];
     if (!Array.isArray(v.dims) || v.dims.some((d) => !Number.isSafeInteger(d) || d < 0) ||
       (dims && (v.dims.length !== dims.length || v.dims.some((d, i) => dims[i] >= 0 && d !== dims[i])))) {

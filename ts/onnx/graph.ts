@@ -196,6 +196,35 @@ export class Graph {
     return tensor ? { tensor } : undefined;
   }
 
+  /**
+   * Checks what ONNX requires of the graph's structure before any pass relies on it: every node has an op type,
+   * every value is defined once (graph input, initializer or node output; an initializer may also be listed as an
+   * input), every graph output is defined, and there is no cycle or dangling input (topologicalOrder). Bodies of
+   * subgraphs are checked for op types; their values are onnxruntime's to check.
+   */
+  validate(): void {
+    for (const { node, scopes } of allNodes(this)) {
+      if (node.opType === '') {
+        throw new OnnxModelError(`Node '${node.name || node.output[0] || '(unnamed)'}'${scopes.length ? ' (in a subgraph)' : ''} has no op_type: the model is invalid; re-export it.`);
+      }
+    }
+    const definedBy = new Map<string, string>();
+    const define = (name: string, what: string, allowSame?: string) => {
+      const earlier = definedBy.get(name);
+      if (earlier !== undefined && earlier !== allowSame) {
+        throw new OnnxModelError(`The value '${name}' is defined twice (${earlier}, and ${what}): ONNX defines each value once, so the model is invalid; re-export it.`);
+      }
+      definedBy.set(name, what);
+    };
+    for (const i of this.graph.input) define(i.name, `graph input '${i.name}'`);
+    for (const t of this.graph.initializer) define(t.name, `initializer '${t.name}'`, `graph input '${t.name}'`);
+    for (const n of this.graph.node) for (const o of n.output) if (o !== '') define(o, `an output of node '${n.name || n.opType}'`);
+    for (const o of this.graph.output) {
+      if (!definedBy.has(o.name)) throw new OnnxModelError(`Graph output '${o.name}' is not produced by any node, input or initializer: the model is invalid; re-export it.`);
+    }
+    this.topologicalOrder();
+  }
+
   /** Nodes in topological order; throws on a cycle or an input nobody produces. */
   topologicalOrder(): NodeProto[] {
     const available = new Set<string>(['']);
@@ -321,19 +350,29 @@ export function attribute(node: NodeProto, name: string): AttributeProto | undef
   return node.attribute.find((a) => a.name === name);
 }
 
-export function intAttribute(node: NodeProto, name: string, fallback: number): number {
+/** An attribute, checked to have the type ONNX gives it (a mistyped one reads as 0 or empty, a wrong value). */
+function typedAttribute(node: NodeProto, name: string, type: AttributeProto_AttributeType): AttributeProto | undefined {
   const a = attribute(node, name);
+  if (a && a.type !== type && a.type !== AttributeProto_AttributeType.UNDEFINED) {
+    throw new OnnxModelError(`Node '${node.name || node.opType}' (${node.opType}): attribute '${name}' is ${AttributeProto_AttributeType[a.type] ?? a.type}, ` +
+      `where it is ${AttributeProto_AttributeType[type]}: the model is invalid (onnxruntime refuses it too); re-export it.`);
+  }
+  return a;
+}
+
+export function intAttribute(node: NodeProto, name: string, fallback: number): number {
+  const a = typedAttribute(node, name, AttributeProto_AttributeType.INT);
   return a ? Number(a.i) : fallback;
 }
 
 export function intsAttribute(node: NodeProto, name: string): number[] | undefined {
-  const a = attribute(node, name);
+  const a = typedAttribute(node, name, AttributeProto_AttributeType.INTS);
   return a ? a.ints.map(Number) : undefined;
 }
 
 /** An ints attribute's values as stored (int64: INT64_MAX, PyTorch's open end of a Slice, does not survive a Number). */
 export function int64sAttribute(node: NodeProto, name: string): bigint[] | undefined {
-  return attribute(node, name)?.ints.map(BigInt);
+  return typedAttribute(node, name, AttributeProto_AttributeType.INTS)?.ints.map(BigInt);
 }
 
 /** Gemm's transA / transB: any value but 0 transposes (as onnxruntime and the ONNX reference read it). */
@@ -342,12 +381,12 @@ export function transposes(node: NodeProto, name: 'transA' | 'transB'): boolean 
 }
 
 export function stringAttribute(node: NodeProto, name: string, fallback: string): string {
-  const a = attribute(node, name);
+  const a = typedAttribute(node, name, AttributeProto_AttributeType.STRING);
   return a ? new TextDecoder().decode(a.s) : fallback;
 }
 
 export function floatAttribute(node: NodeProto, name: string, fallback: number): number {
-  const a = attribute(node, name);
+  const a = typedAttribute(node, name, AttributeProto_AttributeType.FLOAT);
   return a ? a.f : fallback;
 }
 

@@ -391,6 +391,10 @@ function externalTensors(model: ModelProto, folder: string | undefined): Externa
     if (t.dataLocation !== TensorProto_DataLocation.EXTERNAL) continue;
     const entry = Object.fromEntries(t.externalData.map((e) => [e.key, e.value]));
     if (!folder) throw new OnnxModelError(`Tensor ${t.name} keeps its data in an external file (${entry.location}); pass the model as a file path so it can be found.`);
+    if (!entry.location || entry.location === '.') {
+      throw new OnnxModelError(`Tensor ${t.name} keeps its data externally but names no data file (location ${JSON.stringify(entry.location ?? null)}): ` +
+        'the model file is corrupted or was written wrongly; re-export it.');
+    }
     const file = path.resolve(folder, entry.location ?? '');
     const relative = path.relative(path.resolve(folder), file);
     if (relative === '' || relative.split(path.sep)[0] === '..' || path.isAbsolute(relative)) throw new OnnxModelError(`Tensor ${t.name} points outside the model's folder (${entry.location}).`);

@@ -601,7 +601,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     throw new OnnxModelError(`This model's opset ${graph.opset} predates 7, which lowbit needs (onnxruntime itself guarantees only opset 7 and later): ` +
       're-export or convert the model to a newer opset first.');
   }
-  await time('validate', () => graph.topologicalOrder());
+  await time('validate', () => graph.validate());
   const passes: PassReport[] = [];
   // From IR 4 on, an initializer also listed as a graph input is a default that a feed may replace.
   const initializerNames = new Set([...model.graph!.initializer.map((t) => t.name), ...model.graph!.sparseInitializer.map((t) => t.values?.name ?? '')]);

@@ -264,6 +264,7 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
   const w = graph.constantIn(n.input[1], scopes)?.tensor;
   if (!isFloat(w)) {
     if (fromDequantizeLinear(graph, n.input[1], scopes)) return 'its weight is already quantized (it comes from a DequantizeLinear)';
+    if (w) return `its weight is a ${TensorProto_DataType[w.dataType] ?? `type ${w.dataType}`} constant, not float32 or float16`;
     return n.opType !== 'Conv' && isFloat(graph.constantIn(n.input[0], scopes)?.tensor)
       ? 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take'
       : 'its weight is not a float constant (a computed input)';
