@@ -465,9 +465,12 @@ export function program(): Command {
     .action(async (model: string) => {
       const { opset, layers } = await inspectModel(model);
       console.log(`opset ${opset}, ${layers.length} layers with weights\n`);
+      // Blank where a layer has no float weights to describe (already quantized, or all NaN).
+      const shown = (v: number, text: (v: number) => string) => (Number.isNaN(v) ? '' : text(v));
       console.log(table(layers.map((l) => ({
-        layer: layerName(l), op: l.op, shape: l.shape.join('x'), min: Number(l.min.toPrecision(3)), max: Number(l.max.toPrecision(3)),
-        std: Number(l.std.toPrecision(3)), kurtosis: Number(l.kurtosis.toFixed(2)), histogram: sparkline(l.histogram),
+        layer: layerName(l), op: l.op, shape: l.shape.join('x'), min: shown(l.min, (v) => String(Number(v.toPrecision(3)))),
+        max: shown(l.max, (v) => String(Number(v.toPrecision(3)))), std: shown(l.std, (v) => String(Number(v.toPrecision(3)))),
+        kurtosis: shown(l.kurtosis, (v) => v.toFixed(2)), histogram: sparkline(l.histogram),
         quantized: l.quantized ? 'yes' : `no: ${l.reason}`,
       }))));
     });

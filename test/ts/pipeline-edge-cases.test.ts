@@ -1092,6 +1092,31 @@ describe('model contents refused (second audit)', () => {
     expect((e as Error).message).to.equal('Tensor w keeps its data externally but names no data file (location null): the model file is corrupted or was written wrongly; re-export it.');
   });
 
+  it('inspect leaves the statistics blank for layers without float weights (quantized) and gives NaN, not ±Infinity, when all are NaN', async () => {
+    const allNaN = await inspectModel(withModel((m) => { m.graph!.initializer[0].rawData = new Uint8Array(new Float32Array(32).fill(NaN).buffer); }));
+    expect([allNaN.layers[0].min, allNaN.layers[0].max, allNaN.layers[0].std, allNaN.layers[0].nonFinite]).to.deep.equal([NaN, NaN, NaN, 32]);
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-inspect-'));
+    const file = path.join(dir, 'q.onnx');
+    await quantizeModel(withModel(() => undefined), { weights: { bits: 8 }, evaluationFeeds: [], outputPath: file });
+    const cli = spawnSync(process.execPath, [path.join(root, 'dist', 'ts', 'cli.js'), 'inspect', file], { encoding: 'utf8' });
+    fs.rmSync(dir, { recursive: true });
+    expect(cli.status, cli.stderr).to.equal(0);
+    const row = cli.stdout.split('\n').find((l) => l.startsWith('mm '))!;
+    expect(row).to.not.include('NaN');
+    expect(row).to.match(/^mm\s+MatMul\s+no: its weight is already quantized/);
+  });
+
+  it('options that do nothing on a model say so in the report: groups that divide no layer, gather without a Gather', async () => {
+    const { report } = await quantizeModel(withModel(() => undefined), { weights: { bits: 4, groups: 3, gather: true }, evaluationFeeds: [] });
+    expect(report.passes.find((p) => p.pass === 'quantize-weights')!.skipped).to.deep.equal([
+      { node: 'mm', reason: 'groups: its 4 output channels do not divide into 3 groups; quantized per channel' }]);
+    expect(report.passes.find((p) => p.pass === 'quantize-gather')!.skipped).to.deep.equal([
+      { node: '(model)', reason: 'it has no Gather of a float table (an embedding) to quantize' }]);
+    const { report: grouped } = await quantizeModel(withModel(() => undefined), { weights: { bits: 4, groups: 2 }, evaluationFeeds: [] });
+    expect(grouped.passes.find((p) => p.pass === 'quantize-weights')!.skipped).to.deep.equal([]);
+    expect(grouped.layers[0].granularity).to.equal('2 groups on axis 1');
+  });
+
   it('model bytes whose buffer was detached are a TypeError saying so', async () => {
     const bytes = withModel(() => undefined);
     structuredClone(bytes.buffer, { transfer: [bytes.buffer as ArrayBuffer] });

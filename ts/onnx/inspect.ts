@@ -82,8 +82,11 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
     m2 /= count;
     m4 /= count;
     const reason = skipped ?? (nonFinite > 0 ? `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel refuses them` : undefined);
+    // No finite weight (or none at all): no statistics, NaN as for a layer without float weights.
+    const none = count === 0;
     layers.push({
-      node: nodeLabel(node), op: node.opType, shape: dimsOf(t!), min, max, std: Math.sqrt(m2), kurtosis: m2 > 0 ? m4 / (m2 * m2) - 3 : 0,
+      node: nodeLabel(node), op: node.opType, shape: dimsOf(t!), min: none ? NaN : min, max: none ? NaN : max, std: none ? NaN : Math.sqrt(m2),
+      kurtosis: none ? NaN : m2 > 0 ? m4 / (m2 * m2) - 3 : 0,
       histogram, nonFinite, quantized: reason === undefined, ...(reason ? { reason } : {}), ...inBody,
     });
   }

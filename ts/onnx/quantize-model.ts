@@ -709,7 +709,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       timings['equalize-depthwise'] -= equalized.calibrationMs;
       timings.calibrate = equalized.calibrationMs;
     }
-    if (equalized) passes.push(equalized.report);
+    // A model without depthwise convolutions: the option did nothing, which the report says.
+    passes.push(equalized?.report ?? { pass: 'equalize-depthwise', changed: [], skipped: [{ node: '(model)', reason: 'it has no depthwise convolution to equalize' }] });
     equalizationBatches = equalized?.batches;
     if (equalized && !gptq && !dataBiasCorrection) shifts = equalized.shifts;
   }

@@ -123,6 +123,7 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
     const others = graph.consumers(base, home).map(nodeLabel);
     if (others.length > 0) report.skipped.push({ node: layer.node, reason: `the float table '${base}' stays too: ${others.join(', ')} read(s) it` });
   }
+  if (layers.length === 0 && report.skipped.length === 0) report.skipped.push({ node: '(model)', reason: 'it has no Gather of a float table (an embedding) to quantize' });
   return { report, layers };
 }
 

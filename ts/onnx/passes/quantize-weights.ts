@@ -454,6 +454,11 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const perTensor = options.granularity === 'tensor';
     const allocate = options.bitAllocation && !blocked && !perTensor && !edge && dims[axes.outputAxis] > 1;
     const grouped = !!options.groups && !blocked && !perTensor && !allocate && dims[axes.outputAxis] % options.groups === 0;
+    if (options.groups && !grouped) {
+      const why = blocked ? 'its weights are blocked' : perTensor ? 'its weights take one scale' : allocate ? 'bit allocation gives its channels their bits'
+        : `its ${dims[axes.outputAxis]} output channels do not divide into ${options.groups} groups`;
+      report.skipped.push({ node: label, reason: `groups: ${why}; quantized per channel` });
+    }
     let source = data;
     if (options.scaleClipK !== undefined) {
       source = scaleClip(data, { k: options.scaleClipK, shape: dims, axis: axes.outputAxis, groups: grouped ? options.groups : 1 }).clipped;
