@@ -231,8 +231,9 @@ export function program(): Command {
       if (o.amethod !== undefined && o.abits === undefined) throw new Error(`--amethod ${o.amethod} sets how activations are quantized: pass --abits 8 (and --calib <folder>) with it.`);
       if (o.calib !== undefined) checkInputFolder('--calib', o.calib);
       if (o.calib !== undefined && o.abits === undefined) {
-        console.error('note: --calib without --abits quantizes weights only; the calibration data serve the comparison with the float model' +
-          `${o.rounding === 'gptq' ? ' and GPTQ rounding' : ''}. Pass --abits 8 to quantize activations too.`);
+        const uses = [...(o.evaluate ? ['the comparison with the float model'] : []), ...(o.rounding === 'gptq' ? ['GPTQ rounding'] : [])];
+        console.error(`note: --calib without --abits quantizes weights only; ${uses.length ? `the calibration data serve ${uses.join(' and ')}` : 'with --no-evaluate the calibration data are not read'}. ` +
+          'Pass --abits 8 to quantize activations too.');
       }
       if (o.quantizeOutputs && o.abits === undefined) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       if (o.equalizeDepthwise && o.abits === undefined) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
@@ -258,7 +259,7 @@ export function program(): Command {
         shown = undefined;
       };
       const started = Date.now();
-      const existedBefore = new Set([o.output, `${o.output}.data`].filter((f) => fs.existsSync(f)));
+      const outputExisted = fs.existsSync(o.output);
       const { result, signal } = await interruptible('stopping, removing partial output…', hideProgress, (signal) => withFlags(QUANTIZE_FLAGS, () => quantizeModel(model, {
         weights: {
           bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block' | 'tensor', blockSize: Number(o.blockSize), method: o.method as 'minmax',
@@ -298,14 +299,15 @@ export function program(): Command {
           process.stderr.write(`  ${stage}…\n`);
         },
       })));
-      // What this run wrote: the model, and its data file when one was written since the run started. Files that
-      // were there before the run were replaced by it: removing them would leave neither the old nor the new one.
+      // What this run wrote: the model, and its data file when one was written since the run started; one unit (a
+      // model without its data file does not load). Over an earlier output, the run replaced it: removing what it
+      // wrote would leave neither the old nor the new one, so it stays.
       const removeOutput = (): { removed: string[]; kept: string[] } => {
         const data = `${o.output}.data`;
         const written = [o.output!, ...(fs.existsSync(data) && fs.statSync(data).mtimeMs >= started ? [data] : [])];
-        const removed = written.filter((f) => !existedBefore.has(f));
-        for (const f of removed) fs.rmSync(f, { force: true });
-        return { removed, kept: written.filter((f) => existedBefore.has(f)) };
+        if (outputExisted) return { removed: [], kept: written };
+        for (const f of written) fs.rmSync(f, { force: true });
+        return { removed: written, kept: [] };
       };
       const { report } = result;
       if (o.report) {
@@ -318,7 +320,7 @@ export function program(): Command {
           const { removed, kept } = removeOutput();
           throw new Error(`${(e as Error).message.replace(': nothing was written.', '.')}` +
             (removed.length ? ` Removed ${removed.join(' and ')}, which this run wrote.` : '') +
-            (kept.length ? ` Kept ${kept.join(' and ')}: this run wrote ${kept.length > 1 ? 'them' : 'it'} over an earlier file, which is gone.` : ''));
+            (kept.length ? ` Kept ${kept.join(' and ')}: this run wrote ${kept.length > 1 ? 'them' : 'it'} over an earlier output, which is gone.` : ''));
         }
       }
       console.log(table(report.layers.map((l) => ({

@@ -36,9 +36,12 @@ describe('lowbit CLI (audit)', () => {
     const bad = lowbit('quantize', 'm.onnx', '--wbits', 'abc');
     expect(bad.status).to.equal(1);
     expect(bad.stderr).to.equal("error: option '--wbits <bits>' argument 'abc' is invalid. expected a number, got 'abc'\n(lowbit <command> --help lists its options)\n");
-    const calib = lowbit('quantize', 'm.onnx', '--calib', path.join(root, 'assets', 'mnist-calibration'), '--no-evaluate');
+    const calib = lowbit('quantize', 'm.onnx', '--calib', path.join(root, 'assets', 'mnist-calibration'));
     expect(calib.status, calib.stderr).to.equal(0);
     expect(calib.stderr).to.include('note: --calib without --abits quantizes weights only; the calibration data serve the comparison with the float model. Pass --abits 8 to quantize activations too.');
+    expect(calib.stdout).to.match(/\(\d+ calibration samples\)/);
+    const unread = lowbit('quantize', 'm.onnx', '--calib', path.join(root, 'assets', 'mnist-calibration'), '--no-evaluate');
+    expect(unread.stderr).to.include('note: --calib without --abits quantizes weights only; with --no-evaluate the calibration data are not read. Pass --abits 8 to quantize activations too.');
   });
 
   it('refuses an output that is the input model, or a report that is the model or the output; nothing is written', () => {

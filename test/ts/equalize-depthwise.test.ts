@@ -264,7 +264,7 @@ describe('equalize-depthwise', () => {
     });
     // It changes nothing, and the report says the option did nothing.
     expect(report.passes.find((p) => p.pass === 'equalize-depthwise')).to.deep.equal({
-      pass: 'equalize-depthwise', changed: [], skipped: [{ node: '(model)', reason: 'it has no depthwise convolution to equalize' }] });
+      pass: 'equalize-depthwise', changed: [], skipped: [{ node: '(model)', reason: 'it has no depthwise convolution to equalize (outside keepFloat)' }] });
   });
 
   it('Conv1d with a channel multiplier, no bias, asymmetric pads, strides and dilations: output unchanged', async () => {

@@ -299,8 +299,18 @@ describe('`lowbit quantize --report`', () => {
     fs.writeFileSync(path.join(dir, 'exact.q.onnx'), 'an earlier output');
     const over = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
     expect(over.status).to.equal(1);
-    expect(over.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. .* Kept exact\.q\.onnx: this run wrote it over an earlier file, which is gone\.\n/);
+    expect(over.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. .* Kept exact\.q\.onnx: this run wrote it over an earlier output, which is gone\.\n/);
     expect(readModel(path.join(dir, 'exact.q.onnx')).graph!.node.some((n) => n.opType === 'DequantizeLinear')).to.equal(true);  // this run's model
+    // With external data the model and its data file are one unit: both kept (the model needs its data), or both removed.
+    const pair = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--external-data', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(pair.status).to.equal(1);
+    expect(pair.stderr).to.match(/ Kept exact\.q\.onnx and exact\.q\.onnx\.data: this run wrote them over an earlier output, which is gone\.\n/);
+    expect(readModel(path.join(dir, 'exact.q.onnx')).graph!.initializer.length).to.be.above(0);  // its data file is there to read
+    fs.rmSync(path.join(dir, 'exact.q.onnx'));
+    fs.rmSync(path.join(dir, 'exact.q.onnx.data'));
+    const fresh = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--external-data', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(fresh.stderr).to.match(/ Removed exact\.q\.onnx and exact\.q\.onnx\.data, which this run wrote\.\n/);
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
     fs.rmSync(dir, { recursive: true });
   });
 });
@@ -603,7 +613,7 @@ describe('ONNX rewrites found by the audit', () => {
           let caught: unknown;
           await quantizeModel(file, { weights: { bits: 4 }, outputPath: path.join(dir, name) }).catch((e) => (caught = e));
           expect(caught, name).to.be.instanceOf(RangeError);
-          expect((caught as Error).message, name).to.match(/^Expected options\.outputPath to name a file other than the input model's file \(.*\), but it is the same file: writing it would destroy the input/);
+          expect((caught as Error).message, name).to.match(/^Expected a path other than the input model's file \(.*\) for options\.outputPath but received ".*", which names that file: writing it would destroy the input/);
         }
       }
     } finally {
@@ -909,17 +919,22 @@ describe('output paths and model files (second audit)', () => {
     expect(fs.lstatSync(pipe).isFIFO()).to.equal(true);
   });
 
-  it('an output path that is a symbolic link is written through: the link stays, the file it names gets the model (one file and external data)', async () => {
-    for (const externalData of [false, true]) {
-      const target = path.join(dir, `target${externalData}.onnx`);
-      const link = path.join(dir, `link${externalData}.onnx`);
-      fs.writeFileSync(target, 'old');
-      fs.symlinkSync(target, link);
-      const { model } = await quantizeModel(matmul(), { weights: { bits: 8 }, outputPath: link, evaluationFeeds: [], externalData });
-      expect(fs.lstatSync(link).isSymbolicLink()).to.equal(true);
-      expect(fs.readFileSync(target)).to.deep.equal(Buffer.from(model));
-      expect(fs.existsSync(`${target}.data`)).to.equal(externalData);  // next to the model, where its reference finds it
-    }
+  it('an output path that is a symbolic link is written through (the link stays, the file it names, in another folder, gets the model); with external data it is refused', async () => {
+    fs.mkdirSync(path.join(dir, 'elsewhere'));
+    const target = path.join(dir, 'elsewhere', 'target.onnx');
+    const link = path.join(dir, 'link.onnx');
+    fs.writeFileSync(target, 'old');
+    fs.symlinkSync(path.join('elsewhere', 'target.onnx'), link);  // relative, as ln -s writes it
+    const { model } = await quantizeModel(matmul(), { weights: { bits: 8 }, outputPath: link, evaluationFeeds: [] });
+    expect(fs.lstatSync(link).isSymbolicLink()).to.equal(true);
+    expect(fs.readFileSync(target)).to.deep.equal(Buffer.from(model));
+    // Two files found next to each other: a runtime opening the link would look for the data next to the link.
+    const e = await quantizeModel(matmul(), { weights: { bits: 8 }, outputPath: link, evaluationFeeds: [], externalData: true }).catch((x: Error) => x);
+    expect(e).to.be.instanceOf(RangeError);
+    expect((e as Error).message).to.equal(`Expected a path that is not a symbolic link for options.outputPath but received "${link}", which is one: a model with ` +
+      'external data is two files, found next to each other, which a link does not keep together. Give the real path.');
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['elsewhere', 'link.onnx']);
+    expect(fs.readdirSync(path.join(dir, 'elsewhere'))).to.deep.equal(['target.onnx']);
   });
 
   it("externalData with '<outputPath>.data' a folder is refused before any work, and the folder is left as it was", async () => {
@@ -939,16 +954,16 @@ describe('output paths and model files (second audit)', () => {
     for (const [outputPath, which] of [[file, 'file'], [path.join(dir, 'w.bin'), 'external data file']] as const) {
       const e = await quantizeModel(file, { weights: { bits: 8 }, outputPath, evaluationFeeds: [] }).catch((x: Error) => x);
       expect(e, outputPath).to.be.instanceOf(RangeError);
-      expect((e as Error).message).to.match(new RegExp(`^Expected options.outputPath to name a file other than the input model's ${which} \\(.*\\), but it is the same file`));
+      expect((e as Error).message).to.match(new RegExp(`^Expected a path other than the input model's ${which} \\(.*\\) for options.outputPath but received ".*", which names that file`));
     }
     fs.renameSync(path.join(dir, 'w.bin'), path.join(dir, 'w.data'));  // so that 'w' + '.data' is the data file
     withExternalWeight(dir, [['offset', '16']], 'w.data');
     const e = await quantizeModel(file, { weights: { bits: 8 }, outputPath: path.join(dir, 'w'), externalData: true, evaluationFeeds: [] }).catch((x: Error) => x);
-    expect((e as Error).message).to.match(/^Expected options.outputPath's data file to name a file other than the input model's external data file/);
+    expect((e as Error).message).to.match(/^Expected a path other than the input model's external data file \(.*\) for options.outputPath's data file but received/);
     fs.renameSync(path.join(dir, 'w.data'), path.join(dir, 'w.bin'));
     withExternalWeight(dir, [['offset', '16']]);
     const f = await finetune(file, { inputs: { data: new Float32Array(16), dims: [2, 8] }, labels: Uint8Array.of(0, 1) }, { outputPath: file, epochs: 1 }).catch((x: Error) => x);
-    expect((f as Error).message).to.match(/^Expected options.outputPath to name a file other than the input model's file/);
+    expect((f as Error).message).to.match(/^Expected a path other than the input model's file \(.*\) for options.outputPath but received/);
     expect([fs.readFileSync(file), fs.readFileSync(path.join(dir, 'w.bin'))]).to.deep.equal(before);
   });
 
@@ -999,8 +1014,11 @@ describe('model contents refused (second audit)', () => {
       const e = await quantizeModel(withModel(edit), { weights: { bits: 8 }, evaluationFeeds: [] }).catch((x: Error) => x);
       expect(e, label).to.be.instanceOf(OnnxModelError);
       expect((e as Error).message, label).to.equal(`This model imports ${what} of the default ONNX domain in its opset_import, where a model imports one, ` +
-        "1 or later: fix the model's opset_import (or re-export it).");
+        "1 or later (onnxruntime reads the last of several, lowbit's passes would change the first): fix the model's opset_import (or re-export it).");
     }
+    // The same version twice is one import: the conversion leaves a single entry, at the new version.
+    const { model: same } = await quantizeModel(withModel((m) => m.opsetImport.push({ ...m.opsetImport[0], domain: 'ai.onnx' })), { weights: { bits: 4 }, evaluationFeeds: [] });
+    expect(fromBinary(ModelProtoSchema, same).opsetImport.filter((o) => o.domain === '' || o.domain === 'ai.onnx').map((o) => o.version)).to.deep.equal([21n]);
   });
 
   it('a weight with a negative dimension, or float16 int32_data outside 0..65535, is an OnnxModelError (quantizeModel and inspectModel)', async () => {
@@ -1035,7 +1053,7 @@ describe('model contents refused (second audit)', () => {
       const e = await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits, method: 'minmax' }, calibration, onProgress: (s) => stages.push(s) }).catch((x: Error) => x);
       expect(e).to.be.instanceOf(OnnxModelError);
       expect((e as Error).message).to.equal(`${bits}-bit activations need opset 21, and this model (opset 13) cannot be converted: MeanVarianceNormalization (mvn) ` +
-        'changed between opset 13 and the target and is not converted here. Use 8-bit activations (activations.bits 8), or convert the model to opset 21 first.');
+        'changed between opset 13 and the target and is not converted here. Use 8-bit activations (options.activations.bits 8), or convert the model to opset 21 first.');
       expect(stages.some((s) => s.startsWith('calibrate'))).to.equal(false);
     }
   });
@@ -1123,7 +1141,7 @@ describe('model contents refused (second audit)', () => {
     for (const run of [() => quantizeModel(bytes, { weights: { bits: 8 } }), () => inspectModel(bytes)]) {
       const e = await run().catch((x: Error) => x);
       expect(e).to.be.instanceOf(TypeError);
-      expect((e as Error).message).to.match(/^Expected the model's bytes for model but received a Uint8Array whose buffer was detached/);
+      expect((e as Error).message).to.match(/^Expected a typed array with an attached buffer for model but received Uint8Array on a detached buffer\. The buffer was transferred/);
     }
   });
 });
@@ -1167,6 +1185,7 @@ describe('the evaluation on inputs that say nothing (second audit)', () => {
     const { report } = await quantizeModel(mm([1, 8], w), { weights: { bits: 8 }, evaluationFeeds: feeds });
     expect(report.evaluation!.outputs).to.have.length(1);
     expect(report.evaluation!.outputs[0].nonFiniteFeeds).to.equal(1);
+    expect(report.evaluation!.samples).to.equal(1);  // the feed left out is not counted
     expect(Number.isFinite(report.evaluation!.outputs[0].cosine)).to.equal(true);  // from the first feed alone
     const { report: all } = await quantizeModel(mm([1, 8], w), { weights: { bits: 8 }, evaluationFeeds: [feeds[1]] });
     expect(all.evaluation!.outputs).to.deep.equal([]);

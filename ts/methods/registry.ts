@@ -174,7 +174,6 @@ const kl = perGroup('kl', 'TensorRT-style entropy calibration: 2048-bin histogra
 const registry = new Map<string, RangeMethod>([minmax, mse, aciq, percentile, kl].map((m) => [m.name, m]));
 const BUILT_IN = new Set(registry.keys());
 
-/** Registers a range method under its name. */
 /**
  * Adds a range method under its name (options.method then takes it). The built-in methods cannot be replaced: the
  * whole process would take the new one.
@@ -189,7 +188,7 @@ export function registerRangeMethod(method: RangeMethod): void {
   }
   if (typeof method.description !== 'string') throw invalidType('method.description', 'a string', method.description);
   for (const key of ['ranges', 'rangesAsync'] as const) {
-    if (typeof method[key] !== 'function') throw invalidType(`method.${key}`, 'a function (request) => { lo, hi }', method[key]);
+    if (typeof method[key] !== 'function') throw invalidType(`method.${key}`, 'a function (request) => { lo, hi, nanIndex }', method[key]);
   }
   registry.set(method.name, method);
 }

@@ -203,7 +203,7 @@ export class Graph {
    * subgraphs are checked for op types; their values are onnxruntime's to check.
    */
   validate(): void {
-    for (const { node, scopes } of allNodes(this)) {
+    for (const { node, scopes } of [...this.graph.node.map((node) => ({ node, scopes: [] as GraphProto[] })), ...subgraphNodes(this)]) {
       if (node.opType === '') {
         throw new OnnxModelError(`Node '${node.name || node.output[0] || '(unnamed)'}'${scopes.length ? ' (in a subgraph)' : ''} has no op_type: the model is invalid; re-export it.`);
       }
@@ -218,6 +218,7 @@ export class Graph {
     };
     for (const i of this.graph.input) define(i.name, `graph input '${i.name}'`);
     for (const t of this.graph.initializer) define(t.name, `initializer '${t.name}'`, `graph input '${t.name}'`);
+    for (const t of this.graph.sparseInitializer) if (t.values) define(t.values.name, `sparse initializer '${t.values.name}'`, `graph input '${t.values.name}'`);
     for (const n of this.graph.node) for (const o of n.output) if (o !== '') define(o, `an output of node '${n.name || n.opType}'`);
     for (const o of this.graph.output) {
       if (!definedBy.has(o.name)) throw new OnnxModelError(`Graph output '${o.name}' is not produced by any node, input or initializer: the model is invalid; re-export it.`);

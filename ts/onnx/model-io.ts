@@ -12,6 +12,7 @@ import {
 } from 'onnx-buf';
 
 import { externalDataEntries, fieldHeader, skimModel, SkimError, type Skimmed } from './skim-model';
+import { checkAttached } from '../validate';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
 export class OnnxModelError extends Error {
@@ -231,23 +232,10 @@ function notAModelFile(file: string): OnnxModelError {
 
 function checkModelBytes(input: unknown): Uint8Array {
   if (input instanceof Uint8Array) {
-    // A detached buffer reads as empty: say so rather than "not an ONNX model".
-    if (input.length === 0 && input.buffer.byteLength === 0 && isDetached(input.buffer)) {
-      throw new TypeError('Expected the model\'s bytes for model but received a Uint8Array whose buffer was detached (transferred): pass a copy, or transfer it only after the call ends.');
-    }
+    checkAttached('model', input);  // a detached buffer reads as empty: say so rather than "not an ONNX model"
     return input;
   }
   throw new TypeError(`Expected a file path or a Uint8Array for model but received ${typeof input}.`);
-}
-
-function isDetached(buffer: ArrayBufferLike): boolean {
-  if (buffer instanceof SharedArrayBuffer) return false;
-  try {
-    new Uint8Array(buffer, 0, 0);
-    return false;
-  } catch {
-    return true;
-  }
 }
 
 /** A file's bytes as a plain Uint8Array over the same memory: copying a model of several hundred MB took seconds. */
@@ -411,8 +399,8 @@ function unreadableDataFile(t: TensorProto, file: string, why: string): OnnxMode
  * Checks that a data file is a regular file before it is opened: opening a FIFO for reading waits for a writer
  * (for ever: not even process.exit ends the wait).
  */
-function checkDataFile(t: TensorProto, file: string, stat: (file: string) => fs.Stats | undefined): void {
-  const s = stat(file);
+function checkDataFile(t: TensorProto, file: string): void {
+  const s = statOrUndefined(file);
   if (!s) throw unreadableDataFile(t, file, 'it does not exist');
   if (!s.isFile()) throw unreadableDataFile(t, file, s.isDirectory() ? 'it is a folder' : 'it is not a regular file');
 }
@@ -457,7 +445,7 @@ function loadExternalData(model: ModelProto, folder: string | undefined, lazy: b
       const { t, file } = external;
       let opened = files.get(file);
       if (!opened) {
-        checkDataFile(t, file, statOrUndefined);
+        checkDataFile(t, file);
         let fd: number;
         try {
           fd = fs.openSync(file, 'r');
@@ -493,7 +481,7 @@ async function loadExternalDataAsync(model: ModelProto, folder: string | undefin
       const { t, file } = external;
       let opened = files.get(file);
       if (!opened) {
-        checkDataFile(t, file, statOrUndefined);
+        checkDataFile(t, file);
         let handle: fs.promises.FileHandle;
         try {
           handle = await fs.promises.open(file, 'r');
@@ -922,10 +910,27 @@ function floatDataToRaw(t: TensorProto, threshold: number): void {
  * earlier pair as it was). Writes of this process to one path run one after another.
  */
 export async function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024, signal?: AbortSignal): Promise<Uint8Array> {
-  // Through a link the model goes where the link points, and its data file next to it, where its reference finds it.
-  const target = writeTarget(file);
-  checkOutputPath(`the data file of ${file}`, `${target}.data`);
-  return oneWriteAtATime(target, () => writeBothFiles(model, target, threshold, signal));
+  checkExternalOutput('the output path', file);
+  return oneWriteAtATime(file, () => writeBothFiles(model, file, threshold, signal));
+}
+
+/**
+ * Refuses what an output with external data cannot be written to: a symbolic link (the model would go where it
+ * points, its data file next to that, and a runtime opening the link looks for the data next to the link), or a
+ * `<file>.data` that is a folder, a device or a pipe (checkOutputPath).
+ */
+export function checkExternalOutput(name: string, file: string): void {
+  let link = false;
+  try {
+    link = fs.lstatSync(file).isSymbolicLink();
+  } catch {
+    // nothing there yet
+  }
+  if (link) {
+    throw new RangeError(`Expected a path that is not a symbolic link for ${name} but received "${file}", which is one: a model with external data is ` +
+      'two files, found next to each other, which a link does not keep together. Give the real path.');
+  }
+  checkOutputPath(`${name}'s data file`, `${file}.data`);
 }
 
 /** The pending write of each output path (resolved), while there is one. */
@@ -1065,8 +1070,9 @@ export function samePath(a: string, b: string): boolean {
 }
 
 /**
- * Checks, before any long work, that `file` can be an output path: a string
- * naming a file (not a folder) whose folder exists.
+ * Checks, before any long work, that `file` can be an output path: a string naming a regular file or nothing yet (not
+ * a folder, a device or a pipe, which the atomic rename would replace), in an existing folder, its name at most
+ * 255 bytes.
  */
 export function checkOutputPath(name: string, file: unknown): string {
   if (typeof file !== 'string' || file === '') throw new TypeError(`Expected a file path for ${name} but received ${JSON.stringify(file) ?? String(file)}.`);
@@ -1100,8 +1106,8 @@ export function checkNotModelFile(name: string, file: string, model: ModelProto,
   for (const [what, output] of [[name, file], ...(dataFileToo ? [[`${name}'s data file`, `${file}.data`]] : [])]) {
     const input = filesReadFor(model).find((f) => samePath(output, f));
     if (input) {
-      throw new RangeError(`Expected ${what} to name a file other than the input model's ${input === filesReadFor(model)[0] ? 'file' : 'external data file'} ` +
-        `(${input}), but it is the same file: writing it would destroy the input. Choose another path.`);
+      throw new RangeError(`Expected a path other than the input model's ${input === filesReadFor(model)[0] ? 'file' : 'external data file'} (${input}) for ${what} ` +
+        `but received "${output}", which names that file: writing it would destroy the input. Choose another path.`);
     }
   }
 }

@@ -15,7 +15,7 @@ import { openPair, openSession, OrtHost, runSession, type OrtSession } from './o
 import { checkKnownKeys, isPlainObject, iterability } from '../validate';
 import { allNodes, attribute, Graph, isOnnxDomain, weightValues } from './graph';
 import {
-  bytesLeftInFiles, checkNotModelFile, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
+  bytesLeftInFiles, checkExternalOutput, checkNotModelFile, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
 import { ACTIVATION_METHODS, branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
@@ -180,7 +180,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (options.externalData && typeof options.outputPath !== 'string') {
     throw invalidValue('options.outputPath', 'a file path when externalData is set (the data file goes next to it)', options.outputPath);
   }
-  if (options.externalData) checkOutputPath("options.outputPath's data file", `${options.outputPath}.data`);
+  if (options.externalData) checkExternalOutput('options.outputPath', options.outputPath as string);
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
   checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding', 'reduceRange', 'gather']);
@@ -290,14 +290,14 @@ function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return ab / Math.sqrt(aa * bb);
 }
 
+/** The most values lowbit makes up for one input of the evaluation (64 MB of float32). */
+const MADE_UP_VALUES = 2 ** 24;
+
 /**
  * One input per model input for comparing float and quantized outputs when no data were given: standard normal
  * values for float inputs, ones for integer inputs (a valid token id, mask or type id for nearly every model;
  * random ids could fall outside a vocabulary) and true for bool ones, symbolic dims as 1. A string says why there is none.
  */
-/** The most values lowbit makes up for one input of the evaluation (64 MB of float32). */
-const MADE_UP_VALUES = 2 ** 24;
-
 function randomFeeds(model: ModelProto, seed: number): Feed | string {
   const feeds: Feed = {};
   let s = seed >>> 0;
@@ -482,7 +482,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       const q = await runSession(quantSession, tensors, undefined, `the quantized model on evaluation feed ${index}`, LOWBIT_BUG);
       const firstDims = Object.values(feeds)[0]?.dims ?? [];
       const batch = firstDims.length > 0 ? firstDims[0] : 1;
-      samples += batch;
+      let comparedHere = false;  // samples counts the feeds some output was compared on
       for (const name of floatSession.outputNames) {
         if (f[name].type !== 'float32' && f[name].type !== 'float16') continue;  // integer outputs (e.g. an argmax) have no cosine
         const a = floatValues(f[name]);
@@ -513,6 +513,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
         const size = a.length / rows;
         for (let r = 0; r < rows; r++) entry.cos += cosine(a.subarray(r * size, (r + 1) * size), b.subarray(r * size, (r + 1) * size));
         entry.compared += rows;
+        comparedHere = true;
         const classes = dims[dims.length - 1];
         if (classes > 1 && a.length % classes === 0) {
           for (let r = 0; r < a.length / classes; r++) {
@@ -527,6 +528,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
           }
         }
       }
+      if (comparedHere) samples += batch;
       await nextTurn();
     }
   } finally {
@@ -589,12 +591,18 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (opts.outputPath !== undefined) checkNotModelFile('options.outputPath', opts.outputPath, model, opts.externalData !== false);
   const evaluationFeeds = opts.evaluationFeeds?.map((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
   const graph = new Graph(model);
-  const defaultImports = model.opsetImport.filter((o) => isOnnxDomain(o.domain));
+  let defaultImports = model.opsetImport.filter((o) => isOnnxDomain(o.domain));
+  if (defaultImports.length > 1 && defaultImports.every((o) => o.version === defaultImports[0].version)) {
+    // The same version twice ('' and 'ai.onnx'): one entry, so that a conversion updates the only one there is.
+    model.opsetImport = model.opsetImport.filter((o) => !isOnnxDomain(o.domain) || o === defaultImports[0]);
+    defaultImports = [defaultImports[0]];
+  }
   if (defaultImports.length !== 1 || graph.opset < 1) {
     // onnxruntime reads the last of two entries, lowbit's passes the first; a version below 1 names no opset.
     throw new OnnxModelError(`This model imports ${defaultImports.length === 0 ? 'no version' : defaultImports.length > 1
       ? `${defaultImports.length} versions (${defaultImports.map((o) => o.version).join(', ')})` : `version ${graph.opset}`} of the default ONNX domain ` +
-      "in its opset_import, where a model imports one, 1 or later: fix the model's opset_import (or re-export it).");
+      "in its opset_import, where a model imports one, 1 or later (onnxruntime reads the last of several, lowbit's passes would change the first): " +
+      "fix the model's opset_import (or re-export it).");
   }
   if (graph.opset < 7) {
     // Add, Mul, Gemm… broadcast by attribute there, which the passes' inserted nodes do not do.
@@ -629,7 +637,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const activationBits = opts.activations && opts.activations.method !== 'dynamic' ? opts.activations.bits : 8;
   if (activationBits !== 8 && graph.opset < 21 && unconvertibleReason(graph)) {
     throw new OnnxModelError(`${activationBits}-bit activations need opset 21, and this model (opset ${graph.opset}) cannot be converted: ${unconvertibleReason(graph)}. ` +
-      'Use 8-bit activations (activations.bits 8), or convert the model to opset 21 first.');
+      'Use 8-bit activations (options.activations.bits 8), or convert the model to opset 21 first.');
   }
   const forWeights = Math.max(bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13, halfWeights.length > 0 ? 19 : 0);
   // HardSwish (fused below) arrived in opset 14; a model that cannot be converted keeps its pattern rather than
@@ -710,7 +718,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       timings.calibrate = equalized.calibrationMs;
     }
     // A model without depthwise convolutions: the option did nothing, which the report says.
-    passes.push(equalized?.report ?? { pass: 'equalize-depthwise', changed: [], skipped: [{ node: '(model)', reason: 'it has no depthwise convolution to equalize' }] });
+    passes.push(equalized?.report ?? { pass: 'equalize-depthwise', changed: [], skipped: [{ node: '(model)', reason: 'it has no depthwise convolution to equalize (outside keepFloat)' }] });
     equalizationBatches = equalized?.batches;
     if (equalized && !gptq && !dataBiasCorrection) shifts = equalized.shifts;
   }
@@ -958,6 +966,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       'and it is written with its weights in <outputPath>.data.');
   }
   const external = opts.outputPath !== undefined && (opts.externalData === true || (opts.externalData === undefined && !fitsOneFile));
+  if (external) checkExternalOutput('options.outputPath', opts.outputPath!);  // (chosen for a model of 2 GB or more: before the evaluation's work)
   const report: QuantizationReport = {
     opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
     ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,

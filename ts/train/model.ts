@@ -196,7 +196,7 @@ export class TrainableModel {
       if (!['Conv', 'Gemm', 'MatMul'].includes(node.opType) || weightInput === undefined) continue;
       const weight = this.params.get(node.input[weightInput]);
       if (!weight || weight.dims.length < 2) continue;
-      const outputAxis = node.opType === 'Conv' ? 0 : node.opType === 'Gemm' ? (transposes(node, 'transB') ? 0 : 1) : weightInput === 1 ? 1 : 0;
+      const outputAxis = node.opType === 'Conv' ? 0 : node.opType === 'Gemm' ? (transposes(node, 'transB') ? 0 : 1) : weightInput === 1 ? weight.dims.length - 1 : 0;  // x·W: W's last axis ([K, N], or [1, K, N])
       this.layers.push({ node, label: nodeLabel(node), weightInput, activationInput: weightInput === 0 ? 1 : 0, weight, outputAxis });
     }
     this.analyseGradients();

@@ -455,9 +455,10 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const allocate = options.bitAllocation && !blocked && !perTensor && !edge && dims[axes.outputAxis] > 1;
     const grouped = !!options.groups && !blocked && !perTensor && !allocate && dims[axes.outputAxis] % options.groups === 0;
     if (options.groups && !grouped) {
-      const why = blocked ? 'its weights are blocked' : perTensor ? 'its weights take one scale' : allocate ? 'bit allocation gives its channels their bits'
-        : `its ${dims[axes.outputAxis]} output channels do not divide into ${options.groups} groups`;
-      report.skipped.push({ node: label, reason: `groups: ${why}; quantized per channel` });
+      // (Per-tensor weights with groups are refused up front.)
+      const why = blocked ? 'its weights are quantized in blocks' : allocate ? 'bit allocation gives its channels their bits'
+        : `its ${dims[axes.outputAxis]} output channels do not divide into ${options.groups} groups; quantized per channel`;
+      report.skipped.push({ node: label, reason: `groups: ${why}` });
     }
     let source = data;
     if (options.scaleClipK !== undefined) {
