@@ -135,6 +135,17 @@ describe('.npy calibration folders that do not line up', () => {
     writeNpy(path.join(dir, input, name), '<f4', dims, data);
   };
 
+  it('names a subfolder that holds no .npy file, and takes .NPY files too', async () => {
+    fs.mkdirSync(path.join(dir, 'input'));
+    fs.writeFileSync(path.join(dir, 'input', 'notes.txt'), 'not a batch');
+    const e = await quantizeModel(mnist, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: dir, evaluationFeeds: [] }).catch((x: Error) => x);
+    expect(e).to.be.instanceOf(RangeError);
+    expect((e as Error).message).to.equal(`${dir}: the subfolder input/ holds no .npy file: put one .npy batch per file in each input's subfolder.`);
+    write('input', 'A.NPY', [2, 1, 28, 28], feed(0, 2).input.data);
+    const { report } = await quantizeModel(mnist, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: dir, evaluationFeeds: [] });
+    expect(report.calibrationBatches).to.equal(1);
+  });
+
   it('skips hidden subfolders, refuses subfolders with different file counts and names the files of a bad batch', async () => {
     write('input', 'a.npy', [2, 1, 28, 28], feed(0, 2).input.data);
     write('input', 'b.npy', [2, 1, 28, 28], feed(2, 2).input.data);
@@ -1108,6 +1119,13 @@ describe('model contents refused (second audit)', () => {
     fs.rmSync(dir, { recursive: true });
     expect(e).to.be.instanceOf(OnnxModelError);
     expect((e as Error).message).to.equal('Tensor w keeps its data externally but names no data file (location null): the model file is corrupted or was written wrongly; re-export it.');
+  });
+
+  it('inspectModel refuses a structurally invalid model as quantizeModel does', async () => {
+    const bytes = withModel((m) => { m.graph!.output.push({ ...m.graph!.output[0], name: 'ghost' }); });
+    const e = await inspectModel(bytes).catch((x: Error) => x);
+    expect(e).to.be.instanceOf(OnnxModelError);
+    expect((e as Error).message).to.equal("Graph output 'ghost' is not produced by any node, input or initializer: the model is invalid; re-export it.");
   });
 
   it('inspect leaves the statistics blank for layers without float weights (quantized) and gives NaN, not ±Infinity, when all are NaN', async () => {

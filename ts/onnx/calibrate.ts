@@ -226,7 +226,12 @@ function* npyFolderBatches(folder: string): Generator<{ feed: Feed; files: strin
   const isDir = (p: string) => fs.statSync(p).isDirectory();
   const inputs = fs.readdirSync(folder).filter((d) => !d.startsWith('.') && isDir(path.join(folder, d))).sort();
   if (inputs.length === 0) throw new RangeError(`${folder} has no subfolders; put each input's .npy batches in a folder named after the input.`);
-  const files = inputs.map((i) => fs.readdirSync(path.join(folder, i)).filter((f) => f.endsWith('.npy') && !isDir(path.join(folder, i, f))).sort());
+  const files = inputs.map((i) => fs.readdirSync(path.join(folder, i)).filter((f) => f.toLowerCase().endsWith('.npy') && !isDir(path.join(folder, i, f))).sort());
+  const empty = inputs.filter((_, i) => files[i].length === 0);
+  if (empty.length > 0) {
+    throw new RangeError(`${folder}: the subfolder${empty.length > 1 ? 's' : ''} ${empty.map((name) => `${name}/`).join(', ')} hold${empty.length > 1 ? '' : 's'} no .npy file: ` +
+      'put one .npy batch per file in each input\'s subfolder.');
+  }
   if (files.some((f) => f.length !== files[0].length)) {
     throw new RangeError(`${folder}: every input's subfolder must hold one .npy file per batch, as many as the others; found ` +
       `${inputs.map((name, i) => `${name}/ ${files[i].length}`).join(', ')}. Subfolders name the model's inputs.`);

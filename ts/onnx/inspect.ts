@@ -30,6 +30,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   // Read without holding the event loop, and one layer's weights in memory at a time when they are external
   // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer.
   const graph = new Graph(await readModelAsync(input, { lazyTensors: true }));
+  graph.validate();  // what quantizeModel would refuse before any pass
   densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
   const layers: LayerStats[] = [];
