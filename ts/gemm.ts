@@ -5,7 +5,7 @@
  * Row-major A [m, k] and B [k, n]; int8 or uint8 each.
  */
 import { checkKernel } from './cpu';
-import { invalidType, invalidValue } from './errors';
+import { invalidType, invalidValue, withArticle } from './errors';
 import { native, type PackedHandle, type PackedInt4Handle } from './native';
 import type { QuantizedTensor } from './quant-params';
 import { checkQuantizedTensor } from './quantize';
@@ -338,7 +338,7 @@ export function packInt4Matrix(q: QuantizedTensor, options?: { threads?: number 
   const [k, n] = t.shape;
   const handle = native().packInt4Matrix(t.values, k, n, blockSize, t.scale, t.zeroPoint, threads);
   if (typeof handle === 'number') {
-    throw invalidValue(`q.values[${handle}]`, t.signed ? 'an int4 value in [-8, 7]' : 'a uint4 value in [0, 15]', t.values[handle]);
+    throw invalidValue(`q.values[${handle}]`, withArticle(t.signed ? 'int4 value in [-8, 7]' : 'uint4 value in [0, 15]'), t.values[handle]);
   }
   return new PackedInt4Matrix(fromPackMatrix, handle, k, n, blockSize, t.signed);
 }

@@ -39,7 +39,7 @@ function pack(name: string, q: unknown, bits: 2 | 4): Uint8Array {
   if (bad >= 0) {
     const lo = signed ? -(2 ** (bits - 1)) : 0;
     const hi = signed ? 2 ** (bits - 1) - 1 : 2 ** bits - 1;
-    throw invalidValue(`${name}[${bad}]`, `${signed ? 'an ' : 'a u'}int${bits} value in [${lo}, ${hi}]`, values[bad],
+    throw invalidValue(`${name}[${bad}]`, withArticle(`${signed ? '' : 'u'}int${bits} value in [${lo}, ${hi}]`), values[bad],
       `Quantize with bits: ${bits} (or fewer) before packing.`);
   }
   return out;

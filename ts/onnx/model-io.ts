@@ -417,15 +417,14 @@ function statOrUndefined(file: string): fs.Stats | undefined {
 function externalRange({ t, file, entry }: ExternalTensor, identity: FileIdentity): ExternalSource {
   const size = identity.size;
   // Decimal digits only, as onnxruntime reads them ('', ' 16', '0x10' and '1.6e1' are numbers to Number()).
-  const integer = (text: string | undefined, fallback: number) => (text === undefined ? fallback : /^[0-9]+$/.test(text) ? Number(text) : NaN);
-  const offset = integer(entry.offset, 0);
-  const length = integer(entry.length, size - offset);
   for (const key of ['offset', 'length'] as const) {
-    if (entry[key] !== undefined && Number.isNaN(integer(entry[key], 0))) {
+    if (entry[key] !== undefined && !/^[0-9]+$/.test(entry[key])) {
       throw new OnnxModelError(`Tensor ${t.name}: its external data ${key} is ${JSON.stringify(entry[key])}, not a byte count in decimal digits: ` +
         'the model file is corrupted or was written wrongly; re-export it.');
     }
   }
+  const offset = Number(entry.offset ?? 0);
+  const length = entry.length === undefined ? size - offset : Number(entry.length);
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
     throw new OnnxModelError(`Tensor ${t.name}: its external data (offset ${entry.offset ?? 0}, length ${entry.length ?? 'to the end'}) lies outside ` +
       `${file} (${size} bytes): the data file is truncated or belongs to another model.`);
@@ -920,13 +919,7 @@ export async function writeModelWithExternalData(model: ModelProto, file: string
  * `<file>.data` that is a folder, a device or a pipe (checkOutputPath).
  */
 export function checkExternalOutput(name: string, file: string): void {
-  let link = false;
-  try {
-    link = fs.lstatSync(file).isSymbolicLink();
-  } catch {
-    // nothing there yet
-  }
-  if (link) {
+  if (isSymbolicLink(file)) {
     throw new RangeError(`Expected a path that is not a symbolic link for ${name} but received "${file}", which is one: a model with external data is ` +
       'two files, found next to each other, which a link does not keep together. Give the real path.');
   }
@@ -1077,15 +1070,11 @@ export function samePath(a: string, b: string): boolean {
 export function checkOutputPath(name: string, file: unknown): string {
   if (typeof file !== 'string' || file === '') throw new TypeError(`Expected a file path for ${name} but received ${JSON.stringify(file) ?? String(file)}.`);
   const folder = path.dirname(path.resolve(file));
-  if (!fs.existsSync(folder) || !fs.statSync(folder).isDirectory()) {
+  if (!statOrUndefined(folder)?.isDirectory()) {
     throw new RangeError(`Expected a file path in an existing folder for ${name} but received "${file}": ${folder} does not exist. Create it first.`);
   }
-  let stat: fs.Stats | undefined;
-  try {
-    stat = fs.statSync(file);  // through a link: what the write replaces
-  } catch {
-    // nothing there yet (or a dangling link, replaced by the file)
-  }
+  // Through a link: what the write replaces (nothing yet, or a dangling link, replaced by the file).
+  const stat = statOrUndefined(file);
   if (stat?.isDirectory()) throw new RangeError(`Expected a file path for ${name} but received "${file}", which is a folder.`);
   if (stat && !stat.isFile()) {
     const kind = stat.isCharacterDevice() || stat.isBlockDevice() ? 'a device' : stat.isFIFO() ? 'a named pipe' : 'not a regular file';
@@ -1103,10 +1092,11 @@ export function checkOutputPath(name: string, file: unknown): string {
  * file): writing it would destroy the input. `dataFileToo`: the output's `<path>.data` is checked as well.
  */
 export function checkNotModelFile(name: string, file: string, model: ModelProto, dataFileToo: boolean): void {
+  const inputs = filesReadFor(model);
   for (const [what, output] of [[name, file], ...(dataFileToo ? [[`${name}'s data file`, `${file}.data`]] : [])]) {
-    const input = filesReadFor(model).find((f) => samePath(output, f));
+    const input = inputs.find((f) => samePath(output, f));
     if (input) {
-      throw new RangeError(`Expected a path other than the input model's ${input === filesReadFor(model)[0] ? 'file' : 'external data file'} (${input}) for ${what} ` +
+      throw new RangeError(`Expected a path other than the input model's ${input === inputs[0] ? 'file' : 'external data file'} (${input}) for ${what} ` +
         `but received "${output}", which names that file: writing it would destroy the input. Choose another path.`);
     }
   }
@@ -1125,10 +1115,18 @@ function recordFilesRead(model: ModelProto, file: string, dataFiles: string[]): 
 
 /** Where a write to `file` goes: through a symbolic link to the file it names (renaming over the link would replace the link). */
 function writeTarget(file: string): string {
+  if (!isSymbolicLink(file)) return file;
   try {
-    if (fs.lstatSync(file).isSymbolicLink()) return fs.realpathSync(file);
+    return fs.realpathSync(file);
   } catch {
-    // nothing there, or a dangling link: written as named
+    return file;  // a dangling link: written as named
   }
-  return file;
+}
+
+function isSymbolicLink(file: string): boolean {
+  try {
+    return fs.lstatSync(file).isSymbolicLink();
+  } catch {
+    return false;  // nothing there
+  }
 }

@@ -634,27 +634,29 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     throw new OnnxModelError(`Layer '${nodeLabel(halfWeights[0])}' has float16 weights: ${halfUnsupported} works on float32 layers only. ` +
       'Drop that option (float16 models take weights and calibrated activations), or convert the model to float32.');
   }
+  // Why the model cannot be converted to a newer opset (undefined: it can), walked once: the conversion below
+  // happens only when it can, and then nothing is left that could not be.
+  const unconvertible = unconvertibleReason(graph);
   const activationBits = opts.activations && opts.activations.method !== 'dynamic' ? opts.activations.bits : 8;
-  if (activationBits !== 8 && graph.opset < 21 && unconvertibleReason(graph)) {
-    throw new OnnxModelError(`${activationBits}-bit activations need opset 21, and this model (opset ${graph.opset}) cannot be converted: ${unconvertibleReason(graph)}. ` +
+  if (activationBits !== 8 && graph.opset < 21 && unconvertible) {
+    throw new OnnxModelError(`${activationBits}-bit activations need opset 21, and this model (opset ${graph.opset}) cannot be converted: ${unconvertible}. ` +
       'Use 8-bit activations (options.activations.bits 8), or convert the model to opset 21 first.');
   }
   const forWeights = Math.max(bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13, halfWeights.length > 0 ? 19 : 0);
   // HardSwish (fused below) arrived in opset 14; a model that cannot be converted keeps its pattern rather than
   // falling back to com.microsoft Q/DQ for it.
-  const needed = hasHardSwishPattern(graph) && !unconvertibleReason(graph) ? Math.max(forWeights, 14) : forWeights;
+  const needed = hasHardSwishPattern(graph) && !unconvertible ? Math.max(forWeights, 14) : forWeights;
   const from = graph.opset;
   let microsoftDomainFallback: string | undefined;
   if (from < needed) {
-    const why = unconvertibleReason(graph);
-    if (why) {
+    if (unconvertible) {
       const edgeBits = opts.firstLastLayerBits ?? 8;
       if (bits !== 8 || blockedWeights || halfWeights.length > 0 || edgeBits < 8) {
         const what = halfWeights.length > 0 ? 'float16 weights (float16 scales)' : blockedWeights ? 'blocked weights'
           : bits !== 8 ? `${bits}-bit weights` : `firstLastLayerBits ${edgeBits}`;
-        throw new OnnxModelError(`${what} need opset ${needed}, and this model (opset ${from}) cannot be converted: ${why}.`);
+        throw new OnnxModelError(`${what} need opset ${needed}, and this model (opset ${from}) cannot be converted: ${unconvertible}.`);
       }
-      microsoftDomainFallback = `opset ${from} kept (${why}); weights use com.microsoft DequantizeLinear`;
+      microsoftDomainFallback = `opset ${from} kept (${unconvertible}); weights use com.microsoft DequantizeLinear`;
       graph.importDomain('com.microsoft');
     } else {
       passes.push(await time('upgrade-opset', () => upgradeOpset(graph, needed)));
@@ -662,9 +664,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   }
   // Bit allocation may store a layer in int4 or int2 (opset 21 or 25): refused before any work where that is out of reach.
   const allocation = opts.weights.bitAllocation;
-  if (allocation && allocation.averageBits < 8 && graph.opset < 21 && (microsoftDomainFallback ?? unconvertibleReason(graph))) {
+  if (allocation && allocation.averageBits < 8 && graph.opset < 21 && unconvertible) {
     throw new OnnxModelError(`weights.bitAllocation (averageBits ${allocation.averageBits}) can leave layers with 4- or 2-bit weights, which need opset 21 or 25, ` +
-      `and this model (opset ${graph.opset}) cannot be converted: ${unconvertibleReason(graph)}. Drop bitAllocation or set averageBits to 8.`);
+      `and this model (opset ${graph.opset}) cannot be converted: ${unconvertible}. Drop bitAllocation or set averageBits to 8.`);
   }
   passes.push(await time('fuse-hardswish', () => fuseHardSwish(graph)));
   passes.push(await time('fold-batchnorm', () => runStepsAsync(foldBatchNormSteps(graph))));
@@ -894,10 +896,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   let activations: ActivationLayerReport[] = [];
   if (result) {
     const a = staticActivations || { bits: 8 as const, method: 'minmax' as const };
-    if (staticActivations && a.bits !== 8 && graph.opset < 21) {
-      if (microsoftDomainFallback) throw new OnnxModelError(`${a.bits}-bit activations need opset 21; this model cannot be converted (${microsoftDomainFallback}).`);
-      passes.push(upgradeOpset(graph, 21));
-    }
+    // (A model that cannot be converted was refused for these bits before any work.)
+    if (staticActivations && a.bits !== 8 && graph.opset < 21) passes.push(upgradeOpset(graph, 21));
     if (dataBiasCorrection) {
       passes.push(await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments),
         (_, done) => opts.onProgress?.(`bias-correction ${done}/${weights.length}`))));
@@ -966,7 +966,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       'and it is written with its weights in <outputPath>.data.');
   }
   const external = opts.outputPath !== undefined && (opts.externalData === true || (opts.externalData === undefined && !fitsOneFile));
-  if (external) checkExternalOutput('options.outputPath', opts.outputPath!);  // (chosen for a model of 2 GB or more: before the evaluation's work)
+  // Chosen here for a model of 2 GB or more: checked before the evaluation's work (externalData: true was checked up front).
+  if (external && opts.externalData === undefined) checkExternalOutput('options.outputPath', opts.outputPath!);
   const report: QuantizationReport = {
     opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
     ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,
