@@ -279,6 +279,15 @@ Napi::Value FiniteRange(const Napi::CallbackInfo& info) {
   return r;
 }
 
+// firstCodeOutside(q, isSigned, qmin, qmax) -> index of the first code outside [qmin, qmax], or -1
+Napi::Value FirstCodeOutside(const Napi::CallbackInfo& info) {
+  size_t n;
+  const uint8_t* q = codes_of(info[0], "q", &n);
+  const bool is_signed = bool_of(info[1], "isSigned");
+  const int32_t qmin = int32_t(number_of(info[2], "qmin")), qmax = int32_t(number_of(info[3], "qmax"));
+  return Napi::Number::New(info.Env(), double(lowbit::first_code_outside(q, n, is_signed, qmin, qmax)));
+}
+
 // histogramAdd(x, binsPerUnit, counts, negativeCounts) -> how many values were exactly 0
 Napi::Value HistogramAdd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -379,6 +388,7 @@ void register_quantize_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("lsqForward", Napi::Function::New(env, LsqForward, "lsqForward"));
   exports.Set("lsqBackward", Napi::Function::New(env, LsqBackward, "lsqBackward"));
   exports.Set("finiteRange", Napi::Function::New(env, FiniteRange, "finiteRange"));
+  exports.Set("firstCodeOutside", Napi::Function::New(env, FirstCodeOutside, "firstCodeOutside"));
   exports.Set("histogramAdd", Napi::Function::New(env, HistogramAdd, "histogramAdd"));
   exports.Set("paramsFromRanges", Napi::Function::New(env, ParamsFromRanges, "paramsFromRanges"));
   exports.Set("errorStats", Napi::Function::New(env, ErrorStats, "errorStats"));

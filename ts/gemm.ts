@@ -241,10 +241,17 @@ function scaled(r: Resolved, o: Record<string, unknown>, yScale = 1): { aScale: 
   const aScale = checkScale('options.aScale', o.aScale);
   const { scale, perColumn } = checkColumnScales('options.bScale', o.bScale, r.n);
   // The kernels multiply C by aScale·bScale (/ yScale) in float32: an infinite factor would turn C = 0 into NaN.
-  const bad = scale.findIndex((b) => !Number.isFinite(Math.fround(Math.fround(aScale * b) / yScale)));
+  const column = perColumn ? (j: number) => `options.bScale[${j}]` : () => 'options.bScale';
+  const bad = scale.findIndex((b) => !Number.isFinite(Math.fround(aScale * b)));
   if (bad >= 0) {
-    throw invalidValue(perColumn ? `options.bScale[${bad}]` : 'options.bScale', `scales whose product aScale·bScale${yScale === 1 ? '' : ' / yScale'} is a finite float32`,
-      scale[bad], `aScale is ${aScale}${yScale === 1 ? '' : ` and yScale ${yScale}`}: rescale the quantized values.`);
+    throw invalidValue(column(bad), 'scales whose product aScale·bScale is a finite float32', scale[bad],
+      `aScale is ${aScale}: rescale the quantized values.`);
+  }
+  // A finite product over a yScale too small: name yScale, the factor that is out of range.
+  const over = scale.findIndex((b) => !Number.isFinite(Math.fround(Math.fround(aScale * b) / yScale)));
+  if (over >= 0) {
+    throw invalidValue('options.yScale', `a scale with aScale·bScale / yScale a finite float32 (for ${column(over)} = ${scale[over]})`, yScale,
+      `aScale is ${aScale}: use a larger output scale.`);
   }
   return { aScale, bScale: scale, perColumn };
 }

@@ -77,6 +77,8 @@ export interface NativeBinding {
     gradIn: Float32Array, gradStep: Float64Array, kernel: string, threads: number): void;
   /** [min, max, finite count, index of the first NaN or -1] of a calibration batch (±Infinity skipped). */
   finiteRange(x: Float32Array): [number, number, number, number];
+  /** Index of the first code outside [qmin, qmax], or -1. */
+  firstCodeOutside(q: Codes, isSigned: boolean, qmin: number, qmax: number): number;
   /** Adds x's finite values to an |x| histogram (and negative ones to negativeCounts); returns how many were 0. */
   histogramAdd(x: Float32Array, binsPerUnit: number, counts: Float64Array, negativeCounts: Float64Array): number;
   paramsFromRanges(lo: Float32Array, hi: Float32Array, qmin: number, qmax: number, symmetric: boolean,

@@ -17,7 +17,7 @@ function valuesOf(name: string, q: unknown, bits: 2 | 4): { values: Values; sign
   if (isPlainObject(q) && (q.values instanceof Int8Array || q.values instanceof Uint8Array)) {
     const t = q as unknown as QuantizedTensor;
     if (t.bits !== undefined && (!Number.isInteger(t.bits) || t.bits < 1 || t.bits > bits)) {
-      throw invalidValue(`${name}.bits`, `an integer (1 or more), at most ${bits}`, t.bits, `Quantize with bits: ${bits} before packing.`);
+      throw invalidValue(`${name}.bits`, `an integer from 1 to ${bits}`, t.bits, `Quantize with bits: ${bits} before packing.`);
     }
     checkAttached(`${name}.values`, t.values);
     const signed = t.values instanceof Int8Array;

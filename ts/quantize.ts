@@ -466,7 +466,31 @@ export function checkQuantizedTensor(name: string, q: unknown): { q: QuantizedTe
       throw invalidValue(`${name}.channelBits`, `a Uint8Array of ${layout.groups} widths in [2, ${bits}] with granularity 'channel' (or no channelBits)`, q.channelBits);
     }
   }
+  checkCodesInRange(name, q as unknown as QuantizedTensor, layout);
   return { q: q as unknown as QuantizedTensor, layout };
+}
+
+/** Every code fits its bits (its channel's, with bit allocation): an int4 tensor holding 100 is not one. */
+function checkCodesInRange(name: string, q: QuantizedTensor, layout: TensorLayout): void {
+  const refuse = (at: number, bits: number): never => {
+    const { qmin, qmax } = integerRange(bits, q.signed);
+    throw invalidValue(`${name}.values[${at}]`, `a ${bits}-bit ${q.signed ? 'signed' : 'unsigned'} code in [${qmin}, ${qmax}]`,
+      q.values[at], 'Build values with quantizeTensor, or give the bits the codes need.');
+  };
+  if (q.channelBits === undefined) {
+    if (q.bits === 8) return;
+    const { qmin, qmax } = integerRange(q.bits, q.signed);
+    const at = native().firstCodeOutside(q.values, q.signed, qmin, qmax);
+    if (at >= 0) refuse(at, q.bits);
+    return;
+  }
+  // Bit-allocated tensors are rare; channels may be single elements apart, so one pass here.
+  const { axisLen, inner } = layout.native;
+  const ranges = Array.from(q.channelBits, (b) => integerRange(b, q.signed));
+  for (let e = 0; e < q.values.length; e++) {
+    const c = Math.floor(e / inner) % axisLen;
+    if (q.values[e] < ranges[c].qmin || q.values[e] > ranges[c].qmax) refuse(e, q.channelBits[c]);
+  }
 }
 
 function checkDequantizeOptions(options: unknown, q: QuantizedTensor): { kernel: string; threads: number; out?: Float32Array } {

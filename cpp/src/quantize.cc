@@ -509,4 +509,25 @@ void unpack_int4(const uint8_t* p, size_t n, bool s, uint8_t* out) { unpack_bits
 int64_t pack_int2(const uint8_t* v, size_t n, bool s, uint8_t* out) { return pack_bits<2>(v, n, s, out); }
 void unpack_int2(const uint8_t* p, size_t n, bool s, uint8_t* out) { unpack_bits<2>(p, n, s, out); }
 
+namespace {
+template <typename Code>
+int64_t first_outside(const Code* q, size_t n, int32_t qmin, int32_t qmax) {
+  // A branch-free min/max pass (vectorised by the compiler) first: tensors are almost always in range.
+  int32_t lo = qmin, hi = qmax;
+  for (size_t i = 0; i < n; ++i) {
+    lo = std::min<int32_t>(lo, q[i]);
+    hi = std::max<int32_t>(hi, q[i]);
+  }
+  if (lo >= qmin && hi <= qmax) return -1;
+  for (size_t i = 0; i < n; ++i)
+    if (q[i] < qmin || q[i] > qmax) return int64_t(i);
+  return -1;
+}
+}  // namespace
+
+int64_t first_code_outside(const uint8_t* q, size_t n, bool is_signed, int32_t qmin, int32_t qmax) {
+  return is_signed ? first_outside(reinterpret_cast<const int8_t*>(q), n, qmin, qmax)
+                   : first_outside(q, n, qmin, qmax);
+}
+
 }  // namespace lowbit

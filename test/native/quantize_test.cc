@@ -521,6 +521,24 @@ void register_pack_tests() {
     if (pack_int2(u.data(), 4, true, uo.data()) != 0) return std::string("3 accepted as int2");
     return std::string();
   });
+  harness::add("first_code_outside: the first int8/uint8 code outside [qmin, qmax], at every position of odd lengths", [] {
+    for (size_t n : {1u, 7u, 33u, 65u}) {
+      for (size_t at = 0; at < n; ++at) {
+        std::vector<uint8_t> q(n, uint8_t(-3));  // -3 as int8 (in [-8, 7]), 253 as uint8
+        if (first_code_outside(q.data(), n, true, -8, 7) != -1) return str("int4 codes flagged, n ", n);
+        if (first_code_outside(q.data(), n, false, 0, 15) != 0) return str("uint4 253 not at 0, n ", n);
+        q[at] = 8;
+        if (n > at + 1) q[at + 1] = uint8_t(-9);
+        if (first_code_outside(q.data(), n, true, -8, 7) != int64_t(at)) return str("8 at ", at, " of ", n);
+        q[at] = uint8_t(-3);
+        const int64_t want = n > at + 1 ? int64_t(at + 1) : -1;
+        if (first_code_outside(q.data(), n, true, -8, 7) != want) return str("-9 at ", at + 1, " of ", n);
+        if (first_code_outside(q.data(), n, true, -128, 127) != -1) return str("int8 range flagged, n ", n);
+      }
+    }
+    if (first_code_outside(nullptr, 0, true, -2, 1) != -1) return std::string("empty tensor flagged");
+    return std::string();
+  });
 }
 
 }  // namespace

@@ -19,7 +19,7 @@ describe('matmulInt4: bad input', () => {
     expect(() => packInt4Matrix(quantizeTensor(w, { shape: [512], bits: 4, granularity: 'block', axis: 0, blockSize: 16 }))).to.throw(RangeError, /\[k, n\] for q\.shape/);
     const q = quantizeTensor(w, { shape: [64, 8], bits: 4, granularity: 'block', axis: 0, blockSize: 16 });
     q.values[3] = 9;
-    expect(() => packInt4Matrix(q)).to.throw(RangeError, /int4 value in \[-8, 7\] for q\.values\[3\]/);
+    expect(() => packInt4Matrix(q)).to.throw(RangeError, /a 4-bit signed code in \[-8, 7\] for q\.values\[3\] but received 9/);
   });
   it('matmulInt4 checks a, b, the dimensions and the scale', () => {
     const b = packInt4Matrix(quantizeTensor(w, { shape: [64, 8], bits: 4, granularity: 'block', axis: 0, blockSize: 16 }));

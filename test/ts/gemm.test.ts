@@ -49,7 +49,11 @@ describe('matmulInt8: bad input', () => {
     const a = Uint8Array.of(0, 0);
     const b = Int8Array.of(1, 1);
     expect(() => matmulInt8Requantized(a, b, 1, 2, 1, { aScale: 1, bScale: 1, yScale: 1e-45, yZeroPoint: 10, signed: false }))
-      .to.throw(RangeError, /aScale·bScale \/ yScale is a finite float32 for options\.bScale/);
+      .to.throw(RangeError, /a scale with aScale·bScale \/ yScale a finite float32 \(for options\.bScale = 1\) for options\.yScale but received 1\.4012/);
+    expect(() => matmulInt8Requantized(a, b, 1, 2, 1, { aScale: 1, bScale: Float32Array.of(1), yScale: 1e-45 }))
+      .to.throw(RangeError, /\(for options\.bScale\[0\] = 1\) for options\.yScale/);
+    expect(() => matmulInt8Requantized(a, b, 1, 2, 1, { aScale: 1e20, bScale: 1e20, yScale: 1 }))
+      .to.throw(RangeError, /aScale·bScale is a finite float32 for options\.bScale but received 100000002004087730000/);
     expect(() => matmulInt8ToFloat(a, b, 1, 2, 1, { aScale: 1e20, bScale: 1e20 })).to.throw(RangeError, /aScale·bScale is a finite float32/);
     expect(matmulInt8Requantized(a, b, 1, 2, 1, { aScale: 1, bScale: 1, yScale: 1e-30, yZeroPoint: 10, signed: false })).to.deep.equal(Uint8Array.of(10));
   });

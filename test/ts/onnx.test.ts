@@ -355,7 +355,12 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     await rejects(42, /a folder path, or an array, iterable or async iterable of feeds .* for options\.calibration but received 42/);
     const nan = new Float32Array(3 * 48 * 192);
     nan[7] = NaN;
-    await rejects([{ x: { data: nan, dims: [1, 3, 48, 192] } }], /a finite number for calibration\[0\]\.x\.data\[7\] but received NaN/);
+    await rejects([{ x: { data: nan, dims: [1, 3, 48, 192] } }], /a finite number for calibration\[0\]\.x\.data\[7\] but received NaN\. Remove or replace NaN and infinite values in these feeds/);
+    nan[5] = -Infinity;  // the first value that is not finite, an infinity before the NaN
+    await rejects([{ x: { data: nan, dims: [1, 3, 48, 192] } }], /for calibration\[0\]\.x\.data\[5\] but received -Infinity/);
+    const evaluation = await quantizeModel(classifier, { weights: { bits: 8 }, evaluationFeeds: [{ x: { data: nan, dims: [1, 3, 48, 192] } }] })
+      .then(() => undefined, (e: Error) => e.message);
+    expect(evaluation).to.match(/a finite number for options\.evaluationFeeds\[0\]\.x\.data\[5\] but received -Infinity\. Remove or replace NaN and infinite values in these feeds\./);
     let caught: unknown;
     await quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 8 } }).catch((e) => (caught = e));
     expect((caught as Error).message).to.match(/calibration feeds .* to quantize activations for options\.calibration/);

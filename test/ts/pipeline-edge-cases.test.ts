@@ -1087,6 +1087,15 @@ describe('model contents refused (second audit)', () => {
         m.graph!.node[0].opType = 'Gemm';
         m.graph!.node[0].attribute.push(create(AttributeProtoSchema, { name: 'transB', type: AttributeProto_AttributeType.FLOAT, f: 1 }));
       }, "Node 'mm' (Gemm): attribute 'transB' is FLOAT, where it is INT: the model is invalid (onnxruntime refuses it too); re-export it."],
+      ['a Conv with group 0', (m) => {
+        m.graph!.node.push(create(NodeProtoSchema, { opType: 'Conv', name: 'conv', input: ['y', 'w'], output: ['z'],
+          attribute: [create(AttributeProtoSchema, { name: 'group', type: AttributeProto_AttributeType.INT, i: 0n })] }));
+      }, "Node 'conv' (Conv): attribute 'group' is 0, where it must be 1 or more: the model is invalid (onnxruntime refuses it too); re-export it."],
+      ['a Conv whose group does not divide its filters', (m) => {
+        m.graph!.initializer.push(create(TensorProtoSchema, { name: 'cw', dataType: TensorProto_DataType.FLOAT, dims: [8n, 1n, 1n, 1n], floatData: new Array(8).fill(1) }));
+        m.graph!.node.push(create(NodeProtoSchema, { opType: 'Conv', name: 'conv', input: ['y', 'cw'], output: ['z'],
+          attribute: [create(AttributeProtoSchema, { name: 'group', type: AttributeProto_AttributeType.INT, i: 3n })] }));
+      }, "Node 'conv' (Conv): its weight 'cw' has 8 filters, which group 3 does not divide: the model is invalid (onnxruntime refuses it too); re-export it."],
     ];
     for (const [label, edit, message] of cases) {
       const e = await quantizeModel(withModel(edit), { weights: { bits: 8 }, evaluationFeeds: [] }).catch((x: Error) => x);

@@ -127,6 +127,25 @@ describe('dequantize / quantizationError: bad input', () => {
     expectError(() => dequantize(good(), { kernel: 'nope' }), RangeError, /options\.kernel/);
   });
 
+  it('refuses codes their bits cannot hold, naming the first one (channel widths with bit allocation)', () => {
+    const q4 = quantizeTensor(Float32Array.from({ length: 37 }, (_, i) => i - 18), { shape: [37], bits: 4 });
+    expect(dequantize(q4)).to.have.length(37);
+    const values = q4.values.slice();
+    values[29] = 100;
+    values[33] = -9;
+    expectError(() => dequantize({ ...q4, values }), RangeError, /a 4-bit signed code in \[-8, 7\] for q\.values\[29\] but received 100/);
+    expectError(() => quantizationError(new Float32Array(37), { ...q4, values }), RangeError, /q\.values\[29\]/);
+    values[29] = 7;
+    expectError(() => dequantize({ ...q4, values }), RangeError, /for q\.values\[33\] but received -9/);
+    const u2 = quantizeTensor(new Float32Array([0, 1, 2, 3]), { shape: [4], bits: 2, signed: false });
+    expectError(() => dequantize({ ...u2, values: Uint8Array.of(0, 4, 1, 2) }), RangeError, /a 2-bit unsigned code in \[0, 3\] for q\.values\[1\] but received 4/);
+    expect(Array.from(dequantize({ ...u2, bits: 8 }))).to.deep.equal(Array.from(dequantize(u2)));
+    // Bit allocation: channel 1 of a [3, 2] tensor (axis 1) has 2 bits, so 2 fits channel 0 (4 bits) but not channel 1.
+    const allocated = { ...quantizeTensor(new Float32Array(6), { shape: [3, 2], granularity: 'channel', axis: 1, bits: 4 }), channelBits: Uint8Array.of(4, 2) };
+    expect(dequantize({ ...allocated, values: Int8Array.of(0, 0, 2, 1, 7, -2) })).to.have.length(6);
+    expectError(() => dequantize({ ...allocated, values: Int8Array.of(0, 0, 2, 2, 7, -2) }), RangeError, /a 2-bit signed code in \[-2, 1\] for q\.values\[3\] but received 2/);
+  });
+
   it('quantizationError checks the original against the quantized tensor', () => {
     expectError(() => quantizationError(new Float32Array(3), good()), RangeError, /length 4.*for original/);
     expectError(() => quantizationError([0, 1, 2, 3] as never, good()), TypeError, /for original/);

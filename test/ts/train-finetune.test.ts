@@ -137,6 +137,10 @@ describe('finetune: float training', () => {
       expect(e).to.be.instanceOf(TrainingError);
       expect((e as Error).message).to.match(/no batch in epoch 2/);
     }
+    // Empty from the start: nothing to restart, so no hint about restarting.
+    const empty = await finetune(mnistCnn(3), { async *[Symbol.asyncIterator]() { /* no batches */ } }, { epochs: 2 }).then(() => undefined, (e: Error) => e);
+    expect(empty).to.be.instanceOf(TrainingError);
+    expect(empty!.message).to.equal('The training data yielded no batch. Give at least one batch { inputs, labels }.');
   });
 
   it('learning-rate schedules: cosine decays towards 0 over the run, constant stays', async () => {

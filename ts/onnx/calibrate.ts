@@ -16,6 +16,7 @@ import { ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue, withArticle } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
+import { native } from '../native';
 import { attribute, Graph, makeNode } from './graph';
 import {
   bytesLeftInFiles, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeForSession, sessionFolderOption, storedBytes, subgraphsOf, writeModelWithExternalData,
@@ -412,15 +413,16 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
       const bad = data.findIndex((x) => x !== 0 && x !== 1);
       if (bad >= 0) throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, '0 or 1 (a bool input)', data[bad]);
     } else if (data instanceof Float32Array) {
-      const bad = data.findIndex((x) => !Number.isFinite(x));
-      if (bad >= 0) {
-        throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, 'a finite number', data[bad], 'Remove or replace NaN and infinite values before calibrating.');
+      const [, , finite, nan] = native().finiteRange(data);  // natively: findIndex with a callback is slow on big feeds
+      if (nan >= 0 || finite < data.length) {
+        const bad = data.findIndex((x) => !Number.isFinite(x));
+        throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, 'a finite number', data[bad], 'Remove or replace NaN and infinite values in these feeds.');
       }
     } else if (data instanceof Uint16Array) {
       const bad = data.findIndex((h) => (h & 0x7c00) === 0x7c00);  // float16 NaN or ±Infinity: all exponent bits set
       if (bad >= 0) {
         throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, 'the bit pattern of a finite float16 number', `0x${data[bad].toString(16)} (${fromFloat16Bits(data[bad])})`,
-          'Remove or replace NaN and infinite values before calibrating.');
+          'Remove or replace NaN and infinite values in these feeds.');
       }
     }
     // A new entry (the caller's object untouched) with onnxruntime's type name, which a Uint8Array alone does not tell.

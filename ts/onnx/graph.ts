@@ -207,6 +207,17 @@ export class Graph {
       if (node.opType === '') {
         throw new OnnxModelError(`Node '${node.name || node.output[0] || '(unnamed)'}'${scopes.length ? ' (in a subgraph)' : ''} has no op_type: the model is invalid; re-export it.`);
       }
+      // The passes divide channels by group; onnxruntime refuses the model only when a session loads it.
+      if ((node.opType === 'Conv' || node.opType === 'ConvTranspose') && isOnnxDomain(node.domain)) {
+        const group = intAttribute(node, 'group', 1);
+        const what = `Node '${node.name || node.output[0]}' (${node.opType})`;
+        const invalid = 'the model is invalid (onnxruntime refuses it too); re-export it.';
+        if (group < 1) throw new OnnxModelError(`${what}: attribute 'group' is ${group}, where it must be 1 or more: ${invalid}`);
+        const filters = node.opType === 'Conv' ? this.constantIn(node.input[1] ?? '', scopes)?.tensor.dims[0] : undefined;
+        if (filters !== undefined && Number(filters) % group !== 0) {
+          throw new OnnxModelError(`${what}: its weight '${node.input[1]}' has ${filters} filters, which group ${group} does not divide: ${invalid}`);
+        }
+      }
     }
     const definedBy = new Map<string, string>();
     const define = (name: string, what: string, allowSame?: string) => {

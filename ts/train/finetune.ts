@@ -654,7 +654,9 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       }
       iterableSteps ??= inMemory ? undefined : step;
       if (seen === 0) {
-        throw new TrainingError(`The training data yielded no batch in epoch ${epoch + 1}. An iterable must restart for every epoch (pass an object whose [Symbol.asyncIterator]() starts over, not a generator).`);
+        throw new TrainingError(epoch === 0
+          ? 'The training data yielded no batch. Give at least one batch { inputs, labels }.'
+          : `The training data yielded no batch in epoch ${epoch + 1}. An iterable must restart for every epoch (pass an object whose [Symbol.asyncIterator]() starts over, not a generator).`);
       }
       const record: EpochRecord = {
         epoch: epoch + 1, loss: lossSum / seen, accuracy: correct / judged, learningRate: lr, seconds: (performance.now() - t0) / 1000, images: seen,

@@ -95,4 +95,8 @@ void unpack_int4(const uint8_t* packed, size_t n, bool is_signed, uint8_t* out);
 int64_t pack_int2(const uint8_t* values, size_t n, bool is_signed, uint8_t* out);
 void unpack_int2(const uint8_t* packed, size_t n, bool is_signed, uint8_t* out);
 
+// Index of the first code outside [qmin, qmax] (int8 when is_signed, else
+// uint8), or -1: a quantized tensor built by hand may hold codes its bits cannot.
+int64_t first_code_outside(const uint8_t* q, size_t n, bool is_signed, int32_t qmin, int32_t qmax);
+
 }  // namespace lowbit
