@@ -1,0 +1,81 @@
+// A tiny transformer (token ids, attention, LayerNorm, GELU) through quantizeModel at the opsets exporters write:
+// every setting runs in onnxruntime, and the 4-bit ones convert the model to opset 21 (ReduceMean's axes move to
+// an input at 18) without changing what it computes.
+import { expect } from 'chai';
+import { fromBinary } from '@bufbuild/protobuf';
+import { ModelProtoSchema } from 'onnx-buf';
+
+import { ort } from '../../ts/bench/ort-models';
+import { quantizeModel, type QuantizeModelOptions } from '../../ts/onnx/quantize-model';
+import { tinyTransformer, tokenFeed } from '../helpers/transformer';
+
+const toOrt = (feed: ReturnType<typeof tokenFeed>) => ({ ids: new (ort().Tensor)('int64', feed.ids.data, feed.ids.dims) });
+
+async function logits(model: Uint8Array, feed: ReturnType<typeof tokenFeed>): Promise<Float32Array> {
+  const session = await ort().InferenceSession.create(model);
+  try {
+    return (await session.run(toOrt(feed))).logits.data as Float32Array;
+  } finally {
+    await session.release();
+  }
+}
+
+const cosine = (a: Float32Array, b: Float32Array) => {
+  let ab = 0, aa = 0, bb = 0;
+  for (let i = 0; i < a.length; i++) {
+    ab += a[i] * b[i];
+    aa += a[i] * a[i];
+    bb += b[i] * b[i];
+  }
+  return ab / Math.sqrt(aa * bb);
+};
+
+describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
+  const calibration = [1, 2, 3, 4].map((s) => tokenFeed(s));
+  const evaluationFeeds = [5, 6].map((s) => tokenFeed(s));
+  const attentionProducts = ['block0.mixed', 'block0.scores', 'block1.mixed', 'block1.scores'];
+
+  it('opset 14 (LayerNorm and GELU decomposed): W8, W8A8 static and dynamic keep the logits; attention products stay float, reported', async () => {
+    const model = tinyTransformer(14);
+    const settings: Array<[string, Partial<QuantizeModelOptions>, number]> = [
+      ['W8', { weights: { bits: 8 } }, 0.9999],
+      ['W8A8', { weights: { bits: 8 }, activations: { bits: 8 }, calibration }, 0.9995],
+      ['W8A8 dynamic', { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' } }, 0.9995],
+    ];
+    for (const [label, options, atLeast] of settings) {
+      const { model: q, report } = await quantizeModel(model, { evaluationFeeds, ...options } as QuantizeModelOptions);
+      expect(report.opset, label).to.deep.equal({ from: 14, to: 14 });
+      expect(report.layers, label).to.have.length(13);  // 2 × (query, key, value, out, up, down) and the head
+      const skipped = report.passes.find((p) => p.pass === 'quantize-weights')!.skipped;
+      expect(skipped.map((s) => s.node).sort(), label).to.deep.equal(attentionProducts);
+      expect(new Set(skipped.map((s) => s.reason)), label).to.deep.equal(new Set(['its weight is not a float constant (a computed input)']));
+      expect(report.evaluation!.samples, label).to.equal(4);
+      expect(report.evaluation!.outputs[0].cosine, label).to.be.greaterThan(atLeast);
+      expect(cosine(await logits(q, tokenFeed(9)), await logits(model, tokenFeed(9))), label).to.be.greaterThan(atLeast);
+    }
+  });
+
+  it('4-bit blocked weights convert opsets 14, 17 and 20 to 21 (ReduceMean axes as an input); GPTQ rounding beats nearest', async () => {
+    for (const opset of [14, 17, 20]) {
+      const model = tinyTransformer(opset);
+      const weights = { bits: 4 as const, granularity: 'block' as const, blockSize: 32 };
+      const nearest = await quantizeModel(model, { weights, evaluationFeeds });
+      expect(nearest.report.opset, `opset ${opset}`).to.deep.equal({ from: opset, to: 21 });
+      const graph = fromBinary(ModelProtoSchema, nearest.model).graph!;
+      const reduceMeans = graph.node.filter((n) => n.opType === 'ReduceMean');
+      expect(reduceMeans, `opset ${opset}`).to.have.length(opset < 17 ? 10 : 0);
+      for (const n of reduceMeans) {
+        expect(n.attribute.map((a) => a.name)).to.not.include('axes');
+        expect(n.input).to.have.length(2);
+      }
+      // The first and last layers at 8 bits (firstLastLayerBits), the 11 others in 4-bit blocks of 32.
+      expect(nearest.report.layers.map((l) => l.bits)).to.deep.equal([8, ...new Array(11).fill(4), 8]);
+      const direct = cosine(await logits(nearest.model, tokenFeed(9)), await logits(model, tokenFeed(9)));
+      expect(direct, `opset ${opset}`).to.be.greaterThan(0.98);
+      expect(nearest.report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.98);
+      if (opset !== 14) continue;
+      const gptq = await quantizeModel(model, { weights: { ...weights, rounding: 'gptq' }, calibration, evaluationFeeds });
+      expect(gptq.report.evaluation!.outputs[0].cosine).to.be.greaterThan(nearest.report.evaluation!.outputs[0].cosine);
+    }
+  });
+});
