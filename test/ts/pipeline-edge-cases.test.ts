@@ -1087,6 +1087,9 @@ describe('model contents refused (second audit)', () => {
         m.graph!.node[0].opType = 'Gemm';
         m.graph!.node[0].attribute.push(create(AttributeProtoSchema, { name: 'transB', type: AttributeProto_AttributeType.FLOAT, f: 1 }));
       }, "Node 'mm' (Gemm): attribute 'transB' is FLOAT, where it is INT: the model is invalid (onnxruntime refuses it too); re-export it."],
+      ['two nodes of one name', (m) => {
+        m.graph!.node.push(create(NodeProtoSchema, { opType: 'Relu', name: 'mm', input: ['y'], output: ['z'] }));
+      }, "Two nodes are named 'mm': ONNX names each node of a graph once (onnxruntime refuses the model too); rename one or re-export the model."],
       ['a Conv with group 0', (m) => {
         m.graph!.node.push(create(NodeProtoSchema, { opType: 'Conv', name: 'conv', input: ['y', 'w'], output: ['z'],
           attribute: [create(AttributeProtoSchema, { name: 'group', type: AttributeProto_AttributeType.INT, i: 0n })] }));

@@ -198,6 +198,7 @@ export class Graph {
 
   /**
    * Checks what ONNX requires of the graph's structure before any pass relies on it: every node has an op type,
+   * main-graph node names are unique, Conv groups are 1 or more (and divide a constant weight's filters),
    * every value is defined once (graph input, initializer or node output; an initializer may also be listed as an
    * input), every graph output is defined, and there is no cycle or dangling input (topologicalOrder). Bodies of
    * subgraphs are checked for op types; their values are onnxruntime's to check.
@@ -218,6 +219,14 @@ export class Graph {
           throw new OnnxModelError(`${what}: its weight '${node.input[1]}' has ${filters} filters, which group ${group} does not divide: ${invalid}`);
         }
       }
+    }
+    // Passes and the report name layers by node name; onnxruntime refuses a graph with a name twice too.
+    const named = new Set<string>();
+    for (const n of this.graph.node) {
+      if (n.name !== '' && named.has(n.name)) {
+        throw new OnnxModelError(`Two nodes are named '${n.name}': ONNX names each node of a graph once (onnxruntime refuses the model too); rename one or re-export the model.`);
+      }
+      named.add(n.name);
     }
     const definedBy = new Map<string, string>();
     const define = (name: string, what: string, allowSame?: string) => {
