@@ -2,10 +2,11 @@
 // every setting runs in onnxruntime, and the 4-bit ones convert the model to opset 21 (ReduceMean's axes move to
 // an input at 18) without changing what it computes.
 import { expect } from 'chai';
-import { fromBinary } from '@bufbuild/protobuf';
+import { fromBinary, toBinary } from '@bufbuild/protobuf';
 import { ModelProtoSchema } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
+import { inspectModel } from '../../ts/onnx/inspect';
 import { quantizeModel, type QuantizeModelOptions } from '../../ts/onnx/quantize-model';
 import { tinyTransformer, tokenFeed } from '../helpers/transformer';
 
@@ -77,5 +78,22 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
       const gptq = await quantizeModel(model, { weights: { ...weights, rounding: 'gptq' }, calibration, evaluationFeeds });
       expect(gptq.report.evaluation!.outputs[0].cosine).to.be.greaterThan(nearest.report.evaluation!.outputs[0].cosine);
     }
+  });
+
+  it('inspect lists the embedding table with its statistics, quantized only with weights.gather, and says when even that leaves it float', async () => {
+    const model = tinyTransformer(14);
+    const { layers } = await inspectModel(model);
+    expect(layers.filter((l) => l.op !== 'Gather')).to.have.length(17);  // 13 weights and 4 attention products
+    const [table] = layers.filter((l) => l.op === 'Gather');
+    expect(table).to.include({ quantized: false, reason: 'an embedding table: quantized with weights.gather (CLI --gather)', nonFinite: 0 });
+    expect(table.shape).to.deep.equal([64, 32]);
+    expect(table.std).to.be.within(0.8, 1.2);  // drawn from N(0, 1)
+    const { report } = await quantizeModel(model, { weights: { bits: 8, gather: true }, evaluationFeeds });
+    expect(report.layers.map((l) => l.node)).to.include(table.node);
+    // Gathering columns: quantize-gather leaves it, and inspect says why.
+    const columns = fromBinary(ModelProtoSchema, model);
+    columns.graph!.node.find((n) => n.opType === 'Gather')!.attribute[0].i = 1n;
+    const [byColumn] = (await inspectModel(toBinary(ModelProtoSchema, columns))).layers.filter((l) => l.op === 'Gather');
+    expect(byColumn.reason).to.equal("an embedding table, float even with weights.gather: it gathers along the table's columns, not its rows");
   });
 });

@@ -4,6 +4,7 @@ import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel, placeOf } from './passes/pass';
 import { bypassConstantIdentities } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
+import { embeddingTables } from './passes/quantize-gather';
 import { subgraphLayers, unquantizableReason } from './passes/quantize-weights';
 
 export interface LayerStats {
@@ -34,20 +35,26 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
   const layers: LayerStats[] = [];
-  const candidates = [
+  const layerNodes = [
     ...graph.topologicalOrder().filter((n) => ['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(n.opType)).map((node) => ({ node, scopes: [], owner: undefined })),
     ...subgraphLayers(graph),  // after the main graph's, as quantizeModel takes them
   ];
-  for (const { node, scopes, owner } of candidates) {
+  const candidates = [
+    // The quantizer's own reasons for leaving a layer float (W·x, weight rank, already quantized, …).
+    ...layerNodes.map((c) => ({ ...c, weightInput: 1,
+      skipped: c.node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized' : unquantizableReason(graph, c.node, c.scopes) })),
+    // Embedding tables, often a large model's largest tensor: quantized only on request.
+    ...embeddingTables(graph).map((c) => ({ ...c, weightInput: 0,
+      skipped: c.reason === undefined ? 'an embedding table: quantized with weights.gather (CLI --gather)' : `an embedding table, float even with weights.gather: ${c.reason}` })),
+  ];
+  for (const { node, scopes, owner, weightInput, skipped } of candidates) {
     if (layers.length > 0) await nextTurn();
     const inBody = owner ? placeOf(owner, scopes) : {};
-    const weight = node.input[1] ? graph.constantIn(node.input[1], scopes)?.tensor : undefined;
+    const weight = node.input[weightInput] ? graph.constantIn(node.input[weightInput], scopes)?.tensor : undefined;
     // Only float weights have statistics here: others are not read from their file.
     const float = weight && (isFloatTensor(weight) || isFloat16Tensor(weight));
     const t = float ? await withDataRead(weight) : weight;
     const data = t && weightValues(t);
-    // The quantizer's own reasons for leaving a layer float (W·x, weight rank, already quantized, …).
-    const skipped = node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized' : unquantizableReason(graph, node, scopes);
     if (!data || data.length === 0) {
       layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [], nonFinite: 0,
         quantized: false, reason: skipped ?? 'weight is not a float constant', ...inBody });

@@ -37,6 +37,15 @@ function candidates(graph: Graph): ReturnType<typeof allNodes> {
   return allNodes(graph).filter(({ node }) => node.opType === 'Gather');
 }
 
+/**
+ * The Gathers of float constant tables (embeddings) and why each would stay float with `weights.gather` (undefined:
+ * it would be converted), for `lowbit inspect`.
+ */
+export function embeddingTables(graph: Graph): Array<ReturnType<typeof allNodes>[number] & { reason?: string }> {
+  return candidates(graph).map((c) => ({ ...c, reason: whyNot(graph, c.node, c.scopes, new Set()) }))
+    .filter((c) => c.reason !== '');
+}
+
 // Why a Gather of a constant is not converted (undefined: it is); '' when there is nothing worth reporting.
 function whyNot(graph: Graph, node: NodeProto, scopes: GraphProto[], keep: Set<string>): string | undefined {
   if (!isOnnxDomain(node.domain)) return '';
