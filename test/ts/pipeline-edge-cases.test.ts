@@ -807,7 +807,23 @@ describe('MatMul weights with leading dimensions of 1', () => {
       'W4 blocks': { weights: { bits: 4 as const, granularity: 'block' as const, blockSize: 16 }, firstLastLayerBits: 4 },
       'W8A8 with bias correction': { weights: { bits: 8 as const }, activations: { bits: 8 as const, method: 'minmax' as const, biasCorrection: true }, calibration: feeds },
       'W8A8 dynamic': { weights: { bits: 8 as const }, activations: { bits: 8 as const, method: 'dynamic' as const } },
+      'W8A8 outputs': { weights: { bits: 8 as const }, activations: { bits: 8 as const, method: 'minmax' as const, outputs: true }, calibration: feeds },
       'W8 with bit allocation': { weights: { bits: 8 as const, bitAllocation: { averageBits: 4 } } },
+    };
+    // onnxruntime's fusions at its default level (not the evaluation's 'basic') mishandle 3-D weights in two
+    // places: DynamicQuantizeMatMul dropped mm1's bias, and QLinearMatMul refused per-column scales of a 3-D weight.
+    const fused = async (bytes: Uint8Array, feed: (typeof feeds)[number]) => {
+      const session = await ort().InferenceSession.create(bytes);
+      try {
+        return (await session.run({ input: new (ort().Tensor)('float32', feed.input.data, feed.input.dims) })).y.data as Float32Array;
+      } finally {
+        await session.release();
+      }
+    };
+    const float = await fused(model, feeds[3]);
+    const leftFloat: Record<string, string[]> = {
+      'W8A8 dynamic': ['mm1', 'mm2'].map((n, i) => `${n}: its weight is ${i + 3}-D (onnxruntime's fused dynamic MatMul drops the bias after a weight that is not 2-D): input left float`),
+      'W8A8 outputs': ['mm1', 'mm2'].map((n, i) => `${n}: its weight is ${i + 3}-D: onnxruntime fuses a quantized MatMul output into QLinearMatMul, which fails at its default optimisation level on per-column scales of a weight that is not 2-D; its output stays float`),
     };
     for (const [name, options] of Object.entries(settings)) {
       const { model: q, report } = await quantizeModel(model, { ...options, evaluationFeeds: feeds });
@@ -816,7 +832,12 @@ describe('MatMul weights with leading dimensions of 1', () => {
       expect(report.layers.map((l) => [l.node, l.shape.join('x'), l.granularity]), name).to.deep.equal([
         ['mm0', '64x64', blocked ? 'block 16 on axis 0' : 'channel on axis 1'], ['mm1', '1x64x48', granularity(2)], ['mm2', '1x1x48x10', granularity(3)]]);
       const skipped = report.passes.flatMap((p) => p.skipped.map((s) => `${s.node}: ${s.reason}`));
-      expect(skipped, name).to.deep.equal(['batched: weight shape [2, 48, 10] is not a MatMul weight this pass handles (2-D, or with leading dimensions of 1 ([1, K, N]))']);
+      expect(skipped.filter((s) => !s.startsWith('batched')), name).to.deep.equal(leftFloat[name] ?? []);
+      expect(skipped.filter((s) => s.startsWith('batched')), name).to.deep.equal(['batched: weight shape [2, 48, 10] is not a MatMul weight this pass handles (2-D, or with leading dimensions of 1 ([1, K, N]))']);
+      const atDefaultLevel = await fused(q, feeds[3]);
+      let worst = 0;
+      atDefaultLevel.forEach((v, i) => (worst = Math.max(worst, Math.abs(v - float[i]))));
+      expect(worst, name).to.be.below(blocked || name.includes('allocation') ? 1 : 0.1);
       // The layers' own errors are those of their bits (a misread axis gives tens of dB less), and the model runs.
       for (const l of report.layers) expect(l.weightSqnrDb, `${name} ${l.node}`).to.be.above(l.bits === 8 ? 45 : 20);
       expect(report.evaluation!.outputs[0].cosine, name).to.be.above(blocked || name.includes('allocation') ? 0.99 : 0.9999);

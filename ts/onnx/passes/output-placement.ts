@@ -39,6 +39,12 @@ export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed
   for (const n of targets) {
     const out = n.output[0];
     if (graph.isGraphOutput(out)) continue;
+    const rank = n.opType === 'MatMul' ? weightRank(graph, n) : 2;
+    if (rank > 2) {
+      report.skipped.push({ node: nodeLabel(n), reason: `its weight is ${rank}-D: onnxruntime fuses a quantized MatMul output into QLinearMatMul, ` +
+        'which fails at its default optimisation level on per-column scales of a weight that is not 2-D; its output stays float' });
+      continue;
+    }
     const consumers = graph.consumers(out);
     const clamp = consumers.length === 1 && (consumers[0].opType === 'Relu' || consumers[0].opType === 'Clip') ? consumers[0] : undefined;
     const at = clamp && !signed && !graph.isGraphOutput(clamp.output[0]) ? clamp.output[0] : out;
@@ -67,6 +73,13 @@ export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed
     report.changed.push(`${nodeLabel(node)}: output shares its input's quantization (onnxruntime runs it on the codes)`);
   }
   return { quantizedOutput, calibrated, shared, report };
+}
+
+/** Rank of a MatMul's constant weight, read through its DequantizeLinear when it has one (2 when not constant). */
+function weightRank(graph: Graph, n: NodeProto): number {
+  const dq = graph.producer(n.input[1]);
+  const weight = graph.constant(dq?.opType === 'DequantizeLinear' ? dq.input[0] : n.input[1]);
+  return weight ? weight.dims.length : 2;
 }
 
 /** Whether a node reads the value as one of its inputs (not only from inside its subgraphs). */
