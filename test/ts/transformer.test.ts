@@ -75,6 +75,12 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
       expect(direct, `opset ${opset}`).to.be.greaterThan(0.98);
       expect(nearest.report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.98);
       if (opset !== 14) continue;
+      // Options that work on whole output channels do nothing to blocked layers, and say so per layer.
+      const perChannel = await quantizeModel(model, { weights: { ...weights, bitAllocation: { averageBits: 3 }, biasCorrection: true }, evaluationFeeds: [] });
+      const skipped = perChannel.report.passes.find((p) => p.pass === 'quantize-weights')!.skipped.filter((s) => !attentionProducts.includes(s.node));
+      expect(skipped.filter((s) => s.reason.startsWith('bitAllocation: its weights are quantized in blocks'))).to.have.length(13);
+      expect(skipped.filter((s) => s.reason.startsWith('biasCorrection: its weights are quantized in blocks'))).to.have.length(13);
+      expect(skipped).to.have.length(26);
       const gptq = await quantizeModel(model, { weights: { ...weights, rounding: 'gptq' }, calibration, evaluationFeeds });
       expect(gptq.report.evaluation!.outputs[0].cosine).to.be.greaterThan(nearest.report.evaluation!.outputs[0].cosine);
     }

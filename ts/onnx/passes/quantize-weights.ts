@@ -460,6 +460,9 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         : `its ${dims[axes.outputAxis]} output channels do not divide into ${options.groups} groups; quantized per channel`;
       report.skipped.push({ node: label, reason: `groups: ${why}` });
     }
+    // Both work on whole output channels; blocks have scales of their own (layers shorter than a block take them).
+    if (options.bitAllocation && blocked) report.skipped.push({ node: label, reason: 'bitAllocation: its weights are quantized in blocks (bit allocation gives whole output channels their widths)' });
+    if (options.momentCorrection && blocked) report.skipped.push({ node: label, reason: 'biasCorrection: its weights are quantized in blocks (the correction rescales whole output channels)' });
     let source = data;
     if (options.scaleClipK !== undefined) {
       source = scaleClip(data, { k: options.scaleClipK, shape: dims, axis: axes.outputAxis, groups: grouped ? options.groups : 1 }).clipped;
