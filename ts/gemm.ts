@@ -5,7 +5,7 @@
  * Row-major A [m, k] and B [k, n]; int8 or uint8 each.
  */
 import { checkKernel } from './cpu';
-import { invalidType, invalidValue, withArticle } from './errors';
+import { invalidType, invalidValue } from './errors';
 import { native, type PackedHandle, type PackedInt4Handle } from './native';
 import type { QuantizedTensor } from './quant-params';
 import { checkQuantizedTensor } from './quantize';
@@ -250,8 +250,8 @@ function scaled(r: Resolved, o: Record<string, unknown>, yScale = 1): { aScale: 
   // A finite product over a yScale too small: name yScale, the factor that is out of range.
   const over = scale.findIndex((b) => !Number.isFinite(Math.fround(Math.fround(aScale * b) / yScale)));
   if (over >= 0) {
-    throw invalidValue('options.yScale', `a scale with aScale·bScale / yScale a finite float32 (for ${column(over)} = ${scale[over]})`, yScale,
-      `aScale is ${aScale}: use a larger output scale.`);
+    throw invalidValue('options.yScale', 'a scale large enough that aScale·bScale / yScale is a finite float32', yScale,
+      `aScale is ${aScale} and ${column(over)} ${scale[over]}: use a larger output scale.`);
   }
   return { aScale, bScale: scale, perColumn };
 }
@@ -344,9 +344,8 @@ export function packInt4Matrix(q: QuantizedTensor, options?: { threads?: number 
   const threads = options?.threads === undefined ? 0 : checkInteger('options.threads', options.threads, 1, 1024);
   const [k, n] = t.shape;
   const handle = native().packInt4Matrix(t.values, k, n, blockSize, t.scale, t.zeroPoint, threads);
-  if (typeof handle === 'number') {
-    throw invalidValue(`q.values[${handle}]`, withArticle(t.signed ? 'int4 value in [-8, 7]' : 'uint4 value in [0, 15]'), t.values[handle]);
-  }
+  // checkQuantizedTensor refused codes outside the bits (at most 4) already.
+  if (typeof handle === 'number') throw new Error(`lowbit bug: packInt4Matrix found q.values[${handle}] outside 4 bits after the check`);
   return new PackedInt4Matrix(fromPackMatrix, handle, k, n, blockSize, t.signed);
 }
 

@@ -472,10 +472,10 @@ export function checkQuantizedTensor(name: string, q: unknown): { q: QuantizedTe
 
 /** Every code fits its bits (its channel's, with bit allocation): an int4 tensor holding 100 is not one. */
 function checkCodesInRange(name: string, q: QuantizedTensor, layout: TensorLayout): void {
-  const refuse = (at: number, bits: number): never => {
+  const refuse = (at: number, bits: number, widthFrom = `${name}.bits`): never => {
     const { qmin, qmax } = integerRange(bits, q.signed);
     throw invalidValue(`${name}.values[${at}]`, `a ${bits}-bit ${q.signed ? 'signed' : 'unsigned'} code in [${qmin}, ${qmax}]`,
-      q.values[at], 'Build values with quantizeTensor, or give the bits the codes need.');
+      q.values[at], `Its width is ${widthFrom}: build values with quantizeTensor, or give the width the codes need.`);
   };
   if (q.channelBits === undefined) {
     if (q.bits === 8) return;
@@ -489,7 +489,7 @@ function checkCodesInRange(name: string, q: QuantizedTensor, layout: TensorLayou
   const ranges = Array.from(q.channelBits, (b) => integerRange(b, q.signed));
   for (let e = 0; e < q.values.length; e++) {
     const c = Math.floor(e / inner) % axisLen;
-    if (q.values[e] < ranges[c].qmin || q.values[e] > ranges[c].qmax) refuse(e, q.channelBits[c]);
+    if (q.values[e] < ranges[c].qmin || q.values[e] > ranges[c].qmax) refuse(e, q.channelBits[c], `${name}.channelBits[${c}]`);
   }
 }
 

@@ -427,9 +427,14 @@ describe('models with integer inputs (token ids)', () => {
     }
     const int32 = await quantizeModel(tokenModel(TensorProto_DataType.INT32), { weights: { bits: 8 } });
     expect(int32.report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
-    // An integer model output (an argmax) has no cosine: only the float one is compared.
-    const withArgmax = await quantizeModel(tokenModel(TensorProto_DataType.INT64, true), { weights: { bits: 8 } });
+    // An integer model output (an argmax) has no cosine: only the float one is compared, and the integer one is
+    // listed as uncompared with how many of its values match.
+    const withArgmax = await quantizeModel(tokenModel(TensorProto_DataType.INT64, true), { weights: { bits: 2 }, firstLastLayerBits: 2, evaluationFeeds: [ids(1, 40)] });
     expect(withArgmax.report.evaluation!.outputs.map((o) => o.name)).to.deep.equal(['y']);
+    const [best] = withArgmax.report.evaluation!.uncompared!;
+    const equal = Number(/: (\d+) of its 40 values equal the float model's$/.exec(best.reason)![1]);
+    expect(best).to.deep.equal({ name: 'best', reason: `an int64 output, which has no cosine: ${equal} of its 40 values equal the float model's` });
+    expect(equal).to.be.within(1, 39);  // 2-bit weights move some of the argmaxes, not all
   });
 
   it('calibrates on BigInt64Array feeds (and int64 .npy folders); the wrong array type names the input and what it takes', async () => {
@@ -1034,6 +1039,11 @@ describe('models with subgraphs (If)', () => {
       return ['Welse', 'Velse'].map((w) => Buffer.from(otherwise.initializer.find((t) => t.name.startsWith(`${w}_quantized`))!.rawData).toString('hex'));
     };
     expect(await elseWeights([feed(1, 1), feed(2, 0), feed(3, 1), feed(4, 0)])).to.deep.equal(await elseWeights([feed(2, 0), feed(4, 0)]));
+    // Data-driven bias correction takes main-graph layers only, and says so for each branch layer.
+    const corrected = (await quantizeModel(bytes, { weights: { bits: 8 }, activations: { bits: 8, biasCorrection: true }, calibration: [feed(1, 1), feed(2, 0)] }))
+      .report.passes.find((p) => p.pass === 'bias-correction')!;
+    expect(corrected.skipped).to.deep.equal(['then_branch', 'then_branch', 'else_branch', 'else_branch'].map((branch, i) => ({
+      node: i % 2 === 0 ? 'mm1' : 'mm2', reason: `it is inside ${branch} of if: data-driven bias correction takes main-graph layers only` })));
   });
 
   it('a feed on which the float and the quantized model take different branches gives no branch-layer SQNR (not NaN)', async () => {

@@ -133,7 +133,7 @@ describe('dequantize / quantizationError: bad input', () => {
     const values = q4.values.slice();
     values[29] = 100;
     values[33] = -9;
-    expectError(() => dequantize({ ...q4, values }), RangeError, /a 4-bit signed code in \[-8, 7\] for q\.values\[29\] but received 100/);
+    expectError(() => dequantize({ ...q4, values }), RangeError, /a 4-bit signed code in \[-8, 7\] for q\.values\[29\] but received 100\. Its width is q\.bits: build values with quantizeTensor/);
     expectError(() => quantizationError(new Float32Array(37), { ...q4, values }), RangeError, /q\.values\[29\]/);
     values[29] = 7;
     expectError(() => dequantize({ ...q4, values }), RangeError, /for q\.values\[33\] but received -9/);
@@ -143,7 +143,7 @@ describe('dequantize / quantizationError: bad input', () => {
     // Bit allocation: channel 1 of a [3, 2] tensor (axis 1) has 2 bits, so 2 fits channel 0 (4 bits) but not channel 1.
     const allocated = { ...quantizeTensor(new Float32Array(6), { shape: [3, 2], granularity: 'channel', axis: 1, bits: 4 }), channelBits: Uint8Array.of(4, 2) };
     expect(dequantize({ ...allocated, values: Int8Array.of(0, 0, 2, 1, 7, -2) })).to.have.length(6);
-    expectError(() => dequantize({ ...allocated, values: Int8Array.of(0, 0, 2, 2, 7, -2) }), RangeError, /a 2-bit signed code in \[-2, 1\] for q\.values\[3\] but received 2/);
+    expectError(() => dequantize({ ...allocated, values: Int8Array.of(0, 0, 2, 2, 7, -2) }), RangeError, /a 2-bit signed code in \[-2, 1\] for q\.values\[3\] but received 2\. Its width is q\.channelBits\[1\]/);
   });
 
   it('quantizationError checks the original against the quantized tensor', () => {

@@ -14,6 +14,9 @@ import { OnnxModelError, rawLength, subgraphsOf } from './model-io';
 
 export { subgraphsOf };
 
+/** The end of messages about models onnxruntime would refuse as well. */
+const INVALID_MODEL = 'the model is invalid (onnxruntime refuses it too); re-export it.';
+
 export class Graph {
   readonly model: ModelProto;
   readonly graph: GraphProto;
@@ -205,18 +208,15 @@ export class Graph {
    */
   validate(): void {
     for (const { node, scopes } of [...this.graph.node.map((node) => ({ node, scopes: [] as GraphProto[] })), ...subgraphNodes(this)]) {
-      if (node.opType === '') {
-        throw new OnnxModelError(`Node '${node.name || node.output[0] || '(unnamed)'}'${scopes.length ? ' (in a subgraph)' : ''} has no op_type: the model is invalid; re-export it.`);
-      }
-      // The passes divide channels by group; onnxruntime refuses the model only when a session loads it.
+      const what = `Node '${node.name || node.output[0] || '(unnamed)'}'${scopes.length ? ' (in a subgraph)' : ''}`;
+      if (node.opType === '') throw new OnnxModelError(`${what} has no op_type: the model is invalid; re-export it.`);
+      // The passes divide channels by group; onnxruntime refuses such a node only when it runs it.
       if ((node.opType === 'Conv' || node.opType === 'ConvTranspose') && isOnnxDomain(node.domain)) {
         const group = intAttribute(node, 'group', 1);
-        const what = `Node '${node.name || node.output[0]}' (${node.opType})`;
-        const invalid = 'the model is invalid (onnxruntime refuses it too); re-export it.';
-        if (group < 1) throw new OnnxModelError(`${what}: attribute 'group' is ${group}, where it must be 1 or more: ${invalid}`);
+        if (group < 1) throw new OnnxModelError(`${what} (${node.opType}): attribute 'group' is ${group}, where it must be 1 or more: ${INVALID_MODEL}`);
         const filters = node.opType === 'Conv' ? this.constantIn(node.input[1] ?? '', scopes)?.tensor.dims[0] : undefined;
         if (filters !== undefined && Number(filters) % group !== 0) {
-          throw new OnnxModelError(`${what}: its weight '${node.input[1]}' has ${filters} filters, which group ${group} does not divide: ${invalid}`);
+          throw new OnnxModelError(`${what} (${node.opType}): its weight '${node.input[1]}' has ${filters} filters, which group ${group} does not divide: ${INVALID_MODEL}`);
         }
       }
     }
@@ -376,7 +376,7 @@ function typedAttribute(node: NodeProto, name: string, type: AttributeProto_Attr
   const a = attribute(node, name);
   if (a && a.type !== type && a.type !== AttributeProto_AttributeType.UNDEFINED) {
     throw new OnnxModelError(`Node '${node.name || node.opType}' (${node.opType}): attribute '${name}' is ${AttributeProto_AttributeType[a.type] ?? a.type}, ` +
-      `where it is ${AttributeProto_AttributeType[type]}: the model is invalid (onnxruntime refuses it too); re-export it.`);
+      `where it is ${AttributeProto_AttributeType[type]}: ${INVALID_MODEL}`);
   }
   return a;
 }

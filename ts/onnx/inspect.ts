@@ -41,13 +41,13 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   ];
   const candidates = [
     // The quantizer's own reasons for leaving a layer float (W·x, weight rank, already quantized, …).
-    ...layerNodes.map((c) => ({ ...c, weightInput: 1,
+    ...layerNodes.map((c) => ({ ...c, weightInput: 1, optIn: false,
       skipped: c.node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized' : unquantizableReason(graph, c.node, c.scopes) })),
     // Embedding tables, often a large model's largest tensor: quantized only on request.
-    ...embeddingTables(graph).map((c) => ({ ...c, weightInput: 0,
+    ...embeddingTables(graph).map((c) => ({ ...c, weightInput: 0, optIn: c.reason === undefined,
       skipped: c.reason === undefined ? 'an embedding table: quantized with weights.gather (CLI --gather)' : `an embedding table, float even with weights.gather: ${c.reason}` })),
   ];
-  for (const { node, scopes, owner, weightInput, skipped } of candidates) {
+  for (const { node, scopes, owner, weightInput, skipped, optIn } of candidates) {
     if (layers.length > 0) await nextTurn();
     const inBody = owner ? placeOf(owner, scopes) : {};
     const weight = node.input[weightInput] ? graph.constantIn(node.input[weightInput], scopes)?.tensor : undefined;
@@ -89,7 +89,9 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
     }
     m2 /= count;
     m4 /= count;
-    const reason = skipped ?? (nonFinite > 0 ? `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel refuses them` : undefined);
+    const refused = nonFinite > 0 ? `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel refuses them` : undefined;
+    // A table quantizeModel converts on request refuses non-finite values then too.
+    const reason = optIn ? (refused ? `${refused} with weights.gather` : skipped) : skipped ?? refused;
     // No finite weight (or none at all): no statistics, NaN as for a layer without float weights.
     const none = count === 0;
     layers.push({

@@ -8,7 +8,7 @@
 import * as fs from 'node:fs';
 import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf';
 
-import { invalidType, invalidValue } from '../errors';
+import { invalidType, invalidValue, withArticle } from '../errors';
 import { toFloat16Array } from '../float16';
 import { hasOrt } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession, type OrtSession } from './ort-session';
@@ -472,6 +472,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
     async () => closable(await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host })), (opened) => opened.close());
   const [floatSession, quantSession] = [float.session, quant.session];
   const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number; nonFinite: number; empty: number }>();
+  const integers = new Map<string, { type: string; equal: number; total: number }>();
   let samples = 0;
   try {
     for (const [index, feeds] of feedsList.entries()) {
@@ -484,7 +485,16 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       const batch = firstDims.length > 0 ? firstDims[0] : 1;
       let comparedHere = false;  // samples counts the feeds some output was compared on
       for (const name of floatSession.outputNames) {
-        if (f[name].type !== 'float32' && f[name].type !== 'float16') continue;  // integer outputs (e.g. an argmax) have no cosine
+        if (f[name].type !== 'float32' && f[name].type !== 'float16') {
+          // An integer output (an argmax, token ids) has no cosine: how many values match instead.
+          const entry = integers.get(name) ?? { type: f[name].type, equal: 0, total: 0 };
+          integers.set(name, entry);
+          const [a, b] = [f[name].data, q[name].data] as Array<ArrayLike<number | bigint | boolean>>;
+          if (q[name].dims.join() !== f[name].dims.join()) continue;
+          for (let i = 0; i < a.length; i++) entry.equal += a[i] === b[i] ? 1 : 0;
+          entry.total += a.length;
+          continue;
+        }
         const a = floatValues(f[name]);
         const b = floatValues(q[name]);
         const dims = f[name].dims;
@@ -544,8 +554,11 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       name, cosine: s.cos / s.compared, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}), ...(s.reshaped > 0 ? { reshapedFeeds: s.reshaped } : {}),
       ...(s.nonFinite > 0 ? { nonFiniteFeeds: s.nonFinite } : {}),
     })),
-    ...([...sums.values()].some((s) => s.compared === 0)
-      ? { uncompared: [...sums].filter(([, s]) => s.compared === 0).map(([name, s]) => ({ name, reason: uncomparedReason(s) })) }
+    ...([...sums.values()].some((s) => s.compared === 0) || integers.size > 0
+      ? { uncompared: [
+        ...[...sums].filter(([, s]) => s.compared === 0).map(([name, s]) => ({ name, reason: uncomparedReason(s) })),
+        ...[...integers].map(([name, s]) => ({ name, reason: `${withArticle(`${s.type} output`)}, which has no cosine: ${s.equal} of its ${s.total} values equal the float model's` })),
+      ] }
       : {}),
   };
 }
@@ -733,7 +746,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t));
   // With `outputs`, the layers' outputs too (not the model's outputs, which stay float).
   // after a Relu/Clip where there is one, and shared through data-movement ops (see output-placement).
-  const placement = staticActivations && staticActivations.outputs ? placeOutputQuantizers(graph, targets, staticActivations.signed ?? false) : undefined;
+  const placement = staticActivations && staticActivations.outputs ? placeOutputQuantizers(graph, targets, staticActivations.signed ?? false, opts.weights.granularity === 'tensor') : undefined;
   if (placement) passes.push(placement.report);
   const layerOutputs = placement ? placement.calibrated : [];
   // Layers inside the branches of the main graph's If nodes get calibrated inputs and GPTQ statistics too:
@@ -899,8 +912,12 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     // (A model that cannot be converted was refused for these bits before any work.)
     if (staticActivations && a.bits !== 8 && graph.opset < 21) passes.push(upgradeOpset(graph, 21));
     if (dataBiasCorrection) {
-      passes.push(await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments),
-        (_, done) => opts.onProgress?.(`bias-correction ${done}/${weights.length}`))));
+      const corrected = await time('bias-correction', () => runStepsAsync(correctBiasesByLayer(graph, weights, biasMoments),
+        (_, done) => opts.onProgress?.(`bias-correction ${done}/${weights.length}`)));
+      for (const l of layers) {
+        if (l.subgraph) corrected.skipped.push({ node: l.node, reason: `it is inside ${l.branch ? `${l.branch} of ` : ''}${l.subgraph}: data-driven bias correction takes main-graph layers only` });
+      }
+      passes.push(corrected);
       // A MatMul whose correction went into the bias Add after it is compared (layer SQNR) after that Add.
       const moved = new Map(weights.filter((w) => w.biasAddOutput).map((w) => [w.node, w.biasAddOutput!]));
       for (const l of layers) if (!l.subgraph) l.output = moved.get(l.node) ?? l.output;

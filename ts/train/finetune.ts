@@ -655,7 +655,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       iterableSteps ??= inMemory ? undefined : step;
       if (seen === 0) {
         throw new TrainingError(epoch === 0
-          ? 'The training data yielded no batch. Give at least one batch { inputs, labels }.'
+          ? `The training data yielded no batch. Give at least one batch { inputs${needLabels ? ', labels' : ''} }.`
           : `The training data yielded no batch in epoch ${epoch + 1}. An iterable must restart for every epoch (pass an object whose [Symbol.asyncIterator]() starts over, not a generator).`);
       }
       const record: EpochRecord = {

@@ -33,8 +33,8 @@ function integerWeights(graph: Graph, at: LayerPlace, transposed: Map<string, st
   if (attribute(dq, 'block_size')) return 'its weights are blocked (MatMulInteger takes one scale per column)';
   const scale = graph.constantIn(dq.input[1], scopes)?.tensor;
   const dims = dimsOf(values);
-  // onnxruntime's DynamicQuantizeMatMul fusion (default optimisation level) drops the bias Add after a 3-D weight.
-  if (dims.length > 2) return `its weight is ${dims.length}-D (onnxruntime's fused dynamic MatMul drops the bias after a weight that is not 2-D)`;
+  // onnxruntime's DynamicQuantizeMatMul fusion (default optimisation level) dropped the bias Add after a 3-D weight.
+  if (dims.length > 2) return `its weight is ${dims.length}-D (onnxruntime's fused dynamic MatMul miscomputes layers whose weight is not 2-D)`;
   const transB = transposes(node, 'transB');
   const axis = intAttribute(dq, 'axis', 1);
   const columnAxis = transB ? 0 : dims.length - 1;

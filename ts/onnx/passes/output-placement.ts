@@ -31,18 +31,19 @@ export interface OutputPlacement {
 
 /**
  * `targets`: the quantized layers in topological order; `signed`: signed (symmetric) activations, whose zero point
- * is not the type's minimum, so onnxruntime would not remove the Relu and quantizing after it would lose the fusion.
+ * is not the type's minimum, so onnxruntime would not remove the Relu and quantizing after it would lose the fusion;
+ * `tensorScales`: weights get one scale each (granularity 'tensor'), which QLinearMatMul takes at any weight rank.
  */
-export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed: boolean): OutputPlacement {
+export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed: boolean, tensorScales = false): OutputPlacement {
   const report: PassReport = { pass: 'output-placement', changed: [], skipped: [] };
   const quantizedOutput = new Map<string, string>();
   for (const n of targets) {
     const out = n.output[0];
     if (graph.isGraphOutput(out)) continue;
-    const rank = n.opType === 'MatMul' ? weightRank(graph, n) : 2;
+    const rank = n.opType === 'MatMul' && !tensorScales ? weightRank(graph, n) : 2;
     if (rank > 2) {
       report.skipped.push({ node: nodeLabel(n), reason: `its weight is ${rank}-D: onnxruntime fuses a quantized MatMul output into QLinearMatMul, ` +
-        'which fails at its default optimisation level on per-column scales of a weight that is not 2-D; its output stays float' });
+        'which fails at its default optimisation level on per-column or blocked scales of a weight that is not 2-D; its output stays float' });
       continue;
     }
     const consumers = graph.consumers(out);
@@ -75,11 +76,9 @@ export function placeOutputQuantizers(graph: Graph, targets: NodeProto[], signed
   return { quantizedOutput, calibrated, shared, report };
 }
 
-/** Rank of a MatMul's constant weight, read through its DequantizeLinear when it has one (2 when not constant). */
+/** Rank of a MatMul's constant weight (2 when it is not constant; placement comes before the weight pass). */
 function weightRank(graph: Graph, n: NodeProto): number {
-  const dq = graph.producer(n.input[1]);
-  const weight = graph.constant(dq?.opType === 'DequantizeLinear' ? dq.input[0] : n.input[1]);
-  return weight ? weight.dims.length : 2;
+  return graph.constant(n.input[1])?.dims.length ?? 2;
 }
 
 /** Whether a node reads the value as one of its inputs (not only from inside its subgraphs). */

@@ -460,8 +460,9 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         : `its ${dims[axes.outputAxis]} output channels do not divide into ${options.groups} groups; quantized per channel`;
       report.skipped.push({ node: label, reason: `groups: ${why}` });
     }
-    // Both work on whole output channels; blocks have scales of their own (layers shorter than a block take them).
-    if (options.bitAllocation && blocked) report.skipped.push({ node: label, reason: 'bitAllocation: its weights are quantized in blocks (bit allocation gives whole output channels their widths)' });
+    // Both work on whole output channels, and blocks have scales of their own (a layer whose reduction axis is shorter
+    // than a block is quantized per channel and takes them). Bit allocation leaves the first and last layers anyway.
+    if (options.bitAllocation && blocked && !edge) report.skipped.push({ node: label, reason: 'bitAllocation: its weights are quantized in blocks (bit allocation gives whole output channels their widths)' });
     if (options.momentCorrection && blocked) report.skipped.push({ node: label, reason: 'biasCorrection: its weights are quantized in blocks (the correction rescales whole output channels)' });
     let source = data;
     if (options.scaleClipK !== undefined) {
