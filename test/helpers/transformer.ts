@@ -49,7 +49,7 @@ export function tinyTransformer(opset: number, seed = 7): Uint8Array {
     return op('Add', [op('Mul', [op('Div', [centred, op('Sqrt', [op('Add', [variance, scalar('eps', 1e-5)])])]), gain]), bias]);
   };
   const linear = (x: string, tag: string, inputs: number, outputs: number) =>
-    op('Add', [op('MatMul', [x, floats(`${tag}.weight`, [inputs, outputs], () => gauss() / Math.sqrt(inputs))], {}, `${tag}.matmul`),
+    op('Add', [op('MatMul', [x, floats(`${tag}.weight`, [inputs, outputs], () => gauss() / Math.sqrt(inputs))], {}, `${tag}.matmul`, tag),
       floats(`${tag}.bias`, [outputs], () => 0.02 * gauss())]);
   floats('embedding', [V, D], gauss);
   floats('positions', [S, D], () => 0.1 * gauss());

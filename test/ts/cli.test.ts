@@ -44,6 +44,16 @@ describe('lowbit CLI (audit)', () => {
     expect(unread.stderr).to.include('note: --calib without --abits quantizes weights only; with --no-evaluate the calibration data are not read. Pass --abits 8 to quantize activations too.');
   });
 
+  it('GPTQ from fewer calibration vectors than a layer has inputs gets a note (64 images for the 784 inputs of fc)', () => {
+    const note = 'note: fc: GPTQ rounding from fewer input vectors than inputs (64 calibration input vectors for its 784 inputs); ' +
+      'it may do worse than rounding to nearest on other data: calibrate on more';
+    const r = lowbit('quantize', 'm.onnx', '--calib', path.join(root, 'assets', 'mnist-calibration'), '--rounding', 'gptq');
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.include(`${note}; the comparison below runs on the calibration data, which GPTQ fitted\n`);
+    const unevaluated = lowbit('quantize', 'm.onnx', '--calib', path.join(root, 'assets', 'mnist-calibration'), '--rounding', 'gptq', '--no-evaluate');
+    expect(unevaluated.stdout).to.include(`${note}\n`);
+  });
+
   it('refuses an output that is the input model, or a report that is the model or the output; nothing is written', () => {
     const before = md5('m.onnx');
     fs.mkdirSync(path.join(dir, 'sub'));

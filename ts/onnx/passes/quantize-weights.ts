@@ -128,6 +128,9 @@ export interface QuantizedWeights {
 
 export const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
 
+/** Marks weight-pass entries for layers whose GPTQ saw fewer calibration vectors than the layer has inputs. */
+export const GPTQ_UNDERDETERMINED = 'GPTQ rounding from fewer input vectors than inputs';
+
 // A MatMul weight may carry leading dimensions of 1 ([1, K, N], as some exporters write it): one [K, N] matrix.
 function layout(opType: string, dims: number[], transB: boolean): { outputAxis: number; reductionAxis: number } | undefined {
   if (opType === 'Conv') return dims.length >= 3 ? { outputAxis: 0, reductionAxis: 1 } : undefined;
@@ -495,8 +498,15 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     if (options.rounding === 'sum-preserving' && taps > 1) q = preserveRunSums(q, source, taps);
     const gptq = !!moments && moments.count > 0 && moments.grams.length > 0;
     if (options.rounding === 'gptq') {
-      if (gptq) q = yield* gptqRoundSteps(q, source, moments!.grams, matrixView(node, dims, axes.outputAxis));
-      else report.skipped.push({ node: label, reason: `${!inBody ? 'no input statistics for it (a constant input, a 3-D convolution or no calibration data)'
+      if (gptq) {
+        const view = matrixView(node, dims, axes.outputAxis);
+        q = yield* gptqRoundSteps(q, source, moments!.grams, view);
+        // Fewer input vectors than inputs leave the Hessian rank-deficient: the rounding then fits those vectors.
+        if (moments!.count < view.columns) {
+          report.changed.push(`${label}: ${GPTQ_UNDERDETERMINED} (${moments!.count} calibration input vectors for its ${view.columns} inputs); ` +
+            'it may do worse than rounding to nearest on other data: calibrate on more');
+        }
+      } else report.skipped.push({ node: label, reason: `${!inBody ? 'no input statistics for it (a constant input, a 3-D convolution or no calibration data)'
         : moments ? `its branch of ${nodeLabel(inBody.owner)} gave it no inputs on any calibration batch (the branch did not run)`
           : 'no input statistics for it (inside a Loop or Scan body or a nested subgraph, whose values calibration cannot observe; a constant input; or a 3-D convolution)'}: rounded to nearest, not GPTQ` });
     }
