@@ -2,8 +2,8 @@
 // every setting runs in onnxruntime, and the 4-bit ones convert the model to opset 21 (ReduceMean's axes move to
 // an input at 18) without changing what it computes.
 import { expect } from 'chai';
-import { fromBinary, toBinary } from '@bufbuild/protobuf';
-import { ModelProtoSchema } from 'onnx-buf';
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { inspectModel } from '../../ts/onnx/inspect';
@@ -115,5 +115,20 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
     new DataView(embedding.rawData.buffer, embedding.rawData.byteOffset).setFloat32(8, NaN, true);
     const [broken] = (await inspectModel(toBinary(ModelProtoSchema, withNaN))).layers.filter((l) => l.op === 'Gather');
     expect(broken).to.include({ nonFinite: 1, reason: '1 of its weights are NaN or ±Infinity: quantizeModel refuses them with weights.gather' });
+  });
+
+  it('an output projection tied to the embedding through a Transpose stays float, and the report says why and what to do', async () => {
+    const tied = fromBinary(ModelProtoSchema, tinyTransformer(14));
+    const head = tied.graph!.node.find((n) => n.output[0] === 'logits')!;
+    tied.graph!.initializer = tied.graph!.initializer.filter((t) => t.name !== head.input[1]);
+    head.input[1] = 'embedding_transposed';
+    tied.graph!.node.splice(tied.graph!.node.indexOf(head), 0, create(NodeProtoSchema, {
+      opType: 'Transpose', name: 'tie', input: ['embedding'], output: ['embedding_transposed'],
+      attribute: [{ name: 'perm', type: AttributeProto_AttributeType.INTS, ints: [1n, 0n] }],
+    }));
+    const { report } = await quantizeModel(toBinary(ModelProtoSchema, tied), { weights: { bits: 8 }, evaluationFeeds });
+    expect(report.passes.find((p) => p.pass === 'quantize-weights')!.skipped).to.deep.include({ node: head.name,
+      reason: "its weight is a Transpose of the constant 'embedding' (a tied embedding?), computed when the model runs: lowbit quantizes constant weights only; store the transposed weight as an initializer to quantize it" });
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.9999);
   });
 });

@@ -268,9 +268,16 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
   if (!isFloat(w)) {
     if (fromDequantizeLinear(graph, n.input[1], scopes)) return 'its weight is already quantized (it comes from a DequantizeLinear)';
     if (w) return `its weight is a ${TensorProto_DataType[w.dataType] ?? `type ${w.dataType}`} constant, not float32 or float16`;
-    return n.opType !== 'Conv' && isFloat(graph.constantIn(n.input[0], scopes)?.tensor)
-      ? 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take'
-      : 'its weight is not a float constant (a computed input)';
+    if (n.opType !== 'Conv' && isFloat(graph.constantIn(n.input[0], scopes)?.tensor)) {
+      return 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take';
+    }
+    // A tied output projection reads its embedding table through a Transpose (not folded here).
+    const producer = graph.producer(n.input[1], scopes[0] ?? graph.graph);
+    if (producer?.opType === 'Transpose' && isFloat(graph.constantIn(producer.input[0], scopes)?.tensor)) {
+      return `its weight is a Transpose of the constant '${producer.input[0]}' (a tied embedding?), computed when the model runs: ` +
+        'lowbit quantizes constant weights only; store the transposed weight as an initializer to quantize it';
+    }
+    return 'its weight is not a float constant (a computed input)';
   }
   const dims = dimsOf(w!);
   if (layout(n.opType, dims, transposes(n, 'transB'))) return undefined;
