@@ -14,7 +14,7 @@ import { inspectModel, sparkline } from './onnx/inspect';
 import { ACTIVATION_METHODS, readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, samePath, writeFileAtomic } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
-import { GPTQ_UNDERDETERMINED, type WeightLayerReport } from './onnx/passes/quantize-weights';
+import type { WeightLayerReport } from './onnx/passes/quantize-weights';
 import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
 import { loadMnist } from './train/mnist';
 
@@ -338,12 +338,13 @@ export function program(): Command {
       if (dynamicInputs) console.log(`\n${dynamicInputs} layer inputs quantized dynamically (scale and zero point computed on every run)`);
       for (const p of report.passes) for (const s of p.skipped) console.log(`skipped by ${p.pass}: ${s.node}: ${s.reason}`);
       if (report.opset.microsoftDomainFallback) console.log(`note: ${report.opset.microsoftDomainFallback}`);
-      const underdetermined = report.passes.flatMap((p) => p.changed.filter((c) => c.includes(GPTQ_UNDERDETERMINED)));
-      if (underdetermined.length) {
-        const more = underdetermined.length - 1;
-        console.log(`note: ${underdetermined[0]}${more ? ` (and ${more} more layer${more === 1 ? '' : 's'}, in the report)` : ''}` +
-          `${report.evaluation ? '; the comparison below runs on the calibration data, which GPTQ fitted' : ''}`);
+      const underdetermined = report.layers.filter((l) => l.gptqUnderdetermined);
+      for (const l of underdetermined) {
+        const { inputVectors, blockInputs } = l.gptqUnderdetermined!;
+        console.log(`note: ${l.node}: GPTQ rounding from ${inputVectors} calibration input vectors for blocks of ${blockInputs} inputs; ` +
+          'it may do worse than rounding to nearest on other data: calibrate on more');
       }
+      if (underdetermined.length && report.evaluation) console.log('note: the comparison below runs on the calibration data, which GPTQ fitted');
       for (const out of report.evaluation?.outputs ?? []) {
         console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''}${out.reshapedFeeds ? `, ${out.reshapedFeeds} feeds left out (its size differed)` : ''}${out.nonFiniteFeeds ? `, ${out.nonFiniteFeeds} feeds left out (the float model's output held NaN or an infinity)` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'made-up'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
       }

@@ -7,7 +7,6 @@ import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema } from 
 
 import { ort } from '../../ts/bench/ort-models';
 import { inspectModel } from '../../ts/onnx/inspect';
-import { GPTQ_UNDERDETERMINED } from '../../ts/onnx/passes/quantize-weights';
 import { quantizeModel, type QuantizeModelOptions } from '../../ts/onnx/quantize-model';
 import { tinyTransformer, tokenFeed } from '../helpers/transformer';
 
@@ -84,13 +83,13 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
       expect(skipped).to.have.length(24);
       const gptq = await quantizeModel(model, { weights: { ...weights, rounding: 'gptq' }, calibration, evaluationFeeds });
       expect(gptq.report.evaluation!.outputs[0].cosine).to.be.greaterThan(nearest.report.evaluation!.outputs[0].cosine);
-      const underdetermined = (r: typeof gptq) => r.report.passes.find((p) => p.pass === 'quantize-weights')!.changed.filter((c) => c.includes(GPTQ_UNDERDETERMINED));
-      expect(underdetermined(gptq)).to.deep.equal([]);  // 128 token vectors, at most 128 inputs (the MLP's down projection)
+      expect(gptq.report.layers.filter((l) => l.gptqUnderdetermined)).to.deep.equal([]);  // 128 token vectors, at most 128 inputs
       // One sequence (16 vectors) for layers of 32 and 128 inputs: every layer is reported.
       const few = await quantizeModel(model, { weights: { ...weights, rounding: 'gptq' }, calibration: [tokenFeed(1, 1)], evaluationFeeds: [] });
-      expect(underdetermined(few)).to.have.length(13);
-      expect(underdetermined(few)).to.include(`block0.down: ${GPTQ_UNDERDETERMINED} (16 calibration input vectors for its 128 inputs); ` +
-        'it may do worse than rounding to nearest on other data: calibrate on more');
+      expect(few.report.layers.map((l) => l.gptqUnderdetermined?.blockInputs)).to.deep.equal([32, 32, 32, 32, 32, 128, 32, 32, 32, 32, 32, 128, 32]);
+      expect(new Set(few.report.layers.map((l) => l.gptqUnderdetermined?.inputVectors))).to.deep.equal(new Set([16]));
+      expect(few.report.passes.find((p) => p.pass === 'quantize-weights')!.changed).to.include('block0.down: GPTQ rounding from 16 calibration input vectors ' +
+        'for its 128 inputs; it may do worse than rounding to nearest on other data: calibrate on more');
     }
   });
 

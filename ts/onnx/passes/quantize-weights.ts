@@ -97,6 +97,8 @@ export interface WeightLayerReport {
   weightSqnrDb: number;
   /** Per-channel bits when bit allocation was used. */
   channelBits?: number[];
+  /** GPTQ rounding saw fewer calibration input vectors than the inputs it solves together (a block of at most 512). */
+  gptqUnderdetermined?: { inputVectors: number; blockInputs: number };
   /** The layer's output tensor (its bias Add's, when data-driven bias correction shifted that bias). */
   output: string;
   /** SQNR of the layer's output in the quantized model against the float model on the evaluation inputs. */
@@ -128,8 +130,6 @@ export interface QuantizedWeights {
 
 export const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
 
-/** Marks weight-pass entries for layers whose GPTQ saw fewer calibration vectors than the layer has inputs. */
-export const GPTQ_UNDERDETERMINED = 'GPTQ rounding from fewer input vectors than inputs';
 
 // A MatMul weight may carry leading dimensions of 1 ([1, K, N], as some exporters write it): one [K, N] matrix.
 function layout(opType: string, dims: number[], transB: boolean): { outputAxis: number; reductionAxis: number } | undefined {
@@ -272,7 +272,7 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
       return 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take';
     }
     // A tied output projection reads its embedding table through a Transpose (not folded here).
-    const producer = graph.producer(n.input[1], scopes[0] ?? graph.graph);
+    const producer = [...scopes, graph.graph].map((g) => graph.producer(n.input[1], g)).find((p) => p !== undefined);
     if (producer?.opType === 'Transpose' && isFloat(graph.constantIn(producer.input[0], scopes)?.tensor)) {
       return `its weight is a Transpose of the constant '${producer.input[0]}' (a tied embedding?), computed when the model runs: ` +
         'lowbit quantizes constant weights only; store the transposed weight as an initializer to quantize it';
@@ -504,14 +504,18 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
     if (options.rounding === 'sum-preserving' && taps > 1) q = preserveRunSums(q, source, taps);
     const gptq = !!moments && moments.count > 0 && moments.grams.length > 0;
+    let underdetermined: WeightLayerReport['gptqUnderdetermined'];
     if (options.rounding === 'gptq') {
       if (gptq) {
         const view = matrixView(node, dims, axes.outputAxis);
         q = yield* gptqRoundSteps(q, source, moments!.grams, view);
-        // Fewer input vectors than inputs leave the Hessian rank-deficient: the rounding then fits those vectors.
-        if (moments!.count < view.columns) {
-          report.changed.push(`${label}: ${GPTQ_UNDERDETERMINED} (${moments!.count} calibration input vectors for its ${view.columns} inputs); ` +
-            'it may do worse than rounding to nearest on other data: calibrate on more');
+        // GPTQ solves blocks of at most 512 inputs on their own; fewer input vectors than a block's inputs leave its
+        // H rank-deficient, and the rounding then fits those vectors.
+        const block = Math.max(...moments!.grams[0].map((b) => b.size));
+        if (moments!.count < block) {
+          underdetermined = { inputVectors: moments!.count, blockInputs: block };
+          report.changed.push(`${label}: GPTQ rounding from ${moments!.count} calibration input vectors for ` +
+            `${block === view.columns ? 'its' : 'blocks of'} ${block} inputs; it may do worse than rounding to nearest on other data: calibrate on more`);
         }
       } else report.skipped.push({ node: label, reason: `${!inBody ? 'no input statistics for it (a constant input, a 3-D convolution or no calibration data)'
         : moments ? `its branch of ${nodeLabel(inBody.owner)} gave it no inputs on any calibration batch (the branch did not run)`
@@ -548,6 +552,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         (valueBits !== bits ? ', reduced range (7-bit values)' : ''),
       weightSqnrDb: quantizationError(data, q).sqnrDb,
       ...(q.channelBits ? { channelBits: Array.from(q.channelBits) } : {}),
+      ...(underdetermined ? { gptqUnderdetermined: underdetermined } : {}),
       output: node.output[0],
       ...where,
     };
