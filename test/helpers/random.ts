@@ -37,7 +37,10 @@ export function laplace(n: number, seed: number, b = 1): Float32Array {
 export function normalFeeds(n: number, dims: number[], seed: number, input = 'x'): Array<Record<string, { data: Float32Array; dims: number[] }>> {
   const r = rng(seed);
   const len = dims.reduce((a, b) => a * b, 1);
-  return Array.from({ length: n }, () => ({
-    [input]: { dims, data: Float32Array.from({ length: len }, () => Math.sqrt(-2 * Math.log(1 - r())) * Math.cos(2 * Math.PI * r())) },
-  }));
+  return Array.from({ length: n }, () => ({ [input]: { dims, data: Float32Array.from({ length: len }, () => gaussian(r)) } }));
+}
+
+/** A standard normal draw from a uniform source (Box–Muller). */
+export function gaussian(r: () => number): number {
+  return Math.sqrt(-2 * Math.log(1 - r())) * Math.cos(2 * Math.PI * r());
 }

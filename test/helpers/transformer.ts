@@ -7,14 +7,14 @@
 import { create, toBinary } from '@bufbuild/protobuf';
 import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
-import { rng } from './random';
+import { gaussian, rng } from './random';
 
 export const TRANSFORMER = { vocabulary: 64, sequence: 16, width: 32, heads: 4 };
 
 export function tinyTransformer(opset: number, seed = 7): Uint8Array {
   const { vocabulary: V, sequence: S, width: D, heads: H } = TRANSFORMER;
   const r = rng(seed);
-  const gauss = () => Math.sqrt(-2 * Math.log(r() + 1e-12)) * Math.cos(2 * Math.PI * r());
+  const gauss = () => gaussian(r);
   const initializer: object[] = [];
   const floats = (name: string, dims: number[], value: () => number) => {
     const data = Float32Array.from({ length: dims.reduce((a, b) => a * b, 1) }, value);

@@ -155,7 +155,7 @@ export interface QuantizationReport {
      * cosine; `nonFiniteFeeds`: feeds on which the float model's output held NaN or an infinity, left out too.
      */
     outputs: Array<{ name: string; cosine: number; top1Agreement?: number; reshapedFeeds?: number; nonFiniteFeeds?: number }>;
-    /** Float outputs compared on no feed, and why. */
+    /** Float outputs compared on no feed, and why; integer outputs (no cosine), with how many values match. */
     uncompared?: Array<{ name: string; reason: string }>;
     /**
      * With no evaluationFeeds and no calibration data: the dims of the inputs lowbit made up (symbolic dimensions
