@@ -500,13 +500,13 @@ describe('models with integer inputs (token ids)', () => {
     expect(String(await quantizeModel(tokenModel(), { weights: { bits: 8, gather: 1 as never } }).catch((x: Error) => x))).to.match(/TypeError: Expected a boolean for options\.weights\.gather/);
   });
 
-  it('weights.gather: a table two Gathers read is quantized once; one that another node reads too stays as well (reported)', async () => {
+  it('weights.gather: a table two Gathers read is quantized once; one that another node reads too stays as well (reported); a tied output layer takes a folded transposed copy', async () => {
     const r = rng(13);
     const info = (name: string, elemType: number) => ({ name, type: { value: { case: 'tensorType', value: { elemType } } } });
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
       graph: {
-        name: 'tables', output: [info('y', TensorProto_DataType.FLOAT)],
+        name: 'tables', output: [info('y', TensorProto_DataType.FLOAT), info('size', TensorProto_DataType.INT64)],
         input: [{ name: 'ids', type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.INT64, shape: { dim: [{ value: { case: 'dimParam', value: 'batch' } }, { value: { case: 'dimParam', value: 'seq' } }] } } } } }],
         initializer: [{ name: 'E', dataType: TensorProto_DataType.FLOAT, dims: [8n, 16n], rawData: new Uint8Array(Float32Array.from({ length: 128 }, () => r() - 0.5).buffer) }],
         node: [
@@ -515,16 +515,18 @@ describe('models with integer inputs (token ids)', () => {
           { opType: 'Add', name: 'add', input: ['a', 'b'], output: ['s'] },
           { opType: 'Transpose', name: 'tie', input: ['E'], output: ['Et'] },
           { opType: 'MatMul', name: 'logits', input: ['s', 'Et'], output: ['y'] },
+          { opType: 'Shape', name: 'shape', input: ['E'], output: ['size'] },
         ],
       },
     } as never));
     const feeds = [{ ids: { data: BigInt64Array.of(1n, 5n, 7n), dims: [1, 3] } }];
     const { model, report } = await quantizeModel(bytes, { weights: { bits: 8, gather: true }, evaluationFeeds: feeds });
-    expect(report.layers.map((l) => [l.node, l.op])).to.deep.equal([['encoder_embed', 'Gather'], ['decoder_embed', 'Gather']]);
+    expect(report.layers.map((l) => [l.node, l.op])).to.deep.equal([['logits', 'MatMul'], ['encoder_embed', 'Gather'], ['decoder_embed', 'Gather']]);
     expect(report.passes.flatMap((p) => p.changed)).to.include('decoder_embed: shares the quantized table of encoder_embed');
-    expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'encoder_embed', reason: "the float table 'E' stays too: tie read(s) it" });
+    expect(report.passes.flatMap((p) => p.changed)).to.include("tie: the Transpose of constant 'E' folded into 'E_transposed' for logits");
+    expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'encoder_embed', reason: "the float table 'E' stays too: shape read(s) it" });
     const q = readModel(model);
-    expect(q.graph!.initializer.map((t) => t.name).sort()).to.deep.equal(['E', 'E_quantized', 'E_scale']);
+    expect(q.graph!.initializer.map((t) => t.name).filter((n) => !n.startsWith('E_transposed')).sort()).to.deep.equal(['E', 'E_quantized', 'E_scale']);
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
   });
 

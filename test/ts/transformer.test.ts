@@ -116,18 +116,36 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
     expect(broken).to.include({ nonFinite: 1, reason: '1 of its weights are NaN or ±Infinity: quantizeModel refuses them with weights.gather' });
   });
 
-  it('an output projection tied to the embedding through a Transpose stays float, and the report says why and what to do', async () => {
-    const tied = fromBinary(ModelProtoSchema, tinyTransformer(14));
+  it('an output projection tied to the embedding through a Transpose is quantized from a folded copy; the table stays for its Gather', async () => {
+    const model = tinyTransformer(14);
+    const tied = fromBinary(ModelProtoSchema, model);
     const head = tied.graph!.node.find((n) => n.output[0] === 'logits')!;
-    tied.graph!.initializer = tied.graph!.initializer.filter((t) => t.name !== head.input[1]);
-    head.input[1] = 'embedding_transposed';
+    const headWeight = head.input[1];
+    // The model's own head weight becomes the embedding's transpose, so the float outputs change: compare against it.
+    const embedding = tied.graph!.initializer.find((t) => t.name === 'embedding')!;
+    tied.graph!.initializer = tied.graph!.initializer.filter((t) => t.name !== headWeight);
+    head.input[1] = 'embedding_t';
     tied.graph!.node.splice(tied.graph!.node.indexOf(head), 0, create(NodeProtoSchema, {
-      opType: 'Transpose', name: 'tie', input: ['embedding'], output: ['embedding_transposed'],
+      opType: 'Transpose', name: 'tie', input: ['embedding'], output: ['embedding_t'],
       attribute: [{ name: 'perm', type: AttributeProto_AttributeType.INTS, ints: [1n, 0n] }],
     }));
-    const { report } = await quantizeModel(toBinary(ModelProtoSchema, tied), { weights: { bits: 8 }, evaluationFeeds });
-    expect(report.passes.find((p) => p.pass === 'quantize-weights')!.skipped).to.deep.include({ node: head.name,
-      reason: "its weight is a Transpose of the constant 'embedding' (a tied embedding?), computed when the model runs: lowbit quantizes constant weights only; store the transposed weight as an initializer to quantize it" });
-    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.9999);
+    const bytes = toBinary(ModelProtoSchema, tied);
+    for (const gather of [false, true]) {
+      const { model: q, report } = await quantizeModel(bytes, { weights: { bits: 8, gather }, evaluationFeeds });
+      expect(report.passes.find((p) => p.pass === 'fold-constant-transposes')!.changed).to.deep.equal([
+        `tie: the Transpose of constant 'embedding' folded into 'embedding_transposed' for ${head.name}`]);
+      expect(report.layers.map((l) => l.node)).to.include(head.name);
+      expect(report.layers.find((l) => l.node === head.name)!.shape).to.deep.equal([32, 64]);
+      expect(report.evaluation!.outputs[0].cosine, `gather ${gather}`).to.be.greaterThan(0.9995);
+      expect(cosine(await logits(q, tokenFeed(9)), await logits(bytes, tokenFeed(9)))).to.be.greaterThan(0.9995);
+      // The table stays for the Gather (float, or quantized with gather), and no float transposed copy is left.
+      const out = fromBinary(ModelProtoSchema, q).graph!;
+      expect(out.initializer.some((t) => t.name === 'embedding')).to.equal(!gather);
+      expect(out.initializer.some((t) => t.name === 'embedding_transposed')).to.equal(false);
+    }
+    expect(embedding.dims).to.deep.equal([64n, 32n]);
+    const [inspected] = (await inspectModel(bytes)).layers.filter((l) => l.node === head.name);
+    expect(inspected).to.include({ quantized: true });
+    expect(inspected.shape).to.deep.equal([32, 64]);
   });
 });

@@ -2,7 +2,7 @@
 import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel, placeOf } from './passes/pass';
-import { bypassConstantIdentities } from './passes/constant-identities';
+import { bypassConstantIdentities, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
 import { subgraphLayers, unquantizableReason } from './passes/quantize-weights';
@@ -34,6 +34,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   graph.validate();  // what quantizeModel would refuse before any pass
   densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
+  await foldConstantTransposes(graph);  // and through a Transpose
   const layers: LayerStats[] = [];
   const layerNodes = [
     ...graph.topologicalOrder().filter((n) => ['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(n.opType)).map((node) => ({ node, scopes: [], owner: undefined })),

@@ -22,7 +22,7 @@ import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
 import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
-import { bypassConstantIdentities } from './passes/constant-identities';
+import { bypassConstantIdentities, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { quantizableTableCount, quantizeGathers } from './passes/quantize-gather';
 import { foldBatchNormSteps } from './passes/fold-batchnorm';
@@ -630,6 +630,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // First: weights stored sparse, or read through an Identity, are a layer's weights for every decision below.
   passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
   passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
+  passes.push(await time('fold-constant-transposes', () => foldConstantTransposes(graph)));
   const bits = opts.weights.bits;
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
   const blockedWeights = opts.weights.granularity === 'block';

@@ -5,10 +5,13 @@
  * across the model) read the constant instead. In the main graph and in subgraph bodies; kept where the Identity's
  * output is an output of its graph.
  */
-import type { GraphProto } from 'onnx-buf';
+import type { GraphProto, NodeProto } from 'onnx-buf';
 
-import { allNodes, isOnnxDomain, subgraphsOf, type Graph } from '../graph';
+import { allNodes, floatData, intsAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, ownedTensor, subgraphReads, subgraphsOf, type Graph } from '../graph';
+import { withDataRead } from '../model-io';
+import { transpose2d } from './fit-onnxruntime';
 import { nodeLabel, type PassReport } from './pass';
+import { QUANTIZABLE } from './quantize-weights';
 
 export function bypassConstantIdentities(graph: Graph): PassReport {
   const report: PassReport = { pass: 'bypass-constant-identities', changed: [], skipped: [] };
@@ -41,4 +44,48 @@ function renameReads(body: GraphProto, from: string, to: string): void {
     subgraphsOf(n).forEach((inner) => renameReads(inner, from, to));
   }
   for (const o of body.output) if (o.name === from) o.name = to;
+}
+
+/**
+ * Folds a Transpose of a 2-D float constant read only as layers' weights (a Conv/Gemm/MatMul's second input) into a
+ * transposed copy of the constant: an output projection tied to the embedding table reads it so when a model was
+ * exported without constant folding, and would otherwise stay float. Main graph only; the constant stays when
+ * other nodes (the embedding's Gather) read it.
+ */
+export async function foldConstantTransposes(graph: Graph): Promise<PassReport> {
+  const report: PassReport = { pass: 'fold-constant-transposes', changed: [], skipped: [] };
+  for (const transpose of [...graph.graph.node]) {
+    if (transpose.opType !== 'Transpose' || !isOnnxDomain(transpose.domain)) continue;
+    const [source] = transpose.input;
+    const [out] = transpose.output;
+    const constant = source ? graph.constant(source) : undefined;
+    if (!constant || !(isFloatTensor(constant) || isFloat16Tensor(constant)) || constant.dims.length !== 2) continue;
+    const perm = intsAttribute(transpose, 'perm');
+    if (perm && (perm[0] !== 1 || perm[1] !== 0)) continue;
+    const readers = graph.graph.node.filter((n) => n !== transpose && namesReadBy(n).includes(out));
+    const asWeights = readers.every((n) => QUANTIZABLE.has(n.opType) && n.input.indexOf(out) === 1 && n.input.lastIndexOf(out) === 1);
+    if (readers.length === 0 || !asWeights || graph.isGraphOutput(out)) {
+      if (readers.some((n) => QUANTIZABLE.has(n.opType))) {
+        report.skipped.push({ node: nodeLabel(transpose), reason: 'its output is also read otherwise than as a layer weight, or is a graph output' });
+      }
+      continue;
+    }
+    const data = await withDataRead(constant);
+    // Float32 values may sit in float_data; float16 ones in int32_data are left as they are.
+    const raw = data.rawData.length > 0 ? Uint8Array.from(data.rawData) : isFloatTensor(data) ? new Uint8Array(floatData(data)!.buffer) : undefined;
+    if (!raw) continue;
+    const folded = ownedTensor(graph.uniqueName(`${source}_transposed`), constant.dataType, constant.dims.map(Number), raw);
+    transpose2d(folded);
+    graph.addInitializer(folded);
+    for (const n of readers) n.input[1] = folded.name;
+    graph.graph.node.splice(graph.graph.node.indexOf(transpose), 1);
+    graph.removeIfUnused(source);
+    report.changed.push(`${nodeLabel(transpose)}: the Transpose of constant '${source}' folded into '${folded.name}' for ${readers.map(nodeLabel).join(', ')}`);
+  }
+  return report;
+}
+
+// What a node reads, its subgraphs' reads of enclosing values included.
+function namesReadBy(n: NodeProto): string[] {
+  return [...n.input, ...subgraphReads(n)];
 }
