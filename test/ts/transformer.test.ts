@@ -143,6 +143,11 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
       expect(out.initializer.some((t) => t.name === 'embedding')).to.equal(!gather);
       expect(out.initializer.some((t) => t.name === 'embedding_transposed')).to.equal(false);
     }
+    // A head kept float keeps its Transpose (a float copy would store the table twice).
+    const keptHead = await quantizeModel(bytes, { weights: { bits: 8 }, keepFloat: [head.name], evaluationFeeds: [] });
+    expect(keptHead.report.passes.find((p) => p.pass === 'fold-constant-transposes')!.skipped).to.deep.equal([
+      { node: 'tie', reason: `${head.name} is kept in float (keepFloat)` }]);
+    expect(fromBinary(ModelProtoSchema, keptHead.model).graph!.node.some((n) => n.name === 'tie')).to.equal(true);
     expect(embedding.dims).to.deep.equal([64n, 32n]);
     const [inspected] = (await inspectModel(bytes)).layers.filter((l) => l.node === head.name);
     expect(inspected).to.include({ quantized: true });

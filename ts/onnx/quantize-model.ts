@@ -630,7 +630,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // First: weights stored sparse, or read through an Identity, are a layer's weights for every decision below.
   passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
   passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
-  passes.push(await time('fold-constant-transposes', () => foldConstantTransposes(graph)));
+  passes.push(await time('fold-constant-transposes', () => foldConstantTransposes(graph, opts.keepFloat)));
   const bits = opts.weights.bits;
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
   const blockedWeights = opts.weights.granularity === 'block';

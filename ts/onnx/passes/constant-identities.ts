@@ -52,8 +52,10 @@ function renameReads(body: GraphProto, from: string, to: string): void {
  * exported without constant folding, and would otherwise stay float. Main graph only; the constant stays when
  * other nodes (the embedding's Gather) read it.
  */
-export async function foldConstantTransposes(graph: Graph): Promise<PassReport> {
+export async function foldConstantTransposes(graph: Graph, keepFloat: string[] = []): Promise<PassReport> {
   const report: PassReport = { pass: 'fold-constant-transposes', changed: [], skipped: [] };
+  const keep = new Set(keepFloat);
+  const inputs = new Set(graph.graph.input.map((i) => i.name));
   for (const transpose of [...graph.graph.node]) {
     if (transpose.opType !== 'Transpose' || !isOnnxDomain(transpose.domain)) continue;
     const [source] = transpose.input;
@@ -70,10 +72,17 @@ export async function foldConstantTransposes(graph: Graph): Promise<PassReport> 
       }
       continue;
     }
+    // A float copy for a layer kept float would only store the table twice; a graph input's default a feed may replace.
+    const kept = readers.find((n) => keep.has(n.name) || keep.has(n.opType));
+    if (kept || inputs.has(source)) {
+      report.skipped.push({ node: nodeLabel(transpose), reason: kept ? `${nodeLabel(kept)} is kept in float (keepFloat)` : `'${source}' is also a graph input (a default a feed may replace)` });
+      continue;
+    }
     const data = await withDataRead(constant);
-    // Float32 values may sit in float_data; float16 ones in int32_data are left as they are.
-    const raw = data.rawData.length > 0 ? Uint8Array.from(data.rawData) : isFloatTensor(data) ? new Uint8Array(floatData(data)!.buffer) : undefined;
-    if (!raw) continue;
+    // Values may also sit in float_data (float32) or int32_data (float16 bit patterns). transpose2d writes new bytes,
+    // so the model's own are only read.
+    const raw = data.rawData.length > 0 ? data.rawData
+      : isFloatTensor(data) ? new Uint8Array(floatData(data)!.buffer) : new Uint8Array(Uint16Array.from(data.int32Data).buffer);
     const folded = ownedTensor(graph.uniqueName(`${source}_transposed`), constant.dataType, constant.dims.map(Number), raw);
     transpose2d(folded);
     graph.addInitializer(folded);
