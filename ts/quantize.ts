@@ -478,7 +478,7 @@ function checkCodesInRange(name: string, q: QuantizedTensor, layout: TensorLayou
       q.values[at], `Its width is ${widthFrom}: build values with quantizeTensor, or give the width the codes need.`);
   };
   if (q.channelBits === undefined) {
-    if (q.bits === 8) return;
+    if (q.bits === 8) return;  // Int8Array/Uint8Array (checked against signed above) hold only 8-bit codes
     const { qmin, qmax } = integerRange(q.bits, q.signed);
     const at = native().firstCodeOutside(q.values, q.signed, qmin, qmax);
     if (at >= 0) refuse(at, q.bits);

@@ -835,8 +835,7 @@ describe('MatMul weights with leading dimensions of 1', () => {
       expect(skipped.filter((s) => !s.startsWith('batched')), name).to.deep.equal(leftFloat[name] ?? []);
       expect(skipped.filter((s) => s.startsWith('batched')), name).to.deep.equal(['batched: weight shape [2, 48, 10] is not a MatMul weight this pass handles (2-D, or with leading dimensions of 1 ([1, K, N]))']);
       const atDefaultLevel = await runAtDefaultLevel(q, feeds[3]);
-      let worst = 0;
-      atDefaultLevel.forEach((v, i) => (worst = Math.max(worst, Math.abs(v - float[i]))));
+      const worst = atDefaultLevel.reduce((w, v, i) => Math.max(w, Math.abs(v - float[i])), 0);
       expect(worst, name).to.be.below(blocked || name.includes('allocation') ? 1 : 0.1);
       // The layers' own errors are those of their bits (a misread axis gives tens of dB less), and the model runs.
       for (const l of report.layers) expect(l.weightSqnrDb, `${name} ${l.node}`).to.be.above(l.bits === 8 ? 45 : 20);

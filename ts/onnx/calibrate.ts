@@ -413,7 +413,8 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
       const bad = data.findIndex((x) => x !== 0 && x !== 1);
       if (bad >= 0) throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, '0 or 1 (a bool input)', data[bad]);
     } else if (data instanceof Float32Array) {
-      const finite = native().finiteRange(data)[2];  // natively: findIndex with a callback is slow on big feeds (0 at a NaN)
+      // Natively (findIndex with a callback is slow on big feeds); the count is 0 when there is a NaN, so NaN is caught too.
+      const finite = native().finiteRange(data)[2];
       if (finite < data.length) {
         const bad = data.findIndex((x) => !Number.isFinite(x));
         throw invalidValue(`${what}[${index}].${name}.data[${bad}]`, 'a finite number', data[bad], 'Remove or replace NaN and infinite values in these feeds.');

@@ -201,10 +201,11 @@ export class Graph {
 
   /**
    * Checks what ONNX requires of the graph's structure before any pass relies on it: every node has an op type,
-   * main-graph node names are unique, Conv groups are 1 or more (and divide a constant weight's filters),
+   * main-graph node names are unique, Conv and ConvTranspose groups are 1 or more (a Conv's group divides its
+   * constant weight's filters),
    * every value is defined once (graph input, initializer or node output; an initializer may also be listed as an
    * input), every graph output is defined, and there is no cycle or dangling input (topologicalOrder). Bodies of
-   * subgraphs are checked for op types; their values are onnxruntime's to check.
+   * subgraphs are checked for op types and groups; their values are onnxruntime's to check.
    */
   validate(): void {
     for (const { node, scopes } of [...this.graph.node.map((node) => ({ node, scopes: [] as GraphProto[] })), ...subgraphNodes(this)]) {

@@ -548,18 +548,17 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       await quant.close();
     }
   }
+  const uncompared = [
+    ...[...sums].filter(([, s]) => s.compared === 0).map(([name, s]) => ({ name, reason: uncomparedReason(s) })),
+    ...[...integers].map(([name, s]) => ({ name, reason: `${withArticle(`${s.type} output`)}, which has no cosine: ${s.equal} of its ${s.total} values equal the float model's` })),
+  ];
   return {
     samples,
     outputs: [...sums].filter(([, s]) => s.compared > 0).map(([name, s]) => ({
       name, cosine: s.cos / s.compared, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}), ...(s.reshaped > 0 ? { reshapedFeeds: s.reshaped } : {}),
       ...(s.nonFinite > 0 ? { nonFiniteFeeds: s.nonFinite } : {}),
     })),
-    ...([...sums.values()].some((s) => s.compared === 0) || integers.size > 0
-      ? { uncompared: [
-        ...[...sums].filter(([, s]) => s.compared === 0).map(([name, s]) => ({ name, reason: uncomparedReason(s) })),
-        ...[...integers].map(([name, s]) => ({ name, reason: `${withArticle(`${s.type} output`)}, which has no cosine: ${s.equal} of its ${s.total} values equal the float model's` })),
-      ] }
-      : {}),
+    ...(uncompared.length > 0 ? { uncompared } : {}),
   };
 }
 

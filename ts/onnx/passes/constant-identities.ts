@@ -5,9 +5,9 @@
  * across the model) read the constant instead. In the main graph and in subgraph bodies; kept where the Identity's
  * output is an output of its graph.
  */
-import type { GraphProto, NodeProto } from 'onnx-buf';
+import type { GraphProto } from 'onnx-buf';
 
-import { allNodes, floatData, intsAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, ownedTensor, subgraphReads, subgraphsOf, type Graph } from '../graph';
+import { allNodes, floatData, intsAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, ownedTensor, subgraphsOf, type Graph } from '../graph';
 import { withDataRead } from '../model-io';
 import { transpose2d } from './fit-onnxruntime';
 import { nodeLabel, type PassReport } from './pass';
@@ -50,7 +50,8 @@ function renameReads(body: GraphProto, from: string, to: string): void {
  * Folds a Transpose of a 2-D float constant read only as layers' weights (a Conv/Gemm/MatMul's second input) into a
  * transposed copy of the constant: an output projection tied to the embedding table reads it so when a model was
  * exported without constant folding, and would otherwise stay float. Main graph only; the constant stays when
- * other nodes (the embedding's Gather) read it.
+ * other nodes (the embedding's Gather) read it. Left as it is when a reader is in `keepFloat` or the constant is a
+ * graph input's default.
  */
 export async function foldConstantTransposes(graph: Graph, keepFloat: string[] = []): Promise<PassReport> {
   const report: PassReport = { pass: 'fold-constant-transposes', changed: [], skipped: [] };
@@ -64,7 +65,7 @@ export async function foldConstantTransposes(graph: Graph, keepFloat: string[] =
     if (!constant || !(isFloatTensor(constant) || isFloat16Tensor(constant)) || constant.dims.length !== 2) continue;
     const perm = intsAttribute(transpose, 'perm');
     if (perm && (perm[0] !== 1 || perm[1] !== 0)) continue;
-    const readers = graph.graph.node.filter((n) => n !== transpose && namesReadBy(n).includes(out));
+    const readers = graph.consumers(out).filter((n) => n !== transpose);
     const asWeights = readers.every((n) => QUANTIZABLE.has(n.opType) && n.input.indexOf(out) === 1 && n.input.lastIndexOf(out) === 1);
     if (readers.length === 0 || !asWeights || graph.isGraphOutput(out)) {
       if (readers.some((n) => QUANTIZABLE.has(n.opType))) {
@@ -92,9 +93,4 @@ export async function foldConstantTransposes(graph: Graph, keepFloat: string[] =
     report.changed.push(`${nodeLabel(transpose)}: the Transpose of constant '${source}' folded into '${folded.name}' for ${readers.map(nodeLabel).join(', ')}`);
   }
   return report;
-}
-
-// What a node reads, its subgraphs' reads of enclosing values included.
-function namesReadBy(n: NodeProto): string[] {
-  return [...n.input, ...subgraphReads(n)];
 }

@@ -130,7 +130,6 @@ export interface QuantizedWeights {
 
 export const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
 
-
 // A MatMul weight may carry leading dimensions of 1 ([1, K, N], as some exporters write it): one [K, N] matrix.
 function layout(opType: string, dims: number[], transB: boolean): { outputAxis: number; reductionAxis: number } | undefined {
   if (opType === 'Conv') return dims.length >= 3 ? { outputAxis: 0, reductionAxis: 1 } : undefined;
@@ -250,10 +249,15 @@ function isQuantizable(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): b
   return QUANTIZABLE.has(n.opType) && unquantizableReason(graph, n, scopes) === undefined;
 }
 
+/** The node that makes a value: in the subgraphs around it (innermost first), else the main graph. */
+function producerIn(graph: Graph, name: string, scopes: GraphProto[]): NodeProto | undefined {
+  return [...scopes, graph.graph].map((g) => graph.producer(name, g)).find((p) => p);
+}
+
 /** Whether a value is a DequantizeLinear's output, directly or through Transpose/Reshape/Identity (as fit-onnxruntime leaves blocked weights). */
 function fromDequantizeLinear(graph: Graph, name: string, scopes: GraphProto[]): boolean {
   for (let steps = 0; steps < 8; steps++) {
-    const producer = [...scopes, graph.graph].map((g) => graph.producer(name, g)).find((p) => p);
+    const producer = producerIn(graph, name, scopes);
     if (producer?.opType === 'DequantizeLinear') return true;
     if (!producer || !['Transpose', 'Reshape', 'Identity'].includes(producer.opType)) return false;
     name = producer.input[0];
@@ -272,7 +276,7 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
       return 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take';
     }
     // A tied output projection reads its embedding table through a Transpose (not folded here).
-    const producer = [...scopes, graph.graph].map((g) => graph.producer(n.input[1], g)).find((p) => p !== undefined);
+    const producer = producerIn(graph, n.input[1], scopes);
     if (producer?.opType === 'Transpose' && isFloat(graph.constantIn(producer.input[0], scopes)?.tensor)) {
       return `its weight is a Transpose of the constant '${producer.input[0]}' (a tied embedding?), computed when the model runs: ` +
         'lowbit quantizes constant weights only; store the transposed weight as an initializer to quantize it';
