@@ -1,9 +1,10 @@
 /**
- * Removes Identity nodes whose input is a constant (an initializer or a Constant node's value), which exporters write
- * for parameters that are shared or renamed (tied embeddings, reused layers): a layer reading such an Identity sees a
- * computed input, not a constant weight, and stays float. Their readers (inside subgraphs too: names are unique
- * across the model) read the constant instead. In the main graph and in subgraph bodies; kept where the Identity's
- * output is an output of its graph.
+ * Constants that exporters hand to layers through another node, which would make the layer's weight a computed
+ * input and keep it float. bypassConstantIdentities removes Identity nodes whose input is a constant (an initializer
+ * or a Constant node's value), written for parameters that are shared or renamed (tied embeddings, reused layers):
+ * their readers (inside subgraphs too: names are unique across the model) read the constant instead. In the main
+ * graph and in subgraph bodies; kept where the Identity's output is an output of its graph. foldConstantTransposes
+ * (below) does the same for a Transpose of a constant, with a transposed copy.
  */
 import type { GraphProto } from 'onnx-buf';
 
