@@ -1209,6 +1209,54 @@ describe('compareOutputs', () => {
     expect(await cosine([0, 0, 0, 0])).to.equal(1);
     expect(await cosine([1, -1, 0, 0])).to.equal(0);  // orthogonal
   });
+
+  it('compares the models as onnxruntime runs them by default, with its fused kernels (a fusion that miscomputes shows)', async () => {
+    // y = x·W + b with W [1, K, N], written by hand as dynamic int8 MatMulInteger (as lowbit once wrote it): at its
+    // default level onnxruntime 1.30 fuses that into DynamicQuantizeMatMul and drops the bias; at 'basic' it does not.
+    const [k, n] = [32, 8];
+    const r = rng(21);
+    const w = Float32Array.from({ length: k * n }, () => r() - 0.5);
+    const bias = Float32Array.from({ length: n }, () => 4 * (r() - 0.5));
+    const wScale = Float32Array.from({ length: n }, (_, j) => Math.max(...Array.from({ length: k }, (_, i) => Math.abs(w[i * n + j]))) / 127);
+    const wq = Int8Array.from(w, (v, i) => Math.round(v / wScale[i % n]));
+    const tensor = (name: string, dataType: number, dims: number[], data: ArrayBufferView) => ({
+      name, dataType, dims: dims.map(BigInt), rawData: new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+    });
+    const model = (nodes: Array<{ opType: string; input: string[]; output: string[]; attribute?: unknown[] }>, initializer: unknown[], opset = 13) => toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: BigInt(opset) }],
+      graph: { name: 'g', input: [info('x', TensorProto_DataType.FLOAT, [1, 4, k])], output: [info('y')], initializer, node: nodes.map((node, i) => ({ name: `n${i}`, ...node })) },
+    } as never));
+    const float = model([{ opType: 'MatMul', input: ['x', 'W'], output: ['h'] }, { opType: 'Add', input: ['h', 'b'], output: ['y'] }],
+      [tensor('W', TensorProto_DataType.FLOAT, [1, k, n], w), tensor('b', TensorProto_DataType.FLOAT, [n], bias)]);
+    const dynamic = model([
+      { opType: 'DynamicQuantizeLinear', input: ['x'], output: ['xq', 'xs', 'xz'] },
+      { opType: 'MatMulInteger', input: ['xq', 'Wq', 'xz'], output: ['acc'] },
+      { opType: 'Cast', input: ['acc'], output: ['accf'], attribute: [{ name: 'to', type: AttributeProto_AttributeType.INT, i: BigInt(TensorProto_DataType.FLOAT) }] },
+      { opType: 'Mul', input: ['xs', 'ws'], output: ['s'] },
+      { opType: 'Mul', input: ['accf', 's'], output: ['h'] },
+      { opType: 'Add', input: ['h', 'b'], output: ['y'] },
+    ], [tensor('Wq', TensorProto_DataType.INT8, [1, k, n], wq), tensor('ws', TensorProto_DataType.FLOAT, [n], wScale), tensor('b', TensorProto_DataType.FLOAT, [n], bias)]);
+    const feeds = normalFeeds(3, [1, 4, k], 5);
+    const O = ort();
+    const cosineAt = async (level: 'basic' | 'all') => {
+      const [f, q] = await Promise.all([float, dynamic].map((m) => O.InferenceSession.create(m, { graphOptimizationLevel: level, intraOpNumThreads: 1 })));
+      let sum = 0;
+      for (const feed of feeds) {
+        const x = { x: new O.Tensor('float32', feed.x.data, feed.x.dims) };
+        const [a, b] = [(await f.run(x)).y.data as Float32Array, (await q.run(x)).y.data as Float32Array];
+        let [ab, aa, bb] = [0, 0, 0];
+        for (let i = 0; i < a.length; i++) [ab, aa, bb] = [ab + a[i] * b[i], aa + a[i] * a[i], bb + b[i] * b[i]];
+        sum += ab / Math.sqrt(aa * bb);
+      }
+      await Promise.all([f.release(), q.release()]);
+      return sum / feeds.length;
+    };
+    const [basic, all] = [await cosineAt('basic'), await cosineAt('all')];
+    expect(basic, 'as written').to.be.above(0.999);
+    expect(all, 'fused (the bias dropped)').to.be.below(0.99);
+    const compared = await compareOutputs(float, dynamic, feeds);
+    expect(compared.outputs[0].cosine).to.be.closeTo(all, 1e-9);
+  });
 });
 
 describe('bit allocation below the storage width', () => {

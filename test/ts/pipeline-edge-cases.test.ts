@@ -1232,18 +1232,31 @@ describe('the evaluation on inputs that say nothing (second audit)', () => {
   it('empty feeds and float outputs holding NaN are left out of the cosine (uncompared when every feed is), not counted as agreement', async () => {
     const { report: empty } = await quantizeModel(mm(['batch', 8]), { weights: { bits: 8 }, evaluationFeeds: [{ input: { data: new Float32Array(0), dims: [0, 8] } }] });
     expect(empty.evaluation).to.deep.equal({ samples: 0, outputs: [], uncompared: [{ name: 'y', reason: 'it was empty on 1 feed' }] });
-    // A weight of 3e38 overflows on inputs above 1: NaN/Infinity in the float model's output on the second feed only.
-    const w = heInit(32, 8, 1);
-    w[0] = 3e38;
-    w[4] = -3e38;
-    const feeds = [0.5, 2].map((v) => ({ input: { data: new Float32Array(8).fill(v), dims: [1, 8] } }));
-    const { report } = await quantizeModel(mm([1, 8], w), { weights: { bits: 8 }, evaluationFeeds: feeds });
+    // Inputs of 3e38 overflow: NaN/Infinity in the float model's output on the second feed only.
+    const feeds = [0.5, 3e38].map((v) => ({ input: { data: new Float32Array(8).fill(v), dims: [1, 8] } }));
+    const { report } = await quantizeModel(mm([1, 8]), { weights: { bits: 8 }, evaluationFeeds: feeds });
     expect(report.evaluation!.outputs).to.have.length(1);
     expect(report.evaluation!.outputs[0].nonFiniteFeeds).to.equal(1);
     expect(report.evaluation!.samples).to.equal(1);  // the feed left out is not counted
-    expect(Number.isFinite(report.evaluation!.outputs[0].cosine)).to.equal(true);  // from the first feed alone
-    const { report: all } = await quantizeModel(mm([1, 8], w), { weights: { bits: 8 }, evaluationFeeds: [feeds[1]] });
+    expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);  // from the first feed alone
+    const { report: all } = await quantizeModel(mm([1, 8]), { weights: { bits: 8 }, evaluationFeeds: [feeds[1]] });
     expect(all.evaluation!.outputs).to.deep.equal([]);
     expect(all.evaluation!.uncompared).to.deep.equal([{ name: 'y', reason: "the float model's output held NaN or an infinity on 1 feed" }]);
+  });
+
+  it('a quantized output holding NaN where the float one is finite scores cosine 0 and top-1 disagreement, counted per feed', async () => {
+    // Weights of ±3e38 in one column: onnxruntime's default level runs the 8-bit weights as MatMulNBits, whose
+    // zero-point arithmetic overflows there (NaN), while the float model's sum stays finite.
+    const w = heInit(32, 8, 1);
+    w[0] = 3e38;
+    w[4] = -3e38;
+    const feeds = [1, 2].map((seed) => ({ input: { data: Float32Array.from({ length: 8 }, (_, i) => 0.25 + ((i * seed) % 5) / 8), dims: [1, 8] } }));
+    const { model, report } = await quantizeModel(mm([1, 8], w), { weights: { bits: 8 }, evaluationFeeds: feeds });
+    const session = await ort().InferenceSession.create(model);
+    const out = (await session.run({ input: new (ort().Tensor)('float32', feeds[0].input.data, [1, 8]) })).y.data as Float32Array;
+    await session.release();
+    expect(Number.isNaN(out[0]), 'onnxruntime at its default level').to.equal(true);
+    expect(report.evaluation!.outputs).to.deep.equal([{ name: 'y', cosine: 0, top1Agreement: 0, quantizedNonFiniteFeeds: 2 }]);
+    expect(report.evaluation!.samples).to.equal(2);
   });
 });

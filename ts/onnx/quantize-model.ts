@@ -152,9 +152,11 @@ export interface QuantizationReport {
     samples: number;
     /**
      * `reshapedFeeds`: feeds on which a data-dependent output size (NonZero, Compress, NMS) differed, left out of its
-     * cosine; `nonFiniteFeeds`: feeds on which the float model's output held NaN or an infinity, left out too.
+     * cosine; `nonFiniteFeeds`: feeds on which the float model's output held NaN or an infinity, left out too;
+     * `quantizedNonFiniteFeeds`: feeds on which only the quantized model's output did, whose samples count as cosine 0
+     * and top-1 disagreement (a broken output, not a near one).
      */
-    outputs: Array<{ name: string; cosine: number; top1Agreement?: number; reshapedFeeds?: number; nonFiniteFeeds?: number }>;
+    outputs: Array<{ name: string; cosine: number; top1Agreement?: number; reshapedFeeds?: number; nonFiniteFeeds?: number; quantizedNonFiniteFeeds?: number }>;
     /** Float outputs compared on no feed, and why; integer outputs (no cosine), with how many values match. */
     uncompared?: Array<{ name: string; reason: string }>;
     /**
@@ -363,6 +365,8 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   layers = compared.map((c) => c.l);
   if (feedsList.length === 0 || layers.length === 0) return;
   const names = compared.map((c) => c.name);
+  // 'basic': exposed layer outputs would stop the default level's fusions anyway (a fused node hides them), so
+  // both models run as written, layer by layer; the model outputs are compared at the default level (compareOutputs).
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   // Weights no pass changed are read by onnxruntime from the model's files; a temporary copy with external data
   // only when what is not left there reaches 2 GB (openExposed, as for calibration).
@@ -467,11 +471,13 @@ function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: numbe
  */
 export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost,
   signal?: AbortSignal) {
-  const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
+  // onnxruntime's default optimisation level, as users run the model: its fused integer kernels compute the
+  // quantized model, so a fusion that miscomputes shows here. One thread: the same figures on every run.
+  const options = { intraOpNumThreads: 1 };
   const [float, quant] = await openPair(() => openFloatModel(floatModel, options, host),
     async () => closable(await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host })), (opened) => opened.close());
   const [floatSession, quantSession] = [float.session, quant.session];
-  const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number; nonFinite: number; empty: number }>();
+  const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number; nonFinite: number; quantNonFinite: number; empty: number }>();
   const integers = new Map<string, { type: string; equal: number; total: number }>();
   let samples = 0;
   try {
@@ -498,7 +504,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
         const a = floatValues(f[name]);
         const b = floatValues(q[name]);
         const dims = f[name].dims;
-        const entry = sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0, reshaped: 0, nonFinite: 0, empty: 0 };
+        const entry = sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0, reshaped: 0, nonFinite: 0, quantNonFinite: 0, empty: 0 };
         sums.set(name, entry);
         if (q[name].dims.join() !== dims.join()) {
           if (q[name].dims.length !== dims.length) {
@@ -521,7 +527,13 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
         }
         const rows = dims.length >= 2 && dims[0] === batch && batch > 0 ? batch : 1;
         const size = a.length / rows;
-        for (let r = 0; r < rows; r++) entry.cos += cosine(a.subarray(r * size, (r + 1) * size), b.subarray(r * size, (r + 1) * size));
+        // A sample whose quantized values hold NaN or an infinity (the float ones do not) scores 0 and disagrees.
+        const broken = !b.every(Number.isFinite);
+        if (broken) entry.quantNonFinite++;
+        const finite = (from: number, to: number) => !broken || b.subarray(from, to).every(Number.isFinite);
+        for (let r = 0; r < rows; r++) {
+          if (finite(r * size, (r + 1) * size)) entry.cos += cosine(a.subarray(r * size, (r + 1) * size), b.subarray(r * size, (r + 1) * size));
+        }
         entry.compared += rows;
         comparedHere = true;
         const classes = dims[dims.length - 1];
@@ -533,7 +545,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
               if (a[r * classes + c] > a[r * classes + ia]) ia = c;
               if (b[r * classes + c] > b[r * classes + ib]) ib = c;
             }
-            entry.agree += ia === ib ? 1 : 0;
+            entry.agree += ia === ib && finite(r * classes, (r + 1) * classes) ? 1 : 0;
             entry.ranked++;
           }
         }
@@ -556,7 +568,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
     samples,
     outputs: [...sums].filter(([, s]) => s.compared > 0).map(([name, s]) => ({
       name, cosine: s.cos / s.compared, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}), ...(s.reshaped > 0 ? { reshapedFeeds: s.reshaped } : {}),
-      ...(s.nonFinite > 0 ? { nonFiniteFeeds: s.nonFinite } : {}),
+      ...(s.nonFinite > 0 ? { nonFiniteFeeds: s.nonFinite } : {}), ...(s.quantNonFinite > 0 ? { quantizedNonFiniteFeeds: s.quantNonFinite } : {}),
     })),
     ...(uncompared.length > 0 ? { uncompared } : {}),
   };
