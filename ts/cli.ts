@@ -346,7 +346,7 @@ export function program(): Command {
       }
       if (underdetermined.length && report.evaluation) console.log('note: the comparison below runs on the calibration data, which GPTQ fitted');
       for (const out of report.evaluation?.outputs ?? []) {
-        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''}${out.reshapedFeeds ? `, ${out.reshapedFeeds} feeds left out (its size differed)` : ''}${out.nonFiniteFeeds ? `, ${out.nonFiniteFeeds} feeds left out (the float model's output held NaN or an infinity)` : ''}${out.quantizedNonFiniteFeeds ? `, NaN or an infinity in the quantized output on ${out.quantizedNonFiniteFeeds} feed${out.quantizedNonFiniteFeeds === 1 ? '' : 's'} (scored 0)` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'made-up'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
+        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''}${out.reshapedFeeds ? `, ${out.reshapedFeeds} feeds left out (its size differed)` : ''}${out.nonFiniteFeeds ? `, ${out.nonFiniteFeeds} feeds left out (the float model's output held NaN or an infinity)` : ''}${out.quantizedNonFiniteFeeds ? `, NaN or an infinity in the quantized output on ${out.quantizedNonFiniteFeeds} feed${out.quantizedNonFiniteFeeds === 1 ? '' : 's'} (those samples scored cosine 0)` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'made-up'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
       }
       const madeUp = report.evaluation?.madeUpInputs;
       if (madeUp) {

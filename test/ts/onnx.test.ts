@@ -1257,6 +1257,27 @@ describe('compareOutputs', () => {
     const compared = await compareOutputs(float, dynamic, feeds);
     expect(compared.outputs[0].cosine).to.be.closeTo(all, 1e-9);
   });
+
+  it('a sample whose quantized output holds NaN where the float one is finite scores cosine 0, a row holding it disagrees', async () => {
+    // "Quantized": y = sqrt(x)·sqrt(x), x where x ≥ 0 and NaN where x < 0; the float model: y = x.
+    const model = (nodes: Array<{ op: string; inputs: string[]; output: string }>) => buildModel({ inputDims: [2, 4], output: 'y', initializers: {}, nodes });
+    const float = model([{ op: 'Identity', inputs: ['input'], output: 'y' }]);
+    const broken = model([{ op: 'Sqrt', inputs: ['input'], output: 'r' }, { op: 'Mul', inputs: ['r', 'r'], output: 'y' }]);
+    // Sample 1 goes NaN off its largest value (the argmax, ignoring NaN, would agree); feed 2 has none.
+    const feeds = [[1, 2, 3, 4, 5, -1, 2, 1], [1, 2, 3, 4, 4, 3, 2, 1]].map((v) => ({ input: { data: Float32Array.from(v), dims: [2, 4] } }));
+    const compared = await compareOutputs(float, broken, feeds);
+    expect(compared.samples).to.equal(4);
+    expect(compared.outputs).to.have.length(1);
+    const [out] = compared.outputs;
+    expect(out.quantizedNonFiniteFeeds).to.equal(1);
+    expect(out.cosine).to.be.closeTo(3 / 4, 1e-6);  // three samples near 1, one 0
+    expect(out.top1Agreement).to.equal(3 / 4);
+    // NaN in both models' outputs: the float model's left out (the feed whole), nothing scored 0.
+    const both = await compareOutputs(broken, broken, feeds);
+    expect(both.outputs[0]).to.deep.include({ nonFiniteFeeds: 1, cosine: 1, top1Agreement: 1 });
+    expect(both.outputs[0].quantizedNonFiniteFeeds).to.equal(undefined);
+    expect(both.samples).to.equal(2);
+  });
 });
 
 describe('bit allocation below the storage width', () => {

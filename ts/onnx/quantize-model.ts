@@ -145,16 +145,17 @@ export interface QuantizationReport {
   activations: ActivationLayerReport[];
   calibrationBatches?: number;
   /**
-   * The float outputs of the quantized model against the float model's: mean cosine per sample (each row along the
+   * The float outputs of the quantized model against the float model's, both run at onnxruntime's default
+   * optimisation level (fused integer kernels, which depend on the CPU): mean cosine per sample (each row along the
    * batch axis; an output without one, per feed) and top-1 agreement over the last axis; `samples` counts the rows.
    */
   evaluation?: {
     samples: number;
     /**
      * `reshapedFeeds`: feeds on which a data-dependent output size (NonZero, Compress, NMS) differed, left out of its
-     * cosine; `nonFiniteFeeds`: feeds on which the float model's output held NaN or an infinity, left out too;
-     * `quantizedNonFiniteFeeds`: feeds on which only the quantized model's output did, whose samples count as cosine 0
-     * and top-1 disagreement (a broken output, not a near one).
+     * cosine; `nonFiniteFeeds`: feeds on which the float model's output held NaN or an infinity, left out whole;
+     * `quantizedNonFiniteFeeds`: feeds on which only the quantized model's output did: each sample holding such a
+     * value counts as cosine 0, and each last-axis row holding one as a top-1 disagreement (broken, not near).
      */
     outputs: Array<{ name: string; cosine: number; top1Agreement?: number; reshapedFeeds?: number; nonFiniteFeeds?: number; quantizedNonFiniteFeeds?: number }>;
     /** Float outputs compared on no feed, and why; integer outputs (no cosine), with how many values match. */
@@ -365,8 +366,8 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   layers = compared.map((c) => c.l);
   if (feedsList.length === 0 || layers.length === 0) return;
   const names = compared.map((c) => c.name);
-  // 'basic': exposed layer outputs would stop the default level's fusions anyway (a fused node hides them), so
-  // both models run as written, layer by layer; the model outputs are compared at the default level (compareOutputs).
+  // 'basic': the QDQ arithmetic of each layer as written, comparable layer by layer (exposing an output also stops
+  // the fusions that quantize it); onnxruntime's fused kernels are covered by the output comparison (compareOutputs).
   const options = { graphOptimizationLevel: 'basic' as const, intraOpNumThreads: 1 };
   // Weights no pass changed are read by onnxruntime from the model's files; a temporary copy with external data
   // only when what is not left there reaches 2 GB (openExposed, as for calibration).
@@ -465,14 +466,16 @@ function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: numbe
 }
 
 /**
- * Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime on these feeds.
- * A feed holds as many samples as its first input's first dimension (1 for a scalar input); an output whose first
- * dimension is that batch is compared sample by sample, any other as one sample per feed.
+ * Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime, at its default
+ * optimisation level, on these feeds. A feed holds as many samples as its first input's first dimension (1 for a
+ * scalar input); an output whose first dimension is that batch is compared sample by sample, any other as one sample
+ * per feed. A sample whose quantized values hold NaN or an infinity (the float ones do not) scores 0.
  */
 export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost,
   signal?: AbortSignal) {
-  // onnxruntime's default optimisation level, as users run the model: its fused integer kernels compute the
-  // quantized model, so a fusion that miscomputes shows here. One thread: the same figures on every run.
+  // onnxruntime's default optimisation level, as users run the model: its fused integer kernels (chosen for this
+  // CPU) compute the quantized model, so a fusion that miscomputes shows here. One thread: the same figures on every
+  // run on one machine.
   const options = { intraOpNumThreads: 1 };
   const [float, quant] = await openPair(() => openFloatModel(floatModel, options, host),
     async () => closable(await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host })), (opened) => opened.close());

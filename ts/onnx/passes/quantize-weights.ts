@@ -101,7 +101,10 @@ export interface WeightLayerReport {
   gptqUnderdetermined?: { inputVectors: number; blockInputs: number };
   /** The layer's output tensor (its bias Add's, when data-driven bias correction shifted that bias). */
   output: string;
-  /** SQNR of the layer's output in the quantized model against the float model on the evaluation inputs. */
+  /**
+   * SQNR of the layer's output in the quantized model against the float model on the evaluation inputs, both run at
+   * onnxruntime's 'basic' level: the QDQ arithmetic as written, not the fused kernels the output cosine measures.
+   */
   outputSqnrDb?: number;
   /** The node whose subgraph (If branch, Loop or Scan body) holds the layer, and which of its subgraphs (then_branch, else_branch, body). */
   subgraph?: string;
