@@ -143,6 +143,21 @@ export type PackedHandle = { readonly __packedHandle: unique symbol };
 /** Opaque native handle of a packed int4 B matrix. */
 export type PackedInt4Handle = { readonly __packedInt4Handle: unique symbol };
 
+/** Every function of NativeBinding: a file that lacks one is another module, or a lowbit.node built from older sources. */
+const NATIVE_FUNCTIONS = [
+  'cpuInfo', 'quantize', 'quantizeAsync', 'dequantize', 'groupRanges', 'groupRangesAsync', 'searchRangesMse',
+  'searchRangesMseAsync', 'groupMoments', 'groupMomentsAsync', 'groupErrors', 'lsqForward', 'lsqBackward',
+  'finiteRange', 'firstCodeOutside', 'histogramAdd', 'paramsFromRanges', 'errorStats', 'packInt4', 'unpackInt4',
+  'packInt2', 'unpackInt2', 'packMatrix', 'matmulInt8', 'matmulInt8Async', 'packInt4Matrix', 'matmulInt4',
+  'int32ToFloat', 'requantizeInt32', 'sgemm', 'im2col', 'col2im', 'batchNormForward', 'batchNormBackward',
+  'activationForward', 'activationBackward', 'maxPoolForward', 'maxPoolBackward', 'averagePoolForward',
+  'averagePoolBackward', 'depthwiseConvForward', 'depthwiseConvBackwardInput', 'depthwiseConvBackwardWeight',
+  'upperFactorOfInverse', 'gptqRoundBlock',
+] as const satisfies ReadonlyArray<keyof NativeBinding>;
+// A compile error here means NATIVE_FUNCTIONS misses a function NativeBinding declares.
+const listsEveryFunction: Exclude<keyof NativeBinding, (typeof NATIVE_FUNCTIONS)[number]> extends never ? true : never = true;
+void listsEveryFunction;
+
 /** The addon could not be loaded; the message lists what was tried and the fixes. */
 export class NativeLoadError extends Error {
   constructor(tried: string[], causes: string[]) {
@@ -163,20 +178,34 @@ let binding: NativeBinding | undefined;
 export function native(): NativeBinding {
   if (binding) return binding;
   const root = path.resolve(__dirname, '..', '..');
-  const tried = [process.env.LOWBIT_NATIVE_PATH, path.join(root, 'build', 'Release', 'lowbit.node')].filter(
+  binding = loadBinding([process.env.LOWBIT_NATIVE_PATH, path.join(root, 'build', 'Release', 'lowbit.node')].filter(
     (p): p is string => !!p,
-  );
+  ));
+  return binding;
+}
+
+/** The first of these files that is lowbit's addon with every function; a NativeLoadError saying why for each when none is. */
+export function loadBinding(tried: string[]): NativeBinding {
   const causes: string[] = [];
   for (const file of tried) {
     if (!fs.existsSync(file)) {
       causes.push('no such file');
       continue;
     }
+    let loaded: Partial<Record<string, unknown>>;
     try {
-      binding = require(file) as NativeBinding;
-      return binding;
+      loaded = require(file) as Partial<Record<string, unknown>>;
     } catch (e) {
       causes.push((e as Error).message.split('\n')[0]);
+      continue;
+    }
+    const missing = NATIVE_FUNCTIONS.filter((name) => typeof loaded?.[name] !== 'function');
+    if (missing.length === NATIVE_FUNCTIONS.length) {
+      causes.push('it loads, but is not lowbit\'s addon (none of its functions)');
+    } else if (missing.length > 0) {
+      causes.push(`a lowbit addon built from other sources: it lacks ${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ` and ${missing.length - 3} more` : ''}`);
+    } else {
+      return loaded as unknown as NativeBinding;
     }
   }
   throw new NativeLoadError(tried, causes);

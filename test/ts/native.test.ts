@@ -3,7 +3,10 @@
 import { expect } from 'chai';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
+
+import { loadBinding, NativeLoadError } from '../../ts/native';
 
 const binary = path.resolve(__dirname, '..', '..', '..', 'build', 'Release', 'lowbit_native_tests');
 
@@ -35,4 +38,35 @@ describe('native kernel tests (build/Release/lowbit_native_tests)', () => {
       it(name, () => expect.fail(why.join(': ')));
     }
   }
+});
+
+describe('loading the addon (LOWBIT_NATIVE_PATH, then build/Release/lowbit.node)', () => {
+  const built = path.resolve(__dirname, '..', '..', '..', 'build', 'Release', 'lowbit.node');
+
+  it('a file that loads but is not the addon, or lacks some of its functions, is passed over with the reason, not used', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-native-'));
+    try {
+      const json = path.join(dir, 'not-an-addon.json');
+      fs.writeFileSync(json, '{"name": "x"}');
+      const partial = path.join(dir, 'older.js');
+      // The built addon without two functions, as one built before they were added.
+      fs.writeFileSync(partial, `module.exports = { ...require(${JSON.stringify(built)}) };\n` +
+        'delete module.exports.gptqRoundBlock;\ndelete module.exports.firstCodeOutside;\n');
+      let error: unknown;
+      try {
+        loadBinding([json, partial, path.join(dir, 'missing.node')]);
+      } catch (e) {
+        error = e;
+      }
+      expect(error).to.be.instanceOf(NativeLoadError);
+      const message = (error as Error).message;
+      expect(message).to.include(`tried ${json}: it loads, but is not lowbit's addon (none of its functions)`);
+      expect(message).to.include(`tried ${partial}: a lowbit addon built from other sources: it lacks firstCodeOutside, gptqRoundBlock`);
+      expect(message).to.include(`tried ${path.join(dir, 'missing.node')}: no such file`);
+      // The next file that is the addon is used.
+      expect(loadBinding([json, built]).cpuInfo().arch).to.be.a('string');
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
+  });
 });
