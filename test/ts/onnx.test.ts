@@ -175,6 +175,23 @@ describe('quantizeModel (weights only)', () => {
     expect(gptq.report.calibrationBatches).to.equal(6);
   });
 
+  it('GPTQ on more than 512 inputs is flagged under-determined by its blocks of 512: not from 600 vectors, from 300', async () => {
+    const model = buildModel({
+      inputDims: ['batch', 1024], output: 'y', initializers: { w: { dims: [1024, 8], data: heInit(1024 * 8, 1024, 3) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'wide' }],
+    });
+    const vectors = (rows: number, seed: number) => normalFeeds(1, [rows, 1024], seed, 'input')[0];
+    const run = async (calibration: ReturnType<typeof vectors>[]) =>
+      (await quantizeModel(model, { weights: { bits: 4, rounding: 'gptq' }, firstLastLayerBits: 4, calibration, evaluationFeeds: [] })).report;
+    const enough = await run([vectors(300, 1), vectors(300, 2)]);  // fewer than the 1024 inputs, more than a block's 512
+    expect(enough.layers[0].gptqUnderdetermined).to.equal(undefined);
+    expect(enough.passes.flatMap((p) => p.changed).filter((c) => c.includes('GPTQ rounding from'))).to.deep.equal([]);
+    const few = await run([vectors(300, 1)]);
+    expect(few.layers[0].gptqUnderdetermined).to.deep.equal({ inputVectors: 300, blockInputs: 512 });
+    expect(few.passes.flatMap((p) => p.changed)).to.include(
+      'wide: GPTQ rounding from 300 calibration input vectors for blocks of 512 inputs; it may do worse than rounding to nearest on other data: calibrate on more');
+  });
+
   it('PP-OCR text-direction classifier (opset 9, Conv+BN, Constant weights): W8 per channel and W4 blocked run in onnxruntime', async () => {
     for (const weights of [{ bits: 8 as const }, { bits: 4 as const, granularity: 'block' as const, blockSize: 32 }]) {
       const { model, report } = await quantizeModel(classifier, { weights, evaluationFeeds: normalFeeds(2, [1, 3, 48, 192], 1) });
@@ -1343,8 +1360,9 @@ describe('quantizeModel leaves the event loop running', () => {
     expect(turnsDuring('quantize-weights'), 'event-loop turns while weights were quantized').to.be.at.least(layers);
     expect(turnsDuring('bias-correction'), 'turns during bias correction').to.be.at.least(layers);
     // The next batch runs on onnxruntime's worker thread meanwhile; observers pause every 10 ms. How many turns that
-    // gives depends on the machine's load (thousands here when idle, 33 once under a full CI run): a held loop gives 0.
-    expect(turnsDuring('calibrate batch 1'), 'turns while one batch ran and was observed').to.be.at.least(2);
+    // gives depends on the machine's load (thousands here when idle, 33 once under a full CI run, 1 once in a full
+    // npm test when the next batch had already run): a held loop gives 0.
+    expect(turnsDuring('calibrate batch 1'), 'turns while one batch ran and was observed').to.be.at.least(1);
     // Per-layer progress: 'quantize-weights 1/n' … 'n/n', and the same for bias correction.
     const progress = (stage: string) => stages.filter((s) => s.stage.startsWith(`${stage} `)).map((s) => s.stage);
     expect(progress('quantize-weights')).to.deep.equal(report.layers.map((_, i) => `quantize-weights ${i + 1}/${layers}`));

@@ -3,11 +3,12 @@
 // an input at 18) without changing what it computes.
 import { expect } from 'chai';
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
-import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { quantizeModel, type QuantizeModelOptions } from '../../ts/onnx/quantize-model';
+import { rng } from '../helpers/random';
 import { tinyTransformer, tokenFeed } from '../helpers/transformer';
 
 const toOrt = (feed: ReturnType<typeof tokenFeed>) => ({ ids: new (ort().Tensor)('int64', feed.ids.data, feed.ids.dims) });
@@ -152,5 +153,43 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
     const [inspected] = (await inspectModel(bytes)).layers.filter((l) => l.node === head.name);
     expect(inspected).to.include({ quantized: true });
     expect(inspected.shape).to.deep.equal([32, 64]);
+  });
+
+  it('a head inside an If branch reading a Transpose of a constant stays float with a reason that says what to do (folding is main-graph only)', async () => {
+    const value = (name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) => ({
+      name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } },
+    });
+    const r = rng(12);
+    const table = Float32Array.from({ length: 16 * 8 }, () => r() - 0.5);
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'branch-head', input: [value('in', TensorProto_DataType.FLOAT, [1, 8]), value('flag', TensorProto_DataType.BOOL, [])], output: [value('y')],
+        initializer: [
+          { name: 'E', dataType: TensorProto_DataType.FLOAT, dims: [16n, 8n], rawData: new Uint8Array(table.buffer) },
+          { name: 'I', dataType: TensorProto_DataType.FLOAT, dims: [8n, 8n], rawData: new Uint8Array(Float32Array.from({ length: 64 }, (_, i) => (i % 9 === 0 ? 1 : 0)).buffer) },
+        ],
+        // proj (an identity matrix: exact at 8 bits) gives the quantizer a main-graph layer.
+        node: [{ opType: 'MatMul', name: 'proj', input: ['in', 'I'], output: ['x'] }, { opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', output: [value('t')], node: [
+            { opType: 'Transpose', name: 'tie', input: ['E'], output: ['Et'], attribute: [{ name: 'perm', type: AttributeProto_AttributeType.INTS, ints: [1n, 0n] }] },
+            { opType: 'MatMul', name: 'head', input: ['x', 'Et'], output: ['t'] },
+          ] } },
+          { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [value('e')], node: [{ opType: 'Relu', name: 'relu', input: ['x'], output: ['e'] }] } },
+        ] }],
+      },
+    } as never));
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [] });
+    const skipped = report.passes.flatMap((p) => p.skipped.filter((s) => s.node.includes('head')));
+    expect(skipped.map((s) => s.reason)).to.deep.equal([
+      "its weight is a Transpose of the constant 'E' (a tied embedding?), computed when the model runs: lowbit quantizes constant weights only; store the transposed weight as an initializer to quantize it"]);
+    expect(report.passes.find((p) => p.pass === 'fold-constant-transposes')?.changed ?? []).to.deep.equal([]);
+    // The model is left as it was and still runs.
+    const session = await ort().InferenceSession.create(model);
+    const x = Float32Array.from({ length: 8 }, (_, i) => i / 8);
+    const out = (await session.run({ in: new (ort().Tensor)('float32', x, [1, 8]), flag: new (ort().Tensor)('bool', Uint8Array.of(1), []) })).y.data as Float32Array;
+    await session.release();
+    // (onnxruntime runs proj's 8-bit weights as MatMulNBits, which rounds a little on its own.)
+    expect(out[3]).to.be.closeTo(x.reduce((sum, v, k) => sum + v * table[3 * 8 + k], 0), 0.005);
   });
 });
