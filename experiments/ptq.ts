@@ -20,13 +20,13 @@ import { renderedTextLineFeeds, renderedTextLines, type TextLine } from '../test
 import { compareReadings } from '../test/helpers/ctc-reading';
 
 /**
- * Top-1 accuracy of an MNIST model (input [N,1,28,28] → logits [N,10]) on the first `limit` test images, by default
- * at onnxruntime's default optimisation level (fused integer kernels), as users run the model and the quantization
- * report evaluates it; 'basic' runs a QDQ model as written (float operations on dequantized values).
+ * Top-1 accuracy of an MNIST model (input [N,1,28,28] → logits [N,10]) on the first `limit` test images, at
+ * onnxruntime's default optimisation level (fused integer kernels), as users run the model and the quantization
+ * report evaluates it.
  */
-export async function mnistAccuracy(model: Uint8Array, limit = 10_000, level: 'basic' | 'all' = 'all'): Promise<number> {
+export async function mnistAccuracy(model: Uint8Array, limit = 10_000): Promise<number> {
   const O = ort();
-  const session = await O.InferenceSession.create(model, { graphOptimizationLevel: level });
+  const session = await O.InferenceSession.create(model);
   const test = loadMnist('t10k', limit);
   const batch = 500;
   let correct = 0;
