@@ -36,6 +36,22 @@ const shape = (dims: Array<number | string>) => ({
   dim: dims.map((d) => (typeof d === 'number' ? { value: { case: 'dimValue', value: BigInt(d) } } : { value: { case: 'dimParam', value: d } })),
 });
 
+/** A graph input or output: a tensor of this element type (float by default), with these dims when given. */
+export function valueInfo(name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) {
+  return { name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: shape(dims) } : {}) } } } };
+}
+
+/** Cosine similarity of two equally long vectors, in float64. */
+export function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let ab = 0, aa = 0, bb = 0;
+  for (let i = 0; i < a.length; i++) {
+    ab += a[i] * b[i];
+    aa += a[i] * a[i];
+    bb += b[i] * b[i];
+  }
+  return ab / Math.sqrt(aa * bb);
+}
+
 export function buildModel(spec: ModelSpec): Uint8Array {
   const initializer = [
     ...Object.entries(spec.initializers).map(([name, t]) => ({

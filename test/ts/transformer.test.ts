@@ -9,6 +9,7 @@ import { ort } from '../../ts/bench/ort-models';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { quantizeModel, type QuantizeModelOptions } from '../../ts/onnx/quantize-model';
 import { rng } from '../helpers/random';
+import { cosine, valueInfo as value } from '../helpers/onnx-builder';
 import { tinyTransformer, tokenFeed } from '../helpers/transformer';
 
 const toOrt = (feed: ReturnType<typeof tokenFeed>) => ({ ids: new (ort().Tensor)('int64', feed.ids.data, feed.ids.dims) });
@@ -22,15 +23,6 @@ async function logits(model: Uint8Array, feed: ReturnType<typeof tokenFeed>): Pr
   }
 }
 
-const cosine = (a: Float32Array, b: Float32Array) => {
-  let ab = 0, aa = 0, bb = 0;
-  for (let i = 0; i < a.length; i++) {
-    ab += a[i] * b[i];
-    aa += a[i] * a[i];
-    bb += b[i] * b[i];
-  }
-  return ab / Math.sqrt(aa * bb);
-};
 
 describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
   const calibration = [1, 2, 3, 4].map((s) => tokenFeed(s));
@@ -156,9 +148,6 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
   });
 
   it('a head inside an If branch reading a Transpose of a constant stays float with a reason that says what to do (folding is main-graph only)', async () => {
-    const value = (name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) => ({
-      name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } },
-    });
     const r = rng(12);
     const table = Float32Array.from({ length: 16 * 8 }, () => r() - 0.5);
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
