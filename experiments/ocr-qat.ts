@@ -7,6 +7,7 @@
 import * as path from 'node:path';
 
 import { table } from '../ts/bench/timing';
+import { cosineCell } from './ptq';
 import { readModel, serializeModel } from '../ts/onnx/model-io';
 import { compareOutputs, quantizeModel, type QuantizeModelOptions } from '../ts/onnx/quantize-model';
 import { finetune, type FinetuneOptions } from '../ts/train/finetune';
@@ -30,8 +31,8 @@ export async function ocrQatExperiment(json: boolean, settings: OcrQatSettings):
   const rows: Array<Record<string, string | number>> = [];
   const row = async (setting: string, model: Uint8Array, seconds: number) => {
     const out = (await compareOutputs(floatBytes, model, evaluation)).outputs[0];
-    rows.push({ setting, cosine: out.cosine.toFixed(5), 'top-1 agreement': `${((out.top1Agreement ?? NaN) * 100).toFixed(1)}%`, seconds: Number(seconds.toFixed(1)) });
-    if (!json) console.log(`${setting}: cosine ${out.cosine.toFixed(5)}`);
+    rows.push({ setting, cosine: cosineCell(out), 'top-1 agreement': `${((out.top1Agreement ?? NaN) * 100).toFixed(1)}%`, seconds: Number(seconds.toFixed(1)) });
+    if (!json) console.log(`${setting}: cosine ${cosineCell(out)}`);
   };
 
   const ptq: Array<[string, Partial<QuantizeModelOptions>]> = [

@@ -19,6 +19,11 @@ import { loadMnist } from '../ts/train/mnist';
 import { renderedTextLineFeeds, renderedTextLines, type TextLine } from '../test/helpers/text-lines';
 import { compareReadings } from '../test/helpers/ctc-reading';
 
+/** An output's mean cosine, and on how many feeds the quantized output held NaN or an infinity (samples scored 0). */
+export function cosineCell(out: { cosine: number; quantizedNonFiniteFeeds?: number }): string {
+  return out.cosine.toFixed(5) + (out.quantizedNonFiniteFeeds ? ` (NaN or an infinity on ${out.quantizedNonFiniteFeeds} feeds)` : '');
+}
+
 /**
  * Top-1 accuracy of an MNIST model (input [N,1,28,28] → logits [N,10]) on the first `limit` test images, at
  * onnxruntime's default optimisation level (fused integer kernels), as users run the model and the quantization
@@ -228,10 +233,10 @@ export async function ptqExperiment(json: boolean): Promise<void> {
         const quantizeMs = total - (report.timingsMs.calibrate ?? 0) - (report.timingsMs.evaluate ?? 0);
         const out = report.evaluation!.outputs[0];
         rows.push({
-          model: name, inputs: kind, setting, cosine: out.cosine.toFixed(5), 'top-1 agreement': `${((out.top1Agreement ?? NaN) * 100).toFixed(1)}%`,
+          model: name, inputs: kind, setting, cosine: cosineCell(out), 'top-1 agreement': `${((out.top1Agreement ?? NaN) * 100).toFixed(1)}%`,
           'quantize ms (no calibration)': Math.round(quantizeMs),
         });
-        if (file === models[1][1] && feeds === renderedTextLineFeeds) readingRows.push({ setting, cosine: out.cosine.toFixed(5), ...(await reading(model)) });
+        if (file === models[1][1] && feeds === renderedTextLineFeeds) readingRows.push({ setting, cosine: cosineCell(out), ...(await reading(model)) });
       }
     }
   }

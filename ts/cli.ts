@@ -23,6 +23,11 @@ function layerName(l: { node: string; subgraph?: string; branch?: string }): str
   return l.subgraph ? `${l.node} (in ${l.subgraph}${l.branch ? ` ${l.branch}` : ''})` : l.node;
 }
 
+/** "1 feed", "2 feeds". */
+function feeds(count: number): string {
+  return `${count} feed${count === 1 ? '' : 's'}`;
+}
+
 function parseShape(value: string, previous: Array<[number, number, number]> = []): Array<[number, number, number]> {
   const m = /^(\d+)x(\d+)x(\d+)$/i.exec(value.trim());
   if (!m) throw new InvalidArgumentError(`expected MxKxN (e.g. 64x4096x4096), got '${value}'`);
@@ -345,8 +350,13 @@ export function program(): Command {
           'it may do worse than rounding to nearest on other data: calibrate on more');
       }
       if (underdetermined.length && report.evaluation) console.log('note: the comparison below runs on the calibration data, which GPTQ fitted');
+      for (const l of report.layers) {
+        const [q, f] = [l.outputQuantizedNonFiniteFeeds, l.outputNonFiniteFeeds];
+        if (q) console.log(`note: ${layerName(l)}: NaN or an infinity in its quantized output on ${feeds(q)} (the float output is finite there): output SQNR -Infinity`);
+        if (f) console.log(`note: ${layerName(l)}: ${feeds(f)} left out of its output SQNR (the float model's output there held NaN or an infinity)`);
+      }
       for (const out of report.evaluation?.outputs ?? []) {
-        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''}${out.reshapedFeeds ? `, ${out.reshapedFeeds} feeds left out (its size differed)` : ''}${out.nonFiniteFeeds ? `, ${out.nonFiniteFeeds} feeds left out (the float model's output held NaN or an infinity)` : ''}${out.quantizedNonFiniteFeeds ? `, NaN or an infinity in the quantized output on ${out.quantizedNonFiniteFeeds} feed${out.quantizedNonFiniteFeeds === 1 ? '' : 's'} (those samples scored cosine 0)` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'made-up'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
+        console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''}${out.reshapedFeeds ? `, ${feeds(out.reshapedFeeds)} left out (its size differed)` : ''}${out.nonFiniteFeeds ? `, ${feeds(out.nonFiniteFeeds)} left out (the float model's output held NaN or an infinity)` : ''}${out.quantizedNonFiniteFeeds ? `, NaN or an infinity in the quantized output on ${feeds(out.quantizedNonFiniteFeeds)} (those samples scored cosine 0)` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'made-up'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
       }
       const madeUp = report.evaluation?.madeUpInputs;
       if (madeUp) {

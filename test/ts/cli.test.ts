@@ -13,6 +13,7 @@ import { readNpy, readNpyLabels } from '../../ts/onnx/calibrate';
 import { loadMnist } from '../../ts/train/mnist';
 import { finetune } from '../../ts/train/finetune';
 import { writeNpy } from '../helpers/npy';
+import { overflowingMatMul } from '../helpers/onnx-builder';
 
 const root = path.resolve(__dirname, '..', '..', '..');
 const cli = path.join(root, 'dist', 'ts', 'cli.js');
@@ -42,6 +43,18 @@ describe('lowbit CLI (audit)', () => {
     expect(calib.stdout).to.match(/\(\d+ calibration samples\)/);
     const unread = lowbit('quantize', 'm.onnx', '--calib', path.join(root, 'assets', 'mnist-calibration'), '--no-evaluate');
     expect(unread.stderr).to.include('note: --calib without --abits quantizes weights only; with --no-evaluate the calibration data are not read. Pass --abits 8 to quantize activations too.');
+  });
+
+  it('a layer output that overflows only when quantized shows output SQNR -Infinity and a note; one that overflows in float too is left out with a note', () => {
+    const { model, feeds } = overflowingMatMul();
+    fs.writeFileSync(path.join(dir, 'overflow.onnx'), model);
+    fs.mkdirSync(path.join(dir, 'calib', 'input'), { recursive: true });
+    for (const [i, f] of feeds.entries()) writeNpy(path.join(dir, 'calib', 'input', `00${i}.npy`), '<f4', [1, 3], f.input.data);
+    const r = lowbit('quantize', 'overflow.onnx', '--calib', 'calib');
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/^mm +MatMul .* -Infinity *$/m);
+    expect(r.stdout).to.include('note: mm: NaN or an infinity in its quantized output on 1 feed (the float output is finite there): output SQNR -Infinity\n' +
+      "note: mm: 1 feed left out of its output SQNR (the float model's output there held NaN or an infinity)\n");
   });
 
   it('GPTQ from fewer calibration vectors than a layer has inputs gets a note (64 images for the 784 inputs of fc)', () => {

@@ -27,7 +27,7 @@ import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts
 import { inspectModel } from '../../ts/onnx/inspect';
 import { countFileReads } from '../helpers/file-reads';
 import { writeNpy } from '../helpers/npy';
-import { buildModel, cosine, heInit, valueInfo as info } from '../helpers/onnx-builder';
+import { buildModel, cosine, heInit, overflowingMatMul, valueInfo as info } from '../helpers/onnx-builder';
 import { normalFeeds, rng } from '../helpers/random';
 import { dequantize, quantizeTensor } from '../../ts/quantize';
 import { renderedTextLineFeeds } from '../helpers/text-lines';
@@ -230,6 +230,29 @@ describe('quantizeModel (weights only)', () => {
     expect(report.evaluation!.outputs[0].top1Agreement).to.be.greaterThan(0.95);
     expect(fs.existsSync(out)).to.equal(true);
     fs.rmSync(dir, { recursive: true });
+  });
+
+  it("a layer output that only the quantized model overflows scores output SQNR -Infinity; a float one that overflows is left out, not NaN", async () => {
+    const { model, feeds: [finite, overflowsQuantized, overflowsBoth] } = overflowingMatMul();
+    type Feed = typeof finite;
+    const quantized = (await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [] })).model;
+    const y = async (bytes: Uint8Array, x: Feed) => {
+      const session = await ort().InferenceSession.create(bytes, { graphOptimizationLevel: 'basic' });
+      const value = (await session.run({ input: new (ort().Tensor)('float32', x.input.data, [1, 3]) })).y.data[0] as number;
+      await session.release();
+      return value;
+    };
+    // The premise, at the 'basic' level the layer SQNR runs at.
+    expect([await y(model, overflowsQuantized), await y(quantized, overflowsQuantized)].map(Number.isFinite)).to.deep.equal([true, false]);
+    expect([await y(model, overflowsBoth), await y(quantized, overflowsBoth)].map(Number.isFinite)).to.deep.equal([false, false]);
+    const layer = async (evaluationFeeds: Feed[]) => (await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds })).report.layers[0];
+    const broken = await layer([finite, overflowsQuantized, overflowsBoth]);
+    expect([broken.outputSqnrDb, broken.outputQuantizedNonFiniteFeeds, broken.outputNonFiniteFeeds]).to.deep.equal([-Infinity, 1, 1]);
+    const sound = await layer([finite, overflowsBoth]);
+    expect(sound.outputSqnrDb).to.be.greaterThan(30);
+    expect([sound.outputQuantizedNonFiniteFeeds, sound.outputNonFiniteFeeds]).to.deep.equal([undefined, 1]);
+    const none = await layer([overflowsBoth]);
+    expect([none.outputSqnrDb, none.outputNonFiniteFeeds]).to.deep.equal([undefined, 1]);
   });
 });
 

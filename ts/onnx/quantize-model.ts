@@ -375,6 +375,8 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
     () => openExposed(quantized, names, options, 'the quantized model with its layer outputs exposed', LOWBIT_BUG, host), (s) => s.close());
   const power = new Float64Array(names.length);
   const noise = new Float64Array(names.length);
+  const floatNonFinite = new Int32Array(names.length);
+  const quantNonFinite = new Int32Array(names.length);
   const pause = pauser();
   try {
     for (const [index, feeds] of feedsList.entries()) {
@@ -388,7 +390,18 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
         // An empty branch value: its branch did not run. (When the two models take different branches, an If whose
         // condition depends on quantized values, the feed does not count for the layer.)
         if (a.length === 0 || a.length !== b.length) continue;
+        // As in compareOutputs: a float output already NaN or infinite has no SQNR, the feed does not count; a
+        // quantized one that is (the float one is not) is an unbounded error, -Infinity dB.
+        if (!a.every(Number.isFinite)) {
+          floatNonFinite[i]++;
+          continue;
+        }
         compared[i].l.outputSqnrDb = 0;  // compared at least once
+        if (!b.every(Number.isFinite)) {
+          quantNonFinite[i]++;
+          noise[i] = Infinity;
+          continue;
+        }
         for (let j = 0; j < a.length; j++) {
           power[i] += a[j] * a[j];
           noise[i] += (a[j] - b[j]) ** 2;
@@ -404,8 +417,10 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
     }
   }
   for (const [i, l] of layers.entries()) {
-    if (l.outputSqnrDb === undefined) continue;  // a branch no feed ran
-    l.outputSqnrDb = noise[i] === 0 ? Infinity : 10 * Math.log10(power[i] / noise[i]);
+    if (floatNonFinite[i] > 0) l.outputNonFiniteFeeds = floatNonFinite[i];
+    if (quantNonFinite[i] > 0) l.outputQuantizedNonFiniteFeeds = quantNonFinite[i];
+    if (l.outputSqnrDb === undefined) continue;  // a branch no feed ran, or every feed's float output was non-finite
+    l.outputSqnrDb = noise[i] === 0 ? Infinity : noise[i] === Infinity ? -Infinity : 10 * Math.log10(power[i] / noise[i]);
   }
 }
 

@@ -106,6 +106,10 @@ export interface WeightLayerReport {
    * onnxruntime's 'basic' level: the QDQ arithmetic as written, not the fused kernels the output cosine measures.
    */
   outputSqnrDb?: number;
+  /** Feeds left out of outputSqnrDb because the float model's layer output held NaN or an infinity. */
+  outputNonFiniteFeeds?: number;
+  /** Feeds on which only the quantized layer output held NaN or an infinity: outputSqnrDb is then -Infinity. */
+  outputQuantizedNonFiniteFeeds?: number;
   /** The node whose subgraph (If branch, Loop or Scan body) holds the layer, and which of its subgraphs (then_branch, else_branch, body). */
   subgraph?: string;
   branch?: string;
