@@ -1,5 +1,5 @@
 /**
- * Loads the compiled addon (build/Release/lowbit.node, or LOWBIT_NATIVE_PATH)
+ * Loads the compiled addon (LOWBIT_NATIVE_PATH when set, else build/Release/lowbit.node)
  * and declares its exact shape. Only ts/ modules call it; arguments are
  * validated before they get here.
  */
@@ -160,13 +160,16 @@ void listsEveryFunction;
 
 /** The addon could not be loaded; the message lists what was tried and the fixes. */
 export class NativeLoadError extends Error {
-  constructor(tried: string[], causes: string[]) {
+  /** `chosen`: the file came from LOWBIT_NATIVE_PATH, the only one tried then. */
+  constructor(tried: string[], causes: string[], chosen = false) {
     super(
       'lowbit: could not load its native addon.\n' +
-        tried.map((p, i) => `  tried ${p}: ${causes[i]}`).join('\n') +
+        tried.map((p, i) => `  tried ${p}${chosen ? ' (LOWBIT_NATIVE_PATH)' : ''}: ${causes[i]}`).join('\n') +
         '\nPossible solutions:\n' +
-        '  - rebuild it: `npm rebuild lowbit` (or `npm run build:native` in a clone); this needs cmake >= 3.18 and g++ or clang with C++17\n' +
-        '  - set LOWBIT_NATIVE_PATH to a lowbit.node built for this platform\n' +
+        (chosen
+          ? '  - point LOWBIT_NATIVE_PATH at a lowbit.node built for this platform, or unset it to load the one npm install built\n'
+          : '  - rebuild it: `npm rebuild lowbit` (or `npm run build:native` in a clone); this needs cmake >= 3.18 and g++ or clang with C++17\n' +
+            '  - set LOWBIT_NATIVE_PATH to a lowbit.node built for this platform\n') +
         `  - check that Node.js is >= 20.19 (this is ${process.version})`,
     );
     this.name = 'NativeLoadError';
@@ -177,15 +180,18 @@ let binding: NativeBinding | undefined;
 
 export function native(): NativeBinding {
   if (binding) return binding;
-  const root = path.resolve(__dirname, '..', '..');
-  binding = loadBinding([process.env.LOWBIT_NATIVE_PATH, path.join(root, 'build', 'Release', 'lowbit.node')].filter(
-    (p): p is string => !!p,
-  ));
+  // A path the user set is the only one tried: falling back to another build would run other code than asked for.
+  const chosen = process.env.LOWBIT_NATIVE_PATH;
+  // Relative to the working directory, as the shell that set it reads it (require would take this module's folder).
+  binding = chosen ? loadBinding([path.resolve(chosen)], true) : loadBinding([path.join(__dirname, '..', '..', 'build', 'Release', 'lowbit.node')]);
   return binding;
 }
 
-/** The first of these files that is lowbit's addon with every function; a NativeLoadError saying why for each when none is. */
-export function loadBinding(tried: string[]): NativeBinding {
+/**
+ * The first of these files that is lowbit's addon with every function; a NativeLoadError saying why for each when
+ * none is (`chosen`: the file is LOWBIT_NATIVE_PATH's).
+ */
+export function loadBinding(tried: string[], chosen = false): NativeBinding {
   const causes: string[] = [];
   for (const file of tried) {
     if (!fs.existsSync(file)) {
@@ -208,5 +214,5 @@ export function loadBinding(tried: string[]): NativeBinding {
       return loaded as unknown as NativeBinding;
     }
   }
-  throw new NativeLoadError(tried, causes);
+  throw new NativeLoadError(tried, causes, chosen);
 }

@@ -40,8 +40,9 @@ describe('native kernel tests (build/Release/lowbit_native_tests)', () => {
   }
 });
 
-describe('loading the addon (LOWBIT_NATIVE_PATH, then build/Release/lowbit.node)', () => {
+describe('loading the addon (LOWBIT_NATIVE_PATH when set, else build/Release/lowbit.node)', () => {
   const built = path.resolve(__dirname, '..', '..', '..', 'build', 'Release', 'lowbit.node');
+  const nativeModule = path.resolve(__dirname, '..', '..', 'ts', 'native.js');
 
   it('a file that loads but is not the addon, or lacks some of its functions, is passed over with the reason, not used', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-native-'));
@@ -65,6 +66,25 @@ describe('loading the addon (LOWBIT_NATIVE_PATH, then build/Release/lowbit.node)
       expect(message).to.include(`tried ${path.join(dir, 'missing.node')}: no such file`);
       // The next file that is the addon is used.
       expect(loadBinding([json, built]).cpuInfo().arch).to.be.a('string');
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
+  });
+
+  it('LOWBIT_NATIVE_PATH, when set, is the only file tried (relative to the working directory): no silent fallback to build/Release', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-native-'));
+    try {
+      fs.copyFileSync(built, path.join(dir, 'copy.node'));
+      const load = (chosen: string) => spawnSync(process.execPath, ['-e', `process.stdout.write(require(${JSON.stringify(nativeModule)}).native().cpuInfo().arch)`],
+        { cwd: dir, env: { ...process.env, LOWBIT_NATIVE_PATH: chosen }, encoding: 'utf8' });
+      const missing = load('missing.node');
+      expect(missing.status).to.equal(1);
+      expect(missing.stderr).to.include(`tried ${path.join(fs.realpathSync(dir), 'missing.node')} (LOWBIT_NATIVE_PATH): no such file`);
+      expect(missing.stderr).to.include('point LOWBIT_NATIVE_PATH at a lowbit.node built for this platform, or unset it');
+      expect(missing.stderr).to.not.include('build/Release');
+      const relative = load('copy.node');
+      expect(relative.status, relative.stderr).to.equal(0);
+      expect(relative.stdout).to.equal(loadBinding([built]).cpuInfo().arch);
     } finally {
       fs.rmSync(dir, { recursive: true });
     }
