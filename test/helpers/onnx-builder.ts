@@ -36,8 +36,8 @@ const shape = (dims: Array<number | string>) => ({
   dim: dims.map((d) => (typeof d === 'number' ? { value: { case: 'dimValue', value: BigInt(d) } } : { value: { case: 'dimParam', value: d } })),
 });
 
-/** A graph input or output: a tensor of this element type (float by default), with these dims when given. */
-export function valueInfo(name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) {
+/** A graph input or output: a tensor of this element type (float by default), with these dims when given (a string: symbolic). */
+export function valueInfo(name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: Array<number | string>) {
   return { name, type: { value: { case: 'tensorType', value: { elemType, ...(dims ? { shape: shape(dims) } : {}) } } } };
 }
 

@@ -7,6 +7,7 @@
 import { create, toBinary } from '@bufbuild/protobuf';
 import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
+import { valueInfo as info } from './onnx-builder';
 import { gaussian, rng } from './random';
 
 export const TRANSFORMER = { vocabulary: 64, sequence: 16, width: 32, heads: 4 };
@@ -72,9 +73,6 @@ export function tinyTransformer(opset: number, seed = 7): Uint8Array {
     x = op('Add', [x, linear(gelu, `block${b}.down`, 4 * D, D)]);
   }
   op('MatMul', [layerNorm(x, 'final'), floats('head.weight', [D, V], () => gauss() / Math.sqrt(D))], {}, 'logits');
-  const info = (name: string, elemType: number, dims: Array<number | string>) => ({
-    name, type: { value: { case: 'tensorType', value: { elemType, shape: { dim: dims.map((d) => ({ value: typeof d === 'string' ? { case: 'dimParam', value: d } : { case: 'dimValue', value: BigInt(d) } })) } } } },
-  });
   return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
     irVersion: 8n, producerName: 'lowbit test', opsetImport: [{ domain: '', version: BigInt(opset) }],
     graph: {

@@ -12,7 +12,7 @@ import { floatData } from '../../ts/onnx/graph';
 import { readModel } from '../../ts/onnx/model-io';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
 import { roundHalfToEven } from '../../ts/quant-params';
-import { buildModel } from '../helpers/onnx-builder';
+import { buildModel, valueInfo as info } from '../helpers/onnx-builder';
 import { rng } from '../helpers/random';
 
 const root = path.resolve(__dirname, '..', '..', '..');
@@ -212,8 +212,6 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     const matrix = (name: string, dims: number[]) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt),
       rawData: new Uint8Array(Float32Array.from({ length: dims[0] * dims[1] }, () => (r() - 0.5) / 2).buffer) });
     const node = (opType: string, input: string[], y: string, attribute: unknown[] = []) => ({ opType, name: y, input, output: [y], attribute });
-    const info = (name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: {
-      elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
     const transB = { name: 'transB', type: AttributeProto_AttributeType.INT, i: 1n };
     const [A, W, V, G] = [matrix('A', [16, 24]), matrix('W', [24, 24]), matrix('V', [24, 24]), matrix('G', [8, 24])];
     const thenNodes = [node('MatMul', ['h', 'W'], 't1'), node('MatMul', ['h', 'V'], 't2'), node('Add', ['t1', 't2'], 't3'), node('Gemm', ['t3', 'G'], 'y_then', [transB])];
@@ -275,8 +273,6 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
     // output; else MatMul(e, W) = the branch's output. Exposing such an output by listing it twice made onnxruntime
     // 1.30 crash (segmentation fault) while running the model.
     const f = (name: string, dims: number[], seed: number) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt), rawData: new Uint8Array(values(dims.reduce((a, b) => a * b, 1), seed, 0.3).buffer) });
-    const info = (name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: Array<number | string>) => ({ name, type: { value: { case: 'tensorType', value: {
-      elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: typeof d === 'string' ? { case: 'dimParam', value: d } : { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
     const n = (opType: string, input: string[], y: string, attribute: unknown[] = []) => ({ opType, name: y, input, output: [y], attribute });
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
@@ -312,8 +308,6 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
   it('quantizes MatMul inputs inside a Loop body, on every iteration', async () => {
     // Loop (3 trips) carrying v: m = v·W (W from the main graph), v_next = tanh(m·B); m is also a scan output.
     const matrix = (name: string, seed: number) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [16n, 16n], rawData: new Uint8Array(values(256, seed, 0.5).buffer) });
-    const info = (name: string, elemType: number = TensorProto_DataType.FLOAT, dims?: number[]) => ({ name, type: { value: { case: 'tensorType', value: {
-      elemType, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } } });
     const node = (opType: string, input: string[], y: string) => ({ opType, name: y, input, output: [y] });
     const body = {
       name: 'body', input: [info('i', TensorProto_DataType.INT64, []), info('c', TensorProto_DataType.BOOL, []), info('v')],

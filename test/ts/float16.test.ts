@@ -18,7 +18,7 @@ import { normalFeeds } from '../helpers/random';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { roundHalfToEven } from '../../ts/quant-params';
 import { unpackInt4 } from '../../ts/pack';
-import { buildModel, heInit } from '../helpers/onnx-builder';
+import { buildModel, heInit, valueInfo as info } from '../helpers/onnx-builder';
 
 /** The model with its float initializers, Constant values, inputs and outputs made float16 (as a float16 export is). */
 function toHalfModel(bytes: Uint8Array): Uint8Array {
@@ -255,7 +255,6 @@ describe('float16', () => {
     const [V, D] = [40, 32];
     const halfTensor = (name: string, dims: number[], seed: number) => ({ name, dataType: TensorProto_DataType.FLOAT16, dims: dims.map(BigInt),
       rawData: new Uint8Array(toFloat16Array(heInit(dims[0] * dims[1], dims[0] / 4, seed)).buffer) });
-    const info = (name: string, elemType: number) => ({ name, type: { value: { case: 'tensorType', value: { elemType } } } });
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 10n, opsetImport: [{ domain: '', version: 21n }],
       graph: {

@@ -426,9 +426,6 @@ describe('models with integer inputs (token ids)', () => {
   const tokenModel = (idType = TensorProto_DataType.INT64, argmax = false): Uint8Array => {
     const r = rng(11);
     const floats = (n: number, scale: number) => new Uint8Array(Float32Array.from({ length: n }, () => (r() - 0.5) * scale).buffer);
-    const info = (name: string, elemType: number, dims: Array<number | string>) => ({
-      name, type: { value: { case: 'tensorType', value: { elemType, shape: { dim: dims.map((d) => ({ value: typeof d === 'string' ? { case: 'dimParam', value: d } : { case: 'dimValue', value: BigInt(d) } })) } } } },
-    });
     return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
       graph: {
@@ -538,7 +535,6 @@ describe('models with integer inputs (token ids)', () => {
 
   it('weights.gather: a table two Gathers read is quantized once; one that another node reads too stays as well (reported); a tied output layer takes a folded transposed copy', async () => {
     const r = rng(13);
-    const info = (name: string, elemType: number) => ({ name, type: { value: { case: 'tensorType', value: { elemType } } } });
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
       graph: {
@@ -623,7 +619,6 @@ describe('models with uint8, int8 and bool inputs', () => {
   // use_cache_branch) negates it or not.
   const pixelModel = (pixelType: number): Uint8Array => {
     const r = rng(21);
-    const info = (name: string, elemType: number, dims: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } } });
     const branch = (name: string, op: string) => ({ name, output: [info(`out_${name}`, TensorProto_DataType.FLOAT, [1, 8])], node: [{ opType: op, name: `${name}_op`, input: ['a'], output: [`out_${name}`] }] });
     return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
@@ -685,11 +680,10 @@ describe('models with uint8, int8 and bool inputs', () => {
 
 describe('malformed graphs', () => {
   function model(nodes: Array<{ op: string; inputs: string[]; outputs: string[] }>): Uint8Array {
-    const floatInfo = (name: string) => ({ name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT } } } });
     return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
       graph: {
-        name: 'g', input: [floatInfo('x')], output: [floatInfo(nodes[nodes.length - 1].outputs[0])],
+        name: 'g', input: [info('x')], output: [info(nodes[nodes.length - 1].outputs[0])],
         node: nodes.map((n, i) => ({ opType: n.op, name: `n${i}`, input: n.inputs, output: n.outputs })),
       },
     } as never));
@@ -1188,7 +1182,6 @@ describe('models with subgraphs (If)', () => {
   });
 
   it('elemType: an If output has its branches\' declared type; a value inside a branch is looked up there first', () => {
-    const info = (name: string, elemType: number) => ({ name, type: { value: { case: 'tensorType', value: { elemType } } } });
     const branch = { name: 'b', input: [], output: [info('half', TensorProto_DataType.FLOAT16)], node: [{ opType: 'Identity', name: 'id', input: ['outer'], output: ['half'] }] };
     const graph = new Graph(create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
@@ -1671,14 +1664,13 @@ describe('models below opset 7', () => {
 
 describe('Upsample and Resize conversion', () => {
   function upsampleModel(opType: 'Upsample' | 'Resize', opset: number, mode: string, scalesAsAttribute: boolean): Uint8Array {
-    const info = (name: string, dims: number[]) => ({ name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } } });
     const scales = [1, 1, 2, 3];
     const attribute: Array<Record<string, unknown>> = [{ name: 'mode', type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode(mode) }];
     if (scalesAsAttribute) attribute.push({ name: 'scales', type: AttributeProto_AttributeType.FLOATS, floats: scales });
     return toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 7n, opsetImport: [{ domain: '', version: BigInt(opset) }],
       graph: {
-        name: 'up', input: [info('x', [1, 2, 3, 4])], output: [info('y', [1, 2, 6, 12])],
+        name: 'up', input: [info('x', TensorProto_DataType.FLOAT, [1, 2, 3, 4])], output: [info('y', TensorProto_DataType.FLOAT, [1, 2, 6, 12])],
         initializer: scalesAsAttribute ? [] : [{ name: 'scales', dataType: TensorProto_DataType.FLOAT, dims: [4n], rawData: new Uint8Array(Float32Array.from(scales).buffer) }],
         node: [{ opType, name: 'up', input: scalesAsAttribute ? ['x'] : ['x', 'scales'], output: ['y'], attribute }],
       },

@@ -28,7 +28,7 @@ import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { compareOutputs, quantizeModel } from '../../ts/onnx/quantize-model';
 import { finetune } from '../../ts/train/finetune';
 import { writeNpy } from '../helpers/npy';
-import { buildModel, heInit } from '../helpers/onnx-builder';
+import { buildModel, heInit, valueInfo } from '../helpers/onnx-builder';
 import { rng } from '../helpers/random';
 
 const root = path.resolve(__dirname, '..', '..', '..');
@@ -555,14 +555,11 @@ describe('ONNX rewrites found by the audit', () => {
   });
 
   it('external data output takes the initializers of If branches too (a shared quantized weight written once) and runs the same', async () => {
-    const info = (name: string, elemType: number, dims: number[]) => ({
-      name, type: { value: { case: 'tensorType', value: { elemType, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } },
-    });
     const n = 64;
     const branch = (name: string, negate: boolean) => ({
       name: `${name}_branch`, type: AttributeProto_AttributeType.GRAPH,
       g: {
-        name, output: [info(`${name}_y`, TensorProto_DataType.FLOAT, [1, n])],
+        name, output: [valueInfo(`${name}_y`, TensorProto_DataType.FLOAT, [1, n])],
         node: negate
           ? [{ opType: 'MatMul', name: `${name}_mm`, input: ['x', 'W'], output: [`${name}_m`] }, { opType: 'Neg', name: `${name}_neg`, input: [`${name}_m`], output: [`${name}_y`] }]
           : [{ opType: 'MatMul', name: `${name}_mm`, input: ['x', 'W'], output: [`${name}_y`] }],
@@ -571,7 +568,7 @@ describe('ONNX rewrites found by the audit', () => {
     const model = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
       irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
       graph: {
-        name: 'merged', input: [info('x', TensorProto_DataType.FLOAT, [1, n]), info('c', TensorProto_DataType.BOOL, [])], output: [info('y', TensorProto_DataType.FLOAT, [1, n])],
+        name: 'merged', input: [valueInfo('x', TensorProto_DataType.FLOAT, [1, n]), valueInfo('c', TensorProto_DataType.BOOL, [])], output: [valueInfo('y', TensorProto_DataType.FLOAT, [1, n])],
         initializer: [{ name: 'W', dataType: TensorProto_DataType.FLOAT, dims: [BigInt(n), BigInt(n)], rawData: new Uint8Array(heInit(n * n, n, 3).buffer) }],
         node: [{ opType: 'If', name: 'if', input: ['c'], output: ['y'], attribute: [branch('then', false), branch('else', true)] }],
       },
@@ -862,9 +859,7 @@ describe('MatMul weights with leading dimensions of 1', () => {
 });
 
 describe('malformed and unusual models (second audit)', () => {
-  const info = (name: string, dims?: number[]) => ({
-    name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, ...(dims ? { shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } : {}) } } },
-  });
+  const info = (name: string, dims?: number[]) => valueInfo(name, TensorProto_DataType.FLOAT, dims);
   const floats = (name: string, dims: number[], values: ArrayLike<number>) => ({
     name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt), rawData: new Uint8Array(Float32Array.from(values).buffer),
   });
