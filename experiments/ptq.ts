@@ -19,9 +19,18 @@ import { loadMnist } from '../ts/train/mnist';
 import { renderedTextLineFeeds, renderedTextLines, type TextLine } from '../test/helpers/text-lines';
 import { compareReadings } from '../test/helpers/ctc-reading';
 
-/** An output's mean cosine, and on how many feeds the quantized output held NaN or an infinity (samples scored 0). */
-export function cosineCell(out: { cosine: number; quantizedNonFiniteFeeds?: number }): string {
-  return out.cosine.toFixed(5) + (out.quantizedNonFiniteFeeds ? ` (NaN or an infinity on ${out.quantizedNonFiniteFeeds} feeds)` : '');
+/**
+ * An output's mean cosine, with the feeds it left out (float output non-finite, size changed) and those on which
+ * the quantized output held NaN or an infinity (samples scored 0).
+ */
+export function cosineCell(out: { cosine: number; quantizedNonFiniteFeeds?: number; nonFiniteFeeds?: number; reshapedFeeds?: number }): string {
+  const feeds = (n: number) => `${n} feed${n === 1 ? '' : 's'}`;
+  const notes = [
+    ...(out.quantizedNonFiniteFeeds ? [`quantized NaN or infinity on ${feeds(out.quantizedNonFiniteFeeds)}`] : []),
+    ...(out.nonFiniteFeeds ? [`${feeds(out.nonFiniteFeeds)} left out: float NaN or infinity`] : []),
+    ...(out.reshapedFeeds ? [`${feeds(out.reshapedFeeds)} left out: size changed`] : []),
+  ];
+  return out.cosine.toFixed(5) + (notes.length ? ` (${notes.join('; ')})` : '');
 }
 
 /**

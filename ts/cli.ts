@@ -317,7 +317,8 @@ export function program(): Command {
       const { report } = result;
       if (o.report) {
         try {
-          // JSON has no Infinity (an SQNR with no error): written as the string "Infinity" rather than null.
+          // JSON has no infinities (an SQNR with no error, or an unbounded one): written as the strings "Infinity"
+          // and "-Infinity" rather than null.
           const json = JSON.stringify(report, (_, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2);
           writeFileAtomic(o.report, new TextEncoder().encode(json));
         } catch (e) {
@@ -350,11 +351,15 @@ export function program(): Command {
           'it may do worse than rounding to nearest on other data: calibrate on more');
       }
       if (underdetermined.length && report.evaluation) console.log('note: the comparison below runs on the calibration data, which GPTQ fitted');
-      for (const l of report.layers) {
-        const [q, f] = [l.outputQuantizedNonFiniteFeeds, l.outputNonFiniteFeeds];
-        if (q) console.log(`note: ${layerName(l)}: NaN or an infinity in its quantized output on ${feeds(q)} (the float output is finite there): output SQNR -Infinity`);
-        if (f) console.log(`note: ${layerName(l)}: ${feeds(f)} left out of its output SQNR (the float model's output there held NaN or an infinity)`);
-      }
+      // One note each, naming the first layers in graph order: NaN or an infinity usually reaches every later layer.
+      const nonFinite = (key: 'outputQuantizedNonFiniteFeeds' | 'outputNonFiniteFeeds', lead: string, why: string) => {
+        const hit = report.layers.filter((l) => l[key]);
+        if (!hit.length) return;
+        const named = hit.slice(0, 3).map((l) => `${layerName(l)} (${feeds(l[key]!)})`).join(', ');
+        console.log(`note: ${lead} ${named}${hit.length > 3 ? ` and ${hit.length - 3} later layer${hit.length === 4 ? '' : 's'}` : ''}: ${why}`);
+      };
+      nonFinite('outputQuantizedNonFiniteFeeds', 'output SQNR -Infinity for', 'NaN or an infinity in the quantized output where the float one is finite');
+      nonFinite('outputNonFiniteFeeds', 'feeds left out of the output SQNR of', "the float model's output held NaN or an infinity");
       for (const out of report.evaluation?.outputs ?? []) {
         console.log(`output ${out.name}: cosine ${out.cosine.toFixed(6)} vs float${out.top1Agreement !== undefined ? `, top-1 agreement ${(out.top1Agreement * 100).toFixed(1)}%` : ''}${out.reshapedFeeds ? `, ${feeds(out.reshapedFeeds)} left out (its size differed)` : ''}${out.nonFiniteFeeds ? `, ${feeds(out.nonFiniteFeeds)} left out (the float model's output held NaN or an infinity)` : ''}${out.quantizedNonFiniteFeeds ? `, NaN or an infinity in the quantized output on ${feeds(out.quantizedNonFiniteFeeds)} (those samples scored cosine 0)` : ''} (${report.evaluation!.samples} ${o.calib ? 'calibration' : 'made-up'} sample${report.evaluation!.samples === 1 ? '' : 's'})`);
       }

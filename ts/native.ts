@@ -182,7 +182,8 @@ export function native(): NativeBinding {
   if (binding) return binding;
   // A path the user set is the only one tried: falling back to another build would run other code than asked for.
   const chosen = process.env.LOWBIT_NATIVE_PATH;
-  // Relative to the working directory, as the shell that set it reads it (require would take this module's folder).
+  // Relative to the working directory (at this first call), as the shell that set it reads it; require would take
+  // this module's folder.
   binding = chosen ? loadBinding([path.resolve(chosen)], true) : loadBinding([path.join(__dirname, '..', '..', 'build', 'Release', 'lowbit.node')]);
   return binding;
 }

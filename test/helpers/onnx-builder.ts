@@ -81,12 +81,19 @@ export function buildModel(spec: ModelSpec): Uint8Array {
  * A one-channel MatMul whose 8-bit quantized output overflows float32 where the float one does not: its largest
  * weight sets the int8 scale s, and w1 = 50.6·s rounds up to 51·s (0.8% larger), so the second feed, making x·w1
  * 3.395e38, overflows (3.403e38) only quantized. Feeds: finite in both, overflowing quantized, overflowing both.
+ * `followers` MatMuls by 1 (next1, next2…) carry its output on to the model's output y.
  */
-export function overflowingMatMul() {
+export function overflowingMatMul(followers = 0) {
   const largest = 3e38;
   const w1 = 50.6 * (largest / 127);
-  const model = buildModel({ inputDims: [1, 3], nodes: [{ op: 'MatMul', inputs: ['input', 'W'], output: 'y', name: 'mm' }],
-    initializers: { W: { dims: [3, 1], data: [w1, 0, largest] } }, output: 'y' });
+  const out = (i: number) => (i === followers ? 'y' : `y${i}`);
+  const model = buildModel({
+    inputDims: [1, 3],
+    nodes: [{ op: 'MatMul', inputs: ['input', 'W'], output: out(0), name: 'mm' },
+      ...Array.from({ length: followers }, (_, i) => ({ op: 'MatMul', inputs: [out(i), 'one'], output: out(i + 1), name: `next${i + 1}` }))],
+    initializers: { W: { dims: [3, 1], data: [w1, 0, largest] }, ...(followers ? { one: { dims: [1, 1], data: [1] } } : {}) },
+    output: 'y',
+  });
   const feed = (x: number) => ({ input: { data: Float32Array.of(x, 0, 0), dims: [1, 3] } });
   return { model, feeds: [feed(0.5), feed(3.395e38 / w1), feed(10)] };
 }

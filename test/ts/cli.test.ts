@@ -45,16 +45,22 @@ describe('lowbit CLI (audit)', () => {
     expect(unread.stderr).to.include('note: --calib without --abits quantizes weights only; with --no-evaluate the calibration data are not read. Pass --abits 8 to quantize activations too.');
   });
 
-  it('a layer output that overflows only when quantized shows output SQNR -Infinity and a note; one that overflows in float too is left out with a note', () => {
-    const { model, feeds } = overflowingMatMul();
+  it('layer outputs that overflow only when quantized show output SQNR -Infinity (also in the JSON report) and one note naming the first; those that overflow in float too are left out, one note', () => {
+    const { model, feeds } = overflowingMatMul(4);
     fs.writeFileSync(path.join(dir, 'overflow.onnx'), model);
     fs.mkdirSync(path.join(dir, 'calib', 'input'), { recursive: true });
     for (const [i, f] of feeds.entries()) writeNpy(path.join(dir, 'calib', 'input', `00${i}.npy`), '<f4', [1, 3], f.input.data);
-    const r = lowbit('quantize', 'overflow.onnx', '--calib', 'calib');
+    const r = lowbit('quantize', 'overflow.onnx', '--calib', 'calib', '--report', 'r.json');
     expect(r.status, r.stderr).to.equal(0);
-    expect(r.stdout).to.match(/^mm +MatMul .* -Infinity *$/m);
-    expect(r.stdout).to.include('note: mm: NaN or an infinity in its quantized output on 1 feed (the float output is finite there): output SQNR -Infinity\n' +
-      "note: mm: 1 feed left out of its output SQNR (the float model's output there held NaN or an infinity)\n");
+    // The settings under which onnx.test checks that the second feed overflows only quantized.
+    expect(r.stdout).to.match(/^mm +MatMul +3x1 +8 +channel on axis 1 +minmax +[\d.]+ +-Infinity *$/m);
+    expect(r.stdout).to.match(/^next4 +MatMul +1x1 .* -Infinity *$/m);
+    // One note each, naming the first three layers: the overflow reaches every later one.
+    expect(r.stdout).to.include('note: output SQNR -Infinity for mm (1 feed), next1 (1 feed), next2 (1 feed) and 2 later layers: ' +
+      'NaN or an infinity in the quantized output where the float one is finite\n' +
+      "note: feeds left out of the output SQNR of mm (1 feed), next1 (1 feed), next2 (1 feed) and 2 later layers: the float model's output held NaN or an infinity\n");
+    const layer = JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).layers[0];
+    expect([layer.outputSqnrDb, layer.outputQuantizedNonFiniteFeeds, layer.outputNonFiniteFeeds]).to.deep.equal(['-Infinity', 1, 1]);
   });
 
   it('GPTQ from fewer calibration vectors than a layer has inputs gets a note (64 images for the 784 inputs of fc)', () => {
