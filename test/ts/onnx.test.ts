@@ -414,8 +414,95 @@ describe('.npy calibration folders', () => {
     expect(Array.from(first.data)).to.deep.equal([1, 2, 3, 4, 5, 6]);
     expect([...npyFolderFeeds(dir)].map((f) => f.x.data[0])).to.deep.equal([1, 7]);
     fs.writeFileSync(path.join(dir, 'bad.npy'), Buffer.from('\x93NUMPY\x01\x00\x20\x00' + "{'descr': '<f8', 'shape': (1,)}  \n", 'latin1'));
-    expect(() => readNpy(path.join(dir, 'bad.npy'))).to.throw(/only little-endian float32/);
+    expect(() => readNpy(path.join(dir, 'bad.npy'))).to.throw(/only little-endian float32 .*: save x\.astype\(numpy\.float32\) instead/);
     fs.rmSync(dir, { recursive: true });
+  });
+
+  it('pairs and orders batches by name with numbers as numbers (a/0..11 with b/00..11; 2 before 10); skips hidden files; refuses pipes and broken links', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
+    try {
+      fs.mkdirSync(path.join(dir, 'a'));
+      fs.mkdirSync(path.join(dir, 'b'));
+      for (let i = 0; i < 12; i++) {
+        writeNpy(path.join(dir, 'a', `${i}.npy`), '<f4', [1], Float32Array.of(i));
+        writeNpy(path.join(dir, 'b', `${String(i).padStart(2, '0')}.npy`), '<f4', [1], Float32Array.of(i));
+      }
+      fs.writeFileSync(path.join(dir, 'a', '._3.npy'), 'macOS metadata, not a batch');
+      fs.symlinkSync(path.join(dir, 'nowhere'), path.join(dir, 'stale'));  // not a subfolder: passed over
+      const feeds = [...npyFolderFeeds(dir)];
+      expect(feeds.map((f) => [f.a.data[0], f.b.data[0]])).to.deep.equal(Array.from({ length: 12 }, (_, i) => [i, i]));
+      fs.symlinkSync(path.join(dir, 'nowhere.npy'), path.join(dir, 'a', '12.npy'));
+      expect(() => [...npyFolderFeeds(dir)]).to.throw(`${path.join(dir, 'a', '12.npy')} is a broken symbolic link: a calibration batch must be a .npy file.`);
+      fs.rmSync(path.join(dir, 'a', '12.npy'));
+      // A pipe would block the read for good.
+      expect(spawnSync('mkfifo', [path.join(dir, 'b', '12.npy')]).status).to.equal(0);
+      expect(() => [...npyFolderFeeds(dir)]).to.throw(`${path.join(dir, 'b', '12.npy')} is not a regular file (a pipe or a device)`);
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
+  });
+});
+
+describe('calibration data that change or disagree', () => {
+  const bundled = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
+
+  it('the batches kept for the evaluation are copies: a loader refilling one buffer (NaN once done) does not change them', async () => {
+    const images = normalFeeds(8, [1, 1, 28, 28], 5, 'input').map((f) => f.input.data);
+    const buffer = new Float32Array(784);
+    function* refilling() {
+      try {
+        for (const image of images) {
+          buffer.set(image);
+          yield { input: { data: buffer, dims: [1, 1, 28, 28] } };
+        }
+      } finally {
+        buffer.fill(NaN);
+      }
+    }
+    const copies = images.map((data) => ({ input: { data, dims: [1, 1, 28, 28] } }));
+    for (const activations of [false as const, { bits: 8 as const }]) {
+      const evaluation = async (calibration: Iterable<{ input: { data: Float32Array; dims: number[] } }>) => (await quantizeModel(bundled, { weights: { bits: 8 }, activations, calibration })).report.evaluation!;
+      const [reused, separate] = [await evaluation(refilling()), await evaluation(copies)];
+      expect(reused.outputs, `activations ${JSON.stringify(activations)}`).to.deep.equal(separate.outputs);
+      expect(reused.outputs[0].nonFiniteFeeds).to.equal(undefined);
+    }
+  });
+
+  it('an iterable of numbers (one input\'s values) is refused before the model is read', async () => {
+    let caught: unknown;
+    await quantizeModel('missing.onnx', { weights: { bits: 8 }, activations: { bits: 8 }, calibration: new Float32Array(784) as never }).catch((e) => (caught = e));
+    expect(caught).to.be.instanceOf(TypeError);
+    expect((caught as Error).message).to.match(/^Expected a folder path, or an array, iterable or async iterable of feeds .* for options\.calibration but received Float32Array.*\. Wrap the values as feeds: \[\{ inputName: \{ data, dims \} \}\]\.$/);
+  });
+
+  it("a run that fails on inputs giving one symbolic dimension two sizes says so, and names a folder batch's files", async () => {
+    // y = a·W + b, a and b both declared [n, 4]: fed [2, 4] and [3, 4], the Add cannot broadcast.
+    const model = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'g', input: [info('a', TensorProto_DataType.FLOAT, ['n', 4]), info('b', TensorProto_DataType.FLOAT, ['n', 4])], output: [info('y')],
+        initializer: [{ name: 'W', dataType: TensorProto_DataType.FLOAT, dims: [4n, 4n], rawData: new Uint8Array(Float32Array.from(heInit(16, 4, 1)).buffer) }],
+        node: [{ opType: 'MatMul', name: 'mm', input: ['a', 'W'], output: ['h'] }, { opType: 'Add', name: 'add', input: ['h', 'b'], output: ['y'] }],
+      },
+    } as never));
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
+    try {
+      fs.mkdirSync(path.join(dir, 'a'));
+      fs.mkdirSync(path.join(dir, 'b'));
+      writeNpy(path.join(dir, 'a', '0.npy'), '<f4', [2, 4], new Float32Array(8));
+      writeNpy(path.join(dir, 'b', '0.npy'), '<f4', [3, 4], new Float32Array(12));
+      let caught: unknown;
+      await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: dir }).catch((e) => (caught = e));
+      expect((caught as Error)?.message).to.include(`onnxruntime could not run the float model on calibration[0] (from ${path.join(dir, 'a', '0.npy')}, ${path.join(dir, 'b', '0.npy')}): `);
+      expect((caught as Error).message).to.include("The feed gives the model's symbolic dimension 'n' the size 2 in input 'a' and 3 in input 'b', which the model declares equal: give both the same size.");
+      // Weight-only, the batches read for the evaluation are checked with their files named too.
+      writeNpy(path.join(dir, 'b', '0.npy'), '<f4', [2, 5], new Float32Array(10));
+      caught = undefined;
+      await quantizeModel(model, { weights: { bits: 8 }, calibration: dir }).catch((e) => (caught = e));
+      expect((caught as Error)?.message).to.match(new RegExp(`for calibration\\[0\\]\\.b\\.dims but received .*\\(from ${path.join(dir, 'a', '0.npy')}, ${path.join(dir, 'b', '0.npy')}\\)$`));
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
   });
 });
 

@@ -82,6 +82,30 @@ export function modelInputs(model: ModelProto): Array<{ name: string; elemType: 
   });
 }
 
+/**
+ * Where a feed gives one named symbolic dimension two sizes (inputs declared [n, 4] and [n, 8] fed [2, 4] and [3, 8]),
+ * a sentence saying so; the model may still run (onnxruntime does not insist), so this only explains a failure.
+ */
+export function symbolicDimsDisagree(model: ModelProto, feed: Feed): string | undefined {
+  const seen = new Map<string, { input: string; size: number }>();
+  for (const input of model.graph!.input) {
+    const given = feed[input.name]?.dims;
+    const declared = input.type?.value.case === 'tensorType' ? input.type.value.value.shape?.dim : undefined;
+    if (!given || !declared || declared.length !== given.length) continue;
+    for (const [i, d] of declared.entries()) {
+      if (d.value.case !== 'dimParam' || !d.value.value) continue;
+      const first = seen.get(d.value.value);
+      if (!first) {
+        seen.set(d.value.value, { input: input.name, size: given[i] });
+      } else if (first.size !== given[i]) {
+        return `The feed gives the model's symbolic dimension '${d.value.value}' the size ${first.size} in input '${first.input}' and ${given[i]} in ` +
+          `input '${input.name}', which the model declares equal: give both the same size. `;
+      }
+    }
+  }
+  return undefined;
+}
+
 /** How dims are written in errors: [1, ?, 48] (? symbolic). */
 function shapeText(dims: number[]): string {
   return `[${dims.map((d) => (d < 0 ? '?' : d)).join(', ')}]`;
@@ -139,7 +163,7 @@ function readNpyRaw(file: string): { descr: string; dims: number[]; body: Uint8A
   if (bytes.length < start) throw new RangeError(`${file}: the .npy header is truncated.`);
   const headerLength = major === 1 ? bytes.readUInt16LE(8) : bytes.readUInt32LE(8);
   const header = bytes.toString('latin1', start, start + headerLength);
-  if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported.`);
+  if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported: save numpy.ascontiguousarray(x) instead.`);
   const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1] ?? '';
   const shape = /'shape':\s*\(([^)]*)\)/.exec(header);
   const dims = shape ? shape[1].split(',').map((s) => s.trim()).filter(Boolean).map(Number) : [];
@@ -174,7 +198,7 @@ export function readNpyFeed(file: string): FeedTensor {
   const data = npyValues(file, raw);
   if (!data) {
     throw new RangeError(`${file}: model inputs must be little-endian float32, int64, int32 or float16 arrays, or uint8, int8 or bool ones ` +
-      `('<f4', '<i8', '<i4', '<f2', '|u1', '|i1', '|b1'; this one is '${raw.descr}').`);
+      `('<f4', '<i8', '<i4', '<f2', '|u1', '|i1', '|b1'; this one is '${raw.descr}'): save x.astype(numpy.float32), or the input's type, instead.`);
   }
   return { data, dims: raw.dims };
 }
@@ -182,7 +206,7 @@ export function readNpyFeed(file: string): FeedTensor {
 /** Reads a float32 C-order .npy file. */
 export function readNpy(file: string): { data: Float32Array; dims: number[] } {
   const raw = readNpyRaw(file);
-  if (raw.descr !== '<f4') throw new RangeError(`${file}: only little-endian float32 ('<f4') arrays are supported (this one is '${raw.descr}').`);
+  if (raw.descr !== '<f4') throw new RangeError(`${file}: only little-endian float32 ('<f4') arrays are supported (this one is '${raw.descr}'): save x.astype(numpy.float32) instead.`);
   return { data: npyValues(file, raw) as Float32Array, dims: raw.dims };
 }
 
@@ -213,21 +237,87 @@ export function* npyFolderFeeds(folder: string): Generator<Feed> {
  */
 export async function firstFeeds(model: ModelProto, data: CalibrationData, count: number): Promise<Feed[]> {
   const feeds: Feed[] = [];
-  const iterable = typeof data === 'string' ? npyFolderFeeds(data) : data as Iterable<Feed> | AsyncIterable<Feed>;
+  const { iterable, filesOf } = batchesOf(data);
   for await (const raw of iterable as AsyncIterable<Feed>) {
-    feeds.push(checkFeed(model, raw, feeds.length));
+    feeds.push(copyFeed(checkFeedFrom(model, raw, feeds.length, filesOf(raw))));
     if (feeds.length === count) break;
   }
   if (feeds.length === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
   return feeds;
 }
 
-/** npyFolderFeeds with the files each batch came from (for errors). Hidden subfolders (.ipynb_checkpoints, …) are skipped. */
+/**
+ * The calibration data as feeds, and for a folder's batches the files each came from (for errors).
+ */
+function batchesOf(data: CalibrationData): { iterable: Iterable<Feed> | AsyncIterable<Feed>; filesOf: (feed: unknown) => string[] | undefined } {
+  if (typeof data !== 'string') return { iterable: data, filesOf: () => undefined };
+  const sources = new WeakMap<object, string[]>();
+  const batches = npyFolderBatches(data);
+  return {
+    iterable: (function* () {
+      for (const b of batches) {
+        sources.set(b.feed, b.files);
+        yield b.feed;
+      }
+    })(),
+    filesOf: (feed) => (typeof feed === 'object' && feed !== null ? sources.get(feed) : undefined),
+  };
+}
+
+/** checkFeed, its errors naming the files the feed came from. */
+function checkFeedFrom(model: ModelProto, raw: unknown, index: number, files: string[] | undefined): Feed {
+  try {
+    return checkFeed(model, raw, index);
+  } catch (e) {
+    if (files) (e as Error).message += ` (from ${files.join(', ')})`;
+    throw e;
+  }
+}
+
+/**
+ * A copy of a checked feed's arrays, for feeds kept past their turn (evaluation): a loader may refill one buffer for
+ * every batch it yields.
+ */
+function copyFeed(feed: Feed): Feed {
+  return Object.fromEntries(Object.entries(feed).map(([name, v]) => [name, { ...v, data: v.data.slice(), dims: [...v.dims] }])) as Feed;
+}
+
+/** Names in the order people number files: batch2 before batch10 (digit runs compared as numbers). */
+function naturalCompare(a: string, b: string): number {
+  const pa = a.match(/\d+|\D+/g) ?? [];
+  const pb = b.match(/\d+|\D+/g) ?? [];
+  for (let i = 0; i < Math.min(pa.length, pb.length); i++) {
+    const [x, y] = [pa[i], pb[i]];
+    if (x === y) continue;
+    if (/^\d/.test(x) && /^\d/.test(y)) {
+      const [nx, ny] = [BigInt(x), BigInt(y)];
+      if (nx !== ny) return nx < ny ? -1 : 1;
+      return x.length - y.length;  // 7 before 07
+    }
+    return x < y ? -1 : 1;
+  }
+  return pa.length - pb.length;
+}
+
+/**
+ * npyFolderFeeds with the files each batch came from (for errors). Hidden entries (.ipynb_checkpoints, macOS's ._
+ * files) are skipped; a .npy name that is not a readable regular file (a broken link, a pipe) is refused, not read.
+ */
 function* npyFolderBatches(folder: string): Generator<{ feed: Feed; files: string[] }> {
-  const isDir = (p: string) => fs.statSync(p).isDirectory();
-  const inputs = fs.readdirSync(folder).filter((d) => !d.startsWith('.') && isDir(path.join(folder, d))).sort();
+  const statOrUndefined = (p: string) => fs.statSync(p, { throwIfNoEntry: false });
+  const inputs = fs.readdirSync(folder).filter((d) => !d.startsWith('.') && statOrUndefined(path.join(folder, d))?.isDirectory()).sort();
   if (inputs.length === 0) throw new RangeError(`${folder} has no subfolders; put each input's .npy batches in a folder named after the input.`);
-  const files = inputs.map((i) => fs.readdirSync(path.join(folder, i)).filter((f) => f.toLowerCase().endsWith('.npy') && !isDir(path.join(folder, i, f))).sort());
+  const files = inputs.map((i) => fs.readdirSync(path.join(folder, i)).filter((f) => {
+    if (!f.toLowerCase().endsWith('.npy') || f.startsWith('.')) return false;
+    const file = path.join(folder, i, f);
+    const stat = statOrUndefined(file);
+    if (stat?.isDirectory()) return false;
+    if (!stat?.isFile()) {
+      throw new RangeError(`${file} is ${stat ? 'not a regular file (a pipe or a device)' : 'a broken symbolic link'}: a calibration batch must be a .npy file. ` +
+        'Remove it from the calibration folder or replace it with the file.');
+    }
+    return true;
+  }).sort(naturalCompare));
   const empty = inputs.filter((_, i) => files[i].length === 0);
   if (empty.length > 0) {
     throw new RangeError(`${folder}: the subfolder${empty.length > 1 ? 's' : ''} ${empty.map((name) => `${name}/`).join(', ')} hold${empty.length > 1 ? '' : 's'} no .npy file: ` +
@@ -473,25 +563,18 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const sample: Feed[] = [];
   const float16 = new Set<string>();
   const observedBatches = new Map<string, number>();
-  const sources = new WeakMap<object, string[]>();  // a folder's batches: their files, for errors
-  const fromFolder = typeof data === 'string' ? npyFolderBatches(data) : undefined;
-  const iterable = fromFolder ? (function* () { for (const b of fromFolder) { sources.set(b.feed, b.files); yield b.feed; } })() : data as Iterable<Feed> | AsyncIterable<Feed>;
+  const { iterable, filesOf } = batchesOf(data);
   let batches = 0;
   const pause = pauser();
   try {
     for await (const raw of iterable as AsyncIterable<Feed>) {
-      let feed: Feed;
-      try {
-        feed = checkFeed(model, raw, batches);
-      } catch (e) {
-        const files = sources.get(raw);
-        if (files) (e as Error).message += ` (from ${files.join(', ')})`;
-        throw e;
-      }
+      const files = filesOf(raw);
+      const feed = checkFeedFrom(model, raw, batches, files);
       const inputs = Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
       // Nothing to observe (no layer whose inputs the observers take): the run still checks the feed in onnxruntime.
-      const fetched = await runSession(session, inputs, exposed.length > 0 ? exposed.map(outputOf) : undefined, `the float model on calibration[${batches}]`,
-        'Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.');
+      const fetched = await runSession(session, inputs, exposed.length > 0 ? exposed.map(outputOf) : undefined,
+        `the float model on calibration[${batches}]${files ? ` (from ${files.join(', ')})` : ''}`,
+        `${symbolicDimsDisagree(model, feed) ?? ''}Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.`);
       const outputs = Object.fromEntries(exposed.map((t) => [t, fetched[outputOf(t)]]));
       const values = new Map(exposed.map((t) => [t, floatValues(outputs[t])]));
       for (const t of exposed) if (outputs[t].type === 'float16') float16.add(t);
@@ -515,7 +598,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
         }
         await pause();  // observers of large tensors (histograms, Gram matrices) take a while each
       }
-      if (sample.length < (options.keep ?? 4)) sample.push(feed);
+      if (sample.length < (options.keep ?? 4)) sample.push(copyFeed(feed));
       options.onBatch?.(batches);
       batches++;
     }

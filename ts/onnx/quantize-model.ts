@@ -275,6 +275,10 @@ function checkOptions(options: unknown): QuantizeModelOptions {
       }
     } else if (typeof c !== 'object' || c === null || (typeof (c as Iterable<unknown>)[Symbol.iterator] !== 'function' && typeof (c as AsyncIterable<unknown>)[Symbol.asyncIterator] !== 'function')) {
       throw invalidType('options.calibration', 'a folder path, or an array, iterable or async iterable of feeds { inputName: { data, dims } }', c);
+    } else if (ArrayBuffer.isView(c)) {
+      // Iterable, but of numbers: one input's values rather than feeds (caught here, before the model is read).
+      throw invalidType('options.calibration', 'a folder path, or an array, iterable or async iterable of feeds { inputName: { data, dims } }', c,
+        'Wrap the values as feeds: [{ inputName: { data, dims } }].');
     }
   }
   return options as unknown as QuantizeModelOptions;
