@@ -435,7 +435,16 @@ export function program(): Command {
         return { ...batch, labels: labels.subarray(0, n) };
       };
       const output = checkOutputPath('--output', o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`);
-      checkDistinct('--output', output, [['the model', modelArg]]);
+      // The data folders' files: an output over one of them would destroy the data it was trained on.
+      const dataFiles = ([[o.data, '--data'], [o.validation, '--validation']] as Array<[string | undefined, string]>)
+        .filter(([source]) => source !== undefined && source !== 'mnist')
+        .flatMap(([source, flag]) => ['inputs.npy', 'labels.npy'].map((f): [string, string] => [`${flag}'s ${f}`, path.join(source!, f)]));
+      checkDistinct('--output', output, [['the model', modelArg], ...dataFiles]);
+      // Errors in the data name the flag and file, not the API's parameter.
+      const flags: Array<[string, string]> = [
+        ['options.validation.inputs', "--validation's inputs.npy"], ['options.validation.labels', "--validation's labels.npy"],
+        ['data.inputs', "--data's inputs.npy"], ['data.labels', "--data's labels.npy"], ...FINETUNE_FLAGS,
+      ];
       const options: FinetuneOptions = {
         method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, firstLastLayerBits: Number(o.firstLastBits) as 8,
         epochs: Number(o.epochs), batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed),
@@ -464,7 +473,7 @@ export function program(): Command {
       let epochShown = 0;
       const t0 = performance.now();
       // Ctrl-C (or a SIGTERM) stops at the next step; the output is written only at the end, atomically.
-      const { result: { history }, signal } = await interruptible('stopping…', () => bar.stop(), (signal) => withFlags(FINETUNE_FLAGS, () => finetune(modelArg, data, {
+      const { result: { history }, signal } = await interruptible('stopping…', () => bar.stop(), (signal) => withFlags(flags, () => finetune(modelArg, data, {
           ...options, validation, signal,
           onStep: (p) => {
             if (p.epoch !== epochShown) {

@@ -154,6 +154,17 @@ describe('finetune: float training', () => {
     expect(constant.history.map((h) => h.learningRate)).to.deep.equal([0.02, 0.02]);
   });
 
+  it('validation turns the event loop between its batches', async () => {
+    let ticks = 0, validating = false, done = false;
+    const tick = () => { if (validating) ticks++; if (!done) setImmediate(tick); };
+    tick();
+    // One step of training; then 1 024 validation images in batches of 256, each followed by a turn.
+    await finetune(mnistCnn(4), subset('train', 16), { epochs: 1, batchSize: 16, validation: subset('t10k', 1024),
+      onStep: () => { validating = true; }, onEpoch: () => { validating = false; } });
+    done = true;
+    expect(ticks).to.be.at.least(4);
+  });
+
   it('keeps the event loop running', async () => {
     let ticks = 0;
     const timer = setInterval(() => ticks++, 1);
@@ -318,6 +329,9 @@ describe('finetune: bad input', () => {
     await expectError(finetune(BUNDLED, data, { optimizer: 'rmsprop' as never }), RangeError, /options\.optimizer/);
     await expectError(finetune(BUNDLED, data, { stepInit: 'mean' as never }), RangeError, /options\.stepInit/);
     await expectError(finetune(BUNDLED, data, { distill: 1 as never }), TypeError, /a boolean for options\.distill/);
+    for (const momentum of [1, 5]) {
+      await expectError(finetune(BUNDLED, data, { momentum }), RangeError, new RegExp(`^Expected a number in \\[0, 1\\) for options\\.momentum but received ${momentum}\\. 0\\.9 is usual\\.$`));
+    }
     await expectError(finetune(BUNDLED, { inputs: data.inputs }), TypeError, /Int32Array or Uint8Array.*data\.labels.*options\.distill/);
   });
 
@@ -327,6 +341,40 @@ describe('finetune: bad input', () => {
       initializers: { w: { dims: [4, 2], data: [1, 2, 3, 4, 5, 6, 7, 8] } }, output: 'y',
     });
     await expectError(finetune(bytes, { inputs: { data: new Float32Array(8), dims: [2, 4] }, labels: Int32Array.of(0, 1) }), TrainingError, /not support: Tanh/);
+  });
+
+  it('logits with more rows than samples (a Reshape to [-1, classes]) are refused before training, not trained against the wrong labels', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 4], nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'h' }, { op: 'Reshape', inputs: ['h', 'shape'], output: 'y' }],
+      initializers: { w: { dims: [4, 6], data: Array.from({ length: 24 }, (_, i) => (i % 5) / 5 - 0.4) } }, int64: { shape: [-1, 2] }, output: 'y',
+    });
+    let steps = 0;
+    await expectError(finetune(bytes, { inputs: { data: new Float32Array(8).fill(1), dims: [2, 4] }, labels: Int32Array.of(0, 1) }, { onStep: () => steps++ }),
+      TrainingError, /^The model's output 'y' is \[3, 2\] for 1 input sample; fine-tuning a classifier needs logits \[N, classes\], one row per sample\.$/);
+    expect(steps).to.equal(0);
+  });
+
+  it('a model with nothing to train (its weight behind an Identity) is refused, not trained without change', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 4], nodes: [{ op: 'Identity', inputs: ['w'], output: 'wi' }, { op: 'Gemm', inputs: ['input', 'wi'], output: 'y' }],
+      initializers: { w: { dims: [4, 2], data: [1, 2, 3, 4, 5, 6, 7, 8] } }, output: 'y',
+    });
+    const few = { inputs: { data: new Float32Array(8).fill(0.5), dims: [2, 4] }, labels: Int32Array.of(0, 1) };
+    for (const method of ['float', 'lsq'] as const) {
+      await expectError(finetune(bytes, few, { method }), TrainingError, /^The model has no weight the engine can train: .* weights behind Identity, Transpose or Cast nodes stay constants\./);
+    }
+  });
+
+  it('a quantized export the model cannot reach (opset 6, below what lowbit converts) is refused before training', async () => {
+    const bytes = buildModel({
+      opset: 6, inputDims: ['N', 4], nodes: [{ op: 'Gemm', inputs: ['input', 'w'], output: 'y' }],
+      initializers: { w: { dims: [4, 2], data: [1, 2, 3, 4, 5, 6, 7, 8] } }, output: 'y',
+    });
+    let steps = 0;
+    await expectError(finetune(bytes, { inputs: { data: new Float32Array(8).fill(0.5), dims: [2, 4] }, labels: Int32Array.of(0, 1) },
+      // Its one layer is first and last: 8 bits, per-axis QDQ of opset 13.
+      { method: 'lsq', epochs: 50, onStep: () => steps++ }), TrainingError, /^The quantized model needs opset 13, and this model \(opset 6\) cannot be converted: .*\(Found before training\.\)$/);
+    expect(steps).to.equal(0);
   });
 
   it('a model whose own shapes do not fit (Gemm after a mismatched Flatten) is an OnnxModelError before training, also when distilling', async () => {
@@ -455,10 +503,9 @@ describe('finetune: quantizer set-up and non-finite values (audit)', () => {
     for (const method of ['gdrq', 'lsq'] as const) {
       const e = await expectError(finetune(mlp, { inputs: { data: set.inputs.data, dims: [64, 784] }, labels: set.labels },
         { method, weightBits: 4, activationBits: 4, batchSize: 32, learningRate: 1e-3 }),
-      TrainingError, /step 1: the loss is finite, but values first became non-finite in the output of fc3/) as TrainingError;
-      const scales = readModel(e.model!).graph!.initializer.filter((t) => /scale/.test(t.name)).map((t) => floatData(t)!);
-      expect(scales.length, method).to.be.greaterThan(4);
-      expect(scales.every((t) => t.every(Number.isFinite)), method).to.equal(true);
+      TrainingError, /step 1: the loss is finite, but values first became non-finite in the output of fc3, on the first batch, before any update: the model as given with its quantizers computes them, so the error holds no model\./) as TrainingError;
+      // No update ran: there are no trained weights to return, and the activation clips were never observed.
+      expect([e.step, e.layer, e.model], method).to.deep.equal([1, 'fc3', undefined]);
     }
   });
 
@@ -489,6 +536,13 @@ describe('finetune: quantizer set-up and non-finite values (audit)', () => {
     const tensors = (bytes: Uint8Array) => readModel(bytes).graph!.initializer.map((t) => [t.name, Array.from(floatData(t) ?? [])] as const);
     expect(tensors(e.model!)).to.deep.equal(tensors(afterStep1.model));
     expect(tensors(e.model!).filter(([name]) => /r1.*scale|scale.*r1/.test(name)).length, 'a running clip scale is compared').to.be.greaterThan(0);
+    // Stopped at step 2, the last good weights are the ones given, with the clip thresholds step 1's forward pass
+    // observed on them (the snapshot before step 1 held them unset: scales of 1e-8, every activation saturated).
+    const early = await expectError(finetune(mlp, iterable([batch(0), batch(1, 1e38)]), options),
+      TrainingError, /step 2: the loss is finite, but values first became non-finite in the output of fc1/) as TrainingError;
+    const clipScales = tensors(early.model!).filter(([name]) => /^(input|r\d).*scale/.test(name));
+    expect(clipScales.map(([name]) => name), 'the three layers\' input clip scales').to.have.length(3);
+    for (const [name, values] of clipScales) expect(values[0], name).to.be.greaterThan(1e-4);
   });
 
   it('the last update is checked too: a diverging final step is an error, not a returned model', async () => {
@@ -579,5 +633,35 @@ describe('lowbit finetune (CLI)', () => {
     expect(distilled.stdout).to.match(/train agreement %/);
     expect(fs.existsSync(path.join(dir, 'distilled.onnx'))).to.equal(true);
     fs.rmSync(dir, { recursive: true });
+  });
+
+  it("refuses an output over the training data's files, and names the flag and file of bad data, not the API's parameter", () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-cli-ft-'));
+    try {
+      const set = subset('train', 32);
+      const [data, validation] = [path.join(dir, 'data'), path.join(dir, 'validation')];
+      for (const folder of [data, validation]) {
+        fs.mkdirSync(folder);
+        writeNpy(path.join(folder, 'inputs.npy'), '<f4', [32, 1, 28, 28], set.inputs.data);
+      }
+      const labels = Uint8Array.from(set.labels);
+      writeNpy(path.join(data, 'labels.npy'), '|u1', [32], labels);
+      labels[5] = 12;
+      writeNpy(path.join(validation, 'labels.npy'), '|u1', [32], labels);
+      const cli = path.resolve(__dirname, '..', '..', 'ts', 'cli.js');
+      const lowbit = (...args: string[]) => spawnSync(process.execPath, [cli, 'finetune', BUNDLED, ...args], { cwd: dir, encoding: 'utf8' });
+      const before = fs.readFileSync(path.join(data, 'inputs.npy'));
+      for (const [flag, file] of [['--data', 'inputs.npy'], ['--data', 'labels.npy'], ['--validation', 'inputs.npy']]) {
+        const r = lowbit('--data', data, '--validation', validation, '-o', path.join(flag === '--data' ? data : validation, file));
+        expect(r.status).to.equal(1);
+        expect(r.stderr).to.include(`Expected --output to name a file other than ${flag}'s ${file} (`);
+      }
+      expect(fs.readFileSync(path.join(data, 'inputs.npy')).equals(before)).to.equal(true);
+      const bad = lowbit('--data', data, '--validation', validation, '-o', 'out.onnx');
+      expect(bad.status).to.equal(1);
+      expect(bad.stderr).to.match(/ for --validation's labels\.npy\[5\] but received 12/);
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
   });
 });

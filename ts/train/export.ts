@@ -60,6 +60,24 @@ export interface ExportLayer {
   foldedIntoBatchNorm?: string;
 }
 
+/** The opset a QDQ export needs for these bits: 2-bit types arrived in 25, 4-bit ones in 21, per-axis QDQ in 13. */
+function opsetForBits(bits: number[]): number {
+  return bits.includes(2) ? 25 : bits.some((b) => b < 8) ? 21 : 13;
+}
+
+/**
+ * Why the model with its quantizers could not be exported — its opset cannot be raised to what their bits need —,
+ * asked before training so that no run ends in it.
+ */
+export function exportBlocker(model: TrainableModel): string | undefined {
+  const bits = [...model.quantizers.values()].flatMap((q) => [(q.weight as ExportableQuantizer | undefined)?.bits ?? 8, (q.activation as ExportableQuantizer | undefined)?.bits ?? 8]);
+  if (bits.length === 0) return undefined;
+  const needed = opsetForBits(bits);
+  const graph = model.graph;
+  const why = graph.opset < needed ? unconvertibleReason(graph) : undefined;
+  return why && `The quantized model needs opset ${needed}, and this model (opset ${graph.opset}) cannot be converted: ${why}.`;
+}
+
 /** Serialises the model with its current parameters (and, when quantizers are set, as a QDQ model). */
 export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers: ExportLayer[] } {
   const copy = readModel(serializeModel(model.graph.model));
@@ -81,7 +99,7 @@ export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers:
     return { layer: l, weight: (q.weight as ExportableQuantizer | undefined)?.describe(), activation: (q.activation as ExportableQuantizer | undefined)?.describe() };
   });
   const bits = exports.flatMap((e) => [e.weight?.bits ?? 8, e.activation?.bits ?? 8]);
-  const needed = bits.includes(2) ? 25 : bits.some((b) => b < 8) ? 21 : 13;
+  const needed = opsetForBits(bits);
   if (graph.opset < needed) {
     const why = unconvertibleReason(graph);
     if (why) throw new TrainingError(`The quantized model needs opset ${needed}, and this model (opset ${graph.opset}) cannot be converted: ${why}.`);

@@ -15,7 +15,7 @@ import { checkNotModelFile, checkOutputPath, OnnxModelError, readModelAsync, ser
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
 import { checkAttached, checkChoice, checkInteger, checkKnownKeys, generatorKind, isPlainObject, isStream, iterability, otherRealm } from '../validate';
-import { exportModel, type ExportLayer } from './export';
+import { exportBlocker, exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { checkKernel } from '../cpu';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
@@ -149,6 +149,13 @@ function nonNegative(name: string, v: unknown, fallback: number): number {
   return v;
 }
 
+function momentumOf(v: unknown): number {
+  const momentum = nonNegative('options.momentum', v, 0.9);
+  // At 1 or more the velocity never decays: every step adds to it and SGD diverges.
+  if (momentum >= 1) throw invalidValue('options.momentum', 'a number in [0, 1)', momentum, '0.9 is usual.');
+  return momentum;
+}
+
 function checkBatch(name: string, batch: unknown, needLabels: boolean): InputBatch {
   if (!isPlainObject(batch)) throw invalidType(name, 'an object { inputs: { data, dims }, labels }', batch);
   const inputs = batch.inputs;
@@ -237,7 +244,7 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
     learningRate: positive('options.learningRate', o.learningRate, 0.01),
     schedule: o.learningRateSchedule === undefined ? 'cosine' : checkChoice('options.learningRateSchedule', o.learningRateSchedule, ['cosine', 'constant'] as const),
     optimizer: o.optimizer === undefined ? 'sgd' : checkChoice('options.optimizer', o.optimizer, ['sgd', 'adam'] as const),
-    momentum: nonNegative('options.momentum', o.momentum, 0.9),
+    momentum: momentumOf(o.momentum),
     weightDecay: nonNegative('options.weightDecay', o.weightDecay, defaultDecay),
     seed: o.seed === undefined ? 0 : checkInteger('options.seed', o.seed, 0, 2 ** 32 - 1),
     perChannel: !!o.perChannel,
@@ -258,7 +265,12 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
 function buildQuantizers(model: TrainableModel, s: Settings): void {
   if (s.method === 'float') return;
   const layers = model.layers.filter((l) => !s.keepFloat.includes(l.label) && !s.keepFloat.includes(l.node.opType) && !s.keepFloat.includes(l.node.name));
-  if (layers.length === 0) throw new TrainingError('No Conv, Gemm or MatMul layer with trainable weights is left to quantize (check keepFloat).');
+  if (layers.length === 0) {
+    throw new TrainingError(model.layers.length === 0
+      ? 'The model has no Conv, Gemm or MatMul layer whose weight is an initializer it reads directly, so nothing to quantize (weights behind ' +
+        'Identity, Transpose or Cast nodes stay constants: fold those nodes into their initializers, as onnxsim does).'
+      : `options.keepFloat (${s.keepFloat.join(', ')}) leaves none of the model's ${model.layers.length} Conv, Gemm or MatMul layers to quantize.`);
+  }
   const map = new Map<typeof layers[number]['node'], LayerQuantizers>();
   layers.forEach((layer, i) => {
     const edge = i === 0 || i === layers.length - 1;
@@ -286,6 +298,7 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
 /** Mean softmax cross-entropy of logits [N, classes]; writes dLoss/dLogits and returns the loss and the correct count. */
 export function softmaxCrossEntropy(logits: Tensor, labels: ArrayLike<number>, dLogits: Float32Array): { loss: number; correct: number } {
   const [n, classes] = logits.dims;
+  if (labels.length !== n) throw new TrainingError(`The logits have ${n} rows for ${labels.length} labels: a classifier gives one row per sample.`);
   let loss = 0, correct = 0;
   for (let b = 0; b < n; b++) {
     const row = logits.data.subarray(b * classes, (b + 1) * classes);
@@ -389,8 +402,9 @@ function optimizerStep(params: Parameter[], optimizer: 'sgd' | 'adam', lr: numbe
       }
     }
     if (p.min !== undefined) {
-      // A step pushed below its floor restarts from the floor, without the momentum that pushed it there.
-      for (let i = 0; i < p.value.length; i++) if (!(p.value[i] >= p.min)) { p.value[i] = p.min; p.velocity[i] = 0; }
+      // A step pushed below its floor restarts from the floor, without the momentum that pushed it there. (A NaN
+      // step stays NaN: the check for non-finite parameters stops training on it.)
+      for (let i = 0; i < p.value.length; i++) if (p.value[i] < p.min) { p.value[i] = p.min; p.velocity[i] = 0; }
     }
     p.grad.fill(0);
   }
@@ -425,11 +439,20 @@ class Snapshot {
   restore(): void {
     this.arrays.forEach((a, i) => a.set(this.saved[i]));
   }
+  /** Saves these arrays' values now (arrays of the snapshot; others are ignored). */
+  refresh(arrays: Array<Float32Array | Float64Array>): void {
+    for (const a of arrays) {
+      const i = this.arrays.indexOf(a);
+      if (i >= 0) this.saved[i].set(a);
+    }
+  }
 }
 
-function classesOf(model: TrainableModel, logits: Tensor): number {
-  if (logits.dims.length !== 2) {
-    throw new TrainingError(`The model's output '${model.logitsName}' is [${logits.dims.join(', ')}]; fine-tuning a classifier needs logits [N, classes].`);
+/** The class count of logits computed for `samples` inputs, which must be [samples, classes]. */
+function classesOf(model: TrainableModel, logits: Tensor, samples: number): number {
+  if (logits.dims.length !== 2 || logits.dims[0] !== samples) {
+    throw new TrainingError(`The model's output '${model.logitsName}' is [${logits.dims.join(', ')}] for ${samples} input sample${samples === 1 ? '' : 's'}; ` +
+      'fine-tuning a classifier needs logits [N, classes], one row per sample.');
   }
   return logits.dims[1];
 }
@@ -453,8 +476,8 @@ function sliceBatch(batch: InputBatch, order: Int32Array, from: number, to: numb
   return { inputs: { data, dims: [to - from, ...batch.inputs.dims.slice(1)] }, labels };
 }
 
-/** Accuracy of the model's forward pass in inference mode (quantizers included). */
-export function evaluateAccuracy(model: TrainableModel, data: LabelledBatch, kernels: FloatKernels, batchSize = 256): number {
+/** Accuracy of the model's forward pass in inference mode (quantizers included); the event loop turns between batches. */
+export async function evaluateAccuracy(model: TrainableModel, data: LabelledBatch, kernels: FloatKernels, batchSize = 256, signal?: AbortSignal): Promise<number> {
   const n = data.inputs.dims[0];
   const order = Int32Array.from({ length: n }, (_, i) => i);
   let correct = 0;
@@ -468,12 +491,14 @@ export function evaluateAccuracy(model: TrainableModel, data: LabelledBatch, ker
       for (let c = 1; c < classes; c++) if (logits.data[i * classes + c] > logits.data[i * classes + arg]) arg = c;
       if (arg === b.labels![i]) correct++;
     }
+    await yieldToEventLoop();
+    signal?.throwIfAborted();
   }
   return correct / n;
 }
 
 /** Share of output rows whose top-1 class agrees with the float model's (inference mode, quantizers included). */
-async function evaluateAgreement(model: TrainableModel, data: InputBatch, teacher: Teacher, kernels: FloatKernels, batchSize = 64): Promise<number> {
+async function evaluateAgreement(model: TrainableModel, data: InputBatch, teacher: Teacher, kernels: FloatKernels, batchSize = 64, signal?: AbortSignal): Promise<number> {
   const n = data.inputs.dims[0];
   const order = Int32Array.from({ length: n }, (_, i) => i);
   let correct = 0, rows = 0;
@@ -483,6 +508,7 @@ async function evaluateAgreement(model: TrainableModel, data: InputBatch, teache
     const r = distillationLoss(logits, await teacher.probabilities(b.inputs, logits.data.length), new Float32Array(logits.data.length));
     correct += r.correct;
     rows += r.rows;
+    signal?.throwIfAborted();
   }
   return correct / rows;
 }
@@ -522,6 +548,12 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   const proto = input instanceof Uint8Array || typeof input === 'string' ? await readModelAsync(input) : input;
   if (o.outputPath !== undefined) checkNotModelFile('options.outputPath', o.outputPath, proto, false);
   const model = new TrainableModel(proto);
+  if (model.params.size === 0) {
+    // Training would run and change nothing.
+    throw new TrainingError('The model has no weight the engine can train: it trains the float initializers that Conv, Gemm, MatMul, ' +
+      'BatchNormalization, Add and Sub nodes read directly; weights behind Identity, Transpose or Cast nodes stay constants. ' +
+      'Fold those nodes into their initializers (onnxsim does) and fine-tune that model.');
+  }
   model.freezeBatchNorm = s.freezeBatchNorm;
   const needLabels = !s.distill;
   const inMemory = !isBatchSource(data) ? checkBatch('data', data, needLabels) : undefined;
@@ -551,7 +583,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         throw new OnnxModelError(`The model does not compute on ${name}'s input dims [1, ${one.inputs.dims.slice(1).join(', ')}]: ${e.message}. ` +
           'Check that the model runs in onnxruntime on inputs of that shape.');
       }
-      if (needLabels) classes = classesOf(model, output);
+      if (needLabels) classes = classesOf(model, output, 1);
     }
     if (needLabels) checkLabels(`${name}.labels`, b.labels!, classes!);
   };
@@ -561,15 +593,15 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   // so that no error on the way leaves it open).
   const teacherBytes = s.distill ? await serializeModelAsync(proto) : undefined;
   buildQuantizers(model, s);
+  const unexportable = exportBlocker(model);
+  if (unexportable) throw new TrainingError(`${unexportable} (Found before training.)`);
   if (s.stepInit === 'max' && inMemory) observeActivationRanges(model, inMemory, s.batchSize, kernels);
 
   const params = () => (s.learnSteps ? model.allParameters() : [...model.params.values()]);
   const batchNorms = model.nodes.filter((n) => n.opType === 'BatchNormalization');
   // Restored with the parameters after a non-finite step: BN running statistics, GDRQ's running clip thresholds.
-  const stats: Array<Float32Array | Float64Array> = [
-    ...batchNorms.flatMap((n) => n.input.slice(3, 5).map((i) => model.constants.get(i)!.data)),
-    ...[...model.quantizers.values()].flatMap((q) => (q.activation instanceof RunningClipQuantizer ? [q.activation.state] : [])),
-  ];
+  const clipThresholds = [...model.quantizers.values()].flatMap((q) => (q.activation instanceof RunningClipQuantizer ? [q.activation.state] : []));
+  const stats: Array<Float32Array | Float64Array> = [...batchNorms.flatMap((n) => n.input.slice(3, 5).map((i) => model.constants.get(i)!.data)), ...clipThresholds];
   // A training forward pass folds its batch statistics into these; an overflow there shows in no output.
   const brokenStatistics = () => batchNorms.find((n) => n.input.slice(3, 5).some((i) => !model.constants.get(i)!.data.every(Number.isFinite)));
   let previous: Snapshot | undefined, current: Snapshot | undefined;
@@ -587,11 +619,11 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       for (const q of model.quantizers.values()) (q.weight as { onEpochStart?: () => void } | undefined)?.onEpochStart?.();
       let lossSum = 0, correct = 0, judged = 0, seen = 0, step = 0;
       // Training stops on non-finite values with the model as restored (the last good weights).
-      const stopped = (what: string, layer: string) => {
-        const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${what} Lower the learning rate.`);
+      const stopped = (what: string, layer: string, kept = true) => {
+        const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${what}${kept ? ' Lower the learning rate.' : ''}`);
         error.step = globalStep + 1;
         error.layer = layer;
-        error.model = exportModel(model).bytes;
+        if (kept) error.model = exportModel(model).bytes;
         return error;
       };
       let lr = s.learningRate;
@@ -632,8 +664,16 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
           previous.restore();
           // (Fake quantizers turn Infinity into codes, and the native Relu and MaxPool drop NaN.)
           const loss = Number.isFinite(r.loss) ? 'the loss is finite, but' : `the loss is ${r.loss};`;
+          // On the first batch no step ran yet: the model as given (its quantizers as they start) computes these values.
+          if (globalStep === 0) {
+            throw stopped(`${loss} values first became non-finite in ${where}, on the first batch, before any update: the model as given ` +
+              `${s.method === 'float' ? '' : 'with its quantizers '}computes them, so the error holds no model. Check the model and this data in float first.`, layer, false);
+          }
           throw stopped(`${loss} values first became non-finite in ${where}. The error's model holds the weights of the last step whose values were finite.`, layer);
         }
+        // The running clip thresholds the first forward pass set go with the weights it ran on (the snapshot before
+        // this step, which a stop at step 2 or this step's update restores, was taken before them: clips of 0).
+        if (globalStep === 0) current.refresh(clipThresholds);
         model.backward(tape, dLogits, kernels);
         optimizerStep(all, s.optimizer, lr, s.momentum, s.weightDecay, globalStep + 1);
         const broken = all.find((p) => !p.value.every(Number.isFinite));
@@ -662,7 +702,8 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         epoch: epoch + 1, loss: lossSum / seen, accuracy: correct / judged, learningRate: lr, seconds: (performance.now() - t0) / 1000, images: seen,
       };
       if (validation) {
-        record.validationAccuracy = teacher ? await evaluateAgreement(model, validation, teacher, kernels) : evaluateAccuracy(model, validation as LabelledBatch, kernels);
+        record.validationAccuracy = teacher ? await evaluateAgreement(model, validation, teacher, kernels, 64, o.signal)
+          : await evaluateAccuracy(model, validation as LabelledBatch, kernels, 256, o.signal);
       }
       history.push(record);
       o.onEpoch?.(record);

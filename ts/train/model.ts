@@ -57,7 +57,7 @@ export interface QuantizableLayer {
 }
 
 export class TrainingError extends Error {
-  /** The last good model (ONNX bytes), when training stopped on a non-finite value. */
+  /** The last good model (ONNX bytes), when training stopped on a non-finite value after at least one update. */
   model?: Uint8Array;
   step?: number;
   layer?: string;
