@@ -61,6 +61,15 @@ inline uint8_t* codes_of(const Napi::Value& v, const char* name, size_t* length)
   return static_cast<uint8_t*>(b.data);
 }
 
+// Codes of the signedness the call states: reading a Uint8Array as signed would turn 255 into -1.
+inline uint8_t* codes_of(const Napi::Value& v, const char* name, size_t* length, bool is_signed) {
+  Bytes b = typed_array(v, name);
+  if (b.type != (is_signed ? napi_int8_array : napi_uint8_array))
+    throw_type(v.Env(), std::string(name) + (is_signed ? " must be an Int8Array (signed codes)" : " must be a Uint8Array (unsigned codes)"));
+  *length = b.length;
+  return static_cast<uint8_t*>(b.data);
+}
+
 inline size_t size_of(const Napi::Value& v, const char* name) {
   if (!v.IsNumber()) throw_type(v.Env(), std::string(name) + " must be a number");
   double d = v.As<Napi::Number>().DoubleValue();

@@ -82,8 +82,8 @@ Napi::Value QuantizeAsync(const Napi::CallbackInfo& info) {
 Napi::Value Dequantize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   size_t nq, nout;
-  const uint8_t* q = codes_of(info[0], "q", &nq);
   bool is_signed = bool_of(info[1], "isSigned");
+  const uint8_t* q = codes_of(info[0], "q", &nq, is_signed);
   float* out = array_of<float>(info[2], "out", napi_float32_array, &nout);
   QuantParams params = params_of(info[3]);
   expect_length(env, nq, params.layout.element_count(), "q");

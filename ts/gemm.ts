@@ -9,7 +9,7 @@ import { invalidType, invalidValue } from './errors';
 import { native, type PackedHandle, type PackedInt4Handle } from './native';
 import type { QuantizedTensor } from './quant-params';
 import { checkQuantizedTensor } from './quantize';
-import { checkAttached, checkBoolean, checkInteger, copyIntoOut, isPlainObject, checkKnownKeys, otherRealm, overlaps } from './validate';
+import { checkAttached, checkBoolean, checkInteger, copyIntoOut, isPlainObject, checkKnownKeys, otherRealm, overlaps, readOnce } from './validate';
 
 type Bytes = Int8Array | Uint8Array;
 
@@ -128,7 +128,7 @@ function resolve(a: unknown, b: unknown, m: unknown, k: unknown, n: unknown, opt
     B = bytes;
     bSigned = bytes instanceof Int8Array;
   }
-  const opts = options === undefined ? {} : options;
+  const opts = options === undefined ? {} : readOnce(options);
   if (!isPlainObject(opts)) throw invalidType('options', 'an options object', options);
   checkKnownKeys('options', opts, [...MATMUL_KEYS, ...extraKeys]);
   const aSigned = A instanceof Int8Array;
@@ -183,7 +183,8 @@ const view = (r: Resolved) => (r.out.length === r.m * r.n ? r.out : r.out.subarr
  * const w = packMatrix(weights, 4096, 4096);
  * const y = matmulInt8(activations, w, 1, 4096, 4096);
  */
-export function packMatrix(b: Int8Array | Uint8Array, k: number, n: number, options?: { threads?: number }): PackedMatrix {
+export function packMatrix(b: Int8Array | Uint8Array, k: number, n: number, given?: { threads?: number }): PackedMatrix {
+  const options = readOnce(given);
   const B = checkBytes('b', b);
   const dims = checkDims(0, k, n);
   if (B.length !== dims.k * dims.n) throw invalidValue('b', `an array of k·n = ${dims.k * dims.n} elements`, B);
@@ -211,7 +212,8 @@ export function matmulInt8(a: Int8Array | Uint8Array, b: Int8Array | Uint8Array 
  * so the caller may write, transfer or resize them meanwhile; `options.out` is written when the work ends.
  */
 export async function matmulInt8Async(a: Int8Array | Uint8Array, b: Int8Array | Uint8Array | PackedMatrix, m: number, k: number,
-  n: number, options?: MatmulOptions): Promise<Int32Array> {
+  n: number, given?: MatmulOptions): Promise<Int32Array> {
+  const options = readOnce(given);  // the out compared below is the out resolve checked
   const r = resolve(a, b, m, k, n, options);
   // The native threads touch memory only lowbit holds: a caller's buffer may move (transfer) or shrink (resize).
   const own: Resolved = {
@@ -260,7 +262,8 @@ function scaled(r: Resolved, o: Record<string, unknown>, yScale = 1): { aScale: 
  * onnxruntime MatMulIntegerToFloat: y = float(C) · (aScale · bScale_j) + bias_j, C as in matmulInt8.
  */
 export function matmulInt8ToFloat(a: Int8Array | Uint8Array, b: Int8Array | Uint8Array | PackedMatrix, m: number, k: number,
-  n: number, options: MatmulToFloatOptions): Float32Array {
+  n: number, given: MatmulToFloatOptions): Float32Array {
+  const options = readOnce(given);
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with aScale and bScale', options);
   const r = resolve(a, b, m, k, n, options, ['aScale', 'bScale', 'bias']);
   if ((options as MatmulOptions).out !== undefined) throw invalidValue('options.out', 'no out (the output is a new Float32Array)', (options as MatmulOptions).out);
@@ -280,7 +283,8 @@ export function matmulInt8ToFloat(a: Int8Array | Uint8Array, b: Int8Array | Uint
  * ONNX QLinearMatMul: y = saturate(roundHalfToEven(float(C) · (aScale·bScale_j / yScale)) + yZeroPoint).
  */
 export function matmulInt8Requantized(a: Int8Array | Uint8Array, b: Int8Array | Uint8Array | PackedMatrix, m: number, k: number,
-  n: number, options: MatmulRequantizedOptions): Int8Array | Uint8Array {
+  n: number, given: MatmulRequantizedOptions): Int8Array | Uint8Array {
+  const options = readOnce(given);
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with aScale, bScale and yScale', options);
   const r = resolve(a, b, m, k, n, options, ['aScale', 'bScale', 'yScale', 'yZeroPoint', 'signed', 'relu', 'bias']);
   if (options.bias !== undefined) throw invalidValue('options.bias', 'no bias (QLinearMatMul has none)', options.bias, 'Use matmulInt8ToFloat for a float bias.');
@@ -327,7 +331,8 @@ export class PackedInt4Matrix {
  * const q = quantizeTensor(w, { shape: [4096, 4096], bits: 4, granularity: 'block', axis: 0, blockSize: 32 });
  * const b = packInt4Matrix(q);
  */
-export function packInt4Matrix(q: QuantizedTensor, options?: { threads?: number }): PackedInt4Matrix {
+export function packInt4Matrix(q: QuantizedTensor, given?: { threads?: number }): PackedInt4Matrix {
+  const options = readOnce(given);
   const { q: t } = checkQuantizedTensor('q', q);
   if (t.shape.length !== 2) throw invalidValue('q.shape', 'a matrix shape [k, n]', t.shape);
   if (t.bits > 4) throw invalidValue('q.bits', 'at most 4', t.bits, 'Quantize with bits: 4.');
@@ -368,7 +373,8 @@ export interface MatmulInt4Options {
  * The per-block products are accumulated in float in block order, the same on every kernel.
  */
 export function matmulInt4(a: Int8Array | Uint8Array, b: PackedInt4Matrix, m: number, k: number, n: number,
-  options: MatmulInt4Options): Float32Array {
+  given: MatmulInt4Options): Float32Array {
+  const options = readOnce(given);
   const A = checkBytes('a', a);
   if (!(b instanceof PackedInt4Matrix)) throw invalidType('b', 'a PackedInt4Matrix (from packInt4Matrix)', b);
   const dims = checkDims(m, k, n);

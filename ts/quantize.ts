@@ -8,13 +8,13 @@ import { invalidType, invalidValue, withArticle } from './errors';
 import { tensorStats } from './methods/aciq';
 import { allocateBits } from './methods/bit-allocation';
 import { forEachGroup } from './methods/groups';
-import { rangeMethod, rangeMethodNames, type RangeMethod, type RangeMethodOptions, type RangeRequest } from './methods/registry';
+import { rangeMethod, rangeMethodNames, type GroupRanges, type RangeMethod, type RangeMethodOptions, type RangeRequest } from './methods/registry';
 import { native, type NativeParams } from './native';
 import {
   integerRange, nativeParams, tensorLayout, type Granularity, type QuantizedTensor, type TensorLayout,
 } from './quant-params';
 import {
-  checkAttached, checkBoolean, copyIntoOut, checkChoice, checkFloat32Array, checkInteger, checkKnownKeys, checkShape, isPlainObject, overlaps,
+  checkAttached, checkBoolean, copyIntoOut, checkChoice, checkFloat32Array, checkInteger, checkKnownKeys, checkShape, isPlainObject, overlaps, readOnce,
 } from './validate';
 
 export interface QuantizeOptions {
@@ -155,8 +155,9 @@ function explicitValues(name: string, v: unknown, groups: number, scaleShape: nu
   throw invalidType(name, 'a number or an array of numbers', v);
 }
 
-function plan(data: unknown, options: unknown): Plan {
+function plan(data: unknown, given: unknown): Plan {
   const x = checkFloat32Array('data', data);
+  const options = readOnce(given);
   if (!isPlainObject(options)) {
     throw invalidType('options', 'an options object with at least { shape }', options,
       'For example quantizeTensor(data, { shape: [data.length] }).');
@@ -226,8 +227,9 @@ function plan(data: unknown, options: unknown): Plan {
   const scales = explicitValues('options.scale', options.scale, layout.groups, layout.scaleShape);
   const scale = new Float32Array(scales.length);
   scales.forEach((s, i) => {
+    if (typeof s !== 'number') throw invalidType(`options.scale[${i}]`, 'a positive finite float32 number', s);
     const f = Math.fround(s);
-    if (typeof s !== 'number' || !(f > 0) || !Number.isFinite(f)) {
+    if (!(f > 0) || !Number.isFinite(f)) {
       throw invalidValue(`options.scale[${i}]`, 'a positive finite float32 number', s,
         'ONNX QuantizeLinear needs scale > 0.');
     }
@@ -283,6 +285,32 @@ function rangeRequest(p: Plan): RangeRequest {
   };
 }
 
+/**
+ * What a range method returned, checked: registered methods are the user's code, and a range of NaN, ±Infinity or
+ * lo > hi would become a scale of 1 without a word.
+ */
+function checkRanges(p: Plan, r: unknown): GroupRanges {
+  const method = `range method '${p.method!.name}'`;
+  const groups = p.layout.groups;
+  if (!isPlainObject(r)) throw invalidType(`the result of ${method}`, 'an object { lo, hi, nanIndex }', r);
+  const { lo, hi, nanIndex } = r;
+  for (const [key, v] of [['lo', lo], ['hi', hi]] as const) {
+    if (!(v instanceof Float32Array) || v.length !== groups) throw invalidType(`${key} returned by ${method}`, `a Float32Array of ${groups} values (one per group)`, v);
+  }
+  if (typeof nanIndex !== 'number' || !Number.isInteger(nanIndex) || nanIndex < -1) throw invalidType(`nanIndex returned by ${method}`, '-1 or the index of the first NaN', nanIndex);
+  const [l, h] = [lo as Float32Array, hi as Float32Array];
+  if (nanIndex >= 0) return { lo: l, hi: h, nanIndex };
+  for (let g = 0; g < groups; g++) {
+    // [Infinity, -Infinity]: a group without finite values (the native parameters then take scale 1).
+    if (l[g] === Infinity && h[g] === -Infinity) continue;
+    if (!Number.isFinite(l[g]) || !Number.isFinite(h[g]) || l[g] > h[g]) {
+      throw invalidValue(`group ${g}'s range returned by ${method}`, 'finite bounds with lo <= hi (or [Infinity, -Infinity] for a group without finite values)', `[${l[g]}, ${h[g]}]`,
+        'Fix the method: leave infinite values out of its ranges, as the built-in methods do.');
+    }
+  }
+  return { lo: l, hi: h, nanIndex };
+}
+
 function paramsFromRanges(p: Plan, lo: Float32Array, hi: Float32Array): { scale: Float32Array; zeroPoint: Int32Array } {
   const scale = new Float32Array(p.layout.groups);
   const zeroPoint = new Int32Array(p.layout.groups);
@@ -322,7 +350,7 @@ export function quantizeTensor(data: Float32Array, options: QuantizeOptions): Qu
   if (p.bitAllocation) return quantizeWithBitAllocation(p);
   let params = p.explicit;
   if (!params) {
-    const ranges = p.method!.ranges(rangeRequest(p));
+    const ranges = checkRanges(p, p.method!.ranges(rangeRequest(p)));
     if (ranges.nanIndex >= 0) throw nanError(ranges.nanIndex);
     params = paramsFromRanges(p, ranges.lo, ranges.hi);
   }
@@ -354,7 +382,7 @@ export async function quantizeOffThread(data: Float32Array, options: QuantizeOpt
   const p = copy ? { ...planned, data: planned.data.slice(), out: undefined, explicit } : planned;
   let params = p.explicit;
   if (!params) {
-    const ranges = await p.method!.rangesAsync(rangeRequest(p));
+    const ranges = checkRanges(p, await p.method!.rangesAsync(rangeRequest(p)));
     if (ranges.nanIndex >= 0) throw nanError(ranges.nanIndex);
     params = paramsFromRanges(p, ranges.lo, ranges.hi);
   }
@@ -417,8 +445,9 @@ function quantizeWithBitAllocation(p: Plan): QuantizedTensor {
 }
 
 /** Checks a QuantizedTensor (possibly built by hand) and returns its layout. */
-export function checkQuantizedTensor(name: string, q: unknown): { q: QuantizedTensor; layout: TensorLayout } {
-  if (!isPlainObject(q)) throw invalidType(name, 'a QuantizedTensor (as returned by quantizeTensor)', q);
+export function checkQuantizedTensor(name: string, given: unknown): { q: QuantizedTensor; layout: TensorLayout } {
+  if (!isPlainObject(given)) throw invalidType(name, 'a QuantizedTensor (as returned by quantizeTensor)', given);
+  const q = readOnce(given);
   const bits = checkInteger(`${name}.bits`, q.bits, 2, 8);
   const signed = checkBoolean(`${name}.signed`, q.signed);
   const want = signed ? Int8Array : Uint8Array;
@@ -493,7 +522,8 @@ function checkCodesInRange(name: string, q: QuantizedTensor, layout: TensorLayou
   }
 }
 
-function checkDequantizeOptions(options: unknown, q: QuantizedTensor): { kernel: string; threads: number; out?: Float32Array } {
+function checkDequantizeOptions(given: unknown, q: QuantizedTensor): { kernel: string; threads: number; out?: Float32Array } {
+  const options = readOnce(given);
   if (options === undefined) return { kernel: checkKernel('quantize', undefined), threads: 0 };
   if (!isPlainObject(options)) throw invalidType('options', 'an object { kernel?, threads?, out? }', options);
   checkKnownKeys('options', options, ['kernel', 'threads', 'out']);

@@ -9,6 +9,15 @@ export function isPlainObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v) && !ArrayBuffer.isView(v);
 }
 
+/**
+ * An options object (or a hand-built QuantizedTensor) copied with each property read once, so that what the checks
+ * see is what the native call gets: a getter or a Proxy could answer differently on a later read. Anything that is
+ * not an object comes back as it is, for the caller's type check.
+ */
+export function readOnce<T>(v: T): T {
+  return isPlainObject(v) ? ({ ...v } as T) : v;
+}
+
 export function checkFloat32Array(name: string, v: unknown): Float32Array {
   if (!(v instanceof Float32Array)) {
     const hint = otherRealm(v, 'Float32Array') ?? (ArrayBuffer.isView(v) || Array.isArray(v) ? 'Convert it with Float32Array.from(values).' : undefined);
@@ -43,7 +52,7 @@ export function checkAttached(name: string, v: ArrayBufferView): void {
 export function checkOptions<T extends object = Record<string, unknown>>(name: string, v: T | undefined): Partial<T> {
   if (v === undefined) return {};
   if (!isPlainObject(v)) throw invalidType(name, 'an options object (or nothing)', v);
-  return v;
+  return readOnce(v);  // a copy: later changes to the caller's object (or a getter's next answer) change nothing
 }
 
 export function checkInteger(name: string, v: unknown, min: number, max: number): number {

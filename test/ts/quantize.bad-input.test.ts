@@ -5,8 +5,10 @@ import { runInNewContext } from 'node:vm';
 
 import {
   ActivationScaleClip, aciqExpectedMse, aciqRange, allocateBits, dequantize, foldScalesIntoBatchNorm, HistogramObserver, integerRange, lambertW0, lsqLevels,
-  matmulInt8, MinMaxObserver, quantizationError, quantizeTensor, quantizeTensorAsync, rangeMethodNames, registerRangeMethod, scaleClip, tensorStats, type QuantizeOptions,
+  matmulInt4, matmulInt8, matmulInt8Async, matmulInt8Requantized, matmulInt8ToFloat, MinMaxObserver, packInt4Matrix, quantizationError, quantizeTensor,
+  quantizeTensorAsync, rangeMethodNames, registerRangeMethod, scaleClip, tensorStats, type QuantizeOptions,
 } from '../../ts';
+import { native } from '../../ts/native';
 
 function expectError(fn: () => unknown, type: ErrorConstructor, pattern: RegExp): void {
   let caught: unknown;
@@ -356,5 +358,91 @@ describe('misspelled options and registered range methods (second audit)', () =>
     expect(got.scale).to.be.closeTo(1 / 127, 1e-8);
     expect(got.values).to.deep.equal([32, -128]);
     expect(got.minmaxScale).to.be.closeTo(3 / 127, 1e-8);
+  });
+});
+
+describe('objects whose properties answer differently on each read (getters, proxies): read once', () => {
+  /** A copy of `fields` whose properties are getters counting their reads; `flip` answers `later` from the second read on. */
+  function counted<T extends object>(fields: T, flip: Partial<T> = {}) {
+    const reads: Record<string, number> = {};
+    const o = {} as T;
+    for (const [key, value] of Object.entries(fields)) {
+      reads[key] = 0;
+      Object.defineProperty(o, key, {
+        enumerable: true,
+        get: () => (++reads[key] > 1 && key in flip ? (flip as Record<string, unknown>)[key] : value),
+      });
+    }
+    return { o, reads };
+  }
+  const once = (reads: Record<string, number>) => expect(Object.values(reads).every((n) => n === 1), JSON.stringify(reads)).to.equal(true);
+
+  it('quantizeTensor, dequantize and a hand-built QuantizedTensor use the values they checked', () => {
+    const x = Float32Array.of(-1, -0.5, 0.25, 1);
+    const { o, reads } = counted({ shape: [4], bits: 8, scale: 1 / 127 }, { scale: NaN } as never);
+    const q = quantizeTensor(x, o);
+    once(reads);
+    expect(Array.from(q.values)).to.deep.equal([-127, -64, 32, 127]);
+    // signed read as true, then false: the codes would be taken as unsigned (-127 → 129).
+    const hand = counted({ ...q }, { signed: false } as never);
+    expect(Array.from(dequantize(hand.o))).to.deep.equal(Array.from(dequantize(q)));
+    once(hand.reads);
+    // Below the TypeScript checks, the addon refuses codes of the other signedness too.
+    expect(() => native().dequantize(new Uint8Array(4), true, new Float32Array(4), { scale: Float32Array.of(1), zeroPoint: new Int32Array(1), qmin: -128, qmax: 127,
+      layout: { kind: 0, outer: 1, axisLen: 4, inner: 1, blockSize: 0 } }, '', 0)).to.throw(TypeError, 'q must be an Int8Array (signed codes)');
+  });
+
+  it('the GEMM calls read each option once: the out they checked is the out they write (async: never the caller\'s array on the worker threads)', async () => {
+    const a = Uint8Array.from({ length: 8 * 16 }, (_, i) => i % 7);
+    const b = Int8Array.from({ length: 16 * 4 }, (_, i) => (i % 5) - 2);
+    const expected = matmulInt8(a, b, 8, 16, 4);
+    const mine = new Int32Array(32);
+    const sync = counted({ out: mine, aZeroPoint: 3 }, { out: new Int32Array(32), aZeroPoint: 300 } as never);
+    matmulInt8(a, b, 8, 16, 4, sync.o);
+    once(sync.reads);
+    expect(Array.from(mine)).to.deep.equal(Array.from(matmulInt8(a, b, 8, 16, 4, { aZeroPoint: 3 })));
+    const later = new Int32Array(32);
+    const async = counted({ out: later }, { out: undefined } as never);
+    const result = await matmulInt8Async(a, b, 8, 16, 4, async.o);
+    once(async.reads);
+    expect(result).to.equal(later);
+    expect(Array.from(later)).to.deep.equal(Array.from(expected));
+    const toFloat = counted({ aScale: 0.5, bScale: 0.25 }, { aScale: NaN } as never);
+    expect(Array.from(matmulInt8ToFloat(a, b, 8, 16, 4, toFloat.o))).to.deep.equal(Array.from(expected, (c) => c * 0.125));
+    once(toFloat.reads);
+    const requantized = counted({ aScale: 0.5, bScale: 0.25, yScale: 1, signed: true }, { yScale: 0, signed: false } as never);
+    matmulInt8Requantized(a, b, 8, 16, 4, requantized.o);
+    once(requantized.reads);
+    const w = quantizeTensor(Float32Array.from({ length: 16 * 4 }, (_, i) => Math.sin(i)), { shape: [16, 4], bits: 4, granularity: 'block', axis: 0, blockSize: 16 });
+    const handQ = counted({ ...w }, { scale: new Float32Array(w.scale.length).fill(NaN) } as never);
+    const packed = packInt4Matrix(handQ.o);
+    once(handQ.reads);
+    const int4 = counted({ aScale: 0.5 }, { aScale: NaN } as never);
+    expect(matmulInt4(a, packed, 8, 16, 4, int4.o).every(Number.isFinite)).to.equal(true);
+    once(int4.reads);
+  });
+});
+
+describe('registered range methods: what they return is checked', () => {
+  it('infinite or NaN bounds, lo > hi and wrong lengths name the method (they became a scale of 1 silently)', () => {
+    // Registering changes the process's registry: done in a child, which reports the errors it got.
+    const script = `const l = require(${JSON.stringify(require.resolve('../../ts'))});
+      const method = (name, make) => ({ name, description: '', ranges: (r) => make(r.groups), rangesAsync: async (r) => make(r.groups) });
+      l.registerRangeMethod(method('naive', (g) => ({ lo: new Float32Array(g), hi: new Float32Array(g).fill(Infinity), nanIndex: -1 })));
+      l.registerRangeMethod(method('upside-down', (g) => ({ lo: new Float32Array(g).fill(1), hi: new Float32Array(g), nanIndex: -1 })));
+      l.registerRangeMethod(method('short', () => ({ lo: new Float32Array(1), hi: new Float32Array(1), nanIndex: -1 })));
+      const errors = [];
+      for (const m of ['naive', 'upside-down', 'short']) {
+        try { l.quantizeTensor(Float32Array.of(0.001, 0.002), { shape: [2], method: m, granularity: 'channel', axis: 0 }); } catch (e) { errors.push(e.constructor.name + ': ' + e.message); }
+      }
+      l.quantizeTensorAsync(Float32Array.of(0.001, 0.002), { shape: [2], method: 'naive' }).catch((e) => { errors.push(e.message); console.log(JSON.stringify(errors)); });`;
+    const child = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' });
+    expect(child.status, child.stderr).to.equal(0);
+    const errors = JSON.parse(child.stdout) as string[];
+    expect(errors[0]).to.equal('RangeError: Expected finite bounds with lo <= hi (or [Infinity, -Infinity] for a group without finite values) for group 0\'s range returned by range method \'naive\' but received "[0, Infinity]". ' +
+      'Fix the method: leave infinite values out of its ranges, as the built-in methods do.');
+    expect(errors[1]).to.match(/^RangeError: Expected finite bounds with lo <= hi .* for group 0's range returned by range method 'upside-down' but received "\[1, 0\]"/);
+    expect(errors[2]).to.match(/^TypeError: Expected a Float32Array of 2 values \(one per group\) for lo returned by range method 'short' but received Float32Array/);
+    expect(errors[3]).to.match(/^Expected finite bounds with lo <= hi .* for group 0's range returned by range method 'naive'/);
   });
 });

@@ -57,6 +57,7 @@ export class MinMaxObserver {
   constructor(options?: { movingAverage?: number }) {
     this.options = checkOptions('options', options);
     const c = this.options.movingAverage;
+    if (c !== undefined && typeof c !== 'number') throw invalidType('options.movingAverage', 'a number in (0, 1]', c);
     if (c !== undefined && !(c > 0 && c <= 1)) throw invalidValue('options.movingAverage', 'a number in (0, 1]', c);
   }
 

@@ -31,7 +31,7 @@ export function forEachGroup(data: Float32Array, layout: NativeLayout, fn: (g: n
     return;
   }
   const blocks = Math.ceil(axisLen / blockSize);
-  const scratch = new Float32Array(blockSize);
+  const scratch = new Float32Array(Math.min(blockSize, axisLen));  // blockSize may exceed the axis (one short block)
   for (let o = 0; o < outer; o++) {
     for (let j = 0; j < blocks; j++) {
       const d0 = j * blockSize;
