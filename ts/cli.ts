@@ -441,10 +441,10 @@ export function program(): Command {
         .flatMap(([source, flag]) => ['inputs.npy', 'labels.npy'].map((f): [string, string] => [`${flag}'s ${f}`, path.join(source!, f)]));
       checkDistinct('--output', output, [['the model', modelArg], ...dataFiles]);
       // Errors in the data name the flag and file, not the API's parameter.
-      const flags: Array<[string, string]> = [
-        ['options.validation.inputs', "--validation's inputs.npy"], ['options.validation.labels', "--validation's labels.npy"],
-        ['data.inputs', "--data's inputs.npy"], ['data.labels', "--data's labels.npy"], ...FINETUNE_FLAGS,
-      ];
+      const flags: Array<[string, string]> = [['options.validation', '--validation'], ['data', '--data']].flatMap(([api, flag]) => [
+        [`${api}.inputs.dims`, `the shape of ${flag}'s inputs.npy`], [`${api}.inputs.data`, `${flag}'s inputs.npy`],
+        [`${api}.labels`, `${flag}'s labels.npy`],
+      ] as Array<[string, string]>).concat(FINETUNE_FLAGS);
       const options: FinetuneOptions = {
         method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, firstLastLayerBits: Number(o.firstLastBits) as 8,
         epochs: Number(o.epochs), batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed),

@@ -466,6 +466,36 @@ describe('calibration data that change or disagree', () => {
       expect(reused.outputs, `activations ${JSON.stringify(activations)}`).to.deep.equal(separate.outputs);
       expect(reused.outputs[0].nonFiniteFeeds).to.equal(undefined);
     }
+    // A Node Buffer (a Uint8Array whose slice shares its memory) refilled by a uint8 loader: pixels → Cast → MatMul.
+    const pixels = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: {
+        name: 'pixels', input: [info('pixels', TensorProto_DataType.UINT8, [1, 16])], output: [info('y', TensorProto_DataType.FLOAT, [1, 4])],
+        initializer: [{ name: 'w', dataType: TensorProto_DataType.FLOAT, dims: [16n, 4n], rawData: new Uint8Array(heInit(64, 16, 3).buffer) }],
+        node: [
+          { opType: 'Cast', name: 'cast', input: ['pixels'], output: ['x'], attribute: [{ name: 'to', type: AttributeProto_AttributeType.INT, i: BigInt(TensorProto_DataType.FLOAT) }] },
+          { opType: 'MatMul', name: 'mm', input: ['x', 'w'], output: ['y'] },
+        ],
+      },
+    } as never));
+    const rows = Array.from({ length: 6 }, (_, i) => Uint8Array.from({ length: 16 }, (_, j) => (i * 37 + j * 11) % 256));
+    const shared = Buffer.alloc(16);
+    function* refillingBuffer() {
+      try {
+        for (const row of rows) {
+          shared.set(row);
+          yield { pixels: { data: shared, dims: [1, 16] } };
+        }
+      } finally {
+        shared.fill(0);
+      }
+    }
+    const own = rows.map((data) => ({ pixels: { data, dims: [1, 16] } }));
+    for (const activations of [false as const, { bits: 8 as const }]) {
+      const evaluate = async (calibration: Iterable<{ pixels: { data: Uint8Array; dims: number[] } }>) =>
+        (await quantizeModel(pixels, { weights: { bits: 8 }, activations, calibration })).report.evaluation!.outputs;
+      expect(await evaluate(refillingBuffer()), `Buffer, activations ${JSON.stringify(activations)}`).to.deep.equal(await evaluate(own));
+    }
   });
 
   it('an iterable of numbers (one input\'s values) is refused before the model is read', async () => {

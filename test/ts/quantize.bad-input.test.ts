@@ -423,6 +423,20 @@ describe('objects whose properties answer differently on each read (getters, pro
   });
 });
 
+describe('small audit items (third audit)', () => {
+  it("a BigInt scale, a string movingAverage and a block longer than the axis get lowbit's errors or results, not the engine's", () => {
+    expectError(() => quantizeTensor(x4, { shape: [4], scale: [1n] as never }), TypeError, /^Expected a positive finite float32 number for options\.scale\[0\] but received 1 \(bigint\)\.$/);
+    expectError(() => new MinMaxObserver({ movingAverage: '0.5' as never }), TypeError, /^Expected a number in \(0, 1\] for options\.movingAverage but received "0\.5"/);
+    const options = { movingAverage: 0.5 };
+    const observer = new MinMaxObserver(options).observe(Float32Array.of(0, 1));
+    options.movingAverage = NaN;  // the observer keeps its own copy
+    expect(observer.observe(Float32Array.of(0, 3)).range()).to.deep.equal({ lo: 0, hi: 2 });
+    // One short block: a scratch of the axis' length, not of 2^40 floats (V8's bare allocation error before).
+    const q = quantizeTensor(Float32Array.of(1, 2, 3, 4, 5, 6), { shape: [2, 3], granularity: 'block', axis: 0, blockSize: 2 ** 40, method: 'percentile' });
+    expect(Array.from(q.scale)).to.have.length(3);
+  });
+});
+
 describe('registered range methods: what they return is checked', () => {
   it('infinite or NaN bounds, lo > hi and wrong lengths name the method (they became a scale of 1 silently)', () => {
     // Registering changes the process's registry: done in a child, which reports the errors it got.

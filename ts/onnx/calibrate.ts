@@ -239,7 +239,8 @@ export async function firstFeeds(model: ModelProto, data: CalibrationData, count
   const feeds: Feed[] = [];
   const { iterable, filesOf } = batchesOf(data);
   for await (const raw of iterable as AsyncIterable<Feed>) {
-    feeds.push(copyFeed(checkFeedFrom(model, raw, feeds.length, filesOf(raw))));
+    const feed = checkFeedFrom(model, raw, feeds.length, filesOf(raw));
+    feeds.push(mayChange(data) ? copyFeed(feed) : feed);
     if (feeds.length === count) break;
   }
   if (feeds.length === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
@@ -279,7 +280,14 @@ function checkFeedFrom(model: ModelProto, raw: unknown, index: number, files: st
  * every batch it yields.
  */
 function copyFeed(feed: Feed): Feed {
-  return Object.fromEntries(Object.entries(feed).map(([name, v]) => [name, { ...v, data: v.data.slice(), dims: [...v.dims] }])) as Feed;
+  // A Node Buffer's slice is a view of the same memory: copied as a Uint8Array.
+  const copy = (d: FeedTensor['data']) => (Buffer.isBuffer(d) ? new Uint8Array(d) : d.slice());
+  return Object.fromEntries(Object.entries(feed).map(([name, v]) => [name, { ...v, data: copy(v.data), dims: [...v.dims] }])) as Feed;
+}
+
+/** Whether batches kept past their turn need copies: a folder's are read afresh and an array's stay as they are. */
+function mayChange(data: CalibrationData): boolean {
+  return typeof data !== 'string' && !Array.isArray(data);
 }
 
 /** Names in the order people number files: batch2 before batch10 (digit runs compared as numbers). */
@@ -598,7 +606,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
         }
         await pause();  // observers of large tensors (histograms, Gram matrices) take a while each
       }
-      if (sample.length < (options.keep ?? 4)) sample.push(copyFeed(feed));
+      if (sample.length < (options.keep ?? 4)) sample.push(mayChange(data) ? copyFeed(feed) : feed);
       options.onBatch?.(batches);
       batches++;
     }

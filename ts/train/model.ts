@@ -57,7 +57,10 @@ export interface QuantizableLayer {
 }
 
 export class TrainingError extends Error {
-  /** The last good model (ONNX bytes), when training stopped on a non-finite value after at least one update. */
+  /**
+   * The last good model (ONNX bytes), when training stopped on a non-finite value; undefined when the first batch's
+   * forward pass already gave one (no update had run).
+   */
   model?: Uint8Array;
   step?: number;
   layer?: string;
