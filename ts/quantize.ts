@@ -8,7 +8,7 @@ import { invalidType, invalidValue, withArticle } from './errors';
 import { tensorStats } from './methods/aciq';
 import { allocateBits } from './methods/bit-allocation';
 import { forEachGroup } from './methods/groups';
-import { rangeMethod, rangeMethodNames, type GroupRanges, type RangeMethod, type RangeMethodOptions, type RangeRequest } from './methods/registry';
+import { isBuiltInRangeMethod, rangeMethod, rangeMethodNames, type GroupRanges, type RangeMethod, type RangeMethodOptions, type RangeRequest } from './methods/registry';
 import { native, type NativeParams } from './native';
 import {
   integerRange, nativeParams, tensorLayout, type Granularity, type QuantizedTensor, type TensorLayout,
@@ -260,17 +260,19 @@ function checkMethodOptions(o: Record<string, unknown>, granularity: Granularity
   return m;
 }
 
-function checkBitAllocation(v: unknown, granularity: Granularity, bits: number): NonNullable<Plan['bitAllocation']> {
+function checkBitAllocation(given: unknown, granularity: Granularity, bits: number): NonNullable<Plan['bitAllocation']> {
+  const v = readOnce(given);
   if (!isPlainObject(v)) throw invalidType('options.bitAllocation', 'an object { averageBits, minBits?, maxBits?, prior? }', v);
   if (granularity !== 'channel') throw invalidValue('options.granularity', "'channel' with bitAllocation (bits are allocated per channel)", granularity);
   checkKnownKeys('options.bitAllocation', v, ['averageBits', 'minBits', 'maxBits', 'prior']);
   const minBits = v.minBits === undefined ? 2 : checkInteger('options.bitAllocation.minBits', v.minBits, 2, 8);
   const maxBits = v.maxBits === undefined ? Math.max(minBits, bits) : checkInteger('options.bitAllocation.maxBits', v.maxBits, minBits, 8);
-  if (typeof v.averageBits !== 'number' || !(v.averageBits >= minBits && v.averageBits <= maxBits)) {
-    throw invalidValue('options.bitAllocation.averageBits', `a number in [minBits, maxBits] = [${minBits}, ${maxBits}]`, v.averageBits);
+  const averageBits = v.averageBits;
+  if (typeof averageBits !== 'number' || !(averageBits >= minBits && averageBits <= maxBits)) {
+    throw invalidValue('options.bitAllocation.averageBits', `a number in [minBits, maxBits] = [${minBits}, ${maxBits}]`, averageBits);
   }
   const prior = v.prior === undefined ? 'gauss' : checkChoice('options.bitAllocation.prior', v.prior, ['gauss', 'laplace'] as const);
-  return { averageBits: v.averageBits, minBits, maxBits, prior };
+  return { averageBits, minBits, maxBits, prior };
 }
 
 function nanError(index: number): RangeError {
@@ -305,7 +307,8 @@ function checkRanges(p: Plan, r: unknown): GroupRanges {
     if (l[g] === Infinity && h[g] === -Infinity) continue;
     if (!Number.isFinite(l[g]) || !Number.isFinite(h[g]) || l[g] > h[g]) {
       throw invalidValue(`group ${g}'s range returned by ${method}`, 'finite bounds with lo <= hi (or [Infinity, -Infinity] for a group without finite values)', `[${l[g]}, ${h[g]}]`,
-        'Fix the method: leave infinite values out of its ranges, as the built-in methods do.');
+        isBuiltInRangeMethod(p.method!.name) ? 'This is a lowbit bug: please report it with the data and options.'
+          : 'Fix the method: leave infinite values out of its ranges, as the built-in methods do.');
     }
   }
   return { lo: l, hi: h, nanIndex };
@@ -456,6 +459,7 @@ export function checkQuantizedTensor(name: string, given: unknown): { q: Quantiz
   }
   checkAttached(`${name}.values`, q.values);
   const shape = checkShape(`${name}.shape`, q.shape);
+  q.shape = shape;  // the checked copy, not the caller's array, read again downstream
   const count = shape.reduce((a, b) => a * b, 1);
   if (count !== q.values.length) {
     throw invalidValue(`${name}.shape`, `dimensions whose product is values.length = ${q.values.length}`, q.shape);

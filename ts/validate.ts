@@ -15,7 +15,16 @@ export function isPlainObject(v: unknown): v is Record<string, unknown> {
  * not an object comes back as it is, for the caller's type check.
  */
 export function readOnce<T>(v: T): T {
-  return isPlainObject(v) ? ({ ...v } as T) : v;
+  if (!isPlainObject(v)) return v;
+  const copy: Record<string, unknown> = {};
+  for (const key in v) copy[key] = v[key];  // own and inherited enumerable (Object.create(defaults))
+  // A class's getters live on its prototype, not enumerable: options too.
+  for (let p = Object.getPrototypeOf(v); p && p !== Object.prototype; p = Object.getPrototypeOf(p)) {
+    for (const [key, d] of Object.entries(Object.getOwnPropertyDescriptors(p))) {
+      if (d.get && !(key in copy)) copy[key] = v[key];
+    }
+  }
+  return copy as T;
 }
 
 export function checkFloat32Array(name: string, v: unknown): Float32Array {

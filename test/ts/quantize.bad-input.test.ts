@@ -437,6 +437,51 @@ describe('small audit items (third audit)', () => {
   });
 });
 
+describe("'kl' and 'percentile' per group (TypeScript histograms) off the main thread", () => {
+  it('quantizeTensorAsync turns the event loop between groups and gives the synchronous result', async () => {
+    // 1 024 blocks of 32: each a 2048-bin histogram and a KL search in TypeScript (7.6 s for 32 768 blocks, measured).
+    const x = Float32Array.from({ length: 128 * 256 }, (_, i) => Math.sin(i * 0.37));
+    const options = { shape: [128, 256], bits: 4 as const, granularity: 'block' as const, axis: 1, blockSize: 32, method: 'kl' };
+    let ticks = 0, done = false;
+    const tick = () => { ticks++; if (!done) setImmediate(tick); };
+    setImmediate(tick);
+    // The turns taken while the ranges were computed: counted when the quantization itself (native, threaded) starts.
+    const binding = native();
+    const quantizeAsync = binding.quantizeAsync;
+    let ticksBeforeQuantizing = -1;
+    binding.quantizeAsync = (...args: Parameters<typeof quantizeAsync>) => {
+      ticksBeforeQuantizing = ticks;
+      return quantizeAsync.apply(binding, args);
+    };
+    let q;
+    try {
+      q = await quantizeTensorAsync(x, options);
+    } finally {
+      binding.quantizeAsync = quantizeAsync;
+      done = true;
+    }
+    expect(ticksBeforeQuantizing).to.be.at.least(3);
+    expect(Array.from(q.scale)).to.deep.equal(Array.from(quantizeTensor(x, options).scale));
+  });
+});
+
+describe('read once, and still read like property access (review of the read-once change)', () => {
+  it('options inherited from a prototype (Object.create(defaults)) or given by a class getter are read, not dropped', () => {
+    const a = Uint8Array.from({ length: 8 }, (_, i) => i);
+    const b = Int8Array.from({ length: 8 }, (_, i) => i - 4);
+    class Options { get aZeroPoint() { return 3; } }
+    const expected = Array.from(matmulInt8(a, b, 2, 4, 2, { aZeroPoint: 3 }));
+    expect(expected).to.not.deep.equal(Array.from(matmulInt8(a, b, 2, 4, 2)));
+    expect(Array.from(matmulInt8(a, b, 2, 4, 2, Object.create({ aZeroPoint: 3 })))).to.deep.equal(expected);
+    expect(Array.from(matmulInt8(a, b, 2, 4, 2, new Options() as never))).to.deep.equal(expected);
+  });
+
+  it("ACIQ one-sided over values all below 0 gives the range [0, 0] (scale 1), as before the ranges were checked", () => {
+    const q = quantizeTensor(Float32Array.of(-1, -2, -3, -0.5), { shape: [4], method: 'aciq', oneSided: true, signed: false } as never);
+    expect([q.scale[0], q.zeroPoint[0], ...q.values]).to.deep.equal([1, 0, 0, 0, 0, 0]);
+  });
+});
+
 describe('registered range methods: what they return is checked', () => {
   it('infinite or NaN bounds, lo > hi and wrong lengths name the method (they became a scale of 1 silently)', () => {
     // Registering changes the process's registry: done in a child, which reports the errors it got.

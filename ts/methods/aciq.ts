@@ -169,7 +169,8 @@ export function aciqRange(stats: TensorStats, bits: number, prior: AciqPrior | '
     const alpha = aciqAlpha(bits, p, scale, { oneSided });
     const expectedMse = aciqExpectedMse(p, alpha, scale, oneSided ? bits + 1 : bits);
     const lo = oneSided ? 0 : Math.max(stats.min, stats.mean - alpha);
-    const hi = oneSided ? Math.min(stats.max, Math.max(stats.mean, 0) + alpha) : Math.min(stats.max, stats.mean + alpha);
+    // One-sided over values all below 0: nothing to keep above the 0 it starts from, [0, 0].
+    const hi = oneSided ? Math.max(0, Math.min(stats.max, Math.max(stats.mean, 0) + alpha)) : Math.min(stats.max, stats.mean + alpha);
     if (!best || expectedMse < best.expectedMse) best = { prior: p, alpha, lo, hi, expectedMse };
   }
   return best!;

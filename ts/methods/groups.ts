@@ -13,20 +13,28 @@ export function groupCount(layout: NativeLayout): number {
 
 /** Calls fn(g, values) for every group; `values` may be a view of data or a scratch copy (do not keep it). */
 export function forEachGroup(data: Float32Array, layout: NativeLayout, fn: (g: number, values: Float32Array) => void): void {
+  for (const [g, values] of groupValues(data, layout)) fn(g, values);
+}
+
+/**
+ * Every group's index and values, in order; the values may be a view of data or a scratch copy, valid until the
+ * next step (do not keep them). A generator, so that async callers can turn the event loop between groups.
+ */
+export function* groupValues(data: Float32Array, layout: NativeLayout): Generator<[number, Float32Array]> {
   const { kind, outer, axisLen, inner, blockSize } = layout;
   if (kind === 0) {
-    fn(0, data);
+    yield [0, data];
     return;
   }
   if (kind === 1) {
     const scratch = new Float32Array(outer * inner);
     for (let d = 0; d < axisLen; d++) {
       if (outer === 1) {
-        fn(d, data.subarray(d * inner, (d + 1) * inner));
+        yield [d, data.subarray(d * inner, (d + 1) * inner)];
         continue;
       }
       for (let o = 0; o < outer; o++) scratch.set(data.subarray((o * axisLen + d) * inner, (o * axisLen + d + 1) * inner), o * inner);
-      fn(d, scratch);
+      yield [d, scratch];
     }
     return;
   }
@@ -39,11 +47,11 @@ export function forEachGroup(data: Float32Array, layout: NativeLayout, fn: (g: n
       for (let i = 0; i < inner; i++) {
         const g = (o * blocks + j) * inner + i;
         if (inner === 1) {
-          fn(g, data.subarray(o * axisLen + d0, o * axisLen + d1));
+          yield [g, data.subarray(o * axisLen + d0, o * axisLen + d1)];
           continue;
         }
         for (let d = d0; d < d1; d++) scratch[d - d0] = data[(o * axisLen + d) * inner + i];
-        fn(g, scratch.subarray(0, d1 - d0));
+        yield [g, scratch.subarray(0, d1 - d0)];
       }
     }
   }

@@ -8,7 +8,8 @@ import { invalidType, invalidValue } from '../errors';
 import { closestName } from '../validate';
 import { native, type NativeLayout } from '../native';
 import { aciqRange, type AciqPrior } from './aciq';
-import { forEachGroup } from './groups';
+import { pauser } from '../onnx/passes/pass';
+import { groupValues } from './groups';
 
 /** Method-specific options, as given to quantizeTensor. */
 export interface RangeMethodOptions {
@@ -65,20 +66,39 @@ function minmaxRanges(r: RangeRequest): GroupRanges {
 /** A method computed in TypeScript per group, after the native pass that finds NaN and min/max. */
 function perGroup(name: string, description: string, compute: (r: RangeRequest, values: Float32Array) => { lo: number; hi: number },
   refine?: (r: RangeRequest, ranges: GroupRanges, minmax: GroupRanges) => void): RangeMethod {
-  const ranges = (r: RangeRequest): GroupRanges => {
-    const minmax = minmaxRanges(r);
-    if (minmax.nanIndex >= 0) return minmax;
-    const out = { ...outputs(r.groups), nanIndex: -1 };
-    forEachGroup(r.data, r.layout, (g, values) => {
-      if (!(minmax.lo[g] <= minmax.hi[g])) return;  // no finite values: range [0, 0]
+  // One pass over the groups, in steps: the async path turns the event loop between them (a weight in blocks of 32
+  // is hundreds of thousands of groups, each a histogram built in TypeScript).
+  function* steps(r: RangeRequest, minmax: GroupRanges, out: GroupRanges): Generator<void> {
+    for (const [g, values] of groupValues(r.data, r.layout)) {
+      if (!(minmax.lo[g] <= minmax.hi[g])) continue;  // no finite values: range [0, 0]
       const { lo, hi } = compute(r, values);
       out.lo[g] = lo;
       out.hi[g] = hi;
-    });
-    refine?.(r, out, minmax);
-    return out;
+      yield;
+    }
+  }
+  const start = (r: RangeRequest) => {
+    const minmax = minmaxRanges(r);
+    return { minmax, out: { ...outputs(r.groups), nanIndex: minmax.nanIndex } };
   };
-  return { name, description, ranges, rangesAsync: async (r) => ranges(r) };
+  return {
+    name, description,
+    ranges(r) {
+      const { minmax, out } = start(r);
+      if (minmax.nanIndex >= 0) return minmax;
+      for (const _ of steps(r, minmax, out));
+      refine?.(r, out, minmax);
+      return out;
+    },
+    async rangesAsync(r) {
+      const { minmax, out } = start(r);
+      if (minmax.nanIndex >= 0) return minmax;
+      const pause = pauser();
+      for (const _ of steps(r, minmax, out)) await pause();
+      refine?.(r, out, minmax);
+      return out;
+    },
+  };
 }
 
 /** Keeps, per group, whichever of two ranges has the smaller measured error. */
@@ -191,6 +211,10 @@ export function registerRangeMethod(method: RangeMethod): void {
     if (typeof method[key] !== 'function') throw invalidType(`method.${key}`, 'a function (request) => { lo, hi, nanIndex }', method[key]);
   }
   registry.set(method.name, method);
+}
+
+export function isBuiltInRangeMethod(name: string): boolean {
+  return BUILT_IN.has(name);
 }
 
 export function rangeMethodNames(): string[] {
