@@ -1815,6 +1815,30 @@ describe('Upsample and Resize conversion', () => {
     });
   }
 
+  it("Resize-10 nearest that downsamples becomes nearest_mode 'ceil' (opset 10 rounds up there); mixed up and down scales are not converted", async () => {
+    const resize10 = (scales: number[]) => toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 7n, opsetImport: [{ domain: '', version: 10n }],
+      graph: {
+        name: 'down', input: [info('x', TensorProto_DataType.FLOAT, [1, 1, 4, 6])], output: [info('y')],
+        initializer: [{ name: 'scales', dataType: TensorProto_DataType.FLOAT, dims: [4n], rawData: new Uint8Array(Float32Array.from(scales).buffer) }],
+        node: [{ opType: 'Resize', name: 'down', input: ['x', 'scales'], output: ['y'], attribute: [{ name: 'mode', type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode('nearest') }] }],
+      },
+    } as never));
+    const O = ort();
+    const x = Float32Array.from({ length: 24 }, (_, i) => i + 1);
+    const run = async (m: Uint8Array) => Array.from((await (await O.InferenceSession.create(m)).run({ x: new O.Tensor('float32', x, [1, 1, 4, 6]) })).y.data as Float32Array);
+    // ONNX's resize_downsample_nearest case, in onnxruntime: scale 0.6 keeps rows and columns 0, 2 (ceil(1/0.6)), 4.
+    for (const scales of [[1, 1, 0.6, 0.6], [1, 1, 0.75, 0.4]]) {
+      const graph = new Graph(readModel(resize10(scales)));
+      const report = upgradeOpset(graph, 21);
+      expect(report.changed).to.include("down: Resize-10 -> Resize (asymmetric, ceil)");
+      expect(await run(serializeModel(graph.model)), scales.join()).to.deep.equal(await run(resize10(scales)));
+    }
+    expect(await run(resize10([1, 1, 0.6, 0.6]))).to.deep.equal([1, 3, 5, 13, 15, 17]);
+    const mixed = new Graph(readModel(resize10([1, 1, 1.5, 0.7])));
+    expect(unconvertibleReason(mixed)).to.match(/^Resize-10 \(down\) in mode 'nearest' with scales that are not constant and all >= 1 or all <= 1/);
+  });
+
   // Resize-11 with 'tf_half_pixel_for_nn' (dropped at opset 13), output sizes given, a conv after it to quantize.
   function tfHalfPixelModel(inDims: number[], outDims: number[], mode: string, nearestMode?: string): Uint8Array {
     const text = (name: string, value: string) => ({ name, type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode(value) });

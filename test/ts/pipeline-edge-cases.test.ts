@@ -1240,3 +1240,43 @@ describe('the evaluation on inputs that say nothing (second audit)', () => {
   });
 
 });
+
+describe('biases that are not finite (QDQ audit)', () => {
+  it('a NaN or infinite bias stays float with the reason (Math.round(NaN) in an Int32Array was a bias of 0)', async () => {
+    for (const bad of [NaN, Infinity]) {
+      const model = buildModel({
+        inputDims: [1, 1, 4, 4], nodes: [{ op: 'Conv', inputs: ['input', 'w', 'b'], output: 'y', name: 'conv', attrs: { kernel_shape: [3, 3] } }],
+        initializers: { w: { dims: [2, 1, 3, 3], data: Array.from({ length: 18 }, (_, i) => Math.sin(i)) }, b: { dims: [2], data: [bad, 1] } }, output: 'y',
+      });
+      const calibration = [{ input: { data: Float32Array.from({ length: 16 }, (_, i) => Math.cos(i)), dims: [1, 1, 4, 4] } }];
+      const { report } = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8 }, calibration, evaluationFeeds: [] });
+      expect(report.passes.find((p) => p.pass === 'quantize-bias'), String(bad)).to.deep.include({ changed: [], skipped: [{ node: 'conv', reason: 'the bias holds NaN or an infinity' }] });
+    }
+  });
+
+  it('with quantized layer outputs, a keepFloat layer reads the float tensor: onnxruntime does not quantize it behind the user\'s back', async () => {
+    const weights = (n: number, step: number) => ({ dims: [4, 4, 3, 3], data: Array.from({ length: n }, (_, i) => Math.sin(i * step) * 0.4) });
+    const conv = (name: string, input: string, output: string, w: string) => ({ op: 'Conv', inputs: [input, w], output, name, attrs: { kernel_shape: [3, 3], pads: [1, 1, 1, 1] } });
+    const model = buildModel({
+      inputDims: [1, 4, 6, 6], nodes: [conv('c1', 'input', 'h1', 'w1'), conv('kept', 'h1', 'h2', 'w2'), conv('c3', 'h2', 'y', 'w3')],
+      initializers: { w1: weights(144, 0.7), w2: weights(144, 1.3), w3: weights(144, 2.1) }, output: 'y',
+    });
+    const x = Float32Array.from({ length: 144 }, (_, i) => Math.cos(i * 0.37));
+    const { model: q, report } = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, outputs: true }, keepFloat: ['kept'],
+      calibration: [{ input: { data: x, dims: [1, 4, 6, 6] } }], evaluationFeeds: [] });
+    const graph = readModel(q).graph!;
+    expect(graph.node.find((n) => n.name === 'kept')!.input[0]).to.equal('h1');
+    expect(report.passes.find((p) => p.pass === 'quantize-activations')!.skipped).to.deep.equal([{ node: 'h1', reason: 'only layers left float read it' }]);
+    expect(report.layers.find((l) => l.node === 'c1')!.outputActivation).to.equal(undefined);
+    // What onnxruntime makes of it: kept stays a float Conv (before, a QLinearConv with a per-tensor int8 weight).
+    const optimized = path.join(os.tmpdir(), `lowbit-kept-${process.pid}.onnx`);
+    try {
+      await ort().InferenceSession.create(q, { graphOptimizationLevel: 'basic', optimizedModelFilePath: optimized });
+      const nodes = readModel(optimized).graph!.node;
+      expect(nodes.filter((n) => n.opType === 'QLinearConv').map((n) => n.name)).to.not.include.members(nodes.filter((n) => n.name.startsWith('kept')).map((n) => n.name));
+      expect(nodes.find((n) => n.name === 'kept')?.opType).to.equal('Conv');
+    } finally {
+      fs.rmSync(optimized, { force: true });
+    }
+  });
+});

@@ -74,6 +74,9 @@ export function fakeQuantize(x: Float32Array, p: { scale: number; zeroPoint: num
   return out;
 }
 
+/** The layers whose weights onnxruntime's WeightBiasQuantization quantizes between a DequantizeLinear and a QuantizeLinear. */
+const WEIGHT_LAYERS = new Set(['Conv', 'ConvTranspose', 'Gemm', 'MatMul']);
+
 /**
  * `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair; `ranges`: the range and width of each
  * tensor; `everyConsumer`: tensors that every consumer reads dequantized (layer outputs, so the producer's only
@@ -89,6 +92,9 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, Activation
     let rewired = 0;
     for (const node of graph.graph.node) {
       if (node === pair.nodes[0]) continue;
+      // A layer left float (keepFloat, or not quantizable) reads the float tensor: from a DequantizeLinear, with a
+      // QuantizeLinear after it, onnxruntime would quantize its weights itself (per tensor) and fuse it.
+      if (WEIGHT_LAYERS.has(node.opType) && !consumers.has(nodeLabel(node))) continue;
       if (everyConsumer.has(tensor)) {
         node.input.forEach((input, slot) => {
           if (input === tensor) node.input[slot] = pair.dequantized;
@@ -98,6 +104,13 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, Activation
         node.input[0] = pair.dequantized;
         rewired++;
       }
+    }
+    if (rewired === 0) {
+      // Only layers left float read it: a pair nothing reads would claim a quantized tensor.
+      graph.graph.node = graph.graph.node.filter((n) => !pair.nodes.includes(n));
+      for (const name of pair.nodes[0].input.slice(1)) graph.removeIfUnused(name);  // its scale and zero point
+      report.skipped.push({ node: tensor, reason: 'only layers left float read it' });
+      continue;
     }
     activations.push(pair.activation);
     report.changed.push(`${tensor}: ${describe(pair.activation)}, ${rewired} consumer(s)`);

@@ -41,6 +41,10 @@ export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>, m
         report.skipped.push({ node: label, reason: !node.input[2] ? 'no bias' : b ? 'the bias is not 1-D (one value per output channel)' : 'the bias is not a float constant' });
         continue;
       }
+      if (!values.every(Number.isFinite)) {
+        report.skipped.push({ node: label, reason: 'the bias holds NaN or an infinity' });
+        continue;
+      }
       const product = productScaleBias(values, s);
       replaceBias(graph, node, label, product ?? float16Bias(values), microsoftDomain);
       report.changed.push(`${label}: float16 bias -> int32 (${product ? 'scale s_a·s_w' : "power-of-two scale: s_a·s_w is below float16's normal range"})`);
@@ -53,6 +57,11 @@ export function quantizeBiases(graph: Graph, scales: Map<string, LayerScales>, m
     }
     if (data.length !== s.weight.length || !isChannelVector(b, s.weight.length)) {
       report.skipped.push({ node: label, reason: `the bias (shape [${dimsOf(b).join(', ')}]) does not have one value per output channel` });
+      continue;
+    }
+    if (!data.every(Number.isFinite)) {
+      // Math.round(NaN) stored in an Int32Array is 0: the bias would vanish without a word.
+      report.skipped.push({ node: label, reason: 'the bias holds NaN or an infinity' });
       continue;
     }
     const scale = Float32Array.from(s.weight, (w) => Math.fround(s.activation * w));

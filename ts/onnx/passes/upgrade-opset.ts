@@ -18,7 +18,7 @@ import type { GraphProto, NodeProto, TensorProto } from 'onnx-buf';
 
 import {
   attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, int64sAttribute, makeIntAttribute, makeNode,
-  isOnnxDomain, makeStringAttribute, namesRead, removeAttribute, stringAttribute, subgraphsOf, type Graph,
+  isOnnxDomain, makeStringAttribute, namesRead, removeAttribute, stringAttribute, subgraphsOf, floatData, type Graph,
 } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
@@ -48,14 +48,14 @@ export function unconvertibleReason(graph: Graph): string | undefined {
   // Before 7, Add, Mul, Gemm… broadcast only with a `broadcast` attribute and an `axis`, and other attributes
   // (BatchNormalization's is_test, spatial) differ: what UNCHANGED says holds from 7 on.
   if (graph.opset < 7) return `the model's opset ${graph.opset} predates 7, from which lowbit converts (older broadcasting rules and attributes)`;
-  return unconvertibleIn(graph.graph, graph.opset);
+  return unconvertibleIn(graph, graph.graph, graph.opset);
 }
 
-function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
+function unconvertibleIn(graph: Graph, scope: GraphProto, opset: number): string | undefined {
   for (const n of scope.node) {
     if (!isOnnxDomain(n.domain)) continue;
     for (const body of subgraphsOf(n)) {
-      const why = unconvertibleIn(body, opset);
+      const why = unconvertibleIn(graph, body, opset);
       if (why) return `${why}, inside ${n.opType} (${nodeLabel(n)})`;
     }
     if (n.opType === 'BatchNormalization' && n.output.filter((o) => o !== '').length > 1) {
@@ -74,10 +74,29 @@ function unconvertibleIn(scope: GraphProto, opset: number): string | undefined {
         `'${stringAttribute(n, 'mode', 'nearest')}', nearest_mode '${stringAttribute(n, 'nearest_mode', 'round_prefer_floor')}' has no equivalent at opset 13 ` +
         "(only nearest with 'round_prefer_floor' or 'floor' is converted)";
     }
+    if (n.opType === 'Resize' && opset === 10 && stringAttribute(n, 'mode', 'nearest') === 'nearest' && !resize10NearestMode(graph, n, scope)) {
+      return `Resize-10 (${nodeLabel(n)}) in mode 'nearest' with scales that are not constant and all >= 1 or all <= 1: opset 10 rounds ` +
+        'down where it upsamples and up where it downsamples, which no single nearest_mode of opset 11 on does';
+    }
     if (n.opType === 'Resize' || n.opType === 'Upsample') continue;
     if (opset >= (CONTROL_FLOW_SINCE.get(n.opType) ?? Infinity)) continue;
     return `${n.opType} (${nodeLabel(n)}) changed between opset ${opset} and the target and is not converted here`;
   }
+  return undefined;
+}
+
+/**
+ * The nearest_mode with which an opset-11+ Resize ('asymmetric') picks the pixels a Resize-10 in mode 'nearest'
+ * picks: onnxruntime's opset 10 (and ONNX's resize_downsample_nearest test) rounds the source coordinate down where a
+ * dimension upsamples and up where it downsamples, so constant scales all >= 1 give 'floor', all <= 1 'ceil';
+ * undefined for mixed or non-constant scales.
+ */
+function resize10NearestMode(graph: Graph, n: NodeProto, scope: GraphProto): 'floor' | 'ceil' | undefined {
+  const t = n.input[1] ? graph.constant(n.input[1], scope) ?? graph.constant(n.input[1]) : undefined;
+  const scales = t && floatData(t);
+  if (!scales) return undefined;
+  if (scales.every((s) => s >= 1)) return 'floor';
+  if (scales.every((s) => s <= 1)) return 'ceil';
   return undefined;
 }
 
@@ -241,12 +260,14 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
             n.input[1] = constInput(`${label}_scales`, (name) => floatTensor(name, scales));
             removeAttribute(n, 'scales');
           }
-          n.input = [n.input[0], '', n.input[1]];
           const isNearest = stringAttribute(n, 'mode', 'nearest') === 'nearest';
+          // Upsample only upsamples (scales >= 1): 'floor'; Resize-10 by its scales (unconvertibleIn refused the rest).
+          const nearestMode = n.opType === 'Upsample' ? 'floor' : resize10NearestMode(graph, n, scope)!;
+          n.input = [n.input[0], '', n.input[1]];
           n.opType = 'Resize';
           n.attribute.push(makeStringAttribute('coordinate_transformation_mode', 'asymmetric'));
-          if (isNearest) n.attribute.push(makeStringAttribute('nearest_mode', 'floor'));
-          report.changed.push(`${label}: ${from < 10 ? 'Upsample' : 'Resize-10'} -> Resize (asymmetric${isNearest ? ', floor' : ''})`);
+          if (isNearest) n.attribute.push(makeStringAttribute('nearest_mode', nearestMode));
+          report.changed.push(`${label}: ${from < 10 ? 'Upsample' : 'Resize-10'} -> Resize (asymmetric${isNearest ? `, ${nearestMode}` : ''})`);
         } else if (from < 13 && target >= 13 && usesTfHalfPixel(n)) {
           const nearestMode = halfPixelNearestMode(n)!;
           removeAttribute(n, 'coordinate_transformation_mode');
