@@ -1241,7 +1241,7 @@ describe('the evaluation on inputs that say nothing (second audit)', () => {
 
 });
 
-describe('biases that are not finite (QDQ audit)', () => {
+describe('QDQ audit: biases that are not finite, layers left float', () => {
   it('a NaN or infinite bias stays float with the reason (Math.round(NaN) in an Int32Array was a bias of 0)', async () => {
     for (const bad of [NaN, Infinity]) {
       const model = buildModel({
@@ -1278,5 +1278,15 @@ describe('biases that are not finite (QDQ audit)', () => {
     } finally {
       fs.rmSync(optimized, { force: true });
     }
+    // A MatMul of two activations (attention's scores) has no weights of its own: it keeps reading the dequantized value.
+    const attention = buildModel({
+      inputDims: [4, 8], nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'a', name: 'proj' }, { op: 'Transpose', inputs: ['a'], output: 't', name: 'tr' },
+        { op: 'MatMul', inputs: ['a', 't'], output: 'y', name: 'scores' }],
+      initializers: { w: { dims: [8, 8], data: Array.from({ length: 64 }, (_, i) => Math.sin(i) * 0.3) } }, output: 'y',
+    });
+    const xa = Float32Array.from({ length: 32 }, (_, i) => Math.cos(i));
+    const scores = readModel((await quantizeModel(attention, { weights: { bits: 8 }, activations: { bits: 8, outputs: true },
+      calibration: [{ input: { data: xa, dims: [4, 8] } }], evaluationFeeds: [] })).model).graph!.node.find((n) => n.name === 'scores')!;
+    expect(scores.input[0]).to.equal('a_dequantized');
   });
 });

@@ -92,9 +92,10 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, Activation
     let rewired = 0;
     for (const node of graph.graph.node) {
       if (node === pair.nodes[0]) continue;
-      // A layer left float (keepFloat, or not quantizable) reads the float tensor: from a DequantizeLinear, with a
-      // QuantizeLinear after it, onnxruntime would quantize its weights itself (per tensor) and fuse it.
-      if (WEIGHT_LAYERS.has(node.opType) && !consumers.has(nodeLabel(node))) continue;
+      // A layer with constant weights left float (keepFloat, or not quantizable) reads the float tensor: from a
+      // DequantizeLinear, with a QuantizeLinear after it, onnxruntime would quantize those weights itself (per
+      // tensor) and fuse it. (A MatMul of two activations keeps the dequantized value: its QDQ form is exact.)
+      if (WEIGHT_LAYERS.has(node.opType) && !consumers.has(nodeLabel(node)) && node.input.some((i) => i !== tensor && graph.constant(i))) continue;
       if (everyConsumer.has(tensor)) {
         node.input.forEach((input, slot) => {
           if (input === tensor) node.input[slot] = pair.dequantized;
