@@ -74,8 +74,21 @@ export function fakeQuantize(x: Float32Array, p: { scale: number; zeroPoint: num
   return out;
 }
 
-/** The layers whose weights onnxruntime's WeightBiasQuantization quantizes between a DequantizeLinear and a QuantizeLinear. */
-const WEIGHT_LAYERS = new Set(['Conv', 'ConvTranspose', 'Gemm', 'MatMul']);
+/**
+ * The layers whose float weights onnxruntime's WeightBiasQuantization quantizes itself (per tensor) when they read
+ * a DequantizeLinear and their output goes to a QuantizeLinear (seen in onnxruntime 1.30 for Conv and Gemm; a
+ * MatMul stays float there).
+ */
+const QUANTIZED_BY_ONNXRUNTIME = new Set(['Conv', 'ConvTranspose', 'Gemm']);
+
+/** A layer left float (keepFloat, or not quantizable) that onnxruntime would quantize if it read a dequantized input. */
+function keptOnlyOnFloatInput(graph: Graph, node: NodeProto, consumers: Set<string>, ranges: Map<string, ActivationRange>): boolean {
+  if (!QUANTIZED_BY_ONNXRUNTIME.has(node.opType) || consumers.has(nodeLabel(node)) || !node.input[1] || !graph.constant(node.input[1])) return false;
+  let output = node.output[0];
+  const readers = graph.consumers(output);
+  if (readers.length === 1 && (readers[0].opType === 'Relu' || readers[0].opType === 'Clip')) output = readers[0].output[0];
+  return ranges.has(output);
+}
 
 /**
  * `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair; `ranges`: the range and width of each
@@ -86,16 +99,16 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, Activation
   signed: boolean, microsoftDomain: boolean, everyConsumer: Set<string> = new Set()): { report: PassReport; activations: ActivationLayerReport[] } {
   const report: PassReport = { pass: 'quantize-activations', changed: [], skipped: [] };
   const activations: ActivationLayerReport[] = [];
+  // They read the float tensor (their input's producer then has two readers, and onnxruntime does not fuse it with
+  // its output's QuantizeLinear: the cost of keeping them float).
+  const keptFloat = new Set(graph.graph.node.filter((n) => keptOnlyOnFloatInput(graph, n, consumers, ranges)));
   for (const [tensor, range] of ranges) {
     const pair = quantizerPair(graph, tensor, range, signed, microsoftDomain, graph.graph);
     graph.graph.node.push(...pair.nodes);
     let rewired = 0;
     for (const node of graph.graph.node) {
       if (node === pair.nodes[0]) continue;
-      // A layer with constant weights left float (keepFloat, or not quantizable) reads the float tensor: from a
-      // DequantizeLinear, with a QuantizeLinear after it, onnxruntime would quantize those weights itself (per
-      // tensor) and fuse it. (A MatMul of two activations keeps the dequantized value: its QDQ form is exact.)
-      if (WEIGHT_LAYERS.has(node.opType) && !consumers.has(nodeLabel(node)) && node.input.some((i) => i !== tensor && graph.constant(i))) continue;
+      if (keptFloat.has(node)) continue;
       if (everyConsumer.has(tensor)) {
         node.input.forEach((input, slot) => {
           if (input === tensor) node.input[slot] = pair.dequantized;

@@ -5,7 +5,7 @@
  * ReduceSum (13), Softmax/LogSoftmax/Hardmax (13: the 2-D coercion becomes
  * Flatten + op + Reshape), the other Reduce ops (18), Split's num_outputs (18),
  * Upsample and Resize-10 (Resize-11 with an empty roi, 'asymmetric'
- * coordinates and, for nearest, 'floor' rounding: their old behaviour),
+ * coordinates and, for nearest, 'floor' rounding — 'ceil' for a Resize-10 that downsamples —: their old behaviour),
  * Resize-11's 'tf_half_pixel_for_nn' (13: 'half_pixel' with the nearest_mode
  * that picks the same pixels; refused for the modes where none does).
  * Operators known to be unchanged in meaning are kept as they are, and so are
@@ -94,7 +94,7 @@ function unconvertibleIn(graph: Graph, scope: GraphProto, opset: number): string
 function resize10NearestMode(graph: Graph, n: NodeProto, scope: GraphProto): 'floor' | 'ceil' | undefined {
   const t = n.input[1] ? graph.constant(n.input[1], scope) ?? graph.constant(n.input[1]) : undefined;
   const scales = t && floatData(t);
-  if (!scales) return undefined;
+  if (!scales || scales.length === 0) return undefined;
   if (scales.every((s) => s >= 1)) return 'floor';
   if (scales.every((s) => s <= 1)) return 'ceil';
   return undefined;
