@@ -160,13 +160,13 @@ void listsEveryFunction;
 
 /** The addon could not be loaded; the message lists what was tried and the fixes. */
 export class NativeLoadError extends Error {
-  /** `chosen`: the file came from LOWBIT_NATIVE_PATH, the only one tried then. */
-  constructor(tried: string[], causes: string[], chosen = false) {
+  /** `fromEnv`: the file came from LOWBIT_NATIVE_PATH, the only one tried then. */
+  constructor(tried: string[], causes: string[], fromEnv = false) {
     super(
       'lowbit: could not load its native addon.\n' +
-        tried.map((p, i) => `  tried ${p}${chosen ? ' (LOWBIT_NATIVE_PATH)' : ''}: ${causes[i]}`).join('\n') +
+        tried.map((p, i) => `  tried ${p}${fromEnv ? ' (LOWBIT_NATIVE_PATH)' : ''}: ${causes[i]}`).join('\n') +
         '\nPossible solutions:\n' +
-        (chosen
+        (fromEnv
           ? '  - point LOWBIT_NATIVE_PATH at a lowbit.node built for this platform, or unset it to load the one npm install built\n'
           : '  - rebuild it: `npm rebuild lowbit` (or `npm run build:native` in a clone); this needs cmake >= 3.18 and g++ or clang with C++17\n' +
             '  - set LOWBIT_NATIVE_PATH to a lowbit.node built for this platform\n') +
@@ -190,9 +190,9 @@ export function native(): NativeBinding {
 
 /**
  * The first of these files that is lowbit's addon with every function; a NativeLoadError saying why for each when
- * none is (`chosen`: the file is LOWBIT_NATIVE_PATH's).
+ * none is (`fromEnv`: the file is LOWBIT_NATIVE_PATH's).
  */
-export function loadBinding(tried: string[], chosen = false): NativeBinding {
+export function loadBinding(tried: string[], fromEnv = false): NativeBinding {
   const causes: string[] = [];
   for (const file of tried) {
     if (!fs.existsSync(file)) {
@@ -215,5 +215,5 @@ export function loadBinding(tried: string[], chosen = false): NativeBinding {
       return loaded as unknown as NativeBinding;
     }
   }
-  throw new NativeLoadError(tried, causes, chosen);
+  throw new NativeLoadError(tried, causes, fromEnv);
 }

@@ -7,7 +7,7 @@ import { checkKernel } from './cpu';
 import { invalidType, invalidValue, withArticle } from './errors';
 import { tensorStats } from './methods/aciq';
 import { allocateBits } from './methods/bit-allocation';
-import { forEachGroup } from './methods/groups';
+import { groupValues } from './methods/groups';
 import { isBuiltInRangeMethod, rangeMethod, rangeMethodNames, type GroupRanges, type RangeMethod, type RangeMethodOptions, type RangeRequest } from './methods/registry';
 import { native, type NativeParams } from './native';
 import {
@@ -414,14 +414,14 @@ function quantizeWithBitAllocation(p: Plan): QuantizedTensor {
   }
   const alphas = new Float64Array(channels);
   const perChannel: Float32Array[] = [];
-  forEachGroup(p.data, p.layout.native, (g, values) => {
+  for (const [g, values] of groupValues(p.data, p.layout.native)) {
     perChannel[g] = values.slice();
     let finite = 0;
     for (const v of values) if (Number.isFinite(v)) finite++;
-    if (finite === 0) return;
+    if (finite === 0) continue;
     const stats = tensorStats(values, 'data');
     alphas[g] = alloc.prior === 'gauss' ? stats.sigma : stats.laplaceB;
-  });
+  }
   const channelBits = Uint8Array.from(allocateBits(alphas, alloc.averageBits, { minBits: alloc.minBits, maxBits: alloc.maxBits }));
   const scale = new Float32Array(channels);
   const zeroPoint = new Int32Array(channels);

@@ -11,11 +11,6 @@ export function groupCount(layout: NativeLayout): number {
   return layout.outer * Math.ceil(layout.axisLen / layout.blockSize) * layout.inner;
 }
 
-/** Calls fn(g, values) for every group; `values` may be a view of data or a scratch copy (do not keep it). */
-export function forEachGroup(data: Float32Array, layout: NativeLayout, fn: (g: number, values: Float32Array) => void): void {
-  for (const [g, values] of groupValues(data, layout)) fn(g, values);
-}
-
 /**
  * Every group's index and values, in order; the values may be a view of data or a scratch copy, valid until the
  * next step (do not keep them). A generator, so that async callers can turn the event loop between groups.

@@ -79,7 +79,7 @@ function perGroup(name: string, description: string, compute: (r: RangeRequest, 
   }
   const start = (r: RangeRequest) => {
     const minmax = minmaxRanges(r);
-    return { minmax, out: { ...outputs(r.groups), nanIndex: minmax.nanIndex } };
+    return { minmax, out: { ...outputs(r.groups), nanIndex: -1 } };  // returned only when minmax found no NaN
   };
   return {
     name, description,

@@ -86,7 +86,7 @@ export function modelInputs(model: ModelProto): Array<{ name: string; elemType: 
  * Where a feed gives one named symbolic dimension two sizes (inputs declared [n, 4] and [n, 8] fed [2, 4] and [3, 8]),
  * a sentence saying so; the model may still run (onnxruntime does not insist), so this only explains a failure.
  */
-export function symbolicDimsDisagree(model: ModelProto, feed: Feed): string | undefined {
+function symbolicDimsDisagree(model: ModelProto, feed: Feed): string | undefined {
   const seen = new Map<string, { input: string; size: number }>();
   for (const input of model.graph!.input) {
     const given = feed[input.name]?.dims;
@@ -226,7 +226,7 @@ export function readNpyLabels(file: string): Int32Array {
   return labels;
 }
 
-/** Batches from a folder with one subfolder of .npy files per input (batch i = the i-th file of each, sorted by name). */
+/** Batches from a folder with one subfolder of .npy files per input (batch i = the i-th file of each, in naturalCompare order). */
 export function* npyFolderFeeds(folder: string): Generator<Feed> {
   for (const { feed } of npyFolderBatches(folder)) yield feed;
 }
@@ -239,8 +239,7 @@ export async function firstFeeds(model: ModelProto, data: CalibrationData, count
   const feeds: Feed[] = [];
   const { iterable, filesOf } = batchesOf(data);
   for await (const raw of iterable as AsyncIterable<Feed>) {
-    const feed = checkFeedFrom(model, raw, feeds.length, filesOf(raw));
-    feeds.push(mayChange(data) ? copyFeed(feed) : feed);
+    feeds.push(keptFeed(data, checkFeedFrom(model, raw, feeds.length, filesOf(raw))));
     if (feeds.length === count) break;
   }
   if (feeds.length === 0) throw invalidValue('options.calibration', 'at least one batch', 'an empty calibration set');
@@ -270,7 +269,7 @@ function checkFeedFrom(model: ModelProto, raw: unknown, index: number, files: st
   try {
     return checkFeed(model, raw, index);
   } catch (e) {
-    if (files) (e as Error).message += ` (from ${files.join(', ')})`;
+    (e as Error).message += fromFiles(files);
     throw e;
   }
 }
@@ -285,9 +284,14 @@ function copyFeed(feed: Feed): Feed {
   return Object.fromEntries(Object.entries(feed).map(([name, v]) => [name, { ...v, data: copy(v.data), dims: [...v.dims] }])) as Feed;
 }
 
-/** Whether batches kept past their turn need copies: a folder's are read afresh and an array's stay as they are. */
-function mayChange(data: CalibrationData): boolean {
-  return typeof data !== 'string' && !Array.isArray(data);
+/** A batch kept past its turn: copied when it comes from an iterable (a folder's are read afresh, an array's stay). */
+function keptFeed(data: CalibrationData, feed: Feed): Feed {
+  return typeof data !== 'string' && !Array.isArray(data) ? copyFeed(feed) : feed;
+}
+
+/** " (from a/0.npy, b/0.npy)" for a folder's batch, "" otherwise. */
+function fromFiles(files: string[] | undefined): string {
+  return files ? ` (from ${files.join(', ')})` : '';
 }
 
 /** Names in the order people number files: batch2 before batch10 (digit runs compared as numbers). */
@@ -581,7 +585,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       const inputs = Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
       // Nothing to observe (no layer whose inputs the observers take): the run still checks the feed in onnxruntime.
       const fetched = await runSession(session, inputs, exposed.length > 0 ? exposed.map(outputOf) : undefined,
-        `the float model on calibration[${batches}]${files ? ` (from ${files.join(', ')})` : ''}`,
+        `the float model on calibration[${batches}]${fromFiles(files)}`,
         `${symbolicDimsDisagree(model, feed) ?? ''}Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.`);
       const outputs = Object.fromEntries(exposed.map((t) => [t, fetched[outputOf(t)]]));
       const values = new Map(exposed.map((t) => [t, floatValues(outputs[t])]));
@@ -606,7 +610,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
         }
         await pause();  // observers of large tensors (histograms, Gram matrices) take a while each
       }
-      if (sample.length < (options.keep ?? 4)) sample.push(mayChange(data) ? copyFeed(feed) : feed);
+      if (sample.length < (options.keep ?? 4)) sample.push(keptFeed(data, feed));
       options.onBatch?.(batches);
       batches++;
     }

@@ -273,12 +273,13 @@ function checkOptions(options: unknown): QuantizeModelOptions {
         throw invalidValue('options.calibration', 'a folder with one subfolder of .npy batches per model input', c,
           `${fs.existsSync(c) ? 'It is not a folder' : 'It does not exist'}; or pass the feeds themselves (an array or iterable of { inputName: { data, dims } }).`);
       }
-    } else if (typeof c !== 'object' || c === null || (typeof (c as Iterable<unknown>)[Symbol.iterator] !== 'function' && typeof (c as AsyncIterable<unknown>)[Symbol.asyncIterator] !== 'function')) {
-      throw invalidType('options.calibration', 'a folder path, or an array, iterable or async iterable of feeds { inputName: { data, dims } }', c);
-    } else if (ArrayBuffer.isView(c)) {
+    } else {
+      const expected = 'a folder path, or an array, iterable or async iterable of feeds { inputName: { data, dims } }';
+      if (typeof c !== 'object' || c === null || (typeof (c as Iterable<unknown>)[Symbol.iterator] !== 'function' && typeof (c as AsyncIterable<unknown>)[Symbol.asyncIterator] !== 'function')) {
+        throw invalidType('options.calibration', expected, c);
+      }
       // Iterable, but of numbers: one input's values rather than feeds (caught here, before the model is read).
-      throw invalidType('options.calibration', 'a folder path, or an array, iterable or async iterable of feeds { inputName: { data, dims } }', c,
-        'Wrap the values as feeds: [{ inputName: { data, dims } }].');
+      if (ArrayBuffer.isView(c)) throw invalidType('options.calibration', expected, c, 'Wrap the values as feeds: [{ inputName: { data, dims } }].');
     }
   }
   return options as unknown as QuantizeModelOptions;

@@ -71,9 +71,11 @@ function opsetForBits(bits: number[]): number {
  */
 export function exportBlocker(model: TrainableModel): string | undefined {
   const bits = [...model.quantizers.values()].flatMap((q) => [(q.weight as ExportableQuantizer | undefined)?.bits ?? 8, (q.activation as ExportableQuantizer | undefined)?.bits ?? 8]);
-  if (bits.length === 0) return undefined;
-  const needed = opsetForBits(bits);
-  const graph = model.graph;
+  return bits.length === 0 ? undefined : opsetBlocker(model.graph, opsetForBits(bits));
+}
+
+/** Why the graph cannot be raised to opset `needed`, or undefined when it can (or is there already). */
+function opsetBlocker(graph: Graph, needed: number): string | undefined {
   const why = graph.opset < needed ? unconvertibleReason(graph) : undefined;
   return why && `The quantized model needs opset ${needed}, and this model (opset ${graph.opset}) cannot be converted: ${why}.`;
 }
@@ -100,11 +102,9 @@ export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers:
   });
   const bits = exports.flatMap((e) => [e.weight?.bits ?? 8, e.activation?.bits ?? 8]);
   const needed = opsetForBits(bits);
-  if (graph.opset < needed) {
-    const why = unconvertibleReason(graph);
-    if (why) throw new TrainingError(`The quantized model needs opset ${needed}, and this model (opset ${graph.opset}) cannot be converted: ${why}.`);
-    upgradeOpset(graph, needed);
-  }
+  const blocker = opsetBlocker(graph, needed);
+  if (blocker) throw new TrainingError(blocker);
+  if (graph.opset < needed) upgradeOpset(graph, needed);
   // Nodes of the copy, by output name (the copy has the same node order and names).
   const replaced: string[] = [];
   const byOutput = new Map(copy.graph!.node.map((n) => [n.output[0], n]));

@@ -262,13 +262,15 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
   };
 }
 
+/** Why some weights are not trainable, and the fix: the engine trains only initializers a layer reads directly. */
+const CONSTANT_WEIGHTS = 'weights behind Identity, Transpose or Cast nodes stay constants: fold those nodes into their initializers (as onnxsim does)';
+
 function buildQuantizers(model: TrainableModel, s: Settings): void {
   if (s.method === 'float') return;
   const layers = model.layers.filter((l) => !s.keepFloat.includes(l.label) && !s.keepFloat.includes(l.node.opType) && !s.keepFloat.includes(l.node.name));
   if (layers.length === 0) {
     throw new TrainingError(model.layers.length === 0
-      ? 'The model has no Conv, Gemm or MatMul layer whose weight is an initializer it reads directly, so nothing to quantize (weights behind ' +
-        'Identity, Transpose or Cast nodes stay constants: fold those nodes into their initializers, as onnxsim does).'
+      ? `The model has no Conv, Gemm or MatMul layer whose weight is an initializer it reads directly, so nothing to quantize (${CONSTANT_WEIGHTS}).`
       : `options.keepFloat (${s.keepFloat.join(', ')}) leaves none of the model's ${model.layers.length} Conv, Gemm or MatMul layers to quantize.`);
   }
   const map = new Map<typeof layers[number]['node'], LayerQuantizers>();
@@ -422,7 +424,10 @@ function observeActivationRanges(model: TrainableModel, data: InputBatch, batchS
   observers.forEach((o) => (o.observing = false));
 }
 
-/** Copies of every parameter and BN running statistic, to return to after a non-finite step. */
+/**
+ * Copies of every parameter (weights, biases, BN scales, LSQ steps) and state (BN running statistics, GDRQ running
+ * clip thresholds), to return to after a non-finite step.
+ */
 class Snapshot {
   private readonly saved: Array<Float32Array | Float64Array>;
   constructor(private readonly arrays: Array<Float32Array | Float64Array>) {
@@ -439,12 +444,9 @@ class Snapshot {
   restore(): void {
     this.arrays.forEach((a, i) => a.set(this.saved[i]));
   }
-  /** Saves these arrays' values now (arrays of the snapshot; others are ignored). */
+  /** Saves these arrays' values now (arrays of the snapshot). */
   refresh(arrays: Array<Float32Array | Float64Array>): void {
-    for (const a of arrays) {
-      const i = this.arrays.indexOf(a);
-      if (i >= 0) this.saved[i].set(a);
-    }
+    for (const a of arrays) this.saved[this.arrays.indexOf(a)].set(a);
   }
 }
 
@@ -514,7 +516,7 @@ async function evaluateAgreement(model: TrainableModel, data: InputBatch, teache
 }
 
 /** The error for training data that can be read only once when several epochs are asked for. */
-function readOnce(data: object, epochs: number): RangeError {
+function readOnceError(data: object, epochs: number): RangeError {
   const stream = isStream(data);
   const kind = generatorKind(data) ?? (stream ? 'a stream' : 'an object handing out the same generator each time');
   const remedy = stream ? 'Collect its batches into an array, or pass epochs: 1.'
@@ -551,13 +553,12 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   if (model.params.size === 0) {
     // Training would run and change nothing.
     throw new TrainingError('The model has no weight the engine can train: it trains the float initializers that Conv, Gemm, MatMul, ' +
-      'BatchNormalization, Add and Sub nodes read directly; weights behind Identity, Transpose or Cast nodes stay constants. ' +
-      'Fold those nodes into their initializers (onnxsim does) and fine-tune that model.');
+      `BatchNormalization, Add and Sub nodes read directly; ${CONSTANT_WEIGHTS}, and fine-tune that model.`);
   }
   model.freezeBatchNorm = s.freezeBatchNorm;
   const needLabels = !s.distill;
   const inMemory = !isBatchSource(data) ? checkBatch('data', data, needLabels) : undefined;
-  if (!inMemory && s.epochs > 1 && iterability(data) === 'once') throw readOnce(data, s.epochs);  // not after a whole epoch
+  if (!inMemory && s.epochs > 1 && iterability(data) === 'once') throw readOnceError(data, s.epochs);  // not after a whole epoch
   const validation = o.validation === undefined ? undefined : checkBatch('options.validation', o.validation, needLabels);
   const checkShape = (name: string, b: InputBatch) => {
     const expected = model.checkInput(b.inputs.dims);

@@ -82,7 +82,7 @@ export function fakeQuantize(x: Float32Array, p: { scale: number; zeroPoint: num
 const QUANTIZED_BY_ONNXRUNTIME = new Set(['Conv', 'ConvTranspose', 'Gemm']);
 
 /** A layer left float (keepFloat, or not quantizable) that onnxruntime would quantize if it read a dequantized input. */
-function keptOnlyOnFloatInput(graph: Graph, node: NodeProto, consumers: Set<string>, ranges: Map<string, ActivationRange>): boolean {
+function mustReadFloat(graph: Graph, node: NodeProto, consumers: Set<string>, ranges: Map<string, ActivationRange>): boolean {
   if (!QUANTIZED_BY_ONNXRUNTIME.has(node.opType) || consumers.has(nodeLabel(node)) || !node.input[1] || !graph.constant(node.input[1])) return false;
   let output = node.output[0];
   const readers = graph.consumers(output);
@@ -92,8 +92,9 @@ function keptOnlyOnFloatInput(graph: Graph, node: NodeProto, consumers: Set<stri
 
 /**
  * `consumers`: labels (nodeLabel) of the layers whose inputs get the QDQ pair; `ranges`: the range and width of each
- * tensor; `everyConsumer`: tensors that every consumer reads dequantized (layer outputs, so the producer's only
- * consumer is the QuantizeLinear, as onnxruntime's QDQ fusions require).
+ * tensor; `everyConsumer`: tensors that every consumer reads dequantized but layers that must read float
+ * (mustReadFloat) — layer outputs, so that the producer's only consumer is the QuantizeLinear, as onnxruntime's QDQ
+ * fusions require.
  */
 export function quantizeActivations(graph: Graph, ranges: Map<string, ActivationRange>, consumers: Set<string>,
   signed: boolean, microsoftDomain: boolean, everyConsumer: Set<string> = new Set()): { report: PassReport; activations: ActivationLayerReport[] } {
@@ -101,7 +102,7 @@ export function quantizeActivations(graph: Graph, ranges: Map<string, Activation
   const activations: ActivationLayerReport[] = [];
   // They read the float tensor (their input's producer then has two readers, and onnxruntime does not fuse it with
   // its output's QuantizeLinear: the cost of keeping them float).
-  const keptFloat = new Set(graph.graph.node.filter((n) => keptOnlyOnFloatInput(graph, n, consumers, ranges)));
+  const keptFloat = new Set(graph.graph.node.filter((n) => mustReadFloat(graph, n, consumers, ranges)));
   for (const [tensor, range] of ranges) {
     const pair = quantizerPair(graph, tensor, range, signed, microsoftDomain, graph.graph);
     graph.graph.node.push(...pair.nodes);

@@ -48,14 +48,15 @@ export function unconvertibleReason(graph: Graph): string | undefined {
   // Before 7, Add, Mul, Gemm… broadcast only with a `broadcast` attribute and an `axis`, and other attributes
   // (BatchNormalization's is_test, spatial) differ: what UNCHANGED says holds from 7 on.
   if (graph.opset < 7) return `the model's opset ${graph.opset} predates 7, from which lowbit converts (older broadcasting rules and attributes)`;
-  return unconvertibleIn(graph, graph.graph, graph.opset);
+  return unconvertibleIn(graph, graph.graph);
 }
 
-function unconvertibleIn(graph: Graph, scope: GraphProto, opset: number): string | undefined {
+function unconvertibleIn(graph: Graph, scope: GraphProto): string | undefined {
+  const opset = graph.opset;
   for (const n of scope.node) {
     if (!isOnnxDomain(n.domain)) continue;
     for (const body of subgraphsOf(n)) {
-      const why = unconvertibleIn(graph, body, opset);
+      const why = unconvertibleIn(graph, body);
       if (why) return `${why}, inside ${n.opType} (${nodeLabel(n)})`;
     }
     if (n.opType === 'BatchNormalization' && n.output.filter((o) => o !== '').length > 1) {
@@ -75,7 +76,7 @@ function unconvertibleIn(graph: Graph, scope: GraphProto, opset: number): string
         "(only nearest with 'round_prefer_floor' or 'floor' is converted)";
     }
     if (n.opType === 'Resize' && opset === 10 && stringAttribute(n, 'mode', 'nearest') === 'nearest' && !resize10NearestMode(graph, n, scope)) {
-      return `Resize-10 (${nodeLabel(n)}) in mode 'nearest' with scales that are not constant and all >= 1 or all <= 1: opset 10 rounds ` +
+      return `Resize-10 (${nodeLabel(n)}) in mode 'nearest' whose scales are not constants all >= 1 or all <= 1 (empty, mixed or computed): opset 10 rounds ` +
         'down where it upsamples and up where it downsamples, which no single nearest_mode of opset 11 on does';
     }
     if (n.opType === 'Resize' || n.opType === 'Upsample') continue;
@@ -260,14 +261,14 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
             n.input[1] = constInput(`${label}_scales`, (name) => floatTensor(name, scales));
             removeAttribute(n, 'scales');
           }
-          const isNearest = stringAttribute(n, 'mode', 'nearest') === 'nearest';
           // Upsample only upsamples (scales >= 1): 'floor'; Resize-10 by its scales (unconvertibleIn refused the rest).
-          const nearestMode = n.opType === 'Upsample' ? 'floor' : resize10NearestMode(graph, n, scope)!;
+          const nearestMode = stringAttribute(n, 'mode', 'nearest') !== 'nearest' ? undefined
+            : n.opType === 'Upsample' ? 'floor' : resize10NearestMode(graph, n, scope)!;
           n.input = [n.input[0], '', n.input[1]];
           n.opType = 'Resize';
           n.attribute.push(makeStringAttribute('coordinate_transformation_mode', 'asymmetric'));
-          if (isNearest) n.attribute.push(makeStringAttribute('nearest_mode', nearestMode));
-          report.changed.push(`${label}: ${from < 10 ? 'Upsample' : 'Resize-10'} -> Resize (asymmetric${isNearest ? `, ${nearestMode}` : ''})`);
+          if (nearestMode) n.attribute.push(makeStringAttribute('nearest_mode', nearestMode));
+          report.changed.push(`${label}: ${from < 10 ? 'Upsample' : 'Resize-10'} -> Resize (asymmetric${nearestMode ? `, ${nearestMode}` : ''})`);
         } else if (from < 13 && target >= 13 && usesTfHalfPixel(n)) {
           const nearestMode = halfPixelNearestMode(n)!;
           removeAttribute(n, 'coordinate_transformation_mode');
