@@ -282,8 +282,8 @@ Napi::Value FiniteRange(const Napi::CallbackInfo& info) {
 // firstCodeOutside(q, isSigned, qmin, qmax) -> index of the first code outside [qmin, qmax], or -1
 Napi::Value FirstCodeOutside(const Napi::CallbackInfo& info) {
   size_t n;
-  const uint8_t* q = codes_of(info[0], "q", &n);
   const bool is_signed = bool_of(info[1], "isSigned");
+  const uint8_t* q = codes_of(info[0], "q", &n, is_signed);
   const int32_t qmin = int32_t(number_of(info[2], "qmin")), qmax = int32_t(number_of(info[3], "qmax"));
   return Napi::Number::New(info.Env(), double(lowbit::first_code_outside(q, n, is_signed, qmin, qmax)));
 }
@@ -326,8 +326,8 @@ Napi::Value ErrorStats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   size_t nx, nq;
   const float* x = array_of<float>(info[0], "x", napi_float32_array, &nx);
-  const uint8_t* q = codes_of(info[1], "q", &nq);
   bool is_signed = bool_of(info[2], "isSigned");
+  const uint8_t* q = codes_of(info[1], "q", &nq, is_signed);
   QuantParams params = params_of(info[3]);
   expect_length(env, nx, params.layout.element_count(), "x");
   expect_length(env, nq, nx, "q");
@@ -346,8 +346,8 @@ template <int kBits>
 Napi::Value Pack(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   size_t nv, nout;
-  const uint8_t* values = codes_of(info[0], "values", &nv);
   bool is_signed = bool_of(info[1], "isSigned");
+  const uint8_t* values = codes_of(info[0], "values", &nv, is_signed);
   uint8_t* out = array_of<uint8_t>(info[2], "out", napi_uint8_array, &nout);
   const size_t per_byte = 8 / kBits;
   expect_length(env, nout, (nv + per_byte - 1) / per_byte, "out");

@@ -390,6 +390,11 @@ describe('objects whose properties answer differently on each read (getters, pro
     // Below the TypeScript checks, the addon refuses codes of the other signedness too.
     expect(() => native().dequantize(new Uint8Array(4), true, new Float32Array(4), { scale: Float32Array.of(1), zeroPoint: new Int32Array(1), qmin: -128, qmax: 127,
       layout: { kind: 0, outer: 1, axisLen: 4, inner: 1, blockSize: 0 } }, '', 0)).to.throw(TypeError, 'q must be an Int8Array (signed codes)');
+    // So do the other calls that take codes with their signedness.
+    expect(() => native().firstCodeOutside(new Int8Array(4), false, 0, 15)).to.throw(TypeError, 'q must be a Uint8Array (unsigned codes)');
+    expect(() => native().packInt4(new Uint8Array(4), true, new Uint8Array(2))).to.throw(TypeError, 'values must be an Int8Array (signed codes)');
+    expect(() => native().errorStats(new Float32Array(4), new Uint8Array(4), true, { scale: Float32Array.of(1), zeroPoint: new Int32Array(1), qmin: -128,
+      qmax: 127, layout: { kind: 0, outer: 1, axisLen: 4, inner: 1, blockSize: 0 } })).to.throw(TypeError, 'q must be an Int8Array (signed codes)');
   });
 
   it('the GEMM calls read each option once: the out they checked is the out they write (async: never the caller\'s array on the worker threads)', async () => {
