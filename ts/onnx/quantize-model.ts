@@ -395,23 +395,23 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
         // An empty branch value: its branch did not run. (When the two models take different branches, an If whose
         // condition depends on quantized values, the feed does not count for the layer.)
         if (a.length === 0 || a.length !== b.length) continue;
+        // One pass: float32 values squared in float64 stay finite, so a non-finite sum means a non-finite value.
+        let p = 0, e = 0;
+        for (let j = 0; j < a.length; j++) {
+          p += a[j] * a[j];
+          e += (a[j] - b[j]) ** 2;
+        }
+        await pause();  // a large model's layer outputs take a while each
         // As in compareOutputs: a float output already NaN or infinite has no SQNR, the feed does not count; a
         // quantized one that is (the float one is not) is an unbounded error, -Infinity dB.
-        if (!a.every(Number.isFinite)) {
+        if (!Number.isFinite(p)) {
           floatNonFinite[i]++;
           continue;
         }
         compared[i].l.outputSqnrDb = 0;  // compared at least once
-        if (!b.every(Number.isFinite)) {
-          quantNonFinite[i]++;
-          noise[i] = Infinity;
-          continue;
-        }
-        for (let j = 0; j < a.length; j++) {
-          power[i] += a[j] * a[j];
-          noise[i] += (a[j] - b[j]) ** 2;
-        }
-        await pause();  // a large model's layer outputs take a while each
+        if (!Number.isFinite(e)) quantNonFinite[i]++;
+        power[i] += p;
+        noise[i] += Number.isFinite(e) ? e : Infinity;
       }
     }
   } finally {
