@@ -451,6 +451,25 @@ describe('ONNX rewrites found by the audit', () => {
     expect(report.skipped).to.deep.equal([{ node: 'bn', reason: 'it is in training mode (training_mode = 1: batch statistics)' }]);
   });
 
+  it('nodes it inserts get names no node of the model has (a model with nodes named input_q, conv_weight_dq…)', async () => {
+    const taken = ['input_q', 'input_dq', 'conv_weight_dq', 'conv_bias_dq'];
+    const model = buildModel({
+      inputDims: [2, 3, 4, 4], output: 'y',
+      initializers: { w: { dims: [3, 3, 1, 1], data: heInit(9, 3, 1) }, b: { dims: [3], data: [0.1, -0.2, 0.3] } },
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'w', 'b'], output: 'c', name: 'conv' },
+        ...taken.map((name, i) => ({ op: 'Relu', inputs: [i ? `r${i - 1}` : 'c'], output: i === taken.length - 1 ? 'y' : `r${i}`, name })),
+      ],
+    });
+    const calibration = [{ input: { data: Float32Array.from({ length: 96 }, (_, i) => Math.sin(i)), dims: [2, 3, 4, 4] } }];
+    const { model: quantized } = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8 }, calibration });
+    const names = readModel(quantized).graph!.node.map((n) => n.name);
+    expect(names.filter((n) => n === 'input_q' || n.startsWith('input_q_'))).to.have.length(2);
+    expect(new Set(names).size).to.equal(names.length);
+    const out = await run(quantized, calibration[0]);
+    expect(out.y.dims).to.deep.equal([2, 3, 4, 4]);
+  });
+
   it('a Dropout whose mask is read is not converted past opset 10 (its mask became bool)', () => {
     const model = buildModel({
       inputDims: [1, 3], output: 'y', opset: 9, initializers: {},

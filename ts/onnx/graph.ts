@@ -28,6 +28,8 @@ export class Graph {
     // Every name defined anywhere in the model, so that new names clash with none (a subgraph may not redefine an
     // enclosing scope's names, but sibling subgraphs, such as an If's two branches, may reuse each other's).
     addDefinedNames(this.graph, this.names);
+    // Node names as well: passes name the nodes they insert with uniqueName too, and ONNX names a graph's nodes once.
+    for (const n of [...this.graph.node, ...subgraphNodes(this).map((s) => s.node)]) if (n.name) this.names.add(n.name);
   }
 
   /** Opset of the default ONNX domain. */
@@ -133,7 +135,7 @@ export class Graph {
     return readers.length === 1 && !this.isGraphOutput(name) ? readers[0] : undefined;
   }
 
-  /** A fresh value name based on `base`. */
+  /** A fresh value or node name based on `base` (clashing with no name of the model nor any name given before). */
   uniqueName(base: string): string {
     let name = base;
     for (let i = 1; this.names.has(name); i++) name = `${base}_${i}`;

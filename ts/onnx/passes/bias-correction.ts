@@ -89,7 +89,7 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
       const name = graph.uniqueName(`${w.node}_bias_correction`);
       const raw = graph.uniqueName(`${node.output[0]}_uncorrected`);
       graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, [out], new Uint8Array(Float32Array.from(shift).buffer)));
-      graph.graph.node.push(makeNode('Add', [raw, name], [node.output[0]], `${w.node}_bias_correction_add`));
+      graph.graph.node.push(makeNode('Add', [raw, name], [node.output[0]], graph.uniqueName(`${w.node}_bias_correction_add`)));
       node.output[0] = raw;
     }
     let norm = 0;

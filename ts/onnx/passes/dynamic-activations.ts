@@ -121,10 +121,10 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
     const scale = graph.uniqueName(`${label}_output_scale`);
     const scaled = bias ? graph.uniqueName(`${output}_unbiased`) : output;
     scope.node.splice(scope.node.indexOf(node), 1,
-      makeNode('MatMulInteger', [xq[0], weights.values, xq[2]], [product], `${label}_integer`),
-      makeNode('Cast', [product], [asFloat], `${label}_cast`, [makeIntAttribute('to', TensorProto_DataType.FLOAT)]),
-      makeNode('Mul', [xq[1], weights.scale], [scale], `${label}_scales`),
-      makeNode('Mul', [asFloat, scale], [scaled], bias ? `${label}_scaled` : label),
+      makeNode('MatMulInteger', [xq[0], weights.values, xq[2]], [product], graph.uniqueName(`${label}_integer`)),
+      makeNode('Cast', [product], [asFloat], graph.uniqueName(`${label}_cast`), [makeIntAttribute('to', TensorProto_DataType.FLOAT)]),
+      makeNode('Mul', [xq[1], weights.scale], [scale], graph.uniqueName(`${label}_scales`)),
+      makeNode('Mul', [asFloat, scale], [scaled], bias ? graph.uniqueName(`${label}_scaled`) : label),
       ...(bias ? [makeNode('Add', [scaled, bias], [output], label)] : []));
     (replacedWeights.get(scope) ?? replacedWeights.set(scope, []).get(scope)!).push(weights.dq);
     quantized.add(node);

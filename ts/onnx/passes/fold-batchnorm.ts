@@ -213,7 +213,7 @@ function foldIntoMatMul(graph: Graph, bn: NodeProto, producer: NodeProto): strin
   } else {
     // The BN node becomes the bias Add, in place (keeps the node order valid).
     const index = graph.graph.node.indexOf(bn);
-    graph.graph.node.splice(index, 1, makeNode('Add', [matmul.output[0], bName], [bn.output[0]], `${bn.name || bn.output[0]}_as_bias`));
+    graph.graph.node.splice(index, 1, makeNode('Add', [matmul.output[0], bName], [bn.output[0]], graph.uniqueName(`${bn.name || bn.output[0]}_as_bias`)));
   }
   for (const name of oldNames) if (name) graph.removeIfUnused(name);
   return undefined;

@@ -191,7 +191,7 @@ function quantizerPair(graph: Graph, tensor: string, range: ActivationRange, sig
     ? makeTensor(scaleName, TensorProto_DataType.FLOAT16, [], new Uint8Array(toFloat16Array(scale).buffer))
     : makeTensor(scaleName, TensorProto_DataType.FLOAT, [], new Uint8Array(scale.buffer)), scope);
   graph.addInitializer(zeroPointTensor(zpName, bits, signed, zp[0]), scope);
-  const names = scope === graph.graph ? [`${tensor}_q`, `${tensor}_dq`] : [graph.uniqueName(`${tensor}_q`), graph.uniqueName(`${tensor}_dq`)];
+  const names = [graph.uniqueName(`${tensor}_q`), graph.uniqueName(`${tensor}_dq`)];
   return {
     nodes: [makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], names[0], [], domain),
       makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], names[1], [], domain)],

@@ -119,7 +119,7 @@ function replaceBias(graph: Graph, node: NodeProto, label: string, bias: { value
   bias.scale.name = sName;
   graph.addInitializer(bias.scale);
   const axis = bias.scale.dims.length > 0 ? [makeIntAttribute('axis', 0)] : [];
-  graph.graph.node.push(makeNode('DequantizeLinear', [qName, sName], [out], `${label}_bias_dq`, axis, microsoftDomain ? 'com.microsoft' : ''));
+  graph.graph.node.push(makeNode('DequantizeLinear', [qName, sName], [out], graph.uniqueName(`${label}_bias_dq`), axis, microsoftDomain ? 'com.microsoft' : ''));
   const previous = node.input[2];
   node.input[2] = out;
   graph.removeIfUnused(previous);

@@ -447,7 +447,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         const copies = graph.copyConstants(earlier.constants, scope);
         // Fresh attributes: a later pass (fit-onnxruntime) may change the first node's in place.
         const attributes = earlier.dq.attribute.map((a) => makeIntAttribute(a.name, Number(a.i)));
-        const dq = makeNode('DequantizeLinear', copies.map((t) => t.name), [graph.uniqueName(`${base}_dequantized`)], `${label}_weight_dq`, attributes, earlier.dq.domain);
+        const dq = makeNode('DequantizeLinear', copies.map((t) => t.name), [graph.uniqueName(`${base}_dequantized`)], graph.uniqueName(`${label}_weight_dq`), attributes, earlier.dq.domain);
         place(dq, node, scope);
         node.input[1] = dq.output[0];
       }
@@ -550,7 +550,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     graph.addInitializer(scaleTensor, scope);
     const attrs = perTensor ? [] : [makeIntAttribute('axis', q.axis!)];
     if (blocked) attrs.push(makeIntAttribute('block_size', q.blockSize!));
-    const dq = makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], `${label}_weight_dq`, attrs, options.microsoftDomain ? 'com.microsoft' : '');
+    const dq = makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], graph.uniqueName(`${label}_weight_dq`), attrs, options.microsoftDomain ? 'com.microsoft' : '');
     place(dq, node, scope);
     node.input[1] = dqOut;
     release(base, home);

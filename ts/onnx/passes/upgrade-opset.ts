@@ -246,10 +246,10 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
           n.output[0] = z;
           // In place, so a subgraph body (which nothing sorts) stays in order.
           const at = scope.node.indexOf(n);
-          scope.node.splice(at + 1, 0, makeNode('Reshape', [z, shape], [y], `${label}_reshape_back`));
+          scope.node.splice(at + 1, 0, makeNode('Reshape', [z, shape], [y], graph.uniqueName(`${label}_reshape_back`)));
           scope.node.splice(at, 0,
-            makeNode('Flatten', [x], [flat], `${label}_flatten`, [makeIntAttribute('axis', axis)]),
-            makeNode('Shape', [x], [shape], `${label}_shape_of_input`));
+            makeNode('Flatten', [x], [flat], graph.uniqueName(`${label}_flatten`), [makeIntAttribute('axis', axis)]),
+            makeNode('Shape', [x], [shape], graph.uniqueName(`${label}_shape_of_input`)));
           report.changed.push(`${label}: ${n.opType} 2-D coercion -> Flatten, ${n.opType}(axis=-1), Reshape`);
         }
         break;
