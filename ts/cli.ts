@@ -419,20 +419,19 @@ export function program(): Command {
           }
         }
         const inputsFile = path.join(source, 'inputs.npy');
-        const inputs = readNpy(inputsFile);
+        const inputs = readNpy(inputsFile, limit);  // only the samples used
         if (inputs.dims.length < 2 || inputs.dims[0] === 0) {
-          throw new Error(`Expected ${inputsFile} (${flag}) to hold samples [N, ...] but it is ${inputs.dims.length ? `[${inputs.dims.join(', ')}]` : 'a scalar'}. Save the inputs with the sample axis first.`);
+          const stored = [inputs.storedRows, ...inputs.dims.slice(1)];
+          throw new Error(`Expected ${inputsFile} (${flag}) to hold samples [N, ...] but it is ${inputs.dims.length ? `[${stored.join(', ')}]` : 'a scalar'}. Save the inputs with the sample axis first.`);
         }
-        const n = Math.min(limit, inputs.dims[0]);
-        const per = inputs.data.length / inputs.dims[0];
-        const batch = { inputs: { data: inputs.data.subarray(0, n * per), dims: [n, ...inputs.dims.slice(1)] } };
+        const batch = { inputs: { data: inputs.data, dims: inputs.dims } };
         if (o.distill) return batch;
         const labelsFile = path.join(source, 'labels.npy');
         const labels = readNpyLabels(labelsFile);
-        if (labels.length !== inputs.dims[0]) {
-          throw new Error(`Expected one label per sample (${inputs.dims[0]}, as in ${inputsFile}) in ${labelsFile} (${flag}) but it holds ${labels.length}. Save the labels of exactly those samples.`);
+        if (labels.length !== inputs.storedRows) {
+          throw new Error(`Expected one label per sample (${inputs.storedRows}, as in ${inputsFile}) in ${labelsFile} (${flag}) but it holds ${labels.length}. Save the labels of exactly those samples.`);
         }
-        return { ...batch, labels: labels.subarray(0, n) };
+        return { ...batch, labels: labels.subarray(0, inputs.dims[0]) };
       };
       const output = checkOutputPath('--output', o.output ?? path.basename(modelArg).replace(/\.onnx$/i, '') + `.${o.method}.onnx`);
       // The data folders' files: an output over one of them would destroy the data it was trained on.

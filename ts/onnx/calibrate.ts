@@ -152,50 +152,84 @@ export function makeObserver(method: ActivationMethod): TensorObserver {
 }
 
 /** The dtype, shape and data bytes of a C-order .npy file. */
-function readNpyRaw(file: string): { descr: string; dims: number[]; body: Uint8Array } {
-  const bytes = fs.readFileSync(file);
-  if (bytes.length < 10 || bytes[0] !== 0x93 || bytes.toString('latin1', 1, 6) !== 'NUMPY') {
-    throw new RangeError(`${file} is not a .npy file (no \\x93NUMPY magic): write it with numpy.save.`);
+/** Bytes per value of the .npy dtypes lowbit reads. */
+const NPY_ITEM_BYTES: Record<string, number> = { '<f4': 4, '<i8': 8, '<i4': 4, '<f2': 2, '|u1': 1, '<u1': 1, '|b1': 1, '|i1': 1 };
+
+/**
+ * The header and data of a .npy file, the data read straight into one aligned buffer in pieces (no whole-file
+ * copy; readFileSync stops at 2 GiB). `firstRows`: read only that many leading rows of the first axis (`dims`
+ * then says so; `storedRows` is the file's count). The data of a dtype lowbit does not read are not read.
+ */
+function readNpyRaw(file: string, firstRows = Infinity): { descr: string; dims: number[]; storedRows: number; body: Uint8Array } {
+  // Non-blocking: opening a pipe for reading would otherwise wait for a writer, for good.
+  const fd = fs.openSync(file, fs.constants.O_RDONLY | (fs.constants.O_NONBLOCK ?? 0));
+  try {
+    const stat = fs.fstatSync(fd);
+    if (!stat.isFile()) throw new RangeError(`${file} is not a regular file (a pipe or a device): save the array with numpy.save to a file.`);
+    const readAt = (into: Uint8Array, position: number) => {
+      for (let done = 0; done < into.length;) {
+        const n = fs.readSync(fd, into, done, Math.min(into.length - done, 1 << 30), position + done);
+        if (n === 0) throw new RangeError(`${file} got shorter while it was read.`);
+        done += n;
+      }
+      return into;
+    };
+    const lead = Buffer.from(readAt(new Uint8Array(Math.min(stat.size, 12)), 0).buffer);
+    if (lead.length < 10 || lead[0] !== 0x93 || lead.toString('latin1', 1, 6) !== 'NUMPY') {
+      throw new RangeError(`${file} is not a .npy file (no \\x93NUMPY magic): write it with numpy.save.`);
+    }
+    const major = lead[6];
+    if (major < 1 || major > 3) throw new RangeError(`${file}: .npy format version ${major} is not one lowbit reads (1, 2 or 3).`);
+    const start = major === 1 ? 10 : 12;
+    if (lead.length < start) throw new RangeError(`${file}: the .npy header is truncated.`);
+    const headerLength = major === 1 ? lead.readUInt16LE(8) : lead.readUInt32LE(8);
+    if (start + headerLength > stat.size) throw new RangeError(`${file}: the .npy header is malformed or truncated (no valid 'shape').`);
+    const header = Buffer.from(readAt(new Uint8Array(headerLength), start).buffer).toString('latin1');
+    if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported: save numpy.ascontiguousarray(x) instead.`);
+    const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1] ?? '';
+    const shape = /'shape':\s*\(([^)]*)\)/.exec(header);
+    const dims = shape ? shape[1].split(',').map((v) => v.trim()).filter(Boolean).map(Number) : [];
+    if (!shape || dims.some((d) => !Number.isSafeInteger(d) || d < 0)) throw new RangeError(`${file}: the .npy header is malformed or truncated (no valid 'shape').`);
+    const storedRows = dims.length ? dims[0] : 1;
+    const item = NPY_ITEM_BYTES[descr];
+    if (item === undefined) return { descr, dims, storedRows, body: new Uint8Array(0) };
+    const values = dims.reduce((a, b) => a * b, 1);
+    const bodyBytes = stat.size - start - headerLength;
+    if (bodyBytes !== values * item) {
+      throw new RangeError(`${file}: the data (${bodyBytes} bytes) do not match the shape (${dims.join('x') || 'a scalar'} of ${descr}).`);
+    }
+    const rows = Math.min(firstRows, storedRows);
+    const readBytes = storedRows === 0 ? 0 : (bodyBytes / storedRows) * rows;
+    if (readBytes > 2 ** 32) {
+      throw new RangeError(`${file}: its ${rows < storedRows ? `first ${rows} rows hold` : 'data hold'} ${readBytes} bytes, more than the 4 GiB ` +
+        `one array holds here: split the data into several .npy files${dims.length ? ' along the first axis' : ''}.`);
+    }
+    const body = readAt(new Uint8Array(readBytes), start + headerLength);
+    return { descr, dims: rows < storedRows ? [rows, ...dims.slice(1)] : dims, storedRows, body };
+  } finally {
+    fs.closeSync(fd);
   }
-  const major = bytes[6];
-  if (major < 1 || major > 3) throw new RangeError(`${file}: .npy format version ${major} is not one lowbit reads (1, 2 or 3).`);
-  const start = major === 1 ? 10 : 12;
-  if (bytes.length < start) throw new RangeError(`${file}: the .npy header is truncated.`);
-  const headerLength = major === 1 ? bytes.readUInt16LE(8) : bytes.readUInt32LE(8);
-  const header = bytes.toString('latin1', start, start + headerLength);
-  if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported: save numpy.ascontiguousarray(x) instead.`);
-  const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1] ?? '';
-  const shape = /'shape':\s*\(([^)]*)\)/.exec(header);
-  const dims = shape ? shape[1].split(',').map((s) => s.trim()).filter(Boolean).map(Number) : [];
-  if (!shape || dims.some((d) => !Number.isInteger(d) || d < 0) || start + headerLength > bytes.length) {
-    throw new RangeError(`${file}: the .npy header is malformed or truncated (no valid 'shape').`);
-  }
-  // A copy: aligned for the typed-array views below.
-  return { descr, dims, body: Uint8Array.from(bytes.subarray(start + headerLength)) };
 }
 
 /**
  * A .npy body as the typed array of its dtype (float32, int64, int32, float16 as bit patterns, uint8, int8, bool as
- * 0/1 bytes; undefined for others),
- * checked against its shape.
+ * 0/1 bytes; undefined for others): a view, no copy.
  */
-function npyValues(file: string, { descr, dims, body }: { descr: string; dims: number[]; body: Uint8Array }): FeedTensor['data'] | undefined {
-  const data = descr === '<f4' ? new Float32Array(body.buffer, 0, body.length >> 2)
-    : descr === '<i8' ? new BigInt64Array(body.buffer, 0, body.length >> 3)
-      : descr === '<i4' ? new Int32Array(body.buffer, 0, body.length >> 2)
-        : descr === '<f2' ? new Uint16Array(body.buffer, 0, body.length >> 1)
-          : descr === '|u1' || descr === '|b1' ? new Uint8Array(body.buffer, 0, body.length)
-            : descr === '|i1' ? new Int8Array(body.buffer, 0, body.length) : undefined;
-  if (data && body.length !== dims.reduce((a, b) => a * b, 1) * data.BYTES_PER_ELEMENT) {
-    throw new RangeError(`${file}: the data (${body.length} bytes) do not match the shape (${dims.join('x') || 'a scalar'} of ${descr}).`);
-  }
-  return data;
+function npyValues({ descr, body }: { descr: string; body: Uint8Array }): FeedTensor['data'] | undefined {
+  const item = NPY_ITEM_BYTES[descr];
+  const count = item === undefined ? 0 : body.length / item;
+  return descr === '<f4' ? new Float32Array(body.buffer, 0, count)
+    : descr === '<i8' ? new BigInt64Array(body.buffer, 0, count)
+      : descr === '<i4' ? new Int32Array(body.buffer, 0, count)
+        : descr === '<f2' ? new Uint16Array(body.buffer, 0, count)
+          : descr === '|u1' || descr === '<u1' || descr === '|b1' ? new Uint8Array(body.buffer, 0, count)
+            : descr === '|i1' ? new Int8Array(body.buffer, 0, count) : undefined;
 }
 
 /** Reads a C-order .npy file of float32, int64, int32, float16, uint8, int8 or bool values (a model input's batch). */
 export function readNpyFeed(file: string): FeedTensor {
   const raw = readNpyRaw(file);
-  const data = npyValues(file, raw);
+  const data = npyValues(raw);
   if (!data) {
     throw new RangeError(`${file}: model inputs must be little-endian float32, int64, int32 or float16 arrays, or uint8, int8 or bool ones ` +
       `('<f4', '<i8', '<i4', '<f2', '|u1', '|i1', '|b1'; this one is '${raw.descr}'): save x.astype(numpy.float32), or the input's type, instead.`);
@@ -203,11 +237,14 @@ export function readNpyFeed(file: string): FeedTensor {
   return { data, dims: raw.dims };
 }
 
-/** Reads a float32 C-order .npy file. */
-export function readNpy(file: string): { data: Float32Array; dims: number[] } {
-  const raw = readNpyRaw(file);
+/**
+ * Reads a float32 C-order .npy file, or only its first `firstRows` rows (`dims` then counts those; `storedRows` is
+ * the file's count).
+ */
+export function readNpy(file: string, firstRows = Infinity): { data: Float32Array; dims: number[]; storedRows: number } {
+  const raw = readNpyRaw(file, firstRows);
   if (raw.descr !== '<f4') throw new RangeError(`${file}: only little-endian float32 ('<f4') arrays are supported (this one is '${raw.descr}'): save x.astype(numpy.float32) instead.`);
-  return { data: npyValues(file, raw) as Float32Array, dims: raw.dims };
+  return { data: npyValues(raw) as Float32Array, dims: raw.dims, storedRows: raw.storedRows };
 }
 
 /** Reads a 1-D .npy array of class labels (uint8, int32 or int64; int64 values must fit in int32). */
@@ -216,7 +253,7 @@ export function readNpyLabels(file: string): Int32Array {
   const { descr, dims } = raw;
   if (!['|u1', '<u1', '<i4', '<i8'].includes(descr)) throw new RangeError(`${file}: labels must be a uint8, int32 or int64 array (this one is '${descr}').`);
   if (dims.length !== 1) throw new RangeError(`${file}: labels must be a 1-D array [N] (this one is ${dims.join('x') || 'a scalar'}).`);
-  const values = npyValues(file, { ...raw, descr: descr === '<u1' ? '|u1' : descr })!;  // checks the data fill the shape
+  const values = npyValues(raw)!;
   if (!(values instanceof BigInt64Array)) return Int32Array.from(values as Int32Array | Uint8Array);
   const labels = new Int32Array(values.length);
   for (let i = 0; i < values.length; i++) {
