@@ -12,14 +12,14 @@ import * as readline from 'node:readline';
 import { Readable } from 'node:stream';
 import {
   AttributeProto_AttributeType, AttributeProtoSchema, ModelProtoSchema, NodeProtoSchema, SparseTensorProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType,
-  TensorProtoSchema,
+  TensorProtoSchema, ValueInfoProtoSchema,
 } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { makeObserver, readNpyFeed } from '../../ts/onnx/calibrate';
 import { HistogramObserver } from '../../ts/calibration/observers';
 import { quantizeTensor } from '../../ts/quantize';
-import { Graph, isChannelVector } from '../../ts/onnx/graph';
+import { floatData as floatDataOf, Graph, isChannelVector } from '../../ts/onnx/graph';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { OnnxModelError, readModel, serializeModel } from '../../ts/onnx/model-io';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
@@ -380,6 +380,31 @@ describe('ONNX rewrites found by the audit', () => {
     expect(report.evaluation!.outputs[0].cosine).to.be.above(0.999);
   });
 
+  it('opset conversion: an old Softmax on a zero-size tensor stays zero-size (Reshape allowzero); Split with an empty split input gets num_outputs', async () => {
+    const softmax = buildModel({
+      inputDims: [1, 'boxes', 3], output: 'y', opset: 11, initializers: {},
+      nodes: [{ op: 'Softmax', inputs: ['input'], output: 'y', attrs: { axis: 2 } }],
+    });
+    const graph = new Graph(readModel(softmax));
+    upgradeOpset(graph, 21);
+    const none = { input: { data: new Float32Array(0), dims: [1, 0, 3] } };
+    expect((await run(softmax, none)).y.dims).to.deep.equal([1, 0, 3]);
+    expect((await run(serializeModel(graph.model), none)).y.dims).to.deep.equal([1, 0, 3]);
+    const some = { input: { data: Float32Array.of(1, 2, 3, 0, 0, 0), dims: [1, 2, 3] } };
+    expect(Array.from((await run(serializeModel(graph.model), some)).y.data as Float32Array)).to.deep.equal(Array.from((await run(softmax, some)).y.data as Float32Array));
+    const split = edited(buildModel({
+      inputDims: [2, 4], output: 'y', opset: 13, initializers: {},
+      nodes: [{ op: 'Split', inputs: ['input', ''], output: 'y', attrs: { axis: 1 } }],
+    }), (m) => {
+      m.graph!.node[0].output.push('y2');
+      m.graph!.output.push(create(ValueInfoProtoSchema, valueInfo('y2') as never));
+    });
+    const upgraded = new Graph(readModel(split));
+    expect(upgradeOpset(upgraded, 21).changed).to.include('split0: Split num_outputs');
+    const out = await run(serializeModel(upgraded.model), { input: { data: Float32Array.from({ length: 8 }, (_, i) => i), dims: [2, 4] } });
+    expect(Array.from(out.y2.data as Float32Array)).to.deep.equal([2, 3, 6, 7]);
+  });
+
   it('a model kept below opset 13 (com.microsoft Q/DQ) gets its int32 biases in that domain too, and runs in onnxruntime', async () => {
     const r = rng(5);
     const model = edited(buildModel({
@@ -468,6 +493,56 @@ describe('ONNX rewrites found by the audit', () => {
     expect(new Set(names).size).to.equal(names.length);
     const out = await run(quantized, calibration[0]);
     expect(out.y.dims).to.deep.equal([2, 3, 4, 4]);
+  });
+
+  it('Constant nodes given as value_float / value_ints become value tensors first (the passes read constants so), reported', async () => {
+    const model = buildModel({
+      inputDims: [2, 4], output: 'y',
+      initializers: { w: { dims: [4, 3], data: heInit(12, 4, 2) } },
+      nodes: [
+        { op: 'Gemm', inputs: ['input', 'w'], output: 'h', name: 'fc' },
+        { op: 'Constant', inputs: [], output: 'lo', name: 'lo', attrs: { value_float: -0.25 } },
+        { op: 'Constant', inputs: [], output: 'hi', name: 'hi', attrs: { value_float: 0.5 } },
+        { op: 'Clip', inputs: ['h', 'lo', 'hi'], output: 'c' },
+        { op: 'Constant', inputs: [], output: 'axes', name: 'axes', attrs: { value_ints: [1] } },
+        { op: 'Unsqueeze', inputs: ['c', 'axes'], output: 'y' },
+      ],
+    });
+    const { model: quantized, report } = await quantizeModel(model, { weights: { bits: 8 } });
+    expect(report.passes.find((p) => p.pass === 'constant-attributes-as-tensors')!.changed).to.deep.equal([
+      'lo: its value_float given as a value tensor', 'hi: its value_float given as a value tensor', 'axes: its value_ints given as a value tensor']);
+    const g = new Graph(readModel(quantized));
+    expect(Array.from(floatDataOf(g.constant('hi')!)!)).to.deep.equal([0.5]);
+    expect(g.constant('axes')!.dataType).to.equal(TensorProto_DataType.INT64);
+    const x = { input: { data: Float32Array.from({ length: 8 }, (_, i) => Math.sin(i) * 4), dims: [2, 4] } };
+    const [a, b] = [await run(model, x), await run(quantized, x)];
+    expect(b.y.dims).to.deep.equal([2, 1, 3]);
+    Array.from(a.y.data as Float32Array).forEach((v, i) => expect((b.y.data as Float32Array)[i]).to.be.closeTo(v, 0.02));
+  });
+
+  it('a BatchNormalization after a Conv or Gemm whose bias is computed (not a constant) is not folded: the bias would be lost', async () => {
+    for (const op of ['Conv', 'Gemm']) {
+      const conv = op === 'Conv';
+      const model = buildModel({
+        inputDims: conv ? [2, 3, 4, 4] : [2, 3], output: 'y',
+        initializers: {
+          w: { dims: conv ? [3, 3, 1, 1] : [3, 3], data: heInit(9, 3, 1) }, b: { dims: [3], data: [0.5, -1, 2] },
+          g: { dims: [3], data: [1, 2, 0.5] }, beta: { dims: [3], data: [0, 0.1, 0] }, m: { dims: [3], data: [0.1, 0, 0] }, v: { dims: [3], data: [1, 4, 1] },
+        },
+        nodes: [
+          { op: 'Relu', inputs: ['b'], output: 'computed' },
+          { op, inputs: ['input', 'w', 'computed'], output: 'c', name: 'layer', attrs: conv ? {} : { transB: 1 } },
+          { op: 'BatchNormalization', inputs: ['c', 'g', 'beta', 'm', 'v'], output: 'y', name: 'bn' },
+        ],
+      });
+      const graph = new Graph(readModel(model));
+      const report = foldBatchNorm(graph);
+      expect(report.changed, op).to.deep.equal([]);
+      expect(report.skipped, op).to.deep.equal([{ node: 'bn', reason: "the bias 'computed' is computed, not a constant: it cannot be folded into a new constant bias" }]);
+      const x = { input: { data: Float32Array.from({ length: conv ? 96 : 6 }, (_, i) => Math.cos(i)), dims: conv ? [2, 3, 4, 4] : [2, 3] } };
+      const [a, b] = [await run(model, x), await run(serializeModel(graph.model), x)];
+      Array.from(a.y.data as Float32Array).forEach((v, i) => expect((b.y.data as Float32Array)[i], op).to.be.closeTo(v, 1e-5));
+    }
   });
 
   it('a Dropout whose mask is read is not converted past opset 10 (its mask became bool)', () => {

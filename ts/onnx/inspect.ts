@@ -2,7 +2,7 @@
 import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
 import { nextTurn, nodeLabel, placeOf } from './passes/pass';
-import { bypassConstantIdentities, foldConstantTransposes } from './passes/constant-identities';
+import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
 import { subgraphLayers, unquantizableReason } from './passes/quantize-weights';
@@ -32,6 +32,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer.
   const graph = new Graph(await readModelAsync(input, { lazyTensors: true }));
   graph.validate();  // what quantizeModel would refuse before any pass
+  constantAttributesAsTensors(graph);
   densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
   await foldConstantTransposes(graph);  // and through a Transpose

@@ -22,7 +22,7 @@ import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver } from '../calibration/observers';
 import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
-import { bypassConstantIdentities, foldConstantTransposes } from './passes/constant-identities';
+import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { quantizableTableCount, quantizeGathers } from './passes/quantize-gather';
 import { foldBatchNormSteps } from './passes/fold-batchnorm';
@@ -662,6 +662,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const initializerNames = new Set([...model.graph!.initializer.map((t) => t.name), ...model.graph!.sparseInitializer.map((t) => t.values?.name ?? '')]);
   const overridable = model.irVersion >= 4n ? model.graph!.input.filter((i) => initializerNames.has(i.name)).map((i) => i.name) : [];
   // First: weights stored sparse, or read through an Identity, are a layer's weights for every decision below.
+  passes.push(await time('constant-attributes-as-tensors', () => constantAttributesAsTensors(graph)));
   passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
   passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
   passes.push(await time('fold-constant-transposes', () => foldConstantTransposes(graph, opts.keepFloat)));

@@ -6,13 +6,36 @@
  * graph and in subgraph bodies; kept where the Identity's output is an output of its graph. foldConstantTransposes
  * (below) does the same for a Transpose of a constant, with a transposed copy.
  */
-import type { GraphProto } from 'onnx-buf';
+import { create } from '@bufbuild/protobuf';
+import { AttributeProto_AttributeType, AttributeProtoSchema, TensorProto_DataType, type GraphProto } from 'onnx-buf';
 
 import { allNodes, floatData, intsAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, ownedTensor, subgraphsOf, type Graph } from '../graph';
 import { withDataRead } from '../model-io';
 import { transpose2d } from './fit-onnxruntime';
 import { nodeLabel, type PassReport } from './pass';
 import { QUANTIZABLE } from './quantize-weights';
+
+/**
+ * Constant nodes that give their value as value_float, value_floats, value_int or value_ints (opset 12 on) get the
+ * same value as a `value` tensor, the one form the passes and the training engine read constants in (given so, a
+ * Clip's bounds or a Squeeze's axes read as absent). In the main graph and in subgraph bodies.
+ */
+export function constantAttributesAsTensors(graph: Graph): PassReport {
+  const report: PassReport = { pass: 'constant-attributes-as-tensors', changed: [], skipped: [] };
+  for (const { node } of allNodes(graph)) {
+    if (node.opType !== 'Constant' || !isOnnxDomain(node.domain) || node.attribute.length !== 1) continue;
+    const [a] = node.attribute;
+    const bytes = a.name === 'value_float' ? Float32Array.of(a.f) : a.name === 'value_floats' ? Float32Array.from(a.floats)
+      : a.name === 'value_int' ? BigInt64Array.of(a.i) : a.name === 'value_ints' ? BigInt64Array.from(a.ints) : undefined;
+    if (!bytes) continue;
+    const type = bytes instanceof Float32Array ? TensorProto_DataType.FLOAT : TensorProto_DataType.INT64;
+    const dims = a.name.endsWith('s') ? [bytes.length] : [];
+    const t = ownedTensor(node.output[0], type, dims, new Uint8Array(bytes.buffer));
+    node.attribute = [create(AttributeProtoSchema, { name: 'value', type: AttributeProto_AttributeType.TENSOR, t })];
+    report.changed.push(`${nodeLabel(node)}: its ${a.name} given as a value tensor`);
+  }
+  return report;
+}
 
 export function bypassConstantIdentities(graph: Graph): PassReport {
   const report: PassReport = { pass: 'bypass-constant-identities', changed: [], skipped: [] };

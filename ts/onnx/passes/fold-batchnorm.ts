@@ -92,6 +92,11 @@ export function* foldBatchNormSteps(graph: Graph, pause: () => boolean = pauseCl
       for (let r = 0; r < dims[0]; r++) for (let c = 0; c < channels; c++) newW[r * channels + c] = wData[r * channels + c] * scale[c];
     }
     const oldBias = producer.input[2] ? graph.constant(producer.input[2]) : undefined;
+    if (producer.input[2] && !oldBias) {
+      // (Read as zeros, its values would be dropped from the folded bias.)
+      skip(`the bias '${producer.input[2]}' is computed, not a constant: it cannot be folded into a new constant bias`);
+      continue;
+    }
     const oldBiasData = oldBias ? weightValues(oldBias) : new Float32Array(channels);
     if (!oldBiasData || oldBiasData.length !== channels || (oldBias && !isChannelVector(oldBias, channels))) {
       skip('the bias is not a float constant with one value per channel (shape [channels] or [1, channels])');

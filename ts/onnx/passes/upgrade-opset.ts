@@ -224,7 +224,8 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
         break;
       case 'Split':
         if (from < 13 && moveInts('split', 1)) report.changed.push(`${label}: Split split -> input`);
-        if (target >= 18 && n.input.length < 2) {
+        if (target >= 18 && !n.input[1]) {
+          n.input.length = 1;  // an empty name omits the input too, but onnxruntime refuses it beside num_outputs
           n.attribute.push(makeIntAttribute('num_outputs', n.output.length));
           report.changed.push(`${label}: Split num_outputs`);
         }
@@ -246,7 +247,9 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
           n.output[0] = z;
           // In place, so a subgraph body (which nothing sorts) stays in order.
           const at = scope.node.indexOf(n);
-          scope.node.splice(at + 1, 0, makeNode('Reshape', [z, shape], [y], graph.uniqueName(`${label}_reshape_back`)));
+          // allowzero (opset 14 on): a 0 in the shape is a size, not "copy the 2-D input's dimension" (a zero-size x).
+          scope.node.splice(at + 1, 0, makeNode('Reshape', [z, shape], [y], graph.uniqueName(`${label}_reshape_back`),
+            target >= 14 ? [makeIntAttribute('allowzero', 1)] : []));
           scope.node.splice(at, 0,
             makeNode('Flatten', [x], [flat], graph.uniqueName(`${label}_flatten`), [makeIntAttribute('axis', axis)]),
             makeNode('Shape', [x], [shape], graph.uniqueName(`${label}_shape_of_input`)));
