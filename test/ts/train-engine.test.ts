@@ -235,6 +235,42 @@ describe('training engine: backward against numerical gradients', () => {
   });
 });
 
+describe('training engine: a final Softmax behind ops that relabel dimensions', () => {
+  const model = (axis: number, after: NodeSpec[]) => buildModel({
+    inputDims: ['N', 5],
+    nodes: [
+      { op: 'Gemm', inputs: ['input', 'w', 'b'], output: 'z', attrs: {} },
+      { op: 'Softmax', inputs: ['z'], output: after.length ? 'prob' : 'y', attrs: { axis } },
+      ...after,
+    ],
+    initializers: { w: { dims: [5, 3], data: heInit(15, 5, 1) }, b: { dims: [3], data: [0, 0.1, 0] } },
+    output: 'y',
+  });
+
+  it('reads the Softmax input as logits (not softmax twice), in the output\'s layout, with right gradients', () => {
+    const bytes = model(-1, [
+      { op: 'Flatten', inputs: ['prob'], output: 'flat', attrs: { axis: 1 } },
+      { op: 'Identity', inputs: ['flat'], output: 'y' },
+    ]);
+    const m = new TrainableModel(readModel(bytes));
+    expect(m.logitsName).to.equal('z');
+    const input = randomInput([4, 5], 2);
+    const tape = m.forward({ data: input, dims: [4, 5] }, false, referenceKernels);
+    expect(m.output(tape).data).to.equal(tape.values.get('z')!.data);
+    expect(m.output(tape).dims).to.deep.equal([4, 3]);
+    const { worst, where } = gradientCheck(bytes, [4, 5], 3);
+    expect(worst, where).to.be.below(EPS);
+  });
+
+  it('a Softmax over another axis than the output rows\' is an error naming it, not a wrong loss', () => {
+    for (const bytes of [model(0, []), model(0, [{ op: 'Identity', inputs: ['prob'], output: 'y' }])]) {
+      const m = new TrainableModel(readModel(bytes));
+      const tape = m.forward({ data: randomInput([4, 5], 2), dims: [4, 5] }, false, referenceKernels);
+      expect(() => m.output(tape)).to.throw(TrainingError, /final Softmax 'softmax1' normalizes groups of 4 values 3 apart over its input \[4, 3\], but the output 'y' it makes is \[4, 3\]/);
+    }
+  });
+});
+
 describe('training engine: native kernels against the reference', () => {
   it('one training step of the MNIST CNN gives the same loss and gradients (float tolerance)', () => {
     const bytes = mnistCnn(5);
@@ -291,6 +327,47 @@ describe('training engine: model checks', () => {
     const model = new TrainableModel(readModel(bytes));
     expect(() => model.forward({ data: randomInput([1, 4, 6, 6], 1), dims: [1, 4, 6, 6] }, false, referenceKernels))
       .to.throw(/AveragePool node .*count_include_pad = 1 with asymmetric padding is not supported/);
+  });
+
+  it('Constant nodes given as value_float / value_ints (Clip bounds, Unsqueeze axes) compute what onnxruntime does', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 4],
+      nodes: [
+        { op: 'Gemm', inputs: ['input', 'w'], output: 'h' },
+        { op: 'Constant', inputs: [], output: 'lo', attrs: { value_float: -0.25 } },
+        { op: 'Constant', inputs: [], output: 'hi', attrs: { value_float: 0.5 } },
+        { op: 'Clip', inputs: ['h', 'lo', 'hi'], output: 'c' },
+        { op: 'Constant', inputs: [], output: 'axes', attrs: { value_ints: [1] } },
+        { op: 'Unsqueeze', inputs: ['c', 'axes'], output: 'u' },
+        { op: 'Flatten', inputs: ['u'], output: 'y', attrs: { axis: 1 } },
+      ],
+      initializers: { w: { dims: [4, 3], data: heInit(12, 4, 2) } },
+      output: 'y',
+    });
+    const data = randomInput([8, 4], 3).map((v) => v * 4);
+    const model = new TrainableModel(readModel(bytes));
+    const ours = model.output(model.forward({ data, dims: [8, 4] }, false, referenceKernels), model.outputName);
+    const O = ort();
+    const session = await O.InferenceSession.create(bytes);
+    const theirs = (await session.run({ input: new O.Tensor('float32', data, [8, 4]) })).y;
+    await session.release();
+    expect(ours.dims).to.deep.equal([8, 3]);
+    expect(Math.max(...(theirs.data as Float32Array))).to.equal(0.5);  // the bounds clip something
+    Array.from(theirs.data as Float32Array).forEach((v, i) => expect(ours.data[i]).to.be.closeTo(v, 1e-6));
+  });
+
+  it('a Conv kernel_shape that disagrees with its weight, and a Gemm C that broadcasts only both ways, are errors', () => {
+    const conv = new TrainableModel(readModel(sandwich([], { kernel_shape: [2, 2] })));
+    expect(() => conv.forward({ data: randomInput([1, 4, 6, 6], 1), dims: [1, 4, 6, 6] }, false, referenceKernels))
+      .to.throw(/kernel_shape \[2, 2\] disagrees with the weight's kernel \[3, 3\]/);
+    for (const cDims of [[3, 1], [1, 1, 3]]) {
+      const gemm = new TrainableModel(readModel(buildModel({
+        inputDims: ['N', 5], nodes: [{ op: 'Gemm', inputs: ['input', 'w', 'c'], output: 'y' }],
+        initializers: { w: { dims: [5, 3], data: heInit(15, 5, 1) }, c: { dims: cDims, data: [1, 2, 3] } }, output: 'y',
+      })));
+      expect(() => gemm.forward({ data: randomInput([1, 5], 1), dims: [1, 5] }, false, referenceKernels), `${cDims}`)
+        .to.throw(new RegExp(`C \\[${cDims.join(',')}\\] does not broadcast to \\[1, 3\\]`));
+    }
   });
 
   it('lists unsupported operators by name before training', () => {

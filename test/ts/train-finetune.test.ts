@@ -343,6 +343,50 @@ describe('finetune: bad input', () => {
     await expectError(finetune(bytes, { inputs: { data: new Float32Array(8), dims: [2, 4] }, labels: Int32Array.of(0, 1) }), TrainingError, /not support: Tanh/);
   });
 
+  it('BatchNormalization over [N, C]: a last batch of one sample joins the one before; a batch of one is an error naming the node', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 4],
+      nodes: [
+        { op: 'Gemm', inputs: ['input', 'w'], output: 'h' },
+        { op: 'BatchNormalization', inputs: ['h', 'g', 'b', 'm', 'v'], output: 'n', name: 'bn' },
+        { op: 'Gemm', inputs: ['n', 'w2'], output: 'y' },
+      ],
+      initializers: {
+        w: { dims: [4, 3], data: [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3] }, w2: { dims: [3, 2], data: [1, -1, 0.5, 0.2, -0.3, 1] },
+        g: { dims: [3], data: [1, 1, 1] }, b: { dims: [3], data: [0, 0, 0] }, m: { dims: [3], data: [0, 0, 0] }, v: { dims: [3], data: [1, 1, 1] },
+      },
+      output: 'y',
+    });
+    const data = (n: number) => ({ inputs: { data: Float32Array.from({ length: 4 * n }, (_, i) => Math.sin(i)), dims: [n, 4] }, labels: Int32Array.from({ length: n }, (_, i) => i % 2) });
+    const sizes: number[] = [];
+    const { history } = await finetune(bytes, data(9), { batchSize: 4, epochs: 1, onStep: (p) => sizes.push(p.step) });
+    expect(sizes).to.deep.equal([1, 2]);  // 4 + 5 samples, not 4 + 4 + 1
+    expect(history[0].images).to.equal(9);
+    await expectError(finetune(bytes, data(2), { batchSize: 1, epochs: 1 }), Error,
+      /BatchNormalization node 'bn': a batch of 1 sample gives one value per channel, so no batch statistics: train with batches of 2 or more samples/);
+  });
+
+  it('a model with BatchNormalization in training mode, or Dropout with training_mode true, is refused before training', async () => {
+    const bn = buildModel({
+      inputDims: ['N', 3, 2, 2],
+      nodes: [
+        { op: 'BatchNormalization', inputs: ['input', 'g', 'b', 'm', 'v'], output: 'n', name: 'bn', attrs: { training_mode: 1 } },
+        { op: 'Flatten', inputs: ['n'], output: 'y' },
+      ],
+      initializers: { g: { dims: [3], data: [1, 1, 1] }, b: { dims: [3], data: [0, 0, 0] }, m: { dims: [3], data: [0, 0, 0] }, v: { dims: [3], data: [1, 1, 1] } },
+      output: 'y', opset: 15,
+    });
+    expect(() => new TrainableModel(readModel(bn))).to.throw(TrainingError, /BatchNormalization 'bn' is in training mode .*model\.eval\(\)/);
+    const dropout = readModel(buildModel({
+      inputDims: ['N', 4], nodes: [{ op: 'Gemm', inputs: ['input', 'w'], output: 'h' }, { op: 'Dropout', inputs: ['h', 'ratio', 'tm'], output: 'y', name: 'drop' }],
+      initializers: { w: { dims: [4, 2], data: [1, 2, 3, 4, 5, 6, 7, 8] }, ratio: { dims: [], data: [0.5] } }, output: 'y',
+    }));
+    dropout.graph!.initializer.push({ ...dropout.graph!.initializer[1], name: 'tm', dataType: 9, dims: [], rawData: Uint8Array.of(1) });
+    expect(() => new TrainableModel(dropout)).to.throw(TrainingError, /Dropout 'drop' has training_mode true/);
+    dropout.graph!.initializer[2].rawData = Uint8Array.of(0);
+    expect(() => new TrainableModel(dropout)).not.to.throw();
+  });
+
   it('logits with more rows than samples (a Reshape to [-1, classes]) are refused before training, not trained against the wrong labels', async () => {
     const bytes = buildModel({
       inputDims: ['N', 4], nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'h' }, { op: 'Reshape', inputs: ['h', 'shape'], output: 'y' }],

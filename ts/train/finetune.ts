@@ -361,7 +361,7 @@ class Teacher {
       throw new TrainingError(`Distillation compares the model's output '${this.model.outputName}' element by element, but onnxruntime gives ${p.length} values for it and the engine ${expectedLength}.`);
     }
     // Without a final Softmax the output is logits: turn each row into probabilities.
-    if (this.model.logitsName === this.model.outputName) {
+    if (!this.model.finalSoftmax) {
       const dims = out[this.model.outputName].dims;
       const classes = Number(dims[dims.length - 1]);
       for (let r = 0; r < p.length; r += classes) {
@@ -453,7 +453,7 @@ class Snapshot {
 /** The class count of logits computed for `samples` inputs, which must be [samples, classes]. */
 function classesOf(model: TrainableModel, logits: Tensor, samples: number): number {
   if (logits.dims.length !== 2 || logits.dims[0] !== samples) {
-    throw new TrainingError(`The model's output '${model.logitsName}' is [${logits.dims.join(', ')}] for ${samples} input sample${samples === 1 ? '' : 's'}; ` +
+    throw new TrainingError(`The model's output '${model.outputName}' is [${logits.dims.join(', ')}] for ${samples} input sample${samples === 1 ? '' : 's'}; ` +
       'fine-tuning a classifier needs logits [N, classes], one row per sample.');
   }
   return logits.dims[1];
@@ -606,7 +606,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   // A training forward pass folds its batch statistics into these; an overflow there shows in no output.
   const brokenStatistics = () => batchNorms.find((n) => n.input.slice(3, 5).some((i) => !model.constants.get(i)!.data.every(Number.isFinite)));
   let previous: Snapshot | undefined, current: Snapshot | undefined;
-  const stepsPerEpoch = inMemory ? Math.ceil(inMemory.inputs.dims[0] / s.batchSize) : undefined;
+  const stepsPerEpoch = inMemory ? batchCount(inMemory.inputs.dims[0], s.batchSize) : undefined;
   const totalSteps = stepsPerEpoch ? stepsPerEpoch * s.epochs : undefined;
   const random = seededRandom(s.seed);
   const history: EpochRecord[] = [];
@@ -724,6 +724,11 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   return { model: bytes, history, layers, forward };
 }
 
+/** How many batches `shuffled` makes of n samples. */
+function batchCount(n: number, batchSize: number): number {
+  return n % batchSize === 1 && n > batchSize ? Math.floor(n / batchSize) : Math.ceil(n / batchSize);
+}
+
 function* shuffled(data: InputBatch, batchSize: number, random: () => number): Generator<InputBatch> {
   const n = data.inputs.dims[0];
   const order = Int32Array.from({ length: n }, (_, i) => i);
@@ -731,6 +736,8 @@ function* shuffled(data: InputBatch, batchSize: number, random: () => number): G
     const j = Math.floor(random() * (i + 1));
     [order[i], order[j]] = [order[j], order[i]];
   }
-  for (let from = 0; from < n; from += batchSize) yield sliceBatch(data, order, from, Math.min(n, from + batchSize));
+  // A last batch of one sample joins the one before (batchCount): one sample has no batch statistics for BatchNormalization.
+  const batches = batchCount(n, batchSize);
+  for (let b = 0; b < batches; b++) yield sliceBatch(data, order, b * batchSize, b === batches - 1 ? n : (b + 1) * batchSize);
 }
 

@@ -7,10 +7,11 @@
  */
 import { TensorProto_DataType, type ModelProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
-import { dimsOf, floatAttribute, floatData, Graph, makeNode, transposes } from '../onnx/graph';
+import { dimsOf, floatAttribute, floatData, Graph, intAttribute, makeNode, transposes } from '../onnx/graph';
 import { nodeLabel } from '../onnx/passes/pass';
+import { constantAttributesAsTensors } from '../onnx/passes/constant-identities';
 import type { FloatKernels } from './kernels';
-import { OPS, type OpContext } from './ops';
+import { OPS, softmaxLayout, type OpContext } from './ops';
 import { firstNonFinite, sizeOf, type Tensor } from './tensor';
 
 export interface Parameter {
@@ -76,6 +77,9 @@ interface Tape {
   records: Map<NodeProto, { inputs: Array<Tensor | undefined>; saved: unknown; quantSaved: unknown[] }>;
 }
 
+/** Ops that give their input's values in the same order under other dimensions. */
+const RELABELLING = new Set(['Identity', 'Flatten', 'Reshape', 'Squeeze', 'Unsqueeze', 'Dropout']);
+
 const PARAMETER_INPUTS: Record<string, number[]> = {
   Conv: [1, 2], Gemm: [1, 2], MatMul: [0, 1], BatchNormalization: [1, 2], Add: [0, 1], Sub: [0, 1],
 };
@@ -87,6 +91,9 @@ function constantTensor(t: TensorProto): Tensor | undefined {
   if (t.dataType === TensorProto_DataType.INT64) {
     const values = t.rawData.length > 0 ? new BigInt64Array(Uint8Array.from(t.rawData).buffer) : BigInt64Array.from(t.int64Data);
     return { data: Float32Array.from(values, Number), dims };
+  }
+  if (t.dataType === TensorProto_DataType.BOOL) {  // (Dropout's training_mode)
+    return { data: Float32Array.from(t.rawData.length > 0 ? t.rawData : t.int32Data, (v) => (v ? 1 : 0)), dims };
   }
   if (t.dataType === TensorProto_DataType.INT32) {
     const values = t.rawData.length > 0 ? new Int32Array(Uint8Array.from(t.rawData).buffer) : Int32Array.from(t.int32Data);
@@ -146,6 +153,8 @@ export class TrainableModel {
   readonly outputName: string;
   /** The tensor the loss reads as logits: the output, or the input of a final Softmax. */
   readonly logitsName: string;
+  /** The Softmax that makes the output (through ops that only relabel dimensions), if there is one. */
+  readonly finalSoftmax?: NodeProto;
   readonly params = new Map<string, Parameter>();
   readonly constants = new Map<string, Tensor>();
   readonly layers: QuantizableLayer[] = [];
@@ -156,10 +165,23 @@ export class TrainableModel {
 
   constructor(model: ModelProto) {
     this.graph = new Graph(model);
+    constantAttributesAsTensors(this.graph);  // value_float(s)/value_int(s) Constants: read as tensors like the others
     const unsupported = [...new Set(model.graph!.node.filter((n) => n.opType !== 'Constant' && (n.domain !== '' && n.domain !== 'ai.onnx' || !OPS.has(n.opType))).map((n) => n.opType))];
     if (unsupported.length > 0) {
       throw new TrainingError(`The model uses operators the training engine does not support: ${unsupported.join(', ')}. ` +
         `Supported: ${[...OPS.keys()].join(', ')}.`);
+    }
+    for (const n of model.graph!.node) {
+      if (n.opType === 'BatchNormalization' && (intAttribute(n, 'training_mode', 0) !== 0 || n.output.slice(1).some(Boolean))) {
+        throw new TrainingError(`BatchNormalization '${nodeLabel(n)}' is in training mode (training_mode = 1 or running-statistics outputs): ` +
+          'onnxruntime runs such a model only in a training build, and the export would keep it so. Export the model in inference mode ' +
+          '(PyTorch: model.eval() before torch.onnx.export); fine-tuning trains BatchNormalization itself.');
+      }
+      const dropoutTraining = n.opType === 'Dropout' && n.input[2] ? this.graph.constant(n.input[2]) : undefined;
+      if (dropoutTraining && [...dropoutTraining.rawData, ...dropoutTraining.int32Data].some(Boolean)) {
+        throw new TrainingError(`Dropout '${nodeLabel(n)}' has training_mode true: onnxruntime drops units at random on every run of it, ` +
+          'which fine-tuning does not do (it takes Dropout as the identity). Set training_mode to false or remove the input.');
+      }
     }
     this.nodes = fuseHardSwish(this.graph, this.graph.topologicalOrder().filter((n) => n.opType !== 'Constant'));
     const initializers = new Set(model.graph!.initializer.map((t) => t.name));
@@ -172,8 +194,12 @@ export class TrainableModel {
       : [];
     this.outputName = model.graph!.output[0]?.name;
     if (!this.outputName) throw new TrainingError('The model has no output.');
-    const last = this.nodes.find((n) => n.output[0] === this.outputName);
-    this.logitsName = last?.opType === 'Softmax' ? last.input[0] : this.outputName;
+    // A final Softmax, also behind ops that only relabel dimensions (Flatten, Reshape… as converters write them):
+    // the loss reads its input as logits, in the output's layout, since such ops keep the values' order.
+    let last = this.nodes.find((n) => n.output[0] === this.outputName);
+    while (last && RELABELLING.has(last.opType) && this.graph.onlyReader(last.input[0]) === last) last = this.graph.producer(last.input[0]);
+    this.finalSoftmax = last?.opType === 'Softmax' ? last : undefined;
+    this.logitsName = this.finalSoftmax ? this.finalSoftmax.input[0] : this.outputName;
 
     // Parameters and constants.
     for (const node of this.nodes) {
@@ -263,8 +289,22 @@ export class TrainableModel {
     return tape;
   }
 
+  /**
+   * A value of the last forward pass; by default the logits, in the layout of the model's output (one row per
+   * distribution of a final Softmax, which must then normalize over the output's last axis).
+   */
   output(tape: Tape, name = this.logitsName): Tensor {
-    return tape.values.get(name)!;
+    const value = tape.values.get(name)!;
+    if (name !== this.logitsName || !this.finalSoftmax || this.logitsName === this.outputName) return value;
+    const dims = tape.values.get(this.outputName)!.dims;
+    const [, group, inner] = softmaxLayout(this.finalSoftmax, value.dims, this.graph.opset);
+    if (inner !== 1 || group !== dims[dims.length - 1]) {
+      throw new TrainingError(`The model's final Softmax '${nodeLabel(this.finalSoftmax)}' normalizes groups of ${group} values ` +
+        `${inner === 1 ? '' : `${inner} apart `}over its input [${value.dims.join(', ')}], but the output '${this.outputName}' it makes is ` +
+        `[${dims.join(', ')}]: fine-tuning reads the Softmax's input as logits, one row of the output per distribution. Give the ` +
+        'Softmax the axis of the classes, last, or remove it (fine-tuning adds its own).');
+    }
+    return { data: value.data, dims };
   }
 
   /** The first node (topological order) whose output holds a non-finite value, if any. */

@@ -97,6 +97,10 @@ const conv: OpImpl = {
     if (w.dims.length !== 4) throw new OpError(node, `only 2-D convolution is supported (weight [${w.dims.join(', ')}])`);
     const group = intAttribute(node, 'group', 1);
     const [outChannels, groupChannels, kernelH, kernelW] = w.dims;
+    const kernelShape = intsAttribute(node, 'kernel_shape');
+    if (kernelShape && (kernelShape.length !== 2 || kernelShape[0] !== kernelH || kernelShape[1] !== kernelW)) {
+      throw new OpError(node, `attribute kernel_shape [${kernelShape.join(', ')}] disagrees with the weight's kernel [${kernelH}, ${kernelW}] (onnxruntime refuses it too)`);
+    }
     const g = windowGeometry(node, x.dims, kernelH, kernelW);
     if (g.channels !== groupChannels * group || outChannels % group !== 0) {
       throw new OpError(node, `input has ${g.channels} channels; weight [${w.dims.join(', ')}] with group ${group} expects ${groupChannels * group}`);
@@ -231,7 +235,9 @@ const gemm: OpImpl = {
     if (alpha !== 1) for (let i = 0; i < y.length; i++) y[i] *= alpha;
     let cIndex: Int32Array | undefined;
     if (cIn && beta !== 0) {
-      if (!broadcastDims(cIn.dims, [m, n])) throw new OpError(node, `C [${cIn.dims}] does not broadcast to [${m}, ${n}]`);
+      // One-way: C takes the output's shape, never the other way round.
+      const fits = cIn.dims.length <= 2 && cIn.dims.every((d, i) => d === 1 || d === [m, n][2 - cIn.dims.length + i]);
+      if (!fits) throw new OpError(node, `C [${cIn.dims}] does not broadcast to [${m}, ${n}]`);
       cIndex = broadcastIndex(cIn.dims, [m, n]);
       for (let i = 0; i < y.length; i++) y[i] += beta * cIn.data[cIndex[i]];
     }
@@ -586,7 +592,7 @@ const cast: OpImpl = {
 };
 
 /** Softmax over [outer, axis, inner] (opset < 13 flattens everything from `axis` on). */
-function softmaxLayout(node: NodeProto, dims: number[], opset: number): [number, number, number] {
+export function softmaxLayout(node: NodeProto, dims: number[], opset: number): [number, number, number] {
   const rank = dims.length;
   let axis = intAttribute(node, 'axis', opset >= 13 ? -1 : 1);
   if (axis < 0) axis += rank;
@@ -655,7 +661,11 @@ const batchNormalization: OpImpl = {
     // Running statistics (the inference model's mean and variance): unbiased variance, ONNX momentum.
     const momentum = floatAttribute(node, 'momentum', 0.9);
     const count = batch * spatial;
-    const unbias = count > 1 ? count / (count - 1) : 1;
+    if (count === 1) {
+      // The batch's variance is 0: the output is β and no gradient passes (PyTorch refuses this too).
+      throw new OpError(node, 'a batch of 1 sample gives one value per channel, so no batch statistics: train with batches of 2 or more samples');
+    }
+    const unbias = count / (count - 1);
     for (let c = 0; c < channels; c++) {
       mean!.data[c] = momentum * mean!.data[c] + (1 - momentum) * batchMean[c];
       variance!.data[c] = momentum * variance!.data[c] + (1 - momentum) * batchVar[c] * unbias;
