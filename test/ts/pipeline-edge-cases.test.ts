@@ -545,7 +545,7 @@ describe('ONNX rewrites found by the audit', () => {
     }
   });
 
-  it('a Dropout whose mask is read is not converted past opset 10 (its mask became bool)', () => {
+  it('a Dropout whose mask is read is not converted past opset 10 (its mask became bool); an unread one is dropped with its declared type', async () => {
     const model = buildModel({
       inputDims: [1, 3], output: 'y', opset: 9, initializers: {},
       nodes: [{ op: 'Dropout', inputs: ['input'], output: 'd' }, { op: 'Mul', inputs: ['d', 'mask'], output: 'y' }],
@@ -556,7 +556,13 @@ describe('ONNX rewrites found by the audit', () => {
       m.graph!.node[0].output = ['d', 'mask'];
       m.graph!.node[1].input = ['d', 'd'];
     });
-    expect(() => upgradeOpset(new Graph(readModel(unread)), 13)).not.to.throw();
+    const declared = edited(unread, (m) => { m.graph!.valueInfo.push(create(ValueInfoProtoSchema, valueInfo('mask', TensorProto_DataType.FLOAT, [1, 3]) as never)); });
+    const graph = new Graph(readModel(declared));
+    expect(upgradeOpset(graph, 13).changed).to.include("dropout0: Dropout's unread mask output dropped (float before opset 10, bool after)");
+    expect(graph.graph.node[0].output).to.deep.equal(['d']);
+    // onnxruntime refused the converted model with the float mask declared ("does not match expected type (tensor(bool))").
+    const x = { input: { data: Float32Array.of(1, -2, 3), dims: [1, 3] } };
+    expect(Array.from((await run(serializeModel(graph.model), x)).y.data as Float32Array)).to.deep.equal([1, 4, 9]);
   });
 
   it('raising the opset raises the IR version to the one the opset came with (INT4 needs IR 10); IR 3\'s initializer inputs go', async () => {

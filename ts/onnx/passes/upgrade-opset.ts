@@ -210,6 +210,14 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
         }
         break;
       case 'Dropout':
+        if (from < 10 && n.output[1]) {
+          // Unread (unconvertibleReason refuses a read one): dropped with its declared float type, which onnxruntime
+          // would refuse beside the bool mask of opset 10 on.
+          const mask = n.output[1];
+          n.output.length = 1;
+          scope.valueInfo = scope.valueInfo.filter((v) => v.name !== mask);
+          report.changed.push(`${label}: Dropout's unread mask output dropped (float before opset 10, bool after)`);
+        }
         if (from < 12 && attribute(n, 'ratio')) {
           const ratio = floatAttribute(n, 'ratio', 0.5);
           n.input[1] = constInput(`${label}_ratio`, (name) => floatScalarTensor(name, ratio));
