@@ -370,6 +370,29 @@ describe('training engine: model checks', () => {
     }
   });
 
+  it('Div of integer tensors (shape arithmetic) truncates as onnxruntime\'s does: x[:, :width // 4]', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 6],
+      nodes: [
+        { op: 'Shape', inputs: ['input'], output: 's' },
+        { op: 'Slice', inputs: ['s', 'one', 'two'], output: 'width' },
+        { op: 'Div', inputs: ['width', 'four'], output: 'end' },
+        { op: 'Slice', inputs: ['input', 'zero', 'end', 'one'], output: 'y' },
+      ],
+      initializers: {}, int64: { zero: [0], one: [1], two: [2], four: [4] }, output: 'y',
+    });
+    const data = randomInput([2, 6], 4);
+    const model = new TrainableModel(readModel(bytes));
+    const ours = model.output(model.forward({ data, dims: [2, 6] }, false, referenceKernels), model.outputName);
+    const O = ort();
+    const session = await O.InferenceSession.create(bytes);
+    const theirs = (await session.run({ input: new O.Tensor('float32', data, [2, 6]) })).y;
+    await session.release();
+    expect(theirs.dims).to.deep.equal([2, 1]);
+    expect(ours.dims).to.deep.equal([2, 1]);
+    expect(Array.from(ours.data)).to.deep.equal(Array.from(theirs.data as Float32Array));
+  });
+
   it('lists unsupported operators by name before training', () => {
     const bytes = buildModel({
       inputDims: ['N', 4],

@@ -77,6 +77,9 @@ interface Tape {
   records: Map<NodeProto, { inputs: Array<Tensor | undefined>; saved: unknown; quantSaved: unknown[] }>;
 }
 
+const INTEGER_TYPES = new Set([TensorProto_DataType.INT8, TensorProto_DataType.UINT8, TensorProto_DataType.INT16, TensorProto_DataType.UINT16,
+  TensorProto_DataType.INT32, TensorProto_DataType.UINT32, TensorProto_DataType.INT64, TensorProto_DataType.UINT64]);
+
 /** Ops that give their input's values in the same order under other dimensions. */
 const RELABELLING = new Set(['Identity', 'Flatten', 'Reshape', 'Squeeze', 'Unsqueeze', 'Dropout']);
 
@@ -162,6 +165,8 @@ export class TrainableModel {
   /** Training keeps BatchNormalization on its running statistics (fine-tuning with small or unrepresentative batches). */
   freezeBatchNorm = false;
   private readonly needsGrad = new Set<string>();
+  /** Div nodes whose operands are integers (shape arithmetic): the engine computes in float32 and truncates them. */
+  private readonly integerDivisions: ReadonlySet<NodeProto>;
 
   constructor(model: ModelProto) {
     this.graph = new Graph(model);
@@ -183,6 +188,7 @@ export class TrainableModel {
           'which fine-tuning does not do (it takes Dropout as the identity). Set training_mode to false or remove the input.');
       }
     }
+    this.integerDivisions = new Set(model.graph!.node.filter((n) => n.opType === 'Div' && INTEGER_TYPES.has(this.graph.elemType(n.input[0]) ?? 0)));
     this.nodes = fuseHardSwish(this.graph, this.graph.topologicalOrder().filter((n) => n.opType !== 'Constant'));
     const initializers = new Set(model.graph!.initializer.map((t) => t.name));
     const inputs = model.graph!.input.filter((i) => !initializers.has(i.name));
@@ -265,7 +271,8 @@ export class TrainableModel {
   /** The values of every node on this input; `quantize: false` runs the float model, as if no quantizer were set. */
   forward(input: Tensor, training: boolean, kernels: FloatKernels, quantize = true): Tape {
     const tape: Tape = { values: new Map([[this.inputName, input]]), records: new Map() };
-    const ctx: OpContext = { kernels, training, opset: this.graph.opset, frozenBatchNorm: this.freezeBatchNorm };
+    const ctx: OpContext = { kernels, training, opset: this.graph.opset, frozenBatchNorm: this.freezeBatchNorm,
+      integerDivisions: this.integerDivisions };
     for (const node of this.nodes) {
       const inputs = node.input.map((name) => this.value(tape, name));
       const q = quantize ? this.quantizers.get(node) : undefined;
@@ -332,7 +339,8 @@ export class TrainableModel {
 
   /** Back-propagates dLoss/dLogits; parameter gradients are overwritten (quantizer steps accumulate into their grad). */
   backward(tape: Tape, dLogits: Float32Array, kernels: FloatKernels): void {
-    const ctx: OpContext = { kernels, training: true, opset: this.graph.opset, frozenBatchNorm: this.freezeBatchNorm };
+    const ctx: OpContext = { kernels, training: true, opset: this.graph.opset, frozenBatchNorm: this.freezeBatchNorm,
+      integerDivisions: this.integerDivisions };
     const grads = new Map<string, Float32Array>([[this.logitsName, dLogits]]);
     // Gradients may alias each other (Identity, Reshape and Add pass dy through): sums go to fresh arrays.
     const add = (name: string, g: Float32Array) => {

@@ -19,6 +19,8 @@ export interface OpContext {
   opset: number;
   /** BatchNormalization normalises with (and keeps) its running statistics even in training. */
   frozenBatchNorm?: boolean;
+  /** Div nodes of integer tensors (computed shapes), which truncate toward zero as onnxruntime's do. */
+  integerDivisions?: ReadonlySet<NodeProto>;
 }
 
 export interface ForwardResult {
@@ -300,7 +302,7 @@ const matMul: OpImpl = {
 
 function binary(kind: 'Add' | 'Sub' | 'Mul' | 'Div'): OpImpl {
   return {
-    forward(node, [aIn, bIn]) {
+    forward(node, [aIn, bIn], ctx) {
       const a = need(node, aIn, 'input A'), b = need(node, bIn, 'input B');
       const dims = broadcastDims(a.dims, b.dims);
       if (!dims) throw new OpError(node, `shapes [${a.dims}] and [${b.dims}] do not broadcast`);
@@ -309,6 +311,7 @@ function binary(kind: 'Add' | 'Sub' | 'Mul' | 'Div'): OpImpl {
       if (kind === 'Add') for (let i = 0; i < y.length; i++) y[i] = A[i] + B[i];
       else if (kind === 'Sub') for (let i = 0; i < y.length; i++) y[i] = A[i] - B[i];
       else if (kind === 'Mul') for (let i = 0; i < y.length; i++) y[i] = A[i] * B[i];
+      else if (ctx.integerDivisions?.has(node)) for (let i = 0; i < y.length; i++) y[i] = Math.trunc(A[i] / B[i]);
       else for (let i = 0; i < y.length; i++) y[i] = A[i] / B[i];
       return { y: { data: y, dims } };
     },
