@@ -398,14 +398,19 @@ describe('finetune: bad input', () => {
     expect(steps).to.equal(0);
   });
 
-  it('a model with nothing to train (its weight behind an Identity) is refused, not trained without change', async () => {
-    const bytes = buildModel({
-      inputDims: ['N', 4], nodes: [{ op: 'Identity', inputs: ['w'], output: 'wi' }, { op: 'Gemm', inputs: ['input', 'wi'], output: 'y' }],
+  it('a model with nothing to train (its weight behind a Transpose) is refused, not trained without change; one behind an Identity trains', async () => {
+    const behind = (op: string) => buildModel({
+      inputDims: ['N', 4], nodes: [{ op, inputs: ['w'], output: 'wi' }, { op: 'Gemm', inputs: ['input', 'wi'], output: 'y', attrs: op === 'Transpose' ? { transB: 1 } : {} }],
       initializers: { w: { dims: [4, 2], data: [1, 2, 3, 4, 5, 6, 7, 8] } }, output: 'y',
     });
-    const few = { inputs: { data: new Float32Array(8).fill(0.5), dims: [2, 4] }, labels: Int32Array.of(0, 1) };
+    const few = { inputs: { data: Float32Array.from({ length: 8 }, (_, i) => Math.sin(i)), dims: [2, 4] }, labels: Int32Array.of(0, 1) };
     for (const method of ['float', 'lsq'] as const) {
-      await expectError(finetune(bytes, few, { method }), TrainingError, /^The model has no weight the engine can train: .* weights behind Identity, Transpose or Cast nodes stay constants: fold those nodes into their initializers \(as onnxsim does\), and fine-tune that model\.$/);
+      await expectError(finetune(behind('Transpose'), few, { method }), TrainingError, /^The model has no weight the engine can train: .* weights behind Transpose or Cast nodes stay constants: fold those nodes into their initializers \(as onnxsim does\), and fine-tune that model\.$/);
+      const { model } = await finetune(behind('Identity'), few, { method, epochs: 1 });
+      const trained = readModel(model!);
+      const w = trained.graph!.initializer.find((t) => t.name === 'w');
+      if (method === 'float') expect(Array.from(floatData(w!)!)).not.to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8]);
+      else expect(trained.graph!.node.map((n) => n.opType)).to.include('DequantizeLinear');  // the weight quantized for export
     }
   });
 

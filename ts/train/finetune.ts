@@ -263,7 +263,7 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
 }
 
 /** Why some weights are not trainable, and the fix: the engine trains only initializers a layer reads directly. */
-const CONSTANT_WEIGHTS = 'weights behind Identity, Transpose or Cast nodes stay constants: fold those nodes into their initializers (as onnxsim does)';
+const CONSTANT_WEIGHTS = 'weights behind Transpose or Cast nodes stay constants: fold those nodes into their initializers (as onnxsim does)';
 
 function buildQuantizers(model: TrainableModel, s: Settings): void {
   if (s.method === 'float') return;

@@ -9,7 +9,7 @@ import { TensorProto_DataType, type ModelProto, type NodeProto, type TensorProto
 
 import { dimsOf, floatAttribute, floatData, Graph, intAttribute, makeNode, transposes } from '../onnx/graph';
 import { nodeLabel } from '../onnx/passes/pass';
-import { constantAttributesAsTensors } from '../onnx/passes/constant-identities';
+import { bypassConstantIdentities, constantAttributesAsTensors } from '../onnx/passes/constant-identities';
 import type { FloatKernels } from './kernels';
 import { OPS, softmaxLayout, type OpContext } from './ops';
 import { firstNonFinite, sizeOf, type Tensor } from './tensor';
@@ -171,6 +171,7 @@ export class TrainableModel {
   constructor(model: ModelProto) {
     this.graph = new Graph(model);
     constantAttributesAsTensors(this.graph);  // value_float(s)/value_int(s) Constants: read as tensors like the others
+    bypassConstantIdentities(this.graph);  // weights read through an Identity (shared or renamed): trained as weights
     const unsupported = [...new Set(model.graph!.node.filter((n) => n.opType !== 'Constant' && (n.domain !== '' && n.domain !== 'ai.onnx' || !OPS.has(n.opType))).map((n) => n.opType))];
     if (unsupported.length > 0) {
       throw new TrainingError(`The model uses operators the training engine does not support: ${unsupported.join(', ')}. ` +
