@@ -412,6 +412,9 @@ describe('finetune: bad input', () => {
       if (method === 'float') expect(Array.from(floatData(w!)!)).not.to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8]);
       else expect(trained.graph!.node.map((n) => n.opType)).to.include('DequantizeLinear');  // the weight quantized for export
     }
+    const proto = readModel(behind('Identity'));
+    await finetune(proto, few, { epochs: 1 });
+    expect(proto.graph!.node.map((n) => n.opType)).to.deep.equal(['Identity', 'Gemm']);  // a caller's ModelProto is left as it was
   });
 
   it('a quantized export the model cannot reach (opset 6, below what lowbit converts) is refused before training', async () => {

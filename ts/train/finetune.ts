@@ -7,7 +7,8 @@
  * With `distill`, no labels are needed: the model learns to reproduce the
  * float model's output distribution (computed by onnxruntime).
  */
-import type { ModelProto } from 'onnx-buf';
+import { clone } from '@bufbuild/protobuf';
+import { ModelProtoSchema, type ModelProto } from 'onnx-buf';
 
 import { invalidType, invalidValue } from '../errors';
 import { ort } from '../bench/ort-models';
@@ -547,7 +548,8 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   const kernels = o.kernel === 'reference' ? referenceKernels : nativeKernels({ kernel: o.kernel, threads: o.threads });
   // The fake quantizers run the native LSQ kernels: a LOWBIT_KERNEL they cannot honour stops here, not at step 1.
   if (s.method !== 'float') checkKernel('quantize', undefined);
-  const proto = input instanceof Uint8Array || typeof input === 'string' ? await readModelAsync(input) : input;
+  // A caller's ModelProto is copied: the engine's model normalizes its graph (Constant forms, Identity weights).
+  const proto = input instanceof Uint8Array || typeof input === 'string' ? await readModelAsync(input) : clone(ModelProtoSchema, input);
   if (o.outputPath !== undefined) checkNotModelFile('options.outputPath', o.outputPath, proto, false);
   const model = new TrainableModel(proto);
   if (model.params.size === 0) {
