@@ -4,6 +4,7 @@
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
 import { spawn, spawnSync } from 'node:child_process';
+import { runInNewContext } from 'node:vm';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -16,7 +17,7 @@ import {
 } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
-import { makeObserver, readNpyFeed } from '../../ts/onnx/calibrate';
+import { checkFeed, makeObserver, readNpyFeed } from '../../ts/onnx/calibrate';
 import { HistogramObserver } from '../../ts/calibration/observers';
 import { quantizeTensor } from '../../ts/quantize';
 import { floatData as floatDataOf, Graph, isChannelVector } from '../../ts/onnx/graph';
@@ -91,6 +92,27 @@ describe('calibration data read once or twice', () => {
     await quantizeModel(mnist, { weights: { bits: 4, rounding: 'gptq' }, activations: { bits: 8 }, calibration: shrinking, evaluationFeeds: [] })
       .catch((e) => (caught = e));
     expect((caught as Error).message).to.match(/the same 2 batches on its second reading .* for options\.calibration but received "1 batches"/);
+  });
+});
+
+describe('calibration feeds of the wrong array type', () => {
+  it('name the conversion (Float64Array, Array, int64 input from numbers) or the other realm', async () => {
+    const cases: Array<[unknown, RegExp]> = [
+      [new Float64Array(784), /received Float64Array of length 784\. Convert the values: Float32Array\.from\(values\)\.$/],
+      [new Array(784).fill(0), /received Array of length 784\. Convert the values: Float32Array\.from\(values\)\.$/],
+      [runInNewContext('new Float32Array(784)'), /This Float32Array comes from another JavaScript realm .*new Float32Array\(array\)\.$/],
+    ];
+    for (const [data, message] of cases) {
+      let caught: unknown;
+      await quantizeModel(mnist, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [{ input: { data, dims: [1, 1, 28, 28] } }] as never })
+        .catch((e) => (caught = e));
+      expect(caught).to.be.instanceOf(TypeError);
+      expect((caught as Error).message).to.match(/^Expected a Float32Array \(float32 input\) for calibration\[0\]\.input\.data but /).and.match(message);
+    }
+    const ids = buildModel({ inputDims: [2], output: 'y', initializers: {}, nodes: [{ op: 'Identity', inputs: ['input'], output: 'y' }] });
+    const typed = edited(ids, (m) => { (m.graph!.input[0].type!.value.value as { elemType: number }).elemType = TensorProto_DataType.INT64; });
+    expect(() => checkFeed(readModel(typed), { input: { data: [1, 2], dims: [2] } }, 0))
+      .to.throw(TypeError, /^Expected a BigInt64Array \(int64 input\) for calibration\[0\]\.input\.data but received \[1, 2\]\. Convert the values: BigInt64Array\.from\(values, BigInt\)\.$/);
   });
 });
 

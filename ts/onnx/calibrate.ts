@@ -15,6 +15,7 @@ import {
 import { ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue, withArticle } from '../errors';
+import { otherRealm } from '../validate';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
 import { native } from '../native';
 import { attribute, Graph, makeNode } from './graph';
@@ -45,6 +46,16 @@ const FEED_TYPES = new Map<number, FeedType>([
   [TensorProto_DataType.INT8, { name: 'int8', array: 'Int8Array', is: (d) => d instanceof Int8Array }],
   [TensorProto_DataType.BOOL, { name: 'bool', array: 'Uint8Array (0 or 1)', is: (d) => d instanceof Uint8Array }],
 ]);
+
+/** How to turn feed data of another kind (an Array, another typed array, another realm's) into what `type` takes. */
+function conversionHint(type: FeedType, data: unknown): string | undefined {
+  const array = type.array.split(' ')[0];
+  const realm = otherRealm(data, array);
+  if (realm || !(Array.isArray(data) || ArrayBuffer.isView(data))) return realm;
+  const how = type.name === 'float16' ? "lowbit's toFloat16Array(Float32Array.from(values))" : type.name === 'int64' ? 'BigInt64Array.from(values, BigInt)'
+    : type.name === 'bool' ? 'Uint8Array.from(values, Number)' : `${array}.from(values)`;
+  return `Convert the values: ${how}.`;
+}
 
 /** What a feed for this input must hold; an OnnxModelError for input types lowbit cannot feed. */
 function feedType(name: string, elemType: number): FeedType {
@@ -539,7 +550,7 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
     const type = feedType(name, elemType);
     const expected = `{ data: ${type.array}, dims: ${dims ? shapeText(dims) : '[...]'} }`;
     if (!v) throw invalidValue(`${what}[${index}]`, `a feed with input '${name}' ${expected}`, Object.keys(f).join(', ') || 'an empty feed');
-    if (!type.is(v.data)) throw invalidType(`${what}[${index}].${name}.data`, `${withArticle(type.array)} (${type.name} input)`, v.data);
+    if (!type.is(v.data)) throw invalidType(`${what}[${index}].${name}.data`, `${withArticle(type.array)} (${type.name} input)`, v.data, conversionHint(type, v.data));
     const data = v.data as FeedTensor['data'];
     if (!Array.isArray(v.dims) || v.dims.some((d) => !Number.isSafeInteger(d) || d < 0) ||
       (dims && (v.dims.length !== dims.length || v.dims.some((d, i) => dims[i] >= 0 && d !== dims[i])))) {
