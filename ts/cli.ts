@@ -419,7 +419,7 @@ export function program(): Command {
           }
         }
         const inputsFile = path.join(source, 'inputs.npy');
-        const inputs = readNpy(inputsFile, limit);  // only the samples used
+        const inputs = readNpy(inputsFile, limit, 'read fewer samples with --limit, or give the data to the finetune API as an iterable of batches');  // only the samples used
         if (inputs.dims.length < 2 || inputs.dims[0] === 0) {
           const stored = [inputs.storedRows, ...inputs.dims.slice(1)];
           throw new Error(`Expected ${inputsFile} (${flag}) to hold samples [N, ...] but it is ${inputs.dims.length ? `[${stored.join(', ')}]` : 'a scalar'}. Save the inputs with the sample axis first.`);

@@ -266,8 +266,31 @@ describe('training engine: a final Softmax behind ops that relabel dimensions', 
     for (const bytes of [model(0, []), model(0, [{ op: 'Identity', inputs: ['prob'], output: 'y' }])]) {
       const m = new TrainableModel(readModel(bytes));
       const tape = m.forward({ data: randomInput([4, 5], 2), dims: [4, 5] }, false, referenceKernels);
-      expect(() => m.output(tape)).to.throw(TrainingError, /final Softmax 'softmax1' normalizes groups of 4 values 3 apart over its input \[4, 3\], but the output 'y' it makes is \[4, 3\]/);
+      expect(() => m.output(tape)).to.throw(TrainingError, /final Softmax 'softmax1' normalizes groups of 4 values 3 apart over its input \[4, 3\], but the output 'y' it makes is \[4, 3\].* Give the Softmax the axis of the classes, last, or remove/);
     }
+    const regrouped = new TrainableModel(readModel(model(-1, [{ op: 'Flatten', inputs: ['prob'], output: 'y', attrs: { axis: 0 } }])));
+    const tape = regrouped.forward({ data: randomInput([4, 5], 2), dims: [4, 5] }, false, referenceKernels);
+    expect(() => regrouped.output(tape)).to.throw(TrainingError, /groups of 3 values over its input \[4, 3\], but the output 'y' it makes is \[1, 12\].* The nodes after the Softmax regroup its rows/);
+  });
+
+  it('is found when the reshape also reads the Softmax output\'s shape (PyTorch\'s x.view(x.size(0), -1))', () => {
+    const bytes = buildModel({
+      inputDims: ['N', 5],
+      nodes: [
+        { op: 'Gemm', inputs: ['input', 'w', 'b'], output: 'z' },
+        { op: 'Softmax', inputs: ['z'], output: 'prob', attrs: { axis: 1 } },
+        { op: 'Shape', inputs: ['prob'], output: 'shape' },
+        { op: 'Slice', inputs: ['shape', 'zero', 'one'], output: 'n' },
+        { op: 'Concat', inputs: ['n', 'minus'], output: 'target', attrs: { axis: 0 } },
+        { op: 'Reshape', inputs: ['prob', 'target'], output: 'y' },
+      ],
+      initializers: { w: { dims: [5, 3], data: heInit(15, 5, 1) }, b: { dims: [3], data: [0, 0.1, 0] } },
+      int64: { zero: [0], one: [1], minus: [-1] }, output: 'y',
+    });
+    const m = new TrainableModel(readModel(bytes));
+    expect(m.logitsName).to.equal('z');
+    const { worst, where } = gradientCheck(bytes, [4, 5], 3);
+    expect(worst, where).to.be.below(EPS);
   });
 });
 

@@ -364,6 +364,17 @@ describe('finetune: bad input', () => {
     expect(history[0].images).to.equal(9);
     await expectError(finetune(bytes, data(2), { batchSize: 1, epochs: 1 }), Error,
       /BatchNormalization node 'bn': a batch of 1 sample gives one value per channel, so no batch statistics: train with batches of 2 or more samples/);
+    // From an iterable (no merging): the stop keeps what the batches before it trained.
+    const nine = data(9);
+    const batches = [0, 4, 8].map((from) => {
+      const to = Math.min(9, from + 4);
+      return { inputs: { data: nine.inputs.data.slice(from * 4, to * 4), dims: [to - from, 4] }, labels: nine.labels.slice(from, to) };
+    });
+    const stop = await expectError(finetune(bytes, batches as unknown as AsyncIterable<LabelledBatch>, { epochs: 1 }), TrainingError,
+      /^Training stopped at epoch 1, step 3: BatchNormalization node 'bn': a batch of 1 sample .*\. The error's model holds the weights trained before this batch\.$/);
+    expect((stop as TrainingError).step).to.equal(3);
+    expect((stop as TrainingError).layer).to.equal('bn');
+    expect((stop as TrainingError).model).to.be.instanceOf(Uint8Array);
   });
 
   it('a model with BatchNormalization in training mode, or Dropout with training_mode true, is refused before training', async () => {

@@ -5,6 +5,7 @@
  * batches, so memory does not grow with the number of batches.
  */
 import { create, toBinary } from '@bufbuild/protobuf';
+import { constants as bufferConstants } from 'node:buffer';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -162,7 +163,9 @@ export function makeObserver(method: ActivationMethod): TensorObserver {
   }
 }
 
-/** The dtype, shape and data bytes of a C-order .npy file. */
+/** The longest typed array this Node.js makes (4 GiB in Node 20). */
+const MAX_LENGTH = bufferConstants.MAX_LENGTH;
+
 /** Bytes per value of the .npy dtypes lowbit reads. */
 const NPY_ITEM_BYTES: Record<string, number> = { '<f4': 4, '<i8': 8, '<i4': 4, '<f2': 2, '|u1': 1, '<u1': 1, '|b1': 1, '|i1': 1 };
 
@@ -171,12 +174,12 @@ const NPY_ITEM_BYTES: Record<string, number> = { '<f4': 4, '<i8': 8, '<i4': 4, '
  * copy; readFileSync stops at 2 GiB). `firstRows`: read only that many leading rows of the first axis (`dims`
  * then says so; `storedRows` is the file's count). The data of a dtype lowbit does not read are not read.
  */
-function readNpyRaw(file: string, firstRows = Infinity): { descr: string; dims: number[]; storedRows: number; body: Uint8Array } {
+function readNpyRaw(file: string, firstRows = Infinity, tooLarge = 'split the data into several .npy files'): { descr: string; dims: number[]; storedRows: number; body: Uint8Array } {
   // Non-blocking: opening a pipe for reading would otherwise wait for a writer, for good.
   const fd = fs.openSync(file, fs.constants.O_RDONLY | (fs.constants.O_NONBLOCK ?? 0));
   try {
     const stat = fs.fstatSync(fd);
-    if (!stat.isFile()) throw new RangeError(`${file} is not a regular file (a pipe or a device): save the array with numpy.save to a file.`);
+    if (!stat.isFile()) throw new RangeError(`${file} is not a regular file (${stat.isDirectory() ? 'a folder' : 'a pipe or a device'}): save the array with numpy.save to a file.`);
     const readAt = (into: Uint8Array, position: number) => {
       for (let done = 0; done < into.length;) {
         const n = fs.readSync(fd, into, done, Math.min(into.length - done, 1 << 30), position + done);
@@ -209,11 +212,11 @@ function readNpyRaw(file: string, firstRows = Infinity): { descr: string; dims: 
     if (bodyBytes !== values * item) {
       throw new RangeError(`${file}: the data (${bodyBytes} bytes) do not match the shape (${dims.join('x') || 'a scalar'} of ${descr}).`);
     }
-    const rows = Math.min(firstRows, storedRows);
+    const rows = dims.length ? Math.min(firstRows, storedRows) : 1;
     const readBytes = storedRows === 0 ? 0 : (bodyBytes / storedRows) * rows;
-    if (readBytes > 2 ** 32) {
-      throw new RangeError(`${file}: its ${rows < storedRows ? `first ${rows} rows hold` : 'data hold'} ${readBytes} bytes, more than the 4 GiB ` +
-        `one array holds here: split the data into several .npy files${dims.length ? ' along the first axis' : ''}.`);
+    if (readBytes > MAX_LENGTH) {
+      throw new RangeError(`${file}: its ${rows < storedRows ? `first ${rows} rows hold` : 'data hold'} ${readBytes} bytes, more than the ${MAX_LENGTH} ` +
+        `one array holds in this Node.js: ${tooLarge}.`);
     }
     const body = readAt(new Uint8Array(readBytes), start + headerLength);
     return { descr, dims: rows < storedRows ? [rows, ...dims.slice(1)] : dims, storedRows, body };
@@ -252,8 +255,8 @@ export function readNpyFeed(file: string): FeedTensor {
  * Reads a float32 C-order .npy file, or only its first `firstRows` rows (`dims` then counts those; `storedRows` is
  * the file's count).
  */
-export function readNpy(file: string, firstRows = Infinity): { data: Float32Array; dims: number[]; storedRows: number } {
-  const raw = readNpyRaw(file, firstRows);
+export function readNpy(file: string, firstRows = Infinity, tooLarge?: string): { data: Float32Array; dims: number[]; storedRows: number } {
+  const raw = readNpyRaw(file, firstRows, tooLarge);
   if (raw.descr !== '<f4') throw new RangeError(`${file}: only little-endian float32 ('<f4') arrays are supported (this one is '${raw.descr}'): save x.astype(numpy.float32) instead.`);
   return { data: npyValues(raw) as Float32Array, dims: raw.dims, storedRows: raw.storedRows };
 }

@@ -622,8 +622,8 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       for (const q of model.quantizers.values()) (q.weight as { onEpochStart?: () => void } | undefined)?.onEpochStart?.();
       let lossSum = 0, correct = 0, judged = 0, seen = 0, step = 0;
       // Training stops on non-finite values with the model as restored (the last good weights).
-      const stopped = (what: string, layer: string, kept = true) => {
-        const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${what}${kept ? ' Lower the learning rate.' : ''}`);
+      const stopped = (what: string, layer: string, kept = true, advice = kept ? ' Lower the learning rate.' : '') => {
+        const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${what}${advice}`);
         error.step = globalStep + 1;
         error.layer = layer;
         if (kept) error.model = exportModel(model).bytes;
@@ -641,7 +641,16 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         if (!current) { current = new Snapshot([...all.map((p) => p.value), ...stats]); previous = new Snapshot([...all.map((p) => p.value), ...stats]); }
         [previous, current] = [current, previous!];
         current.take();
-        const tape = model.forward({ data: batch.inputs.data, dims: batch.inputs.dims }, true, kernels);
+        let tape;
+        try {
+          tape = model.forward({ data: batch.inputs.data, dims: batch.inputs.dims }, true, kernels);
+        } catch (e) {
+          // A batch an op cannot take (an iterable's last batch of one sample, for BatchNormalization): the steps
+          // before it are kept.
+          if (!(e instanceof OpError) || globalStep === 0) throw e;
+          current.restore();  // running statistics the pass changed before the op refused
+          throw stopped(`${e.message}. The error's model holds the weights trained before this batch.`, e.node, true, '');
+        }
         if (globalStep === 0) {
           // LSQ activation steps start from the first batch, in this forward pass: now they are parameters to update and keep.
           const known = new Set(all);

@@ -204,7 +204,10 @@ export class TrainableModel {
     // A final Softmax, also behind ops that only relabel dimensions (Flatten, Reshape… as converters write them):
     // the loss reads its input as logits, in the output's layout, since such ops keep the values' order.
     let last = this.nodes.find((n) => n.output[0] === this.outputName);
-    while (last && RELABELLING.has(last.opType) && this.graph.onlyReader(last.input[0]) === last) last = this.graph.producer(last.input[0]);
+    // (Other readers may take only its shape: PyTorch's x.view(x.size(0), -1) reads Shape(x) too.)
+    const relabelsOnly = (n: NodeProto) => !this.graph.isGraphOutput(n.input[0]) &&
+      this.graph.consumers(n.input[0]).every((r) => r === n || r.opType === 'Shape' || r.opType === 'Size');
+    while (last && RELABELLING.has(last.opType) && relabelsOnly(last)) last = this.graph.producer(last.input[0]);
     this.finalSoftmax = last?.opType === 'Softmax' ? last : undefined;
     this.logitsName = this.finalSoftmax ? this.finalSoftmax.input[0] : this.outputName;
 
@@ -309,8 +312,9 @@ export class TrainableModel {
     if (inner !== 1 || group !== dims[dims.length - 1]) {
       throw new TrainingError(`The model's final Softmax '${nodeLabel(this.finalSoftmax)}' normalizes groups of ${group} values ` +
         `${inner === 1 ? '' : `${inner} apart `}over its input [${value.dims.join(', ')}], but the output '${this.outputName}' it makes is ` +
-        `[${dims.join(', ')}]: fine-tuning reads the Softmax's input as logits, one row of the output per distribution. Give the ` +
-        'Softmax the axis of the classes, last, or remove it (fine-tuning adds its own).');
+        `[${dims.join(', ')}]: fine-tuning reads the Softmax's input as logits, one row of the output per distribution. ${inner === 1
+          ? 'The nodes after the Softmax regroup its rows: make the output one row per distribution'
+          : 'Give the Softmax the axis of the classes, last'}, or remove the Softmax (fine-tuning adds its own).`);
     }
     return { data: value.data, dims };
   }

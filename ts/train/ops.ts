@@ -36,9 +36,12 @@ export interface OpImpl {
 }
 
 export class OpError extends Error {
+  /** The node's name (or first output). */
+  readonly node: string;
   constructor(node: NodeProto, message: string) {
     super(`${node.opType} node '${node.name || node.output[0]}': ${message}`);
     this.name = 'OpError';
+    this.node = node.name || node.output[0];
   }
 }
 
