@@ -3,7 +3,7 @@
 import { expect } from 'chai';
 
 import {
-  aciqAlpha, aciqExpectedMse, ActivationScaleClip, AciqObserver, allocateBits, correctWeightBias, dequantize,
+  aciqAlpha, aciqExpectedMse, aciqLaplaceConstant, ActivationScaleClip, AciqObserver, allocateBits, correctWeightBias, dequantize,
   expectedOutputShift, foldScalesIntoBatchNorm, HistogramObserver, klLevels, lambertW0, lsqBackward, lsqGradScale, lsqInitStep,
   lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
 } from '../../ts';
@@ -92,6 +92,32 @@ describe('ACIQ', () => {
     const c2 = quantizationError(w, quantizeTensor(w, { shape: [64, 200], granularity: 'channel', bits: 4, method: 'aciq', prior: 'auto' }));
     expect(c2.mse).to.be.lessThan(c1.mse);
   });
+  it('one-sided values on signed symmetric codes (half of them above 0) take the M-bit constant, on unsigned ones the (M+1)-bit one', () => {
+    const x = laplace(40_000, 6).map(Math.abs);
+    const s = tensorStats(x);
+    const symmetricError = (hi: number, qmax: number) => {
+      const step = hi / qmax;
+      let sum = 0;
+      for (const v of x) sum += (v - Math.min(qmax, Math.round(v / step)) * step) ** 2;
+      return sum / x.length;
+    };
+    for (const bits of [2, 4, 8]) {
+      const qmax = 2 ** (bits - 1) - 1;
+      const signed = quantizeTensor(x, { shape: [x.length], bits, method: 'aciq' });
+      const hi = s.mean + s.laplaceB * aciqLaplaceConstant(bits);
+      expect(signed.scale[0], `bits ${bits}`).to.be.closeTo(hi / qmax, 1e-6 * hi);
+      // (Measured: lower error than with the (M+1)-bit clip at 2 and 4 bits.)
+      if (bits < 8) expect(symmetricError(hi, qmax), `bits ${bits}`).to.be.below(symmetricError(s.mean + s.laplaceB * aciqLaplaceConstant(bits + 1), qmax));
+      const unsigned = quantizeTensor(x, { shape: [x.length], bits, signed: false, symmetric: false, method: 'aciq' });
+      const full = s.mean + s.laplaceB * aciqLaplaceConstant(bits + 1);
+      expect(unsigned.scale[0], `bits ${bits} unsigned`).to.be.closeTo(full / (2 ** bits - 1), 1e-6 * full);
+    }
+    const o = new AciqObserver();
+    o.observe(x);
+    expect(o.range(4, 'laplace', undefined, true).hi).to.be.closeTo(s.mean + s.laplaceB * aciqLaplaceConstant(4), 1e-4);
+    expect(o.range(4).hi).to.be.closeTo(s.mean + s.laplaceB * aciqLaplaceConstant(5), 1e-4);
+  });
+
   it("prior 'auto' is never worse than minmax on measured MSE, even on uniform data at 8 bits", () => {
     const r = rng(5);
     for (const bits of [2, 3, 4, 8]) {

@@ -408,11 +408,14 @@ export class AciqObserver {
     return this;
   }
 
-  /** ACIQ clip range for `bits` (one-sided when every value seen was >= 0 unless told). */
-  range(bits: number, prior: AciqPrior | 'auto' = 'laplace', oneSided?: boolean): Range {
+  /**
+   * ACIQ clip range for `bits` (one-sided when every value seen was >= 0 unless told); `symmetricGrid`: for signed
+   * symmetric codes (see aciqRange).
+   */
+  range(bits: number, prior: AciqPrior | 'auto' = 'laplace', oneSided?: boolean, symmetricGrid = false): Range {
     if (this.count === 0) throw invalidValue('observer', 'at least one observed finite value', 'none');
     const stats = { count: this.count, mean: this.mean, laplaceB: this.laplaceB, sigma: this.sigma, min: this.min, max: this.max };
-    const r = aciqRange(stats, bits, prior, oneSided ?? this.min >= 0);
+    const r = aciqRange(stats, bits, prior, oneSided ?? this.min >= 0, symmetricGrid);
     return { lo: r.lo, hi: r.hi };
   }
 }

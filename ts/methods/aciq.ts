@@ -149,8 +149,12 @@ export interface AciqChoice {
   expectedMse: number;
 }
 
-/** ACIQ clip range of a tensor (or one group) from its statistics, for one prior or the analytic best ('auto'). */
-export function aciqRange(stats: TensorStats, bits: number, prior: AciqPrior | 'auto', oneSided: boolean): AciqChoice {
+/**
+ * ACIQ clip range of a tensor (or one group) from its statistics, for one prior or the analytic best ('auto').
+ * `symmetricGrid`: the codes are signed and symmetric (zero point 0), so one-sided values fill only the half of them
+ * above 0 — 2^(M−1) bins over [0, α], the M-bit constant — not all 2^M of an unsigned grid (the (M+1)-bit one).
+ */
+export function aciqRange(stats: TensorStats, bits: number, prior: AciqPrior | 'auto', oneSided: boolean, symmetricGrid = false): AciqChoice {
   if (!isPlainObject(stats) || (['mean', 'laplaceB', 'sigma', 'min', 'max'] as const).some((k) => typeof stats[k] !== 'number')) {
     throw invalidType('stats', 'the { mean, laplaceB, sigma, min, max } numbers tensorStats() returns', stats);
   }
@@ -162,12 +166,14 @@ export function aciqRange(stats: TensorStats, bits: number, prior: AciqPrior | '
   checkBits(bits);
   checkPrior(prior, true);
   checkBoolean('oneSided', oneSided);
+  checkBoolean('symmetricGrid', symmetricGrid);
+  const fullGrid = oneSided && !symmetricGrid;  // one-sided values over every code: the (M+1)-bit constant
   const candidates: AciqPrior[] = prior === 'auto' ? ['laplace', 'gauss'] : [prior];
   let best: AciqChoice | undefined;
   for (const p of candidates) {
     const scale = p === 'laplace' ? stats.laplaceB : stats.sigma;
-    const alpha = aciqAlpha(bits, p, scale, { oneSided });
-    const expectedMse = aciqExpectedMse(p, alpha, scale, oneSided ? bits + 1 : bits);
+    const alpha = aciqAlpha(bits, p, scale, { oneSided: fullGrid });
+    const expectedMse = aciqExpectedMse(p, alpha, scale, fullGrid ? bits + 1 : bits);
     const lo = oneSided ? 0 : Math.max(stats.min, stats.mean - alpha);
     // One-sided over values all below 0: nothing to keep above the 0 it starts from, [0, 0].
     const hi = oneSided ? Math.max(0, Math.min(stats.max, Math.max(stats.mean, 0) + alpha)) : Math.min(stats.max, stats.mean + alpha);

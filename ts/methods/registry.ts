@@ -155,7 +155,7 @@ function aciqFromMoments(r: RangeRequest, moments: Float64Array, nanIndex: numbe
       count, mean: moments[g + i], laplaceB: moments[2 * g + i],
       sigma: count > 1 ? Math.sqrt(moments[3 * g + i] / (count - 1)) : 0, min: moments[4 * g + i], max: moments[5 * g + i],
     };
-    const range = aciqRange(stats, r.bits, r.options.prior ?? 'laplace', r.options.oneSided ?? stats.min >= 0);
+    const range = aciqRange(stats, r.bits, r.options.prior ?? 'laplace', r.options.oneSided ?? stats.min >= 0, r.symmetric && r.qmin < 0);
     out.lo[i] = range.lo;
     out.hi[i] = range.hi;
   }

@@ -154,7 +154,8 @@ export function makeObserver(method: ActivationMethod): TensorObserver {
     }
     case 'aciq': {
       const o = new AciqObserver();
-      return { observe: (b) => void o.observe(b), range: (bits) => o.range(bits, 'laplace') };
+      // Signed activations are symmetric: one-sided ones then fill half the codes (as for 'kl').
+      return { observe: (b) => void o.observe(b), range: (bits, signed) => o.range(bits, 'laplace', undefined, signed) };
     }
     case 'mse': {
       const o = new HistogramObserver();
