@@ -534,7 +534,8 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     }
     if (q.bits < 8) q.bits = q.bits <= 2 ? 2 : q.bits <= 4 ? 4 : 8;  // the storage type (mixed channel bits, reduced range)
     if (options.momentCorrection && !blocked) {
-      // ξ_c = std(W_c) / std(Ŵ_c): scaling channel c's scale (zero point 0) scales Ŵ_c's spread by ξ_c.
+      // ξ_c = std(W_c) / std(Ŵ_c): scaling channel c's scale (zero point 0) scales Ŵ_c's spread by ξ_c (and its mean too:
+      // the scale is all the codes can change; the mean shift is the data-driven bias correction's).
       const ratios = stdRatios(source, dequantize(q), dims, axes.outputAxis);
       q.scale = Float32Array.from(q.scale, (s, c) => s * ratios[c]);
       if (half) q.scale = Float32Array.from(q.scale, (s) => float16Scale(s));  // what the model stores (the values stay: nothing to clip)
