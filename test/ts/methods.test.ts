@@ -213,6 +213,8 @@ describe('sum-preserving rounding', () => {
     const copy = Array.from(nearest.values);
     preserveRunSums(nearest, w, 9);
     expect(Array.from(nearest.values)).to.deep.equal(copy);
+    // A source with an infinity (its residual is infinite) is refused as NaN is: it would flip every tap of the run.
+    expect(() => preserveRunSums(q, Float32Array.of(1, -1, 0.5, -0.5, Infinity, -0.25), 3)).to.throw(RangeError, /NaN or an infinity in elements 3\.\.5/);
   });
 
   it('makes up for clipped taps with the others, inside the integer range', () => {

@@ -48,7 +48,7 @@ export function preserveRunSums(q: QuantizedTensor, source: Float32Array, run: n
       offset[i] = Math.min(qmax, Math.max(qmin, exact)) - values[start + i];
       residual += exact - values[start + i];
     }
-    if (Number.isNaN(residual)) throw new RangeError(`preserveRunSums: source holds NaN in elements ${start}..${start + run - 1}.`);
+    if (!Number.isFinite(residual)) throw new RangeError(`preserveRunSums: source holds NaN or an infinity in elements ${start}..${start + run - 1}.`);
     let flips = roundHalfToEven(residual);  // as the codes themselves were rounded, whatever the residual's sign
     if (flips === 0) continue;
     const direction = Math.sign(flips);
