@@ -254,11 +254,29 @@ describe('onnxruntime sessions on a worker thread', () => {
           console.log(error instanceof OnnxruntimeMissingError, error.name);
           const { model: bytes, report } = await quantizeModel(model, { weights: { bits: 8 } });
           console.log(bytes.length > 0, report.layers.length, report.evaluationSkipped);
+          // Feeds given to evaluate on ask for the evaluation: the error, not a silent skip.
+          const asked = await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: calibration }).catch((e) => e);
+          console.log(asked instanceof OnnxruntimeMissingError, asked.notInstalled);
         })();`;
       const api = spawnSync(process.execPath, ['--require', hide, '-e', script], { cwd, encoding: 'utf8', timeout: 120_000 });
       expect(api.status, api.stderr).to.equal(0);
       expect(api.stdout.split('\n')).to.deep.equal(['true OnnxruntimeMissingError',
-        'true 3 onnxruntime-node (an optional peer dependency) is not installed: install it to compare the quantized model with the float one', '']);
+        'true 3 onnxruntime-node (an optional peer dependency) is not installed: install it to compare the quantized model with the float one',
+        'true true', '']);
+      // Installed (its package.json found) but failing to load: said so, not "not installed".
+      fs.writeFileSync(hide, `const Module = require('module');
+        const load = Module._load;
+        Module._load = function (request, ...rest) {
+          if (request === 'onnxruntime-node') throw new Error('libonnxruntime.so.1: cannot open shared object file');
+          return load.call(this, request, ...rest);
+        };`);
+      const broken = spawnSync(process.execPath, ['--require', hide, '-e', script.replace("console.log(error instanceof OnnxruntimeMissingError, error.name);",
+        "console.log(error instanceof OnnxruntimeMissingError, error.message);")], { cwd, encoding: 'utf8', timeout: 120_000 });
+      expect(broken.status, broken.stderr).to.equal(0);
+      const lines = broken.stdout.split('\n');
+      expect(lines[0]).to.match(/^true onnxruntime-node 1\.\d+\.\d+ is installed but does not load \(libonnxruntime\.so\.1: cannot open shared object file\): reinstall it/);
+      expect(lines[1]).to.match(/^true 3 onnxruntime-node cannot be used, so the quantized model was not compared with the float one: onnxruntime-node 1\.\d+\.\d+ is installed but does not load/);
+      expect(lines[2]).to.equal('true false');
     } finally {
       fs.rmSync(cwd, { recursive: true, force: true });
     }

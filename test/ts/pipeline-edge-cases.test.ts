@@ -17,7 +17,7 @@ import {
 } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
-import { checkFeed, makeObserver, readNpyFeed } from '../../ts/onnx/calibrate';
+import { calibrate, checkFeed, makeObserver, readNpyFeed } from '../../ts/onnx/calibrate';
 import { HistogramObserver } from '../../ts/calibration/observers';
 import { quantizeTensor } from '../../ts/quantize';
 import { floatData as floatDataOf, Graph, isChannelVector } from '../../ts/onnx/graph';
@@ -272,6 +272,22 @@ describe('stopping quantizeModel', () => {
     await quantizeModel(mnist, { weights: { bits: 8 }, signal: 'stop' as never }).catch((e) => (typed = e));
     expect((typed as Error).message).to.match(/Expected an AbortSignal .* for options\.signal but received "stop"/);
     fs.rmSync(dir, { recursive: true });
+  });
+
+  it('calibration stops with the reason after the onnxruntime run or the observer in progress, not at the end of the batch', async () => {
+    const stop = new AbortController();
+    const reason = new Error('stopped during an observer');
+    let observed = 0;
+    let batches = 0;
+    const data = [feed(0, 4), feed(4, 4), feed(8, 4)];
+    const run = calibrate(readModel(mnist), ['r1'], data, 'minmax', {
+      signal: stop.signal, onBatch: () => batches++,
+      tensorObservers: [{ tensor: 'c1', observe: () => { observed++; stop.abort(reason); } }],
+    });
+    let caught: unknown;
+    await run.catch((e) => (caught = e));
+    expect(caught).to.equal(reason);
+    expect([observed, batches]).to.deep.equal([1, 0]);
   });
 
   it('an abort as the write starts removes its temporary files (external data too)', async () => {

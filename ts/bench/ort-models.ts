@@ -14,9 +14,12 @@ let ortModule: typeof Ort | undefined;
 
 /** onnxruntime-node, which lowbit runs models with, is missing or of a version lowbit cannot use. */
 export class OnnxruntimeMissingError extends Error {
-  constructor(message: string) {
-    super(message);
+  /** True when the package is not installed at all (rather than too old, or failing to load). */
+  readonly notInstalled: boolean;
+  constructor(message: string, notInstalled = false, options?: { cause?: unknown }) {
+    super(message, options);
     this.name = 'OnnxruntimeMissingError';
+    this.notInstalled = notInstalled;
   }
 }
 
@@ -30,11 +33,17 @@ export function ort(): typeof Ort {
       throw new OnnxruntimeMissingError('lowbit runs models (calibration, evaluation, distillation, fine-tuning) in onnxruntime-node, an optional ' +
         `peer dependency that is not installed (${(e as Error).message.split('\n')[0]}). Install it: npm install onnxruntime-node@^1.${MIN_ORT_MINOR}.0 ` +
         '(offline, set ONNXRUNTIME_NODE_INSTALL=skip: its install script fetches CUDA binaries from nuget.org). ' +
-        'Weight-only quantization (no activations, no data-driven bias correction) works without it, unevaluated.');
+        'Weight-only quantization (no activations, no data-driven bias correction) works without it, unevaluated.', true, { cause: e });
     }
     const problem = ortVersionProblem(version);
     if (problem) throw new OnnxruntimeMissingError(problem);
-    ortModule = require('onnxruntime-node') as typeof Ort;
+    try {
+      ortModule = require('onnxruntime-node') as typeof Ort;
+    } catch (e) {
+      // (Its native library missing or built for another platform or Node.js.)
+      throw new OnnxruntimeMissingError(`onnxruntime-node ${version} is installed but does not load (${(e as Error).message.split('\n')[0]}): ` +
+        `reinstall it for this platform and Node.js (npm install onnxruntime-node@^1.${MIN_ORT_MINOR}.0).`, false, { cause: e });
+    }
   }
   return ortModule;
 }
@@ -54,11 +63,16 @@ export function ortVersionProblem(version: string): string | undefined {
 
 /** True when onnxruntime-node can be loaded. */
 export function hasOrt(): boolean {
+  return ortProblem() === undefined;
+}
+
+/** Why onnxruntime-node cannot be used (not installed, too old, failing to load), or undefined when it can. */
+export function ortProblem(): OnnxruntimeMissingError | undefined {
   try {
     ort();
-    return true;
-  } catch {
-    return false;
+    return undefined;
+  } catch (e) {
+    return e instanceof OnnxruntimeMissingError ? e : new OnnxruntimeMissingError(`onnxruntime-node does not load: ${(e as Error).message}`, false, { cause: e });
   }
 }
 

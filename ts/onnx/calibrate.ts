@@ -615,6 +615,8 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     tensorObservers?: Array<{ tensor: string; observe(data: Float32Array, dims: readonly number[]): void | Iterable<void> }>;
     /** A second reading of the data: the batches the first gave (a stream read once gives none the second time). */
     expectBatches?: number;
+    /** Stops with its reason after the onnxruntime run or the observer in progress. */
+    signal?: AbortSignal;
   } = {}): Promise<CalibrationResult> {
   const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
   // The range observers and the caller's, fed alike.
@@ -639,6 +641,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       const fetched = await runSession(session, inputs, exposed.length > 0 ? exposed.map(outputOf) : undefined,
         `the float model on calibration[${batches}]${fromFiles(files)}`,
         `${symbolicDimsDisagree(model, feed) ?? ''}Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.`);
+      options.signal?.throwIfAborted();
       const outputs = Object.fromEntries(exposed.map((t) => [t, fetched[outputOf(t)]]));
       const values = new Map(exposed.map((t) => [t, floatValues(outputs[t])]));
       for (const t of exposed) if (outputs[t].type === 'float16') float16.add(t);
@@ -661,6 +664,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
           throw new RangeError(`While calibrating on calibration[${batches}], in the float model's tensor '${tensorName(o.tensor)}': ${(e as Error).message}`);
         }
         await pause();  // observers of large tensors (histograms, Gram matrices) take a while each
+        options.signal?.throwIfAborted();
       }
       if (sample.length < (options.keep ?? 4)) sample.push(keptFeed(data, feed));
       options.onBatch?.(batches);

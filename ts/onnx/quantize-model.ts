@@ -10,7 +10,7 @@ import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf'
 
 import { invalidType, invalidValue, withArticle } from '../errors';
 import { toFloat16Array } from '../float16';
-import { hasOrt } from '../bench/ort-models';
+import { ortProblem } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession, type OrtSession } from './ort-session';
 import { checkKnownKeys, isPlainObject, iterability } from '../validate';
 import { allNodes, attribute, Graph, isOnnxDomain, weightValues } from './graph';
@@ -388,6 +388,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
       signal?.throwIfAborted();
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
       const fo = await runSession(f.session, tensors, names.map(f.outputOf), `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
+      signal?.throwIfAborted();
       const qo = await runSession(q.session, tensors, names.map(q.outputOf), `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
       for (const [i, name] of names.entries()) {
         const a = floatValues(fo[f.outputOf(name)]);
@@ -449,7 +450,7 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
   opts.onProgress?.('calibrate (depthwise input channels)');
   const t0 = performance.now();
   const { batches } = await calibrate(cloneSharingData(graph.model), [], opts.calibration!, 'minmax', {
-    onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host,
+    onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, signal: opts.signal,
     tensorObservers: layers.map((n) => ({ tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => observers.get(n)!.observe(data, dims) })),
   });
   const calibrationMs = performance.now() - t0;
@@ -509,6 +510,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
       const f = await runSession(floatSession, tensors, undefined, `the input model on evaluation feed ${index}`,
         'The float model itself fails there: check the model (and that feed) in onnxruntime-node, where lowbit evaluates models.');
+      signal?.throwIfAborted();
       const q = await runSession(quantSession, tensors, undefined, `the quantized model on evaluation feed ${index}`, LOWBIT_BUG);
       const firstDims = Object.values(feeds)[0]?.dims ?? [];
       const batch = firstDims.length > 0 ? firstDims[0] : 1;
@@ -853,7 +855,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
     result = await calibrate(prepared!, [...new Set([...tensors, ...branchTensors])], opts.calibration!, staticActivations?.method ?? 'minmax', {
-      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host,
+      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, signal: opts.signal,
       tensorObservers: [...observe(biasObservers, false), ...(secondPass ? [] : observe([...gptqMoments], false))], expectBatches: equalizationBatches,
     });
     calibrationBatches = result.batches;
@@ -894,7 +896,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     if (secondPass) {
       opts.onProgress?.('calibrate (GPTQ inputs)');
       await calibrate(prepared!, [], opts.calibration!, 'minmax', {
-        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, tensorObservers: observe([...gptqMoments], true), expectBatches: calibrationBatches,
+        onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, signal: opts.signal, tensorObservers: observe([...gptqMoments], true), expectBatches: calibrationBatches,
       });
     }
     timings.calibrate = (timings.calibrate ?? 0) + performance.now() - t0;
@@ -1033,9 +1035,14 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const noteMadeUp = (r: QuantizationReport) => {
     if (madeUp && r.evaluation) r.evaluation.madeUpInputs = Object.fromEntries(Object.entries(feeds[0]).map(([name, t]) => [name, [...t.dims]]));
   };
-  const evaluating = hasOrt() && feeds.length > 0;
-  if (feeds.length > 0 && !evaluating) {
-    report.evaluationSkipped = 'onnxruntime-node (an optional peer dependency) is not installed: install it to compare the quantized model with the float one';
+  const ortMissing = feeds.length > 0 ? ortProblem() : undefined;
+  // Feeds given to evaluate on ask for the evaluation: no silent skip then.
+  if (ortMissing && evaluationFeeds) throw ortMissing;
+  const evaluating = feeds.length > 0 && !ortMissing;
+  if (ortMissing) {
+    report.evaluationSkipped = ortMissing.notInstalled
+      ? 'onnxruntime-node (an optional peer dependency) is not installed: install it to compare the quantized model with the float one'
+      : `onnxruntime-node cannot be used, so the quantized model was not compared with the float one: ${ortMissing.message}`;
   }
   // The self-contained model is what gets evaluated and returned; with external data and no evaluation it is never
   // needed whole (the data are written tensor by tensor).
