@@ -377,6 +377,43 @@ describe('finetune: bad input', () => {
     expect((stop as TrainingError).model).to.be.instanceOf(Uint8Array);
   });
 
+  it('BatchNormalization statistics in initializers other inputs read too (deduplicated by an exporter) get their own copies', async () => {
+    const bytes = buildModel({
+      inputDims: ['N', 2, 4, 4],
+      nodes: [
+        { op: 'Conv', inputs: ['input', 'w1', 'zeros'], output: 'c1', name: 'conv1' },
+        { op: 'BatchNormalization', inputs: ['c1', 'ones', 'zeros', 'zeros', 'ones'], output: 'n1', name: 'bn1' },
+        { op: 'Relu', inputs: ['n1'], output: 'r1' },
+        { op: 'Conv', inputs: ['r1', 'w2'], output: 'c2', name: 'conv2' },
+        { op: 'BatchNormalization', inputs: ['c2', 'ones', 'zeros', 'zeros', 'ones'], output: 'n2', name: 'bn2' },
+        { op: 'GlobalAveragePool', inputs: ['n2'], output: 'p' },
+        { op: 'Flatten', inputs: ['p'], output: 'f' },
+        { op: 'Gemm', inputs: ['f', 'fw'], output: 'y', attrs: { transB: 1 } },
+      ],
+      initializers: {
+        w1: { dims: [2, 2, 1, 1], data: [1, 0.5, -0.5, 1] }, w2: { dims: [2, 2, 1, 1], data: [0.3, 1, 1, -0.2] },
+        zeros: { dims: [2], data: [0, 0] }, ones: { dims: [2], data: [1, 1] }, fw: { dims: [2, 2], data: [1, -1, -1, 1] },
+      },
+      output: 'y',
+    });
+    const data = { inputs: { data: Float32Array.from({ length: 8 * 32 }, (_, i) => Math.sin(i) + 0.5), dims: [8, 2, 4, 4] }, labels: Int32Array.from({ length: 8 }, (_, i) => i % 2) };
+    // 'ones' with its values in float_data, as some exporters store small tensors: the copies keep them.
+    const proto = readModel(bytes);
+    Object.assign(proto.graph!.initializer.find((t) => t.name === 'ones')!, { rawData: new Uint8Array(0), floatData: [1, 1] });
+    const { model } = await finetune(proto, data, { epochs: 1, batchSize: 4 });
+    const g = readModel(model!).graph!;
+    const values = (name: string) => Array.from(floatData(g.initializer.find((t) => t.name === name)!)!);
+    const [bn1, bn2] = g.node.filter((n) => n.opType === 'BatchNormalization');
+    const statistics = [bn1.input[3], bn1.input[4], bn2.input[3], bn2.input[4]];
+    expect(new Set(statistics).size).to.equal(4);
+    const conv1 = g.node.find((n) => n.name === 'conv1')!;
+    expect(statistics).not.to.include(conv1.input[2]);
+    // Each moved on its own: the running means are the batches' means, not the trained bias (nor each other).
+    expect(values(bn1.input[3])).not.to.deep.equal(values(conv1.input[2]));
+    expect(values(bn1.input[3])).not.to.deep.equal(values(bn2.input[3]));
+    expect(values(bn1.input[4])).not.to.deep.equal(values(bn2.input[4]));
+  });
+
   it('a model with BatchNormalization in training mode, or Dropout with training_mode true, is refused before training', async () => {
     const bn = buildModel({
       inputDims: ['N', 3, 2, 2],

@@ -3,7 +3,7 @@
  * Constant nodes), producer and consumer maps, topological order (with cycle
  * and dangling-input checks) and helpers to add tensors and nodes.
  */
-import { create } from '@bufbuild/protobuf';
+import { clone, create } from '@bufbuild/protobuf';
 import {
   AttributeProto_AttributeType, AttributeProtoSchema, NodeProtoSchema, TensorProto_DataType, TensorProtoSchema,
   type AttributeProto, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
@@ -179,7 +179,10 @@ export class Graph {
   /** Copies of constants (new names, the same bytes) added to a subgraph `scope` or the main graph, which cannot see the originals. */
   copyConstants<T extends TensorProto[]>(tensors: T, scope: GraphProto = this.graph): T {
     return tensors.map((t) => {
-      const copy = ownedTensor(this.uniqueName(t.name), t.dataType, dimsOf(t), t.rawData);
+      // Raw bytes stay shared (a weight copied into several bodies is written to external data once); values in a
+      // typed field (float_data…) are copied with the rest.
+      const name = this.uniqueName(t.name);
+      const copy = t.rawData.length > 0 ? ownedTensor(name, t.dataType, dimsOf(t), t.rawData) : Object.assign(clone(TensorProtoSchema, t), { name });
       this.addInitializer(copy, scope);
       return copy;
     }) as T;

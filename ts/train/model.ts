@@ -211,6 +211,20 @@ export class TrainableModel {
     this.finalSoftmax = last?.opType === 'Softmax' ? last : undefined;
     this.logitsName = this.finalSoftmax ? this.finalSoftmax.input[0] : this.outputName;
 
+    // BatchNormalization running statistics are updated in place: one whose mean or variance is a tensor other
+    // inputs read too (exporters deduplicate equal tensors: fresh zeros and ones, a bias equal to a mean) gets its
+    // own copy, or training would move the other reader's values with it.
+    const readers = new Map<string, number>();
+    for (const node of this.nodes) for (const name of node.input) if (name) readers.set(name, (readers.get(name) ?? 0) + 1);
+    for (const bn of this.nodes.filter((n) => n.opType === 'BatchNormalization')) {
+      for (const k of [3, 4]) {
+        const name = bn.input[k];
+        const t = name && (readers.get(name) ?? 0) > 1 ? this.graph.constant(name) : undefined;
+        if (!t) continue;
+        readers.set(name, readers.get(name)! - 1);
+        bn.input[k] = this.graph.copyConstants([t])[0].name;
+      }
+    }
     // Parameters and constants.
     for (const node of this.nodes) {
       node.input.forEach((name, i) => {
