@@ -232,7 +232,7 @@ export async function openSession(model: Uint8Array | string, options: Ort.Infer
     return await (where.host ? where.host.openSession(model, quiet, where.giveBytes) : OrtSession.open(model, quiet, where.giveBytes));
   } catch (e) {
     if (!(e instanceof OnnxruntimeFailure)) throw e;  // not the model's doing (a closed host, a stopped thread)
-    throw new OnnxModelError(`onnxruntime cannot load ${what}: ${e.message.split('\n')[0]}. ${remedy}`);
+    throw new OnnxModelError(`onnxruntime cannot load ${what}: ${reasonOf(e)}. ${remedy}`);
   }
 }
 
@@ -243,8 +243,17 @@ export async function runSession(session: OrtSession, feeds: Record<string, Plai
     return await session.run(feeds, fetches);
   } catch (e) {
     if (!(e instanceof OnnxruntimeFailure)) throw e;
-    throw new OnnxModelError(`onnxruntime could not run ${what}: ${e.message.split('\n')[0]}. ${remedy}`);
+    throw new OnnxModelError(`onnxruntime could not run ${what}: ${reasonOf(e)}. ${remedy}`);
   }
+}
+
+/**
+ * onnxruntime's message on one line, with the detail lines that follow its first (which indices of which input got
+ * which size) but not its closing advice, which the caller's remedy replaces.
+ */
+function reasonOf(e: Error): string {
+  const lines = e.message.split('\n').map((l) => l.trim()).filter((l) => l && !/^Please fix/.test(l));
+  return lines.slice(0, 5).join('; ').replace(/[.;]$/, '');
 }
 
 /**

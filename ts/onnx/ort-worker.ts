@@ -73,6 +73,10 @@ function reply(id: number, body: object, transfer: ArrayBuffer[]): void {
   }
 }
 
+// A request that cannot be deserialized has no id to answer: ending the thread settles every pending request on the
+// main thread (its 'exit' handler) instead of leaving one unanswered for good.
+port.on('messageerror', () => process.exit(1));
+
 // One request at a time, in order: a release never overtakes a run still in progress.
 let queue: Promise<void> = Promise.resolve();
 port.on('message', (request: SessionRequest) => {
