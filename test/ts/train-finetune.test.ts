@@ -13,8 +13,8 @@ import * as path from 'node:path';
 import { finetune, OnnxModelError, TrainingError, type LabelledBatch } from '../../ts/index';
 import { distillationLoss } from '../../ts/train/finetune';
 import { nativeKernels } from '../../ts/train/kernels';
-import { TrainableModel } from '../../ts/train/model';
-import { LsqQuantizer } from '../../ts/train/quantizers';
+import { makeParameter, TrainableModel } from '../../ts/train/model';
+import { GdrqWeightQuantizer, LsqQuantizer } from '../../ts/train/quantizers';
 import { ort } from '../../ts/bench/ort-models';
 import { readModel } from '../../ts/onnx/model-io';
 import { floatData } from '../../ts/onnx/graph';
@@ -685,6 +685,15 @@ describe('finetune: quantizer set-up and non-finite values (audit)', () => {
     q.forward(x, true);
     q.backward(x, undefined, Float32Array.of(1, 1, 1, 1));
     expect(Array.from(q.parameters[0].grad).every(Number.isFinite)).to.equal(true);
+  });
+
+  it('a GDRQ weight quantizer on an all-zero weight (Scale-Clip threshold 0) passes its gradient: the layer can train', () => {
+    const weight = makeParameter('w', new Float32Array(8), [2, 4], true);
+    const q = new GdrqWeightQuantizer('w', 2, weight, 0, 2, 2, 'learned');
+    const x = { data: weight.value, dims: weight.dims };
+    const { saved } = q.forward(x);
+    const dx = q.backward(x, saved, Float32Array.from({ length: 8 }, (_, i) => i - 3.5));
+    expect(Array.from(dx).some((g) => g !== 0)).to.equal(true);
   });
 
   it('pooling with pads as large as the kernel is an error before training (windows wholly in the padding)', async () => {

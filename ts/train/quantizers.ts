@@ -244,9 +244,10 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
     const clipped = saved as Float32Array;
     const layout = tensorLayout(x.dims, 'channel', this.axis, 0).native;
     const { dx, dStep } = lsqGrad(clipped, dy, layout, this.channelSteps(), this.qn, this.qp);
-    // Scale-Clip passes the gradient of unclipped weights only (T is treated as a constant).
+    // Scale-Clip passes the gradient of unclipped weights only (T is treated as a constant); |w| = T is not clipped
+    // (as clamp's gradient; with T = 0, an all-zero weight, nothing would ever move it).
     const t = this.threshold;
-    for (let i = 0; i < dx.length; i++) if (Math.abs(x.data[i]) >= t) dx[i] = 0;
+    for (let i = 0; i < dx.length; i++) if (Math.abs(x.data[i]) > t) dx[i] = 0;
     if (this.groupSteps === 'learned') {
       const channels = this.weight.dims[this.axis];
       const per = channels / this.groups;
