@@ -8,6 +8,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import type * as Ort from 'onnxruntime-node';
 
 import { ortTensor, type Feed } from '../onnx/calibrate';
 import { Graph } from '../onnx/graph';
@@ -116,9 +117,23 @@ export async function modelLatencies(options: Pick<ModelsBenchOptions, 'threads'
   }
 }
 
+/** One setting's session of a model, with its feed and the times measured. */
+interface OpenedSetting { setting: string; session: Ort.InferenceSession; feed: Record<string, Ort.Tensor>; times: number[]; bytes: number }
+
 async function modelLatency(m: { name: string; file: string; feeds: Feed[] }, options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>): Promise<ModelLatency[]> {
+  const sessions: OpenedSetting[] = [];
+  try {
+    return await latencies(m, options, sessions);
+  } finally {
+    // Released on errors too (a failed quantization or run after others opened).
+    for (const s of sessions) await s.session.release().catch(() => undefined);
+  }
+}
+
+/** Opens each setting's session into `sessions` (the caller releases them), then measures them in turn. */
+async function latencies(m: { name: string; file: string; feeds: Feed[] }, options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>,
+  sessions: OpenedSetting[]): Promise<ModelLatency[]> {
   const O = ort();
-  const sessions = [];
   for (const [setting, q, sessionConfig] of SETTINGS) {
     const bytes = q === 'float' ? new Uint8Array(fs.readFileSync(m.file)) : q === 'cleaned' ? cleanedUp(m.file)
       : (await quantizeModel(m.file, {
@@ -140,7 +155,6 @@ async function modelLatency(m: { name: string; file: string; feeds: Feed[] }, op
   for (const s of sessions) {
     const ms = median(s.times);
     rows.push({ model: m.name, setting: s.setting, megabytes: s.bytes / 1e6, ms, speedVsFloat: floatMs / ms });
-    await s.session.release();
   }
   return rows;
 }

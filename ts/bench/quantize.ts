@@ -63,11 +63,13 @@ export async function runQuantizeCase(c: QuantizeCase, n: number, runs: number):
       const s = await session(model, threads);
       const feeds = { x: new (ort().Tensor)('float32', x, [n]) };
       const fetches = { y: new (ort().Tensor)('int8', out, [n]) };
-      const ms = c.output === 'reused'
-        ? (await measure(() => s.run(feeds, fetches), runs)).medianMs
-        : (await measure(() => s.run(feeds), runs)).medianMs;
-      await s.release();
-      return ms;
+      try {
+        return c.output === 'reused'
+          ? (await measure(() => s.run(feeds, fetches), runs)).medianMs
+          : (await measure(() => s.run(feeds), runs)).medianMs;
+      } finally {
+        await s.release();
+      }
     }
   }
   throw new Error(`unknown case ${c.name}`);
