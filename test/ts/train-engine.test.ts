@@ -92,6 +92,17 @@ function sandwich(ops: NodeSpec[], convAttrs: Record<string, number[] | number> 
 
 const EPS = 2e-2;
 
+/** The engine's inference-mode output of a one-input model (input 'input', output 'y') and onnxruntime's. */
+async function engineAndOnnxruntime(bytes: Uint8Array, data: Float32Array, dims: number[]) {
+  const model = new TrainableModel(readModel(bytes));
+  const ours = model.output(model.forward({ data, dims }, false, referenceKernels), model.outputName);
+  const O = ort();
+  const session = await O.InferenceSession.create(bytes);
+  const theirs = (await session.run({ input: new O.Tensor('float32', data, dims) })).y;
+  await session.release();
+  return { ours, theirs };
+}
+
 describe('training engine: backward against numerical gradients', () => {
   const cases: Array<[string, () => Uint8Array, number[]]> = [
     ['Conv with bias (pad 1)', () => sandwich([]), [2, 4, 6, 6]],
@@ -367,13 +378,7 @@ describe('training engine: model checks', () => {
       initializers: { w: { dims: [4, 3], data: heInit(12, 4, 2) } },
       output: 'y',
     });
-    const data = randomInput([8, 4], 3).map((v) => v * 4);
-    const model = new TrainableModel(readModel(bytes));
-    const ours = model.output(model.forward({ data, dims: [8, 4] }, false, referenceKernels), model.outputName);
-    const O = ort();
-    const session = await O.InferenceSession.create(bytes);
-    const theirs = (await session.run({ input: new O.Tensor('float32', data, [8, 4]) })).y;
-    await session.release();
+    const { ours, theirs } = await engineAndOnnxruntime(bytes, randomInput([8, 4], 3).map((v) => v * 4), [8, 4]);
     expect(ours.dims).to.deep.equal([8, 3]);
     expect(Math.max(...(theirs.data as Float32Array))).to.equal(0.5);  // the bounds clip something
     Array.from(theirs.data as Float32Array).forEach((v, i) => expect(ours.data[i]).to.be.closeTo(v, 1e-6));
@@ -404,13 +409,7 @@ describe('training engine: model checks', () => {
       ],
       initializers: {}, int64: { zero: [0], one: [1], two: [2], four: [4] }, output: 'y',
     });
-    const data = randomInput([2, 6], 4);
-    const model = new TrainableModel(readModel(bytes));
-    const ours = model.output(model.forward({ data, dims: [2, 6] }, false, referenceKernels), model.outputName);
-    const O = ort();
-    const session = await O.InferenceSession.create(bytes);
-    const theirs = (await session.run({ input: new O.Tensor('float32', data, [2, 6]) })).y;
-    await session.release();
+    const { ours, theirs } = await engineAndOnnxruntime(bytes, randomInput([2, 6], 4), [2, 6]);
     expect(theirs.dims).to.deep.equal([2, 1]);
     expect(ours.dims).to.deep.equal([2, 1]);
     expect(Array.from(ours.data)).to.deep.equal(Array.from(theirs.data as Float32Array));
