@@ -8,6 +8,7 @@ import {
   lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
 } from '../../ts';
 import { preserveRunSums } from '../../ts/methods/sum-preserving';
+import { makeObserver } from '../../ts/onnx/calibrate';
 import { gptqRound, gptqRoundSteps } from '../../ts/methods/gptq';
 import { gramBlockRows, LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { runStepsAsync } from '../../ts/onnx/passes/pass';
@@ -112,10 +113,18 @@ describe('ACIQ', () => {
       const full = s.mean + s.laplaceB * aciqLaplaceConstant(bits + 1);
       expect(unsigned.scale[0], `bits ${bits} unsigned`).to.be.closeTo(full / (2 ** bits - 1), 1e-6 * full);
     }
+    // Unsigned symmetric codes (zero point 0) use all of them above 0: the (M+1)-bit constant.
+    const unsignedSymmetric = quantizeTensor(x, { shape: [x.length], bits: 4, signed: false, symmetric: true, method: 'aciq' });
+    expect(unsignedSymmetric.scale[0]).to.be.closeTo((s.mean + s.laplaceB * aciqLaplaceConstant(5)) / 15, 1e-6);
     const o = new AciqObserver();
     o.observe(x);
     expect(o.range(4, 'laplace', undefined, true).hi).to.be.closeTo(s.mean + s.laplaceB * aciqLaplaceConstant(4), 1e-4);
     expect(o.range(4).hi).to.be.closeTo(s.mean + s.laplaceB * aciqLaplaceConstant(5), 1e-4);
+    // quantizeModel's 'aciq' activation observer: signed activations are symmetric.
+    const observer = makeObserver('aciq');
+    observer.observe(x);
+    expect(observer.range(4, true).hi).to.be.closeTo(s.mean + s.laplaceB * aciqLaplaceConstant(4), 1e-4);
+    expect(observer.range(4, false).hi).to.be.closeTo(s.mean + s.laplaceB * aciqLaplaceConstant(5), 1e-4);
   });
 
   it("prior 'auto' is never worse than minmax on measured MSE, even on uniform data at 8 bits", () => {

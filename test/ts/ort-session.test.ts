@@ -151,8 +151,7 @@ describe('onnxruntime sessions on a worker thread', () => {
     } catch (e) {
       expect(e).to.be.instanceOf(OnnxModelError);
       // The detail lines too: which indices got which size.
-      expect((e as Error).message).to.equal('onnxruntime could not run the test model on feed 0: Got invalid dimensions for input: a for the following indices; ' +
-        'index: 0 Got: 1 Expected: 2; index: 1 Got: 5 Expected: 3. Check the feed.');
+      expect((e as Error).message).to.match(/^onnxruntime could not run the test model on feed 0: .*invalid dimensions.*; index: 0 Got: 1 Expected: 2; index: 1 Got: 5 Expected: 3\. Check the feed\.$/);
     }
     await session.release();
     try {

@@ -3,7 +3,9 @@
  * run in onnxruntime and equal the engine's quantized forward pass, bad input
  * gets typed errors, and the event loop keeps running. Small MNIST subsets.
  */
+import { create } from '@bufbuild/protobuf';
 import { expect } from 'chai';
+import { AttributeProto_AttributeType, AttributeProtoSchema, NodeProtoSchema } from 'onnx-buf';
 import { Readable } from 'node:stream';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -412,6 +414,17 @@ describe('finetune: bad input', () => {
     expect(values(bn1.input[3])).not.to.deep.equal(values(conv1.input[2]));
     expect(values(bn1.input[3])).not.to.deep.equal(values(bn2.input[3]));
     expect(values(bn1.input[4])).not.to.deep.equal(values(bn2.input[4]));
+    // 'zeros' made by a Constant node whose tensor has no name (as numpy_helper and Paddle write them): the copies
+    // are named after the value.
+    const constant = readModel(bytes);
+    const zeros = constant.graph!.initializer.find((t) => t.name === 'zeros')!;
+    constant.graph!.initializer = constant.graph!.initializer.filter((t) => t !== zeros);
+    constant.graph!.node.unshift(create(NodeProtoSchema, { opType: 'Constant', name: 'zeros_node', output: ['zeros'], attribute: [
+      create(AttributeProtoSchema, { name: 'value', type: AttributeProto_AttributeType.TENSOR, t: { ...zeros, name: '' } })] }));
+    const trained = readModel((await finetune(constant, data, { epochs: 1, batchSize: 4 })).model!).graph!;
+    const means = trained.node.filter((n) => n.opType === 'BatchNormalization').map((n) => n.input[3]);
+    expect(means.every((m) => /^zeros_\d+$/.test(m)), means.join()).to.equal(true);
+    expect(new Set(means).size).to.equal(2);
   });
 
   it('a model with BatchNormalization in training mode, or Dropout with training_mode true, is refused before training', async () => {

@@ -143,8 +143,8 @@ async function latencies(m: { name: string; file: string; feeds: Feed[] }, optio
       intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
     });
     const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, ortTensor(v)]));
+    sessions.push({ setting, session, feed, times: [] as number[], bytes: bytes.length });  // (released if the run fails)
     await session.run(feed);
-    sessions.push({ setting, session, feed, times: [] as number[], bytes: bytes.length });
   }
   for (let round = 0; round < options.rounds; round++) {
     for (const s of sessions) s.times.push((await measure(() => s.session.run(s.feed), 10, 1)).medianMs);

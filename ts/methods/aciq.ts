@@ -7,7 +7,8 @@
  *  - Laplace(b): MSE = 2b²·e^(-α/b) + α²/(3·4^M); optimum α/b = W0(3·4^M).
  *  - Gauss(σ):   MSE = (α² + σ²)·erfc(α/(√2σ)) - √(2/π)·α·σ·e^(-α²/2σ²) + α²/(3·4^M);
  *                optimum from α·[erfc(α/√2σ) + 1/(3·4^M)] = √(2/π)·σ·e^(-α²/2σ²), solved once per M.
- *  - One-sided (post-ReLU) tensors use the (M+1)-bit constant (half the range, same bins).
+ *  - One-sided (post-ReLU) tensors use the (M+1)-bit constant (half the range, same bins) on unsigned or asymmetric
+ *    codes, and the M-bit one on signed symmetric codes, whose half above 0 is all they use (aciqRange's symmetricGrid).
  */
 import { invalidType, invalidValue } from '../errors';
 import { bisect, erfc, lambertW0 } from './special';

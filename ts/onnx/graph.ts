@@ -176,13 +176,17 @@ export class Graph {
     if (node) scope.node.splice(scope.node.indexOf(node), 1);
   }
 
-  /** Copies of constants (new names, the same bytes) added to a subgraph `scope` or the main graph, which cannot see the originals. */
-  copyConstants<T extends TensorProto[]>(tensors: T, scope: GraphProto = this.graph): T {
-    return tensors.map((t) => {
+  /**
+   * Copies of constants (new names, the same bytes) added to a subgraph `scope` or the main graph, which cannot see
+   * the originals. `baseNames`: what to name each copy after (default its tensor's name; a Constant node's tensor
+   * is often unnamed).
+   */
+  copyConstants<T extends TensorProto[]>(tensors: T, scope: GraphProto = this.graph, baseNames?: string[]): T {
+    return tensors.map((t, i) => {
       // Raw bytes stay shared (a weight copied into several bodies is written to external data once); values in a
       // typed field (float_data…) are copied with the rest.
-      const name = this.uniqueName(t.name);
-      const copy = t.rawData.length > 0 ? ownedTensor(name, t.dataType, dimsOf(t), t.rawData) : Object.assign(clone(TensorProtoSchema, t), { name });
+      const name = this.uniqueName(baseNames?.[i] || t.name || 'constant');
+      const copy = rawLength(t) > 0 ? ownedTensor(name, t.dataType, dimsOf(t), t.rawData) : Object.assign(clone(TensorProtoSchema, t), { name });
       this.addInitializer(copy, scope);
       return copy;
     }) as T;

@@ -252,8 +252,8 @@ export async function runSession(session: OrtSession, feeds: Record<string, Plai
  * which size) but not its closing advice, which the caller's remedy replaces.
  */
 function reasonOf(e: Error): string {
-  const lines = e.message.split('\n').map((l) => l.trim()).filter((l) => l && !/^Please fix/.test(l));
-  return lines.slice(0, 5).join('; ').replace(/[.;]$/, '');
+  const lines = e.message.split('\n').map((l) => l.trim().replace(/\.$/, '')).filter((l) => l && !/^Please fix/.test(l));
+  return lines.slice(0, 6).join('; ') + (lines.length > 6 ? '; …' : '');
 }
 
 /**

@@ -167,7 +167,10 @@ export interface QuantizationReport {
      */
     madeUpInputs?: Record<string, number[]>;
   };
-  /** Why there is no evaluation although none was turned off (no inputs could be made for the model, or it is too large). */
+  /**
+   * Why there is no evaluation although none was turned off: no inputs could be made for the model, it is too large, or
+   * onnxruntime-node is not installed, too old or failing to load.
+   */
   evaluationSkipped?: string;
   timingsMs: Record<string, number>;
 }
@@ -639,6 +642,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const model = await time('read', () => readModelAsync(input, { lazyTensors: true }));
   if (opts.outputPath !== undefined) checkNotModelFile('options.outputPath', opts.outputPath, model, opts.externalData !== false);
   const evaluationFeeds = opts.evaluationFeeds?.map((feed, i) => checkFeed(model, feed, i, 'options.evaluationFeeds'));
+  // Feeds given to evaluate on ask for the evaluation: an unusable onnxruntime-node is the error now, before any work.
+  const ortMissingForFeeds = evaluationFeeds?.length ? ortProblem() : undefined;
+  if (ortMissingForFeeds) throw ortMissingForFeeds;
   const graph = new Graph(model);
   let defaultImports = model.opsetImport.filter((o) => isOnnxDomain(o.domain));
   if (defaultImports.length > 1 && defaultImports.every((o) => o.version === defaultImports[0].version)) {
@@ -1036,8 +1042,6 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     if (madeUp && r.evaluation) r.evaluation.madeUpInputs = Object.fromEntries(Object.entries(feeds[0]).map(([name, t]) => [name, [...t.dims]]));
   };
   const ortMissing = feeds.length > 0 ? ortProblem() : undefined;
-  // Feeds given to evaluate on ask for the evaluation: no silent skip then.
-  if (ortMissing && evaluationFeeds) throw ortMissing;
   const evaluating = feeds.length > 0 && !ortMissing;
   if (ortMissing) {
     report.evaluationSkipped = ortMissing.notInstalled

@@ -222,7 +222,7 @@ export class TrainableModel {
         const t = name && (readers.get(name) ?? 0) > 1 ? this.graph.constant(name) : undefined;
         if (!t) continue;
         readers.set(name, readers.get(name)! - 1);
-        bn.input[k] = this.graph.copyConstants([t])[0].name;
+        bn.input[k] = this.graph.copyConstants([t], undefined, [name])[0].name;
       }
     }
     // Parameters and constants.
