@@ -98,8 +98,8 @@ describe('calibration data read once or twice', () => {
 describe('calibration feeds of the wrong array type', () => {
   it('name the conversion (Float64Array, Array, int64 input from numbers) or the other realm', async () => {
     const cases: Array<[unknown, RegExp]> = [
-      [new Float64Array(784), /received Float64Array of length 784\. Convert the values: Float32Array\.from\(values\)\.$/],
-      [new Array(784).fill(0), /received Array of length 784\. Convert the values: Float32Array\.from\(values\)\.$/],
+      [new Float64Array(784), /received Float64Array of length 784\. Convert it with Float32Array\.from\(values\)\.$/],
+      [new Array(784).fill(0), /received Array of length 784\. Convert it with Float32Array\.from\(values\)\.$/],
       [runInNewContext('new Float32Array(784)'), /This Float32Array comes from another JavaScript realm .*new Float32Array\(array\)\.$/],
     ];
     for (const [data, message] of cases) {
@@ -112,7 +112,7 @@ describe('calibration feeds of the wrong array type', () => {
     const ids = buildModel({ inputDims: [2], output: 'y', initializers: {}, nodes: [{ op: 'Identity', inputs: ['input'], output: 'y' }] });
     const typed = edited(ids, (m) => { (m.graph!.input[0].type!.value.value as { elemType: number }).elemType = TensorProto_DataType.INT64; });
     expect(() => checkFeed(readModel(typed), { input: { data: [1, 2], dims: [2] } }, 0))
-      .to.throw(TypeError, /^Expected a BigInt64Array \(int64 input\) for calibration\[0\]\.input\.data but received \[1, 2\]\. Convert the values: BigInt64Array\.from\(values, BigInt\)\.$/);
+      .to.throw(TypeError, /^Expected a BigInt64Array \(int64 input\) for calibration\[0\]\.input\.data but received \[1, 2\]\. Convert it with BigInt64Array\.from\(values, BigInt\)\.$/);
   });
 });
 

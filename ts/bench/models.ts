@@ -123,7 +123,7 @@ interface OpenedSetting { setting: string; session: Ort.InferenceSession; feed: 
 async function modelLatency(m: { name: string; file: string; feeds: Feed[] }, options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>): Promise<ModelLatency[]> {
   const sessions: OpenedSetting[] = [];
   try {
-    return await latencies(m, options, sessions);
+    return await openAndMeasure(m, options, sessions);
   } finally {
     // Released on errors too (a failed quantization or run after others opened).
     for (const s of sessions) await s.session.release().catch(() => undefined);
@@ -131,7 +131,7 @@ async function modelLatency(m: { name: string; file: string; feeds: Feed[] }, op
 }
 
 /** Opens each setting's session into `sessions` (the caller releases them), then measures them in turn. */
-async function latencies(m: { name: string; file: string; feeds: Feed[] }, options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>,
+async function openAndMeasure(m: { name: string; file: string; feeds: Feed[] }, options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>,
   sessions: OpenedSetting[]): Promise<ModelLatency[]> {
   const O = ort();
   for (const [setting, q, sessionConfig] of SETTINGS) {
@@ -143,7 +143,7 @@ async function latencies(m: { name: string; file: string; feeds: Feed[] }, optio
       intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
     });
     const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, ortTensor(v)]));
-    sessions.push({ setting, session, feed, times: [] as number[], bytes: bytes.length });  // (released if the run fails)
+    sessions.push({ setting, session, feed, times: [], bytes: bytes.length });  // (released if the run fails)
     await session.run(feed);
   }
   for (let round = 0; round < options.rounds; round++) {

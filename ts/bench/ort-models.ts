@@ -12,7 +12,7 @@ export { TensorProto_DataType as DataType };
 
 let ortModule: typeof Ort | undefined;
 
-/** onnxruntime-node, which lowbit runs models with, is missing or of a version lowbit cannot use. */
+/** onnxruntime-node, which lowbit runs models with, is missing, of a version lowbit cannot use, or fails to load. */
 export class OnnxruntimeMissingError extends Error {
   /** True when the package is not installed at all (rather than too old, or failing to load). */
   readonly notInstalled: boolean;
@@ -23,7 +23,7 @@ export class OnnxruntimeMissingError extends Error {
   }
 }
 
-/** onnxruntime-node, an optional peer dependency: loaded on first use, with a clear error when absent. */
+/** onnxruntime-node, an optional peer dependency: loaded on first use, with a clear error when absent, too old or failing to load. */
 export function ort(): typeof Ort {
   if (!ortModule) {
     let version: string;

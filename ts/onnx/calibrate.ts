@@ -16,9 +16,9 @@ import {
 import { ort } from '../bench/ort-models';
 import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range } from '../calibration/observers';
 import { invalidType, invalidValue, withArticle } from '../errors';
-import { otherRealm } from '../validate';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
 import { native } from '../native';
+import { otherRealm } from '../validate';
 import { attribute, Graph, makeNode } from './graph';
 import {
   bytesLeftInFiles, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeForSession, sessionFolderOption, storedBytes, subgraphsOf, writeModelWithExternalData,
@@ -55,7 +55,7 @@ function conversionHint(type: FeedType, data: unknown): string | undefined {
   if (realm || !(Array.isArray(data) || ArrayBuffer.isView(data))) return realm;
   const how = type.name === 'float16' ? "lowbit's toFloat16Array(Float32Array.from(values))" : type.name === 'int64' ? 'BigInt64Array.from(values, BigInt)'
     : type.name === 'bool' ? 'Uint8Array.from(values, Number)' : `${array}.from(values)`;
-  return `Convert the values: ${how}.`;
+  return `Convert it with ${how}.`;
 }
 
 /** What a feed for this input must hold; an OnnxModelError for input types lowbit cannot feed. */
@@ -198,7 +198,7 @@ function readNpyRaw(file: string, firstRows = Infinity, tooLarge = 'split the da
     const start = major === 1 ? 10 : 12;
     if (lead.length < start) throw new RangeError(`${file}: the .npy header is truncated.`);
     const headerLength = major === 1 ? lead.readUInt16LE(8) : lead.readUInt32LE(8);
-    if (start + headerLength > stat.size) throw new RangeError(`${file}: the .npy header is malformed or truncated (no valid 'shape').`);
+    if (start + headerLength > stat.size) throw new RangeError(`${file}: the .npy header is truncated.`);
     const header = Buffer.from(readAt(new Uint8Array(headerLength), start).buffer).toString('latin1');
     if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported: save numpy.ascontiguousarray(x) instead.`);
     const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1] ?? '';

@@ -177,7 +177,7 @@ export class Graph {
   }
 
   /**
-   * Copies of constants (new names, the same bytes) added to a subgraph `scope` or the main graph, which cannot see
+   * Copies of constants (new names, the same values) added to a subgraph `scope` or the main graph, which cannot see
    * the originals. `baseNames`: what to name each copy after (default its tensor's name; a Constant node's tensor
    * is often unnamed).
    */

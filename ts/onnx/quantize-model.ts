@@ -669,7 +669,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // From IR 4 on, an initializer also listed as a graph input is a default that a feed may replace.
   const initializerNames = new Set([...model.graph!.initializer.map((t) => t.name), ...model.graph!.sparseInitializer.map((t) => t.values?.name ?? '')]);
   const overridable = model.irVersion >= 4n ? model.graph!.input.filter((i) => initializerNames.has(i.name)).map((i) => i.name) : [];
-  // First: weights stored sparse, or read through an Identity, are a layer's weights for every decision below.
+  // First: Constants given as value_float(s)/value_int(s), weights stored sparse, or read through an Identity, are a
+  // layer's weights for every decision below.
   passes.push(await time('constant-attributes-as-tensors', () => constantAttributesAsTensors(graph)));
   passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
   passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));

@@ -263,7 +263,7 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
   };
 }
 
-/** Why some weights are not trainable, and the fix: the engine trains only initializers a layer reads directly. */
+/** Why some weights are not trainable, and the fix: the engine trains only initializers a layer reads directly or through an Identity. */
 const CONSTANT_WEIGHTS = 'weights behind Transpose or Cast nodes stay constants: fold those nodes into their initializers (as onnxsim does)';
 
 function buildQuantizers(model: TrainableModel, s: Settings): void {
@@ -271,7 +271,7 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
   const layers = model.layers.filter((l) => !s.keepFloat.includes(l.label) && !s.keepFloat.includes(l.node.opType) && !s.keepFloat.includes(l.node.name));
   if (layers.length === 0) {
     throw new TrainingError(model.layers.length === 0
-      ? `The model has no Conv, Gemm or MatMul layer whose weight is an initializer it reads directly, so nothing to quantize (${CONSTANT_WEIGHTS}).`
+      ? `The model has no Conv, Gemm or MatMul layer whose weight is an initializer it reads directly (or through an Identity), so nothing to quantize (${CONSTANT_WEIGHTS}).`
       : `options.keepFloat (${s.keepFloat.join(', ')}) leaves none of the model's ${model.layers.length} Conv, Gemm or MatMul layers to quantize.`);
   }
   const map = new Map<typeof layers[number]['node'], LayerQuantizers>();
@@ -555,7 +555,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
   if (model.params.size === 0) {
     // Training would run and change nothing.
     throw new TrainingError('The model has no weight the engine can train: it trains the float initializers that Conv, Gemm, MatMul, ' +
-      `BatchNormalization, Add and Sub nodes read directly; ${CONSTANT_WEIGHTS}, and fine-tune that model.`);
+      `BatchNormalization, Add and Sub nodes read directly (or through an Identity); ${CONSTANT_WEIGHTS}, and fine-tune that model.`);
   }
   model.freezeBatchNorm = s.freezeBatchNorm;
   const needLabels = !s.distill;
@@ -621,7 +621,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       const t0 = performance.now();
       for (const q of model.quantizers.values()) (q.weight as { onEpochStart?: () => void } | undefined)?.onEpochStart?.();
       let lossSum = 0, correct = 0, judged = 0, seen = 0, step = 0;
-      // Training stops on non-finite values with the model as restored (the last good weights).
+      // Training stops on non-finite values, or on a batch an op refuses, with the model as restored (the last good weights).
       const stopped = (what: string, layer: string, kept = true, advice = kept ? ' Lower the learning rate.' : '') => {
         const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${what}${advice}`);
         error.step = globalStep + 1;

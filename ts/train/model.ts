@@ -59,8 +59,8 @@ export interface QuantizableLayer {
 
 export class TrainingError extends Error {
   /**
-   * The last good model (ONNX bytes), when training stopped on a non-finite value; undefined when the first batch's
-   * forward pass already gave one (no update had run).
+   * The last good model (ONNX bytes), when training stopped on a non-finite value or on a batch an operator refused
+   * after the first step; undefined when the first batch's forward pass already gave one (no update had run).
    */
   model?: Uint8Array;
   step?: number;
@@ -184,7 +184,7 @@ export class TrainableModel {
           '(PyTorch: model.eval() before torch.onnx.export); fine-tuning trains BatchNormalization itself.');
       }
       const dropoutTraining = n.opType === 'Dropout' && n.input[2] ? this.graph.constant(n.input[2]) : undefined;
-      if (dropoutTraining && [...dropoutTraining.rawData, ...dropoutTraining.int32Data].some(Boolean)) {
+      if (dropoutTraining && constantTensor(dropoutTraining)?.data.some(Boolean)) {
         throw new TrainingError(`Dropout '${nodeLabel(n)}' has training_mode true: onnxruntime drops units at random on every run of it, ` +
           'which fine-tuning does not do (it takes Dropout as the identity). Set training_mode to false or remove the input.');
       }
@@ -320,7 +320,7 @@ export class TrainableModel {
    */
   output(tape: Tape, name = this.logitsName): Tensor {
     const value = tape.values.get(name)!;
-    if (name !== this.logitsName || !this.finalSoftmax || this.logitsName === this.outputName) return value;
+    if (name !== this.logitsName || !this.finalSoftmax) return value;
     const dims = tape.values.get(this.outputName)!.dims;
     const [, group, inner] = softmaxLayout(this.finalSoftmax, value.dims, this.graph.opset);
     if (inner !== 1 || group !== dims[dims.length - 1]) {

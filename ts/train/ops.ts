@@ -10,6 +10,7 @@
 import type { NodeProto } from 'onnx-buf';
 
 import { attribute, floatAttribute, intAttribute, intsAttribute, transposes } from '../onnx/graph';
+import { nodeLabel } from '../onnx/passes/pass';
 import type { ActivationKind, ConvGeometry, FloatKernels } from './kernels';
 import { broadcastDims, broadcastIndex, expandTo, gather, reduceTo, scatter, sizeOf, stridesOf, unbroadcast, viewIndex, type Tensor } from './tensor';
 
@@ -36,12 +37,12 @@ export interface OpImpl {
 }
 
 export class OpError extends Error {
-  /** The node's name (or first output). */
+  /** The node, named as nodeLabel names it. */
   readonly node: string;
   constructor(node: NodeProto, message: string) {
     super(`${node.opType} node '${node.name || node.output[0]}': ${message}`);
     this.name = 'OpError';
-    this.node = node.name || node.output[0];
+    this.node = nodeLabel(node);  // as TrainingError.layer names nodes elsewhere
   }
 }
 
@@ -662,15 +663,15 @@ const batchNormalization: OpImpl = {
       }
       return { y: { data: y, dims: x.dims }, saved: { frozen: true, batchMean: Float32Array.from(mean!.data), invStd, batch, channels, spatial } };
     }
-    const batchMean = new Float32Array(channels), batchVar = new Float32Array(channels), invStd = new Float32Array(channels);
-    ctx.kernels.batchNormForward(x.data, batch, channels, spatial, scale!.data, bias!.data, epsilon, y, batchMean, batchVar, invStd);
-    // Running statistics (the inference model's mean and variance): unbiased variance, ONNX momentum.
-    const momentum = floatAttribute(node, 'momentum', 0.9);
     const count = batch * spatial;
     if (count === 1) {
       // The batch's variance is 0: the output is β and no gradient passes (PyTorch refuses this too).
       throw new OpError(node, 'a batch of 1 sample gives one value per channel, so no batch statistics: train with batches of 2 or more samples');
     }
+    const batchMean = new Float32Array(channels), batchVar = new Float32Array(channels), invStd = new Float32Array(channels);
+    ctx.kernels.batchNormForward(x.data, batch, channels, spatial, scale!.data, bias!.data, epsilon, y, batchMean, batchVar, invStd);
+    // Running statistics (the inference model's mean and variance): unbiased variance, ONNX momentum.
+    const momentum = floatAttribute(node, 'momentum', 0.9);
     const unbias = count / (count - 1);
     for (let c = 0; c < channels; c++) {
       mean!.data[c] = momentum * mean!.data[c] + (1 - momentum) * batchMean[c];

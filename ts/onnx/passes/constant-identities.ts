@@ -4,7 +4,8 @@
  * or a Constant node's value), written for parameters that are shared or renamed (tied embeddings, reused layers):
  * their readers (inside subgraphs too: names are unique across the model) read the constant instead. In the main
  * graph and in subgraph bodies; kept where the Identity's output is an output of its graph. foldConstantTransposes
- * (below) does the same for a Transpose of a constant, with a transposed copy.
+ * (below) does the same for a Transpose of a constant, with a transposed copy. constantAttributesAsTensors (run first)
+ * rewrites Constants given as value_float(s)/value_int(s) as `value` tensors.
  */
 import { create } from '@bufbuild/protobuf';
 import { AttributeProto_AttributeType, AttributeProtoSchema, TensorProto_DataType, type GraphProto } from 'onnx-buf';

@@ -191,10 +191,9 @@ function quantizerPair(graph: Graph, tensor: string, range: ActivationRange, sig
     ? makeTensor(scaleName, TensorProto_DataType.FLOAT16, [], new Uint8Array(toFloat16Array(scale).buffer))
     : makeTensor(scaleName, TensorProto_DataType.FLOAT, [], new Uint8Array(scale.buffer)), scope);
   graph.addInitializer(zeroPointTensor(zpName, bits, signed, zp[0]), scope);
-  const names = [graph.uniqueName(`${tensor}_q`), graph.uniqueName(`${tensor}_dq`)];
   return {
-    nodes: [makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], names[0], [], domain),
-      makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], names[1], [], domain)],
+    nodes: [makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], graph.uniqueName(`${tensor}_q`), [], domain),
+      makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], graph.uniqueName(`${tensor}_dq`), [], domain)],
     dequantized,
     activation: { tensor, bits, signed, range: [range.lo, range.hi], scale: scale[0], zeroPoint: zp[0], ...(range.float16 ? { float16: true as const } : {}) },
   };

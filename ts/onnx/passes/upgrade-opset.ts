@@ -1,7 +1,7 @@
 /**
  * Converts a model's default-domain opset up to `target` for the operators
  * whose attributes became inputs or whose semantics changed on the way:
- * Clip (11), Slice (10), Pad (11), Dropout (12), Squeeze/Unsqueeze/Split/
+ * Clip (11), Slice (10), Pad (11), Dropout (10: an unread mask output dropped; 12), Squeeze/Unsqueeze/Split/
  * ReduceSum (13), Softmax/LogSoftmax/Hardmax (13: the 2-D coercion becomes
  * Flatten + op + Reshape), the other Reduce ops (18), Split's num_outputs (18),
  * Upsample and Resize-10 (Resize-11 with an empty roi, 'asymmetric'
