@@ -27,11 +27,16 @@ export function readOnce<T>(v: T): T {
   return copy as T;
 }
 
+/**
+ * How to turn `v`, an array of another kind (an Array, another typed array) or another realm's `arrayName`, into an
+ * `arrayName`; undefined for other values.
+ */
+export function conversionHint(v: unknown, arrayName: string, how = `${arrayName}.from(values)`): string | undefined {
+  return otherRealm(v, arrayName) ?? (ArrayBuffer.isView(v) || Array.isArray(v) ? `Convert it with ${how}.` : undefined);
+}
+
 export function checkFloat32Array(name: string, v: unknown): Float32Array {
-  if (!(v instanceof Float32Array)) {
-    const hint = otherRealm(v, 'Float32Array') ?? (ArrayBuffer.isView(v) || Array.isArray(v) ? 'Convert it with Float32Array.from(values).' : undefined);
-    throw invalidType(name, 'a Float32Array', v, hint);
-  }
+  if (!(v instanceof Float32Array)) throw invalidType(name, 'a Float32Array', v, conversionHint(v, 'Float32Array'));
   checkAttached(name, v);
   return v;
 }

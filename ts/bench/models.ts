@@ -117,46 +117,37 @@ export async function modelLatencies(options: Pick<ModelsBenchOptions, 'threads'
   }
 }
 
-/** One setting's session of a model, with its feed and the times measured. */
-interface OpenedSetting { setting: string; session: Ort.InferenceSession; feed: Record<string, Ort.Tensor>; times: number[]; bytes: number }
-
 async function modelLatency(m: { name: string; file: string; feeds: Feed[] }, options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>): Promise<ModelLatency[]> {
-  const sessions: OpenedSetting[] = [];
+  const O = ort();
+  const sessions: Array<{ setting: string; session: Ort.InferenceSession; feed: Record<string, Ort.Tensor>; times: number[]; bytes: number }> = [];
   try {
-    return await openAndMeasure(m, options, sessions);
+    for (const [setting, q, sessionConfig] of SETTINGS) {
+      const bytes = q === 'float' ? new Uint8Array(fs.readFileSync(m.file)) : q === 'cleaned' ? cleanedUp(m.file)
+        : (await quantizeModel(m.file, {
+          ...(q as QuantizeModelOptions), ...(q.activations && q.activations.method !== 'dynamic' ? { calibration: m.feeds } : {}), evaluationFeeds: [],
+        })).model;
+      const session = await O.InferenceSession.create(bytes, {
+        intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
+      });
+      const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, ortTensor(v)]));
+      sessions.push({ setting, session, feed, times: [], bytes: bytes.length });  // (released if the run fails)
+      await session.run(feed);
+    }
+    for (let round = 0; round < options.rounds; round++) {
+      for (const s of sessions) s.times.push((await measure(() => s.session.run(s.feed), 10, 1)).medianMs);
+    }
+    const median = (t: number[]) => [...t].sort((a, b) => a - b)[Math.floor(t.length / 2)];
+    const floatMs = median(sessions[0].times);
+    const rows: ModelLatency[] = [];
+    for (const s of sessions) {
+      const ms = median(s.times);
+      rows.push({ model: m.name, setting: s.setting, megabytes: s.bytes / 1e6, ms, speedVsFloat: floatMs / ms });
+    }
+    return rows;
   } finally {
     // Released on errors too (a failed quantization or run after others opened).
     for (const s of sessions) await s.session.release().catch(() => undefined);
   }
-}
-
-/** Opens each setting's session into `sessions` (the caller releases them), then measures them in turn. */
-async function openAndMeasure(m: { name: string; file: string; feeds: Feed[] }, options: Pick<ModelsBenchOptions, 'threads' | 'rounds'>,
-  sessions: OpenedSetting[]): Promise<ModelLatency[]> {
-  const O = ort();
-  for (const [setting, q, sessionConfig] of SETTINGS) {
-    const bytes = q === 'float' ? new Uint8Array(fs.readFileSync(m.file)) : q === 'cleaned' ? cleanedUp(m.file)
-      : (await quantizeModel(m.file, {
-        ...(q as QuantizeModelOptions), ...(q.activations && q.activations.method !== 'dynamic' ? { calibration: m.feeds } : {}), evaluationFeeds: [],
-      })).model;
-    const session = await O.InferenceSession.create(bytes, {
-      intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
-    });
-    const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, ortTensor(v)]));
-    sessions.push({ setting, session, feed, times: [], bytes: bytes.length });  // (released if the run fails)
-    await session.run(feed);
-  }
-  for (let round = 0; round < options.rounds; round++) {
-    for (const s of sessions) s.times.push((await measure(() => s.session.run(s.feed), 10, 1)).medianMs);
-  }
-  const median = (t: number[]) => [...t].sort((a, b) => a - b)[Math.floor(t.length / 2)];
-  const floatMs = median(sessions[0].times);
-  const rows: ModelLatency[] = [];
-  for (const s of sessions) {
-    const ms = median(s.times);
-    rows.push({ model: m.name, setting: s.setting, megabytes: s.bytes / 1e6, ms, speedVsFloat: floatMs / ms });
-  }
-  return rows;
 }
 
 export async function benchModels(options: ModelsBenchOptions): Promise<void> {

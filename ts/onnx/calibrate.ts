@@ -18,12 +18,12 @@ import { AciqObserver, HistogramObserver, klLevels, MinMaxObserver, type Range }
 import { invalidType, invalidValue, withArticle } from '../errors';
 import { fromFloat16Array, fromFloat16Bits } from '../float16';
 import { native } from '../native';
-import { otherRealm } from '../validate';
+import { conversionHint } from '../validate';
 import { attribute, Graph, makeNode } from './graph';
 import {
   bytesLeftInFiles, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeForSession, sessionFolderOption, storedBytes, subgraphsOf, writeModelWithExternalData,
 } from './model-io';
-import { openSession, runSession, type OrtHost } from './ort-session';
+import { copyOf, openSession, runSession, type OrtHost } from './ort-session';
 import { pauser } from './passes/pass';
 
 /**
@@ -49,13 +49,10 @@ const FEED_TYPES = new Map<number, FeedType>([
 ]);
 
 /** How to turn feed data of another kind (an Array, another typed array, another realm's) into what `type` takes. */
-function conversionHint(type: FeedType, data: unknown): string | undefined {
-  const array = type.array.split(' ')[0];
-  const realm = otherRealm(data, array);
-  if (realm || !(Array.isArray(data) || ArrayBuffer.isView(data))) return realm;
+function feedConversionHint(type: FeedType, data: unknown): string | undefined {
   const how = type.name === 'float16' ? "lowbit's toFloat16Array(Float32Array.from(values))" : type.name === 'int64' ? 'BigInt64Array.from(values, BigInt)'
-    : type.name === 'bool' ? 'Uint8Array.from(values, Number)' : `${array}.from(values)`;
-  return `Convert it with ${how}.`;
+    : type.name === 'bool' ? 'Uint8Array.from(values, Number)' : undefined;
+  return conversionHint(data, type.array.split(' ')[0], how);
 }
 
 /** What a feed for this input must hold; an OnnxModelError for input types lowbit cannot feed. */
@@ -167,8 +164,11 @@ export function makeObserver(method: ActivationMethod): TensorObserver {
 /** The longest typed array this Node.js makes (4 GiB in Node 20). */
 const MAX_LENGTH = bufferConstants.MAX_LENGTH;
 
-/** Bytes per value of the .npy dtypes lowbit reads. */
-const NPY_ITEM_BYTES: Record<string, number> = { '<f4': 4, '<i8': 8, '<i4': 4, '<f2': 2, '|u1': 1, '<u1': 1, '|b1': 1, '|i1': 1 };
+/** The typed array of each .npy dtype lowbit reads (float16 as bit patterns, bool as 0/1 bytes). */
+const NPY_ARRAYS: Record<string, Float32ArrayConstructor | BigInt64ArrayConstructor | Int32ArrayConstructor | Uint16ArrayConstructor |
+  Uint8ArrayConstructor | Int8ArrayConstructor> = {
+  '<f4': Float32Array, '<i8': BigInt64Array, '<i4': Int32Array, '<f2': Uint16Array, '|u1': Uint8Array, '<u1': Uint8Array, '|b1': Uint8Array, '|i1': Int8Array,
+};
 
 /**
  * The header and data of a .npy file, the data read straight into one aligned buffer in pieces (no whole-file
@@ -206,7 +206,7 @@ function readNpyRaw(file: string, firstRows = Infinity, tooLarge = 'split the da
     const dims = shape ? shape[1].split(',').map((v) => v.trim()).filter(Boolean).map(Number) : [];
     if (!shape || dims.some((d) => !Number.isSafeInteger(d) || d < 0)) throw new RangeError(`${file}: the .npy header is malformed or truncated (no valid 'shape').`);
     const storedRows = dims.length ? dims[0] : 1;
-    const item = NPY_ITEM_BYTES[descr];
+    const item = NPY_ARRAYS[descr]?.BYTES_PER_ELEMENT;
     if (item === undefined) return { descr, dims, storedRows, body: new Uint8Array(0) };
     const values = dims.reduce((a, b) => a * b, 1);
     const bodyBytes = stat.size - start - headerLength;
@@ -231,14 +231,8 @@ function readNpyRaw(file: string, firstRows = Infinity, tooLarge = 'split the da
  * 0/1 bytes; undefined for others): a view, no copy.
  */
 function npyValues({ descr, body }: { descr: string; body: Uint8Array }): FeedTensor['data'] | undefined {
-  const item = NPY_ITEM_BYTES[descr];
-  const count = item === undefined ? 0 : body.length / item;
-  return descr === '<f4' ? new Float32Array(body.buffer, 0, count)
-    : descr === '<i8' ? new BigInt64Array(body.buffer, 0, count)
-      : descr === '<i4' ? new Int32Array(body.buffer, 0, count)
-        : descr === '<f2' ? new Uint16Array(body.buffer, 0, count)
-          : descr === '|u1' || descr === '<u1' || descr === '|b1' ? new Uint8Array(body.buffer, 0, count)
-            : descr === '|i1' ? new Int8Array(body.buffer, 0, count) : undefined;
+  const Type = NPY_ARRAYS[descr];
+  return Type && new Type(body.buffer as ArrayBuffer, 0, body.length / Type.BYTES_PER_ELEMENT);  // (readNpyRaw allocated it)
 }
 
 /** Reads a C-order .npy file of float32, int64, int32, float16, uint8, int8 or bool values (a model input's batch). */
@@ -331,9 +325,7 @@ function checkFeedFrom(model: ModelProto, raw: unknown, index: number, files: st
  * every batch it yields.
  */
 function copyFeed(feed: Feed): Feed {
-  // A Node Buffer's slice is a view of the same memory: copied as a Uint8Array.
-  const copy = (d: FeedTensor['data']) => (Buffer.isBuffer(d) ? new Uint8Array(d) : d.slice());
-  return Object.fromEntries(Object.entries(feed).map(([name, v]) => [name, { ...v, data: copy(v.data), dims: [...v.dims] }])) as Feed;
+  return Object.fromEntries(Object.entries(feed).map(([name, v]) => [name, { ...v, data: copyOf(v.data), dims: [...v.dims] }])) as Feed;
 }
 
 /** A batch kept past its turn: copied when it comes from an iterable (a folder's are read afresh, an array's stay). */
@@ -554,7 +546,7 @@ export function checkFeed(model: ModelProto, feed: unknown, index: number, what 
     const type = feedType(name, elemType);
     const expected = `{ data: ${type.array}, dims: ${dims ? shapeText(dims) : '[...]'} }`;
     if (!v) throw invalidValue(`${what}[${index}]`, `a feed with input '${name}' ${expected}`, Object.keys(f).join(', ') || 'an empty feed');
-    if (!type.is(v.data)) throw invalidType(`${what}[${index}].${name}.data`, `${withArticle(type.array)} (${type.name} input)`, v.data, conversionHint(type, v.data));
+    if (!type.is(v.data)) throw invalidType(`${what}[${index}].${name}.data`, `${withArticle(type.array)} (${type.name} input)`, v.data, feedConversionHint(type, v.data));
     const data = v.data as FeedTensor['data'];
     if (!Array.isArray(v.dims) || v.dims.some((d) => !Number.isSafeInteger(d) || d < 0) ||
       (dims && (v.dims.length !== dims.length || v.dims.some((d, i) => dims[i] >= 0 && d !== dims[i])))) {

@@ -26,7 +26,7 @@ export type SessionRequest = { id: number; session: number } & (
 type Reply = { id: number; error?: string; transport?: boolean; inputNames?: string[]; outputNames?: string[]; outputs?: Record<string, PlainTensor> };
 
 /** A copy of a typed array in a new ArrayBuffer of its own (a Node Buffer's `slice` is a view; a shared buffer's is shared). */
-function copyOf<T extends ArrayBufferView>(view: T): T {
+export function copyOf<T extends ArrayBufferView>(view: T): T {
   const bytes = new Uint8Array(view.byteLength);
   bytes.set(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
   const Type = (Buffer.isBuffer(view) ? Uint8Array : view.constructor) as new (b: ArrayBuffer) => T;

@@ -622,8 +622,8 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       for (const q of model.quantizers.values()) (q.weight as { onEpochStart?: () => void } | undefined)?.onEpochStart?.();
       let lossSum = 0, correct = 0, judged = 0, seen = 0, step = 0;
       // Training stops on non-finite values, or on a batch an op refuses, with the model as restored (the last good weights).
-      const stopped = (what: string, layer: string, kept = true, advice = kept ? ' Lower the learning rate.' : '') => {
-        const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${what}${advice}`);
+      const stopped = (what: string, layer: string, kept = true) => {
+        const error = new TrainingError(`Training stopped at epoch ${epoch + 1}, step ${step + 1}: ${what}`);
         error.step = globalStep + 1;
         error.layer = layer;
         if (kept) error.model = exportModel(model).bytes;
@@ -649,7 +649,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
           // before it are kept.
           if (!(e instanceof OpError) || globalStep === 0) throw e;
           current.restore();  // running statistics the pass changed before the op refused
-          throw stopped(`${e.message}. The error's model holds the weights trained before this batch.`, e.node, true, '');
+          throw stopped(`${e.message}. The error's model holds the weights trained before this batch.`, e.node);
         }
         if (globalStep === 0) {
           // LSQ activation steps start from the first batch, in this forward pass: now they are parameters to update and keep.
@@ -681,7 +681,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
             throw stopped(`${loss} values first became non-finite in ${where}, on the first batch, before any update: the model as given ` +
               `${s.method === 'float' ? '' : 'with its quantizers '}computes them, so the error holds no model. Check the model and this data in float first.`, layer, false);
           }
-          throw stopped(`${loss} values first became non-finite in ${where}. The error's model holds the weights of the last step whose values were finite.`, layer);
+          throw stopped(`${loss} values first became non-finite in ${where}. The error's model holds the weights of the last step whose values were finite. Lower the learning rate.`, layer);
         }
         // The running clip thresholds the first forward pass set go with the weights it ran on (the snapshot before
         // this step, which a stop at step 2 or this step's update restores, was taken before them: clips of 0).
@@ -692,7 +692,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         if (broken) {
           // This update overflowed (the last one too: no later forward pass would see it); the weights before it are good.
           current.restore();
-          throw stopped(`its update made parameter '${broken.name}' non-finite. The error's model holds the weights before that update.`, broken.name);
+          throw stopped(`its update made parameter '${broken.name}' non-finite. The error's model holds the weights before that update. Lower the learning rate.`, broken.name);
         }
         lossSum += r.loss * images;
         correct += r.correct;
