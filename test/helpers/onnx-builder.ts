@@ -153,3 +153,25 @@ export function cnn(seed: number, blocks: ConvBlock[]): Uint8Array {
 export function mnistCnn(seed: number): Uint8Array {
   return cnn(seed, [{ channels: 8, pool: true }, { channels: 16, pool: true }]);
 }
+
+/**
+ * An MLP whose first and last layers are not one each (input [N, 8], output [N, 4]): a stem of two parallel MatMuls
+ * (s1, s2) summed, a middle one (mid), two heads (h1, h2) summed into the output, and `side`, read by the rest only
+ * through its Shape (for a Reshape). By data flow s1 and s2 are first layers; side, h1 and h2 last ones.
+ */
+export function branchedMlp(seed: number): Uint8Array {
+  const mm = (name: string, x: string) => ({ op: 'MatMul', name, inputs: [x, `${name}.weight`], output: name });
+  const names = ['s1', 's2', 'mid', 'side', 'h1', 'h2'];
+  const initializers: ModelSpec['initializers'] = Object.fromEntries(names.map((n, i) => {
+    const [k, c] = [n === 's1' || n === 's2' ? 8 : 16, n === 'h1' || n === 'h2' ? 4 : 16];
+    return [`${n}.weight`, { dims: [k, c], data: heInit(k * c, k, seed + i) }];
+  }));
+  return buildModel({
+    inputDims: ['N', 8], initializers, output: 'y',
+    nodes: [mm('s1', 'input'), mm('s2', 'input'), { op: 'Add', name: 'stem', inputs: ['s1', 's2'], output: 'sum' },
+      { op: 'Relu', name: 'relu', inputs: ['sum'], output: 'act' }, mm('mid', 'act'), mm('side', 'mid'),
+      { op: 'Shape', name: 'shape', inputs: ['side'], output: 'side_shape' },
+      { op: 'Reshape', name: 'reshape', inputs: ['mid', 'side_shape'], output: 'features' },
+      mm('h1', 'features'), mm('h2', 'features'), { op: 'Add', name: 'heads', inputs: ['h1', 'h2'], output: 'y' }],
+  });
+}

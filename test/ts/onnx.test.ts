@@ -13,7 +13,7 @@ import { floatData, Graph } from '../../ts/onnx/graph';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
 import { foldScalarAffine } from '../../ts/onnx/passes/fold-scalar-affine';
 import { fuseHardSwish } from '../../ts/onnx/passes/fuse-hardswish';
-import { layerInput, quantizeWeights, quantizeWeightsByLayer } from '../../ts/onnx/passes/quantize-weights';
+import { edgeLayers, layerInput, quantizableLayers, quantizeWeights, quantizeWeightsByLayer } from '../../ts/onnx/passes/quantize-weights';
 import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { unconvertibleReason, upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
@@ -27,7 +27,7 @@ import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts
 import { inspectModel } from '../../ts/onnx/inspect';
 import { countFileReads } from '../helpers/file-reads';
 import { writeNpy } from '../helpers/npy';
-import { buildModel, cosine, heInit, overflowingMatMul, valueInfo as info } from '../helpers/onnx-builder';
+import { branchedMlp, buildModel, cosine, heInit, overflowingMatMul, valueInfo as info } from '../helpers/onnx-builder';
 import { normalFeeds, rng } from '../helpers/random';
 import { dequantize, quantizeTensor } from '../../ts/quantize';
 import { renderedTextLineFeeds } from '../helpers/text-lines';
@@ -2596,5 +2596,21 @@ describe('input moments of 1-D convolutions', () => {
     expect(report.layers[0].method).to.equal('minmax, gptq rounding');
     expect(report.passes.find((p) => p.pass === 'bias-correction')!.changed.length).to.equal(1);
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.95);
+  });
+});
+
+describe('first and last layers by data flow (firstLastLayerBits)', () => {
+  it('a stem of parallel layers and several heads: each is an edge layer, weights and inputs; a Shape read carries no values', async () => {
+    const model = branchedMlp(3);
+    const graph = new Graph(readModel(model));
+    const layers = quantizableLayers(graph);
+    const { first, last } = edgeLayers(graph, layers);
+    expect([[...first].map((n) => n.name), [...last].map((n) => n.name)]).to.deep.equal([['s1', 's2'], ['side', 'h1', 'h2']]);
+    const calibration = normalFeeds(4, [16, 8], 5, 'input');
+    const { report } = await quantizeModel(model, { weights: { bits: 4 }, activations: { bits: 4 }, calibration, evaluationFeeds: [] });
+    expect(report.layers.map((l) => [l.node, l.bits, l.input?.bits])).to.deep.equal([
+      ['s1', 8, 8], ['s2', 8, 8], ['mid', 4, 4], ['side', 8, 8], ['h1', 8, 8], ['h2', 8, 8]]);
+    // mid's input (the stem's sum) is the only 4-bit one; mid's output is read by side (8-bit) and, reshaped, by the heads.
+    expect(report.activations.map((a) => [a.tensor, a.bits])).to.deep.equal([['input', 8], ['act', 4], ['mid', 8], ['features', 8]]);
   });
 });

@@ -22,7 +22,7 @@ import { readModel } from '../../ts/onnx/model-io';
 import { floatData } from '../../ts/onnx/graph';
 import { loadMnist } from '../../ts/train/mnist';
 import { writeNpy } from '../helpers/npy';
-import { buildModel, mnistCnn } from '../helpers/onnx-builder';
+import { branchedMlp, buildModel, mnistCnn } from '../helpers/onnx-builder';
 
 const BUNDLED = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
 
@@ -211,6 +211,13 @@ describe('finetune: quantization-aware training and QDQ export', () => {
       if (method === 'gdrq') expect(result.layers.filter((l) => l.foldedIntoBatchNorm).map((l) => l.node)).to.deep.equal(['conv2']);
     });
   }
+  it('the first and last layers by data flow keep firstLastLayerBits: a stem of parallel layers and several heads', async () => {
+    const inputs = { data: Float32Array.from({ length: 64 * 8 }, (_, i) => Math.sin(i * 0.37)), dims: [64, 8] };
+    const labels = Int32Array.from({ length: 64 }, (_, i) => i % 4);
+    const { layers } = await finetune(branchedMlp(3), { inputs, labels }, { method: 'lsq', weightBits: 4, activationBits: 4, epochs: 1, batchSize: 32 });
+    expect(layers.filter((l) => l.weightBits !== undefined).map((l) => [l.node, l.weightBits, l.activationBits])).to.deep.equal([
+      ['s1', 8, 8], ['s2', 8, 8], ['mid', 4, 4], ['side', 8, 8], ['h1', 8, 8], ['h2', 8, 8]]);
+  });
 });
 
 describe('finetune: distillation from the float model (no labels)', () => {

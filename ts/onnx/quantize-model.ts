@@ -35,7 +35,7 @@ import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamically } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, quantizeBodyActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { bodyEdgeLayers, checkFiniteWeights, layerInput, QUANTIZABLE, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
+import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -111,7 +111,7 @@ export interface QuantizeModelOptions {
   calibration?: CalibrationData;
   /** Node names or op types to leave in float. */
   keepFloat?: string[];
-  /** Bits of the first and last quantized layers (their weights; at 8, also their input activations). Default 8. */
+  /** Bits of the first and last quantized layers by data flow (see edgeLayers; their weights, at 8 also their input activations). Default 8. */
   firstLastLayerBits?: number;
   /**
    * Feeds to compare float and quantized outputs on; default: the first calibration batches, or two made-up inputs
@@ -838,11 +838,12 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   let sample: Feed[] | undefined;
   let calibrationBatches: number | undefined;
   // The activation ranges. The first and last layers' inputs take their 8 bits too (as their weights do): the model
-  // input and the classifier's features, which ACIQ's authors also keep at 8 bits; with `outputs`, the last layer's
-  // output (the logits) as well.
-  const last = targets[targets.length - 1];
-  // (None when every layer is inside subgraphs: bodyEdgeLayers gives theirs.)
-  const edgeTensors = new Set(last ? [targets[0].input[0], last.input[0], placement?.quantizedOutput.get(nodeLabel(last)) ?? last.output[0]] : []);
+  // input and the classifier's features, which ACIQ's authors also keep at 8 bits; with `outputs`, the last layers'
+  // outputs (the logits) as well. Those inside subgraphs: their branches' values, below.
+  const edges = edgeLayers(graph, targets, bodyTargets);
+  const mainLast = targets.filter((n) => edges.last.has(n));
+  const edgeTensors = new Set([...targets.filter((n) => edges.first.has(n)), ...mainLast].map((n) => n.input[0])
+    .concat(mainLast.map((n) => placement?.quantizedOutput.get(nodeLabel(n)) ?? n.output[0])));
   // Tensors quantized for every consumer: the layer outputs, and what shares their parameters.
   const everyConsumer = new Set(layerOutputs);
   const ranges = new Map<string, ActivationRange>();
@@ -882,7 +883,6 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       for (const t of tensors) ranges.set(t, await rangeOf(t, edgeTensors.has(t) ? edgeBits : staticActivations.bits));
       // Branch layers' inputs: each value as its branch sees it (also one the main graph computes) gets its own range,
       // the edge layers' at their bits; none for a branch no calibration batch ran.
-      const bodyEdges = bodyEdgeLayers(targets, bodyTargets, graph.topologicalOrder());
       const readersOf = new Map(branchTensors.map((t) => [t, [] as typeof branchLayers]));
       for (const l of branchLayers) readersOf.get(observedInput.get(l.node)!)!.push(l);
       for (const [t, readers] of readersOf) {
@@ -890,11 +890,11 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
           for (const l of readers) bodyActivationReport.skipped.push({ node: nodeLabel(l.node), reason: `its branch of ${nodeLabel(l.owner)} gave it no values on any calibration batch (the branch did not run): input left float` });
           continue;
         }
-        branchRanges.set(t, await rangeOf(t, readers.some((l) => bodyEdges.has(l.node)) ? edgeBits : staticActivations.bits));
+        branchRanges.set(t, await rangeOf(t, readers.some((l) => edges.first.has(l.node) || edges.last.has(l.node)) ? edgeBits : staticActivations.bits));
       }
       for (const { tensor, source } of placement?.shared ?? []) {
         const from = ranges.get(source);
-        // The last layer's input keeps its own (wider) 8 bits rather than a narrower source's.
+        // A last layer's input keeps its own (wider) 8 bits rather than a narrower source's.
         if (!from || (edgeTensors.has(tensor) && from.bits < edgeBits)) continue;
         ranges.set(tensor, from);
         everyConsumer.add(tensor);

@@ -22,6 +22,7 @@ import { checkKernel } from '../cpu';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
 import { OpError } from './ops';
 import { nodeLabel } from '../onnx/passes/pass';
+import { edgeLayers } from '../onnx/passes/quantize-weights';
 import { GdrqWeightQuantizer, LsqQuantizer, RunningClipQuantizer, type StepInit } from './quantizers';
 import type { Tensor } from './tensor';
 
@@ -44,7 +45,7 @@ export interface FinetuneOptions {
   weightBits?: 2 | 4 | 8;
   /** Activation bits at the inputs of the quantized layers: 4 (default) or 8. */
   activationBits?: 4 | 8;
-  /** Bits of the first and last quantized layers (weights and input activations). Default 8. */
+  /** Bits of the first and last quantized layers by data flow (see edgeLayers; weights and input activations). Default 8. */
   firstLastLayerBits?: 2 | 4 | 8;
   /** Node names or op types to keep in float. */
   keepFloat?: string[];
@@ -275,8 +276,9 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
       : `options.keepFloat (${s.keepFloat.join(', ')}) leaves none of the model's ${model.layers.length} Conv, Gemm or MatMul layers to quantize.`);
   }
   const map = new Map<typeof layers[number]['node'], LayerQuantizers>();
-  layers.forEach((layer, i) => {
-    const edge = i === 0 || i === layers.length - 1;
+  const edges = edgeLayers(model.graph, layers.map((l) => l.node));
+  layers.forEach((layer) => {
+    const edge = edges.first.has(layer.node) || edges.last.has(layer.node);
     const wBits = edge ? s.firstLastLayerBits : s.weightBits;
     const aBits = edge ? s.firstLastLayerBits : s.activationBits;
     const actBits = aBits === 2 ? 4 : aBits;

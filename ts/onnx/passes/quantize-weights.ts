@@ -7,7 +7,7 @@
 import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { OnnxModelError, readLazyTensor, unloadTensor } from '../model-io';
-import { dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, subgraphNodes, transposes, weightValues, type Graph } from '../graph';
+import { dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, subgraphNodes, subgraphReads, transposes, weightValues, type Graph } from '../graph';
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
@@ -302,22 +302,43 @@ export function quantizableSubgraphLayers(graph: Graph, keepFloat: string[] = []
   return inBodies.filter((l) => !keep.has(l.node.name) && !keep.has(l.node.opType) && isQuantizable(graph, l.node, l.scopes));
 }
 
+/** Ops whose output tells only their input's shape: a layer read only through them feeds nothing with its values. */
+const SHAPE_ONLY = new Set(['Shape', 'Size']);
+
 /**
- * The edge layers (firstLastLayerBits) inside subgraphs: in a body, the first (last) quantizable layer is one when no
- * quantizable layer of the main graph (`quantizable`, in `mainOrder`) comes before (after) the body's node: each
- * branch is a path through the model.
+ * The edge layers (firstLastLayerBits) by data flow: the first layers are those no other quantizable layer feeds (its
+ * values reach them through no chain of nodes), the last those that feed none. A chain has one of each; a stem of
+ * parallel branches or a model with several heads has more. Inside a subgraph, a body's first (last) layer is one
+ * when no main-graph layer feeds its node (is fed by it); a node holding quantizable layers counts as a layer.
  */
-export function bodyEdgeLayers(quantizable: NodeProto[], quantizableInBodies: SubgraphLayer[], mainOrder: NodeProto[]): Set<NodeProto> {
-  const firstAt = quantizable.length > 0 ? mainOrder.indexOf(quantizable[0]) : Infinity;
-  const lastAt = quantizable.length > 0 ? mainOrder.indexOf(quantizable[quantizable.length - 1]) : -Infinity;
-  const edges = new Set<NodeProto>();
+export function edgeLayers(graph: Graph, quantizable: readonly NodeProto[], quantizableInBodies: readonly SubgraphLayer[] = [],
+  mainOrder = graph.topologicalOrder()): { first: Set<NodeProto>; last: Set<NodeProto> } {
+  const layers = new Set([...quantizable, ...quantizableInBodies.map((l) => l.owner)]);
+  const reads = (n: NodeProto) => [...n.input, ...subgraphReads(n)].filter((v) => v !== '');
+  // Forward: the values a layer's values reach; backward: the values that reach a layer's.
+  const fed = new Set<NodeProto>();
+  const downstream = new Set<string>();
+  for (const n of mainOrder) {
+    const reached = reads(n).some((v) => downstream.has(v));
+    if (reached) fed.add(n);
+    if ((reached || layers.has(n)) && !SHAPE_ONLY.has(n.opType)) for (const v of n.output) if (v) downstream.add(v);
+  }
+  const feeding = new Set<NodeProto>();
+  const upstream = new Set<string>();
+  for (let i = mainOrder.length - 1; i >= 0; i--) {
+    const n = mainOrder[i];
+    const reaches = !SHAPE_ONLY.has(n.opType) && n.output.some((v) => upstream.has(v));
+    if (reaches) feeding.add(n);
+    if (reaches || layers.has(n)) for (const v of reads(n)) upstream.add(v);
+  }
+  const first = new Set(quantizable.filter((n) => !fed.has(n)));
+  const last = new Set(quantizable.filter((n) => !feeding.has(n)));
   for (const body of new Set(quantizableInBodies.map((l) => l.scopes[l.scopes.length - 1]))) {
     const held = quantizableInBodies.filter((l) => l.scopes[l.scopes.length - 1] === body);
-    const at = mainOrder.indexOf(held[0].owner);
-    if (firstAt > at) edges.add(held[0].node);
-    if (lastAt < at) edges.add(held[held.length - 1].node);
+    if (!fed.has(held[0].owner)) first.add(held[0].node);
+    if (!feeding.has(held[0].owner)) last.add(held[held.length - 1].node);
   }
-  return edges;
+  return { first, last };
 }
 
 /** A Conv/Gemm/MatMul inside a subgraph (see subgraphNodes). */
@@ -390,9 +411,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     });
   }
   const quantizable = quantizableLayers(graph, options.keepFloat, mainCandidates);
-  const first = quantizable[0];
-  const last = quantizable[quantizable.length - 1];
-  const bodyEdges = bodyEdgeLayers(quantizable, quantizableInBodies, mainOrder);
+  const { first, last } = edgeLayers(graph, quantizable, quantizableInBodies, mainOrder);
   // Weights read by several layers (ALBERT-style shared layers) are quantized once and their DequantizeLinear shared
   // when the layers would quantize them alike (same layout and bits, no per-layer GPTQ rounding).
   const quantizedOnce = new Map<TensorProto, {
@@ -430,7 +449,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const scope = inBody?.scopes[0] ?? graph.graph;
     const dims = dimsOf(w);
     const axes = layout(node.opType, dims, transposes(node, 'transB'))!;
-    const edge = node === first || node === last || bodyEdges.has(node);
+    const edge = first.has(node) || last.has(node);
     const base = node.input[1];
     // What decides the quantized values besides the weights (the first and last layers' bits, no bit allocation there).
     const how = JSON.stringify([node.opType === 'Conv' ? 'conv' : 'matrix', axes, edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits,
