@@ -142,7 +142,9 @@ Napi::Value Int32ToFloat(const Napi::CallbackInfo& info) {
   const bool per_column = bool_of(info[5], "perColumn");
   const float* bias = info[6].IsNull() ? nullptr : array_of<float>(info[6], "bias", napi_float32_array, &nb);
   float* y = array_of<float>(info[7], "y", napi_float32_array, &ny);
-  if (nc < m * n || ny < m * n || ns != (per_column ? n : 1) || (bias && nb != n)) throw_range(env, "int32ToFloat: bad lengths");
+  size_t mn;  // m * n can wrap (each may be up to 2^53): checked like matmulInt8's
+  if (__builtin_mul_overflow(m, n, &mn) || nc < mn || ny < mn || ns != (per_column ? n : 1) || (bias && nb != n))
+    throw_range(env, "int32ToFloat: bad lengths");
   lowbit::int32_to_float(c, m, n, a_scale, b_scale, per_column, bias, y);
   return env.Undefined();
 }
@@ -160,8 +162,10 @@ Napi::Value RequantizeInt32(const Napi::CallbackInfo& info) {
   const int32_t y_zp = int_of(info[7], "yZeroPoint"), qmin = int_of(info[8], "qmin"), qmax = int_of(info[9], "qmax");
   const bool relu = bool_of(info[10], "relu");
   uint8_t* y = codes_of(info[11], "y", &ny);
-  if (nc < m * n || ny < m * n || ns != (per_column ? n : 1)) throw_range(env, "requantizeInt32: bad lengths");
-  if (qmin > qmax || y_zp < qmin || y_zp > qmax) throw_range(env, "requantizeInt32: bad range");
+  size_t mn;
+  if (__builtin_mul_overflow(m, n, &mn) || nc < mn || ny < mn || ns != (per_column ? n : 1)) throw_range(env, "requantizeInt32: bad lengths");
+  // Codes are stored in bytes: an 8-bit range (qmax - yZeroPoint must not overflow either).
+  if (qmin < -128 || qmax > 255 || qmin > qmax || y_zp < qmin || y_zp > qmax) throw_range(env, "requantizeInt32: bad range");
   lowbit::requantize_int32(c, m, n, a_scale, b_scale, per_column, y_scale, y_zp, qmin, qmax, relu, y);
   return env.Undefined();
 }
@@ -181,7 +185,8 @@ Napi::Value PackInt4Matrix(const Napi::CallbackInfo& info) {
   const size_t k = size_of(info[1], "k"), n = size_of(info[2], "n"), block = size_of(info[3], "blockSize");
   const float* scale = array_of<float>(info[4], "scale", napi_float32_array, &ns);
   const int32_t* zp = array_of<int32_t>(info[5], "zeroPoint", napi_int32_array, &nz);
-  if (block == 0 || block % 4 != 0) throw_range(env, "blockSize must be a positive multiple of 4");
+  // The kernels take a block's 4-value groups in pairs (PackedB4::block_groups is even).
+  if (block == 0 || block % 8 != 0) throw_range(env, "blockSize must be a positive multiple of 8");
   size_t kn;
   if (__builtin_mul_overflow(k, n, &kn) || kn != nv) throw_range(env, "values.length must be k * n");
   const size_t blocks = (k + block - 1) / block;

@@ -142,7 +142,8 @@ struct GemmCandidate {
 
 std::vector<GemmCandidate> gemm_candidates(const CpuFeatures& cpu) {
   return {
-      {gemm_kernel_amx(), cpu.amx_int8 && cpu.amx_permitted && cpu.amx_verified && cpu.has_avx512_core()},
+      // AVX-512 VNNI too: the W4A8 path of AMX machines runs the VNNI kernel (int4_kernel_for).
+      {gemm_kernel_amx(), cpu.amx_int8 && cpu.amx_permitted && cpu.amx_verified && cpu.has_avx512_core() && cpu.avx512vnni},
       {gemm_kernel_avx512vnni(), cpu.has_avx512_core() && cpu.avx512vnni},
       {gemm_kernel_avxvnni(), cpu.avx2 && cpu.avxvnni},
       {gemm_kernel_avx2(), cpu.avx2},

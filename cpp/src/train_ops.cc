@@ -208,8 +208,10 @@ ptrdiff_t max_pool_backward(const float* dy, const int32_t* argmax, size_t n, fl
   for (size_t i = 0; i < n; ++i)
     if (argmax[i] < -1 || (argmax[i] >= 0 && size_t(argmax[i]) >= dx_len)) return ptrdiff_t(i);
   std::fill_n(dx, dx_len, 0.0f);
-  for (size_t i = 0; i < n; ++i)
-    if (argmax[i] >= 0) dx[argmax[i]] += dy[i];
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t at = argmax[i];  // read once and bounded again: a shared buffer may change between the loops
+    if (at >= 0 && size_t(at) < dx_len) dx[at] += dy[i];
+  }
   return -1;
 }
 

@@ -1,6 +1,7 @@
 // Native GEMM tests: every kernel bit-exact against the reference loops over
 // odd shapes, long K, both signednesses, zero points at both ends, full-range
 // values, and 1 or 2 threads.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -131,6 +132,20 @@ void register_gemm_tests() {
     }
     return std::string();
   });
+  harness::add("AMX is offered only with AVX-512 VNNI too (AMX machines run W4A8 on the VNNI kernel)", [] {
+    CpuFeatures f;
+    f.arch = "x86_64";
+    f.avx2 = f.fma = f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = true;
+    f.amx_tile = f.amx_int8 = f.amx_permitted = f.amx_verified = true;
+    const auto offers_amx = [&] {
+      const auto names = available_gemm_kernels(f);
+      return std::find(names.begin(), names.end(), "amx") != names.end();
+    };
+    if (offers_amx()) return std::string("amx offered on a CPU without AVX-512 VNNI");
+    f.avx512vnni = true;
+    if (!offers_amx()) return std::string("amx not offered with AVX-512 VNNI");
+    return std::string();
+  }, gemm_kernel_amx() ? "" : "no x86 kernels in this build");
   harness::add("gemm_kernel_self_test accepts a correct kernel and rejects a wrong one", [] {
     ThreadPool pool(2);
     if (!gemm_kernel_self_test(*gemm_kernel_portable(), &pool)) return std::string("rejected the portable kernel");

@@ -397,6 +397,21 @@ describe('objects whose properties answer differently on each read (getters, pro
       qmax: 127, layout: { kind: 0, outer: 1, axisLen: 4, inner: 1, blockSize: 0 } })).to.throw(TypeError, 'q must be an Int8Array (signed codes)');
   });
 
+  it("the addon's GEMM output calls refuse lengths whose product wraps, codes outside 8 bits and int4 blocks the kernels cannot pair", () => {
+    // m·n = 2^64 wraps to 0 in size_t: without the overflow check every length passed and y was written out of bounds.
+    expect(() => native().int32ToFloat(new Int32Array(0), 2 ** 32, 2 ** 32, 1, Float32Array.of(1), false, null, new Float32Array(0)))
+      .to.throw(RangeError, 'int32ToFloat: bad lengths');
+    expect(() => native().requantizeInt32(new Int32Array(0), 2 ** 32, 2 ** 32, 1, Float32Array.of(1), false, 1, 0, 0, 255, false, new Uint8Array(0)))
+      .to.throw(RangeError, 'requantizeInt32: bad lengths');
+    expect(() => native().requantizeInt32(new Int32Array(1), 1, 1, 1, Float32Array.of(1), false, 1, -(2 ** 31), -(2 ** 31), 2 ** 31 - 1, false, new Uint8Array(1)))
+      .to.throw(RangeError, 'requantizeInt32: bad range');
+    // A block of 4 or 12 starts every other block at an odd 4-value group: the kernels read pairs of groups.
+    for (const blockSize of [4, 12]) {
+      expect(() => native().packInt4Matrix(new Int8Array(16 * 8), 16, 8, blockSize, new Float32Array(Math.ceil(16 / blockSize) * 8).fill(1),
+        new Int32Array(Math.ceil(16 / blockSize) * 8), 1)).to.throw(RangeError, 'blockSize must be a positive multiple of 8');
+    }
+  });
+
   it('the GEMM calls read each option once: the out they checked is the out they write (async: never the caller\'s array on the worker threads)', async () => {
     const a = Uint8Array.from({ length: 8 * 16 }, (_, i) => i % 7);
     const b = Int8Array.from({ length: 16 * 4 }, (_, i) => (i % 5) - 2);
