@@ -108,6 +108,15 @@ describe('equalize-depthwise', () => {
     expect(MAX_STRETCH).to.equal(4);
   });
 
+  it('the channel ranges take finite values only (an infinity made the stretch NaN); NaN is refused', () => {
+    const observer = new ChannelRangeObserver();
+    observer.observe(Float32Array.of(1, Infinity, -2, 4, -Infinity, 0.5), [1, 2, 3]);
+    expect([[...observer.lo!], [...observer.hi!]]).to.deep.equal([[-2, 0.5], [1, 4]]);
+    const { s } = equalization(observer.lo!, observer.hi!, true);
+    expect([...s].every(Number.isFinite)).to.equal(true);
+    expect(() => observer.observe(Float32Array.of(1, 2, NaN, 4, 5, 6), [1, 2, 3])).to.throw(RangeError, /a number for batch\[2\] but received NaN/);
+  });
+
   it('after HardSwish and a scalar affine: pads first with −b/a and makes the affine per channel; the output is unchanged', async () => {
     const bytes = model(HARDSWISH_AFFINE, 'x', AFFINE_CONSTANTS);
     const m = readModel(bytes);

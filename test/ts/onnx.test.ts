@@ -2614,3 +2614,38 @@ describe('first and last layers by data flow (firstLastLayerBits)', () => {
     expect(report.activations.map((a) => [a.tensor, a.bits])).to.deep.equal([['input', 8], ['act', 4], ['mid', 8], ['features', 8]]);
   });
 });
+
+describe('layer inputs the float model makes infinite on the calibration data', () => {
+  it('data-driven bias correction and GPTQ leave that layer alone and say why (its biases were NaN)', async () => {
+    // y = log|x|·W + b: an x of 0 gives the MatMul an input of -Infinity (the range observers skip it: the quantized
+    // model saturates it), whose input mean is then -Infinity.
+    const model = buildModel({
+      inputDims: ['N', 4], output: 'y',
+      nodes: [{ op: 'Abs', inputs: ['input'], output: 'a' }, { op: 'Log', inputs: ['a'], output: 'l' },
+        { op: 'MatMul', name: 'mm', inputs: ['l', 'W'], output: 'm' }, { op: 'Add', name: 'bias', inputs: ['m', 'b'], output: 'y' }],
+      initializers: { W: { dims: [4, 3], data: heInit(12, 4, 1) }, b: { dims: [3], data: [0.1, 0.2, 0.3] } },
+    });
+    const calibration = normalFeeds(3, [8, 4], 2, 'input');
+    calibration[1].input.data[5] = 0;
+    const why = 'the float model gives its input NaN or infinite values on the calibration data';
+    const corrected = await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8, biasCorrection: true }, calibration, evaluationFeeds: [] });
+    expect(corrected.report.passes.find((p) => p.pass === 'bias-correction')!.skipped).to.deep.equal([{ node: 'mm', reason: `${why}: no data-driven bias correction` }]);
+    const graph = readModel(corrected.model).graph!;
+    for (const t of graph.initializer.filter((t) => t.dataType === TensorProto_DataType.FLOAT)) expect([...floatData(t)!].every(Number.isFinite), t.name).to.equal(true);
+    const gptq = await quantizeModel(model, { weights: { bits: 4, rounding: 'gptq' }, firstLastLayerBits: 4, calibration, evaluationFeeds: [] });
+    expect(gptq.report.passes.find((p) => p.pass === 'quantize-weights')!.skipped).to.deep.include({ node: 'mm', reason: `${why}: rounded to nearest, not GPTQ` });
+  });
+
+  it('a layer input infinite on every batch: the error names the tensor', async () => {
+    const model = buildModel({
+      inputDims: ['N', 4], output: 'y',
+      nodes: [{ op: 'Mul', inputs: ['input', 'zero'], output: 'z' }, { op: 'Log', inputs: ['z'], output: 'l' }, { op: 'MatMul', name: 'mm', inputs: ['l', 'W'], output: 'y' }],
+      initializers: { zero: { dims: [1], data: [0] }, W: { dims: [4, 3], data: heInit(12, 4, 1) } },
+    });
+    let error: Error | undefined;
+    await quantizeModel(model, { weights: { bits: 8 }, activations: { bits: 8 }, calibration: normalFeeds(2, [8, 4], 2, 'input').map((f) => ({ input: { ...f.input, data: f.input.data.map(Math.abs) } })), evaluationFeeds: [] })
+      .catch((e) => { error = e; });
+    expect(error).to.be.instanceOf(RangeError);
+    expect(error!.message).to.match(/^Calibrating the float model's tensor 'l' \(a layer input\): Expected at least one observed batch with finite values for observer but received "none"\. The observers take finite values only/);
+  });
+});

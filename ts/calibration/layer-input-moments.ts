@@ -29,6 +29,9 @@ export function gramBlockRows(size: number, k: number): number {
   return Math.max(1, Math.min(size, Math.floor(2 ** 27 / (size * k))));
 }
 
+/** Why a layer's input moments cannot be used (see LayerInputMoments.finite). */
+export const NON_FINITE_INPUT = 'the float model gives its input NaN or infinite values on the calibration data';
+
 export class LayerInputMoments {
   /** Columns of each group's vectors (weights one output meets). */
   readonly columns: number;
@@ -69,6 +72,14 @@ export class LayerInputMoments {
     this.grams = options.gram
       ? Array.from({ length: this.groups }, () => chunks.map(({ first, size }) => ({ first, size, matrix: new Float32Array(size * size) })))
       : [];
+  }
+
+  /**
+   * Whether the moments are finite: a NaN or ±Infinity in an input (the float model computes them: a Log of 0, an
+   * Exp overflowing) makes its sums non-finite for good, as an input beyond ±2^64 makes the float32 Gram blocks.
+   */
+  get finite(): boolean {
+    return this.sums.every((s) => s.every(Number.isFinite)) && this.grams.every((blocks) => blocks.every((b) => b.matrix.every(Number.isFinite)));
   }
 
   /** Per group, the mean vector E[x]. */

@@ -420,7 +420,10 @@ export class AciqObserver {
   }
 }
 
-/** Per-channel (axis 1) minimum and maximum of an NC… tensor, over every batch it sees. */
+/**
+ * Per-channel (axis 1) minimum and maximum of an NC… tensor, over every batch it sees: the finite values, as the
+ * other observers (the quantized model saturates ±Infinity); NaN is refused.
+ */
 export class ChannelRangeObserver {
   lo?: Float64Array;
   hi?: Float64Array;
@@ -437,8 +440,10 @@ export class ChannelRangeObserver {
         let hi = this.hi[ch];
         for (let i = (b * c + ch) * inner, end = i + inner; i < end; i++) {
           const v = data[i];
-          if (v < lo) lo = v;
-          if (v > hi) hi = v;
+          if (v > -Infinity && v < Infinity) {
+            if (v < lo) lo = v;
+            if (v > hi) hi = v;
+          } else if (Number.isNaN(v)) throw invalidValue(`batch[${i}]`, 'a number', NaN, 'Remove NaN values before calibration.');
         }
         this.lo[ch] = lo;
         this.hi[ch] = hi;

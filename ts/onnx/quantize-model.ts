@@ -20,7 +20,7 @@ import {
 import { ACTIVATION_METHODS, branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
-import { ChannelRangeObserver } from '../calibration/observers';
+import { ChannelRangeObserver, type Range } from '../calibration/observers';
 import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
 import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
@@ -876,7 +876,13 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
           throw invalidValue('options.calibration', `batches on which the model computes values for tensor '${t}' (a layer input)`,
             `${calibrated.batches} batches on which it is empty`, 'A batch with a dimension of 0 gives nothing to calibrate on: give batches with data.');
         }
-        const range = calibrated.observers.get(t)!.range(bits, staticActivations.signed ?? false);
+        let range: Range;
+        try {
+          range = calibrated.observers.get(t)!.range(bits, staticActivations.signed ?? false);
+        } catch (e) {
+          throw new RangeError(`Calibrating the float model's tensor '${t}' (a layer input): ${(e as Error).message} The observers take finite ` +
+            'values only (the quantized model saturates infinities): keep the layers reading it in float (options.keepFloat), or check the model.', { cause: e });
+        }
         await nextTurn();  // a KL or ACIQ search per tensor
         return { ...range, bits, ...(calibrated.float16.has(t) ? { float16: true } : {}) };
       };

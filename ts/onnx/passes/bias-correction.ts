@@ -11,7 +11,7 @@
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import type { LayerInputMoments } from '../../calibration/layer-input-moments';
+import { NON_FINITE_INPUT, type LayerInputMoments } from '../../calibration/layer-input-moments';
 import { floatAttribute, floatData, isChannelVector, makeNode, makeTensor, type Graph } from '../graph';
 import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 import { matrixView, type QuantizedWeights } from './quantize-weights';
@@ -42,6 +42,10 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
     const m = moments.get(w.node);
     if (!node || !m || m.count === 0) {
       report.skipped.push({ node: w.node, reason: 'no calibrated input mean' });
+      continue;
+    }
+    if (!m.finite) {
+      report.skipped.push({ node: w.node, reason: `${NON_FINITE_INPUT}: no data-driven bias correction` });
       continue;
     }
     if (!w.original || !w.dequantized) throw new Error(`bias correction of ${w.node}: quantizeWeights ran without keepValues`);

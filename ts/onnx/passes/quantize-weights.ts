@@ -13,7 +13,7 @@ import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
 import { preserveRunSums } from '../../methods/sum-preserving';
 import { gptqRoundSteps, type WeightMatrixView } from '../../methods/gptq';
-import type { LayerInput, LayerInputMoments } from '../../calibration/layer-input-moments';
+import { NON_FINITE_INPUT, type LayerInput, type LayerInputMoments } from '../../calibration/layer-input-moments';
 import { dequantize, quantizationError, quantizeOffThread, quantizeTensor, type QuantizeOptions } from '../../quantize';
 import { integerRange, type QuantizedTensor } from '../../quant-params';
 import { closestName } from '../../validate';
@@ -533,7 +533,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     if (half) q = withFloat16Scales(q, source, label);
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
     if (options.rounding === 'sum-preserving' && taps > 1) q = preserveRunSums(q, source, taps);
-    const gptq = !!moments && moments.count > 0 && moments.grams.length > 0;
+    const gptq = !!moments && moments.count > 0 && moments.grams.length > 0 && moments.finite;
     let underdetermined: WeightLayerReport['gptqUnderdetermined'];
     if (options.rounding === 'gptq') {
       if (gptq) {
@@ -547,7 +547,8 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
           report.changed.push(`${label}: GPTQ rounding from ${moments!.count} calibration input vectors for ` +
             `${block === view.columns ? 'its' : 'blocks of'} ${block} inputs; it may do worse than rounding to nearest on other data: calibrate on more`);
         }
-      } else report.skipped.push({ node: label, reason: `${!inBody ? 'no input statistics for it (a constant input, a 3-D convolution or no calibration data)'
+      } else report.skipped.push({ node: label, reason: `${moments && moments.count > 0 && !moments.finite ? NON_FINITE_INPUT
+        : !inBody ? 'no input statistics for it (a constant input, a 3-D convolution or no calibration data)'
         : moments ? `its branch of ${nodeLabel(inBody.owner)} gave it no inputs on any calibration batch (the branch did not run)`
           : 'no input statistics for it (inside a Loop or Scan body or a nested subgraph, whose values calibration cannot observe; a constant input; or a 3-D convolution)'}: rounded to nearest, not GPTQ` });
     }
