@@ -1,5 +1,6 @@
 // N-API glue for the integer GEMM (cpp/include/lowbit/gemm.h).
 // Argument order is private to ts/native.ts, which declares the same shapes.
+#include <algorithm>
 #include <memory>
 
 #include "async_task.h"
@@ -86,6 +87,10 @@ struct MatmulCall {
     args.b_zero_point = array_of<int32_t>(info[6], "bZeroPoint", napi_int32_array, &nz);
     args.b_zp_per_column = bool_of(info[7], "bZeroPointPerColumn");
     if (nz != (args.b_zp_per_column ? args.n : 1) || nz == 0) throw_range(env, "bZeroPoint has the wrong length");
+    // Zero points of 8-bit codes: the kernels' offset arithmetic stays far from int32 overflow.
+    const auto is_code = [](int32_t z) { return z >= -128 && z <= 255; };
+    if (!is_code(args.a_zero_point) || !std::all_of(args.b_zero_point, args.b_zero_point + nz, is_code))
+      throw_range(env, "zero points must be in [-128, 255]");
     args.c = array_of<int32_t>(info[8], "out", napi_int32_array, &nc);
     if (nc < mn) throw_range(env, "out is too small");
     Context& ctx = Context::of(env);

@@ -18,20 +18,24 @@ void expect_length(Napi::Env env, size_t got, size_t want, const char* name) {
                          std::to_string(want));
 }
 
-// {scale: Float32Array, zeroPoint: Int32Array, qmin, qmax, layout} -> QuantParams.
-QuantParams params_of(const Napi::Value& v) {
+// {scale: Float32Array, zeroPoint: Int32Array, qmin, qmax, layout} -> QuantParams. Every field is read (a getter
+// can run any code, even detach an array) before any array's memory is taken; `arrays` gets the scale and zeroPoint
+// arrays the params point into, for an async call to keep alive.
+QuantParams params_of(const Napi::Value& v, std::vector<Napi::Value>* arrays = nullptr) {
   Napi::Env env = v.Env();
   if (!v.IsObject()) throw_type(env, "params must be an object");
   Napi::Object o = v.As<Napi::Object>();
   QuantParams p;
   p.layout = layout_of(o.Get("layout"));
-  p.qmin = int_of(o.Get("qmin"), "params.qmin");
-  p.qmax = int_of(o.Get("qmax"), "params.qmax");
+  const Napi::Value qmin = o.Get("qmin"), qmax = o.Get("qmax"), scale = o.Get("scale"), zero_point = o.Get("zeroPoint");
+  p.qmin = int_of(qmin, "params.qmin");
+  p.qmax = int_of(qmax, "params.qmax");
   if (p.qmin > p.qmax || p.qmin < -128 || p.qmax > 255 || (p.qmin < 0 && p.qmax > 127))
     throw_range(env, "params.qmin/qmax must describe an 8-bit (or narrower) integer range");
   size_t ns, nz;
-  p.scale = array_of<float>(o.Get("scale"), "params.scale", napi_float32_array, &ns);
-  p.zero_point = array_of<int32_t>(o.Get("zeroPoint"), "params.zeroPoint", napi_int32_array, &nz);
+  p.scale = array_of<float>(scale, "params.scale", napi_float32_array, &ns);
+  p.zero_point = array_of<int32_t>(zero_point, "params.zeroPoint", napi_int32_array, &nz);
+  if (arrays) *arrays = {scale, zero_point};
   const size_t groups = p.layout.group_count();
   expect_length(env, ns, groups, "params.scale");
   expect_length(env, nz, groups, "params.zeroPoint");
@@ -49,19 +53,21 @@ unsigned threads_of(const Napi::Value& v) {
   return unsigned(std::min<size_t>(t, 1024));
 }
 
-// quantize(x, out, params, kernel, threads) -> index of the first NaN or -1
+// quantize(x, out, params, kernel, threads) -> index of the first NaN or -1. (Here and below, option objects are
+// read before any array's memory is taken: see params_of.)
 struct QuantizeCall {
   const float* x;
   uint8_t* out;
   QuantParams params;
+  std::vector<Napi::Value> params_arrays;
   lowbit::Exec exec;
 
   explicit QuantizeCall(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     size_t nx, nout;
+    params = params_of(info[2], &params_arrays);
     x = array_of<float>(info[0], "x", napi_float32_array, &nx);
     out = codes_of(info[1], "out", &nout);
-    params = params_of(info[2]);
     expect_length(env, nx, params.layout.element_count(), "x");
     expect_length(env, nout, nx, "out");
     exec = Context::of(env).exec(env, string_of(info[3], "kernel"), threads_of(info[4]));
@@ -75,17 +81,19 @@ Napi::Value Quantize(const Napi::CallbackInfo& info) {
 
 Napi::Value QuantizeAsync(const Napi::CallbackInfo& info) {
   QuantizeCall call(info);
-  return AsyncTask::Start(info.Env(), {info[0], info[1], info[2]}, [call] { return call.run(); });
+  std::vector<Napi::Value> keep = {info[0], info[1]};
+  keep.insert(keep.end(), call.params_arrays.begin(), call.params_arrays.end());
+  return AsyncTask::Start(info.Env(), keep, [call] { return call.run(); });
 }
 
 // dequantize(q, isSigned, out, params, kernel, threads)
 Napi::Value Dequantize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   size_t nq, nout;
+  QuantParams params = params_of(info[3]);
   bool is_signed = bool_of(info[1], "isSigned");
   const uint8_t* q = codes_of(info[0], "q", &nq, is_signed);
   float* out = array_of<float>(info[2], "out", napi_float32_array, &nout);
-  QuantParams params = params_of(info[3]);
   expect_length(env, nq, params.layout.element_count(), "q");
   expect_length(env, nout, nq, "out");
   auto exec = Context::of(env).exec(env, string_of(info[4], "kernel"), threads_of(info[5]));
@@ -110,8 +118,8 @@ struct RangesCall {
   RangesCall(const Napi::CallbackInfo& info, bool with_search) : search(with_search) {
     Napi::Env env = info.Env();
     size_t nx, nlo, nhi;
-    x = array_of<float>(info[0], "x", napi_float32_array, &nx);
     layout = layout_of(info[1]);
+    x = array_of<float>(info[0], "x", napi_float32_array, &nx);
     lo = array_of<float>(info[2], "lo", napi_float32_array, &nlo);
     hi = array_of<float>(info[3], "hi", napi_float32_array, &nhi);
     expect_length(env, nx, layout.element_count(), "x");
@@ -156,8 +164,8 @@ Napi::Value SearchRangesMseAsync(const Napi::CallbackInfo& info) {
 Napi::Value GroupErrors(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   size_t nx, nlo, nhi, nout;
-  const float* x = array_of<float>(info[0], "x", napi_float32_array, &nx);
   QuantLayout layout = layout_of(info[1]);
+  const float* x = array_of<float>(info[0], "x", napi_float32_array, &nx);
   const float* lo = array_of<float>(info[2], "lo", napi_float32_array, &nlo);
   const float* hi = array_of<float>(info[3], "hi", napi_float32_array, &nhi);
   const int32_t qmin = int_of(info[4], "qmin"), qmax = int_of(info[5], "qmax");
@@ -190,10 +198,11 @@ struct LsqCall {
   LsqCall(const Napi::CallbackInfo& info, bool backward) {
     Napi::Env env = info.Env();
     size_t nv, ng = 0, ns, no, ngs = 0;
+    layout = layout_of(info[backward ? 2 : 1]);
     int a = 0;
     v = array_of<float>(info[a++], "v", napi_float32_array, &nv);
     if (backward) grad_out = array_of<float>(info[a++], "gradOut", napi_float32_array, &ng);
-    layout = layout_of(info[a++]);
+    a++;  // the layout
     if (layout.kind == lowbit::Granularity::kBlock) throw_range(env, "LSQ steps are per tensor or per channel");
     step = array_of<float>(info[a++], "step", napi_float32_array, &ns);
     qn = int_of(info[a++], "qn");
@@ -237,8 +246,8 @@ struct MomentsCall {
   explicit MomentsCall(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     size_t nx, nout;
-    x = array_of<float>(info[0], "x", napi_float32_array, &nx);
     layout = layout_of(info[1]);
+    x = array_of<float>(info[0], "x", napi_float32_array, &nx);
     out = array_of<double>(info[2], "out", napi_float64_array, &nout);
     expect_length(env, nx, layout.element_count(), "x");
     expect_length(env, nout, 6 * layout.group_count(), "out");
@@ -325,10 +334,10 @@ Napi::Value ParamsFromRanges(const Napi::CallbackInfo& info) {
 Napi::Value ErrorStats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   size_t nx, nq;
+  QuantParams params = params_of(info[3]);
   const float* x = array_of<float>(info[0], "x", napi_float32_array, &nx);
   bool is_signed = bool_of(info[2], "isSigned");
   const uint8_t* q = codes_of(info[1], "q", &nq, is_signed);
-  QuantParams params = params_of(info[3]);
   expect_length(env, nx, params.layout.element_count(), "x");
   expect_length(env, nq, nx, "q");
   lowbit::ErrorStats s = lowbit::error_stats(x, q, is_signed, params);

@@ -389,12 +389,12 @@ describe('objects whose properties answer differently on each read (getters, pro
     once(hand.reads);
     // Below the TypeScript checks, the addon refuses codes of the other signedness too.
     expect(() => native().dequantize(new Uint8Array(4), true, new Float32Array(4), { scale: Float32Array.of(1), zeroPoint: new Int32Array(1), qmin: -128, qmax: 127,
-      layout: { kind: 0, outer: 1, axisLen: 4, inner: 1, blockSize: 0 } }, '', 0)).to.throw(TypeError, 'q must be an Int8Array (signed codes)');
+      layout: { kind: 0, outer: 1, axisLen: 1, inner: 4, blockSize: 0 } }, '', 0)).to.throw(TypeError, 'q must be an Int8Array (signed codes)');
     // So do the other calls that take codes with their signedness.
     expect(() => native().firstCodeOutside(new Int8Array(4), false, 0, 15)).to.throw(TypeError, 'q must be a Uint8Array (unsigned codes)');
     expect(() => native().packInt4(new Uint8Array(4), true, new Uint8Array(2))).to.throw(TypeError, 'values must be an Int8Array (signed codes)');
     expect(() => native().errorStats(new Float32Array(4), new Uint8Array(4), true, { scale: Float32Array.of(1), zeroPoint: new Int32Array(1), qmin: -128,
-      qmax: 127, layout: { kind: 0, outer: 1, axisLen: 4, inner: 1, blockSize: 0 } })).to.throw(TypeError, 'q must be an Int8Array (signed codes)');
+      qmax: 127, layout: { kind: 0, outer: 1, axisLen: 1, inner: 4, blockSize: 0 } })).to.throw(TypeError, 'q must be an Int8Array (signed codes)');
   });
 
   it("the addon's GEMM output calls refuse lengths whose product wraps, codes outside 8 bits and int4 blocks the kernels cannot pair", () => {
@@ -410,6 +410,27 @@ describe('objects whose properties answer differently on each read (getters, pro
       expect(() => native().packInt4Matrix(new Int8Array(16 * 8), 16, 8, blockSize, new Float32Array(Math.ceil(16 / blockSize) * 8).fill(1),
         new Int32Array(Math.ceil(16 / blockSize) * 8), 1)).to.throw(RangeError, 'blockSize must be a positive multiple of 8');
     }
+  });
+
+  it("the addon reads option objects before taking arrays' memory: a getter that detaches an array is caught, never a use after free", () => {
+    const layout = { kind: 0, outer: 1, axisLen: 1, inner: 4096, blockSize: 0 };
+    const detaching = (victim: { buffer: ArrayBufferLike }) => ({ get kind() { structuredClone(victim.buffer, { transfer: [victim.buffer as ArrayBuffer] }); return 0; },
+      outer: 1, axisLen: 1, inner: 4096, blockSize: 0 }) as never;
+    const params = (l: never) => ({ scale: Float32Array.of(1), zeroPoint: new Int32Array(1), qmin: -128, qmax: 127, layout: l });
+    let x = new Float32Array(4096);
+    expect(() => native().quantize(x, new Int8Array(4096), params(detaching(x)), '', 1)).to.throw(RangeError, /x/);
+    x = new Float32Array(4096);
+    expect(() => native().groupRanges(x, detaching(x), new Float32Array(1), new Float32Array(1), '', 1)).to.throw(RangeError, /x/);
+    const out = new Int8Array(4096);
+    expect(() => native().quantize(new Float32Array(4096), out, params(detaching(out)), '', 1)).to.throw(RangeError, /out/);
+    expect(() => native().quantize(new Float32Array(4096), new Int8Array(4096), params(layout as never), '', 1)).to.not.throw();
+  });
+
+  it("the addon's integer GEMM refuses zero points outside 8-bit codes (the offset arithmetic overflowed int32)", () => {
+    const call = (aZeroPoint: number, bZeroPoint: number) => native().matmulInt8(new Uint8Array(4), new Int8Array(4), 2, 2, 2, aZeroPoint, Int32Array.of(bZeroPoint), false, new Int32Array(4), '', 1);
+    expect(() => call(2 ** 31 - 1, 0)).to.throw(RangeError, 'zero points must be in [-128, 255]');
+    expect(() => call(0, -(2 ** 31))).to.throw(RangeError, 'zero points must be in [-128, 255]');
+    expect(() => call(255, -128)).to.not.throw();
   });
 
   it('the GEMM calls read each option once: the out they checked is the out they write (async: never the caller\'s array on the worker threads)', async () => {
