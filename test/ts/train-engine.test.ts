@@ -415,6 +415,22 @@ describe('training engine: model checks', () => {
     expect(Array.from(ours.data)).to.deep.equal(Array.from(theirs.data as Float32Array));
   });
 
+  it('Cast to float16 or bfloat16 rounds the values as onnxruntime does (to nearest even; overflow to infinity)', async () => {
+    // Ties, values past the largest float16, subnormals, an infinity and NaN.
+    const values = Float32Array.of(1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8 + 2 ** -20, 65519, 65520, -3.14159, 3.3895e38, 1 + 2 ** -8,
+      1 + 3 * 2 ** -8, -0, 6e-5, 2 ** -25, 1.5 * 2 ** -24, 1e-40, Infinity, NaN, 0.1, -1234.5678);
+    for (const to of [10, 16]) {
+      const bytes = buildModel({
+        inputDims: [values.length], output: 'y',
+        nodes: [{ op: 'Cast', inputs: ['input'], output: 'narrow', attrs: { to } }, { op: 'Cast', inputs: ['narrow'], output: 'y', attrs: { to: 1 } }],
+        initializers: {},
+      });
+      const { ours, theirs } = await engineAndOnnxruntime(bytes, values, [values.length]);
+      expect(Array.from(theirs.data as Float32Array)).to.not.deep.equal(Array.from(values));  // something rounds
+      expect(Array.from(ours.data), `to ${to}`).to.deep.equal(Array.from(theirs.data as Float32Array));
+    }
+  });
+
   it('lists unsupported operators by name before training', () => {
     const bytes = buildModel({
       inputDims: ['N', 4],

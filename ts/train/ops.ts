@@ -10,6 +10,7 @@
 import type { NodeProto } from 'onnx-buf';
 
 import { attribute, floatAttribute, intAttribute, intsAttribute, transposes } from '../onnx/graph';
+import { fromFloat16Array, toFloat16Array } from '../float16';
 import { nodeLabel } from '../onnx/passes/pass';
 import type { ActivationKind, ConvGeometry, FloatKernels } from './kernels';
 import { broadcastDims, broadcastIndex, expandTo, gather, reduceTo, scatter, sizeOf, stridesOf, unbroadcast, viewIndex, type Tensor } from './tensor';
@@ -585,10 +586,26 @@ const shape: OpImpl = {
 };
 
 const FLOAT_TYPES = new Set([1, 10, 11, 16]); // FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+/** x rounded to bfloat16 (the top 16 bits of a float32), to nearest even as onnxruntime's Cast does; NaN stays NaN. */
+function roundToBfloat16(x: Float32Array): Float32Array {
+  const y = new Float32Array(x);
+  const bits = new Uint32Array(y.buffer);
+  for (let i = 0; i < bits.length; i++) {
+    const b = bits[i];
+    if ((b & 0x7f800000) === 0x7f800000) continue;  // ±Infinity and NaN as they are
+    bits[i] = ((b + 0x7fff + ((b >>> 16) & 1)) >>> 16) << 16;
+  }
+  return y;
+}
+
 const cast: OpImpl = {
   forward(node, [x]) {
     const input = need(node, x, 'input');
     const to = intAttribute(node, 'to', 1);
+    // The engine computes in float32: a cast to a narrower float rounds the values as it (gradients pass straight through).
+    if (to === 10) return { y: { data: fromFloat16Array(toFloat16Array(input.data)), dims: input.dims } };
+    if (to === 16) return { y: { data: roundToBfloat16(input.data), dims: input.dims } };
     if (FLOAT_TYPES.has(to)) return { y: input };
     if (to === 9) return { y: { data: input.data.map((v) => (v !== 0 ? 1 : 0)), dims: input.dims } };
     return { y: { data: input.data.map(Math.trunc), dims: input.dims } };
