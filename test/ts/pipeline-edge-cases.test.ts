@@ -290,6 +290,50 @@ describe('stopping quantizeModel', () => {
     expect([observed, batches]).to.deep.equal([1, 0]);
   });
 
+  it('an abort ends the wait for a slow async source at once, and tells the source to stop (calibrate and finetune)', async () => {
+    // The source's second batch comes only when the gate opens, after the abort has been seen (or 5 s later without the fix).
+    const gated = <T>(first: T, onAbortSeen: Promise<unknown>) => {
+      const events: string[] = [];
+      const gate = Promise.race([onAbortSeen, new Promise((r) => setTimeout(r, 5000))]).then(() => events.push('gate opened'));
+      const source = {
+        [Symbol.asyncIterator]() {
+          let sent = false;
+          return {
+            next: async (): Promise<IteratorResult<T>> => {
+              if (!sent) { sent = true; return { value: first, done: false }; }
+              await gate;
+              return { value: first, done: false };
+            },
+            return: async (): Promise<IteratorResult<T>> => { events.push('source told to stop'); return { value: undefined, done: true }; },
+          };
+        },
+      };
+      return { source, events };
+    };
+    const reason = new Error('stopped while waiting for data');
+    let seen!: () => void;
+    const abortSeen = new Promise<void>((r) => (seen = r));
+    const stop = new AbortController();
+    const { source, events } = gated(feed(0, 4), abortSeen);
+    const run = calibrate(readModel(mnist), ['r1'], source, 'minmax', { signal: stop.signal, onBatch: () => setTimeout(() => stop.abort(reason), 20) });
+    await run.then(() => events.push('finished'), (e) => events.push(e === reason ? 'rejected with the reason' : `rejected: ${e}`));
+    seen();
+    await new Promise((r) => setImmediate(r));
+    // (The gate opens only after the rejection: without the race, the rejection waited for it.)
+    expect(events.slice(0, 2)).to.deep.equal(['source told to stop', 'rejected with the reason']);
+
+    let trainingSeen!: () => void;
+    const trainingAbortSeen = new Promise<void>((r) => (trainingSeen = r));
+    const stopTraining = new AbortController();
+    const batch = { inputs: { data: new Float32Array(4 * 784).fill(0.5), dims: [4, 1, 28, 28] }, labels: Int32Array.of(1, 2, 3, 4) };
+    const training = gated(batch, trainingAbortSeen);
+    await finetune(mnist, training.source, { epochs: 1, signal: stopTraining.signal, onStep: () => setTimeout(() => stopTraining.abort(reason), 20) })
+      .then(() => training.events.push('finished'), (e) => training.events.push(e === reason ? 'rejected with the reason' : `rejected: ${e}`));
+    trainingSeen();
+    await new Promise((r) => setImmediate(r));
+    expect(training.events.slice(0, 2)).to.deep.equal(['source told to stop', 'rejected with the reason']);
+  });
+
   it('an abort as the write starts removes its temporary files (external data too)', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-abort-'));
     for (const externalData of [true, false]) {

@@ -24,7 +24,7 @@ import {
   bytesLeftInFiles, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeForSession, sessionFolderOption, storedBytes, subgraphsOf, writeModelWithExternalData,
 } from './model-io';
 import { copyOf, openSession, runSession, type OrtHost } from './ort-session';
-import { pauser } from './passes/pass';
+import { abortable, pauser } from './passes/pass';
 
 /**
  * One input's values: float32 inputs take a Float32Array, int64 ones a BigInt64Array (token ids), int32 ones an
@@ -625,7 +625,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   let batches = 0;
   const pause = pauser();
   try {
-    for await (const raw of iterable as AsyncIterable<Feed>) {
+    for await (const raw of abortable(iterable, options.signal)) {
       const files = filesOf(raw);
       const feed = checkFeedFrom(model, raw, batches, files);
       const inputs = Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));

@@ -21,7 +21,7 @@ import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { checkKernel } from '../cpu';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
 import { OpError } from './ops';
-import { nodeLabel } from '../onnx/passes/pass';
+import { abortable, nodeLabel } from '../onnx/passes/pass';
 import { edgeLayers } from '../onnx/passes/quantize-weights';
 import { GdrqWeightQuantizer, LsqQuantizer, RunningClipQuantizer, type StepInit } from './quantizers';
 import type { Tensor } from './tensor';
@@ -633,7 +633,7 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
       };
       let lr = s.learningRate;
       const batches = inMemory ? shuffled(inMemory, s.batchSize, random) : (data as AsyncIterable<InputBatch>);
-      for await (const raw of batches) {
+      for await (const raw of abortable(batches, o.signal)) {
         const batch = inMemory ? raw : checkBatch(`data batch ${step}`, raw, needLabels);
         if (!inMemory) { checkShape(`data batch ${step}`, batch); probe(batch, `data batch ${step}`); }
         // An iterable's length shows once its first epoch has ended: cosine decay per step from then on.

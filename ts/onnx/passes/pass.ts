@@ -59,6 +59,49 @@ export async function runStepsAsync<T>(steps: Steps<T>, onStep?: (label: string,
   }
 }
 
+/**
+ * The items of `source` in turn, but a wait for the next one of an async source ends as soon as `signal` aborts, with
+ * its reason (a slow stream need not deliver first); the source is then told to stop (return(), not awaited: it may
+ * hang as well). Otherwise as `for await` over the source itself.
+ */
+export async function* abortable<T>(source: Iterable<T> | AsyncIterable<T>, signal?: AbortSignal): AsyncGenerator<T, void, undefined> {
+  if (!signal || !(Symbol.asyncIterator in source)) {
+    yield* source;
+    return;
+  }
+  signal.throwIfAborted();
+  const iterator = source[Symbol.asyncIterator]();
+  let stop = () => undefined as void;
+  const aborted = new Promise<never>((_, reject) => {
+    stop = () => reject(signal.reason);
+    signal.addEventListener('abort', stop, { once: true });
+  });
+  aborted.catch(() => undefined);  // the race below reports it
+  let state = 'reading' as 'reading' | 'done' | 'aborted';
+  try {
+    for (;;) {
+      const next = Promise.resolve(iterator.next());
+      next.catch(() => undefined);  // a source failing after the abort: nobody waits for it any more
+      let r: IteratorResult<T>;
+      try {
+        r = await Promise.race([next, aborted]);
+      } catch (e) {
+        state = signal.aborted ? 'aborted' : 'done';  // (a source that failed is not told to stop, as with for await)
+        throw e;
+      }
+      if (r.done) {
+        state = 'done';
+        return;
+      }
+      yield r.value;
+    }
+  } finally {
+    signal.removeEventListener('abort', stop);
+    if (state === 'aborted') void Promise.resolve(iterator.return?.()).catch(() => undefined);
+    else if (state === 'reading') await iterator.return?.();  // the reader stopped early (break, an error): as for await does
+  }
+}
+
 /** Resolves on the event loop's next turn (after pending I/O and timers). */
 export function nextTurn(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
