@@ -3,6 +3,7 @@
 // bit-identical results for 1, 2 and 3 threads; im2col/col2im against naive
 // loops and each other (adjointness); BatchNormalization against double math.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 
@@ -35,7 +36,7 @@ std::vector<KernelCase> kernels() {
       {"avx512", sgemm_kernel_avx512(), cpu().avx512f && cpu().avx512vl && cpu().avx512dq, "no AVX-512F (with VL, DQ)"},
       {"avx2", sgemm_kernel_avx2(), cpu().avx2 && cpu().fma, "no AVX2 + FMA"},
 #endif
-      {"scalar", sgemm_kernel_scalar(), true, ""},
+      // (The scalar kernel is the reference itself: it is checked against a naive loop below.)
   };
 }
 
@@ -302,22 +303,31 @@ void register_sgemm_tests() {
     }
   }
 
-  harness::add("sgemm scalar reference equals the naive float triple loop bit for bit", [] {
+  harness::add("sgemm scalar reference equals the naive float triple loop bit for bit: every transpose and accumulate, "
+               "each of {0..257} in every position, long K, threads 1/2/3", [] {
     Rng rng(7);
-    ThreadPool pool(2);
+    ThreadPool pool(3);
+    const size_t count = sizeof(kSizes) / sizeof(kSizes[0]);
+    std::vector<std::array<size_t, 3>> shapes;
+    for (size_t s = 0; s < count; ++s) shapes.push_back({kSizes[s], kSizes[(s + 5) % count], kSizes[(s + 9) % count]});
+    for (const auto& s : std::vector<std::array<size_t, 3>>{{13, 1100, 37}, {3, 5, 1000}, {8, 17, 2049}, {2, 0, 3}, {4, 3, 0}})
+      shapes.push_back(s);
     for (int trans = 0; trans < 4; ++trans)
-      for (bool acc : {false, true}) {
-        const Problem p = make_problem(trans & 1, trans & 2, 13, 1100, 37, acc, rng);
-        const auto got = run(*sgemm_kernel_scalar(), p, pool, 2);
-        for (size_t i = 0; i < p.m; ++i)
-          for (size_t j = 0; j < p.n; ++j) {
-            float s = 0.0f;
-            for (size_t q = 0; q < p.k; ++q) s += p.a_at(i, q) * p.b_at(q, j);
-            if (acc) s = p.c0[i * p.n + j] + s;
-            if (std::memcmp(&s, &got[i * p.n + j], sizeof(float)) != 0)
-              return str(describe("scalar", p), ": at (", i, ", ", j, ") want ", s, " got ", got[i * p.n + j]);
+      for (bool acc : {false, true})
+        for (const auto& [m, n, k] : shapes) {
+          const Problem p = make_problem(trans & 1, trans & 2, m, n, k, acc, rng);
+          for (unsigned threads : {1u, 2u, 3u}) {
+            const auto got = run(*sgemm_kernel_scalar(), p, pool, threads);
+            for (size_t i = 0; i < p.m; ++i)
+              for (size_t j = 0; j < p.n; ++j) {
+                float s = 0.0f;
+                for (size_t q = 0; q < p.k; ++q) s += p.a_at(i, q) * p.b_at(q, j);
+                if (acc) s = p.c0[i * p.n + j] + s;
+                if (std::memcmp(&s, &got[i * p.n + j], sizeof(float)) != 0)
+                  return str(describe("scalar", p), " threads ", threads, ": at (", i, ", ", j, ") want ", s, " got ", got[i * p.n + j]);
+              }
           }
-      }
+        }
     return std::string();
   });
 

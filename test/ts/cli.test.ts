@@ -241,6 +241,8 @@ describe('lowbit CLI (audit)', () => {
     expect(Array.from(readNpyLabels(file))).to.deep.equal([0, 9, 2147483647]);
   });
 
+  // (Node 20 holds at most 4 GiB in one array; later versions far more: the refusal is then not reachable.)
+  if (bufferConstants.MAX_LENGTH >= 6_000_000 * 784 * 4) it(`skipped: refusing an .npy longer than Node's longest array: this Node holds ${bufferConstants.MAX_LENGTH} bytes in one`);
   it('finetune --limit reads only the samples it uses (a sparse 18.8 GB inputs.npy); reading all of it past the longest array is refused by name', function () {
     // Windows filesystems reserve the space of a file made longer; elsewhere the zeros take no disk.
     if (process.platform === 'win32') this.skip();

@@ -114,7 +114,8 @@ describe('fold-scalar-affine', () => {
     expect(pauses, 'pauses').to.equal(nodes);
     expect(report.changed.filter((c) => c.includes('after it'))).to.have.length(28);
     expect(report.changed.filter((c) => c.includes('before it'))).to.have.length(12);
-    expect(report.skipped.every((s) => /pads its input/.test(s.reason))).to.equal(true);
+    expect(report.skipped.map((s) => s.reason).filter((r) => !/pads its input/.test(r))).to.deep.equal([]);
+    expect(report.skipped.length, 'skipped (padded inputs)').to.be.greaterThan(0);
     const feeds = normalFeeds(2, [1, 3, 48, 320], 9);
     expect(relativeGap(await run(new Uint8Array(fs.readFileSync(file)), feeds), await run(serializeModel(m), feeds))).to.be.lessThan(1e-4);
     const { report: q } = await quantizeModel(file, { weights: { bits: 8 }, evaluationFeeds: feeds });

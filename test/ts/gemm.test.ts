@@ -6,6 +6,7 @@ import {
   cpuInfo, matmulInt8, matmulInt8Async, matmulInt8Requantized, matmulInt8ToFloat, packMatrix, PackedMatrix,
 } from '../../ts';
 import { DataType, matMulIntegerModel, ort, session, singleNodeModel } from '../../ts/bench/ort-models';
+import { reportMissingKernels } from '../helpers/kernels';
 import { rng } from '../helpers/random';
 
 function bytes(n: number, signed: boolean, seed: number): Int8Array | Uint8Array {
@@ -114,12 +115,7 @@ describe('matmulInt8: every kernel equals the scalar reference', () => {
     });
   }
   // Kernels built for x86 that this CPU cannot run are reported as skipped, with the reason.
-  const needs: Record<string, string> = { amx: 'AMX (verified by the self-test)', avx512vnni: 'AVX-512 VNNI', avxvnni: 'AVX-VNNI', avx2: 'AVX2' };
-  if (cpuInfo().arch === 'x86_64') {
-    for (const k of Object.keys(needs).filter((name) => !cpuInfo().gemmKernels.includes(name))) {
-      it(`skipped: ${k} kernel: no ${needs[k]} on this CPU`);
-    }
-  }
+  reportMissingKernels('gemm', 'matmulInt8');
 
   it('matmulInt8Async equals matmulInt8, writes into out, and leaves the event loop free', async () => {
     const [m, k, n] = [96, 512, 256];

@@ -5,6 +5,7 @@ import { expect } from 'chai';
 import { cpuInfo, integerRange, quantizeTensor, type QuantizeOptions } from '../../ts';
 import { fakeQuantize } from '../../ts/onnx/passes/quantize-activations';
 import { quantizeLinearModel, runQuantizeLinear, session } from '../../ts/bench/ort-models';
+import { reportMissingKernels } from '../helpers/kernels';
 import { rng, trickyData } from '../helpers/random';
 
 async function compare(x: Float32Array, opts: QuantizeOptions, ortAxis?: number, blockSize?: number): Promise<void> {
@@ -21,6 +22,7 @@ async function compare(x: Float32Array, opts: QuantizeOptions, ortAxis?: number,
 }
 
 describe('bit-exact with onnxruntime QuantizeLinear', () => {
+  reportMissingKernels('quantize', 'QuantizeLinear');
   it('per tensor, int8 and uint8, explicit scales with ties and saturation', async () => {
     for (const [scale, signed, zeroPoint] of [[0.5, true, 0], [0.1, true, -17], [0.0078125, false, 128], [3, false, 0]] as const) {
       const x = trickyData(10_000, scale, 7).map((v) => (Number.isFinite(v) ? v : 0));

@@ -6,6 +6,7 @@ import {
   cpuInfo, dequantize, integerRange, quantizationError, quantizeTensor, quantizeTensorAsync, type QuantizedTensor,
   type QuantizeOptions,
 } from '../../ts';
+import { reportMissingKernels } from '../helpers/kernels';
 import { laplace, rng, trickyData } from '../helpers/random';
 
 const kernels = cpuInfo().kernels.quantize;
@@ -77,7 +78,7 @@ describe('quantizeTensor: ONNX QuantizeLinear semantics', () => {
 });
 
 describe('quantizeTensor: every SIMD kernel equals the scalar reference', () => {
-  if (simdKernels.length === 0) it('skipped: no SIMD kernel (AVX2/AVX-512) on this CPU');
+  reportMissingKernels('quantize', 'quantizeTensor');
 
   for (const kernel of simdKernels) {
     it(`${kernel}: every length 0..1024, ties, saturation, ±Inf, extreme scales, all bit widths`, () => {
@@ -204,15 +205,17 @@ describe('quantizeTensor: threads and async', () => {
   }
 
   it('quantizeTensorAsync gives the same result as quantizeTensor and does not block the event loop', async () => {
-    for (const method of ['minmax', 'mse']) {
-      const opts = { shape: [x.length], method, bits: 3 };
+    // 16 M values for minmax: long enough (tens of ms) for the event loop to turn while the threads work.
+    const large = Float32Array.from({ length: 1 << 24 }, (_, i) => Math.sin(i * 0.001) * 3);
+    for (const [method, input] of [['minmax', large], ['mse', x]] as const) {
+      const opts = { shape: [input.length], method, bits: 3 };
       let ticks = 0;
       const timer = setInterval(() => ticks++, 0);
-      const pending = quantizeTensorAsync(x, opts);
+      const pending = quantizeTensorAsync(input, opts);
       const got = await pending;
       clearInterval(timer);
-      expectSameValues(got, quantizeTensor(x, opts), method);
-      if (method === 'mse') expect(ticks, 'event loop ticks while the search ran').to.be.greaterThan(0);
+      expectSameValues(got, quantizeTensor(input, opts), method);
+      expect(ticks, `event loop ticks while ${method} ran`).to.be.greaterThan(0);
     }
   });
 });

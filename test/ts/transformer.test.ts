@@ -49,7 +49,7 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
     }
   });
 
-  it('4-bit blocked weights convert opsets 14, 17 and 20 to 21 (ReduceMean axes as an input); GPTQ rounding beats nearest', async () => {
+  it('4-bit blocked weights convert opsets 14, 17 and 20 to 21 (ReduceMean axes as an input); at opset 14, GPTQ rounding beats nearest', async () => {
     for (const opset of [14, 17, 20]) {
       const model = tinyTransformer(opset);
       const weights = { bits: 4 as const, granularity: 'block' as const, blockSize: 32 };

@@ -1,0 +1,20 @@
+/** The kernels a test loops over, and a "skipped" line for each one this CPU cannot run (never a silent pass). */
+import { cpuInfo } from '../../ts';
+
+/** The x86 kernels of each operation and what they need. */
+const NEEDS = {
+  quantize: { avx512: 'AVX-512 (F, BW, VL, DQ)', avx2: 'AVX2' },
+  gemm: { amx: 'AMX (verified by the self-test)', avx512vnni: 'AVX-512 VNNI', avxvnni: 'AVX-VNNI', avx2: 'AVX2' },
+} as const;
+
+/**
+ * Registers a pending test "skipped: <what> <kernel> kernel: no <ISA> on this CPU" for each x86 kernel of
+ * `operation` (or just `only`) this CPU lacks; call it inside the describe whose tests loop over the usable kernels.
+ */
+export function reportMissingKernels(operation: keyof typeof NEEDS, what: string, only?: string[]): void {
+  if (cpuInfo().arch !== 'x86_64') return;
+  const needs: Record<string, string> = NEEDS[operation];
+  for (const kernel of Object.keys(needs).filter((k) => (!only || only.includes(k)) && !cpuInfo().kernels[operation].includes(k))) {
+    it(`skipped: ${what} ${kernel} kernel: no ${needs[kernel]} on this CPU`);
+  }
+}
