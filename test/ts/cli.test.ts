@@ -113,6 +113,8 @@ describe('lowbit CLI (audit)', () => {
       [['quantize', 'm.onnx', '--amethod', 'dynamic', '--wbits', '4'], /Expected 8 with --amethod 'dynamic' .* for --wbits but received 4\./],
       [['quantize', 'm.onnx', '--granularity', 'tensor', '--bias-correction'], /'channel' with --bias-correction .* for --granularity/],
       [['quantize', 'm.onnx', '--amethod', 'dynamic', '--quantize-outputs'], /for --quantize-outputs but received true/],
+      // Dynamic activations read no calibration data: GPTQ is what needs it.
+      [['quantize', 'm.onnx', '--amethod', 'dynamic', '--rounding', 'gptq'], /^lowbit: --rounding gptq needs calibration data: pass --calib <folder>/m],
       [['quantize', 'm.onnx', '--keep-float', 'Conv,Gemm'], /the model would be unchanged\. .*Check --keep-float, which leaves 2 names in float\./],
       [['quantize', 'm.onnx', '--amethod', 'foo', '--abits', '8'], /Expected one of 'minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic' for --amethod but received 'foo'\./],
       [['finetune', 'm.onnx', '--data', 'no-such-folder', '--epochs', '1e9'], /for --epochs but received 1000000000\./],
