@@ -707,6 +707,26 @@ describe('finetune: quantizer set-up and non-finite values (audit)', () => {
     expect(Array.from(q.parameters[0].grad).every(Number.isFinite)).to.equal(true);
   });
 
+  it('LSQ activation gradient scale 1/√(N·Q_P) takes N = features per sample: the rows of x·W inputs, the columns of a W·x matrix', () => {
+    // One input, [8 features, 32 samples] as W·x reads it, and its transpose [32 samples, 8 features] as x·W does.
+    const values = Float32Array.from({ length: 256 }, (_, i) => Math.sin(i * 0.7) * 2);
+    const columns = { data: values, dims: [8, 32] };
+    const rows = { data: Float32Array.from({ length: 256 }, (_, i) => values[(i % 8) * 32 + Math.floor(i / 8)]), dims: [32, 8] };
+    const stepGradient = (x: { data: Float32Array; dims: number[] }, columnSamples: boolean) => {
+      const q = new LsqQuantizer('a', 4, 'activation', true, undefined, 'lsq', columnSamples);
+      q.initialize(x);
+      q.forward(x, true);
+      q.backward(x, undefined, new Float32Array(256).fill(1));
+      return q.parameters[0].grad[0];
+    };
+    const ofRows = stepGradient(rows, false);
+    expect(ofRows).to.not.equal(0);
+    // The same values and features per sample: the same gradient (to summation order); without columnSamples the
+    // W·x matrix counted its 32 columns as features, √(32/8) = 2 times smaller.
+    expect(stepGradient(columns, true)).to.be.closeTo(ofRows, 1e-6 * Math.abs(ofRows));
+    expect(stepGradient(columns, false)).to.be.closeTo(ofRows / 2, 1e-6 * Math.abs(ofRows));
+  });
+
   it('a GDRQ weight quantizer on an all-zero weight (Scale-Clip threshold 0) passes its gradient: the layer can train', () => {
     const weight = makeParameter('w', new Float32Array(8), [2, 4], true);
     const q = new GdrqWeightQuantizer('w', 2, weight, 0, 2, 2, 'learned');

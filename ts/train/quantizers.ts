@@ -100,9 +100,11 @@ export class LsqQuantizer implements ExportableQuantizer {
   /**
    * perChannelAxis: one step per channel along this axis (weights only).
    * signed: undefined = decide from the first batch (activations: unsigned when it has no negative value).
+   * columnSamples: activations read as W·x — a matrix [K, N] holds one sample per column (features per sample: K).
    */
   constructor(readonly name: string, readonly bits: number, private readonly kind: 'weight' | 'activation',
-    signed: boolean | undefined, private readonly perChannelAxis?: number, private readonly init: StepInit = 'lsq') {
+    signed: boolean | undefined, private readonly perChannelAxis?: number, private readonly init: StepInit = 'lsq',
+    private readonly columnSamples = false) {
     this.signed = signed ?? true;
     if (signed !== undefined) ({ qn: this.qn, qp: this.qp } = lsqLevels(bits, signed));
   }
@@ -172,8 +174,10 @@ export class LsqQuantizer implements ExportableQuantizer {
 
   backward(x: Tensor, saved: unknown, dy: Float32Array): Float32Array {
     const { dx, dStep } = lsqGrad(x.data, dy, this.layout(x.dims), this.step!.value, this.qn, this.qp);
-    // g = 1/√(N·Q_P): N = weights per step, or features per sample for activations.
-    const count = this.kind === 'weight' ? x.data.length / dStep.length : x.data.length / x.dims[0];
+    // g = 1/√(N·Q_P): N = weights per step, or features per sample for activations (the batch first, or the columns
+    // of a W·x input matrix).
+    const count = this.kind === 'weight' ? x.data.length / dStep.length
+      : this.columnSamples && x.dims.length === 2 ? x.dims[0] : x.data.length / x.dims[0];
     // (With a zero point, an all-negative range leaves no positive levels: Q_N stands in for Q_P then.)
     const g = 1 / Math.sqrt(count * (this.qp > 0 ? this.qp : Math.max(this.qn, 1)));
     for (let i = 0; i < dStep.length; i++) this.step!.grad[i] += g * dStep[i];
