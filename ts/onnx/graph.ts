@@ -120,6 +120,11 @@ export class Graph {
     return scope.node.filter((n) => readsValue(n, name));
   }
 
+  /** A node to insert, named `baseName` made unique (see uniqueName): every node a pass adds is named so. */
+  newNode(opType: string, inputs: string[], outputs: string[], baseName: string, attributes: AttributeProto[] = [], domain = ''): NodeProto {
+    return makeNode(opType, inputs, outputs, this.uniqueName(baseName), attributes, domain);
+  }
+
   /** Inserts nodes into a subgraph `scope` (or the main graph) right before `node`, keeping a body's order topological. */
   insertBefore(scope: GraphProto, node: NodeProto, ...nodes: NodeProto[]): void {
     scope.node.splice(scope.node.indexOf(node), 0, ...nodes);

@@ -8,7 +8,7 @@
  */
 import { TensorProto_DataType, type TensorProto } from 'onnx-buf';
 
-import { Graph, makeIntAttribute, makeNode, makeTensor } from '../onnx/graph';
+import { Graph, makeIntAttribute, makeTensor } from '../onnx/graph';
 import { readModel, serializeModel } from '../onnx/model-io';
 import { fitOnnxruntime } from '../onnx/passes/fit-onnxruntime';
 import { unconvertibleReason, upgradeOpset } from '../onnx/passes/upgrade-opset';
@@ -142,7 +142,7 @@ export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers:
       graph.addInitializer(codesTensor(codesName, w.dims, codes, weight.bits));
       graph.addInitializer(floatTensor(scaleName, scale.length === 1 ? [] : [scale.length], scale));
       const attrs = scale.length === 1 || axis === undefined ? [] : [makeIntAttribute('axis', axis)];
-      copy.graph!.node.push(makeNode('DequantizeLinear', [codesName, scaleName], [dequantized], graph.uniqueName(`${w.name}_dq`), attrs));
+      copy.graph!.node.push(graph.newNode('DequantizeLinear', [codesName, scaleName], [dequantized], `${w.name}_dq`, attrs));
       node.input[layer.weightInput] = dequantized;
       entry.weightBits = weight.bits;
       entry.weightScale = Array.from(weight.scale);
@@ -156,8 +156,8 @@ export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers:
       graph.addInitializer(floatTensor(scaleName, [], activation.scale));
       graph.addInitializer(zeroPoint(zpName, activation.bits, activation.signed, activation.zeroPoint));
       copy.graph!.node.push(
-        makeNode('QuantizeLinear', [input, scaleName, zpName], [q], graph.uniqueName(`${input}_q_${layer.label}`)),
-        makeNode('DequantizeLinear', [q, scaleName, zpName], [dq], graph.uniqueName(`${input}_dq_${layer.label}`)));
+        graph.newNode('QuantizeLinear', [input, scaleName, zpName], [q], `${input}_q_${layer.label}`),
+        graph.newNode('DequantizeLinear', [q, scaleName, zpName], [dq], `${input}_dq_${layer.label}`));
       node.input[layer.activationInput] = dq;
       entry.activationBits = activation.bits;
       entry.activationScale = activation.scale[0];

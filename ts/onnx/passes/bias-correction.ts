@@ -12,7 +12,7 @@
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
 import { NON_FINITE_INPUT, type LayerInputMoments } from '../../calibration/layer-input-moments';
-import { floatAttribute, floatData, isChannelVector, makeNode, makeTensor, type Graph } from '../graph';
+import { floatAttribute, floatData, isChannelVector, makeTensor, type Graph } from '../graph';
 import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 import { matrixView, type QuantizedWeights } from './quantize-weights';
 
@@ -93,7 +93,7 @@ export function* correctBiasesByLayer(graph: Graph, weights: QuantizedWeights[],
       const name = graph.uniqueName(`${w.node}_bias_correction`);
       const raw = graph.uniqueName(`${node.output[0]}_uncorrected`);
       graph.addInitializer(makeTensor(name, TensorProto_DataType.FLOAT, [out], new Uint8Array(Float32Array.from(shift).buffer)));
-      graph.graph.node.push(makeNode('Add', [raw, name], [node.output[0]], graph.uniqueName(`${w.node}_bias_correction_add`)));
+      graph.graph.node.push(graph.newNode('Add', [raw, name], [node.output[0]], `${w.node}_bias_correction_add`));
       node.output[0] = raw;
     }
     let norm = 0;

@@ -112,7 +112,7 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
     if (!xq) {
       xq = [graph.uniqueName(`${x}_quantized`), graph.uniqueName(`${x}_scale`), graph.uniqueName(`${x}_zero_point`)];
       inScope.set(x, xq);
-      graph.insertBefore(scope, node, makeNode('DynamicQuantizeLinear', [x], xq, graph.uniqueName(`${x}_dynamic_q`)));
+      graph.insertBefore(scope, node, graph.newNode('DynamicQuantizeLinear', [x], xq, `${x}_dynamic_q`));
     }
     const output = node.output[0];
     const bias = node.opType === 'Gemm' ? node.input[2] : undefined;
@@ -121,9 +121,9 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
     const scale = graph.uniqueName(`${label}_output_scale`);
     const scaled = bias ? graph.uniqueName(`${output}_unbiased`) : output;
     scope.node.splice(scope.node.indexOf(node), 1,
-      makeNode('MatMulInteger', [xq[0], weights.values, xq[2]], [product], graph.uniqueName(`${label}_integer`)),
-      makeNode('Cast', [product], [asFloat], graph.uniqueName(`${label}_cast`), [makeIntAttribute('to', TensorProto_DataType.FLOAT)]),
-      makeNode('Mul', [xq[1], weights.scale], [scale], graph.uniqueName(`${label}_scales`)),
+      graph.newNode('MatMulInteger', [xq[0], weights.values, xq[2]], [product], `${label}_integer`),
+      graph.newNode('Cast', [product], [asFloat], `${label}_cast`, [makeIntAttribute('to', TensorProto_DataType.FLOAT)]),
+      graph.newNode('Mul', [xq[1], weights.scale], [scale], `${label}_scales`),
       makeNode('Mul', [asFloat, scale], [scaled], bias ? graph.uniqueName(`${label}_scaled`) : label),
       ...(bias ? [makeNode('Add', [scaled, bias], [output], label)] : []));
     (replacedWeights.get(scope) ?? replacedWeights.set(scope, []).get(scope)!).push(weights.dq);

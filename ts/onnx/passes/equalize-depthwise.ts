@@ -22,7 +22,7 @@
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import { dimsOf, floatData, intAttribute, intsAttribute, makeNode, makeTensor, stringAttribute, type Graph } from '../graph';
+import { dimsOf, floatData, intAttribute, intsAttribute, makeTensor, stringAttribute, type Graph } from '../graph';
 import { affineFrom } from './fold-scalar-affine';
 import { nodeLabel, type PassReport } from './pass';
 import type { QuantizedWeights } from './quantize-weights';
@@ -259,7 +259,7 @@ export function equalizeDepthwiseInputs(graph: Graph, layers: NodeProto[], range
       const fillName = graph.uniqueName(`${label}_pad_value`);
       graph.addInitializer(makeTensor(fillName, TensorProto_DataType.FLOAT, [], new Uint8Array(Float32Array.of(fill).buffer)));
       const out = graph.uniqueName(`${value}_padded`);
-      graph.graph.node.splice(graph.graph.node.indexOf(conv), 0, makeNode('Pad', [value, padsName, fillName], [out], graph.uniqueName(`${label}_pad`)));
+      graph.graph.node.splice(graph.graph.node.indexOf(conv), 0, graph.newNode('Pad', [value, padsName, fillName], [out], `${label}_pad`));
       conv.attribute = conv.attribute.filter((a) => a.name !== 'pads');
       return out;
     };
@@ -269,13 +269,13 @@ export function equalizeDepthwiseInputs(graph: Graph, layers: NodeProto[], range
       let x = conv.input[0];
       if (padded && shifted) x = padFirst(x, 0);
       const divided = graph.uniqueName(`${x}_equalized`);
-      graph.graph.node.splice(at(), 0, makeNode('Mul', [x, channelTensor(graph, `${label}_input_stretch`, s.map((v) => 1 / v), rank)], [divided],
-        graph.uniqueName(`${label}_stretch`)));
+      graph.graph.node.splice(at(), 0, graph.newNode('Mul', [x, channelTensor(graph, `${label}_input_stretch`, s.map((v) => 1 / v), rank)], [divided],
+        `${label}_stretch`));
       x = divided;
       if (shifted) {
         const moved = graph.uniqueName(`${x}_shifted`);
-        graph.graph.node.splice(at(), 0, makeNode('Add', [x, channelTensor(graph, `${label}_input_shift`, u.map((v) => -v), rank)], [moved],
-          graph.uniqueName(`${label}_shift`)));
+        graph.graph.node.splice(at(), 0, graph.newNode('Add', [x, channelTensor(graph, `${label}_input_shift`, u.map((v) => -v), rank)], [moved],
+          `${label}_shift`));
         x = moved;
       }
       conv.input[0] = x;

@@ -21,7 +21,7 @@ import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf
 
 import { packInt2, packInt4, unpackInt2, unpackInt4 } from '../../pack';
 import { toFloat16Array } from '../../float16';
-import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeNode, makeTensor, subgraphNodes, weightValues, type Graph } from '../graph';
+import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeTensor, subgraphNodes, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 const FOUR_BIT = new Set([TensorProto_DataType.INT4, TensorProto_DataType.UINT4]);
@@ -100,7 +100,7 @@ function widenFourBitActivations(graph: Graph, scope: Scope, report: PassReport)
       return name;
     };
     const [lo, hi] = signed ? [-8, 7] : [0, 15];
-    const clip = makeNode('Clip', [narrow, bound('min', lo), bound('max', hi)], [q.output[0]], graph.uniqueName(`${q.name || q.output[0]}_clip`));
+    const clip = graph.newNode('Clip', [narrow, bound('min', lo), bound('max', hi)], [q.output[0]], `${q.name || q.output[0]}_clip`);
     q.output[0] = narrow;
     scope.insertAfter(q, clip);
     report.changed.push(`${q.input[0]}: 4-bit activation stored in 8 bits with a Clip to [${lo}, ${hi}]`);
@@ -137,7 +137,7 @@ function transposeBlockedWeights(graph: Graph, scope: Scope, dq: NodeProto, valu
   }
   attribute(dq, 'axis')!.i = 1n;
   const transposed = graph.uniqueName(`${dq.output[0]}_transposed`);
-  const restore = makeNode('Transpose', [transposed], [dq.output[0]], graph.uniqueName(`${dq.name || dq.output[0]}_transpose`), [makeIntsAttribute('perm', [1, 0])]);
+  const restore = graph.newNode('Transpose', [transposed], [dq.output[0]], `${dq.name || dq.output[0]}_transpose`, [makeIntsAttribute('perm', [1, 0])]);
   dq.output[0] = transposed;
   scope.insertAfter(dq, restore);
   return true;

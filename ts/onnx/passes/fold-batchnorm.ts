@@ -18,7 +18,7 @@
 import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { toFloat16Array } from '../../float16';
-import { dimsOf, floatAttribute, intAttribute, isChannelVector, makeNode, ownedTensor, transposes, weightValues, type Graph } from '../graph';
+import { dimsOf, floatAttribute, intAttribute, isChannelVector, ownedTensor, transposes, weightValues, type Graph } from '../graph';
 import { nodeLabel, pauseClock, runSteps, type PassReport, type Steps } from './pass';
 
 export function foldBatchNorm(graph: Graph): PassReport {
@@ -218,7 +218,7 @@ function foldIntoMatMul(graph: Graph, bn: NodeProto, producer: NodeProto): strin
   } else {
     // The BN node becomes the bias Add, in place (keeps the node order valid).
     const index = graph.graph.node.indexOf(bn);
-    graph.graph.node.splice(index, 1, makeNode('Add', [matmul.output[0], bName], [bn.output[0]], graph.uniqueName(`${bn.name || bn.output[0]}_as_bias`)));
+    graph.graph.node.splice(index, 1, graph.newNode('Add', [matmul.output[0], bName], [bn.output[0]], `${bn.name || bn.output[0]}_as_bias`));
   }
   for (const name of oldNames) if (name) graph.removeIfUnused(name);
   return undefined;

@@ -14,7 +14,7 @@
  */
 import type { NodeProto } from 'onnx-buf';
 
-import { floatAttribute, makeNode, type Graph } from '../graph';
+import { floatAttribute, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 /** The other input of a two-input node when one of them is the constant `value`. */
@@ -73,7 +73,7 @@ export function fuseHardSwish(graph: Graph): PassReport {
     const { x, nodes } = m!;
     const constants = nodes.flatMap((n) => n.input).filter((i) => graph.constant(i));
     for (const n of nodes) graph.graph.node.splice(graph.graph.node.indexOf(n), 1);
-    graph.graph.node.push(makeNode('HardSwish', [x], [last.output[0]], graph.uniqueName(`${nodeLabel(last)}_hardswish`)));
+    graph.graph.node.push(graph.newNode('HardSwish', [x], [last.output[0]], `${nodeLabel(last)}_hardswish`));
     for (const c of new Set(constants)) graph.removeIfUnused(c);
     report.changed.push(`${nodeLabel(last)}: Add → Clip → Mul → ${last.opType} fused into HardSwish`);
   }

@@ -11,7 +11,7 @@ import { TensorProto_DataType, type GraphProto, type NodeProto } from 'onnx-buf'
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { native } from '../../native';
 import { integerRange, tensorLayout } from '../../quant-params';
-import { makeNode, makeTensor, type Graph } from '../graph';
+import { makeTensor, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export interface ActivationLayerReport {
@@ -192,8 +192,8 @@ function quantizerPair(graph: Graph, tensor: string, range: ActivationRange, sig
     : makeTensor(scaleName, TensorProto_DataType.FLOAT, [], new Uint8Array(scale.buffer)), scope);
   graph.addInitializer(zeroPointTensor(zpName, bits, signed, zp[0]), scope);
   return {
-    nodes: [makeNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], graph.uniqueName(`${tensor}_q`), [], domain),
-      makeNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], graph.uniqueName(`${tensor}_dq`), [], domain)],
+    nodes: [graph.newNode('QuantizeLinear', [tensor, scaleName, zpName], [quantized], `${tensor}_q`, [], domain),
+      graph.newNode('DequantizeLinear', [quantized, scaleName, zpName], [dequantized], `${tensor}_dq`, [], domain)],
     dequantized,
     activation: { tensor, bits, signed, range: [range.lo, range.hi], scale: scale[0], zeroPoint: zp[0], ...(range.float16 ? { float16: true as const } : {}) },
   };

@@ -14,7 +14,7 @@
 import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
-import { dimsOf, floatData, isChannelVector, makeIntAttribute, makeNode, makeTensor, weightValues, type Graph } from '../graph';
+import { dimsOf, floatData, isChannelVector, makeIntAttribute, makeTensor, weightValues, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 export interface LayerScales {
@@ -119,7 +119,7 @@ function replaceBias(graph: Graph, node: NodeProto, label: string, bias: { value
   bias.scale.name = sName;
   graph.addInitializer(bias.scale);
   const axis = bias.scale.dims.length > 0 ? [makeIntAttribute('axis', 0)] : [];
-  graph.graph.node.push(makeNode('DequantizeLinear', [qName, sName], [out], graph.uniqueName(`${label}_bias_dq`), axis, microsoftDomain ? 'com.microsoft' : ''));
+  graph.graph.node.push(graph.newNode('DequantizeLinear', [qName, sName], [out], `${label}_bias_dq`, axis, microsoftDomain ? 'com.microsoft' : ''));
   const previous = node.input[2];
   node.input[2] = out;
   graph.removeIfUnused(previous);

@@ -7,7 +7,7 @@
 import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { OnnxModelError, readLazyTensor, unloadTensor } from '../model-io';
-import { dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeNode, makeTensor, ownedTensor, subgraphNodes, subgraphReads, transposes, weightValues, type Graph } from '../graph';
+import { dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeTensor, ownedTensor, subgraphNodes, subgraphReads, transposes, weightValues, type Graph } from '../graph';
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
@@ -466,7 +466,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
         const copies = graph.copyConstants(earlier.constants, scope);
         // Fresh attributes: a later pass (fit-onnxruntime) may change the first node's in place.
         const attributes = earlier.dq.attribute.map((a) => makeIntAttribute(a.name, Number(a.i)));
-        const dq = makeNode('DequantizeLinear', copies.map((t) => t.name), [graph.uniqueName(`${base}_dequantized`)], graph.uniqueName(`${label}_weight_dq`), attributes, earlier.dq.domain);
+        const dq = graph.newNode('DequantizeLinear', copies.map((t) => t.name), [graph.uniqueName(`${base}_dequantized`)], `${label}_weight_dq`, attributes, earlier.dq.domain);
         place(dq, node, scope);
         node.input[1] = dq.output[0];
       }
@@ -571,7 +571,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     graph.addInitializer(scaleTensor, scope);
     const attrs = perTensor ? [] : [makeIntAttribute('axis', q.axis!)];
     if (blocked) attrs.push(makeIntAttribute('block_size', q.blockSize!));
-    const dq = makeNode('DequantizeLinear', [valuesName, scaleName], [dqOut], graph.uniqueName(`${label}_weight_dq`), attrs, options.microsoftDomain ? 'com.microsoft' : '');
+    const dq = graph.newNode('DequantizeLinear', [valuesName, scaleName], [dqOut], `${label}_weight_dq`, attrs, options.microsoftDomain ? 'com.microsoft' : '');
     place(dq, node, scope);
     node.input[1] = dqOut;
     release(base, home);

@@ -17,7 +17,7 @@
 import type { GraphProto, NodeProto, TensorProto } from 'onnx-buf';
 
 import {
-  attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, int64sAttribute, makeIntAttribute, makeNode,
+  attribute, floatAttribute, floatScalarTensor, floatTensor, scalarOfType, int64Tensor, intAttribute, int64sAttribute, makeIntAttribute,
   isOnnxDomain, makeStringAttribute, namesRead, removeAttribute, stringAttribute, subgraphsOf, floatData, type Graph,
 } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
@@ -256,11 +256,11 @@ function upgradeNodes(graph: Graph, target: number, report: PassReport, scopes: 
           // In place, so a subgraph body (which nothing sorts) stays in order.
           const at = scope.node.indexOf(n);
           // allowzero (opset 14 on): a 0 in the shape is a size, not "copy the 2-D input's dimension" (a zero-size x).
-          scope.node.splice(at + 1, 0, makeNode('Reshape', [z, shape], [y], graph.uniqueName(`${label}_reshape_back`),
+          scope.node.splice(at + 1, 0, graph.newNode('Reshape', [z, shape], [y], `${label}_reshape_back`,
             target >= 14 ? [makeIntAttribute('allowzero', 1)] : []));
           scope.node.splice(at, 0,
-            makeNode('Flatten', [x], [flat], graph.uniqueName(`${label}_flatten`), [makeIntAttribute('axis', axis)]),
-            makeNode('Shape', [x], [shape], graph.uniqueName(`${label}_shape_of_input`)));
+            graph.newNode('Flatten', [x], [flat], `${label}_flatten`, [makeIntAttribute('axis', axis)]),
+            graph.newNode('Shape', [x], [shape], `${label}_shape_of_input`));
           report.changed.push(`${label}: ${n.opType} 2-D coercion -> Flatten, ${n.opType}(axis=-1), Reshape`);
         }
         break;
