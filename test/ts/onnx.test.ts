@@ -1521,6 +1521,30 @@ describe('inspectModel and `lowbit inspect`', () => {
   });
 });
 
+describe('inspectModel: the weights as quantizeModel quantizes them', () => {
+  it('BatchNormalization folded first: the statistics are of W·γ/√(σ² + ε), and a variance of 0 with ε 0 shows as infinities', async () => {
+    const model = readModel(path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx'));
+    const init = (name: string) => floatData(model.graph!.initializer.find((t) => t.name === name)!)!;
+    const [w, gamma, variance] = [init('conv1.weight'), init('bn1.gamma'), init('bn1.var')];
+    const eps = model.graph!.node.find((n) => n.name === 'bn1')!.attribute.find((a) => a.name === 'epsilon')?.f ?? 1e-5;
+    const folded = w.map((v, i) => Math.fround(v * Math.fround(gamma[Math.floor(i / 9)] / Math.sqrt(variance[Math.floor(i / 9)] + eps))));
+    const conv1 = (await inspectModel(serializeModel(model))).layers.find((l) => l.node === 'conv1')!;
+    expect(conv1.max).to.be.closeTo(Math.max(...folded), 1e-6 * Math.max(...folded));
+    expect(conv1.min).to.be.closeTo(Math.min(...folded), 1e-6 * Math.abs(Math.min(...folded)));
+    expect(conv1.max).to.not.be.closeTo(Math.max(...w), 1e-3);
+    // A channel whose running variance is 0, with ε = 0: its folded weights are infinite (quantizeModel stops there).
+    const broken = readModel(path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx'));
+    const v = broken.graph!.initializer.find((t) => t.name === 'bn1.var')!;
+    v.rawData = new Uint8Array(Float32Array.from(floatData(v)!, (x, c) => (c === 2 ? 0 : x)).buffer);
+    broken.graph!.node.find((n) => n.name === 'bn1')!.attribute.find((a) => a.name === 'epsilon')!.f = 0;
+    const stats = (await inspectModel(serializeModel(broken))).layers.find((l) => l.node === 'conv1')!;
+    expect(stats.nonFinite).to.be.greaterThan(0);
+    expect([stats.quantized, stats.reason]).to.deep.equal([false, `${stats.nonFinite} of its weights are NaN or ±Infinity: quantizeModel stops with an error unless the layer is kept float (keepFloat)`]);
+    const refused = await quantizeModel(serializeModel(broken), { weights: { bits: 8 }, evaluationFeeds: [] }).catch((e: Error) => e);
+    expect((refused as Error).message).to.match(/Conv 'conv1': its weights .* hold (-?Infinity|NaN)/);
+  });
+});
+
 describe('corrupted or unloadable models', () => {
   const bundled = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
   const calibration = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-calibration');

@@ -107,7 +107,7 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
     const embedding = withNaN.graph!.initializer.find((t) => t.name === 'embedding')!;
     new DataView(embedding.rawData.buffer, embedding.rawData.byteOffset).setFloat32(8, NaN, true);
     const [broken] = (await inspectModel(toBinary(ModelProtoSchema, withNaN))).layers.filter((l) => l.op === 'Gather');
-    expect(broken).to.include({ nonFinite: 1, reason: '1 of its weights are NaN or ±Infinity: quantizeModel refuses them with weights.gather' });
+    expect(broken).to.include({ nonFinite: 1, reason: '1 of its weights are NaN or ±Infinity: quantizeModel stops with an error with weights.gather unless the table is kept float (keepFloat)' });
   });
 
   it('an output projection tied to the embedding through a Transpose is quantized from a folded copy; the table stays for its Gather', async () => {

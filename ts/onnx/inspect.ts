@@ -1,7 +1,9 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
 import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
-import { nextTurn, nodeLabel, placeOf } from './passes/pass';
+import { foldBatchNormSteps } from './passes/fold-batchnorm';
+import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
+import { nextTurn, nodeLabel, placeOf, runStepsAsync } from './passes/pass';
 import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
@@ -36,6 +38,10 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
   await foldConstantTransposes(graph);  // and through a Transpose
+  // The weights as quantizeModel quantizes them: BatchNormalization and scalar affines folded into their layers (a
+  // channel with a tiny running variance widens there; a variance of 0 with epsilon 0 gives infinities).
+  await runStepsAsync(foldBatchNormSteps(graph));
+  await runStepsAsync(foldScalarAffineSteps(graph));
   const layers: LayerStats[] = [];
   const layerNodes = [
     ...graph.topologicalOrder().filter((n) => ['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(n.opType)).map((node) => ({ node, scopes: [], owner: undefined })),
@@ -91,9 +97,10 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
     }
     m2 /= count;
     m4 /= count;
-    const refused = nonFinite > 0 ? `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel refuses them` : undefined;
+    const bad = `${nonFinite} of its weights are NaN or ±Infinity: quantizeModel stops with an error`;
     // A table quantizeModel converts on request refuses non-finite values then too.
-    const reason = optIn ? (refused ? `${refused} with weights.gather` : skipped) : skipped ?? refused;
+    const reason = nonFinite === 0 ? skipped : optIn ? `${bad} with weights.gather unless the table is kept float (keepFloat)`
+      : skipped ?? `${bad} unless the layer is kept float (keepFloat)`;
     // No finite weight (or none at all): no statistics, NaN as for a layer without float weights.
     const none = count === 0;
     layers.push({
