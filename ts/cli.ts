@@ -498,7 +498,8 @@ export function program(): Command {
     .argument('<model>', 'an ONNX model')
     .action(async (model: string) => {
       const { opset, layers } = await inspectModel(model);
-      console.log(`opset ${opset}, ${layers.length} layers with weights\n`);
+      const withWeights = layers.filter((l) => l.shape.length > 0).length;  // (a MatMul of two activations has none)
+      console.log(`opset ${opset}, ${layers.length} Conv, Gemm, MatMul and Gather layers, ${withWeights} with constant weights\n`);
       // Blank where a layer has no float weights to describe (already quantized, or all NaN).
       const shown = (v: number, text: (v: number) => string) => (Number.isNaN(v) ? '' : text(v));
       console.log(table(layers.map((l) => ({

@@ -24,7 +24,7 @@ import {
 import { OrtHost, OrtSession } from '../../ts/onnx/ort-session';
 import { writeMatMulChain } from '../../ts/bench/large-model';
 import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts/onnx/quantize-model';
-import { inspectModel } from '../../ts/onnx/inspect';
+import { inspectModel, sparkline } from '../../ts/onnx/inspect';
 import { countFileReads } from '../helpers/file-reads';
 import { writeNpy } from '../helpers/npy';
 import { branchedMlp, buildModel, cosine, heInit, overflowingMatMul, valueInfo as info } from '../helpers/onnx-builder';
@@ -1512,7 +1512,7 @@ describe('inspectModel and `lowbit inspect`', () => {
     const cli = path.resolve(__dirname, '..', '..', 'ts', 'cli.js');
     const printed = spawnSync(process.execPath, [cli, 'inspect', classifier], { encoding: 'utf8' });
     expect(printed.status, printed.stderr).to.equal(0);
-    expect(printed.stdout).to.match(/^opset 9, \d+ layers with weights/);
+    expect(printed.stdout).to.match(new RegExp(`^opset 9, ${layers.length} Conv, Gemm, MatMul and Gather layers, ${layers.filter((l) => l.shape.length > 0).length} with constant weights`));
     expect(printed.stdout).to.match(/layer\s+op\s+shape\s+min\s+max\s+std\s+kurtosis\s+histogram\s+quantized/);
     expect(printed.stdout.split('\n').filter((line) => /\s+yes\s*$/.test(line))).to.have.length(report.layers.length);
     const missing = spawnSync(process.execPath, [cli, 'inspect', '/no/such/model.onnx'], { encoding: 'utf8' });
@@ -1542,6 +1542,26 @@ describe('inspectModel: the weights as quantizeModel quantizes them', () => {
     expect([stats.quantized, stats.reason]).to.deep.equal([false, `${stats.nonFinite} of its weights are NaN or ±Infinity: quantizeModel stops with an error unless the layer is kept float (keepFloat)`]);
     const refused = await quantizeModel(serializeModel(broken), { weights: { bits: 8 }, evaluationFeeds: [] }).catch((e: Error) => e);
     expect((refused as Error).message).to.match(/Conv 'conv1': its weights .* hold (-?Infinity|NaN)/);
+  });
+});
+
+describe('inspectModel: edge cases of the statistics', () => {
+  it('a zero-size weight is quantized (nothing to describe), a constant one has no kurtosis, a lone outlier shows in the sparkline', async () => {
+    const bytes = buildModel({
+      inputDims: [2, 4], output: 'y',
+      nodes: [{ op: 'MatMul', name: 'empty', inputs: ['input', 'none'], output: 'e' }, { op: 'MatMul', name: 'flat', inputs: ['input', 'ones'], output: 'f' },
+        { op: 'MatMul', name: 'outlier', inputs: ['f', 'spread'], output: 'y' }],
+      initializers: { none: { dims: [4, 0], data: [] }, ones: { dims: [4, 3], data: new Array(12).fill(0.5) },
+        spread: { dims: [3, 1000], data: Array.from({ length: 3000 }, (_, i) => (i === 0 ? 100 : Math.sin(i))) } },
+    });
+    const layers = (await inspectModel(bytes)).layers;
+    expect(layers.map((l) => [l.node, l.quantized, l.shape])).to.deep.equal([['empty', true, [4, 0]], ['flat', true, [4, 3]], ['outlier', true, [3, 1000]]]);
+    expect(layers[1].kurtosis).to.be.NaN;
+    expect(layers[1].std).to.equal(0);
+    const outlier = layers[2];
+    expect(outlier.histogram[19]).to.equal(1);
+    expect(sparkline(outlier.histogram).at(-1)).to.equal('▁');  // 1 of 3000: rounded to an empty bar before
+    expect(sparkline([0, 5, 10])).to.equal(' ▄█');
   });
 });
 

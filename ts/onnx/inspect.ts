@@ -1,5 +1,5 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
-import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './graph';
+import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, subgraphNodes, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
 import { foldBatchNormSteps } from './passes/fold-batchnorm';
 import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
@@ -7,7 +7,7 @@ import { nextTurn, nodeLabel, placeOf, runStepsAsync } from './passes/pass';
 import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
-import { subgraphLayers, unquantizableReason } from './passes/quantize-weights';
+import { unquantizableReason } from './passes/quantize-weights';
 
 export interface LayerStats {
   node: string;
@@ -45,7 +45,8 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   const layers: LayerStats[] = [];
   const layerNodes = [
     ...graph.topologicalOrder().filter((n) => ['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(n.opType)).map((node) => ({ node, scopes: [], owner: undefined })),
-    ...subgraphLayers(graph),  // after the main graph's, as quantizeModel takes them
+    // After the main graph's, as quantizeModel takes them (ConvTranspose ones too, listed as not quantized).
+    ...subgraphNodes(graph).filter((l) => ['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(l.node.opType)),
   ];
   const candidates = [
     // The quantizer's own reasons for leaving a layer float (W·x, weight rank, already quantized, …).
@@ -64,8 +65,10 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
     const t = float ? await withDataRead(weight) : weight;
     const data = t && weightValues(t);
     if (!data || data.length === 0) {
-      layers.push({ node: nodeLabel(node), op: node.opType, shape: [], min: NaN, max: NaN, std: NaN, kurtosis: NaN, histogram: [], nonFinite: 0,
-        quantized: false, reason: skipped ?? 'weight is not a float constant', ...inBody });
+      // A float weight with no values (a dimension of 0) is quantized as it is: nothing to describe.
+      const empty = !!data && skipped === undefined;
+      layers.push({ node: nodeLabel(node), op: node.opType, shape: weight ? dimsOf(weight) : [], min: NaN, max: NaN, std: NaN, kurtosis: NaN,
+        histogram: [], nonFinite: 0, quantized: empty, ...(empty ? {} : { reason: skipped ?? 'weight is not a float constant' }), ...inBody });
       continue;
     }
     // Indexed loops over a view of the weights (no copies): a large model's layers are tens of MB each.
@@ -105,7 +108,7 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
     const none = count === 0;
     layers.push({
       node: nodeLabel(node), op: node.opType, shape: dimsOf(t!), min: none ? NaN : min, max: none ? NaN : max, std: none ? NaN : Math.sqrt(m2),
-      kurtosis: none ? NaN : m2 > 0 ? m4 / (m2 * m2) - 3 : 0,
+      kurtosis: none || m2 === 0 ? NaN : m4 / (m2 * m2) - 3,  // (undefined for a constant tensor)
       histogram, nonFinite, quantized: reason === undefined, ...(reason ? { reason } : {}), ...inBody,
     });
   }
@@ -114,8 +117,8 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
 
 const BARS = ' ▁▂▃▄▅▆▇█';
 
-/** A text sparkline of a histogram. */
+/** A text sparkline of a histogram; a bin holding anything shows at least the lowest bar (a lone outlier stays visible). */
 export function sparkline(counts: number[]): string {
   const top = Math.max(...counts, 1);
-  return counts.map((c) => BARS[Math.round((c / top) * (BARS.length - 1))]).join('');
+  return counts.map((c) => BARS[c > 0 ? Math.max(1, Math.round((c / top) * (BARS.length - 1))) : 0]).join('');
 }
