@@ -5,6 +5,7 @@ import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
 import { spawn, spawnSync } from 'node:child_process';
 import { runInNewContext } from 'node:vm';
+import * as v8 from 'node:v8';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -17,6 +18,7 @@ import {
 } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
+import { abortable } from '../../ts/onnx/passes/pass';
 import { calibrate, checkFeed, makeObserver, readNpyFeed } from '../../ts/onnx/calibrate';
 import { HistogramObserver } from '../../ts/calibration/observers';
 import { quantizeTensor } from '../../ts/quantize';
@@ -294,7 +296,8 @@ describe('stopping quantizeModel', () => {
     // The source's second batch comes only when the gate opens, after the abort has been seen (or 5 s later without the fix).
     const gated = <T>(first: T, onAbortSeen: Promise<unknown>) => {
       const events: string[] = [];
-      const gate = Promise.race([onAbortSeen, new Promise((r) => setTimeout(r, 5000))]).then(() => events.push('gate opened'));
+      let timer: NodeJS.Timeout | undefined;
+      const gate = Promise.race([onAbortSeen, new Promise((r) => (timer = setTimeout(r, 5000)))]).then(() => events.push('gate opened'));
       const source = {
         [Symbol.asyncIterator]() {
           let sent = false;
@@ -308,19 +311,20 @@ describe('stopping quantizeModel', () => {
           };
         },
       };
-      return { source, events };
+      return { source, events, done: () => clearTimeout(timer) };
     };
     const reason = new Error('stopped while waiting for data');
     let seen!: () => void;
     const abortSeen = new Promise<void>((r) => (seen = r));
     const stop = new AbortController();
-    const { source, events } = gated(feed(0, 4), abortSeen);
+    const { source, events, done } = gated(feed(0, 4), abortSeen);
     const run = calibrate(readModel(mnist), ['r1'], source, 'minmax', { signal: stop.signal, onBatch: () => setTimeout(() => stop.abort(reason), 20) });
     await run.then(() => events.push('finished'), (e) => events.push(e === reason ? 'rejected with the reason' : `rejected: ${e}`));
     seen();
     await new Promise((r) => setImmediate(r));
     // (The gate opens only after the rejection: without the race, the rejection waited for it.)
     expect(events.slice(0, 2)).to.deep.equal(['source told to stop', 'rejected with the reason']);
+    done();
 
     let trainingSeen!: () => void;
     const trainingAbortSeen = new Promise<void>((r) => (trainingSeen = r));
@@ -332,6 +336,26 @@ describe('stopping quantizeModel', () => {
     trainingSeen();
     await new Promise((r) => setImmediate(r));
     expect(training.events.slice(0, 2)).to.deep.equal(['source told to stop', 'rejected with the reason']);
+    training.done();
+  });
+
+  it('abortable holds no batch it has delivered (one promise shared by every wait kept them all until the loop ended)', async () => {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = runInNewContext('gc') as () => void;
+    let first: WeakRef<object> | undefined;
+    const source = (async function* () {
+      for (let i = 0; i < 4; i++) yield { data: new Float32Array(1024) };
+    })();
+    let seen = 0;
+    for await (const batch of abortable(source, new AbortController().signal)) {
+      if (seen++ === 0) first = new WeakRef(batch);
+      if (seen === 3) {
+        await new Promise((r) => setImmediate(r));
+        gc();
+        expect(first!.deref(), 'the first batch, two batches later').to.equal(undefined);
+      }
+    }
+    expect(seen).to.equal(4);
   });
 
   it('an abort as the write starts removes its temporary files (external data too)', async () => {

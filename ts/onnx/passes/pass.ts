@@ -69,22 +69,22 @@ export async function* abortable<T>(source: Iterable<T> | AsyncIterable<T>, sign
     yield* source;
     return;
   }
-  signal.throwIfAborted();
   const iterator = source[Symbol.asyncIterator]();
-  let stop = () => undefined as void;
-  const aborted = new Promise<never>((_, reject) => {
-    stop = () => reject(signal.reason);
-    signal.addEventListener('abort', stop, { once: true });
-  });
-  aborted.catch(() => undefined);  // the race below reports it
   let state = 'reading' as 'reading' | 'done' | 'aborted';
   try {
     for (;;) {
-      const next = Promise.resolve(iterator.next());
-      next.catch(() => undefined);  // a source failing after the abort: nobody waits for it any more
+      // A fresh promise per wait, its listener removed once settled: one promise shared by every wait would hold each
+      // batch it delivered (V8 keeps a pending promise's reactions), all of them until the loop ends.
       let r: IteratorResult<T>;
       try {
-        r = await Promise.race([next, aborted]);
+        signal.throwIfAborted();  // (also before asking the source for more)
+        const next = Promise.resolve(iterator.next());
+        r = await new Promise<IteratorResult<T>>((resolve, reject) => {
+          const onAbort = () => reject(signal.reason);
+          signal.addEventListener('abort', onAbort, { once: true });
+          next.then((v) => { signal.removeEventListener('abort', onAbort); resolve(v); },
+            (e) => { signal.removeEventListener('abort', onAbort); reject(e); });
+        });
       } catch (e) {
         state = signal.aborted ? 'aborted' : 'done';  // (a source that failed is not told to stop, as with for await)
         throw e;
@@ -96,9 +96,13 @@ export async function* abortable<T>(source: Iterable<T> | AsyncIterable<T>, sign
       yield r.value;
     }
   } finally {
-    signal.removeEventListener('abort', stop);
-    if (state === 'aborted') void Promise.resolve(iterator.return?.()).catch(() => undefined);
-    else if (state === 'reading') await iterator.return?.();  // the reader stopped early (break, an error): as for await does
+    if (state === 'aborted') {
+      try {
+        void Promise.resolve(iterator.return?.()).catch(() => undefined);
+      } catch {
+        // the abort's reason is the error to report
+      }
+    } else if (state === 'reading') await iterator.return?.();  // the reader stopped early (break, an error): as for await does
   }
 }
 
