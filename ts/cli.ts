@@ -230,9 +230,9 @@ export function program(): Command {
       }
       warnIgnored(command, [{ key: 'blockSize', flag: '--block-size', unused: o.granularity !== 'block', why: 'it sets the block size of --granularity block' }]);
       if (amethod === 'dynamic') o.abits ??= 8;
-      if (!o.calib && ((o.abits !== undefined && amethod !== 'dynamic') || o.rounding === 'gptq')) {
-        // (With dynamic activations only GPTQ reads calibration data: --abits 8 came with --amethod dynamic.)
-        const needs = o.abits !== undefined && amethod !== 'dynamic' ? `--abits ${o.abits}` : '--rounding gptq';
+      const staticAbits = o.abits !== undefined && amethod !== 'dynamic';  // (dynamic activations read no calibration data)
+      if (!o.calib && (staticAbits || o.rounding === 'gptq')) {
+        const needs = staticAbits ? `--abits ${o.abits}` : '--rounding gptq';
         throw new Error(`${needs} needs calibration data: pass --calib <folder> (one subfolder of .npy batches per model input, in the input's type).`);
       }
       if (o.amethod !== undefined && o.abits === undefined) throw new Error(`--amethod ${o.amethod} sets how activations are quantized: pass --abits 8 (and --calib <folder>) with it.`);

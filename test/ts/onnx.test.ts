@@ -2662,6 +2662,27 @@ describe('first and last layers by data flow (firstLastLayerBits)', () => {
     // mid's input (the stem's sum) is the only 4-bit one; mid's output is read by side (8-bit) and, reshaped, by the heads.
     expect(report.activations.map((a) => [a.tensor, a.bits])).to.deep.equal([['input', 8], ['act', 4], ['mid', 8], ['features', 8]]);
   });
+
+  it('a node holding quantizable layers counts as a layer: x → If{MatMul} → MatMul(W2) → MatMul(W3) leaves W2 a middle layer', async () => {
+    const r = rng(8);
+    const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [32n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 1024 }, () => (r() - 0.5) / 4).buffer) });
+    const mm = (x: string, w: string, y: string) => ({ opType: 'MatMul', name: y, input: [x, w], output: [y] });
+    const branch = (name: string, w: string) => ({ name, initializer: [matrix(w)], output: [info(`${name}_y`)], node: [mm('x', w, `${name}_y`)] });
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'owner', input: [info('x', TensorProto_DataType.FLOAT, [1, 32]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [matrix('W2'), matrix('W3')],
+        node: [{ opType: 'If', name: 'if', input: ['flag'], output: ['b'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('then', 'T') },
+          { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: branch('else', 'E') },
+        ] }, mm('b', 'W2', 'h2'), mm('h2', 'W3', 'y')],
+      },
+    } as never));
+    const { report } = await quantizeModel(bytes, { weights: { bits: 4 }, evaluationFeeds: [] });
+    // The branches' layers are first (nothing before the If), W3's last; W2, after the If, is neither.
+    expect(report.layers.map((l) => [l.node, l.bits])).to.deep.equal([['h2', 4], ['y', 8], ['then_y', 8], ['else_y', 8]]);
+  });
 });
 
 describe('layer inputs the float model makes infinite on the calibration data', () => {

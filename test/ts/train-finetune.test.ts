@@ -725,6 +725,9 @@ describe('finetune: quantizer set-up and non-finite values (audit)', () => {
     // W·x matrix counted its 32 columns as features, √(32/8) = 2 times smaller.
     expect(stepGradient(columns, true)).to.be.closeTo(ofRows, 1e-6 * Math.abs(ofRows));
     expect(stepGradient(columns, false)).to.be.closeTo(ofRows / 2, 1e-6 * Math.abs(ofRows));
+    // Batched W·x, [2, 8, 16]: still 8 features per sample (it counted 8·16).
+    const batched = { data: Float32Array.from({ length: 256 }, (_, i) => values[(i % 128 % 16) + 32 * (i % 128 >> 4) + 16 * (i >> 7)]), dims: [2, 8, 16] };
+    expect(stepGradient(batched, true)).to.be.closeTo(ofRows, 1e-6 * Math.abs(ofRows));
   });
 
   it('a GDRQ weight quantizer on an all-zero weight (Scale-Clip threshold 0) passes its gradient: the layer can train', () => {

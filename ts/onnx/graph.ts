@@ -120,7 +120,7 @@ export class Graph {
     return scope.node.filter((n) => readsValue(n, name));
   }
 
-  /** A node to insert, named `baseName` made unique (see uniqueName): every node a pass adds is named so. */
+  /** A node to insert, named `baseName` made unique (see uniqueName), as passes name the nodes they add. */
   newNode(opType: string, inputs: string[], outputs: string[], baseName: string, attributes: AttributeProto[] = [], domain = ''): NodeProto {
     return makeNode(opType, inputs, outputs, this.uniqueName(baseName), attributes, domain);
   }

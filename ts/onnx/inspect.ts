@@ -31,7 +31,9 @@ export interface LayerStats {
 
 export async function inspectModel(input: string | Uint8Array): Promise<{ opset: number; layers: LayerStats[] }> {
   // Read without holding the event loop, and one layer's weights in memory at a time when they are external
-  // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer.
+  // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer. Layers that
+  // BatchNormalization or a scalar affine folds into are read at the fold (synchronously, as in quantizeModel) and
+  // held to the end.
   const graph = new Graph(await readModelAsync(input, { lazyTensors: true }));
   graph.validate();  // what quantizeModel would refuse before any pass
   constantAttributesAsTensors(graph);

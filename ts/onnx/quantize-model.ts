@@ -880,6 +880,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         try {
           range = calibrated.observers.get(t)!.range(bits, staticActivations.signed ?? false);
         } catch (e) {
+          if (!(e instanceof RangeError)) throw e;  // (a lowbit bug, not the data)
           throw new RangeError(`Calibrating the float model's tensor '${t}' (a layer input): ${(e as Error).message} The observers take finite ` +
             'values only (the quantized model saturates infinities): keep the layers reading it in float (options.keepFloat), or check the model.', { cause: e });
         }
@@ -896,7 +897,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
           for (const l of readers) bodyActivationReport.skipped.push({ node: nodeLabel(l.node), reason: `its branch of ${nodeLabel(l.owner)} gave it no values on any calibration batch (the branch did not run): input left float` });
           continue;
         }
-        branchRanges.set(t, await rangeOf(t, readers.some((l) => edges.first.has(l.node) || edges.last.has(l.node)) ? edgeBits : staticActivations.bits));
+        branchRanges.set(t, await rangeOf(t, readers.some((l) => edges.isEdge(l.node)) ? edgeBits : staticActivations.bits));
       }
       for (const { tensor, source } of placement?.shared ?? []) {
         const from = ranges.get(source);

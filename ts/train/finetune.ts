@@ -278,7 +278,7 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
   const map = new Map<typeof layers[number]['node'], LayerQuantizers>();
   const edges = edgeLayers(model.graph, layers.map((l) => l.node));
   layers.forEach((layer) => {
-    const edge = edges.first.has(layer.node) || edges.last.has(layer.node);
+    const edge = edges.isEdge(layer.node);
     const wBits = edge ? s.firstLastLayerBits : s.weightBits;
     const aBits = edge ? s.firstLastLayerBits : s.activationBits;
     const actBits = aBits === 2 ? 4 : aBits;

@@ -100,7 +100,7 @@ export class LsqQuantizer implements ExportableQuantizer {
   /**
    * perChannelAxis: one step per channel along this axis (weights only).
    * signed: undefined = decide from the first batch (activations: unsigned when it has no negative value).
-   * columnSamples: activations read as W·x — a matrix [K, N] holds one sample per column (features per sample: K).
+   * columnSamples: activations read as W·x — [.., K, N] holds one sample per column (features per sample: K).
    */
   constructor(readonly name: string, readonly bits: number, private readonly kind: 'weight' | 'activation',
     signed: boolean | undefined, private readonly perChannelAxis?: number, private readonly init: StepInit = 'lsq',
@@ -177,7 +177,7 @@ export class LsqQuantizer implements ExportableQuantizer {
     // g = 1/√(N·Q_P): N = weights per step, or features per sample for activations (the batch first, or the columns
     // of a W·x input matrix).
     const count = this.kind === 'weight' ? x.data.length / dStep.length
-      : this.columnSamples && x.dims.length === 2 ? x.dims[0] : x.data.length / x.dims[0];
+      : this.columnSamples ? x.dims[Math.max(0, x.dims.length - 2)] : x.data.length / x.dims[0];
     // (With a zero point, an all-negative range leaves no positive levels: Q_N stands in for Q_P then.)
     const g = 1 / Math.sqrt(count * (this.qp > 0 ? this.qp : Math.max(this.qn, 1)));
     for (let i = 0; i < dStep.length; i++) this.step!.grad[i] += g * dStep[i];

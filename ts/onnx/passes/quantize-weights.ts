@@ -312,7 +312,7 @@ const SHAPE_ONLY = new Set(['Shape', 'Size']);
  * when no main-graph layer feeds its node (is fed by it); a node holding quantizable layers counts as a layer.
  */
 export function edgeLayers(graph: Graph, quantizable: readonly NodeProto[], quantizableInBodies: readonly SubgraphLayer[] = [],
-  mainOrder = graph.topologicalOrder()): { first: Set<NodeProto>; last: Set<NodeProto> } {
+  mainOrder = graph.topologicalOrder()): { first: Set<NodeProto>; last: Set<NodeProto>; isEdge: (n: NodeProto) => boolean } {
   const layers = new Set([...quantizable, ...quantizableInBodies.map((l) => l.owner)]);
   const reads = (n: NodeProto) => [...n.input, ...subgraphReads(n)].filter((v) => v !== '');
   // Forward: the values a layer's values reach; backward: the values that reach a layer's.
@@ -338,7 +338,7 @@ export function edgeLayers(graph: Graph, quantizable: readonly NodeProto[], quan
     if (!fed.has(held[0].owner)) first.add(held[0].node);
     if (!feeding.has(held[0].owner)) last.add(held[held.length - 1].node);
   }
-  return { first, last };
+  return { first, last, isEdge: (n) => first.has(n) || last.has(n) };
 }
 
 /** A Conv/Gemm/MatMul inside a subgraph (see subgraphNodes). */
@@ -411,7 +411,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     });
   }
   const quantizable = quantizableLayers(graph, options.keepFloat, mainCandidates);
-  const { first, last } = edgeLayers(graph, quantizable, quantizableInBodies, mainOrder);
+  const { isEdge } = edgeLayers(graph, quantizable, quantizableInBodies, mainOrder);
   // Weights read by several layers (ALBERT-style shared layers) are quantized once and their DequantizeLinear shared
   // when the layers would quantize them alike (same layout and bits, no per-layer GPTQ rounding).
   const quantizedOnce = new Map<TensorProto, {
@@ -449,7 +449,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const scope = inBody?.scopes[0] ?? graph.graph;
     const dims = dimsOf(w);
     const axes = layout(node.opType, dims, transposes(node, 'transB'))!;
-    const edge = first.has(node) || last.has(node);
+    const edge = isEdge(node);
     const base = node.input[1];
     // What decides the quantized values besides the weights (the first and last layers' bits, no bit allocation there).
     const how = JSON.stringify([node.opType === 'Conv' ? 'conv' : 'matrix', axes, edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits,
