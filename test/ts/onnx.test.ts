@@ -1823,8 +1823,9 @@ describe('models below opset 7', () => {
       expect(e).to.be.instanceOf(OnnxModelError);
       expect((e as Error).message).to.match(/^This model's opset 6 predates 7, which lowbit needs .*re-export or convert the model to a newer opset first/);
     }
-    // upgradeOpset alone refuses it too.
+    // upgradeOpset alone refuses it too, and inspectModel.
     expect(() => upgradeOpset(new Graph(readModel(bytes)), 13)).to.throw(/the model's opset 6 predates 7/);
+    expect(((await inspectModel(bytes).catch((x: Error) => x)) as Error).message).to.match(/^This model's opset 6 predates 7/);
   });
 });
 

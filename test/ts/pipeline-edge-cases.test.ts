@@ -1240,7 +1240,7 @@ describe('model contents refused (second audit)', () => {
     return serializeModel(m);
   };
 
-  it('an opset_import with the default domain twice, none, or a version below 1 is an OnnxModelError', async () => {
+  it('an opset_import with the default domain twice, none, or a version below 1 is an OnnxModelError (quantizeModel and inspectModel)', async () => {
     const cases: Array<[string, (m: ReturnType<typeof readModel>) => void, string]> = [
       ['twice', (m) => m.opsetImport.push({ ...m.opsetImport[0], domain: 'ai.onnx', version: 9n }), '2 versions (13, 9)'],
       ['none', (m) => { m.opsetImport[0].domain = 'com.microsoft'; }, 'no version'],
@@ -1252,6 +1252,9 @@ describe('model contents refused (second audit)', () => {
       expect(e, label).to.be.instanceOf(OnnxModelError);
       expect((e as Error).message, label).to.equal(`This model imports ${what} of the default ONNX domain in its opset_import, where a model imports one, ` +
         "1 or later (onnxruntime reads the last of several, lowbit's passes would change the first): fix the model's opset_import (or re-export it).");
+      // inspect says so too, rather than listing layers quantizeModel would never reach.
+      const inspected = await inspectModel(withModel(edit)).catch((x: Error) => x);
+      expect((inspected as Error).message, `inspect: ${label}`).to.equal((e as Error).message);
     }
     // The same version twice is one import: the conversion leaves a single entry, at the new version.
     const { model: same } = await quantizeModel(withModel((m) => m.opsetImport.push({ ...m.opsetImport[0], domain: 'ai.onnx' })), { weights: { bits: 4 }, evaluationFeeds: [] });

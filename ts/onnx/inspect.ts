@@ -8,6 +8,7 @@ import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTran
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
 import { unquantizableReason } from './passes/quantize-weights';
+import { checkDefaultOpset } from './quantize-model';
 
 export interface LayerStats {
   node: string;
@@ -35,7 +36,8 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   // BatchNormalization or a scalar affine folds into are read at the fold (synchronously, as in quantizeModel) and
   // held to the end.
   const graph = new Graph(await readModelAsync(input, { lazyTensors: true }));
-  graph.validate();  // what quantizeModel would refuse before any pass
+  checkDefaultOpset(graph);  // what quantizeModel would refuse before any pass
+  graph.validate();
   constantAttributesAsTensors(graph);
   densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
