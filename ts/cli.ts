@@ -498,9 +498,9 @@ export function program(): Command {
     .argument('<model>', 'an ONNX model')
     .action(async (model: string) => {
       const { opset, layers } = await inspectModel(model);
-      const withWeights = layers.filter((l) => l.shape.length > 0).length;  // (a MatMul of two activations has none)
-      console.log(`opset ${opset}, ${layers.length} Conv, Gemm, MatMul and Gather layers, ${withWeights} with constant weights\n`);
-      // Blank where a layer has no float weights to describe (already quantized, or all NaN).
+      const quantized = layers.filter((l) => l.quantized).length;
+      console.log(`opset ${opset}, ${layers.length} Conv, ConvTranspose, Gemm, MatMul and Gather layers, ${quantized} of them quantized by default\n`);
+      // Blank where a layer has no float weights to describe (already quantized, none at all, all NaN, or zero-size).
       const shown = (v: number, text: (v: number) => string) => (Number.isNaN(v) ? '' : text(v));
       console.log(table(layers.map((l) => ({
         layer: layerName(l), op: l.op, shape: l.shape.join('x'), min: shown(l.min, (v) => String(Number(v.toPrecision(3)))),

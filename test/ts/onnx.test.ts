@@ -1512,7 +1512,7 @@ describe('inspectModel and `lowbit inspect`', () => {
     const cli = path.resolve(__dirname, '..', '..', 'ts', 'cli.js');
     const printed = spawnSync(process.execPath, [cli, 'inspect', classifier], { encoding: 'utf8' });
     expect(printed.status, printed.stderr).to.equal(0);
-    expect(printed.stdout).to.match(new RegExp(`^opset 9, ${layers.length} Conv, Gemm, MatMul and Gather layers, ${layers.filter((l) => l.shape.length > 0).length} with constant weights`));
+    expect(printed.stdout).to.match(new RegExp(`^opset 9, ${layers.length} Conv, ConvTranspose, Gemm, MatMul and Gather layers, ${report.layers.length} of them quantized by default`));
     expect(printed.stdout).to.match(/layer\s+op\s+shape\s+min\s+max\s+std\s+kurtosis\s+histogram\s+quantized/);
     expect(printed.stdout.split('\n').filter((line) => /\s+yes\s*$/.test(line))).to.have.length(report.layers.length);
     const missing = spawnSync(process.execPath, [cli, 'inspect', '/no/such/model.onnx'], { encoding: 'utf8' });
@@ -1556,6 +1556,8 @@ describe('inspectModel: edge cases of the statistics', () => {
     });
     const layers = (await inspectModel(bytes)).layers;
     expect(layers.map((l) => [l.node, l.quantized, l.shape])).to.deep.equal([['empty', true, [4, 0]], ['flat', true, [4, 3]], ['outlier', true, [3, 1000]]]);
+    // As quantizeModel does: the zero-size weight too.
+    expect((await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [] })).report.layers.map((l) => l.node)).to.deep.equal(['empty', 'flat', 'outlier']);
     expect(layers[1].kurtosis).to.be.NaN;
     expect(layers[1].std).to.equal(0);
     const outlier = layers[2];

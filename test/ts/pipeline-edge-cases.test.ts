@@ -9,7 +9,7 @@ import * as v8 from 'node:v8';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { EventEmitter } from 'node:events';
+import { EventEmitter, getEventListeners } from 'node:events';
 import * as readline from 'node:readline';
 import { Readable } from 'node:stream';
 import {
@@ -337,6 +337,45 @@ describe('stopping quantizeModel', () => {
     await new Promise((r) => setImmediate(r));
     expect(training.events.slice(0, 2)).to.deep.equal(['source told to stop', 'rejected with the reason']);
     training.done();
+  });
+
+  it('abortable: an abort from inside next(), or between batches, ends the loop with the reason; listeners do not pile up; a throwing next() is not told to stop', async () => {
+    const counting = (next: (calls: number) => Promise<IteratorResult<number>> | IteratorResult<number>) => {
+      const seen = { next: 0, returned: 0 };
+      // (next() may answer synchronously or throw, as a hand-written iterator can.)
+      const source = { [Symbol.asyncIterator]: () => ({
+        next: () => next(++seen.next),
+        return: async () => { seen.returned++; return { value: undefined, done: true as const }; },
+      }) } as unknown as AsyncIterable<number>;
+      return { source, seen };
+    };
+    const drain = async (source: AsyncIterable<number>, signal: AbortSignal, onItem: (n: number) => void = () => undefined) => {
+      try {
+        for await (const n of abortable(source, signal)) onItem(n);
+        return 'finished';
+      } catch (e) {
+        return e;
+      }
+    };
+    // The source aborts while making its next batch, which never comes.
+    const inside = new AbortController();
+    const reason = new Error('aborted inside next()');
+    const a = counting((calls) => (calls === 1 ? { value: 1, done: false } : (inside.abort(reason), new Promise(() => undefined))));
+    expect(await drain(a.source, inside.signal)).to.equal(reason);
+    expect(a.seen).to.deep.equal({ next: 2, returned: 1 });
+    // Aborted by the reader between batches: the source is not asked for more.
+    const between = new AbortController();
+    const b = counting(() => ({ value: 1, done: false }));
+    const listeners: number[] = [];
+    expect(await drain(b.source, between.signal, () => { listeners.push(getEventListeners(between.signal, 'abort').length); between.abort(reason); })).to.equal(reason);
+    expect(b.seen.next).to.equal(1);
+    expect(listeners).to.deep.equal([0]);  // none left from the delivered batch's wait
+    expect(getEventListeners(between.signal, 'abort')).to.have.length(0);
+    // A source whose next() throws: the error, and no return() (as with for await).
+    const failing = new Error('the source failed');
+    const c = counting(() => { throw failing; });
+    expect(await drain(c.source, new AbortController().signal)).to.equal(failing);
+    expect(c.seen.returned).to.equal(0);
   });
 
   it('abortable holds no batch it has delivered (one promise shared by every wait kept them all until the loop ended)', async () => {

@@ -405,6 +405,9 @@ describe('objects whose properties answer differently on each read (getters, pro
       .to.throw(RangeError, 'requantizeInt32: bad lengths');
     expect(() => native().requantizeInt32(new Int32Array(1), 1, 1, 1, Float32Array.of(1), false, 1, -(2 ** 31), -(2 ** 31), 2 ** 31 - 1, false, new Uint8Array(1)))
       .to.throw(RangeError, 'requantizeInt32: bad range');
+    // [-128, 255] fits no one 8-bit type (as params refuse it).
+    expect(() => native().requantizeInt32(new Int32Array(1), 1, 1, 1, Float32Array.of(1), false, 1, 0, -128, 255, false, new Uint8Array(1)))
+      .to.throw(RangeError, 'requantizeInt32: bad range');
     // A block of 4 or 12 starts every other block at an odd 4-value group: the kernels read pairs of groups.
     for (const blockSize of [4, 12]) {
       expect(() => native().packInt4Matrix(new Int8Array(16 * 8), 16, 8, blockSize, new Float32Array(Math.ceil(16 / blockSize) * 8).fill(1),

@@ -1,5 +1,5 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
-import { Graph, dimsOf, isFloat16Tensor, isFloatTensor, subgraphNodes, weightValues } from './graph';
+import { checkDefaultOpset, Graph, dimsOf, isFloat16Tensor, isFloatTensor, subgraphNodes, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
 import { foldBatchNormSteps } from './passes/fold-batchnorm';
 import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
@@ -8,7 +8,6 @@ import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTran
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
 import { unquantizableReason } from './passes/quantize-weights';
-import { checkDefaultOpset } from './quantize-model';
 
 export interface LayerStats {
   node: string;

@@ -13,7 +13,7 @@ import { toFloat16Array } from '../float16';
 import { ortProblem } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession, type OrtSession } from './ort-session';
 import { checkKnownKeys, isPlainObject, iterability } from '../validate';
-import { allNodes, attribute, Graph, isOnnxDomain, weightValues } from './graph';
+import { allNodes, attribute, checkDefaultOpset, Graph, weightValues } from './graph';
 import {
   bytesLeftInFiles, checkExternalOutput, checkNotModelFile, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
@@ -430,31 +430,6 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
     if (quantNonFinite[i] > 0) l.outputQuantizedNonFiniteFeeds = quantNonFinite[i];
     if (l.outputSqnrDb === undefined) continue;  // a branch no feed ran, or every feed's float output was non-finite
     l.outputSqnrDb = noise[i] === 0 ? Infinity : noise[i] === Infinity ? -Infinity : 10 * Math.log10(power[i] / noise[i]);
-  }
-}
-
-/**
- * Refuses a model whose default-domain opset lowbit cannot work with (none, several versions, below 7); the same
- * version listed twice ('' and 'ai.onnx') becomes one entry, so that a conversion updates the only one there is.
- */
-export function checkDefaultOpset(graph: Graph): void {
-  const model = graph.model;
-  let defaultImports = model.opsetImport.filter((o) => isOnnxDomain(o.domain));
-  if (defaultImports.length > 1 && defaultImports.every((o) => o.version === defaultImports[0].version)) {
-    model.opsetImport = model.opsetImport.filter((o) => !isOnnxDomain(o.domain) || o === defaultImports[0]);
-    defaultImports = [defaultImports[0]];
-  }
-  if (defaultImports.length !== 1 || graph.opset < 1) {
-    // onnxruntime reads the last of two entries, lowbit's passes the first; a version below 1 names no opset.
-    throw new OnnxModelError(`This model imports ${defaultImports.length === 0 ? 'no version' : defaultImports.length > 1
-      ? `${defaultImports.length} versions (${defaultImports.map((o) => o.version).join(', ')})` : `version ${graph.opset}`} of the default ONNX domain ` +
-      "in its opset_import, where a model imports one, 1 or later (onnxruntime reads the last of several, lowbit's passes would change the first): " +
-      "fix the model's opset_import (or re-export it).");
-  }
-  if (graph.opset < 7) {
-    // Add, Mul, Gemm… broadcast by attribute there, which the passes' inserted nodes do not do.
-    throw new OnnxModelError(`This model's opset ${graph.opset} predates 7, which lowbit needs (onnxruntime itself guarantees only opset 7 and later): ` +
-      're-export or convert the model to a newer opset first.');
   }
 }
 

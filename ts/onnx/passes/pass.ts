@@ -69,21 +69,22 @@ export async function* abortable<T>(source: Iterable<T> | AsyncIterable<T>, sign
     yield* source;
     return;
   }
+  signal.throwIfAborted();  // (a source never opened is not touched)
   const iterator = source[Symbol.asyncIterator]();
   let state = 'reading' as 'reading' | 'done' | 'aborted';
   try {
     for (;;) {
       // A fresh promise per wait, its listener removed once settled: one promise shared by every wait would hold each
-      // batch it delivered (V8 keeps a pending promise's reactions), all of them until the loop ends.
+      // batch it delivered (V8 keeps a pending promise's reactions), all of them until the loop ends. The listener
+      // comes first: a source may abort from inside next().
       let r: IteratorResult<T>;
       try {
         signal.throwIfAborted();  // (also before asking the source for more)
-        const next = Promise.resolve(iterator.next());
         r = await new Promise<IteratorResult<T>>((resolve, reject) => {
           const onAbort = () => reject(signal.reason);
           signal.addEventListener('abort', onAbort, { once: true });
-          next.then((v) => { signal.removeEventListener('abort', onAbort); resolve(v); },
-            (e) => { signal.removeEventListener('abort', onAbort); reject(e); });
+          const settle = () => signal.removeEventListener('abort', onAbort);
+          Promise.resolve().then(() => iterator.next()).then((v) => { settle(); resolve(v); }, (e) => { settle(); reject(e); });
         });
       } catch (e) {
         state = signal.aborted ? 'aborted' : 'done';  // (a source that failed is not told to stop, as with for await)
@@ -96,13 +97,10 @@ export async function* abortable<T>(source: Iterable<T> | AsyncIterable<T>, sign
       yield r.value;
     }
   } finally {
-    if (state === 'aborted') {
-      try {
-        void Promise.resolve(iterator.return?.()).catch(() => undefined);
-      } catch {
-        // the abort's reason is the error to report
-      }
-    } else if (state === 'reading') await iterator.return?.();  // the reader stopped early (break, an error): as for await does
+    // Aborted (seen here or by the reader): told to stop, not waited for; a reader that stopped early otherwise
+    // (break, an error) waits for the source to stop, as for await does.
+    if (state === 'aborted' || (state === 'reading' && signal.aborted)) Promise.resolve().then(() => iterator.return?.()).catch(() => undefined);
+    else if (state === 'reading') await iterator.return?.();
   }
 }
 
