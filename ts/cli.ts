@@ -102,7 +102,7 @@ const FINETUNE_FLAGS: Array<[string, string]> = [
   ['options.weightBits', '--wbits'], ['options.activationBits', '--abits'], ['options.firstLastLayerBits', '--first-last-bits'],
   ['options.epochs', '--epochs'], ['options.batchSize', '--batch-size'], ['options.learningRate', '--lr'], ['options.method', '--method'],
   ['options.optimizer', '--optimizer'], ['options.seed', '--seed'], ['options.groups', '--groups'], ['options.activationSteps', '--activation-steps'],
-  ['options.stepInit', '--step-init'], ['options.perChannel', '--per-channel'], 
+  ['options.stepInit', '--step-init'], ['options.perChannel', '--per-channel'], ['options.reduceRange', '--reduce-range'],
   ['options.outputPath', '--output'], ['options.validation', '--validation'],
 ];
 
@@ -401,12 +401,13 @@ export function program(): Command {
     .option('--distill', 'learn the float model\'s outputs instead of labels (labels.npy not needed; accuracy = agreement with the float model)')
     .option('--optimizer <o>', "'sgd' (with momentum) or 'adam'", 'sgd')
     .option('--per-channel', 'LSQ: one weight step per output channel')
+    .option('--reduce-range', '8-bit weights in the 7-bit range [-64, 63], trained and exported so (as quantize --reduce-range)')
     .option('--fixed-steps', 'train the weights only, at the initial quantizer steps')
     .option('--step-init <s>', "LSQ initial steps: 'lsq' (the paper's) or 'max' (no clipping, zero points for signed activations; better at 8 bits)", 'lsq')
     .action(async (modelArg: string, o: {
       data: string; validation?: string; limit?: number; output?: string; method: string; wbits: number; abits: number; firstLastBits: number;
       epochs: number; batchSize: number; lr: number; groups: number; activationSteps: string; seed: number; distill?: boolean; optimizer: string;
-      perChannel?: boolean; stepInit: string; fixedSteps?: boolean;
+      perChannel?: boolean; reduceRange?: boolean; stepInit: string; fixedSteps?: boolean;
     }, command: Command) => {
       const limit = o.limit === undefined ? Infinity : Number(o.limit);
       if (!(Number.isInteger(limit) && limit >= 1) && limit !== Infinity) throw new Error(`Expected a positive integer for --limit but received ${o.limit}.`);
@@ -450,7 +451,7 @@ export function program(): Command {
         method: o.method as 'lsq', weightBits: Number(o.wbits) as 4, activationBits: Number(o.abits) as 4, firstLastLayerBits: Number(o.firstLastBits) as 8,
         epochs: Number(o.epochs), batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed),
         outputPath: output, activationSteps: o.activationSteps as 'running' | 'learned', distill: !!o.distill, optimizer: o.optimizer as 'sgd',
-        perChannel: !!o.perChannel, stepInit: o.stepInit as 'lsq', learnSteps: !o.fixedSteps,
+        perChannel: !!o.perChannel, reduceRange: !!o.reduceRange, stepInit: o.stepInit as 'lsq', learnSteps: !o.fixedSteps,
       };
       await withFlags(FINETUNE_FLAGS, () => checkFinetuneOptions(options));  // before the data are loaded
       const quantizing = o.method !== 'float';
@@ -463,6 +464,8 @@ export function program(): Command {
         { key: 'groups', flag: '--groups', unused: o.method !== 'gdrq', why: 'it applies to --method gdrq' },
         { key: 'activationSteps', flag: '--activation-steps', unused: o.method !== 'gdrq', why: 'it applies to --method gdrq' },
         { key: 'stepInit', flag: '--step-init', unused: !quantizing, why: floatOnly },
+        { key: 'reduceRange', flag: '--reduce-range', unused: !quantizing || (Number(o.wbits) !== 8 && Number(o.firstLastBits) !== 8),
+          why: 'it applies to 8-bit weights (--wbits 8 or --first-last-bits 8)' },
       ]);
       const data = await load(o.data, 'train', '--data');
       const validation = o.validation ? await load(o.validation, 't10k', '--validation') : undefined;

@@ -5,7 +5,7 @@
  */
 import { create } from '@bufbuild/protobuf';
 import { expect } from 'chai';
-import { AttributeProto_AttributeType, AttributeProtoSchema, NodeProtoSchema } from 'onnx-buf';
+import { AttributeProto_AttributeType, AttributeProtoSchema, NodeProtoSchema, TensorProto_DataType } from 'onnx-buf';
 import { Readable } from 'node:stream';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -211,6 +211,29 @@ describe('finetune: quantization-aware training and QDQ export', () => {
       if (method === 'gdrq') expect(result.layers.filter((l) => l.foldedIntoBatchNorm).map((l) => l.node)).to.deep.equal(['conv2']);
     });
   }
+  it('reduceRange keeps 8-bit weights in [-64, 63] while training and in the export (LSQ and GDRQ edge layers), which onnxruntime runs as the engine does', async () => {
+    const int8Codes = (bytes: Uint8Array) => {
+      const graph = readModel(bytes).graph!;
+      return graph.node.filter((n) => n.opType === 'DequantizeLinear').map((n) => graph.initializer.find((t) => t.name === n.input[0]))
+        .filter((t) => t?.dataType === TensorProto_DataType.INT8).map((t) => Array.from(new Int8Array(Uint8Array.from(t!.rawData).buffer)));
+    };
+    const extremes = (codes: number[][]) => [Math.min(...codes.flat()), Math.max(...codes.flat())];
+    for (const method of ['lsq', 'gdrq'] as const) {
+      // 'max' steps (no clipping at the start): the codes span the whole range.
+      const options = { method, weightBits: 4 as const, activationBits: 4 as const, epochs: 1, batchSize: 64, learningRate: 0.005, stepInit: 'max' as const };
+      const full = await finetune(BUNDLED, train(), options);
+      const reduced = await finetune(BUNDLED, train(), { ...options, reduceRange: true });
+      // The two 8-bit edge layers' weights (conv1 and fc): int8 codes, reaching ±127 without reduceRange.
+      expect(int8Codes(full.model), method).to.have.length(2);
+      expect(Math.max(...extremes(int8Codes(full.model)).map(Math.abs)), method).to.be.above(100);
+      const [low, high] = extremes(int8Codes(reduced.model));
+      expect([low >= -64, high <= 63, Math.max(-low, high) >= 60], method).to.deep.equal([true, true, true]);
+      const engine = reduced.forward(test.inputs);
+      expect(argmaxAgreement(engine, await ortLogits(reduced.model, test), 10), method).to.be.above(0.99);
+    }
+    await finetune(BUNDLED, train(), { method: 'lsq', reduceRange: 'yes' as never }).then(() => expect.fail('accepted'), (e) => expect((e as Error).message).to.match(/a boolean for options\.reduceRange/));
+  });
+
   it('the first and last layers by data flow keep firstLastLayerBits: a stem of parallel layers and several heads', async () => {
     const inputs = { data: Float32Array.from({ length: 64 * 8 }, (_, i) => Math.sin(i * 0.37)), dims: [64, 8] };
     const labels = Int32Array.from({ length: 64 }, (_, i) => i % 4);

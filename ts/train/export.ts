@@ -33,7 +33,7 @@ export function weightCodes(w: Float32Array, dims: number[], q: QuantizerExport)
   const clip = q.clip;
   const clipped = clip === undefined ? w : Float32Array.from(w, (v) => Math.min(clip, Math.max(-clip, v)));
   return quantizeTensor(clipped, {
-    shape: dims, bits: q.bits, signed: true, scale: q.scale,
+    shape: dims, bits: q.codeBits ?? q.bits, signed: true, scale: q.scale,
     ...(q.axis === undefined ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: q.axis }),
   }).values as Int8Array;
 }

@@ -65,6 +65,11 @@ export interface FinetuneOptions {
   /** LSQ: one weight step per output channel instead of per tensor. */
   perChannel?: boolean;
   /**
+   * Keep 8-bit weights in the 7-bit range [-64, 63] while training and in the export, as quantizeModel's
+   * weights.reduceRange: onnxruntime's uint8×int8 kernels on x86 CPUs without VNNI can saturate otherwise.
+   */
+  reduceRange?: boolean;
+  /**
    * LSQ: initial steps 2⟨|v|⟩/√Q_P ('lsq', the paper's, default) or 'max': no clipping, the minmax PTQ starting point
    * (better at 8 bits) — weights max|w|/Q_P, activations the [min, max] seen on the first 64 inputs (first batch of an
    * iterable), with a zero point for signed ranges.
@@ -136,7 +141,7 @@ export interface FinetuneResult {
 }
 
 const KNOWN_OPTIONS = ['method', 'weightBits', 'activationBits', 'firstLastLayerBits', 'keepFloat', 'epochs', 'batchSize',
-  'learningRate', 'learningRateSchedule', 'optimizer', 'momentum', 'weightDecay', 'seed', 'perChannel', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps', 'activationSteps',
+  'learningRate', 'learningRateSchedule', 'optimizer', 'momentum', 'weightDecay', 'seed', 'perChannel', 'reduceRange', 'groups', 'scaleClipK', 'activationClipK', 'groupSteps', 'activationSteps',
   'stepInit', 'learnSteps', 'distill', 'freezeBatchNorm', 'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath', 'signal'];
 
 function positive(name: string, v: unknown, fallback: number): number {
@@ -201,6 +206,7 @@ interface Settings {
   weightDecay: number;
   seed: number;
   perChannel: boolean;
+  reduceRange: boolean;
   groups: number;
   scaleClipK: number;
   activationClipK: number;
@@ -229,7 +235,7 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
   if (o.keepFloat !== undefined && (!Array.isArray(o.keepFloat) || !o.keepFloat.every((k) => typeof k === 'string'))) {
     throw invalidType('options.keepFloat', 'an array of node names or op types', o.keepFloat);
   }
-  for (const flag of ['distill', 'freezeBatchNorm', 'perChannel', 'learnSteps'] as const) {
+  for (const flag of ['distill', 'freezeBatchNorm', 'perChannel', 'reduceRange', 'learnSteps'] as const) {
     if (o[flag] !== undefined && typeof o[flag] !== 'boolean') throw invalidType(`options.${flag}`, 'a boolean', o[flag]);
   }
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw invalidType('options.signal', 'an AbortSignal (AbortController.signal)', o.signal);
@@ -250,6 +256,7 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
     weightDecay: nonNegative('options.weightDecay', o.weightDecay, defaultDecay),
     seed: o.seed === undefined ? 0 : checkInteger('options.seed', o.seed, 0, 2 ** 32 - 1),
     perChannel: !!o.perChannel,
+    reduceRange: !!o.reduceRange,
     groups: o.groups === undefined ? 4 : checkInteger('options.groups', o.groups, 1, 1 << 16),
     scaleClipK: positive('options.scaleClipK', o.scaleClipK, 2),
     activationClipK: positive('options.activationClipK', o.activationClipK, 5),
@@ -286,12 +293,14 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
     // GDRQ reshapes the low-bit layers only: at 8 bits Scale-Clip would just throw information away,
     // so the 8-bit first and last layers get LSQ quantizers as in the LSQ recipe.
     if (s.method === 'lsq' || (edge && s.firstLastLayerBits === 8)) {
-      const weight = new LsqQuantizer(`${layer.label}.weight`, wBits, 'weight', true, s.perChannel ? layer.outputAxis : undefined, s.stepInit);
+      const weight = new LsqQuantizer(`${layer.label}.weight`, wBits, 'weight', true, s.perChannel ? layer.outputAxis : undefined, s.stepInit, false,
+        s.reduceRange && wBits === 8);
       weight.initialize({ data: layer.weight.value, dims: layer.weight.dims });
       map.set(layer.node, { weight, activation: new LsqQuantizer(`${layer.label}.input`, actBits, 'activation', undefined, undefined, s.stepInit, columnSamples) });
     } else {
       map.set(layer.node, {
-        weight: new GdrqWeightQuantizer(`${layer.label}.weight`, wBits, layer.weight, layer.outputAxis, s.groups, s.scaleClipK, s.groupSteps),
+        weight: new GdrqWeightQuantizer(`${layer.label}.weight`, wBits, layer.weight, layer.outputAxis, s.groups, s.scaleClipK, s.groupSteps,
+          s.reduceRange && wBits === 8),
         activation: s.activationSteps === 'learned'
           ? new LsqQuantizer(`${layer.label}.input`, actBits, 'activation', undefined, undefined, 'lsq', columnSamples)
           : new RunningClipQuantizer(`${layer.label}.input`, actBits, s.activationClipK, 0.9),

@@ -27,6 +27,8 @@ export interface QuantizerExport {
   axis?: number;
   /** GDRQ: contiguous channel groups sharing a scale. */
   groups?: number;
+  /** Codes in the signed range of this many bits, stored in `bits` (reduceRange: 7-bit values in int8). */
+  codeBits?: number;
   /** Values are clipped to ±clip before quantizing (GDRQ Scale-Clip of weights). */
   clip?: number;
   /** Unsigned codes with this zero point (asymmetric activations); default 0. */
@@ -101,12 +103,18 @@ export class LsqQuantizer implements ExportableQuantizer {
    * perChannelAxis: one step per channel along this axis (weights only).
    * signed: undefined = decide from the first batch (activations: unsigned when it has no negative value).
    * columnSamples: activations read as W·x — [.., K, N] holds one sample per column (features per sample: K).
+   * reducedRange: weights — the levels of one bit fewer, stored in `bits` (for u8s8 kernels without VNNI).
    */
   constructor(readonly name: string, readonly bits: number, private readonly kind: 'weight' | 'activation',
     signed: boolean | undefined, private readonly perChannelAxis?: number, private readonly init: StepInit = 'lsq',
-    private readonly columnSamples = false) {
+    private readonly columnSamples = false, private readonly reducedRange = false) {
     this.signed = signed ?? true;
-    if (signed !== undefined) ({ qn: this.qn, qp: this.qp } = lsqLevels(bits, signed));
+    if (signed !== undefined) ({ qn: this.qn, qp: this.qp } = lsqLevels(this.levelBits, signed));
+  }
+
+  /** The bits whose levels the codes take. */
+  private get levelBits(): number {
+    return this.reducedRange ? this.bits - 1 : this.bits;
   }
 
   private layout(dims: number[]): NativeLayout {
@@ -141,7 +149,7 @@ export class LsqQuantizer implements ExportableQuantizer {
       }
     }
     if (!steps) {
-      ({ qn: this.qn, qp: this.qp } = lsqLevels(this.bits, this.signed));
+      ({ qn: this.qn, qp: this.qp } = lsqLevels(this.levelBits, this.signed));
       const init = (m: number) => initialStep(max ? m / this.qp : (2 * m) / Math.sqrt(this.qp));
       // mean (or max) |v| over `run` values every `stride` from `from`.
       const stat = (from: number, stride: number, run: number) => init(meanAbs(x.data, from, x.data.length, stride, run, max));
@@ -185,7 +193,8 @@ export class LsqQuantizer implements ExportableQuantizer {
   }
 
   describe(): QuantizerExport {
-    return { bits: this.bits, signed: this.signed, scale: Float32Array.from(this.step!.value), axis: this.perChannelAxis, zeroPoint: this.zeroPoint };
+    return { bits: this.bits, signed: this.signed, scale: Float32Array.from(this.step!.value), axis: this.perChannelAxis, zeroPoint: this.zeroPoint,
+      ...(this.reducedRange ? { codeBits: this.levelBits } : {}) };
   }
 }
 
@@ -206,8 +215,8 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
   private threshold = 0;
 
   constructor(readonly name: string, readonly bits: number, private readonly weight: Parameter, private readonly axis: number,
-    groups: number, private readonly k: number, private readonly groupSteps: 'learned' | 'search') {
-    ({ qn: this.qn, qp: this.qp } = lsqLevels(bits, true));
+    groups: number, private readonly k: number, private readonly groupSteps: 'learned' | 'search', private readonly reducedRange = false) {
+    ({ qn: this.qn, qp: this.qp } = lsqLevels(reducedRange ? bits - 1 : bits, true));
     this.groups = groupsFor(weight.dims[axis], groups);
     this.steps = makeParameter(`${name}.groupSteps`, new Float32Array(this.groups), [this.groups], false, MIN_STEP);
     this.search();
@@ -262,7 +271,8 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
   }
 
   describe(): QuantizerExport {
-    return { bits: this.bits, signed: true, scale: this.channelSteps(), axis: this.axis, groups: this.groups, clip: this.k * meanAbs(this.weight.value) };
+    return { bits: this.bits, signed: true, scale: this.channelSteps(), axis: this.axis, groups: this.groups, clip: this.k * meanAbs(this.weight.value),
+      ...(this.reducedRange ? { codeBits: this.bits - 1 } : {}) };
   }
 }
 
