@@ -465,7 +465,7 @@ export function program(): Command {
         { key: 'activationSteps', flag: '--activation-steps', unused: o.method !== 'gdrq', why: 'it applies to --method gdrq' },
         { key: 'stepInit', flag: '--step-init', unused: !quantizing, why: floatOnly },
         { key: 'reduceRange', flag: '--reduce-range', unused: !quantizing || (Number(o.wbits) !== 8 && Number(o.firstLastBits) !== 8),
-          why: 'it applies to 8-bit weights (--wbits 8 or --first-last-bits 8)' },
+          why: quantizing ? 'it applies to 8-bit weights (--wbits 8 or --first-last-bits 8)' : floatOnly },
       ]);
       const data = await load(o.data, 'train', '--data');
       const validation = o.validation ? await load(o.validation, 't10k', '--validation') : undefined;

@@ -143,6 +143,9 @@ describe('lowbit CLI (audit)', () => {
     expect(float.status, float.stderr).to.equal(0);
     expect(float.stderr).to.contain('lowbit: note: --wbits has no effect here (--method float trains without quantizers)');
     expect(float.stderr).to.contain('lowbit: note: --groups has no effect here (it applies to --method gdrq)');
+    const noEight = lowbit('finetune', 'm.onnx', '--data', 'mnist', '--limit', '32', '--method', 'lsq', '--first-last-bits', '4', '--reduce-range', '-o', 'f.onnx');
+    expect(noEight.status, noEight.stderr).to.equal(0);
+    expect(noEight.stderr).to.contain('lowbit: note: --reduce-range has no effect here (it applies to 8-bit weights (--wbits 8 or --first-last-bits 8))');
     let threads: unknown;
     const cmd = program();
     cmd.commands.find((c) => c.name() === 'bench')!.commands.find((c) => c.name() === 'gemm')!.action((o: { threads?: number[] }) => { threads = o.threads; });

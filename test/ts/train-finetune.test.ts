@@ -231,6 +231,16 @@ describe('finetune: quantization-aware training and QDQ export', () => {
       const engine = reduced.forward(test.inputs);
       expect(argmaxAgreement(engine, await ortLogits(reduced.model, test), 10), method).to.be.above(0.99);
     }
+    // GDRQ's own 8-bit weight quantizer (weightBits 8: conv2): group steps searched for the 7-bit levels, so the
+    // codes reach the ends of [-64, 63] at the Scale-Clip threshold (searched at 8 bits, a third of them saturated).
+    const gdrq8 = await finetune(BUNDLED, train(), { method: 'gdrq', weightBits: 8, activationBits: 8, epochs: 1, batchSize: 64, learningRate: 0.005, reduceRange: true });
+    const codes8 = int8Codes(gdrq8.model);
+    expect(codes8).to.have.length(3);
+    expect(gdrq8.layers.map((l) => [l.weightBits, l.weightCodeBits])).to.deep.equal([[8, 7], [8, 7], [8, 7]]);
+    for (const layer of codes8) expect([Math.min(...layer) >= -64, Math.max(...layer) <= 63]).to.deep.equal([true, true]);
+    expect(Math.max(...codes8[1].map(Math.abs)), 'conv2 (GDRQ)').to.be.at.least(60);
+    expect(codes8[1].filter((c) => c >= 63 || c <= -64).length / codes8[1].length, 'conv2 codes at the ends').to.be.below(0.05);
+    expect(argmaxAgreement(gdrq8.forward(test.inputs), await ortLogits(gdrq8.model, test), 10)).to.be.above(0.99);
     await finetune(BUNDLED, train(), { method: 'lsq', reduceRange: 'yes' as never }).then(() => expect.fail('accepted'), (e) => expect((e as Error).message).to.match(/a boolean for options\.reduceRange/));
   });
 

@@ -54,6 +54,8 @@ function zeroPoint(name: string, bits: number, signed: boolean, value = 0): Tens
 export interface ExportLayer {
   node: string;
   weightBits?: number;
+  /** Weights whose codes take fewer bits than their storage (reduceRange: 7, in int8). */
+  weightCodeBits?: number;
   activationBits?: number;
   weightScale?: number[];
   activationScale?: number;
@@ -145,6 +147,7 @@ export function exportModel(model: TrainableModel): { bytes: Uint8Array; layers:
       copy.graph!.node.push(graph.newNode('DequantizeLinear', [codesName, scaleName], [dequantized], `${w.name}_dq`, attrs));
       node.input[layer.weightInput] = dequantized;
       entry.weightBits = weight.bits;
+      if (weight.codeBits !== undefined) entry.weightCodeBits = weight.codeBits;
       entry.weightScale = Array.from(weight.scale);
     }
     if (activation) {

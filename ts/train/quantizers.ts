@@ -216,11 +216,16 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
 
   constructor(readonly name: string, readonly bits: number, private readonly weight: Parameter, private readonly axis: number,
     groups: number, private readonly k: number, private readonly groupSteps: 'learned' | 'search', private readonly reducedRange = false) {
-    ({ qn: this.qn, qp: this.qp } = lsqLevels(reducedRange ? bits - 1 : bits, true));
+    ({ qn: this.qn, qp: this.qp } = lsqLevels(this.levelBits, true));
     this.groups = groupsFor(weight.dims[axis], groups);
     this.steps = makeParameter(`${name}.groupSteps`, new Float32Array(this.groups), [this.groups], false, MIN_STEP);
     this.search();
     if (groupSteps === 'learned') this.parameters.push(this.steps);
+  }
+
+  /** The bits whose levels the codes take (one fewer with reducedRange). */
+  private get levelBits(): number {
+    return this.reducedRange ? this.bits - 1 : this.bits;
   }
 
   private clipped(w: Float32Array): Float32Array {
@@ -232,7 +237,7 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
   /** Group steps minimising the L1 quantization loss of the clipped weights (the paper's QL, p = 1). */
   private search(): void {
     const q = quantizeTensor(this.clipped(this.weight.value), {
-      shape: this.weight.dims, bits: this.bits, method: 'mse', norm: 1, granularity: 'group', groups: this.groups, axis: this.axis,
+      shape: this.weight.dims, bits: this.levelBits, method: 'mse', norm: 1, granularity: 'group', groups: this.groups, axis: this.axis,
     });
     this.steps.value.set(q.scale.map((s) => Math.max(MIN_STEP, s)));
   }
@@ -272,7 +277,7 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
 
   describe(): QuantizerExport {
     return { bits: this.bits, signed: true, scale: this.channelSteps(), axis: this.axis, groups: this.groups, clip: this.k * meanAbs(this.weight.value),
-      ...(this.reducedRange ? { codeBits: this.bits - 1 } : {}) };
+      ...(this.reducedRange ? { codeBits: this.levelBits } : {}) };
   }
 }
 
