@@ -170,8 +170,7 @@ Napi::Value RequantizeInt32(const Napi::CallbackInfo& info) {
   size_t mn;
   if (__builtin_mul_overflow(m, n, &mn) || nc < mn || ny < mn || ns != (per_column ? n : 1)) throw_range(env, "requantizeInt32: bad lengths");
   // Codes are stored in bytes: an 8-bit range (qmax - yZeroPoint must not overflow either).
-  if (qmin < -128 || qmax > 255 || (qmin < 0 && qmax > 127) || qmin > qmax || y_zp < qmin || y_zp > qmax)
-    throw_range(env, "requantizeInt32: bad range");
+  if (!byte_code_range(qmin, qmax) || y_zp < qmin || y_zp > qmax) throw_range(env, "requantizeInt32: bad range");
   lowbit::requantize_int32(c, m, n, a_scale, b_scale, per_column, y_scale, y_zp, qmin, qmax, relu, y);
   return env.Undefined();
 }

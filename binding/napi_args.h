@@ -102,6 +102,11 @@ inline std::string string_of(const Napi::Value& v, const char* name) {
   return v.As<Napi::String>().Utf8Value();
 }
 
+// Whether [qmin, qmax] is a range of one 8-bit (or narrower) code type, signed or unsigned.
+inline bool byte_code_range(int32_t qmin, int32_t qmax) {
+  return qmin <= qmax && qmin >= -128 && qmax <= 255 && !(qmin < 0 && qmax > 127);
+}
+
 // {kind, outer, axisLen, inner, blockSize} -> QuantLayout, with the element
 // count checked for overflow.
 inline lowbit::QuantLayout layout_of(const Napi::Value& v) {

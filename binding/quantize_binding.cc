@@ -30,7 +30,7 @@ QuantParams params_of(const Napi::Value& v, std::vector<Napi::Value>* arrays = n
   const Napi::Value qmin = o.Get("qmin"), qmax = o.Get("qmax"), scale = o.Get("scale"), zero_point = o.Get("zeroPoint");
   p.qmin = int_of(qmin, "params.qmin");
   p.qmax = int_of(qmax, "params.qmax");
-  if (p.qmin > p.qmax || p.qmin < -128 || p.qmax > 255 || (p.qmin < 0 && p.qmax > 127))
+  if (!byte_code_range(p.qmin, p.qmax))
     throw_range(env, "params.qmin/qmax must describe an 8-bit (or narrower) integer range");
   size_t ns, nz;
   p.scale = array_of<float>(scale, "params.scale", napi_float32_array, &ns);

@@ -40,9 +40,14 @@ function checkOther<T>(other: unknown, kind: abstract new (...args: never[]) => 
   return other;
 }
 
+/** The error for a NaN at `index` of an observed batch. */
+function nanInBatch(index: number): RangeError {
+  return invalidValue(`batch[${index}]`, 'a number', NaN, 'Remove NaN values before calibration.');
+}
+
 function batchMinMax(batch: Float32Array): { min: number; max: number; finite: number } {
   const [min, max, finite, nan] = native().finiteRange(batch);
-  if (nan >= 0) throw invalidValue(`batch[${nan}]`, 'a number', NaN, 'Remove NaN values before calibration.');
+  if (nan >= 0) throw nanInBatch(nan);
   return { min, max, finite };
 }
 
@@ -443,7 +448,7 @@ export class ChannelRangeObserver {
           if (v > -Infinity && v < Infinity) {
             if (v < lo) lo = v;
             if (v > hi) hi = v;
-          } else if (Number.isNaN(v)) throw invalidValue(`batch[${i}]`, 'a number', NaN, 'Remove NaN values before calibration.');
+          } else if (Number.isNaN(v)) throw nanInBatch(i);
         }
         this.lo[ch] = lo;
         this.hi[ch] = hi;

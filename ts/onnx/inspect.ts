@@ -1,5 +1,5 @@
 /** Per-layer weight statistics of an ONNX model, for `lowbit inspect`. */
-import { checkDefaultOpset, Graph, dimsOf, isFloat16Tensor, isFloatTensor, subgraphNodes, weightValues } from './graph';
+import { allNodes, checkDefaultOpset, Graph, dimsOf, isFloat16Tensor, isFloatTensor, weightValues } from './graph';
 import { readModelAsync, withDataRead } from './model-io';
 import { foldBatchNormSteps } from './passes/fold-batchnorm';
 import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
@@ -7,7 +7,10 @@ import { nextTurn, nodeLabel, placeOf, runStepsAsync } from './passes/pass';
 import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
-import { unquantizableReason } from './passes/quantize-weights';
+import { QUANTIZABLE, unquantizableReason } from './passes/quantize-weights';
+
+/** The layers inspect lists: those quantizeModel quantizes, and ConvTranspose. */
+const LISTED = new Set([...QUANTIZABLE, 'ConvTranspose']);
 
 export interface LayerStats {
   node: string;
@@ -46,11 +49,8 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
   await runStepsAsync(foldBatchNormSteps(graph));
   await runStepsAsync(foldScalarAffineSteps(graph));
   const layers: LayerStats[] = [];
-  const layerNodes = [
-    ...graph.topologicalOrder().filter((n) => ['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(n.opType)).map((node) => ({ node, scopes: [], owner: undefined })),
-    // After the main graph's, as quantizeModel takes them (ConvTranspose ones too, listed as not quantized).
-    ...subgraphNodes(graph).filter((l) => ['Conv', 'Gemm', 'MatMul', 'ConvTranspose'].includes(l.node.opType)),
-  ];
+  // The main graph's, then those in subgraphs, as quantizeModel takes them (ConvTranspose too, listed as not quantized).
+  const layerNodes = allNodes(graph).filter((l) => LISTED.has(l.node.opType));
   const candidates = [
     // The quantizer's own reasons for leaving a layer float (W·x, weight rank, already quantized, …).
     ...layerNodes.map((c) => ({ ...c, weightInput: 1, optIn: false,

@@ -820,13 +820,6 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   let result: CalibrationResult | undefined;
   let sample: Feed[] | undefined;
   let calibrationBatches: number | undefined;
-  // The activation ranges. The first and last layers' inputs take their 8 bits too (as their weights do): the model
-  // input and the classifier's features, which ACIQ's authors also keep at 8 bits; with `outputs`, the last layers'
-  // outputs (the logits) as well. Those inside subgraphs: their branches' values, below.
-  const edges = edgeLayers(graph, targets, bodyTargets);
-  const mainLast = targets.filter((n) => edges.last.has(n));
-  const edgeTensors = new Set([...targets.filter((n) => edges.first.has(n)), ...mainLast].map((n) => n.input[0])
-    .concat(mainLast.map((n) => placement?.quantizedOutput.get(nodeLabel(n)) ?? n.output[0])));
   // Tensors quantized for every consumer: the layer outputs, and what shares their parameters.
   const everyConsumer = new Set(layerOutputs);
   const ranges = new Map<string, ActivationRange>();
@@ -852,6 +845,12 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     calibrationBatches = result.batches;
     sample = result.sample;
     if (staticActivations) {
+      // The activation ranges. The first and last layers' inputs take their 8 bits too (as their weights do): the
+      // model input and the classifier's features, which ACIQ's authors also keep at 8 bits; with `outputs`, the last
+      // layers' outputs (the logits) as well. Those inside subgraphs: their branches' values, below.
+      const edges = edgeLayers(graph, targets, bodyTargets);
+      const edgeTensors = new Set(targets.filter(edges.isEdge).map((n) => n.input[0]));
+      for (const n of targets) if (edges.last.has(n)) edgeTensors.add(placement?.quantizedOutput.get(nodeLabel(n)) ?? n.output[0]);
       const edgeBits = (opts.firstLastLayerBits ?? 8) === 8 ? Math.max(8, staticActivations.bits) : staticActivations.bits;
       const calibrated = result;
       const rangeOf = async (t: string, bits: number): Promise<ActivationRange> => {

@@ -290,17 +290,16 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
     const aBits = edge ? s.firstLastLayerBits : s.activationBits;
     const actBits = aBits === 2 ? 4 : aBits;
     const columnSamples = layer.weightInput === 0;  // W·x: the input's columns are the samples
+    const codeBits = s.reduceRange ? Math.min(wBits, 7) : wBits;  // reduceRange: 8-bit weights take 7-bit levels
     // GDRQ reshapes the low-bit layers only: at 8 bits Scale-Clip would just throw information away,
     // so the 8-bit first and last layers get LSQ quantizers as in the LSQ recipe.
     if (s.method === 'lsq' || (edge && s.firstLastLayerBits === 8)) {
-      const weight = new LsqQuantizer(`${layer.label}.weight`, wBits, 'weight', true, s.perChannel ? layer.outputAxis : undefined, s.stepInit, false,
-        s.reduceRange && wBits === 8);
+      const weight = new LsqQuantizer(`${layer.label}.weight`, wBits, 'weight', true, s.perChannel ? layer.outputAxis : undefined, s.stepInit, false, codeBits);
       weight.initialize({ data: layer.weight.value, dims: layer.weight.dims });
       map.set(layer.node, { weight, activation: new LsqQuantizer(`${layer.label}.input`, actBits, 'activation', undefined, undefined, s.stepInit, columnSamples) });
     } else {
       map.set(layer.node, {
-        weight: new GdrqWeightQuantizer(`${layer.label}.weight`, wBits, layer.weight, layer.outputAxis, s.groups, s.scaleClipK, s.groupSteps,
-          s.reduceRange && wBits === 8),
+        weight: new GdrqWeightQuantizer(`${layer.label}.weight`, wBits, layer.weight, layer.outputAxis, s.groups, s.scaleClipK, s.groupSteps, codeBits),
         activation: s.activationSteps === 'learned'
           ? new LsqQuantizer(`${layer.label}.input`, actBits, 'activation', undefined, undefined, 'lsq', columnSamples)
           : new RunningClipQuantizer(`${layer.label}.input`, actBits, s.activationClipK, 0.9),

@@ -103,18 +103,14 @@ export class LsqQuantizer implements ExportableQuantizer {
    * perChannelAxis: one step per channel along this axis (weights only).
    * signed: undefined = decide from the first batch (activations: unsigned when it has no negative value).
    * columnSamples: activations read as W·x — [.., K, N] holds one sample per column (features per sample: K).
-   * reducedRange: weights — the levels of one bit fewer, stored in `bits` (for u8s8 kernels without VNNI).
+   * codeBits: weights — the bits whose levels the codes take, fewer than the `bits` they are stored in with reduceRange
+   * (7 in int8, for u8s8 kernels without VNNI).
    */
   constructor(readonly name: string, readonly bits: number, private readonly kind: 'weight' | 'activation',
     signed: boolean | undefined, private readonly perChannelAxis?: number, private readonly init: StepInit = 'lsq',
-    private readonly columnSamples = false, private readonly reducedRange = false) {
+    private readonly columnSamples = false, private readonly codeBits = bits) {
     this.signed = signed ?? true;
-    if (signed !== undefined) ({ qn: this.qn, qp: this.qp } = lsqLevels(this.levelBits, signed));
-  }
-
-  /** The bits whose levels the codes take. */
-  private get levelBits(): number {
-    return this.reducedRange ? this.bits - 1 : this.bits;
+    if (signed !== undefined) ({ qn: this.qn, qp: this.qp } = lsqLevels(this.codeBits, signed));
   }
 
   private layout(dims: number[]): NativeLayout {
@@ -149,7 +145,7 @@ export class LsqQuantizer implements ExportableQuantizer {
       }
     }
     if (!steps) {
-      ({ qn: this.qn, qp: this.qp } = lsqLevels(this.levelBits, this.signed));
+      ({ qn: this.qn, qp: this.qp } = lsqLevels(this.codeBits, this.signed));
       const init = (m: number) => initialStep(max ? m / this.qp : (2 * m) / Math.sqrt(this.qp));
       // mean (or max) |v| over `run` values every `stride` from `from`.
       const stat = (from: number, stride: number, run: number) => init(meanAbs(x.data, from, x.data.length, stride, run, max));
@@ -194,7 +190,7 @@ export class LsqQuantizer implements ExportableQuantizer {
 
   describe(): QuantizerExport {
     return { bits: this.bits, signed: this.signed, scale: Float32Array.from(this.step!.value), axis: this.perChannelAxis, zeroPoint: this.zeroPoint,
-      ...(this.reducedRange ? { codeBits: this.levelBits } : {}) };
+      ...(this.codeBits !== this.bits ? { codeBits: this.codeBits } : {}) };
   }
 }
 
@@ -215,17 +211,12 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
   private threshold = 0;
 
   constructor(readonly name: string, readonly bits: number, private readonly weight: Parameter, private readonly axis: number,
-    groups: number, private readonly k: number, private readonly groupSteps: 'learned' | 'search', private readonly reducedRange = false) {
-    ({ qn: this.qn, qp: this.qp } = lsqLevels(this.levelBits, true));
+    groups: number, private readonly k: number, private readonly groupSteps: 'learned' | 'search', private readonly codeBits = bits) {
+    ({ qn: this.qn, qp: this.qp } = lsqLevels(codeBits, true));
     this.groups = groupsFor(weight.dims[axis], groups);
     this.steps = makeParameter(`${name}.groupSteps`, new Float32Array(this.groups), [this.groups], false, MIN_STEP);
     this.search();
     if (groupSteps === 'learned') this.parameters.push(this.steps);
-  }
-
-  /** The bits whose levels the codes take (one fewer with reducedRange). */
-  private get levelBits(): number {
-    return this.reducedRange ? this.bits - 1 : this.bits;
   }
 
   private clipped(w: Float32Array): Float32Array {
@@ -237,7 +228,7 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
   /** Group steps minimising the L1 quantization loss of the clipped weights (the paper's QL, p = 1). */
   private search(): void {
     const q = quantizeTensor(this.clipped(this.weight.value), {
-      shape: this.weight.dims, bits: this.levelBits, method: 'mse', norm: 1, granularity: 'group', groups: this.groups, axis: this.axis,
+      shape: this.weight.dims, bits: this.codeBits, method: 'mse', norm: 1, granularity: 'group', groups: this.groups, axis: this.axis,
     });
     this.steps.value.set(q.scale.map((s) => Math.max(MIN_STEP, s)));
   }
@@ -277,7 +268,7 @@ export class GdrqWeightQuantizer implements ExportableQuantizer {
 
   describe(): QuantizerExport {
     return { bits: this.bits, signed: true, scale: this.channelSteps(), axis: this.axis, groups: this.groups, clip: this.k * meanAbs(this.weight.value),
-      ...(this.reducedRange ? { codeBits: this.levelBits } : {}) };
+      ...(this.codeBits !== this.bits ? { codeBits: this.codeBits } : {}) };
   }
 }
 

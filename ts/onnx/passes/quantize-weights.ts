@@ -314,7 +314,8 @@ const SHAPE_ONLY = new Set(['Shape', 'Size']);
 export function edgeLayers(graph: Graph, quantizable: readonly NodeProto[], quantizableInBodies: readonly SubgraphLayer[] = [],
   mainOrder = graph.topologicalOrder()): { first: Set<NodeProto>; last: Set<NodeProto>; isEdge: (n: NodeProto) => boolean } {
   const layers = new Set([...quantizable, ...quantizableInBodies.map((l) => l.owner)]);
-  const reads = (n: NodeProto) => [...n.input, ...subgraphReads(n)].filter((v) => v !== '');
+  const readsOf = new Map(mainOrder.map((n) => [n, [...n.input, ...subgraphReads(n)].filter((v) => v !== '')]));
+  const reads = (n: NodeProto) => readsOf.get(n)!;
   // Forward: the values a layer's values reach; backward: the values that reach a layer's.
   const fed = new Set<NodeProto>();
   const downstream = new Set<string>();
@@ -533,7 +534,9 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     if (half) q = withFloat16Scales(q, source, label);
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
     if (options.rounding === 'sum-preserving' && taps > 1) q = preserveRunSums(q, source, taps);
-    const gptq = !!moments && moments.count > 0 && moments.grams.length > 0 && moments.finite;
+    const measured = !!moments && moments.count > 0;
+    const finite = measured && moments!.finite;
+    const gptq = measured && moments!.grams.length > 0 && finite;
     let underdetermined: WeightLayerReport['gptqUnderdetermined'];
     if (options.rounding === 'gptq') {
       if (gptq) {
@@ -547,7 +550,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
           report.changed.push(`${label}: GPTQ rounding from ${moments!.count} calibration input vectors for ` +
             `${block === view.columns ? 'its' : 'blocks of'} ${block} inputs; it may do worse than rounding to nearest on other data: calibrate on more`);
         }
-      } else report.skipped.push({ node: label, reason: `${moments && moments.count > 0 && !moments.finite ? NON_FINITE_INPUT
+      } else report.skipped.push({ node: label, reason: `${measured && !finite ? NON_FINITE_INPUT
         : !inBody ? 'no input statistics for it (a constant input, a 3-D convolution or no calibration data)'
         : moments ? `its branch of ${nodeLabel(inBody.owner)} gave it no inputs on any calibration batch (the branch did not run)`
           : 'no input statistics for it (inside a Loop or Scan body or a nested subgraph, whose values calibration cannot observe; a constant input; or a 3-D convolution)'}: rounded to nearest, not GPTQ` });
