@@ -3,7 +3,7 @@
 import { expect } from 'chai';
 
 import {
-  aciqAlpha, aciqExpectedMse, aciqLaplaceConstant, ActivationScaleClip, AciqObserver, allocateBits, correctWeightBias, cpuInfo, dequantize,
+  aciqAlpha, aciqExpectedMse, aciqLaplaceConstant, aciqRange, ActivationScaleClip, AciqObserver, allocateBits, correctWeightBias, cpuInfo, dequantize,
   expectedOutputShift, foldScalesIntoBatchNorm, HistogramObserver, klLevels, lambertW0, lsqBackward, lsqGradScale, lsqInitStep,
   lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
 } from '../../ts';
@@ -631,6 +631,28 @@ describe('calibration observers (streaming)', () => {
     expect(m.range().hi).to.be.greaterThan(0);
     const r = a.range(4, 'laplace');
     expect(r.hi).to.be.lessThan(m.range().hi);
+  });
+  it('ACIQ statistics pool batches: σ exactly, b at the pooled mean (batches of one value, batches with their own means)', () => {
+    const all = laplace(1000, 7);
+    const exact = tensorStats(all);
+    const ofOne = new AciqObserver();
+    for (const v of all) ofOne.observe(Float32Array.of(v));
+    // Gaussian prior: σ and mean pooled exactly, so the range is the whole tensor's.
+    const gauss = aciqRange(exact, 4, 'gauss', false);
+    expect(ofOne.range(4, 'gauss', false).lo).to.be.closeTo(gauss.lo, 1e-9);
+    expect(ofOne.range(4, 'gauss', false).hi).to.be.closeTo(gauss.hi, 1e-9);
+    // Laplace prior: b approximated (was 0, the range collapsed onto the mean).
+    const laplaceHi = (o: AciqObserver) => o.range(4, 'laplace', false).hi;
+    const wholeHi = aciqRange(exact, 4, 'laplace', false).hi;
+    expect(laplaceHi(ofOne)).to.be.closeTo(wholeHi, 0.02 * (wholeHi - exact.mean));
+    // Two batches whose means are 10 apart: b ≈ 5 (averaging each batch's b gave ≈ 1).
+    const apart = new AciqObserver().observe(all.map((v) => v - 5)).observe(all.map((v) => v + 5));
+    const both = tensorStats(Float32Array.from([...all.map((v) => v - 5), ...all.map((v) => v + 5)]));
+    const bothHi = aciqRange(both, 4, 'laplace', false).hi;
+    expect(laplaceHi(apart)).to.be.closeTo(bothHi, 0.01 * (bothHi - both.mean));
+    // Merging observers is observing both.
+    const halves = new AciqObserver().observe(all.subarray(0, 300)).merge(new AciqObserver().observe(all.subarray(300)));
+    expect(halves.range(4, 'gauss', false).hi).to.be.closeTo(gauss.hi, 1e-9);
   });
   it('percentile and KL ranges clip heavy tails; the moving-average min/max follows batches', () => {
     const h = new HistogramObserver().observe(laplace(100_000, 7));

@@ -381,11 +381,18 @@ export function klLevels(bits: number, neverNegative: boolean): number {
   return neverNegative ? 2 ** bits - 1 : 2 ** (bits - 1);
 }
 
+/**
+ * ACIQ statistics over every batch, in fixed memory: the mean and σ pooled exactly (sums of squares merged as
+ * Chan et al.), the Laplace b = E|x − mean| from each batch's own b, shifted to the pooled mean as a Laplace
+ * variable's is (E|X − c| = d + b·e^(−d/b) at distance d from its centre). Batches with one mean average their
+ * b as the ACIQ authors' offline statistics do; batches of one value each (b 0) give their mean |x − mean|.
+ */
 export class AciqObserver {
   private count = 0;
   private mean = 0;
+  /** Σ (x − mean)² over the values seen. */
+  private squares = 0;
   private laplaceB = 0;
-  private sigma = 0;
   private min = Infinity;
   private max = -Infinity;
 
@@ -393,15 +400,17 @@ export class AciqObserver {
     const x = checkBatch(batch);
     if (batchMinMax(x).finite === 0) return this;
     const s = tensorStats(x, 'batch');
-    this.accumulate(s.count, s.mean, s.laplaceB, s.sigma, s.min, s.max);
+    this.accumulate(s.count, s.mean, s.laplaceB, s.count > 1 ? s.sigma * s.sigma * (s.count - 1) : 0, s.min, s.max);
     return this;
   }
 
-  private accumulate(n: number, mean: number, b: number, sigma: number, min: number, max: number): void {
+  private accumulate(n: number, mean: number, b: number, squares: number, min: number, max: number): void {
     const total = this.count + n;
-    this.mean += ((mean - this.mean) * n) / total;
-    this.laplaceB += ((b - this.laplaceB) * n) / total;
-    this.sigma += ((sigma - this.sigma) * n) / total;
+    const pooled = this.mean + ((mean - this.mean) * n) / total;
+    const shifted = (d: number, scale: number) => (scale > 0 ? d + scale * Math.exp(-d / scale) : d);
+    this.laplaceB = (this.count * shifted(Math.abs(this.mean - pooled), this.laplaceB) + n * shifted(Math.abs(mean - pooled), b)) / total;
+    this.squares += squares + ((mean - this.mean) ** 2 * this.count * n) / total;
+    this.mean = pooled;
     this.count = total;
     this.min = Math.min(this.min, min);
     this.max = Math.max(this.max, max);
@@ -409,7 +418,7 @@ export class AciqObserver {
 
   merge(other: AciqObserver): this {
     checkOther(other, AciqObserver);
-    if (other.count > 0) this.accumulate(other.count, other.mean, other.laplaceB, other.sigma, other.min, other.max);
+    if (other.count > 0) this.accumulate(other.count, other.mean, other.laplaceB, other.squares, other.min, other.max);
     return this;
   }
 
@@ -419,7 +428,8 @@ export class AciqObserver {
    */
   range(bits: number, prior: AciqPrior | 'auto' = 'laplace', oneSided?: boolean, symmetricGrid = false): Range {
     if (this.count === 0) throw invalidValue('observer', 'at least one observed finite value', 'none');
-    const stats = { count: this.count, mean: this.mean, laplaceB: this.laplaceB, sigma: this.sigma, min: this.min, max: this.max };
+    const sigma = this.count > 1 ? Math.sqrt(this.squares / (this.count - 1)) : 0;
+    const stats = { count: this.count, mean: this.mean, laplaceB: this.laplaceB, sigma, min: this.min, max: this.max };
     const r = aciqRange(stats, bits, prior, oneSided ?? this.min >= 0, symmetricGrid);
     return { lo: r.lo, hi: r.hi };
   }
