@@ -21,3 +21,6 @@ cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
 cmake --build "$build" --target lowbit_native_tests -j 2
 # qemu's default CPU ("max") has the dot-product extension, so both NEON paths run.
 qemu-aarch64 -L /usr/aarch64-linux-gnu "$build/Release/lowbit_native_tests"
+# A Cortex-A72 has none: the detection says so and the dispatcher falls back to plain NEON.
+echo "--- again on a CPU without the dot-product extension (qemu -cpu cortex-a72)"
+qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu "$build/Release/lowbit_native_tests"

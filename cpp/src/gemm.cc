@@ -128,9 +128,11 @@ const GemmKernel* gemm_kernel_neondot() { return nullptr; }
 
 #if !LOWBIT_BUILT_X86_GEMM
 const GemmKernel* gemm_kernel_avx2() { return nullptr; }
-const GemmKernel* gemm_kernel_avxvnni() { return nullptr; }
 const GemmKernel* gemm_kernel_avx512vnni() { return nullptr; }
 const GemmKernel* gemm_kernel_avxvnni_as_evex() { return nullptr; }
+#endif
+#if !LOWBIT_BUILT_AVXVNNI
+const GemmKernel* gemm_kernel_avxvnni() { return nullptr; }
 #endif
 
 namespace {

@@ -145,7 +145,7 @@ void register_gemm_tests() {
     f.avx512vnni = true;
     if (!offers_amx()) return std::string("amx not offered with AVX-512 VNNI");
     return std::string();
-  }, gemm_kernel_amx() ? "" : "no x86 kernels in this build");
+  }, gemm_kernel_amx() ? "" : "the AMX kernel is not in this build (another architecture, or a compiler without its flags)");
   harness::add("gemm_kernel_self_test accepts a correct kernel and rejects a wrong one", [] {
     ThreadPool pool(2);
     if (!gemm_kernel_self_test(*gemm_kernel_portable(), &pool)) return std::string("rejected the portable kernel");
@@ -171,7 +171,7 @@ void register_gemm_tests() {
   });
   for (const KernelCase& kc : kernels()) {
     const GemmKernel* k = kc.kernel;
-    const std::string skip = !k ? "not built for this architecture" : (kc.supported ? "" : kc.missing);
+    const std::string skip = !k ? "not built (another architecture, or a compiler without its flags)" : (kc.supported ? "" : kc.missing);
     harness::add(str("gemm/", kc.name, " bit-exact vs reference: odd shapes, long K, all signedness and zero-point ends, 1 and 2 threads"),
                  [k] {
                    Rng rng(42);
@@ -214,7 +214,7 @@ void register_int4_tests() {
   std::vector<KernelCase> ks = kernels();
   for (const KernelCase& kc : ks) {
     const GemmKernel* k = kc.kernel;
-    const std::string skip = !k ? "not built for this architecture" : (kc.supported ? "" : kc.missing);
+    const std::string skip = !k ? "not built (another architecture, or a compiler without its flags)" : (kc.supported ? "" : kc.missing);
     harness::add(str("gemm_int4/", kc.name, int4_kernel_for(*(k ? k : gemm_kernel_portable()), 1) ? " (dedicated W4A8 kernel)" : " (int8 kernel on unpacked blocks)",
                      " equals the W4A8 reference: ragged blocks, int4/uint4, zero points (random, A centred, one B zero point), 1 and 2 threads"),
                  [k, cases] {

@@ -40,6 +40,29 @@ describe('native kernel tests (build/Release/lowbit_native_tests)', () => {
   }
 });
 
+describe('instruction-set objects (build/CMakeFiles/lowbit_kernels.dir/cpp/src/x86, arm)', () => {
+  // An inline function compiled into an AVX-512 object is a weak symbol the linker may hand to the baseline code
+  // too (an illegal instruction on older CPUs): the kernels' objects must define none.
+  const objects = ['x86', 'arm'].flatMap((dir) => {
+    const folder = path.resolve(__dirname, '..', '..', '..', 'build', 'CMakeFiles', 'lowbit_kernels.dir', 'cpp', 'src', dir);
+    return fs.existsSync(folder) ? fs.readdirSync(folder).filter((f) => f.endsWith('.o')).map((f) => path.join(folder, f)) : [];
+  });
+  const nm = spawnSync('nm', ['--version'], { encoding: 'utf8' });
+  if (nm.error) {
+    it('skipped: no nm (binutils) to list the objects\' symbols');
+    return;
+  }
+  it('were built (one per kernel file)', () => expect(objects.length).to.be.greaterThan(1));
+  for (const object of objects) {
+    it(`${path.basename(object)} defines no weak or unique symbols`, () => {
+      const run = spawnSync('nm', ['--defined-only', '-C', object], { encoding: 'utf8' });
+      expect(run.status, run.stderr).to.equal(0);
+      const shared = run.stdout.split('\n').filter((l) => /^\S*\s+[WVu]\s/.test(l));
+      expect(shared, 'weak definitions (inline functions or templates): make them static or use builtins').to.deep.equal([]);
+    });
+  }
+});
+
 describe('loading the addon (LOWBIT_NATIVE_PATH when set, else build/Release/lowbit.node)', () => {
   const built = path.resolve(__dirname, '..', '..', '..', 'build', 'Release', 'lowbit.node');
   const nativeModule = path.resolve(__dirname, '..', '..', 'ts', 'native.js');

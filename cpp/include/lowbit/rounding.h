@@ -15,6 +15,8 @@
 // These helpers are `static` on purpose: they are compiled into translation
 // units built with different instruction-set flags, and a shared (weak) inline
 // definition could let the linker hand the AVX-512 copy to the scalar path.
+// For the same reason they call the compiler's builtins, not std::nearbyint and
+// std::fabs (inline library functions: weak copies in unoptimised builds).
 
 #include <cmath>
 #include <cstdint>
@@ -28,7 +30,7 @@ static inline float clamp_like_maxps_minps(float v, float lo, float hi) {
 }
 
 static inline int32_t quantize_value(float x, float scale, int32_t zero_point, int32_t qmin, int32_t qmax) {
-  float r = std::nearbyint(x / scale);
+  float r = __builtin_nearbyintf(x / scale);
   r = clamp_like_maxps_minps(r, float(qmin - zero_point), float(qmax - zero_point));
   return int32_t(r) + zero_point;
 }
@@ -37,7 +39,7 @@ static inline float dequantize_value(int32_t q, float scale, int32_t zero_point)
   return float(q - zero_point) * scale;
 }
 
-static inline bool is_finite_value(float x) { return std::fabs(x) < INFINITY; }
+static inline bool is_finite_value(float x) { return __builtin_fabsf(x) < INFINITY; }
 
 // LSQ for one element (see QuantizeKernels::lsq_backward): writes the input
 // gradient and returns ∂v̂/∂step.
@@ -52,7 +54,7 @@ static inline float lsq_element(float v, float grad_out, float step, int32_t qn,
     return float(qp);
   }
   *grad_in = grad_out;
-  return std::nearbyint(q) - q;
+  return __builtin_nearbyintf(q) - q;
 }
 
 }  // namespace lowbit

@@ -4,7 +4,6 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <utility>
 
 #include "lowbit/quantize_kernels.h"
 #include "lowbit/rounding.h"
@@ -163,6 +162,10 @@ double lsq_backward_avx512(const float* v, const float* grad_out, size_t n, floa
                            float* grad_in) {
   const __m512 s = _mm512_set1_ps(step), lo = _mm512_set1_ps(float(-qn)), hi = _mm512_set1_ps(float(qp));
   __m512d acc = _mm512_setzero_pd();
+  // A plain struct, not std::pair: its inline members would be weak symbols an unoptimised build could share.
+  struct GradAndDiff {
+    __m512 g, d;
+  };
   auto products = [&](size_t i, __mmask16 m) {
     const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(m, v + i), s);
     const __m512 g = _mm512_maskz_loadu_ps(m, grad_out + i);
@@ -171,7 +174,7 @@ double lsq_backward_avx512(const float* v, const float* grad_out, size_t n, floa
     d = _mm512_mask_mov_ps(d, below, lo);
     d = _mm512_mask_mov_ps(d, above, hi);
     _mm512_mask_storeu_ps(grad_in + i, m, _mm512_maskz_mov_ps(__mmask16(~(below | above)), g));
-    return std::make_pair(g, d);
+    return GradAndDiff{g, d};
   };
   const size_t n8 = n - n % 8;
   size_t i = 0;
