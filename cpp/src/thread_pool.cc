@@ -65,11 +65,13 @@ void ThreadPool::parallel_for(size_t count, unsigned threads,
                               const std::function<void(size_t, unsigned)>& fn) {
   if (count == 0) return;
   unsigned participants = threads_for(count, threads);
-  if (participants == 1) {
+  // A caller arriving while another job has the workers runs its items itself rather than waiting: results do not
+  // depend on the thread count, and a call on Node's main thread must not stall behind background work.
+  std::unique_lock<std::mutex> job(job_mutex_, std::defer_lock);
+  if (participants == 1 || !job.try_lock()) {
     for (size_t i = 0; i < count; ++i) fn(i, 0);
     return;
   }
-  std::lock_guard<std::mutex> job(job_mutex_);
   {
     std::lock_guard<std::mutex> lock(state_mutex_);
     start_workers_locked();

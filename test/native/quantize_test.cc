@@ -2,6 +2,11 @@
 // against the scalar reference (bit-exact), the ONNX vectors, layouts,
 // thread-count independence and packing.
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <future>
+#include <mutex>
+#include <thread>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -36,7 +41,7 @@ std::vector<Path> simd_paths() {
   std::vector<Path> paths;
   [[maybe_unused]] auto add = [&](const char* name, const QuantizeKernels* k, bool supported, const char* need) {
     const char* missing = nullptr;
-    if (!k) missing = "not built for this architecture";
+    if (!k) missing = "not built (another architecture, or a compiler without its flags)";
     else if (!supported) missing = need;
     paths.push_back({name, k, missing});
   };
@@ -599,6 +604,40 @@ void register_thread_pool_tests() {
     std::atomic<size_t> sum{0};
     pool.parallel_for(1000, 2, [&](size_t item, unsigned) { sum += item; });
     if (sum != 499500) return std::string("pool broken after an exception");
+    return std::string();
+  });
+  harness::add("thread pool: a caller arriving while another job has the workers runs its items itself, not waiting", [] {
+    lowbit::ThreadPool pool(2);
+    std::mutex m;
+    std::condition_variable cv;
+    bool release = false, busy = false;
+    std::thread holder([&] {
+      pool.parallel_for(2, 2, [&](size_t, unsigned) {
+        std::unique_lock<std::mutex> lock(m);
+        busy = true;
+        cv.notify_all();
+        cv.wait(lock, [&] { return release; });
+      });
+    });
+    {
+      std::unique_lock<std::mutex> lock(m);
+      cv.wait(lock, [&] { return busy; });
+    }
+    auto second = std::async(std::launch::async, [&] {
+      std::vector<unsigned> seen(100, 99);
+      pool.parallel_for(100, 2, [&](size_t item, unsigned thread) { seen[item] = thread; });
+      return seen;
+    });
+    const bool finished = second.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      release = true;
+    }
+    cv.notify_all();
+    holder.join();
+    if (!finished) return std::string("the second caller waited for the first job");
+    for (unsigned t : second.get())
+      if (t != 0) return std::string("the second caller's items ran on another thread than its own");
     return std::string();
   });
 }
