@@ -26,6 +26,7 @@ import { floatData as floatDataOf, Graph, isChannelVector } from '../../ts/onnx/
 import { inspectModel } from '../../ts/onnx/inspect';
 import { OnnxModelError, readModel, serializeModel } from '../../ts/onnx/model-io';
 import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
+import { quantized } from '../../ts/onnx/passes/quantize-weights';
 import { densifySparseInitializers } from '../../ts/onnx/passes/sparse-initializers';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import { compareOutputs, quantizeModel } from '../../ts/onnx/quantize-model';
@@ -1441,6 +1442,26 @@ describe('model contents refused (second audit)', () => {
       expect(e).to.be.instanceOf(TypeError);
       expect((e as Error).message).to.match(/^Expected a typed array with an attached buffer for model but received Uint8Array on a detached buffer\. The buffer was transferred/);
     }
+  });
+});
+
+describe('layers quantized on native worker threads from the caller\'s model bytes (concurrency audit)', () => {
+  it('are copied first: the caller moving their buffer and writing into it while the threads work changes nothing', async () => {
+    const r = rng(41);
+    const data = Float32Array.from({ length: 1031 * 1021 }, () => r() * 2 - 1);  // past 2^20: quantized off the event loop
+    const how = { shape: [1031, 1021], bits: 4 as const, method: 'mse' as const, granularity: 'channel' as const, axis: 0 };
+    const want = quantizeTensor(data, how);
+    const steps = quantized(data, how, true, true);
+    const work = steps.next();
+    expect(work.done).to.equal(false);
+    // The caller transfers the bytes (the backing store moves with them) and reuses the memory.
+    new Float32Array(structuredClone(data.buffer, { transfer: [data.buffer] })).fill(1e6);
+    await work.value;
+    const got = steps.next();
+    expect(got.done).to.equal(true);
+    const q = got.value as ReturnType<typeof quantizeTensor>;
+    expect(Buffer.from(q.values.buffer).equals(Buffer.from(want.values.buffer))).to.equal(true);
+    expect(q.scale).to.deep.equal(want.scale);
   });
 });
 

@@ -24,6 +24,8 @@ export interface GatherQuantization {
   blockSize?: number;
   method: QuantizeOptions['method'];
   keepFloat?: string[];
+  /** The tables may be views of the caller's model bytes: copied before native worker threads read them. */
+  callerBytes?: boolean;
 }
 
 /** How many Gathers (inside subgraph bodies too) this pass would convert. */
@@ -100,7 +102,7 @@ export function* quantizeGathers(graph: Graph, options: GatherQuantization): Ste
       shape: dims, bits: options.bits, method: options.method,
       ...(blocked ? { granularity: 'block' as const, axis: 1, blockSize: requestedBlock }
         : options.granularity === 'tensor' ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: 0 }),
-    }, true);
+    }, true, !!options.callerBytes);
     // A float16 table gathers float16 rows: float16 scales (the operator's output type is theirs), values rounded against them.
     const half = isFloat16Tensor(table);
     if (half) q = withFloat16Scales(q, data, label);

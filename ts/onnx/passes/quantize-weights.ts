@@ -66,6 +66,8 @@ export interface WeightQuantization {
    * quantized on native worker threads (quantizeOffThread).
    */
   async?: boolean;
+  /** The weights may be views of the caller's model bytes: copied before native worker threads read them (async). */
+  callerBytes?: boolean;
 }
 
 /**
@@ -76,11 +78,12 @@ export interface WeightQuantization {
 const ASYNC_MIN_VALUES = 1 << 20;
 
 /** quantizeTensor, or quantizeOffThread yielded for runStepsAsync to wait for (the same values; the event loop stays free). */
-export function* quantized(data: Float32Array, how: QuantizeOptions, async: boolean): Generator<Promise<void>, QuantizedTensor, void> {
+export function* quantized(data: Float32Array, how: QuantizeOptions, async: boolean, callerBytes = false): Generator<Promise<void>, QuantizedTensor, void> {
   if (!async || data.length < ASYNC_MIN_VALUES) return quantizeTensor(data, how);
   let q: QuantizedTensor | undefined;
-  // In place: the weights are the model's (lowbit's copy, or the caller's bytes, which must stay put during quantizeModel).
-  yield quantizeOffThread(data, how, false).then((r) => {
+  // In place when the weights are lowbit's own (read from a file); a view of the caller's bytes is copied first: the
+  // caller could transfer or shrink their buffer while the native threads read it.
+  yield quantizeOffThread(data, how, callerBytes).then((r) => {
     q = r;
   });
   return q!;
@@ -512,7 +515,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     let q: QuantizedTensor;
     if (grouped) {
       const g = yield* quantized(source, { shape: dims, bits: valueBits, method: 'mse', norm: 1, granularity: 'group', groups: options.groups!, axis: axes.outputAxis },
-        !!options.async);
+        !!options.async, !!options.callerBytes && source === data);
       // One scale per channel (each group's, repeated): the DequantizeLinear form of folding group scales into BN.
       const channels = dims[axes.outputAxis];
       const per = channels / options.groups!;
@@ -529,7 +532,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
           ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
           : perTensor ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: axes.outputAxis }),
         ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: widest } } : {}),
-      }, !!options.async);
+      }, !!options.async, !!options.callerBytes && source === data);
     }
     if (half) q = withFloat16Scales(q, source, label);
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
