@@ -7,7 +7,7 @@ import { TensorProto_DataType } from 'onnx-buf';
 import { ort } from '../../ts/bench/ort-models';
 import { Graph } from '../../ts/onnx/graph';
 import { readModel, serializeModel } from '../../ts/onnx/model-io';
-import { fitOnnxruntime } from '../../ts/onnx/passes/fit-onnxruntime';
+import { fitOnnxruntime, fitOnnxruntimeSteps } from '../../ts/onnx/passes/fit-onnxruntime';
 import { quantizeActivations } from '../../ts/onnx/passes/quantize-activations';
 import { quantizeWeights } from '../../ts/onnx/passes/quantize-weights';
 import { quantizeModel } from '../../ts/onnx/quantize-model';
@@ -68,7 +68,14 @@ describe('fit-onnxruntime pass', () => {
       const ranges = new Map([['input', { lo: -3, hi: 3, bits: 8 }], ['p1', { lo: 0, hi: 2.5, bits: activationBits }], ['rows', { lo: 0, hi: 3, bits: activationBits }]]);
       quantizeActivations(graph, ranges, new Set(['conv0', 'conv3', 'matmul7']), false, false);
       const before = serializeModel(graph.model);
+      // quantizeModel runs it a weight at a time (runStepsAsync turns the event loop between them): a step per weight.
+      const copy = new Graph(readModel(before));
+      const steps = fitOnnxruntimeSteps(copy);
+      let turns = 0;
+      for (let step = steps.next(); !step.done; step = steps.next()) turns++;
+      expect(turns).to.equal(3);
       const report = fitOnnxruntime(graph);
+      expect(serializeModel(copy.model)).to.deep.equal(serializeModel(graph.model));
       const after = serializeModel(graph.model);
       expect(report.changed.filter((c) => c.includes('4-bit activation stored in 8 bits'))).to.have.length(activationBits === 4 ? 2 : 0);
       expect(report.changed.filter((c) => c.includes('int2 weights stored as int4'))).to.have.length(1);

@@ -541,6 +541,35 @@ describe('reading and writing models asynchronously', () => {
     expect(fs.readFileSync(out).equals(before[0]) && fs.readFileSync(`${out}.data`).equals(before[1])).to.equal(true);
   });
 
+  it('writeModelWithExternalData: a check of the written pair that fails puts the earlier pair back (or leaves nothing)', async () => {
+    const folder = fs.mkdtempSync(path.join(dir, 'check-'));
+    const [three, two] = [path.join(folder, 'three.onnx'), path.join(folder, 'two.onnx')];
+    await writeMatMulChain(three, 3, true);
+    await writeMatMulChain(two, 2, true);
+    const out = path.join(folder, 'out.onnx');
+    await writeModelWithExternalData(readModel(three), out);
+    const before = [fs.readFileSync(out), fs.readFileSync(`${out}.data`)];
+    let seen: ModelProto | undefined;
+    const refuse = async () => {
+      seen = readModel(out);  // the new pair, in place while the check runs
+      throw new RangeError('the outputs differ');
+    };
+    const error = await writeModelWithExternalData(readModel(two), out, undefined, undefined, refuse).catch((e: Error) => e);
+    expect(error).to.be.instanceOf(RangeError).with.property('message', 'the outputs differ');
+    expectSameWeights(seen!, readModel(two));
+    expect(fs.readdirSync(folder).sort()).to.deep.equal(['out.onnx', 'out.onnx.data', 'three.onnx', 'two.onnx']);
+    expect(fs.readFileSync(out).equals(before[0]) && fs.readFileSync(`${out}.data`).equals(before[1])).to.equal(true);
+    // Nothing there before: nothing after.
+    const fresh = path.join(folder, 'fresh.onnx');
+    const again = await writeModelWithExternalData(readModel(two), fresh, undefined, undefined, refuse).catch((e: Error) => e);
+    expect(again).to.be.instanceOf(RangeError).with.property('message', 'the outputs differ');
+    expect(fs.readdirSync(folder).sort()).to.deep.equal(['out.onnx', 'out.onnx.data', 'three.onnx', 'two.onnx']);
+    // A check that passes: the new pair stays, the earlier one is gone.
+    await writeModelWithExternalData(readModel(two), out, undefined, undefined, async () => undefined);
+    expectSameWeights(readModel(out), readModel(two));
+    expect(fs.readdirSync(folder).sort()).to.deep.equal(['out.onnx', 'out.onnx.data', 'three.onnx', 'two.onnx']);
+  });
+
   it('writeModelWithExternalData: two writes to one path at once end as the later one, model and data together', async () => {
     const folder = fs.mkdtempSync(path.join(dir, 'race-'));
     const [three, two] = [path.join(folder, 'three.onnx'), path.join(folder, 'two.onnx')];

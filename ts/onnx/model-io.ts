@@ -6,6 +6,7 @@
 import { clearField, create, fromBinary, isFieldSet, toBinary } from '@bufbuild/protobuf';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { threadId } from 'node:worker_threads';
 import {
   AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, TensorProto_DataLocation,
   TensorProto_DataType, TensorProtoSchema, type GraphProto, type ModelProto, type NodeProto, type TensorProto,
@@ -906,11 +907,14 @@ function floatDataToRaw(t: TensorProto, threshold: number): void {
  * Writes the model to `file` with the data of its large initializers in `<file>.data` (streamed: one tensor in
  * memory at a time, written asynchronously; see moveDataOut) and returns the model file's bytes. Both files are
  * written to temporary files first and renamed only when both are complete: a failure leaves neither (and an
- * earlier pair as it was). Writes of this process to one path run one after another.
+ * earlier pair as it was). Writes of this process to one path run one after another. `check`, when given, runs on
+ * the written pair before the write ends (no other write of this process to the path meanwhile); if it throws, the
+ * earlier pair is put back (or the new files removed) and its error is thrown.
  */
-export async function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024, signal?: AbortSignal): Promise<Uint8Array> {
+export async function writeModelWithExternalData(model: ModelProto, file: string, threshold = 1024, signal?: AbortSignal,
+  check?: () => Promise<void>): Promise<Uint8Array> {
   checkExternalOutput('the output path', file);
-  return oneWriteAtATime(file, () => writeBothFiles(model, file, threshold, signal));
+  return oneWriteAtATime(file, () => writeBothFiles(model, file, threshold, signal, check));
 }
 
 /**
@@ -941,14 +945,19 @@ function oneWriteAtATime<T>(file: string, write: () => Promise<T>): Promise<T> {
   return run;
 }
 
-async function writeBothFiles(model: ModelProto, file: string, threshold: number, signal?: AbortSignal): Promise<Uint8Array> {
+async function writeBothFiles(model: ModelProto, file: string, threshold: number, signal?: AbortSignal,
+  check?: () => Promise<void>): Promise<Uint8Array> {
   const dataFile = `${file}.data`;
   const [dataTemp, modelTemp] = [temporaryPath(dataFile), temporaryPath(file)];
   // A data file already there is kept aside until the model file is in place: an old model next to a new data file
-  // would read the wrong bytes.
+  // would read the wrong bytes. With a check, the model file already there is kept too (a hard link, else a copy)
+  // until the check passes.
   const previousData = `${dataTemp}.previous`;
+  const previousModel = `${modelTemp}.previous`;
   let failed = dataFile;
   let dataReplaced = false;
+  let modelReplaced = false;
+  let checking = false;
   let bytes: Uint8Array;
   try {
     const data = await fs.promises.open(dataTemp, 'wx');
@@ -969,32 +978,41 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
     await fs.promises.rename(dataTemp, dataFile);
     dataReplaced = true;
     failed = file;
+    if (check && fs.existsSync(file)) await fs.promises.link(file, previousModel).catch(() => fs.promises.copyFile(file, previousModel));
     await fs.promises.rename(modelTemp, file);
+    modelReplaced = true;
+    if (check) {
+      checking = true;
+      await check();
+    }
   } catch (e) {
-    // Each clean-up step on its own, best effort: the write's error is the one to report.
+    // Each clean-up step on its own, best effort: the write's (or the check's) error is the one to report.
     const attempt = (step: Promise<unknown>) => step.catch(() => undefined);
     for (const temp of [dataTemp, modelTemp]) await attempt(fs.promises.rm(temp, { force: true }));
+    if (modelReplaced) await attempt(fs.promises.rm(file, { force: true }));
+    if (fs.existsSync(previousModel)) await attempt(fs.promises.rename(previousModel, file));
     if (dataReplaced) await attempt(fs.promises.rm(dataFile, { force: true }));
     if (fs.existsSync(previousData)) await attempt(fs.promises.rename(previousData, dataFile));
-    if (e instanceof OnnxModelError) throw e;
+    if (checking || e instanceof OnnxModelError) throw e;
     if (signal?.aborted) throw signal.reason;
     throw writeError(failed, e);
   }
-  // Both files are in place: the earlier data file only has to go (a failure to remove it is no failure of the write).
-  await fs.promises.rm(previousData, { force: true }).catch(() => undefined);
+  // Both files are in place: the earlier ones only have to go (a failure to remove them is no failure of the write).
+  for (const previous of [previousData, previousModel]) await fs.promises.rm(previous, { force: true }).catch(() => undefined);
   return bytes;
 }
 
 let temporaryCount = 0;
 
 /**
- * A name next to `file` that no other write of this process (or another) uses at the same time. A long name (file
- * names stop at 255 bytes) gets a short stem instead, so any name that can be written can be written atomically.
+ * A name next to `file` that no other write of this process (or another) uses at the same time: the worker threads
+ * of one process share its pid, each with its own count, so the thread is named too. A long name (file names stop
+ * at 255 bytes) gets a short stem instead, so any name that can be written can be written atomically.
  */
 function temporaryPath(file: string): string {
   const base = path.basename(file);
   const stem = Buffer.byteLength(base) > 200 ? 'lowbit' : base;
-  return path.join(path.dirname(file), `.${stem}.${process.pid}.${Date.now()}.${temporaryCount++}.tmp`);
+  return path.join(path.dirname(file), `.${stem}.${process.pid}.${threadId}.${Date.now()}.${temporaryCount++}.tmp`);
 }
 
 function writeError(file: string, e: unknown): Error {
@@ -1011,7 +1029,7 @@ export function writeFileAtomic(file: string, bytes: Uint8Array): void {
   const target = writeTarget(file);
   const temp = temporaryPath(target);
   try {
-    fs.writeFileSync(temp, bytes);
+    fs.writeFileSync(temp, bytes, { flag: 'wx' });  // never another write's temporary file
     fs.renameSync(temp, target);
   } catch (e) {
     try {

@@ -30,9 +30,9 @@ import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases, type LayerScales } from './passes/quantize-bias';
 import { nodeLabel, placeOf } from './passes/pass';
-import { fitOnnxruntime } from './passes/fit-onnxruntime';
+import { fitOnnxruntimeSteps } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
-import { quantizeInputsDynamically } from './passes/dynamic-activations';
+import { quantizeInputsDynamicallySteps } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, quantizeBodyActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
 import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
@@ -914,7 +914,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     keepFloat: opts.keepFloat, gather: !!opts.weights.gather, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
     rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
-    keepValues: dataBiasCorrection || new Set(shifts.keys()), async: true,
+    keepValues: dataBiasCorrection || new Set(shifts.keys()), async: true, callerBytes: typeof input !== 'string',
   }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length + bodyTargetCount}`)));
   passes.push(weightReport);
   if (shifts.size > 0) passes.push(compensateShifts(graph, weights, shifts));
@@ -936,6 +936,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     // After the opset is settled: 4- and 2-bit tables come with 4- and 2-bit weights, which raised it to 21 or 25.
     const gathered = await time('quantize-gather', () => runStepsAsync(quantizeGathers(graph, {
       bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize, method: opts.weights.method ?? 'minmax', keepFloat: opts.keepFloat,
+      callerBytes: typeof input !== 'string',
     })));
     passes.push(gathered.report);
     layers.push(...gathered.layers);
@@ -990,13 +991,13 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         else if (act && w.channelScales) scales.set(w.node, { activation: act.scale, weight: w.channelScales });
       }
       passes.push(await time('quantize-bias', () => quantizeBiases(graph, scales, microsoftDomainFallback !== undefined)));
-      passes.push(await time('fit-onnxruntime', () => fitOnnxruntime(graph)));
+      passes.push(await time('fit-onnxruntime', () => runStepsAsync(fitOnnxruntimeSteps(graph))));
     }
   }
   if (dynamic) {
     const places = [...targets.map((node) => ({ node, scope: graph.graph, scopes: [] })),
       ...bodyTargets.map((l) => ({ node: l.node, scope: l.scopes[0], scopes: l.scopes }))];
-    const dyn = await time('dynamic-activations', () => quantizeInputsDynamically(graph, places, labels));
+    const dyn = await time('dynamic-activations', () => runStepsAsync(quantizeInputsDynamicallySteps(graph, places, labels)));
     passes.push(dyn.report);
     for (const node of dyn.quantized) {
       const entry = layerOf.get(node);
@@ -1062,16 +1063,14 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     });
   }
   if (external) {
-    const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!, undefined, opts.signal));
-    // If that comparison fails, the files go too: an error leaves no output.
-    if (evaluating && !fitsOneFile) {
-      try {
-        await evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host, opts.signal)));
-      } catch (e) {
-        for (const f of [opts.outputPath!, `${opts.outputPath!}.data`]) fs.rmSync(f, { force: true });
-        throw e;
-      }
-    }
+    // The whole model of 2 GB or more is compared from its written files before the write ends: if that fails, the
+    // files that were at the output path before are put back (an error leaves no output).
+    const compareWritten = evaluating && !fitsOneFile
+      ? () => evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host, opts.signal)))
+      : undefined;
+    const evaluatedBefore = timings.evaluate ?? 0;
+    const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!, undefined, opts.signal, compareWritten));
+    timings.write -= (timings.evaluate ?? 0) - evaluatedBefore;  // the comparison is the evaluation's time
     noteMadeUp(report);
     return { model: modelBytes, report };
   }

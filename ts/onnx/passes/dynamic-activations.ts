@@ -14,7 +14,7 @@
 import { TensorProto_DataType, type GraphProto, type NodeProto } from 'onnx-buf';
 
 import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, namesRead, ownedTensor, transposes, type Graph } from '../graph';
-import { nodeLabel, type PassReport } from './pass';
+import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 
 const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fuses them into MatMulIntegerToFloat); its ConvInteger ' +
   'is no faster than a float Conv: weights only here; calibrate for static activations';
@@ -77,6 +77,12 @@ export interface LayerPlace { node: NodeProto; scope: GraphProto; scopes: GraphP
  */
 export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], labels: Map<NodeProto, string>):
   { report: PassReport; quantized: Set<NodeProto> } {
+  return runSteps(quantizeInputsDynamicallySteps(graph, layers, labels));
+}
+
+/** quantizeInputsDynamically a layer at a time, for runStepsAsync: a large model's weight transposes do not hold the event loop. */
+export function* quantizeInputsDynamicallySteps(graph: Graph, layers: LayerPlace[], labels: Map<NodeProto, string>):
+  Steps<{ report: PassReport; quantized: Set<NodeProto> }> {
   const report: PassReport = { pass: 'dynamic-activations', changed: [], skipped: [] };
   const quantized = new Set<NodeProto>();
   const codes = new Map<GraphProto, Map<string, [string, string, string]>>();
@@ -101,6 +107,7 @@ export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], la
       report.skipped.push({ node: label, reason: 'its input is a constant' });
       continue;
     }
+    yield;
     const weights = integerWeights(graph, at, transposed);
     if (typeof weights === 'string') {
       report.skipped.push({ node: label, reason: `${weights}: input left float` });

@@ -22,7 +22,7 @@ import { TensorProto_DataType, type NodeProto, type TensorProto } from 'onnx-buf
 import { packInt2, packInt4, unpackInt2, unpackInt4 } from '../../pack';
 import { toFloat16Array } from '../../float16';
 import { attribute, dimsOf, floatData, intAttribute, makeIntsAttribute, makeTensor, subgraphNodes, weightValues, type Graph } from '../graph';
-import { nodeLabel, type PassReport } from './pass';
+import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
 
 const FOUR_BIT = new Set([TensorProto_DataType.INT4, TensorProto_DataType.UINT4]);
 const TWO_BIT = new Map([[TensorProto_DataType.INT2, TensorProto_DataType.INT4], [TensorProto_DataType.UINT2, TensorProto_DataType.UINT4]]);
@@ -50,6 +50,11 @@ function scopes(graph: Graph): Scope[] {
 }
 
 export function fitOnnxruntime(graph: Graph): PassReport {
+  return runSteps(fitOnnxruntimeSteps(graph));
+}
+
+/** fitOnnxruntime a weight at a time, for runStepsAsync: a large model's transposes do not hold the event loop. */
+export function* fitOnnxruntimeSteps(graph: Graph): Steps<PassReport> {
   const report: PassReport = { pass: 'fit-onnxruntime', changed: [], skipped: [] };
   for (const scope of scopes(graph)) {
     widenFourBitActivations(graph, scope, report);
@@ -60,6 +65,7 @@ export function fitOnnxruntime(graph: Graph): PassReport {
       if (!values) continue;
       const layers = scope.consumers(dq.output[0]).filter((n) => dequantizedInput(n, dq.output[0]));
       if (layers.length === 0) continue;
+      yield;
       if (TWO_BIT.has(values.dataType)) {
         widenTwoBitWeights(scope, dq, values);
         report.changed.push(`${dq.input[0]}: int2 weights stored as int4 (${layers.map(nodeLabel).join(', ')} has a quantized input)`);
