@@ -354,7 +354,7 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
     const last = (r: typeof nearest) => r.report.layers[r.report.layers.length - 1].outputSqnrDb!;
     expect(last(twoPass), `W2A4 last-layer output SQNR ${last(nearest)} → ${last(twoPass)} dB`).to.be.greaterThan(last(nearest) + 3);
     expect(twoPass.report.passes.find((p) => p.pass === 'gptq-inputs')!.changed[0]).to.match(/second calibration pass/);
-    const feeds = [...npyFolderFeeds(calibration)];
+    const feeds = await readAll(npyFolderFeeds(calibration));
     function* once() { yield* feeds; }
     const onePass = await quantizeModel(bundled, { weights: { bits: 2, rounding: 'gptq' }, ...options, calibration: once() });
     expect(onePass.report.passes.find((p) => p.pass === 'gptq-inputs')!.skipped[0].reason).to.match(/read only once/);
@@ -403,8 +403,14 @@ describe('quantizeModel with activations (calibration in onnxruntime)', () => {
   });
 });
 
+async function readAll<T>(items: AsyncIterable<T>): Promise<T[]> {
+  const all: T[] = [];
+  for await (const item of items) all.push(item);
+  return all;
+}
+
 describe('.npy calibration folders', () => {
-  it('reads float32 .npy batches per input and rejects other dtypes', () => {
+  it('reads float32 .npy batches per input and rejects other dtypes', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
     fs.mkdirSync(path.join(dir, 'x'));
     writeNpy(path.join(dir, 'x', '0.npy'), '<f4', [2, 3], Float32Array.of(1, 2, 3, 4, 5, 6));
@@ -412,13 +418,33 @@ describe('.npy calibration folders', () => {
     const first = readNpy(path.join(dir, 'x', '0.npy'));
     expect(first.dims).to.deep.equal([2, 3]);
     expect(Array.from(first.data)).to.deep.equal([1, 2, 3, 4, 5, 6]);
-    expect([...npyFolderFeeds(dir)].map((f) => f.x.data[0])).to.deep.equal([1, 7]);
+    expect((await readAll(npyFolderFeeds(dir))).map((f) => f.x.data[0])).to.deep.equal([1, 7]);
     fs.writeFileSync(path.join(dir, 'bad.npy'), Buffer.from('\x93NUMPY\x01\x00\x20\x00' + "{'descr': '<f8', 'shape': (1,)}  \n", 'latin1'));
     expect(() => readNpy(path.join(dir, 'bad.npy'))).to.throw(/only little-endian float32 .*: save x\.astype\(numpy\.float32\) instead/);
     fs.rmSync(dir, { recursive: true });
   });
 
-  it('pairs and orders batches by name with numbers as numbers (a/0..11 with b/00..11; 2 before 10); skips hidden files; refuses pipes and broken links', () => {
+  it('reads a folder\'s batches with asynchronous reads (no readSync: the event loop turns while a large batch is read)', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
+    try {
+      fs.mkdirSync(path.join(dir, 'x'));
+      const values = Float32Array.from({ length: 1 << 20 }, (_, i) => i % 251);
+      for (const b of [0, 1]) writeNpy(path.join(dir, 'x', `${b}.npy`), '<f4', [1024, 1024], values);
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const nodeFs: { readSync: (...a: unknown[]) => number } = require('node:fs');
+      const realReadSync = nodeFs.readSync;
+      let syncReads = 0;
+      nodeFs.readSync = (...a: unknown[]) => (syncReads++, realReadSync(...a));
+      const feeds = await readAll(npyFolderFeeds(dir)).finally(() => (nodeFs.readSync = realReadSync));
+      expect(syncReads).to.equal(0);
+      expect(feeds.map((f) => f.x.dims)).to.deep.equal([[1024, 1024], [1024, 1024]]);
+      expect(Buffer.from((feeds[1].x.data as Float32Array).buffer).equals(Buffer.from(values.buffer))).to.equal(true);
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
+  });
+
+  it('pairs and orders batches by name with numbers as numbers (a/0..11 with b/00..11; 2 before 10); skips hidden files; refuses pipes and broken links', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-npy-'));
     try {
       fs.mkdirSync(path.join(dir, 'a'));
@@ -429,14 +455,14 @@ describe('.npy calibration folders', () => {
       }
       fs.writeFileSync(path.join(dir, 'a', '._3.npy'), 'macOS metadata, not a batch');
       fs.symlinkSync(path.join(dir, 'nowhere'), path.join(dir, 'stale'));  // not a subfolder: passed over
-      const feeds = [...npyFolderFeeds(dir)];
+      const feeds = await readAll(npyFolderFeeds(dir));
       expect(feeds.map((f) => [f.a.data[0], f.b.data[0]])).to.deep.equal(Array.from({ length: 12 }, (_, i) => [i, i]));
       fs.symlinkSync(path.join(dir, 'nowhere.npy'), path.join(dir, 'a', '12.npy'));
-      expect(() => [...npyFolderFeeds(dir)]).to.throw(`${path.join(dir, 'a', '12.npy')} is a broken symbolic link: a calibration batch must be a .npy file.`);
+      expect(String(await readAll(npyFolderFeeds(dir)).catch((e: Error) => e))).to.include(`${path.join(dir, 'a', '12.npy')} is a broken symbolic link: a calibration batch must be a .npy file.`);
       fs.rmSync(path.join(dir, 'a', '12.npy'));
       // A pipe would block the read for good.
       expect(spawnSync('mkfifo', [path.join(dir, 'b', '12.npy')]).status).to.equal(0);
-      expect(() => [...npyFolderFeeds(dir)]).to.throw(`${path.join(dir, 'b', '12.npy')} is not a regular file (a pipe or a device)`);
+      expect(String(await readAll(npyFolderFeeds(dir)).catch((e: Error) => e))).to.include(`${path.join(dir, 'b', '12.npy')} is not a regular file (a pipe or a device)`);
     } finally {
       fs.rmSync(dir, { recursive: true });
     }

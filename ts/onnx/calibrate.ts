@@ -170,61 +170,120 @@ const NPY_ARRAYS: Record<string, Float32ArrayConstructor | BigInt64ArrayConstruc
   '<f4': Float32Array, '<i8': BigInt64Array, '<i4': Int32Array, '<f2': Uint16Array, '|u1': Uint8Array, '<u1': Uint8Array, '|b1': Uint8Array, '|i1': Int8Array,
 };
 
+interface NpyRaw {
+  descr: string;
+  dims: number[];
+  storedRows: number;
+  body: Uint8Array;
+}
+
+/** A read of `into.length` bytes at `position` of the file (whole, or the file got shorter). */
+interface NpyRead {
+  into: Uint8Array;
+  position: number;
+}
+
 /**
- * The header and data of a .npy file, the data read straight into one aligned buffer in pieces (no whole-file
- * copy; readFileSync stops at 2 GiB). `firstRows`: read only that many leading rows of the first axis (`dims`
- * then says so; `storedRows` is the file's count). The data of a dtype lowbit does not read are not read.
+ * The header and data of a .npy file of `size` bytes, read into one aligned buffer in pieces (no whole-file copy;
+ * readFileSync stops at 2 GiB): yields each read for readNpyRaw (synchronous) or readNpyRawAsync to do. `firstRows`:
+ * read only that many leading rows of the first axis (`dims` then says so; `storedRows` is the file's count). The
+ * data of a dtype lowbit does not read are not read.
  */
-function readNpyRaw(file: string, firstRows = Infinity, tooLarge = 'split the data into several .npy files'): { descr: string; dims: number[]; storedRows: number; body: Uint8Array } {
-  // Non-blocking: opening a pipe for reading would otherwise wait for a writer, for good.
-  const fd = fs.openSync(file, fs.constants.O_RDONLY | (fs.constants.O_NONBLOCK ?? 0));
+function* npyReads(file: string, size: number, firstRows: number, tooLarge: string): Generator<NpyRead, NpyRaw, void> {
+  const lead = new Uint8Array(Math.min(size, 12));
+  yield { into: lead, position: 0 };
+  const leadBytes = Buffer.from(lead.buffer);
+  if (leadBytes.length < 10 || leadBytes[0] !== 0x93 || leadBytes.toString('latin1', 1, 6) !== 'NUMPY') {
+    throw new RangeError(`${file} is not a .npy file (no \\x93NUMPY magic): write it with numpy.save.`);
+  }
+  const major = leadBytes[6];
+  if (major < 1 || major > 3) throw new RangeError(`${file}: .npy format version ${major} is not one lowbit reads (1, 2 or 3).`);
+  const start = major === 1 ? 10 : 12;
+  if (leadBytes.length < start) throw new RangeError(`${file}: the .npy header is truncated.`);
+  const headerLength = major === 1 ? leadBytes.readUInt16LE(8) : leadBytes.readUInt32LE(8);
+  if (start + headerLength > size) throw new RangeError(`${file}: the .npy header is truncated.`);
+  const headerBytes = new Uint8Array(headerLength);
+  yield { into: headerBytes, position: start };
+  const header = Buffer.from(headerBytes.buffer).toString('latin1');
+  if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported: save numpy.ascontiguousarray(x) instead.`);
+  const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1] ?? '';
+  const shape = /'shape':\s*\(([^)]*)\)/.exec(header);
+  const dims = shape ? shape[1].split(',').map((v) => v.trim()).filter(Boolean).map(Number) : [];
+  if (!shape || dims.some((d) => !Number.isSafeInteger(d) || d < 0)) throw new RangeError(`${file}: the .npy header is malformed or truncated (no valid 'shape').`);
+  const storedRows = dims.length ? dims[0] : 1;
+  const item = NPY_ARRAYS[descr]?.BYTES_PER_ELEMENT;
+  if (item === undefined) return { descr, dims, storedRows, body: new Uint8Array(0) };
+  const values = dims.reduce((a, b) => a * b, 1);
+  const bodyBytes = size - start - headerLength;
+  if (bodyBytes !== values * item) {
+    throw new RangeError(`${file}: the data (${bodyBytes} bytes) do not match the shape (${dims.join('x') || 'a scalar'} of ${descr}).`);
+  }
+  const rows = dims.length ? Math.min(firstRows, storedRows) : 1;
+  const readBytes = storedRows === 0 ? 0 : (bodyBytes / storedRows) * rows;
+  if (readBytes > MAX_LENGTH) {
+    throw new RangeError(`${file}: its ${rows < storedRows ? `first ${rows} rows hold` : 'data hold'} ${readBytes} bytes, more than the ${MAX_LENGTH} ` +
+      `one array holds in this Node.js: ${tooLarge}.`);
+  }
+  const body = new Uint8Array(readBytes);
+  yield { into: body, position: start + headerLength };
+  return { descr, dims: rows < storedRows ? [rows, ...dims.slice(1)] : dims, storedRows, body };
+}
+
+// Non-blocking: opening a pipe for reading would otherwise wait for a writer, for good.
+const NPY_OPEN_FLAGS = fs.constants.O_RDONLY | (fs.constants.O_NONBLOCK ?? 0);
+const NPY_PIECE = 1 << 30;
+
+function notRegularFile(file: string, stat: fs.Stats): RangeError {
+  return new RangeError(`${file} is not a regular file (${stat.isDirectory() ? 'a folder' : 'a pipe or a device'}): save the array with numpy.save to a file.`);
+}
+
+function shorter(file: string): RangeError {
+  return new RangeError(`${file} got shorter while it was read.`);
+}
+
+/** npyReads done with synchronous reads. */
+function readNpyRaw(file: string, firstRows = Infinity, tooLarge = NPY_TOO_LARGE): NpyRaw {
+  const fd = fs.openSync(file, NPY_OPEN_FLAGS);
   try {
     const stat = fs.fstatSync(fd);
-    if (!stat.isFile()) throw new RangeError(`${file} is not a regular file (${stat.isDirectory() ? 'a folder' : 'a pipe or a device'}): save the array with numpy.save to a file.`);
-    const readAt = (into: Uint8Array, position: number) => {
+    if (!stat.isFile()) throw notRegularFile(file, stat);
+    const reads = npyReads(file, stat.size, firstRows, tooLarge);
+    for (let step = reads.next(); ; step = reads.next()) {
+      if (step.done) return step.value;
+      const { into, position } = step.value;
       for (let done = 0; done < into.length;) {
-        const n = fs.readSync(fd, into, done, Math.min(into.length - done, 1 << 30), position + done);
-        if (n === 0) throw new RangeError(`${file} got shorter while it was read.`);
+        const n = fs.readSync(fd, into, done, Math.min(into.length - done, NPY_PIECE), position + done);
+        if (n === 0) throw shorter(file);
         done += n;
       }
-      return into;
-    };
-    const lead = Buffer.from(readAt(new Uint8Array(Math.min(stat.size, 12)), 0).buffer);
-    if (lead.length < 10 || lead[0] !== 0x93 || lead.toString('latin1', 1, 6) !== 'NUMPY') {
-      throw new RangeError(`${file} is not a .npy file (no \\x93NUMPY magic): write it with numpy.save.`);
     }
-    const major = lead[6];
-    if (major < 1 || major > 3) throw new RangeError(`${file}: .npy format version ${major} is not one lowbit reads (1, 2 or 3).`);
-    const start = major === 1 ? 10 : 12;
-    if (lead.length < start) throw new RangeError(`${file}: the .npy header is truncated.`);
-    const headerLength = major === 1 ? lead.readUInt16LE(8) : lead.readUInt32LE(8);
-    if (start + headerLength > stat.size) throw new RangeError(`${file}: the .npy header is truncated.`);
-    const header = Buffer.from(readAt(new Uint8Array(headerLength), start).buffer).toString('latin1');
-    if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported: save numpy.ascontiguousarray(x) instead.`);
-    const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1] ?? '';
-    const shape = /'shape':\s*\(([^)]*)\)/.exec(header);
-    const dims = shape ? shape[1].split(',').map((v) => v.trim()).filter(Boolean).map(Number) : [];
-    if (!shape || dims.some((d) => !Number.isSafeInteger(d) || d < 0)) throw new RangeError(`${file}: the .npy header is malformed or truncated (no valid 'shape').`);
-    const storedRows = dims.length ? dims[0] : 1;
-    const item = NPY_ARRAYS[descr]?.BYTES_PER_ELEMENT;
-    if (item === undefined) return { descr, dims, storedRows, body: new Uint8Array(0) };
-    const values = dims.reduce((a, b) => a * b, 1);
-    const bodyBytes = stat.size - start - headerLength;
-    if (bodyBytes !== values * item) {
-      throw new RangeError(`${file}: the data (${bodyBytes} bytes) do not match the shape (${dims.join('x') || 'a scalar'} of ${descr}).`);
-    }
-    const rows = dims.length ? Math.min(firstRows, storedRows) : 1;
-    const readBytes = storedRows === 0 ? 0 : (bodyBytes / storedRows) * rows;
-    if (readBytes > MAX_LENGTH) {
-      throw new RangeError(`${file}: its ${rows < storedRows ? `first ${rows} rows hold` : 'data hold'} ${readBytes} bytes, more than the ${MAX_LENGTH} ` +
-        `one array holds in this Node.js: ${tooLarge}.`);
-    }
-    const body = readAt(new Uint8Array(readBytes), start + headerLength);
-    return { descr, dims: rows < storedRows ? [rows, ...dims.slice(1)] : dims, storedRows, body };
   } finally {
     fs.closeSync(fd);
   }
 }
+
+/** npyReads done with asynchronous reads: the event loop turns while a large batch is read. */
+async function readNpyRawAsync(file: string, firstRows = Infinity, tooLarge = NPY_TOO_LARGE): Promise<NpyRaw> {
+  const handle = await fs.promises.open(file, NPY_OPEN_FLAGS);
+  try {
+    const stat = await handle.stat();
+    if (!stat.isFile()) throw notRegularFile(file, stat);
+    const reads = npyReads(file, stat.size, firstRows, tooLarge);
+    for (let step = reads.next(); ; step = reads.next()) {
+      if (step.done) return step.value;
+      const { into, position } = step.value;
+      for (let done = 0; done < into.length;) {
+        const { bytesRead } = await handle.read(into, done, Math.min(into.length - done, NPY_PIECE), position + done);
+        if (bytesRead === 0) throw shorter(file);
+        done += bytesRead;
+      }
+    }
+  } finally {
+    await handle.close();
+  }
+}
+
+const NPY_TOO_LARGE = 'split the data into several .npy files';
 
 /**
  * A .npy body as the typed array of its dtype (float32, int64, int32, float16 as bit patterns, uint8, int8, bool as
@@ -237,7 +296,15 @@ function npyValues({ descr, body }: { descr: string; body: Uint8Array }): FeedTe
 
 /** Reads a C-order .npy file of float32, int64, int32, float16, uint8, int8 or bool values (a model input's batch). */
 export function readNpyFeed(file: string): FeedTensor {
-  const raw = readNpyRaw(file);
+  return npyFeed(file, readNpyRaw(file));
+}
+
+/** readNpyFeed without holding the event loop while the file is read. */
+export async function readNpyFeedAsync(file: string): Promise<FeedTensor> {
+  return npyFeed(file, await readNpyRawAsync(file));
+}
+
+function npyFeed(file: string, raw: NpyRaw): FeedTensor {
   const data = npyValues(raw);
   if (!data) {
     throw new RangeError(`${file}: model inputs must be little-endian float32, int64, int32 or float16 arrays, or uint8, int8 or bool ones ` +
@@ -273,8 +340,8 @@ export function readNpyLabels(file: string): Int32Array {
 }
 
 /** Batches from a folder with one subfolder of .npy files per input (batch i = the i-th file of each, in naturalCompare order). */
-export function* npyFolderFeeds(folder: string): Generator<Feed> {
-  for (const { feed } of npyFolderBatches(folder)) yield feed;
+export async function* npyFolderFeeds(folder: string): AsyncGenerator<Feed> {
+  for await (const { feed } of npyFolderBatches(folder)) yield feed;
 }
 
 /**
@@ -300,8 +367,8 @@ function batchesOf(data: CalibrationData): { iterable: Iterable<Feed> | AsyncIte
   const sources = new WeakMap<object, string[]>();
   const batches = npyFolderBatches(data);
   return {
-    iterable: (function* () {
-      for (const b of batches) {
+    iterable: (async function* () {
+      for await (const b of batches) {
         sources.set(b.feed, b.files);
         yield b.feed;
       }
@@ -359,7 +426,7 @@ function naturalCompare(a: string, b: string): number {
  * npyFolderFeeds with the files each batch came from (for errors). Hidden entries (.ipynb_checkpoints, macOS's ._
  * files) are skipped; a .npy name that is not a readable regular file (a broken link, a pipe) is refused, not read.
  */
-function* npyFolderBatches(folder: string): Generator<{ feed: Feed; files: string[] }> {
+async function* npyFolderBatches(folder: string): AsyncGenerator<{ feed: Feed; files: string[] }> {
   const statOrUndefined = (p: string) => fs.statSync(p, { throwIfNoEntry: false });
   const inputs = fs.readdirSync(folder).filter((d) => !d.startsWith('.') && statOrUndefined(path.join(folder, d))?.isDirectory()).sort();
   if (inputs.length === 0) throw new RangeError(`${folder} has no subfolders; put each input's .npy batches in a folder named after the input.`);
@@ -385,7 +452,9 @@ function* npyFolderBatches(folder: string): Generator<{ feed: Feed; files: strin
   }
   for (let b = 0; b < files[0].length; b++) {
     const paths = inputs.map((name, i) => path.join(folder, name, files[i][b]));
-    yield { feed: Object.fromEntries(inputs.map((name, i) => [name, readNpyFeed(paths[i])])), files: paths };
+    const tensors: FeedTensor[] = [];
+    for (const file of paths) tensors.push(await readNpyFeedAsync(file));
+    yield { feed: Object.fromEntries(inputs.map((name, i) => [name, tensors[i]])), files: paths };
   }
 }
 
