@@ -70,6 +70,10 @@ check "TypeScript, module nodenext" "$tsc" "${common[@]}" --module nodenext --mo
 check "TypeScript, bundler resolution" "$tsc" "${common[@]}" --module esnext --moduleResolution bundler
 # module node16 models Node 16, which cannot require() an ES module (onnx-buf is one): it needs skipLibCheck.
 check "TypeScript, module node16 with skipLibCheck" "$tsc" "${common[@]}" --module node16 --moduleResolution node16 --skipLibCheck
+# onnxruntime-node is an optional peer: lowbit's declarations must type-check without it (skipLibCheck off).
+mv node_modules/onnxruntime-node ../onnxruntime-node-aside
+check "TypeScript without onnxruntime-node installed" "$tsc" "${common[@]}" --module node20 --moduleResolution node16
+mv ../onnxruntime-node-aside node_modules/onnxruntime-node
 # A wrong type must still be caught (the declarations are read, not replaced by any).
 echo 'const wrong: string = quantizeTensor(new Float32Array(1), { shape: [1] }).values; void wrong;' >> consumer.ts
 if "$tsc" "${common[@]}" --module node20 --moduleResolution node16 >/dev/null 2>&1; then
@@ -77,4 +81,4 @@ if "$tsc" "${common[@]}" --module node20 --moduleResolution node16 >/dev/null 2>
   exit 1
 fi
 
-echo "test:package: passed (packed, installed with onnxruntime-node $ort_version, example, ESM import, npx lowbit quantize and inspect, TypeScript checks)"
+echo "test:package: passed (packed, installed with onnxruntime-node $ort_version, example, ESM import, npx lowbit quantize and inspect, TypeScript checks with and without onnxruntime-node)"

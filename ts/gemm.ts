@@ -25,7 +25,7 @@ export class PackedMatrix {
   /** Element type of the original B: true for int8, false for uint8. */
   readonly signed: boolean;
 
-  /** @internal Use packMatrix(). */
+  /** Not for users (a private token refuses other callers): packMatrix() makes them. */
   constructor(token: symbol, handle: PackedHandle, k: number, n: number, signed: boolean) {
     if (token !== fromPackMatrix) throw new TypeError('PackedMatrix objects come from packMatrix(b, k, n); do not construct them.');
     this.k = k;
@@ -311,7 +311,7 @@ export class PackedInt4Matrix {
   /** true for int4, false for uint4. */
   readonly signed: boolean;
 
-  /** @internal Use packInt4Matrix(). */
+  /** Not for users (a private token refuses other callers): packInt4Matrix() makes them. */
   constructor(token: symbol, handle: PackedInt4Handle, k: number, n: number, blockSize: number, signed: boolean) {
     if (token !== fromPackMatrix) throw new TypeError('PackedInt4Matrix objects come from packInt4Matrix(q); do not construct them.');
     this.k = k;

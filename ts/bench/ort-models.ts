@@ -23,7 +23,10 @@ export class OnnxruntimeMissingError extends Error {
   }
 }
 
-/** onnxruntime-node, an optional peer dependency: loaded on first use, with a clear error when absent, too old or failing to load. */
+/**
+ * @internal onnxruntime-node, an optional peer dependency: loaded on first use, with a clear error when absent, too old or
+ * failing to load. (Internal: lowbit's declarations do not need onnxruntime-node's types.)
+ */
 export function ort(): typeof Ort {
   if (!ortModule) {
     let version: string;
@@ -187,6 +190,7 @@ export function matMulIntegerModel(a: { signed: boolean; m: number; k: number },
   });
 }
 
+/** @internal An onnxruntime session for the benchmarks. */
 export async function session(model: Uint8Array, threads = 1, extra?: Record<string, string>): Promise<Ort.InferenceSession> {
   return ort().InferenceSession.create(model, {
     intraOpNumThreads: threads, interOpNumThreads: 1, graphOptimizationLevel: 'basic',
@@ -194,7 +198,7 @@ export async function session(model: Uint8Array, threads = 1, extra?: Record<str
   });
 }
 
-/** Runs a QuantizeLinear model on x; returns y. */
+/** @internal Runs a QuantizeLinear model on x; returns y. */
 export async function runQuantizeLinear(s: Ort.InferenceSession, x: Float32Array, shape: number[]): Promise<Int8Array | Uint8Array | Int16Array | Uint16Array> {
   const out = await s.run({ x: new (ort().Tensor)('float32', x, shape) });
   return out.y.data as Int8Array | Uint8Array | Int16Array | Uint16Array;

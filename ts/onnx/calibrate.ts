@@ -66,7 +66,7 @@ function feedType(name: string, elemType: number): FeedType {
   return type;
 }
 
-/** An onnxruntime tensor of a feed's values (its type follows the array; a Uint8Array's, `type`). */
+/** @internal An onnxruntime tensor of a feed's values (its type follows the array; a Uint8Array's, `type`). */
 export function ortTensor(v: FeedTensor): InstanceType<ReturnType<typeof ort>['Tensor']> {
   const O = ort();
   const dims = [...v.dims];
@@ -572,7 +572,7 @@ async function exposedModel(model: ModelProto, names: string[]):
 }
 
 /**
- * An onnxruntime session on the model with extra outputs (its weights read from the model's files, or from a
+ * @internal An onnxruntime session on the model with extra outputs (its weights read from the model's files, or from a
  * temporary copy only when what is not left there reaches 2 GB; see exposedModel); `close` releases it, then removes
  * any copy (onnxruntime may map the external data file).
  */
@@ -667,6 +667,7 @@ export interface CalibrationResult {
   observedBatches: Map<string, number>;
 }
 
+/** @internal Runs the float model on the calibration data, observing `tensors` (quantizeModel's calibration stage). */
 export async function calibrate(model: ModelProto, tensors: string[], data: CalibrationData, method: ActivationMethod,
   options: {
     keep?: number; onBatch?: (index: number) => void;

@@ -490,7 +490,7 @@ function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: numbe
 }
 
 /**
- * Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime, at its default
+ * @internal Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime, at its default
  * optimisation level, on these feeds. A feed holds as many samples as its first input's first dimension (1 for a
  * scalar input); an output whose first dimension is that batch is compared sample by sample, any other as one sample
  * per feed. A sample whose quantized values hold NaN or an infinity (the float ones do not) scores 0.
@@ -1064,7 +1064,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   }
   if (external) {
     // The whole model of 2 GB or more is compared from its written files before the write ends: if that fails, the
-    // files that were at the output path before are put back (an error leaves no output).
+    // files that were at the output path before are put back (or none is left).
     const compareWritten = evaluating && !fitsOneFile
       ? () => evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host, opts.signal)))
       : undefined;
