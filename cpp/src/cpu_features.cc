@@ -83,7 +83,7 @@ CpuFeatures detect_cpu_features(bool) {
 #if defined(__linux__) && defined(HWCAP_ASIMDDP)
   f.neon_dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
 #elif defined(__APPLE__) && defined(__ARM_FEATURE_DOTPROD)
-  // Every Apple arm64 CPU has it (the compiler's default target says so); there is no getauxval to ask.
+  // Every Apple-silicon Mac has it (the compiler's default target, apple-m1 or later, says so); no getauxval there.
   f.neon_dotprod = true;
 #endif
   return f;

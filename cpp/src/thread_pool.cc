@@ -66,7 +66,8 @@ void ThreadPool::parallel_for(size_t count, unsigned threads,
   if (count == 0) return;
   unsigned participants = threads_for(count, threads);
   // A caller arriving while another job has the workers runs its items itself rather than waiting: results do not
-  // depend on the thread count, and a call on Node's main thread must not stall behind background work.
+  // depend on the thread count, and a call on Node's main thread must not stall behind background work. (The cost:
+  // a large job arriving then runs on one thread to its end. parallel_for is never nested: fn must not call it.)
   std::unique_lock<std::mutex> job(job_mutex_, std::defer_lock);
   if (participants == 1 || !job.try_lock()) {
     for (size_t i = 0; i < count; ++i) fn(i, 0);

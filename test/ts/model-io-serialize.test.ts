@@ -564,6 +564,23 @@ describe('reading and writing models asynchronously', () => {
     const again = await writeModelWithExternalData(readModel(two), fresh, undefined, undefined, refuse).catch((e: Error) => e);
     expect(again).to.be.instanceOf(RangeError).with.property('message', 'the outputs differ');
     expect(fs.readdirSync(folder).sort()).to.deep.equal(['out.onnx', 'out.onnx.data', 'three.onnx', 'two.onnx']);
+    // An earlier model without its data file: the model comes back, no data file appears.
+    fs.renameSync(`${out}.data`, path.join(folder, 'aside.data'));
+    expect(await writeModelWithExternalData(readModel(two), out, undefined, undefined, refuse).catch((e: Error) => e)).to.be.instanceOf(RangeError);
+    expect(fs.readdirSync(folder).sort()).to.deep.equal(['aside.data', 'out.onnx', 'three.onnx', 'two.onnx']);
+    expect(fs.readFileSync(out).equals(before[0])).to.equal(true);
+    fs.renameSync(path.join(folder, 'aside.data'), `${out}.data`);
+    // The model's rename failing after the earlier model was linked aside: nothing is left of the link.
+    const realRename = fs.promises.rename;
+    fs.promises.rename = async (from: fs.PathLike, to: fs.PathLike) => {
+      if (to === out) throw Object.assign(new Error('no rename'), { code: 'EIO' });
+      return realRename(from, to);
+    };
+    const failed = await writeModelWithExternalData(readModel(two), out, undefined, undefined, async () => undefined).catch((e: Error) => e)
+      .finally(() => (fs.promises.rename = realRename));
+    expect(String(failed)).to.match(/Could not write .*out\.onnx \(EIO\)/);
+    expect(fs.readdirSync(folder).sort()).to.deep.equal(['out.onnx', 'out.onnx.data', 'three.onnx', 'two.onnx']);
+    expect(fs.readFileSync(out).equals(before[0]) && fs.readFileSync(`${out}.data`).equals(before[1])).to.equal(true);
     // A check that passes: the new pair stays, the earlier one is gone.
     await writeModelWithExternalData(readModel(two), out, undefined, undefined, async () => undefined);
     expectSameWeights(readModel(out), readModel(two));

@@ -52,6 +52,10 @@ describe('instruction-set objects (build/CMakeFiles/lowbit_kernels.dir/cpp/src/x
     it('skipped: no nm (binutils) to list the objects\' symbols');
     return;
   }
+  if (objects.length === 0 && fs.existsSync(binary)) {
+    it('skipped: the kernels were built elsewhere (no build/CMakeFiles objects next to the test binary)');
+    return;
+  }
   it('were built (one per kernel file)', () => expect(objects.length).to.be.greaterThan(1));
   for (const object of objects) {
     it(`${path.basename(object)} defines no weak or unique symbols`, () => {

@@ -1463,6 +1463,28 @@ describe('layers quantized on native worker threads from the caller\'s model byt
     expect(Buffer.from(q.values.buffer).equals(Buffer.from(want.values.buffer))).to.equal(true);
     expect(q.scale).to.deep.equal(want.scale);
   });
+
+  it('quantizeModel asks for the copy for bytes given to it, not for a model it read from a path', async () => {
+    const bytes = buildModel({
+      inputDims: [1, 1031], output: 'y', initializers: { w: { dims: [1031, 1021], data: heInit(1031 * 1021, 1031, 5) } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+    });
+    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-caller-')), 'mm.onnx');
+    fs.writeFileSync(file, bytes);
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const quantizeModule: { quantizeOffThread: (...a: unknown[]) => unknown } = require('../../ts/quantize');
+    const real = quantizeModule.quantizeOffThread;
+    const copies: unknown[] = [];
+    quantizeModule.quantizeOffThread = (...a: unknown[]) => (copies.push(a[2]), real(...a));
+    try {
+      await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [] });
+      await quantizeModel(file, { weights: { bits: 8 }, evaluationFeeds: [] });
+    } finally {
+      quantizeModule.quantizeOffThread = real;
+      fs.rmSync(path.dirname(file), { recursive: true });
+    }
+    expect(copies).to.deep.equal([true, false]);
+  });
 });
 
 describe('the evaluation on inputs that say nothing (second audit)', () => {

@@ -957,6 +957,7 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
   let failed = dataFile;
   let dataReplaced = false;
   let modelReplaced = false;
+  let previousModelKept = false;
   let checking = false;
   let bytes: Uint8Array;
   try {
@@ -978,7 +979,10 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
     await fs.promises.rename(dataTemp, dataFile);
     dataReplaced = true;
     failed = file;
-    if (check && fs.existsSync(file)) await fs.promises.link(file, previousModel).catch(() => fs.promises.copyFile(file, previousModel));
+    if (check && fs.existsSync(file)) {
+      await fs.promises.link(file, previousModel).catch(() => fs.promises.copyFile(file, previousModel));
+      previousModelKept = true;
+    }
     await fs.promises.rename(modelTemp, file);
     modelReplaced = true;
     if (check) {
@@ -989,8 +993,9 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
     // Each clean-up step on its own, best effort: the write's (or the check's) error is the one to report.
     const attempt = (step: Promise<unknown>) => step.catch(() => undefined);
     for (const temp of [dataTemp, modelTemp]) await attempt(fs.promises.rm(temp, { force: true }));
-    if (modelReplaced) await attempt(fs.promises.rm(file, { force: true }));
-    if (fs.existsSync(previousModel)) await attempt(fs.promises.rename(previousModel, file));
+    // The earlier model goes back over the new one in one rename; a link or copy not needed (or cut short) goes.
+    if (modelReplaced) await attempt(previousModelKept ? fs.promises.rename(previousModel, file) : fs.promises.rm(file, { force: true }));
+    await attempt(fs.promises.rm(previousModel, { force: true }));
     if (dataReplaced) await attempt(fs.promises.rm(dataFile, { force: true }));
     if (fs.existsSync(previousData)) await attempt(fs.promises.rename(previousData, dataFile));
     if (checking || e instanceof OnnxModelError) throw e;
