@@ -160,27 +160,52 @@ Napi::Value SearchRangesMseAsync(const Napi::CallbackInfo& info) {
   return AsyncTask::Start(info.Env(), {info[0], info[2], info[3]}, [call] { return call.run(); });
 }
 
-// groupErrors(x, layout, lo, hi, qmin, qmax, symmetric, norm, out: Float64Array, kernel, threads)
+// groupErrors(x, layout, lo, hi, qmin, qmax, symmetric, norm, out: Float64Array, kernel, threads), and
+// groupErrorsAsync (the same on a worker thread; resolves with 0 once `out` is filled).
+struct ErrorsCall {
+  const float* x = nullptr;
+  QuantLayout layout;
+  const float* lo = nullptr;
+  const float* hi = nullptr;
+  int32_t qmin = 0, qmax = 0;
+  bool symmetric = false;
+  int norm = 2;
+  double* out = nullptr;
+  lowbit::Exec exec;
+
+  explicit ErrorsCall(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    size_t nx, nlo, nhi, nout;
+    layout = layout_of(info[1]);
+    x = array_of<float>(info[0], "x", napi_float32_array, &nx);
+    lo = array_of<float>(info[2], "lo", napi_float32_array, &nlo);
+    hi = array_of<float>(info[3], "hi", napi_float32_array, &nhi);
+    qmin = int_of(info[4], "qmin");
+    qmax = int_of(info[5], "qmax");
+    if (qmin >= qmax || qmin < -128 || qmax > 255) throw_range(env, "qmin/qmax out of range");
+    symmetric = bool_of(info[6], "symmetric");
+    norm = int_of(info[7], "norm");
+    if (norm != 1 && norm != 2) throw_range(env, "norm must be 1 or 2");
+    out = array_of<double>(info[8], "out", napi_float64_array, &nout);
+    expect_length(env, nx, layout.element_count(), "x");
+    expect_length(env, nlo, layout.group_count(), "lo");
+    expect_length(env, nhi, layout.group_count(), "hi");
+    expect_length(env, nout, layout.group_count(), "out");
+    exec = Context::of(env).exec(env, string_of(info[9], "kernel"), threads_of(info[10]));
+  }
+  void run() const { lowbit::group_errors(exec, x, layout, lo, hi, qmin, qmax, symmetric, norm, out); }
+};
+
 Napi::Value GroupErrors(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  size_t nx, nlo, nhi, nout;
-  QuantLayout layout = layout_of(info[1]);
-  const float* x = array_of<float>(info[0], "x", napi_float32_array, &nx);
-  const float* lo = array_of<float>(info[2], "lo", napi_float32_array, &nlo);
-  const float* hi = array_of<float>(info[3], "hi", napi_float32_array, &nhi);
-  const int32_t qmin = int_of(info[4], "qmin"), qmax = int_of(info[5], "qmax");
-  if (qmin >= qmax || qmin < -128 || qmax > 255) throw_range(env, "qmin/qmax out of range");
-  const bool symmetric = bool_of(info[6], "symmetric");
-  const int norm = int_of(info[7], "norm");
-  if (norm != 1 && norm != 2) throw_range(env, "norm must be 1 or 2");
-  double* out = array_of<double>(info[8], "out", napi_float64_array, &nout);
-  expect_length(env, nx, layout.element_count(), "x");
-  expect_length(env, nlo, layout.group_count(), "lo");
-  expect_length(env, nhi, layout.group_count(), "hi");
-  expect_length(env, nout, layout.group_count(), "out");
-  auto exec = Context::of(env).exec(env, string_of(info[9], "kernel"), threads_of(info[10]));
-  lowbit::group_errors(exec, x, layout, lo, hi, qmin, qmax, symmetric, norm, out);
-  return env.Undefined();
+  ErrorsCall(info).run();
+  return info.Env().Undefined();
+}
+Napi::Value GroupErrorsAsync(const Napi::CallbackInfo& info) {
+  ErrorsCall call(info);
+  return AsyncTask::Start(info.Env(), {info[0], info[2], info[3], info[8]}, [call] {
+    call.run();
+    return 0.0;
+  });
 }
 
 // lsqForward(v, layout, step: Float32Array, qn, qp, out, kernel, threads)
@@ -394,6 +419,7 @@ void register_quantize_functions(Napi::Env env, Napi::Object exports) {
   exports.Set("groupMoments", Napi::Function::New(env, GroupMomentsSync, "groupMoments"));
   exports.Set("groupMomentsAsync", Napi::Function::New(env, GroupMomentsAsync, "groupMomentsAsync"));
   exports.Set("groupErrors", Napi::Function::New(env, GroupErrors, "groupErrors"));
+  exports.Set("groupErrorsAsync", Napi::Function::New(env, GroupErrorsAsync, "groupErrorsAsync"));
   exports.Set("lsqForward", Napi::Function::New(env, LsqForward, "lsqForward"));
   exports.Set("lsqBackward", Napi::Function::New(env, LsqBackward, "lsqBackward"));
   exports.Set("finiteRange", Napi::Function::New(env, FiniteRange, "finiteRange"));

@@ -71,6 +71,8 @@ export interface NativeBinding {
   groupMomentsAsync(x: Float32Array, layout: NativeLayout, out: Float64Array, kernel: string, threads: number): Promise<number>;
   groupErrors(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, qmin: number, qmax: number,
     symmetric: boolean, norm: 1 | 2, out: Float64Array, kernel: string, threads: number): void;
+  groupErrorsAsync(x: Float32Array, layout: NativeLayout, lo: Float32Array, hi: Float32Array, qmin: number, qmax: number,
+    symmetric: boolean, norm: 1 | 2, out: Float64Array, kernel: string, threads: number): Promise<number>;
   lsqForward(v: Float32Array, layout: NativeLayout, step: Float32Array, qn: number, qp: number, out: Float32Array,
     kernel: string, threads: number): void;
   lsqBackward(v: Float32Array, gradOut: Float32Array, layout: NativeLayout, step: Float32Array, qn: number, qp: number,
@@ -146,7 +148,7 @@ export type PackedInt4Handle = { readonly __packedInt4Handle: unique symbol };
 /** Every function of NativeBinding: a file that lacks one is another module, or a lowbit.node built from older sources. */
 const NATIVE_FUNCTIONS = [
   'cpuInfo', 'quantize', 'quantizeAsync', 'dequantize', 'groupRanges', 'groupRangesAsync', 'searchRangesMse',
-  'searchRangesMseAsync', 'groupMoments', 'groupMomentsAsync', 'groupErrors', 'lsqForward', 'lsqBackward',
+  'searchRangesMseAsync', 'groupMoments', 'groupMomentsAsync', 'groupErrors', 'groupErrorsAsync', 'lsqForward', 'lsqBackward',
   'finiteRange', 'firstCodeOutside', 'histogramAdd', 'paramsFromRanges', 'errorStats', 'packInt4', 'unpackInt4',
   'packInt2', 'unpackInt2', 'packMatrix', 'matmulInt8', 'matmulInt8Async', 'packInt4Matrix', 'matmulInt4',
   'int32ToFloat', 'requantizeInt32', 'sgemm', 'im2col', 'col2im', 'batchNormForward', 'batchNormBackward',

@@ -5,7 +5,7 @@ import { expect } from 'chai';
 import {
   aciqAlpha, aciqExpectedMse, aciqLaplaceConstant, aciqRange, ActivationScaleClip, AciqObserver, allocateBits, correctWeightBias, cpuInfo, dequantize,
   expectedOutputShift, foldScalesIntoBatchNorm, HistogramObserver, klLevels, lambertW0, lsqBackward, lsqGradScale, lsqInitStep,
-  lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, scaleClip, tensorStats,
+  lsqQuantize, MinMaxObserver, quantizationError, quantizeTensor, quantizeTensorAsync, scaleClip, tensorStats,
 } from '../../ts';
 import { preserveRunSums } from '../../ts/methods/sum-preserving';
 import { makeObserver } from '../../ts/onnx/calibrate';
@@ -136,6 +136,23 @@ describe('ACIQ', () => {
       const auto = quantizationError(u, quantizeTensor(u, { shape: [u.length], bits, method: 'aciq', prior: 'auto' })).mse;
       expect(auto, `bits ${bits}`).to.be.at.most(mm);
     }
+  });
+
+  it("prior 'auto' off the event loop (quantizeTensorAsync: the error passes on worker threads) chooses as the synchronous call", async () => {
+    const r = rng(6);
+    // Per channel: some channels uniform (minmax wins), some heavy-tailed (the ACIQ clip wins).
+    const w = Float32Array.from({ length: 64 * 300 }, (_, i) => (Math.floor(i / 300) % 2 ? r() * 2 - 1 : Math.log(r() + 1e-9) * (r() < 0.5 ? 1 : -1)));
+    let changed = false;
+    for (const bits of [2, 4, 8] as const) {
+      const how = { shape: [64, 300], granularity: 'channel' as const, axis: 0, bits, method: 'aciq' as const, prior: 'auto' as const };
+      const sync = quantizeTensor(w, how);
+      const async = await quantizeTensorAsync(w, how);
+      expect(Array.from(async.scale), `bits ${bits}`).to.deep.equal(Array.from(sync.scale));
+      expect(Buffer.from(async.values.buffer).equals(Buffer.from(sync.values.buffer)), `bits ${bits}`).to.equal(true);
+      const laplaceOnly = quantizeTensor(w, { ...how, prior: 'laplace' });
+      changed ||= sync.scale.some((v, c) => v !== laplaceOnly.scale[c]);
+    }
+    expect(changed, "'auto' kept minmax on some channels").to.equal(true);
   });
 });
 

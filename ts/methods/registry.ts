@@ -101,12 +101,23 @@ function perGroup(name: string, description: string, compute: (r: RangeRequest, 
   };
 }
 
-/** Keeps, per group, whichever of two ranges has the smaller measured error. */
+/** Keeps, per group, whichever of two ranges has the smaller measured error (`errors` fills each side's). */
 function keepBetter(r: RangeRequest, chosen: GroupRanges, other: GroupRanges): void {
-  const e1 = new Float64Array(r.groups);
-  const e2 = new Float64Array(r.groups);
+  const [e1, e2] = [new Float64Array(r.groups), new Float64Array(r.groups)];
   native().groupErrors(r.data, r.layout, chosen.lo, chosen.hi, r.qmin, r.qmax, r.symmetric, 2, e1, r.kernel, r.threads);
   native().groupErrors(r.data, r.layout, other.lo, other.hi, r.qmin, r.qmax, r.symmetric, 2, e2, r.kernel, r.threads);
+  choose(r, chosen, other, e1, e2);
+}
+
+/** keepBetter with the error passes on native worker threads (two passes over the tensor: not on the event loop). */
+async function keepBetterAsync(r: RangeRequest, chosen: GroupRanges, other: GroupRanges): Promise<void> {
+  const [e1, e2] = [new Float64Array(r.groups), new Float64Array(r.groups)];
+  await native().groupErrorsAsync(r.data, r.layout, chosen.lo, chosen.hi, r.qmin, r.qmax, r.symmetric, 2, e1, r.kernel, r.threads);
+  await native().groupErrorsAsync(r.data, r.layout, other.lo, other.hi, r.qmin, r.qmax, r.symmetric, 2, e2, r.kernel, r.threads);
+  choose(r, chosen, other, e1, e2);
+}
+
+function choose(r: RangeRequest, chosen: GroupRanges, other: GroupRanges, e1: Float64Array, e2: Float64Array): void {
   for (let g = 0; g < r.groups; g++) {
     if (e2[g] < e1[g]) {
       chosen.lo[g] = other.lo[g];
@@ -159,14 +170,18 @@ function aciqFromMoments(r: RangeRequest, moments: Float64Array, nanIndex: numbe
     out.lo[i] = range.lo;
     out.hi[i] = range.hi;
   }
-  if (r.options.prior === 'auto') {
-    const minmaxRange = { lo: Float32Array.from({ length: g }, (_, i) => moments[4 * g + i]), hi: Float32Array.from({ length: g }, (_, i) => moments[5 * g + i]), nanIndex: -1 };
-    for (let i = 0; i < g; i++) {
-      if (moments[i] === 0) minmaxRange.lo[i] = minmaxRange.hi[i] = 0;
-    }
-    keepBetter(r, out, minmaxRange);
-  }
   return out;
+}
+
+/** Prior 'auto' compares the ACIQ ranges with minmax's: the moments' min and max (0 where a group has no finite value). */
+function autoAlternative(r: RangeRequest, out: GroupRanges, moments: Float64Array): GroupRanges | undefined {
+  if (r.options.prior !== 'auto' || out.nanIndex >= 0) return undefined;
+  const g = r.groups;
+  const minmaxRange = { lo: Float32Array.from({ length: g }, (_, i) => moments[4 * g + i]), hi: Float32Array.from({ length: g }, (_, i) => moments[5 * g + i]), nanIndex: -1 };
+  for (let i = 0; i < g; i++) {
+    if (moments[i] === 0) minmaxRange.lo[i] = minmaxRange.hi[i] = 0;
+  }
+  return minmaxRange;
 }
 
 const aciq: RangeMethod = {
@@ -174,11 +189,17 @@ const aciq: RangeMethod = {
   description: "analytical clipping (ACIQ): MSE-optimal clip of a Laplace or Gaussian fit; prior 'auto' is never worse than minmax",
   ranges(r) {
     const moments = new Float64Array(6 * r.groups);
-    return aciqFromMoments(r, moments, native().groupMoments(r.data, r.layout, moments, r.kernel, r.threads));
+    const out = aciqFromMoments(r, moments, native().groupMoments(r.data, r.layout, moments, r.kernel, r.threads));
+    const alternative = autoAlternative(r, out, moments);
+    if (alternative) keepBetter(r, out, alternative);
+    return out;
   },
   async rangesAsync(r) {
     const moments = new Float64Array(6 * r.groups);
-    return aciqFromMoments(r, moments, await native().groupMomentsAsync(r.data, r.layout, moments, r.kernel, r.threads));
+    const out = aciqFromMoments(r, moments, await native().groupMomentsAsync(r.data, r.layout, moments, r.kernel, r.threads));
+    const alternative = autoAlternative(r, out, moments);
+    if (alternative) await keepBetterAsync(r, out, alternative);
+    return out;
   },
 };
 
