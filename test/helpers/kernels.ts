@@ -19,7 +19,8 @@ export function reportMissingKernels(operation: keyof typeof NEEDS, what: string
   const needs: Record<string, string> = NEEDS[operation];
   for (const kernel of Object.keys(needs).filter((k) => (!only || only.includes(k)) && !cpuInfo().kernels[operation].includes(k))) {
     const cpuHasIt = OPTIONAL_BUILDS[kernel]?.every((f) => cpuInfo().features[f]);
-    it(cpuHasIt ? `skipped: ${what} ${kernel} kernel: not built (the compiler lacked its flags; see npm install's warnings)`
+    const orFailed = kernel === 'amx' ? ', or its self-test failed here' : '';
+    it(cpuHasIt ? `skipped: ${what} ${kernel} kernel: not built (the compiler lacked its flags; see npm install's warnings)${orFailed}`
       : `skipped: ${what} ${kernel} kernel: no ${needs[kernel]} on this CPU`);
   }
 }

@@ -217,6 +217,12 @@ describe('quantizeTensor: threads and async', () => {
       expectSameValues(got, quantizeTensor(input, opts), method);
       expect(ticks, `event loop ticks while ${method} ran`).to.be.greaterThan(0);
     }
+    // The histogram methods (their NaN and min/max pass on a worker thread too) and ACIQ, per channel.
+    const channels = Float32Array.from({ length: 32 * 500 }, (_, i) => Math.sin(i * 0.37) * (1 + (i % 500 === 7 ? 40 : 0)));
+    for (const method of ['percentile', 'kl', 'aciq'] as const) {
+      const opts = { shape: [32, 500], granularity: 'channel' as const, axis: 0, method, bits: 4 };
+      expectSameValues(await quantizeTensorAsync(channels, opts), quantizeTensor(channels, opts), method);
+    }
   });
 });
 

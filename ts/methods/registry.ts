@@ -64,8 +64,7 @@ function minmaxRanges(r: RangeRequest): GroupRanges {
 }
 
 /** A method computed in TypeScript per group, after the native pass that finds NaN and min/max. */
-function perGroup(name: string, description: string, compute: (r: RangeRequest, values: Float32Array) => { lo: number; hi: number },
-  refine?: (r: RangeRequest, ranges: GroupRanges, minmax: GroupRanges) => void): RangeMethod {
+function perGroup(name: string, description: string, compute: (r: RangeRequest, values: Float32Array) => { lo: number; hi: number }): RangeMethod {
   // One pass over the groups, in steps: the async path turns the event loop between them (a weight in blocks of 32
   // is hundreds of thousands of groups, each a histogram built in TypeScript).
   function* steps(r: RangeRequest, minmax: GroupRanges, out: GroupRanges): Generator<void> {
@@ -77,36 +76,32 @@ function perGroup(name: string, description: string, compute: (r: RangeRequest, 
       yield;
     }
   }
-  const start = (r: RangeRequest) => {
-    const minmax = minmaxRanges(r);
-    return { minmax, out: { ...outputs(r.groups), nanIndex: -1 } };  // returned only when minmax found no NaN
-  };
+  const result = (r: RangeRequest): GroupRanges => ({ ...outputs(r.groups), nanIndex: -1 });  // returned only when minmax found no NaN
   return {
     name, description,
     ranges(r) {
-      const { minmax, out } = start(r);
+      const [minmax, out] = [minmaxRanges(r), result(r)];
       if (minmax.nanIndex >= 0) return minmax;
       for (const _ of steps(r, minmax, out));
-      refine?.(r, out, minmax);
       return out;
     },
     async rangesAsync(r) {
-      const { minmax, out } = start(r);
+      // The NaN and min/max pass on a worker thread too: a whole-tensor pass.
+      const [minmax, out] = [await minmaxRangesAsync(r), result(r)];
       if (minmax.nanIndex >= 0) return minmax;
       const pause = pauser();
       for (const _ of steps(r, minmax, out)) await pause();
-      refine?.(r, out, minmax);
       return out;
     },
   };
 }
 
-/** Keeps, per group, whichever of two ranges has the smaller measured error (`errors` fills each side's). */
+/** Keeps, per group, whichever of two ranges has the smaller measured error (native groupErrors measures each). */
 function keepBetter(r: RangeRequest, chosen: GroupRanges, other: GroupRanges): void {
   const [e1, e2] = [new Float64Array(r.groups), new Float64Array(r.groups)];
   native().groupErrors(r.data, r.layout, chosen.lo, chosen.hi, r.qmin, r.qmax, r.symmetric, 2, e1, r.kernel, r.threads);
   native().groupErrors(r.data, r.layout, other.lo, other.hi, r.qmin, r.qmax, r.symmetric, 2, e2, r.kernel, r.threads);
-  choose(r, chosen, other, e1, e2);
+  keepSmallerError(r, chosen, other, e1, e2);
 }
 
 /** keepBetter with the error passes on native worker threads (two passes over the tensor: not on the event loop). */
@@ -114,10 +109,10 @@ async function keepBetterAsync(r: RangeRequest, chosen: GroupRanges, other: Grou
   const [e1, e2] = [new Float64Array(r.groups), new Float64Array(r.groups)];
   await native().groupErrorsAsync(r.data, r.layout, chosen.lo, chosen.hi, r.qmin, r.qmax, r.symmetric, 2, e1, r.kernel, r.threads);
   await native().groupErrorsAsync(r.data, r.layout, other.lo, other.hi, r.qmin, r.qmax, r.symmetric, 2, e2, r.kernel, r.threads);
-  choose(r, chosen, other, e1, e2);
+  keepSmallerError(r, chosen, other, e1, e2);
 }
 
-function choose(r: RangeRequest, chosen: GroupRanges, other: GroupRanges, e1: Float64Array, e2: Float64Array): void {
+function keepSmallerError(r: RangeRequest, chosen: GroupRanges, other: GroupRanges, e1: Float64Array, e2: Float64Array): void {
   for (let g = 0; g < r.groups; g++) {
     if (e2[g] < e1[g]) {
       chosen.lo[g] = other.lo[g];
@@ -126,15 +121,17 @@ function choose(r: RangeRequest, chosen: GroupRanges, other: GroupRanges, e1: Fl
   }
 }
 
+async function minmaxRangesAsync(r: RangeRequest): Promise<GroupRanges> {
+  const { lo, hi } = outputs(r.groups);
+  const nanIndex = await native().groupRangesAsync(r.data, r.layout, lo, hi, r.kernel, r.threads);
+  return { lo, hi, nanIndex };
+}
+
 const minmax: RangeMethod = {
   name: 'minmax',
   description: 'range of the finite values of each group (widened to contain 0)',
   ranges: minmaxRanges,
-  async rangesAsync(r) {
-    const { lo, hi } = outputs(r.groups);
-    const nanIndex = await native().groupRangesAsync(r.data, r.layout, lo, hi, r.kernel, r.threads);
-    return { lo, hi, nanIndex };
-  },
+  rangesAsync: minmaxRangesAsync,
 };
 
 const mse: RangeMethod = {
@@ -174,7 +171,7 @@ function aciqFromMoments(r: RangeRequest, moments: Float64Array, nanIndex: numbe
 }
 
 /** Prior 'auto' compares the ACIQ ranges with minmax's: the moments' min and max (0 where a group has no finite value). */
-function autoAlternative(r: RangeRequest, out: GroupRanges, moments: Float64Array): GroupRanges | undefined {
+function minmaxForAuto(r: RangeRequest, out: GroupRanges, moments: Float64Array): GroupRanges | undefined {
   if (r.options.prior !== 'auto' || out.nanIndex >= 0) return undefined;
   const g = r.groups;
   const minmaxRange = { lo: Float32Array.from({ length: g }, (_, i) => moments[4 * g + i]), hi: Float32Array.from({ length: g }, (_, i) => moments[5 * g + i]), nanIndex: -1 };
@@ -190,14 +187,14 @@ const aciq: RangeMethod = {
   ranges(r) {
     const moments = new Float64Array(6 * r.groups);
     const out = aciqFromMoments(r, moments, native().groupMoments(r.data, r.layout, moments, r.kernel, r.threads));
-    const alternative = autoAlternative(r, out, moments);
+    const alternative = minmaxForAuto(r, out, moments);
     if (alternative) keepBetter(r, out, alternative);
     return out;
   },
   async rangesAsync(r) {
     const moments = new Float64Array(6 * r.groups);
     const out = aciqFromMoments(r, moments, await native().groupMomentsAsync(r.data, r.layout, moments, r.kernel, r.threads));
-    const alternative = autoAlternative(r, out, moments);
+    const alternative = minmaxForAuto(r, out, moments);
     if (alternative) await keepBetterAsync(r, out, alternative);
     return out;
   },

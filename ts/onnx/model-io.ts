@@ -993,11 +993,16 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
     // Each clean-up step on its own, best effort: the write's (or the check's) error is the one to report.
     const attempt = (step: Promise<unknown>) => step.catch(() => undefined);
     for (const temp of [dataTemp, modelTemp]) await attempt(fs.promises.rm(temp, { force: true }));
-    // The earlier model goes back over the new one in one rename; a link or copy not needed (or cut short) goes.
-    if (modelReplaced) await attempt(previousModelKept ? fs.promises.rename(previousModel, file) : fs.promises.rm(file, { force: true }));
-    await attempt(fs.promises.rm(previousModel, { force: true }));
-    if (dataReplaced) await attempt(fs.promises.rm(dataFile, { force: true }));
+    // The earlier files go back over the new ones in one rename each (if that fails, the kept copy stays: the only
+    // one); a kept link or copy not needed (or cut short) goes.
+    if (modelReplaced && previousModelKept) {
+      await attempt(fs.promises.rename(previousModel, file));
+    } else {
+      if (modelReplaced) await attempt(fs.promises.rm(file, { force: true }));
+      await attempt(fs.promises.rm(previousModel, { force: true }));
+    }
     if (fs.existsSync(previousData)) await attempt(fs.promises.rename(previousData, dataFile));
+    else if (dataReplaced) await attempt(fs.promises.rm(dataFile, { force: true }));
     if (checking || e instanceof OnnxModelError) throw e;
     if (signal?.aborted) throw signal.reason;
     throw writeError(failed, e);
