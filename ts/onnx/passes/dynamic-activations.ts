@@ -14,7 +14,7 @@
 import { TensorProto_DataType, type GraphProto, type NodeProto } from 'onnx-buf';
 
 import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, namesRead, ownedTensor, transposes, type Graph } from '../graph';
-import { nodeLabel, runSteps, type PassReport, type Steps } from './pass';
+import { nodeLabel, type PassReport, type Steps } from './pass';
 
 const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fuses them into MatMulIntegerToFloat); its ConvInteger ' +
   'is no faster than a float Conv: weights only here; calibrate for static activations';
@@ -73,14 +73,9 @@ export interface LayerPlace { node: NodeProto; scope: GraphProto; scopes: GraphP
  * values). One DynamicQuantizeLinear per input tensor and graph, shared by the layers of that graph that read it,
  * placed before the first of them; each layer becomes MatMulInteger → Cast → Mul (→ Add of a Gemm's C) in place,
  * keeping its output name. `labels`: each layer's name in the report, taken before passes that rename outputs
- * (bias correction) changed what nodeLabel would say. Returns the layers it quantized.
+ * (bias correction) changed what nodeLabel would say. Returns the layers it quantized. A layer at a time, for
+ * runStepsAsync: a large model's weight transposes do not hold the event loop.
  */
-export function quantizeInputsDynamically(graph: Graph, layers: LayerPlace[], labels: Map<NodeProto, string>):
-  { report: PassReport; quantized: Set<NodeProto> } {
-  return runSteps(quantizeInputsDynamicallySteps(graph, layers, labels));
-}
-
-/** quantizeInputsDynamically a layer at a time, for runStepsAsync: a large model's weight transposes do not hold the event loop. */
 export function* quantizeInputsDynamicallySteps(graph: Graph, layers: LayerPlace[], labels: Map<NodeProto, string>):
   Steps<{ report: PassReport; quantized: Set<NodeProto> }> {
   const report: PassReport = { pass: 'dynamic-activations', changed: [], skipped: [] };
