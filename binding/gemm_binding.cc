@@ -88,7 +88,7 @@ struct MatmulCall {
     args.b_zp_per_column = bool_of(info[7], "bZeroPointPerColumn");
     if (nz != (args.b_zp_per_column ? args.n : 1) || nz == 0) throw_range(env, "bZeroPoint has the wrong length");
     // Zero points of 8-bit codes: the kernels' offset arithmetic stays far from int32 overflow.
-    const auto is_code = [](int32_t z) { return z >= -128 && z <= 255; };
+    const auto is_code = [](int32_t z) { return byte_code_range(z, z); };
     if (!is_code(args.a_zero_point) || !std::all_of(args.b_zero_point, args.b_zero_point + nz, is_code))
       throw_range(env, "zero points must be in [-128, 255]");
     args.c = array_of<int32_t>(info[8], "out", napi_int32_array, &nc);

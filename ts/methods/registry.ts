@@ -96,22 +96,20 @@ function perGroup(name: string, description: string, compute: (r: RangeRequest, 
   };
 }
 
-/** Keeps, per group, whichever of two ranges has the smaller measured error (native groupErrors measures each). */
-function keepBetter(r: RangeRequest, chosen: GroupRanges, other: GroupRanges): void {
-  const [e1, e2] = [new Float64Array(r.groups), new Float64Array(r.groups)];
-  native().groupErrors(r.data, r.layout, chosen.lo, chosen.hi, r.qmin, r.qmax, r.symmetric, 2, e1, r.kernel, r.threads);
-  native().groupErrors(r.data, r.layout, other.lo, other.hi, r.qmin, r.qmax, r.symmetric, 2, e2, r.kernel, r.threads);
-  keepSmallerError(r, chosen, other, e1, e2);
+/** Each group's squared quantization error with `ranges` (a native pass over the tensor; off the event loop async). */
+function groupErrorsOf(r: RangeRequest, ranges: GroupRanges): Float64Array {
+  const e = new Float64Array(r.groups);
+  native().groupErrors(r.data, r.layout, ranges.lo, ranges.hi, r.qmin, r.qmax, r.symmetric, 2, e, r.kernel, r.threads);
+  return e;
 }
 
-/** keepBetter with the error passes on native worker threads (two passes over the tensor: not on the event loop). */
-async function keepBetterAsync(r: RangeRequest, chosen: GroupRanges, other: GroupRanges): Promise<void> {
-  const [e1, e2] = [new Float64Array(r.groups), new Float64Array(r.groups)];
-  await native().groupErrorsAsync(r.data, r.layout, chosen.lo, chosen.hi, r.qmin, r.qmax, r.symmetric, 2, e1, r.kernel, r.threads);
-  await native().groupErrorsAsync(r.data, r.layout, other.lo, other.hi, r.qmin, r.qmax, r.symmetric, 2, e2, r.kernel, r.threads);
-  keepSmallerError(r, chosen, other, e1, e2);
+async function groupErrorsOfAsync(r: RangeRequest, ranges: GroupRanges): Promise<Float64Array> {
+  const e = new Float64Array(r.groups);
+  await native().groupErrorsAsync(r.data, r.layout, ranges.lo, ranges.hi, r.qmin, r.qmax, r.symmetric, 2, e, r.kernel, r.threads);
+  return e;
 }
 
+/** Keeps, per group, whichever of two ranges has the smaller measured error (`e1`, `e2`). */
 function keepSmallerError(r: RangeRequest, chosen: GroupRanges, other: GroupRanges, e1: Float64Array, e2: Float64Array): void {
   for (let g = 0; g < r.groups; g++) {
     if (e2[g] < e1[g]) {
@@ -188,14 +186,14 @@ const aciq: RangeMethod = {
     const moments = new Float64Array(6 * r.groups);
     const out = aciqFromMoments(r, moments, native().groupMoments(r.data, r.layout, moments, r.kernel, r.threads));
     const alternative = minmaxForAuto(r, out, moments);
-    if (alternative) keepBetter(r, out, alternative);
+    if (alternative) keepSmallerError(r, out, alternative, groupErrorsOf(r, out), groupErrorsOf(r, alternative));
     return out;
   },
   async rangesAsync(r) {
     const moments = new Float64Array(6 * r.groups);
     const out = aciqFromMoments(r, moments, await native().groupMomentsAsync(r.data, r.layout, moments, r.kernel, r.threads));
     const alternative = minmaxForAuto(r, out, moments);
-    if (alternative) await keepBetterAsync(r, out, alternative);
+    if (alternative) keepSmallerError(r, out, alternative, await groupErrorsOfAsync(r, out), await groupErrorsOfAsync(r, alternative));
     return out;
   },
 };

@@ -177,21 +177,33 @@ interface NpyRaw {
   body: Uint8Array;
 }
 
-/** A read of `into.length` bytes at `position` of the file (whole, or the file got shorter). */
+/** One read: up to `length` bytes at `position` of the file into `into` from `offset`; answered with the bytes read. */
 interface NpyRead {
   into: Uint8Array;
+  offset: number;
+  length: number;
   position: number;
+}
+
+/** The reads that fill `into` from `position` of the file, in pieces of at most 1 GiB (0 bytes read: the file got shorter). */
+function* fill(file: string, into: Uint8Array, position: number): Generator<NpyRead, void, number> {
+  for (let done = 0; done < into.length;) {
+    const n = yield { into, offset: done, length: Math.min(into.length - done, NPY_PIECE), position: position + done };
+    if (n === 0) throw new RangeError(`${file} got shorter while it was read.`);
+    done += n;
+  }
 }
 
 /**
  * The header and data of a .npy file of `size` bytes, read into one aligned buffer in pieces (no whole-file copy;
- * readFileSync stops at 2 GiB): yields each read for readNpyRaw (synchronous) or readNpyRawAsync to do. `firstRows`:
+ * readFileSync stops at 2 GiB): yields each read for readNpyRaw (synchronous) or readNpyRawAsync to do, which answer
+ * with the bytes read. `firstRows`:
  * read only that many leading rows of the first axis (`dims` then says so; `storedRows` is the file's count). The
  * data of a dtype lowbit does not read are not read.
  */
-function* npyReads(file: string, size: number, firstRows: number, tooLarge: string): Generator<NpyRead, NpyRaw, void> {
+function* npyReads(file: string, size: number, firstRows: number, tooLarge: string): Generator<NpyRead, NpyRaw, number> {
   const lead = new Uint8Array(Math.min(size, 12));
-  yield { into: lead, position: 0 };
+  yield* fill(file, lead, 0);
   const leadBytes = Buffer.from(lead.buffer);
   if (leadBytes.length < 10 || leadBytes[0] !== 0x93 || leadBytes.toString('latin1', 1, 6) !== 'NUMPY') {
     throw new RangeError(`${file} is not a .npy file (no \\x93NUMPY magic): write it with numpy.save.`);
@@ -203,7 +215,7 @@ function* npyReads(file: string, size: number, firstRows: number, tooLarge: stri
   const headerLength = major === 1 ? leadBytes.readUInt16LE(8) : leadBytes.readUInt32LE(8);
   if (start + headerLength > size) throw new RangeError(`${file}: the .npy header is truncated.`);
   const headerBytes = new Uint8Array(headerLength);
-  yield { into: headerBytes, position: start };
+  yield* fill(file, headerBytes, start);
   const header = Buffer.from(headerBytes.buffer).toString('latin1');
   if (/'fortran_order':\s*True/.test(header)) throw new RangeError(`${file}: Fortran-ordered arrays are not supported: save numpy.ascontiguousarray(x) instead.`);
   const descr = /'descr':\s*'([^']*)'/.exec(header)?.[1] ?? '';
@@ -225,20 +237,17 @@ function* npyReads(file: string, size: number, firstRows: number, tooLarge: stri
       `one array holds in this Node.js: ${tooLarge}.`);
   }
   const body = new Uint8Array(readBytes);
-  yield { into: body, position: start + headerLength };
+  yield* fill(file, body, start + headerLength);
   return { descr, dims: rows < storedRows ? [rows, ...dims.slice(1)] : dims, storedRows, body };
 }
 
 // Non-blocking: opening a pipe for reading would otherwise wait for a writer, for good.
 const NPY_OPEN_FLAGS = fs.constants.O_RDONLY | (fs.constants.O_NONBLOCK ?? 0);
 const NPY_PIECE = 1 << 30;
+const NPY_TOO_LARGE = 'split the data into several .npy files';
 
 function notRegularFile(file: string, stat: fs.Stats): RangeError {
   return new RangeError(`${file} is not a regular file (${stat.isDirectory() ? 'a folder' : 'a pipe or a device'}): save the array with numpy.save to a file.`);
-}
-
-function shorter(file: string): RangeError {
-  return new RangeError(`${file} got shorter while it was read.`);
 }
 
 /** npyReads done with synchronous reads. */
@@ -248,15 +257,12 @@ function readNpyRaw(file: string, firstRows = Infinity, tooLarge = NPY_TOO_LARGE
     const stat = fs.fstatSync(fd);
     if (!stat.isFile()) throw notRegularFile(file, stat);
     const reads = npyReads(file, stat.size, firstRows, tooLarge);
-    for (let step = reads.next(); ; step = reads.next()) {
-      if (step.done) return step.value;
-      const { into, position } = step.value;
-      for (let done = 0; done < into.length;) {
-        const n = fs.readSync(fd, into, done, Math.min(into.length - done, NPY_PIECE), position + done);
-        if (n === 0) throw shorter(file);
-        done += n;
-      }
+    let step = reads.next(0);
+    while (!step.done) {
+      const { into, offset, length, position } = step.value;
+      step = reads.next(fs.readSync(fd, into, offset, length, position));
     }
+    return step.value;
   } finally {
     fs.closeSync(fd);
   }
@@ -269,21 +275,17 @@ async function readNpyRawAsync(file: string, firstRows = Infinity, tooLarge = NP
     const stat = await handle.stat();
     if (!stat.isFile()) throw notRegularFile(file, stat);
     const reads = npyReads(file, stat.size, firstRows, tooLarge);
-    for (let step = reads.next(); ; step = reads.next()) {
-      if (step.done) return step.value;
-      const { into, position } = step.value;
-      for (let done = 0; done < into.length;) {
-        const { bytesRead } = await handle.read(into, done, Math.min(into.length - done, NPY_PIECE), position + done);
-        if (bytesRead === 0) throw shorter(file);
-        done += bytesRead;
-      }
+    let step = reads.next(0);
+    while (!step.done) {
+      const { into, offset, length, position } = step.value;
+      step = reads.next((await handle.read(into, offset, length, position)).bytesRead);
     }
+    return step.value;
   } finally {
     await handle.close();
   }
 }
 
-const NPY_TOO_LARGE = 'split the data into several .npy files';
 
 /**
  * A .npy body as the typed array of its dtype (float32, int64, int32, float16 as bit patterns, uint8, int8, bool as

@@ -628,14 +628,18 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const timings: Record<string, number> = {};
   // Every stage starts on a new event-loop turn, and the per-layer passes let it turn between layers:
   // quantizing a large model holds the event loop for one layer's work at most (onnxruntime works on the host's thread).
+  // An evaluation run inside another stage (the comparison inside the write) counts as the evaluation's time.
+  let evaluationMs = 0;
   const time = async <T>(stage: string, fn: () => T | Promise<T>): Promise<T> => {
     opts.onProgress?.(stage);
     await nextTurn();
-    const t0 = performance.now();
+    const [t0, evaluatedBefore] = [performance.now(), evaluationMs];
     const r = await fn();
-    timings[stage] = performance.now() - t0;
+    timings[stage] = performance.now() - t0 - (evaluationMs - evaluatedBefore);
     return r;
   };
+  // The weights may be views of the caller's bytes (quantized off the event loop from a copy).
+  const callerBytes = typeof input !== 'string';
   // Large tensors (in external data, or in the model file, which is skimmed) stay in their file until a pass uses
   // them: quantizing weights only, without an evaluation, then holds one layer's float weights at a time rather
   // than the whole float model.
@@ -914,7 +918,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     keepFloat: opts.keepFloat, gather: !!opts.weights.gather, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
     rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
-    keepValues: dataBiasCorrection || new Set(shifts.keys()), async: true, callerBytes: typeof input !== 'string',
+    keepValues: dataBiasCorrection || new Set(shifts.keys()), async: true, callerBytes,
   }), (_, done) => opts.onProgress?.(`quantize-weights ${done}/${targets.length + bodyTargetCount}`)));
   passes.push(weightReport);
   if (shifts.size > 0) passes.push(compensateShifts(graph, weights, shifts));
@@ -936,7 +940,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     // After the opset is settled: 4- and 2-bit tables come with 4- and 2-bit weights, which raised it to 21 or 25.
     const gathered = await time('quantize-gather', () => runStepsAsync(quantizeGathers(graph, {
       bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize, method: opts.weights.method ?? 'minmax', keepFloat: opts.keepFloat,
-      callerBytes: typeof input !== 'string',
+      callerBytes,
     })));
     passes.push(gathered.report);
     layers.push(...gathered.layers);
@@ -1045,7 +1049,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const evaluationTime = async (fn: () => Promise<void>) => {
     const t0 = performance.now();
     await fn();
-    timings.evaluate = (timings.evaluate ?? 0) + performance.now() - t0;
+    evaluationMs += performance.now() - t0;
+    timings.evaluate = evaluationMs;
   };
   if (evaluating) {
     opts.onProgress?.('evaluate');
@@ -1068,9 +1073,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     const compareWritten = evaluating && !fitsOneFile
       ? () => evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host, opts.signal)))
       : undefined;
-    const evaluatedBefore = timings.evaluate ?? 0;
     const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!, undefined, opts.signal, compareWritten));
-    timings.write -= (timings.evaluate ?? 0) - evaluatedBefore;  // the comparison is the evaluation's time
     noteMadeUp(report);
     return { model: modelBytes, report };
   }

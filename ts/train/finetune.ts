@@ -22,7 +22,7 @@ import { checkKernel } from '../cpu';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
 import { OpError } from './ops';
 import { abortable, nodeLabel } from '../onnx/passes/pass';
-import { edgeLayers } from '../onnx/passes/quantize-weights';
+import { edgeLayers, reducedRangeBits } from '../onnx/passes/quantize-weights';
 import { GdrqWeightQuantizer, LsqQuantizer, RunningClipQuantizer, type StepInit } from './quantizers';
 import type { Tensor } from './tensor';
 
@@ -290,7 +290,7 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
     const aBits = edge ? s.firstLastLayerBits : s.activationBits;
     const actBits = aBits === 2 ? 4 : aBits;
     const columnSamples = layer.weightInput === 0;  // W·x: the input's columns are the samples
-    const codeBits = s.reduceRange ? Math.min(wBits, 7) : wBits;  // reduceRange: 8-bit weights take 7-bit levels
+    const codeBits = reducedRangeBits(wBits, s.reduceRange);  // reduceRange: 8-bit weights take 7-bit levels
     // GDRQ reshapes the low-bit layers only: at 8 bits Scale-Clip would just throw information away,
     // so the 8-bit first and last layers get LSQ quantizers as in the LSQ recipe.
     if (s.method === 'lsq' || (edge && s.firstLastLayerBits === 8)) {

@@ -77,6 +77,11 @@ export interface WeightQuantization {
  */
 const ASYNC_MIN_VALUES = 1 << 20;
 
+/** The bits of a layer's weight values: reduceRange keeps 8-bit weights to 7-bit levels (onnxruntime's u8s8 kernels without VNNI). */
+export function reducedRangeBits(bits: number, reduceRange: boolean): number {
+  return reduceRange ? Math.min(bits, 7) : bits;
+}
+
 /** quantizeTensor, or quantizeOffThread yielded for runStepsAsync to wait for (the same values; the event loop stays free). */
 export function* quantized(data: Float32Array, how: QuantizeOptions, async: boolean, callerBytes = false): Generator<Promise<void>, QuantizedTensor, void> {
   if (!async || data.length < ASYNC_MIN_VALUES) return quantizeTensor(data, how);
@@ -493,7 +498,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
     // The width of the values: at most 7 bits (in int8 storage) with reduceRange.
     const widest = options.reduceRange ? 7 : 8;
-    const valueBits = Math.min(bits, widest);
+    const valueBits = reducedRangeBits(bits, !!options.reduceRange);
     const blocked = options.granularity === 'block' && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
     const perTensor = options.granularity === 'tensor';
     const allocate = options.bitAllocation && !blocked && !perTensor && !edge && dims[axes.outputAxis] > 1;
@@ -512,10 +517,12 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     if (options.scaleClipK !== undefined) {
       source = scaleClip(data, { k: options.scaleClipK, shape: dims, axis: axes.outputAxis, groups: grouped ? options.groups : 1 }).clipped;
     }
+    // Only the weights themselves may be views of the caller's bytes (a Scale-Clip result is lowbit's own).
+    const callerView = !!options.callerBytes && source === data;
     let q: QuantizedTensor;
     if (grouped) {
       const g = yield* quantized(source, { shape: dims, bits: valueBits, method: 'mse', norm: 1, granularity: 'group', groups: options.groups!, axis: axes.outputAxis },
-        !!options.async, !!options.callerBytes && source === data);
+        !!options.async, callerView);
       // One scale per channel (each group's, repeated): the DequantizeLinear form of folding group scales into BN.
       const channels = dims[axes.outputAxis];
       const per = channels / options.groups!;
@@ -532,7 +539,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
           ? { granularity: 'block' as const, axis: axes.reductionAxis, blockSize: options.blockSize ?? 32 }
           : perTensor ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: axes.outputAxis }),
         ...(allocate ? { bitAllocation: { averageBits: options.bitAllocation!.averageBits, maxBits: widest } } : {}),
-      }, !!options.async, !!options.callerBytes && source === data);
+      }, !!options.async, callerView);
     }
     if (half) q = withFloat16Scales(q, source, label);
     const taps = node.opType === 'Conv' ? dims.slice(2).reduce((a, b) => a * b, 1) : 1;
