@@ -2,6 +2,9 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
+#if defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -34,43 +37,43 @@ bool request_amx_permission() {
 #endif
 }
 
+bool macos_enables_avx512_lazily() {
+#if defined(__APPLE__)
+  // macOS turns AVX-512 state on in XCR0 only at a thread's first AVX-512 instruction;
+  // the kernel reports support through sysctl instead.
+  int value = 0;
+  size_t size = sizeof(value);
+  return sysctlbyname("hw.optional.avx512f", &value, &size, nullptr, 0) == 0 && value != 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 CpuFeatures detect_cpu_features(bool request_amx) {
-  CpuFeatures f;
-  f.arch = "x86_64";
+  X86CpuidRegisters r;
   unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
-  const bool osxsave = c & (1u << 27);
-  const bool avx = c & (1u << 28);
-  const bool fma = c & (1u << 12);
-  if (!osxsave || !avx) return f;
-  const uint64_t xcr0 = read_xcr0();
-  const bool os_avx = (xcr0 & 0x6) == 0x6;             // XMM and YMM state
-  const bool os_avx512 = os_avx && (xcr0 & 0xE0) == 0xE0;  // opmask, ZMM_Hi256, Hi16_ZMM
-  const bool os_amx = (xcr0 & 0x60000) == 0x60000;     // XTILECFG, XTILEDATA
-  if (!os_avx) return f;
-  unsigned max_leaf = __get_cpuid_max(0, nullptr);
-  if (max_leaf < 7) return f;
-  __cpuid_count(7, 0, a, b, c, d);
-  f.fma = fma;
-  f.avx2 = b & (1u << 5);
-  if (os_avx512) {
-    f.avx512f = b & (1u << 16);
-    f.avx512dq = b & (1u << 17);
-    f.avx512bw = b & (1u << 30);
-    f.avx512vl = b & (1u << 31);
-    f.avx512vnni = f.avx512f && (c & (1u << 11));
+  r.max_leaf = __get_cpuid_max(0, nullptr);
+  if (r.max_leaf >= 1) {
+    __cpuid(1, a, b, c, d);
+    r.leaf1_ecx = c;
+    if (c & (1u << 27)) r.xcr0 = read_xcr0();  // XGETBV faults without OSXSAVE
   }
-  const bool cpu_amx_tile = d & (1u << 24);
-  const bool cpu_amx_int8 = d & (1u << 25);
-  __cpuid_count(7, 1, a, b, c, d);
-  f.avxvnni = f.avx2 && (a & (1u << 4));
-  if (os_amx) {
-    f.amx_tile = cpu_amx_tile;
-    f.amx_int8 = cpu_amx_tile && cpu_amx_int8;
-    if (f.amx_int8 && request_amx) f.amx_permitted = request_amx_permission();
+  if (r.max_leaf >= 7) {
+    __cpuid_count(7, 0, a, b, c, d);
+    r.leaf7_max_subleaf = a;
+    r.leaf7_ebx = b;
+    r.leaf7_ecx = c;
+    r.leaf7_edx = d;
+    if (r.leaf7_max_subleaf >= 1) {
+      __cpuid_count(7, 1, a, b, c, d);
+      r.leaf7_1_eax = a;
+    }
   }
+  r.os_avx512_enabled_lazily = macos_enables_avx512_lazily();
+  CpuFeatures f = decode_x86_features(r);
+  if (f.amx_int8 && request_amx) f.amx_permitted = request_amx_permission();
   return f;
 }
 
@@ -98,5 +101,36 @@ CpuFeatures detect_cpu_features(bool) {
 }
 
 #endif
+
+CpuFeatures decode_x86_features(const X86CpuidRegisters& r) {
+  CpuFeatures f;
+  f.arch = "x86_64";
+  if (r.max_leaf < 1) return f;
+  const bool osxsave = r.leaf1_ecx & (1u << 27);
+  const bool avx = r.leaf1_ecx & (1u << 28);
+  const bool fma = r.leaf1_ecx & (1u << 12);
+  if (!osxsave || !avx) return f;
+  const bool os_avx = (r.xcr0 & 0x6) == 0x6;  // XMM and YMM state
+  // opmask, ZMM_Hi256, Hi16_ZMM state (or macOS's promise to enable it on first use)
+  const bool os_avx512 = os_avx && ((r.xcr0 & 0xE0) == 0xE0 || r.os_avx512_enabled_lazily);
+  const bool os_amx = (r.xcr0 & 0x60000) == 0x60000;  // XTILECFG, XTILEDATA
+  if (!os_avx || r.max_leaf < 7) return f;
+  f.fma = fma;
+  f.avx2 = r.leaf7_ebx & (1u << 5);
+  if (os_avx512) {
+    f.avx512f = r.leaf7_ebx & (1u << 16);
+    f.avx512dq = r.leaf7_ebx & (1u << 17);
+    f.avx512bw = r.leaf7_ebx & (1u << 30);
+    f.avx512vl = r.leaf7_ebx & (1u << 31);
+    f.avx512vnni = f.avx512f && (r.leaf7_ecx & (1u << 11));
+  }
+  // Subleaf 1 exists only when subleaf 0 says so; otherwise its registers mean nothing.
+  f.avxvnni = f.avx2 && r.leaf7_max_subleaf >= 1 && (r.leaf7_1_eax & (1u << 4));
+  if (os_amx) {
+    f.amx_tile = r.leaf7_edx & (1u << 24);
+    f.amx_int8 = f.amx_tile && (r.leaf7_edx & (1u << 25));
+  }
+  return f;
+}
 
 }  // namespace lowbit

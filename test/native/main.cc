@@ -9,6 +9,7 @@ void register_thread_pool_tests();
 void register_sgemm_tests();
 void register_train_ops_tests();
 void register_linalg_tests();
+void register_cpu_features_tests();
 
 int main(int argc, char** argv) {
   register_quantize_tests();
@@ -18,5 +19,6 @@ int main(int argc, char** argv) {
   register_sgemm_tests();
   register_train_ops_tests();
   register_linalg_tests();
+  register_cpu_features_tests();
   return harness::run_all(argc > 1 ? argv[1] : "");
 }

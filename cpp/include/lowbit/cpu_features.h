@@ -31,4 +31,18 @@ struct CpuFeatures {
 // Detects features; `request_amx` asks Linux for the AMX tile permission.
 CpuFeatures detect_cpu_features(bool request_amx);
 
+// The x86 registers detection reads, so the decoding can be tested with made-up CPUs.
+struct X86CpuidRegisters {
+  unsigned max_leaf = 0;             // CPUID leaf 0 EAX
+  unsigned leaf1_ecx = 0;            // CPUID leaf 1 ECX (OSXSAVE, AVX, FMA)
+  unsigned long long xcr0 = 0;       // XGETBV(0): register state the OS saves
+  unsigned leaf7_max_subleaf = 0;    // CPUID leaf 7 subleaf 0 EAX
+  unsigned leaf7_ebx = 0, leaf7_ecx = 0, leaf7_edx = 0;  // leaf 7 subleaf 0
+  unsigned leaf7_1_eax = 0;          // leaf 7 subleaf 1 (AVX-VNNI); only read when leaf7_max_subleaf >= 1
+  bool os_avx512_enabled_lazily = false;  // macOS: AVX-512 state is off in XCR0 until first use (sysctl says so)
+};
+
+// Features from register values; AMX permission is not decided here.
+CpuFeatures decode_x86_features(const X86CpuidRegisters& r);
+
 }  // namespace lowbit
