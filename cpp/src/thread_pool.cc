@@ -64,20 +64,31 @@ void ThreadPool::worker_loop(unsigned worker_index) {
 void ThreadPool::parallel_for(size_t count, unsigned threads,
                               const std::function<void(size_t, unsigned)>& fn) {
   if (count == 0) return;
-  unsigned participants = threads_for(count, threads);
-  // A caller arriving while another job has the workers runs its items itself rather than waiting: results do not
-  // depend on the thread count, and a call on Node's main thread must not stall behind background work. (The cost:
-  // a large job arriving then runs on one thread to its end. parallel_for is never nested: fn must not call it.)
-  std::unique_lock<std::mutex> job(job_mutex_, std::defer_lock);
-  if (participants == 1 || !job.try_lock()) {
+  if (threads_for(count, threads) == 1) {
     for (size_t i = 0; i < count; ++i) fn(i, 0);
+    return;
+  }
+  // A caller arriving while another job has the workers runs its items itself rather than waiting (results do not
+  // depend on the thread count, and a call on Node's main thread must not stall behind background work), asking
+  // again after each item: once the workers are free they share what is left. parallel_for is never nested.
+  std::unique_lock<std::mutex> job(job_mutex_, std::defer_lock);
+  size_t first = 0;
+  while (!job.try_lock()) {
+    if (first == count) return;
+    fn(first++, 0);
+  }
+  if (first == count) return;
+  const std::function<void(size_t, unsigned)> rest = [&](size_t item, unsigned thread) { fn(first + item, thread); };
+  const unsigned participants = threads_for(count - first, threads);
+  if (participants == 1) {
+    for (size_t i = first; i < count; ++i) fn(i, 0);
     return;
   }
   {
     std::lock_guard<std::mutex> lock(state_mutex_);
     start_workers_locked();
-    fn_ = &fn;
-    count_ = count;
+    fn_ = first == 0 ? &fn : &rest;
+    count_ = count - first;
     next_.store(0, std::memory_order_relaxed);
     participants_ = participants;
     finished_ = 0;

@@ -640,4 +640,45 @@ void register_thread_pool_tests() {
       if (t != 0) return std::string("the second caller's items ran on another thread than its own");
     return std::string();
   });
+  harness::add("thread pool: a caller that found the workers busy shares its remaining items once they are free", [] {
+    lowbit::ThreadPool pool(2);
+    std::mutex m;
+    std::condition_variable cv;
+    bool release = false, busy = false;
+    std::thread holder([&] {
+      pool.parallel_for(2, 2, [&](size_t, unsigned) {
+        std::unique_lock<std::mutex> lock(m);
+        busy = true;
+        cv.notify_all();
+        cv.wait(lock, [&] { return release; });
+      });
+    });
+    {
+      std::unique_lock<std::mutex> lock(m);
+      cv.wait(lock, [&] { return busy; });
+    }
+    constexpr size_t kItems = 200;
+    std::vector<std::atomic<int>> runs(kItems);
+    std::vector<unsigned> thread_of(kItems, 99);
+    pool.parallel_for(kItems, 2, [&](size_t item, unsigned thread) {
+      runs[item]++;
+      thread_of[item] = thread;
+      if (item == 10) {
+        {
+          std::lock_guard<std::mutex> lock(m);
+          release = true;
+        }
+        cv.notify_all();
+        holder.join();  // the first job is over: the workers are free from the next item on
+      }
+      if (item > 10) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    });
+    for (size_t i = 0; i < kItems; ++i)
+      if (runs[i] != 1) return str("item ", i, " ran ", int(runs[i]), " times");
+    for (size_t i = 0; i <= 10; ++i)
+      if (thread_of[i] != 0) return str("item ", i, " (before the workers were free) ran on thread ", thread_of[i]);
+    if (std::count(thread_of.begin(), thread_of.end(), 1u) == 0)
+      return std::string("no item ran on the worker after it was free: the caller kept them all");
+    return std::string();
+  });
 }

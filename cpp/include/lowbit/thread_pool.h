@@ -1,7 +1,8 @@
 // A persistent pool of worker threads owned by a Context (never a process
 // global). parallel_for hands out item indices dynamically; the calling thread
 // takes part as thread 0. One job has the workers at a time: a caller arriving
-// meanwhile runs its items on its own thread (as thread 0) instead of waiting.
+// meanwhile runs its items on its own thread (as thread 0) instead of waiting,
+// until the workers are free; then they share the items left.
 // Work is split so that results never depend on the number of threads: each
 // item's result is computed by exactly one thread in a fixed order.
 #pragma once
