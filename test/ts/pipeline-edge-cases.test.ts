@@ -29,7 +29,8 @@ import { foldBatchNorm } from '../../ts/onnx/passes/fold-batchnorm';
 import { quantized } from '../../ts/onnx/passes/quantize-weights';
 import { densifySparseInitializers } from '../../ts/onnx/passes/sparse-initializers';
 import { upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
-import { compareOutputs, quantizeModel } from '../../ts/onnx/quantize-model';
+import { compareOutputs, quantizeModel, randomFeeds } from '../../ts/onnx/quantize-model';
+import { toFloat16Array } from '../../ts/float16';
 import { finetune } from '../../ts/train/finetune';
 import { writeNpy } from '../helpers/npy';
 import { buildModel, heInit, valueInfo } from '../helpers/onnx-builder';
@@ -1505,6 +1506,34 @@ describe('the evaluation on inputs that say nothing (second audit)', () => {
     expect(cli.status, cli.stderr).to.equal(0);
     expect(cli.stdout).to.match(/output y: cosine [0-9.]+ vs float, top-1 agreement [0-9.]+% \(2 made-up samples\)\n/);
     expect(cli.stdout).to.include('note: compared on made-up inputs (input [1, 8]; symbolic dimensions set to 1): this shows the model runs more than how close it stays; pass --calib <folder> to compare on real inputs.');
+  });
+
+  it('made-up inputs are generated in pieces, turning the event loop; the same seed gives the same standard normal values (float and float16)', async () => {
+    const model = fromBinary(ModelProtoSchema, mm([1, 1 << 22]));
+    let turns = 0;
+    let done = false;
+    const spin = () => { if (!done) { turns++; setImmediate(spin); } };
+    setImmediate(spin);
+    const [a, b, c] = [await randomFeeds(model, 1), await randomFeeds(model, 1), await randomFeeds(model, 2)];
+    done = true;
+    expect(turns, 'event-loop turns while 3 × 2^22 values were made up').to.be.at.least(3);
+    const values = (f: unknown) => (f as Record<string, { data: Float32Array }>).input.data;
+    expect(values(a)).to.have.length(1 << 22);
+    expect(Buffer.from(values(a).buffer).equals(Buffer.from(values(b).buffer)), 'same seed, same values').to.equal(true);
+    expect(Buffer.from(values(a).buffer).equals(Buffer.from(values(c).buffer)), 'another seed, other values').to.equal(false);
+    const moments = (v: ArrayLike<number>) => {
+      let sum = 0, squares = 0;
+      for (let i = 0; i < v.length; i++) { sum += v[i]; squares += v[i] * v[i]; }
+      return { mean: sum / v.length, std: Math.sqrt(squares / v.length - (sum / v.length) ** 2) };
+    };
+    const m = moments(values(a));
+    expect(m.mean).to.be.closeTo(0, 0.01);
+    expect(m.std).to.be.closeTo(1, 0.01);
+    (model.graph!.input[0].type!.value.value as { elemType: number }).elemType = TensorProto_DataType.FLOAT16;
+    const half = await randomFeeds(model, 1);
+    const bits = (half as Record<string, { data: Uint16Array }>).input.data;
+    expect(bits).to.be.instanceOf(Uint16Array);
+    expect(Buffer.from(bits.buffer).equals(Buffer.from(toFloat16Array(values(a)).buffer)), 'float16 of the float values').to.equal(true);
   });
 
   it('an input with a dimension of 0, or too many values to make up, skips the made-up evaluation and says why', async () => {

@@ -309,14 +309,25 @@ const MADE_UP_VALUES = 2 ** 24;
  * values for float inputs, ones for integer inputs (a valid token id, mask or type id for nearly every model;
  * random ids could fall outside a vocabulary) and true for bool ones, symbolic dims as 1. A string says why there is none.
  */
-function randomFeeds(model: ModelProto, seed: number): Feed | string {
+export async function randomFeeds(model: ModelProto, seed: number): Promise<Feed | string> {
   const feeds: Feed = {};
   let s = seed >>> 0;
   const next = () => {
     s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
     return (s + 0.5) / 4294967296;
   };
-  const normal = (n: number) => Float32Array.from({ length: n }, () => Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next()));
+  // Up to 2^24 values an input: made in pieces, turning the event loop every 10 ms.
+  const pause = pauser();
+  const normal = async <T extends Float32Array | Uint16Array>(values: T): Promise<T> => {
+    const piece = new Float32Array(Math.min(values.length, 1 << 16));
+    for (let start = 0; start < values.length; start += piece.length) {
+      await pause();
+      const part = piece.subarray(0, Math.min(piece.length, values.length - start));
+      for (let i = 0; i < part.length; i++) part[i] = Math.sqrt(-2 * Math.log(next())) * Math.cos(2 * Math.PI * next());
+      values.set(values instanceof Uint16Array ? toFloat16Array(part) : part, start);
+    }
+    return values;
+  };
   for (const input of modelInputs(model)) {
     if (!input.dims) return `input '${input.name}' declares no shape, so lowbit cannot make inputs for it; pass evaluationFeeds`;
     const dims = input.dims.map((d) => (d < 0 ? 1 : d));
@@ -326,13 +337,13 @@ function randomFeeds(model: ModelProto, seed: number): Feed | string {
       return `input '${input.name}' has dims [${dims.join(', ')}], ${n} values, more than lowbit makes up for one input (${MADE_UP_VALUES}); pass evaluationFeeds`;
     }
     if (input.elemType === TensorProto_DataType.FLOAT) {
-      feeds[input.name] = { dims, data: normal(n) };
+      feeds[input.name] = { dims, data: await normal(new Float32Array(n)) };
     } else if (input.elemType === TensorProto_DataType.INT64) {
       feeds[input.name] = { dims, data: new BigInt64Array(n).fill(1n) };
     } else if (input.elemType === TensorProto_DataType.INT32) {
       feeds[input.name] = { dims, data: new Int32Array(n).fill(1) };
     } else if (input.elemType === TensorProto_DataType.FLOAT16) {
-      feeds[input.name] = { dims, data: toFloat16Array(normal(n)) };
+      feeds[input.name] = { dims, data: await normal(new Uint16Array(n)) };
     } else if (input.elemType === TensorProto_DataType.UINT8 || input.elemType === TensorProto_DataType.BOOL) {
       feeds[input.name] = { dims, data: new Uint8Array(n).fill(1), type: input.elemType === TensorProto_DataType.BOOL ? 'bool' : 'uint8' };
     } else if (input.elemType === TensorProto_DataType.INT8) {
@@ -1028,7 +1039,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     opset: { from, to: graph.opset, ...(microsoftDomainFallback ? { microsoftDomainFallback } : {}) }, passes, layers, activations,
     ...(calibrationBatches !== undefined ? { calibrationBatches } : {}), timingsMs: timings,
   };
-  const random = evaluationFeeds || sample ? [] : [randomFeeds(model, 1), randomFeeds(model, 2)];
+  const random = evaluationFeeds || sample ? [] : [await randomFeeds(model, 1), await randomFeeds(model, 2)];
   const noRandomFeeds = random.find((f): f is string => typeof f === 'string');
   if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
   const feeds = evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
