@@ -36,6 +36,18 @@ expect() {  # expect <what> <pattern>: $out must match
   grep -qE -- "$2" <<<"$out" || { echo "test:package: $1: output does not match /$2/:"; echo "$out"; exit 1; }
 }
 
+# Source maps ship with their sources inside (ts/ is not in the package): a stack trace or debugger can show them.
+check "source maps carry their sources" node -e '
+const fs = require("fs"), path = require("path");
+const dir = "node_modules/lowbit/dist/ts";
+const maps = fs.readdirSync(dir, { recursive: true }).filter((f) => f.endsWith(".js.map"));
+if (maps.length === 0) throw new Error("no source maps under " + dir);
+for (const f of maps) {
+  const map = JSON.parse(fs.readFileSync(path.join(dir, f), "utf8"));
+  if (!map.sourcesContent || map.sourcesContent.some((s) => typeof s !== "string" || s.length === 0))
+    throw new Error(f + " has no sourcesContent and its source " + map.sources + " is not in the package");
+}'
+
 cp "$root/examples/quickstart.js" .
 check "the README example (require)" node quickstart.js
 expect "the README example" "bytes"
@@ -81,4 +93,4 @@ if "$tsc" "${common[@]}" --module node20 --moduleResolution node16 >/dev/null 2>
   exit 1
 fi
 
-echo "test:package: passed (packed, installed with onnxruntime-node $ort_version, example, ESM import, npx lowbit quantize and inspect, TypeScript checks with and without onnxruntime-node)"
+echo "test:package: passed (packed, installed with onnxruntime-node $ort_version, source maps, example, ESM import, npx lowbit quantize and inspect, TypeScript checks with and without onnxruntime-node)"
