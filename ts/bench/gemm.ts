@@ -3,20 +3,25 @@
  * onnxruntime-node's MatMulInteger (u8s8, s8s8), MatMul (fp32) and
  * MatMulNBits (4-bit weights), on the same shapes, one process per case.
  * B is a constant in every case: packMatrix / packInt4Matrix for lowbit, an
- * initializer (pre-packed at session creation) for onnxruntime.
+ * initializer (pre-packed at session creation) for onnxruntime. Both write
+ * into an output allocated once (a preallocated fetch for onnxruntime), and
+ * the integer outputs of the same A and B are compared across implementations.
  */
 import { cpuInfo } from '../cpu';
 import { matmulInt4, matmulInt8, packInt4Matrix, packMatrix } from '../gemm';
+import { createHash } from 'node:crypto';
+
 import { quantizeTensor } from '../quantize';
 import { hasOrt, matMulFloatModel, matMulIntegerModel, matMulNBitsModel, ort, session } from './ort-models';
-import { inChildProcess, measure, runsFor, table } from './timing';
+import { inChildProcessJson, measure, runsFor, table } from './timing';
 
 export const DEFAULT_GEMM_SHAPES: Array<[number, number, number]> = [
   [1, 4096, 4096], [16, 4096, 4096], [128, 1024, 1024], [256, 256, 256], [1024, 1024, 1024], [2048, 2048, 2048],
 ];
 
 export interface GemmCase {
-  impl: 'lowbit' | 'lowbit-w4a8' | 'ort-u8s8' | 'ort-s8s8' | 'ort-fp32' | 'ort-nbits';
+  /** lowbit-w4a8 takes uint8 activations; lowbit-w4a8-float quantizes float ones first, as MatMulNBits does. */
+  impl: 'lowbit' | 'lowbit-w4a8' | 'lowbit-w4a8-float' | 'ort-u8s8' | 'ort-s8s8' | 'ort-fp32' | 'ort-nbits';
   kernel?: string;
   aSigned?: boolean;
   m: number;
@@ -42,24 +47,42 @@ function randomFloats(n: number, seed: number): Float32Array {
   return Float32Array.from(bytes, (v) => v / 128);
 }
 
-/** Runs one case in this process; returns the median milliseconds. */
-export async function runGemmCase(c: GemmCase): Promise<number> {
+/** A case's median milliseconds and a digest of its output (equal digests: equal outputs). */
+export interface GemmCaseResult {
+  ms: number;
+  outputDigest: string;
+}
+
+/** Runs one case in this process. */
+export async function runGemmCase(c: GemmCase): Promise<GemmCaseResult> {
   const { m, k, n, threads } = c;
   let fn: () => unknown;
+  let out: Int32Array | Float32Array;
   switch (c.impl) {
     case 'lowbit': {
       const a = randomBytes(m * k, c.aSigned ?? false, 1);
       const b = packMatrix(randomBytes(k * n, true, 2) as Int8Array, k, n);
-      const out = new Int32Array(m * n);
-      fn = () => matmulInt8(a, b, m, k, n, { kernel: c.kernel, threads, out });
+      const o = (out = new Int32Array(m * n));
+      fn = () => matmulInt8(a, b, m, k, n, { kernel: c.kernel, threads, out: o });
       break;
     }
-    case 'lowbit-w4a8': {
-      const a = randomBytes(m * k, false, 1);
+    case 'lowbit-w4a8':
+    case 'lowbit-w4a8-float': {
       const q = quantizeTensor(randomFloats(k * n, 2), { shape: [k, n], bits: 4, granularity: 'block', axis: 0, blockSize: NBITS_BLOCK });
       const b = packInt4Matrix(q);
-      const out = new Float32Array(m * n);
-      fn = () => matmulInt4(a, b, m, k, n, { aScale: 0.01, aZeroPoint: 128, kernel: c.kernel, threads, out });
+      const o = (out = new Float32Array(m * n));
+      if (c.impl === 'lowbit-w4a8') {
+        const a = randomBytes(m * k, false, 1);
+        fn = () => matmulInt4(a, b, m, k, n, { aScale: 0.01, aZeroPoint: 128, kernel: c.kernel, threads, out: o });
+      } else {
+        // Float activations: their range, uint8 quantization, then the int4 GEMM, all timed.
+        const a = randomFloats(m * k, 1);
+        const aq = new Uint8Array(m * k);
+        fn = () => {
+          const qa = quantizeTensor(a, { shape: [m, k], bits: 8, signed: false, threads, out: aq });
+          return matmulInt4(aq, b, m, k, n, { aScale: qa.scale[0], aZeroPoint: qa.zeroPoint[0], kernel: c.kernel, threads, out: o });
+        };
+      }
       break;
     }
     default: {
@@ -70,9 +93,11 @@ export async function runGemmCase(c: GemmCase): Promise<number> {
         const signed = c.impl === 'ort-s8s8';
         model = matMulIntegerModel({ signed, m, k }, randomBytes(k * n, true, 2), n, 0, Int8Array.of(0));
         feeds = { a: new O.Tensor(signed ? 'int8' : 'uint8', randomBytes(m * k, signed, 1), [m, k]) };
+        out = new Int32Array(m * n);
       } else if (c.impl === 'ort-fp32') {
         model = matMulFloatModel(m, k, n, randomFloats(k * n, 2));
         feeds = { a: new O.Tensor('float32', randomFloats(m * k, 1), [m, k]) };
+        out = new Float32Array(m * n);
       } else {
         const blocks = Math.ceil(k / NBITS_BLOCK);
         const packed = randomBytes(n * blocks * (NBITS_BLOCK / 2), false, 2) as Uint8Array;
@@ -80,14 +105,23 @@ export async function runGemmCase(c: GemmCase): Promise<number> {
         // accuracy_level 4: activations quantized to int8, the W4A8 path onnxruntime has.
         model = matMulNBitsModel(m, k, n, NBITS_BLOCK, packed, scales, 4);
         feeds = { a: new O.Tensor('float32', randomFloats(m * k, 1), [m, k]) };
+        out = new Float32Array(m * n);
       }
       const s = await session(model, threads);
-      fn = () => s.run(feeds);
+      // A preallocated fetch: onnxruntime writes into the same output every run, as lowbit does (it still returns
+      // a copy of it, which every caller of onnxruntime-node gets).
+      const fetches = { y: new O.Tensor(out instanceof Int32Array ? 'int32' : 'float32', out, [m, n]) };
+      const returned = (await s.run(feeds, fetches)).y.data as Int32Array | Float32Array;
+      if (!Buffer.from(returned.buffer, returned.byteOffset, returned.byteLength).equals(Buffer.from(out.buffer, out.byteOffset, out.byteLength))) {
+        throw new Error(`onnxruntime did not write its result into the preallocated output (${c.impl})`);
+      }
+      fn = () => s.run(feeds, fetches);
     }
   }
   await fn();
+  const outputDigest = createHash('sha256').update(new Uint8Array(out.buffer, out.byteOffset, out.byteLength)).digest('hex');
   const probe = await measure(fn, 1, 0);
-  return (await measure(fn, runsFor(probe.medianMs), 0)).medianMs;
+  return { ms: (await measure(fn, runsFor(probe.medianMs), 0)).medianMs, outputDigest };
 }
 
 export interface GemmBenchOptions {
@@ -113,6 +147,7 @@ export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
         ...kernels.map((kernel): [string, GemmCase] => [`lowbit ${kernel} u8s8`, { impl: 'lowbit', kernel, m, k, n, threads }]),
         [`lowbit ${best} s8s8`, { impl: 'lowbit', kernel: best, aSigned: true, m, k, n, threads }],
         [`lowbit ${best} W4A8 (int4 weights)`, { impl: 'lowbit-w4a8', kernel: best, m, k, n, threads }],
+        [`lowbit ${best} W4A8 from float activations`, { impl: 'lowbit-w4a8-float', kernel: best, m, k, n, threads }],
       ];
       if (ortAvailable) {
         cases.push(
@@ -122,8 +157,15 @@ export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
           ['onnxruntime MatMulNBits 4-bit', { impl: 'ort-nbits', m, k, n, threads }],
         );
       }
+      const digests = new Map<string, string>();  // output digest per A/B pair: u8s8 or s8s8
       for (const [name, c] of cases) {
-        const ms = inChildProcess({ bench: 'gemm', c });
+        const { ms, outputDigest } = inChildProcessJson<GemmCaseResult>({ bench: 'gemm', c });
+        const int8Pair = c.impl === 'lowbit' ? (c.aSigned ? 's8s8' : 'u8s8') : c.impl === 'ort-u8s8' ? 'u8s8' : c.impl === 'ort-s8s8' ? 's8s8' : undefined;
+        if (int8Pair) {
+          const first = digests.get(int8Pair);
+          if (first === undefined) digests.set(int8Pair, outputDigest);
+          else if (first !== outputDigest) throw new Error(`${shape} ${name} threads=${threads}: its int32 output differs from the first ${int8Pair} case's (same A and B)`);
+        }
         gops[key(shape, name, threads)] = ops / (ms / 1e3);
         rows.push({ shape, implementation: name, threads, 'median ms': ms, GOPS: ops / (ms / 1e3) });
         if (!opts.json) process.stderr.write(`  ${shape} ${name} threads=${threads}: ${(ops / (ms / 1e3)).toFixed(1)} GOPS\n`);
@@ -142,7 +184,7 @@ export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
           [`${best} s8s8 / ort s8s8`]: g(`lowbit ${best} s8s8`) / g('onnxruntime MatMulInteger s8s8'),
           [`${best} u8s8 / ort fp32`]: g(`lowbit ${best} u8s8`) / g('onnxruntime MatMul fp32'),
           'W4A8 / ort u8s8': g(`lowbit ${best} W4A8 (int4 weights)`) / g('onnxruntime MatMulInteger u8s8'),
-          'W4A8 / ort MatMulNBits': g(`lowbit ${best} W4A8 (int4 weights)`) / g('onnxruntime MatMulNBits 4-bit'),
+          'W4A8 / ort MatMulNBits (both from float A)': g(`lowbit ${best} W4A8 from float activations`) / g('onnxruntime MatMulNBits 4-bit'),
         };
         if (kernels.includes('avx512vnni') && best !== 'avx512vnni') {
           row['avx512vnni / ort u8s8'] = g('lowbit avx512vnni u8s8') / g('onnxruntime MatMulInteger u8s8');

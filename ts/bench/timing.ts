@@ -33,12 +33,22 @@ export function table(rows: Array<Record<string, string | number>>): string {
  * and returns the number it prints (median milliseconds).
  */
 export function inChildProcess(job: object): number {
+  const line = childOutput(job);
+  const ms = Number(line);
+  if (!Number.isFinite(ms)) throw new Error(`benchmark case ${JSON.stringify(job)} printed ${line}`);
+  return ms;
+}
+
+/** Runs one case in a fresh Node process and returns the JSON value it prints last. */
+export function inChildProcessJson<T>(job: object): T {
+  return JSON.parse(childOutput(job)) as T;
+}
+
+function childOutput(job: object): string {
   const out = execFileSync(process.execPath, [path.join(__dirname, 'worker.js'), JSON.stringify(job)], {
     encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20,
   });
-  const ms = Number(out.trim().split('\n').pop());
-  if (!Number.isFinite(ms)) throw new Error(`benchmark case ${JSON.stringify(job)} printed ${out}`);
-  return ms;
+  return out.trim().split('\n').pop()!;
 }
 
 /** Picks a run count so a case takes about `budgetMs` after one timed probe. */
