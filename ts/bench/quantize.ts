@@ -109,7 +109,7 @@ export async function benchQuantize(opts: QuantizeBenchOptions): Promise<void> {
     console.log(JSON.stringify({ cpu: cpuInfo(), rows, ratios }, null, 2));
     return;
   }
-  console.log(`quantize: per-tensor float32 -> int8, GB/s of input, median of ${opts.runs} runs after a warm-up, one process per row; lowbit kernel: ${kernel}\n`);
+  console.log(`quantize: per-tensor float32 -> int8, GB/s of input, median of ${opts.runs} runs after a warm-up (plain TypeScript: of ${Math.min(opts.runs, 3)}, it is slow), one process per row; lowbit kernel: ${kernel}\n`);
   console.log(table(rows));
   console.log('\nlowbit single-threaded throughput ratios (targets: >= 2x onnxruntime, >= 10x plain TypeScript)\n');
   console.log(table(ratios));
