@@ -85,7 +85,7 @@ export async function mnistPtqRows(): Promise<Array<Record<string, string | numb
     ['W2A4 GDRQ weights (4 groups, Scale-Clip k = 2)', { weights: { bits: 2, groups: 4, scaleClip: 2 }, activations: { bits: 4 }, firstLastLayerBits: 2 }],
     ['W2A4 mse weights + data-driven bias correction', { weights: { bits: 2, method: 'mse' }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2 }],
     ['W2A4 mse weights + both bias corrections', { weights: { bits: 2, method: 'mse', biasCorrection: true }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 2 }],
-    ['W3A4 bit allocation (mean 3) + data-driven bias correction', { weights: { bits: 4, bitAllocation: { averageBits: 3 } }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 4 }],
+    ['W4A4, conv2 by bit allocation at a mean of 3 bits (the edge layers stay 4-bit) + data-driven bias correction', { weights: { bits: 4, bitAllocation: { averageBits: 3 } }, activations: { bits: 4, biasCorrection: true }, firstLastLayerBits: 4 }],
   ];
   for (const [setting, options] of settings) {
     const { model: q } = await quantizeModel(model, { ...(options as QuantizeModelOptions), calibration });
