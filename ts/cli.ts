@@ -12,7 +12,7 @@ import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
 import { ACTIVATION_METHODS, readNpy, readNpyLabels } from './onnx/calibrate';
-import { checkOutputPath, samePath, writeFileAtomic } from './onnx/model-io';
+import { checkOutputPath, removeTemporaryFiles, samePath, writeFileAtomic } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
 import type { WeightLayerReport } from './onnx/passes/quantize-weights';
 import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
@@ -103,7 +103,7 @@ const FINETUNE_FLAGS: Array<[string, string]> = [
   ['options.epochs', '--epochs'], ['options.batchSize', '--batch-size'], ['options.learningRate', '--lr'], ['options.method', '--method'],
   ['options.optimizer', '--optimizer'], ['options.seed', '--seed'], ['options.groups', '--groups'], ['options.activationSteps', '--activation-steps'],
   ['options.stepInit', '--step-init'], ['options.perChannel', '--per-channel'], ['options.reduceRange', '--reduce-range'],
-  ['options.outputPath', '--output'], ['options.validation', '--validation'],
+  ['options.outputPath', '--output'], ['options.validation', '--validation'], ['options.keepFloat', '--keep-float'],
 ];
 
 export function withFlagNames(message: string, flags: Array<[string, string]> = QUANTIZE_FLAGS): string {
@@ -128,7 +128,10 @@ async function withFlags<T>(flags: Array<[string, string]>, work: () => T | Prom
 async function interruptible<T>(message: string, hideProgress: () => void, work: (signal: AbortSignal) => Promise<T>):
   Promise<{ result: T; signal: AbortSignal }> {
   const stop = new AbortController();
-  const forceExit = () => process.exit(130);
+  const forceExit = () => {
+    removeTemporaryFiles();  // a write in progress leaves no hidden temporary files behind
+    process.exit(130);
+  };
   const interrupt = (signal: NodeJS.Signals) => {
     hideProgress();
     process.stderr.write(`\nlowbit: ${signal}: ${message}\n`);
@@ -269,7 +272,8 @@ export function program(): Command {
       const outputExisted = fs.existsSync(o.output);
       const { result, signal } = await interruptible('stopping, removing partial output…', hideProgress, (signal) => withFlags(QUANTIZE_FLAGS, () => quantizeModel(model, {
         weights: {
-          bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block' | 'tensor', blockSize: Number(o.blockSize), method: o.method as 'minmax',
+          bits: Number(o.wbits) as 2 | 4 | 8, granularity: o.granularity as 'channel' | 'block' | 'tensor', method: o.method as 'minmax',
+          ...(o.granularity === 'block' ? { blockSize: Number(o.blockSize) } : {}),
           ...(o.bitAllocation !== undefined ? { bitAllocation: { averageBits: Number(o.bitAllocation) } } : {}),
           ...(o.biasCorrection ? { biasCorrection: true } : {}),
           ...(o.groups !== undefined ? { groups: Number(o.groups) } : {}),
@@ -404,10 +408,11 @@ export function program(): Command {
     .option('--reduce-range', '8-bit weights in the 7-bit range [-64, 63], trained and exported so (as quantize --reduce-range)')
     .option('--fixed-steps', 'train the weights only, at the initial quantizer steps')
     .option('--step-init <s>', "LSQ initial steps: 'lsq' (the paper's) or 'max' (no clipping, zero points for signed activations; better at 8 bits)", 'lsq')
+    .option('--keep-float <names>', 'comma-separated node names or op types to train in float (repeatable)', parseNames)
     .action(async (modelArg: string, o: {
       data: string; validation?: string; limit?: number; output?: string; method: string; wbits: number; abits: number; firstLastBits: number;
       epochs: number; batchSize: number; lr: number; groups: number; activationSteps: string; seed: number; distill?: boolean; optimizer: string;
-      perChannel?: boolean; reduceRange?: boolean; stepInit: string; fixedSteps?: boolean;
+      perChannel?: boolean; reduceRange?: boolean; stepInit: string; fixedSteps?: boolean; keepFloat?: string[];
     }, command: Command) => {
       const limit = o.limit === undefined ? Infinity : Number(o.limit);
       if (!(Number.isInteger(limit) && limit >= 1) && limit !== Infinity) throw new Error(`Expected a positive integer for --limit but received ${o.limit}.`);
@@ -452,6 +457,7 @@ export function program(): Command {
         epochs: Number(o.epochs), batchSize: Number(o.batchSize), learningRate: Number(o.lr), groups: Number(o.groups), seed: Number(o.seed),
         outputPath: output, activationSteps: o.activationSteps as 'running' | 'learned', distill: !!o.distill, optimizer: o.optimizer as 'sgd',
         perChannel: !!o.perChannel, reduceRange: !!o.reduceRange, stepInit: o.stepInit as 'lsq', learnSteps: !o.fixedSteps,
+        ...(o.keepFloat !== undefined ? { keepFloat: o.keepFloat } : {}),
       };
       await withFlags(FINETUNE_FLAGS, () => checkFinetuneOptions(options));  // before the data are loaded
       const quantizing = o.method !== 'float';
@@ -464,6 +470,7 @@ export function program(): Command {
         { key: 'groups', flag: '--groups', unused: o.method !== 'gdrq', why: 'it applies to --method gdrq' },
         { key: 'activationSteps', flag: '--activation-steps', unused: o.method !== 'gdrq', why: 'it applies to --method gdrq' },
         { key: 'stepInit', flag: '--step-init', unused: !quantizing, why: floatOnly },
+        { key: 'keepFloat', flag: '--keep-float', unused: !quantizing, why: floatOnly },
         { key: 'reduceRange', flag: '--reduce-range', unused: !quantizing || (Number(o.wbits) !== 8 && Number(o.firstLastBits) !== 8),
           why: quantizing ? 'it applies to 8-bit weights (--wbits 8 or --first-last-bits 8)' : floatOnly },
       ]);
@@ -579,6 +586,8 @@ if (require.main === module) {
   program().parseAsync(process.argv).catch((e: unknown) => {
     // Errors that name lowbit themselves (the addon's load error) are not prefixed twice.
     console.error(`lowbit: ${(e instanceof Error ? e.message : String(e)).replace(/^lowbit: /, '')}`);
+    // The message is what a user needs; the stack, for a lowbit bug report, on request.
+    if (process.env.LOWBIT_DEBUG && e instanceof Error && e.stack) console.error(e.stack);
     process.exit(process.exitCode || 1);
   });
 }

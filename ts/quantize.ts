@@ -216,6 +216,7 @@ function plan(data: unknown, given: unknown): Plan {
       throw invalidType('options.method', `one of ${rangeMethodNames().map((n) => `'${n}'`).join(', ')}`, options.method);
     }
     const method = rangeMethod(options.method ?? (granularity === 'group' ? 'mse' : 'minmax'));
+    checkMethodReadsOptions(options, method.name);
     let bitAllocation: Plan['bitAllocation'];
     if (options.bitAllocation !== undefined) {
       bitAllocation = checkBitAllocation(options.bitAllocation, granularity, bits);
@@ -224,6 +225,9 @@ function plan(data: unknown, given: unknown): Plan {
   }
   if (options.bitAllocation !== undefined) throw invalidValue('options.bitAllocation', 'no bit allocation with an explicit scale', options.bitAllocation);
   if (options.method !== undefined) throw invalidValue('options.method', 'no method with an explicit scale', options.method, 'An explicit scale replaces range estimation; drop one of them.');
+  for (const key of RANGE_METHOD_OPTIONS) {
+    if (options[key] !== undefined) throw invalidValue(`options.${key}`, `no ${key} with an explicit scale`, options[key], `It sets how a range method estimates ranges; an explicit scale replaces that. Drop one of them.`);
+  }
   const scales = explicitValues('options.scale', options.scale, layout.groups, layout.scaleShape);
   const scale = new Float32Array(scales.length);
   scales.forEach((s, i) => {
@@ -245,6 +249,21 @@ function plan(data: unknown, given: unknown): Plan {
     }
   }
   return { ...base, explicit: { scale, zeroPoint } };
+}
+
+/** The range-method options, and which of them each built-in method reads (a registered method may read any). */
+const RANGE_METHOD_OPTIONS = ['prior', 'oneSided', 'norm', 'percentile'] as const;
+const BUILT_IN_METHOD_READS: Record<string, readonly string[]> = { minmax: [], mse: ['norm'], aciq: ['prior', 'oneSided'], percentile: ['percentile'], kl: [] };
+
+/** An option the chosen built-in method does not read would be ignored without a word: refused, naming who reads it. */
+function checkMethodReadsOptions(o: Record<string, unknown>, method: string): void {
+  const reads = BUILT_IN_METHOD_READS[method];
+  if (!reads) return;
+  for (const key of RANGE_METHOD_OPTIONS) {
+    if (o[key] === undefined || reads.includes(key)) continue;
+    const readers = Object.keys(BUILT_IN_METHOD_READS).filter((m) => BUILT_IN_METHOD_READS[m].includes(key)).map((m) => `'${m}'`).join(' or ');
+    throw invalidValue(`options.${key}`, `no ${key} with method '${method}' (only ${readers} reads it)`, o[key], `Set options.method to ${readers}, or leave ${key} out.`);
+  }
 }
 
 function checkMethodOptions(o: Record<string, unknown>, granularity: Granularity): RangeMethodOptions {

@@ -6,7 +6,7 @@ import { expect } from 'chai';
 
 import {
   AciqObserver, aciqAlpha, aciqRange, foldScalesIntoBatchNorm, fromFloat16Array, HistogramObserver, lambertW0, lsqBackward, lsqQuantize,
-  MinMaxObserver, packInt4, quantizeTensor, tensorStats, toFloat16Array,
+  MinMaxObserver, packInt4, quantizeTensor, tensorStats, toFloat16Array, correctWeightBias, expectedOutputShift, lsqInitStep,
 } from '../../ts';
 import { allocateBits } from '../../ts/methods/bit-allocation';
 import { ActivationScaleClip, scaleClip } from '../../ts/methods/gdrq';
@@ -96,6 +96,22 @@ describe('tensor API (audit)', () => {
     expect(() => lsqBackward(Float32Array.of(1), 0.1, Float32Array.of(NaN), { bits: 4 })).to.throw(RangeError, /gradOut\[0\]/);
     expect(() => lsqBackward(new Float32Array(0), 0.1, new Float32Array(0), { bits: 4 })).to.throw(RangeError, /a non-empty Float32Array .* for v/);
     expect(lsqBackward(new Float32Array(0), 0.1, new Float32Array(0), { bits: 4, gradScale: 1 }).gradStep).to.equal(0);
+  });
+
+  it('observers, ACIQ, LSQ and bias correction refuse misspelt options, and bias correction NaN (second audit)', () => {
+    expect(() => new MinMaxObserver({ movingAverge: 0.1 } as never)).to.throw(RangeError, /options\.movingAverge .*Did you mean 'movingAverage'\?/);
+    expect(() => new HistogramObserver({ bin: 512 } as never)).to.throw(RangeError, /options\.bin .*Did you mean 'bins'\?/);
+    expect(() => new HistogramObserver().observe(Float32Array.of(1, 2)).mseRange(8, { symetric: false } as never)).to.throw(RangeError, /options\.symetric .*Did you mean 'symmetric'\?/);
+    expect(() => new ActivationScaleClip({ momentom: 0.9 } as never)).to.throw(RangeError, /options\.momentom .*Did you mean 'momentum'\?/);
+    expect(() => aciqAlpha(4, 'laplace', 1, { onesided: true } as never)).to.throw(RangeError, /options\.onesided .*Did you mean 'oneSided'\?/);
+    expect(() => lsqInitStep(Float32Array.of(1, 2), { bits: 4, signd: false } as never)).to.throw(RangeError, /options\.signd .*Did you mean 'signed'\?/);
+    expect(() => lsqInitStep(Float32Array.of(1, 2), { bits: 4, signed: 'no' } as never)).to.throw(TypeError, /a boolean for options\.signed/);
+    const w = Float32Array.of(1, 2, 3, 4);
+    expect(() => correctWeightBias(w, w, { shape: [2, 2], axes: 1 } as never)).to.throw(RangeError, /options\.axes .*Did you mean 'axis'\?/);
+    expect(() => correctWeightBias(w, Float32Array.of(1, NaN, 3, 4), { shape: [2, 2] })).to.throw(RangeError, /a finite number for quantized\[1\] but received NaN/);
+    expect(() => expectedOutputShift(w, w, [2, 2], [0.5, NaN])).to.throw(RangeError, /a finite number for inputMean\[1\] but received NaN/);
+    expect(() => expectedOutputShift(w, w, [2, 2], [0.5, '1' as never])).to.throw(RangeError, /inputMean\[1\] but received "1"/);
+    expect(Array.from(expectedOutputShift(w, w, [2, 2], [0.5, 1]))).to.deep.equal([0, 0]);
   });
 
   it('sum-preserving rounding rounds a residual of half a step to even, whatever its sign', () => {

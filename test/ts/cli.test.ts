@@ -11,6 +11,7 @@ import * as path from 'node:path';
 
 import { program } from '../../ts/cli';
 import { readNpy, readNpyLabels } from '../../ts/onnx/calibrate';
+import { readModel } from '../../ts/onnx/model-io';
 import { loadMnist } from '../../ts/train/mnist';
 import { finetune } from '../../ts/train/finetune';
 import { writeNpy } from '../helpers/npy';
@@ -121,6 +122,8 @@ describe('lowbit CLI (audit)', () => {
       [['finetune', 'm.onnx', '--data', 'no-such-folder', '--wbits', '3'], /Expected one of 2, 4, 8 for --wbits but received 3\./],
       [['finetune', 'm.onnx', '--data', 'no-such-folder', '--batch-size', '0'], /for --batch-size but received 0\./],
       [['finetune', 'm.onnx', '--data', 'no-such-folder', '--optimizer', 'Adam'], /for --optimizer but received "Adam"\./],
+      [['finetune', 'm.onnx', '--data', 'mnist', '--limit', '32', '--keep-float', 'Conv1', '-o', 'f.onnx'], /for --keep-float\[0\] but received "Conv1"\. Did you mean 'conv1'\?/],
+      [['quantize', 'm.onnx', '--wbits', '4', '--bit-allocation', '7.5', '--reduce-range'], /a number in \[2, 7\] .* for --bit-allocation but received 7\.5/],
     ];
     for (const [args, message] of cases) {
       const r = lowbit(...args);
@@ -146,11 +149,29 @@ describe('lowbit CLI (audit)', () => {
     const noEight = lowbit('finetune', 'm.onnx', '--data', 'mnist', '--limit', '32', '--method', 'lsq', '--first-last-bits', '4', '--reduce-range', '-o', 'f.onnx');
     expect(noEight.status, noEight.stderr).to.equal(0);
     expect(noEight.stderr).to.contain('lowbit: note: --reduce-range has no effect here (it applies to 8-bit weights (--wbits 8 or --first-last-bits 8))');
+    const keptFloat = lowbit('finetune', 'm.onnx', '--data', 'mnist', '--limit', '32', '--keep-float', 'conv1', '-o', 'k.onnx');
+    expect(keptFloat.status, keptFloat.stderr).to.equal(0);
+    const trained = readModel(path.join(dir, 'k.onnx')).graph!.node;
+    const dequantizedInto = (name: string) => trained.find((n) => n.name === name)!.input.some((i) => trained.some((d) => d.opType === 'DequantizeLinear' && d.output[0] === i));
+    expect([dequantizedInto('conv1'), dequantizedInto('conv2')], 'conv1 kept float, conv2 quantized').to.deep.equal([false, true]);
+    const keptFloatNote = lowbit('finetune', 'm.onnx', '--data', 'mnist', '--limit', '32', '--method', 'float', '--keep-float', 'conv1', '-o', 'f.onnx');
+    expect(keptFloatNote.stderr).to.contain('lowbit: note: --keep-float has no effect here (--method float trains without quantizers)');
     let threads: unknown;
     const cmd = program();
     cmd.commands.find((c) => c.name() === 'bench')!.commands.find((c) => c.name() === 'gemm')!.action((o: { threads?: number[] }) => { threads = o.threads; });
     cmd.parse(['node', 'lowbit', 'bench', 'gemm', '--threads', '1', '--threads', '4']);
     expect(threads).to.deep.equal([1, 4]);
+  });
+
+  it('prints the message of an error, and its stack only with LOWBIT_DEBUG set', () => {
+    const plain = lowbit('quantize', 'no-such.onnx');
+    expect(plain.status).to.equal(1);
+    expect(plain.stderr).to.match(/^lowbit: .*no-such\.onnx/m);
+    expect(plain.stderr).to.not.match(/\n\s+at /);
+    const debug = spawnSync(process.execPath, [cli, 'quantize', 'no-such.onnx'], { cwd: dir, encoding: 'utf8', env: { ...process.env, LOWBIT_DEBUG: '1' } });
+    expect(debug.status).to.equal(1);
+    expect(debug.stderr).to.match(/^lowbit: .*no-such\.onnx/m);
+    expect(debug.stderr).to.match(/\n\s+at .*\.js:\d+/);
   });
 
   it('run through npm (npm run lowbit, npm start) takes relative paths from where the user typed (INIT_CWD), not the package root', () => {

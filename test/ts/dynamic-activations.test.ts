@@ -346,7 +346,7 @@ describe("dynamic activations (activations.method 'dynamic')", function () {
       [{ weights: { bits: 8, granularity: 'block' }, activations: { bits: 8, method: 'dynamic' } }, /'channel' or 'tensor' with .* for options\.weights\.granularity but received "block"/],
       [{ weights: { bits: 8 }, firstLastLayerBits: 4, activations: { bits: 8, method: 'dynamic' } }, /Expected 8 with options\.activations\.method 'dynamic' .* for options\.firstLastLayerBits but received 4/],
       [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic', biasCorrection: true } }, /calibration feeds .* for options\.calibration/],
-      [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dyn' } }, /'minmax', 'percentile', 'kl', 'aciq', 'mse' or 'dynamic'/],
+      [{ weights: { bits: 8 }, activations: { bits: 8, method: 'dyn' } }, /one of 'minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic' for options\.activations\.method but received "dyn"/],
     ];
     for (const [options, message] of cases) {
       let error: unknown;

@@ -18,7 +18,7 @@ import { correctBiases } from '../../ts/onnx/passes/bias-correction';
 import { LayerInputMoments } from '../../ts/calibration/layer-input-moments';
 import { unconvertibleReason, upgradeOpset } from '../../ts/onnx/passes/upgrade-opset';
 import {
-  cloneSharingData, OnnxModelError, rawLength, readLazyTensor, readModel, serializeForSession, serializeModel, sessionFolderOption, storedBytes, unloadTensor, writeFileAtomic,
+  cloneSharingData, OnnxModelError, rawLength, readLazyTensor, readModel, removeTemporaryFiles, serializeForSession, serializeModel, sessionFolderOption, storedBytes, unloadTensor, writeFileAtomic,
   writeFileAtomicAsync, writeModelWithExternalData,
 } from '../../ts/onnx/model-io';
 import { OrtHost, OrtSession } from '../../ts/onnx/ort-session';
@@ -58,6 +58,39 @@ describe('ONNX model I/O', () => {
     writeFileAtomic(path.join(dir, 'ok.onnx'), new Uint8Array([1, 2, 3]));
     expect(fs.readdirSync(dir)).to.deep.equal(['ok.onnx']);
     fs.rmSync(dir, { recursive: true });
+  });
+  it("removeTemporaryFiles removes the temporary files of the writes in progress (the CLI's second Ctrl-C), and only those", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-'));
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const promises: { writeFile: typeof fs.promises.writeFile } = require('node:fs').promises;
+    const real = promises.writeFile;
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    let started!: () => void;
+    const writing = new Promise<void>((resolve) => (started = resolve));
+    promises.writeFile = (async (file: string, data: Uint8Array) => {
+      await real(file, data.subarray(0, 3));  // part of it; the rest waits
+      started();
+      await held;
+    }) as typeof fs.promises.writeFile;
+    try {
+      fs.writeFileSync(path.join(dir, '.someone-elses.tmp'), 'not lowbit\'s');
+      const write = writeFileAtomicAsync(path.join(dir, 'out.onnx'), new Uint8Array(10));
+      await writing;
+      const temporary = fs.readdirSync(dir).filter((f) => f.startsWith('.out.onnx.') && f.endsWith('.tmp'));
+      expect(temporary, 'the write in progress has its temporary file').to.have.length(1);
+      removeTemporaryFiles();
+      expect(fs.readdirSync(dir)).to.deep.equal(['.someone-elses.tmp']);
+      release();
+      await write.then(() => expect.fail('the write renamed a removed file'), (e: Error) => expect(e.message).to.match(/Could not write .*out\.onnx/));
+      expect(fs.readdirSync(dir)).to.deep.equal(['.someone-elses.tmp']);
+      removeTemporaryFiles();  // nothing left to remove: a finished write took its name off the list
+      expect(fs.readdirSync(dir)).to.deep.equal(['.someone-elses.tmp']);
+    } finally {
+      promises.writeFile = real;
+      release();
+      fs.rmSync(dir, { recursive: true });
+    }
   });
   it('writes atomically without holding the event loop (writeFileAtomicAsync): a write failing part-way leaves no file', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-'));
@@ -120,11 +153,35 @@ describe('quantizeModel (weights only)', () => {
       expect((caught as Error).message).to.match(re);
     };
     await rejects(quantizeModel(classifier, { weights: { bits: 3 as never } }), /2, 4 or 8 for options\.weights\.bits/);
-    await rejects(quantizeModel(classifier, { weights: { bits: 4, blockSize: 24 } }), /power of two >= 16/);
+    await rejects(quantizeModel(classifier, { weights: { bits: 4, granularity: 'block', blockSize: 24 } }), /power of two >= 16/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8 }, activations: { bits: 6 } as never }), /4, 8 or 16 for options\.activations\.bits/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8 }, keepFloat: ['Conv', 'MatMul'] }), /No Conv, Gemm or MatMul layer/);
-    await rejects(quantizeModel(classifier, { weights: { bits: 8, rounding: 'up' as never } }), /'nearest', 'sum-preserving' or 'gptq' for options\.weights\.rounding but received "up"/);
+    await rejects(quantizeModel(classifier, { weights: { bits: 8, rounding: 'up' as never } }), /one of 'nearest', 'sum-preserving', 'gptq' for options\.weights\.rounding but received "up"/);
     await rejects(quantizeModel(classifier, { weights: { bits: 8, rounding: 'gptq' } }), /calibration feeds .* for weights\.rounding 'gptq' for options\.calibration/);
+  });
+
+  it('options of the wrong type are TypeErrors, misspelt choices get a suggestion, and options that would be ignored are refused (audit)', async () => {
+    const refused = async (options: unknown, type: typeof TypeError | typeof RangeError, re: RegExp) => {
+      let caught: unknown;
+      await quantizeModel(classifier, options as never).catch((e) => (caught = e));
+      expect(caught, `${JSON.stringify(options)}`).to.be.instanceOf(type);
+      expect((caught as Error).message).to.match(re);
+    };
+    await refused({ weights: { bits: '8' } }, TypeError, /2, 4 or 8 for options\.weights\.bits but received "8"/);
+    await refused({ weights: { bits: 8 }, firstLastLayerBits: '8' }, TypeError, /options\.firstLastLayerBits/);
+    await refused({ weights: { bits: 8, groups: '4' } }, TypeError, /options\.weights\.groups/);
+    await refused({ weights: { bits: 8, scaleClip: Infinity } }, RangeError, /positive finite number \(k\) for options\.weights\.scaleClip/);
+    await refused({ weights: { bits: 8, granularity: 'chanel' } }, RangeError, /options\.weights\.granularity .*Did you mean 'channel'\?/);
+    await refused({ weights: { bits: 8, rounding: 'gpt' } }, RangeError, /Did you mean 'gptq'\?/);
+    await refused({ weights: { bits: 8 }, activations: { bits: 8, method: 'percentil' }, calibration: [] }, RangeError, /Did you mean 'percentile'\?/);
+    // A block size without block granularity would quantize per channel, silently.
+    await refused({ weights: { bits: 4, blockSize: 64 } }, RangeError, /no block size unless granularity is 'block' for options\.weights\.blockSize.*Set options\.weights\.granularity to 'block'/);
+    // Bit allocation chooses each channel's width up to 8 bits (7 with reduceRange), checked before any work.
+    await refused({ weights: { bits: 8, reduceRange: true, bitAllocation: { averageBits: 7.5 } } }, RangeError,
+      /a number in \[2, 7\] \(the mean bits per weight; reduceRange keeps weights within 7 bits\) for options\.weights\.bitAllocation\.averageBits but received 7\.5/);
+    await refused({ weights: { bits: 4, bitAllocation: { averageBits: 3, minBits: 3 } } }, RangeError, /options\.weights\.bitAllocation.*minBits/);
+    await refused({ weights: { bits: 4, bitAllocation: { averageBits: '3' } } }, TypeError, /options\.weights\.bitAllocation\.averageBits/);
+    await refused({ weights: { bits: 8 }, externalData: 'true', outputPath: path.join(os.tmpdir(), 'never-written.onnx') }, TypeError, /a boolean for options\.externalData/);
   });
 
   it('8-bit blocked weights raise the opset to 21 (blocked DequantizeLinear) and run in onnxruntime', async () => {
@@ -645,7 +702,7 @@ describe('models with integer inputs (token ids)', () => {
 
   it('weights.gather quantizes the embedding table into GatherBlockQuantized, whose rows are exactly the dequantized table\'s', async () => {
     for (const [bits, granularity] of [[8, 'channel'], [4, 'block'], [4, 'channel'], [2, 'block'], [8, 'tensor']] as Array<[2 | 4 | 8, 'channel' | 'block' | 'tensor']>) {
-      const { model, report } = await quantizeModel(tokenModel(), { weights: { bits, granularity, blockSize: 16, gather: true }, evaluationFeeds: [ids(5), ids(6)] });
+      const { model, report } = await quantizeModel(tokenModel(), { weights: { bits, granularity, ...(granularity === 'block' ? { blockSize: 16 } : {}), gather: true }, evaluationFeeds: [ids(5), ids(6)] });
       const table = report.layers.find((l) => l.op === 'Gather')!;
       expect(table, `${bits} ${granularity}`).to.include({ node: 'embed', weight: 'embedding', bits,
         granularity: granularity === 'block' ? 'block 16 on axis 1' : granularity === 'tensor' ? 'tensor' : 'channel on axis 0' });

@@ -449,27 +449,40 @@ describe('`lowbit quantize --report`', () => {
     expect(good.status, good.stderr).to.equal(0);
     expect(JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).layers[0].weightSqnrDb).to.equal('Infinity');
     fs.rmSync(path.join(dir, 'exact.q.onnx'));
-    const bad = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    // A report folder nothing can be written to is found before any work.
+    const early = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    expect(early.status).to.equal(1);
+    expect(early.stderr).to.match(/a folder lowbit can write to for --report but received "\/proc\/lowbit-report\.json"/);
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
+    // A write that fails all the same at the end (a full disk, a folder gone): simulated by a preloaded module that
+    // sends the report's write to /proc.
+    const preload = path.join(os.tmpdir(), `lowbit-report-preload-${process.pid}.js`);
+    fs.writeFileSync(preload, `const io = require(${JSON.stringify(path.join(root, 'dist', 'ts', 'onnx', 'model-io.js'))});
+const real = io.writeFileAtomic;
+io.writeFileAtomic = (file, bytes) => real(file === 'report.json' ? '/proc/lowbit-report.json' : file, bytes);\n`);
+    const lowbitFailingReport = (...args: string[]) => spawnSync(process.execPath, ['-r', preload, cli, ...args], { cwd: dir, encoding: 'utf8' });
+    const bad = lowbitFailingReport('quantize', 'exact.onnx', '--report', 'report.json', '--no-evaluate');
     expect(bad.status).to.equal(1);
     expect(bad.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. Check that its folder exists and is writable\. Removed exact\.q\.onnx, which this run wrote\.\n/);
     expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
     // An output that was there before the run was replaced by it: removing it would leave neither, so it is kept.
     fs.writeFileSync(path.join(dir, 'exact.q.onnx'), 'an earlier output');
-    const over = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    const over = lowbitFailingReport('quantize', 'exact.onnx', '--report', 'report.json', '--no-evaluate');
     expect(over.status).to.equal(1);
     expect(over.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. .* Kept exact\.q\.onnx: this run wrote it over an earlier output, which is gone\.\n/);
     expect(readModel(path.join(dir, 'exact.q.onnx')).graph!.node.some((n) => n.opType === 'DequantizeLinear')).to.equal(true);  // this run's model
     // With external data the model and its data file are one unit: both kept (the model needs its data), or both removed.
-    const pair = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--external-data', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    const pair = lowbitFailingReport('quantize', 'exact.onnx', '--external-data', '--report', 'report.json', '--no-evaluate');
     expect(pair.status).to.equal(1);
     expect(pair.stderr).to.match(/ Kept exact\.q\.onnx and exact\.q\.onnx\.data: this run wrote them over an earlier output, which is gone\.\n/);
     expect(readModel(path.join(dir, 'exact.q.onnx')).graph!.initializer.length).to.be.above(0);  // its data file is there to read
     fs.rmSync(path.join(dir, 'exact.q.onnx'));
     fs.rmSync(path.join(dir, 'exact.q.onnx.data'));
-    const fresh = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--external-data', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+    const fresh = lowbitFailingReport('quantize', 'exact.onnx', '--external-data', '--report', 'report.json', '--no-evaluate');
     expect(fresh.stderr).to.match(/ Removed exact\.q\.onnx and exact\.q\.onnx\.data, which this run wrote\.\n/);
     expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
     fs.rmSync(dir, { recursive: true });
+    fs.rmSync(preload);
   });
 });
 

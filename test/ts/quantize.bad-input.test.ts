@@ -56,6 +56,18 @@ describe('quantizeTensor: bad input', () => {
     expectError(() => quantizeTensor(new Float32Array(1), { shape: [], granularity: 'channel' }), RangeError, /at least one dimension/);
   });
 
+  it('refuses a range-method option the chosen built-in method would ignore, or any with an explicit scale (audit)', () => {
+    expectError(() => quantizeTensor(x4, { shape: [4], percentile: 50 }), RangeError,
+      /no percentile with method 'minmax' \(only 'percentile' reads it\) for options\.percentile but received 50\. Set options\.method to 'percentile'/);
+    expectError(() => quantizeTensor(x4, { shape: [4], method: 'mse', prior: 'gauss' }), RangeError, /no prior with method 'mse' \(only 'aciq' reads it\)/);
+    expectError(() => quantizeTensor(x4, { shape: [4], method: 'aciq', norm: 1 }), RangeError, /no norm with method 'aciq' \(only 'mse' reads it\)/);
+    expectError(() => quantizeTensor(x4, { shape: [4], method: 'kl', oneSided: true }), RangeError, /options\.oneSided/);
+    expectError(() => quantizeTensor(x4, { shape: [4], scale: 0.1, percentile: 99 }), RangeError, /no percentile with an explicit scale for options\.percentile/);
+    // The methods that read them still take them.
+    expect(quantizeTensor(x4, { shape: [4], method: 'percentile', percentile: 50 }).scale[0]).to.be.greaterThan(0);
+    expect(quantizeTensor(x4, { shape: [4], method: 'mse', norm: 1 }).scale[0]).to.be.greaterThan(0);
+  });
+
   it('rejects misspelled options with the right name', () => {
     expectError(() => quantizeTensor(x4, { shape: [4], granularity: 'block', blocksize: 2 } as never), RangeError, /options\.blocksize.*Did you mean 'blockSize'/);
     expectError(() => quantizeTensor(x4, { shape: [4], bitz: 4 } as never), RangeError, /options\.bitz but received "bitz"\. Did you mean 'bits'\?/);

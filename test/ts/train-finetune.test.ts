@@ -377,6 +377,22 @@ describe('finetune: bad input', () => {
     await expectError(finetune(BUNDLED, { inputs: data.inputs }), TypeError, /Int32Array or Uint8Array.*data\.labels.*options\.distill/);
   });
 
+  it('options of the wrong type are TypeErrors; keepFloat entries that keep nothing, or are empty, and bad thread counts are refused for every kernel (audit)', async () => {
+    await expectError(finetune(BUNDLED, data, { weightBits: '4' as never }), TypeError, /one of 2, 4, 8 for options\.weightBits but received "4"/);
+    await expectError(finetune(BUNDLED, data, { learningRate: '0.1' as never }), TypeError, /options\.learningRate/);
+    await expectError(finetune(BUNDLED, data, { weightDecay: '0' as never }), TypeError, /options\.weightDecay/);
+    await expectError(finetune(BUNDLED, data, { method: 'lsq', keepFloat: ['Conv1'] }), RangeError,
+      /the name or op type of one of the model's Conv, Gemm or MatMul layers for options\.keepFloat\[0\] but received "Conv1"\. Did you mean 'conv1'\?/);
+    await expectError(finetune(BUNDLED, data, { method: 'lsq', keepFloat: ['conv1', ''] }), RangeError, /options\.keepFloat\[1\] but received ""\. Remove the empty entry/);
+    await expectError(finetune(BUNDLED, data, { kernel: 'reference', threads: -5 }), RangeError, /an integer in \[1, 1024\] for options\.threads but received -5/);
+    // A name that is there keeps its layer float: the LSQ model has no QDQ pair on it.
+    const { model } = await finetune(BUNDLED, subset('train', 32), { method: 'lsq', keepFloat: ['conv1'], epochs: 1, batchSize: 32 });
+    const nodes = readModel(model).graph!.node;
+    const conv1 = nodes.find((n) => n.name === 'conv1')!;
+    expect(nodes.some((n) => n.opType === 'DequantizeLinear' && conv1.input.includes(n.output[0])), 'conv1 reads a DequantizeLinear').to.equal(false);
+    expect(nodes.some((n) => n.opType === 'DequantizeLinear'), 'other layers are quantized').to.equal(true);
+  });
+
   it('unsupported operators are named before training starts', async () => {
     const bytes = buildModel({
       inputDims: ['N', 4], nodes: [{ op: 'Gemm', inputs: ['input', 'w'], output: 'h' }, { op: 'Tanh', inputs: ['h'], output: 'y' }],
@@ -563,6 +579,17 @@ describe('finetune: bad input', () => {
     await finetune(BUNDLED, data, { outputPath: path.join(dir, 'missing', 'out.onnx') }).catch((e) => (caught = e));
     expect(caught).to.be.instanceOf(RangeError);
     expect((caught as Error).message).to.match(/existing folder for options\.outputPath .*missing does not exist/);
+    // A folder it cannot write to is found before training, not when the trained model is written (root writes
+    // anywhere chmod forbids: sysfs refuses new files to everyone).
+    const locked = process.getuid?.() === 0 ? '/sys' : path.join(dir, 'locked');
+    if (locked !== '/sys') fs.mkdirSync(locked, { mode: 0o500 });
+    let epochs = 0;
+    caught = undefined;
+    await finetune(BUNDLED, data, { outputPath: path.join(locked, 'out.onnx'), onEpoch: () => void epochs++ }).catch((e) => (caught = e));
+    expect(caught).to.be.instanceOf(RangeError);
+    expect((caught as Error).message).to.match(/a folder lowbit can write to for options\.outputPath but received ".*out\.onnx": creating a file in .* failed \((EACCES|EPERM|EROFS)/);
+    expect(epochs).to.equal(0);
+    if (locked !== '/sys') expect(fs.readdirSync(locked)).to.deep.equal([]);
     fs.rmSync(dir, { recursive: true });
   });
 });

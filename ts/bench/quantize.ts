@@ -6,13 +6,16 @@
  * shown two ways: with a fresh output array per call (what the plain API and
  * session.run do) and with a reused output array (options.out / a
  * preallocated fetch), because on Linux first-touch page faults of a fresh
- * array can cost more than the quantization itself.
+ * array can cost more than the quantization itself. The cases given the same
+ * scale must give the same int8 values, or the bench stops.
  */
+import { createHash } from 'node:crypto';
+
 import { cpuInfo } from '../cpu';
 import { quantizeTensor } from '../quantize';
 import { quantizeLinearTs } from './baselines';
 import { hasOrt, ort, quantizeLinearModel, session } from './ort-models';
-import { inChildProcess, measure, table } from './timing';
+import { inChildProcessJson, measure, table } from './timing';
 
 const SCALE = 100 / 127;
 
@@ -43,36 +46,54 @@ function data(n: number): Float32Array {
   return x;
 }
 
-/** Runs one case in this process and returns the median milliseconds. */
-export async function runQuantizeCase(c: QuantizeCase, n: number, runs: number): Promise<number> {
+/** A case's median milliseconds and a digest of its int8 output (the cases with SCALE must agree byte for byte). */
+export interface QuantizeCaseResult {
+  ms: number;
+  outputDigest: string;
+}
+
+/** Runs one case in this process. */
+export async function runQuantizeCase(c: QuantizeCase, n: number, runs: number): Promise<QuantizeCaseResult> {
   const x = data(n);
   const threads = c.threads === 'one' ? 1 : cpuInfo().maxThreads;
   const out = new Int8Array(n);
   const reuse = c.output === 'reused' ? { out } : {};
+  let fn: () => Promise<ArrayBufferView> | ArrayBufferView;
+  let release = async () => {};
   switch (c.name) {
     case 'lowbit (scale given)':
-      return (await measure(() => quantizeTensor(x, { shape: [n], scale: SCALE, threads, ...reuse }), runs)).medianMs;
+      fn = () => quantizeTensor(x, { shape: [n], scale: SCALE, threads, ...reuse }).values;
+      break;
     case 'lowbit minmax (range + quantize)':
-      return (await measure(() => quantizeTensor(x, { shape: [n], threads, ...reuse }), runs)).medianMs;
+      fn = () => quantizeTensor(x, { shape: [n], threads, ...reuse }).values;
+      break;
     case 'lowbit scalar kernel':
-      return (await measure(() => quantizeTensor(x, { shape: [n], scale: SCALE, threads, kernel: 'scalar', ...reuse }), runs)).medianMs;
+      fn = () => quantizeTensor(x, { shape: [n], scale: SCALE, threads, kernel: 'scalar', ...reuse }).values;
+      break;
     case 'plain TypeScript':
-      return (await measure(() => quantizeLinearTs(x, SCALE, 0, out), Math.min(runs, 3))).medianMs;
+      runs = Math.min(runs, 3);  // slow
+      fn = () => { quantizeLinearTs(x, SCALE, 0, out); return out; };
+      break;
     case 'onnxruntime QuantizeLinear': {
       const model = quantizeLinearModel({ shape: [n], scale: new Float32Array([SCALE]), zeroPoint: new Int8Array([0]), scaleShape: [] });
       const s = await session(model, threads);
       const feeds = { x: new (ort().Tensor)('float32', x, [n]) };
       const fetches = { y: new (ort().Tensor)('int8', out, [n]) };
-      try {
-        return c.output === 'reused'
-          ? (await measure(() => s.run(feeds, fetches), runs)).medianMs
-          : (await measure(() => s.run(feeds), runs)).medianMs;
-      } finally {
-        await s.release();
-      }
+      fn = async () => (await (c.output === 'reused' ? s.run(feeds, fetches) : s.run(feeds))).y.data as Int8Array;
+      release = () => s.release();
+      break;
     }
+    default:
+      throw new Error(`unknown case ${c.name}`);
   }
-  throw new Error(`unknown case ${c.name}`);
+  try {
+    const ms = (await measure(fn, runs)).medianMs;
+    const values = await fn();
+    const outputDigest = createHash('sha256').update(new Uint8Array(values.buffer, values.byteOffset, values.byteLength)).digest('hex');
+    return { ms, outputDigest };
+  } finally {
+    await release();
+  }
 }
 
 export interface QuantizeBenchOptions {
@@ -87,9 +108,15 @@ export async function benchQuantize(opts: QuantizeBenchOptions): Promise<void> {
   const kernel = cpuInfo().selected.quantize;
   for (const n of opts.sizes) {
     const gbps: Record<string, number> = {};
+    let sameScaleDigest: string | undefined;
     for (const c of CASES) {
       if (c.name.startsWith('onnxruntime') && !hasOrt()) continue;
-      const ms = inChildProcess({ bench: 'quantize', c, n, runs: opts.runs });
+      const { ms, outputDigest } = inChildProcessJson<QuantizeCaseResult>({ bench: 'quantize', c, n, runs: opts.runs });
+      // Every case with the given scale computes QuantizeLinear: the same int8 values, or the rates mean nothing.
+      if (c.name !== 'lowbit minmax (range + quantize)') {
+        if (sameScaleDigest === undefined) sameScaleDigest = outputDigest;
+        else if (outputDigest !== sameScaleDigest) throw new Error(`${n} elements, ${c.name} (${c.threads} thread(s), ${c.output} output): its int8 output differs from the first case's`);
+      }
       const rate = (n * 4) / 1e9 / (ms / 1e3);
       gbps[`${c.name}|${c.threads}|${c.output}`] = rate;
       rows.push({

@@ -28,18 +28,7 @@ export function table(rows: Array<Record<string, string | number>>): string {
   return [line(cols), line(widths.map((w) => '-'.repeat(w))), ...rows.map((r) => line(cols.map((c) => String(cell(r[c])))))].join('\n');
 }
 
-/**
- * Runs one benchmark case in a fresh Node process (no shared JIT or GC state)
- * and returns the number it prints (median milliseconds).
- */
-export function inChildProcess(job: object): number {
-  const line = childOutput(job);
-  const ms = Number(line);
-  if (!Number.isFinite(ms)) throw new Error(`benchmark case ${JSON.stringify(job)} printed ${line}`);
-  return ms;
-}
-
-/** Runs one case in a fresh Node process and returns the JSON value it prints last. */
+/** Runs one benchmark case in a fresh Node process (no shared JIT or GC state) and returns the JSON it prints last. */
 export function inChildProcessJson<T>(job: object): T {
   return JSON.parse(childOutput(job)) as T;
 }

@@ -1,4 +1,4 @@
-/** Child-process entry of the benchmarks: runs one case and prints its median milliseconds (or a JSON result). */
+/** Child-process entry of the benchmarks: runs one case and prints its result as JSON. */
 import { runGemmCase, type GemmCase } from './gemm';
 import { runLargeModelCase, type LargeModelCase } from './large-model';
 import { runQuantizeCase, type QuantizeCase } from './quantize';
@@ -13,12 +13,9 @@ async function main(): Promise<void> {
     process.stdout.write(`${JSON.stringify(await runLargeModelCase(job.c))}\n`);
     return;
   }
-  if (job.bench === 'gemm') {
-    process.stdout.write(`${JSON.stringify(await runGemmCase(job.c))}\n`);
-    return;
-  }
-  const ms = job.bench === 'quantize' ? await runQuantizeCase(job.c, job.n, job.runs) : await runSgemmCase(job.c);
-  process.stdout.write(`${ms}\n`);
+  const result = job.bench === 'gemm' ? await runGemmCase(job.c) : job.bench === 'quantize' ? await runQuantizeCase(job.c, job.n, job.runs)
+    : await runSgemmCase(job.c);
+  process.stdout.write(`${JSON.stringify(result)}\n`);
 }
 
 main().catch((e) => {

@@ -9,8 +9,8 @@
  *  - Data-driven: the expected output shift E[W·x] − E[Ŵ·x̂] per output channel,
  *    to add to the layer's bias.
  */
-import { invalidValue } from '../errors';
-import { checkFloat32Array, checkInteger, checkShape } from '../validate';
+import { invalidType, invalidValue } from '../errors';
+import { checkFloat32Array, checkInteger, checkKnownKeys, checkShape, isPlainObject } from '../validate';
 
 export interface WeightBiasCorrectionOptions {
   /** Tensor shape; output channels along `axis`. */
@@ -18,6 +18,14 @@ export interface WeightBiasCorrectionOptions {
   /** Output-channel axis. Default 0. */
   axis?: number;
   method?: 'moments' | 'paper';
+}
+
+/** NaN, an infinity or a non-number would make every sum it enters NaN: named by its index instead. */
+function checkFiniteValues(name: string, values: ArrayLike<unknown>): void {
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (typeof v !== 'number' || !Number.isFinite(v)) throw invalidValue(`${name}[${i}]`, 'a finite number', v);
+  }
 }
 
 function channelView(shape: number[], axis: number) {
@@ -35,7 +43,11 @@ export function correctWeightBias(original: Float32Array, quantized: Float32Arra
   const w = checkFloat32Array('original', original);
   const wq = checkFloat32Array('quantized', quantized);
   if (wq.length !== w.length) throw invalidValue('quantized', `a Float32Array of original.length = ${w.length}`, wq);
-  const shape = checkShape('options.shape', options?.shape);
+  checkFiniteValues('original', w);
+  checkFiniteValues('quantized', wq);
+  if (!isPlainObject(options)) throw invalidType('options', 'an options object { shape, axis?, method? }', options);
+  checkKnownKeys('options', options, ['shape', 'axis', 'method']);
+  const shape = checkShape('options.shape', options.shape);
   if (shape.reduce((a, b) => a * b, 1) !== w.length) throw invalidValue('options.shape', `dimensions whose product is ${w.length}`, options.shape);
   const axis = options.axis === undefined ? 0 : checkInteger('options.axis', options.axis, 0, shape.length - 1);
   const method = options.method ?? 'moments';
@@ -85,6 +97,10 @@ export function expectedOutputShift(original: Float32Array, quantized: Float32Ar
   const [out, inp] = dims;
   const spatial = dims.slice(2).reduce((a, b) => a * b, 1);
   if (inputMean.length !== inp || quantizedInputMean.length !== inp) throw invalidValue('inputMean', `${inp} values (one per input channel)`, inputMean);
+  checkFiniteValues('original', w);
+  checkFiniteValues('quantized', wq);
+  checkFiniteValues('inputMean', inputMean);
+  checkFiniteValues('quantizedInputMean', quantizedInputMean);
   const shift = new Float64Array(out);
   for (let o = 0; o < out; o++) {
     let s = 0;

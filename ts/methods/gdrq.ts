@@ -78,6 +78,7 @@ export class ActivationScaleClip {
 
   constructor(options?: { k?: number; momentum?: number }) {
     const o = checkOptions('options', options);
+    checkKnownKeys('options', o, ['k', 'momentum']);
     this.k = checkK(o.k, 3);
     const m = o.momentum ?? 0.99;
     if (typeof m !== 'number' || !(m >= 0 && m < 1)) throw invalidValue('options.momentum', 'a number in [0, 1)', m);

@@ -140,7 +140,10 @@ export function lsqGradScale(count: number, bits: number, signed = true): number
 export function lsqInitStep(v: Float32Array, options: { bits: number; signed?: boolean }): number {
   const x = checkFloat32Array('v', v);
   if (x.length === 0) throw invalidValue('v', 'a non-empty Float32Array (the mean is undefined otherwise)', x);
-  const { qp } = lsqLevels(checkLsqBits(options?.bits), options.signed ?? true);
+  if (!isPlainObject(options)) throw invalidType('options', 'an options object { bits, signed? }', options);
+  checkKnownKeys('options', options, ['bits', 'signed']);
+  const signed = options.signed === undefined ? true : checkBoolean('options.signed', options.signed);
+  const { qp } = lsqLevels(checkLsqBits(options.bits), signed);
   let sum = 0;
   for (let i = 0; i < x.length; i++) {
     if (!Number.isFinite(x[i])) throw invalidValue(`v[${i}]`, 'a finite number', x[i]);

@@ -949,6 +949,11 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
   check?: () => Promise<void>): Promise<Uint8Array> {
   const dataFile = `${file}.data`;
   const [dataTemp, modelTemp] = [temporaryPath(dataFile), temporaryPath(file)];
+  return withTemporaries([dataTemp, modelTemp], () => writeBothTemporaries(model, file, dataFile, dataTemp, modelTemp, threshold, signal, check));
+}
+
+async function writeBothTemporaries(model: ModelProto, file: string, dataFile: string, dataTemp: string, modelTemp: string, threshold: number,
+  signal?: AbortSignal, check?: () => Promise<void>): Promise<Uint8Array> {
   // A data file already there is kept aside until the model file is in place: an old model next to a new data file
   // would read the wrong bytes. With a check, the model file already there is kept too (a hard link, else a copy)
   // until the check passes.
@@ -1013,6 +1018,33 @@ async function writeBothFiles(model: ModelProto, file: string, threshold: number
 }
 
 let temporaryCount = 0;
+/** Temporary files of writes in progress in this thread: what removeTemporaryFiles removes on a forced exit. */
+const temporaryFiles = new Set<string>();
+
+/**
+ * Removes the temporary files of the writes in progress, synchronously: for a process about to exit in the middle
+ * of a write (the CLI's second Ctrl-C), which would otherwise leave them next to the output.
+ */
+export function removeTemporaryFiles(): void {
+  for (const temp of temporaryFiles) {
+    try {
+      fs.rmSync(temp, { force: true });
+    } catch {
+      // best effort: the process is exiting
+    }
+  }
+  temporaryFiles.clear();
+}
+
+/** Runs a write with its temporary files registered for removeTemporaryFiles until it ends. */
+async function withTemporaries<T>(temps: string[], write: () => Promise<T>): Promise<T> {
+  for (const t of temps) temporaryFiles.add(t);
+  try {
+    return await write();
+  } finally {
+    for (const t of temps) temporaryFiles.delete(t);
+  }
+}
 
 /**
  * A name next to `file` that no other write of this process (or another) uses at the same time: the worker threads
@@ -1055,15 +1087,17 @@ export function writeFileAtomic(file: string, bytes: Uint8Array): void {
 export async function writeFileAtomicAsync(file: string, bytes: Uint8Array, signal?: AbortSignal): Promise<void> {
   const target = writeTarget(file);
   const temp = temporaryPath(target);
-  try {
-    await fs.promises.writeFile(temp, bytes, { flag: 'wx', signal });
-    signal?.throwIfAborted();
-    await fs.promises.rename(temp, target);
-  } catch (e) {
-    await fs.promises.rm(temp, { force: true }).catch(() => undefined);  // the write's error is the one to report
-    if (signal?.aborted) throw signal.reason;
-    throw writeError(file, e);
-  }
+  await withTemporaries([temp], async () => {
+    try {
+      await fs.promises.writeFile(temp, bytes, { flag: 'wx', signal });
+      signal?.throwIfAborted();
+      await fs.promises.rename(temp, target);
+    } catch (e) {
+      await fs.promises.rm(temp, { force: true }).catch(() => undefined);  // the write's error is the one to report
+      if (signal?.aborted) throw signal.reason;
+      throw writeError(file, e);
+    }
+  });
 }
 
 /**
@@ -1111,6 +1145,16 @@ export function checkOutputPath(name: string, file: unknown): string {
   }
   if (Buffer.byteLength(path.basename(file)) > 255) {
     throw new RangeError(`Expected a file name of at most 255 bytes for ${name} but received "${path.basename(file)}" (${Buffer.byteLength(path.basename(file))} bytes). Choose a shorter one.`);
+  }
+  // The write makes a temporary file there at the end of the work (hours, for training): find out now that it can.
+  const probe = temporaryPath(writeTarget(file));  // where the write makes it: a link's target's folder
+  try {
+    fs.closeSync(fs.openSync(probe, 'wx'));
+    fs.rmSync(probe, { force: true });
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code ?? 'an error';
+    throw new RangeError(`Expected a file path in a folder lowbit can write to for ${name} but received "${file}": creating a file in ${folder} ` +
+      `failed (${code}: ${(e as Error).message.replace(/^[A-Z]+: /, '')}). Choose another folder, or make this one writable.`);
   }
   return file;
 }

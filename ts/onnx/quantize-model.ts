@@ -12,7 +12,7 @@ import { invalidType, invalidValue, withArticle } from '../errors';
 import { toFloat16Array } from '../float16';
 import { ortProblem } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession, type OrtSession } from './ort-session';
-import { checkKnownKeys, isPlainObject, iterability } from '../validate';
+import { checkChoice, checkKnownKeys, isPlainObject, iterability } from '../validate';
 import { allNodes, attribute, checkDefaultOpset, Graph, weightValues } from './graph';
 import {
   bytesLeftInFiles, checkExternalOutput, checkNotModelFile, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
@@ -175,6 +175,18 @@ export interface QuantizationReport {
   timingsMs: Record<string, number>;
 }
 
+/** A bit width from a fixed list: a TypeError for a non-number, a RangeError for another number. */
+function checkBitsChoice(name: string, v: unknown, choices: number[]): void {
+  const list = `${choices.slice(0, -1).join(', ')} or ${choices[choices.length - 1]}`;
+  if (typeof v !== 'number') throw invalidType(name, list, v);
+  if (!choices.includes(v)) throw invalidValue(name, list, v);
+}
+
+function checkPositiveNumber(name: string, v: unknown, expected: string, integer = false): void {
+  if (typeof v !== 'number') throw invalidType(name, expected, v);
+  if (!(v > 0) || !Number.isFinite(v) || (integer && !Number.isInteger(v))) throw invalidValue(name, expected, v);
+}
+
 function checkOptions(options: unknown): QuantizeModelOptions {
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with weights', options);
   checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData', 'signal']);
@@ -183,6 +195,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (options.evaluationFeeds !== undefined && !Array.isArray(options.evaluationFeeds)) {
     throw invalidType('options.evaluationFeeds', 'an array of feeds { inputName: { data, dims } } (or [] to skip the evaluation)', options.evaluationFeeds);
   }
+  if (options.externalData !== undefined && typeof options.externalData !== 'boolean') throw invalidType('options.externalData', 'a boolean', options.externalData);
   if (options.externalData && typeof options.outputPath !== 'string') {
     throw invalidValue('options.outputPath', 'a file path when externalData is set (the data file goes next to it)', options.outputPath);
   }
@@ -192,33 +205,34 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding', 'reduceRange', 'gather']);
   if (w.reduceRange !== undefined && typeof w.reduceRange !== 'boolean') throw invalidType('options.weights.reduceRange', 'a boolean', w.reduceRange);
   if (w.gather !== undefined && typeof w.gather !== 'boolean') throw invalidType('options.weights.gather', 'a boolean', w.gather);
-  if (w.rounding !== undefined && !['nearest', 'sum-preserving', 'gptq'].includes(w.rounding as string)) {
-    throw invalidValue('options.weights.rounding', "'nearest', 'sum-preserving' or 'gptq'", w.rounding);
-  }
+  if (w.rounding !== undefined) checkChoice('options.weights.rounding', w.rounding, ['nearest', 'sum-preserving', 'gptq']);
   if (w.rounding === 'gptq' && options.calibration === undefined) {
     throw invalidValue('options.calibration', "calibration feeds (or a folder of .npy files) for weights.rounding 'gptq'", undefined);
   }
-  if (w.groups !== undefined && (!Number.isInteger(w.groups) || (w.groups as number) < 1)) throw invalidValue('options.weights.groups', 'a positive integer', w.groups);
-  if (w.scaleClip !== undefined && (typeof w.scaleClip !== 'number' || !((w.scaleClip as number) > 0))) throw invalidValue('options.weights.scaleClip', 'a positive number (k)', w.scaleClip);
+  if (w.groups !== undefined) checkPositiveNumber('options.weights.groups', w.groups, 'a positive integer', true);
+  if (w.scaleClip !== undefined) checkPositiveNumber('options.weights.scaleClip', w.scaleClip, 'a positive finite number (k)');
   if (w.bitAllocation !== undefined) {
-    const b = w.bitAllocation as Record<string, unknown>;
-    if (!isPlainObject(b)) throw invalidType('options.weights.bitAllocation', '{ averageBits } with averageBits in [2, 8]', w.bitAllocation);
-    if (typeof b.averageBits !== 'number' || !(b.averageBits >= 2 && b.averageBits <= 8)) {
-      throw invalidValue('options.weights.bitAllocation.averageBits', 'a number in [2, 8] (the mean bits per weight)', b.averageBits);
-    }
+    const b = w.bitAllocation;
+    // Each channel's width is chosen in [2, 8] (7 with reduceRange), replacing bits for the layers it allocates.
+    const widest = w.reduceRange ? 7 : 8;
+    const averageBits = `a number in [2, ${widest}] (the mean bits per weight${w.reduceRange ? '; reduceRange keeps weights within 7 bits' : ''})`;
+    if (!isPlainObject(b)) throw invalidType('options.weights.bitAllocation', `{ averageBits } with averageBits ${averageBits}`, b);
+    checkKnownKeys('options.weights.bitAllocation', b, ['averageBits']);
+    if (typeof b.averageBits !== 'number') throw invalidType('options.weights.bitAllocation.averageBits', averageBits, b.averageBits);
+    if (!(b.averageBits >= 2 && b.averageBits <= widest)) throw invalidValue('options.weights.bitAllocation.averageBits', averageBits, b.averageBits);
   }
 
-  if (![2, 4, 8].includes(w.bits as number)) throw invalidValue('options.weights.bits', '2, 4 or 8', w.bits);
-  if (w.granularity !== undefined && !['channel', 'block', 'tensor'].includes(w.granularity as string)) {
-    throw invalidValue('options.weights.granularity', "'channel', 'block' or 'tensor'", w.granularity);
+  checkBitsChoice('options.weights.bits', w.bits, [2, 4, 8]);
+  if (w.granularity !== undefined) checkChoice('options.weights.granularity', w.granularity, ['channel', 'block', 'tensor']);
+  if (w.blockSize !== undefined && w.granularity !== 'block') {
+    throw invalidValue('options.weights.blockSize', "no block size unless granularity is 'block'", w.blockSize, "Set options.weights.granularity to 'block', or leave blockSize out.");
   }
   if (w.granularity === 'tensor') {
     const perChannelOption = (['bitAllocation', 'groups', 'biasCorrection'] as const).find((key) => w[key] !== undefined && w[key] !== false);
     if (perChannelOption) throw invalidValue('options.weights.granularity', `'channel' with options.weights.${perChannelOption} (it works per output channel)`, w.granularity);
   }
-  if (w.method !== undefined && !['minmax', 'mse', 'aciq'].includes(w.method as string)) {
-    throw invalidValue('options.weights.method', "'minmax', 'mse' or 'aciq'", w.method);
-  }
+  if (w.method !== undefined) checkChoice('options.weights.method', w.method, ['minmax', 'mse', 'aciq']);
+  if (w.blockSize !== undefined && typeof w.blockSize !== 'number') throw invalidType('options.weights.blockSize', 'a power of two >= 16', w.blockSize);
   if (w.blockSize !== undefined && (!Number.isInteger(w.blockSize) || (w.blockSize as number) < 16 || ((w.blockSize as number) & ((w.blockSize as number) - 1)) !== 0)) {
     throw invalidValue('options.weights.blockSize', 'a power of two >= 16', w.blockSize);
   }
@@ -231,24 +245,20 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     // An empty name would match every unnamed layer.
     throw invalidValue(`options.keepFloat[${emptyName}]`, 'a node name or op type', '', 'Remove the empty entry.');
   }
-  if (options.firstLastLayerBits !== undefined && ![2, 4, 8].includes(options.firstLastLayerBits as number)) {
-    throw invalidValue('options.firstLastLayerBits', '2, 4 or 8', options.firstLastLayerBits);
-  }
+  if (options.firstLastLayerBits !== undefined) checkBitsChoice('options.firstLastLayerBits', options.firstLastLayerBits, [2, 4, 8]);
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw invalidType('options.onProgress', 'a function', options.onProgress);
   const a = options.activations;
   if (a !== undefined && a !== false) {
     if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8 | 16, signed?, method? }', a);
     checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection', 'outputs', 'equalizeDepthwise']);
-    if (a.bits !== 4 && a.bits !== 8 && a.bits !== 16) throw invalidValue('options.activations.bits', '4, 8 or 16', a.bits);
+    checkBitsChoice('options.activations.bits', a.bits, [4, 8, 16]);
     if (a.bits === 16 && (a.method === 'kl' || a.method === 'aciq')) {
       throw invalidValue('options.activations.method', "'minmax', 'percentile' or 'mse' with 16-bit activations (KL and ACIQ's clipping work up to 8 bits)", a.method);
     }
     for (const key of ['signed', 'biasCorrection', 'outputs', 'equalizeDepthwise'] as const) {
       if (a[key] !== undefined && typeof a[key] !== 'boolean') throw invalidType(`options.activations.${key}`, 'a boolean', a[key]);
     }
-    if (a.method !== undefined && ![...ACTIVATION_METHODS, 'dynamic'].includes(a.method as string)) {
-      throw invalidValue('options.activations.method', `${ACTIVATION_METHODS.map((m) => `'${m}'`).join(', ')} or 'dynamic'`, a.method);
-    }
+    if (a.method !== undefined) checkChoice('options.activations.method', a.method, [...ACTIVATION_METHODS, 'dynamic']);
     if (a.equalizeDepthwise && (a.method === 'dynamic' || a.bits === 16)) {
       throw invalidValue('options.activations.equalizeDepthwise', `false with ${a.method === 'dynamic' ? "method 'dynamic' (it works on calibrated ranges)" : '16-bit activations (they need no equalization)'}`, a.equalizeDepthwise);
     }

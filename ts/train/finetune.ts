@@ -15,7 +15,7 @@ import { ort } from '../bench/ort-models';
 import { checkNotModelFile, checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
-import { checkAttached, checkChoice, checkInteger, checkKnownKeys, generatorKind, isPlainObject, isStream, iterability, otherRealm } from '../validate';
+import { checkAttached, checkChoice, checkInteger, closestName, checkKnownKeys, generatorKind, isPlainObject, isStream, iterability, otherRealm } from '../validate';
 import { exportBlocker, exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { checkKernel } from '../cpu';
@@ -146,13 +146,15 @@ const KNOWN_OPTIONS = ['method', 'weightBits', 'activationBits', 'firstLastLayer
 
 function positive(name: string, v: unknown, fallback: number): number {
   if (v === undefined) return fallback;
-  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) throw invalidValue(name, 'a positive finite number', v);
+  if (typeof v !== 'number') throw invalidType(name, 'a positive finite number', v);
+  if (!Number.isFinite(v) || v <= 0) throw invalidValue(name, 'a positive finite number', v);
   return v;
 }
 
 function nonNegative(name: string, v: unknown, fallback: number): number {
   if (v === undefined) return fallback;
-  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw invalidValue(name, 'a finite number ≥ 0', v);
+  if (typeof v !== 'number') throw invalidType(name, 'a finite number ≥ 0', v);
+  if (!Number.isFinite(v) || v < 0) throw invalidValue(name, 'a finite number ≥ 0', v);
   return v;
 }
 
@@ -227,7 +229,8 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
   const method = o.method === undefined ? 'float' : checkChoice('options.method', o.method, ['float', 'lsq', 'gdrq'] as const);
   const bits = (name: string, v: unknown, fallback: number, allowed: number[]) => {
     if (v === undefined) return fallback;
-    if (!allowed.includes(v as number)) throw invalidValue(name, `one of ${allowed.join(', ')}`, v);
+    if (typeof v !== 'number') throw invalidType(name, `one of ${allowed.join(', ')}`, v);
+    if (!allowed.includes(v)) throw invalidValue(name, `one of ${allowed.join(', ')}`, v);
     return v as number;
   };
   const weightBits = bits('options.weightBits', o.weightBits, 4, [2, 4, 8]) as 2 | 4 | 8;
@@ -235,6 +238,11 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
   if (o.keepFloat !== undefined && (!Array.isArray(o.keepFloat) || !o.keepFloat.every((k) => typeof k === 'string'))) {
     throw invalidType('options.keepFloat', 'an array of node names or op types', o.keepFloat);
   }
+  const emptyName = o.keepFloat?.findIndex((k) => k === '') ?? -1;
+  // An empty name would match every unnamed layer.
+  if (emptyName >= 0) throw invalidValue(`options.keepFloat[${emptyName}]`, 'a node name or op type', '', 'Remove the empty entry.');
+  // Checked here for every kernel (the reference kernels take no threads, and would ignore a bad count).
+  if (o.threads !== undefined) checkInteger('options.threads', o.threads, 1, 1024);
   for (const flag of ['distill', 'freezeBatchNorm', 'perChannel', 'reduceRange', 'learnSteps'] as const) {
     if (o[flag] !== undefined && typeof o[flag] !== 'boolean') throw invalidType(`options.${flag}`, 'a boolean', o[flag]);
   }
@@ -276,7 +284,16 @@ const CONSTANT_WEIGHTS = 'weights behind Transpose or Cast nodes stay constants:
 
 function buildQuantizers(model: TrainableModel, s: Settings): void {
   if (s.method === 'float') return;
-  const layers = model.layers.filter((l) => !s.keepFloat.includes(l.label) && !s.keepFloat.includes(l.node.opType) && !s.keepFloat.includes(l.node.name));
+  const names = (l: typeof model.layers[number]) => [l.label, l.node.opType, l.node.name];
+  // A keepFloat entry that keeps nothing is most likely misspelt: training the layer quantized would go unnoticed.
+  const known = [...new Set(model.layers.flatMap(names).filter((n) => n !== ''))];
+  s.keepFloat.forEach((entry, i) => {
+    if (known.includes(entry)) return;
+    const close = closestName(entry, known);
+    throw invalidValue(`options.keepFloat[${i}]`, 'the name or op type of one of the model\'s Conv, Gemm or MatMul layers', entry,
+      close ? `Did you mean '${close}'?` : `Its layers: ${known.slice(0, 12).join(', ')}${known.length > 12 ? ', …' : ''}.`);
+  });
+  const layers = model.layers.filter((l) => !names(l).some((n) => s.keepFloat.includes(n)));
   if (layers.length === 0) {
     throw new TrainingError(model.layers.length === 0
       ? `The model has no Conv, Gemm or MatMul layer whose weight is an initializer it reads directly (or through an Identity), so nothing to quantize (${CONSTANT_WEIGHTS}).`
