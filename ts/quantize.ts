@@ -155,6 +155,9 @@ function explicitValues(name: string, v: unknown, groups: number, scaleShape: nu
   throw invalidType(name, 'a number or an array of numbers', v);
 }
 
+/** The most channels a tensor with no values may have (2^24: 128 MB of scales and zero points). */
+const EMPTY_TENSOR_MAX_CHANNELS = 2 ** 24;
+
 function plan(data: unknown, given: unknown): Plan {
   const x = checkFloat32Array('data', data);
   const options = readOnce(given);
@@ -201,6 +204,11 @@ function plan(data: unknown, given: unknown): Plan {
     throw invalidValue('options.groups', "no groups without granularity 'group'", options.groups);
   }
   const layout = tensorLayout(shape, granularity, axis ?? 0, granularity === 'group' ? groups! : blockSize ?? 0);
+  // Only a tensor with no values can have more channels than values; each would still get a scale and a zero point.
+  if (layout.groups > Math.max(x.length, EMPTY_TENSOR_MAX_CHANNELS)) {
+    throw invalidValue('options.shape', `at most ${EMPTY_TENSOR_MAX_CHANNELS} channels along axis ${axis} for a tensor with no values`, options.shape,
+      'Its parameters would take gigabytes while quantizing nothing; skip the call for an empty tensor.');
+  }
   const { qmin, qmax } = integerRange(bits, signed);
   const kernel = checkKernel('quantize', options.kernel);
   const threads = checkThreads(options.threads);

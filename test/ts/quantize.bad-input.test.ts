@@ -56,6 +56,14 @@ describe('quantizeTensor: bad input', () => {
     expectError(() => quantizeTensor(new Float32Array(1), { shape: [], granularity: 'channel' }), RangeError, /at least one dimension/);
   });
 
+  it('refuses a tensor with no values but billions of channels (its parameters alone would exhaust memory)', () => {
+    for (const channels of [2 ** 31, 2 ** 40]) {
+      expectError(() => quantizeTensor(new Float32Array(0), { shape: [0, channels], granularity: 'channel', axis: 1 }), RangeError,
+        /at most 16777216 channels along axis 1 for a tensor with no values for options\.shape/);
+    }
+    expect(quantizeTensor(new Float32Array(0), { shape: [0, 64], granularity: 'channel', axis: 1 }).scale).to.have.length(64);
+  });
+
   it('refuses a range-method option the chosen built-in method would ignore, or any with an explicit scale (audit)', () => {
     expectError(() => quantizeTensor(x4, { shape: [4], percentile: 50 }), RangeError,
       /no percentile with method 'minmax' \(only 'percentile' reads it\) for options\.percentile but received 50\. Set options\.method to 'percentile'/);
