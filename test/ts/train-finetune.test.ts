@@ -393,6 +393,17 @@ describe('finetune: bad input', () => {
     expect(nodes.some((n) => n.opType === 'DequantizeLinear'), 'other layers are quantized').to.equal(true);
   });
 
+  it('a layer whose geometry would make an absurdly large array is refused by name before training, not allocated', async () => {
+    const model = readModel(BUNDLED);
+    const conv1 = model.graph!.node.find((n) => n.name === 'conv1')!;
+    const pads = conv1.attribute.find((a) => a.name === 'pads')!;
+    pads.ints = [8200n, 8200n, 8200n, 8200n];  // 8 × 16426² ≈ 2.2e9 values: allocatable, and 8.6 GB of it
+    let caught: unknown;
+    await finetune(model, data, { epochs: 1, batchSize: 8 }).catch((e) => (caught = e));
+    expect(caught).to.be.instanceOf(OnnxModelError);
+    expect((caught as Error).message).to.match(/Conv node 'conv1': its output would hold \d+ values for this batch, more than a training step allocates at once \(2\^30 float32 values, 4 GiB\): lower batchSize, or check the layer's pads, strides and dilations/);
+  });
+
   it('unsupported operators are named before training starts', async () => {
     const bytes = buildModel({
       inputDims: ['N', 4], nodes: [{ op: 'Gemm', inputs: ['input', 'w'], output: 'h' }, { op: 'Tanh', inputs: ['h'], output: 'y' }],

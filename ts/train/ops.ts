@@ -37,6 +37,18 @@ export interface OpImpl {
     ctx: OpContext): Array<Float32Array | undefined>;
 }
 
+/** The most float32 values one array of a training step holds (4 GiB): more is a geometry or batch-size mistake. */
+const MAX_STEP_VALUES = 2 ** 30;
+
+/** A step's array, refused by name when a layer's geometry or the batch would make it absurdly large. */
+function stepArray(node: NodeProto, values: number, what: string): Float32Array {
+  if (values > MAX_STEP_VALUES) {
+    throw new OpError(node, `its ${what} would hold ${values} values for this batch, more than a training step allocates at once ` +
+      '(2^30 float32 values, 4 GiB): lower batchSize, or check the layer\'s pads, strides and dilations');
+  }
+  return new Float32Array(values);
+}
+
 export class OpError extends Error {
   /** The node, named as nodeLabel names it. */
   readonly node: string;
@@ -116,12 +128,12 @@ const conv: OpImpl = {
     const rows = groupChannels * kernelH * kernelW;
     const pixels = g.outH * g.outW;
     const perGroupOut = outChannels / group;
-    const y = new Float32Array(batch * outChannels * pixels);
+    const y = stepArray(node, batch * outChannels * pixels, 'output');
     // One filter per channel: direct loops (im2col + per-channel SGEMM calls would cost many times more).
     let col: Float32Array | undefined;
     if (groupChannels === 1 && perGroupOut === 1) ctx.kernels.depthwiseConvForward(x.data, w.data, batch, g, y);
     else {
-      col = new Float32Array(batch * g.channels * kernelH * kernelW * pixels);
+      col = stepArray(node, batch * g.channels * kernelH * kernelW * pixels, 'im2col buffer');
       ctx.kernels.im2col(x.data, batch, g, col);
       for (let n = 0; n < batch; n++) {
         for (let k = 0; k < group; k++) {
@@ -237,7 +249,7 @@ const gemm: OpImpl = {
     const [m, k] = transA ? [a.dims[1], a.dims[0]] : a.dims;
     const [kb, n] = transB ? [b.dims[1], b.dims[0]] : b.dims;
     if (k !== kb) throw new OpError(node, `A is [${a.dims}] and B is [${b.dims}] (transA ${+transA}, transB ${+transB}): inner sizes ${k} and ${kb} differ`);
-    const y = new Float32Array(m * n);
+    const y = stepArray(node, m * n, 'output');
     matmul2d(ctx.kernels, a.data, b.data, m, k, n, transA, transB, y);
     if (alpha !== 1) for (let i = 0; i < y.length; i++) y[i] *= alpha;
     let cIndex: Int32Array | undefined;
@@ -276,7 +288,7 @@ const matMul: OpImpl = {
     if (b.dims.length === 2) {
       // Every leading dimension of A folds into M.
       const m = sizeOf(lead);
-      const y = new Float32Array(m * n);
+      const y = stepArray(node, m * n, 'output');
       matmul2d(ctx.kernels, a.data, b.data, m, k, n, false, false, y);
       return { y: { data: y, dims: [...lead, n] }, saved: { m, k, n, batches: 1 } };
     }
@@ -285,7 +297,7 @@ const matMul: OpImpl = {
     }
     const m = a.dims[a.dims.length - 2];
     const batches = sizeOf(a.dims.slice(0, -2));
-    const y = new Float32Array(batches * m * n);
+    const y = stepArray(node, batches * m * n, 'output');
     for (let i = 0; i < batches; i++) {
       matmul2d(ctx.kernels, a.data.subarray(i * m * k, (i + 1) * m * k), b.data.subarray(i * k * n, (i + 1) * k * n), m, k, n,
         false, false, y.subarray(i * m * n, (i + 1) * m * n));
@@ -744,7 +756,7 @@ function pool(kind: 'max' | 'average'): OpImpl {
       if (!kernelH || !kernelW) throw new OpError(node, 'kernel_shape is required');
       const g = windowGeometry(node, x.dims, kernelH, kernelW);
       const batch = x.dims[0];
-      const y = new Float32Array(batch * g.channels * g.outH * g.outW);
+      const y = stepArray(node, batch * g.channels * g.outH * g.outW, 'output');
       const countPad = intAttribute(node, 'count_include_pad', 0) === 1;
       if (countPad && kind === 'average' && !symmetricPadding(node, g, kernelH, kernelW)) {
         // The kernels count padding positions up to padTop/padLeft past the far edge.
