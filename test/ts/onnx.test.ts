@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { AttributeProto_AttributeType, AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type TensorProto } from 'onnx-buf';
+import { AttributeProto_AttributeType, AttributeProtoSchema, GraphProtoSchema, ModelProtoSchema, NodeProtoSchema, StringStringEntryProtoSchema, TensorProto_DataLocation, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { npyFolderFeeds, openExposed, readNpy, withOutputs } from '../../ts/onnx/calibrate';
@@ -898,6 +898,49 @@ describe('malformed graphs', () => {
     let e2: unknown;
     await quantizeModel(cyclic, { weights: { bits: 8 } }).catch((e) => (e2 = e));
     expect((e2 as Error).message).to.match(/cycle/);
+  });
+
+  it('topologicalOrder gives the order of sweeping the list until every node is placed, on random DAGs in shuffled lists and a long reversed chain (graph audit)', () => {
+    // The rule as first written: sweep the remaining nodes in list order, placing each whose inputs are ready.
+    const sweepOrder = (g: Graph) => {
+      const available = new Set(['', ...g.graph.input.map((i) => i.name)]);
+      const remaining = [...g.graph.node];
+      const order: NodeProto[] = [];
+      while (remaining.length > 0) {
+        const before = remaining.length;
+        for (let i = 0; i < remaining.length; i++) {
+          if (remaining[i].input.every((x) => available.has(x))) {
+            order.push(remaining[i]);
+            remaining[i].output.forEach((o) => available.add(o));
+            remaining.splice(i--, 1);
+          }
+        }
+        if (remaining.length === before) throw new Error('cycle');
+      }
+      return order;
+    };
+    const graphOf = (nodes: Array<{ inputs: string[]; output: string }>) => new Graph(create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 13n }],
+      graph: { name: 'g', input: [info('x')], output: [info(nodes[0].output)], node: nodes.map((n, i) => ({ opType: 'Sum', name: `n${i}`, input: n.inputs, output: [n.output] })) },
+    } as never));
+    const random = rng(11);
+    for (let trial = 0; trial < 40; trial++) {
+      const count = 1 + Math.floor(random() * 60);
+      // Node i reads x or up to three earlier nodes' outputs; the list is then shuffled.
+      const nodes = Array.from({ length: count }, (_, i) => ({
+        output: `v${i}`, inputs: i === 0 ? ['x'] : Array.from({ length: 1 + Math.floor(random() * 3) }, () => (random() < 0.2 ? 'x' : `v${Math.floor(random() * i)}`)),
+      }));
+      for (let i = nodes.length - 1; i > 0; i--) {
+        const j = Math.floor(random() * (i + 1));
+        [nodes[i], nodes[j]] = [nodes[j], nodes[i]];
+      }
+      const g = graphOf(nodes);
+      expect(g.topologicalOrder().map((n) => n.name), `trial ${trial}`).to.deep.equal(sweepOrder(g).map((n) => n.name));
+    }
+    // 3000 nodes listed last to first: 3000 sweeps of the list for the first rule, one pass over the edges now.
+    const chain = Array.from({ length: 3000 }, (_, i) => ({ output: `v${i}`, inputs: [i === 0 ? 'x' : `v${i - 1}`] })).reverse();
+    const g = graphOf(chain);
+    expect(g.topologicalOrder().map((n) => n.name)).to.deep.equal(sweepOrder(g).map((n) => n.name));
   });
 
   it('a model that loads in onnxruntime but fails when it runs is an OnnxModelError naming the feed, in evaluation and in calibration (found by mutating model files)', async () => {

@@ -279,22 +279,36 @@ export class Graph {
         }
       }
     }
-    let progress = true;
-    while (remaining.length > 0 && progress) {
-      progress = false;
-      for (let i = 0; i < remaining.length; i++) {
-        const n = remaining[i];
-        if (reads.get(n)!.every((x) => available.has(x))) {
-          order.push(n);
-          n.output.forEach((o) => available.add(o));
-          remaining.splice(i--, 1);
-          progress = true;
-        }
+    // The order is that of sweeping the node list again and again, placing each node whose inputs are ready (so a
+    // sorted list keeps its order): a node's sweep is the latest of its producers' — one later for a producer listed
+    // after it. Worked out in one pass over the dependencies (Kahn's algorithm), then sorted by (sweep, position):
+    // the sweeps themselves cost a pass over the list each, and a graph with its new nodes appended needs many.
+    const position = new Map(remaining.map((n, i) => [n, i]));
+    const producersOf = new Map(remaining.map((n) => [n, [...new Set(reads.get(n)!.filter((x) => !available.has(x)).map((x) => producers.get(x)!))]]));
+    const readers = new Map<NodeProto, NodeProto[]>(remaining.map((n) => [n, []]));
+    const waiting = new Map<NodeProto, number>();
+    for (const n of remaining) {
+      for (const p of producersOf.get(n)!) readers.get(p)!.push(n);
+      waiting.set(n, producersOf.get(n)!.length);
+    }
+    const sweep = new Map<NodeProto, number>();
+    const ready = remaining.filter((n) => waiting.get(n) === 0);
+    while (ready.length > 0) {
+      const n = ready.pop()!;
+      let s = 0;
+      for (const p of producersOf.get(n)!) s = Math.max(s, sweep.get(p)! + (position.get(p)! < position.get(n)! ? 0 : 1));
+      sweep.set(n, s);
+      for (const r of readers.get(n)!) {
+        const left = waiting.get(r)! - 1;
+        waiting.set(r, left);
+        if (left === 0) ready.push(r);
       }
     }
-    if (remaining.length > 0) {
-      throw new OnnxModelError(`The graph has a cycle through ${remaining.slice(0, 3).map((n) => n.name || n.opType).join(', ')}.`);
+    const cyclic = remaining.filter((n) => !sweep.has(n));
+    if (cyclic.length > 0) {
+      throw new OnnxModelError(`The graph has a cycle through ${cyclic.slice(0, 3).map((n) => n.name || n.opType).join(', ')}.`);
     }
+    order.push(...remaining.sort((a, b) => sweep.get(a)! - sweep.get(b)! || position.get(a)! - position.get(b)!));
     return order;
   }
 

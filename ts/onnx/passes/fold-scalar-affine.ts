@@ -101,7 +101,8 @@ export function* foldScalarAffineSteps(graph: Graph, options: ScalarAffineOption
   const seen = new Set<NodeProto>();  // the Add of a Mul → Add is not looked at again on its own
   for (const first of [...graph.graph.node]) {
     if (pause()) yield;
-    if (seen.has(first) || !graph.graph.node.includes(first) || (first.opType !== 'Mul' && first.opType !== 'Add')) continue;
+    // (The nodes this pass removes are all in seen: no scan of the node list per node.)
+    if ((first.opType !== 'Mul' && first.opType !== 'Add') || seen.has(first)) continue;
     const affine = affineFrom(graph, first);
     if (!affine) continue;
     affine.nodes.forEach((n) => seen.add(n));
