@@ -943,6 +943,17 @@ describe('malformed graphs', () => {
     expect(g.topologicalOrder().map((n) => n.name)).to.deep.equal(sweepOrder(g).map((n) => n.name));
   });
 
+  it('scalarLookup answers as Graph.scalar for every value the PP-OCR models read (initializers and Constant nodes)', () => {
+    for (const file of [classifier, recognizer]) {
+      const g = new Graph(readModel(file));
+      const lookup = g.scalarLookup();
+      const names = [...new Set(g.graph.node.flatMap((n) => n.input)), '', 'no such value'];
+      const differing = names.filter((name) => !Object.is(lookup(name), g.scalar(name)));
+      expect(differing, file).to.deep.equal([]);
+      expect(names.filter((name) => g.scalar(name) !== undefined).length, `${file}: scalars found`).to.be.greaterThan(5);
+    }
+  });
+
   it('a model that loads in onnxruntime but fails when it runs is an OnnxModelError naming the feed, in evaluation and in calibration (found by mutating model files)', async () => {
     // A BatchNormalization after a Relu (not folded) whose scale is 2-D: onnxruntime builds the session, then fails.
     const broken = buildModel({

@@ -17,6 +17,12 @@ export { subgraphsOf };
 /** The end of messages about models onnxruntime would refuse as well. */
 const INVALID_MODEL = 'the model is invalid (onnxruntime refuses it too); re-export it.';
 
+/** The value of a one-element float constant of shape [] or [1], or undefined. */
+function scalarValue(t: TensorProto | undefined): number | undefined {
+  const data = t && t.dims.length <= 1 ? floatData(t) : undefined;
+  return data && data.length === 1 ? data[0] : undefined;
+}
+
 export class Graph {
   readonly model: ModelProto;
   readonly graph: GraphProto;
@@ -62,9 +68,24 @@ export class Graph {
    * other operand's shape), or undefined.
    */
   scalar(name: string | undefined): number | undefined {
-    const t = name ? this.constant(name) : undefined;
-    const data = t && t.dims.length <= 1 ? floatData(t) : undefined;
-    return data && data.length === 1 ? data[0] : undefined;
+    return scalarValue(name ? this.constant(name) : undefined);
+  }
+
+  /**
+   * Graph.scalar for the main graph through maps built once, for a pass that asks about many nodes (each call of
+   * scalar scans every initializer and node). Exact while no constant it saw is replaced under the same name:
+   * removing unused constants and adding new names (as passes do) change no answer it gives for the other names.
+   */
+  scalarLookup(): (name: string | undefined) => number | undefined {
+    const initializers = new Map<string, TensorProto>();
+    for (const t of this.graph.initializer) if (!initializers.has(t.name)) initializers.set(t.name, t);
+    const producers = new Map<string, NodeProto>();
+    for (const n of this.graph.node) for (const o of n.output) if (!producers.has(o)) producers.set(o, n);
+    return (name) => {
+      if (!name) return undefined;
+      const node = producers.get(name);
+      return scalarValue(initializers.get(name) ?? (node?.opType === 'Constant' ? attribute(node, 'value')?.t : undefined));
+    };
   }
 
   /**

@@ -18,25 +18,29 @@ import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 import { dimsOf, floatData, floatView, intsAttribute, ownedTensor, stringAttribute, type Graph } from '../graph';
 import { nodeLabel, pauseClock, runSteps, type PassReport, type Steps } from './pass';
 
+/** How a pass finds a one-element constant's value: Graph.scalar, or a Graph.scalarLookup built once. */
+type ScalarOf = (name: string | undefined) => number | undefined;
+
 /** The scalar constant among a two-input node's inputs (Graph.scalar) and the other input; or undefined. */
-function scalarOperand(graph: Graph, node: NodeProto): { value: number; other: string } | undefined {
+function scalarOperand(scalarOf: ScalarOf, node: NodeProto): { value: number; other: string } | undefined {
   if (node.input.length !== 2) return undefined;
   for (const i of [1, 0]) {
-    const value = graph.scalar(node.input[i]);
+    const value = scalarOf(node.input[i]);
     if (value !== undefined) return { value, other: node.input[1 - i] };
   }
   return undefined;
 }
 
 /** The affine starting at `first` (a Mul by s, optionally followed by an Add of t, or an Add of t alone). */
-export function affineFrom(graph: Graph, first: NodeProto): { input: string; s: number; t: number; nodes: NodeProto[] } | undefined {
-  const op = scalarOperand(graph, first);
+export function affineFrom(graph: Graph, first: NodeProto, scalarOf: ScalarOf = (name) => graph.scalar(name)):
+  { input: string; s: number; t: number; nodes: NodeProto[] } | undefined {
+  const op = scalarOperand(scalarOf, first);
   if (!op) return undefined;
   if (first.opType === 'Add') return { input: op.other, s: 1, t: op.value, nodes: [first] };
   if (first.opType !== 'Mul') return undefined;
   const reader = graph.onlyReader(first.output[0]);
   const add = reader?.opType === 'Add' ? reader : undefined;
-  const shift = add && scalarOperand(graph, add);
+  const shift = add && scalarOperand(scalarOf, add);
   if (add && shift && shift.other === first.output[0]) return { input: op.other, s: op.value, t: shift.value, nodes: [first, add] };
   return { input: op.other, s: op.value, t: 0, nodes: [first] };
 }
@@ -99,11 +103,13 @@ export function* foldScalarAffineSteps(graph: Graph, options: ScalarAffineOption
   const report: PassReport = { pass: 'fold-scalar-affine', changed: [], skipped: [] };
   const shiftAfterConv = options.shiftAfterConv ?? true;
   const seen = new Set<NodeProto>();  // the Add of a Mul → Add is not looked at again on its own
+  // Built once: the pass only adds constants under new names and removes unused ones.
+  const scalarOf = graph.scalarLookup();
   for (const first of [...graph.graph.node]) {
     if (pause()) yield;
     // (The nodes this pass removes are all in seen: no scan of the node list per node.)
     if ((first.opType !== 'Mul' && first.opType !== 'Add') || seen.has(first)) continue;
-    const affine = affineFrom(graph, first);
+    const affine = affineFrom(graph, first, scalarOf);
     if (!affine) continue;
     affine.nodes.forEach((n) => seen.add(n));
     const last = affine.nodes[affine.nodes.length - 1];

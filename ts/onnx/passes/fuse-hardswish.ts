@@ -18,32 +18,34 @@ import { floatAttribute, type Graph } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 /** The other input of a two-input node when one of them is the constant `value`. */
-function otherThanConstant(graph: Graph, node: NodeProto, value: number): string | undefined {
+type ScalarOf = (name: string | undefined) => number | undefined;
+
+function otherThanConstant(scalarOf: ScalarOf, node: NodeProto, value: number): string | undefined {
   if (node.input.length !== 2) return undefined;
-  if (graph.scalar(node.input[1]) === value) return node.input[0];
-  if (graph.scalar(node.input[0]) === value) return node.input[1];
+  if (scalarOf(node.input[1]) === value) return node.input[0];
+  if (scalarOf(node.input[0]) === value) return node.input[1];
   return undefined;
 }
 
-function clipBounds(graph: Graph, clip: NodeProto): [number | undefined, number | undefined] {
-  if (clip.input.length > 1) return [graph.scalar(clip.input[1]), graph.scalar(clip.input[2])];
+function clipBounds(scalarOf: ScalarOf, clip: NodeProto): [number | undefined, number | undefined] {
+  if (clip.input.length > 1) return [scalarOf(clip.input[1]), scalarOf(clip.input[2])];
   return [floatAttribute(clip, 'min', -3.4028234663852886e38), floatAttribute(clip, 'max', 3.4028234663852886e38)];
 }
 
 /** The Add, Clip, Mul (and the divide) computing hard-swish of `x` ending at `last`, or undefined. */
-function match(graph: Graph, last: NodeProto): { x: string; nodes: NodeProto[] } | undefined {
-  const byDivide = last.opType === 'Div' && graph.scalar(last.input[1]) === 6;
-  const byProduct = last.opType === 'Mul' && otherThanConstant(graph, last, Math.fround(1 / 6)) !== undefined;
+function match(graph: Graph, scalarOf: ScalarOf, last: NodeProto): { x: string; nodes: NodeProto[] } | undefined {
+  const byDivide = last.opType === 'Div' && scalarOf(last.input[1]) === 6;
+  const byProduct = last.opType === 'Mul' && otherThanConstant(scalarOf, last, Math.fround(1 / 6)) !== undefined;
   if (!byDivide && !byProduct) return undefined;
-  const product = graph.producer(byDivide ? last.input[0] : otherThanConstant(graph, last, Math.fround(1 / 6))!);
+  const product = graph.producer(byDivide ? last.input[0] : otherThanConstant(scalarOf, last, Math.fround(1 / 6))!);
   if (product?.opType !== 'Mul' || product.input.length !== 2) return undefined;
   for (const [x, gate] of [[product.input[0], product.input[1]], [product.input[1], product.input[0]]]) {
     const clip = graph.producer(gate);
     if (clip?.opType !== 'Clip') continue;
-    const [lo, hi] = clipBounds(graph, clip);
+    const [lo, hi] = clipBounds(scalarOf, clip);
     if (lo !== 0 || hi !== 6) continue;
     const add = graph.producer(clip.input[0]);
-    if (add?.opType !== 'Add' || otherThanConstant(graph, add, 3) !== x) continue;
+    if (add?.opType !== 'Add' || otherThanConstant(scalarOf, add, 3) !== x) continue;
     const nodes = [add, clip, product, last];
     const privateOutputs = nodes.slice(0, 3).every((n, i) => graph.consumers(n.output[0]).length === 1 &&
       graph.consumers(n.output[0])[0] === nodes[i + 1] && !graph.isGraphOutput(n.output[0]));
@@ -53,7 +55,8 @@ function match(graph: Graph, last: NodeProto): { x: string; nodes: NodeProto[] }
 }
 
 function patterns(graph: Graph): Array<{ last: NodeProto; m: { x: string; nodes: NodeProto[] } | undefined }> {
-  return graph.graph.node.map((n) => ({ last: n, m: match(graph, n) })).filter(({ m }) => m);
+  const scalarOf = graph.scalarLookup();  // read only: exact for the whole scan
+  return graph.graph.node.map((n) => ({ last: n, m: match(graph, scalarOf, n) })).filter(({ m }) => m);
 }
 
 /** Whether the graph has hard-swish written out as elementwise ops (then quantizeModel converts to opset 14 or later). */
