@@ -588,6 +588,42 @@ void register_quantize_tests() {
   register_calibration_tests();
 }
 
+namespace {
+
+// Occupies a 2-thread pool with a job whose items wait until release() (which also waits for the job to end).
+class BusyPool {
+ public:
+  explicit BusyPool(lowbit::ThreadPool& pool)
+      : holder_([this, &pool] {
+          pool.parallel_for(2, 2, [this](size_t, unsigned) {
+            std::unique_lock<std::mutex> lock(m_);
+            busy_ = true;
+            cv_.notify_all();
+            cv_.wait(lock, [this] { return released_; });
+          });
+        }) {
+    std::unique_lock<std::mutex> lock(m_);
+    cv_.wait(lock, [this] { return busy_; });
+  }
+  ~BusyPool() { release(); }
+  void release() {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      released_ = true;
+    }
+    cv_.notify_all();
+    if (holder_.joinable()) holder_.join();
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool busy_ = false, released_ = false;
+  std::thread holder_;  // declared last: it starts once the members it uses exist
+};
+
+}  // namespace
+
 void register_thread_pool_tests();
 void register_thread_pool_tests() {
   harness::add("thread pool: an exception in a worker is rethrown in the caller, and the pool keeps working", [] {
@@ -608,33 +644,14 @@ void register_thread_pool_tests() {
   });
   harness::add("thread pool: a caller arriving while another job has the workers runs its items itself, not waiting", [] {
     lowbit::ThreadPool pool(2);
-    std::mutex m;
-    std::condition_variable cv;
-    bool release = false, busy = false;
-    std::thread holder([&] {
-      pool.parallel_for(2, 2, [&](size_t, unsigned) {
-        std::unique_lock<std::mutex> lock(m);
-        busy = true;
-        cv.notify_all();
-        cv.wait(lock, [&] { return release; });
-      });
-    });
-    {
-      std::unique_lock<std::mutex> lock(m);
-      cv.wait(lock, [&] { return busy; });
-    }
+    BusyPool busy(pool);
     auto second = std::async(std::launch::async, [&] {
       std::vector<unsigned> seen(100, 99);
       pool.parallel_for(100, 2, [&](size_t item, unsigned thread) { seen[item] = thread; });
       return seen;
     });
     const bool finished = second.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
-    {
-      std::lock_guard<std::mutex> lock(m);
-      release = true;
-    }
-    cv.notify_all();
-    holder.join();
+    busy.release();
     if (!finished) return std::string("the second caller waited for the first job");
     for (unsigned t : second.get())
       if (t != 0) return std::string("the second caller's items ran on another thread than its own");
@@ -642,35 +659,14 @@ void register_thread_pool_tests() {
   });
   harness::add("thread pool: a caller that found the workers busy shares its remaining items once they are free", [] {
     lowbit::ThreadPool pool(2);
-    std::mutex m;
-    std::condition_variable cv;
-    bool release = false, busy = false;
-    std::thread holder([&] {
-      pool.parallel_for(2, 2, [&](size_t, unsigned) {
-        std::unique_lock<std::mutex> lock(m);
-        busy = true;
-        cv.notify_all();
-        cv.wait(lock, [&] { return release; });
-      });
-    });
-    {
-      std::unique_lock<std::mutex> lock(m);
-      cv.wait(lock, [&] { return busy; });
-    }
+    BusyPool busy(pool);
     constexpr size_t kItems = 200;
     std::vector<std::atomic<int>> runs(kItems);
     std::vector<unsigned> thread_of(kItems, 99);
     pool.parallel_for(kItems, 2, [&](size_t item, unsigned thread) {
       runs[item]++;
       thread_of[item] = thread;
-      if (item == 10) {
-        {
-          std::lock_guard<std::mutex> lock(m);
-          release = true;
-        }
-        cv.notify_all();
-        holder.join();  // the first job is over: the workers are free from the next item on
-      }
+      if (item == 10) busy.release();  // the first job is over: the workers are free from the next item on
       if (item > 10) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     });
     for (size_t i = 0; i < kItems; ++i)
