@@ -161,6 +161,8 @@ export class TrainableModel {
   readonly params = new Map<string, Parameter>();
   readonly constants = new Map<string, Tensor>();
   readonly layers: QuantizableLayer[] = [];
+  /** The layer of each of those nodes: looked up per node on every step. */
+  private readonly layerOf = new Map<NodeProto, QuantizableLayer>();
   readonly quantizers = new Map<NodeProto, LayerQuantizers>();
   /** Training keeps BatchNormalization on its running statistics (fine-tuning with small or unrepresentative batches). */
   freezeBatchNorm = false;
@@ -250,7 +252,9 @@ export class TrainableModel {
       const weight = this.params.get(node.input[weightInput]);
       if (!weight || weight.dims.length < 2) continue;
       const outputAxis = node.opType === 'Conv' ? 0 : node.opType === 'Gemm' ? (transposes(node, 'transB') ? 0 : 1) : weightInput === 1 ? weight.dims.length - 1 : 0;  // x·W: W's last axis ([K, N], or [1, K, N])
-      this.layers.push({ node, label: nodeLabel(node), weightInput, activationInput: weightInput === 0 ? 1 : 0, weight, outputAxis });
+      const layer = { node, label: nodeLabel(node), weightInput, activationInput: weightInput === 0 ? 1 : 0, weight, outputAxis };
+      this.layers.push(layer);
+      this.layerOf.set(node, layer);
     }
     this.analyseGradients();
   }
@@ -295,7 +299,7 @@ export class TrainableModel {
       const inputs = node.input.map((name) => this.value(tape, name));
       const q = quantize ? this.quantizers.get(node) : undefined;
       const quantSaved: unknown[] = [];
-      const layer = q ? this.layers.find((l) => l.node === node) : undefined;
+      const layer = q ? this.layerOf.get(node) : undefined;
       const act = layer?.activationInput ?? 0;
       if (q?.activation && inputs[act]) {
         const r = q.activation.forward(inputs[act]!, training);
@@ -341,7 +345,7 @@ export class TrainableModel {
   maskedNonFinite(tape: Tape): string | undefined {
     for (const [node, q] of this.quantizers) {
       if (!q.activation) continue;
-      const act = this.layers.find((l) => l.node === node)?.activationInput ?? 0;
+      const act = this.layerOf.get(node)?.activationInput ?? 0;
       const v = this.value(tape, node.input[act]);
       if (v && firstNonFinite(v.data) >= 0) return nodeLabel(node);
     }
@@ -379,7 +383,7 @@ export class TrainableModel {
       if (!dy) continue;
       const record = tape.records.get(node)!;
       const q = this.quantizers.get(node);
-      const layer = q ? this.layers.find((l) => l.node === node) : undefined;
+      const layer = q ? this.layerOf.get(node) : undefined;
       const act = layer?.activationInput ?? 0;
       const learnable = (k: number) => (k === act && !!q?.activation?.parameters.length) || (!!q?.weight?.parameters.length && layer?.weightInput === k);
       const needs = node.input.map((name, k) => !!name && (this.needsGrad.has(name) || learnable(k)));
