@@ -129,7 +129,7 @@ async function interruptible<T>(message: string, hideProgress: () => void, work:
   Promise<{ result: T; signal: AbortSignal }> {
   const stop = new AbortController();
   const forceExit = () => {
-    removeTemporaryFiles();  // a write in progress leaves no hidden temporary files behind
+    removeTemporaryFiles();  // a write in progress leaves no temporary file behind (an earlier output kept aside stays)
     process.exit(130);
   };
   const interrupt = (signal: NodeJS.Signals) => {

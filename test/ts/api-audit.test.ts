@@ -110,7 +110,7 @@ describe('tensor API (audit)', () => {
     expect(() => correctWeightBias(w, w, { shape: [2, 2], axes: 1 } as never)).to.throw(RangeError, /options\.axes .*Did you mean 'axis'\?/);
     expect(() => correctWeightBias(w, Float32Array.of(1, NaN, 3, 4), { shape: [2, 2] })).to.throw(RangeError, /a finite number for quantized\[1\] but received NaN/);
     expect(() => expectedOutputShift(w, w, [2, 2], [0.5, NaN])).to.throw(RangeError, /a finite number for inputMean\[1\] but received NaN/);
-    expect(() => expectedOutputShift(w, w, [2, 2], [0.5, '1' as never])).to.throw(RangeError, /inputMean\[1\] but received "1"/);
+    expect(() => expectedOutputShift(w, w, [2, 2], [0.5, '1' as never])).to.throw(TypeError, /inputMean\[1\] but received "1"/);
     expect(Array.from(expectedOutputShift(w, w, [2, 2], [0.5, 1]))).to.deep.equal([0, 0]);
   });
 

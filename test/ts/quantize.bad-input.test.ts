@@ -59,7 +59,7 @@ describe('quantizeTensor: bad input', () => {
   it('refuses a tensor with no values but billions of channels (its parameters alone would exhaust memory)', () => {
     for (const channels of [2 ** 31, 2 ** 40]) {
       expectError(() => quantizeTensor(new Float32Array(0), { shape: [0, channels], granularity: 'channel', axis: 1 }), RangeError,
-        /at most 16777216 channels along axis 1 for a tensor with no values for options\.shape/);
+        /at most 16777216 channels \(or groups\) along axis 1 for a tensor with no values for options\.shape/);
     }
     expect(quantizeTensor(new Float32Array(0), { shape: [0, 64], granularity: 'channel', axis: 1 }).scale).to.have.length(64);
   });

@@ -382,7 +382,7 @@ describe('finetune: bad input', () => {
     await expectError(finetune(BUNDLED, data, { learningRate: '0.1' as never }), TypeError, /options\.learningRate/);
     await expectError(finetune(BUNDLED, data, { weightDecay: '0' as never }), TypeError, /options\.weightDecay/);
     await expectError(finetune(BUNDLED, data, { method: 'lsq', keepFloat: ['Conv1'] }), RangeError,
-      /the name or op type of one of the model's Conv, Gemm or MatMul layers for options\.keepFloat\[0\] but received "Conv1"\. Did you mean 'conv1'\?/);
+      /the name or op type of a layer the engine quantizes \(a Conv, Gemm or MatMul whose weight is an initializer\) for options\.keepFloat\[0\] but received "Conv1"\. Did you mean 'conv1'\?/);
     await expectError(finetune(BUNDLED, data, { method: 'lsq', keepFloat: ['conv1', ''] }), RangeError, /options\.keepFloat\[1\] but received ""\. Remove the empty entry/);
     await expectError(finetune(BUNDLED, data, { kernel: 'reference', threads: -5 }), RangeError, /an integer in \[1, 1024\] for options\.threads but received -5/);
     // A name that is there keeps its layer float: the LSQ model has no QDQ pair on it.
@@ -400,8 +400,10 @@ describe('finetune: bad input', () => {
     pads.ints = [8200n, 8200n, 8200n, 8200n];  // 8 × 16426² ≈ 2.2e9 values: allocatable, and 8.6 GB of it
     let caught: unknown;
     await finetune(model, data, { epochs: 1, batchSize: 8 }).catch((e) => (caught = e));
-    expect(caught).to.be.instanceOf(OnnxModelError);
-    expect((caught as Error).message).to.match(/Conv node 'conv1': its output would hold \d+ values for this batch, more than a training step allocates at once \(2\^30 float32 values, 4 GiB\): lower batchSize, or check the layer's pads, strides and dilations/);
+    expect(caught).to.be.instanceOf(TrainingError);
+    expect((caught as TrainingError).layer).to.equal('conv1');
+    // Found on one sample before training: no batch size helps.
+    expect((caught as Error).message).to.match(/^Conv node 'conv1': its output would hold \d+ values for a batch of 1, more than a training step allocates at once \(2\^30 float32 values, 4 GiB\): check the layer's pads, strides and dilations\.$/);
   });
 
   it('unsupported operators are named before training starts', async () => {

@@ -7,7 +7,6 @@
  * clock, whether its setting uses onnxruntime or not, so a process that only loads them is the baseline of all.
  */
 import { create } from '@bufbuild/protobuf';
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -17,7 +16,7 @@ import { ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 import { ONE_BUFFER_LIMIT, serializeModel, writeModelWithExternalData } from '../onnx/model-io';
 import { quantizeModel, type QuantizeModelOptions } from '../onnx/quantize-model';
 import { hasOrt, ort } from './ort-models';
-import { table } from './timing';
+import { inChildProcessJson, table } from './timing';
 
 const WIDTH = 2048;
 
@@ -131,10 +130,7 @@ export async function benchLargeModel(options: { megabytes: number; json: boolea
     const settings = SETTINGS.filter(([setting, o]) => (fitsOneFile || !ONE_FILE_SETTINGS.has(setting)) && (ortInstalled || !needsOrt(o)));
     const results = settings.map(([setting]) => {
       const c: LargeModelCase = { model: file, oneFile, setting };
-      const out = execFileSync(process.execPath, [path.join(__dirname, 'worker.js'), JSON.stringify({ bench: 'large-model', c })], {
-        encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20,
-      });
-      return { setting, ...(JSON.parse(out.trim().split('\n').pop()!) as { ms: number; peakMb: number; longestStallMs: number }) };
+      return { setting, ...inChildProcessJson<{ ms: number; peakMb: number; longestStallMs: number }>({ bench: 'large-model', c }) };
     });
     const baseline = results[0].peakMb;
     const rows = results.slice(1).map((r) => ({

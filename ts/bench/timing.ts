@@ -30,7 +30,12 @@ export function table(rows: Array<Record<string, string | number>>): string {
 
 /** Runs one benchmark case in a fresh Node process (no shared JIT or GC state) and returns the JSON it prints last. */
 export function inChildProcessJson<T>(job: object): T {
-  return JSON.parse(childOutput(job)) as T;
+  const line = childOutput(job);
+  try {
+    return JSON.parse(line) as T;
+  } catch {
+    throw new Error(`benchmark case ${JSON.stringify(job)} printed ${line}`);
+  }
 }
 
 function childOutput(job: object): string {

@@ -24,7 +24,8 @@ export interface WeightBiasCorrectionOptions {
 function checkFiniteValues(name: string, values: ArrayLike<unknown>): void {
   for (let i = 0; i < values.length; i++) {
     const v = values[i];
-    if (typeof v !== 'number' || !Number.isFinite(v)) throw invalidValue(`${name}[${i}]`, 'a finite number', v);
+    if (typeof v !== 'number') throw invalidType(`${name}[${i}]`, 'a finite number', v);
+    if (!Number.isFinite(v)) throw invalidValue(`${name}[${i}]`, 'a finite number', v);
   }
 }
 

@@ -17,6 +17,16 @@ export { subgraphsOf };
 /** The end of messages about models onnxruntime would refuse as well. */
 const INVALID_MODEL = 'the model is invalid (onnxruntime refuses it too); re-export it.';
 
+/** How a pass finds a one-element constant's value: Graph.scalar, or a Graph.scalarLookup built once. */
+export type ScalarOf = (name: string | undefined) => number | undefined;
+
+/** Removes in place, in one pass, the items `keep` says no to (asked in order). */
+function keepInPlace<T>(list: T[], keep: (item: T) => boolean): void {
+  let kept = 0;
+  for (const item of list) if (keep(item)) list[kept++] = item;
+  list.length = kept;
+}
+
 /** The value of a one-element float constant of shape [] or [1], or undefined. */
 function scalarValue(t: TensorProto | undefined): number | undefined {
   const data = t && t.dims.length <= 1 ? floatData(t) : undefined;
@@ -76,15 +86,20 @@ export class Graph {
    * scalar scans every initializer and node). Exact while no constant it saw is replaced under the same name:
    * removing unused constants and adding new names (as passes do) change no answer it gives for the other names.
    */
-  scalarLookup(): (name: string | undefined) => number | undefined {
+  scalarLookup(): ScalarOf {
+    const constantOf = this.constantLookup();
+    return (name) => (name ? scalarValue(constantOf(name)) : undefined);
+  }
+
+  /** Graph.constant for the main graph through maps built once; exact as scalarLookup is. */
+  constantLookup(): (name: string) => TensorProto | undefined {
     const initializers = new Map<string, TensorProto>();
     for (const t of this.graph.initializer) if (!initializers.has(t.name)) initializers.set(t.name, t);
     const producers = new Map<string, NodeProto>();
     for (const n of this.graph.node) for (const o of n.output) if (!producers.has(o)) producers.set(o, n);
     return (name) => {
-      if (!name) return undefined;
       const node = producers.get(name);
-      return scalarValue(initializers.get(name) ?? (node?.opType === 'Constant' ? attribute(node, 'value')?.t : undefined));
+      return initializers.get(name) ?? (node?.opType === 'Constant' ? attribute(node, 'value')?.t : undefined);
     };
   }
 
@@ -187,7 +202,24 @@ export class Graph {
    */
   removeAllUnused(names: Iterable<string>, scope: GraphProto = this.graph): void {
     const read = namesRead(scope);
-    for (const name of new Set(names)) if (!read.has(name)) this.removeConstant(name, scope);
+    const unused = new Set([...names].filter((name) => !read.has(name)));
+    if (unused.size === 0) return;
+    // removeConstant for each, in one pass over each list (a search per name made thousands of layers quadratic):
+    // per name its first initializer, then (main graph) its first graph input if an initializer went, and its first
+    // Constant node.
+    const initializers = new Set<string>();
+    keepInPlace(scope.initializer, (t) => !(unused.has(t.name) && !initializers.has(t.name) && initializers.add(t.name)));
+    if (scope === this.graph) {
+      const inputs = new Set<string>();
+      keepInPlace(scope.input, (v) => !(initializers.has(v.name) && !inputs.has(v.name) && inputs.add(v.name)));
+    }
+    const constants = new Set<string>();
+    keepInPlace(scope.node, (n) => {
+      const name = n.opType === 'Constant' ? n.output.find((o) => unused.has(o) && !constants.has(o)) : undefined;
+      if (name === undefined) return true;
+      constants.add(name);
+      return false;
+    });
   }
 
   private removeConstant(name: string, scope: GraphProto): void {
@@ -289,7 +321,6 @@ export class Graph {
     for (const t of this.graph.sparseInitializer) if (t.values) available.add(t.values.name);
     for (const i of this.graph.input) available.add(i.name);
     const remaining = [...this.graph.node];
-    const order: NodeProto[] = [];
     const producers = new Map<string, NodeProto>();
     for (const n of remaining) n.output.forEach((o) => producers.set(o, n));
     const reads = new Map(remaining.map((n) => [n, [...n.input, ...subgraphReads(n)]]));
@@ -329,8 +360,7 @@ export class Graph {
     if (cyclic.length > 0) {
       throw new OnnxModelError(`The graph has a cycle through ${cyclic.slice(0, 3).map((n) => n.name || n.opType).join(', ')}.`);
     }
-    order.push(...remaining.sort((a, b) => sweep.get(a)! - sweep.get(b)! || position.get(a)! - position.get(b)!));
-    return order;
+    return remaining.sort((a, b) => sweep.get(a)! - sweep.get(b)! || position.get(a)! - position.get(b)!);
   }
 
   /** Puts the node list in topological order (passes insert nodes anywhere). */

@@ -927,7 +927,7 @@ export function checkExternalOutput(name: string, file: string): void {
     throw new RangeError(`Expected a path that is not a symbolic link for ${name} but received "${file}", which is one: a model with external data is ` +
       'two files, found next to each other, which a link does not keep together. Give the real path.');
   }
-  checkOutputPath(`${name}'s data file`, `${file}.data`);
+  checkOutputPath(`${name}'s data file`, `${file}.data`, false);
 }
 
 /** The pending write of each output path (resolved), while there is one. */
@@ -1126,10 +1126,11 @@ export function samePath(a: string, b: string): boolean {
 
 /**
  * Checks, before any long work, that `file` can be an output path: a string naming a regular file or nothing yet (not
- * a folder, a device or a pipe, which the atomic rename would replace), in an existing folder, its name at most
- * 255 bytes.
+ * a folder, a device or a pipe, which the atomic rename would replace), in an existing folder where a file can be
+ * created, its name at most 255 bytes. `followLinks`: the write goes through a symbolic link to the file it names
+ * (writeFileAtomic); false for a data file, which the external-data write renames over the link itself.
  */
-export function checkOutputPath(name: string, file: unknown): string {
+export function checkOutputPath(name: string, file: unknown, followLinks = true): string {
   if (typeof file !== 'string' || file === '') throw new TypeError(`Expected a file path for ${name} but received ${JSON.stringify(file) ?? String(file)}.`);
   const folder = path.dirname(path.resolve(file));
   if (!statOrUndefined(folder)?.isDirectory()) {
@@ -1147,14 +1148,18 @@ export function checkOutputPath(name: string, file: unknown): string {
     throw new RangeError(`Expected a file name of at most 255 bytes for ${name} but received "${path.basename(file)}" (${Buffer.byteLength(path.basename(file))} bytes). Choose a shorter one.`);
   }
   // The write makes a temporary file there at the end of the work (hours, for training): find out now that it can.
-  const probe = temporaryPath(writeTarget(file));  // where the write makes it: a link's target's folder
+  const probe = temporaryPath(followLinks ? writeTarget(file) : file);  // where the write makes it
   try {
     fs.closeSync(fs.openSync(probe, 'wx'));
-    fs.rmSync(probe, { force: true });
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code ?? 'an error';
-    throw new RangeError(`Expected a file path in a folder lowbit can write to for ${name} but received "${file}": creating a file in ${folder} ` +
-      `failed (${code}: ${(e as Error).message.replace(/^[A-Z]+: /, '')}). Choose another folder, or make this one writable.`);
+    throw new RangeError(`Expected a file path in a folder lowbit can write to for ${name} but received "${file}": creating a file in ` +
+      `${path.dirname(path.resolve(probe))} failed (${code}: ${(e as Error).message.replace(/^[A-Z]+: /, '')}). Choose another folder, or make this one writable.`);
+  }
+  try {
+    fs.rmSync(probe, { force: true });
+  } catch {
+    // It could be made, so the folder is writable; a probe that cannot be removed is left (hidden, named .*.tmp).
   }
   return file;
 }

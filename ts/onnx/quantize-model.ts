@@ -796,7 +796,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const inputs = new Map(targets.map((n) => [nodeLabel(n), n.input[0]]));
   // The layers' names in the report, before bias correction renames unnamed layers' outputs.
   const labels = new Map(targets.map((n) => [n, nodeLabel(n)]));
-  const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !graph.constant(t));
+  const constantOf = graph.constantLookup();
+  const layerInputs = targets.map((n) => n.input[0]).filter((t) => t && !constantOf(t));
   // With `outputs`, the layers' outputs too (not the model's outputs, which stay float).
   // after a Relu/Clip where there is one, and shared through data-movement ops (see output-placement).
   const placement = staticActivations && staticActivations.outputs ? placeOutputQuantizers(graph, targets, staticActivations.signed ?? false, opts.weights.granularity === 'tensor') : undefined;
@@ -828,7 +829,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const tensors = staticActivations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
   // The layers whose input statistics calibration can gather, with what their weights meet: GPTQ's also in the
   // main graph's If branches; data-driven bias correction's in the main graph only.
-  const withData = targets.filter((n) => !graph.constant(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
+  const constantNow = graph.constantLookup();  // (output placement may have added nodes)
+  const withData = targets.filter((n) => !constantNow(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
     .filter(({ input }) => LayerInputMoments.supports(input));
   const branchWithData = observableBodyLayers.map((l) => ({ n: l.node, input: layerInput(graph, l.node, l.scopes) }))
     .filter(({ input }) => LayerInputMoments.supports(input));

@@ -20,7 +20,7 @@ import { exportBlocker, exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { checkKernel } from '../cpu';
 import { TrainableModel, TrainingError, type LayerQuantizers, type Parameter } from './model';
-import { OpError } from './ops';
+import { OpError, OpSizeError } from './ops';
 import { abortable, nodeLabel } from '../onnx/passes/pass';
 import { edgeLayers, reducedRangeBits } from '../onnx/passes/quantize-weights';
 import { GdrqWeightQuantizer, LsqQuantizer, RunningClipQuantizer, type StepInit } from './quantizers';
@@ -290,7 +290,7 @@ function buildQuantizers(model: TrainableModel, s: Settings): void {
   s.keepFloat.forEach((entry, i) => {
     if (known.includes(entry)) return;
     const close = closestName(entry, known);
-    throw invalidValue(`options.keepFloat[${i}]`, 'the name or op type of one of the model\'s Conv, Gemm or MatMul layers', entry,
+    throw invalidValue(`options.keepFloat[${i}]`, 'the name or op type of a layer the engine quantizes (a Conv, Gemm or MatMul whose weight is an initializer)', entry,
       close ? `Did you mean '${close}'?` : `Its layers: ${known.slice(0, 12).join(', ')}${known.length > 12 ? ', …' : ''}.`);
   });
   const layers = model.layers.filter((l) => !names(l).some((n) => s.keepFloat.includes(n)));
@@ -609,6 +609,8 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         // Float (no quantizers): theirs may not be initialised before the first training batch.
         output = model.output(model.forward({ data: one.inputs.data, dims: one.inputs.dims }, false, kernels, false));
       } catch (e) {
+        // A valid model whose layer would need more memory than a step allocates, even for one sample.
+        if (e instanceof OpSizeError) throw Object.assign(new TrainingError(`${e.message}.`), { layer: e.node });
         // Shapes the graph itself gets wrong (a corrupted or inconsistent model), found before any training.
         if (!(e instanceof OpError)) throw e;
         throw new OnnxModelError(`The model does not compute on ${name}'s input dims [1, ${one.inputs.dims.slice(1).join(', ')}]: ${e.message}. ` +

@@ -15,11 +15,8 @@
  */
 import { TensorProto_DataType, type NodeProto } from 'onnx-buf';
 
-import { dimsOf, floatData, floatView, intsAttribute, ownedTensor, stringAttribute, type Graph } from '../graph';
+import { dimsOf, floatData, floatView, intsAttribute, ownedTensor, stringAttribute, type Graph, type ScalarOf } from '../graph';
 import { nodeLabel, pauseClock, runSteps, type PassReport, type Steps } from './pass';
-
-/** How a pass finds a one-element constant's value: Graph.scalar, or a Graph.scalarLookup built once. */
-type ScalarOf = (name: string | undefined) => number | undefined;
 
 /** The scalar constant among a two-input node's inputs (Graph.scalar) and the other input; or undefined. */
 function scalarOperand(scalarOf: ScalarOf, node: NodeProto): { value: number; other: string } | undefined {

@@ -14,12 +14,10 @@
  */
 import type { NodeProto } from 'onnx-buf';
 
-import { floatAttribute, type Graph } from '../graph';
+import { floatAttribute, type Graph, type ScalarOf } from '../graph';
 import { nodeLabel, type PassReport } from './pass';
 
 /** The other input of a two-input node when one of them is the constant `value`. */
-type ScalarOf = (name: string | undefined) => number | undefined;
-
 function otherThanConstant(scalarOf: ScalarOf, node: NodeProto, value: number): string | undefined {
   if (node.input.length !== 2) return undefined;
   if (scalarOf(node.input[1]) === value) return node.input[0];
