@@ -58,7 +58,7 @@ export interface QuantizeOptions {
   zeroPoint?: number | ArrayLike<number>;
   /** Force a kernel ('avx512', 'avx2', 'scalar', … see cpuInfo().kernels.quantize). Default: the best one. */
   kernel?: string;
-  /** Native threads to use. Default: all cores. */
+  /** Native threads to use. Default: all cores (one for minmax ranges and quantizing below 2^18 values). */
   threads?: number;
   /**
    * Where to write the values (reused across calls to skip allocating and
@@ -116,11 +116,18 @@ interface Plan {
   bitAllocation?: { averageBits: number; minBits: number; maxBits: number; prior: 'gauss' | 'laplace' };
   explicit?: { scale: Float32Array; zeroPoint: Int32Array };
   kernel: string;
+  /** As the caller gave it (0: all): the range searches (mse, aciq, percentile, kl) use it. */
   threads: number;
+  /** For the passes linear in the values (minmax ranges, quantizing): one for a small tensor unless the caller chose. */
+  linearThreads: number;
   out?: Int8Array | Uint8Array;
 }
 
-/** Below this many values quantizeTensor runs on one thread unless options.threads says otherwise (measured: up to 2^16 values one thread was about 3× faster, at 2^18 even). */
+/**
+ * Below this many values quantizeTensor's linear passes (minmax ranges, quantizing) run on one thread unless
+ * options.threads says otherwise (measured with minmax per channel: up to 2^16 values one thread was about 3× faster,
+ * at 2^18 even).
+ */
 const PARALLEL_MIN_VALUES = 1 << 18;
 
 function checkThreads(v: unknown): number {
@@ -214,14 +221,15 @@ function plan(data: unknown, given: unknown): Plan {
   }
   const { qmin, qmax } = integerRange(bits, signed);
   const kernel = checkKernel('quantize', options.kernel);
-  // By default a small tensor stays on the calling thread: waking the pool's workers cost more than its work
-  // (a 16×16 weight per channel: about 200 µs with both threads against 26 µs with one, on the development machine).
-  const threads = options.threads === undefined && x.length < PARALLEL_MIN_VALUES ? 1 : checkThreads(options.threads);
+  const threads = checkThreads(options.threads);
+  // By default a small tensor's linear passes stay on the calling thread: waking the pool's workers cost more than
+  // the work (minmax per channel of a 16×16 weight: about 200 µs with both threads against 26 µs with one, here).
+  const linearThreads = options.threads === undefined && x.length < PARALLEL_MIN_VALUES ? 1 : threads;
   const out = options.out === undefined ? undefined : (signed
     ? checkOut<Int8Array | Uint8Array>('options.out', options.out, Int8Array, x.length, x)
     : checkOut<Int8Array | Uint8Array>('options.out', options.out, Uint8Array, x.length, x));
   const methodOptions = checkMethodOptions(options, granularity);
-  const base = { data: x, shape, bits, signed, symmetric, granularity, axis, blockSize, groups, layout, qmin, qmax, kernel, threads, out, methodOptions };
+  const base = { data: x, shape, bits, signed, symmetric, granularity, axis, blockSize, groups, layout, qmin, qmax, kernel, threads, linearThreads, out, methodOptions };
 
   if (options.scale === undefined) {
     if (options.zeroPoint !== undefined) throw invalidValue('options.zeroPoint', 'no zeroPoint without an explicit scale', options.zeroPoint, 'Pass scale too, or leave both unset to estimate them.');
@@ -315,7 +323,7 @@ function nanError(index: number): RangeError {
 function rangeRequest(p: Plan): RangeRequest {
   return {
     data: p.data, layout: p.layout.native, groups: p.layout.groups, bits: p.bits, qmin: p.qmin, qmax: p.qmax,
-    symmetric: p.symmetric, kernel: p.kernel, threads: p.threads, options: p.methodOptions,
+    symmetric: p.symmetric, kernel: p.kernel, threads: p.method?.name === 'minmax' ? p.linearThreads : p.threads, options: p.methodOptions,
   };
 }
 
@@ -390,7 +398,7 @@ export function quantizeTensor(data: Float32Array, options: QuantizeOptions): Qu
     params = paramsFromRanges(p, ranges.lo, ranges.hi);
   }
   const values = p.out ?? (p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length));
-  const nan = native().quantize(p.data, values, quantizeParams(p, params), p.kernel, p.threads);
+  const nan = native().quantize(p.data, values, quantizeParams(p, params), p.kernel, p.linearThreads);
   if (nan >= 0) throw nanError(nan);
   return result(p, values, params);
 }
@@ -423,7 +431,7 @@ export async function quantizeOffThread(data: Float32Array, options: QuantizeOpt
   }
   checkAttached('data', p.data);
   const values = p.out ?? (p.signed ? new Int8Array(p.data.length) : new Uint8Array(p.data.length));
-  const nan = await native().quantizeAsync(p.data, values, quantizeParams(p, params), p.kernel, p.threads);
+  const nan = await native().quantizeAsync(p.data, values, quantizeParams(p, params), p.kernel, p.linearThreads);
   if (nan >= 0) throw nanError(nan);
   const out = planned.out && planned.out !== values ? copyIntoOut(planned.out, values, 'quantizeTensorAsync') : values;
   return result(planned, out, params);
@@ -435,7 +443,7 @@ export async function quantizeOffThread(data: Float32Array, options: QuantizeOpt
  */
 function quantizeWithBitAllocation(p: Plan): QuantizedTensor {
   const alloc = p.bitAllocation!;
-  const nan = native().groupRanges(p.data, p.layout.native, new Float32Array(p.layout.groups), new Float32Array(p.layout.groups), p.kernel, p.threads);
+  const nan = native().groupRanges(p.data, p.layout.native, new Float32Array(p.layout.groups), new Float32Array(p.layout.groups), p.kernel, p.linearThreads);
   if (nan >= 0) throw nanError(nan);
   const channels = p.layout.groups;
   if (channels === 0) {

@@ -34,7 +34,7 @@ export function inChildProcessJson<T>(job: object): T {
   try {
     return JSON.parse(line) as T;
   } catch {
-    throw new Error(`benchmark case ${JSON.stringify(job)} printed ${line}`);
+    throw new Error(`benchmark case ${JSON.stringify(job)} printed ${JSON.stringify(line)}`);
   }
 }
 

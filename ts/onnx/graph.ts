@@ -214,6 +214,7 @@ export class Graph {
       keepInPlace(scope.input, (v) => !(initializers.has(v.name) && !inputs.has(v.name) && inputs.add(v.name)));
     }
     const constants = new Set<string>();
+    // (A Constant node has one output: the first unused one is its value.)
     keepInPlace(scope.node, (n) => {
       const name = n.opType === 'Constant' ? n.output.find((o) => unused.has(o) && !constants.has(o)) : undefined;
       if (name === undefined) return true;
@@ -366,7 +367,7 @@ export class Graph {
   /** Puts the node list in topological order (passes insert nodes anywhere). */
   sort(): void {
     const order = this.topologicalOrder();
-    this.graph.node.splice(0, this.graph.node.length, ...order);
+    order.forEach((n, i) => (this.graph.node[i] = n));  // in place, same length (no spread of every node as arguments)
   }
 }
 

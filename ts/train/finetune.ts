@@ -570,6 +570,16 @@ function isBatchSource(data: unknown): data is AsyncIterable<InputBatch> | Itera
  *   { method: 'lsq', weightBits: 4, activationBits: 4, epochs: 1 });
  */
 export async function finetune(input: string | Uint8Array | ModelProto, data: TrainingData, options?: FinetuneOptions): Promise<FinetuneResult> {
+  try {
+    return await train(input, data, options);
+  } catch (e) {
+    // A layer too large for the batch, wherever it is met (a step, calibration, validation): a TrainingError naming it.
+    if (e instanceof OpSizeError) throw Object.assign(new TrainingError(`${e.message}.`), { layer: e.node });
+    throw e;
+  }
+}
+
+async function train(input: string | Uint8Array | ModelProto, data: TrainingData, options?: FinetuneOptions): Promise<FinetuneResult> {
   const s = checkFinetuneOptions(options);
   const o = s.raw;
   o.signal?.throwIfAborted();
@@ -609,8 +619,8 @@ export async function finetune(input: string | Uint8Array | ModelProto, data: Tr
         // Float (no quantizers): theirs may not be initialised before the first training batch.
         output = model.output(model.forward({ data: one.inputs.data, dims: one.inputs.dims }, false, kernels, false));
       } catch (e) {
-        // A valid model whose layer would need more memory than a step allocates, even for one sample.
-        if (e instanceof OpSizeError) throw Object.assign(new TrainingError(`${e.message}.`), { layer: e.node });
+        // A valid model whose layer would need more memory than a step allocates, even for one sample (see finetune).
+        if (e instanceof OpSizeError) throw e;
         // Shapes the graph itself gets wrong (a corrupted or inconsistent model), found before any training.
         if (!(e instanceof OpError)) throw e;
         throw new OnnxModelError(`The model does not compute on ${name}'s input dims [1, ${one.inputs.dims.slice(1).join(', ')}]: ${e.message}. ` +

@@ -294,7 +294,7 @@ export class TrainableModel {
   forward(input: Tensor, training: boolean, kernels: FloatKernels, quantize = true): Tape {
     const tape: Tape = { values: new Map([[this.inputName, input]]), records: new Map() };
     const ctx: OpContext = { kernels, training, opset: this.graph.opset, frozenBatchNorm: this.freezeBatchNorm,
-      integerDivisions: this.integerDivisions };
+      integerDivisions: this.integerDivisions, samples: input.dims[0] };
     for (const node of this.nodes) {
       const inputs = node.input.map((name) => this.value(tape, name));
       const q = quantize ? this.quantizers.get(node) : undefined;

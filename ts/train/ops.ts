@@ -23,6 +23,8 @@ export interface OpContext {
   frozenBatchNorm?: boolean;
   /** Div nodes of integer tensors (computed shapes), which truncate toward zero as onnxruntime's do. */
   integerDivisions?: ReadonlySet<NodeProto>;
+  /** The samples in the batch (the model input's first dimension), for messages. */
+  samples?: number;
 }
 
 export interface ForwardResult {
@@ -41,8 +43,8 @@ export interface OpImpl {
 const MAX_STEP_VALUES = 2 ** 30;
 
 /** A step's array, refused by name when a layer's geometry or the batch would make it absurdly large. */
-function stepArray(node: NodeProto, values: number, what: string, batch: number): Float32Array {
-  if (values > MAX_STEP_VALUES) throw new OpSizeError(node, what, values, batch);
+function stepArray(node: NodeProto, values: number, what: string, ctx: OpContext): Float32Array {
+  if (values > MAX_STEP_VALUES) throw new OpSizeError(node, what, values, ctx.samples);
   return new Float32Array(values);
 }
 
@@ -58,9 +60,10 @@ export class OpError extends Error {
 
 /** A layer whose output (or im2col buffer) for the batch would be larger than a training step allocates. */
 export class OpSizeError extends OpError {
-  constructor(node: NodeProto, what: string, values: number, batch: number) {
-    super(node, `its ${what} would hold ${values} values for a batch of ${batch}, more than a training step allocates at once ` +
-      `(2^30 float32 values, 4 GiB): ${batch > 1 ? 'lower batchSize, or ' : ''}check the layer's pads, strides and dilations`);
+  constructor(node: NodeProto, what: string, values: number, samples: number | undefined) {
+    const check = node.opType === 'Conv' || node.opType.endsWith('Pool') ? "check the layer's pads, strides and dilations" : 'check its input shapes';
+    super(node, `its ${what} would hold ${values} values${samples === undefined ? '' : ` for a batch of ${samples}`}, more than a training step ` +
+      `allocates at once (2^30 float32 values, 4 GiB): ${samples === undefined || samples > 1 ? 'lower batchSize, or ' : ''}${check}`);
     this.name = 'OpSizeError';
   }
 }
@@ -134,12 +137,12 @@ const conv: OpImpl = {
     const rows = groupChannels * kernelH * kernelW;
     const pixels = g.outH * g.outW;
     const perGroupOut = outChannels / group;
-    const y = stepArray(node, batch * outChannels * pixels, 'output', batch);
+    const y = stepArray(node, batch * outChannels * pixels, 'output', ctx);
     // One filter per channel: direct loops (im2col + per-channel SGEMM calls would cost many times more).
     let col: Float32Array | undefined;
     if (groupChannels === 1 && perGroupOut === 1) ctx.kernels.depthwiseConvForward(x.data, w.data, batch, g, y);
     else {
-      col = stepArray(node, batch * g.channels * kernelH * kernelW * pixels, 'im2col buffer', batch);
+      col = stepArray(node, batch * g.channels * kernelH * kernelW * pixels, 'im2col buffer', ctx);
       ctx.kernels.im2col(x.data, batch, g, col);
       for (let n = 0; n < batch; n++) {
         for (let k = 0; k < group; k++) {
@@ -255,7 +258,7 @@ const gemm: OpImpl = {
     const [m, k] = transA ? [a.dims[1], a.dims[0]] : a.dims;
     const [kb, n] = transB ? [b.dims[1], b.dims[0]] : b.dims;
     if (k !== kb) throw new OpError(node, `A is [${a.dims}] and B is [${b.dims}] (transA ${+transA}, transB ${+transB}): inner sizes ${k} and ${kb} differ`);
-    const y = stepArray(node, m * n, 'output', m);
+    const y = stepArray(node, m * n, 'output', ctx);
     matmul2d(ctx.kernels, a.data, b.data, m, k, n, transA, transB, y);
     if (alpha !== 1) for (let i = 0; i < y.length; i++) y[i] *= alpha;
     let cIndex: Int32Array | undefined;
@@ -294,7 +297,7 @@ const matMul: OpImpl = {
     if (b.dims.length === 2) {
       // Every leading dimension of A folds into M.
       const m = sizeOf(lead);
-      const y = stepArray(node, m * n, 'output', a.dims[0]);
+      const y = stepArray(node, m * n, 'output', ctx);
       matmul2d(ctx.kernels, a.data, b.data, m, k, n, false, false, y);
       return { y: { data: y, dims: [...lead, n] }, saved: { m, k, n, batches: 1 } };
     }
@@ -303,7 +306,7 @@ const matMul: OpImpl = {
     }
     const m = a.dims[a.dims.length - 2];
     const batches = sizeOf(a.dims.slice(0, -2));
-    const y = stepArray(node, batches * m * n, 'output', a.dims[0]);
+    const y = stepArray(node, batches * m * n, 'output', ctx);
     for (let i = 0; i < batches; i++) {
       matmul2d(ctx.kernels, a.data.subarray(i * m * k, (i + 1) * m * k), b.data.subarray(i * k * n, (i + 1) * k * n), m, k, n,
         false, false, y.subarray(i * m * n, (i + 1) * m * n));
@@ -762,7 +765,7 @@ function pool(kind: 'max' | 'average'): OpImpl {
       if (!kernelH || !kernelW) throw new OpError(node, 'kernel_shape is required');
       const g = windowGeometry(node, x.dims, kernelH, kernelW);
       const batch = x.dims[0];
-      const y = stepArray(node, batch * g.channels * g.outH * g.outW, 'output', batch);
+      const y = stepArray(node, batch * g.channels * g.outH * g.outW, 'output', ctx);
       const countPad = intAttribute(node, 'count_include_pad', 0) === 1;
       if (countPad && kind === 'average' && !symmetricPadding(node, g, kernelH, kernelW)) {
         // The kernels count padding positions up to padTop/padLeft past the far edge.
