@@ -1501,6 +1501,18 @@ describe('layers quantized on native worker threads from the caller\'s model byt
   });
 });
 
+describe('a weight with no values but billions of output channels', () => {
+  it('is left float with the reason (quantizeTensor would refuse it), not an error naming quantizeTensor\'s options', async () => {
+    const model = buildModel({ inputDims: [1, 0], output: 'y', initializers: { w: { dims: [0, 2 ** 31], data: [] } },
+      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }] });
+    let caught: unknown;
+    await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [] }).catch((e) => (caught = e));
+    // Its only layer: the model would be unchanged, and the error gives the layer's reason.
+    expect(caught).to.be.instanceOf(OnnxModelError);
+    expect((caught as Error).message).to.match(/MatMul 'mm': its weight \[0, 2147483648\] has no values but 2147483648 output channels: nothing to quantize, and a scale per channel would take gigabytes\.$/);
+  });
+});
+
 describe('the evaluation on inputs that say nothing (second audit)', () => {
   const mm = (inputDims: Array<number | string>, w = heInit(32, 8, 1)) => buildModel({
     inputDims, output: 'y', initializers: { w: { dims: [8, 4], data: w } },

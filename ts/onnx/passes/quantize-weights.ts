@@ -299,7 +299,12 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
     return 'its weight is not a float constant (a computed input)';
   }
   const dims = dimsOf(w!);
-  if (layout(n.opType, dims, transposes(n, 'transB'))) return undefined;
+  const axes = layout(n.opType, dims, transposes(n, 'transB'));
+  // (quantizeTensor refuses such a tensor: scales for billions of channels and nothing to quantize.)
+  if (axes && dims.includes(0) && dims[axes.outputAxis] > 2 ** 24) {
+    return `its weight [${dims.join(', ')}] has no values but ${dims[axes.outputAxis]} output channels: nothing to quantize, and a scale per channel would take gigabytes`;
+  }
+  if (axes) return undefined;
   const handled = n.opType === 'Conv' ? 'at least 3-D' : n.opType === 'Gemm' ? '2-D' : '2-D, or with leading dimensions of 1 ([1, K, N])';
   return `weight shape [${dims.join(', ')}] is not a ${n.opType} weight this pass handles (${handled})`;
 }
