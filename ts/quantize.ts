@@ -166,7 +166,7 @@ function explicitValues(name: string, v: unknown, groups: number, scaleShape: nu
 }
 
 /** The most channels a tensor with no values may have (2^24: 128 MB of scales and zero points). */
-const EMPTY_TENSOR_MAX_CHANNELS = 2 ** 24;
+export const EMPTY_TENSOR_MAX_CHANNELS = 2 ** 24;
 
 function plan(data: unknown, given: unknown): Plan {
   const x = checkFloat32Array('data', data);

@@ -62,16 +62,37 @@ export function checkAttached(name: string, v: ArrayBufferView): void {
       'The buffer was transferred (postMessage, structuredClone) or detached; pass a copy that is still owned here.');
 }
 
-/** An options argument: undefined means none given ({}); anything but a plain object is a TypeError. */
-export function checkOptions<T extends object = Record<string, unknown>>(name: string, v: T | undefined): Partial<T> {
+/**
+ * An options argument: undefined means none given ({}); anything but a plain object is a TypeError; with `known`,
+ * a key not in it is refused (checkKnownKeys).
+ */
+export function checkOptions<T extends object = Record<string, unknown>>(name: string, v: T | undefined, known?: readonly string[]): Partial<T> {
   if (v === undefined) return {};
   if (!isPlainObject(v)) throw invalidType(name, 'an options object (or nothing)', v);
-  return readOnce(v);  // a copy: later changes to the caller's object (or a getter's next answer) change nothing
+  const copy = readOnce(v);  // a copy: later changes to the caller's object (or a getter's next answer) change nothing
+  if (known) checkKnownKeys(name, copy as Record<string, unknown>, known);
+  return copy;
 }
 
 export function checkInteger(name: string, v: unknown, min: number, max: number): number {
   if (typeof v !== 'number') throw invalidType(name, `an integer in [${min}, ${max}]`, v);
   if (!Number.isInteger(v) || v < min || v > max) throw invalidValue(name, `an integer in [${min}, ${max}]`, v);
+  return v;
+}
+
+/** A number `ok` accepts: a TypeError for a non-number, a RangeError for a number it refuses. */
+export function checkNumber(name: string, v: unknown, expected: string, ok: (n: number) => boolean): number {
+  if (typeof v !== 'number') throw invalidType(name, expected, v);
+  if (!ok(v)) throw invalidValue(name, expected, v);
+  return v;
+}
+
+/** A keepFloat list: node names or op types, none empty (an empty name would match every unnamed layer). */
+export function checkKeepFloat(name: string, v: unknown, expected: string): string[] | undefined {
+  if (v === undefined) return undefined;
+  if (!Array.isArray(v) || !v.every((k) => typeof k === 'string')) throw invalidType(name, expected, v);
+  const empty = v.indexOf('');
+  if (empty >= 0) throw invalidValue(`${name}[${empty}]`, 'a node name or op type', '', 'Remove the empty entry.');
   return v;
 }
 

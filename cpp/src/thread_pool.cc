@@ -78,7 +78,6 @@ void ThreadPool::parallel_for(size_t count, unsigned threads,
     fn(first++, 0);
   }
   if (first == count) return;
-  const std::function<void(size_t, unsigned)> rest = [&](size_t item, unsigned thread) { fn(first + item, thread); };
   const unsigned participants = threads_for(count - first, threads);
   if (participants == 1) {
     for (size_t i = first; i < count; ++i) fn(i, 0);
@@ -87,9 +86,9 @@ void ThreadPool::parallel_for(size_t count, unsigned threads,
   {
     std::lock_guard<std::mutex> lock(state_mutex_);
     start_workers_locked();
-    fn_ = first == 0 ? &fn : &rest;
-    count_ = count - first;
-    next_.store(0, std::memory_order_relaxed);
+    fn_ = &fn;
+    count_ = count;
+    next_.store(first, std::memory_order_relaxed);  // the items the caller ran alone are done
     participants_ = participants;
     finished_ = 0;
     error_ = nullptr;

@@ -285,6 +285,14 @@ function expectSameWeights(a: ModelProto, b: ModelProto): void {
 
 describe('reading and writing models asynchronously', () => {
   let dir: string;
+  /** A fresh folder with one-file chains of three and two MatMuls, and the output path the writes go to. */
+  const twoChains = async (prefix: string) => {
+    const folder = fs.mkdtempSync(path.join(dir, prefix));
+    const [three, two] = [path.join(folder, 'three.onnx'), path.join(folder, 'two.onnx')];
+    await writeMatMulChain(three, 3, true);
+    await writeMatMulChain(two, 2, true);
+    return { folder, three, two, out: path.join(folder, 'out.onnx') };
+  };
   before(() => (dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-model-io-'))));
   after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
@@ -542,11 +550,7 @@ describe('reading and writing models asynchronously', () => {
   });
 
   it('writeModelWithExternalData: a check of the written pair that fails puts the earlier pair back (or leaves nothing)', async () => {
-    const folder = fs.mkdtempSync(path.join(dir, 'check-'));
-    const [three, two] = [path.join(folder, 'three.onnx'), path.join(folder, 'two.onnx')];
-    await writeMatMulChain(three, 3, true);
-    await writeMatMulChain(two, 2, true);
-    const out = path.join(folder, 'out.onnx');
+    const { folder, three, two, out } = await twoChains('check-');
     await writeModelWithExternalData(readModel(three), out);
     const before = [fs.readFileSync(out), fs.readFileSync(`${out}.data`)];
     let seen: ModelProto | undefined;
@@ -588,11 +592,7 @@ describe('reading and writing models asynchronously', () => {
   });
 
   it('writeModelWithExternalData: two writes to one path at once end as the later one, model and data together', async () => {
-    const folder = fs.mkdtempSync(path.join(dir, 'race-'));
-    const [three, two] = [path.join(folder, 'three.onnx'), path.join(folder, 'two.onnx')];
-    await writeMatMulChain(three, 3, true);
-    await writeMatMulChain(two, 2, true);
-    const out = path.join(folder, 'out.onnx');
+    const { folder, three, two, out } = await twoChains('race-');
     await Promise.all([writeModelWithExternalData(readModel(three), out), writeModelWithExternalData(readModel(two), out)]);
     expectSameWeights(readModel(out), readModel(two));
     expect(fs.readdirSync(folder).sort()).to.deep.equal(['out.onnx', 'out.onnx.data', 'three.onnx', 'two.onnx']);

@@ -9,11 +9,9 @@
  */
 import { cpuInfo } from '../cpu';
 import { matmulInt4, matmulInt8, packInt4Matrix, packMatrix } from '../gemm';
-import { createHash } from 'node:crypto';
-
 import { quantizeTensor } from '../quantize';
 import { hasOrt, matMulFloatModel, matMulIntegerModel, matMulNBitsModel, ort, session } from './ort-models';
-import { inChildProcessJson, measure, runsFor, table } from './timing';
+import { bytesOf, digestOf, inChildProcessJson, measure, runsFor, table } from './timing';
 
 export const DEFAULT_GEMM_SHAPES: Array<[number, number, number]> = [
   [1, 4096, 4096], [16, 4096, 4096], [128, 1024, 1024], [256, 256, 256], [1024, 1024, 1024], [2048, 2048, 2048],
@@ -112,14 +110,14 @@ export async function runGemmCase(c: GemmCase): Promise<GemmCaseResult> {
       // a copy of it, which every caller of onnxruntime-node gets).
       const fetches = { y: new O.Tensor(out instanceof Int32Array ? 'int32' : 'float32', out, [m, n]) };
       const returned = (await s.run(feeds, fetches)).y.data as Int32Array | Float32Array;
-      if (!Buffer.from(returned.buffer, returned.byteOffset, returned.byteLength).equals(Buffer.from(out.buffer, out.byteOffset, out.byteLength))) {
+      if (!bytesOf(returned).equals(bytesOf(out))) {
         throw new Error(`onnxruntime did not write its result into the preallocated output (${c.impl})`);
       }
       fn = () => s.run(feeds, fetches);
     }
   }
   await fn();
-  const outputDigest = createHash('sha256').update(new Uint8Array(out.buffer, out.byteOffset, out.byteLength)).digest('hex');
+  const outputDigest = digestOf(out);
   const probe = await measure(fn, 1, 0);
   return { ms: (await measure(fn, runsFor(probe.medianMs), 0)).medianMs, outputDigest };
 }

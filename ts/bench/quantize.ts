@@ -9,13 +9,11 @@
  * array can cost more than the quantization itself. The cases given the same
  * scale must give the same int8 values, or the bench stops.
  */
-import { createHash } from 'node:crypto';
-
 import { cpuInfo } from '../cpu';
 import { quantizeTensor } from '../quantize';
 import { quantizeLinearTs } from './baselines';
 import { hasOrt, ort, quantizeLinearModel, session } from './ort-models';
-import { inChildProcessJson, measure, table } from './timing';
+import { digestOf, inChildProcessJson, measure, table } from './timing';
 
 const SCALE = 100 / 127;
 
@@ -89,7 +87,7 @@ export async function runQuantizeCase(c: QuantizeCase, n: number, runs: number):
   try {
     const ms = (await measure(fn, runs)).medianMs;
     const values = await fn();
-    const outputDigest = createHash('sha256').update(new Uint8Array(values.buffer, values.byteOffset, values.byteLength)).digest('hex');
+    const outputDigest = digestOf(values);
     return { ms, outputDigest };
   } finally {
     await release();

@@ -1,5 +1,6 @@
 /** Small timing helpers: warm up, then the median of repeated runs; one child process per case. */
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import * as path from 'node:path';
 
 export interface Timing {
@@ -30,7 +31,10 @@ export function table(rows: Array<Record<string, string | number>>): string {
 
 /** Runs one benchmark case in a fresh Node process (no shared JIT or GC state) and returns the JSON it prints last. */
 export function inChildProcessJson<T>(job: object): T {
-  const line = childOutput(job);
+  const out = execFileSync(process.execPath, [path.join(__dirname, 'worker.js'), JSON.stringify(job)], {
+    encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20,
+  });
+  const line = out.trim().split('\n').pop()!;
   try {
     return JSON.parse(line) as T;
   } catch {
@@ -38,11 +42,13 @@ export function inChildProcessJson<T>(job: object): T {
   }
 }
 
-function childOutput(job: object): string {
-  const out = execFileSync(process.execPath, [path.join(__dirname, 'worker.js'), JSON.stringify(job)], {
-    encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20,
-  });
-  return out.trim().split('\n').pop()!;
+/** A typed array's bytes, and their digest: equal digests, equal outputs. */
+export function bytesOf(view: ArrayBufferView): Buffer {
+  return Buffer.from(view.buffer, view.byteOffset, view.byteLength);
+}
+
+export function digestOf(view: ArrayBufferView): string {
+  return createHash('sha256').update(bytesOf(view)).digest('hex');
 }
 
 /** Picks a run count so a case takes about `budgetMs` after one timed probe. */

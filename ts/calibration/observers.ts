@@ -21,7 +21,7 @@ import { invalidType, invalidValue } from '../errors';
 import { aciqRange, tensorStats, type AciqPrior } from '../methods/aciq';
 import { native } from '../native';
 import { integerRange } from '../quant-params';
-import { checkAttached, checkBoolean, checkInteger, checkKnownKeys, checkOptions, otherRealm } from '../validate';
+import { checkAttached, checkBoolean, checkInteger, checkOptions, otherRealm } from '../validate';
 
 export interface Range {
   lo: number;
@@ -60,8 +60,7 @@ export class MinMaxObserver {
   private readonly options: { movingAverage?: number };
 
   constructor(options?: { movingAverage?: number }) {
-    this.options = checkOptions('options', options);
-    checkKnownKeys('options', this.options, ['movingAverage']);
+    this.options = checkOptions('options', options, ['movingAverage']);
     const c = this.options.movingAverage;
     if (c !== undefined && typeof c !== 'number') throw invalidType('options.movingAverage', 'a number in (0, 1]', c);
     if (c !== undefined && !(c > 0 && c <= 1)) throw invalidValue('options.movingAverage', 'a number in (0, 1]', c);
@@ -116,8 +115,7 @@ export class HistogramObserver {
   total = 0;
 
   constructor(options?: { bins?: number }) {
-    const o = checkOptions('options', options);
-    checkKnownKeys('options', o, ['bins']);
+    const o = checkOptions('options', options, ['bins']);
     const bins = o.bins ?? 2048;
     // (A million bins is ~16 MB of counts; more gains nothing over 8-bit grids.)
     if (!Number.isInteger(bins) || bins < 128 || bins > 2 ** 20 || bins % 128 !== 0) throw invalidValue('options.bins', 'a multiple of 128 from 128 to 2^20', bins);
@@ -284,8 +282,7 @@ export class HistogramObserver {
    */
   mseRange(bits: number, opts?: { signed?: boolean; symmetric?: boolean; candidates?: number }): Range {
     this.check();
-    const options = checkOptions('options', opts);
-    checkKnownKeys('options', options, ['signed', 'symmetric', 'candidates']);
+    const options = checkOptions('options', opts, ['signed', 'symmetric', 'candidates']);
     if (!Number.isInteger(bits) || bits < 2 || bits > 16) throw invalidValue('bits', 'an integer in [2, 16]', bits);
     const candidates = options.candidates === undefined ? 100 : checkInteger('options.candidates', options.candidates, 1, 1000);
     const signed = options.signed === undefined ? true : checkBoolean('options.signed', options.signed);

@@ -12,7 +12,7 @@
  */
 import { invalidType, invalidValue } from '../errors';
 import { bisect, erfc, lambertW0 } from './special';
-import { checkAttached, checkBoolean, checkKnownKeys, checkOptions, isPlainObject } from '../validate';
+import { checkAttached, checkBoolean, checkOptions, isPlainObject } from '../validate';
 
 export type AciqPrior = 'laplace' | 'gauss';
 
@@ -89,9 +89,7 @@ export function aciqAlpha(bits: number, prior: AciqPrior, scaleParam: number, op
   checkBits(bits);
   if (prior !== 'laplace' && prior !== 'gauss') throw invalidValue('prior', "'laplace' or 'gauss'", prior);
   const b = checkScaleParam('scaleParam', scaleParam);
-  const o = checkOptions('options', options);
-  checkKnownKeys('options', o, ['oneSided']);
-  const { oneSided } = o as { oneSided?: unknown };
+  const { oneSided } = checkOptions('options', options, ['oneSided']) as { oneSided?: unknown };
   if (oneSided !== undefined) checkBoolean('options.oneSided', oneSided);
   const m = oneSided ? bits + 1 : bits;
   return b * (prior === 'laplace' ? aciqLaplaceConstant(m) : aciqGaussConstant(m));

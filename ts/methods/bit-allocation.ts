@@ -7,7 +7,7 @@
  * until |goal − mean| < 0.01).
  */
 import { invalidType, invalidValue } from '../errors';
-import { checkKnownKeys, checkOptions } from '../validate';
+import { checkOptions } from '../validate';
 
 export interface BitAllocationOptions {
   /** Fewest bits a channel may get. Default 2 (the quantizers here support 2..8). */
@@ -22,8 +22,7 @@ export function allocateBits(alphas: ArrayLike<number>, averageBits: number, opt
   if (!alphas || typeof alphas.length !== 'number') throw invalidType('alphas', 'an array of per-channel clip values', alphas);
   if (alphas.length === 0) throw invalidValue('alphas', 'at least one channel', alphas);
   if (alphas.length > 2 ** 28) throw invalidValue('alphas', 'at most 2^28 channels', alphas);
-  const o = checkOptions('options', options);
-  checkKnownKeys('options', o, ['minBits', 'maxBits', 'rounding']);
+  const o = checkOptions('options', options, ['minBits', 'maxBits', 'rounding']);
   const minBits = o.minBits ?? 2;
   const maxBits = o.maxBits ?? 8;
   if (!Number.isInteger(minBits) || minBits < 1 || minBits > 8) throw invalidValue('options.minBits', 'an integer in [1, 8]', minBits);

@@ -11,7 +11,7 @@
  */
 import { invalidType, invalidValue } from '../errors';
 import { native } from '../native';
-import { checkFloat32Array, checkInteger, checkKnownKeys, checkOptions, checkShape } from '../validate';
+import { checkFloat32Array, checkInteger, checkOptions, checkShape } from '../validate';
 
 export interface ScaleClipOptions {
   /** Threshold multiplier. Default 2. */
@@ -32,8 +32,7 @@ function checkK(k: unknown, fallback: number): number {
 /** Scale-Clip: returns the clipped copy and the threshold of each group. */
 export function scaleClip(w: Float32Array, opts?: ScaleClipOptions): { clipped: Float32Array; thresholds: Float64Array } {
   const x = checkFloat32Array('w', w);
-  const options = checkOptions('options', opts);
-  checkKnownKeys('options', options, ['k', 'shape', 'axis', 'groups']);
+  const options = checkOptions('options', opts, ['k', 'shape', 'axis', 'groups']);
   if (x.length === 0) throw invalidValue('w', 'a non-empty tensor (mean|W| is undefined otherwise)', x);
   const k = checkK(options.k, 2);
   const shape = options.shape === undefined ? [x.length] : checkShape('options.shape', options.shape);
@@ -77,8 +76,7 @@ export class ActivationScaleClip {
   threshold: number | undefined;
 
   constructor(options?: { k?: number; momentum?: number }) {
-    const o = checkOptions('options', options);
-    checkKnownKeys('options', o, ['k', 'momentum']);
+    const o = checkOptions('options', options, ['k', 'momentum']);
     this.k = checkK(o.k, 3);
     const m = o.momentum ?? 0.99;
     if (typeof m !== 'number' || !(m >= 0 && m < 1)) throw invalidValue('options.momentum', 'a number in [0, 1)', m);

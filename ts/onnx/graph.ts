@@ -193,7 +193,7 @@ export class Graph {
   /** Removes a constant (initializer or Constant node) of the main graph or of a subgraph `scope` when nothing in it reads it any more. */
   removeIfUnused(name: string, scope: GraphProto = this.graph): void {
     if (scope.node.some((n) => readsValue(n, name)) || scope.output.some((o) => o.name === name)) return;
-    this.removeConstant(name, scope);
+    this.removeConstants(new Set([name]), scope);
   }
 
   /**
@@ -204,35 +204,29 @@ export class Graph {
     const read = namesRead(scope);
     const unused = new Set([...names].filter((name) => !read.has(name)));
     if (unused.size === 0) return;
-    // removeConstant for each, in one pass over each list (a search per name made thousands of layers quadratic):
-    // per name its first initializer, then (main graph) its first graph input if an initializer went, and its first
-    // Constant node.
+    this.removeConstants(unused, scope);
+  }
+
+  /**
+   * Removes constants by name, in one pass over each list (a search per name made thousands of layers quadratic):
+   * per name its first initializer, then (main graph) its first graph input if an initializer went — models of IR
+   * version < 4 list their initializers among the inputs, which would then need a feed —, and its first Constant node.
+   */
+  private removeConstants(names: ReadonlySet<string>, scope: GraphProto): void {
     const initializers = new Set<string>();
-    keepInPlace(scope.initializer, (t) => !(unused.has(t.name) && !initializers.has(t.name) && initializers.add(t.name)));
+    keepInPlace(scope.initializer, (t) => !(names.has(t.name) && !initializers.has(t.name) && initializers.add(t.name)));
     if (scope === this.graph) {
       const inputs = new Set<string>();
       keepInPlace(scope.input, (v) => !(initializers.has(v.name) && !inputs.has(v.name) && inputs.add(v.name)));
     }
     const constants = new Set<string>();
-    // (A Constant node has one output: the first unused one is its value.)
+    // (A Constant node has one output: the first named one is its value.)
     keepInPlace(scope.node, (n) => {
-      const name = n.opType === 'Constant' ? n.output.find((o) => unused.has(o) && !constants.has(o)) : undefined;
+      const name = n.opType === 'Constant' ? n.output.find((o) => names.has(o) && !constants.has(o)) : undefined;
       if (name === undefined) return true;
       constants.add(name);
       return false;
     });
-  }
-
-  private removeConstant(name: string, scope: GraphProto): void {
-    const i = scope.initializer.findIndex((t) => t.name === name);
-    if (i >= 0) {
-      scope.initializer.splice(i, 1);
-      // Models of IR version < 4 list their initializers among the graph inputs too: the input would then need a feed.
-      const input = scope === this.graph ? scope.input.findIndex((v) => v.name === name) : -1;
-      if (input >= 0) scope.input.splice(input, 1);
-    }
-    const node = scope.node.find((n) => n.opType === 'Constant' && n.output.includes(name));
-    if (node) scope.node.splice(scope.node.indexOf(node), 1);
   }
 
   /**

@@ -12,7 +12,7 @@ import { invalidType, invalidValue, withArticle } from '../errors';
 import { toFloat16Array } from '../float16';
 import { ortProblem } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession, type OrtSession } from './ort-session';
-import { checkChoice, checkKnownKeys, isPlainObject, iterability } from '../validate';
+import { checkChoice, checkKeepFloat, checkKnownKeys, checkNumber, isPlainObject, iterability } from '../validate';
 import { allNodes, attribute, checkDefaultOpset, Graph, weightValues } from './graph';
 import {
   bytesLeftInFiles, checkExternalOutput, checkNotModelFile, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
@@ -35,7 +35,7 @@ import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamicallySteps } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, quantizeBodyActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
+import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, reducedRangeBits, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -177,14 +177,11 @@ export interface QuantizationReport {
 
 /** A bit width from a fixed list: a TypeError for a non-number, a RangeError for another number. */
 function checkBitsChoice(name: string, v: unknown, choices: number[]): void {
-  const list = `${choices.slice(0, -1).join(', ')} or ${choices[choices.length - 1]}`;
-  if (typeof v !== 'number') throw invalidType(name, list, v);
-  if (!choices.includes(v)) throw invalidValue(name, list, v);
+  checkNumber(name, v, `${choices.slice(0, -1).join(', ')} or ${choices[choices.length - 1]}`, (n) => choices.includes(n));
 }
 
 function checkPositiveNumber(name: string, v: unknown, expected: string, integer = false): void {
-  if (typeof v !== 'number') throw invalidType(name, expected, v);
-  if (!(v > 0) || !Number.isFinite(v) || (integer && !Number.isInteger(v))) throw invalidValue(name, expected, v);
+  checkNumber(name, v, expected, (n) => n > 0 && Number.isFinite(n) && (!integer || Number.isInteger(n)));
 }
 
 function checkOptions(options: unknown): QuantizeModelOptions {
@@ -214,12 +211,11 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (w.bitAllocation !== undefined) {
     const b = w.bitAllocation;
     // Each channel's width is chosen in [2, 8] (7 with reduceRange), replacing bits for the layers it allocates.
-    const widest = w.reduceRange ? 7 : 8;
+    const widest = reducedRangeBits(8, !!w.reduceRange);
     const averageBits = `a number in [2, ${widest}] (the mean bits per weight${w.reduceRange ? '; reduceRange keeps weights within 7 bits' : ''})`;
     if (!isPlainObject(b)) throw invalidType('options.weights.bitAllocation', `{ averageBits } with averageBits ${averageBits}`, b);
     checkKnownKeys('options.weights.bitAllocation', b, ['averageBits']);
-    if (typeof b.averageBits !== 'number') throw invalidType('options.weights.bitAllocation.averageBits', averageBits, b.averageBits);
-    if (!(b.averageBits >= 2 && b.averageBits <= widest)) throw invalidValue('options.weights.bitAllocation.averageBits', averageBits, b.averageBits);
+    checkNumber('options.weights.bitAllocation.averageBits', b.averageBits, averageBits, (n) => n >= 2 && n <= widest);
   }
 
   checkBitsChoice('options.weights.bits', w.bits, [2, 4, 8]);
@@ -232,19 +228,9 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     if (perChannelOption) throw invalidValue('options.weights.granularity', `'channel' with options.weights.${perChannelOption} (it works per output channel)`, w.granularity);
   }
   if (w.method !== undefined) checkChoice('options.weights.method', w.method, ['minmax', 'mse', 'aciq']);
-  if (w.blockSize !== undefined && typeof w.blockSize !== 'number') throw invalidType('options.weights.blockSize', 'a power of two >= 16', w.blockSize);
-  if (w.blockSize !== undefined && (!Number.isInteger(w.blockSize) || (w.blockSize as number) < 16 || ((w.blockSize as number) & ((w.blockSize as number) - 1)) !== 0)) {
-    throw invalidValue('options.weights.blockSize', 'a power of two >= 16', w.blockSize);
-  }
+  if (w.blockSize !== undefined) checkNumber('options.weights.blockSize', w.blockSize, 'a power of two >= 16', (n) => Number.isInteger(n) && n >= 16 && (n & (n - 1)) === 0);
   if (w.biasCorrection !== undefined && typeof w.biasCorrection !== 'boolean') throw invalidType('options.weights.biasCorrection', 'a boolean', w.biasCorrection);
-  if (options.keepFloat !== undefined && !(Array.isArray(options.keepFloat) && options.keepFloat.every((k) => typeof k === 'string'))) {
-    throw invalidType('options.keepFloat', "an array of node names or op types (e.g. ['Gemm'])", options.keepFloat);
-  }
-  const emptyName = options.keepFloat?.findIndex((k) => k === '') ?? -1;
-  if (emptyName >= 0) {
-    // An empty name would match every unnamed layer.
-    throw invalidValue(`options.keepFloat[${emptyName}]`, 'a node name or op type', '', 'Remove the empty entry.');
-  }
+  checkKeepFloat('options.keepFloat', options.keepFloat, "an array of node names or op types (e.g. ['Gemm'])");
   if (options.firstLastLayerBits !== undefined) checkBitsChoice('options.firstLastLayerBits', options.firstLastLayerBits, [2, 4, 8]);
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw invalidType('options.onProgress', 'a function', options.onProgress);
   const a = options.activations;
@@ -829,8 +815,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const tensors = staticActivations ? [...new Set([...layerInputs, ...layerOutputs])] : [];
   // The layers whose input statistics calibration can gather, with what their weights meet: GPTQ's also in the
   // main graph's If branches; data-driven bias correction's in the main graph only.
-  const constantNow = graph.constantLookup();  // (output placement may have added nodes)
-  const withData = targets.filter((n) => !constantNow(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
+  const withData = targets.filter((n) => !constantOf(n.input[0])).map((n) => ({ n, input: layerInput(graph, n) }))
     .filter(({ input }) => LayerInputMoments.supports(input));
   const branchWithData = observableBodyLayers.map((l) => ({ n: l.node, input: layerInput(graph, l.node, l.scopes) }))
     .filter(({ input }) => LayerInputMoments.supports(input));

@@ -15,7 +15,7 @@ import { ort } from '../bench/ort-models';
 import { checkNotModelFile, checkOutputPath, OnnxModelError, readModelAsync, serializeModelAsync, writeFileAtomicAsync } from '../onnx/model-io';
 import { openSession, runSession, type OrtSession } from '../onnx/ort-session';
 import { seededRandom } from '../random';
-import { checkAttached, checkChoice, checkInteger, closestName, checkKnownKeys, generatorKind, isPlainObject, isStream, iterability, otherRealm } from '../validate';
+import { checkAttached, checkChoice, checkInteger, checkKeepFloat, checkNumber, closestName, checkKnownKeys, generatorKind, isPlainObject, isStream, iterability, otherRealm } from '../validate';
 import { exportBlocker, exportModel, type ExportLayer } from './export';
 import { nativeKernels, referenceKernels, type FloatKernels } from './kernels';
 import { checkKernel } from '../cpu';
@@ -145,17 +145,11 @@ const KNOWN_OPTIONS = ['method', 'weightBits', 'activationBits', 'firstLastLayer
   'stepInit', 'learnSteps', 'distill', 'freezeBatchNorm', 'validation', 'threads', 'kernel', 'onEpoch', 'onStep', 'outputPath', 'signal'];
 
 function positive(name: string, v: unknown, fallback: number): number {
-  if (v === undefined) return fallback;
-  if (typeof v !== 'number') throw invalidType(name, 'a positive finite number', v);
-  if (!Number.isFinite(v) || v <= 0) throw invalidValue(name, 'a positive finite number', v);
-  return v;
+  return v === undefined ? fallback : checkNumber(name, v, 'a positive finite number', (n) => Number.isFinite(n) && n > 0);
 }
 
 function nonNegative(name: string, v: unknown, fallback: number): number {
-  if (v === undefined) return fallback;
-  if (typeof v !== 'number') throw invalidType(name, 'a finite number ≥ 0', v);
-  if (!Number.isFinite(v) || v < 0) throw invalidValue(name, 'a finite number ≥ 0', v);
-  return v;
+  return v === undefined ? fallback : checkNumber(name, v, 'a finite number ≥ 0', (n) => Number.isFinite(n) && n >= 0);
 }
 
 function momentumOf(v: unknown): number {
@@ -227,20 +221,11 @@ export function checkFinetuneOptions(options: unknown): Settings & { raw: Finetu
   const o = options as FinetuneOptions;
   if (o.outputPath !== undefined) checkOutputPath('options.outputPath', o.outputPath);
   const method = o.method === undefined ? 'float' : checkChoice('options.method', o.method, ['float', 'lsq', 'gdrq'] as const);
-  const bits = (name: string, v: unknown, fallback: number, allowed: number[]) => {
-    if (v === undefined) return fallback;
-    if (typeof v !== 'number') throw invalidType(name, `one of ${allowed.join(', ')}`, v);
-    if (!allowed.includes(v)) throw invalidValue(name, `one of ${allowed.join(', ')}`, v);
-    return v as number;
-  };
+  const bits = (name: string, v: unknown, fallback: number, allowed: number[]) =>
+    v === undefined ? fallback : checkNumber(name, v, `one of ${allowed.join(', ')}`, (n) => allowed.includes(n));
   const weightBits = bits('options.weightBits', o.weightBits, 4, [2, 4, 8]) as 2 | 4 | 8;
   const defaultDecay = method === 'float' || weightBits >= 4 ? 1e-4 : 2.5e-5;
-  if (o.keepFloat !== undefined && (!Array.isArray(o.keepFloat) || !o.keepFloat.every((k) => typeof k === 'string'))) {
-    throw invalidType('options.keepFloat', 'an array of node names or op types', o.keepFloat);
-  }
-  const emptyName = o.keepFloat?.findIndex((k) => k === '') ?? -1;
-  // An empty name would match every unnamed layer.
-  if (emptyName >= 0) throw invalidValue(`options.keepFloat[${emptyName}]`, 'a node name or op type', '', 'Remove the empty entry.');
+  checkKeepFloat('options.keepFloat', o.keepFloat, 'an array of node names or op types');
   // Checked here for every kernel (the reference kernels take no threads, and would ignore a bad count).
   if (o.threads !== undefined) checkInteger('options.threads', o.threads, 1, 1024);
   for (const flag of ['distill', 'freezeBatchNorm', 'perChannel', 'reduceRange', 'learnSteps'] as const) {

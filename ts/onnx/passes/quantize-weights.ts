@@ -14,7 +14,7 @@ import { scaleClip } from '../../methods/gdrq';
 import { preserveRunSums } from '../../methods/sum-preserving';
 import { gptqRoundSteps, type WeightMatrixView } from '../../methods/gptq';
 import { NON_FINITE_INPUT, type LayerInput, type LayerInputMoments } from '../../calibration/layer-input-moments';
-import { dequantize, quantizationError, quantizeOffThread, quantizeTensor, type QuantizeOptions } from '../../quantize';
+import { dequantize, EMPTY_TENSOR_MAX_CHANNELS, quantizationError, quantizeOffThread, quantizeTensor, type QuantizeOptions } from '../../quantize';
 import { integerRange, type QuantizedTensor } from '../../quant-params';
 import { closestName } from '../../validate';
 import { nodeLabel, pauseClock, placeOf, runSteps, type PassReport, type Steps } from './pass';
@@ -301,7 +301,7 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
   const dims = dimsOf(w!);
   const axes = layout(n.opType, dims, transposes(n, 'transB'));
   // (quantizeTensor refuses such a tensor: scales for billions of channels and nothing to quantize.)
-  if (axes && dims.includes(0) && dims[axes.outputAxis] > 2 ** 24) {
+  if (axes && dims.includes(0) && dims[axes.outputAxis] > EMPTY_TENSOR_MAX_CHANNELS) {
     return `its weight [${dims.join(', ')}] has no values but ${dims[axes.outputAxis]} output channels: nothing to quantize, and a scale per channel would take gigabytes`;
   }
   if (axes) return undefined;
@@ -502,7 +502,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     yield* checkFiniteWeightsSteps(node, w.name, data, pause);
     const bits = edge && options.firstLastLayerBits ? options.firstLastLayerBits : options.bits;
     // The width of the values: at most 7 bits (in int8 storage) with reduceRange.
-    const widest = options.reduceRange ? 7 : 8;
+    const widest = reducedRangeBits(8, !!options.reduceRange);
     const valueBits = reducedRangeBits(bits, !!options.reduceRange);
     const blocked = options.granularity === 'block' && dims[axes.reductionAxis] >= (options.blockSize ?? 32);
     const perTensor = options.granularity === 'tensor';
