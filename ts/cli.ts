@@ -525,12 +525,14 @@ export function program(): Command {
     .option('--shape <MxKxN>', 'a shape to measure (repeatable); default: the standard set', parseShape)
     .option('--threads <n|all|both>', 'thread counts (repeatable; default: both)', parseThreads, undefined)
     .option('--kernel <name...>', 'lowbit kernels to measure (default: all SIMD paths here)')
+    .option('--rounds <n>', 'interleaved rounds per shape (every case once per round)', (v) => parseSize(v)[0], 3)
     .option('--json', 'machine-readable output')
-    .action(async (o: { shape?: Array<[number, number, number]>; threads?: number[]; kernel?: string[]; json?: boolean }) => {
+    .action(async (o: { shape?: Array<[number, number, number]>; threads?: number[]; kernel?: string[]; rounds: number; json?: boolean }) => {
       await benchGemm({
         shapes: o.shape ?? DEFAULT_GEMM_SHAPES,
         threads: o.threads ?? [1, cpuInfo().maxThreads],
         kernels: checkKernels('gemm', o.kernel),
+        rounds: o.rounds,
         json: !!o.json,
       });
     });

@@ -156,11 +156,14 @@ describe('lowbit CLI (audit)', () => {
     expect([dequantizedInto('conv1'), dequantizedInto('conv2')], 'conv1 kept float, conv2 quantized').to.deep.equal([false, true]);
     const keptFloatNote = lowbit('finetune', 'm.onnx', '--data', 'mnist', '--limit', '32', '--method', 'float', '--keep-float', 'conv1', '-o', 'f.onnx');
     expect(keptFloatNote.stderr).to.contain('lowbit: note: --keep-float has no effect here (--method float trains without quantizers)');
-    let threads: unknown;
+    let threads: unknown, rounds: unknown;
     const cmd = program();
-    cmd.commands.find((c) => c.name() === 'bench')!.commands.find((c) => c.name() === 'gemm')!.action((o: { threads?: number[] }) => { threads = o.threads; });
+    cmd.commands.find((c) => c.name() === 'bench')!.commands.find((c) => c.name() === 'gemm')!.action((o: { threads?: number[]; rounds: number }) => {
+      threads = o.threads;
+      rounds = o.rounds;
+    });
     cmd.parse(['node', 'lowbit', 'bench', 'gemm', '--threads', '1', '--threads', '4']);
-    expect(threads).to.deep.equal([1, 4]);
+    expect([threads, rounds]).to.deep.equal([[1, 4], 3]);
   });
 
   it('prints the message of an error, and its stack only with LOWBIT_DEBUG set', () => {
@@ -203,6 +206,22 @@ describe('lowbit CLI (audit)', () => {
     const threads = lowbit('bench', 'sgemm', '--threads', '100000');
     expect(threads.status).to.equal(1);
     expect(threads.stderr).to.contain("expected a thread count from 1 to 1024, 'all' or 'both', got '100000'");
+  });
+
+  it('bench gemm times every case once per round and takes each ratio from the rounds', function () {
+    this.timeout(60_000);
+    const r = lowbit('bench', 'gemm', '--shape', '8x8x8', '--threads', '1', '--rounds', '2', '--kernel', 'portable', '--json');
+    expect(r.status, r.stderr).to.equal(0);
+    const { rows, ratios } = JSON.parse(r.stdout) as { rows: Array<Record<string, unknown>>; ratios: Array<Record<string, number>> };
+    expect(rows.map((row) => row.implementation)).to.include.members(['lowbit portable u8s8', 'onnxruntime MatMulInteger u8s8']);
+    for (const row of rows) {
+      const times = row['ms per round'] as number[];
+      expect(times, String(row.implementation)).to.have.length(2);
+      expect(row['median ms']).to.equal((times[0] + times[1]) / 2);
+    }
+    const perRound = (name: string) => rows.find((row) => row.implementation === name)!['ms per round'] as number[];
+    const ours = perRound('lowbit portable u8s8'), theirs = perRound('onnxruntime MatMulInteger u8s8');
+    expect(ratios[0]['portable u8s8 / ort u8s8']).to.be.closeTo((theirs[0] / ours[0] + theirs[1] / ours[1]) / 2, 1e-12);
   });
 
   it('finetune stops on Ctrl-C with exit code 130, says so, and writes nothing', async function () {

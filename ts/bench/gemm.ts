@@ -1,7 +1,10 @@
 /**
  * GEMM throughput (GOPS = 2·m·k·n / s) of every lowbit kernel path against
  * onnxruntime-node's MatMulInteger (u8s8, s8s8), MatMul (fp32) and
- * MatMulNBits (4-bit weights), on the same shapes, one process per case.
+ * MatMulNBits (4-bit weights), on the same shapes, one process per case and
+ * round: the cases of a shape run in interleaved rounds, so a machine whose
+ * speed drifts (shared hosts) slows every case of a round alike, and each
+ * ratio is the median of its per-round ratios.
  * B is a constant in every case: packMatrix / packInt4Matrix for lowbit, an
  * initializer (pre-packed at session creation) for onnxruntime. Both write
  * into an output allocated once (a preallocated fetch for onnxruntime), and
@@ -26,6 +29,8 @@ export interface GemmCase {
   k: number;
   n: number;
   threads: number;
+  /** Timed milliseconds to aim at (after setup and a probe run); default 1500. */
+  budgetMs?: number;
 }
 
 const NBITS_BLOCK = 32;
@@ -119,7 +124,7 @@ export async function runGemmCase(c: GemmCase): Promise<GemmCaseResult> {
   await fn();
   const outputDigest = digestOf(out);
   const probe = await measure(fn, 1, 0);
-  return { ms: (await measure(fn, runsFor(probe.medianMs), 0)).medianMs, outputDigest };
+  return { ms: (await measure(fn, runsFor(probe.medianMs, c.budgetMs), 0)).medianMs, outputDigest };
 }
 
 export interface GemmBenchOptions {
@@ -127,7 +132,15 @@ export interface GemmBenchOptions {
   threads: number[];
   json: boolean;
   kernels?: string[];
+  /** Interleaved rounds per shape (default 3): every case once per round, in reverse order every other round. */
+  rounds?: number;
 }
+
+const median = (values: number[]) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+};
 
 export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
   const info = cpuInfo();
@@ -137,8 +150,10 @@ export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
   // Without VNNI onnxruntime's x86 u8s8 kernels add pairs of products in saturating int16 (vpmaddubsw), which these
   // full-range bytes can overflow: its outputs are compared with lowbit's only where it multiplies exactly.
   const ortExact = info.features.avx512vnni || info.features.avxvnni || info.features.neonDotprod;
-  const rows: Array<Record<string, string | number>> = [];
-  const gops: Record<string, number> = {};
+  const rounds = opts.rounds ?? 3;
+  const rows: Array<Record<string, string | number | number[]>> = [];
+  // Each case's median milliseconds per round, in round order.
+  const perRound = new Map<string, number[]>();
   const key = (shape: string, impl: string, threads: number) => `${shape}|${impl}|${threads}`;
   for (const [m, k, n] of opts.shapes) {
     const shape = `${m}x${k}x${n}`;
@@ -161,18 +176,27 @@ export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
       // Output digest per A/B pair (u8s8 or s8s8): those cases compute the same integers. (The float cases' digests
       // are not compared: each W4A8 and fp32 case quantizes or rounds in its own way.)
       const digests = new Map<string, string>();
-      for (const [name, c] of cases) {
-        const { ms, outputDigest } = inChildProcessJson<GemmCaseResult>({ bench: 'gemm', c });
-        const int8Pair = c.impl === 'lowbit' ? (c.aSigned ? 's8s8' : 'u8s8')
-          : ortExact && c.impl === 'ort-u8s8' ? 'u8s8' : ortExact && c.impl === 'ort-s8s8' ? 's8s8' : undefined;
-        if (int8Pair) {
-          const first = digests.get(int8Pair);
-          if (first === undefined) digests.set(int8Pair, outputDigest);
-          else if (first !== outputDigest) throw new Error(`${shape} ${name} threads=${threads}: its int32 output differs from the first ${int8Pair} case's (same A and B)`);
+      const roundMs = new Map<string, number[]>(cases.map(([name]) => [name, []]));
+      for (let round = 0; round < rounds; round++) {
+        const order = round % 2 ? [...cases].reverse() : cases;
+        for (const [name, c] of order) {
+          const { ms, outputDigest } = inChildProcessJson<GemmCaseResult>({ bench: 'gemm', c: { ...c, budgetMs: 1500 / rounds } });
+          const int8Pair = c.impl === 'lowbit' ? (c.aSigned ? 's8s8' : 'u8s8')
+            : ortExact && c.impl === 'ort-u8s8' ? 'u8s8' : ortExact && c.impl === 'ort-s8s8' ? 's8s8' : undefined;
+          if (int8Pair) {
+            const first = digests.get(int8Pair);
+            if (first === undefined) digests.set(int8Pair, outputDigest);
+            else if (first !== outputDigest) throw new Error(`${shape} ${name} threads=${threads}: its int32 output differs from the first ${int8Pair} case's (same A and B)`);
+          }
+          roundMs.get(name)!.push(ms);
+          if (!opts.json) process.stderr.write(`  round ${round + 1}/${rounds} ${shape} ${name} threads=${threads}: ${(ops / (ms / 1e3)).toFixed(1)} GOPS\n`);
         }
-        gops[key(shape, name, threads)] = ops / (ms / 1e3);
-        rows.push({ shape, implementation: name, threads, 'median ms': ms, GOPS: ops / (ms / 1e3) });
-        if (!opts.json) process.stderr.write(`  ${shape} ${name} threads=${threads}: ${(ops / (ms / 1e3)).toFixed(1)} GOPS\n`);
+      }
+      for (const [name] of cases) {
+        const times = roundMs.get(name)!;
+        const ms = median(times);
+        perRound.set(key(shape, name, threads), times);
+        rows.push({ shape, implementation: name, threads, 'median ms': ms, GOPS: ops / (ms / 1e3), 'ms per round': times });
       }
     }
   }
@@ -181,17 +205,21 @@ export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
     for (const [m, k, n] of opts.shapes) {
       const shape = `${m}x${k}x${n}`;
       for (const threads of opts.threads) {
-        const g = (impl: string) => gops[key(shape, impl, threads)] ?? NaN;
+        // lowbit's speed over the other's: the median over rounds of the ratio within each round.
+        const ratio = (ours: string, theirs: string) => {
+          const a = perRound.get(key(shape, ours, threads)), b = perRound.get(key(shape, theirs, threads));
+          return a && b ? median(a.map((ms, r) => b[r] / ms)) : NaN;
+        };
         const row: Record<string, string | number> = {
           shape, threads,
-          [`${best} u8s8 / ort u8s8`]: g(`lowbit ${best} u8s8`) / g('onnxruntime MatMulInteger u8s8'),
-          [`${best} s8s8 / ort s8s8`]: g(`lowbit ${best} s8s8`) / g('onnxruntime MatMulInteger s8s8'),
-          [`${best} u8s8 / ort fp32`]: g(`lowbit ${best} u8s8`) / g('onnxruntime MatMul fp32'),
-          'W4A8 / ort u8s8': g(`lowbit ${best} W4A8 (int4 weights)`) / g('onnxruntime MatMulInteger u8s8'),
-          'W4A8 / ort MatMulNBits (both from float A)': g(`lowbit ${best} W4A8 from float activations`) / g('onnxruntime MatMulNBits 4-bit'),
+          [`${best} u8s8 / ort u8s8`]: ratio(`lowbit ${best} u8s8`, 'onnxruntime MatMulInteger u8s8'),
+          [`${best} s8s8 / ort s8s8`]: ratio(`lowbit ${best} s8s8`, 'onnxruntime MatMulInteger s8s8'),
+          [`${best} u8s8 / ort fp32`]: ratio(`lowbit ${best} u8s8`, 'onnxruntime MatMul fp32'),
+          'W4A8 / ort u8s8': ratio(`lowbit ${best} W4A8 (int4 weights)`, 'onnxruntime MatMulInteger u8s8'),
+          'W4A8 / ort MatMulNBits (both from float A)': ratio(`lowbit ${best} W4A8 from float activations`, 'onnxruntime MatMulNBits 4-bit'),
         };
         if (kernels.includes('avx512vnni') && best !== 'avx512vnni') {
-          row['avx512vnni / ort u8s8'] = g('lowbit avx512vnni u8s8') / g('onnxruntime MatMulInteger u8s8');
+          row['avx512vnni / ort u8s8'] = ratio('lowbit avx512vnni u8s8', 'onnxruntime MatMulInteger u8s8');
         }
         ratios.push(row);
       }
@@ -201,10 +229,13 @@ export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
     console.log(JSON.stringify({ cpu: info, rows, ratios }, null, 2));
     return;
   }
-  console.log(`gemm: GOPS = 2·m·k·n / median time; one process per case; kernels: ${kernels.join(', ')}\n`);
-  console.log(table(rows));
+  console.log(`gemm: GOPS = 2·m·k·n / median time (median of ${rounds} interleaved rounds, one process per case and round); kernels: ${kernels.join(', ')}\n`);
+  console.log(table(rows.map(({ 'ms per round': times, ...row }) => {
+    const [m, k, n] = String(row.shape).split('x').map(Number);
+    return { ...row, 'GOPS per round': (times as number[]).map((ms) => ((2 * m * k * n) / 1e6 / ms).toFixed(1)).join(' ') };
+  })));
   if (ratios.length) {
-    console.log('\nratios (> 1: lowbit faster)\n');
+    console.log('\nratios (> 1: lowbit faster; the median over rounds of the ratio within each round)\n');
     console.log(table(ratios));
   } else {
     console.log('\nonnxruntime-node is not installed: no comparison rows (npm install onnxruntime-node).');
