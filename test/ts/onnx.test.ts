@@ -1729,6 +1729,30 @@ describe('corrupted or unloadable models', () => {
     expect((await failure(() => inspectModel(short))).message).to.match(/Tensor 'conv1.weight' holds 284 bytes/);
   });
 
+  it('a node without an input its operator requires: an OnnxModelError naming the node and the input, before any pass rewrites it', async () => {
+    const edited = (edit: (nodes: NodeProto[]) => void, opset = 13) => {
+      const m = readModel(bundled);
+      m.opsetImport[0].version = BigInt(opset);
+      edit(m.graph!.node);
+      return serializeModel(m);
+    };
+    const byName = (nodes: NodeProto[], name: string) => nodes.find((n) => n.name === name)!;
+    // At opset 11 the Softmax is converted (Flatten + Softmax + Reshape): it became a Flatten reading 'undefined'.
+    const softmax = edited((nodes) => Object.assign(byName(nodes, 'flatten'), { opType: 'Softmax', input: [] }), 11);
+    const cases: Array<[Uint8Array, RegExp]> = [
+      [softmax, /^Node 'flatten' \(Softmax\) has no input 0, where Softmax at opset 11 takes 1 required input \(it has 0: \[\]\): the model is invalid/],
+      [edited((nodes) => byName(nodes, 'conv2').input.splice(1)), /^Node 'conv2' \(Conv\) has no input 1, where Conv at opset 13 takes 2 required inputs \(it has 1: \['p1'\]\)/],
+      [edited((nodes) => { byName(nodes, 'bn1').input[2] = ''; }), /^Node 'bn1' \(BatchNormalization\) has no input 2, where BatchNormalization at opset 13 takes 5 required inputs/],
+    ];
+    for (const [bytes, message] of cases) {
+      for (const run of [() => quantizeModel(bytes, { weights: { bits: 8 } }), () => inspectModel(bytes)]) {
+        const e = await failure(run);
+        expect(e.name).to.equal('OnnxModelError');
+        expect(e.message).to.match(message);
+      }
+    }
+  });
+
   it('NaN or infinite weights: an OnnxModelError naming the layer before any calibration (not a wrong model); inspect counts them', async () => {
     for (const bad of [NaN, Infinity, -Infinity]) {
       const bytes = withConv1Weights((w) => { w[3] = bad; return w; });

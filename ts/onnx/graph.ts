@@ -20,6 +20,33 @@ const INVALID_MODEL = 'the model is invalid (onnxruntime refuses it too); re-exp
 /** How a pass finds a one-element constant's value: Graph.scalar, or a Graph.scalarLookup built once. */
 export type ScalarOf = (name: string | undefined) => number | undefined;
 
+/**
+ * How many leading inputs an operator of the default domain must be given (named, not ''), at an opset, for the
+ * operators lowbit's passes read or rewrite by position; undefined for the others (onnxruntime checks them).
+ */
+function requiredInputs(opType: string, opset: number): number | undefined {
+  switch (opType) {
+    case 'BatchNormalization': return 5;
+    case 'Conv': case 'ConvTranspose': case 'MatMul': case 'Gemm': case 'Add': case 'Sub': case 'Mul': case 'Div':
+    case 'Gather': case 'PRelu': case 'QuantizeLinear': case 'DequantizeLinear': case 'Pow': case 'Where':
+      return opType === 'Where' ? 3 : 2;
+    case 'Reshape': return opset >= 5 ? 2 : 1;
+    case 'Upsample': return opset >= 9 ? 2 : 1;
+    case 'Resize': return opset === 10 ? 2 : 1;
+    case 'Slice': return opset >= 10 ? 3 : 1;
+    case 'Pad': return opset >= 11 ? 2 : 1;
+    case 'Unsqueeze': return opset >= 13 ? 2 : 1;
+    case 'Clip': case 'Softmax': case 'LogSoftmax': case 'Hardmax': case 'Split': case 'Squeeze': case 'Dropout':
+    case 'ReduceSum': case 'ReduceMean': case 'ReduceMax': case 'ReduceMin': case 'ReduceProd': case 'ReduceSumSquare':
+    case 'ReduceL1': case 'ReduceL2': case 'ReduceLogSum': case 'ReduceLogSumExp': case 'Relu': case 'Identity':
+    case 'Flatten': case 'Transpose': case 'Cast': case 'HardSigmoid': case 'HardSwish': case 'Sigmoid': case 'Tanh':
+    case 'MaxPool': case 'AveragePool': case 'GlobalAveragePool': case 'GlobalMaxPool': case 'Concat': case 'Shape':
+    case 'LayerNormalization': case 'InstanceNormalization': case 'LeakyRelu': case 'Erf': case 'Gelu': case 'Sqrt':
+      return opType === 'LayerNormalization' || opType === 'InstanceNormalization' ? (opType === 'LayerNormalization' ? 2 : 3) : 1;
+    default: return undefined;
+  }
+}
+
 /** Removes in place, in one pass, the items `keep` says no to (asked in order). */
 function keepInPlace<T>(list: T[], keep: (item: T) => boolean): void {
   let kept = 0;
@@ -273,6 +300,16 @@ export class Graph {
     for (const { node, scopes } of [...this.graph.node.map((node) => ({ node, scopes: [] as GraphProto[] })), ...subgraphNodes(this)]) {
       const what = `Node '${node.name || node.output[0] || '(unnamed)'}'${scopes.length ? ' (in a subgraph)' : ''}`;
       if (node.opType === '') throw new OnnxModelError(`${what} has no op_type: the model is invalid; re-export it.`);
+      // The passes read and rewrite these operators' inputs by position (a Softmax without its input became a
+      // Flatten reading 'undefined').
+      const required = isOnnxDomain(node.domain) ? requiredInputs(node.opType, this.opset) : undefined;
+      if (required !== undefined) {
+        const missing = Array.from({ length: required }, (_, i) => i).find((i) => !node.input[i]);
+        if (missing !== undefined) {
+          throw new OnnxModelError(`${what} (${node.opType}) has no input ${missing}, where ${node.opType} at opset ${this.opset} takes ` +
+            `${required} required input${required > 1 ? 's' : ''} (it has ${node.input.length}: [${node.input.map((i) => `'${i}'`).join(', ')}]): ${INVALID_MODEL}`);
+        }
+      }
       // The passes divide channels by group; onnxruntime refuses such a node only when it runs it.
       if ((node.opType === 'Conv' || node.opType === 'ConvTranspose') && isOnnxDomain(node.domain)) {
         const group = intAttribute(node, 'group', 1);
