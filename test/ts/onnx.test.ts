@@ -1729,7 +1729,7 @@ describe('corrupted or unloadable models', () => {
     expect((await failure(() => inspectModel(short))).message).to.match(/Tensor 'conv1.weight' holds 284 bytes/);
   });
 
-  it('a node without an input its operator requires: an OnnxModelError naming the node and the input, before any pass rewrites it', async () => {
+  it('a node without an input its operator requires, or a Constant without a value: an OnnxModelError naming the node, before any pass rewrites it', async () => {
     const edited = (edit: (nodes: NodeProto[]) => void, opset = 13) => {
       const m = readModel(bundled);
       m.opsetImport[0].version = BigInt(opset);
@@ -1743,6 +1743,7 @@ describe('corrupted or unloadable models', () => {
       [softmax, /^Node 'flatten' \(Softmax\) has no input 0, where Softmax at opset 11 takes 1 required input \(it has 0: \[\]\): the model is invalid/],
       [edited((nodes) => byName(nodes, 'conv2').input.splice(1)), /^Node 'conv2' \(Conv\) has no input 1, where Conv at opset 13 takes 2 required inputs \(it has 1: \['p1'\]\)/],
       [edited((nodes) => { byName(nodes, 'bn1').input[2] = ''; }), /^Node 'bn1' \(BatchNormalization\) has no input 2, where BatchNormalization at opset 13 takes 5 required inputs/],
+      [edited((nodes) => Object.assign(byName(nodes, 'flatten'), { opType: 'Constant' })), /^Node 'flatten' \(Constant\) has no value attribute/],
     ];
     for (const [bytes, message] of cases) {
       for (const run of [() => quantizeModel(bytes, { weights: { bits: 8 } }), () => inspectModel(bytes)]) {

@@ -18,7 +18,7 @@ import { nativeKernels } from '../../ts/train/kernels';
 import { makeParameter, TrainableModel } from '../../ts/train/model';
 import { GdrqWeightQuantizer, LsqQuantizer } from '../../ts/train/quantizers';
 import { ort } from '../../ts/bench/ort-models';
-import { readModel } from '../../ts/onnx/model-io';
+import { readModel, serializeModel } from '../../ts/onnx/model-io';
 import { floatData } from '../../ts/onnx/graph';
 import { loadMnist } from '../../ts/train/mnist';
 import { writeNpy } from '../helpers/npy';
@@ -568,6 +568,26 @@ describe('finetune: bad input', () => {
     const pattern = /^The model does not compute on data's input dims \[1, 1, 4, 4\]: Gemm node .*inner sizes 16 and 15 differ/;
     await expectError(finetune(bytes, { inputs, labels: Int32Array.of(0, 1) }), OnnxModelError, pattern);
     await expectError(finetune(bytes, { inputs }, { distill: true, epochs: 1 }), OnnxModelError, pattern);
+  });
+
+  it('a model of invalid structure is an OnnxModelError, as from quantizeModel; an output no operator computes is refused (mutation fuzz)', async () => {
+    const edited = (edit: (nodes: import('onnx-buf').NodeProto[]) => void) => {
+      const m = readModel(BUNDLED);
+      edit(m.graph!.node);
+      return serializeModel(m);
+    };
+    const data = subset('train', 8);
+    // Each reached the loss as an undefined tensor: "Cannot read properties of undefined (reading 'dims')".
+    await expectError(finetune(edited((nodes) => { nodes.find((n) => n.name === 'fc')!.output[0] = 'bn2.gamma'; }), data),
+      OnnxModelError, /^The value 'bn2.gamma' is defined twice \(initializer 'bn2.gamma', and an output of node 'fc'\)/);
+    await expectError(finetune(edited((nodes) => Object.assign(nodes.find((n) => n.name === 'fc')!, { opType: 'Constant' })), data),
+      OnnxModelError, /^Node 'fc' \(Constant\) has no value attribute \(value, value_float, value_ints…\): the model is invalid/);
+    const constantOutput = buildModel({
+      inputDims: ['N', 1, 2, 2], nodes: [{ op: 'Flatten', inputs: ['input'], output: 'f' }, { op: 'Gemm', inputs: ['f', 'w'], output: 'z' }],
+      initializers: { w: { dims: [4, 2], data: new Float32Array(8).fill(0.1) } }, output: 'w',
+    });
+    await expectError(finetune(constantOutput, { inputs: { data: new Float32Array(8), dims: [2, 1, 2, 2] }, labels: Int32Array.of(0, 1) }),
+      TrainingError, /^The model's output 'w' is not computed by any of its operators \(it is a constant or an input\)/);
   });
 
   it('a non-finite loss stops training, names the step and the layer, and keeps the last good weights', async () => {

@@ -47,6 +47,9 @@ function requiredInputs(opType: string, opset: number): number | undefined {
   }
 }
 
+/** The attributes that give a Constant its value (one of them). */
+const CONSTANT_VALUES = new Set(['value', 'sparse_value', 'value_float', 'value_floats', 'value_int', 'value_ints', 'value_string', 'value_strings']);
+
 /** Removes in place, in one pass, the items `keep` says no to (asked in order). */
 function keepInPlace<T>(list: T[], keep: (item: T) => boolean): void {
   let kept = 0;
@@ -300,6 +303,9 @@ export class Graph {
     for (const { node, scopes } of [...this.graph.node.map((node) => ({ node, scopes: [] as GraphProto[] })), ...subgraphNodes(this)]) {
       const what = `Node '${node.name || node.output[0] || '(unnamed)'}'${scopes.length ? ' (in a subgraph)' : ''}`;
       if (node.opType === '') throw new OnnxModelError(`${what} has no op_type: the model is invalid; re-export it.`);
+      if (node.opType === 'Constant' && isOnnxDomain(node.domain) && !node.attribute.some((a) => CONSTANT_VALUES.has(a.name))) {
+        throw new OnnxModelError(`${what} (Constant) has no value attribute (value, value_float, value_ints…): ${INVALID_MODEL}`);
+      }
       // The passes read and rewrite these operators' inputs by position (a Softmax without its input became a
       // Flatten reading 'undefined').
       const required = isOnnxDomain(node.domain) ? requiredInputs(node.opType, this.opset) : undefined;

@@ -172,6 +172,8 @@ export class TrainableModel {
 
   constructor(model: ModelProto) {
     this.graph = new Graph(model);
+    // The structure the engine relies on, as quantizeModel checks it (a value defined twice reached the loss as undefined).
+    this.graph.validate();
     constantAttributesAsTensors(this.graph);  // value_float(s)/value_int(s) Constants: read as tensors like the others
     bypassConstantIdentities(this.graph);  // weights read through an Identity (shared or renamed): trained as weights
     const unsupported = [...new Set(model.graph!.node.filter((n) => n.opType !== 'Constant' && (n.domain !== '' && n.domain !== 'ai.onnx' || !OPS.has(n.opType))).map((n) => n.opType))];
@@ -203,6 +205,10 @@ export class TrainableModel {
       : [];
     this.outputName = model.graph!.output[0]?.name;
     if (!this.outputName) throw new TrainingError('The model has no output.');
+    if (!this.nodes.some((n) => n.output.includes(this.outputName))) {
+      throw new TrainingError(`The model's output '${this.outputName}' is not computed by any of its operators (it is a constant or an input): ` +
+        'fine-tuning trains a model whose output is computed from its input.');
+    }
     // A final Softmax, also behind ops that only relabel dimensions (Flatten, Reshape… as converters write them):
     // the loss reads its input as logits, in the output's layout, since such ops keep the values' order.
     let last = this.nodes.find((n) => n.output[0] === this.outputName);
