@@ -23,7 +23,7 @@ import { attribute, Graph, makeNode } from './graph';
 import {
   bytesLeftInFiles, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, serializeForSession, sessionFolderOption, storedBytes, subgraphsOf, writeModelWithExternalData,
 } from './model-io';
-import { copyOf, openSession, runSession, type OrtHost } from './ort-session';
+import { copyOf, openSession, runSession, type OrtHost, type PlainTensor } from './ort-session';
 import { abortable, pauser } from './passes/pass';
 
 /**
@@ -681,6 +681,11 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     expectBatches?: number;
     /** Stops with its reason after the onnxruntime run or the observer in progress. */
     signal?: AbortSignal;
+    /**
+     * When onnxruntime cannot run the model on a batch: the input model's own error on it, if the model as given
+     * fails there too (the data do not fit the model; otherwise the conversion or folding broke it).
+     */
+    inputModelError?: (inputs: Record<string, PlainTensor>, what: string, hint: string) => Promise<Error | undefined>;
   } = {}): Promise<CalibrationResult> {
   const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
   // The range observers and the caller's, fed alike.
@@ -702,9 +707,15 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       const feed = checkFeedFrom(model, raw, batches, files);
       const inputs = Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
       // Nothing to observe (no layer whose inputs the observers take): the run still checks the feed in onnxruntime.
-      const fetched = await runSession(session, inputs, exposed.length > 0 ? exposed.map(outputOf) : undefined,
-        `the float model on calibration[${batches}]${fromFiles(files)}`,
-        `${symbolicDimsDisagree(model, feed) ?? ''}Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.`);
+      const what = `calibration[${batches}]${fromFiles(files)}`;
+      const hint = symbolicDimsDisagree(model, feed) ?? '';
+      let fetched;
+      try {
+        fetched = await runSession(session, inputs, exposed.length > 0 ? exposed.map(outputOf) : undefined, `the float model on ${what}`,
+          `${hint}Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.`);
+      } catch (e) {
+        throw (e instanceof OnnxModelError && await options.inputModelError?.(inputs, what, hint)) || e;
+      }
       options.signal?.throwIfAborted();
       const outputs = Object.fromEntries(exposed.map((t) => [t, fetched[outputOf(t)]]));
       const values = new Map(exposed.map((t) => [t, floatValues(outputs[t])]));

@@ -11,7 +11,7 @@ import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf'
 import { invalidType, invalidValue, withArticle } from '../errors';
 import { toFloat16Array } from '../float16';
 import { ortProblem } from '../bench/ort-models';
-import { openPair, openSession, OrtHost, runSession, type OrtSession } from './ort-session';
+import { openPair, openSession, OrtHost, runSession, type OrtSession, type PlainTensor } from './ort-session';
 import { checkChoice, checkKeepFloat, checkKnownKeys, checkNumber, isPlainObject, iterability } from '../validate';
 import { allNodes, attribute, checkDefaultOpset, Graph, weightValues } from './graph';
 import {
@@ -444,7 +444,8 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
  * Depthwise input equalization (passes/equalize-depthwise) before the main calibration, from a first pass that
  * takes the depthwise inputs' per-channel ranges; undefined when the model has no depthwise layer.
  */
-async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: QuantizeModelOptions, host: OrtHost, rereadable: boolean):
+async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: QuantizeModelOptions, host: OrtHost, rereadable: boolean,
+  inputModelError: ReturnType<typeof inputModelErrorOn>):
   Promise<{ report: PassReport; shifts: Map<string, Float64Array>; calibrationMs?: number; batches?: number } | undefined> {
   const layers = depthwiseLayers(graph, targets);
   if (layers.length === 0) return undefined;
@@ -460,7 +461,7 @@ async function equalizeDepthwise(graph: Graph, targets: NodeProto[], opts: Quant
   opts.onProgress?.('calibrate (depthwise input channels)');
   const t0 = performance.now();
   const { batches } = await calibrate(cloneSharingData(graph.model), [], opts.calibration!, 'minmax', {
-    onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, signal: opts.signal,
+    onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, signal: opts.signal, inputModelError,
     tensorObservers: layers.map((n) => ({ tensor: n.input[0], observe: (data: Float32Array, dims: readonly number[]) => observers.get(n)!.observe(data, dims) })),
   });
   const calibrationMs = performance.now() - t0;
@@ -482,6 +483,32 @@ async function openFloatModel(model: string | Uint8Array, options: Parameters<ty
 }
 
 type ClosableSession = { session: OrtSession; close: () => Promise<void> };
+
+/**
+ * For calibrate's inputModelError: the input model as given, run on a batch the prepared model failed on; its error
+ * when it fails too (the batch does not fit the model), undefined when it runs it or cannot be opened (then the
+ * conversion is to blame, as the first error says).
+ */
+function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
+  return async (inputs: Record<string, PlainTensor>, what: string, hint: string): Promise<Error | undefined> => {
+    let opened: ClosableSession;
+    try {
+      opened = await openFloatModel(input, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 }, host);
+    } catch {
+      return undefined;
+    }
+    const given = Object.entries(inputs).map(([name, t]) => `${name}: [${t.dims.join(', ')}]`).join(', ');
+    try {
+      await runSession(opened.session, inputs, undefined, `the input model on ${what} (${given})`,
+        `${hint}The model as given fails on this batch as well (not a conversion's doing): check the model, and that the batch has the sizes it computes on.`);
+      return undefined;
+    } catch (e) {
+      return e instanceof OnnxModelError ? e : undefined;
+    } finally {
+      await opened.close().catch(() => undefined);
+    }
+  };
+}
 
 function closable(session: OrtSession): ClosableSession {
   return { session, close: () => session.release() };
@@ -765,7 +792,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   let shifts = new Map<string, Float64Array>();
   let equalizationBatches: number | undefined;  // what the main calibration must read again
   if (staticActivations && staticActivations.bits <= 8 && staticActivations.equalizeDepthwise) {
-    const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts, host, rereadable));
+    const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts, host, rereadable, inputModelErrorOn(input, host)));
     // Its pass over the calibration data counts as calibration.
     if (equalized?.calibrationMs) {
       timings['equalize-depthwise'] -= equalized.calibrationMs;
@@ -851,7 +878,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
     result = await calibrate(prepared!, [...new Set([...tensors, ...branchTensors])], opts.calibration!, staticActivations?.method ?? 'minmax', {
-      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, signal: opts.signal,
+      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, signal: opts.signal, inputModelError: inputModelErrorOn(input, host),
       tensorObservers: [...observe(biasObservers, false), ...(secondPass ? [] : observe([...gptqMoments], false))], expectBatches: equalizationBatches,
     });
     calibrationBatches = result.batches;
