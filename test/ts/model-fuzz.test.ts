@@ -102,7 +102,9 @@ function mutant(seed: number): { what: string; bytes: Uint8Array } {
 
 const TYPED = ['OnnxModelError', 'RangeError', 'TypeError', 'TrainingError'];
 // What JavaScript says when code reads what is not there: never what lowbit should answer a bad model with.
-const INTERNALS = /Cannot read prop|is not a function|is not iterable|'undefined'|Invalid array length|Maximum call stack|Invalid typed array length|Offset is outside/;
+const INTERNALS = new RegExp(['Cannot read prop', 'Cannot set prop', 'is not a function', 'is not iterable', "'undefined'", 'Invalid array length',
+  'Maximum call stack', 'Invalid typed array length', 'Offset is outside', 'Cannot mix BigInt', 'Cannot convert a BigInt',
+  'should be a multiple of', 'Array buffer allocation failed'].join('|'));
 
 describe('mutated models', () => {
   it('300 mutants of the bundled CNN: each call succeeds or throws a typed error of lowbit\'s own', async function () {

@@ -1746,6 +1746,13 @@ describe('corrupted or unloadable models', () => {
       [edited((nodes) => { byName(nodes, 'bn1').input[2] = ''; }), /^Node 'bn1' \(BatchNormalization\) has no input 2, where BatchNormalization at opset 13 takes 5 required inputs/],
       [edited((nodes) => Object.assign(byName(nodes, 'flatten'), { opType: 'Constant' })), /^Node 'flatten' \(Constant\) has no value attribute/],
     ];
+    // Optional inputs left out or given as '' stay accepted: a Conv without bias, a Clip without min and max.
+    const optional = edited((nodes) => {
+      byName(nodes, 'conv1').input.splice(2);
+      Object.assign(byName(nodes, 'relu1'), { opType: 'Clip', input: ['b1', '', ''] });
+    });
+    expect((await quantizeModel(optional, { weights: { bits: 8 } })).report.layers).to.have.length(3);
+    expect((await inspectModel(optional)).layers).to.have.length(3);
     for (const [bytes, message] of cases) {
       for (const run of [() => quantizeModel(bytes, { weights: { bits: 8 } }), () => inspectModel(bytes)]) {
         const e = await failure(run);

@@ -2,7 +2,7 @@
  * GEMM throughput (GOPS = 2·m·k·n / s) of every lowbit kernel path against
  * onnxruntime-node's MatMulInteger (u8s8, s8s8), MatMul (fp32) and
  * MatMulNBits (4-bit weights), on the same shapes, one process per case and
- * round: the cases of a shape run in interleaved rounds, so a machine whose
+ * round: the cases of a shape and thread count run in interleaved rounds, so a machine whose
  * speed drifts (shared hosts) slows every case of a round alike, and each
  * ratio is the median of its per-round ratios.
  * B is a constant in every case: packMatrix / packInt4Matrix for lowbit, an

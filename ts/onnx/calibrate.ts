@@ -701,6 +701,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
   const { iterable, filesOf } = batchesOf(data);
   let batches = 0;
   const pause = pauser();
+  let closed = false;
   try {
     for await (const raw of abortable(iterable, options.signal)) {
       const files = filesOf(raw);
@@ -714,7 +715,12 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
         fetched = await runSession(session, inputs, exposed.length > 0 ? exposed.map(outputOf) : undefined, `the float model on ${what}`,
           `${hint}Check that the input model runs in onnxruntime-node on this input; if it does, the opset conversion or folding broke it: a lowbit bug, please report it with the model.`);
       } catch (e) {
-        throw (e instanceof OnnxModelError && await options.inputModelError?.(inputs, what, hint)) || e;
+        if (!(e instanceof OnnxModelError) || !options.inputModelError) throw e;
+        // Closed first: the input model's session would otherwise load beside this one (their memory adds up).
+        closed = true;
+        await close();
+        options.signal?.throwIfAborted();
+        throw await options.inputModelError(inputs, what, hint) ?? e;
       }
       options.signal?.throwIfAborted();
       const outputs = Object.fromEntries(exposed.map((t) => [t, fetched[outputOf(t)]]));
@@ -746,7 +752,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
       batches++;
     }
   } finally {
-    await close();
+    if (!closed) await close();
   }
   if (options.expectBatches !== undefined && batches !== options.expectBatches) {
     throw invalidValue('options.calibration', `the same ${options.expectBatches} batches on its second reading (lowbit reads it twice here)`, `${batches} batches`,

@@ -22,14 +22,16 @@ export type ScalarOf = (name: string | undefined) => number | undefined;
 
 /**
  * How many leading inputs an operator of the default domain must be given (named, not ''), at an opset, for the
- * operators lowbit's passes read or rewrite by position; undefined for the others (onnxruntime checks them).
+ * operators lowbit's passes read or rewrite by position: at most what the spec requires (Resize-11/12's roi and
+ * scales, and Gemm's C before opset 11, are left to onnxruntime); undefined for the others (onnxruntime checks them).
  */
 function requiredInputs(opType: string, opset: number): number | undefined {
   switch (opType) {
     case 'BatchNormalization': return 5;
+    case 'Where': case 'InstanceNormalization': return 3;
     case 'Conv': case 'ConvTranspose': case 'MatMul': case 'Gemm': case 'Add': case 'Sub': case 'Mul': case 'Div':
-    case 'Gather': case 'PRelu': case 'QuantizeLinear': case 'DequantizeLinear': case 'Pow': case 'Where':
-      return opType === 'Where' ? 3 : 2;
+    case 'Gather': case 'PRelu': case 'QuantizeLinear': case 'DequantizeLinear': case 'Pow': case 'LayerNormalization':
+      return 2;
     case 'Reshape': return opset >= 5 ? 2 : 1;
     case 'Upsample': return opset >= 9 ? 2 : 1;
     case 'Resize': return opset === 10 ? 2 : 1;
@@ -41,8 +43,8 @@ function requiredInputs(opType: string, opset: number): number | undefined {
     case 'ReduceL1': case 'ReduceL2': case 'ReduceLogSum': case 'ReduceLogSumExp': case 'Relu': case 'Identity':
     case 'Flatten': case 'Transpose': case 'Cast': case 'HardSigmoid': case 'HardSwish': case 'Sigmoid': case 'Tanh':
     case 'MaxPool': case 'AveragePool': case 'GlobalAveragePool': case 'GlobalMaxPool': case 'Concat': case 'Shape':
-    case 'LayerNormalization': case 'InstanceNormalization': case 'LeakyRelu': case 'Erf': case 'Gelu': case 'Sqrt':
-      return opType === 'LayerNormalization' || opType === 'InstanceNormalization' ? (opType === 'LayerNormalization' ? 2 : 3) : 1;
+    case 'LeakyRelu': case 'Erf': case 'Gelu': case 'Sqrt':
+      return 1;
     default: return undefined;
   }
 }
@@ -296,10 +298,12 @@ export class Graph {
    * main-graph node names are unique, Conv and ConvTranspose groups are 1 or more (a Conv's group divides its
    * constant weight's filters),
    * every value is defined once (graph input, initializer or node output; an initializer may also be listed as an
-   * input), every graph output is defined, and there is no cycle or dangling input (topologicalOrder). Bodies of
-   * subgraphs are checked for op types and groups; their values are onnxruntime's to check.
+   * input), every graph output is defined, and there is no cycle or dangling input (topologicalOrder); in the main
+   * graph and in bodies, the operators the passes read by position have their required inputs (requiredInputs) and
+   * Constants a value. Bodies' values are onnxruntime's to check.
    */
   validate(): void {
+    const opset = this.opset;
     for (const { node, scopes } of [...this.graph.node.map((node) => ({ node, scopes: [] as GraphProto[] })), ...subgraphNodes(this)]) {
       const what = `Node '${node.name || node.output[0] || '(unnamed)'}'${scopes.length ? ' (in a subgraph)' : ''}`;
       if (node.opType === '') throw new OnnxModelError(`${what} has no op_type: the model is invalid; re-export it.`);
@@ -308,11 +312,11 @@ export class Graph {
       }
       // The passes read and rewrite these operators' inputs by position (a Softmax without its input became a
       // Flatten reading 'undefined').
-      const required = isOnnxDomain(node.domain) ? requiredInputs(node.opType, this.opset) : undefined;
+      const required = isOnnxDomain(node.domain) ? requiredInputs(node.opType, opset) : undefined;
       if (required !== undefined) {
         const missing = Array.from({ length: required }, (_, i) => i).find((i) => !node.input[i]);
         if (missing !== undefined) {
-          throw new OnnxModelError(`${what} (${node.opType}) has no input ${missing}, where ${node.opType} at opset ${this.opset} takes ` +
+          throw new OnnxModelError(`${what} (${node.opType}) has no input ${missing}, where ${node.opType} at opset ${opset} takes ` +
             `${required} required input${required > 1 ? 's' : ''} (it has ${node.input.length}: [${node.input.map((i) => `'${i}'`).join(', ')}]): ${INVALID_MODEL}`);
         }
       }

@@ -486,8 +486,8 @@ type ClosableSession = { session: OrtSession; close: () => Promise<void> };
 
 /**
  * For calibrate's inputModelError: the input model as given, run on a batch the prepared model failed on; its error
- * when it fails too (the batch does not fit the model), undefined when it runs it or cannot be opened (then the
- * conversion is to blame, as the first error says).
+ * when it fails too (the batch or the model itself is at fault, not the conversion), undefined when it runs it, or
+ * when it cannot be opened here (then the prepared model's error stands).
  */
 function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
   return async (inputs: Record<string, PlainTensor>, what: string, hint: string): Promise<Error | undefined> => {
