@@ -1,6 +1,8 @@
 /** Small ONNX models built in code, for the training-engine tests and experiments. */
 import { create, toBinary } from '@bufbuild/protobuf';
-import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType, type NodeProto } from 'onnx-buf';
+
+import { readModel, serializeModel } from '../../ts/onnx/model-io';
 
 import { rng } from './random';
 
@@ -174,4 +176,12 @@ export function branchedMlp(seed: number): Uint8Array {
       { op: 'Reshape', name: 'reshape', inputs: ['mid', 'side_shape'], output: 'features' },
       mm('h1', 'features'), mm('h2', 'features'), { op: 'Add', name: 'heads', inputs: ['h1', 'h2'], output: 'y' }],
   });
+}
+
+/** A model file's bytes after `edit` of its main graph's nodes (and its default opset set to `opset`, when given). */
+export function editedModel(file: string, edit: (nodes: NodeProto[]) => void, opset?: number): Uint8Array {
+  const m = readModel(file);
+  if (opset !== undefined) m.opsetImport[0].version = BigInt(opset);
+  edit(m.graph!.node);
+  return serializeModel(m);
 }

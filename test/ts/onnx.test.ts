@@ -27,7 +27,7 @@ import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts
 import { inspectModel, sparkline } from '../../ts/onnx/inspect';
 import { countFileReads } from '../helpers/file-reads';
 import { writeNpy } from '../helpers/npy';
-import { branchedMlp, buildModel, cosine, heInit, overflowingMatMul, valueInfo as info } from '../helpers/onnx-builder';
+import { branchedMlp, buildModel, cosine, editedModel, heInit, overflowingMatMul, valueInfo as info } from '../helpers/onnx-builder';
 import { normalFeeds, rng } from '../helpers/random';
 import { dequantize, quantizeTensor } from '../../ts/quantize';
 import { renderedTextLineFeeds } from '../helpers/text-lines';
@@ -1731,12 +1731,7 @@ describe('corrupted or unloadable models', () => {
   });
 
   it('a node without an input its operator requires, or a Constant without a value: an OnnxModelError naming the node, before any pass rewrites it', async () => {
-    const edited = (edit: (nodes: NodeProto[]) => void, opset = 13) => {
-      const m = readModel(bundled);
-      m.opsetImport[0].version = BigInt(opset);
-      edit(m.graph!.node);
-      return serializeModel(m);
-    };
+    const edited = (edit: (nodes: NodeProto[]) => void, opset = 13) => editedModel(bundled, edit, opset);
     const byName = (nodes: NodeProto[], name: string) => nodes.find((n) => n.name === name)!;
     // At opset 11 the Softmax is converted (Flatten + Softmax + Reshape): it became a Flatten reading 'undefined'.
     const softmax = edited((nodes) => Object.assign(byName(nodes, 'flatten'), { opType: 'Softmax', input: [] }), 11);

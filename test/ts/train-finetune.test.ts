@@ -18,11 +18,11 @@ import { nativeKernels } from '../../ts/train/kernels';
 import { makeParameter, TrainableModel } from '../../ts/train/model';
 import { GdrqWeightQuantizer, LsqQuantizer } from '../../ts/train/quantizers';
 import { ort } from '../../ts/bench/ort-models';
-import { readModel, serializeModel } from '../../ts/onnx/model-io';
+import { readModel } from '../../ts/onnx/model-io';
 import { floatData } from '../../ts/onnx/graph';
 import { loadMnist } from '../../ts/train/mnist';
 import { writeNpy } from '../helpers/npy';
-import { branchedMlp, buildModel, mnistCnn } from '../helpers/onnx-builder';
+import { branchedMlp, buildModel, editedModel, mnistCnn } from '../helpers/onnx-builder';
 
 const BUNDLED = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
 
@@ -571,11 +571,7 @@ describe('finetune: bad input', () => {
   });
 
   it('a model of invalid structure is an OnnxModelError, as from quantizeModel; an output no operator computes is refused (mutation fuzz)', async () => {
-    const edited = (edit: (nodes: import('onnx-buf').NodeProto[]) => void) => {
-      const m = readModel(BUNDLED);
-      edit(m.graph!.node);
-      return serializeModel(m);
-    };
+    const edited = (edit: (nodes: import('onnx-buf').NodeProto[]) => void) => editedModel(BUNDLED, edit);
     const data = subset('train', 8);
     // Each reached the loss as an undefined tensor: "Cannot read properties of undefined (reading 'dims')".
     await expectError(finetune(edited((nodes) => { nodes.find((n) => n.name === 'fc')!.output[0] = 'bn2.gamma'; }), data),

@@ -14,7 +14,7 @@ import { cpuInfo } from '../cpu';
 import { matmulInt4, matmulInt8, packInt4Matrix, packMatrix } from '../gemm';
 import { quantizeTensor } from '../quantize';
 import { hasOrt, matMulFloatModel, matMulIntegerModel, matMulNBitsModel, ort, session } from './ort-models';
-import { bytesOf, digestOf, inChildProcessJson, measure, runsFor, table } from './timing';
+import { bytesOf, digestOf, inChildProcessJson, measure, median, runsFor, table } from './timing';
 
 export const DEFAULT_GEMM_SHAPES: Array<[number, number, number]> = [
   [1, 4096, 4096], [16, 4096, 4096], [128, 1024, 1024], [256, 256, 256], [1024, 1024, 1024], [2048, 2048, 2048],
@@ -136,11 +136,6 @@ export interface GemmBenchOptions {
   rounds?: number;
 }
 
-const median = (values: number[]) => {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
-};
 
 export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
   const info = cpuInfo();

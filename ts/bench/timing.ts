@@ -21,6 +21,13 @@ export async function measure(fn: () => unknown | Promise<unknown>, runs: number
   return { medianMs: times[Math.floor(times.length / 2)], minMs: times[0], runs };
 }
 
+/** The middle value (the mean of the middle two for an even count). */
+export function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
 export function table(rows: Array<Record<string, string | number>>): string {
   const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))];
   const cell = (v: string | number | undefined) => (v === undefined ? '' : typeof v !== 'number' ? v : Number.isInteger(v) ? String(v) : v.toFixed(v >= 100 ? 0 : 2));
