@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
+import { benchGemm } from '../../ts/bench';
 import { program } from '../../ts/cli';
 import { readNpy, readNpyLabels } from '../../ts/onnx/calibrate';
 import { readModel } from '../../ts/onnx/model-io';
@@ -208,7 +209,7 @@ describe('lowbit CLI (audit)', () => {
     expect(threads.stderr).to.contain("expected a thread count from 1 to 1024, 'all' or 'both', got '100000'");
   });
 
-  it('bench gemm times every case once per round and takes each ratio from the rounds', function () {
+  it('bench gemm times every case once per round and takes each ratio from the rounds', async function () {
     this.timeout(60_000);
     const r = lowbit('bench', 'gemm', '--shape', '8x8x8', '--threads', '1', '--rounds', '3', '--kernel', 'portable', '--json');
     expect(r.status, r.stderr).to.equal(0);
@@ -223,6 +224,12 @@ describe('lowbit CLI (audit)', () => {
     const ours = perRound('lowbit portable u8s8'), theirs = perRound('onnxruntime MatMulInteger u8s8');
     const roundRatios = theirs.map((ms, round) => ms / ours[round]).sort((a, b) => a - b);
     expect(ratios[0]['portable u8s8 / ort u8s8']).to.equal(roundRatios[1]);
+    // Called as a function, a round count the median cannot be taken over is refused before any work.
+    for (const rounds of [0, 1.5]) {
+      const refused = await benchGemm({ shapes: [[8, 8, 8]], threads: [1], rounds, json: true }).then(() => undefined, (e: Error) => e);
+      expect(refused).to.be.instanceOf(RangeError);
+      expect(refused!.message).to.match(new RegExp(`^Expected an integer in \\[1, 1000\\] for opts\\.rounds but received ${rounds}`));
+    }
   });
 
   it('finetune stops on Ctrl-C with exit code 130, says so, and writes nothing', async function () {

@@ -23,7 +23,7 @@ import {
 } from '../../ts/onnx/model-io';
 import { OrtHost, OrtSession } from '../../ts/onnx/ort-session';
 import { writeMatMulChain } from '../../ts/bench/large-model';
-import { compareOutputs, quantizeModel, type QuantizationReport } from '../../ts/onnx/quantize-model';
+import { compareOutputs, inputModelErrorOn, quantizeModel, type QuantizationReport } from '../../ts/onnx/quantize-model';
 import { inspectModel, sparkline } from '../../ts/onnx/inspect';
 import { countFileReads } from '../helpers/file-reads';
 import { writeNpy } from '../helpers/npy';
@@ -978,6 +978,29 @@ describe('malformed graphs', () => {
     await quantizeModel(broken, { weights: { bits: 8 }, activations: { bits: 8 }, calibration }).catch((e) => (e2 = e));
     expect(e2).to.be.instanceOf(OnnxModelError);
     expect((e2 as Error).message).to.match(/^onnxruntime could not run the input model on calibration\[0\] \(input: \[1, 2, 4, 4\]\): .*BatchNormalization.* The model as given fails on this batch as well \(not a conversion's doing\): check the model/);
+    // The prepared model's failure, which led to the input model's run, is kept as the cause.
+    expect((e2 as Error).cause).to.be.instanceOf(OnnxModelError);
+    expect(((e2 as Error).cause as Error).message).to.match(/^onnxruntime could not run the float model on calibration\[0\]: .*BatchNormalization/);
+  });
+
+  it("a failed calibration batch's diagnosis says when the input model as given runs it, or could not be opened to tell", async () => {
+    const failure = new OnnxModelError('onnxruntime could not run the float model on calibration[0]: reason. Remedy.');
+    const inputs = { input: { data: new Float32Array(784), dims: [1, 1, 28, 28], type: 'float32' as const } };
+    const host = new OrtHost();
+    try {
+      // The bundled CNN runs this batch: the prepared model's failure stands, said to be the conversion's doing.
+      const runs = await inputModelErrorOn(path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx'), host)(inputs, 'calibration[0]', '', failure);
+      expect(runs).to.be.instanceOf(OnnxModelError);
+      expect(runs.message).to.equal(`${failure.message} (The input model as given runs this batch: it is the conversion's doing.)`);
+      expect(runs.cause).to.equal(failure);
+      // Not loadable as given: the failure stands, with why the input model could not be run.
+      const unopened = await inputModelErrorOn(new Uint8Array([8, 7, 18, 3]), host)(inputs, 'calibration[0]', '', failure);
+      expect(unopened).to.be.instanceOf(OnnxModelError);
+      expect(unopened.message.startsWith(`${failure.message} (lowbit could not open the input model as given to run this batch on it: `)).to.equal(true);
+      expect(unopened.cause).to.equal(failure);
+    } finally {
+      await host.close();
+    }
   });
 });
 

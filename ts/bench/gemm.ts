@@ -13,6 +13,7 @@
 import { cpuInfo } from '../cpu';
 import { matmulInt4, matmulInt8, packInt4Matrix, packMatrix } from '../gemm';
 import { quantizeTensor } from '../quantize';
+import { checkInteger } from '../validate';
 import { hasOrt, matMulFloatModel, matMulIntegerModel, matMulNBitsModel, ort, session } from './ort-models';
 import { bytesOf, digestOf, inChildProcessJson, measure, median, runsFor, table } from './timing';
 
@@ -146,6 +147,7 @@ export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
   // full-range bytes can overflow: its outputs are compared with lowbit's only where it multiplies exactly.
   const ortExact = info.features.avx512vnni || info.features.avxvnni || info.features.neonDotprod;
   const rounds = opts.rounds ?? 3;
+  checkInteger('opts.rounds', rounds, 1, 1000);  // a median of no rounds would be NaN
   const rows: Array<Record<string, string | number | number[]>> = [];
   // Each case's median milliseconds per round, in round order.
   const perRound = new Map<string, number[]>();

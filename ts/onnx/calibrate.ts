@@ -682,10 +682,10 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     /** Stops with its reason after the onnxruntime run or the observer in progress. */
     signal?: AbortSignal;
     /**
-     * When onnxruntime cannot run the model on a batch: the input model's own error on it, if the model as given
-     * fails there too (the data do not fit the model; otherwise the conversion or folding broke it).
+     * When onnxruntime cannot run the model on a batch (`failure`): the error to report instead, after running the
+     * input model as given on it (its own error when it fails there too: the data do not fit the model).
      */
-    inputModelError?: (inputs: Record<string, PlainTensor>, what: string, hint: string) => Promise<Error | undefined>;
+    inputModelError?: (inputs: Record<string, PlainTensor>, what: string, hint: string, failure: OnnxModelError) => Promise<Error>;
   } = {}): Promise<CalibrationResult> {
   const observers = new Map(tensors.map((t) => [t, makeObserver(method)]));
   // The range observers and the caller's, fed alike.
@@ -720,7 +720,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
         closed = true;
         await close();
         options.signal?.throwIfAborted();
-        throw await options.inputModelError(inputs, what, hint) ?? e;
+        throw await options.inputModelError(inputs, what, hint, e);
       }
       options.signal?.throwIfAborted();
       const outputs = Object.fromEntries(exposed.map((t) => [t, fetched[outputOf(t)]]));

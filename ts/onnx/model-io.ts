@@ -17,8 +17,8 @@ import { checkAttached } from '../validate';
 
 /** A model file or buffer that cannot be used: the message says why and what to do. */
 export class OnnxModelError extends Error {
-  constructor(message: string) {
-    super(message);
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
     this.name = 'OnnxModelError';
   }
 }

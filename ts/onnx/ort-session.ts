@@ -245,7 +245,7 @@ export async function runSession(session: OrtSession, feeds: Record<string, Plai
     // Not onnxruntime's error (a worker thread that stopped, a closed host, a feed that cannot be posted): said with
     // what was running, in an error of its own (the host gives every pending request the same one).
     if (!(e instanceof OnnxruntimeFailure)) throw new Error(`${(e as Error).message} (while running ${what})`, { cause: e });
-    throw new OnnxModelError(`onnxruntime could not run ${what}: ${reasonOf(e)}. ${remedy}`);
+    throw new OnnxModelError(`onnxruntime could not run ${what}: ${reasonOf(e)}. ${remedy}`, { cause: e });
   }
 }
 

@@ -485,28 +485,29 @@ async function openFloatModel(model: string | Uint8Array, options: Parameters<ty
 type ClosableSession = { session: OrtSession; close: () => Promise<void> };
 
 /**
- * For calibrate's inputModelError: the input model as given, run on a batch the prepared model failed on; its error
- * when it fails too (the batch or the model itself is at fault, not the conversion), undefined when it runs it, or
- * when it cannot be opened here (then the prepared model's error stands).
+ * @internal For calibrate's inputModelError: runs the input model as given on a batch the prepared model failed on
+ * (`failure`). Its own error when it fails too (the batch or the model is at fault; `failure` is its cause); else
+ * `failure`, saying that the model as given runs the batch (a conversion's doing) or could not be opened to tell.
  */
-function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
-  return async (inputs: Record<string, PlainTensor>, what: string, hint: string): Promise<Error | undefined> => {
+export function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
+  return async (inputs: Record<string, PlainTensor>, what: string, hint: string, failure: OnnxModelError): Promise<Error> => {
     let opened: ClosableSession;
     try {
       opened = await openFloatModel(input, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 }, host);
-    } catch {
-      return undefined;
+    } catch (e) {
+      return new OnnxModelError(`${failure.message} (lowbit could not open the input model as given to run this batch on it: ${(e as Error).message})`, { cause: failure });
     }
     const given = Object.entries(inputs).map(([name, t]) => `${name}: [${t.dims.join(', ')}]`).join(', ');
     try {
       await runSession(opened.session, inputs, undefined, `the input model on ${what} (${given})`,
         `${hint}The model as given fails on this batch as well (not a conversion's doing): check the model, and that the batch has the sizes it computes on.`);
-      return undefined;
     } catch (e) {
-      return e instanceof OnnxModelError ? e : undefined;
+      if (e instanceof OnnxModelError) return new OnnxModelError(e.message, { cause: failure });
+      return new OnnxModelError(`${failure.message} (lowbit could not run the input model as given on this batch to tell: ${(e as Error).message})`, { cause: failure });
     } finally {
       await opened.close().catch(() => undefined);
     }
+    return new OnnxModelError(`${failure.message} (The input model as given runs this batch: it is the conversion's doing.)`, { cause: failure });
   };
 }
 
