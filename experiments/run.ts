@@ -6,6 +6,7 @@ import { clippingExperiment } from './clipping';
 import { ptqExperiment } from './ptq';
 import { ocrQatExperiment } from './ocr-qat';
 import { qatExperiment } from './qat';
+import { optOutOfOrtTelemetry } from '../ts/ort-telemetry';
 
 const VALUE_FLAGS = ['--seeds', '--lines', '--epochs', '--lr', '--optimizer'];
 
@@ -15,6 +16,7 @@ function flagValue(args: string[], flag: string, fallback: string): string {
 }
 
 async function main(): Promise<void> {
+  optOutOfOrtTelemetry();  // before any onnxruntime session (ts/ort-telemetry.ts)
   const args = process.argv.slice(2);
   const json = args.includes('--json');
   const names = args.filter((a, i) => !a.startsWith('--') && !VALUE_FLAGS.includes(args[i - 1]));

@@ -15,6 +15,7 @@ import { ACTIVATION_METHODS, readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, removeTemporaryFiles, samePath, writeFileAtomic } from './onnx/model-io';
 import { quantizeModel } from './onnx/quantize-model';
 import type { WeightLayerReport } from './onnx/passes/quantize-weights';
+import { optOutOfOrtTelemetry } from './ort-telemetry';
 import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
 import { loadMnist } from './train/mnist';
 
@@ -581,6 +582,7 @@ export function program(): Command {
 }
 
 if (require.main === module) {
+  optOutOfOrtTelemetry();  // before any onnxruntime session (ort-telemetry.ts)
   // `npm start` and `npm run lowbit -- …` run in the package's root folder; paths are the user's, from where they typed.
   // Only lowbit's own scripts: a project's script named 'start' that runs lowbit from a folder of its choosing keeps it.
   if (['start', 'lowbit', 'bench'].includes(process.env.npm_lifecycle_event ?? '') && process.env.INIT_CWD &&

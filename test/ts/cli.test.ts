@@ -33,6 +33,41 @@ describe('lowbit CLI (audit)', () => {
   const md5 = (file: string) => crypto.createHash('md5').update(fs.readFileSync(path.join(dir, file))).digest('hex');
   const files = () => fs.readdirSync(dir).sort();
 
+  it("opts out of onnxruntime's usage reports unless ORT_DISABLE_TELEMETRY is set (no device id, event cache or mat-debug log)", function () {
+    // A user's shell: none of the variables by which onnxruntime leaves CI machines out, its own HOME and TMPDIR.
+    const env: NodeJS.ProcessEnv = { ...process.env, HOME: path.join(dir, 'home'), TMPDIR: path.join(dir, 'tmp') };
+    for (const name of ['ORT_DISABLE_TELEMETRY', 'ORT_RUNNING_UNIT_TESTS', 'CI', 'TF_BUILD', 'GITHUB_ACTIONS', 'GITLAB_CI', 'CIRCLECI', 'TRAVIS', 'JENKINS_URL',
+      'CODEBUILD_BUILD_ID', 'BUILDKITE', 'TEAMCITY_VERSION', 'APPVEYOR', 'BITBUCKET_BUILD_NUMBER']) delete env[name];
+    const reports = () => {
+      const found = fs.readdirSync(env.TMPDIR!).filter((f) => f.startsWith('mat-debug-'));
+      if (fs.existsSync(path.join(env.HOME!, '.cache', 'Microsoft'))) found.push('~/.cache/Microsoft');
+      return found;
+    };
+    const fresh = () => {
+      for (const d of [env.HOME!, env.TMPDIR!]) fs.rmSync(d, { recursive: true, force: true }), fs.mkdirSync(d);
+    };
+    // Without the opt-out, a session of this onnxruntime-node writes them (else there is nothing to check).
+    fresh();
+    const session = 'require(process.argv[1]).InferenceSession.create(process.argv[2]).then((s) => s.release())';
+    const plain = spawnSync(process.execPath, ['-e', session, require.resolve('onnxruntime-node'), mnist], { cwd: dir, env, encoding: 'utf8' });
+    expect(plain.status, plain.stderr).to.equal(0);
+    if (reports().length === 0) {
+      this.test!.title = 'skipped: this onnxruntime-node writes no usage-report files, so the opt-out has nothing to show';
+      this.skip();
+    }
+    // The CLI runs the float and quantized models in onnxruntime: nothing written.
+    fresh();
+    const run = spawnSync(process.execPath, [cli, 'quantize', 'm.onnx'], { cwd: dir, env, encoding: 'utf8', timeout: 120_000 });
+    expect(run.status, run.stderr).to.equal(0);
+    expect(run.stdout).to.match(/^output logits: cosine [\d.]+ vs float/m);
+    expect(reports()).to.deep.equal([]);
+    // A user who keeps them (any value set) is left to onnxruntime.
+    fresh();
+    const kept = spawnSync(process.execPath, [cli, 'quantize', 'm.onnx'], { cwd: dir, env: { ...env, ORT_DISABLE_TELEMETRY: '0' }, encoding: 'utf8', timeout: 120_000 });
+    expect(kept.status, kept.stderr).to.equal(0);
+    expect(reports()).to.not.deep.equal([]);
+  });
+
   it('--version prints the package version; a bad flag value gives its error and a one-line hint, not the whole help; --calib without --abits says what it does', () => {
     const version = lowbit('--version');
     expect(version.status).to.equal(0);
