@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import { benchGemm, benchLargeModel, benchModels, benchQuantize, benchTrain, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
 import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
+import { invalidValue } from './errors';
 import { inspectModel, sparkline } from './onnx/inspect';
 import { ACTIVATION_METHODS, readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, removeTemporaryFiles, samePath, writeFileAtomic } from './onnx/model-io';
@@ -18,6 +19,7 @@ import type { WeightLayerReport } from './onnx/passes/quantize-weights';
 import { optOutOfOrtTelemetry } from './ort-telemetry';
 import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
 import { loadMnist } from './train/mnist';
+import { checkBitsChoice, closestName } from './validate';
 
 /** A layer's name, with the node whose subgraph holds it. */
 function layerName(l: { node: string; subgraph?: string; branch?: string }): string {
@@ -220,8 +222,11 @@ export function program(): Command {
     }, command: Command) => {
       const activationMethods: string[] = [...ACTIVATION_METHODS, 'dynamic'];
       if (o.amethod !== undefined && !activationMethods.includes(o.amethod)) {
-        throw new Error(`Expected one of ${activationMethods.map((m) => `'${m}'`).join(', ')} for --amethod but received '${o.amethod}'. Leave it out for min/max ranges.`);
+        const close = closestName(o.amethod, activationMethods);
+        throw invalidValue('--amethod', `one of ${activationMethods.map((m) => `'${m}'`).join(', ')}`, o.amethod, close ? `Did you mean '${close}'?` : 'Leave it out for min/max ranges.');
       }
+      // Before the checks below that name its value.
+      if (o.abits !== undefined) checkBitsChoice('--abits', o.abits, [4, 8, 16]);
       const amethod = o.amethod ?? ((ACTIVATION_METHODS as readonly string[]).includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
       const model = modelArg ?? path.join(assets, 'mnist-cnn.onnx');

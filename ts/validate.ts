@@ -101,6 +101,11 @@ export function checkBoolean(name: string, v: unknown): boolean {
   return v;
 }
 
+/** A bit width among `choices` ("Expected 4, 8 or 16 for name …"). */
+export function checkBitsChoice(name: string, v: unknown, choices: number[]): void {
+  checkNumber(name, v, `${choices.slice(0, -1).join(', ')} or ${choices[choices.length - 1]}`, (n) => choices.includes(n));
+}
+
 export function checkChoice<T extends string>(name: string, v: unknown, choices: readonly T[]): T {
   const list = choices.map((c) => `'${c}'`).join(', ');
   if (typeof v !== 'string') throw invalidType(name, `one of ${list}`, v);

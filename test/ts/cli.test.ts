@@ -153,7 +153,11 @@ describe('lowbit CLI (audit)', () => {
       // Dynamic activations read no calibration data: GPTQ is what needs it.
       [['quantize', 'm.onnx', '--amethod', 'dynamic', '--rounding', 'gptq'], /^lowbit: --rounding gptq needs calibration data: pass --calib <folder>/m],
       [['quantize', 'm.onnx', '--keep-float', 'Conv,Gemm'], /the model would be unchanged\. .*Check --keep-float, which leaves 2 names in float\./],
-      [['quantize', 'm.onnx', '--amethod', 'foo', '--abits', '8'], /Expected one of 'minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic' for --amethod but received 'foo'\./],
+      [['quantize', 'm.onnx', '--amethod', 'foo', '--abits', '8'], /Expected one of 'minmax', 'percentile', 'kl', 'aciq', 'mse', 'dynamic' for --amethod but received "foo"\. Leave it out for min\/max ranges\.$/m],
+      [['quantize', 'm.onnx', '--amethod', 'minmx', '--abits', '8'], /for --amethod but received "minmx"\. Did you mean 'minmax'\?$/m],
+      // A bit width none of the formats has is said before what it would need (calibration data).
+      [['quantize', 'm.onnx', '--abits', '3'], /^lowbit: Expected 4, 8 or 16 for --abits but received 3\.$/m],
+      [['quantize', 'm.onnx', '--method', 'percentile'], /^lowbit: Expected one of 'minmax', 'mse', 'aciq' for --method but received "percentile"\. 'percentile' ranges are for activations: --amethod\.$/m],
       [['finetune', 'm.onnx', '--data', 'no-such-folder', '--epochs', '1e9'], /for --epochs but received 1000000000\./],
       [['finetune', 'm.onnx', '--data', 'no-such-folder', '--wbits', '3'], /Expected one of 2, 4, 8 for --wbits but received 3\./],
       [['finetune', 'm.onnx', '--data', 'no-such-folder', '--batch-size', '0'], /for --batch-size but received 0\./],

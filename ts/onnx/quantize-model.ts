@@ -12,7 +12,7 @@ import { invalidType, invalidValue, withArticle } from '../errors';
 import { toFloat16Array } from '../float16';
 import { ortProblem } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession, type OrtSession, type PlainTensor } from './ort-session';
-import { checkChoice, checkKeepFloat, checkKnownKeys, checkNumber, isPlainObject, iterability } from '../validate';
+import { checkBitsChoice, checkChoice, checkKeepFloat, checkKnownKeys, checkNumber, isPlainObject, iterability } from '../validate';
 import { allNodes, attribute, checkDefaultOpset, Graph, weightValues } from './graph';
 import {
   bytesLeftInFiles, checkExternalOutput, checkNotModelFile, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
@@ -176,10 +176,6 @@ export interface QuantizationReport {
 }
 
 /** A bit width from a fixed list: a TypeError for a non-number, a RangeError for another number. */
-function checkBitsChoice(name: string, v: unknown, choices: number[]): void {
-  checkNumber(name, v, `${choices.slice(0, -1).join(', ')} or ${choices[choices.length - 1]}`, (n) => choices.includes(n));
-}
-
 function checkPositiveNumber(name: string, v: unknown, expected: string, integer = false): void {
   checkNumber(name, v, expected, (n) => n > 0 && Number.isFinite(n) && (!integer || Number.isInteger(n)));
 }
@@ -226,6 +222,9 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (w.granularity === 'tensor') {
     const perChannelOption = (['bitAllocation', 'groups', 'biasCorrection'] as const).find((key) => w[key] !== undefined && w[key] !== false);
     if (perChannelOption) throw invalidValue('options.weights.granularity', `'channel' with options.weights.${perChannelOption} (it works per output channel)`, w.granularity);
+  }
+  if (w.method === 'percentile' || w.method === 'kl') {
+    throw invalidValue('options.weights.method', "one of 'minmax', 'mse', 'aciq'", w.method, `'${w.method}' ranges are for activations: options.activations.method.`);
   }
   if (w.method !== undefined) checkChoice('options.weights.method', w.method, ['minmax', 'mse', 'aciq']);
   if (w.blockSize !== undefined) checkNumber('options.weights.blockSize', w.blockSize, 'a power of two >= 16', (n) => Number.isInteger(n) && n >= 16 && (n & (n - 1)) === 0);
