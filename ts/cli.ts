@@ -513,9 +513,14 @@ export function program(): Command {
     .description('per-layer weight statistics of an ONNX model and which layers lowbit would quantize')
     .argument('<model>', 'an ONNX model')
     .action(async (model: string) => {
-      const { opset, layers } = await inspectModel(model);
+      const { opset, layers, quantizedOperators } = await inspectModel(model);
       const quantized = layers.filter((l) => l.quantized).length;
-      console.log(`opset ${opset}, ${layers.length} Conv, ConvTranspose, Gemm, MatMul and Gather layers, ${quantized} of them quantized by default\n`);
+      console.log(`opset ${opset}, ${layers.length} Conv, ConvTranspose, Gemm, MatMul and Gather layers, ${quantized} of them quantized by default`);
+      if (quantizedOperators.length > 0) {
+        console.log(`quantized already: ${quantizedOperators.map(({ op, count }) => `${count} ${op}`).join(', ')} (lowbit quantizes float models)`);
+      }
+      if (layers.length === 0) return;
+      console.log('');
       // Blank where a layer has no float weights to describe (already quantized, none at all, all NaN, or zero-size).
       const shown = (v: number, text: (v: number) => string) => (Number.isNaN(v) ? '' : text(v));
       console.log(table(layers.map((l) => ({

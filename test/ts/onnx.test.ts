@@ -869,6 +869,39 @@ describe('models with uint8, int8 and bool inputs', () => {
     }
   });
 
+  it("a model that fails on lowbit's made-up inputs is quantized all the same, the comparison skipped and said why; on given feeds it is an error", async () => {
+    // A 3x3 convolution without padding cannot run on the made-up 1x1 image (symbolic height and width set to 1).
+    const model = buildModel({
+      inputDims: [1, 1, 'h', 'w'], output: 'y',
+      nodes: [{ op: 'Conv', inputs: ['input', 'w'], output: 'y', name: 'conv', attrs: { kernel_shape: [3, 3] } }],
+      initializers: { w: { dims: [2, 1, 3, 3], data: heInit(18, 9, 7) } },
+    });
+    const { model: quantized, report } = await quantizeModel(model, { weights: { bits: 8 } });
+    expect(report.evaluation).to.equal(undefined);
+    expect(report.evaluationSkipped).to.match(new RegExp('^the float model fails on the inputs lowbit made up \\(input: \\[1, 1, 1, 1\\]; symbolic dimensions set to 1, ' +
+      'float values standard normal, integers 1\\): .*Conv node.* Pass evaluationFeeds or calibration data \\(--calib\\) the model computes on to compare\\.$'));
+    expect(report.layers.map((l) => l.node)).to.deep.equal(['conv']);
+    // The model was written all the same and computes on a 5x5 image.
+    const session = await ort().InferenceSession.create(quantized);
+    const { y } = await session.run({ input: new (ort().Tensor)('float32', normalFeeds(1, [1, 1, 5, 5], 1, 'input')[0].input.data, [1, 1, 5, 5]) });
+    expect(y.dims).to.deep.equal([1, 2, 3, 3]);
+    await session.release();
+    // On feeds the caller gave (or calibration data) the float model's failure is an error, as before.
+    const given = await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [{ input: { data: new Float32Array(1), dims: [1, 1, 1, 1] } }] }).catch((e: Error) => e);
+    expect(given).to.be.instanceOf(OnnxModelError);
+    expect((given as Error).message).to.match(/^onnxruntime could not run the input model on evaluation feed 0: .* The float model itself fails there/);
+  });
+
+  it("a model quantized already is named so when nothing is left to quantize, and inspectModel counts its quantized operators", async () => {
+    const bundled = path.resolve(__dirname, '..', '..', '..', 'assets', 'mnist-cnn.onnx');
+    const { model: once } = await quantizeModel(bundled, { weights: { bits: 8 }, evaluationFeeds: [] });
+    const again = await quantizeModel(once, { weights: { bits: 8 }, evaluationFeeds: [] }).catch((e: Error) => e);
+    expect(again).to.be.instanceOf(OnnxModelError);
+    expect((again as Error).message).to.match(/the model would be unchanged\. .* It looks quantized already \(3 DequantizeLinear\): lowbit quantizes float models; give it the float model this one was made from\.$/);
+    expect((await inspectModel(once)).quantizedOperators).to.deep.equal([{ op: 'DequantizeLinear', count: 3 }]);
+    expect((await inspectModel(bundled)).quantizedOperators).to.deep.equal([]);
+  });
+
   it('a bool feed other than 0 or 1 names the value; weights only evaluates on made-up inputs (ones, true)', async () => {
     const two = { ...feed(1), flag: { data: Uint8Array.of(2), dims: [] } };
     const e = await quantizeModel(pixelModel(TensorProto_DataType.UINT8), { weights: { bits: 8 }, activations: { bits: 8 }, calibration: [two] }).catch((x: Error) => x);
@@ -970,11 +1003,14 @@ describe('malformed graphs', () => {
       },
     });
     let e1: unknown;
-    await quantizeModel(broken, { weights: { bits: 8 } }).catch((e) => (e1 = e));
+    const calibration = [{ input: { data: new Float32Array(32), dims: [1, 2, 4, 4] } }];
+    await quantizeModel(broken, { weights: { bits: 8 }, evaluationFeeds: calibration }).catch((e) => (e1 = e));
     expect(e1).to.be.instanceOf(OnnxModelError);
     expect((e1 as Error).message).to.match(/^onnxruntime could not run the input model on evaluation feed 0: .*BatchNormalization.* The float model itself fails there/);
+    // On the inputs lowbit makes up, the comparison is skipped instead (the model is quantized), and said why.
+    const { report } = await quantizeModel(broken, { weights: { bits: 8 } });
+    expect(report.evaluationSkipped).to.match(/^the float model fails on the inputs lowbit made up \(input: \[1, 2, 4, 4\]; .*BatchNormalization/);
     let e2: unknown;
-    const calibration = [{ input: { data: new Float32Array(32), dims: [1, 2, 4, 4] } }];
     await quantizeModel(broken, { weights: { bits: 8 }, activations: { bits: 8 }, calibration }).catch((e) => (e2 = e));
     expect(e2).to.be.instanceOf(OnnxModelError);
     expect((e2 as Error).message).to.match(/^onnxruntime could not run the input model on calibration\[0\] \(input: \[1, 2, 4, 4\]\): .*BatchNormalization.* The model as given fails on this batch as well \(not a conversion's doing\): check the model/);

@@ -7,7 +7,7 @@ import { nextTurn, nodeLabel, placeOf, runStepsAsync } from './passes/pass';
 import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
-import { QUANTIZABLE, unquantizableReason } from './passes/quantize-weights';
+import { QUANTIZABLE, quantizedOperatorCounts, unquantizableReason } from './passes/quantize-weights';
 
 /** The layers inspect lists: those quantizeModel quantizes, and ConvTranspose. */
 const LISTED = new Set([...QUANTIZABLE, 'ConvTranspose']);
@@ -32,7 +32,8 @@ export interface LayerStats {
   branch?: string;
 }
 
-export async function inspectModel(input: string | Uint8Array): Promise<{ opset: number; layers: LayerStats[] }> {
+export async function inspectModel(input: string | Uint8Array):
+  Promise<{ opset: number; layers: LayerStats[]; quantizedOperators: Array<{ op: string; count: number }> }> {
   // Read without holding the event loop, and one layer's weights in memory at a time when they are external
   // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer. Layers that
   // BatchNormalization or a scalar affine folds into are read at the fold (synchronously, as in quantizeModel) and
@@ -115,7 +116,8 @@ export async function inspectModel(input: string | Uint8Array): Promise<{ opset:
       histogram, nonFinite, quantized: reason === undefined, ...(reason ? { reason } : {}), ...inBody,
     });
   }
-  return { opset: graph.opset, layers };
+  // A model quantized already (ConvInteger, QLinearConv, DequantizeLinear…) has few or no float layers: said so.
+  return { opset: graph.opset, layers, quantizedOperators: quantizedOperatorCounts(graph) };
 }
 
 const BARS = ' ▁▂▃▄▅▆▇█';

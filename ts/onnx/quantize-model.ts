@@ -35,7 +35,7 @@ import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamicallySteps } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, quantizeBodyActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, quantizableSubgraphLayers, quantizeWeightsByLayer, reducedRangeBits, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
+import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, quantizableSubgraphLayers, quantizedOperatorCounts, quantizeWeightsByLayer, reducedRangeBits, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -168,8 +168,8 @@ export interface QuantizationReport {
     madeUpInputs?: Record<string, number[]>;
   };
   /**
-   * Why there is no evaluation although none was turned off: no inputs could be made for the model, it is too large, or
-   * onnxruntime-node is not installed, too old or failing to load.
+   * Why there is no evaluation although none was turned off: no inputs could be made for the model, it is too large,
+   * the float model fails on the inputs lowbit made up, or onnxruntime-node is not installed, too old or failing to load.
    */
   evaluationSkipped?: string;
   timingsMs: Record<string, number>;
@@ -529,6 +529,16 @@ function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: numbe
  * scalar input); an output whose first dimension is that batch is compared sample by sample, any other as one sample
  * per feed. A sample whose quantized values hold NaN or an infinity (the float ones do not) scores 0.
  */
+/** " It looks quantized already (119 ConvInteger, …)…" when the graph holds quantized operators, else "". */
+function quantizedAlready(graph: Graph): string {
+  const counts = quantizedOperatorCounts(graph);
+  if (counts.length === 0) return '';
+  return ` It looks quantized already (${counts.map(({ op, count }) => `${count} ${op}`).join(', ')}): lowbit quantizes float models; give it the float model this one was made from.`;
+}
+
+/** The float model as given fails on an evaluation feed: the feed's doing or the model's, not the quantization's. */
+class InputModelFailure extends OnnxModelError {}
+
 export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost,
   signal?: AbortSignal) {
   // onnxruntime's default optimisation level, as users run the model: its fused integer kernels (chosen for this
@@ -546,7 +556,10 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       signal?.throwIfAborted();
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
       const f = await runSession(floatSession, tensors, undefined, `the input model on evaluation feed ${index}`,
-        'The float model itself fails there: check the model (and that feed) in onnxruntime-node, where lowbit evaluates models.');
+        'The float model itself fails there: check the model (and that feed) in onnxruntime-node, where lowbit evaluates models.')
+        .catch((e: unknown) => {
+          throw e instanceof OnnxModelError ? new InputModelFailure(e.message, { cause: e.cause }) : e;
+        });
       signal?.throwIfAborted();
       const q = await runSession(quantSession, tensors, undefined, `the quantized model on evaluation feed ${index}`, LOWBIT_BUG);
       const firstDims = Object.values(feeds)[0]?.dims ?? [];
@@ -777,6 +790,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       .map(({ node, scopes }) => `${node.opType} '${nodeLabel(node)}': ${unquantizableReason(graph, node, scopes)}`);
     throw new OnnxModelError(`No Conv, Gemm or MatMul layer with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
       `the model would be unchanged.${reasons.length ? ` ${reasons.slice(0, 3).join('; ')}${reasons.length > 3 ? `; and ${reasons.length - 3} more` : ''}.` : ''}` +
+      quantizedAlready(graph) +
       (opts.keepFloat?.length ? ` Check options.keepFloat, which leaves ${opts.keepFloat.length === 1 ? 'one name' : `${opts.keepFloat.length} names`} in float.` : ''));
   }
   // Before calibration, which would otherwise fail later on the values they produce (without calibration the
@@ -1068,8 +1082,22 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
   const feeds = evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
   const madeUp = !evaluationFeeds && !sample && !noRandomFeeds;
+  const madeUpDims = () => Object.entries(feeds[0]).map(([name, t]) => `${name}: [${t.dims.join(', ')}]`).join(', ');
   const noteMadeUp = (r: QuantizationReport) => {
     if (madeUp && r.evaluation) r.evaluation.madeUpInputs = Object.fromEntries(Object.entries(feeds[0]).map(([name, t]) => [name, [...t.dims]]));
+  };
+  // Inputs lowbit made up may be ones the model cannot compute on (too short for its padding, an unexpected value in a
+  // parameter input): then the comparison is skipped, said why, rather than the quantization failing.
+  const unlessMadeUpFails = async (compare: () => Promise<void>) => {
+    try {
+      await compare();
+    } catch (e) {
+      if (!(madeUp && e instanceof InputModelFailure)) throw e;
+      delete report.evaluation;
+      report.evaluationSkipped = `the float model fails on the inputs lowbit made up (${madeUpDims()}; symbolic dimensions set to 1, ` +
+        `float values standard normal, integers 1): ${e.message.replace(/^onnxruntime could not run the input model on evaluation feed \d+: /, '').replace(/\.? The float model itself fails there:.*$/, '')}. ` +
+        'Pass evaluationFeeds or calibration data (--calib) the model computes on to compare.';
+    }
   };
   const ortMissing = feeds.length > 0 ? ortProblem() : undefined;
   const evaluating = feeds.length > 0 && !ortMissing;
@@ -1092,7 +1120,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     // The float model as given: from its path, skimmed, its weights read by onnxruntime from its own files
     // (openFloatModel), or its bytes. A quantized model of 2 GB or more is compared layer by layer here, before the
     // write moves its data out, and as a whole from its written files below.
-    await evaluationTime(async () => {
+    await evaluationTime(() => unlessMadeUpFails(async () => {
       if (fitsOneFile) report.evaluation = await compareOutputs(input, bytes, feeds, host, opts.signal);
       if (prepared) {
         await layerSqnr(prepared, model, layers, feeds, host, new Map(bodyTargets.flatMap((l) => {
@@ -1100,13 +1128,13 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
           return entry ? [[entry, l.owner.output[0]] as [WeightLayerReport, string]] : [];
         })), opts.signal);
       }
-    });
+    }));
   }
   if (external) {
     // The whole model of 2 GB or more is compared from its written files before the write ends: if that fails, the
     // files that were at the output path before are put back (or none is left).
     const compareWritten = evaluating && !fitsOneFile
-      ? () => evaluationTime(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host, opts.signal)))
+      ? () => evaluationTime(() => unlessMadeUpFails(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host, opts.signal))))
       : undefined;
     const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!, undefined, opts.signal, compareWritten));
     noteMadeUp(report);

@@ -7,7 +7,7 @@
 import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { OnnxModelError, readLazyTensor, unloadTensor } from '../model-io';
-import { dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeTensor, ownedTensor, subgraphNodes, subgraphReads, transposes, weightValues, type Graph } from '../graph';
+import { allNodes, dimsOf, hasSubgraphs, intAttribute, isFloat16Tensor, isFloatTensor, makeIntAttribute, makeTensor, ownedTensor, subgraphNodes, subgraphReads, transposes, weightValues, type Graph } from '../graph';
 import { fromFloat16Bits, toFloat16Array, toFloat16Bits } from '../../float16';
 import { packInt2, packInt4 } from '../../pack';
 import { scaleClip } from '../../methods/gdrq';
@@ -144,6 +144,17 @@ export interface QuantizedWeights {
 }
 
 export const QUANTIZABLE = new Set(['Conv', 'Gemm', 'MatMul']);
+
+/** Operators of quantized models (onnxruntime's tools', lowbit's): layers that read integer weights or inputs. */
+const QUANTIZED_OPERATORS = new Set(['ConvInteger', 'MatMulInteger', 'QLinearConv', 'QLinearMatMul', 'DynamicQuantizeLinear', 'MatMulNBits',
+  'DequantizeLinear', 'GatherBlockQuantized', 'MatMulIntegerToFloat', 'DynamicQuantizeMatMul']);
+
+/** How many nodes of each quantized operator the graph holds (subgraphs too), most first: none for a float model. */
+export function quantizedOperatorCounts(graph: Graph): Array<{ op: string; count: number }> {
+  const counts = new Map<string, number>();
+  for (const { node } of allNodes(graph)) if (QUANTIZED_OPERATORS.has(node.opType)) counts.set(node.opType, (counts.get(node.opType) ?? 0) + 1);
+  return [...counts].map(([op, count]) => ({ op, count })).sort((a, b) => b.count - a.count);
+}
 
 // A MatMul weight may carry leading dimensions of 1 ([1, K, N], as some exporters write it): one [K, N] matrix.
 function layout(opType: string, dims: number[], transB: boolean): { outputAxis: number; reductionAxis: number } | undefined {
