@@ -17,6 +17,20 @@ const random = (n: number, seed: number) => {
 };
 
 describe('onnxruntime sessions on a worker thread', () => {
+  it("open without onnxruntime's CPU memory arena unless the caller's options ask for it, with its log quiet", async () => {
+    const host = new OrtHost();
+    const seen: Array<Record<string, unknown>> = [];
+    const real = host.openSession.bind(host);
+    host.openSession = (model, options, giveBytes) => (seen.push({ ...options }), real(model, options, giveBytes));
+    try {
+      const model = matMulFloatModel(2, 3, 4, random(12, 1));
+      for (const options of [{}, { enableCpuMemArena: true }]) await (await openSession(model, options, 'the model', 'remedy', { host })).release();
+    } finally {
+      await host.close();
+    }
+    expect(seen).to.deep.equal([{ logSeverityLevel: 4, enableCpuMemArena: false }, { logSeverityLevel: 4, enableCpuMemArena: true }]);
+  });
+
   it('give the same outputs as onnxruntime on the calling thread, from bytes (a Node Buffer too) or a file, and leave the caller\'s data alone', async () => {
     const [m, k, n] = [5, 33, 7];
     const model = matMulFloatModel(m, k, n, random(k * n, 1));
