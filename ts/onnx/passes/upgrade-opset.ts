@@ -37,6 +37,8 @@ const UNCHANGED = new Set([
   'Cosh', 'Asinh', 'Acosh', 'Atanh', 'Compress', 'EyeLike', 'LpNormalization', 'BitShift', 'Det', 'ReverseSequence',
   'Unique', 'NonMaxSuppression', 'MatMulInteger', 'ConvInteger', 'DynamicQuantizeLinear', 'BitwiseAnd', 'BitwiseOr',
   'BitwiseXor', 'BitwiseNot',
+  // Recurrent layers: 14 added `layout` (default 0, the layout of 7) and 22 bfloat16 (speech models: Silero VAD).
+  'LSTM', 'GRU', 'RNN',
 ]);
 const REDUCE_18 = new Set(['ReduceMean', 'ReduceMax', 'ReduceMin', 'ReduceProd', 'ReduceSumSquare', 'ReduceL1', 'ReduceL2', 'ReduceLogSum', 'ReduceLogSumExp']);
 
