@@ -19,7 +19,7 @@ import type { WeightLayerReport } from './onnx/passes/quantize-weights';
 import { optOutOfOrtTelemetry } from './ort-telemetry';
 import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
 import { loadMnist } from './train/mnist';
-import { checkBitsChoice, closestName } from './validate';
+import { checkBitsChoice, checkInteger, closestName } from './validate';
 
 /** A layer's name, with the node whose subgraph holds it. */
 function layerName(l: { node: string; subgraph?: string; branch?: string }): string {
@@ -539,6 +539,7 @@ export function program(): Command {
     .option('--rounds <n>', 'interleaved rounds per shape (every case once per round)', (v) => parseSize(v)[0], 3)
     .option('--json', 'machine-readable output')
     .action(async (o: { shape?: Array<[number, number, number]>; threads?: number[]; kernel?: string[]; rounds: number; json?: boolean }) => {
+      checkInteger('--rounds', o.rounds, 1, 1000);
       await benchGemm({
         shapes: o.shape ?? DEFAULT_GEMM_SHAPES,
         threads: o.threads ?? [1, cpuInfo().maxThreads],

@@ -227,7 +227,8 @@ export async function openSession(model: Uint8Array | string, options: Ort.Infer
   // onnxruntime's own log stays quiet (fatal only): its failures come back as errors that say what to do, and its
   // warnings (e.g. float16 nodes it cannot constant-fold) are nothing a user can act on. No CPU memory arena: lowbit's
   // sessions run a few large batches, two sessions at once when comparing, and an arena keeps each one's largest run
-  // allocated for the session's life (an image model at 1024x1024 peaked at 6.2 GB with it, 2.8 GB without).
+  // allocated for the session's life (an image model at 1024x1024 peaked at 6.25 GB with it, 2.70 GB without). Callers that run many like batches
+  // (distillation's teacher) ask for it back.
   const quiet = { logSeverityLevel: 4 as const, enableCpuMemArena: false, ...options };
   ort();  // onnxruntime-node missing: its own error, not a model error
   try {

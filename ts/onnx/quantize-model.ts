@@ -175,7 +175,6 @@ export interface QuantizationReport {
   timingsMs: Record<string, number>;
 }
 
-/** A bit width from a fixed list: a TypeError for a non-number, a RangeError for another number. */
 function checkPositiveNumber(name: string, v: unknown, expected: string, integer = false): void {
   checkNumber(name, v, expected, (n) => n > 0 && Number.isFinite(n) && (!integer || Number.isInteger(n)));
 }
@@ -396,7 +395,10 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
     for (const [index, feeds] of feedsList.entries()) {
       signal?.throwIfAborted();
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
-      const fo = await runSession(f.session, tensors, names.map(f.outputOf), `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
+      const fo = await runSession(f.session, tensors, names.map(f.outputOf), `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG)
+        .catch((e: unknown) => {
+          throw e instanceof OnnxModelError ? new FloatModelFailure(e, ortReason(e)) : e;
+        });
       signal?.throwIfAborted();
       const qo = await runSession(q.session, tensors, names.map(q.outputOf), `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
       for (const [i, name] of names.entries()) {
@@ -494,7 +496,7 @@ export function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
     try {
       opened = await openFloatModel(input, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 }, host);
     } catch (e) {
-      return new OnnxModelError(`${failure.message} (lowbit could not open the input model as given to run this batch on it: ${(e as Error).message})`, { cause: failure });
+      return new OnnxModelError(`${failure.message} (lowbit could not open the input model as given to run this batch on it: ${e instanceof Error ? e.message : String(e)})`, { cause: failure });
     }
     const given = Object.entries(inputs).map(([name, t]) => `${name}: [${t.dims.join(', ')}]`).join(', ');
     try {
@@ -502,11 +504,11 @@ export function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
         `${hint}The model as given fails on this batch as well (not a conversion's doing): check the model, and that the batch has the sizes it computes on.`);
     } catch (e) {
       if (e instanceof OnnxModelError) return new OnnxModelError(e.message, { cause: failure });
-      return new OnnxModelError(`${failure.message} (lowbit could not run the input model as given on this batch to tell: ${(e as Error).message})`, { cause: failure });
+      return new OnnxModelError(`${failure.message} (lowbit could not run the input model as given on this batch to tell: ${e instanceof Error ? e.message : String(e)})`, { cause: failure });
     } finally {
       await opened.close().catch(() => undefined);
     }
-    return new OnnxModelError(`${failure.message} (The input model as given runs this batch: it is the conversion's doing.)`, { cause: failure });
+    return new OnnxModelError(`${failure.message} (lowbit ran the input model as given on this batch, and it runs: this is the conversion's doing.)`, { cause: failure });
   };
 }
 
@@ -523,12 +525,6 @@ function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: numbe
   ].join('; ');
 }
 
-/**
- * @internal Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime, at its default
- * optimisation level, on these feeds. A feed holds as many samples as its first input's first dimension (1 for a
- * scalar input); an output whose first dimension is that batch is compared sample by sample, any other as one sample
- * per feed. A sample whose quantized values hold NaN or an infinity (the float ones do not) scores 0.
- */
 /** " It looks quantized already (119 ConvInteger, …)…" when the graph holds quantized operators, else "". */
 function quantizedAlready(graph: Graph): string {
   const counts = quantizedOperatorCounts(graph);
@@ -536,9 +532,28 @@ function quantizedAlready(graph: Graph): string {
   return ` It looks quantized already (${counts.map(({ op, count }) => `${count} ${op}`).join(', ')}): lowbit quantizes float models; give it the float model this one was made from.`;
 }
 
-/** The float model as given fails on an evaluation feed: the feed's doing or the model's, not the quantization's. */
-class InputModelFailure extends OnnxModelError {}
+/**
+ * The float model fails on an evaluation feed (as given, or as prepared for the layer comparison): the feed's doing or
+ * the model's, not the quantization's. `reason` is onnxruntime's.
+ */
+class FloatModelFailure extends OnnxModelError {
+  constructor(failure: OnnxModelError, readonly reason: string) {
+    super(failure.message, { cause: failure.cause });
+  }
+}
 
+/** onnxruntime's reason in a runSession error ("onnxruntime could not run <what>: <reason>. <remedy>"). */
+function ortReason(e: OnnxModelError): string {
+  const cause = e.cause;
+  return cause instanceof Error ? cause.message.split('\n')[0].trim().replace(/\.$/, '') : e.message;
+}
+
+/**
+ * @internal Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime, at its default
+ * optimisation level, on these feeds. A feed holds as many samples as its first input's first dimension (1 for a
+ * scalar input); an output whose first dimension is that batch is compared sample by sample, any other as one sample
+ * per feed. A sample whose quantized values hold NaN or an infinity (the float ones do not) scores 0.
+ */
 export async function compareOutputs(floatModel: string | Uint8Array, quantBytes: Uint8Array | string, feedsList: Feed[], host?: OrtHost,
   signal?: AbortSignal) {
   // onnxruntime's default optimisation level, as users run the model: its fused integer kernels (chosen for this
@@ -558,7 +573,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       const f = await runSession(floatSession, tensors, undefined, `the input model on evaluation feed ${index}`,
         'The float model itself fails there: check the model (and that feed) in onnxruntime-node, where lowbit evaluates models.')
         .catch((e: unknown) => {
-          throw e instanceof OnnxModelError ? new InputModelFailure(e.message, { cause: e.cause }) : e;
+          throw e instanceof OnnxModelError ? new FloatModelFailure(e, ortReason(e)) : e;
         });
       signal?.throwIfAborted();
       const q = await runSession(quantSession, tensors, undefined, `the quantized model on evaluation feed ${index}`, LOWBIT_BUG);
@@ -1082,21 +1097,31 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (noRandomFeeds) report.evaluationSkipped = noRandomFeeds;
   const feeds = evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
   const madeUp = !evaluationFeeds && !sample && !noRandomFeeds;
-  const madeUpDims = () => Object.entries(feeds[0]).map(([name, t]) => `${name}: [${t.dims.join(', ')}]`).join(', ');
+  // What lowbit guessed in them: a size for a symbolic dimension, a value (1) for an integer or bool input.
+  const guesses = madeUp ? [
+    ...(modelInputs(model).some((i) => i.dims?.some((d) => d < 0)) ? ['symbolic dimensions set to 1'] : []),
+    ...(modelInputs(model).some((i) => i.elemType !== TensorProto_DataType.FLOAT && i.elemType !== TensorProto_DataType.FLOAT16) ? ['integer and bool inputs set to 1'] : []),
+  ] : [];
   const noteMadeUp = (r: QuantizationReport) => {
     if (madeUp && r.evaluation) r.evaluation.madeUpInputs = Object.fromEntries(Object.entries(feeds[0]).map(([name, t]) => [name, [...t.dims]]));
   };
-  // Inputs lowbit made up may be ones the model cannot compute on (too short for its padding, an unexpected value in a
-  // parameter input): then the comparison is skipped, said why, rather than the quantization failing.
+  // Where lowbit guessed (a sample of one, a sample rate of 1), the model may not compute on its inputs: then the
+  // comparison is skipped, said why, rather than the quantization failing. A float model that fails on inputs of
+  // its own declared shapes and types fails the call, as on feeds the caller gave.
   const unlessMadeUpFails = async (compare: () => Promise<void>) => {
     try {
       await compare();
     } catch (e) {
-      if (!(madeUp && e instanceof InputModelFailure)) throw e;
+      if (!(guesses.length > 0 && e instanceof FloatModelFailure)) throw e;
       delete report.evaluation;
-      report.evaluationSkipped = `the float model fails on the inputs lowbit made up (${madeUpDims()}; symbolic dimensions set to 1, ` +
-        `float values standard normal, integers 1): ${e.message.replace(/^onnxruntime could not run the input model on evaluation feed \d+: /, '').replace(/\.? The float model itself fails there:.*$/, '')}. ` +
-        'Pass evaluationFeeds or calibration data (--calib) the model computes on to compare.';
+      for (const l of layers) {
+        delete l.outputSqnrDb;
+        delete l.outputNonFiniteFeeds;
+        delete l.outputQuantizedNonFiniteFeeds;
+      }
+      const dims = Object.entries(feeds[0]).map(([name, t]) => `${name}: [${t.dims.join(', ')}]`).join(', ');
+      report.evaluationSkipped = `the float model fails on the inputs lowbit made up (${dims}; ${guesses.join(', ')}): ${e.reason}; ` +
+        'pass evaluationFeeds or calibration data (--calib) the model computes on to compare';
     }
   };
   const ortMissing = feeds.length > 0 ? ortProblem() : undefined;
@@ -1133,7 +1158,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (external) {
     // The whole model of 2 GB or more is compared from its written files before the write ends: if that fails, the
     // files that were at the output path before are put back (or none is left).
-    const compareWritten = evaluating && !fitsOneFile
+    const compareWritten = evaluating && !fitsOneFile && !report.evaluationSkipped
       ? () => evaluationTime(() => unlessMadeUpFails(async () => void (report.evaluation = await compareOutputs(input, opts.outputPath!, feeds, host, opts.signal))))
       : undefined;
     const modelBytes = await time('write', () => writeModelWithExternalData(model, opts.outputPath!, undefined, opts.signal, compareWritten));

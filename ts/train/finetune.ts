@@ -363,7 +363,8 @@ class Teacher {
 
   /** `bytes` move to the session's thread. */
   static async create(bytes: Uint8Array, model: TrainableModel): Promise<Teacher> {
-    return new Teacher(await openSession(bytes, {}, 'the input model (the teacher for distillation)',
+    // The arena kept: one batch shape every training step, reused (openSession leaves it off for lowbit's few large runs).
+    return new Teacher(await openSession(bytes, { enableCpuMemArena: true }, 'the input model (the teacher for distillation)',
       'Distillation runs the float model in onnxruntime-node: fix or re-export the model so that it loads there.', { giveBytes: true }), model);
   }
 
