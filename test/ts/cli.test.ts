@@ -16,7 +16,7 @@ import { readModel } from '../../ts/onnx/model-io';
 import { loadMnist } from '../../ts/train/mnist';
 import { finetune } from '../../ts/train/finetune';
 import { writeNpy } from '../helpers/npy';
-import { overflowingMatMul } from '../helpers/onnx-builder';
+import { buildModel, overflowingMatMul } from '../helpers/onnx-builder';
 
 const root = path.resolve(__dirname, '..', '..', '..');
 const cli = path.join(root, 'dist', 'ts', 'cli.js');
@@ -32,6 +32,19 @@ describe('lowbit CLI (audit)', () => {
   const lowbit = (...args: string[]) => spawnSync(process.execPath, [cli, ...args], { cwd: dir, encoding: 'utf8', timeout: 120_000 });
   const md5 = (file: string) => crypto.createHash('md5').update(fs.readFileSync(path.join(dir, file))).digest('hex');
   const files = () => fs.readdirSync(dir).sort();
+
+  it('inspect says when a model is quantized already, and prints no table when it has no layer', () => {
+    const q = lowbit('quantize', 'm.onnx', '-o', 'q.onnx', '--no-evaluate');
+    expect(q.status, q.stderr).to.equal(0);
+    const r = lowbit('inspect', 'q.onnx');
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/^opset 13, 3 Conv, ConvTranspose, Gemm, MatMul and Gather layers, 0 of them quantized by default\nquantized already: 3 DequantizeLinear \(lowbit quantizes float models\)\n\nlayer /);
+    // A model without any layer: the header alone.
+    fs.writeFileSync(path.join(dir, 'relu.onnx'), buildModel({ inputDims: [1, 4], output: 'y', initializers: {}, nodes: [{ op: 'Relu', inputs: ['input'], output: 'y' }] }));
+    const none = lowbit('inspect', 'relu.onnx');
+    expect(none.status, none.stderr).to.equal(0);
+    expect(none.stdout).to.equal('opset 13, 0 Conv, ConvTranspose, Gemm, MatMul and Gather layers, 0 of them quantized by default\n');
+  });
 
   it("opts out of onnxruntime's usage reports unless ORT_DISABLE_TELEMETRY is set (no device id, event cache or mat-debug log)", function () {
     // A user's shell: none of the variables by which onnxruntime leaves CI machines out, its own HOME and TMPDIR.

@@ -1918,27 +1918,29 @@ describe('opset conversion of a transformer-style graph (opset 14)', () => {
   });
 });
 
-describe('opset conversion of a recurrent model (LSTM, opset 9)', () => {
-  it('W4 weights convert it to opset 21 with the LSTM kept as it is (its meaning unchanged since 7), and it runs close to float', async () => {
-    // Found on Silero VAD v6 (opset 16), which was refused: "LSTM changed between opset 16 and the target".
-    const [T, D, H] = [8, 32, 16];
-    const r = rng(5);
-    const t = (name: string, dims: number[], scale: number) => ({ [name]: { dims, data: Array.from({ length: dims.reduce((a, b) => a * b, 1) }, () => (r() - 0.5) * scale) } });
-    const bytes = buildModel({
-      opset: 9, inputDims: [T, 1, D], output: 'y',
-      initializers: { ...t('W', [1, 4 * H, D], 0.5), ...t('R', [1, 4 * H, H], 0.5), ...t('B', [1, 8 * H], 0.2), ...t('w2', [H, D], 0.4) },
-      nodes: [
-        { op: 'LSTM', inputs: ['input', 'W', 'R', 'B'], output: 'seq', name: 'lstm', attrs: { hidden_size: H } },
-        { op: 'MatMul', inputs: ['seq', 'w2'], output: 'y', name: 'head' },
-      ],
+describe('opset conversion of recurrent models (LSTM, GRU, RNN at opset 9)', () => {
+  // Found on Silero VAD v6 (opset 16), which was refused: "LSTM changed between opset 16 and the target".
+  for (const [op, gates] of [['LSTM', 4], ['GRU', 3], ['RNN', 1]] as const) {
+    it(`W4 weights convert a ${op} model to opset 21 with the ${op} kept as it is (its meaning unchanged since 7), and it runs close to float`, async () => {
+      const [T, D, H] = [8, 32, 16];
+      const r = rng(5);
+      const t = (name: string, dims: number[], scale: number) => ({ [name]: { dims, data: Array.from({ length: dims.reduce((a, b) => a * b, 1) }, () => (r() - 0.5) * scale) } });
+      const bytes = buildModel({
+        opset: 9, inputDims: [T, 1, D], output: 'y',
+        initializers: { ...t('W', [1, gates * H, D], 0.5), ...t('R', [1, gates * H, H], 0.5), ...t('B', [1, 2 * gates * H], 0.2), ...t('w2', [H, D], 0.4) },
+        nodes: [
+          { op, inputs: ['input', 'W', 'R', 'B'], output: 'seq', name: 'recurrent', attrs: { hidden_size: H } },
+          { op: 'MatMul', inputs: ['seq', 'w2'], output: 'y', name: 'head' },
+        ],
+      });
+      const { report, model } = await quantizeModel(bytes, { weights: { bits: 4, granularity: 'block', blockSize: 16 } });
+      expect(report.opset).to.deep.equal({ from: 9, to: 21 });
+      expect(report.layers.map((l) => l.node)).to.deep.equal(['head']);
+      expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.99);
+      const node = (m: Uint8Array) => JSON.stringify(readModel(m).graph!.node.find((n) => n.opType === op), (_, v) => (typeof v === 'bigint' ? `${v}` : v));
+      expect(node(model)).to.equal(node(bytes));
     });
-    const { report, model } = await quantizeModel(bytes, { weights: { bits: 4, granularity: 'block', blockSize: 16 } });
-    expect(report.opset).to.deep.equal({ from: 9, to: 21 });
-    expect(report.layers.map((l) => l.node)).to.deep.equal(['head']);
-    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.99);
-    const lstm = (m: Uint8Array) => JSON.stringify(readModel(m).graph!.node.find((n) => n.opType === 'LSTM'), (_, v) => (typeof v === 'bigint' ? `${v}` : v));
-    expect(lstm(model)).to.equal(lstm(bytes));
-  });
+  }
 });
 
 describe('QDQ weights equal fake-quantized float weights', () => {

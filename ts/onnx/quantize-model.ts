@@ -498,7 +498,7 @@ export function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
     } catch (e) {
       return new OnnxModelError(`${failure.message} (lowbit could not open the input model as given to run this batch on it: ${e instanceof Error ? e.message : String(e)})`, { cause: failure });
     }
-    const given = Object.entries(inputs).map(([name, t]) => `${name}: [${t.dims.join(', ')}]`).join(', ');
+    const given = feedDims(inputs);
     try {
       await runSession(opened.session, inputs, undefined, `the input model on ${what} (${given})`,
         `${hint}The model as given fails on this batch as well (not a conversion's doing): check the model, and that the batch has the sizes it computes on.`);
@@ -510,6 +510,11 @@ export function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
     }
     return new OnnxModelError(`${failure.message} (lowbit ran the input model as given on this batch, and it runs: this is the conversion's doing.)`, { cause: failure });
   };
+}
+
+/** "a: [2, 4], b: [3, 4]": a feed's inputs and their dims, for messages. */
+function feedDims(feed: Record<string, { dims: readonly number[] }>): string {
+  return Object.entries(feed).map(([name, t]) => `${name}: [${t.dims.join(', ')}]`).join(', ');
 }
 
 function closable(session: OrtSession): ClosableSession {
@@ -1119,8 +1124,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         delete l.outputNonFiniteFeeds;
         delete l.outputQuantizedNonFiniteFeeds;
       }
-      const dims = Object.entries(feeds[0]).map(([name, t]) => `${name}: [${t.dims.join(', ')}]`).join(', ');
-      report.evaluationSkipped = `the float model fails on the inputs lowbit made up (${dims}; ${guesses.join(', ')}): ${e.reason}; ` +
+      report.evaluationSkipped = `the float model fails on the inputs lowbit made up (${feedDims(feeds[0])}; ${guesses.join(', ')}): ${e.reason}; ` +
         'pass evaluationFeeds or calibration data (--calib) the model computes on to compare';
     }
   };
