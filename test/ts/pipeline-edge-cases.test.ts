@@ -438,51 +438,54 @@ describe('stopping quantizeModel', () => {
 describe('`lowbit quantize --report`', () => {
   it('writes an infinite SQNR as "Infinity"; when the report cannot be written, removes the model it wrote and says so', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-report-'));
-    // Weights on the 8-bit grid (k/127): quantized exactly, an SQNR of Infinity.
-    const exact = buildModel({
-      inputDims: [1, 4], output: 'y', initializers: { w: { dims: [4, 2], data: [127, -127, 64, 0, -3, 5, 100, -50].map((k) => k / 127) } },
-      nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
-    });
-    fs.writeFileSync(path.join(dir, 'exact.onnx'), exact);
-    const cli = path.join(root, 'dist', 'ts', 'cli.js');
-    const good = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--granularity', 'tensor', '--report', 'r.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
-    expect(good.status, good.stderr).to.equal(0);
-    expect(JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).layers[0].weightSqnrDb).to.equal('Infinity');
-    fs.rmSync(path.join(dir, 'exact.q.onnx'));
-    // A report folder nothing can be written to is found before any work.
-    const early = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
-    expect(early.status).to.equal(1);
-    expect(early.stderr).to.match(/a folder lowbit can write to for --report but received "\/proc\/lowbit-report\.json"/);
-    expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
-    // A write that fails all the same at the end (a full disk, a folder gone): simulated by a preloaded module that
-    // sends the report's write to /proc.
     const preload = path.join(os.tmpdir(), `lowbit-report-preload-${process.pid}.js`);
-    fs.writeFileSync(preload, `const io = require(${JSON.stringify(path.join(root, 'dist', 'ts', 'onnx', 'model-io.js'))});
-const real = io.writeFileAtomic;
-io.writeFileAtomic = (file, bytes) => real(file === 'report.json' ? '/proc/lowbit-report.json' : file, bytes);\n`);
-    const lowbitFailingReport = (...args: string[]) => spawnSync(process.execPath, ['-r', preload, cli, ...args], { cwd: dir, encoding: 'utf8' });
-    const bad = lowbitFailingReport('quantize', 'exact.onnx', '--report', 'report.json', '--no-evaluate');
-    expect(bad.status).to.equal(1);
-    expect(bad.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. Check that its folder exists and is writable\. Removed exact\.q\.onnx, which this run wrote\.\n/);
-    expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
-    // An output that was there before the run was replaced by it: removing it would leave neither, so it is kept.
-    fs.writeFileSync(path.join(dir, 'exact.q.onnx'), 'an earlier output');
-    const over = lowbitFailingReport('quantize', 'exact.onnx', '--report', 'report.json', '--no-evaluate');
-    expect(over.status).to.equal(1);
-    expect(over.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. .* Kept exact\.q\.onnx: this run wrote it over an earlier output, which is gone\.\n/);
-    expect(readModel(path.join(dir, 'exact.q.onnx')).graph!.node.some((n) => n.opType === 'DequantizeLinear')).to.equal(true);  // this run's model
-    // With external data the model and its data file are one unit: both kept (the model needs its data), or both removed.
-    const pair = lowbitFailingReport('quantize', 'exact.onnx', '--external-data', '--report', 'report.json', '--no-evaluate');
-    expect(pair.status).to.equal(1);
-    expect(pair.stderr).to.match(/ Kept exact\.q\.onnx and exact\.q\.onnx\.data: this run wrote them over an earlier output, which is gone\.\n/);
-    expect(readModel(path.join(dir, 'exact.q.onnx')).graph!.initializer.length).to.be.above(0);  // its data file is there to read
-    fs.rmSync(path.join(dir, 'exact.q.onnx'));
-    fs.rmSync(path.join(dir, 'exact.q.onnx.data'));
-    const fresh = lowbitFailingReport('quantize', 'exact.onnx', '--external-data', '--report', 'report.json', '--no-evaluate');
-    expect(fresh.stderr).to.match(/ Removed exact\.q\.onnx and exact\.q\.onnx\.data, which this run wrote\.\n/);
-    expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
-    fs.rmSync(dir, { recursive: true });
-    fs.rmSync(preload);
+    try {
+      // Weights on the 8-bit grid (k/127): quantized exactly, an SQNR of Infinity.
+      const exact = buildModel({
+        inputDims: [1, 4], output: 'y', initializers: { w: { dims: [4, 2], data: [127, -127, 64, 0, -3, 5, 100, -50].map((k) => k / 127) } },
+        nodes: [{ op: 'MatMul', inputs: ['input', 'w'], output: 'y', name: 'mm' }],
+      });
+      fs.writeFileSync(path.join(dir, 'exact.onnx'), exact);
+      const cli = path.join(root, 'dist', 'ts', 'cli.js');
+      const good = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--granularity', 'tensor', '--report', 'r.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+      expect(good.status, good.stderr).to.equal(0);
+      expect(JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')).layers[0].weightSqnrDb).to.equal('Infinity');
+      fs.rmSync(path.join(dir, 'exact.q.onnx'));
+      // A report folder nothing can be written to is found before any work.
+      const early = spawnSync(process.execPath, [cli, 'quantize', 'exact.onnx', '--report', '/proc/lowbit-report.json', '--no-evaluate'], { cwd: dir, encoding: 'utf8' });
+      expect(early.status).to.equal(1);
+      expect(early.stderr).to.match(/a folder lowbit can write to for --report but received "\/proc\/lowbit-report\.json"/);
+      expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
+      // A write that fails all the same at the end (a full disk, a folder gone): simulated by a preloaded module that
+      // sends the report's write to /proc.
+      fs.writeFileSync(preload, `const io = require(${JSON.stringify(path.join(root, 'dist', 'ts', 'onnx', 'model-io.js'))});
+  const real = io.writeFileAtomic;
+  io.writeFileAtomic = (file, bytes) => real(file === 'report.json' ? '/proc/lowbit-report.json' : file, bytes);\n`);
+      const lowbitFailingReport = (...args: string[]) => spawnSync(process.execPath, ['-r', preload, cli, ...args], { cwd: dir, encoding: 'utf8' });
+      const bad = lowbitFailingReport('quantize', 'exact.onnx', '--report', 'report.json', '--no-evaluate');
+      expect(bad.status).to.equal(1);
+      expect(bad.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. Check that its folder exists and is writable\. Removed exact\.q\.onnx, which this run wrote\.\n/);
+      expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
+      // An output that was there before the run was replaced by it: removing it would leave neither, so it is kept.
+      fs.writeFileSync(path.join(dir, 'exact.q.onnx'), 'an earlier output');
+      const over = lowbitFailingReport('quantize', 'exact.onnx', '--report', 'report.json', '--no-evaluate');
+      expect(over.status).to.equal(1);
+      expect(over.stderr).to.match(/Could not write \/proc\/lowbit-report\.json \(\w+\)\. .* Kept exact\.q\.onnx: this run wrote it over an earlier output, which is gone\.\n/);
+      expect(readModel(path.join(dir, 'exact.q.onnx')).graph!.node.some((n) => n.opType === 'DequantizeLinear')).to.equal(true);  // this run's model
+      // With external data the model and its data file are one unit: both kept (the model needs its data), or both removed.
+      const pair = lowbitFailingReport('quantize', 'exact.onnx', '--external-data', '--report', 'report.json', '--no-evaluate');
+      expect(pair.status).to.equal(1);
+      expect(pair.stderr).to.match(/ Kept exact\.q\.onnx and exact\.q\.onnx\.data: this run wrote them over an earlier output, which is gone\.\n/);
+      expect(readModel(path.join(dir, 'exact.q.onnx')).graph!.initializer.length).to.be.above(0);  // its data file is there to read
+      fs.rmSync(path.join(dir, 'exact.q.onnx'));
+      fs.rmSync(path.join(dir, 'exact.q.onnx.data'));
+      const fresh = lowbitFailingReport('quantize', 'exact.onnx', '--external-data', '--report', 'report.json', '--no-evaluate');
+      expect(fresh.stderr).to.match(/ Removed exact\.q\.onnx and exact\.q\.onnx\.data, which this run wrote\.\n/);
+      expect(fs.readdirSync(dir).sort()).to.deep.equal(['exact.onnx', 'r.json']);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+      fs.rmSync(preload, { force: true });
+    }
   });
 });
 

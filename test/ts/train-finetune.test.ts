@@ -600,26 +600,29 @@ describe('finetune: bad input', () => {
 
   it('writes the model atomically when outputPath is given', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-ft-'));
-    const file = path.join(dir, 'out.onnx');
-    const r = await finetune(BUNDLED, data, { outputPath: file });
-    expect(Buffer.from(fs.readFileSync(file)).equals(Buffer.from(r.model))).to.equal(true);
-    expect(fs.readdirSync(dir)).to.deep.equal(['out.onnx']);
-    let caught: unknown;
-    await finetune(BUNDLED, data, { outputPath: path.join(dir, 'missing', 'out.onnx') }).catch((e) => (caught = e));
-    expect(caught).to.be.instanceOf(RangeError);
-    expect((caught as Error).message).to.match(/existing folder for options\.outputPath .*missing does not exist/);
-    // A folder it cannot write to is found before training, not when the trained model is written (root writes
-    // anywhere chmod forbids: sysfs refuses new files to everyone).
-    const locked = process.getuid?.() === 0 ? '/sys' : path.join(dir, 'locked');
-    if (locked !== '/sys') fs.mkdirSync(locked, { mode: 0o500 });
-    let epochs = 0;
-    caught = undefined;
-    await finetune(BUNDLED, data, { outputPath: path.join(locked, 'out.onnx'), onEpoch: () => void epochs++ }).catch((e) => (caught = e));
-    expect(caught).to.be.instanceOf(RangeError);
-    expect((caught as Error).message).to.match(/a folder lowbit can write to for options\.outputPath but received ".*out\.onnx": creating a file in .* failed \((EACCES|EPERM|EROFS)/);
-    expect(epochs).to.equal(0);
-    if (locked !== '/sys') expect(fs.readdirSync(locked)).to.deep.equal([]);
-    fs.rmSync(dir, { recursive: true });
+    try {
+      const file = path.join(dir, 'out.onnx');
+      const r = await finetune(BUNDLED, data, { outputPath: file });
+      expect(Buffer.from(fs.readFileSync(file)).equals(Buffer.from(r.model))).to.equal(true);
+      expect(fs.readdirSync(dir)).to.deep.equal(['out.onnx']);
+      let caught: unknown;
+      await finetune(BUNDLED, data, { outputPath: path.join(dir, 'missing', 'out.onnx') }).catch((e) => (caught = e));
+      expect(caught).to.be.instanceOf(RangeError);
+      expect((caught as Error).message).to.match(/existing folder for options\.outputPath .*missing does not exist/);
+      // A folder it cannot write to is found before training, not when the trained model is written (root writes
+      // anywhere chmod forbids: sysfs refuses new files to everyone).
+      const locked = process.getuid?.() === 0 ? '/sys' : path.join(dir, 'locked');
+      if (locked !== '/sys') fs.mkdirSync(locked, { mode: 0o500 });
+      let epochs = 0;
+      caught = undefined;
+      await finetune(BUNDLED, data, { outputPath: path.join(locked, 'out.onnx'), onEpoch: () => void epochs++ }).catch((e) => (caught = e));
+      expect(caught).to.be.instanceOf(RangeError);
+      expect((caught as Error).message).to.match(/a folder lowbit can write to for options\.outputPath but received ".*out\.onnx": creating a file in .* failed \((EACCES|EPERM|EROFS)/);
+      expect(epochs).to.equal(0);
+      if (locked !== '/sys') expect(fs.readdirSync(locked)).to.deep.equal([]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 
