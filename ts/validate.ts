@@ -106,12 +106,13 @@ export function checkBitsChoice(name: string, v: unknown, choices: number[]): vo
   checkNumber(name, v, `${choices.slice(0, -1).join(', ')} or ${choices[choices.length - 1]}`, (n) => choices.includes(n));
 }
 
-export function checkChoice<T extends string>(name: string, v: unknown, choices: readonly T[]): T {
+/** One of `choices`; a value refused gets `hint(value)` when it gives one, else the closest choice. */
+export function checkChoice<T extends string>(name: string, v: unknown, choices: readonly T[], hint?: (v: string) => string | undefined): T {
   const list = choices.map((c) => `'${c}'`).join(', ');
   if (typeof v !== 'string') throw invalidType(name, `one of ${list}`, v);
   if (!choices.includes(v as T)) {
     const close = closestName(v, choices);
-    throw invalidValue(name, `one of ${list}`, v, close ? `Did you mean '${close}'?` : undefined);
+    throw invalidValue(name, `one of ${list}`, v, hint?.(v) ?? (close ? `Did you mean '${close}'?` : undefined));
   }
   return v as T;
 }

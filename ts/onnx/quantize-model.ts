@@ -222,10 +222,10 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     const perChannelOption = (['bitAllocation', 'groups', 'biasCorrection'] as const).find((key) => w[key] !== undefined && w[key] !== false);
     if (perChannelOption) throw invalidValue('options.weights.granularity', `'channel' with options.weights.${perChannelOption} (it works per output channel)`, w.granularity);
   }
-  if (w.method === 'percentile' || w.method === 'kl') {
-    throw invalidValue('options.weights.method', "one of 'minmax', 'mse', 'aciq'", w.method, `'${w.method}' ranges are for activations: options.activations.method.`);
+  if (w.method !== undefined) {
+    checkChoice('options.weights.method', w.method, ['minmax', 'mse', 'aciq'],
+      (m) => (m === 'percentile' || m === 'kl' ? `'${m}' ranges are for activations: options.activations.method.` : undefined));
   }
-  if (w.method !== undefined) checkChoice('options.weights.method', w.method, ['minmax', 'mse', 'aciq']);
   if (w.blockSize !== undefined) checkNumber('options.weights.blockSize', w.blockSize, 'a power of two >= 16', (n) => Number.isInteger(n) && n >= 16 && (n & (n - 1)) === 0);
   if (w.biasCorrection !== undefined && typeof w.biasCorrection !== 'boolean') throw invalidType('options.weights.biasCorrection', 'a boolean', w.biasCorrection);
   checkKeepFloat('options.keepFloat', options.keepFloat, "an array of node names or op types (e.g. ['Gemm'])");
