@@ -10,16 +10,15 @@ import * as path from 'node:path';
 import { benchGemm, benchLargeModel, benchModels, benchQuantize, benchTrain, benchSgemm, DEFAULT_GEMM_SHAPES } from './bench';
 import { table } from './bench/timing';
 import { cpuInfo } from './cpu';
-import { invalidValue } from './errors';
 import { inspectModel, sparkline } from './onnx/inspect';
 import { ACTIVATION_METHODS, readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, removeTemporaryFiles, samePath, writeFileAtomic } from './onnx/model-io';
-import { quantizeModel } from './onnx/quantize-model';
-import type { WeightLayerReport } from './onnx/passes/quantize-weights';
+import { ACTIVATION_BITS, quantizeModel } from './onnx/quantize-model';
+import { operatorCountList, type WeightLayerReport } from './onnx/passes/quantize-weights';
 import { optOutOfOrtTelemetry } from './ort-telemetry';
 import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
 import { loadMnist } from './train/mnist';
-import { checkBitsChoice, checkInteger, closestName } from './validate';
+import { checkBitsChoice, checkChoice, closestName } from './validate';
 
 /** A layer's name, with the node whose subgraph holds it. */
 function layerName(l: { node: string; subgraph?: string; branch?: string }): string {
@@ -221,12 +220,11 @@ export function program(): Command {
       quantizeOutputs?: boolean; reduceRange?: boolean; gather?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean;
     }, command: Command) => {
       const activationMethods: string[] = [...ACTIVATION_METHODS, 'dynamic'];
-      if (o.amethod !== undefined && !activationMethods.includes(o.amethod)) {
-        const close = closestName(o.amethod, activationMethods);
-        throw invalidValue('--amethod', `one of ${activationMethods.map((m) => `'${m}'`).join(', ')}`, o.amethod, close ? `Did you mean '${close}'?` : 'Leave it out for min/max ranges.');
+      if (o.amethod !== undefined) {
+        checkChoice('--amethod', o.amethod, activationMethods, (v) => (closestName(v, activationMethods) ? undefined : 'Leave it out for min/max ranges.'));
       }
       // Before the checks below that name its value.
-      if (o.abits !== undefined) checkBitsChoice('--abits', o.abits, [4, 8, 16]);
+      if (o.abits !== undefined) checkBitsChoice('--abits', o.abits, [...ACTIVATION_BITS]);
       const amethod = o.amethod ?? ((ACTIVATION_METHODS as readonly string[]).includes(o.method) ? o.method : 'minmax');
       const assets = path.resolve(__dirname, '..', '..', 'assets');
       const model = modelArg ?? path.join(assets, 'mnist-cnn.onnx');
@@ -517,7 +515,7 @@ export function program(): Command {
       const quantized = layers.filter((l) => l.quantized).length;
       console.log(`opset ${opset}, ${layers.length} Conv, ConvTranspose, Gemm, MatMul and Gather layers, ${quantized} of them quantized by default`);
       if (quantizedOperators.length > 0) {
-        console.log(`quantized already: ${quantizedOperators.map(({ op, count }) => `${count} ${op}`).join(', ')} (lowbit quantizes float models)`);
+        console.log(`quantized already: ${operatorCountList(quantizedOperators)} (lowbit quantizes float models)`);
       }
       if (layers.length === 0) return;
       console.log('');
@@ -539,14 +537,13 @@ export function program(): Command {
     .option('--rounds <n>', 'interleaved rounds per shape (every case once per round)', (v) => parseSize(v)[0], 3)
     .option('--json', 'machine-readable output')
     .action(async (o: { shape?: Array<[number, number, number]>; threads?: number[]; kernel?: string[]; rounds: number; json?: boolean }) => {
-      checkInteger('--rounds', o.rounds, 1, 1000);
-      await benchGemm({
+      await withFlags([['opts.rounds', '--rounds']], () => benchGemm({
         shapes: o.shape ?? DEFAULT_GEMM_SHAPES,
         threads: o.threads ?? [1, cpuInfo().maxThreads],
         kernels: checkKernels('gemm', o.kernel),
         rounds: o.rounds,
         json: !!o.json,
-      });
+      }));
     });
   bench.command('sgemm')
     .description('float32 SGEMM GFLOPS per kernel (training-engine shapes: conv and fully connected, all transposes) and the ratio to scalar')

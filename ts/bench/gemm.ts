@@ -139,6 +139,7 @@ export interface GemmBenchOptions {
 
 
 export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
+  const rounds = checkInteger('opts.rounds', opts.rounds ?? 3, 1, 1000);  // before any work: a median of no rounds would be NaN
   const info = cpuInfo();
   const kernels = opts.kernels ?? info.gemmKernels.filter((k) => k !== 'scalar' && k !== 'portable');
   const best = kernels[0];
@@ -146,8 +147,6 @@ export async function benchGemm(opts: GemmBenchOptions): Promise<void> {
   // Without VNNI onnxruntime's x86 u8s8 kernels add pairs of products in saturating int16 (vpmaddubsw), which these
   // full-range bytes can overflow: its outputs are compared with lowbit's only where it multiplies exactly.
   const ortExact = info.features.avx512vnni || info.features.avxvnni || info.features.neonDotprod;
-  const rounds = opts.rounds ?? 3;
-  checkInteger('opts.rounds', rounds, 1, 1000);  // a median of no rounds would be NaN
   const rows: Array<Record<string, string | number | number[]>> = [];
   // Each case's median milliseconds per round, in round order.
   const perRound = new Map<string, number[]>();

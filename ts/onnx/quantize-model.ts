@@ -35,7 +35,7 @@ import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamicallySteps } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, quantizeBodyActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, quantizableSubgraphLayers, quantizedOperatorCounts, quantizeWeightsByLayer, reducedRangeBits, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
+import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, operatorCountList, quantizableSubgraphLayers, quantizedOperatorCounts, quantizeWeightsByLayer, reducedRangeBits, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -175,6 +175,9 @@ export interface QuantizationReport {
   timingsMs: Record<string, number>;
 }
 
+/** The activation widths quantizeModel takes (16: W8A16 at opset 21). */
+export const ACTIVATION_BITS = [4, 8, 16] as const;
+
 function checkPositiveNumber(name: string, v: unknown, expected: string, integer = false): void {
   checkNumber(name, v, expected, (n) => n > 0 && Number.isFinite(n) && (!integer || Number.isInteger(n)));
 }
@@ -224,7 +227,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   }
   if (w.method !== undefined) {
     checkChoice('options.weights.method', w.method, ['minmax', 'mse', 'aciq'],
-      (m) => (m === 'percentile' || m === 'kl' ? `'${m}' ranges are for activations: options.activations.method.` : undefined));
+      (m) => ((ACTIVATION_METHODS as readonly string[]).includes(m) ? `'${m}' ranges are for activations: options.activations.method.` : undefined));
   }
   if (w.blockSize !== undefined) checkNumber('options.weights.blockSize', w.blockSize, 'a power of two >= 16', (n) => Number.isInteger(n) && n >= 16 && (n & (n - 1)) === 0);
   if (w.biasCorrection !== undefined && typeof w.biasCorrection !== 'boolean') throw invalidType('options.weights.biasCorrection', 'a boolean', w.biasCorrection);
@@ -235,7 +238,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
   if (a !== undefined && a !== false) {
     if (!isPlainObject(a)) throw invalidType('options.activations', 'false or { bits: 4 | 8 | 16, signed?, method? }', a);
     checkKnownKeys('options.activations', a, ['bits', 'signed', 'method', 'biasCorrection', 'outputs', 'equalizeDepthwise']);
-    checkBitsChoice('options.activations.bits', a.bits, [4, 8, 16]);
+    checkBitsChoice('options.activations.bits', a.bits, [...ACTIVATION_BITS]);
     if (a.bits === 16 && (a.method === 'kl' || a.method === 'aciq')) {
       throw invalidValue('options.activations.method', "'minmax', 'percentile' or 'mse' with 16-bit activations (KL and ACIQ's clipping work up to 8 bits)", a.method);
     }
@@ -396,9 +399,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
       signal?.throwIfAborted();
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
       const fo = await runSession(f.session, tensors, names.map(f.outputOf), `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG)
-        .catch((e: unknown) => {
-          throw e instanceof OnnxModelError ? new FloatModelFailure(e, ortReason(e)) : e;
-        });
+        .catch(asFloatModelFailure);
       signal?.throwIfAborted();
       const qo = await runSession(q.session, tensors, names.map(q.outputOf), `the quantized model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG);
       for (const [i, name] of names.entries()) {
@@ -492,11 +493,14 @@ type ClosableSession = { session: OrtSession; close: () => Promise<void> };
  */
 export function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
   return async (inputs: Record<string, PlainTensor>, what: string, hint: string, failure: OnnxModelError): Promise<Error> => {
+    // The failure's message with what the run of the input model showed.
+    const noted = (note: string) => new OnnxModelError(`${failure.message} (${note})`, { cause: failure });
+    const messageOf = (e: unknown) => (e instanceof Error ? e.message : String(e));
     let opened: ClosableSession;
     try {
       opened = await openFloatModel(input, { graphOptimizationLevel: 'disabled', intraOpNumThreads: 0 }, host);
     } catch (e) {
-      return new OnnxModelError(`${failure.message} (lowbit could not open the input model as given to run this batch on it: ${e instanceof Error ? e.message : String(e)})`, { cause: failure });
+      return noted(`lowbit could not open the input model as given to run this batch on it: ${messageOf(e)}`);
     }
     const given = feedDims(inputs);
     try {
@@ -504,11 +508,11 @@ export function inputModelErrorOn(input: string | Uint8Array, host: OrtHost) {
         `${hint}The model as given fails on this batch as well (not a conversion's doing): check the model, and that the batch has the sizes it computes on.`);
     } catch (e) {
       if (e instanceof OnnxModelError) return new OnnxModelError(e.message, { cause: failure });
-      return new OnnxModelError(`${failure.message} (lowbit could not run the input model as given on this batch to tell: ${e instanceof Error ? e.message : String(e)})`, { cause: failure });
+      return noted(`lowbit could not run the input model as given on this batch to tell: ${messageOf(e)}`);
     } finally {
       await opened.close().catch(() => undefined);
     }
-    return new OnnxModelError(`${failure.message} (lowbit ran the input model as given on this batch, and it runs: this is the conversion's doing.)`, { cause: failure });
+    return noted("lowbit ran the input model as given on this batch, and it runs: this is the conversion's doing.");
   };
 }
 
@@ -534,7 +538,7 @@ function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: numbe
 function quantizedAlready(graph: Graph): string {
   const counts = quantizedOperatorCounts(graph);
   if (counts.length === 0) return '';
-  return ` It looks quantized already (${counts.map(({ op, count }) => `${count} ${op}`).join(', ')}): lowbit quantizes float models; give it the float model this one was made from.`;
+  return ` It looks quantized already (${operatorCountList(counts)}): lowbit quantizes float models; give it the float model this one was made from.`;
 }
 
 /**
@@ -542,15 +546,18 @@ function quantizedAlready(graph: Graph): string {
  * the model's, not the quantization's. `reason` is onnxruntime's.
  */
 class FloatModelFailure extends OnnxModelError {
-  constructor(failure: OnnxModelError, readonly reason: string) {
+  /** onnxruntime's reason: the first line of the failure's cause. */
+  readonly reason: string;
+
+  constructor(failure: OnnxModelError) {
     super(failure.message, { cause: failure.cause });
+    this.reason = failure.cause instanceof Error ? failure.cause.message.split('\n')[0].trim().replace(/\.$/, '') : failure.message;
   }
 }
 
-/** onnxruntime's reason in a runSession error ("onnxruntime could not run <what>: <reason>. <remedy>"). */
-function ortReason(e: OnnxModelError): string {
-  const cause = e.cause;
-  return cause instanceof Error ? cause.message.split('\n')[0].trim().replace(/\.$/, '') : e.message;
+/** For a float model's runSession: its model error as a FloatModelFailure, anything else as it is. */
+function asFloatModelFailure(e: unknown): never {
+  throw e instanceof OnnxModelError ? new FloatModelFailure(e) : e;
 }
 
 /**
@@ -577,9 +584,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
       const f = await runSession(floatSession, tensors, undefined, `the input model on evaluation feed ${index}`,
         'The float model itself fails there: check the model (and that feed) in onnxruntime-node, where lowbit evaluates models.')
-        .catch((e: unknown) => {
-          throw e instanceof OnnxModelError ? new FloatModelFailure(e, ortReason(e)) : e;
-        });
+        .catch(asFloatModelFailure);
       signal?.throwIfAborted();
       const q = await runSession(quantSession, tensors, undefined, `the quantized model on evaluation feed ${index}`, LOWBIT_BUG);
       const firstDims = Object.values(feeds)[0]?.dims ?? [];
@@ -798,6 +803,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const calibrating = !!(staticActivations || gptq || dataBiasCorrection);
   // Whether a second reading of the calibration data (equalization's, GPTQ's on quantized inputs) reads the same: probed once.
   const rereadable = calibrating && iterability(opts.calibration) === 'restarts';
+  // For a calibration batch the prepared model fails on (equalization's pass and the main one).
+  const inputModelError = inputModelErrorOn(input, host);
   const targets = quantizableLayers(graph, opts.keepFloat);
   // Inside subgraphs: weights, and inputs (calibrated ones in the main graph's If branches, dynamic ones anywhere).
   const bodyTargets = quantizableSubgraphLayers(graph, opts.keepFloat);
@@ -826,7 +833,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   let shifts = new Map<string, Float64Array>();
   let equalizationBatches: number | undefined;  // what the main calibration must read again
   if (staticActivations && staticActivations.bits <= 8 && staticActivations.equalizeDepthwise) {
-    const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts, host, rereadable, inputModelErrorOn(input, host)));
+    const equalized = await time('equalize-depthwise', () => equalizeDepthwise(graph, targets, opts, host, rereadable, inputModelError));
     // Its pass over the calibration data counts as calibration.
     if (equalized?.calibrationMs) {
       timings['equalize-depthwise'] -= equalized.calibrationMs;
@@ -912,7 +919,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     opts.onProgress?.('calibrate');
     const t0 = performance.now();
     result = await calibrate(prepared!, [...new Set([...tensors, ...branchTensors])], opts.calibration!, staticActivations?.method ?? 'minmax', {
-      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, signal: opts.signal, inputModelError: inputModelErrorOn(input, host),
+      onBatch: (i) => opts.onProgress?.(`calibrate batch ${i + 1}`), host, signal: opts.signal, inputModelError,
       tensorObservers: [...observe(biasObservers, false), ...(secondPass ? [] : observe([...gptqMoments], false))], expectBatches: equalizationBatches,
     });
     calibrationBatches = result.batches;
@@ -1103,10 +1110,11 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const feeds = evaluationFeeds ?? sample ?? (noRandomFeeds ? [] : random as Feed[]);
   const madeUp = !evaluationFeeds && !sample && !noRandomFeeds;
   // What lowbit guessed in them: a size for a symbolic dimension, a value (1) for an integer or bool input.
-  const guesses = madeUp ? [
-    ...(modelInputs(model).some((i) => i.dims?.some((d) => d < 0)) ? ['symbolic dimensions set to 1'] : []),
-    ...(modelInputs(model).some((i) => i.elemType !== TensorProto_DataType.FLOAT && i.elemType !== TensorProto_DataType.FLOAT16) ? ['integer and bool inputs set to 1'] : []),
-  ] : [];
+  const madeUpFor = madeUp ? modelInputs(model) : [];
+  const guesses = [
+    ...(madeUpFor.some((i) => i.dims?.some((d) => d < 0)) ? ['symbolic dimensions set to 1'] : []),
+    ...(madeUpFor.some((i) => i.elemType !== TensorProto_DataType.FLOAT && i.elemType !== TensorProto_DataType.FLOAT16) ? ['integer and bool inputs set to 1'] : []),
+  ];
   const noteMadeUp = (r: QuantizationReport) => {
     if (madeUp && r.evaluation) r.evaluation.madeUpInputs = Object.fromEntries(Object.entries(feeds[0]).map(([name, t]) => [name, [...t.dims]]));
   };

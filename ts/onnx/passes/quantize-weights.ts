@@ -156,6 +156,11 @@ export function quantizedOperatorCounts(graph: Graph): Array<{ op: string; count
   return [...counts].map(([op, count]) => ({ op, count })).sort((a, b) => b.count - a.count);
 }
 
+/** "119 ConvInteger, 119 DynamicQuantizeLinear": counts of operators, for messages. */
+export function operatorCountList(counts: Array<{ op: string; count: number }>): string {
+  return counts.map(({ op, count }) => `${count} ${op}`).join(', ');
+}
+
 // A MatMul weight may carry leading dimensions of 1 ([1, K, N], as some exporters write it): one [K, N] matrix.
 function layout(opType: string, dims: number[], transB: boolean): { outputAxis: number; reductionAxis: number } | undefined {
   if (opType === 'Conv') return dims.length >= 3 ? { outputAxis: 0, reductionAxis: 1 } : undefined;
