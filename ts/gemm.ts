@@ -217,12 +217,17 @@ export async function matmulInt8Async(a: Int8Array | Uint8Array, b: Int8Array | 
   const r = resolve(a, b, m, k, n, options);
   // The native threads touch memory only lowbit holds: a caller's buffer may move (transfer) or shrink (resize).
   const own: Resolved = {
-    ...r, a: r.a.slice(), b: ArrayBuffer.isView(r.b) ? r.b.slice() : r.b,
+    ...r, a: copyOf(r.a), b: ArrayBuffer.isView(r.b) ? copyOf(r.b) : r.b,
     bZeroPoint: r.bZeroPoint.slice(), out: r.out === options?.out ? new Int32Array(r.m * r.n) : r.out,
   };
   await native().matmulInt8Async(own.a, own.b, own.m, own.k, own.n, own.aZeroPoint, own.bZeroPoint, own.perColumn, own.out, own.kernel, own.threads);
   if (own.out !== r.out) copyIntoOut(r.out, own.out, 'matmulInt8Async');
   return view(r);
+}
+
+/** A copy of the bytes (a Node Buffer is a Uint8Array whose slice() is a view of the same memory, not a copy). */
+function copyOf(v: Bytes): Bytes {
+  return v instanceof Int8Array ? new Int8Array(v) : new Uint8Array(v);
 }
 
 function checkScale(name: string, v: unknown): number {

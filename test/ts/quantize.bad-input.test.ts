@@ -253,6 +253,18 @@ describe('async calls while the caller moves its buffers', () => {
   });
 });
 
+describe('matmulInt8Async and Node Buffers', () => {
+  it('copies a and b given as Buffers (whose slice() is a view): writing into them after the call leaves the result alone', async () => {
+    const [m, k, n] = [64, 512, 64];
+    const a = Buffer.alloc(m * k, 3);
+    const b = Buffer.alloc(k * n, 2);
+    const p = matmulInt8Async(a, b, m, k, n);
+    a.fill(5);
+    b.fill(7);
+    expect((await p).every((v) => v === k * 3 * 2)).to.equal(true);
+  });
+});
+
 describe('quantizationError on bit-allocated tensors and NaN', () => {
   it('counts clipped values against each channel\'s own width, and refuses NaN in original', () => {
     const data = Float32Array.from({ length: 4 * 64 }, (_, i) => Math.sin(i * 1.7) * (1 + (i % 4)) * (i % 13 === 0 ? 6 : 1));
