@@ -7,6 +7,8 @@ import { nextTurn, nodeLabel, placeOf, runStepsAsync } from './passes/pass';
 import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
+import { recurrentLayers } from './passes/quantize-recurrent';
+import { foldWeightChains } from './passes/fold-weight-chains';
 import { QUANTIZABLE, quantizedOperatorCounts, unquantizableReason } from './passes/quantize-weights';
 
 /** The layers inspect lists: those quantizeModel quantizes, and ConvTranspose. */
@@ -45,6 +47,7 @@ export async function inspectModel(input: string | Uint8Array):
   densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
   await foldConstantTransposes(graph);  // and through a Transpose
+  await foldWeightChains(graph);  // and computed from constants by data movement (Slice, Concat, Unsqueeze…)
   // The weights as quantizeModel quantizes them: BatchNormalization and scalar affines folded into their layers (a
   // channel with a tiny running variance widens there; a variance of 0 with epsilon 0 gives infinities).
   await runStepsAsync(foldBatchNormSteps(graph));
@@ -56,6 +59,8 @@ export async function inspectModel(input: string | Uint8Array):
     // The quantizer's own reasons for leaving a layer float (W·x, weight rank, already quantized, …).
     ...layerNodes.map((c) => ({ ...c, weightInput: 1, optIn: false,
       skipped: c.node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized' : unquantizableReason(graph, c.node, c.scopes) })),
+    // LSTM, GRU and RNN: their W and R, a row each.
+    ...recurrentLayers(graph).flatMap((c) => [1, 2].map((weightInput) => ({ ...c, weightInput, optIn: false, skipped: c.reason }))),
     // Embedding tables, often a large model's largest tensor: quantized only on request.
     ...embeddingTables(graph).map((c) => ({ ...c, weightInput: 0, optIn: c.reason === undefined,
       skipped: c.reason === undefined ? 'an embedding table: quantized with weights.gather (CLI --gather)' : `an embedding table, float even with weights.gather: ${c.reason}` })),

@@ -25,6 +25,8 @@ import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './pa
 import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { quantizableTableCount, quantizeGathers } from './passes/quantize-gather';
+import { recurrentLayers, quantizeRecurrent } from './passes/quantize-recurrent';
+import { foldWeightChains } from './passes/fold-weight-chains';
 import { foldBatchNormSteps } from './passes/fold-batchnorm';
 import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
@@ -39,6 +41,10 @@ import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLay
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
+  /**
+   * The weights of Conv, Gemm and MatMul layers, and the W and R of LSTM, GRU and RNN nodes (weight-only: the
+   * recurrence runs in float; bits, granularity and method apply to them, the other options do not).
+   */
   weights: {
     bits: 2 | 4 | 8;
     /** 'channel' (default), 'block' (blockSize along the reduction axis), or 'tensor' (one scale a tensor: onnxruntime's default, the naive baseline). */
@@ -734,6 +740,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
   passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
   passes.push(await time('fold-constant-transposes', () => foldConstantTransposes(graph, opts.keepFloat)));
+  passes.push(await time('fold-weight-chains', () => foldWeightChains(graph, opts.keepFloat)));
   const bits = opts.weights.bits;
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
   const blockedWeights = opts.weights.granularity === 'block';
@@ -759,7 +766,11 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     throw new OnnxModelError(`${activationBits}-bit activations need opset 21, and this model (opset ${graph.opset}) cannot be converted: ${unconvertible}. ` +
       'Use 8-bit activations (options.activations.bits 8), or convert the model to opset 21 first.');
   }
-  const forWeights = Math.max(bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13, halfWeights.length > 0 ? 19 : 0);
+  // LSTM, GRU and RNN weights (passes/quantize-recurrent) take the weights' bits; float16 ones float16 scales too.
+  const recurrent = recurrentLayers(graph, opts.keepFloat);
+  const halfRecurrent = recurrent.some((l) => l.reason === undefined && graph.constantIn(l.node.input[1], l.scopes)!.tensor.dataType === TensorProto_DataType.FLOAT16);
+  const forWeights = Math.max(bits === 2 ? 25 : bits === 4 || blockedWeights || (opts.firstLastLayerBits ?? 8) < 8 ? 21 : 13,
+    halfWeights.length > 0 || halfRecurrent ? 19 : 0);
   // HardSwish (fused below) arrived in opset 14; a model that cannot be converted keeps its pattern rather than
   // falling back to com.microsoft Q/DQ for it.
   const needed = hasHardSwishPattern(graph) && !unconvertible ? Math.max(forWeights, 14) : forWeights;
@@ -768,8 +779,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (from < needed) {
     if (unconvertible) {
       const edgeBits = opts.firstLastLayerBits ?? 8;
-      if (bits !== 8 || blockedWeights || halfWeights.length > 0 || edgeBits < 8) {
-        const what = halfWeights.length > 0 ? 'float16 weights (float16 scales)' : blockedWeights ? 'blocked weights'
+      if (bits !== 8 || blockedWeights || halfWeights.length > 0 || halfRecurrent || edgeBits < 8) {
+        const what = halfWeights.length > 0 || halfRecurrent ? 'float16 weights (float16 scales)' : blockedWeights ? 'blocked weights'
           : bits !== 8 ? `${bits}-bit weights` : `firstLastLayerBits ${edgeBits}`;
         throw new OnnxModelError(`${what} need opset ${needed}, and this model (opset ${from}) cannot be converted: ${unconvertible}.`);
       }
@@ -810,12 +821,15 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const bodyTargets = quantizableSubgraphLayers(graph, opts.keepFloat);
   const bodyTargetCount = bodyTargets.length;
   const tableCount = opts.weights.gather ? quantizableTableCount(graph, opts.keepFloat) : 0;
-  if (targets.length + bodyTargetCount + tableCount === 0) {
+  const recurrentCount = recurrent.filter((l) => l.reason === undefined).length;
+  if (targets.length + bodyTargetCount + tableCount + recurrentCount === 0) {
     // Say why the layers there cannot be quantized (keepFloat aside).
     const keep = new Set(opts.keepFloat ?? []);
-    const reasons = allNodes(graph).filter(({ node }) => QUANTIZABLE.has(node.opType) && !keep.has(node.name) && !keep.has(node.opType))
-      .map(({ node, scopes }) => `${node.opType} '${nodeLabel(node)}': ${unquantizableReason(graph, node, scopes)}`);
-    throw new OnnxModelError(`No Conv, Gemm or MatMul layer with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
+    const reasons = [...allNodes(graph).filter(({ node }) => QUANTIZABLE.has(node.opType) && !keep.has(node.name) && !keep.has(node.opType))
+      .map(({ node, scopes }) => `${node.opType} '${nodeLabel(node)}': ${unquantizableReason(graph, node, scopes)}`),
+    ...recurrent.filter((l) => l.reason !== 'kept in float (keepFloat)').map((l) => `${l.node.opType} '${nodeLabel(l.node)}': ${l.reason}`)];
+    const kinds = recurrent.length ? 'Conv, Gemm, MatMul, LSTM, GRU or RNN layer' : 'Conv, Gemm or MatMul layer';
+    throw new OnnxModelError(`No ${kinds} with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
       `the model would be unchanged.${reasons.length ? ` ${reasons.slice(0, 3).join('; ')}${reasons.length > 3 ? `; and ${reasons.length - 3} more` : ''}.` : ''}` +
       quantizedAlready(graph) +
       (opts.keepFloat?.length ? ` Check options.keepFloat, which leaves ${opts.keepFloat.length === 1 ? 'one name' : `${opts.keepFloat.length} names`} in float.` : ''));
@@ -991,7 +1005,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   const { report: weightReport, layers, weights, layerOf } = await time('quantize-weights', () => runStepsAsync(quantizeWeightsByLayer(graph, {
     bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize,
     method: opts.weights.method ?? 'minmax', firstLastLayerBits: opts.firstLastLayerBits ?? 8,
-    keepFloat: opts.keepFloat, gather: !!opts.weights.gather, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
+    keepFloat: opts.keepFloat, gather: !!opts.weights.gather, recurrent, microsoftDomain: microsoftDomainFallback !== undefined, bitAllocation: opts.weights.bitAllocation,
     groups: opts.weights.groups, scaleClipK: opts.weights.scaleClip, momentCorrection: !!opts.weights.biasCorrection,
     rounding: opts.weights.rounding, moments: gptqMoments, reduceRange: !!opts.weights.reduceRange,
     keepValues: dataBiasCorrection || new Set(shifts.keys()), async: true, callerBytes,
@@ -1020,6 +1034,25 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     })));
     passes.push(gathered.report);
     layers.push(...gathered.layers);
+  }
+  if (recurrent.length > 0) {
+    const quantizedRecurrent = await time('quantize-recurrent', () => runStepsAsync(quantizeRecurrent(graph, {
+      bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize, method: opts.weights.method ?? 'minmax',
+      keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, callerBytes,
+    })));
+    // What applies to Conv, Gemm and MatMul layers only, said for each recurrent one.
+    const w = opts.weights;
+    const notApplied = [
+      ...(w.bitAllocation ? ['weights.bitAllocation'] : []), ...(w.groups ? ['weights.groups'] : []), ...(w.scaleClip !== undefined ? ['weights.scaleClip'] : []),
+      ...(w.biasCorrection ? ['weights.biasCorrection'] : []), ...(w.rounding && w.rounding !== 'nearest' ? [`weights.rounding '${w.rounding}'`] : []),
+      ...(w.reduceRange ? ['weights.reduceRange'] : []), ...((opts.firstLastLayerBits ?? 8) !== bits ? ['firstLastLayerBits'] : []),
+    ];
+    for (const l of quantizedRecurrent.layers) {
+      if (notApplied.length) quantizedRecurrent.report.skipped.push({ node: l.node, reason: `${notApplied.join(', ')}: for Conv, Gemm and MatMul layers; its W and R take weights.bits, granularity and method alone` });
+      if (opts.activations) quantizedRecurrent.report.skipped.push({ node: l.node, reason: 'its inputs and states stay float (activations are quantized for Conv, Gemm and MatMul)' });
+    }
+    passes.push(quantizedRecurrent.report);
+    layers.push(...quantizedRecurrent.layers);
   }
   let activations: ActivationLayerReport[] = [];
   if (result) {
@@ -1085,7 +1118,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     }
   }
   const inputsLeft = new Set(model.graph!.input.map((i) => i.name));
-  const quantizedWeights = new Set(layers.map((l) => l.weight));
+  const quantizedWeights = new Set(layers.flatMap((l) => [l.weight, ...(l.recurrentWeight ? [l.recurrentWeight.weight] : [])]));
   const overridden = overridable.flatMap((name) => (!inputsLeft.has(name)
     ? [`${name}: a graph input with a default (a feed could replace it), quantized or folded into a layer, so no longer an input`]
     : quantizedWeights.has(name)

@@ -31,6 +31,12 @@ export interface WeightQuantization {
   keepFloat?: string[];
   /** Embedding tables are quantized too (passes/quantize-gather): keepFloat may name their Gathers. */
   gather?: boolean;
+  /**
+   * The LSTM, GRU and RNN nodes, whose weights passes/quantize-recurrent quantizes after this pass (its
+   * recurrentLayers, `reason` set for those it leaves float): keepFloat may name them, and subgraphs holding them are
+   * said to be quantized.
+   */
+  recurrent?: Array<{ node: NodeProto; owner?: NodeProto; reason?: string }>;
   /** Use com.microsoft Q/DQ (old opsets onnxruntime still accepts; int8 only). */
   microsoftDomain?: boolean;
   /**
@@ -105,6 +111,11 @@ export interface WeightLayerReport {
   weightSqnrDb: number;
   /** Per-channel bits when bit allocation was used. */
   channelBits?: number[];
+  /**
+   * LSTM, GRU and RNN: their recurrence weights R, quantized as `weight` (W) is; `weightSqnrDb` is then that of W
+   * and R together (passes/quantize-recurrent).
+   */
+  recurrentWeight?: { weight: string; shape: number[]; weightSqnrDb: number };
   /** GPTQ rounding saw fewer calibration input vectors than the inputs it solves together (a block of at most 512). */
   gptqUnderdetermined?: { inputVectors: number; blockInputs: number };
   /** The layer's output tensor (its bias Add's, when data-driven bias correction shifted that bias). */
@@ -170,7 +181,7 @@ function layout(opType: string, dims: number[], transB: boolean): { outputAxis: 
 }
 
 /** The stored values: q's int8 codes themselves (q is not changed after this), or freshly packed int4/int2. */
-function valuesTensor(name: string, q: QuantizedTensor): ReturnType<typeof makeTensor> {
+export function valuesTensor(name: string, q: QuantizedTensor): ReturnType<typeof makeTensor> {
   if (q.bits === 8) return ownedTensor(name, TensorProto_DataType.INT8, q.shape, new Uint8Array(q.values.buffer, q.values.byteOffset, q.values.length));
   if (q.bits === 4) return ownedTensor(name, TensorProto_DataType.INT4, q.shape, packInt4(q));
   return ownedTensor(name, TensorProto_DataType.INT2, q.shape, packInt2(q));
@@ -421,11 +432,15 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const inBodies = subgraphLayers(graph);
   const quantizableInBodies = quantizableSubgraphLayers(graph, options.keepFloat, inBodies);
   const bodyOf = new Map(inBodies.map((l) => [l.node, l]));
+  const recurrent = options.recurrent ?? [];
+  const recurrentHeld = new Set(recurrent.filter((l) => l.owner && l.reason === undefined).map((l) => l.owner));
   for (const n of graph.graph.node) {
     if (!hasSubgraphs(n)) continue;
     const held = quantizableInBodies.some((l) => l.owner === n);
-    report.skipped.push({ node: nodeLabel(n), reason: held
-      ? `${n.opType} has subgraphs: the weights of their Conv, Gemm and MatMul layers are quantized, the rest stays in float`
+    const what = held && recurrentHeld.has(n) ? 'Conv, Gemm, MatMul and recurrent (LSTM, GRU, RNN) layers'
+      : held ? 'Conv, Gemm and MatMul layers' : 'recurrent (LSTM, GRU, RNN) layers';
+    report.skipped.push({ node: nodeLabel(n), reason: held || recurrentHeld.has(n)
+      ? `${n.opType} has subgraphs: the weights of their ${what} are quantized, the rest stays in float`
       : `${n.opType} has subgraphs; they are left in float` });
   }
   const mainOrder = graph.topologicalOrder();
@@ -433,11 +448,13 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const candidates = [...mainCandidates, ...inBodies.map((l) => l.node)];
   // A keepFloat entry that keeps nothing is most likely misspelled: say so rather than quantize the layer silently.
   const tables = options.gather ? [...mainOrder, ...subgraphNodes(graph).map((l) => l.node)].filter((n) => n.opType === 'Gather') : [];
+  const named = [...candidates, ...tables, ...recurrent.map((l) => l.node)];
   for (const entry of keep) {
-    if ([...candidates, ...tables].some((n) => n.name === entry || n.opType === entry)) continue;
-    const close = closestName(entry, [...new Set([...candidates, ...tables].flatMap((n) => [n.name, n.opType]))].filter((k) => k !== ''));
+    if (named.some((n) => n.name === entry || n.opType === entry)) continue;
+    const close = closestName(entry, [...new Set(named.flatMap((n) => [n.name, n.opType]))].filter((k) => k !== ''));
+    const kinds = `${recurrent.length ? 'Conv, Gemm, MatMul, LSTM, GRU or RNN' : 'Conv, Gemm or MatMul'} layer${options.gather ? ' or Gather' : ''}`;
     report.skipped.push({
-      node: entry, reason: `keepFloat: no Conv, Gemm or MatMul layer${options.gather ? ' or Gather' : ''} of this model has this name or op type${close ? ` (did you mean '${close}'?)` : ''}; it keeps nothing`,
+      node: entry, reason: `keepFloat: no ${kinds} of this model has this name or op type${close ? ` (did you mean '${close}'?)` : ''}; it keeps nothing`,
     });
   }
   const quantizable = quantizableLayers(graph, options.keepFloat, mainCandidates);

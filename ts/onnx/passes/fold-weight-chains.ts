@@ -1,0 +1,324 @@
+/**
+ * Weights that exporters compute from constants with data-movement operators — PyTorch's LSTMCell/GRUCell export
+ * reorders the gates of W and R with Slice, Concat and Unsqueeze; others Reshape, Squeeze or Transpose a stored
+ * weight — are folded into a constant, so the layer's weight is one and gets quantized (otherwise it is a computed
+ * input and stays float). Only chains that end in a layer's weight input (Conv/Gemm/MatMul input 1, LSTM/GRU/RNN
+ * W and R) and consist of Identity, Unsqueeze, Squeeze, Reshape, Flatten, Transpose, Concat and Slice over float32 or
+ * float16 constants and integer parameter constants; in the main graph and in subgraph bodies. The folded constant
+ * goes into the graph of the weights it comes from; the chain's nodes and constants go once nothing else reads them.
+ */
+import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
+
+import { allNodes, dimsOf, intAttribute, int64sAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, ownedTensor, type Graph } from '../graph';
+import { withDataRead } from '../model-io';
+import { nodeLabel, type PassReport } from './pass';
+import { RECURRENT } from './quantize-recurrent';
+import { QUANTIZABLE } from './quantize-weights';
+
+/** The operators folded: they move values, never compute new ones. */
+const MOVES = new Set(['Identity', 'Unsqueeze', 'Squeeze', 'Reshape', 'Flatten', 'Transpose', 'Concat', 'Slice']);
+
+/** Nodes of one chain at most: a weight's reordering takes a dozen (Silero VAD v5: 3 Slices, a Concat, an Unsqueeze per weight). */
+const MAX_CHAIN_NODES = 64;
+
+interface Value {
+  dims: number[];
+  /** Elements as float32 bits or float16 bits: moved, never read as numbers. */
+  data: Uint32Array | Uint16Array;
+  dataType: TensorProto_DataType;
+}
+
+/** The weight inputs of a node: Conv/Gemm/MatMul's second, LSTM/GRU/RNN's W and R. */
+function weightSlots(node: NodeProto): number[] {
+  if (!isOnnxDomain(node.domain)) return [];
+  if (QUANTIZABLE.has(node.opType)) return [1];
+  return RECURRENT.has(node.opType) ? [1, 2] : [];
+}
+
+export async function foldWeightChains(graph: Graph, keepFloat: string[] = []): Promise<PassReport> {
+  const report: PassReport = { pass: 'fold-weight-chains', changed: [], skipped: [] };
+  const keep = new Set(keepFloat);
+  // Per graph holding the reader, the folded constant of each value (two readers of one value share it).
+  const folded = new Map<GraphProto, Map<string, string>>();
+  const chains: Array<{ nodes: Set<NodeProto>; scopes: GraphProto[] }> = [];
+  const madeIn = new Map<GraphProto, TensorProto[]>();
+  for (const { node, scopes } of allNodes(graph)) {
+    if (keep.has(node.name) || keep.has(node.opType)) continue;
+    for (const slot of weightSlots(node)) {
+      const name = node.input[slot];
+      if (!name || graph.constantIn(name, scopes)) continue;
+      const scope = scopes[0] ?? graph.graph;
+      const known = folded.get(scope)?.get(name);
+      if (known) {
+        node.input[slot] = known;
+        continue;
+      }
+      const nodes = new Set<NodeProto>();
+      const homes = new Set<GraphProto>();
+      const value = await evaluate(graph, name, scopes, nodes, homes);
+      if (!value) continue;
+      // The folded constant goes where the weights it comes from are (the innermost such graph, which the reader
+      // sees): a cell applied in two bodies, reordering the same weights in each, then gets one constant.
+      const home = [...scopes, graph.graph].find((g) => homes.has(g))!;
+      const bytes = new Uint8Array(value.data.buffer, value.data.byteOffset, value.data.byteLength);
+      // One layer applied twice (a recurrent cell over two steps, each step's export reordering its weights anew)
+      // computes equal values from the same constants: one folded constant serves both.
+      const made = madeIn.get(home) ?? madeIn.set(home, []).get(home)!;
+      let tensor = made.find((t) => t.dataType === value.dataType && sameDims(dimsOf(t), value.dims) && sameBytes(t.rawData, bytes));
+      if (!tensor) {
+        tensor = ownedTensor(graph.uniqueName(`${name}_folded`), value.dataType, value.dims, bytes);
+        graph.addInitializer(tensor, home);
+        made.push(tensor);
+      }
+      (folded.get(scope) ?? folded.set(scope, new Map()).get(scope)!).set(name, tensor.name);
+      node.input[slot] = tensor.name;
+      chains.push({ nodes, scopes });
+      const ops = [...new Set([...nodes].map((n) => n.opType))].join(', ');
+      report.changed.push(`${nodeLabel(node)}: its weight '${name}' (${ops} of constants) folded into the constant '${tensor.name}' [${value.dims.join(', ')}]`);
+    }
+  }
+  for (const { nodes, scopes } of chains) removeDeadChain(graph, nodes, scopes);
+  return report;
+}
+
+/** A value computed from constants by MOVES alone, or undefined; the nodes computing it are added to `nodes`. */
+async function evaluate(graph: Graph, name: string, scopes: GraphProto[], nodes: Set<NodeProto>, homes: Set<GraphProto>): Promise<Value | undefined> {
+  const found = graph.constantIn(name, scopes);
+  if (found) {
+    const t = await withDataRead(found.tensor);
+    if (!isFloatTensor(t) && !isFloat16Tensor(t)) return undefined;
+    homes.add(found.home ?? graph.graph);
+    return floatBits(t);
+  }
+  const producer = producerIn(graph, name, scopes);
+  if (!producer || !MOVES.has(producer.opType) || !isOnnxDomain(producer.domain) || producer.output.length !== 1 || nodes.size >= MAX_CHAIN_NODES) return undefined;
+  nodes.add(producer);
+  const ints = async (i: number) => (producer.input[i] ? integers(graph, producer.input[i], scopes) : undefined);
+  if (producer.opType === 'Concat') {
+    const parts: Value[] = [];
+    for (const input of producer.input) {
+      const v = await evaluate(graph, input, scopes, nodes, homes);
+      if (!v) return undefined;
+      parts.push(v);
+    }
+    return concat(parts, intAttribute(producer, 'axis', 0));
+  }
+  const x = producer.input[0] ? await evaluate(graph, producer.input[0], scopes, nodes, homes) : undefined;
+  if (!x) return undefined;
+  const opset = graph.opset;
+  switch (producer.opType) {
+    case 'Identity':
+      return x;
+    case 'Unsqueeze': {
+      const axes = opset >= 13 ? await ints(1) : attributeInts(producer, 'axes');
+      return axes ? unsqueeze(x, axes) : undefined;
+    }
+    case 'Squeeze': {
+      const axes = opset >= 13 ? (producer.input[1] ? await ints(1) : []) : attributeInts(producer, 'axes') ?? [];
+      return axes ? squeeze(x, axes) : undefined;
+    }
+    case 'Reshape': {
+      const shape = await ints(1);
+      return shape ? reshape(x, shape, intAttribute(producer, 'allowzero', 0) === 1) : undefined;
+    }
+    case 'Flatten': {
+      const rank = x.dims.length;
+      let axis = intAttribute(producer, 'axis', 1);
+      if (axis < 0) axis += rank;
+      if (axis < 0 || axis > rank) return undefined;
+      const outer = x.dims.slice(0, axis).reduce((a, b) => a * b, 1);
+      return { ...x, dims: [outer, x.dims.slice(axis).reduce((a, b) => a * b, 1)] };
+    }
+    case 'Transpose': {
+      const perm = attributeInts(producer, 'perm') ?? x.dims.map((_, i) => x.dims.length - 1 - i);
+      return transpose(x, perm);
+    }
+    case 'Slice': {
+      const [starts, ends, axes, steps] = opset >= 10
+        ? [await ints(1), await ints(2), producer.input[3] ? await ints(3) : [], producer.input[4] ? await ints(4) : []]
+        : [attributeInts(producer, 'starts'), attributeInts(producer, 'ends'), attributeInts(producer, 'axes') ?? [], []];
+      return starts && ends && axes && steps ? slice(x, starts, ends, axes, steps) : undefined;
+    }
+    default:
+      return undefined;
+  }
+}
+
+const sameDims = (a: number[], b: number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+function producerIn(graph: Graph, name: string, scopes: GraphProto[]): NodeProto | undefined {
+  for (const scope of scopes) {
+    const p = graph.producer(name, scope);
+    if (p) return p;
+    if (scope.input.some((i) => i.name === name)) return undefined;
+  }
+  return graph.producer(name);
+}
+
+function attributeInts(node: NodeProto, name: string): number[] | undefined {
+  return int64sAttribute(node, name)?.map(Number);
+}
+
+/** An int64 or int32 constant's values (a Slice's starts, a Reshape's shape), or undefined. */
+async function integers(graph: Graph, name: string, scopes: GraphProto[]): Promise<number[] | undefined> {
+  const found = graph.constantIn(name, scopes);
+  if (!found) return undefined;
+  const t = await withDataRead(found.tensor);
+  const raw = t.rawData;
+  if (t.dataType === TensorProto_DataType.INT64) {
+    if (raw.length === 0) return t.int64Data.map(Number);
+    const view = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+    return Array.from({ length: raw.length / 8 }, (_, i) => Number(view.getBigInt64(8 * i, true)));
+  }
+  if (t.dataType === TensorProto_DataType.INT32) {
+    if (raw.length === 0) return [...t.int32Data];
+    const view = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+    return Array.from({ length: raw.length / 4 }, (_, i) => view.getInt32(4 * i, true));
+  }
+  return undefined;
+}
+
+/** A float32 or float16 constant's elements as bits (copied: the folded value is lowbit's own). */
+function floatBits(t: TensorProto): Value {
+  const dims = dimsOf(t);
+  const count = dims.reduce((a, b) => a * b, 1);
+  const half = isFloat16Tensor(t);
+  const raw = t.rawData;
+  let data: Uint32Array | Uint16Array;
+  if (raw.length > 0) {
+    const copy = new Uint8Array(raw);  // (not raw.slice(): a Node Buffer's slice is a view of the whole file)
+    data = half ? new Uint16Array(copy.buffer, 0, count) : new Uint32Array(copy.buffer, 0, count);
+  } else {
+    data = half ? Uint16Array.from(t.int32Data) : new Uint32Array(Float32Array.from(t.floatData).buffer);
+  }
+  return { dims, data, dataType: half ? TensorProto_DataType.FLOAT16 : TensorProto_DataType.FLOAT };
+}
+
+const size = (dims: number[]) => dims.reduce((a, b) => a * b, 1);
+const strides = (dims: number[]) => dims.map((_, i) => size(dims.slice(i + 1)));
+const normalize = (axis: number, rank: number) => (axis < 0 ? axis + rank : axis);
+
+function unsqueeze(x: Value, axes: number[]): Value | undefined {
+  const rank = x.dims.length + axes.length;
+  const at = new Set(axes.map((a) => normalize(a, rank)));
+  if (at.size !== axes.length || [...at].some((a) => a < 0 || a >= rank)) return undefined;
+  const dims: number[] = [];
+  for (let i = 0, j = 0; i < rank; i++) dims.push(at.has(i) ? 1 : x.dims[j++]);
+  return { ...x, dims };
+}
+
+function squeeze(x: Value, axes: number[]): Value | undefined {
+  const at = new Set(axes.map((a) => normalize(a, x.dims.length)));
+  if ([...at].some((a) => a < 0 || a >= x.dims.length || x.dims[a] !== 1)) return undefined;
+  return { ...x, dims: x.dims.filter((d, i) => (axes.length === 0 ? d !== 1 : !at.has(i))) };
+}
+
+function reshape(x: Value, shape: number[], allowZero: boolean): Value | undefined {
+  const dims = shape.map((d, i) => (d === 0 && !allowZero ? x.dims[i] : d));
+  if (dims.some((d) => d === undefined || d < -1) || dims.filter((d) => d === -1).length > 1) return undefined;
+  const known = size(dims.filter((d) => d !== -1));
+  const inferred = dims.includes(-1) ? (known === 0 ? NaN : x.data.length / known) : undefined;
+  if (inferred !== undefined && !Number.isInteger(inferred)) return undefined;
+  const out = dims.map((d) => (d === -1 ? inferred! : d));
+  return size(out) === x.data.length ? { ...x, dims: out } : undefined;
+}
+
+function transpose(x: Value, perm: number[]): Value | undefined {
+  const rank = x.dims.length;
+  if (perm.length !== rank || new Set(perm).size !== rank || perm.some((p) => p < 0 || p >= rank)) return undefined;
+  const dims = perm.map((p) => x.dims[p]);
+  const inStrides = strides(x.dims);
+  const data = new (x.data.constructor as Uint32ArrayConstructor)(x.data.length);
+  const index = new Array<number>(rank).fill(0);
+  for (let o = 0; o < data.length; o++) {
+    let from = 0;
+    for (let k = 0; k < rank; k++) from += index[k] * inStrides[perm[k]];
+    data[o] = x.data[from];
+    for (let k = rank - 1; k >= 0 && ++index[k] === dims[k]; k--) index[k] = 0;
+  }
+  return { ...x, dims, data };
+}
+
+function concat(parts: Value[], axis: number): Value | undefined {
+  const rank = parts[0].dims.length;
+  const a = normalize(axis, rank);
+  if (a < 0 || a >= rank || parts.some((p) => p.dims.length !== rank || p.dataType !== parts[0].dataType || p.dims.some((d, i) => i !== a && d !== parts[0].dims[i]))) {
+    return undefined;
+  }
+  const dims = parts[0].dims.map((d, i) => (i === a ? parts.reduce((s, p) => s + p.dims[a], 0) : d));
+  const outer = size(dims.slice(0, a));
+  const data = new (parts[0].data.constructor as Uint32ArrayConstructor)(size(dims));
+  let at = 0;
+  for (let o = 0; o < outer; o++) {
+    for (const p of parts) {
+      const run = size(p.dims.slice(a));
+      data.set(p.data.subarray(o * run, (o + 1) * run), at);
+      at += run;
+    }
+  }
+  return { ...parts[0], dims, data };
+}
+
+/** ONNX Slice: negative starts and ends count from the end, then are clamped (to [0, d] with positive steps, [-1, d-1] with negative ones). */
+function slice(x: Value, starts: number[], ends: number[], axes: number[], steps: number[]): Value | undefined {
+  const rank = x.dims.length;
+  const along = axes.length ? axes.map((a) => normalize(a, rank)) : starts.map((_, i) => i);
+  if (starts.length !== ends.length || along.length !== starts.length || (steps.length && steps.length !== starts.length)) return undefined;
+  if (along.some((a) => a < 0 || a >= rank) || new Set(along).size !== along.length) return undefined;
+  const first = x.dims.map(() => 0);
+  const step = x.dims.map(() => 1);
+  const dims = [...x.dims];
+  for (const [i, a] of along.entries()) {
+    const d = x.dims[a];
+    const s = steps.length ? steps[i] : 1;
+    if (s === 0) return undefined;
+    let start = starts[i] < 0 ? starts[i] + d : starts[i];
+    let end = ends[i] < 0 ? ends[i] + d : ends[i];
+    if (s > 0) {
+      start = Math.min(Math.max(start, 0), d);
+      end = Math.min(Math.max(end, 0), d);
+    } else {
+      start = Math.min(Math.max(start, 0), d - 1);
+      end = Math.min(Math.max(end, -1), d - 1);
+    }
+    first[a] = start;
+    step[a] = s;
+    dims[a] = Math.max(0, Math.ceil((end - start) / s));
+  }
+  const inStrides = strides(x.dims);
+  const data = new (x.data.constructor as Uint32ArrayConstructor)(size(dims));
+  const index = new Array<number>(rank).fill(0);
+  for (let o = 0; o < data.length; o++) {
+    let from = 0;
+    for (let k = 0; k < rank; k++) from += (first[k] + index[k] * step[k]) * inStrides[k];
+    data[o] = x.data[from];
+    for (let k = rank - 1; k >= 0 && ++index[k] === dims[k]; k--) index[k] = 0;
+  }
+  return { ...x, dims, data };
+}
+
+/** Removes a folded chain's nodes that nothing reads any more (last first), then the constants they alone read. */
+function removeDeadChain(graph: Graph, nodes: Set<NodeProto>, scopes: GraphProto[]): void {
+  const all = [...scopes, graph.graph];
+  const inputs = new Map<GraphProto, Set<string>>();
+  for (let changed = true; changed;) {
+    changed = false;
+    for (const n of nodes) {
+      const home = all.find((g) => g.node.includes(n));
+      if (!home) continue;
+      const read = n.output.some((o) => graph.consumers(o, home).length > 0 || home.output.some((v) => v.name === o));
+      if (read) continue;
+      home.node.splice(home.node.indexOf(n), 1);
+      for (const i of n.input) if (i) (inputs.get(home) ?? inputs.set(home, new Set()).get(home)!).add(i);
+      changed = true;
+    }
+  }
+  // A constant lives in the graph that reads it or one around it.
+  for (const names of inputs.values()) for (const g of all) graph.removeAllUnused(names, g);
+}
