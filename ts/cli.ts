@@ -513,7 +513,9 @@ export function program(): Command {
     .action(async (model: string) => {
       const { opset, layers, quantizedOperators } = await inspectModel(model);
       const quantized = layers.filter((l) => l.quantized).length;
-      console.log(`opset ${opset}, ${layers.length} Conv, ConvTranspose, Gemm, MatMul and Gather layers, ${quantized} of them quantized by default`);
+      const recurrentRows = layers.filter((l) => l.weight).length;
+      const kinds = `Conv, ConvTranspose, Gemm, MatMul${recurrentRows ? ', LSTM, GRU, RNN (a row each for W and R)' : ''} and Gather`;
+      console.log(`opset ${opset}, ${layers.length} ${kinds} layers, ${quantized} of them quantized by default`);
       if (quantizedOperators.length > 0) {
         console.log(`quantized already: ${operatorCountList(quantizedOperators)} (lowbit quantizes float models)`);
       }
@@ -522,7 +524,7 @@ export function program(): Command {
       // Blank where a layer has no float weights to describe (already quantized, none at all, all NaN, or zero-size).
       const shown = (v: number, text: (v: number) => string) => (Number.isNaN(v) ? '' : text(v));
       console.log(table(layers.map((l) => ({
-        layer: layerName(l), op: l.op, shape: l.shape.join('x'), min: shown(l.min, (v) => String(Number(v.toPrecision(3)))),
+        layer: layerName(l) + (l.weight ? ` ${l.weight}` : ''), op: l.op, shape: l.shape.join('x'), min: shown(l.min, (v) => String(Number(v.toPrecision(3)))),
         max: shown(l.max, (v) => String(Number(v.toPrecision(3)))), std: shown(l.std, (v) => String(Number(v.toPrecision(3)))),
         kurtosis: shown(l.kurtosis, (v) => v.toFixed(2)), histogram: sparkline(l.histogram),
         quantized: l.quantized ? 'yes' : `no: ${l.reason}`,

@@ -1,7 +1,7 @@
 // Weights computed from constants by data movement (Slice, Concat, Unsqueeze…) folded into constants: passes/fold-weight-chains.
 import { create, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
-import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType, TensorProtoSchema, type NodeProto } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType, TensorProtoSchema, ValueInfoProtoSchema, type NodeProto } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { toFloat16Array } from '../../ts/float16';
@@ -35,6 +35,11 @@ const CHAINS: Array<{ what: string; opset: number; nodes: NodeSpec[]; int64: Rec
   { what: 'Unsqueeze with a negative axis, Squeeze of one axis, Squeeze of all ones, Transpose with no perm', opset: 13,
     nodes: [{ op: 'Unsqueeze', inputs: ['W0', 'ua'], output: 'u' }, { op: 'Squeeze', inputs: ['u', 'sa'], output: 'q' },
       { op: 'Squeeze', inputs: ['q'], output: 'q2' }, { op: 'Transpose', inputs: ['q2'], output: 'W' }], int64: { ua: [0, -1], sa: [0] } },
+  { what: 'Slice with open ends as exporters write them (±2^53), forward and backward', opset: 13,
+    nodes: [{ op: 'Slice', inputs: ['W0', 's', 'e', 'a', 'st'], output: 'W' }], int64: { s: [1, -1], e: [2 ** 53, -(2 ** 53)], a: [0, 1], st: [1, -1] } },
+  { what: 'opset 11: Unsqueeze and Squeeze take attributes; Flatten on a negative axis', opset: 11,
+    nodes: [{ op: 'Unsqueeze', inputs: ['W0'], output: 'u', attrs: { axes: [0, 3] } }, { op: 'Squeeze', inputs: ['u'], output: 'q', attrs: { axes: [0] } },
+      { op: 'Flatten', inputs: ['q'], output: 'W', attrs: { axis: -2 } }], int64: {} },
   { what: 'opset 9: Slice and Unsqueeze take attributes, Identity', opset: 9,
     nodes: [{ op: 'Slice', inputs: ['W0'], output: 's', attrs: { starts: [1, 1], ends: [3, 1000], axes: [0, 1] } },
       { op: 'Unsqueeze', inputs: ['s'], output: 'u', attrs: { axes: [0] } }, { op: 'Identity', inputs: ['u'], output: 'W' }], int64: {} },
@@ -83,6 +88,25 @@ describe('fold-weight-chains', () => {
     const constant = g.constant(g.graph.node.find((n) => n.opType === 'Gemm')!.input[1])!;
     expect(constant.dataType).to.equal(TensorProto_DataType.FLOAT16);
     expect(Array.from(new Uint16Array(constant.rawData.slice().buffer))).to.deep.equal(Array.from(values.subarray(2, 6)));
+  });
+
+  it('says why a chain of constants is not folded: a graph input\'s default, a parameter computed at run time, parameters that do not fit', async () => {
+    const skipped = async (bytes: Uint8Array) => {
+      const g = new Graph(readModel(bytes));
+      const report = await foldWeightChains(g);
+      expect(report.changed).to.deep.equal([]);
+      return report.skipped;
+    };
+    const layer = { op: 'Gemm', inputs: ['input', 'W'], output: 'y', name: 'layer', attrs: { transB: 1 } };
+    const m = readModel(buildModel({ opset: 13, inputDims: [1, 1], output: 'y', initializers, int64: { s: [1], e: [3] }, nodes: [{ op: 'Slice', inputs: ['W0', 's', 'e'], output: 'W' }, layer] }));
+    m.graph!.input.push(create(ValueInfoProtoSchema, info('W0', TensorProto_DataType.FLOAT, [4, 6]) as never));
+    expect(await skipped(serializeModel(m))).to.deep.equal([{ node: 'layer', reason: "its weight 'W' is computed from constants, not folded: 'W0' is also a graph input (a default a feed may replace)" }]);
+    expect(await skipped(buildModel({ opset: 13, inputDims: [1, 1], output: 'y', initializers, nodes: [
+      { op: 'Shape', inputs: ['input'], output: 'shape' }, { op: 'Reshape', inputs: ['W0', 'shape'], output: 'W', name: 'r' }, layer] }))).to.deep.equal([
+      { node: 'layer', reason: "its weight 'W' is computed from constants, not folded: Reshape 'r' reads 'shape', which is not an integer constant" }]);
+    expect(await skipped(buildModel({ opset: 13, inputDims: [1, 1], output: 'y', initializers, nodes: [
+      { op: 'Transpose', inputs: ['W0'], output: 'W', name: 't', attrs: { perm: [0, 0] } }, layer] }))).to.deep.equal([
+      { node: 'layer', reason: "its weight 'W' is computed from constants, not folded: Transpose 't': its parameters do not fit its input [4, 6]" }]);
   });
 
   it('leaves chains with other operators, integer data, computed parameters and keepFloat readers; keeps nodes something else reads', async () => {

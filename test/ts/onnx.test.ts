@@ -756,10 +756,10 @@ describe('models with integer inputs (token ids)', () => {
     const { model, report } = await quantizeModel(bytes, { weights: { bits: 8, gather: true }, evaluationFeeds: feeds });
     expect(report.layers.map((l) => [l.node, l.op])).to.deep.equal([['logits', 'MatMul'], ['encoder_embed', 'Gather'], ['decoder_embed', 'Gather']]);
     expect(report.passes.flatMap((p) => p.changed)).to.include('decoder_embed: shares the quantized table of encoder_embed');
-    expect(report.passes.flatMap((p) => p.changed)).to.include("tie: the Transpose of constant 'E' folded into 'E_transposed' for logits");
+    expect(report.passes.flatMap((p) => p.changed)).to.include("logits: its weight 'Et' (Transpose of constants) folded into the constant 'Et_folded' [16, 8]");
     expect(report.passes.flatMap((p) => p.skipped)).to.deep.include({ node: 'encoder_embed', reason: "the float table 'E' stays too: shape read(s) it" });
     const q = readModel(model);
-    expect(q.graph!.initializer.map((t) => t.name).filter((n) => !n.startsWith('E_transposed')).sort()).to.deep.equal(['E', 'E_quantized', 'E_scale']);
+    expect(q.graph!.initializer.map((t) => t.name).filter((n) => !n.startsWith('Et_folded')).sort()).to.deep.equal(['E', 'E_quantized', 'E_scale']);
     expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
   });
 

@@ -4,7 +4,7 @@ import { expect } from 'chai';
 import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType, type ModelProto } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
-import { dimsOf, floatData, Graph, intAttribute } from '../../ts/onnx/graph';
+import { dimsOf, floatData, Graph, intAttribute, makeIntAttribute } from '../../ts/onnx/graph';
 import { fromFloat16Array, toFloat16Array } from '../../ts/float16';
 import { inspectModel } from '../../ts/onnx/inspect';
 import { readModel, serializeModel } from '../../ts/onnx/model-io';
@@ -139,6 +139,42 @@ describe('recurrent weights (LSTM, GRU, RNN)', () => {
     expect(floatData(ts)![0]).to.equal(want.scale[0]);
   });
 
+  it('W long enough for blocks and R not: each is reported with its own granularity', async () => {
+    const bytes = buildModel({
+      opset: 14, inputDims: [T, 1, 64], output: 'y',
+      initializers: { W: values([1, 4 * H, 64], 0.6, 1), R: values([1, 4 * H, H], 0.6, 2) },
+      nodes: [{ op: 'LSTM', inputs: ['input', 'W', 'R'], output: 'y', name: 'lstm', attrs: { hidden_size: H } }],
+    });
+    const { report } = await quantizeModel(bytes, { weights: { bits: 4, granularity: 'block', blockSize: 32 }, evaluationFeeds: [] });
+    expect(report.layers[0].granularity).to.equal('block 32 on axis 2');
+    expect(report.layers[0].recurrentWeight!.granularity).to.equal('channel on axis 1');  // 16 columns: shorter than a block
+    expect(report.passes.find((p) => p.pass === 'quantize-recurrent')!.changed).to.deep.equal(['lstm: 4-bit W (block 32 on axis 2) and R (channel on axis 1)']);
+  });
+
+  it('W and R held by a branch: their DequantizeLinear goes first in the branch, the float weights leave it', async () => {
+    const tensor = (name: string, t: { dims: number[]; data: Float32Array }) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: t.dims.map(BigInt), rawData: new Uint8Array(t.data.buffer.slice(0)) });
+    const hidden = [{ name: 'hidden_size', type: AttributeProto_AttributeType.INT, i: BigInt(H) }];
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'branch weights', input: [info('x', TensorProto_DataType.FLOAT, [T, 1, D]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        node: [{ opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: {
+            name: 'then', output: [info('t')], initializer: [tensor('W', values([1, 4 * H, D], 0.6, 1)), tensor('R', values([1, 4 * H, H], 0.6, 2))],
+            node: [{ opType: 'Relu', name: 'relu', input: ['x'], output: ['xr'] }, { opType: 'LSTM', name: 'lstm', input: ['xr', 'W', 'R'], output: ['t'], attribute: hidden }] } },
+          { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [info('e')], node: [{ opType: 'Neg', name: 'neg', input: ['x'], output: ['e'] }] } },
+        ] }],
+      },
+    } as never));
+    const x = feeds[0];
+    const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [{ x, flag: { data: Uint8Array.of(1), dims: [] } }] });
+    const then = readModel(model).graph!.node[0].attribute.find((a) => a.name === 'then_branch')!.g!;
+    expect(then.node.map((n) => n.opType)).to.deep.equal(['DequantizeLinear', 'DequantizeLinear', 'Relu', 'LSTM']);
+    expect(then.initializer.map((t) => t.name)).to.deep.equal(['W_quantized', 'W_scale', 'R_quantized', 'R_scale']);
+    expect(report.layers.map((l) => [l.node, l.subgraph, l.branch])).to.deep.equal([['lstm', 'if', 'then_branch']]);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
+  });
+
   it('keepFloat keeps them (by name or op type, a misspelling named); the options for Conv/Gemm/MatMul layers and quantized activations are said not to apply', async () => {
     const bytes = recurrentModel('GRU');
     await expectRejected(quantizeModel(bytes, { weights: { bits: 8 }, keepFloat: ['GRU'] }), /No Conv, Gemm, MatMul, LSTM, GRU or RNN layer with constant float weights was found/);
@@ -190,6 +226,55 @@ describe('recurrent weights (LSTM, GRU, RNN)', () => {
     }
   });
 
+  for (const [directions, granularity] of [[1, 'channel'], [2, 'channel'], [2, 'tensor']] as const) {
+    it(`dynamic activations: an LSTM (${directions} direction${directions > 1 ? 's' : ''}, per ${granularity}) becomes DynamicQuantizeLSTM with int8 W and R transposed, per direction, and stays close to float`, async () => {
+      const h0 = values([directions, 1, H], 1, 9);
+      const bytes = buildModel({
+        opset: 14, inputDims: [T, 1, D], output: 'y',
+        initializers: { W: values([directions, 4 * H, D], 0.6, 1), R: values([directions, 4 * H, H], 0.6, 2), B: values([directions, 8 * H], 0.2, 3), h0 },
+        nodes: [{ op: 'LSTM', inputs: ['input', 'W', 'R', 'B', '', 'h0'], output: 'y', name: 'lstm', attrs: { hidden_size: H, ...(directions === 2 ? { direction: 'bidirectional' } : {}) } }],
+      });
+      const { model, report } = await quantizeModel(bytes, { weights: { bits: 8, granularity }, activations: { bits: 8, method: 'dynamic' }, evaluationFeeds: feeds.map((x) => ({ input: x })) });
+      const q = readModel(model);
+      const graph = new Graph(q);
+      const [node] = q.graph!.node;
+      expect([node.opType, node.domain, q.graph!.node.length]).to.deep.equal(['DynamicQuantizeLSTM', 'com.microsoft', 1]);
+      expect(node.input.slice(3, 8)).to.deep.equal(['B', '', 'h0', '', '']);
+      expect(report.layers[0]).to.deep.include({ op: 'LSTM', granularity: granularity === 'channel' ? 'channel on axis 1 per direction' : 'tensor per direction', input: { bits: 8, dynamic: true } });
+      for (const [slot, scaleSlot, k, seed] of [[1, 8, D, 1], [2, 10, H, 2]] as const) {
+        const [v, scale, zero] = [node.input[slot], node.input[scaleSlot], node.input[scaleSlot + 1]].map((n) => graph.constant(n)!);
+        const original = values([directions, 4 * H, k], 0.6, seed);
+        const want = quantizeTensor(original.data, { shape: granularity === 'tensor' ? [directions, 4 * H * k] : [directions * 4 * H, k], bits: 8, granularity: 'channel', axis: 0 });
+        expect(dimsOf(v)).to.deep.equal([directions, k, 4 * H]);
+        const codes = new Int8Array(v.rawData.buffer, v.rawData.byteOffset, v.rawData.length);
+        // Stored [direction, k, row]: the code of row r, column c is want's [direction·4H + r, c].
+        for (let d = 0; d < directions; d++) {
+          for (const [r, c] of [[0, 0], [4 * H - 1, k - 1], [7, 3], [2 * H, k - 2]]) expect(codes[(d * k + c) * 4 * H + r]).to.equal(want.values[(d * 4 * H + r) * k + c]);
+        }
+        expect(Array.from(codes).sort()).to.deep.equal(Array.from(want.values).sort());
+        expect(Array.from(floatData(scale)!)).to.deep.equal(Array.from(want.scale));
+        expect(dimsOf(scale)).to.deep.equal(granularity === 'tensor' ? [directions] : [directions, 4 * H]);
+        expect([zero.dataType, dimsOf(zero), Array.from(zero.rawData).every((b) => b === 0)]).to.deep.equal([TensorProto_DataType.INT8, dimsOf(scale), true]);
+      }
+      expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.9995);
+      expect(report.layers[0].outputSqnrDb).to.be.greaterThan(30);
+    });
+  }
+
+  it('dynamic activations leave GRU, RNN and batch-first LSTMs in the DequantizeLinear form and say why', async () => {
+    const skippedOf = async (bytes: Uint8Array, weights: { bits: 8 }) => {
+      const { report, model } = await quantizeModel(bytes, { weights, activations: { bits: 8, method: 'dynamic' }, evaluationFeeds: [] });
+      return { ops: readModel(model).graph!.node.map((n) => n.opType).sort(), skipped: report.passes.flatMap((p) => p.skipped).filter((x) => x.node === 'recurrent').map((x) => x.reason) };
+    };
+    expect(await skippedOf(recurrentModel('GRU'), { bits: 8 })).to.deep.equal({
+      ops: ['DequantizeLinear', 'DequantizeLinear', 'GRU'], skipped: ['dynamic activations: onnxruntime has no dynamically quantized GRU; weights only (DequantizeLinear)'] });
+    expect((await skippedOf(recurrentModel('RNN'), { bits: 8 })).skipped).to.deep.equal(['dynamic activations: onnxruntime has no dynamically quantized RNN; weights only (DequantizeLinear)']);
+    const batchFirst = readModel(recurrentModel('LSTM'));
+    batchFirst.graph!.node[0].attribute.push(makeIntAttribute('layout', 1));
+    expect((await skippedOf(serializeModel(batchFirst), { bits: 8 })).skipped).to.deep.equal(
+      ['dynamic activations: its layout is 1 (batch first), which DynamicQuantizeLSTM does not take; weights only (DequantizeLinear)']);
+  });
+
   it('a computed W is named as the reason nothing is quantized; inspect lists W and R of each recurrent node', async () => {
     const bytes = buildModel({
       opset: 14, inputDims: [T, 1, D], output: 'y',
@@ -198,12 +283,18 @@ describe('recurrent weights (LSTM, GRU, RNN)', () => {
       nodes: [{ op: 'Unsqueeze', inputs: ['W0', 'zero'], output: 'W' }, { op: 'Relu', inputs: ['W'], output: 'Wr' },
         { op: 'LSTM', inputs: ['input', 'Wr', 'R'], output: 'y', name: 'lstm', attrs: { hidden_size: H } }],
     });
-    await expectRejected(quantizeModel(bytes, { weights: { bits: 8 } }), /LSTM 'lstm': its W is not a float constant \(a computed input, or an integer one\)/);
+    const computed = 'its W is computed when the model runs (not from constants that lowbit folds: see the fold-weight-chains pass); store it as an initializer to quantize it';
+    await expectRejected(quantizeModel(bytes, { weights: { bits: 8 } }), new RegExp(`LSTM 'lstm': ${computed.replace(/[()]/g, '\\$&')}`));
     const stats = await inspectModel(recurrentModel('LSTM'));
-    expect(stats.layers.map((l) => [l.node, l.op, l.shape, l.quantized])).to.deep.equal([['recurrent', 'LSTM', [1, 4 * H, D], true], ['recurrent', 'LSTM', [1, 4 * H, H], true]]);
-    expect((await inspectModel(bytes)).layers.map((l) => [l.node, l.quantized, l.reason])).to.deep.equal([
-      ['lstm', false, 'its W is not a float constant (a computed input, or an integer one)'], ['lstm', false, 'its W is not a float constant (a computed input, or an integer one)'],
-    ]);
+    expect(stats.layers.map((l) => [l.node, l.weight, l.op, l.shape, l.quantized])).to.deep.equal([['recurrent', 'W', 'LSTM', [1, 4 * H, D], true], ['recurrent', 'R', 'LSTM', [1, 4 * H, H], true]]);
+    expect((await inspectModel(bytes)).layers.map((l) => [l.node, l.weight, l.quantized, l.reason])).to.deep.equal([['lstm', 'W', false, computed], ['lstm', 'R', false, computed]]);
+    // A W already quantized (read through a DequantizeLinear) is said to be.
+    const quantizedW = buildModel({
+      opset: 14, inputDims: [T, 1, D], output: 'y', initializers: { s: { dims: [], data: [0.01] }, R: values([1, 4 * H, H], 0.6, 2) },
+      nodes: [{ op: 'Cast', inputs: ['R'], output: 'Rq', attrs: { to: TensorProto_DataType.INT8 } }, { op: 'DequantizeLinear', inputs: ['Rq', 's'], output: 'W' },
+        { op: 'LSTM', inputs: ['input', 'W', 'R'], output: 'y', name: 'lstm', attrs: { hidden_size: H } }],
+    });
+    await expectRejected(quantizeModel(quantizedW, { weights: { bits: 8 } }), /LSTM 'lstm': its W is already quantized \(it comes from a DequantizeLinear\)/);
   });
 
   it('an LSTM inside both branches of an If, reading the main graph\'s W and R: quantized once, one DequantizeLinear each beside them, runs in onnxruntime', async () => {

@@ -127,8 +127,8 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
     const bytes = toBinary(ModelProtoSchema, tied);
     for (const gather of [false, true]) {
       const { model: q, report } = await quantizeModel(bytes, { weights: { bits: 8, gather }, evaluationFeeds });
-      expect(report.passes.find((p) => p.pass === 'fold-constant-transposes')!.changed).to.deep.equal([
-        `tie: the Transpose of constant 'embedding' folded into 'embedding_transposed' for ${head.name}`]);
+      expect(report.passes.find((p) => p.pass === 'fold-weight-chains')!.changed).to.deep.equal([
+        `${head.name}: its weight 'embedding_t' (Transpose of constants) folded into the constant 'embedding_t_folded' [32, 64]`]);
       expect(report.layers.map((l) => l.node)).to.include(head.name);
       expect(report.layers.find((l) => l.node === head.name)!.shape).to.deep.equal([32, 64]);
       expect(report.evaluation!.outputs[0].cosine, `gather ${gather}`).to.be.greaterThan(0.9995);
@@ -136,12 +136,13 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
       // The table stays for the Gather (float, or quantized with gather), and no float transposed copy is left.
       const out = fromBinary(ModelProtoSchema, q).graph!;
       expect(out.initializer.some((t) => t.name === 'embedding')).to.equal(!gather);
-      expect(out.initializer.some((t) => t.name === 'embedding_transposed')).to.equal(false);
+      expect(out.initializer.some((t) => t.name === 'embedding_t_folded')).to.equal(false);
+      expect(out.node.some((n) => n.name === 'tie')).to.equal(false);
     }
     // A head kept float keeps its Transpose (a float copy would store the table twice).
     const keptHead = await quantizeModel(bytes, { weights: { bits: 8 }, keepFloat: [head.name], evaluationFeeds: [] });
-    expect(keptHead.report.passes.find((p) => p.pass === 'fold-constant-transposes')!.skipped).to.deep.equal([
-      { node: 'tie', reason: `${head.name} is kept in float (keepFloat)` }]);
+    const keptFold = keptHead.report.passes.find((p) => p.pass === 'fold-weight-chains')!;
+    expect([keptFold.changed, keptFold.skipped]).to.deep.equal([[], []]);
     expect(fromBinary(ModelProtoSchema, keptHead.model).graph!.node.some((n) => n.name === 'tie')).to.equal(true);
     expect(embedding.dims).to.deep.equal([64n, 32n]);
     const [inspected] = (await inspectModel(bytes)).layers.filter((l) => l.node === head.name);
@@ -149,7 +150,7 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
     expect(inspected.shape).to.deep.equal([32, 64]);
   });
 
-  it('a head inside an If branch reading a Transpose of a constant is quantized from a transposed copy (fold-weight-chains; fold-constant-transposes is main-graph only)', async () => {
+  it('a head inside an If branch reading a Transpose of a constant is quantized from a transposed copy (fold-weight-chains works inside bodies too)', async () => {
     const r = rng(12);
     const table = Float32Array.from({ length: 16 * 8 }, () => r() - 0.5);
     const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
@@ -172,7 +173,6 @@ describe('a tiny transformer (token ids, attention, LayerNorm, GELU)', () => {
     } as never));
     const { model, report } = await quantizeModel(bytes, { weights: { bits: 8 }, evaluationFeeds: [] });
     expect(report.passes.flatMap((p) => p.skipped.filter((s) => s.node.includes('head')))).to.deep.equal([]);
-    expect(report.passes.find((p) => p.pass === 'fold-constant-transposes')?.changed ?? []).to.deep.equal([]);
     expect(report.passes.find((p) => p.pass === 'fold-weight-chains')!.changed).to.deep.equal(["head: its weight 'Et' (Transpose of constants) folded into the constant 'Et_folded' [8, 16]"]);
     expect(report.layers.map((l) => [l.node, l.subgraph])).to.deep.equal([['proj', undefined], ['head', 'if']]);
     // The Transpose and E went; the model runs and computes x·Eᵀ to 8-bit rounding.

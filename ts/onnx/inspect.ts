@@ -4,7 +4,7 @@ import { readModelAsync, withDataRead } from './model-io';
 import { foldBatchNormSteps } from './passes/fold-batchnorm';
 import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
 import { nextTurn, nodeLabel, placeOf, runStepsAsync } from './passes/pass';
-import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
+import { bypassConstantIdentities, constantAttributesAsTensors } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
 import { recurrentLayers } from './passes/quantize-recurrent';
@@ -29,6 +29,8 @@ export interface LayerStats {
   nonFinite: number;
   quantized: boolean;
   reason?: string;
+  /** LSTM, GRU and RNN: which of their weights the row describes (W, the inputs', or R, the recurrence's). */
+  weight?: 'W' | 'R';
   /** The node whose subgraph (If branch, Loop or Scan body) holds the layer, and which of its subgraphs. */
   subgraph?: string;
   branch?: string;
@@ -46,28 +48,30 @@ export async function inspectModel(input: string | Uint8Array):
   constantAttributesAsTensors(graph);
   densifySparseInitializers(graph);
   bypassConstantIdentities(graph);  // as quantizeModel does: layers reading a weight through an Identity are layers
-  await foldConstantTransposes(graph);  // and through a Transpose
-  await foldWeightChains(graph);  // and computed from constants by data movement (Slice, Concat, Unsqueeze…)
+  await foldWeightChains(graph);  // and through a Transpose, Reshape, Slice, Concat… of constants
   // The weights as quantizeModel quantizes them: BatchNormalization and scalar affines folded into their layers (a
   // channel with a tiny running variance widens there; a variance of 0 with epsilon 0 gives infinities).
   await runStepsAsync(foldBatchNormSteps(graph));
   await runStepsAsync(foldScalarAffineSteps(graph));
   const layers: LayerStats[] = [];
-  // The main graph's, then those in subgraphs, as quantizeModel takes them (ConvTranspose too, listed as not quantized).
+  // Conv/Gemm/MatMul layers, the main graph's, then those in subgraphs, as quantizeModel takes them (ConvTranspose too,
+  // listed as not quantized); then the recurrent nodes', and the embedding tables', each kind in the same order.
   const layerNodes = allNodes(graph).filter((l) => LISTED.has(l.node.opType));
   const candidates = [
     // The quantizer's own reasons for leaving a layer float (W·x, weight rank, already quantized, …).
     ...layerNodes.map((c) => ({ ...c, weightInput: 1, optIn: false,
       skipped: c.node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized' : unquantizableReason(graph, c.node, c.scopes) })),
     // LSTM, GRU and RNN: their W and R, a row each.
-    ...recurrentLayers(graph).flatMap((c) => [1, 2].map((weightInput) => ({ ...c, weightInput, optIn: false, skipped: c.reason }))),
+    ...recurrentLayers(graph).flatMap((c) => [1, 2].map((weightInput) => ({ ...c, weightInput, optIn: false, skipped: c.reason, role: weightInput === 1 ? 'W' as const : 'R' as const }))),
     // Embedding tables, often a large model's largest tensor: quantized only on request.
     ...embeddingTables(graph).map((c) => ({ ...c, weightInput: 0, optIn: c.reason === undefined,
       skipped: c.reason === undefined ? 'an embedding table: quantized with weights.gather (CLI --gather)' : `an embedding table, float even with weights.gather: ${c.reason}` })),
   ];
-  for (const { node, scopes, owner, weightInput, skipped, optIn } of candidates) {
+  for (const candidate of candidates) {
+    const { node, scopes, owner, weightInput, skipped, optIn } = candidate;
     if (layers.length > 0) await nextTurn();
-    const inBody = owner ? placeOf(owner, scopes) : {};
+    const role = 'role' in candidate ? (candidate.role as 'W' | 'R') : undefined;
+    const inBody = { ...(owner ? placeOf(owner, scopes) : {}), ...(role ? { weight: role } : {}) };
     const weight = node.input[weightInput] ? graph.constantIn(node.input[weightInput], scopes)?.tensor : undefined;
     // Only float weights have statistics here: others are not read from their file.
     const float = weight && (isFloatTensor(weight) || isFloat16Tensor(weight));

@@ -22,7 +22,7 @@ import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver, type Range } from '../calibration/observers';
 import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './passes/equalize-depthwise';
-import { bypassConstantIdentities, constantAttributesAsTensors, foldConstantTransposes } from './passes/constant-identities';
+import { bypassConstantIdentities, constantAttributesAsTensors } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { quantizableTableCount, quantizeGathers } from './passes/quantize-gather';
 import { recurrentLayers, quantizeRecurrent } from './passes/quantize-recurrent';
@@ -739,7 +739,6 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   passes.push(await time('constant-attributes-as-tensors', () => constantAttributesAsTensors(graph)));
   passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
   passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
-  passes.push(await time('fold-constant-transposes', () => foldConstantTransposes(graph, opts.keepFloat)));
   passes.push(await time('fold-weight-chains', () => foldWeightChains(graph, opts.keepFloat)));
   const bits = opts.weights.bits;
   // int4 and blocked DequantizeLinear arrived in opset 21, int2 in 25; per-channel needs 13.
@@ -1038,18 +1037,19 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (recurrent.length > 0) {
     const quantizedRecurrent = await time('quantize-recurrent', () => runStepsAsync(quantizeRecurrent(graph, {
       bits, granularity: opts.weights.granularity ?? 'channel', blockSize: opts.weights.blockSize, method: opts.weights.method ?? 'minmax',
-      keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, callerBytes,
+      keepFloat: opts.keepFloat, microsoftDomain: microsoftDomainFallback !== undefined, callerBytes, dynamic,
     })));
     // What applies to Conv, Gemm and MatMul layers only, said for each recurrent one.
     const w = opts.weights;
     const notApplied = [
       ...(w.bitAllocation ? ['weights.bitAllocation'] : []), ...(w.groups ? ['weights.groups'] : []), ...(w.scaleClip !== undefined ? ['weights.scaleClip'] : []),
       ...(w.biasCorrection ? ['weights.biasCorrection'] : []), ...(w.rounding && w.rounding !== 'nearest' ? [`weights.rounding '${w.rounding}'`] : []),
-      ...(w.reduceRange ? ['weights.reduceRange'] : []), ...((opts.firstLastLayerBits ?? 8) !== bits ? ['firstLastLayerBits'] : []),
+      ...(w.reduceRange ? ['weights.reduceRange'] : []),
     ];
     for (const l of quantizedRecurrent.layers) {
       if (notApplied.length) quantizedRecurrent.report.skipped.push({ node: l.node, reason: `${notApplied.join(', ')}: for Conv, Gemm and MatMul layers; its W and R take weights.bits, granularity and method alone` });
-      if (opts.activations) quantizedRecurrent.report.skipped.push({ node: l.node, reason: 'its inputs and states stay float (activations are quantized for Conv, Gemm and MatMul)' });
+      // (With dynamic activations the pass says which stay weight-only and why.)
+      if (opts.activations && !dynamic) quantizedRecurrent.report.skipped.push({ node: l.node, reason: 'its inputs and states stay float (activations are quantized for Conv, Gemm and MatMul)' });
     }
     passes.push(quantizedRecurrent.report);
     layers.push(...quantizedRecurrent.layers);

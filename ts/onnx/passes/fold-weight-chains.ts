@@ -7,7 +7,7 @@
  * float16 constants and integer parameter constants; in the main graph and in subgraph bodies. The folded constant
  * goes into the graph of the weights it comes from; the chain's nodes and constants go once nothing else reads them.
  */
-import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
+import { AttributeProto_AttributeType, TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { allNodes, dimsOf, intAttribute, int64sAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, ownedTensor, type Graph } from '../graph';
 import { withDataRead } from '../model-io';
@@ -40,8 +40,13 @@ export async function foldWeightChains(graph: Graph, keepFloat: string[] = []): 
   const keep = new Set(keepFloat);
   // Per graph holding the reader, the folded constant of each value (two readers of one value share it).
   const folded = new Map<GraphProto, Map<string, string>>();
-  const chains: Array<{ nodes: Set<NodeProto>; scopes: GraphProto[] }> = [];
   const madeIn = new Map<GraphProto, TensorProto[]>();
+  // What the folded chains read: their nodes (removed at the end once unread) and the constants they read, per graph
+  // holding them (removed there once unread).
+  const chainNodes = new Map<NodeProto, GraphProto>();
+  const chainConstants = new Map<GraphProto, Set<string>>();
+  // From IR 4 on, an initializer also listed as a graph input is a default a feed may replace: not folded.
+  const inputs = new Set(graph.graph.input.map((i) => i.name));
   for (const { node, scopes } of allNodes(graph)) {
     if (keep.has(node.name) || keep.has(node.opType)) continue;
     for (const slot of weightSlots(node)) {
@@ -53,13 +58,15 @@ export async function foldWeightChains(graph: Graph, keepFloat: string[] = []): 
         node.input[slot] = known;
         continue;
       }
-      const nodes = new Set<NodeProto>();
-      const homes = new Set<GraphProto>();
-      const value = await evaluate(graph, name, scopes, nodes, homes);
-      if (!value) continue;
+      const chain: Chain = { nodes: new Map(), constants: [], inputs };
+      const value = await evaluate(graph, name, scopes, chain);
+      if (!(value instanceof Object) || !('data' in value)) {
+        if (value !== undefined) report.skipped.push({ node: nodeLabel(node), reason: `its weight '${name}' is computed from constants, not folded: ${value}` });
+        continue;
+      }
       // The folded constant goes where the weights it comes from are (the innermost such graph, which the reader
       // sees): a cell applied in two bodies, reordering the same weights in each, then gets one constant.
-      const home = [...scopes, graph.graph].find((g) => homes.has(g))!;
+      const home = [...scopes, graph.graph].find((g) => chain.constants.some((c) => c.float && c.home === g))!;
       const bytes = new Uint8Array(value.data.buffer, value.data.byteOffset, value.data.byteLength);
       // One layer applied twice (a recurrent cell over two steps, each step's export reordering its weights anew)
       // computes equal values from the same constants: one folded constant serves both.
@@ -72,72 +79,103 @@ export async function foldWeightChains(graph: Graph, keepFloat: string[] = []): 
       }
       (folded.get(scope) ?? folded.set(scope, new Map()).get(scope)!).set(name, tensor.name);
       node.input[slot] = tensor.name;
-      chains.push({ nodes, scopes });
-      const ops = [...new Set([...nodes].map((n) => n.opType))].join(', ');
+      for (const [n, g] of chain.nodes) chainNodes.set(n, g);
+      for (const c of chain.constants) (chainConstants.get(c.home) ?? chainConstants.set(c.home, new Set()).get(c.home)!).add(c.name);
+      const ops = [...new Set([...chain.nodes.keys()].map((n) => n.opType))].join(', ');
       report.changed.push(`${nodeLabel(node)}: its weight '${name}' (${ops} of constants) folded into the constant '${tensor.name}' [${value.dims.join(', ')}]`);
     }
   }
-  for (const { nodes, scopes } of chains) removeDeadChain(graph, nodes, scopes);
+  removeDeadNodes(graph, chainNodes);
+  for (const [home, names] of chainConstants) graph.removeAllUnused(names, home);
   return report;
 }
 
-/** A value computed from constants by MOVES alone, or undefined; the nodes computing it are added to `nodes`. */
-async function evaluate(graph: Graph, name: string, scopes: GraphProto[], nodes: Set<NodeProto>, homes: Set<GraphProto>): Promise<Value | undefined> {
+/** What a chain's evaluation saw: its nodes (with the graph holding each) and the constants it read (with theirs). */
+interface Chain {
+  nodes: Map<NodeProto, GraphProto>;
+  constants: Array<{ name: string; home: GraphProto; float: boolean }>;
+  /** The main graph's inputs: an initializer among them is a default a feed may replace. */
+  inputs: Set<string>;
+}
+
+/**
+ * A value computed from constants by MOVES alone; undefined where it is not computed from constants alone (an
+ * activation: nothing to say); or why a chain of constants is not folded (a parameter computed at run time, a
+ * graph input's default, shapes that do not fit…).
+ */
+async function evaluate(graph: Graph, name: string, scopes: GraphProto[], chain: Chain): Promise<Value | string | undefined> {
   const found = graph.constantIn(name, scopes);
   if (found) {
+    const home = found.home ?? graph.graph;
+    if (home === graph.graph && chain.inputs.has(name)) return `'${name}' is also a graph input (a default a feed may replace)`;
     const t = await withDataRead(found.tensor);
-    if (!isFloatTensor(t) && !isFloat16Tensor(t)) return undefined;
-    homes.add(found.home ?? graph.graph);
+    const float = isFloatTensor(t) || isFloat16Tensor(t);
+    if (!float) return undefined;  // integer data: shapes, indices
+    chain.constants.push({ name, home, float });
     return floatBits(t);
   }
-  const producer = producerIn(graph, name, scopes);
-  if (!producer || !MOVES.has(producer.opType) || !isOnnxDomain(producer.domain) || producer.output.length !== 1 || nodes.size >= MAX_CHAIN_NODES) return undefined;
-  nodes.add(producer);
-  const ints = async (i: number) => (producer.input[i] ? integers(graph, producer.input[i], scopes) : undefined);
+  const at = producerIn(graph, name, scopes);
+  if (!at || !MOVES.has(at.node.opType) || !isOnnxDomain(at.node.domain) || at.node.output.length !== 1) return undefined;
+  const producer = at.node;
+  if (chain.nodes.size >= MAX_CHAIN_NODES) return `more than ${MAX_CHAIN_NODES} operators`;
+  chain.nodes.set(producer, at.scope);
+  const label = `${producer.opType} '${nodeLabel(producer)}'`;
+  const ints = async (i: number): Promise<number[] | string> => {
+    const param = producer.input[i];
+    const v = param ? await integers(graph, param, scopes) : undefined;
+    if (!v) return `${label} reads '${param}', which is not an integer constant`;
+    const home = graph.constantIn(param, scopes)!.home ?? graph.graph;
+    chain.constants.push({ name: param, home, float: false });
+    return v;
+  };
   if (producer.opType === 'Concat') {
     const parts: Value[] = [];
     for (const input of producer.input) {
-      const v = await evaluate(graph, input, scopes, nodes, homes);
-      if (!v) return undefined;
+      const v = await evaluate(graph, input, scopes, chain);
+      if (!(v instanceof Object)) return v;
       parts.push(v);
     }
-    return concat(parts, intAttribute(producer, 'axis', 0));
+    const axis = attributeInts(producer, 'axis', true);
+    return axis === undefined ? `${label} has no axis` : concat(parts, axis[0]) ?? `${label}: its inputs' shapes do not fit together`;
   }
-  const x = producer.input[0] ? await evaluate(graph, producer.input[0], scopes, nodes, homes) : undefined;
-  if (!x) return undefined;
+  const x = producer.input[0] ? await evaluate(graph, producer.input[0], scopes, chain) : undefined;
+  if (!(x instanceof Object)) return x;
   const opset = graph.opset;
+  const misfit = `${label}: its parameters do not fit its input [${x.dims.join(', ')}]`;
   switch (producer.opType) {
     case 'Identity':
       return x;
     case 'Unsqueeze': {
-      const axes = opset >= 13 ? await ints(1) : attributeInts(producer, 'axes');
-      return axes ? unsqueeze(x, axes) : undefined;
+      const axes = opset >= 13 ? await ints(1) : attributeInts(producer, 'axes') ?? `${label} has no axes`;
+      return typeof axes === 'string' ? axes : unsqueeze(x, axes) ?? misfit;
     }
     case 'Squeeze': {
       const axes = opset >= 13 ? (producer.input[1] ? await ints(1) : []) : attributeInts(producer, 'axes') ?? [];
-      return axes ? squeeze(x, axes) : undefined;
+      return typeof axes === 'string' ? axes : squeeze(x, axes) ?? misfit;
     }
     case 'Reshape': {
       const shape = await ints(1);
-      return shape ? reshape(x, shape, intAttribute(producer, 'allowzero', 0) === 1) : undefined;
+      return typeof shape === 'string' ? shape : reshape(x, shape, intAttribute(producer, 'allowzero', 0) === 1) ?? misfit;
     }
     case 'Flatten': {
       const rank = x.dims.length;
       let axis = intAttribute(producer, 'axis', 1);
       if (axis < 0) axis += rank;
-      if (axis < 0 || axis > rank) return undefined;
-      const outer = x.dims.slice(0, axis).reduce((a, b) => a * b, 1);
-      return { ...x, dims: [outer, x.dims.slice(axis).reduce((a, b) => a * b, 1)] };
+      if (axis < 0 || axis > rank) return misfit;
+      return { ...x, dims: [size(x.dims.slice(0, axis)), size(x.dims.slice(axis))] };
     }
     case 'Transpose': {
       const perm = attributeInts(producer, 'perm') ?? x.dims.map((_, i) => x.dims.length - 1 - i);
-      return transpose(x, perm);
+      return transpose(x, perm) ?? misfit;
     }
     case 'Slice': {
-      const [starts, ends, axes, steps] = opset >= 10
+      const params = opset >= 10
         ? [await ints(1), await ints(2), producer.input[3] ? await ints(3) : [], producer.input[4] ? await ints(4) : []]
-        : [attributeInts(producer, 'starts'), attributeInts(producer, 'ends'), attributeInts(producer, 'axes') ?? [], []];
-      return starts && ends && axes && steps ? slice(x, starts, ends, axes, steps) : undefined;
+        : [attributeInts(producer, 'starts') ?? `${label} has no starts`, attributeInts(producer, 'ends') ?? `${label} has no ends`, attributeInts(producer, 'axes') ?? [], []];
+      const why = params.find((p): p is string => typeof p === 'string');
+      if (why) return why;
+      const [starts, ends, axes, steps] = params as number[][];
+      return slice(x, starts, ends, axes, steps) ?? misfit;
     }
     default:
       return undefined;
@@ -152,16 +190,22 @@ function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   return true;
 }
 
-function producerIn(graph: Graph, name: string, scopes: GraphProto[]): NodeProto | undefined {
+function producerIn(graph: Graph, name: string, scopes: GraphProto[]): { node: NodeProto; scope: GraphProto } | undefined {
   for (const scope of scopes) {
-    const p = graph.producer(name, scope);
-    if (p) return p;
+    const node = graph.producer(name, scope);
+    if (node) return { node, scope };
     if (scope.input.some((i) => i.name === name)) return undefined;
   }
-  return graph.producer(name);
+  const node = graph.producer(name);
+  return node ? { node, scope: graph.graph } : undefined;
 }
 
-function attributeInts(node: NodeProto, name: string): number[] | undefined {
+/** An ints attribute's values; `single`: an int attribute's, as a list of one. */
+function attributeInts(node: NodeProto, name: string, single = false): number[] | undefined {
+  if (single) {
+    const a = node.attribute.find((x) => x.name === name && x.type === AttributeProto_AttributeType.INT);
+    return a ? [Number(a.i)] : undefined;
+  }
   return int64sAttribute(node, name)?.map(Number);
 }
 
@@ -215,7 +259,7 @@ function unsqueeze(x: Value, axes: number[]): Value | undefined {
 
 function squeeze(x: Value, axes: number[]): Value | undefined {
   const at = new Set(axes.map((a) => normalize(a, x.dims.length)));
-  if ([...at].some((a) => a < 0 || a >= x.dims.length || x.dims[a] !== 1)) return undefined;
+  if (at.size !== axes.length || [...at].some((a) => a < 0 || a >= x.dims.length || x.dims[a] !== 1)) return undefined;
   return { ...x, dims: x.dims.filter((d, i) => (axes.length === 0 ? d !== 1 : !at.has(i))) };
 }
 
@@ -303,22 +347,15 @@ function slice(x: Value, starts: number[], ends: number[], axes: number[], steps
   return { ...x, dims, data };
 }
 
-/** Removes a folded chain's nodes that nothing reads any more (last first), then the constants they alone read. */
-function removeDeadChain(graph: Graph, nodes: Set<NodeProto>, scopes: GraphProto[]): void {
-  const all = [...scopes, graph.graph];
-  const inputs = new Map<GraphProto, Set<string>>();
+/** Removes the folded chains' nodes that nothing reads any more (their readers first), each from the graph holding it. */
+function removeDeadNodes(graph: Graph, nodes: Map<NodeProto, GraphProto>): void {
   for (let changed = true; changed;) {
     changed = false;
-    for (const n of nodes) {
-      const home = all.find((g) => g.node.includes(n));
-      if (!home) continue;
-      const read = n.output.some((o) => graph.consumers(o, home).length > 0 || home.output.some((v) => v.name === o));
-      if (read) continue;
+    for (const [n, home] of nodes) {
+      if (n.output.some((o) => home.output.some((v) => v.name === o) || graph.consumers(o, home).length > 0)) continue;
       home.node.splice(home.node.indexOf(n), 1);
-      for (const i of n.input) if (i) (inputs.get(home) ?? inputs.set(home, new Set()).get(home)!).add(i);
+      nodes.delete(n);
       changed = true;
     }
   }
-  // A constant lives in the graph that reads it or one around it.
-  for (const names of inputs.values()) for (const g of all) graph.removeAllUnused(names, g);
 }

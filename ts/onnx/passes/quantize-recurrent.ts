@@ -11,10 +11,10 @@ import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto
 import { toFloat16Array } from '../../float16';
 import { quantizationError, type QuantizeOptions } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
-import { allNodes, dimsOf, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, weightValues, type Graph } from '../graph';
+import { allNodes, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
 import { readLazyTensor, unloadTensor } from '../model-io';
 import { nodeLabel, placeOf, type PassReport, type Steps } from './pass';
-import { checkFiniteWeights, quantized, valuesTensor, withFloat16Scales, type WeightLayerReport } from './quantize-weights';
+import { checkFiniteWeights, fromDequantizeLinear, quantized, valuesTensor, withFloat16Scales, type WeightLayerReport } from './quantize-weights';
 
 export const RECURRENT = new Set(['LSTM', 'GRU', 'RNN']);
 
@@ -31,6 +31,12 @@ export interface RecurrentQuantization {
   microsoftDomain?: boolean;
   /** The weights may be views of the caller's model bytes: copied before native worker threads read them. */
   callerBytes?: boolean;
+  /**
+   * Dynamic activations (`activations.method: 'dynamic'`): 8-bit float32 LSTMs become onnxruntime's com.microsoft
+   * DynamicQuantizeLSTM (int8 weights, inputs and states quantized on every step), as its quantize_dynamic makes
+   * them; GRU and RNN, and LSTMs it does not take, keep the DequantizeLinear form.
+   */
+  dynamic?: boolean;
 }
 
 type Candidate = ReturnType<typeof allNodes>[number];
@@ -42,16 +48,13 @@ export function recurrentLayers(graph: Graph, keepFloat: string[] = []): Array<C
     .map((c) => ({ ...c, reason: keep.has(c.node.name) || keep.has(c.node.opType) ? 'kept in float (keepFloat)' : whyNot(graph, c.node, c.scopes) }));
 }
 
-/** How many recurrent nodes this pass would quantize. */
-export function quantizableRecurrentCount(graph: Graph, keepFloat: string[] = []): number {
-  return recurrentLayers(graph, keepFloat).filter((c) => c.reason === undefined).length;
-}
-
 function whyNot(graph: Graph, node: NodeProto, scopes: GraphProto[]): string | undefined {
   if (node.output.every((o) => o === '')) return 'it has no outputs';
   for (const [index, role] of WEIGHT_INPUTS) {
     const t = node.input[index] ? graph.constantIn(node.input[index], scopes)?.tensor : undefined;
-    if (!t || !(isFloatTensor(t) || isFloat16Tensor(t))) return `its ${role} is not a float constant (a computed input, or an integer one)`;
+    if (!t && fromDequantizeLinear(graph, node.input[index], scopes)) return `its ${role} is already quantized (it comes from a DequantizeLinear)`;
+    if (!t) return `its ${role} is computed when the model runs (not from constants that lowbit folds: see the fold-weight-chains pass); store it as an initializer to quantize it`;
+    if (!(isFloatTensor(t) || isFloat16Tensor(t))) return `its ${role} is a ${TensorProto_DataType[t.dataType] ?? `type ${t.dataType}`} constant, not float32 or float16`;
     const dims = dimsOf(t);
     if (dims.length !== 3) return `its ${role} is ${dims.length}-D, not [directions, gates·hidden, ${role === 'W' ? 'inputs' : 'hidden'}]`;
     if (dims.includes(0)) return `its ${role} [${dims.join(', ')}] holds no values`;
@@ -67,14 +70,22 @@ export function* quantizeRecurrent(graph: Graph, options: RecurrentQuantization)
   // from there. (Layers' weights get theirs in their own graph, for onnxruntime's fusions; the recurrent ops have none.)
   const done = new Map<TensorProto, { output: string; granularity: string; signal: number; noise: number }>();
   const released = new Map<GraphProto, Set<string>>();
+  const dynamicDone: DynamicWeights = new Map();
   for (const { node, scopes, owner, reason } of recurrentLayers(graph, options.keepFloat)) {
     const label = nodeLabel(node);
     if (reason) {
       report.skipped.push({ node: label, reason });
       continue;
     }
-    const parts: Array<{ role: string; name: string; dims: number[]; signal: number; noise: number }> = [];
-    let granularity = '';
+    const notDynamic = options.dynamic ? whyNotDynamic(graph, node, scopes) : undefined;
+    if (options.dynamic && notDynamic === undefined) {
+      layers.push(yield* toDynamicLstm(graph, node, scopes, owner, options, dynamicDone, released));
+      report.changed.push(`${label}: DynamicQuantizeLSTM (int8 W and R, ${layers[layers.length - 1].granularity}; inputs and states quantized on every step)`);
+      yield label;
+      continue;
+    }
+    if (notDynamic) report.skipped.push({ node: label, reason: `dynamic activations: ${notDynamic}; weights only (DequantizeLinear)` });
+    const parts: Array<{ role: string; name: string; dims: number[]; granularity: string; signal: number; noise: number }> = [];
     for (const [index, role] of WEIGHT_INPUTS) {
       const name = node.input[index];
       const found = graph.constantIn(name, scopes)!;
@@ -117,25 +128,103 @@ export function* quantizeRecurrent(graph: Graph, options: RecurrentQuantization)
         done.set(t, entry);
         unloadTensor(t);  // a weight read from its file goes back there
       }
-      granularity = entry.granularity;
       node.input[index] = entry.output;
       (released.get(home) ?? released.set(home, new Set()).get(home)!).add(name);
-      parts.push({ role, name, dims, signal: entry.signal, noise: entry.noise });
+      parts.push({ role, name, dims, granularity: entry.granularity, signal: entry.signal, noise: entry.noise });
     }
     const [w, r] = parts;
     const sqnr = (signal: number, noise: number) => (noise === 0 ? Infinity : 10 * Math.log10(signal / noise));
     layers.push({
-      node: label, op: node.opType, weight: w.name, shape: w.dims, bits: options.bits, granularity, method: options.method ?? 'minmax',
+      node: label, op: node.opType, weight: w.name, shape: w.dims, bits: options.bits, granularity: w.granularity, method: options.method ?? 'minmax',
       weightSqnrDb: sqnr(w.signal + r.signal, w.noise + r.noise),
-      recurrentWeight: { weight: r.name, shape: r.dims, weightSqnrDb: sqnr(r.signal, r.noise) },
+      recurrentWeight: { weight: r.name, shape: r.dims, granularity: r.granularity, weightSqnrDb: sqnr(r.signal, r.noise) },
       // Y, or Y_h where Y is left out (an optional output may be '').
       output: node.output.find((o) => o !== '')!,
       ...(owner ? placeOf(owner, scopes) : {}),
     });
-    report.changed.push(`${label}: ${options.bits}-bit ${granularity} W and R`);
+    report.changed.push(`${label}: ${options.bits}-bit W (${w.granularity}) and R (${r.granularity})`);
     yield label;
   }
   for (const [home, names] of released) graph.removeAllUnused(names, home);
   graph.sort();
   return { report, layers };
+}
+
+/** Per float weight, its DynamicQuantizeLSTM constants (values [directions, K, 4·hidden], scale and zero point) and error. */
+type DynamicWeights = Map<TensorProto, { constants: [string, string, string]; granularity: string; signal: number; noise: number }>;
+
+/** Why an LSTM stays in the DequantizeLinear form with dynamic activations (undefined: it becomes DynamicQuantizeLSTM). */
+// (quantizeModel refuses dynamic activations with other than 8-bit weights per channel or tensor, or at an old opset.)
+function whyNotDynamic(graph: Graph, node: NodeProto, scopes: GraphProto[]): string | undefined {
+  if (node.opType !== 'LSTM') return `onnxruntime has no dynamically quantized ${node.opType}`;
+  if (intAttribute(node, 'layout', 0) !== 0) return 'its layout is 1 (batch first), which DynamicQuantizeLSTM does not take';
+  const w = graph.constantIn(node.input[1], scopes)!.tensor;
+  if (isFloat16Tensor(w)) return 'its weights are float16 (DynamicQuantizeLSTM is float32)';
+  return undefined;
+}
+
+/**
+ * The LSTM becomes a DynamicQuantizeLSTM in place: its W and R quantized per direction and gate row (or per
+ * direction), stored transposed as the operator takes them ([directions, inputs, 4·hidden]), with int8 zero points of
+ * 0; its other inputs and attributes kept. The constants go beside the float weights (readers in bodies share them).
+ */
+function* toDynamicLstm(graph: Graph, node: NodeProto, scopes: GraphProto[], owner: NodeProto | undefined, options: RecurrentQuantization,
+  done: DynamicWeights, released: Map<GraphProto, Set<string>>): Steps<WeightLayerReport> {
+  const label = nodeLabel(node);
+  const parts: Array<{ name: string; dims: number[]; signal: number; noise: number; constants: [string, string, string]; granularity: string }> = [];
+  for (const [index] of WEIGHT_INPUTS) {
+    const name = node.input[index];
+    const found = graph.constantIn(name, scopes)!;
+    const t = found.tensor;
+    const home = found.home ?? graph.graph;
+    const dims = dimsOf(t);
+    let entry = done.get(t);
+    if (!entry) {
+      const reading = readLazyTensor(t);
+      if (reading) yield reading;
+      const data = weightValues(t)!;
+      checkFiniteWeights(node, name, data);
+      const [directions, rows, k] = dims;
+      const perTensor = options.granularity === 'tensor';
+      // Rows of one direction are contiguous: per direction and row is one channel of a [directions·rows, k] matrix,
+      // per direction one channel of a [directions, rows·k] one.
+      const q = yield* quantized(data, {
+        shape: perTensor ? [directions, rows * k] : [directions * rows, k], bits: 8, method: options.method, granularity: 'channel', axis: 0,
+      }, true, !!options.callerBytes);
+      const transposed = new Int8Array(data.length);
+      for (let d = 0; d < directions; d++) {
+        for (let r = 0; r < rows; r++) for (let c = 0; c < k; c++) transposed[(d * k + c) * rows + r] = q.values[(d * rows + r) * k + c];
+      }
+      const scaleDims = perTensor ? [directions] : [directions, rows];
+      const values = ownedTensor(graph.uniqueName(`${name}_quantized`), TensorProto_DataType.INT8, [directions, k, rows], new Uint8Array(transposed.buffer));
+      const scale = makeTensor(graph.uniqueName(`${name}_scale`), TensorProto_DataType.FLOAT, scaleDims, new Uint8Array(q.scale.buffer.slice(0)));
+      const zeroPoint = ownedTensor(graph.uniqueName(`${name}_zero_point`), TensorProto_DataType.INT8, scaleDims, new Uint8Array(q.scale.length));
+      for (const c of [values, scale, zeroPoint]) graph.addInitializer(c, home);
+      let signal = 0;
+      for (let i = 0; i < data.length; i++) signal += data[i] * data[i];
+      entry = {
+        constants: [values.name, scale.name, zeroPoint.name], signal, noise: quantizationError(data, q).mse * data.length,
+        granularity: perTensor ? 'tensor per direction' : 'channel on axis 1 per direction',
+      };
+      done.set(t, entry);
+      unloadTensor(t);
+    }
+    (released.get(home) ?? released.set(home, new Set()).get(home)!).add(name);
+    parts.push({ name, dims, ...entry });
+  }
+  const [w, r] = parts;
+  const optional = Array.from({ length: 5 }, (_, i) => node.input[3 + i] ?? '');  // B, sequence_lens, initial_h, initial_c, P
+  node.input = [node.input[0], w.constants[0], r.constants[0], ...optional, w.constants[1], w.constants[2], r.constants[1], r.constants[2]];
+  node.opType = 'DynamicQuantizeLSTM';
+  node.domain = 'com.microsoft';
+  node.attribute = node.attribute.filter((a) => a.name !== 'layout');
+  graph.importDomain('com.microsoft');
+  const sqnr = (signal: number, noise: number) => (noise === 0 ? Infinity : 10 * Math.log10(signal / noise));
+  return {
+    node: label, op: 'LSTM', weight: w.name, shape: w.dims, bits: 8, granularity: w.granularity, method: options.method ?? 'minmax',
+    weightSqnrDb: sqnr(w.signal + r.signal, w.noise + r.noise),
+    recurrentWeight: { weight: r.name, shape: r.dims, granularity: r.granularity, weightSqnrDb: sqnr(r.signal, r.noise) },
+    output: node.output.find((o) => o !== '')!, input: { bits: 8, dynamic: true },
+    ...(owner ? placeOf(owner, scopes) : {}),
+  };
 }

@@ -112,10 +112,11 @@ export interface WeightLayerReport {
   /** Per-channel bits when bit allocation was used. */
   channelBits?: number[];
   /**
-   * LSTM, GRU and RNN: their recurrence weights R, quantized as `weight` (W) is; `weightSqnrDb` is then that of W
-   * and R together (passes/quantize-recurrent).
+   * LSTM, GRU and RNN: their recurrence weights R (`weight`, `shape` and `granularity` are W's; R's may differ where
+   * one is long enough for blocks and the other is not); `weightSqnrDb` is then that of W and R together
+   * (passes/quantize-recurrent).
    */
-  recurrentWeight?: { weight: string; shape: number[]; weightSqnrDb: number };
+  recurrentWeight?: { weight: string; shape: number[]; granularity: string; weightSqnrDb: number };
   /** GPTQ rounding saw fewer calibration input vectors than the inputs it solves together (a block of at most 512). */
   gptqUnderdetermined?: { inputVectors: number; blockInputs: number };
   /** The layer's output tensor (its bias Add's, when data-driven bias correction shifted that bias). */
@@ -297,7 +298,7 @@ function producerIn(graph: Graph, name: string, scopes: GraphProto[]): NodeProto
 }
 
 /** Whether a value is a DequantizeLinear's output, directly or through Transpose/Reshape/Identity (as fit-onnxruntime leaves blocked weights). */
-function fromDequantizeLinear(graph: Graph, name: string, scopes: GraphProto[]): boolean {
+export function fromDequantizeLinear(graph: Graph, name: string, scopes: GraphProto[]): boolean {
   for (let steps = 0; steps < 8; steps++) {
     const producer = producerIn(graph, name, scopes);
     if (producer?.opType === 'DequantizeLinear') return true;
@@ -317,7 +318,8 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
     if (n.opType !== 'Conv' && isFloat(graph.constantIn(n.input[0], scopes)?.tensor)) {
       return 'its constant is the first input (W·x): lowbit quantizes constant second inputs (x·W), the form the QDQ fusions and MatMulNBits take';
     }
-    // A tied output projection reads its embedding table through a Transpose (not folded here).
+    // A tied output projection reads its embedding table through a Transpose (fold-weight-chains folds it, unless
+    // the table is a graph input's default).
     const producer = producerIn(graph, n.input[1], scopes);
     if (producer?.opType === 'Transpose' && isFloat(graph.constantIn(producer.input[0], scopes)?.tensor)) {
       return `its weight is a Transpose of the constant '${producer.input[0]}' (a tied embedding?), computed when the model runs: ` +
