@@ -62,15 +62,72 @@ function whyNot(graph: Graph, node: NodeProto, scopes: GraphProto[]): string | u
   return undefined;
 }
 
+/** What quantizing one float weight left: how its readers read it now (`use`), and its error. */
+interface QuantizedWeight<Use> {
+  use: Use;
+  granularity: string;
+  signal: number;
+  noise: number;
+}
+
+/** One weight of one node, as quantized (or found quantized already, for a weight several nodes read). */
+type WeightPart<Use> = QuantizedWeight<Use> & { name: string; dims: number[] };
+
+/**
+ * W and R of a node, each quantized once (by `quantize`, on its float values) however many nodes read it: the
+ * constants it makes go beside the float weight, in the graph holding it, which is released once unused.
+ */
+function* nodeWeights<Use>(graph: Graph, node: NodeProto, scopes: GraphProto[], done: Map<TensorProto, QuantizedWeight<Use>>,
+  released: Map<GraphProto, Set<string>>,
+  quantize: (data: Float32Array, t: TensorProto, name: string, home: GraphProto) => Steps<Omit<QuantizedWeight<Use>, 'signal'>>): Steps<[WeightPart<Use>, WeightPart<Use>]> {
+  const parts: Array<WeightPart<Use>> = [];
+  for (const [index] of WEIGHT_INPUTS) {
+    const name = node.input[index];
+    const found = graph.constantIn(name, scopes)!;
+    const t = found.tensor;
+    const home = found.home ?? graph.graph;
+    let entry = done.get(t);
+    if (!entry) {
+      const reading = readLazyTensor(t);
+      if (reading) yield reading;
+      const data = weightValues(t)!;
+      checkFiniteWeights(node, name, data);
+      let signal = 0;
+      for (let i = 0; i < data.length; i++) signal += data[i] * data[i];
+      entry = { ...(yield* quantize(data, t, name, home)), signal };
+      done.set(t, entry);
+      unloadTensor(t);  // a weight read from its file goes back there
+    }
+    (released.get(home) ?? released.set(home, new Set()).get(home)!).add(name);
+    parts.push({ ...entry, name, dims: dimsOf(t) });
+  }
+  return parts as [WeightPart<Use>, WeightPart<Use>];
+}
+
+const sqnrDb = (signal: number, noise: number) => (noise === 0 ? Infinity : 10 * Math.log10(signal / noise));
+
+/** The layer's report: W's name, shape and granularity, R's in recurrentWeight, the SQNR of both together. */
+function layerReport(node: NodeProto, scopes: GraphProto[], owner: NodeProto | undefined, options: RecurrentQuantization,
+  [w, r]: [WeightPart<unknown>, WeightPart<unknown>]): WeightLayerReport {
+  return {
+    node: nodeLabel(node), op: node.opType, weight: w.name, shape: w.dims, bits: options.bits, granularity: w.granularity, method: options.method ?? 'minmax',
+    weightSqnrDb: sqnrDb(w.signal + r.signal, w.noise + r.noise),
+    recurrentWeight: { weight: r.name, shape: r.dims, granularity: r.granularity, weightSqnrDb: sqnrDb(r.signal, r.noise) },
+    // Y, or Y_h where Y is left out (an optional output may be '').
+    output: node.output.find((o) => o !== '')!,
+    ...(owner ? placeOf(owner, scopes) : {}),
+  };
+}
+
 export function* quantizeRecurrent(graph: Graph, options: RecurrentQuantization): Steps<{ report: PassReport; layers: WeightLayerReport[] }> {
   const report: PassReport = { pass: 'quantize-recurrent', changed: [], skipped: [] };
   const layers: WeightLayerReport[] = [];
   // A weight several nodes read (one cell applied in two bodies, or in both branches of an If) is quantized once,
   // and its DequantizeLinear goes next to it, in the graph holding it: the readers inside bodies read its output
   // from there. (Layers' weights get theirs in their own graph, for onnxruntime's fusions; the recurrent ops have none.)
-  const done = new Map<TensorProto, { output: string; granularity: string; signal: number; noise: number }>();
+  const dequantized = new Map<TensorProto, QuantizedWeight<string>>();
+  const dynamic = new Map<TensorProto, QuantizedWeight<DynamicConstants>>();
   const released = new Map<GraphProto, Set<string>>();
-  const dynamicDone: DynamicWeights = new Map();
   for (const { node, scopes, owner, reason } of recurrentLayers(graph, options.keepFloat)) {
     const label = nodeLabel(node);
     if (reason) {
@@ -79,70 +136,18 @@ export function* quantizeRecurrent(graph: Graph, options: RecurrentQuantization)
     }
     const notDynamic = options.dynamic ? whyNotDynamic(graph, node, scopes) : undefined;
     if (options.dynamic && notDynamic === undefined) {
-      layers.push(yield* toDynamicLstm(graph, node, scopes, owner, options, dynamicDone, released));
-      report.changed.push(`${label}: DynamicQuantizeLSTM (int8 W and R, ${layers[layers.length - 1].granularity}; inputs and states quantized on every step)`);
+      const parts = yield* nodeWeights(graph, node, scopes, dynamic, released, (data, t, name, home) => dynamicLstmWeight(graph, data, t, name, home, options));
+      layers.push({ ...layerReport(node, scopes, owner, options, parts), input: { bits: 8, dynamic: true } });
+      toDynamicLstm(graph, node, parts.map((p) => p.use) as [DynamicConstants, DynamicConstants]);
+      report.changed.push(`${label}: DynamicQuantizeLSTM (int8 W and R, ${parts[0].granularity}; inputs and states quantized on every step)`);
       yield label;
       continue;
     }
     if (notDynamic) report.skipped.push({ node: label, reason: `dynamic activations: ${notDynamic}; weights only (DequantizeLinear)` });
-    const parts: Array<{ role: string; name: string; dims: number[]; granularity: string; signal: number; noise: number }> = [];
-    for (const [index, role] of WEIGHT_INPUTS) {
-      const name = node.input[index];
-      const found = graph.constantIn(name, scopes)!;
-      const t = found.tensor;
-      const home = found.home ?? graph.graph;
-      const dims = dimsOf(t);
-      let entry = done.get(t);
-      if (!entry) {
-        const reading = readLazyTensor(t);
-        if (reading) yield reading;
-        const data = weightValues(t)!;
-        checkFiniteWeights(node, name, data);
-        const blockSize = options.blockSize ?? 32;
-        const blocked = options.granularity === 'block' && dims[2] >= blockSize;
-        let q: QuantizedTensor = yield* quantized(data, {
-          shape: dims, bits: options.bits, method: options.method,
-          ...(blocked ? { granularity: 'block' as const, axis: 2, blockSize }
-            : options.granularity === 'tensor' ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: 1 }),
-        }, true, !!options.callerBytes);
-        const half = isFloat16Tensor(t);
-        // A float16 weight gets float16 scales: DequantizeLinear then gives float16, the type of the node's other inputs.
-        if (half) q = withFloat16Scales(q, data, label);
-        const values = valuesTensor(graph.uniqueName(`${name}_quantized`), q);
-        const scaleBytes = half ? new Uint8Array(toFloat16Array(q.scale).buffer) : new Uint8Array(q.scale.buffer.slice(0));
-        const scale = makeTensor(graph.uniqueName(`${name}_scale`), half ? TensorProto_DataType.FLOAT16 : TensorProto_DataType.FLOAT, q.scaleShape, scaleBytes);
-        graph.addInitializer(values, home);
-        graph.addInitializer(scale, home);
-        const attributes = q.granularity === 'tensor' ? [] : [makeIntAttribute('axis', q.axis!), ...(blocked ? [makeIntAttribute('block_size', blockSize)] : [])];
-        const dq = graph.newNode('DequantizeLinear', [values.name, scale.name], [graph.uniqueName(`${name}_dequantized`)], `${name}_dq`,
-          attributes, options.microsoftDomain ? 'com.microsoft' : '');
-        // It reads constants only: first in a body, anywhere in the main graph (sorted at the end).
-        if (home === graph.graph) home.node.push(dq);
-        else home.node.unshift(dq);
-        let signal = 0;
-        for (let i = 0; i < data.length; i++) signal += data[i] * data[i];
-        entry = {
-          output: dq.output[0], signal, noise: quantizationError(data, q).mse * data.length,
-          granularity: q.granularity === 'tensor' ? 'tensor' : blocked ? `block ${blockSize} on axis 2` : 'channel on axis 1',
-        };
-        done.set(t, entry);
-        unloadTensor(t);  // a weight read from its file goes back there
-      }
-      node.input[index] = entry.output;
-      (released.get(home) ?? released.set(home, new Set()).get(home)!).add(name);
-      parts.push({ role, name, dims, granularity: entry.granularity, signal: entry.signal, noise: entry.noise });
-    }
-    const [w, r] = parts;
-    const sqnr = (signal: number, noise: number) => (noise === 0 ? Infinity : 10 * Math.log10(signal / noise));
-    layers.push({
-      node: label, op: node.opType, weight: w.name, shape: w.dims, bits: options.bits, granularity: w.granularity, method: options.method ?? 'minmax',
-      weightSqnrDb: sqnr(w.signal + r.signal, w.noise + r.noise),
-      recurrentWeight: { weight: r.name, shape: r.dims, granularity: r.granularity, weightSqnrDb: sqnr(r.signal, r.noise) },
-      // Y, or Y_h where Y is left out (an optional output may be '').
-      output: node.output.find((o) => o !== '')!,
-      ...(owner ? placeOf(owner, scopes) : {}),
-    });
-    report.changed.push(`${label}: ${options.bits}-bit W (${w.granularity}) and R (${r.granularity})`);
+    const parts = yield* nodeWeights(graph, node, scopes, dequantized, released, (data, t, name, home) => dequantizedWeight(graph, data, t, name, home, options, label));
+    WEIGHT_INPUTS.forEach(([index], i) => (node.input[index] = parts[i].use));
+    layers.push(layerReport(node, scopes, owner, options, parts));
+    report.changed.push(`${label}: ${options.bits}-bit W (${parts[0].granularity}) and R (${parts[1].granularity})`);
     yield label;
   }
   for (const [home, names] of released) graph.removeAllUnused(names, home);
@@ -150,8 +155,39 @@ export function* quantizeRecurrent(graph: Graph, options: RecurrentQuantization)
   return { report, layers };
 }
 
-/** Per float weight, its DynamicQuantizeLSTM constants (values [directions, K, 4·hidden], scale and zero point) and error. */
-type DynamicWeights = Map<TensorProto, { constants: [string, string, string]; granularity: string; signal: number; noise: number }>;
+/** A weight's integer values and scale, read through a DequantizeLinear placed in `home`; `use`: its output. */
+function* dequantizedWeight(graph: Graph, data: Float32Array, t: TensorProto, name: string, home: GraphProto, options: RecurrentQuantization,
+  label: string): Steps<Omit<QuantizedWeight<string>, 'signal'>> {
+  const dims = dimsOf(t);
+  const blockSize = options.blockSize ?? 32;
+  const blocked = options.granularity === 'block' && dims[2] >= blockSize;
+  let q: QuantizedTensor = yield* quantized(data, {
+    shape: dims, bits: options.bits, method: options.method,
+    ...(blocked ? { granularity: 'block' as const, axis: 2, blockSize }
+      : options.granularity === 'tensor' ? { granularity: 'tensor' as const } : { granularity: 'channel' as const, axis: 1 }),
+  }, true, !!options.callerBytes);
+  const half = isFloat16Tensor(t);
+  // A float16 weight gets float16 scales: DequantizeLinear then gives float16, the type of the node's other inputs.
+  if (half) q = withFloat16Scales(q, data, label);
+  const values = valuesTensor(graph.uniqueName(`${name}_quantized`), q);
+  const scaleBytes = half ? new Uint8Array(toFloat16Array(q.scale).buffer) : new Uint8Array(q.scale.buffer.slice(0));
+  const scale = makeTensor(graph.uniqueName(`${name}_scale`), half ? TensorProto_DataType.FLOAT16 : TensorProto_DataType.FLOAT, q.scaleShape, scaleBytes);
+  graph.addInitializer(values, home);
+  graph.addInitializer(scale, home);
+  const attributes = q.granularity === 'tensor' ? [] : [makeIntAttribute('axis', q.axis!), ...(blocked ? [makeIntAttribute('block_size', blockSize)] : [])];
+  const dq = graph.newNode('DequantizeLinear', [values.name, scale.name], [graph.uniqueName(`${name}_dequantized`)], `${name}_dq`,
+    attributes, options.microsoftDomain ? 'com.microsoft' : '');
+  // It reads constants only: first in a body, anywhere in the main graph (sorted at the end).
+  if (home === graph.graph) home.node.push(dq);
+  else home.node.unshift(dq);
+  return {
+    use: dq.output[0], noise: quantizationError(data, q).mse * data.length,
+    granularity: q.granularity === 'tensor' ? 'tensor' : blocked ? `block ${blockSize} on axis 2` : 'channel on axis 1',
+  };
+}
+
+/** A weight's DynamicQuantizeLSTM constants: values [directions, K, 4·hidden], scale and zero point. */
+type DynamicConstants = [string, string, string];
 
 /** Why an LSTM stays in the DequantizeLinear form with dynamic activations (undefined: it becomes DynamicQuantizeLSTM). */
 // (quantizeModel refuses dynamic activations with other than 8-bit weights per channel or tensor, or at an old opset.)
@@ -164,67 +200,39 @@ function whyNotDynamic(graph: Graph, node: NodeProto, scopes: GraphProto[]): str
 }
 
 /**
- * The LSTM becomes a DynamicQuantizeLSTM in place: its W and R quantized per direction and gate row (or per
- * direction), stored transposed as the operator takes them ([directions, inputs, 4·hidden]), with int8 zero points of
- * 0; its other inputs and attributes kept. The constants go beside the float weights (readers in bodies share them).
+ * A weight as DynamicQuantizeLSTM takes it: quantized per direction and gate row (or per direction), stored transposed
+ * ([directions, inputs, 4·hidden]), with int8 zero points of 0, in `home`.
  */
-function* toDynamicLstm(graph: Graph, node: NodeProto, scopes: GraphProto[], owner: NodeProto | undefined, options: RecurrentQuantization,
-  done: DynamicWeights, released: Map<GraphProto, Set<string>>): Steps<WeightLayerReport> {
-  const label = nodeLabel(node);
-  const parts: Array<{ name: string; dims: number[]; signal: number; noise: number; constants: [string, string, string]; granularity: string }> = [];
-  for (const [index] of WEIGHT_INPUTS) {
-    const name = node.input[index];
-    const found = graph.constantIn(name, scopes)!;
-    const t = found.tensor;
-    const home = found.home ?? graph.graph;
-    const dims = dimsOf(t);
-    let entry = done.get(t);
-    if (!entry) {
-      const reading = readLazyTensor(t);
-      if (reading) yield reading;
-      const data = weightValues(t)!;
-      checkFiniteWeights(node, name, data);
-      const [directions, rows, k] = dims;
-      const perTensor = options.granularity === 'tensor';
-      // Rows of one direction are contiguous: per direction and row is one channel of a [directions·rows, k] matrix,
-      // per direction one channel of a [directions, rows·k] one.
-      const q = yield* quantized(data, {
-        shape: perTensor ? [directions, rows * k] : [directions * rows, k], bits: 8, method: options.method, granularity: 'channel', axis: 0,
-      }, true, !!options.callerBytes);
-      const transposed = new Int8Array(data.length);
-      for (let d = 0; d < directions; d++) {
-        for (let r = 0; r < rows; r++) for (let c = 0; c < k; c++) transposed[(d * k + c) * rows + r] = q.values[(d * rows + r) * k + c];
-      }
-      const scaleDims = perTensor ? [directions] : [directions, rows];
-      const values = ownedTensor(graph.uniqueName(`${name}_quantized`), TensorProto_DataType.INT8, [directions, k, rows], new Uint8Array(transposed.buffer));
-      const scale = makeTensor(graph.uniqueName(`${name}_scale`), TensorProto_DataType.FLOAT, scaleDims, new Uint8Array(q.scale.buffer.slice(0)));
-      const zeroPoint = ownedTensor(graph.uniqueName(`${name}_zero_point`), TensorProto_DataType.INT8, scaleDims, new Uint8Array(q.scale.length));
-      for (const c of [values, scale, zeroPoint]) graph.addInitializer(c, home);
-      let signal = 0;
-      for (let i = 0; i < data.length; i++) signal += data[i] * data[i];
-      entry = {
-        constants: [values.name, scale.name, zeroPoint.name], signal, noise: quantizationError(data, q).mse * data.length,
-        granularity: perTensor ? 'tensor per direction' : 'channel on axis 1 per direction',
-      };
-      done.set(t, entry);
-      unloadTensor(t);
-    }
-    (released.get(home) ?? released.set(home, new Set()).get(home)!).add(name);
-    parts.push({ name, dims, ...entry });
+function* dynamicLstmWeight(graph: Graph, data: Float32Array, t: TensorProto, name: string, home: GraphProto,
+  options: RecurrentQuantization): Steps<Omit<QuantizedWeight<DynamicConstants>, 'signal'>> {
+  const [directions, rows, k] = dimsOf(t);
+  const perTensor = options.granularity === 'tensor';
+  // Rows of one direction are contiguous: per direction and row is one channel of a [directions·rows, k] matrix,
+  // per direction one channel of a [directions, rows·k] one.
+  const q = yield* quantized(data, {
+    shape: perTensor ? [directions, rows * k] : [directions * rows, k], bits: 8, method: options.method, granularity: 'channel', axis: 0,
+  }, true, !!options.callerBytes);
+  const transposed = new Int8Array(data.length);
+  for (let d = 0; d < directions; d++) {
+    for (let r = 0; r < rows; r++) for (let c = 0; c < k; c++) transposed[(d * k + c) * rows + r] = q.values[(d * rows + r) * k + c];
   }
-  const [w, r] = parts;
+  const scaleDims = perTensor ? [directions] : [directions, rows];
+  const values = ownedTensor(graph.uniqueName(`${name}_quantized`), TensorProto_DataType.INT8, [directions, k, rows], new Uint8Array(transposed.buffer));
+  const scale = makeTensor(graph.uniqueName(`${name}_scale`), TensorProto_DataType.FLOAT, scaleDims, new Uint8Array(q.scale.buffer.slice(0)));
+  const zeroPoint = ownedTensor(graph.uniqueName(`${name}_zero_point`), TensorProto_DataType.INT8, scaleDims, new Uint8Array(q.scale.length));
+  for (const c of [values, scale, zeroPoint]) graph.addInitializer(c, home);
+  return {
+    use: [values.name, scale.name, zeroPoint.name], noise: quantizationError(data, q).mse * data.length,
+    granularity: perTensor ? 'tensor per direction' : 'channel on axis 1 per direction',
+  };
+}
+
+/** The LSTM becomes a DynamicQuantizeLSTM in place, on W's and R's constants; its other inputs and attributes kept. */
+function toDynamicLstm(graph: Graph, node: NodeProto, [w, r]: [DynamicConstants, DynamicConstants]): void {
   const optional = Array.from({ length: 5 }, (_, i) => node.input[3 + i] ?? '');  // B, sequence_lens, initial_h, initial_c, P
-  node.input = [node.input[0], w.constants[0], r.constants[0], ...optional, w.constants[1], w.constants[2], r.constants[1], r.constants[2]];
+  node.input = [node.input[0], w[0], r[0], ...optional, w[1], w[2], r[1], r[2]];
   node.opType = 'DynamicQuantizeLSTM';
   node.domain = 'com.microsoft';
   node.attribute = node.attribute.filter((a) => a.name !== 'layout');
   graph.importDomain('com.microsoft');
-  const sqnr = (signal: number, noise: number) => (noise === 0 ? Infinity : 10 * Math.log10(signal / noise));
-  return {
-    node: label, op: 'LSTM', weight: w.name, shape: w.dims, bits: 8, granularity: w.granularity, method: options.method ?? 'minmax',
-    weightSqnrDb: sqnr(w.signal + r.signal, w.noise + r.noise),
-    recurrentWeight: { weight: r.name, shape: r.dims, granularity: r.granularity, weightSqnrDb: sqnr(r.signal, r.noise) },
-    output: node.output.find((o) => o !== '')!, input: { bits: 8, dynamic: true },
-    ...(owner ? placeOf(owner, scopes) : {}),
-  };
 }
