@@ -1,4 +1,4 @@
-// LSTM, GRU and RNN weights (W and R) quantized through DequantizeLinear: passes/quantize-recurrent.
+// LSTM, GRU and RNN weights (W and R) quantized through DequantizeLinear, or as DynamicQuantizeLSTM: passes/quantize-recurrent.
 import { create, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
 import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType, type ModelProto } from 'onnx-buf';
@@ -275,7 +275,7 @@ describe('recurrent weights (LSTM, GRU, RNN)', () => {
       ['dynamic activations: its layout is 1 (batch first), which DynamicQuantizeLSTM does not take; weights only (DequantizeLinear)']);
   });
 
-  it('a computed W is named as the reason nothing is quantized; inspect lists W and R of each recurrent node', async () => {
+  it('a computed or already quantized W is named as the reason nothing is quantized; inspect lists W and R of each recurrent node', async () => {
     const bytes = buildModel({
       opset: 14, inputDims: [T, 1, D], output: 'y',
       initializers: { W0: values([4 * H, D], 0.6, 1), R: values([1, 4 * H, H], 0.6, 2) },

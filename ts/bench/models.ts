@@ -70,11 +70,11 @@ function uniformFeeds(input: string, dims: number[], count: number, seed: number
 }
 
 /** The recurrent model timed: a speech-sized LSTM over a stream chunk, batch 1, its last state through a MatMul. */
-const LSTM = { hidden: 256, steps: 32 };
+const LSTM_SIZE = { hidden: 256, steps: 32 };
 
 /** input [steps, 1, hidden] → LSTM → Y_h [1, 1, hidden] → MatMul [hidden, hidden]: weights uniform in ±1/√hidden. */
 function lstmModel(): Uint8Array {
-  const { hidden, steps } = LSTM;
+  const { hidden, steps } = LSTM_SIZE;
   const random = seededRandom(7);
   const tensor = (name: string, dims: number[]) => ({
     name, dataType: TensorProto_DataType.FLOAT, dims: dims.map(BigInt),
@@ -108,7 +108,7 @@ async function models(scratch: string): Promise<Array<{ name: string; file: stri
   fs.writeFileSync(lstm, lstmModel());
   const list = [
     { name: 'MNIST CNN (bundled)', file: path.join(assets, 'mnist-cnn.onnx'), feeds: uniformFeeds('input', [1, 1, 28, 28], 8, 1) },
-    { name: `LSTM ${LSTM.hidden}, ${LSTM.steps} steps, + MatMul`, file: lstm, feeds: uniformFeeds('input', [LSTM.steps, 1, LSTM.hidden], 8, 6) },
+    { name: `LSTM ${LSTM_SIZE.hidden}, ${LSTM_SIZE.steps} steps, + MatMul`, file: lstm, feeds: uniformFeeds('input', [LSTM_SIZE.steps, 1, LSTM_SIZE.hidden], 8, 6) },
     { name: '4 MatMuls 2048x2048, batch 1', file: chain, feeds: uniformFeeds('input', [1, 2048], 8, 4) },
     { name: '4 MatMuls 2048x2048, batch 64', file: chain64, feeds: uniformFeeds('input', [64, 2048], 8, 5) },
   ];

@@ -7,7 +7,7 @@ import { nextTurn, nodeLabel, placeOf, runStepsAsync } from './passes/pass';
 import { bypassConstantIdentities, constantAttributesAsTensors } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { embeddingTables } from './passes/quantize-gather';
-import { recurrentLayers } from './passes/quantize-recurrent';
+import { recurrentLayers, WEIGHT_INPUTS } from './passes/quantize-recurrent';
 import { foldWeightChains } from './passes/fold-weight-chains';
 import { QUANTIZABLE, quantizedOperatorCounts, unquantizableReason } from './passes/quantize-weights';
 
@@ -40,8 +40,8 @@ export async function inspectModel(input: string | Uint8Array):
   Promise<{ opset: number; layers: LayerStats[]; quantizedOperators: Array<{ op: string; count: number }> }> {
   // Read without holding the event loop, and one layer's weights in memory at a time when they are external
   // (read when their layer comes; float16 ones converted); a turn of the event loop after each layer. Layers that
-  // BatchNormalization or a scalar affine folds into are read at the fold (synchronously, as in quantizeModel) and
-  // held to the end.
+  // BatchNormalization or a scalar affine folds into, and weights fold-weight-chains computes, are read at the fold
+  // (synchronously, as in quantizeModel) and held to the end.
   const graph = new Graph(await readModelAsync(input, { lazyTensors: true }));
   checkDefaultOpset(graph);  // what quantizeModel would refuse before any pass
   graph.validate();
@@ -62,7 +62,7 @@ export async function inspectModel(input: string | Uint8Array):
     ...layerNodes.map((c) => ({ ...c, weightInput: 1, optIn: false,
       skipped: c.node.opType === 'ConvTranspose' ? 'ConvTranspose weights are not quantized' : unquantizableReason(graph, c.node, c.scopes) })),
     // LSTM, GRU and RNN: their W and R, a row each.
-    ...recurrentLayers(graph).flatMap((c) => [1, 2].map((weightInput) => ({ ...c, weightInput, optIn: false, skipped: c.reason, role: weightInput === 1 ? 'W' as const : 'R' as const }))),
+    ...recurrentLayers(graph).flatMap((c) => WEIGHT_INPUTS.map(([weightInput, weight]) => ({ ...c, weightInput, optIn: false, skipped: c.reason, weight }))),
     // Embedding tables, often a large model's largest tensor: quantized only on request.
     ...embeddingTables(graph).map((c) => ({ ...c, weightInput: 0, optIn: c.reason === undefined,
       skipped: c.reason === undefined ? 'an embedding table: quantized with weights.gather (CLI --gather)' : `an embedding table, float even with weights.gather: ${c.reason}` })),
@@ -70,8 +70,8 @@ export async function inspectModel(input: string | Uint8Array):
   for (const candidate of candidates) {
     const { node, scopes, owner, weightInput, skipped, optIn } = candidate;
     if (layers.length > 0) await nextTurn();
-    const role = 'role' in candidate ? (candidate.role as 'W' | 'R') : undefined;
-    const inBody = { ...(owner ? placeOf(owner, scopes) : {}), ...(role ? { weight: role } : {}) };
+    const role = 'weight' in candidate ? (candidate.weight as 'W' | 'R') : undefined;  // W or R of a recurrent node
+    const placeAndWeight = { ...(owner ? placeOf(owner, scopes) : {}), ...(role ? { weight: role } : {}) };
     const weight = node.input[weightInput] ? graph.constantIn(node.input[weightInput], scopes)?.tensor : undefined;
     // Only float weights have statistics here: others are not read from their file.
     const float = weight && (isFloatTensor(weight) || isFloat16Tensor(weight));
@@ -81,7 +81,7 @@ export async function inspectModel(input: string | Uint8Array):
       // A float weight with no values (a dimension of 0) is quantized as it is: nothing to describe.
       const empty = !!data && skipped === undefined;
       layers.push({ node: nodeLabel(node), op: node.opType, shape: weight ? dimsOf(weight) : [], min: NaN, max: NaN, std: NaN, kurtosis: NaN,
-        histogram: [], nonFinite: 0, quantized: empty, ...(empty ? {} : { reason: skipped ?? 'weight is not a float constant' }), ...inBody });
+        histogram: [], nonFinite: 0, quantized: empty, ...(empty ? {} : { reason: skipped ?? 'weight is not a float constant' }), ...placeAndWeight });
       continue;
     }
     // Indexed loops over a view of the weights (no copies): a large model's layers are tens of MB each.
@@ -122,7 +122,7 @@ export async function inspectModel(input: string | Uint8Array):
     layers.push({
       node: nodeLabel(node), op: node.opType, shape: dimsOf(t!), min: none ? NaN : min, max: none ? NaN : max, std: none ? NaN : Math.sqrt(m2),
       kurtosis: none || m2 === 0 ? NaN : m4 / (m2 * m2) - 3,  // (undefined for a constant tensor)
-      histogram, nonFinite, quantized: reason === undefined, ...(reason ? { reason } : {}), ...inBody,
+      histogram, nonFinite, quantized: reason === undefined, ...(reason ? { reason } : {}), ...placeAndWeight,
     });
   }
   // A model quantized already (ConvInteger, QLinearConv, DequantizeLinear…) has few or no float layers: said so.

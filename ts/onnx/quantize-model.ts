@@ -25,7 +25,7 @@ import { compensateShifts, depthwiseLayers, equalizeDepthwiseInputs } from './pa
 import { bypassConstantIdentities, constantAttributesAsTensors } from './passes/constant-identities';
 import { densifySparseInitializers } from './passes/sparse-initializers';
 import { quantizableTableCount, quantizeGathers } from './passes/quantize-gather';
-import { recurrentLayers, quantizeRecurrent } from './passes/quantize-recurrent';
+import { KEPT_FLOAT, recurrentLayers, quantizeRecurrent } from './passes/quantize-recurrent';
 import { foldWeightChains } from './passes/fold-weight-chains';
 import { foldBatchNormSteps } from './passes/fold-batchnorm';
 import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
@@ -43,7 +43,8 @@ import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 export interface QuantizeModelOptions {
   /**
    * The weights of Conv, Gemm and MatMul layers, and the W and R of LSTM, GRU and RNN nodes (weight-only: the
-   * recurrence runs in float; bits, granularity and method apply to them, the other options do not).
+   * recurrence runs in float, except LSTMs with activations.method 'dynamic', which become DynamicQuantizeLSTM;
+   * bits, granularity and method apply to them, the other options do not).
    */
   weights: {
     bits: 2 | 4 | 8;
@@ -87,7 +88,8 @@ export interface QuantizeModelOptions {
   };
   /**
    * `false` (default): weights only. Otherwise per-tensor activation quantization from calibration data, or with
-   * method 'dynamic' from each run's own input (no calibration; MatMul and Gemm only; see passes/dynamic-activations).
+   * method 'dynamic' from each run's own input (no calibration; MatMul, Gemm and LSTM only; see passes/dynamic-activations
+   * and passes/quantize-recurrent).
    */
   activations?: false | {
     /** 16: uint16/int16 activations (opset 21), for layers too sensitive for 8 bits (not with 'kl'); 'dynamic' is 8 only. */
@@ -734,8 +736,8 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   // From IR 4 on, an initializer also listed as a graph input is a default that a feed may replace.
   const initializerNames = new Set([...model.graph!.initializer.map((t) => t.name), ...model.graph!.sparseInitializer.map((t) => t.values?.name ?? '')]);
   const overridable = model.irVersion >= 4n ? model.graph!.input.filter((i) => initializerNames.has(i.name)).map((i) => i.name) : [];
-  // First: Constants given as value_float(s)/value_int(s), weights stored sparse, or read through an Identity, are a
-  // layer's weights for every decision below.
+  // First: Constants given as value_float(s)/value_int(s), weights stored sparse, read through an Identity, or
+  // computed from constants by data movement (fold-weight-chains), are a layer's weights for every decision below.
   passes.push(await time('constant-attributes-as-tensors', () => constantAttributesAsTensors(graph)));
   passes.push(await time('densify-sparse-initializers', () => densifySparseInitializers(graph)));
   passes.push(await time('bypass-constant-identities', () => bypassConstantIdentities(graph)));
@@ -826,7 +828,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     const keep = new Set(opts.keepFloat ?? []);
     const reasons = [...allNodes(graph).filter(({ node }) => QUANTIZABLE.has(node.opType) && !keep.has(node.name) && !keep.has(node.opType))
       .map(({ node, scopes }) => `${node.opType} '${nodeLabel(node)}': ${unquantizableReason(graph, node, scopes)}`),
-    ...recurrent.filter((l) => l.reason !== 'kept in float (keepFloat)').map((l) => `${l.node.opType} '${nodeLabel(l.node)}': ${l.reason}`)];
+    ...recurrent.filter((l) => l.reason !== KEPT_FLOAT).map((l) => `${l.node.opType} '${nodeLabel(l.node)}': ${l.reason}`)];
     const kinds = recurrent.length ? 'Conv, Gemm, MatMul, LSTM, GRU or RNN layer' : 'Conv, Gemm or MatMul layer';
     throw new OnnxModelError(`No ${kinds} with constant float weights${opts.weights.gather ? ' and no embedding table' : ''} was found to quantize; ` +
       `the model would be unchanged.${reasons.length ? ` ${reasons.slice(0, 3).join('; ')}${reasons.length > 3 ? `; and ${reasons.length - 3} more` : ''}.` : ''}` +

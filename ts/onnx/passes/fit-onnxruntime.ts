@@ -150,7 +150,7 @@ function transposeBlockedWeights(graph: Graph, scope: Scope, dq: NodeProto, valu
 }
 
 /** Transposes a 2-D constant of 8-, 4- or 2-bit integers, float32 or float16 in place. */
-export function transpose2d(t: TensorProto): void {
+function transpose2d(t: TensorProto): void {
   const [rows, cols] = dimsOf(t);
   const n = rows * cols;
   const swap = <T extends Float32Array | Uint16Array | Int8Array | Uint8Array>(source: ArrayLike<number>, out: T): T => {

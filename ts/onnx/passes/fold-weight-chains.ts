@@ -9,16 +9,16 @@
  */
 import { AttributeProto_AttributeType, TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
-import { allNodes, dimsOf, intAttribute, int64sAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, ownedTensor, type Graph } from '../graph';
+import { allNodes, dimsOf, intAttribute, intsAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, ownedTensor, type Graph } from '../graph';
 import { withDataRead } from '../model-io';
 import { nodeLabel, type PassReport } from './pass';
-import { RECURRENT } from './quantize-recurrent';
+import { RECURRENT, WEIGHT_INPUTS } from './quantize-recurrent';
 import { QUANTIZABLE } from './quantize-weights';
 
 /** The operators folded: they move values, never compute new ones. */
 const MOVES = new Set(['Identity', 'Unsqueeze', 'Squeeze', 'Reshape', 'Flatten', 'Transpose', 'Concat', 'Slice']);
 
-/** Nodes of one chain at most: a weight's reordering takes a dozen (Silero VAD v5: 3 Slices, a Concat, an Unsqueeze per weight). */
+/** Nodes of one chain at most: a weight's reordering takes a handful (Silero VAD v5: 3 Slices, a Concat, an Unsqueeze per weight). */
 const MAX_CHAIN_NODES = 64;
 
 interface Value {
@@ -32,7 +32,7 @@ interface Value {
 function weightSlots(node: NodeProto): number[] {
   if (!isOnnxDomain(node.domain)) return [];
   if (QUANTIZABLE.has(node.opType)) return [1];
-  return RECURRENT.has(node.opType) ? [1, 2] : [];
+  return RECURRENT.has(node.opType) ? WEIGHT_INPUTS.map(([slot]) => slot) : [];
 }
 
 export async function foldWeightChains(graph: Graph, keepFloat: string[] = []): Promise<PassReport> {
@@ -60,7 +60,7 @@ export async function foldWeightChains(graph: Graph, keepFloat: string[] = []): 
       }
       const chain: Chain = { nodes: new Map(), constants: [], inputs };
       const value = await evaluate(graph, name, scopes, chain);
-      if (!(value instanceof Object) || !('data' in value)) {
+      if (typeof value !== 'object') {
         if (value !== undefined) report.skipped.push({ node: nodeLabel(node), reason: `its weight '${name}' is computed from constants, not folded: ${value}` });
         continue;
       }
@@ -206,7 +206,7 @@ function attributeInts(node: NodeProto, name: string, single = false): number[] 
     const a = node.attribute.find((x) => x.name === name && x.type === AttributeProto_AttributeType.INT);
     return a ? [Number(a.i)] : undefined;
   }
-  return int64sAttribute(node, name)?.map(Number);
+  return intsAttribute(node, name);
 }
 
 /** An int64 or int32 constant's values (a Slice's starts, a Reshape's shape), or undefined. */
@@ -231,7 +231,7 @@ async function integers(graph: Graph, name: string, scopes: GraphProto[]): Promi
 /** A float32 or float16 constant's elements as bits (copied: the folded value is lowbit's own). */
 function floatBits(t: TensorProto): Value {
   const dims = dimsOf(t);
-  const count = dims.reduce((a, b) => a * b, 1);
+  const count = size(dims);
   const half = isFloat16Tensor(t);
   const raw = t.rawData;
   let data: Uint32Array | Uint16Array;
@@ -278,13 +278,18 @@ function transpose(x: Value, perm: number[]): Value | undefined {
   if (perm.length !== rank || new Set(perm).size !== rank || perm.some((p) => p < 0 || p >= rank)) return undefined;
   const dims = perm.map((p) => x.dims[p]);
   const inStrides = strides(x.dims);
-  const data = new (x.data.constructor as Uint32ArrayConstructor)(x.data.length);
-  const index = new Array<number>(rank).fill(0);
+  return strided(x, dims, 0, perm.map((p) => inStrides[p]));
+}
+
+/** A tensor of `dims` whose element at index i is x's element at base + Σ i[k]·steps[k]: a transposition or slice. */
+function strided(x: Value, dims: number[], base: number, steps: number[]): Value {
+  const data = new (x.data.constructor as Uint32ArrayConstructor)(size(dims));
+  const index = new Array<number>(dims.length).fill(0);
   for (let o = 0; o < data.length; o++) {
-    let from = 0;
-    for (let k = 0; k < rank; k++) from += index[k] * inStrides[perm[k]];
+    let from = base;
+    for (let k = 0; k < dims.length; k++) from += index[k] * steps[k];
     data[o] = x.data[from];
-    for (let k = rank - 1; k >= 0 && ++index[k] === dims[k]; k--) index[k] = 0;
+    for (let k = dims.length - 1; k >= 0 && ++index[k] === dims[k]; k--) index[k] = 0;
   }
   return { ...x, dims, data };
 }
@@ -336,15 +341,7 @@ function slice(x: Value, starts: number[], ends: number[], axes: number[], steps
     dims[a] = Math.max(0, Math.ceil((end - start) / s));
   }
   const inStrides = strides(x.dims);
-  const data = new (x.data.constructor as Uint32ArrayConstructor)(size(dims));
-  const index = new Array<number>(rank).fill(0);
-  for (let o = 0; o < data.length; o++) {
-    let from = 0;
-    for (let k = 0; k < rank; k++) from += (first[k] + index[k] * step[k]) * inStrides[k];
-    data[o] = x.data[from];
-    for (let k = rank - 1; k >= 0 && ++index[k] === dims[k]; k--) index[k] = 0;
-  }
-  return { ...x, dims, data };
+  return strided(x, dims, first.reduce((sum, f, k) => sum + f * inStrides[k], 0), step.map((st, k) => st * inStrides[k]));
 }
 
 /** Removes the folded chains' nodes that nothing reads any more (their readers first), each from the graph holding it. */

@@ -4,7 +4,9 @@
  * do (weight-only: the recurrence itself runs in float; what shrinks is the model and the weights' memory).
  * W is [directions, gates·hidden, inputs] and R [directions, gates·hidden, hidden]: one scale per gate row (axis 1,
  * shared by the two directions of a bidirectional layer), or blocks along the row (axis 2), or one scale a tensor;
- * symmetric, zero point 0. B, the initial states and peepholes stay float.
+ * symmetric, zero point 0. B, the initial states and peepholes stay float. With dynamic activations, float32 LSTMs
+ * with layout 0 become com.microsoft DynamicQuantizeLSTM instead: int8 weights per direction and gate row (or per
+ * direction), stored transposed, inputs and states quantized on every step.
  */
 import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
@@ -18,8 +20,11 @@ import { checkFiniteWeights, fromDequantizeLinear, quantized, valuesTensor, with
 
 export const RECURRENT = new Set(['LSTM', 'GRU', 'RNN']);
 
+/** recurrentLayers' reason for a node named in keepFloat. */
+export const KEPT_FLOAT = 'kept in float (keepFloat)';
+
 /** The weight inputs of a recurrent node, by position. */
-const WEIGHT_INPUTS = [[1, 'W'], [2, 'R']] as const;
+export const WEIGHT_INPUTS = [[1, 'W'], [2, 'R']] as const;
 
 export interface RecurrentQuantization {
   bits: 2 | 4 | 8;
@@ -45,7 +50,7 @@ type Candidate = ReturnType<typeof allNodes>[number];
 export function recurrentLayers(graph: Graph, keepFloat: string[] = []): Array<Candidate & { reason?: string }> {
   const keep = new Set(keepFloat);
   return allNodes(graph).filter(({ node }) => RECURRENT.has(node.opType) && isOnnxDomain(node.domain))
-    .map((c) => ({ ...c, reason: keep.has(c.node.name) || keep.has(c.node.opType) ? 'kept in float (keepFloat)' : whyNot(graph, c.node, c.scopes) }));
+    .map((c) => ({ ...c, reason: keep.has(c.node.name) || keep.has(c.node.opType) ? KEPT_FLOAT : whyNot(graph, c.node, c.scopes) }));
 }
 
 function whyNot(graph: Graph, node: NodeProto, scopes: GraphProto[]): string | undefined {
@@ -123,10 +128,10 @@ export function* quantizeRecurrent(graph: Graph, options: RecurrentQuantization)
   const report: PassReport = { pass: 'quantize-recurrent', changed: [], skipped: [] };
   const layers: WeightLayerReport[] = [];
   // A weight several nodes read (one cell applied in two bodies, or in both branches of an If) is quantized once,
-  // and its DequantizeLinear goes next to it, in the graph holding it: the readers inside bodies read its output
-  // from there. (Layers' weights get theirs in their own graph, for onnxruntime's fusions; the recurrent ops have none.)
-  const dequantized = new Map<TensorProto, QuantizedWeight<string>>();
-  const dynamic = new Map<TensorProto, QuantizedWeight<DynamicConstants>>();
+  // and its constants (and DequantizeLinear) go next to it, in the graph holding it: the readers inside bodies read
+  // them from there. (Layers' weights get theirs in their own graph, for onnxruntime's fusions; the recurrent ops have none.)
+  const dequantizedByTensor = new Map<TensorProto, QuantizedWeight<string>>();
+  const dynamicByTensor = new Map<TensorProto, QuantizedWeight<DynamicConstants>>();
   const released = new Map<GraphProto, Set<string>>();
   for (const { node, scopes, owner, reason } of recurrentLayers(graph, options.keepFloat)) {
     const label = nodeLabel(node);
@@ -136,7 +141,7 @@ export function* quantizeRecurrent(graph: Graph, options: RecurrentQuantization)
     }
     const notDynamic = options.dynamic ? whyNotDynamic(graph, node, scopes) : undefined;
     if (options.dynamic && notDynamic === undefined) {
-      const parts = yield* nodeWeights(graph, node, scopes, dynamic, released, (data, t, name, home) => dynamicLstmWeight(graph, data, t, name, home, options));
+      const parts = yield* nodeWeights(graph, node, scopes, dynamicByTensor, released, (data, t, name, home) => dynamicLstmWeight(graph, data, t, name, home, options));
       layers.push({ ...layerReport(node, scopes, owner, options, parts), input: { bits: 8, dynamic: true } });
       toDynamicLstm(graph, node, parts.map((p) => p.use) as [DynamicConstants, DynamicConstants]);
       report.changed.push(`${label}: DynamicQuantizeLSTM (int8 W and R, ${parts[0].granularity}; inputs and states quantized on every step)`);
@@ -144,7 +149,7 @@ export function* quantizeRecurrent(graph: Graph, options: RecurrentQuantization)
       continue;
     }
     if (notDynamic) report.skipped.push({ node: label, reason: `dynamic activations: ${notDynamic}; weights only (DequantizeLinear)` });
-    const parts = yield* nodeWeights(graph, node, scopes, dequantized, released, (data, t, name, home) => dequantizedWeight(graph, data, t, name, home, options, label));
+    const parts = yield* nodeWeights(graph, node, scopes, dequantizedByTensor, released, (data, t, name, home) => dequantizedWeight(graph, data, t, name, home, options, label));
     WEIGHT_INPUTS.forEach(([index], i) => (node.input[index] = parts[i].use));
     layers.push(layerReport(node, scopes, owner, options, parts));
     report.changed.push(`${label}: ${options.bits}-bit W (${parts[0].granularity}) and R (${parts[1].granularity})`);
@@ -189,8 +194,10 @@ function* dequantizedWeight(graph: Graph, data: Float32Array, t: TensorProto, na
 /** A weight's DynamicQuantizeLSTM constants: values [directions, K, 4·hidden], scale and zero point. */
 type DynamicConstants = [string, string, string];
 
-/** Why an LSTM stays in the DequantizeLinear form with dynamic activations (undefined: it becomes DynamicQuantizeLSTM). */
-// (quantizeModel refuses dynamic activations with other than 8-bit weights per channel or tensor, or at an old opset.)
+/**
+ * Why an LSTM stays in the DequantizeLinear form with dynamic activations (undefined: it becomes DynamicQuantizeLSTM).
+ * (quantizeModel refuses dynamic activations with other than 8-bit weights per channel or tensor, or at an old opset.)
+ */
 function whyNotDynamic(graph: Graph, node: NodeProto, scopes: GraphProto[]): string | undefined {
   if (node.opType !== 'LSTM') return `onnxruntime has no dynamically quantized ${node.opType}`;
   if (intAttribute(node, 'layout', 0) !== 0) return 'its layout is 1 (batch first), which DynamicQuantizeLSTM does not take';
