@@ -199,7 +199,7 @@ export function program(): Command {
     .option('--method <m>', "'minmax', 'mse' or 'aciq'", 'minmax')
     .option('--abits <bits>', 'activation bits (4, 8 or 16); needs --calib, except with --amethod dynamic', parseNumber)
     .option('--amethod <m>', "activation ranges: 'minmax', 'percentile', 'kl', 'aciq' or 'mse' (default: --method when it is one of them, else minmax), "
-      + "or 'dynamic' (8-bit, from each run's input, no --calib: MatMul and Gemm layers, as onnxruntime's quantize_dynamic)")
+      + "or 'dynamic' (8-bit, from each run's input, no --calib: MatMul, Gemm and LSTM layers, as onnxruntime's quantize_dynamic)")
     .option('--reduce-range', '8-bit weights in the 7-bit range [-64, 63] (no int16 saturation in onnxruntime\'s uint8 x int8 kernels on x86 CPUs without VNNI)')
     .option('--gather', 'also quantize embedding tables: Gather of a 2-D constant -> com.microsoft GatherBlockQuantized (onnxruntime)')
     .option('--quantize-outputs', 'also quantize the layers\' outputs, so onnxruntime runs them with integer kernels (QLinearConv, QLinearMatMul); needs --abits')

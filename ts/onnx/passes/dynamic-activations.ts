@@ -16,7 +16,7 @@ import { TensorProto_DataType, type GraphProto, type NodeProto } from 'onnx-buf'
 import { attribute, dimsOf, floatAttribute, intAttribute, makeIntAttribute, makeNode, namesRead, ownedTensor, transposes, type Graph } from '../graph';
 import { nodeLabel, type PassReport, type Steps } from './pass';
 
-const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fuses them into MatMulIntegerToFloat); its ConvInteger ' +
+const CONV_REASON = 'dynamic activations are for MatMul and Gemm (onnxruntime fuses them into MatMulIntegerToFloat) and LSTM (DynamicQuantizeLSTM); its ConvInteger ' +
   'is no faster than a float Conv: weights only here; calibrate for static activations';
 
 /**
