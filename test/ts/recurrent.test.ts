@@ -1,7 +1,7 @@
 // LSTM, GRU and RNN weights (W and R) quantized through DequantizeLinear, or as DynamicQuantizeLSTM: passes/quantize-recurrent.
 import { create, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
-import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType, type ModelProto } from 'onnx-buf';
+import { AttributeProto_AttributeType, ModelProtoSchema, NodeProtoSchema, TensorProto_DataType, type ModelProto } from 'onnx-buf';
 
 import { ort } from '../../ts/bench/ort-models';
 import { dimsOf, floatData, Graph, intAttribute, makeIntAttribute } from '../../ts/onnx/graph';
@@ -137,6 +137,22 @@ describe('recurrent weights (LSTM, GRU, RNN)', () => {
     const want = quantizeTensor(R.data, { shape: R.dims, bits: 8, granularity: 'tensor' });
     expect(Array.from(new Int8Array(tv.rawData.buffer, tv.rawData.byteOffset, tv.rawData.length))).to.deep.equal(Array.from(want.values));
     expect(floatData(ts)![0]).to.equal(want.scale[0]);
+  });
+
+  it('W and R given by Constant nodes (whose tensors are unnamed): quantized, their constants named after the values the node reads', async () => {
+    const m = readModel(recurrentModel('RNN'));
+    for (const name of ['W', 'R']) {
+      const i = m.graph!.initializer.findIndex((t) => t.name === name);
+      const [t] = m.graph!.initializer.splice(i, 1);
+      m.graph!.node.unshift(create(NodeProtoSchema, { opType: 'Constant', name: `${name}_constant`, output: [name],
+        attribute: [{ name: 'value', type: AttributeProto_AttributeType.TENSOR, t: { ...t, name: '' } }] } as never));
+    }
+    const { model, report } = await quantizeModel(serializeModel(m), { weights: { bits: 8 }, evaluationFeeds: feeds.map((x) => ({ input: x })) });
+    expect(report.layers.map((l) => [l.op, l.weight, l.recurrentWeight!.weight])).to.deep.equal([['RNN', 'W', 'R']]);
+    const q = readModel(model);
+    expect(q.graph!.initializer.map((t) => t.name)).to.deep.equal(['B', 'W_quantized', 'W_scale', 'R_quantized', 'R_scale']);
+    expect(q.graph!.node.filter((n) => n.opType === 'Constant')).to.have.length(0);
+    expect(report.evaluation!.outputs[0].cosine).to.be.greaterThan(0.999);
   });
 
   it('W long enough for blocks and R not: each is reported with its own granularity', async () => {
