@@ -18,15 +18,21 @@ import { readLazyTensor } from '../model-io';
 import { nodeLabel, placeOf, type PassReport, type Steps } from './pass';
 import { checkFiniteWeights, quantized, withFloat16Scales, type WeightLayerReport } from './quantize-weights';
 
-export interface GatherQuantization {
+/**
+ * How the passes that quantize tensors beside the layers' weights (embedding tables, recurrent weights) take the
+ * weights' options: bits, granularity, block size and method; and the names kept float.
+ */
+export interface WeightFormat {
   bits: 2 | 4 | 8;
   granularity: 'channel' | 'block' | 'tensor';
   blockSize?: number;
   method: QuantizeOptions['method'];
   keepFloat?: string[];
-  /** The tables may be views of the caller's model bytes: copied before native worker threads read them. */
+  /** The tensors may be views of the caller's model bytes: copied before native worker threads read them. */
   callerBytes?: boolean;
 }
+
+export type GatherQuantization = WeightFormat;
 
 /** How many Gathers (inside subgraph bodies too) this pass would convert. */
 export function quantizableTableCount(graph: Graph, keepFloat: string[] = []): number {

@@ -11,11 +11,12 @@
 import { TensorProto_DataType, type GraphProto, type NodeProto, type TensorProto } from 'onnx-buf';
 
 import { toFloat16Array } from '../../float16';
-import { quantizationError, type QuantizeOptions } from '../../quantize';
+import { quantizationError } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
 import { allNodes, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
 import { readLazyTensor, unloadTensor } from '../model-io';
 import { nodeLabel, placeOf, type PassReport, type Steps } from './pass';
+import type { WeightFormat } from './quantize-gather';
 import { checkFiniteWeights, fromDequantizeLinear, quantized, valuesTensor, withFloat16Scales, type WeightLayerReport } from './quantize-weights';
 
 export const RECURRENT = new Set(['LSTM', 'GRU', 'RNN']);
@@ -26,16 +27,9 @@ export const KEPT_FLOAT = 'kept in float (keepFloat)';
 /** The weight inputs of a recurrent node, by position. */
 export const WEIGHT_INPUTS = [[1, 'W'], [2, 'R']] as const;
 
-export interface RecurrentQuantization {
-  bits: 2 | 4 | 8;
-  granularity: 'channel' | 'block' | 'tensor';
-  blockSize?: number;
-  method: QuantizeOptions['method'];
-  keepFloat?: string[];
+export interface RecurrentQuantization extends WeightFormat {
   /** Use com.microsoft DequantizeLinear (old opsets onnxruntime still accepts; int8 only). */
   microsoftDomain?: boolean;
-  /** The weights may be views of the caller's model bytes: copied before native worker threads read them. */
-  callerBytes?: boolean;
   /**
    * Dynamic activations (`activations.method: 'dynamic'`): 8-bit float32 LSTMs become onnxruntime's com.microsoft
    * DynamicQuantizeLSTM (int8 weights, inputs and states quantized on every step), as its quantize_dynamic makes
