@@ -183,6 +183,20 @@ export class Graph {
     return scope.node.find((n) => n.output.includes(name));
   }
 
+  /**
+   * The node that makes a value read inside subgraphs (`scopes`, innermost first; see constantIn) and the graph
+   * holding it: the nearest one that defines the name, else the main graph's.
+   */
+  producerIn(name: string, scopes: GraphProto[]): { node: NodeProto; scope: GraphProto } | undefined {
+    for (const scope of scopes) {
+      const node = this.producer(name, scope);
+      if (node) return { node, scope };
+      if (scope.input.some((i) => i.name === name)) return undefined;  // a body input (a Loop's carried value)
+    }
+    const node = this.producer(name);
+    return node ? { node, scope: this.graph } : undefined;
+  }
+
   /** The nodes of the main graph (or of a subgraph `scope`) that read a value: as an input, or from inside their subgraphs (see subgraphReads). */
   consumers(name: string, scope: GraphProto = this.graph): NodeProto[] {
     return scope.node.filter((n) => readsValue(n, name));

@@ -114,7 +114,7 @@ async function evaluate(graph: Graph, name: string, scopes: GraphProto[], chain:
     chain.constants.push({ name, home, float });
     return floatBits(t);
   }
-  const at = producerIn(graph, name, scopes);
+  const at = graph.producerIn(name, scopes);
   if (!at || !MOVES.has(at.node.opType) || !isOnnxDomain(at.node.domain) || at.node.output.length !== 1) return undefined;
   const producer = at.node;
   if (chain.nodes.size >= MAX_CHAIN_NODES) return `more than ${MAX_CHAIN_NODES} operators`;
@@ -188,16 +188,6 @@ function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   if (a.length !== b.length) return false;
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
   return true;
-}
-
-function producerIn(graph: Graph, name: string, scopes: GraphProto[]): { node: NodeProto; scope: GraphProto } | undefined {
-  for (const scope of scopes) {
-    const node = graph.producer(name, scope);
-    if (node) return { node, scope };
-    if (scope.input.some((i) => i.name === name)) return undefined;
-  }
-  const node = graph.producer(name);
-  return node ? { node, scope: graph.graph } : undefined;
 }
 
 /** An ints attribute's values; `single`: an int attribute's, as a list of one. */

@@ -292,15 +292,10 @@ function isQuantizable(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): b
   return QUANTIZABLE.has(n.opType) && unquantizableReason(graph, n, scopes) === undefined;
 }
 
-/** The node that makes a value: in the subgraphs around it (innermost first), else the main graph. */
-function producerIn(graph: Graph, name: string, scopes: GraphProto[]): NodeProto | undefined {
-  return [...scopes, graph.graph].map((g) => graph.producer(name, g)).find((p) => p);
-}
-
 /** Whether a value is a DequantizeLinear's output, directly or through Transpose/Reshape/Identity (as fit-onnxruntime leaves blocked weights). */
 export function fromDequantizeLinear(graph: Graph, name: string, scopes: GraphProto[]): boolean {
   for (let steps = 0; steps < 8; steps++) {
-    const producer = producerIn(graph, name, scopes);
+    const producer = graph.producerIn(name, scopes)?.node;
     if (producer?.opType === 'DequantizeLinear') return true;
     if (!producer || !['Transpose', 'Reshape', 'Identity'].includes(producer.opType)) return false;
     name = producer.input[0];
@@ -320,7 +315,7 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
     }
     // A tied output projection reads its embedding table through a Transpose (fold-weight-chains folds it, unless
     // the table is a graph input's default).
-    const producer = producerIn(graph, n.input[1], scopes);
+    const producer = graph.producerIn(n.input[1], scopes)?.node;
     if (producer?.opType === 'Transpose' && isFloat(graph.constantIn(producer.input[0], scopes)?.tensor)) {
       return `its weight is a Transpose of the constant '${producer.input[0]}' (a tied embedding?), computed when the model runs: ` +
         'lowbit quantizes constant weights only; store the transposed weight as an initializer to quantize it';
