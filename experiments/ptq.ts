@@ -99,7 +99,7 @@ type Feed = Record<string, { data: Float32Array; dims: number[] }>;
 
 /** Samples per input kind to compare float and quantized outputs on: the recognizer's cosine on text lines
  * is decided by a few confidently flipped frames, so fewer samples make the rows jump. */
-const EVALUATION_SAMPLES = 64;
+export const EVALUATION_SAMPLES = 64;
 
 function uniformFeeds(count: number, dims: number[], seed: number): Feed[] {
   const r = rng(seed);

@@ -1,11 +1,12 @@
 /**
  * `npm run experiments -- <name> [--json] [--quick] [--seeds N] [--narrow] [--ptq-only] [--lines N] [--epochs E] [--lr R] [--optimizer o] [--fixed-steps]`.
- * Names: clipping, ptq, qat, ocr-qat (qat and ocr-qat run only when named).
+ * Names: clipping, ptq, sensitivity, qat, ocr-qat (sensitivity, qat and ocr-qat run only when named).
  */
 import { clippingExperiment } from './clipping';
 import { ptqExperiment } from './ptq';
 import { ocrQatExperiment } from './ocr-qat';
 import { qatExperiment } from './qat';
+import { sensitivityExperiment } from './sensitivity';
 import { optOutOfOrtTelemetry } from '../ts/ort-telemetry';
 
 const VALUE_FLAGS = ['--seeds', '--lines', '--epochs', '--lr', '--optimizer'];
@@ -23,6 +24,7 @@ async function main(): Promise<void> {
   for (const name of names.length ? names : ['clipping', 'ptq']) {
     if (name === 'clipping') clippingExperiment(json);
     else if (name === 'ptq') await ptqExperiment(json);
+    else if (name === 'sensitivity') await sensitivityExperiment(json);
     else if (name === 'qat') await qatExperiment(json, args.includes('--quick'), Number(flagValue(args, '--seeds', '1')), args.includes('--narrow'), args.includes('--ptq-only'));
     else if (name === 'ocr-qat') {
       await ocrQatExperiment(json, {
@@ -30,7 +32,7 @@ async function main(): Promise<void> {
         learningRate: Number(flagValue(args, '--lr', '1e-5')), optimizer: flagValue(args, '--optimizer', 'sgd') as 'sgd',
         fixedSteps: args.includes('--fixed-steps'),
       });
-    } else throw new Error(`Unknown experiment '${name}'. Known: clipping, ptq, qat, ocr-qat.`);
+    } else throw new Error(`Unknown experiment '${name}'. Known: clipping, ptq, sensitivity, qat, ocr-qat.`);
   }
 }
 

@@ -13,7 +13,7 @@ import { cpuInfo } from './cpu';
 import { inspectModel, sparkline } from './onnx/inspect';
 import { ACTIVATION_METHODS, readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, removeTemporaryFiles, samePath, writeFileAtomic } from './onnx/model-io';
-import { ACTIVATION_BITS, quantizeModel } from './onnx/quantize-model';
+import { ACTIVATION_BITS, quantizeModel, type QuantizationReport } from './onnx/quantize-model';
 import { operatorCountList, type WeightLayerReport } from './onnx/passes/quantize-weights';
 import { optOutOfOrtTelemetry } from './ort-telemetry';
 import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
@@ -180,6 +180,33 @@ function activationCell(l: WeightLayerReport): string {
   return [l.input ? one(l.input) : 'float', ...(l.outputActivation ? [one(l.outputActivation)] : [])].join(' → ');
 }
 
+/** The layers that lose most when quantized alone (report.layers[i].sensitivity), worst first, and how to keep them float. */
+function printSensitivity(report: QuantizationReport): void {
+  if (report.sensitivitySkipped) {
+    console.log(`sensitivity not measured: ${report.sensitivitySkipped}`);
+    return;
+  }
+  const measured = report.layers.filter((l) => l.sensitivity).sort((a, b) => a.sensitivity!.cosine - b.sensitivity!.cosine);
+  const shown = measured.slice(0, SENSITIVITY_ROWS);
+  if (shown.length > 0) {
+    console.log(`\nlayers by sensitivity (the model quantized at this layer alone, every other layer float)${measured.length > shown.length ? `: the ${shown.length} of ${measured.length} that lose most` : ''}`);
+    console.log(table(shown.map((l) => ({
+      layer: layerName(l), op: l.op, shape: l.shape.join('x'), 'output cosine alone': l.sensitivity!.cosine.toFixed(6),
+      '1 - cosine': (1 - l.sensitivity!.cosine).toExponential(2),
+      ...(shown.some((x) => x.sensitivity!.top1Agreement !== undefined) ? { 'top-1 agreement': l.sensitivity!.top1Agreement === undefined ? '' : `${(l.sensitivity!.top1Agreement * 100).toFixed(1)}%` } : {}),
+    }))));
+    // At most three, each losing at least a tenth of what the worst loses, and never half the layers or more.
+    const loss = (l: WeightLayerReport) => 1 - l.sensitivity!.cosine;
+    const worst = shown.filter((l) => !l.subgraph && loss(l) > 0 && loss(l) >= loss(shown[0]) / 10)
+      .slice(0, Math.min(3, Math.ceil(measured.length / 2) - 1)).map((l) => l.node);
+    if (worst.length) console.log(`note: --keep-float ${worst.join(',')} leaves the ${worst.length === 1 ? 'layer that loses' : `${worst.length} layers that lose`} most in float`);
+  }
+  for (const l of report.layers) if (l.sensitivitySkipped) console.log(`sensitivity of ${layerName(l)} not measured: ${l.sensitivitySkipped}`);
+}
+
+/** How many layers the sensitivity table lists. */
+const SENSITIVITY_ROWS = 10;
+
 export function program(): Command {
   const { version } = JSON.parse(fs.readFileSync(path.resolve(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };
   const cli = new Command('lowbit').description('Low-bit quantization toolkit for Node.js').version(version, '-V, --version')
@@ -212,12 +239,13 @@ export function program(): Command {
     .option('--calib <folder>', 'calibration data: one subfolder of .npy batches per model input (float32; float16 for float16 inputs; int64/int32 for integer inputs such as token ids)')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float (repeatable)', parseNames)
     .option('--report <file>', 'also write the report as JSON')
+    .option('--sensitivity', 'also measure each layer alone: the output cosine with only that layer quantized (one onnxruntime session per layer), and list the layers that lose most')
     .option('--no-evaluate', 'do not compare the quantized model with the float one in onnxruntime (saves time and memory on large models)')
     .option('--external-data', 'write the weights to <output>.data next to the model, tensor by tensor (automatic at 2 GB; with --no-evaluate the least memory)')
     .action(async (modelArg: string | undefined, o: {
       output?: string; wbits: number; firstLastBits: number; granularity: string; blockSize: number; method: string; abits?: number; amethod?: string;
       calib?: string; keepFloat?: string[]; report?: string; bitAllocation?: number; biasCorrection?: boolean; groups?: number; scaleClip?: number; rounding: string;
-      quantizeOutputs?: boolean; reduceRange?: boolean; gather?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean;
+      quantizeOutputs?: boolean; reduceRange?: boolean; gather?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean; sensitivity?: boolean;
     }, command: Command) => {
       const activationMethods: string[] = [...ACTIVATION_METHODS, 'dynamic'];
       if (o.amethod !== undefined) {
@@ -249,6 +277,7 @@ export function program(): Command {
         console.error(`note: --calib without --abits quantizes weights only; ${uses.length ? `the calibration data serve ${uses.join(' and ')}` : 'with --no-evaluate the calibration data are not read'}. ` +
           'Pass --abits 8 to quantize activations too.');
       }
+      if (o.sensitivity && !o.evaluate) throw new Error('--sensitivity measures each layer on the evaluation\'s inputs: leave out --no-evaluate.');
       if (o.quantizeOutputs && o.abits === undefined) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       if (o.equalizeDepthwise && o.abits === undefined) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
@@ -297,6 +326,7 @@ export function program(): Command {
         outputPath: o.output,
         ...(o.externalData ? { externalData: true } : {}),
         ...(o.evaluate ? {} : { evaluationFeeds: [] }),
+        ...(o.sensitivity ? { sensitivity: true } : {}),
         signal,
         onProgress: (stage) => {
           if (stage.startsWith('calibrate batch')) {
@@ -304,9 +334,10 @@ export function program(): Command {
             counter.update(Number(stage.split(' ').pop()));
             return;
           }
-          const layer = /^(quantize-weights|bias-correction) (\d+)\/(\d+)$/.exec(stage);
+          const layer = /^(quantize-weights|bias-correction|sensitivity) (\d+)\/(\d+)$/.exec(stage);
           if (layer) {
-            show(bar, Number(layer[3]), { stage: layer[1] === 'quantize-weights' ? 'quantizing weights' : 'correcting biases', unit: 'layers' });
+            const doing = { 'quantize-weights': 'quantizing weights', 'bias-correction': 'correcting biases', sensitivity: 'measuring layers alone' }[layer[1]];
+            show(bar, Number(layer[3]), { stage: doing!, unit: 'layers' });
             bar.update(Number(layer[2]));
             return;
           }
@@ -380,6 +411,7 @@ export function program(): Command {
       }
       for (const out of report.evaluation?.uncompared ?? []) console.log(`output ${out.name}: not compared (${out.reason})`);
       if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);
+      if (o.sensitivity) printSensitivity(report);
       // How onnxruntime will run it (`npm run bench -- models`).
       if (o.abits === undefined) {
         console.log("note: onnxruntime dequantizes weight-only models' weights on every run; session option session.disable_quant_qdq = '1' folds them at load (float speed)");

@@ -128,6 +128,25 @@ describe('lowbit CLI (audit)', () => {
     expect(unevaluated.stdout).to.not.include(caveat);
   });
 
+  it('--sensitivity lists the layers by their loss when quantized alone, names the worst for --keep-float, and needs the evaluation', () => {
+    const r = lowbit('quantize', 'm.onnx', '--wbits', '4', '--abits', '8', '--calib', path.join(root, 'assets', 'mnist-calibration'), '--sensitivity', '--report', 'r.json');
+    expect(r.status, r.stderr).to.equal(0);
+    const lines = r.stdout.split('\n');
+    const title = lines.indexOf('layers by sensitivity (the model quantized at this layer alone, every other layer float)');
+    expect(title, r.stdout).to.be.greaterThan(0);
+    expect(lines[title + 1].split(/\s{2,}/).map((h) => h.trim())).to.deep.equal(['layer', 'op', 'shape', 'output cosine alone', '1 - cosine', 'top-1 agreement']);
+    // conv2 is the only 4-bit layer (the first and last take 8 bits).
+    const rows = lines.slice(title + 3, title + 6).map((l) => l.split(/\s+/));
+    expect(rows.map((c) => c[0])).to.deep.equal(['conv2', ...rows.slice(1).map((c) => c[0])]);
+    const report = JSON.parse(fs.readFileSync(path.join(dir, 'r.json'), 'utf8')) as { layers: Array<{ node: string; sensitivity: { cosine: number } }> };
+    for (const c of rows) expect(c[3]).to.equal(report.layers.find((l) => l.node === c[0])!.sensitivity.cosine.toFixed(6));
+    expect(r.stdout).to.include('note: --keep-float conv2 leaves the layer that loses most in float\n');
+    expect(r.stderr).to.include('sensitivity');
+    const unevaluated = lowbit('quantize', 'm.onnx', '--sensitivity', '--no-evaluate');
+    expect(unevaluated.status).to.equal(1);
+    expect(unevaluated.stderr).to.include("--sensitivity measures each layer on the evaluation's inputs: leave out --no-evaluate.");
+  });
+
   it('refuses an output that is the input model, or a report that is the model or the output; nothing is written', () => {
     const before = md5('m.onnx');
     fs.mkdirSync(path.join(dir, 'sub'));

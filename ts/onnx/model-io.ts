@@ -362,6 +362,20 @@ export async function withDataRead(t: TensorProto): Promise<TensorProto> {
   return create(TensorProtoSchema, { name: t.name, dataType: t.dataType, dims: t.dims, rawData });
 }
 
+/**
+ * Whether two tensors hold the same values by construction: the same data bytes (shared, as cloneSharingData shares
+ * them, or waiting at the same place in one file), or small ones equal byte for byte. Lazily read tensors are not read.
+ */
+export function sameStoredData(a: TensorProto, b: TensorProto): boolean {
+  if (a.dataType !== b.dataType || a.dims.join() !== b.dims.join()) return false;
+  const [sa, sb] = [lazySource(a), lazySource(b)];
+  if (sa || sb) return sa === sb;
+  const equal = (x: Uint8Array, y: Uint8Array) => x === y || (x.length <= PLACED_MIN_BYTES && x.length === y.length && x.every((v, i) => v === y[i]));
+  if (a.rawData.length > 0 || b.rawData.length > 0) return equal(a.rawData, b.rawData);
+  // Values in a typed field (float_data, int64_data…).
+  return equal(toBinary(TensorProtoSchema, { ...a, name: '' }), toBinary(TensorProtoSchema, { ...b, name: '' }));
+}
+
 /** The byte length of a tensor's raw data, without reading it when it waits in its file. */
 export function rawLength(t: TensorProto): number {
   return lazySource(t)?.length ?? t.rawData.length;

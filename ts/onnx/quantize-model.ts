@@ -8,7 +8,7 @@
 import * as fs from 'node:fs';
 import { TensorProto_DataType, type ModelProto, type NodeProto } from 'onnx-buf';
 
-import { invalidType, invalidValue, withArticle } from '../errors';
+import { invalidType, invalidValue } from '../errors';
 import { toFloat16Array } from '../float16';
 import { ortProblem } from '../bench/ort-models';
 import { openPair, openSession, OrtHost, runSession, type OrtSession, type PlainTensor } from './ort-session';
@@ -32,6 +32,8 @@ import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases, type LayerScales } from './passes/quantize-bias';
 import { nodeLabel, placeOf } from './passes/pass';
+import { feedBatch, OutputComparison } from './compare-outputs';
+import { measureSensitivity } from './sensitivity';
 import { fitOnnxruntimeSteps } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamicallySteps } from './passes/dynamic-activations';
@@ -127,6 +129,12 @@ export interface QuantizeModelOptions {
    * sessions: for large models, or when timing).
    */
   evaluationFeeds?: Feed[];
+  /**
+   * Also measure each main-graph layer's sensitivity (layers[i].sensitivity): the model's outputs on the evaluation
+   * feeds with only that layer quantized, every other float; the layers whose loss is largest are the ones to keep
+   * in float (keepFloat). One onnxruntime session per layer. Default false.
+   */
+  sensitivity?: boolean;
   /** Write the quantized model here (atomically). */
   outputPath?: string;
   /**
@@ -180,6 +188,8 @@ export interface QuantizationReport {
    * the float model fails on the inputs lowbit made up, or onnxruntime-node is not installed, too old or failing to load.
    */
   evaluationSkipped?: string;
+  /** With options.sensitivity: why no layer's sensitivity was measured (no evaluation, a model of 2 GB or more). */
+  sensitivitySkipped?: string;
   timingsMs: Record<string, number>;
 }
 
@@ -192,7 +202,12 @@ function checkPositiveNumber(name: string, v: unknown, expected: string, integer
 
 function checkOptions(options: unknown): QuantizeModelOptions {
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with weights', options);
-  checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData', 'signal']);
+  checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData', 'signal', 'sensitivity']);
+  if (options.sensitivity !== undefined && typeof options.sensitivity !== 'boolean') throw invalidType('options.sensitivity', 'a boolean', options.sensitivity);
+  if (options.sensitivity && Array.isArray(options.evaluationFeeds) && options.evaluationFeeds.length === 0) {
+    throw invalidValue('options.evaluationFeeds', 'feeds to evaluate on (options.sensitivity measures on them; an empty array skips the evaluation)', options.evaluationFeeds,
+      'Pass evaluation feeds, or leave evaluationFeeds out (the first calibration batches are used), or leave options.sensitivity out.');
+  }
   if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw invalidType('options.signal', 'an AbortSignal (AbortController.signal)', options.signal);
   if (options.outputPath !== undefined) checkOutputPath('options.outputPath', options.outputPath);
   if (options.evaluationFeeds !== undefined && !Array.isArray(options.evaluationFeeds)) {
@@ -291,19 +306,6 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     }
   }
   return options as unknown as QuantizeModelOptions;
-}
-
-function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let ab = 0;
-  let aa = 0;
-  let bb = 0;
-  for (let i = 0; i < a.length; i++) {
-    ab += a[i] * b[i];
-    aa += a[i] * a[i];
-    bb += b[i] * b[i];
-  }
-  if (aa === 0 || bb === 0) return aa === bb ? 1 : 0;  // a zero output matches only a zero output
-  return ab / Math.sqrt(aa * bb);
 }
 
 /** The most values lowbit makes up for one input of the evaluation (64 MB of float32). */
@@ -533,15 +535,6 @@ function closable(session: OrtSession): ClosableSession {
   return { session, close: () => session.release() };
 }
 
-/** Why an output was compared on no feed: each feed left it out for one of these. */
-function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: number }): string {
-  return [
-    ...(s.reshaped ? [`its shape differed between the two models (a data-dependent size) on ${s.reshaped} feed${s.reshaped === 1 ? '' : 's'}`] : []),
-    ...(s.nonFinite ? [`the float model's output held NaN or an infinity on ${s.nonFinite} feed${s.nonFinite === 1 ? '' : 's'}`] : []),
-    ...(s.empty ? [`it was empty on ${s.empty} feed${s.empty === 1 ? '' : 's'}`] : []),
-  ].join('; ');
-}
-
 /** " It looks quantized already (119 ConvInteger, …)…" when the graph holds quantized operators, else "". */
 function quantizedAlready(graph: Graph): string {
   const counts = quantizedOperatorCounts(graph);
@@ -583,9 +576,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
   const [float, quant] = await openPair(() => openFloatModel(floatModel, options, host),
     async () => closable(await openSession(quantBytes, options, 'the quantized model', LOWBIT_BUG, { host })), (opened) => opened.close());
   const [floatSession, quantSession] = [float.session, quant.session];
-  const sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number; nonFinite: number; quantNonFinite: number; empty: number }>();
-  const integers = new Map<string, { type: string; equal: number; total: number }>();
-  let samples = 0;
+  const comparison = new OutputComparison();
   try {
     for (const [index, feeds] of feedsList.entries()) {
       signal?.throwIfAborted();
@@ -595,70 +586,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
         .catch(asFloatModelFailure);
       signal?.throwIfAborted();
       const q = await runSession(quantSession, tensors, undefined, `the quantized model on evaluation feed ${index}`, LOWBIT_BUG);
-      const firstDims = Object.values(feeds)[0]?.dims ?? [];
-      const batch = firstDims.length > 0 ? firstDims[0] : 1;
-      let comparedHere = false;  // samples counts the feeds some output was compared on
-      for (const name of floatSession.outputNames) {
-        if (f[name].type !== 'float32' && f[name].type !== 'float16') {
-          // An integer output (an argmax, token ids) has no cosine: how many values match instead.
-          const entry = integers.get(name) ?? { type: f[name].type, equal: 0, total: 0 };
-          integers.set(name, entry);
-          const [a, b] = [f[name].data, q[name].data] as Array<ArrayLike<number | bigint | boolean>>;
-          if (q[name].dims.join() !== f[name].dims.join()) continue;
-          for (let i = 0; i < a.length; i++) entry.equal += a[i] === b[i] ? 1 : 0;
-          entry.total += a.length;
-          continue;
-        }
-        const a = floatValues(f[name]);
-        const b = floatValues(q[name]);
-        const dims = f[name].dims;
-        const entry = sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0, reshaped: 0, nonFinite: 0, quantNonFinite: 0, empty: 0 };
-        sums.set(name, entry);
-        if (q[name].dims.join() !== dims.join()) {
-          if (q[name].dims.length !== dims.length) {
-            throw new OnnxModelError(`On evaluation feed ${index}, the quantized model's output '${name}' has dims [${q[name].dims.join(', ')}] where the float ` +
-              `model's has [${dims.join(', ')}]: a rewrite changed what the model computes. This is a lowbit bug: please report it with the model and options.`);
-          }
-          // A data-dependent size (after NonZero, Compress, non-max suppression…) that the quantized values moved: not comparable.
-          entry.reshaped++;
-          continue;
-        }
-        // Nothing to compare: an empty output (a batch of 0), or a float output already NaN or infinite (the
-        // cosine would be NaN, its argmax meaningless).
-        if (a.length === 0) {
-          entry.empty++;
-          continue;
-        }
-        if (!a.every(Number.isFinite)) {
-          entry.nonFinite++;
-          continue;
-        }
-        const rows = dims.length >= 2 && dims[0] === batch && batch > 0 ? batch : 1;
-        const size = a.length / rows;
-        // A sample whose quantized values hold NaN or an infinity (the float ones do not) scores 0 and disagrees.
-        const broken = !b.every(Number.isFinite);
-        if (broken) entry.quantNonFinite++;
-        const finite = (from: number, to: number) => !broken || b.subarray(from, to).every(Number.isFinite);
-        for (let r = 0; r < rows; r++) {
-          if (finite(r * size, (r + 1) * size)) entry.cos += cosine(a.subarray(r * size, (r + 1) * size), b.subarray(r * size, (r + 1) * size));
-        }
-        entry.compared += rows;
-        comparedHere = true;
-        const classes = dims[dims.length - 1];
-        if (classes > 1 && a.length % classes === 0) {
-          for (let r = 0; r < a.length / classes; r++) {
-            let ia = 0;
-            let ib = 0;
-            for (let c = 1; c < classes; c++) {
-              if (a[r * classes + c] > a[r * classes + ia]) ia = c;
-              if (b[r * classes + c] > b[r * classes + ib]) ib = c;
-            }
-            entry.agree += ia === ib && finite(r * classes, (r + 1) * classes) ? 1 : 0;
-            entry.ranked++;
-          }
-        }
-      }
-      if (comparedHere) samples += batch;
+      comparison.add(index, feedBatch(feeds), floatSession.outputNames, f, q);
       await nextTurn();
     }
   } finally {
@@ -668,18 +596,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
       await quant.close();
     }
   }
-  const uncompared = [
-    ...[...sums].filter(([, s]) => s.compared === 0).map(([name, s]) => ({ name, reason: uncomparedReason(s) })),
-    ...[...integers].map(([name, s]) => ({ name, reason: `${withArticle(`${s.type} output`)}, which has no cosine: ${s.equal} of its ${s.total} values equal the float model's` })),
-  ];
-  return {
-    samples,
-    outputs: [...sums].filter(([, s]) => s.compared > 0).map(([name, s]) => ({
-      name, cosine: s.cos / s.compared, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}), ...(s.reshaped > 0 ? { reshapedFeeds: s.reshaped } : {}),
-      ...(s.nonFinite > 0 ? { nonFiniteFeeds: s.nonFinite } : {}), ...(s.quantNonFinite > 0 ? { quantizedNonFiniteFeeds: s.quantNonFinite } : {}),
-    })),
-    ...(uncompared.length > 0 ? { uncompared } : {}),
-  };
+  return comparison.result();
 }
 
 /**
@@ -1201,6 +1118,14 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
         })), opts.signal);
       }
     }));
+  }
+  if (opts.sensitivity) {
+    if (!report.evaluation) report.sensitivitySkipped = `there was no evaluation${report.evaluationSkipped ? ` (${report.evaluationSkipped})` : ''}`;
+    else if (!fitsOneFile) report.sensitivitySkipped = 'the quantized model is 2 GB or more: a model per layer would take too long';
+    else {
+      await time('sensitivity', () => measureSensitivity(prepared!, model, layers, feeds, host,
+        { bug: LOWBIT_BUG, onLayer: (done, total) => opts.onProgress?.(`sensitivity ${done}/${total}`), signal: opts.signal }));
+    }
   }
   if (external) {
     // The whole model of 2 GB or more is compared from its written files before the write ends: if that fails, the

@@ -126,6 +126,14 @@ export interface WeightLayerReport {
    * onnxruntime's 'basic' level: the QDQ arithmetic as written, not the fused kernels the output cosine measures.
    */
   outputSqnrDb?: number;
+  /**
+   * With options.sensitivity: the model's outputs with only this layer quantized (its weights, and its inputs as
+   * the quantized model quantizes them; every other layer float), against the prepared float model on the evaluation
+   * feeds: mean cosine over the float outputs, top-1 agreement of the first output with one (see onnx/sensitivity).
+   */
+  sensitivity?: { cosine: number; top1Agreement?: number };
+  /** Why the layer's sensitivity was not measured. */
+  sensitivitySkipped?: string;
   /** Feeds left out of outputSqnrDb because the float model's layer output held NaN or an infinity. */
   outputNonFiniteFeeds?: number;
   /** Feeds on which only the quantized layer output held NaN or an infinity: outputSqnrDb is then -Infinity. */

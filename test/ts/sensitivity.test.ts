@@ -1,0 +1,162 @@
+// Per-layer sensitivity (options.sensitivity): the model's outputs with one layer quantized, every other float.
+import { create, toBinary } from '@bufbuild/protobuf';
+import { expect } from 'chai';
+import * as path from 'node:path';
+import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
+
+import { readModel } from '../../ts/onnx/model-io';
+import { quantizeModel, type QuantizeModelOptions } from '../../ts/onnx/quantize-model';
+import { graftLayer } from '../../ts/onnx/sensitivity';
+import { branchedMlp, buildModel, heInit, valueInfo as info } from '../helpers/onnx-builder';
+import { normalFeeds, rng } from '../helpers/random';
+
+const assets = path.resolve(__dirname, '..', '..', '..', 'assets');
+const mnistCnn = path.join(assets, 'mnist-cnn.onnx');
+const mnistCalibration = path.join(assets, 'mnist-calibration');
+
+/**
+ * Each layer's sensitivity against quantizeModel run with every other layer in keepFloat (the model quantized at that
+ * layer alone, compared with the input model rather than the prepared one): the same loss within 2%, the same top-1.
+ */
+async function expectSameAsAlone(model: string | Uint8Array, options: QuantizeModelOptions): Promise<Array<[string, number]>> {
+  const { report } = await quantizeModel(model, { ...options, sensitivity: true });
+  const names = report.layers.map((l) => l.node);
+  const losses: Array<[string, number]> = [];
+  for (const l of report.layers) {
+    expect(l.sensitivitySkipped, l.node).to.equal(undefined);
+    const alone = (await quantizeModel(model, { ...options, keepFloat: names.filter((n) => n !== l.node) })).report;
+    expect(alone.layers.map((x) => x.node)).to.deep.equal([l.node]);
+    const [loss, aloneLoss] = [1 - l.sensitivity!.cosine, 1 - alone.evaluation!.outputs[0].cosine];
+    expect(Math.abs(loss - aloneLoss), `${l.node}: ${loss} vs ${aloneLoss}`).to.be.at.most(0.02 * aloneLoss + 1e-9);
+    expect(l.sensitivity!.top1Agreement).to.equal(alone.evaluation!.outputs[0].top1Agreement);
+    losses.push([l.node, loss]);
+  }
+  return losses;
+}
+
+describe('quantizeModel sensitivity', function () {
+  this.timeout(300_000);
+
+  it('measures each layer of the MNIST CNN as the model quantized at that layer alone (both bias corrections: changed biases go with the layer)', async () => {
+    const options: QuantizeModelOptions = { weights: { bits: 8, biasCorrection: true }, activations: { bits: 8, biasCorrection: true }, calibration: mnistCalibration };
+    const losses = await expectSameAsAlone(mnistCnn, options);
+    expect(losses.map(([n]) => n)).to.deep.equal(['conv1', 'conv2', 'fc']);
+    for (const [, loss] of losses) expect(loss).to.be.greaterThan(0);
+  });
+
+  it('leaves the quantized model as it is, and times the stage', async () => {
+    const options: QuantizeModelOptions = { weights: { bits: 4 }, activations: { bits: 8 }, calibration: mnistCalibration };
+    const plain = await quantizeModel(mnistCnn, options);
+    const measured = await quantizeModel(mnistCnn, { ...options, sensitivity: true });
+    expect(Buffer.from(measured.model).equals(Buffer.from(plain.model))).to.equal(true);
+    expect(measured.report.timingsMs.sensitivity).to.be.a('number');
+    expect(plain.report.layers.some((l) => l.sensitivity)).to.equal(false);
+    // conv2 is the only 4-bit layer (the first and last take 8 bits): it loses most.
+    const byLoss = [...measured.report.layers].sort((a, b) => a.sensitivity!.cosine - b.sensitivity!.cosine);
+    expect(byLoss[0].node).to.equal('conv2');
+  });
+
+  it('takes a MatMul whose data-driven bias correction added an Add after it under its output name', async () => {
+    const model = branchedMlp(3);
+    const calibration = normalFeeds(4, [16, 8], 11, 'input');
+    const options: QuantizeModelOptions = { weights: { bits: 8 }, activations: { bits: 8, biasCorrection: true }, calibration, evaluationFeeds: normalFeeds(3, [16, 8], 21, 'input') };
+    const { report, model: quantized } = await quantizeModel(model, { ...options, sensitivity: true });
+    // The correction Adds are there (the MatMuls have no bias of their own).
+    expect(readModel(quantized).graph!.node.filter((n) => n.name.endsWith('_bias_correction_add')).length).to.be.greaterThan(0);
+    // `side` reaches the output only through its Shape: quantizing it alone changes nothing.
+    expect(report.layers.find((l) => l.node === 'side')!.sensitivity!.cosine).to.equal(1);
+    await expectSameAsAlone(model, options);
+  });
+
+  it('takes a MatMul with the bias Add after it whose constant data-driven bias correction changed (the layer output is the Add\'s)', async () => {
+    const model = buildModel({
+      inputDims: ['N', 8], output: 'y',
+      initializers: {
+        W1: { dims: [8, 16], data: heInit(128, 8, 1) }, b1: { dims: [16], data: heInit(16, 4, 2) },
+        W2: { dims: [16, 4], data: heInit(64, 16, 3) }, b2: { dims: [4], data: heInit(4, 4, 4) },
+      },
+      nodes: [
+        { op: 'MatMul', name: 'mm1', inputs: ['input', 'W1'], output: 'h' }, { op: 'Add', name: 'add1', inputs: ['h', 'b1'], output: 'hb' },
+        { op: 'Relu', name: 'relu', inputs: ['hb'], output: 'r' },
+        { op: 'MatMul', name: 'mm2', inputs: ['r', 'W2'], output: 'o' }, { op: 'Add', name: 'add2', inputs: ['o', 'b2'], output: 'y' },
+      ],
+    });
+    const options: QuantizeModelOptions = {
+      weights: { bits: 8 }, activations: { bits: 8, biasCorrection: true }, calibration: normalFeeds(4, [16, 8], 12, 'input'), evaluationFeeds: normalFeeds(3, [16, 8], 23, 'input'),
+    };
+    const { report } = await quantizeModel(model, options);
+    expect(report.layers.map((l) => l.output)).to.deep.equal(['hb', 'y']);
+    await expectSameAsAlone(model, options);
+  });
+
+  it('takes the DynamicQuantizeLinear, MatMulInteger and scale nodes of dynamic activations', async () => {
+    const model = branchedMlp(4);
+    const options: QuantizeModelOptions = { weights: { bits: 8 }, activations: { bits: 8, method: 'dynamic' }, evaluationFeeds: normalFeeds(3, [16, 8], 22, 'input') };
+    const { model: quantized } = await quantizeModel(model, options);
+    expect(readModel(quantized).graph!.node.some((n) => n.opType === 'MatMulInteger')).to.equal(true);
+    const losses = await expectSameAsAlone(model, options);
+    expect(losses.filter(([n, loss]) => n !== 'side' && loss > 0).length).to.equal(5);
+  });
+
+  it('says why for layers inside an If branch, and measures the main graph\'s', async () => {
+    const r = rng(5);
+    const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [32n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 1024 }, () => (r() - 0.5) / 4).buffer) });
+    const mm = (x: string, w: string, y: string) => ({ opType: 'MatMul', name: y, input: [x, w], output: [y] });
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'branches', input: [info('x', TensorProto_DataType.FLOAT, [1, 32]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [matrix('A'), matrix('W')],
+        node: [mm('x', 'A', 'h'), { opType: 'If', name: 'if', input: ['flag'], output: ['y'], attribute: [
+          { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'then', output: [info('t1')], node: [mm('h', 'W', 't1')] } },
+          { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: { name: 'else', output: [info('e1')], node: [{ opType: 'Neg', name: 'neg', input: ['h'], output: ['e1'] }] } },
+        ] }],
+      },
+    } as never));
+    const x = normalFeeds(1, [1, 32], 4)[0].x;
+    const { report } = await quantizeModel(bytes, {
+      weights: { bits: 4 }, sensitivity: true,
+      evaluationFeeds: [{ x, flag: { data: Uint8Array.of(1), dims: [] } as never }, { x, flag: { data: Uint8Array.of(0), dims: [] } as never }],
+    });
+    expect(report.layers.find((l) => l.node === 'h')!.sensitivity!.cosine).to.be.within(0.9, 1);
+    expect(report.layers.find((l) => l.node === 't1')!.sensitivitySkipped).to.match(/inside then_branch of if: main-graph layers only/);
+  });
+
+  it('refuses a sensitivity that is not a boolean, or without evaluation feeds', async () => {
+    const model = branchedMlp(3);
+    let caught: unknown;
+    await quantizeModel(model, { weights: { bits: 8 }, sensitivity: 'yes' as never }).catch((e) => (caught = e));
+    expect(caught).to.be.instanceOf(TypeError);
+    expect((caught as Error).message).to.equal('Expected a boolean for options.sensitivity but received "yes".');
+    caught = undefined;
+    await quantizeModel(model, { weights: { bits: 8 }, sensitivity: true, evaluationFeeds: [] }).catch((e) => (caught = e));
+    expect((caught as Error).message).to.match(/^Expected feeds to evaluate on \(options\.sensitivity measures on them; .*\) for options\.evaluationFeeds but received \[\]\. /);
+  });
+});
+
+describe('graftLayer', () => {
+  const weight = { dims: [4, 4], data: heInit(16, 4, 1) };
+  it('refuses when the layer\'s inputs pass through anything but quantization nodes', () => {
+    const base = readModel(buildModel({ inputDims: [1, 4], output: 'y', initializers: { W: weight }, nodes: [{ op: 'MatMul', name: 'mm', inputs: ['input', 'W'], output: 'y' }] }));
+    const donor = readModel(buildModel({
+      inputDims: [1, 4], output: 'y', initializers: { W: weight },
+      nodes: [{ op: 'Relu', name: 'relu', inputs: ['input'], output: 'r' }, { op: 'MatMul', name: 'mm', inputs: ['r', 'W'], output: 'y' }],
+    }));
+    expect(graftLayer(base, donor, ['y'], 'mm', 'MatMul')).to.match(/pass through Relu 'relu', which is not part of quantizing it/);
+    expect(graftLayer(base, donor, ['nothing'], 'mm', 'MatMul')).to.match(/computes no value 'nothing'/);
+  });
+  it('takes the donor\'s weights under new names where the base has others of the same name', () => {
+    const base = readModel(buildModel({ inputDims: [1, 4], output: 'y', initializers: { W: weight }, nodes: [{ op: 'MatMul', name: 'mm', inputs: ['input', 'W'], output: 'y' }] }));
+    const other = { dims: [4, 4], data: weight.data.map((v) => v * 2) };
+    const donor = readModel(buildModel({ inputDims: [1, 4], output: 'y', initializers: { W: other }, nodes: [{ op: 'MatMul', name: 'mm', inputs: ['input', 'W'], output: 'y' }] }));
+    const grafted = graftLayer(base, donor, ['y'], 'mm', 'MatMul');
+    if (typeof grafted === 'string') throw new Error(grafted);
+    const mm = grafted.graph!.node.find((n) => n.name === 'mm')!;
+    expect(mm.input[1]).to.not.equal('W');
+    // The base's W is read by nothing else, so it goes; the base itself is unchanged.
+    expect(grafted.graph!.initializer.map((t) => t.name)).to.deep.equal([mm.input[1]]);
+    expect(base.graph!.initializer.map((t) => t.name)).to.deep.equal(['W']);
+    const sameW = graftLayer(base, readModel(buildModel({ inputDims: [1, 4], output: 'y', initializers: { W: weight }, nodes: [{ op: 'MatMul', name: 'mm', inputs: ['input', 'W'], output: 'y' }] })), ['y'], 'mm', 'MatMul');
+    expect(typeof sameW !== 'string' && sameW.graph!.node.find((n) => n.name === 'mm')!.input[1]).to.equal('W');
+  });
+});
