@@ -97,6 +97,8 @@ const QUANTIZE_FLAGS: Array<[string, string]> = [
   ['options.activations.outputs', '--quantize-outputs'], ['options.activations.method', '--amethod'], ['options.activations.bits', '--abits'],
   ['options.calibration', '--calib'], ['options.keepFloat', '--keep-float'], ['options.outputPath', '--output'],
   ['options.firstLastLayerBits', '--first-last-bits'], ['options.externalData', '--external-data'],
+  ['options.accuracyTarget.maxFloatLayers', '--max-float-layers'], ['options.accuracyTarget.cosine', '--target-cosine'], ['options.accuracyTarget', '--target-cosine'],
+  ['options.sensitivity', '--sensitivity'],
 ];
 
 /** The same for the finetune command. */
@@ -181,7 +183,7 @@ function activationCell(l: WeightLayerReport): string {
 }
 
 /** The layers that lose most when quantized alone (report.layers[i].sensitivity), worst first, and how to keep them float. */
-function printSensitivity(report: QuantizationReport): void {
+function printSensitivity(report: QuantizationReport, suggest: boolean): void {
   if (report.sensitivitySkipped) {
     console.log(`sensitivity not measured: ${report.sensitivitySkipped}`);
     return;
@@ -199,7 +201,7 @@ function printSensitivity(report: QuantizationReport): void {
     const loss = (l: WeightLayerReport) => 1 - l.sensitivity!.cosine;
     const worst = shown.filter((l) => !l.subgraph && loss(l) > 0 && loss(l) >= loss(shown[0]) / 10)
       .slice(0, Math.min(3, Math.ceil(measured.length / 2) - 1)).map((l) => l.node);
-    if (worst.length) console.log(`note: --keep-float ${worst.join(',')} leaves the ${worst.length === 1 ? 'layer that loses' : `${worst.length} layers that lose`} most in float`);
+    if (suggest && worst.length) console.log(`note: --keep-float ${worst.join(',')} leaves the ${worst.length === 1 ? 'layer that loses' : `${worst.length} layers that lose`} most in float`);
   }
   for (const l of report.layers) if (l.sensitivitySkipped) console.log(`sensitivity of ${layerName(l)} not measured: ${l.sensitivitySkipped}`);
 }
@@ -239,13 +241,15 @@ export function program(): Command {
     .option('--calib <folder>', 'calibration data: one subfolder of .npy batches per model input (float32; float16 for float16 inputs; int64/int32 for integer inputs such as token ids)')
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float (repeatable)', parseNames)
     .option('--report <file>', 'also write the report as JSON')
+    .option('--target-cosine <c>', 'keep the layers that lose most (--sensitivity) in float, one more per try, until the output cosine reaches c', parseNumber)
+    .option('--max-float-layers <n>', 'with --target-cosine: the most layers to keep in float (default a quarter of the layers)', parseNumber)
     .option('--sensitivity', 'also measure each layer alone: the output cosine with only that layer quantized (one onnxruntime session per layer), and list the layers that lose most')
     .option('--no-evaluate', 'do not compare the quantized model with the float one in onnxruntime (saves time and memory on large models)')
     .option('--external-data', 'write the weights to <output>.data next to the model, tensor by tensor (automatic at 2 GB; with --no-evaluate the least memory)')
     .action(async (modelArg: string | undefined, o: {
       output?: string; wbits: number; firstLastBits: number; granularity: string; blockSize: number; method: string; abits?: number; amethod?: string;
       calib?: string; keepFloat?: string[]; report?: string; bitAllocation?: number; biasCorrection?: boolean; groups?: number; scaleClip?: number; rounding: string;
-      quantizeOutputs?: boolean; reduceRange?: boolean; gather?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean; sensitivity?: boolean;
+      quantizeOutputs?: boolean; reduceRange?: boolean; gather?: boolean; evaluate: boolean; externalData?: boolean; equalizeDepthwise?: boolean; sensitivity?: boolean; targetCosine?: number; maxFloatLayers?: number;
     }, command: Command) => {
       const activationMethods: string[] = [...ACTIVATION_METHODS, 'dynamic'];
       if (o.amethod !== undefined) {
@@ -278,6 +282,9 @@ export function program(): Command {
           'Pass --abits 8 to quantize activations too.');
       }
       if (o.sensitivity && !o.evaluate) throw new Error('--sensitivity measures each layer on the evaluation\'s inputs: leave out --no-evaluate.');
+      if (o.targetCosine !== undefined && !o.evaluate) throw new Error('--target-cosine is judged on the evaluation: leave out --no-evaluate.');
+      if (o.maxFloatLayers !== undefined && o.targetCosine === undefined) throw new Error('--max-float-layers bounds the search of --target-cosine: pass --target-cosine with it.');
+      if (o.targetCosine !== undefined && !o.calib) throw new Error('--target-cosine needs inputs to judge the model on: pass --calib <folder> (its first batches are the evaluation).');
       if (o.quantizeOutputs && o.abits === undefined) throw new Error('--quantize-outputs quantizes activations: pass --abits 8 (and --calib <folder>) with it.');
       if (o.equalizeDepthwise && o.abits === undefined) throw new Error('--equalize-depthwise prepares activations for quantization: pass --abits 8 (and --calib <folder>) with it.');
       o.output ??= path.basename(model).replace(/\.onnx$/i, '') + '.q.onnx';
@@ -327,11 +334,18 @@ export function program(): Command {
         ...(o.externalData ? { externalData: true } : {}),
         ...(o.evaluate ? {} : { evaluationFeeds: [] }),
         ...(o.sensitivity ? { sensitivity: true } : {}),
+        ...(o.targetCosine !== undefined ? { accuracyTarget: { cosine: Number(o.targetCosine), ...(o.maxFloatLayers !== undefined ? { maxFloatLayers: Number(o.maxFloatLayers) } : {}) } } : {}),
         signal,
         onProgress: (stage) => {
           if (stage.startsWith('calibrate batch')) {
             show(counter, 0, { stage: 'calibrating', unit: 'batches' });
             counter.update(Number(stage.split(' ').pop()));
+            return;
+          }
+          const retry = /^accuracy-target (\d+)\/(\d+)$/.exec(stage);
+          if (retry) {
+            hideProgress();
+            process.stderr.write(`  below --target-cosine: quantizing again with the ${retry[1] === '1' ? 'layer that loses' : `${retry[1]} layers that lose`} most kept float (at most ${retry[2]})…\n`);
             return;
           }
           const layer = /^(quantize-weights|bias-correction|sensitivity) (\d+)\/(\d+)$/.exec(stage);
@@ -411,7 +425,14 @@ export function program(): Command {
       }
       for (const out of report.evaluation?.uncompared ?? []) console.log(`output ${out.name}: not compared (${out.reason})`);
       if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);
-      if (o.sensitivity) printSensitivity(report);
+      if (o.sensitivity || report.accuracyTarget) printSensitivity(report, !report.accuracyTarget);
+      const target = report.accuracyTarget;
+      if (target) {
+        const tries = target.tried.map((t) => `${t.keptFloat} float: ${t.cosine.toFixed(6)}`).join(', ');
+        const kept = target.keptFloat.length ? `with ${target.keptFloat.join(', ')} kept float` : 'with no layer kept float';
+        console.log(target.met ? `target cosine ${target.cosine} met ${kept} (${tries})`
+          : `target cosine ${target.cosine} not met; the closest model, written: ${kept} (${tries}). --max-float-layers allows more tries.`);
+      }
       // How onnxruntime will run it (`npm run bench -- models`).
       if (o.abits === undefined) {
         console.log("note: onnxruntime dequantizes weight-only models' weights on every run; session option session.disable_quant_qdq = '1' folds them at load (float speed)");

@@ -147,6 +147,25 @@ describe('lowbit CLI (audit)', () => {
     expect(unevaluated.stderr).to.include("--sensitivity measures each layer on the evaluation's inputs: leave out --no-evaluate.");
   });
 
+  it('--target-cosine keeps the layers that lose most in float until the cosine is reached and says so; its flags are checked', () => {
+    const r = lowbit('quantize', 'm.onnx', '--wbits', '4', '--abits', '4', '--calib', path.join(root, 'assets', 'mnist-calibration'), '--target-cosine', '0.9999', '-o', 'q.onnx');
+    expect(r.status, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/\ntarget cosine 0\.9999 met with conv2 kept float \(0 float: 0\.99\d+, 1 float: 0\.9999\d+\)\n/);
+    expect(r.stdout).to.include('skipped by quantize-weights: conv2: kept in float (keepFloat)');
+    expect(r.stderr).to.include('below --target-cosine: quantizing again with the layer that loses most kept float (at most 1)');
+    expect(readModel(path.join(dir, 'q.onnx')).graph!.node.find((n) => n.name === 'conv2')!.input[1]).to.equal('conv2.weight_bn_folded');  // float, not dequantized
+    const checks: Array<[string[], string]> = [
+      [['--target-cosine', '0.99', '--no-evaluate'], '--target-cosine is judged on the evaluation: leave out --no-evaluate.'],
+      [['--max-float-layers', '2'], '--max-float-layers bounds the search of --target-cosine: pass --target-cosine with it.'],
+      [['--target-cosine', '2', '--calib', path.join(root, 'assets', 'mnist-calibration')], 'for --target-cosine but received 2'],
+    ];
+    for (const [args, message] of checks) {
+      const bad = lowbit('quantize', 'm.onnx', ...args);
+      expect(bad.status, args.join(' ')).to.equal(1);
+      expect(bad.stderr, args.join(' ')).to.include(message);
+    }
+  });
+
   it('refuses an output that is the input model, or a report that is the model or the output; nothing is written', () => {
     const before = md5('m.onnx');
     fs.mkdirSync(path.join(dir, 'sub'));

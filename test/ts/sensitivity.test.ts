@@ -1,6 +1,8 @@
 // Per-layer sensitivity (options.sensitivity): the model's outputs with one layer quantized, every other float.
 import { create, toBinary } from '@bufbuild/protobuf';
 import { expect } from 'chai';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 
@@ -131,6 +133,78 @@ describe('quantizeModel sensitivity', function () {
     caught = undefined;
     await quantizeModel(model, { weights: { bits: 8 }, sensitivity: true, evaluationFeeds: [] }).catch((e) => (caught = e));
     expect((caught as Error).message).to.match(/^Expected feeds to evaluate on \(options\.sensitivity measures on them; .*\) for options\.evaluationFeeds but received \[\]\. /);
+  });
+});
+
+describe('quantizeModel accuracyTarget', function () {
+  this.timeout(300_000);
+  // W4A4 with 8-bit first and last layers: conv2 is the layer that loses most.
+  const options: QuantizeModelOptions = { weights: { bits: 4 }, activations: { bits: 4 }, calibration: mnistCalibration };
+
+  it('keeps the most sensitive layers in float, one more per try, until the cosine is reached, and writes that model', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-target-'));
+    try {
+      const outputPath = path.join(dir, 'q.onnx');
+      const { model, report } = await quantizeModel(mnistCnn, { ...options, accuracyTarget: { cosine: 0.9999 }, outputPath });
+      const target = report.accuracyTarget!;
+      expect(target.met).to.equal(true);
+      expect(target.keptFloat).to.deep.equal(['conv2']);
+      expect(target.tried.map((t) => t.keptFloat)).to.deep.equal([0, 1]);
+      expect(target.tried[0].cosine).to.be.below(0.9999);
+      expect(target.tried[1].cosine).to.be.at.least(0.9999).and.to.equal(report.evaluation!.outputs[0].cosine);
+      const kept = await quantizeModel(mnistCnn, { ...options, keepFloat: ['conv2'] });
+      expect(Buffer.from(model).equals(Buffer.from(kept.model))).to.equal(true);
+      expect(fs.readFileSync(outputPath).equals(Buffer.from(model))).to.equal(true);
+      expect(fs.readdirSync(dir)).to.deep.equal(['q.onnx']);  // one write, no leftovers
+      expect(report.layers.map((l) => l.node)).to.deep.equal(['conv1', 'fc']);
+      expect(report.layers.every((l) => l.sensitivity)).to.equal(true);
+      expect(report.timingsMs['accuracy-target']).to.be.a('number');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('stops at maxFloatLayers with the closest model when the target is out of reach, and tries nothing more when the first run meets it', async () => {
+    const far = (await quantizeModel(mnistCnn, { ...options, accuracyTarget: { cosine: 1, maxFloatLayers: 1 } })).report.accuracyTarget!;
+    expect(far.met).to.equal(false);
+    expect(far.tried.length).to.equal(2);
+    const best = far.tried.reduce((a, b) => (b.cosine > a.cosine ? b : a));
+    expect(far.keptFloat.length).to.equal(best.keptFloat);
+    const near = (await quantizeModel(mnistCnn, { ...options, accuracyTarget: { cosine: 0.99 } })).report.accuracyTarget!;
+    expect(near).to.deep.include({ met: true, keptFloat: [] });
+    expect(near.tried.length).to.equal(1);
+  });
+
+  it('refuses targets it cannot judge or reach: bad values, no feeds, calibration read once, external data', async () => {
+    const refused = async (o: Partial<QuantizeModelOptions>) => {
+      let caught: Error | undefined;
+      await quantizeModel(mnistCnn, { ...options, ...o } as QuantizeModelOptions).catch((e) => (caught = e));
+      return caught?.message ?? 'no error';
+    };
+    expect(await refused({ accuracyTarget: { cosine: 1.5 } })).to.equal('Expected a number in (0, 1] (the mean output cosine to reach) for options.accuracyTarget.cosine but received 1.5.');
+    expect(await refused({ accuracyTarget: { cosine: 0.9, maxFloatLayers: 0.5 } })).to.match(/^Expected a positive integer for options\.accuracyTarget\.maxFloatLayers but received 0\.5/);
+    expect(await refused({ accuracyTarget: { cosine: 0.9 }, evaluationFeeds: [] })).to.match(/for options\.evaluationFeeds but received \[\]/);
+    expect(await refused({ weights: { bits: 8 }, activations: false, calibration: undefined, accuracyTarget: { cosine: 0.9 } })).to.match(/made-up inputs/);
+    const once = (function* () { yield* normalFeeds(2, [1, 1, 28, 28], 1, 'input'); })();
+    expect(await refused({ calibration: once, accuracyTarget: { cosine: 0.9 } })).to.match(/^Expected calibration data that can be read again/);
+    expect(await refused({ accuracyTarget: { cosine: 0.9 }, externalData: true, outputPath: path.join(os.tmpdir(), 'x.onnx') })).to.match(/options\.externalData/);
+  });
+});
+
+describe('keepFloat', () => {
+  it('names an unnamed layer by the label reports give it ("MatMul(y)")', async () => {
+    const matrix = (name: string, seed: number) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [4n, 4n], rawData: new Uint8Array(heInit(16, 4, seed).buffer) });
+    const model = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'unnamed', input: [info('x', TensorProto_DataType.FLOAT, [1, 4])], output: [info('y')], initializer: [matrix('W', 1), matrix('V', 2)],
+        node: [{ opType: 'MatMul', input: ['x', 'W'], output: ['h'] }, { opType: 'MatMul', input: ['h', 'V'], output: ['y'] }],
+      },
+    } as never));
+    const all = (await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [] })).report.layers.map((l) => l.node);
+    expect(all).to.deep.equal(['MatMul(h)', 'MatMul(y)']);
+    const kept = (await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [], keepFloat: ['MatMul(y)'] })).report.layers.map((l) => l.node);
+    expect(kept).to.deep.equal(['MatMul(h)']);
   });
 });
 

@@ -31,7 +31,7 @@ import { foldBatchNormSteps } from './passes/fold-batchnorm';
 import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases, type LayerScales } from './passes/quantize-bias';
-import { nodeLabel, placeOf } from './passes/pass';
+import { keptFloat, nodeLabel, placeOf } from './passes/pass';
 import { feedBatch, OutputComparison } from './compare-outputs';
 import { measureSensitivity } from './sensitivity';
 import { fitOnnxruntimeSteps } from './passes/fit-onnxruntime';
@@ -135,6 +135,16 @@ export interface QuantizeModelOptions {
    * in float (keepFloat). One onnxruntime session per layer. Default false.
    */
   sensitivity?: boolean;
+  /**
+   * Keep the layers that lose most in float until the output cosine on the evaluation feeds reaches `cosine`: the
+   * model is quantized once with `sensitivity`, then again with its k most sensitive main-graph layers added to
+   * keepFloat, k = 1, 2, … up to `maxFloatLayers` (default a quarter of the measured layers, at least 1), stopping at
+   * the first that reaches it; the result is that run's model, or the run with the highest cosine when none does
+   * (report.accuracyTarget says which). Needs evaluation feeds or calibration data (whose first batches are the
+   * evaluation), calibration data that can be read again (an array or a folder), and a model under 2 GB. The feeds
+   * that choose the layers also judge the result: pass others to check it.
+   */
+  accuracyTarget?: { cosine: number; maxFloatLayers?: number };
   /** Write the quantized model here (atomically). */
   outputPath?: string;
   /**
@@ -190,6 +200,11 @@ export interface QuantizationReport {
   evaluationSkipped?: string;
   /** With options.sensitivity: why no layer's sensitivity was measured (no evaluation, a model of 2 GB or more). */
   sensitivitySkipped?: string;
+  /**
+   * With options.accuracyTarget: the target, whether this model meets it, the layers kept in float for it (beyond
+   * options.keepFloat), and each run's mean output cosine by how many layers it kept in float (0: the first run).
+   */
+  accuracyTarget?: { cosine: number; met: boolean; keptFloat: string[]; tried: Array<{ keptFloat: number; cosine: number }> };
   timingsMs: Record<string, number>;
 }
 
@@ -200,9 +215,30 @@ function checkPositiveNumber(name: string, v: unknown, expected: string, integer
   checkNumber(name, v, expected, (n) => n > 0 && Number.isFinite(n) && (!integer || Number.isInteger(n)));
 }
 
+function checkAccuracyTarget(options: Record<string, unknown>): void {
+  const t = options.accuracyTarget;
+  if (!isPlainObject(t)) throw invalidType('options.accuracyTarget', 'an object { cosine, maxFloatLayers? }', t);
+  checkKnownKeys('options.accuracyTarget', t, ['cosine', 'maxFloatLayers']);
+  checkNumber('options.accuracyTarget.cosine', t.cosine, 'a number in (0, 1] (the mean output cosine to reach)', (n) => n > 0 && n <= 1);
+  if (t.maxFloatLayers !== undefined) checkPositiveNumber('options.accuracyTarget.maxFloatLayers', t.maxFloatLayers, 'a positive integer', true);
+  if (Array.isArray(options.evaluationFeeds) && options.evaluationFeeds.length === 0) {
+    throw invalidValue('options.evaluationFeeds', 'feeds to evaluate on (options.accuracyTarget is judged on them; an empty array skips the evaluation)', options.evaluationFeeds,
+      'Pass evaluation feeds, or leave evaluationFeeds out (the first calibration batches are used), or leave options.accuracyTarget out.');
+  }
+  if (options.evaluationFeeds === undefined && options.calibration === undefined) {
+    throw invalidValue('options.evaluationFeeds', 'feeds to judge options.accuracyTarget on (or calibration data, whose first batches are used)', undefined,
+      'Without them the evaluation runs on made-up inputs, which say whether the model runs rather than how close it stays.');
+  }
+  if (options.calibration !== undefined && iterability(options.calibration) !== 'restarts') {
+    throw invalidValue('options.calibration', 'calibration data that can be read again with options.accuracyTarget (an array or a folder): the model is quantized once per try',
+      options.calibration, 'Collect the feeds into an array.');
+  }
+  if (options.externalData) throw invalidValue('options.externalData', 'not set with options.accuracyTarget (for models under 2 GB)', options.externalData);
+}
+
 function checkOptions(options: unknown): QuantizeModelOptions {
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with weights', options);
-  checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData', 'signal', 'sensitivity']);
+  checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData', 'signal', 'sensitivity', 'accuracyTarget']);
   if (options.sensitivity !== undefined && typeof options.sensitivity !== 'boolean') throw invalidType('options.sensitivity', 'a boolean', options.sensitivity);
   if (options.sensitivity && Array.isArray(options.evaluationFeeds) && options.evaluationFeeds.length === 0) {
     throw invalidValue('options.evaluationFeeds', 'feeds to evaluate on (options.sensitivity measures on them; an empty array skips the evaluation)', options.evaluationFeeds,
@@ -218,6 +254,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     throw invalidValue('options.outputPath', 'a file path when externalData is set (the data file goes next to it)', options.outputPath);
   }
   if (options.externalData) checkExternalOutput('options.outputPath', options.outputPath as string);
+  if (options.accuracyTarget !== undefined) checkAccuracyTarget(options);
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
   checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding', 'reduceRange', 'gather']);
@@ -614,10 +651,49 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
   // One worker thread runs every onnxruntime session of this call (calibration, evaluation), started when first needed.
   const host = new OrtHost();
   try {
-    return await quantizeModelWith(input, opts, host);
+    return await (opts.accuracyTarget ? quantizeToTarget(input, opts, host) : quantizeModelWith(input, opts, host));
   } finally {
     await host.close();
   }
+}
+
+/** options.accuracyTarget: quantizeModelWith, then again with the most sensitive layers kept float until the target is met. */
+async function quantizeToTarget(input: string | Uint8Array, opts: QuantizeModelOptions, host: OrtHost): Promise<{ model: Uint8Array; report: QuantizationReport }> {
+  const t0 = performance.now();
+  const target = opts.accuracyTarget!;
+  // The tries stay in memory; the chosen model is written at the end.
+  const each: QuantizeModelOptions = { ...opts, accuracyTarget: undefined, outputPath: undefined };
+  const score = (r: QuantizationReport): number => {
+    const outputs = r.evaluation?.outputs ?? [];
+    if (outputs.length === 0) {
+      throw new OnnxModelError(`options.accuracyTarget needs the quantized model's float outputs compared with the float model's, and there were none: ` +
+        `${r.evaluationSkipped ?? r.evaluation?.uncompared?.map((o) => `${o.name}: ${o.reason}`).join('; ') ?? 'no evaluation'}.`);
+    }
+    return outputs.reduce((sum, o) => sum + o.cosine, 0) / outputs.length;
+  };
+  const first = await quantizeModelWith(input, { ...each, sensitivity: true }, host);
+  const order = first.report.layers.filter((l) => l.sensitivity).sort((a, b) => a.sensitivity!.cosine - b.sensitivity!.cosine).map((l) => l.node);
+  const limit = Math.min(target.maxFloatLayers ?? Math.max(1, Math.floor(order.length / 4)), Math.max(order.length - 1, 0));
+  const tried = [{ keptFloat: 0, cosine: score(first.report) }];
+  let chosen = { run: first, kept: 0, cosine: tried[0].cosine };
+  for (let k = 1; chosen.cosine < target.cosine && k <= limit; k++) {
+    opts.onProgress?.(`accuracy-target ${k}/${limit}`);
+    const run = await quantizeModelWith(input, { ...each, keepFloat: [...(opts.keepFloat ?? []), ...order.slice(0, k)] }, host);
+    const cosine = score(run.report);
+    tried.push({ keptFloat: k, cosine });
+    if (cosine > chosen.cosine || cosine >= target.cosine) chosen = { run, kept: k, cosine };
+  }
+  const { model, report } = chosen.run;
+  // The sensitivities the layers were chosen by, on the chosen run's layers too.
+  const measured = new Map(first.report.layers.map((l) => [l.node, l]));
+  for (const l of report.layers) {
+    const m = measured.get(l.node);
+    if (m?.sensitivity && !l.subgraph) l.sensitivity = m.sensitivity;
+  }
+  report.accuracyTarget = { cosine: target.cosine, met: chosen.cosine >= target.cosine, keptFloat: order.slice(0, chosen.kept), tried };
+  if (opts.outputPath) await writeFileAtomicAsync(opts.outputPath, model, opts.signal);
+  report.timingsMs['accuracy-target'] = performance.now() - t0;
+  return { model, report };
 }
 
 async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModelOptions, host: OrtHost):
@@ -743,7 +819,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
   if (targets.length + bodyTargetCount + tableCount + recurrentCount === 0) {
     // Say why the layers there cannot be quantized (keepFloat aside).
     const keep = new Set(opts.keepFloat ?? []);
-    const reasons = [...allNodes(graph).filter(({ node }) => QUANTIZABLE.has(node.opType) && !keep.has(node.name) && !keep.has(node.opType))
+    const reasons = [...allNodes(graph).filter(({ node }) => QUANTIZABLE.has(node.opType) && !keptFloat(keep, node))
       .map(({ node, scopes }) => `${node.opType} '${nodeLabel(node)}': ${unquantizableReason(graph, node, scopes)}`),
     ...recurrent.filter((l) => l.reason !== KEPT_FLOAT).map((l) => `${l.node.opType} '${nodeLabel(l.node)}': ${l.reason}`)];
     const kinds = recurrent.length ? 'Conv, Gemm, MatMul, LSTM, GRU or RNN layer' : 'Conv, Gemm or MatMul layer';

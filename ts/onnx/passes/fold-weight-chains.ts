@@ -11,7 +11,7 @@ import { AttributeProto_AttributeType, TensorProto_DataType, type GraphProto, ty
 
 import { allNodes, dimsOf, intAttribute, intsAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, ownedTensor, type Graph } from '../graph';
 import { withDataRead } from '../model-io';
-import { nodeLabel, type PassReport } from './pass';
+import { keptFloat, nodeLabel, type PassReport } from './pass';
 import { RECURRENT, WEIGHT_INPUTS } from './quantize-recurrent';
 import { QUANTIZABLE } from './quantize-weights';
 
@@ -48,7 +48,7 @@ export async function foldWeightChains(graph: Graph, keepFloat: string[] = []): 
   // From IR 4 on, an initializer also listed as a graph input is a default a feed may replace: not folded.
   const inputs = new Set(graph.graph.input.map((i) => i.name));
   for (const { node, scopes } of allNodes(graph)) {
-    if (keep.has(node.name) || keep.has(node.opType)) continue;
+    if (keptFloat(keep, node)) continue;
     for (const slot of weightSlots(node)) {
       const name = node.input[slot];
       if (!name || graph.constantIn(name, scopes)) continue;

@@ -18,6 +18,11 @@ export function nodeLabel(node: { name: string; opType: string; output: string[]
   return node.name || `${node.opType}(${node.output[0] ?? ''})`;
 }
 
+/** Whether keepFloat (`keep`) names the node: by name, by op type, or, unnamed, by its label ("MatMul(y)", as reports name it). */
+export function keptFloat(keep: ReadonlySet<string>, node: { name: string; opType: string; output: string[] }): boolean {
+  return keep.has(node.opType) || keep.has(nodeLabel(node));
+}
+
 /**
  * Where a node inside subgraphs sits, for reports: the main-graph node holding it (`owner`) and the attribute of
  * that node (then_branch, else_branch, body) whose subgraph holds it at any depth (`scopes`: innermost first).

@@ -15,7 +15,7 @@ import { packInt4 } from '../../pack';
 import { quantizationError, type QuantizeOptions } from '../../quantize';
 import { allNodes, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
 import { readLazyTensor } from '../model-io';
-import { nodeLabel, placeOf, type PassReport, type Steps } from './pass';
+import { keptFloat, nodeLabel, placeOf, type PassReport, type Steps } from './pass';
 import { checkFiniteWeights, quantized, withFloat16Scales, type WeightLayerReport } from './quantize-weights';
 
 /**
@@ -59,7 +59,7 @@ function whyNot(graph: Graph, node: NodeProto, scopes: GraphProto[], keep: Set<s
   if (!isOnnxDomain(node.domain)) return '';
   const table = graph.constantIn(node.input[0], scopes)?.tensor;
   if (!table || !(isFloatTensor(table) || isFloat16Tensor(table))) return '';  // a computed tensor or integer constants (shapes, ids)
-  if (keep.has(node.name) || keep.has('Gather')) return 'kept in float (keepFloat)';
+  if (keptFloat(keep, node)) return 'kept in float (keepFloat)';
   const dims = dimsOf(table);
   if (dims.length !== 2) return `its table is ${dims.length}-D, not 2-D`;
   const axis = intAttribute(node, 'axis', 0);

@@ -15,7 +15,7 @@ import { quantizationError } from '../../quantize';
 import type { QuantizedTensor } from '../../quant-params';
 import { allNodes, dimsOf, intAttribute, isFloat16Tensor, isFloatTensor, isOnnxDomain, makeIntAttribute, makeTensor, ownedTensor, weightValues, type Graph } from '../graph';
 import { readLazyTensor, unloadTensor } from '../model-io';
-import { nodeLabel, placeOf, type PassReport, type Steps } from './pass';
+import { keptFloat, nodeLabel, placeOf, type PassReport, type Steps } from './pass';
 import type { WeightFormat } from './quantize-gather';
 import { checkFiniteWeights, fromDequantizeLinear, quantized, valuesTensor, withFloat16Scales, type WeightLayerReport } from './quantize-weights';
 
@@ -44,7 +44,7 @@ type Candidate = ReturnType<typeof allNodes>[number];
 export function recurrentLayers(graph: Graph, keepFloat: string[] = []): Array<Candidate & { reason?: string }> {
   const keep = new Set(keepFloat);
   return allNodes(graph).filter(({ node }) => RECURRENT.has(node.opType) && isOnnxDomain(node.domain))
-    .map((c) => ({ ...c, reason: keep.has(c.node.name) || keep.has(c.node.opType) ? KEPT_FLOAT : whyNot(graph, c.node, c.scopes) }));
+    .map((c) => ({ ...c, reason: keptFloat(keep, c.node) ? KEPT_FLOAT : whyNot(graph, c.node, c.scopes) }));
 }
 
 function whyNot(graph: Graph, node: NodeProto, scopes: GraphProto[]): string | undefined {

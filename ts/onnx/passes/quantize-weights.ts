@@ -17,7 +17,7 @@ import { NON_FINITE_INPUT, type LayerInput, type LayerInputMoments } from '../..
 import { dequantize, EMPTY_TENSOR_MAX_CHANNELS, quantizationError, quantizeOffThread, quantizeTensor, type QuantizeOptions } from '../../quantize';
 import { integerRange, type QuantizedTensor } from '../../quant-params';
 import { closestName } from '../../validate';
-import { nodeLabel, pauseClock, placeOf, runSteps, type PassReport, type Steps } from './pass';
+import { keptFloat, nodeLabel, pauseClock, placeOf, runSteps, type PassReport, type Steps } from './pass';
 
 export interface WeightQuantization {
   bits: 2 | 4 | 8;
@@ -293,7 +293,7 @@ function nonFiniteWeights(node: NodeProto, tensor: string, data: Float32Array, a
 /** The Conv/Gemm/MatMul nodes with constant float weights of a shape this pass handles, minus keepFloat, in order. */
 export function quantizableLayers(graph: Graph, keepFloat: string[] = [], order = graph.topologicalOrder()): NodeProto[] {
   const keep = new Set(keepFloat);
-  return order.filter((n) => !keep.has(n.name) && !keep.has(n.opType) && isQuantizable(graph, n));
+  return order.filter((n) => !keptFloat(keep, n) && isQuantizable(graph, n));
 }
 
 function isQuantizable(graph: Graph, n: NodeProto, scopes: GraphProto[] = []): boolean {
@@ -344,7 +344,7 @@ export function unquantizableReason(graph: Graph, n: NodeProto, scopes: GraphPro
 /** quantizableLayers' counterpart inside subgraphs. */
 export function quantizableSubgraphLayers(graph: Graph, keepFloat: string[] = [], inBodies = subgraphLayers(graph)): SubgraphLayer[] {
   const keep = new Set(keepFloat);
-  return inBodies.filter((l) => !keep.has(l.node.name) && !keep.has(l.node.opType) && isQuantizable(graph, l.node, l.scopes));
+  return inBodies.filter((l) => !keptFloat(keep, l.node) && isQuantizable(graph, l.node, l.scopes));
 }
 
 /** Ops whose output tells only their input's shape: a layer read only through them feeds nothing with its values. */
@@ -482,7 +482,7 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
     const label = nodeLabel(node);
     const inBody = bodyOf.get(node);
     const where = inBody ? placeOf(inBody.owner, inBody.scopes) : {};
-    if (keep.has(node.name) || keep.has(node.opType)) {
+    if (keptFloat(keep, node)) {
       report.skipped.push({ node: label, reason: 'kept in float (keepFloat)' });
       continue;
     }
