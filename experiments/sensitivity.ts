@@ -9,6 +9,7 @@ import * as path from 'node:path';
 
 import { table } from '../ts/bench/timing';
 import { quantizeModel, type QuantizeModelOptions } from '../ts/onnx/quantize-model';
+import { bySensitivity } from '../ts/onnx/sensitivity';
 import { normalFeeds } from '../test/helpers/random';
 import { renderedTextLineFeeds } from '../test/helpers/text-lines';
 import { EVALUATION_SAMPLES } from './ptq';
@@ -36,11 +37,11 @@ export async function sensitivityExperiment(json: boolean): Promise<void> {
     const t0 = performance.now();
     const { report } = await quantizeModel(model, { ...base, evaluationFeeds: feeds(SENSITIVITY_SAMPLES, dims, 300), sensitivity: true });
     const seconds = ((report.timingsMs.sensitivity ?? NaN) / 1000).toFixed(1);
-    const layers = report.layers.filter((l) => l.sensitivity).sort((a, b) => a.sensitivity!.cosine - b.sensitivity!.cosine);
-    const losses = layers.map((l) => 1 - l.sensitivity!.cosine);
+    const layers = bySensitivity(report.layers);
+    const losses = layers.map((l) => 1 - l.sensitivity.cosine);
     ranked.push({
       inputs: kind, layers: layers.length, 'sensitivity s': seconds, 'total s': ((performance.now() - t0) / 1000).toFixed(1),
-      'worst 5 (1 - cosine alone)': layers.slice(0, 5).map((l) => `${l.node} ${(1 - l.sensitivity!.cosine).toExponential(1)}`).join(', '),
+      'worst 5 (1 - cosine alone)': layers.slice(0, 5).map((l) => `${l.node} ${(1 - l.sensitivity.cosine).toExponential(1)}`).join(', '),
       'median 1 - cosine alone': losses[Math.floor(losses.length / 2)].toExponential(1),
       'sum over layers': losses.reduce((a, b) => a + b, 0).toExponential(1),
       'all quantized, 1 - cosine': (1 - report.evaluation!.outputs[0].cosine).toExponential(1),
@@ -58,7 +59,7 @@ export async function sensitivityExperiment(json: boolean): Promise<void> {
       const { report: r } = await quantizeModel(model, { ...base, evaluationFeeds: feeds(EVALUATION_SAMPLES, dims, 100), accuracyTarget: { cosine: TARGET, maxFloatLayers: 20 } });
       const t = r.accuracyTarget!;
       searched.push({
-        inputs: kind, target: TARGET, met: t.met ? 'yes' : 'no', 'kept float': t.keptFloat.length, cosine: t.tried.find((x) => x.keptFloat === t.keptFloat.length)!.cosine.toFixed(5),
+        inputs: kind, target: String(TARGET), met: t.met ? 'yes' : 'no', 'kept float': t.keptFloat.length, cosine: t.tried.find((x) => x.keptFloat === t.keptFloat.length)!.cosine.toFixed(5),
         tries: t.tried.length, 's': ((r.timingsMs['accuracy-target'] ?? NaN) / 1000).toFixed(0),
       });
     }

@@ -14,6 +14,7 @@ import { inspectModel, sparkline } from './onnx/inspect';
 import { ACTIVATION_METHODS, readNpy, readNpyLabels } from './onnx/calibrate';
 import { checkOutputPath, removeTemporaryFiles, samePath, writeFileAtomic } from './onnx/model-io';
 import { ACTIVATION_BITS, quantizeModel, type QuantizationReport } from './onnx/quantize-model';
+import { bySensitivity } from './onnx/sensitivity';
 import { operatorCountList, type WeightLayerReport } from './onnx/passes/quantize-weights';
 import { optOutOfOrtTelemetry } from './ort-telemetry';
 import { checkFinetuneOptions, finetune, type FinetuneOptions } from './train/finetune';
@@ -183,25 +184,28 @@ function activationCell(l: WeightLayerReport): string {
 }
 
 /** The layers that lose most when quantized alone (report.layers[i].sensitivity), worst first, and how to keep them float. */
-function printSensitivity(report: QuantizationReport, suggest: boolean): void {
+function printSensitivity(report: QuantizationReport): void {
   if (report.sensitivitySkipped) {
     console.log(`sensitivity not measured: ${report.sensitivitySkipped}`);
     return;
   }
-  const measured = report.layers.filter((l) => l.sensitivity).sort((a, b) => a.sensitivity!.cosine - b.sensitivity!.cosine);
+  // With --target-cosine, the first run's ranking: it holds the layers the search kept float too.
+  const measured = report.accuracyTarget?.ranking ?? bySensitivity(report.layers);
   const shown = measured.slice(0, SENSITIVITY_ROWS);
   if (shown.length > 0) {
     console.log(`\nlayers by sensitivity (the model quantized at this layer alone, every other layer float)${measured.length > shown.length ? `: the ${shown.length} of ${measured.length} that lose most` : ''}`);
+    const kept = new Set(report.accuracyTarget?.keptFloat);
     console.log(table(shown.map((l) => ({
-      layer: layerName(l), op: l.op, shape: l.shape.join('x'), 'output cosine alone': l.sensitivity!.cosine.toFixed(6),
-      '1 - cosine': (1 - l.sensitivity!.cosine).toExponential(2),
-      ...(shown.some((x) => x.sensitivity!.top1Agreement !== undefined) ? { 'top-1 agreement': l.sensitivity!.top1Agreement === undefined ? '' : `${(l.sensitivity!.top1Agreement * 100).toFixed(1)}%` } : {}),
+      layer: layerName(l), op: l.op, shape: l.shape.join('x'), 'output cosine alone': l.sensitivity.cosine.toFixed(6),
+      '1 - cosine': (1 - l.sensitivity.cosine).toExponential(2),
+      ...(shown.some((x) => x.sensitivity.top1Agreement !== undefined) ? { 'top-1 agreement': l.sensitivity.top1Agreement === undefined ? '' : `${(l.sensitivity.top1Agreement * 100).toFixed(1)}%` } : {}),
+      ...(report.accuracyTarget ? { 'in this model': kept.has(l.node) ? 'float' : 'quantized' } : {}),
     }))));
     // At most three, each losing at least a tenth of what the worst loses, and never half the layers or more.
-    const loss = (l: WeightLayerReport) => 1 - l.sensitivity!.cosine;
-    const worst = shown.filter((l) => !l.subgraph && loss(l) > 0 && loss(l) >= loss(shown[0]) / 10)
+    const loss = (l: (typeof shown)[number]) => 1 - l.sensitivity.cosine;
+    const worst = shown.filter((l) => !('subgraph' in l && l.subgraph) && loss(l) > 0 && loss(l) >= loss(shown[0]) / 10)
       .slice(0, Math.min(3, Math.ceil(measured.length / 2) - 1)).map((l) => l.node);
-    if (suggest && worst.length) console.log(`note: --keep-float ${worst.join(',')} leaves the ${worst.length === 1 ? 'layer that loses' : `${worst.length} layers that lose`} most in float`);
+    if (!report.accuracyTarget && worst.length) console.log(`note: --keep-float ${worst.join(',')} leaves the ${worst.length === 1 ? 'layer that loses' : `${worst.length} layers that lose`} most in float`);
   }
   for (const l of report.layers) if (l.sensitivitySkipped) console.log(`sensitivity of ${layerName(l)} not measured: ${l.sensitivitySkipped}`);
 }
@@ -242,7 +246,7 @@ export function program(): Command {
     .option('--keep-float <names>', 'comma-separated node names or op types to leave in float (repeatable)', parseNames)
     .option('--report <file>', 'also write the report as JSON')
     .option('--target-cosine <c>', 'keep the layers that lose most (--sensitivity) in float, one more per try, until the output cosine reaches c', parseNumber)
-    .option('--max-float-layers <n>', 'with --target-cosine: the most layers to keep in float (default a quarter of the layers)', parseNumber)
+    .option('--max-float-layers <n>', 'with --target-cosine: the most layers to keep in float (default a quarter of the measured layers, at least 1, never all)', parseNumber)
     .option('--sensitivity', 'also measure each layer alone: the output cosine with only that layer quantized (one onnxruntime session per layer), and list the layers that lose most')
     .option('--no-evaluate', 'do not compare the quantized model with the float one in onnxruntime (saves time and memory on large models)')
     .option('--external-data', 'write the weights to <output>.data next to the model, tensor by tensor (automatic at 2 GB; with --no-evaluate the least memory)')
@@ -425,7 +429,7 @@ export function program(): Command {
       }
       for (const out of report.evaluation?.uncompared ?? []) console.log(`output ${out.name}: not compared (${out.reason})`);
       if (report.evaluationSkipped) console.log(`not compared with the float model: ${report.evaluationSkipped}`);
-      if (o.sensitivity || report.accuracyTarget) printSensitivity(report, !report.accuracyTarget);
+      if (o.sensitivity || report.accuracyTarget) printSensitivity(report);
       const target = report.accuracyTarget;
       if (target) {
         const tries = target.tried.map((t) => `${t.keptFloat} float: ${t.cosine.toFixed(6)}`).join(', ');

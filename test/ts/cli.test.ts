@@ -152,6 +152,8 @@ describe('lowbit CLI (audit)', () => {
     expect(r.status, r.stderr).to.equal(0);
     expect(r.stdout).to.match(/\ntarget cosine 0\.9999 met with conv2 kept float \(0 float: 0\.99\d+, 1 float: 0\.9999\d+\)\n/);
     expect(r.stdout).to.include('skipped by quantize-weights: conv2: kept in float (keepFloat)');
+    // The sensitivity table is the first run's, with the layer kept float in it.
+    expect(r.stdout).to.match(/\nconv2 +Conv +16x8x3x3 +0\.99\d+ +\S+ +100\.0% +float *\n/);
     expect(r.stderr).to.include('below --target-cosine: quantizing again with the layer that loses most kept float (at most 1)');
     expect(readModel(path.join(dir, 'q.onnx')).graph!.node.find((n) => n.name === 'conv2')!.input[1]).to.equal('conv2.weight_bn_folded');  // float, not dequantized
     const checks: Array<[string[], string]> = [

@@ -120,7 +120,7 @@ describe('quantizeModel sensitivity', function () {
       weights: { bits: 4 }, sensitivity: true,
       evaluationFeeds: [{ x, flag: { data: Uint8Array.of(1), dims: [] } as never }, { x, flag: { data: Uint8Array.of(0), dims: [] } as never }],
     });
-    expect(report.layers.find((l) => l.node === 'h')!.sensitivity!.cosine).to.be.within(0.9, 1);
+    expect(report.layers.find((l) => l.node === 'h')!.sensitivity!.cosine).to.be.within(0.9, 1).and.to.be.below(1);
     expect(report.layers.find((l) => l.node === 't1')!.sensitivitySkipped).to.match(/inside then_branch of if: main-graph layers only/);
   });
 
@@ -158,6 +158,10 @@ describe('quantizeModel accuracyTarget', function () {
       expect(fs.readdirSync(dir)).to.deep.equal(['q.onnx']);  // one write, no leftovers
       expect(report.layers.map((l) => l.node)).to.deep.equal(['conv1', 'fc']);
       expect(report.layers.every((l) => l.sensitivity)).to.equal(true);
+      // The ranking keeps the layer the search left float, with what it measured.
+      expect(target.ranking.map((l) => l.node)[0]).to.equal('conv2');
+      expect(target.ranking.map((l) => l.node).sort()).to.deep.equal(['conv1', 'conv2', 'fc']);
+      expect(target.ranking.find((l) => l.node === 'fc')!.sensitivity).to.deep.equal(report.layers.find((l) => l.node === 'fc')!.sensitivity);
       expect(report.timingsMs['accuracy-target']).to.be.a('number');
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
@@ -165,11 +169,13 @@ describe('quantizeModel accuracyTarget', function () {
   });
 
   it('stops at maxFloatLayers with the closest model when the target is out of reach, and tries nothing more when the first run meets it', async () => {
-    const far = (await quantizeModel(mnistCnn, { ...options, accuracyTarget: { cosine: 1, maxFloatLayers: 1 } })).report.accuracyTarget!;
+    const farReport = (await quantizeModel(mnistCnn, { ...options, accuracyTarget: { cosine: 1, maxFloatLayers: 1 } })).report;
+    const far = farReport.accuracyTarget!;
     expect(far.met).to.equal(false);
     expect(far.tried.length).to.equal(2);
     const best = far.tried.reduce((a, b) => (b.cosine > a.cosine ? b : a));
     expect(far.keptFloat.length).to.equal(best.keptFloat);
+    expect(farReport.evaluation!.outputs[0].cosine).to.equal(best.cosine);  // the closest try is the one returned
     const near = (await quantizeModel(mnistCnn, { ...options, accuracyTarget: { cosine: 0.99 } })).report.accuracyTarget!;
     expect(near).to.deep.include({ met: true, keptFloat: [] });
     expect(near.tried.length).to.equal(1);
@@ -188,6 +194,18 @@ describe('quantizeModel accuracyTarget', function () {
     const once = (function* () { yield* normalFeeds(2, [1, 1, 28, 28], 1, 'input'); })();
     expect(await refused({ calibration: once, accuracyTarget: { cosine: 0.9 } })).to.match(/^Expected calibration data that can be read again/);
     expect(await refused({ accuracyTarget: { cosine: 0.9 }, externalData: true, outputPath: path.join(os.tmpdir(), 'x.onnx') })).to.match(/options\.externalData/);
+    // The tries write nothing, but the output path is checked as a run checks it: never the input model.
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lowbit-target-'));
+    try {
+      const copy = path.join(dir, 'm.onnx');
+      fs.copyFileSync(mnistCnn, copy);
+      let caught: Error | undefined;
+      await quantizeModel(copy, { ...options, accuracyTarget: { cosine: 0.9 }, outputPath: copy }).catch((e) => (caught = e));
+      expect(caught?.message).to.match(/options\.outputPath/);
+      expect(fs.readFileSync(copy).equals(fs.readFileSync(mnistCnn))).to.equal(true);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 
@@ -203,8 +221,10 @@ describe('keepFloat', () => {
     } as never));
     const all = (await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [] })).report.layers.map((l) => l.node);
     expect(all).to.deep.equal(['MatMul(h)', 'MatMul(y)']);
-    const kept = (await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [], keepFloat: ['MatMul(y)'] })).report.layers.map((l) => l.node);
-    expect(kept).to.deep.equal(['MatMul(h)']);
+    const { report } = await quantizeModel(model, { weights: { bits: 8 }, evaluationFeeds: [], keepFloat: ['MatMul(y)'] });
+    expect(report.layers.map((l) => l.node)).to.deep.equal(['MatMul(h)']);
+    // Not reported as a keepFloat entry that keeps nothing.
+    expect(report.passes.flatMap((p) => p.skipped).filter((s) => /keeps nothing/.test(s.reason))).to.deep.equal([]);
   });
 });
 

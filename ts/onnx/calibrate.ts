@@ -67,6 +67,11 @@ function feedType(name: string, elemType: number): FeedType {
 }
 
 /** @internal An onnxruntime tensor of a feed's values (its type follows the array; a Uint8Array's, `type`). */
+/** A feed's tensors as onnxruntime Tensors. */
+export function ortTensors(feed: Record<string, FeedTensor>): Record<string, InstanceType<ReturnType<typeof ort>['Tensor']>> {
+  return Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
+}
+
 export function ortTensor(v: FeedTensor): InstanceType<ReturnType<typeof ort>['Tensor']> {
   const O = ort();
   const dims = [...v.dims];
@@ -706,7 +711,7 @@ export async function calibrate(model: ModelProto, tensors: string[], data: Cali
     for await (const raw of abortable(iterable, options.signal)) {
       const files = filesOf(raw);
       const feed = checkFeedFrom(model, raw, batches, files);
-      const inputs = Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
+      const inputs = ortTensors(feed);
       // Nothing to observe (no layer whose inputs the observers take): the run still checks the feed in onnxruntime.
       const what = `calibration[${batches}]${fromFiles(files)}`;
       const hint = symbolicDimsDisagree(model, feed) ?? '';

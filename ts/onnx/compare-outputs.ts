@@ -28,6 +28,11 @@ export function cosine(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return ab / Math.sqrt(aa * bb);
 }
 
+/** The mean of the compared float outputs' cosines (undefined: none was compared). */
+export function meanCosine(result: OutputComparisonResult): number | undefined {
+  return result.outputs.length ? result.outputs.reduce((sum, o) => sum + o.cosine, 0) / result.outputs.length : undefined;
+}
+
 /** Why an output was compared on no feed: each feed left it out for one of these. */
 function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: number }): string {
   return [

@@ -17,7 +17,7 @@ import { allNodes, attribute, checkDefaultOpset, Graph, weightValues } from './g
 import {
   bytesLeftInFiles, checkExternalOutput, checkNotModelFile, checkOutputPath, cloneSharingData, ONE_BUFFER_LIMIT, OnnxModelError, readModelAsync, serializeModelAsync, storedBytes, withDataRead, writeFileAtomicAsync, writeModelWithExternalData,
 } from './model-io';
-import { ACTIVATION_METHODS, branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensor, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
+import { ACTIVATION_METHODS, branchValue, calibrate, checkFeed, firstFeeds, floatValues, openExposed, modelInputs, ortTensors, type ActivationMethod, type CalibrationData, type CalibrationResult, type Feed } from './calibrate';
 import { LayerInputMoments } from '../calibration/layer-input-moments';
 import { correctBiasesByLayer } from './passes/bias-correction';
 import { ChannelRangeObserver, type Range } from '../calibration/observers';
@@ -32,8 +32,8 @@ import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases, type LayerScales } from './passes/quantize-bias';
 import { keptFloat, nodeLabel, placeOf } from './passes/pass';
-import { feedBatch, OutputComparison } from './compare-outputs';
-import { measureSensitivity } from './sensitivity';
+import { feedBatch, meanCosine, OutputComparison } from './compare-outputs';
+import { bySensitivity, measureSensitivity } from './sensitivity';
 import { fitOnnxruntimeSteps } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamicallySteps } from './passes/dynamic-activations';
@@ -119,7 +119,7 @@ export interface QuantizeModelOptions {
   };
   /** Feeds ({ inputName: { data: Float32Array, dims } }), an (async) iterable of them, or a folder of .npy files per input. */
   calibration?: CalibrationData;
-  /** Node names or op types to leave in float. */
+  /** Node names or op types to leave in float (an unnamed node by its label, `MatMul(y)`, as reports name it). */
   keepFloat?: string[];
   /** Bits of the first and last quantized layers by data flow (see edgeLayers; their weights, at 8 also their input activations). Default 8. */
   firstLastLayerBits?: number;
@@ -138,7 +138,8 @@ export interface QuantizeModelOptions {
   /**
    * Keep the layers that lose most in float until the output cosine on the evaluation feeds reaches `cosine`: the
    * model is quantized once with `sensitivity`, then again with its k most sensitive main-graph layers added to
-   * keepFloat, k = 1, 2, … up to `maxFloatLayers` (default a quarter of the measured layers, at least 1), stopping at
+   * keepFloat, k = 1, 2, … up to `maxFloatLayers` (default a quarter of the measured layers, at least 1; never all of
+   * them), stopping at
    * the first that reaches it; the result is that run's model, or the run with the highest cosine when none does
    * (report.accuracyTarget says which). Needs evaluation feeds or calibration data (whose first batches are the
    * evaluation), calibration data that can be read again (an array or a folder), and a model under 2 GB. The feeds
@@ -203,8 +204,13 @@ export interface QuantizationReport {
   /**
    * With options.accuracyTarget: the target, whether this model meets it, the layers kept in float for it (beyond
    * options.keepFloat), and each run's mean output cosine by how many layers it kept in float (0: the first run).
+   * timingsMs['accuracy-target'] is the whole call, every try included (the other stages are the chosen try's).
    */
-  accuracyTarget?: { cosine: number; met: boolean; keptFloat: string[]; tried: Array<{ keptFloat: number; cosine: number }> };
+  accuracyTarget?: {
+    cosine: number; met: boolean; keptFloat: string[]; tried: Array<{ keptFloat: number; cosine: number }>;
+    /** The first run's measured layers, the one that loses most first: the order layers were kept float in. */
+    ranking: Array<{ node: string; op: string; shape: number[]; sensitivity: { cosine: number; top1Agreement?: number } }>;
+  };
   timingsMs: Record<string, number>;
 }
 
@@ -221,29 +227,34 @@ function checkAccuracyTarget(options: Record<string, unknown>): void {
   checkKnownKeys('options.accuracyTarget', t, ['cosine', 'maxFloatLayers']);
   checkNumber('options.accuracyTarget.cosine', t.cosine, 'a number in (0, 1] (the mean output cosine to reach)', (n) => n > 0 && n <= 1);
   if (t.maxFloatLayers !== undefined) checkPositiveNumber('options.accuracyTarget.maxFloatLayers', t.maxFloatLayers, 'a positive integer', true);
-  if (Array.isArray(options.evaluationFeeds) && options.evaluationFeeds.length === 0) {
-    throw invalidValue('options.evaluationFeeds', 'feeds to evaluate on (options.accuracyTarget is judged on them; an empty array skips the evaluation)', options.evaluationFeeds,
-      'Pass evaluation feeds, or leave evaluationFeeds out (the first calibration batches are used), or leave options.accuracyTarget out.');
-  }
+  checkEvaluated(options, 'options.accuracyTarget', 'is judged on them');
   if (options.evaluationFeeds === undefined && options.calibration === undefined) {
     throw invalidValue('options.evaluationFeeds', 'feeds to judge options.accuracyTarget on (or calibration data, whose first batches are used)', undefined,
-      'Without them the evaluation runs on made-up inputs, which say whether the model runs rather than how close it stays.');
+      'Pass evaluationFeeds or calibration: without them the evaluation runs on made-up inputs, which show that the model runs, not how close it stays.');
   }
   if (options.calibration !== undefined && iterability(options.calibration) !== 'restarts') {
     throw invalidValue('options.calibration', 'calibration data that can be read again with options.accuracyTarget (an array or a folder): the model is quantized once per try',
       options.calibration, 'Collect the feeds into an array.');
   }
-  if (options.externalData) throw invalidValue('options.externalData', 'not set with options.accuracyTarget (for models under 2 GB)', options.externalData);
+  if (options.externalData) {
+    throw invalidValue('options.externalData', 'not set with options.accuracyTarget (it keeps each try in memory: models under 2 GB)', options.externalData,
+      'Leave externalData out, or accuracyTarget: quantize with keepFloat (see layers[i].sensitivity) instead.');
+  }
+}
+
+/** Refuses evaluationFeeds [] (no evaluation) with an option (`name`) that needs the evaluation. */
+function checkEvaluated(options: Record<string, unknown>, name: string, how: string): void {
+  if (Array.isArray(options.evaluationFeeds) && options.evaluationFeeds.length === 0) {
+    throw invalidValue('options.evaluationFeeds', `feeds to evaluate on (${name} ${how}; an empty array skips the evaluation)`, options.evaluationFeeds,
+      `Pass evaluation feeds, or leave evaluationFeeds out (the first calibration batches are used), or leave ${name} out.`);
+  }
 }
 
 function checkOptions(options: unknown): QuantizeModelOptions {
   if (!isPlainObject(options)) throw invalidType('options', 'an options object with weights', options);
   checkKnownKeys('options', options, ['weights', 'activations', 'keepFloat', 'firstLastLayerBits', 'evaluationFeeds', 'outputPath', 'onProgress', 'calibration', 'externalData', 'signal', 'sensitivity', 'accuracyTarget']);
   if (options.sensitivity !== undefined && typeof options.sensitivity !== 'boolean') throw invalidType('options.sensitivity', 'a boolean', options.sensitivity);
-  if (options.sensitivity && Array.isArray(options.evaluationFeeds) && options.evaluationFeeds.length === 0) {
-    throw invalidValue('options.evaluationFeeds', 'feeds to evaluate on (options.sensitivity measures on them; an empty array skips the evaluation)', options.evaluationFeeds,
-      'Pass evaluation feeds, or leave evaluationFeeds out (the first calibration batches are used), or leave options.sensitivity out.');
-  }
+  if (options.sensitivity) checkEvaluated(options, 'options.sensitivity', 'measures on them');
   if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw invalidType('options.signal', 'an AbortSignal (AbortController.signal)', options.signal);
   if (options.outputPath !== undefined) checkOutputPath('options.outputPath', options.outputPath);
   if (options.evaluationFeeds !== undefined && !Array.isArray(options.evaluationFeeds)) {
@@ -254,7 +265,6 @@ function checkOptions(options: unknown): QuantizeModelOptions {
     throw invalidValue('options.outputPath', 'a file path when externalData is set (the data file goes next to it)', options.outputPath);
   }
   if (options.externalData) checkExternalOutput('options.outputPath', options.outputPath as string);
-  if (options.accuracyTarget !== undefined) checkAccuracyTarget(options);
   const w = options.weights;
   if (!isPlainObject(w)) throw invalidType('options.weights', 'an object { bits, granularity?, blockSize?, method? }', w);
   checkKnownKeys('options.weights', w, ['bits', 'granularity', 'blockSize', 'method', 'bitAllocation', 'biasCorrection', 'groups', 'scaleClip', 'rounding', 'reduceRange', 'gather']);
@@ -342,6 +352,7 @@ function checkOptions(options: unknown): QuantizeModelOptions {
       if (ArrayBuffer.isView(c)) throw invalidType('options.calibration', expected, c, 'Wrap the values as feeds: [{ inputName: { data, dims } }].');
     }
   }
+  if (options.accuracyTarget !== undefined) checkAccuracyTarget(options);
   return options as unknown as QuantizeModelOptions;
 }
 
@@ -444,7 +455,7 @@ async function layerSqnr(preparedFloat: ModelProto, quantized: ModelProto, layer
   try {
     for (const [index, feeds] of feedsList.entries()) {
       signal?.throwIfAborted();
-      const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
+      const tensors = ortTensors(feeds);
       const fo = await runSession(f.session, tensors, names.map(f.outputOf), `the float model with its layer outputs exposed on feed ${index}`, LOWBIT_BUG)
         .catch(asFloatModelFailure);
       signal?.throwIfAborted();
@@ -617,7 +628,7 @@ export async function compareOutputs(floatModel: string | Uint8Array, quantBytes
   try {
     for (const [index, feeds] of feedsList.entries()) {
       signal?.throwIfAborted();
-      const tensors = Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)]));
+      const tensors = ortTensors(feeds);
       const f = await runSession(floatSession, tensors, undefined, `the input model on evaluation feed ${index}`,
         'The float model itself fails there: check the model (and that feed) in onnxruntime-node, where lowbit evaluates models.')
         .catch(asFloatModelFailure);
@@ -661,42 +672,52 @@ export async function quantizeModel(input: string | Uint8Array, options: Quantiz
 async function quantizeToTarget(input: string | Uint8Array, opts: QuantizeModelOptions, host: OrtHost): Promise<{ model: Uint8Array; report: QuantizationReport }> {
   const t0 = performance.now();
   const target = opts.accuracyTarget!;
-  // The tries stay in memory; the chosen model is written at the end.
-  const each: QuantizeModelOptions = { ...opts, accuracyTarget: undefined, outputPath: undefined };
+  // Each try checks the output path as a run would, but only the chosen model is written, at the end.
+  const each: QuantizeModelOptions = { ...opts, accuracyTarget: undefined };
   const score = (r: QuantizationReport): number => {
-    const outputs = r.evaluation?.outputs ?? [];
-    if (outputs.length === 0) {
-      throw new OnnxModelError(`options.accuracyTarget needs the quantized model's float outputs compared with the float model's, and there were none: ` +
-        `${r.evaluationSkipped ?? r.evaluation?.uncompared?.map((o) => `${o.name}: ${o.reason}`).join('; ') ?? 'no evaluation'}.`);
+    const cosine = r.evaluation ? meanCosine(r.evaluation) : undefined;
+    if (cosine === undefined) {
+      throw new OnnxModelError('options.accuracyTarget is judged on the mean cosine of the float outputs, and none could be compared: ' +
+        `${r.evaluationSkipped ?? r.evaluation?.uncompared?.map((o) => `${o.name}: ${o.reason}`).join('; ') ?? 'no evaluation'}. ` +
+        'Give evaluationFeeds on which the model computes float outputs, or quantize with keepFloat instead.');
     }
-    return outputs.reduce((sum, o) => sum + o.cosine, 0) / outputs.length;
+    return cosine;
   };
-  const first = await quantizeModelWith(input, { ...each, sensitivity: true }, host);
-  const order = first.report.layers.filter((l) => l.sensitivity).sort((a, b) => a.sensitivity!.cosine - b.sensitivity!.cosine).map((l) => l.node);
-  const limit = Math.min(target.maxFloatLayers ?? Math.max(1, Math.floor(order.length / 4)), Math.max(order.length - 1, 0));
+  const first = await quantizeModelWith(input, { ...each, sensitivity: true }, host, false);
+  const ranking = bySensitivity(first.report.layers).map((l) => ({ node: l.node, op: l.op, shape: l.shape, sensitivity: l.sensitivity }));
+  const limit = Math.min(target.maxFloatLayers ?? Math.max(1, Math.floor(ranking.length / 4)), Math.max(ranking.length - 1, 0));
   const tried = [{ keptFloat: 0, cosine: score(first.report) }];
   let chosen = { run: first, kept: 0, cosine: tried[0].cosine };
   for (let k = 1; chosen.cosine < target.cosine && k <= limit; k++) {
     opts.onProgress?.(`accuracy-target ${k}/${limit}`);
-    const run = await quantizeModelWith(input, { ...each, keepFloat: [...(opts.keepFloat ?? []), ...order.slice(0, k)] }, host);
+    const keepFloat = [...(opts.keepFloat ?? []), ...ranking.slice(0, k).map((l) => l.node)];
+    const run = await quantizeModelWith(input, { ...each, sensitivity: false, keepFloat }, host, false);
     const cosine = score(run.report);
     tried.push({ keptFloat: k, cosine });
     if (cosine > chosen.cosine || cosine >= target.cosine) chosen = { run, kept: k, cosine };
   }
   const { model, report } = chosen.run;
-  // The sensitivities the layers were chosen by, on the chosen run's layers too.
-  const measured = new Map(first.report.layers.map((l) => [l.node, l]));
-  for (const l of report.layers) {
-    const m = measured.get(l.node);
-    if (m?.sensitivity && !l.subgraph) l.sensitivity = m.sensitivity;
+  if (chosen.run !== first) {
+    // What the first run measured, on the chosen run's layers (those it kept float are in accuracyTarget.ranking).
+    const measured = new Map(first.report.layers.filter((l) => !l.subgraph).map((l) => [l.node, l]));
+    for (const l of report.layers.filter((x) => !x.subgraph)) {
+      const m = measured.get(l.node);
+      if (m?.sensitivity) l.sensitivity = m.sensitivity;
+      if (m?.sensitivitySkipped) l.sensitivitySkipped = m.sensitivitySkipped;
+    }
+    if (first.report.sensitivitySkipped) report.sensitivitySkipped = first.report.sensitivitySkipped;
   }
-  report.accuracyTarget = { cosine: target.cosine, met: chosen.cosine >= target.cosine, keptFloat: order.slice(0, chosen.kept), tried };
-  if (opts.outputPath) await writeFileAtomicAsync(opts.outputPath, model, opts.signal);
+  report.accuracyTarget = { cosine: target.cosine, met: chosen.cosine >= target.cosine, keptFloat: ranking.slice(0, chosen.kept).map((l) => l.node), tried, ranking };
+  if (opts.outputPath) {
+    const w0 = performance.now();
+    await writeFileAtomicAsync(opts.outputPath, model, opts.signal);
+    report.timingsMs.write = performance.now() - w0;
+  }
   report.timingsMs['accuracy-target'] = performance.now() - t0;
   return { model, report };
 }
 
-async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModelOptions, host: OrtHost):
+async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModelOptions, host: OrtHost, write = true):
   Promise<{ model: Uint8Array; report: QuantizationReport }> {
   const timings: Record<string, number> = {};
   // Every stage starts on a new event-loop turn, and the per-layer passes let it turn between layers:
@@ -1121,6 +1142,10 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       : []));
   if (overridden.length > 0) passes.push({ pass: 'overridable-initializers', changed: overridden, skipped: [] });
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
+  if (!fitsOneFile && !write) {
+    throw new OnnxModelError('The quantized model is 2 GB or more: options.accuracyTarget keeps each try in memory, which works for models under 2 GB. ' +
+      'Quantize with keepFloat instead (layers[i].sensitivity shows which layers lose most).');
+  }
   if (!fitsOneFile && (opts.outputPath === undefined || opts.externalData === false)) {
     throw new OnnxModelError('The quantized model is 2 GB or more, which one ONNX buffer cannot hold: pass outputPath (without externalData: false), ' +
       'and it is written with its weights in <outputPath>.data.');
@@ -1213,7 +1238,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     noteMadeUp(report);
     return { model: modelBytes, report };
   }
-  if (opts.outputPath) await time('write', () => writeFileAtomicAsync(opts.outputPath!, bytes, opts.signal));
+  if (opts.outputPath && write) await time('write', () => writeFileAtomicAsync(opts.outputPath!, bytes, opts.signal));
   noteMadeUp(report);
   return { model: bytes, report };
 }

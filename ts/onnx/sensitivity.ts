@@ -14,8 +14,8 @@ import { cloneSharingData, sameStoredData, serializeModelAsync } from './model-i
 import { nodeLabel, nextTurn } from './passes/pass';
 import { upgradeOpset } from './passes/upgrade-opset';
 import type { WeightLayerReport } from './passes/quantize-weights';
-import { feedBatch, OutputComparison } from './compare-outputs';
-import { ortTensor, type Feed } from './calibrate';
+import { feedBatch, meanCosine, OutputComparison } from './compare-outputs';
+import { ortTensors, type Feed } from './calibrate';
 import { openSession, runSession, type OrtHost } from './ort-session';
 
 /**
@@ -31,6 +31,12 @@ const QUANTIZATION_NODES = new Set(['QuantizeLinear', 'DequantizeLinear', 'Dynam
 export interface LayerSensitivity {
   cosine: number;
   top1Agreement?: number;
+}
+
+/** The measured layers, the one that loses most first. */
+export function bySensitivity<T extends Pick<WeightLayerReport, 'sensitivity'>>(layers: T[]): Array<T & Required<Pick<WeightLayerReport, 'sensitivity'>>> {
+  return layers.filter((l): l is T & Required<Pick<WeightLayerReport, 'sensitivity'>> => l.sensitivity !== undefined)
+    .sort((a, b) => a.sensitivity.cosine - b.sensitivity.cosine);
 }
 
 /**
@@ -65,7 +71,8 @@ export function graftLayer(base: ModelProto, donor: ModelProto, outputs: string[
   const copies = new Map<string, TensorProto>();
   const seen = new Set<string>();
   const pending = [...taken].flatMap((n) => n.input);
-  let ownOp = false;  // the layer's node itself, under another output name (unnamed, its output renamed by a bias correction)
+  // The layer's node itself when its label did not find it: unnamed, its output renamed by a bias correction.
+  let ownOp = labelled !== undefined;
   while (pending.length > 0) {
     const name = pending.pop()!;
     if (name === '' || seen.has(name)) continue;
@@ -101,6 +108,8 @@ export function graftLayer(base: ModelProto, donor: ModelProto, outputs: string[
     if (other) return `the float model's node '${nodeLabel(b)}' also computes '${other}', which the quantized model's layer does not`;
   }
   const g = new Graph(variant);
+  // The taken nodes' new values keep their names: the constants' copies must not take them.
+  for (const o of takenOutputs) if (!baseValues.has(o)) g.uniqueName(o);
   const renamed = new Map<string, string>();
   for (const [name, t] of copies) renamed.set(name, g.copyConstants([t])[0].name);
   const read = new Set(graph.node.filter((n) => replaced.has(n)).flatMap((n) => n.input));
@@ -110,7 +119,9 @@ export function graftLayer(base: ModelProto, donor: ModelProto, outputs: string[
       copy.input = copy.input.map((i) => renamed.get(i) ?? i);
       return copy;
     }));
-  for (const o of donor.opsetImport) if (!isOnnxDomain(o.domain)) g.importDomain(o.domain);
+  for (const o of donor.opsetImport) {
+    if (!isOnnxDomain(o.domain) && !variant.opsetImport.some((v) => v.domain === o.domain)) variant.opsetImport.push({ ...o });
+  }
   g.removeAllUnused(read);
   g.sort();
   return variant;
@@ -137,7 +148,7 @@ export async function measureSensitivity(prepared: ModelProto, quantized: ModelP
     upgradeOpset(new Graph(base), opset);
   }
   const options = { intraOpNumThreads: 1 };
-  const tensorsOf = feedsList.map((feeds) => Object.fromEntries(Object.entries(feeds).map(([k, v]) => [k, ortTensor(v)])));
+  const tensorsOf = feedsList.map(ortTensors);
   const floatSession = await openSession(await serializeModelAsync(base), options, 'the prepared float model', what.bug, { host });
   const floatOutputs = [];
   let names: readonly string[];
@@ -171,13 +182,9 @@ export async function measureSensitivity(prepared: ModelProto, quantized: ModelP
     }
     const result = comparison.result();
     const ranked = result.outputs.find((o) => o.top1Agreement !== undefined);
-    if (result.outputs.length === 0) l.sensitivitySkipped = 'no float output could be compared';
-    else {
-      l.sensitivity = {
-        cosine: result.outputs.reduce((s, o) => s + o.cosine, 0) / result.outputs.length,
-        ...(ranked ? { top1Agreement: ranked.top1Agreement } : {}),
-      };
-    }
+    const cosine = meanCosine(result);
+    if (cosine === undefined) l.sensitivitySkipped = 'no float output could be compared';
+    else l.sensitivity = { cosine, ...(ranked ? { top1Agreement: ranked.top1Agreement } : {}) };
     what.onLayer?.(i + 1, measured.length);
   }
 }

@@ -455,8 +455,9 @@ export function* quantizeWeightsByLayer(graph: Graph, options: WeightQuantizatio
   const tables = options.gather ? [...mainOrder, ...subgraphNodes(graph).map((l) => l.node)].filter((n) => n.opType === 'Gather') : [];
   const named = [...candidates, ...tables, ...recurrent.map((l) => l.node)];
   for (const entry of keep) {
-    if (named.some((n) => n.name === entry || n.opType === entry)) continue;
-    const close = closestName(entry, [...new Set(named.flatMap((n) => [n.name, n.opType]))].filter((k) => k !== ''));
+    const only = new Set([entry]);
+    if (named.some((n) => keptFloat(only, n))) continue;
+    const close = closestName(entry, [...new Set(named.flatMap((n) => [nodeLabel(n), n.opType]))]);
     const kinds = `${recurrent.length ? 'Conv, Gemm, MatMul, LSTM, GRU or RNN' : 'Conv, Gemm or MatMul'} layer${options.gather ? ' or Gather' : ''}`;
     report.skipped.push({
       node: entry, reason: `keepFloat: no ${kinds} of this model has this name or op type${close ? ` (did you mean '${close}'?)` : ''}; it keeps nothing`,
