@@ -203,7 +203,7 @@ function printSensitivity(report: QuantizationReport): void {
     }))));
     // At most three, each losing at least a tenth of what the worst loses, and never half the layers or more.
     const loss = (l: (typeof shown)[number]) => 1 - l.sensitivity.cosine;
-    const worst = shown.filter((l) => !('subgraph' in l && l.subgraph) && loss(l) > 0 && loss(l) >= loss(shown[0]) / 10)
+    const worst = shown.filter((l) => loss(l) > 0 && loss(l) >= loss(shown[0]) / 10)
       .slice(0, Math.min(3, Math.ceil(measured.length / 2) - 1)).map((l) => l.node);
     if (!report.accuracyTarget && worst.length) console.log(`note: --keep-float ${worst.join(',')} leaves the ${worst.length === 1 ? 'layer that loses' : `${worst.length} layers that lose`} most in float`);
   }

@@ -100,7 +100,7 @@ describe('quantizeModel sensitivity', function () {
     expect(losses.filter(([n, loss]) => n !== 'side' && loss > 0).length).to.equal(5);
   });
 
-  it('says why for layers inside an If branch, and measures the main graph\'s', async () => {
+  it('measures layers inside an If branch too (on the feeds that run it), as the model quantized there alone', async () => {
     const r = rng(5);
     const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [32n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 1024 }, () => (r() - 0.5) / 4).buffer) });
     const mm = (x: string, w: string, y: string) => ({ opType: 'MatMul', name: y, input: [x, w], output: [y] });
@@ -116,12 +116,45 @@ describe('quantizeModel sensitivity', function () {
       },
     } as never));
     const x = normalFeeds(1, [1, 32], 4)[0].x;
-    const { report } = await quantizeModel(bytes, {
-      weights: { bits: 4 }, sensitivity: true,
-      evaluationFeeds: [{ x, flag: { data: Uint8Array.of(1), dims: [] } as never }, { x, flag: { data: Uint8Array.of(0), dims: [] } as never }],
-    });
+    const evaluationFeeds = [{ x, flag: { data: Uint8Array.of(1), dims: [] } as never }, { x, flag: { data: Uint8Array.of(0), dims: [] } as never }];
+    const { report } = await quantizeModel(bytes, { weights: { bits: 4 }, sensitivity: true, evaluationFeeds });
     expect(report.layers.find((l) => l.node === 'h')!.sensitivity!.cosine).to.be.within(0.9, 1).and.to.be.below(1);
-    expect(report.layers.find((l) => l.node === 't1')!.sensitivitySkipped).to.match(/inside then_branch of if: main-graph layers only/);
+    const t1 = report.layers.find((l) => l.node === 't1')!;
+    expect(t1.subgraph).to.equal('if');
+    // The else branch (half the feeds) does not read it: those samples stay exact, the others move.
+    expect(t1.sensitivity!.cosine).to.be.below(1);
+    const alone = (await quantizeModel(bytes, { weights: { bits: 4 }, keepFloat: ['h'], evaluationFeeds })).report;
+    expect(alone.layers.map((l) => l.node)).to.deep.equal(['t1']);
+    // t1 is its branch's last layer, 8 bits in both runs (firstLastLayerBits): the same loss.
+    expect(t1.bits).to.equal(alone.layers[0].bits);
+    const aloneLoss = 1 - alone.evaluation!.outputs[0].cosine;
+    expect(Math.abs(1 - t1.sensitivity!.cosine - aloneLoss)).to.be.at.most(0.02 * aloneLoss);
+  });
+
+  it('measures a layer in an If nested inside an If branch, as the model quantized there alone', async () => {
+    const r = rng(6);
+    const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [32n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 1024 }, () => (r() - 0.5) / 4).buffer) });
+    const neg = (x: string, y: string) => ({ opType: 'Neg', name: y, input: [x], output: [y] });
+    const branches = (then: object, otherwise: object) => [
+      { name: 'then_branch', type: AttributeProto_AttributeType.GRAPH, g: then }, { name: 'else_branch', type: AttributeProto_AttributeType.GRAPH, g: otherwise },
+    ];
+    const inner = { opType: 'If', name: 'inner', input: ['flag'], output: ['i1'], attribute: branches(
+      { name: 'deep_then', output: [info('d1')], node: [{ opType: 'MatMul', name: 'deep', input: ['h', 'W'], output: ['d1'] }] },
+      { name: 'deep_else', output: [info('d2')], node: [neg('h', 'd2')] }) };
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'nested', input: [info('x', TensorProto_DataType.FLOAT, [2, 32]), info('flag', TensorProto_DataType.BOOL, [])], output: [info('y')],
+        initializer: [matrix('A'), matrix('W')],
+        node: [{ opType: 'MatMul', name: 'h', input: ['x', 'A'], output: ['h'] }, { opType: 'If', name: 'outer', input: ['flag'], output: ['y'], attribute: branches(
+          { name: 'outer_then', output: [info('i1')], node: [inner] }, { name: 'outer_else', output: [info('e1')], node: [neg('h', 'e1')] }) }],
+      },
+    } as never));
+    const flag = { data: Uint8Array.of(1), dims: [] } as never;
+    const evaluationFeeds = normalFeeds(3, [2, 32], 8).map((f) => ({ x: f.x, flag }));
+    const losses = await expectSameAsAlone(bytes, { weights: { bits: 8 }, evaluationFeeds });
+    expect(losses.map(([n]) => n)).to.deep.equal(['h', 'deep']);
+    for (const [, loss] of losses) expect(loss).to.be.greaterThan(0);
   });
 
   it('refuses a sensitivity that is not a boolean, or without evaluation feeds', async () => {

@@ -130,14 +130,15 @@ export interface QuantizeModelOptions {
    */
   evaluationFeeds?: Feed[];
   /**
-   * Also measure each main-graph layer's sensitivity (layers[i].sensitivity): the model's outputs on the evaluation
+   * Also measure each layer's sensitivity (layers[i].sensitivity; layers in the main graph and in the subgraphs of
+   * its nodes, not nested deeper): the model's outputs on the evaluation
    * feeds with only that layer quantized, every other float; the layers whose loss is largest are the ones to keep
    * in float (keepFloat). One onnxruntime session per layer. Default false.
    */
   sensitivity?: boolean;
   /**
    * Keep the layers that lose most in float until the output cosine on the evaluation feeds reaches `cosine`: the
-   * model is quantized once with `sensitivity`, then again with its k most sensitive main-graph layers added to
+   * model is quantized once with `sensitivity`, then again with its k most sensitive layers added to
    * keepFloat, k = 1, 2, … up to `maxFloatLayers` (default a quarter of the measured layers, at least 1; never all of
    * them), stopping at
    * the first that reaches it; the result is that run's model, or the run with the highest cosine when none does
@@ -209,7 +210,7 @@ export interface QuantizationReport {
   accuracyTarget?: {
     cosine: number; met: boolean; keptFloat: string[]; tried: Array<{ keptFloat: number; cosine: number }>;
     /** The first run's measured layers, the one that loses most first: the order layers were kept float in. */
-    ranking: Array<{ node: string; op: string; shape: number[]; sensitivity: { cosine: number; top1Agreement?: number } }>;
+    ranking: Array<{ node: string; op: string; shape: number[]; sensitivity: { cosine: number; top1Agreement?: number }; subgraph?: string; branch?: string }>;
   };
   timingsMs: Record<string, number>;
 }
@@ -684,7 +685,9 @@ async function quantizeToTarget(input: string | Uint8Array, opts: QuantizeModelO
     return cosine;
   };
   const first = await quantizeModelWith(input, { ...each, sensitivity: true }, host, false);
-  const ranking = bySensitivity(first.report.layers).map((l) => ({ node: l.node, op: l.op, shape: l.shape, sensitivity: l.sensitivity }));
+  const ranking = bySensitivity(first.report.layers).map((l) => ({
+    node: l.node, op: l.op, shape: l.shape, sensitivity: l.sensitivity, ...(l.subgraph ? { subgraph: l.subgraph, branch: l.branch } : {}),
+  }));
   const limit = Math.min(target.maxFloatLayers ?? Math.max(1, Math.floor(ranking.length / 4)), Math.max(ranking.length - 1, 0));
   const tried = [{ keptFloat: 0, cosine: score(first.report) }];
   let chosen = { run: first, kept: 0, cosine: tried[0].cosine };
@@ -699,9 +702,10 @@ async function quantizeToTarget(input: string | Uint8Array, opts: QuantizeModelO
   const { model, report } = chosen.run;
   if (chosen.run !== first) {
     // What the first run measured, on the chosen run's layers (those it kept float are in accuracyTarget.ranking).
-    const measured = new Map(first.report.layers.filter((l) => !l.subgraph).map((l) => [l.node, l]));
-    for (const l of report.layers.filter((x) => !x.subgraph)) {
-      const m = measured.get(l.node);
+    const key = (l: WeightLayerReport) => `${l.subgraph ?? ''}\u0000${l.branch ?? ''}\u0000${l.node}`;
+    const measured = new Map(first.report.layers.map((l) => [key(l), l]));
+    for (const l of report.layers) {
+      const m = measured.get(key(l));
       if (m?.sensitivity) l.sensitivity = m.sensitivity;
       if (m?.sensitivitySkipped) l.sensitivitySkipped = m.sensitivitySkipped;
     }

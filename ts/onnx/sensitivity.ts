@@ -8,8 +8,8 @@
  * from the quantized model, together with the nodes and constants feeding it that the float model lacks (graftLayer).
  */
 import { clone } from '@bufbuild/protobuf';
-import { NodeProtoSchema, type ModelProto, type NodeProto, type TensorProto } from 'onnx-buf';
-import { Graph, hasSubgraphs, isOnnxDomain } from './graph';
+import { NodeProtoSchema, type GraphProto, type ModelProto, type NodeProto, type TensorProto } from 'onnx-buf';
+import { Graph, hasSubgraphs, isOnnxDomain, subgraphReads } from './graph';
 import { cloneSharingData, sameStoredData, serializeModelAsync } from './model-io';
 import { nodeLabel, nextTurn } from './passes/pass';
 import { upgradeOpset } from './passes/upgrade-opset';
@@ -39,105 +39,186 @@ export function bySensitivity<T extends Pick<WeightLayerReport, 'sensitivity'>>(
     .sort((a, b) => a.sensitivity.cosine - b.sensitivity.cosine);
 }
 
+/** A graph and the graphs around it (innermost first), with what each defines. */
+class Scopes {
+  readonly levels: Array<{ graph: GraphProto; producers: Map<string, NodeProto>; initializers: Map<string, TensorProto>; inputs: Set<string> }>;
+
+  constructor(graphs: GraphProto[]) {
+    this.levels = graphs.map((graph) => {
+      const producers = new Map<string, NodeProto>();
+      for (const n of graph.node) for (const o of n.output) if (o) producers.set(o, n);
+      return { graph, producers, initializers: new Map(graph.initializer.map((t) => [t.name, t])), inputs: new Set(graph.input.map((i) => i.name)) };
+    });
+  }
+
+  /** The innermost level defining `name`, and its producer or initializer (neither: an input). */
+  find(name: string): { level: number; producer?: NodeProto; initializer?: TensorProto } | undefined {
+    for (const [level, l] of this.levels.entries()) {
+      const producer = l.producers.get(name);
+      const initializer = l.initializers.get(name);
+      if (producer || initializer || l.inputs.has(name)) return { level, producer, initializer };
+    }
+    return undefined;
+  }
+}
+
+/** A subgraph's place: the node holding it (by label) and the attribute, from the main graph inwards. */
+type SubgraphPath = Array<{ owner: string; branch: string }>;
+
+/** The subgraphs a node's graph attribute holds (`graph`, or the `graphs` list). */
+function graphsOf(node: NodeProto): Array<{ branch: string; graph: GraphProto }> {
+  return node.attribute.flatMap((a) => [...(a.g ? [{ branch: a.name, graph: a.g }] : []), ...a.graphs.map((graph) => ({ branch: a.name, graph }))]);
+}
+
+/**
+ * Where the node computing `output` sits inside subgraph `branch` of main-graph node `owner`, at any depth: the path
+ * of holding nodes and attributes from the main graph, or undefined when it is not there (or the path is ambiguous).
+ */
+function pathTo(model: ModelProto, owner: string, branch: string, output: string): SubgraphPath | undefined {
+  const search = (graph: GraphProto, path: SubgraphPath): SubgraphPath | undefined => {
+    if (graph.node.some((n) => n.output.includes(output))) return path;
+    for (const n of graph.node) {
+      for (const sub of graphsOf(n)) {
+        const found = search(sub.graph, [...path, { owner: nodeLabel(n), branch: sub.branch }]);
+        if (found) return found;
+      }
+    }
+    return undefined;
+  };
+  const owners = model.graph!.node.filter((n) => nodeLabel(n) === owner);
+  const start = owners.length === 1 ? graphsOf(owners[0]).filter((g) => g.branch === branch) : [];
+  return start.length === 1 ? search(start[0].graph, [{ owner, branch }]) : undefined;
+}
+
+/** The graphs along a path, innermost first, ending with the main graph; undefined when a step is missing or ambiguous. */
+function scopesOf(model: ModelProto, path: SubgraphPath): GraphProto[] | undefined {
+  const graphs = [model.graph!];
+  for (const { owner, branch } of path) {
+    const holders = graphs[0].node.filter((n) => nodeLabel(n) === owner);
+    const inner = holders.length === 1 ? graphsOf(holders[0]).filter((g) => g.branch === branch) : [];
+    if (inner.length !== 1) return undefined;
+    graphs.unshift(inner[0].graph);
+  }
+  return graphs;
+}
+
+/** Puts a subgraph's nodes in an order where each comes after the nodes computing its inputs; false on a cycle. */
+function sortSubgraph(scope: GraphProto): boolean {
+  const produced = new Set(scope.node.flatMap((n) => n.output).filter((o) => o));
+  const ready = new Set<string>();
+  const remaining = [...scope.node];
+  const order: NodeProto[] = [];
+  while (remaining.length > 0) {
+    const i = remaining.findIndex((n) => [...n.input, ...subgraphReads(n)].every((x) => !produced.has(x) || ready.has(x)));
+    if (i < 0) return false;
+    const [n] = remaining.splice(i, 1);
+    order.push(n);
+    for (const o of n.output) ready.add(o);
+  }
+  scope.node.splice(0, scope.node.length, ...order);
+  return true;
+}
+
 /**
  * `base` (a clone; the data bytes are shared) with the nodes computing a layer replaced by `donor`'s, and with the
  * donor's nodes and constants feeding them that base lacks; base's constants nothing reads any more go. `outputs`:
  * the layer's output values (the donor nodes producing them are taken whatever they are); `label`: the layer's node
- * label (that node is taken too: a bias correction can put an Add after it under its output's name). A string says
- * why the layer cannot be moved.
+ * label (that node is taken too: a bias correction can put an Add after it under its output's name); `place`: for a
+ * layer inside a subgraph of a main-graph node (at any depth), that node's label and the subgraph's attribute, as
+ * reports give them. A string says why the layer cannot be moved.
  */
-export function graftLayer(base: ModelProto, donor: ModelProto, outputs: string[], label: string, op: string): ModelProto | string {
-  const donorGraph = donor.graph!;
-  const producers = new Map<string, NodeProto>();
-  for (const n of donorGraph.node) for (const o of n.output) if (o) producers.set(o, n);
-  const taken = new Set<NodeProto>();
-  for (const o of outputs) {
-    const p = producers.get(o);
-    if (!p) return `the quantized model computes no value '${o}' in its main graph`;
-    taken.add(p);
-  }
-  const labelled = donorGraph.node.find((n) => nodeLabel(n) === label);
-  if (labelled) taken.add(labelled);
+export function graftLayer(base: ModelProto, donor: ModelProto, outputs: string[], label: string, op: string,
+  place?: { owner: string; branch: string }): ModelProto | string {
+  const where = place ? `${place.branch} of ${place.owner}` : 'its main graph';
+  const path = place ? pathTo(donor, place.owner, place.branch, outputs[0]) : [];
+  if (!path) return `the quantized model computes no value '${outputs[0]}' in ${where}, at any depth`;
+  const donorGraphs = scopesOf(donor, path);
   const variant = cloneSharingData(base);
-  const graph = variant.graph!;
-  const baseProducers = new Map<string, NodeProto>();
-  for (const n of graph.node) for (const o of n.output) if (o) baseProducers.set(o, n);
-  const baseInitializers = new Map(graph.initializer.map((t) => [t.name, t]));
-  const baseValues = new Set([...graph.input.map((i) => i.name), ...baseInitializers.keys(), ...baseProducers.keys()]);
-  const donorInitializers = new Map(donorGraph.initializer.map((t) => [t.name, t]));
-  const donorInputs = new Set(donorGraph.input.map((i) => i.name));
+  const baseGraphs = scopesOf(variant, path);
+  if (!donorGraphs || !baseGraphs) return `the float model has no single subgraph at ${path.map((p) => `${p.branch} of ${p.owner}`).join(', inside ')}`;
+  const [donorScopes, baseScopes] = [new Scopes(donorGraphs), new Scopes(baseGraphs)];
+  const taken = new Map<NodeProto, number>();  // donor node → its level
+  for (const o of outputs) {
+    const p = donorScopes.levels[0].producers.get(o);
+    if (!p) return `the quantized model computes no value '${o}' in ${where}`;
+    taken.set(p, 0);
+  }
+  const labelled = donorScopes.levels[0].graph.node.find((n) => nodeLabel(n) === label);
+  if (labelled) taken.set(labelled, 0);
   // Walk back from the taken nodes' inputs to values base computes the same way (the float layers' outputs, the
   // model's inputs), taking the quantization nodes on the way and the constants base lacks.
-  const copies = new Map<string, TensorProto>();
+  const copies = new Map<string, { tensor: TensorProto; level: number }>();
   const seen = new Set<string>();
-  const pending = [...taken].flatMap((n) => n.input);
+  const pending = [...taken.keys()].flatMap((n) => n.input);
   // The layer's node itself when its label did not find it: unnamed, its output renamed by a bias correction.
   let ownOp = labelled !== undefined;
   while (pending.length > 0) {
     const name = pending.pop()!;
     if (name === '' || seen.has(name)) continue;
     seen.add(name);
-    const p = producers.get(name);
-    if (p && taken.has(p)) continue;
-    const t = donorInitializers.get(name);
-    if (t) {
-      const same = baseInitializers.get(name);
-      if (!same || !sameStoredData(same, t)) copies.set(name, t);
+    const d = donorScopes.find(name);
+    if (d?.producer && taken.has(d.producer)) continue;
+    const b = baseScopes.find(name);
+    if (d?.initializer) {
+      if (!b?.initializer || !sameStoredData(b.initializer, d.initializer)) copies.set(name, { tensor: d.initializer, level: d.level });
       continue;
     }
-    if (baseValues.has(name)) continue;
-    if (!p) return donorInputs.has(name) ? `it reads the model input '${name}', which the float model does not have` : `it reads '${name}', which nothing in the quantized model's main graph computes`;
+    if (b) continue;
+    if (!d?.producer) return d ? `it reads the input '${name}', which the float model does not have` : `it reads '${name}', which nothing in the quantized model computes`;
+    const p = d.producer;
     const own: boolean = p.opType === op && !ownOp;
     if (hasSubgraphs(p) || !isOnnxDomain(p.domain) && p.domain !== 'com.microsoft' || !(QUANTIZATION_NODES.has(p.opType) || own)) {
       return `its inputs in the quantized model pass through ${p.opType} '${nodeLabel(p)}', which is not part of quantizing it`;
     }
     ownOp ||= own;
-    taken.add(p);
+    taken.set(p, d.level);
     pending.push(...p.input);
   }
   // Base's nodes computing what the taken ones compute go, whole: one computing anything else too cannot.
-  const takenOutputs = new Set([...taken].flatMap((n) => n.output).filter((o) => o));
-  const replaced = new Set<NodeProto>();
-  for (const o of takenOutputs) {
-    const b = baseProducers.get(o);
-    if (b) replaced.add(b);
-    else if (baseValues.has(o)) return `the quantized model computes '${o}', which is a constant or input of the float model`;
+  const takenOutputs = new Set([...taken.keys()].flatMap((n) => n.output).filter((o) => o));
+  const replaced = new Map<NodeProto, number>();
+  for (const [n, level] of taken) {
+    for (const o of n.output.filter((x) => x)) {
+      const b = baseScopes.levels[level].producers.get(o);
+      if (b) replaced.set(b, level);
+      else if (baseScopes.find(o)) return `the quantized model computes '${o}', which the float model defines otherwise`;
+    }
   }
-  for (const b of replaced) {
+  for (const b of replaced.keys()) {
     const other = b.output.find((o) => o && !takenOutputs.has(o));
     if (other) return `the float model's node '${nodeLabel(b)}' also computes '${other}', which the quantized model's layer does not`;
   }
   const g = new Graph(variant);
   // The taken nodes' new values keep their names: the constants' copies must not take them.
-  for (const o of takenOutputs) if (!baseValues.has(o)) g.uniqueName(o);
+  for (const o of takenOutputs) if (!baseScopes.find(o)) g.uniqueName(o);
   const renamed = new Map<string, string>();
-  for (const [name, t] of copies) renamed.set(name, g.copyConstants([t])[0].name);
-  const read = new Set(graph.node.filter((n) => replaced.has(n)).flatMap((n) => n.input));
-  graph.node.splice(0, graph.node.length, ...graph.node.filter((n) => !replaced.has(n)),
-    ...donorGraph.node.filter((n) => taken.has(n)).map((n) => {
+  for (const [name, { tensor, level }] of copies) renamed.set(name, g.copyConstants([tensor], baseScopes.levels[level].graph)[0].name);
+  const read = new Set([...replaced.keys()].flatMap((n) => n.input));
+  for (const [level, { graph }] of baseScopes.levels.entries()) {
+    const from = donorScopes.levels[level].graph.node.filter((n) => taken.get(n) === level);
+    graph.node.splice(0, graph.node.length, ...graph.node.filter((n) => !replaced.has(n)), ...from.map((n) => {
       const copy = clone(NodeProtoSchema, n);
       copy.input = copy.input.map((i) => renamed.get(i) ?? i);
       return copy;
     }));
+  }
   for (const o of donor.opsetImport) {
     if (!isOnnxDomain(o.domain) && !variant.opsetImport.some((v) => v.domain === o.domain)) variant.opsetImport.push({ ...o });
   }
-  g.removeAllUnused(read);
+  for (const { graph } of baseScopes.levels) g.removeAllUnused(read, graph);
+  for (const { graph } of baseScopes.levels.slice(0, -1)) if (!sortSubgraph(graph)) return `the grafted nodes form a cycle in ${where}`;
   g.sort();
   return variant;
 }
 
 /**
- * Each main-graph layer's sensitivity (layer.sensitivity, or layer.sensitivitySkipped saying why not), on the feeds,
+ * Each layer's sensitivity (in the main graph and in subgraphs) (layer.sensitivity, or layer.sensitivitySkipped saying why not), on the feeds,
  * against the prepared float model's outputs. One onnxruntime session per layer, at the default optimisation level
  * with one thread, as the evaluation.
  */
 export async function measureSensitivity(prepared: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[], host: OrtHost,
   what: { bug: string; onLayer?: (done: number, total: number) => void; signal?: AbortSignal }): Promise<void> {
-  const measured = layers.filter((l) => {
-    if (l.subgraph) l.sensitivitySkipped = `inside ${l.branch ? `${l.branch} of ` : ''}${l.subgraph}: main-graph layers only`;
-    return !l.subgraph;
-  });
+  const measured = layers;
   if (measured.length === 0 || feedsList.length === 0) return;
   // Float nodes at the quantized model's opset, which it reached after the float model was prepared (storage of
   // 4- and 2-bit weights, 16-bit activations).
@@ -163,7 +244,7 @@ export async function measureSensitivity(prepared: ModelProto, quantized: ModelP
   }
   for (const [i, l] of measured.entries()) {
     what.signal?.throwIfAborted();
-    const variant = graftLayer(base, quantized, [l.output], l.node, l.op);
+    const variant = graftLayer(base, quantized, [l.output], l.node, l.op, l.subgraph && l.branch ? { owner: l.subgraph, branch: l.branch } : undefined);
     if (typeof variant === 'string') {
       l.sensitivitySkipped = variant;
       continue;
