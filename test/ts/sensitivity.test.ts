@@ -157,6 +157,29 @@ describe('quantizeModel sensitivity', function () {
     for (const [, loss] of losses) expect(loss).to.be.greaterThan(0);
   });
 
+  it('measures a layer in a Loop body, as the model quantized there alone', async () => {
+    const r = rng(7);
+    const matrix = (name: string) => ({ name, dataType: TensorProto_DataType.FLOAT, dims: [32n, 32n], rawData: new Uint8Array(Float32Array.from({ length: 1024 }, () => (r() - 0.5) / 4).buffer) });
+    const scalar = (name: string, dataType: number, bytes: Uint8Array) => ({ name, dataType, dims: [], rawData: bytes });
+    const body = {
+      name: 'body', input: [info('i', TensorProto_DataType.INT64, []), info('c', TensorProto_DataType.BOOL, []), info('v')], output: [info('c_out', TensorProto_DataType.BOOL, []), info('v_out')],
+      node: [{ opType: 'Identity', name: 'keep_going', input: ['c'], output: ['c_out'] }, { opType: 'MatMul', name: 'step', input: ['v', 'W'], output: ['v_out'] }],
+    };
+    const bytes = toBinary(ModelProtoSchema, create(ModelProtoSchema, {
+      irVersion: 8n, opsetImport: [{ domain: '', version: 17n }],
+      graph: {
+        name: 'loop', input: [info('x', TensorProto_DataType.FLOAT, [2, 32])], output: [info('y')],
+        initializer: [matrix('A'), matrix('W'), scalar('trips', TensorProto_DataType.INT64, new Uint8Array(BigInt64Array.of(3n).buffer)), scalar('go', TensorProto_DataType.BOOL, Uint8Array.of(1))],
+        node: [{ opType: 'MatMul', name: 'h', input: ['x', 'A'], output: ['h'] },
+          { opType: 'Loop', name: 'loop', input: ['trips', 'go', 'h'], output: ['y'], attribute: [{ name: 'body', type: AttributeProto_AttributeType.GRAPH, g: body }] }],
+      },
+    } as never));
+    const evaluationFeeds = normalFeeds(3, [2, 32], 9);
+    const losses = await expectSameAsAlone(bytes, { weights: { bits: 8 }, evaluationFeeds });
+    expect(losses.map(([n]) => n)).to.deep.equal(['h', 'step']);
+    for (const [, loss] of losses) expect(loss).to.be.greaterThan(0);
+  });
+
   it('refuses a sensitivity that is not a boolean, or without evaluation feeds', async () => {
     const model = branchedMlp(3);
     let caught: unknown;
