@@ -1554,6 +1554,15 @@ describe('compareOutputs', () => {
     expect(await cosine([1, -1, 0, 0])).to.equal(0);  // orthogonal
   });
 
+  it('gives each output an SQNR over all its values, which moves where the per-sample cosine of a one-value output cannot', async () => {
+    const scaled = (k: number) => buildModel({ inputDims: ['N', 1], output: 'y', initializers: { k: { dims: [1], data: Float32Array.of(k) } }, nodes: [{ op: 'Mul', inputs: ['input', 'k'], output: 'y' }] });
+    const feeds = [{ input: { data: Float32Array.of(0.5, -1, 2, 0.25), dims: [4, 1] } }, { input: { data: Float32Array.of(3), dims: [1, 1] } }];
+    const out = (await compareOutputs(scaled(2), scaled(2.1), feeds)).outputs[0];
+    expect(out.cosine).to.equal(1);  // one value per sample, same sign
+    expect(out.sqnrDb).to.be.closeTo(10 * Math.log10(400), 1e-4);  // (2x)² / (0.1x)²
+    expect((await compareOutputs(scaled(2), scaled(2), feeds)).outputs[0].sqnrDb).to.equal(Infinity);
+  });
+
   it('compares the models as onnxruntime runs them by default, with its fused kernels (a fusion that miscomputes shows)', async () => {
     // y = x·W + b with W [1, K, N], written by hand as dynamic int8 MatMulInteger (as lowbit once wrote it): at its
     // default level onnxruntime 1.30 fuses that into DynamicQuantizeMatMul and drops the bias; at 'basic' it does not.
@@ -1612,6 +1621,7 @@ describe('compareOutputs', () => {
     const [out] = compared.outputs;
     expect(out.quantizedNonFiniteFeeds).to.equal(1);
     expect(out.cosine).to.be.closeTo(3 / 4, 1e-6);  // three samples near 1, one 0
+    expect(out.sqnrDb).to.equal(-Infinity);
     expect(out.top1Agreement).to.equal(3 / 4);
     // NaN in both models' outputs: the float model's left out (the feed whole), nothing scored 0.
     const both = await compareOutputs(broken, broken, feeds);

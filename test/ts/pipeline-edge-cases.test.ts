@@ -1532,7 +1532,7 @@ describe('the evaluation on inputs that say nothing (second audit)', () => {
     const cli = spawnSync(process.execPath, [path.join(root, 'dist', 'ts', 'cli.js'), 'quantize', 'm.onnx'], { cwd: dir, encoding: 'utf8' });
     fs.rmSync(dir, { recursive: true });
     expect(cli.status, cli.stderr).to.equal(0);
-    expect(cli.stdout).to.match(/output y: cosine [0-9.]+ vs float, top-1 agreement [0-9.]+% \(2 made-up samples\)\n/);
+    expect(cli.stdout).to.match(/output y: cosine [0-9.]+ vs float, SQNR [0-9.]+ dB, top-1 agreement [0-9.]+% \(2 made-up samples\)\n/);
     expect(cli.stdout).to.include('note: compared on made-up inputs (input [1, 8]; symbolic dimensions set to 1): this shows the model runs more than how close it stays; pass --calib <folder> to compare on real inputs.');
   });
 

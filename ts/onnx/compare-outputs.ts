@@ -11,7 +11,12 @@ type Output = { type: string; data: unknown; dims: readonly number[] };
 /** The float outputs' comparison: `cosine` is the mean over compared samples. */
 export interface OutputComparisonResult {
   samples: number;
-  outputs: Array<{ name: string; cosine: number; top1Agreement?: number; reshapedFeeds?: number; nonFiniteFeeds?: number; quantizedNonFiniteFeeds?: number }>;
+  /**
+   * `sqnrDb`: the float values' power over the squared differences, summed over every compared value (for an output
+   * of one value per sample, such as a probability, whose per-sample cosine is 1 whatever the value); Infinity with
+   * no difference, -Infinity when the quantized values hold NaN or an infinity.
+   */
+  outputs: Array<{ name: string; cosine: number; sqnrDb: number; top1Agreement?: number; reshapedFeeds?: number; nonFiniteFeeds?: number; quantizedNonFiniteFeeds?: number }>;
   uncompared?: Array<{ name: string; reason: string }>;
 }
 
@@ -33,6 +38,11 @@ export function meanCosine(result: OutputComparisonResult): number | undefined {
   return result.outputs.length ? result.outputs.reduce((sum, o) => sum + o.cosine, 0) / result.outputs.length : undefined;
 }
 
+function sqnrDb(power: number, noise: number): number {
+  if (!Number.isFinite(noise)) return -Infinity;
+  return noise === 0 ? Infinity : 10 * Math.log10(power / noise);
+}
+
 /** Why an output was compared on no feed: each feed left it out for one of these. */
 function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: number }): string {
   return [
@@ -49,7 +59,10 @@ function uncomparedReason(s: { reshaped: number; nonFinite: number; empty: numbe
  * do not) scores 0 and disagrees.
  */
 export class OutputComparison {
-  private readonly sums = new Map<string, { cos: number; compared: number; agree: number; ranked: number; reshaped: number; nonFinite: number; quantNonFinite: number; empty: number }>();
+  private readonly sums = new Map<string, {
+    cos: number; compared: number; agree: number; ranked: number; reshaped: number; nonFinite: number; quantNonFinite: number; empty: number;
+    power: number; noise: number;
+  }>();
   private readonly integers = new Map<string, { type: string; equal: number; total: number }>();
   private samples = 0;
 
@@ -70,7 +83,7 @@ export class OutputComparison {
       const a = floatValues(f[name]);
       const b = floatValues(q[name]);
       const dims = f[name].dims;
-      const entry = this.sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0, reshaped: 0, nonFinite: 0, quantNonFinite: 0, empty: 0 };
+      const entry = this.sums.get(name) ?? { cos: 0, compared: 0, agree: 0, ranked: 0, reshaped: 0, nonFinite: 0, quantNonFinite: 0, empty: 0, power: 0, noise: 0 };
       this.sums.set(name, entry);
       if (q[name].dims.join() !== dims.join()) {
         if (q[name].dims.length !== dims.length) {
@@ -102,6 +115,10 @@ export class OutputComparison {
       }
       entry.compared += rows;
       comparedHere = true;
+      for (let i = 0; i < a.length; i++) {
+        entry.power += a[i] * a[i];
+        entry.noise += (a[i] - b[i]) ** 2;  // NaN where b is not finite: -Infinity dB below
+      }
       const classes = dims[dims.length - 1];
       if (classes > 1 && a.length % classes === 0) {
         for (let r = 0; r < a.length / classes; r++) {
@@ -127,7 +144,7 @@ export class OutputComparison {
     return {
       samples: this.samples,
       outputs: [...this.sums].filter(([, s]) => s.compared > 0).map(([name, s]) => ({
-        name, cosine: s.cos / s.compared, ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}), ...(s.reshaped > 0 ? { reshapedFeeds: s.reshaped } : {}),
+        name, cosine: s.cos / s.compared, sqnrDb: sqnrDb(s.power, s.noise), ...(s.ranked > 0 ? { top1Agreement: s.agree / s.ranked } : {}), ...(s.reshaped > 0 ? { reshapedFeeds: s.reshaped } : {}),
         ...(s.nonFinite > 0 ? { nonFiniteFeeds: s.nonFinite } : {}), ...(s.quantNonFinite > 0 ? { quantizedNonFiniteFeeds: s.quantNonFinite } : {}),
       })),
       ...(uncompared.length > 0 ? { uncompared } : {}),

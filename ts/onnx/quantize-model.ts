@@ -32,7 +32,7 @@ import { foldScalarAffineSteps } from './passes/fold-scalar-affine';
 import { fuseHardSwish, hasHardSwishPattern } from './passes/fuse-hardswish';
 import { quantizeBiases, type LayerScales } from './passes/quantize-bias';
 import { keptFloat, nodeLabel, placeOf } from './passes/pass';
-import { feedBatch, meanCosine, OutputComparison } from './compare-outputs';
+import { feedBatch, meanCosine, OutputComparison, type OutputComparisonResult } from './compare-outputs';
 import { bySensitivity, measureSensitivity } from './sensitivity';
 import { fitOnnxruntimeSteps } from './passes/fit-onnxruntime';
 import { placeOutputQuantizers } from './passes/output-placement';
@@ -156,7 +156,8 @@ export interface QuantizeModelOptions {
   externalData?: boolean;
   /**
    * Hears each stage's name as it starts ('read', 'calibrate', 'quantize-weights', 'evaluate', …) and progress
-   * within the long ones: 'calibrate batch <i>', 'quantize-weights <i>/<n>', 'bias-correction <i>/<n>' (layers).
+   * within the long ones: 'calibrate batch <i>', 'quantize-weights <i>/<n>', 'bias-correction <i>/<n>', 'sensitivity <i>/<n>'
+   * (layers), 'accuracy-target <k>/<n>' (a try with k layers kept float).
    */
   onProgress?: (stage: string) => void;
   /**
@@ -185,7 +186,7 @@ export interface QuantizationReport {
      * `quantizedNonFiniteFeeds`: feeds on which only the quantized model's output did: each sample holding such a
      * value counts as cosine 0, and each last-axis row holding one as a top-1 disagreement (broken, not near).
      */
-    outputs: Array<{ name: string; cosine: number; top1Agreement?: number; reshapedFeeds?: number; nonFiniteFeeds?: number; quantizedNonFiniteFeeds?: number }>;
+    outputs: OutputComparisonResult['outputs'];
     /** Float outputs compared on no feed, and why; integer outputs (no cosine), with how many values match. */
     uncompared?: Array<{ name: string; reason: string }>;
     /**
