@@ -59,7 +59,7 @@ export async function sensitivityExperiment(json: boolean): Promise<void> {
       const { report: r } = await quantizeModel(model, { ...base, evaluationFeeds: feeds(EVALUATION_SAMPLES, dims, 100), accuracyTarget: { cosine: TARGET, maxFloatLayers: 20 } });
       const t = r.accuracyTarget!;
       searched.push({
-        inputs: kind, target: String(TARGET), met: t.met ? 'yes' : 'no', 'kept float': t.keptFloat.length, cosine: t.tried.find((x) => x.keptFloat === t.keptFloat.length)!.cosine.toFixed(5),
+        inputs: kind, target: String(TARGET), met: t.met ? 'yes' : 'no', 'kept float': t.keptFloat.length, cosine: t.tried.find((x) => x.floatLayers === t.keptFloat.length)!.cosine.toFixed(5),
         tries: t.tried.length, 's': ((r.timingsMs['accuracy-target'] ?? NaN) / 1000).toFixed(0),
       });
     }

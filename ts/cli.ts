@@ -432,10 +432,11 @@ export function program(): Command {
       if (o.sensitivity || report.accuracyTarget) printSensitivity(report);
       const target = report.accuracyTarget;
       if (target) {
-        const tries = target.tried.map((t) => `${t.keptFloat} float: ${t.cosine.toFixed(6)}`).join(', ');
+        const tries = target.tried.map((t) => `${t.floatLayers} float: ${t.cosine.toFixed(6)}`).join(', ');
         const kept = target.keptFloat.length ? `with ${target.keptFloat.join(', ')} kept float` : 'with no layer kept float';
+        const more = target.limit < target.ranking.length - 1 ? ' --max-float-layers allows more tries.' : '';
         console.log(target.met ? `target cosine ${target.cosine} met ${kept} (${tries})`
-          : `target cosine ${target.cosine} not met; the closest model, written: ${kept} (${tries}). --max-float-layers allows more tries.`);
+          : `target cosine ${target.cosine} not met; the closest model, written: ${kept} (${tries}).${more}`);
       }
       // How onnxruntime will run it (`npm run bench -- models`).
       if (o.abits === undefined) {

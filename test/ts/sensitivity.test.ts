@@ -205,7 +205,7 @@ describe('quantizeModel accuracyTarget', function () {
       const target = report.accuracyTarget!;
       expect(target.met).to.equal(true);
       expect(target.keptFloat).to.deep.equal(['conv2']);
-      expect(target.tried.map((t) => t.keptFloat)).to.deep.equal([0, 1]);
+      expect(target.tried.map((t) => t.floatLayers)).to.deep.equal([0, 1]);
       expect(target.tried[0].cosine).to.be.below(0.9999);
       expect(target.tried[1].cosine).to.be.at.least(0.9999).and.to.equal(report.evaluation!.outputs[0].cosine);
       const kept = await quantizeModel(mnistCnn, { ...options, keepFloat: ['conv2'] });
@@ -230,7 +230,8 @@ describe('quantizeModel accuracyTarget', function () {
     expect(far.met).to.equal(false);
     expect(far.tried.length).to.equal(2);
     const best = far.tried.reduce((a, b) => (b.cosine > a.cosine ? b : a));
-    expect(far.keptFloat.length).to.equal(best.keptFloat);
+    expect(far.keptFloat.length).to.equal(best.floatLayers);
+    expect(far.limit).to.equal(1);
     expect(farReport.evaluation!.outputs[0].cosine).to.equal(best.cosine);  // the closest try is the one returned
     const near = (await quantizeModel(mnistCnn, { ...options, accuracyTarget: { cosine: 0.99 } })).report.accuracyTarget!;
     expect(near).to.deep.include({ met: true, keptFloat: [] });

@@ -66,12 +66,12 @@ function feedType(name: string, elemType: number): FeedType {
   return type;
 }
 
-/** @internal An onnxruntime tensor of a feed's values (its type follows the array; a Uint8Array's, `type`). */
-/** A feed's tensors as onnxruntime Tensors. */
+/** @internal A feed's tensors as onnxruntime Tensors. */
 export function ortTensors(feed: Record<string, FeedTensor>): Record<string, InstanceType<ReturnType<typeof ort>['Tensor']>> {
   return Object.fromEntries(Object.entries(feed).map(([k, v]) => [k, ortTensor(v)]));
 }
 
+/** @internal An onnxruntime tensor of a feed's values (its type follows the array; a Uint8Array's, `type`). */
 export function ortTensor(v: FeedTensor): InstanceType<ReturnType<typeof ort>['Tensor']> {
   const O = ort();
   const dims = [...v.dims];

@@ -1,6 +1,6 @@
 /**
- * How close a model's outputs are to the float model's, feed by feed: mean per-sample cosine and top-1 agreement
- * (shared by quantizeModel's evaluation and its per-layer sensitivity).
+ * How close a model's outputs are to the float model's, feed by feed: mean per-sample cosine, SQNR and top-1
+ * agreement (shared by quantizeModel's evaluation and its per-layer sensitivity).
  */
 import { withArticle } from '../errors';
 import { floatValues } from './calibrate';
@@ -14,7 +14,8 @@ export interface OutputComparisonResult {
   /**
    * `sqnrDb`: the float values' power over the squared differences, summed over every compared value (for an output
    * of one value per sample, such as a probability, whose per-sample cosine is 1 whatever the value); Infinity with
-   * no difference, -Infinity when the quantized values hold NaN or an infinity.
+   * no difference, -Infinity when the quantized values hold NaN or an infinity, or the float values are all zero
+   * and the quantized ones not.
    */
   outputs: Array<{ name: string; cosine: number; sqnrDb: number; top1Agreement?: number; reshapedFeeds?: number; nonFiniteFeeds?: number; quantizedNonFiniteFeeds?: number }>;
   uncompared?: Array<{ name: string; reason: string }>;

@@ -39,7 +39,7 @@ import { placeOutputQuantizers } from './passes/output-placement';
 import { quantizeInputsDynamicallySteps } from './passes/dynamic-activations';
 import { activationParams, fakeQuantize, quantizeActivations, quantizeBodyActivations, type ActivationLayerReport, type ActivationRange } from './passes/quantize-activations';
 import { nextTurn, pauser, runStepsAsync, type PassReport } from './passes/pass';
-import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, operatorCountList, quantizableSubgraphLayers, quantizedOperatorCounts, quantizeWeightsByLayer, reducedRangeBits, unquantizableReason, type WeightLayerReport } from './passes/quantize-weights';
+import { checkFiniteWeights, edgeLayers, layerInput, QUANTIZABLE, quantizableLayers, operatorCountList, quantizableSubgraphLayers, quantizedOperatorCounts, quantizeWeightsByLayer, reducedRangeBits, unquantizableReason, type LayerSensitivity, type WeightLayerReport } from './passes/quantize-weights';
 import { unconvertibleReason, upgradeOpset } from './passes/upgrade-opset';
 
 export interface QuantizeModelOptions {
@@ -130,8 +130,8 @@ export interface QuantizeModelOptions {
    */
   evaluationFeeds?: Feed[];
   /**
-   * Also measure each layer's sensitivity (layers[i].sensitivity; layers in the main graph and in the subgraphs of
-   * its nodes, not nested deeper): the model's outputs on the evaluation
+   * Also measure each layer's sensitivity (layers[i].sensitivity; layers in the main graph and in subgraphs at any
+   * depth): the model's outputs on the evaluation
    * feeds with only that layer quantized, every other float; the layers whose loss is largest are the ones to keep
    * in float (keepFloat). One onnxruntime session per layer. Default false.
    */
@@ -176,7 +176,7 @@ export interface QuantizationReport {
   /**
    * The float outputs of the quantized model against the float model's, both run at onnxruntime's default
    * optimisation level (fused integer kernels, which depend on the CPU): mean cosine per sample (each row along the
-   * batch axis; an output without one, per feed) and top-1 agreement over the last axis; `samples` counts the rows.
+   * batch axis; an output without one, per feed), SQNR over all values (`sqnrDb`) and top-1 agreement over the last axis; `samples` counts the rows.
    */
   evaluation?: {
     samples: number;
@@ -209,9 +209,11 @@ export interface QuantizationReport {
    * timingsMs['accuracy-target'] is the whole call, every try included (the other stages are the chosen try's).
    */
   accuracyTarget?: {
-    cosine: number; met: boolean; keptFloat: string[]; tried: Array<{ keptFloat: number; cosine: number }>;
+    cosine: number; met: boolean; keptFloat: string[]; tried: Array<{ floatLayers: number; cosine: number }>;
     /** The first run's measured layers, the one that loses most first: the order layers were kept float in. */
-    ranking: Array<{ node: string; op: string; shape: number[]; sensitivity: { cosine: number; top1Agreement?: number }; subgraph?: string; branch?: string }>;
+    ranking: Array<{ node: string; op: string; shape: number[]; sensitivity: LayerSensitivity; subgraph?: string; branch?: string }>;
+    /** How many layers the search could keep float (maxFloatLayers, or its default, capped below the measured layers). */
+    limit: number;
   };
   timingsMs: Record<string, number>;
 }
@@ -612,7 +614,7 @@ function asFloatModelFailure(e: unknown): never {
 }
 
 /**
- * @internal Mean per-sample output cosine and top-1 agreement (over the last axis) of two models in onnxruntime, at its default
+ * @internal Mean per-sample output cosine, SQNR and top-1 agreement (over the last axis) of two models in onnxruntime, at its default
  * optimisation level, on these feeds. A feed holds as many samples as its first input's first dimension (1 for a
  * scalar input); an output whose first dimension is that batch is compared sample by sample, any other as one sample
  * per feed. A sample whose quantized values hold NaN or an infinity (the float ones do not) scores 0.
@@ -675,7 +677,7 @@ async function quantizeToTarget(input: string | Uint8Array, opts: QuantizeModelO
   const t0 = performance.now();
   const target = opts.accuracyTarget!;
   // Each try checks the output path as a run would, but only the chosen model is written, at the end.
-  const each: QuantizeModelOptions = { ...opts, accuracyTarget: undefined };
+  const tryOptions: QuantizeModelOptions = { ...opts, accuracyTarget: undefined };
   const score = (r: QuantizationReport): number => {
     const cosine = r.evaluation ? meanCosine(r.evaluation) : undefined;
     if (cosine === undefined) {
@@ -685,19 +687,19 @@ async function quantizeToTarget(input: string | Uint8Array, opts: QuantizeModelO
     }
     return cosine;
   };
-  const first = await quantizeModelWith(input, { ...each, sensitivity: true }, host, false);
+  const first = await quantizeModelWith(input, { ...tryOptions, sensitivity: true }, host, true);
   const ranking = bySensitivity(first.report.layers).map((l) => ({
     node: l.node, op: l.op, shape: l.shape, sensitivity: l.sensitivity, ...(l.subgraph ? { subgraph: l.subgraph, branch: l.branch } : {}),
   }));
   const limit = Math.min(target.maxFloatLayers ?? Math.max(1, Math.floor(ranking.length / 4)), Math.max(ranking.length - 1, 0));
-  const tried = [{ keptFloat: 0, cosine: score(first.report) }];
+  const tried = [{ floatLayers: 0, cosine: score(first.report) }];
   let chosen = { run: first, kept: 0, cosine: tried[0].cosine };
   for (let k = 1; chosen.cosine < target.cosine && k <= limit; k++) {
     opts.onProgress?.(`accuracy-target ${k}/${limit}`);
     const keepFloat = [...(opts.keepFloat ?? []), ...ranking.slice(0, k).map((l) => l.node)];
-    const run = await quantizeModelWith(input, { ...each, sensitivity: false, keepFloat }, host, false);
+    const run = await quantizeModelWith(input, { ...tryOptions, sensitivity: false, keepFloat }, host, true);
     const cosine = score(run.report);
-    tried.push({ keptFloat: k, cosine });
+    tried.push({ floatLayers: k, cosine });
     if (cosine > chosen.cosine || cosine >= target.cosine) chosen = { run, kept: k, cosine };
   }
   const { model, report } = chosen.run;
@@ -712,7 +714,7 @@ async function quantizeToTarget(input: string | Uint8Array, opts: QuantizeModelO
     }
     if (first.report.sensitivitySkipped) report.sensitivitySkipped = first.report.sensitivitySkipped;
   }
-  report.accuracyTarget = { cosine: target.cosine, met: chosen.cosine >= target.cosine, keptFloat: ranking.slice(0, chosen.kept).map((l) => l.node), tried, ranking };
+  report.accuracyTarget = { cosine: target.cosine, met: chosen.cosine >= target.cosine, keptFloat: ranking.slice(0, chosen.kept).map((l) => l.node), tried, ranking, limit };
   if (opts.outputPath) {
     const w0 = performance.now();
     await writeFileAtomicAsync(opts.outputPath, model, opts.signal);
@@ -722,7 +724,7 @@ async function quantizeToTarget(input: string | Uint8Array, opts: QuantizeModelO
   return { model, report };
 }
 
-async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModelOptions, host: OrtHost, write = true):
+async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModelOptions, host: OrtHost, targetTry = false):
   Promise<{ model: Uint8Array; report: QuantizationReport }> {
   const timings: Record<string, number> = {};
   // Every stage starts on a new event-loop turn, and the per-layer passes let it turn between layers:
@@ -1147,7 +1149,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
       : []));
   if (overridden.length > 0) passes.push({ pass: 'overridable-initializers', changed: overridden, skipped: [] });
   const fitsOneFile = storedBytes(model) < ONE_BUFFER_LIMIT;
-  if (!fitsOneFile && !write) {
+  if (!fitsOneFile && targetTry) {
     throw new OnnxModelError('The quantized model is 2 GB or more: options.accuracyTarget keeps each try in memory, which works for models under 2 GB. ' +
       'Quantize with keepFloat instead (layers[i].sensitivity shows which layers lose most).');
   }
@@ -1226,8 +1228,9 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     }));
   }
   if (opts.sensitivity) {
-    if (!report.evaluation) report.sensitivitySkipped = `there was no evaluation${report.evaluationSkipped ? ` (${report.evaluationSkipped})` : ''}`;
-    else if (!fitsOneFile) report.sensitivitySkipped = 'the quantized model is 2 GB or more: a model per layer would take too long';
+    // (A model of 2 GB or more is compared later, from its written files.)
+    if (!fitsOneFile) report.sensitivitySkipped = 'the quantized model is 2 GB or more: a model per layer would take too long';
+    else if (!report.evaluation) report.sensitivitySkipped = `there was no evaluation${report.evaluationSkipped ? ` (${report.evaluationSkipped})` : ''}`;
     else {
       await time('sensitivity', () => measureSensitivity(prepared!, model, layers, feeds, host,
         { bug: LOWBIT_BUG, onLayer: (done, total) => opts.onProgress?.(`sensitivity ${done}/${total}`), signal: opts.signal }));
@@ -1243,7 +1246,7 @@ async function quantizeModelWith(input: string | Uint8Array, opts: QuantizeModel
     noteMadeUp(report);
     return { model: modelBytes, report };
   }
-  if (opts.outputPath && write) await time('write', () => writeFileAtomicAsync(opts.outputPath!, bytes, opts.signal));
+  if (opts.outputPath && !targetTry) await time('write', () => writeFileAtomicAsync(opts.outputPath!, bytes, opts.signal));
   noteMadeUp(report);
   return { model: bytes, report };
 }

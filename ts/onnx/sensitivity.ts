@@ -27,12 +27,6 @@ import { openSession, runSession, type OrtHost } from './ort-session';
 const QUANTIZATION_NODES = new Set(['QuantizeLinear', 'DequantizeLinear', 'DynamicQuantizeLinear', 'MatMulInteger', 'ConvInteger', 'Cast', 'Mul', 'Add',
   'Clip', 'Transpose', 'Reshape', 'Identity', 'Constant']);
 
-/** The model's outputs with only this layer quantized, against the float model: mean cosine over its float outputs, top-1 agreement of the first output with one. */
-export interface LayerSensitivity {
-  cosine: number;
-  top1Agreement?: number;
-}
-
 /** The measured layers, the one that loses most first. */
 export function bySensitivity<T extends Pick<WeightLayerReport, 'sensitivity'>>(layers: T[]): Array<T & Required<Pick<WeightLayerReport, 'sensitivity'>>> {
   return layers.filter((l): l is T & Required<Pick<WeightLayerReport, 'sensitivity'>> => l.sensitivity !== undefined)
@@ -70,34 +64,36 @@ function graphsOf(node: NodeProto): Array<{ branch: string; graph: GraphProto }>
   return node.attribute.flatMap((a) => [...(a.g ? [{ branch: a.name, graph: a.g }] : []), ...a.graphs.map((graph) => ({ branch: a.name, graph }))]);
 }
 
+/** The one subgraph `branch` of the one node labelled `owner` in `graph`; undefined when there is none or several. */
+function subgraphAt(graph: GraphProto, owner: string, branch: string): GraphProto | undefined {
+  const holders = graph.node.filter((n) => nodeLabel(n) === owner);
+  const inner = holders.length === 1 ? graphsOf(holders[0]).filter((g) => g.branch === branch) : [];
+  return inner.length === 1 ? inner[0].graph : undefined;
+}
+
 /**
  * Where the node computing `output` sits inside subgraph `branch` of main-graph node `owner`, at any depth: the path
- * of holding nodes and attributes from the main graph, or undefined when it is not there (or the path is ambiguous).
+ * of holding nodes and attributes from the main graph, or undefined when it is not there or in several places (sibling
+ * subgraphs, such as an If's two branches, may reuse names; reports name a layer by its outermost subgraph only).
  */
 function pathTo(model: ModelProto, owner: string, branch: string, output: string): SubgraphPath | undefined {
-  const search = (graph: GraphProto, path: SubgraphPath): SubgraphPath | undefined => {
-    if (graph.node.some((n) => n.output.includes(output))) return path;
-    for (const n of graph.node) {
-      for (const sub of graphsOf(n)) {
-        const found = search(sub.graph, [...path, { owner: nodeLabel(n), branch: sub.branch }]);
-        if (found) return found;
-      }
-    }
-    return undefined;
+  const found: SubgraphPath[] = [];
+  const search = (graph: GraphProto, path: SubgraphPath): void => {
+    if (graph.node.some((n) => n.output.includes(output))) found.push(path);
+    for (const n of graph.node) for (const sub of graphsOf(n)) search(sub.graph, [...path, { owner: nodeLabel(n), branch: sub.branch }]);
   };
-  const owners = model.graph!.node.filter((n) => nodeLabel(n) === owner);
-  const start = owners.length === 1 ? graphsOf(owners[0]).filter((g) => g.branch === branch) : [];
-  return start.length === 1 ? search(start[0].graph, [{ owner, branch }]) : undefined;
+  const start = subgraphAt(model.graph!, owner, branch);
+  if (start) search(start, [{ owner, branch }]);
+  return found.length === 1 ? found[0] : undefined;
 }
 
 /** The graphs along a path, innermost first, ending with the main graph; undefined when a step is missing or ambiguous. */
 function scopesOf(model: ModelProto, path: SubgraphPath): GraphProto[] | undefined {
   const graphs = [model.graph!];
   for (const { owner, branch } of path) {
-    const holders = graphs[0].node.filter((n) => nodeLabel(n) === owner);
-    const inner = holders.length === 1 ? graphsOf(holders[0]).filter((g) => g.branch === branch) : [];
-    if (inner.length !== 1) return undefined;
-    graphs.unshift(inner[0].graph);
+    const inner = subgraphAt(graphs[0], owner, branch);
+    if (!inner) return undefined;
+    graphs.unshift(inner);
   }
   return graphs;
 }
@@ -120,7 +116,7 @@ function sortSubgraph(scope: GraphProto): boolean {
 }
 
 /**
- * `base` (a clone; the data bytes are shared) with the nodes computing a layer replaced by `donor`'s, and with the
+ * @internal `base` (a clone; the data bytes are shared) with the nodes computing a layer replaced by `donor`'s, and with the
  * donor's nodes and constants feeding them that base lacks; base's constants nothing reads any more go. `outputs`:
  * the layer's output values (the donor nodes producing them are taken whatever they are); `label`: the layer's node
  * label (that node is taken too: a bias correction can put an Add after it under its output's name); `place`: for a
@@ -131,7 +127,7 @@ export function graftLayer(base: ModelProto, donor: ModelProto, outputs: string[
   place?: { owner: string; branch: string }): ModelProto | string {
   const where = place ? `${place.branch} of ${place.owner}` : 'its main graph';
   const path = place ? pathTo(donor, place.owner, place.branch, outputs[0]) : [];
-  if (!path) return `the quantized model computes no value '${outputs[0]}' in ${where}, at any depth`;
+  if (!path) return `the quantized model computes '${outputs[0]}' nowhere, or in more than one place, in ${where} (at any depth)`;
   const donorGraphs = scopesOf(donor, path);
   const variant = cloneSharingData(base);
   const baseGraphs = scopesOf(variant, path);
@@ -150,8 +146,9 @@ export function graftLayer(base: ModelProto, donor: ModelProto, outputs: string[
   const copies = new Map<string, { tensor: TensorProto; level: number }>();
   const seen = new Set<string>();
   const pending = [...taken.keys()].flatMap((n) => n.input);
-  // The layer's node itself when its label did not find it: unnamed, its output renamed by a bias correction.
-  let ownOp = labelled !== undefined;
+  // The layer's node itself, taken once: by its label, or else as the first node of its op type on the way
+  // (unnamed, its output renamed by a bias correction).
+  let layerNodeTaken = labelled !== undefined;
   while (pending.length > 0) {
     const name = pending.pop()!;
     if (name === '' || seen.has(name)) continue;
@@ -166,11 +163,11 @@ export function graftLayer(base: ModelProto, donor: ModelProto, outputs: string[
     if (b) continue;
     if (!d?.producer) return d ? `it reads the input '${name}', which the float model does not have` : `it reads '${name}', which nothing in the quantized model computes`;
     const p = d.producer;
-    const own: boolean = p.opType === op && !ownOp;
-    if (hasSubgraphs(p) || !isOnnxDomain(p.domain) && p.domain !== 'com.microsoft' || !(QUANTIZATION_NODES.has(p.opType) || own)) {
+    const layerNode: boolean = p.opType === op && !layerNodeTaken;
+    if (hasSubgraphs(p) || !isOnnxDomain(p.domain) && p.domain !== 'com.microsoft' || !(QUANTIZATION_NODES.has(p.opType) || layerNode)) {
       return `its inputs in the quantized model pass through ${p.opType} '${nodeLabel(p)}', which is not part of quantizing it`;
     }
-    ownOp ||= own;
+    layerNodeTaken ||= layerNode;
     taken.set(p, d.level);
     pending.push(...p.input);
   }
@@ -212,14 +209,14 @@ export function graftLayer(base: ModelProto, donor: ModelProto, outputs: string[
 }
 
 /**
- * Each layer's sensitivity (in the main graph and in subgraphs) (layer.sensitivity, or layer.sensitivitySkipped saying why not), on the feeds,
+ * @internal Each layer's sensitivity (in the main graph and in subgraphs: layer.sensitivity, or layer.sensitivitySkipped
+ * saying why not), on the feeds,
  * against the prepared float model's outputs. One onnxruntime session per layer, at the default optimisation level
  * with one thread, as the evaluation.
  */
 export async function measureSensitivity(prepared: ModelProto, quantized: ModelProto, layers: WeightLayerReport[], feedsList: Feed[], host: OrtHost,
-  what: { bug: string; onLayer?: (done: number, total: number) => void; signal?: AbortSignal }): Promise<void> {
-  const measured = layers;
-  if (measured.length === 0 || feedsList.length === 0) return;
+  context: { bug: string; onLayer?: (done: number, total: number) => void; signal?: AbortSignal }): Promise<void> {
+  if (layers.length === 0 || feedsList.length === 0) return;
   // Float nodes at the quantized model's opset, which it reached after the float model was prepared (storage of
   // 4- and 2-bit weights, 16-bit activations).
   let base = prepared;
@@ -230,31 +227,31 @@ export async function measureSensitivity(prepared: ModelProto, quantized: ModelP
   }
   const options = { intraOpNumThreads: 1 };
   const tensorsOf = feedsList.map(ortTensors);
-  const floatSession = await openSession(await serializeModelAsync(base), options, 'the prepared float model', what.bug, { host });
+  const floatSession = await openSession(await serializeModelAsync(base), options, 'the prepared float model', context.bug, { host });
   const floatOutputs = [];
   let names: readonly string[];
   try {
     names = floatSession.outputNames;
     for (const [index, tensors] of tensorsOf.entries()) {
-      what.signal?.throwIfAborted();
-      floatOutputs.push(await runSession(floatSession, tensors, undefined, `the prepared float model on evaluation feed ${index}`, what.bug));
+      context.signal?.throwIfAborted();
+      floatOutputs.push(await runSession(floatSession, tensors, undefined, `the prepared float model on evaluation feed ${index}`, context.bug));
     }
   } finally {
     await floatSession.release();
   }
-  for (const [i, l] of measured.entries()) {
-    what.signal?.throwIfAborted();
+  for (const [i, l] of layers.entries()) {
+    context.signal?.throwIfAborted();
     const variant = graftLayer(base, quantized, [l.output], l.node, l.op, l.subgraph && l.branch ? { owner: l.subgraph, branch: l.branch } : undefined);
     if (typeof variant === 'string') {
       l.sensitivitySkipped = variant;
       continue;
     }
-    const session = await openSession(await serializeModelAsync(variant), options, `the float model with only layer '${l.node}' quantized`, what.bug, { host });
+    const session = await openSession(await serializeModelAsync(variant), options, `the float model with only layer '${l.node}' quantized`, context.bug, { host });
     const comparison = new OutputComparison();
     try {
       for (const [index, tensors] of tensorsOf.entries()) {
-        what.signal?.throwIfAborted();
-        const q = await runSession(session, tensors, undefined, `the float model with only layer '${l.node}' quantized, on evaluation feed ${index}`, what.bug);
+        context.signal?.throwIfAborted();
+        const q = await runSession(session, tensors, undefined, `the float model with only layer '${l.node}' quantized, on evaluation feed ${index}`, context.bug);
         comparison.add(index, feedBatch(feedsList[index]), names, floatOutputs[index], q);
         await nextTurn();
       }
@@ -266,6 +263,6 @@ export async function measureSensitivity(prepared: ModelProto, quantized: ModelP
     const cosine = meanCosine(result);
     if (cosine === undefined) l.sensitivitySkipped = 'no float output could be compared';
     else l.sensitivity = { cosine, ...(ranked ? { top1Agreement: ranked.top1Agreement } : {}) };
-    what.onLayer?.(i + 1, measured.length);
+    context.onLayer?.(i + 1, layers.length);
   }
 }

@@ -100,6 +100,12 @@ export function* quantized(data: Float32Array, how: QuantizeOptions, async: bool
   return q!;
 }
 
+/** The model's outputs with only one layer quantized, against the float model: mean cosine over its float outputs, top-1 agreement of the first output with one. */
+export interface LayerSensitivity {
+  cosine: number;
+  top1Agreement?: number;
+}
+
 export interface WeightLayerReport {
   node: string;
   op: string;
@@ -131,7 +137,7 @@ export interface WeightLayerReport {
    * the quantized model quantizes them; every other layer float), against the prepared float model on the evaluation
    * feeds: mean cosine over the float outputs, top-1 agreement of the first output with one (see onnx/sensitivity).
    */
-  sensitivity?: { cosine: number; top1Agreement?: number };
+  sensitivity?: LayerSensitivity;
   /** Why the layer's sensitivity was not measured. */
   sensitivitySkipped?: string;
   /** Feeds left out of outputSqnrDb because the float model's layer output held NaN or an infinity. */
