@@ -12,7 +12,7 @@ import { create } from '@bufbuild/protobuf';
 import { AttributeProto_AttributeType, ModelProtoSchema, TensorProto_DataType } from 'onnx-buf';
 import type * as Ort from 'onnxruntime-node';
 
-import { ortTensor, type Feed } from '../onnx/calibrate';
+import { ortTensors, type Feed } from '../onnx/calibrate';
 import { Graph } from '../onnx/graph';
 import { readModel, serializeModel } from '../onnx/model-io';
 import { foldBatchNorm } from '../onnx/passes/fold-batchnorm';
@@ -161,7 +161,7 @@ async function modelLatency(m: { name: string; file: string; feeds: Feed[] }, op
       const session = await O.InferenceSession.create(bytes, {
         intraOpNumThreads: options.threads, interOpNumThreads: 1, ...(sessionConfig ? { extra: { session: sessionConfig } } : {}),
       });
-      const feed = Object.fromEntries(Object.entries(m.feeds[0]).map(([k, v]) => [k, ortTensor(v)]));
+      const feed = ortTensors(m.feeds[0]);
       sessions.push({ setting, session, feed, times: [], bytes: bytes.length });  // (released if the run fails)
       await session.run(feed);
     }

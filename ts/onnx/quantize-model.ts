@@ -188,7 +188,7 @@ export interface QuantizationReport {
      */
     outputs: OutputComparisonResult['outputs'];
     /** Float outputs compared on no feed, and why; integer outputs (no cosine), with how many values match. */
-    uncompared?: Array<{ name: string; reason: string }>;
+    uncompared?: OutputComparisonResult['uncompared'];
     /**
      * With no evaluationFeeds and no calibration data: the dims of the inputs lowbit made up (symbolic dimensions
      * set to 1, which can make an image model's input a single pixel): a check that the model runs more than a
